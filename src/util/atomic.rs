@@ -1,0 +1,190 @@
+//! Crash-safe file writes: write to a temporary file in the destination's
+//! directory, fsync it, rename it over the destination, fsync the directory.
+//! A reader (or a run after a SIGKILL) sees either the old file or the new
+//! one, never a torn mix.
+//!
+//! Temporary files are named `.NAME.dagrun-tmp.PID.N`; [`is_temp_name`] lets
+//! the engine sweep leftovers of killed runs (they may hold plaintext).
+
+use anyhow::{Context, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Marker that every temporary file name contains.
+pub const TEMP_MARKER: &str = ".dagrun-tmp.";
+
+/// True when `name` is a temporary file left by [`AtomicFile`].
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(TEMP_MARKER)
+}
+
+fn temp_path_for(dest: &Path) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = dest
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    dest.with_file_name(format!(".{name}{TEMP_MARKER}{}.{n}", std::process::id()))
+}
+
+/// A file being written atomically. Dropped without [`AtomicFile::commit`],
+/// the temporary file is removed and the destination is untouched.
+pub struct AtomicFile {
+    dest: PathBuf,
+    tmp: PathBuf,
+    file: Option<BufWriter<File>>,
+    mode: Option<u32>,
+}
+
+impl AtomicFile {
+    /// Start writing `dest` (its parent directories are created).
+    pub fn create(dest: &Path) -> Result<Self> {
+        Self::create_with_mode(dest, None)
+    }
+
+    /// Like [`AtomicFile::create`], with Unix permission bits (e.g. 0o600) set
+    /// on the temporary file before any byte is written.
+    pub fn create_with_mode(dest: &Path, mode: Option<u32>) -> Result<Self> {
+        if let Some(parent) = dest.parent() {
+            if !parent.as_os_str().is_empty() {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create directory {}", parent.display()))?;
+            }
+        }
+        let tmp = temp_path_for(dest);
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(mode.unwrap_or(0o644));
+        }
+        let file = opts
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(1 << 20, file)), mode })
+    }
+
+    /// Path of the temporary file (for writers that need a `File`).
+    pub fn temp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The buffered writer.
+    pub fn writer(&mut self) -> &mut BufWriter<File> {
+        self.file.as_mut().expect("AtomicFile used after commit")
+    }
+
+    /// Flush, fsync, rename over the destination and fsync the directory.
+    pub fn commit(mut self) -> Result<()> {
+        let w = self.file.take().expect("AtomicFile committed twice");
+        let file = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", self.dest.display()))?;
+        file.sync_all().with_context(|| format!("cannot write {} (fsync failed)", self.dest.display()))?;
+        drop(file);
+        let _ = self.mode;
+        fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("cannot move a finished write into place at {}", self.dest.display()))?;
+        sync_parent(&self.dest);
+        Ok(())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.writer().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer().flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            self.file = None;
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// fsync the directory holding `path`, so a rename survives a power cut.
+pub fn sync_parent(path: &Path) {
+    if let Some(parent) = path.parent() {
+        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        if let Ok(d) = File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Write `bytes` to `dest` atomically.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = AtomicFile::create(dest)?;
+    f.writer()
+        .write_all(bytes)
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    f.commit()
+}
+
+/// Write `bytes` to `dest` atomically with permission bits `mode` (e.g. 0o600).
+pub fn write_atomic_mode(dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = AtomicFile::create_with_mode(dest, Some(mode))?;
+    f.writer()
+        .write_all(bytes)
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    f.commit()
+}
+
+/// Serialize `value` as pretty JSON (with a trailing newline) and write it atomically.
+pub fn write_json_atomic<T: serde::Serialize>(dest: &Path, value: &T) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    write_atomic(dest, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b.txt");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn dropped_write_leaves_destination_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        write_atomic(&p, b"old").unwrap();
+        {
+            let mut f = AtomicFile::create(&p).unwrap();
+            f.writer().write_all(b"partial").unwrap();
+            assert!(is_temp_name(&f.temp_path().file_name().unwrap().to_string_lossy()));
+        }
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn mode_is_applied() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        write_atomic_mode(&p, b"s", 0o600).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

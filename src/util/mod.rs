@@ -1,0 +1,2 @@
+//! Small helpers shared by every module.
+pub mod atomic;
