@@ -1,1 +1,388 @@
-fn main() {}
+//! The `dagrun` command line: parses arguments, calls the library, maps errors
+//! to exit codes (see `dagrun::error::exit`).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use dagrun::engine::report::Verbosity;
+use dagrun::engine::scheduler::{self, RunOptions};
+use dagrun::engine::{Engine, lineage, runs, status};
+use dagrun::error::{self, exit};
+use dagrun::pipeline;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "dagrun", version, about = "Run multi-tenant ML pipelines as a DAG, with a content-addressed cache, lineage and per-tenant encryption")]
+struct Cli {
+    /// More output (repeat for debug logs); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Workspace folder (default: found from the pipeline file, or the current folder).
+    #[arg(short = 'C', long = "workspace", global = true, value_name = "DIR")]
+    workspace: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a pipeline: bring every (or every named) stage up to date.
+    Run {
+        pipeline: PathBuf,
+        /// Stages to run (with what they need). `train` means all its tenants, `train[Tenant_A]` one.
+        stages: Vec<String>,
+        /// Rerun everything selected, or `--force STAGE` that stage and its downstream.
+        #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "STAGE")]
+        force: Vec<String>,
+        /// Stages run at once (default: number of cores).
+        #[arg(short, long)]
+        jobs: Option<usize>,
+        /// Wait up to SECONDS for another run to release the workspace (default: exit 75 at once).
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+        /// Show what would run and why; run nothing.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Override a pipeline param: -p rows=1000.
+        #[arg(short = 'p', long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Print the run record as JSON on stdout when done.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show each stage as fresh or stale, and why.
+    Status {
+        pipeline: PathBuf,
+        stages: Vec<String>,
+        #[arg(short = 'p', long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the DAG.
+    Dag {
+        pipeline: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: DagFormat,
+    },
+    /// Show how an artifact was made, back to its sources.
+    Lineage {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs, or show one (`dagrun runs show ID|last`).
+    Runs {
+        #[command(subcommand)]
+        action: Option<RunsCmd>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCmd {
+    /// One run's record.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+fn parse_params(list: &[String]) -> Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            _ => Err(error::config(format!("--param {s:?}: expected NAME=VALUE"))),
+        })
+        .collect()
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = if cli.quiet {
+        "dagrun=error"
+    } else {
+        match cli.verbose {
+            0 => "dagrun=info",
+            1 => "dagrun=info",
+            _ => "dagrun=debug",
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).without_time().try_init();
+}
+
+/// The workspace of commands that take no pipeline: `-C`, else the nearest
+/// ancestor of the current folder holding `.dagrun/`.
+fn workspace_from_cwd(cli: &Cli) -> Result<PathBuf> {
+    if let Some(w) = &cli.workspace {
+        return Ok(w.clone());
+    }
+    let cwd = std::env::current_dir()?;
+    let mut cur = Some(cwd.as_path());
+    while let Some(d) = cur {
+        if d.join(".dagrun").is_dir() {
+            return Ok(d.to_path_buf());
+        }
+        cur = d.parent();
+    }
+    Ok(cwd)
+}
+
+fn verbosity(cli: &Cli) -> Verbosity {
+    if cli.quiet {
+        Verbosity::Quiet
+    } else if cli.verbose > 0 {
+        Verbosity::Verbose
+    } else {
+        Verbosity::Normal
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let code = match real_main(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            error::exit_code_of(&e)
+        }
+    };
+    std::process::exit(code);
+}
+
+fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline> {
+    pipeline::load(file, cli.workspace.as_deref(), &parse_params(params)?)
+}
+
+fn print_status(rows: &[status::StageStatus]) {
+    for r in rows {
+        let mark = if r.state == "fresh" { "fresh" } else { "STALE" };
+        println!("{mark}  {}", r.stage);
+        for reason in &r.reasons {
+            println!("         {reason}");
+        }
+    }
+    let stale = rows.iter().filter(|r| r.state == "stale").count();
+    println!("{} stages: {} fresh, {stale} stale", rows.len(), rows.len() - stale);
+}
+
+fn real_main(cli: &Cli) -> Result<i32> {
+    match &cli.command {
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json } => {
+            let p = load(cli, pipeline, params)?;
+            let force = if force.is_empty() {
+                None
+            } else if force.iter().any(|f| f.is_empty()) {
+                Some(vec![])
+            } else {
+                Some(force.clone())
+            };
+            if *dry_run {
+                let selected = scheduler::select(&p, stages)?;
+                let forced = scheduler::forced(&p, &force, &selected)?;
+                let mut engine = Engine::new(p);
+                engine.forced = forced;
+                let rows = status::status(&engine, &selected)?;
+                let _ = engine.memo.save();
+                if *json {
+                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
+                } else {
+                    print_status(&rows);
+                }
+                return Ok(exit::OK);
+            }
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+            let opts = RunOptions {
+                targets: stages.clone(),
+                force,
+                jobs,
+                wait: wait.map(Duration::from_secs_f64),
+                verbosity: if *json { Verbosity::Quiet } else { verbosity(cli) },
+            };
+            let out = scheduler::run(p, &opts)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&out.record)?);
+                return Ok(exit::OK);
+            }
+            if !cli.quiet {
+                let count = |s: runs::Status| out.record.stages.iter().filter(|r| r.status == s).count();
+                let (ran, cached, restored) = (count(runs::Status::Ran), count(runs::Status::Cached), count(runs::Status::Restored));
+                if ran + restored == 0 {
+                    println!("all {} stages up to date ({:.3}s, run {})", out.record.stages.len(), out.record.seconds, out.record.run_id);
+                } else {
+                    println!(
+                        "{} stages: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
+                        out.record.stages.len(),
+                        out.record.seconds,
+                        out.record.run_id
+                    );
+                }
+                for line in &out.summary {
+                    println!("{line}");
+                }
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Status { pipeline, stages, params, json } => {
+            let p = load(cli, pipeline, params)?;
+            let selected = scheduler::select(&p, stages)?;
+            let engine = Engine::new(p);
+            let rows = status::status(&engine, &selected)?;
+            let _ = engine.memo.save();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
+            } else {
+                print_status(&rows);
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Dag { pipeline, format } => {
+            let p = load(cli, pipeline, &[])?;
+            print!("{}", render_dag(&p, *format));
+            Ok(exit::OK)
+        }
+        Cmd::Lineage { path, json } => {
+            let abs = std::path::absolute(path)?;
+            let ws = match &cli.workspace {
+                Some(w) => std::path::absolute(w)?,
+                None => {
+                    let mut cur = abs.parent();
+                    let mut found = None;
+                    while let Some(d) = cur {
+                        if d.join(".dagrun").is_dir() {
+                            found = Some(d.to_path_buf());
+                            break;
+                        }
+                        cur = d.parent();
+                    }
+                    found.ok_or_else(|| error::config(format!("{}: not inside a dagrun workspace (no .dagrun/ above it)", path.display())))?
+                }
+            };
+            let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
+            let states = dagrun::engine::state::StateStore::new(&ws.join(".dagrun"));
+            let tree = lineage::trace(&ws, &states, &rel)
+                .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&tree)?);
+            } else {
+                print!("{}", lineage::render(&tree));
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Runs { action, json } => {
+            let ws = workspace_from_cwd(cli)?;
+            match action {
+                None => {
+                    let all = runs::list(&ws);
+                    if *json {
+                        let v: Vec<_> = all
+                            .iter()
+                            .map(|r| serde_json::json!({"run_id": r.run_id, "pipeline": r.pipeline, "started_at": r.started_at, "seconds": r.seconds, "status": r.status, "exit_code": r.exit_code}))
+                            .collect();
+                        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": v }))?);
+                    } else if all.is_empty() {
+                        println!("no runs recorded in {}", ws.join("runs").display());
+                    } else {
+                        println!("{:<26} {:<11} {:>8}  {:<24} stages", "RUN", "STATUS", "SECONDS", "PIPELINE");
+                        for r in &all {
+                            let c = |s| r.stages.iter().filter(|x| x.status == s).count();
+                            println!(
+                                "{:<26} {:<11} {:>8.2}  {:<24} {} ran, {} cached, {} restored, {} failed",
+                                r.run_id,
+                                r.status,
+                                r.seconds,
+                                r.pipeline,
+                                c(runs::Status::Ran),
+                                c(runs::Status::Cached),
+                                c(runs::Status::Restored),
+                                c(runs::Status::Failed)
+                            );
+                        }
+                    }
+                }
+                Some(RunsCmd::Show { id, json: json2 }) => {
+                    let r = runs::find(&ws, id)?;
+                    if *json || *json2 {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        println!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, r.pipeline);
+                        println!("started {}  finished {}", r.started_at, r.finished_at);
+                        for s in &r.stages {
+                            println!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
+                            for reason in &s.reasons {
+                                println!("            {reason}");
+                            }
+                            if let Some(e) = &s.error {
+                                for l in e.lines() {
+                                    println!("            {l}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+fn node_id(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+fn render_dag(p: &pipeline::Pipeline, format: DagFormat) -> String {
+    let mut s = String::new();
+    match format {
+        DagFormat::Text => {
+            for &i in &p.topo {
+                let st = &p.stages[i];
+                let up: Vec<&str> = p.upstream(i).iter().map(|&u| p.stages[u].name.as_str()).collect();
+                s.push_str(&format!("{} ({})", st.name, st.kind.name()));
+                if !up.is_empty() {
+                    s.push_str(&format!(" ← {}", up.join(", ")));
+                }
+                s.push('\n');
+            }
+        }
+        DagFormat::Dot => {
+            s.push_str("digraph dagrun {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+            for &i in &p.topo {
+                let st = &p.stages[i];
+                s.push_str(&format!("  \"{}\" [label=\"{}\\n({})\"];\n", st.name, st.name, st.kind.name()));
+            }
+            for &i in &p.topo {
+                for d in p.downstream(i) {
+                    s.push_str(&format!("  \"{}\" -> \"{}\";\n", p.stages[i].name, p.stages[d].name));
+                }
+            }
+            s.push_str("}\n");
+        }
+        DagFormat::Mermaid => {
+            s.push_str("graph LR\n");
+            for &i in &p.topo {
+                let st = &p.stages[i];
+                s.push_str(&format!("  {}[\"{} ({})\"]\n", node_id(&st.name), st.name.replace('"', "'"), st.kind.name()));
+            }
+            for &i in &p.topo {
+                for d in p.downstream(i) {
+                    s.push_str(&format!("  {} --> {}\n", node_id(&p.stages[i].name), node_id(&p.stages[d].name)));
+                }
+            }
+        }
+    }
+    s
+}

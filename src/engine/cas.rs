@@ -1,0 +1,271 @@
+//! The content-addressed store: `.dagrun/cache/objects/AB/CDEF…`, one file per
+//! blake3 hash. Objects are written atomically and read back only after their
+//! hash is checked, so a corrupted object is never served. A directory is
+//! stored as its files plus its tree listing (see `hashing`).
+//!
+//! Sensitive outputs (plaintext PII) are never stored here.
+
+use super::hashing::{HashMemo, TreeEntry, decode_tree, encode_tree};
+use crate::util::atomic::{AtomicFile, sync_parent};
+use anyhow::{Context, Result, bail};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+/// A store rooted at a directory.
+pub struct Cas {
+    root: PathBuf,
+}
+
+/// Copy `src` to `dst` (a new temporary file) while hashing; returns the hash.
+fn copy_hashing(src: &Path, dst: &mut AtomicFile) -> Result<String> {
+    let mut f = std::fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", src.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        dst.writer().write_all(&buf[..n]).with_context(|| format!("cannot write {}", dst.temp_path().display()))?;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+impl Cas {
+    pub fn new(dagrun_dir: &Path) -> Cas {
+        Cas { root: dagrun_dir.join("cache").join("objects") }
+    }
+
+    /// Path of an object.
+    pub fn object_path(&self, hash: &str) -> PathBuf {
+        let (a, b) = hash.split_at(2.min(hash.len()));
+        self.root.join(a).join(b)
+    }
+
+    pub fn has(&self, hash: &str) -> bool {
+        self.object_path(hash).is_file()
+    }
+
+    /// Store a file whose hash is expected to be `hash`.
+    pub fn put_file(&self, src: &Path, hash: &str) -> Result<()> {
+        if self.has(hash) {
+            return Ok(());
+        }
+        let dest = self.object_path(hash);
+        let mut tmp = AtomicFile::create(&dest)?;
+        let got = copy_hashing(src, &mut tmp)?;
+        if got != hash {
+            bail!("{} changed while it was being stored in the cache; rerun", src.display());
+        }
+        tmp.commit()?;
+        set_readonly(&dest);
+        Ok(())
+    }
+
+    /// Store bytes (a tree listing) under their hash.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
+        let hash = blake3::hash(bytes).to_hex().to_string();
+        if !self.has(&hash) {
+            let dest = self.object_path(&hash);
+            crate::util::atomic::write_atomic(&dest, bytes)?;
+            set_readonly(&dest);
+        }
+        Ok(hash)
+    }
+
+    /// Store a file or directory output; `hash`/`dir` as computed by `hashing`.
+    pub fn put(&self, src: &Path, hash: &str, dir: bool, memo: &HashMemo) -> Result<()> {
+        if !dir {
+            return self.put_file(src, hash);
+        }
+        let entries = memo.tree(src)?;
+        for e in &entries {
+            if let TreeEntry::File { path, hash, .. } = e {
+                self.put_file(&src.join(path), hash)?;
+            }
+        }
+        let got = self.put_bytes(&encode_tree(&entries))?;
+        if got != hash {
+            bail!("{} changed while it was being stored in the cache; rerun", src.display());
+        }
+        Ok(())
+    }
+
+    /// Is the object present and intact? Corrupted objects are removed.
+    pub fn check(&self, hash: &str) -> Result<bool> {
+        let p = self.object_path(hash);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                // Something that is not a file sits where the object should be.
+                let _ = std::fs::remove_dir_all(&p);
+                return Ok(false);
+            }
+            Err(_) => return Ok(false),
+        }
+        let got = super::hashing::hash_file_bytes(&p)?;
+        if got != hash {
+            let _ = std::fs::remove_file(&p);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Can `hash` (a file, or a directory with all its files) be restored?
+    pub fn restorable(&self, hash: &str, dir: bool) -> bool {
+        if !self.has(hash) {
+            return false;
+        }
+        if !dir {
+            return true;
+        }
+        match std::fs::read(self.object_path(hash)).ok().and_then(|b| decode_tree(&b)) {
+            Some(entries) => entries.iter().all(|e| match e {
+                TreeEntry::File { hash, .. } => self.has(hash),
+                TreeEntry::Link { .. } => true,
+            }),
+            None => false,
+        }
+    }
+
+    /// Copy object `hash` to `dest` atomically, verifying its hash on the way.
+    /// A corrupted object is deleted and reported as an error.
+    pub fn restore_file(&self, hash: &str, dest: &Path, exec: bool) -> Result<()> {
+        let obj = self.object_path(hash);
+        let mut tmp = AtomicFile::create(dest)?;
+        let got = copy_hashing(&obj, &mut tmp).with_context(|| format!("cache object {hash} is unreadable"))?;
+        if got != hash {
+            drop(tmp);
+            let _ = std::fs::remove_file(&obj);
+            bail!("cache object {} is corrupted (its content hashes to {}); it was removed", &hash[..12], &got[..12]);
+        }
+        #[cfg(unix)]
+        if exec {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(tmp.temp_path(), std::fs::Permissions::from_mode(0o755));
+        }
+        tmp.commit()
+    }
+
+    /// Restore a file or directory output at `dest`.
+    pub fn restore(&self, hash: &str, dir: bool, dest: &Path) -> Result<()> {
+        if !dir {
+            if dest.is_dir() {
+                std::fs::remove_dir_all(dest)?;
+            }
+            return self.restore_file(hash, dest, false);
+        }
+        let bytes = std::fs::read(self.object_path(hash)).with_context(|| format!("cache object {hash} is missing"))?;
+        if blake3::hash(&bytes).to_hex().as_str() != hash {
+            let _ = std::fs::remove_file(self.object_path(hash));
+            bail!("cache object {} (a directory listing) is corrupted; it was removed", &hash[..12]);
+        }
+        let entries = decode_tree(&bytes).context("cache object is not a directory listing")?;
+        // Build beside the destination, then swap it in.
+        let name = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let staging = dest.with_file_name(format!(".{name}{}restore.{}", crate::util::atomic::TEMP_MARKER, std::process::id()));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)?;
+        for e in &entries {
+            match e {
+                TreeEntry::File { path, hash, exec } => self.restore_file(hash, &staging.join(path), *exec)?,
+                TreeEntry::Link { path, target } => {
+                    let p = staging.join(path);
+                    if let Some(parent) = p.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    #[cfg(unix)]
+                    std::os::unix::fs::symlink(target, &p)?;
+                }
+            }
+        }
+        if dest.exists() || dest.symlink_metadata().is_ok() {
+            let trash = dest.with_file_name(format!(".{name}{}old.{}", crate::util::atomic::TEMP_MARKER, std::process::id()));
+            std::fs::rename(dest, &trash)?;
+            std::fs::rename(&staging, dest)?;
+            let _ = if trash.is_dir() { std::fs::remove_dir_all(&trash) } else { std::fs::remove_file(&trash) };
+        } else {
+            std::fs::rename(&staging, dest)?;
+        }
+        sync_parent(dest);
+        Ok(())
+    }
+
+    /// Every object hash in the store.
+    pub fn list(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&self.root) {
+            for d in rd.flatten() {
+                let a = d.file_name().to_string_lossy().into_owned();
+                if let Ok(rd2) = std::fs::read_dir(d.path()) {
+                    for f in rd2.flatten() {
+                        let b = f.file_name().to_string_lossy().into_owned();
+                        if !crate::util::atomic::is_temp_name(&b) {
+                            out.push(format!("{a}{b}"));
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+fn set_readonly(p: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_restore_and_detect_corruption() {
+        let ws = tempfile::tempdir().unwrap();
+        let cas = Cas::new(&ws.path().join(".dagrun"));
+        let memo = HashMemo::in_memory();
+        let f = ws.path().join("out.txt");
+        std::fs::write(&f, b"payload").unwrap();
+        let h = memo.hash_path(&f).unwrap().unwrap();
+        cas.put(&f, &h.hash, false, &memo).unwrap();
+        std::fs::remove_file(&f).unwrap();
+        cas.restore(&h.hash, false, &f).unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"payload");
+        // Flip a byte of the object: restore must refuse and drop it.
+        let obj = cas.object_path(&h.hash);
+        let mut perms = std::fs::metadata(&obj).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        std::fs::set_permissions(&obj, perms).unwrap();
+        std::fs::write(&obj, b"pazload").unwrap();
+        std::fs::remove_file(&f).unwrap();
+        let err = cas.restore(&h.hash, false, &f).unwrap_err().to_string();
+        assert!(err.contains("corrupted"), "{err}");
+        assert!(!f.exists() && !cas.has(&h.hash));
+    }
+
+    #[test]
+    fn directories_roundtrip() {
+        let ws = tempfile::tempdir().unwrap();
+        let cas = Cas::new(&ws.path().join(".dagrun"));
+        let memo = HashMemo::in_memory();
+        let d = ws.path().join("d");
+        std::fs::create_dir_all(d.join("s")).unwrap();
+        std::fs::write(d.join("a"), b"1").unwrap();
+        std::fs::write(d.join("s/b"), b"2").unwrap();
+        let h = memo.hash_path(&d).unwrap().unwrap();
+        cas.put(&d, &h.hash, true, &memo).unwrap();
+        assert!(cas.restorable(&h.hash, true));
+        std::fs::write(d.join("a"), b"edited").unwrap();
+        std::fs::write(d.join("extra"), b"x").unwrap();
+        cas.restore(&h.hash, true, &d).unwrap();
+        assert_eq!(memo.hash_path(&d).unwrap().unwrap().hash, h.hash);
+        assert!(!d.join("extra").exists());
+    }
+}

@@ -1,0 +1,274 @@
+//! Cache keys ("fingerprints") of stages.
+//!
+//! A stage's cache key is the blake3 hash of the canonical JSON encoding
+//! (object keys sorted, no whitespace), prefixed by the line
+//! `dagrun-cache-key/1\n`, of exactly these ingredients — nothing else:
+//!
+//! 1. `kind` — the stage kind (`cmd`, `generate`, `train`, ...);
+//! 2. `kind_version` — that kind's code version (`StageKind::version`), bumped
+//!    whenever the kind's code would write different bytes for the same inputs;
+//! 3. `params` — the stage's resolved `with:` params (after `${params.X}` and
+//!    `${tenant}` substitution). A stage sees only the pipeline params it
+//!    references, so changing an unrelated param changes no key;
+//! 4. `cmd` and `env` — for `cmd` stages, the resolved command string and the
+//!    declared environment variables (the rest of the environment is not part of
+//!    the key: declare what matters);
+//! 5. `inputs` — for every declared input (`deps:` and inputs named by the kind),
+//!    its workspace-relative path and the blake3 hash of its content (a directory
+//!    hashes as its tree listing, see `hashing`). Inputs are hashed before the
+//!    stage runs, never after;
+//! 6. `outs` — the declared output paths (renaming an output reruns the stage);
+//! 7. `extras` — run-time facts a kind adds, never secrets: e.g. `encrypt` adds
+//!    the id of the tenant's active data key, so rotating or destroying the key
+//!    reruns encryption.
+//!
+//! Not in the key: the stage's name (renaming a stage keeps its cache), the wall
+//! clock, file modification times (the memo of `hashing` uses them only to skip
+//! re-reading unchanged files), the environment beyond `env:`, and `timeout` /
+//! `retries` (they change how a stage is run, not what it computes).
+//!
+//! Bump [`FORMAT`] when this list or its encoding changes: every key changes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Version line hashed before the ingredients.
+pub const FORMAT: &str = "dagrun-cache-key/1";
+
+/// Everything that goes into a cache key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ingredients {
+    pub kind: String,
+    pub kind_version: u32,
+    pub params: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub inputs: BTreeMap<String, String>,
+    pub outs: Vec<String>,
+    #[serde(default)]
+    pub extras: BTreeMap<String, String>,
+}
+
+impl Ingredients {
+    /// The cache key: blake3 hex of the canonical encoding.
+    pub fn key(&self) -> String {
+        let v = serde_json::to_value(self).expect("ingredients serialize");
+        let mut h = blake3::Hasher::new();
+        h.update(FORMAT.as_bytes());
+        h.update(b"\n");
+        h.update(canonical_json(&v).as_bytes());
+        h.finalize().to_hex().to_string()
+    }
+}
+
+/// JSON with object keys sorted at every level and no insignificant whitespace.
+pub fn canonical_json(v: &Value) -> String {
+    let mut s = String::new();
+    write_canonical(v, &mut s);
+    s
+}
+
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String((*k).clone()).to_string());
+                out.push(':');
+                write_canonical(&m[*k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
+}
+
+fn show(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.chars().count() > 80 { format!("{}…", s.chars().take(80).collect::<String>()) } else { s }
+}
+
+/// Why `new` differs from `old`, one human sentence per difference.
+/// `old_refs`/`new_refs` are the pipeline params the stage referenced, so a
+/// change is named after the param (`param rows: 1000 → 2000`).
+pub fn explain(
+    old: &Ingredients,
+    new: &Ingredients,
+    old_refs: &BTreeMap<String, Value>,
+    new_refs: &BTreeMap<String, Value>,
+    producer_of: &dyn Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let mut r = Vec::new();
+    if old.kind != new.kind {
+        r.push(format!("stage kind changed: {} → {}", old.kind, new.kind));
+    } else if old.kind_version != new.kind_version {
+        r.push(format!("code version of stage kind `{}` changed: {} → {}", new.kind, old.kind_version, new.kind_version));
+    }
+    let mut param_named = false;
+    for (k, v) in new_refs {
+        match old_refs.get(k) {
+            Some(o) if o != v => {
+                r.push(format!("param {k}: {} → {}", show(o), show(v)));
+                param_named = true;
+            }
+            None => {
+                r.push(format!("now uses param {k} = {}", show(v)));
+                param_named = true;
+            }
+            _ => {}
+        }
+    }
+    for k in old_refs.keys() {
+        if !new_refs.contains_key(k) {
+            r.push(format!("no longer uses param {k}"));
+            param_named = true;
+        }
+    }
+    if !param_named {
+        for (k, v) in &new.params {
+            match old.params.get(k) {
+                Some(o) if o != v => r.push(format!("with.{k}: {} → {}", show(o), show(v))),
+                None => r.push(format!("with.{k} added: {}", show(v))),
+                _ => {}
+            }
+        }
+        for k in old.params.keys() {
+            if !new.params.contains_key(k) {
+                r.push(format!("with.{k} removed"));
+            }
+        }
+        if old.cmd != new.cmd {
+            r.push(format!(
+                "command changed: `{}` → `{}`",
+                show(&Value::String(old.cmd.clone().unwrap_or_default())),
+                show(&Value::String(new.cmd.clone().unwrap_or_default()))
+            ));
+        }
+    }
+    for (k, v) in &new.env {
+        match old.env.get(k) {
+            Some(o) if o != v => r.push(format!("env {k}: {} → {}", show(&Value::from(o.as_str())), show(&Value::from(v.as_str())))),
+            None => r.push(format!("env {k} added")),
+            _ => {}
+        }
+    }
+    for k in old.env.keys() {
+        if !new.env.contains_key(k) {
+            r.push(format!("env {k} removed"));
+        }
+    }
+    for (p, h) in &new.inputs {
+        let by = producer_of(p).map(|s| format!(" (output of stage {s})")).unwrap_or_default();
+        match old.inputs.get(p) {
+            Some(o) if o != h => r.push(format!("input {p} changed{by}: blake3 {} → {}", short(o), short(h))),
+            None => r.push(format!("new input {p}")),
+            _ => {}
+        }
+    }
+    for p in old.inputs.keys() {
+        if !new.inputs.contains_key(p) {
+            r.push(format!("input {p} is no longer declared"));
+        }
+    }
+    if old.outs != new.outs {
+        r.push(format!("declared outputs changed: [{}] → [{}]", old.outs.join(", "), new.outs.join(", ")));
+    }
+    for (k, v) in &new.extras {
+        match old.extras.get(k) {
+            Some(o) if o != v => r.push(format!("{k}: {o} → {v}")),
+            None => r.push(format!("{k}: {v} (new)")),
+            _ => {}
+        }
+    }
+    if r.is_empty() {
+        r.push("cache key format changed".into());
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ing() -> Ingredients {
+        Ingredients {
+            kind: "cmd".into(),
+            kind_version: 1,
+            params: Map::new(),
+            cmd: Some("echo 1".into()),
+            env: BTreeMap::new(),
+            inputs: BTreeMap::from([("a".to_string(), "00".repeat(32))]),
+            outs: vec!["b".into()],
+            extras: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn key_is_stable_and_sensitive_to_each_ingredient() {
+        let a = ing();
+        assert_eq!(a.key(), ing().key());
+        assert_eq!(a.key().len(), 64);
+        let mut b = ing();
+        b.kind_version = 2;
+        assert_ne!(a.key(), b.key());
+        let mut b = ing();
+        b.inputs.insert("a".into(), "11".repeat(32));
+        assert_ne!(a.key(), b.key());
+        let mut b = ing();
+        b.env.insert("X".into(), "1".into());
+        assert_ne!(a.key(), b.key());
+        let mut b = ing();
+        b.outs.push("c".into());
+        assert_ne!(a.key(), b.key());
+        let mut b = ing();
+        b.extras.insert("key".into(), "k2".into());
+        assert_ne!(a.key(), b.key());
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys() {
+        let v: Value = serde_json::from_str(r#"{"b":1,"a":{"d":[1,2],"c":"x"}}"#).unwrap();
+        assert_eq!(canonical_json(&v), r#"{"a":{"c":"x","d":[1,2]},"b":1}"#);
+    }
+
+    #[test]
+    fn explain_names_param_with_old_and_new() {
+        let mut old = ing();
+        old.cmd = Some("gen 1000".into());
+        let mut new = ing();
+        new.cmd = Some("gen 2000".into());
+        let o = BTreeMap::from([("rows".to_string(), Value::from(1000))]);
+        let n = BTreeMap::from([("rows".to_string(), Value::from(2000))]);
+        let r = explain(&old, &new, &o, &n, &|_| None);
+        assert_eq!(r, vec!["param rows: 1000 → 2000"]);
+        let mut new2 = ing();
+        new2.inputs.insert("a".into(), "ff".repeat(32));
+        let r = explain(&ing(), &new2, &BTreeMap::new(), &BTreeMap::new(), &|_| Some("gen".into()));
+        assert_eq!(r, vec![format!("input a changed (output of stage gen): blake3 000000000000 → ffffffffffff")]);
+    }
+}

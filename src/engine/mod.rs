@@ -1,0 +1,547 @@
+//! The engine: decides what is up to date, runs or restores stages, records
+//! state, run records and lineage.
+//!
+//! Per stage, in dependency order:
+//! 1. hash every input (memoized, see [`hashing`]) and compute the cache key
+//!    ([`fingerprint`] documents exactly what goes in);
+//! 2. same key as the stage's last execution and every output on disk with its
+//!    recorded hash → **cached**, nothing done;
+//! 3. same key but an output missing or edited by hand, or a key seen before
+//!    (say a param changed and changed back) → **restored** from the
+//!    content-addressed store ([`cas`]) without executing;
+//! 4. otherwise → **ran**; outputs are hashed, stored in the cache and recorded
+//!    in the stage's state file ([`state`]) as soon as the stage finishes.
+//!    If the outputs are byte-identical to the previous execution, dependents'
+//!    keys do not change and they stay cached (early cutoff).
+//!
+//! ## Sensitive outputs
+//! An output marked `sensitive: true` (plaintext PII, e.g. the raw data before
+//! `encrypt`) is never copied into the cache and is deleted when the run ends;
+//! its hash is kept in the state file. A stage whose only missing output is a
+//! sensitive one is still up to date, so a no-op run does no work. When a
+//! consumer must rerun and the sensitive input is gone, the producer is rerun
+//! first to regenerate it (as GNU make does for intermediate files).
+
+pub mod cas;
+pub mod fingerprint;
+pub mod hashing;
+pub mod lineage;
+pub mod lock;
+pub mod report;
+pub mod runs;
+pub mod scheduler;
+pub mod state;
+pub mod status;
+
+use crate::pipeline::{Pipeline, Stage, Tenants};
+use crate::stages::{RunCtx, RunReport};
+use anyhow::{Context, Result, anyhow, bail};
+use cas::Cas;
+use fingerprint::Ingredients;
+use hashing::HashMemo;
+use runs::{StageRecord, Status};
+use serde_json::Map;
+use state::{OutputRecord, StageState, StateStore};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Name of dagrun's own folder in a workspace.
+pub const DAGRUN_DIR: &str = ".dagrun";
+
+/// Shared services a stage kind may use.
+pub struct Services {
+    pub workspace: PathBuf,
+    pub tenants: Option<Tenants>,
+    // KEYRING-SLOT
+}
+
+impl Services {
+    pub fn new(workspace: &Path, tenants: Option<Tenants>) -> Services {
+        Services { workspace: workspace.to_path_buf(), tenants }
+    }
+}
+
+/// What to do with a stage.
+#[derive(Debug)]
+pub enum Decision {
+    /// Up to date.
+    Fresh,
+    /// Copy these outputs back from the cache (from the execution `from`).
+    Restore { outs: Vec<String>, reasons: Vec<String>, from: Box<StageState> },
+    /// Execute.
+    Run { reasons: Vec<String> },
+}
+
+/// A stage's key and what to do.
+pub struct Evaluation {
+    pub key: String,
+    pub ingredients: Ingredients,
+    pub decision: Decision,
+    /// Producers whose sensitive output this stage reads and which is gone.
+    pub missing_sensitive: Vec<usize>,
+}
+
+/// An input's hash as far as it is known.
+pub enum InputHash {
+    Known(String),
+    /// Not known without running upstream (dry runs): why.
+    Unknown(String),
+}
+
+/// A pipeline bound to its workspace state.
+pub struct Engine {
+    pub pipeline: Pipeline,
+    pub services: Services,
+    pub dagrun_dir: PathBuf,
+    pub memo: HashMemo,
+    pub cas: Cas,
+    pub states: StateStore,
+    pub run_id: String,
+    pub cancel: AtomicBool,
+    /// Stages forced to rerun.
+    pub forced: HashSet<usize>,
+    stage_locks: Vec<Mutex<()>>,
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Engine {
+    pub fn new(pipeline: Pipeline) -> Engine {
+        let dagrun_dir = pipeline.workspace.join(DAGRUN_DIR);
+        let services = Services::new(&pipeline.workspace, pipeline.tenants.clone());
+        let n = pipeline.stages.len();
+        Engine {
+            memo: HashMemo::load(&dagrun_dir),
+            cas: Cas::new(&dagrun_dir),
+            states: StateStore::new(&dagrun_dir),
+            services,
+            dagrun_dir,
+            pipeline,
+            run_id: runs::new_run_id(),
+            cancel: AtomicBool::new(false),
+            forced: HashSet::new(),
+            stage_locks: (0..n).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    pub fn stage(&self, i: usize) -> &Stage {
+        &self.pipeline.stages[i]
+    }
+
+    fn producer_name(&self, path: &str) -> Option<String> {
+        self.pipeline.producer_of(path).map(|j| self.pipeline.stages[j].name.clone())
+    }
+
+    /// Compute a stage's ingredients given a way to hash its inputs.
+    pub fn ingredients(&self, i: usize, input: &mut dyn FnMut(&str) -> Result<InputHash>) -> Result<(Ingredients, Vec<String>)> {
+        let s = self.stage(i);
+        let mut inputs = BTreeMap::new();
+        let mut unknown = Vec::new();
+        for d in &s.deps {
+            match input(d)? {
+                InputHash::Known(h) => {
+                    inputs.insert(d.clone(), h);
+                }
+                InputHash::Unknown(why) => {
+                    unknown.push(why);
+                    inputs.insert(d.clone(), String::new());
+                }
+            }
+        }
+        let extras = s.kind.extra_ingredients(s, &self.services)?;
+        let ing = Ingredients {
+            kind: s.kind.name().to_string(),
+            kind_version: s.kind.version(),
+            params: s.with.clone(),
+            cmd: s.cmd.clone(),
+            env: s.env.clone(),
+            inputs,
+            outs: s.outs.iter().map(|o| o.path.clone()).collect(),
+            extras,
+        };
+        Ok((ing, unknown))
+    }
+
+    /// Hash an input on disk; a consumed sensitive input counts with its recorded hash.
+    pub fn hash_input(&self, dep: &str, missing_sensitive: &mut Vec<usize>) -> Result<InputHash> {
+        let abs = self.pipeline.abs(dep);
+        if let Some(h) = self.memo.hash_path(&abs)? {
+            return Ok(InputHash::Known(h.hash));
+        }
+        if let Some(p) = self.pipeline.producer_of(dep) {
+            let producer = self.stage(p);
+            if producer.outs.iter().any(|o| o.path == dep && o.sensitive) {
+                if let Some(rec) = self.states.get(&producer.name).and_then(|st| st.outputs.get(dep).cloned()) {
+                    missing_sensitive.push(p);
+                    return Ok(InputHash::Known(rec.hash));
+                }
+            }
+            bail!("input {dep} does not exist: its producer, stage {}, has not written it", producer.name);
+        }
+        bail!("input {dep} does not exist; create it, or declare the stage that makes it (as one of its `outs:`)")
+    }
+
+    /// Decide what to do with stage `i` now.
+    pub fn evaluate(&self, i: usize) -> Result<Evaluation> {
+        let mut missing_sensitive = Vec::new();
+        let (ingredients, _) = self.ingredients(i, &mut |d| self.hash_input(d, &mut missing_sensitive))?;
+        let mut ev = self.evaluate_with(i, ingredients)?;
+        ev.missing_sensitive = missing_sensitive;
+        Ok(ev)
+    }
+
+    /// Decide what to do with stage `i` given its ingredients.
+    pub fn evaluate_with(&self, i: usize, ingredients: Ingredients) -> Result<Evaluation> {
+        let s = self.stage(i);
+        let missing_sensitive = Vec::new();
+        let key = ingredients.key();
+        if self.forced.contains(&i) {
+            return Ok(Evaluation { key, ingredients, decision: Decision::Run { reasons: vec!["forced (--force)".into()] }, missing_sensitive });
+        }
+        let prev = self.states.get(&s.name);
+        let decision = match &prev {
+            Some(st) if st.key == key => {
+                let (bad, reasons) = self.check_outputs(s, st)?;
+                if bad.is_empty() {
+                    Decision::Fresh
+                } else if bad.iter().all(|p| st.outputs.get(p).is_some_and(|o| o.cached && self.cas.restorable(&o.hash, o.dir))) {
+                    Decision::Restore { outs: bad, reasons, from: Box::new(st.clone()) }
+                } else {
+                    let mut reasons = reasons;
+                    reasons.push("(not in the cache: the stage must run)".into());
+                    Decision::Run { reasons }
+                }
+            }
+            _ => {
+                let mut reasons = match &prev {
+                    Some(st) => fingerprint::explain(&st.ingredients, &ingredients, &st.param_refs, &s.param_refs, &|p| self.producer_name(p)),
+                    None => vec!["no earlier run recorded".into()],
+                };
+                match self.states.action(&key) {
+                    Some(act) if self.action_restorable(s, &act) => {
+                        reasons.push("an earlier run with these exact inputs is in the cache: restoring its outputs".into());
+                        let outs = s.outs.iter().filter(|o| !o.sensitive).map(|o| o.path.clone()).collect();
+                        Decision::Restore { outs, reasons, from: Box::new(act) }
+                    }
+                    _ => Decision::Run { reasons },
+                }
+            }
+        };
+        Ok(Evaluation { key, ingredients, decision, missing_sensitive })
+    }
+
+    fn action_restorable(&self, s: &Stage, act: &StageState) -> bool {
+        s.outs.iter().all(|o| {
+            if o.sensitive {
+                return false; // cannot restore plaintext: must recompute
+            }
+            act.outputs.get(&o.path).is_some_and(|r| r.cached && self.cas.restorable(&r.hash, r.dir))
+        })
+    }
+
+    /// Outputs that are missing or differ from the record (sensitive outputs may be absent).
+    fn check_outputs(&self, s: &Stage, st: &StageState) -> Result<(Vec<String>, Vec<String>)> {
+        let mut bad = Vec::new();
+        let mut reasons = Vec::new();
+        for o in &s.outs {
+            let Some(rec) = st.outputs.get(&o.path) else {
+                bad.push(o.path.clone());
+                reasons.push(format!("output {} was never recorded", o.path));
+                continue;
+            };
+            match self.memo.hash_path(&self.pipeline.abs(&o.path))? {
+                None if o.sensitive => {}
+                None => {
+                    bad.push(o.path.clone());
+                    reasons.push(format!("output {} is missing", o.path));
+                }
+                Some(h) if h.hash != rec.hash => {
+                    bad.push(o.path.clone());
+                    reasons.push(format!("output {} was modified outside dagrun (blake3 {} → {})", o.path, &rec.hash[..12], &h.hash[..12]));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok((bad, reasons))
+    }
+
+    /// Evaluate and then cache, restore or run stage `i`. Never panics on
+    /// stage errors: they become a `failed` record.
+    pub fn execute(&self, i: usize) -> StageRecord {
+        let t0 = Instant::now();
+        let name = self.stage(i).name.clone();
+        let cpu0 = thread_cpu();
+        let mut rec = match self.execute_inner(i) {
+            Ok(r) => r,
+            Err(e) => StageRecord {
+                stage: name,
+                status: runs::Status::Failed,
+                seconds: 0.0,
+                key: None,
+                outputs: BTreeMap::new(),
+                reasons: vec![],
+                outputs_changed: None,
+                error: Some(format!("{e:#}")),
+                facts: Map::new(),
+                cpu_seconds: None,
+            },
+        };
+        rec.seconds = t0.elapsed().as_secs_f64();
+        if rec.status == Status::Ran {
+            if let (Some(a), Some(b)) = (cpu0, thread_cpu()) {
+                let extra = rec.facts.get("cpu_seconds_workers").and_then(|v| v.as_f64()).unwrap_or(0.0);
+                rec.cpu_seconds = Some(b - a + extra);
+            }
+        }
+        rec
+    }
+
+    fn execute_inner(&self, i: usize) -> Result<StageRecord> {
+        let s = self.stage(i);
+        let mut ev = self.evaluate(i)?;
+        let mut rec = StageRecord {
+            stage: s.name.clone(),
+            status: Status::Cached,
+            seconds: 0.0,
+            key: Some(ev.key.clone()),
+            outputs: BTreeMap::new(),
+            reasons: vec![],
+            outputs_changed: None,
+            error: None,
+            facts: Map::new(),
+            cpu_seconds: None,
+        };
+        match std::mem::replace(&mut ev.decision, Decision::Fresh) {
+            Decision::Fresh => {
+                if let Some(st) = self.states.get(&s.name) {
+                    rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+                    rec.facts = st.facts;
+                }
+                Ok(rec)
+            }
+            Decision::Restore { outs, reasons, from } => match self.restore(i, &ev, &outs, &from) {
+                Ok(()) => {
+                    rec.status = Status::Restored;
+                    rec.reasons = reasons;
+                    rec.outputs = from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+                    rec.facts = from.facts.clone();
+                    Ok(rec)
+                }
+                Err(e) => {
+                    tracing::warn!("{}: cannot restore from the cache ({e:#}); running the stage instead", s.name);
+                    let mut reasons = reasons;
+                    reasons.push(format!("cache restore failed: {e:#}"));
+                    self.run_and_record(i, ev, reasons, rec)
+                }
+            },
+            Decision::Run { reasons } => {
+                if !ev.missing_sensitive.is_empty() {
+                    let producers = std::mem::take(&mut ev.missing_sensitive);
+                    for p in producers {
+                        self.rematerialize(p, &s.name)?;
+                    }
+                    // Inputs now exist: recompute the key from the real bytes.
+                    let again = self.evaluate(i)?;
+                    ev.key = again.key;
+                    ev.ingredients = again.ingredients;
+                    rec.key = Some(ev.key.clone());
+                }
+                self.run_and_record(i, ev, reasons, rec)
+            }
+        }
+    }
+
+    fn restore(&self, i: usize, ev: &Evaluation, outs: &[String], from: &StageState) -> Result<()> {
+        let s = self.stage(i);
+        for p in outs {
+            let r = from.outputs.get(p).with_context(|| format!("no cached copy of {p}"))?;
+            let abs = self.pipeline.abs(p);
+            self.cas.restore(&r.hash, r.dir, &abs).with_context(|| format!("restoring {p}"))?;
+            self.memo.forget(&abs);
+        }
+        let mut st = from.clone();
+        st.stage = s.name.clone();
+        st.key = ev.key.clone();
+        st.ingredients = ev.ingredients.clone();
+        st.param_refs = s.param_refs.clone();
+        self.states.put(&st)
+    }
+
+    /// Regenerate a consumed sensitive output of stage `p` for `consumer`.
+    fn rematerialize(&self, p: usize, consumer: &str) -> Result<()> {
+        let _g = self.stage_locks[p].lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.stage(p);
+        if s.outs.iter().filter(|o| o.sensitive).all(|o| self.pipeline.abs(&o.path).exists()) {
+            return Ok(());
+        }
+        tracing::info!("{}: regenerating its sensitive output for {consumer}", s.name);
+        let ev = self.evaluate(p)?;
+        let rec = StageRecord {
+            stage: s.name.clone(),
+            status: Status::Ran,
+            seconds: 0.0,
+            key: None,
+            outputs: BTreeMap::new(),
+            reasons: vec![],
+            outputs_changed: None,
+            error: None,
+            facts: Map::new(),
+            cpu_seconds: None,
+        };
+        self.run_and_record(p, ev, vec![format!("regenerate sensitive output for {consumer}")], rec)
+            .with_context(|| format!("regenerating the input of {consumer} with stage {}", s.name))?;
+        Ok(())
+    }
+
+    fn run_and_record(&self, i: usize, ev: Evaluation, reasons: Vec<String>, mut rec: StageRecord) -> Result<StageRecord> {
+        let s = self.stage(i);
+        let t0 = Instant::now();
+        let prev = self.states.get(&s.name);
+        let deps: Vec<PathBuf> = s.deps.iter().map(|d| self.pipeline.abs(d)).collect();
+        let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
+        if s.kind.name() == "cmd" {
+            // A command writes its outputs in place: start from nothing, so a
+            // stale file is never mistaken for a fresh one.
+            for o in &outs {
+                remove_path(o)?;
+            }
+        }
+        for o in &outs {
+            if let Some(parent) = o.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
+            }
+        }
+        let ctx = RunCtx {
+            workspace: &self.pipeline.workspace,
+            stage: s,
+            deps,
+            outs: outs.clone(),
+            input_hashes: &ev.ingredients.inputs,
+            cache_key: &ev.key,
+            services: &self.services,
+            cancel: &self.cancel,
+            timeout: s.timeout.map(Duration::from_secs_f64),
+        };
+        let mut attempt = 0;
+        let report: RunReport = loop {
+            match s.kind.run(&ctx) {
+                Ok(r) => break r,
+                Err(e) if attempt < s.retries && !self.cancel.load(Ordering::Relaxed) => {
+                    attempt += 1;
+                    tracing::warn!("{} failed (attempt {attempt} of {}): {e:#}; retrying", s.name, s.retries + 1);
+                }
+                Err(e) => {
+                    if s.retries > 0 {
+                        return Err(e.context(format!("failed after {} attempts", attempt + 1)));
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        // Hash and store outputs.
+        let mut outputs = BTreeMap::new();
+        for (o, abs) in s.outs.iter().zip(&outs) {
+            self.memo.forget(abs);
+            let h = self.memo.hash_path(abs)?.ok_or_else(|| {
+                anyhow!("the stage finished but did not write its declared output {}; fix the stage so it writes it (or remove it from `outs:`)", o.path)
+            })?;
+            if o.cache && !o.sensitive {
+                self.cas.put(abs, &h.hash, h.dir, &self.memo).with_context(|| format!("storing {} in the cache", o.path))?;
+            }
+            outputs.insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive });
+        }
+        let changed = match &prev {
+            Some(p) => p.outputs.iter().map(|(k, v)| (k, &v.hash)).ne(outputs.iter().map(|(k, v)| (k, &v.hash))),
+            None => true,
+        };
+        let st = StageState {
+            stage: s.name.clone(),
+            key: ev.key.clone(),
+            ingredients: ev.ingredients,
+            param_refs: s.param_refs.clone(),
+            outputs,
+            run_id: self.run_id.clone(),
+            finished_at: now_rfc3339(),
+            seconds: t0.elapsed().as_secs_f64(),
+            facts: report.facts.clone(),
+        };
+        if st.outputs.values().all(|o| o.cached || o.sensitive) {
+            self.states.put_action(&st)?;
+        }
+        self.states.put(&st)?;
+        rec.status = Status::Ran;
+        rec.key = Some(st.key.clone());
+        rec.reasons = reasons;
+        rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+        rec.outputs_changed = Some(changed);
+        rec.facts = report.facts;
+        Ok(rec)
+    }
+
+    /// Delete every sensitive output on disk (plaintext never outlives a run).
+    pub fn shred_sensitive(&self) {
+        for s in &self.pipeline.stages {
+            for o in s.outs.iter().filter(|o| o.sensitive) {
+                let abs = self.pipeline.abs(&o.path);
+                if abs.symlink_metadata().is_ok() {
+                    if let Err(e) = remove_path(&abs) {
+                        tracing::error!("cannot delete sensitive output {}: {e:#}", o.path);
+                    } else {
+                        tracing::debug!("deleted sensitive output {}", o.path);
+                    }
+                    self.memo.forget(&abs);
+                }
+            }
+        }
+    }
+
+    /// Remove temporary files left next to outputs by killed runs.
+    pub fn sweep_temp_files(&self) {
+        let mut dirs: HashSet<PathBuf> = HashSet::new();
+        for s in &self.pipeline.stages {
+            for o in &s.outs {
+                if let Some(parent) = self.pipeline.abs(&o.path).parent() {
+                    dirs.insert(parent.to_path_buf());
+                }
+            }
+        }
+        dirs.insert(self.dagrun_dir.join("state"));
+        dirs.insert(self.dagrun_dir.join("cache").join("actions"));
+        dirs.insert(self.pipeline.workspace.join("runs"));
+        for d in dirs {
+            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            for e in rd.flatten() {
+                if crate::util::atomic::is_temp_name(&e.file_name().to_string_lossy()) {
+                    let _ = remove_path(&e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Remove a file, symlink or directory if present.
+pub fn remove_path(p: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display())),
+        Ok(_) => std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display())),
+        Err(_) => Ok(()),
+    }
+}
+
+/// CPU time (user+sys) of the calling thread, in seconds.
+pub fn thread_cpu() -> Option<f64> {
+    #[cfg(target_os = "linux")]
+    unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_THREAD, &mut ru) == 0 {
+            let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+            return Some(t(ru.ru_utime) + t(ru.ru_stime));
+        }
+    }
+    None
+}

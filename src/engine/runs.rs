@@ -1,0 +1,132 @@
+//! Run records: `runs/RUN_ID.json`, one per `dagrun run`, written atomically
+//! when the run ends. The `stages` items `{stage, status, seconds}` are a
+//! stable interface for scripts.
+
+use crate::util::atomic::write_json_atomic;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// How a stage ended in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Executed.
+    Ran,
+    /// Up to date: nothing done.
+    Cached,
+    /// Outputs copied back from the cache without executing.
+    Restored,
+    Failed,
+    /// Not attempted because an upstream stage failed (or the run was interrupted).
+    Skipped,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ran => "ran",
+            Status::Cached => "cached",
+            Status::Restored => "restored",
+            Status::Failed => "failed",
+            Status::Skipped => "skipped",
+        }
+    }
+}
+
+/// One stage in a run record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: String,
+    pub status: Status,
+    pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Output path -> blake3.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// Why it ran (or was restored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// For `ran`: whether any output differs from the previous execution
+    /// (false = early cutoff: dependents stay cached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_changed: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub facts: Map<String, Value>,
+    /// CPU time (user+sys) of the stage, where measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub pipeline: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub seconds: f64,
+    /// "ok", "failed" or "interrupted".
+    pub status: String,
+    pub exit_code: i32,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub forced: Vec<String>,
+    pub stages: Vec<StageRecord>,
+}
+
+/// A new, sortable, unique run id: `YYYYMMDD-HHMMSS-mmm-XXXX`.
+pub fn new_run_id() -> String {
+    let now = chrono::Utc::now();
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&now.timestamp_nanos_opt().unwrap_or(0).to_le_bytes());
+    format!("{}-{}", now.format("%Y%m%d-%H%M%S-%3f"), &h.finalize().to_hex()[..4])
+}
+
+pub fn runs_dir(workspace: &Path) -> PathBuf {
+    workspace.join("runs")
+}
+
+pub fn write(workspace: &Path, rec: &RunRecord) -> Result<PathBuf> {
+    let p = runs_dir(workspace).join(format!("{}.json", rec.run_id));
+    write_json_atomic(&p, rec)?;
+    Ok(p)
+}
+
+/// All run records, oldest first (unreadable files are skipped).
+pub fn list(workspace: &Path) -> Vec<RunRecord> {
+    let mut v: Vec<RunRecord> = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(runs_dir(workspace)) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".json") && !name.starts_with('.') {
+                if let Some(r) = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                    v.push(r);
+                }
+            }
+        }
+    }
+    v.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    v
+}
+
+/// One run by id (or unique id prefix, or `last`).
+pub fn find(workspace: &Path, id: &str) -> Result<RunRecord> {
+    let all = list(workspace);
+    if id == "last" || id == "latest" {
+        return all.into_iter().last().context("no runs recorded yet");
+    }
+    let matches: Vec<RunRecord> = all.into_iter().filter(|r| r.run_id.starts_with(id)).collect();
+    match matches.len() {
+        0 => Err(crate::error::config(format!("no run with id {id:?} under {}", runs_dir(workspace).display()))),
+        1 => Ok(matches.into_iter().next().unwrap()),
+        n => Err(crate::error::config(format!("{n} runs match {id:?}; give more of the id"))),
+    }
+}

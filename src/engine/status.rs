@@ -1,0 +1,115 @@
+//! `dagrun status` and `dagrun run --dry-run`: what would run, and exactly why,
+//! without running anything or taking the lock.
+//!
+//! Stages are evaluated in dependency order. An upstream stage that would be
+//! restored (or whose new key is in the action cache) has known outputs, so its
+//! dependents are judged precisely; an upstream stage that must execute makes
+//! its dependents' inputs unknown, and they are reported stale because of it.
+
+use super::fingerprint::explain;
+use super::{Decision, Engine, InputHash};
+use anyhow::Result;
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// One stage's status (the JSON shape is a stable interface).
+#[derive(Debug, Serialize)]
+pub struct StageStatus {
+    pub stage: String,
+    /// "fresh" or "stale".
+    pub state: &'static str,
+    pub reasons: Vec<String>,
+    /// What a run would do: "none", "restore" or "run".
+    pub action: &'static str,
+}
+
+/// Evaluate the selected stages.
+pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageStatus>> {
+    let p = &engine.pipeline;
+    // Output path -> predicted hash after a run (None: unknown until it runs).
+    let mut predicted: HashMap<String, Option<String>> = HashMap::new();
+    let mut out = Vec::new();
+    for &i in &p.topo {
+        if !selected.contains(&i) {
+            continue;
+        }
+        let s = engine.stage(i);
+        let mut unknown_from: Vec<String> = Vec::new();
+        let prev = engine.states.get(&s.name);
+        let eval = {
+            let mut lookup = |dep: &str| -> Result<InputHash> {
+                if let Some(pred) = predicted.get(dep) {
+                    return Ok(match pred {
+                        Some(h) => InputHash::Known(h.clone()),
+                        None => {
+                            let producer = p.producer_of(dep).map(|j| p.stages[j].name.clone()).unwrap_or_default();
+                            let why = format!("upstream stage {producer} will rerun (its output {dep} may change)");
+                            unknown_from.push(why.clone());
+                            InputHash::Unknown(why)
+                        }
+                    });
+                }
+                let mut ms = Vec::new();
+                match engine.hash_input(dep, &mut ms) {
+                    Ok(h) => Ok(h),
+                    Err(e) => Ok(InputHash::Unknown(format!("{e:#}"))),
+                }
+            };
+            engine.ingredients(i, &mut lookup)
+        };
+        let (mut ing, unknown) = match eval {
+            Ok(x) => x,
+            Err(e) => {
+                out.push(StageStatus { stage: s.name.clone(), state: "stale", reasons: vec![format!("cannot evaluate: {e:#}")], action: "run" });
+                for o in &s.outs {
+                    predicted.insert(o.path.clone(), None);
+                }
+                continue;
+            }
+        };
+        let forced = engine.forced.contains(&i);
+        let (state, reasons, action, outputs): (&str, Vec<String>, &str, Option<HashMap<String, String>>) = if forced {
+            ("stale", vec!["forced (--force)".into()], "run", None)
+        } else if !unknown.is_empty() {
+            // Explain what else differs, with the unknown inputs as they were.
+            let mut reasons = unknown.clone();
+            if let Some(st) = &prev {
+                for (k, v) in ing.inputs.iter_mut() {
+                    if v.is_empty() {
+                        if let Some(old) = st.ingredients.inputs.get(k) {
+                            v.clone_from(old);
+                        }
+                    }
+                }
+                if ing.key() != st.key {
+                    reasons.extend(explain(&st.ingredients, &ing, &st.param_refs, &s.param_refs, &|x| {
+                        p.producer_of(x).map(|j| p.stages[j].name.clone())
+                    }));
+                }
+            } else {
+                reasons.push("no earlier run recorded".into());
+            }
+            reasons.dedup();
+            let _ = &unknown_from;
+            ("stale", reasons, "run", None)
+        } else {
+            let ev = engine.evaluate_with(i, ing)?;
+            match ev.decision {
+                Decision::Fresh => {
+                    let outs = prev.as_ref().map(|st| st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect());
+                    ("fresh", vec![], "none", outs)
+                }
+                Decision::Restore { reasons, from, .. } => {
+                    let outs = Some(from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect());
+                    ("stale", reasons, "restore", outs)
+                }
+                Decision::Run { reasons } => ("stale", reasons, "run", None),
+            }
+        };
+        for o in &s.outs {
+            predicted.insert(o.path.clone(), outputs.as_ref().and_then(|m| m.get(&o.path).cloned()));
+        }
+        out.push(StageStatus { stage: s.name.clone(), state, reasons, action });
+    }
+    Ok(out)
+}

@@ -1,0 +1,95 @@
+//! The pipeline file as written by the user: typed serde structs that deny
+//! unknown keys, so a typo is an error with a line number, not a silent no-op.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// A whole pipeline file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Pipeline-level params, referenced from stages as `${params.NAME}`.
+    #[serde(default)]
+    pub params: IndexMap<String, yaml_serde::Value>,
+    /// The stages, by name, in file order.
+    pub stages: IndexMap<String, StageDef>,
+}
+
+/// One stage as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StageDef {
+    /// A built-in stage kind (`generate`, `encrypt`, ...).
+    pub uses: Option<String>,
+    /// A shell command (run with `sh -c` in the workspace).
+    pub cmd: Option<String>,
+    /// Parameters of a built-in kind; values may reference `${params.X}` and `${tenant}`.
+    #[serde(default)]
+    pub with: IndexMap<String, yaml_serde::Value>,
+    /// Input files or directories (relative to the workspace).
+    #[serde(default)]
+    pub deps: Vec<String>,
+    /// Output files or directories (relative to the workspace, inside it).
+    #[serde(default)]
+    pub outs: Vec<OutDef>,
+    /// Stages that must finish first (besides those implied by deps/outs).
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Fan out once per item of a list; only `tenants` exists.
+    pub foreach: Option<String>,
+    /// Environment variables for `cmd` (part of the cache key).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Give up on the stage after this many seconds (cmd stages: the process group is killed).
+    pub timeout: Option<f64>,
+    /// Rerun a failed stage this many times before giving up.
+    #[serde(default)]
+    pub retries: u32,
+    /// Free text shown by `dagrun dag`.
+    pub desc: Option<String>,
+}
+
+/// An output: a path, or a path with options.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum OutDef {
+    Path(String),
+    Detailed(OutDetailed),
+}
+
+/// An output with options.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct OutDetailed {
+    pub path: String,
+    /// Holds plaintext PII: never copied into the cache, deleted once its
+    /// consumers have finished, regenerated on demand (see README).
+    #[serde(default)]
+    pub sensitive: bool,
+    /// Keep a copy in the content-addressed cache (default true).
+    #[serde(default = "yes")]
+    pub cache: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl OutDef {
+    pub fn path(&self) -> &str {
+        match self {
+            OutDef::Path(p) => p,
+            OutDef::Detailed(d) => &d.path,
+        }
+    }
+    pub fn sensitive(&self) -> bool {
+        matches!(self, OutDef::Detailed(d) if d.sensitive)
+    }
+    pub fn cache(&self) -> bool {
+        match self {
+            OutDef::Path(_) => true,
+            OutDef::Detailed(d) => d.cache,
+        }
+    }
+}

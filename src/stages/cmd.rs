@@ -1,0 +1,131 @@
+//! `cmd:` stages: a shell command with declared `deps:` and `outs:`, as in
+//! dvc.yaml. Run with `/bin/sh -c` in the workspace, in its own process group
+//! (so a timeout or Ctrl-C ends it and all its children), stdout and stderr
+//! captured in `.dagrun/logs/STAGE.out|.err`.
+
+use super::{Declared, RunCtx, RunReport, StageKind};
+use crate::pipeline::Stage;
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Cmd;
+
+/// The last `n` lines of a log file (at most 4 KiB read).
+fn tail(path: &std::path::Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn kill_group(pid: u32, sig: i32) {
+    #[cfg(unix)]
+    unsafe {
+        libc::killpg(pid as i32, sig);
+    }
+}
+
+impl StageKind for Cmd {
+    fn name(&self) -> &'static str {
+        "cmd"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+        let extra: Vec<&String> = with.keys().filter(|k| !(tenant.is_some() && *k == "tenant")).collect();
+        if !extra.is_empty() {
+            return Err("`with:` is for built-in kinds; a `cmd:` stage takes its values in the command (use ${params.NAME})".into());
+        }
+        Ok(Declared::default())
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
+        let s: &Stage = ctx.stage;
+        let cmd = s.cmd.as_deref().context("cmd stage without a command")?;
+        let logs = ctx.workspace.join(crate::engine::DAGRUN_DIR).join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+        let out_path = logs.join(format!("{}.out", s.name));
+        let err_path = logs.join(format!("{}.err", s.name));
+        let stdout = std::fs::File::create(&out_path).with_context(|| format!("cannot create {}", out_path.display()))?;
+        let stderr = std::fs::File::create(&err_path).with_context(|| format!("cannot create {}", err_path.display()))?;
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(cmd).current_dir(ctx.workspace).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        if std::env::var_os("PATH").is_none() {
+            c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        c.env("DAGRUN_WORKSPACE", ctx.workspace).env("DAGRUN_STAGE", &s.name);
+        if let Some(t) = &s.tenant {
+            c.env("DAGRUN_TENANT", t);
+        }
+        c.envs(&s.env);
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            c.process_group(0);
+        }
+        let mut child = c.spawn().context("cannot start /bin/sh")?;
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let start = Instant::now();
+        let status = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(st) => break st.context("waiting for the command")?,
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("lost track of the command"),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let timed_out = ctx.timeout.is_some_and(|t| start.elapsed() >= t);
+                    if timed_out || ctx.cancel.load(Ordering::Relaxed) {
+                        kill_group(pid, libc::SIGTERM);
+                        let grace = rx.recv_timeout(Duration::from_secs(2));
+                        if grace.is_err() {
+                            kill_group(pid, libc::SIGKILL);
+                            let _ = rx.recv();
+                        }
+                        // Children that ignored SIGTERM while the shell exited.
+                        kill_group(pid, libc::SIGKILL);
+                        let _ = waiter.join();
+                        if timed_out {
+                            bail!(
+                                "timed out after {}s (timeout: {}); the command and its child processes were killed",
+                                start.elapsed().as_secs(),
+                                ctx.timeout.unwrap().as_secs_f64()
+                            );
+                        }
+                        bail!("interrupted; the command and its child processes were killed");
+                    }
+                }
+            }
+        };
+        let _ = waiter.join();
+        if !status.success() {
+            let code = match status.code() {
+                Some(c) => format!("exit status {c}"),
+                None => {
+                    #[cfg(unix)]
+                    {
+                        use std::os::unix::process::ExitStatusExt;
+                        format!("signal {}", status.signal().unwrap_or(0))
+                    }
+                }
+            };
+            let t = tail(&err_path, 10);
+            let shown = err_path.strip_prefix(ctx.workspace).unwrap_or(&err_path).display().to_string();
+            if t.is_empty() {
+                bail!("command failed with {code} (no stderr; full log: {shown})");
+            }
+            bail!("command failed with {code}; end of stderr ({shown}):\n{t}");
+        }
+        Ok(RunReport::default())
+    }
+}

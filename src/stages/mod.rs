@@ -1,0 +1,140 @@
+//! Stage kinds. Every kind — the shell `cmd` kind and the built-in MLOps
+//! kinds — implements [`StageKind`]; the engine knows nothing else about them.
+//! Adding a kind = one file here + one line in [`registry`].
+
+use crate::pipeline::Stage;
+use anyhow::Result;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+pub mod cmd;
+
+/// What a kind declares about a stage from its `with:` params, before running.
+#[derive(Debug, Default)]
+pub struct Declared {
+    /// Extra input paths (relative to the workspace).
+    pub deps: Vec<String>,
+    /// Extra output paths.
+    pub outs: Vec<DeclaredOut>,
+}
+
+/// One output a kind declares.
+#[derive(Debug, Clone)]
+pub struct DeclaredOut {
+    pub path: String,
+    /// Holds plaintext PII (see `engine` docs on sensitive outputs).
+    pub sensitive: bool,
+}
+
+/// Everything a stage sees while it runs.
+pub struct RunCtx<'a> {
+    pub workspace: &'a Path,
+    pub stage: &'a Stage,
+    /// Absolute input paths, in declaration order.
+    pub deps: Vec<PathBuf>,
+    /// Absolute output paths, in declaration order.
+    pub outs: Vec<PathBuf>,
+    /// Content hashes of the inputs (workspace-relative path -> blake3 hex).
+    pub input_hashes: &'a BTreeMap<String, String>,
+    /// The stage's cache key (blake3 hex).
+    pub cache_key: &'a str,
+    pub services: &'a crate::engine::Services,
+    /// Set when the run is interrupted; long loops should check it.
+    pub cancel: &'a AtomicBool,
+    pub timeout: Option<Duration>,
+}
+
+impl RunCtx<'_> {
+    /// The resolved `with:` params.
+    pub fn with(&self) -> &Map<String, Value> {
+        &self.stage.with
+    }
+    /// A required string param.
+    pub fn str_param(&self, key: &str) -> Result<String> {
+        param_str(&self.stage.with, key).map_err(|m| anyhow::anyhow!("stage {}: {m}", self.stage.name))
+    }
+    /// The workspace-relative form of an absolute path under the workspace.
+    pub fn rel<'p>(&self, p: &'p Path) -> std::borrow::Cow<'p, str> {
+        p.strip_prefix(self.workspace).unwrap_or(p).to_string_lossy()
+    }
+}
+
+/// What a finished stage reports (shown in the run record and summary).
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// Small, PII-free facts (row counts, AUC, ...).
+    pub facts: Map<String, Value>,
+}
+
+/// A kind of stage.
+pub trait StageKind: Send + Sync {
+    /// Name used in `uses:` (or `cmd`).
+    fn name(&self) -> &'static str;
+    /// Code version: bump whenever the kind's outputs for the same inputs change.
+    /// It is part of every cache key of the kind.
+    fn version(&self) -> u32;
+    /// Check `with:` and declare the inputs/outputs they name.
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String>;
+    /// Extra cache-key ingredients read at run time (e.g. the id of the tenant's
+    /// active data key). Values must not be secret.
+    fn extra_ingredients(&self, _stage: &Stage, _services: &crate::engine::Services) -> Result<BTreeMap<String, String>> {
+        Ok(BTreeMap::new())
+    }
+    /// Do the work. Runs on a blocking thread.
+    fn run(&self, ctx: &RunCtx) -> Result<RunReport>;
+    /// One line for the end-of-run summary, read from the (fresh) outputs.
+    fn summarize(&self, _stage: &Stage, _outs: &[PathBuf]) -> Option<String> {
+        None
+    }
+}
+
+/// All built-in kinds by name.
+pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
+    let kinds: Vec<Arc<dyn StageKind>> = vec![Arc::new(cmd::Cmd)];
+    kinds.into_iter().map(|k| (k.name(), k)).collect()
+}
+
+/// A required string param from a `with:` map.
+pub fn param_str(with: &Map<String, Value>, key: &str) -> std::result::Result<String, String> {
+    match with.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::Bool(b)) => Ok(b.to_string()),
+        Some(other) => Err(format!("`with.{key}` must be a string, not {other}")),
+        None => Err(format!("missing `with.{key}`")),
+    }
+}
+
+/// A required numeric param.
+pub fn param_f64(with: &Map<String, Value>, key: &str) -> std::result::Result<f64, String> {
+    match with.get(key) {
+        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| format!("`with.{key}` is not a number")),
+        Some(Value::String(s)) => s.trim().parse::<f64>().map_err(|_| format!("`with.{key}` = {s:?} is not a number")),
+        Some(other) => Err(format!("`with.{key}` must be a number, not {other}")),
+        None => Err(format!("missing `with.{key}`")),
+    }
+}
+
+/// A required non-negative integer param.
+pub fn param_u64(with: &Map<String, Value>, key: &str) -> std::result::Result<u64, String> {
+    match with.get(key) {
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("`with.{key}` = {n} must be a whole number ≥ 0")),
+        Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| format!("`with.{key}` = {s:?} must be a whole number ≥ 0")),
+        Some(other) => Err(format!("`with.{key}` must be a whole number, not {other}")),
+        None => Err(format!("missing `with.{key}`")),
+    }
+}
+
+/// Reject `with:` keys a kind does not know.
+pub fn check_keys(with: &Map<String, Value>, allowed: &[&str]) -> std::result::Result<(), String> {
+    for k in with.keys() {
+        if !allowed.contains(&k.as_str()) {
+            return Err(format!("unknown `with.{k}`; this kind takes: {}", allowed.join(", ")));
+        }
+    }
+    Ok(())
+}
