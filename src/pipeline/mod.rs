@@ -66,6 +66,7 @@ impl std::fmt::Debug for Stage {
 }
 
 /// A loaded, validated pipeline.
+#[derive(Debug)]
 pub struct Pipeline {
     /// Absolute path of the pipeline file.
     pub file: PathBuf,
