@@ -1,7 +1,25 @@
 //! dagrun: a DAG runner for regulated, multi-tenant ML pipelines.
+//!
+//! - [`pipeline`]: YAML model, validation, params, per-tenant expansion, DAG;
+//! - [`engine`]: cache keys, content-addressed store, state, lock, scheduler,
+//!   run records, lineage;
+//! - [`stages`]: the stage kinds (`cmd` and the propensity kinds), one trait;
+//! - [`crypto`]: keyring, envelope encryption, AEAD, pseudonyms;
+//! - [`data`]: raw/encrypted/feature schemas, generator, ingest, Parquet I/O;
+//! - [`features`]: feature sets (fit + transform), the only copy of the formulas;
+//! - [`store`]: the versioned Parquet feature store;
+//! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
+//! - [`serve`]: the prediction path shared by `predict` and `serve-check`;
+//! - [`commands`]: predict, keys, features, verify, sample.
+pub mod commands;
+pub mod crypto;
+pub mod data;
 pub mod engine;
 pub mod error;
 pub mod features;
+pub mod model;
 pub mod pipeline;
+pub mod serve;
 pub mod stages;
+pub mod store;
 pub mod util;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dagrun::engine::report::Verbosity;
 use dagrun::engine::scheduler::{self, RunOptions};
 use dagrun::engine::{Engine, lineage, runs, status};
+use dagrun::commands;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,60 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Score raw rows of one tenant with its model (Models-as-a-Service).
+    Predict {
+        #[arg(long)]
+        tenant: String,
+        /// Raw rows: .csv or .parquet with the spec's columns (Converted optional).
+        #[arg(long)]
+        input: PathBuf,
+        /// Where to write scores (default: stdout). `.csv` or `.jsonl`.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// csv or jsonl (default: from the output's extension, else csv).
+        #[arg(long)]
+        format: Option<String>,
+        /// A model version (default: the tenant's current model).
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Tenant keys: list, rotate, forget (crypto-shredding), export.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCmd,
+    },
+    /// Show a tenant's feature version: manifest, statistics, lineage.
+    Features {
+        tenant: String,
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the cache, state files and recorded outputs; exit 4 on problems.
+    Verify {
+        /// Delete corrupted cache objects (the next run recomputes or restores).
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write synthetic raw data for one tenant (.csv or .parquet), e.g. for `ingest`.
+    Sample {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value_t = 1000)]
+        rows: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value = "2026-01-01")]
+        as_of: String,
+        /// Leave out the Converted label (as at prediction time).
+        #[arg(long)]
+        no_label: bool,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// List runs, or show one (`dagrun runs show ID|last`).
     Runs {
         #[command(subcommand)]
@@ -90,6 +145,39 @@ enum RunsCmd {
         id: String,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Key ids, kinds, states and dates (never key bytes).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give a tenant a new active data key (old keys still decrypt).
+    Rotate {
+        tenant: String,
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+    /// Destroy a tenant's keys: its encrypted data becomes unreadable (GDPR art. 17).
+    Forget {
+        tenant: String,
+        /// Confirm: this cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+    /// Print a tenant's data key as hex (for recovery or reading data with other tools).
+    Export {
+        tenant: String,
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Required: the key is printed on stdout.
+        #[arg(long)]
+        i_understand_this_prints_a_secret: bool,
     },
 }
 
@@ -124,21 +212,9 @@ fn init_logging(cli: &Cli) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).without_time().try_init();
 }
 
-/// The workspace of commands that take no pipeline: `-C`, else the nearest
-/// ancestor of the current folder holding `.dagrun/`.
+/// The workspace of commands that take no pipeline (see `commands::find_workspace`).
 fn workspace_from_cwd(cli: &Cli) -> Result<PathBuf> {
-    if let Some(w) = &cli.workspace {
-        return Ok(w.clone());
-    }
-    let cwd = std::env::current_dir()?;
-    let mut cur = Some(cwd.as_path());
-    while let Some(d) = cur {
-        if d.join(".dagrun").is_dir() {
-            return Ok(d.to_path_buf());
-        }
-        cur = d.parent();
-    }
-    Ok(cwd)
+    Ok(commands::find_workspace(cli.workspace.as_deref())?)
 }
 
 fn verbosity(cli: &Cli) -> Verbosity {
@@ -281,6 +357,53 @@ fn real_main(cli: &Cli) -> Result<i32> {
             } else {
                 print!("{}", lineage::render(&tree));
             }
+            Ok(exit::OK)
+        }
+        Cmd::Predict { tenant, input, output, format, model } => {
+            let ws = workspace_from_cwd(cli)?;
+            let args = commands::predict::PredictArgs { tenant: tenant.clone(), input: input.clone(), output: output.clone(), format: format.clone(), model: model.clone() };
+            let n = commands::predict::predict(&ws, &args)?;
+            if let Some(o) = output {
+                if !cli.quiet {
+                    eprintln!("scored {n} rows of tenant {tenant} into {}", o.display());
+                }
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Keys { action } => {
+            let ws = workspace_from_cwd(cli)?;
+            let secs = |w: &Option<f64>| w.map(Duration::from_secs_f64);
+            match action {
+                KeysCmd::List { json } => commands::keys::list(&ws, *json)?,
+                KeysCmd::Rotate { tenant, wait } => commands::keys::rotate(&ws, tenant, secs(wait))?,
+                KeysCmd::Forget { tenant, yes, wait } => commands::keys::forget(&ws, tenant, *yes, secs(wait))?,
+                KeysCmd::Export { tenant, key_id, i_understand_this_prints_a_secret } => {
+                    commands::keys::export(&ws, tenant, key_id.as_deref(), *i_understand_this_prints_a_secret)?
+                }
+            }
+            Ok(exit::OK)
+        }
+        Cmd::Features { tenant, version, json } => {
+            let ws = workspace_from_cwd(cli)?;
+            commands::features::show(&ws, tenant, version.as_deref(), *json)?;
+            Ok(exit::OK)
+        }
+        Cmd::Verify { repair, json } => {
+            let ws = workspace_from_cwd(cli)?;
+            let r = commands::verify::verify(&ws, *repair)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                println!("checked {} cache objects and {} stages: {} problems", r.objects_checked, r.stages_checked, r.problems.len());
+            }
+            Ok(if r.problems.is_empty() { exit::OK } else { exit::INTEGRITY })
+        }
+        Cmd::Sample { tenant, rows, seed, as_of, no_label, out } => {
+            let as_of = dagrun::data::schema::parse_date(as_of).map_err(|e| error::config(format!("--as-of: {e:#}")))?;
+            commands::sample::sample(out, tenant, *rows, *seed, as_of, !*no_label)?;
             Ok(exit::OK)
         }
         Cmd::Runs { action, json } => {

@@ -45,7 +45,7 @@ use state::{OutputRecord, StageState, StateStore};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Name of dagrun's own folder in a workspace.
@@ -55,12 +55,21 @@ pub const DAGRUN_DIR: &str = ".dagrun";
 pub struct Services {
     pub workspace: PathBuf,
     pub tenants: Option<Tenants>,
-    // KEYRING-SLOT
+    keyring: OnceLock<std::result::Result<std::sync::Arc<crate::crypto::keyring::Keyring>, String>>,
 }
 
 impl Services {
     pub fn new(workspace: &Path, tenants: Option<Tenants>) -> Services {
-        Services { workspace: workspace.to_path_buf(), tenants }
+        Services { workspace: workspace.to_path_buf(), tenants, keyring: OnceLock::new() }
+    }
+
+    /// The workspace keyring, opened once per run (master key from the
+    /// environment or the key file; see `crypto::keyring`).
+    pub fn keyring(&self) -> Result<std::sync::Arc<crate::crypto::keyring::Keyring>> {
+        self.keyring
+            .get_or_init(|| crate::crypto::keyring::Keyring::open(&self.workspace).map(std::sync::Arc::new).map_err(|e| format!("{e:#}")))
+            .clone()
+            .map_err(|e| anyhow!(e))
     }
 }
 

@@ -11,7 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+pub mod afe;
 pub mod cmd;
+pub mod encrypt;
+pub mod generate;
+pub mod ingest;
+pub mod serve_check;
+pub mod store;
+pub mod train;
 
 /// What a kind declares about a stage from its `with:` params, before running.
 #[derive(Debug, Default)]
@@ -94,7 +101,16 @@ pub trait StageKind: Send + Sync {
 
 /// All built-in kinds by name.
 pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
-    let kinds: Vec<Arc<dyn StageKind>> = vec![Arc::new(cmd::Cmd)];
+    let kinds: Vec<Arc<dyn StageKind>> = vec![
+        Arc::new(cmd::Cmd),
+        Arc::new(generate::Generate),
+        Arc::new(ingest::Ingest),
+        Arc::new(encrypt::Encrypt),
+        Arc::new(afe::Afe),
+        Arc::new(store::Store),
+        Arc::new(train::Train),
+        Arc::new(serve_check::ServeCheck),
+    ];
     kinds.into_iter().map(|k| (k.name(), k)).collect()
 }
 

@@ -1,0 +1,56 @@
+//! `dagrun features TENANT [--version V]`: a feature version's manifest,
+//! statistics and lineage, read from the store stage's recorded outputs.
+
+use crate::engine::state::StateStore;
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+/// Feature-store version folders of a tenant, from the store stages' state.
+pub fn versions(workspace: &Path, tenant: &str) -> Vec<(String, PathBuf)> {
+    let states = StateStore::new(&workspace.join(crate::engine::DAGRUN_DIR));
+    let mut v: Vec<(String, PathBuf)> = Vec::new();
+    for s in states.all() {
+        if s.ingredients.kind != "store" || s.ingredients.params.get("tenant").and_then(|t| t.as_str()) != Some(tenant) {
+            continue;
+        }
+        for out in s.outputs.keys() {
+            if out.ends_with(crate::store::MANIFEST_FILE) {
+                let dir = workspace.join(out).parent().map(Path::to_path_buf).unwrap_or_default();
+                if let Ok(m) = crate::store::read_manifest(&dir) {
+                    v.push((m.feature_set_version, dir));
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -> Result<()> {
+    let all = versions(workspace, tenant);
+    if all.is_empty() {
+        return Err(crate::error::config(format!("tenant {tenant} has no feature versions in {}: run the pipeline first", workspace.display())));
+    }
+    let (v, dir) = match version {
+        Some(v) => all.iter().find(|(x, _)| x == v).cloned().ok_or_else(|| {
+            crate::error::config(format!("tenant {tenant} has no feature version {v} (it has: {})", all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", ")))
+        })?,
+        None => all.last().cloned().unwrap(),
+    };
+    let m = crate::store::read_manifest(&dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    let rel = dir.strip_prefix(workspace).unwrap_or(&dir).display().to_string();
+    println!("tenant {tenant}, feature set {v}  ({rel}/)");
+    println!("  versions: {}", all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", "));
+    println!("  rows {}  as_of {}  file {} blake3 {}", m.rows, m.as_of, m.file, m.file_blake3);
+    println!("  statistics: mean_login {}  p80_purchase {}  (fitted on {} rows)", m.stats.mean_login, m.stats.p80_purchase, m.stats.rows);
+    println!("  schema: {}", m.schema.iter().map(|c| format!("{}:{}", c.name, c.data_type)).collect::<Vec<_>>().join(", "));
+    println!("  lineage {}  ({})", m.lineage.lineage_hash, m.lineage.code_version);
+    for (p, h) in &m.lineage.inputs {
+        println!("    input {p}  blake3 {}", &h[..h.len().min(16)]);
+    }
+    Ok(())
+}

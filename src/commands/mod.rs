@@ -1,0 +1,27 @@
+//! Commands beyond running pipelines: serving, keys, the feature store,
+//! integrity checks and sample data. `main.rs` parses arguments and calls these.
+pub mod features;
+pub mod keys;
+pub mod predict;
+pub mod sample;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+
+/// The workspace for commands that take no pipeline: the given one, else the
+/// nearest ancestor of the current folder holding `.dagrun/`, else the
+/// current folder.
+pub fn find_workspace(given: Option<&Path>) -> std::io::Result<PathBuf> {
+    if let Some(w) = given {
+        return std::path::absolute(w);
+    }
+    let cwd = std::env::current_dir()?;
+    let mut cur = Some(cwd.as_path());
+    while let Some(d) = cur {
+        if d.join(crate::engine::DAGRUN_DIR).is_dir() {
+            return Ok(d.to_path_buf());
+        }
+        cur = d.parent();
+    }
+    Ok(cwd)
+}

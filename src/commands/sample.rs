@@ -1,0 +1,89 @@
+//! `dagrun sample`: write synthetic raw data for one tenant (the generator of
+//! spec §2) as CSV or Parquet, e.g. to try the ingest pipeline. The rows hold
+//! synthetic, not real, PII.
+
+use crate::data::generate::generate_tenant;
+use crate::data::parquet_io::open_batches;
+use crate::util::atomic::AtomicFile;
+use anyhow::{Context, Result};
+use arrow_array::{Array, BooleanArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use std::io::Write;
+use std::path::Path;
+
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")).into() } else { s.into() }
+}
+
+/// Write a raw-schema batch as CSV rows.
+pub fn write_csv_rows(out: &mut dyn Write, batch: &RecordBatch) -> Result<()> {
+    let s = |n: &str| batch.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned()).context(format!("{n}"));
+    let i = |n: &str| batch.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).context(format!("{n}"));
+    let (t, pii) = (s("Tenant_ID")?, s("Sensitive_Data")?);
+    let (id, lc) = (i("Customer_ID")?, i("Login_Count")?);
+    let pa = batch.column_by_name("Purchase_Amount").and_then(|c| c.as_any().downcast_ref::<Float64Array>().cloned()).context("Purchase_Amount")?;
+    let d = batch.column_by_name("Last_Visit_Date").and_then(|c| c.as_any().downcast_ref::<Date32Array>().cloned()).context("Last_Visit_Date")?;
+    let y = batch.column_by_name("Converted").and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
+    for r in 0..batch.num_rows() {
+        write!(
+            out,
+            "{},{},{},{},{},{}",
+            csv_field(t.value(r)),
+            id.value(r),
+            csv_field(pii.value(r)),
+            lc.value(r),
+            pa.value(r),
+            crate::data::schema::format_date(d.value(r))
+        )?;
+        match &y {
+            Some(y) if y.is_valid(r) => writeln!(out, ",{}", y.value(r))?,
+            Some(_) => writeln!(out, ",")?,
+            None => writeln!(out)?,
+        }
+    }
+    Ok(())
+}
+
+/// Write `rows` synthetic rows of `tenant` to `out` (.csv or .parquet).
+pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_label: bool) -> Result<()> {
+    crate::pipeline::tenants::validate_tenant_id(tenant).map_err(crate::error::config)?;
+    let ext = out.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = tempfile_in(dir)?;
+    generate_tenant(&tmp, tenant, rows, seed, as_of)?;
+    let result = (|| -> Result<()> {
+        let batches = open_batches(&tmp, crate::data::DEFAULT_BATCH_SIZE)?;
+        let strip = |mut b: RecordBatch| -> Result<RecordBatch> {
+            if !with_label {
+                let idx = b.schema().index_of("Converted")?;
+                b.remove_column(idx);
+            }
+            Ok(b)
+        };
+        match ext.as_str() {
+            "parquet" | "pq" => {
+                let mut sink = crate::data::parquet_io::ParquetSink::create(out, crate::data::schema::raw_schema(with_label), vec![])?;
+                for b in batches {
+                    sink.write(&strip(b?)?)?;
+                }
+                sink.finish()
+            }
+            "csv" => {
+                let mut f = AtomicFile::create(out)?;
+                let label = if with_label { ",Converted" } else { "" };
+                writeln!(f.writer(), "Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date{label}")?;
+                for b in batches {
+                    write_csv_rows(f.writer(), &strip(b?)?)?;
+                }
+                f.commit()
+            }
+            _ => Err(crate::error::config(format!("{}: use a .csv or .parquet file name", out.display()))),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
+fn tempfile_in(dir: &Path) -> Result<std::path::PathBuf> {
+    Ok(dir.join(format!(".sample{}{}", crate::util::atomic::TEMP_MARKER, std::process::id())))
+}

@@ -1,0 +1,25 @@
+//! Datasets of the propensity pipeline (spec §2–§4): schemas, Parquet I/O,
+//! the synthetic generator, ingestion of user data, and featurization.
+pub mod featurize;
+pub mod generate;
+pub mod ingest;
+pub mod parquet_io;
+pub mod schema;
+
+/// Rows per Arrow RecordBatch when streaming.
+pub const DEFAULT_BATCH_SIZE: usize = 65_536;
+
+/// A tenant id is `[A-Za-z0-9_-]{1,64}` (spec §1).
+pub fn is_valid_tenant_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A tenant id (or any untrusted short string) made safe for a message:
+/// truncated to 64 characters and escaped with `{:?}`.
+pub fn show_tenant(s: &str) -> String {
+    let mut t: String = s.chars().take(64).collect();
+    if t.len() < s.len() {
+        t.push('…');
+    }
+    format!("{t:?}")
+}

@@ -1,0 +1,147 @@
+//! Models-as-a-Service: raw rows in, propensity scores out (spec §8).
+//!
+//! The online path applies `features::v1::transform` with the *stored*
+//! statistics and `as_of` of the model's feature version (never refitted on
+//! the rows being scored), then the model's scaler and coefficients through
+//! `ModelArtifact::predict_proba_row` — the same function the offline path
+//! (feature store + model) uses, so both paths agree to the bit.
+
+use crate::data::schema;
+use crate::engine::state::StateStore;
+use crate::features::v1::{self, TenantStats};
+use crate::model::ModelArtifact;
+use crate::store::Manifest;
+use anyhow::{Context, Result, anyhow, bail};
+use arrow_array::{Array, Date32Array, Float64Array, Int64Array, RecordBatch};
+use std::path::{Path, PathBuf};
+
+/// The v1 feature vector of every row of a batch holding the raw columns
+/// `Customer_ID`, `Login_Count`, `Purchase_Amount`, `Last_Visit_Date`.
+pub fn raw_features(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Result<Vec<(i64, [f64; 5])>> {
+    let get = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("missing column {name}"));
+    let ids = get(schema::CUSTOMER_ID)?.as_any().downcast_ref::<Int64Array>().context("Customer_ID must be int64")?;
+    let logins = get(schema::LOGIN_COUNT)?.as_any().downcast_ref::<Int64Array>().context("Login_Count must be int64")?;
+    let amounts = get(schema::PURCHASE_AMOUNT)?.as_any().downcast_ref::<Float64Array>().context("Purchase_Amount must be float64")?;
+    let dates = get(schema::LAST_VISIT_DATE)?.as_any().downcast_ref::<Date32Array>().context("Last_Visit_Date must be date32")?;
+    Ok((0..batch.num_rows())
+        .map(|i| (ids.value(i), v1::transform(stats, as_of, logins.value(i), amounts.value(i), dates.value(i)).as_array()))
+        .collect())
+}
+
+/// The five feature columns of a feature-store batch, per row.
+pub fn stored_features(batch: &RecordBatch) -> Result<Vec<(i64, [f64; 5])>> {
+    let get = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("feature file has no column {name}"));
+    let ids = get(schema::CUSTOMER_ID)?.as_any().downcast_ref::<Int64Array>().context("Customer_ID must be int64")?;
+    let f64col = |name: &str| -> Result<Vec<f64>> {
+        let c = get(name)?;
+        if let Some(a) = c.as_any().downcast_ref::<Float64Array>() {
+            Ok(a.values().to_vec())
+        } else if let Some(a) = c.as_any().downcast_ref::<Int64Array>() {
+            Ok(a.values().iter().map(|&v| v as f64).collect())
+        } else {
+            bail!("feature column {name} has an unexpected type")
+        }
+    };
+    let cols: Vec<Vec<f64>> = v1::FEATURE_NAMES.iter().map(|n| f64col(n)).collect::<Result<_>>()?;
+    Ok((0..batch.num_rows()).map(|i| (ids.value(i), [cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i]])).collect())
+}
+
+/// Check that a model belongs to a feature-store version.
+pub fn check_model_matches_store(a: &ModelArtifact, m: &Manifest) -> Result<()> {
+    if a.tenant != m.tenant {
+        bail!("the model is tenant {}'s but the feature version is tenant {}'s", a.tenant, m.tenant);
+    }
+    if a.feature_set_version != m.feature_set_version {
+        bail!("the model was trained on feature set {} but the store holds {}", a.feature_set_version, m.feature_set_version);
+    }
+    if a.feature_file_hash != m.file_blake3 {
+        bail!(
+            "the model was trained on feature file blake3 {} but the store's file is {}: retrain (dagrun run --force train)",
+            &a.feature_file_hash[..a.feature_file_hash.len().min(12)],
+            &m.file_blake3[..m.file_blake3.len().min(12)]
+        );
+    }
+    Ok(())
+}
+
+/// A model ready to serve, with the feature version it was trained on.
+pub struct Deployed {
+    pub artifact: ModelArtifact,
+    pub manifest: Manifest,
+    pub model_path: PathBuf,
+    pub model_hash: String,
+    /// `as_of` of the feature version, as days since 1970-01-01.
+    pub as_of: i32,
+}
+
+impl Deployed {
+    /// Scores of the rows of a raw batch.
+    pub fn score_batch(&self, batch: &RecordBatch) -> Result<Vec<(i64, f64)>> {
+        Ok(raw_features(&self.manifest.stats, self.as_of, batch)?.into_iter().map(|(id, x)| (id, self.artifact.predict_proba_row(&x))).collect())
+    }
+}
+
+/// The lineage record (producing stage's state) of a workspace-relative path.
+pub fn recorded_hash(workspace: &Path, rel: &str) -> Option<(String, String)> {
+    StateStore::new(&workspace.join(crate::engine::DAGRUN_DIR))
+        .all()
+        .into_iter()
+        .find_map(|s| s.outputs.get(rel).map(|o| (s.stage.clone(), o.hash.clone())))
+}
+
+/// Load tenant `tenant`'s model (the current one, or `version` from the
+/// cache), verifying its hash against its lineage record and its feature
+/// version against the feature store.
+pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> Result<Deployed> {
+    let states = StateStore::new(&workspace.join(crate::engine::DAGRUN_DIR));
+    let train = states
+        .all()
+        .into_iter()
+        .find(|s| s.ingredients.kind == "train" && s.ingredients.params.get("tenant").and_then(|v| v.as_str()) == Some(tenant))
+        .ok_or_else(|| crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", workspace.display())))?;
+    let (rel, rec) = train.outputs.iter().next().context("train stage recorded no output")?;
+    let model_path = workspace.join(rel);
+    let bytes = std::fs::read(&model_path).with_context(|| format!("cannot read the model {rel}"))?;
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    if hash != rec.hash {
+        bail!(
+            "model {rel} does not match its lineage record (blake3 {} recorded by stage {}, file is {}): it was modified; refusing to serve it. Run the pipeline to restore it",
+            &rec.hash[..12],
+            train.stage,
+            &hash[..12]
+        );
+    }
+    let mut artifact = ModelArtifact::from_json_bytes(&bytes, rel)?;
+    let mut model_hash = hash;
+    if let Some(v) = version.filter(|v| *v != artifact.model_version) {
+        // An older model: find it among earlier executions in the action cache.
+        let cas = crate::engine::cas::Cas::new(&workspace.join(crate::engine::DAGRUN_DIR));
+        let mut found = None;
+        for act in states.all_actions().into_iter().filter(|a| a.stage == train.stage) {
+            if let Some(o) = act.outputs.get(rel) {
+                if cas.check(&o.hash)? {
+                    let b = std::fs::read(cas.object_path(&o.hash))?;
+                    if let Ok(a) = ModelArtifact::from_json_bytes(&b, rel) {
+                        if a.model_version == v {
+                            found = Some((a, o.hash.clone()));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let (a, h) = found.ok_or_else(|| crate::error::config(format!("tenant {tenant} has no model version {v:?} (current: {})", artifact.model_version)))?;
+        artifact = a;
+        model_hash = h;
+    }
+    let manifest_path = workspace.join(&artifact.feature_file).with_file_name(crate::store::MANIFEST_FILE);
+    let manifest = crate::store::read_manifest(manifest_path.parent().context("feature dir")?)?;
+    if version.is_none() {
+        check_model_matches_store(&artifact, &manifest)?;
+    } else if artifact.feature_set_version != manifest.feature_set_version || artifact.feature_stats != manifest.stats {
+        // An older model keeps its own statistics.
+        bail!("model version {} was trained on a feature version that is no longer in the store", artifact.model_version);
+    }
+    let as_of = schema::parse_date(&manifest.as_of)?;
+    Ok(Deployed { artifact, manifest, model_path, model_hash, as_of })
+}

@@ -1,0 +1,172 @@
+//! `uses: encrypt` — per-tenant encryption of raw data (spec §3).
+//!
+//! `Sensitive_Data` becomes `Sensitive_Data_Enc` (AES-256-GCM, random 96-bit
+//! nonce, stored as `nonce || ciphertext || tag`, associated data
+//! `tenant|Sensitive_Data|Customer_ID`) and `Sensitive_Token`
+//! (HMAC-SHA256 under the tenant's separate pseudonym key). Other columns stay
+//! in clear. The id of the tenant's active data key is part of the cache key
+//! and is written into the Parquet footer (`dagrun.key_id`), so a reader knows
+//! which key opens the file.
+//!
+//! Work is streamed batch by batch; each batch is split across the cores.
+
+use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use crate::crypto::aead::FieldCipher;
+use crate::crypto::pseudonym::Pseudonymizer;
+use crate::data::parquet_io::{ParquetSink, open_batches};
+use crate::data::schema::{self, encrypted_schema};
+use crate::engine::Services;
+use crate::pipeline::Stage;
+use anyhow::{Context, Result, anyhow, bail};
+use arrow_array::builder::{BinaryBuilder, FixedSizeBinaryBuilder};
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub struct Encrypt;
+
+/// Column name bound into the associated data.
+pub const COLUMN: &str = "Sensitive_Data";
+
+/// Encrypt rows `range` of a raw batch: (ciphertexts, tokens).
+fn encrypt_rows(
+    cipher: &FieldCipher,
+    pseudo: &Pseudonymizer,
+    tenant: &str,
+    ids: &Int64Array,
+    pii: &StringArray,
+    range: std::ops::Range<usize>,
+) -> (ArrayRef, ArrayRef) {
+    let n = range.len();
+    let mut enc = BinaryBuilder::with_capacity(n, n * 64);
+    let mut tok = FixedSizeBinaryBuilder::with_capacity(n, 32);
+    let mut buf = Vec::with_capacity(128);
+    for i in range {
+        let v = pii.value(i).as_bytes();
+        buf.clear();
+        cipher.encrypt(tenant, COLUMN, ids.value(i), v, &mut buf);
+        enc.append_value(&buf);
+        tok.append_value(pseudo.token(v)).expect("32-byte token");
+    }
+    (Arc::new(enc.finish()), Arc::new(tok.finish()))
+}
+
+/// Encrypt one raw batch into the encrypted schema, using `threads` threads.
+pub fn encrypt_batch(cipher: &FieldCipher, pseudo: &Pseudonymizer, tenant: &str, batch: &RecordBatch, threads: usize) -> Result<RecordBatch> {
+    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
+    let tenants = col(schema::TENANT_ID)?.as_any().downcast_ref::<StringArray>().context("Tenant_ID is not utf8")?;
+    if let Some(i) = (0..tenants.len()).find(|&i| tenants.value(i) != tenant) {
+        bail!("row {} of the raw data belongs to tenant {:?}, not {tenant}", i + 1, crate::data::show_tenant(tenants.value(i)));
+    }
+    let ids = col(schema::CUSTOMER_ID)?.as_any().downcast_ref::<Int64Array>().context("Customer_ID is not int64")?;
+    let pii = col(schema::SENSITIVE_DATA)?.as_any().downcast_ref::<StringArray>().context("Sensitive_Data is not utf8")?;
+    if pii.null_count() > 0 || ids.null_count() > 0 {
+        bail!("raw data has empty Customer_ID or Sensitive_Data values");
+    }
+    let n = batch.num_rows();
+    let threads = threads.clamp(1, 8).min(n.div_ceil(4096).max(1));
+    let parts: Vec<(ArrayRef, ArrayRef)> = if threads == 1 {
+        vec![encrypt_rows(cipher, pseudo, tenant, ids, pii, 0..n)]
+    } else {
+        let chunk = n.div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let r = (t * chunk).min(n)..((t + 1) * chunk).min(n);
+                    s.spawn(move || encrypt_rows(cipher, pseudo, tenant, ids, pii, r))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("encryption thread")).collect()
+        })
+    };
+    let concat = |f: fn(&(ArrayRef, ArrayRef)) -> &ArrayRef| -> Result<ArrayRef> {
+        let arrays: Vec<&dyn Array> = parts.iter().map(|p| f(p).as_ref()).collect();
+        Ok(arrow_select_concat(&arrays)?)
+    };
+    let enc = concat(|p| &p.0)?;
+    let tok = concat(|p| &p.1)?;
+    let with_label = batch.column_by_name(schema::CONVERTED).is_some();
+    let mut cols: Vec<ArrayRef> = vec![col(schema::TENANT_ID)?.clone(), col(schema::CUSTOMER_ID)?.clone(), enc, tok];
+    for c in [schema::LOGIN_COUNT, schema::PURCHASE_AMOUNT, schema::LAST_VISIT_DATE] {
+        cols.push(col(c)?.clone());
+    }
+    if with_label {
+        cols.push(col(schema::CONVERTED)?.clone());
+    }
+    Ok(RecordBatch::try_new(encrypted_schema(with_label), cols)?)
+}
+
+/// Concatenate arrays of one type (binary or fixed-size binary).
+fn arrow_select_concat(arrays: &[&dyn Array]) -> Result<ArrayRef> {
+    if arrays.len() == 1 {
+        return Ok(arrow_array::make_array(arrays[0].to_data()));
+    }
+    Ok(arrow_select::concat::concat(arrays)?)
+}
+
+/// Threads available to one stage.
+pub fn stage_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+impl StageKind for Encrypt {
+    fn name(&self) -> &'static str {
+        "encrypt"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+        check_keys(with, &["input", "output", "tenant"])?;
+        if tenant.is_none() {
+            return Err("`uses: encrypt` runs per tenant: add `foreach: tenants`".into());
+        }
+        Ok(Declared { deps: vec![param_str(with, "input")?], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }] })
+    }
+    fn extra_ingredients(&self, stage: &Stage, services: &Services) -> Result<BTreeMap<String, String>> {
+        let tenant = stage.tenant.as_deref().unwrap_or_default();
+        let ring = services.keyring()?;
+        let id = match ring.is_forgotten(tenant) {
+            Some(when) => format!("destroyed {when}"),
+            None => ring.active_key_id(tenant)?.unwrap_or_else(|| "(new key)".into()),
+        };
+        Ok(BTreeMap::from([(format!("data key of {tenant}"), id)]))
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
+        let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
+        let ring = ctx.services.keyring()?;
+        let (key_id, key) = ring.active_data_key(tenant)?;
+        let cipher = FieldCipher::new(&key);
+        let pseudo = Pseudonymizer::new(&ring.pseudonym_key(tenant)?);
+        drop(key);
+        let input = &ctx.deps[0];
+        let in_schema = crate::data::parquet_io::read_schema(input)?;
+        let with_label = in_schema.field_with_name(schema::CONVERTED).is_ok();
+        let kv = vec![
+            ("dagrun.dataset".to_string(), "encrypted".to_string()),
+            ("dagrun.tenant".to_string(), tenant.to_string()),
+            ("dagrun.key_id".to_string(), key_id.clone()),
+            ("dagrun.aead".to_string(), "AES-256-GCM; Sensitive_Data_Enc = nonce(12) || ciphertext || tag(16); AAD = UTF-8 of tenant|Sensitive_Data|Customer_ID".to_string()),
+            ("dagrun.pseudonym".to_string(), "Sensitive_Token = HMAC-SHA256(tenant pseudonym key, UTF-8 Sensitive_Data)".to_string()),
+        ];
+        let mut sink = ParquetSink::create(&ctx.outs[0], encrypted_schema(with_label), kv)?;
+        let threads = stage_threads();
+        let cpu_workers = std::sync::atomic::AtomicU64::new(0);
+        let _ = &cpu_workers;
+        let mut rows = 0u64;
+        for batch in open_batches(input, crate::data::DEFAULT_BATCH_SIZE)? {
+            if ctx.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            let batch = batch?;
+            rows += batch.num_rows() as u64;
+            sink.write(&encrypt_batch(&cipher, &pseudo, tenant, &batch, threads)?)?;
+        }
+        sink.finish()?;
+        let mut facts = Map::new();
+        facts.insert("rows".into(), rows.into());
+        facts.insert("key_id".into(), key_id.into());
+        Ok(RunReport { facts })
+    }
+}

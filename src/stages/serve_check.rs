@@ -1,0 +1,171 @@
+//! `uses: serve-check` — proves the serving path equals the offline path
+//! (spec §8). For the tenant's test rows it scores (a) the raw columns through
+//! the online path (`serve`: v1 transform with the *stored* statistics, then
+//! the model) and (b) the stored features through the model, and fails if any
+//! score differs by more than 1e-9, if the model's feature version or feature
+//! hash does not match the store, or if the model's hash does not match its
+//! lineage record. Writes a per-tenant JSON report.
+
+use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use crate::data::parquet_io::open_batches;
+use crate::data::schema;
+use crate::model::ModelArtifact;
+use crate::model::split::is_test;
+use crate::serve;
+use crate::util::atomic::write_json_atomic;
+use anyhow::{Context, Result, bail};
+use arrow_array::{Array, BooleanArray};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub struct ServeCheck;
+
+/// Largest allowed |online − offline| score difference.
+pub const TOLERANCE: f64 = 1e-9;
+
+/// The report written per tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub tenant: String,
+    pub passed: bool,
+    pub rows_total: u64,
+    pub rows_checked: u64,
+    pub max_abs_diff: f64,
+    pub tolerance: f64,
+    pub auc: f64,
+    pub model_version: String,
+    pub model_blake3: String,
+    pub feature_set_version: String,
+    pub feature_file_blake3: String,
+}
+
+/// Run the check. `recorded_model_hash` is the model's lineage record.
+pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded_model_hash: Option<&str>) -> Result<Report> {
+    let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
+    let model_hash = blake3::hash(&bytes).to_hex().to_string();
+    match recorded_model_hash {
+        Some(h) if h == model_hash => {}
+        Some(h) => bail!("model {} does not match its lineage record (blake3 {} recorded, file is {})", model.display(), &h[..12], &model_hash[..12]),
+        None => bail!("model {} has no lineage record: it was not produced by a train stage of this workspace", model.display()),
+    }
+    let artifact = ModelArtifact::from_json_bytes(&bytes, &model.display().to_string())?;
+    let (manifest, batches) = crate::store::open_verified(store_dir)?;
+    serve::check_model_matches_store(&artifact, &manifest)?;
+    if artifact.feature_stats != manifest.stats {
+        bail!("the statistics stored with feature version {} differ from those the model was trained with", manifest.feature_set_version);
+    }
+    // Offline path: stored features → model.
+    let mut offline: HashMap<i64, (f64, bool)> = HashMap::new();
+    for batch in batches {
+        let batch = batch?;
+        let labels = batch.column_by_name(schema::CONVERTED).and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
+        for (i, (id, x)) in serve::stored_features(&batch)?.into_iter().enumerate() {
+            if is_test(tenant, id) {
+                let y = labels.as_ref().is_some_and(|l| l.is_valid(i) && l.value(i));
+                offline.insert(id, (artifact.predict_proba_row(&x), y));
+            }
+        }
+    }
+    // Online path: raw columns → stored statistics → model.
+    let as_of = schema::parse_date(&manifest.as_of)?;
+    let mut max_diff = 0.0f64;
+    let mut checked = 0u64;
+    let mut total = 0u64;
+    let mut scores = Vec::new();
+    let mut truth = Vec::new();
+    for batch in open_batches(data, crate::data::DEFAULT_BATCH_SIZE)? {
+        let batch = batch?;
+        total += batch.num_rows() as u64;
+        for (id, x) in serve::raw_features(&manifest.stats, as_of, &batch)? {
+            if !is_test(tenant, id) {
+                continue;
+            }
+            let online = artifact.predict_proba_row(&x);
+            let Some(&(off, y)) = offline.get(&id) else {
+                bail!("customer {id} is in the data but not in the feature store");
+            };
+            let d = (online - off).abs();
+            if d.is_nan() || d > max_diff {
+                max_diff = if d.is_nan() { f64::INFINITY } else { d };
+            }
+            checked += 1;
+            scores.push(online);
+            truth.push(y);
+        }
+    }
+    if checked as usize != offline.len() {
+        bail!("the feature store has {} test rows but the data has {checked}", offline.len());
+    }
+    if max_diff > TOLERANCE {
+        bail!(
+            "online and offline scores differ by up to {max_diff:.3e} (> {TOLERANCE:e}) for tenant {tenant}: the serving path does not reproduce the training features (were the stored statistics changed?)"
+        );
+    }
+    Ok(Report {
+        tenant: tenant.to_string(),
+        passed: true,
+        rows_total: total,
+        rows_checked: checked,
+        max_abs_diff: max_diff,
+        tolerance: TOLERANCE,
+        auc: crate::model::metrics::roc_auc(&truth, &scores),
+        model_version: artifact.model_version,
+        model_blake3: model_hash,
+        feature_set_version: manifest.feature_set_version,
+        feature_file_blake3: manifest.file_blake3,
+    })
+}
+
+impl StageKind for ServeCheck {
+    fn name(&self) -> &'static str {
+        "serve-check"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+        check_keys(with, &["data", "store", "model", "output", "tenant"])?;
+        if tenant.is_none() {
+            return Err("`uses: serve-check` runs per tenant: add `foreach: tenants`".into());
+        }
+        let dir = param_str(with, "store")?;
+        Ok(Declared {
+            deps: vec![
+                param_str(with, "data")?,
+                format!("{dir}/{}", crate::store::FEATURES_FILE),
+                format!("{dir}/{}", crate::store::MANIFEST_FILE),
+                param_str(with, "model")?,
+            ],
+            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+        })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
+        let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
+        let model_rel = ctx.stage.deps[3].clone();
+        let recorded = serve::recorded_hash(ctx.workspace, &model_rel).map(|(_, h)| h);
+        let store_dir: PathBuf = ctx.deps[1].parent().context("store dir")?.to_path_buf();
+        let report = check(tenant, &ctx.deps[0], &store_dir, &ctx.deps[3], recorded.as_deref())?;
+        write_json_atomic(&ctx.outs[0], &report)?;
+        let mut facts = Map::new();
+        facts.insert("rows_checked".into(), report.rows_checked.into());
+        facts.insert("max_abs_diff".into(), report.max_abs_diff.into());
+        facts.insert("auc".into(), report.auc.into());
+        Ok(RunReport { facts })
+    }
+    fn summarize(&self, stage: &crate::pipeline::Stage, outs: &[PathBuf]) -> Option<String> {
+        let r: Report = serde_json::from_slice(&std::fs::read(outs.first()?).ok()?).ok()?;
+        Some(format!(
+            "{}: {} rows, features {}, model {}, test AUC {:.4}, serve-check {} ({} rows, max |Δ| {:.1e})",
+            stage.tenant.as_deref().unwrap_or(&r.tenant),
+            r.rows_total,
+            r.feature_set_version,
+            r.model_version,
+            r.auc,
+            if r.passed { "ok" } else { "FAILED" },
+            r.rows_checked,
+            r.max_abs_diff
+        ))
+    }
+}

@@ -1,0 +1,62 @@
+//! `uses: store` — the versioned feature store (spec §6): one Parquet file per
+//! tenant per feature version plus a manifest (schema, rows, fitted statistics,
+//! as_of, blake3 of the file, lineage). Versions live in separate folders
+//! (`featurestore/TENANT/VERSION/`), so a new version never overwrites another.
+
+use super::afe::StatsFile;
+use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use crate::data::parquet_io::open_batches;
+use crate::store::{self, Lineage};
+use anyhow::{Context, Result, bail};
+use serde_json::{Map, Value};
+
+pub struct Store;
+
+/// Code version of the store layout, recorded in lineage.
+pub const CODE_VERSION: &str = "dagrun-store/1";
+
+impl StageKind for Store {
+    fn name(&self) -> &'static str {
+        "store"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+        check_keys(with, &["features", "stats", "dir", "tenant"])?;
+        if tenant.is_none() {
+            return Err("`uses: store` runs per tenant: add `foreach: tenants`".into());
+        }
+        let dir = param_str(with, "dir")?;
+        Ok(Declared {
+            deps: vec![param_str(with, "features")?, param_str(with, "stats")?],
+            outs: vec![
+                DeclaredOut { path: format!("{dir}/{}", store::FEATURES_FILE), sensitive: false },
+                DeclaredOut { path: format!("{dir}/{}", store::MANIFEST_FILE), sensitive: false },
+            ],
+        })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
+        let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
+        let stats_bytes = std::fs::read(&ctx.deps[1]).with_context(|| format!("cannot read {}", ctx.rel(&ctx.deps[1])))?;
+        let sf: StatsFile = serde_json::from_slice(&stats_bytes).with_context(|| format!("{} is not a statistics file", ctx.rel(&ctx.deps[1])))?;
+        if sf.tenant != tenant {
+            bail!("{} holds statistics of tenant {}, not {tenant}", ctx.rel(&ctx.deps[1]), sf.tenant);
+        }
+        let dir = ctx.outs[0].parent().context("store dir")?.to_path_buf();
+        let lineage = Lineage {
+            lineage_hash: String::new(),
+            inputs: ctx.input_hashes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            params: Value::Object(ctx.with().clone()),
+            code_version: format!("{CODE_VERSION}; features {}", sf.feature_set_version),
+        };
+        let batches = open_batches(&ctx.deps[0], crate::data::DEFAULT_BATCH_SIZE)?;
+        let as_of = crate::data::schema::parse_date(&sf.as_of)?;
+        let manifest = store::write_version(&dir, tenant, &sf.feature_set_version, as_of, &sf.stats, lineage, batches)?;
+        let mut facts = Map::new();
+        facts.insert("rows".into(), manifest.rows.into());
+        facts.insert("feature_set_version".into(), manifest.feature_set_version.clone().into());
+        facts.insert("file_blake3".into(), manifest.file_blake3.clone().into());
+        Ok(RunReport { facts })
+    }
+}

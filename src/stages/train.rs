@@ -1,0 +1,117 @@
+//! `uses: train` — one logistic-regression model per tenant (spec §7).
+//!
+//! Reads the tenant's verified feature version from the store, splits by
+//! customer (`model::split`), scales on the train split, fits the
+//! scikit-learn-equivalent objective (`model::logistic`, linfa-logistic with
+//! alpha = 1/C), scores the test split, and refuses to promote a model whose
+//! test AUC is below `min_auc`. The artifact is self-describing JSON with
+//! deterministic bytes; its `model_version` is derived from the stage's cache
+//! key, i.e. from exactly the inputs and params that made it.
+
+use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use crate::data::schema;
+use crate::model::{ModelArtifact, TrainingData};
+use crate::util::atomic::write_atomic;
+use anyhow::{Context, Result, anyhow, bail};
+use arrow_array::{Array, BooleanArray};
+use serde_json::{Map, Value, json};
+
+pub struct Train;
+
+impl StageKind for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+        check_keys(with, &["store", "C", "min_auc", "output", "tenant"])?;
+        if tenant.is_none() {
+            return Err("`uses: train` runs per tenant: add `foreach: tenants`".into());
+        }
+        let c = param_f64(with, "C")?;
+        if !c.is_finite() || c <= 0.0 {
+            return Err(format!("`with.C` = {c}: C must be a positive number"));
+        }
+        let min_auc = param_f64(with, "min_auc")?;
+        if !(0.0..=1.0).contains(&min_auc) {
+            return Err(format!("`with.min_auc` = {min_auc}: must be between 0 and 1"));
+        }
+        let dir = param_str(with, "store")?;
+        Ok(Declared {
+            deps: vec![format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE)],
+            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+        })
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
+        let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
+        let w = ctx.with();
+        let c = param_f64(w, "C").map_err(|e| anyhow!(e))?;
+        let min_auc = param_f64(w, "min_auc").map_err(|e| anyhow!(e))?;
+        let dir = ctx.deps[0].parent().context("store dir")?;
+        // The training matrix is held in memory: the solver needs all rows.
+        let (manifest, batches) = crate::store::open_verified(dir)?;
+        let mut data = TrainingData { tenant: tenant.to_string(), customer_id: vec![], x: vec![], y: vec![] };
+        for batch in batches {
+            let batch = batch?;
+            let labels = batch
+                .column_by_name(schema::CONVERTED)
+                .context("the feature version has no Converted label: cannot train")?
+                .as_any()
+                .downcast_ref::<BooleanArray>()
+                .context("Converted must be boolean")?;
+            if labels.null_count() > 0 {
+                bail!("the feature version has rows without a Converted label: cannot train");
+            }
+            for (i, (id, x)) in crate::serve::stored_features(&batch)?.into_iter().enumerate() {
+                data.customer_id.push(id);
+                data.x.push(x);
+                data.y.push(labels.value(i));
+            }
+        }
+        let outcome = crate::model::train::train(&data, c)?;
+        let m = &outcome.metrics;
+        if m.auc < min_auc {
+            bail!(
+                "tenant {tenant}: test AUC {:.4} is below min_auc {min_auc}: the model is not promoted (the previous model, if any, stays in place)",
+                m.auc
+            );
+        }
+        let feature_rel = ctx.rel(&ctx.deps[0]).into_owned();
+        let artifact = ModelArtifact {
+            format: crate::model::artifact::FORMAT.to_string(),
+            tenant: tenant.to_string(),
+            model_version: format!("{tenant}-{}", &ctx.cache_key[..12]),
+            feature_set_version: manifest.feature_set_version.clone(),
+            feature_names: crate::features::v1::FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
+            feature_file: feature_rel.clone(),
+            feature_file_hash: manifest.file_blake3.clone(),
+            feature_stats: manifest.stats,
+            as_of: manifest.as_of.clone(),
+            scaler: outcome.scaler.clone(),
+            coefficients: outcome.fitted.coef.clone(),
+            intercept: outcome.fitted.intercept,
+            c,
+            solver: outcome.fitted.solver_json(),
+            metrics: outcome.metrics.clone(),
+            lineage: json!({
+                "cache_key": ctx.cache_key,
+                "inputs": ctx.input_hashes,
+                "feature_lineage_hash": manifest.lineage.lineage_hash,
+                "params": {"C": c, "min_auc": min_auc},
+                "code_version": format!("train/{}; model {}", self.version(), crate::model::artifact::FORMAT),
+            }),
+        };
+        artifact.validate(&feature_rel)?;
+        write_atomic(&ctx.outs[0], &artifact.to_json_bytes())?;
+        let mut facts = Map::new();
+        facts.insert("model_version".into(), artifact.model_version.into());
+        facts.insert("auc".into(), json!(m.auc));
+        facts.insert("log_loss".into(), json!(m.log_loss));
+        facts.insert("accuracy".into(), json!(m.accuracy));
+        facts.insert("rows_train".into(), m.rows_train.into());
+        facts.insert("rows_test".into(), m.rows_test.into());
+        Ok(RunReport { facts })
+    }
+}
