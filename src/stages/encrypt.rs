@@ -127,9 +127,11 @@ impl StageKind for Encrypt {
     fn extra_ingredients(&self, stage: &Stage, services: &Services) -> Result<BTreeMap<String, String>> {
         let tenant = stage.tenant.as_deref().unwrap_or_default();
         let ring = services.keyring()?;
+        // The key is created here on first use, so the id in the cache key is
+        // the one the run will encrypt with (a forgotten tenant gets no new key).
         let id = match ring.is_forgotten(tenant) {
             Some(when) => format!("destroyed {when}"),
-            None => ring.active_key_id(tenant)?.unwrap_or_else(|| "(new key)".into()),
+            None => ring.active_data_key(tenant)?.0,
         };
         Ok(BTreeMap::from([(format!("data key of {tenant}"), id)]))
     }
