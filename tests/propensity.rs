@@ -1,0 +1,383 @@
+//! The propensity pipeline end to end, on the real binary, in temporary
+//! workspaces with a small row count.
+
+use dagrun::data::parquet_io::{open_batches, read_footer_kv};
+use arrow_array::{Array, BinaryArray, Float64Array, Int64Array, StringArray};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const ROWS: &str = "6000";
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dagrun")
+}
+
+/// A workspace with the shipped pipelines and tenant config.
+fn workspace(tenants: &str) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(d.path().join("pipelines")).unwrap();
+    std::fs::create_dir_all(d.path().join("config")).unwrap();
+    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
+        std::fs::copy(root.join("pipelines").join(p), d.path().join("pipelines").join(p)).unwrap();
+    }
+    std::fs::write(d.path().join("config/tenants.yaml"), tenants).unwrap();
+    d
+}
+
+const TWO: &str = "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n";
+const THREE: &str = "tenants:\n  - id: Tenant_A\n    share: 0.5\n  - id: Tenant_B\n    share: 0.3\n  - id: Tenant_C\n    share: 0.2\n";
+
+fn run(ws: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin());
+    c.current_dir(ws).args(args).env_remove("DAGRUN_MASTER_KEY").env_remove("DAGRUN_MASTER_KEY_FILE").env("DAGRUN_PLAIN", "1");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn run_pipeline(ws: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}")].into_iter().map(String::from).collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&run(ws, &refs, &[]))
+}
+
+/// stage -> status of the latest run record.
+fn last_statuses(ws: &Path) -> Vec<(String, String)> {
+    let o = run(ws, &["runs", "show", "last", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    v["stages"].as_array().unwrap().iter().map(|s| (s["stage"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string())).collect()
+}
+
+fn ran(ws: &Path) -> Vec<String> {
+    let mut v: Vec<String> = last_statuses(ws).into_iter().filter(|(_, s)| s == "ran").map(|(n, _)| n).collect();
+    v.sort();
+    v
+}
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            } else if e.file_type().unwrap().is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The plaintext Sensitive_Data values of a tenant, regenerated with `dagrun sample`.
+fn plaintext_values(ws: &Path, tenant: &str, rows: &str) -> Vec<String> {
+    let out = ws.parent().unwrap().join(format!("pii-{tenant}-{}.csv", std::process::id()));
+    ok(&run(ws, &["sample", "--tenant", tenant, "--rows", rows, "--out", out.to_str().unwrap()], &[]));
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    text.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().to_string()).collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn full_pipeline_noop_and_c_change() {
+    let ws = workspace(TWO);
+    let out = run_pipeline(ws.path(), &[]);
+    assert!(out.contains("Tenant_A: 3600 rows, features v1.0") && out.contains("serve-check ok"), "{out}");
+    assert!(out.contains("Tenant_B: 2400 rows"), "{out}");
+    for t in ["Tenant_A", "Tenant_B"] {
+        for p in [
+            format!("data/encrypted/{t}.parquet"),
+            format!("featurestore/{t}/v1.0/features.parquet"),
+            format!("featurestore/{t}/v1.0/manifest.json"),
+            format!("models/{t}/model.json"),
+            format!("reports/serve-check/{t}.json"),
+        ] {
+            assert!(ws.path().join(&p).is_file(), "missing {p}");
+        }
+        // The plaintext intermediate is gone.
+        assert!(!ws.path().join(format!("data/raw/{t}.parquet")).exists());
+    }
+    // Second run: nothing to do.
+    run_pipeline(ws.path(), &[]);
+    assert!(last_statuses(ws.path()).iter().all(|(_, s)| s == "cached"), "{:?}", last_statuses(ws.path()));
+    // Changing C reruns training and what follows, nothing before it.
+    run_pipeline(ws.path(), &["-p", "C=0.25"]);
+    assert_eq!(ran(ws.path()), ["serve-check[Tenant_A]", "serve-check[Tenant_B]", "train[Tenant_A]", "train[Tenant_B]"]);
+    let model: serde_json::Value = serde_json::from_slice(&std::fs::read(ws.path().join("models/Tenant_A/model.json")).unwrap()).unwrap();
+    assert_eq!(model["c"], 0.25);
+    assert_eq!(model["format"], "dagrun-model/1");
+    assert_eq!(model["feature_names"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn no_plaintext_pii_or_key_bytes_anywhere() {
+    let ws = workspace(TWO);
+    let o = run(ws.path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "-v"], &[]);
+    let mut captured = o.stdout.clone();
+    captured.extend_from_slice(&o.stderr);
+    ok(&o);
+    let mut needles: Vec<Vec<u8>> = Vec::new();
+    needles.extend(plaintext_values(ws.path(), "Tenant_A", "3600").into_iter().map(String::into_bytes));
+    needles.extend(plaintext_values(ws.path(), "Tenant_B", "2400").into_iter().map(String::into_bytes));
+    assert_eq!(needles.len(), 6000);
+    // Every key, as raw bytes and as hex.
+    for t in ["Tenant_A", "Tenant_B"] {
+        let hex = ok(&run(ws.path(), &["keys", "export", t, "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+        assert_eq!(hex.len(), 64);
+        needles.push(hex.clone().into_bytes());
+        needles.push(hex::decode(&hex).unwrap());
+    }
+    let master = std::fs::read_to_string(ws.path().join(".dagrun/keys/master.key")).unwrap().trim().to_string();
+    let master_bytes = hex::decode(&master).unwrap();
+    for f in all_files(ws.path()) {
+        let bytes = std::fs::read(&f).unwrap();
+        for n in &needles {
+            assert!(!contains(&bytes, n), "{} contains plaintext PII or a key", f.display());
+        }
+        if !f.ends_with("master.key") {
+            assert!(!contains(&bytes, master.as_bytes()) && !contains(&bytes, &master_bytes), "{} holds the master key", f.display());
+        }
+    }
+    for n in &needles {
+        assert!(!contains(&captured, n), "the run's output contains plaintext PII or a key");
+    }
+}
+
+#[test]
+fn ciphertexts_decrypt_with_the_tenant_key_and_bind_their_place() {
+    let ws = workspace(TWO);
+    run_pipeline(ws.path(), &[]);
+    let path = ws.path().join("data/encrypted/Tenant_A.parquet");
+    let kv = read_footer_kv(&path).unwrap();
+    let key_id = kv["dagrun.key_id"].clone();
+    let hex = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+    let key = dagrun::crypto::DataKey::from_bytes(hex::decode(&hex).unwrap().try_into().unwrap());
+    assert_eq!(key_id, "Tenant_A-dk-1");
+    let expected = plaintext_values(ws.path(), "Tenant_A", "3600");
+    let mut n = 0;
+    for b in open_batches(&path, 1024).unwrap() {
+        let b = b.unwrap();
+        let ids = b.column_by_name("Customer_ID").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+        let enc = b.column_by_name("Sensitive_Data_Enc").unwrap().as_any().downcast_ref::<BinaryArray>().unwrap().clone();
+        assert!(b.column_by_name("Sensitive_Data").is_none());
+        for i in 0..b.num_rows() {
+            let id = ids.value(i);
+            let pt = dagrun::crypto::aead::decrypt_field(&key, "Tenant_A", "Sensitive_Data", id, enc.value(i)).unwrap();
+            assert_eq!(String::from_utf8(pt).unwrap(), expected[id as usize]);
+            if i == 0 {
+                // Moved to another row or tenant: refused.
+                assert!(dagrun::crypto::aead::decrypt_field(&key, "Tenant_A", "Sensitive_Data", id + 1, enc.value(i)).is_err());
+                assert!(dagrun::crypto::aead::decrypt_field(&key, "Tenant_B", "Sensitive_Data", id, enc.value(i)).is_err());
+            }
+            n += 1;
+        }
+    }
+    assert_eq!(n, 3600);
+}
+
+#[test]
+fn wrong_master_key_fails_clearly_without_echoing_keys() {
+    let ws = workspace(TWO);
+    run_pipeline(ws.path(), &["encrypt"]);
+    let wrong = "ab".repeat(32);
+    let o = run(ws.path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--force", "encrypt"], &[("DAGRUN_MASTER_KEY", &wrong)]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not open the keyring") && err.contains("DAGRUN_MASTER_KEY"), "{err}");
+    assert!(!err.contains(&wrong));
+}
+
+#[test]
+fn forgetting_a_tenant_leaves_the_others_working() {
+    let ws = workspace(THREE);
+    run_pipeline(ws.path(), &[]);
+    let o = run(ws.path(), &["keys", "forget", "Tenant_B"], &[]);
+    assert_eq!(o.status.code(), Some(2), "needs --yes");
+    ok(&run(ws.path(), &["keys", "forget", "Tenant_B", "--yes"], &[]));
+    let list = ok(&run(ws.path(), &["keys", "list", "--json"], &[]));
+    assert!(list.contains("destroyed"), "{list}");
+    // The next run says clearly that Tenant_B's data cannot be decrypted; A and C are fine.
+    let o = run(ws.path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}")], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("encrypt[Tenant_B]") && err.contains("can no") && err.contains("decrypted"), "{err}");
+    let st = last_statuses(ws.path());
+    for (s, status) in &st {
+        if s == "encrypt[Tenant_B]" {
+            assert_eq!(status, "failed");
+        } else if s.contains("Tenant_B") && !s.starts_with("generate") {
+            assert_eq!(status, "skipped", "{s}");
+        } else {
+            assert_eq!(status, "cached", "{s}");
+        }
+    }
+    // Tenant_A's data still decrypts.
+    let hex = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+    assert_eq!(hex.len(), 64);
+    let o = run(ws.path(), &["keys", "export", "Tenant_B", "--i-understand-this-prints-a-secret"], &[]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn feature_store_parquet_schema_footer_and_hash() {
+    let ws = workspace(TWO);
+    run_pipeline(ws.path(), &[]);
+    let dir = ws.path().join("featurestore/Tenant_A/v1.0");
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let file = dir.join("features.parquet");
+    assert_eq!(manifest["file_blake3"].as_str().unwrap(), blake3::hash(&std::fs::read(&file).unwrap()).to_hex().as_str());
+    assert_eq!(manifest["feature_set_version"], "v1.0");
+    assert_eq!(manifest["rows"], 3600);
+    let kv = read_footer_kv(&file).unwrap();
+    assert_eq!(kv["dagrun.feature_set_version"], "v1.0");
+    assert_eq!(kv["dagrun.lineage_hash"], manifest["lineage"]["lineage_hash"].as_str().unwrap());
+    let schema = dagrun::data::parquet_io::read_schema(&file).unwrap();
+    let names: Vec<String> = schema.fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect();
+    assert_eq!(
+        names,
+        [
+            "Tenant_ID:Utf8",
+            "Customer_ID:Int64",
+            "Sensitive_Token:FixedSizeBinary(32)",
+            "Recency_Days:Int64",
+            "Frequency_Ratio:Float64",
+            "High_Value_Segment:Int64",
+            "Purchase_Login_Ratio:Float64",
+            "Activity_Score:Float64",
+            "Converted:Boolean"
+        ]
+    );
+    // Formulas hold row by row against the stored statistics.
+    let stats = &manifest["stats"];
+    let mean = stats["mean_login"].as_f64().unwrap();
+    let mut rows = 0;
+    for b in open_batches(&file, 4096).unwrap() {
+        let b = b.unwrap();
+        let t = b.column_by_name("Tenant_ID").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+        let fr = b.column_by_name("Frequency_Ratio").unwrap().as_any().downcast_ref::<Float64Array>().unwrap().clone();
+        for i in 0..b.num_rows() {
+            assert_eq!(t.value(i), "Tenant_A");
+            assert!(fr.value(i) >= 0.0 && mean > 0.0);
+        }
+        rows += b.num_rows();
+    }
+    assert_eq!(rows, 3600);
+    let show = ok(&run(ws.path(), &["features", "Tenant_A"], &[]));
+    assert!(show.contains("p80_purchase") && show.contains("lineage"), "{show}");
+}
+
+#[test]
+fn serve_check_fails_when_stored_statistics_are_tampered_with() {
+    let ws = workspace(TWO);
+    run_pipeline(ws.path(), &[]);
+    let dir = ws.path().join("featurestore/Tenant_A/v1.0");
+    let model = ws.path().join("models/Tenant_A/model.json");
+    let recorded = dagrun::serve::recorded_hash(ws.path(), "models/Tenant_A/model.json").unwrap().1;
+    let data = ws.path().join("data/encrypted/Tenant_A.parquet");
+    // Untouched: passes with identical scores.
+    let r = dagrun::stages::serve_check::check("Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap();
+    assert!(r.passed && r.max_abs_diff <= 1e-9 && r.rows_checked > 0);
+    // Tampered statistics in the manifest: refused.
+    let mpath = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["stats"]["p80_purchase"] = serde_json::json!(m["stats"]["p80_purchase"].as_f64().unwrap() * 0.5);
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let err = dagrun::stages::serve_check::check("Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap_err();
+    assert!(format!("{err:#}").contains("statistics"), "{err:#}");
+    // A model that does not match its lineage record: refused.
+    let err = dagrun::stages::serve_check::check("Tenant_A", &data, &dir, &model, Some(&"0".repeat(64))).unwrap_err();
+    assert!(format!("{err:#}").contains("lineage record"), "{err:#}");
+    // The engine notices the hand edit and restores the manifest before serving.
+    run_pipeline(ws.path(), &[]);
+    assert!(last_statuses(ws.path()).iter().any(|(s, st)| s == "store[Tenant_A]" && st == "restored"));
+}
+
+#[test]
+fn predict_on_training_rows_matches_the_offline_path() {
+    let ws = workspace(TWO);
+    run_pipeline(ws.path(), &[]);
+    // The generator is deterministic: `sample` with the pipeline's seed gives the training rows.
+    let raw = ws.path().join("in.csv");
+    ok(&run(ws.path(), &["sample", "--tenant", "Tenant_A", "--rows", "3600", "--no-label", "--out", raw.to_str().unwrap()], &[]));
+    let out = ws.path().join("scores.csv");
+    ok(&run(ws.path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--output", out.to_str().unwrap()], &[]));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "Customer_ID,score,model_version,feature_version");
+    let online: Vec<(i64, f64)> = lines.map(|l| {
+        let f: Vec<&str> = l.split(',').collect();
+        (f[0].parse().unwrap(), f[1].parse().unwrap())
+    }).collect();
+    assert_eq!(online.len(), 3600);
+    // Offline: stored features through the model artifact.
+    let model = dagrun::model::ModelArtifact::from_json_bytes(&std::fs::read(ws.path().join("models/Tenant_A/model.json")).unwrap(), "model").unwrap();
+    let mut offline = std::collections::HashMap::new();
+    for b in open_batches(&ws.path().join("featurestore/Tenant_A/v1.0/features.parquet"), 4096).unwrap() {
+        for (id, x) in dagrun::serve::stored_features(&b.unwrap()).unwrap() {
+            offline.insert(id, model.predict_proba_row(&x));
+        }
+    }
+    for (id, s) in &online {
+        assert!((0.0..=1.0).contains(s));
+        assert!((s - offline[id]).abs() <= 1e-12, "customer {id}: {s} vs {}", offline[id]);
+    }
+    // JSON lines, and refusals.
+    let o = ok(&run(ws.path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--format", "jsonl"], &[]));
+    assert_eq!(o.lines().count(), 3600);
+    assert!(o.lines().next().unwrap().contains("\"model_version\""));
+    let o = run(ws.path(), &["predict", "--tenant", "Tenant_B", "--input", raw.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Tenant_A"), "{}", String::from_utf8_lossy(&o.stderr));
+    // A model edited by hand is refused.
+    let mp = ws.path().join("models/Tenant_A/model.json");
+    let mut bytes = std::fs::read(&mp).unwrap();
+    bytes.extend_from_slice(b" ");
+    std::fs::write(&mp, bytes).unwrap();
+    let o = run(ws.path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lineage record"));
+}
+
+#[test]
+fn ingest_pipeline_reruns_only_the_changed_tenant() {
+    let ws = workspace(THREE);
+    let inc = ws.path().join("incoming");
+    for (t, n, seed) in [("Tenant_A", "2000", "1"), ("Tenant_B", "1500", "2"), ("Tenant_C", "1500", "3")] {
+        ok(&run(ws.path(), &["sample", "--tenant", t, "--rows", n, "--seed", seed, "--out", inc.join(format!("{t}.csv")).to_str().unwrap()], &[]));
+    }
+    ok(&run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
+    ok(&run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
+    assert!(ran(ws.path()).is_empty());
+    ok(&run(ws.path(), &["sample", "--tenant", "Tenant_B", "--rows", "1600", "--seed", "9", "--out", inc.join("Tenant_B.csv").to_str().unwrap()], &[]));
+    ok(&run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
+    let r = ran(ws.path());
+    assert!(!r.is_empty() && r.iter().all(|s| s.ends_with("[Tenant_B]")), "{r:?}");
+    assert!(r.contains(&"train[Tenant_B]".to_string()));
+    // A bad row: clear error naming file, row and column; nothing written.
+    let bad = inc.join("Tenant_C.csv");
+    let text = std::fs::read_to_string(&bad).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let mut f: Vec<String> = lines[5].split(',').map(String::from).collect();
+    f[3] = "-4".into();
+    lines[5] = f.join(",");
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let o = run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Tenant_C.csv") && err.contains("Login_Count") && err.contains("row 5"), "{err}");
+    assert!(!ws.path().join("data/raw/Tenant_C.parquet").exists());
+}
