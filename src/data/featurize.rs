@@ -1,7 +1,7 @@
 //! Feature set v1.0 over files and batches (spec §4). The formulas live only
 //! in `crate::features::v1`; this module streams data through them.
 
-use crate::data::parquet_io::{ParquetSink, open_batches};
+use crate::data::parquet_io::ParquetSink;
 use crate::data::schema::*;
 use crate::features::v1::{self, TenantStats};
 use anyhow::{Context, Result, anyhow, bail};
@@ -125,7 +125,9 @@ pub fn transform_file(
 ) -> Result<u64> {
     let has_label = crate::data::parquet_io::read_schema(input)?.field_with_name(CONVERTED).is_ok();
     let mut sink = ParquetSink::create(output, features_schema(has_label), kv_metadata)?;
-    for b in open_batches(input, crate::data::DEFAULT_BATCH_SIZE)? {
+    // Every column but the ciphertext, which features never use.
+    let cols = [TENANT_ID, CUSTOMER_ID, SENSITIVE_TOKEN, LOGIN_COUNT, PURCHASE_AMOUNT, LAST_VISIT_DATE, CONVERTED];
+    for b in crate::data::parquet_io::open_batches_columns(input, crate::data::DEFAULT_BATCH_SIZE, &cols)? {
         let out = features_batch(stats, as_of, &b?).with_context(|| format!("featurizing {}", input.display()))?;
         sink.write(&out)?;
     }
@@ -137,6 +139,7 @@ pub fn transform_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::parquet_io::open_batches;
     use arrow_array::{BinaryArray, Date32Array, FixedSizeBinaryArray, StringArray};
 
     fn enc_batch() -> RecordBatch {

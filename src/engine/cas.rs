@@ -63,6 +63,38 @@ impl Cas {
         Ok(())
     }
 
+    /// Hash a file while copying it into the store, in one read; returns
+    /// (hash, size). The file's memo entry is recorded on the way.
+    pub fn ingest_file(&self, src: &Path, memo: &HashMemo) -> Result<(String, u64)> {
+        let before = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
+        let started = super::hashing::now_ns();
+        std::fs::create_dir_all(&self.root)?;
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let staging = self.root.join(format!(".ingest{}{}.{seq}", crate::util::atomic::TEMP_MARKER, std::process::id()));
+        let mut tmp = AtomicFile::create(&staging)?;
+        let hash = copy_hashing(src, &mut tmp)?;
+        let after = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
+        if before.len() != after.len() || before.modified().ok() != after.modified().ok() {
+            bail!("{} changed while it was being stored in the cache; rerun", src.display());
+        }
+        let dest = self.object_path(&hash);
+        if self.has(&hash) {
+            drop(tmp);
+        } else {
+            // Commit under the (unique) staging name, then move to the object's name.
+            tmp.commit()?;
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(&staging, &dest).with_context(|| format!("cannot store {} in the cache", src.display()))?;
+            set_readonly(&dest);
+            sync_parent(&dest);
+        }
+        memo.record(src, &after, &hash, started);
+        Ok((hash, after.len()))
+    }
+
     /// Store bytes (a tree listing) under their hash.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
         let hash = blake3::hash(bytes).to_hex().to_string();

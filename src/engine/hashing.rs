@@ -50,7 +50,7 @@ pub struct HashMemo {
     dirty: AtomicBool,
 }
 
-fn now_ns() -> i128 {
+pub fn now_ns() -> i128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i128).unwrap_or(0)
 }
 
@@ -175,6 +175,15 @@ impl HashMemo {
         self.entries.lock().unwrap().insert(key, MemoEntry { size: meta.len(), mtime, ctime, ino, hash: hash.clone(), hashed_at });
         self.dirty.store(true, Ordering::Release);
         Ok(hash)
+    }
+
+    /// Record a hash computed elsewhere (e.g. while copying the file into the
+    /// cache); `hashed_at` is when reading started (see the racy rule above).
+    pub fn record(&self, path: &Path, meta: &std::fs::Metadata, hash: &str, hashed_at: i128) {
+        let (mtime, ctime, ino) = stamp(meta);
+        let e = MemoEntry { size: meta.len(), mtime, ctime, ino, hash: hash.to_string(), hashed_at };
+        self.entries.lock().unwrap().insert(path.to_string_lossy().into_owned(), e);
+        self.dirty.store(true, Ordering::Release);
     }
 
     /// Forget what is known about `path` (after dagrun rewrites it).

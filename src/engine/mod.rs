@@ -284,7 +284,7 @@ impl Engine {
     pub fn execute(&self, i: usize) -> StageRecord {
         let t0 = Instant::now();
         let name = self.stage(i).name.clone();
-        let cpu0 = thread_cpu();
+        let cpu0 = crate::util::par::thread_cpu_ns();
         let mut rec = match self.execute_inner(i) {
             Ok(r) => r,
             Err(e) => StageRecord {
@@ -302,10 +302,9 @@ impl Engine {
         };
         rec.seconds = t0.elapsed().as_secs_f64();
         if rec.status == Status::Ran {
-            if let (Some(a), Some(b)) = (cpu0, thread_cpu()) {
-                let extra = rec.facts.get("cpu_seconds_workers").and_then(|v| v.as_f64()).unwrap_or(0.0);
-                rec.cpu_seconds = Some(b - a + extra);
-            }
+            // This thread's CPU time plus the stage's worker threads' (set by run_and_record).
+            let own = crate::util::par::thread_cpu_ns().saturating_sub(cpu0) as f64 / 1e9;
+            rec.cpu_seconds = Some(own + rec.cpu_seconds.unwrap_or(0.0));
         }
         rec
     }
@@ -425,6 +424,7 @@ impl Engine {
                 std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
             }
         }
+        let worker_cpu = std::sync::atomic::AtomicU64::new(0);
         let ctx = RunCtx {
             workspace: &self.pipeline.workspace,
             stage: s,
@@ -435,6 +435,7 @@ impl Engine {
             services: &self.services,
             cancel: &self.cancel,
             timeout: s.timeout.map(Duration::from_secs_f64),
+            worker_cpu_ns: &worker_cpu,
         };
         let mut attempt = 0;
         let report: RunReport = loop {
@@ -456,12 +457,21 @@ impl Engine {
         let mut outputs = BTreeMap::new();
         for (o, abs) in s.outs.iter().zip(&outs) {
             self.memo.forget(abs);
-            let h = self.memo.hash_path(abs)?.ok_or_else(|| {
+            let meta = std::fs::metadata(abs).map_err(|_| {
                 anyhow!("the stage finished but did not write its declared output {}; fix the stage so it writes it (or remove it from `outs:`)", o.path)
             })?;
-            if o.cache && !o.sensitive {
-                self.cas.put(abs, &h.hash, h.dir, &self.memo).with_context(|| format!("storing {} in the cache", o.path))?;
-            }
+            let store = o.cache && !o.sensitive;
+            let h = if store && meta.is_file() {
+                // One read: hash while copying into the cache.
+                let (hash, size) = self.cas.ingest_file(abs, &self.memo).with_context(|| format!("storing {} in the cache", o.path))?;
+                hashing::Hashed { hash, size, dir: false }
+            } else {
+                let h = self.memo.hash_path(abs)?.with_context(|| format!("output {} vanished", o.path))?;
+                if store {
+                    self.cas.put(abs, &h.hash, h.dir, &self.memo).with_context(|| format!("storing {} in the cache", o.path))?;
+                }
+                h
+            };
             outputs.insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive });
         }
         let changed = match &prev {
@@ -489,6 +499,7 @@ impl Engine {
         rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
         rec.outputs_changed = Some(changed);
         rec.facts = report.facts;
+        rec.cpu_seconds = Some(worker_cpu.load(Ordering::Relaxed) as f64 / 1e9);
         Ok(rec)
     }
 
@@ -540,17 +551,4 @@ pub fn remove_path(p: &Path) -> Result<()> {
         Ok(_) => std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display())),
         Err(_) => Ok(()),
     }
-}
-
-/// CPU time (user+sys) of the calling thread, in seconds.
-pub fn thread_cpu() -> Option<f64> {
-    #[cfg(target_os = "linux")]
-    unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        if libc::getrusage(libc::RUSAGE_THREAD, &mut ru) == 0 {
-            let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-            return Some(t(ru.ru_utime) + t(ru.ru_stime));
-        }
-    }
-    None
 }

@@ -37,7 +37,7 @@ pub const LIBRARY: &str = "linfa-logistic 0.8.1 (L-BFGS, More-Thuente) + Newton 
 /// L-BFGS iteration cap handed to linfa.
 pub const LBFGS_MAX_ITERATIONS: u64 = 1000;
 /// L-BFGS tolerance on the per-row mean of linfa's summed gradient.
-pub const LBFGS_MEAN_GRAD_TOL: f64 = 1e-7;
+pub const LBFGS_MEAN_GRAD_TOL: f64 = 1e-5;
 /// Newton polishing step cap.
 pub const NEWTON_MAX_STEPS: u64 = 50;
 /// Newton stops once the predicted remaining logit change is below this.
@@ -508,8 +508,8 @@ mod tests {
         // linfa itself converged and its parameters were oriented for `true`
         // (a mis-oriented start would be far from the optimum; Newton would
         // hide it in the probabilities, so check the L-BFGS point itself).
-        assert!(fitted.lbfgs_grad_norm < 1e-6, "L-BFGS result: grad {:e}", fitted.lbfgs_grad_norm);
-        assert!(fitted.iterations <= 3);
+        assert!(fitted.lbfgs_grad_norm < 1e-4, "L-BFGS result: grad {:e}", fitted.lbfgs_grad_norm);
+        assert!(fitted.iterations <= 4);
         max_dp
     }
 
@@ -568,7 +568,7 @@ mod tests {
         let ys: Vec<bool> = idx.iter().map(|&i| y[i]).collect();
         let xs = Scaler::fit(&sub).transform(&sub);
         let f = fit(&xs, &ys, 1.0).unwrap();
-        assert!(f.lbfgs_grad_norm < 1e-6, "L-BFGS result: grad {:e}", f.lbfgs_grad_norm);
+        assert!(f.lbfgs_grad_norm < 1e-4, "L-BFGS result: grad {:e}", f.lbfgs_grad_norm);
         let (w_ref, b_ref) = reference_fit(&xs, &ys, 1.0);
         assert!((f.intercept - b_ref).abs() < 1e-9);
         for (a, b) in f.coef.iter().zip(&w_ref) {

@@ -39,11 +39,16 @@ impl Scaler {
     /// (shape mismatch) come out NaN rather than panicking.
     pub fn transform(&self, x: &Array2<f64>) -> Array2<f64> {
         let mut out = x.clone();
-        for (j, mut col) in out.columns_mut().into_iter().enumerate() {
+        self.transform_inplace(&mut out);
+        out
+    }
+
+    /// [`Scaler::transform`] without a copy.
+    pub fn transform_inplace(&self, x: &mut Array2<f64>) {
+        for (j, mut col) in x.columns_mut().into_iter().enumerate() {
             let (m, s) = self.param(j);
             col.mapv_inplace(|v| (v - m) / s);
         }
-        out
     }
 
     /// One row, same arithmetic as [`Scaler::transform`].

@@ -29,9 +29,6 @@ pub struct TrainOutcome {
     pub test_scores: Vec<(i64, f64)>,
 }
 
-fn to_array(rows: &[[f64; 5]]) -> Array2<f64> {
-    Array2::from_shape_fn((rows.len(), 5), |(i, j)| rows[i][j])
-}
 
 /// Train one tenant's model with regularisation `c` (scikit-learn's C).
 ///
@@ -55,26 +52,41 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
     if let Some(i) = data.x.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
         bail!("tenant {t}: features of Customer_ID {} contain a non-finite value: cannot train", data.customer_id[i]);
     }
-    let (mut tr_x, mut tr_y, mut te_x, mut te_y, mut te_id) = (vec![], vec![], vec![], vec![], vec![]);
+    // Memory: the rows stay in `data`; only the train split is copied, once,
+    // into the matrix the solver needs (scaled in place). Test rows are scored
+    // one by one from `data`.
+    let test_mask: Vec<bool> = data.customer_id.iter().map(|&id| is_test(t, id)).collect();
+    let n_test = test_mask.iter().filter(|&&m| m).count();
+    let n_train = n - n_test;
+    if n_train == 0 {
+        bail!("tenant {t}: the train split is empty ({n} rows, all in the test split): need more customers");
+    }
+    if n_test == 0 {
+        bail!("tenant {t}: the test split is empty ({n} rows, none in the test split): need more customers");
+    }
+    let mut x_train = Array2::<f64>::zeros((n_train, 5));
+    let mut tr_y = Vec::with_capacity(n_train);
+    let (mut te_x, mut te_y, mut te_id) = (Vec::with_capacity(n_test), Vec::with_capacity(n_test), Vec::with_capacity(n_test));
+    let mut r = 0;
     for i in 0..n {
-        if is_test(t, data.customer_id[i]) {
+        if test_mask[i] {
             te_x.push(data.x[i]);
             te_y.push(data.y[i]);
             te_id.push(data.customer_id[i]);
         } else {
-            tr_x.push(data.x[i]);
+            for (j, v) in data.x[i].iter().enumerate() {
+                x_train[[r, j]] = *v;
+            }
             tr_y.push(data.y[i]);
+            r += 1;
         }
     }
-    if tr_x.is_empty() {
-        bail!("tenant {t}: the train split is empty ({n} rows, all in the test split): need more customers");
-    }
-    if te_x.is_empty() {
-        bail!("tenant {t}: the test split is empty ({n} rows, none in the test split): need more customers");
-    }
-    let raw = to_array(&tr_x);
-    let scaler = Scaler::fit(&raw);
-    let fitted = logistic::fit(&scaler.transform(&raw), &tr_y, c).map_err(|e| e.context(format!("tenant {t}: training failed")))?;
+    drop(test_mask);
+    let scaler = Scaler::fit(&x_train);
+    scaler.transform_inplace(&mut x_train);
+    let fitted = logistic::fit(&x_train, &tr_y, c).map_err(|e| e.context(format!("tenant {t}: training failed")))?;
+    drop(x_train);
+    let tr_len = tr_y.len();
     let test_pos = te_y.iter().filter(|&&v| v).count();
     if test_pos == 0 || test_pos == te_y.len() {
         bail!(
@@ -89,7 +101,7 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
         log_loss: metrics::log_loss(&te_y, &p),
         accuracy: metrics::accuracy(&te_y, &p),
         positive_rate: metrics::positive_rate(&te_y),
-        rows_train: tr_x.len() as u64,
+        rows_train: tr_len as u64,
         rows_test: te_x.len() as u64,
         positives_test: test_pos as u64,
     };

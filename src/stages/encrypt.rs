@@ -52,37 +52,29 @@ fn encrypt_rows(
     (Arc::new(enc.finish()), Arc::new(tok.finish()))
 }
 
-/// Encrypt one raw batch into the encrypted schema, using `threads` threads.
-pub fn encrypt_batch(cipher: &FieldCipher, pseudo: &Pseudonymizer, tenant: &str, batch: &RecordBatch, threads: usize) -> Result<RecordBatch> {
+/// Encrypt one raw batch into the encrypted schema, split across `threads` threads.
+pub fn encrypt_batch(
+    cipher: &FieldCipher,
+    pseudo: &Pseudonymizer,
+    tenant: &str,
+    batch: &RecordBatch,
+    threads: usize,
+    cpu_ns: &std::sync::atomic::AtomicU64,
+) -> Result<RecordBatch> {
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
     let tenants = col(schema::TENANT_ID)?.as_any().downcast_ref::<StringArray>().context("Tenant_ID is not utf8")?;
     if let Some(i) = (0..tenants.len()).find(|&i| tenants.value(i) != tenant) {
-        bail!("row {} of the raw data belongs to tenant {:?}, not {tenant}", i + 1, crate::data::show_tenant(tenants.value(i)));
+        bail!("row {} of the raw data belongs to tenant {}, not {tenant}", i + 1, crate::data::show_tenant(tenants.value(i)));
     }
     let ids = col(schema::CUSTOMER_ID)?.as_any().downcast_ref::<Int64Array>().context("Customer_ID is not int64")?;
     let pii = col(schema::SENSITIVE_DATA)?.as_any().downcast_ref::<StringArray>().context("Sensitive_Data is not utf8")?;
     if pii.null_count() > 0 || ids.null_count() > 0 {
         bail!("raw data has empty Customer_ID or Sensitive_Data values");
     }
-    let n = batch.num_rows();
-    let threads = threads.clamp(1, 8).min(n.div_ceil(4096).max(1));
-    let parts: Vec<(ArrayRef, ArrayRef)> = if threads == 1 {
-        vec![encrypt_rows(cipher, pseudo, tenant, ids, pii, 0..n)]
-    } else {
-        let chunk = n.div_ceil(threads);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let r = (t * chunk).min(n)..((t + 1) * chunk).min(n);
-                    s.spawn(move || encrypt_rows(cipher, pseudo, tenant, ids, pii, r))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("encryption thread")).collect()
-        })
-    };
+    let parts = crate::util::par::map_chunks(batch.num_rows(), threads, 8192, cpu_ns, |r| encrypt_rows(cipher, pseudo, tenant, ids, pii, r));
     let concat = |f: fn(&(ArrayRef, ArrayRef)) -> &ArrayRef| -> Result<ArrayRef> {
         let arrays: Vec<&dyn Array> = parts.iter().map(|p| f(p).as_ref()).collect();
-        Ok(arrow_select_concat(&arrays)?)
+        arrow_select_concat(&arrays)
     };
     let enc = concat(|p| &p.0)?;
     let tok = concat(|p| &p.1)?;
@@ -103,11 +95,6 @@ fn arrow_select_concat(arrays: &[&dyn Array]) -> Result<ArrayRef> {
         return Ok(arrow_array::make_array(arrays[0].to_data()));
     }
     Ok(arrow_select::concat::concat(arrays)?)
-}
-
-/// Threads available to one stage.
-pub fn stage_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
 impl StageKind for Encrypt {
@@ -153,9 +140,7 @@ impl StageKind for Encrypt {
             ("dagrun.pseudonym".to_string(), "Sensitive_Token = HMAC-SHA256(tenant pseudonym key, UTF-8 Sensitive_Data)".to_string()),
         ];
         let mut sink = ParquetSink::create(&ctx.outs[0], encrypted_schema(with_label), kv)?;
-        let threads = stage_threads();
-        let cpu_workers = std::sync::atomic::AtomicU64::new(0);
-        let _ = &cpu_workers;
+        let threads = crate::util::par::threads();
         let mut rows = 0u64;
         for batch in open_batches(input, crate::data::DEFAULT_BATCH_SIZE)? {
             if ctx.cancel.load(std::sync::atomic::Ordering::Relaxed) {
@@ -163,7 +148,7 @@ impl StageKind for Encrypt {
             }
             let batch = batch?;
             rows += batch.num_rows() as u64;
-            sink.write(&encrypt_batch(&cipher, &pseudo, tenant, &batch, threads)?)?;
+            sink.write(&encrypt_batch(&cipher, &pseudo, tenant, &batch, threads, ctx.worker_cpu_ns)?)?;
         }
         sink.finish()?;
         let mut facts = Map::new();

@@ -7,7 +7,6 @@
 //! lineage record. Writes a per-tenant JSON report.
 
 use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
-use crate::data::parquet_io::open_batches;
 use crate::data::schema;
 use crate::model::ModelArtifact;
 use crate::model::split::is_test;
@@ -75,7 +74,8 @@ pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded
     let mut total = 0u64;
     let mut scores = Vec::new();
     let mut truth = Vec::new();
-    for batch in open_batches(data, crate::data::DEFAULT_BATCH_SIZE)? {
+    let raw_cols = [schema::CUSTOMER_ID, schema::LOGIN_COUNT, schema::PURCHASE_AMOUNT, schema::LAST_VISIT_DATE];
+    for batch in crate::data::parquet_io::open_batches_columns(data, crate::data::DEFAULT_BATCH_SIZE, &raw_cols)? {
         let batch = batch?;
         total += batch.num_rows() as u64;
         for (id, x) in serve::raw_features(&manifest.stats, as_of, &batch)? {

@@ -1,2 +1,3 @@
 //! Small helpers shared by every module.
 pub mod atomic;
+pub mod par;

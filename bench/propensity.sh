@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Benchmark of the propensity pipeline (release build, temporary workspaces).
+#
+#   bench/propensity.sh            100k and 1M rows, 2 tenants
+#   bench/propensity.sh --large    also 10M rows
+#   bench/propensity.sh --tenants 50 --rows 1000000   one size, N tenants
+#
+# For each size it prints: cold run, no-op run (median of 3), C-change rerun,
+# peak memory (max RSS), each stage's wall time (summed over tenants), CPU
+# utilisation ((user+sys)/wall) and rows per second, and output sizes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sizes=(100000 1000000)
+tenants=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --large) sizes+=(10000000) ;;
+    --rows) sizes=("$2"); shift ;;
+    --tenants) tenants="$2"; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+cargo build --release --quiet
+BIN="$PWD/target/release/dagrun"
+export DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f  # benchmark-only key
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "dagrun:  $("$BIN" --version), $tenants tenants"
+
+tenant_config() {
+  python3 - "$1" <<'PY'
+import sys
+n = int(sys.argv[1])
+if n == 2:
+    print("tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4")
+else:
+    shares = [1.0 / n] * n
+    shares[-1] = 1.0 - sum(shares[:-1])
+    print("tenants:")
+    for i, s in enumerate(shares):
+        print(f"  - id: T{i:02d}\n    share: {s!r}")
+PY
+}
+
+timed() { # prints "wall maxrss_kb" of a command
+  /usr/bin/time -f "%e %M" -o /tmp/dagrun-bench-time "$@" > /dev/null
+  cat /tmp/dagrun-bench-time
+}
+
+for rows in "${sizes[@]}"; do
+  ws=$(mktemp -d /tmp/dagrun-bench.XXXXXX)
+  mkdir -p "$ws/config" "$ws/pipelines"
+  cp pipelines/propensity.yaml "$ws/pipelines/"
+  tenant_config "$tenants" > "$ws/config/tenants.yaml"
+  P="$ws/pipelines/propensity.yaml"
+  read -r cold_wall cold_rss < <(timed "$BIN" -q run "$P" -p rows="$rows")
+  cold_record=$(ls "$ws"/runs/*.json | sort | tail -1)
+  noops=()
+  for _ in 1 2 3 4; do read -r w _ < <(timed "$BIN" -q run "$P" -p rows="$rows"); noops+=("$w"); done
+  read -r c_wall c_rss < <(timed "$BIN" -q run "$P" -p rows="$rows" -p C=0.5)
+  c_record=$(ls "$ws"/runs/*.json | sort | tail -1)
+  python3 - "$rows" "$cold_wall" "$cold_rss" "$c_wall" "$cold_record" "$c_record" "$ws" "${noops[@]:1}" <<'PY'
+import json, os, statistics, sys
+rows, cold, rss, cwall, rec, crec, ws = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
+noop = statistics.median(float(x) for x in sys.argv[8:])
+r = json.load(open(rec)); c = json.load(open(crec))
+print(f"\n== {rows:,} rows")
+print(f"cold run {cold:.2f} s (dagrun's own timing {r['seconds']:.2f} s), peak memory {rss/1024:.0f} MiB")
+print(f"no-op run {noop*1000:.0f} ms (median of 3)")
+ran = sorted(s['stage'] for s in c['stages'] if s['status'] == 'ran')
+print(f"C change  {cwall:.2f} s, reran: {', '.join(ran)}")
+agg = {}
+for s in r['stages']:
+    base = s['stage'].split('[')[0]
+    a = agg.setdefault(base, [0.0, 0.0, 0])
+    a[0] += s['seconds']; a[1] += s.get('cpu_seconds') or 0.0; a[2] += 1
+print(f"{'stage':<12} {'wall s':>8} {'cpu s':>8} {'cpu/wall':>9} {'rows/s':>12}   (summed over {a[2]} tenants)")
+for base, (w, cpu, n) in agg.items():
+    print(f"{base:<12} {w:>8.3f} {cpu:>8.3f} {cpu / w if w else 0:>9.2f} {rows / w if w else 0:>12,.0f}")
+def size(p):
+    total = 0
+    for root, _, files in os.walk(os.path.join(ws, p)):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+for p in ["data/encrypted", "data/afe", "featurestore", "models", ".dagrun/cache"]:
+    print(f"size {p:<16} {size(p)/2**20:>9.1f} MiB")
+PY
+  rm -rf "$ws"
+done

@@ -1,0 +1,67 @@
+//! Data parallelism inside a stage: split `0..n` into one contiguous chunk
+//! per thread, run them on scoped threads, and account the workers' CPU time
+//! (so run records can report CPU utilisation per stage).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Threads a stage may use (the machine's cores).
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+/// CPU time (user+sys) of the calling thread, in nanoseconds.
+pub fn thread_cpu_ns() -> u64 {
+    #[cfg(target_os = "linux")]
+    unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        if libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) == 0 {
+            return ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        }
+    }
+    0
+}
+
+/// Apply `f` to contiguous chunks of `0..n` on up to `threads` threads
+/// (at least `min_chunk` items each); results come back in order. Worker CPU
+/// time is added to `cpu_ns`.
+pub fn map_chunks<R, F>(n: usize, threads: usize, min_chunk: usize, cpu_ns: &AtomicU64, f: F) -> Vec<R>
+where
+    R: Send,
+    F: Fn(Range<usize>) -> R + Sync,
+{
+    let t = threads.max(1).min(n.div_ceil(min_chunk.max(1)).max(1));
+    if t == 1 {
+        return vec![f(0..n)];
+    }
+    let chunk = n.div_ceil(t);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..t)
+            .map(|i| {
+                let f = &f;
+                s.spawn(move || {
+                    let start = thread_cpu_ns();
+                    let r = f((i * chunk).min(n)..((i + 1) * chunk).min(n));
+                    cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(start), Ordering::Relaxed);
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_range_in_order() {
+        let cpu = AtomicU64::new(0);
+        let parts = map_chunks(10_001, 3, 10, &cpu, |r| r.collect::<Vec<_>>());
+        let all: Vec<usize> = parts.into_iter().flatten().collect();
+        assert_eq!(all, (0..10_001).collect::<Vec<_>>());
+        assert_eq!(map_chunks(5, 4, 100, &cpu, |r| r.len()), vec![5]);
+        assert_eq!(map_chunks(0, 4, 1, &cpu, |r| r.len()), vec![0]);
+    }
+}
