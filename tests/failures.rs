@@ -156,7 +156,7 @@ fn timeout_kills_the_command_and_its_children() {
 #[test]
 fn overlapping_runs_lock_and_wait() {
     let ws = Ws::new();
-    ws.pipeline("stages:\n  slow:\n    cmd: sleep 2; echo done > slow.txt\n    outs: [slow.txt]\n  next:\n    cmd: cp slow.txt next.txt\n    deps: [slow.txt]\n    outs: [next.txt]\n");
+    ws.pipeline("stages:\n  slow:\n    cmd: sleep 3; echo done > slow.txt\n    outs: [slow.txt]\n  next:\n    cmd: cp slow.txt next.txt\n    deps: [slow.txt]\n    outs: [next.txt]\n");
     let first = spawn(ws.cmd(&["run", "pipeline.yaml"]));
     // Wait until run 1 holds the lock (it writes its pid into .dagrun/lock).
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -180,6 +180,44 @@ fn overlapping_runs_lock_and_wait() {
     let first = first.wait(HANG);
     assert_eq!(first.code, 0, "{}", first.stderr);
     assert_eq!(ws.read("next.txt"), "done\n");
+}
+
+#[test]
+fn sigint_interrupts_kills_the_command_and_records_it() {
+    let ws = Ws::new();
+    let marker = format!("dagrun-it-sigint-{}-{}", std::process::id(), ws.root.file_name().unwrap().to_string_lossy());
+    ws.pipeline(&format!(
+        "stages:\n  slow:\n    cmd: sh -c 'sleep 30 & echo $! > child.pid; wait' {marker}; echo done > slow.txt\n    outs: [slow.txt]\n  after:\n    cmd: cp slow.txt after.txt\n    deps: [slow.txt]\n    outs: [after.txt]\n"
+    ));
+    let before = ws.record_files();
+    let run = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ws.exists("child.pid") || ws.read("child.pid").trim().is_empty() {
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    unsafe {
+        libc::kill(run.pid() as i32, libc::SIGINT);
+    }
+    let out = run.wait(HANG);
+    assert_eq!(out.code, 130, "{}", out.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    let new: Vec<_> = ws.record_files().difference(&before).cloned().collect();
+    assert_eq!(new.len(), 1);
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&new[0]).unwrap()).unwrap();
+    assert_eq!(rec["status"], "interrupted", "{rec:#}");
+    assert_eq!(rec["exit_code"], 130);
+    assert_eq!(rec["stages"][0]["status"], "failed");
+    assert_eq!(rec["stages"][1]["status"], "skipped");
+    let child: i32 = ws.read("child.pid").trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(child) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(child), "the command's child outlived the interrupt");
+    assert_eq!(pgrep(&marker), Vec::<i32>::new());
+    assert!(!ws.exists("slow.txt"));
 }
 
 const CHAIN: &str = r#"
