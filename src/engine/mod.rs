@@ -530,8 +530,12 @@ impl Engine {
                 }
             }
         }
+        dirs.insert(self.dagrun_dir.clone()); // the hash memo
         dirs.insert(self.dagrun_dir.join("state"));
         dirs.insert(self.dagrun_dir.join("cache").join("actions"));
+        if let Ok(rd) = std::fs::read_dir(self.dagrun_dir.join("cache").join("objects")) {
+            dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
         dirs.insert(self.pipeline.workspace.join("runs"));
         for d in dirs {
             let Ok(rd) = std::fs::read_dir(&d) else { continue };

@@ -73,7 +73,9 @@ impl Tenants {
     pub fn parse(bytes: &[u8], shown: &str) -> Result<Tenants> {
         let text = std::str::from_utf8(bytes)
             .map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
-        let file: TenantsFile = yaml_serde::from_str(text).map_err(|e| config(format!("{shown}: {e}")))?;
+        let yaml_err = |e: yaml_serde::Error| config(format!("{shown}: {}", super::explain_yaml_message(&e.to_string())));
+        super::check_yaml_budget(text).map_err(yaml_err)?;
+        let file: TenantsFile = yaml_serde::from_str(text).map_err(yaml_err)?;
         if file.tenants.is_empty() {
             return Err(config(format!("{shown}: `tenants` is empty; list at least one tenant")));
         }

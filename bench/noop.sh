@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# No-op / cold-run benchmark for dagrun.
+#
+#   bench/noop.sh            build with `cargo build --release`, then measure
+#   SKIP_BUILD=1 bench/noop.sh   reuse target/release/dagrun
+#
+# Generates (in a temp dir, removed at exit; nothing is written to the repo):
+#  (a) a 200-stage cmd pipeline: stage i writes out/i.txt and depends on the
+#      output of stage i/2 (a binary tree: depth 8, width up to 100);
+#  (b) a one-stage pipeline whose input is a 1 GiB file (stage: `wc -c`).
+# Prints wall times: cold (a), no-op (a) median of 5, cold (b), no-op (b)
+# median of 5 after one warm-up no-op run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${SKIP_BUILD:-}" ]]; then
+  (cd "$ROOT" && cargo build --release --quiet)
+fi
+BIN="$ROOT/target/release/dagrun"
+[[ -x "$BIN" ]] || { echo "no $BIN; build it first" >&2; exit 1; }
+
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/dagrun-bench.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+
+now() { date +%s.%N; }
+# time_run DIR ARGS...: run dagrun quietly in DIR, print the wall time in seconds.
+time_run() {
+  local dir=$1; shift
+  local t0 t1
+  t0=$(now)
+  (cd "$dir" && "$BIN" -q run pipeline.yaml "$@" >/dev/null)
+  t1=$(now)
+  echo "$t1 - $t0" | bc -l
+}
+median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+noop5() { local dir=$1; for _ in 1 2 3 4 5; do time_run "$dir"; done | median; }
+
+# (a) 200 stages.
+A="$TMP/a"; mkdir -p "$A/.dagrun"
+{
+  echo "stages:"
+  echo "  s1:"
+  echo "    cmd: echo 1 > out/1.txt"
+  echo "    outs: [out/1.txt]"
+  for i in $(seq 2 200); do
+    p=$((i / 2))
+    echo "  s$i:"
+    echo "    cmd: (cat out/$p.txt; echo $i) > out/$i.txt"
+    echo "    deps: [out/$p.txt]"
+    echo "    outs: [out/$i.txt]"
+  done
+} > "$A/pipeline.yaml"
+
+# (b) one stage reading a 1 GiB file.
+B="$TMP/b"; mkdir -p "$B/.dagrun"
+head -c 1G /dev/urandom > "$B/big.bin"
+cat > "$B/pipeline.yaml" <<'YAML'
+stages:
+  count:
+    cmd: wc -c < big.bin > count.txt
+    deps: [big.bin]
+    outs: [count.txt]
+YAML
+
+cold_a=$(time_run "$A")
+noop_a=$(noop5 "$A")
+cold_b=$(time_run "$B")
+time_run "$B" >/dev/null # warm-up no-op
+noop_b=$(noop5 "$B")
+
+# Sanity: the no-op runs really did nothing.
+last=$(cd "$A" && "$BIN" runs show last --json | grep -c '"status": "cached"' || true)
+[[ "$last" == 200 ]] || { echo "warning: last no-op run of (a) did not report 200 cached stages ($last)" >&2; }
+
+printf '\n%-44s %10s\n' "case" "seconds"
+printf '%-44s %10.3f\n' "(a) 200 stages, cold run" "$cold_a"
+printf '%-44s %10.3f\n' "(a) 200 stages, no-op run (median of 5)" "$noop_a"
+printf '%-44s %10.3f\n' "(b) 1 GiB input, cold run" "$cold_b"
+printf '%-44s %10.3f\n' "(b) 1 GiB input, no-op run (median of 5)" "$noop_b"
+printf '(%s, %s cores, %s)\n' "$("$BIN" --version)" "$(nproc)" "$(uname -sr)"

@@ -1,0 +1,228 @@
+//! Bad pipelines and tenant lists: a clear message (file, line where known,
+//! reason), exit code 2, quickly, and nothing written.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// Run `dagrun run pipeline.yaml` on a workspace holding a bad input and check
+/// the failure: exit 2, every `needle` in stderr, no panic, fast, and no trace
+/// left (no run record, no state, no outputs).
+fn refused(ws: &Ws, needles: &[&str]) -> String {
+    let before = ws.walk();
+    let out = spawn(ws.cmd(&["run", "pipeline.yaml"])).wait(Duration::from_secs(30));
+    assert_eq!(out.code, 2, "expected exit 2\nstdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(out.elapsed < Duration::from_secs(10), "took {:?}", out.elapsed);
+    let err = out.stderr.clone();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.len() < 2000, "message too long ({} bytes): {}", err.len(), &err[..300]);
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+    assert_eq!(ws.walk(), before, "a refused pipeline must not write anything");
+    assert!(!ws.exists("runs"));
+    // status and dag refuse it the same way.
+    for cmd in [["status", "pipeline.yaml"], ["dag", "pipeline.yaml"]] {
+        let o = spawn(ws.cmd(&cmd)).wait(Duration::from_secs(30));
+        assert_eq!(o.code, 2, "{cmd:?}: {}", o.stderr);
+        assert_eq!(o.stderr, err, "{cmd:?} gives another message");
+    }
+    assert_eq!(ws.walk(), before);
+    err
+}
+
+fn bad(yaml: &str, needles: &[&str]) -> String {
+    let ws = Ws::new();
+    ws.write("in.txt", "x\n");
+    ws.pipeline(yaml);
+    refused(&ws, needles)
+}
+
+#[test]
+fn yaml_syntax_error() {
+    bad("stages:\n  a:\n    cmd: echo hi\n   outs: [x]\n", &["pipeline.yaml:4:", "did not find expected key"]);
+    bad("stages:\n  a:\n    cmd: \"echo\n    outs: [x]\n", &["pipeline.yaml:", "unexpected end of stream"]);
+    bad("stages: [a, b\n", &["pipeline.yaml:", "expected ',' or ']'"]);
+}
+
+#[test]
+fn unknown_key() {
+    bad("stages:\n  a:\n    cmd: echo hi > x\n    outz: [x]\n", &["pipeline.yaml:4:", "unknown field `outz`", "expected one of"]);
+    bad("stage:\n  a:\n    cmd: echo\n", &["pipeline.yaml:1:", "unknown field `stage`"]);
+}
+
+#[test]
+fn unknown_uses_kind() {
+    bad("stages:\n  a:\n    uses: frobnicate\n    outs: [x]\n", &["pipeline.yaml:2:", "stage `a`", "unknown stage kind `uses: frobnicate`", "cmd:"]);
+}
+
+#[test]
+fn cycle() {
+    let e = bad(
+        "stages:\n  a:\n    cmd: cp y x\n    deps: [y]\n    outs: [x]\n  b:\n    cmd: cp x y\n    deps: [x]\n    outs: [y]\n",
+        &["pipeline.yaml", "cycle", "a → b → a"],
+    );
+    assert!(!e.contains("b → a → b"), "{e}");
+    bad("stages:\n  a:\n    cmd: echo\n    needs: [c]\n  b:\n    cmd: echo\n    needs: [a]\n  c:\n    cmd: echo\n    needs: [b]\n", &["a → b → c → a"]);
+    bad("stages:\n  a:\n    cmd: echo\n    needs: [a]\n", &["pipeline.yaml:2:", "needs itself"]);
+}
+
+#[test]
+fn needs_a_missing_stage() {
+    bad("stages:\n  a:\n    cmd: echo\n  b:\n    cmd: echo\n    needs: [zz]\n", &["pipeline.yaml:4:", "stage `b`", "`needs: zz` names no stage", "a, b"]);
+}
+
+#[test]
+fn two_stages_one_output() {
+    bad(
+        "stages:\n  a:\n    cmd: echo 1 > x\n    outs: [x]\n  b:\n    cmd: echo 2 > x\n    outs: [./x]\n",
+        &["pipeline.yaml:5:", "stage `b`", "\"x\" is already an output of stage `a`"],
+    );
+    bad("stages:\n  a:\n    cmd: mkdir -p d\n    outs: [d]\n  b:\n    cmd: echo > d/x\n    outs: [d/x]\n", &["outputs may not nest"]);
+}
+
+#[test]
+fn output_escaping_the_workspace() {
+    bad("stages:\n  a:\n    cmd: echo > ../x\n    outs: [../x]\n", &["pipeline.yaml:2:", "stage `a`", "\"../x\"", "`..`"]);
+    bad("stages:\n  a:\n    cmd: echo > x\n    outs: [sub/../../x]\n", &["`..`"]);
+    bad("stages:\n  a:\n    cmd: echo > /tmp/x\n    outs: [/tmp/dagrun-it-abs-out]\n", &["pipeline.yaml:2:", "\"/tmp/dagrun-it-abs-out\"", "absolute path"]);
+    assert!(!std::path::Path::new("/tmp/dagrun-it-abs-out").exists());
+    bad("stages:\n  a:\n    cmd: echo\n    outs: [.dagrun/state/x.json]\n", &["inside .dagrun/"]);
+}
+
+#[test]
+fn output_through_a_symlink_pointing_outside() {
+    let outside = tempfile::tempdir().unwrap();
+    let ws = Ws::new();
+    std::os::unix::fs::symlink(outside.path(), ws.path("link")).unwrap();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi > link/x\n    outs: [link/x]\n");
+    refused(&ws, &["pipeline.yaml:2:", "stage `a`", "\"link/x\"", "symlink link", "outputs must be real paths inside the workspace"]);
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    // The symlink itself as the output, too.
+    let ws = Ws::new();
+    std::os::unix::fs::symlink(outside.path().join("f"), ws.path("out.txt")).unwrap();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n");
+    refused(&ws, &["symlink"]);
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn undefined_param() {
+    bad("params:\n  y: 1\nstages:\n  a:\n    cmd: echo ${params.x}\n", &["pipeline.yaml:4:", "stage `a`", "${params.x}", "not defined", "defined: y"]);
+    bad("stages:\n  a:\n    cmd: echo\n    outs: [\"${params.x}.txt\"]\n", &["${params.x}", "defined: none"]);
+}
+
+#[test]
+fn foreach_over_an_unknown_list() {
+    // No config/tenants.yaml: the message is about the list, not the file.
+    let e = bad("stages:\n  a:\n    cmd: echo\n    foreach: regions\n", &["pipeline.yaml:2:", "stage `a`", "`foreach: regions` is unknown", "tenants"]);
+    assert!(!e.contains("cannot read"), "{e}");
+}
+
+#[test]
+fn non_utf8_bytes() {
+    let ws = Ws::new();
+    ws.write("pipeline.yaml", b"stages:\n  a:\n    cmd: echo caf\xe9\n".as_slice());
+    refused(&ws, &["pipeline.yaml:3:", "not valid UTF-8"]);
+}
+
+#[test]
+fn file_over_one_mib() {
+    let mut yaml = String::from("stages:\n  a:\n    cmd: echo hi\n");
+    while yaml.len() <= 1 << 20 {
+        yaml.push_str(&format!("# {}\n", "x".repeat(100)));
+    }
+    bad(&yaml, &["pipeline.yaml", "at most 1048576 bytes"]);
+}
+
+#[test]
+fn stage_named_like_a_path() {
+    bad("stages:\n  a/b:\n    cmd: echo\n", &["pipeline.yaml:2:", "stage `a/b`", "invalid stage name", "no '/'"]);
+    bad("stages:\n  ../x:\n    cmd: echo\n", &["invalid stage name"]);
+}
+
+#[test]
+fn deeply_nested_yaml() {
+    bad(&format!("stages: {}{}\n", "[".repeat(10_000), "]".repeat(10_000)), &["pipeline.yaml:1:", "nested too deeply"]);
+    bad(&format!("params:\n  x: {}\nstages:\n  a:\n    cmd: echo\n", "[".repeat(10_000)), &["pipeline.yaml:2:", "nested too deeply"]);
+    let mut yaml = String::from("params:\n");
+    for i in 0..300 {
+        yaml.push_str(&format!("{}k{i}:\n", "  ".repeat(i + 1)));
+    }
+    yaml.push_str(&format!("{}v\nstages:\n  a:\n    cmd: echo\n", "  ".repeat(301)));
+    bad(&yaml, &["pipeline.yaml:", "nested too deeply"]);
+}
+
+#[test]
+fn billion_laughs() {
+    // Classic: 9 levels of 9 aliases each.
+    let mut yaml = String::from("params:\n  l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        yaml.push_str(&format!("  l{i}: &l{i} [{}]\n", vec![format!("*l{}", i - 1); 9].join(", ")));
+    }
+    yaml.push_str("stages:\n  a:\n    cmd: echo ${params.l9}\n");
+    bad(&yaml, &["pipeline.yaml", "alias"]);
+    // Wide: one 100k-item anchor aliased 100k times (0.5 MB; 10^10 values
+    // expanded), under yaml_serde's own repetition limit.
+    let n = 100_000;
+    let yaml = format!(
+        "params:\n  a: &a [{}]\n  b: [{}]\nstages:\n  s:\n    cmd: echo hi\n",
+        vec!["1"; n].join(","),
+        vec!["*a"; n].join(",")
+    );
+    bad(&yaml, &["pipeline.yaml:2:", "alias"]);
+    // The same through typed fields: many stages' deps alias one long list.
+    let list: Vec<String> = (0..40_000).map(|i| format!("f{i}")).collect();
+    let mut yaml = format!("stages:\n  s0:\n    cmd: echo\n    deps: &d [{}]\n", list.join(","));
+    for i in 1..15_000 {
+        yaml.push_str(&format!("  s{i}:\n    cmd: echo\n    deps: *d\n"));
+    }
+    assert!(yaml.len() < 1 << 20, "{}", yaml.len());
+    bad(&yaml, &["pipeline.yaml", "alias"]);
+}
+
+#[test]
+fn small_aliases_still_work() {
+    let ws = Ws::new();
+    ws.write("in.txt", "x\n");
+    ws.pipeline("stages:\n  a:\n    cmd: cp in.txt a.txt\n    deps: &ins [in.txt]\n    outs: [a.txt]\n  b:\n    cmd: cp in.txt b.txt\n    deps: *ins\n    outs: [b.txt]\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["a", "b"]));
+}
+
+fn bad_tenants(tenants: &str, needles: &[&str]) {
+    let ws = Ws::new();
+    ws.write("config/tenants.yaml", tenants);
+    ws.write("data/A.txt", "a\n");
+    ws.pipeline("stages:\n  a:\n    foreach: tenants\n    cmd: echo ${tenant} > out_${tenant}.txt\n    outs: [\"out_${tenant}.txt\"]\n");
+    refused(&ws, needles);
+}
+
+#[test]
+fn tenants_duplicate() {
+    bad_tenants("tenants:\n  - id: A\n    share: 0.5\n  - id: A\n    share: 0.5\n", &["config/tenants.yaml", "tenants[1]", "tenant A is listed twice"]);
+}
+
+#[test]
+fn tenant_id_with_a_slash() {
+    bad_tenants("tenants:\n  - id: A/../B\n", &["config/tenants.yaml", "tenants[0]", "invalid tenant id \"A/../B\""]);
+    bad_tenants("tenants:\n  - id: ..\n", &["config/tenants.yaml", "invalid tenant id"]);
+}
+
+#[test]
+fn tenant_shares_not_summing_to_one() {
+    bad_tenants("tenants:\n  - id: A\n    share: 0.5\n  - id: B\n    share: 0.3\n", &["config/tenants.yaml", "shares sum to 0.8, not 1"]);
+    bad_tenants("tenants:\n  - id: A\n    share: 0.5\n  - id: B\n", &["config/tenants.yaml", "every tenant a `share`, or none"]);
+}
+
+#[test]
+fn tenants_file_syntax_and_bombs() {
+    bad_tenants("tenants:\n  - id: A\n   share: 1\n", &["config/tenants.yaml", "line 3"]);
+    let mut y = String::from("x0: &x0 [a, a, a, a, a, a, a, a, a]\n");
+    for i in 1..10 {
+        y.push_str(&format!("x{i}: &x{i} [{}]\n", vec![format!("*x{}", i - 1); 9].join(", ")));
+    }
+    y.push_str("tenants:\n  - id: A\n");
+    bad_tenants(&y, &["config/tenants.yaml", "alias"]);
+}

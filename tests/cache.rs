@@ -1,0 +1,460 @@
+//! Cache behaviour of `dagrun run`, checked through run records: what runs,
+//! what is cached, what is restored, and why.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+/// A diamond a → {b, c} → d fed by src.txt, plus an independent chain
+/// e → f → g fed by other.txt. Every command appends a line to log/NAME
+/// (outside its outs) so a test can tell whether it executed.
+const DIAMOND: &str = r#"
+params:
+  n: 3
+  m: 7
+stages:
+  a:
+    cmd: echo run >> log/a; cat src.txt > a.txt
+    deps: [src.txt]
+    outs: [a.txt]
+  b:
+    cmd: echo run >> log/b; (cat a.txt; echo n=${params.n}) > b.txt
+    deps: [a.txt]
+    outs: [b.txt]
+  c:
+    cmd: echo run >> log/c; tr a-z A-Z < a.txt > c.txt
+    deps: [a.txt]
+    outs: [c.txt]
+  d:
+    cmd: echo run >> log/d; cat b.txt c.txt > d.txt
+    deps: [b.txt, c.txt]
+    outs: [d.txt]
+  e:
+    cmd: echo run >> log/e; (cat other.txt; echo m=${params.m}) > e.txt
+    deps: [other.txt]
+    outs: [e.txt]
+  f:
+    cmd: echo run >> log/f; wc -c < e.txt | tr -d ' ' > f.txt
+    deps: [e.txt]
+    outs: [f.txt]
+  g:
+    cmd: echo run >> log/g; (echo size; cat f.txt) > g.txt
+    deps: [f.txt]
+    outs: [g.txt]
+"#;
+
+const ALL: [&str; 7] = ["a", "b", "c", "d", "e", "f", "g"];
+
+fn diamond() -> Ws {
+    let ws = Ws::new();
+    ws.pipeline(DIAMOND);
+    ws.write("src.txt", "hello\n");
+    ws.write("other.txt", "apples\n");
+    std::fs::create_dir_all(ws.path("log")).unwrap();
+    ws
+}
+
+/// Cold run, asserting everything ran once.
+fn cold(ws: &Ws) {
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&ALL), "{:#}", r.rec());
+    for s in ALL {
+        assert_eq!(ws.count(&format!("log/{s}")), 1, "stage {s}");
+    }
+}
+
+fn counts(ws: &Ws) -> Vec<usize> {
+    ALL.iter().map(|s| ws.count(&format!("log/{s}"))).collect()
+}
+
+fn set_param(ws: &Ws, from: &str, to: &str) {
+    let p = ws.read("pipeline.yaml");
+    assert!(p.contains(from));
+    ws.write("pipeline.yaml", p.replacen(from, to, 1));
+}
+
+#[test]
+fn second_run_does_nothing() {
+    let ws = diamond();
+    cold(&ws);
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("cached"), set(&ALL), "{:#}", r.rec());
+    assert_eq!(counts(&ws), vec![1; 7]);
+    assert_eq!(r.rec()["status"], "ok");
+    assert_eq!(r.rec()["exit_code"], 0);
+}
+
+#[test]
+fn changed_input_reruns_exactly_its_downstream() {
+    let ws = diamond();
+    cold(&ws);
+    ws.write("src.txt", "hello, world\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["a", "b", "c", "d"]), "{:#}", r.rec());
+    assert_eq!(r.with("cached"), set(&["e", "f", "g"]));
+    assert_eq!(counts(&ws), vec![2, 2, 2, 2, 1, 1, 1]);
+    assert_eq!(ws.read("d.txt"), "hello, world\nn=3\nHELLO, WORLD\n");
+    let why = r.stage("a")["reasons"].to_string();
+    assert!(why.contains("src.txt changed"), "{why}");
+}
+
+#[test]
+fn param_change_reruns_referencing_stages_and_dependents() {
+    let ws = diamond();
+    cold(&ws);
+    set_param(&ws, "n: 3", "n: 4");
+
+    // status names the param before anything runs.
+    let st = ws.dagrun(&["status", "pipeline.yaml", "--json"]);
+    assert_eq!(st.code, 0, "{}", st.stderr);
+    let rows = st.json()["stages"].as_array().unwrap().clone();
+    let stale: Vec<&str> = rows.iter().filter(|r| r["state"] == "stale").map(|r| r["stage"].as_str().unwrap()).collect();
+    assert_eq!(stale, ["b", "d"], "{rows:#?}");
+    let b = rows.iter().find(|r| r["stage"] == "b").unwrap();
+    assert_eq!(b["action"], "run");
+    assert!(b["reasons"].as_array().unwrap().iter().any(|x| x == "param n: 3 → 4"), "{b:#}");
+    assert!(rows.iter().filter(|r| r["state"] == "fresh").all(|r| r["action"] == "none"));
+    assert_eq!(counts(&ws), vec![1; 7], "status must not run anything");
+
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["b", "d"]), "{:#}", r.rec());
+    assert_eq!(r.with("cached"), set(&["a", "c", "e", "f", "g"]));
+    assert!(r.stage("b")["reasons"].as_array().unwrap().iter().any(|x| x == "param n: 3 → 4"));
+    assert!(ws.read("d.txt").contains("n=4"));
+}
+
+#[test]
+fn command_line_param_override_counts_like_an_edit() {
+    let ws = diamond();
+    cold(&ws);
+    let r = ws.run(&["-p", "n=5"]).ok();
+    assert_eq!(r.ran(), set(&["b", "d"]), "{:#}", r.rec());
+    assert!(ws.read("b.txt").contains("n=5"));
+}
+
+#[test]
+fn deleted_output_is_restored_without_running() {
+    let ws = diamond();
+    cold(&ws);
+    let before = ws.read("c.txt");
+    std::fs::remove_file(ws.path("c.txt")).unwrap();
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["c"]), "{:#}", r.rec());
+    assert_eq!(r.with("cached").len(), 6);
+    assert_eq!(ws.read("c.txt"), before);
+    assert_eq!(counts(&ws), vec![1; 7], "nothing may execute");
+    let why = r.stage("c")["reasons"].to_string();
+    assert!(why.contains("c.txt is missing"), "{why}");
+}
+
+#[test]
+fn hand_edited_output_is_restored() {
+    let ws = diamond();
+    cold(&ws);
+    let before = ws.read("d.txt");
+    ws.write("d.txt", "tampered\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["d"]), "{:#}", r.rec());
+    assert_eq!(ws.read("d.txt"), before);
+    assert_eq!(counts(&ws), vec![1; 7]);
+    let why = r.stage("d")["reasons"].to_string();
+    assert!(why.contains("modified outside dagrun"), "{why}");
+    // Same size edit, right after the previous run: still seen.
+    let before_b = ws.read("b.txt");
+    let same_len: String = before_b.chars().map(|c| if c == 'h' { 'j' } else { c }).collect();
+    assert_ne!(same_len, before_b);
+    ws.write("b.txt", &same_len);
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["b"]), "{:#}", r.rec());
+    assert_eq!(ws.read("b.txt"), before_b);
+}
+
+#[test]
+fn param_changed_back_restores_without_recomputing() {
+    let ws = diamond();
+    cold(&ws);
+    let d3 = ws.read("d.txt");
+    set_param(&ws, "n: 3", "n: 4");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["b", "d"]));
+    assert_eq!(counts(&ws), vec![1, 2, 1, 2, 1, 1, 1]);
+
+    set_param(&ws, "n: 4", "n: 3");
+    let st = ws.dagrun(&["status", "pipeline.yaml", "--json"]).json();
+    let b = st["stages"].as_array().unwrap().iter().find(|r| r["stage"] == "b").unwrap().clone();
+    assert_eq!(b["action"], "restore", "{b:#}");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["b", "d"]), "{:#}", r.rec());
+    assert!(r.ran().is_empty());
+    assert_eq!(counts(&ws), vec![1, 2, 1, 2, 1, 1, 1], "nothing may be recomputed");
+    assert_eq!(ws.read("d.txt"), d3);
+    // And then it is all up to date.
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("cached"), set(&ALL));
+}
+
+#[test]
+fn early_cutoff_keeps_dependents_cached() {
+    let ws = diamond();
+    cold(&ws);
+    let f_before = ws.read("f.txt");
+    // Same length: e's output changes, f (a byte count) does not.
+    ws.write("other.txt", "pears!\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["e", "f"]), "{:#}", r.rec());
+    assert_eq!(r.stage("e")["outputs_changed"], true);
+    assert_eq!(r.stage("f")["outputs_changed"], false, "{:#}", r.stage("f"));
+    assert_eq!(r.stage("g")["status"], "cached");
+    assert_eq!(ws.count("log/g"), 1);
+    assert_eq!(ws.read("f.txt"), f_before);
+}
+
+#[test]
+fn force_reruns_everything() {
+    let ws = diamond();
+    cold(&ws);
+    let r = ws.run(&["--force"]).ok();
+    assert_eq!(r.ran(), set(&ALL), "{:#}", r.rec());
+    assert_eq!(counts(&ws), vec![2; 7]);
+    let forced: Vec<&str> = r.rec()["forced"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(forced, ALL);
+    // Identical outputs: nothing changed.
+    assert!(r.stages().iter().all(|s| s["outputs_changed"] == false), "{:#}", r.rec());
+}
+
+#[test]
+fn force_one_stage_reruns_it_and_its_downstream() {
+    let ws = diamond();
+    cold(&ws);
+    let r = ws.run(&["--force", "b"]).ok();
+    assert_eq!(r.ran(), set(&["b", "d"]), "{:#}", r.rec());
+    assert_eq!(r.with("cached"), set(&["a", "c", "e", "f", "g"]));
+    assert_eq!(counts(&ws), vec![1, 2, 1, 2, 1, 1, 1]);
+}
+
+#[test]
+fn targets_run_only_them_and_their_upstream() {
+    let ws = diamond();
+    let r = ws.run(&["b"]).ok();
+    assert_eq!(r.statuses().keys().cloned().collect::<Vec<_>>(), ["a", "b"], "{:#}", r.rec());
+    assert_eq!(r.ran(), set(&["a", "b"]));
+    for absent in ["c.txt", "d.txt", "e.txt", "log/c", "log/e"] {
+        assert!(!ws.exists(absent), "{absent} should not exist");
+    }
+    assert_eq!(r.rec()["targets"], serde_json::json!(["b"]));
+    // A later full run does the rest only.
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["c", "d", "e", "f", "g"]));
+    assert_eq!(r.with("cached"), set(&["a", "b"]));
+}
+
+#[test]
+fn runs_from_another_cwd_and_with_an_empty_environment() {
+    let ws = diamond();
+    let abs = ws.path("pipeline.yaml");
+    let abs = abs.to_str().unwrap();
+
+    let root_runs_before = std::path::Path::new("/runs").exists();
+    let mut c = Command::new(BIN);
+    c.args(["run", abs]).current_dir("/");
+    let r = ws.run_cmd(c).ok();
+    assert_eq!(r.ran(), set(&ALL), "{:#}", r.rec());
+    assert_eq!(std::path::Path::new("/runs").exists(), root_runs_before, "the record belongs in the workspace");
+
+    // env -i PATH=/usr/bin:/bin, from yet another folder.
+    let other = tempfile::tempdir().unwrap();
+    ws.write("src.txt", "changed\n");
+    let mut c = Command::new(BIN);
+    c.args(["run", abs]).current_dir(other.path()).env_clear().env("PATH", "/usr/bin:/bin");
+    let r = ws.run_cmd(c).ok();
+    assert_eq!(r.ran(), set(&["a", "b", "c", "d"]), "{:#}", r.rec());
+    assert_eq!(r.with("cached"), set(&["e", "f", "g"]));
+    assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 0, "nothing written to the cwd");
+
+    // No environment at all (not even PATH): commands still find sh and coreutils.
+    let mut c = Command::new(BIN);
+    c.args(["run", abs, "--force", "c"]).current_dir("/").env_clear();
+    let r = ws.run_cmd(c).ok();
+    assert_eq!(r.ran(), set(&["c", "d"]), "{:#}", r.rec());
+}
+
+#[test]
+fn pipeline_in_a_subfolder_uses_the_enclosing_workspace() {
+    let ws = Ws::new();
+    ws.write("data/in.txt", "x\n");
+    ws.write("pipelines/p.yaml", "stages:\n  s:\n    cmd: cp data/in.txt out.txt\n    deps: [data/in.txt]\n    outs: [out.txt]\n");
+    let mut c = Command::new(BIN);
+    c.args(["run", "p.yaml"]).current_dir(ws.path("pipelines"));
+    let r = ws.run_cmd(c).ok();
+    assert_eq!(r.ran(), set(&["s"]));
+    assert_eq!(ws.read("out.txt"), "x\n");
+    assert_eq!(r.rec()["pipeline"], "pipelines/p.yaml");
+}
+
+const TENANTS: &str = r#"
+stages:
+  prep:
+    foreach: tenants
+    cmd: tr a-z A-Z < data/${tenant}.txt > out/prep_${tenant}.txt
+    deps: ["data/${tenant}.txt"]
+    outs: ["out/prep_${tenant}.txt"]
+  train:
+    foreach: tenants
+    cmd: (echo model for $DAGRUN_TENANT; cat out/prep_${tenant}.txt) > out/model_${tenant}.txt
+    deps: ["out/prep_${tenant}.txt"]
+    outs: ["out/model_${tenant}.txt"]
+  report:
+    cmd: cat out/model_A.txt out/model_B.txt out/model_C.txt > report.txt
+    deps: [out/model_A.txt, out/model_B.txt, out/model_C.txt]
+    outs: [report.txt]
+"#;
+
+#[test]
+fn foreach_tenants_reruns_only_the_changed_tenant() {
+    let ws = Ws::new();
+    ws.write("config/tenants.yaml", "tenants:\n  - id: A\n    share: 0.5\n  - id: B\n    share: 0.25\n  - id: C\n    share: 0.25\n");
+    for t in ["A", "B", "C"] {
+        ws.write(&format!("data/{t}.txt"), format!("rows of {t}\n"));
+    }
+    ws.pipeline(TENANTS);
+    let r = ws.run(&[]).ok();
+    let all = set(&["prep[A]", "prep[B]", "prep[C]", "train[A]", "train[B]", "train[C]", "report"]);
+    assert_eq!(r.ran(), all, "{:#}", r.rec());
+    assert_eq!(ws.read("out/model_B.txt"), "model for B\nROWS OF B\n");
+
+    ws.write("data/B.txt", "new rows of B\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["prep[B]", "train[B]", "report"]), "{:#}", r.rec());
+    assert_eq!(r.with("cached"), set(&["prep[A]", "prep[C]", "train[A]", "train[C]"]));
+
+    // One tenant's instance as a target.
+    ws.write("data/C.txt", "new rows of C\n");
+    let r = ws.run(&["train[C]"]).ok();
+    assert_eq!(r.statuses().keys().cloned().collect::<Vec<_>>(), ["prep[C]", "train[C]"]);
+    assert_eq!(r.ran(), set(&["prep[C]", "train[C]"]));
+}
+
+#[test]
+fn dag_dot_is_valid() {
+    let ws = diamond();
+    let out = ws.dagrun(&["dag", "pipeline.yaml", "--format", "dot"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let dot = out.stdout.trim();
+    assert!(dot.starts_with("digraph"), "{dot}");
+    assert!(dot.ends_with('}'), "{dot}");
+    assert_eq!(dot.matches('{').count(), dot.matches('}').count());
+    let mut edges = std::collections::BTreeSet::new();
+    for line in dot.lines().filter(|l| l.contains("->")) {
+        let l = line.trim().trim_end_matches(';');
+        let parts: Vec<&str> = l.split(" -> ").collect();
+        assert_eq!(parts.len(), 2, "{line}");
+        for p in &parts {
+            assert!(p.len() >= 3 && p.starts_with('"') && p.ends_with('"'), "unquoted node in {line}");
+        }
+        edges.insert((parts[0].trim_matches('"').to_string(), parts[1].trim_matches('"').to_string()));
+    }
+    let want: std::collections::BTreeSet<(String, String)> =
+        [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d"), ("e", "f"), ("f", "g")].iter().map(|(x, y)| (x.to_string(), y.to_string())).collect();
+    assert_eq!(edges, want);
+    for s in ALL {
+        assert!(dot.contains(&format!("\"{s}\" [label=")), "node {s} missing");
+    }
+    // The real parser, when installed.
+    if let Ok(mut child) = Command::new("dot").arg("-Tsvg").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn() {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(out.stdout.as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "dot rejects the output: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    // Tenant instance names (with brackets) stay valid too.
+    let ws2 = Ws::new();
+    ws2.write("config/tenants.yaml", "tenants:\n  - id: A\n  - id: B\n  - id: C\n");
+    ws2.pipeline(TENANTS);
+    let out = ws2.dagrun(&["dag", "pipeline.yaml", "--format", "dot"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("\"prep[A]\" -> \"train[A]\";"), "{}", out.stdout);
+    assert!(out.stdout.contains("\"train[C]\" -> \"report\";"), "{}", out.stdout);
+}
+
+#[test]
+fn lineage_goes_back_to_the_source_with_hashes() {
+    let ws = diamond();
+    let r = ws.run(&[]).ok();
+    let out = ws.dagrun(&["lineage", "d.txt", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let d = out.json();
+    let outputs = r.outputs();
+    assert_eq!(d["path"], "d.txt");
+    assert_eq!(d["stage"], "d");
+    assert_eq!(d["hash"], outputs["d"]["d.txt"]);
+    assert_eq!(d["hash"].as_str().unwrap(), b3(&ws.path("d.txt")));
+    assert_eq!(d["modified"], false);
+    assert_eq!(d["run_id"], r.rec()["run_id"]);
+    // d.txt ← b.txt ← a.txt ← src.txt (source)
+    let b = d["inputs"].as_array().unwrap().iter().find(|x| x["path"] == "b.txt").expect("b.txt in d's inputs").clone();
+    assert_eq!(b["stage"], "b");
+    assert_eq!(b["hash"], outputs["b"]["b.txt"]);
+    assert_eq!(b["param_refs"]["n"], 3);
+    let a = &b["inputs"][0];
+    assert_eq!(a["path"], "a.txt");
+    assert_eq!(a["stage"], "a");
+    assert_eq!(a["hash"], outputs["a"]["a.txt"]);
+    let src = &a["inputs"][0];
+    assert_eq!(src["path"], "src.txt");
+    assert_eq!(src["source"], true);
+    assert_eq!(src["hash"].as_str().unwrap(), b3(&ws.path("src.txt")));
+    assert_eq!(src["modified"], false);
+    // Editing the source shows up as modified.
+    ws.write("src.txt", "edited\n");
+    let d = ws.dagrun(&["lineage", "d.txt", "--json"]).json();
+    let src = &d["inputs"].as_array().unwrap().iter().find(|x| x["path"] == "b.txt").unwrap()["inputs"][0]["inputs"][0];
+    assert_eq!(src["modified"], true, "{src:#}");
+    // A path no stage made is a config error.
+    let out = ws.dagrun(&["lineage", "src.txt", "--json"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+}
+
+#[test]
+fn runs_list_and_show_shapes() {
+    let ws = diamond();
+    let r1 = ws.run(&[]).ok();
+    ws.write("src.txt", "v2\n");
+    let r2 = ws.run(&[]).ok();
+
+    let out = ws.dagrun(&["runs", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let list = out.json();
+    let runs = list["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["run_id"], r1.rec()["run_id"]);
+    assert_eq!(runs[1]["run_id"], r2.rec()["run_id"]);
+    for r in runs {
+        for k in ["run_id", "pipeline", "started_at", "seconds", "status", "exit_code"] {
+            assert!(r.get(k).is_some(), "runs --json item lacks {k}: {r:#}");
+        }
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["pipeline"], "pipeline.yaml");
+    }
+
+    let out = ws.dagrun(&["runs", "show", "last", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let last = out.json();
+    assert_eq!(&last, r2.rec());
+    for k in ["run_id", "pipeline", "started_at", "finished_at", "seconds", "status", "exit_code", "targets", "forced", "stages"] {
+        assert!(last.get(k).is_some(), "record lacks {k}");
+    }
+    for s in last["stages"].as_array().unwrap() {
+        assert!(s["stage"].is_string() && s["status"].is_string() && s["seconds"].is_number(), "{s:#}");
+        assert!(["ran", "cached", "restored", "failed", "skipped"].contains(&s["status"].as_str().unwrap()));
+        assert!(s["key"].as_str().is_some_and(|k| k.len() == 64), "{s:#}");
+        assert!(s["outputs"].is_object());
+    }
+    // By id prefix, and the text forms.
+    let id = r1.rec()["run_id"].as_str().unwrap();
+    let shown = ws.dagrun(&["runs", "show", id, "--json"]).json();
+    assert_eq!(&shown, r1.rec());
+    let text = ws.dagrun(&["runs"]);
+    assert!(text.stdout.contains(id) && text.stdout.contains("7 ran"), "{}", text.stdout);
+    let missing = ws.dagrun(&["runs", "show", "19700101", "--json"]);
+    assert_eq!(missing.code, 2);
+}

@@ -1,0 +1,238 @@
+//! Shared helpers for the integration tests: temp workspaces, running the real
+//! `dagrun` binary, reading run records.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dagrun");
+
+/// Any single dagrun invocation taking longer than this is a hang.
+pub const HANG: Duration = Duration::from_secs(60);
+
+/// What a finished dagrun process printed.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Out {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// A process started in the background with its output going to temp files.
+pub struct Bg {
+    pub child: Child,
+    out: std::fs::File,
+    err: std::fs::File,
+    t0: Instant,
+}
+
+impl Bg {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Wait (at most `limit`; kill and panic past it).
+    pub fn wait(mut self, limit: Duration) -> Out {
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Out { code: code_of(st), stdout: read_all(&mut self.out), stderr: read_all(&mut self.err), elapsed: self.t0.elapsed() };
+            }
+            if self.t0.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("dagrun did not finish within {limit:?}; stderr so far:\n{}", read_all(&mut self.err));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn code_of(st: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+fn read_all(f: &mut std::fs::File) -> String {
+    let mut s = Vec::new();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut s).unwrap();
+    String::from_utf8_lossy(&s).into_owned()
+}
+
+/// Start `cmd` with stdout/stderr captured in anonymous temp files.
+pub fn spawn(mut cmd: Command) -> Bg {
+    let out = tempfile::tempfile().unwrap();
+    let err = tempfile::tempfile().unwrap();
+    cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(err.try_clone().unwrap());
+    let t0 = Instant::now();
+    let child = cmd.spawn().expect("cannot start dagrun");
+    Bg { child, out, err, t0 }
+}
+
+/// A temp workspace. `.dagrun/` is created up front so the workspace is the
+/// temp dir itself, whatever folders exist above it.
+pub struct Ws {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Default for Ws {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ws {
+    pub fn new() -> Ws {
+        let tmp = tempfile::Builder::new().prefix("dagrun-it-").tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join(".dagrun")).unwrap();
+        Ws { _tmp: tmp, root }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// Write a file (parents created).
+    pub fn write(&self, rel: &str, content: impl AsRef<[u8]>) {
+        let p = self.path(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(p, content).unwrap();
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"))
+    }
+
+    pub fn exists(&self, rel: &str) -> bool {
+        self.path(rel).symlink_metadata().is_ok()
+    }
+
+    /// Number of lines in a counter file (0 if absent).
+    pub fn count(&self, rel: &str) -> usize {
+        std::fs::read_to_string(self.path(rel)).map(|s| s.lines().count()).unwrap_or(0)
+    }
+
+    /// Write `pipeline.yaml`.
+    pub fn pipeline(&self, yaml: &str) {
+        self.write("pipeline.yaml", yaml);
+    }
+
+    /// A dagrun command run in the workspace, logging reduced to dagrun's own.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).current_dir(&self.root).env_remove("RUST_LOG").env("NO_COLOR", "1");
+        c
+    }
+
+    /// Run dagrun with `args` in the workspace and wait for it.
+    pub fn dagrun(&self, args: &[&str]) -> Out {
+        spawn(self.cmd(args)).wait(HANG)
+    }
+
+    /// Run records on disk (file names).
+    pub fn record_files(&self) -> BTreeSet<PathBuf> {
+        match std::fs::read_dir(self.path("runs")) {
+            Ok(rd) => rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect(),
+            Err(_) => BTreeSet::new(),
+        }
+    }
+
+    /// `dagrun run pipeline.yaml ARGS…` with the record it wrote (if any).
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut a = vec!["run", "pipeline.yaml"];
+        a.extend_from_slice(args);
+        self.run_cmd(self.cmd(&a))
+    }
+
+    /// Run any command that should write one run record; return it.
+    pub fn run_cmd(&self, cmd: Command) -> Run {
+        let before = self.record_files();
+        let out = spawn(cmd).wait(HANG);
+        let new: Vec<PathBuf> = self.record_files().difference(&before).cloned().collect();
+        assert!(new.len() <= 1, "one run wrote {} records: {new:?}", new.len());
+        let record = new.first().map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap());
+        Run { out, record }
+    }
+
+    /// Every path under the workspace (relative), recursively.
+    pub fn walk(&self) -> Vec<String> {
+        fn go(base: &Path, d: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                let p = e.path();
+                out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+                if e.file_type().unwrap().is_dir() {
+                    go(base, &p, out);
+                }
+            }
+        }
+        let mut v = Vec::new();
+        go(&self.root, &self.root, &mut v);
+        v.sort();
+        v
+    }
+}
+
+/// One `dagrun run`.
+#[derive(Debug)]
+pub struct Run {
+    pub out: Out,
+    pub record: Option<Value>,
+}
+
+impl Run {
+    /// Panic with the output unless the run exited 0.
+    pub fn ok(self) -> Run {
+        assert_eq!(self.out.code, 0, "dagrun run failed:\nstdout:\n{}\nstderr:\n{}", self.out.stdout, self.out.stderr);
+        assert!(self.record.is_some(), "no run record written");
+        self
+    }
+    pub fn rec(&self) -> &Value {
+        self.record.as_ref().expect("no run record written")
+    }
+    pub fn stages(&self) -> &Vec<Value> {
+        self.rec()["stages"].as_array().expect("record has a stages list")
+    }
+    /// Stage name -> status.
+    pub fn statuses(&self) -> BTreeMap<String, String> {
+        self.stages().iter().map(|s| (s["stage"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string())).collect()
+    }
+    /// The stages with a given status.
+    pub fn with(&self, status: &str) -> BTreeSet<String> {
+        self.statuses().into_iter().filter(|(_, s)| s == status).map(|(n, _)| n).collect()
+    }
+    pub fn ran(&self) -> BTreeSet<String> {
+        self.with("ran")
+    }
+    /// One stage's record.
+    pub fn stage(&self, name: &str) -> &Value {
+        self.stages().iter().find(|s| s["stage"] == name).unwrap_or_else(|| panic!("stage {name} not in the record: {:#}", self.rec()))
+    }
+    /// Stage -> its outputs (path -> hash).
+    pub fn outputs(&self) -> BTreeMap<String, Value> {
+        self.stages().iter().map(|s| (s["stage"].as_str().unwrap().to_string(), s["outputs"].clone())).collect()
+    }
+}
+
+/// A set of names, for comparisons.
+pub fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// blake3 hex of a file.
+pub fn b3(p: &Path) -> String {
+    blake3::hash(&std::fs::read(p).unwrap()).to_hex().to_string()
+}

@@ -1,0 +1,312 @@
+//! Failing, retried, timed-out, overlapping and killed runs.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+#[test]
+fn failed_stage_skips_dependents_and_independent_stages_finish() {
+    let ws = Ws::new();
+    ws.write("in.txt", "x\n");
+    ws.pipeline(
+        r#"
+stages:
+  bad:
+    cmd: |
+      echo starting; echo "first line of noise" >&2; echo "boom: disk on fire" >&2; exit 3
+    deps: [in.txt]
+    outs: [bad.txt]
+  after_bad:
+    cmd: cp bad.txt after.txt
+    deps: [bad.txt]
+    outs: [after.txt]
+  after_after:
+    cmd: cp after.txt after2.txt
+    deps: [after.txt]
+    outs: [after2.txt]
+  good:
+    cmd: sleep 0.2; cp in.txt good.txt
+    deps: [in.txt]
+    outs: [good.txt]
+  good2:
+    cmd: cp good.txt good2.txt
+    deps: [good.txt]
+    outs: [good2.txt]
+"#,
+    );
+    for jobs in ["1", "4"] {
+        let r = ws.run(&["-j", jobs]);
+        assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+        let st = r.statuses();
+        assert_eq!(st["bad"], "failed", "{:#}", r.rec());
+        assert_eq!(st["after_bad"], "skipped");
+        assert_eq!(st["after_after"], "skipped");
+        assert_eq!(r.stage("after_after")["error"], "upstream stage bad failed");
+        assert!(["ran", "cached"].contains(&st["good"].as_str()));
+        assert!(["ran", "cached"].contains(&st["good2"].as_str()));
+        assert_eq!(r.rec()["status"], "failed");
+        assert_eq!(r.rec()["exit_code"], 1);
+        let e = &r.out.stderr;
+        assert!(e.contains("stage bad failed"), "{e}");
+        assert!(e.contains("exit status 3"), "{e}");
+        assert!(e.contains("boom: disk on fire"), "{e}");
+        assert!(e.contains(".dagrun/logs/bad.err"), "{e}");
+        assert!(r.stage("bad")["error"].as_str().unwrap().contains("boom: disk on fire"));
+        assert!(!ws.exists("after.txt") && !ws.exists("bad.txt"));
+        assert_eq!(ws.read("good2.txt"), "x\n");
+    }
+    // Fixed: the failed part runs, the rest stays cached.
+    let p = ws.read("pipeline.yaml").replace("exit 3", "cp in.txt bad.txt");
+    ws.pipeline(&p);
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["bad", "after_bad", "after_after"]), "{:#}", r.rec());
+    assert_eq!(r.with("cached"), set(&["good", "good2"]));
+}
+
+#[test]
+fn stage_that_does_not_write_its_output_fails() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo nothing\n    outs: [a.txt]\n  b:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n");
+    let r = ws.run(&[]);
+    assert_eq!(r.out.code, 1);
+    assert_eq!(r.statuses()["a"], "failed");
+    assert_eq!(r.statuses()["b"], "skipped");
+    assert!(r.out.stderr.contains("did not write its declared output a.txt"), "{}", r.out.stderr);
+}
+
+#[test]
+fn retries_until_success() {
+    let ws = Ws::new();
+    ws.pipeline(
+        r#"
+stages:
+  flaky:
+    retries: 2
+    cmd: n=$(cat tries 2>/dev/null || echo 0); n=$((n+1)); echo $n > tries; [ $n -ge 3 ] || { echo "attempt $n failed" >&2; exit 1; }; echo ok > out.txt
+    outs: [out.txt]
+"#,
+    );
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.statuses()["flaky"], "ran", "{:#}", r.rec());
+    assert_eq!(ws.read("tries").trim(), "3");
+    assert_eq!(ws.read("out.txt"), "ok\n");
+
+    // One retry too few: failed after 2 attempts.
+    let ws = Ws::new();
+    ws.pipeline(&ws_flaky(1));
+    let r = ws.run(&[]);
+    assert_eq!(r.out.code, 1);
+    assert_eq!(r.statuses()["flaky"], "failed");
+    assert_eq!(ws.read("tries").trim(), "2");
+    assert!(r.out.stderr.contains("failed after 2 attempts"), "{}", r.out.stderr);
+    assert!(r.out.stderr.contains("attempt 2 failed"), "{}", r.out.stderr);
+}
+
+fn ws_flaky(retries: u32) -> String {
+    format!(
+        "stages:\n  flaky:\n    retries: {retries}\n    cmd: n=$(cat tries 2>/dev/null || echo 0); n=$((n+1)); echo $n > tries; [ $n -ge 3 ] || {{ echo \"attempt $n failed\" >&2; exit 1; }}; echo ok > out.txt\n    outs: [out.txt]\n"
+    )
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (waiting for a reaper that may never come in a container) is dead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next().unwrap_or('?')).unwrap_or('?');
+            state != 'Z' && state != 'X'
+        }
+        Err(_) => false,
+    }
+}
+
+fn pgrep(marker: &str) -> Vec<i32> {
+    let out = std::process::Command::new("pgrep").args(["-f", marker]).output().expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).filter(|&p| alive(p)).collect()
+}
+
+#[test]
+fn timeout_kills_the_command_and_its_children() {
+    let ws = Ws::new();
+    let marker = format!("dagrun-it-timeout-{}-{}", std::process::id(), ws.root.file_name().unwrap().to_string_lossy());
+    ws.pipeline(&format!(
+        "stages:\n  slow:\n    timeout: 1\n    cmd: sh -c 'sleep 30 & echo $! > child.pid; wait' {marker}; echo done > slow.txt\n    outs: [slow.txt]\n  fast:\n    cmd: echo ok > fast.txt\n    outs: [fast.txt]\n"
+    ));
+    let t0 = Instant::now();
+    let r = ws.run(&[]);
+    let took = t0.elapsed();
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(r.statuses()["slow"], "failed");
+    assert_eq!(r.statuses()["fast"], "ran");
+    let err = r.stage("slow")["error"].as_str().unwrap().to_string();
+    assert!(err.contains("timed out after") && err.contains("killed"), "{err}");
+    assert!(r.out.stderr.contains("stage slow failed"), "{}", r.out.stderr);
+    assert!(!ws.exists("slow.txt"));
+
+    let child: i32 = ws.read("child.pid").trim().parse().unwrap();
+    // Give the kernel a moment to deliver the signals (generous).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (alive(child) || !pgrep(&marker).is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(child), "the child sleep (pid {child}) outlived the timeout");
+    assert_eq!(pgrep(&marker), Vec::<i32>::new(), "processes with the marker remain");
+}
+
+#[test]
+fn overlapping_runs_lock_and_wait() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  slow:\n    cmd: sleep 3; echo done > slow.txt\n    outs: [slow.txt]\n  next:\n    cmd: cp slow.txt next.txt\n    deps: [slow.txt]\n    outs: [next.txt]\n");
+    let first = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    // Wait until run 1 holds the lock (it writes its pid into .dagrun/lock).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(ws.path(".dagrun/lock")).unwrap_or_default().starts_with("pid ") {
+        assert!(Instant::now() < deadline, "run 1 never took the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second = ws.run(&[]);
+    assert_eq!(second.out.code, 75, "stdout:\n{}\nstderr:\n{}", second.out.stdout, second.out.stderr);
+    assert!(second.out.stderr.contains(&format!("locked by pid {}", first.pid())), "{}", second.out.stderr);
+    assert!(second.out.stderr.contains("--wait"), "{}", second.out.stderr);
+    assert!(second.record.is_none(), "a refused run writes no record");
+
+    // Waits for run 1 (both then write a record): its own record is on stdout.
+    let third = spawn(ws.cmd(&["run", "pipeline.yaml", "--wait", "30", "--json"])).wait(HANG);
+    assert_eq!(third.code, 0, "{}", third.stderr);
+    let rec = third.json();
+    let statuses: Vec<(&str, &str)> = rec["stages"].as_array().unwrap().iter().map(|s| (s["stage"].as_str().unwrap(), s["status"].as_str().unwrap())).collect();
+    assert_eq!(statuses, [("slow", "cached"), ("next", "cached")], "{rec:#}");
+
+    let first = first.wait(HANG);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert_eq!(ws.read("next.txt"), "done\n");
+}
+
+#[test]
+fn sigint_interrupts_kills_the_command_and_records_it() {
+    let ws = Ws::new();
+    let marker = format!("dagrun-it-sigint-{}-{}", std::process::id(), ws.root.file_name().unwrap().to_string_lossy());
+    ws.pipeline(&format!(
+        "stages:\n  slow:\n    cmd: sh -c 'sleep 30 & echo $! > child.pid; wait' {marker}; echo done > slow.txt\n    outs: [slow.txt]\n  after:\n    cmd: cp slow.txt after.txt\n    deps: [slow.txt]\n    outs: [after.txt]\n"
+    ));
+    let before = ws.record_files();
+    let run = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ws.exists("child.pid") || ws.read("child.pid").trim().is_empty() {
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    unsafe {
+        libc::kill(run.pid() as i32, libc::SIGINT);
+    }
+    let out = run.wait(HANG);
+    assert_eq!(out.code, 130, "{}", out.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    let new: Vec<_> = ws.record_files().difference(&before).cloned().collect();
+    assert_eq!(new.len(), 1);
+    let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&new[0]).unwrap()).unwrap();
+    assert_eq!(rec["status"], "interrupted", "{rec:#}");
+    assert_eq!(rec["exit_code"], 130);
+    assert_eq!(rec["stages"][0]["status"], "failed");
+    assert_eq!(rec["stages"][1]["status"], "skipped");
+    let child: i32 = ws.read("child.pid").trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(child) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(child), "the command's child outlived the interrupt");
+    assert_eq!(pgrep(&marker), Vec::<i32>::new());
+    assert!(!ws.exists("slow.txt"));
+}
+
+const CHAIN: &str = r#"
+stages:
+  s1:
+    cmd: sleep 0.3; (cat in.txt; echo s1) > out/s1.txt
+    deps: [in.txt]
+    outs: [out/s1.txt]
+  s2:
+    cmd: sleep 0.3; (cat out/s1.txt; echo s2) > out/s2.txt
+    deps: [out/s1.txt]
+    outs: [out/s2.txt]
+  s3:
+    cmd: sleep 0.3; (cat out/s2.txt; echo s3) > out/s3.txt
+    deps: [out/s2.txt]
+    outs: [out/s3.txt]
+  s4:
+    cmd: sleep 0.3; (cat out/s1.txt; echo s4) > out/s4.txt
+    deps: [out/s1.txt]
+    outs: [out/s4.txt]
+  s5:
+    cmd: sleep 0.3; cat out/s3.txt out/s4.txt > out/s5.txt
+    deps: [out/s3.txt, out/s4.txt]
+    outs: [out/s5.txt]
+  s6:
+    cmd: sleep 0.3; mkdir -p out/s6 && cp out/s5.txt out/s6/a && echo s6 > out/s6/b
+    deps: [out/s5.txt]
+    outs: [out/s6]
+"#;
+
+fn temp_files(ws: &Ws) -> Vec<String> {
+    ws.walk().into_iter().filter(|p| p.contains(".dagrun-tmp.")).collect()
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_result() {
+    // Reference: an uninterrupted run.
+    let reference = Ws::new();
+    reference.pipeline(CHAIN);
+    reference.write("in.txt", "input\n");
+    let want = reference.run(&["-j", "1"]).ok();
+
+    let ws = Ws::new();
+    ws.pipeline(CHAIN);
+    ws.write("in.txt", "input\n");
+    let mut victim = spawn(ws.cmd(&["run", "pipeline.yaml", "-j", "1"]));
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe {
+        libc::kill(victim.pid() as i32, libc::SIGKILL);
+    }
+    let _ = victim.child.wait();
+    assert!(!ws.exists("out/s6"), "the run finished before it was killed; the test proves nothing");
+    // Let the orphaned command of the killed run (it had its own process
+    // group) finish before resuming; it writes the same bytes anyway.
+    std::thread::sleep(Duration::from_millis(800));
+
+    let r = ws.run(&[]).ok();
+    assert!(r.ran().contains("s6"), "{:#}", r.rec());
+    assert_eq!(r.statuses().len(), 6);
+    assert_eq!(r.outputs(), want.outputs(), "resumed outputs differ from an uninterrupted run");
+    assert_eq!(ws.read("out/s5.txt"), reference.read("out/s5.txt"));
+    assert_eq!(temp_files(&ws), Vec::<String>::new());
+    // And it is complete: nothing left to do.
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("cached").len(), 6, "{:#}", r.rec());
+}
+
+#[test]
+fn temp_files_left_by_a_killed_run_are_swept() {
+    let ws = Ws::new();
+    ws.pipeline(CHAIN);
+    ws.write("in.txt", "input\n");
+    ws.run(&[]).ok();
+    // What a SIGKILL in the middle of an atomic write leaves behind, wherever
+    // dagrun writes atomically: outputs, state, action cache, object store,
+    // the hash memo, run records.
+    let pid = 4_000_000; // no such process
+    let objects: Vec<_> = std::fs::read_dir(ws.path(".dagrun/cache/objects")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let planted = [
+        format!("out/.s3.txt.dagrun-tmp.{pid}.0"),
+        format!(".dagrun/state/.s2.json.dagrun-tmp.{pid}.1"),
+        format!(".dagrun/cache/actions/.abc.json.dagrun-tmp.{pid}.2"),
+        format!(".dagrun/cache/objects/{}/.cdef.dagrun-tmp.{pid}.3", objects[0]),
+        format!(".dagrun/.hashmemo.json.dagrun-tmp.{pid}.4"),
+        format!("runs/.20990101-000000-000-abcd.json.dagrun-tmp.{pid}.5"),
+    ];
+    for p in &planted {
+        ws.write(p, "partial plaintext");
+    }
+    ws.run(&[]).ok();
+    assert_eq!(temp_files(&ws), Vec::<String>::new());
+}
