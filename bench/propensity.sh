@@ -42,9 +42,12 @@ else:
 PY
 }
 
-timed() { # prints "wall maxrss_kb" of a command
-  /usr/bin/time -f "%e %M" -o /tmp/dagrun-bench-time "$@" > /dev/null
-  cat /tmp/dagrun-bench-time
+timed() { # prints "wall_seconds maxrss_kb" of a command (wall clock in ns resolution)
+  local t0 t1
+  t0=$(date +%s%N)
+  /usr/bin/time -f "%M" -o /tmp/dagrun-bench-time "$@" > /dev/null
+  t1=$(date +%s%N)
+  echo "$(( (t1 - t0) / 1000 ))e-6 $(cat /tmp/dagrun-bench-time)"
 }
 
 for rows in "${sizes[@]}"; do
@@ -66,7 +69,7 @@ noop = statistics.median(float(x) for x in sys.argv[8:])
 r = json.load(open(rec)); c = json.load(open(crec))
 print(f"\n== {rows:,} rows")
 print(f"cold run {cold:.2f} s (dagrun's own timing {r['seconds']:.2f} s), peak memory {rss/1024:.0f} MiB")
-print(f"no-op run {noop*1000:.0f} ms (median of 3)")
+print(f"no-op run {noop*1000:.1f} ms (median of 3, process start to exit)")
 ran = sorted(s['stage'] for s in c['stages'] if s['status'] == 'ran')
 print(f"C change  {cwall:.2f} s, reran: {', '.join(ran)}")
 agg = {}
@@ -77,13 +80,19 @@ for s in r['stages']:
 print(f"{'stage':<12} {'wall s':>8} {'cpu s':>8} {'cpu/wall':>9} {'rows/s':>12}   (summed over {a[2]} tenants)")
 for base, (w, cpu, n) in agg.items():
     print(f"{base:<12} {w:>8.3f} {cpu:>8.3f} {cpu / w if w else 0:>9.2f} {rows / w if w else 0:>12,.0f}")
+seen = set()
 def size(p):
+    # Hard-linked files (outputs shared with the cache) count once.
     total = 0
     for root, _, files in os.walk(os.path.join(ws, p)):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
     return total
 for p in ["data/encrypted", "data/afe", "featurestore", "models", ".dagrun/cache"]:
-    print(f"size {p:<16} {size(p)/2**20:>9.1f} MiB")
+    print(f"size {p:<16} {size(p)/2**20:>9.1f} MiB" + ("  (beyond the hard links to the outputs above)" if p == ".dagrun/cache" else ""))
 PY
   rm -rf "$ws"
 done

@@ -124,6 +124,55 @@ pub fn open_batches_columns(path: &Path, batch_size: usize, columns: &[&str]) ->
     Ok(reader.map(move |r| r.with_context(|| format!("cannot read Parquet file {}", p.display()))))
 }
 
+/// Copy a Parquet file to `dest` (atomically) without decoding it: every
+/// column chunk's bytes are spliced into a new file whose footer carries the
+/// source's key-value metadata (including the embedded Arrow schema) updated
+/// with `kv`. Returns the Arrow schema and the row count. Deterministic.
+pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> Result<(SchemaRef, u64)> {
+    use parquet::column::writer::ColumnCloseResult;
+    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
+    use parquet::file::writer::SerializedFileWriter;
+    let input = File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
+    let md = ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Optional)
+        .parse_and_finish(&input)
+        .with_context(|| format!("{} is not a readable Parquet file", src.display()))?;
+    let schema = read_schema(src)?;
+    let mut merged: BTreeMap<String, String> = footer_kv(&md);
+    for (k, v) in kv {
+        merged.insert(k, v);
+    }
+    let props = writer_props()
+        .into_builder()
+        .set_key_value_metadata(Some(merged.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
+        .build();
+    let root = md.file_metadata().schema_descr().root_schema_ptr();
+    let out = AtomicFile::create(dest)?;
+    let ctx = || format!("cannot write Parquet file {}", dest.display());
+    let mut writer = SerializedFileWriter::new(out, root, std::sync::Arc::new(props)).with_context(ctx)?;
+    let page_index = md.page_index();
+    let mut rows = 0u64;
+    for (rg_idx, rg) in md.row_groups().iter().enumerate() {
+        let mut rg_out = writer.next_row_group().with_context(ctx)?;
+        for (col_idx, column) in rg.columns().iter().enumerate() {
+            let result = ColumnCloseResult {
+                bytes_written: column.compressed_size() as _,
+                rows_written: rg.num_rows() as _,
+                metadata: column.clone(),
+                bloom_filter: None,
+                column_index: page_index.and_then(|pi| pi.column_index(rg_idx, col_idx)).cloned(),
+                offset_index: page_index.and_then(|pi| pi.offset_index(rg_idx, col_idx)).cloned(),
+            };
+            rg_out.append_column(&input, result).with_context(ctx)?;
+        }
+        rg_out.close().with_context(ctx)?;
+        rows += rg.num_rows() as u64;
+    }
+    let file = writer.into_inner().with_context(ctx)?;
+    file.commit()?;
+    Ok((schema, rows))
+}
+
 /// Arrow schema of a Parquet file (as the reader will produce it).
 pub fn read_schema(path: &Path) -> Result<SchemaRef> {
     Ok(open_builder(path)?.schema().clone())

@@ -95,6 +95,28 @@ impl Cas {
         Ok((hash, after.len()))
     }
 
+    /// Store a file that dagrun itself wrote (built-in kinds replace their
+    /// outputs by rename, never in place) by hard-linking it into the store:
+    /// no copy. The shared inode is made read-only. Falls back to a copy
+    /// across file systems. Returns (hash, size).
+    pub fn link_file(&self, src: &Path, memo: &HashMemo) -> Result<(String, u64)> {
+        let meta = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
+        let hash = memo.hash_file(src, &meta)?;
+        let dest = self.object_path(&hash);
+        if !self.has(&hash) {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            set_readonly(src);
+            match std::fs::hard_link(src, &dest) {
+                Ok(()) => sync_parent(&dest),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(_) => return self.ingest_file(src, memo),
+            }
+        }
+        Ok((hash, meta.len()))
+    }
+
     /// Store bytes (a tree listing) under their hash.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
         let hash = blake3::hash(bytes).to_hex().to_string();

@@ -48,6 +48,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// Outputs of built-in kinds at least this large are hard-linked into the
+/// cache instead of copied (see `Cas::link_file`).
+pub const LINK_THRESHOLD: u64 = 1 << 20;
+
 /// Name of dagrun's own folder in a workspace.
 pub const DAGRUN_DIR: &str = ".dagrun";
 
@@ -462,8 +466,14 @@ impl Engine {
             })?;
             let store = o.cache && !o.sensitive;
             let h = if store && meta.is_file() {
-                // One read: hash while copying into the cache.
-                let (hash, size) = self.cas.ingest_file(abs, &self.memo).with_context(|| format!("storing {} in the cache", o.path))?;
+                // Large files written by built-in kinds are hard-linked into the
+                // cache (no copy); anything else is copied while being hashed.
+                let (hash, size) = if s.kind.name() != "cmd" && meta.len() >= LINK_THRESHOLD {
+                    self.cas.link_file(abs, &self.memo)
+                } else {
+                    self.cas.ingest_file(abs, &self.memo)
+                }
+                .with_context(|| format!("storing {} in the cache", o.path))?;
                 hashing::Hashed { hash, size, dir: false }
             } else {
                 let h = self.memo.hash_path(abs)?.with_context(|| format!("output {} vanished", o.path))?;

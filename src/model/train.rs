@@ -82,10 +82,12 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
         }
     }
     drop(test_mask);
+    let t0 = std::time::Instant::now();
     let scaler = Scaler::fit(&x_train);
     scaler.transform_inplace(&mut x_train);
     let fitted = logistic::fit(&x_train, &tr_y, c).map_err(|e| e.context(format!("tenant {t}: training failed")))?;
     drop(x_train);
+    tracing::debug!("tenant {t}: split+scale+fit {:.3}s", t0.elapsed().as_secs_f64());
     let tr_len = tr_y.len();
     let test_pos = te_y.iter().filter(|&&v| v).count();
     if test_pos == 0 || test_pos == te_y.len() {

@@ -5,7 +5,6 @@
 
 use super::afe::StatsFile;
 use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
-use crate::data::parquet_io::open_batches;
 use crate::store::{self, Lineage};
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
@@ -50,9 +49,10 @@ impl StageKind for Store {
             params: Value::Object(ctx.with().clone()),
             code_version: format!("{CODE_VERSION}; features {}", sf.feature_set_version),
         };
-        let batches = open_batches(&ctx.deps[0], crate::data::DEFAULT_BATCH_SIZE)?;
         let as_of = crate::data::schema::parse_date(&sf.as_of)?;
-        let manifest = store::write_version(&dir, tenant, &sf.feature_set_version, as_of, &sf.stats, lineage, batches)?;
+        // The feature file's pages are copied as they are (no decode/encode);
+        // only the footer gains the version and lineage hash.
+        let manifest = store::write_version_from_file(&dir, tenant, &sf.feature_set_version, as_of, &sf.stats, lineage, &ctx.deps[0])?;
         let mut facts = Map::new();
         facts.insert("rows".into(), manifest.rows.into());
         facts.insert("feature_set_version".into(), manifest.feature_set_version.clone().into());

@@ -50,6 +50,7 @@ impl StageKind for Train {
         let c = param_f64(w, "C").map_err(|e| anyhow!(e))?;
         let min_auc = param_f64(w, "min_auc").map_err(|e| anyhow!(e))?;
         let dir = ctx.deps[0].parent().context("store dir")?;
+        let t0 = std::time::Instant::now();
         // The training matrix is held in memory: the solver needs all rows.
         let (manifest, batches) = crate::store::open_verified(dir)?;
         let mut data = TrainingData { tenant: tenant.to_string(), customer_id: vec![], x: vec![], y: vec![] };
@@ -70,7 +71,9 @@ impl StageKind for Train {
                 data.y.push(labels.value(i));
             }
         }
+        tracing::debug!("{tenant}: read {} rows in {:.3}s", data.x.len(), t0.elapsed().as_secs_f64());
         let outcome = crate::model::train::train(&data, c)?;
+        tracing::debug!("{tenant}: trained in {:.3}s", t0.elapsed().as_secs_f64());
         let m = &outcome.metrics;
         if m.auc < min_auc {
             bail!(

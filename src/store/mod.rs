@@ -156,7 +156,41 @@ pub fn write_version(
     }
     let rows = sink.rows();
     sink.finish()?;
-    let file_blake3 = hash_file(&path)?;
+    finish_version(dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+}
+
+/// Like [`write_version`], from a finished feature file: its column chunks
+/// are copied byte for byte (no decoding) under the store's footer.
+pub fn write_version_from_file(dir: &Path, tenant: &str, version: &str, as_of: i32, stats: &TenantStats, lineage: Lineage, src: &Path) -> Result<Manifest> {
+    if !crate::data::is_valid_tenant_id(tenant) {
+        bail!("invalid tenant id {}", crate::data::show_tenant(tenant));
+    }
+    let mut lineage = lineage;
+    lineage.lineage_hash = lineage_hash(tenant, version, &lineage);
+    let as_of_s = format_date(as_of);
+    let kv = vec![
+        (KV_VERSION.to_string(), version.to_string()),
+        (KV_LINEAGE.to_string(), lineage.lineage_hash.clone()),
+        (KV_TENANT.to_string(), tenant.to_string()),
+        (KV_AS_OF.to_string(), as_of_s.clone()),
+    ];
+    let (schema, rows) = crate::data::parquet_io::copy_with_footer(src, &dir.join(FEATURES_FILE), kv)?;
+    finish_version(dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+}
+
+/// Hash the written feature file and write the manifest (last).
+#[allow(clippy::too_many_arguments)]
+fn finish_version(
+    dir: &Path,
+    tenant: &str,
+    version: &str,
+    as_of: &str,
+    stats: &TenantStats,
+    lineage: Lineage,
+    schema: &arrow_schema::Schema,
+    rows: u64,
+) -> Result<Manifest> {
+    let file_blake3 = hash_file(&dir.join(FEATURES_FILE))?;
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_string(),
         tenant: tenant.to_string(),
@@ -168,7 +202,7 @@ pub fn write_version(
             .collect(),
         rows,
         stats: *stats,
-        as_of: as_of_s,
+        as_of: as_of.to_string(),
         file: FEATURES_FILE.to_string(),
         file_blake3,
         lineage,
