@@ -6,7 +6,7 @@
 //! Sensitive outputs (plaintext PII) are never stored here.
 
 use super::hashing::{HashMemo, TreeEntry, decode_tree, encode_tree};
-use crate::util::atomic::{AtomicFile, sync_parent};
+use crate::util::atomic::{AtomicFile, Durability, sync_parent};
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -53,7 +53,7 @@ impl Cas {
             return Ok(());
         }
         let dest = self.object_path(hash);
-        let mut tmp = AtomicFile::create(&dest)?;
+        let mut tmp = AtomicFile::create_with(&dest, Durability::Verified)?;
         let got = copy_hashing(src, &mut tmp)?;
         if got != hash {
             bail!("{} changed while it was being stored in the cache; rerun", src.display());
@@ -72,7 +72,7 @@ impl Cas {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging = self.root.join(format!(".ingest{}{}.{seq}", crate::util::atomic::TEMP_MARKER, std::process::id()));
-        let mut tmp = AtomicFile::create(&staging)?;
+        let mut tmp = AtomicFile::create_with(&staging, Durability::Verified)?;
         let hash = copy_hashing(src, &mut tmp)?;
         let after = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
         if before.len() != after.len() || before.modified().ok() != after.modified().ok() {
@@ -89,7 +89,6 @@ impl Cas {
             }
             std::fs::rename(&staging, &dest).with_context(|| format!("cannot store {} in the cache", src.display()))?;
             set_readonly(&dest);
-            sync_parent(&dest);
         }
         memo.record(src, &after, &hash, started);
         Ok((hash, after.len()))
@@ -109,7 +108,7 @@ impl Cas {
             }
             set_readonly(src);
             match std::fs::hard_link(src, &dest) {
-                Ok(()) => sync_parent(&dest),
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(_) => return self.ingest_file(src, memo),
             }
@@ -122,7 +121,7 @@ impl Cas {
         let hash = blake3::hash(bytes).to_hex().to_string();
         if !self.has(&hash) {
             let dest = self.object_path(&hash);
-            crate::util::atomic::write_atomic(&dest, bytes)?;
+            crate::util::atomic::write_atomic_with(&dest, bytes, Durability::Verified)?;
             set_readonly(&dest);
         }
         Ok(hash)

@@ -13,7 +13,7 @@
 //! the same clock tick as the hashing, is re-read next time, as git does with its
 //! index), so an edit that keeps the size is still seen.
 
-use crate::util::atomic::{is_temp_name, write_atomic};
+use crate::util::atomic::{Durability, is_temp_name, write_atomic_with};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -158,7 +158,7 @@ impl HashMemo {
             let e = self.entries.lock().unwrap();
             serde_json::to_vec(&*e)?
         };
-        write_atomic(&self.file, &bytes)
+        write_atomic_with(&self.file, &bytes, Durability::Verified)
     }
 
     /// Hash a regular file, using the memo when the file is unchanged.

@@ -95,6 +95,8 @@ pub struct Evaluation {
     pub decision: Decision,
     /// Producers whose sensitive output this stage reads and which is gone.
     pub missing_sensitive: Vec<usize>,
+    /// The stage's last completed execution (read once per evaluation).
+    pub prev: Option<StageState>,
 }
 
 /// An input's hash as far as it is known.
@@ -214,7 +216,8 @@ impl Engine {
         let missing_sensitive = Vec::new();
         let key = ingredients.key();
         if self.forced.contains(&i) {
-            return Ok(Evaluation { key, ingredients, decision: Decision::Run { reasons: vec!["forced (--force)".into()] }, missing_sensitive });
+            let prev = self.states.get(&s.name);
+            return Ok(Evaluation { key, ingredients, decision: Decision::Run { reasons: vec!["forced (--force)".into()] }, missing_sensitive, prev });
         }
         let prev = self.states.get(&s.name);
         let decision = match &prev {
@@ -245,7 +248,7 @@ impl Engine {
                 }
             }
         };
-        Ok(Evaluation { key, ingredients, decision, missing_sensitive })
+        Ok(Evaluation { key, ingredients, decision, missing_sensitive, prev })
     }
 
     fn action_restorable(&self, s: &Stage, act: &StageState) -> bool {
@@ -330,7 +333,7 @@ impl Engine {
         };
         match std::mem::replace(&mut ev.decision, Decision::Fresh) {
             Decision::Fresh => {
-                if let Some(st) = self.states.get(&s.name) {
+                if let Some(st) = ev.prev.take() {
                     rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
                     rec.facts = st.facts;
                 }
@@ -413,7 +416,7 @@ impl Engine {
     fn run_and_record(&self, i: usize, ev: Evaluation, reasons: Vec<String>, mut rec: StageRecord) -> Result<StageRecord> {
         let s = self.stage(i);
         let t0 = Instant::now();
-        let prev = self.states.get(&s.name);
+        let prev = ev.prev.as_ref();
         let deps: Vec<PathBuf> = s.deps.iter().map(|d| self.pipeline.abs(d)).collect();
         let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
         if s.kind.name() == "cmd" {
@@ -484,7 +487,7 @@ impl Engine {
             };
             outputs.insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive });
         }
-        let changed = match &prev {
+        let changed = match prev {
             Some(p) => p.outputs.iter().map(|(k, v)| (k, &v.hash)).ne(outputs.iter().map(|(k, v)| (k, &v.hash))),
             None => true,
         };
@@ -499,10 +502,10 @@ impl Engine {
             seconds: t0.elapsed().as_secs_f64(),
             facts: report.facts.clone(),
         };
+        self.states.put(&st)?;
         if st.outputs.values().all(|o| o.cached || o.sensitive) {
             self.states.put_action(&st)?;
         }
-        self.states.put(&st)?;
         rec.status = Status::Ran;
         rec.key = Some(st.key.clone());
         rec.reasons = reasons;

@@ -2,7 +2,7 @@
 //! when the run ends. The `stages` items `{stage, status, seconds}` are a
 //! stable interface for scripts.
 
-use crate::util::atomic::write_json_atomic;
+use crate::util::atomic::{Durability, write_json_with};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -96,7 +96,7 @@ pub fn runs_dir(workspace: &Path) -> PathBuf {
 
 pub fn write(workspace: &Path, rec: &RunRecord) -> Result<PathBuf> {
     let p = runs_dir(workspace).join(format!("{}.json", rec.run_id));
-    write_json_atomic(&p, rec)?;
+    write_json_with(&p, rec, Durability::Full)?;
     Ok(p)
 }
 

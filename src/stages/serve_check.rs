@@ -55,7 +55,9 @@ pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded
     if artifact.feature_stats != manifest.stats {
         bail!("the statistics stored with feature version {} differ from those the model was trained with", manifest.feature_set_version);
     }
-    // Offline path: stored features → model.
+    // Offline path: stored features → model. Memory: one (score, label) per
+    // test-split row (a fifth of the tenant) is kept to pair with the online
+    // pass; everything else streams batch by batch.
     let mut offline: HashMap<i64, (f64, bool)> = HashMap::new();
     for batch in batches {
         let batch = batch?;

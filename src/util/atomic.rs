@@ -1,7 +1,12 @@
 //! Crash-safe file writes: write to a temporary file in the destination's
-//! directory, fsync it, rename it over the destination, fsync the directory.
-//! A reader (or a run after a SIGKILL) sees either the old file or the new
-//! one, never a torn mix.
+//! directory, fsync it, rename it over the destination. A reader (or a run
+//! after a SIGKILL) sees either the old file or the new one, never a torn mix.
+//!
+//! How much is flushed is chosen per kind of file ([`Durability`]): outputs
+//! and state files are fsynced before the rename; key material and run
+//! records also fsync the directory (the rename itself survives a power cut);
+//! cache objects and cache metadata are not fsynced at all, because every use
+//! verifies them by hash and a lost or torn one only costs a recomputation.
 //!
 //! Temporary files are named `.NAME.dagrun-tmp.PID.N`; [`is_temp_name`] lets
 //! the engine sweep leftovers of killed runs (they may hold plaintext).
@@ -31,24 +36,44 @@ fn temp_path_for(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}{TEMP_MARKER}{}.{n}", std::process::id()))
 }
 
+/// What [`AtomicFile::commit`] flushes before and after the rename.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// No fsync: content verified by hash on every use (cache objects, memo).
+    Verified,
+    /// fsync the file before the rename (outputs, state files).
+    Content,
+    /// fsync the file, rename, fsync the directory (keys, run records).
+    Full,
+}
+
 /// A file being written atomically. Dropped without [`AtomicFile::commit`],
 /// the temporary file is removed and the destination is untouched.
 pub struct AtomicFile {
     dest: PathBuf,
     tmp: PathBuf,
     file: Option<BufWriter<File>>,
-    mode: Option<u32>,
+    durability: Durability,
 }
 
 impl AtomicFile {
     /// Start writing `dest` (its parent directories are created).
     pub fn create(dest: &Path) -> Result<Self> {
-        Self::create_with_mode(dest, None)
+        Self::open(dest, None, Durability::Content)
+    }
+
+    /// Like [`AtomicFile::create`] with the given durability.
+    pub fn create_with(dest: &Path, durability: Durability) -> Result<Self> {
+        Self::open(dest, None, durability)
     }
 
     /// Like [`AtomicFile::create`], with Unix permission bits (e.g. 0o600) set
-    /// on the temporary file before any byte is written.
+    /// on the temporary file before any byte is written, and full durability.
     pub fn create_with_mode(dest: &Path, mode: Option<u32>) -> Result<Self> {
+        Self::open(dest, mode, Durability::Full)
+    }
+
+    fn open(dest: &Path, mode: Option<u32>, durability: Durability) -> Result<Self> {
         if let Some(parent) = dest.parent() {
             if !parent.as_os_str().is_empty() {
                 fs::create_dir_all(parent)
@@ -66,7 +91,7 @@ impl AtomicFile {
         let file = opts
             .open(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
-        Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(1 << 20, file)), mode })
+        Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(1 << 20, file)), durability })
     }
 
     /// Path of the temporary file (for writers that need a `File`).
@@ -86,12 +111,15 @@ impl AtomicFile {
             .into_inner()
             .map_err(|e| e.into_error())
             .with_context(|| format!("cannot write {}", self.dest.display()))?;
-        file.sync_all().with_context(|| format!("cannot write {} (fsync failed)", self.dest.display()))?;
+        if self.durability != Durability::Verified {
+            file.sync_all().with_context(|| format!("cannot write {} (fsync failed)", self.dest.display()))?;
+        }
         drop(file);
-        let _ = self.mode;
         fs::rename(&self.tmp, &self.dest)
             .with_context(|| format!("cannot move a finished write into place at {}", self.dest.display()))?;
-        sync_parent(&self.dest);
+        if self.durability == Durability::Full {
+            sync_parent(&self.dest);
+        }
         Ok(())
     }
 }
@@ -142,11 +170,25 @@ pub fn write_atomic_mode(dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     f.commit()
 }
 
+/// Write `bytes` to `dest` atomically with the given durability.
+pub fn write_atomic_with(dest: &Path, bytes: &[u8], durability: Durability) -> Result<()> {
+    let mut f = AtomicFile::create_with(dest, durability)?;
+    f.writer()
+        .write_all(bytes)
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    f.commit()
+}
+
 /// Serialize `value` as pretty JSON (with a trailing newline) and write it atomically.
 pub fn write_json_atomic<T: serde::Serialize>(dest: &Path, value: &T) -> Result<()> {
+    write_json_with(dest, value, Durability::Content)
+}
+
+/// [`write_json_atomic`] with the given durability.
+pub fn write_json_with<T: serde::Serialize>(dest: &Path, value: &T, durability: Durability) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
-    write_atomic(dest, &bytes)
+    write_atomic_with(dest, &bytes, durability)
 }
 
 #[cfg(test)]
