@@ -4,6 +4,9 @@
 #   bench/propensity.sh            100k and 1M rows, 2 tenants
 #   bench/propensity.sh --large    also 10M rows
 #   bench/propensity.sh --tenants 50 --rows 1000000   one size, N tenants
+#   bench/propensity.sh --tenants 50 --rows 1000000 --ingest
+#                                  also: the ingest pipeline on one file per tenant,
+#                                  then one tenant's file changes (what reruns?)
 #
 # For each size it prints: cold run, no-op run (median of 3), C-change rerun,
 # peak memory (max RSS), each stage's wall time (summed over tenants), CPU
@@ -12,8 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=(100000 1000000)
 tenants=2
+ingest=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --ingest) ingest=1 ;;
     --large) sizes+=(10000000) ;;
     --rows) sizes=("$2"); shift ;;
     --tenants) tenants="$2"; shift ;;
@@ -91,8 +96,35 @@ def size(p):
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
+import glob
+reports = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(ws, "reports/serve-check/*.json")))]
+aucs = [r["auc"] for r in reports]
+if len(aucs) <= 3:
+    print("test AUC  " + ", ".join(f"{r['tenant']} {r['auc']:.4f} ({r['rows_checked']:,} test rows)" for r in reports))
+else:
+    print(f"test AUC  mean {statistics.mean(aucs):.4f}, min {min(aucs):.4f}, max {max(aucs):.4f} over {len(aucs)} tenants")
 for p in ["data/encrypted", "data/afe", "featurestore", "models", ".dagrun/cache"]:
     print(f"size {p:<16} {size(p)/2**20:>9.1f} MiB" + ("  (beyond the hard links to the outputs above)" if p == ".dagrun/cache" else ""))
 PY
+  if [ "$ingest" = 1 ]; then
+    cp pipelines/propensity-ingest.yaml "$ws/pipelines/"
+    PI="$ws/pipelines/propensity-ingest.yaml"
+    ids=$(grep -o 'id: [A-Za-z0-9_-]*' "$ws/config/tenants.yaml" | cut -d' ' -f2)
+    per=$(( rows / tenants ))
+    for t in $ids; do "$BIN" sample --tenant "$t" --rows "$per" --seed 7 --out "$ws/incoming/$t.csv"; done
+    read -r i_cold _ < <(timed "$BIN" -q run "$PI")
+    first=$(echo "$ids" | head -1)
+    "$BIN" sample --tenant "$first" --rows "$per" --seed 8 --out "$ws/incoming/$first.csv"
+    read -r i_one _ < <(timed "$BIN" -q run "$PI")
+    rec=$(ls "$ws"/runs/*.json | sort | tail -1)
+    python3 - "$i_cold" "$i_one" "$rec" "$first" <<'PY'
+import json, sys
+cold, one, rec, first = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+r = json.load(open(rec))
+ran = sorted(s["stage"] for s in r["stages"] if s["status"] == "ran")
+others = [s for s in ran if not s.endswith(f"[{first}]")]
+print(f"ingest pipeline: cold {cold:.2f} s; after changing {first}'s file: {one:.2f} s, reran {len(ran)} stages, {len(others)} of other tenants: {', '.join(ran)}")
+PY
+  fi
   rm -rf "$ws"
 done

@@ -355,10 +355,14 @@ impl Engine {
                 }
             },
             Decision::Run { reasons } => {
+                let mut reasons = reasons;
                 if !ev.missing_sensitive.is_empty() {
                     let producers = std::mem::take(&mut ev.missing_sensitive);
                     for p in producers {
-                        self.rematerialize(p, &s.name)?;
+                        if self.rematerialize(p, &s.name)? {
+                            // The producer was reported `cached` earlier in this run; say here that it executed.
+                            reasons.push(format!("reran {} first to regenerate its sensitive output (deleted after the last run)", self.stage(p).name));
+                        }
                     }
                     // Inputs now exist: recompute the key from the real bytes.
                     let again = self.evaluate(i)?;
@@ -387,12 +391,13 @@ impl Engine {
         self.states.put(&st)
     }
 
-    /// Regenerate a consumed sensitive output of stage `p` for `consumer`.
-    fn rematerialize(&self, p: usize, consumer: &str) -> Result<()> {
+    /// Regenerate a consumed sensitive output of stage `p` for `consumer`;
+    /// true if the producer executed.
+    fn rematerialize(&self, p: usize, consumer: &str) -> Result<bool> {
         let _g = self.stage_locks[p].lock().unwrap_or_else(|e| e.into_inner());
         let s = self.stage(p);
         if s.outs.iter().filter(|o| o.sensitive).all(|o| self.pipeline.abs(&o.path).exists()) {
-            return Ok(());
+            return Ok(false);
         }
         tracing::info!("{}: regenerating its sensitive output for {consumer}", s.name);
         let ev = self.evaluate(p)?;
@@ -410,7 +415,7 @@ impl Engine {
         };
         self.run_and_record(p, ev, vec![format!("regenerate sensitive output for {consumer}")], rec)
             .with_context(|| format!("regenerating the input of {consumer} with stage {}", s.name))?;
-        Ok(())
+        Ok(true)
     }
 
     fn run_and_record(&self, i: usize, ev: Evaluation, reasons: Vec<String>, mut rec: StageRecord) -> Result<StageRecord> {

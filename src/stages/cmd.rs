@@ -71,6 +71,16 @@ impl StageKind for Cmd {
         {
             use std::os::unix::process::CommandExt;
             c.process_group(0);
+            // If dagrun itself is killed (even with SIGKILL), the shell dies
+            // too: the thread that started it waits for it, so it lives as
+            // long as the command does.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                c.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
         }
         let mut child = c.spawn().context("cannot start /bin/sh")?;
         let pid = child.id();
