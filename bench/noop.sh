@@ -30,7 +30,7 @@ time_run() {
   t0=$(now)
   (cd "$dir" && "$BIN" -q run pipeline.yaml "$@" >/dev/null)
   t1=$(now)
-  echo "$t1 - $t0" | bc -l
+  awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.4f\n", a - b }'
 }
 median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 noop5() { local dir=$1; for _ in 1 2 3 4 5; do time_run "$dir"; done | median; }
