@@ -251,6 +251,22 @@ fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline>
     pipeline::load(file, cli.workspace.as_deref(), &parse_params(params)?)
 }
 
+/// `dagrun status` and `dagrun run --dry-run`.
+fn show_status(p: pipeline::Pipeline, stages: &[String], force: &Option<Vec<String>>, json: bool) -> Result<i32> {
+    let selected = scheduler::select(&p, stages)?;
+    let forced = scheduler::forced(&p, force, &selected)?;
+    let mut engine = Engine::new(p);
+    engine.forced = forced;
+    let rows = status::status(&engine, &selected)?;
+    let _ = engine.memo.save();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
+    } else {
+        print_status(&rows);
+    }
+    Ok(exit::OK)
+}
+
 fn print_status(rows: &[status::StageStatus]) {
     for r in rows {
         let mark = if r.state == "fresh" { "fresh" } else { "STALE" };
@@ -275,18 +291,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 Some(force.clone())
             };
             if *dry_run {
-                let selected = scheduler::select(&p, stages)?;
-                let forced = scheduler::forced(&p, &force, &selected)?;
-                let mut engine = Engine::new(p);
-                engine.forced = forced;
-                let rows = status::status(&engine, &selected)?;
-                let _ = engine.memo.save();
-                if *json {
-                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
-                } else {
-                    print_status(&rows);
-                }
-                return Ok(exit::OK);
+                return show_status(p, stages, &force, *json);
             }
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
             let opts = RunOptions {
@@ -322,16 +327,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
         }
         Cmd::Status { pipeline, stages, params, json } => {
             let p = load(cli, pipeline, params)?;
-            let selected = scheduler::select(&p, stages)?;
-            let engine = Engine::new(p);
-            let rows = status::status(&engine, &selected)?;
-            let _ = engine.memo.save();
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
-            } else {
-                print_status(&rows);
-            }
-            Ok(exit::OK)
+            show_status(p, stages, &None, *json)
         }
         Cmd::Dag { pipeline, format } => {
             let p = load(cli, pipeline, &[])?;

@@ -40,7 +40,6 @@ use cas::Cas;
 use fingerprint::Ingredients;
 use hashing::HashMemo;
 use runs::{StageRecord, Status};
-use serde_json::Map;
 use state::{OutputRecord, StageState, StateStore};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -294,18 +293,7 @@ impl Engine {
         let cpu0 = crate::util::par::thread_cpu_ns();
         let mut rec = match self.execute_inner(i) {
             Ok(r) => r,
-            Err(e) => StageRecord {
-                stage: name,
-                status: runs::Status::Failed,
-                seconds: 0.0,
-                key: None,
-                outputs: BTreeMap::new(),
-                reasons: vec![],
-                outputs_changed: None,
-                error: Some(format!("{e:#}")),
-                facts: Map::new(),
-                cpu_seconds: None,
-            },
+            Err(e) => StageRecord { error: Some(format!("{e:#}")), ..StageRecord::new(&name, Status::Failed) },
         };
         rec.seconds = t0.elapsed().as_secs_f64();
         if rec.status == Status::Ran {
@@ -319,18 +307,7 @@ impl Engine {
     fn execute_inner(&self, i: usize) -> Result<StageRecord> {
         let s = self.stage(i);
         let mut ev = self.evaluate(i)?;
-        let mut rec = StageRecord {
-            stage: s.name.clone(),
-            status: Status::Cached,
-            seconds: 0.0,
-            key: Some(ev.key.clone()),
-            outputs: BTreeMap::new(),
-            reasons: vec![],
-            outputs_changed: None,
-            error: None,
-            facts: Map::new(),
-            cpu_seconds: None,
-        };
+        let mut rec = StageRecord { key: Some(ev.key.clone()), ..StageRecord::new(&s.name, Status::Cached) };
         match std::mem::replace(&mut ev.decision, Decision::Fresh) {
             Decision::Fresh => {
                 if let Some(st) = ev.prev.take() {
@@ -401,18 +378,7 @@ impl Engine {
         }
         tracing::info!("{}: regenerating its sensitive output for {consumer}", s.name);
         let ev = self.evaluate(p)?;
-        let rec = StageRecord {
-            stage: s.name.clone(),
-            status: Status::Ran,
-            seconds: 0.0,
-            key: None,
-            outputs: BTreeMap::new(),
-            reasons: vec![],
-            outputs_changed: None,
-            error: None,
-            facts: Map::new(),
-            cpu_seconds: None,
-        };
+        let rec = StageRecord::new(&s.name, Status::Ran);
         self.run_and_record(p, ev, vec![format!("regenerate sensitive output for {consumer}")], rec)
             .with_context(|| format!("regenerating the input of {consumer} with stage {}", s.name))?;
         Ok(true)

@@ -63,6 +63,24 @@ pub struct StageRecord {
     pub cpu_seconds: Option<f64>,
 }
 
+impl StageRecord {
+    /// A record with nothing but a stage name and a status.
+    pub fn new(stage: &str, status: Status) -> StageRecord {
+        StageRecord {
+            stage: stage.to_string(),
+            status,
+            seconds: 0.0,
+            key: None,
+            outputs: BTreeMap::new(),
+            reasons: vec![],
+            outputs_changed: None,
+            error: None,
+            facts: Map::new(),
+            cpu_seconds: None,
+        }
+    }
+}
+
 /// A whole run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {

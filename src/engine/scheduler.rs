@@ -9,7 +9,6 @@ use super::{Engine, lock};
 use crate::error::{Failure, exit};
 use crate::pipeline::Pipeline;
 use anyhow::Result;
-use serde_json::Map;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -147,18 +146,7 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
 }
 
 fn skipped(name: &str, why: String) -> StageRecord {
-    StageRecord {
-        stage: name.to_string(),
-        status: Status::Skipped,
-        seconds: 0.0,
-        key: None,
-        outputs: BTreeMap::new(),
-        reasons: vec![],
-        outputs_changed: None,
-        error: Some(why),
-        facts: Map::new(),
-        cpu_seconds: None,
-    }
+    StageRecord { error: Some(why), ..StageRecord::new(name, Status::Skipped) }
 }
 
 async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, reporter: Arc<Reporter>) -> (Vec<StageRecord>, bool) {
