@@ -402,7 +402,7 @@ fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey,
             if missing && fs::symlink_metadata(&ring).is_ok() {
                 // A new master key could never open the existing wrapped keys.
                 bail!(
-                    "the keyring {} exists but its master key was not found: {ENV_MASTER_KEY} and                      {ENV_MASTER_KEY_FILE} are unset and {} does not exist. Set {ENV_MASTER_KEY} to the master                      key (64 hex characters) or {ENV_MASTER_KEY_FILE} to the file holding it, or restore {}                      from a backup; do not delete the keyring",
+                    "the keyring {} exists but its master key was not found: {ENV_MASTER_KEY} and {ENV_MASTER_KEY_FILE} are unset and {} does not exist. Set {ENV_MASTER_KEY} to the master key (64 hex characters) or {ENV_MASTER_KEY_FILE} to the file holding it, or restore {} from a backup; do not delete the keyring",
                     ring.display(),
                     p.display(),
                     p.display()
