@@ -71,6 +71,14 @@ impl StageKind for Cmd {
         {
             use std::os::unix::process::CommandExt;
             c.process_group(0);
+            // dagrun ignores SIGXFSZ (main.rs); an ignored signal stays ignored
+            // across exec, so give the command the default back.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
+                    Ok(())
+                });
+            }
         }
         let mut child = c.spawn().context("cannot start /bin/sh")?;
         let pid = child.id();
