@@ -235,6 +235,14 @@ fn verbosity(cli: &Cli) -> Verbosity {
 }
 
 fn main() {
+    // A write past RLIMIT_FSIZE (`ulimit -f`) must fail with EFBIG, so the
+    // stage fails with a message naming the file and the temp file is
+    // cleaned up, instead of SIGXFSZ killing dagrun mid-write. `cmd` stages
+    // get the default disposition back (see stages/cmd.rs).
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     init_logging(&cli);
     let code = match real_main(&cli) {

@@ -19,13 +19,16 @@ pub struct VerifyReport {
 
 pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
     let dd = workspace.join(crate::engine::DAGRUN_DIR);
-    let cas = Cas::new(&dd);
+    let cas = Cas::read_only(&dd);
     let states = StateStore::new(&dd);
     let mut r = VerifyReport::default();
     // 1. Every object's content matches its name.
     let root = dd.join("cache").join("objects");
     if let Ok(rd) = std::fs::read_dir(&root) {
         for d in rd.flatten() {
+            if crate::util::atomic::is_temp_name(&d.file_name().to_string_lossy()) {
+                continue; // a staging file of a run in progress or killed (swept by the next run)
+            }
             let Ok(rd2) = std::fs::read_dir(d.path()) else {
                 r.problems.push(format!("cache: {} is not a directory", d.path().display()));
                 continue;

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 /// A store rooted at a directory.
 pub struct Cas {
     root: PathBuf,
+    /// Remove damage (a non-file at an object's path) when met.
+    heal: bool,
 }
 
 /// Copy `src` to `dst` (a new temporary file) while hashing; returns the hash.
@@ -34,7 +36,7 @@ fn copy_hashing(src: &Path, dst: &mut AtomicFile) -> Result<String> {
 
 impl Cas {
     pub fn new(dagrun_dir: &Path) -> Cas {
-        Cas { root: dagrun_dir.join("cache").join("objects") }
+        Cas { root: dagrun_dir.join("cache").join("objects"), heal: true }
     }
 
     /// Path of an object.
@@ -43,8 +45,37 @@ impl Cas {
         self.root.join(a).join(b)
     }
 
+    /// A store that never changes anything while checking (for `verify`).
+    pub fn read_only(dagrun_dir: &Path) -> Cas {
+        Cas { root: dagrun_dir.join("cache").join("objects"), heal: false }
+    }
+
+    /// Is there a regular file at the object's path?
     pub fn has(&self, hash: &str) -> bool {
-        self.object_path(hash).is_file()
+        self.heal(hash);
+        std::fs::symlink_metadata(self.object_path(hash)).is_ok_and(|m| m.is_file())
+    }
+
+    /// Anything but a regular file at an object's path (a directory, a
+    /// symlink: the store never makes those) is damage: remove it with a
+    /// warning, so the object is recomputed and stored again instead of
+    /// blocking its name forever. (Not in a read-only store.)
+    fn heal(&self, hash: &str) {
+        if !self.heal {
+            return;
+        }
+        let p = self.object_path(hash);
+        let Ok(m) = std::fs::symlink_metadata(&p) else { return };
+        if m.is_file() {
+            return;
+        }
+        let what = if m.is_dir() { "a directory" } else { "not a regular file" };
+        let removed = if m.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        let short = &hash[..12.min(hash.len())];
+        match removed {
+            Ok(()) => tracing::warn!("cache object {short} is {what}, not a file: removed it (what needs it is recomputed)"),
+            Err(e) => tracing::warn!("cache object {short} is {what}, not a file, and cannot be removed: {e}"),
+        }
     }
 
     /// Store a file whose hash is expected to be `hash`.

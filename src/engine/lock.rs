@@ -25,11 +25,19 @@ impl Drop for WorkspaceLock {
 }
 
 fn holder(file: &mut File) -> String {
-    let mut s = String::new();
-    let _ = file.seek(SeekFrom::Start(0));
-    let _ = file.read_to_string(&mut s);
-    let s = s.trim();
-    if s.is_empty() { "another dagrun process".to_string() } else { s.to_string() }
+    // The holder writes its name just after taking the lock: a run that
+    // looks in between finds the file empty, so look again briefly.
+    for _ in 0..20 {
+        let mut s = String::new();
+        let _ = file.seek(SeekFrom::Start(0));
+        let _ = file.read_to_string(&mut s);
+        let s = s.trim();
+        if !s.is_empty() {
+            return s.to_string();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    "another dagrun process".to_string()
 }
 
 /// Take the lock of `dagrun_dir`, waiting up to `wait` (None: fail at once).

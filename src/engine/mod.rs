@@ -328,28 +328,32 @@ impl Engine {
                     tracing::warn!("{}: cannot restore from the cache ({e:#}); running the stage instead", s.name);
                     let mut reasons = reasons;
                     reasons.push(format!("cache restore failed: {e:#}"));
-                    self.run_and_record(i, ev, reasons, rec)
+                    // Running needs the real inputs, sensitive ones included.
+                    self.run_with_inputs(i, ev, reasons, rec)
                 }
             },
-            Decision::Run { reasons } => {
-                let mut reasons = reasons;
-                if !ev.missing_sensitive.is_empty() {
-                    let producers = std::mem::take(&mut ev.missing_sensitive);
-                    for p in producers {
-                        if self.rematerialize(p, &s.name)? {
-                            // The producer was reported `cached` earlier in this run; say here that it executed.
-                            reasons.push(format!("reran {} first to regenerate its sensitive output (deleted after the last run)", self.stage(p).name));
-                        }
-                    }
-                    // Inputs now exist: recompute the key from the real bytes.
-                    let again = self.evaluate(i)?;
-                    ev.key = again.key;
-                    ev.ingredients = again.ingredients;
-                    rec.key = Some(ev.key.clone());
-                }
-                self.run_and_record(i, ev, reasons, rec)
-            }
+            Decision::Run { reasons } => self.run_with_inputs(i, ev, reasons, rec),
         }
+    }
+
+    /// Run stage `i`, first regenerating any sensitive input that is gone.
+    fn run_with_inputs(&self, i: usize, mut ev: Evaluation, mut reasons: Vec<String>, mut rec: StageRecord) -> Result<StageRecord> {
+        let s = self.stage(i);
+        if !ev.missing_sensitive.is_empty() {
+            let producers = std::mem::take(&mut ev.missing_sensitive);
+            for p in producers {
+                if self.rematerialize(p, &s.name)? {
+                    // The producer was reported `cached` earlier in this run; say here that it executed.
+                    reasons.push(format!("reran {} first to regenerate its sensitive output (deleted after the last run)", self.stage(p).name));
+                }
+            }
+            // Inputs now exist: recompute the key from the real bytes.
+            let again = self.evaluate(i)?;
+            ev.key = again.key;
+            ev.ingredients = again.ingredients;
+            rec.key = Some(ev.key.clone());
+        }
+        self.run_and_record(i, ev, reasons, rec)
     }
 
     fn restore(&self, i: usize, ev: &Evaluation, outs: &[String], from: &StageState) -> Result<()> {
@@ -390,18 +394,23 @@ impl Engine {
         let prev = ev.prev.as_ref();
         let deps: Vec<PathBuf> = s.deps.iter().map(|d| self.pipeline.abs(d)).collect();
         let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
-        if s.kind.name() == "cmd" {
-            // A command writes its outputs in place: start from nothing, so a
-            // stale file is never mistaken for a fresh one.
+        // A command writes its outputs in place: it starts from nothing, on
+        // every attempt, so a stale file (of an earlier run, or of an attempt
+        // that timed out half-way) is never mistaken for a fresh one.
+        let prepare = || -> Result<()> {
+            if s.kind.name() == "cmd" {
+                for o in &outs {
+                    remove_path(o)?;
+                }
+            }
             for o in &outs {
-                remove_path(o)?;
+                if let Some(parent) = o.parent() {
+                    std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
+                }
             }
-        }
-        for o in &outs {
-            if let Some(parent) = o.parent() {
-                std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
-            }
-        }
+            Ok(())
+        };
+        prepare()?;
         let worker_cpu = std::sync::atomic::AtomicU64::new(0);
         let ctx = RunCtx {
             workspace: &self.pipeline.workspace,
@@ -422,6 +431,7 @@ impl Engine {
                 Err(e) if attempt < s.retries && !self.cancel.load(Ordering::Relaxed) => {
                     attempt += 1;
                     tracing::warn!("{} failed (attempt {attempt} of {}): {e:#}; retrying", s.name, s.retries + 1);
+                    prepare()?;
                 }
                 Err(e) => {
                     if s.retries > 0 {
@@ -517,6 +527,7 @@ impl Engine {
         dirs.insert(self.dagrun_dir.clone()); // the hash memo
         dirs.insert(self.dagrun_dir.join("state"));
         dirs.insert(self.dagrun_dir.join("cache").join("actions"));
+        dirs.insert(self.dagrun_dir.join("cache").join("objects")); // ingest staging files
         if let Ok(rd) = std::fs::read_dir(self.dagrun_dir.join("cache").join("objects")) {
             dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
         }

@@ -118,9 +118,14 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         },
         stages: records,
     };
-    let record_path = runs::write(&engine.pipeline.workspace, &record)?;
+    // A record that cannot be written (say the disk is full) must not hide
+    // why the stages failed.
+    let written = runs::write(&engine.pipeline.workspace, &record);
 
     if interrupted {
+        if let Err(e) = &written {
+            tracing::error!("cannot write the run record: {e:#}");
+        }
         return Err(Failure::Interrupted.into());
     }
     if !failed.is_empty() {
@@ -128,9 +133,13 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         for f in &failed {
             msg.push_str(&format!("stage {} failed: {}\n", f.stage, f.error.as_deref().unwrap_or("unknown error")));
         }
-        msg.push_str(&format!("run {} recorded in {}", record.run_id, record_path.strip_prefix(&engine.pipeline.workspace).unwrap_or(&record_path).display()));
+        match &written {
+            Ok(p) => msg.push_str(&format!("run {} recorded in {}", record.run_id, p.strip_prefix(&engine.pipeline.workspace).unwrap_or(p).display())),
+            Err(e) => msg.push_str(&format!("run {}: the run record could not be written: {e:#}", record.run_id)),
+        }
         return Err(Failure::Stages(msg).into());
     }
+    let record_path = written?;
 
     let mut summary = Vec::new();
     for &i in &engine.pipeline.topo {

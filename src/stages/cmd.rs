@@ -73,11 +73,14 @@ impl StageKind for Cmd {
             c.process_group(0);
             // If dagrun itself is killed (even with SIGKILL), the shell dies
             // too: the thread that started it waits for it, so it lives as
-            // long as the command does.
-            #[cfg(target_os = "linux")]
+            // long as the command does. dagrun ignores SIGXFSZ (main.rs); an
+            // ignored signal stays ignored across exec, so give the command
+            // the default back.
             unsafe {
                 c.pre_exec(|| {
+                    #[cfg(target_os = "linux")]
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
                     Ok(())
                 });
             }

@@ -88,9 +88,9 @@ impl AtomicFile {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(mode.unwrap_or(0o644));
         }
-        let file = opts
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let file = opts.open(&tmp).with_context(|| {
+            format!("cannot write {} (creating its temporary file {} failed)", dest.display(), tmp.display())
+        })?;
         Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(1 << 20, file)), durability })
     }
 
@@ -105,19 +105,28 @@ impl AtomicFile {
     }
 
     /// Flush, fsync, rename over the destination and fsync the directory.
+    /// On any failure the temporary file is removed (a full disk must not
+    /// stay full of half-written temporaries) and the destination is untouched.
     pub fn commit(mut self) -> Result<()> {
         let w = self.file.take().expect("AtomicFile committed twice");
-        let file = w
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(|| format!("cannot write {}", self.dest.display()))?;
-        if self.durability != Durability::Verified {
-            file.sync_all().with_context(|| format!("cannot write {} (fsync failed)", self.dest.display()))?;
+        let durability = self.durability;
+        let res = (|| {
+            let file = w
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .with_context(|| format!("cannot write {}", self.dest.display()))?;
+            if durability != Durability::Verified {
+                file.sync_all().with_context(|| format!("cannot write {} (fsync failed)", self.dest.display()))?;
+            }
+            drop(file);
+            fs::rename(&self.tmp, &self.dest)
+                .with_context(|| format!("cannot move a finished write into place at {}", self.dest.display()))
+        })();
+        if res.is_err() {
+            let _ = fs::remove_file(&self.tmp);
         }
-        drop(file);
-        fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("cannot move a finished write into place at {}", self.dest.display()))?;
-        if self.durability == Durability::Full {
+        res?;
+        if durability == Durability::Full {
             sync_parent(&self.dest);
         }
         Ok(())
@@ -204,6 +213,19 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn failed_commit_removes_its_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x");
+        fs::create_dir(&p).unwrap();
+        fs::write(p.join("keep"), b"k").unwrap(); // a non-empty directory: the rename fails
+        let mut f = AtomicFile::create(&p).unwrap();
+        f.writer().write_all(b"data").unwrap();
+        let err = f.commit().unwrap_err().to_string();
+        assert!(err.contains("cannot move a finished write into place"), "{err}");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left");
     }
 
     #[test]

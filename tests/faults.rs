@@ -1,0 +1,697 @@
+//! The FAULTS half of the reliability suite: crashes at any instant,
+//! corrupted cache objects, failing writes (immutable directory, file-size
+//! limit, full disk), overlapping runs, hangs combined with retries.
+//! Everything drives the real binary; every random choice uses a fixed seed.
+//! (Plain failures, timeouts, retries, the lock and one SIGKILL of a `cmd`
+//! chain are in tests/failures.rs.)
+
+mod common;
+use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch};
+use common::*;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MASTER_KEY: &str = "5eed5eed00112233445566778899aabbccddeeff00112233445566778899aabb";
+const TENANTS: [&str; 2] = ["Tenant_A", "Tenant_B"];
+const TWO: &str = "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n";
+const PIPE: &str = "pipelines/propensity.yaml";
+
+// ---------------------------------------------------------------- helpers
+
+/// A dagrun command in `root` with a fixed master key.
+fn dagrun_in(root: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .current_dir(root)
+        .env_remove("RUST_LOG")
+        .env_remove("DAGRUN_MASTER_KEY_FILE")
+        .env("DAGRUN_MASTER_KEY", MASTER_KEY)
+        .env("DAGRUN_PLAIN", "1")
+        .env("NO_COLOR", "1");
+    c
+}
+
+fn run_args(rows: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["run", PIPE, "-p", &format!("rows={rows}")].iter().map(|s| s.to_string()).collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `dagrun run pipelines/propensity.yaml -p rows=ROWS EXTRA…` in `root`.
+fn prun(root: &Path, rows: &str, extra: &[&str]) -> Out {
+    spawn(dagrun_in(root, &refs(&run_args(rows, extra)))).wait(HANG)
+}
+
+fn ok(o: Out) -> Out {
+    assert_eq!(o.code, 0, "dagrun failed:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    o
+}
+
+fn dr(root: &Path, args: &[&str]) -> Out {
+    spawn(dagrun_in(root, args)).wait(HANG)
+}
+
+/// Lay out the propensity pipeline in `root` (optionally with a copy of another workspace's keyring).
+fn setup_propensity(root: &Path, keys_from: Option<&Path>) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(root.join("pipelines")).unwrap();
+    std::fs::create_dir_all(root.join("config")).unwrap();
+    std::fs::create_dir_all(root.join(".dagrun")).unwrap();
+    std::fs::copy(src.join(PIPE), root.join(PIPE)).unwrap();
+    std::fs::write(root.join("config/tenants.yaml"), TWO).unwrap();
+    if let Some(from) = keys_from {
+        use std::os::unix::fs::DirBuilderExt;
+        let to = root.join(".dagrun/keys");
+        std::fs::DirBuilder::new().mode(0o700).create(&to).unwrap();
+        for e in std::fs::read_dir(from.join(".dagrun/keys")).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap(); // keeps mode 0600
+        }
+    }
+}
+
+fn propensity_ws(keys_from: Option<&Path>) -> Ws {
+    let ws = Ws::new();
+    setup_propensity(&ws.root, keys_from);
+    ws
+}
+
+/// Every regular file and directory under `root` (relative path -> blake3 or "dir"),
+/// leaving out paths starting with one of `skip`.
+fn snapshot(root: &Path, skip: &[&str]) -> BTreeMap<String, String> {
+    fn go(base: &Path, d: &Path, skip: &[&str], out: &mut BTreeMap<String, String>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            if skip.iter().any(|s| rel.starts_with(s)) {
+                continue;
+            }
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                out.insert(rel, "dir".into());
+                go(base, &p, skip, out);
+            } else {
+                out.insert(rel, if t.is_file() { b3(&p) } else { "other".into() });
+            }
+        }
+    }
+    let mut m = BTreeMap::new();
+    go(root, root, skip, &mut m);
+    m
+}
+
+/// What a run may change even when it fails: its own record, the hash memo, the lock.
+const VOLATILE: &[&str] = &["runs", ".dagrun/hashmemo.json", ".dagrun/lock", ".dagrun/logs"];
+
+fn temp_files(root: &Path) -> Vec<String> {
+    snapshot(root, &[]).into_keys().filter(|p| p.contains(".dagrun-tmp.")).collect()
+}
+
+/// Every JSON file (not temp files) under the state, action cache and run records parses.
+fn assert_json_intact(root: &Path, when: &str) {
+    for d in [".dagrun/state", ".dagrun/cache/actions", "runs"] {
+        let Ok(rd) = std::fs::read_dir(root.join(d)) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                let b = std::fs::read(&p).unwrap();
+                if let Err(err) = serde_json::from_slice::<Value>(&b) {
+                    panic!("{when}: torn JSON {} ({err}): {:?}", p.display(), String::from_utf8_lossy(&b));
+                }
+            }
+        }
+    }
+}
+
+/// `dagrun status --json` calls a stage fresh only when every output on disk has its recorded hash.
+fn assert_fresh_is_true(root: &Path, rows: &str, when: &str) {
+    let o = dr(root, &["status", PIPE, "-p", &format!("rows={rows}"), "--json"]);
+    assert_eq!(o.code, 0, "{when}: status failed: {}", o.stderr);
+    for s in o.json()["stages"].as_array().unwrap() {
+        if s["state"] != "fresh" {
+            continue;
+        }
+        let name = s["stage"].as_str().unwrap();
+        let st: Value = serde_json::from_slice(&std::fs::read(root.join(format!(".dagrun/state/{name}.json"))).unwrap()).unwrap();
+        for (path, rec) in st["outputs"].as_object().unwrap() {
+            let p = root.join(path);
+            if !p.exists() {
+                assert!(rec["sensitive"] == true, "{when}: {name} is reported fresh but its output {path} is missing");
+                continue;
+            }
+            assert_eq!(b3(&p), rec["hash"].as_str().unwrap(), "{when}: {name} is reported fresh but {path} differs from its record");
+        }
+    }
+}
+
+fn tenant_key(root: &Path, tenant: &str) -> dagrun::crypto::DataKey {
+    let o = ok(dr(root, &["keys", "export", tenant, "--i-understand-this-prints-a-secret"]));
+    dagrun::crypto::DataKey::from_bytes(hex::decode(o.stdout.trim()).unwrap().try_into().unwrap())
+}
+
+/// An encrypted file with its ciphertexts decrypted: (key id, every other column, plaintexts).
+fn decrypted(path: &Path, key: &dagrun::crypto::DataKey, tenant: &str) -> (String, Vec<RecordBatch>, Vec<Vec<u8>>) {
+    use dagrun::data::parquet_io::{open_batches, read_footer_kv};
+    let key_id = read_footer_kv(path).unwrap().get("dagrun.key_id").cloned().unwrap_or_default();
+    let mut rest = Vec::new();
+    let mut plain = Vec::new();
+    for b in open_batches(path, 4096).unwrap() {
+        let b = b.unwrap();
+        let schema = b.schema();
+        let ids = b.column_by_name("Customer_ID").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+        let enc_idx = schema.index_of("Sensitive_Data_Enc").unwrap();
+        let enc = b.column(enc_idx).as_any().downcast_ref::<BinaryArray>().unwrap().clone();
+        for i in 0..b.num_rows() {
+            plain.push(dagrun::crypto::aead::decrypt_field(key, tenant, "Sensitive_Data", ids.value(i), enc.value(i)).unwrap());
+        }
+        let keep: Vec<usize> = (0..b.num_columns()).filter(|&i| i != enc_idx).collect();
+        rest.push(b.project(&keep).unwrap());
+    }
+    (key_id, rest, plain)
+}
+
+/// Files whose bytes are deterministic given the same inputs and keyring.
+fn deterministic_outputs() -> Vec<String> {
+    let mut v = Vec::new();
+    for t in TENANTS {
+        v.push(format!("data/afe/{t}/v1.0/features.parquet"));
+        v.push(format!("data/afe/{t}/v1.0/stats.json"));
+        v.push(format!("featurestore/{t}/v1.0/features.parquet"));
+        v.push(format!("featurestore/{t}/v1.0/manifest.json"));
+        v.push(format!("models/{t}/model.json"));
+        v.push(format!("reports/serve-check/{t}.json"));
+    }
+    v
+}
+
+/// The results of a workspace as they must be: deterministic files by bytes,
+/// encrypted files decrypted.
+struct Results {
+    files: BTreeMap<String, Vec<u8>>,
+    encrypted: BTreeMap<String, (String, Vec<RecordBatch>, Vec<Vec<u8>>)>,
+}
+
+fn results(root: &Path, keys: &BTreeMap<&str, dagrun::crypto::DataKey>) -> Results {
+    let files = deterministic_outputs()
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(root.join(&p)).unwrap_or_else(|e| panic!("cannot read {p}: {e}"));
+            (p, b)
+        })
+        .collect();
+    let encrypted = TENANTS.iter().map(|t| (t.to_string(), decrypted(&root.join(format!("data/encrypted/{t}.parquet")), &keys[t], t))).collect();
+    Results { files, encrypted }
+}
+
+fn assert_same_results(got: &Results, want: &Results, when: &str) {
+    for (p, b) in &want.files {
+        assert!(got.files[p] == *b, "{when}: {p} differs from the uninterrupted run's");
+    }
+    for (t, w) in &want.encrypted {
+        let g = &got.encrypted[t];
+        assert_eq!(g.0, w.0, "{when}: key id of data/encrypted/{t}.parquet");
+        assert!(g.1 == w.1, "{when}: clear columns of data/encrypted/{t}.parquet differ");
+        assert!(g.2 == w.2, "{when}: decrypted Sensitive_Data of data/encrypted/{t}.parquet differs");
+    }
+}
+
+fn keys_of(root: &Path) -> BTreeMap<&'static str, dagrun::crypto::DataKey> {
+    TENANTS.iter().map(|t| (*t, tenant_key(root, t))).collect()
+}
+
+/// splitmix64: a fixed-seed pseudo-random sequence.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn state_count(root: &Path) -> usize {
+    std::fs::read_dir(root.join(".dagrun/state")).map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count()).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- 1. crashes
+
+/// 25 SIGKILLs spread over [0, 1.2 × an uninterrupted run]. Each episode is a
+/// fresh workspace (a finished workspace has nothing left to crash in); every
+/// second episode also kills the first resume, so recovering from a crash is
+/// itself crashed. After each kill: no torn JSON, no stage called fresh that is
+/// not. After the final resume: exit 0, results equal to the reference run's,
+/// `verify` clean, no temp files, no plaintext left.
+#[test]
+fn sigkill_at_any_instant_then_resume_equals_an_uninterrupted_run() {
+    const ROWS: &str = "3000";
+    const KILLS: usize = 25;
+    let reference = propensity_ws(None);
+    ok(prun(&reference.root, ROWS, &[]));
+    // An uninterrupted run's duration: the median of three on fresh
+    // workspaces like the episodes' (the reference run also made the keyring).
+    let mut durs: Vec<Duration> = (0..3).map(|_| ok(prun(&propensity_ws(Some(&reference.root)).root, ROWS, &[])).elapsed).collect();
+    durs.sort();
+    let dur = durs[1];
+    let keys = keys_of(&reference.root);
+    let want = results(&reference.root, &keys);
+    let window_us = (dur.as_micros() as u64) * 12 / 10;
+
+    let mut rng = Rng(0xFA17_5EED);
+    let mut kills = 0;
+    let mut live = 0;
+    let mut progress = BTreeSet::new();
+    let mut episode = 0;
+    let t_all = Instant::now();
+    while kills < KILLS {
+        let ws = propensity_ws(Some(&reference.root));
+        let n = if episode % 2 == 1 && kills + 2 <= KILLS { 2 } else { 1 };
+        for k in 0..n {
+            let delay = Duration::from_micros(rng.below(window_us));
+            let when = format!("episode {episode}, kill {k} after {delay:?}");
+            let mut bg = spawn(dagrun_in(&ws.root, &refs(&run_args(ROWS, &[]))));
+            std::thread::sleep(delay);
+            if bg.child.try_wait().unwrap().is_none() {
+                live += 1;
+            }
+            unsafe {
+                libc::kill(bg.pid() as i32, libc::SIGKILL);
+            }
+            let _ = bg.child.wait();
+            kills += 1;
+            progress.insert(state_count(&ws.root));
+            assert_json_intact(&ws.root, &when);
+            assert_fresh_is_true(&ws.root, ROWS, &when);
+        }
+        let when = format!("episode {episode}, resumed");
+        let r = ok(prun(&ws.root, ROWS, &[]));
+        assert!(r.stdout.contains("serve-check ok"), "{when}: {}", r.stdout);
+        assert_same_results(&results(&ws.root, &keys), &want, &when);
+        let v = dr(&ws.root, &["verify"]);
+        assert_eq!(v.code, 0, "{when}: verify:\n{}{}", v.stdout, v.stderr);
+        assert_eq!(temp_files(&ws.root), Vec::<String>::new(), "{when}");
+        for t in TENANTS {
+            assert!(!ws.path(&format!("data/raw/{t}.parquet")).exists(), "{when}: plaintext data/raw/{t}.parquet survived");
+        }
+        episode += 1;
+    }
+    eprintln!("{kills} kills in {episode} episodes ({dur:?} per run), {live} during a run, progress points {progress:?}, {:?}", t_all.elapsed());
+    // The kills really landed during runs, at many different points.
+    // (Delays reach 1.2x the run, and the machine's load varies: not all of them.)
+    assert!(live >= KILLS / 3, "only {live} of {kills} kills hit a running dagrun");
+    assert!(progress.len() >= 4, "kills landed at too few points of the run: {progress:?}");
+}
+
+// ---------------------------------------------------------------- 2. corruption
+
+#[derive(Clone, Copy, Debug)]
+enum Corrupt {
+    FlipByte,
+    Truncate,
+    Directory,
+}
+
+fn object_path(root: &Path, hash: &str) -> PathBuf {
+    root.join(".dagrun/cache/objects").join(&hash[..2]).join(&hash[2..])
+}
+
+fn corrupt(obj: &Path, how: Corrupt) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(obj, std::fs::Permissions::from_mode(0o644));
+    match how {
+        Corrupt::FlipByte => {
+            let mut b = std::fs::read(obj).unwrap();
+            let i = b.len() / 2;
+            b[i] ^= 0x20;
+            std::fs::write(obj, b).unwrap(); // in place: same inode
+        }
+        Corrupt::Truncate => {
+            let f = std::fs::OpenOptions::new().write(true).open(obj).unwrap();
+            let n = f.metadata().unwrap().len();
+            f.set_len(n / 2).unwrap();
+        }
+        Corrupt::Directory => {
+            std::fs::remove_file(obj).unwrap();
+            std::fs::create_dir(obj).unwrap();
+            std::fs::write(obj.join("junk"), "x").unwrap();
+        }
+    }
+}
+
+/// For each kind of damage, one small output (copied into the cache) and one
+/// large one (>= 1 MiB: hard-linked into the cache) lose their workspace copy
+/// and have their cache object damaged. `verify` reports both (exit 4); the
+/// next run never serves them: it warns, recomputes, and ends with the right
+/// results; `verify --repair` and one more run leave `verify` clean.
+#[test]
+fn corrupted_cache_objects_are_reported_never_served_and_repaired() {
+    const ROWS: &str = "30000"; // encrypted files > 1 MiB: linked into the cache
+    let ws = propensity_ws(None);
+    ok(prun(&ws.root, ROWS, &[]));
+    let keys = keys_of(&ws.root);
+    let want = results(&ws.root, &keys);
+    let cases = [
+        (Corrupt::FlipByte, "models/Tenant_A/model.json", "data/encrypted/Tenant_A.parquet"),
+        (Corrupt::Truncate, "featurestore/Tenant_B/v1.0/manifest.json", "data/encrypted/Tenant_B.parquet"),
+        (Corrupt::Directory, "reports/serve-check/Tenant_A.json", "data/encrypted/Tenant_A.parquet"),
+    ];
+    for (how, small, large) in cases {
+        let when = format!("{how:?}");
+        let mut hashes = Vec::new();
+        for (rel, linked) in [(small, false), (large, true)] {
+            use std::os::unix::fs::MetadataExt;
+            let p = ws.path(rel);
+            let h = b3(&p);
+            let obj = object_path(&ws.root, &h);
+            let (mo, mp) = (std::fs::metadata(&obj).unwrap(), std::fs::metadata(&p).unwrap());
+            assert_eq!(mo.ino() == mp.ino(), linked, "{when}: {rel}: expected {} in the cache", if linked { "a hard link" } else { "a copy" });
+            std::fs::remove_file(&p).unwrap();
+            corrupt(&obj, how);
+            hashes.push((rel, h));
+        }
+        let v = dr(&ws.root, &["verify"]);
+        assert_eq!(v.code, 4, "{when}: verify must fail:\n{}{}", v.stdout, v.stderr);
+        for (rel, h) in &hashes {
+            assert!(v.stdout.contains(&h[..12]), "{when}: verify does not report the object of {rel} ({}):\n{}", &h[..12], v.stdout);
+        }
+        // Without --repair, verify changes nothing.
+        assert_eq!(dr(&ws.root, &["verify"]).stdout, v.stdout, "{when}: verify without --repair changed the store");
+
+        let r = prun(&ws.root, ROWS, &[]);
+        assert_eq!(r.code, 0, "{when}: run after corruption failed:\n{}", r.stderr);
+        for (rel, h) in &hashes {
+            assert!(
+                r.stderr.contains(&h[..12]) && r.stderr.to_lowercase().contains("warn"),
+                "{when}: no warning naming the damaged object of {rel} ({}):\n{}",
+                &h[..12],
+                r.stderr
+            );
+        }
+        assert_same_results(&results(&ws.root, &keys), &want, &when);
+
+        let rep = dr(&ws.root, &["verify", "--repair"]);
+        assert!(rep.code == 0 || rep.code == 4, "{when}: verify --repair: {}{}", rep.stdout, rep.stderr);
+        ok(prun(&ws.root, ROWS, &[]));
+        let v = dr(&ws.root, &["verify"]);
+        assert_eq!(v.code, 0, "{when}: verify after repair and a run:\n{}{}", v.stdout, v.stderr);
+        assert_same_results(&results(&ws.root, &keys), &want, &when);
+        assert_eq!(temp_files(&ws.root), Vec::<String>::new(), "{when}");
+    }
+}
+
+// ---------------------------------------------------------------- 3. failing writes
+
+/// `chattr +i` on a directory: nobody, not even root, can create files in it.
+struct Immutable(PathBuf);
+impl Immutable {
+    fn new(p: PathBuf) -> Immutable {
+        let st = Command::new("chattr").arg("+i").arg(&p).status().expect("chattr (e2fsprogs) is needed for this test");
+        assert!(st.success(), "chattr +i {} failed: this test needs a file system with the immutable attribute (ext4, xfs, btrfs)", p.display());
+        Immutable(p)
+    }
+}
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// After a failed write: exit 1, a message naming the file, everything but
+/// the run record byte-identical, no temp files.
+fn assert_failed_cleanly(root: &Path, o: &Out, before: &BTreeMap<String, String>, file: &str, why: &str, when: &str) {
+    assert_eq!(o.code, 1, "{when}: expected exit 1:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains(file) && o.stderr.contains(why), "{when}: the message must name {file} and say {why:?}:\n{}", o.stderr);
+    assert_eq!(snapshot(root, VOLATILE), *before, "{when}: outputs, state or cache changed");
+    assert_eq!(temp_files(root), Vec::<String>::new(), "{when}: temp files left");
+}
+
+#[test]
+fn write_into_an_immutable_output_directory_fails_cleanly() {
+    let ws = propensity_ws(None);
+    ok(prun(&ws.root, "3000", &[]));
+    let before = snapshot(&ws.root, VOLATILE);
+    {
+        let _ro = Immutable::new(ws.path("models/Tenant_A"));
+        let o = prun(&ws.root, "3000", &["-p", "C=0.5", "train[Tenant_A]"]);
+        assert_failed_cleanly(&ws.root, &o, &before, "models/Tenant_A/model.json", "Operation not permitted", "immutable models/Tenant_A");
+        assert!(o.stderr.contains("stage train[Tenant_A] failed"), "{}", o.stderr);
+    }
+    ok(prun(&ws.root, "3000", &["-p", "C=0.5", "train[Tenant_A]"]));
+    let last = ok(dr(&ws.root, &["runs", "show", "last", "--json"])).json();
+    let train = last["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "train[Tenant_A]").unwrap().clone();
+    assert_eq!(train["status"], "ran", "{last:#}");
+    let model: Value = serde_json::from_slice(&std::fs::read(ws.path("models/Tenant_A/model.json")).unwrap()).unwrap();
+    assert_eq!(model["c"], 0.5);
+    assert_eq!(dr(&ws.root, &["verify"]).code, 0);
+}
+
+/// RLIMIT_FSIZE (what `ulimit -f` sets): a write past the limit gets SIGXFSZ,
+/// which kills a process that does not ignore it.
+#[test]
+fn file_size_limit_fails_the_stage_not_the_process() {
+    use std::os::unix::process::CommandExt;
+    let ws = propensity_ws(None);
+    ok(prun(&ws.root, "3000", &[]));
+    let before = snapshot(&ws.root, VOLATILE);
+    let mut c = dagrun_in(&ws.root, &refs(&run_args("3000", &["--force", "store"])));
+    unsafe {
+        c.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 32 << 10, rlim_max: 32 << 10 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = spawn(c).wait(HANG);
+    assert_failed_cleanly(&ws.root, &o, &before, "featurestore/Tenant_A/v1.0/features.parquet", "File too large", "RLIMIT_FSIZE 32 KiB");
+    assert!(o.stderr.contains("stage store[Tenant_A] failed"), "{}", o.stderr);
+    let o = ok(prun(&ws.root, "3000", &["--force", "store"]));
+    assert!(o.stdout.contains("serve-check ok"), "{}", o.stdout);
+    assert_eq!(dr(&ws.root, &["verify"]).code, 0);
+    assert_eq!(snapshot(&ws.root, &["runs", ".dagrun"]), before.into_iter().filter(|(k, _)| !k.starts_with("runs") && !k.starts_with(".dagrun")).collect());
+}
+
+/// A small tmpfs (as root) filled up: ENOSPC.
+struct Tmpfs(tempfile::TempDir);
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let d = tempfile::Builder::new().prefix("dagrun-fault-fs-").tempdir().unwrap();
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(d.path()).status().expect("mount");
+        assert!(st.success(), "mount -t tmpfs failed: this test needs root (CAP_SYS_ADMIN)");
+        Tmpfs(d)
+    }
+}
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    let c = std::ffi::CString::new(p.as_os_str().to_string_lossy().as_bytes()).unwrap();
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+    s.f_bavail as u64 * s.f_frsize as u64
+}
+
+#[test]
+fn full_disk_fails_the_stage_and_keeps_everything_intact() {
+    let fs = Tmpfs::new("16m");
+    let root = fs.0.path().join("ws");
+    setup_propensity(&root, None);
+    ok(prun(&root, "3000", &[]));
+    let before = snapshot(&root, VOLATILE);
+    // Leave 48 KiB: enough for state and records, not for a 100 KB feature file.
+    let filler = fs.0.path().join("filler");
+    let n = free_bytes(fs.0.path()).saturating_sub(48 << 10);
+    std::fs::write(&filler, vec![0u8; n as usize]).unwrap();
+    let o = prun(&root, "3000", &["--force", "store[Tenant_A]"]);
+    assert_failed_cleanly(&root, &o, &before, "featurestore/Tenant_A/v1.0/features.parquet", "No space left on device", "full tmpfs");
+    std::fs::remove_file(&filler).unwrap();
+    ok(prun(&root, "3000", &["--force", "store[Tenant_A]"]));
+    assert_eq!(dr(&root, &["verify"]).code, 0);
+    assert_eq!(temp_files(&root), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------- 4. overlap
+
+const OVERLAP: &str = r#"
+stages:
+  a:
+    cmd: echo "start a $PPID" >> log.txt; sleep 0.05; echo a > out/a.txt; echo "end a $PPID" >> log.txt
+    outs: [out/a.txt]
+  c:
+    cmd: echo "start c $PPID" >> log.txt; sleep 0.05; echo c > out/c.txt; echo "end c $PPID" >> log.txt
+    outs: [out/c.txt]
+  b:
+    cmd: echo "start b $PPID" >> log.txt; sleep 0.05; cat out/a.txt out/c.txt > out/b.txt; echo "end b $PPID" >> log.txt
+    deps: [out/a.txt, out/c.txt]
+    outs: [out/b.txt]
+"#;
+
+fn outputs_of(root: &Path) -> BTreeMap<String, String> {
+    ["out/a.txt", "out/b.txt", "out/c.txt"].iter().map(|p| (p.to_string(), std::fs::read_to_string(root.join(p)).unwrap())).collect()
+}
+
+/// Two forced runs started together, 20 times: with `--wait` the second waits,
+/// without it exits 75; the stages of two runs never interleave.
+#[test]
+fn overlapping_runs_never_interleave() {
+    let reference = Ws::new();
+    reference.pipeline(OVERLAP);
+    reference.run(&[]).ok();
+    let want = outputs_of(&reference.root);
+
+    let ws = Ws::new();
+    ws.pipeline(OVERLAP);
+    let mut refused = 0;
+    let mut nowait_rounds = 0;
+    for round in 0..20 {
+        let waits = match round % 3 {
+            0 => [true, true],
+            1 => [false, false],
+            _ => [true, false],
+        };
+        if waits == [false, false] {
+            nowait_rounds += 1;
+        }
+        let _ = std::fs::remove_file(ws.path("log.txt"));
+        let before = ws.record_files();
+        let runs: Vec<Bg> = waits
+            .iter()
+            .map(|&w| {
+                let mut a = vec!["run", "pipeline.yaml", "--force"];
+                if w {
+                    a.extend(["--wait", "30"]);
+                }
+                spawn(ws.cmd(&a))
+            })
+            .collect();
+        let pids: Vec<u32> = runs.iter().map(|b| b.pid()).collect();
+        let outs: Vec<Out> = runs.into_iter().map(|b| b.wait(HANG)).collect();
+        let when = format!("round {round} (waits {waits:?}, pids {pids:?})");
+        let log = ws.read("log.txt");
+        let seq: Vec<(String, String, u32)> = log
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!(f.len(), 3, "{when}: bad log line {l:?}");
+                (f[0].to_string(), f[1].to_string(), f[2].parse().unwrap())
+            })
+            .collect();
+        // Blocks: once a pid's lines stop, that pid never appears again.
+        let mut blocks: Vec<u32> = Vec::new();
+        for (_, _, pid) in &seq {
+            if blocks.last() != Some(pid) {
+                assert!(!blocks.contains(pid), "{when}: the stages of two runs interleave:\n{log}");
+                blocks.push(*pid);
+            }
+        }
+        let mut n_ok = 0;
+        for (i, o) in outs.iter().enumerate() {
+            match o.code {
+                0 => {
+                    n_ok += 1;
+                    let lines: Vec<_> = seq.iter().filter(|(_, _, p)| *p == pids[i]).collect();
+                    assert_eq!(lines.len(), 6, "{when}: run {} did not run its 3 stages:\n{log}", pids[i]);
+                }
+                75 => {
+                    assert!(!waits[i], "{when}: a run with --wait exited 75:\n{}", o.stderr);
+                    refused += 1;
+                    assert!(o.stderr.contains("locked by pid"), "{when}: {}", o.stderr);
+                    assert!(!blocks.contains(&pids[i]), "{when}: a refused run ran stages");
+                }
+                c => panic!("{when}: run {} exited {c}:\n{}", pids[i], o.stderr),
+            }
+        }
+        assert!(n_ok >= 1, "{when}: no run succeeded");
+        assert_eq!(ws.record_files().difference(&before).count(), n_ok, "{when}: one record per run that went ahead");
+        assert_eq!(outputs_of(&ws.root), want, "{when}");
+        assert_eq!(temp_files(&ws.root), Vec::<String>::new(), "{when}");
+    }
+    // Started together without --wait, one is almost always refused.
+    assert!(refused * 2 >= nowait_rounds, "only {refused} refusals in {nowait_rounds} rounds without --wait");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("cached").len(), 3, "{:#}", r.rec());
+}
+
+// ---------------------------------------------------------------- 5. hangs
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next().unwrap_or('?')).unwrap_or('?');
+            state != 'Z' && state != 'X'
+        }
+        Err(_) => false,
+    }
+}
+
+/// A first attempt that writes part of its output and hangs is killed by its
+/// timeout; the retry starts from a clean slate and its result is recorded.
+#[test]
+fn retry_after_a_timeout_starts_clean() {
+    let ws = Ws::new();
+    ws.pipeline(
+        "stages:\n  flaky:\n    timeout: 1\n    retries: 1\n    cmd: n=$(cat tries 2>/dev/null || echo 0); n=$((n+1)); echo $n > tries; if [ $n -eq 1 ]; then echo partial > out.txt; sleep 30; fi; echo complete > out.txt\n    outs: [out.txt]\n",
+    );
+    let t0 = Instant::now();
+    let r = ws.run(&[]).ok();
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+    assert_eq!(r.statuses()["flaky"], "ran");
+    assert_eq!(ws.read("tries").trim(), "2");
+    assert_eq!(ws.read("out.txt"), "complete\n");
+    assert!(r.out.stderr.contains("timed out"), "the first attempt's timeout is not reported:\n{}", r.out.stderr);
+
+    // A retry that "succeeds" without writing: the first attempt's partial file
+    // must not be taken for its output.
+    let ws = Ws::new();
+    ws.pipeline(
+        "stages:\n  flaky:\n    timeout: 1\n    retries: 1\n    cmd: n=$(cat tries 2>/dev/null || echo 0); n=$((n+1)); echo $n > tries; if [ $n -eq 1 ]; then echo partial > out.txt; sleep 30; fi; true\n    outs: [out.txt]\n  after:\n    cmd: cp out.txt after.txt\n    deps: [out.txt]\n    outs: [after.txt]\n",
+    );
+    let r = ws.run(&[]);
+    assert_eq!(r.out.code, 1, "a partial output of a timed-out attempt was recorded:\n{}\n{:#}", r.out.stderr, r.rec());
+    assert!(r.out.stderr.contains("did not write its declared output out.txt"), "{}", r.out.stderr);
+    assert!(!ws.exists("after.txt"));
+}
+
+/// A command that ignores SIGTERM is SIGKILLed after the grace period, on
+/// every attempt; the stage fails after all attempts, within bounded time, and
+/// nothing of it survives.
+#[test]
+fn timeout_with_retries_kills_a_command_that_ignores_sigterm() {
+    let ws = Ws::new();
+    ws.pipeline(
+        "stages:\n  stubborn:\n    timeout: 1\n    retries: 1\n    cmd: trap '' TERM; echo $$ >> pids; sleep 30 & echo $! >> pids; wait; wait; echo done > out.txt\n    outs: [out.txt]\n  other:\n    cmd: echo ok > other.txt\n    outs: [other.txt]\n",
+    );
+    let t0 = Instant::now();
+    let r = ws.run(&[]);
+    let took = t0.elapsed();
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    // Two attempts of 1 s + 2 s grace each, plus slack.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    assert_eq!(r.statuses()["stubborn"], "failed");
+    assert_eq!(r.statuses()["other"], "ran");
+    let err = r.stage("stubborn")["error"].as_str().unwrap().to_string();
+    assert!(err.contains("failed after 2 attempts") && err.contains("timed out"), "{err}");
+    assert!(!ws.exists("out.txt"));
+    let pids: Vec<i32> = ws.read("pids").lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(pids.len(), 4, "two attempts, a shell and a sleep each: {pids:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<i32> = pids.into_iter().filter(|&p| alive(p)).collect();
+    assert!(left.is_empty(), "processes survived the timeout: {left:?}");
+}
