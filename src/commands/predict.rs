@@ -60,8 +60,9 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
         .peekable();
     // Validate the first batch before anything is written, so an empty,
     // header-only or immediately bad file prints no score header.
-    if let Some(Err(_)) = reader.peek() {
-        let e = reader.next().and_then(Result::err).context("first batch")?;
+    if matches!(reader.peek(), Some(Err(_)))
+        && let Some(Err(e)) = reader.next()
+    {
         return Err(crate::error::config(format!("{e:#}")));
     }
     let mut sink: Box<dyn Write> = Box::new(std::io::BufWriter::new(std::io::stdout().lock()));

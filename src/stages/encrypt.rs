@@ -97,6 +97,11 @@ fn arrow_select_concat(arrays: &[&dyn Array]) -> Result<ArrayRef> {
     Ok(arrow_select::concat::concat(arrays)?)
 }
 
+/// The cache-key ingredient naming the tenant's data key.
+fn key_ingredient(tenant: &str) -> String {
+    format!("data key of {tenant}")
+}
+
 /// Refuse to go on when this tenant's data was encrypted before (the stage's
 /// state record, or the footer of its output, names a data key) but the keyring
 /// no longer holds that key: its entry was deleted, or the keyring was replaced
@@ -105,7 +110,7 @@ fn arrow_select_concat(arrays: &[&dyn Array]) -> Result<ArrayRef> {
 fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::Keyring, tenant: &str) -> Result<()> {
     let recorded = crate::engine::state::StateStore::new(&services.workspace.join(crate::engine::DAGRUN_DIR))
         .get(&stage.name)
-        .and_then(|st| st.ingredients.extras.get(&format!("data key of {tenant}")).cloned())
+        .and_then(|st| st.ingredients.extras.get(&key_ingredient(tenant)).cloned())
         .filter(|id| !id.starts_with("destroyed "))
         .map(|id| (format!("the state record of stage {}", stage.name), id));
     let in_footer = || {
@@ -152,7 +157,7 @@ impl StageKind for Encrypt {
                 ring.active_data_key(tenant)?.0
             }
         };
-        Ok(BTreeMap::from([(format!("data key of {tenant}"), id)]))
+        Ok(BTreeMap::from([(key_ingredient(tenant), id)]))
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
