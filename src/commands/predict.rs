@@ -46,8 +46,25 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     crate::pipeline::tenants::validate_tenant_id(&args.tenant).map_err(|m| crate::error::config(format!("--tenant: {m}")))?;
     let format = Format::choose(args.format.as_deref(), args.output.as_deref())?;
     let deployed = load_deployed(workspace, &args.tenant, args.model.as_deref())?;
-    let opts = IngestOptions { expected_tenant: Some(args.tenant.clone()), known_tenants: None, require_label: false, allow_label: true, as_of: None };
-    let reader = open_raw(&args.input, &opts, crate::data::DEFAULT_BATCH_SIZE).map_err(|e| crate::error::config(format!("{e:#}")))?;
+    // Rows dated after the feature version's as_of would get a negative
+    // Recency_Days, outside anything the model was trained on: refused.
+    let opts = IngestOptions {
+        expected_tenant: Some(args.tenant.clone()),
+        known_tenants: None,
+        require_label: false,
+        allow_label: true,
+        as_of: Some(deployed.as_of),
+    };
+    let mut reader = open_raw(&args.input, &opts, crate::data::DEFAULT_BATCH_SIZE)
+        .map_err(|e| crate::error::config(format!("{e:#}")))?
+        .peekable();
+    // Validate the first batch before anything is written, so an empty,
+    // header-only or immediately bad file prints no score header.
+    if matches!(reader.peek(), Some(Err(_)))
+        && let Some(Err(e)) = reader.next()
+    {
+        return Err(crate::error::config(format!("{e:#}")));
+    }
     let mut sink: Box<dyn Write> = Box::new(std::io::BufWriter::new(std::io::stdout().lock()));
     let mut file = match &args.output {
         Some(p) => Some(AtomicFile::create(p)?),

@@ -554,7 +554,8 @@ impl ParquetSource {
         }
         // Types are taken from the Parquet schema itself (not the embedded
         // Arrow schema), which normalises large/view/dictionary string variants.
-        let opened = std::panic::catch_unwind(|| {
+        let file_len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        let opened = catch_decoder_panic(|| {
             ParquetRecordBatchReaderBuilder::try_new_with_options(file, ArrowReaderOptions::new().with_skip_arrow_metadata(true))
         })
         .map_err(|_| anyhow!("{fname} is not a readable Parquet file (corrupt footer); write it with a Parquet writer such as pyarrow"))?;
@@ -573,6 +574,21 @@ impl ParquetSource {
                 }
             }
         }
+        // The decoder asserts (panics) on a column chunk with a negative
+        // offset or size: check every chunk's byte range first.
+        for (g, rg) in b.metadata().row_groups().iter().enumerate() {
+            for c in rg.columns() {
+                let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+                let len = c.compressed_size();
+                let inside = start >= 0 && len >= 0 && (start as u64).checked_add(len as u64).is_some_and(|end| end <= file_len);
+                if !inside {
+                    bail!(
+                        "{fname}: corrupt Parquet metadata: row group {g}, column {}: byte range outside the file; rewrite the file with a Parquet writer such as pyarrow",
+                        show_tenant(c.column_path().string().as_str())
+                    );
+                }
+            }
+        }
         if b.metadata().file_metadata().num_rows() <= 0 {
             bail!("{fname} has no data rows; provide a file with at least one data row");
         }
@@ -586,7 +602,7 @@ impl ParquetSource {
     fn next_batch(&mut self, ck: &mut Checker, schema: &SchemaRef) -> Result<Option<RecordBatch>> {
         // A user's file may be corrupt in ways the decoder does not expect:
         // turn a decoder panic into an error rather than a crash.
-        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.reader.next()))
+        let next = catch_decoder_panic(|| self.reader.next())
             .map_err(|_| anyhow!("{}: corrupt Parquet data after row {}; rewrite the file with a Parquet writer", ck.file, self.row))?;
         let b = match next {
             None => return Ok(None),
@@ -641,6 +657,32 @@ impl ParquetSource {
         }
         Ok(Some(RecordBatch::try_new(schema.clone(), cols)?))
     }
+}
+
+thread_local! {
+    /// Set while the Parquet decoder reads a user's file (see [`catch_decoder_panic`]).
+    static IN_DECODER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run the Parquet decoder on a user's file, turning a panic of the decoder on
+/// corrupt input into an `Err` *without* printing it: the panic hook (wrapped
+/// once, delegating to the previous hook everywhere else) stays silent while
+/// this thread is inside the decoder, so the user sees one clear error, not a
+/// backtrace. The caller words the error.
+fn catch_decoder_panic<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_DECODER.with(std::cell::Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+    let was = IN_DECODER.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_DECODER.with(|q| q.set(was));
+    r
 }
 
 fn to_utf8(a: &ArrayRef) -> StringArray {

@@ -151,6 +151,17 @@ pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)
     parse(&text, shown, file, workspace, overrides)
 }
 
+/// Parse and validate pipeline text without reading a pipeline file (fuzzing,
+/// tools). `shown` names the text in messages; paths resolve against
+/// `workspace`, whose `config/tenants.yaml` is read only if a stage uses
+/// `foreach: tenants`. Nothing is written.
+pub fn parse_str(text: &str, shown: &str, workspace: &Path, overrides: &[(String, String)]) -> Result<Pipeline> {
+    if text.len() as u64 > MAX_PIPELINE_BYTES {
+        return Err(config(format!("{shown}: the text is {} bytes; a pipeline may be at most {MAX_PIPELINE_BYTES} bytes (1 MiB)", text.len())));
+    }
+    parse(text, shown.to_string(), workspace.join(shown), workspace.to_path_buf(), overrides)
+}
+
 /// Most YAML values a pipeline or tenant file may hold once anchors/aliases
 /// are expanded. A 1 MiB file holds far fewer without aliases; past this it is
 /// an alias bomb ("billion laughs"), refused before anything is built in memory.

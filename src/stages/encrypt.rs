@@ -97,6 +97,40 @@ fn arrow_select_concat(arrays: &[&dyn Array]) -> Result<ArrayRef> {
     Ok(arrow_select::concat::concat(arrays)?)
 }
 
+/// The cache-key ingredient naming the tenant's data key.
+fn key_ingredient(tenant: &str) -> String {
+    format!("data key of {tenant}")
+}
+
+/// Refuse to go on when this tenant's data was encrypted before (the stage's
+/// state record, or the footer of its output, names a data key) but the keyring
+/// no longer holds that key: its entry was deleted, or the keyring was replaced
+/// by a fresh one. Creating a new key would give it the same id, so the old
+/// ciphertexts would silently stay "up to date" while nothing can decrypt them.
+fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::Keyring, tenant: &str) -> Result<()> {
+    let recorded = crate::engine::state::StateStore::new(&services.workspace.join(crate::engine::DAGRUN_DIR))
+        .get(&stage.name)
+        .and_then(|st| st.ingredients.extras.get(&key_ingredient(tenant)).cloned())
+        .filter(|id| !id.starts_with("destroyed "))
+        .map(|id| (format!("the state record of stage {}", stage.name), id));
+    let in_footer = || {
+        let out = stage.outs.first()?;
+        let kv = crate::data::parquet_io::read_footer_kv(&services.workspace.join(&out.path)).ok()?;
+        kv.get("dagrun.key_id").map(|id| (out.path.clone(), id.clone()))
+    };
+    let Some((place, key_id)) = recorded.or_else(in_footer) else { return Ok(()) };
+    match ring.data_key(tenant, &key_id) {
+        Ok(_) => Ok(()),
+        Err(e) if e.downcast_ref::<crate::crypto::KeyError>().is_some() => Err(e.context(format!(
+            "tenant {tenant}'s data was encrypted with data key {} ({place}), which the keyring no longer holds; \
+             dagrun will not create a new key for it (the existing ciphertexts would stay undecryptable). \
+             Restore .dagrun/keys/keyring.json from a backup, or remove {tenant}'s encrypted data and state to start it afresh",
+            crate::crypto::escape_for_message(&key_id)
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
 impl StageKind for Encrypt {
     fn name(&self) -> &'static str {
         "encrypt"
@@ -118,9 +152,12 @@ impl StageKind for Encrypt {
         // the one the run will encrypt with (a forgotten tenant gets no new key).
         let id = match ring.is_forgotten(tenant) {
             Some(when) => format!("destroyed {when}"),
-            None => ring.active_data_key(tenant)?.0,
+            None => {
+                check_earlier_key(stage, services, &ring, tenant)?;
+                ring.active_data_key(tenant)?.0
+            }
         };
-        Ok(BTreeMap::from([(format!("data key of {tenant}"), id)]))
+        Ok(BTreeMap::from([(key_ingredient(tenant), id)]))
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
