@@ -86,16 +86,30 @@ pub fn features_batch(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> R
         bail!("{f}: column Converted has type {} but Boolean is expected", l.data_type());
     }
     let n = batch.num_rows();
+    let (lv, av, dv) = (login.values(), amount.values(), date.values());
+    // Rows are independent: transform contiguous chunks on all cores.
+    let parts = crate::util::par::map_chunks(n, crate::util::par::threads(), 16_384, |r| {
+        let m = r.len();
+        let (mut rec, mut freq, mut hvs, mut plr, mut act) =
+            (Vec::with_capacity(m), Vec::with_capacity(m), Vec::with_capacity(m), Vec::with_capacity(m), Vec::with_capacity(m));
+        for i in r {
+            let x = v1::transform(stats, as_of, lv[i], av[i], dv[i]);
+            rec.push(x.recency_days);
+            freq.push(x.frequency_ratio);
+            hvs.push(x.high_value_segment);
+            plr.push(x.purchase_login_ratio);
+            act.push(x.activity_score);
+        }
+        (rec, freq, hvs, plr, act)
+    });
     let (mut rec, mut freq, mut hvs, mut plr, mut act) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (lv, av, dv) = (login.values(), amount.values(), date.values());
-    for i in 0..n {
-        let x = v1::transform(stats, as_of, lv[i], av[i], dv[i]);
-        rec.push(x.recency_days);
-        freq.push(x.frequency_ratio);
-        hvs.push(x.high_value_segment);
-        plr.push(x.purchase_login_ratio);
-        act.push(x.activity_score);
+    for (a, b, c, d, e) in parts {
+        rec.extend(a);
+        freq.extend(b);
+        hvs.extend(c);
+        plr.extend(d);
+        act.extend(e);
     }
     let mut cols: Vec<ArrayRef> = vec![
         tenant,

@@ -411,7 +411,9 @@ impl Engine {
             Ok(())
         };
         prepare()?;
-        let worker_cpu = std::sync::atomic::AtomicU64::new(0);
+        // Worker threads the stage starts (util::par) report their CPU time here.
+        let worker_cpu = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let _accounting = crate::util::par::account_to(worker_cpu.clone());
         let ctx = RunCtx {
             workspace: &self.pipeline.workspace,
             stage: s,
@@ -422,7 +424,6 @@ impl Engine {
             services: &self.services,
             cancel: &self.cancel,
             timeout: s.timeout.map(Duration::from_secs_f64),
-            worker_cpu_ns: &worker_cpu,
         };
         let mut attempt = 0;
         let report: RunReport = loop {

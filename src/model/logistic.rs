@@ -307,8 +307,7 @@ impl Problem<'_> {
     fn blocks<R: Send>(&self, f: impl Fn(std::ops::Range<usize>) -> R + Sync) -> Vec<R> {
         let n = self.x.nrows();
         let nblocks = n.div_ceil(BLOCK).max(1);
-        let cpu = std::sync::atomic::AtomicU64::new(0);
-        crate::util::par::map_chunks(nblocks, crate::util::par::threads(), 2, &cpu, |br| {
+        crate::util::par::map_chunks(nblocks, crate::util::par::threads(), 2, |br| {
             br.map(|b| f(b * BLOCK..((b + 1) * BLOCK).min(n))).collect::<Vec<R>>()
         })
         .into_iter()

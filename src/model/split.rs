@@ -4,11 +4,32 @@
 /// `blake3(tenant + "|" + decimal customer_id)`, read as a little-endian u64,
 /// are divisible by 5 (≈ 20 % of customers). Independent of row order.
 pub fn is_test(tenant: &str, customer_id: i64) -> bool {
-    let key = format!("{tenant}|{customer_id}");
-    let hash = blake3::hash(key.as_bytes());
+    // The key is built on the stack (no allocation: this runs once per row).
+    let mut buf = [0u8; 128];
+    let t = tenant.as_bytes();
+    let hash = if t.len() + 22 <= buf.len() {
+        use std::io::Write;
+        buf[..t.len()].copy_from_slice(t);
+        buf[t.len()] = b'|';
+        let mut rest = &mut buf[t.len() + 1..];
+        let before = rest.len();
+        let _ = write!(rest, "{customer_id}");
+        let len = t.len() + 1 + (before - rest.len());
+        blake3::hash(&buf[..len])
+    } else {
+        blake3::hash(format!("{tenant}|{customer_id}").as_bytes())
+    };
     let mut first = [0u8; 8];
     first.copy_from_slice(&hash.as_bytes()[..8]);
     u64::from_le_bytes(first) % 5 == 0
+}
+
+/// [`is_test`] for many customers, on all cores.
+pub fn test_mask(tenant: &str, customer_ids: &[i64]) -> Vec<bool> {
+    crate::util::par::map_chunks(customer_ids.len(), crate::util::par::threads(), 16_384, |r| {
+        customer_ids[r].iter().map(|&id| is_test(tenant, id)).collect::<Vec<bool>>()
+    })
+    .concat()
 }
 
 #[cfg(test)]
@@ -27,6 +48,9 @@ mod tests {
         assert!(!is_test("Tenant_A", 0)); // 45cfc2cfb35b3be8 LE % 5 != 0
         assert!(!is_test("Tenant_B", 12345));
         assert!(!is_test("Tenant_A", -7));
+        let ids: Vec<i64> = (-50_000..50_000).collect();
+        let mask = test_mask("Tenant_A", &ids);
+        assert!(ids.iter().zip(&mask).all(|(&id, &m)| m == is_test("Tenant_A", id)));
         let a: Vec<i64> = (0..40).filter(|&i| is_test("Tenant_A", i)).collect();
         assert_eq!(a, vec![12, 14, 17, 21, 33, 35, 37]);
         let b: Vec<i64> = (0..40).filter(|&i| is_test("Tenant_B", i)).collect();

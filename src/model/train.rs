@@ -8,7 +8,6 @@ use ndarray::Array2;
 use crate::model::logistic::{self, Fitted, predict_row};
 use crate::model::metrics::{self, Metrics};
 use crate::model::scaler::Scaler;
-use crate::model::split::is_test;
 
 /// One tenant's training rows: v1 features in `FEATURE_NAMES` order and labels.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,7 +54,7 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
     // Memory: the rows stay in `data`; only the train split is copied, once,
     // into the matrix the solver needs (scaled in place). Test rows are scored
     // one by one from `data`.
-    let test_mask: Vec<bool> = data.customer_id.iter().map(|&id| is_test(t, id)).collect();
+    let test_mask: Vec<bool> = crate::model::split::test_mask(t, &data.customer_id);
     let n_test = test_mask.iter().filter(|&&m| m).count();
     let n_train = n - n_test;
     if n_train == 0 {
@@ -114,6 +113,7 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::split::is_test;
     use crate::features::v1;
     use rand::rngs::ChaCha8Rng;
     use rand::{RngExt, SeedableRng};

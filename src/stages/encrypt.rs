@@ -59,7 +59,6 @@ pub fn encrypt_batch(
     tenant: &str,
     batch: &RecordBatch,
     threads: usize,
-    cpu_ns: &std::sync::atomic::AtomicU64,
 ) -> Result<RecordBatch> {
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
     let tenants = col(schema::TENANT_ID)?.as_any().downcast_ref::<StringArray>().context("Tenant_ID is not utf8")?;
@@ -71,7 +70,7 @@ pub fn encrypt_batch(
     if pii.null_count() > 0 || ids.null_count() > 0 {
         bail!("raw data has empty Customer_ID or Sensitive_Data values");
     }
-    let parts = crate::util::par::map_chunks(batch.num_rows(), threads, 8192, cpu_ns, |r| encrypt_rows(cipher, pseudo, tenant, ids, pii, r));
+    let parts = crate::util::par::map_chunks(batch.num_rows(), threads, 8192, |r| encrypt_rows(cipher, pseudo, tenant, ids, pii, r));
     let concat = |f: fn(&(ArrayRef, ArrayRef)) -> &ArrayRef| -> Result<ArrayRef> {
         let arrays: Vec<&dyn Array> = parts.iter().map(|p| f(p).as_ref()).collect();
         arrow_select_concat(&arrays)
@@ -185,7 +184,7 @@ impl StageKind for Encrypt {
             }
             let batch = batch?;
             rows += batch.num_rows() as u64;
-            sink.write(&encrypt_batch(&cipher, &pseudo, tenant, &batch, threads, ctx.worker_cpu_ns)?)?;
+            sink.write(&encrypt_batch(&cipher, &pseudo, tenant, &batch, threads)?)?;
         }
         sink.finish()?;
         let mut facts = Map::new();

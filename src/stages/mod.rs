@@ -53,8 +53,6 @@ pub struct RunCtx<'a> {
     /// Set when the run is interrupted; long loops should check it.
     pub cancel: &'a AtomicBool,
     pub timeout: Option<Duration>,
-    /// CPU nanoseconds of worker threads the stage started (see `util::par`).
-    pub worker_cpu_ns: &'a std::sync::atomic::AtomicU64,
 }
 
 impl RunCtx<'_> {

@@ -9,7 +9,7 @@
 use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::data::schema;
 use crate::model::ModelArtifact;
-use crate::model::split::is_test;
+use crate::model::split::test_mask;
 use crate::serve;
 use crate::util::atomic::write_json_atomic;
 use anyhow::{Context, Result, bail};
@@ -62,8 +62,11 @@ pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded
     for batch in batches {
         let batch = batch?;
         let labels = batch.column_by_name(schema::CONVERTED).and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
-        for (i, (id, x)) in serve::stored_features(&batch)?.into_iter().enumerate() {
-            if is_test(tenant, id) {
+        let rows = serve::stored_features(&batch)?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        let mask = test_mask(tenant, &ids);
+        for (i, (id, x)) in rows.into_iter().enumerate() {
+            if mask[i] {
                 let y = labels.as_ref().is_some_and(|l| l.is_valid(i) && l.value(i));
                 offline.insert(id, (artifact.predict_proba_row(&x), y));
             }

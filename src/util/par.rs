@@ -1,9 +1,32 @@
 //! Data parallelism inside a stage: split `0..n` into one contiguous chunk
 //! per thread, run them on scoped threads, and account the workers' CPU time
-//! (so run records can report CPU utilisation per stage).
+//! to the stage that asked (so run records can report CPU utilisation per
+//! stage): the engine sets a per-thread counter with [`account_to`].
 
+use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+thread_local! {
+    static STAGE_CPU: RefCell<Option<Arc<AtomicU64>>> = const { RefCell::new(None) };
+}
+
+/// Resets the calling thread's CPU counter when dropped.
+pub struct Accounting(());
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        STAGE_CPU.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+/// Add the CPU time of worker threads started from this thread (by
+/// [`map_chunks`]) to `counter`, until the guard is dropped.
+pub fn account_to(counter: Arc<AtomicU64>) -> Accounting {
+    STAGE_CPU.with(|c| *c.borrow_mut() = Some(counter));
+    Accounting(())
+}
 
 /// Threads a stage may use (the machine's cores).
 pub fn threads() -> usize {
@@ -24,8 +47,8 @@ pub fn thread_cpu_ns() -> u64 {
 
 /// Apply `f` to contiguous chunks of `0..n` on up to `threads` threads
 /// (at least `min_chunk` items each); results come back in order. Worker CPU
-/// time is added to `cpu_ns`.
-pub fn map_chunks<R, F>(n: usize, threads: usize, min_chunk: usize, cpu_ns: &AtomicU64, f: F) -> Vec<R>
+/// time goes to the counter set with [`account_to`], if any.
+pub fn map_chunks<R, F>(n: usize, threads: usize, min_chunk: usize, f: F) -> Vec<R>
 where
     R: Send,
     F: Fn(Range<usize>) -> R + Sync,
@@ -35,6 +58,8 @@ where
         return vec![f(0..n)];
     }
     let chunk = n.div_ceil(t);
+    let counter = STAGE_CPU.with(|c| c.borrow().clone());
+    let cpu_ns = counter.as_deref();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..t)
             .map(|i| {
@@ -42,7 +67,9 @@ where
                 s.spawn(move || {
                     let start = thread_cpu_ns();
                     let r = f((i * chunk).min(n)..((i + 1) * chunk).min(n));
-                    cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(start), Ordering::Relaxed);
+                    if let Some(c) = cpu_ns {
+                        c.fetch_add(thread_cpu_ns().saturating_sub(start), Ordering::Relaxed);
+                    }
                     r
                 })
             })
@@ -57,11 +84,15 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_range_in_order() {
-        let cpu = AtomicU64::new(0);
-        let parts = map_chunks(10_001, 3, 10, &cpu, |r| r.collect::<Vec<_>>());
+        let cpu = Arc::new(AtomicU64::new(0));
+        let _g = account_to(cpu.clone());
+        let parts = map_chunks(10_001, 3, 10, |r| r.collect::<Vec<_>>());
         let all: Vec<usize> = parts.into_iter().flatten().collect();
         assert_eq!(all, (0..10_001).collect::<Vec<_>>());
-        assert_eq!(map_chunks(5, 4, 100, &cpu, |r| r.len()), vec![5]);
-        assert_eq!(map_chunks(0, 4, 1, &cpu, |r| r.len()), vec![0]);
+        assert_eq!(map_chunks(5, 4, 100, |r| r.len()), vec![5]);
+        assert_eq!(map_chunks(0, 4, 1, |r| r.len()), vec![0]);
+        let busy = map_chunks(4_000, 2, 1, |r| r.map(|i| (0..2_000u64).fold(i as u64, |a, b| a.wrapping_mul(31).wrapping_add(b))).fold(0u64, u64::wrapping_add));
+        assert_eq!(busy.len(), 2);
+        assert!(cpu.load(Ordering::Relaxed) > 0);
     }
 }
