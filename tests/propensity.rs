@@ -381,3 +381,34 @@ fn ingest_pipeline_reruns_only_the_changed_tenant() {
     assert!(err.contains("Tenant_C.csv") && err.contains("Login_Count") && err.contains("row 5"), "{err}");
     assert!(!ws.path().join("data/raw/Tenant_C.parquet").exists());
 }
+
+#[test]
+fn rotating_a_key_reencrypts_only_that_tenant_and_old_keys_stay_readable() {
+    let ws = workspace(TWO);
+    run_pipeline(ws.path(), &[]);
+    let old_hex = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+    let out = ok(&run(ws.path(), &["keys", "rotate", "Tenant_A"], &[]));
+    assert!(out.contains("Tenant_A-dk-2"), "{out}");
+    // status names the key change as the reason, for Tenant_A only.
+    let st: serde_json::Value = serde_json::from_str(&ok(&run(ws.path(), &["status", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--json"], &[]))).unwrap();
+    let stale: Vec<(String, String)> = st["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "stale")
+        .map(|s| (s["stage"].as_str().unwrap().to_string(), s["reasons"][0].as_str().unwrap_or("").to_string()))
+        .collect();
+    assert!(stale.iter().all(|(s, _)| s.ends_with("[Tenant_A]") && !s.starts_with("generate")), "{stale:?}");
+    assert_eq!(stale[0].0, "encrypt[Tenant_A]");
+    assert!(stale[0].1.contains("Tenant_A-dk-1 → Tenant_A-dk-2"), "{stale:?}");
+    run_pipeline(ws.path(), &[]);
+    let r = ran(ws.path());
+    assert!(r.contains(&"encrypt[Tenant_A]".to_string()) && r.iter().all(|s| s.ends_with("[Tenant_A]")), "{r:?}");
+    let path = ws.path().join("data/encrypted/Tenant_A.parquet");
+    assert_eq!(read_footer_kv(&path).unwrap()["dagrun.key_id"], "Tenant_A-dk-2");
+    // The retired key is still there for data encrypted with it.
+    let again = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--key-id", "Tenant_A-dk-1", "--i-understand-this-prints-a-secret"], &[]));
+    assert_eq!(again.trim(), old_hex);
+    let list = ok(&run(ws.path(), &["keys", "list"], &[]));
+    assert!(list.contains("retired") && !list.contains(&old_hex), "{list}");
+}
