@@ -346,18 +346,10 @@ fn real_main(cli: &Cli) -> Result<i32> {
             let abs = std::path::absolute(path)?;
             let ws = match &cli.workspace {
                 Some(w) => std::path::absolute(w)?,
-                None => {
-                    let mut cur = abs.parent();
-                    let mut found = None;
-                    while let Some(d) = cur {
-                        if d.join(".dagrun").is_dir() {
-                            found = Some(d.to_path_buf());
-                            break;
-                        }
-                        cur = d.parent();
-                    }
-                    found.ok_or_else(|| error::config(format!("{}: not inside a dagrun workspace (no .dagrun/ above it)", path.display())))?
-                }
+                None => abs
+                    .parent()
+                    .and_then(commands::dagrun_ancestor)
+                    .ok_or_else(|| error::config(format!("{}: not inside a dagrun workspace (no .dagrun/ above it)", path.display())))?,
             };
             let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
             let states = dagrun::engine::state::StateStore::new(&ws.join(".dagrun"));

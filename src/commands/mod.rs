@@ -16,12 +16,10 @@ pub fn find_workspace(given: Option<&Path>) -> std::io::Result<PathBuf> {
         return std::path::absolute(w);
     }
     let cwd = std::env::current_dir()?;
-    let mut cur = Some(cwd.as_path());
-    while let Some(d) = cur {
-        if d.join(crate::engine::DAGRUN_DIR).is_dir() {
-            return Ok(d.to_path_buf());
-        }
-        cur = d.parent();
-    }
-    Ok(cwd)
+    Ok(dagrun_ancestor(&cwd).unwrap_or(cwd))
+}
+
+/// The nearest of `start` and its ancestors that holds `.dagrun/`.
+pub fn dagrun_ancestor(start: &Path) -> Option<PathBuf> {
+    start.ancestors().find(|d| d.join(crate::engine::DAGRUN_DIR).is_dir()).map(Path::to_path_buf)
 }
