@@ -37,8 +37,6 @@ pub use keyring::{KeyError, KeyInfo, KeyKind, KeyState, Keyring, MasterKeySource
 pub use keys::{DataKey, MasterKey, PseudonymKey};
 pub use pseudonym::{Pseudonymizer, token};
 
-/// Largest accepted tenant id length (spec §1).
-pub const MAX_TENANT_LEN: usize = 64;
 
 /// Overwrite `buf` with zeros in a way the optimiser may not remove (volatile
 /// writes + a compiler fence); used to wipe key material on drop without adding
@@ -78,12 +76,7 @@ pub(crate) fn escape_for_message(s: &str) -> String {
 
 /// Check a tenant id against `[A-Za-z0-9_-]{1,64}`; the error escapes whatever it quotes.
 pub fn validate_tenant(tenant: &str) -> anyhow::Result<()> {
-    let ok = !tenant.is_empty()
-        && tenant.len() <= MAX_TENANT_LEN
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
+    if crate::data::is_valid_tenant_id(tenant) {
         Ok(())
     } else {
         Err(KeyError::InvalidTenant {

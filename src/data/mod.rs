@@ -9,7 +9,8 @@ pub mod schema;
 /// Rows per Arrow RecordBatch when streaming.
 pub const DEFAULT_BATCH_SIZE: usize = 65_536;
 
-/// A tenant id is `[A-Za-z0-9_-]{1,64}` (spec §1).
+/// The one rule for tenant ids (spec §1): `[A-Za-z0-9_-]{1,64}`. The tenant
+/// list, the keyring and the readers all check ids with it.
 pub fn is_valid_tenant_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }

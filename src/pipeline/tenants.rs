@@ -45,8 +45,7 @@ pub struct Tenants {
 /// Check a tenant id against `[A-Za-z0-9_-]{1,64}`; the error shows the id
 /// escaped and shortened, so control characters never reach a terminal.
 pub fn validate_tenant_id(id: &str) -> std::result::Result<(), String> {
-    let ok_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if !id.is_empty() && id.len() <= 64 && ok_chars {
+    if crate::data::is_valid_tenant_id(id) {
         return Ok(());
     }
     let shown: String = id.chars().take(40).collect::<String>();
