@@ -128,24 +128,13 @@ pub fn write_version(
     lineage: Lineage,
     batches: impl IntoIterator<Item = Result<RecordBatch>>,
 ) -> Result<Manifest> {
-    if !crate::data::is_valid_tenant_id(tenant) {
-        bail!("invalid tenant id {}", crate::data::show_tenant(tenant));
-    }
-    let mut lineage = lineage;
-    lineage.lineage_hash = lineage_hash(tenant, version, &lineage);
-    let as_of_s = format_date(as_of);
+    let (lineage, as_of_s, kv) = prepare(tenant, version, as_of, lineage)?;
     let path = dir.join(FEATURES_FILE);
     let mut it = batches.into_iter().peekable();
     let schema = match it.peek() {
         Some(Ok(b)) => b.schema(),
         _ => features_schema(false),
     };
-    let kv = vec![
-        (KV_VERSION.to_string(), version.to_string()),
-        (KV_LINEAGE.to_string(), lineage.lineage_hash.clone()),
-        (KV_TENANT.to_string(), tenant.to_string()),
-        (KV_AS_OF.to_string(), as_of_s.clone()),
-    ];
     let mut sink = ParquetSink::create(&path, schema.clone(), kv)?;
     for b in it {
         let b = b?;
@@ -162,10 +151,17 @@ pub fn write_version(
 /// Like [`write_version`], from a finished feature file: its column chunks
 /// are copied byte for byte (no decoding) under the store's footer.
 pub fn write_version_from_file(dir: &Path, tenant: &str, version: &str, as_of: i32, stats: &TenantStats, lineage: Lineage, src: &Path) -> Result<Manifest> {
+    let (lineage, as_of_s, kv) = prepare(tenant, version, as_of, lineage)?;
+    let (schema, rows) = crate::data::parquet_io::copy_with_footer(src, &dir.join(FEATURES_FILE), kv)?;
+    finish_version(dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+}
+
+/// Shared start of both writers: check the tenant, seal the lineage hash, and
+/// build the footer metadata.
+fn prepare(tenant: &str, version: &str, as_of: i32, mut lineage: Lineage) -> Result<(Lineage, String, Vec<(String, String)>)> {
     if !crate::data::is_valid_tenant_id(tenant) {
         bail!("invalid tenant id {}", crate::data::show_tenant(tenant));
     }
-    let mut lineage = lineage;
     lineage.lineage_hash = lineage_hash(tenant, version, &lineage);
     let as_of_s = format_date(as_of);
     let kv = vec![
@@ -174,8 +170,7 @@ pub fn write_version_from_file(dir: &Path, tenant: &str, version: &str, as_of: i
         (KV_TENANT.to_string(), tenant.to_string()),
         (KV_AS_OF.to_string(), as_of_s.clone()),
     ];
-    let (schema, rows) = crate::data::parquet_io::copy_with_footer(src, &dir.join(FEATURES_FILE), kv)?;
-    finish_version(dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+    Ok((lineage, as_of_s, kv))
 }
 
 /// Hash the written feature file and write the manifest (last).
