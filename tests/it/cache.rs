@@ -1,8 +1,7 @@
 //! Cache behaviour of `dagrun run`, checked through run records: what runs,
 //! what is cached, what is restored, and why.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::process::Command;
 
 /// A diamond a → {b, c} → d fed by src.txt, plus an independent chain

@@ -1,7 +1,6 @@
 //! Failing, retried, timed-out, overlapping and killed runs.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 #[test]

@@ -1,8 +1,7 @@
 //! Bad pipelines and tenant lists: a clear message (file, line where known,
 //! reason), exit code 2, quickly, and nothing written.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::Duration;
 
 /// Run `dagrun run pipeline.yaml` on a workspace holding a bad input and check

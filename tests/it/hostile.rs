@@ -22,10 +22,10 @@
 //! through the library (`dagrun::crypto::aead::decrypt_field`) on files made by
 //! a real run.
 
-mod common;
+
 
 use arrow_array::{Array, ArrayRef, BinaryArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
-use common::{BIN, HANG, Out, Ws, spawn};
+use crate::common::{BIN, HANG, Out, Ws, spawn};
 use dagrun::crypto::FieldError;
 use dagrun::crypto::aead::decrypt_field;
 use dagrun::data::parquet_io::{ParquetSink, open_batches};
@@ -94,7 +94,7 @@ fn snapshot(ws: &Ws) -> BTreeMap<String, String> {
         .filter(|p| !skip(p))
         .map(|p| {
             let full = ws.path(&p);
-            let h = if full.is_file() { common::b3(&full) } else { "dir".into() };
+            let h = if full.is_file() { crate::common::b3(&full) } else { "dir".into() };
             (p, h)
         })
         .collect()
@@ -392,13 +392,13 @@ fn training_refuses_data_that_cannot_make_a_model() {
     assert!(model["coefficients"][1].as_f64().unwrap().abs() < 1e-9, "{}", model["coefficients"]);
 
     // Labels all 0: refused, the previous model and its state stay as they were.
-    let model_before = common::b3(&ws.path("models/Tenant_A/model.json"));
-    let state_before = common::b3(&ws.path(".dagrun/state/train[Tenant_A].json"));
+    let model_before = crate::common::b3(&ws.path("models/Tenant_A/model.json"));
+    let state_before = crate::common::b3(&ws.path(".dagrun/state/train[Tenant_A].json"));
     ingest_file(&ws, "2000", |r| r[6] = "false".into());
     let o = dg(&ws, &["run", "pipelines/propensity-ingest.yaml"]);
     refused(&o, 1, &["train[Tenant_A]", "tenant Tenant_A", "training labels are 0", "need both classes"], "labels all 0");
-    assert_eq!(common::b3(&ws.path("models/Tenant_A/model.json")), model_before);
-    assert_eq!(common::b3(&ws.path(".dagrun/state/train[Tenant_A].json")), state_before);
+    assert_eq!(crate::common::b3(&ws.path("models/Tenant_A/model.json")), model_before);
+    assert_eq!(crate::common::b3(&ws.path(".dagrun/state/train[Tenant_A].json")), state_before);
     // Serving refuses the old model against the new feature version rather than mixing them.
     ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "20", "--no-label", "--out", "in.csv"]));
     let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv"]);

@@ -5,9 +5,8 @@
 //! (Plain failures, timeouts, retries, the lock and one SIGKILL of a `cmd`
 //! chain are in tests/failures.rs.)
 
-mod common;
 use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch};
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

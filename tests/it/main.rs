@@ -1,0 +1,11 @@
+//! The integration suite: one test binary (so arrow, parquet and linfa are linked
+//! once), one module per concern. Every test drives the real `dagrun` binary on a
+//! temporary workspace; `common` holds the shared helpers.
+mod common;
+
+mod bad_pipelines;
+mod cache;
+mod failures;
+mod faults;
+mod hostile;
+mod propensity;
