@@ -10,7 +10,9 @@
 //! - [`store`]: the versioned Parquet feature store;
 //! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
 //! - [`serve`]: the prediction path shared by `predict` and `serve-check`;
-//! - [`commands`]: predict, keys, features, verify, sample.
+//! - [`commands`]: predict, keys, features, verify, sample;
+//! - [`workspace`]: the one owner of paths and the lock, content hashes,
+//!   authenticated records, the content-addressed store.
 pub mod commands;
 pub mod crypto;
 pub mod data;
@@ -23,3 +25,4 @@ pub mod serve;
 pub mod stages;
 pub mod store;
 pub mod util;
+pub mod workspace;

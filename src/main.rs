@@ -9,6 +9,7 @@ use dagrun::engine::{Engine, lineage, runs, status};
 use dagrun::commands;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
+use dagrun::workspace::Workspace;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -219,9 +220,10 @@ fn init_logging(cli: &Cli) {
         .try_init();
 }
 
-/// The workspace of commands that take no pipeline (see `commands::find_workspace`).
+/// The existing workspace of commands that take no pipeline (exit 2 when
+/// there is none; see `dagrun::workspace`).
 fn workspace_from_cwd(cli: &Cli) -> Result<PathBuf> {
-    Ok(commands::find_workspace(cli.workspace.as_deref())?)
+    Ok(Workspace::existing_from_cwd(cli.workspace.as_deref())?.root().to_path_buf())
 }
 
 fn verbosity(cli: &Cli) -> Verbosity {
@@ -256,14 +258,15 @@ fn main() {
 }
 
 fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline> {
-    pipeline::load(file, cli.workspace.as_deref(), &parse_params(params)?)
+    let ws = Workspace::for_pipeline(cli.workspace.as_deref(), file);
+    pipeline::load(file, Some(ws.root()), &parse_params(params)?)
 }
 
 /// `dagrun status` and `dagrun run --dry-run`.
 fn show_status(p: pipeline::Pipeline, stages: &[String], force: &Option<Vec<String>>, json: bool) -> Result<i32> {
     let selected = scheduler::select(&p, stages)?;
     let forced = scheduler::forced(&p, force, &selected)?;
-    let mut engine = Engine::new(p);
+    let mut engine = Engine::read_only(p)?;
     engine.forced = forced;
     let rows = status::status(&engine, &selected)?;
     let _ = engine.memo.save();
@@ -344,15 +347,11 @@ fn real_main(cli: &Cli) -> Result<i32> {
         }
         Cmd::Lineage { path, json } => {
             let abs = std::path::absolute(path)?;
-            let ws = match &cli.workspace {
-                Some(w) => std::path::absolute(w)?,
-                None => abs
-                    .parent()
-                    .and_then(commands::dagrun_ancestor)
-                    .ok_or_else(|| error::config(format!("{}: not inside a dagrun workspace (no .dagrun/ above it)", path.display())))?,
-            };
+            let w = Workspace::existing(cli.workspace.as_deref(), abs.parent().unwrap_or(&abs))?;
+            let ws = w.root().to_path_buf();
             let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
-            let states = dagrun::engine::state::StateStore::new(&ws.join(".dagrun"));
+            let key = dagrun::crypto::Keyring::open_existing(&ws)?.map(|k| k.integrity_key());
+            let states = dagrun::workspace::state::StateStore::new(&w, key);
             let tree = lineage::trace(&ws, &states, &rel)
                 .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;
             if *json {

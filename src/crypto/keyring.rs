@@ -450,6 +450,8 @@ pub struct Keyring {
     source_desc: String,
     key_check: String,
     wrap: Aes256Gcm,
+    /// Authenticates dagrun's records (see `crypto::integrity`).
+    integrity: std::sync::Arc<super::integrity::IntegrityKey>,
     state: Mutex<KeyringFile>,
 }
 
@@ -476,6 +478,21 @@ impl Keyring {
     /// read the environment). A missing keyring file is an empty keyring.
     pub fn open_with(workspace: &Path, source: MasterKeySource) -> Result<Keyring> {
         ensure_keys_dir(workspace)?;
+        Self::open_loaded(workspace, source)
+    }
+
+    /// Open the keyring only if its master key already exists: `Ok(None)` when
+    /// no master key is configured and `.dagrun/keys/master.key` does not exist.
+    /// Creates nothing (for read-only commands: `status`, `verify`, `predict`).
+    pub fn open_existing(workspace: &Path) -> Result<Option<Keyring>> {
+        let source = MasterKeySource::from_env()?;
+        if matches!(source, MasterKeySource::Default) && fs::symlink_metadata(default_master_key_path(workspace)).is_err() {
+            return Ok(None);
+        }
+        Self::open_loaded(workspace, source).map(Some)
+    }
+
+    fn open_loaded(workspace: &Path, source: MasterKeySource) -> Result<Keyring> {
         let (master, source_desc) = load_master(workspace, &source)?;
         drop(source);
         let path = keyring_path(workspace);
@@ -507,13 +524,24 @@ impl Keyring {
             }
         };
         let wrap = Aes256Gcm::new(master.bytes().into());
+        let integrity = std::sync::Arc::new(super::integrity::IntegrityKey::derive(master.bytes()));
         Ok(Keyring {
             path,
             source_desc,
             key_check,
             wrap,
+            integrity,
             state: Mutex::new(file),
         })
+    }
+
+    /// The workspace integrity key: the ONE way to get it. Today it is derived
+    /// from the master key with HKDF-SHA256 and its own label
+    /// (`crypto::integrity`); a master-key source without exportable bytes (an
+    /// HSM) may instead keep a random integrity key wrapped in the keyring,
+    /// behind this same function.
+    pub fn integrity_key(&self) -> std::sync::Arc<super::integrity::IntegrityKey> {
+        self.integrity.clone()
     }
 
     /// Path of `keyring.json`.

@@ -22,59 +22,38 @@
 //! consumer must rerun and the sensitive input is gone, the producer is rerun
 //! first to regenerate it (as GNU make does for intermediate files).
 
-pub mod cas;
 pub mod fingerprint;
-pub mod hashing;
 pub mod lineage;
-pub mod lock;
 pub mod report;
 pub mod runs;
 pub mod scheduler;
-pub mod state;
 pub mod status;
 
-use crate::pipeline::{Pipeline, Stage, Tenants};
+// The records and the store moved to `workspace` (their one owner); these
+// names stay for callers that still use the old paths.
+pub use crate::stages::Services;
+pub use crate::workspace::DAGRUN_DIR;
+pub use crate::workspace::{cas, hashing, lock, state};
+
+use crate::pipeline::{Pipeline, Stage};
 use crate::stages::{RunCtx, RunReport};
+use crate::workspace::{ContentHash, Workspace};
 use anyhow::{Context, Result, anyhow, bail};
 use cas::Cas;
 use fingerprint::Ingredients;
 use hashing::HashMemo;
 use runs::{StageRecord, Status};
-use state::{OutputRecord, StageState, StateStore};
+use state::{Loaded, OutputRecord, StageState, StateStore};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Outputs of built-in kinds at least this large are hard-linked into the
 /// cache instead of copied (see `Cas::link_file`).
 pub const LINK_THRESHOLD: u64 = 1 << 20;
-
-/// Name of dagrun's own folder in a workspace.
-pub const DAGRUN_DIR: &str = ".dagrun";
-
-/// Shared services a stage kind may use.
-pub struct Services {
-    pub workspace: PathBuf,
-    pub tenants: Option<Tenants>,
-    keyring: OnceLock<std::result::Result<std::sync::Arc<crate::crypto::keyring::Keyring>, String>>,
-}
-
-impl Services {
-    pub fn new(workspace: &Path, tenants: Option<Tenants>) -> Services {
-        Services { workspace: workspace.to_path_buf(), tenants, keyring: OnceLock::new() }
-    }
-
-    /// The workspace keyring, opened once per run (master key from the
-    /// environment or the key file; see `crypto::keyring`).
-    pub fn keyring(&self) -> Result<std::sync::Arc<crate::crypto::keyring::Keyring>> {
-        self.keyring
-            .get_or_init(|| crate::crypto::keyring::Keyring::open(&self.workspace).map(std::sync::Arc::new).map_err(|e| format!("{e:#}")))
-            .clone()
-            .map_err(|e| anyhow!(e))
-    }
-}
 
 /// What to do with a stage.
 #[derive(Debug)]
@@ -89,7 +68,7 @@ pub enum Decision {
 
 /// A stage's key and what to do.
 pub struct Evaluation {
-    pub key: String,
+    pub key: ContentHash,
     pub ingredients: Ingredients,
     pub decision: Decision,
     /// Producers whose sensitive output this stage reads and which is gone.
@@ -100,7 +79,7 @@ pub struct Evaluation {
 
 /// An input's hash as far as it is known.
 pub enum InputHash {
-    Known(String),
+    Known(ContentHash),
     /// Not known without running upstream (dry runs): why.
     Unknown(String),
 }
@@ -108,11 +87,12 @@ pub enum InputHash {
 /// A pipeline bound to its workspace state.
 pub struct Engine {
     pub pipeline: Pipeline,
+    pub ws: Workspace,
     pub services: Services,
     pub dagrun_dir: PathBuf,
     pub memo: HashMemo,
     pub cas: Cas,
-    pub states: StateStore,
+    pub states: Arc<StateStore>,
     pub run_id: String,
     pub cancel: AtomicBool,
     /// Stages forced to rerun.
@@ -125,16 +105,34 @@ fn now_rfc3339() -> String {
 }
 
 impl Engine {
-    pub fn new(pipeline: Pipeline) -> Engine {
-        let dagrun_dir = pipeline.workspace.join(DAGRUN_DIR);
-        let services = Services::new(&pipeline.workspace, pipeline.tenants.clone());
+    /// An engine that runs stages: it opens the keyring (creating the master
+    /// key on first use) for the workspace integrity key that MACs every record.
+    pub fn new(pipeline: Pipeline) -> Result<Engine> {
+        let ws = Workspace::at(&pipeline.workspace);
+        let ring = Arc::new(crate::crypto::Keyring::open(ws.root())?);
+        Ok(Self::with_keyring(pipeline, ws, Some(ring)))
+    }
+
+    /// An engine for `status` / `--dry-run`: it creates no key. Without a
+    /// master key no record can be verified (every stage counts as stale).
+    pub fn read_only(pipeline: Pipeline) -> Result<Engine> {
+        let ws = Workspace::at(&pipeline.workspace);
+        let ring = crate::crypto::Keyring::open_existing(ws.root())?.map(Arc::new);
+        Ok(Self::with_keyring(pipeline, ws, ring))
+    }
+
+    fn with_keyring(pipeline: Pipeline, ws: Workspace, ring: Option<Arc<crate::crypto::Keyring>>) -> Engine {
+        let key = ring.as_ref().map(|r| r.integrity_key());
+        let states = Arc::new(StateStore::new(&ws, key.clone()));
+        let services = Services::new(&ws, pipeline.tenants.clone(), states.clone(), ring);
         let n = pipeline.stages.len();
         Engine {
-            memo: HashMemo::load(&dagrun_dir),
-            cas: Cas::new(&dagrun_dir),
-            states: StateStore::new(&dagrun_dir),
+            memo: HashMemo::load(&ws, key),
+            cas: Cas::new(&ws),
+            states,
             services,
-            dagrun_dir,
+            dagrun_dir: ws.dagrun_dir(),
+            ws,
             pipeline,
             run_id: runs::new_run_id(),
             cancel: AtomicBool::new(false),
@@ -159,7 +157,7 @@ impl Engine {
         for d in &s.deps {
             match input(d)? {
                 InputHash::Known(h) => {
-                    inputs.insert(d.clone(), h);
+                    inputs.insert(d.clone(), h.to_string());
                 }
                 InputHash::Unknown(why) => {
                     unknown.push(why);
@@ -218,7 +216,14 @@ impl Engine {
             let prev = self.states.get(&s.name);
             return Ok(Evaluation { key, ingredients, decision: Decision::Run { reasons: vec!["forced (--force)".into()] }, missing_sensitive, prev });
         }
-        let prev = self.states.get(&s.name);
+        let (prev, distrust) = match self.states.load(&s.name) {
+            Loaded::Valid(st) => (Some(st), None),
+            Loaded::Missing => (None, None),
+            Loaded::Invalid(e) => {
+                tracing::warn!("{e}: stage {} is recomputed", s.name);
+                (None, Some(format!("{e}: recomputing")))
+            }
+        };
         let decision = match &prev {
             Some(st) if st.key == key => {
                 let (bad, reasons) = self.check_outputs(s, st)?;
@@ -233,11 +238,12 @@ impl Engine {
                 }
             }
             _ => {
-                let mut reasons = match &prev {
-                    Some(st) => fingerprint::explain(&st.ingredients, &ingredients, &st.param_refs, &s.param_refs, &|p| self.producer_name(p)),
-                    None => vec!["no earlier run recorded".into()],
+                let mut reasons = match (&prev, distrust) {
+                    (Some(st), _) => fingerprint::explain(&st.ingredients, &ingredients, &st.param_refs, &s.param_refs, &|p| self.producer_name(p)),
+                    (None, Some(why)) => vec![why],
+                    (None, None) => vec!["no earlier run recorded".into()],
                 };
-                match self.states.action(&key) {
+                match self.states.load_action(&key).valid() {
                     Some(act) if self.action_restorable(s, &act) => {
                         reasons.push("an earlier run with these exact inputs is in the cache: restoring its outputs".into());
                         let outs = s.outs.iter().filter(|o| !o.sensitive).map(|o| o.path.clone()).collect();
@@ -277,7 +283,7 @@ impl Engine {
                 }
                 Some(h) if h.hash != rec.hash => {
                     bad.push(o.path.clone());
-                    reasons.push(format!("output {} was modified outside dagrun (blake3 {} → {})", o.path, &rec.hash[..12], &h.hash[..12]));
+                    reasons.push(format!("output {} was modified outside dagrun (blake3 {} → {})", o.path, rec.hash.short(), h.hash.short()));
                 }
                 Some(_) => {}
             }
@@ -307,11 +313,11 @@ impl Engine {
     fn execute_inner(&self, i: usize) -> Result<StageRecord> {
         let s = self.stage(i);
         let mut ev = self.evaluate(i)?;
-        let mut rec = StageRecord { key: Some(ev.key.clone()), ..StageRecord::new(&s.name, Status::Cached) };
+        let mut rec = StageRecord { key: Some(ev.key.to_string()), ..StageRecord::new(&s.name, Status::Cached) };
         match std::mem::replace(&mut ev.decision, Decision::Fresh) {
             Decision::Fresh => {
                 if let Some(st) = ev.prev.take() {
-                    rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+                    rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.to_string())).collect();
                     rec.facts = st.facts;
                 }
                 Ok(rec)
@@ -320,7 +326,7 @@ impl Engine {
                 Ok(()) => {
                     rec.status = Status::Restored;
                     rec.reasons = reasons;
-                    rec.outputs = from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+                    rec.outputs = from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.to_string())).collect();
                     rec.facts = from.facts.clone();
                     Ok(rec)
                 }
@@ -351,7 +357,7 @@ impl Engine {
             let again = self.evaluate(i)?;
             ev.key = again.key;
             ev.ingredients = again.ingredients;
-            rec.key = Some(ev.key.clone());
+            rec.key = Some(ev.key.to_string());
         }
         self.run_and_record(i, ev, reasons, rec)
     }
@@ -420,7 +426,7 @@ impl Engine {
             deps,
             outs: outs.clone(),
             input_hashes: &ev.ingredients.inputs,
-            cache_key: &ev.key,
+            cache_key: ev.key.as_str(),
             services: &self.services,
             cancel: &self.cancel,
             timeout: s.timeout.map(Duration::from_secs_f64),
@@ -489,9 +495,9 @@ impl Engine {
             self.states.put_action(&st)?;
         }
         rec.status = Status::Ran;
-        rec.key = Some(st.key.clone());
+        rec.key = Some(st.key.to_string());
         rec.reasons = reasons;
-        rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+        rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.to_string())).collect();
         rec.outputs_changed = Some(changed);
         rec.facts = report.facts;
         rec.cpu_seconds = Some(worker_cpu.load(Ordering::Relaxed) as f64 / 1e9);
@@ -525,14 +531,14 @@ impl Engine {
                 }
             }
         }
-        dirs.insert(self.dagrun_dir.clone()); // the hash memo
-        dirs.insert(self.dagrun_dir.join("state"));
-        dirs.insert(self.dagrun_dir.join("cache").join("actions"));
-        dirs.insert(self.dagrun_dir.join("cache").join("objects")); // ingest staging files
-        if let Ok(rd) = std::fs::read_dir(self.dagrun_dir.join("cache").join("objects")) {
+        dirs.insert(self.ws.dagrun_dir()); // the hash memo
+        dirs.insert(self.ws.state_dir());
+        dirs.insert(self.ws.actions_dir());
+        dirs.insert(self.ws.objects_dir()); // ingest staging files
+        if let Ok(rd) = std::fs::read_dir(self.ws.objects_dir()) {
             dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
         }
-        dirs.insert(self.pipeline.workspace.join("runs"));
+        dirs.insert(self.ws.runs_dir());
         for d in dirs {
             let Ok(rd) = std::fs::read_dir(&d) else { continue };
             for e in rd.flatten() {
@@ -546,9 +552,5 @@ impl Engine {
 
 /// Remove a file, symlink or directory if present.
 pub fn remove_path(p: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display())),
-        Ok(_) => std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display())),
-        Err(_) => Ok(()),
-    }
+    crate::util::fs_remove(p)
 }

@@ -5,7 +5,7 @@
 
 use super::report::{Reporter, Verbosity};
 use super::runs::{self, RunRecord, StageRecord, Status};
-use super::{Engine, lock};
+use super::Engine;
 use crate::error::{Failure, exit};
 use crate::pipeline::Pipeline;
 use anyhow::Result;
@@ -65,11 +65,11 @@ pub fn forced(p: &Pipeline, force: &Option<Vec<String>>, selected: &HashSet<usiz
 
 /// Run a pipeline.
 pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
-    let dagrun_dir = pipeline.workspace.join(super::DAGRUN_DIR);
-    let _lock = lock::acquire(&dagrun_dir, opts.wait, &format!("dagrun run {}", pipeline.shown))?;
+    let ws = crate::workspace::Workspace::at(&pipeline.workspace);
+    let _lock = ws.lock(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
-    let mut engine = Engine::new(pipeline);
+    let mut engine = Engine::new(pipeline)?;
     engine.forced = forced;
     let engine = Arc::new(engine);
     engine.sweep_temp_files();

@@ -51,7 +51,7 @@ impl StageKind for Cmd {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let s: &Stage = ctx.stage;
         let cmd = s.cmd.as_deref().context("cmd stage without a command")?;
-        let logs = ctx.workspace.join(crate::engine::DAGRUN_DIR).join("logs");
+        let logs = ctx.services.ws.logs_dir();
         std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
         let out_path = logs.join(format!("{}.out", s.name));
         let err_path = logs.join(format!("{}.err", s.name));

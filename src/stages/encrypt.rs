@@ -15,7 +15,7 @@ use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
 use crate::data::parquet_io::{ParquetSink, open_batches};
 use crate::data::schema::{self, encrypted_schema};
-use crate::engine::Services;
+use super::Services;
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::builder::{BinaryBuilder, FixedSizeBinaryBuilder};
@@ -107,7 +107,8 @@ fn key_ingredient(tenant: &str) -> String {
 /// by a fresh one. Creating a new key would give it the same id, so the old
 /// ciphertexts would silently stay "up to date" while nothing can decrypt them.
 fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::Keyring, tenant: &str) -> Result<()> {
-    let recorded = crate::engine::state::StateStore::new(&services.workspace.join(crate::engine::DAGRUN_DIR))
+    let recorded = services
+        .states
         .get(&stage.name)
         .and_then(|st| st.ingredients.extras.get(&key_ingredient(tenant)).cloned())
         .filter(|id| !id.starts_with("destroyed "))

@@ -15,7 +15,7 @@
 use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str, param_u64};
 use crate::data::generate::{TenantShare, generate_tenant, split_rows};
 use crate::data::schema::parse_date;
-use crate::engine::Services;
+use super::Services;
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Map, Value};

@@ -2,8 +2,12 @@
 //! kinds — implements [`StageKind`]; the engine knows nothing else about them.
 //! Adding a kind = one file here + one line in [`registry`].
 
-use crate::pipeline::Stage;
-use anyhow::Result;
+use crate::crypto::{IntegrityKey, Keyring};
+use crate::pipeline::{Stage, Tenants};
+use crate::workspace::Workspace;
+use crate::workspace::state::StateStore;
+use anyhow::{Result, anyhow};
+use std::sync::OnceLock;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +23,41 @@ pub mod ingest;
 pub mod serve_check;
 pub mod store;
 pub mod train;
+
+/// Shared services a stage kind may use, handed in by the engine: stages
+/// never open engine state themselves.
+pub struct Services {
+    /// The workspace root.
+    pub workspace: PathBuf,
+    /// Its paths.
+    pub ws: Workspace,
+    pub tenants: Option<Tenants>,
+    /// The authenticated state records (read them, e.g. a stage's last extras).
+    pub states: Arc<StateStore>,
+    keyring: OnceLock<std::result::Result<Arc<Keyring>, String>>,
+}
+
+impl Services {
+    /// `keyring`: an already opened keyring (else opened on first use).
+    pub fn new(ws: &Workspace, tenants: Option<Tenants>, states: Arc<StateStore>, keyring: Option<Arc<Keyring>>) -> Services {
+        let cell = OnceLock::new();
+        if let Some(k) = keyring {
+            let _ = cell.set(Ok(k));
+        }
+        Services { workspace: ws.root().to_path_buf(), ws: ws.clone(), tenants, states, keyring: cell }
+    }
+
+    /// The workspace keyring, opened once per run (master key from the
+    /// environment or the key file; see `crypto::keyring`).
+    pub fn keyring(&self) -> Result<Arc<Keyring>> {
+        self.keyring.get_or_init(|| Keyring::open(&self.workspace).map(Arc::new).map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
+    }
+
+    /// The workspace integrity key (MACs of models and feature manifests).
+    pub fn integrity_key(&self) -> Result<Arc<IntegrityKey>> {
+        Ok(self.keyring()?.integrity_key())
+    }
+}
 
 /// What a kind declares about a stage from its `with:` params, before running.
 #[derive(Debug, Default)]
@@ -49,7 +88,7 @@ pub struct RunCtx<'a> {
     pub input_hashes: &'a BTreeMap<String, String>,
     /// The stage's cache key (blake3 hex).
     pub cache_key: &'a str,
-    pub services: &'a crate::engine::Services,
+    pub services: &'a Services,
     /// Set when the run is interrupted; long loops should check it.
     pub cancel: &'a AtomicBool,
     pub timeout: Option<Duration>,
@@ -88,7 +127,7 @@ pub trait StageKind: Send + Sync {
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String>;
     /// Extra cache-key ingredients read at run time (e.g. the id of the tenant's
     /// active data key). Values must not be secret.
-    fn extra_ingredients(&self, _stage: &Stage, _services: &crate::engine::Services) -> Result<BTreeMap<String, String>> {
+    fn extra_ingredients(&self, _stage: &Stage, _services: &Services) -> Result<BTreeMap<String, String>> {
         Ok(BTreeMap::new())
     }
     /// Do the work. Runs on a blocking thread.

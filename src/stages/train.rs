@@ -52,7 +52,15 @@ impl StageKind for Train {
         let dir = ctx.deps[0].parent().context("store dir")?;
         let t0 = std::time::Instant::now();
         // The training matrix is held in memory: the solver needs all rows.
-        let (manifest, batches) = crate::store::open_verified(dir)?;
+        let key = ctx.services.integrity_key()?;
+        let (manifest, batches) = crate::store::open_verified(dir, &key)?;
+        if manifest.tenant != tenant {
+            bail!(
+                "the feature store {} holds tenant {}'s features, not tenant {tenant}'s: refusing to train tenant {tenant}'s model on them; fix `with.store`",
+                ctx.rel(dir),
+                crate::data::show_tenant(&manifest.tenant)
+            );
+        }
         let mut data = TrainingData { tenant: tenant.to_string(), customer_id: vec![], x: vec![], y: vec![] };
         for batch in batches {
             let batch = batch?;
@@ -105,8 +113,11 @@ impl StageKind for Train {
                 "params": {"C": c, "min_auc": min_auc},
                 "code_version": format!("train/{}; model {}", self.version(), crate::model::artifact::FORMAT),
             }),
+            mac: None,
         };
+        let mut artifact = artifact;
         artifact.validate(&feature_rel)?;
+        artifact.seal(&key)?;
         write_atomic(&ctx.outs[0], &artifact.to_json_bytes())?;
         let mut facts = Map::new();
         facts.insert("model_version".into(), artifact.model_version.into());

@@ -1,3 +1,13 @@
 //! Small helpers shared by every module.
 pub mod atomic;
 pub mod par;
+
+/// Remove a file, symlink (never its target) or directory tree if present.
+pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display())),
+        Ok(_) => std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display())),
+        Err(_) => Ok(()),
+    }
+}
