@@ -115,8 +115,8 @@ impl StageKind for Train {
         artifact.validate(&feature_rel)?;
         let scores: Vec<f64> = outcome.test_scores.iter().map(|&(_, p)| p).collect();
         let eval = crate::model::evaluation::Evaluation::compute(tenant, &artifact.model_version, &outcome.test_labels, &scores);
-        write_atomic(&ctx.outs[1], &eval.to_json_bytes())?;
         write_atomic(&ctx.outs[0], &artifact.to_json_bytes())?;
+        write_atomic(&ctx.outs[1], &eval.to_json_bytes())?;
         let mut facts = Map::new();
         facts.insert("model_version".into(), artifact.model_version.into());
         facts.insert("auc".into(), json!(m.auc));
