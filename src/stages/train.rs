@@ -71,7 +71,7 @@ impl StageKind for Train {
             if labels.null_count() > 0 {
                 bail!("the feature version has rows without a Converted label: cannot train");
             }
-            for (i, (id, x)) in crate::serve::stored_features(&batch)?.into_iter().enumerate() {
+            for (i, (id, x)) in crate::scoring::stored_features(&batch)?.into_iter().enumerate() {
                 data.customer_id.push(id);
                 data.x.push(x);
                 data.y.push(labels.value(i));

@@ -1,4 +1,4 @@
-//! Models-as-a-Service: raw rows in, propensity scores out (spec §8).
+//! Scoring: raw rows in, propensity scores out (spec §8).
 //!
 //! The online path applies `features::v1::transform` with the *stored*
 //! statistics and `as_of` of the model's feature version (never refitted on
