@@ -96,7 +96,7 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
             for rel in st.outputs.keys() {
                 let p = ws.abs(rel);
                 match st.ingredients.kind.as_str() {
-                    "train" => {
+                    "train" if st.ingredients.params.get("output").and_then(|v| v.as_str()).is_none_or(|m| m == rel) => {
                         if let Ok(b) = std::fs::read(&p)
                             && let Err(e) = crate::model::artifact::load_verified(&b, rel, k, &tenant)
                         {

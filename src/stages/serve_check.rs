@@ -1,6 +1,6 @@
 //! `uses: serve-check` — proves the serving path equals the offline path
 //! (spec §8). For the tenant's test rows it scores (a) the raw columns through
-//! the online path (`serve`: v1 transform with the *stored* statistics, then
+//! the online path (`scoring`: v1 transform with the *stored* statistics, then
 //! the model) and (b) the stored features through the model, and fails if any
 //! score differs by more than 1e-9, if the model's feature version or feature
 //! hash does not match the store, or if the model's hash does not match its
@@ -12,7 +12,7 @@ use crate::crypto::IntegrityKey;
 use crate::model::artifact::load_verified;
 use crate::workspace::ContentHash;
 use crate::model::split::test_mask;
-use crate::serve;
+use crate::scoring;
 use crate::util::atomic::write_json_atomic;
 use anyhow::{Context, Result, bail};
 use arrow_array::{Array, BooleanArray};
@@ -53,7 +53,7 @@ pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, mo
     }
     let artifact = load_verified(&bytes, &model.display().to_string(), key, tenant)?;
     let (manifest, batches) = crate::store::open_verified(store_dir, key)?;
-    serve::check_model_matches_store(&artifact, &manifest)?;
+    scoring::check_model_matches_store(&artifact, &manifest)?;
     if artifact.feature_stats != manifest.stats {
         bail!("the statistics stored with feature version {} differ from those the model was trained with", manifest.feature_set_version);
     }
@@ -64,7 +64,7 @@ pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, mo
     for batch in batches {
         let batch = batch?;
         let labels = batch.column_by_name(schema::CONVERTED).and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
-        let rows = serve::stored_features(&batch)?;
+        let rows = scoring::stored_features(&batch)?;
         let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
         let mask = test_mask(tenant, &ids);
         for (i, (id, x)) in rows.into_iter().enumerate() {
@@ -85,7 +85,7 @@ pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, mo
     for batch in crate::data::parquet_io::open_batches_columns(data, crate::data::DEFAULT_BATCH_SIZE, &raw_cols)? {
         let batch = batch?;
         total += batch.num_rows() as u64;
-        for (id, x) in serve::raw_features(&manifest.stats, as_of, &batch)? {
+        for (id, x) in scoring::raw_features(&manifest.stats, as_of, &batch)? {
             // The offline map holds exactly the test split (hashed once per row).
             let Some(&(off, y)) = offline.get(&id) else { continue };
             let online = artifact.predict_proba_row(&x);

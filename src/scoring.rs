@@ -1,4 +1,4 @@
-//! Models-as-a-Service: raw rows in, propensity scores out (spec §8).
+//! Scoring: raw rows in, propensity scores out (spec §8).
 //!
 //! The online path applies `features::v1::transform` with the *stored*
 //! statistics and `as_of` of the model's feature version (never refitted on
@@ -134,7 +134,12 @@ pub fn load_deployed_with(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, 
         ),
         None => return Err(crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", ws.root().display()))),
     };
-    let (rel, rec) = train.outputs.iter().next().context("train stage recorded no output")?;
+    // The model is the `output` param (train also writes `….eval.json`).
+    let (rel, rec) = match train.ingredients.params.get("output").and_then(|v| v.as_str()) {
+        Some(out) => train.outputs.get_key_value(out),
+        None => train.outputs.iter().next(),
+    }
+    .context("train stage recorded no model output")?;
     let model_path = ws.abs(rel);
     let bytes = std::fs::read(&model_path).with_context(|| format!("cannot read the model {rel}"))?;
     let hash = ContentHash::of_bytes(&bytes);
