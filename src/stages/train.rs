@@ -64,7 +64,7 @@ impl StageKind for Train {
             bail!(
                 "the feature store {} holds tenant {}'s features, not tenant {tenant}'s: refusing to train tenant {tenant}'s model on them; fix `with.store`",
                 ctx.rel(dir),
-                crate::data::show_tenant(&manifest.tenant)
+                if crate::data::is_valid_tenant_id(&manifest.tenant) { manifest.tenant.clone() } else { crate::data::show_tenant(&manifest.tenant) }
             );
         }
         let mut data = TrainingData { tenant: tenant.to_string(), customer_id: vec![], x: vec![], y: vec![] };
