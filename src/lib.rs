@@ -12,6 +12,7 @@
 //! - [`serve`]: the prediction path shared by `predict` and `serve-check`;
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
+pub mod config;
 pub mod crypto;
 pub mod data;
 pub mod engine;
