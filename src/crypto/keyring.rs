@@ -351,7 +351,9 @@ impl Keyring {
         if fs::symlink_metadata(&path).is_err() {
             bail!("there is no keyring at {}: nothing to rewrap (use `dagrun keys init --master URI` for a new workspace)", path.display());
         }
-        let (new_master, _) = Master::open_or_create(workspace, &to)?;
+        // The new key must exist (made by the HSM's administrator, or `keys init`):
+        // a typo in the URI must not silently mint a key nobody backs up.
+        let new_master = Master::open(workspace, &to)?;
         drop(to);
         let audit = AuditLog::new(&keys_dir(workspace));
         let file = read_keyring(&path)?;

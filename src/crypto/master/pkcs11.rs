@@ -102,8 +102,7 @@ fn is_lost(e: &P11Error) -> bool {
                 | RvError::UserNotLoggedIn
                 | RvError::CryptokiNotInitialized
                 | RvError::GeneralError
-                | RvError::DeviceMemory
-                | RvError::FunctionFailed,
+                | RvError::DeviceMemory,
             _
         )
     )
@@ -222,6 +221,12 @@ impl HsmKey {
                 RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange | RvError::DataInvalid | RvError::DataLenRange,
                 _,
             )) => Ok(None),
+            // Some tokens (SoftHSM2) report a GCM tag mismatch as a general failure:
+            // if the session still answers, it was the tag; otherwise the session is gone.
+            Err(e @ P11Error::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)) => match s.get_session_info() {
+                Ok(_) => Ok(None),
+                Err(_) => Err(self.lost(&e)),
+            },
             Err(e) if is_lost(&e) => Err(self.lost(&e)),
             Err(e) => Err(anyhow!("token {} refused to unwrap a key with {} ({})", self.token, self.desc, short(&e))),
         }
