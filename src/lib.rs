@@ -14,6 +14,7 @@
 //! - [`workspace`]: the one owner of paths and the lock, content hashes,
 //!   authenticated records, the content-addressed store.
 pub mod commands;
+pub mod config;
 pub mod crypto;
 pub mod data;
 pub mod engine;

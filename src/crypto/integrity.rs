@@ -6,12 +6,12 @@
 //! - It is derived from the master key with HKDF-SHA256 (RFC 5869), salt
 //!   [`HKDF_SALT`], info [`HKDF_INFO`]: its own label, so it is never the
 //!   master key itself and knowing it reveals nothing about the master key or
-//!   any tenant key.
+//!   any tenant key. A PKCS#11 master key never leaves its token: there the
+//!   HKDF input is a fixed-input encryption made inside the token
+//!   (`crypto::master::Master::integrity_key`).
 //! - Callers get it only through [`crate::crypto::Keyring::integrity_key`]
-//!   (or [`crate::crypto::Keyring::open_existing`] for read-only commands):
-//!   a master-key source that cannot export raw key bytes (an HSM) changes
-//!   how the keyring makes it (e.g. a random integrity key wrapped in the
-//!   keyring) without touching any caller.
+//!   (or [`crate::crypto::Keyring::open_existing`] for read-only commands),
+//!   so how it is made can change without touching any caller.
 //! - A MAC is keyed blake3 (`blake3::keyed_hash`) over a domain label, a
 //!   newline and the record's canonical bytes; MACs compare in constant time.
 //! - The key is wiped on drop and never printed (`Debug` says `[redacted]`).
@@ -55,11 +55,6 @@ pub fn hkdf_sha256_32(salt: &[u8], ikm: &[u8], info: &[u8]) -> [u8; 32] {
 }
 
 impl IntegrityKey {
-    /// Derive the integrity key from master key bytes (HKDF, own label).
-    pub(crate) fn derive(master: &[u8; 32]) -> IntegrityKey {
-        IntegrityKey(hkdf_sha256_32(HKDF_SALT, master, HKDF_INFO))
-    }
-
     /// A key from raw bytes (tests; an HSM-backed source that unwraps one).
     pub fn from_bytes(bytes: [u8; 32]) -> IntegrityKey {
         IntegrityKey(bytes)
@@ -100,14 +95,14 @@ mod tests {
     #[test]
     fn derived_key_is_not_the_master_and_macs_bind_domain_and_bytes() {
         let master = [7u8; 32];
-        let k = IntegrityKey::derive(&master);
+        let k = IntegrityKey::from_bytes(hkdf_sha256_32(HKDF_SALT, &master, HKDF_INFO));
         assert_ne!(k.0, master);
         let m = k.mac("state", b"abc").to_hex().to_string();
         assert!(k.verify("state", b"abc", &m));
         assert!(!k.verify("model", b"abc", &m));
         assert!(!k.verify("state", b"abd", &m));
         assert!(!k.verify("state", b"abc", "zz"));
-        assert!(!IntegrityKey::derive(&[8u8; 32]).verify("state", b"abc", &m));
+        assert!(!IntegrityKey::from_bytes(hkdf_sha256_32(HKDF_SALT, &[8u8; 32], HKDF_INFO)).verify("state", b"abc", &m));
         assert_eq!(format!("{k:?}"), "IntegrityKey([redacted])");
     }
 }
