@@ -369,7 +369,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             let w = Workspace::existing(cli.workspace.as_deref(), abs.parent().unwrap_or(&abs))?;
             let ws = w.root().to_path_buf();
             let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
-            let key = dagrun::crypto::Keyring::open_existing(&ws)?.map(|k| k.integrity_key());
+            let key = dagrun::crypto::Keyring::open_existing(&ws)?.and_then(|k| k.integrity_key());
             let states = dagrun::workspace::state::StateStore::new(&w, key);
             let tree = lineage::trace(&ws, &states, &rel)
                 .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;
@@ -392,7 +392,11 @@ fn real_main(cli: &Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Keys { action } => {
-            let ws = workspace_from_cwd(cli)?;
+            // `keys init` may start a workspace; every other key command needs one.
+            let ws = match action {
+                KeysCmd::Init { .. } => Workspace::new_or_existing(cli.workspace.as_deref())?.root().to_path_buf(),
+                _ => workspace_from_cwd(cli)?,
+            };
             let secs = |w: &Option<f64>| w.map(Duration::from_secs_f64);
             match action {
                 KeysCmd::List { json } => commands::keys::list(&ws, *json)?,

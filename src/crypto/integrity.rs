@@ -3,12 +3,13 @@
 //! artifacts, feature-store manifests; see `workspace::record`).
 //!
 //! Rules:
-//! - It is derived from the master key with HKDF-SHA256 (RFC 5869), salt
-//!   [`HKDF_SALT`], info [`HKDF_INFO`]: its own label, so it is never the
-//!   master key itself and knowing it reveals nothing about the master key or
-//!   any tenant key. A PKCS#11 master key never leaves its token: there the
-//!   HKDF input is a fixed-input encryption made inside the token
-//!   (`crypto::master::Master::integrity_key`).
+//! - It is derived with HKDF-SHA256 (RFC 5869), salt [`HKDF_SALT`], info
+//!   [`HKDF_INFO`] (its own label) from a random 32-byte seed that the keyring
+//!   keeps wrapped under the master key, exactly like a tenant key. So it is
+//!   never the master key itself, knowing it reveals nothing about the master
+//!   or any tenant key, it works the same when the master key is in a PKCS#11
+//!   token (whose bytes never leave it), and `keys rewrap` (master-key
+//!   rotation) re-wraps the seed and keeps every record valid.
 //! - Callers get it only through [`crate::crypto::Keyring::integrity_key`]
 //!   (or [`crate::crypto::Keyring::open_existing`] for read-only commands),
 //!   so how it is made can change without touching any caller.
@@ -55,6 +56,11 @@ pub fn hkdf_sha256_32(salt: &[u8], ikm: &[u8], info: &[u8]) -> [u8; 32] {
 }
 
 impl IntegrityKey {
+    /// Derive the integrity key from its 32-byte seed (HKDF, own label).
+    pub(crate) fn derive(seed: &[u8; 32]) -> IntegrityKey {
+        IntegrityKey(hkdf_sha256_32(HKDF_SALT, seed, HKDF_INFO))
+    }
+
     /// A key from raw bytes (tests; an HSM-backed source that unwraps one).
     pub fn from_bytes(bytes: [u8; 32]) -> IntegrityKey {
         IntegrityKey(bytes)
@@ -95,14 +101,14 @@ mod tests {
     #[test]
     fn derived_key_is_not_the_master_and_macs_bind_domain_and_bytes() {
         let master = [7u8; 32];
-        let k = IntegrityKey::from_bytes(hkdf_sha256_32(HKDF_SALT, &master, HKDF_INFO));
+        let k = IntegrityKey::derive(&master);
         assert_ne!(k.0, master);
         let m = k.mac("state", b"abc").to_hex().to_string();
         assert!(k.verify("state", b"abc", &m));
         assert!(!k.verify("model", b"abc", &m));
         assert!(!k.verify("state", b"abd", &m));
         assert!(!k.verify("state", b"abc", "zz"));
-        assert!(!IntegrityKey::from_bytes(hkdf_sha256_32(HKDF_SALT, &[8u8; 32], HKDF_INFO)).verify("state", b"abc", &m));
+        assert!(!IntegrityKey::derive(&[8u8; 32]).verify("state", b"abc", &m));
         assert_eq!(format!("{k:?}"), "IntegrityKey([redacted])");
     }
 }

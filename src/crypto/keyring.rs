@@ -146,7 +146,16 @@ struct KeyringFile {
     tenants: BTreeMap<String, TenantEntry>,
     #[serde(default)]
     forgotten: Vec<Tombstone>,
+    /// The workspace integrity seed, wrapped like a tenant key (AAD tenant part
+    /// [`INTEGRITY_OWNER`]); see [`Keyring::integrity_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    integrity: Option<StoredKey>,
 }
+
+/// Owner part of the integrity seed's wrapping AAD (not a valid tenant id).
+const INTEGRITY_OWNER: &str = "@workspace";
+/// Id of the integrity seed.
+const INTEGRITY_ID: &str = "integrity-seed-1";
 
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct TenantEntry {
@@ -227,8 +236,9 @@ pub struct Keyring {
     key_check: String,
     master: Master,
     audit: AuditLog,
-    /// Authenticates dagrun's records (see `crypto::integrity`).
-    integrity: std::sync::Arc<super::integrity::IntegrityKey>,
+    /// Authenticates dagrun's records (see `crypto::integrity`); None until the
+    /// seed exists ([`Keyring::ensure_integrity_key`]).
+    integrity: std::sync::OnceLock<std::sync::Arc<super::integrity::IntegrityKey>>,
     state: Mutex<KeyringFile>,
 }
 
@@ -279,13 +289,46 @@ impl Keyring {
         Self::with_master(workspace, master).map(Some)
     }
 
-    /// The workspace integrity key: the ONE way to get it (see
-    /// `crypto::integrity`). Derived with HKDF-SHA256 and its own label from
-    /// the master key (a file or env key), or, for a PKCS#11 master key whose
-    /// bytes never leave the token, from a fixed-input encryption made inside
-    /// the token ([`Master::integrity_key`]).
-    pub fn integrity_key(&self) -> std::sync::Arc<super::integrity::IntegrityKey> {
-        self.integrity.clone()
+    /// The workspace integrity key, if the workspace has one yet: the ONE way
+    /// to get it (see `crypto::integrity`). It is HKDF-SHA256 (own label) of a
+    /// random 32-byte seed kept in the keyring wrapped under the master key,
+    /// like a tenant key: it works the same for a file and a PKCS#11 master,
+    /// and survives `keys rewrap` (the seed is re-wrapped with the keys), so
+    /// rotating the master key does not invalidate any record.
+    pub fn integrity_key(&self) -> Option<std::sync::Arc<super::integrity::IntegrityKey>> {
+        self.integrity.get().cloned()
+    }
+
+    /// The integrity key, creating (and persisting) its seed on first use.
+    /// A keyring write: call it only under the workspace lock (`run`).
+    pub fn ensure_integrity_key(&self) -> Result<std::sync::Arc<super::integrity::IntegrityKey>> {
+        if let Some(k) = self.integrity_key() {
+            return Ok(k);
+        }
+        let mut g = self.lock();
+        if g.integrity.is_none() {
+            let mut seed = super::keys::random_32()?;
+            let wrapped = wrap_with(&self.master, INTEGRITY_OWNER, INTEGRITY_ID, &seed);
+            wipe(&mut seed);
+            let mut new = (*g).clone();
+            new.integrity = Some(StoredKey { id: INTEGRITY_ID.into(), created: now(), state: KeyState::Active, wrapped: wrapped? });
+            self.commit(&mut g, new)?;
+        }
+        drop(g);
+        self.load_integrity()?;
+        self.integrity_key().context("the integrity key was just created (internal error)")
+    }
+
+    /// Unwrap the integrity seed (if any) and derive the key.
+    fn load_integrity(&self) -> Result<()> {
+        let stored = self.lock().integrity.clone();
+        if let Some(k) = stored {
+            let mut seed = self.unwrap_bytes(INTEGRITY_OWNER, &k)?;
+            let key = super::integrity::IntegrityKey::derive(&seed);
+            wipe(&mut seed);
+            let _ = self.integrity.set(std::sync::Arc::new(key));
+        }
+        Ok(())
     }
 
     /// Open with an explicit master key source (tests, or callers that already
@@ -319,11 +362,13 @@ impl Keyring {
                 master: Some(master.record()),
                 tenants: BTreeMap::new(),
                 forgotten: Vec::new(),
+                integrity: None,
             };
             (file, check)
         };
-        let integrity = std::sync::Arc::new(master.integrity_key()?);
-        Ok(Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), integrity, state: Mutex::new(file) })
+        let ring = Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), integrity: std::sync::OnceLock::new(), state: Mutex::new(file) };
+        ring.load_integrity()?;
+        Ok(ring)
     }
 
     /// Start a workspace's keyring under `source` (`dagrun keys init --master`): a
@@ -357,9 +402,9 @@ impl Keyring {
             master: Some(master.record()),
             tenants: BTreeMap::new(),
             forgotten: Vec::new(),
+            integrity: None,
         };
-        let integrity = std::sync::Arc::new(master.integrity_key()?);
-        let ring = Keyring { path, key_check: check, master, audit, integrity, state: Mutex::new(file.clone()) };
+        let ring = Keyring { path, key_check: check, master, audit, integrity: std::sync::OnceLock::new(), state: Mutex::new(file.clone()) };
         let mut g = ring.lock();
         ring.commit(&mut g, file)?;
         drop(g);
@@ -405,9 +450,14 @@ impl Keyring {
         }
         new.key_check = new_master.check_value()?;
         new.master = Some(new_master.record());
-        let integrity = std::sync::Arc::new(new_master.integrity_key()?);
+        if let Some(k) = new.integrity.as_mut() {
+            let mut bytes = old.unwrap_bytes(INTEGRITY_OWNER, k)?;
+            let wrapped = wrap_with(&new_master, INTEGRITY_OWNER, &k.id, &bytes);
+            wipe(&mut bytes);
+            k.wrapped = wrapped?;
+        }
         let ring = Keyring {
-            integrity,
+            integrity: std::sync::OnceLock::new(),
             path: path.clone(),
             key_check: new.key_check.clone(),
             master: new_master,

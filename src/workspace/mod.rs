@@ -10,6 +10,7 @@
 //!   for pipeline commands, the artifact's folder for `lineage`, the current
 //!   folder otherwise) that holds `.dagrun/` or `config/`. Pipeline commands
 //!   fall back to the pipeline file's folder (a new workspace);
+//!   `keys init` ([`Workspace::new_or_existing`]) to the current folder;
 //!   every other command ([`Workspace::existing`]) needs a `.dagrun/` there
 //!   and refuses with exit 2 otherwise, creating nothing.
 //! - **The lock.** Every command that writes workspace state (`run`,
@@ -87,6 +88,17 @@ impl Workspace {
             )));
         }
         Ok(ws)
+    }
+
+    /// The workspace a command that may start one (`keys init`) works in:
+    /// `given`, else [`Workspace::locate`] from the current folder, else the
+    /// current folder.
+    pub fn new_or_existing(given: Option<&Path>) -> Result<Workspace> {
+        if let Some(w) = given {
+            return Ok(Workspace::at(w));
+        }
+        let cwd = std::env::current_dir()?;
+        Ok(Workspace::locate(&cwd).unwrap_or_else(|| Workspace::at(&cwd)))
     }
 
     /// The existing workspace of a command run from the current folder.
