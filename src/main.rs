@@ -369,7 +369,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             let w = Workspace::existing(cli.workspace.as_deref(), abs.parent().unwrap_or(&abs))?;
             let ws = w.root().to_path_buf();
             let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
-            let key = dagrun::crypto::Keyring::open_existing(&ws)?.and_then(|k| k.integrity_key());
+            let key = dagrun::crypto::Keyring::open_existing(&ws)?.map(|k| k.integrity_key());
             let states = dagrun::workspace::state::StateStore::new(&w, key);
             let tree = lineage::trace(&ws, &states, &rel)
                 .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;

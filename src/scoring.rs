@@ -104,8 +104,7 @@ pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> R
     let ring = crate::crypto::Keyring::open_existing(ws.root())?.ok_or_else(|| {
         anyhow!("no master key in {}: dagrun cannot verify any model here (models are signed with a key derived from it); refusing to serve", ws.root().display())
     })?;
-    let key = ring.integrity_key().ok_or_else(|| anyhow!("{} has no integrity key yet (no pipeline has run): no model here can be verified; refusing to serve", ws.root().display()))?;
-    load_deployed_with(&ws, key, tenant, version)
+    load_deployed_with(&ws, ring.integrity_key(), tenant, version)
 }
 
 /// Load tenant `tenant`'s model, refusing anything not authentic: the train

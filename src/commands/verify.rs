@@ -48,14 +48,14 @@ fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
 pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
     let ws = Workspace::at(workspace);
     let _lock = if repair { Some(ws.lock(None, "dagrun verify --repair")?) } else { None };
-    let key: Option<Arc<IntegrityKey>> = Keyring::open_existing(ws.root())?.and_then(|k| k.integrity_key());
+    let key: Option<Arc<IntegrityKey>> = Keyring::open_existing(ws.root())?.map(|k| k.integrity_key());
     let cas = Cas::read_only(&ws);
     let states = StateStore::new(&ws, key.clone());
     let mut r = VerifyReport::default();
     check_objects(&ws, &cas, repair, &mut r);
     if key.is_none() && (ws.state_dir().is_dir() || ws.actions_dir().is_dir()) {
         r.problems.push(format!(
-            "no master key or no integrity key in {}: state records, models and manifests cannot be verified (set the master key dagrun runs with, or restore .dagrun/keys/ from a backup)",
+            "no master key in {}: state records, models and manifests cannot be verified (set the master key dagrun runs with, or restore .dagrun/keys/master.key from a backup)",
             ws.root().display()
         ));
     }

@@ -3,13 +3,15 @@
 //! artifacts, feature-store manifests; see `workspace::record`).
 //!
 //! Rules:
-//! - It is derived with HKDF-SHA256 (RFC 5869), salt [`HKDF_SALT`], info
-//!   [`HKDF_INFO`] (its own label) from a random 32-byte seed that the keyring
-//!   keeps wrapped under the master key, exactly like a tenant key. So it is
-//!   never the master key itself, knowing it reveals nothing about the master
-//!   or any tenant key, it works the same when the master key is in a PKCS#11
-//!   token (whose bytes never leave it), and `keys rewrap` (master-key
-//!   rotation) re-wraps the seed and keeps every record valid.
+//! - It is derived from the master key with HKDF-SHA256 (RFC 5869), salt
+//!   [`HKDF_SALT`], info [`HKDF_INFO`] (its own label), so it is never the
+//!   master key itself and knowing it reveals nothing about the master or any
+//!   tenant key. A PKCS#11 master key never leaves its token: there the HKDF
+//!   input is a fixed-input encryption made inside the token
+//!   (`crypto::master::Master::integrity_key`).
+//! - `keys rewrap` (master-key rotation) keeps it: the keyring then stores the
+//!   old integrity key wrapped under the new master, like a tenant key, and
+//!   that stored key wins over the derivation, so every record stays valid.
 //! - Callers get it only through [`crate::crypto::Keyring::integrity_key`]
 //!   (or [`crate::crypto::Keyring::open_existing`] for read-only commands),
 //!   so how it is made can change without touching any caller.
@@ -56,9 +58,15 @@ pub fn hkdf_sha256_32(salt: &[u8], ikm: &[u8], info: &[u8]) -> [u8; 32] {
 }
 
 impl IntegrityKey {
-    /// Derive the integrity key from its 32-byte seed (HKDF, own label).
-    pub(crate) fn derive(seed: &[u8; 32]) -> IntegrityKey {
-        IntegrityKey(hkdf_sha256_32(HKDF_SALT, seed, HKDF_INFO))
+    /// Derive an integrity key from 32 bytes of key material (HKDF, own label).
+    #[cfg(test)]
+    pub(crate) fn derive(ikm: &[u8; 32]) -> IntegrityKey {
+        IntegrityKey(hkdf_sha256_32(HKDF_SALT, ikm, HKDF_INFO))
+    }
+
+    /// The key bytes (to carry the key across a master-key rewrap).
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 
     /// A key from raw bytes (tests; an HSM-backed source that unwraps one).

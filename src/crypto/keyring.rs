@@ -146,16 +146,17 @@ struct KeyringFile {
     tenants: BTreeMap<String, TenantEntry>,
     #[serde(default)]
     forgotten: Vec<Tombstone>,
-    /// The workspace integrity seed, wrapped like a tenant key (AAD tenant part
-    /// [`INTEGRITY_OWNER`]); see [`Keyring::integrity_key`].
+    /// The workspace integrity key carried over a master-key rewrap, wrapped
+    /// like a tenant key (AAD owner part [`INTEGRITY_OWNER`]); see
+    /// [`Keyring::integrity_key`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     integrity: Option<StoredKey>,
 }
 
-/// Owner part of the integrity seed's wrapping AAD (not a valid tenant id).
+/// Owner part of the stored integrity key's wrapping AAD (not a valid tenant id).
 const INTEGRITY_OWNER: &str = "@workspace";
-/// Id of the integrity seed.
-const INTEGRITY_ID: &str = "integrity-seed-1";
+/// Id of the stored integrity key.
+const INTEGRITY_ID: &str = "integrity-1";
 
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct TenantEntry {
@@ -236,9 +237,8 @@ pub struct Keyring {
     key_check: String,
     master: Master,
     audit: AuditLog,
-    /// Authenticates dagrun's records (see `crypto::integrity`); None until the
-    /// seed exists ([`Keyring::ensure_integrity_key`]).
-    integrity: std::sync::OnceLock<std::sync::Arc<super::integrity::IntegrityKey>>,
+    /// Authenticates dagrun's records (see `crypto::integrity`).
+    integrity: std::sync::Arc<super::integrity::IntegrityKey>,
     state: Mutex<KeyringFile>,
 }
 
@@ -289,46 +289,12 @@ impl Keyring {
         Self::with_master(workspace, master).map(Some)
     }
 
-    /// The workspace integrity key, if the workspace has one yet: the ONE way
-    /// to get it (see `crypto::integrity`). It is HKDF-SHA256 (own label) of a
-    /// random 32-byte seed kept in the keyring wrapped under the master key,
-    /// like a tenant key: it works the same for a file and a PKCS#11 master,
-    /// and survives `keys rewrap` (the seed is re-wrapped with the keys), so
-    /// rotating the master key does not invalidate any record.
-    pub fn integrity_key(&self) -> Option<std::sync::Arc<super::integrity::IntegrityKey>> {
-        self.integrity.get().cloned()
-    }
-
-    /// The integrity key, creating (and persisting) its seed on first use.
-    /// A keyring write: call it only under the workspace lock (`run`).
-    pub fn ensure_integrity_key(&self) -> Result<std::sync::Arc<super::integrity::IntegrityKey>> {
-        if let Some(k) = self.integrity_key() {
-            return Ok(k);
-        }
-        let mut g = self.lock();
-        if g.integrity.is_none() {
-            let mut seed = super::keys::random_32()?;
-            let wrapped = wrap_with(&self.master, INTEGRITY_OWNER, INTEGRITY_ID, &seed);
-            wipe(&mut seed);
-            let mut new = (*g).clone();
-            new.integrity = Some(StoredKey { id: INTEGRITY_ID.into(), created: now(), state: KeyState::Active, wrapped: wrapped? });
-            self.commit(&mut g, new)?;
-        }
-        drop(g);
-        self.load_integrity()?;
-        self.integrity_key().context("the integrity key was just created (internal error)")
-    }
-
-    /// Unwrap the integrity seed (if any) and derive the key.
-    fn load_integrity(&self) -> Result<()> {
-        let stored = self.lock().integrity.clone();
-        if let Some(k) = stored {
-            let mut seed = self.unwrap_bytes(INTEGRITY_OWNER, &k)?;
-            let key = super::integrity::IntegrityKey::derive(&seed);
-            wipe(&mut seed);
-            let _ = self.integrity.set(std::sync::Arc::new(key));
-        }
-        Ok(())
+    /// The workspace integrity key: the ONE way to get it (see
+    /// `crypto::integrity`). Derived from the master key with HKDF-SHA256 and
+    /// its own label ([`Master::integrity_key`]: file/env keys and PKCS#11 keys
+    /// alike), unless a `keys rewrap` stored the previous one in the keyring.
+    pub fn integrity_key(&self) -> std::sync::Arc<super::integrity::IntegrityKey> {
+        self.integrity.clone()
     }
 
     /// Open with an explicit master key source (tests, or callers that already
@@ -366,9 +332,8 @@ impl Keyring {
             };
             (file, check)
         };
-        let ring = Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), integrity: std::sync::OnceLock::new(), state: Mutex::new(file) };
-        ring.load_integrity()?;
-        Ok(ring)
+        let integrity = std::sync::Arc::new(integrity_of(&master, &path, file.integrity.as_ref())?);
+        Ok(Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), integrity, state: Mutex::new(file) })
     }
 
     /// Start a workspace's keyring under `source` (`dagrun keys init --master`): a
@@ -404,7 +369,8 @@ impl Keyring {
             forgotten: Vec::new(),
             integrity: None,
         };
-        let ring = Keyring { path, key_check: check, master, audit, integrity: std::sync::OnceLock::new(), state: Mutex::new(file.clone()) };
+        let integrity = std::sync::Arc::new(master.integrity_key()?);
+        let ring = Keyring { path, key_check: check, master, audit, integrity, state: Mutex::new(file.clone()) };
         let mut g = ring.lock();
         ring.commit(&mut g, file)?;
         drop(g);
@@ -450,14 +416,15 @@ impl Keyring {
         }
         new.key_check = new_master.check_value()?;
         new.master = Some(new_master.record());
-        if let Some(k) = new.integrity.as_mut() {
-            let mut bytes = old.unwrap_bytes(INTEGRITY_OWNER, k)?;
-            let wrapped = wrap_with(&new_master, INTEGRITY_OWNER, &k.id, &bytes);
-            wipe(&mut bytes);
-            k.wrapped = wrapped?;
-        }
+        // The integrity key survives the rotation: stored, wrapped under the new master.
+        new.integrity = Some(StoredKey {
+            id: INTEGRITY_ID.into(),
+            created: now(),
+            state: KeyState::Active,
+            wrapped: wrap_with(&new_master, INTEGRITY_OWNER, INTEGRITY_ID, old.integrity.bytes())?,
+        });
         let ring = Keyring {
-            integrity: std::sync::OnceLock::new(),
+            integrity: old.integrity.clone(),
             path: path.clone(),
             key_check: new.key_check.clone(),
             master: new_master,
@@ -800,6 +767,19 @@ impl Keyring {
         let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{}", k.id);
         self.master.unwrap(aad.as_bytes(), &blob)?.ok_or_else(damaged)
     }
+}
+
+/// The integrity key: the one stored by a rewrap, else the master's own.
+fn integrity_of(master: &Master, path: &Path, stored: Option<&StoredKey>) -> Result<super::integrity::IntegrityKey> {
+    let Some(k) = stored else { return master.integrity_key() };
+    let damaged = || anyhow!("the stored integrity key in the keyring {} does not unwrap although the master key matches: restore the keyring from a backup", path.display());
+    let blob = hex::decode(&k.wrapped).map_err(|_| damaged())?;
+    let blob = <[u8; WRAPPED_LEN]>::try_from(blob.as_slice()).map_err(|_| damaged())?;
+    let aad = format!("{WRAP_AAD_PREFIX}{INTEGRITY_OWNER}|{}", k.id);
+    let mut bytes = master.unwrap(aad.as_bytes(), &blob)?.ok_or_else(damaged)?;
+    let key = super::integrity::IntegrityKey::from_bytes(bytes);
+    wipe(&mut bytes);
+    Ok(key)
 }
 
 fn wrap_with(master: &Master, tenant: &str, id: &str, key: &[u8; 32]) -> Result<String> {

@@ -55,7 +55,7 @@ impl Services {
 
     /// The workspace integrity key (MACs of models and feature manifests).
     pub fn integrity_key(&self) -> Result<Arc<IntegrityKey>> {
-        self.keyring()?.ensure_integrity_key()
+        Ok(self.keyring()?.integrity_key())
     }
 }
 
