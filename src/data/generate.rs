@@ -375,18 +375,18 @@ mod tests {
         assert_ne!(a, std::fs::read(&a3).unwrap());
     }
 
-    /// The generator's bytes are a contract (generator v1): drawing pass 2 in
-    /// parallel chunks must give exactly the bytes of the sequential code that
-    /// preceded it. The hash was taken from that code's output (200,000 rows:
-    /// several batches, several chunks per batch).
+    /// The generator's values are a contract (generator v1): drawing pass 2 in
+    /// parallel chunks must give exactly the rows of the sequential code that
+    /// preceded it. The hash is of that code's `dagrun sample … --out a.csv`
+    /// (200,000 rows: several batches, several chunks per batch).
     #[test]
     fn parallel_generation_keeps_the_v1_bytes() {
         use sha2::Digest;
         let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("a.parquet");
-        generate_tenant(&out, "Tenant_A", 200_000, 7, parse_date("2026-01-01").unwrap()).unwrap();
+        let out = d.path().join("a.csv");
+        crate::commands::sample::sample(&out, "Tenant_A", 200_000, 7, parse_date("2026-01-01").unwrap(), true).unwrap();
         let got = hex::encode(sha2::Sha256::digest(std::fs::read(&out).unwrap()));
-        assert_eq!(got, "845095a3d35c95441e4d49d5b1ef19961f962ea7a370cb1e2b04071f49e2226e");
+        assert_eq!(got, "db372950930f6958c0e7764f44810208411302973fe41ed9e7d3210946232aa2");
         // And chunking never matters: any split of a range draws the same rows.
         let stats = v1::fit(&[10, 12, 9], &mut [1.0, 2.0, 3.0]);
         let (logins, purchases) = (vec![11i64; 50], vec![20.0f64; 50]);
