@@ -97,6 +97,10 @@ pub struct RunRecord {
     #[serde(default)]
     pub forced: Vec<String>,
     pub stages: Vec<StageRecord>,
+    /// OpenLineage delivery: `{file, events, endpoint?, delivered?, rejected?,
+    /// pending, error?}` (`pending` = events spooled for the next run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openlineage: Option<Value>,
 }
 
 /// A new, sortable, unique run id: `YYYYMMDD-HHMMSS-mmm-XXXX`.

@@ -62,6 +62,8 @@ impl StageKind for Cmd {
         if std::env::var_os("PATH").is_none() {
             c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
         }
+        // Secrets meant for dagrun itself never reach a command.
+        c.env_remove(crate::lineage::TOKEN_ENV);
         c.env("DAGRUN_WORKSPACE", ctx.workspace).env("DAGRUN_STAGE", &s.name);
         if let Some(t) = &s.tenant {
             c.env("DAGRUN_TENANT", t);
