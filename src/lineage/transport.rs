@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 /// Time to open a connection to the endpoint.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time for a whole request (connect, send, response).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the end of a run waits for the sender to deliver what is queued.
-pub const FLUSH_GRACE: Duration = Duration::from_secs(2);
+pub const FLUSH_GRACE: Duration = Duration::from_secs(1);
 /// Most events kept in the spool.
 pub const MAX_PENDING: usize = 100_000;
 /// Largest event line accepted back from the spool.

@@ -8,4 +8,5 @@ mod cache;
 mod failures;
 mod faults;
 mod hostile;
+mod openlineage;
 mod propensity;
