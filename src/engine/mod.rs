@@ -533,6 +533,8 @@ impl Engine {
         }
         dirs.insert(self.dagrun_dir.clone()); // the hash memo
         dirs.insert(self.dagrun_dir.join("state"));
+        dirs.insert(self.dagrun_dir.join("openlineage")); // workspace id, spool
+        dirs.insert(self.dagrun_dir.join("metrics")); // last successful run
         dirs.insert(self.dagrun_dir.join("cache").join("actions"));
         dirs.insert(self.dagrun_dir.join("cache").join("objects")); // ingest staging files
         if let Ok(rd) = std::fs::read_dir(self.dagrun_dir.join("cache").join("objects")) {

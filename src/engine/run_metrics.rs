@@ -46,7 +46,19 @@ const LAST_SUCCESS_FORMAT: &str = "dagrun-last-success/1";
 const MAX_STATE_BYTES: u64 = 1 << 20;
 
 impl RunMetrics {
+    /// Also removes what a killed run may have left of an earlier write of
+    /// `path` (its temporary files; the collector ignores them anyway).
     pub fn new(path: PathBuf) -> RunMetrics {
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+            let prefix = format!(".{}{}", name.to_string_lossy(), crate::util::atomic::TEMP_MARKER);
+            if let Ok(rd) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
         RunMetrics { path }
     }
 }
@@ -276,5 +288,57 @@ impl RunObserver for RunMetrics {
         if let Err(e) = crate::util::atomic::write_atomic(&self.path, text.as_bytes()) {
             tracing::warn!("cannot write the metrics file: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_reports_are_read_as_untrusted_input() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("drift.json");
+        std::fs::write(
+            &p,
+            r#"{"format":"dagrun-drift/1","tenant":"Tenant_A","max_psi":0.25,"features":[
+                {"name":"Recency_Days","psi":0.31},{"name":"bad\"name","psi":0.5},{"name":"Login_Count","psi":"x"},{"name":"Purchase_Amount","psi":0.02}]}"#,
+        )
+        .unwrap();
+        let (max, rows) = read_drift_report(&p).unwrap();
+        assert_eq!(max, 0.25);
+        assert_eq!(rows, vec![("Recency_Days".to_string(), 0.31), ("Purchase_Amount".to_string(), 0.02)]);
+        std::fs::write(&p, r#"{"format":"other/1","max_psi":0.25,"features":[]}"#).unwrap();
+        assert!(read_drift_report(&p).is_none());
+        std::fs::write(&p, "not json").unwrap();
+        assert!(read_drift_report(&p).is_none());
+    }
+
+    #[test]
+    fn the_champion_is_the_registry_s_when_there_is_one_else_the_trained_model() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-1"));
+        let reg = d.path().join("registry/Tenant_A");
+        std::fs::create_dir_all(&reg).unwrap();
+        std::fs::write(reg.join("champion.json"), r#"{"format":"dagrun-registry-champion/1","tenant":"Tenant_A","version":"Tenant_A-0","previous":[]}"#).unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-0"));
+        // Another tenant's champion file, or a version with odd characters, names no champion.
+        std::fs::write(reg.join("champion.json"), r#"{"tenant":"Tenant_B","version":"Tenant_B-0"}"#).unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")), None);
+        std::fs::write(reg.join("champion.json"), r#"{"tenant":"Tenant_A","version":"a\"} 1\nx"}"#).unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")), None);
+    }
+
+    #[test]
+    fn the_last_success_record_is_untrusted() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(load_last_success(d.path()).is_empty());
+        let m: BTreeMap<String, f64> = [("p.yaml".to_string(), 1.8e9)].into();
+        store_last_success(d.path(), &m).unwrap();
+        assert_eq!(load_last_success(d.path()), m);
+        std::fs::write(last_success_path(d.path()), r#"{"format":"dagrun-last-success/1","pipelines":{"a":-1,"b":"x","c":5}}"#).unwrap();
+        assert_eq!(load_last_success(d.path()), [("c".to_string(), 5.0)].into());
+        std::fs::write(last_success_path(d.path()), "garbage").unwrap();
+        assert!(load_last_success(d.path()).is_empty());
     }
 }
