@@ -9,5 +9,6 @@ mod deploy;
 mod failures;
 mod faults;
 mod hostile;
+mod hsm;
 mod openlineage;
 mod propensity;
