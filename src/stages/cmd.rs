@@ -62,8 +62,6 @@ impl StageKind for Cmd {
         if std::env::var_os("PATH").is_none() {
             c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
         }
-        // Secrets meant for dagrun itself never reach a command.
-        c.env_remove(crate::lineage::TOKEN_ENV);
         c.env("DAGRUN_WORKSPACE", ctx.workspace).env("DAGRUN_STAGE", &s.name);
         if let Some(t) = &s.tenant {
             c.env("DAGRUN_TENANT", t);
@@ -72,6 +70,8 @@ impl StageKind for Cmd {
         // The master key's URI names the PIN's file (pin-source) or holds the PIN
         // (pin-value): no child process gets it, whatever the stage declares.
         c.env_remove(crate::crypto::master::ENV_MASTER_KEY_URI);
+        // The OpenLineage bearer token is for dagrun's own requests only.
+        c.env_remove(crate::lineage::TOKEN_ENV);
         #[cfg(unix)]
         {
             use std::os::unix::process::CommandExt;
