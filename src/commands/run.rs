@@ -20,6 +20,10 @@ pub struct RunArgs {
     pub dry_run: bool,
     pub json: bool,
     pub verbosity: Verbosity,
+    /// `--openlineage-url` (else `DAGRUN_OPENLINEAGE_URL`).
+    pub openlineage_url: Option<String>,
+    /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml).
+    pub metrics_file: Option<std::path::PathBuf>,
 }
 
 /// `--force` as the scheduler takes it: none, everything (`Some([])`), or named stages.
@@ -45,6 +49,8 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
         jobs,
         wait: args.wait.map(Duration::from_secs_f64),
         verbosity: if args.json { Verbosity::Quiet } else { args.verbosity },
+        openlineage_url: args.openlineage_url.clone(),
+        metrics_file: args.metrics_file.clone(),
     };
     let out = scheduler::run(p, &opts)?;
     if args.json {
