@@ -24,7 +24,10 @@
 
 pub mod fingerprint;
 pub mod lineage;
+pub mod observer;
+pub mod openlineage;
 pub mod report;
+pub mod run_metrics;
 pub mod runs;
 pub mod scheduler;
 pub mod status;
@@ -97,6 +100,8 @@ pub struct Engine {
     pub cancel: AtomicBool,
     /// Stages forced to rerun.
     pub forced: HashSet<usize>,
+    /// Told about the run as it goes (OpenLineage, metrics): see [`observer`].
+    pub observers: Vec<Box<dyn observer::RunObserver>>,
     stage_locks: Vec<Mutex<()>>,
 }
 
@@ -137,6 +142,7 @@ impl Engine {
             run_id: runs::new_run_id(),
             cancel: AtomicBool::new(false),
             forced: HashSet::new(),
+            observers: Vec::new(),
             stage_locks: (0..n).map(|_| Mutex::new(())).collect(),
         }
     }
@@ -473,6 +479,10 @@ impl Engine {
                 }
                 h
             };
+            if s.kind.name() != "cmd" {
+                // dagrun wrote it and the stage is done: no re-read on the next run.
+                self.memo.settle(abs);
+            }
             outputs.insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive });
         }
         let changed = match prev {
@@ -533,6 +543,8 @@ impl Engine {
         }
         dirs.insert(self.ws.dagrun_dir()); // the hash memo
         dirs.insert(self.ws.state_dir());
+        dirs.insert(self.ws.dagrun_dir().join("openlineage")); // workspace id, spool
+        dirs.insert(self.ws.dagrun_dir().join("metrics")); // last successful run
         dirs.insert(self.ws.actions_dir());
         dirs.insert(self.ws.objects_dir()); // ingest staging files
         if let Ok(rd) = std::fs::read_dir(self.ws.objects_dir()) {

@@ -1,6 +1,7 @@
 //! Small helpers shared by every module.
 pub mod atomic;
 pub mod par;
+pub mod prometheus;
 
 /// Remove a file, symlink (never its target) or directory tree if present.
 pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {

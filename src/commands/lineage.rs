@@ -1,0 +1,29 @@
+//! `dagrun lineage PATH`: the chain of stages, inputs, params and code versions
+//! that produced an artifact, back to its source files (from the state files).
+
+use crate::engine::lineage;
+use crate::workspace::Workspace;
+use crate::workspace::state::StateStore;
+use crate::error;
+use anyhow::Result;
+use std::path::Path;
+
+/// Print the lineage of `path`. The workspace is `workspace`, else the
+/// existing workspace at or above `path` (exit 2 when none; see `workspace`).
+/// Only authenticated state records are followed.
+pub fn show(workspace: Option<&Path>, path: &Path, json: bool) -> Result<()> {
+    let abs = std::path::absolute(path)?;
+    let w = Workspace::existing(workspace, abs.parent().unwrap_or(&abs))?;
+    let ws = w.root().to_path_buf();
+    let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
+    let key = crate::crypto::Keyring::open_existing(&ws)?.map(|k| k.integrity_key());
+    let states = StateStore::new(&w, key);
+    let tree = lineage::trace(&ws, &states, &rel)
+        .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tree)?);
+    } else {
+        print!("{}", lineage::render(&tree));
+    }
+    Ok(())
+}
