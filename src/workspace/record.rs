@@ -62,22 +62,24 @@ pub fn canonical_json(v: &Value) -> String {
     s
 }
 
+fn write_object(m: &serde_json::Map<String, Value>, skip: Option<&str>, out: &mut String) {
+    let mut keys: Vec<&String> = m.keys().filter(|k| Some(k.as_str()) != skip).collect();
+    keys.sort();
+    out.push('{');
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::String((*k).clone()).to_string());
+        out.push(':');
+        write_canonical(&m[*k], out);
+    }
+    out.push('}');
+}
+
 fn write_canonical(v: &Value, out: &mut String) {
     match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String((*k).clone()).to_string());
-                out.push(':');
-                write_canonical(&m[*k], out);
-            }
-            out.push('}');
-        }
+        Value::Object(m) => write_object(m, None, out),
         Value::Array(a) => {
             out.push('[');
             for (i, x) in a.iter().enumerate() {
@@ -92,16 +94,14 @@ fn write_canonical(v: &Value, out: &mut String) {
     }
 }
 
-/// The MAC (hex) of a record value (its `"mac"` field ignored).
+/// The MAC (hex) of a record value (its top-level `"mac"` field ignored;
+/// nothing is copied).
 pub fn mac_of(key: &IntegrityKey, domain: &str, v: &Value) -> String {
-    let canon = match v {
-        Value::Object(m) if m.contains_key(MAC_FIELD) => {
-            let mut m = m.clone();
-            m.remove(MAC_FIELD);
-            canonical_json(&Value::Object(m))
-        }
-        _ => canonical_json(v),
-    };
+    let mut canon = String::new();
+    match v {
+        Value::Object(m) => write_object(m, Some(MAC_FIELD), &mut canon),
+        _ => write_canonical(v, &mut canon),
+    }
     key.mac(domain, canon.as_bytes()).to_hex().to_string()
 }
 
