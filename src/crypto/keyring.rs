@@ -416,6 +416,38 @@ fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey,
     }
 }
 
+/// Check the master key's source as [`Keyring::open`] would (a valid
+/// `DAGRUN_MASTER_KEY`; a key file that exists, is private and is outside
+/// `config/`) without reading the key file, creating anything or unwrapping a
+/// key: `status` and cache-key computation refuse a key file others can read.
+pub fn check_master_key_source(workspace: &Path) -> Result<()> {
+    match &MasterKeySource::from_env()? {
+        MasterKeySource::Env(s) => {
+            MasterKey::from_hex(s).map_err(|e| anyhow!("{ENV_MASTER_KEY} does not hold a valid master key: {e}"))?;
+        }
+        MasterKeySource::File(p) => {
+            if !p.exists() {
+                bail!(
+                    "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
+                     (64 hex characters, mode 0600), or unset it to use {}",
+                    p.display(),
+                    default_master_key_path(workspace).display()
+                );
+            }
+            refuse_if_in_config(workspace, p)?;
+            check_private(p, "key file")?;
+        }
+        MasterKeySource::Default => {
+            let p = default_master_key_path(workspace);
+            if fs::symlink_metadata(&p).is_ok() {
+                refuse_if_in_config(workspace, &p)?;
+                check_private(&p, "key file")?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn ensure_keys_dir(workspace: &Path) -> Result<()> {
     let dagrun = workspace.join(".dagrun");
     fs::create_dir_all(&dagrun)

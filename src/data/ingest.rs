@@ -7,8 +7,9 @@
 //! (`column 3, 31 characters, looks like an e-mail address`, see
 //! [`crate::data::describe_value`]), because a headerless file's first row, or
 //! swapped columns, put a `Sensitive_Data` value where a name or tenant id
-//! was expected. The only values shown are tenant ids that are in the tenant
-//! list (or the one this stage ingests): names dagrun already knows.
+//! was expected. The only values shown are tenant ids that pass the tenant-id
+//! rule (`[A-Za-z0-9_-]{1,64}`: no e-mail address, phone number with spaces
+//! or name with a space fits), escaped.
 //!
 //! Memory: constant per batch, except the duplicate check, which keeps one
 //! (tenant index, Customer_ID) pair per row seen (~16-32 bytes/row in a
@@ -146,22 +147,21 @@ impl Checker {
                 describe_value(t)
             );
         }
-        // Only a tenant of the tenant list is shown by name; anything else
-        // may be a value from another column.
-        let known = self.known.as_ref().is_some_and(|k| k.contains(t));
-        let shown = || if known { format!("tenant {}", show_tenant(t)) } else { format!("a tenant not in config/tenants.yaml ({})", describe_value(t)) };
+        // From here on `t` has the shape of a tenant id (no '@', '.', space…).
         if let Some(exp) = &self.opts.expected_tenant
             && t != exp
         {
             bail!(
-                "{at}: row belongs to {} but this stage ingests tenant {}; give this stage a file holding only tenant {} rows",
-                shown(),
+                "{at}: row belongs to tenant {} but this stage ingests tenant {}; give this stage a file holding only tenant {} rows",
+                show_tenant(t),
                 show_tenant(exp),
                 show_tenant(exp)
             );
         }
-        if self.known.is_some() && !known {
-            bail!("{at}: unknown tenant ({}); add the tenant to config/tenants.yaml or remove its rows", describe_value(t));
+        if let Some(k) = &self.known
+            && !k.contains(t)
+        {
+            bail!("{at}: unknown tenant {}; add the tenant to config/tenants.yaml or remove its rows", show_tenant(t));
         }
         let i = self.tenant_rows.len() as u32;
         self.tenant_rows.push((t.to_string(), 0));

@@ -150,7 +150,7 @@ pub fn check(text: &str) -> Result<(), (usize, String)> {
 }
 
 fn too_deep() -> String {
-    format!("the YAML is nested more than {MAX_YAML_DEPTH} levels deep here (lists and maps inside each other); is the file damaged?")
+    format!("the YAML is nested too deeply here (more than {MAX_YAML_DEPTH} levels of lists and maps inside each other); is the file damaged?")
 }
 
 #[cfg(test)]

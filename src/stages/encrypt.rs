@@ -63,7 +63,9 @@ pub fn encrypt_batch(
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
     let tenants = col(schema::TENANT_ID)?.as_any().downcast_ref::<StringArray>().context("Tenant_ID is not utf8")?;
     if let Some(i) = (0..tenants.len()).find(|&i| tenants.value(i) != tenant) {
-        bail!("row {} of the raw data belongs to another tenant ({}), not {tenant}", i + 1, crate::data::describe_value(tenants.value(i)));
+        let other = tenants.value(i);
+        let shown = if crate::data::is_valid_tenant_id(other) { crate::data::show_tenant(other) } else { format!("({})", crate::data::describe_value(other)) };
+        bail!("row {} of the raw data belongs to tenant {shown}, not {tenant}", i + 1);
     }
     let ids = col(schema::CUSTOMER_ID)?.as_any().downcast_ref::<Int64Array>().context("Customer_ID is not int64")?;
     let pii = col(schema::SENSITIVE_DATA)?.as_any().downcast_ref::<StringArray>().context("Sensitive_Data is not utf8")?;
@@ -150,6 +152,7 @@ impl StageKind for Encrypt {
         // decisions) never loads the master key nor creates a key. A tenant
         // with no key yet gets the id its first key will have, so the dry run
         // and the run agree (a forgotten tenant gets no new key).
+        crate::crypto::keyring::check_master_key_source(&services.workspace)?;
         let ring = crate::crypto::KeyringView::read(&services.workspace)?;
         let id = match ring.is_forgotten(tenant) {
             Some(when) => format!("destroyed {when}"),

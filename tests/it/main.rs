@@ -7,5 +7,6 @@ mod bad_pipelines;
 mod cache;
 mod failures;
 mod faults;
+mod hardening;
 mod hostile;
 mod propensity;

@@ -178,11 +178,11 @@ fn bad_dates() {
 
 #[test]
 fn wrong_tenants() {
-    bad_csv(0, "T2", &opts(), &["row 2 (line 3), column Tenant_ID", "belongs to a tenant not in config/tenants.yaml (2 characters, text) but this stage ingests tenant \"T1\""]);
+    bad_csv(0, "T2", &opts(), &["row 2 (line 3), column Tenant_ID", "belongs to tenant \"T2\" but this stage ingests tenant \"T1\""]);
     let mut o = opts();
     o.expected_tenant = None;
     o.known_tenants = Some(vec!["T1".into(), "T3".into()]);
-    bad_csv(0, "T2", &o, &["row 2 (line 3), column Tenant_ID", "unknown tenant (2 characters, text)"]);
+    bad_csv(0, "T2", &o, &["row 2 (line 3), column Tenant_ID", "unknown tenant \"T2\""]);
     bad_csv(0, "T 1", &o, &["row 2 (line 3), column Tenant_ID", "invalid tenant id (3 characters, text with spaces)"]);
     // Swapped columns: an e-mail address where the tenant id belongs is described, not shown.
     let m = bad_csv(0, "jane.doe@example.org", &o, &["invalid tenant id (20 characters, looks like an e-mail address)"]);
