@@ -23,6 +23,10 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 pub use tenants::{Tenant, Tenants};
 
+/// Longest `timeout:` (and `--wait`) accepted, in seconds (about 31 years):
+/// larger values cannot be represented as a deadline.
+pub const MAX_SECONDS: f64 = 1e9;
+
 /// Largest pipeline file accepted.
 pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
 
@@ -535,8 +539,8 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
             return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at(base))));
         }
         if let Some(t) = def.timeout {
-            if !t.is_finite() || t <= 0.0 {
-                return Err(config(format!("{}: timeout must be a positive number of seconds", at(base))));
+            if !t.is_finite() || t <= 0.0 || t > MAX_SECONDS {
+                return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
             }
         }
         let fan: Vec<Option<String>> = match def.foreach.as_deref() {

@@ -346,3 +346,26 @@ fn huge_csv_fields_and_absurd_row_counts_fail_cleanly() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("--rows") && !ws.exists("x.csv"), "{}", o.stderr);
 }
+
+#[test]
+fn absurd_numbers_on_the_command_line_are_errors_not_panics() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi\n");
+    for args in [
+        &["run", "pipeline.yaml", "--wait", "-1"][..],
+        &["run", "pipeline.yaml", "--wait", "NaN"],
+        &["run", "pipeline.yaml", "--wait", "1e300"],
+        &["run", "pipeline.yaml", "-j", "0"],
+        &["run", "pipeline.yaml", "-j", "18446744073709551615"],
+        &["keys", "rotate", "Tenant_A", "--wait", "inf"],
+    ] {
+        let o = dg(&ws, args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(!o.stderr.contains("panicked"), "{args:?}: {}", o.stderr);
+    }
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi\n    timeout: 1e300\n");
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("timeout") && o.stderr.contains("at most 1e9"), "{}", o.stderr);
+    assert!(!ws.exists(".dagrun/keys"), "a refused command created keys");
+}
