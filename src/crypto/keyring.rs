@@ -373,6 +373,19 @@ fn create_master_file(path: &Path) -> Result<Option<MasterKey>> {
     }
 }
 
+/// The file `DAGRUN_MASTER_KEY_FILE` names must exist and lie outside `config/`.
+fn check_named_key_file(workspace: &Path, p: &Path) -> Result<()> {
+    if !p.exists() {
+        bail!(
+            "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
+             (64 hex characters, mode 0600), or unset it to use {}",
+            p.display(),
+            default_master_key_path(workspace).display()
+        );
+    }
+    refuse_if_in_config(workspace, p)
+}
+
 /// Load the master key; returns it with a description of its source for messages.
 fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey, String)> {
     match source {
@@ -382,15 +395,7 @@ fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey,
             Ok((k, ENV_MASTER_KEY.to_string()))
         }
         MasterKeySource::File(p) => {
-            if !p.exists() {
-                bail!(
-                    "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
-                     (64 hex characters, mode 0600), or unset it to use {}",
-                    p.display(),
-                    default_master_key_path(workspace).display()
-                );
-            }
-            refuse_if_in_config(workspace, p)?;
+            check_named_key_file(workspace, p)?;
             Ok((read_master_file(p)?, format!("file {}", p.display())))
         }
         MasterKeySource::Default => {
@@ -426,15 +431,7 @@ pub fn check_master_key_source(workspace: &Path) -> Result<()> {
             MasterKey::from_hex(s).map_err(|e| anyhow!("{ENV_MASTER_KEY} does not hold a valid master key: {e}"))?;
         }
         MasterKeySource::File(p) => {
-            if !p.exists() {
-                bail!(
-                    "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
-                     (64 hex characters, mode 0600), or unset it to use {}",
-                    p.display(),
-                    default_master_key_path(workspace).display()
-                );
-            }
-            refuse_if_in_config(workspace, p)?;
+            check_named_key_file(workspace, p)?;
             check_private(p, "key file")?;
         }
         MasterKeySource::Default => {

@@ -19,13 +19,7 @@ const MASTER: &str = "5f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3
 
 /// A workspace with the shipped pipelines and a tenant list.
 fn shipped(tenants: &str) -> Ws {
-    let ws = Ws::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
-        ws.write(&format!("pipelines/{p}"), std::fs::read(root.join("pipelines").join(p)).unwrap());
-    }
-    ws.write("config/tenants.yaml", tenants);
-    ws
+    crate::common::shipped_workspace(tenants)
 }
 
 const ONE: &str = "tenants:\n  - id: Tenant_A\n";

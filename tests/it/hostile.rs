@@ -43,13 +43,7 @@ const PROBE: &str = "hostile.probe.4711@leak.example";
 
 /// A workspace with the shipped pipelines and a tenant list.
 fn workspace(tenants: &str) -> Ws {
-    let ws = Ws::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
-        ws.write(&format!("pipelines/{p}"), std::fs::read(root.join("pipelines").join(p)).unwrap());
-    }
-    ws.write("config/tenants.yaml", tenants);
-    ws
+    crate::common::shipped_workspace(tenants)
 }
 
 fn command(ws: &Ws, args: &[&str], env: &[(&str, &str)]) -> Command {
