@@ -12,11 +12,13 @@
 //! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
+pub mod config;
 pub mod crypto;
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod features;
+pub mod lineage;
 pub mod model;
 pub mod pipeline;
 pub mod scoring;

@@ -152,7 +152,7 @@ impl StageKind for Encrypt {
         // decisions) never loads the master key nor creates a key. A tenant
         // with no key yet gets the id its first key will have, so the dry run
         // and the run agree (a forgotten tenant gets no new key).
-        crate::crypto::keyring::check_master_key_source(&services.workspace)?;
+        crate::crypto::master::check_source(&services.workspace)?;
         let ring = crate::crypto::KeyringView::read(&services.workspace)?;
         let id = match ring.is_forgotten(tenant) {
             Some(when) => format!("destroyed {when}"),

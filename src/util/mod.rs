@@ -3,3 +3,4 @@ pub mod atomic;
 pub mod child_env;
 pub mod nofollow;
 pub mod par;
+pub mod prometheus;
