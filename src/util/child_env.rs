@@ -4,9 +4,10 @@
 //! # Rules
 //! - A child gets dagrun's own environment **minus**:
 //!   - every variable whose name starts with `DAGRUN_MASTER_KEY`
-//!     (`DAGRUN_MASTER_KEY`, `DAGRUN_MASTER_KEY_FILE`, and any later
-//!     `DAGRUN_MASTER_KEY_URI` / `DAGRUN_MASTER_KEY_PIN`: name every new
-//!     master-key variable with that prefix and it is withheld automatically);
+//!     (`DAGRUN_MASTER_KEY`, `DAGRUN_MASTER_KEY_FILE`, `DAGRUN_MASTER_KEY_URI`
+//!     with its PIN, and any later one: name every new master-key variable
+//!     with that prefix and it is withheld automatically);
+//!   - dagrun's own credentials in [`ALWAYS_DENIED`] (the OpenLineage token);
 //!   - every variable the pipeline lists under `secrets:` (exact names, or a
 //!     prefix ending in `*`, e.g. `AWS_SECRET_*`).
 //! - The caller then adds what it declares (e.g. `DAGRUN_STAGE`, a stage's
@@ -20,6 +21,8 @@ use std::process::Command;
 
 /// Names with this prefix never reach a child.
 pub const ALWAYS_DENIED_PREFIX: &str = "DAGRUN_MASTER_KEY";
+/// dagrun's own credentials that never reach a child (`lineage::TOKEN_ENV`).
+pub const ALWAYS_DENIED: &[&str] = &["DAGRUN_OPENLINEAGE_TOKEN"];
 
 /// True when `name` must not reach a child: the master-key prefix, or a
 /// `secrets:` entry (exact name, or `PREFIX*`).
@@ -29,7 +32,7 @@ pub fn is_denied(name: &OsStr, secrets: &[String]) -> bool {
         // master key prefix either unless its start matches byte for byte.
         return name.as_encoded_bytes().starts_with(ALWAYS_DENIED_PREFIX.as_bytes());
     };
-    if name.starts_with(ALWAYS_DENIED_PREFIX) {
+    if name.starts_with(ALWAYS_DENIED_PREFIX) || ALWAYS_DENIED.contains(&name) {
         return true;
     }
     secrets.iter().any(|s| match s.strip_suffix('*') {
@@ -80,7 +83,8 @@ mod tests {
     #[test]
     fn master_key_variables_and_secrets_are_denied() {
         let s = vec!["API_TOKEN".to_string(), "AWS_SECRET_*".to_string()];
-        for n in ["DAGRUN_MASTER_KEY", "DAGRUN_MASTER_KEY_FILE", "DAGRUN_MASTER_KEY_URI", "DAGRUN_MASTER_KEY_PIN", "API_TOKEN", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(ALWAYS_DENIED.contains(&crate::lineage::TOKEN_ENV));
+        for n in ["DAGRUN_MASTER_KEY", "DAGRUN_MASTER_KEY_FILE", "DAGRUN_MASTER_KEY_URI", "DAGRUN_MASTER_KEY_PIN", "DAGRUN_OPENLINEAGE_TOKEN", "API_TOKEN", "AWS_SECRET_ACCESS_KEY"] {
             assert!(is_denied(OsStr::new(n), &s), "{n}");
         }
         for n in ["PATH", "HOME", "API_TOKEN_X", "AWS_REGION", "DAGRUN_STAGE", "DAGRUN_MASTER"] {
