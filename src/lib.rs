@@ -10,8 +10,11 @@
 //! - [`store`]: the versioned Parquet feature store;
 //! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
 //! - [`serve`]: the prediction path shared by `predict` and `serve-check`;
-//! - [`commands`]: predict, keys, features, verify, sample.
+//! - [`remote`]: the shared remote cache (object_store: S3, GCS, Azure, local);
+//! - [`config`]: `config/dagrun.yaml`, optional workspace settings;
+//! - [`commands`]: predict, keys, features, verify, sample, push, pull.
 pub mod commands;
+pub mod config;
 pub mod crypto;
 pub mod data;
 pub mod engine;
@@ -19,6 +22,7 @@ pub mod error;
 pub mod features;
 pub mod model;
 pub mod pipeline;
+pub mod remote;
 pub mod serve;
 pub mod stages;
 pub mod store;

@@ -53,7 +53,17 @@ enum Cmd {
         /// Print the run record as JSON on stdout when done.
         #[arg(long)]
         json: bool,
+        /// Consult the remote cache for stages whose key is not in the local cache.
+        #[arg(long)]
+        pull: bool,
+        /// The remote for --pull (default: `remote:` in config/dagrun.yaml).
+        #[arg(long, value_name = "URL", requires = "pull")]
+        remote: Option<String>,
     },
+    /// Upload cache objects and records the remote cache lacks.
+    Push(commands::push::Args),
+    /// Fetch cache objects and records the local workspace lacks (verified).
+    Pull(commands::push::Args),
     /// Show each stage as fresh or stale, and why.
     Status {
         pipeline: PathBuf,
@@ -289,7 +299,9 @@ fn print_status(rows: &[status::StageStatus]) {
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json } => {
+        Cmd::Push(a) => commands::push::command(cli.workspace.as_deref(), a, false),
+        Cmd::Pull(a) => commands::push::command(cli.workspace.as_deref(), a, true),
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote } => {
             let p = load(cli, pipeline, params)?;
             let force = if force.is_empty() {
                 None
@@ -308,6 +320,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 jobs,
                 wait: wait.map(Duration::from_secs_f64),
                 verbosity: if *json { Verbosity::Quiet } else { verbosity(cli) },
+                remote: if *pull { Some(commands::pull::hook(&p.workspace, remote.as_deref())?) } else { None },
             };
             let out = scheduler::run(p, &opts)?;
             if *json {

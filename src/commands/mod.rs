@@ -1,8 +1,10 @@
 //! Commands beyond running pipelines: serving, keys, the feature store,
-//! integrity checks and sample data. `main.rs` parses arguments and calls these.
+//! integrity checks, sample data, and push/pull of the shared remote cache. `main.rs` parses arguments and calls these.
 pub mod features;
 pub mod keys;
 pub mod predict;
+pub mod pull;
+pub mod push;
 pub mod sample;
 pub mod verify;
 

@@ -26,6 +26,8 @@ pub struct RunOptions {
     /// Wait this long for the workspace lock (None = fail at once).
     pub wait: Option<Duration>,
     pub verbosity: Verbosity,
+    /// `--pull`: the remote cache consulted for keys not in the local cache.
+    pub remote: Option<Arc<dyn super::RemoteSource>>,
 }
 
 /// The result of a run.
@@ -71,6 +73,7 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let forced = forced(&pipeline, &opts.force, &selected)?;
     let mut engine = Engine::new(pipeline);
     engine.forced = forced;
+    engine.remote = opts.remote.clone();
     let engine = Arc::new(engine);
     engine.sweep_temp_files();
 
