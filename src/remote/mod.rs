@@ -165,11 +165,15 @@ impl Remote {
     }
 
     fn explain(&self, what: &str, loc: &OPath, e: object_store::Error) -> anyhow::Error {
-        match e {
-            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-                anyhow!("{what} {loc} on {}: access denied ({e}); check the credentials (AWS_ACCESS_KEY_ID, …) and the bucket policy for this prefix", self.shown)
-            }
-            other => anyhow!("{what} {loc} on {}: {other}", self.shown),
+        let text = e.to_string();
+        let denied = matches!(e, object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. })
+            || text.contains("403 Forbidden")
+            || text.contains("401 Unauthorized")
+            || text.contains("AccessDenied");
+        if denied {
+            anyhow!("{what} {loc} on {}: access denied; check the credentials (AWS_ACCESS_KEY_ID, …) and the bucket policy for this prefix", self.shown)
+        } else {
+            anyhow!("{what} {loc} on {}: {text}", self.shown)
         }
     }
 
