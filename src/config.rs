@@ -1,19 +1,24 @@
-//! `config/dagrun.yaml`: optional workspace settings (the file may be absent).
+//! `config/dagrun.yaml`: optional workspace settings (absent file = all defaults).
 //!
 //! ```yaml
-//! remote:                          # the shared remote cache (see src/remote/)
-//!   url: s3://dagrun-cache/team-a  # s3://, gs://, az://, file:///abs/path
-//!   endpoint: http://127.0.0.1:8333   # S3-compatible stores (MinIO, SeaweedFS, Ceph…)
+//! master_key: "pkcs11:token=dagrun-test;object=dagrun-master;type=secret-key?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/dagrun/pin"
+//! remote:                            # the shared remote cache (src/remote/)
+//!   url: s3://dagrun-cache/team-a    # s3://, gs://, az://, file:///ABSOLUTE/PATH
+//!   endpoint: http://127.0.0.1:8333  # S3-compatible stores (MinIO, SeaweedFS, Ceph…)
 //!   region: us-east-1
-//!   jobs: 8                        # parallel transfers
-//!   retry_timeout: 20              # seconds a failing request is retried before giving up
+//!   jobs: 8                          # parallel transfers
+//!   retry_timeout: 20                # seconds a failing request is retried
 //! ```
 //!
-//! Rules: the parser is strict — an unknown key, a wrong type or invalid YAML
-//! is an error naming `config/dagrun.yaml:LINE:COLUMN` and the fix (exit 2).
-//! The file holds no secrets: credentials come from the environment
-//! (`AWS_ACCESS_KEY_ID`, …), never from here.
+//! # Rules
+//! - One strict parser for every setting: an unknown key, a wrong type or invalid
+//!   YAML is an error naming `config/dagrun.yaml:LINE:COLUMN` (exit 2). Add new
+//!   settings as fields of [`DagrunConfig`], never a second parser.
+//! - The file is shared and versioned: it never holds key material or a PIN
+//!   (`master_key` is a PKCS#11 URI; a `pin-value` in it is refused; remote
+//!   credentials come from the environment, `AWS_ACCESS_KEY_ID` etc.).
 
+use crate::crypto::master::Pkcs11Uri;
 use crate::error::config;
 use anyhow::Result;
 use serde::Deserialize;
@@ -22,12 +27,13 @@ use std::path::Path;
 /// Where the settings live, relative to the workspace.
 pub const CONFIG_FILE: &str = "config/dagrun.yaml";
 
-/// The whole file.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WorkspaceConfig {
+struct RawConfig {
     #[serde(default)]
-    pub remote: Option<RemoteConfig>,
+    master_key: Option<String>,
+    #[serde(default)]
+    remote: Option<RemoteConfig>,
 }
 
 /// `remote:`: where `dagrun push`/`pull`/`run --pull` send and fetch cache entries.
@@ -55,51 +61,76 @@ impl RemoteConfig {
     }
 }
 
-impl WorkspaceConfig {
-    /// Load `<workspace>/config/dagrun.yaml`; a missing file is the default.
-    pub fn load(workspace: &Path) -> Result<WorkspaceConfig> {
+/// The validated settings.
+#[derive(Debug, Default)]
+pub struct DagrunConfig {
+    /// The master key as an RFC 7512 PKCS#11 URI (see `crypto::master`).
+    pub master_key: Option<Pkcs11Uri>,
+    /// The shared remote cache (see `remote`).
+    pub remote: Option<RemoteConfig>,
+}
+
+impl DagrunConfig {
+    /// Load `<workspace>/config/dagrun.yaml`; a missing file gives the defaults.
+    pub fn load(workspace: &Path) -> Result<DagrunConfig> {
         let path = workspace.join(CONFIG_FILE);
         match std::fs::read(&path) {
-            Ok(b) => Self::parse(&b, CONFIG_FILE),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(WorkspaceConfig::default()),
+            Ok(bytes) => Self::parse(&bytes, CONFIG_FILE),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DagrunConfig::default()),
             Err(e) => Err(config(format!("{CONFIG_FILE}: cannot read it ({e})"))),
         }
     }
 
-    /// Parse and check the file's bytes; `shown` names the file in errors.
-    pub fn parse(bytes: &[u8], shown: &str) -> Result<WorkspaceConfig> {
+    /// Parse and validate; `shown` names the file in errors.
+    pub fn parse(bytes: &[u8], shown: &str) -> Result<DagrunConfig> {
         if bytes.len() > 1 << 20 {
-            return Err(config(format!("{shown}: larger than 1 MiB; this file holds a few settings")));
+            return Err(config(format!("{shown}: the file is over 1 MiB; it holds a few settings")));
         }
-        let text = std::str::from_utf8(bytes).map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
-        let err = |e: yaml_serde::Error| {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
+        let yaml_err = |e: yaml_serde::Error| {
             let msg = crate::pipeline::explain_yaml_message(&e.to_string());
             let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            let hint = if clean.contains("unknown field") { " (the keys are: remote: {url, endpoint, region, jobs, retry_timeout})" } else { "" };
+            let known = "known keys: master_key, remote: {url, endpoint, region, jobs, retry_timeout}";
             match e.location() {
-                Some(loc) => config(format!("{shown}:{}:{}: {clean}{hint}", loc.line(), loc.column())),
-                None => config(format!("{shown}: {clean}{hint}")),
+                Some(l) => config(format!("{shown}:{}:{}: {clean} ({known})", l.line(), l.column())),
+                None => config(format!("{shown}: {clean} ({known})")),
             }
         };
-        crate::pipeline::check_yaml_budget(text).map_err(err)?;
-        if text.trim().is_empty() || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
-            return Ok(WorkspaceConfig::default());
-        }
-        let cfg: WorkspaceConfig = yaml_serde::from_str(text).map_err(err)?;
-        if let Some(r) = &cfg.remote {
+        crate::pipeline::check_yaml_budget(text).map_err(yaml_err)?;
+        let raw: RawConfig = if text.trim().is_empty() { RawConfig::default() } else { yaml_serde::from_str(text).map_err(yaml_err)? };
+        let line_of = |key: &str| {
+            text.lines().position(|l| l.trim_start().starts_with(&format!("{key}:"))).map(|i| i + 1).unwrap_or(1)
+        };
+        let master_key = match raw.master_key {
+            None => None,
+            Some(s) => {
+                let at = line_of("master_key");
+                let uri = Pkcs11Uri::parse(s.trim())
+                    .map_err(|e| config(format!("{shown}:{at}: master_key is not a valid PKCS#11 URI: {e:#}")))?;
+                if uri.has_pin_value() {
+                    return Err(config(format!(
+                        "{shown}:{at}: master_key carries the PIN itself (pin-value): a PIN must never be in config/ \
+                         (it is shared and versioned). Put the PIN in a file readable only by you and use \
+                         pin-source=file:/path/to/pin instead"
+                    )));
+                }
+                Some(uri)
+            }
+        };
+        if let Some(r) = &raw.remote {
+            let at = line_of("remote");
             if r.url.trim().is_empty() {
-                return Err(config(format!("{shown}: remote.url is empty; give a URL such as s3://BUCKET/PREFIX")));
+                return Err(config(format!("{shown}:{at}: remote.url is empty; give a URL such as s3://BUCKET/PREFIX")));
             }
             if r.jobs == Some(0) {
-                return Err(config(format!("{shown}: remote.jobs must be at least 1")));
+                return Err(config(format!("{shown}:{at}: remote.jobs must be at least 1")));
             }
-            if let Some(t) = r.retry_timeout {
-                if !(t.is_finite() && t >= 0.0) {
-                    return Err(config(format!("{shown}: remote.retry_timeout must be a number of seconds ≥ 0")));
-                }
+            if r.retry_timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+                return Err(config(format!("{shown}:{at}: remote.retry_timeout must be a number of seconds ≥ 0")));
             }
         }
-        Ok(cfg)
+        Ok(DagrunConfig { master_key, remote: raw.remote })
     }
 }
 
@@ -107,24 +138,39 @@ impl WorkspaceConfig {
 mod tests {
     use super::*;
 
+    const URI: &str = "pkcs11:token=t;object=k;type=secret-key?module-path=/m.so&pin-source=file:/p";
+
     #[test]
-    fn absent_empty_and_full() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(WorkspaceConfig::load(d.path()).unwrap().remote.is_none());
-        assert!(WorkspaceConfig::parse(b"# nothing\n", "f").unwrap().remote.is_none());
-        let c = WorkspaceConfig::parse(b"remote:\n  url: s3://b/p\n  endpoint: http://127.0.0.1:1\n  jobs: 4\n", "f").unwrap();
-        let r = c.remote.unwrap();
-        assert_eq!((r.url.as_str(), r.endpoint.as_deref(), r.jobs), ("s3://b/p", Some("http://127.0.0.1:1"), Some(4)));
+    fn parses_master_key_and_empty_files() {
+        let c = DagrunConfig::parse(format!("master_key: \"{URI}\"\n").as_bytes(), CONFIG_FILE).unwrap();
+        assert_eq!(c.master_key.unwrap().token.as_deref(), Some("t"));
+        assert!(DagrunConfig::parse(b"", CONFIG_FILE).unwrap().master_key.is_none());
+        assert!(DagrunConfig::parse(b"# nothing\n", CONFIG_FILE).unwrap().master_key.is_none());
     }
 
     #[test]
-    fn unknown_keys_are_refused_with_file_and_line() {
-        let e = WorkspaceConfig::parse(b"remote:\n  url: s3://b/p\n  endpiont: x\n", "config/dagrun.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("config/dagrun.yaml:3:"), "{e}");
-        assert!(e.contains("endpiont"), "{e}");
-        let e = WorkspaceConfig::parse(b"remotes: {}\n", "config/dagrun.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("config/dagrun.yaml:1:"), "{e}");
-        let e = WorkspaceConfig::parse(b"remote:\n  url: s3://b/p\n  jobs: 0\n", "config/dagrun.yaml").unwrap_err().to_string();
-        assert!(e.contains("jobs"), "{e}");
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let e = DagrunConfig::parse(b"# settings\nmaster_kye: x\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("master_kye"), "{e}");
+        let e = DagrunConfig::parse(b"\nmaster_key: file:/x\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("pkcs11:"), "{e}");
+        let pinned = format!("master_key: \"{}\"\n", URI.replace("pin-source=file:/p", "pin-value=12345678"));
+        let e = DagrunConfig::parse(pinned.as_bytes(), CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.contains("pin-value") && !e.contains("12345678"), "{e}");
+        assert_eq!(crate::error::exit_code_of(&DagrunConfig::parse(b"x: 1", CONFIG_FILE).unwrap_err()), 2);
+    }
+
+    #[test]
+    fn remote_settings_parse_strictly() {
+        let c = DagrunConfig::parse(b"remote:\n  url: s3://b/p\n  endpoint: http://127.0.0.1:1\n  jobs: 4\n", CONFIG_FILE).unwrap();
+        let r = c.remote.unwrap();
+        assert_eq!((r.url.as_str(), r.endpoint.as_deref(), r.jobs), ("s3://b/p", Some("http://127.0.0.1:1"), Some(4)));
+        let e = DagrunConfig::parse(b"remote:\n  url: s3://b/p\n  endpiont: x\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:3:") && e.contains("endpiont"), "{e}");
+        let e = DagrunConfig::parse(b"# x\nremote:\n  url: s3://b/p\n  jobs: 0\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("jobs"), "{e}");
+        let both = format!("master_key: \"{URI}\"\nremote:\n  url: file:///tmp/x\n");
+        let c = DagrunConfig::parse(both.as_bytes(), CONFIG_FILE).unwrap();
+        assert!(c.master_key.is_some() && c.remote.is_some());
     }
 }

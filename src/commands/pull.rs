@@ -14,7 +14,7 @@
 //! - Sensitive outputs are never fetched (they were never pushed).
 //! - Nothing local is overwritten: what the workspace has is kept.
 
-use crate::config::{RemoteConfig, WorkspaceConfig};
+use crate::config::{DagrunConfig, RemoteConfig};
 use crate::engine::cas::Cas;
 use crate::engine::hashing::{TreeEntry, decode_tree};
 use crate::engine::state::{StageState, StateStore};
@@ -30,7 +30,7 @@ use std::time::Instant;
 /// Open the remote: `--remote URL` if given, else `remote:` of `config/dagrun.yaml`.
 /// `--remote` replaces the URL only; the file's `endpoint:` etc. still apply.
 pub fn open_remote(workspace: &Path, flag: Option<&str>) -> Result<Remote> {
-    let cfg = WorkspaceConfig::load(workspace)?;
+    let cfg = DagrunConfig::load(workspace)?;
     let rc = match (flag, cfg.remote) {
         (Some(url), Some(file)) => RemoteConfig { url: url.to_string(), ..file },
         (Some(url), None) => RemoteConfig::from_url(url),
