@@ -167,10 +167,19 @@ impl Seaweed {
             .unwrap_or_default()
     }
 
+    /// A file's bytes via the filer (5xx is retried for a while: after a
+    /// restart the volume server registers with the master a little later).
     fn get(&self, path: &str) -> Vec<u8> {
-        let (status, body) = http(self.filer(), "GET", &format!("/buckets/{BUCKET}/{path}")).unwrap();
-        assert_eq!(status, 200, "GET {path}");
-        body
+        let t0 = Instant::now();
+        loop {
+            let (status, body) = http(self.filer(), "GET", &format!("/buckets/{BUCKET}/{path}")).unwrap();
+            if status >= 500 && t0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            assert_eq!(status, 200, "GET {path}: {}", String::from_utf8_lossy(&body[..body.len().min(500)]));
+            return body;
+        }
     }
 
     /// Every object under `prefix/objects` and `prefix/tenants/*/objects` holds
