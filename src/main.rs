@@ -59,6 +59,12 @@ enum Cmd {
         /// The remote for --pull (default: `remote:` in config/dagrun.yaml).
         #[arg(long, value_name = "URL", requires = "pull")]
         remote: Option<String>,
+        /// Also POST OpenLineage events to URL/api/v1/lineage (default: $DAGRUN_OPENLINEAGE_URL).
+        #[arg(long, value_name = "URL")]
+        openlineage_url: Option<String>,
+        /// Write the run's metrics (Prometheus text format) to PATH (default: `metrics_file:` in config/dagrun.yaml).
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Upload cache objects and records the remote cache lacks.
     Push(commands::push::Args),
@@ -320,7 +326,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
         Cmd::Push(a) => commands::push::command(cli.workspace.as_deref(), a, false),
         Cmd::Pull(a) => commands::push::command(cli.workspace.as_deref(), a, true),
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote } => {
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file } => {
             let p = load(cli, pipeline, params)?;
             let force = if force.is_empty() {
                 None
@@ -340,6 +346,8 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 wait: wait.map(Duration::from_secs_f64),
                 verbosity: if *json { Verbosity::Quiet } else { verbosity(cli) },
                 remote: if *pull { Some(commands::pull::hook(&p.workspace, remote.as_deref())?) } else { None },
+                openlineage_url: openlineage_url.clone(),
+                metrics_file: metrics_file.clone(),
             };
             let out = scheduler::run(p, &opts)?;
             if *json {
