@@ -10,7 +10,9 @@
 //! - [`store`]: the versioned Parquet feature store;
 //! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
 //! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
-//! - [`commands`]: predict, keys, features, verify, sample.
+//! - [`remote`]: the shared remote cache (object_store: S3, GCS, Azure, local);
+//! - [`config`]: `config/dagrun.yaml`, optional workspace settings;
+//! - [`commands`]: predict, keys, features, verify, sample, push, pull.
 pub mod commands;
 pub mod config;
 pub mod crypto;
@@ -21,6 +23,7 @@ pub mod features;
 pub mod lineage;
 pub mod model;
 pub mod pipeline;
+pub mod remote;
 pub mod scoring;
 pub mod stages;
 pub mod store;

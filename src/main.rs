@@ -52,6 +52,12 @@ enum Cmd {
         /// Print the run record as JSON on stdout when done.
         #[arg(long)]
         json: bool,
+        /// Consult the remote cache for stages whose key is not in the local cache.
+        #[arg(long)]
+        pull: bool,
+        /// The remote for --pull (default: `remote:` in config/dagrun.yaml).
+        #[arg(long, value_name = "URL", requires = "pull")]
+        remote: Option<String>,
         /// Also POST OpenLineage events to URL/api/v1/lineage (default: $DAGRUN_OPENLINEAGE_URL).
         #[arg(long, value_name = "URL")]
         openlineage_url: Option<String>,
@@ -59,6 +65,10 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         metrics_file: Option<PathBuf>,
     },
+    /// Upload cache objects and records the remote cache lacks.
+    Push(commands::push::Args),
+    /// Fetch cache objects and records the local workspace lacks (verified).
+    Pull(commands::push::Args),
     /// Show each stage as fresh or stale, and why.
     Status {
         pipeline: PathBuf,
@@ -278,7 +288,9 @@ fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline>
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, openlineage_url, metrics_file } => {
+        Cmd::Push(a) => commands::push::command(cli.workspace.as_deref(), a, false),
+        Cmd::Pull(a) => commands::push::command(cli.workspace.as_deref(), a, true),
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file } => {
             let p = load(cli, pipeline, params)?;
             let args = commands::run::RunArgs {
                 stages: stages.clone(),
@@ -288,6 +300,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 dry_run: *dry_run,
                 json: *json,
                 verbosity: verbosity(cli),
+                remote: if *pull { Some(commands::pull::hook(&p.workspace, remote.as_deref())?) } else { None },
                 openlineage_url: openlineage_url.clone(),
                 metrics_file: metrics_file.clone(),
             };

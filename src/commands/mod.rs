@@ -5,6 +5,8 @@ pub mod features;
 pub mod keys;
 pub mod lineage;
 pub mod predict;
+pub mod pull;
+pub mod push;
 pub mod run;
 pub mod runs;
 pub mod sample;

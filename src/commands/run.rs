@@ -24,6 +24,8 @@ pub struct RunArgs {
     pub openlineage_url: Option<String>,
     /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml).
     pub metrics_file: Option<std::path::PathBuf>,
+    /// `--pull`: the remote cache consulted for keys not in the local cache.
+    pub remote: Option<std::sync::Arc<dyn crate::engine::RemoteSource>>,
 }
 
 /// `--force` as the scheduler takes it: none, everything (`Some([])`), or named stages.
@@ -51,6 +53,7 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
         verbosity: if args.json { Verbosity::Quiet } else { args.verbosity },
         openlineage_url: args.openlineage_url.clone(),
         metrics_file: args.metrics_file.clone(),
+        remote: args.remote.clone(),
     };
     let out = scheduler::run(p, &opts)?;
     if args.json {

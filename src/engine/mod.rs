@@ -79,6 +79,16 @@ impl Services {
     }
 }
 
+/// Where `dagrun run --pull` looks for a stage's key that is not in the
+/// local cache (implemented by `commands::pull` over `remote`). `fetch`
+/// brings the action entry for `key` and every object it needs into the
+/// local cache, verified; `Ok(false)` when the remote has no such entry.
+pub trait RemoteSource: Send + Sync + std::fmt::Debug {
+    fn fetch(&self, stage: &Stage, key: &str) -> Result<bool>;
+    /// The remote as shown in messages.
+    fn shown(&self) -> String;
+}
+
 /// What to do with a stage.
 #[derive(Debug)]
 pub enum Decision {
@@ -120,6 +130,8 @@ pub struct Engine {
     pub cancel: AtomicBool,
     /// Stages forced to rerun.
     pub forced: HashSet<usize>,
+    /// `run --pull`: consulted when a stage's key is not in the local cache.
+    pub remote: Option<std::sync::Arc<dyn RemoteSource>>,
     /// Told about the run as it goes (OpenLineage, metrics): see [`observer`].
     pub observers: Vec<Box<dyn observer::RunObserver>>,
     stage_locks: Vec<Mutex<()>>,
@@ -144,6 +156,7 @@ impl Engine {
             run_id: runs::new_run_id(),
             cancel: AtomicBool::new(false),
             forced: HashSet::new(),
+            remote: None,
             observers: Vec::new(),
             stage_locks: (0..n).map(|_| Mutex::new(())).collect(),
         }
@@ -228,9 +241,10 @@ impl Engine {
         let decision = match &prev {
             Some(st) if st.key == key => {
                 let (bad, reasons) = self.check_outputs(s, st)?;
+                let restorable = |bad: &[String]| bad.iter().all(|p| st.outputs.get(p).is_some_and(|o| o.cached && self.cas.restorable(&o.hash, o.dir)));
                 if bad.is_empty() {
                     Decision::Fresh
-                } else if bad.iter().all(|p| st.outputs.get(p).is_some_and(|o| o.cached && self.cas.restorable(&o.hash, o.dir))) {
+                } else if restorable(&bad) || (self.pull_from_remote(s, &key) && restorable(&bad)) {
                     Decision::Restore { outs: bad, reasons, from: Box::new(st.clone()) }
                 } else {
                     let mut reasons = reasons;
@@ -249,11 +263,53 @@ impl Engine {
                         let outs = s.outs.iter().filter(|o| !o.sensitive).map(|o| o.path.clone()).collect();
                         Decision::Restore { outs, reasons, from: Box::new(act) }
                     }
-                    _ => Decision::Run { reasons },
+                    _ => match self.remote_action(s, &key) {
+                        Some((act, shown)) => {
+                            reasons.push(format!("an earlier run with these exact inputs is in the remote cache {shown}: restoring its outputs"));
+                            let outs = s.outs.iter().filter(|o| !o.sensitive).map(|o| o.path.clone()).collect();
+                            Decision::Restore { outs, reasons, from: Box::new(act) }
+                        }
+                        None => Decision::Run { reasons },
+                    },
                 }
             }
         };
         Ok(Evaluation { key, ingredients, decision, missing_sensitive, prev })
+    }
+
+    /// `run --pull`: fetch `key` from the remote; true when something was fetched.
+    /// A remote that fails is a warning, never a failed stage: the stage runs.
+    fn pull_from_remote(&self, s: &Stage, key: &str) -> bool {
+        let Some(r) = &self.remote else { return false };
+        match r.fetch(s, key) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("{}: remote cache {}: {e:#}; running the stage instead", s.name, r.shown());
+                false
+            }
+        }
+    }
+
+    /// `run --pull`: the action entry for `key`, from the local cache or
+    /// fetched from the remote, when its outputs can be restored. Sensitive
+    /// outputs (plaintext, never cached nor pushed) are left absent, exactly
+    /// as after a local run: a consumer that needs one reruns its producer.
+    fn remote_action(&self, s: &Stage, key: &str) -> Option<(StageState, String)> {
+        let r = self.remote.as_ref()?;
+        let adoptable = |act: &StageState| {
+            s.outs.iter().all(|o| match act.outputs.get(&o.path) {
+                Some(rec) if o.sensitive => rec.sensitive && !rec.cached,
+                Some(rec) => !rec.sensitive && rec.cached && self.cas.restorable(&rec.hash, rec.dir),
+                None => false,
+            })
+        };
+        if let Some(act) = self.states.action(key).filter(|a| adoptable(a)) {
+            return Some((act, r.shown()));
+        }
+        if !self.pull_from_remote(s, key) {
+            return None;
+        }
+        self.states.action(key).filter(|a| adoptable(a)).map(|a| (a, r.shown()))
     }
 
     fn action_restorable(&self, s: &Stage, act: &StageState) -> bool {

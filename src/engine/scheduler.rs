@@ -26,6 +26,8 @@ pub struct RunOptions {
     /// Wait this long for the workspace lock (None = fail at once).
     pub wait: Option<Duration>,
     pub verbosity: Verbosity,
+    /// `--pull`: the remote cache consulted for keys not in the local cache.
+    pub remote: Option<Arc<dyn super::RemoteSource>>,
     /// `--openlineage-url` (else `DAGRUN_OPENLINEAGE_URL`): see `engine::openlineage`.
     pub openlineage_url: Option<String>,
     /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml): see `engine::run_metrics`.
@@ -79,6 +81,7 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let forced = forced(&pipeline, &opts.force, &selected)?;
     let mut engine = Engine::new(pipeline);
     engine.forced = forced;
+    engine.remote = opts.remote.clone();
     engine.sweep_temp_files();
     match super::openlineage::OpenLineage::new(&engine, lineage_url) {
         Ok(o) => engine.observers.push(Box::new(o)),

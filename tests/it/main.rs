@@ -12,3 +12,4 @@ mod hostile;
 mod hsm;
 mod openlineage;
 mod propensity;
+mod remote;
