@@ -5,6 +5,7 @@ mod common;
 
 mod bad_pipelines;
 mod cache;
+mod drift;
 mod failures;
 mod faults;
 mod hostile;
