@@ -10,6 +10,7 @@
 //! - [`store`]: the versioned Parquet feature store;
 //! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
 //! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
+//! - [`report`]: `dagrun report`, one run as a self-contained HTML page;
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
 pub mod crypto;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod features;
 pub mod model;
 pub mod pipeline;
+pub mod report;
 pub mod scoring;
 pub mod stages;
 pub mod store;

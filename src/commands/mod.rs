@@ -3,6 +3,7 @@
 pub mod features;
 pub mod keys;
 pub mod predict;
+pub mod report;
 pub mod sample;
 pub mod verify;
 

@@ -10,3 +10,4 @@ mod failures;
 mod faults;
 mod hostile;
 mod propensity;
+mod report;
