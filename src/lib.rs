@@ -13,11 +13,13 @@
 //! - [`report`]: `dagrun report`, one run as a self-contained HTML page;
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
+pub mod config;
 pub mod crypto;
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod features;
+pub mod lineage;
 pub mod model;
 pub mod pipeline;
 pub mod report;

@@ -53,6 +53,12 @@ enum Cmd {
         /// Print the run record as JSON on stdout when done.
         #[arg(long)]
         json: bool,
+        /// Also POST OpenLineage events to URL/api/v1/lineage (default: $DAGRUN_OPENLINEAGE_URL).
+        #[arg(long, value_name = "URL")]
+        openlineage_url: Option<String>,
+        /// Write the run's metrics (Prometheus text format) to PATH (default: `metrics_file:` in config/dagrun.yaml).
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Show each stage as fresh or stale, and why.
     Status {
@@ -198,6 +204,25 @@ enum KeysCmd {
         #[arg(long)]
         i_understand_this_prints_a_secret: bool,
     },
+    /// Start a new workspace's keyring under a master key in an HSM (PKCS#11 URI).
+    Init {
+        #[arg(long, value_name = "URI")]
+        master: String,
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+    /// Re-wrap every tenant key under another master key (file -> HSM, HSM -> HSM).
+    Rewrap {
+        #[arg(long, value_name = "URI")]
+        to: String,
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+    /// Show the audit log of key operations; --verify checks its hash chain.
+    Audit {
+        #[arg(long)]
+        verify: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -308,7 +333,7 @@ fn print_status(rows: &[status::StageStatus]) {
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json } => {
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, openlineage_url, metrics_file } => {
             let p = load(cli, pipeline, params)?;
             let force = if force.is_empty() {
                 None
@@ -327,6 +352,8 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 jobs,
                 wait: wait.map(Duration::from_secs_f64),
                 verbosity: if *json { Verbosity::Quiet } else { verbosity(cli) },
+                openlineage_url: openlineage_url.clone(),
+                metrics_file: metrics_file.clone(),
             };
             let out = scheduler::run(p, &opts)?;
             if *json {
@@ -402,6 +429,9 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 KeysCmd::Export { tenant, key_id, i_understand_this_prints_a_secret } => {
                     commands::keys::export(&ws, tenant, key_id.as_deref(), *i_understand_this_prints_a_secret)?
                 }
+                KeysCmd::Init { master, wait } => commands::keys::init(&ws, master, secs(wait))?,
+                KeysCmd::Rewrap { to, wait } => commands::keys::rewrap(&ws, to, secs(wait))?,
+                KeysCmd::Audit { verify } => commands::keys::audit(&ws, *verify)?,
             }
             Ok(exit::OK)
         }

@@ -71,6 +71,8 @@ pub struct ModelCard {
     /// The model and its evaluation, or why they are not shown.
     pub model: std::result::Result<(ModelArtifact, Source), String>,
     pub evaluation: std::result::Result<Evaluation, String>,
+    /// The registry's champion version for the tenant, when there is a registry entry.
+    pub champion: Option<String>,
 }
 
 /// The model outputs of a stage record: `X.json` with `X.eval.json` beside it.
@@ -102,7 +104,7 @@ pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> 
                 Status::Skipped => format!("train skipped: {}", s.error.as_deref().unwrap_or("")),
                 _ => "the run record names no model output".into(),
             };
-            cards.push(ModelCard { stage: s.stage.clone(), status: s.status, tenant, model: Err(why.clone()), evaluation: Err(why) });
+            cards.push(ModelCard { stage: s.stage.clone(), status: s.status, tenant, model: Err(why.clone()), evaluation: Err(why), champion: None });
             continue;
         };
         let model = match verified_bytes(workspace, p, h) {
@@ -117,7 +119,8 @@ pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> 
             None => Err("this model was trained by an older dagrun that wrote no evaluation file; rerun train (`--force train`) for the curves".into()),
         };
         let tenant = model.as_ref().map(|(a, _)| a.tenant.clone()).unwrap_or(tenant);
-        cards.push(ModelCard { stage: s.stage.clone(), status: s.status, tenant, model, evaluation });
+        let champion = crate::engine::run_metrics::champion_version(&workspace.join(crate::engine::DAGRUN_DIR), &tenant, None);
+        cards.push(ModelCard { stage: s.stage.clone(), status: s.status, tenant, model, evaluation, champion });
     }
     cards
 }

@@ -296,7 +296,11 @@ fn model_card(h: &mut String, c: &load::ModelCard) -> Result<()> {
     let lineage = |k: &str| a.lineage.get(k).map(value_text).unwrap_or_else(|| "n/a".into());
     let rows: Vec<(&str, String)> = vec![
         ("model version", a.model_version.clone()),
-        ("champion", "n/a (no model registry in this workspace)".into()),
+        ("champion", match &c.champion {
+            Some(v) if *v == a.model_version => "yes".into(),
+            Some(v) => format!("no (the champion is {v})"),
+            None => "n/a (no model registry entry for this tenant)".into(),
+        }),
         ("test AUC", format!("{:.4}", m.auc)),
         ("log loss", format!("{:.4}", m.log_loss)),
         ("accuracy at 0.5", format!("{:.4}", m.accuracy)),

@@ -5,9 +5,12 @@ mod common;
 
 mod bad_pipelines;
 mod cache;
+mod deploy;
 mod drift;
 mod failures;
 mod faults;
 mod hostile;
+mod hsm;
+mod openlineage;
 mod propensity;
 mod report;

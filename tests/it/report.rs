@@ -145,6 +145,8 @@ fn report_of_a_nightly_run_opens_offline_in_chromium_with_every_section() {
     assert!(html.contains("Confusion matrix at 0.5") && html.contains("test AUC"));
     assert!(html.contains("<td>seed</td><td>7</td>"), "params table");
     assert!(html.contains("param seed: 42 → 7"), "rerun reasons");
+    let dot_installed = Command::new("dot").arg("-V").output().is_ok_and(|o| o.status.success());
+    assert_eq!(html.contains("Layout: Graphviz dot"), dot_installed, "auto layout uses dot exactly when it is installed");
     assert!(!html.contains("No hold-out curves") && !html.contains("No model:") && !html.contains("no reference"), "every section filled");
 
     let seen = browse(&out, d.path());
