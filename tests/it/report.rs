@@ -4,7 +4,7 @@
 //! screenshot must not be blank, the console must stay silent, and every
 //! chart must be an SVG in the rendered DOM.
 
-use super::drift::{sample, workspace};
+use super::drift::workspace;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
