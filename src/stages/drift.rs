@@ -18,7 +18,8 @@
 //!   (`feature_file`, `feature_file_hash`): read from the workspace when that
 //!   file still has that hash, else from the content-addressed cache (the
 //!   store's outputs are cached), in both cases hashed before it is used.
-//!   No model yet (first run) → the report says `no_reference` and passes.
+//!   The data is never compared with itself: no model yet (first run), or a
+//!   model trained on this very data → the report says `no_reference` and passes.
 //! - Gate: any feature's PSI > `max_psi` (default 0.25) fails the stage after
 //!   the report is written (so it can be read, and `dagrun report` shows it);
 //!   `warn_psi` (default 0.1) ≤ PSI ≤ `max_psi` is a warning in the report,
@@ -179,6 +180,34 @@ fn read_model(workspace: &Path, rel: &str) -> Result<Option<(String, ModelArtifa
     Ok(Some((hash, ModelArtifact::from_json_bytes(&bytes, rel)?)))
 }
 
+/// The blake3 of the reference feature file (the cache-key ingredient, and
+/// what `run` compares with), plus the model file read on the way.
+/// The reference is the feature file the model was trained on; with no model
+/// yet, the current data stands in (the first model is trained on it), so the
+/// run after the first finds drift up to date; once `train` retrained on the
+/// data drift last measured, that measurement's reference is kept (the data
+/// is not compared with itself on the next run).
+fn reference_hash(stage: &Stage, services: &crate::engine::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
+    let rel = param_str(&stage.with, "model").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
+    let dir = param_str(&stage.with, "current").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
+    let current = crate::store::read_manifest(&services.workspace.join(&dir)).map(|m| m.file_blake3).ok();
+    let model = read_model(&services.workspace, &rel).map_err(|e| e.context(format!("stage {}", stage.name)))?;
+    let hash = match &model {
+        Some((_, m)) if Some(&m.feature_file_hash) == current.as_ref() => {
+            let dagrun_dir = services.workspace.join(crate::engine::DAGRUN_DIR);
+            let features = format!("{dir}/{}", crate::store::FEATURES_FILE);
+            crate::engine::state::StateStore::new(&dagrun_dir)
+                .get(&stage.name)
+                .filter(|st| st.ingredients.inputs.get(&features) == current.as_ref())
+                .and_then(|st| st.ingredients.extras.get("reference_features").cloned())
+                .unwrap_or_else(|| m.feature_file_hash.clone())
+        }
+        Some((_, m)) => m.feature_file_hash.clone(),
+        None => current.unwrap_or_else(|| "none".into()),
+    };
+    Ok((hash, model))
+}
+
 impl StageKind for Drift {
     fn name(&self) -> &'static str {
         "drift"
@@ -203,30 +232,7 @@ impl StageKind for Drift {
         })
     }
     fn extra_ingredients(&self, stage: &Stage, services: &crate::engine::Services) -> Result<BTreeMap<String, String>> {
-        // The reference is the feature file the model was trained on; with no
-        // model yet, the current data stands in (the first model is trained on
-        // it), so the run after the first one finds drift up to date.
-        let rel = param_str(&stage.with, "model").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
-        let dir = param_str(&stage.with, "current").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
-        let current = crate::store::read_manifest(&services.workspace.join(&dir)).map(|m| m.file_blake3).ok();
-        let reference = match read_model(&services.workspace, &rel) {
-            Ok(Some((_, m))) if Some(&m.feature_file_hash) == current.as_ref() => {
-                // The model was retrained on the very data drift measured last
-                // time: keep that measurement (its reference) instead of
-                // comparing the data with itself.
-                let dagrun_dir = services.workspace.join(crate::engine::DAGRUN_DIR);
-                let features = format!("{dir}/{}", crate::store::FEATURES_FILE);
-                crate::engine::state::StateStore::new(&dagrun_dir)
-                    .get(&stage.name)
-                    .filter(|st| st.ingredients.inputs.get(&features) == current.as_ref())
-                    .and_then(|st| st.ingredients.extras.get("reference_features").cloned())
-                    .unwrap_or(m.feature_file_hash)
-            }
-            Ok(Some((_, m))) => m.feature_file_hash,
-            Ok(None) => current.unwrap_or_else(|| "none".into()),
-            Err(e) => return Err(e.context(format!("stage {}", stage.name))),
-        };
-        Ok(BTreeMap::from([("reference_features".to_string(), reference)]))
+        Ok(BTreeMap::from([("reference_features".to_string(), reference_hash(stage, services)?.0)]))
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
@@ -261,23 +267,27 @@ impl StageKind for Drift {
             max_psi,
             features: vec![],
         };
-        if let Some((model_hash, model)) = read_model(ctx.workspace, &model_rel)? {
+        // Compare with exactly the reference the cache key names; data is
+        // never compared with itself (that is `no_reference`, as on the first run).
+        let (ref_hash, model) = reference_hash(ctx.stage, ctx.services)?;
+        if let Some((model_hash, model)) = model.filter(|_| ref_hash != report.current.feature_file_blake3 && ref_hash != "none") {
             if model.tenant != tenant {
                 bail!("reference model {model_rel} is tenant {}'s, not {tenant}'s", model.tenant);
             }
-            let (ff, fh) = (&model.feature_file, &model.feature_file_hash);
-            if !safe_rel(ff) || !is_hex64(fh) {
+            let ff = &model.feature_file;
+            if !safe_rel(ff) || !is_hex64(&ref_hash) {
                 bail!("reference model {model_rel}: feature_file {ff:?} / feature_file_hash must be a workspace path and a blake3 hex digest");
             }
+            // The model itself, or (after a retrain on this data) the one before it.
+            let model_version = if model.feature_file_hash == ref_hash { model.model_version.clone() } else { format!("the model before {}", model.model_version) };
             let cas = crate::engine::cas::Cas::read_only(&ctx.workspace.join(crate::engine::DAGRUN_DIR));
-            let (cols, from) = match read_features_if(&ctx.workspace.join(ff), fh)? {
+            let (cols, from) = match read_features_if(&ctx.workspace.join(ff), &ref_hash)? {
                 Some(c) => (c, "workspace"),
-                None => match read_features_if(&cas.object_path(fh), fh)? {
+                None => match read_features_if(&cas.object_path(&ref_hash), &ref_hash)? {
                     Some(c) => (c, "cache"),
                     None => bail!(
-                        "the feature file model {} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift; retrain (`dagrun run --force train`) or point `model:` at a model whose features are kept",
-                        model.model_version,
-                        &fh[..12]
+                        "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift; retrain (`dagrun run --force train`) or point `model:` at a model whose features are kept",
+                        &ref_hash[..12]
                     ),
                 },
             };
@@ -289,10 +299,10 @@ impl StageKind for Drift {
             report.reference = Some(Reference {
                 model: model_rel.clone(),
                 model_blake3: model_hash,
-                model_version: model.model_version.clone(),
+                model_version,
                 feature_set_version: model.feature_set_version.clone(),
                 feature_file: ff.clone(),
-                feature_file_blake3: fh.clone(),
+                feature_file_blake3: ref_hash.clone(),
                 read_from: from.into(),
                 rows: cols[0].len() as u64,
             });
