@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 const PIPE: &str = "pipelines/propensity-ingest.yaml";
 
-fn dagrun(ws: &Path, args: &[&str]) -> Output {
+pub fn dagrun(ws: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dagrun"))
         .current_dir(ws)
         .args(args)
@@ -20,7 +20,7 @@ fn dagrun(ws: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(o: &Output) -> String {
+pub fn ok(o: &Output) -> String {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
     out

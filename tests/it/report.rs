@@ -4,27 +4,9 @@
 //! screenshot must not be blank, the console must stay silent, and every
 //! chart must be an SVG in the rendered DOM.
 
-use super::drift::workspace;
+use super::drift::{dagrun, ok, workspace};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn dagrun(ws: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dagrun"))
-        .current_dir(ws)
-        .args(args)
-        .env_remove("DAGRUN_MASTER_KEY")
-        .env_remove("DAGRUN_MASTER_KEY_FILE")
-        .env_remove("RUST_LOG")
-        .env("DAGRUN_PLAIN", "1")
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) -> String {
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
-    out
-}
 
 /// What the browser saw.
 struct Seen {
