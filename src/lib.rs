@@ -12,7 +12,8 @@
 //! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
 //! - [`remote`]: the shared remote cache (object_store: S3, GCS, Azure, local);
 //! - [`config`]: `config/dagrun.yaml`, optional workspace settings;
-//! - [`commands`]: predict, keys, features, verify, sample, push, pull.
+//! - [`report`]: `dagrun report`, one run as a self-contained HTML page;
+//! - [`commands`]: one file per command (run, status, predict, keys, push, pull, report, …).
 pub mod commands;
 pub mod config;
 pub mod crypto;
@@ -24,6 +25,7 @@ pub mod lineage;
 pub mod model;
 pub mod pipeline;
 pub mod remote;
+pub mod report;
 pub mod scoring;
 pub mod stages;
 pub mod store;

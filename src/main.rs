@@ -144,6 +144,18 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write one run as a self-contained HTML report (DAG, timeline, model cards, drift).
+    Report {
+        /// Run id (or unique prefix), or `last`.
+        #[arg(default_value = "last")]
+        run: String,
+        /// Output file (default: runs/RUN_ID.html).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// DAG layout: Graphviz `dot` when installed (auto), or the built-in one.
+        #[arg(long, value_enum, default_value = "auto")]
+        layout: ReportLayout,
+    },
     /// List runs, or show one (`dagrun runs show ID|last`).
     Runs {
         #[command(subcommand)]
@@ -151,6 +163,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportLayout {
+    Auto,
+    Dot,
+    Builtin,
 }
 
 #[derive(Subcommand)]
@@ -350,6 +369,16 @@ fn real_main(cli: &Cli) -> Result<i32> {
         Cmd::Sample { tenant, rows, seed, as_of, no_label, out } => {
             let as_of = dagrun::data::schema::parse_date(as_of).map_err(|e| error::config(format!("--as-of: {e:#}")))?;
             commands::sample::sample(out, tenant, *rows, *seed, as_of, !*no_label)?;
+            Ok(exit::OK)
+        }
+        Cmd::Report { run, output, layout } => {
+            let ws = workspace_from_cwd(cli)?;
+            let l = match layout {
+                ReportLayout::Auto => dagrun::report::Layout::Auto,
+                ReportLayout::Dot => dagrun::report::Layout::Dot,
+                ReportLayout::Builtin => dagrun::report::Layout::Builtin,
+            };
+            println!("{}", commands::report::report(&ws, run, output.as_deref(), l)?.display());
             Ok(exit::OK)
         }
         Cmd::Runs { action, json } => {

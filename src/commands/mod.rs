@@ -7,6 +7,7 @@ pub mod lineage;
 pub mod predict;
 pub mod pull;
 pub mod push;
+pub mod report;
 pub mod run;
 pub mod runs;
 pub mod sample;
