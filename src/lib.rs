@@ -10,6 +10,8 @@
 //! - [`store`]: the versioned Parquet feature store;
 //! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
 //! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
+//! - [`registry`]: the model registry (champion per tenant, promote, rollback, history);
+//! - [`serve`]: `dagrun serve`, the HTTP server (OIP V2 and MLflow protocols, tokens);
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
 pub mod crypto;
@@ -19,7 +21,9 @@ pub mod error;
 pub mod features;
 pub mod model;
 pub mod pipeline;
+pub mod registry;
 pub mod scoring;
+pub mod serve;
 pub mod stages;
 pub mod store;
 pub mod util;

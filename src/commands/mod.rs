@@ -1,9 +1,12 @@
-//! Commands beyond running pipelines: serving, keys, the feature store,
+//! Commands beyond running pipelines: serving (predict, serve, tokens, models), keys, the feature store,
 //! integrity checks and sample data. `main.rs` parses arguments and calls these.
 pub mod features;
 pub mod keys;
+pub mod models;
 pub mod predict;
 pub mod sample;
+pub mod serve;
+pub mod tokens;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
