@@ -286,12 +286,10 @@ fn validate<'c, 'd: 'c>(n: usize, present: [bool; 7], lines: Option<&[u64]>, ex:
             Some(Cell::Str(s)) => s,
             Some(_) => return Err(Refused::Bad(format!("{}: not a string; write the tenant id as text", at(Col::Tenant)))),
         };
-        let sensitive: Option<&str> = match cell(Col::Sensitive) {
-            Ok(None) => None,
-            Ok(Some(Cell::Str(s))) => Some(s),
-            Ok(Some(_)) => return Err(Refused::Bad(format!("{}: not a string", at(Col::Sensitive)))),
-            // An empty Sensitive_Data gets predict's own message.
-            Err(_) => Some(""),
+        let sensitive: Option<&str> = match cell(Col::Sensitive)? {
+            None => None,
+            Some(Cell::Str(s)) => Some(s),
+            Some(_) => return Err(Refused::Bad(format!("{}: not a string", at(Col::Sensitive)))),
         };
         match cell(Col::Converted)? {
             None | Some(Cell::Bool(_)) | Some(Cell::Int(0 | 1)) => {}
@@ -595,7 +593,7 @@ mod tests {
         let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","Tenant_ID":"Tenant_B"}]}"#, &ex()));
         assert!(m.contains("row 1, column Tenant_ID: row belongs to tenant Tenant_B"), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","secret-alice@example.com":1}]}"#, &ex()));
-        assert!(m.contains("unknown column secret-alice@example.com"), "{m}");
+        assert!(m.contains("unknown column \"secret-alice@example.com\""), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date","Sensitive_Data"],"data":[[1,3,1,"alice@example.com","x"]]}}"#, &ex()));
         assert!(m.contains("column Last_Visit_Date: not a date") && !m.contains("alice"), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID"],"data":[["alice@example.com"]]}}"#, &ex()));

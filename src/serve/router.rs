@@ -134,6 +134,12 @@ fn error(proto: Proto, status: StatusCode, msg: &str, info: Info) -> Response {
         }
     };
     let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    if status != StatusCode::BAD_REQUEST {
+        // Answered before the body was read: the connection cannot be
+        // reused (the unread body is still on it), so say so; a client
+        // would otherwise send its next request into a closing socket.
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r.extensions_mut().insert(info);
     r
 }

@@ -220,7 +220,8 @@ impl Shared {
                 _ => {
                     let kept = tm.champion.as_ref().map(|m| m.version.clone()).unwrap_or_else(|| "none".into());
                     tracing::error!("tenant {t}: champion {} failed its checks and is not loaded; still serving {kept}", c.version);
-                    if !tm.versions.contains_key(&c.version) && !w.failed.keys().any(|(v, _)| v == &c.version) {
+                    if tm.versions.contains_key(&c.version) || !w.failed.keys().any(|(v, _)| v == &c.version) {
+                        // (A version that failed to load was counted already.)
                         self.metrics.load_failed(t, &c.version);
                     }
                     notes.push(format!("{t}: champion {} refused (see the error above); still serving {kept}", c.version));
