@@ -14,6 +14,7 @@
 //! - [`serve`]: `dagrun serve`, the HTTP server (OIP V2 and MLflow protocols, tokens);
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
+pub mod config;
 pub mod crypto;
 pub mod data;
 pub mod engine;

@@ -142,7 +142,12 @@ pub fn load_trained(workspace: &Path, tenant: &str, version: Option<&str>) -> Re
         .into_iter()
         .find(|s| s.ingredients.kind == "train" && s.ingredients.params.get("tenant").and_then(|v| v.as_str()) == Some(tenant))
         .ok_or_else(|| crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", workspace.display())))?;
-    let (rel, rec) = train.outputs.iter().next().context("train stage recorded no output")?;
+    // The model is the `output` param (train also writes `….eval.json`).
+    let (rel, rec) = match train.ingredients.params.get("output").and_then(|v| v.as_str()) {
+        Some(out) => train.outputs.get_key_value(out),
+        None => train.outputs.iter().next(),
+    }
+    .context("train stage recorded no model output")?;
     let model_path = workspace.join(rel);
     let bytes = std::fs::read(&model_path).with_context(|| format!("cannot read the model {rel}"))?;
     let hash = blake3::hash(&bytes).to_hex().to_string();

@@ -80,7 +80,7 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let jobs = opts.jobs.max(1);
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(jobs + 2).build()?;
-    let (records, interrupted) = rt.block_on(schedule(engine.clone(), selected, jobs, reporter.clone()));
+    let (records, interrupted) = rt.block_on(schedule(engine.clone(), selected, jobs, reporter.clone(), t0));
     reporter.done();
 
     // Plaintext never outlives the run, whatever happened.
@@ -117,6 +117,8 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
             v
         },
         stages: records,
+        params: engine.pipeline.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        jobs: Some(jobs as u32),
     };
     // A record that cannot be written (say the disk is full) must not hide
     // why the stages failed.
@@ -158,7 +160,7 @@ fn skipped(name: &str, why: String) -> StageRecord {
     StageRecord { error: Some(why), ..StageRecord::new(name, Status::Skipped) }
 }
 
-async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, reporter: Arc<Reporter>) -> (Vec<StageRecord>, bool) {
+async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, reporter: Arc<Reporter>, t0: Instant) -> (Vec<StageRecord>, bool) {
     let p = &engine.pipeline;
     let n = p.stages.len();
     let mut indeg = vec![0usize; n];
@@ -172,6 +174,9 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
     let mut done: Vec<Option<StageRecord>> = (0..n).map(|_| None).collect();
     let mut set = tokio::task::JoinSet::new();
     let mut running = 0usize;
+    // Free scheduler slots (recorded as each stage's `worker`), lowest first.
+    let mut free_slots: std::collections::BTreeSet<u32> = (0..jobs as u32).collect();
+    let mut slot_of: BTreeMap<usize, u32> = BTreeMap::new();
     let mut interrupted = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -183,13 +188,19 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
             let eng = engine.clone();
             let rep = reporter.clone();
             rep.started(&eng.stage(i).name);
+            let slot = free_slots.pop_first().unwrap_or(0);
+            slot_of.insert(i, slot);
             set.spawn_blocking(move || {
-                let rec = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute(i))).unwrap_or_else(|panic| {
+                let start = t0.elapsed().as_secs_f64();
+                let mut rec = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute(i))).unwrap_or_else(|panic| {
                     let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
                     let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
                     r.status = Status::Failed;
                     r
                 });
+                rec.start_s = Some(start);
+                rec.end_s = Some(t0.elapsed().as_secs_f64().max(start));
+                rec.worker = Some(slot);
                 (i, rec)
             });
             running += 1;
@@ -207,7 +218,12 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
         let Some(joined) = joined else { break };
         running -= 1;
         let (i, rec) = match joined {
-            Ok(x) => x,
+            Ok(x) => {
+                if let Some(slot) = slot_of.remove(&x.0) {
+                    free_slots.insert(slot);
+                }
+                x
+            }
             Err(e) => {
                 // A panicking stage: report it as a failure, never crash the run.
                 tracing::error!("a stage thread panicked: {e}");

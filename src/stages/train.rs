@@ -6,7 +6,9 @@
 //! alpha = 1/C), scores the test split, and refuses to promote a model whose
 //! test AUC is below `min_auc`. The artifact is self-describing JSON with
 //! deterministic bytes; its `model_version` is derived from the stage's cache
-//! key, i.e. from exactly the inputs and params that made it. Every model is
+//! key, i.e. from exactly the inputs and params that made it.
+//! Beside it, `….eval.json` (`model::evaluation`) holds the hold-out ROC,
+//! calibration and confusion aggregates the report draws. Every model is
 //! registered in the model registry; `promote: auto` (default) makes it the
 //! tenant's champion, `promote: manual` leaves that to `dagrun models promote`.
 
@@ -54,7 +56,11 @@ impl StageKind for Train {
         let dir = param_str(with, "store")?;
         Ok(Declared {
             deps: vec![format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE)],
-            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+            outs: vec![
+                DeclaredOut { path: param_str(with, "output")?, sensitive: false },
+                // Hold-out curves for the model card (`model::evaluation`).
+                DeclaredOut { path: crate::model::evaluation::path_for(&param_str(with, "output")?), sensitive: false },
+            ],
         })
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
@@ -120,8 +126,11 @@ impl StageKind for Train {
             }),
         };
         artifact.validate(&feature_rel)?;
+        let scores: Vec<f64> = outcome.test_scores.iter().map(|&(_, p)| p).collect();
+        let eval = crate::model::evaluation::Evaluation::compute(tenant, &artifact.model_version, &outcome.test_labels, &scores);
         let bytes = artifact.to_json_bytes();
         write_atomic(&ctx.outs[0], &bytes)?;
+        write_atomic(&ctx.outs[1], &eval.to_json_bytes())?;
         // Register the model (the run holds the workspace lock); `promote:
         // auto` (the default) makes it the champion, `manual` leaves the
         // champion to `dagrun models promote`.
