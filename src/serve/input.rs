@@ -591,7 +591,7 @@ mod tests {
         let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2027-01-01"}]}"#, &ex()));
         assert!(m.starts_with("request: row 1, column Last_Visit_Date: date in the future relative to as_of (2026-01-01)"), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","Tenant_ID":"Tenant_B"}]}"#, &ex()));
-        assert!(m.contains("row 1, column Tenant_ID: row belongs to tenant Tenant_B"), "{m}");
+        assert!(m.contains("row 1, column Tenant_ID: row belongs to tenant \"Tenant_B\""), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","secret-alice@example.com":1}]}"#, &ex()));
         assert!(m.contains("unknown column \"secret-alice@example.com\""), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date","Sensitive_Data"],"data":[[1,3,1,"alice@example.com","x"]]}}"#, &ex()));
