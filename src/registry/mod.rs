@@ -177,6 +177,17 @@ impl Registry {
         self.tenant_dir(tenant).join("versions").join(format!("{version}.json"))
     }
 
+    /// Every folder the registry writes into (for sweeping temporary files
+    /// left by killed processes).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.root.clone()];
+        for t in self.tenants() {
+            v.push(self.tenant_dir(&t));
+            v.push(self.tenant_dir(&t).join("versions"));
+        }
+        v
+    }
+
     /// Tenants with a registry folder (sorted; folders with invalid names are skipped).
     pub fn tenants(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.root)
