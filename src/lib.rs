@@ -20,6 +20,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod features;
+pub mod lineage;
 pub mod model;
 pub mod pipeline;
 pub mod registry;

@@ -53,6 +53,12 @@ enum Cmd {
         /// Print the run record as JSON on stdout when done.
         #[arg(long)]
         json: bool,
+        /// Also POST OpenLineage events to URL/api/v1/lineage (default: $DAGRUN_OPENLINEAGE_URL).
+        #[arg(long, value_name = "URL")]
+        openlineage_url: Option<String>,
+        /// Write the run's metrics (Prometheus text format) to PATH (default: `metrics_file:` in config/dagrun.yaml).
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Show each stage as fresh or stale, and why.
     Status {
@@ -320,7 +326,7 @@ fn print_status(rows: &[status::StageStatus]) {
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json } => {
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, openlineage_url, metrics_file } => {
             let p = load(cli, pipeline, params)?;
             let force = if force.is_empty() {
                 None
@@ -339,6 +345,8 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 jobs,
                 wait: wait.map(Duration::from_secs_f64),
                 verbosity: if *json { Verbosity::Quiet } else { verbosity(cli) },
+                openlineage_url: openlineage_url.clone(),
+                metrics_file: metrics_file.clone(),
             };
             let out = scheduler::run(p, &opts)?;
             if *json {

@@ -26,6 +26,10 @@ pub struct RunOptions {
     /// Wait this long for the workspace lock (None = fail at once).
     pub wait: Option<Duration>,
     pub verbosity: Verbosity,
+    /// `--openlineage-url` (else `DAGRUN_OPENLINEAGE_URL`): see `engine::openlineage`.
+    pub openlineage_url: Option<String>,
+    /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml): see `engine::run_metrics`.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// The result of a run.
@@ -66,13 +70,27 @@ pub fn forced(p: &Pipeline, force: &Option<Vec<String>>, selected: &HashSet<usiz
 /// Run a pipeline.
 pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let dagrun_dir = pipeline.workspace.join(super::DAGRUN_DIR);
+    // Settings are checked before anything runs (a bad one is exit 2).
+    let settings = crate::config::DagrunConfig::load(&pipeline.workspace)?;
+    let lineage_url = super::openlineage::endpoint(opts.openlineage_url.as_deref())?;
+    let metrics_file = opts.metrics_file.clone().or(settings.metrics_file);
     let _lock = lock::acquire(&dagrun_dir, opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
     let mut engine = Engine::new(pipeline);
     engine.forced = forced;
-    let engine = Arc::new(engine);
     engine.sweep_temp_files();
+    match super::openlineage::OpenLineage::new(&engine, lineage_url) {
+        Ok(o) => engine.observers.push(Box::new(o)),
+        Err(e) => tracing::warn!("OpenLineage events are off for this run: {e:#}"),
+    }
+    if let Some(path) = metrics_file {
+        engine.observers.push(Box::new(super::run_metrics::RunMetrics::new(path)));
+    }
+    let engine = Arc::new(engine);
+    for o in &engine.observers {
+        o.run_started(&engine);
+    }
 
     let started_at = chrono::Utc::now();
     let t0 = Instant::now();
@@ -97,7 +115,7 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     } else {
         exit::FAILED
     };
-    let record = RunRecord {
+    let mut record = RunRecord {
         run_id: engine.run_id.clone(),
         pipeline: engine.pipeline.shown.clone(),
         started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -119,7 +137,11 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         stages: records,
         params: engine.pipeline.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         jobs: Some(jobs as u32),
+        openlineage: None,
     };
+    for o in &engine.observers {
+        o.run_finished(&engine, &mut record);
+    }
     // A record that cannot be written (say the disk is full) must not hide
     // why the stages failed.
     let written = runs::write(&engine.pipeline.workspace, &record);
@@ -191,6 +213,9 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
             let slot = free_slots.pop_first().unwrap_or(0);
             slot_of.insert(i, slot);
             set.spawn_blocking(move || {
+                for o in &eng.observers {
+                    o.stage_started(&eng, i);
+                }
                 let start = t0.elapsed().as_secs_f64();
                 let mut rec = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute(i))).unwrap_or_else(|panic| {
                     let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
@@ -201,6 +226,9 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
                 rec.start_s = Some(start);
                 rec.end_s = Some(t0.elapsed().as_secs_f64().max(start));
                 rec.worker = Some(slot);
+                for o in &eng.observers {
+                    o.stage_finished(&eng, i, &rec);
+                }
                 (i, rec)
             });
             running += 1;
