@@ -1,11 +1,16 @@
-//! Commands beyond running pipelines: serving (predict, serve, tokens, models), keys, the feature store,
-//! integrity checks and sample data. `main.rs` parses arguments and calls these.
+//! One file per command. `main.rs` parses arguments and calls these; they
+//! print, and return the exit code or an error (see `crate::error`).
+pub mod dag;
 pub mod features;
 pub mod keys;
+pub mod lineage;
 pub mod models;
 pub mod predict;
+pub mod run;
+pub mod runs;
 pub mod sample;
 pub mod serve;
+pub mod status;
 pub mod tokens;
 pub mod verify;
 
