@@ -13,7 +13,9 @@
 //! - [`remote`]: the shared remote cache (object_store: S3, GCS, Azure, local);
 //! - [`config`]: `config/dagrun.yaml`, optional workspace settings;
 //! - [`report`]: `dagrun report`, one run as a self-contained HTML page;
-//! - [`commands`]: one file per command (run, status, predict, keys, push, pull, report, …).
+//! - [`registry`]: the model registry (champion per tenant, promote, rollback, history);
+//! - [`serve`]: `dagrun serve`, the HTTP server (OIP V2 and MLflow protocols, tokens);
+//! - [`commands`]: one file per command (run, status, predict, keys, serve, models, push, pull, report, …).
 pub mod commands;
 pub mod config;
 pub mod crypto;
@@ -26,7 +28,9 @@ pub mod model;
 pub mod pipeline;
 pub mod remote;
 pub mod report;
+pub mod registry;
 pub mod scoring;
+pub mod serve;
 pub mod stages;
 pub mod store;
 pub mod util;

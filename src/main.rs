@@ -156,6 +156,18 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         layout: ReportLayout,
     },
+    /// Serve models over HTTP (Open Inference Protocol V2 and MLflow /invocations).
+    Serve(commands::serve::ServeArgs),
+    /// API tokens of `dagrun serve`: create, list, revoke.
+    Tokens {
+        #[command(subcommand)]
+        action: commands::tokens::TokensCmd,
+    },
+    /// The model registry: list, promote, rollback, history.
+    Models {
+        #[command(subcommand)]
+        action: commands::models::ModelsCmd,
+    },
     /// List runs, or show one (`dagrun runs show ID|last`).
     Runs {
         #[command(subcommand)]
@@ -381,6 +393,9 @@ fn real_main(cli: &Cli) -> Result<i32> {
             println!("{}", commands::report::report(&ws, run, output.as_deref(), l)?.display());
             Ok(exit::OK)
         }
+        Cmd::Serve(a) => commands::serve::run(&workspace_from_cwd(cli)?, a).map(|_| exit::OK),
+        Cmd::Tokens { action } => commands::tokens::run(&workspace_from_cwd(cli)?, action).map(|_| exit::OK),
+        Cmd::Models { action } => commands::models::run(&workspace_from_cwd(cli)?, action).map(|_| exit::OK),
         Cmd::Runs { action, json } => {
             let ws = workspace_from_cwd(cli)?;
             match action {

@@ -4,6 +4,7 @@ pub mod dag;
 pub mod features;
 pub mod keys;
 pub mod lineage;
+pub mod models;
 pub mod predict;
 pub mod pull;
 pub mod push;
@@ -11,7 +12,9 @@ pub mod report;
 pub mod run;
 pub mod runs;
 pub mod sample;
+pub mod serve;
 pub mod status;
+pub mod tokens;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

@@ -601,6 +601,7 @@ impl Engine {
             dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
         }
         dirs.insert(self.pipeline.workspace.join("runs"));
+        dirs.extend(crate::registry::Registry::new(&self.dagrun_dir).dirs()); // registered models
         for d in dirs {
             let Ok(rd) = std::fs::read_dir(&d) else { continue };
             for e in rd.flatten() {

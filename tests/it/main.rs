@@ -15,3 +15,4 @@ mod openlineage;
 mod propensity;
 mod remote;
 mod report;
+mod serve;
