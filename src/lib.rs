@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod executor;
 pub mod features;
 pub mod model;
 pub mod pipeline;

@@ -53,6 +53,14 @@ enum Cmd {
         /// Print the run record as JSON on stdout when done.
         #[arg(long)]
         json: bool,
+        /// Where every stage's work runs, overriding the pipeline's `executor:`.
+        #[arg(long, value_enum, value_name = "local|slurm")]
+        executor: Option<ExecutorArg>,
+    },
+    /// Run stages' work inside a Slurm job (started by `dagrun run`; see README "Running on Slurm").
+    ExecStage {
+        /// The job spec written by the coordinator.
+        spec: PathBuf,
     },
     /// Show each stage as fresh or stale, and why.
     Status {
@@ -182,6 +190,12 @@ enum KeysCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ExecutorArg {
+    Local,
+    Slurm,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DagFormat {
     Text,
     Dot,
@@ -289,7 +303,7 @@ fn print_status(rows: &[status::StageStatus]) {
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json } => {
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, executor } => {
             let p = load(cli, pipeline, params)?;
             let force = if force.is_empty() {
                 None
@@ -308,6 +322,10 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 jobs,
                 wait: wait.map(Duration::from_secs_f64),
                 verbosity: if *json { Verbosity::Quiet } else { verbosity(cli) },
+                executor: executor.map(|e| match e {
+                    ExecutorArg::Local => pipeline::ExecutorKind::Local,
+                    ExecutorArg::Slurm => pipeline::ExecutorKind::Slurm,
+                }),
             };
             let out = scheduler::run(p, &opts)?;
             if *json {
@@ -333,6 +351,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+        Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
         Cmd::Status { pipeline, stages, params, json } => {
             let p = load(cli, pipeline, params)?;
             show_status(p, stages, &None, *json)

@@ -1,5 +1,6 @@
 //! Commands beyond running pipelines: serving, keys, the feature store,
 //! integrity checks and sample data. `main.rs` parses arguments and calls these.
+pub mod exec_stage;
 pub mod features;
 pub mod keys;
 pub mod predict;

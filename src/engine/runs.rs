@@ -61,6 +61,9 @@ pub struct StageRecord {
     /// CPU time (user+sys) of the stage, where measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<f64>,
+    /// The Slurm job that ran the stage's work (`executor: slurm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
 }
 
 impl StageRecord {
@@ -77,6 +80,7 @@ impl StageRecord {
             error: None,
             facts: Map::new(),
             cpu_seconds: None,
+            slurm_job: None,
         }
     }
 }
