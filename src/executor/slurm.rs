@@ -288,7 +288,9 @@ impl Slurm {
         let mut delay = Duration::from_secs(1);
         let mut tries = 0;
         loop {
-            let out = Command::new("sbatch").args(&args).env_clear().envs(job_environment()).output().map_err(|e| {
+            // sbatch sees only what the job may see, plus its own SLURM_*/SBATCH_* settings.
+            let own = std::env::vars().filter(|(k, _)| k.starts_with("SLURM_") || k.starts_with("SBATCH_"));
+            let out = Command::new("sbatch").args(&args).env_clear().envs(job_environment()).envs(own).output().map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     anyhow!("`sbatch` is not on PATH: run dagrun on a Slurm submit host, or use `--executor local`")
                 } else {

@@ -9,3 +9,4 @@ mod failures;
 mod faults;
 mod hostile;
 mod propensity;
+mod slurm;
