@@ -9,7 +9,7 @@
 //! - [`features`]: feature sets (fit + transform), the only copy of the formulas;
 //! - [`store`]: the versioned Parquet feature store;
 //! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
-//! - [`serve`]: the prediction path shared by `predict` and `serve-check`;
+//! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
 pub mod crypto;
@@ -20,7 +20,7 @@ pub mod executor;
 pub mod features;
 pub mod model;
 pub mod pipeline;
-pub mod serve;
+pub mod scoring;
 pub mod stages;
 pub mod store;
 pub mod util;

@@ -5,7 +5,7 @@
 //! hash does not match its lineage record are refused.
 
 use crate::data::ingest::{IngestOptions, open_raw};
-use crate::serve::load_deployed;
+use crate::scoring::load_deployed;
 use crate::util::atomic::AtomicFile;
 use anyhow::{Context, Result};
 use std::io::Write;

@@ -1,6 +1,8 @@
 //! Run records: `runs/RUN_ID.json`, one per `dagrun run`, written atomically
 //! when the run ends. The `stages` items `{stage, status, seconds}` are a
-//! stable interface for scripts.
+//! stable interface for scripts. Fields are only ever added, as optional
+//! (`serde(default)`), so records of older versions still read; readers that
+//! draw from a record (`report`) check its values (`validate_timing`).
 
 use crate::util::atomic::{Durability, write_json_with};
 use anyhow::{Context, Result};
@@ -64,6 +66,16 @@ pub struct StageRecord {
     /// The Slurm job that ran the stage's work (`executor: slurm`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_job: Option<String>,
+    /// When the stage started and ended, in seconds since the run started
+    /// (absent in records of older versions and for stages never started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_s: Option<f64>,
+    /// The scheduler slot (0 .. jobs-1) that ran the stage: stages sharing a
+    /// slot never overlap in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<u32>,
 }
 
 impl StageRecord {
@@ -81,6 +93,9 @@ impl StageRecord {
             facts: Map::new(),
             cpu_seconds: None,
             slurm_job: None,
+            start_s: None,
+            end_s: None,
+            worker: None,
         }
     }
 }
@@ -101,6 +116,12 @@ pub struct RunRecord {
     #[serde(default)]
     pub forced: Vec<String>,
     pub stages: Vec<StageRecord>,
+    /// The pipeline's params as this run resolved them (after `-p` overrides).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub params: Map<String, Value>,
+    /// `-j`: how many stages could run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<u32>,
 }
 
 /// A new, sortable, unique run id: `YYYYMMDD-HHMMSS-mmm-XXXX`.
@@ -150,5 +171,30 @@ pub fn find(workspace: &Path, id: &str) -> Result<RunRecord> {
         0 => Err(crate::error::config(format!("no run with id {id:?} under {}", runs_dir(workspace).display()))),
         1 => Ok(matches.into_iter().next().unwrap()),
         n => Err(crate::error::config(format!("{n} runs match {id:?}; give more of the id"))),
+    }
+}
+
+impl RunRecord {
+    /// Check the timing fields a reader relies on: finite, non-negative,
+    /// `start_s ≤ end_s`, and a worker slot below `jobs` when both are known.
+    /// `origin` is named in the error.
+    pub fn validate_timing(&self, origin: &str) -> Result<()> {
+        for s in &self.stages {
+            let ok = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v >= 0.0);
+            if !ok(s.start_s) || !ok(s.end_s) || !(s.seconds.is_finite() && s.seconds >= 0.0) {
+                anyhow::bail!("{origin}: stage {}: timing values must be finite and ≥ 0", s.stage);
+            }
+            if let (Some(a), Some(b)) = (s.start_s, s.end_s) {
+                if b < a {
+                    anyhow::bail!("{origin}: stage {}: end_s {b} is before start_s {a}", s.stage);
+                }
+            }
+            if let (Some(w), Some(j)) = (s.worker, self.jobs) {
+                if w >= j {
+                    anyhow::bail!("{origin}: stage {}: worker {w} is not below jobs {j}", s.stage);
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -94,7 +94,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let jobs = opts.jobs.max(1);
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(jobs + 2).build()?;
-    let (records, interrupted) = rt.block_on(schedule(engine.clone(), selected, jobs, reporter.clone()));
+    let (records, interrupted) = rt.block_on(schedule(engine.clone(), selected, jobs, reporter.clone(), t0));
     reporter.done();
 
     // Plaintext never outlives the run, whatever happened.
@@ -131,6 +131,8 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
             v
         },
         stages: records,
+        params: engine.pipeline.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        jobs: Some(jobs as u32),
     };
     // A record that cannot be written (say the disk is full) must not hide
     // why the stages failed.
@@ -196,7 +198,7 @@ fn tasks(p: &Pipeline, selected: &HashSet<usize>) -> (Vec<Vec<usize>>, Vec<usize
     (tasks, task_of)
 }
 
-async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, reporter: Arc<Reporter>) -> (Vec<StageRecord>, bool) {
+async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, reporter: Arc<Reporter>, t0: Instant) -> (Vec<StageRecord>, bool) {
     let p = &engine.pipeline;
     let n = p.stages.len();
     let (tasks, task_of) = tasks(p, &selected);
@@ -213,6 +215,9 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
     let mut task_done = vec![false; tasks.len()];
     let mut set = tokio::task::JoinSet::new();
     let mut running = 0usize;
+    // Free scheduler slots (recorded as each stage's `worker`), lowest first.
+    let mut free_slots: std::collections::BTreeSet<u32> = (0..jobs as u32).collect();
+    let mut slot_of: BTreeMap<usize, u32> = BTreeMap::new();
     let mut interrupted = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -227,8 +232,11 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
             for &i in &members {
                 rep.started(&eng.stage(i).name);
             }
+            let slot = free_slots.pop_first().unwrap_or(0);
+            slot_of.insert(t, slot);
             set.spawn_blocking(move || {
-                let recs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(&members))).unwrap_or_else(|panic| {
+                let start = t0.elapsed().as_secs_f64();
+                let mut recs: Vec<StageRecord> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(&members))).unwrap_or_else(|panic| {
                     let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
                     members
                         .iter()
@@ -239,6 +247,17 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
                         })
                         .collect()
                 });
+                // A group's members ran one after the other in its slot.
+                let end = t0.elapsed().as_secs_f64().max(start);
+                let mut cursor = start;
+                let last = recs.len().saturating_sub(1);
+                for (k, rec) in recs.iter_mut().enumerate() {
+                    rec.start_s = Some(cursor);
+                    let e = if k == last { end } else { (cursor + rec.seconds).min(end) };
+                    rec.end_s = Some(e);
+                    rec.worker = Some(slot);
+                    cursor = e;
+                }
                 (t, members, recs)
             });
             running += 1;
@@ -256,7 +275,12 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
         let Some(joined) = joined else { break };
         running -= 1;
         let (t, members, recs) = match joined {
-            Ok(x) => x,
+            Ok(x) => {
+                if let Some(slot) = slot_of.remove(&x.0) {
+                    free_slots.insert(slot);
+                }
+                x
+            }
             Err(e) => {
                 // A panicking stage: report it as a failure, never crash the run.
                 tracing::error!("a stage thread panicked: {e}");

@@ -7,6 +7,7 @@
 //! ([`artifact::ModelArtifact::predict_proba_row`]) both call it, so identical
 //! features and parameters give bitwise identical scores.
 pub mod artifact;
+pub mod evaluation;
 pub mod logistic;
 pub mod metrics;
 pub mod scaler;

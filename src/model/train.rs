@@ -26,6 +26,8 @@ pub struct TrainOutcome {
     /// (Customer_ID, P(converted)) for every test row, in input order,
     /// computed with the same function serving uses.
     pub test_scores: Vec<(i64, f64)>,
+    /// The test rows' labels, aligned with `test_scores`.
+    pub test_labels: Vec<bool>,
 }
 
 
@@ -107,7 +109,7 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
         positives_test: test_pos as u64,
     };
     let test_scores = te_id.into_iter().zip(p).collect();
-    Ok(TrainOutcome { scaler, fitted, metrics, test_scores })
+    Ok(TrainOutcome { scaler, fitted, metrics, test_scores, test_labels: te_y })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! `uses: serve-check` — proves the serving path equals the offline path
 //! (spec §8). For the tenant's test rows it scores (a) the raw columns through
-//! the online path (`serve`: v1 transform with the *stored* statistics, then
+//! the online path (`scoring`: v1 transform with the *stored* statistics, then
 //! the model) and (b) the stored features through the model, and fails if any
 //! score differs by more than 1e-9, if the model's feature version or feature
 //! hash does not match the store, or if the model's hash does not match its
@@ -10,7 +10,7 @@ use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, par
 use crate::data::schema;
 use crate::model::ModelArtifact;
 use crate::model::split::test_mask;
-use crate::serve;
+use crate::scoring;
 use crate::util::atomic::write_json_atomic;
 use anyhow::{Context, Result, bail};
 use arrow_array::{Array, BooleanArray};
@@ -51,7 +51,7 @@ pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded
     }
     let artifact = ModelArtifact::from_json_bytes(&bytes, &model.display().to_string())?;
     let (manifest, batches) = crate::store::open_verified(store_dir)?;
-    serve::check_model_matches_store(&artifact, &manifest)?;
+    scoring::check_model_matches_store(&artifact, &manifest)?;
     if artifact.feature_stats != manifest.stats {
         bail!("the statistics stored with feature version {} differ from those the model was trained with", manifest.feature_set_version);
     }
@@ -62,7 +62,7 @@ pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded
     for batch in batches {
         let batch = batch?;
         let labels = batch.column_by_name(schema::CONVERTED).and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
-        let rows = serve::stored_features(&batch)?;
+        let rows = scoring::stored_features(&batch)?;
         let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
         let mask = test_mask(tenant, &ids);
         for (i, (id, x)) in rows.into_iter().enumerate() {
@@ -83,7 +83,7 @@ pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded
     for batch in crate::data::parquet_io::open_batches_columns(data, crate::data::DEFAULT_BATCH_SIZE, &raw_cols)? {
         let batch = batch?;
         total += batch.num_rows() as u64;
-        for (id, x) in serve::raw_features(&manifest.stats, as_of, &batch)? {
+        for (id, x) in scoring::raw_features(&manifest.stats, as_of, &batch)? {
             // The offline map holds exactly the test split (hashed once per row).
             let Some(&(off, y)) = offline.get(&id) else { continue };
             let online = artifact.predict_proba_row(&x);
@@ -145,7 +145,7 @@ impl StageKind for ServeCheck {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let model_rel = ctx.stage.deps[3].clone();
-        let recorded = serve::recorded_hash(ctx.workspace, &model_rel).map(|(_, h)| h);
+        let recorded = scoring::recorded_hash(ctx.workspace, &model_rel).map(|(_, h)| h);
         let store_dir: PathBuf = ctx.deps[1].parent().context("store dir")?.to_path_buf();
         let report = check(tenant, &ctx.deps[0], &store_dir, &ctx.deps[3], recorded.as_deref())?;
         write_json_atomic(&ctx.outs[0], &report)?;

@@ -7,6 +7,8 @@
 //! test AUC is below `min_auc`. The artifact is self-describing JSON with
 //! deterministic bytes; its `model_version` is derived from the stage's cache
 //! key, i.e. from exactly the inputs and params that made it.
+//! Beside it, `….eval.json` (`model::evaluation`) holds the hold-out ROC,
+//! calibration and confusion aggregates the report draws.
 
 use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::data::schema;
@@ -41,7 +43,11 @@ impl StageKind for Train {
         let dir = param_str(with, "store")?;
         Ok(Declared {
             deps: vec![format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE)],
-            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+            outs: vec![
+                DeclaredOut { path: param_str(with, "output")?, sensitive: false },
+                // Hold-out curves for the model card (`model::evaluation`).
+                DeclaredOut { path: crate::model::evaluation::path_for(&param_str(with, "output")?), sensitive: false },
+            ],
         })
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
@@ -65,7 +71,7 @@ impl StageKind for Train {
             if labels.null_count() > 0 {
                 bail!("the feature version has rows without a Converted label: cannot train");
             }
-            for (i, (id, x)) in crate::serve::stored_features(&batch)?.into_iter().enumerate() {
+            for (i, (id, x)) in crate::scoring::stored_features(&batch)?.into_iter().enumerate() {
                 data.customer_id.push(id);
                 data.x.push(x);
                 data.y.push(labels.value(i));
@@ -107,7 +113,10 @@ impl StageKind for Train {
             }),
         };
         artifact.validate(&feature_rel)?;
+        let scores: Vec<f64> = outcome.test_scores.iter().map(|&(_, p)| p).collect();
+        let eval = crate::model::evaluation::Evaluation::compute(tenant, &artifact.model_version, &outcome.test_labels, &scores);
         write_atomic(&ctx.outs[0], &artifact.to_json_bytes())?;
+        write_atomic(&ctx.outs[1], &eval.to_json_bytes())?;
         let mut facts = Map::new();
         facts.insert("model_version".into(), artifact.model_version.into());
         facts.insert("auc".into(), json!(m.auc));

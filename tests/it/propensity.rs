@@ -286,7 +286,7 @@ fn serve_check_fails_when_stored_statistics_are_tampered_with() {
     run_pipeline(ws.path(), &[]);
     let dir = ws.path().join("featurestore/Tenant_A/v1.0");
     let model = ws.path().join("models/Tenant_A/model.json");
-    let recorded = dagrun::serve::recorded_hash(ws.path(), "models/Tenant_A/model.json").unwrap().1;
+    let recorded = dagrun::scoring::recorded_hash(ws.path(), "models/Tenant_A/model.json").unwrap().1;
     let data = ws.path().join("data/encrypted/Tenant_A.parquet");
     // Untouched: passes with identical scores.
     let r = dagrun::stages::serve_check::check("Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap();
@@ -327,7 +327,7 @@ fn predict_on_training_rows_matches_the_offline_path() {
     let model = dagrun::model::ModelArtifact::from_json_bytes(&std::fs::read(ws.path().join("models/Tenant_A/model.json")).unwrap(), "model").unwrap();
     let mut offline = std::collections::HashMap::new();
     for b in open_batches(&ws.path().join("featurestore/Tenant_A/v1.0/features.parquet"), 4096).unwrap() {
-        for (id, x) in dagrun::serve::stored_features(&b.unwrap()).unwrap() {
+        for (id, x) in dagrun::scoring::stored_features(&b.unwrap()).unwrap() {
             offline.insert(id, model.predict_proba_row(&x));
         }
     }

@@ -1,4 +1,4 @@
-//! Models-as-a-Service: raw rows in, propensity scores out (spec §8).
+//! Scoring: raw rows in, propensity scores out (spec §8).
 //!
 //! The online path applies `features::v1::transform` with the *stored*
 //! statistics and `as_of` of the model's feature version (never refitted on
@@ -99,7 +99,12 @@ pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> R
         .into_iter()
         .find(|s| s.ingredients.kind == "train" && s.ingredients.params.get("tenant").and_then(|v| v.as_str()) == Some(tenant))
         .ok_or_else(|| crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", workspace.display())))?;
-    let (rel, rec) = train.outputs.iter().next().context("train stage recorded no output")?;
+    // The model is the `output` param (train also writes `….eval.json`).
+    let (rel, rec) = match train.ingredients.params.get("output").and_then(|v| v.as_str()) {
+        Some(out) => train.outputs.get_key_value(out),
+        None => train.outputs.iter().next(),
+    }
+    .context("train stage recorded no model output")?;
     let model_path = workspace.join(rel);
     let bytes = std::fs::read(&model_path).with_context(|| format!("cannot read the model {rel}"))?;
     let hash = blake3::hash(&bytes).to_hex().to_string();
