@@ -6,7 +6,6 @@
 //! Jobs run on the shared filesystem, which here is simply the local one.
 
 use crate::common::*;
-use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -117,26 +116,6 @@ fn propensity_ws(keys_from: Option<&Path>) -> Ws {
 fn tenant_key(root: &Path, tenant: &str) -> dagrun::crypto::DataKey {
     let o = ok(run_in(root, &["keys", "export", tenant, "--i-understand-this-prints-a-secret"]));
     dagrun::crypto::DataKey::from_bytes(hex::decode(o.stdout.trim()).unwrap().try_into().unwrap())
-}
-
-/// An encrypted file with its ciphertexts decrypted: (key id, every other column, plaintexts).
-fn decrypted(path: &Path, key: &dagrun::crypto::DataKey, tenant: &str) -> (String, Vec<RecordBatch>, Vec<Vec<u8>>) {
-    use dagrun::data::parquet_io::{open_batches, read_footer_kv};
-    let key_id = read_footer_kv(path).unwrap().get("dagrun.key_id").cloned().unwrap_or_default();
-    let mut rest = Vec::new();
-    let mut plain = Vec::new();
-    for b in open_batches(path, 4096).unwrap() {
-        let b = b.unwrap();
-        let ids = b.column_by_name("Customer_ID").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
-        let enc_idx = b.schema().index_of("Sensitive_Data_Enc").unwrap();
-        let enc = b.column(enc_idx).as_any().downcast_ref::<BinaryArray>().unwrap().clone();
-        for i in 0..b.num_rows() {
-            plain.push(dagrun::crypto::aead::decrypt_field(key, tenant, "Sensitive_Data", ids.value(i), enc.value(i)).unwrap());
-        }
-        let keep: Vec<usize> = (0..b.num_columns()).filter(|&i| i != enc_idx).collect();
-        rest.push(b.project(&keep).unwrap());
-    }
-    (key_id, rest, plain)
 }
 
 /// Every file under `dir`, recursively.
