@@ -12,6 +12,7 @@
 //! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
 //! - [`commands`]: predict, keys, features, verify, sample.
 pub mod commands;
+pub mod config;
 pub mod crypto;
 pub mod data;
 pub mod engine;

@@ -187,6 +187,25 @@ enum KeysCmd {
         #[arg(long)]
         i_understand_this_prints_a_secret: bool,
     },
+    /// Start a new workspace's keyring under a master key in an HSM (PKCS#11 URI).
+    Init {
+        #[arg(long, value_name = "URI")]
+        master: String,
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+    /// Re-wrap every tenant key under another master key (file -> HSM, HSM -> HSM).
+    Rewrap {
+        #[arg(long, value_name = "URI")]
+        to: String,
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<f64>,
+    },
+    /// Show the audit log of key operations; --verify checks its hash chain.
+    Audit {
+        #[arg(long)]
+        verify: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -402,6 +421,9 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 KeysCmd::Export { tenant, key_id, i_understand_this_prints_a_secret } => {
                     commands::keys::export(&ws, tenant, key_id.as_deref(), *i_understand_this_prints_a_secret)?
                 }
+                KeysCmd::Init { master, wait } => commands::keys::init(&ws, master, secs(wait))?,
+                KeysCmd::Rewrap { to, wait } => commands::keys::rewrap(&ws, to, secs(wait))?,
+                KeysCmd::Audit { verify } => commands::keys::audit(&ws, *verify)?,
             }
             Ok(exit::OK)
         }

@@ -1,7 +1,9 @@
-//! `dagrun keys list | rotate | forget | export`. Key bytes are printed only by
-//! `export`, and only with its explicit confirmation flag.
+//! `dagrun keys list | rotate | forget | export | init | rewrap | audit`. Key bytes
+//! are printed only by `export`, and only with its explicit confirmation flag.
+//! Every key operation is appended to the audit log (`crypto::audit`).
 
-use crate::crypto::keyring::Keyring;
+use crate::crypto::keyring::{Keyring, Rewrapped, keys_dir};
+use crate::crypto::master::MasterKeySource;
 use crate::engine::lock;
 use anyhow::Result;
 use std::path::Path;
@@ -9,10 +11,12 @@ use std::path::Path;
 pub fn list(workspace: &Path, json: bool) -> Result<()> {
     let ring = Keyring::open(workspace)?;
     let keys = ring.list();
+    let rec = ring.master_record();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "keys": keys }))?);
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "master": rec, "keys": keys }))?);
         return Ok(());
     }
+    println!("master key: {} (wrapping: {})", ring.master_key_source(), rec.mechanism);
     if keys.is_empty() {
         println!("no keys yet (they are created when a tenant's data is first encrypted)");
     }
@@ -62,5 +66,81 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
     let ring = Keyring::open(workspace)?;
     let hex = ring.export_data_key_hex(tenant, key_id)?;
     println!("{hex}");
+    Ok(())
+}
+
+/// `dagrun keys init --master URI`: start a new workspace's keyring under a PKCS#11
+/// master key (generated non-extractable inside the token when missing).
+pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -> Result<()> {
+    let source = MasterKeySource::from_uri(master, "--master")?;
+    let _l = lock::acquire(&workspace.join(crate::engine::DAGRUN_DIR), wait, "dagrun keys init")?;
+    let (ring, created) = Keyring::init(workspace, source)?;
+    println!(
+        "{} {}; keyring {} now wraps tenant keys with it ({}). Point dagrun at it with DAGRUN_MASTER_KEY_URI or \
+         master_key: in config/dagrun.yaml (the keyring also records the URI, without any PIN)",
+        if created { "created the non-extractable master key" } else { "using the existing master key" },
+        ring.master_key_source(),
+        ring.path().display(),
+        ring.master_record().mechanism
+    );
+    Ok(())
+}
+
+/// `dagrun keys rewrap --to URI`: move every tenant key to another master key.
+pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
+    let to = MasterKeySource::from_uri(to, "--to")?;
+    let _l = lock::acquire(&workspace.join(crate::engine::DAGRUN_DIR), wait, "dagrun keys rewrap")?;
+    let from = MasterKeySource::resolve(workspace)?;
+    match Keyring::rewrap(workspace, from, to)? {
+        Rewrapped::Done(n) => {
+            let ring_path = crate::crypto::keyring::keyring_path(workspace);
+            let rec = crate::crypto::keyring::recorded_master(workspace);
+            println!(
+                "rewrapped {n} key(s) in {} under {}; no data was re-encrypted. Point dagrun at the new master key \
+                 (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml); the old master key no longer opens \
+                 this keyring and can be destroyed once backups of the old keyring are gone",
+                ring_path.display(),
+                rec.and_then(|r| r.uri).map(|u| crate::crypto::master::Pkcs11Uri::parse(&u).map(|u| u.shown()).unwrap_or(u)).unwrap_or_else(|| "the new key".into())
+            );
+        }
+        Rewrapped::AlreadyDone => println!("the keyring is already wrapped under the new master key: nothing to do"),
+    }
+    Ok(())
+}
+
+/// `dagrun keys audit [--verify]`: print the audit log, or check its hash chain
+/// (exit 4 when a line was edited or deleted).
+pub fn audit(workspace: &Path, verify: bool) -> Result<()> {
+    let dir = keys_dir(workspace);
+    if verify {
+        let v = crate::crypto::audit::verify(&dir).map_err(|e| anyhow::Error::from(crate::error::Failure::Integrity(format!("{e:#}"))))?;
+        println!("audit log {}: {} line(s), hash chain intact", dir.join(crate::crypto::audit::AUDIT_FILE).display(), v.lines);
+        return Ok(());
+    }
+    let path = dir.join(crate::crypto::audit::AUDIT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no key operations recorded yet ({} does not exist)", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot read {}", path.display()))),
+    };
+    println!("{:<5} {:<25} {:<7} {:<20} {:<22} {:<12} RESULT", "SEQ", "TIME", "OP", "TENANT", "KEY ID", "USER");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        let f = |k: &str| crate::crypto::escape_for_message(v.get(k).and_then(|x| x.as_str()).unwrap_or("?"));
+        println!(
+            "{:<5} {:<25} {:<7} {:<20} {:<22} {:<12} {}",
+            v.get("seq").and_then(|x| x.as_u64()).map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+            f("time"),
+            f("op"),
+            f("tenant"),
+            f("key_id"),
+            format!("{}@{}", f("user"), f("host")),
+            f("result")
+        );
+    }
+    println!("(check the chain with `dagrun keys audit --verify`)");
     Ok(())
 }

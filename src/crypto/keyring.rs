@@ -4,25 +4,24 @@
 //! # Files
 //! - `<workspace>/.dagrun/keys/keyring.json` — wrapped keys and metadata, mode 0600,
 //!   rewritten atomically on every change (directory `.dagrun/keys` is created 0700).
-//! - The master key (64 hex characters) comes from, in order: env `DAGRUN_MASTER_KEY`;
-//!   env `DAGRUN_MASTER_KEY_FILE` (a file path); the default file
-//!   `<workspace>/.dagrun/keys/master.key`, created (mode 0600 from the start,
-//!   never overwriting an existing file) with a one-time warning if none exists.
-//!
-//! # Key files must be private: refuse, don't warn
-//! A master key file (or the keyring) whose mode gives group or other any access
-//! is refused with an error naming the file, its mode and the `chmod 600` fix.
-//! A warning would scroll past in a pipeline log while the key that protects every
-//! tenant's data stays readable by other local users; refusing costs one `chmod`.
-//! A key file inside `<workspace>/config/` is refused too: config is shared and
-//! versioned, key material never lives there.
+//! - `<workspace>/.dagrun/keys/audit.jsonl` — the hash-chained log of every key
+//!   operation (see [`super::audit`]).
+//! - The master key comes from one of the sources of [`super::master`] (a file, the
+//!   environment, or a PKCS#11 token); the keyring records which kind (`master`).
 //!
 //! # Wrapping
 //! Each key is stored as hex of `nonce(12) || AES-256-GCM(master, key)(32) || tag(16)`
 //! with associated data `"dagrun/keywrap/v1|" + tenant + "|" + key_id`, so a
-//! wrapped key copied to another tenant or id does not unwrap. The file also holds
-//! `key_check` = hex(blake3 `derive_key("dagrun keyring master-key check v1", master)`),
-//! which tells "wrong master key" apart from a damaged keyring without trying keys.
+//! wrapped key copied to another tenant or id does not unwrap. With a PKCS#11 master
+//! the same AES-GCM runs inside the token (`master.mechanism` = `CKM_AES_GCM`). The
+//! file also holds `key_check` (see [`super::master`]), which tells "wrong master
+//! key" apart from a damaged keyring without trying keys.
+//!
+//! # Rewrapping (moving to another master key)
+//! [`Keyring::rewrap`] unwraps every key with the old master and wraps it with the
+//! new one into a complete new keyring, then replaces `keyring.json` in one atomic
+//! rename: until that instant the old keyring (old master) is the valid one, from it
+//! the new one. No data is re-encrypted; key ids and bytes do not change.
 //!
 //! # Crypto-shredding
 //! [`Keyring::forget`] removes every wrapped key of a tenant from the file and leaves
@@ -30,29 +29,25 @@
 //! never create new keys. Copies of an older `keyring.json` (backups) still hold the
 //! wrapped keys, readable only together with the master key.
 
-use super::keys::{DataKey, MasterKey, PseudonymKey};
-use super::{escape_for_message, validate_tenant, wipe, wipe_string};
-use crate::util::atomic::{TEMP_MARKER, sync_parent, write_atomic_mode};
-use aes_gcm::Aes256Gcm;
-use aes_gcm::aead::{AeadInOut, KeyInit, Nonce, Tag};
+use super::audit::AuditLog;
+use super::keys::{DataKey, PseudonymKey};
+use super::master::file::check_private;
+use super::master::{Master, MasterRecord, Pkcs11Uri, WRAPPED_LEN};
+use super::{escape_for_message, validate_tenant, wipe};
+use crate::util::atomic::write_atomic_mode;
 use anyhow::{Context, Result, anyhow, bail};
-use rand::TryRng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-/// Env var holding the master key as 64 hex characters.
-pub const ENV_MASTER_KEY: &str = "DAGRUN_MASTER_KEY";
-/// Env var holding the path of a file with the master key.
-pub const ENV_MASTER_KEY_FILE: &str = "DAGRUN_MASTER_KEY_FILE";
+pub use super::master::{ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, ENV_MASTER_KEY_URI, MasterKeySource, default_master_key_path};
+
 /// `format` value of the keyring file.
 pub const KEYRING_FORMAT: &str = "dagrun-keyring/v1";
 const WRAP_AAD_PREFIX: &str = "dagrun/keywrap/v1|";
-const CHECK_CONTEXT: &str = "dagrun keyring master-key check v1";
 
 /// `<workspace>/.dagrun/keys`
 pub fn keys_dir(workspace: &Path) -> PathBuf {
@@ -64,10 +59,6 @@ pub fn keyring_path(workspace: &Path) -> PathBuf {
     keys_dir(workspace).join("keyring.json")
 }
 
-/// `<workspace>/.dagrun/keys/master.key`
-pub fn default_master_key_path(workspace: &Path) -> PathBuf {
-    keys_dir(workspace).join("master.key")
-}
 
 /// Key errors a caller may want to tell apart (downcast from `anyhow::Error`).
 /// Messages never contain key bytes.
@@ -83,13 +74,16 @@ pub enum KeyError {
     /// The master key's check value does not match the keyring's.
     #[error(
         "the master key (from {source_desc}) does not open the keyring at {keyring}: it is not the key \
-         these data keys were wrapped with. Set DAGRUN_MASTER_KEY to the right key (64 hex characters) or \
-         DAGRUN_MASTER_KEY_FILE to the file holding it; do not delete or overwrite the keyring, the \
-         tenants' encrypted data can only be decrypted with the keys in it"
+         these data keys were wrapped with{recorded}. Set DAGRUN_MASTER_KEY_URI to the PKCS#11 URI of the right \
+         key, or DAGRUN_MASTER_KEY to the right key (64 hex characters) or DAGRUN_MASTER_KEY_FILE to the file \
+         holding it; do not delete or overwrite the keyring, the tenants' encrypted data can only be decrypted \
+         with the keys in it"
     )]
     WrongMasterKey {
         source_desc: String,
         keyring: String,
+        /// What the keyring says about its master (e.g. the PKCS#11 URI), or "".
+        recorded: String,
     },
     /// No data key with that id for that tenant.
     #[error(
@@ -110,56 +104,6 @@ pub enum KeyError {
     InvalidTenant { shown: String, len: usize },
 }
 
-/// Where the master key comes from. `Debug` never shows the key.
-pub enum MasterKeySource {
-    /// The hex text itself (what `DAGRUN_MASTER_KEY` holds). Wiped on drop.
-    Env(String),
-    /// A file holding 64 hex characters, mode 0600, outside `config/`; must exist.
-    File(PathBuf),
-    /// `<workspace>/.dagrun/keys/master.key`, created if missing.
-    Default,
-}
-
-impl MasterKeySource {
-    /// `DAGRUN_MASTER_KEY` if set and non-empty, else `DAGRUN_MASTER_KEY_FILE` if
-    /// set and non-empty, else [`MasterKeySource::Default`].
-    pub fn from_env() -> Result<MasterKeySource> {
-        if let Some(v) = std::env::var_os(ENV_MASTER_KEY)
-            && !v.is_empty()
-        {
-            let s = v.into_string().map_err(|_| {
-                anyhow!("{ENV_MASTER_KEY} is set but is not text; it must be 64 hex characters")
-            })?;
-            return Ok(MasterKeySource::Env(s));
-        }
-        if let Some(p) = std::env::var_os(ENV_MASTER_KEY_FILE)
-            && !p.is_empty()
-        {
-            return Ok(MasterKeySource::File(PathBuf::from(p)));
-        }
-        Ok(MasterKeySource::Default)
-    }
-}
-
-impl fmt::Debug for MasterKeySource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MasterKeySource::Env(_) => f.write_str("Env([redacted])"),
-            MasterKeySource::File(p) => write!(f, "File({})", p.display()),
-            MasterKeySource::Default => f.write_str("Default"),
-        }
-    }
-}
-
-impl Drop for MasterKeySource {
-    fn drop(&mut self) {
-        if let MasterKeySource::Env(s) = self {
-            wipe_string(s);
-        }
-    }
-}
-
-/// Kind of a key in [`KeyInfo`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyKind {
@@ -194,6 +138,10 @@ pub struct KeyInfo {
 struct KeyringFile {
     format: String,
     key_check: String,
+    /// Which kind of master key wraps the keys (absent in keyrings written before
+    /// PKCS#11 support: a file key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    master: Option<MasterRecord>,
     #[serde(default)]
     tenants: BTreeMap<String, TenantEntry>,
     #[serde(default)]
@@ -245,177 +193,6 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-// ---- file checks ---------------------------------------------------------------
-
-/// Refuse a key file whose mode lets group or other do anything with it.
-fn check_private(path: &Path, what: &str) -> Result<()> {
-    let meta =
-        fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
-    if !meta.is_file() {
-        bail!(
-            "{what} {} is not a regular file; point dagrun at the file itself",
-            path.display()
-        );
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            bail!(
-                "{what} {p} has mode {mode:04o}; it must be readable only by its owner: run `chmod 600 {p}`",
-                p = path.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Refuse a master key file that lies inside `<workspace>/config/`.
-fn refuse_if_in_config(workspace: &Path, path: &Path) -> Result<()> {
-    let config = workspace.join("config");
-    let lexical = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let inside = match (fs::canonicalize(path), fs::canonicalize(&config)) {
-        (Ok(p), Ok(c)) => p.starts_with(c),
-        (Ok(p), Err(_)) => p.starts_with(lexical(&config)),
-        _ => lexical(path).starts_with(lexical(&config)),
-    };
-    if inside {
-        bail!(
-            "the master key file {} is inside {}: key material must never live in config/ (it is shared \
-             and versioned). Move the file outside config/ (e.g. to {}) with mode 0600 and point \
-             DAGRUN_MASTER_KEY_FILE at it, or set DAGRUN_MASTER_KEY",
-            path.display(),
-            config.display(),
-            default_master_key_path(workspace).display()
-        );
-    }
-    Ok(())
-}
-
-fn read_master_file(path: &Path) -> Result<MasterKey> {
-    check_private(path, "key file")?;
-    let mut text = fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read key file {} (it must hold 64 hex characters)",
-            path.display()
-        )
-    })?;
-    let key = MasterKey::from_hex(&text).map_err(|e| {
-        anyhow!(
-            "key file {} does not hold a valid master key: {e}",
-            path.display()
-        )
-    });
-    wipe_string(&mut text);
-    key
-}
-
-/// Create `path` holding a new random master key, mode 0600 from the first byte,
-/// without ever replacing an existing file (temp file + hard link). Returns `None`
-/// when another process created it first (the caller then reads that one).
-fn create_master_file(path: &Path) -> Result<Option<MasterKey>> {
-    use std::fs::OpenOptions;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-
-    let key = MasterKey::generate()?;
-    let mut text = hex::encode(key.bytes());
-    text.push('\n');
-    let write_new = |p: &Path, text: &str| -> std::io::Result<()> {
-        let mut o = OpenOptions::new();
-        o.write(true).create_new(true);
-        #[cfg(unix)]
-        o.mode(0o600);
-        let mut f = o.open(p)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()
-    };
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let nanos = chrono::Utc::now().timestamp_subsec_nanos();
-    let tmp = path.with_file_name(format!(
-        ".{name}{TEMP_MARKER}{}.{nanos}",
-        std::process::id()
-    ));
-    let result = (|| -> Result<bool> {
-        write_new(&tmp, &text).with_context(|| format!("cannot create {}", tmp.display()))?;
-        match fs::hard_link(&tmp, path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(_) => {
-                // Filesystem without hard links: exclusive create in place.
-                match write_new(path, &text) {
-                    Ok(()) => Ok(true),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                    Err(e) => Err(e).with_context(|| {
-                        format!("cannot create the master key file {}", path.display())
-                    }),
-                }
-            }
-        }
-    })();
-    let _ = fs::remove_file(&tmp);
-    wipe_string(&mut text);
-    if result? {
-        sync_parent(path);
-        tracing::warn!(
-            "created a new local master key at {p}. Back it up now (without it no tenant's encrypted data can \
-             be decrypted), or move it out of the workspace and set DAGRUN_MASTER_KEY_FILE (or \
-             DAGRUN_MASTER_KEY) to it",
-            p = path.display()
-        );
-        Ok(Some(key))
-    } else {
-        Ok(None)
-    }
-}
-
-/// Load the master key; returns it with a description of its source for messages.
-fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey, String)> {
-    match source {
-        MasterKeySource::Env(s) => {
-            let k = MasterKey::from_hex(s)
-                .map_err(|e| anyhow!("{ENV_MASTER_KEY} does not hold a valid master key: {e}"))?;
-            Ok((k, ENV_MASTER_KEY.to_string()))
-        }
-        MasterKeySource::File(p) => {
-            if !p.exists() {
-                bail!(
-                    "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
-                     (64 hex characters, mode 0600), or unset it to use {}",
-                    p.display(),
-                    default_master_key_path(workspace).display()
-                );
-            }
-            refuse_if_in_config(workspace, p)?;
-            Ok((read_master_file(p)?, format!("file {}", p.display())))
-        }
-        MasterKeySource::Default => {
-            let p = default_master_key_path(workspace);
-            refuse_if_in_config(workspace, &p)?;
-            let desc = format!("file {}", p.display());
-            let missing = fs::symlink_metadata(&p).is_err();
-            let ring = keyring_path(workspace);
-            if missing && fs::symlink_metadata(&ring).is_ok() {
-                // A new master key could never open the existing wrapped keys.
-                bail!(
-                    "the keyring {} exists but its master key was not found: {ENV_MASTER_KEY} and {ENV_MASTER_KEY_FILE} are unset and {} does not exist. Set {ENV_MASTER_KEY} to the master key (64 hex characters) or {ENV_MASTER_KEY_FILE} to the file holding it, or restore {} from a backup; do not delete the keyring",
-                    ring.display(),
-                    p.display(),
-                    p.display()
-                );
-            }
-            if missing && let Some(k) = create_master_file(&p)? {
-                return Ok((k, desc));
-            }
-            Ok((read_master_file(&p)?, desc))
-        }
-    }
-}
-
 fn ensure_keys_dir(workspace: &Path) -> Result<()> {
     let dagrun = workspace.join(".dagrun");
     fs::create_dir_all(&dagrun)
@@ -444,12 +221,12 @@ fn ensure_keys_dir(workspace: &Path) -> Result<()> {
 
 /// Per-tenant keys, wrapped under the master key. `Send + Sync`: every method
 /// takes `&self` (state behind a mutex); each change is written to disk
-/// atomically before the method returns.
+/// atomically before the method returns, then appended to the audit log.
 pub struct Keyring {
     path: PathBuf,
-    source_desc: String,
     key_check: String,
-    wrap: Aes256Gcm,
+    master: Master,
+    audit: AuditLog,
     state: Mutex<KeyringFile>,
 }
 
@@ -457,63 +234,167 @@ impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Keyring")
             .field("path", &self.path)
-            .field(
-                "master_key",
-                &format_args!("[redacted] (from {})", self.source_desc),
-            )
+            .field("master_key", &format_args!("[redacted] (from {})", self.master.describe()))
             .finish()
     }
 }
 
+/// What the keyring records about its master key, read without opening it
+/// (`None` when there is no readable keyring or it records nothing).
+pub fn recorded_master(workspace: &Path) -> Option<MasterRecord> {
+    let path = keyring_path(workspace);
+    fs::symlink_metadata(&path).ok()?;
+    read_keyring(&path).ok()?.master
+}
+
+/// What [`Keyring::rewrap`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rewrapped {
+    /// This many keys now wrapped under the new master.
+    Done(usize),
+    /// The keyring was already wrapped under the new master (a resumed rewrap).
+    AlreadyDone,
+}
+
 impl Keyring {
-    /// Open the keyring of `workspace`, taking the master key from the environment
-    /// (see [`MasterKeySource::from_env`]).
+    /// Open the keyring of `workspace`, taking the master key from the environment,
+    /// `config/dagrun.yaml` or the keyring's record (see [`MasterKeySource::resolve`]).
     pub fn open(workspace: &Path) -> Result<Keyring> {
-        Self::open_with(workspace, MasterKeySource::from_env()?)
+        Self::open_with(workspace, MasterKeySource::resolve(workspace)?)
     }
 
     /// Open with an explicit master key source (tests, or callers that already
     /// read the environment). A missing keyring file is an empty keyring.
     pub fn open_with(workspace: &Path, source: MasterKeySource) -> Result<Keyring> {
         ensure_keys_dir(workspace)?;
-        let (master, source_desc) = load_master(workspace, &source)?;
+        let master = Master::open(workspace, &source)?;
         drop(source);
+        Self::with_master(workspace, master)
+    }
+
+    fn with_master(workspace: &Path, master: Master) -> Result<Keyring> {
         let path = keyring_path(workspace);
-        let check = blake3::derive_key(CHECK_CONTEXT, master.bytes());
-        let key_check = hex::encode(check);
-        let file = if fs::symlink_metadata(&path).is_ok() {
+        let (file, key_check) = if fs::symlink_metadata(&path).is_ok() {
             let file = read_keyring(&path)?;
-            let stored = blake3::Hash::from_hex(file.key_check.as_bytes()).map_err(|_| {
-                anyhow!(
-                    "the keyring {} has a damaged key_check field; restore it from a backup",
-                    path.display()
-                )
-            })?;
-            // blake3::Hash compares in constant time.
-            if stored != blake3::Hash::from(check) {
+            if !master.verify_check(&file.key_check)? {
                 return Err(KeyError::WrongMasterKey {
-                    source_desc,
+                    source_desc: master.describe().to_string(),
                     keyring: path.display().to_string(),
+                    recorded: recorded_hint(file.master.as_ref()),
                 }
                 .into());
             }
-            file
+            let check = file.key_check.clone();
+            (file, check)
         } else {
-            KeyringFile {
+            let check = master.check_value()?;
+            let file = KeyringFile {
                 format: KEYRING_FORMAT.into(),
-                key_check: key_check.clone(),
+                key_check: check.clone(),
+                master: Some(master.record()),
                 tenants: BTreeMap::new(),
                 forgotten: Vec::new(),
-            }
+            };
+            (file, check)
         };
-        let wrap = Aes256Gcm::new(master.bytes().into());
-        Ok(Keyring {
-            path,
-            source_desc,
-            key_check,
-            wrap,
-            state: Mutex::new(file),
-        })
+        Ok(Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), state: Mutex::new(file) })
+    }
+
+    /// Start a workspace's keyring under `source` (`dagrun keys init --master`): a
+    /// PKCS#11 key is generated inside the token, non-extractable, when the token
+    /// has none with that label. Refused when a keyring with keys exists (use
+    /// [`Keyring::rewrap`]). Returns the keyring and whether the key was created.
+    pub fn init(workspace: &Path, source: MasterKeySource) -> Result<(Keyring, bool)> {
+        ensure_keys_dir(workspace)?;
+        let path = keyring_path(workspace);
+        if fs::symlink_metadata(&path).is_ok() {
+            let file = read_keyring(&path)?;
+            if !file.tenants.is_empty() || !file.forgotten.is_empty() {
+                bail!(
+                    "the keyring {} already holds keys; `dagrun keys init` is for a new workspace. To move its keys \
+                     to another master key run `dagrun keys rewrap --to URI`",
+                    path.display()
+                );
+            }
+        }
+        let (master, created) = Master::open_or_create(workspace, &source)?;
+        drop(source);
+        let audit = AuditLog::new(&keys_dir(workspace));
+        let desc = master.describe().to_string();
+        if created {
+            audit.append("create", "-", "master", &format!("ok: generated non-extractable master key {desc}"))?;
+        }
+        let check = master.check_value()?;
+        let file = KeyringFile {
+            format: KEYRING_FORMAT.into(),
+            key_check: check.clone(),
+            master: Some(master.record()),
+            tenants: BTreeMap::new(),
+            forgotten: Vec::new(),
+        };
+        let ring = Keyring { path, key_check: check, master, audit, state: Mutex::new(file.clone()) };
+        let mut g = ring.lock();
+        ring.commit(&mut g, file)?;
+        drop(g);
+        ring.audit.append("init", "-", "keyring", &format!("ok: keyring under {desc}"))?;
+        Ok((ring, created))
+    }
+
+    /// Re-wrap every key of `workspace` from the master `from` to the master `to`
+    /// (file to HSM, or HSM key to a new HSM key). Crash-safe at any instant: the
+    /// new keyring is complete before one atomic rename makes it the keyring; a
+    /// rerun after an interruption either starts over (the old keyring was still in
+    /// place) or finds the work done. The caller holds the workspace lock.
+    pub fn rewrap(workspace: &Path, from: MasterKeySource, to: MasterKeySource) -> Result<Rewrapped> {
+        ensure_keys_dir(workspace)?;
+        let path = keyring_path(workspace);
+        if fs::symlink_metadata(&path).is_err() {
+            bail!("there is no keyring at {}: nothing to rewrap (use `dagrun keys init --master URI` for a new workspace)", path.display());
+        }
+        // The new key must exist (made by the HSM's administrator, or `keys init`):
+        // a typo in the URI must not silently mint a key nobody backs up.
+        let new_master = Master::open(workspace, &to)?;
+        drop(to);
+        let audit = AuditLog::new(&keys_dir(workspace));
+        let file = read_keyring(&path)?;
+        if new_master.verify_check(&file.key_check)? {
+            audit.append("rewrap", "-", "keyring", &format!("ok: already under {} (resumed)", new_master.describe()))?;
+            return Ok(Rewrapped::AlreadyDone);
+        }
+        let old = Keyring::open_with(workspace, from)?;
+        let old_desc = old.master.describe().to_string();
+        let new_desc = new_master.describe().to_string();
+        let mut new = old.lock().clone();
+        let mut moved = Vec::new();
+        for (tenant, entry) in new.tenants.iter_mut() {
+            let keys = entry.data_keys.iter_mut().chain(entry.pseudonym_key.iter_mut());
+            for k in keys {
+                let mut bytes = old.unwrap_bytes(tenant, k)?;
+                let wrapped = wrap_with(&new_master, tenant, &k.id, &bytes);
+                wipe(&mut bytes);
+                k.wrapped = wrapped?;
+                moved.push((tenant.clone(), k.id.clone()));
+            }
+        }
+        new.key_check = new_master.check_value()?;
+        new.master = Some(new_master.record());
+        let ring = Keyring {
+            path: path.clone(),
+            key_check: new.key_check.clone(),
+            master: new_master,
+            audit,
+            state: Mutex::new(old.lock().clone()),
+        };
+        drop(old);
+        // The switch: one atomic rename.
+        let mut g = ring.lock();
+        ring.commit(&mut g, new)?;
+        drop(g);
+        for (tenant, id) in &moved {
+            ring.audit.append("rewrap", tenant, id, &format!("ok: from {old_desc} to {new_desc}"))?;
+        }
+        ring.audit.append("rewrap", "-", "keyring", &format!("ok: {} key(s) from {old_desc} to {new_desc}", moved.len()))?;
+        Ok(Rewrapped::Done(moved.len()))
     }
 
     /// Path of `keyring.json`.
@@ -523,7 +404,12 @@ impl Keyring {
 
     /// Where the master key came from: `DAGRUN_MASTER_KEY` or `file PATH`.
     pub fn master_key_source(&self) -> &str {
-        &self.source_desc
+        self.master.describe()
+    }
+
+    /// What the keyring records about its master key.
+    pub fn master_record(&self) -> MasterRecord {
+        self.lock().master.clone().unwrap_or_else(|| self.master.record())
     }
 
     /// The tenant's active data key, created and persisted the first time the
@@ -536,7 +422,7 @@ impl Keyring {
             let key = self.unwrap_key(tenant, k, DataKey::from_bytes)?;
             return Ok((k.id.clone(), key));
         }
-        self.add_data_key(&mut g, tenant)
+        self.add_data_key_as(&mut g, tenant, "create")
     }
 
     /// A data key by id; retired keys stay readable.
@@ -601,6 +487,7 @@ impl Keyring {
             .or_default()
             .pseudonym_key = Some(stored);
         self.commit(&mut g, new)?;
+        self.audit.append("create", tenant, &id, "ok: pseudonym key")?;
         Ok(key)
     }
 
@@ -609,7 +496,7 @@ impl Keyring {
         validate_tenant(tenant)?;
         let mut g = self.lock();
         forgotten_check(&g, tenant)?;
-        let (id, _key) = self.add_data_key(&mut g, tenant)?;
+        let (id, _key) = self.add_data_key_as(&mut g, tenant, "rotate")?;
         tracing::info!("rotated the data key of tenant {tenant}: new active key {id}");
         Ok(id)
     }
@@ -621,6 +508,7 @@ impl Keyring {
         validate_tenant(tenant)?;
         let mut g = self.lock();
         if g.forgotten.iter().any(|t| t.tenant == tenant) {
+            self.audit.append("forget", tenant, "-", "ok: already forgotten")?;
             return Ok(());
         }
         let mut new = (*g).clone();
@@ -649,12 +537,15 @@ impl Keyring {
             ),
         }
         let n = destroyed.len();
+        let ids: Vec<String> = destroyed.iter().map(|d| d.id.clone()).collect();
         new.forgotten.push(Tombstone {
             tenant: tenant.to_string(),
             forgotten_at: now(),
             destroyed_keys: destroyed,
         });
         self.commit(&mut g, new)?;
+        let shown = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
+        self.audit.append("forget", tenant, &shown, &format!("ok: {n} key(s) destroyed"))?;
         tracing::warn!(
             "destroyed {n} key(s) of tenant {tenant}; its encrypted data can no longer be decrypted"
         );
@@ -714,25 +605,32 @@ impl Keyring {
     /// one), for decrypting elsewhere. The caller must gate this behind an
     /// explicit confirmation; an audit line (without the key) is logged.
     pub fn export_data_key_hex(&self, tenant: &str, key_id: Option<&str>) -> Result<String> {
-        let key = match key_id {
-            Some(id) => self.data_key(tenant, id)?,
-            None => {
-                let id = self.active_key_id(tenant)?.ok_or_else(|| {
+        let found = (|| -> Result<(String, DataKey)> {
+            let id = match key_id {
+                Some(id) => id.to_string(),
+                None => self.active_key_id(tenant)?.ok_or_else(|| {
                     anyhow!(
                         "tenant {tenant} has no data key yet in the keyring at {}: nothing to export (run the \
                          encrypt stage first)",
                         self.path.display()
                     )
-                })?;
-                self.data_key(tenant, &id)?
+                })?,
+            };
+            let key = self.data_key(tenant, &id)?;
+            Ok((id, key))
+        })();
+        let shown_tenant = escape_for_message(tenant);
+        let (id, key) = match found {
+            Ok(v) => v,
+            Err(e) => {
+                let id = key_id.map(escape_for_message).unwrap_or_else(|| "active".into());
+                self.audit.append("export", &shown_tenant, &id, "refused: no such key")?;
+                return Err(e);
             }
         };
-        tracing::warn!(
-            "exported a data key of tenant {tenant} in clear (key id {})",
-            key_id
-                .map(escape_for_message)
-                .unwrap_or_else(|| "active".into())
-        );
+        // Logged before the key is handed out: no audit line, no export.
+        self.audit.append("export", tenant, &id, "ok: data key exported in clear")?;
+        tracing::warn!("exported a data key of tenant {tenant} in clear (key id {})", escape_for_message(&id));
         Ok(hex::encode(key.as_bytes()))
     }
 
@@ -748,6 +646,7 @@ impl Keyring {
     fn commit(&self, g: &mut MutexGuard<'_, KeyringFile>, mut new: KeyringFile) -> Result<()> {
         new.format = KEYRING_FORMAT.into();
         new.key_check = self.key_check.clone();
+        new.master = Some(self.master.record());
         let mut bytes = serde_json::to_vec_pretty(&new).context("cannot serialise the keyring")?;
         bytes.push(b'\n');
         write_atomic_mode(&self.path, &bytes, 0o600).with_context(|| {
@@ -760,10 +659,11 @@ impl Keyring {
         Ok(())
     }
 
-    fn add_data_key(
+    fn add_data_key_as(
         &self,
         g: &mut MutexGuard<'_, KeyringFile>,
         tenant: &str,
+        op: &str,
     ) -> Result<(String, DataKey)> {
         let mut new = (**g).clone();
         let entry = new.tenants.entry(tenant.to_string()).or_default();
@@ -789,28 +689,23 @@ impl Keyring {
             wrapped,
         });
         self.commit(g, new)?;
+        self.audit.append(op, tenant, &id, "ok: data key")?;
         Ok((id, key))
     }
 
     fn wrap_key(&self, tenant: &str, id: &str, key: &[u8; 32]) -> Result<String> {
-        let mut nonce = [0u8; 12];
-        rand::rngs::SysRng
-            .try_fill_bytes(&mut nonce)
-            .context("the operating system's random number generator failed; cannot wrap a key")?;
-        let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{id}");
-        let mut buf = *key;
-        let tag = self
-            .wrap
-            .encrypt_inout_detached((&nonce).into(), aad.as_bytes(), (&mut buf[..]).into())
-            .map_err(|_| anyhow!("cannot wrap key {id}"))?;
-        let mut blob = Vec::with_capacity(60);
-        blob.extend_from_slice(&nonce);
-        blob.extend_from_slice(&buf);
-        blob.extend_from_slice(tag.as_slice());
-        Ok(hex::encode(blob))
+        wrap_with(&self.master, tenant, id, key)
     }
 
     fn unwrap_key<K>(&self, tenant: &str, k: &StoredKey, make: fn([u8; 32]) -> K) -> Result<K> {
+        let mut buf = self.unwrap_bytes(tenant, k)?;
+        let key = make(buf);
+        wipe(&mut buf);
+        Ok(key)
+    }
+
+    /// The raw bytes of a stored key; the caller wipes them.
+    fn unwrap_bytes(&self, tenant: &str, k: &StoredKey) -> Result<[u8; 32]> {
         let damaged = || {
             anyhow!(
                 "wrapped key {} of tenant {tenant} in the keyring {} does not unwrap although the master key \
@@ -822,20 +717,26 @@ impl Keyring {
             )
         };
         let blob = hex::decode(&k.wrapped).map_err(|_| damaged())?;
-        if blob.len() != 12 + 32 + 16 {
-            return Err(damaged());
-        }
-        let nonce: &Nonce<Aes256Gcm> = blob[..12].try_into().map_err(|_| damaged())?;
-        let tag: &Tag<Aes256Gcm> = blob[44..].try_into().map_err(|_| damaged())?;
-        let mut buf = [0u8; 32];
-        buf.copy_from_slice(&blob[12..44]);
+        let blob = <[u8; WRAPPED_LEN]>::try_from(blob.as_slice()).map_err(|_| damaged())?;
         let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{}", k.id);
-        let ok =
-            self.wrap
-                .decrypt_inout_detached(nonce, aad.as_bytes(), (&mut buf[..]).into(), tag);
-        let out = ok.map(|()| make(buf)).map_err(|_| damaged());
-        wipe(&mut buf);
-        out
+        self.master.unwrap(aad.as_bytes(), &blob)?.ok_or_else(damaged)
+    }
+}
+
+fn wrap_with(master: &Master, tenant: &str, id: &str, key: &[u8; 32]) -> Result<String> {
+    let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{id}");
+    Ok(hex::encode(master.wrap(aad.as_bytes(), key)?))
+}
+
+/// The end of a wrong-master-key message: what the keyring says its master is.
+fn recorded_hint(rec: Option<&MasterRecord>) -> String {
+    match rec {
+        Some(r) if r.kind == "pkcs11" => format!(
+            " (the keyring records its master key as {}; set {ENV_MASTER_KEY_URI} to that URI)",
+            r.uri.as_deref().map(|u| Pkcs11Uri::parse(u).map(|u| u.shown()).unwrap_or_else(|_| escape_for_message(u))).unwrap_or_default()
+        ),
+        Some(r) if r.kind == "file" => " (the keyring records a file master key)".into(),
+        _ => String::new(),
     }
 }
 

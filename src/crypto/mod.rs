@@ -28,12 +28,15 @@
 //! `hmac.new(pseudonym_key, value.encode(), hashlib.sha256).digest()`.
 
 pub mod aead;
+pub mod audit;
 pub mod keyring;
+pub mod master;
 pub mod keys;
 pub mod pseudonym;
 
 pub use aead::{FieldCipher, FieldError, aad, decrypt_field, encrypt_field};
-pub use keyring::{KeyError, KeyInfo, KeyKind, KeyState, Keyring, MasterKeySource};
+pub use keyring::{KeyError, KeyInfo, KeyKind, KeyState, Keyring};
+pub use master::MasterKeySource;
 pub use keys::{DataKey, MasterKey, PseudonymKey};
 pub use pseudonym::{Pseudonymizer, token};
 

@@ -86,6 +86,39 @@ pub fn job_environment() -> Vec<(String, String)> {
     env
 }
 
+/// Where a job finds the master key: the coordinator's source, as a place
+/// (a file path, or a PKCS#11 URI without its PIN), never the key. A key in
+/// `DAGRUN_MASTER_KEY`, or a URI carrying its `pin-value`, is refused: it would
+/// have to travel in the job's environment. With the default source the job
+/// is pointed at the default file, so it never creates a master key of its own.
+pub fn master_key_env(workspace: &Path) -> Result<Vec<(String, String)>> {
+    use crate::crypto::master::{self, MasterKeySource};
+    let refuse = |what: &str| {
+        anyhow!(
+            "{what}, but a Slurm job never receives a secret through its environment: put the master key in a file (mode 0600) on the shared filesystem and set {} to its path, or use a PKCS#11 URI with pin-source (or use `--executor local`)",
+            master::ENV_MASTER_KEY_FILE
+        )
+    };
+    let source = MasterKeySource::resolve(workspace)?;
+    Ok(match &source {
+        MasterKeySource::Env(_) => return Err(refuse(&format!("{} is set", master::ENV_MASTER_KEY))),
+        MasterKeySource::File(p) => vec![(master::ENV_MASTER_KEY_FILE.into(), std::path::absolute(p)?.to_string_lossy().into_owned())],
+        MasterKeySource::Default => {
+            vec![(master::ENV_MASTER_KEY_FILE.into(), master::default_master_key_path(workspace).to_string_lossy().into_owned())]
+        }
+        MasterKeySource::Pkcs11 { uri, from } => {
+            if uri.has_pin_value() {
+                return Err(refuse(&format!("the master key's PKCS#11 URI (from {from}) carries its PIN (pin-value)")));
+            }
+            if from.as_str() == master::ENV_MASTER_KEY_URI {
+                vec![(master::ENV_MASTER_KEY_URI.into(), uri.recorded())]
+            } else {
+                vec![] // config/dagrun.yaml or the keyring: the job resolves it the same way
+            }
+        }
+    })
+}
+
 /// Quote for /bin/sh.
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -240,7 +273,7 @@ impl Slurm {
     }
 
     /// Write the spec and script of a batch; return (script, log, result) paths and the spec.
-    fn prepare(&self, batch: &Batch, file_label: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    fn prepare(&self, batch: &Batch, file_label: &str, key_env: Vec<(String, String)>) -> Result<(PathBuf, PathBuf, PathBuf)> {
         std::fs::create_dir_all(&self.run_dir).with_context(|| format!("cannot create {}", self.run_dir.display()))?;
         let base = self.run_dir.join(format!("{file_label}.a{}", batch.attempt));
         let with_ext = |e: &str| PathBuf::from(format!("{}.{e}", base.display()));
@@ -258,17 +291,14 @@ impl Slurm {
             result: result.clone(),
         };
         crate::util::atomic::write_json_atomic(&spec_path, &spec)?;
-        // The master key's file, as a path: the job reads the key itself.
-        let key_file = match std::env::var_os(crate::crypto::keyring::ENV_MASTER_KEY_FILE).filter(|v| !v.is_empty()) {
-            Some(p) => std::path::absolute(PathBuf::from(p))?,
-            None => crate::crypto::keyring::default_master_key_path(&self.workspace),
-        };
         let mut text = String::from("#!/bin/sh\n");
         text.push_str(&format!("# dagrun run {}: {}\n", self.run_id, batch.members.iter().map(|m| m.stage.name.as_str()).collect::<Vec<_>>().join(", ")));
         for (k, v) in job_environment() {
             text.push_str(&format!("export {k}={}\n", sh_quote(&v)));
         }
-        text.push_str(&format!("export {}={}\n", crate::crypto::keyring::ENV_MASTER_KEY_FILE, sh_quote(&key_file.to_string_lossy())));
+        for (k, v) in key_env {
+            text.push_str(&format!("export {k}={}\n", sh_quote(&v)));
+        }
         text.push_str(&format!("exec {} exec-stage {}\n", sh_quote(&self.binary.to_string_lossy()), sh_quote(&spec_path.to_string_lossy())));
         crate::util::atomic::write_atomic(&script, text.as_bytes())?;
         Ok((script, log, result))
@@ -547,11 +577,6 @@ impl Executor for Slurm {
     fn execute(&self, batch: &Batch) -> Vec<(usize, Result<Done>)> {
         let first = batch.members[0].index;
         let fail = |e: anyhow::Error| vec![(first, Err(e))];
-        if std::env::var_os(crate::crypto::keyring::ENV_MASTER_KEY).is_some_and(|v| !v.is_empty()) {
-            return fail(anyhow!(
-                "DAGRUN_MASTER_KEY is set, but a Slurm job never receives a secret through its environment: put the master key in a file (mode 0600) on the shared filesystem and set DAGRUN_MASTER_KEY_FILE to its path (or use `--executor local`)"
-            ));
-        }
         if self.cancelled() {
             return fail(anyhow!("interrupted before the job was submitted"));
         }
@@ -559,7 +584,11 @@ impl Executor for Slurm {
         let file_label = sanitize(&label);
         let job_name = format!("dagrun-{}-{}", sanitize(&self.run_id), file_label);
         let res = combine(&batch.members.iter().map(|m| &m.stage.resources).collect::<Vec<_>>());
-        let (script, log, result) = match self.prepare(batch, &file_label) {
+        let key_env = match master_key_env(&self.workspace) {
+            Ok(k) => k,
+            Err(e) => return fail(e),
+        };
+        let (script, log, result) = match self.prepare(batch, &file_label, key_env) {
             Ok(x) => x,
             Err(e) => return fail(e.context("cannot write the job's files")),
         };

@@ -497,6 +497,9 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
         return Err(config(format!("{shown}: `stages` is empty; define at least one stage")));
     }
 
+    // The workspace settings are checked before anything runs (exit 2 on a bad key).
+    crate::config::DagrunConfig::load(&workspace)?;
+
     // Only a valid `foreach: tenants` needs the tenant list; any other list is
     // reported below as unknown (not as a missing config/tenants.yaml).
     let needs_tenants = pf.stages.values().any(|s| s.foreach.as_deref() == Some("tenants"));

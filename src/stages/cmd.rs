@@ -67,6 +67,9 @@ impl StageKind for Cmd {
             c.env("DAGRUN_TENANT", t);
         }
         c.envs(&s.env);
+        // The master key's URI names the PIN's file (pin-source) or holds the PIN
+        // (pin-value): no child process gets it, whatever the stage declares.
+        c.env_remove(crate::crypto::master::ENV_MASTER_KEY_URI);
         #[cfg(unix)]
         {
             use std::os::unix::process::CommandExt;

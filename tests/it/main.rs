@@ -8,5 +8,6 @@ mod cache;
 mod failures;
 mod faults;
 mod hostile;
+mod hsm;
 mod propensity;
 mod slurm;

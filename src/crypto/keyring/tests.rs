@@ -67,7 +67,15 @@ fn default_master_key_is_created_private_and_keys_persist() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["audit.head", "audit.jsonl", "keyring.json", "master.key"], "{names:?}");
+    // both key creations are in the audit log, which verifies and holds no key
+    let audit = fs::read_to_string(keys_dir(ws.path()).join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 2);
+    assert!(audit.contains("\"key_id\":\"Tenant_A-dk-1\"") && audit.contains("\"op\":\"create\""));
+    assert!(!audit.contains(&hex::encode(k_bytes)) && !audit.contains(&hex::encode(p_bytes)));
+    assert_eq!(crate::crypto::audit::verify(&keys_dir(ws.path())).unwrap().lines, 2);
     let json = fs::read_to_string(kr.path()).unwrap();
     assert!(!json.contains(&hex::encode(k_bytes)) && !json.contains(&hex::encode(p_bytes)));
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();

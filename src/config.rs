@@ -1,0 +1,114 @@
+//! `config/dagrun.yaml`: optional workspace settings (absent file = all defaults).
+//!
+//! ```yaml
+//! master_key: "pkcs11:token=dagrun-test;object=dagrun-master;type=secret-key?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/dagrun/pin"
+//! ```
+//!
+//! # Rules
+//! - One strict parser for every setting: an unknown key, a wrong type or invalid
+//!   YAML is an error naming `config/dagrun.yaml:LINE:COLUMN` (exit 2). Add new
+//!   settings as fields of [`DagrunConfig`], never a second parser.
+//! - The file is shared and versioned: it never holds key material or a PIN
+//!   (`master_key` is a PKCS#11 URI; a `pin-value` in it is refused).
+
+use crate::crypto::master::Pkcs11Uri;
+use crate::error::config;
+use anyhow::Result;
+use serde::Deserialize;
+use std::path::Path;
+
+/// Where the settings live, relative to the workspace.
+pub const CONFIG_FILE: &str = "config/dagrun.yaml";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    master_key: Option<String>,
+}
+
+/// The validated settings.
+#[derive(Debug, Default)]
+pub struct DagrunConfig {
+    /// The master key as an RFC 7512 PKCS#11 URI (see `crypto::master`).
+    pub master_key: Option<Pkcs11Uri>,
+}
+
+impl DagrunConfig {
+    /// Load `<workspace>/config/dagrun.yaml`; a missing file gives the defaults.
+    pub fn load(workspace: &Path) -> Result<DagrunConfig> {
+        let path = workspace.join(CONFIG_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => Self::parse(&bytes, CONFIG_FILE),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DagrunConfig::default()),
+            Err(e) => Err(config(format!("{CONFIG_FILE}: cannot read it ({e})"))),
+        }
+    }
+
+    /// Parse and validate; `shown` names the file in errors.
+    pub fn parse(bytes: &[u8], shown: &str) -> Result<DagrunConfig> {
+        if bytes.len() > 1 << 20 {
+            return Err(config(format!("{shown}: the file is over 1 MiB; it holds a few settings")));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
+        let yaml_err = |e: yaml_serde::Error| {
+            let msg = crate::pipeline::explain_yaml_message(&e.to_string());
+            let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            let known = "known keys: master_key";
+            match e.location() {
+                Some(l) => config(format!("{shown}:{}:{}: {clean} ({known})", l.line(), l.column())),
+                None => config(format!("{shown}: {clean} ({known})")),
+            }
+        };
+        crate::pipeline::check_yaml_budget(text).map_err(yaml_err)?;
+        let raw: RawConfig = if text.trim().is_empty() { RawConfig::default() } else { yaml_serde::from_str(text).map_err(yaml_err)? };
+        let line_of = |key: &str| {
+            text.lines().position(|l| l.trim_start().starts_with(&format!("{key}:"))).map(|i| i + 1).unwrap_or(1)
+        };
+        let master_key = match raw.master_key {
+            None => None,
+            Some(s) => {
+                let at = line_of("master_key");
+                let uri = Pkcs11Uri::parse(s.trim())
+                    .map_err(|e| config(format!("{shown}:{at}: master_key is not a valid PKCS#11 URI: {e:#}")))?;
+                if uri.has_pin_value() {
+                    return Err(config(format!(
+                        "{shown}:{at}: master_key carries the PIN itself (pin-value): a PIN must never be in config/ \
+                         (it is shared and versioned). Put the PIN in a file readable only by you and use \
+                         pin-source=file:/path/to/pin instead"
+                    )));
+                }
+                Some(uri)
+            }
+        };
+        Ok(DagrunConfig { master_key })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const URI: &str = "pkcs11:token=t;object=k;type=secret-key?module-path=/m.so&pin-source=file:/p";
+
+    #[test]
+    fn parses_master_key_and_empty_files() {
+        let c = DagrunConfig::parse(format!("master_key: \"{URI}\"\n").as_bytes(), CONFIG_FILE).unwrap();
+        assert_eq!(c.master_key.unwrap().token.as_deref(), Some("t"));
+        assert!(DagrunConfig::parse(b"", CONFIG_FILE).unwrap().master_key.is_none());
+        assert!(DagrunConfig::parse(b"# nothing\n", CONFIG_FILE).unwrap().master_key.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let e = DagrunConfig::parse(b"# settings\nmaster_kye: x\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("master_kye"), "{e}");
+        let e = DagrunConfig::parse(b"\nmaster_key: file:/x\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("pkcs11:"), "{e}");
+        let pinned = format!("master_key: \"{}\"\n", URI.replace("pin-source=file:/p", "pin-value=12345678"));
+        let e = DagrunConfig::parse(pinned.as_bytes(), CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.contains("pin-value") && !e.contains("12345678"), "{e}");
+        assert_eq!(crate::error::exit_code_of(&DagrunConfig::parse(b"x: 1", CONFIG_FILE).unwrap_err()), 2);
+    }
+}

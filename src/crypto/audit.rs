@@ -1,0 +1,277 @@
+//! The audit trail of key operations: `<workspace>/.dagrun/keys/audit.jsonl`.
+//!
+//! # Format
+//! One JSON object a line: `seq` (1, 2, …), `time` (RFC 3339 UTC), `op` (`create`,
+//! `rotate`, `forget`, `export`, `rewrap`, `init`), `tenant` (`-` for the whole
+//! keyring), `key_id`, `user`, `host`, `result`, `prev`, then `hash` last.
+//! `hash` = blake3 of the line's bytes up to (not including) `,"hash":…`, plus `}`;
+//! `prev` = the previous line's `hash` (64 zeros for the first line). So editing
+//! any byte of a line breaks its hash, and deleting or reordering lines breaks the
+//! `seq`/`prev` chain. `audit.head` (`{"seq":N,"hash":H}`, rewritten atomically after
+//! each append) records the last line, so cutting lines off the end is detected too.
+//!
+//! # Rules
+//! - Append-only, under an exclusive `flock` of the log (runs and `keys` commands
+//!   of different processes interleave whole lines, never parts); each line is
+//!   fsynced before the operation reports success.
+//! - No key material: ids, tenant names and results only.
+//! - `dagrun keys audit --verify` ([`verify`]) reads every line as untrusted input.
+//! - Limits: whoever can rewrite both files can forge a consistent shorter history;
+//!   ship the log off the machine (syslog, WORM storage) to rule that out.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// File name of the log inside `.dagrun/keys/`.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+/// File name of the head record inside `.dagrun/keys/`.
+pub const HEAD_FILE: &str = "audit.head";
+const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One line without its hash (the hashed part), fields in file order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub seq: u64,
+    pub time: String,
+    pub op: String,
+    pub tenant: String,
+    pub key_id: String,
+    pub user: String,
+    pub host: String,
+    pub result: String,
+    pub prev: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+/// The audit log of one workspace.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    path: PathBuf,
+    head: PathBuf,
+}
+
+fn user() -> String {
+    for v in ["USER", "LOGNAME"] {
+        if let Ok(u) = std::env::var(v)
+            && !u.is_empty()
+        {
+            return u;
+        }
+    }
+    // SAFETY: getuid has no preconditions.
+    format!("uid {}", unsafe { libc::getuid() })
+}
+
+fn host() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Split a stored line into the hashed body (`{…}` without the hash) and the hash.
+fn split_line(line: &str) -> Option<(String, &str)> {
+    let i = line.rfind(",\"hash\":\"")?;
+    let rest = line[i..].strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
+    Some((format!("{}}}", &line[..i]), rest))
+}
+
+impl AuditLog {
+    /// The log in `keys_dir` (`.dagrun/keys`).
+    pub fn new(keys_dir: &Path) -> AuditLog {
+        AuditLog { path: keys_dir.join(AUDIT_FILE), head: keys_dir.join(HEAD_FILE) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append one operation. Fails (and the caller reports failure) when the line
+    /// cannot be written and synced.
+    pub fn append(&self, op: &str, tenant: &str, key_id: &str, result: &str) -> Result<()> {
+        let what = || format!("cannot append to the key audit log {}", self.path.display());
+        let mut f = {
+            let mut o = OpenOptions::new();
+            o.read(true).append(true).create(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            o.open(&self.path).with_context(what)?
+        };
+        f.lock().with_context(what)?;
+        let mut text = String::new();
+        f.seek(SeekFrom::Start(0)).with_context(what)?;
+        f.read_to_string(&mut text).with_context(what)?;
+        let (seq, prev) = match text.lines().rev().find(|l| !l.trim().is_empty()) {
+            None => (1, ZERO.to_string()),
+            Some(last) => {
+                let (body, hash) = split_line(last).ok_or_else(|| {
+                    anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display())
+                })?;
+                let e: Entry = serde_json::from_str(&body).map_err(|_| {
+                    anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display())
+                })?;
+                (e.seq + 1, hash.to_string())
+            }
+        };
+        let entry = Entry {
+            seq,
+            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            op: op.into(),
+            tenant: tenant.into(),
+            key_id: key_id.into(),
+            user: user(),
+            host: host(),
+            result: result.into(),
+            prev,
+        };
+        let body = serde_json::to_string(&entry).context("cannot serialise an audit line")?;
+        let hash = blake3::hash(body.as_bytes()).to_hex().to_string();
+        let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
+        if !text.is_empty() && !text.ends_with('\n') {
+            // A torn last line from a crash mid-write: finish it so ours stays whole
+            // (verify will report the torn one).
+            f.write_all(b"\n").with_context(what)?;
+        }
+        f.write_all(line.as_bytes()).with_context(what)?;
+        f.sync_data().with_context(what)?;
+        let head = serde_json::to_vec(&Head { seq, hash }).context("cannot serialise the audit head")?;
+        crate::util::atomic::write_atomic_mode(&self.head, &head, 0o600)
+            .with_context(|| format!("cannot update {}", self.head.display()))?;
+        Ok(())
+    }
+}
+
+/// What [`verify`] found in an intact log.
+#[derive(Debug, PartialEq)]
+pub struct Verified {
+    pub lines: u64,
+}
+
+/// Check every line's hash and the chain; errors name the first bad line.
+pub fn verify(keys_dir: &Path) -> Result<Verified> {
+    let log = AuditLog::new(keys_dir);
+    let shown = log.path.display().to_string();
+    let text = match fs::read_to_string(&log.path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if log.head.exists() {
+                bail!("{shown} is missing but {} records earlier lines: the audit log was deleted", log.head.display());
+            }
+            return Ok(Verified { lines: 0 });
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {shown}")),
+    };
+    let mut prev = ZERO.to_string();
+    let mut expect = 1u64;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let Some((body, hash)) = split_line(line) else {
+            bail!("{shown}:{n}: not an audit line (no trailing hash): the line was edited or damaged");
+        };
+        let e: Entry = serde_json::from_str(&body)
+            .map_err(|_| anyhow!("{shown}:{n}: not a valid audit line: the line was edited or damaged"))?;
+        if blake3::hash(body.as_bytes()).to_hex().as_str() != hash {
+            bail!("{shown}:{n}: the line's hash does not match its content: line {n} (seq {}) was edited", e.seq);
+        }
+        if e.seq != expect {
+            bail!(
+                "{shown}:{n}: sequence number {} where {expect} was expected: {} line(s) before it were deleted or moved",
+                e.seq,
+                e.seq.abs_diff(expect)
+            );
+        }
+        if e.prev != prev {
+            bail!("{shown}:{n}: the line does not chain to the previous one (prev hash differs): a line before it was deleted, inserted or edited");
+        }
+        prev = hash.to_string();
+        expect += 1;
+    }
+    let lines = expect - 1;
+    match fs::read(&log.head) {
+        Ok(b) => {
+            let head: Head = serde_json::from_slice(&b)
+                .map_err(|_| anyhow!("{} is damaged: the audit head was edited", log.head.display()))?;
+            // The head is written after the line: a crash in between leaves it one behind.
+            let tail_ok = head.seq == lines && head.hash == prev;
+            let one_behind = head.seq + 1 == lines;
+            if !(tail_ok || one_behind) {
+                bail!(
+                    "{shown}: the log has {lines} line(s) but {} records line {} as the last: {}",
+                    log.head.display(),
+                    head.seq,
+                    if head.seq > lines { "lines were deleted from the end" } else { "the last line does not match the recorded one" }
+                );
+            }
+        }
+        Err(_) if lines == 0 => {}
+        Err(_) => bail!("{} is missing: the audit head was deleted", log.head.display()),
+    }
+    Ok(Verified { lines })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(p: &Path) -> Vec<String> {
+        fs::read_to_string(p.join(AUDIT_FILE)).unwrap().lines().map(String::from).collect()
+    }
+
+    fn write(p: &Path, l: &[String]) {
+        fs::write(p.join(AUDIT_FILE), l.iter().map(|s| format!("{s}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn chain_detects_edits_deletions_and_truncation() {
+        let d = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(d.path());
+        assert_eq!(verify(d.path()).unwrap().lines, 0);
+        for i in 0..4 {
+            log.append("create", "Tenant_A", &format!("Tenant_A-dk-{i}"), "ok").unwrap();
+        }
+        assert_eq!(verify(d.path()).unwrap().lines, 4);
+        let orig = lines(d.path());
+        let e: Entry = serde_json::from_str(&split_line(&orig[1]).unwrap().0).unwrap();
+        assert_eq!((e.seq, e.op.as_str()), (2, "create"));
+
+        // edited line
+        let mut l = orig.clone();
+        l[1] = l[1].replace("Tenant_A-dk-1", "Tenant_A-dk-9");
+        write(d.path(), &l);
+        let err = verify(d.path()).unwrap_err().to_string();
+        assert!(err.contains(":2:") && err.contains("edited"), "{err}");
+
+        // deleted middle line
+        let mut l = orig.clone();
+        l.remove(2);
+        write(d.path(), &l);
+        let err = verify(d.path()).unwrap_err().to_string();
+        assert!(err.contains(":3:") && err.contains("deleted"), "{err}");
+
+        // deleted last line
+        let mut l = orig.clone();
+        l.pop();
+        write(d.path(), &l);
+        let err = verify(d.path()).unwrap_err().to_string();
+        assert!(err.contains("deleted from the end"), "{err}");
+
+        write(d.path(), &orig);
+        assert_eq!(verify(d.path()).unwrap().lines, 4);
+        log.append("export", "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
+        assert_eq!(verify(d.path()).unwrap().lines, 5);
+    }
+}

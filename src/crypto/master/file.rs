@@ -1,0 +1,210 @@
+//! Master keys held in software: the environment (`DAGRUN_MASTER_KEY`, 64 hex
+//! characters), a file (`DAGRUN_MASTER_KEY_FILE`), or the workspace's default file
+//! `<workspace>/.dagrun/keys/master.key`.
+//!
+//! # Key files must be private: refuse, don't warn
+//! A master key file (or the keyring) whose mode gives group or other any access
+//! is refused with an error naming the file, its mode and the `chmod 600` fix.
+//! A warning would scroll past in a pipeline log while the key that protects every
+//! tenant's data stays readable by other local users; refusing costs one `chmod`.
+//! A key file inside `<workspace>/config/` is refused too: config is shared and
+//! versioned, key material never lives there.
+//!
+//! # The default file
+//! Created (mode 0600 from the first byte, never overwriting an existing file) with
+//! a one-time warning when none exists; never created when a keyring already
+//! exists, because a new key could not open the keys wrapped in it.
+
+use super::MasterKeySource;
+use crate::crypto::keyring::{keyring_path, keys_dir};
+use crate::crypto::keys::MasterKey;
+use crate::crypto::wipe_string;
+use crate::util::atomic::{TEMP_MARKER, sync_parent};
+use anyhow::{Context, Result, anyhow, bail};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Env var holding the master key as 64 hex characters.
+pub const ENV_MASTER_KEY: &str = "DAGRUN_MASTER_KEY";
+/// Env var holding the path of a file with the master key.
+pub const ENV_MASTER_KEY_FILE: &str = "DAGRUN_MASTER_KEY_FILE";
+
+/// `<workspace>/.dagrun/keys/master.key`
+pub fn default_master_key_path(workspace: &Path) -> PathBuf {
+    keys_dir(workspace).join("master.key")
+}
+
+
+/// Refuse a key file whose mode lets group or other do anything with it.
+pub(crate) fn check_private(path: &Path, what: &str) -> Result<()> {
+    let meta =
+        fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "{what} {} is not a regular file; point dagrun at the file itself",
+            path.display()
+        );
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{what} {p} has mode {mode:04o}; it must be readable only by its owner: run `chmod 600 {p}`",
+                p = path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuse a master key file that lies inside `<workspace>/config/`.
+fn refuse_if_in_config(workspace: &Path, path: &Path) -> Result<()> {
+    let config = workspace.join("config");
+    let lexical = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let inside = match (fs::canonicalize(path), fs::canonicalize(&config)) {
+        (Ok(p), Ok(c)) => p.starts_with(c),
+        (Ok(p), Err(_)) => p.starts_with(lexical(&config)),
+        _ => lexical(path).starts_with(lexical(&config)),
+    };
+    if inside {
+        bail!(
+            "the master key file {} is inside {}: key material must never live in config/ (it is shared \
+             and versioned). Move the file outside config/ (e.g. to {}) with mode 0600 and point \
+             DAGRUN_MASTER_KEY_FILE at it, or set DAGRUN_MASTER_KEY",
+            path.display(),
+            config.display(),
+            default_master_key_path(workspace).display()
+        );
+    }
+    Ok(())
+}
+
+fn read_master_file(path: &Path) -> Result<MasterKey> {
+    check_private(path, "key file")?;
+    let mut text = fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read key file {} (it must hold 64 hex characters)",
+            path.display()
+        )
+    })?;
+    let key = MasterKey::from_hex(&text).map_err(|e| {
+        anyhow!(
+            "key file {} does not hold a valid master key: {e}",
+            path.display()
+        )
+    });
+    wipe_string(&mut text);
+    key
+}
+
+/// Create `path` holding a new random master key, mode 0600 from the first byte,
+/// without ever replacing an existing file (temp file + hard link). Returns `None`
+/// when another process created it first (the caller then reads that one).
+fn create_master_file(path: &Path) -> Result<Option<MasterKey>> {
+    use std::fs::OpenOptions;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let key = MasterKey::generate()?;
+    let mut text = hex::encode(key.bytes());
+    text.push('\n');
+    let write_new = |p: &Path, text: &str| -> std::io::Result<()> {
+        let mut o = OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        o.mode(0o600);
+        let mut f = o.open(p)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nanos = chrono::Utc::now().timestamp_subsec_nanos();
+    let tmp = path.with_file_name(format!(
+        ".{name}{TEMP_MARKER}{}.{nanos}",
+        std::process::id()
+    ));
+    let result = (|| -> Result<bool> {
+        write_new(&tmp, &text).with_context(|| format!("cannot create {}", tmp.display()))?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(_) => {
+                // Filesystem without hard links: exclusive create in place.
+                match write_new(path, &text) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e).with_context(|| {
+                        format!("cannot create the master key file {}", path.display())
+                    }),
+                }
+            }
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    wipe_string(&mut text);
+    if result? {
+        sync_parent(path);
+        tracing::warn!(
+            "created a new local master key at {p}. Back it up now (without it no tenant's encrypted data can \
+             be decrypted), or move it out of the workspace and set DAGRUN_MASTER_KEY_FILE (or \
+             DAGRUN_MASTER_KEY) to it",
+            p = path.display()
+        );
+        Ok(Some(key))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Load the master key; returns it with a description of its source for messages.
+pub(super) fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey, String)> {
+    match source {
+        MasterKeySource::Env(s) => {
+            let k = MasterKey::from_hex(s)
+                .map_err(|e| anyhow!("{ENV_MASTER_KEY} does not hold a valid master key: {e}"))?;
+            Ok((k, ENV_MASTER_KEY.to_string()))
+        }
+        MasterKeySource::File(p) => {
+            if !p.exists() {
+                bail!(
+                    "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
+                     (64 hex characters, mode 0600), or unset it to use {}",
+                    p.display(),
+                    default_master_key_path(workspace).display()
+                );
+            }
+            refuse_if_in_config(workspace, p)?;
+            Ok((read_master_file(p)?, format!("file {}", p.display())))
+        }
+        MasterKeySource::Default => {
+            let p = default_master_key_path(workspace);
+            refuse_if_in_config(workspace, &p)?;
+            let desc = format!("file {}", p.display());
+            let missing = fs::symlink_metadata(&p).is_err();
+            let ring = keyring_path(workspace);
+            if missing && fs::symlink_metadata(&ring).is_ok() {
+                // A new master key could never open the existing wrapped keys.
+                bail!(
+                    "the keyring {} exists but its master key was not found: {ENV_MASTER_KEY} and {ENV_MASTER_KEY_FILE} are unset and {} does not exist. Set {ENV_MASTER_KEY} to the master key (64 hex characters) or {ENV_MASTER_KEY_FILE} to the file holding it, or restore {} from a backup; do not delete the keyring",
+                    ring.display(),
+                    p.display(),
+                    p.display()
+                );
+            }
+            if missing && let Some(k) = create_master_file(&p)? {
+                return Ok((k, desc));
+            }
+            Ok((read_master_file(&p)?, desc))
+        }
+        MasterKeySource::Pkcs11 { uri, .. } => {
+            bail!("internal error: {} is a PKCS#11 key, not a key file", uri.shown())
+        }
+    }
+}
+

@@ -1,0 +1,353 @@
+//! A master key inside a PKCS#11 token (a hardware HSM, a cloud HSM, a cloud KMS's
+//! PKCS#11 library, or SoftHSM2 for tests), used through the `cryptoki` crate.
+//!
+//! # Rules
+//! - The key never leaves the token: dagrun asks the token to `C_Encrypt` /
+//!   `C_Decrypt` 32-byte tenant keys with `CKM_AES_GCM` (12-byte nonce chosen by
+//!   dagrun, 128-bit tag, the keyring's associated data). The token must offer
+//!   `CKM_AES_GCM`; the mechanism is recorded in the keyring.
+//! - Refused before any use: a key that is extractable (`CKA_EXTRACTABLE`), not
+//!   sensitive, or not allowed to encrypt and decrypt — a master key that can leave
+//!   the token protects nothing.
+//! - `dagrun keys init --master` generates a missing key inside the token with
+//!   `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not `CKA_EXTRACTABLE`.
+//! - One logged-in session per opened key, behind a mutex; each module is loaded
+//!   and `C_Initialize`d once per process.
+//! - Every failure names the module, token, key and what to do: a missing module,
+//!   an absent token, a wrong or locked PIN (never shown), a missing key, a lost
+//!   session (the stage fails; a rerun opens a new session).
+
+use super::uri::Pkcs11Uri;
+use anyhow::{Result, anyhow, bail};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::Ulong;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+/// The mechanism name recorded in the keyring.
+pub const MECHANISM: &str = "CKM_AES_GCM";
+
+/// A key inside a token, with a logged-in session.
+pub struct HsmKey {
+    session: Mutex<Session>,
+    key: ObjectHandle,
+    uri: Pkcs11Uri,
+    desc: String,
+    token: String,
+}
+
+/// One loaded, initialised module per path for the whole process.
+fn context(module: &Path) -> Result<Pkcs11> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut map = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = map.get(module) {
+        return Ok(c.clone());
+    }
+    if !module.exists() {
+        bail!(
+            "the PKCS#11 module {} does not exist: install the HSM vendor's PKCS#11 library (SoftHSM2: apt-get \
+             install softhsm2) or fix module-path= in the URI",
+            module.display()
+        );
+    }
+    let ctx = Pkcs11::new(module).map_err(|e| {
+        anyhow!("cannot load the PKCS#11 module {} ({e}): is it a PKCS#11 library for this machine?", module.display())
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => bail!("the PKCS#11 module {} failed to initialise ({})", module.display(), short(&e)),
+    }
+    map.insert(module.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+/// A PKCS#11 error in a few words: the return value's name and the function.
+fn short(e: &P11Error) -> String {
+    match e {
+        P11Error::Pkcs11(rv, f) => format!("{} in {f:?}", rv_name(*rv)),
+        other => other.to_string(),
+    }
+}
+
+fn rv_name(rv: RvError) -> String {
+    let name = format!("{rv:?}");
+    // CamelCase -> CKR_SNAKE_CASE, as the standard spells it.
+    let mut out = String::from("CKR_");
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// Is this the token (or its session) going away rather than a refusal?
+fn is_lost(e: &P11Error) -> bool {
+    matches!(
+        e,
+        P11Error::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::TokenNotPresent
+                | RvError::UserNotLoggedIn
+                | RvError::CryptokiNotInitialized
+                | RvError::GeneralError
+                | RvError::DeviceMemory,
+            _
+        )
+    )
+}
+
+fn label_of(info_label: &str) -> &str {
+    info_label.trim_end_matches([' ', '\0'])
+}
+
+impl HsmKey {
+    /// Is there a key the URI names? (Token, PIN and module errors are errors.)
+    pub fn exists(uri: &Pkcs11Uri, from: &str) -> Result<bool> {
+        let (session, _slot, token) = open_session(uri, from, false)?;
+        Ok(!find_keys(&session, uri, &token, from)?.is_empty())
+    }
+
+    /// Open the key the URI names; with `create`, generate it inside the token first.
+    pub fn open(uri: &Pkcs11Uri, from: &str, create: bool) -> Result<HsmKey> {
+        let (session, slot, token) = open_session(uri, from, create)?;
+        let ctx = context(uri.module_path.as_deref().expect("checked by the parser"))?;
+        let mechs = ctx.get_mechanism_list(slot).map_err(|e| anyhow!("cannot list the mechanisms of token {token} ({})", short(&e)))?;
+        if !mechs.contains(&MechanismType::AES_GCM) {
+            bail!(
+                "token {token} does not offer {MECHANISM} (AES-GCM), which dagrun uses to wrap tenant keys inside \
+                 the token; use a token or HSM firmware that supports it"
+            );
+        }
+        let shown = uri.shown();
+        if create {
+            let label = uri.object.clone().ok_or_else(|| anyhow!("to create a key the URI must name it with object=LABEL"))?;
+            let mut template = vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(Ulong::from(32)),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(true),
+                Attribute::Unwrap(true),
+                Attribute::Label(label.into_bytes()),
+            ];
+            if let Some(id) = &uri.id {
+                template.push(Attribute::Id(id.clone()));
+            }
+            session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| {
+                anyhow!("token {token} could not generate the master key {shown} ({}); is the token writable?", short(&e))
+            })?;
+        }
+        let keys = find_keys(&session, uri, &token, from)?;
+        let key = match keys.as_slice() {
+            [] => bail!(
+                "the key {shown} (from {from}) was not found: token {token} has no AES secret key with that \
+                 label/id. Check object= in the URI, or create the key with `dagrun keys init --master URI`"
+            ),
+            [k] => *k,
+            _ => bail!("token {token} holds {} keys matching {shown}: add id= to the URI to pick one", keys.len()),
+        };
+        check_attributes(&session, key, &shown)?;
+        let desc = format!("PKCS#11 key {shown}");
+        Ok(HsmKey { session: Mutex::new(session), key, uri: clone_uri(uri)?, desc, token })
+    }
+
+    pub fn describe(&self) -> String {
+        self.desc.clone()
+    }
+
+    pub fn mechanism(&self) -> &'static str {
+        MECHANISM
+    }
+
+    pub fn uri(&self) -> &Pkcs11Uri {
+        &self.uri
+    }
+
+    fn lost(&self, e: &P11Error) -> anyhow::Error {
+        anyhow!(
+            "the session with token {} was lost ({}): the HSM or its module stopped answering. Nothing was \
+             written with this key; make the token available again and rerun",
+            self.token,
+            short(e)
+        )
+    }
+
+    /// `C_Encrypt` with AES-GCM inside the token: returns ciphertext || tag.
+    pub fn encrypt(&self, nonce: &[u8; 12], aad: &[u8], data: &[u8; 32]) -> Result<Vec<u8>> {
+        let mut iv = *nonce;
+        let params = GcmParams::new(&mut iv, aad, Ulong::from(128))
+            .map_err(|e| anyhow!("cannot build AES-GCM parameters ({e})"))?;
+        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        s.encrypt(&Mechanism::AesGcm(params), self.key, data).map_err(|e| {
+            if is_lost(&e) {
+                self.lost(&e)
+            } else {
+                anyhow!("token {} refused to wrap a key with {} ({})", self.token, self.desc, short(&e))
+            }
+        })
+    }
+
+    /// `C_Decrypt` with AES-GCM inside the token; `None` when the blob does not
+    /// authenticate under this key and `aad`.
+    pub fn decrypt(&self, nonce: &[u8; 12], aad: &[u8], ct_tag: &[u8]) -> Result<Option<[u8; 32]>> {
+        let mut iv = *nonce;
+        let params = GcmParams::new(&mut iv, aad, Ulong::from(128))
+            .map_err(|e| anyhow!("cannot build AES-GCM parameters ({e})"))?;
+        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        match s.decrypt(&Mechanism::AesGcm(params), self.key, ct_tag) {
+            Ok(mut plain) => {
+                let out = <[u8; 32]>::try_from(plain.as_slice()).ok();
+                crate::crypto::wipe(&mut plain);
+                Ok(out)
+            }
+            Err(P11Error::Pkcs11(
+                RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange | RvError::DataInvalid | RvError::DataLenRange,
+                _,
+            )) => Ok(None),
+            // Some tokens (SoftHSM2) report a GCM tag mismatch as a general failure:
+            // if the session still answers, it was the tag; otherwise the session is gone.
+            Err(e @ P11Error::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)) => match s.get_session_info() {
+                Ok(_) => Ok(None),
+                Err(_) => Err(self.lost(&e)),
+            },
+            Err(e) if is_lost(&e) => Err(self.lost(&e)),
+            Err(e) => Err(anyhow!("token {} refused to unwrap a key with {} ({})", self.token, self.desc, short(&e))),
+        }
+    }
+}
+
+fn clone_uri(uri: &Pkcs11Uri) -> Result<Pkcs11Uri> {
+    // Keep only what is recorded (never a pin-value) for later messages and records.
+    Pkcs11Uri::parse(&uri.recorded())
+}
+
+/// Load the module, find the token, open a session and log in.
+fn open_session(uri: &Pkcs11Uri, from: &str, rw: bool) -> Result<(Session, Slot, String)> {
+    let module = uri.module_path.as_deref().expect("checked by the parser");
+    let ctx = context(module)?;
+    let want = uri.token.as_deref().unwrap_or_default();
+    let slots = ctx
+        .get_slots_with_token()
+        .map_err(|e| anyhow!("cannot list the tokens of the PKCS#11 module {} ({})", module.display(), short(&e)))?;
+    let mut present = Vec::new();
+    let mut found = None;
+    for slot in slots {
+        let Ok(info) = ctx.get_token_info(slot) else { continue };
+        let label = label_of(info.label()).to_string();
+        let matches = label == want
+            && uri.serial.as_deref().is_none_or(|s| label_of(info.serial_number()) == s)
+            && uri.manufacturer.as_deref().is_none_or(|m| label_of(info.manufacturer_id()) == m)
+            && uri.model.as_deref().is_none_or(|m| label_of(info.model()) == m)
+            && uri.slot_id.is_none_or(|id| slot.id() == id);
+        if matches && found.is_none() {
+            found = Some(slot);
+        }
+        present.push(label);
+    }
+    let token = format!("\"{}\"", crate::crypto::escape_for_message(want));
+    let Some(slot) = found else {
+        bail!(
+            "token {token} (from {from}) is not present in the PKCS#11 module {}: {}. Connect or initialise \
+             the token, or fix token= in the URI",
+            module.display(),
+            if present.is_empty() { "the module has no token".to_string() } else { format!("tokens present: {}", present.join(", ")) }
+        );
+    };
+    let session = if rw { ctx.open_rw_session(slot) } else { ctx.open_ro_session(slot) }
+        .map_err(|e| anyhow!("cannot open a session with token {token} ({})", short(&e)))?;
+    let pin = uri.pin()?;
+    let Some(pin) = pin else {
+        bail!(
+            "the URI of token {token} (from {from}) gives no PIN: add ?pin-source=file:/path/to/pin-file (mode \
+             0600) to the URI"
+        );
+    };
+    match session.login(UserType::User, Some(&pin)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => bail!(
+            "token {token} refused the PIN from {}: wrong PIN (the PIN is not shown). Put the token's user PIN in \
+             that file; repeated wrong PINs lock the token",
+            uri.pin_source.as_deref().map(crate::crypto::escape_for_message).unwrap_or_else(|| "pin-value".into())
+        ),
+        Err(P11Error::Pkcs11(RvError::PinLocked, _)) => {
+            bail!("the user PIN of token {token} is locked after too many wrong tries: the token's security officer must unlock it")
+        }
+        Err(P11Error::Pkcs11(rv @ (RvError::PinLenRange | RvError::PinInvalid), _)) => bail!(
+            "token {token} refused the PIN as malformed ({}; the PIN is not shown): check the PIN file",
+            rv_name(rv)
+        ),
+        Err(e) => bail!("cannot log in to token {token} ({})", short(&e)),
+    }
+    Ok((session, slot, token))
+}
+
+fn find_keys(session: &Session, uri: &Pkcs11Uri, token: &str, from: &str) -> Result<Vec<ObjectHandle>> {
+    let mut template = vec![Attribute::Class(ObjectClass::SECRET_KEY)];
+    if let Some(l) = &uri.object {
+        template.push(Attribute::Label(l.clone().into_bytes()));
+    }
+    if let Some(id) = &uri.id {
+        template.push(Attribute::Id(id.clone()));
+    }
+    session
+        .find_objects(&template)
+        .map_err(|e| anyhow!("cannot search token {token} for the key named by {from} ({})", short(&e)))
+}
+
+/// Refuse a key that could leave the token or cannot do the job.
+fn check_attributes(session: &Session, key: ObjectHandle, shown: &str) -> Result<()> {
+    let attrs = session
+        .get_attributes(
+            key,
+            &[AttributeType::KeyType, AttributeType::Extractable, AttributeType::Sensitive, AttributeType::Encrypt, AttributeType::Decrypt],
+        )
+        .map_err(|e| anyhow!("cannot read the attributes of the key {shown} ({})", short(&e)))?;
+    let (mut aes, mut extractable, mut sensitive, mut enc, mut dec) = (false, true, false, false, false);
+    for a in attrs {
+        match a {
+            Attribute::KeyType(t) => aes = t == KeyType::AES,
+            Attribute::Extractable(b) => extractable = b,
+            Attribute::Sensitive(b) => sensitive = b,
+            Attribute::Encrypt(b) => enc = b,
+            Attribute::Decrypt(b) => dec = b,
+            _ => {}
+        }
+    }
+    if !aes {
+        bail!("the key {shown} is not an AES key: the master key must be an AES-256 secret key");
+    }
+    if extractable || !sensitive {
+        bail!(
+            "the key {shown} is {}: a master key that can leave the token protects nothing, so dagrun refuses \
+             it. Use a key created with CKA_EXTRACTABLE=false and CKA_SENSITIVE=true (`dagrun keys init --master \
+             URI` creates one)",
+            if extractable { "extractable (CKA_EXTRACTABLE=true)" } else { "not sensitive (CKA_SENSITIVE=false)" }
+        );
+    }
+    if !enc || !dec {
+        let missing: Vec<&str> = [(!enc).then_some("CKA_ENCRYPT"), (!dec).then_some("CKA_DECRYPT")].into_iter().flatten().collect();
+        bail!(
+            "the key {shown} may not wrap/unwrap tenant keys: it lacks {} permission (dagrun wraps keys with \
+             C_Encrypt/C_Decrypt). Use a key with CKA_ENCRYPT and CKA_DECRYPT set",
+            missing.join(" and ")
+        );
+    }
+    Ok(())
+}
