@@ -2,6 +2,7 @@
 //!
 //! ```yaml
 //! master_key: "pkcs11:token=dagrun-test;object=dagrun-master;type=secret-key?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/dagrun/pin"
+//! metrics_file: /var/lib/node_exporter/textfile_collector/dagrun.prom
 //! ```
 //!
 //! # Rules
@@ -10,12 +11,13 @@
 //!   settings as fields of [`DagrunConfig`], never a second parser.
 //! - The file is shared and versioned: it never holds key material or a PIN
 //!   (`master_key` is a PKCS#11 URI; a `pin-value` in it is refused).
+//! - Relative paths in it (`metrics_file`) are relative to the workspace.
 
 use crate::crypto::master::Pkcs11Uri;
 use crate::error::config;
 use anyhow::Result;
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Where the settings live, relative to the workspace.
 pub const CONFIG_FILE: &str = "config/dagrun.yaml";
@@ -25,6 +27,8 @@ pub const CONFIG_FILE: &str = "config/dagrun.yaml";
 struct RawConfig {
     #[serde(default)]
     master_key: Option<String>,
+    #[serde(default)]
+    metrics_file: Option<PathBuf>,
 }
 
 /// The validated settings.
@@ -32,6 +36,10 @@ struct RawConfig {
 pub struct DagrunConfig {
     /// The master key as an RFC 7512 PKCS#11 URI (see `crypto::master`).
     pub master_key: Option<Pkcs11Uri>,
+    /// Write each run's metrics (Prometheus text format) to this file,
+    /// atomically (see `engine::run_metrics`); `--metrics-file` overrides it.
+    /// Made absolute by [`DagrunConfig::load`].
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl DagrunConfig {
@@ -39,7 +47,11 @@ impl DagrunConfig {
     pub fn load(workspace: &Path) -> Result<DagrunConfig> {
         let path = workspace.join(CONFIG_FILE);
         match std::fs::read(&path) {
-            Ok(bytes) => Self::parse(&bytes, CONFIG_FILE),
+            Ok(bytes) => {
+                let mut c = Self::parse(&bytes, CONFIG_FILE)?;
+                c.metrics_file = c.metrics_file.map(|m| workspace.join(m));
+                Ok(c)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DagrunConfig::default()),
             Err(e) => Err(config(format!("{CONFIG_FILE}: cannot read it ({e})"))),
         }
@@ -55,7 +67,7 @@ impl DagrunConfig {
         let yaml_err = |e: yaml_serde::Error| {
             let msg = crate::pipeline::explain_yaml_message(&e.to_string());
             let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            let known = "known keys: master_key";
+            let known = "known keys: master_key, metrics_file";
             match e.location() {
                 Some(l) => config(format!("{shown}:{}:{}: {clean} ({known})", l.line(), l.column())),
                 None => config(format!("{shown}: {clean} ({known})")),
@@ -82,7 +94,15 @@ impl DagrunConfig {
                 Some(uri)
             }
         };
-        Ok(DagrunConfig { master_key })
+        if let Some(m) = &raw.metrics_file {
+            if m.as_os_str().is_empty() || m.to_string_lossy().ends_with('/') {
+                let at = line_of("metrics_file");
+                return Err(config(format!(
+                    "{shown}:{at}: metrics_file must name a file, e.g. /var/lib/node_exporter/textfile_collector/dagrun.prom"
+                )));
+            }
+        }
+        Ok(DagrunConfig { master_key, metrics_file: raw.metrics_file })
     }
 }
 
@@ -110,5 +130,22 @@ mod tests {
         let e = DagrunConfig::parse(pinned.as_bytes(), CONFIG_FILE).unwrap_err().to_string();
         assert!(e.contains("pin-value") && !e.contains("12345678"), "{e}");
         assert_eq!(crate::error::exit_code_of(&DagrunConfig::parse(b"x: 1", CONFIG_FILE).unwrap_err()), 2);
+    }
+
+    #[test]
+    fn metrics_file_is_read_checked_and_relative_to_the_workspace() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(DagrunConfig::load(d.path()).unwrap().metrics_file, None);
+        std::fs::create_dir_all(d.path().join("config")).unwrap();
+        std::fs::write(d.path().join(CONFIG_FILE), "metrics_file: out/dagrun.prom\n").unwrap();
+        assert_eq!(DagrunConfig::load(d.path()).unwrap().metrics_file, Some(d.path().join("out/dagrun.prom")));
+        let c = DagrunConfig::parse(b"metrics_file: /abs/x.prom\n", CONFIG_FILE).unwrap();
+        assert_eq!(c.metrics_file, Some(PathBuf::from("/abs/x.prom")));
+        let e = DagrunConfig::parse(b"# m\nmetrics_fiel: b.prom\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("metrics_fiel") && e.contains("metrics_file"), "{e}");
+        let e = DagrunConfig::parse(b"metrics_file: [1, 2]\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:1:"), "{e}");
+        let e = DagrunConfig::parse(b"\nmetrics_file: \"\"\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("must name a file"), "{e}");
     }
 }

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod features;
+pub mod lineage;
 pub mod model;
 pub mod pipeline;
 pub mod scoring;

@@ -56,6 +56,12 @@ enum Cmd {
         /// Where every stage's work runs, overriding the pipeline's `executor:`.
         #[arg(long, value_enum, value_name = "local|slurm")]
         executor: Option<ExecutorArg>,
+        /// Also POST OpenLineage events to URL/api/v1/lineage (default: $DAGRUN_OPENLINEAGE_URL).
+        #[arg(long, value_name = "URL")]
+        openlineage_url: Option<String>,
+        /// Write the run's metrics (Prometheus text format) to PATH (default: `metrics_file:` in config/dagrun.yaml).
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
     },
     /// Run stages' work inside a Slurm job (started by `dagrun run`; see README "Running on Slurm").
     ExecStage {
@@ -322,7 +328,7 @@ fn print_status(rows: &[status::StageStatus]) {
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, executor } => {
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, executor, openlineage_url, metrics_file } => {
             let p = load(cli, pipeline, params)?;
             let force = if force.is_empty() {
                 None
@@ -345,6 +351,8 @@ fn real_main(cli: &Cli) -> Result<i32> {
                     ExecutorArg::Local => pipeline::ExecutorKind::Local,
                     ExecutorArg::Slurm => pipeline::ExecutorKind::Slurm,
                 }),
+                openlineage_url: openlineage_url.clone(),
+                metrics_file: metrics_file.clone(),
             };
             let out = scheduler::run(p, &opts)?;
             if *json {

@@ -27,7 +27,10 @@ pub mod fingerprint;
 pub mod hashing;
 pub mod lineage;
 pub mod lock;
+pub mod observer;
+pub mod openlineage;
 pub mod report;
+pub mod run_metrics;
 pub mod runs;
 pub mod scheduler;
 pub mod state;
@@ -120,6 +123,8 @@ pub struct Engine {
     pub forced: HashSet<usize>,
     /// The Slurm executor, when some stage runs under Slurm (set by the scheduler).
     pub slurm: Option<std::sync::Arc<dyn Executor>>,
+    /// Told about the run as it goes (OpenLineage, metrics): see [`observer`].
+    pub observers: Vec<Box<dyn observer::RunObserver>>,
     stage_locks: Vec<Mutex<()>>,
 }
 
@@ -157,6 +162,7 @@ impl Engine {
             cancel: AtomicBool::new(false),
             forced: HashSet::new(),
             slurm: None,
+            observers: Vec::new(),
             stage_locks: (0..n).map(|_| Mutex::new(())).collect(),
         }
     }
@@ -715,6 +721,8 @@ impl Engine {
         }
         dirs.insert(self.dagrun_dir.clone()); // the hash memo
         dirs.insert(self.dagrun_dir.join("state"));
+        dirs.insert(self.dagrun_dir.join("openlineage")); // workspace id, spool
+        dirs.insert(self.dagrun_dir.join("metrics")); // last successful run
         dirs.insert(self.dagrun_dir.join("cache").join("actions"));
         dirs.insert(self.dagrun_dir.join("cache").join("objects")); // ingest staging files
         if let Ok(rd) = std::fs::read_dir(self.dagrun_dir.join("cache").join("objects")) {

@@ -122,6 +122,10 @@ pub struct RunRecord {
     /// `-j`: how many stages could run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<u32>,
+    /// OpenLineage delivery: `{file, events, endpoint?, delivered?, rejected?,
+    /// pending, error?}` (`pending` = events spooled for the next run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openlineage: Option<Value>,
 }
 
 /// A new, sortable, unique run id: `YYYYMMDD-HHMMSS-mmm-XXXX`.

@@ -28,6 +28,10 @@ pub struct RunOptions {
     pub verbosity: Verbosity,
     /// `--executor`: run every stage here, overriding the pipeline.
     pub executor: Option<crate::pipeline::ExecutorKind>,
+    /// `--openlineage-url` (else `DAGRUN_OPENLINEAGE_URL`): see `engine::openlineage`.
+    pub openlineage_url: Option<String>,
+    /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml): see `engine::run_metrics`.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// The result of a run.
@@ -68,6 +72,10 @@ pub fn forced(p: &Pipeline, force: &Option<Vec<String>>, selected: &HashSet<usiz
 /// Run a pipeline.
 pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let dagrun_dir = pipeline.workspace.join(super::DAGRUN_DIR);
+    // Settings are checked before anything runs (a bad one is exit 2).
+    let settings = crate::config::DagrunConfig::load(&pipeline.workspace)?;
+    let lineage_url = super::openlineage::endpoint(opts.openlineage_url.as_deref())?;
+    let metrics_file = opts.metrics_file.clone().or(settings.metrics_file);
     let _lock = lock::acquire(&dagrun_dir, opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
@@ -85,8 +93,18 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         crate::executor::slurm::prune_runs(&engine.pipeline.workspace, 10);
         engine.slurm = Some(Arc::new(crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id)?));
     }
-    let engine = Arc::new(engine);
     engine.sweep_temp_files();
+    match super::openlineage::OpenLineage::new(&engine, lineage_url) {
+        Ok(o) => engine.observers.push(Box::new(o)),
+        Err(e) => tracing::warn!("OpenLineage events are off for this run: {e:#}"),
+    }
+    if let Some(path) = metrics_file {
+        engine.observers.push(Box::new(super::run_metrics::RunMetrics::new(path)));
+    }
+    let engine = Arc::new(engine);
+    for o in &engine.observers {
+        o.run_started(&engine);
+    }
 
     let started_at = chrono::Utc::now();
     let t0 = Instant::now();
@@ -111,7 +129,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     } else {
         exit::FAILED
     };
-    let record = RunRecord {
+    let mut record = RunRecord {
         run_id: engine.run_id.clone(),
         pipeline: engine.pipeline.shown.clone(),
         started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
@@ -133,7 +151,11 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         stages: records,
         params: engine.pipeline.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         jobs: Some(jobs as u32),
+        openlineage: None,
     };
+    for o in &engine.observers {
+        o.run_finished(&engine, &mut record);
+    }
     // A record that cannot be written (say the disk is full) must not hide
     // why the stages failed.
     let written = runs::write(&engine.pipeline.workspace, &record);
@@ -235,6 +257,11 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
             let slot = free_slots.pop_first().unwrap_or(0);
             slot_of.insert(t, slot);
             set.spawn_blocking(move || {
+                for o in &eng.observers {
+                    for &i in &members {
+                        o.stage_started(&eng, i);
+                    }
+                }
                 let start = t0.elapsed().as_secs_f64();
                 let mut recs: Vec<StageRecord> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(&members))).unwrap_or_else(|panic| {
                     let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
@@ -257,6 +284,11 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
                     rec.end_s = Some(e);
                     rec.worker = Some(slot);
                     cursor = e;
+                }
+                for o in &eng.observers {
+                    for (&i, rec) in members.iter().zip(&recs) {
+                        o.stage_finished(&eng, i, rec);
+                    }
                 }
                 (t, members, recs)
             });

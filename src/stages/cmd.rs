@@ -70,6 +70,8 @@ impl StageKind for Cmd {
         // The master key's URI names the PIN's file (pin-source) or holds the PIN
         // (pin-value): no child process gets it, whatever the stage declares.
         c.env_remove(crate::crypto::master::ENV_MASTER_KEY_URI);
+        // The OpenLineage bearer token is for dagrun's own requests only.
+        c.env_remove(crate::lineage::TOKEN_ENV);
         #[cfg(unix)]
         {
             use std::os::unix::process::CommandExt;

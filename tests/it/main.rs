@@ -5,9 +5,11 @@ mod common;
 
 mod bad_pipelines;
 mod cache;
+mod deploy;
 mod failures;
 mod faults;
 mod hostile;
 mod hsm;
+mod openlineage;
 mod propensity;
 mod slurm;

@@ -1,0 +1,374 @@
+//! OpenLineage emission: turns the run (pipeline, stages, records) into
+//! OpenLineage run events ([`crate::lineage`] holds the types and writers).
+//!
+//! What is emitted (see the README, "OpenLineage"):
+//! - one job for the pipeline (`jobType` DAG) and one per started stage
+//!   (`jobType` TASK), in namespace `dagrun://HOST/WORKSPACE-ID`, named
+//!   `PIPELINE` and `PIPELINE.STAGE` (`PIPELINE` = the pipeline file's
+//!   workspace-relative path without `.yaml`);
+//! - per job run: `START`, then exactly one of `COMPLETE` (ran, cached or
+//!   restored: the `dagrun` run facet says `workDone: false` for the last
+//!   two), `FAIL` (with `errorMessage`) or `ABORT` (interrupted); every stage
+//!   run has a `parent` facet naming the pipeline run;
+//! - datasets: namespace `dagrun://HOST/WORKSPACE-ID/TENANT` (the tenant of
+//!   the stage that writes the path; for a source file, of the stages that
+//!   read it when they all share one tenant; otherwise `_shared`), name = the
+//!   workspace-relative path, `version` facet = its blake3, `schema` facet =
+//!   the Parquet schema (column names and types) when the path is a Parquet
+//!   file or a folder with exactly one;
+//! - stage params (`with:` and the pipeline params the stage uses) in the
+//!   `executionParameters` run facet; pipeline params on the pipeline run.
+//!
+//! Never in an event: a data value, a key, a token, an environment variable
+//! or a `cmd:` string (a command line may carry credentials).
+
+use super::Engine;
+use super::observer::RunObserver;
+use super::runs::{RunRecord, StageRecord, Status};
+use crate::lineage::event::{self, Dataset, EventType, Facets, Field, Job, Run, RunEvent};
+use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
+use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
+use anyhow::Result;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+
+/// Tenant segment of datasets no single tenant owns.
+pub const SHARED: &str = "_shared";
+
+/// The endpoint to use: `--openlineage-url`, else `DAGRUN_OPENLINEAGE_URL`
+/// (empty = none). Checked here so a bad URL stops the run before it starts.
+pub fn endpoint(flag: Option<&str>) -> Result<Option<String>> {
+    let url = match flag {
+        Some(u) => Some(u.to_string()),
+        None => std::env::var(URL_ENV).ok(),
+    };
+    match url.filter(|u| !u.trim().is_empty()) {
+        None => Ok(None),
+        Some(u) => crate::lineage::transport::lineage_url(&u).map(Some).map_err(|m| {
+            let from = if flag.is_some() { "--openlineage-url" } else { URL_ENV };
+            crate::error::config(format!("{from}: {m}"))
+        }),
+    }
+}
+
+/// Emits a run's OpenLineage events to `runs/RUN_ID.openlineage.jsonl` and,
+/// when configured, to an HTTP endpoint.
+pub struct OpenLineage {
+    file: Option<FileSink>,
+    file_shown: String,
+    http: Mutex<Option<HttpSink>>,
+    spool: Spool,
+    /// Spooled events left alone because no endpoint is configured.
+    parked: usize,
+    namespace: String,
+    dataset_base: String,
+    pipeline_job: String,
+    pipeline_run: String,
+    start_ms: u64,
+    dataset_tenant: HashMap<String, String>,
+    schemas: Mutex<HashMap<(String, String), Option<Vec<Field>>>>,
+}
+
+fn job_name_of(shown: &str) -> String {
+    let s = shown.strip_suffix(".yaml").or_else(|| shown.strip_suffix(".yml")).unwrap_or(shown);
+    s.to_string()
+}
+
+impl OpenLineage {
+    /// `lineage_url` = the checked `URL/api/v1/lineage` (see [`endpoint`]).
+    pub fn new(engine: &Engine, lineage_url: Option<String>) -> Result<OpenLineage> {
+        let p = &engine.pipeline;
+        let host = ids::host_name();
+        let ws = ids::workspace_id(&engine.dagrun_dir)?;
+        let namespace = format!("dagrun://{host}/{ws}");
+        let pipeline_job = job_name_of(&p.shown);
+        let start_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let pipeline_run = ids::run_uuid(start_ms, &engine.run_id, &pipeline_job);
+
+        // Which tenant owns each path (see the module doc).
+        let mut producer: HashMap<&str, Option<&str>> = HashMap::new();
+        let mut readers: HashMap<&str, BTreeSet<Option<&str>>> = HashMap::new();
+        for s in &p.stages {
+            for o in &s.outs {
+                producer.insert(o.path.as_str(), s.tenant.as_deref());
+            }
+            for d in &s.deps {
+                readers.entry(d.as_str()).or_default().insert(s.tenant.as_deref());
+            }
+        }
+        let mut dataset_tenant = HashMap::new();
+        for (path, t) in &producer {
+            dataset_tenant.insert(path.to_string(), t.unwrap_or(SHARED).to_string());
+        }
+        for (path, ts) in &readers {
+            if !producer.contains_key(path) {
+                let t = if ts.len() == 1 { ts.iter().next().copied().flatten() } else { None };
+                dataset_tenant.insert(path.to_string(), t.unwrap_or(SHARED).to_string());
+            }
+        }
+
+        let file_rel = format!("runs/{}.openlineage.jsonl", engine.run_id);
+        let file = match FileSink::create(&p.workspace.join(&file_rel)) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!("OpenLineage events are not written to a file: {e:#}");
+                None
+            }
+        };
+        let spool = Spool::new(&engine.dagrun_dir);
+        let backlog = spool.load();
+        let (http, parked) = match lineage_url {
+            Some(url) => {
+                let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+                (Some(HttpSink::start(url, token, backlog)), 0)
+            }
+            None => (None, backlog.len()),
+        };
+        Ok(OpenLineage {
+            file,
+            file_shown: file_rel,
+            http: Mutex::new(http),
+            spool,
+            parked,
+            dataset_base: format!("{namespace}/"),
+            namespace,
+            pipeline_job,
+            pipeline_run,
+            start_ms,
+            dataset_tenant,
+            schemas: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn emit(&self, e: &RunEvent) {
+        let line = e.to_line();
+        if let Some(f) = &self.file {
+            f.write(&line);
+        }
+        if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            h.send(line);
+        }
+    }
+
+    fn stage_job(&self, engine: &Engine, i: usize) -> Job {
+        let s = engine.stage(i);
+        let mut facets = Facets::new();
+        facets.insert("jobType".into(), event::job_type_facet("TASK"));
+        if let Some(d) = s.desc.as_deref().filter(|d| !d.trim().is_empty()) {
+            facets.insert("documentation".into(), event::documentation_facet(d));
+        }
+        Job { namespace: self.namespace.clone(), name: format!("{}.{}", self.pipeline_job, s.name), facets }
+    }
+
+    fn stage_run_id(&self, engine: &Engine, i: usize) -> String {
+        ids::run_uuid(self.start_ms, &engine.run_id, &format!("{}.{}", self.pipeline_job, engine.stage(i).name))
+    }
+
+    fn stage_run(&self, engine: &Engine, i: usize) -> Run {
+        let s = engine.stage(i);
+        let mut facets = Facets::new();
+        facets.insert("parent".into(), event::parent_facet(&self.pipeline_run, &self.namespace, &self.pipeline_job));
+        facets.insert("processing_engine".into(), event::processing_engine_facet());
+        let mut params: BTreeMap<String, Value> = s.with.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (k, v) in &s.param_refs {
+            params.insert(format!("params.{k}"), v.clone());
+        }
+        if let Some(t) = &s.tenant {
+            params.insert("tenant".into(), Value::String(t.clone()));
+        }
+        if !params.is_empty() {
+            facets.insert("executionParameters".into(), event::parameters_facet(&params));
+        }
+        Run { run_id: self.stage_run_id(engine, i), facets }
+    }
+
+    fn dataset(&self, workspace: &Path, path: &str, hash: Option<&str>) -> Dataset {
+        let tenant = self.dataset_tenant.get(path).map(String::as_str).unwrap_or(SHARED);
+        let mut facets = Facets::new();
+        if let Some(h) = hash.filter(|h| !h.is_empty()) {
+            facets.insert("version".into(), event::version_facet(h));
+            if let Some(fields) = self.schema_of(workspace, path, h) {
+                facets.insert("schema".into(), event::schema_facet(&fields));
+            }
+        }
+        Dataset { namespace: format!("{}{tenant}", self.dataset_base), name: path.to_string(), facets }
+    }
+
+    /// Column names and types of a Parquet file (or of the one Parquet file
+    /// in a folder), memoized per (path, hash) for the run.
+    fn schema_of(&self, workspace: &Path, path: &str, hash: &str) -> Option<Vec<Field>> {
+        let key = (path.to_string(), hash.to_string());
+        if let Some(v) = self.schemas.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return v.clone();
+        }
+        let abs = if Path::new(path).is_absolute() { Path::new(path).to_path_buf() } else { workspace.join(path) };
+        let file = if abs.is_dir() {
+            let parquet: Vec<_> = std::fs::read_dir(&abs)
+                .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet") && p.is_file()).collect())
+                .unwrap_or_default();
+            if parquet.len() == 1 { parquet.into_iter().next() } else { None }
+        } else if abs.extension().is_some_and(|x| x == "parquet") && abs.is_file() {
+            Some(abs)
+        } else {
+            None
+        };
+        let fields = file.and_then(|f| crate::data::parquet_io::read_schema(&f).ok()).map(|schema| {
+            schema.fields().iter().map(|f| Field { name: f.name().clone(), r#type: f.data_type().to_string() }).collect::<Vec<_>>()
+        });
+        self.schemas.lock().unwrap_or_else(|e| e.into_inner()).insert(key, fields.clone());
+        fields
+    }
+
+    fn pipeline_job_value(&self, engine: &Engine) -> Job {
+        let mut facets = Facets::new();
+        facets.insert("jobType".into(), event::job_type_facet("DAG"));
+        let _ = engine;
+        Job { namespace: self.namespace.clone(), name: self.pipeline_job.clone(), facets }
+    }
+
+    fn pipeline_run_value(&self, engine: &Engine, extra: Value) -> Run {
+        let mut facets = Facets::new();
+        facets.insert("processing_engine".into(), event::processing_engine_facet());
+        let params: BTreeMap<String, Value> = engine.pipeline.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if !params.is_empty() {
+            facets.insert("executionParameters".into(), event::parameters_facet(&params));
+        }
+        let mut d = json!({"dagrunRunId": engine.run_id, "pipeline": engine.pipeline.shown});
+        if let (Value::Object(m), Value::Object(x)) = (&mut d, extra) {
+            m.extend(x);
+        }
+        facets.insert("dagrun".into(), event::dagrun_facet(d));
+        Run { run_id: self.pipeline_run.clone(), facets }
+    }
+}
+
+impl RunObserver for OpenLineage {
+    fn run_started(&self, engine: &Engine) {
+        let e = RunEvent::new(EventType::Start, event::now(), self.pipeline_run_value(engine, json!({})), self.pipeline_job_value(engine));
+        self.emit(&e);
+    }
+
+    fn stage_started(&self, engine: &Engine, i: usize) {
+        let s = engine.stage(i);
+        let mut run = self.stage_run(engine, i);
+        run.facets.insert("dagrun".into(), event::dagrun_facet(json!({"dagrunRunId": engine.run_id, "stage": s.name, "kind": s.kind.name()})));
+        let mut e = RunEvent::new(EventType::Start, event::now(), run, self.stage_job(engine, i));
+        let ws = &engine.pipeline.workspace;
+        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, None)).collect();
+        e.outputs = s.outs.iter().map(|o| self.dataset(ws, &o.path, None)).collect();
+        self.emit(&e);
+    }
+
+    fn stage_finished(&self, engine: &Engine, i: usize, rec: &StageRecord) {
+        let s = engine.stage(i);
+        let interrupted = engine.cancel.load(Ordering::SeqCst);
+        let event_type = match rec.status {
+            Status::Ran | Status::Cached | Status::Restored => EventType::Complete,
+            Status::Failed if !interrupted => EventType::Fail,
+            Status::Failed | Status::Skipped => EventType::Abort,
+        };
+        let mut run = self.stage_run(engine, i);
+        let mut d = json!({
+            "dagrunRunId": engine.run_id,
+            "stage": s.name,
+            "kind": s.kind.name(),
+            "status": rec.status.as_str(),
+            "workDone": rec.status == Status::Ran,
+            "seconds": rec.seconds,
+        });
+        if let Some(k) = &rec.key {
+            d["cacheKey"] = k.clone().into();
+        }
+        if !rec.reasons.is_empty() {
+            d["reasons"] = json!(rec.reasons);
+        }
+        if let Some(c) = rec.outputs_changed {
+            d["outputsChanged"] = c.into();
+        }
+        run.facets.insert("dagrun".into(), event::dagrun_facet(d));
+        if event_type != EventType::Complete {
+            let msg = rec.error.clone().unwrap_or_else(|| if interrupted { "run interrupted".into() } else { "stage failed".into() });
+            run.facets.insert("errorMessage".into(), event::error_message_facet(&format!("stage {} failed: {msg}", s.name)));
+        }
+        let ws = &engine.pipeline.workspace;
+        // Input hashes as recorded by this execution (its state record).
+        let inputs: BTreeMap<String, String> = match (&rec.key, engine.states.get(&s.name)) {
+            (Some(k), Some(st)) if &st.key == k && event_type == EventType::Complete => st.ingredients.inputs,
+            _ => BTreeMap::new(),
+        };
+        let mut e = RunEvent::new(event_type, event::now(), run, self.stage_job(engine, i));
+        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, inputs.get(d).map(String::as_str))).collect();
+        e.outputs = s
+            .outs
+            .iter()
+            .map(|o| self.dataset(ws, &o.path, if event_type == EventType::Complete { rec.outputs.get(&o.path).map(String::as_str) } else { None }))
+            .collect();
+        self.emit(&e);
+    }
+
+    fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
+        let event_type = match record.status.as_str() {
+            "ok" => EventType::Complete,
+            "interrupted" => EventType::Abort,
+            _ => EventType::Fail,
+        };
+        let count = |st: Status| record.stages.iter().filter(|r| r.status == st).count();
+        let extra = json!({
+            "status": record.status,
+            "exitCode": record.exit_code,
+            "stages": {"ran": count(Status::Ran), "cached": count(Status::Cached), "restored": count(Status::Restored), "failed": count(Status::Failed), "skipped": count(Status::Skipped)},
+        });
+        let mut run = self.pipeline_run_value(engine, extra);
+        if event_type != EventType::Complete {
+            let failed: Vec<String> = record
+                .stages
+                .iter()
+                .filter(|r| r.status == Status::Failed)
+                .map(|r| format!("stage {} failed: {}", r.stage, r.error.as_deref().unwrap_or("unknown error")))
+                .collect();
+            let msg = if failed.is_empty() { format!("run {}", record.status) } else { failed.join("\n") };
+            run.facets.insert("errorMessage".into(), event::error_message_facet(&msg));
+        }
+        let e = RunEvent::new(event_type, event::now(), run, self.pipeline_job_value(engine));
+        self.emit(&e);
+
+        let events = self.file.as_ref().map(|f| {
+            f.finish();
+            f.written()
+        });
+        let mut summary = json!({
+            "file": self.file.as_ref().map(|_| self.file_shown.clone()),
+            "events": events.unwrap_or(0),
+        });
+        match self.http.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(h) => {
+                let shown = h.url_shown().to_string();
+                let out = h.finish(FLUSH_GRACE);
+                if let Err(e) = self.spool.store(&out.pending) {
+                    tracing::warn!("cannot spool {} undelivered OpenLineage events: {e:#}", out.pending.len());
+                }
+                if !out.pending.is_empty() {
+                    tracing::warn!(
+                        "{} OpenLineage event(s) not delivered to {shown}; kept in {} for the next run",
+                        out.pending.len(),
+                        self.spool.path().strip_prefix(&engine.pipeline.workspace).unwrap_or(self.spool.path()).display()
+                    );
+                }
+                summary["endpoint"] = shown.into();
+                summary["delivered"] = out.delivered.into();
+                summary["rejected"] = out.rejected.into();
+                summary["pending"] = out.pending.len().into();
+                if let Some(f) = out.failure {
+                    summary["error"] = f.into();
+                }
+            }
+            None => {
+                summary["pending"] = self.parked.into();
+            }
+        }
+        record.openlineage = Some(summary);
+    }
+}

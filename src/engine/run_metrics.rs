@@ -1,0 +1,344 @@
+//! Run metrics: `--metrics-file PATH` (or `metrics_file:` in
+//! `config/dagrun.yaml`) gets the run's metrics in Prometheus text format,
+//! for node_exporter's textfile collector.
+//!
+//! Rules:
+//! - Written when the run ends — ok, failed or interrupted — atomically (temp
+//!   file in the same folder, named `.NAME.dagrun-tmp.…` so the collector,
+//!   which reads `*.prom`, never sees a half-written file; then rename).
+//! - The time of the last successful run of each pipeline is kept in
+//!   `.dagrun/metrics/last-success.json` (read back as untrusted input), so
+//!   `dagrun_last_success_timestamp_seconds` stays true across failed runs and
+//!   an alert "no successful run in 26 h" works; 0 if there never was one.
+//! - Only names, statuses, counts, times and model-quality numbers: never a
+//!   data value. Row counts, AUC and model versions come from the stages'
+//!   facts (cached stages keep the facts of the execution they reuse).
+//! - A metrics file that cannot be written is a warning, never a failed run
+//!   (the staleness alert catches it).
+//!
+//! Hooks for work landing in parallel:
+//! - **Champion** ([`champion_version`]): the model registry's
+//!   `.dagrun/registry/TENANT/champion.json` when the workspace has one;
+//!   otherwise the champion is the model `predict` uses, i.e. the one at the
+//!   train stage's `output:`. Switch to `registry::Registry::champion` once
+//!   the registry lands.
+//! - **Drift** ([`drift_rows`]): for every stage of kind `drift`, its JSON
+//!   report (`with.output`, format `dagrun-drift/1`: `max_psi`,
+//!   `features[{name, psi}]`), read when the record's hash matches it, or —
+//!   when the gate failed the stage — when it was written during this run.
+
+use super::Engine;
+use super::observer::RunObserver;
+use super::runs::{RunRecord, Status};
+use crate::util::prometheus::{Exposition, Kind};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Writes the metrics file at the end of a run.
+pub struct RunMetrics {
+    path: PathBuf,
+}
+
+const STATUSES: [&str; 3] = ["ok", "failed", "interrupted"];
+const STAGE_STATUSES: [Status; 5] = [Status::Ran, Status::Cached, Status::Restored, Status::Failed, Status::Skipped];
+const LAST_SUCCESS_FORMAT: &str = "dagrun-last-success/1";
+const MAX_STATE_BYTES: u64 = 1 << 20;
+
+impl RunMetrics {
+    /// Also removes what a killed run may have left of an earlier write of
+    /// `path` (its temporary files; the collector ignores them anyway).
+    pub fn new(path: PathBuf) -> RunMetrics {
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+            let prefix = format!(".{}{}", name.to_string_lossy(), crate::util::atomic::TEMP_MARKER);
+            if let Ok(rd) = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }) {
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        RunMetrics { path }
+    }
+}
+
+fn unix_seconds(rfc3339: &str) -> Option<f64> {
+    chrono::DateTime::parse_from_rfc3339(rfc3339).ok().map(|t| t.timestamp_millis() as f64 / 1000.0)
+}
+
+fn last_success_path(dagrun_dir: &Path) -> PathBuf {
+    dagrun_dir.join("metrics").join("last-success.json")
+}
+
+/// Pipeline → time of its last successful run (unix seconds).
+fn load_last_success(dagrun_dir: &Path) -> BTreeMap<String, f64> {
+    let p = last_success_path(dagrun_dir);
+    let parsed = (|| {
+        if std::fs::metadata(&p).ok()?.len() > MAX_STATE_BYTES {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+        if v.get("format")?.as_str()? != LAST_SUCCESS_FORMAT {
+            return None;
+        }
+        let m = v.get("pipelines")?.as_object()?;
+        Some(m.iter().filter_map(|(k, t)| t.as_f64().filter(|t| t.is_finite() && *t > 0.0).map(|t| (k.clone(), t))).collect::<BTreeMap<_, _>>())
+    })();
+    if parsed.is_none() && p.exists() {
+        tracing::warn!("{} is not a valid last-success record; starting a new one", p.display());
+    }
+    parsed.unwrap_or_default()
+}
+
+fn store_last_success(dagrun_dir: &Path, m: &BTreeMap<String, f64>) -> anyhow::Result<()> {
+    let v = serde_json::json!({"format": LAST_SUCCESS_FORMAT, "pipelines": m});
+    crate::util::atomic::write_json_atomic(&last_success_path(dagrun_dir), &v)
+}
+
+/// A name that is safe as a label value coming from a file (feature names,
+/// model versions): short, printable, no quotes.
+fn plain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']' | ':'))
+}
+
+/// The champion model version of `tenant` (see the module doc), given the
+/// version the train stage just produced or reused.
+pub fn champion_version(dagrun_dir: &Path, tenant: &str, trained: Option<&str>) -> Option<String> {
+    let p = dagrun_dir.join("registry").join(tenant).join("champion.json");
+    if p.exists() {
+        let v: Value = std::fs::metadata(&p)
+            .ok()
+            .filter(|m| m.len() <= MAX_STATE_BYTES)
+            .and_then(|_| std::fs::read(&p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        let ok_tenant = v.get("tenant").and_then(Value::as_str) == Some(tenant);
+        return v.get("version").and_then(Value::as_str).filter(|s| ok_tenant && plain(s)).map(str::to_string);
+    }
+    trained.map(str::to_string)
+}
+
+/// One drift report's rows: (feature, psi) and its max_psi.
+pub struct DriftRows {
+    pub tenant: String,
+    pub max_psi: f64,
+    pub features: Vec<(String, f64)>,
+}
+
+/// Read a `dagrun-drift/1` report (untrusted: only plain names and finite numbers).
+fn read_drift_report(path: &Path) -> Option<(f64, Vec<(String, f64)>)> {
+    if std::fs::metadata(path).ok()?.len() > 16 << 20 {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    if v.get("format")?.as_str()? != "dagrun-drift/1" {
+        return None;
+    }
+    let max_psi = v.get("max_psi")?.as_f64().filter(|x| x.is_finite())?;
+    let features = v
+        .get("features")?
+        .as_array()?
+        .iter()
+        .filter_map(|f| {
+            let name = f.get("name")?.as_str().filter(|n| plain(n))?;
+            let psi = f.get("psi")?.as_f64().filter(|x| x.is_finite())?;
+            Some((name.to_string(), psi))
+        })
+        .collect();
+    Some((max_psi, features))
+}
+
+/// Drift rows of the run (see the module doc).
+pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
+    let mut out = Vec::new();
+    let started = chrono::DateTime::parse_from_rfc3339(&record.started_at).ok().map(std::time::SystemTime::from);
+    for r in &record.stages {
+        let Some(s) = engine.pipeline.stages.iter().find(|s| s.name == r.stage) else { continue };
+        if s.kind.name() != "drift" {
+            continue;
+        }
+        let Some(rel) = s.with.get("output").and_then(Value::as_str) else { continue };
+        let abs = engine.pipeline.abs(rel);
+        let trusted = match r.status {
+            Status::Ran | Status::Cached | Status::Restored => {
+                r.outputs.get(rel).is_some_and(|h| std::fs::read(&abs).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == h))
+            }
+            // The gate failed the stage after writing the report: use it if it is this run's.
+            Status::Failed => {
+                let mtime = std::fs::metadata(&abs).and_then(|m| m.modified()).ok();
+                matches!((mtime, started), (Some(m), Some(s)) if m >= s)
+            }
+            Status::Skipped => false,
+        };
+        if !trusted {
+            continue;
+        }
+        if let Some((max_psi, features)) = read_drift_report(&abs) {
+            out.push(DriftRows { tenant: s.tenant.clone().unwrap_or_default(), max_psi, features });
+        }
+    }
+    out
+}
+
+/// The metrics of a finished run.
+pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) -> String {
+    let pipeline = record.pipeline.as_str();
+    let mut e = Exposition::new();
+    let g = Kind::Gauge;
+    e.family("dagrun_run_info", g, "The last run of the pipeline (1); labels name it.");
+    e.sample("dagrun_run_info", &[("pipeline", pipeline), ("run_id", &record.run_id)], 1.0);
+    e.family("dagrun_run_status", g, "Outcome of the last run: 1 for its status, 0 for the others.");
+    for st in STATUSES {
+        e.sample("dagrun_run_status", &[("pipeline", pipeline), ("status", st)], if record.status == st { 1.0 } else { 0.0 });
+    }
+    e.family("dagrun_run_success", g, "1 if the last run succeeded (exit code 0), else 0.");
+    e.sample("dagrun_run_success", &[("pipeline", pipeline)], if record.status == "ok" { 1.0 } else { 0.0 });
+    e.family("dagrun_run_exit_code", g, "Exit code of the last run (0 ok, 1 a stage failed, 130 interrupted).");
+    e.sample("dagrun_run_exit_code", &[("pipeline", pipeline)], record.exit_code as f64);
+    e.family("dagrun_run_start_timestamp_seconds", g, "Start of the last run (Unix time).");
+    e.family("dagrun_run_end_timestamp_seconds", g, "End of the last run (Unix time).");
+    if let Some(t) = unix_seconds(&record.started_at) {
+        e.sample("dagrun_run_start_timestamp_seconds", &[("pipeline", pipeline)], t);
+    }
+    if let Some(t) = unix_seconds(&record.finished_at) {
+        e.sample("dagrun_run_end_timestamp_seconds", &[("pipeline", pipeline)], t);
+    }
+    e.family("dagrun_run_duration_seconds", g, "Wall time of the last run.");
+    e.sample("dagrun_run_duration_seconds", &[("pipeline", pipeline)], record.seconds);
+    e.family("dagrun_last_success_timestamp_seconds", g, "End of the last successful run (Unix time; 0 if none yet). Kept across failed runs.");
+    e.sample("dagrun_last_success_timestamp_seconds", &[("pipeline", pipeline)], last_success.unwrap_or(0.0));
+
+    e.family("dagrun_stage_status", g, "Outcome of each stage in the last run: 1 for its status, 0 for the others.");
+    e.family("dagrun_stage_duration_seconds", g, "Wall time of each stage in the last run.");
+    for r in &record.stages {
+        let tenant = engine.pipeline.stages.iter().find(|s| s.name == r.stage).and_then(|s| s.tenant.clone()).unwrap_or_default();
+        for st in STAGE_STATUSES {
+            e.sample(
+                "dagrun_stage_status",
+                &[("pipeline", pipeline), ("stage", &r.stage), ("tenant", &tenant), ("status", st.as_str())],
+                if r.status == st { 1.0 } else { 0.0 },
+            );
+        }
+        e.sample("dagrun_stage_duration_seconds", &[("pipeline", pipeline), ("stage", &r.stage), ("tenant", &tenant)], r.seconds);
+    }
+
+    e.family("dagrun_tenant_rows", g, "Rows per tenant, as counted by each stage that reports rows.");
+    e.family("dagrun_model_rows", g, "Rows the tenant's model was trained and tested on.");
+    e.family("dagrun_model_test_auc", g, "Test AUC of the tenant's model from the last run.");
+    e.family("dagrun_model_min_auc", g, "The AUC gate (min_auc) of the tenant's train stage.");
+    e.family("dagrun_model_champion", g, "1 if the model from the last run is the tenant's champion, else 0.");
+    for r in &record.stages {
+        let Some(s) = engine.pipeline.stages.iter().find(|s| s.name == r.stage) else { continue };
+        let Some(tenant) = s.tenant.as_deref() else { continue };
+        if let Some(rows) = r.facts.get("rows").and_then(Value::as_f64) {
+            e.sample("dagrun_tenant_rows", &[("pipeline", pipeline), ("tenant", tenant), ("stage", &s.base)], rows);
+        }
+        if s.kind.name() != "train" {
+            continue;
+        }
+        if let Some(min_auc) = s.with.get("min_auc").and_then(|v| v.as_f64().or_else(|| v.as_str().and_then(|x| x.parse().ok()))) {
+            e.sample("dagrun_model_min_auc", &[("pipeline", pipeline), ("tenant", tenant)], min_auc);
+        }
+        let version = r.facts.get("model_version").and_then(Value::as_str).filter(|v| plain(v));
+        let Some(version) = version else { continue };
+        for (split, key) in [("train", "rows_train"), ("test", "rows_test")] {
+            if let Some(n) = r.facts.get(key).and_then(Value::as_f64) {
+                e.sample("dagrun_model_rows", &[("pipeline", pipeline), ("tenant", tenant), ("model_version", version), ("split", split)], n);
+            }
+        }
+        if let Some(auc) = r.facts.get("auc").and_then(Value::as_f64) {
+            e.sample("dagrun_model_test_auc", &[("pipeline", pipeline), ("tenant", tenant), ("model_version", version)], auc);
+        }
+        let champion = champion_version(&engine.dagrun_dir, tenant, Some(version));
+        e.sample(
+            "dagrun_model_champion",
+            &[("pipeline", pipeline), ("tenant", tenant), ("model_version", version)],
+            if champion.as_deref() == Some(version) { 1.0 } else { 0.0 },
+        );
+    }
+
+    e.family("dagrun_feature_drift_psi", g, "Population stability index of each feature (drift stage, 10 quantile bins of the reference).");
+    e.family("dagrun_drift_max_psi", g, "The drift gate (max_psi) of the tenant's drift stage.");
+    for d in drift_rows(engine, record) {
+        e.sample("dagrun_drift_max_psi", &[("pipeline", pipeline), ("tenant", &d.tenant)], d.max_psi);
+        for (feature, psi) in &d.features {
+            e.sample("dagrun_feature_drift_psi", &[("pipeline", pipeline), ("tenant", &d.tenant), ("feature", feature)], *psi);
+        }
+    }
+
+    e.family("dagrun_openlineage_pending_events", g, "OpenLineage events spooled for delivery at the next run.");
+    if let Some(p) = record.openlineage.as_ref().and_then(|o| o.get("pending")).and_then(Value::as_f64) {
+        e.sample("dagrun_openlineage_pending_events", &[("pipeline", pipeline)], p);
+    }
+    e.render()
+}
+
+impl RunObserver for RunMetrics {
+    fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
+        let mut last = load_last_success(&engine.dagrun_dir);
+        if record.status == "ok" {
+            if let Some(t) = unix_seconds(&record.finished_at) {
+                last.insert(record.pipeline.clone(), t);
+                if let Err(e) = store_last_success(&engine.dagrun_dir, &last) {
+                    tracing::warn!("cannot record the time of this successful run: {e:#}");
+                }
+            }
+        }
+        let text = render(engine, record, last.get(&record.pipeline).copied());
+        if let Err(e) = crate::util::atomic::write_atomic(&self.path, text.as_bytes()) {
+            tracing::warn!("cannot write the metrics file: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_reports_are_read_as_untrusted_input() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("drift.json");
+        std::fs::write(
+            &p,
+            r#"{"format":"dagrun-drift/1","tenant":"Tenant_A","max_psi":0.25,"features":[
+                {"name":"Recency_Days","psi":0.31},{"name":"bad\"name","psi":0.5},{"name":"Login_Count","psi":"x"},{"name":"Purchase_Amount","psi":0.02}]}"#,
+        )
+        .unwrap();
+        let (max, rows) = read_drift_report(&p).unwrap();
+        assert_eq!(max, 0.25);
+        assert_eq!(rows, vec![("Recency_Days".to_string(), 0.31), ("Purchase_Amount".to_string(), 0.02)]);
+        std::fs::write(&p, r#"{"format":"other/1","max_psi":0.25,"features":[]}"#).unwrap();
+        assert!(read_drift_report(&p).is_none());
+        std::fs::write(&p, "not json").unwrap();
+        assert!(read_drift_report(&p).is_none());
+    }
+
+    #[test]
+    fn the_champion_is_the_registry_s_when_there_is_one_else_the_trained_model() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-1"));
+        let reg = d.path().join("registry/Tenant_A");
+        std::fs::create_dir_all(&reg).unwrap();
+        std::fs::write(reg.join("champion.json"), r#"{"format":"dagrun-registry-champion/1","tenant":"Tenant_A","version":"Tenant_A-0","previous":[]}"#).unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-0"));
+        // Another tenant's champion file, or a version with odd characters, names no champion.
+        std::fs::write(reg.join("champion.json"), r#"{"tenant":"Tenant_B","version":"Tenant_B-0"}"#).unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")), None);
+        std::fs::write(reg.join("champion.json"), r#"{"tenant":"Tenant_A","version":"a\"} 1\nx"}"#).unwrap();
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")), None);
+    }
+
+    #[test]
+    fn the_last_success_record_is_untrusted() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(load_last_success(d.path()).is_empty());
+        let m: BTreeMap<String, f64> = [("p.yaml".to_string(), 1.8e9)].into();
+        store_last_success(d.path(), &m).unwrap();
+        assert_eq!(load_last_success(d.path()), m);
+        std::fs::write(last_success_path(d.path()), r#"{"format":"dagrun-last-success/1","pipelines":{"a":-1,"b":"x","c":5}}"#).unwrap();
+        assert_eq!(load_last_success(d.path()), [("c".to_string(), 5.0)].into());
+        std::fs::write(last_success_path(d.path()), "garbage").unwrap();
+        assert!(load_last_success(d.path()).is_empty());
+    }
+}

@@ -1,0 +1,109 @@
+//! Identifiers: UUIDv7 run ids (RFC 9562) derived from dagrun's run id, the
+//! host name and the workspace id that namespace jobs and datasets.
+
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// A UUIDv7 string: the 48-bit Unix time in milliseconds `unix_ms`, then 74
+/// bits taken from blake3 of `seed` (so the same seed and time always give
+/// the same id), with the version (7) and variant (10) bits set.
+pub fn uuid_v7(unix_ms: u64, seed: &[u8]) -> String {
+    let h = blake3::hash(seed);
+    let r = h.as_bytes();
+    let mut b = [0u8; 16];
+    b[..6].copy_from_slice(&unix_ms.to_be_bytes()[2..]);
+    b[6..].copy_from_slice(&r[..10]);
+    b[6] = 0x70 | (b[6] & 0x0f);
+    b[8] = 0x80 | (b[8] & 0x3f);
+    let x = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
+}
+
+/// The id of a job's run within dagrun run `run_id` (`job` = the job name).
+pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str) -> String {
+    let mut seed = Vec::with_capacity(run_id.len() + job.len() + 24);
+    seed.extend_from_slice(b"dagrun-openlineage-run\0");
+    seed.extend_from_slice(run_id.as_bytes());
+    seed.push(0);
+    seed.extend_from_slice(job.as_bytes());
+    uuid_v7(unix_ms, &seed)
+}
+
+/// This machine's host name (`localhost` when it cannot be read).
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        let s = String::from_utf8_lossy(&buf[..end]).to_string();
+        let s: String = s.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')).collect();
+        if !s.is_empty() {
+            return s;
+        }
+    }
+    "localhost".into()
+}
+
+/// File (under `.dagrun/`) holding the workspace id.
+pub const WORKSPACE_ID_FILE: &str = "openlineage/workspace-id";
+
+fn valid_workspace_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// The workspace's stable random id (32 lower-case hex), created on first
+/// use in `.dagrun/openlineage/workspace-id`. A file that does not hold a
+/// valid id (edited, truncated) is replaced, with a warning.
+pub fn workspace_id(dagrun_dir: &Path) -> Result<String> {
+    let p = dagrun_dir.join(WORKSPACE_ID_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(s) if valid_workspace_id(s.trim()) => return Ok(s.trim().to_string()),
+        Ok(_) => tracing::warn!("{} does not hold a workspace id (32 hex characters); making a new one", p.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    crate::util::atomic::write_atomic(&p, format!("{id}\n").as_bytes())?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_v7_has_the_layout_of_rfc_9562() {
+        let u = uuid_v7(0x0190_1234_5678, b"x");
+        assert_eq!(u.len(), 36);
+        let parts: Vec<&str> = u.split('-').collect();
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![8, 4, 4, 4, 12]);
+        assert_eq!(&u[..13], "01901234-5678");
+        assert_eq!(&u[14..15], "7", "version nibble");
+        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"), "variant bits: {u}");
+        assert_eq!(uuid_v7(5, b"x"), uuid_v7(5, b"x"));
+        assert_ne!(uuid_v7(5, b"x"), uuid_v7(5, b"y"));
+    }
+
+    #[test]
+    fn run_uuids_differ_per_job_and_run() {
+        assert_ne!(run_uuid(1, "r1", "p"), run_uuid(1, "r1", "p.a"));
+        assert_ne!(run_uuid(1, "r1", "p"), run_uuid(1, "r2", "p"));
+    }
+
+    #[test]
+    fn workspace_id_is_stable_and_bad_files_are_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let a = workspace_id(d.path()).unwrap();
+        assert!(valid_workspace_id(&a));
+        assert_eq!(workspace_id(d.path()).unwrap(), a);
+        std::fs::write(d.path().join(WORKSPACE_ID_FILE), "../../etc\n").unwrap();
+        let b = workspace_id(d.path()).unwrap();
+        assert!(valid_workspace_id(&b) && b != a);
+    }
+
+    #[test]
+    fn host_name_is_a_plain_token() {
+        let h = host_name();
+        assert!(!h.is_empty() && !h.contains('/') && !h.contains(' '));
+    }
+}

@@ -1,0 +1,215 @@
+//! Run metrics (`--metrics-file`, `metrics_file:` in config/dagrun.yaml) of
+//! real runs checked by `promtool check metrics`, and the deployment examples
+//! (`examples/deploy/`): alert rules checked and unit-tested by promtool, the
+//! CI workflow parsed as YAML with every `dagrun` command in it existing.
+//! `promtool` comes from the Debian package `prometheus` (`.ci/run` installs it).
+
+use crate::common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn promtool(args: &[&str], dir: &Path, stdin: Option<&Path>) -> String {
+    let mut c = Command::new("promtool");
+    c.args(args).current_dir(dir);
+    if let Some(f) = stdin {
+        c.stdin(std::fs::File::open(f).unwrap());
+    }
+    let o = c.output().expect("promtool is needed: apt-get install prometheus (see .ci/run)");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+/// Samples of a text exposition: `name{labels}` -> value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {l}")))
+        })
+        .collect()
+}
+
+fn propensity_ws() -> Ws {
+    let ws = Ws::new();
+    ws.write("pipelines/propensity.yaml", std::fs::read(root().join("pipelines/propensity.yaml")).unwrap());
+    ws.write("config/tenants.yaml", "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n");
+    ws
+}
+
+fn run_ws(ws: &Ws, args: &[&str]) -> Run {
+    let mut c = ws.cmd(args);
+    c.env_remove("DAGRUN_OPENLINEAGE_URL").env("DAGRUN_PLAIN", "1");
+    ws.run_cmd(c)
+}
+
+#[test]
+fn metrics_of_real_runs_pass_promtool_and_keep_the_last_success_across_failures() {
+    let ws = propensity_ws();
+    ws.write("config/dagrun.yaml", "# settings\nmetrics_file: metrics/dagrun.prom\n");
+    let r = run_ws(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000"]).ok();
+    let prom = ws.path("metrics/dagrun.prom");
+    let text = ws.read("metrics/dagrun.prom");
+    let out = promtool(&["check", "metrics"], &ws.root, Some(&prom));
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    let s = samples(&text);
+    let p = r#"pipeline="pipelines/propensity.yaml""#;
+    assert_eq!(s[&format!("dagrun_run_success{{{p}}}")], 1.0);
+    assert_eq!(s[&format!("dagrun_run_exit_code{{{p}}}")], 0.0);
+    assert_eq!(s[&format!(r#"dagrun_run_status{{{p},status="ok"}}"#)], 1.0);
+    assert_eq!(s[&format!(r#"dagrun_run_status{{{p},status="failed"}}"#)], 0.0);
+    let end = s[&format!("dagrun_run_end_timestamp_seconds{{{p}}}")];
+    let start = s[&format!("dagrun_run_start_timestamp_seconds{{{p}}}")];
+    assert!(end >= start && start > 1.7e9);
+    assert_eq!(s[&format!("dagrun_last_success_timestamp_seconds{{{p}}}")], end);
+    assert_eq!(s[&format!(r#"dagrun_stage_status{{{p},stage="train[Tenant_A]",tenant="Tenant_A",status="ran"}}"#)], 1.0);
+    assert_eq!(s[&format!(r#"dagrun_tenant_rows{{{p},tenant="Tenant_A",stage="generate"}}"#)], 1800.0);
+    assert_eq!(s[&format!(r#"dagrun_tenant_rows{{{p},tenant="Tenant_B",stage="store"}}"#)], 1200.0);
+    let facts = &r.stage("train[Tenant_A]")["facts"];
+    let mv = facts["model_version"].as_str().unwrap();
+    assert_eq!(s[&format!(r#"dagrun_model_test_auc{{{p},tenant="Tenant_A",model_version="{mv}"}}"#)], facts["auc"].as_f64().unwrap());
+    assert_eq!(s[&format!(r#"dagrun_model_champion{{{p},tenant="Tenant_A",model_version="{mv}"}}"#)], 1.0);
+    assert_eq!(s[&format!(r#"dagrun_model_min_auc{{{p},tenant="Tenant_A"}}"#)], 0.6);
+    // Never a data value: no Sensitive_Data label, only names, counts and times.
+    assert!(!text.contains("Sensitive_Data"));
+
+    // A failed run (the AUC gate): the file says so, and the last success stays.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let r2 = run_ws(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000", "-p", "min_auc=0.99"]);
+    assert_eq!(r2.out.code, 1, "{}", r2.out.stderr);
+    let text2 = ws.read("metrics/dagrun.prom");
+    promtool(&["check", "metrics"], &ws.root, Some(&prom));
+    let s2 = samples(&text2);
+    assert_eq!(s2[&format!("dagrun_run_success{{{p}}}")], 0.0);
+    assert_eq!(s2[&format!("dagrun_run_exit_code{{{p}}}")], 1.0);
+    assert_eq!(s2[&format!(r#"dagrun_run_status{{{p},status="failed"}}"#)], 1.0);
+    assert_eq!(s2[&format!(r#"dagrun_stage_status{{{p},stage="train[Tenant_A]",tenant="Tenant_A",status="failed"}}"#)], 1.0);
+    assert_eq!(s2[&format!(r#"dagrun_stage_status{{{p},stage="serve-check[Tenant_A]",tenant="Tenant_A",status="skipped"}}"#)], 1.0);
+    assert_eq!(s2[&format!("dagrun_last_success_timestamp_seconds{{{p}}}")], end, "kept across the failed run");
+    assert!(s2[&format!("dagrun_run_end_timestamp_seconds{{{p}}}")] > end);
+    // Written atomically: no temporary file is left next to it.
+    let left: Vec<_> = std::fs::read_dir(ws.path("metrics")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("dagrun.prom")]);
+
+    // --metrics-file overrides the settings file.
+    let other = ws.path("elsewhere/run.prom");
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    run_ws(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000", "--metrics-file", other.to_str().unwrap()]).ok();
+    let s3 = samples(&std::fs::read_to_string(&other).unwrap());
+    assert_eq!(s3[&format!("dagrun_run_success{{{p}}}")], 1.0);
+    assert!(s3[&format!("dagrun_last_success_timestamp_seconds{{{p}}}")] > end);
+    assert_eq!(ws.read("metrics/dagrun.prom"), text2, "the settings file's path is not written when --metrics-file is given");
+}
+
+#[test]
+fn a_settings_file_with_an_unknown_key_is_refused_with_file_and_line() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    ws.write("config/dagrun.yaml", "# settings\nmetrics_file: m.prom\nmetric_file: typo.prom\n");
+    let r = run_ws(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(r.out.code, 2, "{}", r.out.stderr);
+    assert!(r.out.stderr.contains("config/dagrun.yaml:3:") && r.out.stderr.contains("metric_file"), "{}", r.out.stderr);
+    assert!(!ws.exists("a.txt") && !ws.exists("m.prom") && r.record.is_none(), "nothing ran");
+    ws.write("config/dagrun.yaml", "metrics_file: [1]\n");
+    let r = run_ws(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(r.out.code, 2);
+    assert!(r.out.stderr.contains("config/dagrun.yaml:1:"), "{}", r.out.stderr);
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let dir = root().join("examples/deploy");
+    let out = promtool(&["check", "rules", "dagrun-alerts.yml"], &dir, None);
+    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    let out = promtool(&["test", "rules", "dagrun-alerts.test.yml"], &dir, None);
+    assert!(out.contains("SUCCESS"), "{out}");
+    // Every metric the rules use is one dagrun writes.
+    let rules = std::fs::read_to_string(dir.join("dagrun-alerts.yml")).unwrap();
+    let src = std::fs::read_to_string(root().join("src/engine/run_metrics.rs")).unwrap();
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("dagrun_")) {
+        assert!(src.contains(&format!("\"{word}\"")), "the rules use {word}, which dagrun does not write");
+    }
+}
+
+/// Shell words of the `dagrun` invocations in a script (comments and
+/// continuation lines handled; stops at `|`, `>`, `&&`, `;`).
+fn dagrun_commands(script: &str) -> Vec<Vec<String>> {
+    let joined = script.replace("\\\n", " ");
+    let mut out = Vec::new();
+    for line in joined.lines() {
+        let line = line.split(" #").next().unwrap_or("").trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for (i, w) in words.iter().enumerate() {
+            if Path::new(w).file_name().is_some_and(|n| n == "dagrun") && !w.starts_with('-') {
+                let args: Vec<String> = words[i + 1..]
+                    .iter()
+                    .take_while(|a| !["|", ">", ">>", "&&", "||", ";", "2>&1"].contains(a))
+                    .map(|a| a.to_string())
+                    .collect();
+                out.push(args);
+            }
+        }
+    }
+    out
+}
+
+fn check_commands_exist(cmds: &[Vec<String>], from: &str) {
+    assert!(!cmds.is_empty(), "{from}: no dagrun command found");
+    for args in cmds {
+        let mut a = args.clone();
+        a.push("--help".into());
+        let o = Command::new(BIN).args(&a).output().unwrap();
+        assert!(o.status.success(), "{from}: `dagrun {}` is not a dagrun command:\n{}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+#[test]
+fn the_workflow_parses_and_every_dagrun_command_in_it_exists() {
+    let path = root().join("examples/deploy/github-actions.yml");
+    let wf: Value = yaml_serde::from_str(&std::fs::read_to_string(&path).unwrap()).expect("the workflow is valid YAML");
+    let jobs = wf["jobs"].as_object().expect("jobs:");
+    assert!(jobs.contains_key("build-and-test") && jobs.contains_key("pipeline") && jobs.contains_key("promote"));
+    assert_eq!(wf["jobs"]["promote"]["needs"], "pipeline", "promotion only after the gated pipeline job");
+    assert_eq!(wf["jobs"]["pipeline"]["needs"], "build-and-test");
+    let mut cmds = Vec::new();
+    for (name, job) in jobs {
+        for step in job["steps"].as_array().unwrap_or_else(|| panic!("job {name} has steps")) {
+            assert!(step.get("uses").is_some() || step.get("run").is_some(), "job {name}: a step uses an action or runs a command");
+            if let Some(run) = step.get("run").and_then(Value::as_str) {
+                cmds.extend(dagrun_commands(run));
+            }
+        }
+    }
+    assert!(cmds.iter().any(|c| c.first().map(String::as_str) == Some("run")), "the workflow runs a pipeline");
+    assert!(cmds.iter().any(|c| c.first().map(String::as_str) == Some("sample")), "on a sample");
+    for c in &cmds {
+        if let Some(p) = c.iter().find(|a| a.ends_with(".yaml")) {
+            assert!(root().join(p).is_file(), "the workflow names {p}, which is not in the repository");
+        }
+    }
+    check_commands_exist(&cmds, "github-actions.yml");
+
+    // The systemd service runs the README's cron command, the timer at its time.
+    let unit = std::fs::read_to_string(root().join("examples/deploy/dagrun.service")).unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart=");
+    let cmds = dagrun_commands(exec);
+    check_commands_exist(&cmds, "dagrun.service");
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let cron = readme.lines().find(|l| l.starts_with("15 2 * * *")).expect("the README's cron line");
+    let cron_cmd = &dagrun_commands(cron)[0];
+    for a in cron_cmd {
+        assert!(cmds[0].contains(a), "the service runs `{}`, the cron line `{}`", cmds[0].join(" "), cron_cmd.join(" "));
+    }
+    let timer = std::fs::read_to_string(root().join("examples/deploy/dagrun.timer")).unwrap();
+    assert!(timer.lines().any(|l| l == "OnCalendar=*-*-* 02:15:00"), "the timer fires at 02:15 like `15 2 * * *`");
+}

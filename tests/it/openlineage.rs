@@ -1,0 +1,512 @@
+//! OpenLineage events of real runs: every event checked against the spec's
+//! required fields and types (OpenLineage.json 2-0-2 and the facet schemas),
+//! and re-read by the official `openlineage-python` client; START/terminal
+//! pairing, parent links, datasets; and an HTTP endpoint on loopback that is
+//! down, then slow, then up.
+
+use crate::common::*;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const RUN_EVENT_SCHEMA: &str = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent";
+
+/// A dagrun command without any OpenLineage endpoint from the environment.
+fn cmd(ws: &Ws, args: &[&str]) -> Command {
+    let mut c = ws.cmd(args);
+    c.env_remove("DAGRUN_OPENLINEAGE_URL").env_remove("DAGRUN_OPENLINEAGE_TOKEN").env("DAGRUN_PLAIN", "1");
+    c
+}
+
+fn events_of(ws: &Ws, run: &Run) -> Vec<Value> {
+    let id = run.rec()["run_id"].as_str().unwrap();
+    let text = ws.read(&format!("runs/{id}.openlineage.jsonl"));
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
+}
+
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.iter().map(|p| p.len()).collect::<Vec<_>>() == [8, 4, 4, 4, 12] && parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// RFC 3986: a scheme (`ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`), a colon, no spaces.
+fn is_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once(':') else { return false };
+    let mut c = scheme.chars();
+    c.next().is_some_and(|x| x.is_ascii_alphabetic())
+        && c.all(|x| x.is_ascii_alphanumeric() || "+-.".contains(x))
+        && !rest.is_empty()
+        && !s.chars().any(|x| x.is_whitespace())
+}
+
+fn string<'a>(v: &'a Value, key: &str, at: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or_else(|| panic!("{at}: `{key}` must be a string: {v}"))
+}
+
+/// BaseFacet: `_producer` and `_schemaURL` (uri), both required.
+fn check_facets(facets: Option<&Value>, at: &str) {
+    let Some(f) = facets else { return };
+    let f = f.as_object().unwrap_or_else(|| panic!("{at}: facets must be an object"));
+    for (k, v) in f {
+        let w = format!("{at}.facets.{k}");
+        assert!(v.is_object(), "{w}: a facet is an object");
+        assert!(is_uri(string(v, "_producer", &w)), "{w}: _producer is a uri");
+        assert!(is_uri(string(v, "_schemaURL", &w)), "{w}: _schemaURL is a uri");
+        if let Some(d) = v.get("_deleted") {
+            assert!(d.is_boolean(), "{w}: _deleted is a boolean");
+        }
+        // Required fields of the standard facets dagrun uses (facet schemas).
+        match k.as_str() {
+            "parent" => {
+                assert!(is_uuid(string(&v["run"], "runId", &w)), "{w}: run.runId is a uuid");
+                string(&v["job"], "namespace", &w);
+                string(&v["job"], "name", &w);
+                if let Some(r) = v.get("root") {
+                    assert!(is_uuid(string(&r["run"], "runId", &w)));
+                    string(&r["job"], "namespace", &w);
+                    string(&r["job"], "name", &w);
+                }
+            }
+            "errorMessage" => {
+                string(v, "message", &w);
+                string(v, "programmingLanguage", &w);
+            }
+            "processing_engine" => {
+                string(v, "version", &w);
+            }
+            "executionParameters" => {
+                for p in v["parameters"].as_array().unwrap_or_else(|| panic!("{w}: parameters is an array")) {
+                    string(p, "key", &w);
+                    assert!(p.get("value").is_none_or(Value::is_string), "{w}: value is a string");
+                }
+            }
+            "jobType" => {
+                string(v, "processingType", &w);
+                string(v, "integration", &w);
+            }
+            "documentation" => {
+                string(v, "description", &w);
+            }
+            "version" => {
+                string(v, "datasetVersion", &w);
+            }
+            "schema" => {
+                for fld in v["fields"].as_array().unwrap_or_else(|| panic!("{w}: fields is an array")) {
+                    string(fld, "name", &w);
+                    assert!(fld.get("type").is_none_or(Value::is_string), "{w}: type is a string");
+                }
+            }
+            "dagrun" => {
+                string(v, "dagrunRunId", &w);
+            }
+            other => panic!("{w}: unexpected facet {other}"),
+        }
+    }
+}
+
+/// The checks of OpenLineage.json 2-0-2 for a RunEvent: BaseEvent requires
+/// eventTime (date-time), producer (uri), schemaURL (uri); RunEvent requires
+/// run {runId: uuid} and job {namespace, name}; eventType is one of the enum;
+/// inputs/outputs are arrays of {namespace, name, facets?}.
+fn check_event(e: &Value, at: &str) {
+    assert!(e.is_object(), "{at}: an event is an object");
+    let t = string(e, "eventTime", at);
+    chrono::DateTime::parse_from_rfc3339(t).unwrap_or_else(|err| panic!("{at}: eventTime {t:?} is not a date-time: {err}"));
+    assert!(is_uri(string(e, "producer", at)), "{at}: producer is a uri");
+    assert_eq!(string(e, "schemaURL", at), RUN_EVENT_SCHEMA, "{at}");
+    let et = string(e, "eventType", at);
+    assert!(["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"].contains(&et), "{at}: eventType {et}");
+    let run = &e["run"];
+    assert!(is_uuid(string(run, "runId", at)), "{at}: run.runId is a uuid");
+    check_facets(run.get("facets"), &format!("{at}.run"));
+    let job = &e["job"];
+    string(job, "namespace", at);
+    string(job, "name", at);
+    check_facets(job.get("facets"), &format!("{at}.job"));
+    for side in ["inputs", "outputs"] {
+        if let Some(list) = e.get(side) {
+            for (i, d) in list.as_array().unwrap_or_else(|| panic!("{at}: {side} is an array")).iter().enumerate() {
+                let w = format!("{at}.{side}[{i}]");
+                string(d, "namespace", &w);
+                string(d, "name", &w);
+                check_facets(d.get("facets"), &w);
+            }
+        }
+    }
+}
+
+/// runId -> event types in file order; also checks START comes first and
+/// exactly one terminal event follows, not earlier than the START.
+fn pairing(events: &[Value]) -> BTreeMap<String, Vec<String>> {
+    let mut by_run: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for e in events {
+        by_run.entry(e["run"]["runId"].as_str().unwrap().to_string()).or_default().push((e["eventType"].as_str().unwrap().into(), e["eventTime"].as_str().unwrap().into()));
+    }
+    for (id, evs) in &by_run {
+        assert_eq!(evs.len(), 2, "run {id}: START then exactly one terminal event: {evs:?}");
+        assert_eq!(evs[0].0, "START", "run {id}: {evs:?}");
+        assert!(["COMPLETE", "FAIL", "ABORT"].contains(&evs[1].0.as_str()), "run {id}: {evs:?}");
+        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap();
+        assert!(t(&evs[1].1) >= t(&evs[0].1), "run {id}: terminal before START");
+    }
+    by_run.into_iter().map(|(k, v)| (k, v.into_iter().map(|x| x.0).collect())).collect()
+}
+
+/// The pipeline run (the one without a parent) and, per stage job, its events.
+fn by_job(events: &[Value]) -> (String, String, BTreeMap<String, Vec<Value>>) {
+    let roots: BTreeSet<(String, String)> = events
+        .iter()
+        .filter(|e| e["run"]["facets"].get("parent").is_none())
+        .map(|e| (e["run"]["runId"].as_str().unwrap().to_string(), e["job"]["name"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(roots.len(), 1, "one pipeline run: {roots:?}");
+    let (root_id, root_job) = roots.into_iter().next().unwrap();
+    let mut jobs: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["run"]["runId"] != root_id.as_str()) {
+        let p = &e["run"]["facets"]["parent"];
+        assert_eq!(p["run"]["runId"], root_id.as_str(), "stage run's parent is the pipeline run: {e}");
+        assert_eq!(p["job"]["name"], root_job.as_str());
+        assert_eq!(p["job"]["namespace"], e["job"]["namespace"]);
+        let name = e["job"]["name"].as_str().unwrap();
+        let stage = name.strip_prefix(&format!("{root_job}.")).unwrap_or_else(|| panic!("stage job {name} is named PIPELINE.STAGE"));
+        jobs.entry(stage.to_string()).or_default().push(e.clone());
+    }
+    (root_id, root_job, jobs)
+}
+
+fn python_check(file: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/openlineage_check.py");
+    let o = Command::new("python3").arg(&script).arg(file).output().expect("python3 is needed (see .ci/run)");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "openlineage-python rejects the events (`pip install openlineage-python`, see .ci/run):\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("checked "), "{out}");
+}
+
+fn propensity_ws() -> Ws {
+    let ws = Ws::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    ws.write("pipelines/propensity.yaml", std::fs::read(root.join("pipelines/propensity.yaml")).unwrap());
+    ws.write("config/tenants.yaml", "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n");
+    ws
+}
+
+#[test]
+fn every_event_of_a_real_run_follows_the_spec_pairs_and_links_to_its_parent() {
+    let ws = propensity_ws();
+    let r = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000"])).ok();
+    let events = events_of(&ws, &r);
+    for (i, e) in events.iter().enumerate() {
+        check_event(e, &format!("event {i}"));
+    }
+    let pairs = pairing(&events);
+    assert_eq!(pairs.len(), 13, "the pipeline and its 12 stages");
+    let (_, root_job, jobs) = by_job(&events);
+    assert_eq!(root_job, "pipelines/propensity");
+    let stages: BTreeSet<String> = r.statuses().keys().cloned().collect();
+    assert_eq!(jobs.keys().cloned().collect::<BTreeSet<_>>(), stages);
+    assert_eq!(events.first().unwrap()["eventType"], "START");
+    assert_eq!(events.last().unwrap()["eventType"], "COMPLETE");
+    assert_eq!(events.last().unwrap()["job"]["name"], "pipelines/propensity");
+
+    // Datasets: tenant namespace, workspace-relative name, blake3 version, Parquet schema.
+    let ws_id = ws.read(".dagrun/openlineage/workspace-id").trim().to_string();
+    let train = &jobs["train[Tenant_A]"][1];
+    assert_eq!(train["eventType"], "COMPLETE");
+    assert_eq!(train["run"]["facets"]["dagrun"]["workDone"], true);
+    let out = &train["outputs"][0];
+    assert_eq!(out["name"], "models/Tenant_A/model.json");
+    let ns = out["namespace"].as_str().unwrap();
+    assert!(ns.starts_with("dagrun://") && ns.ends_with(&format!("/{ws_id}/Tenant_A")), "{ns}");
+    assert_eq!(out["facets"]["version"]["datasetVersion"], b3(&ws.path("models/Tenant_A/model.json")));
+    let params: BTreeMap<String, String> = train["run"]["facets"]["executionParameters"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["key"].as_str().unwrap().into(), p["value"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(params["min_auc"], "0.6");
+    assert_eq!(params["tenant"], "Tenant_A");
+    let enc = &jobs["encrypt[Tenant_B]"][1]["outputs"][0];
+    assert_eq!(enc["name"], "data/encrypted/Tenant_B.parquet");
+    let cols: Vec<&str> = enc["facets"]["schema"]["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert!(cols.contains(&"Sensitive_Data_Enc") && cols.contains(&"Customer_ID") && !cols.contains(&"Sensitive_Data"), "{cols:?}");
+    // The same path is one dataset in the producer's outputs and the consumer's inputs.
+    let afe_in = &jobs["afe[Tenant_B]"][1]["inputs"][0];
+    assert_eq!((&afe_in["namespace"], &afe_in["name"]), (&enc["namespace"], &enc["name"]));
+    assert_eq!(afe_in["facets"]["version"], enc["facets"]["version"]);
+
+    // The run record says where the events went.
+    let ol = &r.rec()["openlineage"];
+    assert_eq!(ol["events"], events.len());
+    assert_eq!(ol["pending"], 0);
+
+    // No data value and no key in any event.
+    let all = ws.read(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap()));
+    let sample = ws.path("sample.csv");
+    let o = cmd(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "1800", "--out", sample.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success());
+    let text = std::fs::read_to_string(&sample).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "Sensitive_Data").unwrap();
+    let values: Vec<&str> = text.lines().skip(1).map(|l| l.split(',').nth(col).unwrap()).collect();
+    assert!(values.len() == 1800 && values.iter().all(|v| v.len() > 3));
+    assert!(values.iter().all(|v| !all.contains(v)), "a Sensitive_Data value is in an event");
+    let master = ws.read(".dagrun/keys/master.key");
+    let master = master.trim();
+    assert!(master.len() >= 32 && !all.to_lowercase().contains(&master.to_lowercase()), "the master key is in an event");
+    python_check(&ws.path(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap())));
+
+    // A no-op run: every stage is reported, as COMPLETE with no work done.
+    let r2 = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000"])).ok();
+    assert_eq!(r2.with("cached").len(), 12);
+    let ev2 = events_of(&ws, &r2);
+    for (i, e) in ev2.iter().enumerate() {
+        check_event(e, &format!("no-op event {i}"));
+    }
+    assert_eq!(pairing(&ev2).len(), 13);
+    let (_, _, jobs2) = by_job(&ev2);
+    for (stage, evs) in &jobs2 {
+        let end = &evs[1];
+        assert_eq!(end["eventType"], "COMPLETE", "{stage}");
+        assert_eq!(end["run"]["facets"]["dagrun"]["status"], "cached", "{stage}");
+        assert_eq!(end["run"]["facets"]["dagrun"]["workDone"], false, "{stage}");
+    }
+    // Stable names across runs: the same jobs and datasets, new run ids.
+    assert_eq!(jobs.keys().collect::<Vec<_>>(), jobs2.keys().collect::<Vec<_>>());
+    assert_ne!(jobs["train[Tenant_A]"][0]["run"]["runId"], jobs2["train[Tenant_A]"][0]["run"]["runId"]);
+    assert_eq!(jobs2["train[Tenant_A]"][1]["outputs"][0]["facets"]["version"], train["outputs"][0]["facets"]["version"]);
+    python_check(&ws.path(&format!("runs/{}.openlineage.jsonl", r2.rec()["run_id"].as_str().unwrap())));
+}
+
+#[test]
+fn a_failed_stage_is_a_fail_with_its_error_and_skipped_stages_have_no_events() {
+    let ws = Ws::new();
+    ws.write("in.txt", "x\n");
+    ws.pipeline(
+        r#"
+stages:
+  bad:
+    cmd: |
+      echo "boom: disk on fire" >&2; exit 3
+    deps: [in.txt]
+    outs: [bad.txt]
+  after_bad:
+    cmd: cp bad.txt after.txt
+    deps: [bad.txt]
+    outs: [after.txt]
+  good:
+    cmd: cp in.txt good.txt
+    deps: [in.txt]
+    outs: [good.txt]
+"#,
+    );
+    let r = ws.run_cmd(cmd(&ws, &["run", "pipeline.yaml"]));
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    let events = events_of(&ws, &r);
+    for (i, e) in events.iter().enumerate() {
+        check_event(e, &format!("event {i}"));
+    }
+    pairing(&events);
+    let (_, root_job, jobs) = by_job(&events);
+    assert_eq!(root_job, "pipeline");
+    assert_eq!(jobs.keys().cloned().collect::<BTreeSet<_>>(), set(&["bad", "good"]), "after_bad never started");
+    let bad = &jobs["bad"][1];
+    assert_eq!(bad["eventType"], "FAIL");
+    let msg = bad["run"]["facets"]["errorMessage"]["message"].as_str().unwrap();
+    assert!(msg.contains("stage bad failed") && msg.contains("boom: disk on fire"), "{msg}");
+    assert_eq!(jobs["good"][1]["eventType"], "COMPLETE");
+    let end = events.last().unwrap();
+    assert_eq!((end["eventType"].as_str(), end["job"]["name"].as_str()), (Some("FAIL"), Some("pipeline")));
+    assert!(end["run"]["facets"]["errorMessage"]["message"].as_str().unwrap().contains("stage bad failed"));
+    // Sources read by no tenant stage are in the shared namespace.
+    assert!(jobs["good"][0]["inputs"][0]["namespace"].as_str().unwrap().ends_with("/_shared"));
+    python_check(&ws.path(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap())));
+}
+
+#[test]
+fn a_bad_endpoint_url_is_refused_before_anything_runs() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let o = cmd(&ws, &["run", "pipeline.yaml", "--openlineage-url", "localhost:5000"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--openlineage-url") && err.contains("http://"), "{err}");
+    assert!(!ws.exists("a.txt") && !ws.exists("runs"));
+    let o = cmd(&ws, &["run", "pipeline.yaml"]).env("DAGRUN_OPENLINEAGE_URL", "ftp://user:hunter2@x").output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("DAGRUN_OPENLINEAGE_URL") && !err.contains("hunter2"), "{err}");
+}
+
+/// What the loopback receiver does with each request.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Read the request, then never answer.
+    Hang,
+    /// Answer 200.
+    Ok,
+}
+
+/// One received request.
+struct Got {
+    path: String,
+    auth: Option<String>,
+    body: String,
+}
+
+/// A minimal HTTP/1.1 server on loopback (keep-alive, Content-Length bodies).
+struct Receiver {
+    port: u16,
+    got: Arc<Mutex<Vec<Got>>>,
+}
+
+fn serve_conn(mut s: TcpStream, mode: Mode, got: Arc<Mutex<Vec<Got>>>) {
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let (mut len, mut auth) = (0usize, None);
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap();
+                } else if k.eq_ignore_ascii_case("authorization") {
+                    auth = Some(v.trim().to_string());
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        if mode == Mode::Hang {
+            std::thread::sleep(Duration::from_secs(60));
+            return;
+        }
+        got.lock().unwrap().push(Got { path, auth, body: String::from_utf8(body).unwrap() });
+        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}
+
+impl Receiver {
+    fn start(listener: TcpListener, mode: Mode) -> Receiver {
+        let port = listener.local_addr().unwrap().port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                let g = g.clone();
+                std::thread::spawn(move || serve_conn(s, mode, g));
+            }
+        });
+        Receiver { port, got }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn pending_lines(ws: &Ws) -> Vec<String> {
+    match std::fs::read_to_string(ws.path(".dagrun/openlineage/pending.jsonl")) {
+        Ok(t) => t.lines().map(String::from).collect(),
+        Err(_) => vec![],
+    }
+}
+
+#[test]
+fn an_endpoint_that_is_down_then_slow_never_fails_or_holds_the_run_and_gets_everything_when_up() {
+    let ws = Ws::new();
+    ws.write("in.txt", "1\n");
+    ws.pipeline(
+        r#"
+stages:
+  a:
+    cmd: cp in.txt a.txt
+    deps: [in.txt]
+    outs: [a.txt]
+  b:
+    cmd: env > b.txt
+    deps: [a.txt]
+    outs: [b.txt]
+"#,
+    );
+    const TOKEN: &str = "ol-token-7f3a9c1e5b";
+    let run = |port: u16, n: &str| -> (Run, Duration) {
+        ws.write("in.txt", format!("{n}\n"));
+        let mut c = cmd(&ws, &["run", "pipeline.yaml", "-v"]);
+        c.env("DAGRUN_OPENLINEAGE_URL", format!("http://127.0.0.1:{port}/")).env("DAGRUN_OPENLINEAGE_TOKEN", TOKEN);
+        let t0 = Instant::now();
+        let r = ws.run_cmd(c).ok();
+        (r, t0.elapsed())
+    };
+    let mut all_events: Vec<String> = Vec::new();
+    let file_lines = |r: &Run| -> Vec<String> { ws.read(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap())).lines().map(String::from).collect() };
+
+    // 1. Down: nothing listens. The run succeeds; its 6 events are spooled.
+    let (r1, _) = run(free_port(), "1");
+    let ol = &r1.rec()["openlineage"];
+    assert_eq!((ol["events"].as_u64(), ol["delivered"].as_u64(), ol["pending"].as_u64()), (Some(6), Some(0), Some(6)), "{ol}");
+    assert!(ol["error"].is_string(), "{ol}");
+    all_events.extend(file_lines(&r1));
+    assert_eq!(pending_lines(&ws), all_events);
+
+    // 2. Slow: the endpoint accepts and never answers. The run does not wait
+    //    for it (bounded: 1 s grace at the end, not the 10 s request timeout).
+    let slow = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Hang);
+    let (r2, took) = run(slow.port, "2");
+    assert!(took < Duration::from_secs(5), "the run waited {took:?} on a slow endpoint");
+    let ol = &r2.rec()["openlineage"];
+    assert_eq!((ol["delivered"].as_u64(), ol["pending"].as_u64()), (Some(0), Some(12)), "{ol}");
+    all_events.extend(file_lines(&r2));
+    assert_eq!(pending_lines(&ws), all_events, "spooled in order, oldest first");
+    assert!(slow.got.lock().unwrap().is_empty());
+
+    // 3. Up: everything pending is delivered first, in order, then this run's events.
+    let up = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
+    let (r3, _) = run(up.port, "3");
+    let ol = &r3.rec()["openlineage"];
+    assert_eq!((ol["delivered"].as_u64(), ol["pending"].as_u64()), (Some(18), Some(0)), "{ol}");
+    assert!(ol.get("error").is_none(), "{ol}");
+    all_events.extend(file_lines(&r3));
+    let got = up.got.lock().unwrap();
+    assert_eq!(got.iter().map(|g| g.body.clone()).collect::<Vec<_>>(), all_events);
+    assert!(got.iter().all(|g| g.path == "/api/v1/lineage"));
+    assert!(got.iter().all(|g| g.auth.as_deref() == Some(&format!("Bearer {TOKEN}"))));
+    assert!(pending_lines(&ws).is_empty() && !ws.exists(".dagrun/openlineage/pending.jsonl"));
+
+    // The token reached the endpoint only: not the records, events, logs, output or a command's environment.
+    for r in [&r1, &r2, &r3] {
+        assert!(!r.out.stdout.contains(TOKEN) && !r.out.stderr.contains(TOKEN));
+    }
+    for f in ws.walk() {
+        let p = ws.path(&f);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(!String::from_utf8_lossy(&bytes).contains(TOKEN), "the token is in {f}");
+        }
+    }
+    assert!(ws.read("b.txt").contains("DAGRUN_WORKSPACE="), "b.txt holds the command's environment");
+}
