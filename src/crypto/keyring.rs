@@ -452,6 +452,33 @@ impl Keyring {
         }
     }
 
+    /// Id of the tenant's active data key, created (and persisted) the first time
+    /// the tenant is seen, without unwrapping an existing key: what a cache key
+    /// needs, at no HSM round trip.
+    pub fn active_data_key_id(&self, tenant: &str) -> Result<String> {
+        validate_tenant(tenant)?;
+        let mut g = self.lock();
+        forgotten_check(&g, tenant)?;
+        if let Some(k) = g.tenants.get(tenant).and_then(TenantEntry::active_data) {
+            return Ok(k.id.clone());
+        }
+        Ok(self.add_data_key_as(&mut g, tenant, "create")?.0)
+    }
+
+    /// Fails with [`KeyError::UnknownKey`] unless the keyring holds data key
+    /// `key_id` of `tenant` (nothing is unwrapped).
+    pub fn require_data_key(&self, tenant: &str, key_id: &str) -> Result<()> {
+        validate_tenant(tenant)?;
+        let g = self.lock();
+        forgotten_check(&g, tenant)?;
+        let entry = g.tenants.get(tenant);
+        if entry.is_some_and(|e| e.data_keys.iter().any(|k| k.id == key_id)) {
+            return Ok(());
+        }
+        drop(g);
+        self.data_key(tenant, key_id).map(drop)
+    }
+
     /// Id of the tenant's active data key, without creating or unwrapping anything
     /// (`None` if the tenant has no data key yet). Errors for a forgotten tenant.
     pub fn active_key_id(&self, tenant: &str) -> Result<Option<String>> {

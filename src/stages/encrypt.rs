@@ -118,8 +118,8 @@ fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::K
         kv.get("dagrun.key_id").map(|id| (out.path.clone(), id.clone()))
     };
     let Some((place, key_id)) = recorded.or_else(in_footer) else { return Ok(()) };
-    match ring.data_key(tenant, &key_id) {
-        Ok(_) => Ok(()),
+    match ring.require_data_key(tenant, &key_id) {
+        Ok(()) => Ok(()),
         Err(e) if e.downcast_ref::<crate::crypto::KeyError>().is_some() => Err(e.context(format!(
             "tenant {tenant}'s data was encrypted with data key {} ({place}), which the keyring no longer holds; \
              dagrun will not create a new key for it (the existing ciphertexts would stay undecryptable). \
@@ -153,7 +153,7 @@ impl StageKind for Encrypt {
             Some(when) => format!("destroyed {when}"),
             None => {
                 check_earlier_key(stage, services, &ring, tenant)?;
-                ring.active_data_key(tenant)?.0
+                ring.active_data_key_id(tenant)?
             }
         };
         Ok(BTreeMap::from([(key_ingredient(tenant), id)]))

@@ -542,3 +542,51 @@ fn the_master_key_uri_and_its_pin_source_never_reach_a_child() {
     assert!(seen.contains("DAGRUN_STAGE=show"), "{seen}");
     assert!(!seen.contains("DAGRUN_MASTER_KEY_URI") && !seen.contains("/secret/place/pin"), "{seen}");
 }
+
+#[test]
+fn a_session_lost_mid_run_fails_the_stage_and_a_rerun_works() {
+    let tok = Token::new();
+    let ws = workspace();
+    ws.write("config/tenants.yaml", "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n");
+    // enc1 opens the HSM session and uses it; `lose` takes the token away (its
+    // files, as a pulled or reset HSM would); enc2 then needs the session again.
+    let tokens = tok.dir.path().join("tokens").display().to_string();
+    let yaml = r#"stages:
+  generate:
+    foreach: tenants
+    uses: generate
+    with:
+      rows: 2000
+      seed: 1
+      as_of: 2026-01-01
+      output: data/raw/${tenant}.parquet
+  enc1:
+    foreach: tenants
+    uses: encrypt
+    with:
+      input: data/raw/${tenant}.parquet
+      output: data/enc1/${tenant}.parquet
+  lose:
+    cmd: mv TOKENS TOKENS.gone && touch lost
+    outs: [lost]
+    needs: [enc1]
+  enc2:
+    foreach: tenants
+    uses: encrypt
+    with:
+      input: data/raw/${tenant}.parquet
+      output: data/enc2/${tenant}.parquet
+    needs: [lose]
+"#;
+    ws.write("pipelines/lose.yaml", yaml.replace("TOKENS", &tokens));
+    let env = [("DAGRUN_MASTER_KEY_URI", tok.uri.as_str())];
+    let o = dg(&ws, Some(&tok), &["run", "pipelines/lose.yaml"], &env);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("enc2[Tenant_A]") && o.stderr.contains("was lost") && o.stderr.contains("rerun"), "{}", o.stderr);
+    assert!(!o.stderr.contains(&tok.pin()));
+    assert!(ws.exists("data/enc1/Tenant_A.parquet") && !ws.exists("data/enc2/Tenant_A.parquet"));
+    // The token comes back: the rerun finishes the work, both copies decrypt alike.
+    std::fs::rename(format!("{tokens}.gone"), &tokens).unwrap();
+    ok(dg(&ws, Some(&tok), &["run", "pipelines/lose.yaml"], &env));
+    assert!(ws.exists("data/enc2/Tenant_A.parquet") && ws.exists("data/enc2/Tenant_B.parquet"));
+}

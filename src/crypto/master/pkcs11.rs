@@ -102,7 +102,10 @@ fn is_lost(e: &P11Error) -> bool {
                 | RvError::UserNotLoggedIn
                 | RvError::CryptokiNotInitialized
                 | RvError::GeneralError
-                | RvError::DeviceMemory,
+                | RvError::DeviceMemory
+                // the key object vanished under an open session (token reset/removed)
+                | RvError::KeyHandleInvalid
+                | RvError::ObjectHandleInvalid,
             _
         )
     )

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Overhead of a PKCS#11 (SoftHSM2) master key against a file master key: cold runs
+# of the propensity pipeline (release build, 2 tenants, fresh workspace each run,
+# so every tenant key is created and wrapped), alternating file / HSM.
+#
+#   bench/hsm.sh                 100k rows, 7 runs each
+#   bench/hsm.sh --rows N --runs K
+#
+# Prints each run, the median cold run of both, the overhead in percent, and the
+# median wall time of the encrypt stages (where keys are unwrapped). Needs
+# ../shared/tools/softhsm-token.sh (or DAGRUN_SOFTHSM_TOKEN_SH); installs nothing
+# itself beyond what that script installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rows=100000
+runs=7
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rows) rows="$2"; shift ;;
+    --runs) runs="$2"; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+tool=${DAGRUN_SOFTHSM_TOKEN_SH:-}
+for c in ../shared/tools/softhsm-token.sh ../../shared/tools/softhsm-token.sh; do
+  [ -z "$tool" ] && [ -r "$c" ] && tool=$c
+done
+[ -n "$tool" ] || { echo "softhsm-token.sh not found (set DAGRUN_SOFTHSM_TOKEN_SH)" >&2; exit 2; }
+cargo build --release --quiet
+BIN="$PWD/target/release/dagrun"
+tmp=$(mktemp -d /tmp/dagrun-bench-hsm.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+eval "$(bash "$tool" init "$tmp/token" 2>/dev/null)"
+URI=$DAGRUN_MASTER_KEY_URI
+unset DAGRUN_MASTER_KEY_URI DAGRUN_MASTER_KEY DAGRUN_MASTER_KEY_FILE
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+echo "dagrun:  $("$BIN" --version), $rows rows, 2 tenants, $runs cold runs per master key"
+
+one_run() { # KIND -> "wall_seconds encrypt_seconds"
+  local kind=$1 ws t0 t1
+  ws=$(mktemp -d "$tmp/ws.XXXXXX")
+  mkdir -p "$ws/config" "$ws/pipelines"
+  cp pipelines/propensity.yaml "$ws/pipelines/"
+  sed -i "s/^  rows: .*/  rows: $rows/" "$ws/pipelines/propensity.yaml"
+  printf 'tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n' > "$ws/config/tenants.yaml"
+  t0=$(date +%s%N)
+  if [ "$kind" = hsm ]; then
+    DAGRUN_MASTER_KEY_URI=$URI DAGRUN_PLAIN=1 "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null
+  else
+    DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f DAGRUN_PLAIN=1 \
+      "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null  # benchmark-only key
+  fi
+  t1=$(date +%s%N)
+  local enc
+  enc=$(python3 -c 'import json,sys,glob; r=json.load(open(sorted(glob.glob(sys.argv[1]+"/runs/*.json"))[-1])); print(round(sum(s["seconds"] for s in r["stages"] if s["stage"].startswith("encrypt[")),4))' "$ws")
+  rm -rf "$ws"
+  echo "$(( (t1 - t0) / 1000 ))e-6 $enc"
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+: > "$tmp/file.txt"; : > "$tmp/hsm.txt"
+one_run file > /dev/null; one_run hsm > /dev/null   # warm the page cache and the token
+for i in $(seq 1 "$runs"); do
+  f=$(one_run file); h=$(one_run hsm)
+  echo "$f" >> "$tmp/file.txt"; echo "$h" >> "$tmp/hsm.txt"
+  printf 'run %d: file %.3f s (encrypt %.3f s)   hsm %.3f s (encrypt %.3f s)\n' "$i" $f $h
+done
+fm=$(cut -d' ' -f1 "$tmp/file.txt" | median); hm=$(cut -d' ' -f1 "$tmp/hsm.txt" | median)
+fe=$(cut -d' ' -f2 "$tmp/file.txt" | median); he=$(cut -d' ' -f2 "$tmp/hsm.txt" | median)
+python3 - "$fm" "$hm" "$fe" "$he" <<'PY'
+import sys
+fm, hm, fe, he = map(float, sys.argv[1:])
+print(f"median cold run: file key {fm:.3f} s, HSM key {hm:.3f} s: overhead {100*(hm-fm)/fm:+.1f} % (goal: within 10 %)")
+print(f"median encrypt stages (summed over tenants): file key {fe:.3f} s, HSM key {he:.3f} s")
+PY
