@@ -7,6 +7,13 @@
 #   bench/propensity.sh --tenants 50 --rows 1000000 --ingest
 #                                  also: the ingest pipeline on one file per tenant,
 #                                  then one tenant's file changes (what reruns?)
+#   bench/propensity.sh --vs-seed [--rows N] [--large]
+#                                  dagrun against ../shared/baselines/seed_engine.py
+#                                  (the Python engine it replaces, with --aes
+#                                  --all-tenants), alternately, 3 times each, in fresh
+#                                  workspaces: medians of wall time and peak memory of
+#                                  both, and the ratios. Sets up the seed's Python
+#                                  environment (bench/.venv-seed) with pip on first use.
 #
 # For each size it prints: cold run, no-op run (median of 3), C-change rerun,
 # peak memory (max RSS), each stage's wall time (summed over tenants), CPU
@@ -16,9 +23,11 @@ cd "$(dirname "$0")/.."
 sizes=(100000 1000000)
 tenants=2
 ingest=0
+vs_seed=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --ingest) ingest=1 ;;
+    --vs-seed) vs_seed=1 ;;
     --large) sizes+=(10000000) ;;
     --rows) sizes=("$2"); shift ;;
     --tenants) tenants="$2"; shift ;;
@@ -55,26 +64,68 @@ timed() { # prints "wall_seconds maxrss_kb" of a command (wall clock in ns resol
   echo "$(( (t1 - t0) / 1000 ))e-6 $(cat /tmp/dagrun-bench-time)"
 }
 
-for rows in "${sizes[@]}"; do
+fresh_workspace() { # a new workspace with the default pipeline and N tenants
+  local ws
   ws=$(mktemp -d /tmp/dagrun-bench.XXXXXX)
   mkdir -p "$ws/config" "$ws/pipelines"
   cp pipelines/propensity.yaml "$ws/pipelines/"
   tenant_config "$tenants" > "$ws/config/tenants.yaml"
+  echo "$ws"
+}
+
+if [ "$vs_seed" = 1 ]; then
+  SEED_PY="$(cd .. && pwd)/shared/baselines/seed_engine.py"
+  [ -f "$SEED_PY" ] || { echo "no $SEED_PY (the shared folder beside the clone)" >&2; exit 2; }
+  VENV=bench/.venv-seed
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q pandas numpy scikit-learn joblib cryptography
+  fi
+  echo "seed:    $("$VENV/bin/python" -c 'import pandas, sklearn, numpy; print(f"pandas {pandas.__version__}, scikit-learn {sklearn.__version__}, numpy {numpy.__version__}")')"
+  for rows in "${sizes[@]}"; do
+    seed_w=(); seed_m=(); dag_w=(); dag_m=()
+    for rep in 1 2 3; do
+      d=$(mktemp -d /tmp/seed-bench.XXXXXX)
+      read -r w m < <(timed "$VENV/bin/python" "$SEED_PY" "$d" --rows "$rows" --aes --all-tenants)
+      seed_w+=("$w"); seed_m+=("$m"); rm -rf "$d"
+      ws=$(fresh_workspace)
+      read -r w m < <(timed "$BIN" -q run "$ws/pipelines/propensity.yaml" -p rows="$rows")
+      dag_w+=("$w"); dag_m+=("$m"); rm -rf "$ws"
+    done
+    python3 - "$rows" "${seed_w[*]}" "${seed_m[*]}" "${dag_w[*]}" "${dag_m[*]}" <<'PY'
+import statistics, sys
+rows = int(sys.argv[1])
+sw, sm, dw, dm = ([float(x) for x in a.split()] for a in sys.argv[2:6])
+med = statistics.median
+print(f"\n== {rows:,} rows, cold end to end, 3 alternating runs each")
+print(f"seed   wall {med(sw):7.2f} s  (runs {', '.join(f'{x:.2f}' for x in sw)})  peak memory {med(sm)/1024:7.0f} MiB")
+print(f"dagrun wall {med(dw):7.2f} s  (runs {', '.join(f'{x:.2f}' for x in dw)})  peak memory {med(dm)/1024:7.0f} MiB")
+print(f"speed-up {med(sw)/med(dw):.1f}x   memory dagrun/seed {med(dm)/med(sm):.2f}")
+PY
+  done
+  exit 0
+fi
+
+for rows in "${sizes[@]}"; do
+  ws=$(fresh_workspace)
   P="$ws/pipelines/propensity.yaml"
   read -r cold_wall cold_rss < <(timed "$BIN" -q run "$P" -p rows="$rows")
   cold_record=$(ls "$ws"/runs/*.json | sort | tail -1)
   noops=()
-  for _ in 1 2 3 4; do read -r w _ < <(timed "$BIN" -q run "$P" -p rows="$rows"); noops+=("$w"); done
+  read -r first_wall first_rss < <(timed "$BIN" -q run "$P" -p rows="$rows")
+  for _ in 1 2 3; do read -r w _ < <(timed "$BIN" -q run "$P" -p rows="$rows"); noops+=("$w"); done
   read -r c_wall c_rss < <(timed "$BIN" -q run "$P" -p rows="$rows" -p C=0.5)
   c_record=$(ls "$ws"/runs/*.json | sort | tail -1)
-  python3 - "$rows" "$cold_wall" "$cold_rss" "$c_wall" "$cold_record" "$c_record" "$ws" "${noops[@]:1}" <<'PY'
+  python3 - "$rows" "$cold_wall" "$cold_rss" "$c_wall" "$cold_record" "$c_record" "$ws" "$first_wall" "$first_rss" "${noops[@]}" <<'PY'
 import json, os, statistics, sys
 rows, cold, rss, cwall, rec, crec, ws = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
-noop = statistics.median(float(x) for x in sys.argv[8:])
+first, first_rss = float(sys.argv[8]), int(sys.argv[9])
+noop = statistics.median(float(x) for x in sys.argv[10:])
 r = json.load(open(rec)); c = json.load(open(crec))
 print(f"\n== {rows:,} rows")
 print(f"cold run {cold:.2f} s (dagrun's own timing {r['seconds']:.2f} s), peak memory {rss/1024:.0f} MiB")
-print(f"no-op run {noop*1000:.1f} ms (median of 3, process start to exit)")
+print(f"first no-op run after the cold run {first*1000:.1f} ms, peak memory {first_rss/1024:.0f} MiB")
+print(f"no-op run {noop*1000:.1f} ms (median of 3 more, process start to exit)")
 ran = sorted(s['stage'] for s in c['stages'] if s['status'] == 'ran')
 print(f"C change  {cwall:.2f} s, reran: {', '.join(ran)}")
 agg = {}

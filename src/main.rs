@@ -2,10 +2,9 @@
 //! to exit codes (see `dagrun::error::exit`).
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use dagrun::commands::dag::DagFormat;
 use dagrun::engine::report::Verbosity;
-use dagrun::engine::scheduler::{self, RunOptions};
-use dagrun::engine::{Engine, lineage, runs, status};
 use dagrun::commands;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
@@ -53,15 +52,15 @@ enum Cmd {
         /// Print the run record as JSON on stdout when done.
         #[arg(long)]
         json: bool,
-        /// Where every stage's work runs, overriding the pipeline's `executor:`.
-        #[arg(long, value_enum, value_name = "local|slurm")]
-        executor: Option<ExecutorArg>,
         /// Also POST OpenLineage events to URL/api/v1/lineage (default: $DAGRUN_OPENLINEAGE_URL).
         #[arg(long, value_name = "URL")]
         openlineage_url: Option<String>,
         /// Write the run's metrics (Prometheus text format) to PATH (default: `metrics_file:` in config/dagrun.yaml).
         #[arg(long, value_name = "PATH")]
         metrics_file: Option<PathBuf>,
+        /// Where every stage's work runs, overriding the pipeline's `executor:`.
+        #[arg(long, value_enum, value_name = "local|slurm")]
+        executor: Option<commands::run::ExecutorArg>,
     },
     /// Run stages' work inside a Slurm job (started by `dagrun run`; see README "Running on Slurm").
     ExecStage {
@@ -214,19 +213,6 @@ enum KeysCmd {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ExecutorArg {
-    Local,
-    Slurm,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DagFormat {
-    Text,
-    Dot,
-    Mermaid,
-}
-
 fn parse_params(list: &[String]) -> Result<Vec<(String, String)>> {
     list.iter()
         .map(|s| match s.split_once('=') {
@@ -298,114 +284,32 @@ fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline>
     pipeline::load(file, cli.workspace.as_deref(), &parse_params(params)?)
 }
 
-/// `dagrun status` and `dagrun run --dry-run`.
-fn show_status(p: pipeline::Pipeline, stages: &[String], force: &Option<Vec<String>>, json: bool) -> Result<i32> {
-    let selected = scheduler::select(&p, stages)?;
-    let forced = scheduler::forced(&p, force, &selected)?;
-    let mut engine = Engine::new(p);
-    engine.forced = forced;
-    let rows = status::status(&engine, &selected)?;
-    let _ = engine.memo.save();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
-    } else {
-        print_status(&rows);
-    }
-    Ok(exit::OK)
-}
-
-fn print_status(rows: &[status::StageStatus]) {
-    for r in rows {
-        let mark = if r.state == "fresh" { "fresh" } else { "STALE" };
-        println!("{mark}  {}", r.stage);
-        for reason in &r.reasons {
-            println!("         {reason}");
-        }
-    }
-    let stale = rows.iter().filter(|r| r.state == "stale").count();
-    println!("{} stages: {} fresh, {stale} stale", rows.len(), rows.len() - stale);
-}
-
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, executor, openlineage_url, metrics_file } => {
+        Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, openlineage_url, metrics_file, executor } => {
             let p = load(cli, pipeline, params)?;
-            let force = if force.is_empty() {
-                None
-            } else if force.iter().any(|f| f.is_empty()) {
-                Some(vec![])
-            } else {
-                Some(force.clone())
-            };
-            if *dry_run {
-                return show_status(p, stages, &force, *json);
-            }
-            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-            let opts = RunOptions {
-                targets: stages.clone(),
-                force,
-                jobs,
-                wait: wait.map(Duration::from_secs_f64),
-                verbosity: if *json { Verbosity::Quiet } else { verbosity(cli) },
-                executor: executor.map(|e| match e {
-                    ExecutorArg::Local => pipeline::ExecutorKind::Local,
-                    ExecutorArg::Slurm => pipeline::ExecutorKind::Slurm,
-                }),
+            let args = commands::run::RunArgs {
+                stages: stages.clone(),
+                force: force.clone(),
+                jobs: *jobs,
+                wait: *wait,
+                dry_run: *dry_run,
+                json: *json,
+                verbosity: verbosity(cli),
                 openlineage_url: openlineage_url.clone(),
                 metrics_file: metrics_file.clone(),
+                executor: *executor,
             };
-            let out = scheduler::run(p, &opts)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&out.record)?);
-                return Ok(exit::OK);
-            }
-            if !cli.quiet {
-                let count = |s: runs::Status| out.record.stages.iter().filter(|r| r.status == s).count();
-                let (ran, cached, restored) = (count(runs::Status::Ran), count(runs::Status::Cached), count(runs::Status::Restored));
-                if ran + restored == 0 {
-                    println!("all {} stages up to date ({:.3}s, run {})", out.record.stages.len(), out.record.seconds, out.record.run_id);
-                } else {
-                    println!(
-                        "{} stages: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
-                        out.record.stages.len(),
-                        out.record.seconds,
-                        out.record.run_id
-                    );
-                }
-                for line in &out.summary {
-                    println!("{line}");
-                }
-            }
-            Ok(exit::OK)
+            commands::run::run(p, &args)
         }
-        Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
-        Cmd::Status { pipeline, stages, params, json } => {
-            let p = load(cli, pipeline, params)?;
-            show_status(p, stages, &None, *json)
-        }
+        Cmd::Status { pipeline, stages, params, json } => commands::status::show(load(cli, pipeline, params)?, stages, &None, *json),
         Cmd::Dag { pipeline, format } => {
-            let p = load(cli, pipeline, &[])?;
-            print!("{}", render_dag(&p, *format));
+            print!("{}", commands::dag::render(&load(cli, pipeline, &[])?, *format));
             Ok(exit::OK)
         }
         Cmd::Lineage { path, json } => {
-            let abs = std::path::absolute(path)?;
-            let ws = match &cli.workspace {
-                Some(w) => std::path::absolute(w)?,
-                None => abs
-                    .parent()
-                    .and_then(commands::dagrun_ancestor)
-                    .ok_or_else(|| error::config(format!("{}: not inside a dagrun workspace (no .dagrun/ above it)", path.display())))?,
-            };
-            let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
-            let states = dagrun::engine::state::StateStore::new(&ws.join(".dagrun"));
-            let tree = lineage::trace(&ws, &states, &rel)
-                .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&tree)?);
-            } else {
-                print!("{}", lineage::render(&tree));
-            }
+            commands::lineage::show(cli.workspace.as_deref(), path, *json)?;
             Ok(exit::OK)
         }
         Cmd::Predict { tenant, input, output, format, model } => {
@@ -436,23 +340,10 @@ fn real_main(cli: &Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Features { tenant, version, json } => {
-            let ws = workspace_from_cwd(cli)?;
-            commands::features::show(&ws, tenant, version.as_deref(), *json)?;
+            commands::features::show(&workspace_from_cwd(cli)?, tenant, version.as_deref(), *json)?;
             Ok(exit::OK)
         }
-        Cmd::Verify { repair, json } => {
-            let ws = workspace_from_cwd(cli)?;
-            let r = commands::verify::verify(&ws, *repair)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                for p in &r.problems {
-                    println!("problem: {p}");
-                }
-                println!("checked {} cache objects and {} stages: {} problems", r.objects_checked, r.stages_checked, r.problems.len());
-            }
-            Ok(if r.problems.is_empty() { exit::OK } else { exit::INTEGRITY })
-        }
+        Cmd::Verify { repair, json } => commands::verify::run(&workspace_from_cwd(cli)?, *repair, *json),
         Cmd::Sample { tenant, rows, seed, as_of, no_label, out } => {
             let as_of = dagrun::data::schema::parse_date(as_of).map_err(|e| error::config(format!("--as-of: {e:#}")))?;
             commands::sample::sample(out, tenant, *rows, *seed, as_of, !*no_label)?;
@@ -461,103 +352,10 @@ fn real_main(cli: &Cli) -> Result<i32> {
         Cmd::Runs { action, json } => {
             let ws = workspace_from_cwd(cli)?;
             match action {
-                None => {
-                    let all = runs::list(&ws);
-                    if *json {
-                        let v: Vec<_> = all
-                            .iter()
-                            .map(|r| serde_json::json!({"run_id": r.run_id, "pipeline": r.pipeline, "started_at": r.started_at, "seconds": r.seconds, "status": r.status, "exit_code": r.exit_code}))
-                            .collect();
-                        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": v }))?);
-                    } else if all.is_empty() {
-                        println!("no runs recorded in {}", ws.join("runs").display());
-                    } else {
-                        println!("{:<26} {:<11} {:>8}  {:<24} stages", "RUN", "STATUS", "SECONDS", "PIPELINE");
-                        for r in &all {
-                            let c = |s| r.stages.iter().filter(|x| x.status == s).count();
-                            println!(
-                                "{:<26} {:<11} {:>8.2}  {:<24} {} ran, {} cached, {} restored, {} failed",
-                                r.run_id,
-                                r.status,
-                                r.seconds,
-                                r.pipeline,
-                                c(runs::Status::Ran),
-                                c(runs::Status::Cached),
-                                c(runs::Status::Restored),
-                                c(runs::Status::Failed)
-                            );
-                        }
-                    }
-                }
-                Some(RunsCmd::Show { id, json: json2 }) => {
-                    let r = runs::find(&ws, id)?;
-                    if *json || *json2 {
-                        println!("{}", serde_json::to_string_pretty(&r)?);
-                    } else {
-                        println!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, r.pipeline);
-                        println!("started {}  finished {}", r.started_at, r.finished_at);
-                        for s in &r.stages {
-                            println!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
-                            for reason in &s.reasons {
-                                println!("            {reason}");
-                            }
-                            if let Some(e) = &s.error {
-                                for l in e.lines() {
-                                    println!("            {l}");
-                                }
-                            }
-                        }
-                    }
-                }
+                None => commands::runs::list(&ws, *json)?,
+                Some(RunsCmd::Show { id, json: json2 }) => commands::runs::show(&ws, id, *json || *json2)?,
             }
             Ok(exit::OK)
         }
     }
-}
-
-fn node_id(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
-}
-
-fn render_dag(p: &pipeline::Pipeline, format: DagFormat) -> String {
-    let mut s = String::new();
-    match format {
-        DagFormat::Text => {
-            for &i in &p.topo {
-                let st = &p.stages[i];
-                let up: Vec<&str> = p.upstream(i).iter().map(|&u| p.stages[u].name.as_str()).collect();
-                s.push_str(&format!("{} ({})", st.name, st.kind.name()));
-                if !up.is_empty() {
-                    s.push_str(&format!(" ← {}", up.join(", ")));
-                }
-                s.push('\n');
-            }
-        }
-        DagFormat::Dot => {
-            s.push_str("digraph dagrun {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
-            for &i in &p.topo {
-                let st = &p.stages[i];
-                s.push_str(&format!("  \"{}\" [label=\"{}\\n({})\"];\n", st.name, st.name, st.kind.name()));
-            }
-            for &i in &p.topo {
-                for d in p.downstream(i) {
-                    s.push_str(&format!("  \"{}\" -> \"{}\";\n", p.stages[i].name, p.stages[d].name));
-                }
-            }
-            s.push_str("}\n");
-        }
-        DagFormat::Mermaid => {
-            s.push_str("graph LR\n");
-            for &i in &p.topo {
-                let st = &p.stages[i];
-                s.push_str(&format!("  {}[\"{} ({})\"]\n", node_id(&st.name), st.name.replace('"', "'"), st.kind.name()));
-            }
-            for &i in &p.topo {
-                for d in p.downstream(i) {
-                    s.push_str(&format!("  {} --> {}\n", node_id(&p.stages[i].name), node_id(&p.stages[d].name)));
-                }
-            }
-        }
-    }
-    s
 }

@@ -1,10 +1,15 @@
-//! Commands beyond running pipelines: serving, keys, the feature store,
-//! integrity checks and sample data. `main.rs` parses arguments and calls these.
+//! One file per command. `main.rs` parses arguments and calls these; they
+//! print, and return the exit code or an error (see `crate::error`).
+pub mod dag;
 pub mod exec_stage;
 pub mod features;
 pub mod keys;
+pub mod lineage;
 pub mod predict;
+pub mod run;
+pub mod runs;
 pub mod sample;
+pub mod status;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

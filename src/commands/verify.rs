@@ -107,3 +107,18 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
     }
     Ok(r)
 }
+
+/// `dagrun verify [--repair] [--json]`: print what [`verify`] found; exit 4 on
+/// any problem.
+pub fn run(workspace: &Path, repair: bool, json: bool) -> Result<i32> {
+    let r = verify(workspace, repair)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+        println!("checked {} cache objects and {} stages: {} problems", r.objects_checked, r.stages_checked, r.problems.len());
+    }
+    Ok(if r.problems.is_empty() { crate::error::exit::OK } else { crate::error::exit::INTEGRITY })
+}

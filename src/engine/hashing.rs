@@ -12,6 +12,14 @@
 //! was last modified clearly before it was hashed (a "racy" entry, modified in
 //! the same clock tick as the hashing, is re-read next time, as git does with its
 //! index), so an edit that keeps the size is still seen.
+//!
+//! Exception, [`HashMemo::settle`]: an output that dagrun itself wrote (built-in
+//! kinds write to a temp file and rename it into place; the stage has finished,
+//! so nothing else writes it) and hashed after it was complete is trusted at
+//! once, even though it was hashed within the racy window, and its entry
+//! follows the ctime change of dagrun's own chmod/hard link into the cache.
+//! So the first no-op run after a cold run reads no data. `cmd` outputs are
+//! never settled: a process the command left behind could still write them.
 
 use crate::util::atomic::{Durability, is_temp_name, write_atomic_with};
 use anyhow::{Context, Result};
@@ -163,18 +171,25 @@ impl HashMemo {
 
     /// Hash a regular file, using the memo when the file is unchanged.
     pub fn hash_file(&self, path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+        if let Some(hash) = self.trusted(path, meta) {
+            return Ok(hash);
+        }
         let key = path.to_string_lossy().into_owned();
         let (mtime, ctime, ino) = stamp(meta);
-        if let Some(e) = self.entries.lock().unwrap().get(&key) {
-            if e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino && e.hashed_at - mtime.max(ctime) > RACY_NS {
-                return Ok(e.hash.clone());
-            }
-        }
         let hashed_at = now_ns();
         let hash = hash_file_bytes(path)?;
         self.entries.lock().unwrap().insert(key, MemoEntry { size: meta.len(), mtime, ctime, ino, hash: hash.clone(), hashed_at });
         self.dirty.store(true, Ordering::Release);
         Ok(hash)
+    }
+
+    /// The memo's hash of `path` if its entry matches `meta` and is not racy.
+    fn trusted(&self, path: &Path, meta: &std::fs::Metadata) -> Option<String> {
+        let (mtime, ctime, ino) = stamp(meta);
+        let entries = self.entries.lock().unwrap();
+        let e = entries.get(path.to_string_lossy().as_ref())?;
+        (e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino && e.hashed_at - mtime.max(ctime) > RACY_NS)
+            .then(|| e.hash.clone())
     }
 
     /// Record a hash computed elsewhere (e.g. while copying the file into the
@@ -183,6 +198,34 @@ impl HashMemo {
         let (mtime, ctime, ino) = stamp(meta);
         let e = MemoEntry { size: meta.len(), mtime, ctime, ino, hash: hash.to_string(), hashed_at };
         self.entries.lock().unwrap().insert(path.to_string_lossy().into_owned(), e);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Trust the memo entries of `path` (a file, or every file below a
+    /// directory) whose content dagrun wrote itself and hashed after it was
+    /// complete (see the module doc). An entry whose size, mtime or inode no
+    /// longer match is dropped instead (re-read next time).
+    pub fn settle(&self, path: &Path) {
+        let key = path.to_string_lossy();
+        let mut entries = self.entries.lock().unwrap();
+        let under: Vec<String> = entries
+            .keys()
+            .filter(|k| k.as_str() == key.as_ref() || (k.starts_with(key.as_ref()) && k.as_bytes().get(key.len()) == Some(&b'/')))
+            .cloned()
+            .collect();
+        for k in under {
+            let now = std::fs::symlink_metadata(&k).ok().filter(|m| m.is_file()).map(|m| (m.len(), stamp(&m)));
+            let e = entries.get_mut(&k).expect("key listed above");
+            match now {
+                Some((size, (mtime, ctime, ino))) if size == e.size && mtime == e.mtime && ino == e.ino => {
+                    e.ctime = ctime;
+                    e.hashed_at = e.hashed_at.max(mtime.max(ctime) + RACY_NS + 1);
+                }
+                _ => {
+                    entries.remove(&k);
+                }
+            }
+        }
         self.dirty.store(true, Ordering::Release);
     }
 
@@ -253,6 +296,46 @@ fn tree_path(e: &TreeEntry) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settled_outputs_are_trusted_at_once_and_follow_dagruns_own_ctime_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("out.parquet");
+        std::fs::write(&f, b"written by a built-in kind").unwrap();
+        let memo = HashMemo::in_memory();
+        memo.hash_path(&f).unwrap().unwrap();
+        // Hashed right after it was written: racy, so not trusted yet.
+        assert!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()).is_none());
+        // dagrun's own chmod (and hard link into the cache) changes the ctime.
+        let mut perm = std::fs::metadata(&f).unwrap().permissions();
+        perm.set_readonly(true);
+        std::fs::set_permissions(&f, perm).unwrap();
+        std::fs::hard_link(&f, dir.path().join("object")).unwrap();
+        memo.settle(&f);
+        let want = blake3::hash(b"written by a built-in kind").to_hex().to_string();
+        assert_eq!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()), Some(want));
+        // A later edit (new mtime, size) is still seen.
+        let mut perm = std::fs::metadata(&f).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        std::fs::set_permissions(&f, perm).unwrap();
+        std::fs::write(&f, b"edited").unwrap();
+        assert!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()).is_none());
+        assert_eq!(memo.hash_path(&f).unwrap().unwrap().hash, blake3::hash(b"edited").to_hex().to_string());
+    }
+
+    #[test]
+    fn settle_drops_an_entry_whose_file_changed_since_it_was_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("out");
+        std::fs::write(&f, b"one").unwrap();
+        let memo = HashMemo::in_memory();
+        memo.hash_path(&f).unwrap().unwrap();
+        std::fs::write(&f, b"three").unwrap();
+        memo.settle(&f);
+        assert!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()).is_none());
+        assert_eq!(memo.hash_path(&f).unwrap().unwrap().hash, blake3::hash(b"three").to_hex().to_string());
+    }
 
     #[test]
     fn memo_skips_rereads_but_sees_edits() {

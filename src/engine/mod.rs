@@ -659,6 +659,10 @@ impl Engine {
                 }
                 h
             };
+            if s.kind.name() != "cmd" {
+                // dagrun wrote it and the stage is done: no re-read on the next run.
+                self.memo.settle(abs);
+            }
             outputs.insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive });
         }
         let changed = match prev {

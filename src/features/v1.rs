@@ -3,6 +3,23 @@
 //! Two steps, kept apart so that serving never refits:
 //! - [`fit`]: tenant statistics over the tenant's training rows;
 //! - [`transform`]: per-row features from one raw row and *stored* statistics.
+//!
+//! ## Changing this file: the version rule
+//! These formulas feed the cache keys of every stage kind that calls them
+//! (`afe`, `store`, `train`, `serve-check`, and `generate` through the label
+//! model). A change is one of two kinds, never silent:
+//! - **Different numbers for the same rows** (a formula, a constant, the order
+//!   of a floating-point sum): that is a new feature set. Add `v2.rs` with
+//!   `VERSION = "v2.0"` beside this file and list it in `KNOWN_VERSIONS`; never
+//!   edit v1 in place, since stored feature versions and models trained on them
+//!   name `v1.0` and serving must keep reproducing them.
+//! - **Same numbers, different code** (speed, structure): no version change,
+//!   and the unit tests below (hand-computed values and pandas' values) must pass
+//!   unchanged.
+//! A stage kind whose *own* code writes different bytes for the same inputs
+//! bumps its `StageKind::version` (part of every cache key of the kind, see
+//! `engine/fingerprint.rs`); the pinned cache-key test in `tests/it/cache.rs`
+//! then fails until its expected key is updated on purpose.
 
 use serde::{Deserialize, Serialize};
 

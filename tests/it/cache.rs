@@ -457,3 +457,29 @@ fn runs_list_and_show_shapes() {
     let missing = ws.dagrun(&["runs", "show", "19700101", "--json"]);
     assert_eq!(missing.code, 2);
 }
+
+/// The cache-key format, pinned (as turborepo pins its task hashes): a known
+/// pipeline on a known input has exactly this key. A change to what goes into
+/// a key (engine/fingerprint.rs), to its encoding, or to a kind's version makes
+/// this fail; update the expected key only on purpose, with the reason in the
+/// commit (every workspace's cache is invalidated by such a change).
+#[test]
+fn cache_key_format_is_pinned() {
+    let ws = Ws::new();
+    ws.pipeline(
+        r#"params:
+  greeting: hello
+stages:
+  copy:
+    cmd: cp in.txt out.txt && echo ${params.greeting} >> out.txt
+    deps: [in.txt]
+    outs: [out.txt]
+    env:
+      LANG: C
+"#,
+    );
+    ws.write("in.txt", "pinned input\n");
+    let r = ws.run(&[]).ok();
+    let key = r.stage("copy")["key"].as_str().unwrap_or_else(|| panic!("no key in {:#}", r.rec())).to_string();
+    assert_eq!(key, "b2df7a0315ad3826205c15ecdf8c3c3b94b9927df6cfba0fc6437f3059549e8f", "the cache key of a known stage changed: is that deliberate? (see engine/fingerprint.rs)");
+}

@@ -1,0 +1,59 @@
+//! `dagrun runs` and `dagrun runs show ID|last`: the run history from `runs/`.
+
+use crate::engine::runs::{self, Status};
+use anyhow::Result;
+use std::path::Path;
+
+/// One line per recorded run, newest last (or JSON).
+pub fn list(workspace: &Path, json: bool) -> Result<()> {
+    let all = runs::list(workspace);
+    if json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|r| serde_json::json!({"run_id": r.run_id, "pipeline": r.pipeline, "started_at": r.started_at, "seconds": r.seconds, "status": r.status, "exit_code": r.exit_code}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": v }))?);
+    } else if all.is_empty() {
+        println!("no runs recorded in {}", runs::runs_dir(workspace).display());
+    } else {
+        println!("{:<26} {:<11} {:>8}  {:<24} stages", "RUN", "STATUS", "SECONDS", "PIPELINE");
+        for r in &all {
+            let c = |s| r.stages.iter().filter(|x| x.status == s).count();
+            println!(
+                "{:<26} {:<11} {:>8.2}  {:<24} {} ran, {} cached, {} restored, {} failed",
+                r.run_id,
+                r.status,
+                r.seconds,
+                r.pipeline,
+                c(Status::Ran),
+                c(Status::Cached),
+                c(Status::Restored),
+                c(Status::Failed)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One run's record: stages with status, seconds, reasons and errors (or JSON).
+pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
+    let r = runs::find(workspace, id)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, r.pipeline);
+    println!("started {}  finished {}", r.started_at, r.finished_at);
+    for s in &r.stages {
+        println!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
+        for reason in &s.reasons {
+            println!("            {reason}");
+        }
+        if let Some(e) = &s.error {
+            for l in e.lines() {
+                println!("            {l}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `dagrun status PIPELINE` (and `dagrun run --dry-run`): each selected stage
+//! fresh or stale, with the exact reasons. Reads only: it runs nothing.
+
+use crate::engine::scheduler;
+use crate::engine::status::{self, StageStatus};
+use crate::engine::Engine;
+use crate::error::exit;
+use crate::pipeline::Pipeline;
+use anyhow::Result;
+
+/// Evaluate the selected stages and print them (text or JSON).
+pub fn show(p: Pipeline, stages: &[String], force: &Option<Vec<String>>, json: bool) -> Result<i32> {
+    let selected = scheduler::select(&p, stages)?;
+    let forced = scheduler::forced(&p, force, &selected)?;
+    let mut engine = Engine::new(p);
+    engine.forced = forced;
+    let rows = status::status(&engine, &selected)?;
+    let _ = engine.memo.save();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
+    } else {
+        print(&rows);
+    }
+    Ok(exit::OK)
+}
+
+fn print(rows: &[StageStatus]) {
+    for r in rows {
+        let mark = if r.state == "fresh" { "fresh" } else { "STALE" };
+        println!("{mark}  {}", r.stage);
+        for reason in &r.reasons {
+            println!("         {reason}");
+        }
+    }
+    let stale = rows.iter().filter(|r| r.state == "stale").count();
+    println!("{} stages: {} fresh, {stale} stale", rows.len(), rows.len() - stale);
+}
