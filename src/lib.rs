@@ -22,6 +22,7 @@ pub mod crypto;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod executor;
 pub mod features;
 pub mod lineage;
 pub mod model;

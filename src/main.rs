@@ -64,6 +64,14 @@ enum Cmd {
         /// Write the run's metrics (Prometheus text format) to PATH (default: `metrics_file:` in config/dagrun.yaml).
         #[arg(long, value_name = "PATH")]
         metrics_file: Option<PathBuf>,
+        /// Where every stage's work runs, overriding the pipeline's `executor:`.
+        #[arg(long, value_enum, value_name = "local|slurm")]
+        executor: Option<commands::run::ExecutorArg>,
+    },
+    /// Run stages' work inside a Slurm job (started by `dagrun run`; see README "Running on Slurm").
+    ExecStage {
+        /// The job spec written by the coordinator.
+        spec: PathBuf,
     },
     /// Upload cache objects and records the remote cache lacks.
     Push(commands::push::Args),
@@ -321,7 +329,8 @@ fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
         Cmd::Push(a) => commands::push::command(cli.workspace.as_deref(), a, false),
         Cmd::Pull(a) => commands::push::command(cli.workspace.as_deref(), a, true),
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file } => {
+        Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file, executor } => {
             let p = load(cli, pipeline, params)?;
             let args = commands::run::RunArgs {
                 stages: stages.clone(),
@@ -334,6 +343,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 remote: if *pull { Some(commands::pull::hook(&p.workspace, remote.as_deref())?) } else { None },
                 openlineage_url: openlineage_url.clone(),
                 metrics_file: metrics_file.clone(),
+                executor: *executor,
             };
             commands::run::run(p, &args)
         }

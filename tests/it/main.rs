@@ -16,3 +16,4 @@ mod propensity;
 mod remote;
 mod report;
 mod serve;
+mod slurm;
