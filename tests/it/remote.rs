@@ -311,12 +311,12 @@ fn push_then_fresh_clones_pull_and_restore_without_running_and_tenant_credential
     // Push: everything, then nothing the second time (idempotent).
     let out = ok(a, &["push", "--json"], ADMIN);
     let r: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(r["records_sent"], 12, "{out}");
+    assert_eq!(r["records_sent"], 14, "{out}");
     assert!(r["objects_sent"].as_u64().unwrap() >= 10, "{out}");
     assert!(r["failed"].as_array().unwrap().is_empty() && r["skipped"].as_array().unwrap().is_empty(), "{out}");
     let again: Value = serde_json::from_str(&ok(a, &["push", "--json"], ADMIN)).unwrap();
     assert_eq!((again["records_sent"].as_u64(), again["objects_sent"].as_u64()), (Some(0), Some(0)), "{again}");
-    assert_eq!(again["records_present"], 12);
+    assert_eq!(again["records_present"], 14);
 
     // Layout: every stage here is tenant-fanned, so everything is under a tenant's
     // prefix; every object is whole; no sensitive output (plaintext) was sent.
@@ -324,7 +324,7 @@ fn push_then_fresh_clones_pull_and_restore_without_running_and_tenant_credential
     let objs_a = sw.list("team/tenants/Tenant_A/objects");
     let objs_b = sw.list("team/tenants/Tenant_B/objects");
     assert!(!objs_a.is_empty() && !objs_b.is_empty());
-    assert_eq!(sw.list("team/tenants/Tenant_A/actions").len(), 6);
+    assert_eq!(sw.list("team/tenants/Tenant_A/actions").len(), 7);
     assert_eq!(sw.assert_objects_whole("team"), objs_a.len() + objs_b.len());
     let enc_a = b3(&a.join("data/encrypted/Tenant_A.parquet"));
     assert!(objs_a.contains_key(&enc_a) && !objs_b.contains_key(&enc_a), "Tenant_A's ciphertext is under Tenant_A's prefix only");
@@ -338,9 +338,9 @@ fn push_then_fresh_clones_pull_and_restore_without_running_and_tenant_credential
     let b = clone_of(a);
     let b = b.path();
     let out = ok(b, &["pull"], ADMIN);
-    assert!(out.contains("pulled 12 records"), "{out}");
+    assert!(out.contains("pulled 14 records"), "{out}");
     let st = statuses(&ok(b, &["run", "pipelines/propensity.yaml", "-p", ROWS, "--pull", "--json"], ADMIN));
-    assert_eq!(st.len(), 12);
+    assert_eq!(st.len(), 14);
     assert!(st.values().all(|s| s == "restored"), "{st:?}");
     for dir in ["data/encrypted", "data/afe", "featurestore", "models", "reports"] {
         let (ta, tb) = (tree(a, dir), tree(b, dir));
@@ -349,7 +349,7 @@ fn push_then_fresh_clones_pull_and_restore_without_running_and_tenant_credential
     }
     assert!(!b.join("data/raw/Tenant_A.parquet").exists(), "no plaintext appears on B");
     let out = ok(b, &["run", "pipelines/propensity.yaml", "-p", ROWS], ADMIN);
-    assert!(out.contains("all 12 stages up to date"), "{out}");
+    assert!(out.contains("all 14 stages up to date"), "{out}");
     let out = ok(b, &["verify"], ADMIN);
     assert!(out.contains(": 0 problems"), "{out}");
 
@@ -364,7 +364,7 @@ fn push_then_fresh_clones_pull_and_restore_without_running_and_tenant_credential
     let d = clone_of(a);
     let d = d.path();
     let out = ok(d, &["pull", "--tenant", "Tenant_A"], TENANT_A);
-    assert!(out.contains("pulled 6 records"), "{out}");
+    assert!(out.contains("pulled 7 records"), "{out}");
     let o = spawn(dagrun(d, &["pull", "--tenant", "Tenant_B"], TENANT_A)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 1, "{o:?}");
     assert!(o.stderr.contains("access denied") && o.stderr.contains("tenants/Tenant_B"), "{}", o.stderr);

@@ -140,11 +140,11 @@ fn propensity_under_slurm_equals_a_local_run() {
     ok(run_in(&local.root, &["run", PIPE, "-p", &format!("rows={ROWS}")]));
     let remote = propensity_ws(Some(&local.root));
     let o = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "--executor", "slurm", "-j", "4"]));
-    assert!(o.stdout.contains("12 stages: 12 ran"), "{}", o.stdout);
+    assert!(o.stdout.contains("14 stages: 14 ran"), "{}", o.stdout);
     assert!(o.stdout.contains("serve-check ok"), "{}", o.stdout);
     let rec = last_record(&remote.root);
     let (jobs, ran) = jobs_of(&rec);
-    assert_eq!(ran, 12);
+    assert_eq!(ran, 14);
     // Per tenant: generate, the encrypt→train chain (one job), serve-check.
     assert_eq!(jobs.len(), 6, "jobs: {jobs:?}");
     for s in rec["stages"].as_array().unwrap() {
@@ -194,13 +194,13 @@ fn propensity_under_slurm_equals_a_local_run() {
 
     // Nothing to do again: no job at all. `resources:` is not part of the key.
     let again = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "--executor", "slurm"]));
-    assert!(again.stdout.contains("all 12 stages up to date"), "{}", again.stdout);
+    assert!(again.stdout.contains("all 14 stages up to date"), "{}", again.stdout);
     assert!(jobs_of(&last_record(&remote.root)).0.is_empty());
     let yaml = std::fs::read_to_string(remote.path(PIPE)).unwrap();
     let yaml = yaml.replace("  train:\n", "  train:\n    resources: { cpus: 1, mem: 500M, time: 10 }\n");
     std::fs::write(remote.path(PIPE), yaml).unwrap();
     let again = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "--executor", "slurm"]));
-    assert!(again.stdout.contains("all 12 stages up to date"), "resources changed the cache key:\n{}", again.stdout);
+    assert!(again.stdout.contains("all 14 stages up to date"), "resources changed the cache key:\n{}", again.stdout);
     // A param change reruns train (and serve-check), in one job each per tenant: no chain for the fresh members.
     let c = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "-p", "C=0.5", "--executor", "slurm"]));
     let rec = last_record(&remote.root);
