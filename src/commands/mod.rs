@@ -1,14 +1,21 @@
 //! One file per command. `main.rs` parses arguments and calls these; they
 //! print, and return the exit code or an error (see `crate::error`).
 pub mod dag;
+pub mod exec_stage;
 pub mod features;
 pub mod keys;
 pub mod lineage;
+pub mod models;
 pub mod predict;
+pub mod pull;
+pub mod push;
+pub mod report;
 pub mod run;
 pub mod runs;
 pub mod sample;
+pub mod serve;
 pub mod status;
+pub mod tokens;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

@@ -256,6 +256,13 @@ pub enum Rewrapped {
     AlreadyDone,
 }
 
+impl KeyringFile {
+    /// A keyring with no tenant keys yet, under `master` (whose check value is `check`).
+    fn empty(check: String, master: &Master) -> KeyringFile {
+        KeyringFile { format: KEYRING_FORMAT.into(), key_check: check, master: Some(master.record()), tenants: BTreeMap::new(), forgotten: Vec::new() }
+    }
+}
+
 impl Keyring {
     /// Open the keyring of `workspace`, taking the master key from the environment,
     /// `config/dagrun.yaml` or the keyring's record (see [`MasterKeySource::resolve`]).
@@ -288,13 +295,7 @@ impl Keyring {
             (file, check)
         } else {
             let check = master.check_value()?;
-            let file = KeyringFile {
-                format: KEYRING_FORMAT.into(),
-                key_check: check.clone(),
-                master: Some(master.record()),
-                tenants: BTreeMap::new(),
-                forgotten: Vec::new(),
-            };
+            let file = KeyringFile::empty(check.clone(), &master);
             (file, check)
         };
         Ok(Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), state: Mutex::new(file) })
@@ -325,13 +326,7 @@ impl Keyring {
             audit.append("create", "-", "master", &format!("ok: generated non-extractable master key {desc}"))?;
         }
         let check = master.check_value()?;
-        let file = KeyringFile {
-            format: KEYRING_FORMAT.into(),
-            key_check: check.clone(),
-            master: Some(master.record()),
-            tenants: BTreeMap::new(),
-            forgotten: Vec::new(),
-        };
+        let file = KeyringFile::empty(check.clone(), &master);
         let ring = Keyring { path, key_check: check, master, audit, state: Mutex::new(file.clone()) };
         let mut g = ring.lock();
         ring.commit(&mut g, file)?;

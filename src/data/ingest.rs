@@ -107,8 +107,12 @@ struct Checker {
 
 impl Checker {
     fn new(path: &Path, opts: &IngestOptions) -> Self {
+        Self::named(path.display().to_string(), opts)
+    }
+
+    fn named(file: String, opts: &IngestOptions) -> Self {
         Checker {
-            file: path.display().to_string(),
+            file,
             opts: opts.clone(),
             known: opts.known_tenants.as_ref().map(|v| v.iter().cloned().collect()),
             tenant_idx: HashMap::new(),
@@ -177,7 +181,7 @@ impl Checker {
         line: Option<u64>,
         tenant: &str,
         cid: i64,
-        sensitive: &str,
+        sensitive: Option<&str>,
         login: i64,
         purchase: f64,
         date: i32,
@@ -191,7 +195,7 @@ impl Checker {
                 show_tenant(&self.tenant_rows[t as usize].0)
             );
         }
-        if sensitive.is_empty() {
+        if sensitive.is_some_and(str::is_empty) {
             bail!("{}: empty value; every row needs Sensitive_Data", self.at(row, line, SENSITIVE_DATA));
         }
         if login < 0 {
@@ -400,6 +404,60 @@ pub fn validate_to_parquet(input: &Path, out: &Path, opts: &IngestOptions) -> Re
     })
 }
 
+// ---------------------------------------------------------------- rows from elsewhere
+
+/// The row rules of [`open_raw`] for rows that do not come from a file (the
+/// body of an HTTP scoring request): the same checks, in the same order, with
+/// the same messages; `origin` takes the place of the file name.
+pub struct RowChecker(Checker);
+
+impl RowChecker {
+    pub fn new(origin: &str, opts: &IngestOptions) -> RowChecker {
+        RowChecker(Checker::named(origin.to_string(), opts))
+    }
+
+    /// "ORIGIN: row R[ (line L)], column C", the place every message starts with.
+    pub fn at(&self, row: u64, line: Option<u64>, col: &str) -> String {
+        self.0.at(row, line, col)
+    }
+
+    /// Check one row (1-based `row`). `sensitive` is None when the source has
+    /// no `Sensitive_Data` column.
+    #[allow(clippy::too_many_arguments)]
+    pub fn row(&mut self, row: u64, line: Option<u64>, tenant: &str, cid: i64, sensitive: Option<&str>, login: i64, purchase: f64, date: i32) -> Result<()> {
+        self.0.row(row, line, tenant, cid, sensitive, login, purchase, date, None)
+    }
+}
+
+/// A `Customer_ID` cell given as text. `at` names the place.
+pub fn parse_customer_id(s: &str, at: impl Fn() -> String) -> Result<i64> {
+    s.trim().parse().map_err(|_| anyhow!("{}: not an integer (int64); write the customer id as a whole number", at()))
+}
+
+/// A `Login_Count` cell given as text.
+pub fn parse_login_count(s: &str, at: impl Fn() -> String) -> Result<i64> {
+    let lc = s.trim();
+    lc.parse().map_err(|_| {
+        if lc.starts_with('-') && lc.len() > 1 && lc[1..].bytes().all(|b| b.is_ascii_digit()) {
+            anyhow!("{}: negative value; Login_Count must be >= 0", at())
+        } else if !lc.is_empty() && lc.bytes().all(|b| b.is_ascii_digit()) {
+            anyhow!("{}: value above the bound {MAX_LOGIN_COUNT}; Login_Count must be <= {MAX_LOGIN_COUNT}", at())
+        } else {
+            anyhow!("{}: not an integer; write Login_Count as a whole number >= 0", at())
+        }
+    })
+}
+
+/// A `Purchase_Amount` cell given as text.
+pub fn parse_purchase_amount(s: &str, at: impl Fn() -> String) -> Result<f64> {
+    s.trim().parse().map_err(|_| anyhow!("{}: not a number; write Purchase_Amount as a decimal number such as 12.50", at()))
+}
+
+/// A `Last_Visit_Date` cell given as text (`YYYY-MM-DD`).
+pub fn parse_visit_date(s: &str, at: impl Fn() -> String) -> Result<i32> {
+    parse_date(s.trim()).map_err(|e| anyhow!("{}: {e}; write dates as YYYY-MM-DD", at()))
+}
+
 // ---------------------------------------------------------------- CSV
 
 /// Longest CSV record (line) accepted, in bytes; checked while reading, so a
@@ -526,25 +584,11 @@ impl CsvSource {
                 Ok(s)
             };
             let t = field(0, TENANT_ID)?;
-            let c: i64 = field(1, CUSTOMER_ID)?.trim().parse().map_err(|_| {
-                anyhow!("{}: not an integer (int64); write the customer id as a whole number", ck.at(row, line, CUSTOMER_ID))
-            })?;
+            let c = parse_customer_id(field(1, CUSTOMER_ID)?, || ck.at(row, line, CUSTOMER_ID))?;
             let s = field(2, SENSITIVE_DATA)?;
-            let lc = field(3, LOGIN_COUNT)?.trim();
-            let l: i64 = lc.parse().map_err(|_| {
-                if lc.starts_with('-') && lc.len() > 1 && lc[1..].bytes().all(|b| b.is_ascii_digit()) {
-                    anyhow!("{}: negative value; Login_Count must be >= 0", ck.at(row, line, LOGIN_COUNT))
-                } else if !lc.is_empty() && lc.bytes().all(|b| b.is_ascii_digit()) {
-                    anyhow!("{}: value above the bound {MAX_LOGIN_COUNT}; Login_Count must be <= {MAX_LOGIN_COUNT}", ck.at(row, line, LOGIN_COUNT))
-                } else {
-                    anyhow!("{}: not an integer; write Login_Count as a whole number >= 0", ck.at(row, line, LOGIN_COUNT))
-                }
-            })?;
-            let a: f64 = field(4, PURCHASE_AMOUNT)?.trim().parse().map_err(|_| {
-                anyhow!("{}: not a number; write Purchase_Amount as a decimal number such as 12.50", ck.at(row, line, PURCHASE_AMOUNT))
-            })?;
-            let d = parse_date(field(5, LAST_VISIT_DATE)?.trim())
-                .map_err(|e| anyhow!("{}: {e}; write dates as YYYY-MM-DD", ck.at(row, line, LAST_VISIT_DATE)))?;
+            let l = parse_login_count(field(3, LOGIN_COUNT)?, || ck.at(row, line, LOGIN_COUNT))?;
+            let a = parse_purchase_amount(field(4, PURCHASE_AMOUNT)?, || ck.at(row, line, PURCHASE_AMOUNT))?;
+            let d = parse_visit_date(field(5, LAST_VISIT_DATE)?, || ck.at(row, line, LAST_VISIT_DATE))?;
             let y = if has_label {
                 let v = field(6, CONVERTED)?.trim();
                 Some(match v.to_ascii_lowercase().as_str() {
@@ -555,7 +599,7 @@ impl CsvSource {
             } else {
                 None
             };
-            ck.row(row, line, t, c, s, l, a, d, y)?;
+            ck.row(row, line, t, c, Some(s), l, a, d, y)?;
             tenants.append_value(t);
             sens.append_value(s);
             cid.push(c);
@@ -718,7 +762,7 @@ impl ParquetSource {
                 None,
                 tenant.value(i),
                 cid.value(i),
-                sens.value(i),
+                Some(sens.value(i)),
                 login.value(i),
                 amt.value(i),
                 date.value(i),

@@ -29,7 +29,8 @@
 //! Not in the key: the stage's name (renaming a stage keeps its cache), the wall
 //! clock, file modification times (the memo of `hashing` uses them only to skip
 //! re-reading unchanged files), the environment beyond `env:`, and `timeout` /
-//! `retries` (they change how a stage is run, not what it computes).
+//! `retries`, `executor`, `resources` and `group` (they change how or where a
+//! stage is run, not what it computes).
 //!
 //! Bump [`FORMAT`] when this list or its encoding changes: every key changes.
 

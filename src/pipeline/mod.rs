@@ -15,6 +15,7 @@ use crate::error::config;
 use crate::stages::{StageKind, registry};
 use anyhow::Result;
 use indexmap::IndexMap;
+pub use model::{ExecutorKind, Resources, SlurmDef};
 use model::{OutDef, PipelineFile, StageDef};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{Map, Value};
@@ -66,6 +67,12 @@ pub struct Stage {
     pub desc: Option<String>,
     /// 1-based line of the stage in the pipeline file.
     pub line: Option<usize>,
+    /// Where the stage's work executes (stage `executor:`, else the pipeline's).
+    pub executor: ExecutorKind,
+    /// Slurm resources (stage `resources:` over `slurm.resources`); not in the cache key.
+    pub resources: Resources,
+    /// Job group: stages sharing it (and their tenant) run in one Slurm job.
+    pub group: Option<String>,
 }
 
 impl std::fmt::Debug for Stage {
@@ -91,6 +98,10 @@ pub struct Pipeline {
     pub graph: DiGraph<usize, ()>,
     /// Stage indexes in a topological order (file order where free).
     pub topo: Vec<usize>,
+    /// The `--param NAME=VALUE` overrides this pipeline was loaded with.
+    pub overrides: Vec<(String, String)>,
+    /// `slurm:` settings.
+    pub slurm: SlurmDef,
 }
 
 /// Find the workspace of a pipeline file: the nearest ancestor of its folder
@@ -561,6 +572,15 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
             let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| config(format!("{}: {m}", at(base))))?;
             let mut stage = stage;
             stage.line = stage_line(text, base);
+            stage.executor = def.executor.or(pf.executor).unwrap_or_default();
+            stage.resources = merge_resources(pf.slurm.as_ref().and_then(|s| s.resources.as_ref()), def.resources.as_ref());
+            check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at(base))))?;
+            if let Some(g) = &def.group {
+                if !valid_stage_name(g) {
+                    return Err(config(format!("{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'", at(base))));
+                }
+            }
+            stage.group = def.group.clone();
             instances_of.entry(base.clone()).or_default().push(idx);
             raw_needs.push(def.needs.clone());
             stages.push(stage);
@@ -661,7 +681,13 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
         )));
     }
     let topo = topo_order(&graph, stages.len());
-    Ok(Pipeline { file, shown, workspace, params, secrets, stages, tenants, graph, topo })
+    let slurm = pf.slurm.clone().unwrap_or_default();
+    check_slurm(&slurm).map_err(|m| config(format!("{shown}: `slurm.{m}")))?;
+    let p = Pipeline { file, shown, workspace, params, secrets, stages, tenants, graph, topo, overrides: overrides.to_vec(), slurm };
+    if let Some(m) = p.check_groups() {
+        return Err(config(format!("{}: {m}", p.shown)));
+    }
+    Ok(p)
 }
 
 fn expand(
@@ -737,7 +763,85 @@ fn expand(
         retries: def.retries,
         desc: def.desc.clone(),
         line: None,
+        executor: ExecutorKind::Local,
+        resources: Resources::default(),
+        group: None,
     })
+}
+
+/// Stage resources over pipeline defaults, field by field (`sbatch_args` appended).
+fn merge_resources(base: Option<&Resources>, over: Option<&Resources>) -> Resources {
+    let mut r = base.cloned().unwrap_or_default();
+    if let Some(o) = over {
+        r.cpus = o.cpus.or(r.cpus);
+        r.mem = o.mem.clone().or(r.mem);
+        r.time = o.time.or(r.time);
+        r.partition = o.partition.clone().or(r.partition);
+        r.account = o.account.clone().or(r.account);
+        r.sbatch_args.extend(o.sbatch_args.iter().cloned());
+    }
+    r
+}
+
+/// `sbatch` flags dagrun sets itself; `sbatch_args` may not override them.
+const RESERVED_SBATCH: &[&str] = &[
+    "--export", "--export-file", "--output", "-o", "--error", "-e", "--job-name", "-J", "--parsable", "--chdir", "-D", "--wrap", "--get-user-env",
+    "--open-mode", "--input", "-i",
+];
+
+/// Check resources; the error starts with the field name.
+fn check_resources(r: &Resources) -> std::result::Result<(), String> {
+    if r.cpus == Some(0) {
+        return Err("cpus` must be at least 1".into());
+    }
+    if r.time == Some(0) {
+        return Err("time` must be at least 1 (minutes)".into());
+    }
+    if let Some(m) = &r.mem {
+        let digits = m.trim_end_matches(['K', 'M', 'G', 'T']);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || m.len() - digits.len() > 1 {
+            return Err(format!("mem: {m}` is not a Slurm memory size; write e.g. 4G, 500M or 1024 (megabytes)"));
+        }
+    }
+    let name_ok = |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b));
+    for (k, v) in [("partition", &r.partition), ("account", &r.account)] {
+        if let Some(v) = v {
+            if !name_ok(v) {
+                return Err(format!("{k}: {v:?}` is not a valid Slurm name (letters, digits, '_', '-', '.', ',')"));
+            }
+        }
+    }
+    for a in &r.sbatch_args {
+        if !a.starts_with('-') {
+            return Err(format!("sbatch_args` entry {a:?} is not an option; write each as one word, e.g. \"--qos=low\""));
+        }
+        let flag = a.split('=').next().unwrap_or(a);
+        if RESERVED_SBATCH.contains(&flag) || (flag.len() > 2 && !flag.starts_with("--") && RESERVED_SBATCH.contains(&&flag[..2])) {
+            return Err(format!("sbatch_args` entry {a:?} sets an option dagrun sets itself (job name, output, environment, directory); remove it"));
+        }
+        if a.contains(['\n', '\0']) {
+            return Err(format!("sbatch_args` entry {a:?} contains a control character"));
+        }
+    }
+    Ok(())
+}
+
+/// Check `slurm:`; the error starts with the field name.
+fn check_slurm(s: &SlurmDef) -> std::result::Result<(), String> {
+    if let Some(p) = s.poll_interval {
+        if !(0.1..=600.0).contains(&p) {
+            return Err(format!("poll_interval: {p}` must be between 0.1 and 600 seconds"));
+        }
+    }
+    if let Some(b) = &s.binary {
+        if !Path::new(b).is_absolute() {
+            return Err(format!("binary: {b}` must be an absolute path (the dagrun binary as the compute nodes see it)"));
+        }
+    }
+    if let Some(r) = &s.resources {
+        check_resources(r).map_err(|m| format!("resources.{m}"))?;
+    }
+    Ok(())
 }
 
 /// A cycle as stage indexes, if the graph has one.
@@ -840,6 +944,39 @@ impl Pipeline {
     /// Absolute path of a workspace-relative (or absolute) path.
     pub fn abs(&self, p: &str) -> PathBuf {
         self.workspace.join(p)
+    }
+    /// The job group of stage `i`: its `group:` and tenant; `None` when it runs alone.
+    pub fn group_of(&self, i: usize) -> Option<(&str, Option<&str>)> {
+        let s = &self.stages[i];
+        s.group.as_deref().map(|g| (g, s.tenant.as_deref()))
+    }
+    /// A group must be a connected chain: no stage outside it may sit on a path
+    /// between two of its members (one job could not run them without waiting
+    /// for another). Returns the error, if any.
+    fn check_groups(&self) -> Option<String> {
+        let mut groups: BTreeMap<(&str, Option<&str>), Vec<usize>> = BTreeMap::new();
+        for i in 0..self.stages.len() {
+            if let Some(k) = self.group_of(i) {
+                groups.entry(k).or_default().push(i);
+            }
+        }
+        for ((g, t), members) in groups {
+            let set: HashSet<usize> = members.iter().copied().collect();
+            let down = self.with_descendants(&members);
+            let up = self.with_ancestors(&members);
+            if let Some(&x) = self.topo.iter().find(|x| !set.contains(x) && down.contains(x) && up.contains(x)) {
+                let t = t.map(|t| format!(" (tenant {t})")).unwrap_or_default();
+                return Some(format!(
+                    "group `{g}`{t}: stage {} is not in the group but lies between two of its stages; a group must be a connected chain: add {} to the group or remove the group from the stages around it",
+                    self.stages[x].name, self.stages[x].base
+                ));
+            }
+            let ex: HashSet<ExecutorKind> = members.iter().map(|&i| self.stages[i].executor).collect();
+            if ex.len() > 1 {
+                return Some(format!("group `{g}`: its stages name different executors; a group runs in one place"));
+            }
+        }
+        None
     }
 }
 

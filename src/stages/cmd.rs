@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 pub struct Cmd;
 
 /// The last `n` lines of a log file (at most 4 KiB read).
-fn tail(path: &std::path::Path, n: usize) -> String {
+pub fn tail(path: &std::path::Path, n: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 pub mod afe;
 pub mod cmd;
+pub mod drift;
 pub mod encrypt;
 pub mod generate;
 pub mod ingest;
@@ -110,6 +111,7 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
         Arc::new(store::Store),
         Arc::new(train::Train),
         Arc::new(serve_check::ServeCheck),
+        Arc::new(drift::Drift),
     ];
     kinds.into_iter().map(|k| (k.name(), k)).collect()
 }
