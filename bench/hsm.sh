@@ -37,7 +37,7 @@ unset DAGRUN_MASTER_KEY_URI DAGRUN_MASTER_KEY DAGRUN_MASTER_KEY_FILE
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "dagrun:  $("$BIN" --version), $rows rows, 2 tenants, $runs cold runs per master key"
 
-one_run() { # KIND -> "wall_seconds encrypt_seconds"
+one_run() { # KIND -> "wall_seconds encrypt_seconds cpu_seconds"
   local kind=$1 ws t0 t1
   ws=$(mktemp -d "$tmp/ws.XXXXXX")
   mkdir -p "$ws/config" "$ws/pipelines"
@@ -46,16 +46,16 @@ one_run() { # KIND -> "wall_seconds encrypt_seconds"
   printf 'tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n' > "$ws/config/tenants.yaml"
   t0=$(date +%s%N)
   if [ "$kind" = hsm ]; then
-    DAGRUN_MASTER_KEY_URI=$URI DAGRUN_PLAIN=1 "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null
+    DAGRUN_MASTER_KEY_URI=$URI DAGRUN_PLAIN=1 /usr/bin/time -f "%U %S" -o "$tmp/cpu" "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null
   else
     DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f DAGRUN_PLAIN=1 \
-      "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null  # benchmark-only key
+      /usr/bin/time -f "%U %S" -o "$tmp/cpu" "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null  # benchmark-only key
   fi
   t1=$(date +%s%N)
   local enc
   enc=$(python3 -c 'import json,sys,glob; r=json.load(open(sorted(glob.glob(sys.argv[1]+"/runs/*.json"))[-1])); print(round(sum(s["seconds"] for s in r["stages"] if s["stage"].startswith("encrypt[")),4))' "$ws")
   rm -rf "$ws"
-  echo "$(( (t1 - t0) / 1000 ))e-6 $enc"
+  echo "$(( (t1 - t0) / 1000 ))e-6 $enc $(awk '{print $1+$2}' "$tmp/cpu")"
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -65,13 +65,15 @@ one_run file > /dev/null; one_run hsm > /dev/null   # warm the page cache and th
 for i in $(seq 1 "$runs"); do
   f=$(one_run file); h=$(one_run hsm)
   echo "$f" >> "$tmp/file.txt"; echo "$h" >> "$tmp/hsm.txt"
-  printf 'run %d: file %.3f s (encrypt %.3f s)   hsm %.3f s (encrypt %.3f s)\n' "$i" $f $h
+  printf 'run %d: file %.3f s (encrypt %.3f s, cpu %.2f s)   hsm %.3f s (encrypt %.3f s, cpu %.2f s)\n' "$i" $f $h
 done
 fm=$(cut -d' ' -f1 "$tmp/file.txt" | median); hm=$(cut -d' ' -f1 "$tmp/hsm.txt" | median)
 fe=$(cut -d' ' -f2 "$tmp/file.txt" | median); he=$(cut -d' ' -f2 "$tmp/hsm.txt" | median)
-python3 - "$fm" "$hm" "$fe" "$he" <<'PY'
+fc=$(cut -d' ' -f3 "$tmp/file.txt" | median); hc=$(cut -d' ' -f3 "$tmp/hsm.txt" | median)
+python3 - "$fm" "$hm" "$fe" "$he" "$fc" "$hc" <<'PY'
 import sys
-fm, hm, fe, he = map(float, sys.argv[1:])
+fm, hm, fe, he, fc, hc = map(float, sys.argv[1:])
 print(f"median cold run: file key {fm:.3f} s, HSM key {hm:.3f} s: overhead {100*(hm-fm)/fm:+.1f} % (goal: within 10 %)")
 print(f"median encrypt stages (summed over tenants): file key {fe:.3f} s, HSM key {he:.3f} s")
+print(f"median CPU (user+sys): file key {fc:.2f} s, HSM key {hc:.2f} s: {100*(hc-fc)/fc:+.1f} %")
 PY

@@ -3,6 +3,12 @@
 //! ```yaml
 //! master_key: "pkcs11:token=dagrun-test;object=dagrun-master;type=secret-key?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/dagrun/pin"
 //! metrics_file: /var/lib/node_exporter/textfile_collector/dagrun.prom
+//! remote:                            # the shared remote cache (src/remote/)
+//!   url: s3://dagrun-cache/team-a    # s3://, gs://, az://, file:///ABSOLUTE/PATH
+//!   endpoint: http://127.0.0.1:8333  # S3-compatible stores (MinIO, SeaweedFS, Ceph…)
+//!   region: us-east-1
+//!   jobs: 8                          # parallel transfers
+//!   retry_timeout: 20                # seconds a failing request is retried
 //! ```
 //!
 //! # Rules
@@ -10,7 +16,8 @@
 //!   YAML is an error naming `config/dagrun.yaml:LINE:COLUMN` (exit 2). Add new
 //!   settings as fields of [`DagrunConfig`], never a second parser.
 //! - The file is shared and versioned: it never holds key material or a PIN
-//!   (`master_key` is a PKCS#11 URI; a `pin-value` in it is refused).
+//!   (`master_key` is a PKCS#11 URI; a `pin-value` in it is refused; remote
+//!   credentials come from the environment, `AWS_ACCESS_KEY_ID` etc.).
 //! - Relative paths in it (`metrics_file`) are relative to the workspace.
 
 use crate::crypto::master::Pkcs11Uri;
@@ -29,6 +36,33 @@ struct RawConfig {
     master_key: Option<String>,
     #[serde(default)]
     metrics_file: Option<PathBuf>,
+    #[serde(default)]
+    remote: Option<RemoteConfig>,
+}
+
+/// `remote:`: where `dagrun push`/`pull`/`run --pull` send and fetch cache entries.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    pub url: String,
+    /// Endpoint of an S3-compatible store (`http://` allows plain HTTP).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Parallel transfers (default 8).
+    #[serde(default)]
+    pub jobs: Option<usize>,
+    /// Seconds a failing request is retried (default 20).
+    #[serde(default)]
+    pub retry_timeout: Option<f64>,
+}
+
+impl RemoteConfig {
+    /// A remote given on the command line (`--remote URL`): the URL with no options.
+    pub fn from_url(url: &str) -> RemoteConfig {
+        RemoteConfig { url: url.to_string(), endpoint: None, region: None, jobs: None, retry_timeout: None }
+    }
 }
 
 /// The validated settings.
@@ -40,6 +74,8 @@ pub struct DagrunConfig {
     /// atomically (see `engine::run_metrics`); `--metrics-file` overrides it.
     /// Made absolute by [`DagrunConfig::load`].
     pub metrics_file: Option<PathBuf>,
+    /// The shared remote cache (see `remote`).
+    pub remote: Option<RemoteConfig>,
 }
 
 impl DagrunConfig {
@@ -67,7 +103,7 @@ impl DagrunConfig {
         let yaml_err = |e: yaml_serde::Error| {
             let msg = crate::pipeline::explain_yaml_message(&e.to_string());
             let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            let known = "known keys: master_key, metrics_file";
+            let known = "known keys: master_key, metrics_file, remote: {url, endpoint, region, jobs, retry_timeout}";
             match e.location() {
                 Some(l) => config(format!("{shown}:{}:{}: {clean} ({known})", l.line(), l.column())),
                 None => config(format!("{shown}: {clean} ({known})")),
@@ -94,6 +130,18 @@ impl DagrunConfig {
                 Some(uri)
             }
         };
+        if let Some(r) = &raw.remote {
+            let at = line_of("remote");
+            if r.url.trim().is_empty() {
+                return Err(config(format!("{shown}:{at}: remote.url is empty; give a URL such as s3://BUCKET/PREFIX")));
+            }
+            if r.jobs == Some(0) {
+                return Err(config(format!("{shown}:{at}: remote.jobs must be at least 1")));
+            }
+            if r.retry_timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+                return Err(config(format!("{shown}:{at}: remote.retry_timeout must be a number of seconds ≥ 0")));
+            }
+        }
         if let Some(m) = &raw.metrics_file {
             if m.as_os_str().is_empty() || m.to_string_lossy().ends_with('/') {
                 let at = line_of("metrics_file");
@@ -102,7 +150,7 @@ impl DagrunConfig {
                 )));
             }
         }
-        Ok(DagrunConfig { master_key, metrics_file: raw.metrics_file })
+        Ok(DagrunConfig { master_key, metrics_file: raw.metrics_file, remote: raw.remote })
     }
 }
 
@@ -130,6 +178,20 @@ mod tests {
         let e = DagrunConfig::parse(pinned.as_bytes(), CONFIG_FILE).unwrap_err().to_string();
         assert!(e.contains("pin-value") && !e.contains("12345678"), "{e}");
         assert_eq!(crate::error::exit_code_of(&DagrunConfig::parse(b"x: 1", CONFIG_FILE).unwrap_err()), 2);
+    }
+
+    #[test]
+    fn remote_settings_parse_strictly() {
+        let c = DagrunConfig::parse(b"remote:\n  url: s3://b/p\n  endpoint: http://127.0.0.1:1\n  jobs: 4\n", CONFIG_FILE).unwrap();
+        let r = c.remote.unwrap();
+        assert_eq!((r.url.as_str(), r.endpoint.as_deref(), r.jobs), ("s3://b/p", Some("http://127.0.0.1:1"), Some(4)));
+        let e = DagrunConfig::parse(b"remote:\n  url: s3://b/p\n  endpiont: x\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:3:") && e.contains("endpiont"), "{e}");
+        let e = DagrunConfig::parse(b"# x\nremote:\n  url: s3://b/p\n  jobs: 0\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("jobs"), "{e}");
+        let both = format!("master_key: \"{URI}\"\nremote:\n  url: file:///tmp/x\n");
+        let c = DagrunConfig::parse(both.as_bytes(), CONFIG_FILE).unwrap();
+        assert!(c.master_key.is_some() && c.remote.is_some());
     }
 
     #[test]

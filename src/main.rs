@@ -39,10 +39,10 @@ enum Cmd {
         #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "STAGE")]
         force: Vec<String>,
         /// Stages run at once (default: number of cores).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = commands::parse_jobs)]
         jobs: Option<usize>,
         /// Wait up to SECONDS for another run to release the workspace (default: exit 75 at once).
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
         /// Show what would run and why; run nothing.
         #[arg(short = 'n', long)]
@@ -53,13 +53,31 @@ enum Cmd {
         /// Print the run record as JSON on stdout when done.
         #[arg(long)]
         json: bool,
+        /// Consult the remote cache for stages whose key is not in the local cache.
+        #[arg(long)]
+        pull: bool,
+        /// The remote for --pull (default: `remote:` in config/dagrun.yaml).
+        #[arg(long, value_name = "URL", requires = "pull")]
+        remote: Option<String>,
         /// Also POST OpenLineage events to URL/api/v1/lineage (default: $DAGRUN_OPENLINEAGE_URL).
         #[arg(long, value_name = "URL")]
         openlineage_url: Option<String>,
         /// Write the run's metrics (Prometheus text format) to PATH (default: `metrics_file:` in config/dagrun.yaml).
         #[arg(long, value_name = "PATH")]
         metrics_file: Option<PathBuf>,
+        /// Where every stage's work runs, overriding the pipeline's `executor:`.
+        #[arg(long, value_enum, value_name = "local|slurm")]
+        executor: Option<commands::run::ExecutorArg>,
     },
+    /// Run stages' work inside a Slurm job (started by `dagrun run`; see README "Running on Slurm").
+    ExecStage {
+        /// The job spec written by the coordinator.
+        spec: PathBuf,
+    },
+    /// Upload cache objects and records the remote cache lacks.
+    Push(commands::push::Args),
+    /// Fetch cache objects and records the local workspace lacks (verified).
+    Pull(commands::push::Args),
     /// Show each stage as fresh or stale, and why.
     Status {
         pipeline: PathBuf,
@@ -135,6 +153,30 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write one run as a self-contained HTML report (DAG, timeline, model cards, drift).
+    Report {
+        /// Run id (or unique prefix), or `last`.
+        #[arg(default_value = "last")]
+        run: String,
+        /// Output file (default: runs/RUN_ID.html).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// DAG layout: Graphviz `dot` when installed (auto), or the built-in one.
+        #[arg(long, value_enum, default_value = "auto")]
+        layout: ReportLayout,
+    },
+    /// Serve models over HTTP (Open Inference Protocol V2 and MLflow /invocations).
+    Serve(commands::serve::ServeArgs),
+    /// API tokens of `dagrun serve`: create, list, revoke.
+    Tokens {
+        #[command(subcommand)]
+        action: commands::tokens::TokensCmd,
+    },
+    /// The model registry: list, promote, rollback, history.
+    Models {
+        #[command(subcommand)]
+        action: commands::models::ModelsCmd,
+    },
     /// List runs, or show one (`dagrun runs show ID|last`).
     Runs {
         #[command(subcommand)]
@@ -142,6 +184,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportLayout {
+    Auto,
+    Dot,
+    Builtin,
 }
 
 #[derive(Subcommand)]
@@ -164,7 +213,7 @@ enum KeysCmd {
     /// Give a tenant a new active data key (old keys still decrypt).
     Rotate {
         tenant: String,
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
     },
     /// Destroy a tenant's keys: its encrypted data becomes unreadable (GDPR art. 17).
@@ -173,7 +222,7 @@ enum KeysCmd {
         /// Confirm: this cannot be undone.
         #[arg(long)]
         yes: bool,
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
     },
     /// Print a tenant's data key as hex (for recovery or reading data with other tools).
@@ -254,6 +303,8 @@ fn verbosity(cli: &Cli) -> Verbosity {
 }
 
 fn main() {
+    // Before anything can load a key: no core dumps, not ptrace-able.
+    dagrun::crypto::harden_process();
     // A write past RLIMIT_FSIZE (`ulimit -f`) must fail with EFBIG, so the
     // stage fails with a message naming the file and the temp file is
     // cleaned up, instead of SIGXFSZ killing dagrun mid-write. `cmd` stages
@@ -281,7 +332,10 @@ fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline>
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, openlineage_url, metrics_file } => {
+        Cmd::Push(a) => commands::push::command(cli.workspace.as_deref(), a, false),
+        Cmd::Pull(a) => commands::push::command(cli.workspace.as_deref(), a, true),
+        Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
+        Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file, executor } => {
             let p = load(cli, pipeline, params)?;
             let args = commands::run::RunArgs {
                 stages: stages.clone(),
@@ -291,8 +345,10 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 dry_run: *dry_run,
                 json: *json,
                 verbosity: verbosity(cli),
+                remote: if *pull { Some(commands::pull::hook(&p.workspace, remote.as_deref())?) } else { None },
                 openlineage_url: openlineage_url.clone(),
                 metrics_file: metrics_file.clone(),
+                executor: *executor,
             };
             commands::run::run(p, &args)
         }
@@ -346,6 +402,19 @@ fn real_main(cli: &Cli) -> Result<i32> {
             commands::sample::sample(out, tenant, *rows, *seed, as_of, !*no_label)?;
             Ok(exit::OK)
         }
+        Cmd::Report { run, output, layout } => {
+            let ws = workspace_from_cwd(cli)?;
+            let l = match layout {
+                ReportLayout::Auto => dagrun::report::Layout::Auto,
+                ReportLayout::Dot => dagrun::report::Layout::Dot,
+                ReportLayout::Builtin => dagrun::report::Layout::Builtin,
+            };
+            println!("{}", commands::report::report(&ws, run, output.as_deref(), l)?.display());
+            Ok(exit::OK)
+        }
+        Cmd::Serve(a) => commands::serve::run(&workspace_from_cwd(cli)?, a).map(|_| exit::OK),
+        Cmd::Tokens { action } => commands::tokens::run(&workspace_from_cwd(cli)?, action).map(|_| exit::OK),
+        Cmd::Models { action } => commands::models::run(&workspace_from_cwd(cli)?, action).map(|_| exit::OK),
         Cmd::Runs { action, json } => {
             let ws = workspace_from_cwd(cli)?;
             match action {

@@ -24,6 +24,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::{Array, Date32Array, Float64Array, Int64Array, RecordBatch};
 use std::path::{Path, PathBuf};
 
+/// The score of one raw row: the v1 features with the stored statistics and
+/// `as_of`, then the model. `raw_features` + `predict_proba_row` compute
+/// exactly this; the HTTP server calls it per row.
+#[inline]
+pub fn score_row(model: &ModelArtifact, stats: &TenantStats, as_of: i32, login: i64, amount: f64, date: i32) -> f64 {
+    model.predict_proba_row(&v1::transform(stats, as_of, login, amount, date).as_array())
+}
+
 /// The v1 feature vector of every row of a batch holding the raw columns
 /// `Customer_ID`, `Login_Count`, `Purchase_Amount`, `Last_Visit_Date`.
 pub fn raw_features(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Result<Vec<(i64, [f64; 5])>> {
@@ -73,10 +81,12 @@ pub fn check_model_matches_store(a: &ModelArtifact, m: &Manifest) -> Result<()> 
     Ok(())
 }
 
-/// A model ready to serve, with the feature version it was trained on.
+/// A model ready to serve, with the statistics of the feature version it was
+/// trained on.
 pub struct Deployed {
     pub artifact: ModelArtifact,
-    pub manifest: Manifest,
+    /// The feature version's fitted statistics (never refitted when serving).
+    pub stats: TenantStats,
     pub model_path: PathBuf,
     pub model_hash: String,
     /// `as_of` of the feature version, as days since 1970-01-01.
@@ -86,7 +96,7 @@ pub struct Deployed {
 impl Deployed {
     /// Scores of the rows of a raw batch.
     pub fn score_batch(&self, batch: &RecordBatch) -> Result<Vec<(i64, f64)>> {
-        Ok(raw_features(&self.manifest.stats, self.as_of, batch)?.into_iter().map(|(id, x)| (id, self.artifact.predict_proba_row(&x))).collect())
+        Ok(raw_features(&self.stats, self.as_of, batch)?.into_iter().map(|(id, x)| (id, self.artifact.predict_proba_row(&x))).collect())
     }
 }
 
@@ -96,23 +106,63 @@ pub fn recorded_hash(ws: &Workspace, key: Arc<IntegrityKey>, rel: &str) -> Optio
     StateStore::new(ws, Some(key)).producer_of(rel).map(|(s, o)| (s.stage, o.hash))
 }
 
-/// Load tenant `tenant`'s model (the current one, or `version` from the
-/// cache) for serving. Opens the keyring without creating anything; see
-/// [`load_deployed_with`].
-pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> Result<Deployed> {
-    let ws = Workspace::at(workspace);
+impl Deployed {
+    /// A verified registry model. It is self-describing: the statistics and
+    /// `as_of` are the ones recorded in the artifact at training time.
+    pub fn from_registry(m: crate::registry::LoadedModel, model_path: PathBuf) -> Result<Deployed> {
+        let as_of = schema::parse_date(&m.artifact.as_of).with_context(|| format!("model {}: as_of", m.artifact.model_version))?;
+        Ok(Deployed { stats: m.artifact.feature_stats.clone(), artifact: m.artifact, model_path, model_hash: m.blake3, as_of })
+    }
+}
+
+/// The workspace's integrity key, opening the keyring without creating
+/// anything: serving refuses a workspace with no master key.
+pub fn integrity_key_of(ws: &Workspace) -> Result<Arc<IntegrityKey>> {
     let ring = crate::crypto::Keyring::open_existing(ws.root())?.ok_or_else(|| {
         anyhow!("no master key in {}: dagrun cannot verify any model here (models are signed with a key derived from it); refusing to serve", ws.root().display())
     })?;
-    load_deployed_with(&ws, ring.integrity_key(), tenant, version)
+    Ok(ring.integrity_key())
 }
 
-/// Load tenant `tenant`'s model, refusing anything not authentic: the train
-/// stage's state record must verify (MAC), the model file must have the hash
-/// recorded there, and the model itself must verify (MAC) and be `tenant`'s
-/// ([`crate::model::artifact::load_verified`]); its feature version must
-/// match the (verified) feature-store manifest.
+/// Load tenant `tenant`'s model for serving; see [`load_deployed_with`].
+pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> Result<Deployed> {
+    let ws = Workspace::at(workspace);
+    let key = integrity_key_of(&ws)?;
+    load_deployed_with(&ws, key, tenant, version)
+}
+
+/// Load tenant `tenant`'s model: without `version`, its champion in the model
+/// registry (or, for a tenant that has none, the current output of its
+/// `train` stage); with `version`, that registered version (or an earlier
+/// output found in the cache). Every path refuses anything not authentic: the
+/// artifact's MAC must verify and name `tenant`
+/// ([`crate::model::artifact::load_verified`]), and its hash must equal its
+/// record (registry index, or the authenticated lineage record).
 pub fn load_deployed_with(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, version: Option<&str>) -> Result<Deployed> {
+    let registry = crate::registry::Registry::of_workspace(ws.root());
+    match version {
+        None => {
+            if let Some(m) = registry.load_champion(tenant, &key)? {
+                let path = registry.artifact_path(tenant, &m.artifact.model_version);
+                return Deployed::from_registry(m, path);
+            }
+        }
+        Some(v) => {
+            if registry.versions(tenant)?.iter().any(|e| e.version == v) {
+                let m = registry.load(tenant, v, &key)?;
+                return Deployed::from_registry(m, registry.artifact_path(tenant, v));
+            }
+        }
+    }
+    load_trained(ws, key, tenant, version)
+}
+
+/// Load tenant `tenant`'s model from its `train` stage's output (the current
+/// one, or `version` from the cache), refusing anything not authentic: the
+/// train stage's state record must verify (MAC), the model file must have the
+/// hash recorded there, the model itself must verify (MAC) and be `tenant`'s,
+/// and its feature version must match the (verified) feature-store manifest.
+pub fn load_trained(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, version: Option<&str>) -> Result<Deployed> {
     let states = StateStore::new(ws, Some(key.clone()));
     let mut distrusted = Vec::new();
     let mut train = None;
@@ -183,5 +233,5 @@ pub fn load_deployed_with(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, 
         bail!("model version {} was trained on a feature version that is no longer in the store", artifact.model_version);
     }
     let as_of = schema::parse_date(&manifest.as_of)?;
-    Ok(Deployed { artifact, manifest, model_path, model_hash: model_hash.to_string(), as_of })
+    Ok(Deployed { artifact, stats: manifest.stats, model_path, model_hash: model_hash.to_string(), as_of })
 }

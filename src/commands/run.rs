@@ -24,6 +24,17 @@ pub struct RunArgs {
     pub openlineage_url: Option<String>,
     /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml).
     pub metrics_file: Option<std::path::PathBuf>,
+    /// `--pull`: the remote cache consulted for keys not in the local cache.
+    pub remote: Option<std::sync::Arc<dyn crate::engine::RemoteSource>>,
+    /// `--executor`: where every stage's work runs, overriding the pipeline.
+    pub executor: Option<ExecutorArg>,
+}
+
+/// `--executor local|slurm`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ExecutorArg {
+    Local,
+    Slurm,
 }
 
 /// `--force` as the scheduler takes it: none, everything (`Some([])`), or named stages.
@@ -51,6 +62,11 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
         verbosity: if args.json { Verbosity::Quiet } else { args.verbosity },
         openlineage_url: args.openlineage_url.clone(),
         metrics_file: args.metrics_file.clone(),
+        remote: args.remote.clone(),
+        executor: args.executor.map(|e| match e {
+            ExecutorArg::Local => crate::pipeline::ExecutorKind::Local,
+            ExecutorArg::Slurm => crate::pipeline::ExecutorKind::Slurm,
+        }),
     };
     let out = scheduler::run(p, &opts)?;
     if args.json {

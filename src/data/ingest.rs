@@ -2,10 +2,14 @@
 //! stream of RecordBatches in `raw_schema` form.
 //!
 //! Every error names the file, the 1-based data row (and, for CSV, the line),
-//! the column, what is wrong and how to fix it. Cell values are never shown,
-//! except tenant ids (escaped, truncated to 64 characters): a `Sensitive_Data`
-//! value, or a piece of one that slipped into another column, must not reach
-//! a message or a log.
+//! the column, what is wrong and how to fix it. Cell values and header names
+//! are never shown: a value is described by position and shape
+//! (`column 3, 31 characters, looks like an e-mail address`, see
+//! [`crate::data::describe_value`]), because a headerless file's first row, or
+//! swapped columns, put a `Sensitive_Data` value where a name or tenant id
+//! was expected. The only values shown are tenant ids that pass the tenant-id
+//! rule (`[A-Za-z0-9_-]{1,64}`: no e-mail address, phone number with spaces
+//! or name with a space fits), escaped.
 //!
 //! Memory: constant per batch, except the duplicate check, which keeps one
 //! (tenant index, Customer_ID) pair per row seen (~16-32 bytes/row in a
@@ -13,7 +17,7 @@
 
 use crate::data::parquet_io::ParquetSink;
 use crate::data::schema::*;
-use crate::data::{is_valid_tenant_id, show_tenant};
+use crate::data::{describe_value, is_valid_tenant_id, show_tenant};
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::builder::StringBuilder;
 use arrow_array::cast::AsArray;
@@ -103,8 +107,12 @@ struct Checker {
 
 impl Checker {
     fn new(path: &Path, opts: &IngestOptions) -> Self {
+        Self::named(path.display().to_string(), opts)
+    }
+
+    fn named(file: String, opts: &IngestOptions) -> Self {
         Checker {
-            file: path.display().to_string(),
+            file,
             opts: opts.clone(),
             known: opts.known_tenants.as_ref().map(|v| v.iter().cloned().collect()),
             tenant_idx: HashMap::new(),
@@ -138,8 +146,12 @@ impl Checker {
             bail!("{at}: empty value; every row needs a tenant id");
         }
         if !is_valid_tenant_id(t) {
-            bail!("{at}: invalid tenant id {}; a tenant id is 1-64 characters of A-Z a-z 0-9 _ -", show_tenant(t));
+            bail!(
+                "{at}: invalid tenant id ({}); a tenant id is 1-64 characters of A-Z a-z 0-9 _ -. Are the columns in the order the header names them?",
+                describe_value(t)
+            );
         }
+        // From here on `t` has the shape of a tenant id (no '@', '.', space…).
         if let Some(exp) = &self.opts.expected_tenant
             && t != exp
         {
@@ -169,7 +181,7 @@ impl Checker {
         line: Option<u64>,
         tenant: &str,
         cid: i64,
-        sensitive: &str,
+        sensitive: Option<&str>,
         login: i64,
         purchase: f64,
         date: i32,
@@ -183,7 +195,7 @@ impl Checker {
                 show_tenant(&self.tenant_rows[t as usize].0)
             );
         }
-        if sensitive.is_empty() {
+        if sensitive.is_some_and(str::is_empty) {
             bail!("{}: empty value; every row needs Sensitive_Data", self.at(row, line, SENSITIVE_DATA));
         }
         if login < 0 {
@@ -311,12 +323,28 @@ fn check_columns(file: &str, names: &[String], opts: &IngestOptions) -> Result<b
     let label_ok = opts.allow_label || opts.require_label;
     let expected = raw_schema(true);
     let mut seen = HashSet::new();
-    for n in names {
+    // Header names are described, never shown (module docs).
+    let looks_like_data = names.iter().any(|n| {
+        let d = describe_value(n);
+        d.contains("e-mail") || d.contains("number") || d.contains("date") || d.contains("digits")
+    });
+    let hint = if looks_like_data { " The header line looks like a row of data: does the file lack its header line?" } else { "" };
+    for (i, n) in names.iter().enumerate() {
         if !seen.insert(n.as_str()) {
-            bail!("{file}: column {} appears twice; keep one", show_tenant(n));
+            match expected.field_with_name(n) {
+                Ok(f) => bail!("{file}: column {} ({}) appears twice; keep one", i + 1, f.name()),
+                Err(_) => bail!("{file}: column {} ({}) repeats an earlier column name; keep one", i + 1, describe_value(n)),
+            }
         }
         if expected.field_with_name(n).is_err() {
-            bail!("{file}: unknown column {}; expected exactly: {}", show_tenant(n), expected_list(label_ok));
+            let norm = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
+            let near = expected.fields().iter().find(|f| norm(f.name()) == norm(n)).map(|f| format!(" (is it {} spelt differently? names are exact)", f.name())).unwrap_or_default();
+            bail!(
+                "{file}: line 1 (header), column {}: unexpected column name ({}){near}; expected exactly: {}.{hint}",
+                i + 1,
+                describe_value(n),
+                expected_list(label_ok)
+            );
         }
     }
     for f in raw_schema(false).fields() {
@@ -362,7 +390,8 @@ pub fn validate_to_parquet(input: &Path, out: &Path, opts: &IngestOptions) -> Re
     if let Some(a) = opts.as_of {
         kv.push(("dagrun.as_of".to_string(), format_date(a)));
     }
-    let mut sink = ParquetSink::create(out, reader.schema(), kv)?;
+    // Plaintext PII: 0600 from the first byte.
+    let mut sink = ParquetSink::create_private(out, reader.schema(), kv)?;
     for b in reader.by_ref() {
         sink.write(&b?)?;
     }
@@ -375,10 +404,103 @@ pub fn validate_to_parquet(input: &Path, out: &Path, opts: &IngestOptions) -> Re
     })
 }
 
+// ---------------------------------------------------------------- rows from elsewhere
+
+/// The row rules of [`open_raw`] for rows that do not come from a file (the
+/// body of an HTTP scoring request): the same checks, in the same order, with
+/// the same messages; `origin` takes the place of the file name.
+pub struct RowChecker(Checker);
+
+impl RowChecker {
+    pub fn new(origin: &str, opts: &IngestOptions) -> RowChecker {
+        RowChecker(Checker::named(origin.to_string(), opts))
+    }
+
+    /// "ORIGIN: row R[ (line L)], column C", the place every message starts with.
+    pub fn at(&self, row: u64, line: Option<u64>, col: &str) -> String {
+        self.0.at(row, line, col)
+    }
+
+    /// Check one row (1-based `row`). `sensitive` is None when the source has
+    /// no `Sensitive_Data` column.
+    #[allow(clippy::too_many_arguments)]
+    pub fn row(&mut self, row: u64, line: Option<u64>, tenant: &str, cid: i64, sensitive: Option<&str>, login: i64, purchase: f64, date: i32) -> Result<()> {
+        self.0.row(row, line, tenant, cid, sensitive, login, purchase, date, None)
+    }
+}
+
+/// A `Customer_ID` cell given as text. `at` names the place.
+pub fn parse_customer_id(s: &str, at: impl Fn() -> String) -> Result<i64> {
+    s.trim().parse().map_err(|_| anyhow!("{}: not an integer (int64); write the customer id as a whole number", at()))
+}
+
+/// A `Login_Count` cell given as text.
+pub fn parse_login_count(s: &str, at: impl Fn() -> String) -> Result<i64> {
+    let lc = s.trim();
+    lc.parse().map_err(|_| {
+        if lc.starts_with('-') && lc.len() > 1 && lc[1..].bytes().all(|b| b.is_ascii_digit()) {
+            anyhow!("{}: negative value; Login_Count must be >= 0", at())
+        } else if !lc.is_empty() && lc.bytes().all(|b| b.is_ascii_digit()) {
+            anyhow!("{}: value above the bound {MAX_LOGIN_COUNT}; Login_Count must be <= {MAX_LOGIN_COUNT}", at())
+        } else {
+            anyhow!("{}: not an integer; write Login_Count as a whole number >= 0", at())
+        }
+    })
+}
+
+/// A `Purchase_Amount` cell given as text.
+pub fn parse_purchase_amount(s: &str, at: impl Fn() -> String) -> Result<f64> {
+    s.trim().parse().map_err(|_| anyhow!("{}: not a number; write Purchase_Amount as a decimal number such as 12.50", at()))
+}
+
+/// A `Last_Visit_Date` cell given as text (`YYYY-MM-DD`).
+pub fn parse_visit_date(s: &str, at: impl Fn() -> String) -> Result<i32> {
+    parse_date(s.trim()).map_err(|e| anyhow!("{}: {e}; write dates as YYYY-MM-DD", at()))
+}
+
 // ---------------------------------------------------------------- CSV
 
+/// Longest CSV record (line) accepted, in bytes; checked while reading, so a
+/// file without line breaks never fills memory.
+pub const MAX_CSV_RECORD_BYTES: u64 = 1 << 20;
+/// Longest CSV field accepted, in bytes.
+pub const MAX_CSV_FIELD_BYTES: usize = 64 << 10;
+
+/// A reader that fails once more than [`MAX_CSV_RECORD_BYTES`] (plus the csv
+/// reader's buffer) are read without a record ending: the source moves
+/// `mark` to `read` after every record.
+struct Capped {
+    inner: File,
+    read: u64,
+    mark: u64,
+}
+
+/// The csv reader's buffer (its reads are at most this long).
+const CSV_BUFFER: usize = 64 << 10;
+
+impl std::io::Read for Capped {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.read.saturating_sub(self.mark) > MAX_CSV_RECORD_BYTES + CSV_BUFFER as u64 {
+            return Err(std::io::Error::other(format!(
+                "a row is longer than {MAX_CSV_RECORD_BYTES} bytes (1 MiB), the most a CSV row may be; is this a CSV file with one row per line?"
+            )));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl CsvSource {
+    /// A record ended: the next one may again be [`MAX_CSV_RECORD_BYTES`] long.
+    fn record_done(&mut self) {
+        let r = self.rdr.get_ref().read;
+        self.rdr.get_mut().mark = r;
+    }
+}
+
 struct CsvSource {
-    rdr: csv::Reader<File>,
+    rdr: csv::Reader<Capped>,
     /// Index in the record of each raw_schema(true) column (Converted may be absent).
     idx: [Option<usize>; 7],
     width: usize,
@@ -390,8 +512,12 @@ impl CsvSource {
     fn open(path: &Path, opts: &IngestOptions) -> Result<(Self, bool)> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let fname = path.display().to_string();
-        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(file);
+        let capped = Capped { inner: file, read: 0, mark: 0 };
+        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).buffer_capacity(CSV_BUFFER).from_reader(capped);
         let header = rdr.byte_headers().map_err(|e| csv_err(&fname, e, None))?.clone();
+        if let Some(i) = header.iter().position(|h| h.len() > MAX_CSV_FIELD_BYTES) {
+            bail!("{fname}: line 1 (header), column {}: a column name of {} bytes; a field may be at most {MAX_CSV_FIELD_BYTES} bytes", i + 1, header[i].len());
+        }
         if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
             bail!("{fname} is empty (no header line); a CSV file needs a header line naming the columns and at least one data row");
         }
@@ -408,7 +534,9 @@ impl CsvSource {
         for (k, f) in raw_schema(true).fields().iter().enumerate() {
             idx[k] = names.iter().position(|n| n == f.name());
         }
-        Ok((CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0 }, has_label))
+        let mut src = CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0 };
+        src.record_done();
+        Ok((src, has_label))
     }
 
     fn next_batch(&mut self, ck: &mut Checker, schema: &SchemaRef, batch_size: usize) -> Result<Option<RecordBatch>> {
@@ -421,9 +549,21 @@ impl CsvSource {
             if !more {
                 break;
             }
+            self.record_done();
             self.row += 1;
             let row = self.row;
             let line = self.rec.position().map(|p| p.line());
+            if let Some(j) = self.rec.iter().position(|f| f.len() > MAX_CSV_FIELD_BYTES) {
+                let name = self.idx.iter().position(|&x| x == Some(j)).map(|k| raw_schema(true).field(k).name().clone());
+                bail!(
+                    "{}: row {row}{}, column {}{}: a value of {} bytes; a field may be at most {MAX_CSV_FIELD_BYTES} bytes (64 KiB): check the quoting",
+                    ck.file,
+                    line.map(|l| format!(" (line {l})")).unwrap_or_default(),
+                    j + 1,
+                    name.map(|n| format!(" ({n})")).unwrap_or_default(),
+                    self.rec[j].len()
+                );
+            }
             if self.rec.len() != self.width {
                 bail!(
                     "{}: row {row}{}: has {} fields but the header has {}; quote fields that contain commas, and give every row one value per column",
@@ -444,25 +584,11 @@ impl CsvSource {
                 Ok(s)
             };
             let t = field(0, TENANT_ID)?;
-            let c: i64 = field(1, CUSTOMER_ID)?.trim().parse().map_err(|_| {
-                anyhow!("{}: not an integer (int64); write the customer id as a whole number", ck.at(row, line, CUSTOMER_ID))
-            })?;
+            let c = parse_customer_id(field(1, CUSTOMER_ID)?, || ck.at(row, line, CUSTOMER_ID))?;
             let s = field(2, SENSITIVE_DATA)?;
-            let lc = field(3, LOGIN_COUNT)?.trim();
-            let l: i64 = lc.parse().map_err(|_| {
-                if lc.starts_with('-') && lc.len() > 1 && lc[1..].bytes().all(|b| b.is_ascii_digit()) {
-                    anyhow!("{}: negative value; Login_Count must be >= 0", ck.at(row, line, LOGIN_COUNT))
-                } else if !lc.is_empty() && lc.bytes().all(|b| b.is_ascii_digit()) {
-                    anyhow!("{}: value above the bound {MAX_LOGIN_COUNT}; Login_Count must be <= {MAX_LOGIN_COUNT}", ck.at(row, line, LOGIN_COUNT))
-                } else {
-                    anyhow!("{}: not an integer; write Login_Count as a whole number >= 0", ck.at(row, line, LOGIN_COUNT))
-                }
-            })?;
-            let a: f64 = field(4, PURCHASE_AMOUNT)?.trim().parse().map_err(|_| {
-                anyhow!("{}: not a number; write Purchase_Amount as a decimal number such as 12.50", ck.at(row, line, PURCHASE_AMOUNT))
-            })?;
-            let d = parse_date(field(5, LAST_VISIT_DATE)?.trim())
-                .map_err(|e| anyhow!("{}: {e}; write dates as YYYY-MM-DD", ck.at(row, line, LAST_VISIT_DATE)))?;
+            let l = parse_login_count(field(3, LOGIN_COUNT)?, || ck.at(row, line, LOGIN_COUNT))?;
+            let a = parse_purchase_amount(field(4, PURCHASE_AMOUNT)?, || ck.at(row, line, PURCHASE_AMOUNT))?;
+            let d = parse_visit_date(field(5, LAST_VISIT_DATE)?, || ck.at(row, line, LAST_VISIT_DATE))?;
             let y = if has_label {
                 let v = field(6, CONVERTED)?.trim();
                 Some(match v.to_ascii_lowercase().as_str() {
@@ -473,7 +599,7 @@ impl CsvSource {
             } else {
                 None
             };
-            ck.row(row, line, t, c, s, l, a, d, y)?;
+            ck.row(row, line, t, c, Some(s), l, a, d, y)?;
             tenants.append_value(t);
             sens.append_value(s);
             cid.push(c);
@@ -577,14 +703,14 @@ impl ParquetSource {
         // The decoder asserts (panics) on a column chunk with a negative
         // offset or size: check every chunk's byte range first.
         for (g, rg) in b.metadata().row_groups().iter().enumerate() {
-            for c in rg.columns() {
+            for (j, c) in rg.columns().iter().enumerate() {
                 let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
                 let len = c.compressed_size();
                 let inside = start >= 0 && len >= 0 && (start as u64).checked_add(len as u64).is_some_and(|end| end <= file_len);
                 if !inside {
                     bail!(
-                        "{fname}: corrupt Parquet metadata: row group {g}, column {}: byte range outside the file; rewrite the file with a Parquet writer such as pyarrow",
-                        show_tenant(c.column_path().string().as_str())
+                        "{fname}: corrupt Parquet metadata: row group {g}, column chunk {}: byte range outside the file; rewrite the file with a Parquet writer such as pyarrow",
+                        j + 1
                     );
                 }
             }
@@ -636,7 +762,7 @@ impl ParquetSource {
                 None,
                 tenant.value(i),
                 cid.value(i),
-                sens.value(i),
+                Some(sens.value(i)),
                 login.value(i),
                 amt.value(i),
                 date.value(i),

@@ -57,7 +57,7 @@ pub fn endpoint(flag: Option<&str>) -> Result<Option<String>> {
 /// Emits a run's OpenLineage events to `runs/RUN_ID.openlineage.jsonl` and,
 /// when configured, to an HTTP endpoint.
 pub struct OpenLineage {
-    file: Option<FileSink>,
+    file: FileSink,
     file_shown: String,
     http: Mutex<Option<HttpSink>>,
     spool: Spool,
@@ -70,6 +70,9 @@ pub struct OpenLineage {
     start_ms: u64,
     dataset_tenant: HashMap<String, String>,
     schemas: Mutex<HashMap<(String, String), Option<Vec<Field>>>>,
+    /// Content hash of every path written (or read from the sources) so far in
+    /// this run: the versions of a stage's inputs.
+    versions: Mutex<HashMap<String, String>>,
 }
 
 fn job_name_of(shown: &str) -> String {
@@ -111,13 +114,7 @@ impl OpenLineage {
         }
 
         let file_rel = format!("runs/{}.openlineage.jsonl", engine.run_id);
-        let file = match FileSink::create(&p.workspace.join(&file_rel)) {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::warn!("OpenLineage events are not written to a file: {e:#}");
-                None
-            }
-        };
+        let file = FileSink::new(&p.workspace.join(&file_rel));
         let spool = Spool::new(&engine.dagrun_dir);
         let backlog = spool.load();
         let (http, parked) = match lineage_url {
@@ -140,14 +137,13 @@ impl OpenLineage {
             start_ms,
             dataset_tenant,
             schemas: Mutex::new(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
         })
     }
 
     fn emit(&self, e: &RunEvent) {
         let line = e.to_line();
-        if let Some(f) = &self.file {
-            f.write(&line);
-        }
+        self.file.write(&line);
         if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             h.send(line);
         }
@@ -171,7 +167,6 @@ impl OpenLineage {
         let s = engine.stage(i);
         let mut facets = Facets::new();
         facets.insert("parent".into(), event::parent_facet(&self.pipeline_run, &self.namespace, &self.pipeline_job));
-        facets.insert("processing_engine".into(), event::processing_engine_facet());
         let mut params: BTreeMap<String, Value> = s.with.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         for (k, v) in &s.param_refs {
             params.insert(format!("params.{k}"), v.clone());
@@ -205,12 +200,13 @@ impl OpenLineage {
             return v.clone();
         }
         let abs = if Path::new(path).is_absolute() { Path::new(path).to_path_buf() } else { workspace.join(path) };
-        let file = if abs.is_dir() {
+        let meta = std::fs::metadata(&abs).ok();
+        let file = if meta.as_ref().is_some_and(|m| m.is_dir()) {
             let parquet: Vec<_> = std::fs::read_dir(&abs)
                 .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "parquet") && p.is_file()).collect())
                 .unwrap_or_default();
             if parquet.len() == 1 { parquet.into_iter().next() } else { None }
-        } else if abs.extension().is_some_and(|x| x == "parquet") && abs.is_file() {
+        } else if abs.extension().is_some_and(|x| x == "parquet") && meta.is_some_and(|m| m.is_file()) {
             Some(abs)
         } else {
             None
@@ -294,11 +290,30 @@ impl RunObserver for OpenLineage {
             run.facets.insert("errorMessage".into(), event::error_message_facet(&format!("stage {} failed: {msg}", s.name)));
         }
         let ws = &engine.pipeline.workspace;
-        // Input hashes as recorded by this execution (its state record).
-        let inputs: BTreeMap<String, String> = match (&rec.key, engine.states.get(&s.name)) {
-            (Some(k), Some(st)) if &st.key == k && event_type == EventType::Complete => st.ingredients.inputs,
-            _ => BTreeMap::new(),
-        };
+        // Input versions: what upstream stages wrote in this run (the hashes
+        // this stage's key was computed from); other inputs' from the hash memo.
+        let mut inputs: BTreeMap<String, String> = BTreeMap::new();
+        if event_type == EventType::Complete {
+            let mut known = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+            for (path, h) in &rec.outputs {
+                known.insert(path.clone(), h.clone());
+            }
+            for d in &s.deps {
+                let h = match known.get(d) {
+                    Some(h) => Some(h.clone()),
+                    None => {
+                        let h = engine.memo.hash_path(&engine.pipeline.abs(d)).ok().flatten().map(|h| h.hash.to_string());
+                        if let Some(h) = &h {
+                            known.insert(d.clone(), h.clone());
+                        }
+                        h
+                    }
+                };
+                if let Some(h) = h {
+                    inputs.insert(d.clone(), h);
+                }
+            }
+        }
         let mut e = RunEvent::new(event_type, event::now(), run, self.stage_job(engine, i));
         e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, inputs.get(d).map(String::as_str))).collect();
         e.outputs = s
@@ -335,13 +350,16 @@ impl RunObserver for OpenLineage {
         let e = RunEvent::new(event_type, event::now(), run, self.pipeline_job_value(engine));
         self.emit(&e);
 
-        let events = self.file.as_ref().map(|f| {
-            f.finish();
-            f.written()
-        });
+        let written = match self.file.finish() {
+            Ok(()) => Some(self.file_shown.clone()),
+            Err(e) => {
+                tracing::warn!("cannot write the OpenLineage events of this run: {e:#}");
+                None
+            }
+        };
         let mut summary = json!({
-            "file": self.file.as_ref().map(|_| self.file_shown.clone()),
-            "events": events.unwrap_or(0),
+            "file": written,
+            "events": self.file.written(),
         });
         match self.http.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(h) => {

@@ -63,6 +63,9 @@ pub struct StageRecord {
     /// CPU time (user+sys) of the stage, where measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<f64>,
+    /// The Slurm job that ran the stage's work (`executor: slurm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_job: Option<String>,
     /// When the stage started and ended, in seconds since the run started
     /// (absent in records of older versions and for stages never started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +92,7 @@ impl StageRecord {
             error: None,
             facts: Map::new(),
             cpu_seconds: None,
+            slurm_job: None,
             start_s: None,
             end_s: None,
             worker: None,

@@ -26,6 +26,10 @@ pub struct RunOptions {
     /// Wait this long for the workspace lock (None = fail at once).
     pub wait: Option<Duration>,
     pub verbosity: Verbosity,
+    /// `--pull`: the remote cache consulted for keys not in the local cache.
+    pub remote: Option<Arc<dyn super::RemoteSource>>,
+    /// `--executor`: run every stage here, overriding the pipeline.
+    pub executor: Option<crate::pipeline::ExecutorKind>,
     /// `--openlineage-url` (else `DAGRUN_OPENLINEAGE_URL`): see `engine::openlineage`.
     pub openlineage_url: Option<String>,
     /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml): see `engine::run_metrics`.
@@ -68,7 +72,7 @@ pub fn forced(p: &Pipeline, force: &Option<Vec<String>>, selected: &HashSet<usiz
 }
 
 /// Run a pipeline.
-pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
+pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let ws = crate::workspace::Workspace::at(&pipeline.workspace);
     // Settings are checked before anything runs (a bad one is exit 2).
     let settings = crate::config::DagrunConfig::load(&pipeline.workspace)?;
@@ -77,8 +81,21 @@ pub fn run(pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let _lock = ws.lock(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
+    if let Some(kind) = opts.executor {
+        for s in &mut pipeline.stages {
+            s.executor = kind;
+        }
+    }
+    // Jobs of a killed earlier run must end before anything writes their outputs.
+    crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
+    let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);
     let mut engine = Engine::new(pipeline)?;
     engine.forced = forced;
+    engine.remote = opts.remote.clone();
+    if uses_slurm {
+        crate::executor::slurm::prune_runs(&engine.pipeline.workspace, 10);
+        engine.slurm = Some(Arc::new(crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id)?));
+    }
     engine.sweep_temp_files();
     match super::openlineage::OpenLineage::new(&engine, lineage_url) {
         Ok(o) => engine.observers.push(Box::new(o)),
@@ -182,18 +199,45 @@ fn skipped(name: &str, why: String) -> StageRecord {
     StageRecord { error: Some(why), ..StageRecord::new(name, Status::Skipped) }
 }
 
+/// Units of execution: one stage each, except that stages of one Slurm job
+/// group (same `group:` and tenant) form one task, members in dependency order.
+fn tasks(p: &Pipeline, selected: &HashSet<usize>) -> (Vec<Vec<usize>>, Vec<usize>) {
+    let mut task_of = vec![usize::MAX; p.stages.len()];
+    let mut tasks: Vec<Vec<usize>> = Vec::new();
+    let mut by_group: BTreeMap<(String, Option<String>), usize> = BTreeMap::new();
+    for &i in p.topo.iter().filter(|i| selected.contains(i)) {
+        let grouped = p.stages[i].executor == crate::pipeline::ExecutorKind::Slurm;
+        let t = match p.group_of(i).filter(|_| grouped) {
+            Some((g, tenant)) => *by_group.entry((g.to_string(), tenant.map(str::to_string))).or_insert_with(|| {
+                tasks.push(Vec::new());
+                tasks.len() - 1
+            }),
+            None => {
+                tasks.push(Vec::new());
+                tasks.len() - 1
+            }
+        };
+        tasks[t].push(i);
+        task_of[i] = t;
+    }
+    (tasks, task_of)
+}
+
 async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, reporter: Arc<Reporter>, t0: Instant) -> (Vec<StageRecord>, bool) {
     let p = &engine.pipeline;
     let n = p.stages.len();
-    let mut indeg = vec![0usize; n];
-    for &i in &selected {
-        indeg[i] = p.upstream(i).iter().filter(|u| selected.contains(u)).count();
+    let (tasks, task_of) = tasks(p, &selected);
+    // A task's upstream: tasks of its members' selected upstream stages.
+    let mut indeg = vec![0usize; tasks.len()];
+    for (t, members) in tasks.iter().enumerate() {
+        let ups: HashSet<usize> = members.iter().flat_map(|&i| p.upstream(i)).filter(|u| selected.contains(u)).map(|u| task_of[u]).filter(|&u| u != t).collect();
+        indeg[t] = ups.len();
     }
-    // Ready stages in topological (file) order.
+    // Stages in topological (file) order; tasks ready in the order of their first member.
     let order: Vec<usize> = p.topo.iter().copied().filter(|i| selected.contains(i)).collect();
-    let rank: BTreeMap<usize, usize> = order.iter().enumerate().map(|(r, &i)| (i, r)).collect();
-    let mut ready: VecDeque<usize> = order.iter().copied().filter(|&i| indeg[i] == 0).collect();
+    let mut ready: VecDeque<usize> = (0..tasks.len()).filter(|&t| indeg[t] == 0).collect();
     let mut done: Vec<Option<StageRecord>> = (0..n).map(|_| None).collect();
+    let mut task_done = vec![false; tasks.len()];
     let mut set = tokio::task::JoinSet::new();
     let mut running = 0usize;
     // Free scheduler slots (recorded as each stage's `worker`), lowest first.
@@ -206,30 +250,50 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
 
     loop {
         while running < jobs && !interrupted {
-            let Some(i) = ready.pop_front() else { break };
+            let Some(t) = ready.pop_front() else { break };
+            let members = tasks[t].clone();
             let eng = engine.clone();
             let rep = reporter.clone();
-            rep.started(&eng.stage(i).name);
+            for &i in &members {
+                rep.started(&eng.stage(i).name);
+            }
             let slot = free_slots.pop_first().unwrap_or(0);
-            slot_of.insert(i, slot);
+            slot_of.insert(t, slot);
             set.spawn_blocking(move || {
                 for o in &eng.observers {
-                    o.stage_started(&eng, i);
+                    for &i in &members {
+                        o.stage_started(&eng, i);
+                    }
                 }
                 let start = t0.elapsed().as_secs_f64();
-                let mut rec = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute(i))).unwrap_or_else(|panic| {
+                let mut recs: Vec<StageRecord> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(&members))).unwrap_or_else(|panic| {
                     let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-                    let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
-                    r.status = Status::Failed;
-                    r
+                    members
+                        .iter()
+                        .map(|&i| {
+                            let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
+                            r.status = Status::Failed;
+                            r
+                        })
+                        .collect()
                 });
-                rec.start_s = Some(start);
-                rec.end_s = Some(t0.elapsed().as_secs_f64().max(start));
-                rec.worker = Some(slot);
-                for o in &eng.observers {
-                    o.stage_finished(&eng, i, &rec);
+                // A group's members ran one after the other in its slot.
+                let end = t0.elapsed().as_secs_f64().max(start);
+                let mut cursor = start;
+                let last = recs.len().saturating_sub(1);
+                for (k, rec) in recs.iter_mut().enumerate() {
+                    rec.start_s = Some(cursor);
+                    let e = if k == last { end } else { (cursor + rec.seconds).min(end) };
+                    rec.end_s = Some(e);
+                    rec.worker = Some(slot);
+                    cursor = e;
                 }
-                (i, rec)
+                for o in &eng.observers {
+                    for (&i, rec) in members.iter().zip(&recs) {
+                        o.stage_finished(&eng, i, rec);
+                    }
+                }
+                (t, members, recs)
             });
             running += 1;
         }
@@ -245,7 +309,7 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
         };
         let Some(joined) = joined else { break };
         running -= 1;
-        let (i, rec) = match joined {
+        let (t, members, recs) = match joined {
             Ok(x) => {
                 if let Some(slot) = slot_of.remove(&x.0) {
                     free_slots.insert(slot);
@@ -258,29 +322,42 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
                 continue;
             }
         };
-        reporter.finished(&rec);
-        let ok = rec.status != Status::Failed;
-        done[i] = Some(rec);
-        let mut down: Vec<usize> = p.downstream(i).into_iter().filter(|d| selected.contains(d)).collect();
-        down.sort_by_key(|d| rank[d]);
-        for d in down {
-            if !ok {
+        task_done[t] = true;
+        let mut failed_members = Vec::new();
+        for (&i, rec) in members.iter().zip(recs) {
+            reporter.finished(&rec);
+            if rec.status == Status::Failed || rec.status == Status::Skipped {
+                failed_members.push(i);
+            }
+            done[i] = Some(rec);
+        }
+        // Downstream tasks of this one.
+        let mut down: Vec<usize> = members.iter().flat_map(|&i| p.downstream(i)).filter(|d| selected.contains(d) && task_of[*d] != t).collect();
+        down.sort_by_key(|d| order.iter().position(|x| x == d));
+        down.dedup();
+        // First skip everything downstream of a failed member, then release the rest.
+        for &d in &down {
+            let blocked_by = failed_members.iter().find(|&&f| p.with_descendants(&[f]).contains(&d));
+            if let Some(&f) = blocked_by {
                 for x in p.with_descendants(&[d]) {
-                    if selected.contains(&x) && done[x].is_none() {
-                        let r = skipped(&p.stages[x].name, format!("upstream stage {} failed", p.stages[i].name));
+                    if selected.contains(&x) && done[x].is_none() && !task_done[task_of[x]] {
+                        let r = skipped(&p.stages[x].name, format!("upstream stage {} failed", p.stages[f].name));
                         reporter.finished(&r);
                         done[x] = Some(r);
-                        indeg[x] = usize::MAX;
+                        indeg[task_of[x]] = usize::MAX;
                     }
                 }
+            }
+        }
+        let mut seen_tasks = HashSet::new();
+        for d in down {
+            let dt = task_of[d];
+            if !seen_tasks.insert(dt) || indeg[dt] == usize::MAX {
                 continue;
             }
-            if indeg[d] == usize::MAX {
-                continue;
-            }
-            indeg[d] -= 1;
-            if indeg[d] == 0 {
-                ready.push_back(d);
+            indeg[dt] -= 1;
+            if indeg[dt] == 0 {
+                ready.push_back(dt);
             }
         }
     }

@@ -15,7 +15,7 @@
 //! - Run ids are UUIDv7 derived from the dagrun run id ([`ids`]), so a stage's
 //!   OpenLineage run can always be traced back to `runs/RUN_ID.json`.
 //! - Transports ([`transport`]): always a JSONL file (one event per line,
-//!   appended as events happen); optionally an HTTP endpoint, sent from a
+//!   written atomically when the run ends); optionally an HTTP endpoint, sent from a
 //!   background thread with bounded timeouts. An endpoint that is down or slow
 //!   never fails or slows the run: what is not delivered when the run ends is
 //!   spooled to `.dagrun/openlineage/pending.jsonl` and sent first at the next

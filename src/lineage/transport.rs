@@ -2,8 +2,10 @@
 //! with a spool for what the endpoint did not take.
 //!
 //! Rules:
-//! - [`FileSink`] appends one event per line as it happens (one `write` per
-//!   line, so a run killed mid-way leaves every earlier event whole).
+//! - [`FileSink`] collects the run's events, one per line, and writes the
+//!   file atomically when the run ends (like the run record: a killed run
+//!   leaves no torn file, and its events still went to the endpoint as they
+//!   happened). Not fsynced: the run record is the durable account of a run.
 //! - [`HttpSink`] POSTs each event (JSON body) to `URL/api/v1/lineage` from
 //!   its own thread, never from a stage's: emission only queues. Each request
 //!   has bounded timeouts ([`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`]); after the
@@ -22,7 +24,6 @@
 
 use anyhow::{Context, Result};
 use std::collections::VecDeque;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -39,48 +40,35 @@ pub const MAX_PENDING: usize = 100_000;
 /// Largest event line accepted back from the spool.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// Appends events to `runs/RUN_ID.openlineage.jsonl`.
+/// Collects events for `runs/RUN_ID.openlineage.jsonl`.
 pub struct FileSink {
     path: PathBuf,
-    file: Mutex<Option<std::fs::File>>,
+    lines: Mutex<Vec<u8>>,
     written: AtomicUsize,
 }
 
 impl FileSink {
-    pub fn create(path: &Path) -> Result<FileSink> {
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-        }
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(FileSink { path: path.to_path_buf(), file: Mutex::new(Some(f)), written: AtomicUsize::new(0) })
+    pub fn new(path: &Path) -> FileSink {
+        FileSink { path: path.to_path_buf(), lines: Mutex::new(Vec::new()), written: AtomicUsize::new(0) }
     }
 
-    /// Append one event line. A write error is logged once and stops the file
-    /// (the run goes on).
+    /// Add one event line.
     pub fn write(&self, line: &str) {
-        let mut g = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(f) = g.as_mut() else { return };
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        if let Err(e) = f.write_all(&buf) {
-            tracing::warn!("cannot write OpenLineage events to {}: {e}; no more events go to this file", self.path.display());
-            *g = None;
-        } else {
-            self.written.fetch_add(1, Ordering::Relaxed);
-        }
+        let mut g = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        g.extend_from_slice(line.as_bytes());
+        g.push(b'\n');
+        self.written.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Events written so far.
+    /// Events so far.
     pub fn written(&self) -> usize {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// fsync the file (end of run).
-    pub fn finish(&self) {
-        if let Some(f) = self.file.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = f.sync_all();
-        }
+    /// Write the file (temporary file + rename; end of run).
+    pub fn finish(&self) -> Result<()> {
+        let g = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        crate::util::atomic::write_atomic_with(&self.path, &g, crate::util::atomic::Durability::Verified)
     }
 
     pub fn path(&self) -> &Path {

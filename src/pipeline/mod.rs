@@ -7,12 +7,15 @@
 //! location where known, and the fix, and is a [`Failure::Config`] (exit 2).
 
 pub mod model;
+pub mod shell;
 pub mod tenants;
+pub mod yaml_limits;
 
 use crate::error::config;
 use crate::stages::{StageKind, registry};
 use anyhow::Result;
 use indexmap::IndexMap;
+pub use model::{ExecutorKind, Resources, SlurmDef};
 use model::{OutDef, PipelineFile, StageDef};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{Map, Value};
@@ -20,6 +23,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 pub use tenants::{Tenant, Tenants};
+
+/// Longest `timeout:` (and `--wait`) accepted, in seconds (about 31 years):
+/// larger values cannot be represented as a deadline.
+pub const MAX_SECONDS: f64 = 1e9;
 
 /// Largest pipeline file accepted.
 pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
@@ -52,11 +59,20 @@ pub struct Stage {
     pub deps: Vec<String>,
     pub outs: Vec<Out>,
     pub env: BTreeMap<String, String>,
+    /// Variables withheld from the stage's command besides the master-key
+    /// ones: the pipeline's `secrets:` (see `util::child_env`).
+    pub secrets: Arc<Vec<String>>,
     pub timeout: Option<f64>,
     pub retries: u32,
     pub desc: Option<String>,
     /// 1-based line of the stage in the pipeline file.
     pub line: Option<usize>,
+    /// Where the stage's work executes (stage `executor:`, else the pipeline's).
+    pub executor: ExecutorKind,
+    /// Slurm resources (stage `resources:` over `slurm.resources`); not in the cache key.
+    pub resources: Resources,
+    /// Job group: stages sharing it (and their tenant) run in one Slurm job.
+    pub group: Option<String>,
 }
 
 impl std::fmt::Debug for Stage {
@@ -74,12 +90,18 @@ pub struct Pipeline {
     pub shown: String,
     pub workspace: PathBuf,
     pub params: IndexMap<String, Value>,
+    /// `secrets:`: environment variables no command may see.
+    pub secrets: Arc<Vec<String>>,
     pub stages: Vec<Stage>,
     pub tenants: Option<Tenants>,
     /// Edges upstream → downstream, over indexes into `stages`.
     pub graph: DiGraph<usize, ()>,
     /// Stage indexes in a topological order (file order where free).
     pub topo: Vec<usize>,
+    /// The `--param NAME=VALUE` overrides this pipeline was loaded with.
+    pub overrides: Vec<(String, String)>,
+    /// `slurm:` settings.
+    pub slurm: SlurmDef,
 }
 
 /// Find the workspace of a pipeline file: the nearest ancestor of its folder
@@ -366,6 +388,19 @@ fn interp_str(
     })
 }
 
+/// Top-level folders of a workspace that no output may be in, lexically or
+/// through a symlink: dagrun's state and keys, git, run records, and the
+/// configuration (tenant list).
+pub const PROTECTED_DIRS: &[&str] = &[".dagrun", ".git", "runs", "config"];
+
+/// The write-time check of an output (run before a stage runs, before its
+/// outputs are recorded, before a restore): no symlink on the way may lead
+/// outside the workspace or into [`PROTECTED_DIRS`]. `final_link_ok` when the
+/// writer replaces or removes the last component instead of following it.
+pub fn check_output_at_write(workspace: &Path, out: &str, final_link_ok: bool) -> Result<()> {
+    crate::util::nofollow::check_write_path(workspace, out, PROTECTED_DIRS, final_link_ok).map_err(anyhow::Error::msg)
+}
+
 /// Normalise a workspace-relative output path; reject escapes.
 pub fn normalize_out(path: &str) -> std::result::Result<String, String> {
     if path.trim().is_empty() {
@@ -389,8 +424,8 @@ pub fn normalize_out(path: &str) -> std::result::Result<String, String> {
     if parts.is_empty() {
         return Err(format!("output {path:?} names the workspace itself"));
     }
-    if parts[0] == ".dagrun" || parts[0] == ".git" || parts[0] == "runs" {
-        return Err(format!("output {path:?} is inside {}/, which dagrun or git owns", parts[0]));
+    if PROTECTED_DIRS.contains(&parts[0].as_str()) {
+        return Err(format!("output {path:?} is inside {}/, which dagrun, git or the workspace configuration owns", parts[0]));
     }
     Ok(parts.join("/"))
 }
@@ -419,35 +454,24 @@ pub fn normalize_dep(path: &str, workspace: &Path) -> std::result::Result<String
     Ok(parts.join("/"))
 }
 
-/// Reject an output that reaches outside the workspace through a symlink.
+/// Reject an output that reaches outside the workspace (or into a protected
+/// folder) through a symlink, or is itself a symlink.
 fn check_symlinks(workspace: &Path, out: &str) -> std::result::Result<(), String> {
-    let Ok(root) = workspace.canonicalize() else { return Ok(()) };
-    let mut cur = workspace.to_path_buf();
-    for part in out.split('/') {
-        cur.push(part);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let target = cur.canonicalize().unwrap_or_else(|_| cur.clone());
-                if !target.starts_with(&root) || cur.as_os_str().len() == workspace.join(out).as_os_str().len() {
-                    return Err(format!(
-                        "output {out:?} goes through the symlink {} (→ {}); outputs must be real paths inside the workspace",
-                        cur.strip_prefix(workspace).unwrap_or(&cur).display(),
-                        target.display()
-                    ));
-                }
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    Ok(())
+    crate::util::nofollow::check_write_path(workspace, out, PROTECTED_DIRS, false)
 }
 
 fn valid_stage_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// Depth and alias limits, checked in linear time before any parsing
+/// ([`yaml_limits`]); the error names the file and line.
+pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
+    yaml_limits::check(text).map_err(|(line, m)| config(format!("{shown}:{line}: {m}")))
+}
+
 fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides: &[(String, String)]) -> Result<Pipeline> {
+    check_yaml_limits(text, &shown)?;
     check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
     let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| yaml_error(&shown, &e))?;
     let kinds = registry();
@@ -485,6 +509,10 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
     if pf.stages.is_empty() {
         return Err(config(format!("{shown}: `stages` is empty; define at least one stage")));
     }
+    for p in &pf.secrets {
+        crate::util::child_env::check_secret_pattern(p).map_err(|m| config(format!("{shown}: {m}")))?;
+    }
+    let secrets = Arc::new(pf.secrets.clone());
 
     // The workspace settings are checked before anything runs (exit 2 on a bad key).
     crate::config::DagrunConfig::load(&workspace)?;
@@ -525,8 +553,8 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
             return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at(base))));
         }
         if let Some(t) = def.timeout {
-            if !t.is_finite() || t <= 0.0 {
-                return Err(config(format!("{}: timeout must be a positive number of seconds", at(base))));
+            if !t.is_finite() || t <= 0.0 || t > MAX_SECONDS {
+                return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
             }
         }
         let fan: Vec<Option<String>> = match def.foreach.as_deref() {
@@ -541,9 +569,18 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
         };
         for tenant in fan {
             let idx = stages.len();
-            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace).map_err(|m| config(format!("{}: {m}", at(base))))?;
+            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| config(format!("{}: {m}", at(base))))?;
             let mut stage = stage;
             stage.line = stage_line(text, base);
+            stage.executor = def.executor.or(pf.executor).unwrap_or_default();
+            stage.resources = merge_resources(pf.slurm.as_ref().and_then(|s| s.resources.as_ref()), def.resources.as_ref());
+            check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at(base))))?;
+            if let Some(g) = &def.group {
+                if !valid_stage_name(g) {
+                    return Err(config(format!("{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'", at(base))));
+                }
+            }
+            stage.group = def.group.clone();
             instances_of.entry(base.clone()).or_default().push(idx);
             raw_needs.push(def.needs.clone());
             stages.push(stage);
@@ -644,7 +681,13 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
         )));
     }
     let topo = topo_order(&graph, stages.len());
-    Ok(Pipeline { file, shown, workspace, params, stages, tenants, graph, topo })
+    let slurm = pf.slurm.clone().unwrap_or_default();
+    check_slurm(&slurm).map_err(|m| config(format!("{shown}: `slurm.{m}")))?;
+    let p = Pipeline { file, shown, workspace, params, secrets, stages, tenants, graph, topo, overrides: overrides.to_vec(), slurm };
+    if let Some(m) = p.check_groups() {
+        return Err(config(format!("{}: {m}", p.shown)));
+    }
+    Ok(p)
 }
 
 fn expand(
@@ -654,13 +697,15 @@ fn expand(
     params: &IndexMap<String, Value>,
     kind: Arc<dyn StageKind>,
     workspace: &Path,
+    secrets: &Arc<Vec<String>>,
 ) -> std::result::Result<Stage, String> {
     let name = match tenant {
         Some(t) => format!("{base}[{t}]"),
         None => base.to_string(),
     };
     let mut refs = BTreeMap::new();
-    let cmd = def.cmd.as_deref().map(|c| interp_str(c, params, tenant, &mut refs)).transpose()?;
+    // Values in a command are shell-quoted for their place (see `shell`).
+    let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd(c, params, tenant, &mut refs)).transpose()?;
     let mut with = Map::new();
     for (k, v) in &def.with {
         let v = to_json(v, &format!("with.{k}"))?;
@@ -671,6 +716,7 @@ fn expand(
     }
     let mut env = BTreeMap::new();
     for (k, v) in &def.env {
+        crate::util::child_env::check_declared(k, secrets)?;
         env.insert(k.clone(), interp_str(v, params, tenant, &mut refs)?);
     }
     let declared = kind.declare(&with, tenant)?;
@@ -712,11 +758,90 @@ fn expand(
         deps,
         outs,
         env,
+        secrets: secrets.clone(),
         timeout: def.timeout,
         retries: def.retries,
         desc: def.desc.clone(),
         line: None,
+        executor: ExecutorKind::Local,
+        resources: Resources::default(),
+        group: None,
     })
+}
+
+/// Stage resources over pipeline defaults, field by field (`sbatch_args` appended).
+fn merge_resources(base: Option<&Resources>, over: Option<&Resources>) -> Resources {
+    let mut r = base.cloned().unwrap_or_default();
+    if let Some(o) = over {
+        r.cpus = o.cpus.or(r.cpus);
+        r.mem = o.mem.clone().or(r.mem);
+        r.time = o.time.or(r.time);
+        r.partition = o.partition.clone().or(r.partition);
+        r.account = o.account.clone().or(r.account);
+        r.sbatch_args.extend(o.sbatch_args.iter().cloned());
+    }
+    r
+}
+
+/// `sbatch` flags dagrun sets itself; `sbatch_args` may not override them.
+const RESERVED_SBATCH: &[&str] = &[
+    "--export", "--export-file", "--output", "-o", "--error", "-e", "--job-name", "-J", "--parsable", "--chdir", "-D", "--wrap", "--get-user-env",
+    "--open-mode", "--input", "-i",
+];
+
+/// Check resources; the error starts with the field name.
+fn check_resources(r: &Resources) -> std::result::Result<(), String> {
+    if r.cpus == Some(0) {
+        return Err("cpus` must be at least 1".into());
+    }
+    if r.time == Some(0) {
+        return Err("time` must be at least 1 (minutes)".into());
+    }
+    if let Some(m) = &r.mem {
+        let digits = m.trim_end_matches(['K', 'M', 'G', 'T']);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || m.len() - digits.len() > 1 {
+            return Err(format!("mem: {m}` is not a Slurm memory size; write e.g. 4G, 500M or 1024 (megabytes)"));
+        }
+    }
+    let name_ok = |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b));
+    for (k, v) in [("partition", &r.partition), ("account", &r.account)] {
+        if let Some(v) = v {
+            if !name_ok(v) {
+                return Err(format!("{k}: {v:?}` is not a valid Slurm name (letters, digits, '_', '-', '.', ',')"));
+            }
+        }
+    }
+    for a in &r.sbatch_args {
+        if !a.starts_with('-') {
+            return Err(format!("sbatch_args` entry {a:?} is not an option; write each as one word, e.g. \"--qos=low\""));
+        }
+        let flag = a.split('=').next().unwrap_or(a);
+        if RESERVED_SBATCH.contains(&flag) || (flag.len() > 2 && !flag.starts_with("--") && RESERVED_SBATCH.contains(&&flag[..2])) {
+            return Err(format!("sbatch_args` entry {a:?} sets an option dagrun sets itself (job name, output, environment, directory); remove it"));
+        }
+        if a.contains(['\n', '\0']) {
+            return Err(format!("sbatch_args` entry {a:?} contains a control character"));
+        }
+    }
+    Ok(())
+}
+
+/// Check `slurm:`; the error starts with the field name.
+fn check_slurm(s: &SlurmDef) -> std::result::Result<(), String> {
+    if let Some(p) = s.poll_interval {
+        if !(0.1..=600.0).contains(&p) {
+            return Err(format!("poll_interval: {p}` must be between 0.1 and 600 seconds"));
+        }
+    }
+    if let Some(b) = &s.binary {
+        if !Path::new(b).is_absolute() {
+            return Err(format!("binary: {b}` must be an absolute path (the dagrun binary as the compute nodes see it)"));
+        }
+    }
+    if let Some(r) = &s.resources {
+        check_resources(r).map_err(|m| format!("resources.{m}"))?;
+    }
+    Ok(())
 }
 
 /// A cycle as stage indexes, if the graph has one.
@@ -819,6 +944,39 @@ impl Pipeline {
     /// Absolute path of a workspace-relative (or absolute) path.
     pub fn abs(&self, p: &str) -> PathBuf {
         self.workspace.join(p)
+    }
+    /// The job group of stage `i`: its `group:` and tenant; `None` when it runs alone.
+    pub fn group_of(&self, i: usize) -> Option<(&str, Option<&str>)> {
+        let s = &self.stages[i];
+        s.group.as_deref().map(|g| (g, s.tenant.as_deref()))
+    }
+    /// A group must be a connected chain: no stage outside it may sit on a path
+    /// between two of its members (one job could not run them without waiting
+    /// for another). Returns the error, if any.
+    fn check_groups(&self) -> Option<String> {
+        let mut groups: BTreeMap<(&str, Option<&str>), Vec<usize>> = BTreeMap::new();
+        for i in 0..self.stages.len() {
+            if let Some(k) = self.group_of(i) {
+                groups.entry(k).or_default().push(i);
+            }
+        }
+        for ((g, t), members) in groups {
+            let set: HashSet<usize> = members.iter().copied().collect();
+            let down = self.with_descendants(&members);
+            let up = self.with_ancestors(&members);
+            if let Some(&x) = self.topo.iter().find(|x| !set.contains(x) && down.contains(x) && up.contains(x)) {
+                let t = t.map(|t| format!(" (tenant {t})")).unwrap_or_default();
+                return Some(format!(
+                    "group `{g}`{t}: stage {} is not in the group but lies between two of its stages; a group must be a connected chain: add {} to the group or remove the group from the stages around it",
+                    self.stages[x].name, self.stages[x].base
+                ));
+            }
+            let ex: HashSet<ExecutorKind> = members.iter().map(|&i| self.stages[i].executor).collect();
+            if ex.len() > 1 {
+                return Some(format!("group `{g}`: its stages name different executors; a group runs in one place"));
+            }
+        }
+        None
     }
 }
 

@@ -12,8 +12,69 @@ pub struct PipelineFile {
     /// Pipeline-level params, referenced from stages as `${params.NAME}`.
     #[serde(default)]
     pub params: IndexMap<String, yaml_serde::Value>,
+    /// Environment variables no `cmd` may see (exact names, or `PREFIX*`),
+    /// besides the master-key variables, which are always withheld.
+    #[serde(default)]
+    pub secrets: Vec<String>,
     /// The stages, by name, in file order.
     pub stages: IndexMap<String, StageDef>,
+    /// Where stages execute by default: `local` (this process) or `slurm` (a job each).
+    pub executor: Option<ExecutorKind>,
+    /// Settings of the Slurm executor (see `executor::slurm`).
+    pub slurm: Option<SlurmDef>,
+}
+
+/// Where a stage's work executes.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// In the `dagrun run` process (the default).
+    #[default]
+    Local,
+    /// In a Slurm job running `dagrun exec-stage` on the shared filesystem.
+    Slurm,
+}
+
+impl ExecutorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorKind::Local => "local",
+            ExecutorKind::Slurm => "slurm",
+        }
+    }
+}
+
+/// `slurm:` at pipeline level.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmDef {
+    /// Path of the dagrun binary on the compute nodes (default: this binary).
+    pub binary: Option<String>,
+    /// Seconds between two status polls (one `squeue` call for all jobs; default 1).
+    pub poll_interval: Option<f64>,
+    /// How often a failing `sbatch` is retried, with backoff (default 5).
+    pub submit_retries: Option<u32>,
+    /// Resources every stage gets unless it says otherwise.
+    pub resources: Option<Resources>,
+}
+
+/// `resources:` of a stage: mapped to `sbatch` flags; never part of the cache key.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `--cpus-per-task`.
+    pub cpus: Option<u32>,
+    /// `--mem`, e.g. `4G`, `500M`.
+    pub mem: Option<String>,
+    /// `--time`, in minutes.
+    pub time: Option<u32>,
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--account`.
+    pub account: Option<String>,
+    /// More `sbatch` arguments, passed as written (e.g. `["--qos=low"]`).
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
 }
 
 /// One stage as written.
@@ -48,6 +109,13 @@ pub struct StageDef {
     pub retries: u32,
     /// Free text shown by `dagrun dag`.
     pub desc: Option<String>,
+    /// Overrides the pipeline's `executor:` for this stage.
+    pub executor: Option<ExecutorKind>,
+    /// Slurm resources of this stage (merged over `slurm.resources`).
+    pub resources: Option<Resources>,
+    /// Stages with the same group (and, for `foreach` stages, the same tenant)
+    /// run in one Slurm job.
+    pub group: Option<String>,
 }
 
 /// An output: a path, or a path with options.

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 pub mod afe;
 pub mod cmd;
+pub mod drift;
 pub mod encrypt;
 pub mod generate;
 pub mod ingest;
@@ -38,11 +39,19 @@ pub struct Services {
 }
 
 impl Services {
-    /// `keyring`: an already opened keyring (else opened on first use).
-    pub fn new(ws: &Workspace, tenants: Option<Tenants>, states: Arc<StateStore>, keyring: Option<Arc<Keyring>>) -> Services {
+    /// `keyring`: an already opened keyring (else opened on first use,
+    /// unless `read_only`: status and dry runs never create a key, so there
+    /// the keyring is what `keyring` says, or an error).
+    pub fn new(ws: &Workspace, tenants: Option<Tenants>, states: Arc<StateStore>, keyring: Option<Arc<Keyring>>, read_only: bool) -> Services {
         let cell = OnceLock::new();
-        if let Some(k) = keyring {
-            let _ = cell.set(Ok(k));
+        match keyring {
+            Some(k) => {
+                let _ = cell.set(Ok(k));
+            }
+            None if read_only => {
+                let _ = cell.set(Err("no master key in this workspace yet (nothing is created by a read-only command)".to_string()));
+            }
+            None => {}
         }
         Services { workspace: ws.root().to_path_buf(), ws: ws.clone(), tenants, states, keyring: cell }
     }
@@ -149,6 +158,7 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
         Arc::new(store::Store),
         Arc::new(train::Train),
         Arc::new(serve_check::ServeCheck),
+        Arc::new(drift::Drift),
     ];
     kinds.into_iter().map(|k| (k.name(), k)).collect()
 }

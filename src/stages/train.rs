@@ -8,7 +8,9 @@
 //! deterministic bytes; its `model_version` is derived from the stage's cache
 //! key, i.e. from exactly the inputs and params that made it.
 //! Beside it, `….eval.json` (`model::evaluation`) holds the hold-out ROC,
-//! calibration and confusion aggregates the report draws.
+//! calibration and confusion aggregates the report draws. Every model is
+//! registered in the model registry; `promote: auto` (default) makes it the
+//! tenant's champion, `promote: manual` leaves that to `dagrun models promote`.
 
 use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::data::schema;
@@ -20,6 +22,16 @@ use serde_json::{Map, Value, json};
 
 pub struct Train;
 
+/// `with.promote`: `auto` (default: a model that passes `min_auc` becomes the
+/// tenant's champion) or `manual` (registered only).
+fn promote_mode(with: &Map<String, Value>) -> std::result::Result<&str, String> {
+    match with.get("promote") {
+        None => Ok("auto"),
+        Some(Value::String(s)) if s == "auto" || s == "manual" => Ok(s.as_str()),
+        Some(v) => Err(format!("`with.promote` = {v}: use auto or manual")),
+    }
+}
+
 impl StageKind for Train {
     fn name(&self) -> &'static str {
         "train"
@@ -28,7 +40,8 @@ impl StageKind for Train {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["store", "C", "min_auc", "output", "tenant"])?;
+        check_keys(with, &["store", "C", "min_auc", "output", "tenant", "promote"])?;
+        promote_mode(with)?;
         if tenant.is_none() {
             return Err("`uses: train` runs per tenant: add `foreach: tenants`".into());
         }
@@ -126,8 +139,24 @@ impl StageKind for Train {
         artifact.seal(&key)?;
         let scores: Vec<f64> = outcome.test_scores.iter().map(|&(_, p)| p).collect();
         let eval = crate::model::evaluation::Evaluation::compute(tenant, &artifact.model_version, &outcome.test_labels, &scores);
-        write_atomic(&ctx.outs[0], &artifact.to_json_bytes())?;
+        let bytes = artifact.to_json_bytes();
+        write_atomic(&ctx.outs[0], &bytes)?;
         write_atomic(&ctx.outs[1], &eval.to_json_bytes())?;
+        // Register the model (the run holds the workspace lock); `promote:
+        // auto` (the default) makes it the champion, `manual` leaves the
+        // champion to `dagrun models promote`.
+        let registry = crate::registry::Registry::of_workspace(ctx.workspace);
+        registry.register(&bytes, &key)?;
+        let promoted = if promote_mode(w).map_err(|e| anyhow!(e))? == "auto" {
+            let current = registry.champion(tenant)?.map(|c| c.version);
+            if current.as_deref() != Some(artifact.model_version.as_str()) {
+                let why = format!("train: test AUC {:.4} >= min_auc {min_auc} (promote: auto)", m.auc);
+                registry.promote(tenant, &artifact.model_version, &format!("{} (dagrun run)", crate::registry::current_user()), &why, &key)?;
+            }
+            true
+        } else {
+            false
+        };
         let mut facts = Map::new();
         facts.insert("model_version".into(), artifact.model_version.into());
         facts.insert("auc".into(), json!(m.auc));
@@ -135,6 +164,7 @@ impl StageKind for Train {
         facts.insert("accuracy".into(), json!(m.accuracy));
         facts.insert("rows_train".into(), m.rows_train.into());
         facts.insert("rows_test".into(), m.rows_test.into());
+        facts.insert("promoted".into(), promoted.into());
         Ok(RunReport { facts })
     }
 }

@@ -204,6 +204,17 @@ impl StateStore {
         write_atomic_with(&dest, &self.seal(st)?, Durability::Verified)
     }
 
+    /// Install an action entry made elsewhere (a record pulled from a
+    /// remote cache, validated by the caller): sealed under this workspace's
+    /// integrity key and written atomically. A valid local entry is kept.
+    pub fn import_action(&self, st: &StageState) -> Result<()> {
+        if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.actions_dir)?;
+        write_atomic_with(&self.action_file(&st.key), &self.seal(st)?, Durability::Verified)
+    }
+
     fn scan_dir(&self, dir: &Path) -> Vec<(PathBuf, Loaded<StageState>)> {
         let mut v = Vec::new();
         if let Ok(rd) = std::fs::read_dir(dir) {

@@ -186,6 +186,18 @@ impl Ws {
     }
 }
 
+/// A workspace with the shipped pipelines (`pipelines/propensity*.yaml`) and
+/// the given `config/tenants.yaml`.
+pub fn shipped_workspace(tenants: &str) -> Ws {
+    let ws = Ws::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
+        ws.write(&format!("pipelines/{p}"), std::fs::read(root.join("pipelines").join(p)).unwrap());
+    }
+    ws.write("config/tenants.yaml", tenants);
+    ws
+}
+
 /// One `dagrun run`.
 #[derive(Debug)]
 pub struct Run {
@@ -235,4 +247,26 @@ pub fn set(names: &[&str]) -> BTreeSet<String> {
 /// blake3 hex of a file.
 pub fn b3(p: &Path) -> String {
     blake3::hash(&std::fs::read(p).unwrap()).to_hex().to_string()
+}
+
+/// An encrypted file with its ciphertexts decrypted: (key id, every other column, plaintexts).
+pub fn decrypted(path: &Path, key: &dagrun::crypto::DataKey, tenant: &str) -> (String, Vec<arrow_array::RecordBatch>, Vec<Vec<u8>>) {
+    use arrow_array::{Array, BinaryArray, Int64Array};
+    use dagrun::data::parquet_io::{open_batches, read_footer_kv};
+    let key_id = read_footer_kv(path).unwrap().get("dagrun.key_id").cloned().unwrap_or_default();
+    let mut rest = Vec::new();
+    let mut plain = Vec::new();
+    for b in open_batches(path, 4096).unwrap() {
+        let b = b.unwrap();
+        let schema = b.schema();
+        let ids = b.column_by_name("Customer_ID").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
+        let enc_idx = schema.index_of("Sensitive_Data_Enc").unwrap();
+        let enc = b.column(enc_idx).as_any().downcast_ref::<BinaryArray>().unwrap().clone();
+        for i in 0..b.num_rows() {
+            plain.push(dagrun::crypto::aead::decrypt_field(key, tenant, "Sensitive_Data", ids.value(i), enc.value(i)).unwrap());
+        }
+        let keep: Vec<usize> = (0..b.num_columns()).filter(|&i| i != enc_idx).collect();
+        rest.push(b.project(&keep).unwrap());
+    }
+    (key_id, rest, plain)
 }

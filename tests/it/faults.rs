@@ -5,7 +5,7 @@
 //! (Plain failures, timeouts, retries, the lock and one SIGKILL of a `cmd`
 //! chain are in tests/failures.rs.)
 
-use arrow_array::{Array, BinaryArray, Int64Array, RecordBatch};
+use arrow_array::RecordBatch;
 use crate::common::*;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -152,27 +152,6 @@ fn assert_fresh_is_true(root: &Path, rows: &str, when: &str) {
 fn tenant_key(root: &Path, tenant: &str) -> dagrun::crypto::DataKey {
     let o = ok(dr(root, &["keys", "export", tenant, "--i-understand-this-prints-a-secret"]));
     dagrun::crypto::DataKey::from_bytes(hex::decode(o.stdout.trim()).unwrap().try_into().unwrap())
-}
-
-/// An encrypted file with its ciphertexts decrypted: (key id, every other column, plaintexts).
-fn decrypted(path: &Path, key: &dagrun::crypto::DataKey, tenant: &str) -> (String, Vec<RecordBatch>, Vec<Vec<u8>>) {
-    use dagrun::data::parquet_io::{open_batches, read_footer_kv};
-    let key_id = read_footer_kv(path).unwrap().get("dagrun.key_id").cloned().unwrap_or_default();
-    let mut rest = Vec::new();
-    let mut plain = Vec::new();
-    for b in open_batches(path, 4096).unwrap() {
-        let b = b.unwrap();
-        let schema = b.schema();
-        let ids = b.column_by_name("Customer_ID").unwrap().as_any().downcast_ref::<Int64Array>().unwrap().clone();
-        let enc_idx = schema.index_of("Sensitive_Data_Enc").unwrap();
-        let enc = b.column(enc_idx).as_any().downcast_ref::<BinaryArray>().unwrap().clone();
-        for i in 0..b.num_rows() {
-            plain.push(dagrun::crypto::aead::decrypt_field(key, tenant, "Sensitive_Data", ids.value(i), enc.value(i)).unwrap());
-        }
-        let keep: Vec<usize> = (0..b.num_columns()).filter(|&i| i != enc_idx).collect();
-        rest.push(b.project(&keep).unwrap());
-    }
-    (key_id, rest, plain)
 }
 
 /// Files whose bytes are deterministic given the same inputs and keyring.

@@ -537,7 +537,13 @@ fn the_master_key_uri_and_its_pin_source_never_reach_a_child() {
     // records, `crypto::integrity`), cmd-only pipelines too.
     let tok = Token::new();
     let ws = Ws::new();
+    // A stage may not declare it (util::child_env): refused before anything runs.
     ws.pipeline("stages:\n  show:\n    cmd: env > seen.txt\n    outs: [seen.txt]\n    env: { DAGRUN_MASTER_KEY_URI: leaked }\n");
+    let o = dg(&ws, Some(&tok), &["run", "pipeline.yaml"], &[("DAGRUN_MASTER_KEY_URI", tok.uri.as_str())]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("DAGRUN_MASTER_KEY_URI") && !ws.exists("seen.txt"), "{}", o.stderr);
+    // Inherited from dagrun's environment, it is withheld.
+    ws.pipeline("stages:\n  show:\n    cmd: env > seen.txt\n    outs: [seen.txt]\n");
     let o = dg(&ws, Some(&tok), &["run", "pipeline.yaml"], &[("DAGRUN_MASTER_KEY_URI", tok.uri.as_str())]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let seen = ws.read("seen.txt");

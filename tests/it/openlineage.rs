@@ -208,7 +208,7 @@ fn every_event_of_a_real_run_follows_the_spec_pairs_and_links_to_its_parent() {
         check_event(e, &format!("event {i}"));
     }
     let pairs = pairing(&events);
-    assert_eq!(pairs.len(), 13, "the pipeline and its 12 stages");
+    assert_eq!(pairs.len(), 15, "the pipeline and its 14 stages");
     let (_, root_job, jobs) = by_job(&events);
     assert_eq!(root_job, "pipelines/propensity");
     let stages: BTreeSet<String> = r.statuses().keys().cloned().collect();
@@ -267,12 +267,12 @@ fn every_event_of_a_real_run_follows_the_spec_pairs_and_links_to_its_parent() {
 
     // A no-op run: every stage is reported, as COMPLETE with no work done.
     let r2 = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000"])).ok();
-    assert_eq!(r2.with("cached").len(), 12);
+    assert_eq!(r2.with("cached").len(), 14);
     let ev2 = events_of(&ws, &r2);
     for (i, e) in ev2.iter().enumerate() {
         check_event(e, &format!("no-op event {i}"));
     }
-    assert_eq!(pairing(&ev2).len(), 13);
+    assert_eq!(pairing(&ev2).len(), 15);
     let (_, _, jobs2) = by_job(&ev2);
     for (stage, evs) in &jobs2 {
         let end = &evs[1];

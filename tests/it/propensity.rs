@@ -350,14 +350,15 @@ fn predict_on_training_rows_matches_the_offline_path() {
     let o = run(ws.path(), &["predict", "--tenant", "Tenant_B", "--input", raw.to_str().unwrap()], &[]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("Tenant_A"), "{}", String::from_utf8_lossy(&o.stderr));
-    // A model edited by hand is refused.
-    let mp = ws.path().join("models/Tenant_A/model.json");
+    // predict serves the tenant's champion from the model registry: the
+    // champion's registered copy edited by hand is refused.
+    let mp = ws.path().join(format!(".dagrun/registry/Tenant_A/versions/{}.json", model.model_version));
     let mut bytes = std::fs::read(&mp).unwrap();
     bytes.extend_from_slice(b" ");
     std::fs::write(&mp, bytes).unwrap();
     let o = run(ws.path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap()], &[]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("lineage record"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not match its registry record"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

@@ -1,0 +1,145 @@
+//! `dagrun models list | promote | rollback | history`: the model registry
+//! (see `crate::registry`). Promotion and rollback take the workspace lock,
+//! verify the model, and are written atomically and to the history.
+
+use crate::engine::lock;
+use crate::registry::{Registry, current_user};
+use anyhow::Result;
+use std::path::Path;
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ModelsCmd {
+    /// Registered versions (time, AUC, feature version, lineage hash, alias).
+    List {
+        tenant: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make VERSION the tenant's champion (a running server switches to it).
+    Promote {
+        tenant: String,
+        version: String,
+        /// Why (kept in the history).
+        #[arg(long, default_value = "manual promotion")]
+        reason: String,
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        wait: f64,
+    },
+    /// Return the tenant to its previous champion.
+    Rollback {
+        tenant: String,
+        #[arg(long, default_value = "manual rollback")]
+        reason: String,
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        wait: f64,
+    },
+    /// Promotions and rollbacks: who, when, from, to, why.
+    History {
+        tenant: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn check_tenant(t: &str) -> Result<()> {
+    crate::pipeline::tenants::validate_tenant_id(t).map_err(|m| crate::error::config(format!("tenant: {m}")))
+}
+
+pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
+    let dir = workspace.join(crate::engine::DAGRUN_DIR);
+    let reg = Registry::new(&dir);
+    let ws = crate::workspace::Workspace::at(workspace);
+    // Promotion and rollback verify the model they name (MAC, tenant).
+    let key = || crate::scoring::integrity_key_of(&ws);
+    match cmd {
+        ModelsCmd::List { tenant, json } => {
+            let tenants = match tenant {
+                Some(t) => {
+                    check_tenant(t)?;
+                    vec![t.clone()]
+                }
+                None => reg.tenants(),
+            };
+            let mut out = vec![];
+            for t in &tenants {
+                let champ = reg.champion(t)?;
+                let prev = champ.as_ref().and_then(|c| c.previous.last().cloned());
+                for e in reg.versions(t)? {
+                    let alias = if champ.as_ref().is_some_and(|c| c.version == e.version) {
+                        "champion"
+                    } else if prev.as_deref() == Some(e.version.as_str()) {
+                        "previous"
+                    } else {
+                        ""
+                    };
+                    out.push((t.clone(), e, alias));
+                }
+            }
+            if *json {
+                let v: Vec<_> = out
+                    .iter()
+                    .map(|(t, e, a)| serde_json::json!({"tenant": t, "version": e.version, "registered_at": e.registered_at, "auc": e.auc,
+                        "feature_version": e.feature_version, "lineage_hash": e.lineage_hash, "blake3": e.blake3, "alias": if a.is_empty() { None } else { Some(a) }}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "models": v }))?);
+                return Ok(());
+            }
+            if out.is_empty() {
+                println!("no registered models (train registers them; see `dagrun run`)");
+                return Ok(());
+            }
+            println!("{:<16} {:<28} {:<24} {:>7}  {:<8} {:<14} ALIAS", "TENANT", "VERSION", "REGISTERED", "AUC", "FEATURES", "LINEAGE");
+            for (t, e, a) in &out {
+                println!(
+                    "{:<16} {:<28} {:<24} {:>7.4}  {:<8} {:<14} {}",
+                    t,
+                    e.version,
+                    e.registered_at,
+                    e.auc,
+                    e.feature_version,
+                    &e.lineage_hash[..e.lineage_hash.len().min(12)],
+                    a
+                );
+            }
+        }
+        ModelsCmd::Promote { tenant, version, reason, wait } => {
+            check_tenant(tenant)?;
+            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(wait.max(0.0))), "dagrun models promote")?;
+            if !reg.versions(tenant)?.iter().any(|e| &e.version == version) {
+                // A model trained before the registry existed: register the
+                // train stage's current output, verified against its lineage record.
+                if let Ok(d) = crate::scoring::load_trained(&ws, key()?, tenant, None)
+                    && &d.artifact.model_version == version
+                {
+                    let bytes = std::fs::read(&d.model_path)?;
+                    if blake3::hash(&bytes).to_hex().as_str() == d.model_hash {
+                        reg.register(&bytes, &*key()?)?;
+                    }
+                }
+            }
+            let from = reg.promote(tenant, version, &current_user(), reason, &*key()?)?;
+            println!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"));
+        }
+        ModelsCmd::Rollback { tenant, reason, wait } => {
+            check_tenant(tenant)?;
+            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(wait.max(0.0))), "dagrun models rollback")?;
+            let (from, to) = reg.rollback(tenant, &current_user(), reason, &*key()?)?;
+            println!("tenant {tenant}: champion {from} -> {to} (rolled back)");
+        }
+        ModelsCmd::History { tenant, json } => {
+            check_tenant(tenant)?;
+            let h = reg.history(tenant)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "history": h }))?);
+                return Ok(());
+            }
+            if h.is_empty() {
+                println!("tenant {tenant}: no promotions yet");
+            }
+            for e in &h {
+                println!("{}  {:<8} {:<28} -> {:<28} by {}: {}", e.time, e.action, e.from.as_deref().unwrap_or("(none)"), e.to, e.who, e.why);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! `dagrun pull [PIPELINE] [--remote URL] [--tenant T…]`: fetch the action
+//! entries and cache objects the local workspace lacks from the remote cache;
+//! and the `run --pull` hook ([`RemoteHit`]) that fetches one stage's key.
+//!
+//! Rules:
+//! - Everything read from the remote is untrusted. A record is refused unless
+//!   it parses as a stage record, is at most 1 MiB, its name is its cache key
+//!   and its ingredients hash to that key, its stage's tenant is the prefix's
+//!   tenant, every output path is plain and relative, every hash is a blake3
+//!   digest, and no sensitive output claims to be cached. Directory listings
+//!   (tree objects) are checked the same way before their files are fetched.
+//! - Every object is verified (blake3 = name) before it lands in the local
+//!   cache, atomically; an action entry is written only after all its objects.
+//! - Sensitive outputs are never fetched (they were never pushed).
+//! - Nothing local is overwritten: what the workspace has is kept.
+//! - A record's MAC is made with the key of the workspace that wrote it, so a
+//!   pulled record is not trusted for its MAC: it is checked as above and then
+//!   sealed under this workspace's integrity key when installed
+//!   ([`StateStore::import_action`]). Whoever can write to the remote can
+//!   therefore make a pull install wrong outputs under a key (as with any
+//!   shared build cache): protect the bucket with its own access rules.
+//! - `pull` holds the workspace lock while it writes.
+
+use crate::config::{DagrunConfig, RemoteConfig};
+use crate::engine::RemoteSource;
+use crate::pipeline::{Pipeline, Stage};
+use crate::remote::{Download, RECORD_MAX, Remote, check_relative_path, is_hash};
+use crate::workspace::cas::Cas;
+use crate::workspace::hashing::{TreeEntry, decode_tree};
+use crate::workspace::state::{Loaded, StageState, StateStore};
+use crate::workspace::{ContentHash, Workspace};
+use anyhow::{Context, Result, anyhow, bail};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+/// Open the remote: `--remote URL` if given, else `remote:` of `config/dagrun.yaml`.
+/// `--remote` replaces the URL only; the file's `endpoint:` etc. still apply.
+pub fn open_remote(workspace: &Path, flag: Option<&str>) -> Result<Remote> {
+    let cfg = DagrunConfig::load(workspace)?;
+    let rc = match (flag, cfg.remote) {
+        (Some(url), Some(file)) => RemoteConfig { url: url.to_string(), ..file },
+        (Some(url), None) => RemoteConfig::from_url(url),
+        (None, Some(file)) => file,
+        (None, None) => {
+            return Err(crate::error::config(format!(
+                "no remote: give --remote URL, or add to {}/{}:\n  remote:\n    url: s3://BUCKET/PREFIX",
+                workspace.display(),
+                crate::config::CONFIG_FILE
+            )));
+        }
+    };
+    Remote::open(&rc)
+}
+
+/// The tenant of a stage name: `NAME[TENANT]` → Some(TENANT), `NAME` → None.
+pub fn tenant_of(stage: &str) -> Result<Option<String>> {
+    let Some(open) = stage.find('[') else {
+        if stage.is_empty() || stage.contains(']') {
+            bail!("stage name {:?} is malformed", stage.chars().take(80).collect::<String>());
+        }
+        return Ok(None);
+    };
+    let t = stage[open + 1..].strip_suffix(']').ok_or_else(|| anyhow!("stage name {:?} is malformed", stage.chars().take(80).collect::<String>()))?;
+    if open == 0 || !crate::data::is_valid_tenant_id(t) {
+        bail!("stage name {:?} does not name a valid tenant", stage.chars().take(80).collect::<String>());
+    }
+    Ok(Some(t.to_string()))
+}
+
+/// Parse and check a stage record (an action entry or state record) read
+/// from the remote or from disk; returns it with its tenant.
+pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(StageState, Option<String>)> {
+    if bytes.len() as u64 > RECORD_MAX {
+        bail!("record is {} bytes, over the {} limit", bytes.len(), RECORD_MAX);
+    }
+    // Every hash field parses as a `ContentHash` (or the record is refused).
+    let st: StageState = serde_json::from_slice(bytes).map_err(|e| anyhow!("not a stage record ({e})"))?;
+    if let Some(k) = expected_key {
+        if st.key.as_str() != k {
+            bail!("record is stored under key {} but holds key {}", &k[..12.min(k.len())], st.key.short());
+        }
+    }
+    let recomputed = st.ingredients.key();
+    if recomputed != st.key {
+        bail!("record's ingredients hash to {}, not to its key {}: altered or corrupted", recomputed.short(), st.key.short());
+    }
+    let tenant = tenant_of(&st.stage)?;
+    for (path, o) in &st.outputs {
+        check_relative_path(path).with_context(|| "output of the record")?;
+        if o.sensitive && o.cached {
+            bail!("output {path} is marked sensitive and cached at once: refused");
+        }
+    }
+    Ok((st, tenant))
+}
+
+/// Validate a tree listing read from the remote or the cache.
+pub fn validate_tree(bytes: &[u8]) -> Result<Vec<TreeEntry>> {
+    // Paths are checked by `decode_tree` (relative, no `..`, no NUL, sorted).
+    let entries = decode_tree(bytes).map_err(|e| anyhow!("directory listing: {e}"))?;
+    for (i, e) in entries.iter().enumerate() {
+        if let TreeEntry::Link { target, .. } = e {
+            if target.starts_with('/') || target.split('/').any(|c| c == "..") {
+                bail!("directory listing entry {}: symlink points outside the directory", i + 1);
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// A validated record from the remote, with where it came from.
+struct Fetched {
+    tenant: Option<String>,
+    key: ContentHash,
+    st: StageState,
+}
+
+/// What a pull did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PullReport {
+    pub remote: String,
+    pub records_fetched: usize,
+    pub records_present: usize,
+    pub objects_fetched: usize,
+    pub bytes_fetched: u64,
+    pub objects_present: usize,
+    /// Records refused or whose objects could not be fetched, with why.
+    pub problems: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Fetch the objects of validated records into the local cache and then
+/// write their action entries. Returns (objects fetched, bytes, objects
+/// already present) and the keys that succeeded; problems are appended.
+fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Vec<String>) -> (usize, u64, usize, Vec<ContentHash>) {
+    let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
+    let mut failed: HashSet<ContentHash> = HashSet::new();
+    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
+        // Dedupe by (scope, hash); skip what the local cache holds.
+        let mut seen = BTreeSet::new();
+        let mut list: Vec<(Vec<usize>, Download)> = Vec::new();
+        for (ri, tenant, hash) in wanted {
+            if cas.has(&hash) {
+                if seen.insert((tenant.clone(), hash.clone())) {
+                    present += 1;
+                }
+                continue;
+            }
+            if let Some(d) = list.iter_mut().find(|(_, d)| d.hash == hash.as_str() && d.tenant == tenant) {
+                d.0.push(ri);
+                continue;
+            }
+            seen.insert((tenant.clone(), hash.clone()));
+            list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string() }));
+        }
+        let downloads: Vec<Download> = list.iter().map(|(_, d)| d.clone()).collect();
+        for ((ris, _), r) in list.iter().zip(remote.download(&downloads)) {
+            match r {
+                Ok(n) => {
+                    fetched += 1;
+                    bytes += n;
+                }
+                Err(e) => {
+                    problems.push(format!("{e:#}"));
+                    for &ri in ris {
+                        failed.insert(recs[ri].key.clone());
+                    }
+                }
+            }
+        }
+    };
+    // Wave 1: file outputs and directory listings.
+    let mut wave1 = Vec::new();
+    for (ri, r) in recs.iter().enumerate() {
+        for o in r.st.outputs.values().filter(|o| o.cached && !o.sensitive) {
+            wave1.push((ri, r.tenant.clone(), o.hash.clone()));
+        }
+    }
+    fetch_wave(wave1, &mut failed, problems);
+    // Wave 2: the files of directory outputs (their listings are now local and verified).
+    let mut wave2 = Vec::new();
+    for (ri, r) in recs.iter().enumerate() {
+        if failed.contains(&r.key) {
+            continue;
+        }
+        for (path, o) in r.st.outputs.iter().filter(|(_, o)| o.dir && o.cached && !o.sensitive) {
+            let listing = std::fs::read(cas.object_path(&o.hash)).map_err(anyhow::Error::from).and_then(|b| {
+                if ContentHash::of_bytes(&b) != o.hash {
+                    bail!("cache object {} is corrupted", o.hash.short());
+                }
+                validate_tree(&b)
+            });
+            match listing {
+                Ok(entries) => {
+                    for e in entries {
+                        if let TreeEntry::File { hash, .. } = e {
+                            wave2.push((ri, r.tenant.clone(), hash));
+                        }
+                    }
+                }
+                Err(e) => {
+                    problems.push(format!("record {} ({}): directory output {path}: {e:#}; refused", r.key.short(), r.st.stage));
+                    failed.insert(r.key.clone());
+                }
+            }
+        }
+    }
+    fetch_wave(wave2, &mut failed, problems);
+    let mut done = Vec::new();
+    for r in &recs {
+        if failed.contains(&r.key) {
+            continue;
+        }
+        match states.import_action(&r.st) {
+            Ok(()) => done.push(r.key.clone()),
+            Err(e) => problems.push(format!("cannot write action entry {}: {e:#}", r.key.short())),
+        }
+    }
+    (fetched, bytes, present, done)
+}
+
+/// `dagrun pull`: everything the remote has that the workspace lacks
+/// (restricted to a pipeline's stages and/or some tenants' prefixes).
+pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tenants: &[String]) -> Result<PullReport> {
+    let t0 = Instant::now();
+    let ws = Workspace::at(workspace);
+    let _lock = ws.lock(None, "dagrun pull")?;
+    let ring = crate::crypto::Keyring::open(ws.root())?;
+    let cas = Cas::new(&ws);
+    let states = StateStore::new(&ws, Some(ring.integrity_key()));
+    let mut report = PullReport { remote: remote.shown().to_string(), ..Default::default() };
+    for t in tenants {
+        crate::pipeline::tenants::validate_tenant_id(t).map_err(|e| crate::error::config(format!("--tenant: {e}")))?;
+    }
+    let scopes: Vec<Option<String>> = if !tenants.is_empty() {
+        tenants.iter().cloned().map(Some).collect()
+    } else if let Some(p) = pipeline {
+        let mut v: Vec<Option<String>> = vec![None];
+        let ts: BTreeSet<String> = p.stages.iter().filter_map(|s| s.tenant.clone()).collect();
+        v.extend(ts.into_iter().map(Some));
+        v
+    } else {
+        let mut v = vec![None];
+        v.extend(remote.list_tenants()?.into_iter().map(Some));
+        v
+    };
+    let names: Option<HashSet<&str>> = pipeline.map(|p| p.stages.iter().map(|s| s.name.as_str()).collect());
+    let mut recs = Vec::new();
+    for scope in &scopes {
+        let keys = remote.list_actions(scope.as_deref())?;
+        for key in keys {
+            let Ok(key) = ContentHash::parse(&key) else { continue };
+            if matches!(states.load_action(&key), Loaded::Valid(_)) {
+                report.records_present += 1;
+                continue;
+            }
+            let Some(bytes) = remote.get_action(scope.as_deref(), key.as_str())? else { continue };
+            let (st, tenant) = match validate_record(&bytes, Some(key.as_str())) {
+                Ok(v) => v,
+                Err(e) => {
+                    report.problems.push(format!("{}: {e:#}; refused", remote.action_location(scope.as_deref(), key.as_str())));
+                    continue;
+                }
+            };
+            if tenant != *scope {
+                report.problems.push(format!(
+                    "{}: record of stage {} is under the wrong prefix; refused",
+                    remote.action_location(scope.as_deref(), key.as_str()),
+                    st.stage
+                ));
+                continue;
+            }
+            if names.as_ref().is_some_and(|n| !n.contains(st.stage.as_str())) {
+                continue;
+            }
+            recs.push(Fetched { tenant, key, st });
+        }
+    }
+    let (f, b, p, done) = install(remote, &cas, &states, recs, &mut report.problems);
+    report.objects_fetched = f;
+    report.bytes_fetched = b;
+    report.objects_present = p;
+    report.records_fetched = done.len();
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The `run --pull` hook for a workspace (`--remote URL` or the config's).
+pub fn hook(workspace: &Path, flag: Option<&str>) -> Result<std::sync::Arc<dyn RemoteSource>> {
+    Ok(std::sync::Arc::new(RemoteHit { remote: open_remote(workspace, flag)? }))
+}
+
+/// The `run --pull` hook: fetch one stage's key from the remote into the
+/// run's own stores.
+pub struct RemoteHit {
+    remote: Remote,
+}
+
+impl std::fmt::Debug for RemoteHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteHit").field("remote", &self.remote.shown()).finish()
+    }
+}
+
+impl RemoteSource for RemoteHit {
+    fn fetch(&self, stage: &Stage, key: &ContentHash, states: &StateStore, cas: &Cas) -> Result<bool> {
+        let tenant = stage.tenant.as_deref();
+        let Some(bytes) = self.remote.get_action(tenant, key.as_str())? else {
+            tracing::debug!("{}: key {} is not in the remote cache", stage.name, key.short());
+            return Ok(false);
+        };
+        let (st, t) = validate_record(&bytes, Some(key.as_str())).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key.as_str())))?;
+        if t.as_deref() != tenant {
+            bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key.as_str()), st.stage);
+        }
+        let mut problems = Vec::new();
+        let (n, bytes_in, _, done) = install(&self.remote, cas, states, vec![Fetched { tenant: t, key: key.clone(), st }], &mut problems);
+        if done.is_empty() {
+            bail!("{}", problems.join("; "));
+        }
+        tracing::info!("{}: fetched its cache entry from {} ({n} objects, {bytes_in} bytes)", stage.name, self.remote.shown());
+        Ok(true)
+    }
+
+    fn shown(&self) -> String {
+        self.remote.shown().to_string()
+    }
+}
+
+/// Print a pull's report (stderr for problems).
+pub fn print(r: &PullReport) {
+    println!(
+        "pulled {} records and {} objects ({}) from {} in {:.2}s; {} records and {} objects were already here",
+        r.records_fetched,
+        r.objects_fetched,
+        human_bytes(r.bytes_fetched),
+        r.remote,
+        r.seconds,
+        r.records_present,
+        r.objects_present
+    );
+    for p in &r.problems {
+        eprintln!("problem: {p}");
+    }
+}
+
+/// 1234567 → "1.2 MiB".
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
+/// Keys of records a workspace holds (for tests and `push`).
+pub fn local_keys(states: &StateStore) -> BTreeMap<String, std::path::PathBuf> {
+    let mut out = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir(states.actions_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(k) = name.strip_suffix(".json").filter(|k| is_hash(k)) {
+                out.insert(k.to_string(), e.path());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_tenants() {
+        assert_eq!(tenant_of("train[Tenant_A]").unwrap().as_deref(), Some("Tenant_A"));
+        assert_eq!(tenant_of("generate").unwrap(), None);
+        for bad in ["train[../x]", "[A]", "train[A", "train]", "x[a b]", ""] {
+            assert!(tenant_of(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn trees_with_escaping_paths_are_refused() {
+        let h = "a".repeat(64);
+        let tree = |entries: &str| format!("{{\"format\":\"dagrun-tree/2\",\"entries\":[{entries}]}}");
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"a/b\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_ok());
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"../b\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_err());
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"/etc/x\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_err());
+        assert!(validate_tree(tree("{\"type\":\"link\",\"path\":\"x\",\"target\":\"/etc/passwd\"}").as_bytes()).is_err());
+        assert!(validate_tree(tree("{\"type\":\"link\",\"path\":\"x\",\"target\":\"../../y\"}").as_bytes()).is_err());
+        assert!(validate_tree(b"garbage").is_err());
+    }
+}

@@ -1,0 +1,280 @@
+//! `dagrun push [PIPELINE] [--remote URL] [--tenant T…]`: upload the cache
+//! objects and records (action entries and state records) the remote lacks.
+//!
+//! Rules:
+//! - Only records whose every output is either cached (not sensitive) or
+//!   sensitive (never cached) are pushed: those can be restored elsewhere.
+//!   A state record travels as the action entry of its key (stage names
+//!   collide between workspaces, keys do not).
+//! - Sensitive outputs are never pushed: their bytes are not in the cache,
+//!   and with a PIPELINE a record that calls an output the pipeline declares
+//!   `sensitive` anything else is refused. Only the record (hashes, facts)
+//!   travels, so the other side knows the producer is up to date.
+//! - Local records and objects are validated before they leave (the same
+//!   checks `pull` applies); an object whose bytes no longer match its name is
+//!   not uploaded, and neither is any record that needs it.
+//! - Objects first (in parallel), records after: the remote never holds a
+//!   record whose objects are missing. Uploading what is there is skipped (a
+//!   listing per prefix, compared by name and size), so a push is idempotent
+//!   and an interrupted push is completed by the next one.
+//! - Only records whose MAC verifies under this workspace's integrity key
+//!   leave it (a record modified outside dagrun is reported, not pushed). The
+//!   exact bytes are uploaded; a puller checks their shape and key binding and
+//!   seals them under its own key (`pull`'s rules).
+
+use super::pull::{human_bytes, validate_record, validate_tree};
+use crate::workspace::cas::Cas;
+use crate::workspace::hashing::TreeEntry;
+use crate::workspace::state::{Loaded, StateStore};
+use crate::workspace::{ContentHash, Workspace};
+use crate::pipeline::Pipeline;
+use crate::remote::{Remote, Upload};
+use anyhow::{Result, bail};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+/// What a push did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PushReport {
+    pub remote: String,
+    pub records_sent: usize,
+    pub records_present: usize,
+    pub objects_sent: usize,
+    pub bytes_sent: u64,
+    pub objects_present: usize,
+    /// Records that were not pushed, with why (not an error).
+    pub skipped: Vec<String>,
+    /// Uploads that failed (an error: exit 1).
+    pub failed: Vec<String>,
+    pub seconds: f64,
+}
+
+struct Local {
+    tenant: Option<String>,
+    key: ContentHash,
+    stage: String,
+    bytes: Vec<u8>,
+    objects: Vec<ContentHash>,
+}
+
+/// Every local record worth pushing, validated, deduplicated by key.
+fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Option<&Pipeline>, tenants: &[String], skipped: &mut Vec<String>) -> Vec<Local> {
+    let mut files: Vec<(std::path::PathBuf, Option<String>)> = super::pull::local_keys(states).into_iter().map(|(k, p)| (p, Some(k))).collect();
+    if let Ok(rd) = std::fs::read_dir(states.state_dir()) {
+        let mut v: Vec<_> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        v.sort();
+        files.extend(v.into_iter().map(|p| (p, None)));
+    }
+    let declared: Option<BTreeMap<&str, &crate::pipeline::Stage>> = pipeline.map(|p| p.stages.iter().map(|s| (s.name.as_str(), s)).collect());
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (path, key) in files {
+        let shown = ws.rel(&path);
+        if let Loaded::Invalid(e) = states.read_record(&path) {
+            skipped.push(format!("{e}; not pushed (`dagrun verify` checks the workspace)"));
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let (st, tenant) = match validate_record(&bytes, key.as_deref()) {
+            Ok(v) => v,
+            Err(e) => {
+                skipped.push(format!("{shown}: {e:#}; not pushed (`dagrun verify` checks the workspace)"));
+                continue;
+            }
+        };
+        if seen.contains(&st.key) {
+            continue;
+        }
+        if !tenants.is_empty() && !tenant.as_ref().is_some_and(|t| tenants.contains(t)) {
+            continue;
+        }
+        if let Some(d) = &declared {
+            let Some(stage) = d.get(st.stage.as_str()) else { continue };
+            if let Some(o) = stage.outs.iter().find(|o| o.sensitive && st.outputs.get(&o.path).is_some_and(|r| !r.sensitive || r.cached)) {
+                skipped.push(format!("{shown}: output {} is declared sensitive but recorded as not; never pushed", o.path));
+                continue;
+            }
+        }
+        if let Some((p, _)) = st.outputs.iter().find(|(_, o)| !o.sensitive && !o.cached) {
+            // `cache: false` output: nothing to restore it from elsewhere.
+            tracing::debug!("{shown}: output {p} is not cached; record not pushed");
+            continue;
+        }
+        let mut objects = Vec::new();
+        let mut bad = None;
+        for (p, o) in st.outputs.iter().filter(|(_, o)| o.cached && !o.sensitive) {
+            if !cas.has(&o.hash) {
+                bad = Some(format!("output {p}: object {} is not in the local cache", o.hash.short()));
+                break;
+            }
+            objects.push(o.hash.clone());
+            if o.dir {
+                let listing = std::fs::read(cas.object_path(&o.hash)).map_err(anyhow::Error::from).and_then(|b| {
+                    if ContentHash::of_bytes(&b) != o.hash {
+                        bail!("its directory listing is corrupted");
+                    }
+                    validate_tree(&b)
+                });
+                match listing {
+                    Ok(entries) => {
+                        for e in entries {
+                            if let TreeEntry::File { hash, .. } = e {
+                                if !cas.has(&hash) {
+                                    bad = Some(format!("output {p}: object {} is not in the local cache", hash.short()));
+                                }
+                                objects.push(hash);
+                            }
+                        }
+                    }
+                    Err(e) => bad = Some(format!("output {p}: {e:#}")),
+                }
+            }
+        }
+        if let Some(why) = bad {
+            skipped.push(format!("{shown} ({}): {why}; not pushed", st.stage));
+            continue;
+        }
+        seen.insert(st.key.clone());
+        out.push(Local { tenant, key: st.key.clone(), stage: st.stage.clone(), bytes, objects });
+    }
+    out
+}
+
+/// `dagrun push`.
+pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tenants: &[String]) -> Result<PushReport> {
+    let t0 = Instant::now();
+    for t in tenants {
+        crate::pipeline::tenants::validate_tenant_id(t).map_err(|e| crate::error::config(format!("--tenant: {e}")))?;
+    }
+    let ws = Workspace::at(workspace);
+    let ring = crate::crypto::Keyring::open_existing(ws.root())?
+        .ok_or_else(|| crate::error::config(format!("{}: no master key, so no record here can be verified: nothing to push", ws.root().display())))?;
+    let states = StateStore::new(&ws, Some(ring.integrity_key()));
+    let cas = Cas::read_only(&ws);
+    let mut report = PushReport { remote: remote.shown().to_string(), ..Default::default() };
+    let recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
+    let scopes: BTreeSet<Option<String>> = recs.iter().map(|r| r.tenant.clone()).collect();
+    // One listing per prefix: what is there already.
+    let mut there: BTreeMap<Option<String>, (BTreeMap<String, u64>, BTreeSet<String>)> = BTreeMap::new();
+    for s in &scopes {
+        there.insert(s.clone(), (remote.list_objects(s.as_deref())?, remote.list_actions(s.as_deref())?));
+    }
+    let mut uploads: Vec<Upload> = Vec::new();
+    let mut planned: HashSet<(Option<String>, String)> = HashSet::new();
+    for r in &recs {
+        let (objs, _) = &there[&r.tenant];
+        for h in &r.objects {
+            let local = cas.object_path(h);
+            let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
+            if objs.get(h.as_str()) == Some(&size) {
+                if planned.insert((r.tenant.clone(), h.to_string())) {
+                    report.objects_present += 1;
+                }
+                continue;
+            }
+            if planned.insert((r.tenant.clone(), h.to_string())) {
+                uploads.push(Upload { tenant: r.tenant.clone(), hash: h.to_string(), file: local });
+            }
+        }
+    }
+    let mut failed_objects: HashSet<(Option<String>, String)> = HashSet::new();
+    for (u, res) in uploads.iter().zip(remote.upload(&uploads)) {
+        match res {
+            Ok(n) => {
+                report.objects_sent += 1;
+                report.bytes_sent += n;
+            }
+            Err(e) => {
+                report.failed.push(format!("{e:#}"));
+                failed_objects.insert((u.tenant.clone(), u.hash.clone()));
+            }
+        }
+    }
+    for r in &recs {
+        let (_, actions) = &there[&r.tenant];
+        if actions.contains(r.key.as_str()) {
+            report.records_present += 1;
+            continue;
+        }
+        if r.objects.iter().any(|h| failed_objects.contains(&(r.tenant.clone(), h.to_string()))) {
+            report.failed.push(format!("record {} ({}) not pushed: one of its objects failed to upload", r.key.short(), r.stage));
+            continue;
+        }
+        match remote.put_action(r.tenant.as_deref(), r.key.as_str(), &r.bytes) {
+            Ok(()) => report.records_sent += 1,
+            Err(e) => report.failed.push(format!("{e:#}")),
+        }
+    }
+    report.seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Arguments of `dagrun push` and `dagrun pull`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only the records of this pipeline's stages (default: every record of the workspace / remote).
+    pub pipeline: Option<std::path::PathBuf>,
+    /// The remote (default: `remote:` in config/dagrun.yaml): s3://BUCKET/PREFIX, gs://, az://, file:///PATH.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Only this tenant's prefix (repeatable), e.g. with a tenant-scoped credential.
+    #[arg(long = "tenant", value_name = "TENANT")]
+    pub tenants: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `dagrun push` (`pull = false`) or `dagrun pull`; exit 1 when a transfer failed.
+pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i32> {
+    let pipeline = match &a.pipeline {
+        Some(f) => Some(crate::pipeline::load(f, workspace_flag, &[])?),
+        None => None,
+    };
+    let ws = match &pipeline {
+        Some(p) => p.workspace.clone(),
+        None => super::find_workspace(workspace_flag)?,
+    };
+    let remote = super::pull::open_remote(&ws, a.remote.as_deref())?;
+    let (failures, json) = if pull {
+        let r = super::pull::pull(&ws, &remote, pipeline.as_ref(), &a.tenants)?;
+        if !a.json {
+            super::pull::print(&r);
+        }
+        (r.problems.len(), serde_json::to_string_pretty(&r)?)
+    } else {
+        let r = push(&ws, &remote, pipeline.as_ref(), &a.tenants)?;
+        if !a.json {
+            print(&r);
+        }
+        (r.failed.len(), serde_json::to_string_pretty(&r)?)
+    };
+    if a.json {
+        println!("{json}");
+    }
+    if failures > 0 {
+        bail!("{failures} transfer(s) failed (see above); run the same command again to complete it");
+    }
+    Ok(crate::error::exit::OK)
+}
+
+/// Print a push's report (stderr for what was skipped or failed).
+pub fn print(r: &PushReport) {
+    println!(
+        "pushed {} records and {} objects ({}) to {} in {:.2}s; {} records and {} objects were already there",
+        r.records_sent,
+        r.objects_sent,
+        human_bytes(r.bytes_sent),
+        r.remote,
+        r.seconds,
+        r.records_present,
+        r.objects_present
+    );
+    for s in &r.skipped {
+        eprintln!("skipped: {s}");
+    }
+    for f in &r.failed {
+        eprintln!("failed: {f}");
+    }
+}

@@ -1,0 +1,107 @@
+//! `dagrun serve`: run the HTTP server (see `crate::serve`) until SIGTERM or
+//! SIGINT, then drain and exit 0.
+
+use crate::serve::{ServeOptions, check_workers, state::Limits};
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address and port to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub listen: String,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback address (e.g. behind a TLS proxy).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// Worker threads (default: number of cores).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Largest request body in bytes (default 8 MiB); larger → 413.
+    #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+    pub max_body: usize,
+    /// Most rows per request; more → 413.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub max_rows: usize,
+    /// A whole request must arrive and be answered within this (else 408).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub request_timeout: f64,
+    /// Request headers (and a TLS handshake) must arrive within this.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub header_timeout: f64,
+    /// On SIGTERM, wait at most this for in-flight requests.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub drain_timeout: f64,
+    /// Folder of the audit log (default .dagrun/audit/).
+    #[arg(long, value_name = "DIR")]
+    pub audit_dir: Option<PathBuf>,
+}
+
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        return Err(crate::error::config(format!("--{flag} {v}: give a number of seconds between 0 and 86400")));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Run the server in the foreground.
+pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
+    let workers = match a.workers {
+        Some(n) => check_workers(n).map_err(|e| crate::error::config(e.to_string()))?,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+    };
+    if a.max_body == 0 || a.max_rows == 0 {
+        return Err(crate::error::config("--max-body and --max-rows must be at least 1"));
+    }
+    let opts = ServeOptions {
+        workspace: workspace.to_path_buf(),
+        listen: a.listen.clone(),
+        tls_cert: a.tls_cert.clone(),
+        tls_key: a.tls_key.clone(),
+        insecure_plaintext: a.insecure_plaintext,
+        audit_dir: a.audit_dir.clone(),
+        limits: Limits {
+            max_body: a.max_body,
+            max_rows: a.max_rows,
+            request_timeout: secs("request-timeout", a.request_timeout)?,
+            header_timeout: secs("header-timeout", a.header_timeout)?,
+            drain_timeout: secs("drain-timeout", a.drain_timeout)?,
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().thread_name("dagrun-serve").build().context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::info!("shutting down: no new connections; finishing requests in flight");
+        };
+        let insecure = a.insecure_plaintext;
+        crate::serve::serve(opts, shutdown, |r, notes| {
+            let scheme = if r.tls { "https" } else { "http" };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "dagrun serve: listening on {scheme}://{} ({workers} workers)", r.addr);
+            for n in notes {
+                let _ = writeln!(out, "  {n}");
+            }
+            if !r.tls && insecure && !r.addr.ip().is_loopback() {
+                let _ = writeln!(out, "  WARNING: plain HTTP on a non-loopback address (--insecure-plaintext): tokens and data cross the network unencrypted");
+            }
+            let _ = out.flush();
+        })
+        .await
+    })?;
+    println!("dagrun serve: stopped");
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! `dagrun tokens create | list | revoke`: the API tokens of `dagrun serve`
+//! (see `crate::serve::tokens`). The token is printed once, by `create`.
+
+use crate::engine::lock;
+use crate::serve::tokens;
+use anyhow::Result;
+use std::path::Path;
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum TokensCmd {
+    /// Create a token for TENANT; prints it once, as the last line.
+    Create {
+        tenant: String,
+        /// A label for the token (who or what uses it).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// The token stops working after this many days.
+        #[arg(long, value_name = "DAYS")]
+        expires_in: Option<f64>,
+    },
+    /// Tokens: id, tenant, name, created, expires, last used (never the token).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id: a running server refuses it within a second.
+    Revoke { id: String },
+}
+
+pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
+    let dir = workspace.join(crate::engine::DAGRUN_DIR);
+    match cmd {
+        TokensCmd::Create { tenant, name, expires_in } => {
+            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens create")?;
+            let (rec, token) = tokens::create(&dir, tenant, name, *expires_in)?;
+            let exp = rec.expires.map(|e| format!(", expires {}", e.format("%Y-%m-%dT%H:%M:%SZ"))).unwrap_or_default();
+            eprintln!("token {} for tenant {}{exp}; it is shown once and stored only as a hash:", rec.id, rec.tenant);
+            println!("{token}");
+        }
+        TokensCmd::List { json } => {
+            let all = tokens::load(&dir)?;
+            let used = tokens::last_used(&dir);
+            let now = chrono::Utc::now();
+            let state = |t: &tokens::TokenRecord| {
+                if t.revoked.is_some() {
+                    "revoked"
+                } else if t.expires.is_some_and(|e| e <= now) {
+                    "expired"
+                } else {
+                    "active"
+                }
+            };
+            if *json {
+                let v: Vec<_> = all
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({"id": t.id, "tenant": t.tenant, "name": t.name, "created": t.created, "expires": t.expires,
+                            "revoked": t.revoked, "last_used": used.get(&t.id), "state": state(t)})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tokens": v }))?);
+                return Ok(());
+            }
+            if all.is_empty() {
+                println!("no tokens (dagrun tokens create TENANT)");
+                return Ok(());
+            }
+            let ts = |d: Option<&chrono::DateTime<chrono::Utc>>| d.map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| "-".into());
+            println!("{:<8}  {:<20} {:<16} {:<8} {:<20}  {:<20}  LAST USED", "ID", "TENANT", "NAME", "STATE", "CREATED", "EXPIRES");
+            for t in &all {
+                println!(
+                    "{:<8}  {:<20} {:<16} {:<8} {:<20}  {:<20}  {}",
+                    t.id,
+                    t.tenant,
+                    if t.name.is_empty() { "-" } else { &t.name },
+                    state(t),
+                    ts(Some(&t.created)),
+                    ts(t.expires.as_ref()),
+                    ts(used.get(&t.id))
+                );
+            }
+        }
+        TokensCmd::Revoke { id } => {
+            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens revoke")?;
+            let t = tokens::revoke(&dir, id)?;
+            println!("token {} of tenant {} revoked; a running server refuses it within a second", t.id, t.tenant);
+        }
+    }
+    Ok(())
+}

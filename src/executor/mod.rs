@@ -1,0 +1,89 @@
+//! Executors: where a stage's *work* runs. The engine (the coordinator)
+//! decides what is stale, hashes inputs before a stage and records outputs
+//! after it; an executor only executes — in this process ([`local`]) or in a
+//! Slurm job running `dagrun exec-stage` ([`slurm`]).
+//!
+//! # Rules
+//! - The engine hands an executor a [`Batch`]: one stage, or a job group's
+//!   chain (members in dependency order). The executor runs the members in
+//!   order and stops at the first failure; it returns one result per member it
+//!   finished or failed, in order (members after a failure are not returned).
+//! - An executor never writes state, cache entries, run records or lineage:
+//!   the engine records each member separately from the outputs on disk, which
+//!   it hashes itself. What an executor reports (facts, the key a job used,
+//!   CPU time) is checked, never trusted for integrity.
+//! - Retries (`retries:`) are the engine's: it calls the executor again with
+//!   the members that did not finish.
+//! - No secret crosses into a job: see [`slurm`] (`--export=NONE`, master key
+//!   read from its file by the job).
+
+pub mod local;
+pub mod slurm;
+pub mod spec;
+
+use crate::pipeline::Stage;
+use crate::stages::RunReport;
+use anyhow::Result;
+
+/// What a member's work produced.
+#[derive(Debug, Default)]
+pub struct Done {
+    pub report: RunReport,
+    /// The cache key the work ran under, when computed outside the engine (a job).
+    pub key: Option<String>,
+    /// Wall time of the member's work.
+    pub seconds: f64,
+    /// CPU time (user+sys) of the member's work, where measured.
+    pub cpu_seconds: Option<f64>,
+    /// Which job ran it (`slurm:ID`), when not this process.
+    pub job: Option<String>,
+}
+
+/// Runs one member's work in this process (built by the engine).
+pub type LocalWork<'a> = dyn Fn() -> Result<Done> + Sync + 'a;
+
+/// One stage of a batch.
+pub struct Member<'a> {
+    pub index: usize,
+    pub stage: &'a Stage,
+    /// The cache key, when the engine knows it before execution. `None` for a
+    /// member downstream of another member of the same batch: its inputs do not
+    /// exist yet, so the job computes the key once they do (and the engine
+    /// recomputes and compares it afterwards).
+    pub key: Option<String>,
+    /// The member's work in this process (what the local executor calls).
+    pub local: &'a LocalWork<'a>,
+}
+
+/// Stages executed together (one Slurm job).
+pub struct Batch<'a> {
+    pub members: Vec<Member<'a>>,
+    /// 1 for the first attempt, 2 for the first retry, …
+    pub attempt: u32,
+    /// Set when the run is interrupted: a job is cancelled.
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+impl Batch<'_> {
+    /// A short label: the stage name, or `GROUP[TENANT]` for a job group.
+    pub fn label(&self) -> String {
+        match self.members.as_slice() {
+            [] => String::new(),
+            [m] => m.stage.name.clone(),
+            [m, rest @ ..] => match (&m.stage.group, &m.stage.tenant) {
+                (Some(g), Some(t)) => format!("{g}[{t}]"),
+                (Some(g), None) => g.clone(),
+                _ => format!("{}+{}", m.stage.name, rest.len()),
+            },
+        }
+    }
+}
+
+/// An executor of batches.
+pub trait Executor: Send + Sync {
+    /// `local` or `slurm`.
+    fn name(&self) -> &'static str;
+    /// Execute the members in order, stopping at the first failure; one result
+    /// per member finished or failed, in order.
+    fn execute(&self, batch: &Batch) -> Vec<(usize, Result<Done>)>;
+}

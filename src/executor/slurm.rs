@@ -1,0 +1,699 @@
+//! The Slurm executor: a stage's work (or a job group's chain) runs in a
+//! Slurm job that executes the same binary, `dagrun exec-stage SPEC`, on the
+//! shared filesystem. The coordinator (`dagrun run`) keeps deciding, hashing
+//! and recording (see the engine); this module only submits, watches and
+//! cancels jobs.
+//!
+//! # Rules
+//! - **Submission**: `sbatch --parsable --job-name=dagrun-RUN_ID-LABEL
+//!   --export=NONE --output=LOG --chdir=WORKSPACE` plus the stage's
+//!   `resources:` (`--cpus-per-task`, `--mem`, `--time`, `--partition`,
+//!   `--account`, `sbatch_args`), then a batch script that exports the few
+//!   variables a job needs (`PATH`, `LANG`, `LC_ALL`, `TZ`, and
+//!   `DAGRUN_MASTER_KEY_FILE`: a *path*) and execs the binary. A failing
+//!   `sbatch` whose message says the controller is busy or unreachable is
+//!   retried with backoff (1, 2, 4 … 30 s, `slurm.submit_retries` times);
+//!   any other refusal fails the stage with sbatch's message.
+//! - **No secret in a job's environment**: `--export=NONE` keeps the
+//!   submitting environment out of the job (and out of slurmctld's state
+//!   directory, which stores every job's environment and script). The job
+//!   reads the master key from its file on the shared filesystem (mode 0600).
+//!   A coordinator whose key is in `DAGRUN_MASTER_KEY` refuses to submit.
+//! - **Polling** is batched and rate-limited: at most one `squeue -h -t all
+//!   -j ID,ID,… -o "%i %T"` call per `slurm.poll_interval` (default 1 s) for
+//!   all jobs of the run, made by whichever waiting thread finds it due. A job
+//!   squeue no longer knows (purged after MinJobAge) is looked up with
+//!   `scontrol -o show job ID`, then in the job-completion log (`sacct -c`);
+//!   no accounting database is needed.
+//! - **Failure states** (FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY,
+//!   NODE_FAIL, PREEMPTED, BOOT_FAIL, DEADLINE) fail the member the job was
+//!   working on, with a message naming the job id, its state and the end of
+//!   its log. Members the job finished before (in its result file) are
+//!   recorded. The engine resubmits per `retries:`.
+//! - **Interrupts**: when the run is interrupted (SIGINT/SIGTERM) every
+//!   waiting thread `scancel`s its job and waits (up to 30 s) until Slurm
+//!   reports it ended, so no job writes after dagrun exits.
+//! - **SIGKILL of dagrun**: jobs keep running (Slurm does not know the
+//!   coordinator died). Each submitted job is registered in
+//!   `.dagrun/slurm/active/JOB_ID` until its end is seen; the next `dagrun
+//!   run` (under the workspace lock) cancels every job still registered,
+//!   waits until they ended, and reruns their stages: orphans are
+//!   **abandoned**, never re-attached ([`abandon_orphans`]).
+
+use super::spec::{self, JobSpec, SpecStage};
+use super::{Batch, Done, Executor};
+use crate::pipeline::{Pipeline, Resources};
+use crate::stages::RunReport;
+use anyhow::{Context, Result, anyhow, bail};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Slurm states in which a job is still queued or running.
+const ACTIVE: &[&str] = &[
+    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT",
+    "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+];
+/// How long to wait for a cancelled job to end.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+/// After this many polls in which no Slurm command knows a job, it counts as lost.
+const LOST_AFTER: u32 = 5;
+
+/// `.dagrun/slurm`
+pub fn slurm_dir(workspace: &Path) -> PathBuf {
+    workspace.join(crate::engine::DAGRUN_DIR).join("slurm")
+}
+
+fn active_dir(workspace: &Path) -> PathBuf {
+    slurm_dir(workspace).join("active")
+}
+
+/// The environment a job gets: names and values that are never secret.
+/// (`--export=NONE` keeps everything else out.)
+pub fn job_environment() -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for k in ["PATH", "LANG", "LC_ALL", "TZ"] {
+        if let Ok(v) = std::env::var(k) {
+            env.push((k.to_string(), v));
+        }
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    env
+}
+
+/// Where a job finds the master key: the coordinator's source, as a place
+/// (a file path, or a PKCS#11 URI without its PIN), never the key. A key in
+/// `DAGRUN_MASTER_KEY`, or a URI carrying its `pin-value`, is refused: it would
+/// have to travel in the job's environment. With the default source the job
+/// is pointed at the default file, so it never creates a master key of its own.
+pub fn master_key_env(workspace: &Path) -> Result<Vec<(String, String)>> {
+    use crate::crypto::master::{self, MasterKeySource};
+    let refuse = |what: &str| {
+        anyhow!(
+            "{what}, but a Slurm job never receives a secret through its environment: put the master key in a file (mode 0600) on the shared filesystem and set {} to its path, or use a PKCS#11 URI with pin-source (or use `--executor local`)",
+            master::ENV_MASTER_KEY_FILE
+        )
+    };
+    let source = MasterKeySource::resolve(workspace)?;
+    Ok(match &source {
+        MasterKeySource::Env(_) => return Err(refuse(&format!("{} is set", master::ENV_MASTER_KEY))),
+        MasterKeySource::File(p) => vec![(master::ENV_MASTER_KEY_FILE.into(), std::path::absolute(p)?.to_string_lossy().into_owned())],
+        MasterKeySource::Default => {
+            vec![(master::ENV_MASTER_KEY_FILE.into(), master::default_master_key_path(workspace).to_string_lossy().into_owned())]
+        }
+        MasterKeySource::Pkcs11 { uri, from } => {
+            if uri.has_pin_value() {
+                return Err(refuse(&format!("the master key's PKCS#11 URI (from {from}) carries its PIN (pin-value)")));
+            }
+            if from.as_str() == master::ENV_MASTER_KEY_URI {
+                vec![(master::ENV_MASTER_KEY_URI.into(), uri.recorded())]
+            } else {
+                vec![] // config/dagrun.yaml or the keyring: the job resolves it the same way
+            }
+        }
+    })
+}
+
+/// Quote for /bin/sh.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Job names, labels and file names: `[A-Za-z0-9_.-]`, the rest as `_`.
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '_' }).collect()
+}
+
+/// Megabytes of a Slurm memory size (`4G`, `500M`, `1024`).
+fn mem_mb(m: &str) -> Option<u64> {
+    let (digits, unit) = match m.chars().last()? {
+        c if c.is_ascii_digit() => (m, 'M'),
+        c => (&m[..m.len() - 1], c),
+    };
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        'K' => n.div_ceil(1024),
+        'M' => n,
+        'G' => n * 1024,
+        'T' => n * 1024 * 1024,
+        _ => return None,
+    })
+}
+
+/// Resources of a job running several members: the most CPUs and memory any
+/// member asks for, the sum of their time limits, the first partition and
+/// account named, every extra argument once.
+pub fn combine(rs: &[&Resources]) -> Resources {
+    let mut out = Resources::default();
+    for r in rs {
+        out.cpus = out.cpus.max(r.cpus);
+        if let Some(m) = &r.mem {
+            if out.mem.as_deref().and_then(mem_mb) < mem_mb(m) {
+                out.mem = Some(m.clone());
+            }
+        }
+        out.time = match (out.time, r.time) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        out.partition = out.partition.clone().or(r.partition.clone());
+        out.account = out.account.clone().or(r.account.clone());
+        for a in &r.sbatch_args {
+            if !out.sbatch_args.contains(a) {
+                out.sbatch_args.push(a.clone());
+            }
+        }
+    }
+    out
+}
+
+/// `sbatch` flags for resources.
+pub fn resource_flags(r: &Resources) -> Vec<String> {
+    let mut f = Vec::new();
+    if let Some(c) = r.cpus {
+        f.push(format!("--cpus-per-task={c}"));
+    }
+    if let Some(m) = &r.mem {
+        f.push(format!("--mem={m}"));
+    }
+    if let Some(t) = r.time {
+        f.push(format!("--time={t}"));
+    }
+    if let Some(p) = &r.partition {
+        f.push(format!("--partition={p}"));
+    }
+    if let Some(a) = &r.account {
+        f.push(format!("--account={a}"));
+    }
+    f.extend(r.sbatch_args.iter().cloned());
+    f
+}
+
+/// An sbatch refusal worth retrying (controller busy, restarting or unreachable).
+fn transient(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    [
+        "unable to contact slurm controller",
+        "socket timed out",
+        "temporarily unavailable",
+        "temporarily unable",
+        "connection refused",
+        "connection timed out",
+        "transport endpoint",
+        "try again",
+        "slurmctld is busy",
+        "communication connection failure",
+        "zero bytes were transmitted",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
+/// What the poller knows of one job.
+#[derive(Debug, Clone)]
+struct Seen {
+    state: Option<String>,
+    misses: u32,
+}
+
+struct Poll {
+    last: Option<Instant>,
+    jobs: HashMap<String, Seen>,
+    warned: bool,
+}
+
+/// The Slurm executor of one run.
+pub struct Slurm {
+    workspace: PathBuf,
+    run_id: String,
+    run_dir: PathBuf,
+    binary: PathBuf,
+    pipeline_file: PathBuf,
+    overrides: Vec<(String, String)>,
+    poll_interval: Duration,
+    submit_retries: u32,
+    poll: Mutex<Poll>,
+    /// Set when the run is interrupted (the engine's cancel flag is copied here by the waiter).
+    cancel: AtomicBool,
+}
+
+impl Slurm {
+    pub fn new(p: &Pipeline, run_id: &str) -> Result<Slurm> {
+        let binary = match &p.slurm.binary {
+            Some(b) => PathBuf::from(b),
+            None => std::env::current_exe().context("cannot find the path of this dagrun binary; set `slurm.binary` in the pipeline")?,
+        };
+        let run_dir = slurm_dir(&p.workspace).join(sanitize(run_id));
+        Ok(Slurm {
+            workspace: p.workspace.clone(),
+            run_id: run_id.to_string(),
+            run_dir,
+            binary,
+            pipeline_file: p.file.clone(),
+            overrides: p.overrides.clone(),
+            poll_interval: Duration::from_secs_f64(p.slurm.poll_interval.unwrap_or(1.0)),
+            submit_retries: p.slurm.submit_retries.unwrap_or(5),
+            poll: Mutex::new(Poll { last: None, jobs: HashMap::new(), warned: false }),
+            cancel: AtomicBool::new(false),
+        })
+    }
+
+    /// Tell the executor the run was interrupted.
+    pub fn interrupt(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Write the spec and script of a batch; return (script, log, result) paths and the spec.
+    fn prepare(&self, batch: &Batch, file_label: &str, key_env: Vec<(String, String)>) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        std::fs::create_dir_all(&self.run_dir).with_context(|| format!("cannot create {}", self.run_dir.display()))?;
+        let base = self.run_dir.join(format!("{file_label}.a{}", batch.attempt));
+        let with_ext = |e: &str| PathBuf::from(format!("{}.{e}", base.display()));
+        let (spec_path, script, log, result) = (with_ext("spec.json"), with_ext("sh"), with_ext("log"), with_ext("result.json"));
+        for p in [&log, &result] {
+            let _ = std::fs::remove_file(p);
+        }
+        let spec = JobSpec {
+            format: spec::SPEC_FORMAT.into(),
+            run_id: self.run_id.clone(),
+            pipeline: self.pipeline_file.clone(),
+            workspace: self.workspace.clone(),
+            overrides: self.overrides.clone(),
+            stages: batch.members.iter().map(|m| SpecStage { stage: m.stage.name.clone(), key: m.key.clone() }).collect(),
+            result: result.clone(),
+        };
+        crate::util::atomic::write_json_atomic(&spec_path, &spec)?;
+        let mut text = String::from("#!/bin/sh\n");
+        text.push_str(&format!("# dagrun run {}: {}\n", self.run_id, batch.members.iter().map(|m| m.stage.name.as_str()).collect::<Vec<_>>().join(", ")));
+        for (k, v) in job_environment() {
+            text.push_str(&format!("export {k}={}\n", sh_quote(&v)));
+        }
+        for (k, v) in key_env {
+            text.push_str(&format!("export {k}={}\n", sh_quote(&v)));
+        }
+        text.push_str(&format!("exec {} exec-stage {}\n", sh_quote(&self.binary.to_string_lossy()), sh_quote(&spec_path.to_string_lossy())));
+        crate::util::atomic::write_atomic(&script, text.as_bytes())?;
+        Ok((script, log, result))
+    }
+
+    /// `sbatch`, retried with backoff while the controller is busy or down.
+    fn submit(&self, job_name: &str, script: &Path, log: &Path, res: &Resources) -> Result<String> {
+        let mut args: Vec<String> = vec![
+            "--parsable".into(),
+            format!("--job-name={job_name}"),
+            "--export=NONE".into(),
+            format!("--output={}", log.display()),
+            format!("--chdir={}", self.workspace.display()),
+        ];
+        args.extend(resource_flags(res));
+        args.push(script.display().to_string());
+        let mut delay = Duration::from_secs(1);
+        let mut tries = 0;
+        loop {
+            // sbatch sees only what the job may see, plus its own SLURM_*/SBATCH_* settings.
+            let own = std::env::vars().filter(|(k, _)| k.starts_with("SLURM_") || k.starts_with("SBATCH_"));
+            let out = Command::new("sbatch").args(&args).env_clear().envs(job_environment()).envs(own).output().map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    anyhow!("`sbatch` is not on PATH: run dagrun on a Slurm submit host, or use `--executor local`")
+                } else {
+                    anyhow!("cannot start sbatch: {e}")
+                }
+            })?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            if out.status.success() {
+                let id = stdout.trim().split(';').next().unwrap_or("").trim().to_string();
+                if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+                    bail!("sbatch succeeded but printed {:?} instead of a job id", spec::truncate(stdout.trim(), 200));
+                }
+                return Ok(id);
+            }
+            if !transient(&stderr) || tries >= self.submit_retries || self.cancelled() {
+                let tried = if tries > 0 { format!(" (after {} attempts)", tries + 1) } else { String::new() };
+                bail!("sbatch refused the job{tried}: {}", spec::truncate(&stderr, 2000));
+            }
+            tries += 1;
+            tracing::warn!("sbatch failed ({}); retrying in {}s ({tries} of {})", spec::truncate(&stderr, 300), delay.as_secs(), self.submit_retries);
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !self.cancelled() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Refresh every registered job's state with one `squeue` call, at most once per poll interval.
+    fn refresh(&self) {
+        let mut poll = self.poll.lock().unwrap_or_else(|e| e.into_inner());
+        if poll.last.is_some_and(|t| t.elapsed() < self.poll_interval) {
+            return;
+        }
+        poll.last = Some(Instant::now());
+        let ids: Vec<String> = poll.jobs.iter().filter(|(_, s)| !s.state.as_deref().is_some_and(is_final)).map(|(id, _)| id.clone()).collect();
+        if ids.is_empty() {
+            return;
+        }
+        match query_states(&ids) {
+            Ok(found) => {
+                for id in &ids {
+                    let seen = poll.jobs.get_mut(id).expect("registered");
+                    match found.get(id) {
+                        Some(st) => {
+                            seen.state = Some(st.clone());
+                            seen.misses = 0;
+                        }
+                        None => seen.misses += 1,
+                    }
+                }
+                poll.warned = false;
+            }
+            Err(e) => {
+                if !poll.warned {
+                    tracing::warn!("cannot read job states from Slurm ({e:#}); retrying every {:.1}s", self.poll_interval.as_secs_f64());
+                    poll.warned = true;
+                }
+            }
+        }
+    }
+
+    fn seen(&self, id: &str) -> Seen {
+        self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.get(id).cloned().unwrap_or(Seen { state: None, misses: 0 })
+    }
+
+    /// Wait until job `id` ends; its final state. Cancels it when the run is interrupted.
+    fn wait(&self, id: &str, cancel: &AtomicBool) -> (String, bool) {
+        let nap = (self.poll_interval / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let mut cancelled_at: Option<Instant> = None;
+        loop {
+            if cancelled_at.is_none() && (cancel.load(Ordering::Relaxed) || self.cancelled()) {
+                self.interrupt();
+                tracing::info!("cancelling Slurm job {id}");
+                if let Err(e) = scancel(&[id.to_string()]) {
+                    tracing::error!("cannot cancel Slurm job {id}: {e:#}");
+                }
+                cancelled_at = Some(Instant::now());
+            }
+            self.refresh();
+            let s = self.seen(id);
+            if let Some(st) = s.state.as_deref().filter(|s| is_final(s)) {
+                return (st.to_string(), cancelled_at.is_some());
+            }
+            if s.misses >= LOST_AFTER {
+                return ("LOST".into(), cancelled_at.is_some());
+            }
+            if cancelled_at.is_some_and(|t| t.elapsed() > CANCEL_WAIT) {
+                return ("CANCELLED (not confirmed by Slurm)".into(), true);
+            }
+            std::thread::sleep(nap);
+        }
+    }
+}
+
+/// A state in which a job will not change any more.
+fn is_final(state: &str) -> bool {
+    !ACTIVE.contains(&state)
+}
+
+/// States of `ids`: one `squeue` call; jobs it does not know are looked up
+/// with `scontrol`, then in the job-completion log.
+fn query_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
+    let out = Command::new("squeue").args(["-h", "-t", "all", "-j", &ids.join(","), "-o", "%i %T"]).output().context("cannot run squeue")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && !stderr.contains("Invalid job id") {
+        bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
+    }
+    let mut found = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let mut it = line.split_whitespace();
+        if let (Some(id), Some(st)) = (it.next(), it.next()) {
+            // Array/het jobs print `ID_N`; ours are plain ids.
+            if ids.iter().any(|x| x == id) {
+                found.insert(id.to_string(), st.to_string());
+            }
+        }
+    }
+    let missing: Vec<&String> = ids.iter().filter(|id| !found.contains_key(*id)).collect();
+    for id in missing {
+        if let Some(st) = scontrol_state(id).or_else(|| jobcomp_state(id)) {
+            found.insert(id.clone(), st);
+        }
+    }
+    Ok(found)
+}
+
+fn scontrol_state(id: &str) -> Option<String> {
+    let out = Command::new("scontrol").args(["-o", "show", "job", id]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().find_map(|w| w.strip_prefix("JobState=")).map(str::to_string)
+}
+
+/// The final state from the job-completion log (`jobcomp/filetxt`), read by `sacct -c`.
+fn jobcomp_state(id: &str) -> Option<String> {
+    let out = Command::new("sacct").args(["-c", "-j", id, "-n", "-P", "-o", "jobid,state"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).lines().rev().find_map(|l| {
+        let (jid, st) = l.split_once('|')?;
+        (jid.trim() == id).then(|| st.split_whitespace().next().unwrap_or("").to_string()).filter(|s| !s.is_empty())
+    })
+}
+
+/// `scancel` jobs (one call).
+pub fn scancel(ids: &[String]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let out = Command::new("scancel").args(ids).output().context("cannot run scancel")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Already finished jobs are not an error.
+    if !out.status.success() && !stderr.contains("already completing or completed") && !stderr.contains("Invalid job id") {
+        bail!("scancel failed: {}", spec::truncate(stderr.trim(), 300));
+    }
+    Ok(())
+}
+
+/// One line of `.dagrun/slurm/active/JOB_ID`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ActiveJob {
+    job_id: String,
+    run_id: String,
+    label: String,
+}
+
+fn register(workspace: &Path, id: &str, run_id: &str, label: &str) -> Result<()> {
+    let a = ActiveJob { job_id: id.into(), run_id: run_id.into(), label: label.into() };
+    crate::util::atomic::write_json_atomic(&active_dir(workspace).join(id), &a)
+}
+
+fn unregister(workspace: &Path, id: &str) {
+    let _ = std::fs::remove_file(active_dir(workspace).join(id));
+}
+
+/// Cancel the jobs of earlier runs that were killed before they saw their
+/// jobs end (SIGKILL, power cut), and wait until Slurm reports them ended.
+/// Called by `dagrun run` under the workspace lock, before anything runs.
+/// Returns the job ids abandoned.
+pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
+    let dir = active_dir(workspace);
+    let Ok(rd) = std::fs::read_dir(&dir) else { return Ok(vec![]) };
+    let mut ids = Vec::new();
+    let mut runs = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if crate::util::atomic::is_temp_name(&name) {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) || name.len() > 20 {
+            tracing::warn!("ignoring {} (not a job registration)", e.path().display());
+            continue;
+        }
+        if let Ok(b) = std::fs::read(e.path()) {
+            if let Ok(a) = serde_json::from_slice::<ActiveJob>(&b) {
+                if !runs.contains(&a.run_id) {
+                    runs.push(a.run_id);
+                }
+            }
+        }
+        ids.push(name);
+    }
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    ids.sort();
+    tracing::warn!(
+        "Slurm jobs {} of an earlier run ({}) that ended without waiting for them: cancelling them; their stages run again",
+        ids.join(", "),
+        if runs.is_empty() { "unknown".to_string() } else { runs.join(", ") }
+    );
+    scancel(&ids).context("cancelling the jobs of an earlier run (is Slurm reachable?)")?;
+    let t0 = Instant::now();
+    let mut left = ids.clone();
+    while !left.is_empty() {
+        let states = query_states(&left).unwrap_or_default();
+        left.retain(|id| states.get(id).is_some_and(|s| !is_final(s)));
+        if left.is_empty() {
+            break;
+        }
+        if t0.elapsed() > CANCEL_WAIT * 2 {
+            bail!("Slurm jobs {} of an earlier run did not end within {}s after scancel; wait for them (squeue -j {}) and run again", left.join(", "), (CANCEL_WAIT * 2).as_secs(), left.join(","));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for id in &ids {
+        unregister(workspace, id);
+    }
+    Ok(ids)
+}
+
+/// Delete the job files of all but the `keep` most recent runs.
+pub fn prune_runs(workspace: &Path, keep: usize) {
+    let Ok(rd) = std::fs::read_dir(slurm_dir(workspace)) else { return };
+    let mut dirs: Vec<PathBuf> = rd.flatten().map(|e| e.path()).filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "active")).collect();
+    dirs.sort();
+    let n = dirs.len().saturating_sub(keep);
+    for d in &dirs[..n] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+impl Executor for Slurm {
+    fn name(&self) -> &'static str {
+        "slurm"
+    }
+
+    fn execute(&self, batch: &Batch) -> Vec<(usize, Result<Done>)> {
+        let first = batch.members[0].index;
+        let fail = |e: anyhow::Error| vec![(first, Err(e))];
+        if self.cancelled() {
+            return fail(anyhow!("interrupted before the job was submitted"));
+        }
+        let label = batch.label();
+        let file_label = sanitize(&label);
+        let job_name = format!("dagrun-{}-{}", sanitize(&self.run_id), file_label);
+        let res = combine(&batch.members.iter().map(|m| &m.stage.resources).collect::<Vec<_>>());
+        let key_env = match master_key_env(&self.workspace) {
+            Ok(k) => k,
+            Err(e) => return fail(e),
+        };
+        let (script, log, result) = match self.prepare(batch, &file_label, key_env) {
+            Ok(x) => x,
+            Err(e) => return fail(e.context("cannot write the job's files")),
+        };
+        let t0 = Instant::now();
+        let id = match self.submit(&job_name, &script, &log, &res) {
+            Ok(id) => id,
+            Err(e) => return fail(e),
+        };
+        tracing::info!("{label}: submitted Slurm job {id}");
+        if let Err(e) = register(&self.workspace, &id, &self.run_id, &label) {
+            tracing::warn!("cannot register Slurm job {id}: {e:#}");
+        }
+        self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.insert(id.clone(), Seen { state: None, misses: 0 });
+        let never = AtomicBool::new(false);
+        let (state, cancelled) = self.wait(&id, batch_cancel(batch).unwrap_or(&never));
+        self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.remove(&id);
+        if !state.starts_with("CANCELLED (not") && state != "LOST" {
+            unregister(&self.workspace, &id);
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let job = format!("slurm:{id}");
+        let rel_log = log.strip_prefix(&self.workspace).unwrap_or(&log).display().to_string();
+        let log_tail = || {
+            let t = crate::stages::cmd::tail(&log, 10);
+            if t.trim().is_empty() { format!("its log ({rel_log}) is empty") } else { format!("end of its log ({rel_log}):\n{t}") }
+        };
+        let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
+        let results = match spec::read_result(&result, &names) {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => return fail(e.context(format!("Slurm job {id} ({state})"))),
+        };
+        let mut out = Vec::new();
+        for (m, r) in batch.members.iter().zip(&results) {
+            if r.ok {
+                let mut report = RunReport::default();
+                report.facts = r.facts.clone();
+                out.push((m.index, Ok(Done { report, key: r.key.clone(), seconds: r.seconds, cpu_seconds: r.cpu_seconds, job: Some(job.clone()) })));
+            } else {
+                let e = r.error.clone().unwrap_or_else(|| "failed".into());
+                out.push((m.index, Err(anyhow!("{e}\n(Slurm job {id}, {state}; log: {rel_log})"))));
+                return out;
+            }
+        }
+        if out.len() == batch.members.len() {
+            return out;
+        }
+        // The job ended before it finished the next member.
+        let m = &batch.members[out.len()];
+        let why = match state.as_str() {
+            _ if cancelled => format!("interrupted: Slurm job {id} was cancelled by dagrun"),
+            "COMPLETED" => format!("Slurm job {id} completed but reported no result for {}; {}", m.stage.name, log_tail()),
+            "TIMEOUT" => format!(
+                "Slurm job {id} ended TIMEOUT: it ran past its time limit ({}; raise `resources.time`); {}",
+                res.time.map(|t| format!("{t} min")).unwrap_or_else(|| "the partition's default".into()),
+                log_tail()
+            ),
+            "OUT_OF_MEMORY" => format!("Slurm job {id} ended OUT_OF_MEMORY (raise `resources.mem`); {}", log_tail()),
+            "CANCELLED" => format!("Slurm job {id} was CANCELLED (not by dagrun: scancel or an administrator); {}", log_tail()),
+            "LOST" => format!("Slurm job {id} is no longer known to Slurm (squeue, scontrol and the job-completion log do not list it); {}", log_tail()),
+            st => format!("Slurm job {id} ended {st}; {}", log_tail()),
+        };
+        tracing::debug!("{label}: Slurm job {id} ended {state} after {wall:.1}s");
+        out.push((m.index, Err(anyhow!(why))));
+        out
+    }
+}
+
+fn batch_cancel<'a>(batch: &'a Batch) -> Option<&'a AtomicBool> {
+    batch.cancel
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_combine_and_map_to_flags() {
+        let a = Resources { cpus: Some(2), mem: Some("2G".into()), time: Some(10), partition: Some("debug".into()), account: None, sbatch_args: vec!["--qos=low".into()] };
+        let b = Resources { cpus: Some(1), mem: Some("3000M".into()), time: Some(5), partition: Some("other".into()), account: Some("ml".into()), sbatch_args: vec!["--qos=low".into(), "--nice=5".into()] };
+        let c = combine(&[&a, &b]);
+        assert_eq!(
+            resource_flags(&c),
+            ["--cpus-per-task=2", "--mem=3000M", "--time=15", "--partition=debug", "--account=ml", "--qos=low", "--nice=5"].map(String::from).to_vec()
+        );
+        assert!(resource_flags(&Resources::default()).is_empty());
+    }
+
+    #[test]
+    fn only_controller_trouble_is_retried() {
+        assert!(transient("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)"));
+        assert!(transient("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"));
+        assert!(!transient("sbatch: error: Batch job submission failed: Invalid partition name specified"));
+    }
+
+    #[test]
+    fn names_and_quotes_are_safe() {
+        assert_eq!(sanitize("train[Tenant_A]+3"), "train_Tenant_A__3");
+        assert_eq!(sh_quote("a'b"), "'a'\\''b'");
+        assert_eq!(mem_mb("4G"), Some(4096));
+        assert_eq!(mem_mb("512"), Some(512));
+    }
+
+    #[test]
+    fn job_environment_holds_no_secret() {
+        let env = job_environment();
+        assert!(env.iter().all(|(k, _)| ["PATH", "LANG", "LC_ALL", "TZ"].contains(&k.as_str())));
+    }
+}

@@ -1,0 +1,405 @@
+//! The model registry: every model `train` made, one champion per tenant,
+//! promotion, rollback and an append-only history.
+//!
+//! Layout, per tenant, under `.dagrun/registry/TENANT/`:
+//! - `versions/VERSION.json`: the model artifact, byte for byte as `train`
+//!   wrote it (a copy, so a version stays servable after `models/T/model.json`
+//!   is overwritten by the next training);
+//! - `index.json`: one entry per registered version (time, blake3 of the
+//!   artifact, AUC, feature version, lineage hash);
+//! - `champion.json`: the champion and the stack of earlier champions
+//!   (`rollback` pops it);
+//! - `history.jsonl`: one line per promotion or rollback (who, when, from, to,
+//!   why), only ever appended.
+//!
+//! Rules:
+//! - Every file here is untrusted input when read back: it is parsed, the
+//!   tenant and version names are checked against the id rules (a version
+//!   names a file, so it can never hold `/` or `..`), and an artifact is
+//!   loaded only through [`Registry::load`], which checks its blake3 against
+//!   the index, then its MAC under the workspace integrity key, its tenant and
+//!   its version ([`crate::model::artifact::load_verified`]). A model failing
+//!   any check is never returned. The index and champion files carry no MAC
+//!   of their own: editing them can at most name another authentic model of
+//!   the same tenant (which `history.jsonl` and `models list` show), never
+//!   serve a forged or foreign one.
+//! - Writers (`register`, `promote`, `rollback`) must hold the workspace lock
+//!   (the caller takes it: `train` runs under the run's lock, the `models`
+//!   commands take it). Each file is replaced atomically (temp file, fsync,
+//!   rename), so a reader — such as a running server polling `champion.json` —
+//!   sees the old champion or the new one, never a torn file.
+//! - The champion is written last: a version is registered (artifact, then
+//!   index) before it can be promoted.
+
+use crate::model::ModelArtifact;
+use crate::util::atomic::{Durability, write_atomic, write_atomic_with};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Folder of the registry under `.dagrun/`.
+pub const REGISTRY_DIR: &str = "registry";
+/// Format tag of `index.json`.
+pub const INDEX_FORMAT: &str = "dagrun-registry-index/1";
+/// Format tag of `champion.json`.
+pub const CHAMPION_FORMAT: &str = "dagrun-registry-champion/1";
+/// Largest registry file dagrun reads back (index, champion, history).
+const MAX_FILE: u64 = 16 << 20;
+
+/// One registered model version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VersionEntry {
+    pub version: String,
+    /// RFC 3339 UTC.
+    pub registered_at: String,
+    /// blake3 hex of the artifact bytes.
+    pub blake3: String,
+    pub auc: f64,
+    pub feature_version: String,
+    /// Lineage hash of the feature version the model was trained on.
+    pub lineage_hash: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+struct Index {
+    format: String,
+    tenant: String,
+    versions: Vec<VersionEntry>,
+}
+
+/// The champion of a tenant and the champions before it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Champion {
+    pub format: String,
+    pub tenant: String,
+    pub version: String,
+    /// blake3 hex of the champion's artifact.
+    pub blake3: String,
+    pub since: String,
+    /// Earlier champions, oldest first; `rollback` returns to the last one.
+    pub previous: Vec<String>,
+}
+
+/// One line of `history.jsonl`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct HistoryEntry {
+    pub time: String,
+    pub who: String,
+    /// `promote` or `rollback`.
+    pub action: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub why: String,
+}
+
+/// A loaded, verified model version.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    pub artifact: ModelArtifact,
+    /// blake3 hex of the artifact bytes.
+    pub blake3: String,
+}
+
+/// The registry of one workspace.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+/// True for a well-formed version name: 1-128 characters of `A-Z a-z 0-9 _ - .`,
+/// not starting with `.` (it names a file).
+pub fn is_valid_version(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 128 && !v.starts_with('.') && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The user running this command, for the history (`$USER`, else the uid).
+pub fn current_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty() && u.len() <= 64 && u.chars().all(|c| !c.is_control()))
+        .unwrap_or_else(|| format!("uid {}", unsafe { libc::getuid() }))
+}
+
+fn read_small(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Ok(m) if !m.is_file() => bail!("{} is not a regular file; remove it", path.display()),
+        Ok(m) if m.len() > MAX_FILE => bail!("{} is {} bytes, more than a registry file can be; it is corrupt: restore it from a backup", path.display(), m.len()),
+        Ok(_) => {}
+    }
+    Ok(Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?))
+}
+
+impl Registry {
+    /// The registry of the workspace whose `.dagrun/` folder is `dagrun_dir`.
+    pub fn new(dagrun_dir: &Path) -> Registry {
+        Registry { root: dagrun_dir.join(REGISTRY_DIR) }
+    }
+
+    /// The registry of `workspace`.
+    pub fn of_workspace(workspace: &Path) -> Registry {
+        Registry::new(&workspace.join(crate::engine::DAGRUN_DIR))
+    }
+
+    fn check_tenant(tenant: &str) -> Result<()> {
+        if !crate::data::is_valid_tenant_id(tenant) {
+            bail!("invalid tenant id {}; a tenant id is 1-64 characters of A-Z a-z 0-9 _ -", crate::data::show_tenant(tenant));
+        }
+        Ok(())
+    }
+
+    fn tenant_dir(&self, tenant: &str) -> PathBuf {
+        self.root.join(tenant)
+    }
+
+    /// Path of `champion.json` (a server polls it).
+    pub fn champion_path(&self, tenant: &str) -> PathBuf {
+        self.tenant_dir(tenant).join("champion.json")
+    }
+
+    fn index_path(&self, tenant: &str) -> PathBuf {
+        self.tenant_dir(tenant).join("index.json")
+    }
+
+    fn history_path(&self, tenant: &str) -> PathBuf {
+        self.tenant_dir(tenant).join("history.jsonl")
+    }
+
+    /// Path of a registered version's artifact.
+    pub fn artifact_path(&self, tenant: &str, version: &str) -> PathBuf {
+        self.tenant_dir(tenant).join("versions").join(format!("{version}.json"))
+    }
+
+    /// Every folder the registry writes into (for sweeping temporary files
+    /// left by killed processes).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.root.clone()];
+        for t in self.tenants() {
+            v.push(self.tenant_dir(&t));
+            v.push(self.tenant_dir(&t).join("versions"));
+        }
+        v
+    }
+
+    /// Tenants with a registry folder (sorted; folders with invalid names are skipped).
+    pub fn tenants(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.root)
+            .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).filter(|n| crate::data::is_valid_tenant_id(n)).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The registered versions of `tenant`, oldest first (empty when none).
+    pub fn versions(&self, tenant: &str) -> Result<Vec<VersionEntry>> {
+        Self::check_tenant(tenant)?;
+        let path = self.index_path(tenant);
+        let Some(bytes) = read_small(&path)? else { return Ok(vec![]) };
+        let idx: Index = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid registry index; restore it from a backup", path.display()))?;
+        if idx.format != INDEX_FORMAT {
+            bail!("{}: unsupported format {:?} (expected {INDEX_FORMAT:?})", path.display(), idx.format);
+        }
+        if idx.tenant != tenant {
+            bail!("{}: the index is tenant {}'s, not {tenant}'s; it was moved: restore it", path.display(), crate::data::show_tenant(&idx.tenant));
+        }
+        for (i, e) in idx.versions.iter().enumerate() {
+            if !is_valid_version(&e.version) {
+                bail!("{}: entry {}: invalid version name {:?}", path.display(), i + 1, crate::data::show_tenant(&e.version));
+            }
+            if !is_hex64(&e.blake3) {
+                bail!("{}: entry {} ({}): blake3 is not 64 lower-case hex digits", path.display(), i + 1, e.version);
+            }
+        }
+        Ok(idx.versions)
+    }
+
+    /// The champion of `tenant` (None when none was ever promoted).
+    pub fn champion(&self, tenant: &str) -> Result<Option<Champion>> {
+        Self::check_tenant(tenant)?;
+        let path = self.champion_path(tenant);
+        let Some(bytes) = read_small(&path)? else { return Ok(None) };
+        let c: Champion = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid champion record; restore it from a backup or promote again", path.display()))?;
+        if c.format != CHAMPION_FORMAT {
+            bail!("{}: unsupported format {:?} (expected {CHAMPION_FORMAT:?})", path.display(), c.format);
+        }
+        if c.tenant != tenant {
+            bail!("{}: the champion record is tenant {}'s, not {tenant}'s", path.display(), crate::data::show_tenant(&c.tenant));
+        }
+        if !is_valid_version(&c.version) || c.previous.iter().any(|v| !is_valid_version(v)) {
+            bail!("{}: invalid version name in the champion record", path.display());
+        }
+        if !is_hex64(&c.blake3) {
+            bail!("{}: blake3 is not 64 lower-case hex digits", path.display());
+        }
+        Ok(Some(c))
+    }
+
+    /// The promotion history of `tenant`, oldest first.
+    pub fn history(&self, tenant: &str) -> Result<Vec<HistoryEntry>> {
+        Self::check_tenant(tenant)?;
+        let path = self.history_path(tenant);
+        let Some(bytes) = read_small(&path)? else { return Ok(vec![]) };
+        let text = std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8", path.display()))?;
+        let mut out = vec![];
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let e: HistoryEntry = serde_json::from_str(line).with_context(|| format!("{}: line {}: not a valid history entry", path.display(), i + 1))?;
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    /// Load `version` of `tenant`, verified: the artifact's blake3 equals the
+    /// index's, it parses and validates, and it is this tenant's model of
+    /// this version. Nothing that fails a check is returned.
+    pub fn load(&self, tenant: &str, version: &str, key: &crate::crypto::IntegrityKey) -> Result<LoadedModel> {
+        Self::check_tenant(tenant)?;
+        if !is_valid_version(version) {
+            bail!("invalid model version {:?}", crate::data::show_tenant(version));
+        }
+        let entry = self
+            .versions(tenant)?
+            .into_iter()
+            .find(|e| e.version == version)
+            .ok_or_else(|| crate::error::config(format!("tenant {tenant} has no registered model version {version}; see `dagrun models list {tenant}`")))?;
+        let path = self.artifact_path(tenant, version);
+        let bytes = read_small(&path)?.with_context(|| format!("{}: the registered model file is missing; promote another version", path.display()))?;
+        let hash = blake3::hash(&bytes).to_hex().to_string();
+        if hash != entry.blake3 {
+            bail!(
+                "{}: the model does not match its registry record (blake3 {} recorded, file is {}): it was modified; refusing to load it",
+                path.display(),
+                &entry.blake3[..12],
+                &hash[..12]
+            );
+        }
+        let artifact = crate::model::artifact::load_verified(&bytes, &path.display().to_string(), key, tenant)?;
+        if artifact.tenant != tenant || artifact.model_version != version {
+            bail!("{}: the file holds model {} of tenant {}, not {version} of {tenant}", path.display(), artifact.model_version, crate::data::show_tenant(&artifact.tenant));
+        }
+        Ok(LoadedModel { artifact, blake3: hash })
+    }
+
+    /// The champion of `tenant`, loaded and verified (None: no champion). The
+    /// champion record's hash must equal the index's.
+    pub fn load_champion(&self, tenant: &str, key: &crate::crypto::IntegrityKey) -> Result<Option<LoadedModel>> {
+        let Some(c) = self.champion(tenant)? else { return Ok(None) };
+        let m = self.load(tenant, &c.version, key)?;
+        if m.blake3 != c.blake3 {
+            bail!("{}: the champion record names blake3 {} but version {} is {}; refusing to load it", self.champion_path(tenant).display(), &c.blake3[..12], c.version, &m.blake3[..12]);
+        }
+        Ok(Some(m))
+    }
+
+    /// Register a model artifact (its exact bytes). Idempotent: the same
+    /// version with the same bytes is registered once; the same version with
+    /// other bytes is an error. The caller holds the workspace lock.
+    pub fn register(&self, bytes: &[u8], key: &crate::crypto::IntegrityKey) -> Result<VersionEntry> {
+        let claimed = ModelArtifact::from_json_bytes(bytes, "the model to register")?;
+        Self::check_tenant(&claimed.tenant)?;
+        let artifact = crate::model::artifact::load_verified(bytes, "the model to register", key, &claimed.tenant)?;
+        let tenant = artifact.tenant.clone();
+        let version = artifact.model_version.clone();
+        if !is_valid_version(&version) {
+            bail!("cannot register model version {:?}: a version is 1-128 characters of A-Z a-z 0-9 _ - .", crate::data::show_tenant(&version));
+        }
+        let hash = blake3::hash(bytes).to_hex().to_string();
+        let mut versions = self.versions(&tenant)?;
+        if let Some(e) = versions.iter().find(|e| e.version == version) {
+            if e.blake3 != hash {
+                bail!("model version {version} of tenant {tenant} is already registered with other content (blake3 {} vs {})", &e.blake3[..12], &hash[..12]);
+            }
+            // Re-write the artifact if it went missing or was damaged.
+            if self.load(&tenant, &version, key).is_err() {
+                write_atomic(&self.artifact_path(&tenant, &version), bytes)?;
+            }
+            return Ok(e.clone());
+        }
+        write_atomic(&self.artifact_path(&tenant, &version), bytes)?;
+        let lineage_hash = artifact.lineage.get("feature_lineage_hash").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let entry = VersionEntry {
+            version,
+            registered_at: now(),
+            blake3: hash,
+            auc: artifact.metrics.auc,
+            feature_version: artifact.feature_set_version.clone(),
+            lineage_hash,
+        };
+        versions.push(entry.clone());
+        let idx = Index { format: INDEX_FORMAT.into(), tenant: tenant.clone(), versions };
+        write_atomic(&self.index_path(&tenant), &pretty(&idx)?)?;
+        Ok(entry)
+    }
+
+    fn append_history(&self, tenant: &str, e: &HistoryEntry) -> Result<()> {
+        let path = self.history_path(tenant);
+        let mut line = serde_json::to_vec(e)?;
+        line.push(b'\n');
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        f.write_all(&line).with_context(|| format!("cannot append to {}", path.display()))?;
+        f.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+        Ok(())
+    }
+
+    fn write_champion(&self, c: &Champion) -> Result<()> {
+        write_atomic_with(&self.champion_path(&c.tenant), &pretty(c)?, Durability::Full)
+    }
+
+    /// Make `version` the champion of `tenant`. The version is loaded and
+    /// verified first: a model that fails its checks is never promoted. The
+    /// caller holds the workspace lock. Returns the previous champion.
+    pub fn promote(&self, tenant: &str, version: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<Option<String>> {
+        let m = self.load(tenant, version, key)?;
+        let current = self.champion(tenant)?;
+        if let Some(c) = &current
+            && c.version == version
+        {
+            bail!("{version} is already the champion of tenant {tenant}");
+        }
+        let mut previous = current.as_ref().map(|c| c.previous.clone()).unwrap_or_default();
+        if let Some(c) = &current {
+            previous.push(c.version.clone());
+        }
+        let from = current.map(|c| c.version);
+        let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: version.into(), blake3: m.blake3, since: now(), previous };
+        self.append_history(tenant, &HistoryEntry { time: c.since.clone(), who: who.into(), action: "promote".into(), from: from.clone(), to: version.into(), why: why.into() })?;
+        self.write_champion(&c)?;
+        Ok(from)
+    }
+
+    /// Return `tenant` to its previous champion. The caller holds the
+    /// workspace lock. Returns (from, to).
+    pub fn rollback(&self, tenant: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<(String, String)> {
+        let Some(cur) = self.champion(tenant)? else {
+            bail!("tenant {tenant} has no champion: nothing to roll back (see `dagrun models list {tenant}`)");
+        };
+        let mut previous = cur.previous.clone();
+        let Some(to) = previous.pop() else {
+            bail!("tenant {tenant}'s champion {} is its first: there is no previous champion to roll back to", cur.version);
+        };
+        let m = self.load(tenant, &to, key).with_context(|| format!("cannot roll back tenant {tenant} to {to}"))?;
+        let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: to.clone(), blake3: m.blake3, since: now(), previous };
+        self.append_history(tenant, &HistoryEntry { time: c.since.clone(), who: who.into(), action: "rollback".into(), from: Some(cur.version.clone()), to: to.clone(), why: why.into() })?;
+        self.write_champion(&c)?;
+        Ok((cur.version, to))
+    }
+}
+
+fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut b = serde_json::to_vec_pretty(v)?;
+    b.push(b'\n');
+    Ok(b)
+}

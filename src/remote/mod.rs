@@ -1,0 +1,412 @@
+//! The shared remote cache: cache objects and action entries in object
+//! storage (S3 and S3-compatible stores, GCS, Azure Blob, a local folder),
+//! through Apache Arrow's `object_store` crate — no hand-written S3 client.
+//!
+//! ## Layout under the remote's prefix
+//! ```text
+//! PREFIX/objects/HASH                  objects of stages that are not tenant-fanned
+//! PREFIX/actions/KEY.json              their action entries (an execution, by cache key)
+//! PREFIX/tenants/T/objects/HASH        objects of tenant T's stages (NAME[T])
+//! PREFIX/tenants/T/actions/KEY.json    their action entries
+//! ```
+//! Everything of a tenant-fanned stage lives under that tenant's prefix, so a
+//! bucket policy (or a SeaweedFS identity) can give each tenant's credentials
+//! access to its own prefix only. The same bytes needed by two tenants are
+//! stored twice, never shared across prefixes.
+//!
+//! ## Rules
+//! - Content-addressed: an object's name is the blake3 of its bytes, an action
+//!   entry's name is its cache key. Uploading what is already there is
+//!   harmless, so pushes are idempotent and may run concurrently.
+//! - Never a partial object under a final name: a small object is one PUT
+//!   (atomic per object in S3); a large one is a multipart upload that is
+//!   completed only after every part is sent and the bytes' blake3 equals the
+//!   name, and aborted otherwise. A push killed mid-upload leaves at most an
+//!   invisible incomplete multipart upload (expire those with a bucket
+//!   lifecycle rule); the next push sends the object again.
+//! - Order: an action entry is uploaded only after all of its objects are, so
+//!   a reader never finds an entry whose objects were never sent.
+//! - Everything read from the remote is untrusted: names in listings must be
+//!   64 lowercase hex digits (others are ignored), an object is written to the
+//!   local cache only after its blake3 equals its name, and records are
+//!   validated by the caller exactly like local ones (size limit, key,
+//!   tenant, output hashes; see `commands::pull`).
+//! - Credentials come from the environment (`AWS_*`, `GOOGLE_*`, `AZURE_*`),
+//!   never from config files; they are never printed.
+//! - This module moves bytes; it knows nothing of stages or the engine.
+
+use crate::config::RemoteConfig;
+use crate::util::atomic::{AtomicFile, Durability};
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::StreamExt;
+use object_store::path::Path as OPath;
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, WriteMultipart};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Objects up to this size are sent in one PUT; larger ones as multipart uploads.
+pub const SINGLE_PUT_MAX: u64 = 16 << 20;
+/// Part size of multipart uploads (S3 needs ≥ 5 MiB).
+const PART_SIZE: usize = 8 << 20;
+/// An action entry or state record larger than this is refused.
+pub const RECORD_MAX: u64 = 1 << 20;
+
+/// True for a blake3 hex digest (64 lowercase hex digits).
+pub fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// One object to send: the local file holding the bytes whose blake3 is `hash`.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub tenant: Option<String>,
+    pub hash: String,
+    pub file: PathBuf,
+}
+
+/// One object to fetch into `dest` (verified against `hash` first).
+#[derive(Debug, Clone)]
+pub struct Download {
+    pub tenant: Option<String>,
+    pub hash: String,
+    pub dest: PathBuf,
+}
+
+/// An open remote.
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    root: OPath,
+    shown: String,
+    jobs: usize,
+    rt: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.shown).finish()
+    }
+}
+
+fn install_tls_provider() {
+    // reqwest is built with rustls and no bundled provider: use ring (already
+    // compiled for request signing) instead of a second crypto stack.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Remote {
+    /// Open the remote a config describes (nothing is contacted yet).
+    pub fn open(cfg: &RemoteConfig) -> Result<Remote> {
+        install_tls_provider();
+        let shown = cfg.url.trim().to_string();
+        let bad = |why: String| crate::error::config(format!("remote {shown:?}: {why}"));
+        let url = url::Url::parse(&shown).map_err(|e| bad(format!("not a URL ({e}); use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///ABSOLUTE/PATH")))?;
+        let retry = object_store::RetryConfig {
+            max_retries: 4,
+            retry_timeout: Duration::from_secs_f64(cfg.retry_timeout.unwrap_or(20.0)),
+            backoff: object_store::BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), base: 2.0 },
+        };
+        let client = object_store::ClientOptions::new().with_connect_timeout(Duration::from_secs(10)).with_timeout(Duration::from_secs(300));
+        let (scheme, path) = ObjectStoreScheme::parse(&url).map_err(|e| bad(format!("{e}; supported: s3://, gs://, az://, file://")))?;
+        let (store, root): (Arc<dyn ObjectStore>, OPath) = match scheme {
+            ObjectStoreScheme::AmazonS3 => {
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(shown.clone()).with_retry(retry).with_client_options(client);
+                if let Some(e) = &cfg.endpoint {
+                    b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
+                }
+                if let Some(r) = &cfg.region {
+                    b = b.with_region(r.clone());
+                }
+                (Arc::new(b.build().map_err(|e| bad(format!("{e}")))?), path)
+            }
+            ObjectStoreScheme::GoogleCloudStorage => {
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(shown.clone()).with_retry(retry).with_client_options(client);
+                (Arc::new(b.build().map_err(|e| bad(format!("{e}")))?), path)
+            }
+            ObjectStoreScheme::MicrosoftAzure => {
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(shown.clone()).with_retry(retry).with_client_options(client);
+                (Arc::new(b.build().map_err(|e| bad(format!("{e}")))?), path)
+            }
+            ObjectStoreScheme::Local => {
+                let dir = url.to_file_path().map_err(|_| bad("a file:// remote needs an absolute path: file:///srv/dagrun-cache".into()))?;
+                std::fs::create_dir_all(&dir).with_context(|| format!("remote {shown}: cannot create {}", dir.display()))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(format!("{e}")))?;
+                (Arc::new(fs), OPath::default())
+            }
+            _ => return Err(bad("unsupported scheme; use s3://, gs://, az:// or file://".into())),
+        };
+        let jobs = cfg.jobs.unwrap_or(8).max(1);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the remote's I/O runtime")?;
+        Ok(Remote { store, root, shown, jobs, rt })
+    }
+
+    /// The URL as configured (no credentials are ever in it).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    fn scope(&self, tenant: Option<&str>) -> OPath {
+        match tenant {
+            None => self.root.clone(),
+            Some(t) => self.root.clone().join("tenants").join(t),
+        }
+    }
+
+    /// Where object `hash` of `tenant` (None: not tenant-fanned) lives.
+    pub fn object_location(&self, tenant: Option<&str>, hash: &str) -> OPath {
+        self.scope(tenant).join("objects").join(hash)
+    }
+
+    /// Where the action entry `key` of `tenant` lives.
+    pub fn action_location(&self, tenant: Option<&str>, key: &str) -> OPath {
+        self.scope(tenant).join("actions").join(format!("{key}.json"))
+    }
+
+    fn explain(&self, what: &str, loc: &OPath, e: object_store::Error) -> anyhow::Error {
+        let text = e.to_string();
+        let denied = matches!(e, object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. })
+            || text.contains("403 Forbidden")
+            || text.contains("401 Unauthorized")
+            || text.contains("AccessDenied");
+        if denied {
+            anyhow!("{what} {loc} on {}: access denied; check the credentials (AWS_ACCESS_KEY_ID, …) and the bucket policy for this prefix", self.shown)
+        } else {
+            anyhow!("{what} {loc} on {}: {text}", self.shown)
+        }
+    }
+
+    /// Tenants that have a prefix on the remote.
+    pub fn list_tenants(&self) -> Result<Vec<String>> {
+        let dir = self.root.clone().join("tenants");
+        let res = self.rt.block_on(self.store.list_with_delimiter(Some(&dir))).map_err(|e| self.explain("listing", &dir, e))?;
+        let mut out: Vec<String> = res
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .filter(|t| crate::data::is_valid_tenant_id(t))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Names directly under `dir` (objects only) with their sizes.
+    async fn list_dir(&self, dir: &OPath) -> Result<BTreeMap<String, u64>> {
+        let mut out = BTreeMap::new();
+        let mut s = self.store.list(Some(dir));
+        while let Some(m) = s.next().await {
+            let m = m.map_err(|e| self.explain("listing", dir, e))?;
+            // Only direct children: anything deeper is not ours.
+            if m.location.parent().as_ref() != Some(dir) {
+                continue;
+            }
+            if let Some(name) = m.location.filename() {
+                out.insert(name.to_string(), m.size);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Objects of a scope: hash → size (names that are not hashes are ignored).
+    pub fn list_objects(&self, tenant: Option<&str>) -> Result<BTreeMap<String, u64>> {
+        let dir = self.scope(tenant).join("objects");
+        let all = self.rt.block_on(self.list_dir(&dir))?;
+        Ok(all.into_iter().filter(|(n, _)| is_hash(n)).collect())
+    }
+
+    /// Action-entry keys of a scope (names that are not `HASH.json` are ignored).
+    pub fn list_actions(&self, tenant: Option<&str>) -> Result<BTreeSet<String>> {
+        let dir = self.scope(tenant).join("actions");
+        let all = self.rt.block_on(self.list_dir(&dir))?;
+        Ok(all.into_keys().filter_map(|n| n.strip_suffix(".json").map(str::to_string)).filter(|k| is_hash(k)).collect())
+    }
+
+    /// Fetch an action entry's bytes; None when the remote has none.
+    pub fn get_action(&self, tenant: Option<&str>, key: &str) -> Result<Option<Vec<u8>>> {
+        let loc = self.action_location(tenant, key);
+        self.rt.block_on(async {
+            let r = match self.store.get(&loc).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.explain("reading", &loc, e)),
+            };
+            if r.meta.size > RECORD_MAX {
+                bail!("{loc} on {} is {} bytes: larger than a record can be ({} bytes); refused", self.shown, r.meta.size, RECORD_MAX);
+            }
+            let b = r.bytes().await.map_err(|e| self.explain("reading", &loc, e))?;
+            if b.len() as u64 > RECORD_MAX {
+                bail!("{loc} on {} is larger than a record can be; refused", self.shown);
+            }
+            Ok(Some(b.to_vec()))
+        })
+    }
+
+    /// Upload an action entry (after its objects).
+    pub fn put_action(&self, tenant: Option<&str>, key: &str, bytes: &[u8]) -> Result<()> {
+        let loc = self.action_location(tenant, key);
+        self.rt.block_on(self.store.put(&loc, PutPayload::from(bytes.to_vec()))).map_err(|e| self.explain("writing", &loc, e))?;
+        Ok(())
+    }
+
+    /// Upload objects in parallel; one result (bytes sent) per upload, in order.
+    pub fn upload(&self, uploads: &[Upload]) -> Vec<Result<u64>> {
+        self.rt.block_on(async {
+            let mut res: Vec<(usize, Result<u64>)> =
+                futures_util::stream::iter(uploads.iter().enumerate()).map(|(i, u)| async move { (i, self.upload_one(u).await) }).buffer_unordered(self.jobs).collect().await;
+            res.sort_by_key(|(i, _)| *i);
+            res.into_iter().map(|(_, r)| r).collect()
+        })
+    }
+
+    async fn upload_one(&self, u: &Upload) -> Result<u64> {
+        let loc = self.object_location(u.tenant.as_deref(), &u.hash);
+        let mut f = std::fs::File::open(&u.file).with_context(|| format!("cannot read {}", u.file.display()))?;
+        let size = f.metadata()?.len();
+        let short = &u.hash[..12.min(u.hash.len())];
+        if size <= SINGLE_PUT_MAX {
+            let mut bytes = Vec::with_capacity(size as usize);
+            f.read_to_end(&mut bytes).with_context(|| format!("cannot read {}", u.file.display()))?;
+            if blake3::hash(&bytes).to_hex().as_str() != u.hash {
+                bail!("local cache object {short} is corrupted (its content does not match its name); not uploaded — run `dagrun verify --repair`");
+            }
+            let n = bytes.len() as u64;
+            self.store.put(&loc, PutPayload::from(bytes)).await.map_err(|e| self.explain("uploading", &loc, e))?;
+            return Ok(n);
+        }
+        let up = self.store.put_multipart(&loc).await.map_err(|e| self.explain("starting the upload of", &loc, e))?;
+        let mut w = WriteMultipart::new_with_chunk_size(up, PART_SIZE);
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        let sent: Result<()> = async {
+            loop {
+                let k = f.read(&mut buf).with_context(|| format!("cannot read {}", u.file.display()))?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                n += k as u64;
+                w.wait_for_capacity(4).await.map_err(|e| self.explain("uploading", &loc, e))?;
+                w.write(&buf[..k]);
+            }
+            if h.finalize().to_hex().as_str() != u.hash {
+                bail!("local cache object {short} is corrupted (its content does not match its name); not uploaded — run `dagrun verify --repair`");
+            }
+            Ok(())
+        }
+        .await;
+        match sent {
+            Ok(()) => {
+                w.finish().await.map_err(|e| self.explain("completing the upload of", &loc, e))?;
+                Ok(n)
+            }
+            Err(e) => {
+                // Never completed: nothing appears under the object's name.
+                let _ = w.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Fetch objects in parallel, each verified before it lands at its `dest`
+    /// (atomically, read-only); one result (bytes received) per download.
+    pub fn download(&self, downloads: &[Download]) -> Vec<Result<u64>> {
+        self.rt.block_on(async {
+            let mut res: Vec<(usize, Result<u64>)> =
+                futures_util::stream::iter(downloads.iter().enumerate()).map(|(i, d)| async move { (i, self.download_one(d).await) }).buffer_unordered(self.jobs).collect().await;
+            res.sort_by_key(|(i, _)| *i);
+            res.into_iter().map(|(_, r)| r).collect()
+        })
+    }
+
+    async fn download_one(&self, d: &Download) -> Result<u64> {
+        if !is_hash(&d.hash) {
+            bail!("{:?} is not an object name", d.hash);
+        }
+        let loc = self.object_location(d.tenant.as_deref(), &d.hash);
+        let r = self.store.get(&loc).await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => anyhow!("{loc} is missing on {} (a record names it, the object was never uploaded); push again from a workspace that has it", self.shown),
+            e => self.explain("downloading", &loc, e),
+        })?;
+        let mut tmp = AtomicFile::create_with(&d.dest, Durability::Verified)?;
+        let mut h = blake3::Hasher::new();
+        let mut n = 0u64;
+        let mut s = r.into_stream();
+        while let Some(chunk) = s.next().await {
+            let c = chunk.map_err(|e| self.explain("downloading", &loc, e))?;
+            h.update(&c);
+            n += c.len() as u64;
+            tmp.write_all(&c).with_context(|| format!("cannot write {}", tmp.temp_path().display()))?;
+        }
+        let got = h.finalize().to_hex().to_string();
+        if got != d.hash {
+            drop(tmp);
+            bail!("{loc} on {} is corrupted: its content hashes to {}, not its name; not used (push it again from a workspace that has it)", self.shown, &got[..12]);
+        }
+        tmp.commit()?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&d.dest, std::fs::Permissions::from_mode(0o444));
+        }
+        Ok(n)
+    }
+}
+
+/// Validate a path found in a record or tree listing read from elsewhere:
+/// relative, no `..`, no empty or `.` components, no NUL.
+pub fn check_relative_path(p: &str) -> Result<()> {
+    let ok = !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && !p.contains('\\')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok { Ok(()) } else { Err(anyhow!("path {:?} is not a plain relative path", p.chars().take(80).collect::<String>())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths() {
+        assert!(is_hash(&"ab".repeat(32)));
+        assert!(!is_hash(&"AB".repeat(32)) && !is_hash("abc") && !is_hash(&format!("{}g", "a".repeat(63))));
+        assert!(check_relative_path("a/b.parquet").is_ok());
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\\b"] {
+            assert!(check_relative_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_remote_roundtrip_verifies_and_scopes_tenants() {
+        let d = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/remote/team", d.path().display());
+        let r = Remote::open(&RemoteConfig::from_url(&url)).unwrap();
+        let src = d.path().join("obj");
+        std::fs::write(&src, b"hello").unwrap();
+        let hash = blake3::hash(b"hello").to_hex().to_string();
+        let up = r.upload(&[Upload { tenant: Some("Tenant_A".into()), hash: hash.clone(), file: src.clone() }]);
+        assert_eq!(*up[0].as_ref().unwrap(), 5);
+        assert!(d.path().join("remote/team/tenants/Tenant_A/objects").join(&hash).is_file());
+        assert_eq!(r.list_objects(Some("Tenant_A")).unwrap().get(&hash), Some(&5));
+        assert!(r.list_objects(None).unwrap().is_empty());
+        assert_eq!(r.list_tenants().unwrap(), vec!["Tenant_A".to_string()]);
+        // A wrong name is refused before anything is sent.
+        let wrong = blake3::hash(b"other").to_hex().to_string();
+        assert!(r.upload(&[Upload { tenant: None, hash: wrong.clone(), file: src }])[0].is_err());
+        assert!(r.list_objects(None).unwrap().is_empty());
+        // Download verifies: a tampered remote object never lands.
+        let dest = d.path().join("local/obj");
+        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone() }])[0].as_ref().unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
+        std::fs::write(d.path().join("remote/team/tenants/Tenant_A/objects").join(&hash), b"hellO").unwrap();
+        let dest2 = d.path().join("local/obj2");
+        let e = r.download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone() }]).remove(0).unwrap_err().to_string();
+        assert!(e.contains("corrupted"), "{e}");
+        assert!(!dest2.exists());
+        assert!(std::fs::read_dir(d.path().join("local")).unwrap().count() == 1, "no temp file left");
+    }
+}

@@ -1,0 +1,186 @@
+//! What the report reads besides the run record, each piece checked.
+//!
+//! Rules:
+//! - An artifact is read by the blake3 the run record gives for it: from the
+//!   workspace when the file there still has that hash, else from the
+//!   content-addressed cache (the object is hashed before use). A later run
+//!   that replaced the file therefore does not change an older run's report.
+//!   An artifact found nowhere is reported as missing, never guessed.
+//! - Paths come from files: only workspace-relative paths without `..` are
+//!   followed, and only 64-hex-digit hashes are looked up.
+//! - Parsed strictly by the artifact's own reader (`ModelArtifact`,
+//!   `Evaluation`, the drift `Report`), which rejects unknown formats.
+
+use crate::engine::runs::{RunRecord, StageRecord, Status};
+use crate::model::ModelArtifact;
+use crate::model::evaluation::{self, Evaluation};
+use crate::stages::drift::Report as DriftReport;
+use anyhow::Result;
+use std::path::{Component, Path};
+
+/// Where a verified artifact came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Workspace,
+    Cache,
+    /// Written by a failed stage: on disk, not recorded, not verified by a record.
+    Unrecorded,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Workspace => "workspace",
+            Source::Cache => "cache",
+            Source::Unrecorded => "file on disk, written by the failed stage (not recorded)",
+        }
+    }
+}
+
+pub fn safe_rel(p: &str) -> bool {
+    !p.is_empty() && Path::new(p).is_relative() && Path::new(p).components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+fn is_hex64(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The bytes recorded as `rel` with blake3 `hash`, if they can be found intact.
+pub fn verified_bytes(workspace: &Path, rel: &str, hash: &str) -> Option<(Vec<u8>, Source)> {
+    if !safe_rel(rel) || !is_hex64(hash) {
+        return None;
+    }
+    let ok = |b: &Vec<u8>| blake3::hash(b).to_hex().as_str() == hash;
+    if let Ok(b) = std::fs::read(workspace.join(rel)) {
+        if ok(&b) {
+            return Some((b, Source::Workspace));
+        }
+    }
+    let cas = crate::workspace::cas::Cas::read_only(&crate::workspace::Workspace::at(workspace));
+    let hash = crate::workspace::ContentHash::parse(hash).ok()?;
+    match std::fs::read(cas.object_path(&hash)) {
+        Ok(b) if ok(&b) => Some((b, Source::Cache)),
+        _ => None,
+    }
+}
+
+/// One tenant's model as the run left it.
+pub struct ModelCard {
+    pub stage: String,
+    pub status: Status,
+    pub tenant: String,
+    /// The model and its evaluation, or why they are not shown.
+    pub model: std::result::Result<(ModelArtifact, Source), String>,
+    pub evaluation: std::result::Result<Evaluation, String>,
+    /// The registry's champion version for the tenant, when there is a registry entry.
+    pub champion: Option<String>,
+}
+
+/// The model outputs of a stage record: `X.json` with `X.eval.json` beside it.
+fn model_outputs(s: &StageRecord) -> Option<(&String, &String, Option<(&String, &String)>)> {
+    s.outputs.iter().find_map(|(p, h)| {
+        if p.ends_with(".eval.json") || !p.ends_with(".json") {
+            return None;
+        }
+        let ev = s.outputs.get_key_value(&evaluation::path_for(p));
+        (ev.is_some() || s.facts.contains_key("model_version")).then_some((p, h, ev))
+    })
+}
+
+/// Model cards for the record's train stages (`kind_of` names each stage's kind).
+pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> Option<String>) -> Vec<ModelCard> {
+    let mut cards = Vec::new();
+    for s in &rec.stages {
+        let is_train = match kind_of(&s.stage) {
+            Some(k) => k == "train",
+            None => s.facts.contains_key("model_version"),
+        };
+        if !is_train {
+            continue;
+        }
+        let tenant = tenant_of(&s.stage);
+        let Some((p, h, ev)) = model_outputs(s) else {
+            let why = match s.status {
+                Status::Failed => format!("train failed: {}", s.error.as_deref().unwrap_or("unknown error")),
+                Status::Skipped => format!("train skipped: {}", s.error.as_deref().unwrap_or("")),
+                _ => "the run record names no model output".into(),
+            };
+            cards.push(ModelCard { stage: s.stage.clone(), status: s.status, tenant, model: Err(why.clone()), evaluation: Err(why), champion: None });
+            continue;
+        };
+        let model = match verified_bytes(workspace, p, h) {
+            Some((b, src)) => ModelArtifact::from_json_bytes(&b, p).map(|a| (a, src)).map_err(|e| format!("{e:#}")),
+            None => Err(format!("{p} (blake3 {}…) is neither in the workspace nor in the cache", &h[..h.len().min(12)])),
+        };
+        let evaluation = match ev {
+            Some((ep, eh)) => match verified_bytes(workspace, ep, eh) {
+                Some((b, _)) => Evaluation::from_json_bytes(&b, ep).map_err(|e| format!("{e:#}")),
+                None => Err(format!("{ep} is neither in the workspace nor in the cache")),
+            },
+            None => Err("this model was trained by an older dagrun that wrote no evaluation file; rerun train (`--force train`) for the curves".into()),
+        };
+        let tenant = model.as_ref().map(|(a, _)| a.tenant.clone()).unwrap_or(tenant);
+        let champion = crate::engine::run_metrics::champion_version(&workspace.join(crate::engine::DAGRUN_DIR), &tenant, None);
+        cards.push(ModelCard { stage: s.stage.clone(), status: s.status, tenant, model, evaluation, champion });
+    }
+    cards
+}
+
+/// `NAME[TENANT]` → TENANT, else the name.
+pub fn tenant_of(stage: &str) -> String {
+    match (stage.find('['), stage.ends_with(']')) {
+        (Some(i), true) => stage[i + 1..stage.len() - 1].to_string(),
+        _ => stage.to_string(),
+    }
+}
+
+/// One drift stage's report.
+pub struct DriftEntry {
+    pub stage: String,
+    pub status: Status,
+    pub report: std::result::Result<(DriftReport, Source), String>,
+}
+
+/// Drift reports of the record's drift stages. `declared_output` gives the
+/// report path a stage declares (for a failed stage, whose outputs are not
+/// recorded, the file on disk is shown and labelled as such).
+pub fn drift_entries(
+    workspace: &Path,
+    rec: &RunRecord,
+    kind_of: &dyn Fn(&str) -> Option<String>,
+    declared_output: &dyn Fn(&str) -> Option<String>,
+) -> Vec<DriftEntry> {
+    let mut out = Vec::new();
+    for s in &rec.stages {
+        let is_drift = match kind_of(&s.stage) {
+            Some(k) => k == "drift",
+            None => s.facts.contains_key("drift_status"),
+        };
+        if !is_drift {
+            continue;
+        }
+        let report = if let Some((p, h)) = s.outputs.iter().next() {
+            match verified_bytes(workspace, p, h) {
+                Some((b, src)) => DriftReport::from_json_bytes(&b, p).map(|r| (r, src)).map_err(|e| format!("{e:#}")),
+                None => Err(format!("{p} is neither in the workspace nor in the cache")),
+            }
+        } else if s.status == Status::Failed {
+            match declared_output(&s.stage).filter(|p| safe_rel(p)) {
+                Some(p) => match std::fs::read(workspace.join(&p)) {
+                    Ok(b) => DriftReport::from_json_bytes(&b, &p).map(|r| (r, Source::Unrecorded)).map_err(|e| format!("{e:#}")),
+                    Err(_) => Err(format!("failed before writing its report: {}", s.error.as_deref().unwrap_or(""))),
+                },
+                None => Err(format!("failed: {}", s.error.as_deref().unwrap_or(""))),
+            }
+        } else {
+            Err(format!("{}: {}", s.status.as_str(), s.error.as_deref().unwrap_or("no report in this run")))
+        };
+        out.push(DriftEntry { stage: s.stage.clone(), status: s.status, report });
+    }
+    out
+}
+
+/// Read a run record file strictly (for `dagrun report` given a path).
+pub fn check_record(rec: &RunRecord, origin: &str) -> Result<()> {
+    rec.validate_timing(origin)
+}

@@ -1,0 +1,614 @@
+//! Request bodies -> validated raw rows, for both protocols.
+//!
+//! Rules:
+//! - The row rules are `predict`'s, applied by the same code
+//!   ([`crate::data::ingest::RowChecker`] and the ingest cell parsers), with
+//!   the same messages; `request` takes the place of the file name
+//!   (`request: row 3, column Login_Count: negative value; …`). The first bad
+//!   row refuses the whole request: nothing is scored.
+//! - Columns: `Customer_ID`, `Login_Count`, `Purchase_Amount`,
+//!   `Last_Visit_Date` are required; `Tenant_ID` (must be the model's tenant),
+//!   `Sensitive_Data` (checked non-empty, never used, never echoed) and
+//!   `Converted` are accepted so that `predict`'s input rows can be posted as
+//!   they are. Any other column is refused.
+//! - No message ever contains a cell value: JSON errors are reported by
+//!   line and column only, since serde's own messages may quote the input.
+//!   Tenant ids and column names are shown escaped and shortened.
+//! - Parsing borrows from the body where it can (strings without escapes).
+
+use crate::data::ingest::{self, IngestOptions, RowChecker};
+use crate::data::schema;
+use crate::data::show_tenant;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::borrow::Cow;
+use std::fmt;
+
+/// Name of the request in messages (where `predict` names its file).
+pub const ORIGIN: &str = "request";
+
+/// Why a request body was refused.
+#[derive(Debug)]
+pub enum Refused {
+    /// 400 with this message.
+    Bad(String),
+    /// 413: more rows than the limit.
+    TooManyRows(String),
+}
+
+impl From<anyhow::Error> for Refused {
+    fn from(e: anyhow::Error) -> Self {
+        Refused::Bad(format!("{e:#}"))
+    }
+}
+
+/// Validated rows, column by column.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Rows {
+    pub ids: Vec<i64>,
+    pub logins: Vec<i64>,
+    pub amounts: Vec<f64>,
+    /// Days since 1970-01-01.
+    pub dates: Vec<i32>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// The columns a request may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Col {
+    Tenant = 0,
+    Cid = 1,
+    Sensitive = 2,
+    Login = 3,
+    Amount = 4,
+    Date = 5,
+    Converted = 6,
+}
+
+const ALL: [Col; 7] = [Col::Tenant, Col::Cid, Col::Sensitive, Col::Login, Col::Amount, Col::Date, Col::Converted];
+const REQUIRED: [Col; 4] = [Col::Cid, Col::Login, Col::Amount, Col::Date];
+
+impl Col {
+    pub fn of(name: &str) -> Option<Col> {
+        Some(match name {
+            schema::TENANT_ID => Col::Tenant,
+            schema::CUSTOMER_ID => Col::Cid,
+            schema::SENSITIVE_DATA => Col::Sensitive,
+            schema::LOGIN_COUNT => Col::Login,
+            schema::PURCHASE_AMOUNT => Col::Amount,
+            schema::LAST_VISIT_DATE => Col::Date,
+            schema::CONVERTED => Col::Converted,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Col::Tenant => schema::TENANT_ID,
+            Col::Cid => schema::CUSTOMER_ID,
+            Col::Sensitive => schema::SENSITIVE_DATA,
+            Col::Login => schema::LOGIN_COUNT,
+            Col::Amount => schema::PURCHASE_AMOUNT,
+            Col::Date => schema::LAST_VISIT_DATE,
+            Col::Converted => schema::CONVERTED,
+        }
+    }
+    /// The Open Inference Protocol datatype of the column.
+    pub fn oip_datatype(self) -> &'static str {
+        match self {
+            Col::Cid | Col::Login => "INT64",
+            Col::Amount => "FP64",
+            Col::Converted => "BOOL",
+            _ => "BYTES",
+        }
+    }
+}
+
+/// The list of columns, for messages.
+pub fn expected_columns() -> String {
+    "Customer_ID, Login_Count, Purchase_Amount, Last_Visit_Date (and optionally Tenant_ID, Sensitive_Data, Converted)".to_string()
+}
+
+/// One JSON value, borrowed from the body where possible.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell<'a> {
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Null,
+    List(Vec<Cell<'a>>),
+    Map,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Cell<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Cell<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Cell<'a>, E> {
+                Ok(Cell::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Cell<'a>, E> {
+                Ok(if v <= i64::MAX as u64 { Cell::Int(v as i64) } else { Cell::UInt(v) })
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Cell<'a>, E> {
+                Ok(Cell::Float(v))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Cell<'a>, E> {
+                Ok(Cell::Bool(v))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cell<'a>, E> {
+                Ok(Cell::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Cell<'a>, E> {
+                Ok(Cell::Str(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Cell<'a>, E> {
+                Ok(Cell::Str(Cow::Owned(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Cell<'a>, E> {
+                Ok(Cell::Null)
+            }
+            fn visit_none<E>(self) -> Result<Cell<'a>, E> {
+                Ok(Cell::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Cell<'a>, A::Error> {
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(c) = a.next_element::<Cell<'a>>()? {
+                    v.push(c);
+                }
+                Ok(Cell::List(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Cell<'a>, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Cell::Map)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// A JSON error as a message that never quotes the body.
+pub fn json_error(e: &serde_json::Error, what: &str) -> Refused {
+    use serde_json::error::Category;
+    let kind = match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => "not valid JSON",
+        Category::Data => "valid JSON but not the expected shape",
+    };
+    Refused::Bad(format!("{ORIGIN}: {kind} (line {}, column {}); send {what}", e.line(), e.column()))
+}
+
+/// What the rows are checked against.
+pub struct Expect<'a> {
+    /// The model's tenant: `Tenant_ID`, when sent, must be it.
+    pub tenant: &'a str,
+    /// The model's `as_of` (days): later visit dates are refused.
+    pub as_of: i32,
+    pub max_rows: usize,
+}
+
+fn too_many(n: usize, max: usize) -> Refused {
+    Refused::TooManyRows(format!("{ORIGIN} has {n} rows; the limit is {max} rows per request (dagrun serve --max-rows): split it"))
+}
+
+/// Check the set of columns: no unknown, none twice, the required ones present.
+fn check_columns<'n>(names: impl IntoIterator<Item = &'n str>) -> Result<[Option<usize>; 7], Refused> {
+    let mut idx = [None; 7];
+    for (i, n) in names.into_iter().enumerate() {
+        let Some(c) = Col::of(n) else {
+            return Err(Refused::Bad(format!("{ORIGIN}: unknown column {}; expected: {}", show_tenant(n), expected_columns())));
+        };
+        if idx[c as usize].is_some() {
+            return Err(Refused::Bad(format!("{ORIGIN}: column {} appears twice; keep one", c.name())));
+        }
+        idx[c as usize] = Some(i);
+    }
+    for c in REQUIRED {
+        if idx[c as usize].is_none() {
+            return Err(Refused::Bad(format!("{ORIGIN}: missing column {}; expected: {}", c.name(), expected_columns())));
+        }
+    }
+    Ok(idx)
+}
+
+fn null_msg(ck: &RowChecker, row: u64, line: Option<u64>, c: Col) -> Refused {
+    Refused::Bad(format!("{}: empty value (nulls are not allowed); fill in every cell", ck.at(row, line, c.name())))
+}
+
+/// Check and convert every row. `get(col, row)` is the cell of a present
+/// column (None: the cell is missing, which counts as null).
+fn validate<'c, 'd: 'c>(n: usize, present: [bool; 7], lines: Option<&[u64]>, ex: &Expect, get: impl Fn(Col, usize) -> Option<&'c Cell<'d>>) -> Result<Rows, Refused> {
+    if n == 0 {
+        return Err(Refused::Bad(format!("{ORIGIN} has no data rows; provide at least one data row")));
+    }
+    if n > ex.max_rows {
+        return Err(too_many(n, ex.max_rows));
+    }
+    let opts = IngestOptions { expected_tenant: Some(ex.tenant.to_string()), known_tenants: None, require_label: false, allow_label: true, as_of: Some(ex.as_of) };
+    let mut ck = RowChecker::new(ORIGIN, &opts);
+    let mut rows = Rows { ids: Vec::with_capacity(n), logins: Vec::with_capacity(n), amounts: Vec::with_capacity(n), dates: Vec::with_capacity(n) };
+    for r in 0..n {
+        let row = r as u64 + 1;
+        let line = lines.map(|l| l[r]);
+        let at = |c: Col| ck.at(row, line, c.name());
+        let cell = |c: Col| -> Result<Option<&'c Cell<'d>>, Refused> {
+            if !present[c as usize] {
+                return Ok(None);
+            }
+            match get(c, r) {
+                None | Some(Cell::Null) => Err(null_msg(&ck, row, line, c)),
+                Some(Cell::Str(s)) if s.is_empty() => Err(null_msg(&ck, row, line, c)),
+                Some(x) => Ok(Some(x)),
+            }
+        };
+        let cid = match cell(Col::Cid)?.expect("required") {
+            Cell::Int(v) => *v,
+            Cell::Str(s) => ingest::parse_customer_id(s, || at(Col::Cid))?,
+            _ => return Err(Refused::Bad(format!("{}: not an integer (int64); write the customer id as a whole number", at(Col::Cid)))),
+        };
+        let login = match cell(Col::Login)?.expect("required") {
+            Cell::Int(v) => *v,
+            Cell::UInt(_) => {
+                return Err(Refused::Bad(format!(
+                    "{}: value above the bound {max}; Login_Count must be <= {max}",
+                    at(Col::Login),
+                    max = ingest::MAX_LOGIN_COUNT
+                )));
+            }
+            Cell::Str(s) => ingest::parse_login_count(s, || at(Col::Login))?,
+            _ => return Err(Refused::Bad(format!("{}: not an integer; write Login_Count as a whole number >= 0", at(Col::Login)))),
+        };
+        let amount = match cell(Col::Amount)?.expect("required") {
+            Cell::Int(v) => *v as f64,
+            Cell::UInt(v) => *v as f64,
+            Cell::Float(v) => *v,
+            Cell::Str(s) => ingest::parse_purchase_amount(s, || at(Col::Amount))?,
+            _ => return Err(Refused::Bad(format!("{}: not a number; write Purchase_Amount as a decimal number such as 12.50", at(Col::Amount)))),
+        };
+        let date = match cell(Col::Date)?.expect("required") {
+            Cell::Str(s) => ingest::parse_visit_date(s, || at(Col::Date))?,
+            _ => return Err(Refused::Bad(format!("{}: not a date in YYYY-MM-DD form; write dates as YYYY-MM-DD", at(Col::Date)))),
+        };
+        let tenant: &str = match cell(Col::Tenant)? {
+            None => ex.tenant,
+            Some(Cell::Str(s)) => s,
+            Some(_) => return Err(Refused::Bad(format!("{}: not a string; write the tenant id as text", at(Col::Tenant)))),
+        };
+        let sensitive: Option<&str> = match cell(Col::Sensitive)? {
+            None => None,
+            Some(Cell::Str(s)) => Some(s),
+            Some(_) => return Err(Refused::Bad(format!("{}: not a string", at(Col::Sensitive)))),
+        };
+        match cell(Col::Converted)? {
+            None | Some(Cell::Bool(_)) | Some(Cell::Int(0 | 1)) => {}
+            Some(Cell::Str(s)) if matches!(s.to_ascii_lowercase().as_str(), "true" | "false" | "1" | "0") => {}
+            Some(_) => return Err(Refused::Bad(format!("{}: not a boolean; write true/false or 1/0", at(Col::Converted)))),
+        }
+        ck.row(row, line, tenant, cid, sensitive, login, amount, date)?;
+        rows.ids.push(cid);
+        rows.logins.push(login);
+        rows.amounts.push(amount);
+        rows.dates.push(date);
+    }
+    Ok(rows)
+}
+
+// ------------------------------------------------------------ Open Inference Protocol
+
+/// One input tensor of an OIP inference request.
+#[derive(Deserialize)]
+pub struct OipInput<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    pub shape: Vec<i64>,
+    #[serde(borrow)]
+    pub datatype: Cow<'a, str>,
+    #[serde(borrow)]
+    pub data: Vec<Cell<'a>>,
+    #[serde(default)]
+    pub parameters: Option<IgnoredAny>,
+}
+
+/// An OIP (KServe V2) inference request.
+#[derive(Deserialize)]
+pub struct OipRequest<'a> {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(borrow)]
+    pub inputs: Vec<OipInput<'a>>,
+    #[serde(default)]
+    pub parameters: Option<IgnoredAny>,
+    #[serde(default)]
+    pub outputs: Option<IgnoredAny>,
+}
+
+/// Parse an OIP inference request body (the `id` is returned even when the
+/// rows are refused, so that the error can echo it).
+pub fn parse_oip(body: &[u8]) -> Result<OipRequest<'_>, Refused> {
+    serde_json::from_slice(body).map_err(|e| json_error(&e, "an inference request {\"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}, …]}"))
+}
+
+/// Flatten nested data (a `[N, 1]` tensor sent as `[[a], [b]]`) in row-major order.
+fn flatten<'a>(data: &'a [Cell<'a>], out: &mut Vec<&'a Cell<'a>>) {
+    for c in data {
+        match c {
+            Cell::List(v) => flatten(v, out),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The rows of an OIP request.
+pub fn oip_rows<'a>(req: &'a OipRequest<'a>, ex: &Expect) -> Result<Rows, Refused> {
+    let idx = check_columns(req.inputs.iter().map(|i| i.name.as_ref()))?;
+    let mut cols: [Vec<&'a Cell<'a>>; 7] = Default::default();
+    let mut n: Option<usize> = None;
+    for c in ALL {
+        let Some(i) = idx[c as usize] else { continue };
+        let input = &req.inputs[i];
+        if input.datatype != c.oip_datatype() && !(c == Col::Amount && matches!(input.datatype.as_ref(), "FP32" | "INT64" | "INT32")) {
+            return Err(Refused::Bad(format!("{ORIGIN}: input {} has datatype {} but {} is expected", c.name(), show_tenant(&input.datatype), c.oip_datatype())));
+        }
+        flatten(&input.data, &mut cols[c as usize]);
+        let len = cols[c as usize].len();
+        let shape_ok = match input.shape.as_slice() {
+            [k] => *k >= 0 && *k as usize == len,
+            [k, 1] => *k >= 0 && *k as usize == len,
+            _ => false,
+        };
+        if !shape_ok {
+            return Err(Refused::Bad(format!("{ORIGIN}: input {} has shape {:?} but {len} values; the shape must be [rows] (or [rows, 1])", c.name(), input.shape)));
+        }
+        match n {
+            None => n = Some(len),
+            Some(m) if m != len => {
+                return Err(Refused::Bad(format!("{ORIGIN}: input {} has {len} rows but the other inputs have {m}; send one value per row in every input", c.name())));
+            }
+            _ => {}
+        }
+    }
+    let mut present = [false; 7];
+    for c in ALL {
+        present[c as usize] = idx[c as usize].is_some();
+    }
+    validate(n.unwrap_or(0), present, None, ex, |c, r| cols[c as usize].get(r).copied())
+}
+
+// ------------------------------------------------------------ MLflow
+
+/// `dataframe_split`: columns, row-major data, an ignored index.
+#[derive(Deserialize)]
+pub struct Split<'a> {
+    #[serde(borrow)]
+    pub columns: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub data: Vec<Vec<Cell<'a>>>,
+    #[serde(default)]
+    pub index: Option<IgnoredAny>,
+}
+
+/// One `dataframe_records` row: cells by column, and the first unknown name.
+pub struct Record<'a> {
+    cells: [Option<Cell<'a>>; 7],
+    unknown: Option<String>,
+    twice: Option<Col>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Record<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Record<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of column: value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Record<'a>, A::Error> {
+                let mut r = Record { cells: Default::default(), unknown: None, twice: None };
+                while let Some(k) = a.next_key::<Cow<'de, str>>()? {
+                    match Col::of(&k) {
+                        Some(c) => {
+                            let v = a.next_value::<Cell<'a>>()?;
+                            if r.cells[c as usize].replace(v).is_some() {
+                                r.twice.get_or_insert(c);
+                            }
+                        }
+                        None => {
+                            a.next_value::<IgnoredAny>()?;
+                            if r.unknown.is_none() {
+                                r.unknown = Some(k.into_owned());
+                            }
+                        }
+                    }
+                }
+                Ok(r)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// An MLflow scoring-server JSON request.
+#[derive(Deserialize)]
+pub struct MlflowRequest<'a> {
+    #[serde(borrow, default)]
+    pub dataframe_split: Option<Split<'a>>,
+    #[serde(borrow, default)]
+    pub dataframe_records: Option<Vec<Record<'a>>>,
+    #[serde(default)]
+    pub instances: Option<IgnoredAny>,
+    #[serde(default)]
+    pub inputs: Option<IgnoredAny>,
+    #[serde(default)]
+    pub params: Option<IgnoredAny>,
+}
+
+const MLFLOW_SHAPE: &str = "{\"dataframe_split\": {\"columns\": […], \"data\": [[…], …]}} or {\"dataframe_records\": [{…}, …]}";
+
+/// The rows of an MLflow JSON request.
+pub fn mlflow_json_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
+    let req: MlflowRequest = serde_json::from_slice(body).map_err(|e| json_error(&e, MLFLOW_SHAPE))?;
+    match (&req.dataframe_split, &req.dataframe_records) {
+        (Some(_), Some(_)) => Err(Refused::Bad(format!("{ORIGIN}: both dataframe_split and dataframe_records; send one"))),
+        (Some(s), None) => {
+            let idx = check_columns(s.columns.iter().map(|c| c.as_ref()))?;
+            let width = s.columns.len();
+            if let Some((r, row)) = s.data.iter().enumerate().find(|(_, row)| row.len() != width) {
+                return Err(Refused::Bad(format!("{ORIGIN}: row {}: has {} values but there are {width} columns; give every row one value per column", r + 1, row.len())));
+            }
+            let present = idx.map(|i| i.is_some());
+            validate(s.data.len(), present, None, ex, |c, r| idx[c as usize].map(|i| &s.data[r][i]))
+        }
+        (None, Some(recs)) => {
+            let mut present = [false; 7];
+            for r in recs {
+                if let Some(u) = &r.unknown {
+                    return Err(Refused::Bad(format!("{ORIGIN}: unknown column {}; expected: {}", show_tenant(u), expected_columns())));
+                }
+                if let Some(c) = r.twice {
+                    return Err(Refused::Bad(format!("{ORIGIN}: column {} appears twice; keep one", c.name())));
+                }
+                for c in ALL {
+                    present[c as usize] |= r.cells[c as usize].is_some();
+                }
+            }
+            if !recs.is_empty() {
+                for c in REQUIRED {
+                    if !present[c as usize] {
+                        return Err(Refused::Bad(format!("{ORIGIN}: missing column {}; expected: {}", c.name(), expected_columns())));
+                    }
+                }
+            }
+            validate(recs.len(), present, None, ex, |c, r| recs[r].cells[c as usize].as_ref())
+        }
+        (None, None) if req.instances.is_some() || req.inputs.is_some() => {
+            Err(Refused::Bad(format!("{ORIGIN}: tensor input (instances / inputs) is not accepted by this model; send {MLFLOW_SHAPE}")))
+        }
+        (None, None) => Err(Refused::Bad(format!("{ORIGIN}: no dataframe_split or dataframe_records; send {MLFLOW_SHAPE}"))),
+    }
+}
+
+/// The rows of a CSV body (a header line naming the columns, as `predict` reads).
+pub fn csv_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
+    let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(body);
+    let header = rdr.headers().map_err(|e| csv_refusal(&e, None))?.clone();
+    if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
+        return Err(Refused::Bad(format!("{ORIGIN} is empty (no header line); send a header line naming the columns and at least one data row")));
+    }
+    let names: Vec<&str> = header.iter().enumerate().map(|(i, h)| if i == 0 { h.strip_prefix('\u{feff}').unwrap_or(h) } else { h }).collect();
+    let idx = check_columns(names.iter().copied())?;
+    let width = names.len();
+    let mut records = Vec::new();
+    let mut lines = Vec::new();
+    let mut rec = csv::StringRecord::new();
+    loop {
+        let row = records.len() as u64 + 1;
+        match rdr.read_record(&mut rec) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => return Err(csv_refusal(&e, Some(row))),
+        }
+        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        if rec.len() != width {
+            return Err(Refused::Bad(format!(
+                "{ORIGIN}: row {row} (line {line}): has {} fields but the header has {width}; quote fields that contain commas, and give every row one value per column",
+                rec.len()
+            )));
+        }
+        if records.len() >= ex.max_rows {
+            return Err(too_many(records.len() + 1, ex.max_rows));
+        }
+        records.push(rec.clone());
+        lines.push(line);
+    }
+    let cells: Vec<Vec<Cell>> = records.iter().map(|r| r.iter().map(|f| Cell::Str(Cow::Borrowed(f))).collect()).collect();
+    let present = idx.map(|i| i.is_some());
+    validate(cells.len(), present, Some(&lines), ex, |c, r| idx[c as usize].map(|i| &cells[r][i]))
+}
+
+fn csv_refusal(e: &csv::Error, row: Option<u64>) -> Refused {
+    let line = e.position().map(|p| format!(" (line {})", p.line())).unwrap_or_default();
+    let row = row.map(|r| format!(": row {r}")).unwrap_or_default();
+    Refused::Bad(match e.kind() {
+        csv::ErrorKind::Utf8 { .. } => format!("{ORIGIN}{row}{line}: not valid UTF-8; send UTF-8 text"),
+        _ => format!("{ORIGIN}{row}{line}: malformed CSV; check quoting and that every row has one value per column"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex() -> Expect<'static> {
+        Expect { tenant: "Tenant_A", as_of: schema::parse_date("2026-01-01").unwrap(), max_rows: 10 }
+    }
+
+    fn bad(r: Result<Rows, Refused>) -> String {
+        match r {
+            Err(Refused::Bad(m)) => m,
+            Err(Refused::TooManyRows(m)) => format!("413 {m}"),
+            Ok(r) => panic!("accepted {r:?}"),
+        }
+    }
+
+    #[test]
+    fn three_shapes_give_the_same_rows() {
+        let oip = br#"{"id":"x","inputs":[
+            {"name":"Customer_ID","shape":[2],"datatype":"INT64","data":[1,2]},
+            {"name":"Login_Count","shape":[2],"datatype":"INT64","data":[3,4]},
+            {"name":"Purchase_Amount","shape":[2],"datatype":"FP64","data":[10.5,0]},
+            {"name":"Last_Visit_Date","shape":[2],"datatype":"BYTES","data":["2025-12-01","2025-11-30"]}]}"#;
+        let req = parse_oip(oip).unwrap();
+        assert_eq!(req.id.as_deref(), Some("x"));
+        let a = oip_rows(&req, &ex()).unwrap();
+        let split = br#"{"dataframe_split":{"index":[0,1],"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,10.5,"2025-12-01"],[2,4,0,"2025-11-30"]]}}"#;
+        let b = mlflow_json_rows(split, &ex()).unwrap();
+        let recs = br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":10.5,"Last_Visit_Date":"2025-12-01","Tenant_ID":"Tenant_A"},{"Last_Visit_Date":"2025-11-30","Customer_ID":2,"Login_Count":4,"Purchase_Amount":0.0,"Tenant_ID":"Tenant_A"}]}"#;
+        let c = mlflow_json_rows(recs, &ex()).unwrap();
+        let csv = b"Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date\nTenant_A,1,x,3,10.5,2025-12-01\nTenant_A,2,y,4,0,2025-11-30\n";
+        let d = csv_rows(csv, &ex()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert_eq!(a, d);
+        assert_eq!(a.dates[0], schema::parse_date("2025-12-01").unwrap());
+    }
+
+    #[test]
+    fn refusals_name_row_and_column_and_never_echo_values() {
+        let m = bad(csv_rows(b"Customer_ID,Login_Count,Purchase_Amount,Last_Visit_Date\n1,3,1,2025-01-01\n2,-4,1,2025-01-01\n", &ex()));
+        assert_eq!(m, "request: row 2 (line 3), column Login_Count: negative value; Login_Count must be >= 0");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2027-01-01"}]}"#, &ex()));
+        assert!(m.starts_with("request: row 1, column Last_Visit_Date: date in the future relative to as_of (2026-01-01)"), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","Tenant_ID":"Tenant_B"}]}"#, &ex()));
+        assert!(m.contains("row 1, column Tenant_ID: row belongs to tenant \"Tenant_B\""), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","secret-alice@example.com":1}]}"#, &ex()));
+        assert!(m.contains("unknown column \"secret-alice@example.com\""), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date","Sensitive_Data"],"data":[[1,3,1,"alice@example.com","x"]]}}"#, &ex()));
+        assert!(m.contains("column Last_Visit_Date: not a date") && !m.contains("alice"), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID"],"data":[["alice@example.com"]]}}"#, &ex()));
+        assert!(m.contains("missing column Login_Count"), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_records": "alice@example.com"}"#, &ex()));
+        assert!(!m.contains("alice") && m.contains("line 1"), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,1,"2025-01-01"],[1,3,1,"2025-01-01"]]}}"#, &ex()));
+        assert!(m.contains("row 2, column Customer_ID: duplicate Customer_ID 1"), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,null,"2025-01-01"]]}}"#, &ex()));
+        assert!(m.contains("row 1, column Purchase_Amount: empty value"), "{m}");
+        let rows: Vec<String> = (0..11).map(|i| format!("[{i},1,1,\"2025-01-01\"]")).collect();
+        let body = format!(r#"{{"dataframe_split":{{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[{}]}}}}"#, rows.join(","));
+        assert!(bad(mlflow_json_rows(body.as_bytes(), &ex())).starts_with("413 request has 11 rows"));
+        let req = parse_oip(br#"{"inputs":[{"name":"Customer_ID","shape":[1],"datatype":"FP64","data":[1]}]}"#).unwrap();
+        let m = bad(oip_rows(&req, &ex()));
+        assert!(m.contains("missing column Login_Count"), "{m}");
+    }
+}

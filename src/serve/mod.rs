@@ -1,0 +1,238 @@
+//! `dagrun serve`: Models-as-a-Service over HTTP.
+//!
+//! Two protocols on one listener, both scoring with [`crate::scoring`] (the
+//! path `predict` uses, so the scores are bit-identical): the Open Inference
+//! Protocol (KServe V2 REST, model name = tenant id) and MLflow's scoring
+//! server (`/invocations`). Per-tenant bearer tokens ([`tokens`]); models from
+//! the registry, switched without a restart ([`state`]); `/metrics`
+//! ([`metrics`]); an audit line per scoring request ([`audit`]).
+//!
+//! Rules of this module (the listener):
+//! - Plain HTTP only on a loopback address unless `insecure_plaintext` is
+//!   set; TLS is rustls (ring), HTTP/1.1.
+//! - Slow clients: request headers must arrive within `header_timeout`
+//!   (else the connection is closed), a whole request within
+//!   `request_timeout` (else 408); a TLS handshake within `header_timeout`.
+//! - Shutdown (SIGTERM/SIGINT, see `commands::serve`): stop accepting at once
+//!   (the listening socket is closed), mark not ready, let every in-flight
+//!   request finish and close idle keep-alive connections, for at most
+//!   `drain_timeout`; then flush the audit log and return.
+
+pub mod audit;
+pub mod input;
+pub mod metrics;
+pub mod router;
+pub mod state;
+pub mod tokens;
+
+use anyhow::{Context, Result, bail};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use state::{Limits, Shared, Watch};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// Everything `dagrun serve` is given.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub workspace: PathBuf,
+    pub listen: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure_plaintext: bool,
+    pub audit_dir: Option<PathBuf>,
+    pub limits: Limits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body: 8 << 20,
+            max_rows: 100_000,
+            request_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("--tls-cert {}: cannot read it", cert.display()))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| crate::error::config(format!("--tls-cert {}: not a PEM certificate chain ({e})", cert.display())))?;
+    if certs.is_empty() {
+        return Err(crate::error::config(format!("--tls-cert {}: no CERTIFICATE block found; give a PEM certificate chain", cert.display())));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| crate::error::config(format!("--tls-key {}: not a PEM private key ({e})", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| crate::error::config(format!("--tls-cert/--tls-key: the key does not fit the certificate or is unsupported ({e})")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A started server: its address and the handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// Serve until `shutdown` resolves, then drain. `on_start` is called once
+/// the socket is bound (the address is printed by the caller).
+pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output = ()>, on_start: impl FnOnce(&Running, &[String])) -> Result<()> {
+    let addr: SocketAddr = opts
+        .listen
+        .parse()
+        .map_err(|_| crate::error::config(format!("--listen {}: give an address and port such as 127.0.0.1:8080 or [::1]:8080", opts.listen)))?;
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(tls_config(c, k)?)),
+        (None, None) => None,
+        _ => return Err(crate::error::config("--tls-cert and --tls-key go together: give both or neither")),
+    };
+    if tls.is_none() && !addr.ip().is_loopback() && !opts.insecure_plaintext {
+        return Err(crate::error::config(format!(
+            "--listen {addr}: not a loopback address, and no TLS: tokens and data would cross the network in clear. Give --tls-cert and --tls-key, or --insecure-plaintext if a TLS proxy in front of dagrun does this"
+        )));
+    }
+    let dagrun_dir = opts.workspace.join(crate::engine::DAGRUN_DIR);
+    if !dagrun_dir.is_dir() {
+        return Err(crate::error::config(format!("{}: not a dagrun workspace (no .dagrun/); run a pipeline first or pass -C DIR", opts.workspace.display())));
+    }
+    let integrity = crate::scoring::integrity_key_of(&crate::workspace::Workspace::at(&opts.workspace))?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let audit_dir = opts.audit_dir.clone().unwrap_or_else(|| dagrun_dir.join("audit"));
+    let audit = audit::Audit::start(audit_dir, metrics.clone())?;
+    let prefix = {
+        let mut b = [0u8; 4];
+        use rand::TryRng;
+        rand::rngs::SysRng.try_fill_bytes(&mut b).context("the operating system's random number generator failed")?;
+        hex::encode(b)
+    };
+    let shared = Arc::new(Shared {
+        workspace: opts.workspace.clone(),
+        dagrun_dir: dagrun_dir.clone(),
+        integrity,
+        models: Default::default(),
+        tokens: Default::default(),
+        metrics,
+        audit,
+        limits: opts.limits.clone(),
+        draining: AtomicBool::new(false),
+        request_prefix: prefix,
+        request_counter: Default::default(),
+    });
+    let mut watch = Watch::default();
+    shared.reload_tokens(&mut watch);
+    let notes = shared.reload_models(&mut watch);
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let running = Running { addr: listener.local_addr()?, tls: tls.is_some() };
+    on_start(&running, &notes);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reloader = {
+        let (s, st) = (shared.clone(), stop.clone());
+        std::thread::Builder::new().name("dagrun-reload".into()).spawn(move || state::reload_loop(s, st, watch))?
+    };
+
+    let app = router::router(shared.clone());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let active = Arc::new(AtomicUsize::new(0));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and the like: back off briefly instead of spinning.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let tls = tls.clone();
+        let mut rx = rx.clone();
+        let active = active.clone();
+        let limits = shared.limits.clone();
+        active.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| app.clone().oneshot(req.map(axum::body::Body::new)));
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+            match tls {
+                None => drive(b.serve_connection(TokioIo::new(stream), svc), &mut rx).await,
+                Some(acc) => {
+                    if let Ok(Ok(s)) = tokio::time::timeout(limits.header_timeout, acc.accept(stream)).await {
+                        drive(b.serve_connection(TokioIo::new(s), svc), &mut rx).await
+                    }
+                }
+            }
+            active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    // Drain: close the socket, tell every connection, wait (bounded).
+    drop(listener);
+    shared.draining.store(true, Ordering::SeqCst);
+    let _ = tx.send(true);
+    let t0 = Instant::now();
+    while active.load(Ordering::SeqCst) > 0 && t0.elapsed() < opts.limits.drain_timeout {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = active.load(Ordering::SeqCst);
+    if left > 0 {
+        tracing::warn!("{left} connections still open after the drain timeout; closing them");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = reloader.join();
+    // Flush the audit log: every answered request has its line.
+    if let Some(s) = Arc::into_inner(shared) {
+        let mut s = s;
+        s.audit.close();
+    }
+    Ok(())
+}
+
+/// Serve one connection; on shutdown, finish the request in flight and close.
+async fn drive<I, S>(conn: hyper::server::conn::http1::Connection<I, S>, rx: &mut tokio::sync::watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(conn);
+    if *rx.borrow() {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = rx.changed() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+/// Refuse `--workers 0` and the like.
+pub fn check_workers(n: usize) -> Result<usize> {
+    if n == 0 || n > 1024 {
+        bail!("--workers {n}: give a number between 1 and 1024");
+    }
+    Ok(n)
+}

@@ -1,0 +1,447 @@
+//! Routes, authentication, the two scoring protocols, and the layer that
+//! counts and audits every request.
+//!
+//! Rules:
+//! - Scoring and model routes need `Authorization: Bearer TOKEN`. Missing,
+//!   unknown, revoked or expired → 401; a valid token of another tenant →
+//!   403, whether or not the tenant in the URL exists; the token's own tenant
+//!   without a champion → 503. The token is checked before the body is read.
+//! - Health (`/v2/health/*`, `/ping`, `/health`), `/version` and `/metrics`
+//!   need no token.
+//! - OIP errors are `{"error": MESSAGE}`; MLflow errors are MLflow's own
+//!   `{"error_code": "BAD_REQUEST", "message": MESSAGE}`. Status: 400 bad
+//!   rows, 413 body or rows over the limit, 415 wrong content type, 408 a
+//!   request slower than the request timeout.
+//! - Every scoring response is computed by one model (one snapshot, see
+//!   `state`) and names its version: OIP in `model_version`, MLflow in the
+//!   `model_version` header.
+
+use crate::scoring::score_row;
+use crate::serve::input::{self, Expect, Refused, Rows};
+use crate::serve::metrics::Route;
+use crate::serve::state::{Model, Shared};
+use crate::serve::tokens::Refusal;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use std::sync::Arc;
+use std::time::Instant;
+
+type S = State<Arc<Shared>>;
+
+/// What a handler tells the observing layer (a response extension).
+#[derive(Clone, Default)]
+struct Info {
+    tenant: Option<String>,
+    token_id: Option<String>,
+    model_version: Option<String>,
+    rows: u64,
+}
+
+/// The router of one server.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let limits = shared.limits.clone();
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{tenant}", get(model_meta))
+        .route("/v2/models/{tenant}/ready", get(model_ready))
+        .route("/v2/models/{tenant}/infer", post(infer))
+        .route("/v2/models/{tenant}/versions/{version}/infer", post(infer_version))
+        .route("/invocations", post(invocations))
+        .route("/ping", get(ping))
+        .route("/health", get(ping))
+        .route("/version", get(version))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(limits.max_body))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), observe))
+        .with_state(shared)
+}
+
+fn route_of(path: Option<&str>) -> Route {
+    match path {
+        Some("/v2/health/live") => Route::Live,
+        Some("/v2/health/ready") => Route::Ready,
+        Some("/v2/models/{tenant}") => Route::ModelMeta,
+        Some("/v2/models/{tenant}/ready") => Route::ModelReady,
+        Some("/v2/models/{tenant}/infer") => Route::Infer,
+        Some("/v2/models/{tenant}/versions/{version}/infer") => Route::InferVersion,
+        Some("/invocations") => Route::Invocations,
+        Some("/ping") => Route::Ping,
+        Some("/health") => Route::Health,
+        Some("/version") => Route::Version,
+        Some("/metrics") => Route::Metrics,
+        _ => Route::Other,
+    }
+}
+
+/// Count every request; write the audit line of scoring requests.
+async fn observe(State(s): S, req: Request, next: Next) -> Response {
+    let t0 = Instant::now();
+    let route = route_of(req.extensions().get::<MatchedPath>().map(|m| m.as_str()));
+    let rid = if route.scores() { Some(s.next_request_id()) } else { None };
+    let mut resp = next.run(req).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let status = resp.status().as_u16();
+    let info = resp.extensions_mut().remove::<Info>().unwrap_or_default();
+    let tenant = info.tenant.as_deref().unwrap_or("-");
+    s.metrics.record(tenant, route, status, if status == 200 { info.rows } else { 0 }, secs);
+    if let Some(rid) = rid {
+        let line = serde_json::json!({
+            "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "request_id": rid,
+            "token_id": info.token_id,
+            "tenant": info.tenant,
+            "model_version": info.model_version,
+            "route": route.name(),
+            "rows": info.rows,
+            "status": status,
+            "latency_ms": (secs * 1e6).round() / 1e3,
+        });
+        s.audit.log(line.to_string());
+        if let Ok(v) = HeaderValue::from_str(&rid) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+    }
+    resp
+}
+
+/// Protocol of an error body.
+#[derive(Clone, Copy)]
+enum Proto {
+    Oip,
+    Mlflow,
+}
+
+fn error(proto: Proto, status: StatusCode, msg: &str, info: Info) -> Response {
+    let body = match proto {
+        Proto::Oip => serde_json::json!({ "error": msg }),
+        Proto::Mlflow => {
+            let code = match status.as_u16() {
+                400 | 413 | 415 => "BAD_REQUEST",
+                401 => "UNAUTHENTICATED",
+                403 => "PERMISSION_DENIED",
+                503 => "TEMPORARILY_UNAVAILABLE",
+                _ => "INTERNAL_ERROR",
+            };
+            serde_json::json!({ "error_code": code, "message": msg })
+        }
+    };
+    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    if status != StatusCode::BAD_REQUEST {
+        // Answered before the body was read: the connection cannot be
+        // reused (the unread body is still on it), so say so; a client
+        // would otherwise send its next request into a closing socket.
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r.extensions_mut().insert(info);
+    r
+}
+
+struct Caller {
+    tenant: String,
+    token_id: String,
+}
+
+fn bearer(h: &HeaderMap) -> &[u8] {
+    let Some(v) = h.get(header::AUTHORIZATION) else { return b"" };
+    let v = v.as_bytes();
+    if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") { v[7..].trim_ascii() } else { b"" }
+}
+
+/// Check the token; with `tenant`, also that it is the token's tenant.
+fn authorize(s: &Shared, h: &HeaderMap, tenant: Option<&str>, proto: Proto) -> Result<Caller, Response> {
+    let set = s.tokens.load();
+    let rec = set.check(bearer(h), chrono::Utc::now()).map_err(|why| {
+        let msg = match why {
+            Refusal::Missing => "missing token: send Authorization: Bearer TOKEN (dagrun tokens create TENANT)",
+            Refusal::Unknown | Refusal::Revoked | Refusal::Expired => "invalid token (unknown, revoked or expired)",
+        };
+        let mut r = error(proto, StatusCode::UNAUTHORIZED, msg, Info::default());
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    })?;
+    let caller = Caller { tenant: rec.tenant.clone(), token_id: rec.id.clone() };
+    if let Some(t) = tenant
+        && t != caller.tenant
+    {
+        let info = Info { tenant: Some(caller.tenant.clone()), token_id: Some(caller.token_id.clone()), ..Info::default() };
+        return Err(error(proto, StatusCode::FORBIDDEN, "this token may not use this model", info));
+    }
+    Ok(caller)
+}
+
+fn info_of(c: &Caller, m: Option<&Model>) -> Info {
+    Info { tenant: Some(c.tenant.clone()), token_id: Some(c.token_id.clone()), model_version: m.map(|m| m.version.clone()), rows: 0 }
+}
+
+/// The champion (or `version`) of the caller's tenant.
+fn pick(s: &Shared, c: &Caller, version: Option<&str>, proto: Proto) -> Result<Arc<Model>, Response> {
+    let models = s.models.load();
+    let tm = models.get(&c.tenant);
+    let m = match version {
+        None => tm.and_then(|t| t.champion.clone()),
+        Some(v) => tm.and_then(|t| t.versions.get(v).cloned()),
+    };
+    m.ok_or_else(|| match version {
+        None => error(proto, StatusCode::SERVICE_UNAVAILABLE, "no model is promoted for this tenant yet (dagrun models promote)", info_of(c, None)),
+        Some(_) => error(proto, StatusCode::NOT_FOUND, "no such model version for this tenant (dagrun models list)", info_of(c, None)),
+    })
+}
+
+fn media_type(h: &HeaderMap) -> Option<String> {
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+async fn read_body(body: Body, proto: Proto, info: &Info) -> Result<axum::body::Bytes, Response> {
+    use http_body_util::BodyExt;
+    match body.collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => {
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(x) = src {
+                if x.is::<http_body_util::LengthLimitError>() {
+                    return Err(error(proto, StatusCode::PAYLOAD_TOO_LARGE, "request body over the size limit (dagrun serve --max-body)", info.clone()));
+                }
+                src = x.source();
+            }
+            Err(error(proto, StatusCode::BAD_REQUEST, "cannot read the request body", info.clone()))
+        }
+    }
+}
+
+fn refused(proto: Proto, r: Refused, info: Info) -> Response {
+    match r {
+        Refused::Bad(m) => error(proto, StatusCode::BAD_REQUEST, &m, info),
+        Refused::TooManyRows(m) => error(proto, StatusCode::PAYLOAD_TOO_LARGE, &m, info),
+    }
+}
+
+fn score(m: &Model, rows: &Rows) -> Vec<f64> {
+    let d = &m.deployed;
+    (0..rows.len()).map(|i| score_row(&d.artifact, &d.stats, d.as_of, rows.logins[i], rows.amounts[i], rows.dates[i])).collect()
+}
+
+fn push_f64(out: &mut Vec<u8>, x: f64) {
+    let mut b = ryu::Buffer::new();
+    out.extend_from_slice(b.format_finite(x).as_bytes());
+}
+
+fn push_i64(out: &mut Vec<u8>, x: i64) {
+    let mut b = itoa::Buffer::new();
+    out.extend_from_slice(b.format(x).as_bytes());
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // serde_json escapes; writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn json_response(body: Vec<u8>, info: Info) -> Response {
+    let mut r = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    r.extensions_mut().insert(info);
+    r
+}
+
+// ------------------------------------------------------------ health, metadata
+
+async fn live() -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"live":true}"#).into_response()
+}
+
+async fn ready(State(s): S) -> Response {
+    if s.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, "application/json")], r#"{"ready":false}"#).into_response()
+    } else {
+        (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"ready":true}"#).into_response()
+    }
+}
+
+async fn ping() -> Response {
+    (StatusCode::OK, "\n").into_response()
+}
+
+async fn version() -> Response {
+    (StatusCode::OK, concat!("dagrun ", env!("CARGO_PKG_VERSION"), "\n")).into_response()
+}
+
+async fn metrics(State(s): S) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], r#"{"error":"no such route"}"#).into_response()
+}
+
+fn tensor_meta(name: &str, dt: &str) -> serde_json::Value {
+    serde_json::json!({"name": name, "datatype": dt, "shape": [-1]})
+}
+
+async fn model_meta(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Response {
+    let c = match authorize(&s, &h, Some(&tenant), Proto::Oip) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let models = s.models.load();
+    let tm = models.get(&c.tenant);
+    let versions: Vec<&String> = tm.map(|t| t.versions.keys().collect()).unwrap_or_default();
+    let champion = tm.and_then(|t| t.champion.as_ref());
+    let body = serde_json::json!({
+        "name": tenant,
+        "versions": versions,
+        "platform": "dagrun",
+        "champion": champion.map(|m| &m.version),
+        "feature_version": champion.map(|m| &m.deployed.artifact.feature_set_version),
+        "inputs": [
+            tensor_meta("Customer_ID", "INT64"),
+            tensor_meta("Login_Count", "INT64"),
+            tensor_meta("Purchase_Amount", "FP64"),
+            tensor_meta("Last_Visit_Date", "BYTES"),
+            {"name": "Tenant_ID", "datatype": "BYTES", "shape": [-1], "optional": true},
+        ],
+        "outputs": [tensor_meta("Customer_ID", "INT64"), tensor_meta("score", "FP64")],
+    });
+    json_response(body.to_string().into_bytes(), info_of(&c, champion.map(|m| m.as_ref())))
+}
+
+async fn model_ready(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Response {
+    let c = match authorize(&s, &h, Some(&tenant), Proto::Oip) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let m = s.models.load().get(&c.tenant).and_then(|t| t.champion.clone());
+    let body = serde_json::json!({"name": tenant, "ready": m.is_some(), "model_version": m.as_ref().map(|m| &m.version)}).to_string();
+    let status = if m.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    r.extensions_mut().insert(info_of(&c, m.as_deref()));
+    r
+}
+
+// ------------------------------------------------------------ OIP inference
+
+async fn infer(State(s): S, Path(tenant): Path<String>, h: HeaderMap, body: Body) -> Response {
+    oip_infer(s, tenant, None, h, body).await
+}
+
+async fn infer_version(State(s): S, Path((tenant, version)): Path<(String, String)>, h: HeaderMap, body: Body) -> Response {
+    oip_infer(s, tenant, Some(version), h, body).await
+}
+
+async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, h: HeaderMap, body: Body) -> Response {
+    let p = Proto::Oip;
+    let c = match authorize(&s, &h, Some(&tenant), p) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let m = match pick(&s, &c, version.as_deref(), p) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let mut info = info_of(&c, Some(&m));
+    match media_type(&h).as_deref() {
+        None | Some("application/json") => {}
+        Some(_) => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the inference request as application/json", info),
+    }
+    let bytes = match read_body(body, p, &info).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req = match input::parse_oip(&bytes) {
+        Ok(r) => r,
+        Err(e) => return refused(p, e, info),
+    };
+    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows };
+    let rows = match input::oip_rows(&req, &ex) {
+        Ok(r) => r,
+        Err(e) => return refused(p, e, info),
+    };
+    let scores = score(&m, &rows);
+    let n = rows.len();
+    let mut out = Vec::with_capacity(200 + n * 32);
+    out.extend_from_slice(b"{\"model_name\":");
+    push_json_str(&mut out, &c.tenant);
+    out.extend_from_slice(b",\"model_version\":");
+    push_json_str(&mut out, &m.version);
+    if let Some(id) = &req.id {
+        out.extend_from_slice(b",\"id\":");
+        push_json_str(&mut out, id);
+    }
+    out.extend_from_slice(b",\"outputs\":[{\"name\":\"Customer_ID\",\"datatype\":\"INT64\",\"shape\":[");
+    push_i64(&mut out, n as i64);
+    out.extend_from_slice(b"],\"data\":[");
+    for (i, id) in rows.ids.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_i64(&mut out, *id);
+    }
+    out.extend_from_slice(b"]},{\"name\":\"score\",\"datatype\":\"FP64\",\"shape\":[");
+    push_i64(&mut out, n as i64);
+    out.extend_from_slice(b"],\"data\":[");
+    for (i, x) in scores.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_f64(&mut out, *x);
+    }
+    out.extend_from_slice(b"]}]}");
+    info.rows = n as u64;
+    json_response(out, info)
+}
+
+// ------------------------------------------------------------ MLflow
+
+async fn invocations(State(s): S, h: HeaderMap, body: Body) -> Response {
+    let p = Proto::Mlflow;
+    let c = match authorize(&s, &h, None, p) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let m = match pick(&s, &c, None, p) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let mut info = info_of(&c, Some(&m));
+    let csv = match media_type(&h).as_deref() {
+        Some("application/json") => false,
+        Some("text/csv") => true,
+        _ => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send application/json (dataframe_split or dataframe_records) or text/csv with a header line", info),
+    };
+    let bytes = match read_body(body, p, &info).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows };
+    let rows = match if csv { input::csv_rows(&bytes, &ex) } else { input::mlflow_json_rows(&bytes, &ex) } {
+        Ok(r) => r,
+        Err(e) => return refused(p, e, info),
+    };
+    let scores = score(&m, &rows);
+    let n = rows.len();
+    let mut out = Vec::with_capacity(32 + n * 48);
+    out.extend_from_slice(b"{\"predictions\":[");
+    for i in 0..n {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"Customer_ID\":");
+        push_i64(&mut out, rows.ids[i]);
+        out.extend_from_slice(b",\"score\":");
+        push_f64(&mut out, scores[i]);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    info.rows = n as u64;
+    let version = HeaderValue::from_str(&m.version).ok();
+    let mut r = json_response(out, info);
+    if let Some(v) = version {
+        r.headers_mut().insert("model_version", v);
+    }
+    r
+}

