@@ -327,7 +327,7 @@ fn main() {
 
 fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline> {
     let ws = Workspace::for_pipeline(cli.workspace.as_deref(), file);
-    pipeline::load(file, Some(ws.root()), &parse_params(params)?)
+    pipeline::load(file, Some(ws.root()), &parse_params(params)?, &dagrun::stages::kinds())
 }
 
 fn real_main(cli: &Cli) -> Result<i32> {

@@ -32,7 +32,7 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
         bail!("the job spec {} puts its result file outside {}; it is not one dagrun wrote", spec_path.display(), own_dir.display());
     }
     let job = std::env::var("SLURM_JOB_ID").unwrap_or_else(|_| "-".into());
-    let p = crate::pipeline::load(&spec.pipeline, Some(&spec.workspace), &spec.overrides)?;
+    let p = crate::pipeline::load(&spec.pipeline, Some(&spec.workspace), &spec.overrides, &crate::stages::kinds())?;
     let engine = Engine::new(p)?;
     let names: Vec<&str> = spec.stages.iter().map(|s| s.stage.as_str()).collect();
     eprintln!("dagrun exec-stage: run {}, Slurm job {job}: {}", spec.run_id, names.join(", "));

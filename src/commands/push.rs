@@ -229,7 +229,7 @@ pub struct Args {
 /// Run `dagrun push` (`pull = false`) or `dagrun pull`; exit 1 when a transfer failed.
 pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i32> {
     let pipeline = match &a.pipeline {
-        Some(f) => Some(crate::pipeline::load(f, workspace_flag, &[])?),
+        Some(f) => Some(crate::pipeline::load(f, workspace_flag, &[], &crate::stages::kinds())?),
         None => None,
     };
     let ws = match &pipeline {

@@ -103,6 +103,9 @@ pub enum InputHash {
 /// A pipeline bound to its workspace state.
 pub struct Engine {
     pub pipeline: Pipeline,
+    /// The runnable kinds, by name (`stages::registry`): the pipeline holds
+    /// only their declarations.
+    kinds: BTreeMap<&'static str, Arc<dyn crate::stages::StageKind>>,
     pub ws: Workspace,
     pub services: Services,
     pub dagrun_dir: PathBuf,
@@ -164,6 +167,7 @@ impl Engine {
         let n = pipeline.stages.len();
         Engine {
             memo: HashMemo::load(&ws, key),
+            kinds: crate::stages::registry(),
             cas: Cas::new(&ws),
             states,
             services,
@@ -182,6 +186,14 @@ impl Engine {
 
     pub fn stage(&self, i: usize) -> &Stage {
         &self.pipeline.stages[i]
+    }
+
+    /// The runnable kind of stage `i`. The pipeline was loaded with the
+    /// declarations of the same built-in kinds (`stages::kinds`), so every
+    /// name resolves; a pipeline loaded with other kinds is an error here.
+    pub fn kind(&self, i: usize) -> Result<&dyn crate::stages::StageKind> {
+        let s = self.stage(i);
+        self.kinds.get(s.kind.name()).map(|k| k.as_ref()).ok_or_else(|| anyhow!("stage {}: this build has no runnable kind `{}`", s.name, s.kind.name()))
     }
 
     fn producer_name(&self, path: &str) -> Option<String> {
@@ -204,7 +216,7 @@ impl Engine {
                 }
             }
         }
-        let extras = s.kind.extra_ingredients(s, &self.services)?;
+        let extras = self.kind(i)?.extra_ingredients(s, &self.services)?;
         let ing = Ingredients {
             kind: s.kind.name().to_string(),
             kind_version: s.kind.version(),
@@ -589,7 +601,7 @@ impl Engine {
             cancel: &self.cancel,
             timeout: s.timeout.map(Duration::from_secs_f64),
         };
-        let report = s.kind.run(&ctx)?;
+        let report = self.kind(i)?.run(&ctx)?;
         Ok(Done { report, key: None, seconds: t0.elapsed().as_secs_f64(), cpu_seconds: Some(worker_cpu.load(Ordering::Relaxed) as f64 / 1e9), job: None })
     }
 

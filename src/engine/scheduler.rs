@@ -187,7 +187,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         let s = engine.stage(i);
         if record.stages.iter().any(|r| r.stage == s.name) {
             let outs: Vec<PathBuf> = s.outs.iter().map(|o| engine.pipeline.abs(&o.path)).collect();
-            if let Some(line) = s.kind.summarize(s, &outs) {
+            if let Some(line) = engine.kind(i).ok().and_then(|k| k.summarize(s, &outs)) {
                 summary.push(line);
             }
         }

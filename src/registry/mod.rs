@@ -149,7 +149,7 @@ impl Registry {
 
     /// The registry of `workspace`.
     pub fn of_workspace(workspace: &Path) -> Registry {
-        Registry::new(&workspace.join(crate::engine::DAGRUN_DIR))
+        Registry::new(&workspace.join(crate::workspace::DAGRUN_DIR))
     }
 
     fn check_tenant(tenant: &str) -> Result<()> {

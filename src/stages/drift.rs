@@ -27,7 +27,7 @@
 //! - The report holds aggregates only (shares per bin, min/max of the
 //!   reference), never a row.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDrift, Level};
 use crate::model::ModelArtifact;
 use crate::pipeline::Stage;
@@ -188,7 +188,7 @@ fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, te
 /// run after the first finds drift up to date; once `train` retrained on the
 /// data drift last measured, that measurement's reference is kept (the data
 /// is not compared with itself on the next run).
-fn reference_hash(stage: &Stage, services: &crate::engine::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
+fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
     let rel = param_str(&stage.with, "model").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
     let dir = param_str(&stage.with, "current").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
     let tenant = stage.tenant.as_deref().context("no tenant")?;
@@ -216,7 +216,7 @@ fn reference_hash(stage: &Stage, services: &crate::engine::Services) -> Result<(
     Ok((hash, model))
 }
 
-impl StageKind for Drift {
+impl KindDecl for Drift {
     fn name(&self) -> &'static str {
         "drift"
     }
@@ -239,7 +239,10 @@ impl StageKind for Drift {
             outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
         })
     }
-    fn extra_ingredients(&self, stage: &Stage, services: &crate::engine::Services) -> Result<BTreeMap<String, String>> {
+}
+
+impl StageKind for Drift {
+    fn extra_ingredients(&self, stage: &Stage, services: &super::Services) -> Result<BTreeMap<String, String>> {
         Ok(BTreeMap::from([("reference_features".to_string(), reference_hash(stage, services)?.0)]))
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {

@@ -10,7 +10,7 @@
 //!
 //! Work is streamed batch by batch; each batch is split across the cores.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
 use crate::data::parquet_io::{ParquetSink, open_batches};
@@ -129,7 +129,7 @@ fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::K
     )
 }
 
-impl StageKind for Encrypt {
+impl KindDecl for Encrypt {
     fn name(&self) -> &'static str {
         "encrypt"
     }
@@ -143,6 +143,9 @@ impl StageKind for Encrypt {
         }
         Ok(Declared { deps: vec![param_str(with, "input")?], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }] })
     }
+}
+
+impl StageKind for Encrypt {
     fn extra_ingredients(&self, stage: &Stage, services: &Services) -> Result<BTreeMap<String, String>> {
         let tenant = stage.tenant.as_deref().unwrap_or_default();
         // Read-only: computing a cache key (status, --dry-run, a run's

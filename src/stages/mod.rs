@@ -68,22 +68,7 @@ impl Services {
     }
 }
 
-/// What a kind declares about a stage from its `with:` params, before running.
-#[derive(Debug, Default)]
-pub struct Declared {
-    /// Extra input paths (relative to the workspace).
-    pub deps: Vec<String>,
-    /// Extra output paths.
-    pub outs: Vec<DeclaredOut>,
-}
-
-/// One output a kind declares.
-#[derive(Debug, Clone)]
-pub struct DeclaredOut {
-    pub path: String,
-    /// Holds plaintext PII (see `engine` docs on sensitive outputs).
-    pub sensitive: bool,
-}
+pub use crate::pipeline::kind::{Declared, DeclaredOut, KindDecl};
 
 /// Everything a stage sees while it runs.
 pub struct RunCtx<'a> {
@@ -126,14 +111,7 @@ pub struct RunReport {
 }
 
 /// A kind of stage.
-pub trait StageKind: Send + Sync {
-    /// Name used in `uses:` (or `cmd`).
-    fn name(&self) -> &'static str;
-    /// Code version: bump whenever the kind's outputs for the same inputs change.
-    /// It is part of every cache key of the kind.
-    fn version(&self) -> u32;
-    /// Check `with:` and declare the inputs/outputs they name.
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String>;
+pub trait StageKind: KindDecl {
     /// Extra cache-key ingredients read at run time (e.g. the id of the tenant's
     /// active data key). Values must not be secret.
     fn extra_ingredients(&self, _stage: &Stage, _services: &Services) -> Result<BTreeMap<String, String>> {
@@ -145,6 +123,12 @@ pub trait StageKind: Send + Sync {
     fn summarize(&self, _stage: &Stage, _outs: &[PathBuf]) -> Option<String> {
         None
     }
+}
+
+/// The built-in kinds' declarations, for loading a pipeline
+/// (`pipeline::load`).
+pub fn kinds() -> crate::pipeline::Kinds {
+    registry().into_iter().map(|(n, k)| (n, k as Arc<dyn KindDecl>)).collect()
 }
 
 /// All built-in kinds by name.

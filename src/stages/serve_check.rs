@@ -6,7 +6,7 @@
 //! hash does not match the store, or if the model's hash does not match its
 //! lineage record. Writes a per-tenant JSON report.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::data::schema;
 use crate::crypto::IntegrityKey;
 use crate::model::artifact::load_verified;
@@ -121,7 +121,7 @@ pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, mo
     })
 }
 
-impl StageKind for ServeCheck {
+impl KindDecl for ServeCheck {
     fn name(&self) -> &'static str {
         "serve-check"
     }
@@ -144,6 +144,9 @@ impl StageKind for ServeCheck {
             outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
         })
     }
+}
+
+impl StageKind for ServeCheck {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let model_rel = ctx.stage.deps[3].clone();

@@ -12,7 +12,7 @@
 //! registered in the model registry; `promote: auto` (default) makes it the
 //! tenant's champion, `promote: manual` leaves that to `dagrun models promote`.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::data::schema;
 use crate::model::{ModelArtifact, TrainingData};
 use crate::util::atomic::write_atomic;
@@ -32,7 +32,7 @@ fn promote_mode(with: &Map<String, Value>) -> std::result::Result<&str, String> 
     }
 }
 
-impl StageKind for Train {
+impl KindDecl for Train {
     fn name(&self) -> &'static str {
         "train"
     }
@@ -63,6 +63,9 @@ impl StageKind for Train {
             ],
         })
     }
+}
+
+impl StageKind for Train {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let w = ctx.with();
