@@ -7,12 +7,16 @@
 //! NUL, below a symlink) or a malformed hash; a state file, action-cache
 //! entry or the hash memo whose MAC fails (modified outside dagrun), that has
 //! a malformed hash, or that sits under the wrong name; a model or feature
-//! manifest that fails its MAC or names another tenant; an output missing or
-//! modified since it was produced.
+//! manifest that fails its MAC or names another tenant; a registered model
+//! version (`.dagrun/registry/`) whose file differs from its index entry,
+//! fails its MAC or is not its tenant's; an output missing or modified since
+//! it was produced.
 //!
 //! With `--repair` (under the workspace lock) what can be fixed is: bad cache
 //! objects, untrustworthy state files and action-cache entries (the stage
-//! reruns) and a tampered memo are deleted. Outputs are not touched: the next
+//! reruns) and a tampered memo are deleted. Registered models are reported,
+//! never deleted (`train` rewrites a damaged one when it runs again; `dagrun
+//! models promote` picks another champion). Outputs are not touched: the next
 //! run restores or recomputes them. Without a master key nothing can be
 //! verified, and that is reported.
 
@@ -123,6 +127,25 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
             r.problems.push(format!("action cache entry {e}"));
             if repair {
                 remove(&mut r, &ws, &path);
+            }
+        }
+    }
+    // Registered model versions (what `serve` and `predict` use).
+    if let Some(k) = &key {
+        let reg = crate::registry::Registry::of_workspace(ws.root());
+        for t in reg.tenants() {
+            match reg.versions(&t) {
+                Ok(entries) => {
+                    for e in entries {
+                        if let Err(err) = reg.load(&t, &e.version, k) {
+                            r.problems.push(format!("model registry, tenant {t}, version {}: {err:#}", e.version));
+                        }
+                    }
+                }
+                Err(err) => r.problems.push(format!("model registry, tenant {t}: {err:#}")),
+            }
+            if let Err(err) = reg.load_champion(&t, k) {
+                r.problems.push(format!("model registry, tenant {t}, champion: {err:#}"));
             }
         }
     }

@@ -168,9 +168,14 @@ fn push_columns(cols: &mut [Vec<f64>], batch: &arrow_array::RecordBatch) -> Resu
     Ok(())
 }
 
-/// The model at `rel` (bytes hash and parsed), if it exists: it must be
-/// authentic (MAC under the workspace integrity key) and `tenant`'s.
+/// The reference model (bytes hash and parsed): the tenant's champion in the
+/// model registry (the copy `serve` and `predict` use, verified), else the
+/// model at `rel`, which must be authentic (MAC under the workspace integrity
+/// key) and `tenant`'s; None when there is neither.
 fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, tenant: &str) -> Result<Option<(String, ModelArtifact)>> {
+    if let Some(m) = crate::registry::Registry::of_workspace(workspace).load_champion(tenant, key)? {
+        return Ok(Some((m.blake3, m.artifact)));
+    }
     let p = workspace.join(rel);
     let bytes = match std::fs::read(&p) {
         Ok(b) => b,
@@ -178,7 +183,12 @@ fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, te
         Err(e) => return Err(anyhow!("cannot read the reference model {rel}: {e}")),
     };
     let hash = blake3::hash(&bytes).to_hex().to_string();
-    Ok(Some((hash, crate::model::artifact::load_verified(&bytes, rel, key, tenant)?)))
+    let m = crate::model::artifact::load_verified(&bytes, rel, key, tenant).map_err(|e| {
+        e.context(format!(
+            "the reference model {rel} cannot be trusted: delete it (the next run restores the train stage's output from the cache, or retrains) and check the workspace with `dagrun verify`"
+        ))
+    })?;
+    Ok(Some((hash, m)))
 }
 
 /// The blake3 of the reference feature file (the cache-key ingredient, and

@@ -46,6 +46,17 @@ fn put_state(ws: &Ws, stage: &str, v: &Value) {
     std::fs::write(ws.path(&format!(".dagrun/state/{stage}.json")), serde_json::to_vec_pretty(v).unwrap()).unwrap();
 }
 
+/// Move the model registry aside, so `predict` serves the train stage's
+/// output through its lineage record (the path of a model never registered).
+fn without_registry(ws: &Ws) {
+    std::fs::rename(ws.path(".dagrun/registry"), ws.path("registry.aside")).unwrap();
+}
+
+/// Put the registry back (the drift gate's reference is its champion).
+fn with_registry(ws: &Ws) {
+    std::fs::rename(ws.path("registry.aside"), ws.path(".dagrun/registry")).unwrap();
+}
+
 fn propensity_ws() -> Ws {
     let ws = Ws::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -98,6 +109,9 @@ fn a_three_character_hash_is_an_error_naming_the_field_never_a_panic() {
     let mut st = state(&ws, "train[Tenant_A]");
     st["outputs"]["models/Tenant_A/model.json"]["hash"] = Value::from("abc");
     put_state(&ws, "train[Tenant_A]", &st);
+    // Serve from the train stage's output (as for a model trained before the
+    // registry existed), not from the registry's copy.
+    without_registry(&ws);
     let o = dg(&ws, &["status", "pipelines/propensity.yaml"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert!(o.stdout.contains(".dagrun/state/train[Tenant_A].json") && o.stdout.contains("outputs.models/Tenant_A/model.json.hash"), "{}", o.stdout);
@@ -131,6 +145,11 @@ fn an_edited_model_with_a_matching_state_is_refused_reported_and_recomputed() {
     put_state(&ws, "train[Tenant_A]", &st);
     ws.write(&format!(".dagrun/cache/objects/{}/{}", &h[..2], &h[2..]), &bytes);
 
+    // The registry's copy of the champion is untouched: it is what `predict` serves.
+    let o = ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv"]));
+    assert!(o.stdout.lines().skip(1).any(|l| !l.contains(",1,")), "the edited model was served:\n{}", o.stdout);
+    // Without the registry, the edited train output is refused.
+    without_registry(&ws);
     let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv"]);
     assert_ne!(o.code, 0, "the edited model was served:\n{}", o.stdout);
     assert!(o.stderr.contains("modified outside dagrun") && o.stderr.contains("train[Tenant_A].json"), "{}", o.stderr);
@@ -143,6 +162,7 @@ fn an_edited_model_with_a_matching_state_is_refused_reported_and_recomputed() {
     assert_eq!(o.code, 4, "{}", o.stdout);
     assert!(o.stdout.contains(".dagrun/state/train[Tenant_A].json") && o.stdout.contains("MAC"), "{}", o.stdout);
 
+    with_registry(&ws);
     let o = ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=2000", "--json"]));
     let rec = o.json();
     let status_of = |n: &str| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == n).unwrap()["status"].as_str().unwrap().to_string();
@@ -158,6 +178,7 @@ fn an_edited_model_with_a_matching_state_is_refused_reported_and_recomputed() {
     let bytes = serde_json::to_vec_pretty(&model).unwrap();
     std::fs::remove_file(&mpath).unwrap();
     std::fs::write(&mpath, &bytes).unwrap();
+    without_registry(&ws); // the run registered the retrained model again
     let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv"]);
     assert_ne!(o.code, 0);
     let o = dg(&ws, &["verify"]);
@@ -170,6 +191,8 @@ fn another_tenants_model_is_never_served() {
     let ws = propensity_ws();
     ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=2000"]));
     ok(dg(&ws, &["sample", "--tenant", "Tenant_B", "--rows", "30", "--no-label", "--out", "in.csv"]));
+    // The lineage path (registry cases: `registry_models_are_verified_before_use`).
+    without_registry(&ws);
     let a_rel = "models/Tenant_A/model.json";
     let a_hash = crate::common::b3(&ws.path(a_rel));
     // 1. Tenant_B's state pointed at Tenant_A's model.
@@ -198,9 +221,72 @@ fn another_tenants_model_is_never_served() {
     let o = dg(&ws, &["predict", "--tenant", "Tenant_B", "--input", "in.csv"]);
     assert_ne!(o.code, 0);
     // The run puts B's own model back and serves it.
+    with_registry(&ws);
     ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=2000"]));
     let scores = ok(dg(&ws, &["predict", "--tenant", "Tenant_B", "--input", "in.csv"])).stdout;
     assert!(scores.contains("Tenant_B-") && !scores.contains("Tenant_A-"), "{scores}");
+}
+
+/// The registry's copies are what `predict` and `serve` use: an edited
+/// version (with its blake3 written into the index and the champion record)
+/// and another tenant's version registered as this tenant's are refused by
+/// `predict`, `models promote` and reported by `verify`.
+#[test]
+fn registry_models_are_verified_before_use() {
+    let ws = propensity_ws();
+    ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=2000"]));
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "30", "--no-label", "--out", "in.csv"]));
+    let read_json = |rel: &str| -> Value { serde_json::from_slice(&std::fs::read(ws.path(rel)).unwrap()).unwrap() };
+    let write_json = |rel: &str, v: &Value| {
+        let p = ws.path(rel);
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+    };
+    let champ_a = read_json(".dagrun/registry/Tenant_A/champion.json");
+    let va = champ_a["version"].as_str().unwrap().to_string();
+    let vrel = format!(".dagrun/registry/Tenant_A/versions/{va}.json");
+    // 1. An edited version, its hash written into the index and the champion record.
+    let mut m = read_json(&vrel);
+    m["intercept"] = Value::from(50.0);
+    write_json(&vrel, &m);
+    let h = crate::common::b3(&ws.path(&vrel));
+    let mut idx = read_json(".dagrun/registry/Tenant_A/index.json");
+    for e in idx["versions"].as_array_mut().unwrap() {
+        if e["version"] == va.as_str() {
+            e["blake3"] = Value::from(h.clone());
+        }
+    }
+    write_json(".dagrun/registry/Tenant_A/index.json", &idx);
+    let mut c = champ_a.clone();
+    c["blake3"] = Value::from(h);
+    write_json(".dagrun/registry/Tenant_A/champion.json", &c);
+    let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv"]);
+    assert_ne!(o.code, 0, "the edited registry model was served:\n{}", o.stdout);
+    assert!(o.stderr.contains(&format!("{va}.json")) && o.stderr.contains("modified outside dagrun"), "{}", o.stderr);
+    assert!(!o.stdout.contains("Customer_ID"), "{}", o.stdout);
+    let o = dg(&ws, &["verify"]);
+    assert_eq!(o.code, 4, "{}", o.stdout);
+    assert!(o.stdout.contains("model registry, tenant Tenant_A") && o.stdout.contains("MAC"), "{}", o.stdout);
+    // 2. Tenant_B's (authentic) model registered as Tenant_A's champion.
+    let vb = read_json(".dagrun/registry/Tenant_B/champion.json")["version"].as_str().unwrap().to_string();
+    let brel = format!(".dagrun/registry/Tenant_B/versions/{vb}.json");
+    std::fs::copy(ws.path(&brel), ws.path(&format!(".dagrun/registry/Tenant_A/versions/{vb}.json"))).unwrap();
+    let hb = crate::common::b3(&ws.path(&brel));
+    let mut entry = idx["versions"][0].clone();
+    entry["version"] = Value::from(vb.clone());
+    entry["blake3"] = Value::from(hb.clone());
+    idx["versions"].as_array_mut().unwrap().push(entry);
+    write_json(".dagrun/registry/Tenant_A/index.json", &idx);
+    let mut c = champ_a.clone();
+    c["version"] = Value::from(vb.clone());
+    c["blake3"] = Value::from(hb);
+    write_json(".dagrun/registry/Tenant_A/champion.json", &c);
+    let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv"]);
+    assert_ne!(o.code, 0, "Tenant_B's model served Tenant_A:\n{}", o.stdout);
+    assert!(!o.stdout.contains("Tenant_B-"), "{}", o.stdout);
+    // Promotion verifies the version it names.
+    let o = dg(&ws, &["models", "promote", "Tenant_A", &va, "--reason", "test"]);
+    assert_ne!(o.code, 0, "a tampered version was promoted:\n{}", o.stdout);
 }
 
 #[test]
