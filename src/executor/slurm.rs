@@ -8,7 +8,10 @@
 //! - **Submission**: `sbatch --parsable --job-name=dagrun-RUN_ID-LABEL
 //!   --export=NONE --output=LOG --chdir=WORKSPACE` plus the stage's
 //!   `resources:` (`--cpus-per-task`, `--mem`, `--time`, `--partition`,
-//!   `--account`, `sbatch_args`), then a batch script that exports the few
+//!   `--account`, `sbatch_args`) and `--no-requeue` (last, so it wins:
+//!   retries are dagrun's; a job Slurm requeued itself after NODE_FAIL or
+//!   preemption would run again behind the coordinator's back, racing the
+//!   resubmitted one), then a batch script that exports the few
 //!   variables a job needs (`PATH`, `LANG`, `LC_ALL`, `TZ`, and
 //!   `DAGRUN_MASTER_KEY_FILE`: a *path*) and execs the binary. A failing
 //!   `sbatch` whose message says the controller is busy or unreachable is
@@ -19,17 +22,28 @@
 //!   directory, which stores every job's environment and script). The job
 //!   reads the master key from its file on the shared filesystem (mode 0600).
 //!   A coordinator whose key is in `DAGRUN_MASTER_KEY` refuses to submit.
-//! - **Polling** is batched and rate-limited: at most one `squeue -h -t all
-//!   -j ID,ID,… -o "%i %T"` call per `slurm.poll_interval` (default 1 s) for
-//!   all jobs of the run, made by whichever waiting thread finds it due. A job
-//!   squeue no longer knows (purged after MinJobAge) is looked up with
-//!   `scontrol -o show job ID`, then in the job-completion log (`sacct -c`);
-//!   no accounting database is needed.
+//! - **Polling** is batched and rate-limited: at most one status call per
+//!   `slurm.poll_interval` (default 1 s) for all jobs of the run, made by
+//!   whichever waiting thread finds it due. The first poll of a run tries
+//!   `sacct -n -P -X -j ID,ID,… -o JobID,State`: where accounting exists it
+//!   is the source from then on (it keeps a job's final state after
+//!   slurmctld purges the job, so a finished job is never lost); jobs it does
+//!   not list yet (the database lags) are asked of `squeue` in the same poll.
+//!   When `sacct` says accounting storage is disabled, or fails at the
+//!   first poll (or 3 times in a row later), the run polls `squeue -h -t all -j
+//!   ID,ID,… -o "%i %T"`; a job squeue no longer knows (purged after
+//!   MinJobAge) is looked up with `scontrol -o show job ID`, then in the
+//!   job-completion log (`sacct -c`). A job no source knows for
+//!   `LOST_AFTER` (5) polls in a row is LOST.
 //! - **Failure states** (FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY,
-//!   NODE_FAIL, PREEMPTED, BOOT_FAIL, DEADLINE) fail the member the job was
-//!   working on, with a message naming the job id, its state and the end of
-//!   its log. Members the job finished before (in its result file) are
-//!   recorded. The engine resubmits per `retries:`.
+//!   NODE_FAIL, PREEMPTED, BOOT_FAIL, DEADLINE, and LOST) fail the member the
+//!   job was working on with one message per state (`end_message`): the job
+//!   id, the state, what to do, and the last 10 lines of the job's log. For a
+//!   state Slurm imposed (anything but COMPLETED and FAILED) dagrun first
+//!   waits up to 5 s for slurmstepd's note (`*** JOB … DUE TO
+//!   …`, `oom-kill event`) to reach the log; the stage's own error, when the
+//!   job reported one, follows the state. Members the job finished before (in
+//!   its result file) are recorded. The engine resubmits per `retries:`.
 //! - **Interrupts**: when the run is interrupted (SIGINT/SIGTERM) every
 //!   waiting thread `scancel`s its job and waits (up to 30 s) until Slurm
 //!   reports it ended, so no job writes after dagrun exits.
@@ -755,6 +769,9 @@ impl Executor for Slurm {
             let t = crate::stages::cmd::tail(&log, 10);
             if t.trim().is_empty() { format!("its log ({rel_log}) is empty") } else { format!("end of its log ({rel_log}):\n{t}") }
         };
+        if !cancelled && !["COMPLETED", "FAILED"].contains(&state.as_str()) {
+            await_kill_note(&log);
+        }
         let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
         let results = match spec::read_result(&result, &names) {
             Ok(r) => r.unwrap_or_default(),
@@ -792,6 +809,23 @@ impl Executor for Slurm {
         tracing::debug!("{label}: Slurm job {id} ended {state} after {wall:.1}s");
         out.push((m.index, Err(anyhow!(why))));
         out
+    }
+}
+
+/// How long to wait for the line slurmstepd writes into a job's log when
+/// Slurm ends the job (`*** JOB … CANCELLED AT … DUE TO …`, `oom-kill`).
+const KILL_NOTE_WAIT: Duration = Duration::from_secs(5);
+
+/// Slurm records a job's end state before slurmstepd has written its note
+/// into the job's log: wait (briefly) for it, so the failure shows it. A node
+/// that is really gone never writes it; then the log is shown as it is.
+fn await_kill_note(log: &Path) {
+    let t0 = Instant::now();
+    while t0.elapsed() < KILL_NOTE_WAIT {
+        if std::fs::read(log).is_ok_and(|b| b.windows(10).any(|w| w == b"slurmstepd")) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
