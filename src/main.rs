@@ -38,10 +38,10 @@ enum Cmd {
         #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "STAGE")]
         force: Vec<String>,
         /// Stages run at once (default: number of cores).
-        #[arg(short, long)]
+        #[arg(short, long, value_parser = commands::parse_jobs)]
         jobs: Option<usize>,
         /// Wait up to SECONDS for another run to release the workspace (default: exit 75 at once).
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
         /// Show what would run and why; run nothing.
         #[arg(short = 'n', long)]
@@ -212,7 +212,7 @@ enum KeysCmd {
     /// Give a tenant a new active data key (old keys still decrypt).
     Rotate {
         tenant: String,
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
     },
     /// Destroy a tenant's keys: its encrypted data becomes unreadable (GDPR art. 17).
@@ -221,7 +221,7 @@ enum KeysCmd {
         /// Confirm: this cannot be undone.
         #[arg(long)]
         yes: bool,
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
     },
     /// Print a tenant's data key as hex (for recovery or reading data with other tools).
@@ -301,6 +301,8 @@ fn verbosity(cli: &Cli) -> Verbosity {
 }
 
 fn main() {
+    // Before anything can load a key: no core dumps, not ptrace-able.
+    dagrun::crypto::harden_process();
     // A write past RLIMIT_FSIZE (`ulimit -f`) must fail with EFBIG, so the
     // stage fails with a message naming the file and the temp file is
     // cleaned up, instead of SIGXFSZ killing dagrun mid-write. `cmd` stages

@@ -35,3 +35,25 @@ pub fn find_workspace(given: Option<&Path>) -> std::io::Result<PathBuf> {
 pub fn dagrun_ancestor(start: &Path) -> Option<PathBuf> {
     start.ancestors().find(|d| d.join(crate::engine::DAGRUN_DIR).is_dir()).map(Path::to_path_buf)
 }
+
+pub use crate::pipeline::MAX_SECONDS;
+/// Most parallel stages (`-j`).
+pub const MAX_JOBS: usize = 1024;
+
+/// clap parser for a number of seconds: finite, ≥ 0, at most [`MAX_SECONDS`]
+/// (a negative, NaN or huge value would otherwise abort the process).
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=MAX_SECONDS).contains(&v) {
+        return Err(format!("{s:?}: give a number of seconds from 0 to {MAX_SECONDS:.0}"));
+    }
+    Ok(v)
+}
+
+/// clap parser for `-j`: 1 to [`MAX_JOBS`].
+pub fn parse_jobs(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_JOBS).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: give a number of parallel stages from 1 to {MAX_JOBS}")),
+    }
+}

@@ -46,6 +46,12 @@ pub fn write_csv_rows(out: &mut dyn Write, batch: &RecordBatch) -> Result<()> {
 /// Write `rows` synthetic rows of `tenant` to `out` (.csv or .parquet).
 pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_label: bool) -> Result<()> {
     crate::pipeline::tenants::validate_tenant_id(tenant).map_err(crate::error::config)?;
+    if rows > crate::data::generate::MAX_TENANT_ROWS {
+        return Err(crate::error::config(format!(
+            "--rows {rows}: at most {} rows can be generated for one tenant",
+            crate::data::generate::MAX_TENANT_ROWS
+        )));
+    }
     let ext = out.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -62,14 +68,14 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
         };
         match ext.as_str() {
             "parquet" | "pq" => {
-                let mut sink = crate::data::parquet_io::ParquetSink::create(out, crate::data::schema::raw_schema(with_label), vec![])?;
+                let mut sink = crate::data::parquet_io::ParquetSink::create_private(out, crate::data::schema::raw_schema(with_label), vec![])?;
                 for b in batches {
                     sink.write(&strip(b?)?)?;
                 }
                 sink.finish()
             }
             "csv" => {
-                let mut f = AtomicFile::create(out)?;
+                let mut f = AtomicFile::create_private(out)?;
                 let label = if with_label { ",Converted" } else { "" };
                 writeln!(f.writer(), "Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date{label}")?;
                 for b in batches {

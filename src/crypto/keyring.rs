@@ -689,12 +689,7 @@ impl Keyring {
     ) -> Result<(String, DataKey)> {
         let mut new = (**g).clone();
         let entry = new.tenants.entry(tenant.to_string()).or_default();
-        let mut n = entry.data_keys.len() + 1;
-        let mut id = format!("{tenant}-dk-{n}");
-        while entry.data_keys.iter().any(|k| k.id == id) {
-            n += 1;
-            id = format!("{tenant}-dk-{n}");
-        }
+        let id = next_data_key_id(tenant, entry);
         let key = DataKey::generate()?;
         let wrapped = self.wrap_key(tenant, &id, key.bytes())?;
         for k in entry
@@ -759,6 +754,81 @@ fn recorded_hint(rec: Option<&MasterRecord>) -> String {
         ),
         Some(r) if r.kind == "file" => " (the keyring records a file master key)".into(),
         _ => String::new(),
+    }
+}
+
+/// The id the tenant's next data key gets: `TENANT-dk-N`, N = one more than
+/// the keys it has, skipping ids in use. [`KeyringView::data_key_ingredient`]
+/// predicts the first key with it, so a dry run and the run agree.
+fn next_data_key_id(tenant: &str, entry: &TenantEntry) -> String {
+    let mut n = entry.data_keys.len() + 1;
+    let mut id = format!("{tenant}-dk-{n}");
+    while entry.data_keys.iter().any(|k| k.id == id) {
+        n += 1;
+        id = format!("{tenant}-dk-{n}");
+    }
+    id
+}
+
+// ---- read-only view ------------------------------------------------------------
+
+/// The keyring's metadata (ids, states, tombstones), read without the master
+/// key and without creating or changing anything: what `status`, `--dry-run`
+/// and cache-key computation use. A missing keyring is an empty view.
+pub struct KeyringView {
+    path: PathBuf,
+    file: Option<KeyringFile>,
+}
+
+impl KeyringView {
+    /// Read `<workspace>/.dagrun/keys/keyring.json` if it exists (checked like
+    /// [`Keyring::open`] does: private mode, known format). Writes nothing.
+    pub fn read(workspace: &Path) -> Result<KeyringView> {
+        let path = keyring_path(workspace);
+        let file = match fs::symlink_metadata(&path) {
+            Ok(_) => Some(read_keyring(&path)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot read the keyring {}", path.display())),
+        };
+        Ok(KeyringView { path, file })
+    }
+
+    /// Path of `keyring.json`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// When the tenant was forgotten (RFC 3339), if it was.
+    pub fn is_forgotten(&self, tenant: &str) -> Option<String> {
+        let f = self.file.as_ref()?;
+        f.forgotten.iter().find(|t| t.tenant == tenant).map(|t| t.forgotten_at.clone())
+    }
+
+    /// Id of the tenant's active data key, if it has one.
+    pub fn active_key_id(&self, tenant: &str) -> Option<String> {
+        let f = self.file.as_ref()?;
+        f.tenants.get(tenant).and_then(TenantEntry::active_data).map(|k| k.id.clone())
+    }
+
+    /// True when the keyring holds a data key `key_id` of the tenant (any state).
+    pub fn holds_data_key(&self, tenant: &str, key_id: &str) -> bool {
+        self.file
+            .as_ref()
+            .and_then(|f| f.tenants.get(tenant))
+            .is_some_and(|e| e.data_keys.iter().any(|k| k.id == key_id))
+    }
+
+    /// The data key the tenant's next encryption uses: the active key's id, or
+    /// for a tenant with no key yet the id [`Keyring::active_data_key`] will
+    /// give the key it creates. Not secret; never creates anything.
+    pub fn data_key_ingredient(&self, tenant: &str) -> Result<String> {
+        validate_tenant(tenant)?;
+        if let Some(id) = self.active_key_id(tenant) {
+            return Ok(id);
+        }
+        let empty = TenantEntry::default();
+        let entry = self.file.as_ref().and_then(|f| f.tenants.get(tenant)).unwrap_or(&empty);
+        Ok(next_data_key_id(tenant, entry))
     }
 }
 

@@ -45,9 +45,10 @@ macro_rules! key_type {
 
         impl Drop for $name {
             fn drop(&mut self) {
-                super::wipe(&mut self.0);
+                zeroize::Zeroize::zeroize(&mut self.0);
             }
         }
+        impl zeroize::ZeroizeOnDrop for $name {}
 
         impl PartialEq for $name {
             /// Constant-time comparison.

@@ -2,6 +2,15 @@
 //!
 //! - [`keys`]: the 32-byte key types ([`DataKey`], [`PseudonymKey`], [`MasterKey`]);
 //!   their `Debug` prints `[redacted]` and their bytes are wiped on drop.
+//!
+//! # Key material is zeroized; the process never dumps core
+//! Every key type is `ZeroizeOnDrop` (the `zeroize` crate), and so are the
+//! cipher states built from keys: AES-GCM (aes-gcm's `zeroize` feature: the
+//! AES key schedule and the GHASH key) and the HMAC states of pseudonyms
+//! (hmac/sha2 `zeroize`). Hex text of a key is wiped before it is freed.
+//! `main` calls [`harden_process`] before any key can be loaded, so neither a
+//! crash nor `kill -ABRT` writes key material into a core file, and another
+//! process of the same user cannot ptrace dagrun to read it.
 //! - [`aead`]: AES-256-GCM field encryption. A blob is `nonce(12) || ciphertext || tag(16)`
 //!   and its associated data is the UTF-8 of `tenant + "|" + column + "|" + customer_id`
 //!   (decimal), so a ciphertext moved to another row, column or tenant fails to decrypt.
@@ -35,28 +44,68 @@ pub mod keys;
 pub mod pseudonym;
 
 pub use aead::{FieldCipher, FieldError, aad, decrypt_field, encrypt_field};
-pub use keyring::{KeyError, KeyInfo, KeyKind, KeyState, Keyring};
+pub use keyring::{KeyError, KeyInfo, KeyKind, KeyState, Keyring, KeyringView};
 pub use master::MasterKeySource;
 pub use keys::{DataKey, MasterKey, PseudonymKey};
 pub use pseudonym::{Pseudonymizer, token};
 
 
-/// Overwrite `buf` with zeros in a way the optimiser may not remove (volatile
-/// writes + a compiler fence); used to wipe key material on drop without adding
-/// the `zeroize` crate.
+/// Overwrite `buf` with zeros in a way the optimiser may not remove
+/// (`zeroize`: volatile writes + a compiler fence).
 pub(crate) fn wipe(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // SAFETY: `b` is a valid, aligned, exclusive reference to a u8.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    use zeroize::Zeroize;
+    buf.zeroize();
 }
 
-/// Wipe a `String` holding secret text (hex of a key) before it is freed.
+/// Wipe a `String` holding secret text (hex of a key) before it is freed:
+/// its whole capacity, not only its length.
 pub(crate) fn wipe_string(s: &mut String) {
-    // SAFETY: zero bytes are valid UTF-8, so the String stays valid.
-    wipe(unsafe { s.as_mut_vec() });
-    s.clear();
+    use zeroize::Zeroize;
+    s.zeroize();
+}
+
+/// The core-file size limit dagrun started with, restored for child
+/// processes (see [`restore_core_limit_for_child`]); valid once `CORE_LIMIT_KNOWN`.
+static CHILD_CORE_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static CHILD_CORE_LIMIT_MAX: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static CORE_LIMIT_KNOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Make this process unable to leak key material through core dumps or
+/// ptrace: `RLIMIT_CORE` = 0 (soft and hard stay as they are for children,
+/// see below) and `PR_SET_DUMPABLE` = 0 on Linux. Call first thing in `main`,
+/// before any key is loaded. Errors are ignored on purpose: a platform that
+/// refuses the call still runs (there is nothing more dagrun could do).
+pub fn harden_process() {
+    #[cfg(unix)]
+    unsafe {
+        let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_CORE, &mut old) == 0 {
+            CHILD_CORE_LIMIT.store(old.rlim_cur as u64, std::sync::atomic::Ordering::Relaxed);
+            CHILD_CORE_LIMIT_MAX.store(old.rlim_max as u64, std::sync::atomic::Ordering::Relaxed);
+            CORE_LIMIT_KNOWN.store(true, std::sync::atomic::Ordering::Release);
+        }
+        // Keep the hard limit so a child can get the user's soft limit back.
+        let zero = libc::rlimit { rlim_cur: 0, rlim_max: old.rlim_max };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+        #[cfg(target_os = "linux")]
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+/// In a forked child before `exec` (async-signal-safe: one `setrlimit`): give
+/// the command back the core-file limit dagrun started with. A child's core
+/// holds the child's memory, not dagrun's keys; `exec` already resets the
+/// dumpable flag.
+#[cfg(unix)]
+pub fn restore_core_limit_for_child() {
+    if CORE_LIMIT_KNOWN.load(std::sync::atomic::Ordering::Acquire) {
+        let cur = CHILD_CORE_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+        let max = CHILD_CORE_LIMIT_MAX.load(std::sync::atomic::Ordering::Relaxed);
+        let lim = libc::rlimit { rlim_cur: cur as libc::rlim_t, rlim_max: max as libc::rlim_t };
+        unsafe {
+            libc::setrlimit(libc::RLIMIT_CORE, &lim);
+        }
+    }
 }
 
 /// Render untrusted text for an error message: control and non-ASCII characters

@@ -184,6 +184,10 @@ const LAST: [&str; 32] = [
 /// Last day a generated file may reach (9999-12-31).
 const MAX_AS_OF: i32 = 2_932_896;
 
+/// Most rows [`generate_tenant`] makes for one tenant (10× the largest
+/// benchmark); checked before anything is allocated.
+pub const MAX_TENANT_ROWS: u64 = 100_000_000;
+
 /// Generate one tenant's raw Parquet file (raw_schema(true)) at `out`.
 ///
 /// Memory: the `Login_Count` and `Purchase_Amount` columns of the tenant are
@@ -200,23 +204,33 @@ pub fn generate_tenant(out: &Path, tenant: &str, tenant_rows: u64, seed: u64, as
             format_date(as_of)
         );
     }
-    let n = usize::try_from(tenant_rows)
-        .ok()
-        .filter(|&n| n <= (1usize << 40))
-        .ok_or_else(|| anyhow::anyhow!("tenant {}: {} rows is too many to generate", show_tenant(tenant), tenant_rows))?;
+    // Checked before any allocation: an absurd count is an error, not an abort.
+    if tenant_rows > MAX_TENANT_ROWS {
+        bail!(
+            "tenant {}: {tenant_rows} rows is more than the generator makes for one tenant (at most {MAX_TENANT_ROWS}, about {} GiB of memory); lower `rows`",
+            show_tenant(tenant),
+            MAX_TENANT_ROWS * 24 >> 30
+        );
+    }
+    let n = tenant_rows as usize;
+    let too_big = |_| anyhow::anyhow!("tenant {}: not enough memory to generate {tenant_rows} rows; lower `rows`", show_tenant(tenant));
 
     // Pass 1: numeric columns (needed whole for the tenant statistics).
     let mut rng = ChaCha8Rng::from_seed(stream_seed(seed, tenant, "numeric"));
     let l = (-login_mean(tenant)).exp();
-    let mut logins: Vec<i64> = Vec::with_capacity(n);
-    let mut purchases: Vec<f64> = Vec::with_capacity(n);
+    let mut logins: Vec<i64> = Vec::new();
+    logins.try_reserve_exact(n).map_err(too_big)?;
+    let mut purchases: Vec<f64> = Vec::new();
+    purchases.try_reserve_exact(n).map_err(too_big)?;
     for _ in 0..n {
         logins.push(poisson(&mut rng, l));
         let amount = (PURCHASE_MU + PURCHASE_SIGMA * std_normal(&mut rng)).exp();
         purchases.push(((amount * 100.0).round() / 100.0).max(0.0));
     }
     let stats = {
-        let mut sorted = purchases.clone();
+        let mut sorted = Vec::new();
+        sorted.try_reserve_exact(n).map_err(too_big)?;
+        sorted.extend_from_slice(&purchases);
         v1::fit(&logins, &mut sorted)
     };
 
@@ -230,7 +244,8 @@ pub fn generate_tenant(out: &Path, tenant: &str, tenant_rows: u64, seed: u64, as
         ("dagrun.as_of".to_string(), format_date(as_of)),
     ];
     let schema = raw_schema(true);
-    let mut sink = ParquetSink::create(out, schema.clone(), kv)?;
+    // Plaintext PII: 0600 from the first byte.
+    let mut sink = ParquetSink::create_private(out, schema.clone(), kv)?;
     let threads = crate::util::par::threads();
     let mut positives = 0u64;
     std::thread::scope(|s| -> Result<()> {

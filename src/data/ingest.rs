@@ -2,10 +2,14 @@
 //! stream of RecordBatches in `raw_schema` form.
 //!
 //! Every error names the file, the 1-based data row (and, for CSV, the line),
-//! the column, what is wrong and how to fix it. Cell values are never shown,
-//! except tenant ids (escaped, truncated to 64 characters): a `Sensitive_Data`
-//! value, or a piece of one that slipped into another column, must not reach
-//! a message or a log.
+//! the column, what is wrong and how to fix it. Cell values and header names
+//! are never shown: a value is described by position and shape
+//! (`column 3, 31 characters, looks like an e-mail address`, see
+//! [`crate::data::describe_value`]), because a headerless file's first row, or
+//! swapped columns, put a `Sensitive_Data` value where a name or tenant id
+//! was expected. The only values shown are tenant ids that pass the tenant-id
+//! rule (`[A-Za-z0-9_-]{1,64}`: no e-mail address, phone number with spaces
+//! or name with a space fits), escaped.
 //!
 //! Memory: constant per batch, except the duplicate check, which keeps one
 //! (tenant index, Customer_ID) pair per row seen (~16-32 bytes/row in a
@@ -13,7 +17,7 @@
 
 use crate::data::parquet_io::ParquetSink;
 use crate::data::schema::*;
-use crate::data::{is_valid_tenant_id, show_tenant};
+use crate::data::{describe_value, is_valid_tenant_id, show_tenant};
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::builder::StringBuilder;
 use arrow_array::cast::AsArray;
@@ -142,8 +146,12 @@ impl Checker {
             bail!("{at}: empty value; every row needs a tenant id");
         }
         if !is_valid_tenant_id(t) {
-            bail!("{at}: invalid tenant id {}; a tenant id is 1-64 characters of A-Z a-z 0-9 _ -", show_tenant(t));
+            bail!(
+                "{at}: invalid tenant id ({}); a tenant id is 1-64 characters of A-Z a-z 0-9 _ -. Are the columns in the order the header names them?",
+                describe_value(t)
+            );
         }
+        // From here on `t` has the shape of a tenant id (no '@', '.', space…).
         if let Some(exp) = &self.opts.expected_tenant
             && t != exp
         {
@@ -315,12 +323,28 @@ fn check_columns(file: &str, names: &[String], opts: &IngestOptions) -> Result<b
     let label_ok = opts.allow_label || opts.require_label;
     let expected = raw_schema(true);
     let mut seen = HashSet::new();
-    for n in names {
+    // Header names are described, never shown (module docs).
+    let looks_like_data = names.iter().any(|n| {
+        let d = describe_value(n);
+        d.contains("e-mail") || d.contains("number") || d.contains("date") || d.contains("digits")
+    });
+    let hint = if looks_like_data { " The header line looks like a row of data: does the file lack its header line?" } else { "" };
+    for (i, n) in names.iter().enumerate() {
         if !seen.insert(n.as_str()) {
-            bail!("{file}: column {} appears twice; keep one", show_tenant(n));
+            match expected.field_with_name(n) {
+                Ok(f) => bail!("{file}: column {} ({}) appears twice; keep one", i + 1, f.name()),
+                Err(_) => bail!("{file}: column {} ({}) repeats an earlier column name; keep one", i + 1, describe_value(n)),
+            }
         }
         if expected.field_with_name(n).is_err() {
-            bail!("{file}: unknown column {}; expected exactly: {}", show_tenant(n), expected_list(label_ok));
+            let norm = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
+            let near = expected.fields().iter().find(|f| norm(f.name()) == norm(n)).map(|f| format!(" (is it {} spelt differently? names are exact)", f.name())).unwrap_or_default();
+            bail!(
+                "{file}: line 1 (header), column {}: unexpected column name ({}){near}; expected exactly: {}.{hint}",
+                i + 1,
+                describe_value(n),
+                expected_list(label_ok)
+            );
         }
     }
     for f in raw_schema(false).fields() {
@@ -366,7 +390,8 @@ pub fn validate_to_parquet(input: &Path, out: &Path, opts: &IngestOptions) -> Re
     if let Some(a) = opts.as_of {
         kv.push(("dagrun.as_of".to_string(), format_date(a)));
     }
-    let mut sink = ParquetSink::create(out, reader.schema(), kv)?;
+    // Plaintext PII: 0600 from the first byte.
+    let mut sink = ParquetSink::create_private(out, reader.schema(), kv)?;
     for b in reader.by_ref() {
         sink.write(&b?)?;
     }
@@ -435,8 +460,47 @@ pub fn parse_visit_date(s: &str, at: impl Fn() -> String) -> Result<i32> {
 
 // ---------------------------------------------------------------- CSV
 
+/// Longest CSV record (line) accepted, in bytes; checked while reading, so a
+/// file without line breaks never fills memory.
+pub const MAX_CSV_RECORD_BYTES: u64 = 1 << 20;
+/// Longest CSV field accepted, in bytes.
+pub const MAX_CSV_FIELD_BYTES: usize = 64 << 10;
+
+/// A reader that fails once more than [`MAX_CSV_RECORD_BYTES`] (plus the csv
+/// reader's buffer) are read without a record ending: the source moves
+/// `mark` to `read` after every record.
+struct Capped {
+    inner: File,
+    read: u64,
+    mark: u64,
+}
+
+/// The csv reader's buffer (its reads are at most this long).
+const CSV_BUFFER: usize = 64 << 10;
+
+impl std::io::Read for Capped {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.read.saturating_sub(self.mark) > MAX_CSV_RECORD_BYTES + CSV_BUFFER as u64 {
+            return Err(std::io::Error::other(format!(
+                "a row is longer than {MAX_CSV_RECORD_BYTES} bytes (1 MiB), the most a CSV row may be; is this a CSV file with one row per line?"
+            )));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl CsvSource {
+    /// A record ended: the next one may again be [`MAX_CSV_RECORD_BYTES`] long.
+    fn record_done(&mut self) {
+        let r = self.rdr.get_ref().read;
+        self.rdr.get_mut().mark = r;
+    }
+}
+
 struct CsvSource {
-    rdr: csv::Reader<File>,
+    rdr: csv::Reader<Capped>,
     /// Index in the record of each raw_schema(true) column (Converted may be absent).
     idx: [Option<usize>; 7],
     width: usize,
@@ -448,8 +512,12 @@ impl CsvSource {
     fn open(path: &Path, opts: &IngestOptions) -> Result<(Self, bool)> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let fname = path.display().to_string();
-        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(file);
+        let capped = Capped { inner: file, read: 0, mark: 0 };
+        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).buffer_capacity(CSV_BUFFER).from_reader(capped);
         let header = rdr.byte_headers().map_err(|e| csv_err(&fname, e, None))?.clone();
+        if let Some(i) = header.iter().position(|h| h.len() > MAX_CSV_FIELD_BYTES) {
+            bail!("{fname}: line 1 (header), column {}: a column name of {} bytes; a field may be at most {MAX_CSV_FIELD_BYTES} bytes", i + 1, header[i].len());
+        }
         if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
             bail!("{fname} is empty (no header line); a CSV file needs a header line naming the columns and at least one data row");
         }
@@ -466,7 +534,9 @@ impl CsvSource {
         for (k, f) in raw_schema(true).fields().iter().enumerate() {
             idx[k] = names.iter().position(|n| n == f.name());
         }
-        Ok((CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0 }, has_label))
+        let mut src = CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0 };
+        src.record_done();
+        Ok((src, has_label))
     }
 
     fn next_batch(&mut self, ck: &mut Checker, schema: &SchemaRef, batch_size: usize) -> Result<Option<RecordBatch>> {
@@ -479,9 +549,21 @@ impl CsvSource {
             if !more {
                 break;
             }
+            self.record_done();
             self.row += 1;
             let row = self.row;
             let line = self.rec.position().map(|p| p.line());
+            if let Some(j) = self.rec.iter().position(|f| f.len() > MAX_CSV_FIELD_BYTES) {
+                let name = self.idx.iter().position(|&x| x == Some(j)).map(|k| raw_schema(true).field(k).name().clone());
+                bail!(
+                    "{}: row {row}{}, column {}{}: a value of {} bytes; a field may be at most {MAX_CSV_FIELD_BYTES} bytes (64 KiB): check the quoting",
+                    ck.file,
+                    line.map(|l| format!(" (line {l})")).unwrap_or_default(),
+                    j + 1,
+                    name.map(|n| format!(" ({n})")).unwrap_or_default(),
+                    self.rec[j].len()
+                );
+            }
             if self.rec.len() != self.width {
                 bail!(
                     "{}: row {row}{}: has {} fields but the header has {}; quote fields that contain commas, and give every row one value per column",
@@ -621,14 +703,14 @@ impl ParquetSource {
         // The decoder asserts (panics) on a column chunk with a negative
         // offset or size: check every chunk's byte range first.
         for (g, rg) in b.metadata().row_groups().iter().enumerate() {
-            for c in rg.columns() {
+            for (j, c) in rg.columns().iter().enumerate() {
                 let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
                 let len = c.compressed_size();
                 let inside = start >= 0 && len >= 0 && (start as u64).checked_add(len as u64).is_some_and(|end| end <= file_len);
                 if !inside {
                     bail!(
-                        "{fname}: corrupt Parquet metadata: row group {g}, column {}: byte range outside the file; rewrite the file with a Parquet writer such as pyarrow",
-                        show_tenant(c.column_path().string().as_str())
+                        "{fname}: corrupt Parquet metadata: row group {g}, column chunk {}: byte range outside the file; rewrite the file with a Parquet writer such as pyarrow",
+                        j + 1
                     );
                 }
             }

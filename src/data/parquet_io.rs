@@ -44,7 +44,16 @@ pub struct ParquetSink {
 impl ParquetSink {
     /// Start writing `path` with `schema`; `kv_metadata` goes into the footer.
     pub fn create(path: &Path, schema: SchemaRef, kv_metadata: Vec<(String, String)>) -> Result<Self> {
-        let file = AtomicFile::create(path)?;
+        Self::with_file(AtomicFile::create(path)?, path, schema, kv_metadata)
+    }
+
+    /// Like [`ParquetSink::create`] for plaintext PII (raw data): the file and
+    /// its temporary file are mode 0600 from the first byte.
+    pub fn create_private(path: &Path, schema: SchemaRef, kv_metadata: Vec<(String, String)>) -> Result<Self> {
+        Self::with_file(AtomicFile::create_private(path)?, path, schema, kv_metadata)
+    }
+
+    fn with_file(file: AtomicFile, path: &Path, schema: SchemaRef, kv_metadata: Vec<(String, String)>) -> Result<Self> {
         let mut writer = ArrowWriter::try_new(file, schema, Some(writer_props()))
             .with_context(|| format!("cannot start Parquet file {}", path.display()))?;
         for (k, v) in kv_metadata {

@@ -20,7 +20,11 @@
 //! 6. `outs` — the declared output paths (renaming an output reruns the stage);
 //! 7. `extras` — run-time facts a kind adds, never secrets: e.g. `encrypt` adds
 //!    the id of the tenant's active data key, so rotating or destroying the key
-//!    reruns encryption.
+//!    reruns encryption. Extras are read-only: the key id is read from the
+//!    keyring file without the master key, and a tenant with no key yet gets
+//!    the id its first key will have, so computing a key (`status`,
+//!    `--dry-run`) never creates or changes a key, and a dry run agrees with
+//!    the run.
 //!
 //! Not in the key: the stage's name (renaming a stage keeps its cache), the wall
 //! clock, file modification times (the memo of `hashing` uses them only to skip

@@ -507,6 +507,7 @@ impl Engine {
         for p in outs {
             let r = from.outputs.get(p).with_context(|| format!("no cached copy of {p}"))?;
             let abs = self.pipeline.abs(p);
+            crate::pipeline::check_output_at_write(&self.pipeline.workspace, p, true)?;
             self.cas.restore(&r.hash, r.dir, &abs).with_context(|| format!("restoring {p}"))?;
             self.memo.forget(&abs);
         }
@@ -547,6 +548,9 @@ impl Engine {
     fn prepare_outputs(&self, i: usize) -> Result<()> {
         let s = self.stage(i);
         for o in &s.outs {
+            // Checked at write time, not only at load time: a link planted
+            // since (by an earlier stage, or anyone) must not redirect a write.
+            crate::pipeline::check_output_at_write(&self.pipeline.workspace, &o.path, true).with_context(|| format!("stage {}", s.name))?;
             let o = self.pipeline.abs(&o.path);
             if s.kind.name() == "cmd" {
                 remove_path(&o)?;
@@ -693,6 +697,8 @@ impl Engine {
         // Hash and store outputs.
         let mut outputs = BTreeMap::new();
         for (o, abs) in s.outs.iter().zip(&outs) {
+            crate::pipeline::check_output_at_write(&self.pipeline.workspace, &o.path, false)
+                .with_context(|| format!("stage {} wrote its output through a link; it is not recorded or cached", s.name))?;
             self.memo.forget(abs);
             let meta = std::fs::metadata(abs).map_err(|_| {
                 anyhow!("the stage finished but did not write its declared output {}; fix the stage so it writes it (or remove it from `outs:`)", o.path)

@@ -7,7 +7,9 @@
 //! location where known, and the fix, and is a [`Failure::Config`] (exit 2).
 
 pub mod model;
+pub mod shell;
 pub mod tenants;
+pub mod yaml_limits;
 
 use crate::error::config;
 use crate::stages::{StageKind, registry};
@@ -21,6 +23,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 pub use tenants::{Tenant, Tenants};
+
+/// Longest `timeout:` (and `--wait`) accepted, in seconds (about 31 years):
+/// larger values cannot be represented as a deadline.
+pub const MAX_SECONDS: f64 = 1e9;
 
 /// Largest pipeline file accepted.
 pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
@@ -53,6 +59,9 @@ pub struct Stage {
     pub deps: Vec<String>,
     pub outs: Vec<Out>,
     pub env: BTreeMap<String, String>,
+    /// Variables withheld from the stage's command besides the master-key
+    /// ones: the pipeline's `secrets:` (see `util::child_env`).
+    pub secrets: Arc<Vec<String>>,
     pub timeout: Option<f64>,
     pub retries: u32,
     pub desc: Option<String>,
@@ -81,6 +90,8 @@ pub struct Pipeline {
     pub shown: String,
     pub workspace: PathBuf,
     pub params: IndexMap<String, Value>,
+    /// `secrets:`: environment variables no command may see.
+    pub secrets: Arc<Vec<String>>,
     pub stages: Vec<Stage>,
     pub tenants: Option<Tenants>,
     /// Edges upstream → downstream, over indexes into `stages`.
@@ -377,6 +388,19 @@ fn interp_str(
     })
 }
 
+/// Top-level folders of a workspace that no output may be in, lexically or
+/// through a symlink: dagrun's state and keys, git, run records, and the
+/// configuration (tenant list).
+pub const PROTECTED_DIRS: &[&str] = &[".dagrun", ".git", "runs", "config"];
+
+/// The write-time check of an output (run before a stage runs, before its
+/// outputs are recorded, before a restore): no symlink on the way may lead
+/// outside the workspace or into [`PROTECTED_DIRS`]. `final_link_ok` when the
+/// writer replaces or removes the last component instead of following it.
+pub fn check_output_at_write(workspace: &Path, out: &str, final_link_ok: bool) -> Result<()> {
+    crate::util::nofollow::check_write_path(workspace, out, PROTECTED_DIRS, final_link_ok).map_err(anyhow::Error::msg)
+}
+
 /// Normalise a workspace-relative output path; reject escapes.
 pub fn normalize_out(path: &str) -> std::result::Result<String, String> {
     if path.trim().is_empty() {
@@ -400,8 +424,8 @@ pub fn normalize_out(path: &str) -> std::result::Result<String, String> {
     if parts.is_empty() {
         return Err(format!("output {path:?} names the workspace itself"));
     }
-    if parts[0] == ".dagrun" || parts[0] == ".git" || parts[0] == "runs" {
-        return Err(format!("output {path:?} is inside {}/, which dagrun or git owns", parts[0]));
+    if PROTECTED_DIRS.contains(&parts[0].as_str()) {
+        return Err(format!("output {path:?} is inside {}/, which dagrun, git or the workspace configuration owns", parts[0]));
     }
     Ok(parts.join("/"))
 }
@@ -430,35 +454,24 @@ pub fn normalize_dep(path: &str, workspace: &Path) -> std::result::Result<String
     Ok(parts.join("/"))
 }
 
-/// Reject an output that reaches outside the workspace through a symlink.
+/// Reject an output that reaches outside the workspace (or into a protected
+/// folder) through a symlink, or is itself a symlink.
 fn check_symlinks(workspace: &Path, out: &str) -> std::result::Result<(), String> {
-    let Ok(root) = workspace.canonicalize() else { return Ok(()) };
-    let mut cur = workspace.to_path_buf();
-    for part in out.split('/') {
-        cur.push(part);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let target = cur.canonicalize().unwrap_or_else(|_| cur.clone());
-                if !target.starts_with(&root) || cur.as_os_str().len() == workspace.join(out).as_os_str().len() {
-                    return Err(format!(
-                        "output {out:?} goes through the symlink {} (→ {}); outputs must be real paths inside the workspace",
-                        cur.strip_prefix(workspace).unwrap_or(&cur).display(),
-                        target.display()
-                    ));
-                }
-            }
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    Ok(())
+    crate::util::nofollow::check_write_path(workspace, out, PROTECTED_DIRS, false)
 }
 
 fn valid_stage_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// Depth and alias limits, checked in linear time before any parsing
+/// ([`yaml_limits`]); the error names the file and line.
+pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
+    yaml_limits::check(text).map_err(|(line, m)| config(format!("{shown}:{line}: {m}")))
+}
+
 fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides: &[(String, String)]) -> Result<Pipeline> {
+    check_yaml_limits(text, &shown)?;
     check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
     let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| yaml_error(&shown, &e))?;
     let kinds = registry();
@@ -496,6 +509,10 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
     if pf.stages.is_empty() {
         return Err(config(format!("{shown}: `stages` is empty; define at least one stage")));
     }
+    for p in &pf.secrets {
+        crate::util::child_env::check_secret_pattern(p).map_err(|m| config(format!("{shown}: {m}")))?;
+    }
+    let secrets = Arc::new(pf.secrets.clone());
 
     // The workspace settings are checked before anything runs (exit 2 on a bad key).
     crate::config::DagrunConfig::load(&workspace)?;
@@ -536,8 +553,8 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
             return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at(base))));
         }
         if let Some(t) = def.timeout {
-            if !t.is_finite() || t <= 0.0 {
-                return Err(config(format!("{}: timeout must be a positive number of seconds", at(base))));
+            if !t.is_finite() || t <= 0.0 || t > MAX_SECONDS {
+                return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
             }
         }
         let fan: Vec<Option<String>> = match def.foreach.as_deref() {
@@ -552,7 +569,7 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
         };
         for tenant in fan {
             let idx = stages.len();
-            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace).map_err(|m| config(format!("{}: {m}", at(base))))?;
+            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| config(format!("{}: {m}", at(base))))?;
             let mut stage = stage;
             stage.line = stage_line(text, base);
             stage.executor = def.executor.or(pf.executor).unwrap_or_default();
@@ -666,7 +683,7 @@ fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides
     let topo = topo_order(&graph, stages.len());
     let slurm = pf.slurm.clone().unwrap_or_default();
     check_slurm(&slurm).map_err(|m| config(format!("{shown}: `slurm.{m}")))?;
-    let p = Pipeline { file, shown, workspace, params, stages, tenants, graph, topo, overrides: overrides.to_vec(), slurm };
+    let p = Pipeline { file, shown, workspace, params, secrets, stages, tenants, graph, topo, overrides: overrides.to_vec(), slurm };
     if let Some(m) = p.check_groups() {
         return Err(config(format!("{}: {m}", p.shown)));
     }
@@ -680,13 +697,15 @@ fn expand(
     params: &IndexMap<String, Value>,
     kind: Arc<dyn StageKind>,
     workspace: &Path,
+    secrets: &Arc<Vec<String>>,
 ) -> std::result::Result<Stage, String> {
     let name = match tenant {
         Some(t) => format!("{base}[{t}]"),
         None => base.to_string(),
     };
     let mut refs = BTreeMap::new();
-    let cmd = def.cmd.as_deref().map(|c| interp_str(c, params, tenant, &mut refs)).transpose()?;
+    // Values in a command are shell-quoted for their place (see `shell`).
+    let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd(c, params, tenant, &mut refs)).transpose()?;
     let mut with = Map::new();
     for (k, v) in &def.with {
         let v = to_json(v, &format!("with.{k}"))?;
@@ -697,6 +716,7 @@ fn expand(
     }
     let mut env = BTreeMap::new();
     for (k, v) in &def.env {
+        crate::util::child_env::check_declared(k, secrets)?;
         env.insert(k.clone(), interp_str(v, params, tenant, &mut refs)?);
     }
     let declared = kind.declare(&with, tenant)?;
@@ -738,6 +758,7 @@ fn expand(
         deps,
         outs,
         env,
+        secrets: secrets.clone(),
         timeout: def.timeout,
         retries: def.retries,
         desc: def.desc.clone(),

@@ -12,6 +12,10 @@ pub struct PipelineFile {
     /// Pipeline-level params, referenced from stages as `${params.NAME}`.
     #[serde(default)]
     pub params: IndexMap<String, yaml_serde::Value>,
+    /// Environment variables no `cmd` may see (exact names, or `PREFIX*`),
+    /// besides the master-key variables, which are always withheld.
+    #[serde(default)]
+    pub secrets: Vec<String>,
     /// The stages, by name, in file order.
     pub stages: IndexMap<String, StageDef>,
     /// Where stages execute by default: `local` (this process) or `slurm` (a job each).

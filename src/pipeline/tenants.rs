@@ -60,18 +60,29 @@ impl Tenants {
     pub fn load(workspace: &Path) -> Result<Tenants> {
         let path = workspace.join(TENANTS_FILE);
         let shown = TENANTS_FILE;
-        let bytes = std::fs::read(&path).map_err(|e| {
+        let cannot = |e: std::io::Error| {
             config(format!(
                 "{shown}: cannot read the tenant list ({e}); create it with a `tenants:` list of `- id: NAME` entries"
             ))
-        })?;
+        };
+        // The same caps as a pipeline file: size before reading, then depth and aliases.
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path).map_err(cannot)?.take(super::MAX_PIPELINE_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
         Self::parse(&bytes, shown)
     }
 
     /// Parse and validate tenant-list bytes; `shown` names the file in errors.
     pub fn parse(bytes: &[u8], shown: &str) -> Result<Tenants> {
+        if bytes.len() as u64 > super::MAX_PIPELINE_BYTES {
+            return Err(config(format!(
+                "{shown}: the file is over {} bytes (1 MiB); a tenant list is far smaller. Is this the right file?",
+                super::MAX_PIPELINE_BYTES
+            )));
+        }
         let text = std::str::from_utf8(bytes)
             .map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
+        super::check_yaml_limits(text, shown)?;
         let yaml_err = |e: yaml_serde::Error| config(format!("{shown}: {}", super::explain_yaml_message(&e.to_string())));
         super::check_yaml_budget(text).map_err(yaml_err)?;
         let file: TenantsFile = yaml_serde::from_str(text).map_err(yaml_err)?;

@@ -2,6 +2,18 @@
 //! dvc.yaml. Run with `/bin/sh -c` in the workspace, in its own process group
 //! (so a timeout or Ctrl-C ends it and all its children), stdout and stderr
 //! captured in `.dagrun/logs/STAGE.out|.err`.
+//!
+//! # What the command sees
+//! - Its environment is rebuilt by `util::child_env`: dagrun's environment
+//!   minus every `DAGRUN_MASTER_KEY*` variable and the pipeline's `secrets:`;
+//!   plus `DAGRUN_WORKSPACE`, `DAGRUN_STAGE`, `DAGRUN_TENANT` (fanned-out
+//!   stages), `DAGRUN_PARAM_<NAME>` for every param the command references,
+//!   and the stage's declared `env:` (`PATH` defaults to
+//!   `/usr/local/bin:/usr/bin:/bin` when dagrun has none).
+//! - Param values inside the command string are shell-quoted (`pipeline::shell`).
+//! - The log files are created afresh (an old file, or a planted symlink or
+//!   hard link in its place, is removed first, never written through), mode
+//!   0600, inside a `.dagrun/logs` that must be a real directory.
 
 use super::{Declared, RunCtx, RunReport, StageKind};
 use crate::pipeline::Stage;
@@ -51,14 +63,16 @@ impl StageKind for Cmd {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let s: &Stage = ctx.stage;
         let cmd = s.cmd.as_deref().context("cmd stage without a command")?;
-        let logs = ctx.workspace.join(crate::engine::DAGRUN_DIR).join("logs");
-        std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-        let out_path = logs.join(format!("{}.out", s.name));
-        let err_path = logs.join(format!("{}.err", s.name));
-        let stdout = std::fs::File::create(&out_path).with_context(|| format!("cannot create {}", out_path.display()))?;
-        let stderr = std::fs::File::create(&err_path).with_context(|| format!("cannot create {}", err_path.display()))?;
+        let logs_rel = std::path::Path::new(crate::engine::DAGRUN_DIR).join("logs");
+        let logs = crate::util::nofollow::Dir::open_or_create(ctx.workspace, &logs_rel)?;
+        let out_name = format!("{}.out", s.name);
+        let err_name = format!("{}.err", s.name);
+        let err_path = ctx.workspace.join(&logs_rel).join(&err_name);
+        let stdout = logs.create_fresh(&out_name, 0o600)?;
+        let stderr = logs.create_fresh(&err_name, 0o600)?;
         let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(cmd).current_dir(ctx.workspace).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        crate::util::child_env::apply(&mut c, &s.secrets);
         if std::env::var_os("PATH").is_none() {
             c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
         }
@@ -66,6 +80,7 @@ impl StageKind for Cmd {
         if let Some(t) = &s.tenant {
             c.env("DAGRUN_TENANT", t);
         }
+        c.envs(crate::pipeline::shell::param_env(&s.param_refs));
         c.envs(&s.env);
         // The master key's URI names the PIN's file (pin-source) or holds the PIN
         // (pin-value): no child process gets it, whatever the stage declares.
@@ -86,6 +101,9 @@ impl StageKind for Cmd {
                     #[cfg(target_os = "linux")]
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                     libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
+                    // dagrun runs with core dumps off (crypto::harden_process);
+                    // the command gets the user's limit back.
+                    crate::crypto::restore_core_limit_for_child();
                     Ok(())
                 });
             }

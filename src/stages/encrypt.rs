@@ -59,7 +59,9 @@ pub fn encrypt_batch(
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
     let tenants = col(schema::TENANT_ID)?.as_any().downcast_ref::<StringArray>().context("Tenant_ID is not utf8")?;
     if let Some(i) = (0..tenants.len()).find(|&i| tenants.value(i) != tenant) {
-        bail!("row {} of the raw data belongs to tenant {}, not {tenant}", i + 1, crate::data::show_tenant(tenants.value(i)));
+        let other = tenants.value(i);
+        let shown = if crate::data::is_valid_tenant_id(other) { crate::data::show_tenant(other) } else { format!("({})", crate::data::describe_value(other)) };
+        bail!("row {} of the raw data belongs to tenant {shown}, not {tenant}", i + 1);
     }
     let ids = col(schema::CUSTOMER_ID)?.as_any().downcast_ref::<Int64Array>().context("Customer_ID is not int64")?;
     let pii = col(schema::SENSITIVE_DATA)?.as_any().downcast_ref::<StringArray>().context("Sensitive_Data is not utf8")?;
@@ -102,7 +104,7 @@ fn key_ingredient(tenant: &str) -> String {
 /// no longer holds that key: its entry was deleted, or the keyring was replaced
 /// by a fresh one. Creating a new key would give it the same id, so the old
 /// ciphertexts would silently stay "up to date" while nothing can decrypt them.
-fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::Keyring, tenant: &str) -> Result<()> {
+fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::KeyringView, tenant: &str) -> Result<()> {
     let recorded = crate::engine::state::StateStore::new(&services.workspace.join(crate::engine::DAGRUN_DIR))
         .get(&stage.name)
         .and_then(|st| st.ingredients.extras.get(&key_ingredient(tenant)).cloned())
@@ -114,16 +116,16 @@ fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::K
         kv.get("dagrun.key_id").map(|id| (out.path.clone(), id.clone()))
     };
     let Some((place, key_id)) = recorded.or_else(in_footer) else { return Ok(()) };
-    match ring.require_data_key(tenant, &key_id) {
-        Ok(()) => Ok(()),
-        Err(e) if e.downcast_ref::<crate::crypto::KeyError>().is_some() => Err(e.context(format!(
-            "tenant {tenant}'s data was encrypted with data key {} ({place}), which the keyring no longer holds; \
-             dagrun will not create a new key for it (the existing ciphertexts would stay undecryptable). \
-             Restore .dagrun/keys/keyring.json from a backup, or remove {tenant}'s encrypted data and state to start it afresh",
-            crate::crypto::escape_for_message(&key_id)
-        ))),
-        Err(e) => Err(e),
+    if ring.holds_data_key(tenant, &key_id) {
+        return Ok(());
     }
+    bail!(
+        "tenant {tenant}'s data was encrypted with data key {} ({place}), which the keyring {} no longer holds; \
+         dagrun will not create a new key for it (the existing ciphertexts would stay undecryptable). \
+         Restore .dagrun/keys/keyring.json from a backup, or remove {tenant}'s encrypted data and state to start it afresh",
+        crate::crypto::escape_for_message(&key_id),
+        ring.path().display()
+    )
 }
 
 impl StageKind for Encrypt {
@@ -142,14 +144,17 @@ impl StageKind for Encrypt {
     }
     fn extra_ingredients(&self, stage: &Stage, services: &Services) -> Result<BTreeMap<String, String>> {
         let tenant = stage.tenant.as_deref().unwrap_or_default();
-        let ring = services.keyring()?;
-        // The key is created here on first use, so the id in the cache key is
-        // the one the run will encrypt with (a forgotten tenant gets no new key).
+        // Read-only: computing a cache key (status, --dry-run, a run's
+        // decisions) never loads the master key nor creates a key. A tenant
+        // with no key yet gets the id its first key will have, so the dry run
+        // and the run agree (a forgotten tenant gets no new key).
+        crate::crypto::master::check_source(&services.workspace)?;
+        let ring = crate::crypto::KeyringView::read(&services.workspace)?;
         let id = match ring.is_forgotten(tenant) {
             Some(when) => format!("destroyed {when}"),
             None => {
                 check_earlier_key(stage, services, &ring, tenant)?;
-                ring.active_data_key_id(tenant)?
+                ring.data_key_ingredient(tenant)?
             }
         };
         Ok(BTreeMap::from([(key_ingredient(tenant), id)]))

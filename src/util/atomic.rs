@@ -67,6 +67,12 @@ impl AtomicFile {
         Self::open(dest, None, durability)
     }
 
+    /// Like [`AtomicFile::create`] for plaintext PII: the temporary file (and
+    /// so the file renamed into place) is mode 0600 from its first byte.
+    pub fn create_private(dest: &Path) -> Result<Self> {
+        Self::open(dest, Some(0o600), Durability::Content)
+    }
+
     /// Like [`AtomicFile::create`], with Unix permission bits (e.g. 0o600) set
     /// on the temporary file before any byte is written, and full durability.
     pub fn create_with_mode(dest: &Path, mode: Option<u32>) -> Result<Self> {

@@ -163,14 +163,15 @@ fn billion_laughs() {
     yaml.push_str("stages:\n  a:\n    cmd: echo ${params.l9}\n");
     bad(&yaml, &["pipeline.yaml", "alias"]);
     // Wide: one 100k-item anchor aliased 100k times (0.5 MB; 10^10 values
-    // expanded), under yaml_serde's own repetition limit.
+    // expanded), under yaml_serde's own repetition limit: refused by the
+    // alias count (pipeline::yaml_limits) on the line of the aliases.
     let n = 100_000;
     let yaml = format!(
         "params:\n  a: &a [{}]\n  b: [{}]\nstages:\n  s:\n    cmd: echo hi\n",
         vec!["1"; n].join(","),
         vec!["*a"; n].join(",")
     );
-    bad(&yaml, &["pipeline.yaml:2:", "alias"]);
+    bad(&yaml, &["pipeline.yaml:3:", "alias"]);
     // The same through typed fields: many stages' deps alias one long list.
     let list: Vec<String> = (0..40_000).map(|i| format!("f{i}")).collect();
     let mut yaml = format!("stages:\n  s0:\n    cmd: echo\n    deps: &d [{}]\n", list.join(","));

@@ -186,6 +186,18 @@ impl Ws {
     }
 }
 
+/// A workspace with the shipped pipelines (`pipelines/propensity*.yaml`) and
+/// the given `config/tenants.yaml`.
+pub fn shipped_workspace(tenants: &str) -> Ws {
+    let ws = Ws::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
+        ws.write(&format!("pipelines/{p}"), std::fs::read(root.join("pipelines").join(p)).unwrap());
+    }
+    ws.write("config/tenants.yaml", tenants);
+    ws
+}
+
 /// One `dagrun run`.
 #[derive(Debug)]
 pub struct Run {

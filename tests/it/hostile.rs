@@ -43,13 +43,7 @@ const PROBE: &str = "hostile.probe.4711@leak.example";
 
 /// A workspace with the shipped pipelines and a tenant list.
 fn workspace(tenants: &str) -> Ws {
-    let ws = Ws::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
-        ws.write(&format!("pipelines/{p}"), std::fs::read(root.join("pipelines").join(p)).unwrap());
-    }
-    ws.write("config/tenants.yaml", tenants);
-    ws
+    crate::common::shipped_workspace(tenants)
 }
 
 fn command(ws: &Ws, args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -130,7 +124,7 @@ const DATE: usize = 5;
 fn csv_cases() -> Vec<(&'static str, Edit, Vec<&'static str>)> {
     vec![
         ("missing column", |r| r.iter_mut().for_each(|l| { l.remove(LOGIN); }), vec!["missing column Login_Count"]),
-        ("extra column", |r| r.iter_mut().enumerate().for_each(|(i, l)| l.push(if i == 0 { "Extra".into() } else { "1".into() })), vec!["unknown column \"Extra\""]),
+        ("extra column", |r| r.iter_mut().enumerate().for_each(|(i, l)| l.push(if i == 0 { "Extra".into() } else { "1".into() })), vec!["unexpected column name (5 characters, text)"]),
         ("wrong type (count)", |r| r[2][LOGIN] = "twelve".into(), vec!["row 2 (line 3), column Login_Count", "not an integer"]),
         ("wrong type (amount)", |r| r[2][AMOUNT] = "12,50 EUR".replace(',', ";"), vec!["row 2 (line 3), column Purchase_Amount", "not a number"]),
         ("NaN", |r| r[2][AMOUNT] = "NaN".into(), vec!["row 2 (line 3), column Purchase_Amount", "NaN"]),
@@ -412,10 +406,11 @@ fn training_refuses_data_that_cannot_make_a_model() {
     assert!(dagrun::scoring::load_trained(&ws.root, "Tenant_A", None).err().unwrap().to_string().contains("retrain"));
 }
 
-/// Unwrap every key of the keyring with the master key: (name, bytes).
-fn all_keys(ws: &Ws) -> Vec<(String, Vec<u8>)> {
+/// Unwrap every key of the keyring with the master key (from the workspace's
+/// key file, or the hex given): (name, bytes).
+fn all_keys(ws: &Ws, master_hex: Option<&str>) -> Vec<(String, Vec<u8>)> {
     use aes_gcm::aead::{AeadInOut, KeyInit};
-    let master = hex::decode(ws.read(".dagrun/keys/master.key").trim()).unwrap();
+    let master = hex::decode(master_hex.map(str::to_string).unwrap_or_else(|| ws.read(".dagrun/keys/master.key")).trim()).unwrap();
     let ring: serde_json::Value = serde_json::from_str(&ws.read(".dagrun/keys/keyring.json")).unwrap();
     let mk: [u8; 32] = master.as_slice().try_into().unwrap();
     let aes = aes_gcm::Aes256Gcm::new((&mk).into());
@@ -474,10 +469,30 @@ impl Needles {
 
 #[test]
 fn no_plaintext_or_key_in_any_file_or_output() {
+    leak_search(None);
+}
+
+/// The master key in `DAGRUN_MASTER_KEY` (no key file), and a `cmd` stage
+/// that dumps its environment into an output, its log and the cache: the
+/// key is found nowhere.
+#[test]
+fn no_key_anywhere_with_the_master_key_in_the_environment() {
+    leak_search(Some("3c4b5a69788796a5b4c3d2e1f00f1e2d0f1e2d3c4b5a69788796a5b4c3d2e1f0"));
+}
+
+/// Run everything on a 3-tenant workspace, then search every file and every
+/// output for plaintext PII and key bytes (raw, lower- and upper-case hex).
+fn leak_search(master_env: Option<&str>) {
     let ws = workspace(THREE);
+    let env: Vec<(&str, &str)> = master_env.map(|m| ("DAGRUN_MASTER_KEY", m)).into_iter().collect();
+    if master_env.is_some() {
+        let mut p = ws.read("pipelines/propensity.yaml");
+        p.push_str("\n  envdump:\n    desc: a command that prints everything it can see\n    cmd: env > reports/env.txt; env; tr '\\0' '\\n' < /proc/$$/environ\n    outs: [reports/env.txt]\n");
+        ws.write("pipelines/propensity.yaml", p);
+    }
     let mut outputs: Vec<(String, Out)> = Vec::new();
     let mut run = |args: &[&str], expect_ok: bool| {
-        let o = dg(&ws, args);
+        let o = dg_env(&ws, args, &env);
         if expect_ok {
             assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
         }
@@ -518,7 +533,13 @@ fn no_plaintext_or_key_in_any_file_or_output() {
         pii.extend(plaintext(&ws, t, n).into_iter().map(String::into_bytes));
     }
     assert_eq!(pii.len(), 3000);
-    let keys = all_keys(&ws);
+    let keys = all_keys(&ws, master_env);
+    if master_env.is_some() {
+        assert!(!ws.exists(".dagrun/keys/master.key"), "a key file was created although DAGRUN_MASTER_KEY is set");
+        let dump = ws.read("reports/env.txt");
+        assert!(dump.contains("DAGRUN_STAGE=envdump") && dump.contains("NO_COLOR=1"), "the dump ran with an environment:\n{dump}");
+        assert!(ws.read(".dagrun/logs/envdump.out").contains("DAGRUN_STAGE=envdump"));
+    }
     assert_eq!(keys.len(), 1 + 3 * 2, "master + a data and a pseudonym key per tenant");
     let mut needles = pii.clone();
     for (_, k) in &keys {
@@ -548,7 +569,7 @@ fn no_plaintext_or_key_in_any_file_or_output() {
     assert!(files > 30, "searched only {files} files");
     assert!(ws.walk().iter().any(|p| p.starts_with(".dagrun/cache/objects/")), "the cache was searched");
     // `keys export` prints exactly the data key, and that is its only output.
-    let o = ok(dg(&ws, &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"]));
+    let o = ok(dg_env(&ws, &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &env));
     let dk = &keys.iter().find(|(id, _)| id == "Tenant_A-dk-1").unwrap().1;
     assert_eq!(o.stdout.trim(), hex::encode(dk));
     assert!(needles.find(o.stderr.as_bytes()).is_none());

@@ -534,8 +534,14 @@ fn audit_log_chain_detects_an_edited_and_a_deleted_line() {
 #[test]
 fn the_master_key_uri_and_its_pin_source_never_reach_a_child() {
     let ws = Ws::new();
-    ws.pipeline("stages:\n  show:\n    cmd: env > seen.txt\n    outs: [seen.txt]\n    env: { DAGRUN_MASTER_KEY_URI: leaked }\n");
     let uri = "pkcs11:token=t;object=k;type=secret-key?module-path=/m.so&pin-source=file:/secret/place/pin";
+    // A stage may not declare it (util::child_env): refused before anything runs.
+    ws.pipeline("stages:\n  show:\n    cmd: env > seen.txt\n    outs: [seen.txt]\n    env: { DAGRUN_MASTER_KEY_URI: leaked }\n");
+    let o = ws.cmd(&["run", "pipeline.yaml"]).env("DAGRUN_MASTER_KEY_URI", uri).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("DAGRUN_MASTER_KEY_URI") && !ws.exists("seen.txt"));
+    // Inherited from dagrun's environment, it is withheld.
+    ws.pipeline("stages:\n  show:\n    cmd: env > seen.txt\n    outs: [seen.txt]\n");
     let o = ws.cmd(&["run", "pipeline.yaml"]).env("DAGRUN_MASTER_KEY_URI", uri).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let seen = ws.read("seen.txt");

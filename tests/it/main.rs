@@ -9,6 +9,7 @@ mod deploy;
 mod drift;
 mod failures;
 mod faults;
+mod hardening;
 mod hostile;
 mod hsm;
 mod openlineage;

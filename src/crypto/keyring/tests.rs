@@ -507,3 +507,31 @@ fn lost_default_master_key_is_not_silently_replaced() {
         Some("Tenant_A-dk-1")
     );
 }
+
+#[test]
+fn view_reads_without_creating_and_predicts_the_next_key_id() {
+    let ws = tempfile::tempdir().unwrap();
+    // No workspace keys at all: nothing is created, the first id is predicted.
+    let v = KeyringView::read(ws.path()).unwrap();
+    assert_eq!(v.data_key_ingredient("Tenant_A").unwrap(), "Tenant_A-dk-1");
+    assert!(v.is_forgotten("Tenant_A").is_none() && !v.holds_data_key("Tenant_A", "Tenant_A-dk-1"));
+    assert!(!ws.path().join(".dagrun").exists(), "a read-only view created files");
+    // The prediction is what the keyring then creates, for a first key and after a rotation.
+    let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
+    let (id, _) = kr.active_data_key("Tenant_A").unwrap();
+    assert_eq!(id, "Tenant_A-dk-1");
+    kr.pseudonym_key("Tenant_B").unwrap(); // a tenant with a pseudonym key but no data key
+    let v = KeyringView::read(ws.path()).unwrap();
+    assert_eq!(v.data_key_ingredient("Tenant_A").unwrap(), "Tenant_A-dk-1");
+    assert_eq!(v.data_key_ingredient("Tenant_B").unwrap(), "Tenant_B-dk-1");
+    assert!(v.holds_data_key("Tenant_A", "Tenant_A-dk-1"));
+    let before = fs::read(kr.path()).unwrap();
+    let _ = KeyringView::read(ws.path()).unwrap().data_key_ingredient("Tenant_C").unwrap();
+    assert_eq!(fs::read(kr.path()).unwrap(), before, "the view wrote the keyring");
+    assert_eq!(kr.active_data_key("Tenant_B").unwrap().0, "Tenant_B-dk-1");
+    assert_eq!(kr.rotate("Tenant_A").unwrap(), "Tenant_A-dk-2");
+    assert_eq!(KeyringView::read(ws.path()).unwrap().data_key_ingredient("Tenant_A").unwrap(), "Tenant_A-dk-2");
+    kr.forget("Tenant_A").unwrap();
+    assert!(KeyringView::read(ws.path()).unwrap().is_forgotten("Tenant_A").is_some());
+    assert!(KeyringView::read(ws.path()).unwrap().data_key_ingredient("bad id").is_err());
+}

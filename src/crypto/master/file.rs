@@ -163,6 +163,43 @@ fn create_master_file(path: &Path) -> Result<Option<MasterKey>> {
 }
 
 /// Load the master key; returns it with a description of its source for messages.
+/// Check a software master-key source as [`load_master`] would (a valid
+/// `DAGRUN_MASTER_KEY`; a key file that exists, is private and is outside
+/// `config/`), without reading the key file or creating anything.
+pub(super) fn check_source(workspace: &Path, source: &MasterKeySource) -> Result<()> {
+    match source {
+        MasterKeySource::Env(s) => {
+            MasterKey::from_hex(s).map_err(|e| anyhow!("{ENV_MASTER_KEY} does not hold a valid master key: {e}"))?;
+        }
+        MasterKeySource::File(p) => {
+            check_named_key_file(workspace, p)?;
+            check_private(p, "key file")?;
+        }
+        MasterKeySource::Default => {
+            let p = default_master_key_path(workspace);
+            if fs::symlink_metadata(&p).is_ok() {
+                refuse_if_in_config(workspace, &p)?;
+                check_private(&p, "key file")?;
+            }
+        }
+        MasterKeySource::Pkcs11 { .. } => {}
+    }
+    Ok(())
+}
+
+/// The file `DAGRUN_MASTER_KEY_FILE` names must exist and lie outside `config/`.
+fn check_named_key_file(workspace: &Path, p: &Path) -> Result<()> {
+    if !p.exists() {
+        bail!(
+            "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
+             (64 hex characters, mode 0600), or unset it to use {}",
+            p.display(),
+            default_master_key_path(workspace).display()
+        );
+    }
+    refuse_if_in_config(workspace, p)
+}
+
 pub(super) fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey, String)> {
     match source {
         MasterKeySource::Env(s) => {
@@ -171,15 +208,7 @@ pub(super) fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<
             Ok((k, ENV_MASTER_KEY.to_string()))
         }
         MasterKeySource::File(p) => {
-            if !p.exists() {
-                bail!(
-                    "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
-                     (64 hex characters, mode 0600), or unset it to use {}",
-                    p.display(),
-                    default_master_key_path(workspace).display()
-                );
-            }
-            refuse_if_in_config(workspace, p)?;
+            check_named_key_file(workspace, p)?;
             Ok((read_master_file(p)?, format!("file {}", p.display())))
         }
         MasterKeySource::Default => {

@@ -119,6 +119,15 @@ impl MasterKeySource {
     }
 }
 
+/// Check the workspace's master-key source as opening it would (key file
+/// present, private, outside `config/`; `DAGRUN_MASTER_KEY` well-formed)
+/// without reading a key, touching a token or creating anything: `status` and
+/// cache-key computation refuse a key file others can read. A PKCS#11 source
+/// is checked when it is opened.
+pub fn check_source(workspace: &Path) -> Result<()> {
+    file::check_source(workspace, &MasterKeySource::resolve(workspace)?)
+}
+
 fn non_empty_env(name: &str) -> Option<std::ffi::OsString> {
     std::env::var_os(name).filter(|v| !v.is_empty())
 }

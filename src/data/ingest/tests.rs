@@ -122,7 +122,15 @@ fn missing_column() {
 fn unknown_column() {
     let d = tempfile::tempdir().unwrap();
     let p = write_csv(d.path(), &format!("{HEADER},Extra\nT1,0,secret,1,1,2025-01-01,true,x\n"));
-    expect_err(d.path(), &p, &opts(), &["unknown column \"Extra\"", "expected exactly: Tenant_ID, Customer_ID"]);
+    expect_err(d.path(), &p, &opts(), &["column 8: unexpected column name (5 characters, text)", "expected exactly: Tenant_ID, Customer_ID"]);
+    // A headerless file: the first row is taken as the header, and described, never shown.
+    let p = write_csv(d.path(), "T1,0,elizabeth.davis.4779@example.org,1,1,2025-01-01,true\n");
+    let m = expect_err(d.path(), &p, &opts(), &["column 1: unexpected column name (2 characters, text)"]);
+    let p = write_csv(d.path(), "Tenant_ID,Customer_ID,elizabeth.davis.4779@example.org,1,1,2025-01-01,true\n");
+    let m2 = expect_err(d.path(), &p, &opts(), &["column 3: unexpected column name (32 characters, looks like an e-mail address)", "lack its header line"]);
+    assert!(!m.contains("elizabeth") && !m2.contains("elizabeth"));
+    let p = write_csv(d.path(), &HEADER.replace("Tenant_ID", "tenant_id"));
+    expect_err(d.path(), &p, &opts(), &["column 1", "is it Tenant_ID spelt differently"]);
 }
 
 #[test]
@@ -175,11 +183,17 @@ fn wrong_tenants() {
     o.expected_tenant = None;
     o.known_tenants = Some(vec!["T1".into(), "T3".into()]);
     bad_csv(0, "T2", &o, &["row 2 (line 3), column Tenant_ID", "unknown tenant \"T2\""]);
-    bad_csv(0, "T 1", &o, &["row 2 (line 3), column Tenant_ID", "invalid tenant id \"T 1\""]);
+    bad_csv(0, "T 1", &o, &["row 2 (line 3), column Tenant_ID", "invalid tenant id (3 characters, text with spaces)"]);
+    // Swapped columns: an e-mail address where the tenant id belongs is described, not shown.
+    let m = bad_csv(0, "jane.doe@example.org", &o, &["invalid tenant id (20 characters, looks like an e-mail address)"]);
+    assert!(!m.contains("jane"), "{m}");
+    let mut known = opts();
+    known.known_tenants = Some(vec!["T1".into(), "T3".into()]);
+    bad_csv(0, "T3", &known, &["belongs to tenant \"T3\" but this stage ingests tenant \"T1\""]);
     let long = "X".repeat(300);
     let m = bad_csv(0, &long, &o, &["row 2 (line 3), column Tenant_ID", "invalid tenant id"]);
     assert!(!m.contains(&"X".repeat(65)), "{m}");
-    bad_csv(0, "T\u{7}1", &o, &["\\u{7}"]);
+    bad_csv(0, "T\u{7}1", &o, &["3 characters, text with control characters"]);
     // Several known tenants in one file are fine, with per-tenant counts and
     // Customer_ID unique per tenant.
     let d = tempfile::tempdir().unwrap();
@@ -337,4 +351,17 @@ fn corrupted_parquet_is_an_error() {
         std::fs::write(&p, &b).unwrap();
         let _ = validate_to_parquet(&p, &out, &opts());
     }
+}
+
+#[test]
+fn long_fields_and_rows_are_refused_before_they_fill_memory() {
+    let field = "x".repeat(MAX_CSV_FIELD_BYTES + 1);
+    bad_csv(2, &field, &opts(), &["row 2 (line 3), column 3 (Sensitive_Data)", "at most 65536 bytes"]);
+    // A quoted field spanning many lines, and a file without any line break.
+    let d = tempfile::tempdir().unwrap();
+    let huge = format!("{HEADER}\nT1,0,\"{}\",1,1,2025-01-01,true\n", "a\n".repeat(2 << 20));
+    let p = write_csv(d.path(), &huge);
+    expect_err(d.path(), &p, &opts(), &["longer than 1048576 bytes"]);
+    let p = write_csv(d.path(), &"y".repeat(4 << 20));
+    expect_err(d.path(), &p, &opts(), &["longer than 1048576 bytes"]);
 }

@@ -1,0 +1,223 @@
+//! Writing without following symlinks.
+//!
+//! # Rules
+//! - [`Dir`] opens a directory below a root one component at a time with
+//!   `openat(O_DIRECTORY | O_NOFOLLOW)`: a symlink anywhere on the way is an
+//!   error naming it, never followed. Files are then created relative to that
+//!   directory handle, so a link planted after the check cannot redirect them.
+//! - [`Dir::create_fresh`] removes whatever has the name (a planted symlink or
+//!   hard link, an old log) and creates a new file with `O_CREAT | O_EXCL |
+//!   O_NOFOLLOW` and the given mode: it never writes into an existing inode.
+//! - [`check_write_path`] is the write-time check for paths that dagrun (or a
+//!   command it starts) is about to write: every symlink on the way must
+//!   resolve inside the root and outside its protected folders.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+/// An open directory reached without following symlinks.
+pub struct Dir {
+    fd: OwnedFd,
+    shown: PathBuf,
+}
+
+fn cstr(name: &std::ffi::OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| anyhow!("a path component holds a NUL byte"))
+}
+
+impl Dir {
+    /// Open `root/rel`, creating missing directories (mode 0755 & umask);
+    /// `root` itself may be reached through links (the user chose it), no
+    /// component of `rel` may be a symlink.
+    pub fn open_or_create(root: &Path, rel: &Path) -> Result<Dir> {
+        Self::walk(root, rel, true)
+    }
+
+    /// Open `root/rel` without creating anything.
+    pub fn open(root: &Path, rel: &Path) -> Result<Dir> {
+        Self::walk(root, rel, false)
+    }
+
+    fn walk(root: &Path, rel: &Path, create: bool) -> Result<Dir> {
+        let croot = cstr(root.as_os_str())?;
+        // SAFETY: a valid NUL-terminated path; the fd is owned below.
+        let fd = unsafe { libc::open(croot.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot open directory {}", root.display()));
+        }
+        // SAFETY: fd was just returned by open and is owned by nobody else.
+        let mut dir = Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shown: root.to_path_buf() };
+        for c in rel.components() {
+            let Component::Normal(name) = c else {
+                bail!("{}: not a plain relative path below {}", rel.display(), root.display());
+            };
+            let cname = cstr(name)?;
+            let shown = dir.shown.join(name);
+            if create {
+                // SAFETY: valid dirfd and NUL-terminated name.
+                let r = unsafe { libc::mkdirat(dir.fd.as_raw_fd(), cname.as_ptr(), 0o755) };
+                if r != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::AlreadyExists {
+                        return Err(e).with_context(|| format!("cannot create directory {}", shown.display()));
+                    }
+                }
+            }
+            // SAFETY: valid dirfd and NUL-terminated name.
+            let fd = unsafe {
+                libc::openat(dir.fd.as_raw_fd(), cname.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC)
+            };
+            if fd < 0 {
+                let e = std::io::Error::last_os_error();
+                if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
+                    bail!(
+                        "{} is a symlink or not a directory; dagrun never writes through a link there: remove it (and check who planted it)",
+                        shown.display()
+                    );
+                }
+                return Err(e).with_context(|| format!("cannot open directory {}", shown.display()));
+            }
+            // SAFETY: as above.
+            dir = Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shown };
+        }
+        Ok(dir)
+    }
+
+    /// The directory as shown in messages.
+    pub fn path(&self) -> &Path {
+        &self.shown
+    }
+
+    /// Remove `name` if present (a file or a symlink; a directory is an
+    /// error), then create it new, empty, with `mode`, not following links.
+    pub fn create_fresh(&self, name: &str, mode: u32) -> Result<File> {
+        let shown = self.shown.join(name);
+        let cname = cstr(std::ffi::OsStr::new(name))?;
+        // SAFETY: valid dirfd and NUL-terminated name.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e).with_context(|| format!("cannot replace {}", shown.display()));
+            }
+        }
+        // SAFETY: valid dirfd and NUL-terminated name; the fd is owned below.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                cname.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                mode as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot create {}", shown.display()));
+        }
+        // SAFETY: fd is a fresh, owned file descriptor.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+}
+
+/// Check, now, where writing `rel` below `root` would land: every existing
+/// component that is a symlink must resolve (exist) inside `root` and not
+/// into one of `protected` (root-relative folder names such as `.dagrun`).
+/// `final_link_ok`: whether the last component may itself be a symlink
+/// (writers that replace it by rename, or remove it first, never follow it).
+pub fn check_write_path(root: &Path, rel: &str, protected: &[&str], final_link_ok: bool) -> std::result::Result<(), String> {
+    let Ok(croot) = root.canonicalize() else { return Ok(()) };
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    let mut cur = root.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        cur.push(part);
+        let last = i + 1 == parts.len();
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if last && final_link_ok {
+                    return Ok(());
+                }
+                let shown = cur.strip_prefix(root).unwrap_or(&cur).display().to_string();
+                let Ok(target) = cur.canonicalize() else {
+                    return Err(format!(
+                        "output {rel:?} goes through the symlink {shown}, whose target does not exist; outputs must be real paths inside the workspace"
+                    ));
+                };
+                let inside = target.strip_prefix(&croot).ok();
+                let into = inside.and_then(|r| r.components().next()).and_then(|c| c.as_os_str().to_str()).filter(|top| protected.contains(top));
+                match (inside, into) {
+                    (None, _) => {
+                        return Err(format!(
+                            "output {rel:?} goes through the symlink {shown} (→ {}), outside the workspace; outputs must be real paths inside the workspace",
+                            target.display()
+                        ));
+                    }
+                    (Some(_), Some(top)) => {
+                        return Err(format!(
+                            "output {rel:?} goes through the symlink {shown} (→ {}) into {top}/, which no stage may write; remove the link",
+                            target.display()
+                        ));
+                    }
+                    _ if last => {
+                        return Err(format!(
+                            "output {rel:?} is a symlink ({shown} → {}); outputs must be real files or folders",
+                            target.display()
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_never_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let victim = root.join("victim.txt");
+        std::fs::write(&victim, "keep").unwrap();
+        let d = Dir::open_or_create(root, Path::new(".dagrun/logs")).unwrap();
+        std::os::unix::fs::symlink(&victim, root.join(".dagrun/logs/a.out")).unwrap();
+        std::fs::hard_link(&victim, root.join(".dagrun/logs/b.out")).unwrap();
+        use std::io::Write;
+        d.create_fresh("a.out", 0o600).unwrap().write_all(b"new").unwrap();
+        d.create_fresh("b.out", 0o600).unwrap().write_all(b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(std::fs::read_to_string(root.join(".dagrun/logs/a.out")).unwrap(), "new");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(root.join(".dagrun/logs/a.out")).unwrap().permissions().mode() & 0o777, 0o600);
+        // A symlinked directory on the way is refused.
+        std::fs::create_dir(root.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(root.join("elsewhere"), root.join("linked")).unwrap();
+        let e = Dir::open_or_create(root, Path::new("linked/logs")).err().unwrap().to_string();
+        assert!(e.contains("symlink"), "{e}");
+        assert!(!root.join("elsewhere/logs").exists());
+    }
+
+    #[test]
+    fn write_paths_through_links() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join(".dagrun/keys")).unwrap();
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::os::unix::fs::symlink(".dagrun/keys", root.join("cfgkeys")).unwrap();
+        std::os::unix::fs::symlink("data", root.join("d2")).unwrap();
+        std::os::unix::fs::symlink("/tmp", root.join("tmp")).unwrap();
+        let p = &[".dagrun", "config"];
+        assert!(check_write_path(root, "cfgkeys/keyring.json", p, false).unwrap_err().contains(".dagrun/"));
+        assert!(check_write_path(root, "tmp/x", p, false).unwrap_err().contains("outside"));
+        check_write_path(root, "d2/x", p, false).unwrap();
+        check_write_path(root, "data/new/x", p, false).unwrap();
+        assert!(check_write_path(root, "d2", p, false).is_err());
+        check_write_path(root, "d2", p, true).unwrap();
+    }
+}

@@ -1,0 +1,365 @@
+//! Secrets, child environment, symlinks, file modes and input bounds (issue 9,
+//! findings 3, 5, 7–12), on the real binary:
+//! - a `cmd` stage never sees the master key variables or the pipeline's
+//!   `secrets:`, and param values are data, not shell code;
+//! - `status` and `--dry-run` create no key; dagrun runs with core dumps off;
+//! - logs and outputs are never written through a planted symlink, outputs
+//!   never land in `.dagrun/` or `config/`, plaintext PII files are 0600;
+//! - a data file's unexpected header or tenant id is described, never echoed
+//!   (stderr and run record);
+//! - deeply nested YAML, an oversized tenant list, a huge CSV field and an
+//!   absurd `rows` are refused quickly with a clear error, never an abort.
+
+use crate::common::{Bg, HANG, Out, Ws, spawn};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const MASTER: &str = "5f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f5";
+
+/// A workspace with the shipped pipelines and a tenant list.
+fn shipped(tenants: &str) -> Ws {
+    crate::common::shipped_workspace(tenants)
+}
+
+const ONE: &str = "tenants:\n  - id: Tenant_A\n";
+const TWO: &str = "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n";
+
+fn cmd(ws: &Ws, args: &[&str]) -> Command {
+    let mut c = ws.cmd(args);
+    c.env_remove("DAGRUN_MASTER_KEY").env_remove("DAGRUN_MASTER_KEY_FILE");
+    c
+}
+
+fn dg(ws: &Ws, args: &[&str]) -> Out {
+    let o = spawn(cmd(ws, args)).wait(HANG);
+    assert!(!o.stderr.contains("panicked"), "dagrun {args:?} panicked:\n{}", o.stderr);
+    o
+}
+
+fn ok(o: Out) -> Out {
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    o
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Every file under the workspace, as one byte string per file.
+fn all_files(ws: &Ws) -> Vec<(String, Vec<u8>)> {
+    ws.walk().into_iter().filter(|p| ws.path(p).is_file()).map(|p| (p.clone(), std::fs::read(ws.path(&p)).unwrap())).collect()
+}
+
+fn holds(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn cmd_stages_never_see_the_master_key_or_the_pipelines_secrets() {
+    let ws = Ws::new();
+    ws.pipeline(
+        "secrets: [MY_API_TOKEN, AWS_SECRET_*]\nstages:\n  dump:\n    cmd: env > env.txt; env\n    outs: [env.txt]\n    env: { DECLARED: yes-declared }\n",
+    );
+    let mut c = cmd(&ws, &["run", "pipeline.yaml"]);
+    c.env("DAGRUN_MASTER_KEY", MASTER)
+        .env("DAGRUN_MASTER_KEY_FILE", "/nonexistent/master.key")
+        .env("DAGRUN_MASTER_KEY_PIN", "pin-4711-secret")
+        .env("MY_API_TOKEN", "tok-secret-value-1")
+        .env("AWS_SECRET_ACCESS_KEY", "aws-secret-value-2")
+        .env("KEEP_ME", "visible-value");
+    let o = spawn(c).wait(HANG);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let env = ws.read("env.txt");
+    for secret in [MASTER, "/nonexistent/master.key", "pin-4711-secret", "tok-secret-value-1", "aws-secret-value-2"] {
+        assert!(!env.contains(secret), "a secret reached the command's environment:\n{env}");
+        for (p, bytes) in all_files(&ws) {
+            assert!(!holds(&bytes, secret), "{p} holds a secret");
+        }
+    }
+    for name in ["DAGRUN_MASTER_KEY", "MY_API_TOKEN=", "AWS_SECRET_ACCESS_KEY="] {
+        assert!(!env.contains(name), "{name} reached the command:\n{env}");
+    }
+    for seen in ["KEEP_ME=visible-value", "DECLARED=yes-declared", "DAGRUN_STAGE=dump", "DAGRUN_WORKSPACE="] {
+        assert!(env.lines().any(|l| l.starts_with(seen)), "{seen} missing:\n{env}");
+    }
+    // Declaring a withheld variable is refused at load time.
+    ws.pipeline("secrets: [MY_API_TOKEN]\nstages:\n  a:\n    cmd: echo\n    env: { MY_API_TOKEN: x }\n");
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("MY_API_TOKEN") && o.stderr.contains("withheld"), "{}", o.stderr);
+    ws.pipeline("stages:\n  a:\n    cmd: echo\n    env: { DAGRUN_MASTER_KEY: x }\n");
+    assert_eq!(dg(&ws, &["run", "pipeline.yaml"]).code, 2);
+}
+
+#[test]
+fn param_values_are_data_not_shell_code() {
+    let ws = Ws::new();
+    ws.pipeline(
+        "params:\n  name: plain\nstages:\n  a:\n    cmd: echo ${params.name} > out.txt; echo \"[${params.name}]\" >> out.txt; printf '%s\\n' \"$DAGRUN_PARAM_NAME\" >> out.txt\n    outs: [out.txt]\n",
+    );
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    assert_eq!(ws.read("out.txt"), "plain\n[plain]\nplain\n");
+    for evil in ["x; touch injected #", "$(touch injected)", "`touch injected`", "'; touch injected; '", "\"; touch injected; \""] {
+        let o = dg(&ws, &["run", "pipeline.yaml", "-p", &format!("name={evil}")]);
+        assert_eq!(o.code, 0, "{evil}: {}", o.stderr);
+        assert!(!ws.exists("injected"), "-p name={evil} ran shell code");
+        assert_eq!(ws.read("out.txt"), format!("{evil}\n[{evil}]\n{evil}\n"), "{evil}");
+    }
+}
+
+#[test]
+fn status_and_dry_run_create_no_keys_and_agree_with_the_run() {
+    let ws = shipped(TWO);
+    let p = "pipelines/propensity.yaml";
+    ok(dg(&ws, &["status", p, "-p", "rows=3000"]));
+    ok(dg(&ws, &["status", p, "-p", "rows=3000", "--json"]));
+    let dry = ok(dg(&ws, &["run", p, "-p", "rows=3000", "--dry-run", "--json"]));
+    assert!(!ws.exists(".dagrun/keys/master.key") && !ws.exists(".dagrun/keys/keyring.json"), "status or --dry-run created a key: {:?}", ws.walk());
+    assert!(dry.stdout.contains("encrypt[Tenant_A]"));
+    let run = ws.run_cmd(cmd(&ws, &["run", p, "-p", "rows=3000", "--json"])).ok();
+    assert!(ws.exists(".dagrun/keys/master.key") && ws.exists(".dagrun/keys/keyring.json"));
+    // The key id the cache key used before the key existed is the one the run created.
+    let key_of = |name: &str| run.stage(name)["key"].as_str().unwrap().to_string();
+    let st = ok(dg(&ws, &["status", p, "-p", "rows=3000", "--json"])).json();
+    assert!(st["stages"].as_array().unwrap().iter().all(|s| s["state"] == "fresh"), "{st:#}");
+    let state: serde_json::Value = serde_json::from_str(&ws.read(".dagrun/state/encrypt[Tenant_A].json")).unwrap();
+    assert_eq!(state["key"].as_str().unwrap(), key_of("encrypt[Tenant_A]"));
+    assert!(state.to_string().contains("Tenant_A-dk-1"));
+    // A rotation: status still writes nothing to the keyring and names the rerun.
+    ok(dg(&ws, &["keys", "rotate", "Tenant_A"]));
+    let ring = ws.read(".dagrun/keys/keyring.json");
+    let st = ok(dg(&ws, &["status", p, "-p", "rows=3000"]));
+    assert!(st.stdout.contains("Tenant_A-dk-2"), "{}", st.stdout);
+    assert_eq!(ws.read(".dagrun/keys/keyring.json"), ring, "status changed the keyring");
+}
+
+#[test]
+fn dagrun_runs_with_core_dumps_off_and_gives_commands_their_limit_back() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo $$ > child.pid; sleep 30\n");
+    let mut c = cmd(&ws, &["run", "pipeline.yaml"]);
+    c.env("DAGRUN_MASTER_KEY", MASTER);
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+            libc::setrlimit(libc::RLIMIT_CORE, &unlimited);
+            Ok(())
+        });
+    }
+    let bg: Bg = spawn(c);
+    let pid = bg.pid();
+    let t0 = std::time::Instant::now();
+    while !ws.exists("child.pid") || ws.read("child.pid").trim().is_empty() {
+        assert!(t0.elapsed() < HANG, "the command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let core_limit = |pid: &str| -> String {
+        let l = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        l.lines().find(|l| l.starts_with("Max core file size")).unwrap().split_whitespace().nth(4).unwrap().to_string()
+    };
+    assert_eq!(core_limit(&pid.to_string()), "0", "dagrun may dump core (and the keys in its memory)");
+    assert_eq!(core_limit(ws.read("child.pid").trim()), "unlimited", "the command did not get the user's core limit back");
+    // SIGABRT, which dumps core by default: no core file appears.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGABRT);
+    }
+    let o = bg.wait(HANG);
+    assert_eq!(o.code, 128 + libc::SIGABRT, "{}", o.stderr);
+    std::thread::sleep(Duration::from_millis(200));
+    let cores: Vec<String> = ws.walk().into_iter().filter(|p| p.starts_with("core")).collect();
+    assert!(cores.is_empty(), "core files written: {cores:?}");
+}
+
+#[test]
+fn logs_are_never_written_through_a_planted_link() {
+    let ws = Ws::new();
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    ws.pipeline("stages:\n  a:\n    cmd: echo to-the-log; echo to-stderr >&2\n");
+    std::fs::create_dir_all(ws.path(".dagrun/logs")).unwrap();
+    std::os::unix::fs::symlink(&victim, ws.path(".dagrun/logs/a.out")).unwrap();
+    std::fs::hard_link(&victim, ws.path(".dagrun/logs/a.err")).unwrap();
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "a log was written through a planted link");
+    assert_eq!(ws.read(".dagrun/logs/a.out"), "to-the-log\n");
+    assert_eq!(ws.read(".dagrun/logs/a.err"), "to-stderr\n");
+    assert!(!ws.path(".dagrun/logs/a.out").symlink_metadata().unwrap().file_type().is_symlink());
+    assert_eq!(mode(&ws.path(".dagrun/logs/a.out")), 0o600);
+    // A linked logs folder is refused, naming it; nothing is written outside.
+    std::fs::remove_dir_all(ws.path(".dagrun/logs")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), ws.path(".dagrun/logs")).unwrap();
+    let o = dg(&ws, &["run", "pipeline.yaml", "--force"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains(".dagrun/logs") && o.stderr.contains("symlink"), "{}", o.stderr);
+    assert!(!outside.path().join("a.out").exists());
+}
+
+#[test]
+fn outputs_never_land_in_dagrun_or_config_through_a_link() {
+    let ws = Ws::new();
+    ws.write(".dagrun/keys/keyring.json", "{\"the\": \"keyring\"}\n");
+    ws.write("config/tenants.yaml", ONE);
+    ws.pipeline(
+        "stages:\n  mklink:\n    cmd: ln -s .dagrun/keys cfgkeys && ln -s config cfg\n  overwrite:\n    cmd: echo pwned > cfgkeys/keyring.json\n    outs: [cfgkeys/keyring.json]\n    needs: [mklink]\n  tenants:\n    cmd: echo pwned > cfg/tenants.yaml\n    outs: [cfg/tenants.yaml]\n    needs: [mklink]\n",
+    );
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("into .dagrun/") && o.stderr.contains("into config/"), "{}", o.stderr);
+    assert_eq!(ws.read(".dagrun/keys/keyring.json"), "{\"the\": \"keyring\"}\n");
+    assert_eq!(ws.read("config/tenants.yaml"), ONE);
+    // With the links in place, loading refuses the pipeline (exit 2).
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("symlink cfgkeys"), "{}", o.stderr);
+    // And config/ is not an output folder even without a link.
+    ws.pipeline("stages:\n  a:\n    cmd: echo x > config/tenants.yaml\n    outs: [config/tenants.yaml]\n");
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("inside config/"), "{}", o.stderr);
+    assert_eq!(ws.read("config/tenants.yaml"), ONE);
+}
+
+#[test]
+fn plaintext_pii_files_are_private_while_they_exist() {
+    let ws = shipped(ONE);
+    ws.pipeline(
+        "stages:\n  generate:\n    foreach: tenants\n    uses: generate\n    with:\n      rows: 300\n      seed: 1\n      as_of: 2026-01-01\n      output: data/raw/${tenant}.parquet\n  mode:\n    cmd: stat -c %a data/raw/Tenant_A.parquet > mode.txt\n    deps: [data/raw/Tenant_A.parquet]\n    outs: [mode.txt]\n",
+    );
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    assert_eq!(ws.read("mode.txt").trim(), "600", "generated plaintext PII was readable by others");
+    // Ingest's plaintext, and `dagrun sample`'s files.
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "300", "--out", "incoming/Tenant_A.csv"]));
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "30", "--out", "s.parquet"]));
+    assert_eq!(mode(&ws.path("incoming/Tenant_A.csv")), 0o600);
+    assert_eq!(mode(&ws.path("s.parquet")), 0o600);
+    ws.pipeline(
+        "stages:\n  ingest:\n    foreach: tenants\n    uses: ingest\n    with:\n      input: incoming/${tenant}.csv\n      output: data/raw/${tenant}.parquet\n  mode:\n    cmd: stat -c %a data/raw/Tenant_A.parquet > mode.txt\n    deps: [data/raw/Tenant_A.parquet]\n    outs: [mode.txt]\n",
+    );
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    assert_eq!(ws.read("mode.txt").trim(), "600", "ingested plaintext PII was readable by others");
+}
+
+/// The e-mail addresses of a sample CSV.
+fn emails(csv: &str) -> Vec<String> {
+    csv.lines().skip(1).map(|l| l.split(',').nth(2).unwrap().to_string()).collect()
+}
+
+#[test]
+fn data_errors_describe_values_never_echo_them() {
+    let ws = shipped(ONE);
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "200", "--out", "good.csv"]));
+    let good = ws.read("good.csv");
+    let pii = emails(&good);
+    let check = |o: &Out, rec: &serde_json::Value, needles: &[&str], what: &str| {
+        for n in needles {
+            assert!(o.stderr.contains(n), "{what}: stderr lacks {n:?}:\n{}", o.stderr);
+        }
+        let text = format!("{}{}{rec}", o.stdout, o.stderr);
+        for e in &pii {
+            assert!(!text.contains(e.as_str()), "{what}: a Sensitive_Data value was echoed:\n{}", o.stderr);
+        }
+    };
+    // A headerless file: its first row becomes the header.
+    let headerless: String = good.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    ws.write("incoming/Tenant_A.csv", &headerless);
+    let r = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity-ingest.yaml"]));
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    check(&r.out, r.rec(), &["line 1 (header), column 1", "unexpected column name (8 characters, text)", "lack its header line"], "headerless");
+    // Tenant_ID and Sensitive_Data swapped in the header.
+    let swapped = good.replacen("Tenant_ID,Customer_ID,Sensitive_Data", "Sensitive_Data,Customer_ID,Tenant_ID", 1);
+    ws.write("incoming/Tenant_A.csv", &swapped);
+    let r = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity-ingest.yaml"]));
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    check(&r.out, r.rec(), &["column Tenant_ID", "invalid tenant id (", "looks like an e-mail address"], "swapped");
+}
+
+#[test]
+fn deeply_nested_yaml_is_refused_in_well_under_a_second() {
+    let ws = shipped(ONE);
+    ws.write("deep.yaml", "[".repeat((1 << 20) - 1));
+    let o = spawn(cmd(&ws, &["status", "deep.yaml"])).wait(Duration::from_secs(10));
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("deep.yaml:1:") && o.stderr.contains("nested too deeply"), "{}", o.stderr);
+    assert!(o.elapsed < Duration::from_secs(5), "took {:?}", o.elapsed);
+    // Block nesting, compact sequences, and an alias flood.
+    let mut block = String::from("stages:\n");
+    for i in 1..200 {
+        block.push_str(&format!("{}k{i}:\n", " ".repeat(i)));
+    }
+    ws.write("deep.yaml", &block);
+    let o = spawn(cmd(&ws, &["status", "deep.yaml"])).wait(Duration::from_secs(10));
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("nested too deeply"), "{}", o.stderr);
+    ws.write("deep.yaml", format!("params:\n  x: {}\nstages: {{}}\n", "- ".repeat(400_000)));
+    let o = spawn(cmd(&ws, &["status", "deep.yaml"])).wait(Duration::from_secs(10));
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("deep.yaml:2:"), "{}", o.stderr);
+    // The tenant list gets the same caps, and a size cap.
+    ws.write("config/tenants.yaml", format!("tenants: {}", "[".repeat(500_000)));
+    let o = spawn(cmd(&ws, &["status", "pipelines/propensity.yaml"])).wait(Duration::from_secs(10));
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("config/tenants.yaml:1:") && o.stderr.contains("nested"), "{}", o.stderr);
+    ws.write("config/tenants.yaml", format!("{}{ONE}", "# padding padding padding padding padding padding padding\n".repeat(40_000)));
+    let o = dg(&ws, &["status", "pipelines/propensity.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("config/tenants.yaml") && o.stderr.contains("1 MiB"), "{}", o.stderr);
+}
+
+#[test]
+fn huge_csv_fields_and_absurd_row_counts_fail_cleanly() {
+    let ws = shipped(ONE);
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "300", "--out", "good.csv"]));
+    let good = ws.read("good.csv");
+    let mut lines: Vec<String> = good.lines().map(String::from).collect();
+    let mut f: Vec<String> = lines[5].split(',').map(String::from).collect();
+    f[2] = format!("{}@example.org", "a".repeat(8 << 20));
+    lines[5] = f.join(",");
+    ws.write("incoming/Tenant_A.csv", lines.join("\n") + "\n");
+    let r = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity-ingest.yaml"]));
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    assert!(r.out.stderr.contains("incoming/Tenant_A.csv") && r.out.stderr.contains("row 5") && r.out.stderr.contains("longer than 1048576 bytes"), "{}", r.out.stderr);
+    f[2] = format!("{}@example.org", "b".repeat(100_000));
+    lines[5] = f.join(",");
+    ws.write("incoming/Tenant_A.csv", lines.join("\n") + "\n");
+    let r = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity-ingest.yaml"]));
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    assert!(r.out.stderr.contains("row 5 (line 6), column 3 (Sensitive_Data)") && r.out.stderr.contains("at most 65536 bytes"), "{}", r.out.stderr);
+    // rows = 10^12: a failed run record with a clear error, not an allocation abort.
+    let r = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000000000000"]));
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    assert!(r.out.stderr.contains("at most 100000000"), "{}", r.out.stderr);
+    assert_eq!(r.rec()["status"], "failed");
+    let g = r.stage("generate[Tenant_A]");
+    assert_eq!(g["status"], "failed");
+    assert!(g["error"].as_str().unwrap().contains("lower `rows`"), "{g:#}");
+    let o = dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "1000000000000", "--out", "x.csv"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--rows") && !ws.exists("x.csv"), "{}", o.stderr);
+}
+
+#[test]
+fn absurd_numbers_on_the_command_line_are_errors_not_panics() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi\n");
+    for args in [
+        &["run", "pipeline.yaml", "--wait", "-1"][..],
+        &["run", "pipeline.yaml", "--wait", "NaN"],
+        &["run", "pipeline.yaml", "--wait", "1e300"],
+        &["run", "pipeline.yaml", "-j", "0"],
+        &["run", "pipeline.yaml", "-j", "18446744073709551615"],
+        &["keys", "rotate", "Tenant_A", "--wait", "inf"],
+    ] {
+        let o = dg(&ws, args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(!o.stderr.contains("panicked"), "{args:?}: {}", o.stderr);
+    }
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi\n    timeout: 1e300\n");
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("timeout") && o.stderr.contains("at most 1e9"), "{}", o.stderr);
+    assert!(!ws.exists(".dagrun/keys"), "a refused command created keys");
+}
