@@ -8,7 +8,10 @@
 //! - **Submission**: `sbatch --parsable --job-name=dagrun-RUN_ID-LABEL
 //!   --export=NONE --output=LOG --chdir=WORKSPACE` plus the stage's
 //!   `resources:` (`--cpus-per-task`, `--mem`, `--time`, `--partition`,
-//!   `--account`, `sbatch_args`), then a batch script that exports the few
+//!   `--account`, `sbatch_args`) and `--no-requeue` (last, so it wins:
+//!   retries are dagrun's; a job Slurm requeued itself after NODE_FAIL or
+//!   preemption would run again behind the coordinator's back, racing the
+//!   resubmitted one), then a batch script that exports the few
 //!   variables a job needs (`PATH`, `LANG`, `LC_ALL`, `TZ`, and
 //!   `DAGRUN_MASTER_KEY_FILE`: a *path*) and execs the binary. A failing
 //!   `sbatch` whose message says the controller is busy or unreachable is
@@ -19,17 +22,28 @@
 //!   directory, which stores every job's environment and script). The job
 //!   reads the master key from its file on the shared filesystem (mode 0600).
 //!   A coordinator whose key is in `DAGRUN_MASTER_KEY` refuses to submit.
-//! - **Polling** is batched and rate-limited: at most one `squeue -h -t all
-//!   -j ID,ID,… -o "%i %T"` call per `slurm.poll_interval` (default 1 s) for
-//!   all jobs of the run, made by whichever waiting thread finds it due. A job
-//!   squeue no longer knows (purged after MinJobAge) is looked up with
-//!   `scontrol -o show job ID`, then in the job-completion log (`sacct -c`);
-//!   no accounting database is needed.
+//! - **Polling** is batched and rate-limited: at most one status call per
+//!   `slurm.poll_interval` (default 1 s) for all jobs of the run, made by
+//!   whichever waiting thread finds it due. The first poll of a run tries
+//!   `sacct -n -P -X -j ID,ID,… -o JobID,State`: where accounting exists it
+//!   is the source from then on (it keeps a job's final state after
+//!   slurmctld purges the job, so a finished job is never lost); jobs it does
+//!   not list yet (the database lags) are asked of `squeue` in the same poll.
+//!   When `sacct` says accounting storage is disabled, or fails at the
+//!   first poll (or 3 times in a row later), the run polls `squeue -h -t all -j
+//!   ID,ID,… -o "%i %T"`; a job squeue no longer knows (purged after
+//!   MinJobAge) is looked up with `scontrol -o show job ID`, then in the
+//!   job-completion log (`sacct -c`). A job no source knows for
+//!   `LOST_AFTER` (5) polls in a row is LOST.
 //! - **Failure states** (FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY,
-//!   NODE_FAIL, PREEMPTED, BOOT_FAIL, DEADLINE) fail the member the job was
-//!   working on, with a message naming the job id, its state and the end of
-//!   its log. Members the job finished before (in its result file) are
-//!   recorded. The engine resubmits per `retries:`.
+//!   NODE_FAIL, PREEMPTED, BOOT_FAIL, DEADLINE, and LOST) fail the member the
+//!   job was working on with one message per state (`end_message`): the job
+//!   id, the state, what to do, and the last 10 lines of the job's log. For a
+//!   state Slurm imposed (anything but COMPLETED and FAILED) dagrun first
+//!   waits up to 5 s for slurmstepd's note (`*** JOB … DUE TO
+//!   …`, `oom-kill event`) to reach the log; the stage's own error, when the
+//!   job reported one, follows the state. Members the job finished before (in
+//!   its result file) are recorded. The engine resubmits per `retries:`.
 //! - **Interrupts**: when the run is interrupted (SIGINT/SIGTERM) every
 //!   waiting thread `scancel`s its job and waits (up to 30 s) until Slurm
 //!   reports it ended, so no job writes after dagrun exits.
@@ -225,6 +239,7 @@ struct Poll {
     last: Option<Instant>,
     jobs: HashMap<String, Seen>,
     warned: bool,
+    source: Source,
 }
 
 /// The Slurm executor of one run.
@@ -258,7 +273,7 @@ impl Slurm {
             overrides: p.overrides.clone(),
             poll_interval: Duration::from_secs_f64(p.slurm.poll_interval.unwrap_or(1.0)),
             submit_retries: p.slurm.submit_retries.unwrap_or(5),
-            poll: Mutex::new(Poll { last: None, jobs: HashMap::new(), warned: false }),
+            poll: Mutex::new(Poll { last: None, jobs: HashMap::new(), warned: false, source: Source::default() }),
             cancel: AtomicBool::new(false),
         })
     }
@@ -314,6 +329,9 @@ impl Slurm {
             format!("--chdir={}", self.workspace.display()),
         ];
         args.extend(resource_flags(res));
+        // Retries are dagrun's: a job Slurm requeued itself (after NODE_FAIL or
+        // preemption) would run again behind the coordinator's back.
+        args.push("--no-requeue".into());
         args.push(script.display().to_string());
         let mut delay = Duration::from_secs(1);
         let mut tries = 0;
@@ -350,7 +368,7 @@ impl Slurm {
         }
     }
 
-    /// Refresh every registered job's state with one `squeue` call, at most once per poll interval.
+    /// Refresh every registered job's state with one `sacct` or `squeue` call, at most once per poll interval.
     fn refresh(&self) {
         let mut poll = self.poll.lock().unwrap_or_else(|e| e.into_inner());
         if poll.last.is_some_and(|t| t.elapsed() < self.poll_interval) {
@@ -361,7 +379,10 @@ impl Slurm {
         if ids.is_empty() {
             return;
         }
-        match query_states(&ids) {
+        let mut source = poll.source;
+        let states = job_states(&ids, &mut source);
+        poll.source = source;
+        match states {
             Ok(found) => {
                 for id in &ids {
                     let seen = poll.jobs.get_mut(id).expect("registered");
@@ -422,16 +443,111 @@ fn is_final(state: &str) -> bool {
     !ACTIVE.contains(&state)
 }
 
-/// States of `ids`: one `squeue` call; jobs it does not know are looked up
-/// with `scontrol`, then in the job-completion log.
-fn query_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
-    let out = Command::new("squeue").args(["-h", "-t", "all", "-j", &ids.join(","), "-o", "%i %T"]).output().context("cannot run squeue")?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && !stderr.contains("Invalid job id") {
-        bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
-    }
+/// Where job states come from. Detected at the first poll of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Source {
+    /// Not tried yet: try `sacct` first.
+    #[default]
+    Unknown,
+    /// The accounting database answers (`sacct` works): it keeps a job's
+    /// final state after slurmctld has purged the job.
+    Sacct,
+    /// No accounting (`sacct` says "accounting storage is disabled", or kept
+    /// failing): `squeue`, then `scontrol`, then the job-completion log.
+    Squeue,
+}
+
+/// After this many `sacct` failures in a row (accounting configured but its
+/// database unreachable), polling stays with `squeue` for the run.
+const SACCT_GIVE_UP: u32 = 3;
+
+static SACCT_FAILURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// States of `ids` with one call: `sacct` where accounting exists, else
+/// `squeue` (jobs squeue does not know are looked up with `scontrol`, then in
+/// the job-completion log). Jobs `sacct` does not list yet (the database lags
+/// behind slurmctld) are asked of `squeue` in the same poll.
+fn job_states(ids: &[String], source: &mut Source) -> Result<BTreeMap<String, String>> {
     let mut found = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    if *source != Source::Squeue {
+        match sacct_states(ids) {
+            Ok(f) => {
+                if *source == Source::Unknown {
+                    tracing::debug!("job states from sacct (Slurm accounting is available)");
+                }
+                *source = Source::Sacct;
+                SACCT_FAILURES.store(0, Ordering::Relaxed);
+                found = f;
+            }
+            Err(SacctError::Disabled(msg)) => {
+                tracing::debug!("job states from squeue: {msg}");
+                *source = Source::Squeue;
+            }
+            Err(SacctError::Failed(msg)) => {
+                let n = SACCT_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= SACCT_GIVE_UP || *source == Source::Unknown {
+                    tracing::warn!("sacct failed ({msg}); polling job states with squeue instead");
+                    *source = Source::Squeue;
+                }
+            }
+        }
+        if found.len() == ids.len() {
+            return Ok(found);
+        }
+    }
+    let missing: Vec<String> = ids.iter().filter(|id| !found.contains_key(*id)).cloned().collect();
+    found.extend(squeue_states(&missing)?);
+    Ok(found)
+}
+
+enum SacctError {
+    /// No accounting on this cluster.
+    Disabled(String),
+    /// Accounting configured but the call failed.
+    Failed(String),
+}
+
+/// `sacct -n -P -X -j ID,ID,… -o JobID,State`: one line per job allocation.
+fn sacct_states(ids: &[String]) -> std::result::Result<BTreeMap<String, String>, SacctError> {
+    let out = Command::new("sacct")
+        .args(["-n", "-P", "-X", "-j", &ids.join(","), "-o", "JobID,State"])
+        .output()
+        .map_err(|e| SacctError::Disabled(format!("cannot run sacct: {e}")))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let msg = format!("{} {}", stderr.trim(), stdout.trim());
+        let msg = spec::truncate(msg.trim(), 300);
+        return Err(if sacct_disabled(&msg) { SacctError::Disabled(format!("sacct: {msg}")) } else { SacctError::Failed(msg) });
+    }
+    Ok(parse_sacct(&stdout, ids))
+}
+
+/// `sacct`'s refusal when the cluster keeps no accounting database.
+fn sacct_disabled(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("accounting storage is disabled") || m.contains("accounting_storage/none")
+}
+
+/// Lines `ID|STATE` (`sacct -P -o JobID,State`); a state may carry words
+/// (`CANCELLED by 0`): the first is kept. Only `ids` are returned; the last
+/// line of a job wins (a requeued job has one line per run).
+fn parse_sacct(out: &str, ids: &[String]) -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    for line in out.lines() {
+        let Some((id, st)) = line.split_once('|') else { continue };
+        let (id, st) = (id.trim(), st.split_whitespace().next().unwrap_or(""));
+        if !st.is_empty() && ids.iter().any(|x| x == id) {
+            found.insert(id.to_string(), st.to_string());
+        }
+    }
+    found
+}
+
+/// Lines `ID STATE` (`squeue -h -o "%i %T"`); only `ids` are returned.
+fn parse_squeue(out: &str, ids: &[String]) -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    for line in out.lines() {
         let mut it = line.split_whitespace();
         if let (Some(id), Some(st)) = (it.next(), it.next()) {
             // Array/het jobs print `ID_N`; ours are plain ids.
@@ -440,6 +556,26 @@ fn query_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
             }
         }
     }
+    found
+}
+
+/// `JobState=…` of `scontrol -o show job ID`.
+fn parse_scontrol(out: &str) -> Option<String> {
+    out.split_whitespace().find_map(|w| w.strip_prefix("JobState=")).filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+/// States of `ids` without accounting: one `squeue` call; jobs it does not
+/// know are looked up with `scontrol`, then in the job-completion log.
+fn squeue_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let out = Command::new("squeue").args(["-h", "-t", "all", "-j", &ids.join(","), "-o", "%i %T"]).output().context("cannot run squeue")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && !stderr.contains("Invalid job id") {
+        bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
+    }
+    let mut found = parse_squeue(&String::from_utf8_lossy(&out.stdout), ids);
     let missing: Vec<&String> = ids.iter().filter(|id| !found.contains_key(*id)).collect();
     for id in missing {
         if let Some(st) = scontrol_state(id).or_else(|| jobcomp_state(id)) {
@@ -454,8 +590,7 @@ fn scontrol_state(id: &str) -> Option<String> {
     if !out.status.success() {
         return None;
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace().find_map(|w| w.strip_prefix("JobState=")).map(str::to_string)
+    parse_scontrol(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// The final state from the job-completion log (`jobcomp/filetxt`), read by `sacct -c`.
@@ -464,10 +599,28 @@ fn jobcomp_state(id: &str) -> Option<String> {
     if !out.status.success() {
         return None;
     }
-    String::from_utf8_lossy(&out.stdout).lines().rev().find_map(|l| {
-        let (jid, st) = l.split_once('|')?;
-        (jid.trim() == id).then(|| st.split_whitespace().next().unwrap_or("").to_string()).filter(|s| !s.is_empty())
-    })
+    parse_sacct(&String::from_utf8_lossy(&out.stdout), &[id.to_string()]).remove(id)
+}
+
+/// Why a job that ended before finishing member `stage` failed it: names the
+/// job, its state, what to do, and the end of its log (`log_tail`).
+fn end_message(id: &str, state: &str, stage: &str, time_limit: Option<u32>, log_tail: &str) -> String {
+    match state {
+        "COMPLETED" => format!("Slurm job {id} ended COMPLETED but reported no result for {stage}; {log_tail}"),
+        "FAILED" => format!("Slurm job {id} ended FAILED before {stage} reported a result (the job script or `dagrun exec-stage` failed); {log_tail}"),
+        "TIMEOUT" => format!(
+            "Slurm job {id} ended TIMEOUT: it ran past its time limit ({}; raise `resources.time`); {log_tail}",
+            time_limit.map(|t| format!("{t} min")).unwrap_or_else(|| "the partition's default".into()),
+        ),
+        "OUT_OF_MEMORY" => format!("Slurm job {id} ended OUT_OF_MEMORY: it used more memory than it asked for (raise `resources.mem`); {log_tail}"),
+        "CANCELLED" => format!("Slurm job {id} was CANCELLED (not by dagrun: scancel or an administrator); {log_tail}"),
+        "NODE_FAIL" => format!("Slurm job {id} ended NODE_FAIL: its node failed or was set down while it ran (`retries:` resubmits it); {log_tail}"),
+        "PREEMPTED" => format!("Slurm job {id} ended PREEMPTED: a higher-priority job took its resources (`retries:` resubmits it); {log_tail}"),
+        "BOOT_FAIL" => format!("Slurm job {id} ended BOOT_FAIL: its node could not be booted (`retries:` resubmits it); {log_tail}"),
+        "DEADLINE" => format!("Slurm job {id} ended DEADLINE: it could not finish before its --deadline; {log_tail}"),
+        "LOST" => format!("Slurm job {id} is LOST: no longer known to Slurm (sacct, squeue, scontrol and the job-completion log do not list it); {log_tail}"),
+        st => format!("Slurm job {id} ended {st}; {log_tail}"),
+    }
 }
 
 /// `scancel` jobs (one call).
@@ -541,8 +694,9 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
     scancel(&ids).context("cancelling the jobs of an earlier run (is Slurm reachable?)")?;
     let t0 = Instant::now();
     let mut left = ids.clone();
+    let mut source = Source::default();
     while !left.is_empty() {
-        let states = query_states(&left).unwrap_or_default();
+        let states = job_states(&left, &mut source).unwrap_or_default();
         left.retain(|id| states.get(id).is_some_and(|s| !is_final(s)));
         if left.is_empty() {
             break;
@@ -615,6 +769,9 @@ impl Executor for Slurm {
             let t = crate::stages::cmd::tail(&log, 10);
             if t.trim().is_empty() { format!("its log ({rel_log}) is empty") } else { format!("end of its log ({rel_log}):\n{t}") }
         };
+        if !cancelled && !["COMPLETED", "FAILED"].contains(&state.as_str()) {
+            await_kill_note(&log);
+        }
         let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
         let results = match spec::read_result(&result, &names) {
             Ok(r) => r.unwrap_or_default(),
@@ -628,7 +785,14 @@ impl Executor for Slurm {
                 out.push((m.index, Ok(Done { report, key: r.key.clone(), seconds: r.seconds, cpu_seconds: r.cpu_seconds, job: Some(job.clone()) })));
             } else {
                 let e = r.error.clone().unwrap_or_else(|| "failed".into());
-                out.push((m.index, Err(anyhow!("{e}\n(Slurm job {id}, {state}; log: {rel_log})"))));
+                // A job Slurm ended (OUT_OF_MEMORY, NODE_FAIL, …) while the stage
+                // ran: the state is the cause, the stage's error its symptom.
+                let msg = if ["COMPLETED", "FAILED"].contains(&state.as_str()) || cancelled {
+                    format!("{e}\n(Slurm job {id}, {state}; log: {rel_log})")
+                } else {
+                    format!("{}\nthe stage's own error: {e}", end_message(&id, &state, &m.stage.name, res.time, &log_tail()))
+                };
+                out.push((m.index, Err(anyhow!(msg))));
                 return out;
             }
         }
@@ -637,22 +801,31 @@ impl Executor for Slurm {
         }
         // The job ended before it finished the next member.
         let m = &batch.members[out.len()];
-        let why = match state.as_str() {
-            _ if cancelled => format!("interrupted: Slurm job {id} was cancelled by dagrun"),
-            "COMPLETED" => format!("Slurm job {id} completed but reported no result for {}; {}", m.stage.name, log_tail()),
-            "TIMEOUT" => format!(
-                "Slurm job {id} ended TIMEOUT: it ran past its time limit ({}; raise `resources.time`); {}",
-                res.time.map(|t| format!("{t} min")).unwrap_or_else(|| "the partition's default".into()),
-                log_tail()
-            ),
-            "OUT_OF_MEMORY" => format!("Slurm job {id} ended OUT_OF_MEMORY (raise `resources.mem`); {}", log_tail()),
-            "CANCELLED" => format!("Slurm job {id} was CANCELLED (not by dagrun: scancel or an administrator); {}", log_tail()),
-            "LOST" => format!("Slurm job {id} is no longer known to Slurm (squeue, scontrol and the job-completion log do not list it); {}", log_tail()),
-            st => format!("Slurm job {id} ended {st}; {}", log_tail()),
+        let why = if cancelled {
+            format!("interrupted: Slurm job {id} was cancelled by dagrun")
+        } else {
+            end_message(&id, &state, &m.stage.name, res.time, &log_tail())
         };
         tracing::debug!("{label}: Slurm job {id} ended {state} after {wall:.1}s");
         out.push((m.index, Err(anyhow!(why))));
         out
+    }
+}
+
+/// How long to wait for the line slurmstepd writes into a job's log when
+/// Slurm ends the job (`*** JOB … CANCELLED AT … DUE TO …`, `oom-kill`).
+const KILL_NOTE_WAIT: Duration = Duration::from_secs(5);
+
+/// Slurm records a job's end state before slurmstepd has written its note
+/// into the job's log: wait (briefly) for it, so the failure shows it. A node
+/// that is really gone never writes it; then the log is shown as it is.
+fn await_kill_note(log: &Path) {
+    let t0 = Instant::now();
+    while t0.elapsed() < KILL_NOTE_WAIT {
+        if std::fs::read(log).is_ok_and(|b| b.windows(10).any(|w| w == b"slurmstepd")) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -689,6 +862,64 @@ mod tests {
         assert_eq!(sh_quote("a'b"), "'a'\\''b'");
         assert_eq!(mem_mb("4G"), Some(4096));
         assert_eq!(mem_mb("512"), Some(512));
+    }
+
+    #[test]
+    fn every_failure_state_names_the_job_the_state_and_the_log() {
+        let tail = "end of its log (.dagrun/slurm/r/s.a1.log):\nslurmstepd: error: *** JOB 42 ***";
+        for (state, hint) in [
+            ("FAILED", "exec-stage"),
+            ("CANCELLED", "scancel or an administrator"),
+            ("TIMEOUT", "raise `resources.time`"),
+            ("OUT_OF_MEMORY", "raise `resources.mem`"),
+            ("NODE_FAIL", "node failed"),
+            ("PREEMPTED", "higher-priority job"),
+            ("BOOT_FAIL", "could not be booted"),
+            ("DEADLINE", "--deadline"),
+            ("COMPLETED", "reported no result for train"),
+            ("LOST", "no longer known to Slurm"),
+            ("SOMETHING_NEW", "ended SOMETHING_NEW"),
+        ] {
+            let m = end_message("42", state, "train", Some(5), tail);
+            assert!(m.starts_with("Slurm job 42 "), "{state}: {m}");
+            assert!(m.contains(state), "{state}: {m}");
+            assert!(m.contains(hint), "{state}: {m}");
+            assert!(m.ends_with(tail), "{state}: the end of the log is shown: {m}");
+            assert!(is_final(state), "{state} is final");
+        }
+        assert!(end_message("7", "TIMEOUT", "s", Some(5), "").contains("(5 min;"));
+        assert!(end_message("7", "TIMEOUT", "s", None, "").contains("the partition's default"));
+        for st in ["PENDING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED"] {
+            assert!(!is_final(st), "{st}");
+        }
+    }
+
+    #[test]
+    fn sacct_output_is_parsed() {
+        let ids: Vec<String> = ["101", "102", "103", "104"].map(String::from).to_vec();
+        let out = "101|COMPLETED\n102|CANCELLED by 0\n103|NODE_FAIL\n103|OUT_OF_MEMORY\n999|FAILED\n101_1|FAILED\ngarbage\n104|\n";
+        let got = parse_sacct(out, &ids);
+        assert_eq!(got.get("101").map(String::as_str), Some("COMPLETED"));
+        assert_eq!(got.get("102").map(String::as_str), Some("CANCELLED"), "`CANCELLED by UID` is CANCELLED");
+        assert_eq!(got.get("103").map(String::as_str), Some("OUT_OF_MEMORY"), "the last line of a job wins");
+        assert!(!got.contains_key("104"), "an empty state is no state");
+        assert!(!got.contains_key("999") && got.len() == 3, "only the jobs asked for: {got:?}");
+        // The job-completion log (`sacct -c`) prints the same format.
+        assert_eq!(parse_sacct("251|NODE_FAIL\n", &["251".into()]).get("251").map(String::as_str), Some("NODE_FAIL"));
+        assert!(sacct_disabled("Slurm accounting storage is disabled"));
+        assert!(!sacct_disabled("sacct: error: Problem talking to the database: Connection refused"));
+    }
+
+    #[test]
+    fn squeue_and_scontrol_output_is_parsed() {
+        let ids: Vec<String> = ["7", "8"].map(String::from).to_vec();
+        let got = parse_squeue("7 RUNNING\n8 PREEMPTED\n8_1 FAILED\n9 COMPLETED\n\n", &ids);
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), vec![("7".into(), "RUNNING".into()), ("8".into(), "PREEMPTED".into())]);
+        assert!(parse_squeue("", &ids).is_empty());
+        let sc = "JobId=251 JobName=wrap UserId=root(0) JobState=NODE_FAIL Reason=NodeDown Dependency=(null) Requeue=0 ExitCode=0:15";
+        assert_eq!(parse_scontrol(sc).as_deref(), Some("NODE_FAIL"));
+        assert_eq!(parse_scontrol("JobId=1 JobState= Reason=None"), None);
+        assert_eq!(parse_scontrol("slurm_load_jobs error: Invalid job id specified"), None);
     }
 
     #[test]

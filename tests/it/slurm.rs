@@ -400,3 +400,270 @@ fn executor_and_resources_are_checked_when_loading() {
     assert!(!o.stderr.contains("5eed5eed"), "{}", o.stderr);
     assert!(!ws.exists(".dagrun/slurm/active") || std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
 }
+
+// ---------------------------------------------------------------------------
+// Failure states that need a cluster configured for them (memory enforced by
+// cgroups, preemption) or that take its node down (NODE_FAIL): a private
+// single-node cluster per test, started beside the shared one (its own
+// slurm.conf, ports, state, logs and job ids; the same munge), and stopped at
+// the end of the test. The shared cluster and other tests' jobs are untouched.
+// ---------------------------------------------------------------------------
+
+/// One private cluster at a time (they are heavy on 2 cores).
+static PRIVATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+struct Private {
+    dir: Ws,
+    conf: PathBuf,
+    /// Memory is enforced (task/cgroup with ConstrainRAMSpace).
+    cgroups: bool,
+    _one: std::sync::MutexGuard<'static, ()>,
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// cgroup v1 memory controller we may create groups in (what Slurm 22.05's
+/// cgroup/v1 plugin needs to enforce `--mem`).
+fn memory_cgroup_usable() -> bool {
+    let probe = Path::new("/sys/fs/cgroup/memory").join(format!("dagrun-probe-{}", std::process::id()));
+    let ok = std::fs::create_dir(&probe).is_ok() && probe.join("memory.limit_in_bytes").exists();
+    let _ = std::fs::remove_dir(&probe);
+    ok
+}
+
+impl Private {
+    /// Start a private cluster: node `localhost` (2 CPUs, 2000 MB), partitions
+    /// `low` (default) and `high` (higher PriorityTier; preempts `low` with
+    /// PreemptMode=CANCEL). With `cgroups`, memory is enforced.
+    fn start(cgroups: bool) -> Private {
+        let one = PRIVATE.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = Ws::new();
+        let d = dir.root.display().to_string();
+        for sub in ["ctld", "slurmd"] {
+            std::fs::create_dir_all(dir.path(sub)).unwrap();
+        }
+        let (ctld_port, slurmd_port) = (free_port(), free_port());
+        // Job ids apart from the shared cluster's and from an earlier private one (cgroup paths carry them).
+        let first_job = 10_000_000 + (std::process::id() % 1000) * 10_000 + (SystemTimeSecs::now() % 10) * 1000;
+        let task = if cgroups { "task/cgroup" } else { "task/none" };
+        let conf = format!(
+            "ClusterName=dagrun-private\nSlurmctldHost=localhost\nSlurmctldPort={ctld_port}\nSlurmdPort={slurmd_port}\nSlurmUser=root\nSlurmdUser=root\n\
+             AuthType=auth/munge\nCryptoType=crypto/munge\nMpiDefault=none\nMailProg=/bin/true\n\
+             StateSaveLocation={d}/ctld\nSlurmdSpoolDir={d}/slurmd\nSlurmctldPidFile={d}/slurmctld.pid\nSlurmdPidFile={d}/slurmd.pid\n\
+             SlurmctldLogFile={d}/slurmctld.log\nSlurmdLogFile={d}/slurmd.log\n\
+             ProctrackType=proctrack/linuxproc\nTaskPlugin={task}\nJobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
+             JobCompType=jobcomp/filetxt\nJobCompLoc={d}/jobcomp.log\n\
+             SchedulerType=sched/backfill\nSchedulerParameters=batch_sched_delay=0,sched_min_interval=0\n\
+             SelectType=select/cons_tres\nSelectTypeParameters=CR_Core_Memory\nDefMemPerCPU=100\n\
+             PreemptType=preempt/partition_prio\nPreemptMode=CANCEL\n\
+             ReturnToService=2\nMinJobAge=300\nFirstJobId={first_job}\n\
+             NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN\n\
+             PartitionName=low Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1\n\
+             PartitionName=high Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2\n"
+        );
+        dir.write("slurm.conf", conf);
+        dir.write("cgroup.conf", "CgroupPlugin=cgroup/v1\nCgroupMountpoint=/sys/fs/cgroup\nConstrainRAMSpace=yes\n");
+        let p = Private { conf: dir.path("slurm.conf"), dir, cgroups, _one: one };
+        let daemon = |prog: &str, extra: &[&str]| {
+            let o = p.cmd(prog).arg("-f").arg(&p.conf).args(extra).output().unwrap();
+            assert!(o.status.success(), "{prog} of the private cluster did not start: {}\n{}", String::from_utf8_lossy(&o.stderr), p.logs());
+        };
+        daemon("slurmctld", &[]);
+        daemon("slurmd", &["-N", "localhost"]);
+        let t0 = Instant::now();
+        while p.node_state() != "idle" {
+            assert!(t0.elapsed() < Duration::from_secs(60), "private cluster not ready (node {:?})\n{}", p.node_state(), p.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p
+    }
+
+    /// A Slurm client command aimed at this cluster.
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new(prog);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+
+    /// dagrun in `root`, talking to this cluster.
+    fn dagrun(&self, root: &Path, args: &[&str]) -> Command {
+        let mut c = dagrun_in(root, args);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+
+    fn node_state(&self) -> String {
+        let o = self.cmd("sinfo").args(["-h", "-n", "localhost", "-o", "%t"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string()
+    }
+
+    fn job_state(&self, id: &str) -> String {
+        let o = self.cmd("squeue").args(["-h", "-t", "all", "-j", id, "-o", "%T"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// The job the dagrun run in `root` has registered, once Slurm runs it.
+    fn running_job(&self, root: &Path) -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(rd) = std::fs::read_dir(root.join(".dagrun/slurm/active")) {
+                for e in rd.flatten() {
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    if id.bytes().all(|b| b.is_ascii_digit()) && self.job_state(&id) == "RUNNING" {
+                        return id;
+                    }
+                }
+            }
+            assert!(t0.elapsed() < SLURM_HANG, "no running job registered after {SLURM_HANG:?}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let tail = |f: &str| {
+            let t = std::fs::read_to_string(self.dir.path(f)).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        format!("--- slurmctld.log:\n{}\n--- slurmd.log:\n{}", tail("slurmctld.log"), tail("slurmd.log"))
+    }
+}
+
+/// Seconds since the epoch.
+struct SystemTimeSecs;
+impl SystemTimeSecs {
+    fn now() -> u32 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32
+    }
+}
+
+impl Drop for Private {
+    fn drop(&mut self) {
+        let _ = self.cmd("scancel").args(["--full", "--user=root"]).output();
+        // slurmd first (it ends its jobs' steps), then slurmctld; by their pid files.
+        for name in ["slurmd", "slurmctld"] {
+            let Ok(pid) = std::fs::read_to_string(self.dir.path(&format!("{name}.pid"))) else { continue };
+            let Ok(pid) = pid.trim().parse::<i32>() else { continue };
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            let t0 = Instant::now();
+            while unsafe { libc::kill(pid, 0) } == 0 && t0.elapsed() < Duration::from_secs(15) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if unsafe { libc::kill(pid, 0) } == 0 {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// A `cmd` workspace for the private cluster.
+fn private_ws(stages: &str) -> Ws {
+    let ws = Ws::new();
+    ws.pipeline(&format!("executor: slurm\nslurm:\n  poll_interval: 0.3\nstages:\n{stages}"));
+    ws
+}
+
+#[test]
+fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
+    need_cluster!(); // starts munge
+    if !memory_cgroup_usable() {
+        eprintln!("\n!!! SKIPPING the OUT_OF_MEMORY test: no writable cgroup v1 memory controller at /sys/fs/cgroup/memory, so Slurm cannot enforce `mem:` here\n");
+        return;
+    }
+    let pc = Private::start(true);
+    assert!(pc.cgroups);
+    let ws = private_ws(
+        "  hungry:\n    cmd: echo attempt >> attempts.txt; python3 -c 'b = bytearray(400 * 1024 * 1024); open(\"hungry.txt\", \"w\").write(str(len(b)))'\n    outs: [hungry.txt]\n    resources: { mem: 60M }\n    retries: 1\n",
+    );
+    let o = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
+    assert_eq!(ws.count("attempts.txt"), 2, "retries: 1 resubmits after OUT_OF_MEMORY:\n{}", o.stderr);
+    assert!(o.stderr.contains("failed (attempt 1 of 2)") && o.stderr.contains("failed after 2 attempts"), "{}", o.stderr);
+    // Both attempts: the job id, the state, the fix, the end of the job's log (slurmstepd's oom-kill line).
+    let mut ids: Vec<String> = o.stderr.split("submitted Slurm job ").skip(1).map(|t| t.chars().take_while(char::is_ascii_digit).collect()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 2, "{}", o.stderr);
+    for id in &ids {
+        assert_eq!(pc.job_state(id), "OUT_OF_MEMORY", "job {id}");
+        assert!(o.stderr.contains(&format!("Slurm job {id} ended OUT_OF_MEMORY")), "{}", o.stderr);
+    }
+    assert!(o.stderr.contains("raise `resources.mem`"), "{}", o.stderr);
+    assert!(o.stderr.contains("oom-kill event"), "the end of the job's log is shown:\n{}", o.stderr);
+    assert!(!ws.exists("hungry.txt") && !ws.exists(".dagrun/state/hungry.json"));
+}
+
+#[test]
+fn a_node_failure_fails_the_job_as_node_fail_and_retries_resubmit() {
+    need_cluster!();
+    let pc = Private::start(false);
+    // Attempt 1 waits to be killed; attempt 2 finishes.
+    let ws = private_ws(
+        "  work:\n    cmd: echo attempt >> attempts.txt; if [ $(wc -l < attempts.txt) -eq 1 ]; then echo waiting; sleep 120; fi; echo done > work.txt\n    outs: [work.txt]\n    retries: 1\n",
+    );
+    let bg = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"]));
+    let id = pc.running_job(&ws.root);
+    // The job script has started (so the job has a log to show).
+    let t0 = Instant::now();
+    while !ws.exists("attempts.txt") {
+        assert!(t0.elapsed() < SLURM_HANG, "job {id} never started its command");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let down = pc.cmd("scontrol").args(["update", "nodename=localhost", "state=down", "reason=dagrun-test-node-fail"]).output().unwrap();
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    let t0 = Instant::now();
+    while pc.job_state(&id) != "NODE_FAIL" {
+        assert!(t0.elapsed() < Duration::from_secs(30), "job {id} is {:?}, not NODE_FAIL", pc.job_state(&id));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Bring the node back; the retry runs on it.
+    let _ = pc.cmd("scontrol").args(["update", "nodename=localhost", "state=resume"]).output();
+    let o = bg.wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
+    assert!(o.stderr.contains(&format!("Slurm job {id} ended NODE_FAIL")), "{}", o.stderr);
+    assert!(o.stderr.contains("failed (attempt 1 of 2)"), "{}", o.stderr);
+    assert!(o.stderr.contains("DUE TO NODE FAILURE"), "the end of the job's log is shown:\n{}", o.stderr);
+    assert_eq!(ws.count("attempts.txt"), 2);
+    assert_eq!(ws.read("work.txt"), "done\n");
+    // dagrun submits with --no-requeue: Slurm did not run the failed job again behind its back.
+    assert_eq!(pc.job_state(&id), "NODE_FAIL");
+    let rec = ok(spawn(pc.dagrun(&ws.root, &["runs", "show", "last", "--json"])).wait(HANG)).json();
+    let job = rec["stages"][0]["slurm_job"].as_str().unwrap().to_string();
+    assert_ne!(job, format!("slurm:{id}"), "the stage is recorded with the retry's job");
+}
+
+#[test]
+fn a_preempted_job_fails_as_preempted() {
+    need_cluster!();
+    let pc = Private::start(false);
+    let ws = private_ws("  low:\n    cmd: echo started > started.txt; sleep 120; echo x > low.txt\n    outs: [low.txt]\n    resources: { cpus: 2, mem: 100M, partition: low }\n");
+    let bg = spawn({
+        let mut c = pc.dagrun(&ws.root, &["run", "pipeline.yaml"]);
+        c.env("RUST_LOG", "dagrun::executor=debug");
+        c
+    });
+    let id = pc.running_job(&ws.root);
+    let t0 = Instant::now();
+    while !ws.exists("started.txt") {
+        assert!(t0.elapsed() < SLURM_HANG, "job {id} never started its command");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A job in the higher-priority partition needs the node's CPUs: Slurm preempts ours.
+    let hi = pc.cmd("sbatch").args(["--parsable", "-p", "high", "-c", "2", "--mem=100M", "-o", "/dev/null", "--wrap", "sleep 1"]).output().unwrap();
+    assert!(hi.status.success(), "{}", String::from_utf8_lossy(&hi.stderr));
+    let o = bg.wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
+    assert!(o.stderr.contains("stage low failed"), "{}", o.stderr);
+    assert!(o.stderr.contains(&format!("Slurm job {id} ended PREEMPTED")), "{}", o.stderr);
+    assert!(o.stderr.contains("DUE TO PREEMPTION"), "the end of the job's log is shown:\n{}", o.stderr);
+    assert_eq!(pc.job_state(&id), "PREEMPTED", "--no-requeue: not requeued");
+    // This cluster has no accounting database: sacct said so, and states came from squeue.
+    assert!(o.stderr.contains("job states from squeue: sacct: Slurm accounting storage is disabled"), "{}", o.stderr);
+    assert!(!ws.exists("low.txt"));
+}
