@@ -439,6 +439,11 @@ impl Private {
     /// `low` (default) and `high` (higher PriorityTier; preempts `low` with
     /// PreemptMode=CANCEL). With `cgroups`, memory is enforced.
     fn start(cgroups: bool) -> Private {
+        Private::start_with(cgroups, 300)
+    }
+
+    /// `start`, with slurmctld forgetting finished jobs after `min_job_age` seconds.
+    fn start_with(cgroups: bool, min_job_age: u32) -> Private {
         let one = PRIVATE.lock().unwrap_or_else(|e| e.into_inner());
         let dir = Ws::new();
         let d = dir.root.display().to_string();
@@ -459,7 +464,7 @@ impl Private {
              SchedulerType=sched/backfill\nSchedulerParameters=batch_sched_delay=0,sched_min_interval=0\n\
              SelectType=select/cons_tres\nSelectTypeParameters=CR_Core_Memory\nDefMemPerCPU=100\n\
              PreemptType=preempt/partition_prio\nPreemptMode=CANCEL\n\
-             ReturnToService=2\nMinJobAge=300\nFirstJobId={first_job}\n\
+             ReturnToService=2\nMinJobAge={min_job_age}\nFirstJobId={first_job}\n\
              NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN\n\
              PartitionName=low Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1\n\
              PartitionName=high Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2\n"
@@ -666,4 +671,42 @@ fn a_preempted_job_fails_as_preempted() {
     // This cluster has no accounting database: sacct said so, and states came from squeue.
     assert!(o.stderr.contains("job states from squeue: sacct: Slurm accounting storage is disabled"), "{}", o.stderr);
     assert!(!ws.exists("low.txt"));
+}
+
+#[test]
+fn a_job_slurmctld_has_forgotten_is_found_in_the_job_completion_log() {
+    need_cluster!();
+    // slurmctld forgets finished jobs after 2 s (MinJobAge); there is no accounting database.
+    let pc = Private::start_with(false, 2);
+    let ws = private_ws("  quick:\n    cmd: echo started > started.txt; sleep 2; echo 'no such widget' >&2; exit 3\n    outs: [quick.txt]\n");
+    let bg = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"]));
+    let id = pc.running_job(&ws.root);
+    // Freeze dagrun while its job runs, fails and is purged from slurmctld's memory.
+    unsafe {
+        libc::kill(bg.pid() as i32, libc::SIGSTOP);
+    }
+    let t0 = Instant::now();
+    loop {
+        let o = pc.cmd("scontrol").args(["-o", "show", "job", &id]).output().unwrap();
+        if !o.status.success() {
+            break; // "Invalid job id specified": purged
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            unsafe {
+                libc::kill(bg.pid() as i32, libc::SIGCONT);
+            }
+            panic!("job {id} still known to slurmctld after 60 s: {}", String::from_utf8_lossy(&o.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(pc.job_state(&id), "", "squeue no longer lists job {id}");
+    unsafe {
+        libc::kill(bg.pid() as i32, libc::SIGCONT);
+    }
+    let o = bg.wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
+    // squeue and scontrol no longer know the job: its final state came from the job-completion log.
+    assert!(o.stderr.contains(&format!("(Slurm job {id}, FAILED;")), "{}", o.stderr);
+    assert!(o.stderr.contains("no such widget"), "{}", o.stderr);
+    assert!(!o.stderr.contains("LOST"), "{}", o.stderr);
 }
