@@ -289,6 +289,20 @@ fn a_job_over_its_time_limit_fails_as_timeout() {
 }
 
 #[test]
+fn a_job_that_cannot_meet_its_deadline_fails_as_deadline() {
+    need_cluster!();
+    // Held until `--begin`, then it can no longer finish its 1-minute limit before `--deadline`: Slurm ends it DEADLINE.
+    let ws = cmd_ws("stages:\n  late:\n    cmd: echo x > late.txt\n    outs: [late.txt]\n    resources: { time: 1, sbatch_args: [\"--begin=now+2\", \"--deadline=now+30\"] }\n");
+    let o = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let id: String = o.stderr.split("submitted Slurm job ").nth(1).expect("a job was submitted").chars().take_while(char::is_ascii_digit).collect();
+    assert!(o.stderr.contains(&format!("stage late failed: Slurm job {id} ended DEADLINE")), "{}", o.stderr);
+    assert!(o.stderr.contains("is empty"), "the job never ran, so its log is empty:\n{}", o.stderr);
+    assert_eq!(job_state(&id).as_deref(), Some("DEADLINE"));
+    assert!(!ws.exists("late.txt"));
+}
+
+#[test]
 fn scancel_from_outside_fails_the_stage() {
     need_cluster!();
     let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
