@@ -599,7 +599,7 @@ fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
     let pc = Private::start(true);
     assert!(pc.cgroups);
     let ws = private_ws(
-        "  hungry:\n    cmd: echo attempt >> attempts.txt; python3 -c 'b = bytearray(400 * 1024 * 1024); open(\"hungry.txt\", \"w\").write(str(len(b)))'\n    outs: [hungry.txt]\n    resources: { mem: 60M }\n    retries: 1\n",
+        "  small:\n    cmd: echo run >> small-runs.txt; echo small > small.txt\n    outs: [small.txt]\n    group: g\n  hungry:\n    deps: [small.txt]\n    group: g\n    cmd: echo attempt >> attempts.txt; python3 -c 'b = bytearray(400 * 1024 * 1024); open(\"hungry.txt\", \"w\").write(str(len(b)))'\n    outs: [hungry.txt]\n    resources: { mem: 60M }\n    retries: 1\n",
     );
     let o = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
     assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
@@ -616,6 +616,14 @@ fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
     assert!(o.stderr.contains("raise `resources.mem`"), "{}", o.stderr);
     assert!(o.stderr.contains("oom-kill event"), "the end of the job's log is shown:\n{}", o.stderr);
     assert!(!ws.exists("hungry.txt") && !ws.exists(".dagrun/state/hungry.json"));
+    // small ran in the same job as hungry's first attempt and finished: it is recorded, and the retry job did not rerun it.
+    assert!(ws.exists(".dagrun/state/small.json"), "the member the job finished is recorded");
+    assert_eq!(ws.count("small-runs.txt"), 1);
+    let rec = last_record(&ws.root);
+    let st = |n: &str| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == n).unwrap().clone();
+    assert_eq!(st("small")["status"], "ran");
+    assert_eq!(st("small")["slurm_job"], format!("slurm:{}", ids[0]), "small and hungry's first attempt shared a job");
+    assert_eq!(st("hungry")["status"], "failed");
 }
 
 #[test]
