@@ -721,10 +721,11 @@ fn a_job_slurmctld_has_forgotten_is_found_in_the_job_completion_log() {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert_eq!(pc.job_state(&id), "", "squeue no longer lists job {id}");
+    let listed = pc.job_state(&id);
     unsafe {
         libc::kill(bg.pid() as i32, libc::SIGCONT);
     }
+    assert_eq!(listed, "", "squeue no longer lists job {id}");
     let o = bg.wait(SLURM_HANG);
     assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
     // squeue and scontrol no longer know the job: its final state came from the job-completion log.
