@@ -158,14 +158,13 @@ impl DagrunConfig {
                 return Err(config(format!("{shown}:{at}: remote.retry_timeout must be a number of seconds ≥ 0")));
             }
         }
-        if let Some(m) = &raw.metrics_file {
-            if m.as_os_str().is_empty() || m.to_string_lossy().ends_with('/') {
+        if let Some(m) = &raw.metrics_file
+            && (m.as_os_str().is_empty() || m.to_string_lossy().ends_with('/')) {
                 let at = line_of("metrics_file");
                 return Err(config(format!(
                     "{shown}:{at}: metrics_file must name a file, e.g. /var/lib/node_exporter/textfile_collector/dagrun.prom"
                 )));
             }
-        }
         Ok(DagrunConfig { master_key, master_key_mechanism, metrics_file: raw.metrics_file, remote: raw.remote })
     }
 }

@@ -365,11 +365,10 @@ fn real_main(cli: &Cli) -> Result<i32> {
             let ws = workspace_from_cwd(cli)?;
             let args = commands::predict::PredictArgs { tenant: tenant.clone(), input: input.clone(), output: output.clone(), format: format.clone(), model: model.clone() };
             let n = commands::predict::predict(&ws, &args)?;
-            if let Some(o) = output {
-                if !cli.quiet {
+            if let Some(o) = output
+                && !cli.quiet {
                     eprintln!("scored {n} rows of tenant {tenant} into {}", o.display());
                 }
-            }
             Ok(exit::OK)
         }
         Cmd::Keys { action } => {

@@ -111,7 +111,7 @@ impl Deployed {
     /// `as_of` are the ones recorded in the artifact at training time.
     pub fn from_registry(m: crate::registry::LoadedModel, model_path: PathBuf) -> Result<Deployed> {
         let as_of = schema::parse_date(&m.artifact.as_of).with_context(|| format!("model {}: as_of", m.artifact.model_version))?;
-        Ok(Deployed { stats: m.artifact.feature_stats.clone(), artifact: m.artifact, model_path, model_hash: m.blake3, as_of })
+        Ok(Deployed { stats: m.artifact.feature_stats, artifact: m.artifact, model_path, model_hash: m.blake3, as_of })
     }
 }
 
@@ -208,17 +208,15 @@ pub fn load_trained(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, versio
         let cas = Cas::read_only(ws);
         let mut found = None;
         for act in states.all_actions().into_iter().filter(|a| a.stage == train.stage) {
-            if let Some(o) = act.outputs.get(rel) {
-                if cas.check(&o.hash)? {
+            if let Some(o) = act.outputs.get(rel)
+                && cas.check(&o.hash)? {
                     let b = std::fs::read(cas.object_path(&o.hash))?;
-                    if let Ok(a) = load_verified(&b, rel, &key, tenant) {
-                        if a.model_version == v {
+                    if let Ok(a) = load_verified(&b, rel, &key, tenant)
+                        && a.model_version == v {
                             found = Some((a, o.hash.clone()));
                             break;
                         }
-                    }
                 }
-            }
         }
         let (a, h) = found.ok_or_else(|| crate::error::config(format!("tenant {tenant} has no model version {v:?} (current: {})", artifact.model_version)))?;
         artifact = a;

@@ -80,11 +80,10 @@ fn run_one(engine: &Engine, st: &SpecStage) -> Result<(String, crate::executor::
     let mut missing_sensitive = Vec::new();
     let (ingredients, _) = engine.ingredients(i, &mut |d| engine.hash_input(d, &mut missing_sensitive))?;
     let key = ingredients.key();
-    if let Some(k) = &st.key {
-        if k.as_str() != key.as_str() {
+    if let Some(k) = &st.key
+        && k.as_str() != key.as_str() {
             bail!("its cache key is {} here but {} when dagrun decided to run it: its inputs or pipeline changed since; run again", key.short(), &k[..12.min(k.len())]);
         }
-    }
     let s = engine.stage(i);
     for o in &s.outs {
         if let Some(parent) = engine.pipeline.abs(&o.path).parent() {

@@ -76,11 +76,10 @@ pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(Stag
     }
     // Every hash field parses as a `ContentHash` (or the record is refused).
     let st: StageState = serde_json::from_slice(bytes).map_err(|e| anyhow!("not a stage record ({e})"))?;
-    if let Some(k) = expected_key {
-        if st.key.as_str() != k {
+    if let Some(k) = expected_key
+        && st.key.as_str() != k {
             bail!("record is stored under key {} but holds key {}", &k[..12.min(k.len())], st.key.short());
         }
-    }
     let recomputed = st.ingredients.key();
     if recomputed != st.key {
         bail!("record's ingredients hash to {}, not to its key {}: altered or corrupted", recomputed.short(), st.key.short());
@@ -100,11 +99,10 @@ pub fn validate_tree(bytes: &[u8]) -> Result<Vec<TreeEntry>> {
     // Paths are checked by `decode_tree` (relative, no `..`, no NUL, sorted).
     let entries = decode_tree(bytes).map_err(|e| anyhow!("directory listing: {e}"))?;
     for (i, e) in entries.iter().enumerate() {
-        if let TreeEntry::Link { target, .. } = e {
-            if target.starts_with('/') || target.split('/').any(|c| c == "..") {
+        if let TreeEntry::Link { target, .. } = e
+            && (target.starts_with('/') || target.split('/').any(|c| c == "..")) {
                 bail!("directory listing entry {}: symlink points outside the directory", i + 1);
             }
-        }
     }
     Ok(entries)
 }

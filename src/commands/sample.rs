@@ -16,8 +16,8 @@ fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// Write a raw-schema batch as CSV rows.
 pub fn write_csv_rows(out: &mut dyn Write, batch: &RecordBatch) -> Result<()> {
-    let s = |n: &str| batch.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned()).context(format!("{n}"));
-    let i = |n: &str| batch.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).context(format!("{n}"));
+    let s = |n: &str| batch.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned()).context(n.to_string());
+    let i = |n: &str| batch.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).context(n.to_string());
     let (t, pii) = (s("Tenant_ID")?, s("Sensitive_Data")?);
     let (id, lc) = (i("Customer_ID")?, i("Login_Count")?);
     let pa = batch.column_by_name("Purchase_Amount").and_then(|c| c.as_any().downcast_ref::<Float64Array>().cloned()).context("Purchase_Amount")?;

@@ -82,8 +82,8 @@ pub fn harden_process() {
     unsafe {
         let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_CORE, &mut old) == 0 {
-            CHILD_CORE_LIMIT.store(old.rlim_cur as u64, std::sync::atomic::Ordering::Relaxed);
-            CHILD_CORE_LIMIT_MAX.store(old.rlim_max as u64, std::sync::atomic::Ordering::Relaxed);
+            CHILD_CORE_LIMIT.store(old.rlim_cur, std::sync::atomic::Ordering::Relaxed);
+            CHILD_CORE_LIMIT_MAX.store(old.rlim_max, std::sync::atomic::Ordering::Relaxed);
             CORE_LIMIT_KNOWN.store(true, std::sync::atomic::Ordering::Release);
         }
         // Keep the hard limit so a child can get the user's soft limit back.

@@ -209,7 +209,7 @@ pub fn generate_tenant(out: &Path, tenant: &str, tenant_rows: u64, seed: u64, as
         bail!(
             "tenant {}: {tenant_rows} rows is more than the generator makes for one tenant (at most {MAX_TENANT_ROWS}, about {} GiB of memory); lower `rows`",
             show_tenant(tenant),
-            MAX_TENANT_ROWS * 24 >> 30
+            (MAX_TENANT_ROWS * 24) >> 30
         );
     }
     let n = tenant_rows as usize;

@@ -52,12 +52,11 @@ impl Engine {
         }
         if let Some(p) = self.pipeline.producer_of(dep) {
             let producer = self.stage(p);
-            if producer.outs.iter().any(|o| o.path == dep && o.sensitive) {
-                if let Some(rec) = self.states.get(&producer.name).and_then(|st| st.outputs.get(dep).cloned()) {
+            if producer.outs.iter().any(|o| o.path == dep && o.sensitive)
+                && let Some(rec) = self.states.get(&producer.name).and_then(|st| st.outputs.get(dep).cloned()) {
                     missing_sensitive.push(p);
                     return Ok(InputHash::Known(rec.hash));
                 }
-            }
             bail!("input {dep} does not exist: its producer, stage {}, has not written it", producer.name);
         }
         bail!("input {dep} does not exist; create it, or declare the stage that makes it (as one of its `outs:`)")

@@ -240,8 +240,8 @@ impl Engine {
                 Evaluation { key, ingredients, decision: Decision::Fresh, missing_sensitive: vec![], prev: self.states.get(&s.name) }
             }
         };
-        if let Some(k) = &done.key {
-            if k.as_str() != ev.key.as_str() {
+        if let Some(k) = &done.key
+            && k.as_str() != ev.key.as_str() {
                 bail!(
                     "{} computed the stage's cache key as {} but dagrun computes {}: its inputs changed while it ran; run again",
                     done.job.as_deref().unwrap_or("the job"),
@@ -249,7 +249,6 @@ impl Engine {
                     ev.key.short()
                 );
             }
-        }
         let prev = ev.prev.as_ref();
         let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
         let mut rec = std::mem::replace(&mut p.rec, StageRecord::new(&s.name, Status::Ran));

@@ -79,14 +79,13 @@ impl Reporter {
         if rec.status == Status::Ran && rec.outputs_changed == Some(false) {
             line.push_str(" — outputs unchanged, dependents stay cached");
         }
-        if let Some(first) = rec.reasons.first() {
-            if matches!(rec.status, Status::Ran | Status::Restored) {
+        if let Some(first) = rec.reasons.first()
+            && matches!(rec.status, Status::Ran | Status::Restored) {
                 line.push_str(&format!(" — {first}"));
                 if rec.reasons.len() > 1 {
                     line.push_str(&format!(" (+{} more)", rec.reasons.len() - 1));
                 }
             }
-        }
         if let (Status::Skipped, Some(e)) = (rec.status, &rec.error) {
             line.push_str(&format!(" — {e}"));
         }

@@ -276,14 +276,13 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
 impl RunObserver for RunMetrics {
     fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
         let mut last = load_last_success(&engine.dagrun_dir);
-        if record.status == "ok" {
-            if let Some(t) = unix_seconds(&record.finished_at) {
+        if record.status == "ok"
+            && let Some(t) = unix_seconds(&record.finished_at) {
                 last.insert(record.pipeline.clone(), t);
                 if let Err(e) = store_last_success(&engine.dagrun_dir, &last) {
                     tracing::warn!("cannot record the time of this successful run: {e:#}");
                 }
             }
-        }
         let text = render(engine, record, last.get(&record.pipeline).copied());
         if let Err(e) = crate::util::atomic::write_atomic(&self.path, text.as_bytes()) {
             tracing::warn!("cannot write the metrics file: {e:#}");

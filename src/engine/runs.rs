@@ -153,11 +153,10 @@ pub fn list(workspace: &Path) -> Vec<RunRecord> {
     if let Ok(rd) = std::fs::read_dir(runs_dir(workspace)) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".json") && !name.starts_with('.') {
-                if let Some(r) = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            if name.ends_with(".json") && !name.starts_with('.')
+                && let Some(r) = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
                     v.push(r);
                 }
-            }
         }
     }
     v.sort_by(|a, b| a.run_id.cmp(&b.run_id));
@@ -188,16 +187,14 @@ impl RunRecord {
             if !ok(s.start_s) || !ok(s.end_s) || !(s.seconds.is_finite() && s.seconds >= 0.0) {
                 anyhow::bail!("{origin}: stage {}: timing values must be finite and ≥ 0", s.stage);
             }
-            if let (Some(a), Some(b)) = (s.start_s, s.end_s) {
-                if b < a {
+            if let (Some(a), Some(b)) = (s.start_s, s.end_s)
+                && b < a {
                     anyhow::bail!("{origin}: stage {}: end_s {b} is before start_s {a}", s.stage);
                 }
-            }
-            if let (Some(w), Some(j)) = (s.worker, self.jobs) {
-                if w >= j {
+            if let (Some(w), Some(j)) = (s.worker, self.jobs)
+                && w >= j {
                     anyhow::bail!("{origin}: stage {}: worker {w} is not below jobs {j}", s.stage);
                 }
-            }
         }
         Ok(())
     }

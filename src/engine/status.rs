@@ -81,11 +81,10 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
             let mut reasons = unknown.clone();
             if let Some(st) = &prev {
                 for (k, v) in ing.inputs.iter_mut() {
-                    if v.is_empty() {
-                        if let Some(old) = st.ingredients.inputs.get(k) {
+                    if v.is_empty()
+                        && let Some(old) = st.ingredients.inputs.get(k) {
                             v.clone_from(old);
                         }
-                    }
                 }
                 if ing.key() != st.key {
                     reasons.extend(explain(&st.ingredients, &ing, &st.param_refs, &s.param_refs, &|x| {

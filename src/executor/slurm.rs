@@ -166,11 +166,10 @@ pub fn combine(rs: &[&Resources]) -> Resources {
     let mut out = Resources::default();
     for r in rs {
         out.cpus = out.cpus.max(r.cpus);
-        if let Some(m) = &r.mem {
-            if out.mem.as_deref().and_then(mem_mb) < mem_mb(m) {
+        if let Some(m) = &r.mem
+            && out.mem.as_deref().and_then(mem_mb) < mem_mb(m) {
                 out.mem = Some(m.clone());
             }
-        }
         out.time = match (out.time, r.time) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
@@ -673,13 +672,11 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
             tracing::warn!("ignoring {} (not a job registration)", e.path().display());
             continue;
         }
-        if let Ok(b) = std::fs::read(e.path()) {
-            if let Ok(a) = serde_json::from_slice::<ActiveJob>(&b) {
-                if !runs.contains(&a.run_id) {
+        if let Ok(b) = std::fs::read(e.path())
+            && let Ok(a) = serde_json::from_slice::<ActiveJob>(&b)
+                && !runs.contains(&a.run_id) {
                     runs.push(a.run_id);
                 }
-            }
-        }
         ids.push(name);
     }
     if ids.is_empty() {

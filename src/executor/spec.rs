@@ -104,11 +104,10 @@ pub fn read_spec(path: &Path) -> Result<JobSpec> {
         bail!("the job spec {} names no stage", path.display());
     }
     for s in &spec.stages {
-        if let Some(k) = &s.key {
-            if !is_key(k) {
+        if let Some(k) = &s.key
+            && !is_key(k) {
                 bail!("the job spec {} has an invalid key for stage {}", path.display(), s.stage);
             }
-        }
     }
     Ok(spec)
 }
@@ -193,7 +192,7 @@ mod tests {
             format!(r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"x","ok":true,"key":"{key}"}}]}}"#),
             format!(r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"a","ok":true,"key":"XYZ"}}]}}"#),
             format!(r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"a","ok":true}}]}}"#),
-            format!(r#"{{"format":"other","stages":[]}}"#),
+            r#"{"format":"other","stages":[]}"#.to_string(),
             format!(r#"{{"format":"{RESULT_FORMAT}","stages":[],"extra":1}}"#),
             "not json".to_string(),
         ] {

@@ -137,7 +137,7 @@ impl ModelArtifact {
         finite("intercept", &[self.intercept])?;
         finite("scaler.mean", &self.scaler.mean)?;
         finite("scaler.scale", &self.scaler.scale)?;
-        if self.scaler.scale.iter().any(|&s| s == 0.0) {
+        if self.scaler.scale.contains(&0.0) {
             bail!("{origin}: scaler.scale contains 0");
         }
         finite("feature_stats", &[self.feature_stats.mean_login, self.feature_stats.p80_purchase])?;

@@ -116,11 +116,10 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         if def.cmd.is_none() && !def.env.is_empty() {
             return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at(base))));
         }
-        if let Some(t) = def.timeout {
-            if !t.is_finite() || t <= 0.0 || t > MAX_SECONDS {
+        if let Some(t) = def.timeout
+            && (!t.is_finite() || t <= 0.0 || t > MAX_SECONDS) {
                 return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
             }
-        }
         let fan: Vec<Option<String>> = match def.foreach.as_deref() {
             None => vec![None],
             Some("tenants") => tenants.as_ref().expect("loaded above").ids().map(|t| Some(t.to_string())).collect(),
@@ -139,11 +138,10 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             stage.executor = def.executor.or(pf.executor).unwrap_or_default();
             stage.resources = merge_resources(pf.slurm.as_ref().and_then(|s| s.resources.as_ref()), def.resources.as_ref());
             check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at(base))))?;
-            if let Some(g) = &def.group {
-                if !valid_stage_name(g) {
+            if let Some(g) = &def.group
+                && !valid_stage_name(g) {
                     return Err(config(format!("{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'", at(base))));
                 }
-            }
             stage.group = def.group.clone();
             instances_of.entry(base.clone()).or_default().push(idx);
             raw_needs.push(def.needs.clone());
@@ -369,11 +367,10 @@ pub(super) fn check_resources(r: &Resources) -> std::result::Result<(), String> 
     }
     let name_ok = |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b));
     for (k, v) in [("partition", &r.partition), ("account", &r.account)] {
-        if let Some(v) = v {
-            if !name_ok(v) {
+        if let Some(v) = v
+            && !name_ok(v) {
                 return Err(format!("{k}: {v:?}` is not a valid Slurm name (letters, digits, '_', '-', '.', ',')"));
             }
-        }
     }
     for a in &r.sbatch_args {
         if !a.starts_with('-') {
@@ -392,16 +389,14 @@ pub(super) fn check_resources(r: &Resources) -> std::result::Result<(), String> 
 
 /// Check `slurm:`; the error starts with the field name.
 pub(super) fn check_slurm(s: &SlurmDef) -> std::result::Result<(), String> {
-    if let Some(p) = s.poll_interval {
-        if !(0.1..=600.0).contains(&p) {
+    if let Some(p) = s.poll_interval
+        && !(0.1..=600.0).contains(&p) {
             return Err(format!("poll_interval: {p}` must be between 0.1 and 600 seconds"));
         }
-    }
-    if let Some(b) = &s.binary {
-        if !Path::new(b).is_absolute() {
+    if let Some(b) = &s.binary
+        && !Path::new(b).is_absolute() {
             return Err(format!("binary: {b}` must be an absolute path (the dagrun binary as the compute nodes see it)"));
         }
-    }
     if let Some(r) = &s.resources {
         check_resources(r).map_err(|m| format!("resources.{m}"))?;
     }

@@ -91,8 +91,8 @@ pub fn interpolate_cmd(
     while i < b.len() {
         let ctx = *stack.last().unwrap_or(&Ctx::Plain);
         // A substitution of ours?
-        if b[i] == b'$' && b.get(i + 1) == Some(&b'{') {
-            if let Some(end) = s[i + 2..].find('}') {
+        if b[i] == b'$' && b.get(i + 1) == Some(&b'{')
+            && let Some(end) = s[i + 2..].find('}') {
                 let inner = &s[i + 2..i + 2 + end];
                 let value = if let Some(name) = inner.strip_prefix("params.") {
                     let v = params.get(name).ok_or_else(|| undefined_param(name, params))?;
@@ -119,7 +119,6 @@ pub fn interpolate_cmd(
                     continue;
                 }
             }
-        }
         let c = b[i];
         match ctx {
             Ctx::Comment => {

@@ -95,14 +95,13 @@ impl Tenants {
             if !seen.insert(t.id.clone()) {
                 return Err(config(format!("{shown}: tenants[{i}]: tenant {} is listed twice; remove the duplicate", t.id)));
             }
-            if let Some(s) = t.share {
-                if !s.is_finite() || s <= 0.0 || s > 1.0 {
+            if let Some(s) = t.share
+                && (!s.is_finite() || s <= 0.0 || s > 1.0) {
                     return Err(config(format!(
                         "{shown}: tenants[{i}] ({}): share {s} is not in (0, 1]",
                         t.id
                     )));
                 }
-            }
         }
         let with_share = file.tenants.iter().filter(|t| t.share.is_some()).count();
         if with_share != 0 && with_share != file.tenants.len() {

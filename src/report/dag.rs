@@ -148,7 +148,7 @@ mod tests {
     #[test]
     fn dot_labels_cannot_break_out() {
         let names = vec!["a\" ]; x -> y; [\\".to_string()];
-        let src = dot_source(&names, &[None], &[], &StatusColors::default());
+        let src = dot_source(&names, &[None], &[], &StatusColors);
         assert!(src.contains("label=\"a\\\" ]; x -> y; [\\\\\""), "{src}");
         assert!(!src.contains("\nx -> y"));
     }

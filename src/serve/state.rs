@@ -126,11 +126,10 @@ impl Shared {
     /// Write the tokens' last-use times (informational, for `tokens list`).
     pub fn flush_last_used(&self) {
         let used = self.tokens.load().used();
-        if !used.is_empty() {
-            if let Err(e) = tokens::record_last_used(&self.dagrun_dir, &used) {
+        if !used.is_empty()
+            && let Err(e) = tokens::record_last_used(&self.dagrun_dir, &used) {
                 tracing::debug!("cannot record token last use: {e:#}");
             }
-        }
     }
 
     /// Reload the models of every tenant whose registry files changed.
@@ -258,7 +257,7 @@ pub fn reload_loop(shared: Arc<Shared>, stop: Arc<AtomicBool>, mut w: Watch) {
             tracing::info!("{n}");
         }
         ticks += 1;
-        if ticks % 25 == 0 {
+        if ticks.is_multiple_of(25) {
             shared.flush_last_used();
         }
     }

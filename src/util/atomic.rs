@@ -80,12 +80,11 @@ impl AtomicFile {
     }
 
     fn open(dest: &Path, mode: Option<u32>, durability: Durability) -> Result<Self> {
-        if let Some(parent) = dest.parent() {
-            if !parent.as_os_str().is_empty() {
+        if let Some(parent) = dest.parent()
+            && !parent.as_os_str().is_empty() {
                 fs::create_dir_all(parent)
                     .with_context(|| format!("cannot create directory {}", parent.display()))?;
             }
-        }
         let tmp = temp_path_for(dest);
         let mut opts = OpenOptions::new();
         opts.write(true).create_new(true);

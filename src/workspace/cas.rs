@@ -328,11 +328,10 @@ impl Cas {
                 if let Ok(rd2) = std::fs::read_dir(d.path()) {
                     for f in rd2.flatten() {
                         let b = f.file_name().to_string_lossy().into_owned();
-                        if !crate::util::atomic::is_temp_name(&b) {
-                            if let Ok(h) = ContentHash::parse(&format!("{a}{b}")) {
+                        if !crate::util::atomic::is_temp_name(&b)
+                            && let Ok(h) = ContentHash::parse(&format!("{a}{b}")) {
                                 out.push(h);
                             }
-                        }
                     }
                 }
             }

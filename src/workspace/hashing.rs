@@ -197,11 +197,10 @@ pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> 
     for (i, e) in listing.entries.iter().enumerate() {
         let p = tree_path(e);
         check_entry_path(p).map_err(|why| format!("entry {} is {why}", i + 1))?;
-        if let TreeEntry::Link { target, .. } = e {
-            if target.is_empty() || target.contains('\0') {
+        if let TreeEntry::Link { target, .. } = e
+            && (target.is_empty() || target.contains('\0')) {
                 return Err(format!("entry {} is a symlink with an empty target or a NUL byte", i + 1));
             }
-        }
         if prev.is_some_and(|q| q >= p) {
             return Err(format!("entry {} is out of order or repeated", i + 1));
         }

@@ -104,7 +104,7 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     for f in r["features"].as_array().unwrap() {
         let psi = f["psi"].as_f64().unwrap();
         assert!(psi < 0.1, "undrifted data: {} PSI {psi}", f["name"]);
-        assert_eq!(f["out_of_range_share"].as_f64().unwrap() < 0.01, true, "{f}");
+        assert!(f["out_of_range_share"].as_f64().unwrap() < 0.01, "{f}");
     }
     let rec = last_record(ws);
     let dr = stage(&rec, "drift[Tenant_A]");

@@ -605,7 +605,7 @@ fn key_mechanisms(ws: &Ws) -> Vec<String> {
     let kr = keyring_json(ws);
     let mut out = Vec::new();
     for (_, e) in kr["tenants"].as_object().unwrap() {
-        for k in e["data_keys"].as_array().unwrap().iter().chain(e.get("pseudonym_key").into_iter()) {
+        for k in e["data_keys"].as_array().unwrap().iter().chain(e.get("pseudonym_key")) {
             out.push(k["mechanism"].as_str().unwrap_or("(none)").to_string());
         }
     }
