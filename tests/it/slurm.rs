@@ -305,7 +305,8 @@ fn a_job_that_cannot_meet_its_deadline_fails_as_deadline() {
 #[test]
 fn scancel_from_outside_fails_the_stage() {
     need_cluster!();
-    let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
+    // `&&`: when Slurm signals the job's processes one by one, the shell can outlive a killed `sleep` for an instant.
+    let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120 && echo x > long.txt\n    outs: [long.txt]\n");
     let bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
     let id = running_job(&ws.root, SLURM_HANG);
     let st = Command::new("scancel").arg(&id).status().unwrap();
@@ -669,7 +670,8 @@ fn a_node_failure_fails_the_job_as_node_fail_and_retries_resubmit() {
 fn a_preempted_job_fails_as_preempted() {
     need_cluster!();
     let pc = Private::start(false);
-    let ws = private_ws("  low:\n    cmd: echo started > started.txt; sleep 120; echo x > low.txt\n    outs: [low.txt]\n    resources: { cpus: 2, mem: 100M, partition: low }\n");
+    // `&&`: when Slurm signals the job's processes one by one, the shell can outlive a killed `sleep` for an instant.
+    let ws = private_ws("  low:\n    cmd: echo started > started.txt; sleep 120 && echo x > low.txt\n    outs: [low.txt]\n    resources: { cpus: 2, mem: 100M, partition: low }\n");
     let bg = spawn({
         let mut c = pc.dagrun(&ws.root, &["run", "pipeline.yaml"]);
         c.env("RUST_LOG", "dagrun::executor=debug");
