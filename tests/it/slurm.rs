@@ -498,6 +498,19 @@ impl Private {
             assert!(t0.elapsed() < Duration::from_secs(60), "private cluster not ready (node {:?})\n{}", p.node_state(), p.logs());
             std::thread::sleep(Duration::from_millis(200));
         }
+        // If this test process is killed (no Drop), a watchdog stops the daemons once it is gone.
+        let pids: Vec<String> = ["slurmd", "slurmctld"].iter().filter_map(|n| std::fs::read_to_string(p.dir.path(&format!("{n}.pid"))).ok()).map(|s| s.trim().to_string()).collect();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 2; done; for p in {}; do case $(cat /proc/$p/comm 2>/dev/null) in slurm*) kill $p;; esac; done",
+                std::process::id(),
+                pids.join(" ")
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
         p
     }
 
