@@ -184,7 +184,7 @@ impl RunRecord {
     pub fn validate_timing(&self, origin: &str) -> Result<()> {
         for s in &self.stages {
             let ok = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v >= 0.0);
-            if !ok(s.start_s) || !ok(s.end_s) || !(s.seconds.is_finite() && s.seconds >= 0.0) {
+            if !(ok(s.start_s) && ok(s.end_s) && s.seconds.is_finite() && s.seconds >= 0.0) {
                 anyhow::bail!("{origin}: stage {}: timing values must be finite and ≥ 0", s.stage);
             }
             if let (Some(a), Some(b)) = (s.start_s, s.end_s)

@@ -777,8 +777,7 @@ impl Executor for Slurm {
         let mut out = Vec::new();
         for (m, r) in batch.members.iter().zip(&results) {
             if r.ok {
-                let mut report = RunReport::default();
-                report.facts = r.facts.clone();
+                let report = RunReport { facts: r.facts.clone() };
                 out.push((m.index, Ok(Done { report, key: r.key.clone(), seconds: r.seconds, cpu_seconds: r.cpu_seconds, job: Some(job.clone()) })));
             } else {
                 let e = r.error.clone().unwrap_or_else(|| "failed".into());

@@ -16,6 +16,7 @@
 //! - **Same numbers, different code** (speed, structure): no version change,
 //!   and the unit tests below (hand-computed values and pandas' values) must pass
 //!   unchanged.
+//!
 //! A stage kind whose *own* code writes different bytes for the same inputs
 //! bumps its `StageKind::version` (part of every cache key of the kind, see
 //! `engine/fingerprint.rs`); the pinned cache-key test in `tests/it/cache.rs`

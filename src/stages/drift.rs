@@ -98,7 +98,7 @@ impl Report {
         }
         let share = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
         for f in &r.features {
-            if !(f.psi.is_finite() && f.psi >= 0.0) || !share(f.missing_share) || !share(f.out_of_range_share) {
+            if !(f.psi.is_finite() && f.psi >= 0.0 && share(f.missing_share) && share(f.out_of_range_share)) {
                 bail!("{origin}: feature {:?} has out-of-range values", f.name);
             }
         }

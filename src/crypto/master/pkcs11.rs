@@ -14,6 +14,7 @@
 //!      which is destroyed at once. Key wrap has no associated data, so the
 //!      wrapped value is `key || blake3-derive(associated data)` and the second
 //!      half is checked after unwrapping (see `crypto::master`).
+//!
 //!   `DAGRUN_MASTER_KEY_MECHANISM` / `master_key_mechanism:` force one; the
 //!   mechanism of every wrapped key is recorded in the keyring.
 //! - Refused before any use: a key that is extractable (`CKA_EXTRACTABLE`), not
