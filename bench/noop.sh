@@ -3,6 +3,7 @@
 #
 #   bench/noop.sh            build with `cargo build --release`, then measure
 #   SKIP_BUILD=1 bench/noop.sh   reuse target/release/dagrun
+#   SKIP_BUILD=1 DAGRUN_BIN=/path/to/other/dagrun bench/noop.sh   measure another build
 #
 # Generates (in a temp dir, removed at exit; nothing is written to the repo):
 #  (a) a 200-stage cmd pipeline: stage i writes out/i.txt and depends on the
@@ -20,7 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
   (cd "$ROOT" && cargo build --release --quiet)
 fi
-BIN="$ROOT/target/release/dagrun"
+BIN="${DAGRUN_BIN:-$ROOT/target/release/dagrun}"   # DAGRUN_BIN=/path/to/dagrun: compare two builds
 [[ -x "$BIN" ]] || { echo "no $BIN; build it first" >&2; exit 1; }
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/dagrun-bench.XXXXXX")"
