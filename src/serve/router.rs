@@ -499,3 +499,26 @@ async fn invocations(State(s): S, req: Request) -> Response {
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_lines_are_json_with_chronos_time_format() {
+        let now = chrono::Utc::now();
+        let info = Info { tenant: Some("Tenant_\"A".into()), token_id: Some("0a1b2c3d".into()), model: None, rows: 7 };
+        let mut out = Vec::new();
+        audit_line(&mut out, now, b"abcd0123-42", &info, crate::serve::metrics::Route::Invocations, 200, 0.0012345);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["time"], now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        assert_eq!(v["request_id"], "abcd0123-42");
+        assert_eq!(v["token_id"], "0a1b2c3d");
+        assert_eq!(v["tenant"], "Tenant_\"A");
+        assert!(v["model_version"].is_null());
+        assert_eq!(v["route"], "/invocations");
+        assert_eq!((v["rows"].as_u64(), v["status"].as_u64(), v["latency_ms"].as_f64()), (Some(7), Some(200), Some(1.235)));
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 9, "{keys:?}");
+    }
+}
