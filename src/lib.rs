@@ -10,6 +10,8 @@
 //! - [`store`]: the versioned Parquet feature store;
 //! - [`model`]: split, scaling, logistic regression, metrics, artifacts;
 //! - [`scoring`]: raw rows -> features -> scores, shared by `predict`, `serve-check` and `serve`;
+//! - [`workspace`]: the one owner of paths and the lock, content hashes,
+//!   authenticated records, the content-addressed store;
 //! - [`remote`]: the shared remote cache (object_store: S3, GCS, Azure, local);
 //! - [`config`]: `config/dagrun.yaml`, optional workspace settings;
 //! - [`report`]: `dagrun report`, one run as a self-contained HTML page;
@@ -35,3 +37,4 @@ pub mod serve;
 pub mod stages;
 pub mod store;
 pub mod util;
+pub mod workspace;

@@ -8,6 +8,7 @@ use dagrun::engine::report::Verbosity;
 use dagrun::commands;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
+use dagrun::workspace::Workspace;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -285,9 +286,10 @@ fn init_logging(cli: &Cli) {
         .try_init();
 }
 
-/// The workspace of commands that take no pipeline (see `commands::find_workspace`).
+/// The existing workspace of commands that take no pipeline (exit 2 when
+/// there is none; see `dagrun::workspace`).
 fn workspace_from_cwd(cli: &Cli) -> Result<PathBuf> {
-    Ok(commands::find_workspace(cli.workspace.as_deref())?)
+    Ok(Workspace::existing_from_cwd(cli.workspace.as_deref())?.root().to_path_buf())
 }
 
 fn verbosity(cli: &Cli) -> Verbosity {
@@ -324,7 +326,8 @@ fn main() {
 }
 
 fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline> {
-    pipeline::load(file, cli.workspace.as_deref(), &parse_params(params)?)
+    let ws = Workspace::for_pipeline(cli.workspace.as_deref(), file);
+    pipeline::load(file, Some(ws.root()), &parse_params(params)?, &dagrun::stages::kinds())
 }
 
 fn real_main(cli: &Cli) -> Result<i32> {
@@ -370,7 +373,11 @@ fn real_main(cli: &Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Keys { action } => {
-            let ws = workspace_from_cwd(cli)?;
+            // `keys init` may start a workspace; every other key command needs one.
+            let ws = match action {
+                KeysCmd::Init { .. } => Workspace::new_or_existing(cli.workspace.as_deref())?.root().to_path_buf(),
+                _ => workspace_from_cwd(cli)?,
+            };
             let secs = |w: &Option<f64>| w.map(Duration::from_secs_f64);
             match action {
                 KeysCmd::List { json } => commands::keys::list(&ws, *json)?,

@@ -5,9 +5,18 @@
 //! the rows being scored), then the model's scaler and coefficients through
 //! `ModelArtifact::predict_proba_row` — the same function the offline path
 //! (feature store + model) uses, so both paths agree to the bit.
+//!
+//! Serving trusts nothing on disk: the model is loaded only through
+//! [`load_deployed_with`] (authenticated state record, recorded hash, signed
+//! artifact of the right tenant, verified feature manifest).
 
+use crate::crypto::IntegrityKey;
 use crate::data::schema;
-use crate::engine::state::StateStore;
+use crate::model::artifact::load_verified;
+use crate::workspace::cas::Cas;
+use crate::workspace::state::{Loaded, StateStore};
+use crate::workspace::{ContentHash, Workspace};
+use std::sync::Arc;
 use crate::features::v1::{self, TenantStats};
 use crate::model::ModelArtifact;
 use crate::store::Manifest;
@@ -91,12 +100,10 @@ impl Deployed {
     }
 }
 
-/// The lineage record (producing stage's state) of a workspace-relative path.
-pub fn recorded_hash(workspace: &Path, rel: &str) -> Option<(String, String)> {
-    StateStore::new(&workspace.join(crate::engine::DAGRUN_DIR))
-        .all()
-        .into_iter()
-        .find_map(|s| s.outputs.get(rel).map(|o| (s.stage.clone(), o.hash.clone())))
+/// The lineage record (producing stage and recorded hash) of a
+/// workspace-relative path, from the authenticated state records.
+pub fn recorded_hash(ws: &Workspace, key: Arc<IntegrityKey>, rel: &str) -> Option<(String, ContentHash)> {
+    StateStore::new(ws, Some(key)).producer_of(rel).map(|(s, o)| (s.stage, o.hash))
 }
 
 impl Deployed {
@@ -104,72 +111,107 @@ impl Deployed {
     /// `as_of` are the ones recorded in the artifact at training time.
     pub fn from_registry(m: crate::registry::LoadedModel, model_path: PathBuf) -> Result<Deployed> {
         let as_of = schema::parse_date(&m.artifact.as_of).with_context(|| format!("model {}: as_of", m.artifact.model_version))?;
-        Ok(Deployed { stats: m.artifact.feature_stats, artifact: m.artifact, model_path, model_hash: m.blake3, as_of })
+        Ok(Deployed { stats: m.artifact.feature_stats.clone(), artifact: m.artifact, model_path, model_hash: m.blake3, as_of })
     }
+}
+
+/// The workspace's integrity key, opening the keyring without creating
+/// anything: serving refuses a workspace with no master key.
+pub fn integrity_key_of(ws: &Workspace) -> Result<Arc<IntegrityKey>> {
+    let ring = crate::crypto::Keyring::open_existing(ws.root())?.ok_or_else(|| {
+        anyhow!("no master key in {}: dagrun cannot verify any model here (models are signed with a key derived from it); refusing to serve", ws.root().display())
+    })?;
+    Ok(ring.integrity_key())
+}
+
+/// Load tenant `tenant`'s model for serving; see [`load_deployed_with`].
+pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> Result<Deployed> {
+    let ws = Workspace::at(workspace);
+    let key = integrity_key_of(&ws)?;
+    load_deployed_with(&ws, key, tenant, version)
 }
 
 /// Load tenant `tenant`'s model: without `version`, its champion in the model
 /// registry (or, for a tenant that has none, the current output of its
 /// `train` stage); with `version`, that registered version (or an earlier
-/// output found in the cache). Every path verifies the model's hash against
-/// its record (registry index, or lineage record) before using it.
-pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> Result<Deployed> {
-    let registry = crate::registry::Registry::of_workspace(workspace);
+/// output found in the cache). Every path refuses anything not authentic: the
+/// artifact's MAC must verify and name `tenant`
+/// ([`crate::model::artifact::load_verified`]), and its hash must equal its
+/// record (registry index, or the authenticated lineage record).
+pub fn load_deployed_with(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, version: Option<&str>) -> Result<Deployed> {
+    let registry = crate::registry::Registry::of_workspace(ws.root());
     match version {
         None => {
-            if let Some(m) = registry.load_champion(tenant)? {
+            if let Some(m) = registry.load_champion(tenant, &key)? {
                 let path = registry.artifact_path(tenant, &m.artifact.model_version);
                 return Deployed::from_registry(m, path);
             }
         }
         Some(v) => {
             if registry.versions(tenant)?.iter().any(|e| e.version == v) {
-                let m = registry.load(tenant, v)?;
+                let m = registry.load(tenant, v, &key)?;
                 return Deployed::from_registry(m, registry.artifact_path(tenant, v));
             }
         }
     }
-    load_trained(workspace, tenant, version)
+    load_trained(ws, key, tenant, version)
 }
 
 /// Load tenant `tenant`'s model from its `train` stage's output (the current
-/// one, or `version` from the cache), verifying its hash against its lineage
-/// record and its feature version against the feature store.
-pub fn load_trained(workspace: &Path, tenant: &str, version: Option<&str>) -> Result<Deployed> {
-    let states = StateStore::new(&workspace.join(crate::engine::DAGRUN_DIR));
-    let train = states
-        .all()
-        .into_iter()
-        .find(|s| s.ingredients.kind == "train" && s.ingredients.params.get("tenant").and_then(|v| v.as_str()) == Some(tenant))
-        .ok_or_else(|| crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", workspace.display())))?;
+/// one, or `version` from the cache), refusing anything not authentic: the
+/// train stage's state record must verify (MAC), the model file must have the
+/// hash recorded there, the model itself must verify (MAC) and be `tenant`'s,
+/// and its feature version must match the (verified) feature-store manifest.
+pub fn load_trained(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, version: Option<&str>) -> Result<Deployed> {
+    let states = StateStore::new(ws, Some(key.clone()));
+    let mut distrusted = Vec::new();
+    let mut train = None;
+    for (_, l) in states.scan_states() {
+        match l {
+            Loaded::Valid(s) if s.ingredients.kind == "train" && s.ingredients.params.get("tenant").and_then(|v| v.as_str()) == Some(tenant) => {
+                train = Some(s);
+                break;
+            }
+            Loaded::Invalid(e) if e.is_tampering() => distrusted.push(e.to_string()),
+            _ => {}
+        }
+    }
+    let train = match train {
+        Some(t) => t,
+        None if !distrusted.is_empty() => bail!(
+            "no trustworthy model for tenant {tenant}: {}; refusing to serve. Run the pipeline to recompute it (and `dagrun verify`)",
+            distrusted.join("; ")
+        ),
+        None => return Err(crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", ws.root().display()))),
+    };
     // The model is the `output` param (train also writes `….eval.json`).
     let (rel, rec) = match train.ingredients.params.get("output").and_then(|v| v.as_str()) {
         Some(out) => train.outputs.get_key_value(out),
         None => train.outputs.iter().next(),
     }
     .context("train stage recorded no model output")?;
-    let model_path = workspace.join(rel);
+    let model_path = ws.abs(rel);
     let bytes = std::fs::read(&model_path).with_context(|| format!("cannot read the model {rel}"))?;
-    let hash = blake3::hash(&bytes).to_hex().to_string();
+    let hash = ContentHash::of_bytes(&bytes);
     if hash != rec.hash {
         bail!(
             "model {rel} does not match its lineage record (blake3 {} recorded by stage {}, file is {}): it was modified; refusing to serve it. Run the pipeline to restore it",
-            &rec.hash[..12],
+            rec.hash.short(),
             train.stage,
-            &hash[..12]
+            hash.short()
         );
     }
-    let mut artifact = ModelArtifact::from_json_bytes(&bytes, rel)?;
+    let mut artifact = load_verified(&bytes, rel, &key, tenant)?;
     let mut model_hash = hash;
     if let Some(v) = version.filter(|v| *v != artifact.model_version) {
         // An older model: find it among earlier executions in the action cache.
-        let cas = crate::engine::cas::Cas::new(&workspace.join(crate::engine::DAGRUN_DIR));
+        let cas = Cas::read_only(ws);
         let mut found = None;
         for act in states.all_actions().into_iter().filter(|a| a.stage == train.stage) {
             if let Some(o) = act.outputs.get(rel) {
                 if cas.check(&o.hash)? {
                     let b = std::fs::read(cas.object_path(&o.hash))?;
-                    if let Ok(a) = ModelArtifact::from_json_bytes(&b, rel) {
+                    if let Ok(a) = load_verified(&b, rel, &key, tenant) {
                         if a.model_version == v {
                             found = Some((a, o.hash.clone()));
                             break;
@@ -182,14 +224,14 @@ pub fn load_trained(workspace: &Path, tenant: &str, version: Option<&str>) -> Re
         artifact = a;
         model_hash = h;
     }
-    let manifest_path = workspace.join(&artifact.feature_file).with_file_name(crate::store::MANIFEST_FILE);
-    let manifest = crate::store::read_manifest(manifest_path.parent().context("feature dir")?)?;
+    let manifest_path = ws.abs(&artifact.feature_file).with_file_name(crate::store::MANIFEST_FILE);
+    let manifest = crate::store::read_manifest(manifest_path.parent().context("feature dir")?, &key)?;
     if version.is_none() {
         check_model_matches_store(&artifact, &manifest)?;
-    } else if artifact.feature_set_version != manifest.feature_set_version || artifact.feature_stats != manifest.stats {
+    } else if artifact.tenant != manifest.tenant || artifact.feature_set_version != manifest.feature_set_version || artifact.feature_stats != manifest.stats {
         // An older model keeps its own statistics.
         bail!("model version {} was trained on a feature version that is no longer in the store", artifact.model_version);
     }
     let as_of = schema::parse_date(&manifest.as_of)?;
-    Ok(Deployed { artifact, stats: manifest.stats, model_path, model_hash, as_of })
+    Ok(Deployed { artifact, stats: manifest.stats, model_path, model_hash: model_hash.to_string(), as_of })
 }

@@ -21,7 +21,7 @@ fn workspace() -> &'static Path {
 /// `dagrun::pipeline::parse_str` on the bytes (as UTF-8, lossily).
 pub fn pipeline(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let _ = dagrun::pipeline::parse_str(&text, "fuzz.yaml", workspace(), &[]);
+    let _ = dagrun::pipeline::parse_str(&text, "fuzz.yaml", workspace(), &[], &dagrun::stages::kinds());
 }
 
 /// `Tenants::parse` on the bytes.

@@ -32,8 +32,8 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
         bail!("the job spec {} puts its result file outside {}; it is not one dagrun wrote", spec_path.display(), own_dir.display());
     }
     let job = std::env::var("SLURM_JOB_ID").unwrap_or_else(|_| "-".into());
-    let p = crate::pipeline::load(&spec.pipeline, Some(&spec.workspace), &spec.overrides)?;
-    let engine = Engine::new(p);
+    let p = crate::pipeline::load(&spec.pipeline, Some(&spec.workspace), &spec.overrides, &crate::stages::kinds())?;
+    let engine = Engine::new(p)?;
     let names: Vec<&str> = spec.stages.iter().map(|s| s.stage.as_str()).collect();
     eprintln!("dagrun exec-stage: run {}, Slurm job {job}: {}", spec.run_id, names.join(", "));
     let mut result = JobResult { format: RESULT_FORMAT.into(), stages: vec![] };
@@ -81,8 +81,8 @@ fn run_one(engine: &Engine, st: &SpecStage) -> Result<(String, crate::executor::
     let (ingredients, _) = engine.ingredients(i, &mut |d| engine.hash_input(d, &mut missing_sensitive))?;
     let key = ingredients.key();
     if let Some(k) = &st.key {
-        if *k != key {
-            bail!("its cache key is {} here but {} when dagrun decided to run it: its inputs or pipeline changed since; run again", &key[..12], &k[..12]);
+        if k.as_str() != key.as_str() {
+            bail!("its cache key is {} here but {} when dagrun decided to run it: its inputs or pipeline changed since; run again", key.short(), &k[..12.min(k.len())]);
         }
     }
     let s = engine.stage(i);
@@ -96,5 +96,5 @@ fn run_one(engine: &Engine, st: &SpecStage) -> Result<(String, crate::executor::
     for o in &s.outs {
         engine.memo.forget(&engine.pipeline.abs(&o.path));
     }
-    Ok((key, done))
+    Ok((key.to_string(), done))
 }

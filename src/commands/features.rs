@@ -1,13 +1,28 @@
 //! `dagrun features TENANT [--version V]`: a feature version's manifest,
 //! statistics and lineage, read from the store stage's recorded outputs.
 
-use crate::engine::state::StateStore;
-use anyhow::Result;
+use crate::crypto::IntegrityKey;
+use crate::workspace::Workspace;
+use crate::workspace::state::StateStore;
+use anyhow::{Result, anyhow};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Feature-store version folders of a tenant, from the store stages' state.
+fn key_of(workspace: &Path) -> Result<Arc<IntegrityKey>> {
+    let ring = crate::crypto::Keyring::open_existing(workspace)?
+        .ok_or_else(|| anyhow!("no master key in {}: feature manifests cannot be verified", workspace.display()))?;
+    Ok(ring.integrity_key())
+}
+
+/// Feature-store version folders of a tenant, from the store stages'
+/// (authenticated) state; only manifests whose MAC verifies.
 pub fn versions(workspace: &Path, tenant: &str) -> Vec<(String, PathBuf)> {
-    let states = StateStore::new(&workspace.join(crate::engine::DAGRUN_DIR));
+    let Ok(key) = key_of(workspace) else { return Vec::new() };
+    versions_with(workspace, &key, tenant)
+}
+
+fn versions_with(workspace: &Path, key: &Arc<IntegrityKey>, tenant: &str) -> Vec<(String, PathBuf)> {
+    let states = StateStore::new(&Workspace::at(workspace), Some(key.clone()));
     let mut v: Vec<(String, PathBuf)> = Vec::new();
     for s in states.all() {
         if s.ingredients.kind != "store" || s.ingredients.params.get("tenant").and_then(|t| t.as_str()) != Some(tenant) {
@@ -16,7 +31,7 @@ pub fn versions(workspace: &Path, tenant: &str) -> Vec<(String, PathBuf)> {
         for out in s.outputs.keys() {
             if out.ends_with(crate::store::MANIFEST_FILE) {
                 let dir = workspace.join(out).parent().map(Path::to_path_buf).unwrap_or_default();
-                if let Ok(m) = crate::store::read_manifest(&dir) {
+                if let Ok(m) = crate::store::read_manifest(&dir, key) {
                     v.push((m.feature_set_version, dir));
                 }
             }
@@ -27,7 +42,8 @@ pub fn versions(workspace: &Path, tenant: &str) -> Vec<(String, PathBuf)> {
 }
 
 pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -> Result<()> {
-    let all = versions(workspace, tenant);
+    let key = key_of(workspace)?;
+    let all = versions_with(workspace, &key, tenant);
     if all.is_empty() {
         return Err(crate::error::config(format!("tenant {tenant} has no feature versions in {}: run the pipeline first", workspace.display())));
     }
@@ -37,7 +53,7 @@ pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -
         })?,
         None => all.last().cloned().unwrap(),
     };
-    let m = crate::store::read_manifest(&dir)?;
+    let m = crate::store::read_manifest(&dir, &key)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(());

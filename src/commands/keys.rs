@@ -4,7 +4,7 @@
 
 use crate::crypto::keyring::{Keyring, Rewrapped, keys_dir};
 use crate::crypto::master::MasterKeySource;
-use crate::engine::lock;
+use crate::workspace::Workspace;
 use anyhow::Result;
 use std::path::Path;
 
@@ -35,7 +35,7 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
 }
 
 pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>) -> Result<()> {
-    let _l = lock::acquire(&workspace.join(crate::engine::DAGRUN_DIR), wait, "dagrun keys rotate")?;
+    let _l = Workspace::at(workspace).lock(wait, "dagrun keys rotate")?;
     let ring = Keyring::open(workspace)?;
     let id = ring.rotate(tenant)?;
     println!("tenant {tenant}: new active data key {id}; older keys stay available to decrypt existing data until it is re-encrypted (the next run re-encrypts it)");
@@ -48,7 +48,7 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
             "`dagrun keys forget {tenant}` destroys tenant {tenant}'s keys for good: its encrypted data becomes unreadable. Add --yes to confirm"
         )));
     }
-    let _l = lock::acquire(&workspace.join(crate::engine::DAGRUN_DIR), wait, "dagrun keys forget")?;
+    let _l = Workspace::at(workspace).lock(wait, "dagrun keys forget")?;
     let ring = Keyring::open(workspace)?;
     ring.forget(tenant)?;
     println!(
@@ -73,7 +73,7 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
 /// master key (generated non-extractable inside the token when missing).
 pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let source = MasterKeySource::from_uri(master, "--master")?;
-    let _l = lock::acquire(&workspace.join(crate::engine::DAGRUN_DIR), wait, "dagrun keys init")?;
+    let _l = Workspace::at(workspace).lock(wait, "dagrun keys init")?;
     let (ring, created) = Keyring::init(workspace, source)?;
     println!(
         "{} {}; keyring {} now wraps tenant keys with it ({}). Point dagrun at it with DAGRUN_MASTER_KEY_URI or \
@@ -89,7 +89,7 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
 /// `dagrun keys rewrap --to URI`: move every tenant key to another master key.
 pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let to = MasterKeySource::from_uri(to, "--to")?;
-    let _l = lock::acquire(&workspace.join(crate::engine::DAGRUN_DIR), wait, "dagrun keys rewrap")?;
+    let _l = Workspace::at(workspace).lock(wait, "dagrun keys rewrap")?;
     let from = MasterKeySource::resolve(workspace)?;
     match Keyring::rewrap(workspace, from, to)? {
         Rewrapped::Done(n) => {

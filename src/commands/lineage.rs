@@ -2,24 +2,22 @@
 //! that produced an artifact, back to its source files (from the state files).
 
 use crate::engine::lineage;
-use crate::engine::state::StateStore;
+use crate::workspace::Workspace;
+use crate::workspace::state::StateStore;
 use crate::error;
 use anyhow::Result;
 use std::path::Path;
 
 /// Print the lineage of `path`. The workspace is `workspace`, else the
-/// nearest folder above `path` holding `.dagrun/`.
+/// existing workspace at or above `path` (exit 2 when none; see `workspace`).
+/// Only authenticated state records are followed.
 pub fn show(workspace: Option<&Path>, path: &Path, json: bool) -> Result<()> {
     let abs = std::path::absolute(path)?;
-    let ws = match workspace {
-        Some(w) => std::path::absolute(w)?,
-        None => abs
-            .parent()
-            .and_then(super::dagrun_ancestor)
-            .ok_or_else(|| error::config(format!("{}: not inside a dagrun workspace (no .dagrun/ above it)", path.display())))?,
-    };
+    let w = Workspace::existing(workspace, abs.parent().unwrap_or(&abs))?;
+    let ws = w.root().to_path_buf();
     let rel = abs.strip_prefix(&ws).map(|r| r.to_string_lossy().into_owned()).unwrap_or_else(|_| path.display().to_string());
-    let states = StateStore::new(&ws.join(crate::engine::DAGRUN_DIR));
+    let key = crate::crypto::Keyring::open_existing(&ws)?.map(|k| k.integrity_key());
+    let states = StateStore::new(&w, key);
     let tree = lineage::trace(&ws, &states, &rel)
         .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;
     if json {

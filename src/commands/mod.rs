@@ -20,20 +20,11 @@ pub mod verify;
 
 use std::path::{Path, PathBuf};
 
-/// The workspace for commands that take no pipeline: the given one, else the
-/// nearest ancestor of the current folder holding `.dagrun/`, else the
-/// current folder.
-pub fn find_workspace(given: Option<&Path>) -> std::io::Result<PathBuf> {
-    if let Some(w) = given {
-        return std::path::absolute(w);
-    }
-    let cwd = std::env::current_dir()?;
-    Ok(dagrun_ancestor(&cwd).unwrap_or(cwd))
-}
-
-/// The nearest of `start` and its ancestors that holds `.dagrun/`.
-pub fn dagrun_ancestor(start: &Path) -> Option<PathBuf> {
-    start.ancestors().find(|d| d.join(crate::engine::DAGRUN_DIR).is_dir()).map(Path::to_path_buf)
+/// The existing workspace for commands that take no pipeline (see
+/// [`crate::workspace::Workspace::existing`]: exit 2 when there is none,
+/// nothing created).
+pub fn find_workspace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    Ok(crate::workspace::Workspace::existing_from_cwd(given)?.root().to_path_buf())
 }
 
 pub use crate::pipeline::MAX_SECONDS;

@@ -48,6 +48,9 @@ fn check_tenant(t: &str) -> Result<()> {
 pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
     let dir = workspace.join(crate::engine::DAGRUN_DIR);
     let reg = Registry::new(&dir);
+    let ws = crate::workspace::Workspace::at(workspace);
+    // Promotion and rollback verify the model they name (MAC, tenant).
+    let key = || crate::scoring::integrity_key_of(&ws);
     match cmd {
         ModelsCmd::List { tenant, json } => {
             let tenants = match tenant {
@@ -105,22 +108,22 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
             if !reg.versions(tenant)?.iter().any(|e| &e.version == version) {
                 // A model trained before the registry existed: register the
                 // train stage's current output, verified against its lineage record.
-                if let Ok(d) = crate::scoring::load_trained(workspace, tenant, None)
+                if let Ok(d) = crate::scoring::load_trained(&ws, key()?, tenant, None)
                     && &d.artifact.model_version == version
                 {
                     let bytes = std::fs::read(&d.model_path)?;
                     if blake3::hash(&bytes).to_hex().as_str() == d.model_hash {
-                        reg.register(&bytes)?;
+                        reg.register(&bytes, &*key()?)?;
                     }
                 }
             }
-            let from = reg.promote(tenant, version, &current_user(), reason)?;
+            let from = reg.promote(tenant, version, &current_user(), reason, &*key()?)?;
             println!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"));
         }
         ModelsCmd::Rollback { tenant, reason, wait } => {
             check_tenant(tenant)?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(wait.max(0.0))), "dagrun models rollback")?;
-            let (from, to) = reg.rollback(tenant, &current_user(), reason)?;
+            let (from, to) = reg.rollback(tenant, &current_user(), reason, &*key()?)?;
             println!("tenant {tenant}: champion {from} -> {to} (rolled back)");
         }
         ModelsCmd::History { tenant, json } => {

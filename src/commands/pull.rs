@@ -13,15 +13,22 @@
 //!   cache, atomically; an action entry is written only after all its objects.
 //! - Sensitive outputs are never fetched (they were never pushed).
 //! - Nothing local is overwritten: what the workspace has is kept.
+//! - A record's MAC is made with the key of the workspace that wrote it, so a
+//!   pulled record is not trusted for its MAC: it is checked as above and then
+//!   sealed under this workspace's integrity key when installed
+//!   ([`StateStore::import_action`]). Whoever can write to the remote can
+//!   therefore make a pull install wrong outputs under a key (as with any
+//!   shared build cache): protect the bucket with its own access rules.
+//! - `pull` holds the workspace lock while it writes.
 
 use crate::config::{DagrunConfig, RemoteConfig};
-use crate::engine::cas::Cas;
-use crate::engine::hashing::{TreeEntry, decode_tree};
-use crate::engine::state::{StageState, StateStore};
-use crate::engine::{DAGRUN_DIR, RemoteSource};
+use crate::engine::RemoteSource;
 use crate::pipeline::{Pipeline, Stage};
 use crate::remote::{Download, RECORD_MAX, Remote, check_relative_path, is_hash};
-use crate::util::atomic::{Durability, write_atomic_with};
+use crate::workspace::cas::Cas;
+use crate::workspace::hashing::{TreeEntry, decode_tree};
+use crate::workspace::state::{Loaded, StageState, StateStore};
+use crate::workspace::{ContentHash, Workspace};
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
@@ -67,25 +74,20 @@ pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(Stag
     if bytes.len() as u64 > RECORD_MAX {
         bail!("record is {} bytes, over the {} limit", bytes.len(), RECORD_MAX);
     }
+    // Every hash field parses as a `ContentHash` (or the record is refused).
     let st: StageState = serde_json::from_slice(bytes).map_err(|e| anyhow!("not a stage record ({e})"))?;
-    if !is_hash(&st.key) {
-        bail!("record key is not a blake3 digest");
-    }
     if let Some(k) = expected_key {
-        if st.key != k {
-            bail!("record is stored under key {} but holds key {}", &k[..12.min(k.len())], &st.key[..12]);
+        if st.key.as_str() != k {
+            bail!("record is stored under key {} but holds key {}", &k[..12.min(k.len())], st.key.short());
         }
     }
     let recomputed = st.ingredients.key();
     if recomputed != st.key {
-        bail!("record's ingredients hash to {}, not to its key {}: altered or corrupted", &recomputed[..12], &st.key[..12]);
+        bail!("record's ingredients hash to {}, not to its key {}: altered or corrupted", recomputed.short(), st.key.short());
     }
     let tenant = tenant_of(&st.stage)?;
     for (path, o) in &st.outputs {
         check_relative_path(path).with_context(|| "output of the record")?;
-        if !is_hash(&o.hash) {
-            bail!("output {path}: hash is not a blake3 digest");
-        }
         if o.sensitive && o.cached {
             bail!("output {path} is marked sensitive and cached at once: refused");
         }
@@ -95,20 +97,12 @@ pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(Stag
 
 /// Validate a tree listing read from the remote or the cache.
 pub fn validate_tree(bytes: &[u8]) -> Result<Vec<TreeEntry>> {
-    let entries = decode_tree(bytes).ok_or_else(|| anyhow!("not a directory listing"))?;
-    for e in &entries {
-        match e {
-            TreeEntry::File { path, hash, .. } => {
-                check_relative_path(path)?;
-                if !is_hash(hash) {
-                    bail!("directory listing entry {path}: hash is not a blake3 digest");
-                }
-            }
-            TreeEntry::Link { path, target } => {
-                check_relative_path(path)?;
-                if target.starts_with('/') || target.split('/').any(|c| c == "..") {
-                    bail!("directory listing entry {path}: symlink points outside the directory");
-                }
+    // Paths are checked by `decode_tree` (relative, no `..`, no NUL, sorted).
+    let entries = decode_tree(bytes).map_err(|e| anyhow!("directory listing: {e}"))?;
+    for (i, e) in entries.iter().enumerate() {
+        if let TreeEntry::Link { target, .. } = e {
+            if target.starts_with('/') || target.split('/').any(|c| c == "..") {
+                bail!("directory listing entry {}: symlink points outside the directory", i + 1);
             }
         }
     }
@@ -118,8 +112,7 @@ pub fn validate_tree(bytes: &[u8]) -> Result<Vec<TreeEntry>> {
 /// A validated record from the remote, with where it came from.
 struct Fetched {
     tenant: Option<String>,
-    key: String,
-    bytes: Vec<u8>,
+    key: ContentHash,
     st: StageState,
 }
 
@@ -140,10 +133,10 @@ pub struct PullReport {
 /// Fetch the objects of validated records into the local cache and then
 /// write their action entries. Returns (objects fetched, bytes, objects
 /// already present) and the keys that succeeded; problems are appended.
-fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Vec<String>) -> (usize, u64, usize, Vec<String>) {
+fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Vec<String>) -> (usize, u64, usize, Vec<ContentHash>) {
     let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
-    let mut failed: HashSet<String> = HashSet::new();
-    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, String)>, failed: &mut HashSet<String>, problems: &mut Vec<String>| {
+    let mut failed: HashSet<ContentHash> = HashSet::new();
+    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
         // Dedupe by (scope, hash); skip what the local cache holds.
         let mut seen = BTreeSet::new();
         let mut list: Vec<(Vec<usize>, Download)> = Vec::new();
@@ -154,12 +147,12 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 }
                 continue;
             }
-            if let Some(d) = list.iter_mut().find(|(_, d)| d.hash == hash && d.tenant == tenant) {
+            if let Some(d) = list.iter_mut().find(|(_, d)| d.hash == hash.as_str() && d.tenant == tenant) {
                 d.0.push(ri);
                 continue;
             }
             seen.insert((tenant.clone(), hash.clone()));
-            list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash }));
+            list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string() }));
         }
         let downloads: Vec<Download> = list.iter().map(|(_, d)| d.clone()).collect();
         for ((ris, _), r) in list.iter().zip(remote.download(&downloads)) {
@@ -193,8 +186,8 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
         }
         for (path, o) in r.st.outputs.iter().filter(|(_, o)| o.dir && o.cached && !o.sensitive) {
             let listing = std::fs::read(cas.object_path(&o.hash)).map_err(anyhow::Error::from).and_then(|b| {
-                if blake3::hash(&b).to_hex().as_str() != o.hash {
-                    bail!("cache object {} is corrupted", &o.hash[..12]);
+                if ContentHash::of_bytes(&b) != o.hash {
+                    bail!("cache object {} is corrupted", o.hash.short());
                 }
                 validate_tree(&b)
             });
@@ -207,7 +200,7 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                     }
                 }
                 Err(e) => {
-                    problems.push(format!("record {} ({}): directory output {path}: {e:#}; refused", &r.key[..12], r.st.stage));
+                    problems.push(format!("record {} ({}): directory output {path}: {e:#}; refused", r.key.short(), r.st.stage));
                     failed.insert(r.key.clone());
                 }
             }
@@ -219,14 +212,9 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
         if failed.contains(&r.key) {
             continue;
         }
-        let dest = states.actions_dir().join(format!("{}.json", r.key));
-        if dest.exists() {
-            done.push(r.key.clone());
-            continue;
-        }
-        match write_atomic_with(&dest, &r.bytes, Durability::Verified) {
+        match states.import_action(&r.st) {
             Ok(()) => done.push(r.key.clone()),
-            Err(e) => problems.push(format!("cannot write action entry {}: {e:#}", &r.key[..12])),
+            Err(e) => problems.push(format!("cannot write action entry {}: {e:#}", r.key.short())),
         }
     }
     (fetched, bytes, present, done)
@@ -236,9 +224,11 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
 /// (restricted to a pipeline's stages and/or some tenants' prefixes).
 pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tenants: &[String]) -> Result<PullReport> {
     let t0 = Instant::now();
-    let dagrun_dir = workspace.join(DAGRUN_DIR);
-    let cas = Cas::new(&dagrun_dir);
-    let states = StateStore::new(&dagrun_dir);
+    let ws = Workspace::at(workspace);
+    let _lock = ws.lock(None, "dagrun pull")?;
+    let ring = crate::crypto::Keyring::open(ws.root())?;
+    let cas = Cas::new(&ws);
+    let states = StateStore::new(&ws, Some(ring.integrity_key()));
     let mut report = PullReport { remote: remote.shown().to_string(), ..Default::default() };
     for t in tenants {
         crate::pipeline::tenants::validate_tenant_id(t).map_err(|e| crate::error::config(format!("--tenant: {e}")))?;
@@ -260,22 +250,23 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     for scope in &scopes {
         let keys = remote.list_actions(scope.as_deref())?;
         for key in keys {
-            if states.actions_dir().join(format!("{key}.json")).exists() {
+            let Ok(key) = ContentHash::parse(&key) else { continue };
+            if matches!(states.load_action(&key), Loaded::Valid(_)) {
                 report.records_present += 1;
                 continue;
             }
-            let Some(bytes) = remote.get_action(scope.as_deref(), &key)? else { continue };
-            let (st, tenant) = match validate_record(&bytes, Some(&key)) {
+            let Some(bytes) = remote.get_action(scope.as_deref(), key.as_str())? else { continue };
+            let (st, tenant) = match validate_record(&bytes, Some(key.as_str())) {
                 Ok(v) => v,
                 Err(e) => {
-                    report.problems.push(format!("{}: {e:#}; refused", remote.action_location(scope.as_deref(), &key)));
+                    report.problems.push(format!("{}: {e:#}; refused", remote.action_location(scope.as_deref(), key.as_str())));
                     continue;
                 }
             };
             if tenant != *scope {
                 report.problems.push(format!(
                     "{}: record of stage {} is under the wrong prefix; refused",
-                    remote.action_location(scope.as_deref(), &key),
+                    remote.action_location(scope.as_deref(), key.as_str()),
                     st.stage
                 ));
                 continue;
@@ -283,7 +274,7 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
             if names.as_ref().is_some_and(|n| !n.contains(st.stage.as_str())) {
                 continue;
             }
-            recs.push(Fetched { tenant, key, bytes, st });
+            recs.push(Fetched { tenant, key, st });
         }
     }
     let (f, b, p, done) = install(remote, &cas, &states, recs, &mut report.problems);
@@ -297,21 +288,13 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
 
 /// The `run --pull` hook for a workspace (`--remote URL` or the config's).
 pub fn hook(workspace: &Path, flag: Option<&str>) -> Result<std::sync::Arc<dyn RemoteSource>> {
-    Ok(std::sync::Arc::new(RemoteHit::new(workspace, open_remote(workspace, flag)?)))
+    Ok(std::sync::Arc::new(RemoteHit { remote: open_remote(workspace, flag)? }))
 }
 
-/// The `run --pull` hook: fetch one stage's key from the remote.
+/// The `run --pull` hook: fetch one stage's key from the remote into the
+/// run's own stores.
 pub struct RemoteHit {
     remote: Remote,
-    cas: Cas,
-    states: StateStore,
-}
-
-impl RemoteHit {
-    pub fn new(workspace: &Path, remote: Remote) -> RemoteHit {
-        let d = workspace.join(DAGRUN_DIR);
-        RemoteHit { remote, cas: Cas::new(&d), states: StateStore::new(&d) }
-    }
 }
 
 impl std::fmt::Debug for RemoteHit {
@@ -321,18 +304,18 @@ impl std::fmt::Debug for RemoteHit {
 }
 
 impl RemoteSource for RemoteHit {
-    fn fetch(&self, stage: &Stage, key: &str) -> Result<bool> {
+    fn fetch(&self, stage: &Stage, key: &ContentHash, states: &StateStore, cas: &Cas) -> Result<bool> {
         let tenant = stage.tenant.as_deref();
-        let Some(bytes) = self.remote.get_action(tenant, key)? else {
-            tracing::debug!("{}: key {} is not in the remote cache", stage.name, &key[..12.min(key.len())]);
+        let Some(bytes) = self.remote.get_action(tenant, key.as_str())? else {
+            tracing::debug!("{}: key {} is not in the remote cache", stage.name, key.short());
             return Ok(false);
         };
-        let (st, t) = validate_record(&bytes, Some(key)).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key)))?;
+        let (st, t) = validate_record(&bytes, Some(key.as_str())).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key.as_str())))?;
         if t.as_deref() != tenant {
-            bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key), st.stage);
+            bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key.as_str()), st.stage);
         }
         let mut problems = Vec::new();
-        let (n, bytes_in, _, done) = install(&self.remote, &self.cas, &self.states, vec![Fetched { tenant: t, key: key.to_string(), bytes, st }], &mut problems);
+        let (n, bytes_in, _, done) = install(&self.remote, cas, states, vec![Fetched { tenant: t, key: key.clone(), st }], &mut problems);
         if done.is_empty() {
             bail!("{}", problems.join("; "));
         }
@@ -404,10 +387,12 @@ mod tests {
     #[test]
     fn trees_with_escaping_paths_are_refused() {
         let h = "a".repeat(64);
-        assert!(validate_tree(format!("dagrun-tree/1\nF 0 {h} a/b\n").as_bytes()).is_ok());
-        assert!(validate_tree(format!("dagrun-tree/1\nF 0 {h} ../b\n").as_bytes()).is_err());
-        assert!(validate_tree(format!("dagrun-tree/1\nF 0 {h} /etc/x\n").as_bytes()).is_err());
-        assert!(validate_tree(b"dagrun-tree/1\nL /etc/passwd x\n").is_err());
+        let tree = |entries: &str| format!("{{\"format\":\"dagrun-tree/2\",\"entries\":[{entries}]}}");
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"a/b\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_ok());
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"../b\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_err());
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"/etc/x\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_err());
+        assert!(validate_tree(tree("{\"type\":\"link\",\"path\":\"x\",\"target\":\"/etc/passwd\"}").as_bytes()).is_err());
+        assert!(validate_tree(tree("{\"type\":\"link\",\"path\":\"x\",\"target\":\"../../y\"}").as_bytes()).is_err());
         assert!(validate_tree(b"garbage").is_err());
     }
 }

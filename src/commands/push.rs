@@ -17,14 +17,16 @@
 //!   record whose objects are missing. Uploading what is there is skipped (a
 //!   listing per prefix, compared by name and size), so a push is idempotent
 //!   and an interrupted push is completed by the next one.
-//! - The exact bytes of each record are uploaded, so records protected by a
-//!   MAC stay verifiable by a workspace holding the same keys.
+//! - Only records whose MAC verifies under this workspace's integrity key
+//!   leave it (a record modified outside dagrun is reported, not pushed). The
+//!   exact bytes are uploaded; a puller checks their shape and key binding and
+//!   seals them under its own key (`pull`'s rules).
 
 use super::pull::{human_bytes, validate_record, validate_tree};
-use crate::engine::cas::Cas;
-use crate::engine::hashing::TreeEntry;
-use crate::engine::state::StateStore;
-use crate::engine::DAGRUN_DIR;
+use crate::workspace::cas::Cas;
+use crate::workspace::hashing::TreeEntry;
+use crate::workspace::state::{Loaded, StateStore};
+use crate::workspace::{ContentHash, Workspace};
 use crate::pipeline::Pipeline;
 use crate::remote::{Remote, Upload};
 use anyhow::{Result, bail};
@@ -50,16 +52,15 @@ pub struct PushReport {
 
 struct Local {
     tenant: Option<String>,
-    key: String,
+    key: ContentHash,
     stage: String,
     bytes: Vec<u8>,
-    objects: Vec<String>,
+    objects: Vec<ContentHash>,
 }
 
 /// Every local record worth pushing, validated, deduplicated by key.
-fn local_records(dagrun_dir: &Path, cas: &Cas, pipeline: Option<&Pipeline>, tenants: &[String], skipped: &mut Vec<String>) -> Vec<Local> {
-    let states = StateStore::new(dagrun_dir);
-    let mut files: Vec<(std::path::PathBuf, Option<String>)> = super::pull::local_keys(&states).into_iter().map(|(k, p)| (p, Some(k))).collect();
+fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Option<&Pipeline>, tenants: &[String], skipped: &mut Vec<String>) -> Vec<Local> {
+    let mut files: Vec<(std::path::PathBuf, Option<String>)> = super::pull::local_keys(states).into_iter().map(|(k, p)| (p, Some(k))).collect();
     if let Ok(rd) = std::fs::read_dir(states.state_dir()) {
         let mut v: Vec<_> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
         v.sort();
@@ -69,7 +70,11 @@ fn local_records(dagrun_dir: &Path, cas: &Cas, pipeline: Option<&Pipeline>, tena
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (path, key) in files {
-        let shown = path.strip_prefix(dagrun_dir.parent().unwrap_or(dagrun_dir)).unwrap_or(&path).display().to_string();
+        let shown = ws.rel(&path);
+        if let Loaded::Invalid(e) = states.read_record(&path) {
+            skipped.push(format!("{e}; not pushed (`dagrun verify` checks the workspace)"));
+            continue;
+        }
         let Ok(bytes) = std::fs::read(&path) else { continue };
         let (st, tenant) = match validate_record(&bytes, key.as_deref()) {
             Ok(v) => v,
@@ -100,13 +105,13 @@ fn local_records(dagrun_dir: &Path, cas: &Cas, pipeline: Option<&Pipeline>, tena
         let mut bad = None;
         for (p, o) in st.outputs.iter().filter(|(_, o)| o.cached && !o.sensitive) {
             if !cas.has(&o.hash) {
-                bad = Some(format!("output {p}: object {} is not in the local cache", &o.hash[..12]));
+                bad = Some(format!("output {p}: object {} is not in the local cache", o.hash.short()));
                 break;
             }
             objects.push(o.hash.clone());
             if o.dir {
                 let listing = std::fs::read(cas.object_path(&o.hash)).map_err(anyhow::Error::from).and_then(|b| {
-                    if blake3::hash(&b).to_hex().as_str() != o.hash {
+                    if ContentHash::of_bytes(&b) != o.hash {
                         bail!("its directory listing is corrupted");
                     }
                     validate_tree(&b)
@@ -116,7 +121,7 @@ fn local_records(dagrun_dir: &Path, cas: &Cas, pipeline: Option<&Pipeline>, tena
                         for e in entries {
                             if let TreeEntry::File { hash, .. } = e {
                                 if !cas.has(&hash) {
-                                    bad = Some(format!("output {p}: object {} is not in the local cache", &hash[..12]));
+                                    bad = Some(format!("output {p}: object {} is not in the local cache", hash.short()));
                                 }
                                 objects.push(hash);
                             }
@@ -142,10 +147,13 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     for t in tenants {
         crate::pipeline::tenants::validate_tenant_id(t).map_err(|e| crate::error::config(format!("--tenant: {e}")))?;
     }
-    let dagrun_dir = workspace.join(DAGRUN_DIR);
-    let cas = Cas::new(&dagrun_dir);
+    let ws = Workspace::at(workspace);
+    let ring = crate::crypto::Keyring::open_existing(ws.root())?
+        .ok_or_else(|| crate::error::config(format!("{}: no master key, so no record here can be verified: nothing to push", ws.root().display())))?;
+    let states = StateStore::new(&ws, Some(ring.integrity_key()));
+    let cas = Cas::read_only(&ws);
     let mut report = PushReport { remote: remote.shown().to_string(), ..Default::default() };
-    let recs = local_records(&dagrun_dir, &cas, pipeline, tenants, &mut report.skipped);
+    let recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
     let scopes: BTreeSet<Option<String>> = recs.iter().map(|r| r.tenant.clone()).collect();
     // One listing per prefix: what is there already.
     let mut there: BTreeMap<Option<String>, (BTreeMap<String, u64>, BTreeSet<String>)> = BTreeMap::new();
@@ -159,14 +167,14 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         for h in &r.objects {
             let local = cas.object_path(h);
             let size = std::fs::metadata(&local).map(|m| m.len()).unwrap_or(0);
-            if objs.get(h) == Some(&size) {
-                if planned.insert((r.tenant.clone(), h.clone())) {
+            if objs.get(h.as_str()) == Some(&size) {
+                if planned.insert((r.tenant.clone(), h.to_string())) {
                     report.objects_present += 1;
                 }
                 continue;
             }
-            if planned.insert((r.tenant.clone(), h.clone())) {
-                uploads.push(Upload { tenant: r.tenant.clone(), hash: h.clone(), file: local });
+            if planned.insert((r.tenant.clone(), h.to_string())) {
+                uploads.push(Upload { tenant: r.tenant.clone(), hash: h.to_string(), file: local });
             }
         }
     }
@@ -185,15 +193,15 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     }
     for r in &recs {
         let (_, actions) = &there[&r.tenant];
-        if actions.contains(&r.key) {
+        if actions.contains(r.key.as_str()) {
             report.records_present += 1;
             continue;
         }
-        if r.objects.iter().any(|h| failed_objects.contains(&(r.tenant.clone(), h.clone()))) {
-            report.failed.push(format!("record {} ({}) not pushed: one of its objects failed to upload", &r.key[..12], r.stage));
+        if r.objects.iter().any(|h| failed_objects.contains(&(r.tenant.clone(), h.to_string()))) {
+            report.failed.push(format!("record {} ({}) not pushed: one of its objects failed to upload", r.key.short(), r.stage));
             continue;
         }
-        match remote.put_action(r.tenant.as_deref(), &r.key, &r.bytes) {
+        match remote.put_action(r.tenant.as_deref(), r.key.as_str(), &r.bytes) {
             Ok(()) => report.records_sent += 1,
             Err(e) => report.failed.push(format!("{e:#}")),
         }
@@ -221,7 +229,7 @@ pub struct Args {
 /// Run `dagrun push` (`pull = false`) or `dagrun pull`; exit 1 when a transfer failed.
 pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i32> {
     let pipeline = match &a.pipeline {
-        Some(f) => Some(crate::pipeline::load(f, workspace_flag, &[])?),
+        Some(f) => Some(crate::pipeline::load(f, workspace_flag, &[], &crate::stages::kinds())?),
         None => None,
     };
     let ws = match &pipeline {

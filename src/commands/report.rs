@@ -21,7 +21,7 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
             other => other.to_string(),
         }))
         .collect();
-    let view = crate::pipeline::load(&workspace.join(&rec.pipeline), Some(workspace), &overrides)
+    let view = crate::pipeline::load(&workspace.join(&rec.pipeline), Some(workspace), &overrides, &crate::stages::kinds())
         .map(|p| PipelineView::from_pipeline(&p))
         .map_err(|e| format!("{e:#}"));
     let html = report::render(workspace, &rec, view, layout)?;

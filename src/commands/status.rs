@@ -12,7 +12,7 @@ use anyhow::Result;
 pub fn show(p: Pipeline, stages: &[String], force: &Option<Vec<String>>, json: bool) -> Result<i32> {
     let selected = scheduler::select(&p, stages)?;
     let forced = scheduler::forced(&p, force, &selected)?;
-    let mut engine = Engine::new(p);
+    let mut engine = Engine::read_only(p)?;
     engine.forced = forced;
     let rows = status::status(&engine, &selected)?;
     let _ = engine.memo.save();

@@ -1,13 +1,36 @@
 //! `dagrun verify`: checks the whole content-addressed store, the state files,
-//! the action cache and the recorded outputs, and reports what is wrong.
-//! With `--repair`, corrupted cache objects are deleted (the next run
-//! recomputes or restores what needed them).
+//! the action cache, the hash memo, models, feature manifests and the recorded
+//! outputs, and reports each problem by file (exit 4).
+//!
+//! Found: a cache object whose content does not match its name, or whose name
+//! is not a hash; a directory listing with an unsafe entry (absolute, `..`,
+//! NUL, below a symlink) or a malformed hash; a state file, action-cache
+//! entry or the hash memo whose MAC fails (modified outside dagrun), that has
+//! a malformed hash, or that sits under the wrong name; a model or feature
+//! manifest that fails its MAC or names another tenant; a registered model
+//! version (`.dagrun/registry/`) whose file differs from its index entry,
+//! fails its MAC or is not its tenant's; an output missing or modified since
+//! it was produced.
+//!
+//! With `--repair` (under the workspace lock) what can be fixed is: bad cache
+//! objects, untrustworthy state files and action-cache entries (the stage
+//! reruns) and a tampered memo are deleted. Registered models are reported,
+//! never deleted (`train` rewrites a damaged one when it runs again; `dagrun
+//! models promote` picks another champion). Outputs are not touched: the next
+//! run restores or recomputes them. Without a master key nothing can be
+//! verified, and that is reported.
 
-use crate::engine::cas::Cas;
-use crate::engine::hashing::HashMemo;
-use crate::engine::state::StateStore;
+use crate::crypto::{IntegrityKey, Keyring};
+use crate::workspace::ContentHash;
+use crate::workspace::Workspace;
+use crate::workspace::cas::Cas;
+use crate::workspace::hashing::{HashMemo, decode_tree, looks_like_tree};
+use crate::workspace::record;
+use crate::workspace::state::{Loaded, StateStore};
 use anyhow::Result;
+use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
 
 /// What verification found.
 #[derive(Debug, Default, serde::Serialize)]
@@ -15,97 +38,209 @@ pub struct VerifyReport {
     pub objects_checked: usize,
     pub stages_checked: usize,
     pub problems: Vec<String>,
+    /// What `--repair` removed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
+}
+
+fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
+    if crate::util::fs_remove(p).is_ok() {
+        r.repaired.push(ws.rel(p));
+    }
 }
 
 pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
-    let dd = workspace.join(crate::engine::DAGRUN_DIR);
-    let cas = Cas::read_only(&dd);
-    let states = StateStore::new(&dd);
+    let ws = Workspace::at(workspace);
+    let _lock = if repair { Some(ws.lock(None, "dagrun verify --repair")?) } else { None };
+    let key: Option<Arc<IntegrityKey>> = Keyring::open_existing(ws.root())?.map(|k| k.integrity_key());
+    let cas = Cas::read_only(&ws);
+    let states = StateStore::new(&ws, key.clone());
     let mut r = VerifyReport::default();
-    // 1. Every object's content matches its name.
-    let root = dd.join("cache").join("objects");
-    if let Ok(rd) = std::fs::read_dir(&root) {
-        for d in rd.flatten() {
-            if crate::util::atomic::is_temp_name(&d.file_name().to_string_lossy()) {
-                continue; // a staging file of a run in progress or killed (swept by the next run)
-            }
-            let Ok(rd2) = std::fs::read_dir(d.path()) else {
-                r.problems.push(format!("cache: {} is not a directory", d.path().display()));
-                continue;
-            };
-            for f in rd2.flatten() {
-                let name = format!("{}{}", d.file_name().to_string_lossy(), f.file_name().to_string_lossy());
-                if crate::util::atomic::is_temp_name(&f.file_name().to_string_lossy()) {
-                    continue;
-                }
-                r.objects_checked += 1;
-                let p = f.path();
-                if p.is_dir() {
-                    r.problems.push(format!("cache object {name} is a directory, not a file"));
+    check_objects(&ws, &cas, repair, &mut r);
+    if key.is_none() && (ws.state_dir().is_dir() || ws.actions_dir().is_dir()) {
+        r.problems.push(format!(
+            "no master key in {}: state records, models and manifests cannot be verified (set the master key dagrun runs with, or restore .dagrun/keys/master.key from a backup)",
+            ws.root().display()
+        ));
+    }
+    // State files: authentic, well-formed, in their place; outputs intact.
+    for (path, l) in states.scan_states() {
+        let st = match l {
+            Loaded::Valid(st) => st,
+            Loaded::Missing => continue,
+            Loaded::Invalid(e) => {
+                if key.is_some() {
+                    r.problems.push(format!("{e} (the stage will rerun)"));
                     if repair {
-                        let _ = std::fs::remove_dir_all(&p);
+                        remove(&mut r, &ws, &path);
                     }
-                    continue;
                 }
-                match crate::engine::hashing::hash_file_bytes(&p) {
-                    Ok(h) if h == name => {}
-                    Ok(h) => {
-                        r.problems.push(format!("cache object {} is corrupted (content hashes to {})", &name[..12.min(name.len())], &h[..12]));
-                        if repair {
-                            let _ = std::fs::remove_file(&p);
+                continue;
+            }
+        };
+        r.stages_checked += 1;
+        let memo = HashMemo::in_memory();
+        for (rel, o) in &st.outputs {
+            if o.cached && !cas.restorable(&o.hash, o.dir) {
+                r.problems.push(format!("{}: output {rel} has no intact copy in the cache", st.stage));
+            }
+            if o.sensitive {
+                continue;
+            }
+            match memo.hash_path(&ws.abs(rel)) {
+                Ok(Some(h)) if h.hash == o.hash => {}
+                Ok(Some(_)) => r.problems.push(format!("{}: output {rel} was modified since it was produced (the next run restores it)", st.stage)),
+                Ok(None) => r.problems.push(format!("{}: output {rel} is missing (the next run restores it)", st.stage)),
+                Err(e) => r.problems.push(format!("{}: output {rel}: {e:#}", st.stage)),
+            }
+        }
+        // Signed artifacts this stage made: models and feature manifests.
+        if let Some(k) = &key {
+            let tenant = st.ingredients.params.get("tenant").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            for rel in st.outputs.keys() {
+                let p = ws.abs(rel);
+                match st.ingredients.kind.as_str() {
+                    "train" if st.ingredients.params.get("output").and_then(|v| v.as_str()).is_none_or(|m| m == rel) => {
+                        if let Ok(b) = std::fs::read(&p)
+                            && let Err(e) = crate::model::artifact::load_verified(&b, rel, k, &tenant)
+                        {
+                            r.problems.push(format!("{}: {e:#}", st.stage));
                         }
                     }
-                    Err(e) => r.problems.push(format!("cache object {name}: {e:#}")),
+                    "store" if rel.ends_with(crate::store::MANIFEST_FILE) && p.exists() => {
+                        match crate::store::read_manifest(p.parent().unwrap_or(&p), k) {
+                            Ok(m) if m.tenant != tenant => r.problems.push(format!("{}: {rel} names tenant {}, not {tenant}", st.stage, crate::data::show_tenant(&m.tenant))),
+                            Ok(_) => {}
+                            Err(e) => r.problems.push(format!("{}: {e:#}", st.stage)),
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
     }
-    // 2. State files parse; recorded outputs are on disk and in the cache.
-    if let Ok(rd) = std::fs::read_dir(states.state_dir()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if crate::util::atomic::is_temp_name(&name) {
-                continue;
-            }
-            let parsed = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice::<crate::engine::state::StageState>(&b).ok());
-            let Some(st) = parsed else {
-                r.problems.push(format!("state file .dagrun/state/{name} is unreadable (the stage will rerun)"));
-                continue;
-            };
-            r.stages_checked += 1;
-            let memo = HashMemo::in_memory();
-            for (path, o) in &st.outputs {
-                if o.cached && !cas.restorable(&o.hash, o.dir) {
-                    r.problems.push(format!("{}: output {path} has no intact copy in the cache", st.stage));
-                }
-                if o.sensitive {
-                    continue;
-                }
-                match memo.hash_path(&workspace.join(path)) {
-                    Ok(Some(h)) if h.hash == o.hash => {}
-                    Ok(Some(_)) => r.problems.push(format!("{}: output {path} was modified since it was produced (the next run restores it)", st.stage)),
-                    Ok(None) => r.problems.push(format!("{}: output {path} is missing (the next run restores it)", st.stage)),
-                    Err(e) => r.problems.push(format!("{}: output {path}: {e:#}", st.stage)),
-                }
+    // Action-cache entries.
+    for (path, l) in states.scan_actions() {
+        if let Loaded::Invalid(e) = l
+            && key.is_some()
+        {
+            r.problems.push(format!("action cache entry {e}"));
+            if repair {
+                remove(&mut r, &ws, &path);
             }
         }
     }
-    // 3. Action-cache entries parse.
-    if let Ok(rd) = std::fs::read_dir(states.actions_dir()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if crate::util::atomic::is_temp_name(&name) {
-                continue;
-            }
-            if std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice::<crate::engine::state::StageState>(&b).ok()).is_none() {
-                r.problems.push(format!("action cache entry {name} is unreadable"));
-                if repair {
-                    let _ = std::fs::remove_file(e.path());
+    // Registered model versions (what `serve` and `predict` use).
+    if let Some(k) = &key {
+        let reg = crate::registry::Registry::of_workspace(ws.root());
+        for t in reg.tenants() {
+            match reg.versions(&t) {
+                Ok(entries) => {
+                    for e in entries {
+                        if let Err(err) = reg.load(&t, &e.version, k) {
+                            r.problems.push(format!("model registry, tenant {t}, version {}: {err:#}", e.version));
+                        }
+                    }
                 }
+                Err(err) => r.problems.push(format!("model registry, tenant {t}: {err:#}")),
+            }
+            if let Err(err) = reg.load_champion(&t, k) {
+                r.problems.push(format!("model registry, tenant {t}, champion: {err:#}"));
+            }
+        }
+    }
+    // The hash memo.
+    if let (Some(k), Ok(b)) = (&key, std::fs::read(ws.memo_file())) {
+        #[derive(serde::Deserialize)]
+        struct Memo {
+            #[allow(dead_code)]
+            entries: std::collections::HashMap<String, serde_json::Value>,
+        }
+        if let Err(e) = record::open::<Memo>(Some(k), record::HASH_MEMO, &b, &ws.rel(&ws.memo_file())) {
+            r.problems.push(format!("{e} (it is ignored; files are hashed again)"));
+            if repair {
+                remove(&mut r, &ws, &ws.memo_file());
             }
         }
     }
     Ok(r)
+}
+
+/// Every object's name is a hash and its content matches; listings are safe.
+fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) {
+    let root = ws.objects_dir();
+    let Ok(rd) = std::fs::read_dir(&root) else { return };
+    let mut dirs: Vec<_> = rd.flatten().collect();
+    dirs.sort_by_key(|d| d.file_name());
+    for d in dirs {
+        let dname = d.file_name().to_string_lossy().into_owned();
+        if crate::util::atomic::is_temp_name(&dname) {
+            continue; // a staging file of a run in progress or killed (swept by the next run)
+        }
+        let Ok(rd2) = std::fs::read_dir(d.path()) else {
+            r.problems.push(format!("cache: {} is not a directory", ws.rel(&d.path())));
+            if repair {
+                remove(r, ws, &d.path());
+            }
+            continue;
+        };
+        let mut files: Vec<_> = rd2.flatten().collect();
+        files.sort_by_key(|f| f.file_name());
+        for f in files {
+            let fname = f.file_name().to_string_lossy().into_owned();
+            if crate::util::atomic::is_temp_name(&fname) {
+                continue;
+            }
+            r.objects_checked += 1;
+            let p = f.path();
+            let Ok(hash) = ContentHash::parse(&format!("{dname}{fname}")) else {
+                r.problems.push(format!("cache: {} is not named by a content hash", ws.rel(&p)));
+                if repair {
+                    remove(r, ws, &p);
+                }
+                continue;
+            };
+            let short = hash.short().to_string();
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() => {}
+                Ok(m) => {
+                    r.problems.push(format!("cache object {short} is {}, not a file", if m.is_dir() { "a directory" } else { "a symlink or special file" }));
+                    if repair {
+                        remove(r, ws, &p);
+                    }
+                    continue;
+                }
+                Err(_) => continue,
+            }
+            match crate::workspace::hashing::hash_file_bytes(&p) {
+                Ok(h) if h == hash => {}
+                Ok(h) => {
+                    r.problems.push(format!("cache object {short} is corrupted (content hashes to {})", h.short()));
+                    if repair {
+                        remove(r, ws, &p);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    r.problems.push(format!("cache object {short}: {e:#}"));
+                    continue;
+                }
+            }
+            // A directory listing: every entry must be safe to restore.
+            let mut head = [0u8; 32];
+            let n = std::fs::File::open(&p).and_then(|mut fh| fh.read(&mut head)).unwrap_or(0);
+            if looks_like_tree(&head[..n]) {
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                if let Err(why) = decode_tree(&bytes) {
+                    r.problems.push(format!("cache object {short} ({}, a directory listing): {why}", ws.rel(&p)));
+                    if repair {
+                        remove(r, ws, &p);
+                    }
+                }
+            }
+        }
+    }
+    let _ = cas;
 }
 
 /// `dagrun verify [--repair] [--json]`: print what [`verify`] found; exit 4 on

@@ -146,7 +146,17 @@ struct KeyringFile {
     tenants: BTreeMap<String, TenantEntry>,
     #[serde(default)]
     forgotten: Vec<Tombstone>,
+    /// The workspace integrity key carried over a master-key rewrap, wrapped
+    /// like a tenant key (AAD owner part [`INTEGRITY_OWNER`]); see
+    /// [`Keyring::integrity_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    integrity: Option<StoredKey>,
 }
+
+/// Owner part of the stored integrity key's wrapping AAD (not a valid tenant id).
+const INTEGRITY_OWNER: &str = "@workspace";
+/// Id of the stored integrity key.
+const INTEGRITY_ID: &str = "integrity-1";
 
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct TenantEntry {
@@ -227,6 +237,8 @@ pub struct Keyring {
     key_check: String,
     master: Master,
     audit: AuditLog,
+    /// Authenticates dagrun's records (see `crypto::integrity`).
+    integrity: std::sync::Arc<super::integrity::IntegrityKey>,
     state: Mutex<KeyringFile>,
 }
 
@@ -259,7 +271,7 @@ pub enum Rewrapped {
 impl KeyringFile {
     /// A keyring with no tenant keys yet, under `master` (whose check value is `check`).
     fn empty(check: String, master: &Master) -> KeyringFile {
-        KeyringFile { format: KEYRING_FORMAT.into(), key_check: check, master: Some(master.record()), tenants: BTreeMap::new(), forgotten: Vec::new() }
+        KeyringFile { format: KEYRING_FORMAT.into(), key_check: check, master: Some(master.record()), tenants: BTreeMap::new(), forgotten: Vec::new(), integrity: None }
     }
 }
 
@@ -268,6 +280,28 @@ impl Keyring {
     /// `config/dagrun.yaml` or the keyring's record (see [`MasterKeySource::resolve`]).
     pub fn open(workspace: &Path) -> Result<Keyring> {
         Self::open_with(workspace, MasterKeySource::resolve(workspace)?)
+    }
+
+    /// Open the keyring only if its master key already exists: `Ok(None)` when
+    /// the master key would be the default file and `.dagrun/keys/master.key`
+    /// does not exist. Creates nothing (read-only commands: `status`, `verify`,
+    /// `predict`, `features`, `lineage`).
+    pub fn open_existing(workspace: &Path) -> Result<Option<Keyring>> {
+        let source = MasterKeySource::resolve(workspace)?;
+        if matches!(source, MasterKeySource::Default) && fs::symlink_metadata(super::master::default_master_key_path(workspace)).is_err() {
+            return Ok(None);
+        }
+        let master = Master::open(workspace, &source)?;
+        drop(source);
+        Self::with_master(workspace, master).map(Some)
+    }
+
+    /// The workspace integrity key: the ONE way to get it (see
+    /// `crypto::integrity`). Derived from the master key with HKDF-SHA256 and
+    /// its own label ([`Master::integrity_key`]: file/env keys and PKCS#11 keys
+    /// alike), unless a `keys rewrap` stored the previous one in the keyring.
+    pub fn integrity_key(&self) -> std::sync::Arc<super::integrity::IntegrityKey> {
+        self.integrity.clone()
     }
 
     /// Open with an explicit master key source (tests, or callers that already
@@ -298,7 +332,8 @@ impl Keyring {
             let file = KeyringFile::empty(check.clone(), &master);
             (file, check)
         };
-        Ok(Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), state: Mutex::new(file) })
+        let integrity = std::sync::Arc::new(integrity_of(&master, &path, file.integrity.as_ref())?);
+        Ok(Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), integrity, state: Mutex::new(file) })
     }
 
     /// Start a workspace's keyring under `source` (`dagrun keys init --master`): a
@@ -327,7 +362,8 @@ impl Keyring {
         }
         let check = master.check_value()?;
         let file = KeyringFile::empty(check.clone(), &master);
-        let ring = Keyring { path, key_check: check, master, audit, state: Mutex::new(file.clone()) };
+        let integrity = std::sync::Arc::new(master.integrity_key()?);
+        let ring = Keyring { path, key_check: check, master, audit, integrity, state: Mutex::new(file.clone()) };
         let mut g = ring.lock();
         ring.commit(&mut g, file)?;
         drop(g);
@@ -373,7 +409,15 @@ impl Keyring {
         }
         new.key_check = new_master.check_value()?;
         new.master = Some(new_master.record());
+        // The integrity key survives the rotation: stored, wrapped under the new master.
+        new.integrity = Some(StoredKey {
+            id: INTEGRITY_ID.into(),
+            created: now(),
+            state: KeyState::Active,
+            wrapped: wrap_with(&new_master, INTEGRITY_OWNER, INTEGRITY_ID, old.integrity.bytes())?,
+        });
         let ring = Keyring {
+            integrity: old.integrity.clone(),
             path: path.clone(),
             key_check: new.key_check.clone(),
             master: new_master,
@@ -738,6 +782,19 @@ impl Keyring {
         let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{}", k.id);
         self.master.unwrap(aad.as_bytes(), &blob)?.ok_or_else(damaged)
     }
+}
+
+/// The integrity key: the one stored by a rewrap, else the master's own.
+fn integrity_of(master: &Master, path: &Path, stored: Option<&StoredKey>) -> Result<super::integrity::IntegrityKey> {
+    let Some(k) = stored else { return master.integrity_key() };
+    let damaged = || anyhow!("the stored integrity key in the keyring {} does not unwrap although the master key matches: restore the keyring from a backup", path.display());
+    let blob = hex::decode(&k.wrapped).map_err(|_| damaged())?;
+    let blob = <[u8; WRAPPED_LEN]>::try_from(blob.as_slice()).map_err(|_| damaged())?;
+    let aad = format!("{WRAP_AAD_PREFIX}{INTEGRITY_OWNER}|{}", k.id);
+    let mut bytes = master.unwrap(aad.as_bytes(), &blob)?.ok_or_else(damaged)?;
+    let key = super::integrity::IntegrityKey::from_bytes(bytes);
+    wipe(&mut bytes);
+    Ok(key)
 }
 
 fn wrap_with(master: &Master, tenant: &str, id: &str, key: &[u8; 32]) -> Result<String> {

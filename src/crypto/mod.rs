@@ -38,11 +38,13 @@
 
 pub mod aead;
 pub mod audit;
+pub mod integrity;
 pub mod keyring;
 pub mod master;
 pub mod keys;
 pub mod pseudonym;
 
+pub use integrity::IntegrityKey;
 pub use aead::{FieldCipher, FieldError, aad, decrypt_field, encrypt_field};
 pub use keyring::{KeyError, KeyInfo, KeyKind, KeyState, Keyring, KeyringView};
 pub use master::MasterKeySource;

@@ -2,7 +2,7 @@
 //!
 //! A stage's cache key is the blake3 hash of the canonical JSON encoding
 //! (object keys sorted, no whitespace), prefixed by the line
-//! `dagrun-cache-key/1\n`, of exactly these ingredients — nothing else:
+//! `dagrun-cache-key/2\n`, of exactly these ingredients — nothing else:
 //!
 //! 1. `kind` — the stage kind (`cmd`, `generate`, `train`, ...);
 //! 2. `kind_version` — that kind's code version (`StageKind::version`), bumped
@@ -33,81 +33,36 @@
 //! stage is run, not what it computes).
 //!
 //! Bump [`FORMAT`] when this list or its encoding changes: every key changes.
+//!
+//! History: `/1` first format; `/2` directory listings became JSON
+//! (`dagrun-tree/2`, see `workspace::hashing`), so a directory input hashes
+//! differently, and state records became MAC'd (`workspace::record`): every
+//! stage of a workspace made by an older dagrun reruns once.
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use crate::workspace::ContentHash;
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// Version line hashed before the ingredients.
-pub const FORMAT: &str = "dagrun-cache-key/1";
+pub const FORMAT: &str = "dagrun-cache-key/2";
 
-/// Everything that goes into a cache key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Ingredients {
-    pub kind: String,
-    pub kind_version: u32,
-    pub params: Map<String, Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmd: Option<String>,
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    pub inputs: BTreeMap<String, String>,
-    pub outs: Vec<String>,
-    #[serde(default)]
-    pub extras: BTreeMap<String, String>,
-}
+pub use crate::workspace::state::Ingredients;
+pub use crate::workspace::record::canonical_json;
 
 impl Ingredients {
     /// The cache key: blake3 hex of the canonical encoding.
-    pub fn key(&self) -> String {
+    pub fn key(&self) -> ContentHash {
         let v = serde_json::to_value(self).expect("ingredients serialize");
         let mut h = blake3::Hasher::new();
         h.update(FORMAT.as_bytes());
         h.update(b"\n");
         h.update(canonical_json(&v).as_bytes());
-        h.finalize().to_hex().to_string()
-    }
-}
-
-/// JSON with object keys sorted at every level and no insignificant whitespace.
-pub fn canonical_json(v: &Value) -> String {
-    let mut s = String::new();
-    write_canonical(v, &mut s);
-    s
-}
-
-fn write_canonical(v: &Value, out: &mut String) {
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String((*k).clone()).to_string());
-                out.push(':');
-                write_canonical(&m[*k], out);
-            }
-            out.push('}');
-        }
-        Value::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(x, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
+        ContentHash::from(h.finalize())
     }
 }
 
 fn short(h: &str) -> &str {
-    &h[..h.len().min(12)]
+    crate::workspace::hash::short(h)
 }
 
 fn show(v: &Value) -> String {
@@ -219,6 +174,7 @@ pub fn explain(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     fn ing() -> Ingredients {
         Ingredients {
@@ -237,7 +193,7 @@ mod tests {
     fn key_is_stable_and_sensitive_to_each_ingredient() {
         let a = ing();
         assert_eq!(a.key(), ing().key());
-        assert_eq!(a.key().len(), 64);
+        assert_eq!(a.key().as_str().len(), 64);
         let mut b = ing();
         b.kind_version = 2;
         assert_ne!(a.key(), b.key());

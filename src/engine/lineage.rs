@@ -23,7 +23,7 @@ pub fn trace(workspace: &Path, states: &StateStore, path: &str) -> Option<Value>
 
 fn current_hash(workspace: &Path, path: &str) -> Option<String> {
     let memo = super::hashing::HashMemo::in_memory();
-    memo.hash_path(&workspace.join(path)).ok().flatten().map(|h| h.hash)
+    memo.hash_path(&workspace.join(path)).ok().flatten().map(|h| h.hash.to_string())
 }
 
 fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recorded: Option<&str>, seen: &mut HashSet<String>) -> Value {
@@ -36,7 +36,7 @@ fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recor
                 "path": path,
                 "hash": out.hash,
                 "current_hash": cur,
-                "modified": cur.as_ref().is_some_and(|c| c != &out.hash),
+                "modified": cur.as_ref().is_some_and(|c| out.hash != *c),
                 "sensitive": out.sensitive,
                 "source": false,
                 "stage": st.stage,

@@ -22,70 +22,51 @@
 //! consumer must rerun and the sensitive input is gone, the producer is rerun
 //! first to regenerate it (as GNU make does for intermediate files).
 
-pub mod cas;
 pub mod fingerprint;
-pub mod hashing;
 pub mod lineage;
-pub mod lock;
 pub mod observer;
 pub mod openlineage;
 pub mod report;
 pub mod run_metrics;
 pub mod runs;
 pub mod scheduler;
-pub mod state;
 pub mod status;
 
-use crate::executor::{Batch, Done, Executor, LocalWork, Member};
-use crate::pipeline::{Pipeline, Stage, Tenants};
+// The records and the store moved to `workspace` (their one owner); these
+// names stay for callers that still use the old paths.
+pub use crate::stages::Services;
+pub use crate::workspace::DAGRUN_DIR;
+pub use crate::workspace::{cas, hashing, lock, state};
+
+use crate::pipeline::{Pipeline, Stage};
 use crate::stages::RunCtx;
+use crate::workspace::{ContentHash, Workspace};
+use crate::executor::{Batch, Done, Executor, LocalWork, Member};
 use anyhow::{Context, Result, anyhow, bail};
 use cas::Cas;
 use fingerprint::Ingredients;
 use hashing::HashMemo;
 use runs::{StageRecord, Status};
-use state::{OutputRecord, StageState, StateStore};
+use state::{Loaded, OutputRecord, StageState, StateStore};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Outputs of built-in kinds at least this large are hard-linked into the
 /// cache instead of copied (see `Cas::link_file`).
 pub const LINK_THRESHOLD: u64 = 1 << 20;
 
-/// Name of dagrun's own folder in a workspace.
-pub const DAGRUN_DIR: &str = ".dagrun";
-
-/// Shared services a stage kind may use.
-pub struct Services {
-    pub workspace: PathBuf,
-    pub tenants: Option<Tenants>,
-    keyring: OnceLock<std::result::Result<std::sync::Arc<crate::crypto::keyring::Keyring>, String>>,
-}
-
-impl Services {
-    pub fn new(workspace: &Path, tenants: Option<Tenants>) -> Services {
-        Services { workspace: workspace.to_path_buf(), tenants, keyring: OnceLock::new() }
-    }
-
-    /// The workspace keyring, opened once per run (master key from the
-    /// environment or the key file; see `crypto::keyring`).
-    pub fn keyring(&self) -> Result<std::sync::Arc<crate::crypto::keyring::Keyring>> {
-        self.keyring
-            .get_or_init(|| crate::crypto::keyring::Keyring::open(&self.workspace).map(std::sync::Arc::new).map_err(|e| format!("{e:#}")))
-            .clone()
-            .map_err(|e| anyhow!(e))
-    }
-}
-
 /// Where `dagrun run --pull` looks for a stage's key that is not in the
 /// local cache (implemented by `commands::pull` over `remote`). `fetch`
 /// brings the action entry for `key` and every object it needs into the
 /// local cache, verified; `Ok(false)` when the remote has no such entry.
 pub trait RemoteSource: Send + Sync + std::fmt::Debug {
-    fn fetch(&self, stage: &Stage, key: &str) -> Result<bool>;
+    /// Entries land in `states` (sealed under this workspace's key) and
+    /// objects in `cas`: the run's own stores.
+    fn fetch(&self, stage: &Stage, key: &ContentHash, states: &state::StateStore, cas: &Cas) -> Result<bool>;
     /// The remote as shown in messages.
     fn shown(&self) -> String;
 }
@@ -103,7 +84,7 @@ pub enum Decision {
 
 /// A stage's key and what to do.
 pub struct Evaluation {
-    pub key: String,
+    pub key: ContentHash,
     pub ingredients: Ingredients,
     pub decision: Decision,
     /// Producers whose sensitive output this stage reads and which is gone.
@@ -114,7 +95,7 @@ pub struct Evaluation {
 
 /// An input's hash as far as it is known.
 pub enum InputHash {
-    Known(String),
+    Known(ContentHash),
     /// Not known without running upstream (dry runs): why.
     Unknown(String),
 }
@@ -122,11 +103,15 @@ pub enum InputHash {
 /// A pipeline bound to its workspace state.
 pub struct Engine {
     pub pipeline: Pipeline,
+    /// The runnable kinds, by name (`stages::registry`): the pipeline holds
+    /// only their declarations.
+    kinds: BTreeMap<&'static str, Arc<dyn crate::stages::StageKind>>,
+    pub ws: Workspace,
     pub services: Services,
     pub dagrun_dir: PathBuf,
     pub memo: HashMemo,
     pub cas: Cas,
-    pub states: StateStore,
+    pub states: Arc<StateStore>,
     pub run_id: String,
     pub cancel: AtomicBool,
     /// Stages forced to rerun.
@@ -159,16 +144,35 @@ fn now_rfc3339() -> String {
 }
 
 impl Engine {
-    pub fn new(pipeline: Pipeline) -> Engine {
-        let dagrun_dir = pipeline.workspace.join(DAGRUN_DIR);
-        let services = Services::new(&pipeline.workspace, pipeline.tenants.clone());
+    /// An engine that runs stages: it opens the keyring (creating the master
+    /// key on first use) for the workspace integrity key that MACs every record.
+    pub fn new(pipeline: Pipeline) -> Result<Engine> {
+        let ws = Workspace::at(&pipeline.workspace);
+        let ring = Arc::new(crate::crypto::Keyring::open(ws.root())?);
+        Ok(Self::with_keyring(pipeline, ws, Some(ring), false))
+    }
+
+    /// An engine for `status` / `--dry-run`: it creates no key. Without a
+    /// master key no record can be verified (every stage counts as stale).
+    pub fn read_only(pipeline: Pipeline) -> Result<Engine> {
+        let ws = Workspace::at(&pipeline.workspace);
+        let ring = crate::crypto::Keyring::open_existing(ws.root())?.map(Arc::new);
+        Ok(Self::with_keyring(pipeline, ws, ring, true))
+    }
+
+    fn with_keyring(pipeline: Pipeline, ws: Workspace, ring: Option<Arc<crate::crypto::Keyring>>, read_only: bool) -> Engine {
+        let key = ring.as_ref().map(|r| r.integrity_key());
+        let states = Arc::new(StateStore::new(&ws, key.clone()));
+        let services = Services::new(&ws, pipeline.tenants.clone(), states.clone(), ring, read_only);
         let n = pipeline.stages.len();
         Engine {
-            memo: HashMemo::load(&dagrun_dir),
-            cas: Cas::new(&dagrun_dir),
-            states: StateStore::new(&dagrun_dir),
+            memo: HashMemo::load(&ws, key),
+            kinds: crate::stages::registry(),
+            cas: Cas::new(&ws),
+            states,
             services,
-            dagrun_dir,
+            dagrun_dir: ws.dagrun_dir(),
+            ws,
             pipeline,
             run_id: runs::new_run_id(),
             cancel: AtomicBool::new(false),
@@ -184,6 +188,14 @@ impl Engine {
         &self.pipeline.stages[i]
     }
 
+    /// The runnable kind of stage `i`. The pipeline was loaded with the
+    /// declarations of the same built-in kinds (`stages::kinds`), so every
+    /// name resolves; a pipeline loaded with other kinds is an error here.
+    pub fn kind(&self, i: usize) -> Result<&dyn crate::stages::StageKind> {
+        let s = self.stage(i);
+        self.kinds.get(s.kind.name()).map(|k| k.as_ref()).ok_or_else(|| anyhow!("stage {}: this build has no runnable kind `{}`", s.name, s.kind.name()))
+    }
+
     fn producer_name(&self, path: &str) -> Option<String> {
         self.pipeline.producer_of(path).map(|j| self.pipeline.stages[j].name.clone())
     }
@@ -196,7 +208,7 @@ impl Engine {
         for d in &s.deps {
             match input(d)? {
                 InputHash::Known(h) => {
-                    inputs.insert(d.clone(), h);
+                    inputs.insert(d.clone(), h.to_string());
                 }
                 InputHash::Unknown(why) => {
                     unknown.push(why);
@@ -204,7 +216,7 @@ impl Engine {
                 }
             }
         }
-        let extras = s.kind.extra_ingredients(s, &self.services)?;
+        let extras = self.kind(i)?.extra_ingredients(s, &self.services)?;
         let ing = Ingredients {
             kind: s.kind.name().to_string(),
             kind_version: s.kind.version(),
@@ -255,7 +267,14 @@ impl Engine {
             let prev = self.states.get(&s.name);
             return Ok(Evaluation { key, ingredients, decision: Decision::Run { reasons: vec!["forced (--force)".into()] }, missing_sensitive, prev });
         }
-        let prev = self.states.get(&s.name);
+        let (prev, distrust) = match self.states.load(&s.name) {
+            Loaded::Valid(st) => (Some(st), None),
+            Loaded::Missing => (None, None),
+            Loaded::Invalid(e) => {
+                tracing::warn!("{e}: stage {} is recomputed", s.name);
+                (None, Some(format!("{e}: recomputing")))
+            }
+        };
         let decision = match &prev {
             Some(st) if st.key == key => {
                 let (bad, reasons) = self.check_outputs(s, st)?;
@@ -271,11 +290,12 @@ impl Engine {
                 }
             }
             _ => {
-                let mut reasons = match &prev {
-                    Some(st) => fingerprint::explain(&st.ingredients, &ingredients, &st.param_refs, &s.param_refs, &|p| self.producer_name(p)),
-                    None => vec!["no earlier run recorded".into()],
+                let mut reasons = match (&prev, distrust) {
+                    (Some(st), _) => fingerprint::explain(&st.ingredients, &ingredients, &st.param_refs, &s.param_refs, &|p| self.producer_name(p)),
+                    (None, Some(why)) => vec![why],
+                    (None, None) => vec!["no earlier run recorded".into()],
                 };
-                match self.states.action(&key) {
+                match self.states.load_action(&key).valid() {
                     Some(act) if self.action_restorable(s, &act) => {
                         reasons.push("an earlier run with these exact inputs is in the cache: restoring its outputs".into());
                         let outs = s.outs.iter().filter(|o| !o.sensitive).map(|o| o.path.clone()).collect();
@@ -297,9 +317,9 @@ impl Engine {
 
     /// `run --pull`: fetch `key` from the remote; true when something was fetched.
     /// A remote that fails is a warning, never a failed stage: the stage runs.
-    fn pull_from_remote(&self, s: &Stage, key: &str) -> bool {
+    fn pull_from_remote(&self, s: &Stage, key: &ContentHash) -> bool {
         let Some(r) = &self.remote else { return false };
-        match r.fetch(s, key) {
+        match r.fetch(s, key, &self.states, &self.cas) {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!("{}: remote cache {}: {e:#}; running the stage instead", s.name, r.shown());
@@ -312,7 +332,7 @@ impl Engine {
     /// fetched from the remote, when its outputs can be restored. Sensitive
     /// outputs (plaintext, never cached nor pushed) are left absent, exactly
     /// as after a local run: a consumer that needs one reruns its producer.
-    fn remote_action(&self, s: &Stage, key: &str) -> Option<(StageState, String)> {
+    fn remote_action(&self, s: &Stage, key: &ContentHash) -> Option<(StageState, String)> {
         let r = self.remote.as_ref()?;
         let adoptable = |act: &StageState| {
             s.outs.iter().all(|o| match act.outputs.get(&o.path) {
@@ -357,7 +377,7 @@ impl Engine {
                 }
                 Some(h) if h.hash != rec.hash => {
                     bad.push(o.path.clone());
-                    reasons.push(format!("output {} was modified outside dagrun (blake3 {} → {})", o.path, &rec.hash[..12], &h.hash[..12]));
+                    reasons.push(format!("output {} was modified outside dagrun (blake3 {} → {})", o.path, rec.hash.short(), h.hash.short()));
                 }
                 Some(_) => {}
             }
@@ -453,11 +473,11 @@ impl Engine {
     fn decide(&self, i: usize) -> Result<Step> {
         let s = self.stage(i);
         let mut ev = self.evaluate(i)?;
-        let mut rec = StageRecord { key: Some(ev.key.clone()), ..StageRecord::new(&s.name, Status::Cached) };
+        let mut rec = StageRecord { key: Some(ev.key.to_string()), ..StageRecord::new(&s.name, Status::Cached) };
         match std::mem::replace(&mut ev.decision, Decision::Fresh) {
             Decision::Fresh => {
                 if let Some(st) = ev.prev.take() {
-                    rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+                    rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.to_string())).collect();
                     rec.facts = st.facts;
                 }
                 Ok(Step::Done(rec))
@@ -466,7 +486,7 @@ impl Engine {
                 Ok(()) => {
                     rec.status = Status::Restored;
                     rec.reasons = reasons;
-                    rec.outputs = from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+                    rec.outputs = from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.to_string())).collect();
                     rec.facts = from.facts.clone();
                     Ok(Step::Done(rec))
                 }
@@ -497,7 +517,7 @@ impl Engine {
             let again = self.evaluate(i)?;
             ev.key = again.key;
             ev.ingredients = again.ingredients;
-            rec.key = Some(ev.key.clone());
+            rec.key = Some(ev.key.to_string());
         }
         Ok(Pending { i, ev: Some(ev), reasons, rec })
     }
@@ -576,12 +596,12 @@ impl Engine {
             deps: s.deps.iter().map(|d| self.pipeline.abs(d)).collect(),
             outs: s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect(),
             input_hashes: &ev.ingredients.inputs,
-            cache_key: &ev.key,
+            cache_key: ev.key.as_str(),
             services: &self.services,
             cancel: &self.cancel,
             timeout: s.timeout.map(Duration::from_secs_f64),
         };
-        let report = s.kind.run(&ctx)?;
+        let report = self.kind(i)?.run(&ctx)?;
         Ok(Done { report, key: None, seconds: t0.elapsed().as_secs_f64(), cpu_seconds: Some(worker_cpu.load(Ordering::Relaxed) as f64 / 1e9), job: None })
     }
 
@@ -613,7 +633,7 @@ impl Engine {
                 members: pending[start..]
                     .iter()
                     .zip(&works)
-                    .map(|(p, w)| Member { index: p.i, stage: self.stage(p.i), key: p.ev.as_ref().map(|e| e.key.clone()), local: w.as_ref() })
+                    .map(|(p, w)| Member { index: p.i, stage: self.stage(p.i), key: p.ev.as_ref().map(|e| e.key.to_string()), local: w.as_ref() })
                     .collect(),
                 attempt,
                 cancel: Some(&self.cancel),
@@ -681,12 +701,12 @@ impl Engine {
             }
         };
         if let Some(k) = &done.key {
-            if *k != ev.key {
+            if k.as_str() != ev.key.as_str() {
                 bail!(
                     "{} computed the stage's cache key as {} but dagrun computes {}: its inputs changed while it ran; run again",
                     done.job.as_deref().unwrap_or("the job"),
                     &k[..k.len().min(12)],
-                    &ev.key[..12]
+                    ev.key.short()
                 );
             }
         }
@@ -747,9 +767,9 @@ impl Engine {
             self.states.put_action(&st)?;
         }
         rec.status = Status::Ran;
-        rec.key = Some(st.key.clone());
+        rec.key = Some(st.key.to_string());
         rec.reasons = reasons;
-        rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect();
+        rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.to_string())).collect();
         rec.outputs_changed = Some(changed);
         rec.facts = done.report.facts;
         rec.cpu_seconds = done.cpu_seconds;
@@ -785,17 +805,17 @@ impl Engine {
                 }
             }
         }
-        dirs.insert(self.dagrun_dir.clone()); // the hash memo
-        dirs.insert(self.dagrun_dir.join("state"));
-        dirs.insert(self.dagrun_dir.join("openlineage")); // workspace id, spool
-        dirs.insert(self.dagrun_dir.join("metrics")); // last successful run
-        dirs.insert(self.dagrun_dir.join("cache").join("actions"));
-        dirs.insert(self.dagrun_dir.join("cache").join("objects")); // ingest staging files
-        if let Ok(rd) = std::fs::read_dir(self.dagrun_dir.join("cache").join("objects")) {
+        dirs.insert(self.ws.dagrun_dir()); // the hash memo
+        dirs.insert(self.ws.state_dir());
+        dirs.insert(self.ws.dagrun_dir().join("openlineage")); // workspace id, spool
+        dirs.insert(self.ws.dagrun_dir().join("metrics")); // last successful run
+        dirs.insert(self.ws.actions_dir());
+        dirs.insert(self.ws.objects_dir()); // ingest staging files
+        if let Ok(rd) = std::fs::read_dir(self.ws.objects_dir()) {
             dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
         }
-        dirs.insert(self.pipeline.workspace.join("runs"));
-        dirs.extend(crate::registry::Registry::new(&self.dagrun_dir).dirs()); // registered models
+        dirs.insert(self.ws.runs_dir());
+        dirs.extend(crate::registry::Registry::new(&self.ws.dagrun_dir()).dirs()); // registered models
         for d in dirs {
             let Ok(rd) = std::fs::read_dir(&d) else { continue };
             for e in rd.flatten() {
@@ -809,9 +829,5 @@ impl Engine {
 
 /// Remove a file, symlink or directory if present.
 pub fn remove_path(p: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display())),
-        Ok(_) => std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display())),
-        Err(_) => Ok(()),
-    }
+    crate::util::fs_remove(p)
 }

@@ -5,7 +5,7 @@
 
 use super::report::{Reporter, Verbosity};
 use super::runs::{self, RunRecord, StageRecord, Status};
-use super::{Engine, lock};
+use super::Engine;
 use crate::error::{Failure, exit};
 use crate::pipeline::Pipeline;
 use anyhow::Result;
@@ -73,12 +73,12 @@ pub fn forced(p: &Pipeline, force: &Option<Vec<String>>, selected: &HashSet<usiz
 
 /// Run a pipeline.
 pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
-    let dagrun_dir = pipeline.workspace.join(super::DAGRUN_DIR);
+    let ws = crate::workspace::Workspace::at(&pipeline.workspace);
     // Settings are checked before anything runs (a bad one is exit 2).
     let settings = crate::config::DagrunConfig::load(&pipeline.workspace)?;
     let lineage_url = super::openlineage::endpoint(opts.openlineage_url.as_deref())?;
     let metrics_file = opts.metrics_file.clone().or(settings.metrics_file);
-    let _lock = lock::acquire(&dagrun_dir, opts.wait, &format!("dagrun run {}", pipeline.shown))?;
+    let _lock = ws.lock(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
     if let Some(kind) = opts.executor {
@@ -89,7 +89,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // Jobs of a killed earlier run must end before anything writes their outputs.
     crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
     let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);
-    let mut engine = Engine::new(pipeline);
+    let mut engine = Engine::new(pipeline)?;
     engine.forced = forced;
     engine.remote = opts.remote.clone();
     if uses_slurm {
@@ -187,7 +187,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         let s = engine.stage(i);
         if record.stages.iter().any(|r| r.stage == s.name) {
             let outs: Vec<PathBuf> = s.outs.iter().map(|o| engine.pipeline.abs(&o.path)).collect();
-            if let Some(line) = s.kind.summarize(s, &outs) {
+            if let Some(line) = engine.kind(i).ok().and_then(|k| k.summarize(s, &outs)) {
                 summary.push(line);
             }
         }

@@ -7,7 +7,9 @@
 //! its dependents' inputs unknown, and they are reported stale because of it.
 
 use super::fingerprint::explain;
+use super::state::Loaded;
 use super::{Decision, Engine, InputHash};
+use crate::workspace::ContentHash;
 use anyhow::Result;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -27,7 +29,7 @@ pub struct StageStatus {
 pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageStatus>> {
     let p = &engine.pipeline;
     // Output path -> predicted hash after a run (None: unknown until it runs).
-    let mut predicted: HashMap<String, Option<String>> = HashMap::new();
+    let mut predicted: HashMap<String, Option<ContentHash>> = HashMap::new();
     let mut out = Vec::new();
     for &i in &p.topo {
         if !selected.contains(&i) {
@@ -35,7 +37,11 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
         }
         let s = engine.stage(i);
         let mut unknown_from: Vec<String> = Vec::new();
-        let prev = engine.states.get(&s.name);
+        let (prev, distrust) = match engine.states.load(&s.name) {
+            Loaded::Valid(st) => (Some(st), None),
+            Loaded::Missing => (None, None),
+            Loaded::Invalid(e) => (None, Some(format!("{e}: a run recomputes it"))),
+        };
         let eval = {
             let mut lookup = |dep: &str| -> Result<InputHash> {
                 if let Some(pred) = predicted.get(dep) {
@@ -68,7 +74,7 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
             }
         };
         let forced = engine.forced.contains(&i);
-        let (state, reasons, action, outputs): (&str, Vec<String>, &str, Option<HashMap<String, String>>) = if forced {
+        let (state, reasons, action, outputs): (&str, Vec<String>, &str, Option<HashMap<String, ContentHash>>) = if forced {
             ("stale", vec!["forced (--force)".into()], "run", None)
         } else if !unknown.is_empty() {
             // Explain what else differs, with the unknown inputs as they were.
@@ -86,6 +92,8 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                         p.producer_of(x).map(|j| p.stages[j].name.clone())
                     }));
                 }
+            } else if let Some(why) = &distrust {
+                reasons.push(why.clone());
             } else {
                 reasons.push("no earlier run recorded".into());
             }

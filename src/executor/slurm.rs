@@ -78,7 +78,7 @@ const LOST_AFTER: u32 = 5;
 
 /// `.dagrun/slurm`
 pub fn slurm_dir(workspace: &Path) -> PathBuf {
-    workspace.join(crate::engine::DAGRUN_DIR).join("slurm")
+    workspace.join(crate::workspace::DAGRUN_DIR).join("slurm")
 }
 
 fn active_dir(workspace: &Path) -> PathBuf {

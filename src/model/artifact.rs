@@ -1,5 +1,12 @@
 //! The self-describing model artifact (spec §7, §8): JSON, deterministic bytes.
+//!
+//! Signed: the artifact carries a `mac` (keyed blake3 under the workspace
+//! integrity key, domain `workspace::record::MODEL`, over the canonical JSON
+//! of every other field) and names its tenant. [`load_verified`] is the one
+//! way to get a model to serve: parse, verify the MAC, check the tenant.
 
+use crate::crypto::IntegrityKey;
+use crate::workspace::record;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +40,39 @@ pub struct ModelArtifact {
     pub solver: serde_json::Value,
     pub metrics: Metrics,
     pub lineage: serde_json::Value,
+    /// MAC under the workspace integrity key (see the module docs); set by [`ModelArtifact::seal`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// Why a model must not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelRefused {
+    #[error("refusing to serve model {origin}: {why}")]
+    NotAuthentic { origin: String, why: String },
+    #[error("refusing to serve model {origin}: it is tenant {found}'s model, not tenant {wanted}'s")]
+    OtherTenant { origin: String, found: String, wanted: String },
+}
+
+/// The one check before serving a model: parse `bytes` (from `origin`, named
+/// in every error), verify its MAC under the workspace integrity key, validate
+/// it, and check it belongs to `tenant`. A model edited outside dagrun, one
+/// without a MAC, one made in another workspace, or another tenant's model is
+/// refused.
+pub fn load_verified(bytes: &[u8], origin: &str, key: &IntegrityKey, tenant: &str) -> Result<ModelArtifact> {
+    let a: ModelArtifact = record::open(Some(key), record::MODEL, bytes, origin).map_err(|e| ModelRefused::NotAuthentic {
+        origin: origin.to_string(),
+        why: match e {
+            record::RecordError::BadMac { .. } => "its MAC does not verify: it was modified outside dagrun (or made in another workspace)".to_string(),
+            record::RecordError::NoMac { .. } => "it carries no MAC: it was not made by dagrun's train stage in this workspace (or was modified outside dagrun)".to_string(),
+            other => other.to_string(),
+        },
+    })?;
+    a.validate(origin)?;
+    if a.tenant != tenant {
+        return Err(ModelRefused::OtherTenant { origin: origin.to_string(), found: if crate::data::is_valid_tenant_id(&a.tenant) { a.tenant.clone() } else { crate::data::show_tenant(&a.tenant) }, wanted: tenant.to_string() }.into());
+    }
+    Ok(a)
 }
 
 impl ModelArtifact {
@@ -41,6 +81,14 @@ impl ModelArtifact {
     /// floats written round-trip exactly (`float_roundtrip`); no timestamps.
     /// Call [`ModelArtifact::validate`] first: non-finite floats would be
     /// written as `null` and the file would not load back.
+    /// Set the MAC (call last, after every other field is final).
+    pub fn seal(&mut self, key: &IntegrityKey) -> Result<()> {
+        self.mac = None;
+        let v = serde_json::to_value(&*self)?;
+        self.mac = Some(record::mac_of(key, record::MODEL, &v));
+        Ok(())
+    }
+
     pub fn to_json_bytes(&self) -> Vec<u8> {
         // Serialising plain structs, strings, f64 and serde_json::Value to a
         // Vec cannot fail (no non-string map keys, no custom Serialize).
@@ -136,7 +184,26 @@ mod tests {
             solver: json!({"library": "x", "newton_steps": 2, "grad_norm": 1.5e-17}),
             metrics: Metrics { auc: 0.8, log_loss: 0.45, accuracy: 0.78, positive_rate: 0.3, rows_train: 800, rows_test: 200, positives_test: 60 },
             lineage: json!({"z": 1, "a": [1, 2], "m": {"k": "v"}}),
+            mac: None,
         }
+    }
+
+    #[test]
+    fn sealed_models_verify_and_edits_or_other_tenants_are_refused() {
+        let k = IntegrityKey::from_bytes([9; 32]);
+        let mut a = sample();
+        a.seal(&k).unwrap();
+        let b = a.to_json_bytes();
+        assert_eq!(load_verified(&b, "m.json", &k, "Tenant_A").unwrap(), a);
+        let e = load_verified(&b, "m.json", &k, "Tenant_B").unwrap_err().to_string();
+        assert!(e.contains("tenant Tenant_A's model, not tenant Tenant_B's"), "{e}");
+        let mut edited = a.clone();
+        edited.intercept = 50.0;
+        let e = load_verified(&edited.to_json_bytes(), "m.json", &k, "Tenant_A").unwrap_err().to_string();
+        assert!(e.contains("modified outside dagrun") && e.contains("m.json"), "{e}");
+        let e = load_verified(&sample().to_json_bytes(), "m.json", &k, "Tenant_A").unwrap_err().to_string();
+        assert!(e.contains("no MAC"), "{e}");
+        assert!(load_verified(&b, "m.json", &IntegrityKey::from_bytes([1; 32]), "Tenant_A").is_err());
     }
 
     #[test]

@@ -275,6 +275,7 @@ mod tests {
             solver: out.fitted.solver_json(),
             metrics: out.metrics.clone(),
             lineage: serde_json::json!({}),
+            mac: None,
         };
         let bytes = art.to_json_bytes();
         let back = ModelArtifact::from_json_bytes(&bytes, "mem").unwrap();

@@ -6,15 +6,16 @@
 //! outs feeding deps → cycle check. Every error names the file, the YAML
 //! location where known, and the fix, and is a [`Failure::Config`] (exit 2).
 
+pub mod kind;
 pub mod model;
 pub mod shell;
 pub mod tenants;
 pub mod yaml_limits;
 
 use crate::error::config;
-use crate::stages::{StageKind, registry};
 use anyhow::Result;
 use indexmap::IndexMap;
+pub use kind::{Declared, DeclaredOut, KindDecl, Kinds};
 pub use model::{ExecutorKind, Resources, SlurmDef};
 use model::{OutDef, PipelineFile, StageDef};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -48,7 +49,8 @@ pub struct Stage {
     /// The name in the file.
     pub base: String,
     pub tenant: Option<String>,
-    pub kind: Arc<dyn StageKind>,
+    /// Its kind's declaration (the engine runs the kind of this name).
+    pub kind: Arc<dyn KindDecl>,
     /// Resolved command (cmd stages).
     pub cmd: Option<String>,
     /// Resolved `with:` params.
@@ -145,8 +147,9 @@ fn stage_line(text: &str, name: &str) -> Option<usize> {
 }
 
 /// Load, expand and validate a pipeline. `overrides` replace pipeline params
-/// (`--param NAME=VALUE`).
-pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)]) -> Result<Pipeline> {
+/// (`--param NAME=VALUE`); `kinds` are the stage kinds `uses:` may name
+/// (`stages::kinds()` for the built-in ones).
+pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
     let workspace = match workspace {
         Some(w) => std::path::absolute(w).unwrap_or_else(|_| w.to_path_buf()),
@@ -170,18 +173,18 @@ pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
         config(format!("{shown}:{line}: the file is not valid UTF-8 (bad byte at offset {at}); save it as UTF-8"))
     })?;
-    parse(&text, shown, file, workspace, overrides)
+    parse(&text, shown, file, workspace, overrides, kinds)
 }
 
 /// Parse and validate pipeline text without reading a pipeline file (fuzzing,
 /// tools). `shown` names the text in messages; paths resolve against
 /// `workspace`, whose `config/tenants.yaml` is read only if a stage uses
 /// `foreach: tenants`. Nothing is written.
-pub fn parse_str(text: &str, shown: &str, workspace: &Path, overrides: &[(String, String)]) -> Result<Pipeline> {
+pub fn parse_str(text: &str, shown: &str, workspace: &Path, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
     if text.len() as u64 > MAX_PIPELINE_BYTES {
         return Err(config(format!("{shown}: the text is {} bytes; a pipeline may be at most {MAX_PIPELINE_BYTES} bytes (1 MiB)", text.len())));
     }
-    parse(text, shown.to_string(), workspace.join(shown), workspace.to_path_buf(), overrides)
+    parse(text, shown.to_string(), workspace.join(shown), workspace.to_path_buf(), overrides, kinds)
 }
 
 /// Most YAML values a pipeline or tenant file may hold once anchors/aliases
@@ -470,11 +473,10 @@ pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
     yaml_limits::check(text).map_err(|(line, m)| config(format!("{shown}:{line}: {m}")))
 }
 
-fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides: &[(String, String)]) -> Result<Pipeline> {
+fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
     check_yaml_limits(text, &shown)?;
     check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
     let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| yaml_error(&shown, &e))?;
-    let kinds = registry();
     let at = |name: &str| match stage_line(text, name) {
         Some(l) => format!("{shown}:{l}: stage `{name}`"),
         None => format!("{shown}: stage `{name}`"),
@@ -695,7 +697,7 @@ fn expand(
     def: &StageDef,
     tenant: Option<&str>,
     params: &IndexMap<String, Value>,
-    kind: Arc<dyn StageKind>,
+    kind: Arc<dyn KindDecl>,
     workspace: &Path,
     secrets: &Arc<Vec<String>>,
 ) -> std::result::Result<Stage, String> {
@@ -988,7 +990,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.yaml");
         std::fs::write(&f, yaml).unwrap();
-        load(&f, Some(dir.path()), &[]).map_err(|e| e.to_string())
+        load(&f, Some(dir.path()), &[], &crate::stages::kinds()).map_err(|e| e.to_string())
     }
 
     #[test]

@@ -17,8 +17,12 @@
 //!   tenant and version names are checked against the id rules (a version
 //!   names a file, so it can never hold `/` or `..`), and an artifact is
 //!   loaded only through [`Registry::load`], which checks its blake3 against
-//!   the index, parses and validates it and checks it is the tenant's. A model
-//!   failing any check is never returned.
+//!   the index, then its MAC under the workspace integrity key, its tenant and
+//!   its version ([`crate::model::artifact::load_verified`]). A model failing
+//!   any check is never returned. The index and champion files carry no MAC
+//!   of their own: editing them can at most name another authentic model of
+//!   the same tenant (which `history.jsonl` and `models list` show), never
+//!   serve a forged or foreign one.
 //! - Writers (`register`, `promote`, `rollback`) must hold the workspace lock
 //!   (the caller takes it: `train` runs under the run's lock, the `models`
 //!   commands take it). Each file is replaced atomically (temp file, fsync,
@@ -145,7 +149,7 @@ impl Registry {
 
     /// The registry of `workspace`.
     pub fn of_workspace(workspace: &Path) -> Registry {
-        Registry::new(&workspace.join(crate::engine::DAGRUN_DIR))
+        Registry::new(&workspace.join(crate::workspace::DAGRUN_DIR))
     }
 
     fn check_tenant(tenant: &str) -> Result<()> {
@@ -261,7 +265,7 @@ impl Registry {
     /// Load `version` of `tenant`, verified: the artifact's blake3 equals the
     /// index's, it parses and validates, and it is this tenant's model of
     /// this version. Nothing that fails a check is returned.
-    pub fn load(&self, tenant: &str, version: &str) -> Result<LoadedModel> {
+    pub fn load(&self, tenant: &str, version: &str, key: &crate::crypto::IntegrityKey) -> Result<LoadedModel> {
         Self::check_tenant(tenant)?;
         if !is_valid_version(version) {
             bail!("invalid model version {:?}", crate::data::show_tenant(version));
@@ -282,7 +286,7 @@ impl Registry {
                 &hash[..12]
             );
         }
-        let artifact = ModelArtifact::from_json_bytes(&bytes, &path.display().to_string())?;
+        let artifact = crate::model::artifact::load_verified(&bytes, &path.display().to_string(), key, tenant)?;
         if artifact.tenant != tenant || artifact.model_version != version {
             bail!("{}: the file holds model {} of tenant {}, not {version} of {tenant}", path.display(), artifact.model_version, crate::data::show_tenant(&artifact.tenant));
         }
@@ -291,9 +295,9 @@ impl Registry {
 
     /// The champion of `tenant`, loaded and verified (None: no champion). The
     /// champion record's hash must equal the index's.
-    pub fn load_champion(&self, tenant: &str) -> Result<Option<LoadedModel>> {
+    pub fn load_champion(&self, tenant: &str, key: &crate::crypto::IntegrityKey) -> Result<Option<LoadedModel>> {
         let Some(c) = self.champion(tenant)? else { return Ok(None) };
-        let m = self.load(tenant, &c.version)?;
+        let m = self.load(tenant, &c.version, key)?;
         if m.blake3 != c.blake3 {
             bail!("{}: the champion record names blake3 {} but version {} is {}; refusing to load it", self.champion_path(tenant).display(), &c.blake3[..12], c.version, &m.blake3[..12]);
         }
@@ -303,10 +307,11 @@ impl Registry {
     /// Register a model artifact (its exact bytes). Idempotent: the same
     /// version with the same bytes is registered once; the same version with
     /// other bytes is an error. The caller holds the workspace lock.
-    pub fn register(&self, bytes: &[u8]) -> Result<VersionEntry> {
-        let artifact = ModelArtifact::from_json_bytes(bytes, "the model to register")?;
+    pub fn register(&self, bytes: &[u8], key: &crate::crypto::IntegrityKey) -> Result<VersionEntry> {
+        let claimed = ModelArtifact::from_json_bytes(bytes, "the model to register")?;
+        Self::check_tenant(&claimed.tenant)?;
+        let artifact = crate::model::artifact::load_verified(bytes, "the model to register", key, &claimed.tenant)?;
         let tenant = artifact.tenant.clone();
-        Self::check_tenant(&tenant)?;
         let version = artifact.model_version.clone();
         if !is_valid_version(&version) {
             bail!("cannot register model version {:?}: a version is 1-128 characters of A-Z a-z 0-9 _ - .", crate::data::show_tenant(&version));
@@ -318,7 +323,7 @@ impl Registry {
                 bail!("model version {version} of tenant {tenant} is already registered with other content (blake3 {} vs {})", &e.blake3[..12], &hash[..12]);
             }
             // Re-write the artifact if it went missing or was damaged.
-            if self.load(&tenant, &version).is_err() {
+            if self.load(&tenant, &version, key).is_err() {
                 write_atomic(&self.artifact_path(&tenant, &version), bytes)?;
             }
             return Ok(e.clone());
@@ -356,8 +361,8 @@ impl Registry {
     /// Make `version` the champion of `tenant`. The version is loaded and
     /// verified first: a model that fails its checks is never promoted. The
     /// caller holds the workspace lock. Returns the previous champion.
-    pub fn promote(&self, tenant: &str, version: &str, who: &str, why: &str) -> Result<Option<String>> {
-        let m = self.load(tenant, version)?;
+    pub fn promote(&self, tenant: &str, version: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<Option<String>> {
+        let m = self.load(tenant, version, key)?;
         let current = self.champion(tenant)?;
         if let Some(c) = &current
             && c.version == version
@@ -377,7 +382,7 @@ impl Registry {
 
     /// Return `tenant` to its previous champion. The caller holds the
     /// workspace lock. Returns (from, to).
-    pub fn rollback(&self, tenant: &str, who: &str, why: &str) -> Result<(String, String)> {
+    pub fn rollback(&self, tenant: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<(String, String)> {
         let Some(cur) = self.champion(tenant)? else {
             bail!("tenant {tenant} has no champion: nothing to roll back (see `dagrun models list {tenant}`)");
         };
@@ -385,7 +390,7 @@ impl Registry {
         let Some(to) = previous.pop() else {
             bail!("tenant {tenant}'s champion {} is its first: there is no previous champion to roll back to", cur.version);
         };
-        let m = self.load(tenant, &to).with_context(|| format!("cannot roll back tenant {tenant} to {to}"))?;
+        let m = self.load(tenant, &to, key).with_context(|| format!("cannot roll back tenant {tenant} to {to}"))?;
         let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: to.clone(), blake3: m.blake3, since: now(), previous };
         self.append_history(tenant, &HistoryEntry { time: c.since.clone(), who: who.into(), action: "rollback".into(), from: Some(cur.version.clone()), to: to.clone(), why: why.into() })?;
         self.write_champion(&c)?;

@@ -56,8 +56,9 @@ pub fn verified_bytes(workspace: &Path, rel: &str, hash: &str) -> Option<(Vec<u8
             return Some((b, Source::Workspace));
         }
     }
-    let cas = crate::engine::cas::Cas::read_only(&workspace.join(crate::engine::DAGRUN_DIR));
-    match std::fs::read(cas.object_path(hash)) {
+    let cas = crate::workspace::cas::Cas::read_only(&crate::workspace::Workspace::at(workspace));
+    let hash = crate::workspace::ContentHash::parse(hash).ok()?;
+    match std::fs::read(cas.object_path(&hash)) {
         Ok(b) if ok(&b) => Some((b, Source::Cache)),
         _ => None,
     }

@@ -109,6 +109,12 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     if !dagrun_dir.is_dir() {
         return Err(crate::error::config(format!("{}: not a dagrun workspace (no .dagrun/); run a pipeline first or pass -C DIR", opts.workspace.display())));
     }
+    // Models are verified with the workspace integrity key. Without a master
+    // key (no pipeline has run here) the server starts and answers 503.
+    let integrity = crate::crypto::Keyring::open_existing(&opts.workspace)?.map(|r| r.integrity_key());
+    if integrity.is_none() {
+        tracing::warn!("no master key in {}: no model can be verified; every tenant answers 503 until a pipeline has run here", opts.workspace.display());
+    }
     let metrics = Arc::new(metrics::Metrics::default());
     let audit_dir = opts.audit_dir.clone().unwrap_or_else(|| dagrun_dir.join("audit"));
     let audit = audit::Audit::start(audit_dir, metrics.clone())?;
@@ -121,6 +127,7 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     let shared = Arc::new(Shared {
         workspace: opts.workspace.clone(),
         dagrun_dir: dagrun_dir.clone(),
+        integrity,
         models: Default::default(),
         tokens: Default::default(),
         metrics,

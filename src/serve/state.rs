@@ -60,6 +60,10 @@ pub struct Limits {
 pub struct Shared {
     pub workspace: PathBuf,
     pub dagrun_dir: PathBuf,
+    /// The workspace integrity key: every model is verified (MAC, tenant)
+    /// before it is served. None: the workspace has no master key yet, so no
+    /// model can be verified and every tenant answers 503.
+    pub integrity: Option<Arc<crate::crypto::IntegrityKey>>,
     pub models: ArcSwap<HashMap<String, Arc<TenantModels>>>,
     pub tokens: ArcSwap<TokenSet>,
     pub metrics: Arc<Metrics>,
@@ -187,7 +191,11 @@ impl Shared {
             if w.failed.contains_key(&key) {
                 continue;
             }
-            match reg.load(t, &e.version).and_then(|m| Deployed::from_registry(m, reg.artifact_path(t, &e.version))) {
+            match self.integrity
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("the workspace has no master key, so no model can be verified"))
+                .and_then(|k| reg.load(t, &e.version, k))
+                .and_then(|m| Deployed::from_registry(m, reg.artifact_path(t, &e.version))) {
                 Ok(d) => {
                     tm.versions.insert(e.version.clone(), Arc::new(Model { version: e.version.clone(), deployed: d }));
                 }

@@ -5,7 +5,7 @@
 //! *transform* every row with them. Outputs: the feature rows (Parquet) and
 //! the fitted statistics (JSON), which the feature store keeps with the version.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::data::featurize;
 use crate::data::schema::parse_date;
 use crate::features;
@@ -25,7 +25,7 @@ pub struct StatsFile {
     pub stats: features::v1::TenantStats,
 }
 
-impl StageKind for Afe {
+impl KindDecl for Afe {
     fn name(&self) -> &'static str {
         "afe"
     }
@@ -50,6 +50,9 @@ impl StageKind for Afe {
             ],
         })
     }
+}
+
+impl StageKind for Afe {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let w = ctx.with();

@@ -15,7 +15,7 @@
 //!   hard link in its place, is removed first, never written through), mode
 //!   0600, inside a `.dagrun/logs` that must be a real directory.
 
-use super::{Declared, RunCtx, RunReport, StageKind};
+use super::{Declared, KindDecl, RunCtx, RunReport, StageKind};
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
@@ -46,7 +46,7 @@ fn kill_group(pid: u32, sig: i32) {
     }
 }
 
-impl StageKind for Cmd {
+impl KindDecl for Cmd {
     fn name(&self) -> &'static str {
         "cmd"
     }
@@ -60,10 +60,13 @@ impl StageKind for Cmd {
         }
         Ok(Declared::default())
     }
+}
+
+impl StageKind for Cmd {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let s: &Stage = ctx.stage;
         let cmd = s.cmd.as_deref().context("cmd stage without a command")?;
-        let logs_rel = std::path::Path::new(crate::engine::DAGRUN_DIR).join("logs");
+        let logs_rel = std::path::Path::new(crate::workspace::DAGRUN_DIR).join("logs");
         let logs = crate::util::nofollow::Dir::open_or_create(ctx.workspace, &logs_rel)?;
         let out_name = format!("{}.out", s.name);
         let err_name = format!("{}.err", s.name);

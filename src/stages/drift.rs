@@ -27,7 +27,7 @@
 //! - The report holds aggregates only (shares per bin, min/max of the
 //!   reference), never a row.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDrift, Level};
 use crate::model::ModelArtifact;
 use crate::pipeline::Stage;
@@ -168,8 +168,14 @@ fn push_columns(cols: &mut [Vec<f64>], batch: &arrow_array::RecordBatch) -> Resu
     Ok(())
 }
 
-/// The champion model at `rel` (bytes hash and parsed), if it exists.
-fn read_model(workspace: &Path, rel: &str) -> Result<Option<(String, ModelArtifact)>> {
+/// The reference model (bytes hash and parsed): the tenant's champion in the
+/// model registry (the copy `serve` and `predict` use, verified), else the
+/// model at `rel`, which must be authentic (MAC under the workspace integrity
+/// key) and `tenant`'s; None when there is neither.
+fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, tenant: &str) -> Result<Option<(String, ModelArtifact)>> {
+    if let Some(m) = crate::registry::Registry::of_workspace(workspace).load_champion(tenant, key)? {
+        return Ok(Some((m.blake3, m.artifact)));
+    }
     let p = workspace.join(rel);
     let bytes = match std::fs::read(&p) {
         Ok(b) => b,
@@ -177,7 +183,12 @@ fn read_model(workspace: &Path, rel: &str) -> Result<Option<(String, ModelArtifa
         Err(e) => return Err(anyhow!("cannot read the reference model {rel}: {e}")),
     };
     let hash = blake3::hash(&bytes).to_hex().to_string();
-    Ok(Some((hash, ModelArtifact::from_json_bytes(&bytes, rel)?)))
+    let m = crate::model::artifact::load_verified(&bytes, rel, key, tenant).map_err(|e| {
+        e.context(format!(
+            "the reference model {rel} cannot be trusted: delete it (the next run restores the train stage's output from the cache, or retrains) and check the workspace with `dagrun verify`"
+        ))
+    })?;
+    Ok(Some((hash, m)))
 }
 
 /// The blake3 of the reference feature file (the cache-key ingredient, and
@@ -187,16 +198,23 @@ fn read_model(workspace: &Path, rel: &str) -> Result<Option<(String, ModelArtifa
 /// run after the first finds drift up to date; once `train` retrained on the
 /// data drift last measured, that measurement's reference is kept (the data
 /// is not compared with itself on the next run).
-fn reference_hash(stage: &Stage, services: &crate::engine::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
+fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
     let rel = param_str(&stage.with, "model").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
     let dir = param_str(&stage.with, "current").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
-    let current = crate::store::read_manifest(&services.workspace.join(&dir)).map(|m| m.file_blake3).ok();
-    let model = read_model(&services.workspace, &rel).map_err(|e| e.context(format!("stage {}", stage.name)))?;
+    let tenant = stage.tenant.as_deref().context("no tenant")?;
+    // Without a master key yet (status before the first run) nothing here
+    // can be verified: no model, no current version.
+    let key = services.integrity_key().ok();
+    let current = key.as_ref().and_then(|k| crate::store::read_manifest(&services.workspace.join(&dir), k).ok()).map(|m| m.file_blake3);
+    let model = match &key {
+        Some(k) => read_model(&services.workspace, &rel, k, tenant).map_err(|e| e.context(format!("stage {}", stage.name)))?,
+        None => None,
+    };
     let hash = match &model {
         Some((_, m)) if Some(&m.feature_file_hash) == current.as_ref() => {
-            let dagrun_dir = services.workspace.join(crate::engine::DAGRUN_DIR);
             let features = format!("{dir}/{}", crate::store::FEATURES_FILE);
-            crate::engine::state::StateStore::new(&dagrun_dir)
+            services
+                .states
                 .get(&stage.name)
                 .filter(|st| st.ingredients.inputs.get(&features) == current.as_ref())
                 .and_then(|st| st.ingredients.extras.get("reference_features").cloned())
@@ -208,7 +226,7 @@ fn reference_hash(stage: &Stage, services: &crate::engine::Services) -> Result<(
     Ok((hash, model))
 }
 
-impl StageKind for Drift {
+impl KindDecl for Drift {
     fn name(&self) -> &'static str {
         "drift"
     }
@@ -231,7 +249,10 @@ impl StageKind for Drift {
             outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
         })
     }
-    fn extra_ingredients(&self, stage: &Stage, services: &crate::engine::Services) -> Result<BTreeMap<String, String>> {
+}
+
+impl StageKind for Drift {
+    fn extra_ingredients(&self, stage: &Stage, services: &super::Services) -> Result<BTreeMap<String, String>> {
         Ok(BTreeMap::from([("reference_features".to_string(), reference_hash(stage, services)?.0)]))
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
@@ -241,7 +262,7 @@ impl StageKind for Drift {
         let model_rel = ctx.str_param("model")?;
         // Current data: the verified feature version.
         let dir = ctx.deps[0].parent().context("store dir")?;
-        let (manifest, batches) = crate::store::open_verified(dir)?;
+        let (manifest, batches) = crate::store::open_verified(dir, &*ctx.services.integrity_key()?)?;
         if manifest.tenant != tenant {
             bail!("{} holds tenant {}'s features, not {tenant}'s", ctx.rel(dir), manifest.tenant);
         }
@@ -280,10 +301,11 @@ impl StageKind for Drift {
             }
             // The model itself, or (after a retrain on this data) the one before it.
             let model_version = if model.feature_file_hash == ref_hash { model.model_version.clone() } else { format!("the model before {}", model.model_version) };
-            let cas = crate::engine::cas::Cas::read_only(&ctx.workspace.join(crate::engine::DAGRUN_DIR));
+            let cas = crate::workspace::cas::Cas::read_only(&ctx.services.ws);
+            let ref_content = crate::workspace::ContentHash::parse(&ref_hash).map_err(|e| anyhow!("reference model {model_rel}: feature_file_hash: {e}"))?;
             let (cols, from) = match read_features_if(&ctx.workspace.join(ff), &ref_hash)? {
                 Some(c) => (c, "workspace"),
-                None => match read_features_if(&cas.object_path(&ref_hash), &ref_hash)? {
+                None => match read_features_if(&cas.object_path(&ref_content), &ref_hash)? {
                     Some(c) => (c, "cache"),
                     None => bail!(
                         "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift; retrain (`dagrun run --force train`) or point `model:` at a model whose features are kept",

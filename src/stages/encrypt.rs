@@ -10,12 +10,12 @@
 //!
 //! Work is streamed batch by batch; each batch is split across the cores.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
 use crate::data::parquet_io::{ParquetSink, open_batches};
 use crate::data::schema::{self, encrypted_schema};
-use crate::engine::Services;
+use super::Services;
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::builder::{BinaryBuilder, FixedSizeBinaryBuilder};
@@ -105,7 +105,8 @@ fn key_ingredient(tenant: &str) -> String {
 /// by a fresh one. Creating a new key would give it the same id, so the old
 /// ciphertexts would silently stay "up to date" while nothing can decrypt them.
 fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::KeyringView, tenant: &str) -> Result<()> {
-    let recorded = crate::engine::state::StateStore::new(&services.workspace.join(crate::engine::DAGRUN_DIR))
+    let recorded = services
+        .states
         .get(&stage.name)
         .and_then(|st| st.ingredients.extras.get(&key_ingredient(tenant)).cloned())
         .filter(|id| !id.starts_with("destroyed "))
@@ -128,7 +129,7 @@ fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::K
     )
 }
 
-impl StageKind for Encrypt {
+impl KindDecl for Encrypt {
     fn name(&self) -> &'static str {
         "encrypt"
     }
@@ -142,6 +143,9 @@ impl StageKind for Encrypt {
         }
         Ok(Declared { deps: vec![param_str(with, "input")?], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }] })
     }
+}
+
+impl StageKind for Encrypt {
     fn extra_ingredients(&self, stage: &Stage, services: &Services) -> Result<BTreeMap<String, String>> {
         let tenant = stage.tenant.as_deref().unwrap_or_default();
         // Read-only: computing a cache key (status, --dry-run, a run's

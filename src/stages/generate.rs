@@ -12,10 +12,10 @@
 //! share change reruns only tenants whose count changed. The output holds
 //! plaintext PII and is declared sensitive: never cached, deleted after the run.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str, param_u64};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str, param_u64};
 use crate::data::generate::{TenantShare, generate_tenant, split_rows};
 use crate::data::schema::parse_date;
-use crate::engine::Services;
+use super::Services;
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Map, Value};
@@ -33,7 +33,7 @@ pub fn tenant_rows(services: &Services, rows: u64, tenant: &str) -> Result<u64> 
     Ok(counts[i])
 }
 
-impl StageKind for Generate {
+impl KindDecl for Generate {
     fn name(&self) -> &'static str {
         "generate"
     }
@@ -51,6 +51,9 @@ impl StageKind for Generate {
         parse_date(&as_of).map_err(|e| format!("`with.as_of`: {e:#}"))?;
         Ok(Declared { deps: vec![], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: true }] })
     }
+}
+
+impl StageKind for Generate {
     fn extra_ingredients(&self, stage: &Stage, services: &Services) -> Result<BTreeMap<String, String>> {
         let rows = param_u64(&stage.with, "rows").map_err(|e| anyhow!(e))?;
         let t = stage.tenant.as_deref().unwrap_or_default();

@@ -5,7 +5,7 @@
 //! nothing is written. The output holds plaintext PII: it is declared
 //! sensitive, like `generate`'s.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::data::ingest::{IngestOptions, validate_to_parquet};
 use crate::data::schema::parse_date;
 use anyhow::{Context, Result, anyhow};
@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 pub struct Ingest;
 
-impl StageKind for Ingest {
+impl KindDecl for Ingest {
     fn name(&self) -> &'static str {
         "ingest"
     }
@@ -30,6 +30,9 @@ impl StageKind for Ingest {
         }
         Ok(Declared { deps: vec![param_str(with, "input")?], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: true }] })
     }
+}
+
+impl StageKind for Ingest {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let as_of = match ctx.with().get("as_of") {

@@ -2,8 +2,12 @@
 //! kinds — implements [`StageKind`]; the engine knows nothing else about them.
 //! Adding a kind = one file here + one line in [`registry`].
 
-use crate::pipeline::Stage;
-use anyhow::Result;
+use crate::crypto::{IntegrityKey, Keyring};
+use crate::pipeline::{Stage, Tenants};
+use crate::workspace::Workspace;
+use crate::workspace::state::StateStore;
+use anyhow::{Result, anyhow};
+use std::sync::OnceLock;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,22 +25,50 @@ pub mod serve_check;
 pub mod store;
 pub mod train;
 
-/// What a kind declares about a stage from its `with:` params, before running.
-#[derive(Debug, Default)]
-pub struct Declared {
-    /// Extra input paths (relative to the workspace).
-    pub deps: Vec<String>,
-    /// Extra output paths.
-    pub outs: Vec<DeclaredOut>,
+/// Shared services a stage kind may use, handed in by the engine: stages
+/// never open engine state themselves.
+pub struct Services {
+    /// The workspace root.
+    pub workspace: PathBuf,
+    /// Its paths.
+    pub ws: Workspace,
+    pub tenants: Option<Tenants>,
+    /// The authenticated state records (read them, e.g. a stage's last extras).
+    pub states: Arc<StateStore>,
+    keyring: OnceLock<std::result::Result<Arc<Keyring>, String>>,
 }
 
-/// One output a kind declares.
-#[derive(Debug, Clone)]
-pub struct DeclaredOut {
-    pub path: String,
-    /// Holds plaintext PII (see `engine` docs on sensitive outputs).
-    pub sensitive: bool,
+impl Services {
+    /// `keyring`: an already opened keyring (else opened on first use,
+    /// unless `read_only`: status and dry runs never create a key, so there
+    /// the keyring is what `keyring` says, or an error).
+    pub fn new(ws: &Workspace, tenants: Option<Tenants>, states: Arc<StateStore>, keyring: Option<Arc<Keyring>>, read_only: bool) -> Services {
+        let cell = OnceLock::new();
+        match keyring {
+            Some(k) => {
+                let _ = cell.set(Ok(k));
+            }
+            None if read_only => {
+                let _ = cell.set(Err("no master key in this workspace yet (nothing is created by a read-only command)".to_string()));
+            }
+            None => {}
+        }
+        Services { workspace: ws.root().to_path_buf(), ws: ws.clone(), tenants, states, keyring: cell }
+    }
+
+    /// The workspace keyring, opened once per run (master key from the
+    /// environment or the key file; see `crypto::keyring`).
+    pub fn keyring(&self) -> Result<Arc<Keyring>> {
+        self.keyring.get_or_init(|| Keyring::open(&self.workspace).map(Arc::new).map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
+    }
+
+    /// The workspace integrity key (MACs of models and feature manifests).
+    pub fn integrity_key(&self) -> Result<Arc<IntegrityKey>> {
+        Ok(self.keyring()?.integrity_key())
+    }
 }
+
+pub use crate::pipeline::kind::{Declared, DeclaredOut, KindDecl};
 
 /// Everything a stage sees while it runs.
 pub struct RunCtx<'a> {
@@ -50,7 +82,7 @@ pub struct RunCtx<'a> {
     pub input_hashes: &'a BTreeMap<String, String>,
     /// The stage's cache key (blake3 hex).
     pub cache_key: &'a str,
-    pub services: &'a crate::engine::Services,
+    pub services: &'a Services,
     /// Set when the run is interrupted; long loops should check it.
     pub cancel: &'a AtomicBool,
     pub timeout: Option<Duration>,
@@ -79,17 +111,10 @@ pub struct RunReport {
 }
 
 /// A kind of stage.
-pub trait StageKind: Send + Sync {
-    /// Name used in `uses:` (or `cmd`).
-    fn name(&self) -> &'static str;
-    /// Code version: bump whenever the kind's outputs for the same inputs change.
-    /// It is part of every cache key of the kind.
-    fn version(&self) -> u32;
-    /// Check `with:` and declare the inputs/outputs they name.
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String>;
+pub trait StageKind: KindDecl {
     /// Extra cache-key ingredients read at run time (e.g. the id of the tenant's
     /// active data key). Values must not be secret.
-    fn extra_ingredients(&self, _stage: &Stage, _services: &crate::engine::Services) -> Result<BTreeMap<String, String>> {
+    fn extra_ingredients(&self, _stage: &Stage, _services: &Services) -> Result<BTreeMap<String, String>> {
         Ok(BTreeMap::new())
     }
     /// Do the work. Runs on a blocking thread.
@@ -98,6 +123,12 @@ pub trait StageKind: Send + Sync {
     fn summarize(&self, _stage: &Stage, _outs: &[PathBuf]) -> Option<String> {
         None
     }
+}
+
+/// The built-in kinds' declarations, for loading a pipeline
+/// (`pipeline::load`).
+pub fn kinds() -> crate::pipeline::Kinds {
+    registry().into_iter().map(|(n, k)| (n, k as Arc<dyn KindDecl>)).collect()
 }
 
 /// All built-in kinds by name.

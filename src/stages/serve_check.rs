@@ -6,9 +6,11 @@
 //! hash does not match the store, or if the model's hash does not match its
 //! lineage record. Writes a per-tenant JSON report.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::data::schema;
-use crate::model::ModelArtifact;
+use crate::crypto::IntegrityKey;
+use crate::model::artifact::load_verified;
+use crate::workspace::ContentHash;
 use crate::model::split::test_mask;
 use crate::scoring;
 use crate::util::atomic::write_json_atomic;
@@ -41,16 +43,16 @@ pub struct Report {
 }
 
 /// Run the check. `recorded_model_hash` is the model's lineage record.
-pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded_model_hash: Option<&str>) -> Result<Report> {
+pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded_model_hash: Option<&ContentHash>) -> Result<Report> {
     let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
-    let model_hash = blake3::hash(&bytes).to_hex().to_string();
+    let model_hash = ContentHash::of_bytes(&bytes);
     match recorded_model_hash {
-        Some(h) if h == model_hash => {}
-        Some(h) => bail!("model {} does not match its lineage record (blake3 {} recorded, file is {})", model.display(), &h[..12], &model_hash[..12]),
+        Some(h) if *h == model_hash => {}
+        Some(h) => bail!("model {} does not match its lineage record (blake3 {} recorded, file is {})", model.display(), h.short(), model_hash.short()),
         None => bail!("model {} has no lineage record: it was not produced by a train stage of this workspace", model.display()),
     }
-    let artifact = ModelArtifact::from_json_bytes(&bytes, &model.display().to_string())?;
-    let (manifest, batches) = crate::store::open_verified(store_dir)?;
+    let artifact = load_verified(&bytes, &model.display().to_string(), key, tenant)?;
+    let (manifest, batches) = crate::store::open_verified(store_dir, key)?;
     scoring::check_model_matches_store(&artifact, &manifest)?;
     if artifact.feature_stats != manifest.stats {
         bail!("the statistics stored with feature version {} differ from those the model was trained with", manifest.feature_set_version);
@@ -113,13 +115,13 @@ pub fn check(tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded
         tolerance: TOLERANCE,
         auc: crate::model::metrics::roc_auc(&truth, &scores),
         model_version: artifact.model_version,
-        model_blake3: model_hash,
+        model_blake3: model_hash.to_string(),
         feature_set_version: manifest.feature_set_version,
         feature_file_blake3: manifest.file_blake3,
     })
 }
 
-impl StageKind for ServeCheck {
+impl KindDecl for ServeCheck {
     fn name(&self) -> &'static str {
         "serve-check"
     }
@@ -142,12 +144,15 @@ impl StageKind for ServeCheck {
             outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
         })
     }
+}
+
+impl StageKind for ServeCheck {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let model_rel = ctx.stage.deps[3].clone();
-        let recorded = scoring::recorded_hash(ctx.workspace, &model_rel).map(|(_, h)| h);
+        let recorded = ctx.services.states.producer_of(&model_rel).map(|(_, o)| o.hash);
         let store_dir: PathBuf = ctx.deps[1].parent().context("store dir")?.to_path_buf();
-        let report = check(tenant, &ctx.deps[0], &store_dir, &ctx.deps[3], recorded.as_deref())?;
+        let report = check(&*ctx.services.integrity_key()?, tenant, &ctx.deps[0], &store_dir, &ctx.deps[3], recorded.as_ref())?;
         write_json_atomic(&ctx.outs[0], &report)?;
         let mut facts = Map::new();
         facts.insert("rows_checked".into(), report.rows_checked.into());

@@ -12,7 +12,7 @@
 //! registered in the model registry; `promote: auto` (default) makes it the
 //! tenant's champion, `promote: manual` leaves that to `dagrun models promote`.
 
-use super::{Declared, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::data::schema;
 use crate::model::{ModelArtifact, TrainingData};
 use crate::util::atomic::write_atomic;
@@ -32,7 +32,7 @@ fn promote_mode(with: &Map<String, Value>) -> std::result::Result<&str, String> 
     }
 }
 
-impl StageKind for Train {
+impl KindDecl for Train {
     fn name(&self) -> &'static str {
         "train"
     }
@@ -63,6 +63,9 @@ impl StageKind for Train {
             ],
         })
     }
+}
+
+impl StageKind for Train {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let w = ctx.with();
@@ -71,7 +74,15 @@ impl StageKind for Train {
         let dir = ctx.deps[0].parent().context("store dir")?;
         let t0 = std::time::Instant::now();
         // The training matrix is held in memory: the solver needs all rows.
-        let (manifest, batches) = crate::store::open_verified(dir)?;
+        let key = ctx.services.integrity_key()?;
+        let (manifest, batches) = crate::store::open_verified(dir, &key)?;
+        if manifest.tenant != tenant {
+            bail!(
+                "the feature store {} holds tenant {}'s features, not tenant {tenant}'s: refusing to train tenant {tenant}'s model on them; fix `with.store`",
+                ctx.rel(dir),
+                if crate::data::is_valid_tenant_id(&manifest.tenant) { manifest.tenant.clone() } else { crate::data::show_tenant(&manifest.tenant) }
+            );
+        }
         let mut data = TrainingData { tenant: tenant.to_string(), customer_id: vec![], x: vec![], y: vec![] };
         for batch in batches {
             let batch = batch?;
@@ -124,8 +135,11 @@ impl StageKind for Train {
                 "params": {"C": c, "min_auc": min_auc},
                 "code_version": format!("train/{}; model {}", self.version(), crate::model::artifact::FORMAT),
             }),
+            mac: None,
         };
+        let mut artifact = artifact;
         artifact.validate(&feature_rel)?;
+        artifact.seal(&key)?;
         let scores: Vec<f64> = outcome.test_scores.iter().map(|&(_, p)| p).collect();
         let eval = crate::model::evaluation::Evaluation::compute(tenant, &artifact.model_version, &outcome.test_labels, &scores);
         let bytes = artifact.to_json_bytes();
@@ -135,12 +149,12 @@ impl StageKind for Train {
         // auto` (the default) makes it the champion, `manual` leaves the
         // champion to `dagrun models promote`.
         let registry = crate::registry::Registry::of_workspace(ctx.workspace);
-        registry.register(&bytes)?;
+        registry.register(&bytes, &key)?;
         let promoted = if promote_mode(w).map_err(|e| anyhow!(e))? == "auto" {
             let current = registry.champion(tenant)?.map(|c| c.version);
             if current.as_deref() != Some(artifact.model_version.as_str()) {
                 let why = format!("train: test AUC {:.4} >= min_auc {min_auc} (promote: auto)", m.auc);
-                registry.promote(tenant, &artifact.model_version, &format!("{} (dagrun run)", crate::registry::current_user()), &why)?;
+                registry.promote(tenant, &artifact.model_version, &format!("{} (dagrun run)", crate::registry::current_user()), &why, &key)?;
             }
             true
         } else {

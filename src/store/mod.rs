@@ -5,7 +5,9 @@
 //! then hashed from disk, then the manifest is written; both atomically. A
 //! version directory without a manifest is incomplete and does not open.
 
+use crate::crypto::IntegrityKey;
 use crate::data::parquet_io::{ParquetSink, footer_kv};
+use crate::workspace::record;
 use crate::data::schema::{features_schema, format_date};
 use crate::features::v1::TenantStats;
 use crate::util::atomic::write_json_atomic;
@@ -66,6 +68,9 @@ pub struct Manifest {
     pub file: String,
     pub file_blake3: String,
     pub lineage: Lineage,
+    /// MAC under the workspace integrity key (see the module docs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// `features/<tenant>/<version>` under `root`.
@@ -120,6 +125,7 @@ fn hash_reader(r: &mut impl Read) -> std::io::Result<String> {
 /// when there are no batches); every batch must share it.
 #[allow(clippy::too_many_arguments)]
 pub fn write_version(
+    key: &IntegrityKey,
     dir: &Path,
     tenant: &str,
     version: &str,
@@ -145,15 +151,16 @@ pub fn write_version(
     }
     let rows = sink.rows();
     sink.finish()?;
-    finish_version(dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+    finish_version(key, dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
 }
 
 /// Like [`write_version`], from a finished feature file: its column chunks
 /// are copied byte for byte (no decoding) under the store's footer.
-pub fn write_version_from_file(dir: &Path, tenant: &str, version: &str, as_of: i32, stats: &TenantStats, lineage: Lineage, src: &Path) -> Result<Manifest> {
+#[allow(clippy::too_many_arguments)]
+pub fn write_version_from_file(key: &IntegrityKey, dir: &Path, tenant: &str, version: &str, as_of: i32, stats: &TenantStats, lineage: Lineage, src: &Path) -> Result<Manifest> {
     let (lineage, as_of_s, kv) = prepare(tenant, version, as_of, lineage)?;
     let (schema, rows) = crate::data::parquet_io::copy_with_footer(src, &dir.join(FEATURES_FILE), kv)?;
-    finish_version(dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+    finish_version(key, dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
 }
 
 /// Shared start of both writers: check the tenant, seal the lineage hash, and
@@ -176,6 +183,7 @@ fn prepare(tenant: &str, version: &str, as_of: i32, mut lineage: Lineage) -> Res
 /// Hash the written feature file and write the manifest (last).
 #[allow(clippy::too_many_arguments)]
 fn finish_version(
+    key: &IntegrityKey,
     dir: &Path,
     tenant: &str,
     version: &str,
@@ -201,19 +209,21 @@ fn finish_version(
         file: FEATURES_FILE.to_string(),
         file_blake3,
         lineage,
+        mac: None,
     };
-    write_json_atomic(&dir.join(MANIFEST_FILE), &manifest)?;
-    Ok(manifest)
+    let sealed = record::seal_value(key, record::FEATURE_MANIFEST, &manifest)?;
+    write_json_atomic(&dir.join(MANIFEST_FILE), &sealed)?;
+    Ok(Manifest { mac: sealed.get(record::MAC_FIELD).and_then(|m| m.as_str()).map(str::to_string), ..manifest })
 }
 
-/// Read and check `dir/manifest.json`.
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+/// Read `dir/manifest.json` and verify its MAC under the workspace integrity key.
+pub fn read_manifest(dir: &Path, key: &IntegrityKey) -> Result<Manifest> {
     let p = dir.join(MANIFEST_FILE);
     let bytes = std::fs::read(&p).with_context(|| {
         format!("cannot read feature manifest {}: the feature version is missing or incomplete; rerun `dagrun run --force store`", p.display())
     })?;
-    let m: Manifest = serde_json::from_slice(&bytes)
-        .with_context(|| format!("feature manifest {} is not valid; rerun `dagrun run --force store`", p.display()))?;
+    let m: Manifest = record::open(Some(key), record::FEATURE_MANIFEST, &bytes, &p.display().to_string())
+        .map_err(|e| anyhow!("feature manifest refused: {e}; rerun `dagrun run --force store`"))?;
     if m.format != MANIFEST_FORMAT {
         bail!("feature manifest {} has format {:?}; this build reads {MANIFEST_FORMAT:?}", p.display(), m.format);
     }
@@ -226,8 +236,8 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 /// Open a feature version after checking it: blake3 of the file equals the
 /// manifest's, and the footer's version, lineage hash and tenant equal the
 /// manifest's. The file is opened once, hashed and then read from the same handle.
-pub fn open_verified(dir: &Path) -> Result<(Manifest, impl Iterator<Item = Result<RecordBatch>> + use<>)> {
-    let m = read_manifest(dir)?;
+pub fn open_verified(dir: &Path, key: &IntegrityKey) -> Result<(Manifest, impl Iterator<Item = Result<RecordBatch>> + use<>)> {
+    let m = read_manifest(dir, key)?;
     let path = dir.join(&m.file);
     let shown = path.display().to_string();
     let mut f = File::open(&path).with_context(|| format!("cannot open feature file {shown}; rerun `dagrun run --force store`"))?;
@@ -262,6 +272,10 @@ mod tests {
     use crate::data::featurize::features_batch;
     use crate::data::generate::generate_tenant;
     use crate::data::parquet_io::{open_batches, read_footer_kv};
+
+    fn key() -> IntegrityKey {
+        IntegrityKey::from_bytes([5; 32])
+    }
 
     fn lineage() -> Lineage {
         Lineage {
@@ -298,7 +312,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (stats, batches) = feature_batches(d.path());
         let dir = version_dir(&d.path().join("features"), "Tenant_A", "v1.0");
-        let m = write_version(&dir, "Tenant_A", "v1.0", 20454, &stats, lineage(), batches.clone().into_iter().map(Ok)).unwrap();
+        let m = write_version(&key(), &dir, "Tenant_A", "v1.0", 20454, &stats, lineage(), batches.clone().into_iter().map(Ok)).unwrap();
         assert_eq!(m.format, MANIFEST_FORMAT);
         assert_eq!(m.rows, 2000);
         assert_eq!(m.as_of, "2026-01-01");
@@ -309,13 +323,13 @@ mod tests {
         assert_eq!(m.lineage.lineage_hash, lineage_hash("Tenant_A", "v1.0", &lineage()));
         assert_eq!(m.lineage.lineage_hash.len(), 64);
         assert_eq!(m.file_blake3, hash_file(&dir.join("features.parquet")).unwrap());
-        assert_eq!(read_manifest(&dir).unwrap(), m);
+        assert_eq!(read_manifest(&dir, &key()).unwrap(), m);
         let kv = read_footer_kv(&dir.join("features.parquet")).unwrap();
         assert_eq!(kv[KV_VERSION], "v1.0");
         assert_eq!(kv[KV_LINEAGE], m.lineage.lineage_hash);
         assert_eq!(kv[KV_TENANT], "Tenant_A");
         assert_eq!(kv[KV_AS_OF], "2026-01-01");
-        let (m2, it) = open_verified(&dir).unwrap();
+        let (m2, it) = open_verified(&dir, &key()).unwrap();
         assert_eq!(m2, m);
         let back: Vec<_> = it.collect::<Result<_>>().unwrap();
         assert_eq!(back.iter().map(|b| b.num_rows()).sum::<usize>(), 2000);
@@ -345,13 +359,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (stats, batches) = feature_batches(d.path());
         let dir = d.path().join("v");
-        let m = write_version(&dir, "Tenant_A", "v1.0", 20454, &stats, lineage(), batches.into_iter().map(Ok)).unwrap();
+        let m = write_version(&key(), &dir, "Tenant_A", "v1.0", 20454, &stats, lineage(), batches.into_iter().map(Ok)).unwrap();
         let p = dir.join("features.parquet");
         let mut bytes = std::fs::read(&p).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 0x01;
         std::fs::write(&p, &bytes).unwrap();
-        let e = format!("{:#}", open_verified(&dir).err().expect("must fail"));
+        let e = format!("{:#}", open_verified(&dir, &key()).err().expect("must fail"));
         assert!(e.contains("does not match its manifest"), "{e}");
         assert!(e.contains(&m.file_blake3) && e.contains("rerun `dagrun run --force store`"), "{e}");
     }
@@ -361,22 +375,28 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (stats, batches) = feature_batches(d.path());
         let dir = d.path().join("v");
-        write_version(&dir, "Tenant_A", "v1.0", 20454, &stats, lineage(), batches.into_iter().map(Ok)).unwrap();
-        // A manifest edited to another lineage hash (with the file hash intact) is refused.
-        let mut m = read_manifest(&dir).unwrap();
+        write_version(&key(), &dir, "Tenant_A", "v1.0", 20454, &stats, lineage(), batches.into_iter().map(Ok)).unwrap();
+        // A manifest edited by hand fails its MAC.
+        let mut m = read_manifest(&dir, &key()).unwrap();
+        let mut edited = m.clone();
+        edited.stats.mean_login += 1.0;
+        write_json_atomic(&dir.join(MANIFEST_FILE), &edited).unwrap();
+        let e = format!("{:#}", open_verified(&dir, &key()).err().unwrap());
+        assert!(e.contains("modified outside dagrun"), "{e}");
+        // One re-sealed with the key but with another lineage hash (the file hash intact) is refused.
         m.lineage.lineage_hash = "0".repeat(64);
-        write_json_atomic(&dir.join(MANIFEST_FILE), &m).unwrap();
-        let e = format!("{:#}", open_verified(&dir).err().unwrap());
+        write_json_atomic(&dir.join(MANIFEST_FILE), &record::seal_value(&key(), record::FEATURE_MANIFEST, &m).unwrap()).unwrap();
+        let e = format!("{:#}", open_verified(&dir, &key()).err().unwrap());
         assert!(e.contains("dagrun.lineage_hash"), "{e}");
         m.lineage.lineage_hash = read_footer_kv(&dir.join(FEATURES_FILE)).unwrap()[KV_LINEAGE].clone();
         m.feature_set_version = "v2.0".into();
-        write_json_atomic(&dir.join(MANIFEST_FILE), &m).unwrap();
-        let e = format!("{:#}", open_verified(&dir).err().unwrap());
+        write_json_atomic(&dir.join(MANIFEST_FILE), &record::seal_value(&key(), record::FEATURE_MANIFEST, &m).unwrap()).unwrap();
+        let e = format!("{:#}", open_verified(&dir, &key()).err().unwrap());
         assert!(e.contains("dagrun.feature_set_version"), "{e}");
         std::fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
-        assert!(open_verified(&dir).is_err());
+        assert!(open_verified(&dir, &key()).is_err());
         std::fs::write(dir.join(MANIFEST_FILE), b"{garbage").unwrap();
-        assert!(read_manifest(&dir).is_err());
+        assert!(read_manifest(&dir, &key()).is_err());
     }
 }
 

@@ -201,15 +201,18 @@ fn logs_are_never_written_through_a_planted_link() {
 #[test]
 fn outputs_never_land_in_dagrun_or_config_through_a_link() {
     let ws = Ws::new();
-    ws.write(".dagrun/keys/keyring.json", "{\"the\": \"keyring\"}\n");
     ws.write("config/tenants.yaml", ONE);
+    // A first run makes the workspace's master key.
+    ws.pipeline("stages:\n  hello:\n    cmd: echo hi > hi.txt\n    outs: [hi.txt]\n");
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    let master = std::fs::read(ws.path(".dagrun/keys/master.key")).unwrap();
     ws.pipeline(
-        "stages:\n  mklink:\n    cmd: ln -s .dagrun/keys cfgkeys && ln -s config cfg\n  overwrite:\n    cmd: echo pwned > cfgkeys/keyring.json\n    outs: [cfgkeys/keyring.json]\n    needs: [mklink]\n  tenants:\n    cmd: echo pwned > cfg/tenants.yaml\n    outs: [cfg/tenants.yaml]\n    needs: [mklink]\n",
+        "stages:\n  mklink:\n    cmd: ln -s .dagrun/keys cfgkeys && ln -s config cfg\n  overwrite:\n    cmd: echo pwned > cfgkeys/master.key\n    outs: [cfgkeys/master.key]\n    needs: [mklink]\n  tenants:\n    cmd: echo pwned > cfg/tenants.yaml\n    outs: [cfg/tenants.yaml]\n    needs: [mklink]\n",
     );
     let o = dg(&ws, &["run", "pipeline.yaml"]);
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(o.stderr.contains("into .dagrun/") && o.stderr.contains("into config/"), "{}", o.stderr);
-    assert_eq!(ws.read(".dagrun/keys/keyring.json"), "{\"the\": \"keyring\"}\n");
+    assert_eq!(std::fs::read(ws.path(".dagrun/keys/master.key")).unwrap(), master);
     assert_eq!(ws.read("config/tenants.yaml"), ONE);
     // With the links in place, loading refuses the pipeline (exit 2).
     let o = dg(&ws, &["run", "pipeline.yaml"]);

@@ -403,7 +403,9 @@ fn training_refuses_data_that_cannot_make_a_model() {
     assert!(o.stdout.contains(model["model_version"].as_str().unwrap()), "{}", o.stdout);
     let o = dg(&ws, &["models", "list", "Tenant_A", "--json"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(dagrun::scoring::load_trained(&ws.root, "Tenant_A", None).err().unwrap().to_string().contains("retrain"));
+    let w = dagrun::workspace::Workspace::at(&ws.root);
+    let key = dagrun::scoring::integrity_key_of(&w).unwrap();
+    assert!(dagrun::scoring::load_trained(&w, key, "Tenant_A", None).err().unwrap().to_string().contains("retrain"));
 }
 
 /// Unwrap every key of the keyring with the master key (from the workspace's

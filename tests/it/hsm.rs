@@ -533,20 +533,23 @@ fn audit_log_chain_detects_an_edited_and_a_deleted_line() {
 
 #[test]
 fn the_master_key_uri_and_its_pin_source_never_reach_a_child() {
+    // A real token: every run opens the master key (it authenticates dagrun's
+    // records, `crypto::integrity`), cmd-only pipelines too.
+    let tok = Token::new();
     let ws = Ws::new();
-    let uri = "pkcs11:token=t;object=k;type=secret-key?module-path=/m.so&pin-source=file:/secret/place/pin";
     // A stage may not declare it (util::child_env): refused before anything runs.
     ws.pipeline("stages:\n  show:\n    cmd: env > seen.txt\n    outs: [seen.txt]\n    env: { DAGRUN_MASTER_KEY_URI: leaked }\n");
-    let o = ws.cmd(&["run", "pipeline.yaml"]).env("DAGRUN_MASTER_KEY_URI", uri).output().unwrap();
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("DAGRUN_MASTER_KEY_URI") && !ws.exists("seen.txt"));
+    let o = dg(&ws, Some(&tok), &["run", "pipeline.yaml"], &[("DAGRUN_MASTER_KEY_URI", tok.uri.as_str())]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("DAGRUN_MASTER_KEY_URI") && !ws.exists("seen.txt"), "{}", o.stderr);
     // Inherited from dagrun's environment, it is withheld.
     ws.pipeline("stages:\n  show:\n    cmd: env > seen.txt\n    outs: [seen.txt]\n");
-    let o = ws.cmd(&["run", "pipeline.yaml"]).env("DAGRUN_MASTER_KEY_URI", uri).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = dg(&ws, Some(&tok), &["run", "pipeline.yaml"], &[("DAGRUN_MASTER_KEY_URI", tok.uri.as_str())]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
     let seen = ws.read("seen.txt");
     assert!(seen.contains("DAGRUN_STAGE=show"), "{seen}");
-    assert!(!seen.contains("DAGRUN_MASTER_KEY_URI") && !seen.contains("/secret/place/pin"), "{seen}");
+    let pin_file = tok.uri.rsplit("pin-source=file:").next().unwrap();
+    assert!(!seen.contains("DAGRUN_MASTER_KEY_URI") && !seen.contains(pin_file) && !seen.contains("pkcs11:"), "{seen}");
 }
 
 #[test]

@@ -18,3 +18,4 @@ mod remote;
 mod report;
 mod serve;
 mod slurm;
+mod tampering;

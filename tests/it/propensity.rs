@@ -286,20 +286,28 @@ fn serve_check_fails_when_stored_statistics_are_tampered_with() {
     run_pipeline(ws.path(), &[]);
     let dir = ws.path().join("featurestore/Tenant_A/v1.0");
     let model = ws.path().join("models/Tenant_A/model.json");
-    let recorded = dagrun::scoring::recorded_hash(ws.path(), "models/Tenant_A/model.json").unwrap().1;
+    let key = dagrun::crypto::Keyring::open_existing(ws.path()).unwrap().expect("a master key").integrity_key();
+    let wsp = dagrun::workspace::Workspace::at(ws.path());
+    let recorded = dagrun::scoring::recorded_hash(&wsp, key.clone(), "models/Tenant_A/model.json").unwrap().1;
     let data = ws.path().join("data/encrypted/Tenant_A.parquet");
     // Untouched: passes with identical scores.
-    let r = dagrun::stages::serve_check::check("Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap();
+    let r = dagrun::stages::serve_check::check(&key, "Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap();
     assert!(r.passed && r.max_abs_diff <= 1e-9 && r.rows_checked > 0);
     // Tampered statistics in the manifest: refused.
     let mpath = dir.join("manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
     m["stats"]["p80_purchase"] = serde_json::json!(m["stats"]["p80_purchase"].as_f64().unwrap() * 0.5);
     std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    let err = dagrun::stages::serve_check::check("Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap_err();
+    let err = dagrun::stages::serve_check::check(&key, "Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap_err();
+    assert!(format!("{err:#}").contains("modified outside dagrun"), "{err:#}");
+    // Even re-sealed by someone holding the key, other statistics are refused.
+    let sealed = dagrun::workspace::record::seal_value(&key, dagrun::workspace::record::FEATURE_MANIFEST, &m).unwrap();
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&sealed).unwrap()).unwrap();
+    let err = dagrun::stages::serve_check::check(&key, "Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap_err();
     assert!(format!("{err:#}").contains("statistics"), "{err:#}");
     // A model that does not match its lineage record: refused.
-    let err = dagrun::stages::serve_check::check("Tenant_A", &data, &dir, &model, Some(&"0".repeat(64))).unwrap_err();
+    let zero = dagrun::workspace::ContentHash::parse(&"0".repeat(64)).unwrap();
+    let err = dagrun::stages::serve_check::check(&key, "Tenant_A", &data, &dir, &model, Some(&zero)).unwrap_err();
     assert!(format!("{err:#}").contains("lineage record"), "{err:#}");
     // The engine notices the hand edit and restores the manifest before serving.
     run_pipeline(ws.path(), &[]);

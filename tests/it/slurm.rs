@@ -289,6 +289,20 @@ fn a_job_over_its_time_limit_fails_as_timeout() {
 }
 
 #[test]
+fn a_job_that_cannot_meet_its_deadline_fails_as_deadline() {
+    need_cluster!();
+    // Held until `--begin`, then it can no longer finish its 1-minute limit before `--deadline`: Slurm ends it DEADLINE.
+    let ws = cmd_ws("stages:\n  late:\n    cmd: echo x > late.txt\n    outs: [late.txt]\n    resources: { time: 1, sbatch_args: [\"--begin=now+2\", \"--deadline=now+30\"] }\n");
+    let o = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let id: String = o.stderr.split("submitted Slurm job ").nth(1).expect("a job was submitted").chars().take_while(char::is_ascii_digit).collect();
+    assert!(o.stderr.contains(&format!("stage late failed: Slurm job {id} ended DEADLINE")), "{}", o.stderr);
+    assert!(o.stderr.contains("is empty"), "the job never ran, so its log is empty:\n{}", o.stderr);
+    assert_eq!(job_state(&id).as_deref(), Some("DEADLINE"));
+    assert!(!ws.exists("late.txt"));
+}
+
+#[test]
 fn scancel_from_outside_fails_the_stage() {
     need_cluster!();
     let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
@@ -439,6 +453,11 @@ impl Private {
     /// `low` (default) and `high` (higher PriorityTier; preempts `low` with
     /// PreemptMode=CANCEL). With `cgroups`, memory is enforced.
     fn start(cgroups: bool) -> Private {
+        Private::start_with(cgroups, 300)
+    }
+
+    /// `start`, with slurmctld forgetting finished jobs after `min_job_age` seconds.
+    fn start_with(cgroups: bool, min_job_age: u32) -> Private {
         let one = PRIVATE.lock().unwrap_or_else(|e| e.into_inner());
         let dir = Ws::new();
         let d = dir.root.display().to_string();
@@ -459,7 +478,7 @@ impl Private {
              SchedulerType=sched/backfill\nSchedulerParameters=batch_sched_delay=0,sched_min_interval=0\n\
              SelectType=select/cons_tres\nSelectTypeParameters=CR_Core_Memory\nDefMemPerCPU=100\n\
              PreemptType=preempt/partition_prio\nPreemptMode=CANCEL\n\
-             ReturnToService=2\nMinJobAge=300\nFirstJobId={first_job}\n\
+             ReturnToService=2\nMinJobAge={min_job_age}\nFirstJobId={first_job}\n\
              NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=2000 State=UNKNOWN\n\
              PartitionName=low Nodes=localhost Default=YES MaxTime=INFINITE State=UP PriorityTier=1\n\
              PartitionName=high Nodes=localhost MaxTime=INFINITE State=UP PriorityTier=2\n"
@@ -580,7 +599,7 @@ fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
     let pc = Private::start(true);
     assert!(pc.cgroups);
     let ws = private_ws(
-        "  hungry:\n    cmd: echo attempt >> attempts.txt; python3 -c 'b = bytearray(400 * 1024 * 1024); open(\"hungry.txt\", \"w\").write(str(len(b)))'\n    outs: [hungry.txt]\n    resources: { mem: 60M }\n    retries: 1\n",
+        "  small:\n    cmd: echo run >> small-runs.txt; echo small > small.txt\n    outs: [small.txt]\n    group: g\n  hungry:\n    deps: [small.txt]\n    group: g\n    cmd: echo attempt >> attempts.txt; python3 -c 'b = bytearray(400 * 1024 * 1024); open(\"hungry.txt\", \"w\").write(str(len(b)))'\n    outs: [hungry.txt]\n    resources: { mem: 60M }\n    retries: 1\n",
     );
     let o = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
     assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
@@ -597,6 +616,14 @@ fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
     assert!(o.stderr.contains("raise `resources.mem`"), "{}", o.stderr);
     assert!(o.stderr.contains("oom-kill event"), "the end of the job's log is shown:\n{}", o.stderr);
     assert!(!ws.exists("hungry.txt") && !ws.exists(".dagrun/state/hungry.json"));
+    // small ran in the same job as hungry's first attempt and finished: it is recorded, and the retry job did not rerun it.
+    assert!(ws.exists(".dagrun/state/small.json"), "the member the job finished is recorded");
+    assert_eq!(ws.count("small-runs.txt"), 1);
+    let rec = last_record(&ws.root);
+    let st = |n: &str| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == n).unwrap().clone();
+    assert_eq!(st("small")["status"], "ran");
+    assert_eq!(st("small")["slurm_job"], format!("slurm:{}", ids[0]), "small and hungry's first attempt shared a job");
+    assert_eq!(st("hungry")["status"], "failed");
 }
 
 #[test]
@@ -666,4 +693,43 @@ fn a_preempted_job_fails_as_preempted() {
     // This cluster has no accounting database: sacct said so, and states came from squeue.
     assert!(o.stderr.contains("job states from squeue: sacct: Slurm accounting storage is disabled"), "{}", o.stderr);
     assert!(!ws.exists("low.txt"));
+}
+
+#[test]
+fn a_job_slurmctld_has_forgotten_is_found_in_the_job_completion_log() {
+    need_cluster!();
+    // slurmctld forgets finished jobs after 2 s (MinJobAge); there is no accounting database.
+    let pc = Private::start_with(false, 2);
+    let ws = private_ws("  quick:\n    cmd: echo started > started.txt; sleep 2; echo 'no such widget' >&2; exit 3\n    outs: [quick.txt]\n");
+    let bg = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"]));
+    let id = pc.running_job(&ws.root);
+    // Freeze dagrun while its job runs, fails and is purged from slurmctld's memory.
+    unsafe {
+        libc::kill(bg.pid() as i32, libc::SIGSTOP);
+    }
+    let t0 = Instant::now();
+    loop {
+        let o = pc.cmd("scontrol").args(["-o", "show", "job", &id]).output().unwrap();
+        if !o.status.success() {
+            break; // "Invalid job id specified": purged
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            unsafe {
+                libc::kill(bg.pid() as i32, libc::SIGCONT);
+            }
+            panic!("job {id} still known to slurmctld after 60 s: {}", String::from_utf8_lossy(&o.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let listed = pc.job_state(&id);
+    unsafe {
+        libc::kill(bg.pid() as i32, libc::SIGCONT);
+    }
+    assert_eq!(listed, "", "squeue no longer lists job {id}");
+    let o = bg.wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
+    // squeue and scontrol no longer know the job: its final state came from the job-completion log.
+    assert!(o.stderr.contains(&format!("(Slurm job {id}, FAILED;")), "{}", o.stderr);
+    assert!(o.stderr.contains("no such widget"), "{}", o.stderr);
+    assert!(!o.stderr.contains("LOST"), "{}", o.stderr);
 }

@@ -48,6 +48,9 @@ pub const WRAPPED_LEN: usize = 12 + 32 + 16;
 const CHECK_CONTEXT: &str = "dagrun keyring master-key check v1";
 const CHECK_AAD: &[u8] = b"dagrun/keycheck/v1";
 const HSM_CHECK_PREFIX: &str = "pkcs11-gcm:";
+/// Nonce and associated data reserved for deriving the integrity key inside a token.
+const INTEGRITY_NONCE: [u8; 12] = *b"dagrun-ik/v1";
+const INTEGRITY_AAD: &[u8] = b"dagrun/integrity-key/v1";
 
 /// Where the master key comes from. `Debug` never shows a key or a PIN.
 pub enum MasterKeySource {
@@ -165,7 +168,7 @@ pub struct MasterRecord {
 }
 
 enum Inner {
-    Local { cipher: Box<Aes256Gcm>, check: [u8; 32] },
+    Local { cipher: Box<Aes256Gcm>, check: [u8; 32], integrity: [u8; 32] },
     Hsm(pkcs11::HsmKey),
 }
 
@@ -213,7 +216,27 @@ impl Master {
     fn local(key: &MasterKey, desc: String) -> Master {
         let check = blake3::derive_key(CHECK_CONTEXT, key.bytes());
         let cipher = Box::new(Aes256Gcm::new(key.bytes().into()));
-        Master { inner: Inner::Local { cipher, check }, desc }
+        let integrity = super::integrity::hkdf_sha256_32(super::integrity::HKDF_SALT, key.bytes(), super::integrity::HKDF_INFO);
+        Master { inner: Inner::Local { cipher, check, integrity }, desc }
+    }
+
+    /// The integrity key this master derives (`crypto::integrity`), never the
+    /// master key itself. A file/env key: HKDF-SHA256(salt, master bytes,
+    /// label). A PKCS#11 key (its bytes never leave the token): HKDF-SHA256 of
+    /// the token's AES-GCM encryption of 32 zero bytes under a nonce and
+    /// associated data reserved for this one purpose — always the same input,
+    /// so the same output, secret to anyone without the token key (every wrap
+    /// uses a random nonce, so this nonce never encrypts anything else).
+    pub fn integrity_key(&self) -> Result<super::integrity::IntegrityKey> {
+        match &self.inner {
+            Inner::Local { integrity, .. } => Ok(super::integrity::IntegrityKey::from_bytes(*integrity)),
+            Inner::Hsm(k) => {
+                let mut ikm = k.encrypt(&INTEGRITY_NONCE, INTEGRITY_AAD, &[0u8; 32])?;
+                let key = super::integrity::hkdf_sha256_32(super::integrity::HKDF_SALT, &ikm, super::integrity::HKDF_INFO);
+                super::wipe(&mut ikm);
+                Ok(super::integrity::IntegrityKey::from_bytes(key))
+            }
+        }
     }
 
     /// Where the key is, for messages: `DAGRUN_MASTER_KEY`, `file PATH`, or the URI.
@@ -327,8 +350,9 @@ impl Master {
 
 impl Drop for Master {
     fn drop(&mut self) {
-        if let Inner::Local { check, .. } = &mut self.inner {
+        if let Inner::Local { check, integrity, .. } = &mut self.inner {
             super::wipe(check);
+            super::wipe(integrity);
         }
     }
 }

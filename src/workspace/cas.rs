@@ -4,7 +4,14 @@
 //! stored as its files plus its tree listing (see `hashing`).
 //!
 //! Sensitive outputs (plaintext PII) are never stored here.
+//!
+//! Rules: an object's path is built only from a [`ContentHash`] (never from
+//! text read from disk); objects are opened without following symlinks; a
+//! directory listing is decoded and every entry validated before a restore
+//! writes anything, and a restore builds the directory in a fresh staging
+//! folder, never writing through a symlink.
 
+use super::hash::ContentHash;
 use super::hashing::{HashMemo, TreeEntry, decode_tree, encode_tree};
 use crate::util::atomic::{AtomicFile, Durability, sync_parent};
 use anyhow::{Context, Result, bail};
@@ -18,9 +25,25 @@ pub struct Cas {
     heal: bool,
 }
 
+/// Open a file for reading without following a symlink at its last component.
+fn open_nofollow(p: &Path) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.custom_flags(libc::O_NOFOLLOW);
+    }
+    o.open(p)
+}
+
 /// Copy `src` to `dst` (a new temporary file) while hashing; returns the hash.
-fn copy_hashing(src: &Path, dst: &mut AtomicFile) -> Result<String> {
+fn copy_hashing(src: &Path, dst: &mut AtomicFile) -> Result<ContentHash> {
     let mut f = std::fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+    copy_from(&mut f, src, dst)
+}
+
+fn copy_from(f: &mut std::fs::File, src: &Path, dst: &mut AtomicFile) -> Result<ContentHash> {
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -31,27 +54,27 @@ fn copy_hashing(src: &Path, dst: &mut AtomicFile) -> Result<String> {
         h.update(&buf[..n]);
         dst.writer().write_all(&buf[..n]).with_context(|| format!("cannot write {}", dst.temp_path().display()))?;
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(ContentHash::from(h.finalize()))
 }
 
 impl Cas {
-    pub fn new(dagrun_dir: &Path) -> Cas {
-        Cas { root: dagrun_dir.join("cache").join("objects"), heal: true }
+    pub fn new(ws: &super::Workspace) -> Cas {
+        Cas { root: ws.objects_dir(), heal: true }
     }
 
-    /// Path of an object.
-    pub fn object_path(&self, hash: &str) -> PathBuf {
-        let (a, b) = hash.split_at(2.min(hash.len()));
+    /// Path of an object: `objects/AB/CDEF…` from a checked hash only.
+    pub fn object_path(&self, hash: &ContentHash) -> PathBuf {
+        let (a, b) = hash.as_str().split_at(2);
         self.root.join(a).join(b)
     }
 
     /// A store that never changes anything while checking (for `verify`).
-    pub fn read_only(dagrun_dir: &Path) -> Cas {
-        Cas { root: dagrun_dir.join("cache").join("objects"), heal: false }
+    pub fn read_only(ws: &super::Workspace) -> Cas {
+        Cas { root: ws.objects_dir(), heal: false }
     }
 
     /// Is there a regular file at the object's path?
-    pub fn has(&self, hash: &str) -> bool {
+    pub fn has(&self, hash: &ContentHash) -> bool {
         self.heal(hash);
         std::fs::symlink_metadata(self.object_path(hash)).is_ok_and(|m| m.is_file())
     }
@@ -60,7 +83,7 @@ impl Cas {
     /// symlink: the store never makes those) is damage: remove it with a
     /// warning, so the object is recomputed and stored again instead of
     /// blocking its name forever. (Not in a read-only store.)
-    fn heal(&self, hash: &str) {
+    fn heal(&self, hash: &ContentHash) {
         if !self.heal {
             return;
         }
@@ -71,7 +94,7 @@ impl Cas {
         }
         let what = if m.is_dir() { "a directory" } else { "not a regular file" };
         let removed = if m.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
-        let short = &hash[..12.min(hash.len())];
+        let short = hash.short();
         match removed {
             Ok(()) => tracing::warn!("cache object {short} is {what}, not a file: removed it (what needs it is recomputed)"),
             Err(e) => tracing::warn!("cache object {short} is {what}, not a file, and cannot be removed: {e}"),
@@ -79,14 +102,14 @@ impl Cas {
     }
 
     /// Store a file whose hash is expected to be `hash`.
-    pub fn put_file(&self, src: &Path, hash: &str) -> Result<()> {
+    pub fn put_file(&self, src: &Path, hash: &ContentHash) -> Result<()> {
         if self.has(hash) {
             return Ok(());
         }
         let dest = self.object_path(hash);
         let mut tmp = AtomicFile::create_with(&dest, Durability::Verified)?;
         let got = copy_hashing(src, &mut tmp)?;
-        if got != hash {
+        if &got != hash {
             bail!("{} changed while it was being stored in the cache; rerun", src.display());
         }
         tmp.commit()?;
@@ -96,7 +119,7 @@ impl Cas {
 
     /// Hash a file while copying it into the store, in one read; returns
     /// (hash, size). The file's memo entry is recorded on the way.
-    pub fn ingest_file(&self, src: &Path, memo: &HashMemo) -> Result<(String, u64)> {
+    pub fn ingest_file(&self, src: &Path, memo: &HashMemo) -> Result<(ContentHash, u64)> {
         let before = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
         let started = super::hashing::now_ns();
         std::fs::create_dir_all(&self.root)?;
@@ -129,7 +152,7 @@ impl Cas {
     /// outputs by rename, never in place) by hard-linking it into the store:
     /// no copy. The shared inode is made read-only. Falls back to a copy
     /// across file systems. Returns (hash, size).
-    pub fn link_file(&self, src: &Path, memo: &HashMemo) -> Result<(String, u64)> {
+    pub fn link_file(&self, src: &Path, memo: &HashMemo) -> Result<(ContentHash, u64)> {
         let meta = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
         let hash = memo.hash_file(src, &meta)?;
         let dest = self.object_path(&hash);
@@ -148,8 +171,8 @@ impl Cas {
     }
 
     /// Store bytes (a tree listing) under their hash.
-    pub fn put_bytes(&self, bytes: &[u8]) -> Result<String> {
-        let hash = blake3::hash(bytes).to_hex().to_string();
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<ContentHash> {
+        let hash = ContentHash::of_bytes(bytes);
         if !self.has(&hash) {
             let dest = self.object_path(&hash);
             crate::util::atomic::write_atomic_with(&dest, bytes, Durability::Verified)?;
@@ -159,7 +182,7 @@ impl Cas {
     }
 
     /// Store a file or directory output; `hash`/`dir` as computed by `hashing`.
-    pub fn put(&self, src: &Path, hash: &str, dir: bool, memo: &HashMemo) -> Result<()> {
+    pub fn put(&self, src: &Path, hash: &ContentHash, dir: bool, memo: &HashMemo) -> Result<()> {
         if !dir {
             return self.put_file(src, hash);
         }
@@ -170,26 +193,28 @@ impl Cas {
             }
         }
         let got = self.put_bytes(&encode_tree(&entries))?;
-        if got != hash {
+        if &got != hash {
             bail!("{} changed while it was being stored in the cache; rerun", src.display());
         }
         Ok(())
     }
 
     /// Is the object present and intact? Corrupted objects are removed.
-    pub fn check(&self, hash: &str) -> Result<bool> {
+    pub fn check(&self, hash: &ContentHash) -> Result<bool> {
         let p = self.object_path(hash);
-        match std::fs::metadata(&p) {
+        match std::fs::symlink_metadata(&p) {
             Ok(m) if m.is_file() => {}
-            Ok(_) => {
+            Ok(m) => {
                 // Something that is not a file sits where the object should be.
-                let _ = std::fs::remove_dir_all(&p);
+                if self.heal {
+                    let _ = if m.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                }
                 return Ok(false);
             }
             Err(_) => return Ok(false),
         }
         let got = super::hashing::hash_file_bytes(&p)?;
-        if got != hash {
+        if &got != hash {
             let _ = std::fs::remove_file(&p);
             return Ok(false);
         }
@@ -197,32 +222,49 @@ impl Cas {
     }
 
     /// Can `hash` (a file, or a directory with all its files) be restored?
-    pub fn restorable(&self, hash: &str, dir: bool) -> bool {
+    pub fn restorable(&self, hash: &ContentHash, dir: bool) -> bool {
         if !self.has(hash) {
             return false;
         }
         if !dir {
             return true;
         }
-        match std::fs::read(self.object_path(hash)).ok().and_then(|b| decode_tree(&b)) {
-            Some(entries) => entries.iter().all(|e| match e {
+        match self.read_listing(hash) {
+            Ok(entries) => entries.iter().all(|e| match e {
                 TreeEntry::File { hash, .. } => self.has(hash),
                 TreeEntry::Link { .. } => true,
             }),
-            None => false,
+            Err(_) => false,
         }
+    }
+
+    /// Read a directory listing object: its bytes must hash to `hash` and
+    /// every entry must be valid (`hashing::decode_tree`).
+    pub fn read_listing(&self, hash: &ContentHash) -> Result<Vec<TreeEntry>> {
+        let p = self.object_path(hash);
+        let mut f = open_nofollow(&p).with_context(|| format!("cache object {} is missing", hash.short()))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).with_context(|| format!("cache object {} is unreadable", hash.short()))?;
+        if &ContentHash::of_bytes(&bytes) != hash {
+            if self.heal {
+                let _ = std::fs::remove_file(&p);
+            }
+            bail!("cache object {} (a directory listing) is corrupted; it was removed", hash.short());
+        }
+        decode_tree(&bytes).map_err(|why| anyhow::anyhow!("cache object {} is not a valid directory listing: {why}", hash.short()))
     }
 
     /// Copy object `hash` to `dest` atomically, verifying its hash on the way.
     /// A corrupted object is deleted and reported as an error.
-    pub fn restore_file(&self, hash: &str, dest: &Path, exec: bool) -> Result<()> {
+    pub fn restore_file(&self, hash: &ContentHash, dest: &Path, exec: bool) -> Result<()> {
         let obj = self.object_path(hash);
+        let mut f = open_nofollow(&obj).with_context(|| format!("cache object {hash} is missing or not a file"))?;
         let mut tmp = AtomicFile::create(dest)?;
-        let got = copy_hashing(&obj, &mut tmp).with_context(|| format!("cache object {hash} is unreadable"))?;
-        if got != hash {
+        let got = copy_from(&mut f, &obj, &mut tmp).with_context(|| format!("cache object {hash} is unreadable"))?;
+        if &got != hash {
             drop(tmp);
             let _ = std::fs::remove_file(&obj);
-            bail!("cache object {} is corrupted (its content hashes to {}); it was removed", &hash[..12], &got[..12]);
+            bail!("cache object {} is corrupted (its content hashes to {}); it was removed", hash.short(), got.short());
         }
         #[cfg(unix)]
         if exec {
@@ -233,24 +275,24 @@ impl Cas {
     }
 
     /// Restore a file or directory output at `dest`.
-    pub fn restore(&self, hash: &str, dir: bool, dest: &Path) -> Result<()> {
+    pub fn restore(&self, hash: &ContentHash, dir: bool, dest: &Path) -> Result<()> {
         if !dir {
-            if dest.is_dir() {
+            if std::fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) {
                 std::fs::remove_dir_all(dest)?;
             }
             return self.restore_file(hash, dest, false);
         }
-        let bytes = std::fs::read(self.object_path(hash)).with_context(|| format!("cache object {hash} is missing"))?;
-        if blake3::hash(&bytes).to_hex().as_str() != hash {
-            let _ = std::fs::remove_file(self.object_path(hash));
-            bail!("cache object {} (a directory listing) is corrupted; it was removed", &hash[..12]);
-        }
-        let entries = decode_tree(&bytes).context("cache object is not a directory listing")?;
-        // Build beside the destination, then swap it in.
+        // Every entry is validated before anything is written.
+        let entries = self.read_listing(hash)?;
+        // Build beside the destination in a fresh folder, then swap it in.
         let name = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let staging = dest.with_file_name(format!(".{name}{}restore.{}", crate::util::atomic::TEMP_MARKER, std::process::id()));
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(&staging)?;
+        let _ = crate::util::fs_remove(&staging);
+        if let Some(parent) = staging.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        // create_dir (not _all): fails rather than reuse anything planted there.
+        std::fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
         for e in &entries {
             match e {
                 TreeEntry::File { path, hash, exec } => self.restore_file(hash, &staging.join(path), *exec)?,
@@ -264,11 +306,11 @@ impl Cas {
                 }
             }
         }
-        if dest.exists() || dest.symlink_metadata().is_ok() {
+        if dest.symlink_metadata().is_ok() {
             let trash = dest.with_file_name(format!(".{name}{}old.{}", crate::util::atomic::TEMP_MARKER, std::process::id()));
             std::fs::rename(dest, &trash)?;
             std::fs::rename(&staging, dest)?;
-            let _ = if trash.is_dir() { std::fs::remove_dir_all(&trash) } else { std::fs::remove_file(&trash) };
+            let _ = crate::util::fs_remove(&trash);
         } else {
             std::fs::rename(&staging, dest)?;
         }
@@ -276,8 +318,9 @@ impl Cas {
         Ok(())
     }
 
-    /// Every object hash in the store.
-    pub fn list(&self) -> Vec<String> {
+    /// Every object hash in the store (names that are not hashes are left
+    /// out; `verify` reports them).
+    pub fn list(&self) -> Vec<ContentHash> {
         let mut out = Vec::new();
         if let Ok(rd) = std::fs::read_dir(&self.root) {
             for d in rd.flatten() {
@@ -286,7 +329,9 @@ impl Cas {
                     for f in rd2.flatten() {
                         let b = f.file_name().to_string_lossy().into_owned();
                         if !crate::util::atomic::is_temp_name(&b) {
-                            out.push(format!("{a}{b}"));
+                            if let Ok(h) = ContentHash::parse(&format!("{a}{b}")) {
+                                out.push(h);
+                            }
                         }
                     }
                 }
@@ -312,7 +357,7 @@ mod tests {
     #[test]
     fn put_restore_and_detect_corruption() {
         let ws = tempfile::tempdir().unwrap();
-        let cas = Cas::new(&ws.path().join(".dagrun"));
+        let cas = Cas::new(&crate::workspace::Workspace::at(ws.path()));
         let memo = HashMemo::in_memory();
         let f = ws.path().join("out.txt");
         std::fs::write(&f, b"payload").unwrap();
@@ -337,7 +382,7 @@ mod tests {
     #[test]
     fn directories_roundtrip() {
         let ws = tempfile::tempdir().unwrap();
-        let cas = Cas::new(&ws.path().join(".dagrun"));
+        let cas = Cas::new(&crate::workspace::Workspace::at(ws.path()));
         let memo = HashMemo::in_memory();
         let d = ws.path().join("d");
         std::fs::create_dir_all(d.join("s")).unwrap();

@@ -1,17 +1,30 @@
 //! Content hashes of files and directories, memoized so a no-op run reads no data.
 //!
 //! A file's hash is blake3 of its bytes. A directory's hash is blake3 of its
-//! *tree listing*: the line `dagrun-tree/1`, then one line per regular file
-//! below it, sorted by relative path: `F <exec 0|1> <blake3> <relative/path>`,
-//! and `L <target> <relative/path>` for a symlink (not followed). Empty
-//! directories and dagrun's temporary files are not listed. The listing is also
-//! the directory's object in the content-addressed store.
+//! *tree listing*, compact JSON:
+//! `{"format":"dagrun-tree/2","entries":[{"type":"file","path":P,"hash":H,"exec":B} | {"type":"link","path":P,"target":T}, …]}`
+//! with one entry per regular file and symlink (not followed) below it, sorted
+//! by relative path. Empty directories and dagrun's temporary files are not
+//! listed. The listing is also the directory's object in the
+//! content-addressed store.
+//!
+//! Listings are unambiguous and checked ([`decode_tree`]): JSON strings cannot
+//! forge an entry (a file name holding a newline is just a name), and every
+//! entry is validated before a restore writes anything: a path is relative,
+//! UTF-8, without `..`, `.` or empty components, without NUL, at most 4096
+//! bytes; paths are sorted and unique; no entry lies below a symlink entry or
+//! below a file entry; every hash is a [`ContentHash`]. A listing is trusted
+//! because its blake3 is recorded in an authenticated state record and the
+//! object is verified against it on every use.
 //!
 //! The memo (`.dagrun/hashmemo.json`) maps an absolute path to
 //! (size, mtime ns, ctime ns, inode, hash). An entry is trusted only if the file
 //! was last modified clearly before it was hashed (a "racy" entry, modified in
 //! the same clock tick as the hashing, is re-read next time, as git does with its
-//! index), so an edit that keeps the size is still seen.
+//! index), so an edit that keeps the size is still seen. The memo is an
+//! authenticated record (`workspace::record`): a memo edited outside dagrun is
+//! ignored (every file is hashed again), so it cannot make a changed input
+//! look unchanged.
 //!
 //! Exception, [`HashMemo::settle`]: an output that dagrun itself wrote (built-in
 //! kinds write to a temp file and rename it into place; the stage has finished,
@@ -21,8 +34,12 @@
 //! So the first no-op run after a cold run reads no data. `cmd` outputs are
 //! never settled: a process the command left behind could still write them.
 
+use super::hash::ContentHash;
+use super::record;
+use crate::crypto::IntegrityKey;
 use crate::util::atomic::{Durability, is_temp_name, write_atomic_with};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Read;
@@ -36,7 +53,7 @@ const RACY_NS: i128 = 50_000_000;
 /// A hashed path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hashed {
-    pub hash: String,
+    pub hash: ContentHash,
     pub size: u64,
     pub dir: bool,
 }
@@ -47,13 +64,25 @@ struct MemoEntry {
     mtime: i128,
     ctime: i128,
     ino: u64,
-    hash: String,
+    hash: ContentHash,
     hashed_at: i128,
+}
+
+/// The memo file's shape (plus its `mac`).
+#[derive(Serialize, Deserialize)]
+struct MemoFile {
+    entries: HashMap<String, MemoEntry>,
+}
+
+#[derive(Serialize)]
+struct MemoFileRef<'a> {
+    entries: &'a HashMap<String, MemoEntry>,
 }
 
 /// The file-hash memo of one workspace.
 pub struct HashMemo {
     file: PathBuf,
+    key: Option<Arc<IntegrityKey>>,
     entries: Mutex<HashMap<String, MemoEntry>>,
     dirty: AtomicBool,
 }
@@ -79,7 +108,7 @@ fn is_exec(m: &std::fs::Metadata) -> bool {
 }
 
 /// blake3 of a file's bytes (memory-mapped for large files).
-pub fn hash_file_bytes(path: &Path) -> Result<String> {
+pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
     let mut h = blake3::Hasher::new();
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if len >= 1 << 20 {
@@ -95,82 +124,146 @@ pub fn hash_file_bytes(path: &Path) -> Result<String> {
             h.update(&buf[..n]);
         }
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(ContentHash::from(h.finalize()))
 }
 
+/// Format string of a tree listing.
+pub const TREE_FORMAT: &str = "dagrun-tree/2";
+
 /// One entry of a directory tree listing.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum TreeEntry {
-    File { path: String, hash: String, exec: bool },
+    File { path: String, hash: ContentHash, exec: bool },
     Link { path: String, target: String },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TreeListing {
+    format: String,
+    entries: Vec<TreeEntry>,
+}
+
+/// Longest path a listing entry may have.
+const MAX_ENTRY_PATH: usize = 4096;
+
+/// Is `p` a safe relative path for a listing entry? (The reason if not.)
+pub fn check_entry_path(p: &str) -> std::result::Result<(), String> {
+    if p.is_empty() {
+        return Err("an empty path".into());
+    }
+    if p.len() > MAX_ENTRY_PATH {
+        return Err(format!("a path of {} bytes (at most {MAX_ENTRY_PATH})", p.len()));
+    }
+    if p.contains('\0') {
+        return Err("a path with a NUL byte".into());
+    }
+    if p.starts_with('/') {
+        return Err("an absolute path".into());
+    }
+    for c in p.split('/') {
+        match c {
+            "" => return Err("a path with an empty component".into()),
+            "." => return Err("a path with a `.` component".into()),
+            ".." => return Err("a path with a `..` component (outside the directory)".into()),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Encode a tree listing (entries must be sorted by path).
 pub fn encode_tree(entries: &[TreeEntry]) -> Vec<u8> {
-    let mut s = String::from("dagrun-tree/1\n");
-    for e in entries {
-        match e {
-            TreeEntry::File { path, hash, exec } => s.push_str(&format!("F {} {hash} {path}\n", u8::from(*exec))),
-            TreeEntry::Link { path, target } => s.push_str(&format!("L {target} {path}\n")),
-        }
-    }
-    s.into_bytes()
+    // Plain strings, bools and hashes: serialising cannot fail.
+    serde_json::to_vec(&TreeListing { format: TREE_FORMAT.to_string(), entries: entries.to_vec() }).expect("a tree listing serializes")
 }
 
-/// Decode a tree listing.
-pub fn decode_tree(bytes: &[u8]) -> Option<Vec<TreeEntry>> {
-    let text = std::str::from_utf8(bytes).ok()?;
-    let mut lines = text.lines();
-    if lines.next()? != "dagrun-tree/1" {
-        return None;
+/// Does `bytes` look like a tree listing at all? (verify: which objects to check)
+pub fn looks_like_tree(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"{\"format\":\"dagrun-tree/")
+}
+
+/// Decode and validate a tree listing (see the module rules); the error says
+/// which entry is wrong and why, never echoing its path.
+pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> {
+    let listing: TreeListing = record::typed(serde_json::from_slice(bytes).map_err(|e| format!("not a directory listing ({e})"))?, "listing")
+        .map_err(|e| e.to_string())?;
+    if listing.format != TREE_FORMAT {
+        return Err(format!("unknown listing format (this build reads {TREE_FORMAT})"));
     }
-    let mut out = Vec::new();
-    for l in lines {
-        let mut it = l.splitn(4, ' ');
-        match it.next()? {
-            "F" => {
-                let exec = it.next()? == "1";
-                let hash = it.next()?.to_string();
-                out.push(TreeEntry::File { path: it.next()?.to_string(), hash, exec });
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut prev: Option<&str> = None;
+    for (i, e) in listing.entries.iter().enumerate() {
+        let p = tree_path(e);
+        check_entry_path(p).map_err(|why| format!("entry {} is {why}", i + 1))?;
+        if let TreeEntry::Link { target, .. } = e {
+            if target.is_empty() || target.contains('\0') {
+                return Err(format!("entry {} is a symlink with an empty target or a NUL byte", i + 1));
             }
-            "L" => {
-                let mut it = l[2..].splitn(2, ' ');
-                let target = it.next()?.to_string();
-                out.push(TreeEntry::Link { path: it.next()?.to_string(), target });
+        }
+        if prev.is_some_and(|q| q >= p) {
+            return Err(format!("entry {} is out of order or repeated", i + 1));
+        }
+        prev = Some(p);
+        seen.insert(p);
+    }
+    for (i, e) in listing.entries.iter().enumerate() {
+        let p = tree_path(e);
+        let mut at = 0;
+        while let Some(j) = p[at..].find('/') {
+            let parent = &p[..at + j];
+            if seen.contains(parent) {
+                return Err(format!("entry {} lies below another entry (a file or symlink), so restoring it would write through it", i + 1));
             }
-            _ => return None,
+            at += j + 1;
         }
     }
-    Some(out)
+    Ok(listing.entries)
 }
 
 impl HashMemo {
     /// Load the memo of a workspace (a missing or unreadable memo is empty).
-    pub fn load(dagrun_dir: &Path) -> HashMemo {
-        let file = dagrun_dir.join("hashmemo.json");
-        let entries = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        HashMemo { file, entries: Mutex::new(entries), dirty: AtomicBool::new(false) }
+    /// Load the memo of a workspace. A missing, unreadable or unauthenticated
+    /// memo is empty (files are hashed again); without `key` it is never saved.
+    pub fn load(ws: &super::Workspace, key: Option<Arc<IntegrityKey>>) -> HashMemo {
+        let file = ws.memo_file();
+        let entries = match (&key, std::fs::read(&file)) {
+            (Some(k), Ok(b)) => match record::open::<MemoFile>(Some(k), record::HASH_MEMO, &b, &ws.rel(&file)) {
+                Ok(m) => m.entries,
+                Err(e) => {
+                    if e.is_tampering() {
+                        tracing::warn!("{e}: ignoring it (inputs are hashed again)");
+                    }
+                    HashMap::new()
+                }
+            },
+            _ => HashMap::new(),
+        };
+        HashMemo { file, key, entries: Mutex::new(entries), dirty: AtomicBool::new(false) }
     }
 
     /// An empty memo that is never saved.
     pub fn in_memory() -> HashMemo {
-        HashMemo { file: PathBuf::new(), entries: Mutex::new(HashMap::new()), dirty: AtomicBool::new(false) }
+        HashMemo { file: PathBuf::new(), key: None, entries: Mutex::new(HashMap::new()), dirty: AtomicBool::new(false) }
     }
 
-    /// Save the memo if it changed (atomically).
+    /// Save the memo if it changed (atomically, MAC'd).
     pub fn save(&self) -> Result<()> {
+        let Some(key) = &self.key else { return Ok(()) };
         if self.file.as_os_str().is_empty() || !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
         let bytes = {
             let e = self.entries.lock().unwrap();
-            serde_json::to_vec(&*e)?
+            let v = record::seal_value(key, record::HASH_MEMO, &MemoFileRef { entries: &e })?;
+            serde_json::to_vec(&v)?
         };
         write_atomic_with(&self.file, &bytes, Durability::Verified)
     }
 
     /// Hash a regular file, using the memo when the file is unchanged.
-    pub fn hash_file(&self, path: &Path, meta: &std::fs::Metadata) -> Result<String> {
+    pub fn hash_file(&self, path: &Path, meta: &std::fs::Metadata) -> Result<ContentHash> {
         if let Some(hash) = self.trusted(path, meta) {
             return Ok(hash);
         }
@@ -184,7 +277,7 @@ impl HashMemo {
     }
 
     /// The memo's hash of `path` if its entry matches `meta` and is not racy.
-    fn trusted(&self, path: &Path, meta: &std::fs::Metadata) -> Option<String> {
+    fn trusted(&self, path: &Path, meta: &std::fs::Metadata) -> Option<ContentHash> {
         let (mtime, ctime, ino) = stamp(meta);
         let entries = self.entries.lock().unwrap();
         let e = entries.get(path.to_string_lossy().as_ref())?;
@@ -194,9 +287,9 @@ impl HashMemo {
 
     /// Record a hash computed elsewhere (e.g. while copying the file into the
     /// cache); `hashed_at` is when reading started (see the racy rule above).
-    pub fn record(&self, path: &Path, meta: &std::fs::Metadata, hash: &str, hashed_at: i128) {
+    pub fn record(&self, path: &Path, meta: &std::fs::Metadata, hash: &ContentHash, hashed_at: i128) {
         let (mtime, ctime, ino) = stamp(meta);
-        let e = MemoEntry { size: meta.len(), mtime, ctime, ino, hash: hash.to_string(), hashed_at };
+        let e = MemoEntry { size: meta.len(), mtime, ctime, ino, hash: hash.clone(), hashed_at };
         self.entries.lock().unwrap().insert(path.to_string_lossy().into_owned(), e);
         self.dirty.store(true, Ordering::Release);
     }
@@ -248,7 +341,7 @@ impl HashMemo {
             let entries = self.tree(path)?;
             let size = entries.len() as u64;
             let bytes = encode_tree(&entries);
-            Ok(Some(Hashed { hash: blake3::hash(&bytes).to_hex().to_string(), size, dir: true }))
+            Ok(Some(Hashed { hash: ContentHash::of_bytes(&bytes), size, dir: true }))
         } else {
             Ok(Some(Hashed { hash: self.hash_file(path, &meta)?, size: meta.len(), dir: false }))
         }
@@ -266,7 +359,13 @@ impl HashMemo {
         let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
         for ent in rd {
             let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
-            let name = ent.file_name().to_string_lossy().into_owned();
+            let Some(name) = ent.file_name().to_str().map(str::to_string) else {
+                bail!(
+                    "{} holds a file whose name is not UTF-8 ({}); dagrun cannot list it unambiguously: rename it",
+                    dir.display(),
+                    ent.file_name().to_string_lossy()
+                );
+            };
             if is_temp_name(&name) {
                 continue;
             }
@@ -312,7 +411,7 @@ mod tests {
         std::fs::set_permissions(&f, perm).unwrap();
         std::fs::hard_link(&f, dir.path().join("object")).unwrap();
         memo.settle(&f);
-        let want = blake3::hash(b"written by a built-in kind").to_hex().to_string();
+        let want = ContentHash::of_bytes(b"written by a built-in kind");
         assert_eq!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()), Some(want));
         // A later edit (new mtime, size) is still seen.
         let mut perm = std::fs::metadata(&f).unwrap().permissions();
@@ -321,7 +420,7 @@ mod tests {
         std::fs::set_permissions(&f, perm).unwrap();
         std::fs::write(&f, b"edited").unwrap();
         assert!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()).is_none());
-        assert_eq!(memo.hash_path(&f).unwrap().unwrap().hash, blake3::hash(b"edited").to_hex().to_string());
+        assert_eq!(memo.hash_path(&f).unwrap().unwrap().hash, ContentHash::of_bytes(b"edited"));
     }
 
     #[test]
@@ -334,7 +433,7 @@ mod tests {
         std::fs::write(&f, b"three").unwrap();
         memo.settle(&f);
         assert!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()).is_none());
-        assert_eq!(memo.hash_path(&f).unwrap().unwrap().hash, blake3::hash(b"three").to_hex().to_string());
+        assert_eq!(memo.hash_path(&f).unwrap().unwrap().hash, ContentHash::of_bytes(b"three"));
     }
 
     #[test]
@@ -344,10 +443,10 @@ mod tests {
         std::fs::write(&f, b"hello").unwrap();
         let memo = HashMemo::in_memory();
         let h1 = memo.hash_path(&f).unwrap().unwrap();
-        assert_eq!(h1.hash, blake3::hash(b"hello").to_hex().to_string());
+        assert_eq!(h1.hash, ContentHash::of_bytes(b"hello"));
         std::fs::write(&f, b"jello").unwrap(); // same size, same tick
         let h2 = memo.hash_path(&f).unwrap().unwrap();
-        assert_eq!(h2.hash, blake3::hash(b"jello").to_hex().to_string());
+        assert_eq!(h2.hash, ContentHash::of_bytes(b"jello"));
         assert!(memo.hash_path(&dir.path().join("missing")).unwrap().is_none());
     }
 
@@ -360,10 +459,43 @@ mod tests {
         let memo = HashMemo::in_memory();
         let t = memo.tree(&dir.path().join("d")).unwrap();
         assert_eq!(decode_tree(&encode_tree(&t)).unwrap(), t);
+        // A name with a newline is just a name: it forges nothing.
+        std::fs::write(dir.path().join("d/a\nF 1 x run_me.sh"), b"3").unwrap();
+        let t = memo.tree(&dir.path().join("d")).unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!(decode_tree(&encode_tree(&t)).unwrap(), t);
         let h1 = memo.hash_path(&dir.path().join("d")).unwrap().unwrap();
         assert!(h1.dir);
         std::fs::write(dir.path().join("d/sub/y"), b"3").unwrap();
         let h2 = memo.hash_path(&dir.path().join("d")).unwrap().unwrap();
         assert_ne!(h1.hash, h2.hash);
+    }
+
+    #[test]
+    fn listings_with_unsafe_entries_are_refused() {
+        let h = ContentHash::of_bytes(b"1");
+        let f = |p: &str| TreeEntry::File { path: p.into(), hash: h.clone(), exec: false };
+        let l = |p: &str, t: &str| TreeEntry::Link { path: p.into(), target: t.into() };
+        for (entries, why) in [
+            (vec![f("/etc/passwd")], "absolute"),
+            (vec![f("../x")], ".."),
+            (vec![f("a/../../x")], ".."),
+            (vec![f("a//b")], "empty component"),
+            (vec![f("./a")], "`.`"),
+            (vec![f("")], "empty path"),
+            (vec![f("a\0b")], "NUL"),
+            (vec![f("b"), f("a")], "out of order"),
+            (vec![f("a"), f("a")], "out of order"),
+            (vec![l("l", "/etc"), f("l/passwd")], "below another entry"),
+            (vec![f("a"), f("a/b")], "below another entry"),
+        ] {
+            let e = decode_tree(&encode_tree(&entries)).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+            assert!(!e.contains("passwd"), "{e}");
+        }
+        let bad_hash = br#"{"format":"dagrun-tree/2","entries":[{"type":"file","path":"a","hash":"xx/tmp/victim","exec":false}]}"#;
+        assert!(decode_tree(bad_hash).unwrap_err().contains("64 lowercase hex"));
+        assert!(decode_tree(b"dagrun-tree/1\nF 0 abc /etc/x\n").is_err());
+        assert!(decode_tree(&encode_tree(&[l("a", "../../etc"), f("b/c")])).is_ok());
     }
 }

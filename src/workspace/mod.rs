@@ -1,0 +1,179 @@
+//! The workspace: the one owner of dagrun's paths, of the workspace lock, of
+//! content hashes and of the authenticated records dagrun reads back.
+//!
+//! Rules:
+//! - **Paths.** Every path under `.dagrun/` (cache objects, action cache,
+//!   state, logs, keys, hash memo, lock) and `runs/` comes from a
+//!   [`Workspace`] method; nobody else joins `.dagrun` by hand.
+//! - **Finding it, one way.** The workspace is `-C DIR` when given; else the
+//!   nearest folder at or above a start folder (the pipeline file's folder
+//!   for pipeline commands, the artifact's folder for `lineage`, the current
+//!   folder otherwise) that holds `.dagrun/` or `config/`. Pipeline commands
+//!   fall back to the pipeline file's folder (a new workspace);
+//!   `keys init` ([`Workspace::new_or_existing`]) to the current folder;
+//!   every other command ([`Workspace::existing`]) needs a `.dagrun/` there
+//!   and refuses with exit 2 otherwise, creating nothing.
+//! - **The lock.** Every command that writes workspace state (`run`,
+//!   `keys rotate|forget`, `verify --repair`) holds [`Workspace::lock`] while
+//!   it writes. Read-only commands take no lock.
+//! - **Hashes.** Hashes read from disk are [`ContentHash`]es, parsed once
+//!   ([`hash`]); cache object paths are built only from them ([`cas`]).
+//! - **Records.** State files, action-cache entries, the hash memo, model
+//!   artifacts and feature-store manifests carry a MAC under the workspace
+//!   integrity key ([`record`]); a record whose MAC fails was modified outside
+//!   dagrun and is never trusted.
+
+pub mod cas;
+pub mod hash;
+pub mod hashing;
+pub mod lock;
+pub mod record;
+pub mod state;
+
+pub use hash::ContentHash;
+
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Name of dagrun's own folder in a workspace.
+pub const DAGRUN_DIR: &str = ".dagrun";
+
+/// A workspace root and every path dagrun keeps in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workspace {
+    root: PathBuf,
+}
+
+impl Workspace {
+    /// The workspace rooted at `root` (made absolute; nothing is checked or created).
+    pub fn at(root: &Path) -> Workspace {
+        Workspace { root: std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf()) }
+    }
+
+    /// The nearest of `start` and its ancestors that holds `.dagrun/` or `config/`.
+    pub fn locate(start: &Path) -> Option<Workspace> {
+        let start = std::path::absolute(start).unwrap_or_else(|_| start.to_path_buf());
+        start.ancestors().find(|d| d.join(DAGRUN_DIR).is_dir() || d.join("config").is_dir()).map(Workspace::at)
+    }
+
+    /// The workspace of a pipeline file: `given`, else [`Workspace::locate`]
+    /// from the file's folder, else that folder (a new workspace).
+    pub fn for_pipeline(given: Option<&Path>, pipeline_file: &Path) -> Workspace {
+        if let Some(w) = given {
+            return Workspace::at(w);
+        }
+        let file = std::path::absolute(pipeline_file).unwrap_or_else(|_| pipeline_file.to_path_buf());
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        Workspace::locate(&dir).unwrap_or_else(|| Workspace::at(&dir))
+    }
+
+    /// An existing workspace (one that holds `.dagrun/`): `given`, else
+    /// [`Workspace::locate`] from `start`. None found is a configuration error
+    /// (exit 2) and nothing is created.
+    pub fn existing(given: Option<&Path>, start: &Path) -> Result<Workspace> {
+        let ws = match given {
+            Some(w) => Workspace::at(w),
+            None => Workspace::locate(start).ok_or_else(|| {
+                crate::error::config(format!(
+                    "{} is not inside a dagrun workspace (no .dagrun/ or config/ in it or above it): run a pipeline there first, or pass -C DIR",
+                    start.display()
+                ))
+            })?,
+        };
+        if !ws.dagrun_dir().is_dir() {
+            return Err(crate::error::config(format!(
+                "{} is not a dagrun workspace (it has no .dagrun/ folder): run a pipeline there first, or pass -C DIR",
+                ws.root.display()
+            )));
+        }
+        Ok(ws)
+    }
+
+    /// The workspace a command that may start one (`keys init`) works in:
+    /// `given`, else [`Workspace::locate`] from the current folder, else the
+    /// current folder.
+    pub fn new_or_existing(given: Option<&Path>) -> Result<Workspace> {
+        if let Some(w) = given {
+            return Ok(Workspace::at(w));
+        }
+        let cwd = std::env::current_dir()?;
+        Ok(Workspace::locate(&cwd).unwrap_or_else(|| Workspace::at(&cwd)))
+    }
+
+    /// The existing workspace of a command run from the current folder.
+    pub fn existing_from_cwd(given: Option<&Path>) -> Result<Workspace> {
+        let cwd = std::env::current_dir()?;
+        Workspace::existing(given, &cwd)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `.dagrun/`
+    pub fn dagrun_dir(&self) -> PathBuf {
+        self.root.join(DAGRUN_DIR)
+    }
+    /// `.dagrun/cache/objects/`
+    pub fn objects_dir(&self) -> PathBuf {
+        self.dagrun_dir().join("cache").join("objects")
+    }
+    /// `.dagrun/cache/actions/`
+    pub fn actions_dir(&self) -> PathBuf {
+        self.dagrun_dir().join("cache").join("actions")
+    }
+    /// `.dagrun/state/`
+    pub fn state_dir(&self) -> PathBuf {
+        self.dagrun_dir().join("state")
+    }
+    /// `.dagrun/logs/`
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dagrun_dir().join("logs")
+    }
+    /// `.dagrun/keys/`
+    pub fn keys_dir(&self) -> PathBuf {
+        self.dagrun_dir().join("keys")
+    }
+    /// `.dagrun/hashmemo.json`
+    pub fn memo_file(&self) -> PathBuf {
+        self.dagrun_dir().join("hashmemo.json")
+    }
+    /// `runs/`
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+    /// An absolute path for a workspace-relative one.
+    pub fn abs(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+    /// The workspace-relative form of a path under the workspace (else as given).
+    pub fn rel(&self, p: &Path) -> String {
+        p.strip_prefix(&self.root).unwrap_or(p).to_string_lossy().into_owned()
+    }
+
+    /// Take the workspace lock (`.dagrun/lock`), waiting up to `wait`
+    /// (None: exit 75 at once when another process holds it).
+    pub fn lock(&self, wait: Option<Duration>, what: &str) -> Result<lock::WorkspaceLock> {
+        lock::acquire(&self.dagrun_dir(), wait, what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn existing_refuses_and_creates_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Workspace::existing(None, d.path()).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&e), crate::error::exit::CONFIG);
+        let e = Workspace::existing(Some(d.path()), d.path()).unwrap_err();
+        assert!(e.to_string().contains("no .dagrun/"), "{e}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        std::fs::create_dir_all(d.path().join(".dagrun")).unwrap();
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        let ws = Workspace::existing(None, &d.path().join("a/b")).unwrap();
+        assert_eq!(ws.root(), d.path());
+        assert_eq!(ws.state_dir(), d.path().join(".dagrun/state"));
+    }
+}

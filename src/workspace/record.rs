@@ -1,0 +1,206 @@
+//! Authenticated records: JSON files dagrun writes and later trusts.
+//!
+//! Rules:
+//! - A record is a JSON object with one extra top-level field, `"mac"`: hex of
+//!   keyed blake3 under the workspace integrity key (`crypto::integrity`) of
+//!   the record's *domain* (what kind of record it is: a state record cannot
+//!   pass as a model), a newline, and the canonical JSON of the object
+//!   without `"mac"` (keys sorted at every level, no whitespace:
+//!   [`canonical_json`]). The file stays plain JSON, readable by any tool.
+//! - Reading ([`open`]) checks, in order: the bytes are a JSON object; every
+//!   field has its type (a malformed hash is an error naming the file and the
+//!   field, e.g. `outputs.models/A.json.hash`); the MAC is present and right.
+//!   Any failure means the record was not written by dagrun under this
+//!   workspace's key — modified outside dagrun — and it is not used.
+//! - Records are small (state, action-cache entries, the hash memo, models,
+//!   feature manifests): MACs never cost a read of data files. Data files are
+//!   bound by their content hash inside an authenticated record, and cache
+//!   objects (directory listings included) are verified against that hash
+//!   on every use.
+
+use crate::crypto::IntegrityKey;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// The MAC field of every record.
+pub const MAC_FIELD: &str = "mac";
+
+/// Domains (one per kind of record).
+pub const STAGE_RECORD: &str = "dagrun-record/stage-state/1";
+pub const HASH_MEMO: &str = "dagrun-record/hash-memo/1";
+pub const MODEL: &str = "dagrun-record/model/1";
+pub const FEATURE_MANIFEST: &str = "dagrun-record/feature-manifest/1";
+
+/// Why a record cannot be trusted. Messages name the file and never echo
+/// field values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("{file} is not a readable record ({why})")]
+    Unreadable { file: String, why: String },
+    #[error("{file}: field `{field}`: {why}")]
+    BadField { file: String, field: String, why: String },
+    #[error("{file} has no MAC: it was modified outside dagrun (or written by an older dagrun)")]
+    NoMac { file: String },
+    #[error("{file} fails its MAC check: it was modified outside dagrun (or written under another master key)")]
+    BadMac { file: String },
+    #[error("{file} cannot be verified: this workspace has no master key yet")]
+    NoKey { file: String },
+}
+
+impl RecordError {
+    /// True when the record exists but was altered (or forged): a MAC failure.
+    pub fn is_tampering(&self) -> bool {
+        matches!(self, RecordError::NoMac { .. } | RecordError::BadMac { .. } | RecordError::BadField { .. })
+    }
+}
+
+/// JSON with object keys sorted at every level and no insignificant whitespace.
+pub fn canonical_json(v: &Value) -> String {
+    let mut s = String::new();
+    write_canonical(v, &mut s);
+    s
+}
+
+fn write_object(m: &serde_json::Map<String, Value>, skip: Option<&str>, out: &mut String) {
+    let mut keys: Vec<&String> = m.keys().filter(|k| Some(k.as_str()) != skip).collect();
+    keys.sort();
+    out.push('{');
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::String((*k).clone()).to_string());
+        out.push(':');
+        write_canonical(&m[*k], out);
+    }
+    out.push('}');
+}
+
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => write_object(m, None, out),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// The MAC (hex) of a record value (its top-level `"mac"` field ignored;
+/// nothing is copied).
+pub fn mac_of(key: &IntegrityKey, domain: &str, v: &Value) -> String {
+    let mut canon = String::new();
+    match v {
+        Value::Object(m) => write_object(m, Some(MAC_FIELD), &mut canon),
+        _ => write_canonical(v, &mut canon),
+    }
+    key.mac(domain, canon.as_bytes()).to_hex().to_string()
+}
+
+/// `rec` as a JSON value with its MAC added.
+pub fn seal_value<T: Serialize>(key: &IntegrityKey, domain: &str, rec: &T) -> anyhow::Result<Value> {
+    let mut v = serde_json::to_value(rec)?;
+    let Value::Object(m) = &mut v else { anyhow::bail!("a record must be a JSON object (internal error)") };
+    m.remove(MAC_FIELD);
+    let mac = mac_of(key, domain, &v);
+    if let Value::Object(m) = &mut v {
+        m.insert(MAC_FIELD.to_string(), Value::String(mac));
+    }
+    Ok(v)
+}
+
+/// `rec` as compact JSON bytes with its MAC.
+pub fn seal<T: Serialize>(key: &IntegrityKey, domain: &str, rec: &T) -> anyhow::Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&seal_value(key, domain, rec)?)?)
+}
+
+/// Parse a value into `T`, naming the field on error.
+pub fn typed<T: DeserializeOwned>(v: Value, file: &str) -> Result<T, RecordError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let field = e.path().to_string();
+        let why = e.into_inner().to_string();
+        if field == "." {
+            RecordError::Unreadable { file: file.to_string(), why }
+        } else {
+            RecordError::BadField { file: file.to_string(), field, why }
+        }
+    })
+}
+
+/// Read and authenticate a record. `file` names it in errors.
+pub fn open<T: DeserializeOwned>(key: Option<&IntegrityKey>, domain: &str, bytes: &[u8], file: &str) -> Result<T, RecordError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| RecordError::Unreadable { file: file.to_string(), why: e.to_string() })?;
+    let Value::Object(m) = &v else {
+        return Err(RecordError::Unreadable { file: file.to_string(), why: "not a JSON object".into() });
+    };
+    let mac = match m.get(MAC_FIELD) {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(RecordError::BadField { file: file.to_string(), field: MAC_FIELD.into(), why: "not a string".into() }),
+        None => {
+            // Still report a malformed field first: it is the more precise finding.
+            typed::<T>(v, file)?;
+            return Err(RecordError::NoMac { file: file.to_string() });
+        }
+    };
+    let computed = key.map(|k| mac_of(k, domain, &v));
+    let rec = typed::<T>(v, file)?;
+    match (key, computed) {
+        (Some(k), Some(c)) => {
+            // Constant-time compare through blake3::Hash.
+            let ok = blake3::Hash::from_hex(mac.as_bytes()).ok().zip(blake3::Hash::from_hex(c.as_bytes()).ok()).is_some_and(|(a, b)| a == b);
+            let _ = k;
+            if ok { Ok(rec) } else { Err(RecordError::BadMac { file: file.to_string() }) }
+        }
+        _ => Err(RecordError::NoKey { file: file.to_string() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workspace::ContentHash;
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct R {
+        name: String,
+        hash: ContentHash,
+        x: f64,
+    }
+
+    #[test]
+    fn seal_open_and_tamper() {
+        let k = IntegrityKey::from_bytes([3; 32]);
+        let r = R { name: "a".into(), hash: ContentHash::of_bytes(b"x"), x: 0.1 + 0.2 };
+        let b = seal(&k, STAGE_RECORD, &r).unwrap();
+        assert_eq!(open::<R>(Some(&k), STAGE_RECORD, &b, "f").unwrap(), r);
+        // Another domain, another key, no key.
+        assert!(matches!(open::<R>(Some(&k), MODEL, &b, "f"), Err(RecordError::BadMac { .. })));
+        assert!(matches!(open::<R>(Some(&IntegrityKey::from_bytes([4; 32])), STAGE_RECORD, &b, "f"), Err(RecordError::BadMac { .. })));
+        assert!(matches!(open::<R>(None, STAGE_RECORD, &b, "f"), Err(RecordError::NoKey { .. })));
+        // Pretty-printed (reformatted) stays valid: the MAC is over canonical JSON.
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(open::<R>(Some(&k), STAGE_RECORD, &serde_json::to_vec_pretty(&v).unwrap(), "f").unwrap(), r);
+        // An edited field fails.
+        let mut v2 = v.clone();
+        v2["name"] = "b".into();
+        let e = open::<R>(Some(&k), STAGE_RECORD, &serde_json::to_vec(&v2).unwrap(), "state/x.json").unwrap_err();
+        assert!(e.is_tampering() && e.to_string().contains("state/x.json") && e.to_string().contains("modified outside dagrun"), "{e}");
+        // A malformed hash is named by field, never echoed.
+        let mut v3 = v.clone();
+        v3["hash"] = "x/../../etc".into();
+        let e = open::<R>(Some(&k), STAGE_RECORD, &serde_json::to_vec(&v3).unwrap(), "state/x.json").unwrap_err().to_string();
+        assert!(e.contains("field `hash`") && e.contains("64 lowercase hex") && !e.contains("etc"), "{e}");
+        // No MAC.
+        let b = serde_json::to_vec(&r).unwrap();
+        assert!(matches!(open::<R>(Some(&k), STAGE_RECORD, &b, "f"), Err(RecordError::NoMac { .. })));
+        assert!(matches!(open::<R>(Some(&k), STAGE_RECORD, b"[1]", "f"), Err(RecordError::Unreadable { .. })));
+    }
+}

@@ -1,0 +1,296 @@
+//! Per-stage state and the action cache: authenticated records.
+//!
+//! - `.dagrun/state/STAGE.json`: the last completed execution of each stage
+//!   (its key, ingredients, output hashes). One small file per stage, written
+//!   atomically as each stage finishes, so saving state costs O(1) per stage.
+//! - `.dagrun/cache/actions/KEY.json`: every execution ever completed, by cache
+//!   key: a key seen before restores its outputs without recomputing.
+//!
+//! Both are MAC'd records (`workspace::record`, domain `STAGE_RECORD`; an
+//! action entry is a hard link to the state file just written, same bytes).
+//! A record is trusted only if its MAC holds, every hash in it is a
+//! [`ContentHash`], and it is where it claims to be (a state file names its
+//! own stage; an action entry its own key). Anything else is
+//! [`Loaded::Invalid`]: the engine recomputes, `status` says why, `verify`
+//! reports it.
+
+use super::hash::ContentHash;
+use super::record::{self, RecordError};
+use super::Workspace;
+use crate::crypto::IntegrityKey;
+use crate::util::atomic::{Durability, write_atomic_with};
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Everything that goes into a cache key (the rules and the key itself are
+/// in `engine::fingerprint`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ingredients {
+    pub kind: String,
+    pub kind_version: u32,
+    pub params: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub inputs: BTreeMap<String, String>,
+    pub outs: Vec<String>,
+    #[serde(default)]
+    pub extras: BTreeMap<String, String>,
+}
+
+/// One output of a completed execution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputRecord {
+    pub hash: ContentHash,
+    pub size: u64,
+    #[serde(default)]
+    pub dir: bool,
+    /// Plaintext PII: not in the cache, deleted after use.
+    #[serde(default)]
+    pub sensitive: bool,
+    /// A copy is in the content-addressed store.
+    #[serde(default)]
+    pub cached: bool,
+}
+
+/// A completed execution of a stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageState {
+    pub stage: String,
+    pub key: ContentHash,
+    pub ingredients: Ingredients,
+    /// Pipeline params the stage referenced, with their values then.
+    #[serde(default)]
+    pub param_refs: BTreeMap<String, Value>,
+    pub outputs: BTreeMap<String, OutputRecord>,
+    pub run_id: String,
+    pub finished_at: String,
+    pub seconds: f64,
+    /// PII-free facts the stage reported (rows, AUC, ...).
+    #[serde(default)]
+    pub facts: Map<String, Value>,
+}
+
+/// A record as read from disk.
+#[derive(Debug)]
+pub enum Loaded<T> {
+    /// No such file.
+    Missing,
+    /// Present, authenticated, well-formed.
+    Valid(T),
+    /// Present but not to be trusted (why, naming the file).
+    Invalid(RecordError),
+}
+
+impl<T> Loaded<T> {
+    pub fn valid(self) -> Option<T> {
+        match self {
+            Loaded::Valid(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// The state and action-cache records of a workspace.
+pub struct StateStore {
+    ws: Workspace,
+    state_dir: PathBuf,
+    actions_dir: PathBuf,
+    key: Option<Arc<IntegrityKey>>,
+}
+
+impl StateStore {
+    /// `key`: the workspace integrity key (None: nothing verifies and nothing
+    /// can be written — a workspace without a master key yet).
+    pub fn new(ws: &Workspace, key: Option<Arc<IntegrityKey>>) -> StateStore {
+        StateStore { state_dir: ws.state_dir(), actions_dir: ws.actions_dir(), ws: ws.clone(), key }
+    }
+
+    fn stage_file(&self, stage: &str) -> PathBuf {
+        self.state_dir.join(format!("{stage}.json"))
+    }
+
+    fn shown(&self, p: &Path) -> String {
+        self.ws.rel(p)
+    }
+
+    /// Read and check one record file.
+    pub fn read_record(&self, path: &Path) -> Loaded<StageState> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
+            Err(e) => return Loaded::Invalid(RecordError::Unreadable { file: self.shown(path), why: e.to_string() }),
+        };
+        match record::open::<StageState>(self.key.as_deref(), record::STAGE_RECORD, &bytes, &self.shown(path)) {
+            Ok(st) => Loaded::Valid(st),
+            Err(e) => Loaded::Invalid(e),
+        }
+    }
+
+    /// The last completed execution of a stage, checked.
+    pub fn load(&self, stage: &str) -> Loaded<StageState> {
+        let p = self.stage_file(stage);
+        match self.read_record(&p) {
+            Loaded::Valid(st) if st.stage != stage => Loaded::Invalid(RecordError::BadField {
+                file: self.shown(&p),
+                field: "stage".into(),
+                why: "names another stage (the record was moved or copied outside dagrun)".into(),
+            }),
+            other => other,
+        }
+    }
+
+    /// The last completed execution of a stage, if it is trustworthy
+    /// (anything else counts as none: the stage reruns).
+    pub fn get(&self, stage: &str) -> Option<StageState> {
+        self.load(stage).valid()
+    }
+
+    fn seal(&self, st: &StageState) -> Result<Vec<u8>> {
+        let Some(k) = &self.key else { bail!("cannot record stage {}: no workspace integrity key (internal error)", st.stage) };
+        record::seal(k, record::STAGE_RECORD, st)
+    }
+
+    pub fn put(&self, st: &StageState) -> Result<()> {
+        write_atomic_with(&self.stage_file(&st.stage), &self.seal(st)?, Durability::Content)
+    }
+
+    pub fn remove(&self, stage: &str) {
+        let _ = std::fs::remove_file(self.stage_file(stage));
+    }
+
+    fn action_file(&self, key: &ContentHash) -> PathBuf {
+        self.actions_dir.join(format!("{key}.json"))
+    }
+
+    /// An earlier execution with this cache key, checked.
+    pub fn load_action(&self, key: &ContentHash) -> Loaded<StageState> {
+        let p = self.action_file(key);
+        match self.read_record(&p) {
+            Loaded::Valid(st) if &st.key != key => Loaded::Invalid(RecordError::BadField {
+                file: self.shown(&p),
+                field: "key".into(),
+                why: "is not the key the entry is filed under (moved or copied outside dagrun)".into(),
+            }),
+            other => other,
+        }
+    }
+
+    /// An earlier execution with this cache key, if trustworthy.
+    pub fn action(&self, key: &ContentHash) -> Option<StageState> {
+        self.load_action(key).valid()
+    }
+
+    /// Record `st` in the action cache: a hard link to the stage's state file
+    /// just written (same bytes, no second write), else an unsynced copy
+    /// (entries are verified on every read; a lost one only costs a recomputation).
+    pub fn put_action(&self, st: &StageState) -> Result<()> {
+        let dest = self.action_file(&st.key);
+        if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(&dest);
+        std::fs::create_dir_all(&self.actions_dir)?;
+        let state_file = self.stage_file(&st.stage);
+        // Called right after `put(st)` by the only thread running this stage.
+        if std::fs::hard_link(&state_file, &dest).is_ok() {
+            return Ok(());
+        }
+        write_atomic_with(&dest, &self.seal(st)?, Durability::Verified)
+    }
+
+    /// Install an action entry made elsewhere (a record pulled from a
+    /// remote cache, validated by the caller): sealed under this workspace's
+    /// integrity key and written atomically. A valid local entry is kept.
+    pub fn import_action(&self, st: &StageState) -> Result<()> {
+        if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.actions_dir)?;
+        write_atomic_with(&self.action_file(&st.key), &self.seal(st)?, Durability::Verified)
+    }
+
+    fn scan_dir(&self, dir: &Path) -> Vec<(PathBuf, Loaded<StageState>)> {
+        let mut v = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".json") || crate::util::atomic::is_temp_name(&name) {
+                    continue;
+                }
+                let p = e.path();
+                let l = self.read_record(&p);
+                v.push((p, l));
+            }
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Every state file with what reading it found (for `verify`).
+    pub fn scan_states(&self) -> Vec<(PathBuf, Loaded<StageState>)> {
+        self.scan_dir(&self.state_dir)
+            .into_iter()
+            .map(|(p, l)| {
+                let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let l = match l {
+                    Loaded::Valid(st) if st.stage != stem => {
+                        Loaded::Invalid(RecordError::BadField { file: self.shown(&p), field: "stage".into(), why: "names another stage (moved or copied outside dagrun)".into() })
+                    }
+                    other => other,
+                };
+                (p, l)
+            })
+            .collect()
+    }
+
+    /// Every action-cache entry with what reading it found (for `verify`).
+    pub fn scan_actions(&self) -> Vec<(PathBuf, Loaded<StageState>)> {
+        self.scan_dir(&self.actions_dir)
+            .into_iter()
+            .map(|(p, l)| {
+                let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let l = match l {
+                    Loaded::Valid(st) if st.key.as_str() != stem => {
+                        Loaded::Invalid(RecordError::BadField { file: self.shown(&p), field: "key".into(), why: "is not the key the entry is filed under".into() })
+                    }
+                    other => other,
+                };
+                (p, l)
+            })
+            .collect()
+    }
+
+    /// Every trustworthy stage state on disk.
+    pub fn all(&self) -> Vec<StageState> {
+        let mut v: Vec<StageState> = self.scan_states().into_iter().filter_map(|(_, l)| l.valid()).collect();
+        v.sort_by(|a, b| a.stage.cmp(&b.stage));
+        v
+    }
+
+    /// Every trustworthy action-cache entry (model look-ups).
+    pub fn all_actions(&self) -> Vec<StageState> {
+        self.scan_actions().into_iter().filter_map(|(_, l)| l.valid()).collect()
+    }
+
+    /// The trustworthy record of the stage that produced a workspace-relative
+    /// path, with that output's record.
+    pub fn producer_of(&self, rel: &str) -> Option<(StageState, OutputRecord)> {
+        self.all().into_iter().find_map(|s| {
+            let o = s.outputs.get(rel).cloned()?;
+            Some((s, o))
+        })
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+    pub fn actions_dir(&self) -> &Path {
+        &self.actions_dir
+    }
+}
