@@ -8,7 +8,8 @@
 //!   workspace-relative path without `.yaml`);
 //! - per job run: `START`, then exactly one of `COMPLETE` (ran, cached or
 //!   restored: the `dagrun` run facet says `workDone: false` for the last
-//!   two), `FAIL` (with `errorMessage`) or `ABORT` (interrupted); every stage
+//!   two), `FAIL` (with `errorMessage`) or `ABORT` (interrupted; or killed:
+//!   then sent by the next run, see [`crate::lineage::recover`]); every stage
 //!   run has a `parent` facet naming the pipeline run;
 //! - datasets: namespace `dagrun://HOST/WORKSPACE-ID/TENANT` (the tenant of
 //!   the stage that writes the path; for a source file, of the stages that
@@ -26,6 +27,7 @@ use super::Engine;
 use super::observer::RunObserver;
 use super::runs::{RunRecord, StageRecord, Status};
 use crate::lineage::event::{self, Dataset, EventType, Facets, Field, Job, Run, RunEvent};
+use crate::lineage::recover::{self, OpenRuns};
 use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
 use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
 use anyhow::Result;
@@ -63,6 +65,10 @@ pub struct OpenLineage {
     spool: Spool,
     /// Spooled events left alone because no endpoint is configured.
     parked: usize,
+    /// Marks this run open until its last event is out.
+    open: OpenRuns,
+    /// Killed earlier runs closed at the start of this one: (run id, ABORT events).
+    closed_killed: Vec<(String, usize)>,
     namespace: String,
     dataset_base: String,
     pipeline_job: String,
@@ -116,7 +122,26 @@ impl OpenLineage {
         let file_rel = format!("runs/{}.openlineage.jsonl", engine.run_id);
         let file = FileSink::new(&p.workspace.join(&file_rel));
         let spool = Spool::new(&engine.dagrun_dir);
-        let backlog = spool.load();
+        let mut backlog = spool.load();
+        // Runs a killed dagrun left open get their ABORT now (in their own
+        // file; and, like any event, to the endpoint: spooled first, so they
+        // are not lost if this run is killed too).
+        let open = OpenRuns::new(&engine.dagrun_dir);
+        let runs_dir = crate::engine::runs::runs_dir(&p.workspace);
+        let has_endpoint = lineage_url.is_some();
+        let closed = recover::recover(
+            &open,
+            &engine.run_id,
+            |id| runs_dir.join(format!("{id}.openlineage.jsonl")),
+            |lines| {
+                if has_endpoint && !lines.is_empty() {
+                    backlog.extend(lines.iter().cloned());
+                    spool.store(&backlog)?;
+                }
+                Ok(())
+            },
+        );
+        let closed_killed = closed.into_iter().filter(|c| !c.lines.is_empty()).map(|c| (c.run_id, c.lines.len())).collect();
         let (http, parked) = match lineage_url {
             Some(url) => {
                 let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
@@ -130,6 +155,8 @@ impl OpenLineage {
             http: Mutex::new(http),
             spool,
             parked,
+            open,
+            closed_killed,
             dataset_base: format!("{namespace}/"),
             namespace,
             pipeline_job,
@@ -243,6 +270,9 @@ impl OpenLineage {
 
 impl RunObserver for OpenLineage {
     fn run_started(&self, engine: &Engine) {
+        if let Err(e) = self.open.mark(&engine.run_id) {
+            tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
+        }
         let e = RunEvent::new(EventType::Start, event::now(), self.pipeline_run_value(engine, json!({})), self.pipeline_job_value(engine));
         self.emit(&e);
     }
@@ -387,6 +417,11 @@ impl RunObserver for OpenLineage {
                 summary["pending"] = self.parked.into();
             }
         }
+        if !self.closed_killed.is_empty() {
+            summary["killed_runs"] = self.closed_killed.iter().map(|(id, n)| json!({"run_id": id, "abort_events": n})).collect();
+        }
         record.openlineage = Some(summary);
+        // Last: the run's events are all in its file (and delivered or spooled).
+        self.open.clear(&engine.run_id);
     }
 }
