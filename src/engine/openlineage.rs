@@ -67,8 +67,15 @@ pub struct OpenLineage {
     parked: usize,
     /// Marks this run open until its last event is out.
     open: OpenRuns,
+    run_id: String,
     /// Killed earlier runs closed at the start of this one: (run id, ABORT events).
     closed_killed: Vec<(String, usize)>,
+    /// This run is marked open (at its first event that opens a run in the file).
+    marked: std::sync::atomic::AtomicBool,
+    /// Events held back: their loss leaves no run open (see [`OpenLineage::hold`]).
+    held: Mutex<Vec<String>>,
+    /// Stages started whose `START` is not out yet: its time.
+    starts: Mutex<HashMap<usize, String>>,
     namespace: String,
     dataset_base: String,
     pipeline_job: String,
@@ -156,7 +163,11 @@ impl OpenLineage {
             spool,
             parked,
             open,
+            run_id: engine.run_id.clone(),
             closed_killed,
+            marked: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+            starts: Mutex::new(HashMap::new()),
             dataset_base: format!("{namespace}/"),
             namespace,
             pipeline_job,
@@ -168,12 +179,44 @@ impl OpenLineage {
         })
     }
 
-    fn emit(&self, e: &RunEvent) {
-        let line = e.to_line();
-        self.file.write(&line);
-        if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            h.send(line);
+    /// Hold events back, to go out with the next [`OpenLineage::emit`]: the
+    /// pipeline's `START` and the `START` + terminal pairs of stages that did
+    /// no work (cached, restored, or failed before running). A crash that
+    /// loses them leaves no run open anywhere (they reached neither the file
+    /// nor the endpoint), and a no-op run writes its file once.
+    fn hold(&self, events: &[RunEvent]) {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        h.extend(events.iter().map(RunEvent::to_line));
+    }
+
+    /// Send the held events and `events`, in order: to the file (one write)
+    /// and the endpoint's queue. `opens` = these events may leave a run open
+    /// if the process dies now: mark this run open first.
+    fn emit(&self, events: &[RunEvent], opens: bool) {
+        if opens && !self.marked.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.open.mark(&self.run_id) {
+                tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
+            }
         }
+        let mut lines = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        lines.extend(events.iter().map(RunEvent::to_line));
+        self.file.write_lines(&lines);
+        if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            for l in lines {
+                h.send(l);
+            }
+        }
+    }
+
+    fn start_event(&self, engine: &Engine, i: usize, time: String) -> RunEvent {
+        let s = engine.stage(i);
+        let mut run = self.stage_run(engine, i);
+        run.facets.insert("dagrun".into(), event::dagrun_facet(json!({"dagrunRunId": engine.run_id, "stage": s.name, "kind": s.kind.name()})));
+        let mut e = RunEvent::new(EventType::Start, time, run, self.stage_job(engine, i));
+        let ws = &engine.pipeline.workspace;
+        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, None)).collect();
+        e.outputs = s.outs.iter().map(|o| self.dataset(ws, &o.path, None)).collect();
+        e
     }
 
     fn stage_job(&self, engine: &Engine, i: usize) -> Job {
@@ -270,22 +313,19 @@ impl OpenLineage {
 
 impl RunObserver for OpenLineage {
     fn run_started(&self, engine: &Engine) {
-        if let Err(e) = self.open.mark(&engine.run_id) {
-            tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
-        }
         let e = RunEvent::new(EventType::Start, event::now(), self.pipeline_run_value(engine, json!({})), self.pipeline_job_value(engine));
-        self.emit(&e);
+        self.hold(&[e]);
     }
 
-    fn stage_started(&self, engine: &Engine, i: usize) {
-        let s = engine.stage(i);
-        let mut run = self.stage_run(engine, i);
-        run.facets.insert("dagrun".into(), event::dagrun_facet(json!({"dagrunRunId": engine.run_id, "stage": s.name, "kind": s.kind.name()})));
-        let mut e = RunEvent::new(EventType::Start, event::now(), run, self.stage_job(engine, i));
-        let ws = &engine.pipeline.workspace;
-        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, None)).collect();
-        e.outputs = s.outs.iter().map(|o| self.dataset(ws, &o.path, None)).collect();
-        self.emit(&e);
+    fn stage_started(&self, _engine: &Engine, i: usize) {
+        // Built when the stage starts work, or with its terminal event.
+        self.starts.lock().unwrap_or_else(|e| e.into_inner()).insert(i, event::now());
+    }
+
+    fn stage_working(&self, engine: &Engine, i: usize) {
+        let Some(t) = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i) else { return };
+        let e = self.start_event(engine, i, t);
+        self.emit(&[e], true);
     }
 
     fn stage_finished(&self, engine: &Engine, i: usize, rec: &StageRecord) {
@@ -351,7 +391,15 @@ impl RunObserver for OpenLineage {
             .iter()
             .map(|o| self.dataset(ws, &o.path, if event_type == EventType::Complete { rec.outputs.get(&o.path).map(String::as_str) } else { None }))
             .collect();
-        self.emit(&e);
+        let start = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
+        match start {
+            // No work was started: both events together, held back.
+            Some(t) => {
+                let s = self.start_event(engine, i, t);
+                self.hold(&[s, e]);
+            }
+            None => self.emit(&[e], false),
+        }
     }
 
     fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
@@ -378,7 +426,7 @@ impl RunObserver for OpenLineage {
             run.facets.insert("errorMessage".into(), event::error_message_facet(&msg));
         }
         let e = RunEvent::new(event_type, event::now(), run, self.pipeline_job_value(engine));
-        self.emit(&e);
+        self.emit(&[e], false);
 
         let written = match self.file.finish() {
             Ok(()) => Some(self.file_shown.clone()),
@@ -422,6 +470,8 @@ impl RunObserver for OpenLineage {
         }
         record.openlineage = Some(summary);
         // Last: the run's events are all in its file (and delivered or spooled).
-        self.open.clear(&engine.run_id);
+        if self.marked.load(Ordering::SeqCst) {
+            self.open.clear(&engine.run_id);
+        }
     }
 }

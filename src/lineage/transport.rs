@@ -9,6 +9,9 @@
 //!   unfinished last line is cut off when the file is next opened). Not
 //!   fsynced: the run record is the durable account of a run, and the file
 //!   of a run killed with the machine may lose its last lines.
+//!   Several lines can go in one write ([`FileSink::write_lines`]): the
+//!   emitter holds back events whose loss leaves no run open (see
+//!   `engine::openlineage`), so a no-op run writes its file once.
 //! - [`HttpSink`] POSTs each event (JSON body) to `URL/api/v1/lineage` from
 //!   its own thread, never from a stage's: emission only queues. Each request
 //!   has bounded timeouts ([`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`]); after the
@@ -46,45 +49,56 @@ pub const MAX_LINE: usize = 1 << 20;
 /// Appends events to `runs/RUN_ID.openlineage.jsonl` as they happen.
 pub struct FileSink {
     path: PathBuf,
-    /// The open file (append mode) and its length after the last whole line.
-    file: Mutex<Option<(std::fs::File, u64)>>,
+    inner: Mutex<FileInner>,
     written: AtomicUsize,
+}
+
+struct FileInner {
+    /// The open file (append mode) and its length after the last whole line.
+    file: Option<(std::fs::File, u64)>,
+    /// Lines of the write under way.
+    deferred: Vec<u8>,
+    deferred_n: usize,
     /// The first write error (later events are not written).
-    failed: Mutex<Option<String>>,
+    failed: Option<String>,
 }
 
 impl FileSink {
-    /// The file is created (or opened for appending) at the first event.
+    /// The file is created (or opened for appending) at the first write.
     pub fn new(path: &Path) -> FileSink {
-        FileSink { path: path.to_path_buf(), file: Mutex::new(None), written: AtomicUsize::new(0), failed: Mutex::new(None) }
+        FileSink {
+            path: path.to_path_buf(),
+            inner: Mutex::new(FileInner { file: None, deferred: Vec::new(), deferred_n: 0, failed: None }),
+            written: AtomicUsize::new(0),
+        }
     }
 
-    /// Append one event line: one `write` of the whole line and its newline
-    /// (a line is never interleaved with another); a write that fails half
-    /// way is cut back to the last whole line. Never fsynced.
+    /// Append one event line.
     pub fn write(&self, line: &str) {
         self.write_lines(std::slice::from_ref(&line));
     }
 
-    /// Append several lines with one `write` (all or none of them).
+    /// Append lines in one `write` (a line
+    /// is never interleaved with another); a write that fails half way is cut
+    /// back to the last whole line. Never fsynced.
     pub fn write_lines<S: AsRef<str>>(&self, lines: &[S]) {
-        let mut buf = Vec::with_capacity(lines.iter().map(|l| l.as_ref().len() + 1).sum());
-        for l in lines {
-            buf.extend_from_slice(l.as_ref().as_bytes());
-            buf.push(b'\n');
-        }
-        if buf.is_empty() {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        push_lines(&mut g, lines);
+        self.flush_locked(&mut g);
+    }
+
+    fn flush_locked(&self, g: &mut FileInner) {
+        if g.deferred.is_empty() || g.failed.is_some() {
             return;
         }
-        let mut g = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        if self.failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
-            return;
-        }
+        let n = g.deferred_n;
+        let buf = std::mem::take(&mut g.deferred);
+        g.deferred_n = 0;
         let res = (|| -> Result<()> {
-            if g.is_none() {
-                *g = Some(open_append(&self.path)?);
+            if g.file.is_none() {
+                g.file = Some(open_append(&self.path)?);
             }
-            let (f, len) = g.as_mut().expect("opened above");
+            let (f, len) = g.file.as_mut().expect("opened above");
             use std::io::Write;
             if let Err(e) = f.write_all(&buf) {
                 // Cut a partly written line back off (disk full…).
@@ -96,11 +110,11 @@ impl FileSink {
         })();
         match res {
             Ok(()) => {
-                self.written.fetch_add(lines.len(), Ordering::Relaxed);
+                self.written.fetch_add(n, Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::warn!("OpenLineage events are no longer written to a file for this run: {e:#}");
-                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{e:#}"));
+                g.failed = Some(format!("{e:#}"));
             }
         }
     }
@@ -110,10 +124,13 @@ impl FileSink {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// End of run: close the file; the first write error, if any.
+    /// End of run: close the file; the first write
+    /// error, if any.
     pub fn finish(&self) -> Result<()> {
-        self.file.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match self.failed.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush_locked(&mut g);
+        g.file.take();
+        match g.failed.as_ref() {
             Some(m) => Err(anyhow::anyhow!("{m}")),
             None => Ok(()),
         }
@@ -122,6 +139,14 @@ impl FileSink {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+fn push_lines<S: AsRef<str>>(g: &mut FileInner, lines: &[S]) {
+    for l in lines {
+        g.deferred.extend_from_slice(l.as_ref().as_bytes());
+        g.deferred.push(b'\n');
+    }
+    g.deferred_n += lines.len();
 }
 
 /// Open `path` for appending (created with its parent folder when missing).
