@@ -289,6 +289,20 @@ fn a_job_over_its_time_limit_fails_as_timeout() {
 }
 
 #[test]
+fn a_job_that_cannot_meet_its_deadline_fails_as_deadline() {
+    need_cluster!();
+    // Held until `--begin`, then it can no longer finish its 1-minute limit before `--deadline`: Slurm ends it DEADLINE.
+    let ws = cmd_ws("stages:\n  late:\n    cmd: echo x > late.txt\n    outs: [late.txt]\n    resources: { time: 1, sbatch_args: [\"--begin=now+2\", \"--deadline=now+30\"] }\n");
+    let o = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let id: String = o.stderr.split("submitted Slurm job ").nth(1).expect("a job was submitted").chars().take_while(char::is_ascii_digit).collect();
+    assert!(o.stderr.contains(&format!("stage late failed: Slurm job {id} ended DEADLINE")), "{}", o.stderr);
+    assert!(o.stderr.contains("is empty"), "the job never ran, so its log is empty:\n{}", o.stderr);
+    assert_eq!(job_state(&id).as_deref(), Some("DEADLINE"));
+    assert!(!ws.exists("late.txt"));
+}
+
+#[test]
 fn scancel_from_outside_fails_the_stage() {
     need_cluster!();
     let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
@@ -585,7 +599,7 @@ fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
     let pc = Private::start(true);
     assert!(pc.cgroups);
     let ws = private_ws(
-        "  hungry:\n    cmd: echo attempt >> attempts.txt; python3 -c 'b = bytearray(400 * 1024 * 1024); open(\"hungry.txt\", \"w\").write(str(len(b)))'\n    outs: [hungry.txt]\n    resources: { mem: 60M }\n    retries: 1\n",
+        "  small:\n    cmd: echo run >> small-runs.txt; echo small > small.txt\n    outs: [small.txt]\n    group: g\n  hungry:\n    deps: [small.txt]\n    group: g\n    cmd: echo attempt >> attempts.txt; python3 -c 'b = bytearray(400 * 1024 * 1024); open(\"hungry.txt\", \"w\").write(str(len(b)))'\n    outs: [hungry.txt]\n    resources: { mem: 60M }\n    retries: 1\n",
     );
     let o = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
     assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
@@ -602,6 +616,14 @@ fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
     assert!(o.stderr.contains("raise `resources.mem`"), "{}", o.stderr);
     assert!(o.stderr.contains("oom-kill event"), "the end of the job's log is shown:\n{}", o.stderr);
     assert!(!ws.exists("hungry.txt") && !ws.exists(".dagrun/state/hungry.json"));
+    // small ran in the same job as hungry's first attempt and finished: it is recorded, and the retry job did not rerun it.
+    assert!(ws.exists(".dagrun/state/small.json"), "the member the job finished is recorded");
+    assert_eq!(ws.count("small-runs.txt"), 1);
+    let rec = last_record(&ws.root);
+    let st = |n: &str| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == n).unwrap().clone();
+    assert_eq!(st("small")["status"], "ran");
+    assert_eq!(st("small")["slurm_job"], format!("slurm:{}", ids[0]), "small and hungry's first attempt shared a job");
+    assert_eq!(st("hungry")["status"], "failed");
 }
 
 #[test]
@@ -699,10 +721,11 @@ fn a_job_slurmctld_has_forgotten_is_found_in_the_job_completion_log() {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    assert_eq!(pc.job_state(&id), "", "squeue no longer lists job {id}");
+    let listed = pc.job_state(&id);
     unsafe {
         libc::kill(bg.pid() as i32, libc::SIGCONT);
     }
+    assert_eq!(listed, "", "squeue no longer lists job {id}");
     let o = bg.wait(SLURM_HANG);
     assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());
     // squeue and scontrol no longer know the job: its final state came from the job-completion log.
