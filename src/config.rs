@@ -2,6 +2,7 @@
 //!
 //! ```yaml
 //! master_key: "pkcs11:token=dagrun-test;object=dagrun-master;type=secret-key?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/dagrun/pin"
+//! master_key_mechanism: auto         # or CKM_AES_GCM, CKM_AES_KEY_WRAP_PAD
 //! metrics_file: /var/lib/node_exporter/textfile_collector/dagrun.prom
 //! remote:                            # the shared remote cache (src/remote/)
 //!   url: s3://dagrun-cache/team-a    # s3://, gs://, az://, file:///ABSOLUTE/PATH
@@ -20,7 +21,7 @@
 //!   credentials come from the environment, `AWS_ACCESS_KEY_ID` etc.).
 //! - Relative paths in it (`metrics_file`) are relative to the workspace.
 
-use crate::crypto::master::Pkcs11Uri;
+use crate::crypto::master::{Mech, Pkcs11Uri};
 use crate::error::config;
 use anyhow::Result;
 use serde::Deserialize;
@@ -34,6 +35,8 @@ pub const CONFIG_FILE: &str = "config/dagrun.yaml";
 struct RawConfig {
     #[serde(default)]
     master_key: Option<String>,
+    #[serde(default)]
+    master_key_mechanism: Option<String>,
     #[serde(default)]
     metrics_file: Option<PathBuf>,
     #[serde(default)]
@@ -70,6 +73,9 @@ impl RemoteConfig {
 pub struct DagrunConfig {
     /// The master key as an RFC 7512 PKCS#11 URI (see `crypto::master`).
     pub master_key: Option<Pkcs11Uri>,
+    /// The wrapping mechanism forced for a PKCS#11 master key (`None`: detect;
+    /// see `crypto::master::pkcs11`). `DAGRUN_MASTER_KEY_MECHANISM` overrides it.
+    pub master_key_mechanism: Option<Mech>,
     /// Write each run's metrics (Prometheus text format) to this file,
     /// atomically (see `engine::run_metrics`); `--metrics-file` overrides it.
     /// Made absolute by [`DagrunConfig::load`].
@@ -103,7 +109,7 @@ impl DagrunConfig {
         let yaml_err = |e: yaml_serde::Error| {
             let msg = crate::pipeline::explain_yaml_message(&e.to_string());
             let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            let known = "known keys: master_key, metrics_file, remote: {url, endpoint, region, jobs, retry_timeout}";
+            let known = "known keys: master_key, master_key_mechanism, metrics_file, remote: {url, endpoint, region, jobs, retry_timeout}";
             match e.location() {
                 Some(l) => config(format!("{shown}:{}:{}: {clean} ({known})", l.line(), l.column())),
                 None => config(format!("{shown}: {clean} ({known})")),
@@ -130,6 +136,16 @@ impl DagrunConfig {
                 Some(uri)
             }
         };
+        let master_key_mechanism = match raw.master_key_mechanism.as_deref() {
+            None => None,
+            Some(s) => crate::crypto::master::parse_mechanism_setting(s).ok_or_else(|| {
+                config(format!(
+                    "{shown}:{}: master_key_mechanism is \"{}\": it must be auto, CKM_AES_GCM or CKM_AES_KEY_WRAP_PAD",
+                    line_of("master_key_mechanism"),
+                    crate::crypto::escape_for_message(s)
+                ))
+            })?,
+        };
         if let Some(r) = &raw.remote {
             let at = line_of("remote");
             if r.url.trim().is_empty() {
@@ -150,7 +166,7 @@ impl DagrunConfig {
                 )));
             }
         }
-        Ok(DagrunConfig { master_key, metrics_file: raw.metrics_file, remote: raw.remote })
+        Ok(DagrunConfig { master_key, master_key_mechanism, metrics_file: raw.metrics_file, remote: raw.remote })
     }
 }
 
@@ -192,6 +208,15 @@ mod tests {
         let both = format!("master_key: \"{URI}\"\nremote:\n  url: file:///tmp/x\n");
         let c = DagrunConfig::parse(both.as_bytes(), CONFIG_FILE).unwrap();
         assert!(c.master_key.is_some() && c.remote.is_some());
+    }
+
+    #[test]
+    fn master_key_mechanism_parses_strictly() {
+        let c = DagrunConfig::parse(b"master_key_mechanism: CKM_AES_KEY_WRAP_PAD\n", CONFIG_FILE).unwrap();
+        assert_eq!(c.master_key_mechanism, Some(Mech::Kwp));
+        assert_eq!(DagrunConfig::parse(b"master_key_mechanism: auto\n", CONFIG_FILE).unwrap().master_key_mechanism, None);
+        let e = DagrunConfig::parse(b"# m\nmaster_key_mechanism: CKM_DES\n", CONFIG_FILE).unwrap_err().to_string();
+        assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("CKM_AES_KEY_WRAP_PAD"), "{e}");
     }
 
     #[test]

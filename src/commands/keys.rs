@@ -96,11 +96,12 @@ pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> 
             let ring_path = crate::crypto::keyring::keyring_path(workspace);
             let rec = crate::crypto::keyring::recorded_master(workspace);
             println!(
-                "rewrapped {n} key(s) in {} under {}; no data was re-encrypted. Point dagrun at the new master key \
+                "rewrapped {n} key(s) in {} under {} ({}); no data was re-encrypted. Point dagrun at the new master key \
                  (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml); the old master key no longer opens \
                  this keyring and can be destroyed once backups of the old keyring are gone",
                 ring_path.display(),
-                rec.and_then(|r| r.uri).map(|u| crate::crypto::master::Pkcs11Uri::parse(&u).map(|u| u.shown()).unwrap_or(u)).unwrap_or_else(|| "the new key".into())
+                rec.clone().and_then(|r| r.uri).map(|u| crate::crypto::master::Pkcs11Uri::parse(&u).map(|u| u.shown()).unwrap_or(u)).unwrap_or_else(|| "the new key".into()),
+                rec.map(|r| r.mechanism).unwrap_or_default()
             );
         }
         Rewrapped::AlreadyDone => println!("the keyring is already wrapped under the new master key: nothing to do"),

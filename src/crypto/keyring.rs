@@ -13,9 +13,14 @@
 //! Each key is stored as hex of `nonce(12) || AES-256-GCM(master, key)(32) || tag(16)`
 //! with associated data `"dagrun/keywrap/v1|" + tenant + "|" + key_id`, so a
 //! wrapped key copied to another tenant or id does not unwrap. With a PKCS#11 master
-//! the same AES-GCM runs inside the token (`master.mechanism` = `CKM_AES_GCM`). The
-//! file also holds `key_check` (see [`super::master`]), which tells "wrong master
-//! key" apart from a damaged keyring without trying keys.
+//! the same AES-GCM runs inside the token (`CKM_AES_GCM`), or, on a token without
+//! AES-GCM, AES key wrap with padding (`CKM_AES_KEY_WRAP_PAD`, the associated data
+//! bound inside the wrapped value; see [`super::master`]). Each stored key records
+//! its `mechanism` (absent in keyrings written before: AES-GCM), and is unwrapped
+//! with it; `master.mechanism` is what new keys get. A mechanism this dagrun does
+//! not know is refused when the keyring is read. The file also holds `key_check`
+//! (see [`super::master`]), which tells "wrong master key" apart from a damaged
+//! keyring without trying keys.
 //!
 //! # Rewrapping (moving to another master key)
 //! [`Keyring::rewrap`] unwraps every key with the old master and wraps it with the
@@ -32,7 +37,7 @@
 use super::audit::AuditLog;
 use super::keys::{DataKey, PseudonymKey};
 use super::master::file::check_private;
-use super::master::{Master, MasterRecord, Pkcs11Uri, WRAPPED_LEN};
+use super::master::{KNOWN_MECHANISMS, Master, MasterRecord, Pkcs11Uri};
 use super::{escape_for_message, validate_tenant, wipe};
 use crate::util::atomic::write_atomic_mode;
 use anyhow::{Context, Result, anyhow, bail};
@@ -171,8 +176,12 @@ struct StoredKey {
     id: String,
     created: String,
     state: KeyState,
-    /// hex(nonce || wrapped key || tag)
+    /// hex of the wrapped key (format by `mechanism`, see `crypto::master`)
     wrapped: String,
+    /// How it was wrapped: `AES-256-GCM`, `CKM_AES_GCM` or `CKM_AES_KEY_WRAP_PAD`
+    /// (absent in keyrings written before it was recorded: AES-GCM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mechanism: Option<String>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -254,9 +263,17 @@ impl fmt::Debug for Keyring {
 /// What the keyring records about its master key, read without opening it
 /// (`None` when there is no readable keyring or it records nothing).
 pub fn recorded_master(workspace: &Path) -> Option<MasterRecord> {
+    read_recorded_master(workspace).ok().flatten()
+}
+
+/// Like [`recorded_master`], but a keyring that exists and cannot be read (bad
+/// JSON, unknown format or mechanism, loose mode) is an error, not "nothing".
+pub fn read_recorded_master(workspace: &Path) -> Result<Option<MasterRecord>> {
     let path = keyring_path(workspace);
-    fs::symlink_metadata(&path).ok()?;
-    read_keyring(&path).ok()?.master
+    if fs::symlink_metadata(&path).is_err() {
+        return Ok(None);
+    }
+    Ok(read_keyring(&path)?.master)
 }
 
 /// What [`Keyring::rewrap`] did.
@@ -313,7 +330,7 @@ impl Keyring {
         Self::with_master(workspace, master)
     }
 
-    fn with_master(workspace: &Path, master: Master) -> Result<Keyring> {
+    fn with_master(workspace: &Path, mut master: Master) -> Result<Keyring> {
         let path = keyring_path(workspace);
         let (file, key_check) = if fs::symlink_metadata(&path).is_ok() {
             let file = read_keyring(&path)?;
@@ -325,6 +342,9 @@ impl Keyring {
                 }
                 .into());
             }
+            if let Some(rec) = &file.master {
+                master.adopt_recorded(&rec.mechanism)?;
+            }
             let check = file.key_check.clone();
             (file, check)
         } else {
@@ -332,7 +352,7 @@ impl Keyring {
             let file = KeyringFile::empty(check.clone(), &master);
             (file, check)
         };
-        let integrity = std::sync::Arc::new(integrity_of(&master, &path, file.integrity.as_ref())?);
+        let integrity = std::sync::Arc::new(integrity_of(&master, &path, file.integrity.as_ref(), &key_check)?);
         Ok(Keyring { path, key_check, master, audit: AuditLog::new(&keys_dir(workspace)), integrity, state: Mutex::new(file) })
     }
 
@@ -362,7 +382,7 @@ impl Keyring {
         }
         let check = master.check_value()?;
         let file = KeyringFile::empty(check.clone(), &master);
-        let integrity = std::sync::Arc::new(master.integrity_key()?);
+        let integrity = std::sync::Arc::new(master.integrity_key(&check)?);
         let ring = Keyring { path, key_check: check, master, audit, integrity, state: Mutex::new(file.clone()) };
         let mut g = ring.lock();
         ring.commit(&mut g, file)?;
@@ -403,19 +423,15 @@ impl Keyring {
                 let mut bytes = old.unwrap_bytes(tenant, k)?;
                 let wrapped = wrap_with(&new_master, tenant, &k.id, &bytes);
                 wipe(&mut bytes);
-                k.wrapped = wrapped?;
+                (k.wrapped, k.mechanism) = wrapped?;
                 moved.push((tenant.clone(), k.id.clone()));
             }
         }
         new.key_check = new_master.check_value()?;
         new.master = Some(new_master.record());
         // The integrity key survives the rotation: stored, wrapped under the new master.
-        new.integrity = Some(StoredKey {
-            id: INTEGRITY_ID.into(),
-            created: now(),
-            state: KeyState::Active,
-            wrapped: wrap_with(&new_master, INTEGRITY_OWNER, INTEGRITY_ID, old.integrity.bytes())?,
-        });
+        let (wrapped, mechanism) = wrap_with(&new_master, INTEGRITY_OWNER, INTEGRITY_ID, old.integrity.bytes())?;
+        new.integrity = Some(StoredKey { id: INTEGRITY_ID.into(), created: now(), state: KeyState::Active, wrapped, mechanism });
         let ring = Keyring {
             integrity: old.integrity.clone(),
             path: path.clone(),
@@ -542,12 +558,8 @@ impl Keyring {
         let mut new = (*g).clone();
         let id = format!("{tenant}-pk-1");
         let key = PseudonymKey::generate()?;
-        let stored = StoredKey {
-            id: id.clone(),
-            created: now(),
-            state: KeyState::Active,
-            wrapped: self.wrap_key(tenant, &id, key.bytes())?,
-        };
+        let (wrapped, mechanism) = self.wrap_key(tenant, &id, key.bytes())?;
+        let stored = StoredKey { id: id.clone(), created: now(), state: KeyState::Active, wrapped, mechanism };
         new.tenants
             .entry(tenant.to_string())
             .or_default()
@@ -735,7 +747,7 @@ impl Keyring {
         let entry = new.tenants.entry(tenant.to_string()).or_default();
         let id = next_data_key_id(tenant, entry);
         let key = DataKey::generate()?;
-        let wrapped = self.wrap_key(tenant, &id, key.bytes())?;
+        let (wrapped, mechanism) = self.wrap_key(tenant, &id, key.bytes())?;
         for k in entry
             .data_keys
             .iter_mut()
@@ -748,13 +760,14 @@ impl Keyring {
             created: now(),
             state: KeyState::Active,
             wrapped,
+            mechanism,
         });
         self.commit(g, new)?;
         self.audit.append(op, tenant, &id, "ok: data key")?;
         Ok((id, key))
     }
 
-    fn wrap_key(&self, tenant: &str, id: &str, key: &[u8; 32]) -> Result<String> {
+    fn wrap_key(&self, tenant: &str, id: &str, key: &[u8; 32]) -> Result<(String, Option<String>)> {
         wrap_with(&self.master, tenant, id, key)
     }
 
@@ -778,28 +791,33 @@ impl Keyring {
             )
         };
         let blob = hex::decode(&k.wrapped).map_err(|_| damaged())?;
-        let blob = <[u8; WRAPPED_LEN]>::try_from(blob.as_slice()).map_err(|_| damaged())?;
         let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{}", k.id);
-        self.master.unwrap(aad.as_bytes(), &blob)?.ok_or_else(damaged)
+        self.master
+            .unwrap(k.mechanism.as_deref(), aad.as_bytes(), &blob)
+            .with_context(|| {
+                format!("cannot unwrap key {} of tenant {tenant} in the keyring {}", escape_for_message(&k.id), self.path.display())
+            })?
+            .ok_or_else(damaged)
     }
 }
 
 /// The integrity key: the one stored by a rewrap, else the master's own.
-fn integrity_of(master: &Master, path: &Path, stored: Option<&StoredKey>) -> Result<super::integrity::IntegrityKey> {
-    let Some(k) = stored else { return master.integrity_key() };
+fn integrity_of(master: &Master, path: &Path, stored: Option<&StoredKey>, key_check: &str) -> Result<super::integrity::IntegrityKey> {
+    let Some(k) = stored else { return master.integrity_key(key_check) };
     let damaged = || anyhow!("the stored integrity key in the keyring {} does not unwrap although the master key matches: restore the keyring from a backup", path.display());
     let blob = hex::decode(&k.wrapped).map_err(|_| damaged())?;
-    let blob = <[u8; WRAPPED_LEN]>::try_from(blob.as_slice()).map_err(|_| damaged())?;
     let aad = format!("{WRAP_AAD_PREFIX}{INTEGRITY_OWNER}|{}", k.id);
-    let mut bytes = master.unwrap(aad.as_bytes(), &blob)?.ok_or_else(damaged)?;
+    let mut bytes = master.unwrap(k.mechanism.as_deref(), aad.as_bytes(), &blob)?.ok_or_else(damaged)?;
     let key = super::integrity::IntegrityKey::from_bytes(bytes);
     wipe(&mut bytes);
     Ok(key)
 }
 
-fn wrap_with(master: &Master, tenant: &str, id: &str, key: &[u8; 32]) -> Result<String> {
+/// hex of the wrapped key, and the mechanism to record beside it.
+fn wrap_with(master: &Master, tenant: &str, id: &str, key: &[u8; 32]) -> Result<(String, Option<String>)> {
     let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{id}");
-    Ok(hex::encode(master.wrap(aad.as_bytes(), key)?))
+    let (blob, mech) = master.wrap(aad.as_bytes(), key)?;
+    Ok((hex::encode(blob), Some(mech.to_string())))
 }
 
 /// The end of a wrong-master-key message: what the keyring says its master is.
@@ -919,7 +937,44 @@ fn read_keyring(path: &Path) -> Result<KeyringFile> {
             escape_for_message(&file.format)
         );
     }
+    check_mechanisms(&file, path)?;
     Ok(file)
+}
+
+/// Refuse a keyring naming a wrapping mechanism this dagrun does not know,
+/// before anything is unwrapped or written.
+fn check_mechanisms(file: &KeyringFile, path: &Path) -> Result<()> {
+    let unknown = |what: String, m: &str| {
+        anyhow!(
+            "the keyring {} records {what} as wrapped with the mechanism \"{}\", which this dagrun does not know \
+             (it knows {}): the keyring was written by a newer dagrun or edited. Use the dagrun version that \
+             wrote it, or restore the keyring from a backup; do not delete it",
+            path.display(),
+            escape_for_message(m),
+            KNOWN_MECHANISMS.join(", ")
+        )
+    };
+    if let Some(r) = &file.master
+        && !KNOWN_MECHANISMS.contains(&r.mechanism.as_str())
+    {
+        return Err(unknown("its master key".into(), &r.mechanism));
+    }
+    for (tenant, e) in &file.tenants {
+        for k in e.data_keys.iter().chain(e.pseudonym_key.iter()) {
+            if let Some(m) = &k.mechanism
+                && !KNOWN_MECHANISMS.contains(&m.as_str())
+            {
+                return Err(unknown(format!("key {} of tenant {}", escape_for_message(&k.id), escape_for_message(tenant)), m));
+            }
+        }
+    }
+    if let Some(k) = &file.integrity
+        && let Some(m) = &k.mechanism
+        && !KNOWN_MECHANISMS.contains(&m.as_str())
+    {
+        return Err(unknown("the stored integrity key".into(), m));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -599,3 +599,123 @@ fn a_session_lost_mid_run_fails_the_stage_and_a_rerun_works() {
     ok(dg(&ws, Some(&tok), &["run", "pipelines/lose.yaml"], &env));
     assert!(ws.exists("data/enc2/Tenant_A.parquet") && ws.exists("data/enc2/Tenant_B.parquet"));
 }
+
+/// The mechanism of every wrapped key in the keyring (data, pseudonym, stored integrity key).
+fn key_mechanisms(ws: &Ws) -> Vec<String> {
+    let kr = keyring_json(ws);
+    let mut out = Vec::new();
+    for (_, e) in kr["tenants"].as_object().unwrap() {
+        for k in e["data_keys"].as_array().unwrap().iter().chain(e.get("pseudonym_key").into_iter()) {
+            out.push(k["mechanism"].as_str().unwrap_or("(none)").to_string());
+        }
+    }
+    if let Some(k) = kr.get("integrity") {
+        out.push(k["mechanism"].as_str().unwrap_or("(none)").to_string());
+    }
+    out
+}
+
+#[test]
+fn key_wrap_with_padding_fallback_decrypts_the_same_and_survives_rewrap_both_ways() {
+    const KWP: &str = "CKM_AES_KEY_WRAP_PAD";
+    const GCM: &str = "CKM_AES_GCM";
+    let tok = Token::new();
+    // SoftHSM2 offers both mechanisms; the setting forces the fallback a token
+    // without AES-GCM would get.
+    let kwp = [("DAGRUN_MASTER_KEY_URI", tok.uri.as_str()), ("DAGRUN_MASTER_KEY_MECHANISM", KWP)];
+    let ws = workspace();
+    run_pipeline(&ws, Some(&tok), &kwp);
+    let kr = keyring_json(&ws);
+    assert_eq!(kr["master"]["mechanism"], KWP);
+    assert!(kr["key_check"].as_str().unwrap().starts_with("pkcs11-kwp:"), "{}", kr["key_check"]);
+    let mechs = key_mechanisms(&ws);
+    assert_eq!(mechs.len(), 6, "3 data + 3 pseudonym keys: {mechs:?}");
+    assert!(mechs.iter().all(|m| m == KWP), "{mechs:?}");
+    let wrapped = kr["tenants"]["Tenant_A"]["data_keys"][0]["wrapped"].as_str().unwrap();
+    assert_eq!(wrapped.len(), 2 * 72, "RFC 5649 wrap of key || bound associated data");
+    let list = ok(dg(&ws, Some(&tok), &["keys", "list"], &kwp)).stdout;
+    assert!(list.contains("(wrapping: CKM_AES_KEY_WRAP_PAD)"), "{list}");
+
+    // The same data as with a file master key.
+    let before = plaintexts(&ws, Some(&tok), &kwp);
+    let file = workspace();
+    run_pipeline(&file, None, &[]);
+    assert_eq!(before, plaintexts(&file, None, &[]));
+
+    // Without the setting dagrun would detect AES-GCM, but an existing keyring keeps
+    // its recorded mechanism (and its integrity key: every record still verifies).
+    let uri_only = [("DAGRUN_MASTER_KEY_URI", tok.uri.as_str())];
+    let again = run_pipeline(&ws, Some(&tok), &uri_only);
+    assert!(again.stdout.contains("up to date"), "{}", again.stdout);
+    ok(dg(&ws, Some(&tok), &["keys", "rotate", "Tenant_C"], &uri_only));
+    assert!(key_mechanisms(&ws).iter().all(|m| m == KWP), "{:?}", key_mechanisms(&ws));
+    assert_eq!(keyring_json(&ws)["master"]["mechanism"], KWP);
+    // Tenant_C's data is re-encrypted under its new key; the rest is unchanged.
+    run_pipeline(&ws, Some(&tok), &uri_only);
+    let before = plaintexts(&ws, Some(&tok), &uri_only);
+    assert_eq!(before, plaintexts(&file, None, &[]));
+
+    // Rewrap to a second key with AES-GCM (the old keys unwrap with their recorded
+    // key wrap), then back to the first key with key wrap.
+    let second = tok.add_key("dagrun-master-2");
+    let o = ok(dg(&ws, Some(&tok), &["keys", "rewrap", "--to", &second], &[("DAGRUN_MASTER_KEY_MECHANISM", GCM)]));
+    assert!(o.stdout.contains("rewrapped 7 key(s)"), "{}", o.stdout);
+    let kr = keyring_json(&ws);
+    assert_eq!(kr["master"]["mechanism"], GCM);
+    assert!(kr["key_check"].as_str().unwrap().starts_with("pkcs11-gcm:"));
+    let mechs = key_mechanisms(&ws);
+    assert_eq!(mechs.len(), 8, "7 tenant keys + the stored integrity key: {mechs:?}");
+    assert!(mechs.iter().all(|m| m == GCM), "{mechs:?}");
+    assert_eq!(plaintexts(&ws, Some(&tok), &[]), before);
+    let up = run_pipeline(&ws, Some(&tok), &[]);
+    assert!(up.stdout.contains("up to date"), "records verify after the rewrap: {}", up.stdout);
+
+    ok(dg(&ws, Some(&tok), &["keys", "rewrap", "--to", &tok.uri], &[("DAGRUN_MASTER_KEY_MECHANISM", KWP)]));
+    let kr = keyring_json(&ws);
+    assert_eq!(kr["master"]["mechanism"], KWP);
+    assert!(kr["master"]["uri"].as_str().unwrap().contains("object=dagrun-master;"));
+    assert!(key_mechanisms(&ws).iter().all(|m| m == KWP), "{:?}", key_mechanisms(&ws));
+    assert_eq!(plaintexts(&ws, Some(&tok), &[]), before);
+    let up = run_pipeline(&ws, Some(&tok), &[]);
+    assert!(up.stdout.contains("up to date"), "{}", up.stdout);
+    let audit = ok(dg(&ws, Some(&tok), &["keys", "audit", "--verify"], &[])).stdout;
+    assert!(audit.contains("hash chain intact"), "{audit}");
+
+    // A keyring naming a mechanism this dagrun does not know is refused, naming
+    // the key, the mechanism and the file; nothing changes.
+    let path = ws.path(".dagrun/keys/keyring.json");
+    let good = std::fs::read(&path).unwrap();
+    let mut kr = keyring_json(&ws);
+    kr["tenants"]["Tenant_B"]["data_keys"][0]["mechanism"] = serde_json::json!("CKM_AES_KEY_WRAP_PAD_V9");
+    std::fs::write(&path, serde_json::to_vec_pretty(&kr).unwrap()).unwrap();
+    let edited = std::fs::read(&path).unwrap();
+    let o = dg(&ws, Some(&tok), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[]);
+    assert_ne!(o.code, 0, "{}", o.stdout);
+    for want in ["\"CKM_AES_KEY_WRAP_PAD_V9\"", "does not know", "key Tenant_B-dk-1 of tenant Tenant_B", "keyring.json"] {
+        assert!(o.stderr.contains(want), "{want} missing from: {}", o.stderr);
+    }
+    assert!(o.stdout.trim().is_empty(), "no key was printed");
+    assert_eq!(std::fs::read(&path).unwrap(), edited, "the keyring was not rewritten");
+    std::fs::write(&path, &good).unwrap();
+    ok(dg(&ws, Some(&tok), &["keys", "list"], &[]));
+
+    // A bad setting is refused before the token is touched.
+    let o = dg(&ws, Some(&tok), &["keys", "list"], &[("DAGRUN_MASTER_KEY_MECHANISM", "CKM_AES_KEY_WRAP")]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("DAGRUN_MASTER_KEY_MECHANISM") && o.stderr.contains("CKM_AES_KEY_WRAP_PAD"), "{}", o.stderr);
+}
+
+#[test]
+fn master_key_mechanism_in_config_dagrun_yaml_forces_key_wrap() {
+    let tok = Token::new();
+    let ws = workspace();
+    ws.write("config/dagrun.yaml", format!("master_key: \"{}\"\nmaster_key_mechanism: CKM_AES_KEY_WRAP_PAD\n", tok.uri));
+    let o = ok(dg(&ws, Some(&tok), &["keys", "init", "--master", &tok.uri], &[]));
+    assert!(o.stdout.contains("CKM_AES_KEY_WRAP_PAD") || keyring_json(&ws)["master"]["mechanism"] == "CKM_AES_KEY_WRAP_PAD", "{}", o.stdout);
+    run_pipeline(&ws, Some(&tok), &[]);
+    assert!(key_mechanisms(&ws).iter().all(|m| m == "CKM_AES_KEY_WRAP_PAD"), "{:?}", key_mechanisms(&ws));
+    // The environment overrides the file for new keyrings.
+    let other = workspace();
+    ok(dg(&other, Some(&tok), &["keys", "init", "--master", &tok.uri], &[("DAGRUN_MASTER_KEY_MECHANISM", "auto")]));
+    assert_eq!(keyring_json(&other)["master"]["mechanism"], "CKM_AES_GCM");
+}

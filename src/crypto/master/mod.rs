@@ -11,16 +11,25 @@
 //! 6. the default file `<workspace>/.dagrun/keys/master.key`, created on first use.
 //!
 //! # Rules
-//! - Both kinds of master produce the same wrapped blob, `nonce(12) || AES-256-GCM
-//!   ciphertext(32) || tag(16)`, under the caller's associated data, so the keyring
-//!   format does not depend on where the master lives.
-//! - A PKCS#11 master key never enters dagrun's memory: wrapping and unwrapping are
-//!   `C_Encrypt`/`C_Decrypt` with `CKM_AES_GCM` inside the token. A key that is
-//!   extractable, not sensitive, or not allowed to encrypt and decrypt is refused.
+//! - Every wrap returns the blob and the name of its mechanism, which the keyring
+//!   records per key; unwrapping uses the recorded one (an unknown name is refused):
+//!   - `AES-256-GCM` (file/env key, in software) and `CKM_AES_GCM` (in the token):
+//!     `nonce(12) || ciphertext(32) || tag(16)` under the caller's associated data;
+//!   - `CKM_AES_KEY_WRAP_PAD` (in the token, RFC 5649; for tokens without AES-GCM):
+//!     the 72-byte key wrap of `key(32) || blake3-derive(KWP_AAD_CONTEXT, aad)(32)`
+//!     — key wrap takes no associated data, so it is bound inside the wrapped
+//!     value and checked (constant time) after unwrapping.
+//! - A PKCS#11 master key never enters dagrun's memory: wrapping and unwrapping run
+//!   inside the token (see [`pkcs11`] for the detection of the mechanism:
+//!   AES-GCM if offered, else AES key wrap with padding; `DAGRUN_MASTER_KEY_MECHANISM`
+//!   or `master_key_mechanism:` in `config/dagrun.yaml` forces one). An existing
+//!   keyring keeps its recorded mechanism unless one is forced. A key that is
+//!   extractable, not sensitive, or lacks the permissions of its mechanism is refused.
 //! - A file master key lives in memory only as an expanded AES key, wiped on drop.
 //! - The keyring's `key_check` tells "wrong master key" from a damaged keyring: for a
-//!   file key a blake3 derivation of it, for a PKCS#11 key a GCM encryption of 32
-//!   zero bytes made inside the token (`pkcs11-gcm:` + hex).
+//!   file key a blake3 derivation of it, for a PKCS#11 key a wrap of 32 zero bytes
+//!   made inside the token (`pkcs11-gcm:` or `pkcs11-kwp:` + hex: the prefix names
+//!   the mechanism that made it).
 //! - Messages name the source (a path, or the URI without its PIN), never key bytes
 //!   or a PIN.
 
@@ -42,12 +51,25 @@ pub use uri::Pkcs11Uri;
 
 /// Env var holding an RFC 7512 PKCS#11 URI of the master key.
 pub const ENV_MASTER_KEY_URI: &str = "DAGRUN_MASTER_KEY_URI";
+/// Env var forcing the wrapping mechanism of a PKCS#11 master key: `auto`,
+/// `CKM_AES_GCM` or `CKM_AES_KEY_WRAP_PAD` (overrides `master_key_mechanism:`).
+pub const ENV_MASTER_KEY_MECHANISM: &str = "DAGRUN_MASTER_KEY_MECHANISM";
+/// Recorded mechanism of a file/env master key (AES-256-GCM in software).
+pub const MECH_SOFTWARE: &str = "AES-256-GCM";
+/// Every mechanism name a keyring may record.
+pub const KNOWN_MECHANISMS: [&str; 3] = [MECH_SOFTWARE, pkcs11::MECH_GCM, pkcs11::MECH_KWP];
+pub use pkcs11::Mech;
 
 /// Length of a wrapped 32-byte key: nonce, ciphertext, tag.
 pub const WRAPPED_LEN: usize = 12 + 32 + 16;
 const CHECK_CONTEXT: &str = "dagrun keyring master-key check v1";
 const CHECK_AAD: &[u8] = b"dagrun/keycheck/v1";
 const HSM_CHECK_PREFIX: &str = "pkcs11-gcm:";
+const HSM_KWP_CHECK_PREFIX: &str = "pkcs11-kwp:";
+/// blake3 context binding the associated data inside a key-wrap-with-padding blob.
+const KWP_AAD_CONTEXT: &str = "dagrun keywrap-pad associated data v1";
+/// Length of a `CKM_AES_KEY_WRAP_PAD` blob of 64 bytes (RFC 5649: 8 + 64).
+pub const KWP_WRAPPED_LEN: usize = 72;
 /// Nonce and associated data reserved for deriving the integrity key inside a token.
 const INTEGRITY_NONCE: [u8; 12] = *b"dagrun-ik/v1";
 const INTEGRITY_AAD: &[u8] = b"dagrun/integrity-key/v1";
@@ -95,7 +117,7 @@ impl MasterKeySource {
         if let Some(uri) = cfg.master_key {
             return Ok(MasterKeySource::Pkcs11 { uri, from: format!("master_key in {}", crate::config::CONFIG_FILE) });
         }
-        if let Some(rec) = super::keyring::recorded_master(workspace)
+        if let Some(rec) = super::keyring::read_recorded_master(workspace)?
             && let Some(u) = rec.uri
         {
             let uri = Pkcs11Uri::parse(&u).with_context(|| {
@@ -160,7 +182,8 @@ impl Drop for MasterKeySource {
 pub struct MasterRecord {
     /// `file` or `pkcs11`.
     pub kind: String,
-    /// How keys are wrapped: `AES-256-GCM` (in software) or `CKM_AES_GCM` (in the token).
+    /// How new keys are wrapped: `AES-256-GCM` (in software), `CKM_AES_GCM` or
+    /// `CKM_AES_KEY_WRAP_PAD` (in the token). Each key records its own too.
     pub mechanism: String,
     /// For `pkcs11`: the URI without any `pin-value`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,7 +213,8 @@ impl Master {
     pub fn open(workspace: &Path, source: &MasterKeySource) -> Result<Master> {
         match source {
             MasterKeySource::Pkcs11 { uri, from } => {
-                let key = pkcs11::HsmKey::open(uri, from, false)?;
+                let want = requested_mechanism(workspace)?;
+                let key = pkcs11::HsmKey::open(uri, from, false, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
                 Ok(Master { desc: key.describe(), inner: Inner::Hsm(key) })
             }
             other => {
@@ -206,7 +230,8 @@ impl Master {
         match source {
             MasterKeySource::Pkcs11 { uri, from } => {
                 let existed = pkcs11::HsmKey::exists(uri, from)?;
-                let key = pkcs11::HsmKey::open(uri, from, !existed)?;
+                let want = requested_mechanism(workspace)?;
+                let key = pkcs11::HsmKey::open(uri, from, !existed, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
                 Ok((Master { desc: key.describe(), inner: Inner::Hsm(key) }, !existed))
             }
             other => Ok((Self::open(workspace, other)?, false)),
@@ -221,15 +246,26 @@ impl Master {
     }
 
     /// The integrity key this master derives (`crypto::integrity`), never the
-    /// master key itself. A file/env key: HKDF-SHA256(salt, master bytes,
-    /// label). A PKCS#11 key (its bytes never leave the token): HKDF-SHA256 of
-    /// the token's AES-GCM encryption of 32 zero bytes under a nonce and
-    /// associated data reserved for this one purpose — always the same input,
-    /// so the same output, secret to anyone without the token key (every wrap
-    /// uses a random nonce, so this nonce never encrypts anything else).
-    pub fn integrity_key(&self) -> Result<super::integrity::IntegrityKey> {
+    /// master key itself, for a keyring whose `key_check` is `key_check` (its
+    /// prefix says which token mechanism the keyring was made with, so the
+    /// derivation never changes under a keyring). A file/env key:
+    /// HKDF-SHA256(salt, master bytes, label). A PKCS#11 key (its bytes never
+    /// leave the token): HKDF-SHA256 of a fixed-input operation inside the token
+    /// — with AES-GCM the encryption of 32 zero bytes under a nonce and
+    /// associated data reserved for this one purpose (every wrap uses a random
+    /// nonce, so this nonce never encrypts anything else); with key wrap (which
+    /// is deterministic) the wrap of 32 zero bytes bound to [`INTEGRITY_AAD`].
+    /// Always the same input, so the same output, secret to anyone without the
+    /// token key.
+    pub fn integrity_key(&self, key_check: &str) -> Result<super::integrity::IntegrityKey> {
         match &self.inner {
             Inner::Local { integrity, .. } => Ok(super::integrity::IntegrityKey::from_bytes(*integrity)),
+            Inner::Hsm(k) if key_check.starts_with(HSM_KWP_CHECK_PREFIX) => {
+                let mut ikm = kwp_wrap(k, INTEGRITY_AAD, &[0u8; 32])?;
+                let key = super::integrity::hkdf_sha256_32(super::integrity::HKDF_SALT, &ikm, super::integrity::HKDF_INFO);
+                super::wipe(&mut ikm);
+                Ok(super::integrity::IntegrityKey::from_bytes(key))
+            }
             Inner::Hsm(k) => {
                 let mut ikm = k.encrypt(&INTEGRITY_NONCE, INTEGRITY_AAD, &[0u8; 32])?;
                 let key = super::integrity::hkdf_sha256_32(super::integrity::HKDF_SALT, &ikm, super::integrity::HKDF_INFO);
@@ -252,10 +288,10 @@ impl Master {
     /// What the keyring records about this master.
     pub fn record(&self) -> MasterRecord {
         match &self.inner {
-            Inner::Local { .. } => MasterRecord { kind: "file".into(), mechanism: "AES-256-GCM".into(), uri: None },
+            Inner::Local { .. } => MasterRecord { kind: "file".into(), mechanism: MECH_SOFTWARE.into(), uri: None },
             Inner::Hsm(k) => MasterRecord {
                 kind: "pkcs11".into(),
-                mechanism: k.mechanism().into(),
+                mechanism: k.mech().name().into(),
                 uri: Some(k.uri().recorded()),
             },
         }
@@ -265,8 +301,31 @@ impl Master {
     pub fn check_value(&self) -> Result<String> {
         match &self.inner {
             Inner::Local { check, .. } => Ok(hex::encode(check)),
-            Inner::Hsm(_) => Ok(format!("{HSM_CHECK_PREFIX}{}", hex::encode(self.wrap(CHECK_AAD, &[0u8; 32])?))),
+            Inner::Hsm(k) => {
+                let prefix = match k.mech() {
+                    Mech::Gcm => HSM_CHECK_PREFIX,
+                    Mech::Kwp => HSM_KWP_CHECK_PREFIX,
+                };
+                Ok(format!("{prefix}{}", hex::encode(self.wrap(CHECK_AAD, &[0u8; 32])?.0)))
+            }
         }
+    }
+
+    /// The mechanism new wraps use (the recorded name).
+    pub fn mechanism(&self) -> &'static str {
+        match &self.inner {
+            Inner::Local { .. } => MECH_SOFTWARE,
+            Inner::Hsm(k) => k.mech().name(),
+        }
+    }
+
+    /// Keep wrapping new keys with `recorded`, the mechanism an existing keyring
+    /// records, unless a setting forced another one (PKCS#11 only).
+    pub fn adopt_recorded(&mut self, recorded: &str) -> Result<()> {
+        if let (Inner::Hsm(k), Some(m)) = (&mut self.inner, Mech::from_name(recorded)) {
+            k.adopt(m)?;
+        }
+        Ok(())
     }
 
     /// Does `stored` (a keyring's `key_check`) belong to this master key?
@@ -277,10 +336,15 @@ impl Master {
                 .map(|h| h == blake3::Hash::from(*check))
                 .unwrap_or(false)),
             Inner::Hsm(_) => {
-                let Some(h) = stored.strip_prefix(HSM_CHECK_PREFIX) else { return Ok(false) };
+                let (mech, h) = if let Some(h) = stored.strip_prefix(HSM_CHECK_PREFIX) {
+                    (pkcs11::MECH_GCM, h)
+                } else if let Some(h) = stored.strip_prefix(HSM_KWP_CHECK_PREFIX) {
+                    (pkcs11::MECH_KWP, h)
+                } else {
+                    return Ok(false);
+                };
                 let Ok(blob) = hex::decode(h) else { return Ok(false) };
-                let Ok(blob) = <[u8; WRAPPED_LEN]>::try_from(blob.as_slice()) else { return Ok(false) };
-                match self.unwrap(CHECK_AAD, &blob)? {
+                match self.unwrap(Some(mech), CHECK_AAD, &blob)? {
                     Some(mut k) => {
                         let ok = k == [0u8; 32];
                         super::wipe(&mut k);
@@ -292,8 +356,27 @@ impl Master {
         }
     }
 
-    /// Encrypt a 32-byte key under `aad`: `nonce || ciphertext || tag`.
-    pub fn wrap(&self, aad: &[u8], key: &[u8; 32]) -> Result<[u8; WRAPPED_LEN]> {
+    /// Wrap a 32-byte key under `aad` with this master's mechanism: the blob and
+    /// the mechanism's name (to record beside it).
+    pub fn wrap(&self, aad: &[u8], key: &[u8; 32]) -> Result<(Vec<u8>, &'static str)> {
+        if let Inner::Hsm(k) = &self.inner
+            && k.mech() == Mech::Kwp
+        {
+            let blob = kwp_wrap(k, aad, key)?;
+            if blob.len() != KWP_WRAPPED_LEN {
+                anyhow::bail!(
+                    "the token behind {} returned {} bytes for an AES key wrap with padding of 64 bytes (expected {KWP_WRAPPED_LEN})",
+                    self.desc,
+                    blob.len()
+                );
+            }
+            return Ok((blob, pkcs11::MECH_KWP));
+        }
+        Ok((self.wrap_gcm(aad, key)?.to_vec(), self.mechanism()))
+    }
+
+    /// AES-GCM wrap (in software or in the token): `nonce || ciphertext || tag`.
+    fn wrap_gcm(&self, aad: &[u8], key: &[u8; 32]) -> Result<[u8; WRAPPED_LEN]> {
         let mut nonce = [0u8; 12];
         rand::rngs::SysRng
             .try_fill_bytes(&mut nonce)
@@ -325,10 +408,36 @@ impl Master {
         Ok(out)
     }
 
-    /// Decrypt a wrapped key; `Ok(None)` when it does not authenticate (wrong key,
-    /// wrong associated data, edited blob). Other failures (a lost HSM session) are
-    /// errors. The caller wipes the returned bytes.
-    pub fn unwrap(&self, aad: &[u8], blob: &[u8; WRAPPED_LEN]) -> Result<Option<[u8; 32]>> {
+    /// Unwrap a key wrapped with the mechanism `mech` records (`None`: a key
+    /// written before mechanisms were recorded, i.e. this master's AES-GCM);
+    /// `Ok(None)` when it does not authenticate (wrong key, wrong associated data,
+    /// edited blob, wrong length). An unknown mechanism, or one this kind of master
+    /// cannot run, and a lost HSM session are errors. The caller wipes the bytes.
+    pub fn unwrap(&self, mech: Option<&str>, aad: &[u8], blob: &[u8]) -> Result<Option<[u8; 32]>> {
+        let mech = mech.unwrap_or(match &self.inner {
+            Inner::Local { .. } => MECH_SOFTWARE,
+            Inner::Hsm(_) => pkcs11::MECH_GCM,
+        });
+        if !KNOWN_MECHANISMS.contains(&mech) {
+            anyhow::bail!(
+                "unknown key-wrapping mechanism \"{}\" (this dagrun knows {})",
+                super::escape_for_message(mech),
+                KNOWN_MECHANISMS.join(", ")
+            );
+        }
+        let usable = match &self.inner {
+            Inner::Local { .. } => mech == MECH_SOFTWARE,
+            Inner::Hsm(_) => mech != MECH_SOFTWARE,
+        };
+        if !usable {
+            anyhow::bail!("a key wrapped with {mech} cannot be unwrapped by {} (a {} master key)", self.desc, if self.is_hsm() { "PKCS#11" } else { "file" });
+        }
+        if let Inner::Hsm(k) = &self.inner
+            && mech == pkcs11::MECH_KWP
+        {
+            return kwp_unwrap(k, aad, blob);
+        }
+        let Ok(blob) = <&[u8; WRAPPED_LEN]>::try_from(blob) else { return Ok(None) };
         match &self.inner {
             Inner::Local { cipher, .. } => {
                 let nonce: &Nonce<Aes256Gcm> = blob[..12].try_into().map_err(|_| anyhow!("bad nonce"))?;
@@ -348,6 +457,65 @@ impl Master {
     }
 }
 
+/// The value key wrap protects: the key, then its associated data's digest.
+fn kwp_payload(aad: &[u8], key: &[u8; 32]) -> [u8; 64] {
+    let mut p = [0u8; 64];
+    p[..32].copy_from_slice(key);
+    p[32..].copy_from_slice(&blake3::derive_key(KWP_AAD_CONTEXT, aad));
+    p
+}
+
+fn kwp_wrap(k: &pkcs11::HsmKey, aad: &[u8], key: &[u8; 32]) -> Result<Vec<u8>> {
+    let mut p = kwp_payload(aad, key);
+    let out = k.kwp_wrap(&p);
+    super::wipe(&mut p);
+    out
+}
+
+fn kwp_unwrap(k: &pkcs11::HsmKey, aad: &[u8], blob: &[u8]) -> Result<Option<[u8; 32]>> {
+    if blob.len() != KWP_WRAPPED_LEN {
+        return Ok(None);
+    }
+    let Some(mut v) = k.kwp_unwrap(blob)? else { return Ok(None) };
+    let out = if v.len() == 64
+        // blake3::Hash compares in constant time.
+        && blake3::Hash::from(<[u8; 32]>::try_from(&v[32..]).expect("32 bytes")) == blake3::Hash::from(blake3::derive_key(KWP_AAD_CONTEXT, aad))
+    {
+        Some(<[u8; 32]>::try_from(&v[..32]).expect("32 bytes"))
+    } else {
+        None
+    };
+    super::wipe(&mut v);
+    Ok(out)
+}
+
+/// The mechanism a setting forces, and which setting: `DAGRUN_MASTER_KEY_MECHANISM`,
+/// else `master_key_mechanism:` in `config/dagrun.yaml`; `None` = detect (`auto`).
+pub fn requested_mechanism(workspace: &Path) -> Result<Option<(Mech, String)>> {
+    if let Some(v) = non_empty_env(ENV_MASTER_KEY_MECHANISM) {
+        let s = v.to_string_lossy();
+        return match parse_mechanism_setting(&s) {
+            Some(m) => Ok(m.map(|m| (m, ENV_MASTER_KEY_MECHANISM.to_string()))),
+            None => Err(crate::error::config(format!(
+                "{ENV_MASTER_KEY_MECHANISM} is \"{}\": it must be auto, {} or {}",
+                super::escape_for_message(&s),
+                pkcs11::MECH_GCM,
+                pkcs11::MECH_KWP
+            ))),
+        };
+    }
+    let cfg = crate::config::DagrunConfig::load(workspace)?;
+    Ok(cfg.master_key_mechanism.map(|m| (m, format!("master_key_mechanism in {}", crate::config::CONFIG_FILE))))
+}
+
+/// `auto` (detect: `Some(None)`), `CKM_AES_GCM`, `CKM_AES_KEY_WRAP_PAD`; else `None`.
+pub fn parse_mechanism_setting(s: &str) -> Option<Option<Mech>> {
+    match s.trim() {
+        "auto" => Some(None),
+        other => Mech::from_name(other).map(Some),
+    }
+}
+
 impl Drop for Master {
     fn drop(&mut self) {
         if let Inner::Local { check, integrity, .. } = &mut self.inner {
@@ -364,16 +532,33 @@ mod tests {
     #[test]
     fn local_wrap_round_trips_and_binds_aad() {
         let m = Master::local(&MasterKey::from_bytes([7; 32]), "test".into());
-        let blob = m.wrap(b"a", &[9; 32]).unwrap();
-        assert_eq!(m.unwrap(b"a", &blob).unwrap(), Some([9; 32]));
-        assert_eq!(m.unwrap(b"b", &blob).unwrap(), None);
+        let (blob, mech) = m.wrap(b"a", &[9; 32]).unwrap();
+        assert_eq!(mech, MECH_SOFTWARE);
+        assert_eq!(m.unwrap(Some(mech), b"a", &blob).unwrap(), Some([9; 32]));
+        assert_eq!(m.unwrap(None, b"a", &blob).unwrap(), Some([9; 32]));
+        assert_eq!(m.unwrap(Some(mech), b"b", &blob).unwrap(), None);
+        assert_eq!(m.unwrap(Some(mech), b"a", &blob[1..]).unwrap(), None);
+        let e = m.unwrap(Some("CKM_ROT13"), b"a", &blob).unwrap_err().to_string();
+        assert!(e.contains("unknown key-wrapping mechanism \"CKM_ROT13\""), "{e}");
+        let e = m.unwrap(Some(pkcs11::MECH_KWP), b"a", &blob).unwrap_err().to_string();
+        assert!(e.contains("cannot be unwrapped"), "{e}");
         let other = Master::local(&MasterKey::from_bytes([8; 32]), "other".into());
-        assert_eq!(other.unwrap(b"a", &blob).unwrap(), None);
+        assert_eq!(other.unwrap(Some(mech), b"a", &blob).unwrap(), None);
         let check = m.check_value().unwrap();
         assert!(m.verify_check(&check).unwrap());
         assert!(!other.verify_check(&check).unwrap());
         assert!(!m.verify_check("pkcs11-gcm:00").unwrap());
         assert_eq!(m.record().kind, "file");
         assert!(!format!("{m:?}").contains("0707"));
+    }
+
+    #[test]
+    fn mechanism_settings_parse() {
+        assert_eq!(parse_mechanism_setting("auto"), Some(None));
+        assert_eq!(parse_mechanism_setting("CKM_AES_GCM"), Some(Some(Mech::Gcm)));
+        assert_eq!(parse_mechanism_setting(" CKM_AES_KEY_WRAP_PAD "), Some(Some(Mech::Kwp)));
+        assert_eq!(parse_mechanism_setting("CKM_AES_KEY_WRAP"), None);
+        assert_eq!(kwp_payload(b"x", &[1; 32])[..32], [1; 32]);
+        assert_ne!(kwp_payload(b"x", &[1; 32])[32..], kwp_payload(b"y", &[1; 32])[32..]);
     }
 }

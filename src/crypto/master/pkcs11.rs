@@ -2,13 +2,24 @@
 //! PKCS#11 library, or SoftHSM2 for tests), used through the `cryptoki` crate.
 //!
 //! # Rules
-//! - The key never leaves the token: dagrun asks the token to `C_Encrypt` /
-//!   `C_Decrypt` 32-byte tenant keys with `CKM_AES_GCM` (12-byte nonce chosen by
-//!   dagrun, 128-bit tag, the keyring's associated data). The token must offer
-//!   `CKM_AES_GCM`; the mechanism is recorded in the keyring.
+//! - The key never leaves the token. Two wrapping mechanisms ([`Mech`]), whichever
+//!   the token offers, detected with `C_GetMechanismList` / `C_GetMechanismInfo`:
+//!   1. `CKM_AES_GCM` (preferred): `C_Encrypt` / `C_Decrypt` of the 32-byte tenant
+//!      key (12-byte nonce chosen by dagrun, 128-bit tag, the keyring's associated
+//!      data);
+//!   2. `CKM_AES_KEY_WRAP_PAD` (RFC 5649), when the token does not offer AES-GCM
+//!      for encrypt and decrypt: the key bytes are put in a short-lived session
+//!      object (`CKK_GENERIC_SECRET`, never a token object) and `C_WrapKey`ped;
+//!      `C_UnwrapKey` makes such a session object again, whose value is read and
+//!      which is destroyed at once. Key wrap has no associated data, so the
+//!      wrapped value is `key || blake3-derive(associated data)` and the second
+//!      half is checked after unwrapping (see `crypto::master`).
+//!   `DAGRUN_MASTER_KEY_MECHANISM` / `master_key_mechanism:` force one; the
+//!   mechanism of every wrapped key is recorded in the keyring.
 //! - Refused before any use: a key that is extractable (`CKA_EXTRACTABLE`), not
-//!   sensitive, or not allowed to encrypt and decrypt — a master key that can leave
-//!   the token protects nothing.
+//!   sensitive, or lacking the permission its mechanism needs (`CKA_ENCRYPT` and
+//!   `CKA_DECRYPT` for AES-GCM, `CKA_WRAP` and `CKA_UNWRAP` for key wrap) — a
+//!   master key that can leave the token protects nothing.
 //! - `dagrun keys init --master` generates a missing key inside the token with
 //!   `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not `CKA_EXTRACTABLE`.
 //! - One logged-in session per opened key, behind a mutex; each module is loaded
@@ -31,8 +42,46 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-/// The mechanism name recorded in the keyring.
-pub const MECHANISM: &str = "CKM_AES_GCM";
+/// Name recorded in the keyring for AES-GCM inside the token.
+pub const MECH_GCM: &str = "CKM_AES_GCM";
+/// Name recorded in the keyring for AES key wrap with padding (RFC 5649).
+pub const MECH_KWP: &str = "CKM_AES_KEY_WRAP_PAD";
+
+/// How a token wraps tenant keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mech {
+    /// `CKM_AES_GCM` with `C_Encrypt` / `C_Decrypt`.
+    Gcm,
+    /// `CKM_AES_KEY_WRAP_PAD` with `C_WrapKey` / `C_UnwrapKey`.
+    Kwp,
+}
+
+impl Mech {
+    /// The name recorded in the keyring.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mech::Gcm => MECH_GCM,
+            Mech::Kwp => MECH_KWP,
+        }
+    }
+
+    /// The mechanism a recorded name stands for.
+    pub fn from_name(s: &str) -> Option<Mech> {
+        match s {
+            MECH_GCM => Some(Mech::Gcm),
+            MECH_KWP => Some(Mech::Kwp),
+            _ => None,
+        }
+    }
+
+    /// What the token must allow for it, for messages.
+    fn needs(self) -> &'static str {
+        match self {
+            Mech::Gcm => "encrypt and decrypt",
+            Mech::Kwp => "wrap and unwrap",
+        }
+    }
+}
 
 /// A key inside a token, with a logged-in session.
 pub struct HsmKey {
@@ -41,6 +90,13 @@ pub struct HsmKey {
     uri: Pkcs11Uri,
     desc: String,
     token: String,
+    /// The mechanism new wraps use.
+    mech: Mech,
+    /// Was it forced by a setting (rather than detected)?
+    forced: bool,
+    /// What the token offers (for the keyring's recorded mechanism).
+    offers_gcm: bool,
+    offers_kwp: bool,
 }
 
 /// One loaded, initialised module per path for the whole process.
@@ -123,16 +179,39 @@ impl HsmKey {
     }
 
     /// Open the key the URI names; with `create`, generate it inside the token first.
-    pub fn open(uri: &Pkcs11Uri, from: &str, create: bool) -> Result<HsmKey> {
+    /// `want` forces a wrapping mechanism (`from` names the setting); `None` picks
+    /// AES-GCM when the token offers it for encrypt and decrypt, else AES key wrap
+    /// with padding when it offers that for wrap and unwrap.
+    pub fn open(uri: &Pkcs11Uri, from: &str, create: bool, want: Option<(Mech, &str)>) -> Result<HsmKey> {
         let (session, slot, token) = open_session(uri, from, create)?;
         let ctx = context(uri.module_path.as_deref().expect("checked by the parser"))?;
         let mechs = ctx.get_mechanism_list(slot).map_err(|e| anyhow!("cannot list the mechanisms of token {token} ({})", short(&e)))?;
-        if !mechs.contains(&MechanismType::AES_GCM) {
-            bail!(
-                "token {token} does not offer {MECHANISM} (AES-GCM), which dagrun uses to wrap tenant keys inside \
-                 the token; use a token or HSM firmware that supports it"
-            );
-        }
+        let offers = |t: MechanismType, ok: fn(&cryptoki::mechanism::MechanismInfo) -> bool| {
+            mechs.contains(&t) && ctx.get_mechanism_info(slot, t).map(|i| ok(&i)).unwrap_or(false)
+        };
+        let offers_gcm = offers(MechanismType::AES_GCM, |i| i.encrypt() && i.decrypt());
+        let offers_kwp = offers(MechanismType::AES_KEY_WRAP_PAD, |i| i.wrap() && i.unwrap());
+        let offered = |m: Mech| match m {
+            Mech::Gcm => offers_gcm,
+            Mech::Kwp => offers_kwp,
+        };
+        let (mech, forced) = match want {
+            Some((m, _)) if offered(m) => (m, true),
+            Some((m, setting)) => bail!(
+                "{setting} asks for {} but token {token} does not offer it for {} (it offers: {}); remove the \
+                 setting to let dagrun pick what the token supports",
+                m.name(),
+                m.needs(),
+                offered_list(offers_gcm, offers_kwp)
+            ),
+            None if offers_gcm => (Mech::Gcm, false),
+            None if offers_kwp => (Mech::Kwp, false),
+            None => bail!(
+                "token {token} offers neither {MECH_GCM} (for encrypt and decrypt) nor {MECH_KWP} (for wrap and \
+                 unwrap), one of which dagrun needs to wrap tenant keys inside the token; use a token or HSM \
+                 firmware that supports one"
+            ),
+        };
         let shown = uri.shown();
         if create {
             let label = uri.object.clone().ok_or_else(|| anyhow!("to create a key the URI must name it with object=LABEL"))?;
@@ -166,17 +245,37 @@ impl HsmKey {
             [k] => *k,
             _ => bail!("token {token} holds {} keys matching {shown}: add id= to the URI to pick one", keys.len()),
         };
-        check_attributes(&session, key, &shown)?;
+        check_attributes(&session, key, &shown, mech)?;
         let desc = format!("PKCS#11 key {shown}");
-        Ok(HsmKey { session: Mutex::new(session), key, uri: clone_uri(uri)?, desc, token })
+        Ok(HsmKey { session: Mutex::new(session), key, uri: clone_uri(uri)?, desc, token, mech, forced, offers_gcm, offers_kwp })
     }
 
     pub fn describe(&self) -> String {
         self.desc.clone()
     }
 
-    pub fn mechanism(&self) -> &'static str {
-        MECHANISM
+    /// The mechanism new wraps use.
+    pub fn mech(&self) -> Mech {
+        self.mech
+    }
+
+    /// Keep wrapping with the mechanism an existing keyring records, unless a
+    /// setting forced one or the token does not offer it (its key permissions are
+    /// checked again).
+    pub fn adopt(&mut self, m: Mech) -> Result<()> {
+        let offered = match m {
+            Mech::Gcm => self.offers_gcm,
+            Mech::Kwp => self.offers_kwp,
+        };
+        if self.forced || m == self.mech || !offered {
+            return Ok(());
+        }
+        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        if check_attributes(&s, self.key, &self.uri.shown(), m).is_ok() {
+            drop(s);
+            self.mech = m;
+        }
+        Ok(())
     }
 
     pub fn uri(&self) -> &Pkcs11Uri {
@@ -234,6 +333,96 @@ impl HsmKey {
             Err(e) => Err(anyhow!("token {} refused to unwrap a key with {} ({})", self.token, self.desc, short(&e))),
         }
     }
+
+    /// `C_WrapKey` with `CKM_AES_KEY_WRAP_PAD`: `data` goes into a session
+    /// object (never a token object) that is destroyed right after.
+    pub fn kwp_wrap(&self, data: &[u8]) -> Result<Vec<u8>> {
+        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut template = vec![
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::Value(data.to_vec()),
+        ];
+        let made = s.create_object(&template);
+        for a in template.iter_mut() {
+            if let Attribute::Value(v) = a {
+                crate::crypto::wipe(v);
+            }
+        }
+        let refused = |e: P11Error, what: &str| {
+            if is_lost(&e) {
+                self.lost(&e)
+            } else {
+                anyhow!("token {} refused to {what} with {MECH_KWP} under {} ({})", self.token, self.desc, short(&e))
+            }
+        };
+        let obj = made.map_err(|e| refused(e, "take a key to wrap"))?;
+        let out = s.wrap_key(&Mechanism::AesKeyWrapPad, self.key, obj);
+        let _ = s.destroy_object(obj);
+        out.map_err(|e| refused(e, "wrap a key"))
+    }
+
+    /// `C_UnwrapKey` with `CKM_AES_KEY_WRAP_PAD` into a session object whose
+    /// value is read and which is destroyed at once; `None` when the blob does
+    /// not unwrap under this key. The caller wipes the returned bytes.
+    pub fn kwp_unwrap(&self, blob: &[u8]) -> Result<Option<Vec<u8>>> {
+        let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Private(true),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ];
+        let obj = match s.unwrap_key(&Mechanism::AesKeyWrapPad, self.key, blob, &template) {
+            Ok(o) => o,
+            Err(P11Error::Pkcs11(
+                RvError::WrappedKeyInvalid
+                | RvError::WrappedKeyLenRange
+                | RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::DataInvalid
+                | RvError::DataLenRange,
+                _,
+            )) => return Ok(None),
+            Err(e @ P11Error::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)) => {
+                return match s.get_session_info() {
+                    Ok(_) => Ok(None),
+                    Err(_) => Err(self.lost(&e)),
+                };
+            }
+            Err(e) if is_lost(&e) => return Err(self.lost(&e)),
+            Err(e) => {
+                return Err(anyhow!("token {} refused to unwrap a key with {MECH_KWP} under {} ({})", self.token, self.desc, short(&e)));
+            }
+        };
+        let got = s.get_attributes(obj, &[AttributeType::Value]);
+        let _ = s.destroy_object(obj);
+        let attrs = got.map_err(|e| {
+            if is_lost(&e) {
+                self.lost(&e)
+            } else {
+                anyhow!("token {} would not give back a key it unwrapped with {MECH_KWP} ({})", self.token, short(&e))
+            }
+        })?;
+        let mut out = None;
+        for a in attrs {
+            if let Attribute::Value(v) = a {
+                out = Some(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn offered_list(gcm: bool, kwp: bool) -> String {
+    let l: Vec<&str> = [gcm.then_some(MECH_GCM), kwp.then_some(MECH_KWP)].into_iter().flatten().collect();
+    if l.is_empty() { "neither mechanism dagrun can use".into() } else { l.join(", ") }
 }
 
 fn clone_uri(uri: &Pkcs11Uri) -> Result<Pkcs11Uri> {
@@ -315,12 +504,13 @@ fn find_keys(session: &Session, uri: &Pkcs11Uri, token: &str, from: &str) -> Res
 }
 
 /// Refuse a key that could leave the token or cannot do the job.
-fn check_attributes(session: &Session, key: ObjectHandle, shown: &str) -> Result<()> {
+fn check_attributes(session: &Session, key: ObjectHandle, shown: &str, mech: Mech) -> Result<()> {
+    let (use_a, use_b, names) = match mech {
+        Mech::Gcm => (AttributeType::Encrypt, AttributeType::Decrypt, ["CKA_ENCRYPT", "CKA_DECRYPT", "C_Encrypt/C_Decrypt"]),
+        Mech::Kwp => (AttributeType::Wrap, AttributeType::Unwrap, ["CKA_WRAP", "CKA_UNWRAP", "C_WrapKey/C_UnwrapKey"]),
+    };
     let attrs = session
-        .get_attributes(
-            key,
-            &[AttributeType::KeyType, AttributeType::Extractable, AttributeType::Sensitive, AttributeType::Encrypt, AttributeType::Decrypt],
-        )
+        .get_attributes(key, &[AttributeType::KeyType, AttributeType::Extractable, AttributeType::Sensitive, use_a, use_b])
         .map_err(|e| anyhow!("cannot read the attributes of the key {shown} ({})", short(&e)))?;
     let (mut aes, mut extractable, mut sensitive, mut enc, mut dec) = (false, true, false, false, false);
     for a in attrs {
@@ -328,8 +518,8 @@ fn check_attributes(session: &Session, key: ObjectHandle, shown: &str) -> Result
             Attribute::KeyType(t) => aes = t == KeyType::AES,
             Attribute::Extractable(b) => extractable = b,
             Attribute::Sensitive(b) => sensitive = b,
-            Attribute::Encrypt(b) => enc = b,
-            Attribute::Decrypt(b) => dec = b,
+            Attribute::Encrypt(b) | Attribute::Wrap(b) => enc = b,
+            Attribute::Decrypt(b) | Attribute::Unwrap(b) => dec = b,
             _ => {}
         }
     }
@@ -345,11 +535,15 @@ fn check_attributes(session: &Session, key: ObjectHandle, shown: &str) -> Result
         );
     }
     if !enc || !dec {
-        let missing: Vec<&str> = [(!enc).then_some("CKA_ENCRYPT"), (!dec).then_some("CKA_DECRYPT")].into_iter().flatten().collect();
+        let missing: Vec<&str> = [(!enc).then_some(names[0]), (!dec).then_some(names[1])].into_iter().flatten().collect();
         bail!(
             "the key {shown} may not wrap/unwrap tenant keys: it lacks {} permission (dagrun wraps keys with \
-             C_Encrypt/C_Decrypt). Use a key with CKA_ENCRYPT and CKA_DECRYPT set",
-            missing.join(" and ")
+             {} using {}). Use a key with {} and {} set",
+            missing.join(" and "),
+            names[2],
+            mech.name(),
+            names[0],
+            names[1]
         );
     }
     Ok(())
