@@ -1,0 +1,189 @@
+//! CSV input: a streaming reader with a length cap per record and per field
+//! (a file with no newline cannot make dagrun read it whole), the header
+//! checked before any row.
+//!
+//! Rules: an error names the file, the data row and the line; a record over
+//! [`MAX_CSV_RECORD_BYTES`] or a field over [`MAX_CSV_FIELD_BYTES`] is an
+//! error, never a truncation.
+
+use super::*;
+
+/// Longest CSV record (line) accepted, in bytes; checked while reading, so a
+/// file without line breaks never fills memory.
+pub const MAX_CSV_RECORD_BYTES: u64 = 1 << 20;
+
+/// Longest CSV field accepted, in bytes.
+pub const MAX_CSV_FIELD_BYTES: usize = 64 << 10;
+
+/// A reader that fails once more than [`MAX_CSV_RECORD_BYTES`] (plus the csv
+/// reader's buffer) are read without a record ending: the source moves
+/// `mark` to `read` after every record.
+pub(super) struct Capped {
+    pub(super) inner: File,
+    pub(super) read: u64,
+    pub(super) mark: u64,
+}
+
+/// The csv reader's buffer (its reads are at most this long).
+pub(super) const CSV_BUFFER: usize = 64 << 10;
+
+impl std::io::Read for Capped {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.read.saturating_sub(self.mark) > MAX_CSV_RECORD_BYTES + CSV_BUFFER as u64 {
+            return Err(std::io::Error::other(format!(
+                "a row is longer than {MAX_CSV_RECORD_BYTES} bytes (1 MiB), the most a CSV row may be; is this a CSV file with one row per line?"
+            )));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl CsvSource {
+    /// A record ended: the next one may again be [`MAX_CSV_RECORD_BYTES`] long.
+    pub(super) fn record_done(&mut self) {
+        let r = self.rdr.get_ref().read;
+        self.rdr.get_mut().mark = r;
+    }
+}
+
+pub(super) struct CsvSource {
+    pub(super) rdr: csv::Reader<Capped>,
+    /// Index in the record of each raw_schema(true) column (Converted may be absent).
+    pub(super) idx: [Option<usize>; 7],
+    pub(super) width: usize,
+    pub(super) rec: csv::ByteRecord,
+    pub(super) row: u64,
+}
+
+impl CsvSource {
+    pub(super) fn open(path: &Path, opts: &IngestOptions) -> Result<(Self, bool)> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let fname = path.display().to_string();
+        let capped = Capped { inner: file, read: 0, mark: 0 };
+        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).buffer_capacity(CSV_BUFFER).from_reader(capped);
+        let header = rdr.byte_headers().map_err(|e| csv_err(&fname, e, None))?.clone();
+        if let Some(i) = header.iter().position(|h| h.len() > MAX_CSV_FIELD_BYTES) {
+            bail!("{fname}: line 1 (header), column {}: a column name of {} bytes; a field may be at most {MAX_CSV_FIELD_BYTES} bytes", i + 1, header[i].len());
+        }
+        if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
+            bail!("{fname} is empty (no header line); a CSV file needs a header line naming the columns and at least one data row");
+        }
+        let mut names = Vec::with_capacity(header.len());
+        for (i, h) in header.iter().enumerate() {
+            let h = if i == 0 { h.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(h) } else { h };
+            let s = std::str::from_utf8(h).map_err(|_| {
+                anyhow!("{fname}: line 1 (header), column {}: not valid UTF-8; save the file as UTF-8", i + 1)
+            })?;
+            names.push(s.to_string());
+        }
+        let has_label = check_columns(&fname, &names, opts)?;
+        let mut idx = [None; 7];
+        for (k, f) in raw_schema(true).fields().iter().enumerate() {
+            idx[k] = names.iter().position(|n| n == f.name());
+        }
+        let mut src = CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0 };
+        src.record_done();
+        Ok((src, has_label))
+    }
+
+    pub(super) fn next_batch(&mut self, ck: &mut Checker, schema: &SchemaRef, batch_size: usize) -> Result<Option<RecordBatch>> {
+        let has_label = self.idx[6].is_some();
+        let mut tenants = StringBuilder::with_capacity(batch_size.min(1 << 16), 1024);
+        let mut sens = StringBuilder::with_capacity(batch_size.min(1 << 16), 1024);
+        let (mut cid, mut login, mut amt, mut date, mut label) = (vec![], vec![], vec![], vec![], vec![]);
+        while cid.len() < batch_size {
+            let more = self.rdr.read_byte_record(&mut self.rec).map_err(|e| csv_err(&ck.file, e, Some(self.row + 1)))?;
+            if !more {
+                break;
+            }
+            self.record_done();
+            self.row += 1;
+            let row = self.row;
+            let line = self.rec.position().map(|p| p.line());
+            if let Some(j) = self.rec.iter().position(|f| f.len() > MAX_CSV_FIELD_BYTES) {
+                let name = self.idx.iter().position(|&x| x == Some(j)).map(|k| raw_schema(true).field(k).name().clone());
+                bail!(
+                    "{}: row {row}{}, column {}{}: a value of {} bytes; a field may be at most {MAX_CSV_FIELD_BYTES} bytes (64 KiB): check the quoting",
+                    ck.file,
+                    line.map(|l| format!(" (line {l})")).unwrap_or_default(),
+                    j + 1,
+                    name.map(|n| format!(" ({n})")).unwrap_or_default(),
+                    self.rec[j].len()
+                );
+            }
+            if self.rec.len() != self.width {
+                bail!(
+                    "{}: row {row}{}: has {} fields but the header has {}; quote fields that contain commas, and give every row one value per column",
+                    ck.file,
+                    line.map(|l| format!(" (line {l})")).unwrap_or_default(),
+                    self.rec.len(),
+                    self.width
+                );
+            }
+            let rec = &self.rec;
+            let field = |k: usize, name: &str| -> Result<&str> {
+                let raw = &rec[self.idx[k].unwrap_or(0)];
+                let s = std::str::from_utf8(raw)
+                    .map_err(|_| anyhow!("{}: not valid UTF-8; save the file as UTF-8", ck.at(row, line, name)))?;
+                if s.is_empty() {
+                    bail!("{}: empty value (nulls are not allowed); fill in every cell", ck.at(row, line, name));
+                }
+                Ok(s)
+            };
+            let t = field(0, TENANT_ID)?;
+            let c = parse_customer_id(field(1, CUSTOMER_ID)?, || ck.at(row, line, CUSTOMER_ID))?;
+            let s = field(2, SENSITIVE_DATA)?;
+            let l = parse_login_count(field(3, LOGIN_COUNT)?, || ck.at(row, line, LOGIN_COUNT))?;
+            let a = parse_purchase_amount(field(4, PURCHASE_AMOUNT)?, || ck.at(row, line, PURCHASE_AMOUNT))?;
+            let d = parse_visit_date(field(5, LAST_VISIT_DATE)?, || ck.at(row, line, LAST_VISIT_DATE))?;
+            let y = if has_label {
+                let v = field(6, CONVERTED)?.trim();
+                Some(match v.to_ascii_lowercase().as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => bail!("{}: not a boolean; write true/false or 1/0", ck.at(row, line, CONVERTED)),
+                })
+            } else {
+                None
+            };
+            ck.row(row, line, t, c, Some(s), l, a, d, y)?;
+            tenants.append_value(t);
+            sens.append_value(s);
+            cid.push(c);
+            login.push(l);
+            amt.push(a);
+            date.push(d);
+            if let Some(y) = y {
+                label.push(y);
+            }
+        }
+        if cid.is_empty() {
+            return Ok(None);
+        }
+        let mut cols: Vec<ArrayRef> = vec![
+            Arc::new(tenants.finish()),
+            Arc::new(Int64Array::from(cid)),
+            Arc::new(sens.finish()),
+            Arc::new(Int64Array::from(login)),
+            Arc::new(Float64Array::from(amt)),
+            Arc::new(Date32Array::from(date)),
+        ];
+        if has_label {
+            cols.push(Arc::new(BooleanArray::from(label)));
+        }
+        Ok(Some(RecordBatch::try_new(schema.clone(), cols)?))
+    }
+}
+
+/// A csv error as a message that never contains field contents.
+pub(super) fn csv_err(file: &str, e: csv::Error, row: Option<u64>) -> anyhow::Error {
+    let line = e.position().map(|p| format!(" (line {})", p.line())).unwrap_or_default();
+    let row = row.map(|r| format!(": row {r}")).unwrap_or_default();
+    match e.kind() {
+        csv::ErrorKind::Io(io) => anyhow!("cannot read {file}{row}{line}: {io}"),
+        csv::ErrorKind::Utf8 { .. } => anyhow!("{file}{row}{line}: not valid UTF-8; save the file as UTF-8"),
+        _ => anyhow!("{file}{row}{line}: malformed CSV; check quoting and that every row has one value per column"),
+    }
+}

@@ -1,0 +1,323 @@
+//! Executing stages: outputs prepared, the work run by the stage's executor
+//! (in this process or as a Slurm job), retries, and each finished stage
+//! recorded — outputs hashed and cached, state and action entry written —
+//! as soon as it is known.
+//!
+//! Rules: a stage's outputs are checked at write time (no link may redirect
+//! them); a `cmd` stage starts from no outputs on every attempt; a job's
+//! result is accepted only under the key dagrun decided on; a member of a
+//! job group that cannot run is `skipped`, never silently cached.
+
+use super::*;
+
+impl Engine {
+    /// Evaluate and then cache, restore or run stage `i`. Never panics on
+    /// stage errors: they become a `failed` record.
+    pub fn execute(&self, i: usize) -> StageRecord {
+        let t0 = Instant::now();
+        let name = self.stage(i).name.clone();
+        let cpu0 = crate::util::par::thread_cpu_ns();
+        let mut rec = match self.execute_inner(i) {
+            Ok(r) => r,
+            Err(e) => StageRecord { error: Some(format!("{e:#}")), ..StageRecord::new(&name, Status::Failed) },
+        };
+        rec.seconds = t0.elapsed().as_secs_f64();
+        if rec.status == Status::Ran && rec.slurm_job.is_none() {
+            // This thread's CPU time plus the stage's worker threads' (set by the local work).
+            let own = crate::util::par::thread_cpu_ns().saturating_sub(cpu0) as f64 / 1e9;
+            rec.cpu_seconds = Some(own + rec.cpu_seconds.unwrap_or(0.0));
+        }
+        rec
+    }
+
+    /// Execute a job group's members (`members`, in dependency order) as one
+    /// batch: each member is decided on its own (cached, restored or run);
+    /// the members that must run — and every member downstream of one of them,
+    /// whose inputs are only known once it ran — go to the executor together.
+    /// Each member gets its own record, state, cache entry and lineage.
+    pub fn execute_group(&self, members: &[usize]) -> Vec<StageRecord> {
+        if members.len() == 1 {
+            return vec![self.execute(members[0])];
+        }
+        let t0 = Instant::now();
+        let mut done: BTreeMap<usize, StageRecord> = BTreeMap::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut failed: Option<String> = None;
+        for &i in members {
+            let s = self.stage(i);
+            if let Some(f) = &failed {
+                done.insert(i, StageRecord { error: Some(format!("stage {f} of the same job group failed")), ..StageRecord::new(&s.name, Status::Skipped) });
+                continue;
+            }
+            let ups = self.pipeline.upstream(i);
+            if let Some(p) = pending.iter().find(|p| ups.contains(&p.i)) {
+                let why = format!("upstream stage {} will rerun (in the same job)", self.stage(p.i).name);
+                pending.push(Pending { i, ev: None, reasons: vec![why], rec: StageRecord::new(&s.name, Status::Ran) });
+                continue;
+            }
+            match self.decide(i) {
+                Ok(Step::Done(r)) => {
+                    done.insert(i, r);
+                }
+                Ok(Step::Run(p)) => pending.push(p),
+                Err(e) => {
+                    done.insert(i, StageRecord { error: Some(format!("{e:#}")), ..StageRecord::new(&s.name, Status::Failed) });
+                    failed = Some(s.name.clone());
+                }
+            }
+        }
+        if !pending.is_empty() {
+            let names: Vec<String> = pending.iter().map(|p| self.stage(p.i).name.clone()).collect();
+            for (p, r) in names.iter().zip(self.run_batch(pending)) {
+                let i = self.pipeline.stages.iter().position(|s| &s.name == p).expect("member");
+                let r = r.unwrap_or_else(|e| StageRecord { error: Some(format!("{e:#}")), ..StageRecord::new(p, Status::Failed) });
+                done.insert(i, r);
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        members
+            .iter()
+            .map(|i| {
+                let mut r = done.remove(i).expect("every member has a record");
+                if r.status != Status::Ran {
+                    r.seconds = secs.min(r.seconds.max(0.0));
+                }
+                r
+            })
+            .collect()
+    }
+
+    pub(super) fn execute_inner(&self, i: usize) -> Result<StageRecord> {
+        match self.decide(i)? {
+            Step::Done(r) => Ok(r),
+            Step::Run(p) => self.run_batch(vec![p]).pop().expect("one result per member"),
+        }
+    }
+
+    /// The executor of stage `i`.
+    pub(super) fn executor_for(&self, i: usize) -> &dyn Executor {
+        match (self.stage(i).executor, &self.slurm) {
+            (crate::pipeline::ExecutorKind::Slurm, Some(x)) => x.as_ref(),
+            _ => &crate::executor::local::Local,
+        }
+    }
+
+    /// Outputs are written in place by commands: they start from nothing, on
+    /// every attempt, so a stale file (of an earlier run, or of an attempt that
+    /// timed out half-way) is never mistaken for a fresh one.
+    pub(super) fn prepare_outputs(&self, i: usize) -> Result<()> {
+        let s = self.stage(i);
+        for o in &s.outs {
+            // Checked at write time, not only at load time: a link planted
+            // since (by an earlier stage, or anyone) must not redirect a write.
+            crate::pipeline::check_output_at_write(&self.pipeline.workspace, &o.path, true).with_context(|| format!("stage {}", s.name))?;
+            let o = self.pipeline.abs(&o.path);
+            if s.kind.name() == "cmd" {
+                remove_path(&o)?;
+            }
+            if let Some(parent) = o.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The work of stage `i` in this process, under the key and input hashes
+    /// of `ev` (also what `dagrun exec-stage` runs inside a job).
+    pub fn local_work(&self, i: usize, ev: &Evaluation) -> Result<Done> {
+        let s = self.stage(i);
+        let t0 = Instant::now();
+        // Worker threads the stage starts (util::par) report their CPU time here.
+        let worker_cpu = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let _accounting = crate::util::par::account_to(worker_cpu.clone());
+        let ctx = RunCtx {
+            workspace: &self.pipeline.workspace,
+            stage: s,
+            deps: s.deps.iter().map(|d| self.pipeline.abs(d)).collect(),
+            outs: s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect(),
+            input_hashes: &ev.ingredients.inputs,
+            cache_key: ev.key.as_str(),
+            services: &self.services,
+            cancel: &self.cancel,
+            timeout: s.timeout.map(Duration::from_secs_f64),
+        };
+        let report = self.kind(i)?.run(&ctx)?;
+        Ok(Done { report, key: None, seconds: t0.elapsed().as_secs_f64(), cpu_seconds: Some(worker_cpu.load(Ordering::Relaxed) as f64 / 1e9), job: None })
+    }
+
+    /// Execute `pending` (one stage, or a group's members in order) with their
+    /// executor, retrying a failed member (`retries:`) with the members that
+    /// did not finish, and record each finished member as soon as it is known.
+    /// One result per member, in order; members after a failure are `skipped`.
+    pub(super) fn run_batch(&self, mut pending: Vec<Pending>) -> Vec<Result<StageRecord>> {
+        let mut results: Vec<Result<StageRecord>> = Vec::with_capacity(pending.len());
+        let exec = self.executor_for(pending[0].i);
+        let mut start = 0;
+        let mut attempt = 1u32;
+        let mut tries = 0u32; // retries used by the current first member
+        for p in &pending {
+            self.observers.iter().for_each(|o| o.stage_working(self, p.i));
+        }
+        let prepare = |from: &[Pending]| -> Result<()> { from.iter().try_for_each(|p| self.prepare_outputs(p.i)) };
+        let mut error = prepare(&pending).err();
+        while error.is_none() && start < pending.len() {
+            let works: Vec<Box<LocalWork>> = pending[start..]
+                .iter()
+                .map(|p| {
+                    let i = p.i;
+                    let ev = p.ev.as_ref();
+                    Box::new(move || match ev {
+                        Some(ev) => self.local_work(i, ev),
+                        None => Err(anyhow!("internal error: stage {} has no key to run under in this process", self.stage(i).name)),
+                    }) as Box<LocalWork>
+                })
+                .collect();
+            let batch = Batch {
+                members: pending[start..]
+                    .iter()
+                    .zip(&works)
+                    .map(|(p, w)| Member { index: p.i, stage: self.stage(p.i), key: p.ev.as_ref().map(|e| e.key.to_string()), local: w.as_ref() })
+                    .collect(),
+                attempt,
+                cancel: Some(&self.cancel),
+            };
+            let outcomes = exec.execute(&batch);
+            drop(batch);
+            drop(works);
+            let mut failure = None;
+            for (i, r) in outcomes {
+                if start >= pending.len() || pending[start].i != i {
+                    failure = Some(anyhow!("internal error: the {} executor answered for an unexpected stage", exec.name()));
+                    break;
+                }
+                match r.and_then(|done| self.record_run(&mut pending[start], done)) {
+                    Ok(rec) => {
+                        results.push(Ok(rec));
+                        start += 1;
+                        tries = 0;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            if start == pending.len() {
+                break;
+            }
+            let e = failure.unwrap_or_else(|| anyhow!("the {} executor returned no result", exec.name()));
+            let s = self.stage(pending[start].i);
+            if tries < s.retries && !self.cancel.load(Ordering::Relaxed) {
+                tries += 1;
+                attempt += 1;
+                tracing::warn!("{} failed (attempt {tries} of {}): {e:#}; retrying", s.name, s.retries + 1);
+                error = prepare(&pending[start..]).err();
+                continue;
+            }
+            error = Some(if s.retries > 0 { e.context(format!("failed after {} attempts", tries + 1)) } else { e });
+        }
+        if let Some(e) = error {
+            let failed = self.stage(pending[start].i).name.clone();
+            results.push(Err(e));
+            for p in &pending[start + 1..] {
+                let name = &self.stage(p.i).name;
+                results.push(Ok(StageRecord { error: Some(format!("stage {failed} of the same job group failed")), ..StageRecord::new(name, Status::Skipped) }));
+            }
+        }
+        results
+    }
+
+    /// Record a finished member: hash and store its outputs, write its state
+    /// and action-cache entry. A member whose key was not known before it ran
+    /// (downstream in a group) gets it now, from its inputs on disk; a key the
+    /// job reports must equal the engine's.
+    pub(super) fn record_run(&self, p: &mut Pending, done: Done) -> Result<StageRecord> {
+        let i = p.i;
+        let s = self.stage(i);
+        let ev = match p.ev.take() {
+            Some(ev) => ev,
+            None => {
+                let mut ms = Vec::new();
+                let (ingredients, _) = self.ingredients(i, &mut |d| self.hash_input(d, &mut ms))?;
+                let key = ingredients.key();
+                Evaluation { key, ingredients, decision: Decision::Fresh, missing_sensitive: vec![], prev: self.states.get(&s.name) }
+            }
+        };
+        if let Some(k) = &done.key {
+            if k.as_str() != ev.key.as_str() {
+                bail!(
+                    "{} computed the stage's cache key as {} but dagrun computes {}: its inputs changed while it ran; run again",
+                    done.job.as_deref().unwrap_or("the job"),
+                    &k[..k.len().min(12)],
+                    ev.key.short()
+                );
+            }
+        }
+        let prev = ev.prev.as_ref();
+        let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
+        let mut rec = std::mem::replace(&mut p.rec, StageRecord::new(&s.name, Status::Ran));
+        let reasons = std::mem::take(&mut p.reasons);
+        // Hash and store outputs.
+        let mut outputs = BTreeMap::new();
+        for (o, abs) in s.outs.iter().zip(&outs) {
+            crate::pipeline::check_output_at_write(&self.pipeline.workspace, &o.path, false)
+                .with_context(|| format!("stage {} wrote its output through a link; it is not recorded or cached", s.name))?;
+            self.memo.forget(abs);
+            let meta = std::fs::metadata(abs).map_err(|_| {
+                anyhow!("the stage finished but did not write its declared output {}; fix the stage so it writes it (or remove it from `outs:`)", o.path)
+            })?;
+            let store = o.cache && !o.sensitive;
+            let h = if store && meta.is_file() {
+                // Large files written by built-in kinds are hard-linked into the
+                // cache (no copy); anything else is copied while being hashed.
+                let (hash, size) = if s.kind.name() != "cmd" && meta.len() >= LINK_THRESHOLD {
+                    self.cas.link_file(abs, &self.memo)
+                } else {
+                    self.cas.ingest_file(abs, &self.memo)
+                }
+                .with_context(|| format!("storing {} in the cache", o.path))?;
+                hashing::Hashed { hash, size, dir: false }
+            } else {
+                let h = self.memo.hash_path(abs)?.with_context(|| format!("output {} vanished", o.path))?;
+                if store {
+                    self.cas.put(abs, &h.hash, h.dir, &self.memo).with_context(|| format!("storing {} in the cache", o.path))?;
+                }
+                h
+            };
+            if s.kind.name() != "cmd" {
+                // dagrun wrote it and the stage is done: no re-read on the next run.
+                self.memo.settle(abs);
+            }
+            outputs.insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive });
+        }
+        let changed = match prev {
+            Some(p) => p.outputs.iter().map(|(k, v)| (k, &v.hash)).ne(outputs.iter().map(|(k, v)| (k, &v.hash))),
+            None => true,
+        };
+        let st = StageState {
+            stage: s.name.clone(),
+            key: ev.key.clone(),
+            ingredients: ev.ingredients,
+            param_refs: s.param_refs.clone(),
+            outputs,
+            run_id: self.run_id.clone(),
+            finished_at: now_rfc3339(),
+            seconds: done.seconds,
+            facts: done.report.facts.clone(),
+        };
+        self.states.put(&st)?;
+        if st.outputs.values().all(|o| o.cached || o.sensitive) {
+            self.states.put_action(&st)?;
+        }
+        rec.status = Status::Ran;
+        rec.key = Some(st.key.to_string());
+        rec.reasons = reasons;
+        rec.outputs = st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.to_string())).collect();
+        rec.outputs_changed = Some(changed);
+        rec.facts = done.report.facts;
+        rec.cpu_seconds = done.cpu_seconds;
+        rec.seconds = done.seconds;
+        rec.slurm_job = done.job;
+        Ok(rec)
+    }
+}

@@ -1,0 +1,130 @@
+//! The YAML budget: the limits every pipeline and tenant file is held to
+//! before anything is built from it.
+//!
+//! Rules:
+//! - Depth and alias count are checked in one linear pass over the text
+//!   before parsing ([`super::yaml_limits`]); then the number of values with
+//!   aliases expanded is counted without storing them ([`MAX_YAML_NODES`]).
+//! - Every error names the file, the line and column where known, and says
+//!   how to fix it (exit 2).
+
+use super::*;
+
+/// Most YAML values a pipeline or tenant file may hold once anchors/aliases
+/// are expanded. A 1 MiB file holds far fewer without aliases; past this it is
+/// an alias bomb ("billion laughs"), refused before anything is built in memory.
+pub const MAX_YAML_NODES: usize = 1_000_000;
+
+pub(super) const TOO_MANY_NODES: &str = "the YAML expands to more than 1000000 values through anchors and aliases (an alias bomb?); use fewer aliases";
+
+/// Counts YAML values (aliases expanded) without storing them.
+pub(super) struct NodeBudget<'a>(&'a std::cell::Cell<usize>);
+
+impl NodeBudget<'_> {
+    fn tick<E: serde::de::Error>(&self) -> std::result::Result<(), E> {
+        let n = self.0.get() + 1;
+        self.0.set(n);
+        if n > MAX_YAML_NODES { Err(E::custom(TOO_MANY_NODES)) } else { Ok(()) }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for NodeBudget<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_none<E: serde::de::Error>(self) -> std::result::Result<(), E> {
+        self.tick()
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, d)
+    }
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        self.tick()?;
+        while seq.next_element_seed(NodeBudget(self.0))?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        self.tick()?;
+        while map.next_key_seed(NodeBudget(self.0))?.is_some() {
+            map.next_value_seed(NodeBudget(self.0))?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> std::result::Result<(), A::Error> {
+        use serde::de::VariantAccess;
+        self.tick()?;
+        let ((), v) = data.variant_seed(NodeBudget(self.0))?;
+        v.newtype_variant_seed(NodeBudget(self.0))
+    }
+}
+
+/// Refuse YAML that expands (through aliases) to more than [`MAX_YAML_NODES`]
+/// values, before deserializing it for real. Costs no memory per value.
+pub fn check_yaml_budget(text: &str) -> std::result::Result<(), yaml_serde::Error> {
+    let count = std::cell::Cell::new(0);
+    serde::de::DeserializeSeed::deserialize(NodeBudget(&count), yaml_serde::Deserializer::from_str(text))
+}
+
+/// yaml_serde's terse limit errors, explained.
+pub fn explain_yaml_message(msg: &str) -> String {
+    msg.replacen("recursion limit exceeded", "recursion limit exceeded (the YAML is nested too deeply)", 1).replacen(
+        "repetition limit exceeded",
+        "repetition limit exceeded (anchors and aliases expand to too much data: an alias bomb?); use fewer aliases",
+        1,
+    )
+}
+
+pub(super) fn yaml_error(shown: &str, e: &yaml_serde::Error) -> anyhow::Error {
+    let msg = explain_yaml_message(&e.to_string());
+    match e.location() {
+        Some(loc) => {
+            let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            config(format!("{shown}:{}:{}: {clean}", loc.line(), loc.column()))
+        }
+        None => config(format!("{shown}: {msg}")),
+    }
+}
+
+/// Depth and alias limits, checked in linear time before any parsing
+/// ([`yaml_limits`]); the error names the file and line.
+pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
+    yaml_limits::check(text).map_err(|(line, m)| config(format!("{shown}:{line}: {m}")))
+}

@@ -1,0 +1,409 @@
+//! From YAML text to expanded, validated stages: `schema::PipelineFile` →
+//! params → `foreach: tenants` instances → kinds' declarations → paths →
+//! edges → cycle check. Every error names the file, the stage's line and the
+//! fix, and is a config error (exit 2).
+
+use super::*;
+
+/// Where a stage name is written in the file (1-based line), found by text.
+pub(super) fn stage_line(text: &str, name: &str) -> Option<usize> {
+    let mut in_stages = false;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("stages:") {
+            in_stages = true;
+            continue;
+        }
+        if in_stages {
+            let t = line.trim_start();
+            if line.len() > t.len() {
+                let key = t.trim_start_matches(['"', '\'']);
+                if let Some(rest) = key.strip_prefix(name) {
+                    let rest = rest.trim_start_matches(['"', '\'']);
+                    if rest.trim_start().starts_with(':') {
+                        return Some(i + 1);
+                    }
+                }
+            } else if !t.is_empty() && !t.starts_with('#') {
+                in_stages = false;
+            }
+        }
+    }
+    None
+}
+
+pub(super) fn valid_stage_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
+    check_yaml_limits(text, &shown)?;
+    check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
+    let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| yaml_error(&shown, &e))?;
+    let at = |name: &str| match stage_line(text, name) {
+        Some(l) => format!("{shown}:{l}: stage `{name}`"),
+        None => format!("{shown}: stage `{name}`"),
+    };
+
+    let mut params = IndexMap::new();
+    for (k, v) in &pf.params {
+        let v = to_json(v, &format!("params.{k}")).map_err(|m| config(format!("{shown}: {m}")))?;
+        if v.is_object() || v.is_null() {
+            return Err(config(format!("{shown}: params.{k} must be a number, string, boolean or list")));
+        }
+        params.insert(k.clone(), v);
+    }
+    for (k, v) in overrides {
+        let Some(old) = params.get(k) else {
+            return Err(config(format!(
+                "--param {k}={v}: the pipeline {shown} has no param `{k}` (it has: {})",
+                params.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let new = match old {
+            Value::Number(_) => serde_json::from_str::<Value>(v)
+                .ok()
+                .filter(Value::is_number)
+                .ok_or_else(|| config(format!("--param {k}={v}: `{k}` is a number in {shown}; give a number")))?,
+            Value::Bool(_) => Value::Bool(v.parse::<bool>().map_err(|_| config(format!("--param {k}={v}: give true or false")))?),
+            _ => Value::String(v.clone()),
+        };
+        params.insert(k.clone(), new);
+    }
+
+    if pf.stages.is_empty() {
+        return Err(config(format!("{shown}: `stages` is empty; define at least one stage")));
+    }
+    for p in &pf.secrets {
+        crate::util::child_env::check_secret_pattern(p).map_err(|m| config(format!("{shown}: {m}")))?;
+    }
+    let secrets = Arc::new(pf.secrets.clone());
+
+    // The workspace settings are checked before anything runs (exit 2 on a bad key).
+    crate::config::DagrunConfig::load(&workspace)?;
+
+    // Only a valid `foreach: tenants` needs the tenant list; any other list is
+    // reported below as unknown (not as a missing config/tenants.yaml).
+    let needs_tenants = pf.stages.values().any(|s| s.foreach.as_deref() == Some("tenants"));
+    let tenants = if needs_tenants { Some(Tenants::load(&workspace)?) } else { None };
+
+    let mut stages: Vec<Stage> = Vec::new();
+    let mut instances_of: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut raw_needs: Vec<Vec<String>> = Vec::new();
+    for (base, def) in &pf.stages {
+        if !valid_stage_name(base) {
+            return Err(config(format!(
+                "{}: invalid stage name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-' (no '/', '.', spaces)",
+                at(base)
+            )));
+        }
+        let kind = match (&def.uses, &def.cmd) {
+            (Some(_), Some(_)) => return Err(config(format!("{}: has both `uses:` and `cmd:`; a stage is one or the other", at(base)))),
+            (None, None) => return Err(config(format!("{}: has neither `uses:` (a built-in kind) nor `cmd:` (a shell command)", at(base)))),
+            (None, Some(_)) => kinds["cmd"].clone(),
+            (Some(u), None) => match kinds.get(u.as_str()) {
+                Some(k) if k.name() != "cmd" => k.clone(),
+                _ => {
+                    let names: Vec<&str> = kinds.keys().copied().filter(|k| *k != "cmd").collect();
+                    let known = if names.is_empty() {
+                        "this build has no built-in kinds; use `cmd:` for a shell command".to_string()
+                    } else {
+                        format!("built-in kinds are: {} (or use `cmd:` for a shell command)", names.join(", "))
+                    };
+                    return Err(config(format!("{}: unknown stage kind `uses: {u}`; {known}", at(base))));
+                }
+            },
+        };
+        if def.cmd.is_none() && !def.env.is_empty() {
+            return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at(base))));
+        }
+        if let Some(t) = def.timeout {
+            if !t.is_finite() || t <= 0.0 || t > MAX_SECONDS {
+                return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
+            }
+        }
+        let fan: Vec<Option<String>> = match def.foreach.as_deref() {
+            None => vec![None],
+            Some("tenants") => tenants.as_ref().expect("loaded above").ids().map(|t| Some(t.to_string())).collect(),
+            Some(other) => {
+                return Err(config(format!(
+                    "{}: `foreach: {other}` is unknown; the only list is `tenants` (from config/tenants.yaml)",
+                    at(base)
+                )));
+            }
+        };
+        for tenant in fan {
+            let idx = stages.len();
+            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| config(format!("{}: {m}", at(base))))?;
+            let mut stage = stage;
+            stage.line = stage_line(text, base);
+            stage.executor = def.executor.or(pf.executor).unwrap_or_default();
+            stage.resources = merge_resources(pf.slurm.as_ref().and_then(|s| s.resources.as_ref()), def.resources.as_ref());
+            check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at(base))))?;
+            if let Some(g) = &def.group {
+                if !valid_stage_name(g) {
+                    return Err(config(format!("{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'", at(base))));
+                }
+            }
+            stage.group = def.group.clone();
+            instances_of.entry(base.clone()).or_default().push(idx);
+            raw_needs.push(def.needs.clone());
+            stages.push(stage);
+        }
+    }
+
+    // Outputs: unique, not nested in one another, no symlink escapes.
+    let mut out_owner: HashMap<&str, usize> = HashMap::new();
+    for (i, s) in stages.iter().enumerate() {
+        for o in &s.outs {
+            check_symlinks(&workspace, &o.path).map_err(|m| config(format!("{}: {m}", at(&s.base))))?;
+            if let Some(&j) = out_owner.get(o.path.as_str()) {
+                let other = &stages[j].name;
+                let msg = if *other == s.name {
+                    format!("{}: declares output {:?} twice", at(&s.base), o.path)
+                } else {
+                    format!("{}: output {:?} is already an output of stage `{other}`; each path has one producing stage", at(&s.base), o.path)
+                };
+                return Err(config(msg));
+            }
+            out_owner.insert(&o.path, i);
+        }
+    }
+    let mut all_outs: Vec<(&str, usize)> = out_owner.iter().map(|(k, v)| (*k, *v)).collect();
+    all_outs.sort();
+    for w in all_outs.windows(2) {
+        let (a, ia) = w[0];
+        let (b, ib) = w[1];
+        if b.starts_with(a) && b.as_bytes().get(a.len()) == Some(&b'/') {
+            return Err(config(format!(
+                "{}: output {b:?} lies inside output {a:?} of stage `{}`; outputs may not nest",
+                at(&stages[ib].base),
+                stages[ia].name
+            )));
+        }
+    }
+
+    // Edges.
+    let mut graph: DiGraph<usize, ()> = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..stages.len()).map(|i| graph.add_node(i)).collect();
+    let mut edges: HashSet<(usize, usize)> = HashSet::new();
+    for (i, s) in stages.iter().enumerate() {
+        for d in &s.deps {
+            if let Some(&j) = out_owner.get(d.as_str()) {
+                edges.insert((j, i));
+                continue;
+            }
+            // A dep inside an output directory, or a directory holding outputs.
+            for (o, &j) in &out_owner {
+                let inside = d.starts_with(o) && d.as_bytes().get(o.len()) == Some(&b'/');
+                let holds = o.starts_with(d.as_str()) && o.as_bytes().get(d.len()) == Some(&b'/');
+                if inside || holds {
+                    edges.insert((j, i));
+                }
+            }
+        }
+        for n in &raw_needs[i] {
+            let targets: Vec<usize> = if let Some(list) = instances_of.get(n) {
+                // Same-tenant instance when both fan out; else all instances.
+                match (&s.tenant, list.iter().find(|&&j| stages[j].tenant == s.tenant && s.tenant.is_some())) {
+                    (Some(_), Some(&j)) => vec![j],
+                    _ => list.clone(),
+                }
+            } else if let Some(j) = stages.iter().position(|x| &x.name == n) {
+                vec![j]
+            } else {
+                let mut names: Vec<&str> = pf.stages.keys().map(String::as_str).collect();
+                names.sort();
+                return Err(config(format!(
+                    "{}: `needs: {n}` names no stage; stages are: {}",
+                    at(&s.base),
+                    names.join(", ")
+                )));
+            };
+            for j in targets {
+                if j == i {
+                    return Err(config(format!("{}: needs itself", at(&s.base))));
+                }
+                edges.insert((j, i));
+            }
+        }
+    }
+    let mut edge_list: Vec<_> = edges.into_iter().collect();
+    edge_list.sort();
+    for (a, b) in edge_list {
+        if a == b {
+            return Err(config(format!("{}: reads its own output", at(&stages[a].base))));
+        }
+        graph.add_edge(nodes[a], nodes[b], ());
+    }
+
+    if let Some(cycle) = find_cycle(&graph) {
+        let names: Vec<&str> = cycle.iter().map(|&i| stages[i].name.as_str()).collect();
+        return Err(config(format!(
+            "{shown}: the stages form a cycle: {} → {}; remove one of these dependencies",
+            names.join(" → "),
+            names[0]
+        )));
+    }
+    let topo = topo_order(&graph, stages.len());
+    let slurm = pf.slurm.clone().unwrap_or_default();
+    check_slurm(&slurm).map_err(|m| config(format!("{shown}: `slurm.{m}")))?;
+    let p = Pipeline { file, shown, workspace, params, secrets, stages, tenants, graph, topo, overrides: overrides.to_vec(), slurm };
+    if let Some(m) = p.check_groups() {
+        return Err(config(format!("{}: {m}", p.shown)));
+    }
+    Ok(p)
+}
+
+pub(super) fn expand(
+    base: &str,
+    def: &StageDef,
+    tenant: Option<&str>,
+    params: &IndexMap<String, Value>,
+    kind: Arc<dyn KindDecl>,
+    workspace: &Path,
+    secrets: &Arc<Vec<String>>,
+) -> std::result::Result<Stage, String> {
+    let name = match tenant {
+        Some(t) => format!("{base}[{t}]"),
+        None => base.to_string(),
+    };
+    let mut refs = BTreeMap::new();
+    // Values in a command are shell-quoted for their place (see `shell`).
+    let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd(c, params, tenant, &mut refs)).transpose()?;
+    let mut with = Map::new();
+    for (k, v) in &def.with {
+        let v = to_json(v, &format!("with.{k}"))?;
+        with.insert(k.clone(), interpolate_value(&v, params, tenant, &mut refs)?);
+    }
+    if let Some(t) = tenant {
+        with.entry("tenant".to_string()).or_insert_with(|| Value::String(t.to_string()));
+    }
+    let mut env = BTreeMap::new();
+    for (k, v) in &def.env {
+        crate::util::child_env::check_declared(k, secrets)?;
+        env.insert(k.clone(), interp_str(v, params, tenant, &mut refs)?);
+    }
+    let declared = kind.declare(&with, tenant)?;
+    let mut deps = Vec::new();
+    for d in &def.deps {
+        deps.push(normalize_dep(&interp_str(d, params, tenant, &mut refs)?, workspace)?);
+    }
+    for d in declared.deps {
+        deps.push(normalize_dep(&d, workspace)?);
+    }
+    let mut seen = HashSet::new();
+    deps.retain(|d| seen.insert(d.clone()));
+    let mut outs = Vec::new();
+    for o in &def.outs {
+        let path = normalize_out(&interp_str(o.path(), params, tenant, &mut refs)?)?;
+        outs.push(Out { path, sensitive: o.sensitive(), cache: o.cache() && !o.sensitive() });
+    }
+    for o in declared.outs {
+        let path = normalize_out(&o.path)?;
+        outs.push(Out { path, sensitive: o.sensitive, cache: !o.sensitive });
+    }
+    if kind.name() == "cmd" && outs.is_empty() && deps.is_empty() {
+        // Allowed (an always-cached side-effect-free command), but say nothing.
+    }
+    for d in &deps {
+        if outs.iter().any(|o| &o.path == d) {
+            return Err(format!("{d:?} is both an input and an output of the stage"));
+        }
+    }
+    let _ = OutDef::Path(String::new());
+    Ok(Stage {
+        name,
+        base: base.to_string(),
+        tenant: tenant.map(str::to_string),
+        kind,
+        cmd,
+        with,
+        param_refs: refs,
+        deps,
+        outs,
+        env,
+        secrets: secrets.clone(),
+        timeout: def.timeout,
+        retries: def.retries,
+        desc: def.desc.clone(),
+        line: None,
+        executor: ExecutorKind::Local,
+        resources: Resources::default(),
+        group: None,
+    })
+}
+
+/// Stage resources over pipeline defaults, field by field (`sbatch_args` appended).
+pub(super) fn merge_resources(base: Option<&Resources>, over: Option<&Resources>) -> Resources {
+    let mut r = base.cloned().unwrap_or_default();
+    if let Some(o) = over {
+        r.cpus = o.cpus.or(r.cpus);
+        r.mem = o.mem.clone().or(r.mem);
+        r.time = o.time.or(r.time);
+        r.partition = o.partition.clone().or(r.partition);
+        r.account = o.account.clone().or(r.account);
+        r.sbatch_args.extend(o.sbatch_args.iter().cloned());
+    }
+    r
+}
+
+/// `sbatch` flags dagrun sets itself; `sbatch_args` may not override them.
+pub(super) const RESERVED_SBATCH: &[&str] = &[
+    "--export", "--export-file", "--output", "-o", "--error", "-e", "--job-name", "-J", "--parsable", "--chdir", "-D", "--wrap", "--get-user-env",
+    "--open-mode", "--input", "-i",
+];
+
+/// Check resources; the error starts with the field name.
+pub(super) fn check_resources(r: &Resources) -> std::result::Result<(), String> {
+    if r.cpus == Some(0) {
+        return Err("cpus` must be at least 1".into());
+    }
+    if r.time == Some(0) {
+        return Err("time` must be at least 1 (minutes)".into());
+    }
+    if let Some(m) = &r.mem {
+        let digits = m.trim_end_matches(['K', 'M', 'G', 'T']);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || m.len() - digits.len() > 1 {
+            return Err(format!("mem: {m}` is not a Slurm memory size; write e.g. 4G, 500M or 1024 (megabytes)"));
+        }
+    }
+    let name_ok = |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b));
+    for (k, v) in [("partition", &r.partition), ("account", &r.account)] {
+        if let Some(v) = v {
+            if !name_ok(v) {
+                return Err(format!("{k}: {v:?}` is not a valid Slurm name (letters, digits, '_', '-', '.', ',')"));
+            }
+        }
+    }
+    for a in &r.sbatch_args {
+        if !a.starts_with('-') {
+            return Err(format!("sbatch_args` entry {a:?} is not an option; write each as one word, e.g. \"--qos=low\""));
+        }
+        let flag = a.split('=').next().unwrap_or(a);
+        if RESERVED_SBATCH.contains(&flag) || (flag.len() > 2 && !flag.starts_with("--") && RESERVED_SBATCH.contains(&&flag[..2])) {
+            return Err(format!("sbatch_args` entry {a:?} sets an option dagrun sets itself (job name, output, environment, directory); remove it"));
+        }
+        if a.contains(['\n', '\0']) {
+            return Err(format!("sbatch_args` entry {a:?} contains a control character"));
+        }
+    }
+    Ok(())
+}
+
+/// Check `slurm:`; the error starts with the field name.
+pub(super) fn check_slurm(s: &SlurmDef) -> std::result::Result<(), String> {
+    if let Some(p) = s.poll_interval {
+        if !(0.1..=600.0).contains(&p) {
+            return Err(format!("poll_interval: {p}` must be between 0.1 and 600 seconds"));
+        }
+    }
+    if let Some(b) = &s.binary {
+        if !Path::new(b).is_absolute() {
+            return Err(format!("binary: {b}` must be an absolute path (the dagrun binary as the compute nodes see it)"));
+        }
+    }
+    if let Some(r) = &s.resources {
+        check_resources(r).map_err(|m| format!("resources.{m}"))?;
+    }
+    Ok(())
+}
