@@ -10,6 +10,8 @@
 #  - the no-op wall time, median of RUNS (default 15) runs, with OpenLineage
 #    and without (the same workspace copied, its OpenLineage id made
 #    unreadable: the run says "OpenLineage events are off"), interleaved;
+#    wall time and CPU time (user+sys of dagrun and the stage shells it did
+#    not need to start: none, it is a no-op);
 #  - from `strace -f` of one no-op run: the write calls to the run's
 #    .openlineage.jsonl, files created under .dagrun/openlineage/, fsyncs;
 # Prints the load average before and after: the machine may be shared.
@@ -50,7 +52,14 @@ B="$TMP/b"; cp -a "$A" "$B"; rm -rf "$B/.dagrun/openlineage" "$B/runs"; mkdir -p
 (cd "$B" && env -u DAGRUN_OPENLINEAGE_URL "$BIN" -q run pipeline.yaml >/dev/null 2>&1)
 
 now() { date +%s.%N; }
-run_in() { local t0 t1; t0=$(now); (cd "$1" && env -u DAGRUN_OPENLINEAGE_URL "$BIN" -q run pipeline.yaml >/dev/null 2>&1); t1=$(now); awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.5f\n", a - b }'; }
+# run_in DIR: wall seconds, then CPU seconds (user+sys, less sensitive to a loaded machine).
+run_in() {
+  local t0 t1 cpu
+  t0=$(now)
+  cpu=$( { TIMEFORMAT='%3U %3S'; time (cd "$1" && env -u DAGRUN_OPENLINEAGE_URL "$BIN" -q run pipeline.yaml >/dev/null 2>&1); } 2>&1 )
+  t1=$(now)
+  awk -v a="$t1" -v b="$t0" -v c="$cpu" 'BEGIN { split(c, x, " "); printf "%.5f %.3f\n", a - b, x[1] + x[2] }'
+}
 median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 : > "$TMP/on"; : > "$TMP/off"
 for _ in $(seq "$RUNS"); do   # interleaved, so load changes hit both alike
@@ -58,9 +67,10 @@ for _ in $(seq "$RUNS"); do   # interleaved, so load changes hit both alike
   run_in "$B" >> "$TMP/off"
 done
 [[ -z "$(ls "$B/runs/"*.openlineage.jsonl 2>/dev/null)" ]] || { echo "the OpenLineage-off workspace wrote events" >&2; exit 1; }
-on=$(median < "$TMP/on"); off=$(median < "$TMP/off")
-echo "no-op run, 200 stages (median of $RUNS, interleaved): OpenLineage on ${on} s, off ${off} s"
-awk -v a="$on" -v b="$off" 'BEGIN { printf "  OpenLineage cost: %.2f ms per run, %.1f us per stage\n", (a-b)*1000, (a-b)*1e6/200 }'
+on=$(cut -d' ' -f1 "$TMP/on" | median); off=$(cut -d' ' -f1 "$TMP/off" | median)
+con=$(cut -d' ' -f2 "$TMP/on" | median); coff=$(cut -d' ' -f2 "$TMP/off" | median)
+echo "no-op run, 200 stages (median of $RUNS, interleaved): OpenLineage on ${on} s, off ${off} s wall; CPU ${con} s vs ${coff} s"
+awk -v a="$on" -v b="$off" -v c="$con" -v d="$coff" 'BEGIN { printf "  OpenLineage cost: wall %.2f ms per run (%.1f us per stage), CPU %.2f ms per run (%.1f us per stage)\n", (a-b)*1000, (a-b)*1e6/200, (c-d)*1000, (c-d)*1e6/200 }'
 
 if command -v strace >/dev/null; then
   strace -f -y -e trace=write,openat,fsync,fdatasync -o "$TMP/strace" env -u DAGRUN_OPENLINEAGE_URL "$BIN" -q run pipeline.yaml >/dev/null
