@@ -305,7 +305,8 @@ fn a_job_that_cannot_meet_its_deadline_fails_as_deadline() {
 #[test]
 fn scancel_from_outside_fails_the_stage() {
     need_cluster!();
-    let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
+    // `&&`: when Slurm signals the job's processes one by one, the shell can outlive a killed `sleep` for an instant.
+    let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120 && echo x > long.txt\n    outs: [long.txt]\n");
     let bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
     let id = running_job(&ws.root, SLURM_HANG);
     let st = Command::new("scancel").arg(&id).status().unwrap();
@@ -497,6 +498,19 @@ impl Private {
             assert!(t0.elapsed() < Duration::from_secs(60), "private cluster not ready (node {:?})\n{}", p.node_state(), p.logs());
             std::thread::sleep(Duration::from_millis(200));
         }
+        // If this test process is killed (no Drop), a watchdog stops the daemons once it is gone.
+        let pids: Vec<String> = ["slurmd", "slurmctld"].iter().filter_map(|n| std::fs::read_to_string(p.dir.path(&format!("{n}.pid"))).ok()).map(|s| s.trim().to_string()).collect();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 2; done; for p in {}; do case $(cat /proc/$p/comm 2>/dev/null) in slurm*) kill $p;; esac; done",
+                std::process::id(),
+                pids.join(" ")
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
         p
     }
 
@@ -669,7 +683,8 @@ fn a_node_failure_fails_the_job_as_node_fail_and_retries_resubmit() {
 fn a_preempted_job_fails_as_preempted() {
     need_cluster!();
     let pc = Private::start(false);
-    let ws = private_ws("  low:\n    cmd: echo started > started.txt; sleep 120; echo x > low.txt\n    outs: [low.txt]\n    resources: { cpus: 2, mem: 100M, partition: low }\n");
+    // `&&`: when Slurm signals the job's processes one by one, the shell can outlive a killed `sleep` for an instant.
+    let ws = private_ws("  low:\n    cmd: echo started > started.txt; sleep 120 && echo x > low.txt\n    outs: [low.txt]\n    resources: { cpus: 2, mem: 100M, partition: low }\n");
     let bg = spawn({
         let mut c = pc.dagrun(&ws.root, &["run", "pipeline.yaml"]);
         c.env("RUST_LOG", "dagrun::executor=debug");
