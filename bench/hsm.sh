@@ -5,9 +5,13 @@
 #
 #   bench/hsm.sh                 100k rows, 7 runs each
 #   bench/hsm.sh --rows N --runs K
+#   bench/hsm.sh --mechanism CKM_AES_KEY_WRAP_PAD    force the token's wrapping mechanism
 #
-# Prints each run, the median cold run of both, the overhead in percent, and the
-# median wall time of the encrypt stages (where keys are unwrapped). Needs
+# Prints the load average before and after, each run, the median cold run of both,
+# the overhead in percent, the median wall time of the encrypt stages (where keys
+# are unwrapped), the fixed cost of opening the keyring (`dagrun keys list`, file
+# vs HSM, alternating), and the PKCS#11 calls of one cold run and of one run that
+# re-encrypts (counted with OpenSC's pkcs11-spy, when installed). Needs
 # ../shared/tools/softhsm-token.sh (or DAGRUN_SOFTHSM_TOKEN_SH); installs nothing
 # itself beyond what that script installs.
 set -euo pipefail
@@ -18,6 +22,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --rows) rows="$2"; shift ;;
     --runs) runs="$2"; shift ;;
+    --mechanism) export DAGRUN_MASTER_KEY_MECHANISM="$2"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -35,7 +40,8 @@ eval "$(bash "$tool" init "$tmp/token" 2>/dev/null)"
 URI=$DAGRUN_MASTER_KEY_URI
 unset DAGRUN_MASTER_KEY_URI DAGRUN_MASTER_KEY DAGRUN_MASTER_KEY_FILE
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-echo "dagrun:  $("$BIN" --version), $rows rows, 2 tenants, $runs cold runs per master key"
+echo "dagrun:  $("$BIN" --version), $rows rows, 2 tenants, $runs cold runs per master key, mechanism ${DAGRUN_MASTER_KEY_MECHANISM:-auto}"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 one_run() { # KIND -> "wall_seconds encrypt_seconds cpu_seconds"
   local kind=$1 ws t0 t1
@@ -77,3 +83,62 @@ print(f"median cold run: file key {fm:.3f} s, HSM key {hm:.3f} s: overhead {100*
 print(f"median encrypt stages (summed over tenants): file key {fe:.3f} s, HSM key {he:.3f} s")
 print(f"median CPU (user+sys): file key {fc:.2f} s, HSM key {hc:.2f} s: {100*(hc-fc)/fc:+.1f} %")
 PY
+echo "load average after cold runs: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# The fixed cost per process: open the keyring (load the module, C_Initialize,
+# log in, find the key, check it, derive the integrity key) and list the keys.
+new_ws() { # KIND -> a workspace that ran once at 2000 rows
+  local ws
+  ws=$(mktemp -d "$tmp/open.XXXXXX")
+  mkdir -p "$ws/config" "$ws/pipelines"
+  cp pipelines/propensity.yaml "$ws/pipelines/"
+  sed -i "s/^  rows: .*/  rows: 2000/" "$ws/pipelines/propensity.yaml"
+  printf 'tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n' > "$ws/config/tenants.yaml"
+  with_key "$1" "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null
+  echo "$ws"
+}
+with_key() { # KIND CMD... : run CMD with that master key
+  local kind=$1; shift
+  if [ "$kind" = hsm ]; then
+    DAGRUN_MASTER_KEY_URI=$URI DAGRUN_PLAIN=1 "$@"
+  else
+    DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f DAGRUN_PLAIN=1 "$@"  # benchmark-only key
+  fi
+}
+fws=$(new_ws file); hws=$(new_ws hsm)
+: > "$tmp/fo.txt"; : > "$tmp/ho.txt"
+for i in $(seq 1 $((runs * 3))); do
+  for k in file hsm; do
+    ws=$fws; [ "$k" = hsm ] && ws=$hws
+    t0=$(date +%s%N); with_key "$k" "$BIN" -q -C "$ws" keys list > /dev/null; t1=$(date +%s%N)
+    echo "$(( (t1 - t0) / 1000 ))e-6" >> "$tmp/${k:0:1}o.txt"
+  done
+done
+fo=$(median < "$tmp/fo.txt"); ho=$(median < "$tmp/ho.txt")
+python3 - "$fo" "$ho" "$((runs * 3))" <<'PY'
+import sys
+fo, ho, n = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+print(f"median `dagrun keys list` ({n} each, alternating): file key {1000*fo:.1f} ms, HSM key {1000*ho:.1f} ms: the token costs {1000*(ho-fo):+.1f} ms per process")
+PY
+echo "load average after keys list: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# What the token is asked, counted by OpenSC's pkcs11-spy (a PKCS#11 module that
+# logs every call and forwards it to the real one).
+spy=/usr/lib/x86_64-linux-gnu/pkcs11-spy.so
+if [ -r "$spy" ]; then
+  SPY_URI=${URI/module-path=\/usr\/lib\/softhsm\/libsofthsm2.so/module-path=$spy}
+  count() { grep -oE '^[0-9]+: C_[A-Za-z]+' "$1" | awk '{print $2}' | sort | uniq -c | sort -rn | awk '{printf "%s %s, ", $2, $1}' | sed 's/, $//'; }
+  ws=$(mktemp -d "$tmp/spy.XXXXXX")
+  mkdir -p "$ws/config" "$ws/pipelines"
+  cp pipelines/propensity.yaml "$ws/pipelines/"
+  sed -i "s/^  rows: .*/  rows: 2000/" "$ws/pipelines/propensity.yaml"
+  printf 'tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n' > "$ws/config/tenants.yaml"
+  PKCS11SPY=/usr/lib/softhsm/libsofthsm2.so PKCS11SPY_OUTPUT="$tmp/spy1.log" DAGRUN_MASTER_KEY_URI=$SPY_URI DAGRUN_PLAIN=1 \
+    "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" > /dev/null
+  echo "PKCS#11 calls, cold run (keys created and wrapped): $(count "$tmp/spy1.log")"
+  PKCS11SPY=/usr/lib/softhsm/libsofthsm2.so PKCS11SPY_OUTPUT="$tmp/spy2.log" DAGRUN_MASTER_KEY_URI=$SPY_URI DAGRUN_PLAIN=1 \
+    "$BIN" -q -C "$ws" run "$ws/pipelines/propensity.yaml" --force encrypt > /dev/null
+  echo "PKCS#11 calls, run re-encrypting both tenants (keys unwrapped): $(count "$tmp/spy2.log")"
+else
+  echo "(OpenSC's pkcs11-spy.so not installed: PKCS#11 call counts skipped)"
+fi

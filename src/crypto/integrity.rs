@@ -7,8 +7,10 @@
 //!   [`HKDF_SALT`], info [`HKDF_INFO`] (its own label), so it is never the
 //!   master key itself and knowing it reveals nothing about the master or any
 //!   tenant key. A PKCS#11 master key never leaves its token: there the HKDF
-//!   input is a fixed-input encryption made inside the token
-//!   (`crypto::master::Master::integrity_key`).
+//!   input is a fixed-input operation made inside the token with the keyring's
+//!   wrapping mechanism — an AES-GCM encryption (`CKM_AES_GCM`) or a key wrap
+//!   (`CKM_AES_KEY_WRAP_PAD`), chosen by the prefix of the keyring's `key_check`
+//!   so it never changes under a keyring (`crypto::master::Master::integrity_key`).
 //! - `keys rewrap` (master-key rotation) keeps it: the keyring then stores the
 //!   old integrity key wrapped under the new master, like a tenant key, and
 //!   that stored key wins over the derivation, so every record stays valid.

@@ -214,7 +214,7 @@ impl Master {
         match source {
             MasterKeySource::Pkcs11 { uri, from } => {
                 let want = requested_mechanism(workspace)?;
-                let key = pkcs11::HsmKey::open(uri, from, false, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
+                let (key, _) = pkcs11::HsmKey::open(uri, from, false, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
                 Ok(Master { desc: key.describe(), inner: Inner::Hsm(key) })
             }
             other => {
@@ -229,10 +229,9 @@ impl Master {
     pub fn open_or_create(workspace: &Path, source: &MasterKeySource) -> Result<(Master, bool)> {
         match source {
             MasterKeySource::Pkcs11 { uri, from } => {
-                let existed = pkcs11::HsmKey::exists(uri, from)?;
                 let want = requested_mechanism(workspace)?;
-                let key = pkcs11::HsmKey::open(uri, from, !existed, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
-                Ok((Master { desc: key.describe(), inner: Inner::Hsm(key) }, !existed))
+                let (key, created) = pkcs11::HsmKey::open(uri, from, true, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
+                Ok((Master { desc: key.describe(), inner: Inner::Hsm(key) }, created))
             }
             other => Ok((Self::open(workspace, other)?, false)),
         }

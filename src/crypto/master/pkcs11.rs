@@ -172,18 +172,14 @@ fn label_of(info_label: &str) -> &str {
 }
 
 impl HsmKey {
-    /// Is there a key the URI names? (Token, PIN and module errors are errors.)
-    pub fn exists(uri: &Pkcs11Uri, from: &str) -> Result<bool> {
-        let (session, _slot, token) = open_session(uri, from, false)?;
-        Ok(!find_keys(&session, uri, &token, from)?.is_empty())
-    }
-
-    /// Open the key the URI names; with `create`, generate it inside the token first.
+    /// Open the key the URI names in one read-only session; with `create`, when
+    /// the token has no such key, generate it inside the token first (in a
+    /// read-write session). Returns the key and whether it was generated.
     /// `want` forces a wrapping mechanism (`from` names the setting); `None` picks
     /// AES-GCM when the token offers it for encrypt and decrypt, else AES key wrap
     /// with padding when it offers that for wrap and unwrap.
-    pub fn open(uri: &Pkcs11Uri, from: &str, create: bool, want: Option<(Mech, &str)>) -> Result<HsmKey> {
-        let (session, slot, token) = open_session(uri, from, create)?;
+    pub fn open(uri: &Pkcs11Uri, from: &str, create: bool, want: Option<(Mech, &str)>) -> Result<(HsmKey, bool)> {
+        let (mut session, slot, token) = open_session(uri, from, false)?;
         let ctx = context(uri.module_path.as_deref().expect("checked by the parser"))?;
         let mechs = ctx.get_mechanism_list(slot).map_err(|e| anyhow!("cannot list the mechanisms of token {token} ({})", short(&e)))?;
         let offers = |t: MechanismType, ok: fn(&cryptoki::mechanism::MechanismInfo) -> bool| {
@@ -213,7 +209,10 @@ impl HsmKey {
             ),
         };
         let shown = uri.shown();
-        if create {
+        let mut keys = find_keys(&session, uri, &token, from)?;
+        let created = create && keys.is_empty();
+        if created {
+            session = open_session(uri, from, true)?.0;
             let label = uri.object.clone().ok_or_else(|| anyhow!("to create a key the URI must name it with object=LABEL"))?;
             let mut template = vec![
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -235,8 +234,8 @@ impl HsmKey {
             session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| {
                 anyhow!("token {token} could not generate the master key {shown} ({}); is the token writable?", short(&e))
             })?;
+            keys = find_keys(&session, uri, &token, from)?;
         }
-        let keys = find_keys(&session, uri, &token, from)?;
         let key = match keys.as_slice() {
             [] => bail!(
                 "the key {shown} (from {from}) was not found: token {token} has no AES secret key with that \
@@ -247,7 +246,7 @@ impl HsmKey {
         };
         check_attributes(&session, key, &shown, mech)?;
         let desc = format!("PKCS#11 key {shown}");
-        Ok(HsmKey { session: Mutex::new(session), key, uri: clone_uri(uri)?, desc, token, mech, forced, offers_gcm, offers_kwp })
+        Ok((HsmKey { session: Mutex::new(session), key, uri: clone_uri(uri)?, desc, token, mech, forced, offers_gcm, offers_kwp }, created))
     }
 
     pub fn describe(&self) -> String {
