@@ -238,6 +238,7 @@ fn validate<'c, 'd: 'c>(n: usize, present: [bool; 7], lines: Option<&[u64]>, ex:
     }
     let opts = IngestOptions { expected_tenant: Some(ex.tenant.to_string()), known_tenants: None, require_label: false, allow_label: true, as_of: Some(ex.as_of) };
     let mut ck = RowChecker::new(ORIGIN, &opts);
+    ck.reserve(n);
     let mut rows = Rows { ids: Vec::with_capacity(n), logins: Vec::with_capacity(n), amounts: Vec::with_capacity(n), dates: Vec::with_capacity(n) };
     for r in 0..n {
         let row = r as u64 + 1;
@@ -394,9 +395,66 @@ pub struct Split<'a> {
     #[serde(borrow)]
     pub columns: Vec<Cow<'a, str>>,
     #[serde(borrow)]
-    pub data: Vec<Vec<Cell<'a>>>,
+    pub data: FlatRows<'a>,
     #[serde(default)]
     pub index: Option<IgnoredAny>,
+}
+
+/// Row-major `data` (a list of rows, each a list of cells), read into one
+/// flat list of cells and the row lengths: no allocation per row.
+#[derive(Debug, Default)]
+pub struct FlatRows<'a> {
+    pub cells: Vec<Cell<'a>>,
+    pub lens: Vec<u32>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for FlatRows<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::DeserializeSeed;
+        /// One row: its cells are appended to `cells`.
+        struct Row<'s, 'a>(&'s mut Vec<Cell<'a>>);
+        impl<'de: 'a, 'a> DeserializeSeed<'de> for Row<'_, 'a> {
+            type Value = u32;
+            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u32, D::Error> {
+                d.deserialize_seq(self)
+            }
+        }
+        impl<'de: 'a, 'a> Visitor<'de> for Row<'_, 'a> {
+            type Value = u32;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a row: a list of values")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<u32, A::Error> {
+                let mut n = 0u32;
+                while let Some(c) = a.next_element::<Cell<'a>>()? {
+                    self.0.push(c);
+                    n = n.saturating_add(1);
+                }
+                Ok(n)
+            }
+        }
+        struct Rows<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Rows<'a> {
+            type Value = FlatRows<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of rows")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<FlatRows<'a>, A::Error> {
+                let mut out = FlatRows::default();
+                let guess = a.size_hint().unwrap_or(0).min(1 << 16);
+                out.lens.reserve(guess);
+                while let Some(n) = a.next_element_seed(Row(&mut out.cells))? {
+                    if out.lens.is_empty() {
+                        // Room for the rest, guessed from the first row.
+                        out.cells.reserve((n as usize).saturating_mul(64).min(1 << 16));
+                    }
+                    out.lens.push(n);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Rows(std::marker::PhantomData))
+    }
 }
 
 /// One `dataframe_records` row: cells by column, and the first unknown name.
@@ -464,11 +522,12 @@ pub fn mlflow_json_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
         (Some(s), None) => {
             let idx = check_columns(s.columns.iter().map(|c| c.as_ref()))?;
             let width = s.columns.len();
-            if let Some((r, row)) = s.data.iter().enumerate().find(|(_, row)| row.len() != width) {
-                return Err(Refused::Bad(format!("{ORIGIN}: row {}: has {} values but there are {width} columns; give every row one value per column", r + 1, row.len())));
+            if let Some((r, n)) = s.data.lens.iter().enumerate().find(|(_, n)| **n as usize != width) {
+                return Err(Refused::Bad(format!("{ORIGIN}: row {}: has {n} values but there are {width} columns; give every row one value per column", r + 1)));
             }
+            // Every row has `width` cells: row r starts at r * width.
             let present = idx.map(|i| i.is_some());
-            validate(s.data.len(), present, None, ex, |c, r| idx[c as usize].map(|i| &s.data[r][i]))
+            validate(s.data.lens.len(), present, None, ex, |c, r| idx[c as usize].map(|i| &s.data.cells[r * width + i]))
         }
         (None, Some(recs)) => {
             let mut present = [false; 7];
@@ -582,6 +641,24 @@ mod tests {
         assert_eq!(a, c);
         assert_eq!(a, d);
         assert_eq!(a.dates[0], schema::parse_date("2025-12-01").unwrap());
+    }
+
+    #[test]
+    fn dataframe_split_rows_of_the_wrong_width_or_shape_are_refused() {
+        let cols = r#""columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"]"#;
+        let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":[[1,3,1,"2025-01-01"],[2,3,1]]}}}}"#).as_bytes(), &ex()));
+        assert_eq!(m, "request: row 2: has 3 values but there are 4 columns; give every row one value per column");
+        // The data before the columns, and nested cells: same rows, same refusals.
+        let a = mlflow_json_rows(format!(r#"{{"dataframe_split":{{"data":[[1,3,1,"2025-01-01"],[2,4,0.5,"2025-01-02"]],{cols}}}}}"#).as_bytes(), &ex()).unwrap();
+        assert_eq!((a.ids.clone(), a.logins.clone(), a.amounts.clone()), (vec![1, 2], vec![3, 4], vec![1.0, 0.5]));
+        let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":[[1,[3],1,"2025-01-01"]]}}}}"#).as_bytes(), &ex()));
+        assert!(m.contains("row 1, column Login_Count: not an integer"), "{m}");
+        for shape in [r#"[1,3,1,"2025-01-01"]"#, r#"[{"a":1}]"#, r#""x""#] {
+            let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":{shape}}}}}"#).as_bytes(), &ex()));
+            assert!(m.starts_with("request: valid JSON but not the expected shape (line 1, column"), "{m}");
+        }
+        let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":[]}}}}"#).as_bytes(), &ex()));
+        assert!(m.contains("no data rows"), "{m}");
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! Rules: labels are the token's tenant (never a tenant named only in the
 //! URL, so an unauthenticated caller cannot create label values or learn
 //! which tenants exist from their own requests: those count as tenant `-`),
-//! a fixed route name and the status code. Counters are plain atomics or a
-//! short mutex section per request; nothing here allocates on the hot path
-//! once a (tenant) has been seen.
+//! a fixed route name and the status code. A request only takes a shared
+//! (read) lock on the tenant table and adds to atomics: no request waits
+//! for another, and nothing allocates once its tenant has been seen.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Routes, as metric labels.
@@ -83,8 +83,14 @@ struct Hist {
 }
 
 struct PerTenant {
-    requests: [[u64; 13]; 12],
-    rows: u64,
+    requests: [[AtomicU64; 13]; 12],
+    rows: AtomicU64,
+}
+
+impl PerTenant {
+    fn new() -> PerTenant {
+        PerTenant { requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))), rows: AtomicU64::new(0) }
+    }
 }
 
 /// A model the server holds, for `dagrun_serve_model_info`.
@@ -98,7 +104,7 @@ pub struct ModelInfo {
 /// All counters of one server.
 #[derive(Default)]
 pub struct Metrics {
-    tenants: Mutex<BTreeMap<String, Box<PerTenant>>>,
+    tenants: RwLock<BTreeMap<String, Box<PerTenant>>>,
     latency: [Hist; 12],
     pub audit_write_failures: AtomicU64,
     pub audit_lines: AtomicU64,
@@ -112,14 +118,20 @@ impl Metrics {
     /// Count one finished request.
     pub fn record(&self, tenant: &str, route: Route, status: u16, rows: u64, seconds: f64) {
         let ri = ROUTES.iter().position(|&r| r == route).unwrap_or(ROUTES.len() - 1);
-        {
-            let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-            let e = match t.get_mut(tenant) {
-                Some(e) => e,
-                None => t.entry(tenant.to_string()).or_insert_with(|| Box::new(PerTenant { requests: [[0; 13]; 12], rows: 0 })),
-            };
-            e.requests[ri][status_idx(status)] += 1;
-            e.rows += rows;
+        let si = status_idx(status);
+        let add = |e: &PerTenant| {
+            e.requests[ri][si].fetch_add(1, Ordering::Relaxed);
+            if rows > 0 {
+                e.rows.fetch_add(rows, Ordering::Relaxed);
+            }
+        };
+        let seen = {
+            let t = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+            t.get(tenant).map(|e| add(e)).is_some()
+        };
+        if !seen {
+            let mut t = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+            add(t.entry(tenant.to_string()).or_insert_with(|| Box::new(PerTenant::new())));
         }
         let h = &self.latency[ri];
         if let Some(b) = BUCKETS.iter().position(|&b| seconds <= b) {
@@ -144,18 +156,18 @@ impl Metrics {
 
     /// Rows scored for `tenant` so far (for tests and the log).
     pub fn rows(&self, tenant: &str) -> u64 {
-        self.tenants.lock().unwrap_or_else(|e| e.into_inner()).get(tenant).map(|t| t.rows).unwrap_or(0)
+        self.tenants.read().unwrap_or_else(|e| e.into_inner()).get(tenant).map(|t| t.rows.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(4096);
-        let t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let t = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         s.push_str("# HELP dagrun_serve_requests_total HTTP requests by tenant (of the token; - without one), route and status.\n# TYPE dagrun_serve_requests_total counter\n");
         for (tenant, e) in t.iter() {
             for (ri, r) in ROUTES.iter().enumerate() {
                 for (si, st) in STATUSES.iter().enumerate() {
-                    let n = e.requests[ri][si];
+                    let n = e.requests[ri][si].load(Ordering::Relaxed);
                     if n > 0 {
                         let st = if *st == 0 { "other".to_string() } else { st.to_string() };
                         let _ = writeln!(s, "dagrun_serve_requests_total{{tenant=\"{tenant}\",route=\"{}\",status=\"{st}\"}} {n}", r.name());
@@ -165,7 +177,7 @@ impl Metrics {
         }
         s.push_str("# HELP dagrun_serve_rows_scored_total Rows scored, by tenant.\n# TYPE dagrun_serve_rows_scored_total counter\n");
         for (tenant, e) in t.iter().filter(|(k, _)| k.as_str() != "-") {
-            let _ = writeln!(s, "dagrun_serve_rows_scored_total{{tenant=\"{tenant}\"}} {}", e.rows);
+            let _ = writeln!(s, "dagrun_serve_rows_scored_total{{tenant=\"{tenant}\"}} {}", e.rows.load(Ordering::Relaxed));
         }
         drop(t);
         s.push_str("# HELP dagrun_serve_request_duration_seconds Time from request to response, by route.\n# TYPE dagrun_serve_request_duration_seconds histogram\n");

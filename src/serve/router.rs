@@ -20,11 +20,14 @@ use crate::scoring::score_row;
 use crate::serve::input::{self, Expect, Refused, Rows};
 use crate::serve::metrics::Route;
 use crate::serve::state::{Model, Shared};
-use crate::serve::tokens::Refusal;
+use crate::serve::tokens::{Caller, Refusal};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use chrono::{Datelike, Timelike};
+use std::cell::RefCell;
+use std::io::Write;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,11 +37,12 @@ use std::time::Instant;
 type S = State<Arc<Shared>>;
 
 /// What a handler tells the observing layer (a response extension).
+/// Shared strings and the model itself: nothing is copied per request.
 #[derive(Clone, Default)]
 struct Info {
-    tenant: Option<String>,
-    token_id: Option<String>,
-    model_version: Option<String>,
+    tenant: Option<Arc<str>>,
+    token_id: Option<Arc<str>>,
+    model: Option<Arc<Model>>,
     rows: u64,
 }
 
@@ -85,31 +89,75 @@ fn route_of(path: Option<&str>) -> Route {
 async fn observe(State(s): S, req: Request, next: Next) -> Response {
     let t0 = Instant::now();
     let route = route_of(req.extensions().get::<MatchedPath>().map(|m| m.as_str()));
-    let rid = if route.scores() { Some(s.next_request_id()) } else { None };
+    // The request id: the server's random prefix and a counter.
+    let rid = route.scores().then(|| s.request_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let mut resp = next.run(req).await;
     let secs = t0.elapsed().as_secs_f64();
     let status = resp.status().as_u16();
     let info = resp.extensions_mut().remove::<Info>().unwrap_or_default();
     let tenant = info.tenant.as_deref().unwrap_or("-");
     s.metrics.record(tenant, route, status, if status == 200 { info.rows } else { 0 }, secs);
-    if let Some(rid) = rid {
-        let line = serde_json::json!({
-            "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "request_id": rid,
-            "token_id": info.token_id,
-            "tenant": info.tenant,
-            "model_version": info.model_version,
-            "route": route.name(),
-            "rows": info.rows,
-            "status": status,
-            "latency_ms": (secs * 1e6).round() / 1e3,
+    if let Some(n) = rid {
+        let mut id = Vec::with_capacity(32);
+        id.extend_from_slice(s.request_prefix.as_bytes());
+        id.push(b'-');
+        push_i64(&mut id, n as i64);
+        let now = chrono::Utc::now();
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            audit_line(line, now, &id, &info, route, status, secs);
+            s.audit.log(now.date_naive(), line);
         });
-        s.audit.log(line.to_string());
-        if let Ok(v) = HeaderValue::from_str(&rid) {
+        if let Ok(v) = HeaderValue::from_maybe_shared(axum::body::Bytes::from(id)) {
             resp.headers_mut().insert("x-request-id", v);
         }
     }
     resp
+}
+
+thread_local! {
+    /// The audit line being formatted (reused: no allocation per request).
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+}
+
+/// One audit line: a JSON object (no newline) with the time, request id,
+/// token id, tenant, model version, route, rows, status and latency.
+fn audit_line(out: &mut Vec<u8>, now: chrono::DateTime<chrono::Utc>, rid: &[u8], info: &Info, route: crate::serve::metrics::Route, status: u16, secs: f64) {
+    // RFC 3339, UTC, milliseconds (as chrono's to_rfc3339_opts(Millis, true)).
+    let ms = (now.timestamp_subsec_millis()).min(999);
+    let _ = write!(
+        out,
+        "{{\"time\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{ms:03}Z\",\"request_id\":",
+        now.year(),
+        now.month(),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    // The id is hex, '-' and digits: no escaping needed.
+    out.push(b'"');
+    out.extend_from_slice(rid);
+    out.push(b'"');
+    let opt = |out: &mut Vec<u8>, key: &[u8], v: Option<&str>| {
+        out.extend_from_slice(key);
+        match v {
+            Some(v) => push_json_str(out, v),
+            None => out.extend_from_slice(b"null"),
+        }
+    };
+    opt(out, b",\"token_id\":", info.token_id.as_deref());
+    opt(out, b",\"tenant\":", info.tenant.as_deref());
+    opt(out, b",\"model_version\":", info.model.as_ref().map(|m| m.version.as_str()));
+    out.extend_from_slice(b",\"route\":");
+    push_json_str(out, route.name());
+    out.extend_from_slice(b",\"rows\":");
+    push_i64(out, info.rows as i64);
+    out.extend_from_slice(b",\"status\":");
+    push_i64(out, status as i64);
+    out.extend_from_slice(b",\"latency_ms\":");
+    push_f64(out, (secs * 1e6).round() / 1e3);
+    out.push(b'}');
 }
 
 /// Protocol of an error body.
@@ -144,11 +192,6 @@ fn error(proto: Proto, status: StatusCode, msg: &str, info: Info) -> Response {
     r
 }
 
-struct Caller {
-    tenant: String,
-    token_id: String,
-}
-
 fn bearer(h: &HeaderMap) -> &[u8] {
     let Some(v) = h.get(header::AUTHORIZATION) else { return b"" };
     let v = v.as_bytes();
@@ -158,7 +201,7 @@ fn bearer(h: &HeaderMap) -> &[u8] {
 /// Check the token; with `tenant`, also that it is the token's tenant.
 fn authorize(s: &Shared, h: &HeaderMap, tenant: Option<&str>, proto: Proto) -> Result<Caller, Response> {
     let set = s.tokens.load();
-    let rec = set.check(bearer(h), chrono::Utc::now()).map_err(|why| {
+    let caller = set.caller(bearer(h), chrono::Utc::now()).map_err(|why| {
         let msg = match why {
             Refusal::Missing => "missing token: send Authorization: Bearer TOKEN (dagrun tokens create TENANT)",
             Refusal::Unknown | Refusal::Revoked | Refusal::Expired => "invalid token (unknown, revoked or expired)",
@@ -167,9 +210,9 @@ fn authorize(s: &Shared, h: &HeaderMap, tenant: Option<&str>, proto: Proto) -> R
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         r
     })?;
-    let caller = Caller { tenant: rec.tenant.clone(), token_id: rec.id.clone() };
+    let caller = caller.clone();
     if let Some(t) = tenant
-        && t != caller.tenant
+        && t != &*caller.tenant
     {
         let info = Info { tenant: Some(caller.tenant.clone()), token_id: Some(caller.token_id.clone()), ..Info::default() };
         return Err(error(proto, StatusCode::FORBIDDEN, "this token may not use this model", info));
@@ -177,14 +220,14 @@ fn authorize(s: &Shared, h: &HeaderMap, tenant: Option<&str>, proto: Proto) -> R
     Ok(caller)
 }
 
-fn info_of(c: &Caller, m: Option<&Model>) -> Info {
-    Info { tenant: Some(c.tenant.clone()), token_id: Some(c.token_id.clone()), model_version: m.map(|m| m.version.clone()), rows: 0 }
+fn info_of(c: &Caller, m: Option<&Arc<Model>>) -> Info {
+    Info { tenant: Some(c.tenant.clone()), token_id: Some(c.token_id.clone()), model: m.cloned(), rows: 0 }
 }
 
 /// The champion (or `version`) of the caller's tenant.
 fn pick(s: &Shared, c: &Caller, version: Option<&str>, proto: Proto) -> Result<Arc<Model>, Response> {
     let models = s.models.load();
-    let tm = models.get(&c.tenant);
+    let tm = models.get(&*c.tenant);
     let m = match version {
         None => tm.and_then(|t| t.champion.clone()),
         Some(v) => tm.and_then(|t| t.versions.get(v).cloned()),
@@ -195,8 +238,12 @@ fn pick(s: &Shared, c: &Caller, version: Option<&str>, proto: Proto) -> Result<A
     })
 }
 
-fn media_type(h: &HeaderMap) -> Option<String> {
-    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+/// The media type of the body: None without a Content-Type header, else
+/// whether it is (case-insensitively, parameters ignored) one of `accepted`.
+fn media_type(h: &HeaderMap, accepted: &[&'static str]) -> Option<Option<&'static str>> {
+    let v = h.get(header::CONTENT_TYPE)?.as_bytes();
+    let mt = v.split(|&b| b == b';').next().unwrap_or(b"").trim_ascii();
+    Some(accepted.iter().find(|a| a.as_bytes().eq_ignore_ascii_case(mt)).copied())
 }
 
 async fn read_body(body: Body, proto: Proto, info: &Info) -> Result<axum::body::Bytes, Response> {
@@ -289,7 +336,7 @@ async fn model_meta(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Re
         Err(r) => return r,
     };
     let models = s.models.load();
-    let tm = models.get(&c.tenant);
+    let tm = models.get(&*c.tenant);
     let versions: Vec<&String> = tm.map(|t| t.versions.keys().collect()).unwrap_or_default();
     let champion = tm.and_then(|t| t.champion.as_ref());
     let body = serde_json::json!({
@@ -307,7 +354,7 @@ async fn model_meta(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Re
         ],
         "outputs": [tensor_meta("Customer_ID", "INT64"), tensor_meta("score", "FP64")],
     });
-    json_response(body.to_string().into_bytes(), info_of(&c, champion.map(|m| m.as_ref())))
+    json_response(body.to_string().into_bytes(), info_of(&c, champion))
 }
 
 async fn model_ready(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Response {
@@ -315,27 +362,32 @@ async fn model_ready(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> R
         Ok(c) => c,
         Err(r) => return r,
     };
-    let m = s.models.load().get(&c.tenant).and_then(|t| t.champion.clone());
+    let m = s.models.load().get(&*c.tenant).and_then(|t| t.champion.clone());
     let body = serde_json::json!({"name": tenant, "ready": m.is_some(), "model_version": m.as_ref().map(|m| &m.version)}).to_string();
     let status = if m.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-    r.extensions_mut().insert(info_of(&c, m.as_deref()));
+    r.extensions_mut().insert(info_of(&c, m.as_ref()));
     r
 }
 
 // ------------------------------------------------------------ OIP inference
 
-async fn infer(State(s): S, Path(tenant): Path<String>, h: HeaderMap, body: Body) -> Response {
-    oip_infer(s, tenant, None, h, body).await
+// (The handlers take the whole request rather than axum's `HeaderMap`
+// extractor, which copies every header.)
+
+async fn infer(State(s): S, Path(tenant): Path<String>, req: Request) -> Response {
+    oip_infer(s, tenant, None, req).await
 }
 
-async fn infer_version(State(s): S, Path((tenant, version)): Path<(String, String)>, h: HeaderMap, body: Body) -> Response {
-    oip_infer(s, tenant, Some(version), h, body).await
+async fn infer_version(State(s): S, Path((tenant, version)): Path<(String, String)>, req: Request) -> Response {
+    oip_infer(s, tenant, Some(version), req).await
 }
 
-async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, h: HeaderMap, body: Body) -> Response {
+async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let h = &parts.headers;
     let p = Proto::Oip;
-    let c = match authorize(&s, &h, Some(&tenant), p) {
+    let c = match authorize(&s, h, Some(&tenant), p) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -344,9 +396,9 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, h: H
         Err(r) => return r,
     };
     let mut info = info_of(&c, Some(&m));
-    match media_type(&h).as_deref() {
-        None | Some("application/json") => {}
-        Some(_) => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the inference request as application/json", info),
+    match media_type(h, &["application/json"]) {
+        None | Some(Some(_)) => {}
+        Some(None) => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the inference request as application/json", info),
     }
     let bytes = match read_body(body, p, &info).await {
         Ok(b) => b,
@@ -397,9 +449,11 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, h: H
 
 // ------------------------------------------------------------ MLflow
 
-async fn invocations(State(s): S, h: HeaderMap, body: Body) -> Response {
+async fn invocations(State(s): S, req: Request) -> Response {
     let p = Proto::Mlflow;
-    let c = match authorize(&s, &h, None, p) {
+    let (parts, body) = req.into_parts();
+    let h = &parts.headers;
+    let c = match authorize(&s, h, None, p) {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -408,9 +462,9 @@ async fn invocations(State(s): S, h: HeaderMap, body: Body) -> Response {
         Err(r) => return r,
     };
     let mut info = info_of(&c, Some(&m));
-    let csv = match media_type(&h).as_deref() {
-        Some("application/json") => false,
-        Some("text/csv") => true,
+    let csv = match media_type(h, &["application/json", "text/csv"]) {
+        Some(Some("application/json")) => false,
+        Some(Some(_)) => true,
         _ => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send application/json (dataframe_split or dataframe_records) or text/csv with a header line", info),
     };
     let bytes = match read_body(body, p, &info).await {
@@ -444,4 +498,27 @@ async fn invocations(State(s): S, h: HeaderMap, body: Body) -> Response {
         r.headers_mut().insert("model_version", v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_lines_are_json_with_chronos_time_format() {
+        let now = chrono::Utc::now();
+        let info = Info { tenant: Some("Tenant_\"A".into()), token_id: Some("0a1b2c3d".into()), model: None, rows: 7 };
+        let mut out = Vec::new();
+        audit_line(&mut out, now, b"abcd0123-42", &info, crate::serve::metrics::Route::Invocations, 200, 0.0012345);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["time"], now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        assert_eq!(v["request_id"], "abcd0123-42");
+        assert_eq!(v["token_id"], "0a1b2c3d");
+        assert_eq!(v["tenant"], "Tenant_\"A");
+        assert!(v["model_version"].is_null());
+        assert_eq!(v["route"], "/invocations");
+        assert_eq!((v["rows"].as_u64(), v["status"].as_u64(), v["latency_ms"].as_f64()), (Some(7), Some(200), Some(1.235)));
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys.len(), 9, "{keys:?}");
+    }
 }

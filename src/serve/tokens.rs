@@ -208,7 +208,23 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
 /// The tokens in memory, ready to check presented tokens.
 #[derive(Debug, Default)]
 pub struct TokenSet {
-    entries: Vec<(TokenRecord, [u8; 32], std::sync::atomic::AtomicI64)>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    rec: TokenRecord,
+    digest: [u8; 32],
+    used: std::sync::atomic::AtomicI64,
+    caller: Caller,
+}
+
+/// Who a valid token belongs to: shared strings, so that a request names
+/// its tenant and token without copying them.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: std::sync::Arc<str>,
+    pub token_id: std::sync::Arc<str>,
 }
 
 /// Why a presented token was refused (all map to 401; kept apart for logs and metrics).
@@ -228,7 +244,8 @@ impl TokenSet {
                 let mut d = [0u8; 32];
                 // Shapes were checked by `parse`.
                 let _ = hex::decode_to_slice(&r.sha256, &mut d);
-                (r, d, std::sync::atomic::AtomicI64::new(0))
+                let caller = Caller { tenant: r.tenant.as_str().into(), token_id: r.id.as_str().into() };
+                Entry { rec: r, digest: d, used: std::sync::atomic::AtomicI64::new(0), caller }
             })
             .collect();
         TokenSet { entries }
@@ -242,43 +259,57 @@ impl TokenSet {
         self.entries.is_empty()
     }
 
-    /// The record of a presented token, if it is valid at `now`.
-    pub fn check(&self, token: &[u8], now: DateTime<Utc>) -> std::result::Result<&TokenRecord, Refusal> {
+    fn find(&self, token: &[u8], now: DateTime<Utc>) -> std::result::Result<&Entry, Refusal> {
         if token.is_empty() {
             return Err(Refusal::Missing);
         }
         let d = digest(token);
         let mut found = None;
-        for (rec, stored, used) in &self.entries {
-            if ct_eq(&d, stored) {
-                found = Some((rec, used));
+        for e in &self.entries {
+            if ct_eq(&d, &e.digest) {
+                found = Some(e);
             }
         }
-        let (rec, used) = found.ok_or(Refusal::Unknown)?;
-        if rec.revoked.is_some() {
+        let e = found.ok_or(Refusal::Unknown)?;
+        if e.rec.revoked.is_some() {
             return Err(Refusal::Revoked);
         }
-        if rec.expires.is_some_and(|e| e <= now) {
+        if e.rec.expires.is_some_and(|x| x <= now) {
             return Err(Refusal::Expired);
         }
-        used.store(now.timestamp(), std::sync::atomic::Ordering::Relaxed);
-        Ok(rec)
+        let t = now.timestamp();
+        // One store per second per token, not per request (a shared cache line).
+        if e.used.load(std::sync::atomic::Ordering::Relaxed) != t {
+            e.used.store(t, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(e)
+    }
+
+    /// The record of a presented token, if it is valid at `now`.
+    pub fn check(&self, token: &[u8], now: DateTime<Utc>) -> std::result::Result<&TokenRecord, Refusal> {
+        self.find(token, now).map(|e| &e.rec)
+    }
+
+    /// The tenant and id of a presented token, if it is valid at `now`
+    /// (the same check as [`TokenSet::check`]).
+    pub fn caller(&self, token: &[u8], now: DateTime<Utc>) -> std::result::Result<&Caller, Refusal> {
+        self.find(token, now).map(|e| &e.caller)
     }
 
     /// Tokens used since this set was loaded: id and last use.
     pub fn used(&self) -> BTreeMap<String, DateTime<Utc>> {
         self.entries
             .iter()
-            .filter_map(|(r, _, u)| {
-                let t = u.load(std::sync::atomic::Ordering::Relaxed);
-                (t > 0).then(|| DateTime::from_timestamp(t, 0).map(|d| (r.id.clone(), d))).flatten()
+            .filter_map(|e| {
+                let t = e.used.load(std::sync::atomic::Ordering::Relaxed);
+                (t > 0).then(|| DateTime::from_timestamp(t, 0).map(|d| (e.rec.id.clone(), d))).flatten()
             })
             .collect()
     }
 
     /// The tenants that have at least one token.
     pub fn tenants(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.entries.iter().map(|(r, _, _)| r.tenant.clone()).collect();
+        let mut v: Vec<String> = self.entries.iter().map(|e| e.rec.tenant.clone()).collect();
         v.sort();
         v.dedup();
         v

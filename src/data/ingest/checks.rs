@@ -122,7 +122,7 @@ impl Checker {
                 self.at(row, line, LOGIN_COUNT)
             );
         }
-        check_purchase(&self.at(row, line, PURCHASE_AMOUNT), purchase)?;
+        check_purchase(purchase, || self.at(row, line, PURCHASE_AMOUNT))?;
         if date < 0 {
             bail!("{}: date before 1970-01-01; dates must be 1970-01-01 or later", self.at(row, line, LAST_VISIT_DATE));
         }
@@ -142,18 +142,19 @@ impl Checker {
     }
 }
 
-pub(super) fn check_purchase(at: &str, v: f64) -> Result<()> {
+/// `at` names the place (only called for a message: no formatting per row).
+pub(super) fn check_purchase(v: f64, at: impl Fn() -> String) -> Result<()> {
     if v.is_nan() {
-        bail!("{at}: NaN; Purchase_Amount must be a finite number >= 0");
+        bail!("{}: NaN; Purchase_Amount must be a finite number >= 0", at());
     }
     if v.is_infinite() {
-        bail!("{at}: infinite value; Purchase_Amount must be a finite number >= 0");
+        bail!("{}: infinite value; Purchase_Amount must be a finite number >= 0", at());
     }
     if v < 0.0 {
-        bail!("{at}: negative value; Purchase_Amount must be >= 0");
+        bail!("{}: negative value; Purchase_Amount must be >= 0", at());
     }
     if v > MAX_PURCHASE_AMOUNT {
-        bail!("{at}: value above the bound 1e9; Purchase_Amount must be <= 1000000000: check the unit and the column");
+        bail!("{}: value above the bound 1e9; Purchase_Amount must be <= 1000000000: check the unit and the column", at());
     }
     Ok(())
 }
@@ -166,6 +167,11 @@ pub struct RowChecker(Checker);
 impl RowChecker {
     pub fn new(origin: &str, opts: &IngestOptions) -> RowChecker {
         RowChecker(Checker::named(origin.to_string(), opts))
+    }
+
+    /// Make room for `rows` rows (the duplicate check's set), when known.
+    pub fn reserve(&mut self, rows: usize) {
+        self.0.seen.reserve(rows);
     }
 
     /// "ORIGIN: row R[ (line L)], column C", the place every message starts with.
