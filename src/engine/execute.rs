@@ -155,6 +155,9 @@ impl Engine {
         let mut start = 0;
         let mut attempt = 1u32;
         let mut tries = 0u32; // retries used by the current first member
+        for p in &pending {
+            self.observers.iter().for_each(|o| o.stage_working(self, p.i));
+        }
         let prepare = |from: &[Pending]| -> Result<()> { from.iter().try_for_each(|p| self.prepare_outputs(p.i)) };
         let mut error = prepare(&pending).err();
         while error.is_none() && start < pending.len() {

@@ -8,7 +8,8 @@
 //!   workspace-relative path without `.yaml`);
 //! - per job run: `START`, then exactly one of `COMPLETE` (ran, cached or
 //!   restored: the `dagrun` run facet says `workDone: false` for the last
-//!   two), `FAIL` (with `errorMessage`) or `ABORT` (interrupted); every stage
+//!   two), `FAIL` (with `errorMessage`) or `ABORT` (interrupted; or killed:
+//!   then sent by the next run, see [`crate::lineage::recover`]); every stage
 //!   run has a `parent` facet naming the pipeline run;
 //! - datasets: namespace `dagrun://HOST/WORKSPACE-ID/TENANT` (the tenant of
 //!   the stage that writes the path; for a source file, of the stages that
@@ -26,6 +27,7 @@ use super::Engine;
 use super::observer::RunObserver;
 use super::runs::{RunRecord, StageRecord, Status};
 use crate::lineage::event::{self, Dataset, EventType, Facets, Field, Job, Run, RunEvent};
+use crate::lineage::recover::{self, OpenRuns};
 use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
 use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
 use anyhow::Result;
@@ -63,6 +65,17 @@ pub struct OpenLineage {
     spool: Spool,
     /// Spooled events left alone because no endpoint is configured.
     parked: usize,
+    /// Marks this run open until its last event is out.
+    open: OpenRuns,
+    run_id: String,
+    /// Killed earlier runs closed at the start of this one: (run id, ABORT events).
+    closed_killed: Vec<(String, usize)>,
+    /// This run is marked open (at its first event that opens a run in the file).
+    marked: std::sync::atomic::AtomicBool,
+    /// Events held back: their loss leaves no run open (see [`OpenLineage::hold`]).
+    held: Mutex<Vec<String>>,
+    /// Stages started whose `START` is not out yet: its time.
+    starts: Mutex<HashMap<usize, String>>,
     namespace: String,
     dataset_base: String,
     pipeline_job: String,
@@ -116,7 +129,26 @@ impl OpenLineage {
         let file_rel = format!("runs/{}.openlineage.jsonl", engine.run_id);
         let file = FileSink::new(&p.workspace.join(&file_rel));
         let spool = Spool::new(&engine.dagrun_dir);
-        let backlog = spool.load();
+        let mut backlog = spool.load();
+        // Runs a killed dagrun left open get their ABORT now (in their own
+        // file; and, like any event, to the endpoint: spooled first, so they
+        // are not lost if this run is killed too).
+        let open = OpenRuns::new(&engine.dagrun_dir);
+        let runs_dir = crate::engine::runs::runs_dir(&p.workspace);
+        let has_endpoint = lineage_url.is_some();
+        let closed = recover::recover(
+            &open,
+            &engine.run_id,
+            |id| runs_dir.join(format!("{id}.openlineage.jsonl")),
+            |lines| {
+                if has_endpoint && !lines.is_empty() {
+                    backlog.extend(lines.iter().cloned());
+                    spool.store(&backlog)?;
+                }
+                Ok(())
+            },
+        );
+        let closed_killed = closed.into_iter().filter(|c| !c.lines.is_empty()).map(|c| (c.run_id, c.lines.len())).collect();
         let (http, parked) = match lineage_url {
             Some(url) => {
                 let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
@@ -130,6 +162,12 @@ impl OpenLineage {
             http: Mutex::new(http),
             spool,
             parked,
+            open,
+            run_id: engine.run_id.clone(),
+            closed_killed,
+            marked: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+            starts: Mutex::new(HashMap::new()),
             dataset_base: format!("{namespace}/"),
             namespace,
             pipeline_job,
@@ -141,12 +179,44 @@ impl OpenLineage {
         })
     }
 
-    fn emit(&self, e: &RunEvent) {
-        let line = e.to_line();
-        self.file.write(&line);
-        if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            h.send(line);
+    /// Hold events back, to go out with the next [`OpenLineage::emit`]: the
+    /// pipeline's `START` and the `START` + terminal pairs of stages that did
+    /// no work (cached, restored, or failed before running). A crash that
+    /// loses them leaves no run open anywhere (they reached neither the file
+    /// nor the endpoint), and a no-op run writes its file once.
+    fn hold(&self, events: &[RunEvent]) {
+        let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        h.extend(events.iter().map(RunEvent::to_line));
+    }
+
+    /// Send the held events and `events`, in order: to the file (one write)
+    /// and the endpoint's queue. `opens` = these events may leave a run open
+    /// if the process dies now: mark this run open first.
+    fn emit(&self, events: &[RunEvent], opens: bool) {
+        if opens && !self.marked.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.open.mark(&self.run_id) {
+                tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
+            }
         }
+        let mut lines = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        lines.extend(events.iter().map(RunEvent::to_line));
+        self.file.write_lines(&lines);
+        if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            for l in lines {
+                h.send(l);
+            }
+        }
+    }
+
+    fn start_event(&self, engine: &Engine, i: usize, time: String) -> RunEvent {
+        let s = engine.stage(i);
+        let mut run = self.stage_run(engine, i);
+        run.facets.insert("dagrun".into(), event::dagrun_facet(json!({"dagrunRunId": engine.run_id, "stage": s.name, "kind": s.kind.name()})));
+        let mut e = RunEvent::new(EventType::Start, time, run, self.stage_job(engine, i));
+        let ws = &engine.pipeline.workspace;
+        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, None)).collect();
+        e.outputs = s.outs.iter().map(|o| self.dataset(ws, &o.path, None)).collect();
+        e
     }
 
     fn stage_job(&self, engine: &Engine, i: usize) -> Job {
@@ -244,18 +314,18 @@ impl OpenLineage {
 impl RunObserver for OpenLineage {
     fn run_started(&self, engine: &Engine) {
         let e = RunEvent::new(EventType::Start, event::now(), self.pipeline_run_value(engine, json!({})), self.pipeline_job_value(engine));
-        self.emit(&e);
+        self.hold(&[e]);
     }
 
-    fn stage_started(&self, engine: &Engine, i: usize) {
-        let s = engine.stage(i);
-        let mut run = self.stage_run(engine, i);
-        run.facets.insert("dagrun".into(), event::dagrun_facet(json!({"dagrunRunId": engine.run_id, "stage": s.name, "kind": s.kind.name()})));
-        let mut e = RunEvent::new(EventType::Start, event::now(), run, self.stage_job(engine, i));
-        let ws = &engine.pipeline.workspace;
-        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, None)).collect();
-        e.outputs = s.outs.iter().map(|o| self.dataset(ws, &o.path, None)).collect();
-        self.emit(&e);
+    fn stage_started(&self, _engine: &Engine, i: usize) {
+        // Built when the stage starts work, or with its terminal event.
+        self.starts.lock().unwrap_or_else(|e| e.into_inner()).insert(i, event::now());
+    }
+
+    fn stage_working(&self, engine: &Engine, i: usize) {
+        let Some(t) = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i) else { return };
+        let e = self.start_event(engine, i, t);
+        self.emit(&[e], true);
     }
 
     fn stage_finished(&self, engine: &Engine, i: usize, rec: &StageRecord) {
@@ -321,7 +391,15 @@ impl RunObserver for OpenLineage {
             .iter()
             .map(|o| self.dataset(ws, &o.path, if event_type == EventType::Complete { rec.outputs.get(&o.path).map(String::as_str) } else { None }))
             .collect();
-        self.emit(&e);
+        let start = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
+        match start {
+            // No work was started: both events together, held back.
+            Some(t) => {
+                let s = self.start_event(engine, i, t);
+                self.hold(&[s, e]);
+            }
+            None => self.emit(&[e], false),
+        }
     }
 
     fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
@@ -348,7 +426,7 @@ impl RunObserver for OpenLineage {
             run.facets.insert("errorMessage".into(), event::error_message_facet(&msg));
         }
         let e = RunEvent::new(event_type, event::now(), run, self.pipeline_job_value(engine));
-        self.emit(&e);
+        self.emit(&[e], false);
 
         let written = match self.file.finish() {
             Ok(()) => Some(self.file_shown.clone()),
@@ -387,6 +465,13 @@ impl RunObserver for OpenLineage {
                 summary["pending"] = self.parked.into();
             }
         }
+        if !self.closed_killed.is_empty() {
+            summary["killed_runs"] = self.closed_killed.iter().map(|(id, n)| json!({"run_id": id, "abort_events": n})).collect();
+        }
         record.openlineage = Some(summary);
+        // Last: the run's events are all in its file (and delivered or spooled).
+        if self.marked.load(Ordering::SeqCst) {
+            self.open.clear(&engine.run_id);
+        }
     }
 }

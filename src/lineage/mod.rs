@@ -15,15 +15,19 @@
 //! - Run ids are UUIDv7 derived from the dagrun run id ([`ids`]), so a stage's
 //!   OpenLineage run can always be traced back to `runs/RUN_ID.json`.
 //! - Transports ([`transport`]): always a JSONL file (one event per line,
-//!   written atomically when the run ends); optionally an HTTP endpoint, sent from a
+//!   appended as each event happens, never a torn line); optionally an HTTP endpoint, sent from a
 //!   background thread with bounded timeouts. An endpoint that is down or slow
 //!   never fails or slows the run: what is not delivered when the run ends is
 //!   spooled to `.dagrun/openlineage/pending.jsonl` and sent first at the next
 //!   run (at-least-once: a consumer may see an event twice, never zero times
 //!   unless the spool cap drops the oldest).
+//! - A run killed before its end (SIGKILL…) leaves its runs open; the next
+//!   run closes each with one `ABORT` ([`recover`]), in the killed run's file
+//!   and to the endpoint, exactly once.
 
 pub mod event;
 pub mod ids;
+pub mod recover;
 pub mod transport;
 
 /// Environment variable holding the OpenLineage endpoint's base URL.

@@ -2,10 +2,16 @@
 //! with a spool for what the endpoint did not take.
 //!
 //! Rules:
-//! - [`FileSink`] collects the run's events, one per line, and writes the
-//!   file atomically when the run ends (like the run record: a killed run
-//!   leaves no torn file, and its events still went to the endpoint as they
-//!   happened). Not fsynced: the run record is the durable account of a run.
+//! - [`FileSink`] appends each event to the run's file as it happens, one
+//!   line per event, the whole line in one `write` to a file opened in append
+//!   mode: a killed run leaves every event emitted before the kill, and never
+//!   a torn line (a line cut short by a failed write is cut back off; an
+//!   unfinished last line is cut off when the file is next opened). Not
+//!   fsynced: the run record is the durable account of a run, and the file
+//!   of a run killed with the machine may lose its last lines.
+//!   Several lines can go in one write ([`FileSink::write_lines`]): the
+//!   emitter holds back events whose loss leaves no run open (see
+//!   `engine::openlineage`), so a no-op run writes its file once.
 //! - [`HttpSink`] POSTs each event (JSON body) to `URL/api/v1/lineage` from
 //!   its own thread, never from a stage's: emission only queues. Each request
 //!   has bounded timeouts ([`CONNECT_TIMEOUT`], [`REQUEST_TIMEOUT`]); after the
@@ -40,40 +46,146 @@ pub const MAX_PENDING: usize = 100_000;
 /// Largest event line accepted back from the spool.
 pub const MAX_LINE: usize = 1 << 20;
 
-/// Collects events for `runs/RUN_ID.openlineage.jsonl`.
+/// Appends events to `runs/RUN_ID.openlineage.jsonl` as they happen.
 pub struct FileSink {
     path: PathBuf,
-    lines: Mutex<Vec<u8>>,
+    inner: Mutex<FileInner>,
     written: AtomicUsize,
 }
 
+struct FileInner {
+    /// The open file (append mode) and its length after the last whole line.
+    file: Option<(std::fs::File, u64)>,
+    /// Lines of the write under way.
+    deferred: Vec<u8>,
+    deferred_n: usize,
+    /// The first write error (later events are not written).
+    failed: Option<String>,
+}
+
 impl FileSink {
+    /// The file is created (or opened for appending) at the first write.
     pub fn new(path: &Path) -> FileSink {
-        FileSink { path: path.to_path_buf(), lines: Mutex::new(Vec::new()), written: AtomicUsize::new(0) }
+        FileSink {
+            path: path.to_path_buf(),
+            inner: Mutex::new(FileInner { file: None, deferred: Vec::new(), deferred_n: 0, failed: None }),
+            written: AtomicUsize::new(0),
+        }
     }
 
-    /// Add one event line.
+    /// Append one event line.
     pub fn write(&self, line: &str) {
-        let mut g = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        g.extend_from_slice(line.as_bytes());
-        g.push(b'\n');
-        self.written.fetch_add(1, Ordering::Relaxed);
+        self.write_lines(std::slice::from_ref(&line));
     }
 
-    /// Events so far.
+    /// Append lines in one `write` (a line
+    /// is never interleaved with another); a write that fails half way is cut
+    /// back to the last whole line. Never fsynced.
+    pub fn write_lines<S: AsRef<str>>(&self, lines: &[S]) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        push_lines(&mut g, lines);
+        self.flush_locked(&mut g);
+    }
+
+    fn flush_locked(&self, g: &mut FileInner) {
+        if g.deferred.is_empty() || g.failed.is_some() {
+            return;
+        }
+        let n = g.deferred_n;
+        let buf = std::mem::take(&mut g.deferred);
+        g.deferred_n = 0;
+        let res = (|| -> Result<()> {
+            if g.file.is_none() {
+                g.file = Some(open_append(&self.path)?);
+            }
+            let (f, len) = g.file.as_mut().expect("opened above");
+            use std::io::Write;
+            if let Err(e) = f.write_all(&buf) {
+                // Cut a partly written line back off (disk full…).
+                let _ = f.set_len(*len);
+                return Err(e).with_context(|| format!("cannot append to {}", self.path.display()));
+            }
+            *len += buf.len() as u64;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => {
+                self.written.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!("OpenLineage events are no longer written to a file for this run: {e:#}");
+                g.failed = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    /// Events written so far.
     pub fn written(&self) -> usize {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Write the file (temporary file + rename; end of run).
+    /// End of run: close the file; the first write
+    /// error, if any.
     pub fn finish(&self) -> Result<()> {
-        let g = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        crate::util::atomic::write_atomic_with(&self.path, &g, crate::util::atomic::Durability::Verified)
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.flush_locked(&mut g);
+        g.file.take();
+        match g.failed.as_ref() {
+            Some(m) => Err(anyhow::anyhow!("{m}")),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+fn push_lines<S: AsRef<str>>(g: &mut FileInner, lines: &[S]) {
+    for l in lines {
+        g.deferred.extend_from_slice(l.as_ref().as_bytes());
+        g.deferred.push(b'\n');
+    }
+    g.deferred_n += lines.len();
+}
+
+/// Open `path` for appending (created with its parent folder when missing).
+/// A last line without its newline (a write cut short by a crash) is cut
+/// off first, so every line of the file stays a whole event.
+pub fn open_append(path: &Path) -> Result<(std::fs::File, u64)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+    let whole = whole_lines_len(&mut f, len).with_context(|| format!("cannot read {}", path.display()))?;
+    if whole != len {
+        tracing::warn!("{}: cutting off an unfinished last line ({} bytes)", path.display(), len - whole);
+        f.set_len(whole).with_context(|| format!("cannot truncate {}", path.display()))?;
+    }
+    Ok((f, whole))
+}
+
+/// Length of `f` up to and including its last newline.
+fn whole_lines_len(f: &mut std::fs::File, len: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    while end > 0 {
+        let n = (end.min(buf.len() as u64)) as usize;
+        f.seek(SeekFrom::Start(end - n as u64))?;
+        f.read_exact(&mut buf[..n])?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(end - n as u64 + i as u64 + 1);
+        }
+        end -= n as u64;
+    }
+    Ok(0)
 }
 
 /// The endpoint URL with any `user:password@` removed (for messages).

@@ -138,10 +138,10 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     }
 }
 
-/// Shell words of the `dagrun` invocations in a script (comments and
-/// continuation lines handled; stops at `|`, `>`, `&&`, `;`).
+/// Shell words of the `dagrun` invocations in a script (comments,
+/// continuation lines and `$(…)` handled; stops at `|`, `>`, `&&`, `;`).
 fn dagrun_commands(script: &str) -> Vec<Vec<String>> {
-    let joined = script.replace("\\\n", " ");
+    let joined = script.replace("\\\n", " ").replace("$(", " ").replace(')', " ");
     let mut out = Vec::new();
     for line in joined.lines() {
         let line = line.split(" #").next().unwrap_or("").trim();
@@ -198,6 +198,20 @@ fn the_workflow_parses_and_every_dagrun_command_in_it_exists() {
         }
     }
     check_commands_exist(&cmds, "github-actions.yml");
+    // Promotion is explicit and gated: the pipeline runs with `promote=manual`
+    // and the promotion script (every dagrun command in it checked too) runs
+    // `dagrun models promote` only when the gates pass (see the test below).
+    let promote_steps: Vec<String> =
+        wf["jobs"]["promote"]["steps"].as_array().unwrap().iter().filter_map(|s| s["run"].as_str().map(String::from)).collect();
+    let runs: Vec<&Vec<String>> = cmds.iter().filter(|c| c.first().map(String::as_str) == Some("run")).collect();
+    assert!(runs.len() >= 2 && runs.iter().all(|c| c.iter().any(|a| a == "promote=manual")), "every pipeline run in the workflow leaves promotion to the gate step: {runs:?}");
+    assert!(promote_steps.iter().any(|r| r.contains("promote-if-gates-pass.sh") && !r.contains("--dry-run")), "the promote job promotes through the gate script");
+    let script = std::fs::read_to_string(root().join("examples/deploy/promote-if-gates-pass.sh")).unwrap();
+    let script_cmds = dagrun_commands(&script);
+    for want in [&["runs", "show", "last"][..], &["models", "list"], &["models", "promote"]] {
+        assert!(script_cmds.iter().any(|c| c.len() >= want.len() && c[..want.len()] == *want), "the gate script runs dagrun {}: {script_cmds:?}", want.join(" "));
+    }
+    check_commands_exist(&script_cmds, "promote-if-gates-pass.sh");
 
     // The systemd service runs the README's cron command, the timer at its time.
     let unit = std::fs::read_to_string(root().join("examples/deploy/dagrun.service")).unwrap();
@@ -212,4 +226,89 @@ fn the_workflow_parses_and_every_dagrun_command_in_it_exists() {
     }
     let timer = std::fs::read_to_string(root().join("examples/deploy/dagrun.timer")).unwrap();
     assert!(timer.lines().any(|l| l == "OnCalendar=*-*-* 02:15:00"), "the timer fires at 02:15 like `15 2 * * *`");
+}
+
+/// The workflow's promotion step, `examples/deploy/promote-if-gates-pass.sh`,
+/// run for real after real runs of the ingest pipeline with `-p promote=manual`:
+/// nothing is promoted when the AUC gate or the drift gate fails, each
+/// tenant's model is when both pass (with the reason in the history), and
+/// never twice.
+#[test]
+fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
+    let d = crate::drift::workspace();
+    let ws = d.path();
+    for t in ["Tenant_A", "Tenant_B"] {
+        crate::drift::sample(ws, t, "4000", "1");
+    }
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let script = root().join("examples/deploy/promote-if-gates-pass.sh");
+    let gate = |args: &[&str]| -> (Option<i32>, String, String) {
+        let o = Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .current_dir(ws)
+            .env("PATH", &path)
+            .env("DAGRUN_PLAIN", "1")
+            .env_remove("GITHUB_RUN_ID")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let run = |extra: &[&str]| -> std::process::Output {
+        let mut a = vec!["run", "pipelines/propensity-ingest.yaml", "-p", "promote=manual"];
+        a.extend_from_slice(extra);
+        crate::drift::dagrun(ws, &a)
+    };
+    let champions = || -> BTreeMap<String, String> {
+        let v: Value = serde_json::from_str(&crate::drift::ok(&crate::drift::dagrun(ws, &["models", "list", "--json"]))).unwrap();
+        v["models"].as_array().unwrap().iter().filter(|m| m["alias"] == "champion").map(|m| (m["tenant"].as_str().unwrap().into(), m["version"].as_str().unwrap().into())).collect()
+    };
+    let version_of = |t: &str| -> String {
+        let m: Value = serde_json::from_slice(&std::fs::read(ws.join(format!("models/{t}/model.json"))).unwrap()).unwrap();
+        m["model_version"].as_str().unwrap().to_string()
+    };
+
+    // 1. The AUC gate fails: the run fails, the step refuses, no champion.
+    let o = run(&["-p", "min_auc=0.99"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, _, err) = gate(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("gates not passed") && err.contains("a stage gate failed"), "{err}");
+    assert!(champions().is_empty());
+
+    // 2. Both gates pass: `promote: manual` left the champion alone; the dry
+    //    run says what it would do; the step promotes each tenant's model.
+    crate::drift::ok(&run(&[]));
+    assert!(champions().is_empty(), "promote=manual must not promote");
+    let (code, out, err) = gate(&["--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (va, vb) = (version_of("Tenant_A"), version_of("Tenant_B"));
+    assert!(out.contains(&format!("would promote Tenant_A {va}")) && out.contains(&format!("would promote Tenant_B {vb}")), "{out}");
+    assert!(champions().is_empty(), "a dry run promotes nothing");
+    let (code, _, err) = gate(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(champions(), BTreeMap::from([("Tenant_A".to_string(), va.clone()), ("Tenant_B".to_string(), vb.clone())]));
+    let hist: Value = serde_json::from_str(&crate::drift::ok(&crate::drift::dagrun(ws, &["models", "history", "Tenant_A", "--json"]))).unwrap();
+    let text = hist.to_string();
+    assert!(text.contains("gates passed: test AUC") && text.contains(">= min_auc 0.6") && text.contains("drift no_reference"), "{text}");
+    // Not twice.
+    let (code, out, err) = gate(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("nothing to promote") && err.contains("already the champion"), "{out}\n{err}");
+
+    // 3. New data that drifted: the drift gate fails before retraining; the
+    //    step refuses; the champions stay.
+    for t in ["Tenant_A", "Tenant_B"] {
+        crate::drift::sample(ws, t, "4000", "2");
+    }
+    crate::drift::drift_csv(&ws.join("incoming/Tenant_A.csv"), 4.0, 5);
+    let o = run(&[]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("max_psi") || String::from_utf8_lossy(&o.stdout).contains("max_psi"));
+    let (code, _, err) = gate(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("gates not passed"), "{err}");
+    assert_eq!(champions(), BTreeMap::from([("Tenant_A".to_string(), va), ("Tenant_B".to_string(), vb)]));
 }

@@ -510,3 +510,137 @@ stages:
     }
     assert!(ws.read("b.txt").contains("DAGRUN_WORKSPACE="), "b.txt holds the command's environment");
 }
+
+#[test]
+fn a_killed_run_leaves_its_start_events_and_the_next_run_closes_them_with_abort_exactly_once() {
+    let ws = Ws::new();
+    ws.write("in.txt", "1\n");
+    ws.write("delay.txt", "60\n");
+    ws.pipeline(
+        r#"
+stages:
+  a:
+    cmd: cp in.txt a.txt
+    deps: [in.txt]
+    outs: [a.txt]
+  slow:
+    cmd: |
+      echo $$ > slow.pid; sleep "$(cat delay.txt)"; cp a.txt slow.txt
+    deps: [a.txt]
+    outs: [slow.txt]
+  after:
+    cmd: cp slow.txt after.txt
+    deps: [slow.txt]
+    outs: [after.txt]
+"#,
+    );
+    let jsonl_files = || -> BTreeSet<String> {
+        std::fs::read_dir(ws.path("runs")).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".openlineage.jsonl")).collect()).unwrap_or_default()
+    };
+    let parse = |rel: &str| -> Vec<Value> {
+        let text = ws.read(rel);
+        assert!(text.is_empty() || text.ends_with('\n'), "{rel}: a torn last line");
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{rel}: not JSON ({e}): {l}"))).collect()
+    };
+
+    // 1. Killed with SIGKILL while `slow` runs: its events so far are on disk.
+    let mut victim = spawn(cmd(&ws, &["run", "pipeline.yaml", "-j", "1"]));
+    let t0 = Instant::now();
+    let pid = loop {
+        if let Ok(s) = std::fs::read_to_string(ws.path("slow.pid")) {
+            if let Ok(p) = s.trim().parse::<i32>() {
+                break p;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the slow stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    unsafe {
+        libc::kill(victim.pid() as i32, libc::SIGKILL);
+    }
+    let _ = victim.child.wait();
+    // The stage's command has its own process group: end it too.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    assert!(!ws.exists("slow.txt"), "the stage finished before the kill; the test proves nothing");
+    let files = jsonl_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let killed_file = format!("runs/{}", files.iter().next().unwrap());
+    let killed_id = files.iter().next().unwrap().strip_suffix(".openlineage.jsonl").unwrap().to_string();
+    assert!(!ws.exists(&format!("runs/{killed_id}.json")), "a killed run has no run record");
+    let before = parse(&killed_file);
+    for (i, e) in before.iter().enumerate() {
+        check_event(e, &format!("killed run, event {i}"));
+    }
+    let kinds: Vec<(String, String)> = before.iter().map(|e| (e["job"]["name"].as_str().unwrap().into(), e["eventType"].as_str().unwrap().into())).collect();
+    let want: Vec<(String, String)> = [("pipeline", "START"), ("pipeline.a", "START"), ("pipeline.a", "COMPLETE"), ("pipeline.slow", "START")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(kinds, want, "the killed run's events, as they happened");
+    assert!(ws.exists(&format!(".dagrun/openlineage/open/{killed_id}")));
+
+    // 2. The next run closes the two open runs (slow, then the pipeline) with
+    //    ABORT in the killed run's file, and sends them to the endpoint first.
+    ws.write("delay.txt", "0\n");
+    let up = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
+    let run_up = |port: u16| {
+        let mut c = cmd(&ws, &["run", "pipeline.yaml"]);
+        c.env("DAGRUN_OPENLINEAGE_URL", format!("http://127.0.0.1:{port}"));
+        ws.run_cmd(c).ok()
+    };
+    let r2 = run_up(up.port);
+    let after = parse(&killed_file);
+    assert_eq!(after.len(), before.len() + 2, "two ABORT events appended");
+    assert_eq!(&after[..before.len()], &before[..], "the killed run's events are kept as they were");
+    for (i, e) in after.iter().enumerate() {
+        check_event(e, &format!("killed run after recovery, event {i}"));
+    }
+    let pairs = pairing(&after);
+    assert_eq!(pairs.len(), 3, "{pairs:?}");
+    let (root, _, jobs) = by_job(&after);
+    assert_eq!(pairs[&root], ["START", "ABORT"]);
+    assert_eq!(jobs["a"].iter().map(|e| e["eventType"].as_str().unwrap()).collect::<Vec<_>>(), ["START", "COMPLETE"]);
+    assert_eq!(jobs["slow"].iter().map(|e| e["eventType"].as_str().unwrap()).collect::<Vec<_>>(), ["START", "ABORT"]);
+    let abort_slow = &after[before.len()];
+    assert_eq!(abort_slow["job"]["name"], "pipeline.slow", "the stage run is closed before its pipeline run");
+    assert_eq!(abort_slow["run"]["facets"]["dagrun"]["status"], "killed");
+    assert_eq!(abort_slow["run"]["facets"]["dagrun"]["dagrunRunId"], killed_id.as_str());
+    let msg = abort_slow["run"]["facets"]["errorMessage"]["message"].as_str().unwrap();
+    assert!(msg.contains("stage slow killed") && msg.contains(&killed_id), "{msg}");
+    assert_eq!(after.last().unwrap()["job"]["name"], "pipeline");
+    python_check(&ws.path(&killed_file));
+
+    let r2_file = format!("runs/{}.openlineage.jsonl", r2.rec()["run_id"].as_str().unwrap());
+    let ev2 = parse(&r2_file);
+    for (i, e) in ev2.iter().enumerate() {
+        check_event(e, &format!("next run, event {i}"));
+    }
+    // Pairing across both files: every OpenLineage run of either is closed once.
+    let mut both = after.clone();
+    both.extend(ev2.iter().cloned());
+    assert_eq!(pairing(&both).len(), 3 + 4);
+    python_check(&ws.path(&r2_file));
+    assert_eq!(r2.statuses()["slow"], "ran");
+    let ol = &r2.rec()["openlineage"];
+    assert_eq!(ol["killed_runs"], serde_json::json!([{"run_id": killed_id, "abort_events": 2}]), "{ol}");
+    assert_eq!((ol["delivered"].as_u64(), ol["pending"].as_u64()), (Some(2 + 8), Some(0)), "{ol}");
+    let abort_lines: Vec<String> = ws.read(&killed_file).lines().skip(before.len()).map(String::from).collect();
+    let mut want_sent = abort_lines.clone();
+    want_sent.extend(ws.read(&r2_file).lines().map(String::from));
+    assert_eq!(up.got.lock().unwrap().iter().map(|g| g.body.clone()).collect::<Vec<_>>(), want_sent, "the ABORT events, then the run's own");
+    assert!(!ws.exists(&format!(".dagrun/openlineage/open/{killed_id}")));
+
+    // 3. A third run emits them no more.
+    let n = up.got.lock().unwrap().len();
+    let r3 = run_up(up.port);
+    assert_eq!(parse(&killed_file), after, "the killed run's file is not touched again");
+    assert!(r3.rec()["openlineage"].get("killed_runs").is_none(), "{}", r3.rec()["openlineage"]);
+    let sent3: Vec<String> = up.got.lock().unwrap()[n..].iter().map(|g| g.body.clone()).collect();
+    let r3_lines: Vec<String> = ws.read(&format!("runs/{}.openlineage.jsonl", r3.rec()["run_id"].as_str().unwrap())).lines().map(String::from).collect();
+    assert_eq!(sent3, r3_lines, "only the third run's own events");
+    assert!(sent3.iter().all(|l| !l.contains("\"ABORT\"")));
+    let open_left: Vec<_> = std::fs::read_dir(ws.path(".dagrun/openlineage/open")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(open_left.is_empty(), "{open_left:?}");
+}

@@ -1,0 +1,264 @@
+//! Runs a killed dagrun left open: their terminal `ABORT` events.
+//!
+//! Rules:
+//! - A run marks itself open ([`OpenRuns::mark`], an empty file
+//!   `.dagrun/openlineage/open/RUN_ID`) before its first event and clears the
+//!   mark after its last one. A mark found by a later run (which holds the
+//!   workspace lock, so the marked run is not running) belongs to a run that
+//!   was killed (SIGKILL, power loss, OOM killer).
+//! - For such a run, [`recover`] reads its event file back (untrusted: a line
+//!   that is not a dagrun RunEvent of spec 2-0-2 is ignored, with a warning),
+//!   finds every OpenLineage run with a `START` and no terminal event, and
+//!   appends one `ABORT` per such run to that same file (stage runs first,
+//!   then the pipeline run), each a copy of the run's `START` (same run id,
+//!   job, parent, datasets) with the current time, an `errorMessage` facet and
+//!   `status: killed` in the `dagrun` facet.
+//! - Exactly once: the events are handed to the caller (to queue for the
+//!   endpoint and store in the spool) after they are in the file and before
+//!   the mark is removed; a run killed in between leaves the mark, and the
+//!   next run finds those runs closed in the file and emits nothing more.
+
+use super::event::{self, EventType, RUN_EVENT_SCHEMA, RunEvent};
+use super::transport::open_append;
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Largest event file read back.
+pub const MAX_FILE: u64 = 256 << 20;
+
+/// `.dagrun/openlineage/open/`: one empty file per run that has not ended.
+pub struct OpenRuns {
+    dir: PathBuf,
+}
+
+/// A dagrun run id as used in file names (`YYYYMMDD-HHMMSS-mmm-XXXX`).
+pub fn valid_run_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl OpenRuns {
+    pub fn new(dagrun_dir: &Path) -> OpenRuns {
+        OpenRuns { dir: dagrun_dir.join("openlineage").join("open") }
+    }
+
+    /// Mark `run_id` open (before its first event).
+    pub fn mark(&self, run_id: &str) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
+        std::fs::File::create(self.dir.join(run_id)).with_context(|| format!("cannot create {}", self.dir.join(run_id).display()))?;
+        Ok(())
+    }
+
+    /// The run ended (after its last event).
+    pub fn clear(&self, run_id: &str) {
+        match std::fs::remove_file(self.dir.join(run_id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!("cannot remove {}: {e}", self.dir.join(run_id).display())
+            }
+            _ => {}
+        }
+    }
+
+    /// Marked runs, oldest first (run ids sort by time).
+    pub fn list(&self) -> Vec<String> {
+        let mut v: Vec<String> = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect(),
+            Err(_) => return vec![],
+        };
+        v.retain(|n| {
+            let ok = valid_run_id(n);
+            if !ok && !n.starts_with('.') {
+                tracing::warn!("{}: ignoring {n:?}, not a run id", self.dir.display());
+            }
+            ok
+        });
+        v.sort();
+        v
+    }
+}
+
+/// The `ABORT` events closing every run of `text` (an event file) that has a
+/// `START` and no terminal event; stage runs (with a `parent`) first. Also
+/// the number of lines ignored as not being dagrun events.
+pub fn abort_events(text: &[u8], why: &str, now: &str) -> (Vec<RunEvent>, usize) {
+    let mut starts: Vec<RunEvent> = Vec::new();
+    let mut closed: HashMap<String, ()> = HashMap::new();
+    let mut bad = 0usize;
+    for line in text.split(|&b| b == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        let e = match serde_json::from_slice::<RunEvent>(line) {
+            Ok(e) if e.schema_url == RUN_EVENT_SCHEMA && e.producer.starts_with("urn:dagrun:") && !e.run.run_id.is_empty() => e,
+            _ => {
+                bad += 1;
+                continue;
+            }
+        };
+        if e.event_type.is_terminal() {
+            closed.insert(e.run.run_id.clone(), ());
+        } else if !starts.iter().any(|s| s.run.run_id == e.run.run_id) {
+            starts.push(e);
+        }
+    }
+    let mut open: Vec<RunEvent> = starts.into_iter().filter(|s| !closed.contains_key(&s.run.run_id)).collect();
+    // Stage runs before their pipeline run; otherwise file order.
+    open.sort_by_key(|s| !s.run.facets.contains_key("parent"));
+    let out = open
+        .into_iter()
+        .map(|mut e| {
+            e.event_type = EventType::Abort;
+            e.event_time = now.to_string();
+            let what = match e.run.facets.get("dagrun").and_then(|d| d.get("stage")).and_then(Value::as_str) {
+                Some(stage) => format!("stage {stage}"),
+                None => "run".to_string(),
+            };
+            e.run.facets.insert("errorMessage".into(), event::error_message_facet(&format!("{what} killed: {why}")));
+            if let Some(Value::Object(d)) = e.run.facets.get_mut("dagrun") {
+                d.insert("status".into(), "killed".into());
+            }
+            e
+        })
+        .collect();
+    (out, bad)
+}
+
+/// What [`recover`] closed in one killed run.
+#[derive(Debug)]
+pub struct Closed {
+    pub run_id: String,
+    /// The `ABORT` event lines appended to the run's file.
+    pub lines: Vec<String>,
+}
+
+/// Close the runs left open by killed dagrun runs (see the module doc).
+/// `file_of(run_id)` = that run's event file; `current` = the run doing
+/// this (never treated as killed); `deliver(lines)` is called with the new
+/// events of each killed run after they are in its file and before its mark
+/// is removed (an error keeps the mark: the next run tries again).
+pub fn recover(
+    open: &OpenRuns,
+    current: &str,
+    file_of: impl Fn(&str) -> PathBuf,
+    mut deliver: impl FnMut(&[String]) -> Result<()>,
+) -> Vec<Closed> {
+    let mut done = Vec::new();
+    for run_id in open.list() {
+        if run_id == current {
+            continue;
+        }
+        let path = file_of(&run_id);
+        let res = (|| -> Result<Vec<String>> {
+            let (mut f, len) = match std::fs::metadata(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+                Ok(m) if m.len() > MAX_FILE => anyhow::bail!("{} is larger than {} MiB; not read", path.display(), MAX_FILE >> 20),
+                Ok(_) => open_append(&path)?,
+            };
+            let mut text = Vec::with_capacity(len as usize);
+            {
+                use std::io::{Read, Seek, SeekFrom};
+                f.seek(SeekFrom::Start(0))?;
+                (&mut f).take(len).read_to_end(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
+            }
+            let why = format!("dagrun run {run_id} ended without finishing (killed); closed by the next run, {current}");
+            let (events, bad) = abort_events(&text, &why, &event::now());
+            if bad > 0 {
+                tracing::warn!("{}: ignored {bad} line(s) that are not dagrun OpenLineage events", path.display());
+            }
+            let lines: Vec<String> = events.iter().map(RunEvent::to_line).collect();
+            if !lines.is_empty() {
+                let mut buf = Vec::new();
+                for l in &lines {
+                    buf.extend_from_slice(l.as_bytes());
+                    buf.push(b'\n');
+                }
+                use std::io::Write;
+                if let Err(e) = f.write_all(&buf) {
+                    let _ = f.set_len(len);
+                    return Err(e).with_context(|| format!("cannot append to {}", path.display()));
+                }
+            }
+            Ok(lines)
+        })();
+        match res.and_then(|lines| deliver(&lines).map(|()| lines)) {
+            Ok(lines) => {
+                open.clear(&run_id);
+                if !lines.is_empty() {
+                    tracing::warn!("run {run_id} was killed: {} OpenLineage run(s) closed with ABORT in {}", lines.len(), path.display());
+                }
+                done.push(Closed { run_id, lines });
+            }
+            Err(e) => tracing::warn!("cannot close the OpenLineage runs of killed run {run_id}: {e:#}"),
+        }
+    }
+    done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lineage::event::{Job, Run, parent_facet};
+
+    fn ev(t: EventType, run: &str, parent: Option<&str>) -> String {
+        let mut r = Run { run_id: run.into(), facets: Default::default() };
+        if let Some(p) = parent {
+            r.facets.insert("parent".into(), parent_facet(p, "ns", "pipe"));
+            r.facets.insert("dagrun".into(), event::dagrun_facet(serde_json::json!({"dagrunRunId": "r1", "stage": "s"})));
+        }
+        RunEvent::new(t, event::now(), r, Job { namespace: "ns".into(), name: "pipe".into(), facets: Default::default() }).to_line()
+    }
+
+    #[test]
+    fn open_runs_get_one_abort_each_stages_first() {
+        let text = [
+            ev(EventType::Start, "p", None),
+            ev(EventType::Start, "a", Some("p")),
+            ev(EventType::Complete, "a", Some("p")),
+            ev(EventType::Start, "b", Some("p")),
+            "{not json".into(),
+        ]
+        .join("\n");
+        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z");
+        assert_eq!(bad, 1);
+        let ids: Vec<&str> = out.iter().map(|e| e.run.run_id.as_str()).collect();
+        assert_eq!(ids, ["b", "p"]);
+        assert!(out.iter().all(|e| e.event_type == EventType::Abort && e.run.facets.contains_key("errorMessage")));
+        assert_eq!(out[0].run.facets["dagrun"]["status"], "killed");
+        // Once closed, nothing more.
+        let mut all = text.clone();
+        for e in &out {
+            all.push('\n');
+            all.push_str(&e.to_line());
+        }
+        assert!(abort_events(all.as_bytes(), "x", "t").0.is_empty());
+    }
+
+    #[test]
+    fn recover_appends_once_and_clears_the_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let open = OpenRuns::new(d.path());
+        open.mark("r1").unwrap();
+        open.mark("r2").unwrap();
+        let file = d.path().join("r1.jsonl");
+        // A torn last line is cut off.
+        std::fs::write(&file, format!("{}\n{}\n{{\"half", ev(EventType::Start, "p", None), ev(EventType::Start, "a", Some("p")))).unwrap();
+        let mut got = Vec::new();
+        let closed = recover(&open, "r2", |id| d.path().join(format!("{id}.jsonl")), |l| {
+            got.extend(l.to_vec());
+            Ok(())
+        });
+        assert_eq!(closed.len(), 1);
+        assert_eq!(got.len(), 2);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().count(), 4);
+        assert!(text.ends_with('\n') && !text.contains("half"));
+        assert_eq!(open.list(), ["r2"]);
+        // A mark left behind (killed after the append): nothing is left open.
+        open.mark("r1").unwrap();
+        let c = recover(&open, "r2", |id| d.path().join(format!("{id}.jsonl")), |_| Ok(()));
+        assert!(c[0].lines.is_empty());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    }
+}
