@@ -547,11 +547,10 @@ stages:
     let mut victim = spawn(cmd(&ws, &["run", "pipeline.yaml", "-j", "1"]));
     let t0 = Instant::now();
     let pid = loop {
-        if let Ok(s) = std::fs::read_to_string(ws.path("slow.pid")) {
-            if let Ok(p) = s.trim().parse::<i32>() {
+        if let Ok(s) = std::fs::read_to_string(ws.path("slow.pid"))
+            && let Ok(p) = s.trim().parse::<i32>() {
                 break p;
             }
-        }
         assert!(t0.elapsed() < Duration::from_secs(60), "the slow stage never started");
         std::thread::sleep(Duration::from_millis(20));
     };
