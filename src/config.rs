@@ -104,8 +104,7 @@ impl DagrunConfig {
         if bytes.len() > 1 << 20 {
             return Err(config(format!("{shown}: the file is over 1 MiB; it holds a few settings")));
         }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
+        let text = std::str::from_utf8(bytes).map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
         let yaml_err = |e: yaml_serde::Error| {
             let msg = crate::pipeline::explain_yaml_message(&e.to_string());
             let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
@@ -117,15 +116,12 @@ impl DagrunConfig {
         };
         crate::pipeline::check_yaml_budget(text).map_err(yaml_err)?;
         let raw: RawConfig = if text.trim().is_empty() { RawConfig::default() } else { yaml_serde::from_str(text).map_err(yaml_err)? };
-        let line_of = |key: &str| {
-            text.lines().position(|l| l.trim_start().starts_with(&format!("{key}:"))).map(|i| i + 1).unwrap_or(1)
-        };
+        let line_of = |key: &str| text.lines().position(|l| l.trim_start().starts_with(&format!("{key}:"))).map(|i| i + 1).unwrap_or(1);
         let master_key = match raw.master_key {
             None => None,
             Some(s) => {
                 let at = line_of("master_key");
-                let uri = Pkcs11Uri::parse(s.trim())
-                    .map_err(|e| config(format!("{shown}:{at}: master_key is not a valid PKCS#11 URI: {e:#}")))?;
+                let uri = Pkcs11Uri::parse(s.trim()).map_err(|e| config(format!("{shown}:{at}: master_key is not a valid PKCS#11 URI: {e:#}")))?;
                 if uri.has_pin_value() {
                     return Err(config(format!(
                         "{shown}:{at}: master_key carries the PIN itself (pin-value): a PIN must never be in config/ \
@@ -159,12 +155,11 @@ impl DagrunConfig {
             }
         }
         if let Some(m) = &raw.metrics_file
-            && (m.as_os_str().is_empty() || m.to_string_lossy().ends_with('/')) {
-                let at = line_of("metrics_file");
-                return Err(config(format!(
-                    "{shown}:{at}: metrics_file must name a file, e.g. /var/lib/node_exporter/textfile_collector/dagrun.prom"
-                )));
-            }
+            && (m.as_os_str().is_empty() || m.to_string_lossy().ends_with('/'))
+        {
+            let at = line_of("metrics_file");
+            return Err(config(format!("{shown}:{at}: metrics_file must name a file, e.g. /var/lib/node_exporter/textfile_collector/dagrun.prom")));
+        }
         Ok(DagrunConfig { master_key, master_key_mechanism, metrics_file: raw.metrics_file, remote: raw.remote })
     }
 }

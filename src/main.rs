@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use dagrun::commands;
 use dagrun::commands::dag::DagFormat;
 use dagrun::engine::report::Verbosity;
-use dagrun::commands;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
 use dagrun::workspace::Workspace;
@@ -277,13 +277,7 @@ fn init_logging(cli: &Cli) {
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .without_time()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).without_time().try_init();
 }
 
 /// The existing workspace of commands that take no pipeline (exit 2 when
@@ -363,12 +357,19 @@ fn real_main(cli: &Cli) -> Result<i32> {
         }
         Cmd::Predict { tenant, input, output, format, model } => {
             let ws = workspace_from_cwd(cli)?;
-            let args = commands::predict::PredictArgs { tenant: tenant.clone(), input: input.clone(), output: output.clone(), format: format.clone(), model: model.clone() };
+            let args = commands::predict::PredictArgs {
+                tenant: tenant.clone(),
+                input: input.clone(),
+                output: output.clone(),
+                format: format.clone(),
+                model: model.clone(),
+            };
             let n = commands::predict::predict(&ws, &args)?;
             if let Some(o) = output
-                && !cli.quiet {
-                    eprintln!("scored {n} rows of tenant {tenant} into {}", o.display());
-                }
+                && !cli.quiet
+            {
+                eprintln!("scored {n} rows of tenant {tenant} into {}", o.display());
+            }
             Ok(exit::OK)
         }
         Cmd::Keys { action } => {

@@ -12,17 +12,17 @@
 
 use crate::crypto::IntegrityKey;
 use crate::data::schema;
+use crate::features::v1::{self, TenantStats};
+use crate::model::ModelArtifact;
 use crate::model::artifact::load_verified;
+use crate::store::Manifest;
 use crate::workspace::cas::Cas;
 use crate::workspace::state::{Loaded, StateStore};
 use crate::workspace::{ContentHash, Workspace};
-use std::sync::Arc;
-use crate::features::v1::{self, TenantStats};
-use crate::model::ModelArtifact;
-use crate::store::Manifest;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::{Array, Date32Array, Float64Array, Int64Array, RecordBatch};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The score of one raw row: the v1 features with the stored statistics and
 /// `as_of`, then the model. `raw_features` + `predict_proba_row` compute
@@ -40,9 +40,7 @@ pub fn raw_features(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Res
     let logins = get(schema::LOGIN_COUNT)?.as_any().downcast_ref::<Int64Array>().context("Login_Count must be int64")?;
     let amounts = get(schema::PURCHASE_AMOUNT)?.as_any().downcast_ref::<Float64Array>().context("Purchase_Amount must be float64")?;
     let dates = get(schema::LAST_VISIT_DATE)?.as_any().downcast_ref::<Date32Array>().context("Last_Visit_Date must be date32")?;
-    Ok((0..batch.num_rows())
-        .map(|i| (ids.value(i), v1::transform(stats, as_of, logins.value(i), amounts.value(i), dates.value(i)).as_array()))
-        .collect())
+    Ok((0..batch.num_rows()).map(|i| (ids.value(i), v1::transform(stats, as_of, logins.value(i), amounts.value(i), dates.value(i)).as_array())).collect())
 }
 
 /// The five feature columns of a feature-store batch, per row.
@@ -119,7 +117,10 @@ impl Deployed {
 /// anything: serving refuses a workspace with no master key.
 pub fn integrity_key_of(ws: &Workspace) -> Result<Arc<IntegrityKey>> {
     let ring = crate::crypto::Keyring::open_existing(ws.root())?.ok_or_else(|| {
-        anyhow!("no master key in {}: dagrun cannot verify any model here (models are signed with a key derived from it); refusing to serve", ws.root().display())
+        anyhow!(
+            "no master key in {}: dagrun cannot verify any model here (models are signed with a key derived from it); refusing to serve",
+            ws.root().display()
+        )
     })?;
     Ok(ring.integrity_key())
 }
@@ -209,14 +210,16 @@ pub fn load_trained(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, versio
         let mut found = None;
         for act in states.all_actions().into_iter().filter(|a| a.stage == train.stage) {
             if let Some(o) = act.outputs.get(rel)
-                && cas.check(&o.hash)? {
-                    let b = std::fs::read(cas.object_path(&o.hash))?;
-                    if let Ok(a) = load_verified(&b, rel, &key, tenant)
-                        && a.model_version == v {
-                            found = Some((a, o.hash.clone()));
-                            break;
-                        }
+                && cas.check(&o.hash)?
+            {
+                let b = std::fs::read(cas.object_path(&o.hash))?;
+                if let Ok(a) = load_verified(&b, rel, &key, tenant)
+                    && a.model_version == v
+                {
+                    found = Some((a, o.hash.clone()));
+                    break;
                 }
+            }
         }
         let (a, h) = found.ok_or_else(|| crate::error::config(format!("tenant {tenant} has no model version {v:?} (current: {})", artifact.model_version)))?;
         artifact = a;

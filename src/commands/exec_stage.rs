@@ -18,9 +18,9 @@
 //!   set by the batch script to a path), never from the job's environment.
 //! - Exit status: 0 when every stage succeeded, 1 otherwise (Slurm: FAILED).
 
-use crate::engine::{Engine, Evaluation, Decision};
+use crate::engine::{Decision, Engine, Evaluation};
 use crate::error::exit;
-use crate::executor::spec::{self, RESULT_FORMAT, JobResult, SpecStage, StageResult};
+use crate::executor::spec::{self, JobResult, RESULT_FORMAT, SpecStage, StageResult};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::time::Instant;
@@ -81,9 +81,14 @@ fn run_one(engine: &Engine, st: &SpecStage) -> Result<(String, crate::executor::
     let (ingredients, _) = engine.ingredients(i, &mut |d| engine.hash_input(d, &mut missing_sensitive))?;
     let key = ingredients.key();
     if let Some(k) = &st.key
-        && k.as_str() != key.as_str() {
-            bail!("its cache key is {} here but {} when dagrun decided to run it: its inputs or pipeline changed since; run again", key.short(), &k[..12.min(k.len())]);
-        }
+        && k.as_str() != key.as_str()
+    {
+        bail!(
+            "its cache key is {} here but {} when dagrun decided to run it: its inputs or pipeline changed since; run again",
+            key.short(),
+            &k[..12.min(k.len())]
+        );
+    }
     let s = engine.stage(i);
     for o in &s.outs {
         if let Some(parent) = engine.pipeline.abs(&o.path).parent() {

@@ -49,7 +49,10 @@ pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -
     }
     let (v, dir) = match version {
         Some(v) => all.iter().find(|(x, _)| x == v).cloned().ok_or_else(|| {
-            crate::error::config(format!("tenant {tenant} has no feature version {v} (it has: {})", all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", ")))
+            crate::error::config(format!(
+                "tenant {tenant} has no feature version {v} (it has: {})",
+                all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", ")
+            ))
         })?,
         None => all.last().cloned().unwrap(),
     };

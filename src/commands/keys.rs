@@ -38,7 +38,9 @@ pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>)
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys rotate")?;
     let ring = Keyring::open(workspace)?;
     let id = ring.rotate(tenant)?;
-    println!("tenant {tenant}: new active data key {id}; older keys stay available to decrypt existing data until it is re-encrypted (the next run re-encrypts it)");
+    println!(
+        "tenant {tenant}: new active data key {id}; older keys stay available to decrypt existing data until it is re-encrypted (the next run re-encrypts it)"
+    );
     Ok(())
 }
 
@@ -60,7 +62,8 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
 pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: bool) -> Result<()> {
     if !confirmed {
         return Err(crate::error::config(
-            "`dagrun keys export` prints a secret data key on stdout; pass --i-understand-this-prints-a-secret to confirm, and keep the output out of logs".to_string(),
+            "`dagrun keys export` prints a secret data key on stdout; pass --i-understand-this-prints-a-secret to confirm, and keep the output out of logs"
+                .to_string(),
         ));
     }
     let ring = Keyring::open(workspace)?;
@@ -100,7 +103,10 @@ pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> 
                  (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml); the old master key no longer opens \
                  this keyring and can be destroyed once backups of the old keyring are gone",
                 ring_path.display(),
-                rec.clone().and_then(|r| r.uri).map(|u| crate::crypto::master::Pkcs11Uri::parse(&u).map(|u| u.shown()).unwrap_or(u)).unwrap_or_else(|| "the new key".into()),
+                rec.clone()
+                    .and_then(|r| r.uri)
+                    .map(|u| crate::crypto::master::Pkcs11Uri::parse(&u).map(|u| u.shown()).unwrap_or(u))
+                    .unwrap_or_else(|| "the new key".into()),
                 rec.map(|r| r.mechanism).unwrap_or_default()
             );
         }

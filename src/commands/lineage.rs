@@ -2,9 +2,9 @@
 //! that produced an artifact, back to its source files (from the state files).
 
 use crate::engine::lineage;
+use crate::error;
 use crate::workspace::Workspace;
 use crate::workspace::state::StateStore;
-use crate::error;
 use anyhow::Result;
 use std::path::Path;
 

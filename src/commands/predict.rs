@@ -48,16 +48,9 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     let deployed = load_deployed(workspace, &args.tenant, args.model.as_deref())?;
     // Rows dated after the feature version's as_of would get a negative
     // Recency_Days, outside anything the model was trained on: refused.
-    let opts = IngestOptions {
-        expected_tenant: Some(args.tenant.clone()),
-        known_tenants: None,
-        require_label: false,
-        allow_label: true,
-        as_of: Some(deployed.as_of),
-    };
-    let mut reader = open_raw(&args.input, &opts, crate::data::DEFAULT_BATCH_SIZE)
-        .map_err(|e| crate::error::config(format!("{e:#}")))?
-        .peekable();
+    let opts =
+        IngestOptions { expected_tenant: Some(args.tenant.clone()), known_tenants: None, require_label: false, allow_label: true, as_of: Some(deployed.as_of) };
+    let mut reader = open_raw(&args.input, &opts, crate::data::DEFAULT_BATCH_SIZE).map_err(|e| crate::error::config(format!("{e:#}")))?.peekable();
     // Validate the first batch before anything is written, so an empty,
     // header-only or immediately bad file prints no score header.
     if matches!(reader.peek(), Some(Err(_)))
@@ -85,11 +78,7 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
         for (id, score) in deployed.score_batch(&batch)? {
             match format {
                 Format::Csv => writeln!(out, "{id},{score},{mv},{fv}")?,
-                Format::JsonLines => writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({"Customer_ID": id, "score": score, "model_version": mv, "feature_version": fv})
-                )?,
+                Format::JsonLines => writeln!(out, "{}", serde_json::json!({"Customer_ID": id, "score": score, "model_version": mv, "feature_version": fv}))?,
             }
             rows += 1;
         }

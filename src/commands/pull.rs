@@ -77,9 +77,10 @@ pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(Stag
     // Every hash field parses as a `ContentHash` (or the record is refused).
     let st: StageState = serde_json::from_slice(bytes).map_err(|e| anyhow!("not a stage record ({e})"))?;
     if let Some(k) = expected_key
-        && st.key.as_str() != k {
-            bail!("record is stored under key {} but holds key {}", &k[..12.min(k.len())], st.key.short());
-        }
+        && st.key.as_str() != k
+    {
+        bail!("record is stored under key {} but holds key {}", &k[..12.min(k.len())], st.key.short());
+    }
     let recomputed = st.ingredients.key();
     if recomputed != st.key {
         bail!("record's ingredients hash to {}, not to its key {}: altered or corrupted", recomputed.short(), st.key.short());
@@ -100,9 +101,10 @@ pub fn validate_tree(bytes: &[u8]) -> Result<Vec<TreeEntry>> {
     let entries = decode_tree(bytes).map_err(|e| anyhow!("directory listing: {e}"))?;
     for (i, e) in entries.iter().enumerate() {
         if let TreeEntry::Link { target, .. } = e
-            && (target.starts_with('/') || target.split('/').any(|c| c == "..")) {
-                bail!("directory listing entry {}: symlink points outside the directory", i + 1);
-            }
+            && (target.starts_with('/') || target.split('/').any(|c| c == ".."))
+        {
+            bail!("directory listing entry {}: symlink points outside the directory", i + 1);
+        }
     }
     Ok(entries)
 }

@@ -23,12 +23,12 @@
 //!   seals them under its own key (`pull`'s rules).
 
 use super::pull::{human_bytes, validate_record, validate_tree};
+use crate::pipeline::Pipeline;
+use crate::remote::{Remote, Upload};
 use crate::workspace::cas::Cas;
 use crate::workspace::hashing::TreeEntry;
 use crate::workspace::state::{Loaded, StateStore};
 use crate::workspace::{ContentHash, Workspace};
-use crate::pipeline::Pipeline;
-use crate::remote::{Remote, Upload};
 use anyhow::{Result, bail};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;

@@ -16,10 +16,15 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
     let overrides: Vec<(String, String)> = rec
         .params
         .iter()
-        .map(|(k, v)| (k.clone(), match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        }))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+            )
+        })
         .collect();
     let view = crate::pipeline::load(&workspace.join(&rec.pipeline), Some(workspace), &overrides, &crate::stages::kinds())
         .map(|p| PipelineView::from_pipeline(&p))

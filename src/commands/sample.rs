@@ -47,10 +47,7 @@ pub fn write_csv_rows(out: &mut dyn Write, batch: &RecordBatch) -> Result<()> {
 pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_label: bool) -> Result<()> {
     crate::pipeline::tenants::validate_tenant_id(tenant).map_err(crate::error::config)?;
     if rows > crate::data::generate::MAX_TENANT_ROWS {
-        return Err(crate::error::config(format!(
-            "--rows {rows}: at most {} rows can be generated for one tenant",
-            crate::data::generate::MAX_TENANT_ROWS
-        )));
+        return Err(crate::error::config(format!("--rows {rows}: at most {} rows can be generated for one tenant", crate::data::generate::MAX_TENANT_ROWS)));
     }
     let ext = out.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

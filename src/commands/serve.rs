@@ -75,7 +75,12 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
             drain_timeout: secs("drain-timeout", a.drain_timeout)?,
         },
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().thread_name("dagrun-serve").build().context("cannot start the runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .thread_name("dagrun-serve")
+        .build()
+        .context("cannot start the runtime")?;
     rt.block_on(async move {
         let shutdown = async {
             use tokio::signal::unix::{SignalKind, signal};

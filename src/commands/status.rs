@@ -1,9 +1,9 @@
 //! `dagrun status PIPELINE` (and `dagrun run --dry-run`): each selected stage
 //! fresh or stale, with the exact reasons. Reads only: it runs nothing.
 
+use crate::engine::Engine;
 use crate::engine::scheduler;
 use crate::engine::status::{self, StageStatus};
-use crate::engine::Engine;
 use crate::error::exit;
 use crate::pipeline::Pipeline;
 use anyhow::Result;

@@ -107,13 +107,13 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
                             r.problems.push(format!("{}: {e:#}", st.stage));
                         }
                     }
-                    "store" if rel.ends_with(crate::store::MANIFEST_FILE) && p.exists() => {
-                        match crate::store::read_manifest(p.parent().unwrap_or(&p), k) {
-                            Ok(m) if m.tenant != tenant => r.problems.push(format!("{}: {rel} names tenant {}, not {tenant}", st.stage, crate::data::show_tenant(&m.tenant))),
-                            Ok(_) => {}
-                            Err(e) => r.problems.push(format!("{}: {e:#}", st.stage)),
+                    "store" if rel.ends_with(crate::store::MANIFEST_FILE) && p.exists() => match crate::store::read_manifest(p.parent().unwrap_or(&p), k) {
+                        Ok(m) if m.tenant != tenant => {
+                            r.problems.push(format!("{}: {rel} names tenant {}, not {tenant}", st.stage, crate::data::show_tenant(&m.tenant)))
                         }
-                    }
+                        Ok(_) => {}
+                        Err(e) => r.problems.push(format!("{}: {e:#}", st.stage)),
+                    },
                     _ => {}
                 }
             }

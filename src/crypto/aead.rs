@@ -8,10 +8,10 @@ use super::keys::DataKey;
 use aes::Aes256;
 use aes::cipher::BlockCipherEncrypt;
 use aes_gcm::Aes256Gcm;
-use ghash::GHash;
-use ghash::universal_hash::UniversalHash;
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::aead::{Nonce, Tag};
+use ghash::GHash;
+use ghash::universal_hash::UniversalHash;
 use rand::Rng;
 use std::fmt;
 use std::io::Write;
@@ -32,11 +32,7 @@ pub enum FieldError {
         "ciphertext for customer {customer_id} of tenant {tenant} is {len} bytes, shorter than the \
          {OVERHEAD} bytes of nonce and tag: it was truncated or is not a dagrun ciphertext"
     )]
-    TooShort {
-        tenant: String,
-        customer_id: i64,
-        len: usize,
-    },
+    TooShort { tenant: String, customer_id: i64, len: usize },
     /// Tag check failed.
     #[error(
         "ciphertext for customer {customer_id} of tenant {tenant} does not authenticate \
@@ -103,11 +99,7 @@ impl FieldCipher {
         aes.encrypt_block(&mut h);
         let ghash = GHash::new(&h);
         super::wipe(h.as_mut_slice());
-        FieldCipher {
-            cipher: Aes256Gcm::new(key.bytes().into()),
-            aes,
-            ghash,
-        }
+        FieldCipher { cipher: Aes256Gcm::new(key.bytes().into()), aes, ghash }
     }
 
     /// Encrypt many fields, exactly as [`FieldCipher::encrypt`] would one by one
@@ -118,13 +110,7 @@ impl FieldCipher {
     /// the wide (VAES) AES backend then runs at full width instead of paying its
     /// set-up for each 2–3-block field. The tests check every byte against the
     /// `aes-gcm` crate (and decryption, which is `aes-gcm`'s own).
-    pub fn encrypt_many<'v>(
-        &self,
-        tenant: &str,
-        column: &str,
-        rows: impl Iterator<Item = (i64, &'v [u8])>,
-        emit: impl FnMut(&[u8]),
-    ) {
+    pub fn encrypt_many<'v>(&self, tenant: &str, column: &str, rows: impl Iterator<Item = (i64, &'v [u8])>, emit: impl FnMut(&[u8])) {
         self.encrypt_many_with(tenant, column, rows, |n: &mut [u8]| rand::rng().fill_bytes(n), emit)
     }
 
@@ -193,36 +179,20 @@ impl FieldCipher {
     /// # Panics
     /// Only if `plaintext` is longer than GCM's limit (about 64 GiB); the message
     /// contains no data.
-    pub fn encrypt(
-        &self,
-        tenant: &str,
-        column: &str,
-        customer_id: i64,
-        plaintext: &[u8],
-        out: &mut Vec<u8>,
-    ) {
+    pub fn encrypt(&self, tenant: &str, column: &str, customer_id: i64, plaintext: &[u8], out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         self.encrypt_with_nonce(tenant, column, customer_id, &nonce, plaintext, out);
     }
 
-    fn encrypt_with_nonce(
-        &self,
-        tenant: &str,
-        column: &str,
-        customer_id: i64,
-        nonce: &[u8; NONCE_LEN],
-        plaintext: &[u8],
-        out: &mut Vec<u8>,
-    ) {
+    fn encrypt_with_nonce(&self, tenant: &str, column: &str, customer_id: i64, nonce: &[u8; NONCE_LEN], plaintext: &[u8], out: &mut Vec<u8>) {
         out.reserve(plaintext.len() + OVERHEAD);
         out.extend_from_slice(nonce);
         let start = out.len();
         out.extend_from_slice(plaintext);
         let tag = with_aad(tenant, column, customer_id, |aad| {
             let nonce: &Nonce<Aes256Gcm> = nonce.into();
-            self.cipher
-                .encrypt_inout_detached(nonce, aad, (&mut out[start..]).into())
+            self.cipher.encrypt_inout_detached(nonce, aad, (&mut out[start..]).into())
         })
         .expect("AES-GCM refused to encrypt a field larger than 64 GiB");
         out.extend_from_slice(tag.as_slice());
@@ -230,21 +200,9 @@ impl FieldCipher {
 
     /// Check and decrypt `blob` (`nonce || ciphertext || tag`), appending the
     /// plaintext to `out`. On error nothing is appended.
-    pub fn decrypt(
-        &self,
-        tenant: &str,
-        column: &str,
-        customer_id: i64,
-        blob: &[u8],
-        out: &mut Vec<u8>,
-    ) -> anyhow::Result<()> {
+    pub fn decrypt(&self, tenant: &str, column: &str, customer_id: i64, blob: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
         if blob.len() < OVERHEAD {
-            return Err(FieldError::TooShort {
-                tenant: tenant.to_string(),
-                customer_id,
-                len: blob.len(),
-            }
-            .into());
+            return Err(FieldError::TooShort { tenant: tenant.to_string(), customer_id, len: blob.len() }.into());
         }
         let (nonce, rest) = blob.split_at(NONCE_LEN);
         let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
@@ -253,30 +211,17 @@ impl FieldCipher {
         // Lengths are fixed by the split above, so these conversions cannot fail.
         let nonce: &Nonce<Aes256Gcm> = nonce.try_into().expect("nonce is 12 bytes");
         let tag: &Tag<Aes256Gcm> = tag.try_into().expect("tag is 16 bytes");
-        let ok = with_aad(tenant, column, customer_id, |aad| {
-            self.cipher
-                .decrypt_inout_detached(nonce, aad, (&mut out[start..]).into(), tag)
-        });
+        let ok = with_aad(tenant, column, customer_id, |aad| self.cipher.decrypt_inout_detached(nonce, aad, (&mut out[start..]).into(), tag));
         if ok.is_err() {
             super::wipe(&mut out[start..]);
             out.truncate(start);
-            return Err(FieldError::NotAuthentic {
-                tenant: tenant.to_string(),
-                customer_id,
-            }
-            .into());
+            return Err(FieldError::NotAuthentic { tenant: tenant.to_string(), customer_id }.into());
         }
         Ok(())
     }
 
     /// Decrypt into a new `Vec`.
-    pub fn decrypt_to_vec(
-        &self,
-        tenant: &str,
-        column: &str,
-        customer_id: i64,
-        blob: &[u8],
-    ) -> anyhow::Result<Vec<u8>> {
+    pub fn decrypt_to_vec(&self, tenant: &str, column: &str, customer_id: i64, blob: &[u8]) -> anyhow::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(blob.len().saturating_sub(OVERHEAD));
         self.decrypt(tenant, column, customer_id, blob, &mut out)?;
         Ok(out)
@@ -285,13 +230,7 @@ impl FieldCipher {
 
 /// Encrypt one field: returns `nonce(12) || ciphertext || tag(16)` (AES-256-GCM,
 /// fresh random nonce). For many rows build a [`FieldCipher`] once instead.
-pub fn encrypt_field(
-    key: &DataKey,
-    tenant: &str,
-    column: &str,
-    customer_id: i64,
-    plaintext: &[u8],
-) -> Vec<u8> {
+pub fn encrypt_field(key: &DataKey, tenant: &str, column: &str, customer_id: i64, plaintext: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
     FieldCipher::new(key).encrypt(tenant, column, customer_id, plaintext, &mut out);
     out
@@ -299,13 +238,7 @@ pub fn encrypt_field(
 
 /// Decrypt one field written by [`encrypt_field`] / [`FieldCipher::encrypt`].
 /// Errors are [`FieldError`]s (downcastable).
-pub fn decrypt_field(
-    key: &DataKey,
-    tenant: &str,
-    column: &str,
-    customer_id: i64,
-    blob: &[u8],
-) -> anyhow::Result<Vec<u8>> {
+pub fn decrypt_field(key: &DataKey, tenant: &str, column: &str, customer_id: i64, blob: &[u8]) -> anyhow::Result<Vec<u8>> {
     FieldCipher::new(key).decrypt_to_vec(tenant, column, customer_id, blob)
 }
 
@@ -361,21 +294,13 @@ mod tests {
 
     #[test]
     fn aad_format() {
-        assert_eq!(
-            aad("Tenant_A", COL, 42),
-            b"Tenant_A|Sensitive_Data|42".to_vec()
-        );
+        assert_eq!(aad("Tenant_A", COL, 42), b"Tenant_A|Sensitive_Data|42".to_vec());
         assert_eq!(aad("t-1", "c", -7), b"t-1|c|-7".to_vec());
-        assert_eq!(
-            aad("T", COL, i64::MIN),
-            format!("T|Sensitive_Data|{}", i64::MIN).into_bytes()
-        );
+        assert_eq!(aad("T", COL, i64::MIN), format!("T|Sensitive_Data|{}", i64::MIN).into_bytes());
         // the stack path and the heap path give the same bytes
         let long = "x".repeat(300);
         for t in ["Tenant_A", long.as_str()] {
-            with_aad(t, COL, i64::MIN, |a| {
-                assert_eq!(a, aad(t, COL, i64::MIN).as_slice())
-            });
+            with_aad(t, COL, i64::MIN, |a| assert_eq!(a, aad(t, COL, i64::MIN).as_slice()));
         }
     }
 
@@ -396,24 +321,11 @@ mod tests {
     /// b"Tenant_A|Sensitive_Data|42")` with nonce = bytes(range(12)).
     #[test]
     fn matches_python_cryptography() {
-        let py = hex::decode(
-            "000102030405060708090a0b2d63b87eeb81ad7ea370a5b885a91d15e2bbf7589555300e5f8e486742527b39e5c883de8aae2e6695",
-        )
-        .unwrap();
-        assert_eq!(
-            decrypt_field(&key(), "Tenant_A", COL, 42, &py).unwrap(),
-            b"jane.doe.1234@example.org"
-        );
+        let py = hex::decode("000102030405060708090a0b2d63b87eeb81ad7ea370a5b885a91d15e2bbf7589555300e5f8e486742527b39e5c883de8aae2e6695").unwrap();
+        assert_eq!(decrypt_field(&key(), "Tenant_A", COL, 42, &py).unwrap(), b"jane.doe.1234@example.org");
         let mut ours = Vec::new();
         let nonce: [u8; 12] = std::array::from_fn(|i| i as u8);
-        FieldCipher::new(&key()).encrypt_with_nonce(
-            "Tenant_A",
-            COL,
-            42,
-            &nonce,
-            b"jane.doe.1234@example.org",
-            &mut ours,
-        );
+        FieldCipher::new(&key()).encrypt_with_nonce("Tenant_A", COL, 42, &nonce, b"jane.doe.1234@example.org", &mut ours);
         assert_eq!(ours, py);
     }
 
@@ -421,23 +333,11 @@ mod tests {
     fn moved_ciphertext_fails() {
         let k = key();
         let blob = encrypt_field(&k, "Tenant_A", COL, 42, b"secret@example.org");
-        for (t, c, id) in [
-            ("Tenant_A", COL, 43),
-            ("Tenant_B", COL, 42),
-            ("Tenant_A", "Other", 42),
-        ] {
+        for (t, c, id) in [("Tenant_A", COL, 43), ("Tenant_B", COL, 42), ("Tenant_A", "Other", 42)] {
             let e = decrypt_field(&k, t, c, id, &blob).unwrap_err();
-            assert!(matches!(
-                e.downcast_ref::<FieldError>(),
-                Some(FieldError::NotAuthentic { .. })
-            ));
+            assert!(matches!(e.downcast_ref::<FieldError>(), Some(FieldError::NotAuthentic { .. })));
             let msg = e.to_string();
-            assert!(
-                msg.contains(&format!(
-                    "customer {id} of tenant {t} does not authenticate"
-                )),
-                "{msg}"
-            );
+            assert!(msg.contains(&format!("customer {id} of tenant {t} does not authenticate")), "{msg}");
             assert!(!msg.contains("secret"), "{msg}");
         }
         let other = DataKey::from_bytes([9; 32]);
@@ -451,32 +351,19 @@ mod tests {
         for i in [0, NONCE_LEN, blob.len() - 1] {
             let mut b = blob.clone();
             b[i] ^= 1;
-            assert!(
-                decrypt_field(&k, "Tenant_A", COL, 1, &b).is_err(),
-                "flipped byte {i}"
-            );
+            assert!(decrypt_field(&k, "Tenant_A", COL, 1, &b).is_err(), "flipped byte {i}");
         }
         // truncated by one byte: still long enough, fails authentication
         assert!(decrypt_field(&k, "Tenant_A", COL, 1, &blob[..blob.len() - 1]).is_err());
         // too short for nonce + tag: its own message
         let e = decrypt_field(&k, "Tenant_A", COL, 1, &blob[..OVERHEAD - 1]).unwrap_err();
-        assert!(
-            matches!(
-                e.downcast_ref::<FieldError>(),
-                Some(FieldError::TooShort { len: 27, .. })
-            ),
-            "{e}"
-        );
+        assert!(matches!(e.downcast_ref::<FieldError>(), Some(FieldError::TooShort { len: 27, .. })), "{e}");
         assert!(e.to_string().contains("truncated"));
         // a failed decrypt appends nothing to the output buffer
         let mut out = b"keep".to_vec();
         let mut bad = blob.clone();
         bad[NONCE_LEN] ^= 1;
-        assert!(
-            FieldCipher::new(&k)
-                .decrypt("Tenant_A", COL, 1, &bad, &mut out)
-                .is_err()
-        );
+        assert!(FieldCipher::new(&k).decrypt("Tenant_A", COL, 1, &bad, &mut out).is_err());
         assert_eq!(out, b"keep");
     }
 

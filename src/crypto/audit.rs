@@ -118,12 +118,10 @@ impl AuditLog {
         let (seq, prev) = match text.lines().rev().find(|l| !l.trim().is_empty()) {
             None => (1, ZERO.to_string()),
             Some(last) => {
-                let (body, hash) = split_line(last).ok_or_else(|| {
-                    anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display())
-                })?;
-                let e: Entry = serde_json::from_str(&body).map_err(|_| {
-                    anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display())
-                })?;
+                let (body, hash) = split_line(last)
+                    .ok_or_else(|| anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display()))?;
+                let e: Entry = serde_json::from_str(&body)
+                    .map_err(|_| anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display()))?;
                 (e.seq + 1, hash.to_string())
             }
         };
@@ -149,8 +147,7 @@ impl AuditLog {
         f.write_all(line.as_bytes()).with_context(what)?;
         f.sync_data().with_context(what)?;
         let head = serde_json::to_vec(&Head { seq, hash }).context("cannot serialise the audit head")?;
-        crate::util::atomic::write_atomic_mode(&self.head, &head, 0o600)
-            .with_context(|| format!("cannot update {}", self.head.display()))?;
+        crate::util::atomic::write_atomic_mode(&self.head, &head, 0o600).with_context(|| format!("cannot update {}", self.head.display()))?;
         Ok(())
     }
 }
@@ -182,17 +179,12 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
         let Some((body, hash)) = split_line(line) else {
             bail!("{shown}:{n}: not an audit line (no trailing hash): the line was edited or damaged");
         };
-        let e: Entry = serde_json::from_str(&body)
-            .map_err(|_| anyhow!("{shown}:{n}: not a valid audit line: the line was edited or damaged"))?;
+        let e: Entry = serde_json::from_str(&body).map_err(|_| anyhow!("{shown}:{n}: not a valid audit line: the line was edited or damaged"))?;
         if blake3::hash(body.as_bytes()).to_hex().as_str() != hash {
             bail!("{shown}:{n}: the line's hash does not match its content: line {n} (seq {}) was edited", e.seq);
         }
         if e.seq != expect {
-            bail!(
-                "{shown}:{n}: sequence number {} where {expect} was expected: {} line(s) before it were deleted or moved",
-                e.seq,
-                e.seq.abs_diff(expect)
-            );
+            bail!("{shown}:{n}: sequence number {} where {expect} was expected: {} line(s) before it were deleted or moved", e.seq, e.seq.abs_diff(expect));
         }
         if e.prev != prev {
             bail!("{shown}:{n}: the line does not chain to the previous one (prev hash differs): a line before it was deleted, inserted or edited");
@@ -203,8 +195,7 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
     let lines = expect - 1;
     match fs::read(&log.head) {
         Ok(b) => {
-            let head: Head = serde_json::from_slice(&b)
-                .map_err(|_| anyhow!("{} is damaged: the audit head was edited", log.head.display()))?;
+            let head: Head = serde_json::from_slice(&b).map_err(|_| anyhow!("{} is damaged: the audit head was edited", log.head.display()))?;
             // The head is written after the line: a crash in between leaves it one behind.
             let tail_ok = head.seq == lines && head.hash == prev;
             let one_behind = head.seq + 1 == lines;

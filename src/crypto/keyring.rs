@@ -64,7 +64,6 @@ pub fn keyring_path(workspace: &Path) -> PathBuf {
     keys_dir(workspace).join("keyring.json")
 }
 
-
 /// Key errors a caller may want to tell apart (downcast from `anyhow::Error`).
 /// Messages never contain key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -95,12 +94,7 @@ pub enum KeyError {
         "tenant {tenant} has no data key {key_id} in the keyring at {keyring} (it has: {known}): the data \
          was encrypted with another workspace's keyring, or this keyring was restored from an older backup"
     )]
-    UnknownKey {
-        tenant: String,
-        key_id: String,
-        keyring: String,
-        known: String,
-    },
+    UnknownKey { tenant: String, key_id: String, keyring: String, known: String },
     /// A tenant id outside `[A-Za-z0-9_-]{1,64}`.
     #[error(
         "invalid tenant id \"{shown}\" ({len} characters): a tenant id is 1 to 64 characters of A-Z, a-z, \
@@ -201,10 +195,7 @@ struct DestroyedKey {
 
 impl TenantEntry {
     fn active_data(&self) -> Option<&StoredKey> {
-        self.data_keys
-            .iter()
-            .rev()
-            .find(|k| k.state == KeyState::Active)
+        self.data_keys.iter().rev().find(|k| k.state == KeyState::Active)
     }
 }
 
@@ -214,8 +205,7 @@ fn now() -> String {
 
 fn ensure_keys_dir(workspace: &Path) -> Result<()> {
     let dagrun = workspace.join(".dagrun");
-    fs::create_dir_all(&dagrun)
-        .with_context(|| format!("cannot create directory {}", dagrun.display()))?;
+    fs::create_dir_all(&dagrun).with_context(|| format!("cannot create directory {}", dagrun.display()))?;
     let keys = keys_dir(workspace);
     if !keys.is_dir() {
         let mut b = fs::DirBuilder::new();
@@ -228,8 +218,7 @@ fn ensure_keys_dir(workspace: &Path) -> Result<()> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("cannot create directory {}", keys.display()));
+                return Err(e).with_context(|| format!("cannot create directory {}", keys.display()));
             }
         }
     }
@@ -253,10 +242,7 @@ pub struct Keyring {
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keyring")
-            .field("path", &self.path)
-            .field("master_key", &format_args!("[redacted] (from {})", self.master.describe()))
-            .finish()
+        f.debug_struct("Keyring").field("path", &self.path).field("master_key", &format_args!("[redacted] (from {})", self.master.describe())).finish()
     }
 }
 
@@ -288,7 +274,14 @@ pub enum Rewrapped {
 impl KeyringFile {
     /// A keyring with no tenant keys yet, under `master` (whose check value is `check`).
     fn empty(check: String, master: &Master) -> KeyringFile {
-        KeyringFile { format: KEYRING_FORMAT.into(), key_check: check, master: Some(master.record()), tenants: BTreeMap::new(), forgotten: Vec::new(), integrity: None }
+        KeyringFile {
+            format: KEYRING_FORMAT.into(),
+            key_check: check,
+            master: Some(master.record()),
+            tenants: BTreeMap::new(),
+            forgotten: Vec::new(),
+            integrity: None,
+        }
     }
 }
 
@@ -489,18 +482,12 @@ impl Keyring {
         match entry.and_then(|e| e.data_keys.iter().find(|k| k.id == key_id)) {
             Some(k) => self.unwrap_key(tenant, k, DataKey::from_bytes),
             None => {
-                let known: Vec<&str> = entry
-                    .map(|e| e.data_keys.iter().map(|k| k.id.as_str()).collect())
-                    .unwrap_or_default();
+                let known: Vec<&str> = entry.map(|e| e.data_keys.iter().map(|k| k.id.as_str()).collect()).unwrap_or_default();
                 Err(KeyError::UnknownKey {
                     tenant: tenant.into(),
                     key_id: escape_for_message(key_id),
                     keyring: self.path.display().to_string(),
-                    known: if known.is_empty() {
-                        "no data keys".into()
-                    } else {
-                        known.join(", ")
-                    },
+                    known: if known.is_empty() { "no data keys".into() } else { known.join(", ") },
                 }
                 .into())
             }
@@ -540,10 +527,7 @@ impl Keyring {
         validate_tenant(tenant)?;
         let g = self.lock();
         forgotten_check(&g, tenant)?;
-        Ok(g.tenants
-            .get(tenant)
-            .and_then(TenantEntry::active_data)
-            .map(|k| k.id.clone()))
+        Ok(g.tenants.get(tenant).and_then(TenantEntry::active_data).map(|k| k.id.clone()))
     }
 
     /// The tenant's pseudonym (HMAC) key, created on first use; a separate random
@@ -560,10 +544,7 @@ impl Keyring {
         let key = PseudonymKey::generate()?;
         let (wrapped, mechanism) = self.wrap_key(tenant, &id, key.bytes())?;
         let stored = StoredKey { id: id.clone(), created: now(), state: KeyState::Active, wrapped, mechanism };
-        new.tenants
-            .entry(tenant.to_string())
-            .or_default()
-            .pseudonym_key = Some(stored);
+        new.tenants.entry(tenant.to_string()).or_default().pseudonym_key = Some(stored);
         self.commit(&mut g, new)?;
         self.audit.append("create", tenant, &id, "ok: pseudonym key")?;
         Ok(key)
@@ -595,48 +576,27 @@ impl Keyring {
         match &entry {
             Some(e) => {
                 for k in &e.data_keys {
-                    destroyed.push(DestroyedKey {
-                        id: k.id.clone(),
-                        kind: KeyKind::Data,
-                        created: k.created.clone(),
-                    });
+                    destroyed.push(DestroyedKey { id: k.id.clone(), kind: KeyKind::Data, created: k.created.clone() });
                 }
                 if let Some(k) = &e.pseudonym_key {
-                    destroyed.push(DestroyedKey {
-                        id: k.id.clone(),
-                        kind: KeyKind::Pseudonym,
-                        created: k.created.clone(),
-                    });
+                    destroyed.push(DestroyedKey { id: k.id.clone(), kind: KeyKind::Pseudonym, created: k.created.clone() });
                 }
             }
-            None => tracing::warn!(
-                "tenant {tenant} had no keys in {}; recording it as forgotten so none are ever created",
-                self.path.display()
-            ),
+            None => tracing::warn!("tenant {tenant} had no keys in {}; recording it as forgotten so none are ever created", self.path.display()),
         }
         let n = destroyed.len();
         let ids: Vec<String> = destroyed.iter().map(|d| d.id.clone()).collect();
-        new.forgotten.push(Tombstone {
-            tenant: tenant.to_string(),
-            forgotten_at: now(),
-            destroyed_keys: destroyed,
-        });
+        new.forgotten.push(Tombstone { tenant: tenant.to_string(), forgotten_at: now(), destroyed_keys: destroyed });
         self.commit(&mut g, new)?;
         let shown = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
         self.audit.append("forget", tenant, &shown, &format!("ok: {n} key(s) destroyed"))?;
-        tracing::warn!(
-            "destroyed {n} key(s) of tenant {tenant}; its encrypted data can no longer be decrypted"
-        );
+        tracing::warn!("destroyed {n} key(s) of tenant {tenant}; its encrypted data can no longer be decrypted");
         Ok(())
     }
 
     /// When the tenant was forgotten (RFC 3339), if it was.
     pub fn is_forgotten(&self, tenant: &str) -> Option<String> {
-        self.lock()
-            .forgotten
-            .iter()
-            .find(|t| t.tenant == tenant)
-            .map(|t| t.forgotten_at.clone())
+        self.lock().forgotten.iter().find(|t| t.tenant == tenant).map(|t| t.forgotten_at.clone())
     }
 
     /// Every key's metadata (never bytes), by tenant; destroyed keys of forgotten
@@ -646,13 +606,7 @@ impl Keyring {
         let mut out = Vec::new();
         for (tenant, e) in &g.tenants {
             for k in &e.data_keys {
-                out.push(KeyInfo {
-                    tenant: tenant.clone(),
-                    key_id: k.id.clone(),
-                    kind: KeyKind::Data,
-                    created: k.created.clone(),
-                    state: k.state,
-                });
+                out.push(KeyInfo { tenant: tenant.clone(), key_id: k.id.clone(), kind: KeyKind::Data, created: k.created.clone(), state: k.state });
             }
             if let Some(k) = &e.pseudonym_key {
                 out.push(KeyInfo {
@@ -666,13 +620,7 @@ impl Keyring {
         }
         for t in &g.forgotten {
             for k in &t.destroyed_keys {
-                out.push(KeyInfo {
-                    tenant: t.tenant.clone(),
-                    key_id: k.id.clone(),
-                    kind: k.kind,
-                    created: k.created.clone(),
-                    state: KeyState::Destroyed,
-                });
+                out.push(KeyInfo { tenant: t.tenant.clone(), key_id: k.id.clone(), kind: k.kind, created: k.created.clone(), state: KeyState::Destroyed });
             }
         }
         out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
@@ -727,41 +675,21 @@ impl Keyring {
         new.master = Some(self.master.record());
         let mut bytes = serde_json::to_vec_pretty(&new).context("cannot serialise the keyring")?;
         bytes.push(b'\n');
-        write_atomic_mode(&self.path, &bytes, 0o600).with_context(|| {
-            format!(
-                "cannot save the keyring {}; no key was changed",
-                self.path.display()
-            )
-        })?;
+        write_atomic_mode(&self.path, &bytes, 0o600).with_context(|| format!("cannot save the keyring {}; no key was changed", self.path.display()))?;
         **g = new;
         Ok(())
     }
 
-    fn add_data_key_as(
-        &self,
-        g: &mut MutexGuard<'_, KeyringFile>,
-        tenant: &str,
-        op: &str,
-    ) -> Result<(String, DataKey)> {
+    fn add_data_key_as(&self, g: &mut MutexGuard<'_, KeyringFile>, tenant: &str, op: &str) -> Result<(String, DataKey)> {
         let mut new = (**g).clone();
         let entry = new.tenants.entry(tenant.to_string()).or_default();
         let id = next_data_key_id(tenant, entry);
         let key = DataKey::generate()?;
         let (wrapped, mechanism) = self.wrap_key(tenant, &id, key.bytes())?;
-        for k in entry
-            .data_keys
-            .iter_mut()
-            .filter(|k| k.state == KeyState::Active)
-        {
+        for k in entry.data_keys.iter_mut().filter(|k| k.state == KeyState::Active) {
             k.state = KeyState::Retired;
         }
-        entry.data_keys.push(StoredKey {
-            id: id.clone(),
-            created: now(),
-            state: KeyState::Active,
-            wrapped,
-            mechanism,
-        });
+        entry.data_keys.push(StoredKey { id: id.clone(), created: now(), state: KeyState::Active, wrapped, mechanism });
         self.commit(g, new)?;
         self.audit.append(op, tenant, &id, "ok: data key")?;
         Ok((id, key))
@@ -794,9 +722,7 @@ impl Keyring {
         let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{}", k.id);
         self.master
             .unwrap(k.mechanism.as_deref(), aad.as_bytes(), &blob)
-            .with_context(|| {
-                format!("cannot unwrap key {} of tenant {tenant} in the keyring {}", escape_for_message(&k.id), self.path.display())
-            })?
+            .with_context(|| format!("cannot unwrap key {} of tenant {tenant} in the keyring {}", escape_for_message(&k.id), self.path.display()))?
             .ok_or_else(damaged)
     }
 }
@@ -804,7 +730,9 @@ impl Keyring {
 /// The integrity key: the one stored by a rewrap, else the master's own.
 fn integrity_of(master: &Master, path: &Path, stored: Option<&StoredKey>, key_check: &str) -> Result<super::integrity::IntegrityKey> {
     let Some(k) = stored else { return master.integrity_key(key_check) };
-    let damaged = || anyhow!("the stored integrity key in the keyring {} does not unwrap although the master key matches: restore the keyring from a backup", path.display());
+    let damaged = || {
+        anyhow!("the stored integrity key in the keyring {} does not unwrap although the master key matches: restore the keyring from a backup", path.display())
+    };
     let blob = hex::decode(&k.wrapped).map_err(|_| damaged())?;
     let aad = format!("{WRAP_AAD_PREFIX}{INTEGRITY_OWNER}|{}", k.id);
     let mut bytes = master.unwrap(k.mechanism.as_deref(), aad.as_bytes(), &blob)?.ok_or_else(damaged)?;
@@ -887,10 +815,7 @@ impl KeyringView {
 
     /// True when the keyring holds a data key `key_id` of the tenant (any state).
     pub fn holds_data_key(&self, tenant: &str, key_id: &str) -> bool {
-        self.file
-            .as_ref()
-            .and_then(|f| f.tenants.get(tenant))
-            .is_some_and(|e| e.data_keys.iter().any(|k| k.id == key_id))
+        self.file.as_ref().and_then(|f| f.tenants.get(tenant)).is_some_and(|e| e.data_keys.iter().any(|k| k.id == key_id))
     }
 
     /// The data key the tenant's next encryption uses: the active key's id, or
@@ -909,19 +834,14 @@ impl KeyringView {
 
 fn forgotten_check(file: &KeyringFile, tenant: &str) -> Result<()> {
     match file.forgotten.iter().find(|t| t.tenant == tenant) {
-        Some(t) => Err(KeyError::Forgotten {
-            tenant: tenant.into(),
-            at: t.forgotten_at.clone(),
-        }
-        .into()),
+        Some(t) => Err(KeyError::Forgotten { tenant: tenant.into(), at: t.forgotten_at.clone() }.into()),
         None => Ok(()),
     }
 }
 
 fn read_keyring(path: &Path) -> Result<KeyringFile> {
     check_private(path, "keyring")?;
-    let text = fs::read_to_string(path)
-        .with_context(|| format!("cannot read the keyring {}", path.display()))?;
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read the keyring {}", path.display()))?;
     let file: KeyringFile = serde_json::from_str(&text).with_context(|| {
         format!(
             "the keyring {} is not valid keyring JSON; restore it from a backup (do not delete it: the \

@@ -9,9 +9,7 @@ use std::fmt;
 /// Fill 32 bytes from the operating system's CSPRNG (getrandom).
 pub(crate) fn random_32() -> Result<[u8; 32]> {
     let mut b = [0u8; 32];
-    rand::rngs::SysRng
-        .try_fill_bytes(&mut b)
-        .context("the operating system's random number generator failed; cannot create a key")?;
+    rand::rngs::SysRng.try_fill_bytes(&mut b).context("the operating system's random number generator failed; cannot create a key")?;
     Ok(b)
 }
 
@@ -117,17 +115,9 @@ mod tests {
         let k = DataKey::from_bytes([0xab; 32]);
         let p = PseudonymKey::from_bytes([0xab; 32]);
         let m = MasterKey::from_hex(HEX).unwrap();
-        for s in [
-            format!("{k:?}"),
-            format!("{p:?}"),
-            format!("{m:?}"),
-            format!("{:#?}", Some(&k)),
-        ] {
+        for s in [format!("{k:?}"), format!("{p:?}"), format!("{m:?}"), format!("{:#?}", Some(&k))] {
             assert!(s.contains("[redacted]"), "{s}");
-            assert!(
-                !s.contains("ab") && !s.contains("171") && !s.contains("0011"),
-                "{s}"
-            );
+            assert!(!s.contains("ab") && !s.contains("171") && !s.contains("0011"), "{s}");
         }
     }
 
@@ -139,10 +129,7 @@ mod tests {
         let e = format!("{:#}", MasterKey::from_hex(&bad).unwrap_err());
         assert!(!e.contains(&bad[..20]), "{e}");
         let e = format!("{:#}", MasterKey::from_hex(&HEX[..40]).unwrap_err());
-        assert!(
-            e.contains("40 characters") && !e.contains(&HEX[..20]),
-            "{e}"
-        );
+        assert!(e.contains("40 characters") && !e.contains(&HEX[..20]), "{e}");
     }
 
     #[test]

@@ -40,17 +40,16 @@ pub mod aead;
 pub mod audit;
 pub mod integrity;
 pub mod keyring;
-pub mod master;
 pub mod keys;
+pub mod master;
 pub mod pseudonym;
 
-pub use integrity::IntegrityKey;
 pub use aead::{FieldCipher, FieldError, aad, decrypt_field, encrypt_field};
+pub use integrity::IntegrityKey;
 pub use keyring::{KeyError, KeyInfo, KeyKind, KeyState, Keyring, KeyringView};
-pub use master::MasterKeySource;
 pub use keys::{DataKey, MasterKey, PseudonymKey};
+pub use master::MasterKeySource;
 pub use pseudonym::{Pseudonymizer, token};
-
 
 /// Overwrite `buf` with zeros in a way the optimiser may not remove
 /// (`zeroize`: volatile writes + a compiler fence).
@@ -133,11 +132,7 @@ pub fn validate_tenant(tenant: &str) -> anyhow::Result<()> {
     if crate::data::is_valid_tenant_id(tenant) {
         Ok(())
     } else {
-        Err(KeyError::InvalidTenant {
-            shown: escape_for_message(tenant),
-            len: tenant.chars().count(),
-        }
-        .into())
+        Err(KeyError::InvalidTenant { shown: escape_for_message(tenant), len: tenant.chars().count() }.into())
     }
 }
 
@@ -153,17 +148,10 @@ mod tests {
         for bad in ["", "Tenant A", "a|b", "../x", "é", &"x".repeat(65)] {
             assert!(validate_tenant(bad).is_err(), "{bad:?}");
         }
-        let e = validate_tenant("evil\u{1b}[31m\nname")
-            .unwrap_err()
-            .to_string();
+        let e = validate_tenant("evil\u{1b}[31m\nname").unwrap_err().to_string();
         assert!(!e.contains('\u{1b}') && !e.contains('\n'), "{e}");
         assert!(e.contains("\\u{1b}") && e.contains("\\n"), "{e}");
-        assert!(matches!(
-            validate_tenant("a b")
-                .unwrap_err()
-                .downcast_ref::<KeyError>(),
-            Some(KeyError::InvalidTenant { .. })
-        ));
+        assert!(matches!(validate_tenant("a b").unwrap_err().downcast_ref::<KeyError>(), Some(KeyError::InvalidTenant { .. })));
     }
 
     #[test]

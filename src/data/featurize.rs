@@ -46,14 +46,8 @@ pub fn fit_stats(path: &Path) -> Result<TenantStats> {
     Ok(stats)
 }
 
-fn column<'a, T: arrow_array::ArrowPrimitiveType>(
-    batch: &'a RecordBatch,
-    name: &str,
-    fname: &str,
-) -> Result<&'a arrow_array::PrimitiveArray<T>> {
-    let a = batch
-        .column_by_name(name)
-        .ok_or_else(|| anyhow!("{fname}: missing column {name}; expected a raw or encrypted dataset written by dagrun"))?;
+fn column<'a, T: arrow_array::ArrowPrimitiveType>(batch: &'a RecordBatch, name: &str, fname: &str) -> Result<&'a arrow_array::PrimitiveArray<T>> {
+    let a = batch.column_by_name(name).ok_or_else(|| anyhow!("{fname}: missing column {name}; expected a raw or encrypted dataset written by dagrun"))?;
     if a.data_type() != &T::DATA_TYPE {
         bail!("{fname}: column {name} has type {} but {} is expected", a.data_type(), T::DATA_TYPE);
     }
@@ -67,9 +61,7 @@ fn column<'a, T: arrow_array::ArrowPrimitiveType>(
 /// `Converted` carried over when present) → `features_schema` batch.
 pub fn features_batch(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Result<RecordBatch> {
     let f = "feature input";
-    let get = |name: &str| -> Result<&ArrayRef> {
-        batch.column_by_name(name).ok_or_else(|| anyhow!("{f}: missing column {name}"))
-    };
+    let get = |name: &str| -> Result<&ArrayRef> { batch.column_by_name(name).ok_or_else(|| anyhow!("{f}: missing column {name}")) };
     let tenant = get(TENANT_ID)?.clone();
     let cid = get(CUSTOMER_ID)?.clone();
     let token = get(SENSITIVE_TOKEN)?.clone();
@@ -130,13 +122,7 @@ pub fn features_batch(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> R
 
 /// Stream an encrypted Parquet file into a features Parquet file (atomic).
 /// Returns the number of rows written.
-pub fn transform_file(
-    input: &Path,
-    output: &Path,
-    stats: &TenantStats,
-    as_of: i32,
-    kv_metadata: Vec<(String, String)>,
-) -> Result<u64> {
+pub fn transform_file(input: &Path, output: &Path, stats: &TenantStats, as_of: i32, kv_metadata: Vec<(String, String)>) -> Result<u64> {
     let has_label = crate::data::parquet_io::read_schema(input)?.field_with_name(CONVERTED).is_ok();
     let mut sink = ParquetSink::create(output, features_schema(has_label), kv_metadata)?;
     // Every column but the ciphertext, which features never use.

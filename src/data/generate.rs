@@ -171,14 +171,72 @@ pub const PURCHASE_MU: f64 = 3.5;
 pub const PURCHASE_SIGMA: f64 = 0.8;
 
 const FIRST: [&str; 32] = [
-    "james", "mary", "john", "patricia", "robert", "jennifer", "michael", "linda", "william", "elizabeth", "david",
-    "barbara", "richard", "susan", "joseph", "jessica", "thomas", "sarah", "charles", "karen", "daniel", "nancy",
-    "matthew", "lisa", "anthony", "betty", "mark", "sandra", "paul", "ashley", "steven", "emily",
+    "james",
+    "mary",
+    "john",
+    "patricia",
+    "robert",
+    "jennifer",
+    "michael",
+    "linda",
+    "william",
+    "elizabeth",
+    "david",
+    "barbara",
+    "richard",
+    "susan",
+    "joseph",
+    "jessica",
+    "thomas",
+    "sarah",
+    "charles",
+    "karen",
+    "daniel",
+    "nancy",
+    "matthew",
+    "lisa",
+    "anthony",
+    "betty",
+    "mark",
+    "sandra",
+    "paul",
+    "ashley",
+    "steven",
+    "emily",
 ];
 const LAST: [&str; 32] = [
-    "smith", "johnson", "williams", "brown", "jones", "garcia", "miller", "davis", "rodriguez", "martinez",
-    "hernandez", "lopez", "gonzalez", "wilson", "anderson", "thomas", "taylor", "moore", "jackson", "martin", "lee",
-    "perez", "thompson", "white", "harris", "sanchez", "clark", "ramirez", "lewis", "robinson", "walker", "young",
+    "smith",
+    "johnson",
+    "williams",
+    "brown",
+    "jones",
+    "garcia",
+    "miller",
+    "davis",
+    "rodriguez",
+    "martinez",
+    "hernandez",
+    "lopez",
+    "gonzalez",
+    "wilson",
+    "anderson",
+    "thomas",
+    "taylor",
+    "moore",
+    "jackson",
+    "martin",
+    "lee",
+    "perez",
+    "thompson",
+    "white",
+    "harris",
+    "sanchez",
+    "clark",
+    "ramirez",
+    "lewis",
+    "robinson",
+    "walker",
+    "young",
 ];
 
 /// Last day a generated file may reach (9999-12-31).
@@ -260,9 +318,8 @@ pub fn generate_tenant(out: &Path, tenant: &str, tenant_rows: u64, seed: u64, as
         while start < n {
             let end = (start + DEFAULT_BATCH_SIZE).min(n);
             let m = end - start;
-            let parts = crate::util::par::map_chunks(m, threads, 8192, |r| {
-                rest_rows(&rest_seed, &stats, as_of, &logins, &purchases, start + r.start..start + r.end)
-            });
+            let parts =
+                crate::util::par::map_chunks(m, threads, 8192, |r| rest_rows(&rest_seed, &stats, as_of, &logins, &purchases, start + r.start..start + r.end));
             let mut dates: Vec<i32> = Vec::with_capacity(m);
             for part in &parts {
                 positives += part.labels.true_count() as u64;

@@ -25,9 +25,7 @@ pub fn writer_props() -> WriterProperties {
     // Ciphertexts, tokens and PII are random or unique per row: dictionary
     // encoding and compression only cost CPU on them.
     for c in ["Sensitive_Data_Enc", "Sensitive_Token", "Sensitive_Data"] {
-        b = b
-            .set_column_dictionary_enabled(ColumnPath::from(c), false)
-            .set_column_compression(ColumnPath::from(c), Compression::UNCOMPRESSED);
+        b = b.set_column_dictionary_enabled(ColumnPath::from(c), false).set_column_compression(ColumnPath::from(c), Compression::UNCOMPRESSED);
     }
     b.set_column_dictionary_enabled(ColumnPath::from("Customer_ID"), false).build()
 }
@@ -54,8 +52,7 @@ impl ParquetSink {
     }
 
     fn with_file(file: AtomicFile, path: &Path, schema: SchemaRef, kv_metadata: Vec<(String, String)>) -> Result<Self> {
-        let mut writer = ArrowWriter::try_new(file, schema, Some(writer_props()))
-            .with_context(|| format!("cannot start Parquet file {}", path.display()))?;
+        let mut writer = ArrowWriter::try_new(file, schema, Some(writer_props())).with_context(|| format!("cannot start Parquet file {}", path.display()))?;
         for (k, v) in kv_metadata {
             writer.append_key_value_metadata(KeyValue::new(k, v));
         }
@@ -64,9 +61,7 @@ impl ParquetSink {
 
     /// Append one batch (its schema must equal the sink's).
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
-        self.writer
-            .write(batch)
-            .with_context(|| format!("cannot write Parquet file {}", self.path.display()))?;
+        self.writer.write(batch).with_context(|| format!("cannot write Parquet file {}", self.path.display()))?;
         self.rows += batch.num_rows() as u64;
         Ok(())
     }
@@ -78,18 +73,14 @@ impl ParquetSink {
 
     /// Write the footer, fsync and move the file into place.
     pub fn finish(self) -> Result<()> {
-        let file = self
-            .writer
-            .into_inner()
-            .with_context(|| format!("cannot finish Parquet file {}", self.path.display()))?;
+        let file = self.writer.into_inner().with_context(|| format!("cannot finish Parquet file {}", self.path.display()))?;
         file.commit()
     }
 }
 
 fn open_builder(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{} is not a readable Parquet file", path.display()))
+    ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{} is not a readable Parquet file", path.display()))
 }
 
 /// Footer key-value metadata of a Parquet file.
@@ -100,18 +91,12 @@ pub fn read_footer_kv(path: &Path) -> Result<BTreeMap<String, String>> {
 
 /// Footer key-value metadata from already-read metadata (entries without a value are skipped).
 pub fn footer_kv(md: &parquet::file::metadata::ParquetMetaData) -> BTreeMap<String, String> {
-    md.file_metadata()
-        .key_value_metadata()
-        .map(|kvs| kvs.iter().filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v))).collect())
-        .unwrap_or_default()
+    md.file_metadata().key_value_metadata().map(|kvs| kvs.iter().filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v))).collect()).unwrap_or_default()
 }
 
 /// Stream a Parquet file as RecordBatches of at most `batch_size` rows.
 pub fn open_batches(path: &Path, batch_size: usize) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
-    let reader = open_builder(path)?
-        .with_batch_size(batch_size.max(1))
-        .build()
-        .with_context(|| format!("cannot read Parquet file {}", path.display()))?;
+    let reader = open_builder(path)?.with_batch_size(batch_size.max(1)).build().with_context(|| format!("cannot read Parquet file {}", path.display()))?;
     let p = path.to_path_buf();
     Ok(reader.map(move |r| r.with_context(|| format!("cannot read Parquet file {}", p.display()))))
 }
@@ -124,11 +109,7 @@ pub fn open_batches_columns(path: &Path, batch_size: usize, columns: &[&str]) ->
     let schema = b.schema().clone();
     let idx: Vec<usize> = columns.iter().filter_map(|c| schema.index_of(c).ok()).collect();
     let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), idx);
-    let reader = b
-        .with_projection(mask)
-        .with_batch_size(batch_size.max(1))
-        .build()
-        .with_context(|| format!("cannot read Parquet file {}", path.display()))?;
+    let reader = b.with_projection(mask).with_batch_size(batch_size.max(1)).build().with_context(|| format!("cannot read Parquet file {}", path.display()))?;
     let p = path.to_path_buf();
     Ok(reader.map(move |r| r.with_context(|| format!("cannot read Parquet file {}", p.display()))))
 }
@@ -151,10 +132,7 @@ pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> R
     for (k, v) in kv {
         merged.insert(k, v);
     }
-    let props = writer_props()
-        .into_builder()
-        .set_key_value_metadata(Some(merged.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect()))
-        .build();
+    let props = writer_props().into_builder().set_key_value_metadata(Some(merged.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect())).build();
     let root = md.file_metadata().schema_descr().root_schema_ptr();
     let out = AtomicFile::create(dest)?;
     let ctx = || format!("cannot write Parquet file {}", dest.display());

@@ -86,10 +86,7 @@ const UNIX_EPOCH_CE_DAYS: i32 = 719_163;
 /// they are acceptable. The error message never repeats the input.
 pub fn parse_date(s: &str) -> Result<i32> {
     let b = s.as_bytes();
-    let ok_shape = b.len() == 10
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    let ok_shape = b.len() == 10 && b[4] == b'-' && b[7] == b'-' && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
     if !ok_shape {
         bail!("not a date in YYYY-MM-DD form");
     }

@@ -53,10 +53,11 @@ impl Engine {
         if let Some(p) = self.pipeline.producer_of(dep) {
             let producer = self.stage(p);
             if producer.outs.iter().any(|o| o.path == dep && o.sensitive)
-                && let Some(rec) = self.states.get(&producer.name).and_then(|st| st.outputs.get(dep).cloned()) {
-                    missing_sensitive.push(p);
-                    return Ok(InputHash::Known(rec.hash));
-                }
+                && let Some(rec) = self.states.get(&producer.name).and_then(|st| st.outputs.get(dep).cloned())
+            {
+                missing_sensitive.push(p);
+                return Ok(InputHash::Known(rec.hash));
+            }
             bail!("input {dep} does not exist: its producer, stage {}, has not written it", producer.name);
         }
         bail!("input {dep} does not exist; create it, or declare the stage that makes it (as one of its `outs:`)")
@@ -279,8 +280,12 @@ impl Engine {
         }
         tracing::info!("{}: regenerating its sensitive output for {consumer}", s.name);
         let ev = self.evaluate(p)?;
-        let pending = Pending { i: p, ev: Some(ev), reasons: vec![format!("regenerate sensitive output for {consumer}")], rec: StageRecord::new(&s.name, Status::Ran) };
-        self.run_batch(vec![pending]).pop().expect("one result per member").with_context(|| format!("regenerating the input of {consumer} with stage {}", s.name))?;
+        let pending =
+            Pending { i: p, ev: Some(ev), reasons: vec![format!("regenerate sensitive output for {consumer}")], rec: StageRecord::new(&s.name, Status::Ran) };
+        self.run_batch(vec![pending])
+            .pop()
+            .expect("one result per member")
+            .with_context(|| format!("regenerating the input of {consumer} with stage {}", s.name))?;
         Ok(true)
     }
 }

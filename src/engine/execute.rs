@@ -221,7 +221,8 @@ impl Engine {
             results.push(Err(e));
             for p in &pending[start + 1..] {
                 let name = &self.stage(p.i).name;
-                results.push(Ok(StageRecord { error: Some(format!("stage {failed} of the same job group failed")), ..StageRecord::new(name, Status::Skipped) }));
+                results
+                    .push(Ok(StageRecord { error: Some(format!("stage {failed} of the same job group failed")), ..StageRecord::new(name, Status::Skipped) }));
             }
         }
         results
@@ -244,14 +245,15 @@ impl Engine {
             }
         };
         if let Some(k) = &done.key
-            && k.as_str() != ev.key.as_str() {
-                bail!(
-                    "{} computed the stage's cache key as {} but dagrun computes {}: its inputs changed while it ran; run again",
-                    done.job.as_deref().unwrap_or("the job"),
-                    &k[..k.len().min(12)],
-                    ev.key.short()
-                );
-            }
+            && k.as_str() != ev.key.as_str()
+        {
+            bail!(
+                "{} computed the stage's cache key as {} but dagrun computes {}: its inputs changed while it ran; run again",
+                done.job.as_deref().unwrap_or("the job"),
+                &k[..k.len().min(12)],
+                ev.key.short()
+            );
+        }
         let prev = ev.prev.as_ref();
         let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
         let mut rec = std::mem::replace(&mut p.rec, StageRecord::new(&s.name, Status::Ran));

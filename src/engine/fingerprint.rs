@@ -46,8 +46,8 @@ use std::collections::BTreeMap;
 /// Version line hashed before the ingredients.
 pub const FORMAT: &str = "dagrun-cache-key/2";
 
-pub use crate::workspace::state::Ingredients;
 pub use crate::workspace::record::canonical_json;
+pub use crate::workspace::state::Ingredients;
 
 impl Ingredients {
     /// The cache key: blake3 hex of the canonical encoding.

@@ -77,7 +77,8 @@ fn short(v: &Value) -> String {
 fn render_into(v: &Value, depth: usize, s: &mut String) {
     let pad = "  ".repeat(depth);
     let path = v["path"].as_str().unwrap_or("?");
-    let modified = if v["modified"].as_bool() == Some(true) { "  (modified since: now blake3 ".to_string() + &short(&v["current_hash"]) + ")" } else { String::new() };
+    let modified =
+        if v["modified"].as_bool() == Some(true) { "  (modified since: now blake3 ".to_string() + &short(&v["current_hash"]) + ")" } else { String::new() };
     if v.get("stage").is_some() {
         s.push_str(&format!("{pad}{path}  blake3 {}{modified}\n", short(&v["hash"])));
         s.push_str(&format!(

@@ -49,10 +49,10 @@ pub use crate::stages::Services;
 pub use crate::workspace::DAGRUN_DIR;
 pub use crate::workspace::{cas, hashing, lock, state};
 
+use crate::executor::{Batch, Done, Executor, LocalWork, Member};
 use crate::pipeline::{Pipeline, Stage};
 use crate::stages::RunCtx;
 use crate::workspace::{ContentHash, Workspace};
-use crate::executor::{Batch, Done, Executor, LocalWork, Member};
 use anyhow::{Context, Result, anyhow, bail};
 use cas::Cas;
 use fingerprint::Ingredients;

@@ -193,10 +193,12 @@ impl OpenLineage {
     /// and the endpoint's queue. `opens` = these events may leave a run open
     /// if the process dies now: mark this run open first.
     fn emit(&self, events: &[RunEvent], opens: bool) {
-        if opens && !self.marked.swap(true, Ordering::SeqCst)
-            && let Err(e) = self.open.mark(&self.run_id) {
-                tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
-            }
+        if opens
+            && !self.marked.swap(true, Ordering::SeqCst)
+            && let Err(e) = self.open.mark(&self.run_id)
+        {
+            tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
+        }
         let mut lines = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
         lines.extend(events.iter().map(RunEvent::to_line));
         self.file.write_lines(&lines);
@@ -280,9 +282,9 @@ impl OpenLineage {
         } else {
             None
         };
-        let fields = file.and_then(|f| crate::data::parquet_io::read_schema(&f).ok()).map(|schema| {
-            schema.fields().iter().map(|f| Field { name: f.name().clone(), r#type: f.data_type().to_string() }).collect::<Vec<_>>()
-        });
+        let fields = file
+            .and_then(|f| crate::data::parquet_io::read_schema(&f).ok())
+            .map(|schema| schema.fields().iter().map(|f| Field { name: f.name().clone(), r#type: f.data_type().to_string() }).collect::<Vec<_>>());
         self.schemas.lock().unwrap_or_else(|e| e.into_inner()).insert(key, fields.clone());
         fields
     }

@@ -46,11 +46,7 @@ impl Reporter {
             _ if std::io::stdout().is_terminal() && std::env::var_os("DAGRUN_PLAIN").is_none() => {
                 let multi = MultiProgress::new();
                 let overall = multi.add(ProgressBar::new(total as u64));
-                overall.set_style(
-                    ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} stages {msg}")
-                        .unwrap()
-                        .progress_chars("=> "),
-                );
+                overall.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} stages {msg}").unwrap().progress_chars("=> "));
                 Mode::Bars { multi, overall, running: Mutex::new(HashMap::new()) }
             }
             _ => Mode::Plain,
@@ -80,12 +76,13 @@ impl Reporter {
             line.push_str(" — outputs unchanged, dependents stay cached");
         }
         if let Some(first) = rec.reasons.first()
-            && matches!(rec.status, Status::Ran | Status::Restored) {
-                line.push_str(&format!(" — {first}"));
-                if rec.reasons.len() > 1 {
-                    line.push_str(&format!(" (+{} more)", rec.reasons.len() - 1));
-                }
+            && matches!(rec.status, Status::Ran | Status::Restored)
+        {
+            line.push_str(&format!(" — {first}"));
+            if rec.reasons.len() > 1 {
+                line.push_str(&format!(" (+{} more)", rec.reasons.len() - 1));
             }
+        }
         if let (Status::Skipped, Some(e)) = (rec.status, &rec.error) {
             line.push_str(&format!(" — {e}"));
         }

@@ -277,12 +277,13 @@ impl RunObserver for RunMetrics {
     fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
         let mut last = load_last_success(&engine.dagrun_dir);
         if record.status == "ok"
-            && let Some(t) = unix_seconds(&record.finished_at) {
-                last.insert(record.pipeline.clone(), t);
-                if let Err(e) = store_last_success(&engine.dagrun_dir, &last) {
-                    tracing::warn!("cannot record the time of this successful run: {e:#}");
-                }
+            && let Some(t) = unix_seconds(&record.finished_at)
+        {
+            last.insert(record.pipeline.clone(), t);
+            if let Err(e) = store_last_success(&engine.dagrun_dir, &last) {
+                tracing::warn!("cannot record the time of this successful run: {e:#}");
             }
+        }
         let text = render(engine, record, last.get(&record.pipeline).copied());
         if let Err(e) = crate::util::atomic::write_atomic(&self.path, text.as_bytes()) {
             tracing::warn!("cannot write the metrics file: {e:#}");
@@ -319,7 +320,8 @@ mod tests {
         assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-1"));
         let reg = d.path().join("registry/Tenant_A");
         std::fs::create_dir_all(&reg).unwrap();
-        std::fs::write(reg.join("champion.json"), r#"{"format":"dagrun-registry-champion/1","tenant":"Tenant_A","version":"Tenant_A-0","previous":[]}"#).unwrap();
+        std::fs::write(reg.join("champion.json"), r#"{"format":"dagrun-registry-champion/1","tenant":"Tenant_A","version":"Tenant_A-0","previous":[]}"#)
+            .unwrap();
         assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-0"));
         // Another tenant's champion file, or a version with odd characters, names no champion.
         std::fs::write(reg.join("champion.json"), r#"{"tenant":"Tenant_B","version":"Tenant_B-0"}"#).unwrap();

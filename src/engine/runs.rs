@@ -153,10 +153,12 @@ pub fn list(workspace: &Path) -> Vec<RunRecord> {
     if let Ok(rd) = std::fs::read_dir(runs_dir(workspace)) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".json") && !name.starts_with('.')
-                && let Some(r) = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-                    v.push(r);
-                }
+            if name.ends_with(".json")
+                && !name.starts_with('.')
+                && let Some(r) = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                v.push(r);
+            }
         }
     }
     v.sort_by(|a, b| a.run_id.cmp(&b.run_id));
@@ -188,13 +190,15 @@ impl RunRecord {
                 anyhow::bail!("{origin}: stage {}: timing values must be finite and ≥ 0", s.stage);
             }
             if let (Some(a), Some(b)) = (s.start_s, s.end_s)
-                && b < a {
-                    anyhow::bail!("{origin}: stage {}: end_s {b} is before start_s {a}", s.stage);
-                }
+                && b < a
+            {
+                anyhow::bail!("{origin}: stage {}: end_s {b} is before start_s {a}", s.stage);
+            }
             if let (Some(w), Some(j)) = (s.worker, self.jobs)
-                && w >= j {
-                    anyhow::bail!("{origin}: stage {}: worker {w} is not below jobs {j}", s.stage);
-                }
+                && w >= j
+            {
+                anyhow::bail!("{origin}: stage {}: worker {w} is not below jobs {j}", s.stage);
+            }
         }
         Ok(())
     }

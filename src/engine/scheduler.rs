@@ -3,9 +3,9 @@
 //! kinds) runs on blocking threads, never on the async worker. A failed stage
 //! stops its dependents; independent stages finish.
 
+use super::Engine;
 use super::report::{Reporter, Verbosity};
 use super::runs::{self, RunRecord, StageRecord, Status};
-use super::Engine;
 use crate::error::{Failure, exit};
 use crate::pipeline::Pipeline;
 use anyhow::Result;
@@ -230,7 +230,8 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
     // A task's upstream: tasks of its members' selected upstream stages.
     let mut indeg = vec![0usize; tasks.len()];
     for (t, members) in tasks.iter().enumerate() {
-        let ups: HashSet<usize> = members.iter().flat_map(|&i| p.upstream(i)).filter(|u| selected.contains(u)).map(|u| task_of[u]).filter(|&u| u != t).collect();
+        let ups: HashSet<usize> =
+            members.iter().flat_map(|&i| p.upstream(i)).filter(|u| selected.contains(u)).map(|u| task_of[u]).filter(|&u| u != t).collect();
         indeg[t] = ups.len();
     }
     // Stages in topological (file) order; tasks ready in the order of their first member.
@@ -266,17 +267,18 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
                     }
                 }
                 let start = t0.elapsed().as_secs_f64();
-                let mut recs: Vec<StageRecord> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(&members))).unwrap_or_else(|panic| {
-                    let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-                    members
-                        .iter()
-                        .map(|&i| {
-                            let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
-                            r.status = Status::Failed;
-                            r
-                        })
-                        .collect()
-                });
+                let mut recs: Vec<StageRecord> =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(&members))).unwrap_or_else(|panic| {
+                        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+                        members
+                            .iter()
+                            .map(|&i| {
+                                let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
+                                r.status = Status::Failed;
+                                r
+                            })
+                            .collect()
+                    });
                 // A group's members ran one after the other in its slot.
                 let end = t0.elapsed().as_secs_f64().max(start);
                 let mut cursor = start;

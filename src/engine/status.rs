@@ -82,14 +82,13 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
             if let Some(st) = &prev {
                 for (k, v) in ing.inputs.iter_mut() {
                     if v.is_empty()
-                        && let Some(old) = st.ingredients.inputs.get(k) {
-                            v.clone_from(old);
-                        }
+                        && let Some(old) = st.ingredients.inputs.get(k)
+                    {
+                        v.clone_from(old);
+                    }
                 }
                 if ing.key() != st.key {
-                    reasons.extend(explain(&st.ingredients, &ing, &st.param_refs, &s.param_refs, &|x| {
-                        p.producer_of(x).map(|j| p.stages[j].name.clone())
-                    }));
+                    reasons.extend(explain(&st.ingredients, &ing, &st.param_refs, &s.param_refs, &|x| p.producer_of(x).map(|j| p.stages[j].name.clone())));
                 }
             } else if let Some(why) = &distrust {
                 reasons.push(why.clone());

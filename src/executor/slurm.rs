@@ -68,8 +68,20 @@ use std::time::{Duration, Instant};
 
 /// Slurm states in which a job is still queued or running.
 const ACTIVE: &[&str] = &[
-    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT",
-    "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "RESV_DEL_HOLD",
+    "SPECIAL_EXIT",
 ];
 /// How long to wait for a cancelled job to end.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
@@ -167,9 +179,10 @@ pub fn combine(rs: &[&Resources]) -> Resources {
     for r in rs {
         out.cpus = out.cpus.max(r.cpus);
         if let Some(m) = &r.mem
-            && out.mem.as_deref().and_then(mem_mb) < mem_mb(m) {
-                out.mem = Some(m.clone());
-            }
+            && out.mem.as_deref().and_then(mem_mb) < mem_mb(m)
+        {
+            out.mem = Some(m.clone());
+        }
         out.time = match (out.time, r.time) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
@@ -674,9 +687,10 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
         }
         if let Ok(b) = std::fs::read(e.path())
             && let Ok(a) = serde_json::from_slice::<ActiveJob>(&b)
-                && !runs.contains(&a.run_id) {
-                    runs.push(a.run_id);
-                }
+            && !runs.contains(&a.run_id)
+        {
+            runs.push(a.run_id);
+        }
         ids.push(name);
     }
     if ids.is_empty() {
@@ -699,7 +713,12 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
             break;
         }
         if t0.elapsed() > CANCEL_WAIT * 2 {
-            bail!("Slurm jobs {} of an earlier run did not end within {}s after scancel; wait for them (squeue -j {}) and run again", left.join(", "), (CANCEL_WAIT * 2).as_secs(), left.join(","));
+            bail!(
+                "Slurm jobs {} of an earlier run did not end within {}s after scancel; wait for them (squeue -j {}) and run again",
+                left.join(", "),
+                (CANCEL_WAIT * 2).as_secs(),
+                left.join(",")
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -835,8 +854,22 @@ mod tests {
 
     #[test]
     fn resources_combine_and_map_to_flags() {
-        let a = Resources { cpus: Some(2), mem: Some("2G".into()), time: Some(10), partition: Some("debug".into()), account: None, sbatch_args: vec!["--qos=low".into()] };
-        let b = Resources { cpus: Some(1), mem: Some("3000M".into()), time: Some(5), partition: Some("other".into()), account: Some("ml".into()), sbatch_args: vec!["--qos=low".into(), "--nice=5".into()] };
+        let a = Resources {
+            cpus: Some(2),
+            mem: Some("2G".into()),
+            time: Some(10),
+            partition: Some("debug".into()),
+            account: None,
+            sbatch_args: vec!["--qos=low".into()],
+        };
+        let b = Resources {
+            cpus: Some(1),
+            mem: Some("3000M".into()),
+            time: Some(5),
+            partition: Some("other".into()),
+            account: Some("ml".into()),
+            sbatch_args: vec!["--qos=low".into(), "--nice=5".into()],
+        };
         let c = combine(&[&a, &b]);
         assert_eq!(
             resource_flags(&c),

@@ -98,16 +98,21 @@ pub fn read_spec(path: &Path) -> Result<JobSpec> {
     let b = read_bounded(path, "job spec")?;
     let spec: JobSpec = serde_json::from_slice(&b).with_context(|| format!("the job spec {} is not valid", path.display()))?;
     if spec.format != SPEC_FORMAT {
-        bail!("the job spec {} has format {:?}; this dagrun reads {SPEC_FORMAT} (is the job running another dagrun version? set `slurm.binary`)", path.display(), spec.format);
+        bail!(
+            "the job spec {} has format {:?}; this dagrun reads {SPEC_FORMAT} (is the job running another dagrun version? set `slurm.binary`)",
+            path.display(),
+            spec.format
+        );
     }
     if spec.stages.is_empty() {
         bail!("the job spec {} names no stage", path.display());
     }
     for s in &spec.stages {
         if let Some(k) = &s.key
-            && !is_key(k) {
-                bail!("the job spec {} has an invalid key for stage {}", path.display(), s.stage);
-            }
+            && !is_key(k)
+        {
+            bail!("the job spec {} has an invalid key for stage {}", path.display(), s.stage);
+        }
     }
     Ok(spec)
 }
@@ -183,7 +188,9 @@ mod tests {
     fn result_files_are_checked() {
         let d = tempfile::tempdir().unwrap();
         let key = "a".repeat(64);
-        let ok = format!(r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"a","ok":true,"key":"{key}","seconds":1.5}},{{"stage":"b","ok":false,"error":"boom\u0007"}}]}}"#);
+        let ok = format!(
+            r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"a","ok":true,"key":"{key}","seconds":1.5}},{{"stage":"b","ok":false,"error":"boom\u0007"}}]}}"#
+        );
         let r = read_result(&write(d.path(), &ok), &["a", "b", "c"]).unwrap().unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(r[1].error.as_deref(), Some("boom?"));

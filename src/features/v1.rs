@@ -28,13 +28,7 @@ use serde::{Deserialize, Serialize};
 pub const VERSION: &str = "v1.0";
 
 /// The five features, in model column order.
-pub const FEATURE_NAMES: [&str; 5] = [
-    "Recency_Days",
-    "Frequency_Ratio",
-    "High_Value_Segment",
-    "Purchase_Login_Ratio",
-    "Activity_Score",
-];
+pub const FEATURE_NAMES: [&str; 5] = ["Recency_Days", "Frequency_Ratio", "High_Value_Segment", "Purchase_Login_Ratio", "Activity_Score"];
 
 /// Fitted per-tenant statistics (stored with the feature version).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -60,13 +54,7 @@ pub struct Features {
 impl Features {
     /// The features as the model's input vector, in [`FEATURE_NAMES`] order.
     pub fn as_array(&self) -> [f64; 5] {
-        [
-            self.recency_days as f64,
-            self.frequency_ratio,
-            self.high_value_segment as f64,
-            self.purchase_login_ratio,
-            self.activity_score,
-        ]
+        [self.recency_days as f64, self.frequency_ratio, self.high_value_segment as f64, self.purchase_login_ratio, self.activity_score]
     }
 }
 

@@ -179,10 +179,7 @@ pub fn parameters_facet<'a>(params: impl IntoIterator<Item = (&'a String, &'a Va
             json!({"key": k, "value": value})
         })
         .collect();
-    facet(
-        "https://openlineage.io/spec/facets/1-0-0/ExecutionParametersRunFacet.json#/$defs/ExecutionParametersRunFacet",
-        json!({"parameters": list}),
-    )
+    facet("https://openlineage.io/spec/facets/1-0-0/ExecutionParametersRunFacet.json#/$defs/ExecutionParametersRunFacet", json!({"parameters": list}))
 }
 
 /// Job facet `jobType`: a batch job of integration DAGRUN; `job_type` is
@@ -196,18 +193,12 @@ pub fn job_type_facet(job_type: &str) -> Value {
 
 /// Job facet `documentation`.
 pub fn documentation_facet(description: &str) -> Value {
-    facet(
-        "https://openlineage.io/spec/facets/1-1-0/DocumentationJobFacet.json#/$defs/DocumentationJobFacet",
-        json!({"description": description}),
-    )
+    facet("https://openlineage.io/spec/facets/1-1-0/DocumentationJobFacet.json#/$defs/DocumentationJobFacet", json!({"description": description}))
 }
 
 /// Dataset facet `version`: the dataset's blake3 content hash.
 pub fn version_facet(blake3: &str) -> Value {
-    facet(
-        "https://openlineage.io/spec/facets/1-0-1/DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet",
-        json!({"datasetVersion": blake3}),
-    )
+    facet("https://openlineage.io/spec/facets/1-0-1/DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet", json!({"datasetVersion": blake3}))
 }
 
 /// One column of a dataset schema: its name and type.
@@ -220,10 +211,7 @@ pub struct Field {
 /// Dataset facet `schema`: column names and types (never values).
 pub fn schema_facet(fields: &[Field]) -> Value {
     let list: Vec<Value> = fields.iter().map(|f| json!({"name": f.name, "type": f.r#type})).collect();
-    facet(
-        "https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet",
-        json!({"fields": list}),
-    )
+    facet("https://openlineage.io/spec/facets/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet", json!({"fields": list}))
 }
 
 /// Run facet `dagrun`: what dagrun did (see the module doc).

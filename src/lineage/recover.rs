@@ -137,12 +137,7 @@ pub struct Closed {
 /// this (never treated as killed); `deliver(lines)` is called with the new
 /// events of each killed run after they are in its file and before its mark
 /// is removed (an error keeps the mark: the next run tries again).
-pub fn recover(
-    open: &OpenRuns,
-    current: &str,
-    file_of: impl Fn(&str) -> PathBuf,
-    mut deliver: impl FnMut(&[String]) -> Result<()>,
-) -> Vec<Closed> {
+pub fn recover(open: &OpenRuns, current: &str, file_of: impl Fn(&str) -> PathBuf, mut deliver: impl FnMut(&[String]) -> Result<()>) -> Vec<Closed> {
     let mut done = Vec::new();
     for run_id in open.list() {
         if run_id == current {
@@ -245,10 +240,15 @@ mod tests {
         // A torn last line is cut off.
         std::fs::write(&file, format!("{}\n{}\n{{\"half", ev(EventType::Start, "p", None), ev(EventType::Start, "a", Some("p")))).unwrap();
         let mut got = Vec::new();
-        let closed = recover(&open, "r2", |id| d.path().join(format!("{id}.jsonl")), |l| {
-            got.extend(l.to_vec());
-            Ok(())
-        });
+        let closed = recover(
+            &open,
+            "r2",
+            |id| d.path().join(format!("{id}.jsonl")),
+            |l| {
+                got.extend(l.to_vec());
+                Ok(())
+            },
+        );
         assert_eq!(closed.len(), 1);
         assert_eq!(got.len(), 2);
         let text = std::fs::read_to_string(&file).unwrap();

@@ -156,12 +156,7 @@ pub fn open_append(path: &Path) -> Result<(std::fs::File, u64)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new().read(true).append(true).create(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
     let whole = whole_lines_len(&mut f, len).with_context(|| format!("cannot read {}", path.display()))?;
     if whole != len {

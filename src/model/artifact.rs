@@ -64,13 +64,20 @@ pub fn load_verified(bytes: &[u8], origin: &str, key: &IntegrityKey, tenant: &st
         origin: origin.to_string(),
         why: match e {
             record::RecordError::BadMac { .. } => "its MAC does not verify: it was modified outside dagrun (or made in another workspace)".to_string(),
-            record::RecordError::NoMac { .. } => "it carries no MAC: it was not made by dagrun's train stage in this workspace (or was modified outside dagrun)".to_string(),
+            record::RecordError::NoMac { .. } => {
+                "it carries no MAC: it was not made by dagrun's train stage in this workspace (or was modified outside dagrun)".to_string()
+            }
             other => other.to_string(),
         },
     })?;
     a.validate(origin)?;
     if a.tenant != tenant {
-        return Err(ModelRefused::OtherTenant { origin: origin.to_string(), found: if crate::data::is_valid_tenant_id(&a.tenant) { a.tenant.clone() } else { crate::data::show_tenant(&a.tenant) }, wanted: tenant.to_string() }.into());
+        return Err(ModelRefused::OtherTenant {
+            origin: origin.to_string(),
+            found: if crate::data::is_valid_tenant_id(&a.tenant) { a.tenant.clone() } else { crate::data::show_tenant(&a.tenant) },
+            wanted: tenant.to_string(),
+        }
+        .into());
     }
     Ok(a)
 }

@@ -260,15 +260,7 @@ fn fit_with(x_scaled: &Array2<f64>, y: &[bool], c: f64, lbfgs_max_iterations: u6
     }
     let intercept = theta[k];
     theta.truncate(k);
-    Ok(Fitted {
-        coef: theta,
-        intercept,
-        iterations,
-        grad_norm: norm(&cur.grad),
-        lbfgs_grad_norm,
-        logit_error_bound: bound,
-        objective: cur.value,
-    })
+    Ok(Fitted { coef: theta, intercept, iterations, grad_norm: norm(&cur.grad), lbfgs_grad_norm, logit_error_bound: bound, objective: cur.value })
 }
 
 fn norm(v: &[f64]) -> f64 {
@@ -307,12 +299,10 @@ impl Problem<'_> {
     fn blocks<R: Send>(&self, f: impl Fn(std::ops::Range<usize>) -> R + Sync) -> Vec<R> {
         let n = self.x.nrows();
         let nblocks = n.div_ceil(BLOCK).max(1);
-        crate::util::par::map_chunks(nblocks, crate::util::par::threads(), 2, |br| {
-            br.map(|b| f(b * BLOCK..((b + 1) * BLOCK).min(n))).collect::<Vec<R>>()
-        })
-        .into_iter()
-        .flatten()
-        .collect()
+        crate::util::par::map_chunks(nblocks, crate::util::par::threads(), 2, |br| br.map(|b| f(b * BLOCK..((b + 1) * BLOCK).min(n))).collect::<Vec<R>>())
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// F(θ) = (1/n) Σ [softplus(zᵢ) − yᵢ zᵢ] + ‖w‖²/(2 C n), θ = (w, b).
@@ -419,11 +409,15 @@ impl Problem<'_> {
 /// symmetric positive definite here). None if singular.
 fn solve(a: &[Vec<f64>], b: &[f64]) -> Option<Vec<f64>> {
     let d = b.len();
-    let mut m: Vec<Vec<f64>> = a.iter().zip(b).map(|(r, &v)| {
-        let mut r = r.clone();
-        r.push(v);
-        r
-    }).collect();
+    let mut m: Vec<Vec<f64>> = a
+        .iter()
+        .zip(b)
+        .map(|(r, &v)| {
+            let mut r = r.clone();
+            r.push(v);
+            r
+        })
+        .collect();
     let scale = a.iter().flatten().fold(0.0f64, |acc, v| acc.max(v.abs()));
     if !(scale > 0.0) || !scale.is_finite() {
         return None;

@@ -124,7 +124,13 @@ mod tests {
             for j in 0..200 {
                 if y[i] && !y[j] {
                     den += 1.0;
-                    num += if p[i] > p[j] { 1.0 } else if p[i] == p[j] { 0.5 } else { 0.0 };
+                    num += if p[i] > p[j] {
+                        1.0
+                    } else if p[i] == p[j] {
+                        0.5
+                    } else {
+                        0.0
+                    };
                 }
             }
         }

@@ -30,7 +30,6 @@ pub struct TrainOutcome {
     pub test_labels: Vec<bool>,
 }
 
-
 /// Train one tenant's model with regularisation `c` (scikit-learn's C).
 ///
 /// Errors (messages name the tenant): length mismatch, no rows, non-finite
@@ -41,11 +40,7 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
     let t = &data.tenant;
     let n = data.x.len();
     if data.y.len() != n || data.customer_id.len() != n {
-        bail!(
-            "tenant {t}: training data mismatch: {} customer ids, {n} feature rows, {} labels",
-            data.customer_id.len(),
-            data.y.len()
-        );
+        bail!("tenant {t}: training data mismatch: {} customer ids, {n} feature rows, {} labels", data.customer_id.len(), data.y.len());
     }
     if n == 0 {
         bail!("tenant {t}: no training rows");
@@ -115,8 +110,8 @@ pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::split::is_test;
     use crate::features::v1;
+    use crate::model::split::is_test;
     use rand::rngs::ChaCha8Rng;
     use rand::{RngExt, SeedableRng};
     use std::time::Instant;
@@ -163,11 +158,15 @@ mod tests {
     /// Inverse of a small SPD matrix (Gauss–Jordan), for standard errors.
     fn invert(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
         let d = a.len();
-        let mut m: Vec<Vec<f64>> = a.iter().enumerate().map(|(i, r)| {
-            let mut r = r.clone();
-            r.extend((0..d).map(|j| if i == j { 1.0 } else { 0.0 }));
-            r
-        }).collect();
+        let mut m: Vec<Vec<f64>> = a
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut r = r.clone();
+                r.extend((0..d).map(|j| if i == j { 1.0 } else { 0.0 }));
+                r
+            })
+            .collect();
         for c in 0..d {
             let p = (c..d).max_by(|&i, &j| m[i][c].abs().total_cmp(&m[j][c].abs())).unwrap();
             m.swap(c, p);

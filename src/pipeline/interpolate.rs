@@ -23,11 +23,12 @@ pub(super) fn interpolate(
 ) -> std::result::Result<Value, String> {
     let trimmed = s.trim();
     if let Some(name) = trimmed.strip_prefix("${params.").and_then(|r| r.strip_suffix('}'))
-        && !name.contains(['{', '}', '$']) {
-            let v = params.get(name).ok_or_else(|| undefined_param(name, params))?;
-            refs.insert(name.to_string(), v.clone());
-            return Ok(v.clone());
-        }
+        && !name.contains(['{', '}', '$'])
+    {
+        let v = params.get(name).ok_or_else(|| undefined_param(name, params))?;
+        refs.insert(name.to_string(), v.clone());
+        return Ok(v.clone());
+    }
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {

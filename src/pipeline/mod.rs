@@ -17,9 +17,9 @@ mod budget;
 mod graph;
 mod interpolate;
 pub mod kind;
-pub mod schema;
 mod parse;
 mod paths;
+pub mod schema;
 pub mod shell;
 pub mod tenants;
 pub mod yaml_limits;
@@ -28,22 +28,22 @@ use crate::error::config;
 use anyhow::Result;
 use indexmap::IndexMap;
 pub use kind::{Declared, DeclaredOut, KindDecl, Kinds};
+use petgraph::graph::{DiGraph, NodeIndex};
 pub use schema::{ExecutorKind, Resources, SlurmDef};
 use schema::{OutDef, PipelineFile, StageDef};
-use petgraph::graph::{DiGraph, NodeIndex};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 pub use tenants::{Tenant, Tenants};
 
-pub use budget::{MAX_YAML_NODES, check_yaml_budget, check_yaml_limits, explain_yaml_message};
 use budget::*;
+pub use budget::{MAX_YAML_NODES, check_yaml_budget, check_yaml_limits, explain_yaml_message};
 use graph::*;
 use interpolate::*;
 use parse::*;
-pub use paths::{PROTECTED_DIRS, check_output_at_write, normalize_dep, normalize_out};
 use paths::*;
+pub use paths::{PROTECTED_DIRS, check_output_at_write, normalize_dep, normalize_out};
 
 /// Longest `timeout:` (and `--wait`) accepted, in seconds (about 31 years):
 /// larger values cannot be represented as a deadline.

@@ -91,10 +91,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
     let mut raw_needs: Vec<Vec<String>> = Vec::new();
     for (base, def) in &pf.stages {
         if !valid_stage_name(base) {
-            return Err(config(format!(
-                "{}: invalid stage name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-' (no '/', '.', spaces)",
-                at(base)
-            )));
+            return Err(config(format!("{}: invalid stage name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-' (no '/', '.', spaces)", at(base))));
         }
         let kind = match (&def.uses, &def.cmd) {
             (Some(_), Some(_)) => return Err(config(format!("{}: has both `uses:` and `cmd:`; a stage is one or the other", at(base)))),
@@ -117,17 +114,15 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at(base))));
         }
         if let Some(t) = def.timeout
-            && (!t.is_finite() || t <= 0.0 || t > MAX_SECONDS) {
-                return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
-            }
+            && (!t.is_finite() || t <= 0.0 || t > MAX_SECONDS)
+        {
+            return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
+        }
         let fan: Vec<Option<String>> = match def.foreach.as_deref() {
             None => vec![None],
             Some("tenants") => tenants.as_ref().expect("loaded above").ids().map(|t| Some(t.to_string())).collect(),
             Some(other) => {
-                return Err(config(format!(
-                    "{}: `foreach: {other}` is unknown; the only list is `tenants` (from config/tenants.yaml)",
-                    at(base)
-                )));
+                return Err(config(format!("{}: `foreach: {other}` is unknown; the only list is `tenants` (from config/tenants.yaml)", at(base))));
             }
         };
         for tenant in fan {
@@ -139,9 +134,10 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             stage.resources = merge_resources(pf.slurm.as_ref().and_then(|s| s.resources.as_ref()), def.resources.as_ref());
             check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at(base))))?;
             if let Some(g) = &def.group
-                && !valid_stage_name(g) {
-                    return Err(config(format!("{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'", at(base))));
-                }
+                && !valid_stage_name(g)
+            {
+                return Err(config(format!("{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'", at(base))));
+            }
             stage.group = def.group.clone();
             instances_of.entry(base.clone()).or_default().push(idx);
             raw_needs.push(def.needs.clone());
@@ -211,11 +207,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             } else {
                 let mut names: Vec<&str> = pf.stages.keys().map(String::as_str).collect();
                 names.sort();
-                return Err(config(format!(
-                    "{}: `needs: {n}` names no stage; stages are: {}",
-                    at(&s.base),
-                    names.join(", ")
-                )));
+                return Err(config(format!("{}: `needs: {n}` names no stage; stages are: {}", at(&s.base), names.join(", "))));
             };
             for j in targets {
                 if j == i {
@@ -236,11 +228,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
 
     if let Some(cycle) = find_cycle(&graph) {
         let names: Vec<&str> = cycle.iter().map(|&i| stages[i].name.as_str()).collect();
-        return Err(config(format!(
-            "{shown}: the stages form a cycle: {} → {}; remove one of these dependencies",
-            names.join(" → "),
-            names[0]
-        )));
+        return Err(config(format!("{shown}: the stages form a cycle: {} → {}; remove one of these dependencies", names.join(" → "), names[0])));
     }
     let topo = topo_order(&graph, stages.len());
     let slurm = pf.slurm.clone().unwrap_or_default();
@@ -347,8 +335,22 @@ pub(super) fn merge_resources(base: Option<&Resources>, over: Option<&Resources>
 
 /// `sbatch` flags dagrun sets itself; `sbatch_args` may not override them.
 pub(super) const RESERVED_SBATCH: &[&str] = &[
-    "--export", "--export-file", "--output", "-o", "--error", "-e", "--job-name", "-J", "--parsable", "--chdir", "-D", "--wrap", "--get-user-env",
-    "--open-mode", "--input", "-i",
+    "--export",
+    "--export-file",
+    "--output",
+    "-o",
+    "--error",
+    "-e",
+    "--job-name",
+    "-J",
+    "--parsable",
+    "--chdir",
+    "-D",
+    "--wrap",
+    "--get-user-env",
+    "--open-mode",
+    "--input",
+    "-i",
 ];
 
 /// Check resources; the error starts with the field name.
@@ -368,9 +370,10 @@ pub(super) fn check_resources(r: &Resources) -> std::result::Result<(), String> 
     let name_ok = |s: &str| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.,".contains(&b));
     for (k, v) in [("partition", &r.partition), ("account", &r.account)] {
         if let Some(v) = v
-            && !name_ok(v) {
-                return Err(format!("{k}: {v:?}` is not a valid Slurm name (letters, digits, '_', '-', '.', ',')"));
-            }
+            && !name_ok(v)
+        {
+            return Err(format!("{k}: {v:?}` is not a valid Slurm name (letters, digits, '_', '-', '.', ',')"));
+        }
     }
     for a in &r.sbatch_args {
         if !a.starts_with('-') {
@@ -390,13 +393,15 @@ pub(super) fn check_resources(r: &Resources) -> std::result::Result<(), String> 
 /// Check `slurm:`; the error starts with the field name.
 pub(super) fn check_slurm(s: &SlurmDef) -> std::result::Result<(), String> {
     if let Some(p) = s.poll_interval
-        && !(0.1..=600.0).contains(&p) {
-            return Err(format!("poll_interval: {p}` must be between 0.1 and 600 seconds"));
-        }
+        && !(0.1..=600.0).contains(&p)
+    {
+        return Err(format!("poll_interval: {p}` must be between 0.1 and 600 seconds"));
+    }
     if let Some(b) = &s.binary
-        && !Path::new(b).is_absolute() {
-            return Err(format!("binary: {b}` must be an absolute path (the dagrun binary as the compute nodes see it)"));
-        }
+        && !Path::new(b).is_absolute()
+    {
+        return Err(format!("binary: {b}` must be an absolute path (the dagrun binary as the compute nodes see it)"));
+    }
     if let Some(r) = &s.resources {
         check_resources(r).map_err(|m| format!("resources.{m}"))?;
     }

@@ -66,11 +66,7 @@ pub fn normalize_dep(path: &str, workspace: &Path) -> std::result::Result<String
         }
         return Ok(path.to_string());
     }
-    let parts: Vec<String> = p
-        .components()
-        .filter(|c| !matches!(c, Component::CurDir))
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect();
+    let parts: Vec<String> = p.components().filter(|c| !matches!(c, Component::CurDir)).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     if parts.is_empty() {
         return Err(format!("input {path:?} names the whole workspace; name the files or folders the stage reads"));
     }

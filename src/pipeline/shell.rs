@@ -75,12 +75,7 @@ fn undefined_param(name: &str, params: &IndexMap<String, Value>) -> String {
 
 /// Resolve `${params.X}` and `${tenant}` in a `cmd:` string, each value quoted
 /// for its place (module docs). Other `${…}` (shell variables) stay as written.
-pub fn interpolate_cmd(
-    s: &str,
-    params: &IndexMap<String, Value>,
-    tenant: Option<&str>,
-    refs: &mut BTreeMap<String, Value>,
-) -> Result<String, String> {
+pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option<&str>, refs: &mut BTreeMap<String, Value>) -> Result<String, String> {
     let mut out = String::with_capacity(s.len() + 16);
     let mut stack = vec![Ctx::Plain];
     let mut heredoc = false;
@@ -91,34 +86,36 @@ pub fn interpolate_cmd(
     while i < b.len() {
         let ctx = *stack.last().unwrap_or(&Ctx::Plain);
         // A substitution of ours?
-        if b[i] == b'$' && b.get(i + 1) == Some(&b'{')
-            && let Some(end) = s[i + 2..].find('}') {
-                let inner = &s[i + 2..i + 2 + end];
-                let value = if let Some(name) = inner.strip_prefix("params.") {
-                    let v = params.get(name).ok_or_else(|| undefined_param(name, params))?;
-                    refs.insert(name.to_string(), v.clone());
-                    Some(match v {
-                        Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    })
-                } else if inner == "tenant" {
-                    Some(tenant.ok_or("uses ${tenant} but is not a `foreach: tenants` stage")?.to_string())
-                } else {
-                    None
-                };
-                if let Some(v) = value {
-                    let q = quote(&v, ctx, heredoc).map_err(|place| {
+        if b[i] == b'$'
+            && b.get(i + 1) == Some(&b'{')
+            && let Some(end) = s[i + 2..].find('}')
+        {
+            let inner = &s[i + 2..i + 2 + end];
+            let value = if let Some(name) = inner.strip_prefix("params.") {
+                let v = params.get(name).ok_or_else(|| undefined_param(name, params))?;
+                refs.insert(name.to_string(), v.clone());
+                Some(match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+            } else if inner == "tenant" {
+                Some(tenant.ok_or("uses ${tenant} but is not a `foreach: tenants` stage")?.to_string())
+            } else {
+                None
+            };
+            if let Some(v) = value {
+                let q = quote(&v, ctx, heredoc).map_err(|place| {
                         format!(
                             "`cmd:` uses ${{{inner}}} {place}, where its value cannot be quoted safely (it holds characters other than letters, digits and _-./:=@%+,); use $( … ) instead of backticks, or read the value from $DAGRUN_PARAM_{}",
                             param_env_suffix(inner.strip_prefix("params.").unwrap_or("TENANT"))
                         )
                     })?;
-                    out.push_str(&q);
-                    i += 2 + end + 1;
-                    word_start = false;
-                    continue;
-                }
+                out.push_str(&q);
+                i += 2 + end + 1;
+                word_start = false;
+                continue;
             }
+        }
         let c = b[i];
         match ctx {
             Ctx::Comment => {

@@ -50,9 +50,7 @@ pub fn validate_tenant_id(id: &str) -> std::result::Result<(), String> {
     }
     let shown: String = id.chars().take(40).collect::<String>();
     let more = if id.chars().count() > 40 { format!("… ({} characters)", id.chars().count()) } else { String::new() };
-    Err(format!(
-        "invalid tenant id {shown:?}{more}: a tenant id is 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'"
-    ))
+    Err(format!("invalid tenant id {shown:?}{more}: a tenant id is 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'"))
 }
 
 impl Tenants {
@@ -60,11 +58,8 @@ impl Tenants {
     pub fn load(workspace: &Path) -> Result<Tenants> {
         let path = workspace.join(TENANTS_FILE);
         let shown = TENANTS_FILE;
-        let cannot = |e: std::io::Error| {
-            config(format!(
-                "{shown}: cannot read the tenant list ({e}); create it with a `tenants:` list of `- id: NAME` entries"
-            ))
-        };
+        let cannot =
+            |e: std::io::Error| config(format!("{shown}: cannot read the tenant list ({e}); create it with a `tenants:` list of `- id: NAME` entries"));
         // The same caps as a pipeline file: size before reading, then depth and aliases.
         use std::io::Read;
         let mut bytes = Vec::new();
@@ -80,8 +75,7 @@ impl Tenants {
                 super::MAX_PIPELINE_BYTES
             )));
         }
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
+        let text = std::str::from_utf8(bytes).map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;
         super::check_yaml_limits(text, shown)?;
         let yaml_err = |e: yaml_serde::Error| config(format!("{shown}: {}", super::explain_yaml_message(&e.to_string())));
         super::check_yaml_budget(text).map_err(yaml_err)?;
@@ -96,12 +90,10 @@ impl Tenants {
                 return Err(config(format!("{shown}: tenants[{i}]: tenant {} is listed twice; remove the duplicate", t.id)));
             }
             if let Some(s) = t.share
-                && (!s.is_finite() || s <= 0.0 || s > 1.0) {
-                    return Err(config(format!(
-                        "{shown}: tenants[{i}] ({}): share {s} is not in (0, 1]",
-                        t.id
-                    )));
-                }
+                && (!s.is_finite() || s <= 0.0 || s > 1.0)
+            {
+                return Err(config(format!("{shown}: tenants[{i}] ({}): share {s} is not in (0, 1]", t.id)));
+            }
         }
         let with_share = file.tenants.iter().filter(|t| t.share.is_some()).count();
         if with_share != 0 && with_share != file.tenants.len() {

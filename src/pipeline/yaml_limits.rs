@@ -118,10 +118,7 @@ pub fn check(text: &str) -> Result<(), (usize, String)> {
                         if c == b'*' {
                             aliases += 1;
                             if aliases > MAX_YAML_ALIASES {
-                                return Err((
-                                    lineno,
-                                    format!("the YAML has more than {MAX_YAML_ALIASES} aliases (*name); use fewer aliases"),
-                                ));
+                                return Err((lineno, format!("the YAML has more than {MAX_YAML_ALIASES} aliases (*name); use fewer aliases")));
                             }
                         }
                         // Skip the anchor/tag/alias name; still at a token start.

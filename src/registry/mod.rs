@@ -135,7 +135,9 @@ fn read_small(path: &Path) -> Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         Ok(m) if !m.is_file() => bail!("{} is not a regular file; remove it", path.display()),
-        Ok(m) if m.len() > MAX_FILE => bail!("{} is {} bytes, more than a registry file can be; it is corrupt: restore it from a backup", path.display(), m.len()),
+        Ok(m) if m.len() > MAX_FILE => {
+            bail!("{} is {} bytes, more than a registry file can be; it is corrupt: restore it from a backup", path.display(), m.len())
+        }
         Ok(_) => {}
     }
     Ok(Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?))
@@ -229,7 +231,8 @@ impl Registry {
         Self::check_tenant(tenant)?;
         let path = self.champion_path(tenant);
         let Some(bytes) = read_small(&path)? else { return Ok(None) };
-        let c: Champion = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid champion record; restore it from a backup or promote again", path.display()))?;
+        let c: Champion = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a valid champion record; restore it from a backup or promote again", path.display()))?;
         if c.format != CHAMPION_FORMAT {
             bail!("{}: unsupported format {:?} (expected {CHAMPION_FORMAT:?})", path.display(), c.format);
         }
@@ -288,7 +291,12 @@ impl Registry {
         }
         let artifact = crate::model::artifact::load_verified(&bytes, &path.display().to_string(), key, tenant)?;
         if artifact.tenant != tenant || artifact.model_version != version {
-            bail!("{}: the file holds model {} of tenant {}, not {version} of {tenant}", path.display(), artifact.model_version, crate::data::show_tenant(&artifact.tenant));
+            bail!(
+                "{}: the file holds model {} of tenant {}, not {version} of {tenant}",
+                path.display(),
+                artifact.model_version,
+                crate::data::show_tenant(&artifact.tenant)
+            );
         }
         Ok(LoadedModel { artifact, blake3: hash })
     }
@@ -299,7 +307,13 @@ impl Registry {
         let Some(c) = self.champion(tenant)? else { return Ok(None) };
         let m = self.load(tenant, &c.version, key)?;
         if m.blake3 != c.blake3 {
-            bail!("{}: the champion record names blake3 {} but version {} is {}; refusing to load it", self.champion_path(tenant).display(), &c.blake3[..12], c.version, &m.blake3[..12]);
+            bail!(
+                "{}: the champion record names blake3 {} but version {} is {}; refusing to load it",
+                self.champion_path(tenant).display(),
+                &c.blake3[..12],
+                c.version,
+                &m.blake3[..12]
+            );
         }
         Ok(Some(m))
     }
@@ -375,7 +389,10 @@ impl Registry {
         }
         let from = current.map(|c| c.version);
         let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: version.into(), blake3: m.blake3, since: now(), previous };
-        self.append_history(tenant, &HistoryEntry { time: c.since.clone(), who: who.into(), action: "promote".into(), from: from.clone(), to: version.into(), why: why.into() })?;
+        self.append_history(
+            tenant,
+            &HistoryEntry { time: c.since.clone(), who: who.into(), action: "promote".into(), from: from.clone(), to: version.into(), why: why.into() },
+        )?;
         self.write_champion(&c)?;
         Ok(from)
     }
@@ -392,7 +409,17 @@ impl Registry {
         };
         let m = self.load(tenant, &to, key).with_context(|| format!("cannot roll back tenant {tenant} to {to}"))?;
         let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: to.clone(), blake3: m.blake3, since: now(), previous };
-        self.append_history(tenant, &HistoryEntry { time: c.since.clone(), who: who.into(), action: "rollback".into(), from: Some(cur.version.clone()), to: to.clone(), why: why.into() })?;
+        self.append_history(
+            tenant,
+            &HistoryEntry {
+                time: c.since.clone(),
+                who: who.into(),
+                action: "rollback".into(),
+                from: Some(cur.version.clone()),
+                to: to.clone(),
+                why: why.into(),
+            },
+        )?;
         self.write_champion(&c)?;
         Ok((cur.version, to))
     }

@@ -102,7 +102,8 @@ impl Remote {
         install_tls_provider();
         let shown = cfg.url.trim().to_string();
         let bad = |why: String| crate::error::config(format!("remote {shown:?}: {why}"));
-        let url = url::Url::parse(&shown).map_err(|e| bad(format!("not a URL ({e}); use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///ABSOLUTE/PATH")))?;
+        let url = url::Url::parse(&shown)
+            .map_err(|e| bad(format!("not a URL ({e}); use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///ABSOLUTE/PATH")))?;
         let retry = object_store::RetryConfig {
             max_retries: 4,
             retry_timeout: Duration::from_secs_f64(cfg.retry_timeout.unwrap_or(20.0)),
@@ -181,12 +182,8 @@ impl Remote {
     pub fn list_tenants(&self) -> Result<Vec<String>> {
         let dir = self.root.clone().join("tenants");
         let res = self.rt.block_on(self.store.list_with_delimiter(Some(&dir))).map_err(|e| self.explain("listing", &dir, e))?;
-        let mut out: Vec<String> = res
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .filter(|t| crate::data::is_valid_tenant_id(t))
-            .collect();
+        let mut out: Vec<String> =
+            res.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).filter(|t| crate::data::is_valid_tenant_id(t)).collect();
         out.sort();
         out.dedup();
         Ok(out)
@@ -253,8 +250,11 @@ impl Remote {
     /// Upload objects in parallel; one result (bytes sent) per upload, in order.
     pub fn upload(&self, uploads: &[Upload]) -> Vec<Result<u64>> {
         self.rt.block_on(async {
-            let mut res: Vec<(usize, Result<u64>)> =
-                futures_util::stream::iter(uploads.iter().enumerate()).map(|(i, u)| async move { (i, self.upload_one(u).await) }).buffer_unordered(self.jobs).collect().await;
+            let mut res: Vec<(usize, Result<u64>)> = futures_util::stream::iter(uploads.iter().enumerate())
+                .map(|(i, u)| async move { (i, self.upload_one(u).await) })
+                .buffer_unordered(self.jobs)
+                .collect()
+                .await;
             res.sort_by_key(|(i, _)| *i);
             res.into_iter().map(|(_, r)| r).collect()
         })
@@ -314,8 +314,11 @@ impl Remote {
     /// (atomically, read-only); one result (bytes received) per download.
     pub fn download(&self, downloads: &[Download]) -> Vec<Result<u64>> {
         self.rt.block_on(async {
-            let mut res: Vec<(usize, Result<u64>)> =
-                futures_util::stream::iter(downloads.iter().enumerate()).map(|(i, d)| async move { (i, self.download_one(d).await) }).buffer_unordered(self.jobs).collect().await;
+            let mut res: Vec<(usize, Result<u64>)> = futures_util::stream::iter(downloads.iter().enumerate())
+                .map(|(i, d)| async move { (i, self.download_one(d).await) })
+                .buffer_unordered(self.jobs)
+                .collect()
+                .await;
             res.sort_by_key(|(i, _)| *i);
             res.into_iter().map(|(_, r)| r).collect()
         })
@@ -327,7 +330,9 @@ impl Remote {
         }
         let loc = self.object_location(d.tenant.as_deref(), &d.hash);
         let r = self.store.get(&loc).await.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => anyhow!("{loc} is missing on {} (a record names it, the object was never uploaded); push again from a workspace that has it", self.shown),
+            object_store::Error::NotFound { .. } => {
+                anyhow!("{loc} is missing on {} (a record names it, the object was never uploaded); push again from a workspace that has it", self.shown)
+            }
             e => self.explain("downloading", &loc, e),
         })?;
         let mut tmp = AtomicFile::create_with(&d.dest, Durability::Verified)?;
@@ -343,7 +348,11 @@ impl Remote {
         let got = h.finalize().to_hex().to_string();
         if got != d.hash {
             drop(tmp);
-            bail!("{loc} on {} is corrupted: its content hashes to {}, not its name; not used (push it again from a workspace that has it)", self.shown, &got[..12]);
+            bail!(
+                "{loc} on {} is corrupted: its content hashes to {}, not its name; not used (push it again from a workspace that has it)",
+                self.shown,
+                &got[..12]
+            );
         }
         tmp.commit()?;
         #[cfg(unix)]
@@ -358,11 +367,7 @@ impl Remote {
 /// Validate a path found in a record or tree listing read from elsewhere:
 /// relative, no `..`, no empty or `.` components, no NUL.
 pub fn check_relative_path(p: &str) -> Result<()> {
-    let ok = !p.is_empty()
-        && !p.starts_with('/')
-        && !p.contains('\0')
-        && !p.contains('\\')
-        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    let ok = !p.is_empty() && !p.starts_with('/') && !p.contains('\0') && !p.contains('\\') && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
     if ok { Ok(()) } else { Err(anyhow!("path {:?} is not a plain relative path", p.chars().take(80).collect::<String>())) }
 }
 

@@ -51,7 +51,9 @@ fn dot_escape(s: &str) -> String {
 
 /// The DOT text of the graph (ids `n0`, `n1`, …).
 pub fn dot_source(names: &[String], status: &[Option<Status>], edges: &[(usize, usize)], colors: &StatusColors) -> String {
-    let mut s = String::from("digraph dagrun {\n  rankdir=LR;\n  bgcolor=\"white\";\n  node [shape=box, style=\"rounded,filled\", fontname=\"sans-serif\", fontsize=11];\n  edge [color=\"#555555\"];\n");
+    let mut s = String::from(
+        "digraph dagrun {\n  rankdir=LR;\n  bgcolor=\"white\";\n  node [shape=box, style=\"rounded,filled\", fontname=\"sans-serif\", fontsize=11];\n  edge [color=\"#555555\"];\n",
+    );
     for (i, n) in names.iter().enumerate() {
         let (fill, font) = match status[i] {
             Some(st) => (colors.hex(st), "white"),

@@ -52,9 +52,10 @@ pub fn verified_bytes(workspace: &Path, rel: &str, hash: &str) -> Option<(Vec<u8
     }
     let ok = |b: &Vec<u8>| blake3::hash(b).to_hex().as_str() == hash;
     if let Ok(b) = std::fs::read(workspace.join(rel))
-        && ok(&b) {
-            return Some((b, Source::Workspace));
-        }
+        && ok(&b)
+    {
+        return Some((b, Source::Workspace));
+    }
     let cas = crate::workspace::cas::Cas::read_only(&crate::workspace::Workspace::at(workspace));
     let hash = crate::workspace::ContentHash::parse(hash).ok()?;
     match std::fs::read(cas.object_path(&hash)) {

@@ -196,7 +196,10 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
     };
     let statuses: Vec<Option<Status>> = names.iter().map(|n| by_name.get(n.as_str()).map(|s| s.status)).collect();
     let (svg, used) = dag::draw(&names, &statuses, &edges, layout, &colors)?;
-    let _ = write!(h, "<figure class=\"chart scroll\" data-chart=\"dag\">{svg}</figure><p class=\"note\">Layout: {used}. White boxes: stages not selected in this run.</p>");
+    let _ = write!(
+        h,
+        "<figure class=\"chart scroll\" data-chart=\"dag\">{svg}</figure><p class=\"note\">Layout: {used}. White boxes: stages not selected in this run.</p>"
+    );
     if let Some(why) = note {
         let _ = write!(h, "<p class=\"error\">The pipeline file does not load now, so edges are not drawn: {}</p>", esc(&why));
     }
@@ -215,7 +218,10 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
         let workers = rec.jobs.unwrap_or(0).max(bars.iter().map(|b| b.worker + 1).max().unwrap_or(1));
         h.push_str(&legend);
         let _ = write!(h, "<figure class=\"chart scroll\" data-chart=\"timeline\">{}</figure>", charts::gantt(&bars, workers, rec.seconds, &colors)?);
-        let _ = write!(h, "<p class=\"note\">One row per scheduler slot (<code>-j {workers}</code>); stages sharing a row ran one after another. Cached stages take almost no time.</p>");
+        let _ = write!(
+            h,
+            "<p class=\"note\">One row per scheduler slot (<code>-j {workers}</code>); stages sharing a row ran one after another. Cached stages take almost no time.</p>"
+        );
     }
     h.push_str("</section>\n");
 
@@ -284,7 +290,14 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
 }
 
 fn model_card(h: &mut String, c: &load::ModelCard) -> Result<()> {
-    let _ = write!(h, "<div class=\"card\" data-tenant=\"{}\"><h3>{} <span class=\"note\">({}: {})</span></h3>", esc(&c.tenant), esc(&c.tenant), esc(&c.stage), c.status.as_str());
+    let _ = write!(
+        h,
+        "<div class=\"card\" data-tenant=\"{}\"><h3>{} <span class=\"note\">({}: {})</span></h3>",
+        esc(&c.tenant),
+        esc(&c.tenant),
+        esc(&c.stage),
+        c.status.as_str()
+    );
     let (a, src) = match &c.model {
         Ok(x) => x,
         Err(why) => {
@@ -296,11 +309,14 @@ fn model_card(h: &mut String, c: &load::ModelCard) -> Result<()> {
     let lineage = |k: &str| a.lineage.get(k).map(value_text).unwrap_or_else(|| "n/a".into());
     let rows: Vec<(&str, String)> = vec![
         ("model version", a.model_version.clone()),
-        ("champion", match &c.champion {
-            Some(v) if *v == a.model_version => "yes".into(),
-            Some(v) => format!("no (the champion is {v})"),
-            None => "n/a (no model registry entry for this tenant)".into(),
-        }),
+        (
+            "champion",
+            match &c.champion {
+                Some(v) if *v == a.model_version => "yes".into(),
+                Some(v) => format!("no (the champion is {v})"),
+                None => "n/a (no model registry entry for this tenant)".into(),
+            },
+        ),
         ("test AUC", format!("{:.4}", m.auc)),
         ("log loss", format!("{:.4}", m.log_loss)),
         ("accuracy at 0.5", format!("{:.4}", m.accuracy)),
@@ -348,7 +364,9 @@ fn drift_section(h: &mut String, entries: &[load::DriftEntry]) {
         return;
     }
     h.push_str("<p class=\"note\">PSI over 10 quantile bins of the reference (the features the model was trained on); empty bins count as 0.0001. Below <i>warn_psi</i> ok, up to <i>max_psi</i> a warning, above it the stage fails.</p>");
-    h.push_str("<table><tr><th>tenant</th><th>feature</th><th>PSI</th><th>level</th><th>missing</th><th>out of range</th><th>reference</th><th>current rows</th></tr>");
+    h.push_str(
+        "<table><tr><th>tenant</th><th>feature</th><th>PSI</th><th>level</th><th>missing</th><th>out of range</th><th>reference</th><th>current rows</th></tr>",
+    );
     for d in entries {
         match &d.report {
             Ok((r, src)) => {
@@ -386,7 +404,14 @@ fn drift_section(h: &mut String, entries: &[load::DriftEntry]) {
                 }
             }
             Err(why) => {
-                let _ = write!(h, "<tr><td>{}</td><td colspan=\"7\" class=\"error\">{} ({}): {}</td></tr>", esc(&load::tenant_of(&d.stage)), esc(&d.stage), d.status.as_str(), esc(why));
+                let _ = write!(
+                    h,
+                    "<tr><td>{}</td><td colspan=\"7\" class=\"error\">{} ({}): {}</td></tr>",
+                    esc(&load::tenant_of(&d.stage)),
+                    esc(&d.stage),
+                    d.status.as_str(),
+                    esc(why)
+                );
             }
         }
     }

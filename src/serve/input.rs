@@ -19,8 +19,8 @@
 use crate::data::ingest::{self, IngestOptions, RowChecker};
 use crate::data::schema;
 use crate::data::show_tenant;
-use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
 use std::fmt;
 
@@ -229,14 +229,21 @@ fn null_msg(ck: &RowChecker, row: u64, line: Option<u64>, c: Col) -> Refused {
 
 /// Check and convert every row. `get(col, row)` is the cell of a present
 /// column (None: the cell is missing, which counts as null).
-fn validate<'c, 'd: 'c>(n: usize, present: [bool; 7], lines: Option<&[u64]>, ex: &Expect, get: impl Fn(Col, usize) -> Option<&'c Cell<'d>>) -> Result<Rows, Refused> {
+fn validate<'c, 'd: 'c>(
+    n: usize,
+    present: [bool; 7],
+    lines: Option<&[u64]>,
+    ex: &Expect,
+    get: impl Fn(Col, usize) -> Option<&'c Cell<'d>>,
+) -> Result<Rows, Refused> {
     if n == 0 {
         return Err(Refused::Bad(format!("{ORIGIN} has no data rows; provide at least one data row")));
     }
     if n > ex.max_rows {
         return Err(too_many(n, ex.max_rows));
     }
-    let opts = IngestOptions { expected_tenant: Some(ex.tenant.to_string()), known_tenants: None, require_label: false, allow_label: true, as_of: Some(ex.as_of) };
+    let opts =
+        IngestOptions { expected_tenant: Some(ex.tenant.to_string()), known_tenants: None, require_label: false, allow_label: true, as_of: Some(ex.as_of) };
     let mut ck = RowChecker::new(ORIGIN, &opts);
     ck.reserve(n);
     let mut rows = Rows { ids: Vec::with_capacity(n), logins: Vec::with_capacity(n), amounts: Vec::with_capacity(n), dates: Vec::with_capacity(n) };
@@ -360,7 +367,12 @@ pub fn oip_rows<'a>(req: &'a OipRequest<'a>, ex: &Expect) -> Result<Rows, Refuse
         let Some(i) = idx[c as usize] else { continue };
         let input = &req.inputs[i];
         if input.datatype != c.oip_datatype() && !(c == Col::Amount && matches!(input.datatype.as_ref(), "FP32" | "INT64" | "INT32")) {
-            return Err(Refused::Bad(format!("{ORIGIN}: input {} has datatype {} but {} is expected", c.name(), show_tenant(&input.datatype), c.oip_datatype())));
+            return Err(Refused::Bad(format!(
+                "{ORIGIN}: input {} has datatype {} but {} is expected",
+                c.name(),
+                show_tenant(&input.datatype),
+                c.oip_datatype()
+            )));
         }
         flatten(&input.data, &mut cols[c as usize]);
         let len = cols[c as usize].len();
@@ -370,12 +382,19 @@ pub fn oip_rows<'a>(req: &'a OipRequest<'a>, ex: &Expect) -> Result<Rows, Refuse
             _ => false,
         };
         if !shape_ok {
-            return Err(Refused::Bad(format!("{ORIGIN}: input {} has shape {:?} but {len} values; the shape must be [rows] (or [rows, 1])", c.name(), input.shape)));
+            return Err(Refused::Bad(format!(
+                "{ORIGIN}: input {} has shape {:?} but {len} values; the shape must be [rows] (or [rows, 1])",
+                c.name(),
+                input.shape
+            )));
         }
         match n {
             None => n = Some(len),
             Some(m) if m != len => {
-                return Err(Refused::Bad(format!("{ORIGIN}: input {} has {len} rows but the other inputs have {m}; send one value per row in every input", c.name())));
+                return Err(Refused::Bad(format!(
+                    "{ORIGIN}: input {} has {len} rows but the other inputs have {m}; send one value per row in every input",
+                    c.name()
+                )));
             }
             _ => {}
         }
@@ -523,7 +542,10 @@ pub fn mlflow_json_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
             let idx = check_columns(s.columns.iter().map(|c| c.as_ref()))?;
             let width = s.columns.len();
             if let Some((r, n)) = s.data.lens.iter().enumerate().find(|(_, n)| **n as usize != width) {
-                return Err(Refused::Bad(format!("{ORIGIN}: row {}: has {n} values but there are {width} columns; give every row one value per column", r + 1)));
+                return Err(Refused::Bad(format!(
+                    "{ORIGIN}: row {}: has {n} values but there are {width} columns; give every row one value per column",
+                    r + 1
+                )));
             }
             // Every row has `width` cells: row r starts at r * width.
             let present = idx.map(|i| i.is_some());
@@ -635,7 +657,8 @@ mod tests {
         let b = mlflow_json_rows(split, &ex()).unwrap();
         let recs = br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":10.5,"Last_Visit_Date":"2025-12-01","Tenant_ID":"Tenant_A"},{"Last_Visit_Date":"2025-11-30","Customer_ID":2,"Login_Count":4,"Purchase_Amount":0.0,"Tenant_ID":"Tenant_A"}]}"#;
         let c = mlflow_json_rows(recs, &ex()).unwrap();
-        let csv = b"Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date\nTenant_A,1,x,3,10.5,2025-12-01\nTenant_A,2,y,4,0,2025-11-30\n";
+        let csv =
+            b"Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date\nTenant_A,1,x,3,10.5,2025-12-01\nTenant_A,2,y,4,0,2025-11-30\n";
         let d = csv_rows(csv, &ex()).unwrap();
         assert_eq!(a, b);
         assert_eq!(a, c);
@@ -649,7 +672,8 @@ mod tests {
         let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":[[1,3,1,"2025-01-01"],[2,3,1]]}}}}"#).as_bytes(), &ex()));
         assert_eq!(m, "request: row 2: has 3 values but there are 4 columns; give every row one value per column");
         // The data before the columns, and nested cells: same rows, same refusals.
-        let a = mlflow_json_rows(format!(r#"{{"dataframe_split":{{"data":[[1,3,1,"2025-01-01"],[2,4,0.5,"2025-01-02"]],{cols}}}}}"#).as_bytes(), &ex()).unwrap();
+        let a =
+            mlflow_json_rows(format!(r#"{{"dataframe_split":{{"data":[[1,3,1,"2025-01-01"],[2,4,0.5,"2025-01-02"]],{cols}}}}}"#).as_bytes(), &ex()).unwrap();
         assert_eq!((a.ids.clone(), a.logins.clone(), a.amounts.clone()), (vec![1, 2], vec![3, 4], vec![1.0, 0.5]));
         let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":[[1,[3],1,"2025-01-01"]]}}}}"#).as_bytes(), &ex()));
         assert!(m.contains("row 1, column Login_Count: not an integer"), "{m}");
@@ -665,11 +689,18 @@ mod tests {
     fn refusals_name_row_and_column_and_never_echo_values() {
         let m = bad(csv_rows(b"Customer_ID,Login_Count,Purchase_Amount,Last_Visit_Date\n1,3,1,2025-01-01\n2,-4,1,2025-01-01\n", &ex()));
         assert_eq!(m, "request: row 2 (line 3), column Login_Count: negative value; Login_Count must be >= 0");
-        let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2027-01-01"}]}"#, &ex()));
+        let m =
+            bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2027-01-01"}]}"#, &ex()));
         assert!(m.starts_with("request: row 1, column Last_Visit_Date: date in the future relative to as_of (2026-01-01)"), "{m}");
-        let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","Tenant_ID":"Tenant_B"}]}"#, &ex()));
+        let m = bad(mlflow_json_rows(
+            br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","Tenant_ID":"Tenant_B"}]}"#,
+            &ex(),
+        ));
         assert!(m.contains("row 1, column Tenant_ID: row belongs to tenant \"Tenant_B\""), "{m}");
-        let m = bad(mlflow_json_rows(br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","secret-alice@example.com":1}]}"#, &ex()));
+        let m = bad(mlflow_json_rows(
+            br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","secret-alice@example.com":1}]}"#,
+            &ex(),
+        ));
         assert!(m.contains("unknown column \"secret-alice@example.com\""), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date","Sensitive_Data"],"data":[[1,3,1,"alice@example.com","x"]]}}"#, &ex()));
         assert!(m.contains("column Last_Visit_Date: not a date") && !m.contains("alice"), "{m}");
@@ -679,10 +710,14 @@ mod tests {
         assert!(!m.contains("alice") && m.contains("line 1"), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,1,"2025-01-01"],[1,3,1,"2025-01-01"]]}}"#, &ex()));
         assert!(m.contains("row 2, column Customer_ID: duplicate Customer_ID 1"), "{m}");
-        let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,null,"2025-01-01"]]}}"#, &ex()));
+        let m = bad(mlflow_json_rows(
+            br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,null,"2025-01-01"]]}}"#,
+            &ex(),
+        ));
         assert!(m.contains("row 1, column Purchase_Amount: empty value"), "{m}");
         let rows: Vec<String> = (0..11).map(|i| format!("[{i},1,1,\"2025-01-01\"]")).collect();
-        let body = format!(r#"{{"dataframe_split":{{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[{}]}}}}"#, rows.join(","));
+        let body =
+            format!(r#"{{"dataframe_split":{{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[{}]}}}}"#, rows.join(","));
         assert!(bad(mlflow_json_rows(body.as_bytes(), &ex())).starts_with("413 request has 11 rows"));
         let req = parse_oip(br#"{"inputs":[{"name":"Customer_ID","shape":[1],"datatype":"FP64","data":[1]}]}"#).unwrap();
         let m = bad(oip_rows(&req, &ex()));

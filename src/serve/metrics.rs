@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::{Mutex, RwLock};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 /// Routes, as metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +180,9 @@ impl Metrics {
             let _ = writeln!(s, "dagrun_serve_rows_scored_total{{tenant=\"{tenant}\"}} {}", e.rows.load(Ordering::Relaxed));
         }
         drop(t);
-        s.push_str("# HELP dagrun_serve_request_duration_seconds Time from request to response, by route.\n# TYPE dagrun_serve_request_duration_seconds histogram\n");
+        s.push_str(
+            "# HELP dagrun_serve_request_duration_seconds Time from request to response, by route.\n# TYPE dagrun_serve_request_duration_seconds histogram\n",
+        );
         for (ri, r) in ROUTES.iter().enumerate() {
             let h = &self.latency[ri];
             let count = h.count.load(Ordering::Relaxed);
@@ -209,8 +211,16 @@ impl Metrics {
         };
         counter("dagrun_serve_model_switches_total", "Champion switches applied without a restart.", self.model_switches.load(Ordering::Relaxed));
         counter("dagrun_serve_audit_lines_total", "Audit log lines written.", self.audit_lines.load(Ordering::Relaxed));
-        counter("dagrun_serve_audit_write_failures_total", "Audit log lines that could not be written (the responses were still sent).", self.audit_write_failures.load(Ordering::Relaxed));
-        counter("dagrun_serve_token_reload_failures_total", "Failed reloads of the token file (the previous tokens stay).", self.token_reload_failures.load(Ordering::Relaxed));
+        counter(
+            "dagrun_serve_audit_write_failures_total",
+            "Audit log lines that could not be written (the responses were still sent).",
+            self.audit_write_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            "dagrun_serve_token_reload_failures_total",
+            "Failed reloads of the token file (the previous tokens stay).",
+            self.token_reload_failures.load(Ordering::Relaxed),
+        );
         s
     }
 }

@@ -25,12 +25,12 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use chrono::{Datelike, Timelike};
-use std::cell::RefCell;
-use std::io::Write;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use chrono::{Datelike, Timelike};
+use std::cell::RefCell;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -465,7 +465,14 @@ async fn invocations(State(s): S, req: Request) -> Response {
     let csv = match media_type(h, &["application/json", "text/csv"]) {
         Some(Some("application/json")) => false,
         Some(Some(_)) => true,
-        _ => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send application/json (dataframe_split or dataframe_records) or text/csv with a header line", info),
+        _ => {
+            return error(
+                p,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send application/json (dataframe_split or dataframe_records) or text/csv with a header line",
+                info,
+            );
+        }
     };
     let bytes = match read_body(body, p, &info).await {
         Ok(b) => b,

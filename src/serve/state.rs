@@ -127,9 +127,10 @@ impl Shared {
     pub fn flush_last_used(&self) {
         let used = self.tokens.load().used();
         if !used.is_empty()
-            && let Err(e) = tokens::record_last_used(&self.dagrun_dir, &used) {
-                tracing::debug!("cannot record token last use: {e:#}");
-            }
+            && let Err(e) = tokens::record_last_used(&self.dagrun_dir, &used)
+        {
+            tracing::debug!("cannot record token last use: {e:#}");
+        }
     }
 
     /// Reload the models of every tenant whose registry files changed.
@@ -190,11 +191,13 @@ impl Shared {
             if w.failed.contains_key(&key) {
                 continue;
             }
-            match self.integrity
+            match self
+                .integrity
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("the workspace has no master key, so no model can be verified"))
                 .and_then(|k| reg.load(t, &e.version, k))
-                .and_then(|m| Deployed::from_registry(m, reg.artifact_path(t, &e.version))) {
+                .and_then(|m| Deployed::from_registry(m, reg.artifact_path(t, &e.version)))
+            {
                 Ok(d) => {
                     tm.versions.insert(e.version.clone(), Arc::new(Model { version: e.version.clone(), deployed: d }));
                 }

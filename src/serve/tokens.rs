@@ -98,7 +98,8 @@ pub fn load(dagrun_dir: &Path) -> Result<Vec<TokenRecord>> {
 }
 
 fn parse(bytes: &[u8], origin: &str) -> Result<Vec<TokenRecord>> {
-    let f: TokenFile = serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("{origin}: not a valid token file ({e}); restore it from a backup, or remove it and create the tokens again"))?;
+    let f: TokenFile = serde_json::from_slice(bytes)
+        .map_err(|e| anyhow::anyhow!("{origin}: not a valid token file ({e}); restore it from a backup, or remove it and create the tokens again"))?;
     if f.format != FORMAT {
         bail!("{origin}: unsupported format {:?} (expected {FORMAT:?})", f.format);
     }

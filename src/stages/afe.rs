@@ -5,7 +5,7 @@
 //! *transform* every row with them. Outputs: the feature rows (Parquet) and
 //! the fitted statistics (JSON), which the feature store keeps with the version.
 
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::data::featurize;
 use crate::data::schema::parse_date;
 use crate::features;
@@ -44,10 +44,7 @@ impl KindDecl for Afe {
         parse_date(&param_str(with, "as_of")?).map_err(|e| format!("`with.as_of`: {e:#}"))?;
         Ok(Declared {
             deps: vec![param_str(with, "input")?],
-            outs: vec![
-                DeclaredOut { path: param_str(with, "features")?, sensitive: false },
-                DeclaredOut { path: param_str(with, "stats")?, sensitive: false },
-            ],
+            outs: vec![DeclaredOut { path: param_str(with, "features")?, sensitive: false }, DeclaredOut { path: param_str(with, "stats")?, sensitive: false }],
         })
     }
 }

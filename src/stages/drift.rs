@@ -27,7 +27,7 @@
 //! - The report holds aggregates only (shares per bin, min/max of the
 //!   reference), never a row.
 
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDrift, Level};
 use crate::model::ModelArtifact;
 use crate::pipeline::Stage;
@@ -300,7 +300,8 @@ impl StageKind for Drift {
                 bail!("reference model {model_rel}: feature_file {ff:?} / feature_file_hash must be a workspace path and a blake3 hex digest");
             }
             // The model itself, or (after a retrain on this data) the one before it.
-            let model_version = if model.feature_file_hash == ref_hash { model.model_version.clone() } else { format!("the model before {}", model.model_version) };
+            let model_version =
+                if model.feature_file_hash == ref_hash { model.model_version.clone() } else { format!("the model before {}", model.model_version) };
             let cas = crate::workspace::cas::Cas::read_only(&ctx.services.ws);
             let ref_content = crate::workspace::ContentHash::parse(&ref_hash).map_err(|e| anyhow!("reference model {model_rel}: feature_file_hash: {e}"))?;
             let (cols, from) = match read_features_if(&ctx.workspace.join(ff), &ref_hash)? {
@@ -333,8 +334,7 @@ impl StageKind for Drift {
         bytes.push(b'\n');
         write_atomic(&ctx.outs[0], &bytes)?;
 
-        let failing: Vec<String> =
-            report.features.iter().filter(|f| f.level == Level::Fail).map(|f| format!("{} PSI {:.3}", f.name, f.psi)).collect();
+        let failing: Vec<String> = report.features.iter().filter(|f| f.level == Level::Fail).map(|f| format!("{} PSI {:.3}", f.name, f.psi)).collect();
         if !failing.is_empty() {
             bail!(
                 "tenant {tenant}: feature drift above max_psi {max_psi}: {} (report: {}); the data differs from what model {} was trained on. Investigate the new data, or accept it with `-p` raising max_psi",

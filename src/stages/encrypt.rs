@@ -10,12 +10,12 @@
 //!
 //! Work is streamed batch by batch; each batch is split across the cores.
 
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::Services;
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
 use crate::data::parquet_io::{ParquetSink, open_batches};
 use crate::data::schema::{self, encrypted_schema};
-use super::Services;
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::builder::{BinaryBuilder, FixedSizeBinaryBuilder};
@@ -49,13 +49,7 @@ fn encrypt_rows(
 }
 
 /// Encrypt one raw batch into the encrypted schema, split across `threads` threads.
-pub fn encrypt_batch(
-    cipher: &FieldCipher,
-    pseudo: &Pseudonymizer,
-    tenant: &str,
-    batch: &RecordBatch,
-    threads: usize,
-) -> Result<RecordBatch> {
+pub fn encrypt_batch(cipher: &FieldCipher, pseudo: &Pseudonymizer, tenant: &str, batch: &RecordBatch, threads: usize) -> Result<RecordBatch> {
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
     let tenants = col(schema::TENANT_ID)?.as_any().downcast_ref::<StringArray>().context("Tenant_ID is not utf8")?;
     if let Some(i) = (0..tenants.len()).find(|&i| tenants.value(i) != tenant) {
@@ -177,7 +171,10 @@ impl StageKind for Encrypt {
             ("dagrun.dataset".to_string(), "encrypted".to_string()),
             ("dagrun.tenant".to_string(), tenant.to_string()),
             ("dagrun.key_id".to_string(), key_id.clone()),
-            ("dagrun.aead".to_string(), "AES-256-GCM; Sensitive_Data_Enc = nonce(12) || ciphertext || tag(16); AAD = UTF-8 of tenant|Sensitive_Data|Customer_ID".to_string()),
+            (
+                "dagrun.aead".to_string(),
+                "AES-256-GCM; Sensitive_Data_Enc = nonce(12) || ciphertext || tag(16); AAD = UTF-8 of tenant|Sensitive_Data|Customer_ID".to_string(),
+            ),
             ("dagrun.pseudonym".to_string(), "Sensitive_Token = HMAC-SHA256(tenant pseudonym key, UTF-8 Sensitive_Data)".to_string()),
         ];
         let mut sink = ParquetSink::create(&ctx.outs[0], encrypted_schema(with_label), kv)?;

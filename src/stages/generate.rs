@@ -12,10 +12,10 @@
 //! share change reruns only tenants whose count changed. The output holds
 //! plaintext PII and is declared sensitive: never cached, deleted after the run.
 
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str, param_u64};
+use super::Services;
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str, param_u64};
 use crate::data::generate::{TenantShare, generate_tenant, split_rows};
 use crate::data::schema::parse_date;
-use super::Services;
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Map, Value};

@@ -5,7 +5,7 @@
 //! nothing is written. The output holds plaintext PII: it is declared
 //! sensitive, like `generate`'s.
 
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::data::ingest::{IngestOptions, validate_to_parquet};
 use crate::data::schema::parse_date;
 use anyhow::{Context, Result, anyhow};

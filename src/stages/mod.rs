@@ -7,11 +7,11 @@ use crate::pipeline::{Stage, Tenants};
 use crate::workspace::Workspace;
 use crate::workspace::state::StateStore;
 use anyhow::{Result, anyhow};
-use std::sync::OnceLock;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 

@@ -6,14 +6,14 @@
 //! hash does not match the store, or if the model's hash does not match its
 //! lineage record. Writes a per-tenant JSON report.
 
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
-use crate::data::schema;
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::crypto::IntegrityKey;
+use crate::data::schema;
 use crate::model::artifact::load_verified;
-use crate::workspace::ContentHash;
 use crate::model::split::test_mask;
 use crate::scoring;
 use crate::util::atomic::write_json_atomic;
+use crate::workspace::ContentHash;
 use anyhow::{Context, Result, bail};
 use arrow_array::{Array, BooleanArray};
 use serde::{Deserialize, Serialize};

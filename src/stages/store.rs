@@ -4,7 +4,7 @@
 //! (`featurestore/TENANT/VERSION/`), so a new version never overwrites another.
 
 use super::afe::StatsFile;
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::store::{self, Lineage};
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
@@ -55,7 +55,8 @@ impl StageKind for Store {
         let as_of = crate::data::schema::parse_date(&sf.as_of)?;
         // The feature file's pages are copied as they are (no decode/encode);
         // only the footer gains the version and lineage hash.
-        let manifest = store::write_version_from_file(&*ctx.services.integrity_key()?, &dir, tenant, &sf.feature_set_version, as_of, &sf.stats, lineage, &ctx.deps[0])?;
+        let manifest =
+            store::write_version_from_file(&*ctx.services.integrity_key()?, &dir, tenant, &sf.feature_set_version, as_of, &sf.stats, lineage, &ctx.deps[0])?;
         let mut facts = Map::new();
         facts.insert("rows".into(), manifest.rows.into());
         facts.insert("feature_set_version".into(), manifest.feature_set_version.clone().into());

@@ -12,7 +12,7 @@
 //! registered in the model registry; `promote: auto` (default) makes it the
 //! tenant's champion, `promote: manual` leaves that to `dagrun models promote`.
 
-use super::{Declared, KindDecl, DeclaredOut, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
 use crate::data::schema;
 use crate::model::{ModelArtifact, TrainingData};
 use crate::util::atomic::write_atomic;
@@ -106,10 +106,7 @@ impl StageKind for Train {
         tracing::debug!("{tenant}: trained in {:.3}s", t0.elapsed().as_secs_f64());
         let m = &outcome.metrics;
         if m.auc < min_auc {
-            bail!(
-                "tenant {tenant}: test AUC {:.4} is below min_auc {min_auc}: the model is not promoted (the previous model, if any, stays in place)",
-                m.auc
-            );
+            bail!("tenant {tenant}: test AUC {:.4} is below min_auc {min_auc}: the model is not promoted (the previous model, if any, stays in place)", m.auc);
         }
         let feature_rel = ctx.rel(&ctx.deps[0]).into_owned();
         let artifact = ModelArtifact {

@@ -7,10 +7,10 @@
 
 use crate::crypto::IntegrityKey;
 use crate::data::parquet_io::{ParquetSink, footer_kv};
-use crate::workspace::record;
 use crate::data::schema::{features_schema, format_date};
 use crate::features::v1::TenantStats;
 use crate::util::atomic::write_json_atomic;
+use crate::workspace::record;
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -157,7 +157,16 @@ pub fn write_version(
 /// Like [`write_version`], from a finished feature file: its column chunks
 /// are copied byte for byte (no decoding) under the store's footer.
 #[allow(clippy::too_many_arguments)]
-pub fn write_version_from_file(key: &IntegrityKey, dir: &Path, tenant: &str, version: &str, as_of: i32, stats: &TenantStats, lineage: Lineage, src: &Path) -> Result<Manifest> {
+pub fn write_version_from_file(
+    key: &IntegrityKey,
+    dir: &Path,
+    tenant: &str,
+    version: &str,
+    as_of: i32,
+    stats: &TenantStats,
+    lineage: Lineage,
+    src: &Path,
+) -> Result<Manifest> {
     let (lineage, as_of_s, kv) = prepare(tenant, version, as_of, lineage)?;
     let (schema, rows) = crate::data::parquet_io::copy_with_footer(src, &dir.join(FEATURES_FILE), kv)?;
     finish_version(key, dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
@@ -254,9 +263,7 @@ pub fn open_verified(dir: &Path, key: &IntegrityKey) -> Result<(Manifest, impl I
     let check = |key: &str, want: &str| -> Result<()> {
         match kv.get(key) {
             Some(v) if v == want => Ok(()),
-            got => Err(anyhow!(
-                "feature file {shown}: footer {key} is {got:?} but the manifest says {want:?}; rerun `dagrun run --force store`"
-            )),
+            got => Err(anyhow!("feature file {shown}: footer {key} is {got:?} but the manifest says {want:?}; rerun `dagrun run --force store`")),
         }
     };
     check(KV_VERSION, &m.feature_set_version)?;
@@ -399,4 +406,3 @@ mod tests {
         assert!(read_manifest(&dir, &key()).is_err());
     }
 }
-

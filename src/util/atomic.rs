@@ -29,10 +29,7 @@ pub fn is_temp_name(name: &str) -> bool {
 
 fn temp_path_for(dest: &Path) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let name = dest
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
+    let name = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     dest.with_file_name(format!(".{name}{TEMP_MARKER}{}.{n}", std::process::id()))
 }
 
@@ -81,10 +78,10 @@ impl AtomicFile {
 
     fn open(dest: &Path, mode: Option<u32>, durability: Durability) -> Result<Self> {
         if let Some(parent) = dest.parent()
-            && !parent.as_os_str().is_empty() {
-                fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create directory {}", parent.display()))?;
-            }
+            && !parent.as_os_str().is_empty()
+        {
+            fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
+        }
         let tmp = temp_path_for(dest);
         let mut opts = OpenOptions::new();
         opts.write(true).create_new(true);
@@ -93,9 +90,7 @@ impl AtomicFile {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(mode.unwrap_or(0o644));
         }
-        let file = opts.open(&tmp).with_context(|| {
-            format!("cannot write {} (creating its temporary file {} failed)", dest.display(), tmp.display())
-        })?;
+        let file = opts.open(&tmp).with_context(|| format!("cannot write {} (creating its temporary file {} failed)", dest.display(), tmp.display()))?;
         Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(1 << 20, file)), durability })
     }
 
@@ -116,16 +111,12 @@ impl AtomicFile {
         let w = self.file.take().expect("AtomicFile committed twice");
         let durability = self.durability;
         let res = (|| {
-            let file = w
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .with_context(|| format!("cannot write {}", self.dest.display()))?;
+            let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", self.dest.display()))?;
             if durability != Durability::Verified {
                 file.sync_all().with_context(|| format!("cannot write {} (fsync failed)", self.dest.display()))?;
             }
             drop(file);
-            fs::rename(&self.tmp, &self.dest)
-                .with_context(|| format!("cannot move a finished write into place at {}", self.dest.display()))
+            fs::rename(&self.tmp, &self.dest).with_context(|| format!("cannot move a finished write into place at {}", self.dest.display()))
         })();
         if res.is_err() {
             let _ = fs::remove_file(&self.tmp);
@@ -169,27 +160,21 @@ pub fn sync_parent(path: &Path) {
 /// Write `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(dest)?;
-    f.writer()
-        .write_all(bytes)
-        .with_context(|| format!("cannot write {}", dest.display()))?;
+    f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
 
 /// Write `bytes` to `dest` atomically with permission bits `mode` (e.g. 0o600).
 pub fn write_atomic_mode(dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let mut f = AtomicFile::create_with_mode(dest, Some(mode))?;
-    f.writer()
-        .write_all(bytes)
-        .with_context(|| format!("cannot write {}", dest.display()))?;
+    f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
 
 /// Write `bytes` to `dest` atomically with the given durability.
 pub fn write_atomic_with(dest: &Path, bytes: &[u8], durability: Durability) -> Result<()> {
     let mut f = AtomicFile::create_with(dest, durability)?;
-    f.writer()
-        .write_all(bytes)
-        .with_context(|| format!("cannot write {}", dest.display()))?;
+    f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
 

@@ -84,7 +84,15 @@ mod tests {
     fn master_key_variables_and_secrets_are_denied() {
         let s = vec!["API_TOKEN".to_string(), "AWS_SECRET_*".to_string()];
         assert!(ALWAYS_DENIED.contains(&crate::lineage::TOKEN_ENV));
-        for n in ["DAGRUN_MASTER_KEY", "DAGRUN_MASTER_KEY_FILE", "DAGRUN_MASTER_KEY_URI", "DAGRUN_MASTER_KEY_PIN", "DAGRUN_OPENLINEAGE_TOKEN", "API_TOKEN", "AWS_SECRET_ACCESS_KEY"] {
+        for n in [
+            "DAGRUN_MASTER_KEY",
+            "DAGRUN_MASTER_KEY_FILE",
+            "DAGRUN_MASTER_KEY_URI",
+            "DAGRUN_MASTER_KEY_PIN",
+            "DAGRUN_OPENLINEAGE_TOKEN",
+            "API_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
+        ] {
             assert!(is_denied(OsStr::new(n), &s), "{n}");
         }
         for n in ["PATH", "HOME", "API_TOKEN_X", "AWS_REGION", "DAGRUN_STAGE", "DAGRUN_MASTER"] {

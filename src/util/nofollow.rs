@@ -68,9 +68,7 @@ impl Dir {
                 }
             }
             // SAFETY: valid dirfd and NUL-terminated name.
-            let fd = unsafe {
-                libc::openat(dir.fd.as_raw_fd(), cname.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC)
-            };
+            let fd = unsafe { libc::openat(dir.fd.as_raw_fd(), cname.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC) };
             if fd < 0 {
                 let e = std::io::Error::last_os_error();
                 if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
@@ -160,10 +158,7 @@ pub fn check_write_path(root: &Path, rel: &str, protected: &[&str], final_link_o
                         ));
                     }
                     _ if last => {
-                        return Err(format!(
-                            "output {rel:?} is a symlink ({shown} → {}); outputs must be real files or folders",
-                            target.display()
-                        ));
+                        return Err(format!("output {rel:?} is a symlink ({shown} → {}); outputs must be real files or folders", target.display()));
                     }
                     _ => {}
                 }

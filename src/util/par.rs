@@ -91,7 +91,8 @@ mod tests {
         assert_eq!(all, (0..10_001).collect::<Vec<_>>());
         assert_eq!(map_chunks(5, 4, 100, |r| r.len()), vec![5]);
         assert_eq!(map_chunks(0, 4, 1, |r| r.len()), vec![0]);
-        let busy = map_chunks(4_000, 2, 1, |r| r.map(|i| (0..2_000u64).fold(i as u64, |a, b| a.wrapping_mul(31).wrapping_add(b))).fold(0u64, u64::wrapping_add));
+        let busy =
+            map_chunks(4_000, 2, 1, |r| r.map(|i| (0..2_000u64).fold(i as u64, |a, b| a.wrapping_mul(31).wrapping_add(b))).fold(0u64, u64::wrapping_add));
         assert_eq!(busy.len(), 2);
         assert!(cpu.load(Ordering::Relaxed) > 0);
     }

@@ -329,9 +329,10 @@ impl Cas {
                     for f in rd2.flatten() {
                         let b = f.file_name().to_string_lossy().into_owned();
                         if !crate::util::atomic::is_temp_name(&b)
-                            && let Ok(h) = ContentHash::parse(&format!("{a}{b}")) {
-                                out.push(h);
-                            }
+                            && let Ok(h) = ContentHash::parse(&format!("{a}{b}"))
+                        {
+                            out.push(h);
+                        }
                     }
                 }
             }

@@ -129,7 +129,9 @@ mod tests {
         let h = ContentHash::of_bytes(b"x");
         assert_eq!(ContentHash::parse(h.as_str()).unwrap(), h);
         assert_eq!(h.short().len(), 12);
-        for bad in ["", "abc", "xx/tmp/victim", &"A".repeat(64), &"0".repeat(63), &"0".repeat(65), &format!("{}/", "0".repeat(63)), &format!("../{}", "0".repeat(61))] {
+        for bad in
+            ["", "abc", "xx/tmp/victim", &"A".repeat(64), &"0".repeat(63), &"0".repeat(65), &format!("{}/", "0".repeat(63)), &format!("../{}", "0".repeat(61))]
+        {
             let e = ContentHash::parse(bad).unwrap_err().to_string();
             assert!(e.contains("64 lowercase hex digits"), "{e}");
             assert!(!bad.is_empty() && !e.contains(bad) || bad.is_empty(), "the bad text is not echoed: {e}");

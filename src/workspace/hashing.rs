@@ -39,11 +39,11 @@ use super::record;
 use crate::crypto::IntegrityKey;
 use crate::util::atomic::{Durability, is_temp_name, write_atomic_with};
 use anyhow::{Context, Result, bail};
-use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -94,11 +94,7 @@ pub fn now_ns() -> i128 {
 #[cfg(unix)]
 fn stamp(m: &std::fs::Metadata) -> (i128, i128, u64) {
     use std::os::unix::fs::MetadataExt;
-    (
-        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-        m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
-        m.ino(),
-    )
+    (m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128, m.ino())
 }
 
 #[cfg(unix)]
@@ -187,8 +183,8 @@ pub fn looks_like_tree(bytes: &[u8]) -> bool {
 /// Decode and validate a tree listing (see the module rules); the error says
 /// which entry is wrong and why, never echoing its path.
 pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> {
-    let listing: TreeListing = record::typed(serde_json::from_slice(bytes).map_err(|e| format!("not a directory listing ({e})"))?, "listing")
-        .map_err(|e| e.to_string())?;
+    let listing: TreeListing =
+        record::typed(serde_json::from_slice(bytes).map_err(|e| format!("not a directory listing ({e})"))?, "listing").map_err(|e| e.to_string())?;
     if listing.format != TREE_FORMAT {
         return Err(format!("unknown listing format (this build reads {TREE_FORMAT})"));
     }
@@ -198,9 +194,10 @@ pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> 
         let p = tree_path(e);
         check_entry_path(p).map_err(|why| format!("entry {} is {why}", i + 1))?;
         if let TreeEntry::Link { target, .. } = e
-            && (target.is_empty() || target.contains('\0')) {
-                return Err(format!("entry {} is a symlink with an empty target or a NUL byte", i + 1));
-            }
+            && (target.is_empty() || target.contains('\0'))
+        {
+            return Err(format!("entry {} is a symlink with an empty target or a NUL byte", i + 1));
+        }
         if prev.is_some_and(|q| q >= p) {
             return Err(format!("entry {} is out of order or repeated", i + 1));
         }
@@ -280,8 +277,7 @@ impl HashMemo {
         let (mtime, ctime, ino) = stamp(meta);
         let entries = self.entries.lock().unwrap();
         let e = entries.get(path.to_string_lossy().as_ref())?;
-        (e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino && e.hashed_at - mtime.max(ctime) > RACY_NS)
-            .then(|| e.hash.clone())
+        (e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino && e.hashed_at - mtime.max(ctime) > RACY_NS).then(|| e.hash.clone())
     }
 
     /// Record a hash computed elsewhere (e.g. while copying the file into the

@@ -88,11 +88,7 @@ pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<
             }
         }
     }
-    let info = format!(
-        "pid {} ({what}, started {})",
-        std::process::id(),
-        chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
-    );
+    let info = format!("pid {} ({what}, started {})", std::process::id(), chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
     file.set_len(0)?;
     file.seek(SeekFrom::Start(0))?;
     file.write_all(info.as_bytes())?;

@@ -127,11 +127,7 @@ pub fn typed<T: DeserializeOwned>(v: Value, file: &str) -> Result<T, RecordError
     serde_path_to_error::deserialize(v).map_err(|e| {
         let field = e.path().to_string();
         let why = e.into_inner().to_string();
-        if field == "." {
-            RecordError::Unreadable { file: file.to_string(), why }
-        } else {
-            RecordError::BadField { file: file.to_string(), field, why }
-        }
+        if field == "." { RecordError::Unreadable { file: file.to_string(), why } } else { RecordError::BadField { file: file.to_string(), field, why } }
     })
 }
 

@@ -14,9 +14,9 @@
 //! [`Loaded::Invalid`]: the engine recomputes, `status` says why, `verify`
 //! reports it.
 
+use super::Workspace;
 use super::hash::ContentHash;
 use super::record::{self, RecordError};
-use super::Workspace;
 use crate::crypto::IntegrityKey;
 use crate::util::atomic::{Durability, write_atomic_with};
 use anyhow::{Result, bail};
@@ -239,9 +239,11 @@ impl StateStore {
             .map(|(p, l)| {
                 let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 let l = match l {
-                    Loaded::Valid(st) if st.stage != stem => {
-                        Loaded::Invalid(RecordError::BadField { file: self.shown(&p), field: "stage".into(), why: "names another stage (moved or copied outside dagrun)".into() })
-                    }
+                    Loaded::Valid(st) if st.stage != stem => Loaded::Invalid(RecordError::BadField {
+                        file: self.shown(&p),
+                        field: "stage".into(),
+                        why: "names another stage (moved or copied outside dagrun)".into(),
+                    }),
                     other => other,
                 };
                 (p, l)
@@ -256,9 +258,11 @@ impl StateStore {
             .map(|(p, l)| {
                 let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 let l = match l {
-                    Loaded::Valid(st) if st.key.as_str() != stem => {
-                        Loaded::Invalid(RecordError::BadField { file: self.shown(&p), field: "key".into(), why: "is not the key the entry is filed under".into() })
-                    }
+                    Loaded::Valid(st) if st.key.as_str() != stem => Loaded::Invalid(RecordError::BadField {
+                        file: self.shown(&p),
+                        field: "key".into(),
+                        why: "is not the key the entry is filed under".into(),
+                    }),
                     other => other,
                 };
                 (p, l)

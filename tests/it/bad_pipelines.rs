@@ -166,11 +166,7 @@ fn billion_laughs() {
     // expanded), under yaml_serde's own repetition limit: refused by the
     // alias count (pipeline::yaml_limits) on the line of the aliases.
     let n = 100_000;
-    let yaml = format!(
-        "params:\n  a: &a [{}]\n  b: [{}]\nstages:\n  s:\n    cmd: echo hi\n",
-        vec!["1"; n].join(","),
-        vec!["*a"; n].join(",")
-    );
+    let yaml = format!("params:\n  a: &a [{}]\n  b: [{}]\nstages:\n  s:\n    cmd: echo hi\n", vec!["1"; n].join(","), vec!["*a"; n].join(","));
     bad(&yaml, &["pipeline.yaml:3:", "alias"]);
     // The same through typed fields: many stages' deps alias one long list.
     let list: Vec<String> = (0..40_000).map(|i| format!("f{i}")).collect();

@@ -359,7 +359,9 @@ fn dag_dot_is_valid() {
         assert!(dot.contains(&format!("\"{s}\" [label=")), "node {s} missing");
     }
     // The real parser, when installed.
-    if let Ok(mut child) = Command::new("dot").arg("-Tsvg").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn() {
+    if let Ok(mut child) =
+        Command::new("dot").arg("-Tsvg").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()
+    {
         use std::io::Write;
         child.stdin.take().unwrap().write_all(out.stdout.as_bytes()).unwrap();
         let o = child.wait_with_output().unwrap();
@@ -481,5 +483,8 @@ stages:
     ws.write("in.txt", "pinned input\n");
     let r = ws.run(&[]).ok();
     let key = r.stage("copy")["key"].as_str().unwrap_or_else(|| panic!("no key in {:#}", r.rec())).to_string();
-    assert_eq!(key, "8524632abff2aad6249d5fa8c30bd362a0dcc560af70420ef95ac4268289ec83", "the cache key of a known stage changed: is that deliberate? (see engine/fingerprint.rs)");
+    assert_eq!(
+        key, "8524632abff2aad6249d5fa8c30bd362a0dcc560af70420ef95ac4268289ec83",
+        "the cache key of a known stage changed: is that deliberate? (see engine/fingerprint.rs)"
+    );
 }

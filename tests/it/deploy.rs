@@ -151,11 +151,8 @@ fn dagrun_commands(script: &str) -> Vec<Vec<String>> {
         let words: Vec<&str> = line.split_whitespace().collect();
         for (i, w) in words.iter().enumerate() {
             if Path::new(w).file_name().is_some_and(|n| n == "dagrun") && !w.starts_with('-') {
-                let args: Vec<String> = words[i + 1..]
-                    .iter()
-                    .take_while(|a| !["|", ">", ">>", "&&", "||", ";", "2>&1"].contains(a))
-                    .map(|a| a.to_string())
-                    .collect();
+                let args: Vec<String> =
+                    words[i + 1..].iter().take_while(|a| !["|", ">", ">>", "&&", "||", ";", "2>&1"].contains(a)).map(|a| a.to_string()).collect();
                 out.push(args);
             }
         }
@@ -201,15 +198,24 @@ fn the_workflow_parses_and_every_dagrun_command_in_it_exists() {
     // Promotion is explicit and gated: the pipeline runs with `promote=manual`
     // and the promotion script (every dagrun command in it checked too) runs
     // `dagrun models promote` only when the gates pass (see the test below).
-    let promote_steps: Vec<String> =
-        wf["jobs"]["promote"]["steps"].as_array().unwrap().iter().filter_map(|s| s["run"].as_str().map(String::from)).collect();
+    let promote_steps: Vec<String> = wf["jobs"]["promote"]["steps"].as_array().unwrap().iter().filter_map(|s| s["run"].as_str().map(String::from)).collect();
     let runs: Vec<&Vec<String>> = cmds.iter().filter(|c| c.first().map(String::as_str) == Some("run")).collect();
-    assert!(runs.len() >= 2 && runs.iter().all(|c| c.iter().any(|a| a == "promote=manual")), "every pipeline run in the workflow leaves promotion to the gate step: {runs:?}");
-    assert!(promote_steps.iter().any(|r| r.contains("promote-if-gates-pass.sh") && !r.contains("--dry-run")), "the promote job promotes through the gate script");
+    assert!(
+        runs.len() >= 2 && runs.iter().all(|c| c.iter().any(|a| a == "promote=manual")),
+        "every pipeline run in the workflow leaves promotion to the gate step: {runs:?}"
+    );
+    assert!(
+        promote_steps.iter().any(|r| r.contains("promote-if-gates-pass.sh") && !r.contains("--dry-run")),
+        "the promote job promotes through the gate script"
+    );
     let script = std::fs::read_to_string(root().join("examples/deploy/promote-if-gates-pass.sh")).unwrap();
     let script_cmds = dagrun_commands(&script);
     for want in [&["runs", "show", "last"][..], &["models", "list"], &["models", "promote"]] {
-        assert!(script_cmds.iter().any(|c| c.len() >= want.len() && c[..want.len()] == *want), "the gate script runs dagrun {}: {script_cmds:?}", want.join(" "));
+        assert!(
+            script_cmds.iter().any(|c| c.len() >= want.len() && c[..want.len()] == *want),
+            "the gate script runs dagrun {}: {script_cmds:?}",
+            want.join(" ")
+        );
     }
     check_commands_exist(&script_cmds, "promote-if-gates-pass.sh");
 
@@ -263,7 +269,13 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     };
     let champions = || -> BTreeMap<String, String> {
         let v: Value = serde_json::from_str(&crate::drift::ok(&crate::drift::dagrun(ws, &["models", "list", "--json"]))).unwrap();
-        v["models"].as_array().unwrap().iter().filter(|m| m["alias"] == "champion").map(|m| (m["tenant"].as_str().unwrap().into(), m["version"].as_str().unwrap().into())).collect()
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["alias"] == "champion")
+            .map(|m| (m["tenant"].as_str().unwrap().into(), m["version"].as_str().unwrap().into()))
+            .collect()
     };
     let version_of = |t: &str| -> String {
         let m: Value = serde_json::from_slice(&std::fs::read(ws.join(format!("models/{t}/model.json"))).unwrap()).unwrap();

@@ -294,7 +294,8 @@ fn temp_files_left_by_a_killed_run_are_swept() {
     // dagrun writes atomically: outputs, state, action cache, object store,
     // the hash memo, run records.
     let pid = 4_000_000; // no such process
-    let objects: Vec<_> = std::fs::read_dir(ws.path(".dagrun/cache/objects")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let objects: Vec<_> =
+        std::fs::read_dir(ws.path(".dagrun/cache/objects")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     let planted = [
         format!("out/.s3.txt.dagrun-tmp.{pid}.0"),
         format!(".dagrun/state/.s2.json.dagrun-tmp.{pid}.1"),

@@ -5,8 +5,8 @@
 //! (Plain failures, timeouts, retries, the lock and one SIGKILL of a `cmd`
 //! chain are in tests/failures.rs.)
 
-use arrow_array::RecordBatch;
 use crate::common::*;
+use arrow_array::RecordBatch;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -324,7 +324,11 @@ fn huge_csv_fields_and_absurd_row_counts_fail_cleanly() {
     ws.write("incoming/Tenant_A.csv", lines.join("\n") + "\n");
     let r = ws.run_cmd(cmd(&ws, &["run", "pipelines/propensity-ingest.yaml"]));
     assert_eq!(r.out.code, 1, "{}", r.out.stderr);
-    assert!(r.out.stderr.contains("incoming/Tenant_A.csv") && r.out.stderr.contains("row 5") && r.out.stderr.contains("longer than 1048576 bytes"), "{}", r.out.stderr);
+    assert!(
+        r.out.stderr.contains("incoming/Tenant_A.csv") && r.out.stderr.contains("row 5") && r.out.stderr.contains("longer than 1048576 bytes"),
+        "{}",
+        r.out.stderr
+    );
     f[2] = format!("{}@example.org", "b".repeat(100_000));
     lines[5] = f.join(",");
     ws.write("incoming/Tenant_A.csv", lines.join("\n") + "\n");

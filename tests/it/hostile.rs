@@ -22,10 +22,8 @@
 //! through the library (`dagrun::crypto::aead::decrypt_field`) on files made by
 //! a real run.
 
-
-
-use arrow_array::{Array, ArrayRef, BinaryArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use crate::common::{BIN, HANG, Out, Ws, spawn};
+use arrow_array::{Array, ArrayRef, BinaryArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use dagrun::crypto::FieldError;
 use dagrun::crypto::aead::decrypt_field;
 use dagrun::data::parquet_io::{ParquetSink, open_batches};
@@ -123,8 +121,20 @@ const DATE: usize = 5;
 /// (name, edit of the CSV (row 2 = rows[2]), stderr needles) shared by ingest and predict.
 fn csv_cases() -> Vec<(&'static str, Edit, Vec<&'static str>)> {
     vec![
-        ("missing column", |r| r.iter_mut().for_each(|l| { l.remove(LOGIN); }), vec!["missing column Login_Count"]),
-        ("extra column", |r| r.iter_mut().enumerate().for_each(|(i, l)| l.push(if i == 0 { "Extra".into() } else { "1".into() })), vec!["unexpected column name (5 characters, text)"]),
+        (
+            "missing column",
+            |r| {
+                r.iter_mut().for_each(|l| {
+                    l.remove(LOGIN);
+                })
+            },
+            vec!["missing column Login_Count"],
+        ),
+        (
+            "extra column",
+            |r| r.iter_mut().enumerate().for_each(|(i, l)| l.push(if i == 0 { "Extra".into() } else { "1".into() })),
+            vec!["unexpected column name (5 characters, text)"],
+        ),
         ("wrong type (count)", |r| r[2][LOGIN] = "twelve".into(), vec!["row 2 (line 3), column Login_Count", "not an integer"]),
         ("wrong type (amount)", |r| r[2][AMOUNT] = "12,50 EUR".replace(',', ";"), vec!["row 2 (line 3), column Purchase_Amount", "not a number"]),
         ("NaN", |r| r[2][AMOUNT] = "NaN".into(), vec!["row 2 (line 3), column Purchase_Amount", "NaN"]),
@@ -324,7 +334,11 @@ fn predict_refuses_bad_rows_and_writes_nothing() {
     let o = ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in/good.csv"]));
     assert_eq!(o.stdout.lines().count(), 301);
     let mut cases = csv_cases();
-    cases.push(("another tenant's file", |r| r.iter_mut().skip(1).for_each(|l| l[TID] = "Tenant_B".into()), vec!["row 1 (line 2), column Tenant_ID", "belongs to tenant \"Tenant_B\""]));
+    cases.push((
+        "another tenant's file",
+        |r| r.iter_mut().skip(1).for_each(|l| l[TID] = "Tenant_B".into()),
+        vec!["row 1 (line 2), column Tenant_ID", "belongs to tenant \"Tenant_B\""],
+    ));
     for (what, edit, needles) in cases {
         let mut rows = cells(&good);
         plant_probe(&mut rows);
@@ -663,7 +677,11 @@ fn readable_key_files_and_lost_keys_are_refused() {
     let dk = ws.path(".dagrun/keys/master.key");
     chmod(&dk, 0o644);
     let dks = dk.to_str().unwrap();
-    for args in [&["keys", "list"][..], &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &["run", "pipelines/propensity.yaml", "-p", "rows=3000"]] {
+    for args in [
+        &["keys", "list"][..],
+        &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"],
+        &["run", "pipelines/propensity.yaml", "-p", "rows=3000"],
+    ] {
         let o = dg(&ws, args);
         refused(&o, 1, &[dks, "mode 0644", &format!("chmod 600 {dks}")], "master.key 0644");
         assert!(o.stdout.trim().len() != 64, "a key was printed");

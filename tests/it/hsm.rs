@@ -193,7 +193,18 @@ fn pipeline_with_an_hsm_master_key_decrypts_exactly_like_a_file_key() {
     let known: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
     let kfile = tok.dir.path().join("known.bin");
     std::fs::write(&kfile, known).unwrap();
-    let o = tok.tool(&["--write-object", kfile.to_str().unwrap(), "--type", "secrkey", "--key-type", "AES:32", "--label", "known", "--sensitive", "--usage-decrypt"]);
+    let o = tok.tool(&[
+        "--write-object",
+        kfile.to_str().unwrap(),
+        "--type",
+        "secrkey",
+        "--key-type",
+        "AES:32",
+        "--label",
+        "known",
+        "--sensitive",
+        "--usage-decrypt",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::remove_file(&kfile).unwrap();
     let uri = tok.uri_for("known");
@@ -506,7 +517,8 @@ fn audit_log_chain_detects_an_edited_and_a_deleted_line() {
     assert!(table.contains("rotate") && table.contains("Tenant_A-dk-2"), "{table}");
 
     // An edited line (the export made to look like another tenant's).
-    let edited = good.replacen("\"tenant\":\"Tenant_B\",\"key_id\":\"Tenant_B-dk-1\",\"user\"", "\"tenant\":\"Tenant_A\",\"key_id\":\"Tenant_B-dk-1\",\"user\"", 1);
+    let edited =
+        good.replacen("\"tenant\":\"Tenant_B\",\"key_id\":\"Tenant_B-dk-1\",\"user\"", "\"tenant\":\"Tenant_A\",\"key_id\":\"Tenant_B-dk-1\",\"user\"", 1);
     assert_ne!(edited, good);
     ws.write(".dagrun/keys/audit.jsonl", &edited);
     let o = dg(&ws, None, &["keys", "audit", "--verify"], &[]);

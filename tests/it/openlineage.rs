@@ -145,7 +145,10 @@ fn check_event(e: &Value, at: &str) {
 fn pairing(events: &[Value]) -> BTreeMap<String, Vec<String>> {
     let mut by_run: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for e in events {
-        by_run.entry(e["run"]["runId"].as_str().unwrap().to_string()).or_default().push((e["eventType"].as_str().unwrap().into(), e["eventTime"].as_str().unwrap().into()));
+        by_run
+            .entry(e["run"]["runId"].as_str().unwrap().to_string())
+            .or_default()
+            .push((e["eventType"].as_str().unwrap().into(), e["eventTime"].as_str().unwrap().into()));
     }
     for (id, evs) in &by_run {
         assert_eq!(evs.len(), 2, "run {id}: START then exactly one terminal event: {evs:?}");
@@ -463,7 +466,8 @@ stages:
         (r, t0.elapsed())
     };
     let mut all_events: Vec<String> = Vec::new();
-    let file_lines = |r: &Run| -> Vec<String> { ws.read(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap())).lines().map(String::from).collect() };
+    let file_lines =
+        |r: &Run| -> Vec<String> { ws.read(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap())).lines().map(String::from).collect() };
 
     // 1. Down: nothing listens. The run succeeds; its 6 events are spooled.
     let (r1, _) = run(free_port(), "1");
@@ -535,7 +539,9 @@ stages:
 "#,
     );
     let jsonl_files = || -> BTreeSet<String> {
-        std::fs::read_dir(ws.path("runs")).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".openlineage.jsonl")).collect()).unwrap_or_default()
+        std::fs::read_dir(ws.path("runs"))
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".openlineage.jsonl")).collect())
+            .unwrap_or_default()
     };
     let parse = |rel: &str| -> Vec<Value> {
         let text = ws.read(rel);
@@ -548,9 +554,10 @@ stages:
     let t0 = Instant::now();
     let pid = loop {
         if let Ok(s) = std::fs::read_to_string(ws.path("slow.pid"))
-            && let Ok(p) = s.trim().parse::<i32>() {
-                break p;
-            }
+            && let Ok(p) = s.trim().parse::<i32>()
+        {
+            break p;
+        }
         assert!(t0.elapsed() < Duration::from_secs(60), "the slow stage never started");
         std::thread::sleep(Duration::from_millis(20));
     };

@@ -1,8 +1,8 @@
 //! The propensity pipeline end to end, on the real binary, in temporary
 //! workspaces with a small row count.
 
-use dagrun::data::parquet_io::{open_batches, read_footer_kv};
 use arrow_array::{Array, BinaryArray, Float64Array, Int64Array, StringArray};
+use dagrun::data::parquet_io::{open_batches, read_footer_kv};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -326,10 +326,12 @@ fn predict_on_training_rows_matches_the_offline_path() {
     let text = std::fs::read_to_string(&out).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next().unwrap(), "Customer_ID,score,model_version,feature_version");
-    let online: Vec<(i64, f64)> = lines.map(|l| {
-        let f: Vec<&str> = l.split(',').collect();
-        (f[0].parse().unwrap(), f[1].parse().unwrap())
-    }).collect();
+    let online: Vec<(i64, f64)> = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap())
+        })
+        .collect();
     assert_eq!(online.len(), 3600);
     // Offline: stored features through the model artifact.
     let model = dagrun::model::ModelArtifact::from_json_bytes(&std::fs::read(ws.path().join("models/Tenant_A/model.json")).unwrap(), "model").unwrap();
@@ -399,7 +401,8 @@ fn rotating_a_key_reencrypts_only_that_tenant_and_old_keys_stay_readable() {
     let out = ok(&run(ws.path(), &["keys", "rotate", "Tenant_A"], &[]));
     assert!(out.contains("Tenant_A-dk-2"), "{out}");
     // status names the key change as the reason, for Tenant_A only.
-    let st: serde_json::Value = serde_json::from_str(&ok(&run(ws.path(), &["status", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--json"], &[]))).unwrap();
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&run(ws.path(), &["status", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--json"], &[]))).unwrap();
     let stale: Vec<(String, String)> = st["stages"]
         .as_array()
         .unwrap()

@@ -350,11 +350,9 @@ fn auth_matrix_identical_scores_validation_limits_metrics_audit() {
     let vinfer = srv.url(&format!("/v2/models/Tenant_A/versions/{version}/infer"));
     assert_eq!(oip_scores(&post(&a, &vinfer, Some(&tok_a), "application/json", body.as_bytes()).json()), want);
     assert_eq!(post(&a, &srv.url("/v2/models/Tenant_A/versions/Tenant_A-000000000000/infer"), Some(&tok_a), "application/json", body.as_bytes()).status, 404);
-    for (ct, b) in [
-        ("application/json", inp.split().to_string()),
-        ("application/json; charset=utf-8", inp.records().to_string()),
-        ("text/csv", inp.csv.clone()),
-    ] {
+    for (ct, b) in
+        [("application/json", inp.split().to_string()), ("application/json; charset=utf-8", inp.records().to_string()), ("text/csv", inp.csv.clone())]
+    {
         let r = post(&a, &srv.url("/invocations"), Some(&tok_a), ct, b.as_bytes());
         assert_eq!(r.status, 200, "{ct}: {}", r.body);
         assert_eq!(r.headers.get("model_version").unwrap().to_str().unwrap(), version);
@@ -457,12 +455,17 @@ fn auth_matrix_identical_scores_validation_limits_metrics_audit() {
     // A body over --max-body: 413 as soon as the headers announce it (the body is never read),
     // and when it arrives without a length (chunked) once the limit is passed.
     let mut st = TcpStream::connect(&srv.addr).unwrap();
-    write!(st, "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok_a}\r\nContent-Type: application/json\r\nContent-Length: 210000\r\n\r\n").unwrap();
+    write!(st, "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok_a}\r\nContent-Type: application/json\r\nContent-Length: 210000\r\n\r\n")
+        .unwrap();
     let mut head = [0u8; 12];
     st.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 413");
     let mut st = TcpStream::connect(&srv.addr).unwrap();
-    write!(st, "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok_a}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    write!(
+        st,
+        "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok_a}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
     for _ in 0..3 {
         write!(st, "{:x}\r\n{}\r\n", 100_000, " ".repeat(100_000)).unwrap();
     }
@@ -558,7 +561,14 @@ fn promote_and_rollback_under_load_never_fail_or_mix_versions() {
                     Some(e) if *e == scores => {}
                     _ => failures.push(format!("response names {version} but its scores are not that model's")),
                 }
-                counts[if version == v1 { 0 } else if version == v2 { 1 } else { 2 }].fetch_add(1, Ordering::Relaxed);
+                counts[if version == v1 {
+                    0
+                } else if version == v2 {
+                    1
+                } else {
+                    2
+                }]
+                .fetch_add(1, Ordering::Relaxed);
             }
             failures
         }));
@@ -639,7 +649,12 @@ fn sigterm_drains_in_flight_requests_and_exits_0() {
     let body = inp.oip("drain").to_string();
     // A request in flight: headers and half the body sent.
     let mut s = TcpStream::connect(&srv.addr).unwrap();
-    write!(s, "POST /v2/models/Tenant_A/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).unwrap();
+    write!(
+        s,
+        "POST /v2/models/Tenant_A/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
     let half = body.len() / 2;
     s.write_all(&body.as_bytes()[..half]).unwrap();
     s.flush().unwrap();
@@ -679,7 +694,8 @@ fn slow_clients_time_out_and_a_tenant_without_model_gets_503() {
     assert!(t0.elapsed() < Duration::from_secs(4), "slow headers were not cut off");
     // A body that never completes: 408 after the request timeout (or the connection is closed).
     let mut s = TcpStream::connect(&srv.addr).unwrap();
-    write!(s, "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: text/csv\r\nContent-Length: 1000\r\n\r\nCustomer_ID").unwrap();
+    write!(s, "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: text/csv\r\nContent-Length: 1000\r\n\r\nCustomer_ID")
+        .unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let t0 = Instant::now();
     let mut buf = Vec::new();
@@ -697,7 +713,8 @@ fn tls_with_a_self_signed_certificate_and_plaintext_only_on_loopback() {
     let cert = ws.path("tls/cert.pem");
     let key = ws.path("tls/key.pem");
     let srv = Server::start(&ws, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
-    let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&[ureq::tls::Certificate::from_der(ck.cert.der()).to_owned()])).build();
+    let tls =
+        ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&[ureq::tls::Certificate::from_der(ck.cert.der()).to_owned()])).build();
     let a = ureq::Agent::new_with_config(ureq::Agent::config_builder().http_status_as_error(false).tls_config(tls).build());
     let port = srv.addr.rsplit(':').next().unwrap();
     let base = format!("https://localhost:{port}");
@@ -725,4 +742,3 @@ fn tls_with_a_self_signed_certificate_and_plaintext_only_on_loopback() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("--tls-cert"), "{}", o.stderr);
 }
-

@@ -150,8 +150,10 @@ fn propensity_under_slurm_equals_a_local_run() {
     for s in rec["stages"].as_array().unwrap() {
         assert!(s["slurm_job"].is_string(), "{} ran outside Slurm: {s}", s["stage"]);
     }
-    let chain: std::collections::BTreeSet<&str> =
-        ["encrypt", "afe", "store", "train"].iter().map(|b| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == format!("{b}[Tenant_A]")).unwrap()["slurm_job"].as_str().unwrap()).collect();
+    let chain: std::collections::BTreeSet<&str> = ["encrypt", "afe", "store", "train"]
+        .iter()
+        .map(|b| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == format!("{b}[Tenant_A]")).unwrap()["slurm_job"].as_str().unwrap())
+        .collect();
     assert_eq!(chain.len(), 1, "Tenant_A's chain ran in one job: {chain:?}");
     // Each member recorded separately: state and lineage.
     for b in ["encrypt", "afe", "store", "train"] {
@@ -204,7 +206,8 @@ fn propensity_under_slurm_equals_a_local_run() {
     // A param change reruns train (and serve-check), in one job each per tenant: no chain for the fresh members.
     let c = ok(run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "-p", "C=0.5", "--executor", "slurm"]));
     let rec = last_record(&remote.root);
-    let ran: std::collections::BTreeSet<String> = rec["stages"].as_array().unwrap().iter().filter(|s| s["status"] == "ran").map(|s| s["stage"].as_str().unwrap().to_string()).collect();
+    let ran: std::collections::BTreeSet<String> =
+        rec["stages"].as_array().unwrap().iter().filter(|s| s["status"] == "ran").map(|s| s["stage"].as_str().unwrap().to_string()).collect();
     assert_eq!(ran, set(&["train[Tenant_A]", "train[Tenant_B]", "serve-check[Tenant_A]", "serve-check[Tenant_B]"]), "{}", c.stdout);
     assert_eq!(jobs_of(&rec).0.len(), 4);
 }
@@ -292,7 +295,9 @@ fn a_job_over_its_time_limit_fails_as_timeout() {
 fn a_job_that_cannot_meet_its_deadline_fails_as_deadline() {
     need_cluster!();
     // Held until `--begin`, then it can no longer finish its 1-minute limit before `--deadline`: Slurm ends it DEADLINE.
-    let ws = cmd_ws("stages:\n  late:\n    cmd: echo x > late.txt\n    outs: [late.txt]\n    resources: { time: 1, sbatch_args: [\"--begin=now+2\", \"--deadline=now+30\"] }\n");
+    let ws = cmd_ws(
+        "stages:\n  late:\n    cmd: echo x > late.txt\n    outs: [late.txt]\n    resources: { time: 1, sbatch_args: [\"--begin=now+2\", \"--deadline=now+30\"] }\n",
+    );
     let o = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"])).wait(SLURM_HANG);
     assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     let id: String = o.stderr.split("submitted Slurm job ").nth(1).expect("a job was submitted").chars().take_while(char::is_ascii_digit).collect();
@@ -499,7 +504,11 @@ impl Private {
             std::thread::sleep(Duration::from_millis(200));
         }
         // If this test process is killed (no Drop), a watchdog stops the daemons once it is gone.
-        let pids: Vec<String> = ["slurmd", "slurmctld"].iter().filter_map(|n| std::fs::read_to_string(p.dir.path(&format!("{n}.pid"))).ok()).map(|s| s.trim().to_string()).collect();
+        let pids: Vec<String> = ["slurmd", "slurmctld"]
+            .iter()
+            .filter_map(|n| std::fs::read_to_string(p.dir.path(&format!("{n}.pid"))).ok())
+            .map(|s| s.trim().to_string())
+            .collect();
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -607,7 +616,9 @@ fn private_ws(stages: &str) -> Ws {
 fn a_job_over_its_memory_limit_fails_as_out_of_memory_and_is_retried() {
     need_cluster!(); // starts munge
     if !memory_cgroup_usable() {
-        eprintln!("\n!!! SKIPPING the OUT_OF_MEMORY test: no writable cgroup v1 memory controller at /sys/fs/cgroup/memory, so Slurm cannot enforce `mem:` here\n");
+        eprintln!(
+            "\n!!! SKIPPING the OUT_OF_MEMORY test: no writable cgroup v1 memory controller at /sys/fs/cgroup/memory, so Slurm cannot enforce `mem:` here\n"
+        );
         return;
     }
     let pc = Private::start(true);
@@ -684,7 +695,9 @@ fn a_preempted_job_fails_as_preempted() {
     need_cluster!();
     let pc = Private::start(false);
     // `&&`: when Slurm signals the job's processes one by one, the shell can outlive a killed `sleep` for an instant.
-    let ws = private_ws("  low:\n    cmd: echo started > started.txt; sleep 120 && echo x > low.txt\n    outs: [low.txt]\n    resources: { cpus: 2, mem: 100M, partition: low }\n");
+    let ws = private_ws(
+        "  low:\n    cmd: echo started > started.txt; sleep 120 && echo x > low.txt\n    outs: [low.txt]\n    resources: { cpus: 2, mem: 100M, partition: low }\n",
+    );
     let bg = spawn({
         let mut c = pc.dagrun(&ws.root, &["run", "pipeline.yaml"]);
         c.env("RUST_LOG", "dagrun::executor=debug");

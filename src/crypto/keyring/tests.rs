@@ -18,10 +18,7 @@ fn assert_no_secret(msg: &str, secrets: &[&str]) {
     for s in secrets {
         let s = s.to_lowercase();
         for w in s.as_bytes().windows(16) {
-            assert!(
-                !low.contains(std::str::from_utf8(w).unwrap()),
-                "secret leaked in: {msg}"
-            );
+            assert!(!low.contains(std::str::from_utf8(w).unwrap()), "secret leaked in: {msg}");
         }
     }
 }
@@ -34,19 +31,12 @@ fn default_master_key_is_created_private_and_keys_persist() {
     assert_eq!(mode(&mk), 0o600);
     assert_eq!(mode(&keys_dir(ws.path())), 0o700);
     assert_eq!(fs::read_to_string(&mk).unwrap().trim().len(), 64);
-    assert!(
-        kr.master_key_source().starts_with("file ")
-            && kr.master_key_source().ends_with("master.key")
-    );
+    assert!(kr.master_key_source().starts_with("file ") && kr.master_key_source().ends_with("master.key"));
     assert_eq!(kr.active_key_id("Tenant_A").unwrap(), None);
     let (id, k) = kr.active_data_key("Tenant_A").unwrap();
     assert_eq!(id, "Tenant_A-dk-1");
     let p = kr.pseudonym_key("Tenant_A").unwrap();
-    assert_ne!(
-        p.bytes(),
-        k.bytes(),
-        "pseudonym key must not be the data key"
-    );
+    assert_ne!(p.bytes(), k.bytes(), "pseudonym key must not be the data key");
     assert_eq!(mode(kr.path()), 0o600);
     let k_bytes = *k.as_bytes();
     let p_bytes = *p.bytes();
@@ -54,19 +44,13 @@ fn default_master_key_is_created_private_and_keys_persist() {
 
     // reopen: same master (file), same keys, no new key created
     let kr = Keyring::open_with(ws.path(), MasterKeySource::Default).unwrap();
-    assert_eq!(
-        kr.active_key_id("Tenant_A").unwrap().as_deref(),
-        Some("Tenant_A-dk-1")
-    );
+    assert_eq!(kr.active_key_id("Tenant_A").unwrap().as_deref(), Some("Tenant_A-dk-1"));
     let (id2, k2) = kr.active_data_key("Tenant_A").unwrap();
     assert_eq!((id2.as_str(), k2.as_bytes()), ("Tenant_A-dk-1", &k_bytes));
     assert_eq!(kr.pseudonym_key("Tenant_A").unwrap().bytes(), &p_bytes);
     assert_eq!(kr.list().len(), 2);
     // no temp files left behind, and the file holds no raw key hex
-    let names: Vec<String> = fs::read_dir(keys_dir(ws.path()))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<String> = fs::read_dir(keys_dir(ws.path())).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(sorted, ["audit.head", "audit.jsonl", "keyring.json", "master.key"], "{names:?}");
@@ -81,13 +65,7 @@ fn default_master_key_is_created_private_and_keys_persist() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["format"], KEYRING_FORMAT);
     assert_eq!(v["tenants"]["Tenant_A"]["data_keys"][0]["state"], "active");
-    assert_eq!(
-        v["tenants"]["Tenant_A"]["data_keys"][0]["wrapped"]
-            .as_str()
-            .unwrap()
-            .len(),
-        120
-    );
+    assert_eq!(v["tenants"]["Tenant_A"]["data_keys"][0]["wrapped"].as_str().unwrap().len(), 120);
 }
 
 #[test]
@@ -98,19 +76,10 @@ fn wrong_master_key_is_named_not_shown() {
     let dk = hex::encode(k.as_bytes());
     drop(kr);
     let e = Keyring::open_with(ws.path(), env(HEX_B)).unwrap_err();
-    assert!(matches!(
-        e.downcast_ref::<KeyError>(),
-        Some(KeyError::WrongMasterKey { .. })
-    ));
+    assert!(matches!(e.downcast_ref::<KeyError>(), Some(KeyError::WrongMasterKey { .. })));
     let msg = format!("{e:#} {e:?}");
-    assert!(
-        msg.contains("the master key (from DAGRUN_MASTER_KEY) does not open the keyring at"),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("keyring.json") && msg.contains("Set DAGRUN_MASTER_KEY"),
-        "{msg}"
-    );
+    assert!(msg.contains("the master key (from DAGRUN_MASTER_KEY) does not open the keyring at"), "{msg}");
+    assert!(msg.contains("keyring.json") && msg.contains("Set DAGRUN_MASTER_KEY"), "{msg}");
     assert_no_secret(&msg, &[HEX_A, HEX_B, &dk]);
 
     // the same through a key file: the message names the file
@@ -119,10 +88,7 @@ fn wrong_master_key_is_named_not_shown() {
     fs::set_permissions(&kf, fs::Permissions::from_mode(0o600)).unwrap();
     let e = Keyring::open_with(ws.path(), MasterKeySource::File(kf.clone())).unwrap_err();
     let msg = format!("{e:#}");
-    assert!(
-        msg.contains(&format!("(from file {})", kf.display())),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("(from file {})", kf.display())), "{msg}");
     assert_no_secret(&msg, &[HEX_A, HEX_B, &dk]);
 
     // the right key still opens it
@@ -133,24 +99,12 @@ fn wrong_master_key_is_named_not_shown() {
 fn bad_master_key_values_are_not_echoed() {
     let ws = tempfile::tempdir().unwrap();
     let bad = format!("{}xyz", &HEX_A[..61]);
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws.path(), env(&bad)).unwrap_err()
-    );
-    assert!(
-        e.contains("DAGRUN_MASTER_KEY") && e.contains("64 hex"),
-        "{e}"
-    );
+    let e = format!("{:#}", Keyring::open_with(ws.path(), env(&bad)).unwrap_err());
+    assert!(e.contains("DAGRUN_MASTER_KEY") && e.contains("64 hex"), "{e}");
     assert_no_secret(&e, &[&bad]);
     let missing = ws.path().join("nope.key");
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws.path(), MasterKeySource::File(missing.clone())).unwrap_err()
-    );
-    assert!(
-        e.contains(&missing.display().to_string()) && e.contains("does not exist"),
-        "{e}"
-    );
+    let e = format!("{:#}", Keyring::open_with(ws.path(), MasterKeySource::File(missing.clone())).unwrap_err());
+    assert!(e.contains(&missing.display().to_string()) && e.contains("does not exist"), "{e}");
     assert!(format!("{:?}", env(HEX_A)).contains("[redacted]"));
     assert!(!format!("{:?}", env(HEX_A)).contains(&HEX_A[..8]));
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
@@ -164,10 +118,7 @@ fn open_key_file_modes_are_refused() {
     let kf = ws.path().join("master.hex");
     fs::write(&kf, HEX_A).unwrap();
     fs::set_permissions(&kf, fs::Permissions::from_mode(0o644)).unwrap();
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws.path(), MasterKeySource::File(kf.clone())).unwrap_err()
-    );
+    let e = format!("{:#}", Keyring::open_with(ws.path(), MasterKeySource::File(kf.clone())).unwrap_err());
     let p = kf.display().to_string();
     assert!(e.contains(&format!("key file {p} has mode 0644")), "{e}");
     assert!(e.contains(&format!("chmod 600 {p}")), "{e}");
@@ -182,14 +133,8 @@ fn open_key_file_modes_are_refused() {
     drop(Keyring::open_with(ws2.path(), MasterKeySource::Default).unwrap());
     let mk = default_master_key_path(ws2.path());
     fs::set_permissions(&mk, fs::Permissions::from_mode(0o644)).unwrap();
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws2.path(), MasterKeySource::Default).unwrap_err()
-    );
-    assert!(
-        e.contains("mode 0644") && e.contains(&format!("chmod 600 {}", mk.display())),
-        "{e}"
-    );
+    let e = format!("{:#}", Keyring::open_with(ws2.path(), MasterKeySource::Default).unwrap_err());
+    assert!(e.contains("mode 0644") && e.contains(&format!("chmod 600 {}", mk.display())), "{e}");
 }
 
 #[test]
@@ -199,14 +144,8 @@ fn key_file_in_config_is_refused() {
     let kf = ws.path().join("config/keys/master.key");
     fs::write(&kf, HEX_A).unwrap();
     fs::set_permissions(&kf, fs::Permissions::from_mode(0o600)).unwrap();
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws.path(), MasterKeySource::File(kf.clone())).unwrap_err()
-    );
-    assert!(
-        e.contains("config/") && e.contains(&kf.display().to_string()),
-        "{e}"
-    );
+    let e = format!("{:#}", Keyring::open_with(ws.path(), MasterKeySource::File(kf.clone())).unwrap_err());
+    assert!(e.contains("config/") && e.contains(&kf.display().to_string()), "{e}");
     // also through a path that only resolves into config/
     let sneaky = ws.path().join(".dagrun/../config/keys/master.key");
     assert!(Keyring::open_with(ws.path(), MasterKeySource::File(sneaky)).is_err());
@@ -224,42 +163,18 @@ fn rotate_keeps_old_keys_readable() {
     assert_ne!(id1, id2);
     drop(kr);
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
-    assert_eq!(
-        kr.active_key_id("Tenant_A").unwrap().as_deref(),
-        Some("Tenant_A-dk-2")
-    );
+    assert_eq!(kr.active_key_id("Tenant_A").unwrap().as_deref(), Some("Tenant_A-dk-2"));
     let (aid, k2) = kr.active_data_key("Tenant_A").unwrap();
     assert_eq!(aid, id2);
     assert_ne!(k2, k1);
     let old = kr.data_key("Tenant_A", &id1).unwrap();
     assert_eq!(old, k1);
-    assert_eq!(
-        decrypt_field(&old, "Tenant_A", "Sensitive_Data", 7, &blob).unwrap(),
-        b"x@example.org"
-    );
-    assert_eq!(
-        kr.pseudonym_key("Tenant_A").unwrap().bytes(),
-        &p1,
-        "pseudonym key is not rotated"
-    );
-    let states: Vec<(String, KeyState)> = kr
-        .list()
-        .into_iter()
-        .filter(|i| i.kind == KeyKind::Data)
-        .map(|i| (i.key_id, i.state))
-        .collect();
-    assert_eq!(
-        states,
-        vec![(id1, KeyState::Retired), (id2, KeyState::Active)]
-    );
+    assert_eq!(decrypt_field(&old, "Tenant_A", "Sensitive_Data", 7, &blob).unwrap(), b"x@example.org");
+    assert_eq!(kr.pseudonym_key("Tenant_A").unwrap().bytes(), &p1, "pseudonym key is not rotated");
+    let states: Vec<(String, KeyState)> = kr.list().into_iter().filter(|i| i.kind == KeyKind::Data).map(|i| (i.key_id, i.state)).collect();
+    assert_eq!(states, vec![(id1, KeyState::Retired), (id2, KeyState::Active)]);
     let e = kr.data_key("Tenant_A", "Tenant_A-dk-9").unwrap_err();
-    assert!(
-        matches!(
-            e.downcast_ref::<KeyError>(),
-            Some(KeyError::UnknownKey { .. })
-        ),
-        "{e}"
-    );
+    assert!(matches!(e.downcast_ref::<KeyError>(), Some(KeyError::UnknownKey { .. })), "{e}");
 }
 
 #[test]
@@ -276,12 +191,7 @@ fn forget_shreds_one_tenant_only() {
     let a_wrapped: Vec<String> = {
         let v: serde_json::Value = serde_json::from_str(&json_before).unwrap();
         let a = &v["tenants"]["Tenant_A"];
-        let mut w: Vec<String> = a["data_keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|k| k["wrapped"].as_str().unwrap().to_string())
-            .collect();
+        let mut w: Vec<String> = a["data_keys"].as_array().unwrap().iter().map(|k| k["wrapped"].as_str().unwrap().to_string()).collect();
         w.push(a["pseudonym_key"]["wrapped"].as_str().unwrap().to_string());
         w
     };
@@ -292,10 +202,7 @@ fn forget_shreds_one_tenant_only() {
 
     let json = fs::read_to_string(keyring_path(ws.path())).unwrap();
     for w in &a_wrapped {
-        assert!(
-            !json.contains(w.as_str()),
-            "wrapped key of the forgotten tenant still in the file"
-        );
+        assert!(!json.contains(w.as_str()), "wrapped key of the forgotten tenant still in the file");
     }
     assert_eq!(mode(&keyring_path(ws.path())), 0o600);
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
@@ -318,9 +225,7 @@ fn forget_shreds_one_tenant_only() {
         kr.pseudonym_key("Tenant_A").map(|_| ()).unwrap_err(),
         kr.rotate("Tenant_A").map(|_| ()).unwrap_err(),
         kr.active_key_id("Tenant_A").map(|_| ()).unwrap_err(),
-        kr.export_data_key_hex("Tenant_A", None)
-            .map(|_| ())
-            .unwrap_err(),
+        kr.export_data_key_hex("Tenant_A", None).map(|_| ()).unwrap_err(),
     ];
     for e in errs {
         match e.downcast_ref::<KeyError>() {
@@ -330,24 +235,12 @@ fn forget_shreds_one_tenant_only() {
             _ => panic!("not Forgotten: {e:#}"),
         }
         let msg = e.to_string();
-        assert!(
-            msg.contains(&format!(
-                "tenant Tenant_A's keys were destroyed on {at} (dagrun keys forget)"
-            )),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("tenant Tenant_A's keys were destroyed on {at} (dagrun keys forget)")), "{msg}");
         assert!(msg.contains("config/tenants.yaml"), "{msg}");
     }
     let json_after = fs::read_to_string(kr.path()).unwrap();
-    assert_eq!(
-        json, json_after,
-        "a request for a forgotten tenant must not write keys"
-    );
-    let destroyed: Vec<KeyInfo> = kr
-        .list()
-        .into_iter()
-        .filter(|i| i.tenant == "Tenant_A")
-        .collect();
+    assert_eq!(json, json_after, "a request for a forgotten tenant must not write keys");
+    let destroyed: Vec<KeyInfo> = kr.list().into_iter().filter(|i| i.tenant == "Tenant_A").collect();
     assert_eq!(destroyed.len(), 3);
     assert!(destroyed.iter().all(|i| i.state == KeyState::Destroyed));
 }
@@ -370,10 +263,7 @@ fn wrapped_key_moved_to_another_place_does_not_unwrap() {
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
     let e = format!("{:#}", kr.active_data_key("Tenant_A").unwrap_err());
     assert!(e.contains("does not unwrap"), "{e}");
-    assert!(
-        kr.data_key("Tenant_B", "Tenant_B-dk-1").is_err(),
-        "pseudonym key accepted as a data key"
-    );
+    assert!(kr.data_key("Tenant_B", "Tenant_B-dk-1").is_err(), "pseudonym key accepted as a data key");
     assert!(kr.pseudonym_key("Tenant_B").is_ok());
 }
 
@@ -381,10 +271,7 @@ fn wrapped_key_moved_to_another_place_does_not_unwrap() {
 fn export_matches_and_decrypts() {
     let ws = tempfile::tempdir().unwrap();
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
-    assert!(
-        kr.export_data_key_hex("Tenant_A", None).is_err(),
-        "export must not create a key"
-    );
+    assert!(kr.export_data_key_hex("Tenant_A", None).is_err(), "export must not create a key");
     assert_eq!(kr.active_key_id("Tenant_A").unwrap(), None);
     let (id, k) = kr.active_data_key("Tenant_A").unwrap();
     let blob = encrypt_field(&k, "Tenant_A", "Sensitive_Data", 3, b"a@b.c");
@@ -392,17 +279,7 @@ fn export_matches_and_decrypts() {
     assert_eq!(h, kr.export_data_key_hex("Tenant_A", Some(&id)).unwrap());
     let mut b = [0u8; 32];
     hex::decode_to_slice(&h, &mut b).unwrap();
-    assert_eq!(
-        decrypt_field(
-            &DataKey::from_bytes(b),
-            "Tenant_A",
-            "Sensitive_Data",
-            3,
-            &blob
-        )
-        .unwrap(),
-        b"a@b.c"
-    );
+    assert_eq!(decrypt_field(&DataKey::from_bytes(b), "Tenant_A", "Sensitive_Data", 3, &blob).unwrap(), b"a@b.c");
 }
 
 #[test]
@@ -411,10 +288,7 @@ fn invalid_tenants_are_rejected() {
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
     for t in ["", "a b", "../etc", "x|y", "t\u{7}"] {
         let e = kr.active_data_key(t).map(|_| ()).unwrap_err();
-        assert!(matches!(
-            e.downcast_ref::<KeyError>(),
-            Some(KeyError::InvalidTenant { .. })
-        ));
+        assert!(matches!(e.downcast_ref::<KeyError>(), Some(KeyError::InvalidTenant { .. })));
         assert!(!e.to_string().contains('\u{7}'));
     }
     assert!(kr.forget("a b").is_err());
@@ -455,27 +329,13 @@ fn concurrent_tenants_all_persist() {
 #[test]
 fn damaged_keyring_is_a_clear_error() {
     let ws = tempfile::tempdir().unwrap();
-    drop(
-        Keyring::open_with(ws.path(), env(HEX_A))
-            .unwrap()
-            .active_data_key("T")
-            .unwrap(),
-    );
+    drop(Keyring::open_with(ws.path(), env(HEX_A)).unwrap().active_data_key("T").unwrap());
     let p = keyring_path(ws.path());
     write_atomic_mode(&p, b"{ not json", 0o600).unwrap();
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws.path(), env(HEX_A)).unwrap_err()
-    );
-    assert!(
-        e.contains("not valid keyring JSON") && e.contains("restore"),
-        "{e}"
-    );
+    let e = format!("{:#}", Keyring::open_with(ws.path(), env(HEX_A)).unwrap_err());
+    assert!(e.contains("not valid keyring JSON") && e.contains("restore"), "{e}");
     write_atomic_mode(&p, b"{}", 0o644).unwrap();
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws.path(), env(HEX_A)).unwrap_err()
-    );
+    let e = format!("{:#}", Keyring::open_with(ws.path(), env(HEX_A)).unwrap_err());
     assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
 }
 
@@ -488,24 +348,12 @@ fn lost_default_master_key_is_not_silently_replaced() {
     let mk = default_master_key_path(ws.path());
     let saved = fs::read_to_string(&mk).unwrap();
     fs::remove_file(&mk).unwrap();
-    let e = format!(
-        "{:#}",
-        Keyring::open_with(ws.path(), MasterKeySource::Default).unwrap_err()
-    );
-    assert!(
-        e.contains("master key was not found") && e.contains("DAGRUN_MASTER_KEY"),
-        "{e}"
-    );
-    assert!(
-        !mk.exists(),
-        "a new master key must not be created beside an existing keyring"
-    );
+    let e = format!("{:#}", Keyring::open_with(ws.path(), MasterKeySource::Default).unwrap_err());
+    assert!(e.contains("master key was not found") && e.contains("DAGRUN_MASTER_KEY"), "{e}");
+    assert!(!mk.exists(), "a new master key must not be created beside an existing keyring");
     // the saved key, given through the environment, still opens it
     let kr = Keyring::open_with(ws.path(), env(saved.trim())).unwrap();
-    assert_eq!(
-        kr.active_key_id("Tenant_A").unwrap().as_deref(),
-        Some("Tenant_A-dk-1")
-    );
+    assert_eq!(kr.active_key_id("Tenant_A").unwrap().as_deref(), Some("Tenant_A-dk-1"));
 }
 
 #[test]

@@ -35,26 +35,18 @@ pub fn default_master_key_path(workspace: &Path) -> PathBuf {
     keys_dir(workspace).join("master.key")
 }
 
-
 /// Refuse a key file whose mode lets group or other do anything with it.
 pub(crate) fn check_private(path: &Path, what: &str) -> Result<()> {
-    let meta =
-        fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let meta = fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
     if !meta.is_file() {
-        bail!(
-            "{what} {} is not a regular file; point dagrun at the file itself",
-            path.display()
-        );
+        bail!("{what} {} is not a regular file; point dagrun at the file itself", path.display());
     }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
-            bail!(
-                "{what} {p} has mode {mode:04o}; it must be readable only by its owner: run `chmod 600 {p}`",
-                p = path.display()
-            );
+            bail!("{what} {p} has mode {mode:04o}; it must be readable only by its owner: run `chmod 600 {p}`", p = path.display());
         }
     }
     Ok(())
@@ -84,18 +76,8 @@ fn refuse_if_in_config(workspace: &Path, path: &Path) -> Result<()> {
 
 fn read_master_file(path: &Path) -> Result<MasterKey> {
     check_private(path, "key file")?;
-    let mut text = fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read key file {} (it must hold 64 hex characters)",
-            path.display()
-        )
-    })?;
-    let key = MasterKey::from_hex(&text).map_err(|e| {
-        anyhow!(
-            "key file {} does not hold a valid master key: {e}",
-            path.display()
-        )
-    });
+    let mut text = fs::read_to_string(path).with_context(|| format!("cannot read key file {} (it must hold 64 hex characters)", path.display()))?;
+    let key = MasterKey::from_hex(&text).map_err(|e| anyhow!("key file {} does not hold a valid master key: {e}", path.display()));
     wipe_string(&mut text);
     key
 }
@@ -120,15 +102,9 @@ fn create_master_file(path: &Path) -> Result<Option<MasterKey>> {
         f.write_all(text.as_bytes())?;
         f.sync_all()
     };
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let nanos = chrono::Utc::now().timestamp_subsec_nanos();
-    let tmp = path.with_file_name(format!(
-        ".{name}{TEMP_MARKER}{}.{nanos}",
-        std::process::id()
-    ));
+    let tmp = path.with_file_name(format!(".{name}{TEMP_MARKER}{}.{nanos}", std::process::id()));
     let result = (|| -> Result<bool> {
         write_new(&tmp, &text).with_context(|| format!("cannot create {}", tmp.display()))?;
         match fs::hard_link(&tmp, path) {
@@ -139,9 +115,7 @@ fn create_master_file(path: &Path) -> Result<Option<MasterKey>> {
                 match write_new(path, &text) {
                     Ok(()) => Ok(true),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-                    Err(e) => Err(e).with_context(|| {
-                        format!("cannot create the master key file {}", path.display())
-                    }),
+                    Err(e) => Err(e).with_context(|| format!("cannot create the master key file {}", path.display())),
                 }
             }
         }
@@ -203,8 +177,7 @@ fn check_named_key_file(workspace: &Path, p: &Path) -> Result<()> {
 pub(super) fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey, String)> {
     match source {
         MasterKeySource::Env(s) => {
-            let k = MasterKey::from_hex(s)
-                .map_err(|e| anyhow!("{ENV_MASTER_KEY} does not hold a valid master key: {e}"))?;
+            let k = MasterKey::from_hex(s).map_err(|e| anyhow!("{ENV_MASTER_KEY} does not hold a valid master key: {e}"))?;
             Ok((k, ENV_MASTER_KEY.to_string()))
         }
         MasterKeySource::File(p) => {
@@ -236,4 +209,3 @@ pub(super) fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<
         }
     }
 }
-

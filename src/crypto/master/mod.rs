@@ -95,9 +95,7 @@ impl MasterKeySource {
             return Self::from_uri(&s, ENV_MASTER_KEY_URI);
         }
         if let Some(v) = non_empty_env(ENV_MASTER_KEY) {
-            let s = v
-                .into_string()
-                .map_err(|_| anyhow!("{ENV_MASTER_KEY} is set but is not text; it must be 64 hex characters"))?;
+            let s = v.into_string().map_err(|_| anyhow!("{ENV_MASTER_KEY} is set but is not text; it must be 64 hex characters"))?;
             return Ok(MasterKeySource::Env(s));
         }
         if let Some(p) = non_empty_env(ENV_MASTER_KEY_FILE) {
@@ -120,9 +118,8 @@ impl MasterKeySource {
         if let Some(rec) = super::keyring::read_recorded_master(workspace)?
             && let Some(u) = rec.uri
         {
-            let uri = Pkcs11Uri::parse(&u).with_context(|| {
-                format!("the master key URI recorded in {} is damaged", super::keyring::keyring_path(workspace).display())
-            })?;
+            let uri = Pkcs11Uri::parse(&u)
+                .with_context(|| format!("the master key URI recorded in {} is damaged", super::keyring::keyring_path(workspace).display()))?;
             return Ok(MasterKeySource::Pkcs11 { uri, from: "the URI recorded in the keyring".into() });
         }
         Ok(MasterKeySource::Default)
@@ -136,9 +133,7 @@ impl MasterKeySource {
         }
         let path = s.strip_prefix("file:").unwrap_or(s);
         if path.is_empty() {
-            return Err(crate::error::config(format!(
-                "{from} is empty: give a pkcs11: URI (RFC 7512) or file:PATH of a master key file"
-            )));
+            return Err(crate::error::config(format!("{from} is empty: give a pkcs11: URI (RFC 7512) or file:PATH of a master key file")));
         }
         Ok(MasterKeySource::File(PathBuf::from(path)))
     }
@@ -288,11 +283,7 @@ impl Master {
     pub fn record(&self) -> MasterRecord {
         match &self.inner {
             Inner::Local { .. } => MasterRecord { kind: "file".into(), mechanism: MECH_SOFTWARE.into(), uri: None },
-            Inner::Hsm(k) => MasterRecord {
-                kind: "pkcs11".into(),
-                mechanism: k.mech().name().into(),
-                uri: Some(k.uri().recorded()),
-            },
+            Inner::Hsm(k) => MasterRecord { kind: "pkcs11".into(), mechanism: k.mech().name().into(), uri: Some(k.uri().recorded()) },
         }
     }
 
@@ -377,17 +368,13 @@ impl Master {
     /// AES-GCM wrap (in software or in the token): `nonce || ciphertext || tag`.
     fn wrap_gcm(&self, aad: &[u8], key: &[u8; 32]) -> Result<[u8; WRAPPED_LEN]> {
         let mut nonce = [0u8; 12];
-        rand::rngs::SysRng
-            .try_fill_bytes(&mut nonce)
-            .context("the operating system's random number generator failed; cannot wrap a key")?;
+        rand::rngs::SysRng.try_fill_bytes(&mut nonce).context("the operating system's random number generator failed; cannot wrap a key")?;
         let mut out = [0u8; WRAPPED_LEN];
         out[..12].copy_from_slice(&nonce);
         match &self.inner {
             Inner::Local { cipher, .. } => {
                 let mut buf = *key;
-                let tag = cipher
-                    .encrypt_inout_detached((&nonce).into(), aad, (&mut buf[..]).into())
-                    .map_err(|_| anyhow!("cannot wrap a key"))?;
+                let tag = cipher.encrypt_inout_detached((&nonce).into(), aad, (&mut buf[..]).into()).map_err(|_| anyhow!("cannot wrap a key"))?;
                 out[12..44].copy_from_slice(&buf);
                 out[44..].copy_from_slice(tag.as_slice());
                 super::wipe(&mut buf);
@@ -395,11 +382,7 @@ impl Master {
             Inner::Hsm(k) => {
                 let ct = k.encrypt(&nonce, aad, key)?;
                 if ct.len() != 48 {
-                    anyhow::bail!(
-                        "the token behind {} returned {} bytes for an AES-GCM encryption of 32 bytes (expected 48)",
-                        self.desc,
-                        ct.len()
-                    );
+                    anyhow::bail!("the token behind {} returned {} bytes for an AES-GCM encryption of 32 bytes (expected 48)", self.desc, ct.len());
                 }
                 out[12..].copy_from_slice(&ct);
             }
@@ -418,11 +401,7 @@ impl Master {
             Inner::Hsm(_) => pkcs11::MECH_GCM,
         });
         if !KNOWN_MECHANISMS.contains(&mech) {
-            anyhow::bail!(
-                "unknown key-wrapping mechanism \"{}\" (this dagrun knows {})",
-                super::escape_for_message(mech),
-                KNOWN_MECHANISMS.join(", ")
-            );
+            anyhow::bail!("unknown key-wrapping mechanism \"{}\" (this dagrun knows {})", super::escape_for_message(mech), KNOWN_MECHANISMS.join(", "));
         }
         let usable = match &self.inner {
             Inner::Local { .. } => mech == MECH_SOFTWARE,

@@ -114,9 +114,8 @@ fn context(module: &Path) -> Result<Pkcs11> {
             module.display()
         );
     }
-    let ctx = Pkcs11::new(module).map_err(|e| {
-        anyhow!("cannot load the PKCS#11 module {} ({e}): is it a PKCS#11 library for this machine?", module.display())
-    })?;
+    let ctx =
+        Pkcs11::new(module).map_err(|e| anyhow!("cannot load the PKCS#11 module {} ({e}): is it a PKCS#11 library for this machine?", module.display()))?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => bail!("the PKCS#11 module {} failed to initialise ({})", module.display(), short(&e)),
@@ -232,9 +231,9 @@ impl HsmKey {
             if let Some(id) = &uri.id {
                 template.push(Attribute::Id(id.clone()));
             }
-            session.generate_key(&Mechanism::AesKeyGen, &template).map_err(|e| {
-                anyhow!("token {token} could not generate the master key {shown} ({}); is the token writable?", short(&e))
-            })?;
+            session
+                .generate_key(&Mechanism::AesKeyGen, &template)
+                .map_err(|e| anyhow!("token {token} could not generate the master key {shown} ({}); is the token writable?", short(&e)))?;
             keys = find_keys(&session, uri, &token, from)?;
         }
         let key = match keys.as_slice() {
@@ -294,24 +293,17 @@ impl HsmKey {
     /// `C_Encrypt` with AES-GCM inside the token: returns ciphertext || tag.
     pub fn encrypt(&self, nonce: &[u8; 12], aad: &[u8], data: &[u8; 32]) -> Result<Vec<u8>> {
         let mut iv = *nonce;
-        let params = GcmParams::new(&mut iv, aad, Ulong::from(128))
-            .map_err(|e| anyhow!("cannot build AES-GCM parameters ({e})"))?;
+        let params = GcmParams::new(&mut iv, aad, Ulong::from(128)).map_err(|e| anyhow!("cannot build AES-GCM parameters ({e})"))?;
         let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        s.encrypt(&Mechanism::AesGcm(params), self.key, data).map_err(|e| {
-            if is_lost(&e) {
-                self.lost(&e)
-            } else {
-                anyhow!("token {} refused to wrap a key with {} ({})", self.token, self.desc, short(&e))
-            }
-        })
+        s.encrypt(&Mechanism::AesGcm(params), self.key, data)
+            .map_err(|e| if is_lost(&e) { self.lost(&e) } else { anyhow!("token {} refused to wrap a key with {} ({})", self.token, self.desc, short(&e)) })
     }
 
     /// `C_Decrypt` with AES-GCM inside the token; `None` when the blob does not
     /// authenticate under this key and `aad`.
     pub fn decrypt(&self, nonce: &[u8; 12], aad: &[u8], ct_tag: &[u8]) -> Result<Option<[u8; 32]>> {
         let mut iv = *nonce;
-        let params = GcmParams::new(&mut iv, aad, Ulong::from(128))
-            .map_err(|e| anyhow!("cannot build AES-GCM parameters ({e})"))?;
+        let params = GcmParams::new(&mut iv, aad, Ulong::from(128)).map_err(|e| anyhow!("cannot build AES-GCM parameters ({e})"))?;
         let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
         match s.decrypt(&Mechanism::AesGcm(params), self.key, ct_tag) {
             Ok(mut plain) => {
@@ -319,10 +311,7 @@ impl HsmKey {
                 crate::crypto::wipe(&mut plain);
                 Ok(out)
             }
-            Err(P11Error::Pkcs11(
-                RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange | RvError::DataInvalid | RvError::DataLenRange,
-                _,
-            )) => Ok(None),
+            Err(P11Error::Pkcs11(RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange | RvError::DataInvalid | RvError::DataLenRange, _)) => Ok(None),
             // Some tokens (SoftHSM2) report a GCM tag mismatch as a general failure:
             // if the session still answers, it was the tag; otherwise the session is gone.
             Err(e @ P11Error::Pkcs11(RvError::GeneralError | RvError::FunctionFailed, _)) => match s.get_session_info() {
@@ -354,11 +343,7 @@ impl HsmKey {
             }
         }
         let refused = |e: P11Error, what: &str| {
-            if is_lost(&e) {
-                self.lost(&e)
-            } else {
-                anyhow!("token {} refused to {what} with {MECH_KWP} under {} ({})", self.token, self.desc, short(&e))
-            }
+            if is_lost(&e) { self.lost(&e) } else { anyhow!("token {} refused to {what} with {MECH_KWP} under {} ({})", self.token, self.desc, short(&e)) }
         };
         let obj = made.map_err(|e| refused(e, "take a key to wrap"))?;
         let out = s.wrap_key(&Mechanism::AesKeyWrapPad, self.key, obj);
@@ -404,11 +389,7 @@ impl HsmKey {
         let got = s.get_attributes(obj, &[AttributeType::Value]);
         let _ = s.destroy_object(obj);
         let attrs = got.map_err(|e| {
-            if is_lost(&e) {
-                self.lost(&e)
-            } else {
-                anyhow!("token {} would not give back a key it unwrapped with {MECH_KWP} ({})", self.token, short(&e))
-            }
+            if is_lost(&e) { self.lost(&e) } else { anyhow!("token {} would not give back a key it unwrapped with {MECH_KWP} ({})", self.token, short(&e)) }
         })?;
         let mut out = None;
         for a in attrs {
@@ -435,9 +416,7 @@ fn open_session(uri: &Pkcs11Uri, from: &str, rw: bool) -> Result<(Session, Slot,
     let module = uri.module_path.as_deref().expect("checked by the parser");
     let ctx = context(module)?;
     let want = uri.token.as_deref().unwrap_or_default();
-    let slots = ctx
-        .get_slots_with_token()
-        .map_err(|e| anyhow!("cannot list the tokens of the PKCS#11 module {} ({})", module.display(), short(&e)))?;
+    let slots = ctx.get_slots_with_token().map_err(|e| anyhow!("cannot list the tokens of the PKCS#11 module {} ({})", module.display(), short(&e)))?;
     let mut present = Vec::new();
     let mut found = None;
     for slot in slots {
@@ -481,10 +460,9 @@ fn open_session(uri: &Pkcs11Uri, from: &str, rw: bool) -> Result<(Session, Slot,
         Err(P11Error::Pkcs11(RvError::PinLocked, _)) => {
             bail!("the user PIN of token {token} is locked after too many wrong tries: the token's security officer must unlock it")
         }
-        Err(P11Error::Pkcs11(rv @ (RvError::PinLenRange | RvError::PinInvalid), _)) => bail!(
-            "token {token} refused the PIN as malformed ({}; the PIN is not shown): check the PIN file",
-            rv_name(rv)
-        ),
+        Err(P11Error::Pkcs11(rv @ (RvError::PinLenRange | RvError::PinInvalid), _)) => {
+            bail!("token {token} refused the PIN as malformed ({}; the PIN is not shown): check the PIN file", rv_name(rv))
+        }
         Err(e) => bail!("cannot log in to token {token} ({})", short(&e)),
     }
     Ok((session, slot, token))
@@ -498,9 +476,7 @@ fn find_keys(session: &Session, uri: &Pkcs11Uri, token: &str, from: &str) -> Res
     if let Some(id) = &uri.id {
         template.push(Attribute::Id(id.clone()));
     }
-    session
-        .find_objects(&template)
-        .map_err(|e| anyhow!("cannot search token {token} for the key named by {from} ({})", short(&e)))
+    session.find_objects(&template).map_err(|e| anyhow!("cannot search token {token} for the key named by {from} ({})", short(&e)))
 }
 
 /// Refuse a key that could leave the token or cannot do the job.

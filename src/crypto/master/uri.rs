@@ -69,9 +69,9 @@ fn pct_decode(s: &str, what: &str) -> Result<Vec<u8>> {
     while i < b.len() {
         if b[i] == b'%' {
             let h = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            let v = h.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(|| {
-                anyhow!("attribute {what} has a broken percent-escape (write a byte as %XX with two hex digits)")
-            })?;
+            let v = h
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| anyhow!("attribute {what} has a broken percent-escape (write a byte as %XX with two hex digits)"))?;
             out.push(v);
             i += 3;
         } else {
@@ -102,9 +102,7 @@ fn pct_encode(s: &[u8]) -> String {
 impl Pkcs11Uri {
     /// Parse an RFC 7512 URI. Errors never quote a `pin-value`.
     pub fn parse(s: &str) -> Result<Pkcs11Uri> {
-        let rest = s
-            .strip_prefix("pkcs11:")
-            .ok_or_else(|| anyhow!("a PKCS#11 URI starts with `pkcs11:` (RFC 7512)"))?;
+        let rest = s.strip_prefix("pkcs11:").ok_or_else(|| anyhow!("a PKCS#11 URI starts with `pkcs11:` (RFC 7512)"))?;
         let (path, query) = match rest.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (rest, None),
@@ -115,9 +113,8 @@ impl Pkcs11Uri {
             if part.is_empty() {
                 return Ok(());
             }
-            let (name, value) = part
-                .split_once('=')
-                .ok_or_else(|| anyhow!("`{}` is not an attribute=value pair", crate::crypto::escape_for_message(name_only(part))))?;
+            let (name, value) =
+                part.split_once('=').ok_or_else(|| anyhow!("`{}` is not an attribute=value pair", crate::crypto::escape_for_message(name_only(part))))?;
             let name = name.to_ascii_lowercase();
             if !allowed.contains(&name.as_str()) && !name.starts_with("x-") {
                 let other = if sep == ";" { QUERY_ATTRS } else { PATH_ATTRS };
@@ -154,10 +151,7 @@ impl Pkcs11Uri {
                 "type" => {
                     let t = text(raw, &name)?;
                     if t != "secret-key" {
-                        bail!(
-                            "type={} cannot be a master key: it must be an AES secret key (type=secret-key)",
-                            crate::crypto::escape_for_message(&t)
-                        );
+                        bail!("type={} cannot be a master key: it must be an AES secret key (type=secret-key)", crate::crypto::escape_for_message(&t));
                     }
                 }
                 "module-path" => u.module_path = Some(PathBuf::from(text(raw, &name)?)),
@@ -244,8 +238,7 @@ impl Pkcs11Uri {
             bail!("pin-source={} must be file:/ABSOLUTE/PATH of a file holding the PIN", crate::crypto::escape_for_message(src));
         }
         super::file::check_private(path, "PIN file")?;
-        let mut s = std::fs::read_to_string(path)
-            .map_err(|e| anyhow!("cannot read the PIN file {} ({e}) named by pin-source", path.display()))?;
+        let mut s = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read the PIN file {} ({e}) named by pin-source", path.display()))?;
         let trimmed_len = s.trim_end_matches(['\n', '\r']).len();
         let pin = s[..trimmed_len].to_string();
         crate::crypto::wipe_string(&mut s);
@@ -271,10 +264,7 @@ mod tests {
         assert_eq!(u.object.as_deref(), Some("dagrun-master"));
         assert_eq!(u.module_path.as_deref(), Some(std::path::Path::new("/usr/lib/softhsm/libsofthsm2.so")));
         assert_eq!(u.pin_source.as_deref(), Some("file:/etc/dagrun/pin"));
-        assert_eq!(
-            u.shown(),
-            "pkcs11:token=dagrun-test;object=dagrun-master;type=secret-key?module-path=/usr/lib/softhsm/libsofthsm2.so"
-        );
+        assert_eq!(u.shown(), "pkcs11:token=dagrun-test;object=dagrun-master;type=secret-key?module-path=/usr/lib/softhsm/libsofthsm2.so");
         assert!(u.recorded().ends_with("&pin-source=file:/etc/dagrun/pin"));
         // recorded form parses back to the same
         assert_eq!(Pkcs11Uri::parse(&u.recorded()).unwrap().recorded(), u.recorded());

@@ -73,9 +73,7 @@ impl CsvSource {
         let mut names = Vec::with_capacity(header.len());
         for (i, h) in header.iter().enumerate() {
             let h = if i == 0 { h.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(h) } else { h };
-            let s = std::str::from_utf8(h).map_err(|_| {
-                anyhow!("{fname}: line 1 (header), column {}: not valid UTF-8; save the file as UTF-8", i + 1)
-            })?;
+            let s = std::str::from_utf8(h).map_err(|_| anyhow!("{fname}: line 1 (header), column {}: not valid UTF-8; save the file as UTF-8", i + 1))?;
             names.push(s.to_string());
         }
         let has_label = check_columns(&fname, &names, opts)?;
@@ -125,8 +123,7 @@ impl CsvSource {
             let rec = &self.rec;
             let field = |k: usize, name: &str| -> Result<&str> {
                 let raw = &rec[self.idx[k].unwrap_or(0)];
-                let s = std::str::from_utf8(raw)
-                    .map_err(|_| anyhow!("{}: not valid UTF-8; save the file as UTF-8", ck.at(row, line, name)))?;
+                let s = std::str::from_utf8(raw).map_err(|_| anyhow!("{}: not valid UTF-8; save the file as UTF-8", ck.at(row, line, name)))?;
                 if s.is_empty() {
                     bail!("{}: empty value (nulls are not allowed); fill in every cell", ck.at(row, line, name));
                 }

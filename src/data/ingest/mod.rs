@@ -23,10 +23,10 @@ mod checks;
 mod csv_source;
 mod parquet_source;
 
-pub use checks::{RowChecker, parse_customer_id, parse_login_count, parse_purchase_amount, parse_visit_date};
 use checks::*;
-pub use csv_source::{MAX_CSV_FIELD_BYTES, MAX_CSV_RECORD_BYTES};
+pub use checks::{RowChecker, parse_customer_id, parse_login_count, parse_purchase_amount, parse_visit_date};
 use csv_source::*;
+pub use csv_source::{MAX_CSV_FIELD_BYTES, MAX_CSV_RECORD_BYTES};
 use parquet_source::*;
 
 use crate::data::parquet_io::ParquetSink;
@@ -89,10 +89,7 @@ pub fn format_of(path: &Path) -> Result<Format> {
     match ext.as_str() {
         "csv" => Ok(Format::Csv),
         "parquet" | "pq" => Ok(Format::Parquet),
-        _ => bail!(
-            "{}: unknown data file type; name the file *.csv (CSV with a header line) or *.parquet / *.pq (Parquet)",
-            path.display()
-        ),
+        _ => bail!("{}: unknown data file type; name the file *.csv (CSV with a header line) or *.parquet / *.pq (Parquet)", path.display()),
     }
 }
 
@@ -201,7 +198,12 @@ fn check_columns(file: &str, names: &[String], opts: &IngestOptions) -> Result<b
         }
         if expected.field_with_name(n).is_err() {
             let norm = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
-            let near = expected.fields().iter().find(|f| norm(f.name()) == norm(n)).map(|f| format!(" (is it {} spelt differently? names are exact)", f.name())).unwrap_or_default();
+            let near = expected
+                .fields()
+                .iter()
+                .find(|f| norm(f.name()) == norm(n))
+                .map(|f| format!(" (is it {} spelt differently? names are exact)", f.name()))
+                .unwrap_or_default();
             bail!(
                 "{file}: line 1 (header), column {}: unexpected column name ({}){near}; expected exactly: {}.{hint}",
                 i + 1,

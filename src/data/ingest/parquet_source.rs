@@ -47,12 +47,10 @@ impl ParquetSource {
         // Types are taken from the Parquet schema itself (not the embedded
         // Arrow schema), which normalises large/view/dictionary string variants.
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-        let opened = catch_decoder_panic(|| {
-            ParquetRecordBatchReaderBuilder::try_new_with_options(file, ArrowReaderOptions::new().with_skip_arrow_metadata(true))
-        })
-        .map_err(|_| anyhow!("{fname} is not a readable Parquet file (corrupt footer); write it with a Parquet writer such as pyarrow"))?;
-        let b = opened
-            .map_err(|e| anyhow!("{fname} is not a readable Parquet file ({e}); write it with a Parquet writer such as pyarrow"))?;
+        let opened =
+            catch_decoder_panic(|| ParquetRecordBatchReaderBuilder::try_new_with_options(file, ArrowReaderOptions::new().with_skip_arrow_metadata(true)))
+                .map_err(|_| anyhow!("{fname} is not a readable Parquet file (corrupt footer); write it with a Parquet writer such as pyarrow"))?;
+        let b = opened.map_err(|e| anyhow!("{fname} is not a readable Parquet file ({e}); write it with a Parquet writer such as pyarrow"))?;
         let schema = b.schema().clone();
         let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let has_label = check_columns(&fname, &names, opts)?;
@@ -84,10 +82,7 @@ impl ParquetSource {
         if b.metadata().file_metadata().num_rows() <= 0 {
             bail!("{fname} has no data rows; provide a file with at least one data row");
         }
-        let reader = b
-            .with_batch_size(batch_size)
-            .build()
-            .map_err(|e| anyhow!("{fname} is not a readable Parquet file ({e})"))?;
+        let reader = b.with_batch_size(batch_size).build().map_err(|e| anyhow!("{fname} is not a readable Parquet file ({e})"))?;
         Ok((ParquetSource { reader, idx, row: 0 }, has_label))
     }
 
@@ -136,14 +131,7 @@ impl ParquetSource {
             )?;
         }
         self.row += b.num_rows() as u64;
-        let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(tenant),
-            Arc::new(cid),
-            Arc::new(sens),
-            Arc::new(login),
-            Arc::new(amt),
-            Arc::new(date),
-        ];
+        let mut cols: Vec<ArrayRef> = vec![Arc::new(tenant), Arc::new(cid), Arc::new(sens), Arc::new(login), Arc::new(amt), Arc::new(date)];
         if let Some(l) = label {
             cols.push(Arc::new(l));
         }
