@@ -15,6 +15,7 @@
 # ../shared/tools/softhsm-token.sh (or DAGRUN_SOFTHSM_TOKEN_SH); installs nothing
 # itself beyond what that script installs.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/.."
 rows=100000
 runs=7
@@ -64,7 +65,6 @@ one_run() { # KIND -> "wall_seconds encrypt_seconds cpu_seconds"
   echo "$(( (t1 - t0) / 1000 ))e-6 $enc $(awk '{print $1+$2}' "$tmp/cpu")"
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 : > "$tmp/file.txt"; : > "$tmp/hsm.txt"
 one_run file > /dev/null; one_run hsm > /dev/null   # warm the page cache and the token

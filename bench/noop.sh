@@ -16,6 +16,7 @@
 # dagrun wrote), and no-op (b) median of 5.
 # GNU make is a Debian package: the script installs it when missing.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
@@ -27,7 +28,6 @@ BIN="${DAGRUN_BIN:-$ROOT/target/release/dagrun}"   # DAGRUN_BIN=/path/to/dagrun:
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/dagrun-bench.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
-now() { date +%s.%N; }
 # time_run DIR ARGS...: run dagrun quietly in DIR, print the wall time in seconds.
 time_run() {
   local dir=$1; shift
@@ -37,24 +37,11 @@ time_run() {
   t1=$(now)
   awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.4f\n", a - b }'
 }
-median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 noop5() { local dir=$1; for _ in 1 2 3 4 5; do time_run "$dir"; done | median; }
 
 # (a) 200 stages.
 A="$TMP/a"; mkdir -p "$A/.dagrun"
-{
-  echo "stages:"
-  echo "  s1:"
-  echo "    cmd: echo 1 > out/1.txt"
-  echo "    outs: [out/1.txt]"
-  for i in $(seq 2 200); do
-    p=$((i / 2))
-    echo "  s$i:"
-    echo "    cmd: (cat out/$p.txt; echo $i) > out/$i.txt"
-    echo "    deps: [out/$p.txt]"
-    echo "    outs: [out/$i.txt]"
-  done
-} > "$A/pipeline.yaml"
+tree_pipeline 200 > "$A/pipeline.yaml"
 
 # The same DAG for GNU make (same commands, same dependency tree).
 command -v make >/dev/null || { apt-get update -qq && apt-get install -y -qq make >/dev/null; }

@@ -16,6 +16,7 @@
 #    .openlineage.jsonl, files created under .dagrun/openlineage/, fsyncs;
 # Prints the load average before and after: the machine may be shared.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
@@ -30,19 +31,7 @@ trap 'rm -rf "$TMP"' EXIT
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 A="$TMP/a"; mkdir -p "$A/.dagrun"
-{
-  echo "stages:"
-  echo "  s1:"
-  echo "    cmd: echo 1 > out/1.txt"
-  echo "    outs: [out/1.txt]"
-  for i in $(seq 2 200); do
-    p=$((i / 2))
-    echo "  s$i:"
-    echo "    cmd: (cat out/$p.txt; echo $i) > out/$i.txt"
-    echo "    deps: [out/$p.txt]"
-    echo "    outs: [out/$i.txt]"
-  done
-} > "$A/pipeline.yaml"
+tree_pipeline 200 > "$A/pipeline.yaml"
 cd "$A"
 env -u DAGRUN_OPENLINEAGE_URL "$BIN" -q run pipeline.yaml >/dev/null
 
@@ -51,7 +40,6 @@ env -u DAGRUN_OPENLINEAGE_URL "$BIN" -q run pipeline.yaml >/dev/null
 B="$TMP/b"; cp -a "$A" "$B"; rm -rf "$B/.dagrun/openlineage" "$B/runs"; mkdir -p "$B/.dagrun/openlineage/workspace-id"
 (cd "$B" && env -u DAGRUN_OPENLINEAGE_URL "$BIN" -q run pipeline.yaml >/dev/null 2>&1)
 
-now() { date +%s.%N; }
 # run_in DIR: wall seconds, then CPU seconds (user+sys, less sensitive to a loaded machine).
 run_in() {
   local t0 t1 cpu
@@ -60,7 +48,6 @@ run_in() {
   t1=$(now)
   awk -v a="$t1" -v b="$t0" -v c="$cpu" 'BEGIN { split(c, x, " "); printf "%.5f %.3f\n", a - b, x[1] + x[2] }'
 }
-median() { sort -g | awk '{v[NR]=$1} END {print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 : > "$TMP/on"; : > "$TMP/off"
 for _ in $(seq "$RUNS"); do   # interleaved, so load changes hit both alike
   run_in "$A" >> "$TMP/on"
