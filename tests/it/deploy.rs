@@ -242,7 +242,7 @@ fn the_workflow_parses_and_every_dagrun_command_in_it_exists() {
 #[test]
 fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     let d = crate::drift::workspace();
-    let ws = d.path();
+    let ws = d.root.as_path();
     for t in ["Tenant_A", "Tenant_B"] {
         crate::drift::sample(ws, t, "4000", "1");
     }

@@ -27,16 +27,8 @@ pub fn ok(o: &Output) -> String {
 }
 
 /// A workspace with the shipped pipelines and two tenants.
-pub fn workspace() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(d.path().join("pipelines")).unwrap();
-    std::fs::create_dir_all(d.path().join("config")).unwrap();
-    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
-        std::fs::copy(root.join("pipelines").join(p), d.path().join("pipelines").join(p)).unwrap();
-    }
-    std::fs::write(d.path().join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n    share: 0.5\n  - id: Tenant_B\n    share: 0.5\n").unwrap();
-    d
+pub fn workspace() -> crate::common::Ws {
+    crate::common::shipped_workspace("tenants:\n  - id: Tenant_A\n    share: 0.5\n  - id: Tenant_B\n    share: 0.5\n")
 }
 
 pub fn sample(ws: &Path, tenant: &str, rows: &str, seed: &str) {
@@ -77,7 +69,7 @@ fn report(ws: &Path, tenant: &str) -> Value {
 #[test]
 fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     let d = workspace();
-    let ws = d.path();
+    let ws = d.root.as_path();
     for t in ["Tenant_A", "Tenant_B"] {
         sample(ws, t, "4000", "1");
     }
@@ -145,7 +137,7 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
 #[test]
 fn bad_drift_params_are_refused_before_anything_runs() {
     let d = workspace();
-    let ws = d.path();
+    let ws = d.root.as_path();
     sample(ws, "Tenant_A", "500", "1");
     sample(ws, "Tenant_B", "500", "1");
     let o = dagrun(ws, &["run", PIPE, "-p", "max_psi=-1"]);

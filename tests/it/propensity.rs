@@ -12,19 +12,6 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_dagrun")
 }
 
-/// A workspace with the shipped pipelines and tenant config.
-fn workspace(tenants: &str) -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(d.path().join("pipelines")).unwrap();
-    std::fs::create_dir_all(d.path().join("config")).unwrap();
-    for p in ["propensity.yaml", "propensity-ingest.yaml"] {
-        std::fs::copy(root.join("pipelines").join(p), d.path().join("pipelines").join(p)).unwrap();
-    }
-    std::fs::write(d.path().join("config/tenants.yaml"), tenants).unwrap();
-    d
-}
-
 const TWO: &str = "tenants:\n  - id: Tenant_A\n    share: 0.6\n  - id: Tenant_B\n    share: 0.4\n";
 const THREE: &str = "tenants:\n  - id: Tenant_A\n    share: 0.5\n  - id: Tenant_B\n    share: 0.3\n  - id: Tenant_C\n    share: 0.2\n";
 
@@ -94,8 +81,8 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn full_pipeline_noop_and_c_change() {
-    let ws = workspace(TWO);
-    let out = run_pipeline(ws.path(), &[]);
+    let ws = crate::common::shipped_workspace(TWO);
+    let out = run_pipeline(ws.root.as_path(), &[]);
     assert!(out.contains("Tenant_A: 3600 rows, features v1.0") && out.contains("serve-check ok"), "{out}");
     assert!(out.contains("Tenant_B: 2400 rows"), "{out}");
     for t in ["Tenant_A", "Tenant_B"] {
@@ -106,18 +93,18 @@ fn full_pipeline_noop_and_c_change() {
             format!("models/{t}/model.json"),
             format!("reports/serve-check/{t}.json"),
         ] {
-            assert!(ws.path().join(&p).is_file(), "missing {p}");
+            assert!(ws.root.as_path().join(&p).is_file(), "missing {p}");
         }
         // The plaintext intermediate is gone.
-        assert!(!ws.path().join(format!("data/raw/{t}.parquet")).exists());
+        assert!(!ws.root.as_path().join(format!("data/raw/{t}.parquet")).exists());
     }
     // Second run: nothing to do.
-    run_pipeline(ws.path(), &[]);
-    assert!(last_statuses(ws.path()).iter().all(|(_, s)| s == "cached"), "{:?}", last_statuses(ws.path()));
+    run_pipeline(ws.root.as_path(), &[]);
+    assert!(last_statuses(ws.root.as_path()).iter().all(|(_, s)| s == "cached"), "{:?}", last_statuses(ws.root.as_path()));
     // Changing C reruns training and what follows, nothing before it.
-    run_pipeline(ws.path(), &["-p", "C=0.25"]);
-    assert_eq!(ran(ws.path()), ["serve-check[Tenant_A]", "serve-check[Tenant_B]", "train[Tenant_A]", "train[Tenant_B]"]);
-    let model: serde_json::Value = serde_json::from_slice(&std::fs::read(ws.path().join("models/Tenant_A/model.json")).unwrap()).unwrap();
+    run_pipeline(ws.root.as_path(), &["-p", "C=0.25"]);
+    assert_eq!(ran(ws.root.as_path()), ["serve-check[Tenant_A]", "serve-check[Tenant_B]", "train[Tenant_A]", "train[Tenant_B]"]);
+    let model: serde_json::Value = serde_json::from_slice(&std::fs::read(ws.root.as_path().join("models/Tenant_A/model.json")).unwrap()).unwrap();
     assert_eq!(model["c"], 0.25);
     assert_eq!(model["format"], "dagrun-model/1");
     assert_eq!(model["feature_names"].as_array().unwrap().len(), 5);
@@ -125,25 +112,25 @@ fn full_pipeline_noop_and_c_change() {
 
 #[test]
 fn no_plaintext_pii_or_key_bytes_anywhere() {
-    let ws = workspace(TWO);
-    let o = run(ws.path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "-v"], &[]);
+    let ws = crate::common::shipped_workspace(TWO);
+    let o = run(ws.root.as_path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "-v"], &[]);
     let mut captured = o.stdout.clone();
     captured.extend_from_slice(&o.stderr);
     ok(&o);
     let mut needles: Vec<Vec<u8>> = Vec::new();
-    needles.extend(plaintext_values(ws.path(), "Tenant_A", "3600").into_iter().map(String::into_bytes));
-    needles.extend(plaintext_values(ws.path(), "Tenant_B", "2400").into_iter().map(String::into_bytes));
+    needles.extend(plaintext_values(ws.root.as_path(), "Tenant_A", "3600").into_iter().map(String::into_bytes));
+    needles.extend(plaintext_values(ws.root.as_path(), "Tenant_B", "2400").into_iter().map(String::into_bytes));
     assert_eq!(needles.len(), 6000);
     // Every key, as raw bytes and as hex.
     for t in ["Tenant_A", "Tenant_B"] {
-        let hex = ok(&run(ws.path(), &["keys", "export", t, "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+        let hex = ok(&run(ws.root.as_path(), &["keys", "export", t, "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
         assert_eq!(hex.len(), 64);
         needles.push(hex.clone().into_bytes());
         needles.push(hex::decode(&hex).unwrap());
     }
-    let master = std::fs::read_to_string(ws.path().join(".dagrun/keys/master.key")).unwrap().trim().to_string();
+    let master = std::fs::read_to_string(ws.root.as_path().join(".dagrun/keys/master.key")).unwrap().trim().to_string();
     let master_bytes = hex::decode(&master).unwrap();
-    for f in all_files(ws.path()) {
+    for f in all_files(ws.root.as_path()) {
         let bytes = std::fs::read(&f).unwrap();
         for n in &needles {
             assert!(!contains(&bytes, n), "{} contains plaintext PII or a key", f.display());
@@ -159,15 +146,15 @@ fn no_plaintext_pii_or_key_bytes_anywhere() {
 
 #[test]
 fn ciphertexts_decrypt_with_the_tenant_key_and_bind_their_place() {
-    let ws = workspace(TWO);
-    run_pipeline(ws.path(), &[]);
-    let path = ws.path().join("data/encrypted/Tenant_A.parquet");
+    let ws = crate::common::shipped_workspace(TWO);
+    run_pipeline(ws.root.as_path(), &[]);
+    let path = ws.root.as_path().join("data/encrypted/Tenant_A.parquet");
     let kv = read_footer_kv(&path).unwrap();
     let key_id = kv["dagrun.key_id"].clone();
-    let hex = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+    let hex = ok(&run(ws.root.as_path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
     let key = dagrun::crypto::DataKey::from_bytes(hex::decode(&hex).unwrap().try_into().unwrap());
     assert_eq!(key_id, "Tenant_A-dk-1");
-    let expected = plaintext_values(ws.path(), "Tenant_A", "3600");
+    let expected = plaintext_values(ws.root.as_path(), "Tenant_A", "3600");
     let mut n = 0;
     for b in open_batches(&path, 1024).unwrap() {
         let b = b.unwrap();
@@ -191,10 +178,11 @@ fn ciphertexts_decrypt_with_the_tenant_key_and_bind_their_place() {
 
 #[test]
 fn wrong_master_key_fails_clearly_without_echoing_keys() {
-    let ws = workspace(TWO);
-    run_pipeline(ws.path(), &["encrypt"]);
+    let ws = crate::common::shipped_workspace(TWO);
+    run_pipeline(ws.root.as_path(), &["encrypt"]);
     let wrong = "ab".repeat(32);
-    let o = run(ws.path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--force", "encrypt"], &[("DAGRUN_MASTER_KEY", &wrong)]);
+    let o =
+        run(ws.root.as_path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--force", "encrypt"], &[("DAGRUN_MASTER_KEY", &wrong)]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("does not open the keyring") && err.contains("DAGRUN_MASTER_KEY"), "{err}");
@@ -203,19 +191,19 @@ fn wrong_master_key_fails_clearly_without_echoing_keys() {
 
 #[test]
 fn forgetting_a_tenant_leaves_the_others_working() {
-    let ws = workspace(THREE);
-    run_pipeline(ws.path(), &[]);
-    let o = run(ws.path(), &["keys", "forget", "Tenant_B"], &[]);
+    let ws = crate::common::shipped_workspace(THREE);
+    run_pipeline(ws.root.as_path(), &[]);
+    let o = run(ws.root.as_path(), &["keys", "forget", "Tenant_B"], &[]);
     assert_eq!(o.status.code(), Some(2), "needs --yes");
-    ok(&run(ws.path(), &["keys", "forget", "Tenant_B", "--yes"], &[]));
-    let list = ok(&run(ws.path(), &["keys", "list", "--json"], &[]));
+    ok(&run(ws.root.as_path(), &["keys", "forget", "Tenant_B", "--yes"], &[]));
+    let list = ok(&run(ws.root.as_path(), &["keys", "list", "--json"], &[]));
     assert!(list.contains("destroyed"), "{list}");
     // The next run says clearly that Tenant_B's data cannot be decrypted; A and C are fine.
-    let o = run(ws.path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}")], &[]);
+    let o = run(ws.root.as_path(), &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}")], &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("encrypt[Tenant_B]") && err.contains("can no") && err.contains("decrypted"), "{err}");
-    let st = last_statuses(ws.path());
+    let st = last_statuses(ws.root.as_path());
     for (s, status) in &st {
         if s == "encrypt[Tenant_B]" {
             assert_eq!(status, "failed");
@@ -226,17 +214,17 @@ fn forgetting_a_tenant_leaves_the_others_working() {
         }
     }
     // Tenant_A's data still decrypts.
-    let hex = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+    let hex = ok(&run(ws.root.as_path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
     assert_eq!(hex.len(), 64);
-    let o = run(ws.path(), &["keys", "export", "Tenant_B", "--i-understand-this-prints-a-secret"], &[]);
+    let o = run(ws.root.as_path(), &["keys", "export", "Tenant_B", "--i-understand-this-prints-a-secret"], &[]);
     assert!(!o.status.success());
 }
 
 #[test]
 fn feature_store_parquet_schema_footer_and_hash() {
-    let ws = workspace(TWO);
-    run_pipeline(ws.path(), &[]);
-    let dir = ws.path().join("featurestore/Tenant_A/v1.0");
+    let ws = crate::common::shipped_workspace(TWO);
+    run_pipeline(ws.root.as_path(), &[]);
+    let dir = ws.root.as_path().join("featurestore/Tenant_A/v1.0");
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     let file = dir.join("features.parquet");
     assert_eq!(manifest["file_blake3"].as_str().unwrap(), blake3::hash(&std::fs::read(&file).unwrap()).to_hex().as_str());
@@ -276,20 +264,20 @@ fn feature_store_parquet_schema_footer_and_hash() {
         rows += b.num_rows();
     }
     assert_eq!(rows, 3600);
-    let show = ok(&run(ws.path(), &["features", "Tenant_A"], &[]));
+    let show = ok(&run(ws.root.as_path(), &["features", "Tenant_A"], &[]));
     assert!(show.contains("p80_purchase") && show.contains("lineage"), "{show}");
 }
 
 #[test]
 fn serve_check_fails_when_stored_statistics_are_tampered_with() {
-    let ws = workspace(TWO);
-    run_pipeline(ws.path(), &[]);
-    let dir = ws.path().join("featurestore/Tenant_A/v1.0");
-    let model = ws.path().join("models/Tenant_A/model.json");
-    let key = dagrun::crypto::Keyring::open_existing(ws.path()).unwrap().expect("a master key").integrity_key();
-    let wsp = dagrun::workspace::Workspace::at(ws.path());
+    let ws = crate::common::shipped_workspace(TWO);
+    run_pipeline(ws.root.as_path(), &[]);
+    let dir = ws.root.as_path().join("featurestore/Tenant_A/v1.0");
+    let model = ws.root.as_path().join("models/Tenant_A/model.json");
+    let key = dagrun::crypto::Keyring::open_existing(ws.root.as_path()).unwrap().expect("a master key").integrity_key();
+    let wsp = dagrun::workspace::Workspace::at(ws.root.as_path());
     let recorded = dagrun::scoring::recorded_hash(&wsp, key.clone(), "models/Tenant_A/model.json").unwrap().1;
-    let data = ws.path().join("data/encrypted/Tenant_A.parquet");
+    let data = ws.root.as_path().join("data/encrypted/Tenant_A.parquet");
     // Untouched: passes with identical scores.
     let r = dagrun::stages::serve_check::check(&key, "Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap();
     assert!(r.passed && r.max_abs_diff <= 1e-9 && r.rows_checked > 0);
@@ -310,19 +298,19 @@ fn serve_check_fails_when_stored_statistics_are_tampered_with() {
     let err = dagrun::stages::serve_check::check(&key, "Tenant_A", &data, &dir, &model, Some(&zero)).unwrap_err();
     assert!(format!("{err:#}").contains("lineage record"), "{err:#}");
     // The engine notices the hand edit and restores the manifest before serving.
-    run_pipeline(ws.path(), &[]);
-    assert!(last_statuses(ws.path()).iter().any(|(s, st)| s == "store[Tenant_A]" && st == "restored"));
+    run_pipeline(ws.root.as_path(), &[]);
+    assert!(last_statuses(ws.root.as_path()).iter().any(|(s, st)| s == "store[Tenant_A]" && st == "restored"));
 }
 
 #[test]
 fn predict_on_training_rows_matches_the_offline_path() {
-    let ws = workspace(TWO);
-    run_pipeline(ws.path(), &[]);
+    let ws = crate::common::shipped_workspace(TWO);
+    run_pipeline(ws.root.as_path(), &[]);
     // The generator is deterministic: `sample` with the pipeline's seed gives the training rows.
-    let raw = ws.path().join("in.csv");
-    ok(&run(ws.path(), &["sample", "--tenant", "Tenant_A", "--rows", "3600", "--no-label", "--out", raw.to_str().unwrap()], &[]));
-    let out = ws.path().join("scores.csv");
-    ok(&run(ws.path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--output", out.to_str().unwrap()], &[]));
+    let raw = ws.root.as_path().join("in.csv");
+    ok(&run(ws.root.as_path(), &["sample", "--tenant", "Tenant_A", "--rows", "3600", "--no-label", "--out", raw.to_str().unwrap()], &[]));
+    let out = ws.root.as_path().join("scores.csv");
+    ok(&run(ws.root.as_path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--output", out.to_str().unwrap()], &[]));
     let text = std::fs::read_to_string(&out).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next().unwrap(), "Customer_ID,score,model_version,feature_version");
@@ -334,9 +322,9 @@ fn predict_on_training_rows_matches_the_offline_path() {
         .collect();
     assert_eq!(online.len(), 3600);
     // Offline: stored features through the model artifact.
-    let model = dagrun::model::ModelArtifact::from_json_bytes(&std::fs::read(ws.path().join("models/Tenant_A/model.json")).unwrap(), "model").unwrap();
+    let model = dagrun::model::ModelArtifact::from_json_bytes(&std::fs::read(ws.root.as_path().join("models/Tenant_A/model.json")).unwrap(), "model").unwrap();
     let mut offline = std::collections::HashMap::new();
-    for b in open_batches(&ws.path().join("featurestore/Tenant_A/v1.0/features.parquet"), 4096).unwrap() {
+    for b in open_batches(&ws.root.as_path().join("featurestore/Tenant_A/v1.0/features.parquet"), 4096).unwrap() {
         for (id, x) in dagrun::scoring::stored_features(&b.unwrap()).unwrap() {
             offline.insert(id, model.predict_proba_row(&x));
         }
@@ -346,36 +334,36 @@ fn predict_on_training_rows_matches_the_offline_path() {
         assert!((s - offline[id]).abs() <= 1e-12, "customer {id}: {s} vs {}", offline[id]);
     }
     // JSON lines, and refusals.
-    let o = ok(&run(ws.path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--format", "jsonl"], &[]));
+    let o = ok(&run(ws.root.as_path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--format", "jsonl"], &[]));
     assert_eq!(o.lines().count(), 3600);
     assert!(o.lines().next().unwrap().contains("\"model_version\""));
-    let o = run(ws.path(), &["predict", "--tenant", "Tenant_B", "--input", raw.to_str().unwrap()], &[]);
+    let o = run(ws.root.as_path(), &["predict", "--tenant", "Tenant_B", "--input", raw.to_str().unwrap()], &[]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("Tenant_A"), "{}", String::from_utf8_lossy(&o.stderr));
     // predict serves the tenant's champion from the model registry: the
     // champion's registered copy edited by hand is refused.
-    let mp = ws.path().join(format!(".dagrun/registry/Tenant_A/versions/{}.json", model.model_version));
+    let mp = ws.root.as_path().join(format!(".dagrun/registry/Tenant_A/versions/{}.json", model.model_version));
     let mut bytes = std::fs::read(&mp).unwrap();
     bytes.extend_from_slice(b" ");
     std::fs::write(&mp, bytes).unwrap();
-    let o = run(ws.path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap()], &[]);
+    let o = run(ws.root.as_path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap()], &[]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not match its registry record"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
 fn ingest_pipeline_reruns_only_the_changed_tenant() {
-    let ws = workspace(THREE);
-    let inc = ws.path().join("incoming");
+    let ws = crate::common::shipped_workspace(THREE);
+    let inc = ws.root.as_path().join("incoming");
     for (t, n, seed) in [("Tenant_A", "2000", "1"), ("Tenant_B", "1500", "2"), ("Tenant_C", "1500", "3")] {
-        ok(&run(ws.path(), &["sample", "--tenant", t, "--rows", n, "--seed", seed, "--out", inc.join(format!("{t}.csv")).to_str().unwrap()], &[]));
+        ok(&run(ws.root.as_path(), &["sample", "--tenant", t, "--rows", n, "--seed", seed, "--out", inc.join(format!("{t}.csv")).to_str().unwrap()], &[]));
     }
-    ok(&run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
-    ok(&run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
-    assert!(ran(ws.path()).is_empty());
-    ok(&run(ws.path(), &["sample", "--tenant", "Tenant_B", "--rows", "1600", "--seed", "9", "--out", inc.join("Tenant_B.csv").to_str().unwrap()], &[]));
-    ok(&run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
-    let r = ran(ws.path());
+    ok(&run(ws.root.as_path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
+    ok(&run(ws.root.as_path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
+    assert!(ran(ws.root.as_path()).is_empty());
+    ok(&run(ws.root.as_path(), &["sample", "--tenant", "Tenant_B", "--rows", "1600", "--seed", "9", "--out", inc.join("Tenant_B.csv").to_str().unwrap()], &[]));
+    ok(&run(ws.root.as_path(), &["run", "pipelines/propensity-ingest.yaml"], &[]));
+    let r = ran(ws.root.as_path());
     assert!(!r.is_empty() && r.iter().all(|s| s.ends_with("[Tenant_B]")), "{r:?}");
     assert!(r.contains(&"train[Tenant_B]".to_string()));
     // A bad row: clear error naming file, row and column; nothing written.
@@ -386,23 +374,23 @@ fn ingest_pipeline_reruns_only_the_changed_tenant() {
     f[3] = "-4".into();
     lines[5] = f.join(",");
     std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
-    let o = run(ws.path(), &["run", "pipelines/propensity-ingest.yaml"], &[]);
+    let o = run(ws.root.as_path(), &["run", "pipelines/propensity-ingest.yaml"], &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("Tenant_C.csv") && err.contains("Login_Count") && err.contains("row 5"), "{err}");
-    assert!(!ws.path().join("data/raw/Tenant_C.parquet").exists());
+    assert!(!ws.root.as_path().join("data/raw/Tenant_C.parquet").exists());
 }
 
 #[test]
 fn rotating_a_key_reencrypts_only_that_tenant_and_old_keys_stay_readable() {
-    let ws = workspace(TWO);
-    run_pipeline(ws.path(), &[]);
-    let old_hex = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
-    let out = ok(&run(ws.path(), &["keys", "rotate", "Tenant_A"], &[]));
+    let ws = crate::common::shipped_workspace(TWO);
+    run_pipeline(ws.root.as_path(), &[]);
+    let old_hex = ok(&run(ws.root.as_path(), &["keys", "export", "Tenant_A", "--i-understand-this-prints-a-secret"], &[])).trim().to_string();
+    let out = ok(&run(ws.root.as_path(), &["keys", "rotate", "Tenant_A"], &[]));
     assert!(out.contains("Tenant_A-dk-2"), "{out}");
     // status names the key change as the reason, for Tenant_A only.
     let st: serde_json::Value =
-        serde_json::from_str(&ok(&run(ws.path(), &["status", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--json"], &[]))).unwrap();
+        serde_json::from_str(&ok(&run(ws.root.as_path(), &["status", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}"), "--json"], &[]))).unwrap();
     let stale: Vec<(String, String)> = st["stages"]
         .as_array()
         .unwrap()
@@ -413,14 +401,14 @@ fn rotating_a_key_reencrypts_only_that_tenant_and_old_keys_stay_readable() {
     assert!(stale.iter().all(|(s, _)| s.ends_with("[Tenant_A]") && !s.starts_with("generate")), "{stale:?}");
     assert_eq!(stale[0].0, "encrypt[Tenant_A]");
     assert!(stale[0].1.contains("Tenant_A-dk-1 → Tenant_A-dk-2"), "{stale:?}");
-    run_pipeline(ws.path(), &[]);
-    let r = ran(ws.path());
+    run_pipeline(ws.root.as_path(), &[]);
+    let r = ran(ws.root.as_path());
     assert!(r.contains(&"encrypt[Tenant_A]".to_string()) && r.iter().all(|s| s.ends_with("[Tenant_A]")), "{r:?}");
-    let path = ws.path().join("data/encrypted/Tenant_A.parquet");
+    let path = ws.root.as_path().join("data/encrypted/Tenant_A.parquet");
     assert_eq!(read_footer_kv(&path).unwrap()["dagrun.key_id"], "Tenant_A-dk-2");
     // The retired key is still there for data encrypted with it.
-    let again = ok(&run(ws.path(), &["keys", "export", "Tenant_A", "--key-id", "Tenant_A-dk-1", "--i-understand-this-prints-a-secret"], &[]));
+    let again = ok(&run(ws.root.as_path(), &["keys", "export", "Tenant_A", "--key-id", "Tenant_A-dk-1", "--i-understand-this-prints-a-secret"], &[]));
     assert_eq!(again.trim(), old_hex);
-    let list = ok(&run(ws.path(), &["keys", "list"], &[]));
+    let list = ok(&run(ws.root.as_path(), &["keys", "list"], &[]));
     assert!(list.contains("retired") && !list.contains(&old_hex), "{list}");
 }

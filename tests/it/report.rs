@@ -107,12 +107,12 @@ fn the_console_scan_and_blank_check_can_fail() {
 #[test]
 fn report_of_a_nightly_run_opens_offline_in_chromium_with_every_section() {
     let d = workspace();
-    let ws = d.path();
+    let ws = d.root.as_path();
     // Default pipeline, then a "nightly" run on new data (another seed): drift
     // is measured against the first models, then the models are retrained.
     ok(&dagrun(ws, &["run", "pipelines/propensity.yaml", "-p", "rows=6000", "-j", "2"]));
     ok(&dagrun(ws, &["run", "pipelines/propensity.yaml", "-p", "rows=6000", "-p", "seed=7", "-j", "2"]));
-    let out = d.path().join("out/report.html");
+    let out = d.root.as_path().join("out/report.html");
     let printed = ok(&dagrun(ws, &["report", "last", "-o", out.to_str().unwrap()]));
     assert_eq!(PathBuf::from(printed.trim()), out);
     let html = std::fs::read_to_string(&out).unwrap();
@@ -131,7 +131,7 @@ fn report_of_a_nightly_run_opens_offline_in_chromium_with_every_section() {
     assert_eq!(html.contains("Layout: Graphviz dot"), dot_installed, "auto layout uses dot exactly when it is installed");
     assert!(!html.contains("No hold-out curves") && !html.contains("No model:") && !html.contains("no reference"), "every section filled");
 
-    let seen = browse(&out, d.path());
+    let seen = browse(&out, d.root.as_path());
     assert!(seen.console.is_empty(), "console output: {:?}", seen.console);
     let (w, h, non_bg, colours) = png_stats(&seen.png);
     assert_eq!((w, h), (1280, 1800));
@@ -145,14 +145,14 @@ fn report_of_a_nightly_run_opens_offline_in_chromium_with_every_section() {
     assert!(seen.dom.contains("train[Tenant_A]") && seen.dom.contains("drift[Tenant_B]"), "DAG labels");
 
     // The built-in layout (no Graphviz) draws the same graph.
-    let out2 = d.path().join("out/builtin.html");
+    let out2 = d.root.as_path().join("out/builtin.html");
     ok(&dagrun(ws, &["report", "last", "-o", out2.to_str().unwrap(), "--layout", "builtin"]));
     let html2 = std::fs::read_to_string(&out2).unwrap();
     assert!(html2.contains("Layout: built-in layered layout"));
     let dag = &html2[html2.find("data-chart=\"dag\"").unwrap()..];
     let dag = &dag[..dag.find("</figure>").unwrap()];
     assert!(dag.contains("serve-check[Tenant_A]") && dag.matches("<rect").count() >= 2 * 14, "{}", &dag[..dag.len().min(400)]);
-    let seen = browse(&out2, d.path());
+    let seen = browse(&out2, d.root.as_path());
     assert!(seen.console.is_empty(), "{:?}", seen.console);
 
     // An older run's report reads that run's models from the cache even after
@@ -161,7 +161,7 @@ fn report_of_a_nightly_run_opens_offline_in_chromium_with_every_section() {
         let v: serde_json::Value = serde_json::from_str(&ok(&dagrun(ws, &["runs", "--json"]))).unwrap();
         v["runs"][0]["run_id"].as_str().unwrap().to_string()
     };
-    let out3 = d.path().join("out/first.html");
+    let out3 = d.root.as_path().join("out/first.html");
     ok(&dagrun(ws, &["report", &first, "-o", out3.to_str().unwrap()]));
     let html3 = std::fs::read_to_string(&out3).unwrap();
     assert!(html3.contains("<tr><th>read from</th><td>cache</td></tr>"), "first run's models come from the cache");

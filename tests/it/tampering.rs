@@ -58,11 +58,7 @@ fn with_registry(ws: &Ws) {
 }
 
 fn propensity_ws() -> Ws {
-    let ws = Ws::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    ws.write("pipelines/propensity.yaml", std::fs::read(root.join("pipelines/propensity.yaml")).unwrap());
-    ws.write("config/tenants.yaml", TWO);
-    ws
+    crate::common::shipped_workspace(TWO)
 }
 
 fn cmd_ws() -> Ws {

@@ -327,15 +327,8 @@ impl HsmKey {
     /// object (never a token object) that is destroyed right after.
     pub fn kwp_wrap(&self, data: &[u8]) -> Result<Vec<u8>> {
         let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        let mut template = vec![
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(false),
-            Attribute::Extractable(true),
-            Attribute::Value(data.to_vec()),
-        ];
+        let mut template = transient_secret();
+        template.push(Attribute::Value(data.to_vec()));
         let made = s.create_object(&template);
         for a in template.iter_mut() {
             if let Attribute::Value(v) = a {
@@ -356,14 +349,7 @@ impl HsmKey {
     /// not unwrap under this key. The caller wipes the returned bytes.
     pub fn kwp_unwrap(&self, blob: &[u8]) -> Result<Option<Vec<u8>>> {
         let s = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        let template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::GENERIC_SECRET),
-            Attribute::Token(false),
-            Attribute::Private(true),
-            Attribute::Sensitive(false),
-            Attribute::Extractable(true),
-        ];
+        let template = transient_secret();
         let obj = match s.unwrap_key(&Mechanism::AesKeyWrapPad, self.key, blob, &template) {
             Ok(o) => o,
             Err(P11Error::Pkcs11(
@@ -523,4 +509,18 @@ fn check_attributes(session: &Session, key: ObjectHandle, shown: &str, mech: Mec
         );
     }
     Ok(())
+}
+
+/// The template of the short-lived session object that carries a tenant key
+/// through `C_WrapKey` / `C_UnwrapKey` with key wrap: never a token object,
+/// readable only so dagrun can take the value out and destroy it at once.
+fn transient_secret() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ]
 }
