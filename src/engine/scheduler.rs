@@ -120,6 +120,9 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
 
     // Plaintext never outlives the run, whatever happened.
     engine.shred_sensitive();
+    // What the run wrote is durable before the memo vouches for it and the
+    // run record reports it (see workspace::state, "Durability").
+    engine.sync_written();
     if let Err(e) = engine.memo.save() {
         tracing::warn!("cannot save the file-hash memo: {e:#}");
     }

@@ -24,6 +24,28 @@ impl Engine {
         }
     }
 
+    /// Make everything this run wrote durable (outputs, cache objects, state
+    /// and action records): one `syncfs` per file system holding the
+    /// workspace, `.dagrun` or an output folder. Called once at the end of a
+    /// run, before the hash memo and the run record are written; why this
+    /// replaces an fsync per record is in `workspace::state` ("Durability").
+    pub fn sync_written(&self) {
+        let mut dirs: HashSet<PathBuf> = HashSet::new();
+        dirs.insert(self.pipeline.workspace.clone());
+        dirs.insert(self.ws.dagrun_dir());
+        for s in &self.pipeline.stages {
+            for o in &s.outs {
+                if let Some(parent) = self.pipeline.abs(&o.path).parent() {
+                    dirs.insert(parent.to_path_buf());
+                }
+            }
+        }
+        let dirs: Vec<PathBuf> = dirs.into_iter().collect();
+        if let Err(e) = crate::util::atomic::sync_filesystems(&dirs) {
+            tracing::error!("{e:#}: what this run wrote may not survive a power cut (the next run checks every record and output it uses)");
+        }
+    }
+
     /// Remove temporary files left next to outputs by killed runs.
     pub fn sweep_temp_files(&self) {
         let mut dirs: HashSet<PathBuf> = HashSet::new();

@@ -3,10 +3,14 @@
 //! after a SIGKILL) sees either the old file or the new one, never a torn mix.
 //!
 //! How much is flushed is chosen per kind of file ([`Durability`]): outputs
-//! and state files are fsynced before the rename; key material and run
+//! of built-in kinds are fsynced before the rename; key material and run
 //! records also fsync the directory (the rename itself survives a power cut);
-//! cache objects and cache metadata are not fsynced at all, because every use
-//! verifies them by hash and a lost or torn one only costs a recomputation.
+//! cache objects, cache metadata and per-stage state records are not fsynced
+//! one by one, because every use verifies them (by hash, by MAC) and a lost
+//! or torn one only costs a recomputation. A run makes everything it wrote
+//! durable at once at its end ([`sync_filesystems`], one `syncfs` per file
+//! system), before it writes the hash memo and its run record: see
+//! `workspace::state` for why that is as safe as one fsync per record.
 //!
 //! Temporary files are named `.NAME.dagrun-tmp.PID.N`; [`is_temp_name`] lets
 //! the engine sweep leftovers of killed runs (they may hold plaintext).
@@ -77,6 +81,17 @@ impl AtomicFile {
     }
 
     fn open(dest: &Path, mode: Option<u32>, durability: Durability) -> Result<Self> {
+        Self::open_buffered(dest, mode, durability, 1 << 20)
+    }
+
+    /// Like [`AtomicFile::create_with`] with no write buffer: for callers
+    /// that write whole buffers (a small record, a copy loop), so no
+    /// 1 MiB buffer is allocated (and mapped, and unmapped) per file.
+    pub fn create_unbuffered(dest: &Path, durability: Durability) -> Result<Self> {
+        Self::open_buffered(dest, None, durability, 0)
+    }
+
+    fn open_buffered(dest: &Path, mode: Option<u32>, durability: Durability, capacity: usize) -> Result<Self> {
         if let Some(parent) = dest.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -91,7 +106,7 @@ impl AtomicFile {
             opts.mode(mode.unwrap_or(0o644));
         }
         let file = opts.open(&tmp).with_context(|| format!("cannot write {} (creating its temporary file {} failed)", dest.display(), tmp.display()))?;
-        Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(1 << 20, file)), durability })
+        Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(capacity, file)), durability })
     }
 
     /// Path of the temporary file (for writers that need a `File`).
@@ -157,23 +172,47 @@ pub fn sync_parent(path: &Path) {
     }
 }
 
+/// Make everything written so far to the file systems holding `paths`
+/// durable: one `syncfs(2)` per distinct file system (paths that do not
+/// exist are skipped). This is what replaces one fsync per small record
+/// during a run (see the module comment).
+pub fn sync_filesystems<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::fd::AsRawFd;
+    let mut seen = Vec::new();
+    for p in paths {
+        let p = p.as_ref();
+        let Ok(m) = fs::metadata(p) else { continue };
+        if seen.contains(&m.dev()) {
+            continue;
+        }
+        seen.push(m.dev());
+        let f = File::open(p).with_context(|| format!("cannot open {} to flush it to disk", p.display()))?;
+        // SAFETY: a valid, open file descriptor.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot flush the file system of {} to disk (syncfs)", p.display()));
+        }
+    }
+    Ok(())
+}
+
 /// Write `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = AtomicFile::create(dest)?;
+    let mut f = AtomicFile::open_buffered(dest, None, Durability::Content, 0)?;
     f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
 
 /// Write `bytes` to `dest` atomically with permission bits `mode` (e.g. 0o600).
 pub fn write_atomic_mode(dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let mut f = AtomicFile::create_with_mode(dest, Some(mode))?;
+    let mut f = AtomicFile::open_buffered(dest, Some(mode), Durability::Full, 0)?;
     f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
 
 /// Write `bytes` to `dest` atomically with the given durability.
 pub fn write_atomic_with(dest: &Path, bytes: &[u8], durability: Durability) -> Result<()> {
-    let mut f = AtomicFile::create_with(dest, durability)?;
+    let mut f = AtomicFile::create_unbuffered(dest, durability)?;
     f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }

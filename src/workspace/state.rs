@@ -13,6 +13,28 @@
 //! own stage; an action entry its own key). Anything else is
 //! [`Loaded::Invalid`]: the engine recomputes, `status` says why, `verify`
 //! reports it.
+//!
+//! # Durability (what a crash can leave)
+//! Records are written atomically (temporary file, then rename) but not
+//! fsynced one by one: a run makes everything it wrote durable at once at its
+//! end (`util::atomic::sync_filesystems`, one `syncfs` per file system:
+//! outputs, cache objects and records), and only then writes the hash memo
+//! and the run record. Why that is as safe as an fsync per record:
+//! - A killed process (SIGKILL, OOM, panic) loses nothing the kernel has:
+//!   each record is old or new, never torn (the `faults::` tests).
+//! - A power cut or kernel crash during a run can lose records written since
+//!   the run began, roll them back to an earlier version, or (on some file
+//!   systems) leave them empty or torn; outputs likewise. No record is used
+//!   without checks that catch each case: a lost record means the stage
+//!   reruns; an empty or torn one fails its MAC and the stage reruns; a record
+//!   that reached the disk while the output it names did not is caught
+//!   because an output is trusted only when its content hashes to the
+//!   recorded hash (read again, or vouched for by the hash memo, which is
+//!   written after the sync and so describes only files already durable);
+//!   then it is restored from the cache (objects are verified by hash) or
+//!   the stage reruns. So a record never makes a lost or stale output count
+//!   as done; the cost of a crash is at most a rerun of that run's stages.
+//! - Once `dagrun run` has returned, everything it recorded is on disk.
 
 use super::Workspace;
 use super::hash::ContentHash;
@@ -156,8 +178,10 @@ impl StateStore {
         record::seal(k, record::STAGE_RECORD, st)
     }
 
+    /// Write a stage's record (atomically; durable at the run's end sync:
+    /// see the module comment).
     pub fn put(&self, st: &StageState) -> Result<()> {
-        write_atomic_with(&self.stage_file(&st.stage), &self.seal(st)?, Durability::Content)
+        write_atomic_with(&self.stage_file(&st.stage), &self.seal(st)?, Durability::Verified)
     }
 
     pub fn remove(&self, stage: &str) {
@@ -191,13 +215,20 @@ impl StateStore {
     /// (entries are verified on every read; a lost one only costs a recomputation).
     pub fn put_action(&self, st: &StageState) -> Result<()> {
         let dest = self.action_file(&st.key);
-        if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
-            return Ok(());
-        }
-        let _ = std::fs::remove_file(&dest);
-        std::fs::create_dir_all(&self.actions_dir)?;
         let state_file = self.stage_file(&st.stage);
         // Called right after `put(st)` by the only thread running this stage.
+        // Linked first (the common case: a new key), checked only when an
+        // entry is already there: a valid one is kept, anything else replaced.
+        match std::fs::hard_link(&state_file, &dest) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
+                    return Ok(());
+                }
+                let _ = std::fs::remove_file(&dest);
+            }
+            Err(_) => std::fs::create_dir_all(&self.actions_dir)?,
+        }
         if std::fs::hard_link(&state_file, &dest).is_ok() {
             return Ok(());
         }
