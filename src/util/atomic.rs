@@ -177,8 +177,8 @@ pub fn sync_parent(path: &Path) {
 /// exist are skipped). This is what replaces one fsync per small record
 /// during a run (see the module comment).
 pub fn sync_filesystems<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
     let mut seen = Vec::new();
     for p in paths {
         let p = p.as_ref();
