@@ -128,11 +128,9 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // Plaintext never outlives the run, whatever happened.
     engine.shred_sensitive();
     // What the run wrote is durable before the memo vouches for it and the
-    // run record reports it (see workspace::state, "Durability"). A run that
-    // ran and restored nothing wrote no record: nothing to flush.
-    if records.iter().any(|r| matches!(r.status, Status::Ran | Status::Restored)) {
-        engine.sync_written();
-    }
+    // run record reports it (see workspace::state, "Durability"); a run that
+    // ran and restored nothing has nothing to flush.
+    engine.sync_written();
     if let Err(e) = engine.memo.save() {
         tracing::warn!("cannot save the file-hash memo: {e:#}");
     }

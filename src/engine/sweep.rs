@@ -24,24 +24,23 @@ impl Engine {
         }
     }
 
-    /// Make everything this run wrote durable (outputs, cache objects, state
-    /// and action records): one `syncfs` per file system holding the
-    /// workspace, `.dagrun` or an output folder. Called once at the end of a
-    /// run, before the hash memo and the run record are written; why this
+    /// Note files this run wrote (state records, outputs) for [`Engine::sync_written`].
+    pub(super) fn wrote(&self, paths: impl IntoIterator<Item = PathBuf>) {
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).extend(paths);
+    }
+
+    /// Make the state records and outputs this run wrote durable, in one
+    /// batch (`util::atomic::sync_files`). Called once at the end of a run,
+    /// before the hash memo and the run record are written; why this
     /// replaces an fsync per record is in `workspace::state` ("Durability").
     pub fn sync_written(&self) {
-        let mut dirs: HashSet<PathBuf> = HashSet::new();
-        dirs.insert(self.pipeline.workspace.clone());
-        dirs.insert(self.ws.dagrun_dir());
-        for s in &self.pipeline.stages {
-            for o in &s.outs {
-                if let Some(parent) = self.pipeline.abs(&o.path).parent() {
-                    dirs.insert(parent.to_path_buf());
-                }
-            }
+        let mut paths = std::mem::take(&mut *self.written.lock().unwrap_or_else(|e| e.into_inner()));
+        if paths.is_empty() {
+            return;
         }
-        let dirs: Vec<PathBuf> = dirs.into_iter().collect();
-        if let Err(e) = crate::util::atomic::sync_filesystems(&dirs) {
+        paths.sort();
+        paths.dedup();
+        if let Err(e) = crate::util::atomic::sync_files(&paths) {
             tracing::error!("{e:#}: what this run wrote may not survive a power cut (the next run checks every record and output it uses)");
         }
     }

@@ -16,10 +16,12 @@
 //!
 //! # Durability (what a crash can leave)
 //! Records are written atomically (temporary file, then rename) but not
-//! fsynced one by one: a run makes everything it wrote durable at once at its
-//! end (`util::atomic::sync_filesystems`, one `syncfs` per file system:
-//! outputs, cache objects and records), and only then writes the hash memo
-//! and the run record. Why that is as safe as an fsync per record:
+//! fsynced one by one: a run makes the records and outputs it wrote durable
+//! in one batch at its end (`util::atomic::sync_files`: writeback of all
+//! started, then an fsync of each, about the cost of one), and only then
+//! writes the hash memo and the run record. Cache objects are verified by
+//! hash on every use and never fsynced (as before). Why that is as safe as an
+//! fsync per record:
 //! - A killed process (SIGKILL, OOM, panic) loses nothing the kernel has:
 //!   each record is old or new, never torn (the `faults::` tests).
 //! - A power cut or kernel crash during a run can lose records written since
@@ -131,6 +133,11 @@ impl StateStore {
     /// can be written — a workspace without a master key yet).
     pub fn new(ws: &Workspace, key: Option<Arc<IntegrityKey>>) -> StateStore {
         StateStore { state_dir: ws.state_dir(), actions_dir: ws.actions_dir(), ws: ws.clone(), key }
+    }
+
+    /// Where a stage's record lives (for the run's end-of-run sync).
+    pub fn record_path(&self, stage: &str) -> PathBuf {
+        self.stage_file(stage)
     }
 
     fn stage_file(&self, stage: &str) -> PathBuf {
