@@ -289,6 +289,24 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    #[test]
+    fn sync_files_flushes_files_and_folders_and_skips_what_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a/f.txt");
+        write_atomic_with(&f, b"x", Durability::Verified).unwrap();
+        fs::create_dir_all(dir.path().join("d/e")).unwrap();
+        fs::write(dir.path().join("d/e/g"), b"y").unwrap();
+        let ro = dir.path().join("ro");
+        fs::write(&ro, b"z").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
+        }
+        sync_files(&[f, dir.path().join("d"), ro, dir.path().join("missing")]).unwrap();
+        sync_files::<PathBuf>(&[]).unwrap();
+    }
+
     #[cfg(unix)]
     #[test]
     fn mode_is_applied() {
