@@ -18,7 +18,8 @@
 //! Records are written atomically (temporary file, then rename) but not
 //! fsynced one by one: a run makes the records and outputs it wrote durable
 //! in one batch at its end (`util::atomic::sync_files`: writeback of all
-//! started, then an fsync of each, about the cost of one), and only then
+//! started, then the fsyncs issued together, which the file system groups
+//! into a few commits), and only then
 //! writes the hash memo and the run record. Cache objects are verified by
 //! hash on every use and never fsynced (as before). Why that is as safe as an
 //! fsync per record:
