@@ -166,6 +166,20 @@ pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> R
     Ok((schema, rows))
 }
 
+/// The file [`rewrite_with_spliced_columns`] writes: its Arrow schema and footer entries.
+pub struct Output {
+    pub schema: SchemaRef,
+    pub kv_metadata: Vec<(String, String)>,
+}
+
+/// Which columns [`rewrite_with_spliced_columns`] computes, which source
+/// columns the computation reads, and in batches of how many rows.
+pub struct SpliceColumns<'a> {
+    pub computed: &'a [&'a str],
+    pub read: &'a [&'a str],
+    pub batch_size: usize,
+}
+
 /// Write `dest` (atomically) from `src`, row group by row group, where most
 /// columns pass through unchanged: the columns of `out_schema` named in
 /// `computed` come from `compute`, called with each batch of at most
@@ -182,13 +196,12 @@ pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> R
 pub fn rewrite_with_spliced_columns(
     src: &Path,
     dest: &Path,
-    out_schema: SchemaRef,
-    kv_metadata: Vec<(String, String)>,
-    computed: &[&str],
-    read: &[&str],
-    batch_size: usize,
+    out: Output,
+    columns: SpliceColumns,
     mut compute: impl FnMut(&RecordBatch) -> Result<Vec<arrow_array::ArrayRef>>,
 ) -> Result<Option<u64>> {
+    let Output { schema: out_schema, kv_metadata } = out;
+    let SpliceColumns { computed, read, batch_size } = columns;
     use parquet::arrow::ArrowSchemaConverter;
     use parquet::arrow::arrow_writer::compute_leaves;
     use parquet::column::writer::ColumnCloseResult;
@@ -391,7 +404,7 @@ mod tests {
         // A column to splice with another type: refused before anything is written.
         let other = Arc::new(Schema::new(vec![Field::new("Customer_ID", DataType::Int32, false), Field::new("Len", DataType::Int64, false)]));
         let dest2 = d.path().join("dest2.parquet");
-        assert_eq!(rewrite_with_spliced_columns(&src, &dest2, other, vec![], &["Len"], &["Sensitive_Data"], 2, compute).unwrap(), None);
+        assert_eq!(rewrite_with_spliced_columns(&src, &dest2, Output { schema: other, kv_metadata: vec![] }, cols(), compute).unwrap(), None);
         assert!(!dest2.exists());
     }
 }

@@ -14,7 +14,7 @@ use super::Services;
 use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
 use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
-use crate::data::parquet_io::{ParquetSink, open_batches};
+use crate::data::parquet_io::{Output, ParquetSink, SpliceColumns, open_batches};
 use crate::data::schema::{self, encrypted_schema};
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow, bail};
@@ -197,11 +197,12 @@ impl StageKind for Encrypt {
         let spliced = crate::data::parquet_io::rewrite_with_spliced_columns(
             input,
             &ctx.outs[0],
-            encrypted_schema(with_label),
-            kv.clone(),
-            &[schema::SENSITIVE_DATA_ENC, schema::SENSITIVE_TOKEN],
-            &[schema::TENANT_ID, schema::CUSTOMER_ID, schema::SENSITIVE_DATA],
-            crate::data::DEFAULT_BATCH_SIZE,
+            Output { schema: encrypted_schema(with_label), kv_metadata: kv.clone() },
+            SpliceColumns {
+                computed: &[schema::SENSITIVE_DATA_ENC, schema::SENSITIVE_TOKEN],
+                read: &[schema::TENANT_ID, schema::CUSTOMER_ID, schema::SENSITIVE_DATA],
+                batch_size: crate::data::DEFAULT_BATCH_SIZE,
+            },
             |batch| {
                 check_cancel()?;
                 let (enc, tok) = encrypt_columns(&cipher, &pseudo, tenant, batch, threads)?;
