@@ -386,8 +386,9 @@ mod tests {
             Ok(vec![Arc::new(Int64Array::from_iter_values(pii.iter().map(|v| v.unwrap().len() as i64)))])
         };
         let dest = d.path().join("dest.parquet");
-        let rows =
-            rewrite_with_spliced_columns(&src, &dest, out_schema.clone(), vec![("k".into(), "v".into())], &["Len"], &["Sensitive_Data"], 2, compute).unwrap();
+        let cols = || SpliceColumns { computed: &["Len"], read: &["Sensitive_Data"], batch_size: 2 };
+        let out = Output { schema: out_schema.clone(), kv_metadata: vec![("k".into(), "v".into())] };
+        let rows = rewrite_with_spliced_columns(&src, &dest, out, cols(), compute).unwrap();
         assert_eq!(rows, Some(8));
         let got: Vec<RecordBatch> = open_batches(&dest, 100).unwrap().collect::<Result<_>>().unwrap();
         let got = arrow_select::concat::concat_batches(&out_schema, &got).unwrap();
