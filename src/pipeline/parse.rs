@@ -304,6 +304,7 @@ pub(super) fn expand(
         kind,
         cmd,
         with,
+        typed_with: declared.params,
         param_refs: refs,
         deps,
         outs,

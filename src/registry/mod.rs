@@ -127,6 +127,7 @@ pub fn current_user() -> String {
         .or_else(|_| std::env::var("LOGNAME"))
         .ok()
         .filter(|u| !u.is_empty() && u.len() <= 64 && u.chars().all(|c| !c.is_control()))
+        // SAFETY: getuid has no preconditions and cannot fail.
         .unwrap_or_else(|| format!("uid {}", unsafe { libc::getuid() }))
 }
 

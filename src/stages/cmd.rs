@@ -41,6 +41,10 @@ pub fn tail(path: &std::path::Path, n: usize) -> String {
 
 fn kill_group(pid: u32, sig: i32) {
     #[cfg(unix)]
+    // SAFETY: killpg takes plain integers and touches no memory of ours. The
+    // group id is the pid of a child we spawned with process_group(0) and
+    // have not reaped yet (the caller still holds the Child), so the id cannot
+    // have been reused by an unrelated group; an error (ESRCH) is ignored.
     unsafe {
         libc::killpg(pid as i32, sig);
     }
@@ -99,6 +103,11 @@ impl StageKind for Cmd {
             // long as the command does. dagrun ignores SIGXFSZ (main.rs); an
             // ignored signal stays ignored across exec, so give the command
             // the default back.
+            // SAFETY: the closure runs in the forked child before exec, where
+            // only async-signal-safe calls are allowed. It calls prctl, signal
+            // and setrlimit (all async-signal-safe syscalls); it allocates
+            // nothing, takes no lock and reads only atomics already set by
+            // the parent (restore_core_limit_for_child).
             unsafe {
                 c.pre_exec(|| {
                     #[cfg(target_os = "linux")]

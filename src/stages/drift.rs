@@ -27,7 +27,8 @@
 //! - The report holds aggregates only (shares per bin, min/max of the
 //!   reference), never a row.
 
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::params::{self, Number, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDrift, Level};
 use crate::model::ModelArtifact;
 use crate::pipeline::Stage;
@@ -69,14 +70,48 @@ pub struct Current {
     pub rows: u64,
 }
 
+/// The report's verdict (JSON: `ok`, `warn`, `fail`, `no_reference`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftStatus {
+    /// Every feature's PSI is below `warn_psi`.
+    Ok,
+    /// Some feature's PSI is between `warn_psi` and `max_psi`.
+    Warn,
+    /// Some feature's PSI is above `max_psi` (the stage fails).
+    Fail,
+    /// Nothing to compare with: no model yet, or one trained on this data.
+    NoReference,
+}
+
+impl DriftStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftStatus::Ok => "ok",
+            DriftStatus::Warn => "warn",
+            DriftStatus::Fail => "fail",
+            DriftStatus::NoReference => "no_reference",
+        }
+    }
+}
+
+impl From<Level> for DriftStatus {
+    fn from(l: Level) -> DriftStatus {
+        match l {
+            Level::Ok => DriftStatus::Ok,
+            Level::Warn => DriftStatus::Warn,
+            Level::Fail => DriftStatus::Fail,
+        }
+    }
+}
+
 /// The JSON report (`output:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
     pub format: String,
     pub tenant: String,
-    /// `ok`, `warn`, `fail` or `no_reference`.
-    pub status: String,
+    pub status: DriftStatus,
     pub reference: Option<Reference>,
     pub current: Current,
     pub bins: usize,
@@ -93,9 +128,6 @@ impl Report {
         if r.format != FORMAT {
             bail!("{origin}: unsupported drift report format {:?} (expected {FORMAT:?})", r.format);
         }
-        if !["ok", "warn", "fail", "no_reference"].contains(&r.status.as_str()) {
-            bail!("{origin}: unknown status {:?}", r.status);
-        }
         let share = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
         for f in &r.features {
             if !(f.psi.is_finite() && f.psi >= 0.0 && share(f.missing_share) && share(f.out_of_range_share)) {
@@ -106,10 +138,26 @@ impl Report {
     }
 }
 
-fn thresholds(with: &Map<String, Value>) -> std::result::Result<(f64, f64), String> {
-    let get = |k: &str, d: f64| if with.contains_key(k) { param_f64(with, k) } else { Ok(d) };
-    let max_psi = get("max_psi", DEFAULT_MAX_PSI)?;
-    let warn_psi = get("warn_psi", DEFAULT_WARN_PSI)?;
+/// `with:` of `uses: drift`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftWith {
+    /// The champion model artifact (a workspace path; not a declared input).
+    pub model: Text,
+    /// The feature-store version directory measured.
+    pub current: Text,
+    pub output: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub max_psi: Option<Number>,
+    #[serde(default, deserialize_with = "present")]
+    pub warn_psi: Option<Number>,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
+
+fn thresholds(p: &DriftWith) -> std::result::Result<(f64, f64), String> {
+    let max_psi = p.max_psi.map_or(DEFAULT_MAX_PSI, |n| n.0);
+    let warn_psi = p.warn_psi.map_or(DEFAULT_WARN_PSI, |n| n.0);
     if !(max_psi.is_finite() && max_psi > 0.0) {
         return Err(format!("`with.max_psi` = {max_psi}: must be a positive number"));
     }
@@ -199,8 +247,8 @@ fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, te
 /// data drift last measured, that measurement's reference is kept (the data
 /// is not compared with itself on the next run).
 fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
-    let rel = param_str(&stage.with, "model").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
-    let dir = param_str(&stage.with, "current").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
+    let p = params::of::<DriftWith>(stage)?;
+    let (rel, dir) = (p.model.0.clone(), p.current.0.clone());
     let tenant = stage.tenant.as_deref().context("no tenant")?;
     // Without a master key yet (status before the first run) nothing here
     // can be verified: no model, no current version.
@@ -234,19 +282,18 @@ impl KindDecl for Drift {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["model", "current", "output", "max_psi", "warn_psi", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: drift` runs per tenant: add `foreach: tenants`".into());
-        }
-        thresholds(with)?;
-        let model = param_str(with, "model")?;
-        if !safe_rel(&model) {
+        let p: DriftWith = params::parse(with)?;
+        per_tenant("drift", tenant)?;
+        thresholds(&p)?;
+        let model = &p.model.0;
+        if !safe_rel(model) {
             return Err(format!("`with.model` = {model:?}: must be a path inside the workspace"));
         }
-        let dir = param_str(with, "current")?;
+        let dir = &p.current.0;
         Ok(Declared {
             deps: vec![format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE)],
-            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+            outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: false }],
+            params: params::keep(p),
         })
     }
 }
@@ -257,9 +304,9 @@ impl StageKind for Drift {
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
-        let w = ctx.with();
-        let (warn_psi, max_psi) = thresholds(w).map_err(|e| anyhow!("stage {}: {e}", ctx.stage.name))?;
-        let model_rel = ctx.str_param("model")?;
+        let p: &DriftWith = ctx.params()?;
+        let (warn_psi, max_psi) = thresholds(p).map_err(|e| anyhow!("stage {}: {e}", ctx.stage.name))?;
+        let model_rel = p.model.0.clone();
         // Current data: the verified feature version.
         let dir = ctx.deps[0].parent().context("store dir")?;
         let (manifest, batches) = crate::store::open_verified(dir, &*ctx.services.integrity_key()?)?;
@@ -279,7 +326,7 @@ impl StageKind for Drift {
         let mut report = Report {
             format: FORMAT.into(),
             tenant: tenant.into(),
-            status: "no_reference".into(),
+            status: DriftStatus::NoReference,
             reference: None,
             current: cur,
             bins: drift::BINS,
@@ -318,7 +365,7 @@ impl StageKind for Drift {
                 report.features.push(drift::compare(name, &cols[i], &current[i], warn_psi, max_psi).with_context(|| format!("tenant {tenant}"))?);
             }
             let worst = report.features.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
-            report.status = worst.as_str().into();
+            report.status = worst.into();
             report.reference = Some(Reference {
                 model: model_rel.clone(),
                 model_blake3: model_hash,
@@ -344,7 +391,7 @@ impl StageKind for Drift {
             );
         }
         let mut facts = Map::new();
-        facts.insert("drift_status".into(), report.status.clone().into());
+        facts.insert("drift_status".into(), report.status.as_str().into());
         if let Some(r) = &report.reference {
             facts.insert("reference_model_version".into(), r.model_version.clone().into());
         }

@@ -11,7 +11,8 @@
 //! Work is streamed batch by batch; each batch is split across the cores.
 
 use super::Services;
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::params::{self, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
 use crate::data::parquet_io::{Output, ParquetSink, SpliceColumns, open_batches};
@@ -130,6 +131,17 @@ fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::K
     )
 }
 
+/// `with:` of `uses: encrypt` (the run reads its paths from the stage's
+/// declared input and output).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptWith {
+    pub input: Text,
+    pub output: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
+
 impl KindDecl for Encrypt {
     fn name(&self) -> &'static str {
         "encrypt"
@@ -138,11 +150,9 @@ impl KindDecl for Encrypt {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["input", "output", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: encrypt` runs per tenant: add `foreach: tenants`".into());
-        }
-        Ok(Declared { deps: vec![param_str(with, "input")?], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }] })
+        let p: EncryptWith = params::parse(with)?;
+        per_tenant("encrypt", tenant)?;
+        Ok(Declared { deps: vec![p.input.0.clone()], outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: false }], params: params::keep(p) })
     }
 }
 

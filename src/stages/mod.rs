@@ -21,6 +21,7 @@ pub mod drift;
 pub mod encrypt;
 pub mod generate;
 pub mod ingest;
+pub mod params;
 pub mod serve_check;
 pub mod store;
 pub mod train;
@@ -88,14 +89,14 @@ pub struct RunCtx<'a> {
     pub timeout: Option<Duration>,
 }
 
-impl RunCtx<'_> {
-    /// The resolved `with:` params.
+impl<'a> RunCtx<'a> {
+    /// The resolved `with:` params, as a map (what the cache key holds).
     pub fn with(&self) -> &Map<String, Value> {
         &self.stage.with
     }
-    /// A required string param.
-    pub fn str_param(&self, key: &str) -> Result<String> {
-        param_str(&self.stage.with, key).map_err(|m| anyhow::anyhow!("stage {}: {m}", self.stage.name))
+    /// The kind's typed `with:` params (checked when the pipeline loaded).
+    pub fn params<T: std::any::Any>(&self) -> Result<&'a T> {
+        params::of(self.stage)
     }
     /// The workspace-relative form of an absolute path under the workspace.
     pub fn rel<'p>(&self, p: &'p Path) -> std::borrow::Cow<'p, str> {
@@ -147,43 +148,10 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
     kinds.into_iter().map(|k| (k.name(), k)).collect()
 }
 
-/// A required string param from a `with:` map.
-pub fn param_str(with: &Map<String, Value>, key: &str) -> std::result::Result<String, String> {
-    match with.get(key) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
-        Some(Value::Bool(b)) => Ok(b.to_string()),
-        Some(other) => Err(format!("`with.{key}` must be a string, not {other}")),
-        None => Err(format!("missing `with.{key}`")),
+/// `uses: KIND` runs per tenant: the error when a stage lacks `foreach: tenants`.
+pub fn per_tenant(kind: &str, tenant: Option<&str>) -> std::result::Result<(), String> {
+    match tenant {
+        Some(_) => Ok(()),
+        None => Err(format!("`uses: {kind}` runs per tenant: add `foreach: tenants`")),
     }
-}
-
-/// A required numeric param.
-pub fn param_f64(with: &Map<String, Value>, key: &str) -> std::result::Result<f64, String> {
-    match with.get(key) {
-        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| format!("`with.{key}` is not a number")),
-        Some(Value::String(s)) => s.trim().parse::<f64>().map_err(|_| format!("`with.{key}` = {s:?} is not a number")),
-        Some(other) => Err(format!("`with.{key}` must be a number, not {other}")),
-        None => Err(format!("missing `with.{key}`")),
-    }
-}
-
-/// A required non-negative integer param.
-pub fn param_u64(with: &Map<String, Value>, key: &str) -> std::result::Result<u64, String> {
-    match with.get(key) {
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("`with.{key}` = {n} must be a whole number ≥ 0")),
-        Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| format!("`with.{key}` = {s:?} must be a whole number ≥ 0")),
-        Some(other) => Err(format!("`with.{key}` must be a whole number, not {other}")),
-        None => Err(format!("missing `with.{key}`")),
-    }
-}
-
-/// Reject `with:` keys a kind does not know.
-pub fn check_keys(with: &Map<String, Value>, allowed: &[&str]) -> std::result::Result<(), String> {
-    for k in with.keys() {
-        if !allowed.contains(&k.as_str()) {
-            return Err(format!("unknown `with.{k}`; this kind takes: {}", allowed.join(", ")));
-        }
-    }
-    Ok(())
 }
