@@ -304,6 +304,8 @@ fn main() {
     // cleaned up, instead of SIGXFSZ killing dagrun mid-write. `cmd` stages
     // get the default disposition back (see stages/cmd.rs).
     #[cfg(unix)]
+    // SAFETY: SIG_IGN installs no handler code, so no async-signal-safety
+    // question arises; this runs first in main, before any thread is spawned.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }

@@ -6,7 +6,12 @@ use std::path::Path;
 
 /// One line per recorded run, newest last (or JSON).
 pub fn list(workspace: &Path, json: bool) -> Result<()> {
-    let all = runs::list(workspace);
+    let listing = runs::list(workspace);
+    // A file that does not read as a record is named, not silently dropped.
+    for (_, e) in &listing.unreadable {
+        eprintln!("warning: {e:#}; not listed");
+    }
+    let all = listing.records;
     if json {
         let v: Vec<_> = all
             .iter()

@@ -82,10 +82,13 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {
-        let shutdown = async {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        // The handlers are installed before the server starts (and says it
+        // is listening): a SIGTERM right after that line must drain, not
+        // kill the process with the default action.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = int.recv() => {}

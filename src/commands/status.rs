@@ -3,7 +3,7 @@
 
 use crate::engine::Engine;
 use crate::engine::scheduler;
-use crate::engine::status::{self, StageStatus};
+use crate::engine::status::{self, StageStatus, State};
 use crate::error::exit;
 use crate::pipeline::Pipeline;
 use anyhow::Result;
@@ -26,12 +26,15 @@ pub fn show(p: Pipeline, stages: &[String], force: &Option<Vec<String>>, json: b
 
 fn print(rows: &[StageStatus]) {
     for r in rows {
-        let mark = if r.state == "fresh" { "fresh" } else { "STALE" };
+        let mark = match r.state {
+            State::Fresh => "fresh",
+            State::Stale => "STALE",
+        };
         println!("{mark}  {}", r.stage);
         for reason in &r.reasons {
             println!("         {reason}");
         }
     }
-    let stale = rows.iter().filter(|r| r.state == "stale").count();
+    let stale = rows.iter().filter(|r| r.state == State::Stale).count();
     println!("{} stages: {} fresh, {stale} stale", rows.len(), rows.len() - stale);
 }

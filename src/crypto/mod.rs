@@ -78,6 +78,9 @@ static CORE_LIMIT_KNOWN: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 /// refuses the call still runs (there is nothing more dagrun could do).
 pub fn harden_process() {
     #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit get pointers to live, initialised locals of
+    // the right type (`rlimit`) for the duration of the call; prctl with
+    // PR_SET_DUMPABLE takes only integers. None of them touch other memory.
     unsafe {
         let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_CORE, &mut old) == 0 {
@@ -103,6 +106,9 @@ pub fn restore_core_limit_for_child() {
         let cur = CHILD_CORE_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
         let max = CHILD_CORE_LIMIT_MAX.load(std::sync::atomic::Ordering::Relaxed);
         let lim = libc::rlimit { rlim_cur: cur as libc::rlim_t, rlim_max: max as libc::rlim_t };
+        // SAFETY: setrlimit reads a live, initialised `rlimit` local; it is an
+        // async-signal-safe syscall, so this is also sound in the pre_exec
+        // closure of stages/cmd.rs (no allocation, no lock here).
         unsafe {
             libc::setrlimit(libc::RLIMIT_CORE, &lim);
         }

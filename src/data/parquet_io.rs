@@ -8,7 +8,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,12 @@ pub fn writer_props() -> WriterProperties {
     // encoding and compression only cost CPU on them.
     for c in ["Sensitive_Data_Enc", "Sensitive_Token", "Sensitive_Data"] {
         b = b.set_column_dictionary_enabled(ColumnPath::from(c), false).set_column_compression(ColumnPath::from(c), Compression::UNCOMPRESSED);
+    }
+    // Min/max statistics of random bytes tell a reader nothing and cost a
+    // comparison per value: none for ciphertexts and tokens. (Sensitive_Data
+    // keeps its defaults: the raw file's bytes stay those of generator v1.)
+    for c in ["Sensitive_Data_Enc", "Sensitive_Token"] {
+        b = b.set_column_statistics_enabled(ColumnPath::from(c), EnabledStatistics::None);
     }
     b.set_column_dictionary_enabled(ColumnPath::from("Customer_ID"), false).build()
 }
@@ -160,6 +166,137 @@ pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> R
     Ok((schema, rows))
 }
 
+/// The file [`rewrite_with_spliced_columns`] writes: its Arrow schema and footer entries.
+pub struct Output {
+    pub schema: SchemaRef,
+    pub kv_metadata: Vec<(String, String)>,
+}
+
+/// Which columns [`rewrite_with_spliced_columns`] computes, which source
+/// columns the computation reads, and in batches of how many rows.
+pub struct SpliceColumns<'a> {
+    pub computed: &'a [&'a str],
+    pub read: &'a [&'a str],
+    pub batch_size: usize,
+}
+
+/// Write `dest` (atomically) from `src`, row group by row group, where most
+/// columns pass through unchanged: the columns of `out_schema` named in
+/// `computed` come from `compute`, called with each batch of at most
+/// `batch_size` rows of `read` (columns of `src`, read per row group) and
+/// returning one array per computed column, in `out_schema` order; every
+/// other column is spliced from `src` — its column chunk's bytes, statistics
+/// and page index are copied, not decoded and encoded again. Row groups keep
+/// `src`'s boundaries, so spliced and computed chunks line up row for row.
+///
+/// Returns `Ok(None)` before writing anything when `src` does not allow it
+/// (a column to splice is missing from `src` or has another Parquet type or
+/// repetition, a schema is nested, `src` has no row groups): the caller then
+/// writes the file the ordinary way. Otherwise the row count.
+pub fn rewrite_with_spliced_columns(
+    src: &Path,
+    dest: &Path,
+    out: Output,
+    columns: SpliceColumns,
+    mut compute: impl FnMut(&RecordBatch) -> Result<Vec<arrow_array::ArrayRef>>,
+) -> Result<Option<u64>> {
+    let Output { schema: out_schema, kv_metadata } = out;
+    let SpliceColumns { computed, read, batch_size } = columns;
+    use parquet::arrow::ArrowSchemaConverter;
+    use parquet::arrow::arrow_writer::compute_leaves;
+    use parquet::column::writer::ColumnCloseResult;
+    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
+    let input = File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
+    let md = ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Optional)
+        .parse_and_finish(&input)
+        .with_context(|| format!("{} is not a readable Parquet file", src.display()))?;
+    let props = writer_props();
+    let out_descr = ArrowSchemaConverter::new().with_coerce_types(props.coerce_types()).convert(&out_schema)?;
+    let in_descr = md.file_metadata().schema_descr();
+    // One leaf per top-level field (flat schemas only), then: where each
+    // output column comes from.
+    if out_descr.num_columns() != out_schema.fields().len() || md.num_row_groups() == 0 {
+        return Ok(None);
+    }
+    let source: Vec<Option<usize>> = (0..out_descr.num_columns())
+        .map(|i| {
+            let want = out_descr.column(i);
+            (0..in_descr.num_columns()).find(|&j| {
+                let have = in_descr.column(j);
+                have.path() == want.path() && have.self_type() == want.self_type() && in_descr.get_column_root_idx(j) == j
+            })
+        })
+        .collect();
+    let is_computed = |i: usize| computed.contains(&out_schema.field(i).name().as_str());
+    if in_descr.num_columns() != in_descr.root_schema().get_fields().len() || (0..source.len()).any(|i| !is_computed(i) && source[i].is_none()) {
+        return Ok(None);
+    }
+    let source: Vec<Option<usize>> = source.into_iter().enumerate().map(|(i, s)| if is_computed(i) { None } else { s }).collect();
+    let computed: Vec<usize> = (0..source.len()).filter(|&i| source[i].is_none()).collect();
+    let mut writer = ArrowWriter::try_new(AtomicFile::create(dest)?, out_schema.clone(), Some(props))
+        .with_context(|| format!("cannot start Parquet file {}", dest.display()))?;
+    for (k, v) in kv_metadata {
+        writer.append_key_value_metadata(KeyValue::new(k, v));
+    }
+    let ctx = || format!("cannot write Parquet file {}", dest.display());
+    let (mut file_writer, factory) = writer.into_serialized_writer().with_context(ctx)?;
+    let page_index = md.page_index();
+    let mut rows = 0u64;
+    for (rg_idx, rg) in md.row_groups().iter().enumerate() {
+        let mut writers: Vec<Option<parquet::arrow::arrow_writer::ArrowColumnWriter>> =
+            factory.create_column_writers(rg_idx).with_context(ctx)?.into_iter().map(Some).collect();
+        let b = open_builder(src)?;
+        let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), read.iter().filter_map(|c| b.schema().index_of(c).ok()));
+        let reader = b
+            .with_row_groups(vec![rg_idx])
+            .with_projection(mask)
+            .with_batch_size(batch_size.max(1))
+            .build()
+            .with_context(|| format!("cannot read Parquet file {}", src.display()))?;
+        let mut rg_rows = 0u64;
+        for batch in reader {
+            let batch = batch.with_context(|| format!("cannot read Parquet file {}", src.display()))?;
+            rg_rows += batch.num_rows() as u64;
+            let arrays = compute(&batch)?;
+            anyhow::ensure!(arrays.len() == computed.len(), "internal error: {} computed columns, {} expected", arrays.len(), computed.len());
+            for (&i, array) in computed.iter().zip(&arrays) {
+                anyhow::ensure!(array.len() == batch.num_rows(), "internal error: computed column of {} rows for a batch of {}", array.len(), batch.num_rows());
+                let w = writers[i].as_mut().expect("writer of a computed column");
+                for leaf in compute_leaves(out_schema.field(i), array).with_context(ctx)? {
+                    w.write(&leaf).with_context(ctx)?;
+                }
+            }
+        }
+        anyhow::ensure!(rg_rows == rg.num_rows() as u64, "{}: row group {rg_idx} holds {} rows, its footer says {}", src.display(), rg_rows, rg.num_rows());
+        let mut rg_out = file_writer.next_row_group().with_context(ctx)?;
+        for (i, from) in source.iter().enumerate() {
+            match from {
+                Some(j) => {
+                    let column = rg.column(*j);
+                    let result = ColumnCloseResult {
+                        bytes_written: column.compressed_size() as _,
+                        rows_written: rg.num_rows() as _,
+                        metadata: column.clone(),
+                        bloom_filter: None,
+                        column_index: page_index.and_then(|pi| pi.column_index(rg_idx, *j)).cloned(),
+                        offset_index: page_index.and_then(|pi| pi.offset_index(rg_idx, *j)).cloned(),
+                    };
+                    rg_out.append_column(&input, result).with_context(ctx)?;
+                }
+                None => {
+                    writers[i].take().expect("one chunk per computed column").close().with_context(ctx)?.append_to_row_group(&mut rg_out).with_context(ctx)?
+                }
+            }
+        }
+        rg_out.close().with_context(ctx)?;
+        rows += rg_rows;
+    }
+    let file = file_writer.into_inner().with_context(ctx)?;
+    file.commit()?;
+    Ok(Some(rows))
+}
+
 /// Arrow schema of a Parquet file (as the reader will produce it).
 pub fn read_schema(path: &Path) -> Result<SchemaRef> {
     Ok(open_builder(path)?.schema().clone())
@@ -217,5 +354,58 @@ mod tests {
             s.write(&batch()).unwrap();
         }
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    /// Splicing gives the same decoded file (schema, rows, footer) as writing
+    /// every column, keeps the source's row groups, and refuses (writing
+    /// nothing) a source whose column to splice has another type.
+    #[test]
+    fn spliced_rewrite_equals_an_ordinary_write() {
+        use arrow_schema::{DataType, Field, Schema};
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src.parquet");
+        let props_rows = 3; // several row groups: small files still cover the boundaries
+        {
+            let file = AtomicFile::create(&src).unwrap();
+            let props = writer_props().into_builder().set_max_row_group_row_count(Some(props_rows)).build();
+            let mut w = ArrowWriter::try_new(file, raw_schema(true), Some(props)).unwrap();
+            for _ in 0..4 {
+                w.write(&batch()).unwrap();
+            }
+            w.into_inner().unwrap().commit().unwrap();
+        }
+        // Out: Tenant_ID, Customer_ID, a computed "Len" (length of Sensitive_Data), Login_Count.
+        let out_schema = Arc::new(Schema::new(vec![
+            raw_schema(true).field(0).clone(),
+            raw_schema(true).field(1).clone(),
+            Field::new("Len", DataType::Int64, false),
+            raw_schema(true).field(3).clone(),
+        ]));
+        let compute = |b: &RecordBatch| -> Result<Vec<arrow_array::ArrayRef>> {
+            let pii = b.column_by_name("Sensitive_Data").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+            Ok(vec![Arc::new(Int64Array::from_iter_values(pii.iter().map(|v| v.unwrap().len() as i64)))])
+        };
+        let dest = d.path().join("dest.parquet");
+        let cols = || SpliceColumns { computed: &["Len"], read: &["Sensitive_Data"], batch_size: 2 };
+        let out = Output { schema: out_schema.clone(), kv_metadata: vec![("k".into(), "v".into())] };
+        let rows = rewrite_with_spliced_columns(&src, &dest, out, cols(), compute).unwrap();
+        assert_eq!(rows, Some(8));
+        let got: Vec<RecordBatch> = open_batches(&dest, 100).unwrap().collect::<Result<_>>().unwrap();
+        let got = arrow_select::concat::concat_batches(&out_schema, &got).unwrap();
+        let one = RecordBatch::try_new(
+            out_schema.clone(),
+            vec![batch().column(0).clone(), batch().column(1).clone(), Arc::new(Int64Array::from(vec![3, 3])), batch().column(3).clone()],
+        )
+        .unwrap();
+        let want = arrow_select::concat::concat_batches(&out_schema, &[one.clone(), one.clone(), one.clone(), one]).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(read_footer_kv(&dest).unwrap().get("k").map(String::as_str), Some("v"));
+        let md = open_builder(&dest).unwrap().metadata().clone();
+        assert_eq!(md.row_groups().iter().map(|rg| rg.num_rows()).collect::<Vec<_>>(), vec![3, 3, 2]);
+        // A column to splice with another type: refused before anything is written.
+        let other = Arc::new(Schema::new(vec![Field::new("Customer_ID", DataType::Int32, false), Field::new("Len", DataType::Int64, false)]));
+        let dest2 = d.path().join("dest2.parquet");
+        assert_eq!(rewrite_with_spliced_columns(&src, &dest2, Output { schema: other, kv_metadata: vec![] }, cols(), compute).unwrap(), None);
+        assert!(!dest2.exists());
     }
 }

@@ -1,17 +1,76 @@
 //! Lineage: the chain of executions that produced an artifact, back to its
 //! source files, read from the per-stage state records.
+//!
+//! Rules:
+//! - The tree is made of [`LineageNode`]s; `dagrun lineage --json` prints it
+//!   as is, so the JSON shape is a stable interface: the fields of each node
+//!   struct are declared in the alphabetical order the JSON has always had
+//!   (see the test `json_shape_is_unchanged`), and fields are only added.
+//! - A stage appears once, in full, where it is first reached; later
+//!   references to its outputs are leaves (`source: false`, no `stage`).
 
 use super::state::{StageState, StateStore};
-use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet};
+use crate::workspace::ContentHash;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-/// Build the lineage tree of `path` (workspace-relative) as JSON.
-///
-/// Shape: `{path, hash, current_hash, modified, source, stage, kind,
-/// kind_version, key, run_id, finished_at, params, param_refs, extras,
-/// inputs: [<same shape>…]}`; a source file has `source: true` and no stage.
-pub fn trace(workspace: &Path, states: &StateStore, path: &str) -> Option<Value> {
+/// One artifact in a lineage tree.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum LineageNode {
+    /// An output of a recorded stage, with the execution that produced it.
+    Produced(Box<Produced>),
+    /// A source file, or an output whose stage is shown above.
+    Leaf(Leaf),
+}
+
+/// An output and the stage execution that produced it (JSON fields in
+/// alphabetical order: see the module rules).
+#[derive(Debug, Clone, Serialize)]
+pub struct Produced {
+    pub cmd: Option<String>,
+    /// blake3 of the file as it is now (None: missing).
+    pub current_hash: Option<String>,
+    pub extras: BTreeMap<String, String>,
+    pub finished_at: String,
+    /// blake3 the stage recorded for the output.
+    pub hash: ContentHash,
+    pub inputs: Vec<LineageNode>,
+    pub key: ContentHash,
+    pub kind: String,
+    pub kind_version: u32,
+    /// The file differs from what the stage wrote.
+    pub modified: bool,
+    pub param_refs: BTreeMap<String, Value>,
+    pub params: Map<String, Value>,
+    pub path: String,
+    pub run_id: String,
+    pub sensitive: bool,
+    /// Always false (kept in the JSON for scripts that test it).
+    pub source: bool,
+    pub stage: String,
+}
+
+/// A file with no stage shown at this place (JSON fields in alphabetical order).
+#[derive(Debug, Clone, Serialize)]
+pub struct Leaf {
+    pub current_hash: Option<String>,
+    /// The blake3 the consuming stage recorded for it.
+    pub hash: Option<String>,
+    /// Always empty (kept in the JSON for a uniform tree).
+    pub inputs: Vec<LineageNode>,
+    pub modified: bool,
+    pub path: String,
+    /// True for a source file (no stage produced it); false for an output
+    /// whose producing stage appears above.
+    pub source: bool,
+}
+
+/// Build the lineage tree of `path` (workspace-relative); None when no
+/// recorded stage produced it.
+pub fn trace(workspace: &Path, states: &StateStore, path: &str) -> Option<LineageNode> {
     let all = states.all();
     let by_out: HashMap<&str, &StageState> = all.iter().flat_map(|s| s.outputs.keys().map(move |k| (k.as_str(), s))).collect();
     if !by_out.contains_key(path) {
@@ -26,86 +85,156 @@ fn current_hash(workspace: &Path, path: &str) -> Option<String> {
     memo.hash_path(&workspace.join(path)).ok().flatten().map(|h| h.hash.to_string())
 }
 
-fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recorded: Option<&str>, seen: &mut HashSet<String>) -> Value {
+fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recorded: Option<&str>, seen: &mut HashSet<String>) -> LineageNode {
     let cur = current_hash(workspace, path);
     match by_out.get(path) {
         Some(st) if seen.insert(st.stage.clone()) => {
             let out = &st.outputs[path];
-            let inputs: Vec<Value> = st.ingredients.inputs.iter().map(|(p, h)| node(workspace, by_out, p, Some(h), seen)).collect();
-            json!({
-                "path": path,
-                "hash": out.hash,
-                "current_hash": cur,
-                "modified": cur.as_ref().is_some_and(|c| out.hash != *c),
-                "sensitive": out.sensitive,
-                "source": false,
-                "stage": st.stage,
-                "kind": st.ingredients.kind,
-                "kind_version": st.ingredients.kind_version,
-                "key": st.key,
-                "run_id": st.run_id,
-                "finished_at": st.finished_at,
-                "params": st.ingredients.params,
-                "param_refs": st.param_refs,
-                "cmd": st.ingredients.cmd,
-                "extras": st.ingredients.extras,
-                "inputs": inputs,
-            })
+            let inputs: Vec<LineageNode> = st.ingredients.inputs.iter().map(|(p, h)| node(workspace, by_out, p, Some(h), seen)).collect();
+            LineageNode::Produced(Box::new(Produced {
+                cmd: st.ingredients.cmd.clone(),
+                modified: cur.as_ref().is_some_and(|c| out.hash != *c),
+                current_hash: cur,
+                extras: st.ingredients.extras.clone(),
+                finished_at: st.finished_at.clone(),
+                hash: out.hash.clone(),
+                inputs,
+                key: st.key.clone(),
+                kind: st.ingredients.kind.clone(),
+                kind_version: st.ingredients.kind_version,
+                param_refs: st.param_refs.clone(),
+                params: st.ingredients.params.clone(),
+                path: path.to_string(),
+                run_id: st.run_id.clone(),
+                sensitive: out.sensitive,
+                source: false,
+                stage: st.stage.clone(),
+            }))
         }
-        _ => json!({
-            "path": path,
-            "hash": recorded,
-            "current_hash": cur,
-            "modified": match (recorded, &cur) { (Some(r), Some(c)) => r != c, _ => false },
-            "source": by_out.get(path).is_none(),
-            "inputs": [],
+        _ => LineageNode::Leaf(Leaf {
+            modified: match (recorded, &cur) {
+                (Some(r), Some(c)) => r != c,
+                _ => false,
+            },
+            current_hash: cur,
+            hash: recorded.map(str::to_string),
+            inputs: vec![],
+            path: path.to_string(),
+            source: by_out.get(path).is_none(),
         }),
     }
 }
 
 /// Render a lineage tree as indented text.
-pub fn render(v: &Value) -> String {
+pub fn render(n: &LineageNode) -> String {
     let mut s = String::new();
-    render_into(v, 0, &mut s);
+    render_into(n, 0, &mut s);
     s
 }
 
-fn short(v: &Value) -> String {
-    v.as_str().map(|h| h[..h.len().min(16)].to_string()).unwrap_or_else(|| "-".into())
+fn short(h: Option<&str>) -> String {
+    h.map(|h| h[..h.len().min(16)].to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn render_into(v: &Value, depth: usize, s: &mut String) {
+fn render_into(n: &LineageNode, depth: usize, s: &mut String) {
     let pad = "  ".repeat(depth);
-    let path = v["path"].as_str().unwrap_or("?");
-    let modified =
-        if v["modified"].as_bool() == Some(true) { "  (modified since: now blake3 ".to_string() + &short(&v["current_hash"]) + ")" } else { String::new() };
-    if v.get("stage").is_some() {
-        s.push_str(&format!("{pad}{path}  blake3 {}{modified}\n", short(&v["hash"])));
-        s.push_str(&format!(
-            "{pad}  ← stage {} (kind {} v{}), run {}, {}\n",
-            v["stage"].as_str().unwrap_or("?"),
-            v["kind"].as_str().unwrap_or("?"),
-            v["kind_version"],
-            v["run_id"].as_str().unwrap_or("?"),
-            v["finished_at"].as_str().unwrap_or("?")
-        ));
-        s.push_str(&format!("{pad}    key {}\n", v["key"].as_str().unwrap_or("?")));
-        if let Some(m) = v["param_refs"].as_object().filter(|m| !m.is_empty()) {
-            let ps: Vec<String> = m.iter().map(|(k, x)| format!("{k}={x}")).collect();
-            s.push_str(&format!("{pad}    params {}\n", ps.join(", ")));
+    let modified = |is: bool, current: &Option<String>| {
+        if is { "  (modified since: now blake3 ".to_string() + &short(current.as_deref()) + ")" } else { String::new() }
+    };
+    match n {
+        LineageNode::Produced(p) => {
+            s.push_str(&format!("{pad}{}  blake3 {}{}\n", p.path, short(Some(p.hash.as_ref())), modified(p.modified, &p.current_hash)));
+            s.push_str(&format!("{pad}  ← stage {} (kind {} v{}), run {}, {}\n", p.stage, p.kind, p.kind_version, p.run_id, p.finished_at));
+            s.push_str(&format!("{pad}    key {}\n", p.key));
+            if !p.param_refs.is_empty() {
+                let ps: Vec<String> = p.param_refs.iter().map(|(k, x)| format!("{k}={x}")).collect();
+                s.push_str(&format!("{pad}    params {}\n", ps.join(", ")));
+            }
+            if let Some(c) = &p.cmd {
+                s.push_str(&format!("{pad}    cmd {c}\n"));
+            }
+            if !p.extras.is_empty() {
+                let ps: Vec<String> = p.extras.iter().map(|(k, x)| format!("{k}={x}")).collect();
+                s.push_str(&format!("{pad}    {}\n", ps.join(", ")));
+            }
+            for i in &p.inputs {
+                render_into(i, depth + 2, s);
+            }
         }
-        if let Some(c) = v["cmd"].as_str() {
-            s.push_str(&format!("{pad}    cmd {c}\n"));
+        LineageNode::Leaf(l) => {
+            let kind = if l.source { "source" } else { "see above" };
+            s.push_str(&format!("{pad}{}  blake3 {}  ({kind}){}\n", l.path, short(l.hash.as_deref()), modified(l.modified, &l.current_hash)));
         }
-        if let Some(m) = v["extras"].as_object().filter(|m| !m.is_empty()) {
-            let ps: Vec<String> = m.iter().map(|(k, x)| format!("{k}={}", x.as_str().unwrap_or(""))).collect();
-            s.push_str(&format!("{pad}    {}\n", ps.join(", ")));
-        }
-        for i in v["inputs"].as_array().into_iter().flatten() {
-            render_into(i, depth + 2, s);
-        }
-    } else {
-        let kind = if v["source"].as_bool() == Some(true) { "source" } else { "see above" };
-        s.push_str(&format!("{pad}{path}  blake3 {}  ({kind}){modified}\n", short(&v["hash"])));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn h(c: char) -> ContentHash {
+        ContentHash::parse(&c.to_string().repeat(64)).unwrap()
+    }
+
+    fn sample() -> LineageNode {
+        let leaf = LineageNode::Leaf(Leaf {
+            current_hash: Some("c".repeat(64)),
+            hash: Some("b".repeat(64)),
+            inputs: vec![],
+            modified: true,
+            path: "data/raw.csv".into(),
+            source: true,
+        });
+        let mut params = Map::new();
+        params.insert("rows".into(), json!(1000));
+        params.insert("alpha".into(), json!(0.5));
+        LineageNode::Produced(Box::new(Produced {
+            cmd: None,
+            current_hash: None,
+            extras: [("model".to_string(), "x".to_string())].into(),
+            finished_at: "2026-12-05T00:00:00.000Z".into(),
+            hash: h('a'),
+            inputs: vec![leaf],
+            key: h('d'),
+            kind: "train".into(),
+            kind_version: 3,
+            modified: false,
+            param_refs: [("c".to_string(), json!("1.0"))].into(),
+            params,
+            path: "models/m.json".into(),
+            run_id: "20261205-000000-000-abcd".into(),
+            sensitive: false,
+            source: false,
+            stage: "train".into(),
+        }))
+    }
+
+    /// The JSON the tree had when it was built with `json!` (keys sorted, the
+    /// same values): the struct must print the same bytes.
+    #[test]
+    fn json_shape_is_unchanged() {
+        let old = json!({
+            "path": "models/m.json", "hash": "a".repeat(64), "current_hash": null, "modified": false, "sensitive": false,
+            "source": false, "stage": "train", "kind": "train", "kind_version": 3, "key": "d".repeat(64),
+            "run_id": "20261205-000000-000-abcd", "finished_at": "2026-12-05T00:00:00.000Z",
+            "params": {"rows": 1000, "alpha": 0.5}, "param_refs": {"c": "1.0"}, "cmd": null, "extras": {"model": "x"},
+            "inputs": [json!({"path": "data/raw.csv", "hash": "b".repeat(64), "current_hash": "c".repeat(64), "modified": true, "source": true, "inputs": []})],
+        });
+        let n = sample();
+        assert_eq!(serde_json::to_string_pretty(&n).unwrap(), serde_json::to_string_pretty(&old).unwrap());
+        assert_eq!(serde_json::to_string(&n).unwrap(), serde_json::to_string(&old).unwrap());
+    }
+
+    #[test]
+    fn text_names_stage_inputs_and_modification() {
+        let t = render(&sample());
+        assert!(
+            t.starts_with("models/m.json  blake3 aaaaaaaaaaaaaaaa\n  ← stage train (kind train v3), run 20261205-000000-000-abcd, 2026-12-05T00:00:00.000Z\n"),
+            "{t}"
+        );
+        assert!(t.contains("    params c=\"1.0\"\n"), "{t}");
+        assert!(t.contains("    model=x\n"), "{t}");
+        assert!(t.contains("    data/raw.csv  blake3 bbbbbbbbbbbbbbbb  (source)  (modified since: now blake3 cccccccccccccccc)\n"), "{t}");
     }
 }

@@ -25,7 +25,7 @@
 
 use super::Engine;
 use super::observer::RunObserver;
-use super::runs::{RunRecord, StageRecord, Status};
+use super::runs::{RunRecord, RunStatus, StageRecord, Status};
 use crate::lineage::event::{self, Dataset, EventType, Facets, Field, Job, Run, RunEvent};
 use crate::lineage::recover::{self, OpenRuns};
 use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
@@ -404,10 +404,10 @@ impl RunObserver for OpenLineage {
     }
 
     fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
-        let event_type = match record.status.as_str() {
-            "ok" => EventType::Complete,
-            "interrupted" => EventType::Abort,
-            _ => EventType::Fail,
+        let event_type = match record.status {
+            RunStatus::Ok => EventType::Complete,
+            RunStatus::Interrupted => EventType::Abort,
+            RunStatus::Failed => EventType::Fail,
         };
         let count = |st: Status| record.stages.iter().filter(|r| r.status == st).count();
         let extra = json!({

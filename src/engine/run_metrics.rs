@@ -29,7 +29,7 @@
 
 use super::Engine;
 use super::observer::RunObserver;
-use super::runs::{RunRecord, Status};
+use super::runs::{RunRecord, RunStatus, Status};
 use crate::util::prometheus::{Exposition, Kind};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -40,7 +40,6 @@ pub struct RunMetrics {
     path: PathBuf,
 }
 
-const STATUSES: [&str; 3] = ["ok", "failed", "interrupted"];
 const STAGE_STATUSES: [Status; 5] = [Status::Ran, Status::Cached, Status::Restored, Status::Failed, Status::Skipped];
 const LAST_SUCCESS_FORMAT: &str = "dagrun-last-success/1";
 const MAX_STATE_BYTES: u64 = 1 << 20;
@@ -188,11 +187,11 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
     e.family("dagrun_run_info", g, "The last run of the pipeline (1); labels name it.");
     e.sample("dagrun_run_info", &[("pipeline", pipeline), ("run_id", &record.run_id)], 1.0);
     e.family("dagrun_run_status", g, "Outcome of the last run: 1 for its status, 0 for the others.");
-    for st in STATUSES {
-        e.sample("dagrun_run_status", &[("pipeline", pipeline), ("status", st)], if record.status == st { 1.0 } else { 0.0 });
+    for st in RunStatus::ALL {
+        e.sample("dagrun_run_status", &[("pipeline", pipeline), ("status", st.as_str())], if record.status == st { 1.0 } else { 0.0 });
     }
     e.family("dagrun_run_success", g, "1 if the last run succeeded (exit code 0), else 0.");
-    e.sample("dagrun_run_success", &[("pipeline", pipeline)], if record.status == "ok" { 1.0 } else { 0.0 });
+    e.sample("dagrun_run_success", &[("pipeline", pipeline)], if record.status == RunStatus::Ok { 1.0 } else { 0.0 });
     e.family("dagrun_run_exit_code", g, "Exit code of the last run (0 ok, 1 a stage failed, 130 interrupted).");
     e.sample("dagrun_run_exit_code", &[("pipeline", pipeline)], record.exit_code as f64);
     e.family("dagrun_run_start_timestamp_seconds", g, "Start of the last run (Unix time).");
@@ -276,7 +275,7 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
 impl RunObserver for RunMetrics {
     fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
         let mut last = load_last_success(&engine.dagrun_dir);
-        if record.status == "ok"
+        if record.status == RunStatus::Ok
             && let Some(t) = unix_seconds(&record.finished_at)
         {
             last.insert(record.pipeline.clone(), t);

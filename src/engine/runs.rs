@@ -38,6 +38,51 @@ impl Status {
     }
 }
 
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How a whole run ended (the record's `status`; the exit code says the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// Every selected stage ran, was cached or was restored (exit 0).
+    Ok,
+    /// A stage failed (exit 1).
+    Failed,
+    /// The run was interrupted (exit 130).
+    Interrupted,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 3] = [RunStatus::Ok, RunStatus::Failed, RunStatus::Interrupted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// The status a run with this exit code has.
+    pub fn of_exit_code(code: i32) -> RunStatus {
+        match code {
+            crate::error::exit::OK => RunStatus::Ok,
+            crate::error::exit::INTERRUPTED => RunStatus::Interrupted,
+            _ => RunStatus::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// One stage in a run record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageRecord {
@@ -108,8 +153,7 @@ pub struct RunRecord {
     pub started_at: String,
     pub finished_at: String,
     pub seconds: f64,
-    /// "ok", "failed" or "interrupted".
-    pub status: String,
+    pub status: RunStatus,
     pub exit_code: i32,
     #[serde(default)]
     pub targets: Vec<String>,
@@ -147,35 +191,70 @@ pub fn write(workspace: &Path, rec: &RunRecord) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// All run records, oldest first (unreadable files are skipped).
-pub fn list(workspace: &Path) -> Vec<RunRecord> {
-    let mut v: Vec<RunRecord> = Vec::new();
+/// A run record file larger than this is not one dagrun wrote.
+const MAX_RECORD_BYTES: u64 = 64 << 20;
+
+/// Read one run record file strictly: any value that is not one dagrun
+/// writes (an unknown status, a missing field, a wrong type) is an error
+/// naming the file.
+pub fn read(path: &Path) -> Result<RunRecord> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read run record {}", path.display()))?;
+    if meta.len() > MAX_RECORD_BYTES {
+        anyhow::bail!("{}: {} bytes is more than a run record can be; it is not one dagrun wrote: move it out of runs/", path.display(), meta.len());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read run record {}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a run record dagrun can read: {e}; move it out of runs/", path.display()))
+}
+
+/// The run records of a workspace, oldest first, and the files under
+/// `runs/` named like records that do not read as one (with the reason).
+pub struct Listing {
+    pub records: Vec<RunRecord>,
+    pub unreadable: Vec<(PathBuf, anyhow::Error)>,
+}
+
+/// All run records, oldest first; files that do not parse are returned apart
+/// (see [`Listing`]) so a caller can name them.
+pub fn list(workspace: &Path) -> Listing {
+    let mut records: Vec<RunRecord> = Vec::new();
+    let mut unreadable = Vec::new();
     if let Ok(rd) = std::fs::read_dir(runs_dir(workspace)) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".json")
-                && !name.starts_with('.')
-                && let Some(r) = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok())
-            {
-                v.push(r);
+            if name.ends_with(".json") && !name.starts_with('.') {
+                match read(&e.path()) {
+                    Ok(r) => records.push(r),
+                    Err(err) => unreadable.push((e.path(), err)),
+                }
             }
         }
     }
-    v.sort_by(|a, b| a.run_id.cmp(&b.run_id));
-    v
+    records.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+    unreadable.sort_by(|a, b| a.0.cmp(&b.0));
+    Listing { records, unreadable }
 }
 
-/// One run by id (or unique id prefix, or `last`).
+/// One run by id (or unique id prefix, or `last`). A record file that
+/// matches but does not parse is an error naming it (exit 2), never skipped.
 pub fn find(workspace: &Path, id: &str) -> Result<RunRecord> {
-    let all = list(workspace);
+    let Listing { records, unreadable } = list(workspace);
+    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let bad = |(_, e): (PathBuf, anyhow::Error)| crate::error::config(format!("{e:#}"));
     if id == "last" || id == "latest" {
-        return all.into_iter().last().context("no runs recorded yet");
+        let newest_ok = records.last().map(|r| r.run_id.clone());
+        // Run ids sort by time: a newer record that does not read is the last run.
+        if let Some(b) = unreadable.into_iter().filter(|(p, _)| newest_ok.as_ref().is_none_or(|n| stem(p) > *n)).max_by(|a, b| a.0.cmp(&b.0)) {
+            return Err(bad(b));
+        }
+        return records.into_iter().last().context("no runs recorded yet");
     }
-    let matches: Vec<RunRecord> = all.into_iter().filter(|r| r.run_id.starts_with(id)).collect();
-    match matches.len() {
-        0 => Err(crate::error::config(format!("no run with id {id:?} under {}", runs_dir(workspace).display()))),
-        1 => Ok(matches.into_iter().next().unwrap()),
-        n => Err(crate::error::config(format!("{n} runs match {id:?}; give more of the id"))),
+    let mut bad_matches: Vec<(PathBuf, anyhow::Error)> = unreadable.into_iter().filter(|(p, _)| stem(p).starts_with(id)).collect();
+    let matches: Vec<RunRecord> = records.into_iter().filter(|r| r.run_id.starts_with(id)).collect();
+    match (matches.len(), bad_matches.len()) {
+        (0, 0) => Err(crate::error::config(format!("no run with id {id:?} under {}", runs_dir(workspace).display()))),
+        (1, 0) => Ok(matches.into_iter().next().unwrap()),
+        (0, 1) => Err(bad(bad_matches.remove(0))),
+        (n, b) => Err(crate::error::config(format!("{} runs match {id:?}; give more of the id", n + b))),
     }
 }
 
@@ -201,5 +280,43 @@ impl RunRecord {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON forms are the stable interface of the README: pinned.
+    #[test]
+    fn statuses_keep_their_json_and_unknown_ones_are_refused() {
+        for (s, j) in [(RunStatus::Ok, "\"ok\""), (RunStatus::Failed, "\"failed\""), (RunStatus::Interrupted, "\"interrupted\"")] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), j);
+            assert_eq!(serde_json::from_str::<RunStatus>(j).unwrap(), s);
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        for s in [Status::Ran, Status::Cached, Status::Restored, Status::Failed, Status::Skipped] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+        assert!(serde_json::from_str::<RunStatus>("\"OK\"").is_err());
+        assert_eq!(format!("[{:<7}]", RunStatus::Ok), "[ok     ]");
+        assert_eq!(RunStatus::of_exit_code(crate::error::exit::INTERRUPTED), RunStatus::Interrupted);
+        assert_eq!(RunStatus::of_exit_code(crate::error::exit::FAILED), RunStatus::Failed);
+    }
+
+    #[test]
+    fn a_record_file_that_does_not_parse_is_named_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(runs_dir(dir.path())).unwrap();
+        let p = runs_dir(dir.path()).join("20990101-000000-000-abcd.json");
+        let rec = r#"{"run_id":"20990101-000000-000-abcd","pipeline":"p.yaml","started_at":"","finished_at":"","seconds":0.0,"status":"weird","exit_code":0,"stages":[]}"#;
+        std::fs::write(&p, rec).unwrap();
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(e.contains("20990101-000000-000-abcd.json") && e.contains("unknown variant `weird`"), "{e}");
+        std::fs::write(&p, rec.replace("weird", "ok")).unwrap();
+        assert_eq!(read(&p).unwrap().status, RunStatus::Ok);
+        std::fs::write(&p, b"\xff{").unwrap();
+        assert!(format!("{:#}", find(dir.path(), "last").unwrap_err()).contains("20990101-000000-000-abcd.json"));
+        assert_eq!(list(dir.path()).unreadable.len(), 1);
     }
 }

@@ -12,7 +12,7 @@
 
 use super::Engine;
 use super::report::{Reporter, Verbosity};
-use super::runs::{self, RunRecord, StageRecord, Status};
+use super::runs::{self, RunRecord, RunStatus, StageRecord, Status};
 use crate::error::{Failure, exit};
 use crate::pipeline::Pipeline;
 use anyhow::Result;
@@ -149,12 +149,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         seconds: t0.elapsed().as_secs_f64(),
-        status: match exit_code {
-            exit::OK => "ok",
-            exit::INTERRUPTED => "interrupted",
-            _ => "failed",
-        }
-        .into(),
+        status: RunStatus::of_exit_code(exit_code),
         exit_code,
         targets: opts.targets.clone(),
         forced: {

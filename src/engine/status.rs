@@ -14,15 +14,44 @@ use anyhow::Result;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 
+/// Whether a stage is up to date (JSON: `"fresh"` / `"stale"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Fresh,
+    Stale,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Fresh => "fresh",
+            State::Stale => "stale",
+        }
+    }
+}
+
+/// What a run would do with a stage (JSON: `"none"`, `"restore"`, `"run"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Nothing: the stage is fresh.
+    #[serde(rename = "none")]
+    Nothing,
+    /// Copy its outputs back from the cache.
+    Restore,
+    /// Execute it.
+    Run,
+}
+
 /// One stage's status (the JSON shape is a stable interface).
 #[derive(Debug, Serialize)]
 pub struct StageStatus {
     pub stage: String,
-    /// "fresh" or "stale".
-    pub state: &'static str,
+    pub state: State,
     pub reasons: Vec<String>,
-    /// What a run would do: "none", "restore" or "run".
-    pub action: &'static str,
+    /// What a run would do.
+    pub action: Action,
 }
 
 /// Evaluate the selected stages.
@@ -66,7 +95,7 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
         let (mut ing, unknown) = match eval {
             Ok(x) => x,
             Err(e) => {
-                out.push(StageStatus { stage: s.name.clone(), state: "stale", reasons: vec![format!("cannot evaluate: {e:#}")], action: "run" });
+                out.push(StageStatus { stage: s.name.clone(), state: State::Stale, reasons: vec![format!("cannot evaluate: {e:#}")], action: Action::Run });
                 for o in &s.outs {
                     predicted.insert(o.path.clone(), None);
                 }
@@ -74,8 +103,8 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
             }
         };
         let forced = engine.forced.contains(&i);
-        let (state, reasons, action, outputs): (&str, Vec<String>, &str, Option<HashMap<String, ContentHash>>) = if forced {
-            ("stale", vec!["forced (--force)".into()], "run", None)
+        let (state, reasons, action, outputs): (State, Vec<String>, Action, Option<HashMap<String, ContentHash>>) = if forced {
+            (State::Stale, vec!["forced (--force)".into()], Action::Run, None)
         } else if !unknown.is_empty() {
             // Explain what else differs, with the unknown inputs as they were.
             let mut reasons = unknown.clone();
@@ -97,19 +126,19 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
             }
             reasons.dedup();
             let _ = &unknown_from;
-            ("stale", reasons, "run", None)
+            (State::Stale, reasons, Action::Run, None)
         } else {
             let ev = engine.evaluate_with(i, ing)?;
             match ev.decision {
                 Decision::Fresh => {
                     let outs = prev.as_ref().map(|st| st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect());
-                    ("fresh", vec![], "none", outs)
+                    (State::Fresh, vec![], Action::Nothing, outs)
                 }
                 Decision::Restore { reasons, from, .. } => {
                     let outs = Some(from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect());
-                    ("stale", reasons, "restore", outs)
+                    (State::Stale, reasons, Action::Restore, outs)
                 }
-                Decision::Run { reasons } => ("stale", reasons, "run", None),
+                Decision::Run { reasons } => (State::Stale, reasons, Action::Run, None),
             }
         };
         for o in &s.outs {
@@ -118,4 +147,19 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
         out.push(StageStatus { stage: s.name.clone(), state, reasons, action });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `status --json` is a stable interface (README): these strings stay.
+    #[test]
+    fn state_and_action_keep_their_json() {
+        let row = StageStatus { stage: "a".into(), state: State::Fresh, reasons: vec![], action: Action::Nothing };
+        assert_eq!(serde_json::to_string(&row).unwrap(), r#"{"stage":"a","state":"fresh","reasons":[],"action":"none"}"#);
+        assert_eq!(serde_json::to_string(&[State::Stale]).unwrap(), r#"["stale"]"#);
+        assert_eq!(serde_json::to_string(&[Action::Restore, Action::Run]).unwrap(), r#"["restore","run"]"#);
+        assert_eq!(State::Stale.as_str(), "stale");
+    }
 }

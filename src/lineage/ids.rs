@@ -32,6 +32,9 @@ pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str) -> String {
 /// This machine's host name (`localhost` when it cannot be read).
 pub fn host_name() -> String {
     let mut buf = [0u8; 256];
+    // SAFETY: buf is a live local, writable for buf.len() bytes, and
+    // gethostname writes at most that many; it may leave the name without a
+    // NUL on truncation, which the position() below tolerates.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
     if rc == 0 {
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());

@@ -13,6 +13,7 @@
 //!   [`KindDecl::name`].
 
 use serde_json::{Map, Value};
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -23,6 +24,9 @@ pub struct Declared {
     pub deps: Vec<String>,
     /// Extra output paths.
     pub outs: Vec<DeclaredOut>,
+    /// The kind's typed `with:` params, checked once here and kept on the
+    /// stage for its run (`Stage::typed_with`; see `stages::params`).
+    pub params: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 /// One output a kind declares.

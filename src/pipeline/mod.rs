@@ -73,8 +73,11 @@ pub struct Stage {
     pub kind: Arc<dyn KindDecl>,
     /// Resolved command (cmd stages).
     pub cmd: Option<String>,
-    /// Resolved `with:` params.
+    /// Resolved `with:` params (what the cache key and lineage record).
     pub with: Map<String, Value>,
+    /// The same params as its kind typed them when it declared the stage
+    /// (`Declared::params`; read with `stages::params::of`).
+    pub typed_with: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// Pipeline params this stage references, with their values.
     pub param_refs: BTreeMap<String, Value>,
     /// Workspace-relative inputs (or absolute paths outside the workspace).

@@ -346,6 +346,7 @@ pub(super) fn expand(
         kind,
         cmd,
         with,
+        typed_with: declared.params,
         param_refs: refs,
         deps,
         outs,

@@ -20,7 +20,7 @@ pub mod charts;
 pub mod dag;
 pub mod load;
 
-use crate::engine::runs::{RunRecord, Status};
+use crate::engine::runs::{RunRecord, RunStatus, Status};
 use crate::features::drift::Level;
 use anyhow::Result;
 use plotters::style::RGBColor;
@@ -146,10 +146,10 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
     let colors = StatusColors;
     let by_name: BTreeMap<&str, &crate::engine::runs::StageRecord> = rec.stages.iter().map(|s| (s.stage.as_str(), s)).collect();
     let mut h = String::new();
-    let status_class = match rec.status.as_str() {
-        "ok" => "ok",
-        "failed" => "fail",
-        _ => "warn",
+    let status_class = match rec.status {
+        RunStatus::Ok => "ok",
+        RunStatus::Failed => "fail",
+        RunStatus::Interrupted => "warn",
     };
     let _ = write!(
         h,
@@ -163,7 +163,7 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
         h,
         "<header><h1>Run {} <span class=\"badge {status_class}\">{}</span></h1><div class=\"meta\">pipeline <b>{}</b> · started {} · finished {} · {:.2} s · exit code {} · {} stages: {} ran, {} cached, {} restored, {} failed, {} skipped{}{}</div></header>\n<main>\n",
         esc(&rec.run_id),
-        esc(&rec.status),
+        esc(rec.status.as_str()),
         esc(&rec.pipeline),
         esc(&rec.started_at),
         esc(&rec.finished_at),

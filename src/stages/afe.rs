@@ -5,16 +5,30 @@
 //! *transform* every row with them. Outputs: the feature rows (Parquet) and
 //! the fitted statistics (JSON), which the feature store keeps with the version.
 
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::params::{self, Date, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::data::featurize;
-use crate::data::schema::parse_date;
 use crate::features;
 use crate::util::atomic::write_json_atomic;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub struct Afe;
+
+/// `with:` of `uses: afe`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AfeWith {
+    pub input: Text,
+    /// A feature set this build implements (`features::KNOWN_VERSIONS`).
+    pub feature_set: Text,
+    pub as_of: Date,
+    pub features: Text,
+    pub stats: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
 
 /// The fitted statistics file written beside the features.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,18 +47,16 @@ impl KindDecl for Afe {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["input", "feature_set", "as_of", "features", "stats", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: afe` runs per tenant: add `foreach: tenants`".into());
-        }
-        let fs = param_str(with, "feature_set")?;
+        let p: AfeWith = params::parse(with)?;
+        per_tenant("afe", tenant)?;
+        let fs = &p.feature_set.0;
         if !features::KNOWN_VERSIONS.contains(&fs.as_str()) {
             return Err(format!("`with.feature_set: {fs}` is unknown; this build has: {}", features::KNOWN_VERSIONS.join(", ")));
         }
-        parse_date(&param_str(with, "as_of")?).map_err(|e| format!("`with.as_of`: {e:#}"))?;
         Ok(Declared {
-            deps: vec![param_str(with, "input")?],
-            outs: vec![DeclaredOut { path: param_str(with, "features")?, sensitive: false }, DeclaredOut { path: param_str(with, "stats")?, sensitive: false }],
+            deps: vec![p.input.0.clone()],
+            outs: vec![DeclaredOut { path: p.features.0.clone(), sensitive: false }, DeclaredOut { path: p.stats.0.clone(), sensitive: false }],
+            params: params::keep(p),
         })
     }
 }
@@ -52,10 +64,9 @@ impl KindDecl for Afe {
 impl StageKind for Afe {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
-        let w = ctx.with();
-        let as_of_s = param_str(w, "as_of").map_err(|e| anyhow!(e))?;
-        let as_of = parse_date(&as_of_s)?;
-        let fs = param_str(w, "feature_set").map_err(|e| anyhow!(e))?;
+        let p: &AfeWith = ctx.params()?;
+        let (as_of_s, as_of) = (p.as_of.text.clone(), p.as_of.days);
+        let fs = p.feature_set.0.clone();
         if fs != features::v1::VERSION {
             bail!("feature set {fs} is not implemented");
         }

@@ -51,6 +51,12 @@ pub fn tail(path: &std::path::Path, n: usize) -> String {
 
 fn kill_group(pid: u32, sig: i32) {
     #[cfg(unix)]
+    // SAFETY: killpg takes plain integers and touches no memory of ours. The
+    // group id is the pid of a child we started in its own process group
+    // (util::spawn); a group id is not reused while any member of the group
+    // lives; once none does, the call fails with ESRCH (ignored), unless the
+    // id was taken again in between: the last call, right after the shell is
+    // reaped, has that (microseconds wide) window, as it had before.
     unsafe {
         libc::killpg(pid as i32, sig);
     }

@@ -27,7 +27,8 @@
 //! - The report holds aggregates only (shares per bin, min/max of the
 //!   reference), never a row.
 
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::params::{self, Number, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDrift, Level};
 use crate::model::ModelArtifact;
 use crate::pipeline::Stage;
@@ -54,9 +55,18 @@ pub struct Reference {
     pub feature_set_version: String,
     pub feature_file: String,
     pub feature_file_blake3: String,
-    /// `workspace` or `cache`.
-    pub read_from: String,
+    pub read_from: ReadFrom,
     pub rows: u64,
+}
+
+/// Where the reference feature file was read (JSON: `workspace`, `cache`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFrom {
+    /// The file in the workspace still had the recorded hash.
+    Workspace,
+    /// The content-addressed cache's copy.
+    Cache,
 }
 
 /// The current data.
@@ -69,14 +79,48 @@ pub struct Current {
     pub rows: u64,
 }
 
+/// The report's verdict (JSON: `ok`, `warn`, `fail`, `no_reference`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftStatus {
+    /// Every feature's PSI is below `warn_psi`.
+    Ok,
+    /// Some feature's PSI is between `warn_psi` and `max_psi`.
+    Warn,
+    /// Some feature's PSI is above `max_psi` (the stage fails).
+    Fail,
+    /// Nothing to compare with: no model yet, or one trained on this data.
+    NoReference,
+}
+
+impl DriftStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftStatus::Ok => "ok",
+            DriftStatus::Warn => "warn",
+            DriftStatus::Fail => "fail",
+            DriftStatus::NoReference => "no_reference",
+        }
+    }
+}
+
+impl From<Level> for DriftStatus {
+    fn from(l: Level) -> DriftStatus {
+        match l {
+            Level::Ok => DriftStatus::Ok,
+            Level::Warn => DriftStatus::Warn,
+            Level::Fail => DriftStatus::Fail,
+        }
+    }
+}
+
 /// The JSON report (`output:`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
     pub format: String,
     pub tenant: String,
-    /// `ok`, `warn`, `fail` or `no_reference`.
-    pub status: String,
+    pub status: DriftStatus,
     pub reference: Option<Reference>,
     pub current: Current,
     pub bins: usize,
@@ -93,9 +137,6 @@ impl Report {
         if r.format != FORMAT {
             bail!("{origin}: unsupported drift report format {:?} (expected {FORMAT:?})", r.format);
         }
-        if !["ok", "warn", "fail", "no_reference"].contains(&r.status.as_str()) {
-            bail!("{origin}: unknown status {:?}", r.status);
-        }
         let share = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
         for f in &r.features {
             if !(f.psi.is_finite() && f.psi >= 0.0 && share(f.missing_share) && share(f.out_of_range_share)) {
@@ -106,10 +147,26 @@ impl Report {
     }
 }
 
-fn thresholds(with: &Map<String, Value>) -> std::result::Result<(f64, f64), String> {
-    let get = |k: &str, d: f64| if with.contains_key(k) { param_f64(with, k) } else { Ok(d) };
-    let max_psi = get("max_psi", DEFAULT_MAX_PSI)?;
-    let warn_psi = get("warn_psi", DEFAULT_WARN_PSI)?;
+/// `with:` of `uses: drift`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftWith {
+    /// The champion model artifact (a workspace path; not a declared input).
+    pub model: Text,
+    /// The feature-store version directory measured.
+    pub current: Text,
+    pub output: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub max_psi: Option<Number>,
+    #[serde(default, deserialize_with = "present")]
+    pub warn_psi: Option<Number>,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
+
+fn thresholds(p: &DriftWith) -> std::result::Result<(f64, f64), String> {
+    let max_psi = p.max_psi.map_or(DEFAULT_MAX_PSI, |n| n.0);
+    let warn_psi = p.warn_psi.map_or(DEFAULT_WARN_PSI, |n| n.0);
     if !(max_psi.is_finite() && max_psi > 0.0) {
         return Err(format!("`with.max_psi` = {max_psi}: must be a positive number"));
     }
@@ -199,8 +256,8 @@ fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, te
 /// data drift last measured, that measurement's reference is kept (the data
 /// is not compared with itself on the next run).
 fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, Option<(String, ModelArtifact)>)> {
-    let rel = param_str(&stage.with, "model").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
-    let dir = param_str(&stage.with, "current").map_err(|e| anyhow!("stage {}: {e}", stage.name))?;
+    let p = params::of::<DriftWith>(stage)?;
+    let (rel, dir) = (p.model.0.clone(), p.current.0.clone());
     let tenant = stage.tenant.as_deref().context("no tenant")?;
     // Without a master key yet (status before the first run) nothing here
     // can be verified: no model, no current version.
@@ -234,19 +291,18 @@ impl KindDecl for Drift {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["model", "current", "output", "max_psi", "warn_psi", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: drift` runs per tenant: add `foreach: tenants`".into());
-        }
-        thresholds(with)?;
-        let model = param_str(with, "model")?;
-        if !safe_rel(&model) {
+        let p: DriftWith = params::parse(with)?;
+        per_tenant("drift", tenant)?;
+        thresholds(&p)?;
+        let model = &p.model.0;
+        if !safe_rel(model) {
             return Err(format!("`with.model` = {model:?}: must be a path inside the workspace"));
         }
-        let dir = param_str(with, "current")?;
+        let dir = &p.current.0;
         Ok(Declared {
             deps: vec![format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE)],
-            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+            outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: false }],
+            params: params::keep(p),
         })
     }
 }
@@ -257,9 +313,9 @@ impl StageKind for Drift {
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
-        let w = ctx.with();
-        let (warn_psi, max_psi) = thresholds(w).map_err(|e| anyhow!("stage {}: {e}", ctx.stage.name))?;
-        let model_rel = ctx.str_param("model")?;
+        let p: &DriftWith = ctx.params()?;
+        let (warn_psi, max_psi) = thresholds(p).map_err(|e| anyhow!("stage {}: {e}", ctx.stage.name))?;
+        let model_rel = p.model.0.clone();
         // Current data: the verified feature version.
         let dir = ctx.deps[0].parent().context("store dir")?;
         let (manifest, batches) = crate::store::open_verified(dir, &*ctx.services.integrity_key()?)?;
@@ -279,7 +335,7 @@ impl StageKind for Drift {
         let mut report = Report {
             format: FORMAT.into(),
             tenant: tenant.into(),
-            status: "no_reference".into(),
+            status: DriftStatus::NoReference,
             reference: None,
             current: cur,
             bins: drift::BINS,
@@ -305,9 +361,9 @@ impl StageKind for Drift {
             let cas = crate::workspace::cas::Cas::read_only(&ctx.services.ws);
             let ref_content = crate::workspace::ContentHash::parse(&ref_hash).map_err(|e| anyhow!("reference model {model_rel}: feature_file_hash: {e}"))?;
             let (cols, from) = match read_features_if(&ctx.workspace.join(ff), &ref_hash)? {
-                Some(c) => (c, "workspace"),
+                Some(c) => (c, ReadFrom::Workspace),
                 None => match read_features_if(&cas.object_path(&ref_content), &ref_hash)? {
-                    Some(c) => (c, "cache"),
+                    Some(c) => (c, ReadFrom::Cache),
                     None => bail!(
                         "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift; retrain (`dagrun run --force train`) or point `model:` at a model whose features are kept",
                         &ref_hash[..12]
@@ -318,7 +374,7 @@ impl StageKind for Drift {
                 report.features.push(drift::compare(name, &cols[i], &current[i], warn_psi, max_psi).with_context(|| format!("tenant {tenant}"))?);
             }
             let worst = report.features.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
-            report.status = worst.as_str().into();
+            report.status = worst.into();
             report.reference = Some(Reference {
                 model: model_rel.clone(),
                 model_blake3: model_hash,
@@ -326,7 +382,7 @@ impl StageKind for Drift {
                 feature_set_version: model.feature_set_version.clone(),
                 feature_file: ff.clone(),
                 feature_file_blake3: ref_hash.clone(),
-                read_from: from.into(),
+                read_from: from,
                 rows: cols[0].len() as u64,
             });
         }
@@ -344,7 +400,7 @@ impl StageKind for Drift {
             );
         }
         let mut facts = Map::new();
-        facts.insert("drift_status".into(), report.status.clone().into());
+        facts.insert("drift_status".into(), report.status.as_str().into());
         if let Some(r) = &report.reference {
             facts.insert("reference_model_version".into(), r.model_version.clone().into());
         }
@@ -367,5 +423,53 @@ impl StageKind for Drift {
         } else {
             format!("{t}: drift WARNING vs model {}: PSI {} (warn at {}, fail above {})", reference.model_version, warned.join(", "), r.warn_psi, r.max_psi)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_status_keeps_its_json_and_unknown_ones_are_refused() {
+        let report = Report {
+            format: FORMAT.into(),
+            tenant: "Tenant_A".into(),
+            status: DriftStatus::NoReference,
+            reference: None,
+            current: Current { feature_file: "f.parquet".into(), feature_file_blake3: "0".repeat(64), feature_set_version: "v1.0".into(), rows: 3 },
+            bins: 10,
+            epsilon: 1e-4,
+            warn_psi: 0.1,
+            max_psi: 0.25,
+            features: vec![],
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(text.contains(r#""status":"no_reference""#), "{text}");
+        assert_eq!(Report::from_json_bytes(text.as_bytes(), "r.json").unwrap(), report);
+        let e = Report::from_json_bytes(text.replace("no_reference", "fine").as_bytes(), "r.json").unwrap_err().to_string();
+        assert!(e.starts_with("r.json: not a valid dagrun-drift/1 report: unknown variant `fine`"), "{e}");
+        for (l, s) in [(Level::Ok, "ok"), (Level::Warn, "warn"), (Level::Fail, "fail")] {
+            assert_eq!(DriftStatus::from(l).as_str(), s);
+            assert_eq!(serde_json::to_string(&DriftStatus::from(l)).unwrap(), format!("\"{s}\""));
+        }
+        assert_eq!(serde_json::to_string(&ReadFrom::Cache).unwrap(), "\"cache\"");
+    }
+
+    #[test]
+    fn with_params_are_checked_by_key() {
+        let with = |v: Value| v.as_object().unwrap().clone();
+        let ok = with(json!({"model": "models/A/model.json", "current": "fs/A/v1.0", "output": "r.json", "max_psi": "0.3", "tenant": "A"}));
+        let d = Drift.declare(&ok, Some("A")).unwrap();
+        assert_eq!(d.deps[0], "fs/A/v1.0/features.parquet");
+        let mut bad = ok.clone();
+        bad.insert("max_pci".into(), json!(0.3));
+        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "unknown `with.max_pci`; this kind takes: model, current, output, max_psi, warn_psi, tenant");
+        let mut bad = ok.clone();
+        bad.insert("warn_psi".into(), json!([0.1]));
+        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "`with.warn_psi` must be a number, not [0.1]");
+        let mut bad = ok;
+        bad.insert("warn_psi".into(), json!(0.5));
+        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "`with.warn_psi` = 0.5: must be positive and at most max_psi (0.3)");
     }
 }

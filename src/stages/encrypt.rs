@@ -11,10 +11,11 @@
 //! Work is streamed batch by batch; each batch is split across the cores.
 
 use super::Services;
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::params::{self, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
-use crate::data::parquet_io::{ParquetSink, open_batches};
+use crate::data::parquet_io::{Output, ParquetSink, SpliceColumns, open_batches};
 use crate::data::schema::{self, encrypted_schema};
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow, bail};
@@ -48,8 +49,10 @@ fn encrypt_rows(
     (Arc::new(enc.finish()), Arc::new(tok.finish()))
 }
 
-/// Encrypt one raw batch into the encrypted schema, split across `threads` threads.
-pub fn encrypt_batch(cipher: &FieldCipher, pseudo: &Pseudonymizer, tenant: &str, batch: &RecordBatch, threads: usize) -> Result<RecordBatch> {
+/// `Sensitive_Data_Enc` and `Sensitive_Token` of one raw batch (which must
+/// hold `Tenant_ID`, `Customer_ID` and `Sensitive_Data`; every row must
+/// belong to `tenant`), the rows split across `threads` threads.
+pub fn encrypt_columns(cipher: &FieldCipher, pseudo: &Pseudonymizer, tenant: &str, batch: &RecordBatch, threads: usize) -> Result<(ArrayRef, ArrayRef)> {
     let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
     let tenants = col(schema::TENANT_ID)?.as_any().downcast_ref::<StringArray>().context("Tenant_ID is not utf8")?;
     if let Some(i) = (0..tenants.len()).find(|&i| tenants.value(i) != tenant) {
@@ -67,8 +70,13 @@ pub fn encrypt_batch(cipher: &FieldCipher, pseudo: &Pseudonymizer, tenant: &str,
         let arrays: Vec<&dyn Array> = parts.iter().map(|p| f(p).as_ref()).collect();
         arrow_select_concat(&arrays)
     };
-    let enc = concat(|p| &p.0)?;
-    let tok = concat(|p| &p.1)?;
+    Ok((concat(|p| &p.0)?, concat(|p| &p.1)?))
+}
+
+/// Encrypt one raw batch into the encrypted schema, split across `threads` threads.
+pub fn encrypt_batch(cipher: &FieldCipher, pseudo: &Pseudonymizer, tenant: &str, batch: &RecordBatch, threads: usize) -> Result<RecordBatch> {
+    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("raw data has no column {name}"));
+    let (enc, tok) = encrypt_columns(cipher, pseudo, tenant, batch, threads)?;
     let with_label = batch.column_by_name(schema::CONVERTED).is_some();
     let mut cols: Vec<ArrayRef> = vec![col(schema::TENANT_ID)?.clone(), col(schema::CUSTOMER_ID)?.clone(), enc, tok];
     for c in [schema::LOGIN_COUNT, schema::PURCHASE_AMOUNT, schema::LAST_VISIT_DATE] {
@@ -123,6 +131,17 @@ fn check_earlier_key(stage: &Stage, services: &Services, ring: &crate::crypto::K
     )
 }
 
+/// `with:` of `uses: encrypt` (the run reads its paths from the stage's
+/// declared input and output).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptWith {
+    pub input: Text,
+    pub output: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
+
 impl KindDecl for Encrypt {
     fn name(&self) -> &'static str {
         "encrypt"
@@ -131,11 +150,9 @@ impl KindDecl for Encrypt {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["input", "output", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: encrypt` runs per tenant: add `foreach: tenants`".into());
-        }
-        Ok(Declared { deps: vec![param_str(with, "input")?], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }] })
+        let p: EncryptWith = params::parse(with)?;
+        per_tenant("encrypt", tenant)?;
+        Ok(Declared { deps: vec![p.input.0.clone()], outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: false }], params: params::keep(p) })
     }
 }
 
@@ -177,18 +194,46 @@ impl StageKind for Encrypt {
             ),
             ("dagrun.pseudonym".to_string(), "Sensitive_Token = HMAC-SHA256(tenant pseudonym key, UTF-8 Sensitive_Data)".to_string()),
         ];
-        let mut sink = ParquetSink::create(&ctx.outs[0], encrypted_schema(with_label), kv)?;
         let threads = crate::util::par::threads();
-        let mut rows = 0u64;
-        for batch in open_batches(input, crate::data::DEFAULT_BATCH_SIZE)? {
+        let check_cancel = || {
             if ctx.cancel.load(std::sync::atomic::Ordering::Relaxed) {
                 bail!("interrupted");
             }
-            let batch = batch?;
-            rows += batch.num_rows() as u64;
-            sink.write(&encrypt_batch(&cipher, &pseudo, tenant, &batch, threads)?)?;
-        }
-        sink.finish()?;
+            Ok(())
+        };
+        // The clear columns pass through byte for byte (spliced, not decoded
+        // and encoded again); only the two new columns are computed. A raw
+        // file dagrun did not write in this layout takes the ordinary path.
+        let spliced = crate::data::parquet_io::rewrite_with_spliced_columns(
+            input,
+            &ctx.outs[0],
+            Output { schema: encrypted_schema(with_label), kv_metadata: kv.clone() },
+            SpliceColumns {
+                computed: &[schema::SENSITIVE_DATA_ENC, schema::SENSITIVE_TOKEN],
+                read: &[schema::TENANT_ID, schema::CUSTOMER_ID, schema::SENSITIVE_DATA],
+                batch_size: crate::data::DEFAULT_BATCH_SIZE,
+            },
+            |batch| {
+                check_cancel()?;
+                let (enc, tok) = encrypt_columns(&cipher, &pseudo, tenant, batch, threads)?;
+                Ok(vec![enc, tok])
+            },
+        )?;
+        let rows = match spliced {
+            Some(rows) => rows,
+            None => {
+                let mut sink = ParquetSink::create(&ctx.outs[0], encrypted_schema(with_label), kv)?;
+                let mut rows = 0u64;
+                for batch in open_batches(input, crate::data::DEFAULT_BATCH_SIZE)? {
+                    check_cancel()?;
+                    let batch = batch?;
+                    rows += batch.num_rows() as u64;
+                    sink.write(&encrypt_batch(&cipher, &pseudo, tenant, &batch, threads)?)?;
+                }
+                sink.finish()?;
+                rows
+            }
+        };
         let mut facts = Map::new();
         facts.insert("rows".into(), rows.into());
         facts.insert("key_id".into(), key_id.into());

@@ -13,15 +13,29 @@
 //! plaintext PII and is declared sensitive: never cached, deleted after the run.
 
 use super::Services;
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str, param_u64};
+use super::params::{self, Count, Date, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::data::generate::{TenantShare, generate_tenant, split_rows};
-use crate::data::schema::parse_date;
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 pub struct Generate;
+
+/// `with:` of `uses: generate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateWith {
+    /// Rows over all tenants (split by the configured shares).
+    pub rows: Count,
+    pub seed: Count,
+    pub as_of: Date,
+    pub output: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
 
 /// Rows of `tenant` when `rows` are split over the configured tenants.
 pub fn tenant_rows(services: &Services, rows: u64, tenant: &str) -> Result<u64> {
@@ -41,32 +55,23 @@ impl KindDecl for Generate {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["rows", "seed", "as_of", "output", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: generate` runs per tenant: add `foreach: tenants`".into());
-        }
-        param_u64(with, "rows")?;
-        param_u64(with, "seed")?;
-        let as_of = param_str(with, "as_of")?;
-        parse_date(&as_of).map_err(|e| format!("`with.as_of`: {e:#}"))?;
-        Ok(Declared { deps: vec![], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: true }] })
+        let p: GenerateWith = params::parse(with)?;
+        per_tenant("generate", tenant)?;
+        Ok(Declared { deps: vec![], outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: true }], params: params::keep(p) })
     }
 }
 
 impl StageKind for Generate {
     fn extra_ingredients(&self, stage: &Stage, services: &Services) -> Result<BTreeMap<String, String>> {
-        let rows = param_u64(&stage.with, "rows").map_err(|e| anyhow!(e))?;
+        let rows = params::of::<GenerateWith>(stage)?.rows.0;
         let t = stage.tenant.as_deref().unwrap_or_default();
         Ok(BTreeMap::from([("rows of this tenant".to_string(), tenant_rows(services, rows, t)?.to_string())]))
     }
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
-        let w = ctx.with();
+        let p: &GenerateWith = ctx.params()?;
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
-        let rows = param_u64(w, "rows").map_err(|e| anyhow!(e))?;
-        let seed = param_u64(w, "seed").map_err(|e| anyhow!(e))?;
-        let as_of = parse_date(&param_str(w, "as_of").map_err(|e| anyhow!(e))?)?;
-        let n = tenant_rows(ctx.services, rows, tenant)?;
-        let summary = generate_tenant(&ctx.outs[0], tenant, n, seed, as_of)?;
+        let n = tenant_rows(ctx.services, p.rows.0, tenant)?;
+        let summary = generate_tenant(&ctx.outs[0], tenant, n, p.seed.0, p.as_of.days)?;
         let mut facts = Map::new();
         facts.insert("rows".into(), summary.rows.into());
         facts.insert("positives".into(), summary.positives.into());

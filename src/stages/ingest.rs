@@ -5,13 +5,27 @@
 //! nothing is written. The output holds plaintext PII: it is declared
 //! sensitive, like `generate`'s.
 
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::params::{self, Date, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::data::ingest::{IngestOptions, validate_to_parquet};
-use crate::data::schema::parse_date;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 pub struct Ingest;
+
+/// `with:` of `uses: ingest`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestWith {
+    pub input: Text,
+    pub output: Text,
+    /// Rows dated after it are refused.
+    #[serde(default, deserialize_with = "present")]
+    pub as_of: Option<Date>,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
 
 impl KindDecl for Ingest {
     fn name(&self) -> &'static str {
@@ -21,24 +35,16 @@ impl KindDecl for Ingest {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["input", "output", "as_of", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: ingest` runs per tenant: add `foreach: tenants`".into());
-        }
-        if with.contains_key("as_of") {
-            parse_date(&param_str(with, "as_of")?).map_err(|e| format!("`with.as_of`: {e:#}"))?;
-        }
-        Ok(Declared { deps: vec![param_str(with, "input")?], outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: true }] })
+        let p: IngestWith = params::parse(with)?;
+        per_tenant("ingest", tenant)?;
+        Ok(Declared { deps: vec![p.input.0.clone()], outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: true }], params: params::keep(p) })
     }
 }
 
 impl StageKind for Ingest {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
-        let as_of = match ctx.with().get("as_of") {
-            Some(_) => Some(parse_date(&param_str(ctx.with(), "as_of").map_err(|e| anyhow!(e))?)?),
-            None => None,
-        };
+        let as_of = ctx.params::<IngestWith>()?.as_of.as_ref().map(|d| d.days);
         let opts = IngestOptions {
             expected_tenant: Some(tenant.to_string()),
             known_tenants: ctx.services.tenants.as_ref().map(|t| t.ids().map(str::to_string).collect()),

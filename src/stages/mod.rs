@@ -21,6 +21,7 @@ pub mod drift;
 pub mod encrypt;
 pub mod generate;
 pub mod ingest;
+pub mod params;
 pub mod serve_check;
 pub mod store;
 pub mod train;
@@ -88,14 +89,14 @@ pub struct RunCtx<'a> {
     pub timeout: Option<Duration>,
 }
 
-impl RunCtx<'_> {
-    /// The resolved `with:` params.
+impl<'a> RunCtx<'a> {
+    /// The resolved `with:` params, as a map (what the cache key holds).
     pub fn with(&self) -> &Map<String, Value> {
         &self.stage.with
     }
-    /// A required string param.
-    pub fn str_param(&self, key: &str) -> Result<String> {
-        param_str(&self.stage.with, key).map_err(|m| anyhow::anyhow!("stage {}: {m}", self.stage.name))
+    /// The kind's typed `with:` params (checked when the pipeline loaded).
+    pub fn params<T: std::any::Any>(&self) -> Result<&'a T> {
+        params::of(self.stage)
     }
     /// The workspace-relative form of an absolute path under the workspace.
     pub fn rel<'p>(&self, p: &'p Path) -> std::borrow::Cow<'p, str> {
@@ -147,43 +148,60 @@ pub fn registry() -> BTreeMap<&'static str, Arc<dyn StageKind>> {
     kinds.into_iter().map(|k| (k.name(), k)).collect()
 }
 
-/// A required string param from a `with:` map.
-pub fn param_str(with: &Map<String, Value>, key: &str) -> std::result::Result<String, String> {
-    match with.get(key) {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
-        Some(Value::Bool(b)) => Ok(b.to_string()),
-        Some(other) => Err(format!("`with.{key}` must be a string, not {other}")),
-        None => Err(format!("missing `with.{key}`")),
+/// `uses: KIND` runs per tenant: the error when a stage lacks `foreach: tenants`.
+pub fn per_tenant(kind: &str, tenant: Option<&str>) -> std::result::Result<(), String> {
+    match tenant {
+        Some(_) => Ok(()),
+        None => Err(format!("`uses: {kind}` runs per tenant: add `foreach: tenants`")),
     }
 }
 
-/// A required numeric param.
-pub fn param_f64(with: &Map<String, Value>, key: &str) -> std::result::Result<f64, String> {
-    match with.get(key) {
-        Some(Value::Number(n)) => n.as_f64().ok_or_else(|| format!("`with.{key}` is not a number")),
-        Some(Value::String(s)) => s.trim().parse::<f64>().map_err(|_| format!("`with.{key}` = {s:?} is not a number")),
-        Some(other) => Err(format!("`with.{key}` must be a number, not {other}")),
-        None => Err(format!("missing `with.{key}`")),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
 
-/// A required non-negative integer param.
-pub fn param_u64(with: &Map<String, Value>, key: &str) -> std::result::Result<u64, String> {
-    match with.get(key) {
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("`with.{key}` = {n} must be a whole number ≥ 0")),
-        Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| format!("`with.{key}` = {s:?} must be a whole number ≥ 0")),
-        Some(other) => Err(format!("`with.{key}` must be a whole number, not {other}")),
-        None => Err(format!("missing `with.{key}`")),
-    }
-}
-
-/// Reject `with:` keys a kind does not know.
-pub fn check_keys(with: &Map<String, Value>, allowed: &[&str]) -> std::result::Result<(), String> {
-    for k in with.keys() {
-        if !allowed.contains(&k.as_str()) {
-            return Err(format!("unknown `with.{k}`; this kind takes: {}", allowed.join(", ")));
+    /// Each built-in kind names the keys it takes, in the order its
+    /// messages always listed them, and refuses any other key.
+    #[test]
+    fn every_kind_refuses_an_unknown_with_key_naming_its_keys() {
+        let expected: [(&str, &[&str]); 8] = [
+            ("generate", &["rows", "seed", "as_of", "output", "tenant"]),
+            ("ingest", &["input", "output", "as_of", "tenant"]),
+            ("encrypt", &["input", "output", "tenant"]),
+            ("afe", &["input", "feature_set", "as_of", "features", "stats", "tenant"]),
+            ("store", &["features", "stats", "dir", "tenant"]),
+            ("train", &["store", "C", "min_auc", "output", "tenant", "promote"]),
+            ("serve-check", &["data", "store", "model", "output", "tenant"]),
+            ("drift", &["model", "current", "output", "max_psi", "warn_psi", "tenant"]),
+        ];
+        let kinds = registry();
+        assert_eq!(kinds.len(), expected.len() + 1, "a kind was added: list its keys here");
+        for (name, keys) in expected {
+            let mut with = Map::new();
+            with.insert("tenant".into(), json!("Tenant_A"));
+            with.insert("colour".into(), json!("blue"));
+            let e = kinds[name].declare(&with, Some("Tenant_A")).unwrap_err();
+            assert_eq!(e, format!("unknown `with.colour`; this kind takes: {}", keys.join(", ")), "{name}");
         }
+        // `cmd` takes no `with:` at all (besides the tenant a foreach adds).
+        let e = kinds["cmd"].declare(&json!({"x": 1}).as_object().unwrap().clone(), None).unwrap_err();
+        assert!(e.starts_with("`with:` is for built-in kinds"), "{e}");
     }
-    Ok(())
+
+    #[test]
+    fn train_params_are_typed_once_and_kept_on_the_declaration() {
+        let with = json!({"store": "fs/A/v1.0", "C": "0.5", "min_auc": 0.6, "output": "m/A.json", "tenant": "A", "promote": "manual"});
+        let d = train::Train.declare(with.as_object().unwrap(), Some("A")).unwrap();
+        let p = d.params.as_deref().and_then(|p| p.downcast_ref::<train::TrainWith>()).unwrap();
+        assert_eq!((p.c.0, p.min_auc.0, p.promote), (0.5, 0.6, train::Promote::Manual));
+        assert_eq!(d.outs[1].path, "m/A.eval.json");
+        let mut bad = with.as_object().unwrap().clone();
+        bad.insert("promote".into(), json!("sometimes"));
+        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), "`with.promote` = \"sometimes\": use auto or manual");
+        bad.remove("promote");
+        bad.insert("C".into(), json!(0));
+        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), "`with.C` = 0: C must be a positive number");
+        assert_eq!(train::Train.declare(with.as_object().unwrap(), None).unwrap_err(), "`uses: train` runs per tenant: add `foreach: tenants`");
+    }
 }

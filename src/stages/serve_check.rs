@@ -6,7 +6,8 @@
 //! hash does not match the store, or if the model's hash does not match its
 //! lineage record. Writes a per-tenant JSON report.
 
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::params::{self, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::crypto::IntegrityKey;
 use crate::data::schema;
 use crate::model::artifact::load_verified;
@@ -121,6 +122,20 @@ pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, mo
     })
 }
 
+/// `with:` of `uses: serve-check` (the run reads its paths from the
+/// stage's declared inputs and output).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeCheckWith {
+    pub data: Text,
+    /// A feature-store version directory.
+    pub store: Text,
+    pub model: Text,
+    pub output: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
+
 impl KindDecl for ServeCheck {
     fn name(&self) -> &'static str {
         "serve-check"
@@ -129,19 +144,13 @@ impl KindDecl for ServeCheck {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["data", "store", "model", "output", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: serve-check` runs per tenant: add `foreach: tenants`".into());
-        }
-        let dir = param_str(with, "store")?;
+        let p: ServeCheckWith = params::parse(with)?;
+        per_tenant("serve-check", tenant)?;
+        let dir = &p.store.0;
         Ok(Declared {
-            deps: vec![
-                param_str(with, "data")?,
-                format!("{dir}/{}", crate::store::FEATURES_FILE),
-                format!("{dir}/{}", crate::store::MANIFEST_FILE),
-                param_str(with, "model")?,
-            ],
-            outs: vec![DeclaredOut { path: param_str(with, "output")?, sensitive: false }],
+            deps: vec![p.data.0.clone(), format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE), p.model.0.clone()],
+            outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: false }],
+            params: params::keep(p),
         })
     }
 }

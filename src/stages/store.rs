@@ -4,7 +4,8 @@
 //! (`featurestore/TENANT/VERSION/`), so a new version never overwrites another.
 
 use super::afe::StatsFile;
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_str};
+use super::params::{self, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::store::{self, Lineage};
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
@@ -14,6 +15,19 @@ pub struct Store;
 /// Code version of the store layout, recorded in lineage.
 pub const CODE_VERSION: &str = "dagrun-store/1";
 
+/// `with:` of `uses: store` (the run reads its paths from the stage's
+/// declared inputs and outputs).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreWith {
+    pub features: Text,
+    pub stats: Text,
+    /// The feature-store version directory written.
+    pub dir: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+}
+
 impl KindDecl for Store {
     fn name(&self) -> &'static str {
         "store"
@@ -22,17 +36,16 @@ impl KindDecl for Store {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["features", "stats", "dir", "tenant"])?;
-        if tenant.is_none() {
-            return Err("`uses: store` runs per tenant: add `foreach: tenants`".into());
-        }
-        let dir = param_str(with, "dir")?;
+        let p: StoreWith = params::parse(with)?;
+        per_tenant("store", tenant)?;
+        let dir = &p.dir.0;
         Ok(Declared {
-            deps: vec![param_str(with, "features")?, param_str(with, "stats")?],
+            deps: vec![p.features.0.clone(), p.stats.0.clone()],
             outs: vec![
                 DeclaredOut { path: format!("{dir}/{}", store::FEATURES_FILE), sensitive: false },
                 DeclaredOut { path: format!("{dir}/{}", store::MANIFEST_FILE), sensitive: false },
             ],
+            params: params::keep(p),
         })
     }
 }

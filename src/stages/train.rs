@@ -12,11 +12,12 @@
 //! registered in the model registry; `promote: auto` (default) makes it the
 //! tenant's champion, `promote: manual` leaves that to `dagrun models promote`.
 
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, check_keys, param_f64, param_str};
+use super::params::{self, Number, Text, present};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::data::schema;
 use crate::model::{ModelArtifact, TrainingData};
 use crate::util::atomic::write_atomic;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use arrow_array::{Array, BooleanArray};
 use serde_json::{Map, Value, json};
 
@@ -24,12 +25,39 @@ pub struct Train;
 
 /// `with.promote`: `auto` (default: a model that passes `min_auc` becomes the
 /// tenant's champion) or `manual` (registered only).
-fn promote_mode(with: &Map<String, Value>) -> std::result::Result<&str, String> {
-    match with.get("promote") {
-        None => Ok("auto"),
-        Some(Value::String(s)) if s == "auto" || s == "manual" => Ok(s.as_str()),
-        Some(v) => Err(format!("`with.promote` = {v}: use auto or manual")),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Promote {
+    #[default]
+    Auto,
+    Manual,
+}
+
+impl<'de> serde::Deserialize<'de> for Promote {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) if s == "auto" => Ok(Promote::Auto),
+            Value::String(s) if s == "manual" => Ok(Promote::Manual),
+            v => Err(serde::de::Error::custom(format!("= {v}: use auto or manual"))),
+        }
     }
+}
+
+/// `with:` of `uses: train`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainWith {
+    /// The feature-store version directory trained on.
+    pub store: Text,
+    /// Inverse regularisation strength (> 0).
+    #[serde(rename = "C")]
+    pub c: Number,
+    /// Test AUC below this fails the stage (0..=1).
+    pub min_auc: Number,
+    pub output: Text,
+    #[serde(default, deserialize_with = "present")]
+    pub tenant: Option<Text>,
+    #[serde(default)]
+    pub promote: Promote,
 }
 
 impl KindDecl for Train {
@@ -40,27 +68,25 @@ impl KindDecl for Train {
         1
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
-        check_keys(with, &["store", "C", "min_auc", "output", "tenant", "promote"])?;
-        promote_mode(with)?;
-        if tenant.is_none() {
-            return Err("`uses: train` runs per tenant: add `foreach: tenants`".into());
-        }
-        let c = param_f64(with, "C")?;
+        let p: TrainWith = params::parse(with)?;
+        per_tenant("train", tenant)?;
+        let c = p.c.0;
         if !c.is_finite() || c <= 0.0 {
             return Err(format!("`with.C` = {c}: C must be a positive number"));
         }
-        let min_auc = param_f64(with, "min_auc")?;
+        let min_auc = p.min_auc.0;
         if !(0.0..=1.0).contains(&min_auc) {
             return Err(format!("`with.min_auc` = {min_auc}: must be between 0 and 1"));
         }
-        let dir = param_str(with, "store")?;
+        let dir = &p.store.0;
         Ok(Declared {
             deps: vec![format!("{dir}/{}", crate::store::FEATURES_FILE), format!("{dir}/{}", crate::store::MANIFEST_FILE)],
             outs: vec![
-                DeclaredOut { path: param_str(with, "output")?, sensitive: false },
+                DeclaredOut { path: p.output.0.clone(), sensitive: false },
                 // Hold-out curves for the model card (`model::evaluation`).
-                DeclaredOut { path: crate::model::evaluation::path_for(&param_str(with, "output")?), sensitive: false },
+                DeclaredOut { path: crate::model::evaluation::path_for(&p.output), sensitive: false },
             ],
+            params: params::keep(p),
         })
     }
 }
@@ -68,9 +94,8 @@ impl KindDecl for Train {
 impl StageKind for Train {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
-        let w = ctx.with();
-        let c = param_f64(w, "C").map_err(|e| anyhow!(e))?;
-        let min_auc = param_f64(w, "min_auc").map_err(|e| anyhow!(e))?;
+        let p: &TrainWith = ctx.params()?;
+        let (c, min_auc) = (p.c.0, p.min_auc.0);
         let dir = ctx.deps[0].parent().context("store dir")?;
         let t0 = std::time::Instant::now();
         // The training matrix is held in memory: the solver needs all rows.
@@ -147,7 +172,7 @@ impl StageKind for Train {
         // champion to `dagrun models promote`.
         let registry = crate::registry::Registry::of_workspace(ctx.workspace);
         registry.register(&bytes, &key)?;
-        let promoted = if promote_mode(w).map_err(|e| anyhow!(e))? == "auto" {
+        let promoted = if p.promote == Promote::Auto {
             let current = registry.champion(tenant)?.map(|c| c.version);
             if current.as_deref() != Some(artifact.model_version.as_str()) {
                 let why = format!("train: test AUC {:.4} >= min_auc {min_auc} (promote: auto)", m.auc);

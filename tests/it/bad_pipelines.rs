@@ -222,3 +222,47 @@ fn tenants_file_syntax_and_bombs() {
     y.push_str("tenants:\n  - id: A\n");
     bad_tenants(&y, &["config/tenants.yaml", "alias"]);
 }
+
+/// A built-in kind's `with:` is checked against its params struct: a
+/// misspelt key or a value of the wrong type is refused at load, naming the
+/// file, line, stage and key (and, for an unknown key, the keys it takes).
+#[test]
+fn misspelt_or_mistyped_with_key() {
+    let train = |extra: &str| {
+        format!(
+            "params:\n  C: \"1.0\"\nstages:\n  train:\n    foreach: tenants\n    uses: train\n    with:\n      store: features/${{tenant}}/v1\n      C: ${{params.C}}\n      min_auc: 0.5\n      output: models/${{tenant}}/model.json\n{extra}"
+        )
+    };
+    let ws_with = |yaml: &str| {
+        let ws = Ws::new();
+        ws.write("config/tenants.yaml", "tenants:\n  - id: Tenant_A\n");
+        ws.pipeline(yaml);
+        ws
+    };
+    refused(
+        &ws_with(&train("      promot: manual\n")),
+        &["pipeline.yaml:4:", "stage `train`", "unknown `with.promot`", "this kind takes: store, C, min_auc, output, tenant, promote"],
+    );
+    refused(&ws_with(&train("      promote: sometimes\n")), &["pipeline.yaml:4:", "stage `train`", "`with.promote` = \"sometimes\": use auto or manual"]);
+    refused(&ws_with(&train("      promote: [auto]\n")), &["stage `train`", "`with.promote` = [\"auto\"]"]);
+    let ws = ws_with(&train("").replace("min_auc: 0.5", "min_auc: [0.5]"));
+    refused(&ws, &["pipeline.yaml:4:", "stage `train`", "`with.min_auc` must be a number, not [0.5]"]);
+    let ws = ws_with(&train("").replace("      min_auc: 0.5\n", ""));
+    refused(&ws, &["pipeline.yaml:4:", "stage `train`", "missing `with.min_auc`"]);
+    // A string param (here `C: "1.0"`, and so its `-p` overrides) holding a number is taken; anything else is named.
+    let ws = ws_with(&train(""));
+    let o = spawn(ws.cmd(&["status", "pipeline.yaml", "-p", "C=abc"])).wait(Duration::from_secs(30));
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("stage `train`") && o.stderr.contains("`with.C` = \"abc\" is not a number"), "{}", o.stderr);
+    let o = spawn(ws.cmd(&["status", "pipeline.yaml", "-p", "C=0.5"])).wait(Duration::from_secs(30));
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // Every kind checks its keys, with its own list.
+    let ws = ws_with(
+        "stages:\n  gen:\n    foreach: tenants\n    uses: generate\n    with:\n      rows: 10\n      seed: 1\n      as_of: 2026-01-01\n      ouput: raw.parquet\n",
+    );
+    refused(&ws, &["pipeline.yaml:2:", "stage `gen`", "unknown `with.ouput`; this kind takes: rows, seed, as_of, output, tenant"]);
+    let ws = ws_with(
+        "stages:\n  gen:\n    foreach: tenants\n    uses: generate\n    with:\n      rows: -3\n      seed: 1\n      as_of: 2026-01-01\n      output: raw.parquet\n",
+    );
+    refused(&ws, &["stage `gen`", "`with.rows` = -3 must be a whole number ≥ 0"]);
+}

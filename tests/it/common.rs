@@ -79,6 +79,15 @@ pub fn spawn(mut cmd: Command) -> Bg {
     Bg { child, out, err, t0 }
 }
 
+/// Send `sig` to process `pid` (a negative pid: that process group; sig 0
+/// only checks that it exists); true when delivered.
+pub fn signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill takes plain integers and touches no memory of ours. The
+    // tests pass pids of children they started (and have not reaped) or read
+    // from a test daemon's pid file; a stale pid at worst gets ESRCH.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
 /// A temp workspace. `.dagrun/` is created up front so the workspace is the
 /// temp dir itself, whatever folders exist above it.
 pub struct Ws {

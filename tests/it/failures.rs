@@ -196,9 +196,7 @@ fn sigint_interrupts_kills_the_command_and_records_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let t0 = Instant::now();
-    unsafe {
-        libc::kill(run.pid() as i32, libc::SIGINT);
-    }
+    signal(run.pid() as i32, libc::SIGINT);
     let out = run.wait(HANG);
     assert_eq!(out.code, 130, "{}", out.stderr);
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
@@ -264,9 +262,7 @@ fn killed_run_resumes_to_the_same_result() {
     ws.write("in.txt", "input\n");
     let mut victim = spawn(ws.cmd(&["run", "pipeline.yaml", "-j", "1"]));
     std::thread::sleep(Duration::from_millis(500));
-    unsafe {
-        libc::kill(victim.pid() as i32, libc::SIGKILL);
-    }
+    signal(victim.pid() as i32, libc::SIGKILL);
     let _ = victim.child.wait();
     assert!(!ws.exists("out/s6"), "the run finished before it was killed; the test proves nothing");
     // Let the orphaned command of the killed run (it had its own process

@@ -262,9 +262,7 @@ fn sigkill_at_any_instant_then_resume_equals_an_uninterrupted_run() {
             if bg.child.try_wait().unwrap().is_none() {
                 live += 1;
             }
-            unsafe {
-                libc::kill(bg.pid() as i32, libc::SIGKILL);
-            }
+            signal(bg.pid() as i32, libc::SIGKILL);
             let _ = bg.child.wait();
             kills += 1;
             progress.insert(state_count(&ws.root));
@@ -442,6 +440,8 @@ fn file_size_limit_fails_the_stage_not_the_process() {
     ok(prun(&ws.root, "3000", &[]));
     let before = snapshot(&ws.root, VOLATILE);
     let mut c = dagrun_in(&ws.root, &refs(&run_args("3000", &["--force", "store"])));
+    // SAFETY: the closure runs in the forked child before exec: it only calls
+    // setrlimit (async-signal-safe) on a local, and reads errno; no allocation.
     unsafe {
         c.pre_exec(|| {
             let lim = libc::rlimit { rlim_cur: 32 << 10, rlim_max: 32 << 10 };
@@ -478,7 +478,9 @@ impl Drop for Tmpfs {
 
 fn free_bytes(p: &Path) -> u64 {
     let c = std::ffi::CString::new(p.as_os_str().to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: statvfs is plain integers, so all-zero is a valid value.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a pointer to that live local.
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
     s.f_bavail as u64 * s.f_frsize as u64
 }

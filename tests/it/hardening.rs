@@ -10,7 +10,7 @@
 //! - deeply nested YAML, an oversized tenant list, a huge CSV field and an
 //!   absurd `rows` are refused quickly with a clear error, never an abort.
 
-use crate::common::{Bg, HANG, Out, Ws, spawn};
+use crate::common::{Bg, HANG, Out, Ws, signal, spawn};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -141,6 +141,8 @@ fn dagrun_runs_with_core_dumps_off_and_gives_commands_their_limit_back() {
     ws.pipeline("stages:\n  a:\n    cmd: echo $$ > child.pid; sleep 30\n");
     let mut c = cmd(&ws, &["run", "pipeline.yaml"]);
     c.env("DAGRUN_MASTER_KEY", MASTER);
+    // SAFETY: the closure runs in the forked child before exec: it only calls
+    // setrlimit (async-signal-safe) on a local; no allocation, no lock.
     unsafe {
         use std::os::unix::process::CommandExt;
         c.pre_exec(|| {
@@ -163,9 +165,7 @@ fn dagrun_runs_with_core_dumps_off_and_gives_commands_their_limit_back() {
     assert_eq!(core_limit(&pid.to_string()), "0", "dagrun may dump core (and the keys in its memory)");
     assert_eq!(core_limit(ws.read("child.pid").trim()), "unlimited", "the command did not get the user's core limit back");
     // SIGABRT, which dumps core by default: no core file appears.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGABRT);
-    }
+    signal(pid as i32, libc::SIGABRT);
     let o = bg.wait(HANG);
     assert_eq!(o.code, 128 + libc::SIGABRT, "{}", o.stderr);
     std::thread::sleep(Duration::from_millis(200));

@@ -4,7 +4,7 @@
 //! Nothing here is skipped: a missing SoftHSM2 is installed by the script (root)
 //! or `.ci/run`, and a missing script is a failure.
 
-use crate::common::{Out, Ws, spawn};
+use crate::common::{Out, Ws, signal, spawn};
 use arrow_array::{Array, BinaryArray, Int64Array};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -278,7 +278,7 @@ fn rewrap_with_kills(ws: &Ws, tok: &Token, from: &[(&str, &str)], to: &str, seed
         let saved = tok.save();
         let mut bg = spawn(cmd(ws, Some(tok), &["keys", "rewrap", "--to", to], from));
         std::thread::sleep(Duration::from_micros(next() % (span + span / 5 + 1)));
-        unsafe { libc::kill(bg.pid() as i32, libc::SIGKILL) };
+        signal(bg.pid() as i32, libc::SIGKILL);
         let _ = bg.child.wait();
         tok.restore_if_torn(&saved);
         let old = dg(ws, Some(tok), &["keys", "list"], from).code == 0;
@@ -294,7 +294,7 @@ fn rewrap_with_kills(ws: &Ws, tok: &Token, from: &[(&str, &str)], to: &str, seed
     let saved = tok.save();
     let mut bg = spawn(cmd(ws, Some(tok), &["keys", "rewrap", "--to", to], from));
     std::thread::sleep(Duration::from_micros(next() % (span + 1)));
-    unsafe { libc::kill(bg.pid() as i32, libc::SIGKILL) };
+    signal(bg.pid() as i32, libc::SIGKILL);
     let _ = bg.child.wait();
     tok.restore_if_torn(&saved);
     let resumed = ok(dg(ws, Some(tok), &["keys", "rewrap", "--to", to], from));

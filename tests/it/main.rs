@@ -17,6 +17,7 @@ mod openlineage;
 mod propensity;
 mod remote;
 mod report;
+mod run_records;
 mod serve;
 mod slurm;
 mod tampering;

@@ -561,14 +561,10 @@ stages:
         assert!(t0.elapsed() < Duration::from_secs(60), "the slow stage never started");
         std::thread::sleep(Duration::from_millis(20));
     };
-    unsafe {
-        libc::kill(victim.pid() as i32, libc::SIGKILL);
-    }
+    signal(victim.pid() as i32, libc::SIGKILL);
     let _ = victim.child.wait();
     // The stage's command has its own process group: end it too.
-    unsafe {
-        libc::kill(-pid, libc::SIGKILL);
-    }
+    signal(-pid, libc::SIGKILL);
     assert!(!ws.exists("slow.txt"), "the stage finished before the kill; the test proves nothing");
     let files = jsonl_files();
     assert_eq!(files.len(), 1, "{files:?}");

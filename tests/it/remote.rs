@@ -4,7 +4,7 @@
 //! pass or fail. What is on the server is checked through SeaweedFS's own
 //! filer HTTP API, independently of dagrun's client.
 
-use crate::common::{b3, spawn};
+use crate::common::{b3, signal, spawn};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -130,9 +130,7 @@ impl Seaweed {
     /// Kill the whole server (SIGKILL to its process group).
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe {
-                libc::kill(-(c.id() as i32), libc::SIGKILL);
-            }
+            signal(-(c.id() as i32), libc::SIGKILL);
             let _ = c.wait();
         }
     }
@@ -455,9 +453,7 @@ fn concurrent_pushes_a_sigkilled_push_and_a_server_stopped_mid_upload_leave_no_p
     }
     let mut p = p;
     assert!(p.child.try_wait().unwrap().is_none(), "the push finished before it could be killed; make the object larger");
-    unsafe {
-        libc::kill(p.pid() as i32, libc::SIGKILL);
-    }
+    signal(p.pid() as i32, libc::SIGKILL);
     let _ = p.child.wait();
     sw.assert_objects_whole("kill");
     let big = b3(&a.join("out/big.bin"));

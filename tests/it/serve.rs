@@ -3,7 +3,7 @@
 //! predict`, every validation error, limits, promotion and rollback under
 //! load, a model failing its integrity check, SIGTERM drain, TLS.
 
-use crate::common::{BIN, Out, Ws};
+use crate::common::{BIN, Out, Ws, signal};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -97,9 +97,7 @@ impl Server {
     }
 
     fn sigterm(&self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        signal(self.child.id() as i32, libc::SIGTERM);
     }
 
     /// Wait for exit (at most `limit`).

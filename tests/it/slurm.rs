@@ -328,9 +328,7 @@ fn sigint_of_dagrun_cancels_its_jobs() {
     let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
     let bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
     let id = running_job(&ws.root, SLURM_HANG);
-    unsafe {
-        libc::kill(bg.pid() as i32, libc::SIGINT);
-    }
+    signal(bg.pid() as i32, libc::SIGINT);
     let o = bg.wait(Duration::from_secs(60));
     assert_eq!(o.code, 130, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     // dagrun waited until Slurm confirmed: the job is over when dagrun exits.
@@ -589,17 +587,13 @@ impl Drop for Private {
         for name in ["slurmd", "slurmctld"] {
             let Ok(pid) = std::fs::read_to_string(self.dir.path(&format!("{name}.pid"))) else { continue };
             let Ok(pid) = pid.trim().parse::<i32>() else { continue };
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+            signal(pid, libc::SIGTERM);
             let t0 = Instant::now();
-            while unsafe { libc::kill(pid, 0) } == 0 && t0.elapsed() < Duration::from_secs(15) {
+            while signal(pid, 0) && t0.elapsed() < Duration::from_secs(15) {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            if unsafe { libc::kill(pid, 0) } == 0 {
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+            if signal(pid, 0) {
+                signal(pid, libc::SIGKILL);
             }
         }
     }
@@ -732,9 +726,7 @@ fn a_job_slurmctld_has_forgotten_is_found_in_the_job_completion_log() {
     let bg = spawn(pc.dagrun(&ws.root, &["run", "pipeline.yaml"]));
     let id = pc.running_job(&ws.root);
     // Freeze dagrun while its job runs, fails and is purged from slurmctld's memory.
-    unsafe {
-        libc::kill(bg.pid() as i32, libc::SIGSTOP);
-    }
+    signal(bg.pid() as i32, libc::SIGSTOP);
     let t0 = Instant::now();
     loop {
         let o = pc.cmd("scontrol").args(["-o", "show", "job", &id]).output().unwrap();
@@ -742,17 +734,13 @@ fn a_job_slurmctld_has_forgotten_is_found_in_the_job_completion_log() {
             break; // "Invalid job id specified": purged
         }
         if t0.elapsed() > Duration::from_secs(60) {
-            unsafe {
-                libc::kill(bg.pid() as i32, libc::SIGCONT);
-            }
+            signal(bg.pid() as i32, libc::SIGCONT);
             panic!("job {id} still known to slurmctld after 60 s: {}", String::from_utf8_lossy(&o.stdout));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
     let listed = pc.job_state(&id);
-    unsafe {
-        libc::kill(bg.pid() as i32, libc::SIGCONT);
-    }
+    signal(bg.pid() as i32, libc::SIGCONT);
     assert_eq!(listed, "", "squeue no longer lists job {id}");
     let o = bg.wait(SLURM_HANG);
     assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}\n{}", o.stdout, o.stderr, pc.logs());

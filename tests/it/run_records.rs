@@ -1,0 +1,40 @@
+//! Run records read back from `runs/` are parsed strictly: a record with a
+//! value dagrun never writes (here an unknown run status) is named with the
+//! reason, never silently dropped when asked for, and never a panic.
+
+use crate::common::*;
+
+#[test]
+fn a_record_with_an_unknown_status_is_named() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs: [a.txt]\n");
+    let good = ws.run(&[]).ok();
+    let good_id = good.rec()["run_id"].as_str().unwrap().to_string();
+    // A later record whose status is not one dagrun writes.
+    let mut bad = good.rec().clone();
+    bad["run_id"] = "20990101-000000-000-abcd".into();
+    bad["status"] = "exploded".into();
+    ws.write("runs/20990101-000000-000-abcd.json", serde_json::to_vec_pretty(&bad).unwrap());
+
+    for id in ["20990101", "last"] {
+        let o = ws.dagrun(&["runs", "show", id, "--json"]);
+        assert_eq!(o.code, 2, "runs show {id}: {}", o.stderr);
+        assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+        assert!(o.stderr.contains("runs/20990101-000000-000-abcd.json") && o.stderr.contains("unknown variant `exploded`"), "{}", o.stderr);
+        assert!(o.stdout.is_empty(), "{}", o.stdout);
+    }
+    let o = ws.dagrun(&["report", "20990101"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("runs/20990101-000000-000-abcd.json"), "{}", o.stderr);
+    // The listing shows the good record and names the bad one on stderr.
+    let o = ws.dagrun(&["runs", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let runs = o.json()["runs"].as_array().unwrap().clone();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["run_id"], good_id.as_str());
+    assert!(o.stderr.contains("runs/20990101-000000-000-abcd.json") && o.stderr.contains("not listed"), "{}", o.stderr);
+    // The good record still shows, byte for byte as written.
+    let o = ws.dagrun(&["runs", "show", &good_id, "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(&o.json(), good.rec());
+}
