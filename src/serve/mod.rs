@@ -22,6 +22,7 @@ pub mod audit;
 pub mod input;
 pub mod metrics;
 pub mod router;
+pub mod slice;
 pub mod state;
 pub mod tokens;
 
