@@ -153,10 +153,9 @@ pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
     let started = chrono::DateTime::parse_from_rfc3339(&record.started_at).ok().map(std::time::SystemTime::from);
     for r in &record.stages {
         let Some(s) = engine.pipeline.stages.iter().find(|s| s.name == r.stage) else { continue };
-        if s.kind.name() != "drift" {
-            continue;
-        }
-        let Some(rel) = s.with.get("output").and_then(Value::as_str) else { continue };
+        // The stage's typed params exist only for a drift stage.
+        let Some(p) = crate::stages::params::get::<crate::stages::drift::DriftWith>(s) else { continue };
+        let rel = p.output.0.as_str();
         let abs = engine.pipeline.abs(rel);
         let trusted = match r.status {
             Status::Ran | Status::Cached | Status::Restored => {
@@ -235,8 +234,8 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
         if s.kind.name() != "train" {
             continue;
         }
-        if let Some(min_auc) = s.with.get("min_auc").and_then(|v| v.as_f64().or_else(|| v.as_str().and_then(|x| x.parse().ok()))) {
-            e.sample("dagrun_model_min_auc", &[("pipeline", pipeline), ("tenant", tenant)], min_auc);
+        if let Some(p) = crate::stages::params::get::<crate::stages::train::TrainWith>(s) {
+            e.sample("dagrun_model_min_auc", &[("pipeline", pipeline), ("tenant", tenant)], p.min_auc.0);
         }
         let version = r.facts.get("model_version").and_then(Value::as_str).filter(|v| plain(v));
         let Some(version) = version else { continue };

@@ -282,3 +282,41 @@ impl RunRecord {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON forms are the stable interface of the README: pinned.
+    #[test]
+    fn statuses_keep_their_json_and_unknown_ones_are_refused() {
+        for (s, j) in [(RunStatus::Ok, "\"ok\""), (RunStatus::Failed, "\"failed\""), (RunStatus::Interrupted, "\"interrupted\"")] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), j);
+            assert_eq!(serde_json::from_str::<RunStatus>(j).unwrap(), s);
+            assert_eq!(s.to_string(), s.as_str());
+        }
+        for s in [Status::Ran, Status::Cached, Status::Restored, Status::Failed, Status::Skipped] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+        assert!(serde_json::from_str::<RunStatus>("\"OK\"").is_err());
+        assert_eq!(format!("[{:<7}]", RunStatus::Ok), "[ok     ]");
+        assert_eq!(RunStatus::of_exit_code(crate::error::exit::INTERRUPTED), RunStatus::Interrupted);
+        assert_eq!(RunStatus::of_exit_code(crate::error::exit::FAILED), RunStatus::Failed);
+    }
+
+    #[test]
+    fn a_record_file_that_does_not_parse_is_named_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(runs_dir(dir.path())).unwrap();
+        let p = runs_dir(dir.path()).join("20990101-000000-000-abcd.json");
+        let rec = r#"{"run_id":"20990101-000000-000-abcd","pipeline":"p.yaml","started_at":"","finished_at":"","seconds":0.0,"status":"weird","exit_code":0,"stages":[]}"#;
+        std::fs::write(&p, rec).unwrap();
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(e.contains("20990101-000000-000-abcd.json") && e.contains("unknown variant `weird`"), "{e}");
+        std::fs::write(&p, rec.replace("weird", "ok")).unwrap();
+        assert_eq!(read(&p).unwrap().status, RunStatus::Ok);
+        std::fs::write(&p, b"\xff{").unwrap();
+        assert!(format!("{:#}", find(dir.path(), "last").unwrap_err()).contains("20990101-000000-000-abcd.json"));
+        assert_eq!(list(dir.path()).unreadable.len(), 1);
+    }
+}

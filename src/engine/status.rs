@@ -148,3 +148,18 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `status --json` is a stable interface (README): these strings stay.
+    #[test]
+    fn state_and_action_keep_their_json() {
+        let row = StageStatus { stage: "a".into(), state: State::Fresh, reasons: vec![], action: Action::Nothing };
+        assert_eq!(serde_json::to_string(&row).unwrap(), r#"{"stage":"a","state":"fresh","reasons":[],"action":"none"}"#);
+        assert_eq!(serde_json::to_string(&[State::Stale]).unwrap(), r#"["stale"]"#);
+        assert_eq!(serde_json::to_string(&[Action::Restore, Action::Run]).unwrap(), r#"["restore","run"]"#);
+        assert_eq!(State::Stale.as_str(), "stale");
+    }
+}

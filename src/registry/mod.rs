@@ -81,13 +81,29 @@ pub struct Champion {
     pub previous: Vec<String>,
 }
 
+/// What a history line records (JSON: `promote`, `rollback`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryAction {
+    Promote,
+    Rollback,
+}
+
+impl std::fmt::Display for HistoryAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            HistoryAction::Promote => "promote",
+            HistoryAction::Rollback => "rollback",
+        })
+    }
+}
+
 /// One line of `history.jsonl`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct HistoryEntry {
     pub time: String,
     pub who: String,
-    /// `promote` or `rollback`.
-    pub action: String,
+    pub action: HistoryAction,
     pub from: Option<String>,
     pub to: String,
     pub why: String,
@@ -392,7 +408,7 @@ impl Registry {
         let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: version.into(), blake3: m.blake3, since: now(), previous };
         self.append_history(
             tenant,
-            &HistoryEntry { time: c.since.clone(), who: who.into(), action: "promote".into(), from: from.clone(), to: version.into(), why: why.into() },
+            &HistoryEntry { time: c.since.clone(), who: who.into(), action: HistoryAction::Promote, from: from.clone(), to: version.into(), why: why.into() },
         )?;
         self.write_champion(&c)?;
         Ok(from)
@@ -415,7 +431,7 @@ impl Registry {
             &HistoryEntry {
                 time: c.since.clone(),
                 who: who.into(),
-                action: "rollback".into(),
+                action: HistoryAction::Rollback,
                 from: Some(cur.version.clone()),
                 to: to.clone(),
                 why: why.into(),

@@ -55,9 +55,18 @@ pub struct Reference {
     pub feature_set_version: String,
     pub feature_file: String,
     pub feature_file_blake3: String,
-    /// `workspace` or `cache`.
-    pub read_from: String,
+    pub read_from: ReadFrom,
     pub rows: u64,
+}
+
+/// Where the reference feature file was read (JSON: `workspace`, `cache`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFrom {
+    /// The file in the workspace still had the recorded hash.
+    Workspace,
+    /// The content-addressed cache's copy.
+    Cache,
 }
 
 /// The current data.
@@ -352,9 +361,9 @@ impl StageKind for Drift {
             let cas = crate::workspace::cas::Cas::read_only(&ctx.services.ws);
             let ref_content = crate::workspace::ContentHash::parse(&ref_hash).map_err(|e| anyhow!("reference model {model_rel}: feature_file_hash: {e}"))?;
             let (cols, from) = match read_features_if(&ctx.workspace.join(ff), &ref_hash)? {
-                Some(c) => (c, "workspace"),
+                Some(c) => (c, ReadFrom::Workspace),
                 None => match read_features_if(&cas.object_path(&ref_content), &ref_hash)? {
-                    Some(c) => (c, "cache"),
+                    Some(c) => (c, ReadFrom::Cache),
                     None => bail!(
                         "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift; retrain (`dagrun run --force train`) or point `model:` at a model whose features are kept",
                         &ref_hash[..12]
@@ -373,7 +382,7 @@ impl StageKind for Drift {
                 feature_set_version: model.feature_set_version.clone(),
                 feature_file: ff.clone(),
                 feature_file_blake3: ref_hash.clone(),
-                read_from: from.into(),
+                read_from: from,
                 rows: cols[0].len() as u64,
             });
         }
@@ -414,5 +423,53 @@ impl StageKind for Drift {
         } else {
             format!("{t}: drift WARNING vs model {}: PSI {} (warn at {}, fail above {})", reference.model_version, warned.join(", "), r.warn_psi, r.max_psi)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_status_keeps_its_json_and_unknown_ones_are_refused() {
+        let report = Report {
+            format: FORMAT.into(),
+            tenant: "Tenant_A".into(),
+            status: DriftStatus::NoReference,
+            reference: None,
+            current: Current { feature_file: "f.parquet".into(), feature_file_blake3: "0".repeat(64), feature_set_version: "v1.0".into(), rows: 3 },
+            bins: 10,
+            epsilon: 1e-4,
+            warn_psi: 0.1,
+            max_psi: 0.25,
+            features: vec![],
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(text.contains(r#""status":"no_reference""#), "{text}");
+        assert_eq!(Report::from_json_bytes(text.as_bytes(), "r.json").unwrap(), report);
+        let e = Report::from_json_bytes(text.replace("no_reference", "fine").as_bytes(), "r.json").unwrap_err().to_string();
+        assert!(e.starts_with("r.json: not a valid dagrun-drift/1 report: unknown variant `fine`"), "{e}");
+        for (l, s) in [(Level::Ok, "ok"), (Level::Warn, "warn"), (Level::Fail, "fail")] {
+            assert_eq!(DriftStatus::from(l).as_str(), s);
+            assert_eq!(serde_json::to_string(&DriftStatus::from(l)).unwrap(), format!("\"{s}\""));
+        }
+        assert_eq!(serde_json::to_string(&ReadFrom::Cache).unwrap(), "\"cache\"");
+    }
+
+    #[test]
+    fn with_params_are_checked_by_key() {
+        let with = |v: Value| v.as_object().unwrap().clone();
+        let ok = with(json!({"model": "models/A/model.json", "current": "fs/A/v1.0", "output": "r.json", "max_psi": "0.3", "tenant": "A"}));
+        let d = Drift.declare(&ok, Some("A")).unwrap();
+        assert_eq!(d.deps[0], "fs/A/v1.0/features.parquet");
+        let mut bad = ok.clone();
+        bad.insert("max_pci".into(), json!(0.3));
+        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "unknown `with.max_pci`; this kind takes: model, current, output, max_psi, warn_psi, tenant");
+        let mut bad = ok.clone();
+        bad.insert("warn_psi".into(), json!([0.1]));
+        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "`with.warn_psi` must be a number, not [0.1]");
+        let mut bad = ok;
+        bad.insert("warn_psi".into(), json!(0.5));
+        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "`with.warn_psi` = 0.5: must be positive and at most max_psi (0.3)");
     }
 }

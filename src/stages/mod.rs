@@ -155,3 +155,53 @@ pub fn per_tenant(kind: &str, tenant: Option<&str>) -> std::result::Result<(), S
         None => Err(format!("`uses: {kind}` runs per tenant: add `foreach: tenants`")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Each built-in kind names the keys it takes, in the order its
+    /// messages always listed them, and refuses any other key.
+    #[test]
+    fn every_kind_refuses_an_unknown_with_key_naming_its_keys() {
+        let expected: [(&str, &[&str]); 8] = [
+            ("generate", &["rows", "seed", "as_of", "output", "tenant"]),
+            ("ingest", &["input", "output", "as_of", "tenant"]),
+            ("encrypt", &["input", "output", "tenant"]),
+            ("afe", &["input", "feature_set", "as_of", "features", "stats", "tenant"]),
+            ("store", &["features", "stats", "dir", "tenant"]),
+            ("train", &["store", "C", "min_auc", "output", "tenant", "promote"]),
+            ("serve-check", &["data", "store", "model", "output", "tenant"]),
+            ("drift", &["model", "current", "output", "max_psi", "warn_psi", "tenant"]),
+        ];
+        let kinds = registry();
+        assert_eq!(kinds.len(), expected.len() + 1, "a kind was added: list its keys here");
+        for (name, keys) in expected {
+            let mut with = Map::new();
+            with.insert("tenant".into(), json!("Tenant_A"));
+            with.insert("colour".into(), json!("blue"));
+            let e = kinds[name].declare(&with, Some("Tenant_A")).unwrap_err();
+            assert_eq!(e, format!("unknown `with.colour`; this kind takes: {}", keys.join(", ")), "{name}");
+        }
+        // `cmd` takes no `with:` at all (besides the tenant a foreach adds).
+        let e = kinds["cmd"].declare(&json!({"x": 1}).as_object().unwrap().clone(), None).unwrap_err();
+        assert!(e.starts_with("`with:` is for built-in kinds"), "{e}");
+    }
+
+    #[test]
+    fn train_params_are_typed_once_and_kept_on_the_declaration() {
+        let with = json!({"store": "fs/A/v1.0", "C": "0.5", "min_auc": 0.6, "output": "m/A.json", "tenant": "A", "promote": "manual"});
+        let d = train::Train.declare(with.as_object().unwrap(), Some("A")).unwrap();
+        let p = d.params.as_deref().and_then(|p| p.downcast_ref::<train::TrainWith>()).unwrap();
+        assert_eq!((p.c.0, p.min_auc.0, p.promote), (0.5, 0.6, train::Promote::Manual));
+        assert_eq!(d.outs[1].path, "m/A.eval.json");
+        let mut bad = with.as_object().unwrap().clone();
+        bad.insert("promote".into(), json!("sometimes"));
+        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), "`with.promote` = \"sometimes\": use auto or manual");
+        bad.remove("promote");
+        bad.insert("C".into(), json!(0));
+        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), "`with.C` = 0: C must be a positive number");
+        assert_eq!(train::Train.declare(with.as_object().unwrap(), None).unwrap_err(), "`uses: train` runs per tenant: add `foreach: tenants`");
+    }
+}

@@ -144,9 +144,16 @@ pub fn keep<T: Any + Send + Sync>(p: T) -> Option<Arc<dyn Any + Send + Sync>> {
     Some(Arc::new(p))
 }
 
-/// The typed params of `stage` (those its kind's `declare` kept).
+/// The typed params of `stage` if they are a `T` (None for a stage of
+/// another kind).
+pub fn get<T: Any>(stage: &crate::pipeline::Stage) -> Option<&T> {
+    stage.typed_with.as_deref().and_then(|p| p.downcast_ref::<T>())
+}
+
+/// The typed params of `stage` (those its kind's `declare` kept), for the
+/// kind's own code, where they must be there.
 pub fn of<T: Any>(stage: &crate::pipeline::Stage) -> anyhow::Result<&T> {
-    stage.typed_with.as_deref().and_then(|p| p.downcast_ref::<T>()).ok_or_else(|| {
+    get(stage).ok_or_else(|| {
         anyhow::anyhow!("stage {}: its `with:` params were not checked when the pipeline was loaded (a bug in dagrun: please report it)", stage.name)
     })
 }
