@@ -79,9 +79,6 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
         .worker_threads(workers)
         .enable_all()
         .thread_name("dagrun-serve")
-        .on_thread_start(|| {
-            crate::serve::slice::request(crate::serve::slice::SLICE);
-        })
         .build()
         .context("cannot start the runtime")?;
     rt.block_on(async move {

@@ -22,7 +22,6 @@ pub mod audit;
 pub mod input;
 pub mod metrics;
 pub mod router;
-pub mod slice;
 pub mod state;
 pub mod tokens;
 
