@@ -9,9 +9,12 @@
 #  (a) a 200-stage cmd pipeline: stage i writes out/i.txt and depends on the
 #      output of stage i/2 (a binary tree: depth 8, width up to 100);
 #  (b) a one-stage pipeline whose input is a 1 GiB file (stage: `wc -c`).
-# Prints wall times: cold (a), no-op (a) median of 5 — and GNU make on the
-# same 200-rule DAG in the same script run (cold and no-op, both with -j as
-# many jobs as dagrun's default: the cores), with the ratios; cold (b), the
+# Prints wall times: cold (a) median of 3 (each in a fresh workspace),
+# no-op (a) median of 5 — and GNU make on the same 200-rule DAG in the same
+# script run, alternating with dagrun (cold median of 3 from an empty out/,
+# no-op median of 5, both with -j as many jobs as dagrun's default: the
+# cores), with the ratios, the median CPU time (user + system, commands
+# included) of the cold runs, and the load average before and after; cold (b), the
 # first no-op (b) right after it (nothing may be re-read: the memo trusts what
 # dagrun wrote), and no-op (b) median of 5.
 # GNU make is a Debian package: the script installs it when missing.
@@ -28,20 +31,33 @@ BIN="${DAGRUN_BIN:-$ROOT/target/release/dagrun}"   # DAGRUN_BIN=/path/to/dagrun:
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/dagrun-bench.XXXXXX")"
 trap 'rm -rf "$TMP"' EXIT
 
-# time_run DIR ARGS...: run dagrun quietly in DIR, print the wall time in seconds.
+# CPU seconds (user + system) of this shell's finished children so far, into
+# the variable named $1 (`times` must run in this shell, not a subshell).
+child_cpu() {
+  local f="$TMP/times.$BASHPID"
+  times > "$f"
+  printf -v "$1" '%s' "$(tail -1 "$f" | awk '{ s = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); s += p[1] * 60 + p[2] } printf "%.3f", s }')"
+}
+
+# time_run DIR ARGS...: run dagrun quietly in DIR, print the wall time in
+# seconds (and, with CPU_OUT set, append its CPU seconds, commands included,
+# to that file).
 time_run() {
   local dir=$1; shift
-  local t0 t1
+  local t0 t1 c0 c1
+  child_cpu c0
   t0=$(now)
   (cd "$dir" && "$BIN" -q run pipeline.yaml "$@" >/dev/null)
   t1=$(now)
+  child_cpu c1
+  [[ -n "${CPU_OUT:-}" ]] && awk -v a="$c1" -v b="$c0" 'BEGIN { printf "%.3f\n", a - b }' >> "$CPU_OUT"
   awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.4f\n", a - b }'
 }
 noop5() { local dir=$1; for _ in 1 2 3 4 5; do time_run "$dir"; done | median; }
 
 # (a) 200 stages.
-A="$TMP/a"; mkdir -p "$A/.dagrun"
-tree_pipeline 200 > "$A/pipeline.yaml"
+A="$TMP/a"
+fresh_a() { rm -rf "$A"; mkdir -p "$A/.dagrun"; tree_pipeline 200 > "$A/pipeline.yaml"; }
 
 # The same DAG for GNU make (same commands, same dependency tree).
 command -v make >/dev/null || { apt-get update -qq && apt-get install -y -qq make >/dev/null; }
@@ -56,10 +72,14 @@ M="$TMP/m"; mkdir -p "$M/out"
 } > "$M/Makefile"
 JOBS=$(nproc)
 time_make() {
-  local t0 t1
+  local t0 t1 c0 c1
+  [[ "${1:-}" == cold ]] && { rm -rf "$M/out"; mkdir -p "$M/out"; }
+  child_cpu c0
   t0=$(now)
   make -s -C "$M" -j"$JOBS" >/dev/null
   t1=$(now)
+  child_cpu c1
+  [[ -n "${CPU_OUT:-}" ]] && awk -v a="$c1" -v b="$c0" 'BEGIN { printf "%.3f\n", a - b }' >> "$CPU_OUT"
   awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.4f\n", a - b }'
 }
 
@@ -74,10 +94,23 @@ stages:
     outs: [count.txt]
 YAML
 
-cold_a=$(time_run "$A")
-noop_a=$(noop5 "$A")
-cold_m=$(time_make)
-noop_m=$(for _ in 1 2 3 4 5; do time_make; done | median)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+colds_a=(); colds_m=()
+for _ in 1 2 3; do
+  fresh_a; colds_a+=("$(CPU_OUT="$TMP/cpu_a" time_run "$A")")
+  colds_m+=("$(CPU_OUT="$TMP/cpu_m" time_make cold)")
+done
+cpu_a=$(median < "$TMP/cpu_a"); cpu_m=$(median < "$TMP/cpu_m")
+cold_a=$(printf '%s\n' "${colds_a[@]}" | median)
+cold_m=$(printf '%s\n' "${colds_m[@]}" | median)
+noops_a=(); noops_m=()
+for _ in 1 2 3 4 5; do
+  noops_a+=("$(time_run "$A")")
+  noops_m+=("$(time_make)")
+done
+noop_a=$(printf '%s\n' "${noops_a[@]}" | median)
+noop_m=$(printf '%s\n' "${noops_m[@]}" | median)
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 cold_b=$(time_run "$B")
 first_b=$(time_run "$B") # the first no-op after the cold run
 noop_b=$(noop5 "$B")
@@ -87,12 +120,13 @@ last=$(cd "$A" && "$BIN" runs show last --json | grep -c '"status": "cached"' ||
 [[ "$last" == 200 ]] || { echo "warning: last no-op run of (a) did not report 200 cached stages ($last)" >&2; }
 
 printf '\n%-44s %10s\n' "case" "seconds"
-printf '%-44s %10.3f\n' "(a) 200 stages, cold run" "$cold_a"
+printf '%-44s %10.3f   (%s)\n' "(a) 200 stages, cold run (median of 3)" "$cold_a" "${colds_a[*]}"
 printf '%-44s %10.3f\n' "(a) 200 stages, no-op run (median of 5)" "$noop_a"
-printf '%-44s %10.3f\n' "(a) GNU make, same DAG, cold" "$cold_m"
+printf '%-44s %10.3f   (%s)\n' "(a) GNU make, same DAG, cold (median of 3)" "$cold_m" "${colds_m[*]}"
 printf '%-44s %10.3f\n' "(a) GNU make, same DAG, no-op (median of 5)" "$noop_m"
+printf '%-44s %10.3f   (make: %.3f; CPU time does not wait for a busy machine)\n' "(a) cold CPU s, user+sys, commands included" "$cpu_a" "$cpu_m"
 awk -v a="$cold_a" -v b="$cold_m" -v c="$noop_a" -v d="$noop_m" 'BEGIN { printf "%-44s %9.2fx\n%-44s %9.2fx\n", "(a) cold: dagrun / make", a / b, "(a) no-op: dagrun / make", c / d }'
 printf '%-44s %10.3f\n' "(b) 1 GiB input, cold run" "$cold_b"
 printf '%-44s %10.3f\n' "(b) 1 GiB input, first no-op after cold" "$first_b"
 printf '%-44s %10.3f\n' "(b) 1 GiB input, no-op run (median of 5)" "$noop_b"
-printf '(%s, %s cores, %s)\n' "$("$BIN" --version)" "$(nproc)" "$(uname -sr)"
+printf '(%s, %s cores, %s; load average %s before (a), %s after)\n' "$("$BIN" --version)" "$(nproc)" "$(uname -sr)" "$load_before" "$load_after"

@@ -267,7 +267,9 @@ impl Engine {
         st.key = ev.key.clone();
         st.ingredients = ev.ingredients.clone();
         st.param_refs = s.param_refs.clone();
-        self.states.put(&st)
+        self.states.put(&st)?;
+        self.wrote([self.states.record_path(&s.name)]);
+        Ok(())
     }
 
     /// Regenerate a consumed sensitive output of stage `p` for `consumer`;

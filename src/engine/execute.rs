@@ -307,6 +307,7 @@ impl Engine {
             facts: done.report.facts.clone(),
         };
         self.states.put(&st)?;
+        self.wrote(outs.iter().cloned().chain([self.states.record_path(&st.stage)]));
         if st.outputs.values().all(|o| o.cached || o.sensitive) {
             self.states.put_action(&st)?;
         }

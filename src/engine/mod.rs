@@ -134,6 +134,9 @@ pub struct Engine {
     /// Told about the run as it goes (OpenLineage, metrics): see [`observer`].
     pub observers: Vec<Box<dyn observer::RunObserver>>,
     stage_locks: Vec<Mutex<()>>,
+    /// State records and outputs this run wrote, made durable in one batch
+    /// when it ends (`sweep.rs`, `sync_written`).
+    written: Mutex<Vec<PathBuf>>,
 }
 
 /// A stage about to run: its evaluation (`None` until its inputs exist, for a
@@ -192,6 +195,7 @@ impl Engine {
             slurm: None,
             observers: Vec::new(),
             stage_locks: (0..n).map(|_| Mutex::new(())).collect(),
+            written: Mutex::new(Vec::new()),
         }
     }
 

@@ -1,7 +1,14 @@
-//! The scheduler: runs independent stages concurrently on a tokio runtime,
-//! at most `--jobs` at a time. Stage work (hashing, commands, CPU-heavy
-//! kinds) runs on blocking threads, never on the async worker. A failed stage
-//! stops its dependents; independent stages finish.
+//! The scheduler: runs independent stages concurrently, at most `--jobs` at
+//! a time, on `--jobs` worker threads (stage work: hashing, commands,
+//! CPU-heavy kinds). A failed stage stops its dependents; independent stages
+//! finish.
+//!
+//! Rules: a worker that finishes a stage releases its dependents and runs
+//! the first one itself, waking another worker only for the rest: no thread
+//! hand-off between a stage and the next one on its path (on a busy machine
+//! each hand-off was a wait for a core, paid by every trivial stage). The
+//! main thread only waits for SIGINT/SIGTERM (then no new stage starts and
+//! running ones are cancelled) and for the workers to finish.
 
 use super::Engine;
 use super::report::{Reporter, Verbosity};
@@ -114,12 +121,16 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let reporter = Arc::new(Reporter::new(opts.verbosity, selected.len()));
     let jobs = opts.jobs.max(1);
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(jobs + 2).build()?;
-    let (records, interrupted) = rt.block_on(schedule(engine.clone(), selected, jobs, reporter.clone(), t0));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (records, interrupted) = schedule(&rt, engine.clone(), selected, jobs, reporter.clone(), t0);
     reporter.done();
 
     // Plaintext never outlives the run, whatever happened.
     engine.shred_sensitive();
+    // What the run wrote is durable before the memo vouches for it and the
+    // run record reports it (see workspace::state, "Durability"); a run that
+    // ran and restored nothing has nothing to flush.
+    engine.sync_written();
     if let Err(e) = engine.memo.save() {
         tracing::warn!("cannot save the file-hash memo: {e:#}");
     }
@@ -218,7 +229,27 @@ fn tasks(p: &Pipeline, selected: &HashSet<usize>) -> (Vec<Vec<usize>>, Vec<usize
     (tasks, task_of)
 }
 
-async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, reporter: Arc<Reporter>, t0: Instant) -> (Vec<StageRecord>, bool) {
+/// What the workers share (under one lock).
+struct Shared {
+    ready: VecDeque<usize>,
+    indeg: Vec<usize>,
+    done: Vec<Option<StageRecord>>,
+    task_done: Vec<bool>,
+    running: usize,
+    /// Free scheduler slots (recorded as each stage's `worker`), lowest first.
+    free_slots: std::collections::BTreeSet<u32>,
+    interrupted: bool,
+    finished: bool,
+}
+
+fn schedule(
+    rt: &tokio::runtime::Runtime,
+    engine: Arc<Engine>,
+    selected: HashSet<usize>,
+    jobs: usize,
+    reporter: Arc<Reporter>,
+    t0: Instant,
+) -> (Vec<StageRecord>, bool) {
     let p = &engine.pipeline;
     let n = p.stages.len();
     let (tasks, task_of) = tasks(p, &selected);
@@ -231,117 +262,53 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
     }
     // Stages in topological (file) order; tasks ready in the order of their first member.
     let order: Vec<usize> = p.topo.iter().copied().filter(|i| selected.contains(i)).collect();
-    let mut ready: VecDeque<usize> = (0..tasks.len()).filter(|&t| indeg[t] == 0).collect();
-    let mut done: Vec<Option<StageRecord>> = (0..n).map(|_| None).collect();
-    let mut task_done = vec![false; tasks.len()];
-    let mut set = tokio::task::JoinSet::new();
-    let mut running = 0usize;
-    // Free scheduler slots (recorded as each stage's `worker`), lowest first.
-    let mut free_slots: std::collections::BTreeSet<u32> = (0..jobs as u32).collect();
-    let mut slot_of: BTreeMap<usize, u32> = BTreeMap::new();
-    let mut interrupted = false;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let position: Vec<usize> = {
+        let mut v = vec![usize::MAX; n];
+        for (k, &i) in order.iter().enumerate() {
+            v[i] = k;
+        }
+        v
+    };
+    let ready: VecDeque<usize> = (0..tasks.len()).filter(|&t| indeg[t] == 0).collect();
+    let shared = std::sync::Mutex::new(Shared {
+        finished: ready.is_empty(),
+        ready,
+        indeg,
+        done: (0..n).map(|_| None).collect(),
+        task_done: vec![false; tasks.len()],
+        running: 0,
+        free_slots: (0..jobs as u32).collect(),
+        interrupted: false,
+    });
+    let wake = std::sync::Condvar::new();
+    let all_done = tokio::sync::Notify::new();
+    let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
 
-    loop {
-        while running < jobs && !interrupted {
-            let Some(t) = ready.pop_front() else { break };
-            let members = tasks[t].clone();
-            let eng = engine.clone();
-            let rep = reporter.clone();
-            for &i in &members {
-                rep.started(&eng.stage(i).name);
-            }
-            let slot = free_slots.pop_first().unwrap_or(0);
-            slot_of.insert(t, slot);
-            set.spawn_blocking(move || {
-                for o in &eng.observers {
-                    for &i in &members {
-                        o.stage_started(&eng, i);
-                    }
-                }
-                let start = t0.elapsed().as_secs_f64();
-                let mut recs: Vec<StageRecord> =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(&members))).unwrap_or_else(|panic| {
-                        let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-                        members
-                            .iter()
-                            .map(|&i| {
-                                let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
-                                r.status = Status::Failed;
-                                r
-                            })
-                            .collect()
-                    });
-                // A group's members ran one after the other in its slot.
-                let end = t0.elapsed().as_secs_f64().max(start);
-                let mut cursor = start;
-                let last = recs.len().saturating_sub(1);
-                for (k, rec) in recs.iter_mut().enumerate() {
-                    rec.start_s = Some(cursor);
-                    let e = if k == last { end } else { (cursor + rec.seconds).min(end) };
-                    rec.end_s = Some(e);
-                    rec.worker = Some(slot);
-                    cursor = e;
-                }
-                for o in &eng.observers {
-                    for (&i, rec) in members.iter().zip(&recs) {
-                        o.stage_finished(&eng, i, rec);
-                    }
-                }
-                (t, members, recs)
-            });
-            running += 1;
-        }
-        if running == 0 {
-            break;
-        }
-        let joined = tokio::select! {
-            j = set.join_next() => j,
-            _ = &mut ctrl_c, if !interrupted => { interrupted = true; engine.cancel.store(true, Ordering::SeqCst); continue; }
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } }, if !interrupted => {
-                interrupted = true; engine.cancel.store(true, Ordering::SeqCst); continue;
-            }
-        };
-        let Some(joined) = joined else { break };
-        running -= 1;
-        let (t, members, recs) = match joined {
-            Ok(x) => {
-                if let Some(slot) = slot_of.remove(&x.0) {
-                    free_slots.insert(slot);
-                }
-                x
-            }
-            Err(e) => {
-                // A panicking stage: report it as a failure, never crash the run.
-                tracing::error!("a stage thread panicked: {e}");
-                continue;
-            }
-        };
-        task_done[t] = true;
+    // Record a finished task and release (or skip) what depends on it.
+    let complete = |g: &mut Shared, t: usize, members: &[usize], recs: Vec<StageRecord>| {
+        g.task_done[t] = true;
         let mut failed_members = Vec::new();
         for (&i, rec) in members.iter().zip(recs) {
             reporter.finished(&rec);
             if rec.status == Status::Failed || rec.status == Status::Skipped {
                 failed_members.push(i);
             }
-            done[i] = Some(rec);
+            g.done[i] = Some(rec);
         }
         // Downstream tasks of this one.
         let mut down: Vec<usize> = members.iter().flat_map(|&i| p.downstream(i)).filter(|d| selected.contains(d) && task_of[*d] != t).collect();
-        down.sort_by_key(|d| order.iter().position(|x| x == d));
+        down.sort_by_key(|&d| position[d]);
         down.dedup();
         // First skip everything downstream of a failed member, then release the rest.
         for &d in &down {
             let blocked_by = failed_members.iter().find(|&&f| p.with_descendants(&[f]).contains(&d));
             if let Some(&f) = blocked_by {
                 for x in p.with_descendants(&[d]) {
-                    if selected.contains(&x) && done[x].is_none() && !task_done[task_of[x]] {
+                    if selected.contains(&x) && g.done[x].is_none() && !g.task_done[task_of[x]] {
                         let r = skipped(&p.stages[x].name, format!("upstream stage {} failed", p.stages[f].name));
                         reporter.finished(&r);
-                        done[x] = Some(r);
-                        indeg[task_of[x]] = usize::MAX;
+                        g.done[x] = Some(r);
+                        g.indeg[task_of[x]] = usize::MAX;
                     }
                 }
             }
@@ -349,21 +316,154 @@ async fn schedule(engine: Arc<Engine>, selected: HashSet<usize>, jobs: usize, re
         let mut seen_tasks = HashSet::new();
         for d in down {
             let dt = task_of[d];
-            if !seen_tasks.insert(dt) || indeg[dt] == usize::MAX {
+            if !seen_tasks.insert(dt) || g.indeg[dt] == usize::MAX {
                 continue;
             }
-            indeg[dt] -= 1;
-            if indeg[dt] == 0 {
-                ready.push_back(dt);
+            g.indeg[dt] -= 1;
+            if g.indeg[dt] == 0 {
+                g.ready.push_back(dt);
             }
         }
-    }
+    };
+
+    // Run one task (on a worker thread, outside the lock).
+    let run_task = |members: &[usize], slot: u32| -> Vec<StageRecord> {
+        let eng = &engine;
+        let work = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for o in &eng.observers {
+                for &i in members {
+                    o.stage_started(eng, i);
+                }
+            }
+            let start = t0.elapsed().as_secs_f64();
+            let mut recs: Vec<StageRecord> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(members))).unwrap_or_else(|panic| {
+                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+                members
+                    .iter()
+                    .map(|&i| {
+                        let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
+                        r.status = Status::Failed;
+                        r
+                    })
+                    .collect()
+            });
+            // A group's members ran one after the other in its slot.
+            let end = t0.elapsed().as_secs_f64().max(start);
+            let mut cursor = start;
+            let last = recs.len().saturating_sub(1);
+            for (k, rec) in recs.iter_mut().enumerate() {
+                rec.start_s = Some(cursor);
+                let e = if k == last { end } else { (cursor + rec.seconds).min(end) };
+                rec.end_s = Some(e);
+                rec.worker = Some(slot);
+                cursor = e;
+            }
+            for o in &eng.observers {
+                for (&i, rec) in members.iter().zip(&recs) {
+                    o.stage_finished(eng, i, rec);
+                }
+            }
+            recs
+        }));
+        work.unwrap_or_else(|_| {
+            // An observer panicked: report it as a failure, never crash the run.
+            tracing::error!("a stage thread panicked");
+            members
+                .iter()
+                .map(|&i| {
+                    let mut r = skipped(&eng.stage(i).name, "internal error (a bug in dagrun, please report it)".into());
+                    r.status = Status::Failed;
+                    r
+                })
+                .collect()
+        })
+    };
+
+    let worker = || {
+        let mut g = lock();
+        loop {
+            if g.finished {
+                break;
+            }
+            let next = if g.interrupted { None } else { g.ready.pop_front() };
+            let Some(t) = next else {
+                if g.running == 0 {
+                    // Nothing runs and nothing can start: the run is over.
+                    g.finished = true;
+                    wake.notify_all();
+                    all_done.notify_one();
+                    break;
+                }
+                g = wake.wait(g).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            let members = tasks[t].clone();
+            for &i in &members {
+                reporter.started(&engine.stage(i).name);
+            }
+            let slot = g.free_slots.pop_first().unwrap_or(0);
+            g.running += 1;
+            // Another idle worker may take what is still ready.
+            if !g.ready.is_empty() {
+                wake.notify_one();
+            }
+            drop(g);
+            let recs = run_task(&members, slot);
+            g = lock();
+            g.running -= 1;
+            g.free_slots.insert(slot);
+            complete(&mut g, t, &members, recs);
+        }
+    };
+
+    std::thread::scope(|sc| {
+        for k in 0..jobs {
+            if let Err(e) = std::thread::Builder::new().name(format!("dagrun-worker-{k}")).spawn_scoped(sc, worker) {
+                tracing::error!("cannot start worker thread {k}: {e}");
+                if k == 0 {
+                    // No worker at all: nothing can run.
+                    let mut g = lock();
+                    g.finished = true;
+                    all_done.notify_one();
+                }
+                break;
+            }
+        }
+        // Signals: stop starting stages and cancel the running ones.
+        rt.block_on(async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let mut interrupted = false;
+            loop {
+                tokio::select! {
+                    _ = all_done.notified() => break,
+                    _ = &mut ctrl_c, if !interrupted => { interrupted = true; }
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } }, if !interrupted => {
+                        interrupted = true;
+                    }
+                }
+                if interrupted {
+                    engine.cancel.store(true, Ordering::SeqCst);
+                    let mut g = lock();
+                    g.interrupted = true;
+                    wake.notify_all();
+                    if g.finished {
+                        break;
+                    }
+                }
+            }
+        });
+    });
+
+    let mut g = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    let interrupted = g.interrupted;
     for &i in &order {
-        if done[i].is_none() {
+        if g.done[i].is_none() {
             let why = if interrupted { "run interrupted".to_string() } else { "not reached".to_string() };
-            done[i] = Some(skipped(&p.stages[i].name, why));
+            g.done[i] = Some(skipped(&p.stages[i].name, why));
         }
     }
-    let records = order.iter().filter_map(|&i| done[i].take()).collect();
+    let records = order.iter().filter_map(|&i| g.done[i].take()).collect();
     (records, interrupted)
 }

@@ -24,6 +24,27 @@ impl Engine {
         }
     }
 
+    /// Note files this run wrote (state records, outputs) for [`Engine::sync_written`].
+    pub(super) fn wrote(&self, paths: impl IntoIterator<Item = PathBuf>) {
+        self.written.lock().unwrap_or_else(|e| e.into_inner()).extend(paths);
+    }
+
+    /// Make the state records and outputs this run wrote durable, in one
+    /// batch (`util::atomic::sync_files`). Called once at the end of a run,
+    /// before the hash memo and the run record are written; why this
+    /// replaces an fsync per record is in `workspace::state` ("Durability").
+    pub fn sync_written(&self) {
+        let mut paths = std::mem::take(&mut *self.written.lock().unwrap_or_else(|e| e.into_inner()));
+        if paths.is_empty() {
+            return;
+        }
+        paths.sort();
+        paths.dedup();
+        if let Err(e) = crate::util::atomic::sync_files(&paths) {
+            tracing::error!("{e:#}: what this run wrote may not survive a power cut (the next run checks every record and output it uses)");
+        }
+    }
+
     /// Remove temporary files left next to outputs by killed runs.
     pub fn sweep_temp_files(&self) {
         let mut dirs: HashSet<PathBuf> = HashSet::new();

@@ -31,6 +31,47 @@ pub(super) fn stage_line(text: &str, name: &str) -> Option<usize> {
     None
 }
 
+/// Where every stage name is written (first line of each key in the
+/// `stages:` block), found in one pass: [`stage_line`] per stage rescans the
+/// file, which made loading a pipeline quadratic in its length.
+pub(super) struct StageLines<'a> {
+    text: &'a str,
+    first: HashMap<&'a str, usize>,
+}
+
+impl<'a> StageLines<'a> {
+    pub(super) fn new(text: &'a str) -> Self {
+        let mut first = HashMap::new();
+        let mut in_stages = false;
+        for (i, line) in text.lines().enumerate() {
+            if line.starts_with("stages:") {
+                in_stages = true;
+                continue;
+            }
+            if in_stages {
+                let t = line.trim_start();
+                if line.len() > t.len() {
+                    // `name:`, `"name":`, `'name' :` (as stage_line matches them).
+                    let key = t.trim_start_matches(['"', '\'']);
+                    if let Some(colon) = key.find(':') {
+                        let name = key[..colon].trim_end().trim_end_matches(['"', '\'']);
+                        first.entry(name).or_insert(i + 1);
+                    }
+                } else if !t.is_empty() && !t.starts_with('#') {
+                    in_stages = false;
+                }
+            }
+        }
+        StageLines { text, first }
+    }
+
+    /// Same answer as [`stage_line`]: by look-up for a valid stage name,
+    /// by scanning for anything else (only error messages ask for those).
+    pub(super) fn get(&self, name: &str) -> Option<usize> {
+        if valid_stage_name(name) { self.first.get(name).copied() } else { stage_line(self.text, name) }
+    }
+}
+
 pub(super) fn valid_stage_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
@@ -39,7 +80,8 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
     check_yaml_limits(text, &shown)?;
     check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
     let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| yaml_error(&shown, &e))?;
-    let at = |name: &str| match stage_line(text, name) {
+    let lines = StageLines::new(text);
+    let at = |name: &str| match lines.get(name) {
         Some(l) => format!("{shown}:{l}: stage `{name}`"),
         None => format!("{shown}: stage `{name}`"),
     };
@@ -129,7 +171,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             let idx = stages.len();
             let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| config(format!("{}: {m}", at(base))))?;
             let mut stage = stage;
-            stage.line = stage_line(text, base);
+            stage.line = lines.get(base);
             stage.executor = def.executor.or(pf.executor).unwrap_or_default();
             stage.resources = merge_resources(pf.slurm.as_ref().and_then(|s| s.resources.as_ref()), def.resources.as_ref());
             check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at(base))))?;
@@ -407,4 +449,20 @@ pub(super) fn check_slurm(s: &SlurmDef) -> std::result::Result<(), String> {
         check_resources(r).map_err(|m| format!("resources.{m}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod stage_lines_tests {
+    use super::*;
+
+    #[test]
+    fn one_pass_lines_equal_the_scan() {
+        let t = "params:\n  x: 1\nstages:\n  gen:\n    cmd: echo s1: x\n  \"s1\" :\n    cmd: a\n  s10:\n    cmd: b\n  'q':\n    cmd: c\n  s1 \":\n# note\n  tr-ain:\nother: 1\n  late:\n";
+        let lines = StageLines::new(t);
+        for name in ["gen", "s1", "s10", "q", "tr-ain", "cmd", "late", "missing", "a:b", "", "s1 "] {
+            assert_eq!(lines.get(name), stage_line(t, name), "{name:?}");
+        }
+        assert_eq!(lines.get("s1"), Some(6));
+        assert_eq!(lines.get("late"), None);
+    }
 }

@@ -19,12 +19,22 @@ use super::{Declared, KindDecl, RunCtx, RunReport, StageKind};
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
-use std::process::{Command, Stdio};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub struct Cmd;
+
+/// `/dev/null` for the commands' stdin, opened once per process.
+fn dev_null() -> Result<&'static std::fs::File> {
+    static NULL: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(f) = NULL.get() {
+        return Ok(f);
+    }
+    let f = std::fs::File::open("/dev/null").context("cannot open /dev/null")?;
+    Ok(NULL.get_or_init(|| f))
+}
 
 /// The last `n` lines of a log file (at most 4 KiB read).
 pub fn tail(path: &std::path::Path, n: usize) -> String {
@@ -42,9 +52,11 @@ pub fn tail(path: &std::path::Path, n: usize) -> String {
 fn kill_group(pid: u32, sig: i32) {
     #[cfg(unix)]
     // SAFETY: killpg takes plain integers and touches no memory of ours. The
-    // group id is the pid of a child we spawned with process_group(0) and
-    // have not reaped yet (the caller still holds the Child), so the id cannot
-    // have been reused by an unrelated group; an error (ESRCH) is ignored.
+    // group id is the pid of a child we started in its own process group
+    // (util::spawn); a group id is not reused while any member of the group
+    // lives; once none does, the call fails with ESRCH (ignored), unless the
+    // id was taken again in between: the last call, right after the shell is
+    // reaped, has that (microseconds wide) window, as it had before.
     unsafe {
         libc::killpg(pid as i32, sig);
     }
@@ -77,85 +89,71 @@ impl StageKind for Cmd {
         let err_path = ctx.workspace.join(&logs_rel).join(&err_name);
         let stdout = logs.create_fresh(&out_name, 0o600)?;
         let stderr = logs.create_fresh(&err_name, 0o600)?;
-        let mut c = Command::new("/bin/sh");
-        c.arg("-c").arg(cmd).current_dir(ctx.workspace).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
-        crate::util::child_env::apply(&mut c, &s.secrets);
+        // The environment, exactly (util::child_env: inherited minus the
+        // denied names, then what dagrun and the stage declare; later wins).
+        let mut env: std::collections::BTreeMap<OsString, OsString> = crate::util::child_env::inherited(&s.secrets).into_iter().collect();
         if std::env::var_os("PATH").is_none() {
-            c.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+            env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
         }
-        c.env("DAGRUN_WORKSPACE", ctx.workspace).env("DAGRUN_STAGE", &s.name);
+        env.insert("DAGRUN_WORKSPACE".into(), ctx.workspace.as_os_str().to_owned());
+        env.insert("DAGRUN_STAGE".into(), s.name.clone().into());
         if let Some(t) = &s.tenant {
-            c.env("DAGRUN_TENANT", t);
+            env.insert("DAGRUN_TENANT".into(), t.into());
         }
-        c.envs(crate::pipeline::shell::param_env(&s.param_refs));
-        c.envs(&s.env);
+        env.extend(crate::pipeline::shell::param_env(&s.param_refs).into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
+        env.extend(s.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
         // The master key's URI names the PIN's file (pin-source) or holds the PIN
         // (pin-value): no child process gets it, whatever the stage declares.
-        c.env_remove(crate::crypto::master::ENV_MASTER_KEY_URI);
+        env.remove(OsStr::new(crate::crypto::master::ENV_MASTER_KEY_URI));
         // The OpenLineage bearer token is for dagrun's own requests only.
-        c.env_remove(crate::lineage::TOKEN_ENV);
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            c.process_group(0);
-            // If dagrun itself is killed (even with SIGKILL), the shell dies
-            // too: the thread that started it waits for it, so it lives as
-            // long as the command does. dagrun ignores SIGXFSZ (main.rs); an
-            // ignored signal stays ignored across exec, so give the command
-            // the default back.
-            // SAFETY: the closure runs in the forked child before exec, where
-            // only async-signal-safe calls are allowed. It calls prctl, signal
-            // and setrlimit (all async-signal-safe syscalls); it allocates
-            // nothing, takes no lock and reads only atomics already set by
-            // the parent (restore_core_limit_for_child).
-            unsafe {
-                c.pre_exec(|| {
-                    #[cfg(target_os = "linux")]
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
-                    // dagrun runs with core dumps off (crypto::harden_process);
-                    // the command gets the user's limit back.
-                    crate::crypto::restore_core_limit_for_child();
-                    Ok(())
-                });
-            }
-        }
-        let mut child = c.spawn().context("cannot start /bin/sh")?;
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        let waiter = std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
+        env.remove(OsStr::new(crate::lineage::TOKEN_ENV));
+        let env: Vec<(OsString, OsString)> = env.into_iter().collect();
+        let stdin = dev_null()?;
+        // In its own process group; killed if dagrun itself dies (even by
+        // SIGKILL: the thread that starts it waits for it, so it lives as long
+        // as the command does); default signal dispositions (dagrun ignores
+        // SIGPIPE and SIGXFSZ); started without copying dagrun's memory: see
+        // util::spawn. dagrun runs with core dumps off
+        // (crypto::harden_process); the command gets the user's limit back.
+        let restore_core = || crate::crypto::restore_core_limit_for_child();
+        let args = [OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(cmd)];
+        let child = crate::util::spawn::spawn(&crate::util::spawn::Spawn {
+            program: std::path::Path::new("/bin/sh"),
+            args: &args,
+            env: &env,
+            cwd: ctx.workspace,
+            stdin: stdin.as_raw_fd(),
+            stdout: stdout.as_raw_fd(),
+            stderr: stderr.as_raw_fd(),
+            pre_exec: Some(&restore_core),
+        })
+        .context("cannot start /bin/sh")?;
+        drop((stdout, stderr));
+        let pid = child.pid as u32;
         let start = Instant::now();
         let status = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(st) => break st.context("waiting for the command")?,
-                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("lost track of the command"),
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let timed_out = ctx.timeout.is_some_and(|t| start.elapsed() >= t);
-                    if timed_out || ctx.cancel.load(Ordering::Relaxed) {
-                        kill_group(pid, libc::SIGTERM);
-                        let grace = rx.recv_timeout(Duration::from_secs(2));
-                        if grace.is_err() {
-                            kill_group(pid, libc::SIGKILL);
-                            let _ = rx.recv();
-                        }
-                        // Children that ignored SIGTERM while the shell exited.
-                        kill_group(pid, libc::SIGKILL);
-                        let _ = waiter.join();
-                        if timed_out {
-                            bail!(
-                                "timed out after {}s (timeout: {}); the command and its child processes were killed",
-                                start.elapsed().as_secs(),
-                                ctx.timeout.unwrap().as_secs_f64()
-                            );
-                        }
-                        bail!("interrupted; the command and its child processes were killed");
-                    }
+            if let Some(st) = child.wait_timeout(Duration::from_millis(100))? {
+                break st;
+            }
+            let timed_out = ctx.timeout.is_some_and(|t| start.elapsed() >= t);
+            if timed_out || ctx.cancel.load(Ordering::Relaxed) {
+                kill_group(pid, libc::SIGTERM);
+                if child.wait_timeout(Duration::from_secs(2))?.is_none() {
+                    kill_group(pid, libc::SIGKILL);
+                    let _ = child.wait();
                 }
+                // Children that ignored SIGTERM while the shell exited.
+                kill_group(pid, libc::SIGKILL);
+                if timed_out {
+                    bail!(
+                        "timed out after {}s (timeout: {}); the command and its child processes were killed",
+                        start.elapsed().as_secs(),
+                        ctx.timeout.unwrap().as_secs_f64()
+                    );
+                }
+                bail!("interrupted; the command and its child processes were killed");
             }
         };
-        let _ = waiter.join();
         if !status.success() {
             let code = match status.code() {
                 Some(c) => format!("exit status {c}"),

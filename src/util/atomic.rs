@@ -3,10 +3,14 @@
 //! after a SIGKILL) sees either the old file or the new one, never a torn mix.
 //!
 //! How much is flushed is chosen per kind of file ([`Durability`]): outputs
-//! and state files are fsynced before the rename; key material and run
+//! of built-in kinds are fsynced before the rename; key material and run
 //! records also fsync the directory (the rename itself survives a power cut);
-//! cache objects and cache metadata are not fsynced at all, because every use
-//! verifies them by hash and a lost or torn one only costs a recomputation.
+//! cache objects, cache metadata and per-stage state records are not fsynced
+//! one by one, because every use verifies them (by hash, by MAC) and a lost
+//! or torn one only costs a recomputation. A run makes its state records and
+//! outputs durable in one batch at its end ([`sync_files`]), before it writes
+//! the hash memo and its run record: see `workspace::state` for why that is
+//! as safe as one fsync per record.
 //!
 //! Temporary files are named `.NAME.dagrun-tmp.PID.N`; [`is_temp_name`] lets
 //! the engine sweep leftovers of killed runs (they may hold plaintext).
@@ -77,6 +81,17 @@ impl AtomicFile {
     }
 
     fn open(dest: &Path, mode: Option<u32>, durability: Durability) -> Result<Self> {
+        Self::open_buffered(dest, mode, durability, 1 << 20)
+    }
+
+    /// Like [`AtomicFile::create_with`] with no write buffer: for callers
+    /// that write whole buffers (a small record, a copy loop), so no
+    /// 1 MiB buffer is allocated (and mapped, and unmapped) per file.
+    pub fn create_unbuffered(dest: &Path, durability: Durability) -> Result<Self> {
+        Self::open_buffered(dest, None, durability, 0)
+    }
+
+    fn open_buffered(dest: &Path, mode: Option<u32>, durability: Durability, capacity: usize) -> Result<Self> {
         if let Some(parent) = dest.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -91,7 +106,7 @@ impl AtomicFile {
             opts.mode(mode.unwrap_or(0o644));
         }
         let file = opts.open(&tmp).with_context(|| format!("cannot write {} (creating its temporary file {} failed)", dest.display(), tmp.display()))?;
-        Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(1 << 20, file)), durability })
+        Ok(AtomicFile { dest: dest.to_path_buf(), tmp, file: Some(BufWriter::with_capacity(capacity, file)), durability })
     }
 
     /// Path of the temporary file (for writers that need a `File`).
@@ -157,23 +172,84 @@ pub fn sync_parent(path: &Path) {
     }
 }
 
+/// Make `paths` durable in one batch: writeback of every file is started
+/// first (`sync_file_range`), then every file and every distinct parent
+/// folder (so renames into them last too) is fsynced, from up to 16 threads
+/// at once: a journalling file system groups concurrent fsyncs into a few
+/// commits, so the batch costs a few fsyncs, not one per file, and unlike
+/// `syncfs` it never waits for other programs' writes. A folder in `paths` is
+/// synced with everything below it. Paths that no longer exist are skipped.
+pub fn sync_files<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut files: Vec<(PathBuf, File)> = Vec::new();
+    let mut dirs: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
+    let mut todo: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
+    while let Some(p) = todo.pop() {
+        let Ok(m) = fs::symlink_metadata(&p) else { continue };
+        if m.is_dir() {
+            if let Ok(rd) = fs::read_dir(&p) {
+                todo.extend(rd.flatten().map(|e| e.path()));
+            }
+            dirs.insert(p.clone());
+        } else if m.is_file() {
+            let Ok(f) = File::open(&p) else { continue };
+            // SAFETY: a valid descriptor; starts writeback, waits for nothing.
+            unsafe {
+                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            }
+            files.push((p.clone(), f));
+        }
+        if let Some(parent) = p.parent() {
+            dirs.insert(parent.to_path_buf());
+        }
+    }
+    for d in &dirs {
+        if let Ok(f) = File::open(d) {
+            files.push((d.clone(), f));
+        }
+    }
+    // fsyncs issued together share journal commits (a file's commit often
+    // carries the others'): from a few threads at once, not one after another.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
+    let threads = files.len().clamp(1, 16);
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            sc.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((p, f)) = files.get(i) else { break };
+                    if let Err(e) = f.sync_all() {
+                        let e = anyhow::Error::new(e).context(format!("cannot flush {} to disk (fsync failed)", p.display()));
+                        failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// Write `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = AtomicFile::create(dest)?;
+    let mut f = AtomicFile::open_buffered(dest, None, Durability::Content, 0)?;
     f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
 
 /// Write `bytes` to `dest` atomically with permission bits `mode` (e.g. 0o600).
 pub fn write_atomic_mode(dest: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let mut f = AtomicFile::create_with_mode(dest, Some(mode))?;
+    let mut f = AtomicFile::open_buffered(dest, Some(mode), Durability::Full, 0)?;
     f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
 
 /// Write `bytes` to `dest` atomically with the given durability.
 pub fn write_atomic_with(dest: &Path, bytes: &[u8], durability: Durability) -> Result<()> {
-    let mut f = AtomicFile::create_with(dest, durability)?;
+    let mut f = AtomicFile::create_unbuffered(dest, durability)?;
     f.writer().write_all(bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     f.commit()
 }
@@ -230,6 +306,24 @@ mod tests {
         }
         assert_eq!(fs::read(&p).unwrap(), b"old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn sync_files_flushes_files_and_folders_and_skips_what_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a/f.txt");
+        write_atomic_with(&f, b"x", Durability::Verified).unwrap();
+        fs::create_dir_all(dir.path().join("d/e")).unwrap();
+        fs::write(dir.path().join("d/e/g"), b"y").unwrap();
+        let ro = dir.path().join("ro");
+        fs::write(&ro, b"z").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
+        }
+        sync_files(&[f, dir.path().join("d"), ro, dir.path().join("missing")]).unwrap();
+        sync_files::<PathBuf>(&[]).unwrap();
     }
 
     #[cfg(unix)]

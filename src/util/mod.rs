@@ -4,6 +4,7 @@ pub mod child_env;
 pub mod nofollow;
 pub mod par;
 pub mod prometheus;
+pub mod spawn;
 
 /// Remove a file, symlink (never its target) or directory tree if present.
 pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {

@@ -125,7 +125,8 @@ impl Dir {
 /// `final_link_ok`: whether the last component may itself be a symlink
 /// (writers that replace it by rename, or remove it first, never follow it).
 pub fn check_write_path(root: &Path, rel: &str, protected: &[&str], final_link_ok: bool) -> std::result::Result<(), String> {
-    let Ok(croot) = root.canonicalize() else { return Ok(()) };
+    // The root's real path is only needed when a link is met (most checks meet none).
+    let mut croot: Option<PathBuf> = None;
     let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     let mut cur = root.to_path_buf();
     for (i, part) in parts.iter().enumerate() {
@@ -142,7 +143,11 @@ pub fn check_write_path(root: &Path, rel: &str, protected: &[&str], final_link_o
                         "output {rel:?} goes through the symlink {shown}, whose target does not exist; outputs must be real paths inside the workspace"
                     ));
                 };
-                let inside = target.strip_prefix(&croot).ok();
+                if croot.is_none() {
+                    let Ok(c) = root.canonicalize() else { return Ok(()) };
+                    croot = Some(c);
+                }
+                let inside = croot.as_deref().and_then(|c| target.strip_prefix(c).ok());
                 let into = inside.and_then(|r| r.components().next()).and_then(|c| c.as_os_str().to_str()).filter(|top| protected.contains(top));
                 match (inside, into) {
                     (None, _) => {

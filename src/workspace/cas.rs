@@ -45,7 +45,10 @@ fn copy_hashing(src: &Path, dst: &mut AtomicFile) -> Result<ContentHash> {
 
 fn copy_from(f: &mut std::fs::File, src: &Path, dst: &mut AtomicFile) -> Result<ContentHash> {
     let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    // Sized to the file (one read for a small one): a fresh zeroed 256 KiB
+    // buffer per small output was most of the cost of storing it.
+    let len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+    let mut buf = vec![0u8; len.saturating_add(1).clamp(4096, 256 * 1024) as usize];
     loop {
         let n = f.read(&mut buf).with_context(|| format!("cannot read {}", src.display()))?;
         if n == 0 {
@@ -107,7 +110,7 @@ impl Cas {
             return Ok(());
         }
         let dest = self.object_path(hash);
-        let mut tmp = AtomicFile::create_with(&dest, Durability::Verified)?;
+        let mut tmp = AtomicFile::create_unbuffered(&dest, Durability::Verified)?;
         let got = copy_hashing(src, &mut tmp)?;
         if &got != hash {
             bail!("{} changed while it was being stored in the cache; rerun", src.display());
@@ -126,7 +129,7 @@ impl Cas {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let staging = self.root.join(format!(".ingest{}{}.{seq}", crate::util::atomic::TEMP_MARKER, std::process::id()));
-        let mut tmp = AtomicFile::create_with(&staging, Durability::Verified)?;
+        let mut tmp = AtomicFile::create_unbuffered(&staging, Durability::Verified)?;
         let hash = copy_hashing(src, &mut tmp)?;
         let after = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
         if before.len() != after.len() || before.modified().ok() != after.modified().ok() {

@@ -57,52 +57,59 @@ impl RecordError {
 
 /// JSON with object keys sorted at every level and no insignificant whitespace.
 pub fn canonical_json(v: &Value) -> String {
-    let mut s = String::new();
+    let mut s = Vec::new();
     write_canonical(v, &mut s);
-    s
+    String::from_utf8(s).expect("serde_json writes UTF-8")
 }
 
-fn write_object(m: &serde_json::Map<String, Value>, skip: Option<&str>, out: &mut String) {
+// Keys and scalars are written by serde_json itself (the same escaping and
+// number format as `Value`'s Display), straight into the buffer: no copy of
+// a key, no String per value.
+fn write_json<T: Serialize + ?Sized>(x: &T, out: &mut Vec<u8>) {
+    serde_json::to_writer(&mut *out, x).expect("writing JSON to memory cannot fail");
+}
+
+fn write_object(m: &serde_json::Map<String, Value>, skip: Option<&str>, out: &mut Vec<u8>) {
     let mut keys: Vec<&String> = m.keys().filter(|k| Some(k.as_str()) != skip).collect();
     keys.sort();
-    out.push('{');
+    out.push(b'{');
     for (i, k) in keys.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(&Value::String((*k).clone()).to_string());
-        out.push(':');
+        write_json(k.as_str(), out);
+        out.push(b':');
         write_canonical(&m[*k], out);
     }
-    out.push('}');
+    out.push(b'}');
 }
 
-fn write_canonical(v: &Value, out: &mut String) {
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(m) => write_object(m, None, out),
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => write_json(other, out),
     }
 }
 
 /// The MAC (hex) of a record value (its top-level `"mac"` field ignored;
 /// nothing is copied).
 pub fn mac_of(key: &IntegrityKey, domain: &str, v: &Value) -> String {
-    let mut canon = String::new();
+    let mut canon = Vec::with_capacity(1024);
     match v {
         Value::Object(m) => write_object(m, Some(MAC_FIELD), &mut canon),
         _ => write_canonical(v, &mut canon),
     }
-    key.mac(domain, canon.as_bytes()).to_hex().to_string()
+    key.mac(domain, &canon).to_hex().to_string()
 }
 
 /// `rec` as a JSON value with its MAC added.
@@ -162,6 +169,31 @@ pub fn open<T: DeserializeOwned>(key: Option<&IntegrityKey>, domain: &str, bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The earlier implementation (keys and scalars through `Value`'s
+    /// Display), kept to pin the bytes every existing MAC was computed over.
+    fn canonical_reference(v: &Value) -> String {
+        match v {
+            Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                let parts: Vec<String> = keys.iter().map(|k| format!("{}:{}", Value::String((*k).clone()), canonical_reference(&m[*k]))).collect();
+                format!("{{{}}}", parts.join(","))
+            }
+            Value::Array(a) => format!("[{}]", a.iter().map(canonical_reference).collect::<Vec<_>>().join(",")),
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn canonical_bytes_are_unchanged() {
+        let v: Value = serde_json::json!({
+            "z": [1, -2.5, 1e300, 0.1, true, null, "é\u{1}\"\\\n\t/\u{7f}\u{2028}"],
+            "a": {"k\u{0}ey": {}, "": [], "b": {"y": 1, "x": 2}},
+            "m": u64::MAX, "n": i64::MIN, "f": 0.30000000000000004
+        });
+        assert_eq!(canonical_json(&v), canonical_reference(&v));
+    }
     use crate::workspace::ContentHash;
 
     #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]

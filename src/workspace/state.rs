@@ -13,6 +13,31 @@
 //! own stage; an action entry its own key). Anything else is
 //! [`Loaded::Invalid`]: the engine recomputes, `status` says why, `verify`
 //! reports it.
+//!
+//! # Durability (what a crash can leave)
+//! Records are written atomically (temporary file, then rename) but not
+//! fsynced one by one: a run makes the records and outputs it wrote durable
+//! in one batch at its end (`util::atomic::sync_files`: writeback of all
+//! started, then the fsyncs issued together, which the file system groups
+//! into a few commits), and only then
+//! writes the hash memo and the run record. Cache objects are verified by
+//! hash on every use and never fsynced (as before). Why that is as safe as an
+//! fsync per record:
+//! - A killed process (SIGKILL, OOM, panic) loses nothing the kernel has:
+//!   each record is old or new, never torn (the `faults::` tests).
+//! - A power cut or kernel crash during a run can lose records written since
+//!   the run began, roll them back to an earlier version, or (on some file
+//!   systems) leave them empty or torn; outputs likewise. No record is used
+//!   without checks that catch each case: a lost record means the stage
+//!   reruns; an empty or torn one fails its MAC and the stage reruns; a record
+//!   that reached the disk while the output it names did not is caught
+//!   because an output is trusted only when its content hashes to the
+//!   recorded hash (read again, or vouched for by the hash memo, which is
+//!   written after the sync and so describes only files already durable);
+//!   then it is restored from the cache (objects are verified by hash) or
+//!   the stage reruns. So a record never makes a lost or stale output count
+//!   as done; the cost of a crash is at most a rerun of that run's stages.
+//! - Once `dagrun run` has returned, everything it recorded is on disk.
 
 use super::Workspace;
 use super::hash::ContentHash;
@@ -111,6 +136,11 @@ impl StateStore {
         StateStore { state_dir: ws.state_dir(), actions_dir: ws.actions_dir(), ws: ws.clone(), key }
     }
 
+    /// Where a stage's record lives (for the run's end-of-run sync).
+    pub fn record_path(&self, stage: &str) -> PathBuf {
+        self.stage_file(stage)
+    }
+
     fn stage_file(&self, stage: &str) -> PathBuf {
         self.state_dir.join(format!("{stage}.json"))
     }
@@ -156,8 +186,10 @@ impl StateStore {
         record::seal(k, record::STAGE_RECORD, st)
     }
 
+    /// Write a stage's record (atomically; durable at the run's end sync:
+    /// see the module comment).
     pub fn put(&self, st: &StageState) -> Result<()> {
-        write_atomic_with(&self.stage_file(&st.stage), &self.seal(st)?, Durability::Content)
+        write_atomic_with(&self.stage_file(&st.stage), &self.seal(st)?, Durability::Verified)
     }
 
     pub fn remove(&self, stage: &str) {
@@ -191,13 +223,20 @@ impl StateStore {
     /// (entries are verified on every read; a lost one only costs a recomputation).
     pub fn put_action(&self, st: &StageState) -> Result<()> {
         let dest = self.action_file(&st.key);
-        if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
-            return Ok(());
-        }
-        let _ = std::fs::remove_file(&dest);
-        std::fs::create_dir_all(&self.actions_dir)?;
         let state_file = self.stage_file(&st.stage);
         // Called right after `put(st)` by the only thread running this stage.
+        // Linked first (the common case: a new key), checked only when an
+        // entry is already there: a valid one is kept, anything else replaced.
+        match std::fs::hard_link(&state_file, &dest) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
+                    return Ok(());
+                }
+                let _ = std::fs::remove_file(&dest);
+            }
+            Err(_) => std::fs::create_dir_all(&self.actions_dir)?,
+        }
         if std::fs::hard_link(&state_file, &dest).is_ok() {
             return Ok(());
         }

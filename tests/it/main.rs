@@ -5,6 +5,7 @@ mod common;
 
 mod bad_pipelines;
 mod cache;
+mod cmd_spawn;
 mod deploy;
 mod drift;
 mod failures;
