@@ -6,6 +6,7 @@
 #   bench/serve.sh --duration 30   longer cases
 #   bench/serve.sh --rounds 1      one pass
 #   bench/serve.sh --workers 1     server worker threads (default: cores)
+#   DAGRUN_BIN=/path/to/dagrun bench/serve.sh   measure another build (no cargo build)
 #
 # It trains the default pipeline (100k rows), creates a token, starts the
 # server and load-tests, with wrk on the same machine (and the same cores):
@@ -44,8 +45,8 @@ if ! command -v wrk > /dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk > /dev/null
 fi
 
-cargo build --release --quiet
-BIN="$PWD/target/release/dagrun"
+if [ -z "${DAGRUN_BIN:-}" ]; then cargo build --release --quiet; fi
+BIN="${DAGRUN_BIN:-$PWD/target/release/dagrun}"   # DAGRUN_BIN=/path/to/dagrun: measure another build
 export DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f  # benchmark-only key
 ws=$(mktemp -d /tmp/dagrun-serve-bench.XXXXXX)
 server=""
