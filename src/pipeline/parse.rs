@@ -5,30 +5,36 @@
 
 use super::*;
 
-/// Where a stage name is written in the file (1-based line), found by text.
-pub(super) fn stage_line(text: &str, name: &str) -> Option<usize> {
+/// The key lines of the `stages:` block: (1-based line, the line's text from
+/// its key on, leading quotes removed). The block ends at the next line that
+/// is neither indented, empty nor a comment.
+fn stage_key_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
     let mut in_stages = false;
-    for (i, line) in text.lines().enumerate() {
+    text.lines().enumerate().filter_map(move |(i, line)| {
         if line.starts_with("stages:") {
             in_stages = true;
-            continue;
+            return None;
         }
-        if in_stages {
-            let t = line.trim_start();
-            if line.len() > t.len() {
-                let key = t.trim_start_matches(['"', '\'']);
-                if let Some(rest) = key.strip_prefix(name) {
-                    let rest = rest.trim_start_matches(['"', '\'']);
-                    if rest.trim_start().starts_with(':') {
-                        return Some(i + 1);
-                    }
-                }
-            } else if !t.is_empty() && !t.starts_with('#') {
-                in_stages = false;
-            }
+        if !in_stages {
+            return None;
         }
-    }
-    None
+        let t = line.trim_start();
+        if line.len() > t.len() {
+            return Some((i + 1, t.trim_start_matches(['"', '\''])));
+        }
+        if !t.is_empty() && !t.starts_with('#') {
+            in_stages = false;
+        }
+        None
+    })
+}
+
+/// Where a stage name is written in the file (1-based line), found by text.
+pub(super) fn stage_line(text: &str, name: &str) -> Option<usize> {
+    stage_key_lines(text).find_map(|(line, key)| {
+        let rest = key.strip_prefix(name)?.trim_start_matches(['"', '\'']);
+        rest.trim_start().starts_with(':').then_some(line)
+    })
 }
 
 /// Where every stage name is written (first line of each key in the
@@ -42,24 +48,10 @@ pub(super) struct StageLines<'a> {
 impl<'a> StageLines<'a> {
     pub(super) fn new(text: &'a str) -> Self {
         let mut first = HashMap::new();
-        let mut in_stages = false;
-        for (i, line) in text.lines().enumerate() {
-            if line.starts_with("stages:") {
-                in_stages = true;
-                continue;
-            }
-            if in_stages {
-                let t = line.trim_start();
-                if line.len() > t.len() {
-                    // `name:`, `"name":`, `'name' :` (as stage_line matches them).
-                    let key = t.trim_start_matches(['"', '\'']);
-                    if let Some(colon) = key.find(':') {
-                        let name = key[..colon].trim_end().trim_end_matches(['"', '\'']);
-                        first.entry(name).or_insert(i + 1);
-                    }
-                } else if !t.is_empty() && !t.starts_with('#') {
-                    in_stages = false;
-                }
+        // `name:`, `"name":`, `'name' :` (as stage_line matches them).
+        for (line, key) in stage_key_lines(text) {
+            if let Some(colon) = key.find(':') {
+                first.entry(key[..colon].trim_end().trim_end_matches(['"', '\''])).or_insert(line);
             }
         }
         StageLines { text, first }
