@@ -120,21 +120,29 @@ pub fn open_batches_columns(path: &Path, batch_size: usize, columns: &[&str]) ->
     Ok(reader.map(move |r| r.with_context(|| format!("cannot read Parquet file {}", p.display()))))
 }
 
+/// Open `src` and read its footer once, page index included when it has one:
+/// the column chunks' metadata and the Arrow schema for splicing, and what
+/// readers of its row groups are built from (no second parse of the footer).
+fn open_with_page_index(src: &Path) -> Result<(File, parquet::arrow::arrow_reader::ArrowReaderMetadata)> {
+    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
+    let input = File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
+    let not_parquet = || format!("{} is not a readable Parquet file", src.display());
+    let md = ParquetMetaDataReader::new().with_page_index_policy(PageIndexPolicy::Optional).parse_and_finish(&input).with_context(not_parquet)?;
+    let md = parquet::arrow::arrow_reader::ArrowReaderMetadata::try_new(std::sync::Arc::new(md), Default::default()).with_context(not_parquet)?;
+    Ok((input, md))
+}
+
 /// Copy a Parquet file to `dest` (atomically) without decoding it: every
 /// column chunk's bytes are spliced into a new file whose footer carries the
 /// source's key-value metadata (including the embedded Arrow schema) updated
 /// with `kv`. Returns the Arrow schema and the row count. Deterministic.
 pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> Result<(SchemaRef, u64)> {
     use parquet::column::writer::ColumnCloseResult;
-    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
     use parquet::file::writer::SerializedFileWriter;
-    let input = File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
-    let md = ParquetMetaDataReader::new()
-        .with_page_index_policy(PageIndexPolicy::Optional)
-        .parse_and_finish(&input)
-        .with_context(|| format!("{} is not a readable Parquet file", src.display()))?;
-    let schema = read_schema(src)?;
-    let mut merged: BTreeMap<String, String> = footer_kv(&md);
+    let (input, md) = open_with_page_index(src)?;
+    let schema = md.schema().clone();
+    let md = md.metadata();
+    let mut merged: BTreeMap<String, String> = footer_kv(md);
     for (k, v) in kv {
         merged.insert(k, v);
     }
@@ -205,12 +213,8 @@ pub fn rewrite_with_spliced_columns(
     use parquet::arrow::ArrowSchemaConverter;
     use parquet::arrow::arrow_writer::compute_leaves;
     use parquet::column::writer::ColumnCloseResult;
-    use parquet::file::metadata::{PageIndexPolicy, ParquetMetaDataReader};
-    let input = File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
-    let md = ParquetMetaDataReader::new()
-        .with_page_index_policy(PageIndexPolicy::Optional)
-        .parse_and_finish(&input)
-        .with_context(|| format!("{} is not a readable Parquet file", src.display()))?;
+    let (input, reader_md) = open_with_page_index(src)?;
+    let md = reader_md.metadata();
     let props = writer_props();
     let out_descr = ArrowSchemaConverter::new().with_coerce_types(props.coerce_types()).convert(&out_schema)?;
     let in_descr = md.file_metadata().schema_descr();
@@ -246,7 +250,8 @@ pub fn rewrite_with_spliced_columns(
     for (rg_idx, rg) in md.row_groups().iter().enumerate() {
         let mut writers: Vec<Option<parquet::arrow::arrow_writer::ArrowColumnWriter>> =
             factory.create_column_writers(rg_idx).with_context(ctx)?.into_iter().map(Some).collect();
-        let b = open_builder(src)?;
+        let b =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(input.try_clone().with_context(|| format!("cannot open {}", src.display()))?, reader_md.clone());
         let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), read.iter().filter_map(|c| b.schema().index_of(c).ok()));
         let reader = b
             .with_row_groups(vec![rg_idx])
