@@ -62,19 +62,21 @@ impl Pseudonymizer {
         compress256(&mut state, blocks);
         // The inner message is the pad block (64 bytes) then `value`.
         finish(&mut state, &value[full..], BLOCK as u64 + value.len() as u64);
-        let mut digest = [0u8; 32];
-        for (d, w) in digest.chunks_exact_mut(4).zip(state) {
-            d.copy_from_slice(&w.to_be_bytes());
-        }
+        let mut digest = digest_bytes(&state);
         let mut outer = self.outer;
         finish(&mut outer, &digest, (BLOCK + 32) as u64);
         digest.zeroize();
-        let mut out = [0u8; 32];
-        for (d, w) in out.chunks_exact_mut(4).zip(outer) {
-            d.copy_from_slice(&w.to_be_bytes());
-        }
-        out
+        digest_bytes(&outer)
     }
+}
+
+/// A SHA-256 state as its 32-byte digest (big-endian words).
+fn digest_bytes(state: &[u32; 8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (d, w) in out.chunks_exact_mut(4).zip(state) {
+        d.copy_from_slice(&w.to_be_bytes());
+    }
+    out
 }
 
 /// Compress the last `tail` (< 64) bytes of a message of `total` bytes with

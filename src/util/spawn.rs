@@ -321,12 +321,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_program_that_cannot_start_is_an_error_and_leaves_no_child() {
+    /// `program` with `args`, no environment, in `/`, all three streams on /dev/null.
+    fn spawn_quiet(program: &str, args: &[&str]) -> Result<Child> {
         let null = std::fs::File::open("/dev/null").unwrap();
-        let args = [OsStr::new("x")];
-        let e = spawn(&Spawn {
-            program: Path::new("/nonexistent/program"),
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        spawn(&Spawn {
+            program: Path::new(program),
             args: &args,
             env: &[],
             cwd: Path::new("/"),
@@ -335,26 +335,17 @@ mod tests {
             stderr: null.as_raw_fd(),
             pre_exec: None,
         })
-        .err()
-        .expect("an error");
+    }
+
+    #[test]
+    fn a_program_that_cannot_start_is_an_error_and_leaves_no_child() {
+        let e = spawn_quiet("/nonexistent/program", &["x"]).err().expect("an error");
         assert!(format!("{e:#}").contains("No such file"), "{e:#}");
     }
 
     #[test]
     fn timeouts_report_a_running_child() {
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let args = [OsStr::new("sleep"), OsStr::new("0.3")];
-        let c = spawn(&Spawn {
-            program: Path::new("/bin/sleep"),
-            args: &args,
-            env: &[],
-            cwd: Path::new("/"),
-            stdin: null.as_raw_fd(),
-            stdout: null.as_raw_fd(),
-            stderr: null.as_raw_fd(),
-            pre_exec: None,
-        })
-        .unwrap();
+        let c = spawn_quiet("/bin/sleep", &["sleep", "0.3"]).unwrap();
         assert!(c.wait_timeout(Duration::from_millis(10)).unwrap().is_none());
         assert!(c.wait().unwrap().success());
     }
