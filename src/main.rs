@@ -310,6 +310,19 @@ fn main() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
+    // `dagrun status | head`: commands that only print end quietly when
+    // their reader goes away, as `ls` or `grep` do (Rust ignores SIGPIPE, so
+    // `println!` would panic). `run`, `exec-stage` and `serve` keep ignoring
+    // it: a closed stdout must not kill a run or a server half-way, so they
+    // drop their lines instead (`engine::report::say`).
+    #[cfg(unix)]
+    if !matches!(cli.command, Cmd::Run { .. } | Cmd::ExecStage { .. } | Cmd::Serve(_)) {
+        // SAFETY: SIG_DFL installs no handler code; no other thread exists
+        // yet (logging and the runtime start below).
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(&cli);
     let code = match real_main(&cli) {
         Ok(code) => code,

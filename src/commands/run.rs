@@ -2,7 +2,7 @@
 //! print one summary line (plus the per-tenant summary), or the run record as
 //! JSON. `--dry-run` is `dagrun status` with `--force` taken into account.
 
-use crate::engine::report::Verbosity;
+use crate::engine::report::{Verbosity, say};
 use crate::engine::runs;
 use crate::engine::scheduler::{self, RunOptions};
 use crate::error::exit;
@@ -70,24 +70,24 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
     };
     let out = scheduler::run(p, &opts)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&out.record)?);
+        say(&serde_json::to_string_pretty(&out.record)?);
         return Ok(exit::OK);
     }
     if args.verbosity != Verbosity::Quiet {
         let count = |s: runs::Status| out.record.stages.iter().filter(|r| r.status == s).count();
         let (ran, cached, restored) = (count(runs::Status::Ran), count(runs::Status::Cached), count(runs::Status::Restored));
         if ran + restored == 0 {
-            println!("all {} stages up to date ({:.3}s, run {})", out.record.stages.len(), out.record.seconds, out.record.run_id);
+            say(&format!("all {} stages up to date ({:.3}s, run {})", out.record.stages.len(), out.record.seconds, out.record.run_id));
         } else {
-            println!(
+            say(&format!(
                 "{} stages: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
                 out.record.stages.len(),
                 out.record.seconds,
                 out.record.run_id
-            );
+            ));
         }
         for line in &out.summary {
-            println!("{line}");
+            say(line);
         }
     }
     Ok(exit::OK)

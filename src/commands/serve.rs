@@ -110,6 +110,6 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
         })
         .await
     })?;
-    println!("dagrun serve: stopped");
+    crate::engine::report::say("dagrun serve: stopped");
     Ok(())
 }

@@ -8,6 +8,15 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Print a line on stdout. A closed stdout (`dagrun run … | head`, a log
+/// collector that went away) neither stops nor crashes a run: the line is
+/// dropped (`println!` would panic in the worker thread that printed it).
+pub fn say(s: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{s}");
+    let _ = out.flush();
+}
+
 /// How much to print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verbosity {
@@ -64,7 +73,7 @@ impl Reporter {
                 running.lock().unwrap().insert(stage.to_string(), pb);
             }
             Mode::Plain if self.verbose => {
-                println!("[dagrun] start    {stage}");
+                say(&format!("[dagrun] start    {stage}"));
             }
             _ => {}
         }
@@ -90,8 +99,7 @@ impl Reporter {
             Mode::Quiet => {}
             Mode::Plain => {
                 if rec.status != Status::Cached || self.verbose {
-                    println!("[dagrun] {line}");
-                    let _ = std::io::stdout().flush();
+                    say(&format!("[dagrun] {line}"));
                 }
             }
             Mode::Bars { multi, overall, running } => {
@@ -111,7 +119,7 @@ impl Reporter {
     pub fn line(&self, s: &str) {
         match &self.mode {
             Mode::Quiet => {}
-            Mode::Plain => println!("{s}"),
+            Mode::Plain => say(s),
             Mode::Bars { multi, .. } => {
                 let _ = multi.println(s);
             }

@@ -242,6 +242,17 @@ struct Shared {
     finished: bool,
 }
 
+/// Runs its closure when dropped during a panic.
+struct OnPanic<F: Fn()>(F);
+
+impl<F: Fn()> Drop for OnPanic<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            (self.0)();
+        }
+    }
+}
+
 fn schedule(
     rt: &tokio::runtime::Runtime,
     engine: Arc<Engine>,
@@ -380,6 +391,17 @@ fn schedule(
     };
 
     let worker = || {
+        // A panic outside a stage's own catch (a bug) must end the run, not
+        // leave the main thread waiting forever for a worker that is gone
+        // (the workspace lock held, every later cron run refused).
+        let _end_on_panic = OnPanic(|| {
+            tracing::error!("internal error (a bug in dagrun, please report it): a worker thread panicked; stopping the run");
+            let mut g = lock();
+            g.interrupted = true;
+            g.finished = true;
+            wake.notify_all();
+            all_done.notify_one();
+        });
         let mut g = lock();
         loop {
             if g.finished {
@@ -466,4 +488,29 @@ fn schedule(
     }
     let records = order.iter().filter_map(|&i| g.done[i].take()).collect();
     (records, interrupted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OnPanic;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn on_panic_runs_only_when_unwinding() {
+        let calls = AtomicUsize::new(0);
+        {
+            let _g = OnPanic(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "ran on a normal return");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _g = OnPanic(|| {
+                calls.fetch_add(1, Ordering::SeqCst);
+            });
+            panic!("a bug");
+        }));
+        assert!(r.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "did not run while unwinding");
+    }
 }

@@ -306,3 +306,50 @@ fn temp_files_left_by_a_killed_run_are_swept() {
     ws.run(&[]).ok();
     assert_eq!(temp_files(&ws), Vec::<String>::new());
 }
+
+/// `dagrun run … | head`, or a log collector that went away: a closed stdout
+/// must neither hang nor fail the run (it once panicked a worker thread on
+/// the first progress line and left the run waiting forever), and the
+/// commands that only print end quietly, as `ls | head` does.
+#[test]
+fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
+    use std::process::Stdio;
+    let ws = Ws::new();
+    let mut yaml = String::from("stages:\n");
+    for i in 0..20 {
+        yaml.push_str(&format!("  s{i}:\n    cmd: echo {i} > o{i}.txt\n    outs: [o{i}.txt]\n"));
+    }
+    ws.pipeline(&yaml);
+    let closed_stdout = |args: &[&str]| {
+        let mut cmd = ws.cmd(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        drop(child.stdout.take()); // the reader is gone before the first line
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+                return (st, err);
+            }
+            if t0.elapsed() > HANG {
+                let _ = child.kill();
+                panic!("dagrun {args:?} hung with a closed stdout");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let (st, err) = closed_stdout(&["-v", "run", "pipeline.yaml"]);
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for i in 0..20 {
+        assert_eq!(ws.read(&format!("o{i}.txt")), format!("{i}\n"));
+    }
+    // Printed nothing (no reader), but the run is recorded and complete.
+    assert_eq!(ws.run(&[]).ok().with("cached").len(), 20);
+    let (st, err) = closed_stdout(&["run", "--json", "pipeline.yaml"]);
+    assert!(st.success(), "{st:?}: {err}");
+    // A command that only prints: ended by SIGPIPE like any Unix tool, no panic message.
+    let (st, err) = closed_stdout(&["status", "pipeline.yaml"]);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{st:?}: {err}");
+}
