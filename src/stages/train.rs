@@ -100,7 +100,9 @@ impl StageKind for Train {
         let t0 = std::time::Instant::now();
         // The training matrix is held in memory: the solver needs all rows.
         let key = ctx.services.integrity_key()?;
-        let (manifest, batches) = crate::store::open_verified(dir, &key)?;
+        // The engine hashed the feature file for this run's key (no second
+        // hash); the tenant and token columns are not decoded.
+        let (manifest, batches) = crate::store::open_verified_with(dir, &key, ctx.input_hash(0), Some(&crate::scoring::MODEL_COLUMNS))?;
         if manifest.tenant != tenant {
             bail!(
                 "the feature store {} holds tenant {}'s features, not tenant {tenant}'s: refusing to train tenant {tenant}'s model on them; fix `with.store`",
