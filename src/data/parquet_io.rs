@@ -17,11 +17,23 @@ use std::path::{Path, PathBuf};
 /// not change file hashes by itself.
 pub const CREATED_BY: &str = "dagrun";
 
+/// Rows per row group of the files dagrun writes. A writer holds a whole
+/// row group's encoded pages in memory until it is complete, and the
+/// spliced rewrite (`encrypt`) works row group by row group: at parquet's
+/// default (1M rows) a tenant of 600k rows was one row group, so every
+/// stage held the whole tenant at once. 128k rows (two read batches) keeps
+/// that memory bounded and independent of the tenant's size.
+pub const ROW_GROUP_ROWS: usize = 131_072;
+
 /// Writer properties used for every file dagrun writes: snappy, fixed
-/// `created_by`, everything else at parquet's (deterministic) defaults.
+/// `created_by`, row groups of [`ROW_GROUP_ROWS`], everything else at
+/// parquet's (deterministic) defaults.
 pub fn writer_props() -> WriterProperties {
     use parquet::schema::types::ColumnPath;
-    let mut b = WriterProperties::builder().set_created_by(CREATED_BY.to_string()).set_compression(Compression::SNAPPY);
+    let mut b = WriterProperties::builder()
+        .set_created_by(CREATED_BY.to_string())
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
     // Ciphertexts, tokens and PII are random or unique per row: dictionary
     // encoding and compression only cost CPU on them.
     for c in ["Sensitive_Data_Enc", "Sensitive_Token", "Sensitive_Data"] {
