@@ -9,6 +9,7 @@ use dagrun::engine::report::Verbosity;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
 use dagrun::workspace::Workspace;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -328,7 +329,8 @@ fn main() {
     let code = match real_main(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!: a closed stderr must not turn exit 1 or 2 into a panic's 101.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             error::exit_code_of(&e)
         }
     };
