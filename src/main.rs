@@ -130,6 +130,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove cache entries and objects that neither the current state nor the newest runs use.
+    Gc(commands::gc::Args),
     /// Check the cache, state files and recorded outputs; exit 4 on problems.
     Verify {
         /// Delete corrupted cache objects (the next run recomputes or restores).
@@ -414,6 +416,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             commands::features::show(&workspace_from_cwd(cli)?, tenant, version.as_deref(), *json)?;
             Ok(exit::OK)
         }
+        Cmd::Gc(a) => commands::gc::run(&workspace_from_cwd(cli)?, a),
         Cmd::Verify { repair, json } => commands::verify::run(&workspace_from_cwd(cli)?, *repair, *json),
         Cmd::Sample { tenant, rows, seed, as_of, no_label, out } => {
             let as_of = dagrun::data::schema::parse_date(as_of).map_err(|e| error::config(format!("--as-of: {e:#}")))?;
