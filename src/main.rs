@@ -310,13 +310,14 @@ fn main() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
-    // `dagrun status | head`: commands that only print end quietly when
-    // their reader goes away, as `ls` or `grep` do (Rust ignores SIGPIPE, so
-    // `println!` would panic). `run`, `exec-stage` and `serve` keep ignoring
-    // it: a closed stdout must not kill a run or a server half-way, so they
-    // drop their lines instead (`engine::report::say`).
+    // `dagrun status | head`: the commands that only read the workspace and
+    // print end quietly when their reader goes away, as `ls` or `grep` do
+    // (Rust ignores SIGPIPE, so `println!` would panic). Only those: SIGPIPE
+    // also hits writes to a closed socket (push, pull, serve, an HSM's
+    // network client), which must stay errors, and a closed stdout must not
+    // kill a run half-way (`run` drops its lines instead: `engine::report::say`).
     #[cfg(unix)]
-    if !matches!(cli.command, Cmd::Run { .. } | Cmd::ExecStage { .. } | Cmd::Serve(_)) {
+    if matches!(cli.command, Cmd::Status { .. } | Cmd::Dag { .. } | Cmd::Lineage { .. } | Cmd::Runs { .. }) {
         // SAFETY: SIG_DFL installs no handler code; no other thread exists
         // yet (logging and the runtime start below).
         unsafe {
