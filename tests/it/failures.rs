@@ -305,7 +305,7 @@ fn temp_files_left_by_a_killed_run_are_swept() {
     }
     // A killed run also leaves its line in the lock (it never released it):
     // that is what makes the next run sweep (`workspace::lock`).
-    ws.write(".dagrun/lock", &format!("pid {pid} (dagrun run pipeline.yaml, started 2026-12-05T00:00:00Z)"));
+    ws.write(".dagrun/lock", format!("pid {pid} (dagrun run pipeline.yaml, started 2026-12-05T00:00:00Z)"));
     ws.run(&[]).ok();
     assert_eq!(temp_files(&ws), Vec::<String>::new());
 }
