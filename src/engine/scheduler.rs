@@ -86,7 +86,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let settings = crate::config::DagrunConfig::load(&pipeline.workspace)?;
     let lineage_url = super::openlineage::endpoint(opts.openlineage_url.as_deref())?;
     let metrics_file = opts.metrics_file.clone().or(settings.metrics_file);
-    let _lock = ws.lock(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
+    let lock = ws.lock(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
     if let Some(kind) = opts.executor {
@@ -97,6 +97,10 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // Jobs of a killed earlier run must end before anything writes their outputs.
     crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
     let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);
+    if uses_slurm {
+        // A job killed by Slurm (time limit, scancel) may leave temp files: the next run sweeps.
+        lock.keep_unclean();
+    }
     let mut engine = Engine::new(pipeline)?;
     engine.forced = forced;
     engine.remote = opts.remote.clone();
@@ -104,7 +108,11 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         crate::executor::slurm::prune_runs(&engine.pipeline.workspace, 10);
         engine.slurm = Some(Arc::new(crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id)?));
     }
-    engine.sweep_temp_files();
+    // Temp files exist only if a writer died without unwinding (`workspace::lock`).
+    if lock.found_unclean() {
+        engine.sweep_temp_files();
+        lock.swept();
+    }
     match super::openlineage::OpenLineage::new(&engine, lineage_url) {
         Ok(o) => engine.observers.push(Box::new(o)),
         Err(e) => tracing::warn!("OpenLineage events are off for this run: {e:#}"),

@@ -320,8 +320,38 @@ fn temp_files_left_by_a_killed_run_are_swept() {
     for p in &planted {
         ws.write(p, "partial plaintext");
     }
+    // A killed run also leaves its line in the lock (it never released it):
+    // that is what makes the next run sweep (`workspace::lock`).
+    ws.write(".dagrun/lock", format!("pid {pid} (dagrun run pipeline.yaml, started 2026-12-05T00:00:00Z)"));
     ws.run(&[]).ok();
     assert_eq!(temp_files(&ws), Vec::<String>::new());
+}
+
+/// The sweep runs only after an unclean end: a real SIGKILL leaves the lock
+/// unclean (the next run sweeps), a clean run leaves it clean (the next run
+/// lists no cache folder), and a run that sweeps cleans the mark.
+#[test]
+fn only_a_run_after_an_unclean_end_sweeps() {
+    let ws = Ws::new();
+    ws.pipeline(CHAIN);
+    ws.write("in.txt", "input\n");
+    ws.run(&[]).ok();
+    assert!(ws.read(".dagrun/lock").starts_with("released "), "{}", ws.read(".dagrun/lock"));
+    // Not a killed run's leftover (the lock is clean): left alone by the next run.
+    ws.write("out/.s9.txt.dagrun-tmp.4000000.0", "not dagrun's");
+    ws.run(&[]).ok();
+    assert_eq!(temp_files(&ws), vec!["out/.s9.txt.dagrun-tmp.4000000.0".to_string()]);
+    // A real SIGKILL mid-run: the lock keeps the killed run's line, and the next run sweeps.
+    ws.write("in.txt", "changed\n");
+    let mut victim = spawn(ws.cmd(&["run", "pipeline.yaml", "-j", "1"]));
+    std::thread::sleep(Duration::from_millis(400));
+    signal(victim.pid() as i32, libc::SIGKILL);
+    let _ = victim.child.wait();
+    assert!(ws.read(".dagrun/lock").starts_with("pid "), "{}", ws.read(".dagrun/lock"));
+    std::thread::sleep(Duration::from_millis(800));
+    ws.run(&[]).ok();
+    assert_eq!(temp_files(&ws), Vec::<String>::new());
+    assert!(ws.read(".dagrun/lock").starts_with("released "));
 }
 
 /// `dagrun run … | head`, or a log collector that went away: a closed stdout
