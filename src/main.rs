@@ -9,6 +9,7 @@ use dagrun::engine::report::Verbosity;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
 use dagrun::workspace::Workspace;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -129,6 +130,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove cache entries and objects that neither the current state nor the newest runs use.
+    Gc(commands::gc::Args),
     /// Check the cache, state files and recorded outputs; exit 4 on problems.
     Verify {
         /// Delete corrupted cache objects (the next run recomputes or restores).
@@ -310,13 +313,14 @@ fn main() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
-    // `dagrun status | head`: commands that only print end quietly when
-    // their reader goes away, as `ls` or `grep` do (Rust ignores SIGPIPE, so
-    // `println!` would panic). `run`, `exec-stage` and `serve` keep ignoring
-    // it: a closed stdout must not kill a run or a server half-way, so they
-    // drop their lines instead (`engine::report::say`).
+    // `dagrun status | head`: the commands that only read the workspace and
+    // print end quietly when their reader goes away, as `ls` or `grep` do
+    // (Rust ignores SIGPIPE, so `println!` would panic). Only those: SIGPIPE
+    // also hits writes to a closed socket (push, pull, serve, an HSM's
+    // network client), which must stay errors, and a closed stdout must not
+    // kill a run half-way (`run` drops its lines instead: `engine::report::say`).
     #[cfg(unix)]
-    if !matches!(cli.command, Cmd::Run { .. } | Cmd::ExecStage { .. } | Cmd::Serve(_)) {
+    if matches!(cli.command, Cmd::Status { .. } | Cmd::Dag { .. } | Cmd::Lineage { .. } | Cmd::Runs { .. }) {
         // SAFETY: SIG_DFL installs no handler code; no other thread exists
         // yet (logging and the runtime start below).
         unsafe {
@@ -327,7 +331,8 @@ fn main() {
     let code = match real_main(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!: a closed stderr must not turn exit 1 or 2 into a panic's 101.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             error::exit_code_of(&e)
         }
     };
@@ -411,6 +416,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             commands::features::show(&workspace_from_cwd(cli)?, tenant, version.as_deref(), *json)?;
             Ok(exit::OK)
         }
+        Cmd::Gc(a) => commands::gc::run(&workspace_from_cwd(cli)?, a),
         Cmd::Verify { repair, json } => commands::verify::run(&workspace_from_cwd(cli)?, *repair, *json),
         Cmd::Sample { tenant, rows, seed, as_of, no_label, out } => {
             let as_of = dagrun::data::schema::parse_date(as_of).map_err(|e| error::config(format!("--as-of: {e:#}")))?;

@@ -181,9 +181,10 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
 
     // Outputs: unique, not nested in one another, no symlink escapes.
     let mut out_owner: HashMap<&str, usize> = HashMap::new();
+    let mut seen_dirs = crate::util::nofollow::CheckedDirs::default();
     for (i, s) in stages.iter().enumerate() {
         for o in &s.outs {
-            check_symlinks(&workspace, &o.path).map_err(|m| config(format!("{}: {m}", at(&s.base))))?;
+            check_symlinks(&workspace, &o.path, &mut seen_dirs).map_err(|m| config(format!("{}: {m}", at(&s.base))))?;
             if let Some(&j) = out_owner.get(o.path.as_str()) {
                 let other = &stages[j].name;
                 let msg = if *other == s.name {

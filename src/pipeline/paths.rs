@@ -74,7 +74,8 @@ pub fn normalize_dep(path: &str, workspace: &Path) -> std::result::Result<String
 }
 
 /// Reject an output that reaches outside the workspace (or into a protected
-/// folder) through a symlink, or is itself a symlink.
-pub(super) fn check_symlinks(workspace: &Path, out: &str) -> std::result::Result<(), String> {
-    crate::util::nofollow::check_write_path(workspace, out, PROTECTED_DIRS, false)
+/// folder) through a symlink, or is itself a symlink. `seen`: the folders
+/// already checked while loading this pipeline (each is looked at once).
+pub(super) fn check_symlinks(workspace: &Path, out: &str, seen: &mut crate::util::nofollow::CheckedDirs) -> std::result::Result<(), String> {
+    crate::util::nofollow::check_write_paths(workspace, out, PROTECTED_DIRS, false, seen)
 }

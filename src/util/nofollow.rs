@@ -11,6 +11,9 @@
 //! - [`check_write_path`] is the write-time check for paths that dagrun (or a
 //!   command it starts) is about to write: every symlink on the way must
 //!   resolve inside the root and outside its protected folders.
+//!   [`check_write_paths`] checks many paths in one pass (a pipeline's
+//!   outputs when it loads): a folder met on the way of several paths is
+//!   looked at once ([`CheckedDirs`]), not once per path below it.
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::CString;
@@ -125,13 +128,45 @@ impl Dir {
 /// `final_link_ok`: whether the last component may itself be a symlink
 /// (writers that replace it by rename, or remove it first, never follow it).
 pub fn check_write_path(root: &Path, rel: &str, protected: &[&str], final_link_ok: bool) -> std::result::Result<(), String> {
+    check_write_paths(root, rel, protected, final_link_ok, &mut CheckedDirs::default())
+}
+
+/// Folders below one root already checked in this pass of
+/// [`check_write_paths`]: `passed` = every component up to it is a real
+/// folder or a link that stays inside the root and outside the protected
+/// folders; `missing` = it does not exist (nothing below it does either).
+/// Valid for one pass only (a link may be planted later): the write-time
+/// checks start with a new one.
+#[derive(Default)]
+pub struct CheckedDirs {
+    passed: std::collections::HashSet<String>,
+    missing: std::collections::HashSet<String>,
+}
+
+/// [`check_write_path`] for one of several paths checked together: the
+/// folders on its way that `seen` holds are not looked at again.
+pub fn check_write_paths(root: &Path, rel: &str, protected: &[&str], final_link_ok: bool, seen: &mut CheckedDirs) -> std::result::Result<(), String> {
     // The root's real path is only needed when a link is met (most checks meet none).
     let mut croot: Option<PathBuf> = None;
     let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     let mut cur = root.to_path_buf();
+    let mut prefix = String::new();
     for (i, part) in parts.iter().enumerate() {
         cur.push(part);
         let last = i + 1 == parts.len();
+        if !last {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if seen.passed.contains(&prefix) {
+                continue;
+            }
+            if seen.missing.contains(&prefix) {
+                break;
+            }
+        }
+        let folder = (!last).then(|| prefix.clone());
         match std::fs::symlink_metadata(&cur) {
             Ok(m) if m.file_type().is_symlink() => {
                 if last && final_link_ok {
@@ -165,11 +200,14 @@ pub fn check_write_path(root: &Path, rel: &str, protected: &[&str], final_link_o
                     _ if last => {
                         return Err(format!("output {rel:?} is a symlink ({shown} → {}); outputs must be real files or folders", target.display()));
                     }
-                    _ => {}
+                    _ => seen.passed.extend(folder),
                 }
             }
-            Ok(_) => {}
-            Err(_) => break,
+            Ok(_) => seen.passed.extend(folder),
+            Err(_) => {
+                seen.missing.extend(folder);
+                break;
+            }
         }
     }
     Ok(())
@@ -219,5 +257,28 @@ mod tests {
         check_write_path(root, "data/new/x", p, false).unwrap();
         assert!(check_write_path(root, "d2", p, false).is_err());
         check_write_path(root, "d2", p, true).unwrap();
+    }
+
+    #[test]
+    fn one_pass_looks_at_each_folder_once_with_the_same_verdicts() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join(".dagrun/keys")).unwrap();
+        std::fs::create_dir_all(root.join("data/a")).unwrap();
+        std::os::unix::fs::symlink(".dagrun", root.join("data/a/k")).unwrap();
+        std::os::unix::fs::symlink("/tmp", root.join("data/t")).unwrap();
+        std::os::unix::fs::symlink("a", root.join("data/b")).unwrap();
+        let p = &[".dagrun", "config"];
+        let paths = ["data/a/x", "data/a/k/y", "data/t/z", "data/b/x", "data/b/k/y", "new/q/r", "new/q/s", "data/a", "data/b", "x"];
+        let mut seen = CheckedDirs::default();
+        for rel in paths {
+            for final_ok in [false, true] {
+                let alone = check_write_path(root, rel, p, final_ok);
+                assert_eq!(check_write_paths(root, rel, p, final_ok, &mut seen), alone, "{rel} {final_ok}");
+            }
+        }
+        assert!(seen.passed.contains("data") && seen.passed.contains("data/a") && seen.passed.contains("data/b"));
+        assert!(!seen.passed.contains("data/t") && !seen.passed.contains("data/a/k"), "a refused link never passes");
+        assert!(seen.missing.contains("new"));
     }
 }

@@ -183,8 +183,25 @@ fn overlapping_runs_lock_and_wait() {
 
 #[test]
 fn sigint_interrupts_kills_the_command_and_records_it() {
+    interrupt_kills_the_command_and_records_it(libc::SIGINT);
+}
+
+/// A closed terminal or ssh session (SIGHUP) interrupts like Ctrl-C: dagrun
+/// once died of it at once and left the command running, orphaned, after
+/// the workspace lock was free again.
+#[test]
+fn sighup_interrupts_kills_the_command_and_records_it() {
+    interrupt_kills_the_command_and_records_it(libc::SIGHUP);
+}
+
+#[test]
+fn sigterm_interrupts_kills_the_command_and_records_it() {
+    interrupt_kills_the_command_and_records_it(libc::SIGTERM);
+}
+
+fn interrupt_kills_the_command_and_records_it(sig: i32) {
     let ws = Ws::new();
-    let marker = format!("dagrun-it-sigint-{}-{}", std::process::id(), ws.root.file_name().unwrap().to_string_lossy());
+    let marker = format!("dagrun-it-sig{sig}-{}-{}", std::process::id(), ws.root.file_name().unwrap().to_string_lossy());
     ws.pipeline(&format!(
         "stages:\n  slow:\n    cmd: sh -c 'sleep 30 & echo $! > child.pid; wait' {marker}; echo done > slow.txt\n    outs: [slow.txt]\n  after:\n    cmd: cp slow.txt after.txt\n    deps: [slow.txt]\n    outs: [after.txt]\n"
     ));
@@ -196,9 +213,9 @@ fn sigint_interrupts_kills_the_command_and_records_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let t0 = Instant::now();
-    signal(run.pid() as i32, libc::SIGINT);
+    signal(run.pid() as i32, sig);
     let out = run.wait(HANG);
-    assert_eq!(out.code, 130, "{}", out.stderr);
+    assert_eq!(out.code, 130, "signal {sig}: {}", out.stderr);
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
     let new: Vec<_> = ws.record_files().difference(&before).cloned().collect();
     assert_eq!(new.len(), 1);
@@ -303,8 +320,38 @@ fn temp_files_left_by_a_killed_run_are_swept() {
     for p in &planted {
         ws.write(p, "partial plaintext");
     }
+    // A killed run also leaves its line in the lock (it never released it):
+    // that is what makes the next run sweep (`workspace::lock`).
+    ws.write(".dagrun/lock", format!("pid {pid} (dagrun run pipeline.yaml, started 2026-12-05T00:00:00Z)"));
     ws.run(&[]).ok();
     assert_eq!(temp_files(&ws), Vec::<String>::new());
+}
+
+/// The sweep runs only after an unclean end: a real SIGKILL leaves the lock
+/// unclean (the next run sweeps), a clean run leaves it clean (the next run
+/// lists no cache folder), and a run that sweeps cleans the mark.
+#[test]
+fn only_a_run_after_an_unclean_end_sweeps() {
+    let ws = Ws::new();
+    ws.pipeline(CHAIN);
+    ws.write("in.txt", "input\n");
+    ws.run(&[]).ok();
+    assert!(ws.read(".dagrun/lock").starts_with("released "), "{}", ws.read(".dagrun/lock"));
+    // Not a killed run's leftover (the lock is clean): left alone by the next run.
+    ws.write("out/.s9.txt.dagrun-tmp.4000000.0", "not dagrun's");
+    ws.run(&[]).ok();
+    assert_eq!(temp_files(&ws), vec!["out/.s9.txt.dagrun-tmp.4000000.0".to_string()]);
+    // A real SIGKILL mid-run: the lock keeps the killed run's line, and the next run sweeps.
+    ws.write("in.txt", "changed\n");
+    let mut victim = spawn(ws.cmd(&["run", "pipeline.yaml", "-j", "1"]));
+    std::thread::sleep(Duration::from_millis(400));
+    signal(victim.pid() as i32, libc::SIGKILL);
+    let _ = victim.child.wait();
+    assert!(ws.read(".dagrun/lock").starts_with("pid "), "{}", ws.read(".dagrun/lock"));
+    std::thread::sleep(Duration::from_millis(800));
+    ws.run(&[]).ok();
+    assert_eq!(temp_files(&ws), Vec::<String>::new());
+    assert!(ws.read(".dagrun/lock").starts_with("released "));
 }
 
 /// `dagrun run … | head`, or a log collector that went away: a closed stdout
