@@ -57,26 +57,13 @@ fn column<'a, T: arrow_array::ArrowPrimitiveType>(batch: &'a RecordBatch, name: 
     Ok(a.as_primitive::<T>())
 }
 
-/// Features of one batch in `encrypted_schema` form (columns found by name;
-/// `Converted` carried over when present) → `features_schema` batch.
-pub fn features_batch(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Result<RecordBatch> {
-    let f = "feature input";
-    let get = |name: &str| -> Result<&ArrayRef> { batch.column_by_name(name).ok_or_else(|| anyhow!("{f}: missing column {name}")) };
-    let tenant = get(TENANT_ID)?.clone();
-    let cid = get(CUSTOMER_ID)?.clone();
-    let token = get(SENSITIVE_TOKEN)?.clone();
-    if token.data_type() != &DataType::FixedSizeBinary(TOKEN_LEN) {
-        bail!("{f}: column Sensitive_Token has type {} but FixedSizeBinary(32) is expected", token.data_type());
-    }
+/// The five v1 feature columns (`FEATURE_NAMES` order) of a batch holding
+/// `Login_Count`, `Purchase_Amount` and `Last_Visit_Date` (found by name;
+/// `f` names the input in errors), computed on all cores.
+fn feature_columns(stats: &TenantStats, as_of: i32, batch: &RecordBatch, f: &str) -> Result<[ArrayRef; 5]> {
     let login = column::<Int64Type>(batch, LOGIN_COUNT, f)?;
     let amount = column::<Float64Type>(batch, PURCHASE_AMOUNT, f)?;
     let date = column::<Date32Type>(batch, LAST_VISIT_DATE, f)?;
-    let label = batch.column_by_name(CONVERTED).cloned();
-    if let Some(l) = &label
-        && l.as_any().downcast_ref::<BooleanArray>().is_none()
-    {
-        bail!("{f}: column Converted has type {} but Boolean is expected", l.data_type());
-    }
     let n = batch.num_rows();
     let (lv, av, dv) = (login.values(), amount.values(), date.values());
     // Rows are independent: transform contiguous chunks on all cores.
@@ -103,16 +90,34 @@ pub fn features_batch(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> R
         plr.extend(d);
         act.extend(e);
     }
-    let mut cols: Vec<ArrayRef> = vec![
-        tenant,
-        cid,
-        token,
+    Ok([
         Arc::new(Int64Array::from(rec)),
         Arc::new(Float64Array::from(freq)),
         Arc::new(Int64Array::from(hvs)),
         Arc::new(Float64Array::from(plr)),
         Arc::new(Float64Array::from(act)),
-    ];
+    ])
+}
+
+/// Features of one batch in `encrypted_schema` form (columns found by name;
+/// `Converted` carried over when present) → `features_schema` batch.
+pub fn features_batch(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Result<RecordBatch> {
+    let f = "feature input";
+    let get = |name: &str| -> Result<&ArrayRef> { batch.column_by_name(name).ok_or_else(|| anyhow!("{f}: missing column {name}")) };
+    let tenant = get(TENANT_ID)?.clone();
+    let cid = get(CUSTOMER_ID)?.clone();
+    let token = get(SENSITIVE_TOKEN)?.clone();
+    if token.data_type() != &DataType::FixedSizeBinary(TOKEN_LEN) {
+        bail!("{f}: column Sensitive_Token has type {} but FixedSizeBinary(32) is expected", token.data_type());
+    }
+    let [rec, freq, hvs, plr, act] = feature_columns(stats, as_of, batch, f)?;
+    let label = batch.column_by_name(CONVERTED).cloned();
+    if let Some(l) = &label
+        && l.as_any().downcast_ref::<BooleanArray>().is_none()
+    {
+        bail!("{f}: column Converted has type {} but Boolean is expected", l.data_type());
+    }
+    let mut cols: Vec<ArrayRef> = vec![tenant, cid, token, rec, freq, hvs, plr, act];
     let has_label = label.is_some();
     if let Some(l) = label {
         cols.push(l);
@@ -124,6 +129,25 @@ pub fn features_batch(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> R
 /// Returns the number of rows written.
 pub fn transform_file(input: &Path, output: &Path, stats: &TenantStats, as_of: i32, kv_metadata: Vec<(String, String)>) -> Result<u64> {
     let has_label = crate::data::parquet_io::read_schema(input)?.field_with_name(CONVERTED).is_ok();
+    // The carried columns (tenant, id, token, label) pass through byte for
+    // byte (spliced, not decoded and encoded again); only the five features
+    // are computed, from the three columns they need. An input dagrun did not
+    // write in this layout takes the ordinary path below.
+    let spliced = crate::data::parquet_io::rewrite_with_spliced_columns(
+        input,
+        output,
+        crate::data::parquet_io::Output { schema: features_schema(has_label), kv_metadata: kv_metadata.clone() },
+        crate::data::parquet_io::SpliceColumns {
+            computed: &v1::FEATURE_NAMES,
+            read: &[LOGIN_COUNT, PURCHASE_AMOUNT, LAST_VISIT_DATE],
+            batch_size: crate::data::DEFAULT_BATCH_SIZE,
+        },
+        |batch| Ok(feature_columns(stats, as_of, batch, &input.display().to_string())?.to_vec()),
+    )
+    .with_context(|| format!("featurizing {}", input.display()))?;
+    if let Some(rows) = spliced {
+        return Ok(rows);
+    }
     let mut sink = ParquetSink::create(output, features_schema(has_label), kv_metadata)?;
     // Every column but the ciphertext, which features never use.
     let cols = [TENANT_ID, CUSTOMER_ID, SENSITIVE_TOKEN, LOGIN_COUNT, PURCHASE_AMOUNT, LAST_VISIT_DATE, CONVERTED];
@@ -203,5 +227,41 @@ mod tests {
         let got: Vec<_> = open_batches(&out, 10).unwrap().collect::<Result<_>>().unwrap();
         assert_eq!(got[0], features_batch(&stats, 100, &enc_batch()).unwrap());
         assert_eq!(fit_stats(&enc).unwrap(), v1::fit(&[20, 0, 5], &mut [150.0, 12.5, 100.0]));
+    }
+
+    /// The spliced path (several row groups) and the ordinary path (an input
+    /// whose columns cannot be spliced: a nullable tenant column) write the
+    /// same rows, schema and footer entries as `features_batch`.
+    #[test]
+    fn transform_file_spliced_and_ordinary_paths_agree() {
+        use parquet::arrow::ArrowWriter;
+        let d = tempfile::tempdir().unwrap();
+        let stats = TenantStats { mean_login: 10.0, p80_purchase: 100.0, rows: 3 };
+        let batches: Vec<RecordBatch> = (0..4).map(|_| enc_batch()).collect();
+        let want: Vec<RecordBatch> = batches.iter().map(|b| features_batch(&stats, 100, b).unwrap()).collect();
+        let want = arrow_select::concat::concat_batches(&want[0].schema(), &want).unwrap();
+        let nullable = {
+            let s = encrypted_schema(true);
+            let mut fields: Vec<arrow_schema::Field> = s.fields().iter().map(|f| f.as_ref().clone()).collect();
+            fields[0] = fields[0].clone().with_nullable(true);
+            Arc::new(arrow_schema::Schema::new(fields))
+        };
+        for (name, schema) in [("spliced", encrypted_schema(true)), ("ordinary", nullable)] {
+            let enc = d.path().join(format!("{name}.enc.parquet"));
+            let props = crate::data::parquet_io::writer_props().into_builder().set_max_row_group_row_count(Some(5)).build();
+            let mut w = ArrowWriter::try_new(std::fs::File::create(&enc).unwrap(), schema.clone(), Some(props)).unwrap();
+            for b in &batches {
+                w.write(&RecordBatch::try_new(schema.clone(), b.columns().to_vec()).unwrap()).unwrap();
+            }
+            w.close().unwrap();
+            let out = d.path().join(format!("{name}.f.parquet"));
+            assert_eq!(transform_file(&enc, &out, &stats, 100, vec![("k".into(), "v".into())]).unwrap(), 12, "{name}");
+            let got: Vec<_> = open_batches(&out, 100).unwrap().collect::<Result<_>>().unwrap();
+            assert_eq!(got[0], want, "{name}");
+            assert_eq!(crate::data::parquet_io::read_footer_kv(&out).unwrap()["k"], "v", "{name}");
+            // spliced: the source's row groups (5, 5, 2); ordinary: rewritten (one group)
+            let groups = ParquetRecordBatchReaderBuilder::try_new(File::open(&out).unwrap()).unwrap().metadata().num_row_groups();
+            assert_eq!(groups, if name == "spliced" { 3 } else { 1 }, "{name}");
+        }
     }
 }

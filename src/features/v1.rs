@@ -62,16 +62,7 @@ impl Features {
 /// h = (n-1)q, x[floor h] + (h - floor h)(x[floor h + 1] - x[floor h]).
 /// Returns 0.0 for an empty slice.
 pub fn quantile_linear(sorted: &[f64], q: f64) -> f64 {
-    let n = sorted.len();
-    if n == 0 {
-        return 0.0;
-    }
-    let h = (n - 1) as f64 * q;
-    let lo = h.floor() as usize;
-    if lo + 1 >= n {
-        return sorted[n - 1];
-    }
-    sorted[lo] + (h - lo as f64) * (sorted[lo + 1] - sorted[lo])
+    linear_quantile(sorted.len(), q, |k, next| (sorted[k], if next { sorted[k + 1] } else { 0.0 }))
 }
 
 /// [`quantile_linear`] of `values` without sorting them: the two order
@@ -81,19 +72,26 @@ pub fn quantile_linear(sorted: &[f64], q: f64) -> f64 {
 /// sorting then [`quantile_linear`]: an order statistic does not depend on
 /// how it is found.
 pub fn quantile_linear_select(values: &mut [f64], q: f64) -> f64 {
-    let n = values.len();
+    linear_quantile(values.len(), q, |k, next| {
+        let (_, x_k, above) = values.select_nth_unstable_by(k, |a, b| a.total_cmp(b));
+        // Everything above index k is ≥ x[k]: x[k+1] is its minimum.
+        let x_next = if next { above.iter().copied().min_by(|a, b| a.total_cmp(b)).unwrap_or(f64::NAN) } else { 0.0 };
+        (*x_k, x_next)
+    })
+}
+
+/// The interpolation both share, given `order(k, next)` = (x[k], x[k+1] when
+/// `next`) of n values in ascending order.
+fn linear_quantile(n: usize, q: f64, order: impl FnOnce(usize, bool) -> (f64, f64)) -> f64 {
     if n == 0 {
         return 0.0;
     }
     let h = (n - 1) as f64 * q;
     let lo = h.floor() as usize;
     if lo + 1 >= n {
-        return *values.iter().max_by(|a, b| a.total_cmp(b)).expect("non-empty");
+        return order(n - 1, false).0;
     }
-    let (_, x_lo, above) = values.select_nth_unstable_by(lo, |a, b| a.total_cmp(b));
-    let x_lo = *x_lo;
-    // Everything above index ⌊h⌋ is ≥ x[⌊h⌋]: x[⌊h⌋+1] is its minimum.
-    let x_hi = *above.iter().min_by(|a, b| a.total_cmp(b)).expect("lo + 1 < n");
+    let (x_lo, x_hi) = order(lo, true);
     x_lo + (h - lo as f64) * (x_hi - x_lo)
 }
 
