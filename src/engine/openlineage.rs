@@ -115,25 +115,61 @@ fn job_name_of(shown: &str) -> String {
 }
 
 impl StageParts {
-    fn new(engine: &Engine, i: usize, namespace: &str, pipeline_job: &str, start_ms: u64) -> StageParts {
+    /// `task_job_type`: the `jobType` facet of a stage (TASK) as JSON.
+    fn new(engine: &Engine, i: usize, namespace: &str, pipeline_job: &str, start_ms: u64, task_job_type: &str) -> StageParts {
         let s = engine.stage(i);
         let job_name = format!("{pipeline_job}.{}", s.name);
-        let mut params: BTreeMap<String, Value> = s.with.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        for (k, v) in &s.param_refs {
-            params.insert(format!("params.{k}"), v.clone());
-        }
-        if let Some(t) = &s.tenant {
-            params.insert("tenant".into(), Value::String(t.clone()));
-        }
-        let params = (!params.is_empty()).then(|| serde_json::to_string(&event::parameters_facet(&params)).expect("a facet always serializes"));
-        let mut facets = Facets::new();
-        facets.insert("jobType".into(), event::job_type_facet("TASK"));
+        let params = (!s.with.is_empty() || !s.param_refs.is_empty() || s.tenant.is_some()).then(|| {
+            let mut params: BTreeMap<String, Value> = s.with.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            for (k, v) in &s.param_refs {
+                params.insert(format!("params.{k}"), v.clone());
+            }
+            if let Some(t) = &s.tenant {
+                params.insert("tenant".into(), Value::String(t.clone()));
+            }
+            serde_json::to_string(&event::parameters_facet(&params)).expect("a facet always serializes")
+        });
+        // The `job` object: namespace, name, facets (sorted: documentation, jobType).
+        let mut job = String::with_capacity(400);
+        job.push_str("{\"namespace\":");
+        push_str_json(&mut job, namespace);
+        job.push_str(",\"name\":");
+        push_str_json(&mut job, &job_name);
+        job.push_str(",\"facets\":{");
         if let Some(d) = s.desc.as_deref().filter(|d| !d.trim().is_empty()) {
-            facets.insert("documentation".into(), event::documentation_facet(d));
+            job.push_str("\"documentation\":");
+            push_json(&mut job, &event::documentation_facet(d));
+            job.push(',');
         }
-        let job = Job { namespace: namespace.to_string(), name: job_name.clone(), facets };
-        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name), params, job: serde_json::to_string(&job).expect("a job always serializes") }
+        job.push_str("\"jobType\":");
+        job.push_str(task_job_type);
+        job.push_str("}}");
+        debug_assert_eq!(serde_json::from_str::<Job>(&job).ok().and_then(|j| serde_json::to_string(&j).ok()).as_deref(), Some(job.as_str()));
+        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name), params, job }
     }
+}
+
+/// The `dagrun` run facet of a stage event as JSON: `_producer`,
+/// `_schemaURL`, then `fields` (JSON values), which the caller gives in key
+/// order.
+fn dagrun_facet_json(fields: &[(&str, String)]) -> String {
+    let mut b = String::with_capacity(300);
+    b.push_str("{\"_producer\":");
+    push_str_json(&mut b, event::PRODUCER);
+    b.push_str(",\"_schemaURL\":");
+    push_str_json(&mut b, &event::dagrun_facet_schema());
+    for (k, v) in fields {
+        b.push(',');
+        push_str_json(&mut b, k);
+        b.push(':');
+        b.push_str(v);
+    }
+    b.push('}');
+    b
+}
+
+fn json_of<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("a facet field always serializes")
 }
 
 impl OpenLineage {
@@ -192,7 +228,8 @@ impl OpenLineage {
             },
         );
         let parent_json = serde_json::to_string(&event::parent_facet(&pipeline_run, &namespace, &pipeline_job)).expect("a facet always serializes");
-        let stage_parts = (0..p.stages.len()).map(|i| StageParts::new(engine, i, &namespace, &pipeline_job, start_ms)).collect();
+        let task_job_type = serde_json::to_string(&event::job_type_facet("TASK")).expect("a facet always serializes");
+        let stage_parts = (0..p.stages.len()).map(|i| StageParts::new(engine, i, &namespace, &pipeline_job, start_ms, &task_job_type)).collect();
         let closed_killed = closed.into_iter().filter(|c| !c.lines.is_empty()).map(|c| (c.run_id, c.lines.len())).collect();
         let (http, parked) = match lineage_url {
             Some(url) => {
@@ -257,7 +294,7 @@ impl OpenLineage {
 
     fn start_line(&self, engine: &Engine, i: usize, time: &str) -> String {
         let s = engine.stage(i);
-        let d = event::dagrun_facet(json!({"dagrunRunId": engine.run_id, "stage": s.name, "kind": s.kind.name()}));
+        let d = dagrun_facet_json(&[("dagrunRunId", json_of(&engine.run_id)), ("kind", json_of(s.kind.name())), ("stage", json_of(&s.name))]);
         let none = |_: &str| None;
         self.stage_line(engine, i, EventType::Start, time, &d, None, &none, &none)
     }
@@ -275,7 +312,7 @@ impl OpenLineage {
         i: usize,
         event_type: EventType,
         time: &str,
-        dagrun: &Value,
+        dagrun: &str,
         error: Option<&Value>,
         input_hash: &dyn Fn(&str) -> Option<String>,
         output_hash: &dyn Fn(&str) -> Option<String>,
@@ -292,7 +329,7 @@ impl OpenLineage {
         push_str_json(&mut b, &parts.run_id);
         // Run facets, sorted: dagrun, errorMessage, executionParameters, parent.
         b.push_str(",\"facets\":{\"dagrun\":");
-        push_json(&mut b, dagrun);
+        b.push_str(dagrun);
         if let Some(e) = error {
             b.push_str(",\"errorMessage\":");
             push_json(&mut b, e);
@@ -424,24 +461,24 @@ impl RunObserver for OpenLineage {
             Status::Failed if !interrupted => EventType::Fail,
             Status::Failed | Status::Skipped => EventType::Abort,
         };
-        let mut d = json!({
-            "dagrunRunId": engine.run_id,
-            "stage": s.name,
-            "kind": s.kind.name(),
-            "status": rec.status.as_str(),
-            "workDone": rec.status == Status::Ran,
-            "seconds": rec.seconds,
-        });
+        // Keys in order.
+        let mut fields: Vec<(&str, String)> = Vec::with_capacity(9);
         if let Some(k) = &rec.key {
-            d["cacheKey"] = k.clone().into();
+            fields.push(("cacheKey", json_of(k)));
+        }
+        fields.push(("dagrunRunId", json_of(&engine.run_id)));
+        fields.push(("kind", json_of(s.kind.name())));
+        if let Some(c) = rec.outputs_changed {
+            fields.push(("outputsChanged", json_of(&c)));
         }
         if !rec.reasons.is_empty() {
-            d["reasons"] = json!(rec.reasons);
+            fields.push(("reasons", json_of(&rec.reasons)));
         }
-        if let Some(c) = rec.outputs_changed {
-            d["outputsChanged"] = c.into();
-        }
-        let dagrun = event::dagrun_facet(d);
+        fields.push(("seconds", json_of(&json!(rec.seconds))));
+        fields.push(("stage", json_of(&s.name)));
+        fields.push(("status", json_of(rec.status.as_str())));
+        fields.push(("workDone", json_of(&(rec.status == Status::Ran))));
+        let dagrun = dagrun_facet_json(&fields);
         let error = (event_type != EventType::Complete).then(|| {
             let msg = rec.error.clone().unwrap_or_else(|| if interrupted { "run interrupted".into() } else { "stage failed".into() });
             event::error_message_facet(&format!("stage {} failed: {msg}", s.name))

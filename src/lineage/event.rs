@@ -231,7 +231,12 @@ pub fn schema_facet(fields: &[Field]) -> Value {
 
 /// Run facet `dagrun`: what dagrun did (see the module doc).
 pub fn dagrun_facet(fields: Value) -> Value {
-    facet(&format!("{DAGRUN_FACETS_SCHEMA}#/$defs/DagrunRunFacet"), fields)
+    facet(&dagrun_facet_schema(), fields)
+}
+
+/// `_schemaURL` of the `dagrun` run facet.
+pub fn dagrun_facet_schema() -> String {
+    format!("{DAGRUN_FACETS_SCHEMA}#/$defs/DagrunRunFacet")
 }
 
 #[cfg(test)]

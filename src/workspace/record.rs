@@ -19,8 +19,8 @@
 //!   on every use.
 
 use crate::crypto::IntegrityKey;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The MAC field of every record.
