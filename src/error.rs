@@ -13,7 +13,7 @@ pub mod exit {
     pub const INTEGRITY: i32 = 4;
     /// Another dagrun run holds the workspace lock (EX_TEMPFAIL).
     pub const LOCKED: i32 = 75;
-    /// Interrupted by SIGINT/SIGTERM.
+    /// Interrupted by SIGINT/SIGTERM/SIGHUP.
     pub const INTERRUPTED: i32 = 130;
 }
 

@@ -9,6 +9,7 @@ use dagrun::engine::report::Verbosity;
 use dagrun::error::{self, exit};
 use dagrun::pipeline;
 use dagrun::workspace::Workspace;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -129,6 +130,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove cache entries and objects that neither the current state nor the newest runs use.
+    Gc(commands::gc::Args),
     /// Check the cache, state files and recorded outputs; exit 4 on problems.
     Verify {
         /// Delete corrupted cache objects (the next run recomputes or restores).
@@ -328,7 +331,8 @@ fn main() {
     let code = match real_main(&cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!: a closed stderr must not turn exit 1 or 2 into a panic's 101.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             error::exit_code_of(&e)
         }
     };
@@ -412,6 +416,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             commands::features::show(&workspace_from_cwd(cli)?, tenant, version.as_deref(), *json)?;
             Ok(exit::OK)
         }
+        Cmd::Gc(a) => commands::gc::run(&workspace_from_cwd(cli)?, a),
         Cmd::Verify { repair, json } => commands::verify::run(&workspace_from_cwd(cli)?, *repair, *json),
         Cmd::Sample { tenant, rows, seed, as_of, no_label, out } => {
             let as_of = dagrun::data::schema::parse_date(as_of).map_err(|e| error::config(format!("--as-of: {e:#}")))?;

@@ -45,21 +45,33 @@ pub fn raw_features(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Res
 
 /// The five feature columns of a feature-store batch, per row.
 pub fn stored_features(batch: &RecordBatch) -> Result<Vec<(i64, [f64; 5])>> {
-    let get = |name: &str| batch.column_by_name(name).ok_or_else(|| anyhow!("feature file has no column {name}"));
-    let ids = get(schema::CUSTOMER_ID)?.as_any().downcast_ref::<Int64Array>().context("Customer_ID must be int64")?;
-    let f64col = |name: &str| -> Result<Vec<f64>> {
-        let c = get(name)?;
+    let ids = batch.column_by_name(schema::CUSTOMER_ID).ok_or_else(|| anyhow!("feature file has no column {}", schema::CUSTOMER_ID))?;
+    let ids = ids.as_any().downcast_ref::<Int64Array>().context("Customer_ID must be int64")?;
+    let mut cols: [Vec<f64>; 5] = Default::default();
+    extend_feature_columns(&mut cols, batch)?;
+    Ok((0..batch.num_rows()).map(|i| (ids.value(i), [cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i]])).collect())
+}
+
+/// Append the v1 feature columns of `batch` (in `FEATURE_NAMES` order, as
+/// f64) to `cols`, column by column (no per-row tuples).
+pub fn extend_feature_columns(cols: &mut [Vec<f64>], batch: &RecordBatch) -> Result<()> {
+    for (col, name) in cols.iter_mut().zip(v1::FEATURE_NAMES) {
+        let c = batch.column_by_name(name).ok_or_else(|| anyhow!("feature file has no column {name}"))?;
         if let Some(a) = c.as_any().downcast_ref::<Float64Array>() {
-            Ok(a.values().to_vec())
+            col.extend_from_slice(a.values());
         } else if let Some(a) = c.as_any().downcast_ref::<Int64Array>() {
-            Ok(a.values().iter().map(|&v| v as f64).collect())
+            col.extend(a.values().iter().map(|&v| v as f64));
         } else {
             bail!("feature column {name} has an unexpected type")
         }
-    };
-    let cols: Vec<Vec<f64>> = v1::FEATURE_NAMES.iter().map(|n| f64col(n)).collect::<Result<_>>()?;
-    Ok((0..batch.num_rows()).map(|i| (ids.value(i), [cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i]])).collect())
+    }
+    Ok(())
 }
+
+/// The columns a model reads from a feature version: `Customer_ID`, the v1
+/// features and the label (not the tenant id or the token).
+pub const MODEL_COLUMNS: [&str; 7] =
+    [schema::CUSTOMER_ID, v1::FEATURE_NAMES[0], v1::FEATURE_NAMES[1], v1::FEATURE_NAMES[2], v1::FEATURE_NAMES[3], v1::FEATURE_NAMES[4], schema::CONVERTED];
 
 /// Check that a model belongs to a feature-store version.
 pub fn check_model_matches_store(a: &ModelArtifact, m: &Manifest) -> Result<()> {

@@ -17,11 +17,23 @@ use std::path::{Path, PathBuf};
 /// not change file hashes by itself.
 pub const CREATED_BY: &str = "dagrun";
 
+/// Rows per row group of the files dagrun writes. A writer holds a whole
+/// row group's encoded pages in memory until it is complete, and the
+/// spliced rewrite (`encrypt`) works row group by row group: at parquet's
+/// default (1M rows) a tenant of 600k rows was one row group, so every
+/// stage held the whole tenant at once. 128k rows (two read batches) keeps
+/// that memory bounded and independent of the tenant's size.
+pub const ROW_GROUP_ROWS: usize = 131_072;
+
 /// Writer properties used for every file dagrun writes: snappy, fixed
-/// `created_by`, everything else at parquet's (deterministic) defaults.
+/// `created_by`, row groups of [`ROW_GROUP_ROWS`], everything else at
+/// parquet's (deterministic) defaults.
 pub fn writer_props() -> WriterProperties {
     use parquet::schema::types::ColumnPath;
-    let mut b = WriterProperties::builder().set_created_by(CREATED_BY.to_string()).set_compression(Compression::SNAPPY);
+    let mut b = WriterProperties::builder()
+        .set_created_by(CREATED_BY.to_string())
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
     // Ciphertexts, tokens and PII are random or unique per row: dictionary
     // encoding and compression only cost CPU on them.
     for c in ["Sensitive_Data_Enc", "Sensitive_Token", "Sensitive_Data"] {
@@ -132,11 +144,40 @@ fn open_with_page_index(src: &Path) -> Result<(File, parquet::arrow::arrow_reade
     Ok((input, md))
 }
 
+/// A writer that hashes (blake3) every byte it passes on: the hash of a file
+/// as it is written, so the writer need not read it back to hash it.
+pub struct HashingWrite<W> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: std::io::Write> HashingWrite<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWrite { inner, hasher: blake3::Hasher::new() }
+    }
+    /// The inner writer and the blake3 (hex) of everything written through.
+    pub fn finish(self) -> (W, String) {
+        (self.inner, self.hasher.finalize().to_hex().to_string())
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWrite<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Copy a Parquet file to `dest` (atomically) without decoding it: every
 /// column chunk's bytes are spliced into a new file whose footer carries the
 /// source's key-value metadata (including the embedded Arrow schema) updated
-/// with `kv`. Returns the Arrow schema and the row count. Deterministic.
-pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> Result<(SchemaRef, u64)> {
+/// with `kv`. Returns the Arrow schema, the row count and the blake3 (hex) of
+/// the bytes written (hashed on the way out: no read back). Deterministic.
+pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> Result<(SchemaRef, u64, String)> {
     use parquet::column::writer::ColumnCloseResult;
     use parquet::file::writer::SerializedFileWriter;
     let (input, md) = open_with_page_index(src)?;
@@ -148,7 +189,7 @@ pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> R
     }
     let props = writer_props().into_builder().set_key_value_metadata(Some(merged.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect())).build();
     let root = md.file_metadata().schema_descr().root_schema_ptr();
-    let out = AtomicFile::create(dest)?;
+    let out = HashingWrite::new(AtomicFile::create(dest)?);
     let ctx = || format!("cannot write Parquet file {}", dest.display());
     let mut writer = SerializedFileWriter::new(out, root, std::sync::Arc::new(props)).with_context(ctx)?;
     let page_index = md.page_index();
@@ -169,9 +210,9 @@ pub fn copy_with_footer(src: &Path, dest: &Path, kv: Vec<(String, String)>) -> R
         rg_out.close().with_context(ctx)?;
         rows += rg.num_rows() as u64;
     }
-    let file = writer.into_inner().with_context(ctx)?;
+    let (file, hash) = writer.into_inner().with_context(ctx)?.finish();
     file.commit()?;
-    Ok((schema, rows))
+    Ok((schema, rows, hash))
 }
 
 /// The file [`rewrite_with_spliced_columns`] writes: its Arrow schema and footer entries.

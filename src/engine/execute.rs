@@ -167,7 +167,11 @@ impl Engine {
                     let i = p.i;
                     let ev = p.ev.as_ref();
                     Box::new(move || match ev {
-                        Some(ev) => self.local_work(i, ev),
+                        // In this process: the outputs join the run's end-of-run fsync batch.
+                        Some(ev) => {
+                            let _batched = crate::util::atomic::defer_sync_of(self.stage(i).outs.iter().map(|o| self.pipeline.abs(&o.path)).collect());
+                            self.local_work(i, ev)
+                        }
                         None => Err(anyhow!("internal error: stage {} has no key to run under in this process", self.stage(i).name)),
                     }) as Box<LocalWork>
                 })

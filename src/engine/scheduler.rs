@@ -7,8 +7,9 @@
 //! the first one itself, waking another worker only for the rest: no thread
 //! hand-off between a stage and the next one on its path (on a busy machine
 //! each hand-off was a wait for a core, paid by every trivial stage). The
-//! main thread only waits for SIGINT/SIGTERM (then no new stage starts and
-//! running ones are cancelled) and for the workers to finish.
+//! main thread only waits for SIGINT/SIGTERM/SIGHUP (then no new stage
+//! starts and running ones are cancelled) and for the workers to finish;
+//! their handlers are installed before the first stage starts.
 
 use super::Engine;
 use super::report::{Reporter, Verbosity};
@@ -446,6 +447,19 @@ fn schedule(
         }
     };
 
+    // Signal handlers first, before any stage starts: a SIGINT, SIGTERM or
+    // SIGHUP (the terminal or ssh session went away) arriving at any instant
+    // after this must interrupt the run (commands killed with their
+    // children), never kill dagrun with the default action and leave its
+    // commands running, orphaned, after the workspace lock is free again.
+    let mut signals: Vec<tokio::signal::unix::Signal> = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _rt = rt.enter();
+        [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()]
+            .into_iter()
+            .filter_map(|k| signal(k).inspect_err(|e| tracing::warn!("cannot handle signal {}: {e}", k.as_raw_value())).ok())
+            .collect()
+    };
     std::thread::scope(|sc| {
         for k in 0..jobs {
             if let Err(e) = std::thread::Builder::new().name(format!("dagrun-worker-{k}")).spawn_scoped(sc, worker) {
@@ -461,17 +475,19 @@ fn schedule(
         }
         // Signals: stop starting stages and cancel the running ones.
         rt.block_on(async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            tokio::pin!(ctrl_c);
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             let mut interrupted = false;
+            let have_signals = !signals.is_empty();
             loop {
+                let any_signal = async {
+                    if have_signals {
+                        futures_util::future::select_all(signals.iter_mut().map(|s| Box::pin(s.recv()))).await;
+                    } else {
+                        std::future::pending::<()>().await
+                    }
+                };
                 tokio::select! {
                     _ = all_done.notified() => break,
-                    _ = &mut ctrl_c, if !interrupted => { interrupted = true; }
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } }, if !interrupted => {
-                        interrupted = true;
-                    }
+                    _ = any_signal, if !interrupted => { interrupted = true; }
                 }
                 if interrupted {
                     engine.cancel.store(true, Ordering::SeqCst);

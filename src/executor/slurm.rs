@@ -44,7 +44,7 @@
 //!   …`, `oom-kill event`) to reach the log; the stage's own error, when the
 //!   job reported one, follows the state. Members the job finished before (in
 //!   its result file) are recorded. The engine resubmits per `retries:`.
-//! - **Interrupts**: when the run is interrupted (SIGINT/SIGTERM) every
+//! - **Interrupts**: when the run is interrupted (SIGINT/SIGTERM/SIGHUP) every
 //!   waiting thread `scancel`s its job and waits (up to 30 s) until Slurm
 //!   reports it ended, so no job writes after dagrun exits.
 //! - **SIGKILL of dagrun**: jobs keep running (Slurm does not know the

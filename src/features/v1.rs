@@ -74,7 +74,30 @@ pub fn quantile_linear(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (h - lo as f64) * (sorted[lo + 1] - sorted[lo])
 }
 
-/// Fit the tenant statistics. `purchases` is sorted in place (the quantile
+/// [`quantile_linear`] of `values` without sorting them: the two order
+/// statistics it needs, x[⌊h⌋] and x[⌊h⌋+1] (ascending by `total_cmp`, as
+/// the sort was), are found by selection in O(n), and `values` is left
+/// reordered (partitioned around x[⌊h⌋]). Same result, bit for bit, as
+/// sorting then [`quantile_linear`]: an order statistic does not depend on
+/// how it is found.
+pub fn quantile_linear_select(values: &mut [f64], q: f64) -> f64 {
+    let n = values.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let h = (n - 1) as f64 * q;
+    let lo = h.floor() as usize;
+    if lo + 1 >= n {
+        return *values.iter().max_by(|a, b| a.total_cmp(b)).expect("non-empty");
+    }
+    let (_, x_lo, above) = values.select_nth_unstable_by(lo, |a, b| a.total_cmp(b));
+    let x_lo = *x_lo;
+    // Everything above index ⌊h⌋ is ≥ x[⌊h⌋]: x[⌊h⌋+1] is its minimum.
+    let x_hi = *above.iter().min_by(|a, b| a.total_cmp(b)).expect("lo + 1 < n");
+    x_lo + (h - lo as f64) * (x_hi - x_lo)
+}
+
+/// Fit the tenant statistics. `purchases` is reordered in place (the quantile
 /// needs the whole column: this is one of the places that holds a column in memory).
 pub fn fit(logins: &[i64], purchases: &mut [f64]) -> TenantStats {
     let rows = logins.len() as u64;
@@ -85,8 +108,7 @@ pub fn fit(logins: &[i64], purchases: &mut [f64]) -> TenantStats {
         let sum: i128 = logins.iter().map(|&v| v as i128).sum();
         sum as f64 / logins.len() as f64
     };
-    purchases.sort_unstable_by(|a, b| a.total_cmp(b));
-    TenantStats { mean_login, p80_purchase: quantile_linear(purchases, 0.8), rows }
+    TenantStats { mean_login, p80_purchase: quantile_linear_select(purchases, 0.8), rows }
 }
 
 /// Features of one raw row, given stored statistics.
@@ -137,6 +159,30 @@ mod tests {
         assert_eq!(quantile_linear(&[7.5], 0.8), 7.5);
         assert_eq!(quantile_linear(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], 0.8), 4.0);
         assert_eq!(quantile_linear(&[], 0.8), 0.0);
+    }
+
+    #[test]
+    fn selection_quantile_equals_sorted_quantile_bitwise() {
+        use rand::rngs::ChaCha8Rng;
+        use rand::{RngExt, SeedableRng};
+        let mut rng = ChaCha8Rng::seed_from_u64(80);
+        for n in [1usize, 2, 3, 5, 6, 7, 10, 11, 100, 1001, 20_000] {
+            for dup in [false, true] {
+                // cents, with many ties when `dup`; a -0.0 and a 0.0 among them
+                let mut v: Vec<f64> = (0..n).map(|_| if dup { rng.random_range(0..20) as f64 } else { (rng.random::<f64>() * 1e6).round() / 100.0 }).collect();
+                if n > 3 {
+                    v[1] = -0.0;
+                    v[2] = 0.0;
+                }
+                let mut sorted = v.clone();
+                sorted.sort_unstable_by(|a, b| a.total_cmp(b));
+                for q in [0.0, 0.25, 0.5, 0.8, 0.99, 1.0] {
+                    let mut w = v.clone();
+                    assert_eq!(quantile_linear_select(&mut w, q).to_bits(), quantile_linear(&sorted, q).to_bits(), "n {n} q {q} dup {dup}");
+                }
+            }
+        }
+        assert_eq!(quantile_linear_select(&mut [], 0.8), 0.0);
     }
 
     #[test]

@@ -16,10 +16,13 @@
 //!    LBFGS_MAX_ITERATIONS`;
 //! 2. finish with damped Newton steps on the (k+1)×(k+1) Hessian of the same
 //!    objective (normalised as `F = f/(C·n)`), which converges quadratically
-//!    from linfa's point (typically 1–3 steps);
-//! 3. verify: at the result we solve `H δ = ∇F` once more; `δ` is the remaining
-//!    distance to the exact optimum to first order, so `maxᵢ |x̃ᵢ·δ|` bounds the
-//!    remaining logit error and `¼` of it the probability error. The fit is
+//!    from linfa's point (typically 3–4 steps);
+//! 3. verify: at the result we solve `H δ = ∇F` once more (the solve that
+//!    ended the Newton loop); `δ` is the remaining distance to the exact
+//!    optimum to first order, so `maxᵢ |x̃ᵢ·δ|` bounds the remaining logit
+//!    error and `¼` of it the probability error (we use the exact maximum, or
+//!    the larger `Σⱼ |δⱼ|·maxᵢ|x̃ᵢⱼ|` when that is already below 1e-13, which
+//!    saves a pass over the rows). The fit is
 //!    refused (Err) if that bound exceeds `MAX_LOGIT_ERROR` (1e-7, far inside the
 //!    spec's 1e-4 on probabilities). Measured: ~1e-14 or better.
 
@@ -39,7 +42,7 @@ pub const LBFGS_MAX_ITERATIONS: u64 = 1000;
 /// L-BFGS tolerance on the per-row mean of linfa's summed gradient.
 pub const LBFGS_MEAN_GRAD_TOL: f64 = 1e-5;
 /// Rows linfa fits at most (a strided subsample beyond; see `fit_with`).
-pub const LINFA_MAX_ROWS: usize = 200_000;
+pub const LINFA_MAX_ROWS: usize = 10_000;
 /// Newton polishing step cap.
 pub const NEWTON_MAX_STEPS: u64 = 50;
 /// Newton stops once the predicted remaining logit change is below this.
@@ -121,10 +124,10 @@ fn class_name(v: bool) -> &'static str {
 /// Fit on scaled features. See the module docs for the objective, the
 /// `alpha = 1/C` mapping and how convergence is ensured and verified.
 pub fn fit(x_scaled: &Array2<f64>, y: &[bool], c: f64) -> Result<Fitted> {
-    fit_with(x_scaled, y, c, LBFGS_MAX_ITERATIONS)
+    fit_with(x_scaled, y, c, LBFGS_MAX_ITERATIONS, LINFA_MAX_ROWS)
 }
 
-fn fit_with(x_scaled: &Array2<f64>, y: &[bool], c: f64, lbfgs_max_iterations: u64) -> Result<Fitted> {
+fn fit_with(x_scaled: &Array2<f64>, y: &[bool], c: f64, lbfgs_max_iterations: u64, linfa_max_rows: usize) -> Result<Fitted> {
     let (n, k) = x_scaled.dim();
     if !c.is_finite() || c <= 0.0 {
         bail!("regularisation parameter C must be a finite number > 0, got {c}");
@@ -159,9 +162,14 @@ fn fit_with(x_scaled: &Array2<f64>, y: &[bool], c: f64, lbfgs_max_iterations: u6
     // (C·n/m, i.e. alpha = m/(n·C)); the Newton phase below then moves that
     // fit to the exact optimum over all n rows, and step 3 verifies it. This
     // keeps the result identical (to 1e-7 in every logit) while the fit time
-    // no longer grows with L-BFGS iterations × n.
-    let sub: Option<(Array2<f64>, Vec<bool>)> = if n > LINFA_MAX_ROWS {
-        let stride = n.div_ceil(LINFA_MAX_ROWS);
+    // no longer grows with L-BFGS iterations × n. 10k rows: the subsample's
+    // optimum is within sampling error (a few % of a logit) of the full one,
+    // which Newton's quadratic convergence removes in about one extra step
+    // over all n rows: far cheaper than L-BFGS's dozens of iterations on more
+    // rows (measured at n = 480k: 3 Newton steps from a 200k-row fit, 4 from
+    // a 10k-row fit, the whole fit 3.4x faster; same optimum to < 1e-15).
+    let sub: Option<(Array2<f64>, Vec<bool>)> = if n > linfa_max_rows {
+        let stride = n.div_ceil(linfa_max_rows);
         let idx: Vec<usize> = (0..n).step_by(stride).collect();
         let ys: Vec<bool> = idx.iter().map(|&i| y[i]).collect();
         let both = ys.iter().any(|&v| v) && ys.iter().any(|&v| !v);
@@ -197,41 +205,69 @@ fn fit_with(x_scaled: &Array2<f64>, y: &[bool], c: f64, lbfgs_max_iterations: u6
     let t_newton = std::time::Instant::now();
     // --- 2. Newton polish on F = f/(C n) ----------------------------------
     let prob = Problem { x: x_scaled, y, c };
+    // Per-column max |x_ij| (and 1 for the intercept): Σⱼ |δⱼ|·maxᵢ|x̃ᵢⱼ| bounds
+    // maxᵢ |x̃ᵢ·δ| from above without a pass over the rows; the exact maximum
+    // is computed (one pass) only when that cheap bound is not already small.
+    let colmax = prob.col_max_abs();
     let first = prob.eval(&theta);
     let lbfgs_grad_norm = norm(&first.grad);
     let mut iterations = 0u64;
     let mut cur = first;
-    while iterations < NEWTON_MAX_STEPS {
+    // Every exit of the loop leaves `bound` = a first-order bound on the
+    // remaining logit error at `theta` (= `cur`'s point), from the Newton
+    // step solved there: step 3's verification, with no second solve/pass.
+    let bound = loop {
         let delta = solve(&cur.hess, &cur.grad).ok_or_else(|| anyhow!("logistic regression: singular Hessian"))?;
-        if prob.max_abs_logit(&delta) < NEWTON_STOP {
-            break;
+        // The cheap bound decides when it is small; the exact maximum (one
+        // pass) is taken only near the stop, where it may end the loop a step
+        // earlier, and on the exits below, which report it.
+        let cheap = cheap_bound(&delta, &colmax);
+        if cheap < NEWTON_STOP {
+            break cheap;
+        }
+        let near = cheap < NEWTON_STOP * 1e3;
+        let exact = near.then(|| prob.max_abs_logit(&delta));
+        let bound = || exact.unwrap_or_else(|| prob.max_abs_logit(&delta));
+        if exact.is_some_and(|b| b < NEWTON_STOP) || iterations >= NEWTON_MAX_STEPS {
+            break bound();
         }
         // Newton decrement λ² = ∇Fᵀ H⁻¹ ∇F: twice the predicted decrease of F.
         let decrement: f64 = cur.grad.iter().zip(&delta).map(|(g, d)| g * d).sum();
+        let full: Vec<f64> = theta.iter().zip(&delta).map(|(a, d)| a - d).collect();
+        if !full.iter().all(|v| v.is_finite()) {
+            break bound();
+        }
+        // The full step is evaluated with gradient and Hessian at once (one
+        // pass): near the optimum it is nearly always the step taken.
+        let next = prob.eval(&full);
         if decrement < QUADRATIC_REGION {
             // Deep in the quadratic region the decrease of F (< 1e-10) is at or
             // below the rounding noise of F itself, so comparing F values is
             // meaningless: take the full Newton step and keep it only if the
             // gradient shrinks.
-            let cand: Vec<f64> = theta.iter().zip(&delta).map(|(a, d)| a - d).collect();
-            let next = prob.eval(&cand);
-            if norm(&next.grad) < norm(&cur.grad) && cand.iter().all(|v| v.is_finite()) {
-                theta = cand;
+            if norm(&next.grad) < norm(&cur.grad) {
+                theta = full;
                 cur = next;
                 iterations += 1;
                 continue;
             }
-            break; // rounding floor reached
+            break bound(); // rounding floor reached
         }
         // Damped Newton (backtracking on F) further out; convex, so it
         // converges globally from wherever L-BFGS stopped.
         let slack = 4.0 * f64::EPSILON * cur.value.abs().max(1.0);
-        let mut t = 1.0;
+        let accept = |t: f64, v: f64| v <= cur.value - 0.25 * t * decrement + slack;
+        if accept(1.0, next.value) {
+            theta = full;
+            cur = next;
+            iterations += 1;
+            continue;
+        }
+        let mut t = 0.5;
         let mut accepted = None;
-        for _ in 0..40 {
+        for _ in 1..40 {
             let cand: Vec<f64> = theta.iter().zip(&delta).map(|(a, d)| a - t * d).collect();
-            let v = prob.value(&cand);
-            if v <= cur.value - 0.25 * t * decrement + slack {
+            if accept(t, prob.value(&cand)) {
                 accepted = Some(cand);
                 break;
             }
@@ -243,14 +279,12 @@ fn fit_with(x_scaled: &Array2<f64>, y: &[bool], c: f64, lbfgs_max_iterations: u6
                 cur = prob.eval(&theta);
                 iterations += 1;
             }
-            None => break,
+            None => break bound(),
         }
-    }
+    };
 
     tracing::debug!("newton done in {:.3}s ({iterations} steps)", t_newton.elapsed().as_secs_f64());
     // --- 3. verify ----------------------------------------------------------
-    let delta = solve(&cur.hess, &cur.grad).ok_or_else(|| anyhow!("logistic regression: singular Hessian"))?;
-    let bound = prob.max_abs_logit(&delta);
     if !(bound <= MAX_LOGIT_ERROR) || theta.iter().any(|v| !v.is_finite()) {
         bail!(
             "logistic regression did not converge: remaining logit error bound {bound:e} > {MAX_LOGIT_ERROR:e} \
@@ -261,6 +295,11 @@ fn fit_with(x_scaled: &Array2<f64>, y: &[bool], c: f64, lbfgs_max_iterations: u6
     let intercept = theta[k];
     theta.truncate(k);
     Ok(Fitted { coef: theta, intercept, iterations, grad_norm: norm(&cur.grad), lbfgs_grad_norm, logit_error_bound: bound, objective: cur.value })
+}
+
+/// Σⱼ |δⱼ|·`colmax`ⱼ: never below maxᵢ |x̃ᵢ · δ|, computed without the rows.
+fn cheap_bound(delta: &[f64], colmax: &[f64]) -> f64 {
+    delta.iter().zip(colmax).map(|(d, m)| d.abs() * m).sum()
 }
 
 fn norm(v: &[f64]) -> f64 {
@@ -338,8 +377,10 @@ impl Problem<'_> {
                     *t = *v;
                 }
                 let z = b[0] + row.iter().zip(w).map(|(a, c)| a * c).sum::<f64>();
-                s += softplus(z) - if yi { z } else { 0.0 };
-                let p = sigmoid(z);
+                // One exp for both softplus(z) and sigmoid(z).
+                let e = (-z.abs()).exp();
+                s += z.max(0.0) + e.ln_1p() - if yi { z } else { 0.0 };
+                let p = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
                 let r = p - if yi { 1.0 } else { 0.0 };
                 let q = p * (1.0 - p);
                 for a in 0..d {
@@ -383,6 +424,25 @@ impl Problem<'_> {
         }
         let value = s / n + w.iter().map(|a| a * a).sum::<f64>() * pen / 2.0;
         Eval { value, grad, hess }
+    }
+
+    /// maxᵢ |xᵢⱼ| per column, then 1.0 for the intercept's column.
+    fn col_max_abs(&self) -> Vec<f64> {
+        let k = self.x.ncols();
+        let mut m = self
+            .blocks(|r| {
+                let mut m = vec![0.0f64; k];
+                for i in r {
+                    for (a, v) in m.iter_mut().zip(self.x.row(i)) {
+                        *a = a.max(v.abs());
+                    }
+                }
+                m
+            })
+            .into_iter()
+            .fold(vec![0.0f64; k], |acc, b| acc.iter().zip(&b).map(|(a, c)| a.max(*c)).collect());
+        m.push(1.0);
+        m
     }
 
     /// maxᵢ |x̃ᵢ · δ| with x̃ = (x, 1).
@@ -612,7 +672,7 @@ mod tests {
         // non-convergence): the damped Newton phase must still reach the optimum.
         let (raw, y) = synthetic(2000, 7, -1.0);
         let xs = Scaler::fit(&raw).transform(&raw);
-        let f = fit_with(&xs, &y, 1.0, 1).unwrap();
+        let f = fit_with(&xs, &y, 1.0, 1, LINFA_MAX_ROWS).unwrap();
         assert!(f.lbfgs_grad_norm > 1e-4, "start was not poor: {:e}", f.lbfgs_grad_norm);
         let (w_ref, b_ref) = reference_fit(&xs, &y, 1.0);
         for i in 0..xs.nrows() {

@@ -30,6 +30,57 @@ pub struct TrainOutcome {
     pub test_labels: Vec<bool>,
 }
 
+/// One tenant's rows already split by customer (`model::split`), filled
+/// batch by batch with [`SplitData::push`]: the training rows go straight
+/// into the row-major matrix the solver fits (no full copy of the tenant's
+/// rows is ever held beside it), the test rows into what scoring needs.
+#[derive(Clone, Debug, Default)]
+pub struct SplitData {
+    pub tenant: String,
+    /// Training rows, row-major, `FEATURE_NAMES` order (5 values a row).
+    train_x: Vec<f64>,
+    train_y: Vec<bool>,
+    test_id: Vec<i64>,
+    test_x: Vec<[f64; 5]>,
+    test_y: Vec<bool>,
+}
+
+impl SplitData {
+    /// An empty split for `tenant`; `rows_hint` (e.g. the feature manifest's
+    /// row count) reserves room up front, so the matrix is never reallocated
+    /// (reserved but unwritten pages cost no memory).
+    pub fn new(tenant: &str, rows_hint: usize) -> SplitData {
+        let mut s = SplitData { tenant: tenant.to_string(), ..Default::default() };
+        s.train_x.reserve_exact(rows_hint.saturating_mul(5));
+        s.train_y.reserve_exact(rows_hint);
+        s
+    }
+
+    /// Add rows (customer ids, features, labels; equal lengths). Refuses a
+    /// non-finite feature, naming its customer.
+    pub fn push(&mut self, ids: &[i64], x: &[[f64; 5]], y: &[bool]) -> Result<()> {
+        let t = &self.tenant;
+        if ids.len() != x.len() || y.len() != x.len() {
+            bail!("tenant {t}: training data mismatch: {} customer ids, {} feature rows, {} labels", ids.len(), x.len(), y.len());
+        }
+        if let Some(i) = x.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+            bail!("tenant {t}: features of Customer_ID {} contain a non-finite value: cannot train", ids[i]);
+        }
+        let mask = crate::model::split::test_mask(t, ids);
+        for i in 0..x.len() {
+            if mask[i] {
+                self.test_id.push(ids[i]);
+                self.test_x.push(x[i]);
+                self.test_y.push(y[i]);
+            } else {
+                self.train_x.extend_from_slice(&x[i]);
+                self.train_y.push(y[i]);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Train one tenant's model with regularisation `c` (scikit-learn's C).
 ///
 /// Errors (messages name the tenant): length mismatch, no rows, non-finite
@@ -37,47 +88,29 @@ pub struct TrainOutcome {
 /// single-class test labels (ROC AUC would be undefined, so `min_auc` could
 /// not be checked).
 pub fn train(data: &TrainingData, c: f64) -> Result<TrainOutcome> {
-    let t = &data.tenant;
-    let n = data.x.len();
-    if data.y.len() != n || data.customer_id.len() != n {
-        bail!("tenant {t}: training data mismatch: {} customer ids, {n} feature rows, {} labels", data.customer_id.len(), data.y.len());
-    }
+    let mut split = SplitData::new(&data.tenant, data.x.len());
+    split.push(&data.customer_id, &data.x, &data.y)?;
+    train_split(split, c)
+}
+
+/// [`train`] on rows already split (see [`SplitData`]).
+pub fn train_split(data: SplitData, c: f64) -> Result<TrainOutcome> {
+    let SplitData { tenant, train_x, train_y: tr_y, test_id: te_id, test_x: te_x, test_y: te_y } = data;
+    let t = &tenant;
+    let (n_train, n_test) = (tr_y.len(), te_y.len());
+    let n = n_train + n_test;
     if n == 0 {
         bail!("tenant {t}: no training rows");
     }
-    if let Some(i) = data.x.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
-        bail!("tenant {t}: features of Customer_ID {} contain a non-finite value: cannot train", data.customer_id[i]);
-    }
-    // Memory: the rows stay in `data`; only the train split is copied, once,
-    // into the matrix the solver needs (scaled in place). Test rows are scored
-    // one by one from `data`.
-    let test_mask: Vec<bool> = crate::model::split::test_mask(t, &data.customer_id);
-    let n_test = test_mask.iter().filter(|&&m| m).count();
-    let n_train = n - n_test;
     if n_train == 0 {
         bail!("tenant {t}: the train split is empty ({n} rows, all in the test split): need more customers");
     }
     if n_test == 0 {
         bail!("tenant {t}: the test split is empty ({n} rows, none in the test split): need more customers");
     }
-    let mut x_train = Array2::<f64>::zeros((n_train, 5));
-    let mut tr_y = Vec::with_capacity(n_train);
-    let (mut te_x, mut te_y, mut te_id) = (Vec::with_capacity(n_test), Vec::with_capacity(n_test), Vec::with_capacity(n_test));
-    let mut r = 0;
-    for i in 0..n {
-        if test_mask[i] {
-            te_x.push(data.x[i]);
-            te_y.push(data.y[i]);
-            te_id.push(data.customer_id[i]);
-        } else {
-            for (j, v) in data.x[i].iter().enumerate() {
-                x_train[[r, j]] = *v;
-            }
-            tr_y.push(data.y[i]);
-            r += 1;
-        }
-    }
-    drop(test_mask);
+    // The matrix the solver needs is the training rows themselves (scaled
+    // in place); test rows are scored one by one.
+    let mut x_train = Array2::from_shape_vec((n_train, 5), train_x).map_err(|e| anyhow::anyhow!("tenant {t}: training matrix: {e}"))?;
     let t0 = std::time::Instant::now();
     let scaler = Scaler::fit(&x_train);
     scaler.transform_inplace(&mut x_train);

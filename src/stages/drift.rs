@@ -217,12 +217,7 @@ fn read_features_if(path: &Path, hash: &str) -> Result<Option<Vec<Vec<f64>>>> {
 }
 
 fn push_columns(cols: &mut [Vec<f64>], batch: &arrow_array::RecordBatch) -> Result<()> {
-    for (_, x) in crate::scoring::stored_features(batch)? {
-        for (c, v) in cols.iter_mut().zip(x) {
-            c.push(v);
-        }
-    }
-    Ok(())
+    crate::scoring::extend_feature_columns(cols, batch)
 }
 
 /// The reference model (bytes hash and parsed): the tenant's champion in the
@@ -318,7 +313,10 @@ impl StageKind for Drift {
         let model_rel = p.model.0.clone();
         // Current data: the verified feature version.
         let dir = ctx.deps[0].parent().context("store dir")?;
-        let (manifest, batches) = crate::store::open_verified(dir, &*ctx.services.integrity_key()?)?;
+        // The engine hashed the feature file for this run's key: no second
+        // hash; only the five feature columns are decoded.
+        let (manifest, batches) =
+            crate::store::open_verified_with(dir, &*ctx.services.integrity_key()?, ctx.input_hash(0), Some(&crate::features::v1::FEATURE_NAMES))?;
         if manifest.tenant != tenant {
             bail!("{} holds tenant {}'s features, not {tenant}'s", ctx.rel(dir), manifest.tenant);
         }

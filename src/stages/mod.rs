@@ -90,6 +90,11 @@ pub struct RunCtx<'a> {
 }
 
 impl<'a> RunCtx<'a> {
+    /// The content hash the engine computed (or vouched for from its hash
+    /// memo) for declared input `i` in this run's cache key.
+    pub fn input_hash(&self, i: usize) -> Option<&str> {
+        self.input_hashes.get(self.stage.deps.get(i)?).map(String::as_str)
+    }
     /// The resolved `with:` params, as a map (what the cache key holds).
     pub fn with(&self) -> &Map<String, Value> {
         &self.stage.with

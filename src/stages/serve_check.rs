@@ -45,6 +45,20 @@ pub struct Report {
 
 /// Run the check. `recorded_model_hash` is the model's lineage record.
 pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, model: &Path, recorded_model_hash: Option<&ContentHash>) -> Result<Report> {
+    check_with(key, tenant, data, store_dir, model, recorded_model_hash, None)
+}
+
+/// [`check`] with the feature file's hash as the engine knows it
+/// (`store::open_verified_with`: spares a second read and hash of the file).
+pub fn check_with(
+    key: &IntegrityKey,
+    tenant: &str,
+    data: &Path,
+    store_dir: &Path,
+    model: &Path,
+    recorded_model_hash: Option<&ContentHash>,
+    known_features_hash: Option<&str>,
+) -> Result<Report> {
     let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
     let model_hash = ContentHash::of_bytes(&bytes);
     match recorded_model_hash {
@@ -53,7 +67,7 @@ pub fn check(key: &IntegrityKey, tenant: &str, data: &Path, store_dir: &Path, mo
         None => bail!("model {} has no lineage record: it was not produced by a train stage of this workspace", model.display()),
     }
     let artifact = load_verified(&bytes, &model.display().to_string(), key, tenant)?;
-    let (manifest, batches) = crate::store::open_verified(store_dir, key)?;
+    let (manifest, batches) = crate::store::open_verified_with(store_dir, key, known_features_hash, Some(&scoring::MODEL_COLUMNS))?;
     scoring::check_model_matches_store(&artifact, &manifest)?;
     if artifact.feature_stats != manifest.stats {
         bail!("the statistics stored with feature version {} differ from those the model was trained with", manifest.feature_set_version);
@@ -161,7 +175,7 @@ impl StageKind for ServeCheck {
         let model_rel = ctx.stage.deps[3].clone();
         let recorded = ctx.services.states.producer_of(&model_rel).map(|(_, o)| o.hash);
         let store_dir: PathBuf = ctx.deps[1].parent().context("store dir")?.to_path_buf();
-        let report = check(&*ctx.services.integrity_key()?, tenant, &ctx.deps[0], &store_dir, &ctx.deps[3], recorded.as_ref())?;
+        let report = check_with(&*ctx.services.integrity_key()?, tenant, &ctx.deps[0], &store_dir, &ctx.deps[3], recorded.as_ref(), ctx.input_hash(1))?;
         write_json_atomic(&ctx.outs[0], &report)?;
         let mut facts = Map::new();
         facts.insert("rows_checked".into(), report.rows_checked.into());

@@ -15,7 +15,7 @@
 use super::params::{self, Number, Text, present};
 use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
 use crate::data::schema;
-use crate::model::{ModelArtifact, TrainingData};
+use crate::model::ModelArtifact;
 use crate::util::atomic::write_atomic;
 use anyhow::{Context, Result, bail};
 use arrow_array::{Array, BooleanArray};
@@ -100,7 +100,9 @@ impl StageKind for Train {
         let t0 = std::time::Instant::now();
         // The training matrix is held in memory: the solver needs all rows.
         let key = ctx.services.integrity_key()?;
-        let (manifest, batches) = crate::store::open_verified(dir, &key)?;
+        // The engine hashed the feature file for this run's key (no second
+        // hash); the tenant and token columns are not decoded.
+        let (manifest, batches) = crate::store::open_verified_with(dir, &key, ctx.input_hash(0), Some(&crate::scoring::MODEL_COLUMNS))?;
         if manifest.tenant != tenant {
             bail!(
                 "the feature store {} holds tenant {}'s features, not tenant {tenant}'s: refusing to train tenant {tenant}'s model on them; fix `with.store`",
@@ -108,7 +110,10 @@ impl StageKind for Train {
                 if crate::data::is_valid_tenant_id(&manifest.tenant) { manifest.tenant.clone() } else { crate::data::show_tenant(&manifest.tenant) }
             );
         }
-        let mut data = TrainingData { tenant: tenant.to_string(), customer_id: vec![], x: vec![], y: vec![] };
+        // Split by customer batch by batch: only the training matrix and the
+        // test rows are held, never a full copy of the tenant's rows beside them.
+        let mut data = crate::model::train::SplitData::new(tenant, usize::try_from(manifest.rows).unwrap_or(0).min(1 << 27));
+        let mut rows = 0usize;
         for batch in batches {
             let batch = batch?;
             let labels = batch
@@ -120,14 +125,13 @@ impl StageKind for Train {
             if labels.null_count() > 0 {
                 bail!("the feature version has rows without a Converted label: cannot train");
             }
-            for (i, (id, x)) in crate::scoring::stored_features(&batch)?.into_iter().enumerate() {
-                data.customer_id.push(id);
-                data.x.push(x);
-                data.y.push(labels.value(i));
-            }
+            let (ids, x): (Vec<i64>, Vec<[f64; 5]>) = crate::scoring::stored_features(&batch)?.into_iter().unzip();
+            let y: Vec<bool> = (0..ids.len()).map(|i| labels.value(i)).collect();
+            data.push(&ids, &x, &y)?;
+            rows += ids.len();
         }
-        tracing::debug!("{tenant}: read {} rows in {:.3}s", data.x.len(), t0.elapsed().as_secs_f64());
-        let outcome = crate::model::train::train(&data, c)?;
+        tracing::debug!("{tenant}: read and split {rows} rows in {:.3}s", t0.elapsed().as_secs_f64());
+        let outcome = crate::model::train::train_split(data, c)?;
         tracing::debug!("{tenant}: trained in {:.3}s", t0.elapsed().as_secs_f64());
         let m = &outcome.metrics;
         if m.auc < min_auc {

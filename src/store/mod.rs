@@ -1,8 +1,9 @@
 //! The versioned feature store (spec §6).
 //!
 //! Layout (paths chosen by the stage): `features/<tenant>/<version>/` holds
-//! `features.parquet` and `manifest.json`. The Parquet file is written first,
-//! then hashed from disk, then the manifest is written; both atomically. A
+//! `features.parquet` and `manifest.json`. The Parquet file is written first
+//! (and hashed: from disk, or as its bytes are written), then the manifest
+//! is written; both atomically. A
 //! version directory without a manifest is incomplete and does not open.
 
 use crate::crypto::IntegrityKey;
@@ -151,7 +152,7 @@ pub fn write_version(
     }
     let rows = sink.rows();
     sink.finish()?;
-    finish_version(key, dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+    finish_version(key, dir, tenant, version, &as_of_s, stats, lineage, &schema, rows, None)
 }
 
 /// Like [`write_version`], from a finished feature file: its column chunks
@@ -168,8 +169,8 @@ pub fn write_version_from_file(
     src: &Path,
 ) -> Result<Manifest> {
     let (lineage, as_of_s, kv) = prepare(tenant, version, as_of, lineage)?;
-    let (schema, rows) = crate::data::parquet_io::copy_with_footer(src, &dir.join(FEATURES_FILE), kv)?;
-    finish_version(key, dir, tenant, version, &as_of_s, stats, lineage, &schema, rows)
+    let (schema, rows, hash) = crate::data::parquet_io::copy_with_footer(src, &dir.join(FEATURES_FILE), kv)?;
+    finish_version(key, dir, tenant, version, &as_of_s, stats, lineage, &schema, rows, Some(hash))
 }
 
 /// Shared start of both writers: check the tenant, seal the lineage hash, and
@@ -189,7 +190,8 @@ fn prepare(tenant: &str, version: &str, as_of: i32, mut lineage: Lineage) -> Res
     Ok((lineage, as_of_s, kv))
 }
 
-/// Hash the written feature file and write the manifest (last).
+/// Hash the written feature file (unless its writer hashed the bytes on
+/// the way out: `written_hash`) and write the manifest (last).
 #[allow(clippy::too_many_arguments)]
 fn finish_version(
     key: &IntegrityKey,
@@ -201,8 +203,12 @@ fn finish_version(
     lineage: Lineage,
     schema: &arrow_schema::Schema,
     rows: u64,
+    written_hash: Option<String>,
 ) -> Result<Manifest> {
-    let file_blake3 = hash_file(&dir.join(FEATURES_FILE))?;
+    let file_blake3 = match written_hash {
+        Some(h) => h,
+        None => hash_file(&dir.join(FEATURES_FILE))?,
+    };
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_string(),
         tenant: tenant.to_string(),
@@ -246,18 +252,38 @@ pub fn read_manifest(dir: &Path, key: &IntegrityKey) -> Result<Manifest> {
 /// manifest's, and the footer's version, lineage hash and tenant equal the
 /// manifest's. The file is opened once, hashed and then read from the same handle.
 pub fn open_verified(dir: &Path, key: &IntegrityKey) -> Result<(Manifest, impl Iterator<Item = Result<RecordBatch>> + use<>)> {
+    open_verified_with(dir, key, None, None)
+}
+
+/// [`open_verified`] for a stage that knows more:
+/// - `known_hash`: the blake3 of `dir/features.parquet` that the engine
+///   computed (or vouched for from its hash memo) for this very run's cache
+///   key (`RunCtx::input_hashes`). When it equals the manifest's, the file is
+///   not read and hashed a second time; any other value is ignored and the
+///   file is hashed as usual, so a wrong hint can never let a file through.
+/// - `columns`: read only these top-level columns (names absent from the
+///   file are skipped: the consumer reports a missing column).
+pub fn open_verified_with(
+    dir: &Path,
+    key: &IntegrityKey,
+    known_hash: Option<&str>,
+    columns: Option<&[&str]>,
+) -> Result<(Manifest, impl Iterator<Item = Result<RecordBatch>> + use<>)> {
     let m = read_manifest(dir, key)?;
     let path = dir.join(&m.file);
     let shown = path.display().to_string();
     let mut f = File::open(&path).with_context(|| format!("cannot open feature file {shown}; rerun `dagrun run --force store`"))?;
-    let found = hash_reader(&mut f).with_context(|| format!("cannot read feature file {shown}"))?;
-    if found != m.file_blake3 {
-        bail!(
-            "feature file {shown} does not match its manifest (blake3 {} expected, found {found}): the file was modified or corrupted; rerun `dagrun run --force store`",
-            m.file_blake3
-        );
+    let vouched = m.file == FEATURES_FILE && known_hash == Some(m.file_blake3.as_str());
+    if !vouched {
+        let found = hash_reader(&mut f).with_context(|| format!("cannot read feature file {shown}"))?;
+        if found != m.file_blake3 {
+            bail!(
+                "feature file {shown} does not match its manifest (blake3 {} expected, found {found}): the file was modified or corrupted; rerun `dagrun run --force store`",
+                m.file_blake3
+            );
+        }
+        f.seek(SeekFrom::Start(0))?;
     }
-    f.seek(SeekFrom::Start(0))?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).with_context(|| format!("{shown} is not a readable Parquet file"))?;
     let kv = footer_kv(b.metadata());
     let check = |key: &str, want: &str| -> Result<()> {
@@ -269,6 +295,15 @@ pub fn open_verified(dir: &Path, key: &IntegrityKey) -> Result<(Manifest, impl I
     check(KV_VERSION, &m.feature_set_version)?;
     check(KV_LINEAGE, &m.lineage.lineage_hash)?;
     check(KV_TENANT, &m.tenant)?;
+    let b = match columns {
+        Some(cols) => {
+            let schema = b.schema().clone();
+            let idx: Vec<usize> = cols.iter().filter_map(|c| schema.index_of(c).ok()).collect();
+            let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), idx);
+            b.with_projection(mask)
+        }
+        None => b,
+    };
     let reader = b.with_batch_size(crate::data::DEFAULT_BATCH_SIZE).build()?;
     Ok((m, reader.map(move |r| r.with_context(|| format!("cannot read feature file {shown}")))))
 }
@@ -312,6 +347,40 @@ mod tests {
             out.push(features_batch(&stats, 20454, &enc).unwrap());
         }
         (stats, out)
+    }
+
+    #[test]
+    fn copied_version_hash_hint_and_projection() {
+        let d = tempfile::tempdir().unwrap();
+        let (stats, batches) = feature_batches(d.path());
+        let src = d.path().join("afe.parquet");
+        let mut sink = ParquetSink::create(&src, batches[0].schema(), vec![]).unwrap();
+        for b in &batches {
+            sink.write(b).unwrap();
+        }
+        sink.finish().unwrap();
+        let dir = version_dir(&d.path().join("features"), "Tenant_A", "v1.0");
+        let m = write_version_from_file(&key(), &dir, "Tenant_A", "v1.0", 20454, &stats, lineage(), &src).unwrap();
+        // hashed as written == hashed from disk
+        let path = dir.join(FEATURES_FILE);
+        assert_eq!(m.file_blake3, hash_file(&path).unwrap());
+        let cols = [crate::data::schema::CUSTOMER_ID, "Activity_Score", "no_such_column"];
+        let (_, it) = open_verified_with(&dir, &key(), Some(&m.file_blake3), Some(&cols)).unwrap();
+        let back: Vec<RecordBatch> = it.collect::<Result<_>>().unwrap();
+        assert_eq!(back.iter().map(|b| b.num_rows()).sum::<usize>(), 2000);
+        let names: Vec<String> = back[0].schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["Customer_ID", "Activity_Score"]);
+        assert_eq!(&back[0].column(1).slice(0, 700), batches[0].column_by_name("Activity_Score").unwrap());
+        // A tampered file: a hint other than the manifest's hash is ignored
+        // (the file is hashed and refused), and so is no hint.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let other = "0".repeat(64);
+        for hint in [None, Some(other.as_str())] {
+            let e = format!("{:#}", open_verified_with(&dir, &key(), hint, None).err().expect("must fail"));
+            assert!(e.contains("does not match its manifest"), "{e}");
+        }
     }
 
     #[test]

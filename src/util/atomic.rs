@@ -2,15 +2,20 @@
 //! directory, fsync it, rename it over the destination. A reader (or a run
 //! after a SIGKILL) sees either the old file or the new one, never a torn mix.
 //!
-//! How much is flushed is chosen per kind of file ([`Durability`]): outputs
-//! of built-in kinds are fsynced before the rename; key material and run
+//! How much is flushed is chosen per kind of file ([`Durability`]): files
+//! are fsynced before the rename; key material and run
 //! records also fsync the directory (the rename itself survives a power cut);
 //! cache objects, cache metadata and per-stage state records are not fsynced
 //! one by one, because every use verifies them (by hash, by MAC) and a lost
 //! or torn one only costs a recomputation. A run makes its state records and
 //! outputs durable in one batch at its end ([`sync_files`]), before it writes
 //! the hash memo and its run record: see `workspace::state` for why that is
-//! as safe as one fsync per record.
+//! as safe as one fsync per record. The outputs a built-in stage writes
+//! in the run's own process join that batch too: the engine runs the stage
+//! under [`defer_sync_of`] its outputs, so their writes skip the per-file
+//! fsync (`Content` becomes `Verified` for those paths only; the same
+//! argument holds, since outputs are trusted only by hash), and plaintext
+//! outputs, deleted when the run ends, are never flushed at all.
 //!
 //! Temporary files are named `.NAME.dagrun-tmp.PID.N`; [`is_temp_name`] lets
 //! the engine sweep leftovers of killed runs (they may hold plaintext).
@@ -22,6 +27,33 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static DEFERRED: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Clears the calling thread's deferred paths when dropped.
+pub struct DeferredSync(());
+
+impl Drop for DeferredSync {
+    fn drop(&mut self) {
+        DEFERRED.with(|d| d.borrow_mut().clear());
+    }
+}
+
+/// Until the guard is dropped, `Content` writes on this thread to one of
+/// `paths` (or below one of them, for folder outputs) are not fsynced one
+/// by one: the caller promises to make them durable in one batch later
+/// ([`sync_files`]; the engine's end-of-run sync). Writes elsewhere (the
+/// model registry, keys, records) keep their own durability.
+pub fn defer_sync_of(paths: Vec<PathBuf>) -> DeferredSync {
+    DEFERRED.with(|d| *d.borrow_mut() = paths);
+    DeferredSync(())
+}
+
+fn is_deferred(dest: &Path) -> bool {
+    DEFERRED.with(|d| d.borrow().iter().any(|p| dest.starts_with(p)))
+}
 
 /// Marker that every temporary file name contains.
 pub const TEMP_MARKER: &str = ".dagrun-tmp.";
@@ -98,6 +130,7 @@ impl AtomicFile {
             fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
         }
         let tmp = temp_path_for(dest);
+        let durability = if durability == Durability::Content && is_deferred(dest) { Durability::Verified } else { durability };
         let mut opts = OpenOptions::new();
         opts.write(true).create_new(true);
         #[cfg(unix)]
@@ -306,6 +339,24 @@ mod tests {
         }
         assert_eq!(fs::read(&p).unwrap(), b"old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn deferred_sync_covers_the_named_outputs_on_this_thread_only() {
+        let d = tempfile::tempdir().unwrap();
+        let (out, dir) = (d.path().join("a.parquet"), d.path().join("store"));
+        {
+            let _g = defer_sync_of(vec![out.clone(), dir.clone()]);
+            assert!(is_deferred(&out) && is_deferred(&dir.join("features.parquet")));
+            assert!(!is_deferred(&d.path().join("registry.json")) && !is_deferred(d.path()));
+            // another thread (a stage's helper) keeps per-file fsyncs
+            let o = out.clone();
+            assert!(!std::thread::spawn(move || is_deferred(&o)).join().unwrap());
+            // the write itself still lands atomically
+            write_atomic(&dir.join("m.json"), b"{}").unwrap();
+            assert_eq!(fs::read(dir.join("m.json")).unwrap(), b"{}");
+        }
+        assert!(!is_deferred(&out));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!   every other command ([`Workspace::existing`]) needs a `.dagrun/` there
 //!   and refuses with exit 2 otherwise, creating nothing.
 //! - **The lock.** Every command that writes workspace state (`run`,
-//!   `keys rotate|forget`, `verify --repair`) holds [`Workspace::lock`] while
+//!   `keys rotate|forget`, `verify --repair`, `gc`) holds [`Workspace::lock`] while
 //!   it writes. Read-only commands take no lock.
 //! - **Hashes.** Hashes read from disk are [`ContentHash`]es, parsed once
 //!   ([`hash`]); cache object paths are built only from them ([`cas`]).
@@ -24,6 +24,7 @@
 //!   dagrun and is never trusted.
 
 pub mod cas;
+pub mod gc;
 pub mod hash;
 pub mod hashing;
 pub mod lock;

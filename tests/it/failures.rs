@@ -183,8 +183,25 @@ fn overlapping_runs_lock_and_wait() {
 
 #[test]
 fn sigint_interrupts_kills_the_command_and_records_it() {
+    interrupt_kills_the_command_and_records_it(libc::SIGINT);
+}
+
+/// A closed terminal or ssh session (SIGHUP) interrupts like Ctrl-C: dagrun
+/// once died of it at once and left the command running, orphaned, after
+/// the workspace lock was free again.
+#[test]
+fn sighup_interrupts_kills_the_command_and_records_it() {
+    interrupt_kills_the_command_and_records_it(libc::SIGHUP);
+}
+
+#[test]
+fn sigterm_interrupts_kills_the_command_and_records_it() {
+    interrupt_kills_the_command_and_records_it(libc::SIGTERM);
+}
+
+fn interrupt_kills_the_command_and_records_it(sig: i32) {
     let ws = Ws::new();
-    let marker = format!("dagrun-it-sigint-{}-{}", std::process::id(), ws.root.file_name().unwrap().to_string_lossy());
+    let marker = format!("dagrun-it-sig{sig}-{}-{}", std::process::id(), ws.root.file_name().unwrap().to_string_lossy());
     ws.pipeline(&format!(
         "stages:\n  slow:\n    cmd: sh -c 'sleep 30 & echo $! > child.pid; wait' {marker}; echo done > slow.txt\n    outs: [slow.txt]\n  after:\n    cmd: cp slow.txt after.txt\n    deps: [slow.txt]\n    outs: [after.txt]\n"
     ));
@@ -196,9 +213,9 @@ fn sigint_interrupts_kills_the_command_and_records_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let t0 = Instant::now();
-    signal(run.pid() as i32, libc::SIGINT);
+    signal(run.pid() as i32, sig);
     let out = run.wait(HANG);
-    assert_eq!(out.code, 130, "{}", out.stderr);
+    assert_eq!(out.code, 130, "signal {sig}: {}", out.stderr);
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
     let new: Vec<_> = ws.record_files().difference(&before).cloned().collect();
     assert_eq!(new.len(), 1);

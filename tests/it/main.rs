@@ -10,6 +10,7 @@ mod deploy;
 mod drift;
 mod failures;
 mod faults;
+mod gc;
 mod hardening;
 mod hostile;
 mod hsm;

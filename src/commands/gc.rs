@@ -1,0 +1,95 @@
+//! `dagrun gc [--keep-runs N] [--dry-run] [--json]`: remove the cache
+//! entries and objects that neither the current state nor the newest runs
+//! use (what is live: `workspace::gc`).
+//!
+//! Rules: runs under the workspace lock (exit 75 when a run holds it, or
+//! waits with `--wait`); the keys of every stage of the newest `--keep-runs`
+//! run records are kept, whatever the stage's status; a run record that does
+//! not read is an error naming it (exit 2), nothing deleted, since the keys
+//! it holds are unknown. Run records themselves are history and are kept.
+
+use crate::crypto::Keyring;
+use crate::engine::runs;
+use crate::error::exit;
+use crate::workspace::cas::Cas;
+use crate::workspace::gc;
+use crate::workspace::state::StateStore;
+use crate::workspace::{ContentHash, Workspace};
+use anyhow::Result;
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+/// Runs whose stages' cache entries are kept by default.
+pub const DEFAULT_KEEP_RUNS: usize = 10;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Keep the cache entries of every stage of the newest N runs (besides the current state).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP_RUNS)]
+    pub keep_runs: usize,
+    /// Print what would be removed; remove nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Wait up to SECONDS for a running run to release the workspace (default: exit 75 at once).
+    #[arg(long, value_name = "SECONDS", value_parser = crate::commands::parse_seconds)]
+    pub wait: Option<f64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    dry_run: bool,
+    keep_runs: usize,
+    runs_read: usize,
+    #[serde(flatten)]
+    plan: gc::Plan,
+}
+
+pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
+    let ws = Workspace::at(workspace);
+    let _lock = ws.lock(args.wait.map(Duration::from_secs_f64), "dagrun gc")?;
+    let Some(keyring) = Keyring::open_existing(ws.root())? else {
+        return Err(crate::error::config(format!(
+            "no master key for {}: cache records cannot be verified, so nothing can be collected safely (set the master key dagrun runs with)",
+            ws.root().display()
+        )));
+    };
+    let states = StateStore::new(&ws, Some(keyring.integrity_key()));
+    let cas = Cas::read_only(&ws);
+
+    let listing = runs::list(ws.root());
+    if let Some((_, e)) = listing.unreadable.first() {
+        return Err(crate::error::config(format!("{e:#}; its cache entries are unknown, so nothing was collected")));
+    }
+    let newest = listing.records.iter().rev().take(args.keep_runs);
+    let mut keep: HashSet<ContentHash> = HashSet::new();
+    let mut runs_read = 0;
+    for r in newest {
+        runs_read += 1;
+        keep.extend(r.stages.iter().filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()));
+    }
+    let plan = gc::plan(&states, &cas, &keep)?;
+    let (failed, first_error) = if args.dry_run { (0, None) } else { gc::apply(&cas, &plan) };
+
+    if args.json {
+        crate::engine::report::say(&serde_json::to_string_pretty(&Report { dry_run: args.dry_run, keep_runs: args.keep_runs, runs_read, plan: plan.clone() })?);
+    } else {
+        let hb = crate::commands::pull::human_bytes;
+        let verb = if args.dry_run { "would remove" } else { "removed" };
+        crate::engine::report::say(&format!(
+            "{verb} {} cache entries and {} objects ({}); kept {} entries and {} objects ({}) used by the current state and the newest {runs_read} run(s)",
+            plan.entries_removed,
+            plan.objects_removed,
+            hb(plan.bytes_removed),
+            plan.entries_kept,
+            plan.objects_kept,
+            hb(plan.bytes_kept),
+        ));
+    }
+    if let Some(e) = first_error {
+        return Err(anyhow::anyhow!("{failed} file(s) could not be removed; first: {e}"));
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,150 @@
+//! Garbage collection of the cache: action-cache entries and the objects
+//! only they name.
+//!
+//! Rules:
+//! - **What is live.** Every stage's current state record (`.dagrun/state/`)
+//!   and every action-cache entry whose key the caller asks to keep (`dagrun
+//!   gc` passes the keys of the stages of the newest runs) are live, with
+//!   every cache object their outputs name: a file's object, a directory's
+//!   listing object and each file object the listing names. Nothing else is.
+//! - **What goes.** Action-cache entries that are not live, then objects no
+//!   live record names. Entries first: a crash in between leaves objects that
+//!   nothing names (the next `gc` removes them), never an entry whose object
+//!   is gone (which would only mean a rerun, but is avoided anyway).
+//! - **Refusals.** Records are read with their MAC. A record that does not
+//!   verify (no master key, tampering) could name objects we cannot know, so
+//!   `plan` refuses instead of guessing (exit 4): `dagrun verify --repair` first. Names
+//!   in `objects/` that are not hashes and temporary files are not touched
+//!   (`verify` reports the former; the sweep of a run removes the latter).
+//! - Only [`ContentHash`]es read from verified records or parsed from object
+//!   names build the paths that are deleted (`Cas::object_path`).
+//! - The caller holds the workspace lock: no run adds entries meanwhile.
+
+use super::ContentHash;
+use super::cas::Cas;
+use super::hashing::TreeEntry;
+use super::state::{Loaded, OutputRecord, StageState, StateStore};
+use anyhow::Result;
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+/// What a collection removes (or, planned, would remove) and keeps.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Plan {
+    /// Action-cache entries to delete.
+    #[serde(skip)]
+    pub entries: Vec<PathBuf>,
+    /// Objects to delete, with their sizes.
+    #[serde(skip)]
+    pub objects: Vec<(ContentHash, u64)>,
+    pub entries_removed: usize,
+    pub objects_removed: usize,
+    pub bytes_removed: u64,
+    pub entries_kept: usize,
+    pub objects_kept: usize,
+    pub bytes_kept: u64,
+}
+
+/// Every object `o` needs: its own, and for a directory each file's.
+fn mark(cas: &Cas, o: &OutputRecord, live: &mut HashSet<ContentHash>) {
+    if !o.cached || o.sensitive || !live.insert(o.hash.clone()) || !o.dir {
+        return;
+    }
+    // A listing that does not read (missing, corrupted) names nothing we can
+    // keep; its record is not restorable anyway.
+    if let Ok(entries) = cas.read_listing(&o.hash) {
+        for e in entries {
+            if let TreeEntry::File { hash, .. } = e {
+                live.insert(hash);
+            }
+        }
+    }
+}
+
+fn size_of(cas: &Cas, h: &ContentHash) -> u64 {
+    std::fs::symlink_metadata(cas.object_path(h)).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Decide what goes, deleting nothing. `keep` are the action keys to keep
+/// besides the current state records'.
+pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>) -> Result<Plan> {
+    let mut bad = Vec::new();
+    let mut live_records: Vec<StageState> = Vec::new();
+    let mut keys: HashSet<ContentHash> = keep.clone();
+    for (_, l) in states.scan_states() {
+        match l {
+            Loaded::Valid(st) => {
+                keys.insert(st.key.clone());
+                live_records.push(st);
+            }
+            Loaded::Missing => {}
+            Loaded::Invalid(e) => bad.push(e.to_string()),
+        }
+    }
+    let mut p = Plan::default();
+    for (path, l) in states.scan_actions() {
+        match l {
+            Loaded::Valid(st) if keys.contains(&st.key) => {
+                p.entries_kept += 1;
+                live_records.push(st);
+            }
+            Loaded::Valid(_) => p.entries.push(path),
+            Loaded::Missing => {}
+            Loaded::Invalid(e) => bad.push(e.to_string()),
+        }
+    }
+    if !bad.is_empty() {
+        return Err(crate::error::Failure::Integrity(format!(
+            "{} record(s) cannot be verified, so what they name in the cache is unknown and nothing is collected; first: {}. Run `dagrun verify --repair` (it removes untrustworthy records), then `dagrun gc` again",
+            bad.len(),
+            bad[0]
+        ))
+        .into());
+    }
+    let mut live = HashSet::new();
+    for st in &live_records {
+        for o in st.outputs.values() {
+            mark(cas, o, &mut live);
+        }
+    }
+    for h in cas.list() {
+        let size = size_of(cas, &h);
+        if live.contains(&h) {
+            p.objects_kept += 1;
+            p.bytes_kept += size;
+        } else {
+            p.bytes_removed += size;
+            p.objects.push((h, size));
+        }
+    }
+    p.entries_removed = p.entries.len();
+    p.objects_removed = p.objects.len();
+    Ok(p)
+}
+
+/// Delete what `plan` chose: entries first, then objects. Returns how many
+/// of each could not be deleted (with the first error).
+pub fn apply(cas: &Cas, plan: &Plan) -> (usize, Option<String>) {
+    let mut failed = 0;
+    let mut first = None;
+    let mut note = |e: std::io::Error, what: String| {
+        failed += 1;
+        first.get_or_insert(format!("cannot delete {what}: {e}"));
+    };
+    for e in &plan.entries {
+        if let Err(err) = std::fs::remove_file(e)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            note(err, e.display().to_string());
+        }
+    }
+    for (h, _) in &plan.objects {
+        let path = cas.object_path(h);
+        if let Err(err) = std::fs::remove_file(&path)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            note(err, path.display().to_string());
+        }
+    }
+    (failed, first)
+}
