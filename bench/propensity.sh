@@ -7,6 +7,7 @@
 #   bench/propensity.sh --tenants 50 --rows 1000000 --ingest
 #                                  also: the ingest pipeline on one file per tenant,
 #                                  then one tenant's file changes (what reruns?)
+#   DAGRUN_BIN=path bench/propensity.sh ...   measure that binary (no build)
 #   bench/propensity.sh --vs-seed [--rows N] [--large]
 #                                  dagrun against ../shared/baselines/seed_engine.py
 #                                  (the Python engine it replaces, with --aes
@@ -35,9 +36,16 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-cargo build --release --quiet
-BIN="$PWD/target/release/dagrun"
+# DAGRUN_BIN=/path/to/dagrun measures that binary instead of building this tree
+# (e.g. to alternate an older build with a newer one on a busy machine).
+if [ -n "${DAGRUN_BIN:-}" ]; then
+  BIN="$DAGRUN_BIN"
+else
+  cargo build --release --quiet
+  BIN="$PWD/target/release/dagrun"
+fi
 export DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f  # benchmark-only key
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "dagrun:  $("$BIN" --version), $tenants tenants"
 

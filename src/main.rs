@@ -302,6 +302,7 @@ fn verbosity(cli: &Cli) -> Verbosity {
 fn main() {
     // Before anything can load a key: no core dumps, not ptrace-able.
     dagrun::crypto::harden_process();
+    dagrun::util::alloc::limit_malloc_arenas();
     // A write past RLIMIT_FSIZE (`ulimit -f`) must fail with EFBIG, so the
     // stage fails with a message naming the file and the temp file is
     // cleaned up, instead of SIGXFSZ killing dagrun mid-write. `cmd` stages

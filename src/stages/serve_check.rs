@@ -72,37 +72,66 @@ pub fn check_with(
     if artifact.feature_stats != manifest.stats {
         bail!("the statistics stored with feature version {} differ from those the model was trained with", manifest.feature_set_version);
     }
-    // Offline path: stored features → model. Memory: one (score, label) per
-    // test-split row (a fifth of the tenant) is kept to pair with the online
-    // pass; everything else streams batch by batch.
-    let mut offline: HashMap<i64, (f64, bool)> = HashMap::new();
+    // Offline path: stored features → model. Memory: one (id, score, label)
+    // per test-split row (a fifth of the tenant), in file order, and each
+    // row's Customer_ID and split; everything else streams batch by batch.
+    let mut offline: Vec<(i64, f64, bool)> = Vec::new();
+    let mut is_test_row: Vec<bool> = Vec::new();
+    let mut store_ids: Vec<i64> = Vec::new();
     for batch in batches {
         let batch = batch?;
         let labels = batch.column_by_name(schema::CONVERTED).and_then(|c| c.as_any().downcast_ref::<BooleanArray>().cloned());
         let rows = scoring::stored_features(&batch)?;
         let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
         let mask = test_mask(tenant, &ids);
+        store_ids.extend_from_slice(&ids);
         for (i, (id, x)) in rows.into_iter().enumerate() {
             if mask[i] {
                 let y = labels.as_ref().is_some_and(|l| l.is_valid(i) && l.value(i));
-                offline.insert(id, (artifact.predict_proba_row(&x), y));
+                offline.push((id, artifact.predict_proba_row(&x), y));
             }
         }
+        is_test_row.extend_from_slice(&mask);
     }
-    // Online path: raw columns → stored statistics → model.
+    // Online path: raw columns → stored statistics → model. The data and
+    // the feature file hold the same rows in the same order when the store
+    // was made from this data (the pipeline's case): then row k of the data
+    // pairs with row k of the store, checked by Customer_ID. Any other order
+    // is paired by Customer_ID through a map, as it comes.
     let as_of = schema::parse_date(&manifest.as_of)?;
     let mut max_diff = 0.0f64;
     let mut checked = 0u64;
     let mut total = 0u64;
     let mut scores = Vec::new();
     let mut truth = Vec::new();
+    let mut by_id: Option<HashMap<i64, (f64, bool)>> = None;
+    let mut next = 0usize; // next offline row, in order
     let raw_cols = [schema::CUSTOMER_ID, schema::LOGIN_COUNT, schema::PURCHASE_AMOUNT, schema::LAST_VISIT_DATE];
     for batch in crate::data::parquet_io::open_batches_columns(data, crate::data::DEFAULT_BATCH_SIZE, &raw_cols)? {
         let batch = batch?;
+        let first_row = total as usize;
         total += batch.num_rows() as u64;
-        for (id, x) in scoring::raw_features(&manifest.stats, as_of, &batch)? {
-            // The offline map holds exactly the test split (hashed once per row).
-            let Some(&(off, y)) = offline.get(&id) else { continue };
+        for (k, (id, x)) in scoring::raw_features(&manifest.stats, as_of, &batch)?.into_iter().enumerate() {
+            let row = first_row + k;
+            if by_id.is_none() && store_ids.get(row) != Some(&id) {
+                // Not the store's order: from here on every row is paired by
+                // Customer_ID with the map of all test rows (rows paired in
+                // order so far stay counted), as the check always did.
+                by_id = Some(offline.iter().map(|&(i, p, y)| (i, (p, y))).collect());
+                store_ids = Vec::new();
+            }
+            let (off, y) = match &mut by_id {
+                None if is_test_row[row] => {
+                    next += 1;
+                    (offline[next - 1].1, offline[next - 1].2)
+                }
+                None => continue,
+                // The offline map holds exactly the test split (hashed once per row).
+                Some(m) => match m.get(&id).copied() {
+                    Some(v) => v,
+                    None => continue,
+                },
+            };
             let online = artifact.predict_proba_row(&x);
             let d = (online - off).abs();
             if d.is_nan() || d > max_diff {

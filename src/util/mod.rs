@@ -1,4 +1,5 @@
 //! Small helpers shared by every module.
+pub mod alloc;
 pub mod atomic;
 pub mod child_env;
 pub mod nofollow;

@@ -281,6 +281,28 @@ fn serve_check_fails_when_stored_statistics_are_tampered_with() {
     // Untouched: passes with identical scores.
     let r = dagrun::stages::serve_check::check(&key, "Tenant_A", &data, &dir, &model, Some(&recorded)).unwrap();
     assert!(r.passed && r.max_abs_diff <= 1e-9 && r.rows_checked > 0);
+    // The same rows in another order (paired by Customer_ID, not by
+    // position): the same report. Reversed (out of order from the first
+    // row), and rotated (in order for a while, then not).
+    {
+        use arrow_array::RecordBatch;
+        let batches: Vec<RecordBatch> = dagrun::data::parquet_io::open_batches(&data, 4096).unwrap().map(|b| b.unwrap()).collect();
+        let all = arrow_select::concat::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let n = all.num_rows() as u32;
+        for (name, order) in [("reversed", (0..n).rev().collect::<Vec<u32>>()), ("rotated", (0..n).map(|i| (i + n / 2) % n).collect())] {
+            let idx = arrow_array::UInt32Array::from(order);
+            let cols = all.columns().iter().map(|c| arrow_select::take::take(c, &idx, None).unwrap()).collect();
+            let shuffled = RecordBatch::try_new(all.schema(), cols).unwrap();
+            let other = ws.root.as_path().join(format!("{name}.parquet"));
+            let mut sink = dagrun::data::parquet_io::ParquetSink::create(&other, all.schema(), vec![]).unwrap();
+            sink.write(&shuffled).unwrap();
+            sink.finish().unwrap();
+            let r2 = dagrun::stages::serve_check::check(&key, "Tenant_A", &other, &dir, &model, Some(&recorded)).unwrap();
+            assert_eq!((r2.rows_total, r2.rows_checked, r2.max_abs_diff), (r.rows_total, r.rows_checked, r.max_abs_diff), "{name}");
+            assert!((r2.auc - r.auc).abs() < 1e-12, "{name}: {} vs {}", r2.auc, r.auc);
+            std::fs::remove_file(&other).unwrap();
+        }
+    }
     // Tampered statistics in the manifest: refused.
     let mpath = dir.join("manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
