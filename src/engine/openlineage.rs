@@ -26,7 +26,7 @@
 use super::Engine;
 use super::observer::RunObserver;
 use super::runs::{RunRecord, RunStatus, StageRecord, Status};
-use crate::lineage::event::{self, Dataset, EventType, Facets, Field, Job, Run, RunEvent};
+use crate::lineage::event::{self, EventType, Facets, Field, Job, Run, RunEvent};
 use crate::lineage::recover::{self, OpenRuns};
 use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
 use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
@@ -80,17 +80,96 @@ pub struct OpenLineage {
     dataset_base: String,
     pipeline_job: String,
     pipeline_run: String,
-    start_ms: u64,
     dataset_tenant: HashMap<String, String>,
+    /// The parts of a stage's events that do not change during the run,
+    /// serialized once (see [`OpenLineage::stage_line`]).
+    parent_json: String,
+    stage_parts: Vec<StageParts>,
     schemas: Mutex<HashMap<(String, String), Option<Vec<Field>>>>,
     /// Content hash of every path written (or read from the sources) so far in
     /// this run: the versions of a stage's inputs.
     versions: Mutex<HashMap<String, String>>,
 }
 
+/// A stage's event parts that are the same in every event of the run, as JSON.
+struct StageParts {
+    run_id: String,
+    /// `executionParameters` run facet, when the stage has parameters.
+    params: Option<String>,
+    /// The whole `job` object.
+    job: String,
+}
+
+/// `s` as a JSON string (quoted, escaped) appended to `buf`.
+fn push_str_json(buf: &mut String, s: &str) {
+    buf.push_str(&serde_json::to_string(s).expect("a string always serializes"));
+}
+
+fn push_json(buf: &mut String, v: &impl serde::Serialize) {
+    buf.push_str(&serde_json::to_string(v).expect("a facet always serializes"));
+}
+
 fn job_name_of(shown: &str) -> String {
     let s = shown.strip_suffix(".yaml").or_else(|| shown.strip_suffix(".yml")).unwrap_or(shown);
     s.to_string()
+}
+
+impl StageParts {
+    /// `task_job_type`: the `jobType` facet of a stage (TASK) as JSON.
+    fn new(engine: &Engine, i: usize, namespace: &str, pipeline_job: &str, start_ms: u64, task_job_type: &str) -> StageParts {
+        let s = engine.stage(i);
+        let job_name = format!("{pipeline_job}.{}", s.name);
+        let params = (!s.with.is_empty() || !s.param_refs.is_empty() || s.tenant.is_some()).then(|| {
+            let mut params: BTreeMap<String, Value> = s.with.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            for (k, v) in &s.param_refs {
+                params.insert(format!("params.{k}"), v.clone());
+            }
+            if let Some(t) = &s.tenant {
+                params.insert("tenant".into(), Value::String(t.clone()));
+            }
+            serde_json::to_string(&event::parameters_facet(&params)).expect("a facet always serializes")
+        });
+        // The `job` object: namespace, name, facets (sorted: documentation, jobType).
+        let mut job = String::with_capacity(400);
+        job.push_str("{\"namespace\":");
+        push_str_json(&mut job, namespace);
+        job.push_str(",\"name\":");
+        push_str_json(&mut job, &job_name);
+        job.push_str(",\"facets\":{");
+        if let Some(d) = s.desc.as_deref().filter(|d| !d.trim().is_empty()) {
+            job.push_str("\"documentation\":");
+            push_json(&mut job, &event::documentation_facet(d));
+            job.push(',');
+        }
+        job.push_str("\"jobType\":");
+        job.push_str(task_job_type);
+        job.push_str("}}");
+        debug_assert_eq!(serde_json::from_str::<Job>(&job).ok().and_then(|j| serde_json::to_string(&j).ok()).as_deref(), Some(job.as_str()));
+        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name), params, job }
+    }
+}
+
+/// The `dagrun` run facet of a stage event as JSON: `_producer`,
+/// `_schemaURL`, then `fields` (JSON values), which the caller gives in key
+/// order.
+fn dagrun_facet_json(fields: &[(&str, String)]) -> String {
+    let mut b = String::with_capacity(300);
+    b.push_str("{\"_producer\":");
+    push_str_json(&mut b, event::PRODUCER);
+    b.push_str(",\"_schemaURL\":");
+    push_str_json(&mut b, &event::dagrun_facet_schema());
+    for (k, v) in fields {
+        b.push(',');
+        push_str_json(&mut b, k);
+        b.push(':');
+        b.push_str(v);
+    }
+    b.push('}');
+    b
+}
+
+fn json_of<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("a facet field always serializes")
 }
 
 impl OpenLineage {
@@ -148,6 +227,9 @@ impl OpenLineage {
                 Ok(())
             },
         );
+        let parent_json = serde_json::to_string(&event::parent_facet(&pipeline_run, &namespace, &pipeline_job)).expect("a facet always serializes");
+        let task_job_type = serde_json::to_string(&event::job_type_facet("TASK")).expect("a facet always serializes");
+        let stage_parts = (0..p.stages.len()).map(|i| StageParts::new(engine, i, &namespace, &pipeline_job, start_ms, &task_job_type)).collect();
         let closed_killed = closed.into_iter().filter(|c| !c.lines.is_empty()).map(|c| (c.run_id, c.lines.len())).collect();
         let (http, parked) = match lineage_url {
             Some(url) => {
@@ -172,8 +254,9 @@ impl OpenLineage {
             namespace,
             pipeline_job,
             pipeline_run,
-            start_ms,
             dataset_tenant,
+            parent_json,
+            stage_parts,
             schemas: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
         })
@@ -184,15 +267,15 @@ impl OpenLineage {
     /// no work (cached, restored, or failed before running). A crash that
     /// loses them leaves no run open anywhere (they reached neither the file
     /// nor the endpoint), and a no-op run writes its file once.
-    fn hold(&self, events: &[RunEvent]) {
+    fn hold(&self, lines: impl IntoIterator<Item = String>) {
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        h.extend(events.iter().map(RunEvent::to_line));
+        h.extend(lines);
     }
 
     /// Send the held events and `events`, in order: to the file (one write)
     /// and the endpoint's queue. `opens` = these events may leave a run open
     /// if the process dies now: mark this run open first.
-    fn emit(&self, events: &[RunEvent], opens: bool) {
+    fn emit(&self, events: impl IntoIterator<Item = String>, opens: bool) {
         if opens
             && !self.marked.swap(true, Ordering::SeqCst)
             && let Err(e) = self.open.mark(&self.run_id)
@@ -200,7 +283,7 @@ impl OpenLineage {
             tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
         }
         let mut lines = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
-        lines.extend(events.iter().map(RunEvent::to_line));
+        lines.extend(events);
         self.file.write_lines(&lines);
         if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             for l in lines {
@@ -209,58 +292,99 @@ impl OpenLineage {
         }
     }
 
-    fn start_event(&self, engine: &Engine, i: usize, time: String) -> RunEvent {
+    fn start_line(&self, engine: &Engine, i: usize, time: &str) -> String {
         let s = engine.stage(i);
-        let mut run = self.stage_run(engine, i);
-        run.facets.insert("dagrun".into(), event::dagrun_facet(json!({"dagrunRunId": engine.run_id, "stage": s.name, "kind": s.kind.name()})));
-        let mut e = RunEvent::new(EventType::Start, time, run, self.stage_job(engine, i));
+        let d = dagrun_facet_json(&[("dagrunRunId", json_of(&engine.run_id)), ("kind", json_of(s.kind.name())), ("stage", json_of(&s.name))]);
+        let none = |_: &str| None;
+        self.stage_line(engine, i, EventType::Start, time, &d, None, &none, &none)
+    }
+
+    /// One stage event as a JSON line, written straight into one buffer from
+    /// the parts serialized once per run. The bytes are what serializing the
+    /// [`RunEvent`] would give (keys in the same order: struct fields in
+    /// declaration order, facets sorted by key); debug builds check that on
+    /// every line by parsing it back into a `RunEvent` and serializing that.
+    /// `input_hash`, `output_hash`: a dataset's version, when known.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_line(
+        &self,
+        engine: &Engine,
+        i: usize,
+        event_type: EventType,
+        time: &str,
+        dagrun: &str,
+        error: Option<&Value>,
+        input_hash: &dyn Fn(&str) -> Option<String>,
+        output_hash: &dyn Fn(&str) -> Option<String>,
+    ) -> String {
+        let s = engine.stage(i);
+        let parts = &self.stage_parts[i];
         let ws = &engine.pipeline.workspace;
-        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, None)).collect();
-        e.outputs = s.outs.iter().map(|o| self.dataset(ws, &o.path, None)).collect();
-        e
-    }
-
-    fn stage_job(&self, engine: &Engine, i: usize) -> Job {
-        let s = engine.stage(i);
-        let mut facets = Facets::new();
-        facets.insert("jobType".into(), event::job_type_facet("TASK"));
-        if let Some(d) = s.desc.as_deref().filter(|d| !d.trim().is_empty()) {
-            facets.insert("documentation".into(), event::documentation_facet(d));
+        let mut b = String::with_capacity(2048);
+        b.push_str("{\"eventType\":");
+        push_json(&mut b, &event_type);
+        b.push_str(",\"eventTime\":");
+        push_str_json(&mut b, time);
+        b.push_str(",\"run\":{\"runId\":");
+        push_str_json(&mut b, &parts.run_id);
+        // Run facets, sorted: dagrun, errorMessage, executionParameters, parent.
+        b.push_str(",\"facets\":{\"dagrun\":");
+        b.push_str(dagrun);
+        if let Some(e) = error {
+            b.push_str(",\"errorMessage\":");
+            push_json(&mut b, e);
         }
-        Job { namespace: self.namespace.clone(), name: format!("{}.{}", self.pipeline_job, s.name), facets }
-    }
-
-    fn stage_run_id(&self, engine: &Engine, i: usize) -> String {
-        ids::run_uuid(self.start_ms, &engine.run_id, &format!("{}.{}", self.pipeline_job, engine.stage(i).name))
-    }
-
-    fn stage_run(&self, engine: &Engine, i: usize) -> Run {
-        let s = engine.stage(i);
-        let mut facets = Facets::new();
-        facets.insert("parent".into(), event::parent_facet(&self.pipeline_run, &self.namespace, &self.pipeline_job));
-        let mut params: BTreeMap<String, Value> = s.with.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        for (k, v) in &s.param_refs {
-            params.insert(format!("params.{k}"), v.clone());
+        if let Some(p) = &parts.params {
+            b.push_str(",\"executionParameters\":");
+            b.push_str(p);
         }
-        if let Some(t) = &s.tenant {
-            params.insert("tenant".into(), Value::String(t.clone()));
-        }
-        if !params.is_empty() {
-            facets.insert("executionParameters".into(), event::parameters_facet(&params));
-        }
-        Run { run_id: self.stage_run_id(engine, i), facets }
-    }
-
-    fn dataset(&self, workspace: &Path, path: &str, hash: Option<&str>) -> Dataset {
-        let tenant = self.dataset_tenant.get(path).map(String::as_str).unwrap_or(SHARED);
-        let mut facets = Facets::new();
-        if let Some(h) = hash.filter(|h| !h.is_empty()) {
-            facets.insert("version".into(), event::version_facet(h));
-            if let Some(fields) = self.schema_of(workspace, path, h) {
-                facets.insert("schema".into(), event::schema_facet(&fields));
+        b.push_str(",\"parent\":");
+        b.push_str(&self.parent_json);
+        b.push_str("}},\"job\":");
+        b.push_str(&parts.job);
+        b.push_str(",\"inputs\":[");
+        for (k, d) in s.deps.iter().enumerate() {
+            if k > 0 {
+                b.push(',');
             }
+            self.push_dataset(&mut b, ws, d, input_hash(d).as_deref());
         }
-        Dataset { namespace: format!("{}{tenant}", self.dataset_base), name: path.to_string(), facets }
+        b.push_str("],\"outputs\":[");
+        for (k, o) in s.outs.iter().enumerate() {
+            if k > 0 {
+                b.push(',');
+            }
+            self.push_dataset(&mut b, ws, &o.path, output_hash(&o.path).as_deref());
+        }
+        b.push_str("],\"producer\":");
+        push_str_json(&mut b, event::PRODUCER);
+        b.push_str(",\"schemaURL\":");
+        push_str_json(&mut b, event::RUN_EVENT_SCHEMA);
+        b.push('}');
+        debug_assert_eq!(serde_json::from_str::<RunEvent>(&b).map(|e| e.to_line()).as_deref().ok(), Some(b.as_str()), "stage_line is not canonical");
+        b
+    }
+
+    /// A dataset object: namespace, name, and the facets `schema` (a Parquet
+    /// file's columns) and `version` (its hash) when the hash is known.
+    fn push_dataset(&self, b: &mut String, workspace: &Path, path: &str, hash: Option<&str>) {
+        let tenant = self.dataset_tenant.get(path).map(String::as_str).unwrap_or(SHARED);
+        b.push_str("{\"namespace\":");
+        push_str_json(b, &format!("{}{tenant}", self.dataset_base));
+        b.push_str(",\"name\":");
+        push_str_json(b, path);
+        if let Some(h) = hash.filter(|h| !h.is_empty()) {
+            b.push_str(",\"facets\":{");
+            if let Some(fields) = self.schema_of(workspace, path, h) {
+                b.push_str("\"schema\":");
+                push_json(b, &event::schema_facet(&fields));
+                b.push(',');
+            }
+            b.push_str("\"version\":");
+            event::push_version_facet(b, h);
+            b.push('}');
+        }
+        b.push('}');
     }
 
     /// Column names and types of a Parquet file (or of the one Parquet file
@@ -315,7 +439,7 @@ impl OpenLineage {
 impl RunObserver for OpenLineage {
     fn run_started(&self, engine: &Engine) {
         let e = RunEvent::new(EventType::Start, event::now(), self.pipeline_run_value(engine, json!({})), self.pipeline_job_value(engine));
-        self.hold(&[e]);
+        self.hold([e.to_line()]);
     }
 
     fn stage_started(&self, _engine: &Engine, i: usize) {
@@ -325,8 +449,8 @@ impl RunObserver for OpenLineage {
 
     fn stage_working(&self, engine: &Engine, i: usize) {
         let Some(t) = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i) else { return };
-        let e = self.start_event(engine, i, t);
-        self.emit(&[e], true);
+        let e = self.start_line(engine, i, &t);
+        self.emit([e], true);
     }
 
     fn stage_finished(&self, engine: &Engine, i: usize, rec: &StageRecord) {
@@ -337,30 +461,28 @@ impl RunObserver for OpenLineage {
             Status::Failed if !interrupted => EventType::Fail,
             Status::Failed | Status::Skipped => EventType::Abort,
         };
-        let mut run = self.stage_run(engine, i);
-        let mut d = json!({
-            "dagrunRunId": engine.run_id,
-            "stage": s.name,
-            "kind": s.kind.name(),
-            "status": rec.status.as_str(),
-            "workDone": rec.status == Status::Ran,
-            "seconds": rec.seconds,
-        });
+        // Keys in order.
+        let mut fields: Vec<(&str, String)> = Vec::with_capacity(9);
         if let Some(k) = &rec.key {
-            d["cacheKey"] = k.clone().into();
+            fields.push(("cacheKey", json_of(k)));
+        }
+        fields.push(("dagrunRunId", json_of(&engine.run_id)));
+        fields.push(("kind", json_of(s.kind.name())));
+        if let Some(c) = rec.outputs_changed {
+            fields.push(("outputsChanged", json_of(&c)));
         }
         if !rec.reasons.is_empty() {
-            d["reasons"] = json!(rec.reasons);
+            fields.push(("reasons", json_of(&rec.reasons)));
         }
-        if let Some(c) = rec.outputs_changed {
-            d["outputsChanged"] = c.into();
-        }
-        run.facets.insert("dagrun".into(), event::dagrun_facet(d));
-        if event_type != EventType::Complete {
+        fields.push(("seconds", json_of(&json!(rec.seconds))));
+        fields.push(("stage", json_of(&s.name)));
+        fields.push(("status", json_of(rec.status.as_str())));
+        fields.push(("workDone", json_of(&(rec.status == Status::Ran))));
+        let dagrun = dagrun_facet_json(&fields);
+        let error = (event_type != EventType::Complete).then(|| {
             let msg = rec.error.clone().unwrap_or_else(|| if interrupted { "run interrupted".into() } else { "stage failed".into() });
-            run.facets.insert("errorMessage".into(), event::error_message_facet(&format!("stage {} failed: {msg}", s.name)));
-        }
-        let ws = &engine.pipeline.workspace;
+            event::error_message_facet(&format!("stage {} failed: {msg}", s.name))
+        });
         // Input versions: what upstream stages wrote in this run (the hashes
         // this stage's key was computed from); other inputs' from the hash memo.
         let mut inputs: BTreeMap<String, String> = BTreeMap::new();
@@ -385,21 +507,17 @@ impl RunObserver for OpenLineage {
                 }
             }
         }
-        let mut e = RunEvent::new(event_type, event::now(), run, self.stage_job(engine, i));
-        e.inputs = s.deps.iter().map(|d| self.dataset(ws, d, inputs.get(d).map(String::as_str))).collect();
-        e.outputs = s
-            .outs
-            .iter()
-            .map(|o| self.dataset(ws, &o.path, if event_type == EventType::Complete { rec.outputs.get(&o.path).map(String::as_str) } else { None }))
-            .collect();
+        let input_hash = |d: &str| inputs.get(d).cloned();
+        let output_hash = |o: &str| if event_type == EventType::Complete { rec.outputs.get(o).cloned() } else { None };
+        let e = self.stage_line(engine, i, event_type, &event::now(), &dagrun, error.as_ref(), &input_hash, &output_hash);
         let start = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
         match start {
             // No work was started: both events together, held back.
             Some(t) => {
-                let s = self.start_event(engine, i, t);
-                self.hold(&[s, e]);
+                let s = self.start_line(engine, i, &t);
+                self.hold([s, e]);
             }
-            None => self.emit(&[e], false),
+            None => self.emit([e], false),
         }
     }
 
@@ -427,7 +545,7 @@ impl RunObserver for OpenLineage {
             run.facets.insert("errorMessage".into(), event::error_message_facet(&msg));
         }
         let e = RunEvent::new(event_type, event::now(), run, self.pipeline_job_value(engine));
-        self.emit(&[e], false);
+        self.emit([e.to_line()], false);
 
         let written = match self.file.finish() {
             Ok(()) => Some(self.file_shown.clone()),

@@ -198,7 +198,22 @@ pub fn documentation_facet(description: &str) -> Value {
 
 /// Dataset facet `version`: the dataset's blake3 content hash.
 pub fn version_facet(blake3: &str) -> Value {
-    facet("https://openlineage.io/spec/facets/1-0-1/DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet", json!({"datasetVersion": blake3}))
+    facet(VERSION_FACET_SCHEMA, json!({"datasetVersion": blake3}))
+}
+
+/// `_schemaURL` of the dataset `version` facet.
+pub const VERSION_FACET_SCHEMA: &str = "https://openlineage.io/spec/facets/1-0-1/DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet";
+
+/// [`version_facet`] as JSON, written straight into `buf` (the same bytes
+/// as serializing the value: keys sorted, `_producer` and `_schemaURL` first).
+pub fn push_version_facet(buf: &mut String, blake3: &str) {
+    buf.push_str("{\"_producer\":");
+    buf.push_str(&serde_json::to_string(PRODUCER).expect("a string always serializes"));
+    buf.push_str(",\"_schemaURL\":");
+    buf.push_str(&serde_json::to_string(VERSION_FACET_SCHEMA).expect("a string always serializes"));
+    buf.push_str(",\"datasetVersion\":");
+    buf.push_str(&serde_json::to_string(blake3).expect("a string always serializes"));
+    buf.push('}');
 }
 
 /// One column of a dataset schema: its name and type.
@@ -216,7 +231,12 @@ pub fn schema_facet(fields: &[Field]) -> Value {
 
 /// Run facet `dagrun`: what dagrun did (see the module doc).
 pub fn dagrun_facet(fields: Value) -> Value {
-    facet(&format!("{DAGRUN_FACETS_SCHEMA}#/$defs/DagrunRunFacet"), fields)
+    facet(&dagrun_facet_schema(), fields)
+}
+
+/// `_schemaURL` of the `dagrun` run facet.
+pub fn dagrun_facet_schema() -> String {
+    format!("{DAGRUN_FACETS_SCHEMA}#/$defs/DagrunRunFacet")
 }
 
 #[cfg(test)]
@@ -240,6 +260,15 @@ mod tests {
         assert!(v["job"].get("facets").is_none());
         let back: RunEvent = serde_json::from_value(v).unwrap();
         assert_eq!(back.event_type, EventType::Fail);
+    }
+
+    #[test]
+    fn the_version_facet_written_directly_is_the_serialized_value() {
+        for h in ["", "ab12", "a\"b\\c\u{1}é"] {
+            let mut b = String::new();
+            push_version_facet(&mut b, h);
+            assert_eq!(b, serde_json::to_string(&version_facet(h)).unwrap());
+        }
     }
 
     #[test]

@@ -96,6 +96,18 @@ impl<'de> serde::de::Visitor<'de> for NodeBudget<'_> {
     }
 }
 
+/// Whether [`check_yaml_budget`] could refuse `text`: only through aliases.
+/// A text without a `*` byte has no alias, and without aliases every value
+/// is written out: a scalar takes at least one byte, an empty value (`key:`,
+/// `- `) or a block collection stands on an indicator (`:`, `-`, `?`, `,`)
+/// or an indentation byte; counted generously, at most 4 values per byte.
+/// Such a text under [`MAX_YAML_NODES`] / 4 bytes (256 KiB) stays within the
+/// budget, and its second parse (half of loading a 200-stage pipeline's
+/// YAML) is skipped.
+pub fn yaml_budget_can_be_exceeded(text: &str) -> bool {
+    text.contains('*') || text.len() >= MAX_YAML_NODES / 4
+}
+
 /// Refuse YAML that expands (through aliases) to more than [`MAX_YAML_NODES`]
 /// values, before deserializing it for real. Costs no memory per value.
 pub fn check_yaml_budget(text: &str) -> std::result::Result<(), yaml_serde::Error> {
@@ -127,4 +139,40 @@ pub(super) fn yaml_error(shown: &str, e: &yaml_serde::Error) -> anyhow::Error {
 /// ([`yaml_limits`]); the error names the file and line.
 pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
     yaml_limits::check(text).map_err(|(line, m)| config(format!("{shown}:{line}: {m}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(text: &str) -> usize {
+        let count = std::cell::Cell::new(0);
+        serde::de::DeserializeSeed::deserialize(NodeBudget(&count), yaml_serde::Deserializer::from_str(text)).unwrap();
+        count.get()
+    }
+
+    #[test]
+    fn without_aliases_a_text_holds_at_most_four_values_per_byte() {
+        // The densest forms: empty values, empty keys, compact nested lists, flow collections.
+        let dense = [
+            "a:\n".repeat(500),
+            "-\n".repeat(500),
+            format!("[{}]", "a,".repeat(500)),
+            format!("{{{}}}", "a,".repeat(500)),
+            format!("[{}]", "[],".repeat(500)),
+            format!("[{}]", "{},".repeat(500)),
+            "- - - - - - - - - - x\n".repeat(50),
+            "? a\n".repeat(500),
+            "a: {b: [c, {d: }]}\n".repeat(100),
+            "a:\n b:\n  c:\n   d:\n".repeat(100),
+            String::new(),
+        ];
+        for t in &dense {
+            assert!(values(t) <= 4 * t.len().max(1), "{} values in {} bytes: {:?}", values(t), t.len(), &t[..t.len().min(40)]);
+        }
+        // Only aliases (or a text of a quarter of the budget in bytes) need the counting pass.
+        assert!(!yaml_budget_can_be_exceeded(&"a: {b: [c, {d: }]}\n".repeat(1000)));
+        assert!(yaml_budget_can_be_exceeded("a: &x [1]\nb: *x\n"));
+        assert!(yaml_budget_can_be_exceeded(&"a:\n".repeat(MAX_YAML_NODES / 12 + 1)));
+    }
 }

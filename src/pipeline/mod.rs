@@ -38,7 +38,7 @@ use std::sync::Arc;
 pub use tenants::{Tenant, Tenants};
 
 use budget::*;
-pub use budget::{MAX_YAML_NODES, check_yaml_budget, check_yaml_limits, explain_yaml_message};
+pub use budget::{MAX_YAML_NODES, check_yaml_budget, check_yaml_limits, explain_yaml_message, yaml_budget_can_be_exceeded};
 use graph::*;
 use interpolate::*;
 use parse::*;

@@ -70,8 +70,16 @@ pub(super) fn valid_stage_name(name: &str) -> bool {
 
 pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
     check_yaml_limits(text, &shown)?;
-    check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
-    let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| yaml_error(&shown, &e))?;
+    if yaml_budget_can_be_exceeded(text) {
+        check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
+    }
+    let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| {
+        // A syntax error anywhere in the file is named before a wrong type
+        // (the untyped pass reads the whole file; skipped above when it
+        // could not exceed the budget, it runs here on the error path).
+        let first = check_yaml_budget(text).err().unwrap_or(e);
+        yaml_error(&shown, &first)
+    })?;
     let lines = StageLines::new(text);
     let at = |name: &str| match lines.get(name) {
         Some(l) => format!("{shown}:{l}: stage `{name}`"),

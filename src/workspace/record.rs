@@ -70,16 +70,18 @@ fn write_json<T: Serialize + ?Sized>(x: &T, out: &mut Vec<u8>) {
 }
 
 fn write_object(m: &serde_json::Map<String, Value>, skip: Option<&str>, out: &mut Vec<u8>) {
-    let mut keys: Vec<&String> = m.keys().filter(|k| Some(k.as_str()) != skip).collect();
-    keys.sort();
+    // Entries with their values (no look-up per key); a map kept in key
+    // order (serde_json's default) is already sorted, which the sort only checks.
+    let mut entries: Vec<(&String, &Value)> = m.iter().filter(|(k, _)| Some(k.as_str()) != skip).collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
-    for (i, k) in keys.iter().enumerate() {
+    for (i, (k, v)) in entries.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         write_json(k.as_str(), out);
         out.push(b':');
-        write_canonical(&m[*k], out);
+        write_canonical(v, out);
     }
     out.push(b'}');
 }
@@ -131,6 +133,11 @@ pub fn seal<T: Serialize>(key: &IntegrityKey, domain: &str, rec: &T) -> anyhow::
 
 /// Parse a value into `T`, naming the field on error.
 pub fn typed<T: DeserializeOwned>(v: Value, file: &str) -> Result<T, RecordError> {
+    // The common case without the path tracking; a failure is redone with it
+    // for the message naming the field.
+    if let Ok(t) = T::deserialize(&v) {
+        return Ok(t);
+    }
     serde_path_to_error::deserialize(v).map_err(|e| {
         let field = e.path().to_string();
         let why = e.into_inner().to_string();
