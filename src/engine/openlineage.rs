@@ -80,7 +80,8 @@ pub struct OpenLineage {
     dataset_base: String,
     pipeline_job: String,
     pipeline_run: String,
-    dataset_tenant: HashMap<String, String>,
+    /// Per dataset path: the start of its JSON object (namespace and name).
+    dataset_heads: HashMap<String, String>,
     /// The parts of a stage's events that do not change during the run,
     /// serialized once (see [`OpenLineage::stage_line`]).
     parent_json: String,
@@ -168,6 +169,16 @@ fn dagrun_facet_json(fields: &[(&str, String)]) -> String {
     b
 }
 
+/// `{"namespace":"BASE+TENANT","name":"PATH"` (the object left open for its facets).
+fn dataset_head(base: &str, tenant: &str, path: &str) -> String {
+    let mut b = String::with_capacity(base.len() + tenant.len() + path.len() + 32);
+    b.push_str("{\"namespace\":");
+    push_str_json(&mut b, &format!("{base}{tenant}"));
+    b.push_str(",\"name\":");
+    push_str_json(&mut b, path);
+    b
+}
+
 fn json_of<T: serde::Serialize + ?Sized>(v: &T) -> String {
     serde_json::to_string(v).expect("a facet field always serializes")
 }
@@ -238,6 +249,7 @@ impl OpenLineage {
             }
             None => (None, backlog.len()),
         };
+        let dataset_heads = dataset_tenant.iter().map(|(path, t)| (path.clone(), dataset_head(&format!("{namespace}/"), t, path))).collect();
         Ok(OpenLineage {
             file,
             file_shown: file_rel,
@@ -254,7 +266,7 @@ impl OpenLineage {
             namespace,
             pipeline_job,
             pipeline_run,
-            dataset_tenant,
+            dataset_heads,
             parent_json,
             stage_parts,
             schemas: Mutex::new(HashMap::new()),
@@ -368,11 +380,10 @@ impl OpenLineage {
     /// A dataset object: namespace, name, and the facets `schema` (a Parquet
     /// file's columns) and `version` (its hash) when the hash is known.
     fn push_dataset(&self, b: &mut String, workspace: &Path, path: &str, hash: Option<&str>) {
-        let tenant = self.dataset_tenant.get(path).map(String::as_str).unwrap_or(SHARED);
-        b.push_str("{\"namespace\":");
-        push_str_json(b, &format!("{}{tenant}", self.dataset_base));
-        b.push_str(",\"name\":");
-        push_str_json(b, path);
+        match self.dataset_heads.get(path) {
+            Some(head) => b.push_str(head),
+            None => b.push_str(&dataset_head(&self.dataset_base, SHARED, path)),
+        }
         if let Some(h) = hash.filter(|h| !h.is_empty()) {
             b.push_str(",\"facets\":{");
             if let Some(fields) = self.schema_of(workspace, path, h) {
