@@ -38,13 +38,18 @@ pub struct Args {
     pub json: bool,
 }
 
+/// `--json`'s object (README "Keeping the cache in bounds").
 #[derive(serde::Serialize)]
 struct Report {
     dry_run: bool,
     keep_runs: usize,
     runs_read: usize,
-    #[serde(flatten)]
-    plan: gc::Plan,
+    entries_removed: usize,
+    objects_removed: usize,
+    bytes_removed: u64,
+    entries_kept: usize,
+    objects_kept: usize,
+    bytes_kept: u64,
 }
 
 pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
@@ -63,29 +68,37 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     if let Some((_, e)) = listing.unreadable.first() {
         return Err(crate::error::config(format!("{e:#}; its cache entries are unknown, so nothing was collected")));
     }
-    let newest = listing.records.iter().rev().take(args.keep_runs);
-    let mut keep: HashSet<ContentHash> = HashSet::new();
-    let mut runs_read = 0;
-    for r in newest {
-        runs_read += 1;
-        keep.extend(r.stages.iter().filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()));
-    }
+    let newest: Vec<_> = listing.records.iter().rev().take(args.keep_runs).collect();
+    let keep: HashSet<ContentHash> =
+        newest.iter().flat_map(|r| &r.stages).filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()).collect();
     let plan = gc::plan(&states, &cas, &keep)?;
     let (failed, first_error) = if args.dry_run { (0, None) } else { gc::apply(&cas, &plan) };
 
+    let r = Report {
+        dry_run: args.dry_run,
+        keep_runs: args.keep_runs,
+        runs_read: newest.len(),
+        entries_removed: plan.entries.len(),
+        objects_removed: plan.objects.len(),
+        bytes_removed: plan.bytes_removed(),
+        entries_kept: plan.entries_kept,
+        objects_kept: plan.objects_kept,
+        bytes_kept: plan.bytes_kept,
+    };
     if args.json {
-        crate::engine::report::say(&serde_json::to_string_pretty(&Report { dry_run: args.dry_run, keep_runs: args.keep_runs, runs_read, plan: plan.clone() })?);
+        crate::engine::report::say(&serde_json::to_string_pretty(&r)?);
     } else {
         let hb = crate::commands::pull::human_bytes;
         let verb = if args.dry_run { "would remove" } else { "removed" };
         crate::engine::report::say(&format!(
-            "{verb} {} cache entries and {} objects ({}); kept {} entries and {} objects ({}) used by the current state and the newest {runs_read} run(s)",
-            plan.entries_removed,
-            plan.objects_removed,
-            hb(plan.bytes_removed),
-            plan.entries_kept,
-            plan.objects_kept,
-            hb(plan.bytes_kept),
+            "{verb} {} cache entries and {} objects ({}); kept {} entries and {} objects ({}) used by the current state and the newest {} run(s)",
+            r.entries_removed,
+            r.objects_removed,
+            hb(r.bytes_removed),
+            r.entries_kept,
+            r.objects_kept,
+            hb(r.bytes_kept),
+            r.runs_read,
         ));
     }
     if let Some(e) = first_error {

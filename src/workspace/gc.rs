@@ -29,20 +29,22 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 /// What a collection removes (or, planned, would remove) and keeps.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default)]
 pub struct Plan {
     /// Action-cache entries to delete.
-    #[serde(skip)]
     pub entries: Vec<PathBuf>,
     /// Objects to delete, with their sizes.
-    #[serde(skip)]
     pub objects: Vec<(ContentHash, u64)>,
-    pub entries_removed: usize,
-    pub objects_removed: usize,
-    pub bytes_removed: u64,
     pub entries_kept: usize,
     pub objects_kept: usize,
     pub bytes_kept: u64,
+}
+
+impl Plan {
+    /// Bytes the objects to delete take.
+    pub fn bytes_removed(&self) -> u64 {
+        self.objects.iter().map(|(_, size)| size).sum()
+    }
 }
 
 /// Every object `o` needs: its own, and for a directory each file's.
@@ -113,12 +115,9 @@ pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>) -> Resu
             p.objects_kept += 1;
             p.bytes_kept += size;
         } else {
-            p.bytes_removed += size;
             p.objects.push((h, size));
         }
     }
-    p.entries_removed = p.entries.len();
-    p.objects_removed = p.objects.len();
     Ok(p)
 }
 
@@ -127,23 +126,13 @@ pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>) -> Resu
 pub fn apply(cas: &Cas, plan: &Plan) -> (usize, Option<String>) {
     let mut failed = 0;
     let mut first = None;
-    let mut note = |e: std::io::Error, what: String| {
-        failed += 1;
-        first.get_or_insert(format!("cannot delete {what}: {e}"));
-    };
-    for e in &plan.entries {
-        if let Err(err) = std::fs::remove_file(e)
-            && err.kind() != std::io::ErrorKind::NotFound
+    let paths = plan.entries.iter().cloned().chain(plan.objects.iter().map(|(h, _)| cas.object_path(h)));
+    for path in paths {
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
         {
-            note(err, e.display().to_string());
-        }
-    }
-    for (h, _) in &plan.objects {
-        let path = cas.object_path(h);
-        if let Err(err) = std::fs::remove_file(&path)
-            && err.kind() != std::io::ErrorKind::NotFound
-        {
-            note(err, path.display().to_string());
+            failed += 1;
+            first.get_or_insert(format!("cannot delete {}: {e}", path.display()));
         }
     }
     (failed, first)
