@@ -214,6 +214,19 @@ fn skipped(name: &str, why: String) -> StageRecord {
     StageRecord { error: Some(why), ..StageRecord::new(name, Status::Skipped) }
 }
 
+/// The records of a task whose members a panic stopped: failed, with
+/// `detail` after the message (the panic's text, when it has one).
+fn internal_error(engine: &Engine, members: &[usize], detail: &str) -> Vec<StageRecord> {
+    members
+        .iter()
+        .map(|&i| {
+            let mut r = skipped(&engine.stage(i).name, format!("internal error (a bug in dagrun, please report it){detail}"));
+            r.status = Status::Failed;
+            r
+        })
+        .collect()
+}
+
 /// Units of execution: one stage each, except that stages of one Slurm job
 /// group (same `group:` and tenant) form one task, members in dependency order.
 fn tasks(p: &Pipeline, selected: &HashSet<usize>) -> (Vec<Vec<usize>>, Vec<usize>) {
@@ -358,14 +371,7 @@ fn schedule(
             let start = t0.elapsed().as_secs_f64();
             let mut recs: Vec<StageRecord> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| eng.execute_group(members))).unwrap_or_else(|panic| {
                 let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-                members
-                    .iter()
-                    .map(|&i| {
-                        let mut r = skipped(&eng.stage(i).name, format!("internal error (a bug in dagrun, please report it): {what}"));
-                        r.status = Status::Failed;
-                        r
-                    })
-                    .collect()
+                internal_error(eng, members, &format!(": {what}"))
             });
             // A group's members ran one after the other in its slot.
             let end = t0.elapsed().as_secs_f64().max(start);
@@ -388,14 +394,7 @@ fn schedule(
         work.unwrap_or_else(|_| {
             // An observer panicked: report it as a failure, never crash the run.
             tracing::error!("a stage thread panicked");
-            members
-                .iter()
-                .map(|&i| {
-                    let mut r = skipped(&eng.stage(i).name, "internal error (a bug in dagrun, please report it)".into());
-                    r.status = Status::Failed;
-                    r
-                })
-                .collect()
+            internal_error(eng, members, "")
         })
     };
 
