@@ -26,7 +26,7 @@
 use super::Engine;
 use super::observer::RunObserver;
 use super::runs::{RunRecord, RunStatus, StageRecord, Status};
-use crate::lineage::event::{self, EventType, Facets, Field, Job, Run, RunEvent};
+use crate::lineage::event::{self, EventType, Facets, Field, Job, Run, RunEvent, json_of, push_json};
 use crate::lineage::recover::{self, OpenRuns};
 use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
 use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
@@ -101,15 +101,6 @@ struct StageParts {
     job: String,
 }
 
-/// `s` as a JSON string (quoted, escaped) appended to `buf`.
-fn push_str_json(buf: &mut String, s: &str) {
-    buf.push_str(&serde_json::to_string(s).expect("a string always serializes"));
-}
-
-fn push_json(buf: &mut String, v: &impl serde::Serialize) {
-    buf.push_str(&serde_json::to_string(v).expect("a facet always serializes"));
-}
-
 fn job_name_of(shown: &str) -> String {
     let s = shown.strip_suffix(".yaml").or_else(|| shown.strip_suffix(".yml")).unwrap_or(shown);
     s.to_string()
@@ -128,14 +119,14 @@ impl StageParts {
             if let Some(t) = &s.tenant {
                 params.insert("tenant".into(), Value::String(t.clone()));
             }
-            serde_json::to_string(&event::parameters_facet(&params)).expect("a facet always serializes")
+            json_of(&event::parameters_facet(&params))
         });
         // The `job` object: namespace, name, facets (sorted: documentation, jobType).
         let mut job = String::with_capacity(400);
         job.push_str("{\"namespace\":");
-        push_str_json(&mut job, namespace);
+        push_json(&mut job, namespace);
         job.push_str(",\"name\":");
-        push_str_json(&mut job, &job_name);
+        push_json(&mut job, &job_name);
         job.push_str(",\"facets\":{");
         if let Some(d) = s.desc.as_deref().filter(|d| !d.trim().is_empty()) {
             job.push_str("\"documentation\":");
@@ -156,12 +147,12 @@ impl StageParts {
 fn dagrun_facet_json(fields: &[(&str, String)]) -> String {
     let mut b = String::with_capacity(300);
     b.push_str("{\"_producer\":");
-    push_str_json(&mut b, event::PRODUCER);
+    push_json(&mut b, event::PRODUCER);
     b.push_str(",\"_schemaURL\":");
-    push_str_json(&mut b, &event::dagrun_facet_schema());
+    push_json(&mut b, &event::dagrun_facet_schema());
     for (k, v) in fields {
         b.push(',');
-        push_str_json(&mut b, k);
+        push_json(&mut b, k);
         b.push(':');
         b.push_str(v);
     }
@@ -173,14 +164,10 @@ fn dagrun_facet_json(fields: &[(&str, String)]) -> String {
 fn dataset_head(base: &str, tenant: &str, path: &str) -> String {
     let mut b = String::with_capacity(base.len() + tenant.len() + path.len() + 32);
     b.push_str("{\"namespace\":");
-    push_str_json(&mut b, &format!("{base}{tenant}"));
+    push_json(&mut b, &format!("{base}{tenant}"));
     b.push_str(",\"name\":");
-    push_str_json(&mut b, path);
+    push_json(&mut b, path);
     b
-}
-
-fn json_of<T: serde::Serialize + ?Sized>(v: &T) -> String {
-    serde_json::to_string(v).expect("a facet field always serializes")
 }
 
 impl OpenLineage {
@@ -238,8 +225,8 @@ impl OpenLineage {
                 Ok(())
             },
         );
-        let parent_json = serde_json::to_string(&event::parent_facet(&pipeline_run, &namespace, &pipeline_job)).expect("a facet always serializes");
-        let task_job_type = serde_json::to_string(&event::job_type_facet("TASK")).expect("a facet always serializes");
+        let parent_json = json_of(&event::parent_facet(&pipeline_run, &namespace, &pipeline_job));
+        let task_job_type = json_of(&event::job_type_facet("TASK"));
         let stage_parts = (0..p.stages.len()).map(|i| StageParts::new(engine, i, &namespace, &pipeline_job, start_ms, &task_job_type)).collect();
         let closed_killed = closed.into_iter().filter(|c| !c.lines.is_empty()).map(|c| (c.run_id, c.lines.len())).collect();
         let (http, parked) = match lineage_url {
@@ -336,9 +323,9 @@ impl OpenLineage {
         b.push_str("{\"eventType\":");
         push_json(&mut b, &event_type);
         b.push_str(",\"eventTime\":");
-        push_str_json(&mut b, time);
+        push_json(&mut b, time);
         b.push_str(",\"run\":{\"runId\":");
-        push_str_json(&mut b, &parts.run_id);
+        push_json(&mut b, &parts.run_id);
         // Run facets, sorted: dagrun, errorMessage, executionParameters, parent.
         b.push_str(",\"facets\":{\"dagrun\":");
         b.push_str(dagrun);
@@ -369,9 +356,9 @@ impl OpenLineage {
             self.push_dataset(&mut b, ws, &o.path, output_hash(&o.path).as_deref());
         }
         b.push_str("],\"producer\":");
-        push_str_json(&mut b, event::PRODUCER);
+        push_json(&mut b, event::PRODUCER);
         b.push_str(",\"schemaURL\":");
-        push_str_json(&mut b, event::RUN_EVENT_SCHEMA);
+        push_json(&mut b, event::RUN_EVENT_SCHEMA);
         b.push('}');
         debug_assert_eq!(serde_json::from_str::<RunEvent>(&b).map(|e| e.to_line()).as_deref().ok(), Some(b.as_str()), "stage_line is not canonical");
         b

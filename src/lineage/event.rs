@@ -208,12 +208,24 @@ pub const VERSION_FACET_SCHEMA: &str = "https://openlineage.io/spec/facets/1-0-1
 /// as serializing the value: keys sorted, `_producer` and `_schemaURL` first).
 pub fn push_version_facet(buf: &mut String, blake3: &str) {
     buf.push_str("{\"_producer\":");
-    buf.push_str(&serde_json::to_string(PRODUCER).expect("a string always serializes"));
+    push_json(buf, PRODUCER);
     buf.push_str(",\"_schemaURL\":");
-    buf.push_str(&serde_json::to_string(VERSION_FACET_SCHEMA).expect("a string always serializes"));
+    push_json(buf, VERSION_FACET_SCHEMA);
     buf.push_str(",\"datasetVersion\":");
-    buf.push_str(&serde_json::to_string(blake3).expect("a string always serializes"));
+    push_json(buf, blake3);
     buf.push('}');
+}
+
+/// `v` as compact JSON (a string quoted and escaped), appended to `buf`: the
+/// bytes serializing it inside a [`RunEvent`] gives, for the writers that
+/// build event lines by hand.
+pub fn push_json<T: Serialize + ?Sized>(buf: &mut String, v: &T) {
+    buf.push_str(&json_of(v));
+}
+
+/// `v` as compact JSON (see [`push_json`]).
+pub fn json_of<T: Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("event parts (strings, facets) always serialize")
 }
 
 /// One column of a dataset schema: its name and type.
