@@ -123,13 +123,21 @@ pub fn open_batches(path: &Path, batch_size: usize) -> Result<impl Iterator<Item
 /// consumer reports a missing column). Skipping the ciphertext column makes
 /// reading an encrypted file several times cheaper.
 pub fn open_batches_columns(path: &Path, batch_size: usize, columns: &[&str]) -> Result<impl Iterator<Item = Result<RecordBatch>> + use<>> {
-    let b = open_builder(path)?;
-    let schema = b.schema().clone();
-    let idx: Vec<usize> = columns.iter().filter_map(|c| schema.index_of(c).ok()).collect();
-    let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), idx);
-    let reader = b.with_projection(mask).with_batch_size(batch_size.max(1)).build().with_context(|| format!("cannot read Parquet file {}", path.display()))?;
+    let b = only_columns(open_builder(path)?, columns);
+    let reader = b.with_batch_size(batch_size.max(1)).build().with_context(|| format!("cannot read Parquet file {}", path.display()))?;
     let p = path.to_path_buf();
     Ok(reader.map(move |r| r.with_context(|| format!("cannot read Parquet file {}", p.display()))))
+}
+
+/// A reader that decodes only the named top-level columns (names absent
+/// from the file are skipped: the consumer reports a missing column).
+pub fn only_columns<T: parquet::file::reader::ChunkReader + 'static>(
+    b: ParquetRecordBatchReaderBuilder<T>,
+    columns: &[&str],
+) -> ParquetRecordBatchReaderBuilder<T> {
+    let idx: Vec<usize> = columns.iter().filter_map(|c| b.schema().index_of(c).ok()).collect();
+    let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), idx);
+    b.with_projection(mask)
 }
 
 /// Open `src` and read its footer once, page index included when it has one:
@@ -293,10 +301,8 @@ pub fn rewrite_with_spliced_columns(
             factory.create_column_writers(rg_idx).with_context(ctx)?.into_iter().map(Some).collect();
         let b =
             ParquetRecordBatchReaderBuilder::new_with_metadata(input.try_clone().with_context(|| format!("cannot open {}", src.display()))?, reader_md.clone());
-        let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), read.iter().filter_map(|c| b.schema().index_of(c).ok()));
-        let reader = b
+        let reader = only_columns(b, read)
             .with_row_groups(vec![rg_idx])
-            .with_projection(mask)
             .with_batch_size(batch_size.max(1))
             .build()
             .with_context(|| format!("cannot read Parquet file {}", src.display()))?;

@@ -296,12 +296,7 @@ pub fn open_verified_with(
     check(KV_LINEAGE, &m.lineage.lineage_hash)?;
     check(KV_TENANT, &m.tenant)?;
     let b = match columns {
-        Some(cols) => {
-            let schema = b.schema().clone();
-            let idx: Vec<usize> = cols.iter().filter_map(|c| schema.index_of(c).ok()).collect();
-            let mask = parquet::arrow::ProjectionMask::roots(b.parquet_schema(), idx);
-            b.with_projection(mask)
-        }
+        Some(cols) => crate::data::parquet_io::only_columns(b, cols),
         None => b,
     };
     let reader = b.with_batch_size(crate::data::DEFAULT_BATCH_SIZE).build()?;
