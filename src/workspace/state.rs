@@ -136,12 +136,8 @@ impl StateStore {
         StateStore { state_dir: ws.state_dir(), actions_dir: ws.actions_dir(), ws: ws.clone(), key }
     }
 
-    /// Where a stage's record lives (for the run's end-of-run sync).
+    /// Where a stage's record lives (also for the run's end-of-run sync).
     pub fn record_path(&self, stage: &str) -> PathBuf {
-        self.stage_file(stage)
-    }
-
-    fn stage_file(&self, stage: &str) -> PathBuf {
         self.state_dir.join(format!("{stage}.json"))
     }
 
@@ -164,7 +160,7 @@ impl StateStore {
 
     /// The last completed execution of a stage, checked.
     pub fn load(&self, stage: &str) -> Loaded<StageState> {
-        let p = self.stage_file(stage);
+        let p = self.record_path(stage);
         match self.read_record(&p) {
             Loaded::Valid(st) if st.stage != stage => Loaded::Invalid(RecordError::BadField {
                 file: self.shown(&p),
@@ -189,11 +185,11 @@ impl StateStore {
     /// Write a stage's record (atomically; durable at the run's end sync:
     /// see the module comment).
     pub fn put(&self, st: &StageState) -> Result<()> {
-        write_atomic_with(&self.stage_file(&st.stage), &self.seal(st)?, Durability::Verified)
+        write_atomic_with(&self.record_path(&st.stage), &self.seal(st)?, Durability::Verified)
     }
 
     pub fn remove(&self, stage: &str) {
-        let _ = std::fs::remove_file(self.stage_file(stage));
+        let _ = std::fs::remove_file(self.record_path(stage));
     }
 
     fn action_file(&self, key: &ContentHash) -> PathBuf {
@@ -223,7 +219,7 @@ impl StateStore {
     /// (entries are verified on every read; a lost one only costs a recomputation).
     pub fn put_action(&self, st: &StageState) -> Result<()> {
         let dest = self.action_file(&st.key);
-        let state_file = self.stage_file(&st.stage);
+        let state_file = self.record_path(&st.stage);
         // Called right after `put(st)` by the only thread running this stage.
         // Linked first (the common case: a new key), checked only when an
         // entry is already there: a valid one is kept, anything else replaced.
