@@ -130,6 +130,8 @@ impl Engine {
         // Worker threads the stage starts (util::par) report their CPU time here.
         let worker_cpu = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let _accounting = crate::util::par::account_to(worker_cpu.clone());
+        // Stages started in this process share the cores (util::par's rule).
+        let _running = crate::util::par::running();
         let ctx = RunCtx {
             workspace: &self.pipeline.workspace,
             stage: s,

@@ -2,11 +2,20 @@
 //! per thread, run them on scoped threads, and account the workers' CPU time
 //! to the stage that asked (so run records can report CPU utilisation per
 //! stage): the engine sets a per-thread counter with [`account_to`].
+//!
+//! Rule: a stage takes only the cores no other running stage needs. The
+//! engine marks each stage it runs in this process with [`running`];
+//! [`threads`] is one thread plus the cores no running stage occupies. With
+//! both workers of a 2-core machine busy every stage runs on one thread (two
+//! threads each would only share the cores, and the thread count would decide
+//! which tenant's chain gets the CPU, not the critical path); when one worker
+//! has nothing left to run, the other's stages take both cores. Outside the
+//! engine (nothing marked running) a caller gets every core.
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 thread_local! {
     static STAGE_CPU: RefCell<Option<Arc<AtomicU64>>> = const { RefCell::new(None) };
@@ -28,9 +37,38 @@ pub fn account_to(counter: Arc<AtomicU64>) -> Accounting {
     Accounting(())
 }
 
-/// Threads a stage may use (the machine's cores).
+/// Stages running in this process now (see [`running`]).
+static RUNNING: AtomicUsize = AtomicUsize::new(0);
+
+/// Marks one running stage until dropped.
+pub struct Running(());
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Count the calling stage as running until the guard is dropped.
+pub fn running() -> Running {
+    RUNNING.fetch_add(1, Ordering::Relaxed);
+    Running(())
+}
+
+/// The machine's cores.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+}
+
+/// Threads a stage may use now: its own plus every core no other running
+/// stage occupies (all cores when no stage is marked running).
 pub fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    threads_for(cores(), RUNNING.load(Ordering::Relaxed))
+}
+
+fn threads_for(cores: usize, running: usize) -> usize {
+    cores.saturating_sub(running.saturating_sub(1)).max(1)
 }
 
 /// CPU time (user+sys) of the calling thread, in nanoseconds.
@@ -98,5 +136,15 @@ mod tests {
             map_chunks(4_000, 2, 1, |r| r.map(|i| (0..2_000u64).fold(i as u64, |a, b| a.wrapping_mul(31).wrapping_add(b))).fold(0u64, u64::wrapping_add));
         assert_eq!(busy.len(), 2);
         assert!(cpu.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn a_stage_takes_the_cores_no_other_stage_runs_on() {
+        assert_eq!(threads_for(2, 0), 2); // outside the engine: every core
+        assert_eq!(threads_for(2, 1), 2); // the only running stage
+        assert_eq!(threads_for(2, 2), 1); // both workers busy
+        assert_eq!(threads_for(2, 5), 1);
+        assert_eq!(threads_for(8, 3), 6);
+        assert_eq!(threads_for(1, 0), 1);
     }
 }
