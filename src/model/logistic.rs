@@ -365,43 +365,27 @@ impl Problem<'_> {
         let k = self.x.ncols();
         let d = k + 1;
         let (w, b) = theta.split_at(k);
+        // Rows side by side in memory (the scaled matrix is built row-major;
+        // anything else is copied once).
+        let x = self.x.as_standard_layout();
+        let x = x.as_slice().expect("standard layout is contiguous");
         let parts = self.blocks(|r| {
-            let mut s = 0.0;
-            let mut grad = vec![0.0; d];
-            let mut hess = vec![vec![0.0; d]; d];
-            let mut xt = vec![1.0; d];
-            for i in r {
-                let row = self.x.row(i);
-                let yi = self.y[i];
-                for (t, v) in xt.iter_mut().zip(row.iter()) {
-                    *t = *v;
-                }
-                let z = b[0] + row.iter().zip(w).map(|(a, c)| a * c).sum::<f64>();
-                // One exp for both softplus(z) and sigmoid(z).
-                let e = (-z.abs()).exp();
-                s += z.max(0.0) + e.ln_1p() - if yi { z } else { 0.0 };
-                let p = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-                let r = p - if yi { 1.0 } else { 0.0 };
-                let q = p * (1.0 - p);
-                for a in 0..d {
-                    grad[a] += r * xt[a];
-                    let qa = q * xt[a];
-                    for bb in 0..=a {
-                        hess[a][bb] += qa * xt[bb];
-                    }
-                }
-            }
-            (s, grad, hess)
+            let rows = &x[r.start * k..r.end * k];
+            let y = &self.y[r];
+            // The feature set's 5 features get a copy of the loop with the
+            // sizes known to the compiler (unrolled, no bounds checks).
+            if d == 6 { accumulate(6, rows, y, w, b[0]) } else { accumulate(d, rows, y, w, b[0]) }
         });
         let mut s = 0.0;
         let mut grad = vec![0.0; d];
         let mut hess = vec![vec![0.0; d]; d];
-        for (ps, pg, ph) in parts {
+        for (ps, pg, tri) in parts {
             s += ps;
+            let mut t = tri.iter();
             for a in 0..d {
                 grad[a] += pg[a];
                 for bb in 0..=a {
-                    hess[a][bb] += ph[a][bb];
+                    hess[a][bb] += t.next().expect("d(d+1)/2 entries");
                 }
             }
         }
@@ -463,6 +447,39 @@ impl Problem<'_> {
         .into_iter()
         .fold(0.0, f64::max)
     }
+}
+
+/// One block's sums for [`Problem::eval`] over `rows` (row-major, `d - 1`
+/// features each): Σ [softplus(zᵢ) − yᵢ zᵢ], the gradient Σ (pᵢ − yᵢ) x̃ᵢ and
+/// the Hessian's lower triangle Σ pᵢ(1 − pᵢ) x̃ᵢ x̃ᵢᵀ (row by row), x̃ = (x, 1).
+/// Inlined so that a call with a literal `d` gets loops of known length.
+#[inline(always)]
+fn accumulate(d: usize, rows: &[f64], y: &[bool], w: &[f64], b: f64) -> (f64, Vec<f64>, Vec<f64>) {
+    let k = d - 1;
+    let mut s = 0.0;
+    let mut grad = vec![0.0; d];
+    let mut tri = vec![0.0; d * (d + 1) / 2];
+    let mut xt = vec![1.0; d];
+    for (row, &yi) in rows.chunks_exact(k).zip(y) {
+        xt[..k].copy_from_slice(row);
+        let z = b + row.iter().zip(&w[..k]).map(|(a, c)| a * c).sum::<f64>();
+        // One exp for both softplus(z) and sigmoid(z).
+        let e = (-z.abs()).exp();
+        s += z.max(0.0) + e.ln_1p() - if yi { z } else { 0.0 };
+        let p = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        let r = p - if yi { 1.0 } else { 0.0 };
+        let q = p * (1.0 - p);
+        let mut t = 0;
+        for a in 0..d {
+            grad[a] += r * xt[a];
+            let qa = q * xt[a];
+            for bb in 0..=a {
+                tri[t + bb] += qa * xt[bb];
+            }
+            t += a + 1;
+        }
+    }
+    (s, grad, tri)
 }
 
 /// Solve A x = b by Gaussian elimination with partial pivoting (A small,
