@@ -210,6 +210,11 @@ pub fn spawn(s: &Spawn) -> Result<Child> {
 }
 
 impl Child {
+    /// The pidfd (readable once the child has exited), to poll beside other descriptors.
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
     /// Wait up to `timeout` for the child to exit: `Some(status)` when it
     /// has (it is reaped), `None` when it still runs.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<ExitStatus>> {
