@@ -153,19 +153,9 @@ fn mac_member(b: &[u8]) -> Option<(usize, usize, &[u8])> {
     if b.first() != Some(&b'{') {
         return None;
     }
-    let (mut depth, mut in_str, mut esc, mut expect_key) = (0usize, false, false, false);
-    for (i, &c) in b.iter().enumerate() {
-        if in_str {
-            if esc {
-                esc = false;
-            } else if c == b'\\' {
-                esc = true;
-            } else if c == b'"' {
-                in_str = false;
-            }
-            continue;
-        }
-        match c {
+    let (mut depth, mut expect_key, mut i) = (0usize, false, 0usize);
+    while i < b.len() {
+        match b[i] {
             b'"' => {
                 if depth == 1 && expect_key && b[i..].starts_with(b"\"mac\":\"") {
                     let (vs, ve) = (i + 7, i + 7 + 64);
@@ -183,7 +173,15 @@ fn mac_member(b: &[u8]) -> Option<(usize, usize, &[u8])> {
                     });
                 }
                 expect_key = false;
-                in_str = true;
+                // To the closing quote, stepping over escapes.
+                i += 1;
+                loop {
+                    i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+                    if b[i] == b'"' {
+                        break;
+                    }
+                    i += 2;
+                }
             }
             b'{' | b'[' => {
                 depth += 1;
@@ -193,6 +191,7 @@ fn mac_member(b: &[u8]) -> Option<(usize, usize, &[u8])> {
             b',' if depth == 1 => expect_key = true,
             _ => {}
         }
+        i += 1;
     }
     None
 }
