@@ -58,12 +58,13 @@ impl Stream {
     /// byte), without blocking.
     fn pump(&mut self, buf: &mut Vec<u8>) -> Result<Pumped> {
         let Some(fd) = self.pipe.as_ref().map(|p| p.as_raw_fd()) else { return Ok(Pumped::Eof) };
-        if buf.is_empty() {
-            buf.resize(64 * 1024, 0);
-        }
+        // Capacity only, never zeroed (most commands write nothing: the read
+        // then finds end-of-file); `read` initializes the bytes it returns.
+        buf.clear();
+        buf.reserve(64 * 1024);
         loop {
-            // SAFETY: a valid pipe descriptor and a buffer of buf.len() bytes.
-            let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            // SAFETY: a valid pipe descriptor and buf.capacity() writable bytes.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.capacity()) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 match e.kind() {
@@ -76,7 +77,10 @@ impl Stream {
                 self.pipe = None;
                 return Ok(Pumped::Eof);
             }
-            self.write(&buf[..n as usize]);
+            // SAFETY: `read` initialized the first n bytes of the buffer.
+            unsafe { buf.set_len(n as usize) };
+            self.write(buf);
+            buf.clear();
         }
     }
 
