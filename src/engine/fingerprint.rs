@@ -52,12 +52,40 @@ pub use crate::workspace::state::Ingredients;
 impl Ingredients {
     /// The cache key: blake3 hex of the canonical encoding.
     pub fn key(&self) -> ContentHash {
-        let v = serde_json::to_value(self).expect("ingredients serialize");
         let mut h = blake3::Hasher::new();
         h.update(FORMAT.as_bytes());
         h.update(b"\n");
-        h.update(canonical_json(&v).as_bytes());
+        h.update(&self.canonical_bytes());
         ContentHash::from(h.finalize())
+    }
+
+    /// `canonical_json(&serde_json::to_value(self))`, written directly: the
+    /// struct's fields in sorted key order, each value by serde_json (every
+    /// map inside is a `BTreeMap` or a `serde_json::Map`, whose order is the
+    /// same sorted order; `tests::direct_encoding_is_the_canonical_json`
+    /// checks the bytes against the general encoding). No `Value` tree: it
+    /// was a tenth of a no-op run's instructions.
+    fn canonical_bytes(&self) -> Vec<u8> {
+        fn member<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, name: &str, v: &T) {
+            out.push(if out.is_empty() { b'{' } else { b',' });
+            out.push(b'"');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            serde_json::to_writer(&mut *out, v).expect("writing JSON to memory cannot fail");
+        }
+        let mut out = Vec::with_capacity(512);
+        if let Some(c) = &self.cmd {
+            member(&mut out, "cmd", c);
+        }
+        member(&mut out, "env", &self.env);
+        member(&mut out, "extras", &self.extras);
+        member(&mut out, "inputs", &self.inputs);
+        member(&mut out, "kind", &self.kind);
+        member(&mut out, "kind_version", &self.kind_version);
+        member(&mut out, "outs", &self.outs);
+        member(&mut out, "params", &self.params);
+        out.push(b'}');
+        out
     }
 }
 
@@ -209,6 +237,26 @@ mod tests {
         let mut b = ing();
         b.extras.insert("key".into(), "k2".into());
         assert_ne!(a.key(), b.key());
+    }
+
+    #[test]
+    fn direct_encoding_is_the_canonical_json() {
+        let general = |i: &Ingredients| canonical_json(&serde_json::to_value(i).unwrap()).into_bytes();
+        let mut i = ing();
+        assert_eq!(i.canonical_bytes(), general(&i));
+        i.cmd = None;
+        assert_eq!(i.canonical_bytes(), general(&i));
+        i.cmd = Some("é \" \\ \u{1} \u{2028} ${x}".into());
+        i.kind = "train".into();
+        i.params = serde_json::from_str(
+            r#"{"z":[1,-2.5,1e300,0.1,0.30000000000000004,true,null],"a":{"y":{"q":1},"b":"x"},"m":18446744073709551615,"n":-9223372036854775808}"#,
+        )
+        .unwrap();
+        i.env = BTreeMap::from([("Z".into(), "1".into()), ("A".into(), "\n".into())]);
+        i.extras = BTreeMap::from([("key".into(), "k2".into()), ("b".into(), "".into())]);
+        i.inputs.insert("Z/é".into(), "11".repeat(32));
+        i.outs = vec!["z".into(), "a".into()];
+        assert_eq!(String::from_utf8(i.canonical_bytes()).unwrap(), String::from_utf8(general(&i)).unwrap());
     }
 
     #[test]

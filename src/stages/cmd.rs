@@ -1,7 +1,8 @@
 //! `cmd:` stages: a shell command with declared `deps:` and `outs:`, as in
 //! dvc.yaml. Run with `/bin/sh -c` in the workspace, in its own process group
 //! (so a timeout or Ctrl-C ends it and all its children), stdout and stderr
-//! captured in `.dagrun/logs/STAGE.out|.err`.
+//! captured in `.dagrun/logs/STAGE.out|.err`, each created only when the
+//! command writes to that stream (`util::capture`).
 //!
 //! # What the command sees
 //! - Its environment is rebuilt by `util::child_env`: dagrun's environment
@@ -11,9 +12,11 @@
 //!   and the stage's declared `env:` (`PATH` defaults to
 //!   `/usr/local/bin:/usr/bin:/bin` when dagrun has none).
 //! - Param values inside the command string are shell-quoted (`pipeline::shell`).
-//! - The log files are created afresh (an old file, or a planted symlink or
-//!   hard link in its place, is removed first, never written through), mode
-//!   0600, inside a `.dagrun/logs` that must be a real directory.
+//! - The log files are created afresh at the command's first byte on that
+//!   stream (an old file, or a planted symlink or hard link in its place, is
+//!   removed first, never written through), mode 0600, inside a
+//!   `.dagrun/logs` that must be a real directory. A stream the command
+//!   leaves silent has no log (an old one is removed before it starts).
 
 use super::{Declared, KindDecl, RunCtx, RunReport, StageKind};
 use crate::pipeline::Stage;
@@ -84,11 +87,8 @@ impl StageKind for Cmd {
         let cmd = s.cmd.as_deref().context("cmd stage without a command")?;
         let logs_rel = std::path::Path::new(crate::workspace::DAGRUN_DIR).join("logs");
         let logs = crate::util::nofollow::Dir::open_or_create(ctx.workspace, &logs_rel)?;
-        let out_name = format!("{}.out", s.name);
-        let err_name = format!("{}.err", s.name);
-        let err_path = ctx.workspace.join(&logs_rel).join(&err_name);
-        let stdout = logs.create_fresh(&out_name, 0o600)?;
-        let stderr = logs.create_fresh(&err_name, 0o600)?;
+        // Logs only for the streams the command writes to (util::capture).
+        let mut capture = crate::util::capture::Capture::new(logs, &s.name)?;
         // The environment, exactly (util::child_env: inherited minus the
         // denied names, then what dagrun and the stage declare; later wins).
         let mut env: std::collections::BTreeMap<OsString, OsString> = crate::util::child_env::inherited(&s.secrets).into_iter().collect();
@@ -117,22 +117,23 @@ impl StageKind for Cmd {
         // (crypto::harden_process); the command gets the user's limit back.
         let restore_core = || crate::crypto::restore_core_limit_for_child();
         let args = [OsStr::new("/bin/sh"), OsStr::new("-c"), OsStr::new(cmd)];
+        let (stdout, stderr) = capture.child_fds();
         let child = crate::util::spawn::spawn(&crate::util::spawn::Spawn {
             program: std::path::Path::new("/bin/sh"),
             args: &args,
             env: &env,
             cwd: ctx.workspace,
             stdin: stdin.as_raw_fd(),
-            stdout: stdout.as_raw_fd(),
-            stderr: stderr.as_raw_fd(),
+            stdout,
+            stderr,
             pre_exec: Some(&restore_core),
         })
         .context("cannot start /bin/sh")?;
-        drop((stdout, stderr));
+        capture.started();
         let pid = child.pid as u32;
         let start = Instant::now();
         let status = loop {
-            if let Some(st) = child.wait_timeout(Duration::from_millis(100))? {
+            if let Some(st) = capture.wait(&child, Duration::from_millis(100))? {
                 break st;
             }
             let timed_out = ctx.timeout.is_some_and(|t| start.elapsed() >= t);
@@ -144,6 +145,7 @@ impl StageKind for Cmd {
                 }
                 // Children that ignored SIGTERM while the shell exited.
                 kill_group(pid, libc::SIGKILL);
+                let _ = capture.finish();
                 if timed_out {
                     bail!(
                         "timed out after {}s (timeout: {}); the command and its child processes were killed",
@@ -165,6 +167,7 @@ impl StageKind for Cmd {
                     }
                 }
             };
+            let Ok(Some(err_path)) = capture.finish() else { bail!("command failed with {code} (no stderr)") };
             let t = tail(&err_path, 10);
             let shown = err_path.strip_prefix(ctx.workspace).unwrap_or(&err_path).display().to_string();
             if t.is_empty() {
@@ -172,6 +175,7 @@ impl StageKind for Cmd {
             }
             bail!("command failed with {code}; end of stderr ({shown}):\n{t}");
         }
+        capture.finish()?;
         Ok(RunReport::default())
     }
 }

@@ -1,6 +1,7 @@
 //! Small helpers shared by every module.
 pub mod alloc;
 pub mod atomic;
+pub mod capture;
 pub mod child_env;
 pub mod nofollow;
 pub mod par;

@@ -88,6 +88,11 @@ impl Dir {
         Ok(dir)
     }
 
+    /// The directory's descriptor.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+
     /// The directory as shown in messages.
     pub fn path(&self) -> &Path {
         &self.shown

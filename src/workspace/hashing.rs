@@ -111,7 +111,9 @@ pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
         h.update_mmap(path).with_context(|| format!("cannot read {}", path.display()))?;
     } else {
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut buf = vec![0u8; 64 * 1024];
+        // Sized to the file (a zeroed 64 KiB buffer per small input was
+        // most of the cost of hashing it); one read more finds its end.
+        let mut buf = vec![0u8; (len as usize).saturating_add(1).clamp(512, 64 * 1024)];
         loop {
             let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
             if n == 0 {

@@ -145,8 +145,88 @@ pub fn typed<T: DeserializeOwned>(v: Value, file: &str) -> Result<T, RecordError
     })
 }
 
+/// The byte span of the top-level `"mac":"<64 lowercase hex>"` member of a
+/// JSON object written without whitespace, with one separating comma, and
+/// the MAC's hex. `None` when there is no such member (the caller then takes
+/// the general path).
+fn mac_member(b: &[u8]) -> Option<(usize, usize, &[u8])> {
+    if b.first() != Some(&b'{') {
+        return None;
+    }
+    let (mut depth, mut expect_key, mut i) = (0usize, false, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                if depth == 1 && expect_key && b[i..].starts_with(b"\"mac\":\"") {
+                    let (vs, ve) = (i + 7, i + 7 + 64);
+                    let hex = b.get(vs..ve)?;
+                    if b.get(ve) != Some(&b'"') || !hex.iter().all(|h| h.is_ascii_digit() || (b'a'..=b'f').contains(h)) {
+                        return None;
+                    }
+                    let end = ve + 1;
+                    return Some(if b[i - 1] == b',' {
+                        (i - 1, end, hex)
+                    } else if b.get(end) == Some(&b',') {
+                        (i, end + 1, hex)
+                    } else {
+                        (i, end, hex)
+                    });
+                }
+                expect_key = false;
+                // To the closing quote, stepping over escapes.
+                i += 1;
+                loop {
+                    i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+                    if b[i] == b'"' {
+                        break;
+                    }
+                    i += 2;
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                expect_key = depth == 1;
+            }
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b',' if depth == 1 => expect_key = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The common case of [`open`]: a record exactly as dagrun writes it
+/// (compact JSON whose keys are sorted at every level, so that the bytes
+/// without the top-level `"mac"` member *are* the canonical JSON the MAC
+/// covers). The MAC is checked over those bytes, then the record is
+/// deserialized straight from them: no `Value` tree, no re-serialization.
+/// Sound because dagrun MACs only canonical JSON of a record without its
+/// `"mac"`: bytes that verify are such a serialization, and with the member
+/// put back (at the top level, where the scan found it) they parse to that
+/// record plus its MAC. `None` (not an error) for anything else: a
+/// reformatted record, a wrong MAC, a field of the wrong type; the general
+/// path then decides, with its messages.
+fn open_fast<T: DeserializeOwned>(key: &IntegrityKey, domain: &str, bytes: &[u8]) -> Option<T> {
+    let (start, end, hex) = mac_member(bytes)?;
+    let mut canon = Vec::with_capacity(bytes.len());
+    canon.extend_from_slice(&bytes[..start]);
+    canon.extend_from_slice(&bytes[end..]);
+    let stored = blake3::Hash::from_hex(hex).ok()?;
+    // Constant-time compare through blake3::Hash.
+    if key.mac(domain, &canon) != stored {
+        return None;
+    }
+    serde_json::from_slice(bytes).ok()
+}
+
 /// Read and authenticate a record. `file` names it in errors.
 pub fn open<T: DeserializeOwned>(key: Option<&IntegrityKey>, domain: &str, bytes: &[u8], file: &str) -> Result<T, RecordError> {
+    if let Some(k) = key
+        && let Some(rec) = open_fast(k, domain, bytes)
+    {
+        return Ok(rec);
+    }
     let v: Value = serde_json::from_slice(bytes).map_err(|e| RecordError::Unreadable { file: file.to_string(), why: e.to_string() })?;
     let Value::Object(m) = &v else {
         return Err(RecordError::Unreadable { file: file.to_string(), why: "not a JSON object".into() });
@@ -237,5 +317,54 @@ mod tests {
         let b = serde_json::to_vec(&r).unwrap();
         assert!(matches!(open::<R>(Some(&k), STAGE_RECORD, &b, "f"), Err(RecordError::NoMac { .. })));
         assert!(matches!(open::<R>(Some(&k), STAGE_RECORD, b"[1]", "f"), Err(RecordError::Unreadable { .. })));
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Nested {
+        a: std::collections::BTreeMap<String, Value>,
+        mab: String,
+        z: Vec<f64>,
+    }
+
+    #[test]
+    fn records_as_dagrun_writes_them_take_the_fast_path_with_the_same_verdicts() {
+        let k = IntegrityKey::from_bytes([5; 32]);
+        let mut a = std::collections::BTreeMap::new();
+        a.insert("mac".to_string(), serde_json::json!({"mac": "x", "q\"u{1}\\": [1, {"mac": 2}]}));
+        a.insert("b".to_string(), serde_json::json!("\",\"mac\":\""));
+        let r = Nested { a, mab: "é\u{2028}".into(), z: vec![0.1, 1e300, -2.5] };
+        let b = seal(&k, STAGE_RECORD, &r).unwrap();
+        // Written bytes verify over themselves minus the top-level member.
+        assert_eq!(open_fast::<Nested>(&k, STAGE_RECORD, &b), Some(r));
+        let (s, e, _) = mac_member(&b).unwrap();
+        let mut canon = b[..s].to_vec();
+        canon.extend_from_slice(&b[e..]);
+        let mut without: Value = serde_json::from_slice(&b).unwrap();
+        without.as_object_mut().unwrap().remove(MAC_FIELD);
+        assert_eq!(canon, canonical_json(&without).into_bytes());
+        // Reformatted: the general path (still valid); edited: refused by both.
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        let pretty = serde_json::to_vec_pretty(&v).unwrap();
+        assert!(open_fast::<Nested>(&k, STAGE_RECORD, &pretty).is_none());
+        assert!(open::<Nested>(Some(&k), STAGE_RECORD, &pretty, "f").is_ok());
+        let edited = String::from_utf8(b.clone()).unwrap().replace("-2.5", "-3.5");
+        assert_ne!(edited.as_bytes(), &b[..]);
+        assert!(open_fast::<Nested>(&k, STAGE_RECORD, edited.as_bytes()).is_none());
+        assert!(matches!(open::<Nested>(Some(&k), STAGE_RECORD, edited.as_bytes(), "f"), Err(RecordError::BadMac { .. })));
+        // A MAC moved into a nested object is not the record's MAC.
+        let mac = v["mac"].as_str().unwrap().to_string();
+        let mut moved = v.clone();
+        moved.as_object_mut().unwrap().remove("mac");
+        moved["a"]["b"] = serde_json::json!({"mac": mac});
+        assert!(open::<Nested>(Some(&k), STAGE_RECORD, &serde_json::to_vec(&moved).unwrap(), "f").is_err());
+        // The only member, first member, last member.
+        for json in [r#"{"mac":"M"}"#, r#"{"a":1,"mac":"M"}"#, r#"{"mac":"M","z":1}"#] {
+            let canon = json.replace(r#","mac":"M""#, "").replace(r#""mac":"M","#, "").replace(r#""mac":"M""#, "");
+            let m = k.mac(STAGE_RECORD, canon.as_bytes()).to_hex().to_string();
+            let bytes = json.replace('M', &m);
+            let (s, e, hex) = mac_member(bytes.as_bytes()).unwrap();
+            assert_eq!(hex, m.as_bytes());
+            assert_eq!(format!("{}{}", &bytes[..s], &bytes[e..]), canon, "{json}");
+        }
     }
 }
