@@ -313,6 +313,8 @@ impl Engine {
             facts: done.report.facts.clone(),
         };
         self.states.put(&st)?;
+        // The end-of-run fsync batch will flush these; the disk can start now.
+        crate::util::atomic::start_writeback(s.outs.iter().zip(&outs).filter(|(o, _)| !o.sensitive).map(|(_, abs)| abs.clone()).collect());
         self.wrote(outs.iter().cloned().chain([self.states.record_path(&st.stage)]));
         if st.outputs.values().all(|o| o.cached || o.sensitive) {
             self.states.put_action(&st)?;

@@ -15,7 +15,11 @@
 //! under [`defer_sync_of`] its outputs, so their writes skip the per-file
 //! fsync (`Content` becomes `Verified` for those paths only; the same
 //! argument holds, since outputs are trusted only by hash), and plaintext
-//! outputs, deleted when the run ends, are never flushed at all.
+//! outputs, deleted when the run ends, are never flushed at all. So that
+//! batch does not wait for the disk at the end, the engine starts each large
+//! output's writeback as soon as its stage is recorded ([`start_writeback`],
+//! a background thread, never for plaintext): the device writes while later
+//! stages compute, and the batch only confirms.
 //!
 //! Temporary files are named `.NAME.dagrun-tmp.PID.N`; [`is_temp_name`] lets
 //! the engine sweep leftovers of killed runs (they may hold plaintext).
@@ -263,6 +267,55 @@ pub fn sync_files<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
     match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Files smaller than this are left to [`sync_files`] alone: starting
+/// their writeback early saves nothing worth a system call.
+const EARLY_WRITEBACK_MIN: u64 = 1 << 20;
+
+/// Start writing the large files among `paths` (files, or folders: the
+/// files below them) back to disk now, from a background thread, without
+/// waiting for the disk: the run goes on computing while the device writes,
+/// and the end-of-run [`sync_files`] finds little left to flush (it still
+/// flushes everything; this only moves the device's work earlier). Only for
+/// files that will be made durable anyway: never plaintext outputs, which
+/// are deleted at the end of the run and must not be written out at all.
+pub fn start_writeback(paths: Vec<PathBuf>) {
+    use std::sync::OnceLock;
+    use std::sync::mpsc::{Sender, channel};
+    static QUEUE: OnceLock<Option<Sender<Vec<PathBuf>>>> = OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = channel::<Vec<PathBuf>>();
+        std::thread::Builder::new()
+            .name("writeback".into())
+            .spawn(move || {
+                for batch in rx {
+                    let mut todo = batch;
+                    while let Some(p) = todo.pop() {
+                        let Ok(m) = fs::symlink_metadata(&p) else { continue };
+                        if m.is_dir() {
+                            todo.extend(fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+                        } else if m.is_file()
+                            && m.len() >= EARLY_WRITEBACK_MIN
+                            && let Ok(f) = File::open(&p)
+                        {
+                            use std::os::fd::AsRawFd;
+                            // SAFETY: a valid descriptor; starts writeback of
+                            // its dirty pages (may wait for a full device queue:
+                            // this thread only, never a stage).
+                            unsafe {
+                                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                            }
+                        }
+                    }
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(q) = queue {
+        let _ = q.send(paths);
     }
 }
 
