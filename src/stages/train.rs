@@ -65,7 +65,9 @@ impl KindDecl for Train {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: linfa fits a subsample of at most 2,000 rows (was 10,000), which
+        // moves the models' last bits (model::logistic::LINFA_MAX_ROWS).
+        2
     }
     fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
         let p: TrainWith = params::parse(with)?;
