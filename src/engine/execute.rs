@@ -314,7 +314,7 @@ impl Engine {
         };
         self.states.put(&st)?;
         // The end-of-run fsync batch will flush these; the disk can start now.
-        crate::util::atomic::start_writeback(s.outs.iter().zip(&outs).filter(|(o, _)| !o.sensitive).map(|(_, abs)| abs.clone()).collect());
+        crate::util::atomic::start_writeback(self.pipeline.workspace.clone(), s.outs.iter().filter(|o| !o.sensitive).map(|o| PathBuf::from(&o.path)).collect());
         self.wrote(outs.iter().cloned().chain([self.states.record_path(&st.stage)]));
         if st.outputs.values().all(|o| o.cached || o.sensitive) {
             self.states.put_action(&st)?;

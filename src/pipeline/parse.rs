@@ -205,12 +205,12 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             out_owner.insert(&o.path, i);
         }
     }
+    // Every folder above each output is looked up (not only the neighbour in
+    // sorted order: `data-x` sorts between `data` and `data/pii.csv`).
     let mut all_outs: Vec<(&str, usize)> = out_owner.iter().map(|(k, v)| (*k, *v)).collect();
     all_outs.sort();
-    for w in all_outs.windows(2) {
-        let (a, ia) = w[0];
-        let (b, ib) = w[1];
-        if b.starts_with(a) && b.as_bytes().get(a.len()) == Some(&b'/') {
+    for &(b, ib) in &all_outs {
+        if let Some((a, ia)) = b.match_indices('/').find_map(|(pos, _)| out_owner.get(&b[..pos]).map(|&ia| (&b[..pos], ia))) {
             return Err(config(format!(
                 "{}: output {b:?} lies inside output {a:?} of stage `{}`; outputs may not nest",
                 at(&stages[ib].base),

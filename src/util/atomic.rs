@@ -274,40 +274,33 @@ pub fn sync_files<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
 /// their writeback early saves nothing worth a system call.
 const EARLY_WRITEBACK_MIN: u64 = 1 << 20;
 
-/// Start writing the large files among `paths` (files, or folders: the
-/// files below them) back to disk now, from a background thread, without
-/// waiting for the disk: the run goes on computing while the device writes,
-/// and the end-of-run [`sync_files`] finds little left to flush (it still
-/// flushes everything; this only moves the device's work earlier). Only for
-/// files that will be made durable anyway: never plaintext outputs, which
-/// are deleted at the end of the run and must not be written out at all.
-pub fn start_writeback(paths: Vec<PathBuf>) {
+/// Start writing the large files among `rels` (workspace-relative files,
+/// or folders: the files below them) back to disk now, from a background
+/// thread, without waiting for the disk: the run goes on computing while the
+/// device writes, and the end-of-run [`sync_files`] finds little left to
+/// flush (it still flushes everything; this only moves the device's work
+/// earlier). Only for files that will be made durable anyway: never plaintext
+/// outputs, which are deleted at the end of the run and must not be written
+/// out at all. The walk follows no symlink (every component is opened with
+/// `O_NOFOLLOW`, entries first as `O_PATH` and checked with `fstat`): a link
+/// or FIFO a command swaps in while the run goes on is skipped, never
+/// followed to another file (a plaintext one) or opened.
+pub fn start_writeback(root: PathBuf, rels: Vec<PathBuf>) {
     use std::sync::OnceLock;
     use std::sync::mpsc::{Sender, channel};
-    static QUEUE: OnceLock<Option<Sender<Vec<PathBuf>>>> = OnceLock::new();
+    type Job = (PathBuf, Vec<PathBuf>);
+    static QUEUE: OnceLock<Option<Sender<Job>>> = OnceLock::new();
     let queue = QUEUE.get_or_init(|| {
-        let (tx, rx) = channel::<Vec<PathBuf>>();
+        let (tx, rx) = channel::<Job>();
         std::thread::Builder::new()
             .name("writeback".into())
             .spawn(move || {
-                for batch in rx {
-                    let mut todo = batch;
-                    while let Some(p) = todo.pop() {
-                        let Ok(m) = fs::symlink_metadata(&p) else { continue };
-                        if m.is_dir() {
-                            todo.extend(fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
-                        } else if m.is_file()
-                            && m.len() >= EARLY_WRITEBACK_MIN
-                            && let Ok(f) = File::open(&p)
-                        {
-                            use std::os::fd::AsRawFd;
-                            // SAFETY: a valid descriptor; starts writeback of
-                            // its dirty pages (may wait for a full device queue:
-                            // this thread only, never a stage).
-                            unsafe {
-                                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-                            }
-                        }
+                for (root, rels) in rx {
+                    for rel in rels {
+                        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { continue };
+                        let Ok(dir) = crate::util::nofollow::Dir::open(&root, parent) else { continue };
+                        let Ok(name) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name)) else { continue };
+                        writeback_below(dir.as_raw_fd(), &name, 0);
                     }
                 }
             })
@@ -315,7 +308,49 @@ pub fn start_writeback(paths: Vec<PathBuf>) {
             .map(|_| tx)
     });
     if let Some(q) = queue {
-        let _ = q.send(paths);
+        let _ = q.send((root, rels));
+    }
+}
+
+/// [`start_writeback`] of `name` in the directory `dir`: a regular file of at
+/// least [`EARLY_WRITEBACK_MIN`] bytes, or every such file below a folder.
+fn writeback_below(dir: std::os::fd::RawFd, name: &std::ffi::CStr, depth: u32) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a valid directory descriptor and a NUL-terminated name; O_PATH
+    // opens nothing for I/O (no side effect even on a device or FIFO).
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: just returned by openat, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid `stat`; fstat writes it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a pointer to a live `stat`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return;
+    }
+    // The O_PATH descriptor's own inode, reopened through /proc: no path is
+    // resolved again, so nothing swapped in since can be reached.
+    let this = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG if st.st_size as u64 >= EARLY_WRITEBACK_MIN => {
+            if let Ok(f) = File::open(&this) {
+                // SAFETY: a valid descriptor; starts writeback of its dirty
+                // pages (may wait for a full device queue: this thread only).
+                unsafe {
+                    libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                }
+            }
+        }
+        libc::S_IFDIR if depth < 64 => {
+            for e in fs::read_dir(&this).into_iter().flatten().flatten() {
+                if let Ok(n) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(e.file_name().as_os_str())) {
+                    writeback_below(fd.as_raw_fd(), &n, depth + 1);
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -79,6 +79,12 @@ fn two_stages_one_output() {
         &["pipeline.yaml:5:", "stage `b`", "\"x\" is already an output of stage `a`"],
     );
     bad("stages:\n  a:\n    cmd: mkdir -p d\n    outs: [d]\n  b:\n    cmd: echo > d/x\n    outs: [d/x]\n", &["outputs may not nest"]);
+    // Not neighbours in sorted order: `d-x` sorts between `d` and `d/pii.csv`
+    // ('-' < '/'), and the sensitive output inside `d` must still be refused.
+    bad(
+        "stages:\n  a:\n    cmd: mkdir -p d\n    outs: [d, d-x]\n  b:\n    cmd: echo > d/pii.csv\n    outs: [{path: d/pii.csv, sensitive: true}]\n",
+        &["output \"d/pii.csv\" lies inside output \"d\" of stage `a`", "outputs may not nest"],
+    );
 }
 
 #[test]
