@@ -229,7 +229,15 @@ pub fn sync_files<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
             }
             dirs.insert(p.clone());
         } else if m.is_file() {
-            let Ok(f) = File::open(&p) else { continue };
+            // Not through a link or into a FIFO swapped in since the stat
+            // (a FIFO would block the open): O_NOFOLLOW | O_NONBLOCK, and
+            // only what is still a regular file once open.
+            use std::os::unix::fs::OpenOptionsExt;
+            let opened = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&p);
+            let Ok(f) = opened else { continue };
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                continue;
+            }
             // SAFETY: a valid descriptor; starts writeback, waits for nothing.
             unsafe {
                 libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
@@ -241,7 +249,9 @@ pub fn sync_files<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
         }
     }
     for d in &dirs {
-        if let Ok(f) = File::open(d) {
+        // O_DIRECTORY: a FIFO swapped in for a folder fails the open instead of blocking it.
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(f) = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(d) {
             files.push((d.clone(), f));
         }
     }
