@@ -175,7 +175,13 @@ impl StageKind for Train {
         write_atomic(&ctx.outs[1], &eval.to_json_bytes())?;
         // Register the model (the run holds the workspace lock); `promote:
         // auto` (the default) makes it the champion, `manual` leaves the
-        // champion to `dagrun models promote`.
+        // champion to `dagrun models promote`. After the outputs, on purpose:
+        // an output that cannot be written (full disk, immutable folder)
+        // must leave the registry untouched
+        // (`faults::write_into_an_immutable_output_directory_fails_cleanly`).
+        // The price: the registry refusing this version (registered before
+        // with other bytes, i.e. a build that changed a model's bytes without
+        // bumping the kind version) fails the stage after model.json changed.
         let registry = crate::registry::Registry::of_workspace(ctx.workspace);
         registry.register(&bytes, &key)?;
         let promoted = if p.promote == Promote::Auto {
