@@ -51,10 +51,12 @@ pub fn test_mask(tenant: &str, customer_ids: &[i64]) -> Vec<bool> {
 /// single block with flags CHUNK_START | CHUNK_END | ROOT, counter 0 and the
 /// message's length as block length, which is exactly `blake3::hash` of a
 /// message of at most 64 bytes; longer messages are refused (`Batch::new`
-/// returns `None` and callers use the blake3 crate). The lanes are plain
-/// arrays the compiler turns into vector instructions; an AVX2 copy is
-/// chosen at run time where the CPU has it. Tests compare every result with
-/// the blake3 crate.
+/// returns `None` and callers use the blake3 crate). Three copies of the
+/// compression: AVX-512 (16 lanes in one register per state word) and AVX2
+/// (two halves of 8), chosen at run time where the CPU has them, and the
+/// scalar reference, one lane at a time. The two vector copies differ in
+/// their intrinsics (AVX2 has no 32-bit rotate), not in their rounds. Tests
+/// compare every result with the blake3 crate.
 mod one_block {
     pub const LANES: usize = 16;
     type Lanes = [u32; LANES];

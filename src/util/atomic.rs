@@ -309,7 +309,7 @@ pub fn start_writeback(root: PathBuf, rels: Vec<PathBuf>) {
                     for rel in rels {
                         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { continue };
                         let Ok(dir) = crate::util::nofollow::Dir::open(&root, parent) else { continue };
-                        let Ok(name) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name)) else { continue };
+                        let Ok(name) = crate::util::nofollow::cstr(name) else { continue };
                         writeback_below(dir.as_raw_fd(), &name, 0);
                     }
                 }
@@ -355,7 +355,7 @@ fn writeback_below(dir: std::os::fd::RawFd, name: &std::ffi::CStr, depth: u32) {
         }
         libc::S_IFDIR if depth < 64 => {
             for e in fs::read_dir(&this).into_iter().flatten().flatten() {
-                if let Ok(n) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(e.file_name().as_os_str())) {
+                if let Ok(n) = crate::util::nofollow::cstr(&e.file_name()) {
                     writeback_below(fd.as_raw_fd(), &n, depth + 1);
                 }
             }

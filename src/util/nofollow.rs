@@ -28,7 +28,8 @@ pub struct Dir {
     shown: PathBuf,
 }
 
-fn cstr(name: &std::ffi::OsStr) -> Result<CString> {
+/// `name` as a C string (for `openat` and friends); a NUL byte is an error.
+pub(crate) fn cstr(name: &std::ffi::OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| anyhow!("a path component holds a NUL byte"))
 }
 
