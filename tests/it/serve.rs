@@ -465,7 +465,12 @@ fn auth_matrix_identical_scores_validation_limits_metrics_audit() {
     )
     .unwrap();
     for _ in 0..3 {
-        write!(st, "{:x}\r\n{}\r\n", 100_000, " ".repeat(100_000)).unwrap();
+        // The server may answer 413 and close as soon as the body passes the
+        // limit, before the last chunk is sent: then writing fails (broken
+        // pipe) and the answer is read below.
+        if write!(st, "{:x}\r\n{}\r\n", 100_000, " ".repeat(100_000)).is_err() {
+            break;
+        }
     }
     st.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 413");
