@@ -26,7 +26,7 @@
 use super::Engine;
 use super::observer::RunObserver;
 use super::runs::{RunRecord, RunStatus, StageRecord, Status};
-use crate::lineage::event::{self, EventType, Facets, Field, Job, Run, RunEvent, json_of, push_json};
+use crate::lineage::event::{self, EventType, Facets, Field, Job, Run, RunEvent, json_of, push_json, push_str_json};
 use crate::lineage::recover::{self, OpenRuns};
 use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
 use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
@@ -34,8 +34,8 @@ use anyhow::Result;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{LazyLock, Mutex};
 
 /// Tenant segment of datasets no single tenant owns.
 pub const SHARED: &str = "_shared";
@@ -72,8 +72,9 @@ pub struct OpenLineage {
     closed_killed: Vec<(String, usize)>,
     /// This run is marked open (at its first event that opens a run in the file).
     marked: std::sync::atomic::AtomicBool,
-    /// Events held back: their loss leaves no run open (see [`OpenLineage::hold`]).
-    held: Mutex<Vec<String>>,
+    /// Events held back, each line ending in a newline, and their count:
+    /// their loss leaves no run open (see [`OpenLineage::hold`]).
+    held: Mutex<(String, usize)>,
     /// Stages started whose `START` is not out yet: its time.
     starts: Mutex<HashMap<usize, String>>,
     namespace: String,
@@ -85,6 +86,8 @@ pub struct OpenLineage {
     /// The parts of a stage's events that do not change during the run,
     /// serialized once (see [`OpenLineage::stage_line`]).
     parent_json: String,
+    /// `,"producer":…,"schemaURL":…}`: the end of every event line.
+    tail_json: String,
     stage_parts: Vec<StageParts>,
     schemas: Mutex<HashMap<(String, String), Option<Vec<Field>>>>,
     /// Content hash of every path written (or read from the sources) so far in
@@ -95,6 +98,8 @@ pub struct OpenLineage {
 /// A stage's event parts that are the same in every event of the run, as JSON.
 struct StageParts {
     run_id: String,
+    /// The `dagrun` run facet of the stage's `START` event.
+    start_dagrun: String,
     /// `executionParameters` run facet, when the stage has parameters.
     params: Option<String>,
     /// The whole `job` object.
@@ -137,36 +142,48 @@ impl StageParts {
         job.push_str(task_job_type);
         job.push_str("}}");
         debug_assert_eq!(serde_json::from_str::<Job>(&job).ok().and_then(|j| serde_json::to_string(&j).ok()).as_deref(), Some(job.as_str()));
-        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name), params, job }
+        let mut start_dagrun = dagrun_facet_head();
+        push_key(&mut start_dagrun, "dagrunRunId");
+        push_str_json(&mut start_dagrun, &engine.run_id);
+        push_key(&mut start_dagrun, "kind");
+        push_str_json(&mut start_dagrun, s.kind.name());
+        push_key(&mut start_dagrun, "stage");
+        push_str_json(&mut start_dagrun, &s.name);
+        start_dagrun.push('}');
+        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name), start_dagrun, params, job }
     }
 }
 
-/// The `dagrun` run facet of a stage event as JSON: `_producer`,
-/// `_schemaURL`, then `fields` (JSON values), which the caller gives in key
-/// order.
-fn dagrun_facet_json(fields: &[(&str, String)]) -> String {
-    let mut b = String::with_capacity(300);
-    b.push_str("{\"_producer\":");
-    push_json(&mut b, event::PRODUCER);
-    b.push_str(",\"_schemaURL\":");
-    push_json(&mut b, &event::dagrun_facet_schema());
-    for (k, v) in fields {
-        b.push(',');
-        push_json(&mut b, k);
-        b.push(':');
-        b.push_str(v);
-    }
-    b.push('}');
+/// The start of a stage event's `dagrun` run facet as JSON: `{`, `_producer`
+/// and `_schemaURL`; the caller adds the other fields in key order
+/// ([`push_key`] + value) and the closing `}`.
+fn dagrun_facet_head() -> String {
+    static HEAD: LazyLock<String> = LazyLock::new(|| {
+        let mut b = String::from("{\"_producer\":");
+        push_str_json(&mut b, event::PRODUCER);
+        b.push_str(",\"_schemaURL\":");
+        push_str_json(&mut b, &event::dagrun_facet_schema());
+        b
+    });
+    let mut b = String::with_capacity(400);
+    b.push_str(&HEAD);
     b
+}
+
+/// `,"KEY":` (an object member after the first, its value to follow).
+fn push_key(b: &mut String, key: &str) {
+    b.push(',');
+    push_str_json(b, key);
+    b.push(':');
 }
 
 /// `{"namespace":"BASE+TENANT","name":"PATH"` (the object left open for its facets).
 fn dataset_head(base: &str, tenant: &str, path: &str) -> String {
     let mut b = String::with_capacity(base.len() + tenant.len() + path.len() + 32);
     b.push_str("{\"namespace\":");
-    push_json(&mut b, &format!("{base}{tenant}"));
+    push_str_json(&mut b, &format!("{base}{tenant}"));
     b.push_str(",\"name\":");
-    push_json(&mut b, path);
+    push_str_json(&mut b, path);
     b
 }
 
@@ -227,6 +244,11 @@ impl OpenLineage {
         );
         let parent_json = json_of(&event::parent_facet(&pipeline_run, &namespace, &pipeline_job));
         let task_job_type = json_of(&event::job_type_facet("TASK"));
+        let mut tail_json = String::from(",\"producer\":");
+        push_str_json(&mut tail_json, event::PRODUCER);
+        tail_json.push_str(",\"schemaURL\":");
+        push_str_json(&mut tail_json, event::RUN_EVENT_SCHEMA);
+        tail_json.push('}');
         let stage_parts = (0..p.stages.len()).map(|i| StageParts::new(engine, i, &namespace, &pipeline_job, start_ms, &task_job_type)).collect();
         let closed_killed = closed.into_iter().filter(|c| !c.lines.is_empty()).map(|c| (c.run_id, c.lines.len())).collect();
         let (http, parked) = match lineage_url {
@@ -247,7 +269,7 @@ impl OpenLineage {
             run_id: engine.run_id.clone(),
             closed_killed,
             marked: std::sync::atomic::AtomicBool::new(false),
-            held: Mutex::new(Vec::new()),
+            held: Mutex::new((String::new(), 0)),
             starts: Mutex::new(HashMap::new()),
             dataset_base: format!("{namespace}/"),
             namespace,
@@ -255,6 +277,7 @@ impl OpenLineage {
             pipeline_run,
             dataset_heads,
             parent_json,
+            tail_json,
             stage_parts,
             schemas: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
@@ -266,9 +289,11 @@ impl OpenLineage {
     /// no work (cached, restored, or failed before running). A crash that
     /// loses them leaves no run open anywhere (they reached neither the file
     /// nor the endpoint), and a no-op run writes its file once.
-    fn hold(&self, lines: impl IntoIterator<Item = String>) {
+    /// `lines`: `n` whole event lines, each ending in a newline.
+    fn hold(&self, lines: &str, n: usize) {
         let mut h = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        h.extend(lines);
+        h.0.push_str(lines);
+        h.1 += n;
     }
 
     /// Send the held events and `events`, in order: to the file (one write)
@@ -281,25 +306,29 @@ impl OpenLineage {
         {
             tracing::warn!("if this run is killed, its OpenLineage runs will not be closed: {e:#}");
         }
-        let mut lines = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
-        lines.extend(events);
-        self.file.write_lines(&lines);
+        let (mut text, mut n) = std::mem::take(&mut *self.held.lock().unwrap_or_else(|e| e.into_inner()));
+        for e in events {
+            text.push_str(&e);
+            text.push('\n');
+            n += 1;
+        }
         if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            for l in lines {
-                h.send(l);
+            // Event lines are compact JSON: a newline only ends one.
+            for l in text.lines() {
+                h.send(l.to_string());
             }
         }
+        self.file.write_text(text, n);
     }
 
-    fn start_line(&self, engine: &Engine, i: usize, time: &str) -> String {
-        let s = engine.stage(i);
-        let d = dagrun_facet_json(&[("dagrunRunId", json_of(&engine.run_id)), ("kind", json_of(s.kind.name())), ("stage", json_of(&s.name))]);
+    /// A stage's `START` event line, appended to `b`.
+    fn start_line(&self, b: &mut String, engine: &Engine, i: usize, time: &str) {
         let none = |_: &str| None;
-        self.stage_line(engine, i, EventType::Start, time, &d, None, &none, &none)
+        self.stage_line(b, engine, i, EventType::Start, time, &self.stage_parts[i].start_dagrun, None, &none, &none)
     }
 
-    /// One stage event as a JSON line, written straight into one buffer from
-    /// the parts serialized once per run. The bytes are what serializing the
+    /// One stage event as a JSON line (no newline), appended to `b` from the
+    /// parts serialized once per run. The bytes are what serializing the
     /// [`RunEvent`] would give (keys in the same order: struct fields in
     /// declaration order, facets sorted by key); debug builds check that on
     /// every line by parsing it back into a `RunEvent` and serializing that.
@@ -307,6 +336,7 @@ impl OpenLineage {
     #[allow(clippy::too_many_arguments)]
     fn stage_line(
         &self,
+        b: &mut String,
         engine: &Engine,
         i: usize,
         event_type: EventType,
@@ -315,23 +345,27 @@ impl OpenLineage {
         error: Option<&Value>,
         input_hash: &dyn Fn(&str) -> Option<String>,
         output_hash: &dyn Fn(&str) -> Option<String>,
-    ) -> String {
+    ) {
         let s = engine.stage(i);
         let parts = &self.stage_parts[i];
         let ws = &engine.pipeline.workspace;
-        let mut b = String::with_capacity(2048);
-        b.push_str("{\"eventType\":");
-        push_json(&mut b, &event_type);
+        let line_start = b.len();
+        b.push_str(match event_type {
+            EventType::Start => "{\"eventType\":\"START\"",
+            EventType::Complete => "{\"eventType\":\"COMPLETE\"",
+            EventType::Fail => "{\"eventType\":\"FAIL\"",
+            EventType::Abort => "{\"eventType\":\"ABORT\"",
+        });
         b.push_str(",\"eventTime\":");
-        push_json(&mut b, time);
+        push_str_json(b, time);
         b.push_str(",\"run\":{\"runId\":");
-        push_json(&mut b, &parts.run_id);
+        push_str_json(b, &parts.run_id);
         // Run facets, sorted: dagrun, errorMessage, executionParameters, parent.
         b.push_str(",\"facets\":{\"dagrun\":");
         b.push_str(dagrun);
         if let Some(e) = error {
             b.push_str(",\"errorMessage\":");
-            push_json(&mut b, e);
+            push_json(b, e);
         }
         if let Some(p) = &parts.params {
             b.push_str(",\"executionParameters\":");
@@ -346,22 +380,19 @@ impl OpenLineage {
             if k > 0 {
                 b.push(',');
             }
-            self.push_dataset(&mut b, ws, d, input_hash(d).as_deref());
+            self.push_dataset(b, ws, d, input_hash(d).as_deref());
         }
         b.push_str("],\"outputs\":[");
         for (k, o) in s.outs.iter().enumerate() {
             if k > 0 {
                 b.push(',');
             }
-            self.push_dataset(&mut b, ws, &o.path, output_hash(&o.path).as_deref());
+            self.push_dataset(b, ws, &o.path, output_hash(&o.path).as_deref());
         }
-        b.push_str("],\"producer\":");
-        push_json(&mut b, event::PRODUCER);
-        b.push_str(",\"schemaURL\":");
-        push_json(&mut b, event::RUN_EVENT_SCHEMA);
-        b.push('}');
-        debug_assert_eq!(serde_json::from_str::<RunEvent>(&b).map(|e| e.to_line()).as_deref().ok(), Some(b.as_str()), "stage_line is not canonical");
-        b
+        b.push(']');
+        b.push_str(&self.tail_json);
+        let line = &b[line_start..];
+        debug_assert_eq!(serde_json::from_str::<RunEvent>(line).map(|e| e.to_line()).as_deref().ok(), Some(line), "stage_line is not canonical");
     }
 
     /// A dataset object: namespace, name, and the facets `schema` (a Parquet
@@ -437,7 +468,9 @@ impl OpenLineage {
 impl RunObserver for OpenLineage {
     fn run_started(&self, engine: &Engine) {
         let e = RunEvent::new(EventType::Start, event::now(), self.pipeline_run_value(engine, json!({})), self.pipeline_job_value(engine));
-        self.hold([e.to_line()]);
+        let mut line = e.to_line();
+        line.push('\n');
+        self.hold(&line, 1);
     }
 
     fn stage_started(&self, _engine: &Engine, i: usize) {
@@ -447,7 +480,8 @@ impl RunObserver for OpenLineage {
 
     fn stage_working(&self, engine: &Engine, i: usize) {
         let Some(t) = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i) else { return };
-        let e = self.start_line(engine, i, &t);
+        let mut e = String::with_capacity(2048);
+        self.start_line(&mut e, engine, i, &t);
         self.emit([e], true);
     }
 
@@ -460,23 +494,33 @@ impl RunObserver for OpenLineage {
             Status::Failed | Status::Skipped => EventType::Abort,
         };
         // Keys in order.
-        let mut fields: Vec<(&str, String)> = Vec::with_capacity(9);
+        let mut dagrun = dagrun_facet_head();
+        let d = &mut dagrun;
         if let Some(k) = &rec.key {
-            fields.push(("cacheKey", json_of(k)));
+            push_key(d, "cacheKey");
+            push_str_json(d, k);
         }
-        fields.push(("dagrunRunId", json_of(&engine.run_id)));
-        fields.push(("kind", json_of(s.kind.name())));
+        push_key(d, "dagrunRunId");
+        push_str_json(d, &engine.run_id);
+        push_key(d, "kind");
+        push_str_json(d, s.kind.name());
         if let Some(c) = rec.outputs_changed {
-            fields.push(("outputsChanged", json_of(&c)));
+            push_key(d, "outputsChanged");
+            d.push_str(if c { "true" } else { "false" });
         }
         if !rec.reasons.is_empty() {
-            fields.push(("reasons", json_of(&rec.reasons)));
+            push_key(d, "reasons");
+            push_json(d, &rec.reasons);
         }
-        fields.push(("seconds", json_of(&json!(rec.seconds))));
-        fields.push(("stage", json_of(&s.name)));
-        fields.push(("status", json_of(rec.status.as_str())));
-        fields.push(("workDone", json_of(&(rec.status == Status::Ran))));
-        let dagrun = dagrun_facet_json(&fields);
+        push_key(d, "seconds");
+        push_json(d, &json!(rec.seconds));
+        push_key(d, "stage");
+        push_str_json(d, &s.name);
+        push_key(d, "status");
+        push_str_json(d, rec.status.as_str());
+        push_key(d, "workDone");
+        d.push_str(if rec.status == Status::Ran { "true" } else { "false" });
+        d.push('}');
         let error = (event_type != EventType::Complete).then(|| {
             let msg = rec.error.clone().unwrap_or_else(|| if interrupted { "run interrupted".into() } else { "stage failed".into() });
             event::error_message_facet(&format!("stage {} failed: {msg}", s.name))
@@ -507,15 +551,21 @@ impl RunObserver for OpenLineage {
         }
         let input_hash = |d: &str| inputs.get(d).cloned();
         let output_hash = |o: &str| if event_type == EventType::Complete { rec.outputs.get(o).cloned() } else { None };
-        let e = self.stage_line(engine, i, event_type, &event::now(), &dagrun, error.as_ref(), &input_hash, &output_hash);
         let start = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
+        let mut lines = String::with_capacity(4096);
         match start {
             // No work was started: both events together, held back.
             Some(t) => {
-                let s = self.start_line(engine, i, &t);
-                self.hold([s, e]);
+                self.start_line(&mut lines, engine, i, &t);
+                lines.push('\n');
+                self.stage_line(&mut lines, engine, i, event_type, &event::now(), &dagrun, error.as_ref(), &input_hash, &output_hash);
+                lines.push('\n');
+                self.hold(&lines, 2);
             }
-            None => self.emit([e], false),
+            None => {
+                self.stage_line(&mut lines, engine, i, event_type, &event::now(), &dagrun, error.as_ref(), &input_hash, &output_hash);
+                self.emit([lines], false);
+            }
         }
     }
 

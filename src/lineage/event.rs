@@ -26,6 +26,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 /// `schemaURL` of every event dagrun emits.
 pub const RUN_EVENT_SCHEMA: &str = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent";
@@ -207,12 +208,16 @@ pub const VERSION_FACET_SCHEMA: &str = "https://openlineage.io/spec/facets/1-0-1
 /// [`version_facet`] as JSON, written straight into `buf` (the same bytes
 /// as serializing the value: keys sorted, `_producer` and `_schemaURL` first).
 pub fn push_version_facet(buf: &mut String, blake3: &str) {
-    buf.push_str("{\"_producer\":");
-    push_json(buf, PRODUCER);
-    buf.push_str(",\"_schemaURL\":");
-    push_json(buf, VERSION_FACET_SCHEMA);
-    buf.push_str(",\"datasetVersion\":");
-    push_json(buf, blake3);
+    static HEAD: LazyLock<String> = LazyLock::new(|| {
+        let mut b = String::from("{\"_producer\":");
+        push_str_json(&mut b, PRODUCER);
+        b.push_str(",\"_schemaURL\":");
+        push_str_json(&mut b, VERSION_FACET_SCHEMA);
+        b.push_str(",\"datasetVersion\":");
+        b
+    });
+    buf.push_str(&HEAD);
+    push_str_json(buf, blake3);
     buf.push('}');
 }
 
@@ -221,6 +226,42 @@ pub fn push_version_facet(buf: &mut String, blake3: &str) {
 /// build event lines by hand.
 pub fn push_json<T: Serialize + ?Sized>(buf: &mut String, v: &T) {
     buf.push_str(&json_of(v));
+}
+
+/// `s` as a JSON string, appended to `buf`: quoted and escaped byte for byte
+/// as serde_json escapes it (`"` and `\`, the short escapes `\b \f \n \r
+/// \t`, other control characters as `\u00xx`; nothing else), without the
+/// allocation [`push_json`] makes. Event lines are built from hundreds of
+/// these per stage.
+pub fn push_str_json(buf: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    buf.push('"');
+    let mut start = 0;
+    for (i, &c) in s.as_bytes().iter().enumerate() {
+        let short = match c {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        // `c` is ASCII, so `i` and `i + 1` are char boundaries.
+        buf.push_str(&s[start..i]);
+        if short.is_empty() {
+            buf.push_str("\\u00");
+            buf.push(HEX[(c >> 4) as usize] as char);
+            buf.push(HEX[(c & 0xf) as usize] as char);
+        } else {
+            buf.push_str(short);
+        }
+        start = i + 1;
+    }
+    buf.push_str(&s[start..]);
+    buf.push('"');
 }
 
 /// `v` as compact JSON (see [`push_json`]).
@@ -280,6 +321,17 @@ mod tests {
             let mut b = String::new();
             push_version_facet(&mut b, h);
             assert_eq!(b, serde_json::to_string(&version_facet(h)).unwrap());
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut all: String = (0u8..0x80).map(char::from).collect();
+        all.push_str("é€😀\u{2028}\u{7f}/");
+        for s in [all.as_str(), "", "plain", "\"", "\\", "a\u{0}b\u{1f}c\u{1b}[0m", "x\ny\rz\tw\u{8}\u{c}"] {
+            let mut b = String::from("pre");
+            push_str_json(&mut b, s);
+            assert_eq!(b, format!("pre{}", serde_json::to_string(s).unwrap()), "{s:?}");
         }
     }
 

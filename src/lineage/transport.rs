@@ -9,7 +9,7 @@
 //!   unfinished last line is cut off when the file is next opened). Not
 //!   fsynced: the run record is the durable account of a run, and the file
 //!   of a run killed with the machine may lose its last lines.
-//!   Several lines can go in one write ([`FileSink::write_lines`]): the
+//!   Several lines can go in one write ([`FileSink::write_text`]): the
 //!   emitter holds back events whose loss leaves no run open (see
 //!   `engine::openlineage`), so a no-op run writes its file once.
 //! - [`HttpSink`] POSTs each event (JSON body) to `URL/api/v1/lineage` from
@@ -73,17 +73,20 @@ impl FileSink {
         }
     }
 
-    /// Append one event line.
-    pub fn write(&self, line: &str) {
-        self.write_lines(std::slice::from_ref(&line));
-    }
-
-    /// Append lines in one `write` (a line
-    /// is never interleaved with another); a write that fails half way is cut
-    /// back to the last whole line. Never fsynced.
-    pub fn write_lines<S: AsRef<str>>(&self, lines: &[S]) {
+    /// Append `n` whole lines given as one text (each line ending in a
+    /// newline) in one `write` (a line is never interleaved with another;
+    /// the text is written as it is, not copied); a write that fails half
+    /// way is cut back to the last whole line. Never fsynced.
+    pub fn write_text(&self, text: String, n: usize) {
+        debug_assert!(text.is_empty() || text.ends_with('\n'));
+        debug_assert_eq!(text.bytes().filter(|&c| c == b'\n').count(), n);
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        push_lines(&mut g, lines);
+        if g.deferred.is_empty() {
+            g.deferred = text.into_bytes();
+        } else {
+            g.deferred.extend_from_slice(text.as_bytes());
+        }
+        g.deferred_n += n;
         self.flush_locked(&mut g);
     }
 
@@ -139,14 +142,6 @@ impl FileSink {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-fn push_lines<S: AsRef<str>>(g: &mut FileInner, lines: &[S]) {
-    for l in lines {
-        g.deferred.extend_from_slice(l.as_ref().as_bytes());
-        g.deferred.push(b'\n');
-    }
-    g.deferred_n += lines.len();
 }
 
 /// Open `path` for appending (created with its parent folder when missing).
