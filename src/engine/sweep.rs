@@ -40,7 +40,7 @@ impl Engine {
         }
         paths.sort();
         paths.dedup();
-        if let Err(e) = crate::util::atomic::sync_files(&paths) {
+        if let Err(e) = crate::util::atomic::sync_files(&self.pipeline.workspace, &paths) {
             tracing::error!("{e:#}: what this run wrote may not survive a power cut (the next run checks every record and output it uses)");
         }
     }

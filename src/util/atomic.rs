@@ -209,51 +209,50 @@ pub fn sync_parent(path: &Path) {
     }
 }
 
-/// Make `paths` durable in one batch: writeback of every file is started
-/// first (`sync_file_range`), then every file and every distinct parent
-/// folder (so renames into them last too) is fsynced, from up to 16 threads
-/// at once: a journalling file system groups concurrent fsyncs into a few
-/// commits, so the batch costs a few fsyncs, not one per file, and unlike
-/// `syncfs` it never waits for other programs' writes. A folder in `paths` is
-/// synced with everything below it. Paths that no longer exist are skipped.
-pub fn sync_files<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut files: Vec<(PathBuf, File)> = Vec::new();
-    let mut dirs: std::collections::BTreeSet<PathBuf> = std::collections::BTreeSet::new();
-    let mut todo: Vec<PathBuf> = paths.iter().map(|p| p.as_ref().to_path_buf()).collect();
-    while let Some(p) = todo.pop() {
-        let Ok(m) = fs::symlink_metadata(&p) else { continue };
-        if m.is_dir() {
-            if let Ok(rd) = fs::read_dir(&p) {
-                todo.extend(rd.flatten().map(|e| e.path()));
-            }
-            dirs.insert(p.clone());
-        } else if m.is_file() {
-            // Not through a link or into a FIFO swapped in since the stat
-            // (a FIFO would block the open): O_NOFOLLOW | O_NONBLOCK, and
-            // only what is still a regular file once open.
-            use std::os::unix::fs::OpenOptionsExt;
-            let opened = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&p);
-            let Ok(f) = opened else { continue };
-            if !f.metadata().is_ok_and(|m| m.is_file()) {
-                continue;
-            }
-            // SAFETY: a valid descriptor; starts writeback, waits for nothing.
-            unsafe {
-                libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-            }
-            files.push((p.clone(), f));
-        }
-        if let Some(parent) = p.parent() {
-            dirs.insert(parent.to_path_buf());
+/// Make `paths` (files or folders below `root`) durable in one batch:
+/// writeback of every file is started first (`sync_file_range`), then every
+/// file and every distinct parent folder (so renames into them last too) is
+/// fsynced, from up to 16 threads at once: a journalling file system groups
+/// concurrent fsyncs into a few commits, so the batch costs a few fsyncs, not
+/// one per file, and unlike `syncfs` it never waits for other programs'
+/// writes. A folder in `paths` is synced with everything below it. Paths that
+/// no longer exist are skipped. Below `root` the walk follows no symlink
+/// ([`walk_nofollow`]): a link or FIFO swapped in by a command is neither
+/// followed (to a plaintext file, say) nor opened; `root` itself, and a
+/// path outside it, is reached as the user named it.
+pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
+    // By folder: each is opened once (and fsynced once, after its entries).
+    let mut by_dir: std::collections::BTreeMap<(&Path, &Path), Vec<&std::ffi::OsStr>> = std::collections::BTreeMap::new();
+    for p in paths {
+        let p = p.as_ref();
+        let (base, rel) = match p.strip_prefix(root) {
+            Ok(rel) if !rel.as_os_str().is_empty() => (root, rel),
+            _ => match (p.parent(), p.file_name()) {
+                (Some(dir), Some(name)) => (dir, Path::new(name)),
+                _ => continue,
+            },
+        };
+        if let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) {
+            by_dir.entry((base, parent)).or_default().push(name);
         }
     }
-    for d in &dirs {
-        // O_DIRECTORY: a FIFO swapped in for a folder fails the open instead of blocking it.
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Ok(f) = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(d) {
-            files.push((d.clone(), f));
+    let mut files: Vec<(PathBuf, File)> = Vec::new();
+    for ((base, parent), names) in by_dir {
+        let Ok(dir) = crate::util::nofollow::Dir::open(base, parent) else { continue };
+        let shown = base.join(parent);
+        for name in names {
+            let Ok(cname) = crate::util::nofollow::cstr(name) else { continue };
+            walk_nofollow(dir.as_raw_fd(), &cname, &shown.join(name), 0, &|_| true, true, &mut |path, f, is_dir| {
+                if !is_dir {
+                    // SAFETY: a valid descriptor; starts writeback, waits for nothing.
+                    unsafe {
+                        libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                    }
+                }
+                files.push((path, f));
+            });
         }
+        files.push((shown, dir.into_file()));
     }
     // fsyncs issued together share journal commits (a file's commit often
     // carries the others'): from a few threads at once, not one after another.
@@ -277,6 +276,62 @@ pub fn sync_files<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
     match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Visit `name` in the directory `dir` (shown as `shown`) and, for a folder,
+/// everything below it (at most 64 levels), without following a symlink
+/// anywhere: each entry is opened first as `O_PATH | O_NOFOLLOW` (which opens
+/// nothing for I/O: no side effect even on a device or FIFO) and checked with
+/// `fstat`; a regular file for which `want_file(size)` holds, and every
+/// folder, is then reopened read-only through `/proc/self/fd` (the
+/// descriptor's own inode: no path is resolved again, so nothing swapped in
+/// since can be reached) and handed to `visit` with its path and whether it
+/// is a folder (folders only with `want_dirs`, after what is below them);
+/// anything else (a link, a FIFO, a device, a socket) is skipped. The shared
+/// walk of [`sync_files`] and [`start_writeback`].
+fn walk_nofollow(
+    dir: std::os::fd::RawFd,
+    name: &std::ffi::CStr,
+    shown: &Path,
+    depth: u32,
+    want_file: &dyn Fn(u64) -> bool,
+    want_dirs: bool,
+    visit: &mut dyn FnMut(PathBuf, File, bool),
+) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a valid directory descriptor and a NUL-terminated name; O_PATH
+    // opens nothing for I/O.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: just returned by openat, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero is a valid `stat`; fstat writes it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a pointer to a live `stat`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return;
+    }
+    let this = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG if want_file(st.st_size as u64) => {
+            if let Ok(f) = File::open(&this) {
+                visit(shown.to_path_buf(), f, false);
+            }
+        }
+        libc::S_IFDIR if depth < 64 => {
+            for e in fs::read_dir(&this).into_iter().flatten().flatten() {
+                if let Ok(n) = crate::util::nofollow::cstr(&e.file_name()) {
+                    walk_nofollow(fd.as_raw_fd(), &n, &shown.join(e.file_name()), depth + 1, want_file, want_dirs, visit);
+                }
+            }
+            if want_dirs && let Ok(f) = File::open(&this) {
+                visit(shown.to_path_buf(), f, true);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -310,7 +365,13 @@ pub fn start_writeback(root: PathBuf, rels: Vec<PathBuf>) {
                         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { continue };
                         let Ok(dir) = crate::util::nofollow::Dir::open(&root, parent) else { continue };
                         let Ok(name) = crate::util::nofollow::cstr(name) else { continue };
-                        writeback_below(dir.as_raw_fd(), &name, 0);
+                        walk_nofollow(dir.as_raw_fd(), &name, &root.join(&rel), 0, &|size| size >= EARLY_WRITEBACK_MIN, false, &mut |_, f, _| {
+                            // SAFETY: a valid descriptor; starts writeback of its dirty
+                            // pages (may wait for a full device queue: this thread only).
+                            unsafe {
+                                libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+                            }
+                        });
                     }
                 }
             })
@@ -319,48 +380,6 @@ pub fn start_writeback(root: PathBuf, rels: Vec<PathBuf>) {
     });
     if let Some(q) = queue {
         let _ = q.send((root, rels));
-    }
-}
-
-/// [`start_writeback`] of `name` in the directory `dir`: a regular file of at
-/// least [`EARLY_WRITEBACK_MIN`] bytes, or every such file below a folder.
-fn writeback_below(dir: std::os::fd::RawFd, name: &std::ffi::CStr, depth: u32) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: a valid directory descriptor and a NUL-terminated name; O_PATH
-    // opens nothing for I/O (no side effect even on a device or FIFO).
-    let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: just returned by openat, owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all-zero is a valid `stat`; fstat writes it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and a pointer to a live `stat`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return;
-    }
-    // The O_PATH descriptor's own inode, reopened through /proc: no path is
-    // resolved again, so nothing swapped in since can be reached.
-    let this = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG if st.st_size as u64 >= EARLY_WRITEBACK_MIN => {
-            if let Ok(f) = File::open(&this) {
-                // SAFETY: a valid descriptor; starts writeback of its dirty
-                // pages (may wait for a full device queue: this thread only).
-                unsafe {
-                    libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-                }
-            }
-        }
-        libc::S_IFDIR if depth < 64 => {
-            for e in fs::read_dir(&this).into_iter().flatten().flatten() {
-                if let Ok(n) = crate::util::nofollow::cstr(&e.file_name()) {
-                    writeback_below(fd.as_raw_fd(), &n, depth + 1);
-                }
-            }
-        }
-        _ => {}
     }
 }
 
@@ -471,8 +490,40 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
         }
-        sync_files(&[f, dir.path().join("d"), ro, dir.path().join("missing")]).unwrap();
-        sync_files::<PathBuf>(&[]).unwrap();
+        sync_files(dir.path(), &[f, dir.path().join("d"), ro, dir.path().join("missing")]).unwrap();
+        sync_files::<PathBuf>(dir.path(), &[]).unwrap();
+    }
+
+    #[test]
+    fn the_walk_follows_no_link_and_opens_no_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        fs::create_dir_all(out.join("sub")).unwrap();
+        fs::write(out.join("a"), b"a").unwrap();
+        fs::write(out.join("sub/b"), b"b").unwrap();
+        // Plaintext elsewhere, reachable only through links.
+        fs::create_dir(dir.path().join("plain")).unwrap();
+        fs::write(dir.path().join("plain/pii.csv"), b"secret").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("plain/pii.csv"), out.join("link")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("plain"), out.join("dirlink")).unwrap();
+        let fifo = crate::util::nofollow::cstr(out.join("fifo").as_os_str()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let root = crate::util::nofollow::Dir::open(dir.path(), Path::new("")).unwrap();
+        let walk = |want_dirs: bool, min: u64| {
+            let mut seen = Vec::new();
+            walk_nofollow(root.as_raw_fd(), c"out", &out, 0, &|size| size >= min, want_dirs, &mut |p, _, is_dir| {
+                seen.push((p.strip_prefix(dir.path()).unwrap().to_path_buf(), is_dir))
+            });
+            seen.sort();
+            seen
+        };
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(walk(true, 0), vec![(p("out"), true), (p("out/a"), false), (p("out/sub"), true), (p("out/sub/b"), false)]);
+        assert_eq!(walk(false, 0), vec![(p("out/a"), false), (p("out/sub/b"), false)]);
+        assert_eq!(walk(false, 2), vec![]);
+        // A folder on the way that is a link: nothing below it is reached.
+        sync_files(dir.path(), &[out.join("dirlink/pii.csv"), out.join("fifo"), out.join("a")]).unwrap();
     }
 
     #[cfg(unix)]

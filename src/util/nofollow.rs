@@ -94,6 +94,11 @@ impl Dir {
         self.fd.as_raw_fd()
     }
 
+    /// The directory's descriptor as a file (read-only), e.g. to fsync it.
+    pub fn into_file(self) -> File {
+        File::from(self.fd)
+    }
+
     /// The directory as shown in messages.
     pub fn path(&self) -> &Path {
         &self.shown
