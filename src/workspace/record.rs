@@ -157,8 +157,10 @@ fn mac_member(b: &[u8]) -> Option<(usize, usize, &[u8])> {
     while i < b.len() {
         match b[i] {
             b'"' => {
-                if depth == 1 && expect_key && b[i..].starts_with(b"\"mac\":\"") {
-                    let (vs, ve) = (i + 7, i + 7 + 64);
+                if depth == 1 && expect_key && b[i + 1..].starts_with(MAC_FIELD.as_bytes()) && b[i + 1 + MAC_FIELD.len()..].starts_with(b"\":\"") {
+                    // `"` MAC_FIELD `":"`, then the 64 hex digits.
+                    let vs = i + 1 + MAC_FIELD.len() + 3;
+                    let ve = vs + 64;
                     let hex = b.get(vs..ve)?;
                     if b.get(ve) != Some(&b'"') || !hex.iter().all(|h| h.is_ascii_digit() || (b'a'..=b'f').contains(h)) {
                         return None;
