@@ -182,6 +182,31 @@ mod one_block {
         })
     }
 
+    /// The seven rounds of [`compress`] on vector registers `$v` (state) and
+    /// `$m` (message words), with the lane-wise operations of one register
+    /// type given as macros at the call site: `add!` and `xor!` (32-bit) and
+    /// `ror!(x, 16 | 12 | 8 | 7)` (right rotation). Expanded inside each
+    /// `target_feature` function, so every operation is that function's own
+    /// instruction (closures would be calls to code built without it).
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! rounds {
+        ($v:ident, $m:ident) => {
+            for s in &SCHEDULE {
+                for (k, &[a, b, c, d]) in QUARTERS.iter().enumerate() {
+                    let (x, y) = ($m[s[2 * k]], $m[s[2 * k + 1]]);
+                    $v[a] = add!(add!($v[a], $v[b]), x);
+                    $v[d] = ror!(xor!($v[d], $v[a]), 16);
+                    $v[c] = add!($v[c], $v[d]);
+                    $v[b] = ror!(xor!($v[b], $v[c]), 12);
+                    $v[a] = add!(add!($v[a], $v[b]), y);
+                    $v[d] = ror!(xor!($v[d], $v[a]), 8);
+                    $v[c] = add!($v[c], $v[d]);
+                    $v[b] = ror!(xor!($v[b], $v[c]), 7);
+                }
+            }
+        };
+    }
+
     /// State words each quarter-round mixes: columns, then diagonals.
     const QUARTERS: [[usize; 4]; 8] =
         [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15], [0, 5, 10, 15], [1, 6, 11, 12], [2, 7, 8, 13], [3, 4, 9, 14]];
@@ -204,19 +229,22 @@ mod one_block {
         }
         v[14] = load(len);
         v[15] = _mm512_set1_epi32((CHUNK_START | CHUNK_END | ROOT) as i32);
-        for s in &SCHEDULE {
-            for (k, &[a, b, c, d]) in QUARTERS.iter().enumerate() {
-                let (x, y) = (m[s[2 * k]], m[s[2 * k + 1]]);
-                v[a] = _mm512_add_epi32(_mm512_add_epi32(v[a], v[b]), x);
-                v[d] = _mm512_ror_epi32::<16>(_mm512_xor_si512(v[d], v[a]));
-                v[c] = _mm512_add_epi32(v[c], v[d]);
-                v[b] = _mm512_ror_epi32::<12>(_mm512_xor_si512(v[b], v[c]));
-                v[a] = _mm512_add_epi32(_mm512_add_epi32(v[a], v[b]), y);
-                v[d] = _mm512_ror_epi32::<8>(_mm512_xor_si512(v[d], v[a]));
-                v[c] = _mm512_add_epi32(v[c], v[d]);
-                v[b] = _mm512_ror_epi32::<7>(_mm512_xor_si512(v[b], v[c]));
-            }
+        macro_rules! add {
+            ($a:expr, $b:expr) => {
+                _mm512_add_epi32($a, $b)
+            };
         }
+        macro_rules! xor {
+            ($a:expr, $b:expr) => {
+                _mm512_xor_si512($a, $b)
+            };
+        }
+        macro_rules! ror {
+            ($x:expr, $n:literal) => {
+                _mm512_ror_epi32::<$n>($x)
+            };
+        }
+        rounds!(v, m);
         let (mut lo, mut hi) = ([0u32; LANES], [0u32; LANES]);
         // SAFETY: each store writes 64 bytes to a local [u32; 16] (64 bytes);
         // the unaligned store has no alignment requirement.
@@ -252,21 +280,33 @@ mod one_block {
             // Byte shuffles rotating each 32-bit lane right by 16 and by 8 bits.
             let r16 = _mm256_setr_epi8(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
             let r8 = _mm256_setr_epi8(1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12, 1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12);
-            for s in &SCHEDULE {
-                for (k, &[a, b, c, d]) in QUARTERS.iter().enumerate() {
-                    let (x, y) = (m[s[2 * k]], m[s[2 * k + 1]]);
-                    v[a] = _mm256_add_epi32(_mm256_add_epi32(v[a], v[b]), x);
-                    v[d] = _mm256_shuffle_epi8(_mm256_xor_si256(v[d], v[a]), r16);
-                    v[c] = _mm256_add_epi32(v[c], v[d]);
-                    let t = _mm256_xor_si256(v[b], v[c]);
-                    v[b] = _mm256_or_si256(_mm256_srli_epi32(t, 12), _mm256_slli_epi32(t, 20));
-                    v[a] = _mm256_add_epi32(_mm256_add_epi32(v[a], v[b]), y);
-                    v[d] = _mm256_shuffle_epi8(_mm256_xor_si256(v[d], v[a]), r8);
-                    v[c] = _mm256_add_epi32(v[c], v[d]);
-                    let t = _mm256_xor_si256(v[b], v[c]);
-                    v[b] = _mm256_or_si256(_mm256_srli_epi32(t, 7), _mm256_slli_epi32(t, 25));
-                }
+            macro_rules! add {
+                ($a:expr, $b:expr) => {
+                    _mm256_add_epi32($a, $b)
+                };
             }
+            macro_rules! xor {
+                ($a:expr, $b:expr) => {
+                    _mm256_xor_si256($a, $b)
+                };
+            }
+            macro_rules! ror {
+                ($x:expr, 16) => {
+                    _mm256_shuffle_epi8($x, r16)
+                };
+                ($x:expr, 8) => {
+                    _mm256_shuffle_epi8($x, r8)
+                };
+                ($x:expr, 12) => {{
+                    let t = $x;
+                    _mm256_or_si256(_mm256_srli_epi32(t, 12), _mm256_slli_epi32(t, 20))
+                }};
+                ($x:expr, 7) => {{
+                    let t = $x;
+                    _mm256_or_si256(_mm256_srli_epi32(t, 7), _mm256_slli_epi32(t, 25))
+                }};
+            }
+            rounds!(v, m);
             let (mut lo, mut hi) = ([0u32; 8], [0u32; 8]);
             // SAFETY: each store writes 32 bytes to a local [u32; 8] (32 bytes);
             // the unaligned store has no alignment requirement.
