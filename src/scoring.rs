@@ -45,11 +45,16 @@ pub fn raw_features(stats: &TenantStats, as_of: i32, batch: &RecordBatch) -> Res
 
 /// The five feature columns of a feature-store batch, per row.
 pub fn stored_features(batch: &RecordBatch) -> Result<Vec<(i64, [f64; 5])>> {
-    let ids = batch.column_by_name(schema::CUSTOMER_ID).ok_or_else(|| anyhow!("feature file has no column {}", schema::CUSTOMER_ID))?;
-    let ids = ids.as_any().downcast_ref::<Int64Array>().context("Customer_ID must be int64")?;
+    let ids = stored_ids(batch)?;
     let mut cols: [Vec<f64>; 5] = Default::default();
     extend_feature_columns(&mut cols, batch)?;
-    Ok((0..batch.num_rows()).map(|i| (ids.value(i), [cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i]])).collect())
+    Ok((0..batch.num_rows()).map(|i| (ids[i], [cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i]])).collect())
+}
+
+/// The `Customer_ID` column of a feature batch.
+pub fn stored_ids(batch: &RecordBatch) -> Result<&[i64]> {
+    let ids = batch.column_by_name(schema::CUSTOMER_ID).ok_or_else(|| anyhow!("feature file has no column {}", schema::CUSTOMER_ID))?;
+    Ok(ids.as_any().downcast_ref::<Int64Array>().context("Customer_ID must be int64")?.values())
 }
 
 /// Append the v1 feature columns of `batch` (in `FEATURE_NAMES` order, as

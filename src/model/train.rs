@@ -63,18 +63,34 @@ impl SplitData {
         if ids.len() != x.len() || y.len() != x.len() {
             bail!("tenant {t}: training data mismatch: {} customer ids, {} feature rows, {} labels", ids.len(), x.len(), y.len());
         }
-        if let Some(i) = x.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
-            bail!("tenant {t}: features of Customer_ID {} contain a non-finite value: cannot train", ids[i]);
+        self.push_rows(ids, |i| x[i], |i| y[i])
+    }
+
+    /// [`SplitData::push`] from columns as a feature file stores them: one
+    /// slice per feature (`FEATURE_NAMES` order) and a label per row, read
+    /// straight into the split (no row copy in between).
+    pub fn push_columns(&mut self, ids: &[i64], cols: &[Vec<f64>; 5], y: impl Fn(usize) -> bool) -> Result<()> {
+        let t = &self.tenant;
+        if let Some(c) = cols.iter().find(|c| c.len() != ids.len()) {
+            bail!("tenant {t}: training data mismatch: {} customer ids, {} values of a feature", ids.len(), c.len());
         }
-        let mask = crate::model::split::test_mask(t, ids);
-        for i in 0..x.len() {
-            if mask[i] {
+        self.push_rows(ids, |i| [cols[0][i], cols[1][i], cols[2][i], cols[3][i], cols[4][i]], y)
+    }
+
+    /// Row `i` of `ids.len()` rows is `(ids[i], row(i), y(i))`.
+    fn push_rows(&mut self, ids: &[i64], row: impl Fn(usize) -> [f64; 5], y: impl Fn(usize) -> bool) -> Result<()> {
+        if let Some(i) = (0..ids.len()).find(|&i| row(i).iter().any(|v| !v.is_finite())) {
+            bail!("tenant {}: features of Customer_ID {} contain a non-finite value: cannot train", self.tenant, ids[i]);
+        }
+        let mask = crate::model::split::test_mask(&self.tenant, ids);
+        for (i, &test) in mask.iter().enumerate() {
+            if test {
                 self.test_id.push(ids[i]);
-                self.test_x.push(x[i]);
-                self.test_y.push(y[i]);
+                self.test_x.push(row(i));
+                self.test_y.push(y(i));
             } else {
-                self.train_x.extend_from_slice(&x[i]);
-                self.train_y.push(y[i]);
+                self.train_x.extend_from_slice(&row(i));
+                self.train_y.push(y(i));
             }
         }
         Ok(())

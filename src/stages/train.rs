@@ -116,6 +116,8 @@ impl StageKind for Train {
         // test rows are held, never a full copy of the tenant's rows beside them.
         let mut data = crate::model::train::SplitData::new(tenant, usize::try_from(manifest.rows).unwrap_or(0).min(1 << 27));
         let mut rows = 0usize;
+        // Feature columns of one batch, reused (cleared) batch after batch.
+        let mut cols: [Vec<f64>; 5] = Default::default();
         for batch in batches {
             let batch = batch?;
             let labels = batch
@@ -127,9 +129,10 @@ impl StageKind for Train {
             if labels.null_count() > 0 {
                 bail!("the feature version has rows without a Converted label: cannot train");
             }
-            let (ids, x): (Vec<i64>, Vec<[f64; 5]>) = crate::scoring::stored_features(&batch)?.into_iter().unzip();
-            let y: Vec<bool> = (0..ids.len()).map(|i| labels.value(i)).collect();
-            data.push(&ids, &x, &y)?;
+            let ids = crate::scoring::stored_ids(&batch)?;
+            cols.iter_mut().for_each(Vec::clear);
+            crate::scoring::extend_feature_columns(&mut cols, &batch)?;
+            data.push_columns(ids, &cols, |i| labels.value(i))?;
             rows += ids.len();
         }
         tracing::debug!("{tenant}: read and split {rows} rows in {:.3}s", t0.elapsed().as_secs_f64());
