@@ -312,13 +312,18 @@ impl OpenLineage {
             text.push('\n');
             n += 1;
         }
-        if let Some(h) = self.http.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            // Event lines are compact JSON: a newline only ends one.
-            for l in text.lines() {
-                h.send(l.to_string());
+        // The file first, then the endpoint: a run killed in between has
+        // events in its file the endpoint lacks (the next run closes them
+        // from the file), never the other way round.
+        let http = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        // Event lines are compact JSON: a newline only ends one.
+        let lines: Vec<String> = if http.is_some() { text.lines().map(str::to_string).collect() } else { Vec::new() };
+        self.file.write_text(text, n);
+        if let Some(h) = http.as_ref() {
+            for l in lines {
+                h.send(l);
             }
         }
-        self.file.write_text(text, n);
     }
 
     /// A stage's `START` event line, appended to `b`.
