@@ -27,6 +27,7 @@
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -216,10 +217,16 @@ pub fn sync_parent(path: &Path) {
 /// concurrent fsyncs into a few commits, so the batch costs a few fsyncs, not
 /// one per file, and unlike `syncfs` it never waits for other programs'
 /// writes. A folder in `paths` is synced with everything below it. Paths that
-/// no longer exist are skipped. Below `root` the walk follows no symlink
-/// ([`walk_nofollow`]): a link or FIFO swapped in by a command is neither
-/// followed (to a plaintext file, say) nor opened; `root` itself, and a
-/// path outside it, is reached as the user named it.
+/// no longer exist are skipped; at most [`SYNC_OPEN_MAX`] files are open at
+/// once (a folder output of many thousand files cannot exhaust the
+/// descriptors); anything that could not be flushed (no descriptor left, a
+/// folder deeper than the walk goes, a link on the way that leads out of the
+/// workspace) is an error, after everything else was flushed. Below `root`
+/// the walk follows no symlink ([`walk_nofollow`]): a link or FIFO swapped in
+/// by a command is neither followed (to a plaintext file, say) nor opened. A
+/// folder on the way that is a link the pipeline allows (one inside the
+/// workspace) is resolved first, and the walk starts from where it leads;
+/// `root` itself, and a path outside it, is reached as the user named it.
 pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
     // By folder: each is opened once (and fsynced once, after its entries).
     let mut by_dir: std::collections::BTreeMap<(&Path, &Path), Vec<&std::ffi::OsStr>> = std::collections::BTreeMap::new();
@@ -236,26 +243,80 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
             by_dir.entry((base, parent)).or_default().push(name);
         }
     }
-    let mut files: Vec<(PathBuf, File)> = Vec::new();
+    let mut batch: Vec<(PathBuf, File)> = Vec::new();
+    let mut failed: Option<anyhow::Error> = None;
+    let mut fail = |e: anyhow::Error| {
+        failed.get_or_insert(e);
+    };
     for ((base, parent), names) in by_dir {
-        let Ok(dir) = crate::util::nofollow::Dir::open(base, parent) else { continue };
         let shown = base.join(parent);
+        let dir = match crate::util::nofollow::Dir::open(base, parent) {
+            Ok(d) => d,
+            Err(_) => match resolve_linked_dir(base, parent) {
+                Ok(Some(d)) => d,
+                Ok(None) => continue, // gone
+                Err(e) => {
+                    fail(e);
+                    continue;
+                }
+            },
+        };
         for name in names {
             let Ok(cname) = crate::util::nofollow::cstr(name) else { continue };
-            walk_nofollow(dir.as_raw_fd(), &cname, &shown.join(name), 0, &|_| true, true, &mut |path, f, is_dir| {
+            let mut visit = |path: PathBuf, f: File, is_dir: bool| {
                 if !is_dir {
                     // SAFETY: a valid descriptor; starts writeback, waits for nothing.
                     unsafe {
                         libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
                     }
                 }
-                files.push((path, f));
-            });
+                batch.push((path, f));
+                if batch.len() >= SYNC_OPEN_MAX
+                    && let Err(e) = fsync_all(std::mem::take(&mut batch))
+                {
+                    fail(e);
+                }
+            };
+            if let Err(e) = walk_nofollow(dir.as_raw_fd(), &cname, &shown.join(name), 0, &|_| true, true, &mut visit) {
+                fail(e);
+            }
         }
-        files.push((shown, dir.into_file()));
+        batch.push((shown, dir.into_file()));
     }
-    // fsyncs issued together share journal commits (a file's commit often
-    // carries the others'): from a few threads at once, not one after another.
+    if let Err(e) = fsync_all(batch) {
+        fail(e);
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Most files [`sync_files`] holds open at once.
+const SYNC_OPEN_MAX: usize = 256;
+
+/// `base/parent` when a folder on the way is a symlink: resolved now, and
+/// opened from the resolved workspace root with no link followed (a link
+/// swapped in after the resolution is refused, not followed). `None` when
+/// it no longer exists; an error when it leads outside `base`.
+fn resolve_linked_dir(base: &Path, parent: &Path) -> Result<Option<crate::util::nofollow::Dir>> {
+    let shown = base.join(parent);
+    let target = match shown.canonicalize() {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot flush what is in {} to disk", shown.display()))),
+    };
+    let base = base.canonicalize().with_context(|| format!("cannot flush what is in {} to disk", shown.display()))?;
+    match target.strip_prefix(&base) {
+        Ok(rel) => crate::util::nofollow::Dir::open(&base, rel).map(Some).with_context(|| format!("cannot flush what is in {} to disk", shown.display())),
+        Err(_) => anyhow::bail!("{} leads outside the workspace (to {}): what is in it was not flushed to disk", shown.display(), target.display()),
+    }
+}
+
+/// fsync every file of `files` (files and folders), from up to 16 threads at
+/// once: fsyncs issued together share journal commits (a file's commit often
+/// carries the others'). The first failure, after all were tried.
+fn fsync_all(files: Vec<(PathBuf, File)>) -> Result<()> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
     let threads = files.len().clamp(1, 16);
@@ -279,17 +340,24 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
     }
 }
 
+/// Deepest folder level below a path that [`walk_nofollow`] visits.
+const WALK_DEPTH_MAX: u32 = 64;
+
 /// Visit `name` in the directory `dir` (shown as `shown`) and, for a folder,
-/// everything below it (at most 64 levels), without following a symlink
-/// anywhere: each entry is opened first as `O_PATH | O_NOFOLLOW` (which opens
-/// nothing for I/O: no side effect even on a device or FIFO) and checked with
-/// `fstat`; a regular file for which `want_file(size)` holds, and every
-/// folder, is then reopened read-only through `/proc/self/fd` (the
-/// descriptor's own inode: no path is resolved again, so nothing swapped in
-/// since can be reached) and handed to `visit` with its path and whether it
+/// everything below it (at most [`WALK_DEPTH_MAX`] levels), without following
+/// a symlink anywhere: each entry is looked at first as `O_PATH |
+/// O_NOFOLLOW` (which opens nothing for I/O: no side effect even on a device
+/// or FIFO) and checked with `fstat`; a regular file for which
+/// `want_file(size)` holds, and every folder, is then opened read-only
+/// relative to `dir` (`O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`) and kept only if
+/// it is still the same inode (a FIFO swapped in meanwhile is opened without
+/// blocking and dropped), and handed to `visit` with its path and whether it
 /// is a folder (folders only with `want_dirs`, after what is below them);
-/// anything else (a link, a FIFO, a device, a socket) is skipped. The shared
-/// walk of [`sync_files`] and [`start_writeback`].
+/// anything else (a link, a FIFO, a device, a socket) is skipped. A folder's
+/// entries are listed from its descriptor. Needs no `/proc`. Errors: a
+/// descriptor or memory the system refused, a folder deeper than the limit
+/// (what is below it was not visited). The shared walk of [`sync_files`] and
+/// [`start_writeback`].
 fn walk_nofollow(
     dir: std::os::fd::RawFd,
     name: &std::ffi::CStr,
@@ -298,41 +366,101 @@ fn walk_nofollow(
     want_file: &dyn Fn(u64) -> bool,
     want_dirs: bool,
     visit: &mut dyn FnMut(PathBuf, File, bool),
-) {
+) -> Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let refused = |e: std::io::Error| -> Result<()> {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM) => Err(anyhow::Error::new(e).context(format!("cannot open {}", shown.display()))),
+            _ => Ok(()), // gone, or swapped for a link: nothing to flush
+        }
+    };
+    let stat = |fd: &OwnedFd| -> Option<libc::stat> {
+        // SAFETY: all-zero is a valid `stat`; fstat writes it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid descriptor and a pointer to a live `stat`.
+        (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some(st)
+    };
     // SAFETY: a valid directory descriptor and a NUL-terminated name; O_PATH
     // opens nothing for I/O.
     let fd = unsafe { libc::openat(dir, name.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
     if fd < 0 {
-        return;
+        return refused(std::io::Error::last_os_error());
     }
     // SAFETY: just returned by openat, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all-zero is a valid `stat`; fstat writes it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and a pointer to a live `stat`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return;
+    let Some(st) = stat(&fd) else { return Ok(()) };
+    let is_dir = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG if want_file(st.st_size as u64) => false,
+        libc::S_IFDIR => true,
+        _ => return Ok(()),
+    };
+    if is_dir && depth >= WALK_DEPTH_MAX {
+        anyhow::bail!("{}: more than {WALK_DEPTH_MAX} folder levels below an output; what is below was not flushed to disk", shown.display());
     }
-    let this = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    match st.st_mode & libc::S_IFMT {
-        libc::S_IFREG if want_file(st.st_size as u64) => {
-            if let Ok(f) = File::open(&this) {
-                visit(shown.to_path_buf(), f, false);
-            }
-        }
-        libc::S_IFDIR if depth < 64 => {
-            for e in fs::read_dir(&this).into_iter().flatten().flatten() {
-                if let Ok(n) = crate::util::nofollow::cstr(&e.file_name()) {
-                    walk_nofollow(fd.as_raw_fd(), &n, &shown.join(e.file_name()), depth + 1, want_file, want_dirs, visit);
-                }
-            }
-            if want_dirs && let Ok(f) = File::open(&this) {
-                visit(shown.to_path_buf(), f, true);
-            }
-        }
-        _ => {}
+    drop(fd);
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | if is_dir { libc::O_DIRECTORY } else { 0 };
+    // SAFETY: a valid directory descriptor and a NUL-terminated name.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
+    if fd < 0 {
+        return refused(std::io::Error::last_os_error());
     }
+    // SAFETY: just returned by openat, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    match stat(&fd) {
+        Some(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
+        _ => return Ok(()), // swapped since the look
+    }
+    if !is_dir {
+        visit(shown.to_path_buf(), File::from(fd), false);
+        return Ok(());
+    }
+    let mut result = Ok(());
+    for n in dir_names(fd.as_raw_fd()).with_context(|| format!("cannot list {}", shown.display()))? {
+        let below = shown.join(std::ffi::OsStr::from_bytes(n.to_bytes()));
+        if let Err(e) = walk_nofollow(fd.as_raw_fd(), &n, &below, depth + 1, want_file, want_dirs, visit) {
+            result = result.and(Err(e));
+        }
+    }
+    if want_dirs {
+        visit(shown.to_path_buf(), File::from(fd), true);
+    }
+    result
+}
+
+/// The names in the open directory `fd` (not `.` and `..`), read through a
+/// duplicate of the descriptor.
+fn dir_names(fd: std::os::fd::RawFd) -> std::io::Result<Vec<std::ffi::CString>> {
+    // SAFETY: duplicating a valid descriptor; the copy is handed to fdopendir.
+    let d = unsafe { libc::dup(fd) };
+    if d < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `d` is a directory descriptor this function owns; on success
+    // the stream owns it (closedir closes it).
+    let stream = unsafe { libc::fdopendir(d) };
+    if stream.is_null() {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fdopendir failed, so `d` is still ours to close.
+        unsafe { libc::close(d) };
+        return Err(e);
+    }
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: a valid, open directory stream.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: readdir returned a valid entry whose `d_name` is
+        // NUL-terminated and lives until the next readdir on this stream.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+        if name != c"." && name != c".." {
+            names.push(name.to_owned());
+        }
+    }
+    // SAFETY: the stream is open and closed exactly once.
+    unsafe { libc::closedir(stream) };
+    Ok(names)
 }
 
 /// Files smaller than this are left to [`sync_files`] alone: starting
@@ -365,7 +493,8 @@ pub fn start_writeback(root: PathBuf, rels: Vec<PathBuf>) {
                         let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { continue };
                         let Ok(dir) = crate::util::nofollow::Dir::open(&root, parent) else { continue };
                         let Ok(name) = crate::util::nofollow::cstr(name) else { continue };
-                        walk_nofollow(dir.as_raw_fd(), &name, &root.join(&rel), 0, &|size| size >= EARLY_WRITEBACK_MIN, false, &mut |_, f, _| {
+                        // Best effort: what is not started here is flushed by sync_files.
+                        let _ = walk_nofollow(dir.as_raw_fd(), &name, &root.join(&rel), 0, &|size| size >= EARLY_WRITEBACK_MIN, false, &mut |_, f, _| {
                             // SAFETY: a valid descriptor; starts writeback of its dirty
                             // pages (may wait for a full device queue: this thread only).
                             unsafe {
@@ -514,7 +643,8 @@ mod tests {
             let mut seen = Vec::new();
             walk_nofollow(root.as_raw_fd(), c"out", &out, 0, &|size| size >= min, want_dirs, &mut |p, _, is_dir| {
                 seen.push((p.strip_prefix(dir.path()).unwrap().to_path_buf(), is_dir))
-            });
+            })
+            .unwrap();
             seen.sort();
             seen
         };
@@ -522,8 +652,32 @@ mod tests {
         assert_eq!(walk(true, 0), vec![(p("out"), true), (p("out/a"), false), (p("out/sub"), true), (p("out/sub/b"), false)]);
         assert_eq!(walk(false, 0), vec![(p("out/a"), false), (p("out/sub/b"), false)]);
         assert_eq!(walk(false, 2), vec![]);
-        // A folder on the way that is a link: nothing below it is reached.
+        // A folder on the way that is a link leading out of the root: an
+        // error, and nothing below it is reached (the rest is flushed).
+        let e = sync_files(&out, &[out.join("dirlink/pii.csv"), out.join("fifo"), out.join("a")]).unwrap_err();
+        assert!(format!("{e:#}").contains("leads outside the workspace"), "{e:#}");
+        // One inside the root (outputs may be written through such links):
+        // resolved, flushed, no error.
         sync_files(dir.path(), &[out.join("dirlink/pii.csv"), out.join("fifo"), out.join("a")]).unwrap();
+    }
+
+    #[test]
+    fn many_files_are_flushed_a_batch_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("many");
+        fs::create_dir_all(out.join("deep")).unwrap();
+        for i in 0..(SYNC_OPEN_MAX * 2 + 3) {
+            fs::write(out.join(format!("f{i}")), b"x").unwrap();
+        }
+        sync_files(dir.path(), &[&out]).unwrap();
+        // A folder output nested deeper than the walk goes: an error.
+        let mut deep = out.join("deep");
+        for _ in 0..WALK_DEPTH_MAX {
+            deep.push("d");
+        }
+        fs::create_dir_all(&deep).unwrap();
+        let e = sync_files(dir.path(), &[&out]).unwrap_err();
+        assert!(format!("{e:#}").contains("folder levels"), "{e:#}");
     }
 
     #[cfg(unix)]
