@@ -265,10 +265,7 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
             let Ok(cname) = crate::util::nofollow::cstr(name) else { continue };
             let mut visit = |path: PathBuf, f: File, is_dir: bool| {
                 if !is_dir {
-                    // SAFETY: a valid descriptor; starts writeback, waits for nothing.
-                    unsafe {
-                        libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-                    }
+                    start_file_writeback(&f);
                 }
                 batch.push((path, f));
                 if batch.len() >= SYNC_OPEN_MAX
@@ -289,6 +286,15 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Start writing `f`'s dirty pages to disk, without waiting for them to be
+/// written (a full device queue may still make the call wait).
+fn start_file_writeback(f: &File) {
+    // SAFETY: a valid descriptor; the call only starts writeback of its pages.
+    unsafe {
+        libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(f), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
@@ -495,11 +501,7 @@ pub fn start_writeback(root: PathBuf, rels: Vec<PathBuf>) {
                         let Ok(name) = crate::util::nofollow::cstr(name) else { continue };
                         // Best effort: what is not started here is flushed by sync_files.
                         let _ = walk_nofollow(dir.as_raw_fd(), &name, &root.join(&rel), 0, &|size| size >= EARLY_WRITEBACK_MIN, false, &mut |_, f, _| {
-                            // SAFETY: a valid descriptor; starts writeback of its dirty
-                            // pages (may wait for a full device queue: this thread only).
-                            unsafe {
-                                libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-                            }
+                            start_file_writeback(&f)
                         });
                     }
                 }
