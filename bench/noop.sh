@@ -17,7 +17,8 @@
 # cores), with the ratios, the median CPU time (user + system, commands
 # included) of the cold runs, the no-op runs of both once more timed by
 # `perf stat` (mean of 30, process start to exit, no shell timing; only where
-# perf runs), and the load average before and after; cold (b), the
+# perf runs) beside `true`'s (what any process start costs here), and the
+# load average before and after; cold (b), the
 # first no-op (b) right after it (nothing may be re-read: the memo trusts what
 # dagrun wrote), and no-op (b) median of 5.
 # GNU make is a Debian package: the script installs it when missing.
@@ -128,10 +129,13 @@ perf_elapsed() { # perf_elapsed DIR CMD...: mean wall seconds of 30 runs
   (cd "$dir" && perf stat -r 30 -o "$TMP/perf.txt" "$@" >/dev/null 2>&1) || return 1
   awk '/seconds time elapsed/ { print $1 }' "$TMP/perf.txt"
 }
-perf_a=""; perf_m=""
+perf_a=""; perf_m=""; perf_t=""
 if command -v perf >/dev/null && perf stat -o /dev/null true >/dev/null 2>&1; then
   perf_a=$(perf_elapsed "$A" "$BIN" -q run pipeline.yaml || true)
   perf_m=$(perf_elapsed "$M" make -s -j"$JOBS" || true)
+  # What starting any process costs on this machine (on a VM that traps
+  # CPUID, glibc's start-up alone can take half a millisecond).
+  perf_t=$(perf_elapsed "$TMP" true || true)
 fi
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 if [[ -z "${ONLY_A:-}" ]]; then
@@ -153,6 +157,9 @@ printf '%-44s %10.3f   (make: %.3f; CPU time does not wait for a busy machine)\n
 awk -v a="$cold_a" -v b="$cold_m" -v c="$noop_a" -v d="$noop_m" 'BEGIN { printf "%-44s %9.2fx\n%-44s %9.2fx\n", "(a) cold: dagrun / make", a / b, "(a) no-op: dagrun / make", c / d }'
 if [[ -n "$perf_a" && -n "$perf_m" ]]; then
   awk -v a="$perf_a" -v b="$perf_m" 'BEGIN { printf "%-44s %10.4f   (make %.4f: %.2fx; perf stat, mean of 30, process start to exit)\n", "(a) no-op run, no shell timing", a, b, a / b }'
+  if [[ -n "$perf_t" ]]; then
+    awk -v t="$perf_t" 'BEGIN { printf "%-44s %10.4f   (perf stat, mean of 30: a process start and exit on this machine)\n", "`true`, for scale", t }'
+  fi
 fi
 if [[ -z "${ONLY_A:-}" ]]; then
   printf '%-44s %10.3f\n' "(b) 1 GiB input, cold run" "$cold_b"
