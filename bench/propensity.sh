@@ -69,21 +69,20 @@ else:
 PY
 }
 
-timed() { # prints "wall_seconds maxrss_kb" of a command (wall clock in ns resolution)
-  local t0 t1
-  t0=$(date +%s%N)
-  /usr/bin/time -f "%M" -o /tmp/dagrun-bench-time "$@" > /dev/null
-  t1=$(date +%s%N)
-  echo "$(( (t1 - t0) / 1000 ))e-6 $(cat /tmp/dagrun-bench-time)"
-}
-
-timed_cpu() { # prints "wall_seconds maxrss_kb user_seconds system_seconds" of a command
+timed_cpu() { # prints "wall_seconds maxrss_kb user_seconds system_seconds" of a command (wall clock in ns resolution)
   local t0 t1
   t0=$(date +%s%N)
   /usr/bin/time -f "%M %U %S" -o /tmp/dagrun-bench-time "$@" > /dev/null
   t1=$(date +%s%N)
   echo "$(( (t1 - t0) / 1000 ))e-6 $(cat /tmp/dagrun-bench-time)"
 }
+
+timed() { # prints "wall_seconds maxrss_kb" of a command
+  timed_cpu "$@" | cut -d' ' -f1-2
+}
+
+# The newest run record of workspace $1.
+last_record() { ls "$1"/runs/*.json | sort | tail -1; }
 
 # CPU per row of the encrypt stages (user+sys of their threads, from the run record).
 encrypt_us_per_row() {
@@ -142,13 +141,13 @@ for rows in "${sizes[@]}"; do
   ws=$(fresh_workspace)
   P="$ws/pipelines/propensity.yaml"
   read -r cold_wall cold_rss cold_user cold_sys < <(timed_cpu "$BIN" -q run "$P" -p rows="$rows")
-  cold_record=$(ls "$ws"/runs/*.json | sort | tail -1)
+  cold_record=$(last_record "$ws")
   cold_enc=$(encrypt_us_per_row "$cold_record" "$rows")
   noops=()
   read -r first_wall first_rss < <(timed "$BIN" -q run "$P" -p rows="$rows")
   for _ in 1 2 3; do read -r w _ < <(timed "$BIN" -q run "$P" -p rows="$rows"); noops+=("$w"); done
   read -r c_wall c_rss < <(timed "$BIN" -q run "$P" -p rows="$rows" -p C=0.5)
-  c_record=$(ls "$ws"/runs/*.json | sort | tail -1)
+  c_record=$(last_record "$ws")
   python3 - "$rows" "$cold_wall" "$cold_rss" "$c_wall" "$cold_record" "$c_record" "$ws" "$first_wall" "$first_rss" "${noops[@]}" <<'PY'
 import json, os, statistics, sys
 rows, cold, rss, cwall, rec, crec, ws = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
@@ -200,7 +199,7 @@ PY
     first=$(echo "$ids" | head -1)
     "$BIN" sample --tenant "$first" --rows "$per" --seed 8 --out "$ws/incoming/$first.csv"
     read -r i_one _ < <(timed "$BIN" -q run "$PI")
-    rec=$(ls "$ws"/runs/*.json | sort | tail -1)
+    rec=$(last_record "$ws")
     python3 - "$i_cold" "$i_one" "$rec" "$first" <<'PY'
 import json, sys
 cold, one, rec, first = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -218,7 +217,7 @@ PY
   # and the two runs differ by that cost alone (same build, same work).
   ws=$(fresh_workspace)
   read -r again_wall _ again_user again_sys < <(timed_cpu "$BIN" -q run "$ws/pipelines/propensity.yaml" -p rows="$rows")
-  again_enc=$(encrypt_us_per_row "$(ls "$ws"/runs/*.json | sort | tail -1)" "$rows")
+  again_enc=$(encrypt_us_per_row "$(last_record "$ws")" "$rows")
   rm -rf "$ws"
   printf 'cold run, CPU user / system: %.2f / %.2f s; encrypt %s us CPU per row\n' "$cold_user" "$cold_sys" "$cold_enc"
   printf 'cold run again right after deleting that workspace: %.2f s, CPU user / system %.2f / %.2f s; encrypt %s us CPU per row\n' \
