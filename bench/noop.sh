@@ -65,7 +65,12 @@ noop5() { local dir=$1; for _ in 1 2 3 4 5; do time_run "$dir"; done | median; }
 # A new workspace per cold run, none deleted before the end: on ext4, files
 # created right after thousands were deleted nearby cost many times more
 # (inode allocation skips recently deleted inodes one by one), which would
-# measure the file system's recovery from `rm -rf`, not dagrun.
+# measure the file system's recovery from `rm -rf`, not dagrun. On ext4
+# without a journal (this VM's root) "recently" is 60 s, or 360 s while the
+# inode's table block is not written back (fs/ext4/ialloc.c,
+# `recently_deleted`): so a run of this script within minutes of another
+# (which deletes its temp dir at exit) or of any large `rm -rf` measures
+# slower cold runs, dagrun's (three new files a stage) more than make's (one).
 n_a=0
 fresh_a() { n_a=$((n_a + 1)); A="$TMP/a$n_a"; mkdir -p "$A/.dagrun"; tree_pipeline 200 > "$A/pipeline.yaml"; }
 

@@ -218,7 +218,8 @@ pub fn sync_parent(path: &Path) {
 /// one per file, and unlike `syncfs` it never waits for other programs'
 /// writes. The walk that opens the files (two opens and two `fstat`s each:
 /// for a few hundred small files, most of the batch's time) is shared out
-/// among the cores ([`SYNC_WALK_MIN`] paths or more per thread). A folder in
+/// among the cores ([`SYNC_WALK_MIN`] paths or more per thread, each a
+/// contiguous run of the paths sorted by folder). A folder in
 /// `paths` is synced with everything below it. Paths that no longer exist
 /// are skipped; at most [`SYNC_OPEN_MAX`] files are open at once (a folder
 /// output of many thousand files cannot exhaust the descriptors); anything
@@ -250,33 +251,38 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
     let fail = |e: anyhow::Error| {
         failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
     };
-    // The folders, opened once each, and every entry to walk in them.
-    let mut dirs: Vec<(PathBuf, crate::util::nofollow::Dir)> = Vec::new();
-    let mut entries: Vec<(usize, std::ffi::CString)> = Vec::new();
-    for ((base, parent), names) in by_dir {
-        let dir = match crate::util::nofollow::Dir::open(base, parent) {
-            Ok(d) => d,
-            Err(_) => match resolve_linked_dir(base, parent) {
-                Ok(Some(d)) => d,
-                Ok(None) => continue, // gone
-                Err(e) => {
-                    fail(e);
-                    continue;
-                }
-            },
-        };
-        entries.extend(names.into_iter().filter_map(|n| crate::util::nofollow::cstr(n).ok()).map(|n| (dirs.len(), n)));
-        dirs.push((base.join(parent), dir));
-    }
+    let groups: Vec<((&Path, &Path), Vec<&std::ffi::OsStr>)> = by_dir.into_iter().collect();
+    let entries: Vec<(usize, &std::ffi::OsStr)> = groups.iter().enumerate().flat_map(|(g, (_, names))| names.iter().map(move |&n| (g, n))).collect();
+    // One contiguous run of entries per thread; each holds one folder open
+    // at a time (a folder split between two threads is opened and fsynced
+    // by both), so at most SYNC_OPEN_MAX + threads descriptors are open.
     let threads = entries.len().div_ceil(SYNC_WALK_MIN).clamp(1, crate::util::par::cores());
     let open_max = SYNC_OPEN_MAX / threads;
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let walk = || -> Vec<(PathBuf, File)> {
+    let walk = |run: &[(usize, &std::ffi::OsStr)]| -> Vec<(PathBuf, File)> {
         let mut batch: Vec<(PathBuf, File)> = Vec::new();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some((d, name)) = entries.get(i) else { break };
-            let (shown, dir) = &dirs[*d];
+        // The open folder: its group, shown path and descriptor (None: gone
+        // or refused, its entries are skipped).
+        let mut open: Option<(usize, Option<(PathBuf, crate::util::nofollow::Dir)>)> = None;
+        for &(g, name) in run {
+            if open.as_ref().map(|o| o.0) != Some(g) {
+                if let Some((_, Some((shown, dir)))) = open.take() {
+                    batch.push((shown, dir.into_file()));
+                }
+                let ((base, parent), _) = &groups[g];
+                let dir = match crate::util::nofollow::Dir::open(base, parent) {
+                    Ok(d) => Some(d),
+                    Err(_) => match resolve_linked_dir(base, parent) {
+                        Ok(d) => d, // None: gone
+                        Err(e) => {
+                            fail(e);
+                            None
+                        }
+                    },
+                };
+                open = Some((g, dir.map(|d| (base.join(parent), d))));
+            }
+            let Some((_, Some((shown, dir)))) = &open else { continue };
+            let Ok(cname) = crate::util::nofollow::cstr(name) else { continue };
             let mut visit = |path: PathBuf, f: File, is_dir: bool| {
                 if !is_dir {
                     start_file_writeback(&f);
@@ -288,22 +294,23 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
                     fail(e);
                 }
             };
-            let shown = shown.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
-            if let Err(e) = walk_nofollow(dir.as_raw_fd(), name, &shown, 0, &|_| true, true, &mut visit) {
+            if let Err(e) = walk_nofollow(dir.as_raw_fd(), &cname, &shown.join(name), 0, &|_| true, true, &mut visit) {
                 fail(e);
             }
         }
+        if let Some((_, Some((shown, dir)))) = open {
+            batch.push((shown, dir.into_file()));
+        }
         batch
     };
-    let mut batch: Vec<(PathBuf, File)> = if threads == 1 {
-        walk()
+    let batch: Vec<(PathBuf, File)> = if threads == 1 {
+        walk(&entries)
     } else {
         std::thread::scope(|sc| {
-            let walkers: Vec<_> = (0..threads).map(|_| sc.spawn(walk)).collect();
+            let walkers: Vec<_> = entries.chunks(entries.len().div_ceil(threads)).map(|run| sc.spawn(move || walk(run))).collect();
             walkers.into_iter().flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         })
     };
-    batch.extend(dirs.into_iter().map(|(shown, dir)| (shown, dir.into_file())));
     if let Err(e) = fsync_all(batch) {
         fail(e);
     }
@@ -313,6 +320,8 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
     }
 }
 
+/// Start writing `f`'s dirty pages to disk, without waiting for them to be
+/// written (a full device queue may still make the call wait).
 fn start_file_writeback(f: &File) {
     // SAFETY: a valid descriptor; the call only starts writeback of its pages.
     unsafe {
@@ -728,6 +737,16 @@ mod tests {
         paths.insert(SYNC_WALK_MIN + 5, dir.path().join("d1/deep"));
         let e = sync_files(dir.path(), &paths).unwrap_err();
         assert!(format!("{e:#}").contains("folder levels"), "{e:#}");
+    }
+
+    #[test]
+    fn files_in_many_folders_are_flushed_with_one_folder_open_per_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = (0..(SYNC_OPEN_MAX * 3)).map(|i| dir.path().join(format!("d{i}/f"))).collect();
+        for p in &paths {
+            write_atomic_with(p, b"x", Durability::Verified).unwrap();
+        }
+        sync_files(dir.path(), &paths).unwrap();
     }
 
     #[cfg(unix)]
