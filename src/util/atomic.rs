@@ -218,11 +218,13 @@ pub fn sync_parent(path: &Path) {
 /// one per file, and unlike `syncfs` it never waits for other programs'
 /// writes. The walk that opens the files (two opens and two `fstat`s each:
 /// for a few hundred small files, most of the batch's time) is shared out
-/// among the cores ([`SYNC_WALK_MIN`] paths or more per thread, each a
-/// contiguous run of the paths sorted by folder). A folder in
-/// `paths` is synced with everything below it. Paths that no longer exist
-/// are skipped; at most [`SYNC_OPEN_MAX`] files are open at once (a folder
-/// output of many thousand files cannot exhaust the descriptors); anything
+/// among the cores (at most [`SYNC_WALK_THREADS_MAX`] threads, each with a
+/// contiguous run of at least [`SYNC_WALK_MIN`] paths sorted by folder). A
+/// folder in `paths` is synced with everything below it. Paths that no
+/// longer exist are skipped; at most [`SYNC_OPEN_MAX`] files and folders are
+/// held open for the fsyncs at once, whatever the number of paths and
+/// folders (a folder output of many thousand files cannot exhaust the
+/// descriptors), plus the folders each thread's walk is inside; anything
 /// that could not be flushed (no descriptor left, a folder deeper than the
 /// walk goes, a link on the way that leads out of the workspace) is an
 /// error, after everything else was flushed. Below `root` the walk follows
@@ -232,7 +234,8 @@ pub fn sync_parent(path: &Path) {
 /// resolved first, and the walk starts from where it leads; `root` itself,
 /// and a path outside it, is reached as the user named it.
 pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
-    // By folder: each is opened once (and fsynced once, after its entries).
+    // By folder: each is opened once (by each thread its entries go to) and
+    // fsynced after its entries were opened.
     let mut by_dir: std::collections::BTreeMap<(&Path, &Path), Vec<&std::ffi::OsStr>> = std::collections::BTreeMap::new();
     for p in paths {
         let p = p.as_ref();
@@ -253,11 +256,25 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
     };
     let groups: Vec<((&Path, &Path), Vec<&std::ffi::OsStr>)> = by_dir.into_iter().collect();
     let entries: Vec<(usize, &std::ffi::OsStr)> = groups.iter().enumerate().flat_map(|(g, (_, names))| names.iter().map(move |&n| (g, n))).collect();
-    // One contiguous run of entries per thread; each holds one folder open
+    // One contiguous run of entries per thread, each holding one folder open
     // at a time (a folder split between two threads is opened and fsynced
-    // by both), so at most SYNC_OPEN_MAX + threads descriptors are open.
-    let threads = entries.len().div_ceil(SYNC_WALK_MIN).clamp(1, crate::util::par::cores());
-    let open_max = SYNC_OPEN_MAX / threads;
+    // by both). The files and folders held for the fsyncs are counted over
+    // all threads: the thread whose push reaches SYNC_OPEN_MAX flushes its
+    // own batch. So at most SYNC_OPEN_MAX descriptors are held, plus, per
+    // thread, the folders `walk_nofollow` is inside (at most WALK_DEPTH_MAX).
+    let threads = (entries.len() / SYNC_WALK_MIN).clamp(1, crate::util::par::cores().min(SYNC_WALK_THREADS_MAX));
+    let held = std::sync::atomic::AtomicUsize::new(0);
+    let push = |batch: &mut Vec<(PathBuf, File)>, item: (PathBuf, File)| {
+        batch.push(item);
+        if held.fetch_add(1, Ordering::Relaxed) + 1 >= SYNC_OPEN_MAX {
+            let flushed = std::mem::take(batch);
+            let n = flushed.len();
+            if let Err(e) = fsync_all(flushed) {
+                fail(e);
+            }
+            held.fetch_sub(n, Ordering::Relaxed);
+        }
+    };
     let walk = |run: &[(usize, &std::ffi::OsStr)]| -> Vec<(PathBuf, File)> {
         let mut batch: Vec<(PathBuf, File)> = Vec::new();
         // The open folder: its group, shown path and descriptor (None: gone
@@ -266,7 +283,7 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
         for &(g, name) in run {
             if open.as_ref().map(|o| o.0) != Some(g) {
                 if let Some((_, Some((shown, dir)))) = open.take() {
-                    batch.push((shown, dir.into_file()));
+                    push(&mut batch, (shown, dir.into_file()));
                 }
                 let ((base, parent), _) = &groups[g];
                 let dir = match crate::util::nofollow::Dir::open(base, parent) {
@@ -287,19 +304,14 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
                 if !is_dir {
                     start_file_writeback(&f);
                 }
-                batch.push((path, f));
-                if batch.len() >= open_max
-                    && let Err(e) = fsync_all(std::mem::take(&mut batch))
-                {
-                    fail(e);
-                }
+                push(&mut batch, (path, f));
             };
             if let Err(e) = walk_nofollow(dir.as_raw_fd(), &cname, &shown.join(name), 0, &|_| true, true, &mut visit) {
                 fail(e);
             }
         }
         if let Some((_, Some((shown, dir)))) = open {
-            batch.push((shown, dir.into_file()));
+            push(&mut batch, (shown, dir.into_file()));
         }
         batch
     };
@@ -335,6 +347,11 @@ const SYNC_OPEN_MAX: usize = 256;
 /// Fewest paths per walking thread in [`sync_files`] (below this a thread's
 /// start costs more than its share of the walk saves).
 const SYNC_WALK_MIN: usize = 32;
+
+/// Most walking threads in [`sync_files`] (on 2 cores, 4 or 8 walkers were
+/// no faster than 2; each may hold up to [`WALK_DEPTH_MAX`] folders open
+/// while it is inside a folder output).
+const SYNC_WALK_THREADS_MAX: usize = 4;
 
 /// `base/parent` when a folder on the way is a symlink: resolved now, and
 /// opened from the resolved workspace root with no link followed (a link
@@ -718,7 +735,7 @@ mod tests {
     }
 
     #[test]
-    fn many_paths_are_walked_from_several_threads_and_an_error_in_one_is_reported() {
+    fn many_paths_in_several_folders_and_an_error_in_one_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let mut paths = Vec::new();
         for i in 0..(SYNC_WALK_MIN * 3 + 1) {
@@ -734,17 +751,46 @@ mod tests {
             deep.push("d");
         }
         fs::create_dir_all(&deep).unwrap();
-        paths.insert(SYNC_WALK_MIN + 5, dir.path().join("d1/deep"));
+        paths.push(dir.path().join("d1/deep"));
         let e = sync_files(dir.path(), &paths).unwrap_err();
         assert!(format!("{e:#}").contains("folder levels"), "{e:#}");
     }
 
+    /// Env var under which the test below runs its body (in a child process
+    /// of the test binary, with a low descriptor limit).
+    const LOW_NOFILE_CHILD: &str = "DAGRUN_TEST_SYNC_LOW_NOFILE";
+
     #[test]
-    fn files_in_many_folders_are_flushed_with_one_folder_open_per_thread() {
+    fn paths_in_more_folders_than_the_descriptor_limit_are_flushed() {
+        if std::env::var_os(LOW_NOFILE_CHILD).is_none() {
+            // The limit is lowered in a child process of this test binary
+            // running only this test: lowering it here would starve the
+            // tests that run beside this one.
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "util::atomic::tests::paths_in_more_folders_than_the_descriptor_limit_are_flushed", "--test-threads=1", "--nocapture"])
+                .env(LOW_NOFILE_CHILD, "1")
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success(), "{text}");
+            assert!(text.contains("1 passed"), "the child ran no test: {text}");
+            return;
+        }
+        let limit: u64 = 2 * SYNC_OPEN_MAX as u64;
+        let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+        // SAFETY: a valid rlimit struct; lowers this (child) process's limit only.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
         let dir = tempfile::tempdir().unwrap();
-        let paths: Vec<PathBuf> = (0..(SYNC_OPEN_MAX * 3)).map(|i| dir.path().join(format!("d{i}/f"))).collect();
+        let n = 3 * limit as usize;
+        let paths: Vec<PathBuf> = (0..n).map(|i| dir.path().join(format!("d{i:05}/f"))).collect();
         for p in &paths {
             write_atomic_with(p, b"x", Durability::Verified).unwrap();
+        }
+        // The first two thirds of the listed files are gone by the time of
+        // the sync: their folders are opened one after the other while no
+        // file in them is.
+        for p in &paths[..2 * limit as usize] {
+            fs::remove_file(p).unwrap();
         }
         sync_files(dir.path(), &paths).unwrap();
     }
