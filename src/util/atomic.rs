@@ -260,22 +260,27 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
     // at a time (a folder split between two threads is opened and fsynced
     // by both). The files and folders held for the fsyncs are counted over
     // all threads: the thread whose push reaches SYNC_OPEN_MAX flushes its
-    // own batch. So at most SYNC_OPEN_MAX descriptors are held, plus, per
-    // thread, the folders `walk_nofollow` is inside (at most WALK_DEPTH_MAX).
+    // own batch, and each flushes what it holds when its run is done (the
+    // threads' last flushes overlap). So at most SYNC_OPEN_MAX descriptors
+    // are held, plus, per thread, the folders `walk_nofollow` is inside (at
+    // most WALK_DEPTH_MAX).
     let threads = (entries.len() / SYNC_WALK_MIN).clamp(1, crate::util::par::cores().min(SYNC_WALK_THREADS_MAX));
     let held = std::sync::atomic::AtomicUsize::new(0);
+    let flush = |batch: &mut Vec<(PathBuf, File)>| {
+        let flushed = std::mem::take(batch);
+        let n = flushed.len();
+        if let Err(e) = fsync_all(flushed) {
+            fail(e);
+        }
+        held.fetch_sub(n, Ordering::Relaxed);
+    };
     let push = |batch: &mut Vec<(PathBuf, File)>, item: (PathBuf, File)| {
         batch.push(item);
         if held.fetch_add(1, Ordering::Relaxed) + 1 >= SYNC_OPEN_MAX {
-            let flushed = std::mem::take(batch);
-            let n = flushed.len();
-            if let Err(e) = fsync_all(flushed) {
-                fail(e);
-            }
-            held.fetch_sub(n, Ordering::Relaxed);
+            flush(batch);
         }
     };
-    let walk = |run: &[(usize, &std::ffi::OsStr)]| -> Vec<(PathBuf, File)> {
+    let walk = |run: &[(usize, &std::ffi::OsStr)]| {
         let mut batch: Vec<(PathBuf, File)> = Vec::new();
         // The open folder: its group, shown path and descriptor (None: gone
         // or refused, its entries are skipped).
@@ -311,20 +316,20 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
             }
         }
         if let Some((_, Some((shown, dir)))) = open {
-            push(&mut batch, (shown, dir.into_file()));
+            batch.push((shown, dir.into_file()));
+            held.fetch_add(1, Ordering::Relaxed);
         }
-        batch
+        flush(&mut batch);
     };
-    let batch: Vec<(PathBuf, File)> = if threads == 1 {
-        walk(&entries)
+    if threads == 1 {
+        walk(&entries);
     } else {
         std::thread::scope(|sc| {
             let walkers: Vec<_> = entries.chunks(entries.len().div_ceil(threads)).map(|run| sc.spawn(move || walk(run))).collect();
-            walkers.into_iter().flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-        })
-    };
-    if let Err(e) = fsync_all(batch) {
-        fail(e);
+            for w in walkers {
+                w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            }
+        });
     }
     match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
         Some(e) => Err(e),
