@@ -316,8 +316,7 @@ pub fn sync_files<P: AsRef<Path>>(root: &Path, paths: &[P]) -> Result<()> {
             }
         }
         if let Some((_, Some((shown, dir)))) = open {
-            batch.push((shown, dir.into_file()));
-            held.fetch_add(1, Ordering::Relaxed);
+            push(&mut batch, (shown, dir.into_file()));
         }
         flush(&mut batch);
     };
@@ -380,6 +379,9 @@ fn resolve_linked_dir(base: &Path, parent: &Path) -> Result<Option<crate::util::
 /// once: fsyncs issued together share journal commits (a file's commit often
 /// carries the others'). The first failure, after all were tried.
 fn fsync_all(files: Vec<(PathBuf, File)>) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
     let threads = files.len().clamp(1, 16);
