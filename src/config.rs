@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 /// Where the settings live, relative to the workspace.
 pub const CONFIG_FILE: &str = "config/dagrun.yaml";
 
+/// The most bytes of it read (a few settings; a FIFO or device gives no size).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -88,7 +91,7 @@ impl DagrunConfig {
     /// Load `<workspace>/config/dagrun.yaml`; a missing file gives the defaults.
     pub fn load(workspace: &Path) -> Result<DagrunConfig> {
         let path = workspace.join(CONFIG_FILE);
-        match std::fs::read(&path) {
+        match crate::util::read_at_most(&path, MAX_CONFIG_BYTES) {
             Ok(bytes) => {
                 let mut c = Self::parse(&bytes, CONFIG_FILE)?;
                 c.metrics_file = c.metrics_file.map(|m| workspace.join(m));
@@ -101,7 +104,7 @@ impl DagrunConfig {
 
     /// Parse and validate; `shown` names the file in errors.
     pub fn parse(bytes: &[u8], shown: &str) -> Result<DagrunConfig> {
-        if bytes.len() > 1 << 20 {
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
             return Err(config(format!("{shown}: the file is over 1 MiB; it holds a few settings")));
         }
         let text = std::str::from_utf8(bytes).map_err(|e| config(format!("{shown}: not valid UTF-8 (byte {})", e.valid_up_to())))?;

@@ -314,20 +314,9 @@ fn main() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
-    // `dagrun status | head`: the commands that only read the workspace and
-    // print end quietly when their reader goes away, as `ls` or `grep` do
-    // (Rust ignores SIGPIPE, so `println!` would panic). Only those: SIGPIPE
-    // also hits writes to a closed socket (push, pull, serve, an HSM's
-    // network client), which must stay errors, and a closed stdout must not
-    // kill a run half-way (`run` drops its lines instead: `engine::report::say`).
-    #[cfg(unix)]
-    if matches!(cli.command, Cmd::Status { .. } | Cmd::Dag { .. } | Cmd::Lineage { .. } | Cmd::Runs { .. }) {
-        // SAFETY: SIG_DFL installs no handler code; no other thread exists
-        // yet (logging and the runtime start below).
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+    // SIGPIPE stays ignored (Rust's default): a command whose stdout reader
+    // goes away (`dagrun status | head`) ends quietly through `outln!`
+    // (`util::stdout`), while a write to a closed socket stays an error.
     init_logging(&cli);
     let code = match real_main(&cli) {
         Ok(code) => code,
@@ -369,7 +358,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
         }
         Cmd::Status { pipeline, stages, params, json } => commands::status::show(load(cli, pipeline, params)?, stages, &None, *json),
         Cmd::Dag { pipeline, format } => {
-            print!("{}", commands::dag::render(&load(cli, pipeline, &[])?, *format));
+            dagrun::out!("{}", commands::dag::render(&load(cli, pipeline, &[])?, *format));
             Ok(exit::OK)
         }
         Cmd::Lineage { path, json } => {
@@ -431,7 +420,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
                 ReportLayout::Dot => dagrun::report::Layout::Dot,
                 ReportLayout::Builtin => dagrun::report::Layout::Builtin,
             };
-            println!("{}", commands::report::report(&ws, run, output.as_deref(), l)?.display());
+            dagrun::outln!("{}", commands::report::report(&ws, run, output.as_deref(), l)?.display());
             Ok(exit::OK)
         }
         Cmd::Serve(a) => commands::serve::run(&workspace_from_cwd(cli)?, a).map(|_| exit::OK),

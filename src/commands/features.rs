@@ -58,18 +58,18 @@ pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -
     };
     let m = crate::store::read_manifest(&dir, &key)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&m)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(());
     }
     let rel = dir.strip_prefix(workspace).unwrap_or(&dir).display().to_string();
-    println!("tenant {tenant}, feature set {v}  ({rel}/)");
-    println!("  versions: {}", all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", "));
-    println!("  rows {}  as_of {}  file {} blake3 {}", m.rows, m.as_of, m.file, m.file_blake3);
-    println!("  statistics: mean_login {}  p80_purchase {}  (fitted on {} rows)", m.stats.mean_login, m.stats.p80_purchase, m.stats.rows);
-    println!("  schema: {}", m.schema.iter().map(|c| format!("{}:{}", c.name, c.data_type)).collect::<Vec<_>>().join(", "));
-    println!("  lineage {}  ({})", m.lineage.lineage_hash, m.lineage.code_version);
+    crate::outln!("tenant {tenant}, feature set {v}  ({rel}/)");
+    crate::outln!("  versions: {}", all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", "));
+    crate::outln!("  rows {}  as_of {}  file {} blake3 {}", m.rows, m.as_of, m.file, m.file_blake3);
+    crate::outln!("  statistics: mean_login {}  p80_purchase {}  (fitted on {} rows)", m.stats.mean_login, m.stats.p80_purchase, m.stats.rows);
+    crate::outln!("  schema: {}", m.schema.iter().map(|c| format!("{}:{}", c.name, c.data_type)).collect::<Vec<_>>().join(", "));
+    crate::outln!("  lineage {}  ({})", m.lineage.lineage_hash, m.lineage.code_version);
     for (p, h) in &m.lineage.inputs {
-        println!("    input {p}  blake3 {}", &h[..h.len().min(16)]);
+        crate::outln!("    input {p}  blake3 {}", &h[..h.len().min(16)]);
     }
     Ok(())
 }

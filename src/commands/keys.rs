@@ -13,16 +13,16 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     let keys = ring.list();
     let rec = ring.master_record();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "master": rec, "keys": keys }))?);
+        crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "master": rec, "keys": keys }))?);
         return Ok(());
     }
-    println!("master key: {} (wrapping: {})", ring.master_key_source(), rec.mechanism);
+    crate::outln!("master key: {} (wrapping: {})", ring.master_key_source(), rec.mechanism);
     if keys.is_empty() {
-        println!("no keys yet (they are created when a tenant's data is first encrypted)");
+        crate::outln!("no keys yet (they are created when a tenant's data is first encrypted)");
     }
-    println!("{:<24} {:<28} {:<10} {:<9} CREATED", "TENANT", "KEY ID", "KIND", "STATE");
+    crate::outln!("{:<24} {:<28} {:<10} {:<9} CREATED", "TENANT", "KEY ID", "KIND", "STATE");
     for k in keys {
-        println!(
+        crate::outln!(
             "{:<24} {:<28} {:<10} {:<9} {}",
             k.tenant,
             k.key_id,
@@ -37,8 +37,9 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
 pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys rotate")?;
     let ring = Keyring::open(workspace)?;
+    super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     let id = ring.rotate(tenant)?;
-    println!(
+    crate::outln!(
         "tenant {tenant}: new active data key {id}; older keys stay available to decrypt existing data until it is re-encrypted (the next run re-encrypts it)"
     );
     Ok(())
@@ -52,11 +53,17 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
     }
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys forget")?;
     let ring = Keyring::open(workspace)?;
+    super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     ring.forget(tenant)?;
-    println!(
+    crate::outln!(
         "tenant {tenant}: data and pseudonym keys destroyed (crypto-shredded); its encrypted data, including copies in the cache, can no longer be decrypted. Other tenants are unaffected. Remove {tenant} from config/tenants.yaml"
     );
     Ok(())
+}
+
+/// Whether the keyring has (or had: forgotten tenants keep their mark) keys of `tenant`.
+fn holds_keys(ring: &Keyring, tenant: &str) -> bool {
+    ring.list().iter().any(|k| k.tenant == tenant)
 }
 
 pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: bool) -> Result<()> {
@@ -68,7 +75,7 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
     }
     let ring = Keyring::open(workspace)?;
     let hex = ring.export_data_key_hex(tenant, key_id)?;
-    println!("{hex}");
+    crate::outln!("{hex}");
     Ok(())
 }
 
@@ -78,7 +85,7 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
     let source = MasterKeySource::from_uri(master, "--master")?;
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys init")?;
     let (ring, created) = Keyring::init(workspace, source)?;
-    println!(
+    crate::outln!(
         "{} {}; keyring {} now wraps tenant keys with it ({}). Point dagrun at it with DAGRUN_MASTER_KEY_URI or \
          master_key: in config/dagrun.yaml (the keyring also records the URI, without any PIN)",
         if created { "created the non-extractable master key" } else { "using the existing master key" },
@@ -98,7 +105,7 @@ pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> 
         Rewrapped::Done(n) => {
             let ring_path = crate::crypto::keyring::keyring_path(workspace);
             let rec = crate::crypto::keyring::recorded_master(workspace);
-            println!(
+            crate::outln!(
                 "rewrapped {n} key(s) in {} under {} ({}); no data was re-encrypted. Point dagrun at the new master key \
                  (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml); the old master key no longer opens \
                  this keyring and can be destroyed once backups of the old keyring are gone",
@@ -110,7 +117,7 @@ pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> 
                 rec.map(|r| r.mechanism).unwrap_or_default()
             );
         }
-        Rewrapped::AlreadyDone => println!("the keyring is already wrapped under the new master key: nothing to do"),
+        Rewrapped::AlreadyDone => crate::outln!("the keyring is already wrapped under the new master key: nothing to do"),
     }
     Ok(())
 }
@@ -121,23 +128,23 @@ pub fn audit(workspace: &Path, verify: bool) -> Result<()> {
     let dir = keys_dir(workspace);
     if verify {
         let v = crate::crypto::audit::verify(&dir).map_err(|e| anyhow::Error::from(crate::error::Failure::Integrity(format!("{e:#}"))))?;
-        println!("audit log {}: {} line(s), hash chain intact", dir.join(crate::crypto::audit::AUDIT_FILE).display(), v.lines);
+        crate::outln!("audit log {}: {} line(s), hash chain intact", dir.join(crate::crypto::audit::AUDIT_FILE).display(), v.lines);
         return Ok(());
     }
     let path = dir.join(crate::crypto::audit::AUDIT_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("no key operations recorded yet ({} does not exist)", path.display());
+            crate::outln!("no key operations recorded yet ({} does not exist)", path.display());
             return Ok(());
         }
         Err(e) => return Err(anyhow::Error::from(e).context(format!("cannot read {}", path.display()))),
     };
-    println!("{:<5} {:<25} {:<7} {:<20} {:<22} {:<12} RESULT", "SEQ", "TIME", "OP", "TENANT", "KEY ID", "USER");
+    crate::outln!("{:<5} {:<25} {:<7} {:<20} {:<22} {:<12} RESULT", "SEQ", "TIME", "OP", "TENANT", "KEY ID", "USER");
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
         let f = |k: &str| crate::crypto::escape_for_message(v.get(k).and_then(|x| x.as_str()).unwrap_or("?"));
-        println!(
+        crate::outln!(
             "{:<5} {:<25} {:<7} {:<20} {:<22} {:<12} {}",
             v.get("seq").and_then(|x| x.as_u64()).map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
             f("time"),
@@ -148,6 +155,6 @@ pub fn audit(workspace: &Path, verify: bool) -> Result<()> {
             f("result")
         );
     }
-    println!("(check the chain with `dagrun keys audit --verify`)");
+    crate::outln!("(check the chain with `dagrun keys audit --verify`)");
     Ok(())
 }

@@ -21,9 +21,9 @@ pub fn show(workspace: Option<&Path>, path: &Path, json: bool) -> Result<()> {
     let tree = lineage::trace(&ws, &states, &rel)
         .ok_or_else(|| error::config(format!("{rel}: no stage in {} has produced this path; is it an output of a pipeline that ran?", ws.display())))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&tree)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&tree)?);
     } else {
-        print!("{}", lineage::render(&tree));
+        crate::out!("{}", lineage::render(&tree));
     }
     Ok(())
 }

@@ -28,6 +28,23 @@ pub fn find_workspace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     Ok(crate::workspace::Workspace::existing_from_cwd(given)?.root().to_path_buf())
 }
 
+/// Refuse (exit 2) a tenant that `config/tenants.yaml` does not list and
+/// that `also_known` does not vouch for (its keys in the keyring, its models
+/// in the registry): a typo must not create keys or tokens for a tenant
+/// nobody has, nor leave a "destroyed" mark on a name a tenant may need later.
+pub fn check_known_tenant(workspace: &Path, tenant: &str, also_known: bool, where_else: &str) -> anyhow::Result<()> {
+    crate::pipeline::tenants::validate_tenant_id(tenant).map_err(crate::error::config)?;
+    let listed = crate::pipeline::tenants::Tenants::load(workspace);
+    if also_known || listed.as_ref().is_ok_and(|t| t.get(tenant).is_some()) {
+        return Ok(());
+    }
+    let known = match &listed {
+        Ok(t) => format!("config/tenants.yaml lists {}", t.ids().collect::<Vec<_>>().join(", ")),
+        Err(e) => format!("config/tenants.yaml cannot be read: {e:#}"),
+    };
+    Err(crate::error::config(format!("no tenant {tenant}: {known}, and {where_else}; check the spelling")))
+}
+
 pub use crate::pipeline::MAX_SECONDS;
 /// Most parallel stages (`-j`).
 pub const MAX_JOBS: usize = 1024;

@@ -81,16 +81,16 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                     .map(|(t, e, a)| serde_json::json!({"tenant": t, "version": e.version, "registered_at": e.registered_at, "auc": e.auc,
                         "feature_version": e.feature_version, "lineage_hash": e.lineage_hash, "blake3": e.blake3, "alias": if a.is_empty() { None } else { Some(a) }}))
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "models": v }))?);
+                crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "models": v }))?);
                 return Ok(());
             }
             if out.is_empty() {
-                println!("no registered models (train registers them; see `dagrun run`)");
+                crate::outln!("no registered models (train registers them; see `dagrun run`)");
                 return Ok(());
             }
-            println!("{:<16} {:<28} {:<24} {:>7}  {:<8} {:<14} ALIAS", "TENANT", "VERSION", "REGISTERED", "AUC", "FEATURES", "LINEAGE");
+            crate::outln!("{:<16} {:<28} {:<24} {:>7}  {:<8} {:<14} ALIAS", "TENANT", "VERSION", "REGISTERED", "AUC", "FEATURES", "LINEAGE");
             for (t, e, a) in &out {
-                println!(
+                crate::outln!(
                     "{:<16} {:<28} {:<24} {:>7.4}  {:<8} {:<14} {}",
                     t,
                     e.version,
@@ -118,26 +118,26 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                 }
             }
             let from = reg.promote(tenant, version, &current_user(), reason, &*key()?)?;
-            println!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"));
+            crate::outln!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"));
         }
         ModelsCmd::Rollback { tenant, reason, wait } => {
             check_tenant(tenant)?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(wait.max(0.0))), "dagrun models rollback")?;
             let (from, to) = reg.rollback(tenant, &current_user(), reason, &*key()?)?;
-            println!("tenant {tenant}: champion {from} -> {to} (rolled back)");
+            crate::outln!("tenant {tenant}: champion {from} -> {to} (rolled back)");
         }
         ModelsCmd::History { tenant, json } => {
             check_tenant(tenant)?;
             let h = reg.history(tenant)?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "history": h }))?);
+                crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "history": h }))?);
                 return Ok(());
             }
             if h.is_empty() {
-                println!("tenant {tenant}: no promotions yet");
+                crate::outln!("tenant {tenant}: no promotions yet");
             }
             for e in &h {
-                println!("{}  {:<8} {:<28} -> {:<28} by {}: {}", e.time, e.action, e.from.as_deref().unwrap_or("(none)"), e.to, e.who, e.why);
+                crate::outln!("{}  {:<8} {:<28} -> {:<28} by {}: {}", e.time, e.action, e.from.as_deref().unwrap_or("(none)"), e.to, e.who, e.why);
             }
         }
     }

@@ -45,6 +45,9 @@ pub struct PredictArgs {
 pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     crate::pipeline::tenants::validate_tenant_id(&args.tenant).map_err(|m| crate::error::config(format!("--tenant: {m}")))?;
     let format = Format::choose(args.format.as_deref(), args.output.as_deref())?;
+    if let Some(o) = &args.output {
+        crate::workspace::Workspace::at(workspace).check_user_output(o, "--output")?;
+    }
     let deployed = load_deployed(workspace, &args.tenant, args.model.as_deref())?;
     // Rows dated after the feature version's as_of would get a negative
     // Recency_Days, outside anything the model was trained on: refused.

@@ -251,7 +251,7 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
         (r.failed.len(), serde_json::to_string_pretty(&r)?)
     };
     if a.json {
-        println!("{json}");
+        crate::outln!("{json}");
     }
     if failures > 0 {
         bail!("{failures} transfer(s) failed (see above); run the same command again to complete it");
@@ -261,7 +261,7 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
 
 /// Print a push's report (stderr for what was skipped or failed).
 pub fn print(r: &PushReport) {
-    println!(
+    crate::outln!(
         "pushed {} records and {} objects ({}) to {} in {:.2}s; {} records and {} objects were already there",
         r.records_sent,
         r.objects_sent,

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 /// Write the report of run `id` (`last` = newest) of `workspace` to `out`
 /// (default `runs/RUN_ID.html`); returns the path written.
 pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) -> Result<PathBuf> {
+    if let Some(o) = out {
+        crate::workspace::Workspace::at(workspace).check_user_output(o, "-o")?;
+    }
     let rec = runs::find(workspace, id)?;
     rec.validate_timing(&format!("runs/{}.json", rec.run_id)).map_err(|e| crate::error::config(format!("{e:#}")))?;
     let overrides: Vec<(String, String)> = rec

@@ -17,14 +17,14 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
             .iter()
             .map(|r| serde_json::json!({"run_id": r.run_id, "pipeline": r.pipeline, "started_at": r.started_at, "seconds": r.seconds, "status": r.status, "exit_code": r.exit_code}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": v }))?);
+        crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": v }))?);
     } else if all.is_empty() {
-        println!("no runs recorded in {}", runs::runs_dir(workspace).display());
+        crate::outln!("no runs recorded in {}", runs::runs_dir(workspace).display());
     } else {
-        println!("{:<26} {:<11} {:>8}  {:<24} stages", "RUN", "STATUS", "SECONDS", "PIPELINE");
+        crate::outln!("{:<26} {:<11} {:>8}  {:<24} stages", "RUN", "STATUS", "SECONDS", "PIPELINE");
         for r in &all {
             let c = |s| r.stages.iter().filter(|x| x.status == s).count();
-            println!(
+            crate::outln!(
                 "{:<26} {:<11} {:>8.2}  {:<24} {} ran, {} cached, {} restored, {} failed",
                 r.run_id,
                 r.status,
@@ -44,19 +44,19 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
 pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
     let r = runs::find(workspace, id)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, r.pipeline);
-    println!("started {}  finished {}", r.started_at, r.finished_at);
+    crate::outln!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, r.pipeline);
+    crate::outln!("started {}  finished {}", r.started_at, r.finished_at);
     for s in &r.stages {
-        println!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
+        crate::outln!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
         for reason in &s.reasons {
-            println!("            {reason}");
+            crate::outln!("            {reason}");
         }
         if let Some(e) = &s.error {
             for l in e.lines() {
-                println!("            {l}");
+                crate::outln!("            {l}");
             }
         }
     }

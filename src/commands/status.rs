@@ -17,7 +17,7 @@ pub fn show(p: Pipeline, stages: &[String], force: &Option<Vec<String>>, json: b
     let rows = status::status(&engine, &selected)?;
     let _ = engine.memo.save();
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
+        crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stages": rows }))?);
     } else {
         print(&rows);
     }
@@ -30,11 +30,11 @@ fn print(rows: &[StageStatus]) {
             State::Fresh => "fresh",
             State::Stale => "STALE",
         };
-        println!("{mark}  {}", r.stage);
+        crate::outln!("{mark}  {}", r.stage);
         for reason in &r.reasons {
-            println!("         {reason}");
+            crate::outln!("         {reason}");
         }
     }
     let stale = rows.iter().filter(|r| r.state == State::Stale).count();
-    println!("{} stages: {} fresh, {stale} stale", rows.len(), rows.len() - stale);
+    crate::outln!("{} stages: {} fresh, {stale} stale", rows.len(), rows.len() - stale);
 }

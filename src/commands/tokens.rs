@@ -31,11 +31,13 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
     let dir = workspace.join(crate::engine::DAGRUN_DIR);
     match cmd {
         TokensCmd::Create { tenant, name, expires_in } => {
+            let served = dir.join(crate::registry::REGISTRY_DIR).join(tenant).is_dir();
+            super::check_known_tenant(workspace, tenant, served, "the model registry has no model of it")?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens create")?;
             let (rec, token) = tokens::create(&dir, tenant, name, *expires_in)?;
             let exp = rec.expires.map(|e| format!(", expires {}", e.format("%Y-%m-%dT%H:%M:%SZ"))).unwrap_or_default();
             eprintln!("token {} for tenant {}{exp}; it is shown once and stored only as a hash:", rec.id, rec.tenant);
-            println!("{token}");
+            crate::outln!("{token}");
         }
         TokensCmd::List { json } => {
             let all = tokens::load(&dir)?;
@@ -58,17 +60,17 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
                             "revoked": t.revoked, "last_used": used.get(&t.id), "state": state(t)})
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tokens": v }))?);
+                crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "tokens": v }))?);
                 return Ok(());
             }
             if all.is_empty() {
-                println!("no tokens (dagrun tokens create TENANT)");
+                crate::outln!("no tokens (dagrun tokens create TENANT)");
                 return Ok(());
             }
             let ts = |d: Option<&chrono::DateTime<chrono::Utc>>| d.map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| "-".into());
-            println!("{:<8}  {:<20} {:<16} {:<8} {:<20}  {:<20}  LAST USED", "ID", "TENANT", "NAME", "STATE", "CREATED", "EXPIRES");
+            crate::outln!("{:<8}  {:<20} {:<16} {:<8} {:<20}  {:<20}  LAST USED", "ID", "TENANT", "NAME", "STATE", "CREATED", "EXPIRES");
             for t in &all {
-                println!(
+                crate::outln!(
                     "{:<8}  {:<20} {:<16} {:<8} {:<20}  {:<20}  {}",
                     t.id,
                     t.tenant,
@@ -83,7 +85,7 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
         TokensCmd::Revoke { id } => {
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens revoke")?;
             let t = tokens::revoke(&dir, id)?;
-            println!("token {} of tenant {} revoked; a running server refuses it within a second", t.id, t.tenant);
+            crate::outln!("token {} of tenant {} revoked; a running server refuses it within a second", t.id, t.tenant);
         }
     }
     Ok(())

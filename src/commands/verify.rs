@@ -248,12 +248,12 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
 pub fn run(workspace: &Path, repair: bool, json: bool) -> Result<i32> {
     let r = verify(workspace, repair)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         for p in &r.problems {
-            println!("problem: {p}");
+            crate::outln!("problem: {p}");
         }
-        println!("checked {} cache objects and {} stages: {} problems", r.objects_checked, r.stages_checked, r.problems.len());
+        crate::outln!("checked {} cache objects and {} stages: {} problems", r.objects_checked, r.stages_checked, r.problems.len());
     }
     Ok(if r.problems.is_empty() { crate::error::exit::OK } else { crate::error::exit::INTEGRITY })
 }

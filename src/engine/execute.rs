@@ -104,15 +104,29 @@ impl Engine {
 
     /// Outputs are written in place by commands: they start from nothing, on
     /// every attempt, so a stale file (of an earlier run, or of an attempt that
-    /// timed out half-way) is never mistaken for a fresh one.
-    pub(super) fn prepare_outputs(&self, i: usize) -> Result<()> {
+    /// timed out half-way) is never mistaken for a fresh one. Before the
+    /// first attempt (`first`), removing one that no recorded run of the
+    /// stage made (a file that was there before it was declared an output)
+    /// is said in a warning, naming it.
+    pub(super) fn prepare_outputs(&self, i: usize, first: bool) -> Result<()> {
         let s = self.stage(i);
+        let mut recorded: Option<Option<crate::workspace::state::StageState>> = None;
         for o in &s.outs {
             // Checked at write time, not only at load time: a link planted
             // since (by an earlier stage, or anyone) must not redirect a write.
             crate::pipeline::check_output_at_write(&self.pipeline.workspace, &o.path, true).with_context(|| format!("stage {}", s.name))?;
-            let o = self.pipeline.abs(&o.path);
+            let rel = &o.path;
+            let o = self.pipeline.abs(rel);
             if s.kind.name() == "cmd" {
+                if first
+                    && o.symlink_metadata().is_ok()
+                    && !recorded.get_or_insert_with(|| self.states.get(&s.name)).as_ref().is_some_and(|st| st.outputs.contains_key(rel))
+                {
+                    tracing::warn!(
+                        "stage {}: removing {rel} before the command runs: it is a declared output, but no recorded run of the stage made it",
+                        s.name
+                    );
+                }
                 remove_path(&o)?;
             }
             if let Some(parent) = o.parent() {
@@ -160,8 +174,8 @@ impl Engine {
         for p in &pending {
             self.observers.iter().for_each(|o| o.stage_working(self, p.i));
         }
-        let prepare = |from: &[Pending]| -> Result<()> { from.iter().try_for_each(|p| self.prepare_outputs(p.i)) };
-        let mut error = prepare(&pending).err();
+        let prepare = |from: &[Pending], first: bool| -> Result<()> { from.iter().try_for_each(|p| self.prepare_outputs(p.i, first)) };
+        let mut error = prepare(&pending, true).err();
         while error.is_none() && start < pending.len() {
             let works: Vec<Box<LocalWork>> = pending[start..]
                 .iter()
@@ -216,11 +230,11 @@ impl Engine {
             if tries < s.retries && !self.cancel.load(Ordering::Relaxed) {
                 tries += 1;
                 attempt += 1;
-                tracing::warn!("{} failed (attempt {tries} of {}): {e:#}; retrying", s.name, s.retries + 1);
-                error = prepare(&pending[start..]).err();
+                tracing::warn!("{} failed (attempt {tries} of {}): {e:#}; retrying", s.name, s.retries.saturating_add(1));
+                error = prepare(&pending[start..], false).err();
                 continue;
             }
-            error = Some(if s.retries > 0 { e.context(format!("failed after {} attempts", tries + 1)) } else { e });
+            error = Some(if s.retries > 0 { e.context(format!("failed after {} attempts", tries.saturating_add(1))) } else { e });
         }
         if let Some(e) = error {
             let failed = self.stage(pending[start].i).name.clone();

@@ -86,6 +86,9 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let settings = crate::config::DagrunConfig::load(&pipeline.workspace)?;
     let lineage_url = super::openlineage::endpoint(opts.openlineage_url.as_deref())?;
     let metrics_file = opts.metrics_file.clone().or(settings.metrics_file);
+    if let Some(m) = &metrics_file {
+        ws.check_user_output(m, if opts.metrics_file.is_some() { "--metrics-file" } else { "`metrics_file:` of config/dagrun.yaml," })?;
+    }
     let lock = ws.lock(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;

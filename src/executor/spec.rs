@@ -83,10 +83,7 @@ pub struct StageResult {
 }
 
 fn read_bounded(path: &Path, what: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open the {what} {}", path.display()))?;
-    let mut buf = Vec::new();
-    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut buf).with_context(|| format!("cannot read the {what} {}", path.display()))?;
+    let buf = crate::util::read_at_most(path, MAX_FILE_BYTES).with_context(|| format!("cannot read the {what} {}", path.display()))?;
     if buf.len() as u64 > MAX_FILE_BYTES {
         bail!("the {what} {} is larger than {MAX_FILE_BYTES} bytes; it is not one dagrun wrote", path.display());
     }

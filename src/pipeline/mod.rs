@@ -48,6 +48,8 @@ pub use paths::{PROTECTED_DIRS, check_output_at_write, normalize_dep, normalize_
 /// Longest `timeout:` (and `--wait`) accepted, in seconds (about 31 years):
 /// larger values cannot be represented as a deadline.
 pub const MAX_SECONDS: f64 = 1e9;
+/// The most `retries:` a stage may have.
+pub const MAX_RETRIES: u32 = 100;
 
 /// Largest pipeline file accepted.
 pub const MAX_PIPELINE_BYTES: u64 = 1 << 20;
@@ -164,7 +166,12 @@ pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)
             MAX_PIPELINE_BYTES
         )));
     }
-    let bytes = std::fs::read(&file).map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
+    let bytes = crate::util::read_at_most(&file, MAX_PIPELINE_BYTES).map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
+    if bytes.len() as u64 > MAX_PIPELINE_BYTES {
+        return Err(config(format!(
+            "{shown}: more than {MAX_PIPELINE_BYTES} bytes (1 MiB) could be read from it; a pipeline file may be at most that. Is this the right file?"
+        )));
+    }
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;

@@ -160,6 +160,14 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         {
             return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
         }
+        if def.retries > super::MAX_RETRIES {
+            return Err(config(format!(
+                "{}: `retries: {}` is more than {}; a stage that fails that often needs fixing, not retrying",
+                at(base),
+                def.retries,
+                super::MAX_RETRIES
+            )));
+        }
         let fan: Vec<Option<String>> = match def.foreach.as_deref() {
             None => vec![None],
             Some("tenants") => tenants.as_ref().expect("loaded above").ids().map(|t| Some(t.to_string())).collect(),
@@ -187,12 +195,20 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         }
     }
 
-    // Outputs: unique, not nested in one another, no symlink escapes.
+    // Outputs: unique, not nested in one another, no symlink escapes, and
+    // neither the pipeline file nor a folder holding it (a `cmd` stage's
+    // outputs are removed before it runs).
     let mut out_owner: HashMap<&str, usize> = HashMap::new();
     let mut seen_dirs = crate::util::nofollow::CheckedDirs::default();
+    let own_file = file.strip_prefix(&workspace).ok().and_then(|r| normalize_out(&r.to_string_lossy()).ok());
     for (i, s) in stages.iter().enumerate() {
         for o in &s.outs {
             check_symlinks(&workspace, &o.path, &mut seen_dirs).map_err(|m| config(format!("{}: {m}", at(&s.base))))?;
+            if let Some(f) = &own_file
+                && (*f == o.path || (f.starts_with(&o.path) && f.as_bytes().get(o.path.len()) == Some(&b'/')))
+            {
+                return Err(config(format!("{}: output {:?} would replace this pipeline file ({f}); name another path", at(&s.base), o.path)));
+            }
             if let Some(&j) = out_owner.get(o.path.as_str()) {
                 let other = &stages[j].name;
                 let msg = if *other == s.name {

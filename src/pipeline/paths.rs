@@ -11,10 +11,7 @@
 
 use super::*;
 
-/// Top-level folders of a workspace that no output may be in, lexically or
-/// through a symlink: dagrun's state and keys, git, run records, and the
-/// configuration (tenant list).
-pub const PROTECTED_DIRS: &[&str] = &[".dagrun", ".git", "runs", "config"];
+pub use crate::workspace::PROTECTED_DIRS;
 
 /// The write-time check of an output (run before a stage runs, before its
 /// outputs are recorded, before a restore): no symlink on the way may lead

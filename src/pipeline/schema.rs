@@ -1,5 +1,8 @@
 //! The pipeline file as written by the user: typed serde structs that deny
 //! unknown keys, so a typo is an error with a line number, not a silent no-op.
+//! A key written twice in one mapping (two stages of one name, a param, an
+//! `env:` variable or a `with:` parameter) is an error too: YAML would keep
+//! the last one and drop the other without a word.
 
 use indexmap::IndexMap;
 use serde::Deserialize;
@@ -10,18 +13,49 @@ use std::collections::BTreeMap;
 #[serde(deny_unknown_fields)]
 pub struct PipelineFile {
     /// Pipeline-level params, referenced from stages as `${params.NAME}`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub params: IndexMap<String, yaml_serde::Value>,
     /// Environment variables no `cmd` may see (exact names, or `PREFIX*`),
     /// besides the master-key variables, which are always withheld.
     #[serde(default)]
     pub secrets: Vec<String>,
     /// The stages, by name, in file order.
+    #[serde(deserialize_with = "unique_keys")]
     pub stages: IndexMap<String, StageDef>,
     /// Where stages execute by default: `local` (this process) or `slurm` (a job each).
     pub executor: Option<ExecutorKind>,
     /// Settings of the Slurm executor (see `executor::slurm`).
     pub slurm: Option<SlurmDef>,
+}
+
+/// A mapping whose keys must all differ (see the module's rules).
+fn unique_keys<'de, D: serde::Deserializer<'de>, V: Deserialize<'de>>(d: D) -> Result<IndexMap<String, V>, D::Error> {
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = IndexMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a mapping")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = IndexMap::new();
+            while let Some(k) = map.next_key::<String>()? {
+                let v = map.next_value()?;
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!(
+                        "`{k}` is written twice in one mapping (YAML would keep only the last one); rename or remove one of them"
+                    )));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
+}
+
+/// `env:`, with its names all different.
+fn unique_env<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    unique_keys(d).map(|m| m.into_iter().collect())
 }
 
 /// Where a stage's work executes.
@@ -86,7 +120,7 @@ pub struct StageDef {
     /// A shell command (run with `sh -c` in the workspace).
     pub cmd: Option<String>,
     /// Parameters of a built-in kind; values may reference `${params.X}` and `${tenant}`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub with: IndexMap<String, yaml_serde::Value>,
     /// Input files or directories (relative to the workspace).
     #[serde(default)]
@@ -100,7 +134,7 @@ pub struct StageDef {
     /// Fan out once per item of a list; only `tenants` exists.
     pub foreach: Option<String>,
     /// Environment variables for `cmd` (part of the cache key).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_env")]
     pub env: BTreeMap<String, String>,
     /// Give up on the stage after this many seconds (cmd stages: the process group is killed).
     pub timeout: Option<f64>,

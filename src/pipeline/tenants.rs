@@ -61,9 +61,7 @@ impl Tenants {
         let cannot =
             |e: std::io::Error| config(format!("{shown}: cannot read the tenant list ({e}); create it with a `tenants:` list of `- id: NAME` entries"));
         // The same caps as a pipeline file: size before reading, then depth and aliases.
-        use std::io::Read;
-        let mut bytes = Vec::new();
-        std::fs::File::open(&path).map_err(cannot)?.take(super::MAX_PIPELINE_BYTES + 1).read_to_end(&mut bytes).map_err(cannot)?;
+        let bytes = crate::util::read_at_most(&path, super::MAX_PIPELINE_BYTES).map_err(cannot)?;
         Self::parse(&bytes, shown)
     }
 

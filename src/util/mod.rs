@@ -7,6 +7,7 @@ pub mod nofollow;
 pub mod par;
 pub mod prometheus;
 pub mod spawn;
+pub mod stdout;
 
 /// Remove a file, symlink (never its target) or directory tree if present.
 pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
@@ -16,4 +17,14 @@ pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
         Ok(_) => std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display())),
         Err(_) => Ok(()),
     }
+}
+
+/// The bytes of `path`, but at most `max + 1` of them: a caller that gets
+/// more than `max` knows the file is too large without having read all of
+/// it (a FIFO, `/dev/zero` or a growing file has no size to check first).
+pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }

@@ -18,6 +18,11 @@
 //!   it writes. Read-only commands take no lock.
 //! - **Hashes.** Hashes read from disk are [`ContentHash`]es, parsed once
 //!   ([`hash`]); cache object paths are built only from them ([`cas`]).
+//! - **Files a user names.** A file a command writes where its user says
+//!   (`--metrics-file`, `predict --output`, `report -o`) is refused when it
+//!   lies, by name or through a symlink on its way, in `.dagrun/`, `.git/` or
+//!   `config/`, or is a run record in `runs/` ([`Workspace::check_user_output`]):
+//!   a typo there could replace the keyring, and with it every tenant's data.
 //! - **Records.** State files, action-cache entries, the hash memo, model
 //!   artifacts and feature-store manifests carry a MAC under the workspace
 //!   integrity key ([`record`]); a record whose MAC fails was modified outside
@@ -39,6 +44,11 @@ use std::time::Duration;
 
 /// Name of dagrun's own folder in a workspace.
 pub const DAGRUN_DIR: &str = ".dagrun";
+
+/// Top-level folders of a workspace that no output may be in, lexically or
+/// through a symlink: dagrun's state and keys, git, run records, and the
+/// configuration (tenant list).
+pub const PROTECTED_DIRS: &[&str] = &[DAGRUN_DIR, ".git", "runs", "config"];
 
 /// A workspace root and every path dagrun keeps in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +162,58 @@ impl Workspace {
         p.strip_prefix(&self.root).unwrap_or(p).to_string_lossy().into_owned()
     }
 
+    /// Refuse `path`, a file a command is about to write where its user said
+    /// (`what` names the option in the message: exit 2), when it would land in
+    /// `.dagrun/`, `.git/` or `config/` of this workspace, or on a run record
+    /// (`runs/*.json`, `runs/*.jsonl`). Its folders are resolved as the
+    /// writer will meet them: symlinks followed in the part that exists, `..`
+    /// taken by name in the part that does not yet (writers create it). The
+    /// last component is not followed: writers replace it (rename).
+    pub fn check_user_output(&self, path: &Path, what: &str) -> Result<()> {
+        use std::path::Component;
+        let abs = std::path::absolute(path)?;
+        let refuse = |why: &str| crate::error::config(format!("{what} {}: {why}; write it elsewhere, e.g. in a reports/ folder", path.display()));
+        let Some(name) = abs.file_name().map(|n| n.to_os_string()) else {
+            return Err(refuse("it names a folder, not a file"));
+        };
+        // The longest existing ancestor of the folder, resolved; then the rest by name.
+        let mut rest = Vec::new();
+        let mut dir = abs.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let mut real = loop {
+            match dir.canonicalize() {
+                Ok(r) => break r,
+                Err(_) => match (dir.components().next_back(), dir.parent()) {
+                    (Some(last), Some(up)) => {
+                        rest.push(last.as_os_str().to_os_string());
+                        dir = up.to_path_buf();
+                    }
+                    _ => break dir,
+                },
+            }
+        };
+        for c in Path::new(&rest.into_iter().rev().collect::<PathBuf>()).components() {
+            match c {
+                Component::ParentDir => {
+                    real.pop();
+                }
+                Component::Normal(n) => real.push(n),
+                _ => {}
+            }
+        }
+        let root = self.root.canonicalize().unwrap_or_else(|_| self.root.clone());
+        let Ok(inside) = real.join(&name).strip_prefix(&root).map(Path::to_path_buf) else { return Ok(()) };
+        let top = inside.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
+        let name = name.to_string_lossy();
+        if top == "runs" {
+            if name.ends_with(".json") || name.ends_with(".jsonl") {
+                return Err(refuse("it would replace a run record in runs/"));
+            }
+        } else if PROTECTED_DIRS.contains(&top.as_str()) {
+            return Err(refuse(&format!("it is inside {top}/, which dagrun, git or the workspace configuration owns (keys, state, tenant list)")));
+        }
+        Ok(())
+    }
+
     /// Take the workspace lock (`.dagrun/lock`), waiting up to `wait`
     /// (None: exit 75 at once when another process holds it).
     pub fn lock(&self, wait: Option<Duration>, what: &str) -> Result<lock::WorkspaceLock> {
@@ -162,6 +224,46 @@ impl Workspace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_a_user_names_never_land_in_dagrun_config_git_or_on_run_records() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        for dir in [".dagrun/keys", "config", "runs", ".git", "reports"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        std::os::unix::fs::symlink(root.join(".dagrun/keys"), root.join("reports/keys")).unwrap();
+        std::os::unix::fs::symlink(root.join(".dagrun/keys"), other.path().join("keys")).unwrap();
+        std::os::unix::fs::symlink(root.join(".dagrun/keys/keyring.json"), root.join("reports/m.prom")).unwrap();
+        let ws = Workspace::at(&root);
+        let refused = |p: PathBuf| {
+            let e = ws.check_user_output(&p, "--output").expect_err(&p.display().to_string());
+            assert_eq!(crate::error::exit_code_of(&e), crate::error::exit::CONFIG, "{e}");
+            assert!(e.to_string().starts_with(&format!("--output {}: ", p.display())), "{e}");
+            e.to_string()
+        };
+        assert!(refused(root.join(".dagrun/keys/keyring.json")).contains("inside .dagrun/"));
+        assert!(refused(root.join("config/tenants.yaml")).contains("inside config/"));
+        refused(root.join(".git/config"));
+        assert!(refused(root.join("runs/20261205-000000-000-abcd.json")).contains("run record"));
+        refused(root.join("runs/20261205-000000-000-abcd.openlineage.jsonl"));
+        refused(root.join(".dagrun/new/deeper/file.prom")); // folders that do not exist yet
+        refused(root.join("nothing/../.dagrun/keys/keyring.json")); // `..` after a folder a writer would create
+        refused(root.join("reports/keys/keyring.json")); // a symlinked folder inside the workspace
+        refused(other.path().join("keys/keyring.json")); // and from outside it
+        refused(root.join(".dagrun"));
+        for fine in [
+            root.join("reports/m.prom"), // a symlink as the last part is replaced, not followed
+            root.join("reports/new/r.html"),
+            root.join("runs/20261205-000000-000-abcd.html"),
+            root.join("scores.csv"),
+            other.path().join("m.prom"),
+            PathBuf::from("/nonexistent-dagrun-test/x.prom"),
+        ] {
+            ws.check_user_output(&fine, "--output").unwrap_or_else(|e| panic!("{}: {e}", fine.display()));
+        }
+    }
 
     #[test]
     fn existing_refuses_and_creates_nothing() {

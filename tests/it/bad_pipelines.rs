@@ -272,3 +272,52 @@ fn misspelt_or_mistyped_with_key() {
     );
     refused(&ws, &["stage `gen`", "`with.rows` = -3 must be a whole number ≥ 0"]);
 }
+
+/// A key written twice in one mapping: YAML keeps the last one, so a stage,
+/// a param, an `env:` variable or a `with:` parameter would vanish silently.
+#[test]
+fn a_key_written_twice_is_refused_not_dropped() {
+    let twice = "is written twice in one mapping";
+    bad("stages:\n  a: {cmd: echo > a.txt, outs: [a.txt]}\n  a: {cmd: echo > b.txt, outs: [b.txt]}\n", &["pipeline.yaml:2:3: stages: `a`", twice]);
+    bad("params: {x: 1, x: 2}\nstages:\n  a: {cmd: echo > a.txt, outs: [a.txt]}\n", &["pipeline.yaml:1:9: params: `x`", twice]);
+    bad("stages:\n  a:\n    cmd: echo > a.txt\n    env: {X: a, X: b}\n    outs: [a.txt]\n", &["pipeline.yaml:4:10: stages.a.env: `X`", twice]);
+    bad("stages:\n  g:\n    uses: generate\n    with: {rows: 10, rows: 20, output: r.parquet}\n", &["pipeline.yaml:4:11: stages.g.with: `rows`", twice]);
+}
+
+/// `retries:` is bounded (an absurd count once wrapped the attempt counter
+/// and retried forever), and no output may be the pipeline file itself or a
+/// folder holding it (a `cmd` stage's outputs are removed before it runs).
+#[test]
+fn absurd_retries_and_an_output_over_the_pipeline_file() {
+    bad("stages:\n  a: {cmd: exit 1, outs: [a.txt], retries: 4294967295}\n", &["pipeline.yaml:2:", "stage `a`", "`retries: 4294967295` is more than 100"]);
+    bad(
+        "stages:\n  a: {cmd: echo > a.txt, outs: [a.txt, pipeline.yaml]}\n",
+        &["pipeline.yaml:2:", "stage `a`", "output \"pipeline.yaml\" would replace this pipeline file"],
+    );
+    let ws = Ws::new();
+    ws.write("pipes/p.yaml", "stages:\n  a: {cmd: mkdir -p pipes, outs: [pipes]}\n");
+    let o = spawn(ws.cmd(&["run", "pipes/p.yaml"])).wait(Duration::from_secs(30));
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("output \"pipes\" would replace this pipeline file (pipes/p.yaml)"), "{}", o.stderr);
+    assert!(ws.exists("pipes/p.yaml"));
+}
+
+/// A file that was there before it was declared an output of a `cmd` stage is
+/// removed before the command runs, as every output is (DVC and Snakemake do
+/// the same), but never silently: the warning names it. Outputs of the
+/// stage's own earlier runs go without a word.
+#[test]
+fn removing_an_output_no_run_made_is_said() {
+    let ws = Ws::new();
+    ws.write("notes.txt", "kept by hand\n");
+    ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt && echo new > notes.txt, outs: [a.txt, notes.txt]}\n");
+    let r = ws.run(&[]).ok();
+    assert!(
+        r.out.stderr.contains("stage a: removing notes.txt before the command runs: it is a declared output, but no recorded run of the stage made it"),
+        "{}",
+        r.out.stderr
+    );
+    assert_eq!(ws.read("notes.txt"), "new\n");
+    let r = ws.run(&["--force"]).ok();
+    assert!(!r.out.stderr.contains("removing"), "{}", r.out.stderr);
+}

@@ -396,7 +396,25 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
     assert_eq!(ws.run(&[]).ok().with("cached").len(), 20);
     let (st, err) = closed_stdout(&["run", "--json", "pipeline.yaml"]);
     assert!(st.success(), "{st:?}: {err}");
-    // A command that only prints: ended by SIGPIPE like any Unix tool, no panic message.
-    let (st, err) = closed_stdout(&["status", "pipeline.yaml"]);
-    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{st:?}: {err}");
+    // A command that only prints: ended by SIGPIPE like any Unix tool, no
+    // panic message (`verify`, `keys list` and the others once panicked: exit 101).
+    use std::os::unix::process::ExitStatusExt;
+    for args in [
+        &["status", "pipeline.yaml"][..],
+        &["run", "-n", "pipeline.yaml"],
+        &["run", "-n", "--json", "pipeline.yaml"],
+        &["dag", "pipeline.yaml"],
+        &["runs"],
+        &["runs", "show", "last"],
+        &["verify"],
+        &["verify", "--json"],
+        &["keys", "list"],
+        &["keys", "audit"],
+        &["models", "list"],
+        &["tokens", "list"],
+    ] {
+        let (st, err) = closed_stdout(args);
+        assert_eq!(st.signal(), Some(libc::SIGPIPE), "dagrun {args:?}: {st:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "dagrun {args:?}: {st:?}: {err}");
+    }
 }

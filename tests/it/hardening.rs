@@ -370,3 +370,55 @@ fn absurd_numbers_on_the_command_line_are_errors_not_panics() {
     assert!(o.stderr.contains("timeout") && o.stderr.contains("at most 1e9"), "{}", o.stderr);
     assert!(!ws.exists(".dagrun/keys"), "a refused command created keys");
 }
+
+/// Files a command writes where its user says (`--metrics-file` or
+/// `metrics_file:`, `predict --output`, `report -o`) never land in
+/// `.dagrun/` or `config/` (they once replaced the keyring, and with it every
+/// tenant's data keys, with exit 0); key and token commands refuse a tenant
+/// nobody has (a typo once made keys, tokens and "destroyed" marks for it).
+#[test]
+fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
+    let ws = shipped(TWO);
+    let p = "pipelines/propensity.yaml";
+    ok(dg(&ws, &["run", p, "-p", "rows=1000", "-q"]));
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", "in.csv"]));
+    let before = all_files(&ws);
+    let refused = |args: &[&str], needle: &str| {
+        let o = dg(&ws, args);
+        assert_eq!(o.code, 2, "dagrun {args:?}:\n{}\n{}", o.stdout, o.stderr);
+        assert!(o.stderr.contains(needle), "dagrun {args:?}: stderr lacks {needle:?}:\n{}", o.stderr);
+    };
+    let keyring = ".dagrun/keys/keyring.json";
+    refused(&["run", p, "-p", "rows=1000", "--metrics-file", keyring], &format!("--metrics-file {keyring}: it is inside .dagrun/"));
+    refused(&["report", "last", "-o", keyring], &format!("-o {keyring}: it is inside .dagrun/"));
+    refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", keyring], &format!("--output {keyring}: it is inside .dagrun/"));
+    refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "config/tenants.yaml"], "it is inside config/");
+    for args in [&["keys", "rotate", "tenant_a"][..], &["keys", "forget", "Nope", "--yes"], &["tokens", "create", "Nope"]] {
+        refused(args, "config/tenants.yaml lists Tenant_A, Tenant_B");
+    }
+    ws.write("config/dagrun.yaml", "metrics_file: config/tenants.yaml\n");
+    refused(&["run", p, "-p", "rows=1000"], "`metrics_file:` of config/dagrun.yaml, ");
+    refused(&["run", p, "-p", "rows=1000"], "config/tenants.yaml: it is inside config/");
+    std::fs::remove_file(ws.path("config/dagrun.yaml")).unwrap();
+    assert_eq!(
+        all_files(&ws).into_iter().filter(|(f, _)| !f.starts_with("runs/") && f != ".dagrun/lock").collect::<Vec<_>>(),
+        before.into_iter().filter(|(f, _)| !f.starts_with("runs/") && f != ".dagrun/lock").collect::<Vec<_>>()
+    );
+    // Elsewhere they are written as before.
+    ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "scores/a.csv"]));
+    assert_eq!(ws.read("scores/a.csv").lines().count(), 6);
+}
+
+/// A pipeline or settings file with no size to check first (a device, a
+/// FIFO) is read only up to the 1 MiB cap, never without end.
+#[test]
+fn a_pipeline_or_settings_file_without_end_is_refused() {
+    let ws = shipped(ONE);
+    let o = dg(&ws, &["run", "/dev/zero"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("more than 1048576 bytes (1 MiB) could be read from it"), "{}", o.stderr);
+    std::os::unix::fs::symlink("/dev/zero", ws.path("config/dagrun.yaml")).unwrap();
+    let o = dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("config/dagrun.yaml: the file is over 1 MiB"), "{}", o.stderr);
+}

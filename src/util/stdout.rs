@@ -1,0 +1,59 @@
+//! A command's results on standard output.
+//!
+//! Rules:
+//! - Commands print their results with [`outln!`](crate::outln) and
+//!   [`out!`](crate::out), never `println!` (which panics when the write fails).
+//! - A reader that goes away (`dagrun keys list | head -1`) ends the command
+//!   the way it ends `ls` or `grep`: killed by SIGPIPE, quietly. Only a write
+//!   to stdout does that: SIGPIPE stays ignored for the rest of the process, so
+//!   a write to a closed socket (push, pull, serve, an HSM's network client)
+//!   is an error its caller handles.
+//! - Any other failure to write (a full disk behind `> file`) is an error
+//!   message and exit 1, never a panic.
+//! - `dagrun run` prints its progress lines with `engine::report::say`
+//!   instead, which drops them: a closed stdout must not stop a run half-way.
+
+use std::io::Write;
+
+/// Write `args` to stdout (see the module's rules).
+pub fn print(args: std::fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args) {
+        drop(out);
+        failed(&e);
+    }
+}
+
+fn failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        #[cfg(unix)]
+        // SAFETY: SIG_DFL installs no handler code; raise() then delivers
+        // SIGPIPE to this thread with its default action (the process ends),
+        // as the failed write would have without dagrun ignoring the signal.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+    let _ = writeln!(std::io::stderr(), "error: cannot write to standard output: {e}");
+    std::process::exit(crate::error::exit::FAILED)
+}
+
+/// `println!` for a command's results: see [`crate::util::stdout`].
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::util::stdout::print(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::util::stdout::print(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for a command's results: see [`crate::util::stdout`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::util::stdout::print(format_args!($($arg)*))
+    };
+}
