@@ -40,6 +40,15 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `line` with its control characters (other than tabs) escaped.
+fn shown(line: &str) -> std::borrow::Cow<'_, str> {
+    if line.chars().any(|c| c.is_control() && c != '\t') {
+        line.chars().map(|c| if c.is_control() && c != '\t' { c.escape_default().to_string() } else { c.to_string() }).collect::<String>().into()
+    } else {
+        line.into()
+    }
+}
+
 /// One run's record: stages with status, seconds, reasons and errors (or JSON).
 pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
     let r = runs::find(workspace, id)?;
@@ -51,14 +60,19 @@ pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
     crate::outln!("started {}  finished {}", r.started_at, r.finished_at);
     for s in &r.stages {
         crate::outln!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
-        for reason in &s.reasons {
-            crate::outln!("            {reason}");
-        }
-        if let Some(e) = &s.error {
-            for l in e.lines() {
-                crate::outln!("            {l}");
-            }
+        // A command's stderr (colours, cursor moves) is shown, never obeyed.
+        for l in s.reasons.iter().flat_map(|r| r.lines()).chain(s.error.iter().flat_map(|e| e.lines())) {
+            crate::outln!("            {}", shown(l));
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(super::shown("plain\ttext"), "plain\ttext");
+        assert_eq!(super::shown("\u{1b}[31mred\u{1b}[0m \u{7}"), "\\u{1b}[31mred\\u{1b}[0m \\u{7}");
+    }
 }

@@ -52,11 +52,16 @@ fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
 pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
     let ws = Workspace::at(workspace);
     let _lock = if repair { Some(ws.lock(None, "dagrun verify --repair")?) } else { None };
-    let key: Option<Arc<IntegrityKey>> = Keyring::open_existing(ws.root())?.map(|k| k.integrity_key());
+    let ring = Keyring::open_existing(ws.root())?;
+    let key: Option<Arc<IntegrityKey>> = ring.as_ref().map(|k| k.integrity_key());
     let cas = Cas::read_only(&ws);
     let states = StateStore::new(&ws, key.clone());
     let mut r = VerifyReport::default();
     check_objects(&ws, &cas, repair, &mut r);
+    // Every tenant key unwraps (not only when a run needs it).
+    for p in ring.iter().flat_map(|k| k.check_all_keys()) {
+        r.problems.push(format!("{p} (a run that needs the key fails)"));
+    }
     if key.is_none() && (ws.state_dir().is_dir() || ws.actions_dir().is_dir()) {
         r.problems.push(format!(
             "no master key in {}: state records, models and manifests cannot be verified (set the master key dagrun runs with, or restore .dagrun/keys/master.key from a backup)",

@@ -627,6 +627,24 @@ impl Keyring {
         out
     }
 
+    /// Every stored key unwrapped once and wiped again (`dagrun verify`): one
+    /// message per key that does not unwrap (named, never its bytes). A wrapped
+    /// key is bound to its tenant and id, so an edited, damaged, swapped or
+    /// copied entry is found here instead of by the run that needs it.
+    pub fn check_all_keys(&self) -> Vec<String> {
+        let g = self.lock();
+        let mut problems = Vec::new();
+        for (tenant, e) in &g.tenants {
+            for k in e.data_keys.iter().chain(&e.pseudonym_key) {
+                match self.unwrap_bytes(tenant, k) {
+                    Ok(mut bytes) => wipe(&mut bytes),
+                    Err(err) => problems.push(format!("{err:#}")),
+                }
+            }
+        }
+        problems
+    }
+
     /// Hex of a data key (the active one when `key_id` is `None`; never creates
     /// one), for decrypting elsewhere. The caller must gate this behind an
     /// explicit confirmation; an audit line (without the key) is logged.

@@ -195,15 +195,21 @@ pub fn write(workspace: &Path, rec: &RunRecord) -> Result<PathBuf> {
 const MAX_RECORD_BYTES: u64 = 64 << 20;
 
 /// Read one run record file strictly: any value that is not one dagrun
-/// writes (an unknown status, a missing field, a wrong type) is an error
-/// naming the file.
+/// writes (an unknown status, a missing field, a wrong type, a negative or
+/// non-finite time, a control character in a run id, pipeline, stage name,
+/// key or output) is an error naming the file. (A stage's `error` and
+/// `reasons` may hold a command's stderr, colours and all: readers that print
+/// them escape control characters.)
 pub fn read(path: &Path) -> Result<RunRecord> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read run record {}", path.display()))?;
     if meta.len() > MAX_RECORD_BYTES {
         anyhow::bail!("{}: {} bytes is more than a run record can be; it is not one dagrun wrote: move it out of runs/", path.display(), meta.len());
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read run record {}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a run record dagrun can read: {e}; move it out of runs/", path.display()))
+    let rec: RunRecord =
+        serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a run record dagrun can read: {e}; move it out of runs/", path.display()))?;
+    rec.check_values().map_err(|e| anyhow::anyhow!("{}: not a run record dagrun wrote: {e}; move it out of runs/", path.display()))?;
+    Ok(rec)
 }
 
 /// The run records of a workspace, oldest first, and the files under
@@ -259,6 +265,32 @@ pub fn find(workspace: &Path, id: &str) -> Result<RunRecord> {
 }
 
 impl RunRecord {
+    /// The values [`read`] refuses besides what does not parse (see there).
+    fn check_values(&self) -> Result<()> {
+        if !(self.seconds.is_finite() && self.seconds >= 0.0) {
+            anyhow::bail!("seconds must be finite and ≥ 0");
+        }
+        self.validate_timing("the stages")?;
+        let plain = |what: &str, v: &str| {
+            if v.chars().any(char::is_control) {
+                anyhow::bail!("{what} holds a control character");
+            }
+            Ok(())
+        };
+        plain("run_id", &self.run_id)?;
+        plain("pipeline", &self.pipeline)?;
+        for t in self.targets.iter().chain(&self.forced) {
+            plain("a target", t)?;
+        }
+        for s in &self.stages {
+            plain("a stage name", &s.stage)?;
+            for v in s.key.iter().chain(&s.slurm_job).chain(s.outputs.keys()).chain(s.outputs.values()) {
+                plain(&format!("stage {}", s.stage.escape_debug()), v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Check the timing fields a reader relies on: finite, non-negative,
     /// `start_s ≤ end_s`, and a worker slot below `jobs` when both are known.
     /// `origin` is named in the error.
@@ -318,5 +350,33 @@ mod tests {
         std::fs::write(&p, b"\xff{").unwrap();
         assert!(format!("{:#}", find(dir.path(), "last").unwrap_err()).contains("20990101-000000-000-abcd.json"));
         assert_eq!(list(dir.path()).unreadable.len(), 1);
+    }
+
+    /// An edited record must not reach a terminal with escape sequences in
+    /// its names, or with absurd times; a command's coloured stderr in a
+    /// stage's error is a value dagrun writes, and reads.
+    #[test]
+    fn a_record_with_values_dagrun_never_writes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        let stage = r#"{"stage":"a","status":"failed","seconds":0.5,"error":"exit 3; stderr:\n\u001b[31mred\u001b[0m"}"#;
+        let rec = |seconds: &str, stage: &str| {
+            format!(
+                r#"{{"run_id":"20990101-000000-000-abcd","pipeline":"p.yaml","started_at":"","finished_at":"","seconds":{seconds},"status":"failed","exit_code":1,"stages":[{stage}]}}"#
+            )
+        };
+        std::fs::write(&p, rec("1.0", stage)).unwrap();
+        assert!(read(&p).unwrap().stages[0].error.as_deref().unwrap().contains('\u{1b}'));
+        for (seconds, st, why) in [
+            ("-1e308", stage.to_string(), "seconds must be finite"),
+            ("1.0", stage.replace(r#""stage":"a""#, r#""stage":"a\u001b]0;pwned\u0007""#), "a stage name holds a control character"),
+            ("1.0", stage.replace("0.5", "-2"), "timing values must be finite"),
+        ] {
+            std::fs::write(&p, rec(seconds, &st)).unwrap();
+            let e = format!("{:#}", read(&p).unwrap_err());
+            assert!(e.contains("r.json: not a run record dagrun wrote") && e.contains(why), "{e}");
+        }
+        std::fs::write(&p, rec("1.0", stage).replace(r#""pipeline":"p.yaml""#, r#""pipeline":"p\u001b[2J.yaml""#)).unwrap();
+        assert!(format!("{:#}", read(&p).unwrap_err()).contains("pipeline holds a control character"));
     }
 }

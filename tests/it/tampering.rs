@@ -399,3 +399,28 @@ fn commands_outside_a_workspace_refuse_and_create_nothing() {
         assert_eq!(std::fs::read_dir(d).unwrap().count(), 0, "dagrun {args:?} created files in an empty folder");
     }
 }
+
+/// `verify` unwraps every tenant key: a keyring whose wrapped keys were
+/// swapped between tenants (or damaged) is reported by key, never with its
+/// bytes, instead of being found by the run that next needs it.
+#[test]
+fn verify_unwraps_every_tenant_key() {
+    let ws = propensity_ws();
+    ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000", "-q"]));
+    ok(dg(&ws, &["verify"]));
+    let path = ws.path(".dagrun/keys/keyring.json");
+    let mut ring: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let wrapped = |r: &Value, t: &str| r["tenants"][t]["data_keys"][0]["wrapped"].clone();
+    let (a, b) = (wrapped(&ring, "Tenant_A"), wrapped(&ring, "Tenant_B"));
+    ring["tenants"]["Tenant_A"]["data_keys"][0]["wrapped"] = b.clone();
+    ring["tenants"]["Tenant_B"]["data_keys"][0]["wrapped"] = a.clone();
+    std::fs::write(&path, serde_json::to_vec_pretty(&ring).unwrap()).unwrap();
+    let o = dg(&ws, &["verify"]);
+    assert_eq!(o.code, 4, "{}\n{}", o.stdout, o.stderr);
+    for t in ["Tenant_A", "Tenant_B"] {
+        assert!(o.stdout.contains(&format!("wrapped key {t}-dk-1 of tenant {t}")) && o.stdout.contains("does not unwrap"), "{}", o.stdout);
+    }
+    for hex in [a.as_str().unwrap(), b.as_str().unwrap()] {
+        assert!(!o.stdout.contains(hex) && !o.stderr.contains(hex));
+    }
+}
