@@ -153,11 +153,32 @@ pub struct StageDef {
 }
 
 /// An output: a path, or a path with options.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum OutDef {
     Path(String),
     Detailed(OutDetailed),
+}
+
+/// By hand rather than `untagged`, so that a bad option is named
+/// (``unknown field `sensitiv` ``, ``invalid type: string "maybe", expected a
+/// boolean``) instead of "did not match any variant".
+impl<'de> Deserialize<'de> for OutDef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OutDef;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an output path, or {path: P, sensitive: true|false, cache: true|false}")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<OutDef, E> {
+                Ok(OutDef::Path(s.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<OutDef, A::Error> {
+                OutDetailed::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(OutDef::Detailed)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// An output with options.

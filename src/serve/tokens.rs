@@ -145,7 +145,7 @@ pub fn create(dagrun_dir: &Path, tenant: &str, name: &str, expires_in_days: Opti
     let expires = match expires_in_days {
         None => None,
         Some(d) if d.is_finite() && d > 0.0 && d <= 36_500.0 => Some(created + chrono::Duration::milliseconds((d * 86_400_000.0) as i64)),
-        Some(d) => return Err(crate::error::config(format!("--expires-in {d}: give a number of days between 0 and 36500"))),
+        Some(d) => return Err(crate::error::config(format!("--expires-in {d}: give a number of days above 0, at most 36500"))),
     };
     let mut tokens = load(dagrun_dir)?;
     let secret = random_bytes::<32>()?;

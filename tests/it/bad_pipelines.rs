@@ -321,3 +321,18 @@ fn removing_an_output_no_run_made_is_said() {
     let r = ws.run(&["--force"]).ok();
     assert!(!r.out.stderr.contains("removing"), "{}", r.out.stderr);
 }
+
+/// An output's options are checked like every other key: the message names
+/// the option and what it takes (it once said only "did not match any
+/// variant of untagged enum OutDef").
+#[test]
+fn a_bad_output_option_is_named() {
+    bad(
+        "stages:\n  a: {cmd: echo > a.txt, outs: [{path: a.txt, sensitive: maybe}]}\n",
+        &["pipeline.yaml:2:", "stages.a.outs[0].sensitive: invalid type: string \"maybe\", expected a boolean"],
+    );
+    bad(
+        "stages:\n  a: {cmd: echo > a.txt, outs: [{path: a.txt, sensitiv: true}]}\n",
+        &["pipeline.yaml:2:", "stages.a.outs[0]: unknown field `sensitiv`, expected one of `path`, `sensitive`, `cache`"],
+    );
+}
