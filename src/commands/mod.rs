@@ -29,9 +29,9 @@ pub fn find_workspace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 /// Refuse (exit 2) a tenant that `config/tenants.yaml` does not list and
-/// that `also_known` does not vouch for (its keys in the keyring, its models
-/// in the registry): a typo must not create keys or tokens for a tenant
-/// nobody has, nor leave a "destroyed" mark on a name a tenant may need later.
+/// that `also_known` does not vouch for (its keys in the keyring): a typo
+/// must not create keys for a tenant nobody has, nor leave a "destroyed"
+/// mark on a name a tenant may need later.
 pub fn check_known_tenant(workspace: &Path, tenant: &str, also_known: bool, where_else: &str) -> anyhow::Result<()> {
     crate::pipeline::tenants::validate_tenant_id(tenant).map_err(crate::error::config)?;
     let listed = crate::pipeline::tenants::Tenants::load(workspace);

@@ -369,9 +369,12 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
     ws.pipeline(&yaml);
     let closed_stdout = |args: &[&str]| {
         let mut cmd = ws.cmd(args);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // The reader is gone before dagrun starts: every write to stdout fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        cmd.stdin(Stdio::null()).stdout(writer).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap();
-        drop(child.stdout.take()); // the reader is gone before the first line
+        drop(cmd);
         let t0 = Instant::now();
         loop {
             if let Some(st) = child.try_wait().unwrap() {

@@ -374,8 +374,8 @@ fn absurd_numbers_on_the_command_line_are_errors_not_panics() {
 /// Files a command writes where its user says (`--metrics-file` or
 /// `metrics_file:`, `predict --output`, `report -o`) never land in
 /// `.dagrun/` or `config/` (they once replaced the keyring, and with it every
-/// tenant's data keys, with exit 0); key and token commands refuse a tenant
-/// nobody has (a typo once made keys, tokens and "destroyed" marks for it).
+/// tenant's data keys, with exit 0); key commands refuse a tenant nobody has
+/// (a typo once made keys and "destroyed" marks for it).
 #[test]
 fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     let ws = shipped(TWO);
@@ -393,7 +393,7 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     refused(&["report", "last", "-o", keyring], &format!("-o {keyring}: it is inside .dagrun/"));
     refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", keyring], &format!("--output {keyring}: it is inside .dagrun/"));
     refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "config/tenants.yaml"], "it is inside config/");
-    for args in [&["keys", "rotate", "tenant_a"][..], &["keys", "forget", "Nope", "--yes"], &["tokens", "create", "Nope"]] {
+    for args in [&["keys", "rotate", "tenant_a"][..], &["keys", "forget", "Nope", "--yes"]] {
         refused(args, "config/tenants.yaml lists Tenant_A, Tenant_B");
     }
     ws.write("config/dagrun.yaml", "metrics_file: config/tenants.yaml\n");

@@ -424,3 +424,18 @@ fn verify_unwraps_every_tenant_key() {
         assert!(!o.stdout.contains(hex) && !o.stderr.contains(hex));
     }
 }
+
+/// `lineage` follows only authenticated state records; when the one that
+/// would answer fails its check, the message names it instead of saying the
+/// path was never produced.
+#[test]
+fn lineage_names_the_record_it_could_not_trust() {
+    let ws = cmd_ws();
+    ok(dg(&ws, &["lineage", "out/a.txt"]));
+    let mut st = state(&ws, "a");
+    st["finished_at"] = Value::from("2020-01-01T00:00:00Z");
+    put_state(&ws, "a", &st);
+    let o = dg(&ws, &["lineage", "out/a.txt"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("1 state record(s) could not be trusted") && o.stderr.contains(".dagrun/state/a.json fails its MAC check"), "{}", o.stderr);
+}
