@@ -61,7 +61,7 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     {
         return Err(crate::error::config(format!("{e:#}")));
     }
-    let mut sink: Box<dyn Write> = Box::new(std::io::BufWriter::new(std::io::stdout().lock()));
+    let mut sink: Box<dyn Write> = Box::new(std::io::BufWriter::new(crate::util::stdout::Stdout));
     let mut file = match &args.output {
         Some(p) => Some(AtomicFile::create(p)?),
         None => None,

@@ -29,7 +29,7 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
                 r.run_id,
                 r.status,
                 r.seconds,
-                r.pipeline,
+                shown(&r.pipeline),
                 c(Status::Ran),
                 c(Status::Cached),
                 c(Status::Restored),
@@ -56,7 +56,7 @@ pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
         crate::outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    crate::outln!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, r.pipeline);
+    crate::outln!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, shown(&r.pipeline));
     crate::outln!("started {}  finished {}", r.started_at, r.finished_at);
     for s in &r.stages {
         crate::outln!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);

@@ -35,7 +35,17 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
             let (rec, token) = tokens::create(&dir, tenant, name, *expires_in)?;
             let exp = rec.expires.map(|e| format!(", expires {}", e.format("%Y-%m-%dT%H:%M:%SZ"))).unwrap_or_default();
             eprintln!("token {} for tenant {}{exp}; it is shown once and stored only as a hash:", rec.id, rec.tenant);
-            crate::outln!("{token}");
+            // Shown once: a token that cannot be printed (stdout closed or
+            // full) is revoked at once, never left working and unknown.
+            let shown = {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{token}").and_then(|_| out.flush())
+            };
+            if let Err(e) = shown {
+                tokens::revoke(&dir, &rec.id)?;
+                anyhow::bail!("cannot print token {} ({e}); it is revoked: create another", rec.id);
+            }
         }
         TokensCmd::List { json } => {
             let all = tokens::load(&dir)?;

@@ -726,9 +726,10 @@ impl Keyring {
 
     /// The raw bytes of a stored key; the caller wipes them.
     fn unwrap_bytes(&self, tenant: &str, k: &StoredKey) -> Result<[u8; 32]> {
+        let shown = escape_for_message(tenant);
         let damaged = || {
             anyhow!(
-                "wrapped key {} of tenant {tenant} in the keyring {} does not unwrap although the master key \
+                "wrapped key {} of tenant {shown} in the keyring {} does not unwrap although the master key \
                  matches: the keyring was edited or damaged (or the entry was copied from another tenant or \
                  id). Restore {} from a backup",
                 escape_for_message(&k.id),
@@ -740,7 +741,7 @@ impl Keyring {
         let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{}", k.id);
         self.master
             .unwrap(k.mechanism.as_deref(), aad.as_bytes(), &blob)
-            .with_context(|| format!("cannot unwrap key {} of tenant {tenant} in the keyring {}", escape_for_message(&k.id), self.path.display()))?
+            .with_context(|| format!("cannot unwrap key {} of tenant {shown} in the keyring {}", escape_for_message(&k.id), self.path.display()))?
             .ok_or_else(damaged)
     }
 }

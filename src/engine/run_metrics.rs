@@ -283,7 +283,11 @@ impl RunObserver for RunMetrics {
             }
         }
         let text = render(engine, record, last.get(&record.pipeline).copied());
-        if let Err(e) = crate::util::atomic::write_atomic(&self.path, text.as_bytes()) {
+        // Checked when the run started, and again now: a stage may have
+        // planted a symlink on the way since.
+        if let Err(e) = crate::workspace::Workspace::at(&engine.pipeline.workspace).check_user_output(&self.path, "the metrics file") {
+            tracing::warn!("not writing the metrics file: {e:#}");
+        } else if let Err(e) = crate::util::atomic::write_atomic(&self.path, text.as_bytes()) {
             tracing::warn!("cannot write the metrics file: {e:#}");
         }
     }

@@ -181,6 +181,18 @@ pub fn new_run_id() -> String {
     format!("{}-{}", now.format("%Y%m%d-%H%M%S-%3f"), &h.finalize().to_hex()[..4])
 }
 
+/// Whether `s` has the shape [`new_run_id`] gives (so it can name a file in
+/// `runs/` and nothing else: no `/`, no `..`).
+pub fn is_run_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 24
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            8 | 15 | 19 => c == b'-',
+            20..=23 => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+            _ => c.is_ascii_digit(),
+        })
+}
+
 pub fn runs_dir(workspace: &Path) -> PathBuf {
     workspace.join("runs")
 }
@@ -196,10 +208,11 @@ const MAX_RECORD_BYTES: u64 = 64 << 20;
 
 /// Read one run record file strictly: any value that is not one dagrun
 /// writes (an unknown status, a missing field, a wrong type, a negative or
-/// non-finite time, a control character in a run id, pipeline, stage name,
-/// key or output) is an error naming the file. (A stage's `error` and
-/// `reasons` may hold a command's stderr, colours and all: readers that print
-/// them escape control characters.)
+/// non-finite time, a run id not of dagrun's shape or not the file's name, a
+/// control character in a stage name or key) is an error naming the file.
+/// (Paths, a stage's `error` and its `reasons` may hold any character a file
+/// name or a command's stderr holds, colours and all: readers that print them
+/// escape control characters.)
 pub fn read(path: &Path) -> Result<RunRecord> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot read run record {}", path.display()))?;
     if meta.len() > MAX_RECORD_BYTES {
@@ -209,6 +222,9 @@ pub fn read(path: &Path) -> Result<RunRecord> {
     let rec: RunRecord =
         serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not a run record dagrun can read: {e}; move it out of runs/", path.display()))?;
     rec.check_values().map_err(|e| anyhow::anyhow!("{}: not a run record dagrun wrote: {e}; move it out of runs/", path.display()))?;
+    if path.file_stem().is_some_and(|s| *s != *rec.run_id) {
+        anyhow::bail!("{}: not a run record dagrun wrote: its run_id is not its file name; move it out of runs/", path.display());
+    }
     Ok(rec)
 }
 
@@ -277,15 +293,13 @@ impl RunRecord {
             }
             Ok(())
         };
-        plain("run_id", &self.run_id)?;
-        plain("pipeline", &self.pipeline)?;
-        for t in self.targets.iter().chain(&self.forced) {
-            plain("a target", t)?;
+        if !is_run_id(&self.run_id) {
+            anyhow::bail!("run_id {:?} is not of the form YYYYMMDD-HHMMSS-mmm-xxxx", self.run_id);
         }
         for s in &self.stages {
             plain("a stage name", &s.stage)?;
-            for v in s.key.iter().chain(&s.slurm_job).chain(s.outputs.keys()).chain(s.outputs.values()) {
-                plain(&format!("stage {}", s.stage.escape_debug()), v)?;
+            for v in s.key.iter().chain(s.outputs.values()) {
+                plain(&format!("a key or output hash of stage {}", s.stage.escape_debug()), v)?;
             }
         }
         Ok(())
@@ -358,7 +372,7 @@ mod tests {
     #[test]
     fn a_record_with_values_dagrun_never_writes_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("r.json");
+        let p = dir.path().join("20990101-000000-000-abcd.json");
         let stage = r#"{"stage":"a","status":"failed","seconds":0.5,"error":"exit 3; stderr:\n\u001b[31mred\u001b[0m"}"#;
         let rec = |seconds: &str, stage: &str| {
             format!(
@@ -374,9 +388,18 @@ mod tests {
         ] {
             std::fs::write(&p, rec(seconds, &st)).unwrap();
             let e = format!("{:#}", read(&p).unwrap_err());
-            assert!(e.contains("r.json: not a run record dagrun wrote") && e.contains(why), "{e}");
+            assert!(e.contains("20990101-000000-000-abcd.json: not a run record dagrun wrote") && e.contains(why), "{e}");
         }
+        // A pipeline path may hold any character a file name holds (printed escaped).
         std::fs::write(&p, rec("1.0", stage).replace(r#""pipeline":"p.yaml""#, r#""pipeline":"p\u001b[2J.yaml""#)).unwrap();
-        assert!(format!("{:#}", read(&p).unwrap_err()).contains("pipeline holds a control character"));
+        assert!(read(&p).unwrap().pipeline.contains('\u{1b}'));
+        // A run id names a file in runs/ (`report` writes RUN_ID.html there): dagrun's shape only, and the file's name.
+        for id in ["zz/../../.dagrun/keys/evil", "20990101-000000-000-abcd/x", "20990101-000000-000-ABCD"] {
+            std::fs::write(&p, rec("1.0", stage).replace("20990101-000000-000-abcd", id)).unwrap();
+            assert!(format!("{:#}", read(&p).unwrap_err()).contains("is not of the form YYYYMMDD-HHMMSS-mmm-xxxx"), "{id}");
+        }
+        std::fs::write(&p, rec("1.0", stage).replace("000-abcd", "000-abce")).unwrap();
+        assert!(format!("{:#}", read(&p).unwrap_err()).contains("its run_id is not its file name"));
+        assert!(is_run_id(&new_run_id()));
     }
 }

@@ -200,7 +200,12 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
     // outputs are removed before it runs).
     let mut out_owner: HashMap<&str, usize> = HashMap::new();
     let mut seen_dirs = crate::util::nofollow::CheckedDirs::default();
-    let own_file = file.strip_prefix(&workspace).ok().and_then(|r| normalize_out(&r.to_string_lossy()).ok());
+    // (Resolved: the file may be reached through a symlink, or be one.)
+    let own_file = match (file.canonicalize(), workspace.canonicalize()) {
+        (Ok(f), Ok(w)) => f.strip_prefix(&w).map(Path::to_path_buf).ok(),
+        _ => file.strip_prefix(&workspace).map(Path::to_path_buf).ok(),
+    }
+    .and_then(|r| normalize_out(&r.to_string_lossy()).ok());
     for (i, s) in stages.iter().enumerate() {
         for o in &s.outs {
             check_symlinks(&workspace, &o.path, &mut seen_dirs).map_err(|m| config(format!("{}: {m}", at(&s.base))))?;

@@ -583,6 +583,7 @@ pub fn mlflow_json_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
 /// The rows of a CSV body (a header line naming the columns, as `predict` reads).
 pub fn csv_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
     let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(body);
+    let shift = crate::data::ingest::crlf_line_shift(&body[..body.len().min(64 << 10)]);
     let header = rdr.headers().map_err(|e| csv_refusal(&e, None))?.clone();
     if header.is_empty() || (header.len() == 1 && header[0].is_empty()) {
         return Err(Refused::Bad(format!("{ORIGIN} is empty (no header line); send a header line naming the columns and at least one data row")));
@@ -598,9 +599,9 @@ pub fn csv_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
         match rdr.read_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
-            Err(e) => return Err(csv_refusal(&e, Some(row))),
+            Err(e) => return Err(csv_refusal(&e, Some((row, shift)))),
         }
-        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+        let line = rec.position().map(|p| p.line() + shift).unwrap_or(0);
         if rec.len() != width {
             return Err(Refused::Bad(format!(
                 "{ORIGIN}: row {row} (line {line}): has {} fields but the header has {width}; quote fields that contain commas, and give every row one value per column",
@@ -618,9 +619,11 @@ pub fn csv_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
     validate(cells.len(), present, Some(&lines), ex, |c, r| idx[c as usize].map(|i| &cells[r][i]))
 }
 
-fn csv_refusal(e: &csv::Error, row: Option<u64>) -> Refused {
-    let line = e.position().map(|p| format!(" (line {})", p.line())).unwrap_or_default();
-    let row = row.map(|r| format!(": row {r}")).unwrap_or_default();
+/// `row`: the data row and its line shift (`data::ingest::crlf_line_shift`), `None` for the header.
+fn csv_refusal(e: &csv::Error, row: Option<(u64, u64)>) -> Refused {
+    let shift = row.map_or(0, |(_, s)| s);
+    let line = e.position().map(|p| format!(" (line {})", p.line() + shift)).unwrap_or_default();
+    let row = row.map(|(r, _)| format!(": row {r}")).unwrap_or_default();
     Refused::Bad(match e.kind() {
         csv::ErrorKind::Utf8 { .. } => format!("{ORIGIN}{row}{line}: not valid UTF-8; send UTF-8 text"),
         _ => format!("{ORIGIN}{row}{line}: malformed CSV; check quoting and that every row has one value per column"),

@@ -24,6 +24,26 @@ pub fn print(args: std::fmt::Arguments) {
     }
 }
 
+/// Standard output as a [`Write`] for a command that streams its results
+/// (`predict`, behind a `BufWriter`): a reader that goes away ends the
+/// process as with [`outln!`](crate::outln); other errors are returned.
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().write(buf).inspect_err(end_if_reader_gone)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush().inspect_err(end_if_reader_gone)
+    }
+}
+
+fn end_if_reader_gone(e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        failed(e);
+    }
+}
+
 fn failed(e: &std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         #[cfg(unix)]

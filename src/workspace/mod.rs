@@ -200,16 +200,38 @@ impl Workspace {
                 _ => {}
             }
         }
-        let root = self.root.canonicalize().unwrap_or_else(|_| self.root.clone());
-        let Ok(inside) = real.join(&name).strip_prefix(&root).map(Path::to_path_buf) else { return Ok(()) };
-        let top = inside.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
-        let name = name.to_string_lossy();
-        if top == "runs" {
-            if name.ends_with(".json") || name.ends_with(".jsonl") {
-                return Err(refuse("it would replace a run record in runs/"));
+        // The folders it would land in, checked by name (any workspace's, in
+        // any letter case: a case-insensitive file system) and by identity
+        // (this workspace's, however they are reached: a symlinked config/).
+        #[cfg(unix)]
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        let owned: Vec<(&str, (u64, u64))> = PROTECTED_DIRS.iter().filter_map(|d| id(&self.root.join(d)).map(|i| (*d, i))).collect();
+        let named = |p: &Path, n: &str| p.file_name().is_some_and(|f| f.to_string_lossy().eq_ignore_ascii_case(n));
+        let holds_workspace = |p: &Path| p.parent().is_some_and(|up| up.join(DAGRUN_DIR).is_dir());
+        let record = {
+            let n = name.to_string_lossy().to_ascii_lowercase();
+            n.ends_with(".json") || n.ends_with(".jsonl")
+        };
+        let target = real.join(&name);
+        if let Some(d) = PROTECTED_DIRS.iter().find(|d| named(&target, d) || owned.iter().any(|(o, i)| o == *d && id(&target) == Some(*i))) {
+            return Err(refuse(&format!("it names the {d}/ folder itself")));
+        }
+        for (depth, dir) in real.ancestors().enumerate() {
+            let which = owned
+                .iter()
+                .find(|(_, i)| id(dir) == Some(*i))
+                .map(|(d, _)| *d)
+                .or_else(|| PROTECTED_DIRS.iter().copied().find(|d| named(dir, d) && (*d == DAGRUN_DIR || holds_workspace(dir))));
+            match which {
+                Some("runs") if depth == 0 && record => return Err(refuse("it would replace a run record in runs/")),
+                Some("runs") | None => {}
+                Some(d) => {
+                    return Err(refuse(&format!(
+                        "it is inside {d}/ of a workspace, which dagrun, git or the workspace configuration owns (keys, state, tenant list)"
+                    )));
+                }
             }
-        } else if PROTECTED_DIRS.contains(&top.as_str()) {
-            return Err(refuse(&format!("it is inside {top}/, which dagrun, git or the workspace configuration owns (keys, state, tenant list)")));
         }
         Ok(())
     }
@@ -253,6 +275,18 @@ mod tests {
         refused(root.join("reports/keys/keyring.json")); // a symlinked folder inside the workspace
         refused(other.path().join("keys/keyring.json")); // and from outside it
         refused(root.join(".dagrun"));
+        // Protected folders reached through a symlink, and another workspace's.
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::rename(root.join("config"), elsewhere.path().join("cfg")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join("cfg"), root.join("config")).unwrap();
+        assert!(refused(root.join("config/tenants.yaml")).contains("inside config/"));
+        let other_ws = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other_ws.path().join(".dagrun/keys")).unwrap();
+        std::fs::create_dir_all(other_ws.path().join("config")).unwrap();
+        refused(other_ws.path().join(".dagrun/keys/keyring.json"));
+        refused(other_ws.path().join("config/tenants.yaml"));
+        refused(root.join(".DAGRUN/keys/keyring.json")); // a case-insensitive file system
+        refused(root.join("runs/20261205-000000-000-abcd.JSON"));
         for fine in [
             root.join("reports/m.prom"), // a symlink as the last part is replaced, not followed
             root.join("reports/new/r.html"),

@@ -294,6 +294,11 @@ fn absurd_retries_and_an_output_over_the_pipeline_file() {
         "stages:\n  a: {cmd: echo > a.txt, outs: [a.txt, pipeline.yaml]}\n",
         &["pipeline.yaml:2:", "stage `a`", "output \"pipeline.yaml\" would replace this pipeline file"],
     );
+    // Through a symlink too: the pipeline file given is a link to the output.
+    let ws = Ws::new();
+    ws.write("real.yaml", "stages:\n  a: {cmd: echo > a.txt, outs: [a.txt, real.yaml]}\n");
+    std::os::unix::fs::symlink("real.yaml", ws.path("pipeline.yaml")).unwrap();
+    refused(&ws, &["output \"real.yaml\" would replace this pipeline file (real.yaml)"]);
     let ws = Ws::new();
     ws.write("pipes/p.yaml", "stages:\n  a: {cmd: mkdir -p pipes, outs: [pipes]}\n");
     let o = spawn(ws.cmd(&["run", "pipes/p.yaml"])).wait(Duration::from_secs(30));

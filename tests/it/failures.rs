@@ -420,4 +420,10 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
         assert_eq!(st.signal(), Some(libc::SIGPIPE), "dagrun {args:?}: {st:?}: {err}");
         assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "dagrun {args:?}: {st:?}: {err}");
     }
+    // A token is shown once: one that cannot be printed is revoked, not left working and unknown.
+    let (st, err) = closed_stdout(&["tokens", "create", "Tenant_A"]);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(err.contains("it is revoked: create another"), "{err}");
+    let list = ws.dagrun(&["tokens", "list"]);
+    assert!(list.stdout.contains("revoked") && !list.stdout.contains("active"), "{}", list.stdout);
 }

@@ -383,6 +383,7 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     ok(dg(&ws, &["run", p, "-p", "rows=1000", "-q"]));
     ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", "in.csv"]));
     let before = all_files(&ws);
+    let ring_before = std::fs::read(ws.path(".dagrun/keys/keyring.json")).unwrap();
     let refused = |args: &[&str], needle: &str| {
         let o = dg(&ws, args);
         assert_eq!(o.code, 2, "dagrun {args:?}:\n{}\n{}", o.stdout, o.stderr);
@@ -404,6 +405,27 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
         all_files(&ws).into_iter().filter(|(f, _)| !f.starts_with("runs/") && f != ".dagrun/lock").collect::<Vec<_>>(),
         before.into_iter().filter(|(f, _)| !f.starts_with("runs/") && f != ".dagrun/lock").collect::<Vec<_>>()
     );
+    // A stage that plants a link after the run's start does not redirect the metrics file.
+    ws.write("plant.yaml", "stages:\n  plant: {cmd: ln -sfn .dagrun/keys m && echo > planted.txt, outs: [planted.txt]}\n");
+    let o = ok(dg(&ws, &["run", "plant.yaml", "--metrics-file", "m/keyring.json"]));
+    assert!(o.stderr.contains("not writing the metrics file") && o.stderr.contains("it is inside .dagrun/"), "{}", o.stderr);
+    assert_eq!(std::fs::read(ws.path(keyring)).unwrap(), ring_before);
+    // A CSV with Windows line ends: a bad value is reported on its own line
+    // (the csv crate counts a CRLF file's rows one line short).
+    let crlf: Vec<String> = ws
+        .read("in.csv")
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut f: Vec<&str> = l.split(',').collect();
+            if i == 2 {
+                f[3] = "bad";
+            }
+            f.join(",")
+        })
+        .collect();
+    ws.write("crlf.csv", crlf.join("\r\n") + "\r\n");
+    refused(&["predict", "--tenant", "Tenant_A", "--input", "crlf.csv"], "crlf.csv: row 2 (line 3), column Login_Count");
     // Elsewhere they are written as before.
     ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "scores/a.csv"]));
     assert_eq!(ws.read("scores/a.csv").lines().count(), 6);

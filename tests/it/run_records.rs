@@ -38,3 +38,16 @@ fn a_record_with_an_unknown_status_is_named() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(&o.json(), good.rec());
 }
+
+/// An output path may hold any character a file name may (here a tab): the
+/// run record dagrun writes for it reads back (the strict read refuses
+/// control characters only where dagrun never writes them).
+#[test]
+fn a_tab_in_an_output_path_keeps_the_record_readable() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a: {cmd: \"printf x > 'a\tb.txt'\", outs: [\"a\\tb.txt\"]}\n");
+    ws.run(&[]).ok();
+    let o = ws.dagrun(&["runs", "show", "last"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(ws.dagrun(&["runs"]).stderr, "");
+}

@@ -19,7 +19,8 @@ pub const MAX_CSV_FIELD_BYTES: usize = 64 << 10;
 /// reader's buffer) are read without a record ending: the source moves
 /// `mark` to `read` after every record.
 pub(super) struct Capped {
-    pub(super) inner: File,
+    /// The first bytes (read ahead to see the line ends), then the rest of the file.
+    pub(super) inner: std::io::Chain<std::io::Cursor<Vec<u8>>, File>,
     pub(super) read: u64,
     pub(super) mark: u64,
 }
@@ -55,13 +56,31 @@ pub(super) struct CsvSource {
     pub(super) width: usize,
     pub(super) rec: csv::ByteRecord,
     pub(super) row: u64,
+    /// Added to the csv crate's line of a data record (see [`crlf_line_shift`]).
+    pub(super) line_shift: u64,
+}
+
+/// 1 when the text's first line ends in CRLF, else 0. The csv crate gives a
+/// record that follows a CRLF-terminated one the line of that record (the
+/// `\n` is consumed only as the next record starts), so in a CRLF file
+/// (Excel's, Windows') every data row's line is one short: this shift puts
+/// it right for files with one kind of line end throughout.
+pub fn crlf_line_shift(head: &[u8]) -> u64 {
+    match memchr::memchr(b'\n', head) {
+        Some(i) if i > 0 && head[i - 1] == b'\r' => 1,
+        _ => 0,
+    }
 }
 
 impl CsvSource {
     pub(super) fn open(path: &Path, opts: &IngestOptions) -> Result<(Self, bool)> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let fname = path.display().to_string();
-        let capped = Capped { inner: file, read: 0, mark: 0 };
+        // Read ahead (no seek: the input may be a pipe) to see the line ends.
+        let mut head = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, CSV_BUFFER as u64), &mut head).with_context(|| format!("cannot read {fname}"))?;
+        let line_shift = crlf_line_shift(&head);
+        let capped = Capped { inner: std::io::Read::chain(std::io::Cursor::new(head), file), read: 0, mark: 0 };
         let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).buffer_capacity(CSV_BUFFER).from_reader(capped);
         let header = rdr.byte_headers().map_err(|e| csv_err(&fname, e, None))?.clone();
         if let Some(i) = header.iter().position(|h| h.len() > MAX_CSV_FIELD_BYTES) {
@@ -81,7 +100,7 @@ impl CsvSource {
         for (k, f) in raw_schema(true).fields().iter().enumerate() {
             idx[k] = names.iter().position(|n| n == f.name());
         }
-        let mut src = CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0 };
+        let mut src = CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0, line_shift };
         src.record_done();
         Ok((src, has_label))
     }
@@ -92,14 +111,14 @@ impl CsvSource {
         let mut sens = StringBuilder::with_capacity(batch_size.min(1 << 16), 1024);
         let (mut cid, mut login, mut amt, mut date, mut label) = (vec![], vec![], vec![], vec![], vec![]);
         while cid.len() < batch_size {
-            let more = self.rdr.read_byte_record(&mut self.rec).map_err(|e| csv_err(&ck.file, e, Some(self.row + 1)))?;
+            let more = self.rdr.read_byte_record(&mut self.rec).map_err(|e| csv_err(&ck.file, e, Some((self.row + 1, self.line_shift))))?;
             if !more {
                 break;
             }
             self.record_done();
             self.row += 1;
             let row = self.row;
-            let line = self.rec.position().map(|p| p.line());
+            let line = self.rec.position().map(|p| p.line() + self.line_shift);
             if let Some(j) = self.rec.iter().position(|f| f.len() > MAX_CSV_FIELD_BYTES) {
                 let name = self.idx.iter().position(|&x| x == Some(j)).map(|k| raw_schema(true).field(k).name().clone());
                 bail!(
@@ -174,13 +193,26 @@ impl CsvSource {
     }
 }
 
-/// A csv error as a message that never contains field contents.
-pub(super) fn csv_err(file: &str, e: csv::Error, row: Option<u64>) -> anyhow::Error {
-    let line = e.position().map(|p| format!(" (line {})", p.line())).unwrap_or_default();
-    let row = row.map(|r| format!(": row {r}")).unwrap_or_default();
+/// A csv error as a message that never contains field contents; `row` is the
+/// data row and its line shift ([`crlf_line_shift`]), `None` for the header.
+pub(super) fn csv_err(file: &str, e: csv::Error, row: Option<(u64, u64)>) -> anyhow::Error {
+    let shift = row.map_or(0, |(_, s)| s);
+    let line = e.position().map(|p| format!(" (line {})", p.line() + shift)).unwrap_or_default();
+    let row = row.map(|(r, _)| format!(": row {r}")).unwrap_or_default();
     match e.kind() {
         csv::ErrorKind::Io(io) => anyhow!("cannot read {file}{row}{line}: {io}"),
         csv::ErrorKind::Utf8 { .. } => anyhow!("{file}{row}{line}: not valid UTF-8; save the file as UTF-8"),
         _ => anyhow!("{file}{row}{line}: malformed CSV; check quoting and that every row has one value per column"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn crlf_files_shift_data_lines_by_one() {
+        assert_eq!(super::crlf_line_shift(b"a,b\r\n1,2\r\n"), 1);
+        assert_eq!(super::crlf_line_shift(b"a,b\n1,2\n"), 0);
+        assert_eq!(super::crlf_line_shift(b"a,b"), 0);
+        assert_eq!(super::crlf_line_shift(b"\n"), 0);
     }
 }

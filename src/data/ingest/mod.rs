@@ -26,7 +26,7 @@ mod parquet_source;
 use checks::*;
 pub use checks::{RowChecker, parse_customer_id, parse_login_count, parse_purchase_amount, parse_visit_date};
 use csv_source::*;
-pub use csv_source::{MAX_CSV_FIELD_BYTES, MAX_CSV_RECORD_BYTES};
+pub use csv_source::{MAX_CSV_FIELD_BYTES, MAX_CSV_RECORD_BYTES, crlf_line_shift};
 use parquet_source::*;
 
 use crate::data::parquet_io::ParquetSink;
