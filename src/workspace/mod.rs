@@ -209,20 +209,18 @@ impl Workspace {
         let owned: Vec<(&str, (u64, u64))> = PROTECTED_DIRS.iter().filter_map(|d| id(&self.root.join(d)).map(|i| (*d, i))).collect();
         let named = |p: &Path, n: &str| p.file_name().is_some_and(|f| f.to_string_lossy().eq_ignore_ascii_case(n));
         let holds_workspace = |p: &Path| p.parent().is_some_and(|up| up.join(DAGRUN_DIR).is_dir());
+        // A folder of that name in a workspace (`.dagrun` anywhere).
+        let protected_name = |p: &Path| PROTECTED_DIRS.iter().copied().find(|d| named(p, d) && (*d == DAGRUN_DIR || holds_workspace(p)));
         let record = {
             let n = name.to_string_lossy().to_ascii_lowercase();
             n.ends_with(".json") || n.ends_with(".jsonl")
         };
         let target = real.join(&name);
-        if let Some(d) = PROTECTED_DIRS.iter().find(|d| named(&target, d) || owned.iter().any(|(o, i)| o == *d && id(&target) == Some(*i))) {
+        if let Some(d) = protected_name(&target).or_else(|| owned.iter().find(|(_, i)| id(&target) == Some(*i)).map(|(d, _)| *d)) {
             return Err(refuse(&format!("it names the {d}/ folder itself")));
         }
         for (depth, dir) in real.ancestors().enumerate() {
-            let which = owned
-                .iter()
-                .find(|(_, i)| id(dir) == Some(*i))
-                .map(|(d, _)| *d)
-                .or_else(|| PROTECTED_DIRS.iter().copied().find(|d| named(dir, d) && (*d == DAGRUN_DIR || holds_workspace(dir))));
+            let which = owned.iter().find(|(_, i)| id(dir) == Some(*i)).map(|(d, _)| *d).or_else(|| protected_name(dir));
             match which {
                 Some("runs") if depth == 0 && record => return Err(refuse("it would replace a run record in runs/")),
                 Some("runs") | None => {}
@@ -292,6 +290,8 @@ mod tests {
             root.join("reports/new/r.html"),
             root.join("runs/20261205-000000-000-abcd.html"),
             root.join("scores.csv"),
+            other.path().join("config"), // a file named like a protected folder, outside any workspace
+            other.path().join("runs/x.json"),
             other.path().join("m.prom"),
             PathBuf::from("/nonexistent-dagrun-test/x.prom"),
         ] {
