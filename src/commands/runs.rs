@@ -6,6 +6,13 @@ use std::path::Path;
 
 /// One line per recorded run, newest last (or JSON).
 pub fn list(workspace: &Path, json: bool) -> Result<()> {
+    let dir = runs::runs_dir(workspace);
+    if dir.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
+        return Err(crate::error::config(format!(
+            "{} is not a folder, so it holds no run records; move it aside (dagrun writes its run records there)",
+            dir.display()
+        )));
+    }
     let listing = runs::list(workspace);
     // A file that does not read as a record is named, not silently dropped.
     for (_, e) in &listing.unreadable {

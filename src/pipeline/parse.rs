@@ -218,6 +218,12 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
                 let other = &stages[j].name;
                 let msg = if *other == s.name {
                     format!("{}: declares output {:?} twice", at(&s.base), o.path)
+                } else if stages[j].base == s.base && s.tenant.is_some() {
+                    format!(
+                        "{}: output {:?} is the same for every tenant (the stage runs once per tenant: `foreach: tenants`); put ${{tenant}} in its path, e.g. out/${{tenant}}/…",
+                        at(&s.base),
+                        o.path
+                    )
                 } else {
                     format!("{}: output {:?} is already an output of stage `{other}`; each path has one producing stage", at(&s.base), o.path)
                 };

@@ -341,3 +341,13 @@ fn a_bad_output_option_is_named() {
         &["pipeline.yaml:2:", "stages.a.outs[0]: unknown field `sensitiv`, expected one of `path`, `sensitive`, `cache`"],
     );
 }
+
+/// A stage fanned out per tenant with a fixed output path: the message says
+/// what to do (it once said only that another stage already wrote it).
+#[test]
+fn a_per_tenant_stage_with_one_output_path_is_told_to_use_the_tenant() {
+    let ws = Ws::new();
+    ws.write("config/tenants.yaml", "tenants:\n  - id: T1\n  - id: T2\n");
+    ws.pipeline("stages:\n  a:\n    foreach: tenants\n    cmd: echo > a.txt\n    outs: [a.txt]\n");
+    refused(&ws, &["pipeline.yaml:2:", "stage `a`", "output \"a.txt\" is the same for every tenant", "put ${tenant} in its path"]);
+}

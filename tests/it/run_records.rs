@@ -51,3 +51,13 @@ fn a_tab_in_an_output_path_keeps_the_record_readable() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(ws.dagrun(&["runs"]).stderr, "");
 }
+
+/// `runs/` that is not a folder is said, not listed as "no runs recorded".
+#[test]
+fn runs_that_is_not_a_folder_is_named() {
+    let ws = Ws::new();
+    ws.write("runs", "not a folder\n");
+    let o = ws.dagrun(&["runs"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("runs is not a folder, so it holds no run records"), "{}", o.stderr);
+}
