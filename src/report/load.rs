@@ -15,7 +15,6 @@ use crate::engine::runs::{RunRecord, StageRecord, Status};
 use crate::model::ModelArtifact;
 use crate::model::evaluation::{self, Evaluation};
 use crate::stages::drift::Report as DriftReport;
-use anyhow::Result;
 use std::path::{Component, Path};
 
 /// Where a verified artifact came from.
@@ -178,9 +177,4 @@ pub fn drift_entries(
         out.push(DriftEntry { stage: s.stage.clone(), status: s.status, report });
     }
     out
-}
-
-/// Read a run record file strictly (for `dagrun report` given a path).
-pub fn check_record(rec: &RunRecord, origin: &str) -> Result<()> {
-    rec.validate_timing(origin)
 }

@@ -216,11 +216,13 @@ impl Workspace {
             n.ends_with(".json") || n.ends_with(".jsonl")
         };
         let target = real.join(&name);
-        if let Some(d) = protected_name(&target).or_else(|| owned.iter().find(|(_, i)| id(&target) == Some(*i)).map(|(d, _)| *d)) {
+        // Which of this workspace's protected folders `p` is (one stat).
+        let owned_as = |p: &Path| id(p).and_then(|here| owned.iter().find(|(_, i)| *i == here).map(|(d, _)| *d));
+        if let Some(d) = protected_name(&target).or_else(|| owned_as(&target)) {
             return Err(refuse(&format!("it names the {d}/ folder itself")));
         }
         for (depth, dir) in real.ancestors().enumerate() {
-            let which = owned.iter().find(|(_, i)| id(dir) == Some(*i)).map(|(d, _)| *d).or_else(|| protected_name(dir));
+            let which = owned_as(dir).or_else(|| protected_name(dir));
             match which {
                 Some("runs") if depth == 0 && record => return Err(refuse("it would replace a run record in runs/")),
                 Some("runs") | None => {}
