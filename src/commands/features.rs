@@ -3,7 +3,7 @@
 
 use crate::crypto::IntegrityKey;
 use crate::workspace::Workspace;
-use crate::workspace::state::StateStore;
+use crate::workspace::state::{Loaded, StateStore};
 use anyhow::{Result, anyhow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,44 +14,80 @@ fn key_of(workspace: &Path) -> Result<Arc<IntegrityKey>> {
     Ok(ring.integrity_key())
 }
 
-/// Feature-store version folders of a tenant, from the store stages'
-/// (authenticated) state; only manifests whose MAC verifies.
-pub fn versions(workspace: &Path, tenant: &str) -> Vec<(String, PathBuf)> {
-    let Ok(key) = key_of(workspace) else { return Vec::new() };
-    versions_with(workspace, &key, tenant)
+/// A tenant's feature versions as the store stages' (authenticated) state
+/// records them.
+#[derive(Default)]
+struct Found {
+    /// Versions whose manifest's MAC verifies, sorted.
+    versions: Vec<(String, PathBuf)>,
+    /// Manifests of this tenant that were recorded but fail their check (why, naming the file).
+    refused: Vec<String>,
+    /// State records that fail their own check: whose they are is unknown.
+    untrusted_states: usize,
 }
 
-fn versions_with(workspace: &Path, key: &Arc<IntegrityKey>, tenant: &str) -> Vec<(String, PathBuf)> {
+fn find_versions(workspace: &Path, key: &Arc<IntegrityKey>, tenant: &str) -> Found {
     let states = StateStore::new(&Workspace::at(workspace), Some(key.clone()));
-    let mut v: Vec<(String, PathBuf)> = Vec::new();
-    for s in states.all() {
+    let mut found = Found::default();
+    for (_, loaded) in states.scan_states() {
+        let s = match loaded {
+            Loaded::Valid(s) => s,
+            Loaded::Invalid(_) => {
+                found.untrusted_states += 1;
+                continue;
+            }
+            Loaded::Missing => continue,
+        };
         if s.ingredients.kind != "store" || s.ingredients.params.get("tenant").and_then(|t| t.as_str()) != Some(tenant) {
             continue;
         }
         for out in s.outputs.keys() {
             if out.ends_with(crate::store::MANIFEST_FILE) {
                 let dir = workspace.join(out).parent().map(Path::to_path_buf).unwrap_or_default();
-                if let Ok(m) = crate::store::read_manifest(&dir, key) {
-                    v.push((m.feature_set_version, dir));
+                match crate::store::read_manifest(&dir, key) {
+                    Ok(m) => found.versions.push((m.feature_set_version, dir)),
+                    Err(e) => found.refused.push(format!("{e:#}")),
                 }
             }
         }
     }
-    v.sort();
-    v
+    found.versions.sort();
+    found
+}
+
+impl Found {
+    /// What a "no such version" message adds: the manifests refused, or how
+    /// many state records could not be followed.
+    fn why_missing(&self) -> String {
+        let mut why = String::new();
+        if let Some(first) = self.refused.first() {
+            why += &format!("; {} recorded manifest(s) of it could not be trusted ({first})", self.refused.len());
+        }
+        if self.untrusted_states > 0 {
+            why += &format!(
+                "; {} state record(s) could not be trusted and were not followed (`dagrun verify` lists them, and the next run recomputes those stages)",
+                self.untrusted_states
+            );
+        }
+        why
+    }
 }
 
 pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -> Result<()> {
     let key = key_of(workspace)?;
-    let all = versions_with(workspace, &key, tenant);
+    let found = find_versions(workspace, &key, tenant);
+    let all = &found.versions;
     if all.is_empty() {
-        return Err(crate::error::config(format!("tenant {tenant} has no feature versions in {}: run the pipeline first", workspace.display())));
+        let why = found.why_missing();
+        let fix = if why.is_empty() { ": run the pipeline first" } else { "" };
+        return Err(crate::error::config(format!("tenant {tenant} has no feature versions in {}{fix}{why}", workspace.display())));
     }
     let (v, dir) = match version {
         Some(v) => all.iter().find(|(x, _)| x == v).cloned().ok_or_else(|| {
             crate::error::config(format!(
-                "tenant {tenant} has no feature version {v} (it has: {})",
-                all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", ")
+                "tenant {tenant} has no feature version {v} (it has: {}){}",
+                all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", "),
+                found.why_missing()
             ))
         })?,
         None => all.last().cloned().unwrap(),

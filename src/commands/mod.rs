@@ -39,11 +39,26 @@ pub fn check_known_tenant(workspace: &Path, tenant: &str, also_known: bool, wher
         return Ok(());
     }
     let known = match &listed {
-        Ok(t) => format!("config/tenants.yaml lists {}", t.ids().collect::<Vec<_>>().join(", ")),
+        Ok(t) => format!("config/tenants.yaml lists {}", some_ids(t.ids(), tenant)),
         Err(e) => format!("config/tenants.yaml cannot be read: {e:#}"),
     };
     Err(crate::error::config(format!("no tenant {tenant}: {known}, and {where_else}; check the spelling")))
 }
+
+/// Tenant ids for a message about `wanted`: those equal to it but for letter
+/// case first, then the others, at most [`SHOWN_IDS`] of them and a count of the rest.
+fn some_ids<'a>(ids: impl Iterator<Item = &'a str>, wanted: &str) -> String {
+    let (mut shown, rest): (Vec<&str>, Vec<&str>) = ids.partition(|i| i.eq_ignore_ascii_case(wanted));
+    let all = shown.len() + rest.len();
+    shown.extend(rest.into_iter().take(SHOWN_IDS.saturating_sub(shown.len())));
+    match all - shown.len() {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}
+
+/// Most tenant ids one message lists.
+const SHOWN_IDS: usize = 8;
 
 pub use crate::pipeline::MAX_SECONDS;
 /// Most parallel stages (`-j`).
@@ -64,5 +79,18 @@ pub fn parse_jobs(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_JOBS).contains(&n) => Ok(n),
         _ => Err(format!("{s:?}: give a number of parallel stages from 1 to {MAX_JOBS}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_lists_a_few_ids_the_likely_one_first() {
+        let ids: Vec<String> = (0..20).map(|i| format!("T{i:02}")).collect();
+        assert_eq!(some_ids(ids.iter().map(String::as_str), "t15"), "T15, T00, T01, T02, T03, T04, T05, T06 and 12 more");
+        assert_eq!(some_ids(["Tenant_A", "Tenant_B"].into_iter(), "tenant_b"), "Tenant_B, Tenant_A");
+        assert_eq!(some_ids(["A", "B"].into_iter(), "C"), "A, B");
     }
 }

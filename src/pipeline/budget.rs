@@ -124,15 +124,49 @@ pub fn explain_yaml_message(msg: &str) -> String {
     )
 }
 
-pub(super) fn yaml_error(shown: &str, e: &yaml_serde::Error) -> anyhow::Error {
+/// `text`'s YAML error as `FILE:LINE:COL: message`. A key written twice is
+/// placed on its second occurrence (the parser reports the mapping's start).
+pub(super) fn yaml_error(shown: &str, text: &str, e: &yaml_serde::Error) -> anyhow::Error {
     let msg = explain_yaml_message(&e.to_string());
     match e.location() {
         Some(loc) => {
             let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            config(format!("{shown}:{}:{}: {clean}", loc.line(), loc.column()))
+            let (line, column) = second_key(text, &clean, loc.line(), loc.column()).unwrap_or((loc.line(), loc.column()));
+            config(format!("{shown}:{line}:{column}: {clean}"))
         }
         None => config(format!("{shown}: {msg}")),
     }
+}
+
+/// Where the key that `msg` (``… `KEY` is written twice …``) names appears
+/// the second time in the block mapping that starts at `line`:`column`
+/// (1-based): lines indented as the mapping's first key, until the mapping
+/// ends. None for a flow mapping (`{a: 1, a: 2}`) or anything unexpected.
+fn second_key(text: &str, msg: &str, line: usize, column: usize) -> Option<(usize, usize)> {
+    let key = msg.split_once('`')?.1.split_once("` is written twice")?.0;
+    let indent = column.checked_sub(1)?;
+    let mut seen = 0;
+    for (i, l) in text.lines().enumerate().skip(line.checked_sub(1)?) {
+        let body = l.trim_start_matches(' ');
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let at = l.len() - body.len();
+        if at < indent {
+            return None;
+        }
+        if at > indent {
+            continue;
+        }
+        let written = [key.to_string(), format!("\"{key}\""), format!("'{key}'")];
+        if written.iter().any(|w| body.strip_prefix(w.as_str()).is_some_and(|r| r.trim_start().starts_with(':'))) {
+            seen += 1;
+            if seen == 2 {
+                return Some((i + 1, column));
+            }
+        }
+    }
+    None
 }
 
 /// Depth and alias limits, checked in linear time before any parsing
@@ -144,6 +178,15 @@ pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_written_twice_is_placed_on_its_second_occurrence() {
+        let msg = "stages: `a` is written twice in one mapping (YAML would keep only the last one); rename or remove one of them";
+        let text = "stages:\n  a:\n    cmd: x\n  # a: no\n  b: {cmd: y}\n  \"a\" :\n    cmd: z\n";
+        assert_eq!(second_key(text, msg, 2, 3), Some((6, 3)));
+        assert_eq!(second_key("stages: {a: 1, a: 2}\n", msg, 1, 9), None);
+        assert_eq!(second_key("x:\n  a: 1\ny:\n  a: 2\n", msg, 2, 3), None);
+    }
 
     fn values(text: &str) -> usize {
         let count = std::cell::Cell::new(0);

@@ -326,6 +326,24 @@ mod tests {
         assert!(e.starts_with("p.yaml:4:") && e.contains("unknown field `outz`"), "{e}");
     }
 
+    /// `-p` keeps a param's type: a list param takes a list, never the string it was given.
+    #[test]
+    fn overrides_keep_the_params_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.yaml");
+        std::fs::write(&f, "params:\n  files: [a.csv]\n  n: 1\n  name: x\nstages:\n  a:\n    cmd: echo ${params.files}\n").unwrap();
+        let with = |k: &str, v: &str| load(&f, Some(dir.path()), &[(k.to_string(), v.to_string())], &crate::stages::kinds()).map_err(|e| e.to_string());
+        let p = with("files", "[a.csv, b.csv]").unwrap();
+        assert_eq!(p.params["files"], serde_json::json!(["a.csv", "b.csv"]));
+        assert_eq!(with("files", "[]").unwrap().params["files"], serde_json::json!([]));
+        for bad in ["3", "a.csv", "{a: 1}", "[a", "*x"] {
+            let e = with("files", bad).unwrap_err();
+            assert!(e.contains("`files` is a list in p.yaml; give a list, e.g. --param 'files=[a, b]'"), "{bad}: {e}");
+        }
+        assert!(with("n", "x").unwrap_err().contains("give a number"));
+        assert_eq!(with("name", "[1]").unwrap().params["name"], serde_json::json!("[1]"));
+    }
+
     #[test]
     fn stage_line_is_found() {
         let t = "params:\n  a: 1\nstages:\n  gen:\n    cmd: x\n  \"train\":\n    cmd: y\n";

@@ -71,14 +71,14 @@ pub(super) fn valid_stage_name(name: &str) -> bool {
 pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
     check_yaml_limits(text, &shown)?;
     if yaml_budget_can_be_exceeded(text) {
-        check_yaml_budget(text).map_err(|e| yaml_error(&shown, &e))?;
+        check_yaml_budget(text).map_err(|e| yaml_error(&shown, text, &e))?;
     }
     let pf: PipelineFile = yaml_serde::from_str(text).map_err(|e| {
         // A syntax error anywhere in the file is named before a wrong type
         // (the untyped pass reads the whole file; skipped above when it
         // could not exceed the budget, it runs here on the error path).
         let first = check_yaml_budget(text).err().unwrap_or(e);
-        yaml_error(&shown, &first)
+        yaml_error(&shown, text, &first)
     })?;
     let lines = StageLines::new(text);
     let at = |name: &str| match lines.get(name) {
@@ -107,6 +107,14 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
                 .filter(Value::is_number)
                 .ok_or_else(|| config(format!("--param {k}={v}: `{k}` is a number in {shown}; give a number")))?,
             Value::Bool(_) => Value::Bool(v.parse::<bool>().map_err(|_| config(format!("--param {k}={v}: give true or false")))?),
+            // A list param takes a YAML flow list (`-p 'files=[a.csv, b.csv]'`),
+            // never a string in its place.
+            Value::Array(_) => super::check_yaml_budget(v)
+                .ok()
+                .and_then(|_| yaml_serde::from_str::<yaml_serde::Value>(v).ok())
+                .and_then(|y| to_json(&y, k).ok())
+                .filter(Value::is_array)
+                .ok_or_else(|| config(format!("--param {k}={v}: `{k}` is a list in {shown}; give a list, e.g. --param '{k}=[a, b]'")))?,
             _ => Value::String(v.clone()),
         };
         params.insert(k.clone(), new);

@@ -50,6 +50,11 @@ pub const DAGRUN_DIR: &str = ".dagrun";
 /// configuration (tenant list).
 pub const PROTECTED_DIRS: &[&str] = &[DAGRUN_DIR, ".git", "runs", "config"];
 
+/// Env var holding the path of a file with the master key (read by
+/// `crypto::master`; named here because that file, kept outside the
+/// workspace, is one a user-named output must never replace).
+pub const ENV_MASTER_KEY_FILE: &str = "DAGRUN_MASTER_KEY_FILE";
+
 /// A workspace root and every path dagrun keeps in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workspace {
@@ -220,6 +225,16 @@ impl Workspace {
         let owned_as = |p: &Path| id(p).and_then(|here| owned.iter().find(|(_, i)| *i == here).map(|(d, _)| *d));
         if let Some(d) = protected_name(&target).or_else(|| owned_as(&target)) {
             return Err(refuse(&format!("it names the {d}/ folder itself")));
+        }
+        // The master key file kept elsewhere: the name it is read by, or the
+        // file a symlink there leads to (a writer replaces the name it is given).
+        if let Some(key_file) = std::env::var_os(ENV_MASTER_KEY_FILE).filter(|k| !k.is_empty()) {
+            let key_file = Path::new(&key_file);
+            let named = key_file.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }).and_then(|d| d.canonicalize().ok());
+            let named = named.zip(key_file.file_name()).map(|(d, n)| d.join(n));
+            if [named, key_file.canonicalize().ok()].contains(&Some(target.clone())) {
+                return Err(refuse(&format!("it is the master key file that {ENV_MASTER_KEY_FILE} names")));
+            }
         }
         for (depth, dir) in real.ancestors().enumerate() {
             let which = owned_as(dir).or_else(|| protected_name(dir));

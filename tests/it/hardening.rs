@@ -444,3 +444,36 @@ fn a_pipeline_or_settings_file_without_end_is_refused() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("config/dagrun.yaml: the file is over 1 MiB"), "{}", o.stderr);
 }
+
+/// The master key kept outside the workspace (`DAGRUN_MASTER_KEY_FILE`) is a
+/// file no user-named output may replace either: by its name, or through a
+/// symlinked folder on the way.
+#[test]
+fn a_master_key_file_kept_elsewhere_is_never_replaced() {
+    let ws = Ws::new();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("master.key");
+    std::fs::write(&key, MASTER).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(keys.path(), ws.path("kd")).unwrap();
+    ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n");
+    let with_key = |args: &[&str]| {
+        let mut c = cmd(&ws, args);
+        c.env("DAGRUN_MASTER_KEY_FILE", &key);
+        let o = spawn(c).wait(HANG);
+        assert!(!o.stderr.contains("panicked"), "dagrun {args:?} panicked:\n{}", o.stderr);
+        o
+    };
+    ok(with_key(&["run", "pipeline.yaml"]));
+    let k = key.to_str().unwrap();
+    for args in [&["report", "last", "-o", k][..], &["report", "last", "-o", "kd/master.key"], &["run", "pipeline.yaml", "--metrics-file", k]] {
+        let o = with_key(args);
+        assert_eq!(o.code, 2, "dagrun {args:?}:\n{}", o.stderr);
+        assert!(o.stderr.contains("it is the master key file that DAGRUN_MASTER_KEY_FILE names"), "dagrun {args:?}:\n{}", o.stderr);
+        assert!(!o.stderr.contains(MASTER));
+    }
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), MASTER);
+    ok(with_key(&["report", "last", "-o", "kd/report.html"]));
+    assert!(keys.path().join("report.html").is_file());
+    ok(with_key(&["run", "pipeline.yaml"]));
+}

@@ -439,3 +439,31 @@ fn lineage_names_the_record_it_could_not_trust() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("1 state record(s) could not be trusted") && o.stderr.contains(".dagrun/state/a.json fails its MAC check"), "{}", o.stderr);
 }
+
+/// `features` with an edited manifest names it (and the fix) instead of
+/// saying the tenant has no feature versions; an edited store state record
+/// is counted the same way.
+#[test]
+fn features_names_the_manifest_it_could_not_trust() {
+    let ws = propensity_ws();
+    ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000", "-q"]));
+    ok(dg(&ws, &["features", "Tenant_A"]));
+    let path = ws.path("featurestore/Tenant_A/v1.0/manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("\"rows\": 5", "\"rows\": 6", 1)).unwrap();
+    let o = dg(&ws, &["features", "Tenant_A"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("1 recorded manifest(s) of it could not be trusted") && o.stderr.contains("v1.0/manifest.json fails its MAC check"), "{}", o.stderr);
+    assert!(!o.stderr.contains("run the pipeline first"), "{}", o.stderr);
+    let o = dg(&ws, &["features", "Tenant_A", "--version", "v2.0"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("manifest.json fails its MAC check"), "{}", o.stderr);
+    // The other tenant is untouched; its store's state record edited is counted.
+    ok(dg(&ws, &["features", "Tenant_B"]));
+    let mut st = state(&ws, "store[Tenant_B]");
+    st["finished_at"] = Value::from("2020-01-01T00:00:00Z");
+    put_state(&ws, "store[Tenant_B]", &st);
+    let o = dg(&ws, &["features", "Tenant_B"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("1 state record(s) could not be trusted"), "{}", o.stderr);
+}
