@@ -79,8 +79,12 @@ pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -
     let all = &found.versions;
     if all.is_empty() {
         let why = found.why_missing();
-        let fix = if why.is_empty() { ": run the pipeline first" } else { "" };
-        return Err(crate::error::config(format!("tenant {tenant} has no feature versions in {}{fix}{why}", workspace.display())));
+        let ws = workspace.display();
+        return Err(crate::error::config(if why.is_empty() {
+            format!("tenant {tenant} has no feature versions in {ws}: run the pipeline first")
+        } else {
+            format!("tenant {tenant} has no feature version dagrun can trust in {ws}{why}")
+        }));
     }
     let (v, dir) = match version {
         Some(v) => all.iter().find(|(x, _)| x == v).cloned().ok_or_else(|| {
