@@ -436,11 +436,19 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
 #[test]
 fn a_pipeline_or_settings_file_without_end_is_refused() {
     let ws = shipped(ONE);
-    let o = dg(&ws, &["run", "/dev/zero"]);
+    // Under a 4 GiB address-space limit: if the cap regressed, dagrun fails
+    // to allocate (and this test fails) instead of taking the machine's memory.
+    let capped = |args: &[&str]| {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg("ulimit -v 4194304 && exec \"$0\" \"$@\"").arg(crate::common::BIN).args(args).current_dir(&ws.root);
+        c.env_remove("DAGRUN_MASTER_KEY").env_remove("DAGRUN_MASTER_KEY_FILE").env_remove("RUST_LOG").env("NO_COLOR", "1");
+        spawn(c).wait(HANG)
+    };
+    let o = capped(&["run", "/dev/zero"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("more than 1048576 bytes (1 MiB) could be read from it"), "{}", o.stderr);
     std::os::unix::fs::symlink("/dev/zero", ws.path("config/dagrun.yaml")).unwrap();
-    let o = dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000"]);
+    let o = capped(&["run", "pipelines/propensity.yaml", "-p", "rows=1000"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("config/dagrun.yaml: the file is over 1 MiB"), "{}", o.stderr);
 }
