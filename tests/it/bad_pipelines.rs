@@ -280,7 +280,10 @@ fn misspelt_or_mistyped_with_key() {
 fn a_key_written_twice_is_refused_not_dropped() {
     let twice = "is written twice in one mapping";
     bad("stages:\n  a: {cmd: echo > a.txt, outs: [a.txt]}\n  a: {cmd: echo > b.txt, outs: [b.txt]}\n", &["pipeline.yaml:3:3: stages: `a`", twice]);
-    bad("stages:\n  a:\n    cmd: echo > a.txt\n    env:\n      X: a\n      Y: b\n      X: c\n    outs: [a.txt]\n", &["pipeline.yaml:7:7: stages.a.env: `X`", twice]);
+    bad(
+        "stages:\n  a:\n    cmd: echo > a.txt\n    env:\n      X: a\n      Y: b\n      X: c\n    outs: [a.txt]\n",
+        &["pipeline.yaml:7:7: stages.a.env: `X`", twice],
+    );
     bad("params: {x: 1, x: 2}\nstages:\n  a: {cmd: echo > a.txt, outs: [a.txt]}\n", &["pipeline.yaml:1:9: params: `x`", twice]);
     bad("stages:\n  a:\n    cmd: echo > a.txt\n    env: {X: a, X: b}\n    outs: [a.txt]\n", &["pipeline.yaml:4:10: stages.a.env: `X`", twice]);
     bad("stages:\n  g:\n    uses: generate\n    with: {rows: 10, rows: 20, output: r.parquet}\n", &["pipeline.yaml:4:11: stages.g.with: `rows`", twice]);

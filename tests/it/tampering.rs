@@ -453,7 +453,11 @@ fn features_names_the_manifest_it_could_not_trust() {
     std::fs::write(&path, text.replacen("\"rows\": 5", "\"rows\": 6", 1)).unwrap();
     let o = dg(&ws, &["features", "Tenant_A"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
-    assert!(o.stderr.contains("1 recorded manifest(s) of it could not be trusted") && o.stderr.contains("v1.0/manifest.json fails its MAC check"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("1 recorded manifest(s) of it could not be trusted") && o.stderr.contains("v1.0/manifest.json fails its MAC check"),
+        "{}",
+        o.stderr
+    );
     assert!(!o.stderr.contains("run the pipeline first"), "{}", o.stderr);
     let o = dg(&ws, &["features", "Tenant_A", "--version", "v2.0"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
