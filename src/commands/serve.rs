@@ -86,17 +86,31 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
         // is listening): a SIGTERM right after that line must drain, not
         // kill the process with the default action.
         use tokio::signal::unix::{SignalKind, signal};
+        // The first SIGTERM or SIGINT drains; a second one stops the drain
+        // (requests in flight are cut off; the audit log is still flushed).
         let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+        let (signals, mut seen) = tokio::sync::watch::channel(0u32);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                signals.send_modify(|n| *n += 1);
             }
-            tracing::info!("shutting down: no new connections; finishing requests in flight");
+        });
+        let mut seen2 = seen.clone();
+        let shutdown = async move {
+            let _ = seen.wait_for(|n| *n >= 1).await;
+            tracing::info!("shutting down: no new connections; finishing requests in flight (a second signal stops at once)");
+        };
+        let force = async move {
+            let _ = seen2.wait_for(|n| *n >= 2).await;
+            tracing::warn!("second signal: not waiting for the requests in flight");
         };
         let insecure = a.insecure_plaintext;
-        crate::serve::serve(opts, shutdown, |r, notes| {
+        crate::serve::serve(opts, shutdown, force, |r, notes| {
             let scheme = if r.tls { "https" } else { "http" };
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "dagrun serve: listening on {scheme}://{} ({workers} workers)", r.addr);

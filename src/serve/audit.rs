@@ -14,6 +14,10 @@
 //!   are counted (`dagrun_serve_audit_write_failures_total`) and the
 //!   responses are still sent. On shutdown the batch is written, flushed and
 //!   fsynced.
+//! - A log file is opened without following a symlink (`O_NOFOLLOW`), must be
+//!   a regular file, and is created mode 0600: a link planted in the folder
+//!   never sends lines elsewhere. Today's file is checked at start, so such a
+//!   link is an error the operator sees, not silently lost lines.
 
 use crate::serve::metrics::Metrics;
 use std::collections::VecDeque;
@@ -67,6 +71,10 @@ impl Audit {
     /// Start the writer thread for `dir` (created when missing).
     pub fn start(dir: PathBuf, metrics: Arc<Metrics>) -> anyhow::Result<Audit> {
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create the audit log folder {}: {e}", dir.display()))?;
+        let today = file_for(&dir, chrono::Utc::now().date_naive());
+        open(&dir, chrono::Utc::now().date_naive()).map_err(|e| {
+            anyhow::anyhow!("cannot open the audit log {}: {e}; it must be a regular file (not a symlink) that dagrun can append to", today.display())
+        })?;
         let inner = Arc::new(Inner { batch: Mutex::new(Batch::default()), wake: Condvar::new() });
         let (i, m, d) = (inner.clone(), metrics.clone(), dir.clone());
         let thread = std::thread::Builder::new().name("dagrun-audit".into()).spawn(move || writer(d, i, m))?;
@@ -122,7 +130,16 @@ struct Out {
 }
 
 fn open(dir: &Path, day: chrono::NaiveDate) -> std::io::Result<Out> {
-    let f = OpenOptions::new().create(true).append(true).open(file_for(dir, day))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(file_for(dir, day))?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     Ok(Out { day, w: BufWriter::with_capacity(1 << 16, f) })
 }
 
@@ -206,7 +223,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let m = Arc::new(Metrics::default());
         let mut a = Audit::start(d.path().join("audit"), m.clone()).unwrap();
-        std::fs::remove_dir(d.path().join("audit")).unwrap();
+        std::fs::remove_dir_all(d.path().join("audit")).unwrap();
         std::fs::write(d.path().join("audit"), b"a file where the folder was").unwrap();
         let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 4).unwrap();
         a.log(day, b"{}");

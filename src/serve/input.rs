@@ -13,12 +13,21 @@
 //!   they are. Any other column is refused.
 //! - No message ever contains a cell value: JSON errors are reported by
 //!   line and column only, since serde's own messages may quote the input.
-//!   Tenant ids and column names are shown escaped and shortened.
+//!   An unknown column name or datatype is described, never shown (a
+//!   headerless CSV's first row, or a mistake, may be personal data:
+//!   `unknown column (20 characters, looks like an e-mail address)`), as
+//!   `predict` does; tenant ids are shown escaped and shortened.
+//! - Memory is bounded by the row limit while parsing, not after: a body may
+//!   create at most [`value_budget`] values (cells, records, rows), so a few
+//!   bytes of JSON each (`{}`, `[]`, `0`) can never become hundreds of bytes
+//!   each for megabytes; past it the request is refused with 413.
+//! - An OIP tensor's values must be of its datatype, and nested only as its
+//!   shape says (`[rows]` flat, `[rows, 1]` flat or one value per list).
 //! - Parsing borrows from the body where it can (strings without escapes).
 
+use crate::data::describe_value;
 use crate::data::ingest::{self, IngestOptions, RowChecker};
 use crate::data::schema;
-use crate::data::show_tenant;
 use serde::Deserialize;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
@@ -40,6 +49,46 @@ impl From<anyhow::Error> for Refused {
     fn from(e: anyhow::Error) -> Self {
         Refused::Bad(format!("{e:#}"))
     }
+}
+
+thread_local! {
+    /// Values the body being parsed on this thread may still create
+    /// ([`parse_within`]); unlimited outside a parse.
+    static VALUES_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Values (cells, records, rows) a request of `max_rows` rows may hold: one
+/// per column and row, one per row, and a few more.
+pub fn value_budget(max_rows: usize) -> usize {
+    max_rows.saturating_mul(ALL.len() + 1).saturating_add(64)
+}
+
+/// Count one value against the budget of the parse under way.
+fn take_value<E: serde::de::Error>() -> Result<(), E> {
+    VALUES_LEFT.with(|left| match left.get() {
+        0 => Err(E::custom("over the value budget")),
+        n => {
+            left.set(n - 1);
+            Ok(())
+        }
+    })
+}
+
+/// Parse `body` as JSON within the value budget of `max_rows` rows; `what`
+/// is the shape to ask for in a message.
+fn parse_within<'b, T: Deserialize<'b>>(body: &'b [u8], max_rows: usize, what: &str) -> Result<T, Refused> {
+    let before = VALUES_LEFT.replace(value_budget(max_rows));
+    let parsed = serde_json::from_slice(body);
+    let left = VALUES_LEFT.replace(before);
+    parsed.map_err(|e| {
+        if left == 0 {
+            Refused::TooManyRows(format!(
+                "{ORIGIN} holds more values than {max_rows} rows can (the limit is {max_rows} rows per request, dagrun serve --max-rows): split it"
+            ))
+        } else {
+            json_error(&e, what)
+        }
+    })
 }
 
 /// Validated rows, column by column.
@@ -176,6 +225,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Cell<'a> {
                 Ok(Cell::Map)
             }
         }
+        take_value::<D::Error>()?;
         d.deserialize_any(V(std::marker::PhantomData))
     }
 }
@@ -208,7 +258,7 @@ fn check_columns<'n>(names: impl IntoIterator<Item = &'n str>) -> Result<[Option
     let mut idx = [None; 7];
     for (i, n) in names.into_iter().enumerate() {
         let Some(c) = Col::of(n) else {
-            return Err(Refused::Bad(format!("{ORIGIN}: unknown column {}; expected: {}", show_tenant(n), expected_columns())));
+            return Err(unknown_column(&format!("column {}", i + 1), n));
         };
         if idx[c as usize].is_some() {
             return Err(Refused::Bad(format!("{ORIGIN}: column {} appears twice; keep one", c.name())));
@@ -221,6 +271,12 @@ fn check_columns<'n>(names: impl IntoIterator<Item = &'n str>) -> Result<[Option
         }
     }
     Ok(idx)
+}
+
+/// An unknown column name, described (never shown: it may be a value), at
+/// `place` (`column 2`, or the row of a `dataframe_records` object).
+fn unknown_column(place: &str, n: &str) -> Refused {
+    Refused::Bad(format!("{ORIGIN}: {place}: unknown column name ({}){}; expected: {}", describe_value(n), ingest::spelt_like(n), expected_columns()))
 }
 
 fn null_msg(ck: &RowChecker, row: u64, line: Option<u64>, c: Col) -> Refused {
@@ -344,18 +400,45 @@ pub struct OipRequest<'a> {
 
 /// Parse an OIP inference request body (the `id` is returned even when the
 /// rows are refused, so that the error can echo it).
-pub fn parse_oip(body: &[u8]) -> Result<OipRequest<'_>, Refused> {
-    serde_json::from_slice(body).map_err(|e| json_error(&e, "an inference request {\"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}, …]}"))
+pub fn parse_oip(body: &[u8], max_rows: usize) -> Result<OipRequest<'_>, Refused> {
+    parse_within(body, max_rows, "an inference request {\"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}, …]}")
 }
 
-/// Flatten nested data (a `[N, 1]` tensor sent as `[[a], [b]]`) in row-major order.
-fn flatten<'a>(data: &'a [Cell<'a>], out: &mut Vec<&'a Cell<'a>>) {
-    for c in data {
-        match c {
-            Cell::List(v) => flatten(v, out),
-            c => out.push(c),
-        }
+/// The datatypes of the Open Inference Protocol (a datatype outside them is
+/// described in a message, never shown).
+const OIP_DATATYPES: [&str; 13] = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"];
+
+/// Whether `c` may be a value of a tensor of datatype `dt` (nulls are
+/// reported by the row checks, with their row).
+fn of_datatype(c: &Cell, dt: &str) -> bool {
+    match (c, dt) {
+        (Cell::Null, _) => true,
+        (Cell::Int(_) | Cell::UInt(_), "INT64" | "INT32") => true,
+        (Cell::Int(_) | Cell::UInt(_) | Cell::Float(_), "FP64" | "FP32") => true,
+        (Cell::Str(_), "BYTES") => true,
+        (Cell::Bool(_) | Cell::Int(0 | 1), "BOOL") => true,
+        _ => false,
     }
+}
+
+/// The values of a tensor of `shape`, one per row: `[rows]` holds values;
+/// `[rows, 1]` values, or lists of one value each (`[[a], [b]]`). None for
+/// any other shape or nesting.
+fn tensor_values<'a>(data: &'a [Cell<'a>], shape: &[i64]) -> Option<Vec<&'a Cell<'a>>> {
+    let rows = match shape {
+        [k] | [k, 1] => usize::try_from(*k).ok()?,
+        _ => return None,
+    };
+    let nested = shape.len() == 2;
+    let values: Vec<&Cell> = data
+        .iter()
+        .map(|c| match c {
+            Cell::List(v) if nested && v.len() == 1 && !matches!(v[0], Cell::List(_)) => Some(&v[0]),
+            Cell::List(_) => None,
+            c => Some(c),
+        })
+        .collect::<Option<_>>()?;
+    (values.len() == rows).then_some(values)
 }
 
 /// The rows of an OIP request.
@@ -366,28 +449,28 @@ pub fn oip_rows<'a>(req: &'a OipRequest<'a>, ex: &Expect) -> Result<Rows, Refuse
     for c in ALL {
         let Some(i) = idx[c as usize] else { continue };
         let input = &req.inputs[i];
-        if input.datatype != c.oip_datatype() && !(c == Col::Amount && matches!(input.datatype.as_ref(), "FP32" | "INT64" | "INT32")) {
-            return Err(Refused::Bad(format!(
-                "{ORIGIN}: input {} has datatype {} but {} is expected",
-                c.name(),
-                show_tenant(&input.datatype),
-                c.oip_datatype()
-            )));
+        let dt = input.datatype.as_ref();
+        if dt != c.oip_datatype() && !(c == Col::Amount && matches!(dt, "FP32" | "INT64" | "INT32")) {
+            let shown = if OIP_DATATYPES.contains(&dt) { dt.to_string() } else { format!("({})", describe_value(dt)) };
+            return Err(Refused::Bad(format!("{ORIGIN}: input {} has datatype {shown} but {} is expected", c.name(), c.oip_datatype())));
         }
-        flatten(&input.data, &mut cols[c as usize]);
-        let len = cols[c as usize].len();
-        let shape_ok = match input.shape.as_slice() {
-            [k] => *k >= 0 && *k as usize == len,
-            [k, 1] => *k >= 0 && *k as usize == len,
-            _ => false,
+        let Some(values) = tensor_values(&input.data, &input.shape) else {
+            return Err(Refused::Bad(format!(
+                "{ORIGIN}: input {} has shape {:?} but {} values nested otherwise; the shape must be [rows] (or [rows, 1]) and the data one value per row",
+                c.name(),
+                input.shape,
+                input.data.len()
+            )));
         };
-        if !shape_ok {
+        if let Some(r) = values.iter().position(|v| !of_datatype(v, dt)) {
             return Err(Refused::Bad(format!(
-                "{ORIGIN}: input {} has shape {:?} but {len} values; the shape must be [rows] (or [rows, 1])",
-                c.name(),
-                input.shape
+                "{ORIGIN}: row {}, column {}: not a value of datatype {dt}; send the values as the tensor's datatype says",
+                r + 1,
+                c.name()
             )));
         }
+        let len = values.len();
+        cols[c as usize] = values;
         match n {
             None => n = Some(len),
             Some(m) if m != len => {
@@ -444,6 +527,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for FlatRows<'a> {
                 f.write_str("a row: a list of values")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<u32, A::Error> {
+                take_value::<A::Error>()?;
                 let mut n = 0u32;
                 while let Some(c) = a.next_element::<Cell<'a>>()? {
                     self.0.push(c);
@@ -493,6 +577,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Record<'a> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Record<'a>, A::Error> {
                 let mut r = Record { cells: Default::default(), unknown: None, twice: None };
+                take_value::<A::Error>()?;
                 while let Some(k) = a.next_key::<Cow<'de, str>>()? {
                     match Col::of(&k) {
                         Some(c) => {
@@ -535,7 +620,7 @@ const MLFLOW_SHAPE: &str = "{\"dataframe_split\": {\"columns\": […], \"data\":
 
 /// The rows of an MLflow JSON request.
 pub fn mlflow_json_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
-    let req: MlflowRequest = serde_json::from_slice(body).map_err(|e| json_error(&e, MLFLOW_SHAPE))?;
+    let req: MlflowRequest = parse_within(body, ex.max_rows, MLFLOW_SHAPE)?;
     match (&req.dataframe_split, &req.dataframe_records) {
         (Some(_), Some(_)) => Err(Refused::Bad(format!("{ORIGIN}: both dataframe_split and dataframe_records; send one"))),
         (Some(s), None) => {
@@ -553,9 +638,9 @@ pub fn mlflow_json_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
         }
         (None, Some(recs)) => {
             let mut present = [false; 7];
-            for r in recs {
+            for (i, r) in recs.iter().enumerate() {
                 if let Some(u) = &r.unknown {
-                    return Err(Refused::Bad(format!("{ORIGIN}: unknown column {}; expected: {}", show_tenant(u), expected_columns())));
+                    return Err(unknown_column(&format!("row {}", i + 1), u));
                 }
                 if let Some(c) = r.twice {
                     return Err(Refused::Bad(format!("{ORIGIN}: column {} appears twice; keep one", c.name())));
@@ -653,7 +738,7 @@ mod tests {
             {"name":"Login_Count","shape":[2],"datatype":"INT64","data":[3,4]},
             {"name":"Purchase_Amount","shape":[2],"datatype":"FP64","data":[10.5,0]},
             {"name":"Last_Visit_Date","shape":[2],"datatype":"BYTES","data":["2025-12-01","2025-11-30"]}]}"#;
-        let req = parse_oip(oip).unwrap();
+        let req = parse_oip(oip, 10).unwrap();
         assert_eq!(req.id.as_deref(), Some("x"));
         let a = oip_rows(&req, &ex()).unwrap();
         let split = br#"{"dataframe_split":{"index":[0,1],"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,10.5,"2025-12-01"],[2,4,0,"2025-11-30"]]}}"#;
@@ -704,7 +789,9 @@ mod tests {
             br#"{"dataframe_records":[{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","secret-alice@example.com":1}]}"#,
             &ex(),
         ));
-        assert!(m.contains("unknown column \"secret-alice@example.com\""), "{m}");
+        assert!(m.starts_with("request: row 1: unknown column name (24 characters, looks like an e-mail address)") && !m.contains("alice"), "{m}");
+        let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","login count","Purchase_Amount","Last_Visit_Date"],"data":[]}}"#, &ex()));
+        assert!(m.starts_with("request: column 2: unknown column name (11 characters, text with spaces) (is it Login_Count spelt differently?"), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date","Sensitive_Data"],"data":[[1,3,1,"alice@example.com","x"]]}}"#, &ex()));
         assert!(m.contains("column Last_Visit_Date: not a date") && !m.contains("alice"), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID"],"data":[["alice@example.com"]]}}"#, &ex()));
@@ -712,7 +799,7 @@ mod tests {
         let m = bad(mlflow_json_rows(br#"{"dataframe_records": "alice@example.com"}"#, &ex()));
         assert!(!m.contains("alice") && m.contains("line 1"), "{m}");
         let m = bad(mlflow_json_rows(br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,1,"2025-01-01"],[1,3,1,"2025-01-01"]]}}"#, &ex()));
-        assert!(m.contains("row 2, column Customer_ID: duplicate Customer_ID 1"), "{m}");
+        assert!(m.contains("row 2, column Customer_ID: duplicate Customer_ID: an earlier row"), "{m}");
         let m = bad(mlflow_json_rows(
             br#"{"dataframe_split":{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[[1,3,null,"2025-01-01"]]}}"#,
             &ex(),
@@ -722,8 +809,66 @@ mod tests {
         let body =
             format!(r#"{{"dataframe_split":{{"columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"],"data":[{}]}}}}"#, rows.join(","));
         assert!(bad(mlflow_json_rows(body.as_bytes(), &ex())).starts_with("413 request has 11 rows"));
-        let req = parse_oip(br#"{"inputs":[{"name":"Customer_ID","shape":[1],"datatype":"FP64","data":[1]}]}"#).unwrap();
+        let req = parse_oip(br#"{"inputs":[{"name":"Customer_ID","shape":[1],"datatype":"FP64","data":[1]}]}"#, 10).unwrap();
         let m = bad(oip_rows(&req, &ex()));
         assert!(m.contains("missing column Login_Count"), "{m}");
+    }
+
+    /// A body of tiny values (`{}`, `[]`, `0`) is refused while it is parsed,
+    /// once it holds more values than the row limit allows: never hundreds
+    /// of bytes of memory per byte of body.
+    #[test]
+    fn parsing_stops_at_the_value_budget() {
+        let many = |item: &str, n: usize| vec![item; n].join(",");
+        let n = value_budget(10) + 1;
+        for body in [
+            format!(r#"{{"dataframe_records":[{}]}}"#, many("{}", n)),
+            format!(r#"{{"dataframe_split":{{"columns":["Customer_ID"],"data":[[{}]]}}}}"#, many("0", n)),
+            format!(r#"{{"dataframe_split":{{"columns":["Customer_ID"],"data":[{}]}}}}"#, many("[]", n)),
+        ] {
+            let m = bad(mlflow_json_rows(body.as_bytes(), &ex()));
+            assert!(m.starts_with("413 request holds more values than 10 rows can"), "{m}");
+        }
+        for body in [
+            format!(r#"{{"inputs":[{{"name":"Customer_ID","shape":[1],"datatype":"INT64","data":[{}]}}]}}"#, many("0", n)),
+            format!(r#"{{"inputs":[{{"name":"Customer_ID","shape":[1],"datatype":"INT64","data":[{}]}}]}}"#, many("[]", n)),
+        ] {
+            assert!(matches!(parse_oip(body.as_bytes(), 10), Err(Refused::TooManyRows(_))));
+        }
+        // Within it, a parse is as before; the budget ends with the parse.
+        let rows =
+            format!(r#"{{"dataframe_records":[{}]}}"#, many(r#"{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01"}"#, 1));
+        assert_eq!(mlflow_json_rows(rows.as_bytes(), &ex()).unwrap().len(), 1);
+        assert_eq!(VALUES_LEFT.get(), usize::MAX);
+    }
+
+    /// An OIP tensor's values are of its datatype and nested only as its shape says.
+    #[test]
+    fn oip_values_follow_datatype_and_shape() {
+        let req = |cid: &str, shape: &str, dt: &str| {
+            format!(
+                r#"{{"inputs":[{{"name":"Customer_ID","shape":{shape},"datatype":"{dt}","data":{cid}}},
+                {{"name":"Login_Count","shape":[1],"datatype":"INT64","data":[3]}},
+                {{"name":"Purchase_Amount","shape":[1],"datatype":"INT32","data":[1]}},
+                {{"name":"Last_Visit_Date","shape":[1],"datatype":"BYTES","data":["2025-01-01"]}}]}}"#
+            )
+        };
+        let rows = |body: String| oip_rows(&parse_oip(body.as_bytes(), 10).unwrap(), &ex());
+        assert_eq!(rows(req("[7]", "[1]", "INT64")).unwrap().ids, vec![7]);
+        assert_eq!(rows(req("[[7]]", "[1, 1]", "INT64")).unwrap().ids, vec![7]);
+        assert_eq!(rows(req("[7]", "[1, 1]", "INT64")).unwrap().ids, vec![7]);
+        for (cid, shape) in [("[[[[7]]]]", "[1]"), ("[[7]]", "[1]"), ("[[[7]]]", "[1, 1]"), ("[[7, 8]]", "[1, 1]"), ("[7]", "[1, 2]")] {
+            let m = bad(rows(req(cid, shape, "INT64")));
+            assert!(m.contains("input Customer_ID has shape") && m.contains("one value per row"), "{cid} {shape}: {m}");
+        }
+        let m = bad(rows(req(r#"["12"]"#, "[1]", "INT64")));
+        assert!(m.starts_with("request: row 1, column Customer_ID: not a value of datatype INT64"), "{m}");
+        let m = bad(rows(req("[7]", "[1]", "alice@example.com")));
+        assert!(m.contains("has datatype (17 characters, looks like an e-mail address) but INT64"), "{m}");
+        let m = bad(rows(req("[7]", "[1]", "FP64")));
+        assert!(m.contains("has datatype FP64 but INT64"), "{m}");
+        let fractional = req("[7]", "[1]", "INT64").replace(r#""datatype":"INT32","data":[1]"#, r#""datatype":"INT32","data":[1.75]"#);
+        let m = bad(rows(fractional));
+        assert!(m.starts_with("request: row 1, column Purchase_Amount: not a value of datatype INT32"), "{m}");
     }
 }

@@ -88,9 +88,15 @@ pub struct Running {
     pub tls: bool,
 }
 
-/// Serve until `shutdown` resolves, then drain. `on_start` is called once
-/// the socket is bound (the address is printed by the caller).
-pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output = ()>, on_start: impl FnOnce(&Running, &[String])) -> Result<()> {
+/// Serve until `shutdown` resolves, then drain (until `force` resolves, at
+/// most the drain timeout). `on_start` is called once the socket is bound
+/// (the address is printed by the caller).
+pub async fn serve(
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+    force: impl std::future::Future<Output = ()>,
+    on_start: impl FnOnce(&Running, &[String]),
+) -> Result<()> {
     let addr: SocketAddr = opts
         .listen
         .parse()
@@ -136,6 +142,8 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
         draining: AtomicBool::new(false),
         request_prefix: prefix,
         request_counter: Default::default(),
+        bodies: tokio::sync::Semaphore::new(state::body_budget_kib(opts.limits.max_body)),
+        scoring: tokio::sync::Semaphore::new(tokio::runtime::Handle::current().metrics().num_workers().max(1)),
     });
     let mut watch = Watch::default();
     shared.reload_tokens(&mut watch);
@@ -194,12 +202,16 @@ pub async fn serve(opts: ServeOptions, shutdown: impl std::future::Future<Output
     shared.draining.store(true, Ordering::SeqCst);
     let _ = tx.send(true);
     let t0 = Instant::now();
+    tokio::pin!(force);
     while active.load(Ordering::SeqCst) > 0 && t0.elapsed() < opts.limits.drain_timeout {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = &mut force => break,
+        }
     }
     let left = active.load(Ordering::SeqCst);
     if left > 0 {
-        tracing::warn!("{left} connections still open after the drain timeout; closing them");
+        tracing::warn!("{left} connections still open after the drain (timeout or a second signal); closing them");
     }
     stop.store(true, Ordering::SeqCst);
     let _ = reloader.join();

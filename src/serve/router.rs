@@ -15,6 +15,20 @@
 //! - Every scoring response is computed by one model (one snapshot, see
 //!   `state`) and names its version: OIP in `model_version`, MLflow in the
 //!   `model_version` header.
+//! - Every scoring answer, refusals included, is one of these JSON bodies and
+//!   is audited with its token and tenant: the body limit (413, also when
+//!   `Content-Length` says so before a byte is read) and the request timeout
+//!   (408) are checked in the handlers, after the token, not by layers that
+//!   answer on their own; an unknown method gets a JSON 405.
+//! - Memory: at most [`crate::serve::state::BODIES_AT_ONCE`] bodies of `--max-body` are held at
+//!   once (a body takes its share of `Shared::bodies` before it is read;
+//!   later ones wait, within the request timeout), and parsing is bounded by
+//!   the row limit (`input`'s value budget).
+//! - Parsing and scoring run off the async workers (`block_in_place`), one
+//!   request per worker at a time (`Shared::scoring`): a large request never
+//!   stalls health checks or other tenants' small requests.
+//! - Two `Authorization` headers are refused (400): which one a proxy or the
+//!   server would take is not something to guess.
 
 use crate::scoring::score_row;
 use crate::serve::input::{self, Expect, Refused, Rows};
@@ -48,7 +62,6 @@ struct Info {
 
 /// The router of one server.
 pub fn router(shared: Arc<Shared>) -> Router {
-    let limits = shared.limits.clone();
     Router::new()
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -62,8 +75,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/version", get(version))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(limits.max_body))
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(shared.clone(), observe))
         .with_state(shared)
 }
@@ -200,6 +212,9 @@ fn bearer(h: &HeaderMap) -> &[u8] {
 
 /// Check the token; with `tenant`, also that it is the token's tenant.
 fn authorize(s: &Shared, h: &HeaderMap, tenant: Option<&str>, proto: Proto) -> Result<Caller, Response> {
+    if h.get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(error(proto, StatusCode::BAD_REQUEST, "more than one Authorization header; send one", Info::default()));
+    }
     let set = s.tokens.load();
     let caller = set.caller(bearer(h), chrono::Utc::now()).map_err(|why| {
         let msg = match why {
@@ -246,21 +261,48 @@ fn media_type(h: &HeaderMap, accepted: &[&'static str]) -> Option<Option<&'stati
     Some(accepted.iter().find(|a| a.as_bytes().eq_ignore_ascii_case(mt)).copied())
 }
 
-async fn read_body(body: Body, proto: Proto, info: &Info) -> Result<axum::body::Bytes, Response> {
+/// The request body, read within the request timeout and the server's
+/// budget of bodies held at once (the permit is held until the answer is
+/// made: the bytes live until then). A declared length over the limit is
+/// refused before anything is read.
+async fn take_body<'s>(
+    s: &'s Shared,
+    h: &HeaderMap,
+    body: Body,
+    proto: Proto,
+    info: &Info,
+) -> Result<(axum::body::Bytes, tokio::sync::SemaphorePermit<'s>), Response> {
     use http_body_util::BodyExt;
-    match body.collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) => {
-            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(x) = src {
-                if x.is::<http_body_util::LengthLimitError>() {
-                    return Err(error(proto, StatusCode::PAYLOAD_TOO_LARGE, "request body over the size limit (dagrun serve --max-body)", info.clone()));
-                }
-                src = x.source();
-            }
-            Err(error(proto, StatusCode::BAD_REQUEST, "cannot read the request body", info.clone()))
-        }
+    let max = s.limits.max_body;
+    let too_large = || error(proto, StatusCode::PAYLOAD_TOO_LARGE, "request body over the size limit (dagrun serve --max-body)", info.clone());
+    let declared = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
     }
+    let kib = declared.map_or(max, |n| n as usize).div_ceil(1024).clamp(1, crate::serve::state::body_budget_kib(max));
+    let read = async {
+        let permit = s.bodies.acquire_many(kib as u32).await.expect("the body budget is never closed");
+        let bytes = http_body_util::Limited::new(body, max).collect().await.map(|b| b.to_bytes());
+        (permit, bytes)
+    };
+    match tokio::time::timeout(s.limits.request_timeout, read).await {
+        Err(_) => Err(error(
+            proto,
+            StatusCode::REQUEST_TIMEOUT,
+            "the request body did not arrive within the request timeout (dagrun serve --request-timeout)",
+            info.clone(),
+        )),
+        Ok((permit, Ok(bytes))) => Ok((bytes, permit)),
+        Ok((_, Err(e))) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok((_, Err(_))) => Err(error(proto, StatusCode::BAD_REQUEST, "cannot read the request body", info.clone())),
+    }
+}
+
+/// Run `answer` (parse, check, score) off the async workers, one request per
+/// worker at a time.
+async fn off_workers(s: &Shared, answer: impl FnOnce() -> Response) -> Response {
+    let _turn = s.scoring.acquire().await.expect("the scoring semaphore is never closed");
+    tokio::task::block_in_place(answer)
 }
 
 fn refused(proto: Proto, r: Refused, info: Info) -> Response {
@@ -324,6 +366,10 @@ async fn metrics(State(s): S) -> Response {
 
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], r#"{"error":"no such route"}"#).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, [(header::CONTENT_TYPE, "application/json")], r#"{"error":"this route does not take this method"}"#).into_response()
 }
 
 fn tensor_meta(name: &str, dt: &str) -> serde_json::Value {
@@ -395,16 +441,22 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req:
         Ok(m) => m,
         Err(r) => return r,
     };
-    let mut info = info_of(&c, Some(&m));
+    let info = info_of(&c, Some(&m));
     match media_type(h, &["application/json"]) {
         None | Some(Some(_)) => {}
         Some(None) => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the inference request as application/json", info),
     }
-    let bytes = match read_body(body, p, &info).await {
+    let (bytes, _held) = match take_body(&s, h, body, p, &info).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let req = match input::parse_oip(&bytes) {
+    off_workers(&s, || oip_answer(&s, &c, &m, &bytes, info)).await
+}
+
+/// Parse, check and score an OIP request body.
+fn oip_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], mut info: Info) -> Response {
+    let p = Proto::Oip;
+    let req = match input::parse_oip(bytes, s.limits.max_rows) {
         Ok(r) => r,
         Err(e) => return refused(p, e, info),
     };
@@ -413,7 +465,7 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req:
         Ok(r) => r,
         Err(e) => return refused(p, e, info),
     };
-    let scores = score(&m, &rows);
+    let scores = score(m, &rows);
     let n = rows.len();
     let mut out = Vec::with_capacity(200 + n * 32);
     out.extend_from_slice(b"{\"model_name\":");
@@ -461,7 +513,7 @@ async fn invocations(State(s): S, req: Request) -> Response {
         Ok(m) => m,
         Err(r) => return r,
     };
-    let mut info = info_of(&c, Some(&m));
+    let info = info_of(&c, Some(&m));
     let csv = match media_type(h, &["application/json", "text/csv"]) {
         Some(Some("application/json")) => false,
         Some(Some(_)) => true,
@@ -474,16 +526,22 @@ async fn invocations(State(s): S, req: Request) -> Response {
             );
         }
     };
-    let bytes = match read_body(body, p, &info).await {
+    let (bytes, _held) = match take_body(&s, h, body, p, &info).await {
         Ok(b) => b,
         Err(r) => return r,
     };
+    off_workers(&s, || mlflow_answer(&s, &c, &m, &bytes, csv, info)).await
+}
+
+/// Parse, check and score an MLflow request body (CSV or JSON).
+fn mlflow_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], csv: bool, mut info: Info) -> Response {
+    let p = Proto::Mlflow;
     let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows };
-    let rows = match if csv { input::csv_rows(&bytes, &ex) } else { input::mlflow_json_rows(&bytes, &ex) } {
+    let rows = match if csv { input::csv_rows(bytes, &ex) } else { input::mlflow_json_rows(bytes, &ex) } {
         Ok(r) => r,
         Err(e) => return refused(p, e, info),
     };
-    let scores = score(&m, &rows);
+    let scores = score(m, &rows);
     let n = rows.len();
     let mut out = Vec::with_capacity(32 + n * 48);
     out.extend_from_slice(b"{\"predictions\":[");

@@ -72,6 +72,22 @@ pub struct Shared {
     pub draining: AtomicBool,
     pub request_prefix: String,
     pub request_counter: std::sync::atomic::AtomicU64,
+    /// Request bodies held at once, in KiB: a body's declared length (or
+    /// `max_body` when it declares none) is taken before it is read and
+    /// given back when its request is answered ([`body_budget_kib`]).
+    pub bodies: tokio::sync::Semaphore,
+    /// Requests parsed and scored at once (one per runtime worker): the
+    /// work runs on its own thread (`block_in_place`), so health checks and
+    /// other tenants' small requests are answered meanwhile.
+    pub scoring: tokio::sync::Semaphore,
+}
+
+/// Bodies of the largest size (`--max-body`) a server holds at once.
+pub const BODIES_AT_ONCE: usize = 16;
+
+/// The KiB of request bodies a server with `max_body` holds at once.
+pub fn body_budget_kib(max_body: usize) -> usize {
+    max_body.div_ceil(1024).saturating_mul(BODIES_AT_ONCE).min(tokio::sync::Semaphore::MAX_PERMITS)
 }
 
 /// File identity for change detection.

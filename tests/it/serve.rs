@@ -420,14 +420,14 @@ fn auth_matrix_identical_scores_validation_limits_metrics_audit() {
     let mut v = inp.split();
     v["dataframe_split"]["columns"][1] = json!("Logins");
     let r = post(&a, &srv.url("/invocations"), Some(&tok_a), "application/json", v.to_string().as_bytes());
-    assert!(r.status == 400 && r.error().starts_with("request: unknown column \"Logins\""), "{}", r.body);
+    assert!(r.status == 400 && r.error().starts_with("request: column 2: unknown column name (6 characters"), "{}", r.body);
     let mut v = inp.oip("x");
     v["inputs"].as_array_mut().unwrap().remove(2);
     let r = post(&a, &infer, Some(&tok_a), "application/json", v.to_string().as_bytes());
     assert!(r.status == 400 && r.error().starts_with("request: missing column Purchase_Amount"), "{}", r.body);
     let mut v = inp.oip("x");
     v["inputs"][1]["datatype"] = json!("FP32");
-    assert!(post(&a, &infer, Some(&tok_a), "application/json", v.to_string().as_bytes()).error().contains("input Login_Count has datatype \"FP32\" but INT64"));
+    assert!(post(&a, &infer, Some(&tok_a), "application/json", v.to_string().as_bytes()).error().contains("input Login_Count has datatype FP32 but INT64"));
     let mut v = inp.oip("x");
     v["inputs"][1]["data"].as_array_mut().unwrap().pop();
     assert!(post(&a, &infer, Some(&tok_a), "application/json", v.to_string().as_bytes()).error().contains("has shape"));
@@ -744,4 +744,94 @@ fn tls_with_a_self_signed_certificate_and_plaintext_only_on_loopback() {
     let o = ws.dagrun(&["serve", "--listen", "127.0.0.1:0", "--tls-cert", ws.path("tls/junk.pem").to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("--tls-cert"), "{}", o.stderr);
+}
+
+/// Send raw HTTP on a new connection and read the whole answer (the server
+/// closes or the 10 s read timeout ends it).
+fn raw(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Hostile requests (from a review that attacked the server): values are
+/// described, never echoed; a body of tiny JSON values is refused while it
+/// is parsed; size refusals come after the token, as JSON, audited with the
+/// tenant; two Authorization headers and unknown methods get JSON answers;
+/// a second SIGTERM stops a drain that a slow upload would hold.
+#[test]
+fn hostile_requests_are_bounded_described_and_audited() {
+    let ws = trained(2000);
+    let tok = token(&ws, "Tenant_A", &[]);
+    let tok_b = token(&ws, "Tenant_B", &[]);
+    let mut srv = Server::start(&ws, &["--max-body", "200000", "--max-rows", "1000", "--drain-timeout", "60"]);
+    let a = agent();
+    let inv = srv.url("/invocations");
+    // A headerless CSV: its first row (PII) is taken for the header.
+    let r = post(&a, &inv, Some(&tok), "text/csv", b"jane.doe@example.com,17,3,2025-01-01\n");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.error().starts_with("request: column 1: unknown column name (20 characters, looks like an e-mail address)"), "{}", r.body);
+    assert!(!r.body.contains("jane"), "{}", r.body);
+    // 3 bytes of JSON per record, more records than 1000 rows allow: 413 while parsing.
+    let body = format!(r#"{{"dataframe_records":[{}]}}"#, vec!["{}"; 9000].join(","));
+    let r = post(&a, &inv, Some(&tok), "application/json", body.as_bytes());
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(r.error().contains("holds more values than 1000 rows can"), "{}", r.body);
+    // A declared length over --max-body: without a token 401 (the token comes first),
+    // with one a JSON 413 (and `Connection: close`: the body was never read).
+    let over = |auth: &str| format!("POST /invocations HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: text/csv\r\nContent-Length: 300000\r\n\r\n");
+    assert!(raw(&srv.addr, over("").as_bytes()).starts_with("HTTP/1.1 401"));
+    let resp = raw(&srv.addr, over(&format!("Authorization: Bearer {tok}\r\n")).as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 413") && resp.contains("\"error_code\":\"BAD_REQUEST\"") && resp.contains("--max-body"), "{resp}");
+    assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
+    // Two Authorization headers (the other tenant's last): refused, not guessed.
+    let two =
+        format!("GET /v2/models/Tenant_A HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nAuthorization: Bearer {tok_b}\r\nConnection: close\r\n\r\n");
+    let resp = raw(&srv.addr, two.as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("more than one Authorization header"), "{resp}");
+    // An unknown method: JSON 405.
+    let r = get(&a, &inv, Some(&tok));
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert!(r.error().contains("does not take this method"), "{}", r.body);
+    assert_eq!(get(&a, &srv.url("/v2/health/live"), None).status, 200);
+    // A slow upload holds the drain; a second SIGTERM ends it (the drain timeout is 60 s).
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    write!(s, "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: text/csv\r\nContent-Length: 1000\r\n\r\nCustomer_ID")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    srv.sigterm();
+    srv.wait_log("a second signal stops at once");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(srv.child.try_wait().unwrap().is_none(), "the server did not wait for the request in flight");
+    srv.sigterm();
+    let t0 = Instant::now();
+    srv.wait(Duration::from_secs(10));
+    assert!(t0.elapsed() < Duration::from_secs(5), "a second SIGTERM did not stop the drain");
+    drop(s);
+    // The refusals are audited with the caller's token and tenant.
+    let day = chrono::Utc::now().format("%Y-%m-%d");
+    let audit = ws.read(&format!(".dagrun/audit/serve-audit-{day}.jsonl"));
+    let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().filter(|l| l["status"] == 413 && l["tenant"] == "Tenant_A" && !l["token_id"].is_null()).count() >= 2, "{audit}");
+    assert!(!audit.contains("jane"));
+}
+
+/// A symlink planted where today's audit log goes: the server refuses to
+/// start (naming the file) instead of appending the log where the link points.
+#[test]
+fn a_planted_audit_link_is_refused_at_start() {
+    let ws = Ws::new();
+    let victim = ws.path("victim.txt");
+    std::fs::write(&victim, "untouched\n").unwrap();
+    let day = chrono::Utc::now().format("%Y-%m-%d");
+    let log = ws.path(&format!(".dagrun/audit/serve-audit-{day}.jsonl"));
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&victim, &log).unwrap();
+    let o = ws.dagrun(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("cannot open the audit log") && o.stderr.contains("not a symlink"), "{}", o.stderr);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched\n");
 }

@@ -71,9 +71,8 @@ impl Checker {
             && t != exp
         {
             bail!(
-                "{at}: row belongs to tenant {} but this stage ingests tenant {}; give this stage a file holding only tenant {} rows",
+                "{at}: row belongs to tenant {}, but only tenant {} rows are accepted here; remove the other tenants' rows",
                 show_tenant(t),
-                show_tenant(exp),
                 show_tenant(exp)
             );
         }
@@ -105,7 +104,7 @@ impl Checker {
         let t = self.tenant(row, line, tenant)?;
         if !self.seen.insert((t, cid)) {
             bail!(
-                "{}: duplicate Customer_ID {cid} for tenant {}; each customer may appear once per tenant: remove or merge the duplicate rows",
+                "{}: duplicate Customer_ID: an earlier row of tenant {} has the same one; each customer may appear once per tenant: remove or merge the duplicate rows",
                 self.at(row, line, CUSTOMER_ID),
                 show_tenant(&self.tenant_rows[t as usize].0)
             );

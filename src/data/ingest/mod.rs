@@ -177,6 +177,19 @@ impl Iterator for RawReader {
     }
 }
 
+/// ` (is it NAME spelt differently? names are exact)` when `n` is a raw
+/// column's name but for letter case and punctuation (`login count`), else
+/// empty: a hint that names only dagrun's own column, never `n`.
+pub fn spelt_like(n: &str) -> String {
+    let norm = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
+    raw_schema(true)
+        .fields()
+        .iter()
+        .find(|f| norm(f.name()) == norm(n))
+        .map(|f| format!(" (is it {} spelt differently? names are exact)", f.name()))
+        .unwrap_or_default()
+}
+
 /// Check the set of column names: exactly the raw columns, `Converted`
 /// according to the options. Returns whether the label is present.
 fn check_columns(file: &str, names: &[String], opts: &IngestOptions) -> Result<bool> {
@@ -197,13 +210,7 @@ fn check_columns(file: &str, names: &[String], opts: &IngestOptions) -> Result<b
             }
         }
         if expected.field_with_name(n).is_err() {
-            let norm = |s: &str| s.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
-            let near = expected
-                .fields()
-                .iter()
-                .find(|f| norm(f.name()) == norm(n))
-                .map(|f| format!(" (is it {} spelt differently? names are exact)", f.name()))
-                .unwrap_or_default();
+            let near = spelt_like(n);
             bail!(
                 "{file}: line 1 (header), column {}: unexpected column name ({}){near}; expected exactly: {}.{hint}",
                 i + 1,

@@ -178,7 +178,7 @@ fn bad_dates() {
 
 #[test]
 fn wrong_tenants() {
-    bad_csv(0, "T2", &opts(), &["row 2 (line 3), column Tenant_ID", "belongs to tenant \"T2\" but this stage ingests tenant \"T1\""]);
+    bad_csv(0, "T2", &opts(), &["row 2 (line 3), column Tenant_ID", "belongs to tenant \"T2\", but only tenant \"T1\" rows are accepted here"]);
     let mut o = opts();
     o.expected_tenant = None;
     o.known_tenants = Some(vec!["T1".into(), "T3".into()]);
@@ -189,7 +189,7 @@ fn wrong_tenants() {
     assert!(!m.contains("jane"), "{m}");
     let mut known = opts();
     known.known_tenants = Some(vec!["T1".into(), "T3".into()]);
-    bad_csv(0, "T3", &known, &["belongs to tenant \"T3\" but this stage ingests tenant \"T1\""]);
+    bad_csv(0, "T3", &known, &["belongs to tenant \"T3\", but only tenant \"T1\" rows are accepted here"]);
     let long = "X".repeat(300);
     let m = bad_csv(0, &long, &o, &["row 2 (line 3), column Tenant_ID", "invalid tenant id"]);
     assert!(!m.contains(&"X".repeat(65)), "{m}");
@@ -212,7 +212,7 @@ fn empty_sensitive_data_and_nulls() {
 
 #[test]
 fn duplicate_customer() {
-    bad_csv(1, "0", &opts(), &["row 2 (line 3), column Customer_ID", "duplicate Customer_ID 0"]);
+    bad_csv(1, "0", &opts(), &["row 2 (line 3), column Customer_ID", "duplicate Customer_ID: an earlier row of tenant"]);
 }
 
 #[test]
