@@ -411,14 +411,14 @@ const OIP_DATATYPES: [&str; 13] = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64"
 /// Whether `c` may be a value of a tensor of datatype `dt` (nulls are
 /// reported by the row checks, with their row).
 fn of_datatype(c: &Cell, dt: &str) -> bool {
-    match (c, dt) {
-        (Cell::Null, _) => true,
-        (Cell::Int(_) | Cell::UInt(_), "INT64" | "INT32") => true,
-        (Cell::Int(_) | Cell::UInt(_) | Cell::Float(_), "FP64" | "FP32") => true,
-        (Cell::Str(_), "BYTES") => true,
-        (Cell::Bool(_) | Cell::Int(0 | 1), "BOOL") => true,
-        _ => false,
-    }
+    matches!(
+        (c, dt),
+        (Cell::Null, _)
+            | (Cell::Int(_) | Cell::UInt(_), "INT64" | "INT32")
+            | (Cell::Int(_) | Cell::UInt(_) | Cell::Float(_), "FP64" | "FP32")
+            | (Cell::Str(_), "BYTES")
+            | (Cell::Bool(_) | Cell::Int(0 | 1), "BOOL")
+    )
 }
 
 /// The values of a tensor of `shape`, one per row: `[rows]` holds values;
