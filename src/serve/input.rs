@@ -57,21 +57,35 @@ thread_local! {
     static VALUES_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
-/// Values (cells, records, rows) a request of `max_rows` rows may hold: one
-/// per column and row, one per row, and a few more.
+/// What a `dataframe_records` object costs against the budget: its slots
+/// (one per column) and itself, whatever it holds (`{}` included).
+const RECORD_COST: usize = ALL.len() + 1;
+
+/// Values a request of `max_rows` rows may hold: per row, a record (or a
+/// row list) and a cell per column, and a few more. A request of `max_rows`
+/// full rows in any shape fits; tiny values (`{}`, `[]`, `0`) stop there,
+/// at about 256 bytes of memory per row.
 pub fn value_budget(max_rows: usize) -> usize {
-    max_rows.saturating_mul(ALL.len() + 1).saturating_add(64)
+    max_rows.saturating_mul(RECORD_COST + ALL.len()).saturating_add(64)
 }
 
-/// Count one value against the budget of the parse under way.
-fn take_value<E: serde::de::Error>() -> Result<(), E> {
-    VALUES_LEFT.with(|left| match left.get() {
-        0 => Err(E::custom("over the value budget")),
-        n => {
-            left.set(n - 1);
+/// Count `n` values against the budget of the parse under way.
+fn take_values<E: serde::de::Error>(n: usize) -> Result<(), E> {
+    VALUES_LEFT.with(|left| match left.get().checked_sub(n) {
+        None => {
+            left.set(0);
+            Err(E::custom("over the value budget"))
+        }
+        Some(rest) => {
+            left.set(rest);
             Ok(())
         }
     })
+}
+
+/// Count one value.
+fn take_value<E: serde::de::Error>() -> Result<(), E> {
+    take_values(1)
 }
 
 /// Parse `body` as JSON within the value budget of `max_rows` rows; `what`
@@ -577,7 +591,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Record<'a> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Record<'a>, A::Error> {
                 let mut r = Record { cells: Default::default(), unknown: None, twice: None };
-                take_value::<A::Error>()?;
+                take_values::<A::Error>(RECORD_COST)?;
                 while let Some(k) = a.next_key::<Cow<'de, str>>()? {
                     match Col::of(&k) {
                         Some(c) => {
@@ -835,6 +849,17 @@ mod tests {
         ] {
             assert!(matches!(parse_oip(body.as_bytes(), 10), Err(Refused::TooManyRows(_))));
         }
+        // max_rows rows with every column, in either shape, fit.
+        let full = r#"{"Tenant_ID":"Tenant_A","Customer_ID":1,"Sensitive_Data":"x","Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01","Converted":true}"#;
+        let recs: Vec<String> = (0..10).map(|i| full.replace("\"Customer_ID\":1", &format!("\"Customer_ID\":{i}"))).collect();
+        assert_eq!(mlflow_json_rows(format!(r#"{{"dataframe_records":[{}]}}"#, recs.join(",")).as_bytes(), &ex()).unwrap().len(), 10);
+        let row = r#"["Tenant_A",ID,"x",3,1,"2025-01-01",true]"#;
+        let rows: Vec<String> = (0..10).map(|i| row.replace("ID", &i.to_string())).collect();
+        let split = format!(
+            r#"{{"dataframe_split":{{"columns":["Tenant_ID","Customer_ID","Sensitive_Data","Login_Count","Purchase_Amount","Last_Visit_Date","Converted"],"data":[{}]}}}}"#,
+            rows.join(",")
+        );
+        assert_eq!(mlflow_json_rows(split.as_bytes(), &ex()).unwrap().len(), 10);
         // Within it, a parse is as before; the budget ends with the parse.
         let rows =
             format!(r#"{{"dataframe_records":[{}]}}"#, many(r#"{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01"}"#, 1));
