@@ -13,12 +13,22 @@
 //!   cache, atomically; an action entry is written only after all its objects.
 //! - Sensitive outputs are never fetched (they were never pushed).
 //! - Nothing local is overwritten: what the workspace has is kept.
-//! - A record's MAC is made with the key of the workspace that wrote it, so a
-//!   pulled record is not trusted for its MAC: it is checked as above and then
-//!   sealed under this workspace's integrity key when installed
-//!   ([`StateStore::import_action`]). Whoever can write to the remote can
-//!   therefore make a pull install wrong outputs under a key (as with any
-//!   shared build cache): protect the bucket with its own access rules.
+//! - A pulled record must carry a MAC that verifies under this workspace's
+//!   integrity key: the workspaces sharing a remote share their keys (README,
+//!   "Sharing a cache"), so a record the pushing workspace wrote verifies,
+//!   and one forged or altered by whoever can write to the bucket does not.
+//!   It is checked before anything else is read from it (a forged record
+//!   costs no parsing and no memory).
+//! - A record's outputs are exactly the outputs its ingredients declare, and
+//!   the tenant its ingredients name (`tenant` param) is its stage's; an
+//!   entry is used only for a stage of its own tenant (`engine::decide`).
+//! - An object's size must be the size its record gives, and no more bytes
+//!   than that are read: a lying server cannot fill the disk.
+//! - Stage names and server messages are printed with control characters
+//!   escaped: a record cannot rewrite the terminal.
+//! - `run --pull` stops asking a remote prefix for the rest of the run once
+//!   a request to it failed (unreachable, or access denied): one wait, not one
+//!   per stage; a record is read with a timeout of the retry time plus 30 s.
 //! - `pull` holds the workspace lock while it writes.
 
 use crate::config::{DagrunConfig, RemoteConfig};
@@ -30,8 +40,9 @@ use crate::workspace::hashing::{TreeEntry, decode_tree};
 use crate::workspace::state::{Loaded, StageState, StateStore};
 use crate::workspace::{ContentHash, Workspace};
 use anyhow::{Context, Result, anyhow, bail};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Open the remote: `--remote URL` if given, else `remote:` of `config/dagrun.yaml`.
@@ -69,13 +80,34 @@ pub fn tenant_of(stage: &str) -> Result<Option<String>> {
 }
 
 /// Parse and check a stage record (an action entry or state record) read
-/// from the remote or from disk; returns it with its tenant.
+/// from disk (its MAC was checked by the state store); returns it with its tenant.
 pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(StageState, Option<String>)> {
     if bytes.len() as u64 > RECORD_MAX {
         bail!("record is {} bytes, over the {} limit", bytes.len(), RECORD_MAX);
     }
     // Every hash field parses as a `ContentHash` (or the record is refused).
     let st: StageState = serde_json::from_slice(bytes).map_err(|e| anyhow!("not a stage record ({e})"))?;
+    let tenant = check_record(&st, expected_key)?;
+    Ok((st, tenant))
+}
+
+/// Check a record read from a remote: its MAC under this workspace's
+/// integrity key first, then everything [`validate_record`] checks.
+pub fn open_pulled(bytes: &[u8], key: &crate::crypto::IntegrityKey, expected_key: &str) -> Result<(StageState, Option<String>)> {
+    if bytes.len() as u64 > RECORD_MAX {
+        bail!("record is {} bytes, over the {} limit", bytes.len(), RECORD_MAX);
+    }
+    let st: StageState = crate::workspace::record::open(Some(key), crate::workspace::record::STAGE_RECORD, bytes, "record").map_err(|e| {
+        anyhow!(
+            "{e}: a record pulled must verify under this workspace's integrity key: it was written by a workspace with other keys, or altered on the remote (workspaces sharing a remote share .dagrun/keys/ or the HSM token)"
+        )
+    })?;
+    let tenant = check_record(&st, Some(expected_key))?;
+    Ok((st, tenant))
+}
+
+/// The checks of a parsed record's fields; returns its stage's tenant.
+fn check_record(st: &StageState, expected_key: Option<&str>) -> Result<Option<String>> {
     if let Some(k) = expected_key
         && st.key.as_str() != k
     {
@@ -86,13 +118,28 @@ pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(Stag
         bail!("record's ingredients hash to {}, not to its key {}: altered or corrupted", recomputed.short(), st.key.short());
     }
     let tenant = tenant_of(&st.stage)?;
+    if let (Some(t), Some(own)) = (st.ingredients.params.get("tenant"), tenant.as_deref())
+        && t.as_str() != Some(own)
+    {
+        bail!("record of stage {} holds the ingredients of another tenant's stage: refused", shown(&st.stage));
+    }
+    let declared: BTreeSet<&str> = st.ingredients.outs.iter().map(String::as_str).collect();
+    if !st.outputs.keys().map(String::as_str).eq(declared.iter().copied()) {
+        bail!("record of stage {} lists outputs its ingredients do not declare (or lacks some): refused", shown(&st.stage));
+    }
     for (path, o) in &st.outputs {
         check_relative_path(path).with_context(|| "output of the record")?;
         if o.sensitive && o.cached {
             bail!("output {path} is marked sensitive and cached at once: refused");
         }
     }
-    Ok((st, tenant))
+    Ok(tenant)
+}
+
+/// A name read from elsewhere, for a message: control characters escaped,
+/// at most 80 characters.
+fn shown(name: &str) -> String {
+    crate::crypto::escape_for_message(name)
 }
 
 /// Validate a tree listing read from the remote or the cache.
@@ -136,23 +183,26 @@ pub struct PullReport {
 fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Vec<String>) -> (usize, u64, usize, Vec<ContentHash>) {
     let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
     let mut failed: HashSet<ContentHash> = HashSet::new();
-    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
+    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, Option<u64>)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
         // Dedupe by (scope, hash); skip what the local cache holds.
         let mut seen = BTreeSet::new();
         let mut list: Vec<(Vec<usize>, Download)> = Vec::new();
-        for (ri, tenant, hash) in wanted {
+        let mut at: HashMap<(Option<String>, ContentHash), usize> = HashMap::new();
+        for (ri, tenant, hash, size) in wanted {
             if cas.has(&hash) {
                 if seen.insert((tenant.clone(), hash.clone())) {
                     present += 1;
                 }
                 continue;
             }
-            if let Some(d) = list.iter_mut().find(|(_, d)| d.hash == hash.as_str() && d.tenant == tenant) {
-                d.0.push(ri);
-                continue;
+            match at.entry((tenant.clone(), hash.clone())) {
+                std::collections::hash_map::Entry::Occupied(e) => list[*e.get()].0.push(ri),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(list.len());
+                    seen.insert((tenant.clone(), hash.clone()));
+                    list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string(), size }));
+                }
             }
-            seen.insert((tenant.clone(), hash.clone()));
-            list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string() }));
         }
         let downloads: Vec<Download> = list.iter().map(|(_, d)| d.clone()).collect();
         for ((ris, _), r) in list.iter().zip(remote.download(&downloads)) {
@@ -174,7 +224,8 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
     let mut wave1 = Vec::new();
     for (ri, r) in recs.iter().enumerate() {
         for o in r.st.outputs.values().filter(|o| o.cached && !o.sensitive) {
-            wave1.push((ri, r.tenant.clone(), o.hash.clone()));
+            // A file's size is in its record; a directory's listing has none.
+            wave1.push((ri, r.tenant.clone(), o.hash.clone(), (!o.dir).then_some(o.size)));
         }
     }
     fetch_wave(wave1, &mut failed, problems);
@@ -195,12 +246,12 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 Ok(entries) => {
                     for e in entries {
                         if let TreeEntry::File { hash, .. } = e {
-                            wave2.push((ri, r.tenant.clone(), hash));
+                            wave2.push((ri, r.tenant.clone(), hash, None));
                         }
                     }
                 }
                 Err(e) => {
-                    problems.push(format!("record {} ({}): directory output {path}: {e:#}; refused", r.key.short(), r.st.stage));
+                    problems.push(format!("record {} ({}): directory output {path}: {e:#}; refused", r.key.short(), shown(&r.st.stage)));
                     failed.insert(r.key.clone());
                 }
             }
@@ -228,7 +279,8 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     let _lock = ws.lock(None, "dagrun pull")?;
     let ring = crate::crypto::Keyring::open(ws.root())?;
     let cas = Cas::new(&ws);
-    let states = StateStore::new(&ws, Some(ring.integrity_key()));
+    let integrity = ring.integrity_key();
+    let states = StateStore::new(&ws, Some(integrity.clone()));
     let mut report = PullReport { remote: remote.shown().to_string(), ..Default::default() };
     for t in tenants {
         crate::pipeline::tenants::validate_tenant_id(t).map_err(|e| crate::error::config(format!("--tenant: {e}")))?;
@@ -256,7 +308,7 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
                 continue;
             }
             let Some(bytes) = remote.get_action(scope.as_deref(), key.as_str())? else { continue };
-            let (st, tenant) = match validate_record(&bytes, Some(key.as_str())) {
+            let (st, tenant) = match open_pulled(&bytes, &integrity, key.as_str()) {
                 Ok(v) => v,
                 Err(e) => {
                     report.problems.push(format!("{}: {e:#}; refused", remote.action_location(scope.as_deref(), key.as_str())));
@@ -267,7 +319,7 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
                 report.problems.push(format!(
                     "{}: record of stage {} is under the wrong prefix; refused",
                     remote.action_location(scope.as_deref(), key.as_str()),
-                    st.stage
+                    shown(&st.stage)
                 ));
                 continue;
             }
@@ -288,13 +340,15 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
 
 /// The `run --pull` hook for a workspace (`--remote URL` or the config's).
 pub fn hook(workspace: &Path, flag: Option<&str>) -> Result<std::sync::Arc<dyn RemoteSource>> {
-    Ok(std::sync::Arc::new(RemoteHit { remote: open_remote(workspace, flag)? }))
+    Ok(std::sync::Arc::new(RemoteHit { remote: open_remote(workspace, flag)?, failed_scopes: Mutex::new(HashSet::new()) }))
 }
 
 /// The `run --pull` hook: fetch one stage's key from the remote into the
 /// run's own stores.
 pub struct RemoteHit {
     remote: Remote,
+    /// Prefixes (None: the root) a request to which failed in this run: not asked again.
+    failed_scopes: Mutex<HashSet<Option<String>>>,
 }
 
 impl std::fmt::Debug for RemoteHit {
@@ -306,13 +360,27 @@ impl std::fmt::Debug for RemoteHit {
 impl RemoteSource for RemoteHit {
     fn fetch(&self, stage: &Stage, key: &ContentHash, states: &StateStore, cas: &Cas) -> Result<bool> {
         let tenant = stage.tenant.as_deref();
-        let Some(bytes) = self.remote.get_action(tenant, key.as_str())? else {
-            tracing::debug!("{}: key {} is not in the remote cache", stage.name, key.short());
+        let scope = tenant.map(str::to_string);
+        if self.failed_scopes.lock().unwrap_or_else(|e| e.into_inner()).contains(&scope) {
+            tracing::debug!("{}: not asking the remote cache again (a request to this prefix failed earlier in this run)", stage.name);
             return Ok(false);
+        }
+        let bytes = match self.remote.get_action(tenant, key.as_str()) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                tracing::debug!("{}: key {} is not in the remote cache", stage.name, key.short());
+                return Ok(false);
+            }
+            Err(e) => {
+                self.failed_scopes.lock().unwrap_or_else(|e| e.into_inner()).insert(scope);
+                return Err(e.context("not asking this prefix again in this run"));
+            }
         };
-        let (st, t) = validate_record(&bytes, Some(key.as_str())).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key.as_str())))?;
+        let Some(integrity) = states.integrity_key() else { bail!("no workspace integrity key to verify the record with") };
+        let (st, t) =
+            open_pulled(&bytes, integrity, key.as_str()).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key.as_str())))?;
         if t.as_deref() != tenant {
-            bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key.as_str()), st.stage);
+            bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key.as_str()), shown(&st.stage));
         }
         let mut problems = Vec::new();
         let (n, bytes_in, _, done) = install(&self.remote, cas, states, vec![Fetched { tenant: t, key: key.clone(), st }], &mut problems);

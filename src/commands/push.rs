@@ -253,6 +253,11 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
     if a.json {
         crate::outln!("{json}");
     }
+    if failures > 0 && pull {
+        bail!(
+            "{failures} problem(s) (see above): a refused record stays refused whatever you retry (it is not to be trusted); a failed transfer may succeed if you run the same command again"
+        );
+    }
     if failures > 0 {
         bail!("{failures} transfer(s) failed (see above); run the same command again to complete it");
     }

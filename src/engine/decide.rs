@@ -6,8 +6,18 @@
 //! Rules: deciding never runs a stage's work and never writes an output; the
 //! only writes are restores from the cache and, when a consumer must rerun,
 //! the regeneration of a sensitive input that was deleted (its producer reruns).
+//! An action entry (a cache hit by key) is used only for a stage of the
+//! tenant that made it: entries pulled from a shared remote are keyed by
+//! content alone, and one filed under another tenant's name must never
+//! become this tenant's outputs.
 
 use super::*;
+
+/// Whether an action entry was made by a stage of `s`'s tenant (or both are
+/// not tenant-fanned).
+fn same_tenant(s: &Stage, act: &StageState) -> bool {
+    crate::pipeline::instance_tenant(&act.stage) == s.tenant.as_deref()
+}
 
 impl Engine {
     pub(super) fn producer_name(&self, path: &str) -> Option<String> {
@@ -149,11 +159,12 @@ impl Engine {
     pub(super) fn remote_action(&self, s: &Stage, key: &ContentHash) -> Option<(StageState, String)> {
         let r = self.remote.as_ref()?;
         let adoptable = |act: &StageState| {
-            s.outs.iter().all(|o| match act.outputs.get(&o.path) {
-                Some(rec) if o.sensitive => rec.sensitive && !rec.cached,
-                Some(rec) => !rec.sensitive && rec.cached && self.cas.restorable(&rec.hash, rec.dir),
-                None => false,
-            })
+            same_tenant(s, act)
+                && s.outs.iter().all(|o| match act.outputs.get(&o.path) {
+                    Some(rec) if o.sensitive => rec.sensitive && !rec.cached,
+                    Some(rec) => !rec.sensitive && rec.cached && self.cas.restorable(&rec.hash, rec.dir),
+                    None => false,
+                })
         };
         if let Some(act) = self.states.action(key).filter(|a| adoptable(a)) {
             return Some((act, r.shown()));
@@ -165,12 +176,13 @@ impl Engine {
     }
 
     pub(super) fn action_restorable(&self, s: &Stage, act: &StageState) -> bool {
-        s.outs.iter().all(|o| {
-            if o.sensitive {
-                return false; // cannot restore plaintext: must recompute
-            }
-            act.outputs.get(&o.path).is_some_and(|r| r.cached && self.cas.restorable(&r.hash, r.dir))
-        })
+        same_tenant(s, act)
+            && s.outs.iter().all(|o| {
+                if o.sensitive {
+                    return false; // cannot restore plaintext: must recompute
+                }
+                act.outputs.get(&o.path).is_some_and(|r| r.cached && self.cas.restorable(&r.hash, r.dir))
+            })
     }
 
     /// Outputs that are missing or differ from the record (sensitive outputs may be absent).

@@ -145,6 +145,13 @@ pub fn find_workspace(pipeline_file: &Path) -> PathBuf {
     dir
 }
 
+/// The tenant of a stage instance's name (`train[Tenant_A]` → `Tenant_A`;
+/// None for a stage that is not tenant-fanned). Names read back from disk or
+/// a remote are checked elsewhere; this only splits.
+pub fn instance_tenant(stage: &str) -> Option<&str> {
+    stage.strip_suffix(']').and_then(|r| r.split_once('[')).map(|(_, t)| t)
+}
+
 /// Load, expand and validate a pipeline. `overrides` replace pipeline params
 /// (`--param NAME=VALUE`); `kinds` are the stage kinds `uses:` may name
 /// (`stages::kinds()` for the built-in ones).
@@ -342,6 +349,14 @@ mod tests {
         }
         assert!(with("n", "x").unwrap_err().contains("give a number"));
         assert_eq!(with("name", "[1]").unwrap().params["name"], serde_json::json!("[1]"));
+    }
+
+    #[test]
+    fn an_instance_names_its_tenant() {
+        assert_eq!(instance_tenant("train[Tenant_A]"), Some("Tenant_A"));
+        assert_eq!(instance_tenant("generate"), None);
+        assert_eq!(instance_tenant("x[Tenant_A"), None);
+        assert_eq!(instance_tenant("x]"), None);
     }
 
     #[test]

@@ -73,6 +73,10 @@ pub struct Download {
     pub tenant: Option<String>,
     pub hash: String,
     pub dest: PathBuf,
+    /// The size its record gives (None: unknown, e.g. a directory listing's
+    /// files): another size on the remote is refused before a byte is read,
+    /// and no more bytes than this are ever written.
+    pub size: Option<u64>,
 }
 
 /// An open remote.
@@ -81,6 +85,8 @@ pub struct Remote {
     root: OPath,
     shown: String,
     jobs: usize,
+    /// How long a failing request is retried (`remote.retry_timeout`).
+    retry_timeout: Duration,
     rt: tokio::runtime::Runtime,
 }
 
@@ -104,9 +110,10 @@ impl Remote {
         let bad = |why: String| crate::error::config(format!("remote {shown:?}: {why}"));
         let url = url::Url::parse(&shown)
             .map_err(|e| bad(format!("not a URL ({e}); use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///ABSOLUTE/PATH")))?;
+        let retry_timeout = Duration::from_secs_f64(cfg.retry_timeout.unwrap_or(20.0));
         let retry = object_store::RetryConfig {
             max_retries: 4,
-            retry_timeout: Duration::from_secs_f64(cfg.retry_timeout.unwrap_or(20.0)),
+            retry_timeout,
             backoff: object_store::BackoffConfig { init_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(5), base: 2.0 },
         };
         let client = object_store::ClientOptions::new().with_connect_timeout(Duration::from_secs(10)).with_timeout(Duration::from_secs(300));
@@ -140,7 +147,7 @@ impl Remote {
         };
         let jobs = cfg.jobs.unwrap_or(8).max(1);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the remote's I/O runtime")?;
-        Ok(Remote { store, root, shown, jobs, rt })
+        Ok(Remote { store, root, shown, jobs, retry_timeout, rt })
     }
 
     /// The URL as configured (no credentials are ever in it).
@@ -174,6 +181,8 @@ impl Remote {
         if denied {
             anyhow!("{what} {loc} on {}: access denied; check the credentials (AWS_ACCESS_KEY_ID, …) and the bucket policy for this prefix", self.shown)
         } else {
+            // A server's message is shown with its control characters escaped.
+            let text: String = text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
             anyhow!("{what} {loc} on {}: {text}", self.shown)
         }
     }
@@ -223,7 +232,7 @@ impl Remote {
     /// Fetch an action entry's bytes; None when the remote has none.
     pub fn get_action(&self, tenant: Option<&str>, key: &str) -> Result<Option<Vec<u8>>> {
         let loc = self.action_location(tenant, key);
-        self.rt.block_on(async {
+        let read = async {
             let r = match self.store.get(&loc).await {
                 Ok(r) => r,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -232,11 +241,21 @@ impl Remote {
             if r.meta.size > RECORD_MAX {
                 bail!("{loc} on {} is {} bytes: larger than a record can be ({} bytes); refused", self.shown, r.meta.size, RECORD_MAX);
             }
-            let b = r.bytes().await.map_err(|e| self.explain("reading", &loc, e))?;
-            if b.len() as u64 > RECORD_MAX {
-                bail!("{loc} on {} is larger than a record can be; refused", self.shown);
+            let mut b = Vec::new();
+            let mut s = r.into_stream();
+            while let Some(chunk) = s.next().await {
+                b.extend_from_slice(&chunk.map_err(|e| self.explain("reading", &loc, e))?);
+                if b.len() as u64 > RECORD_MAX {
+                    bail!("{loc} on {} is larger than a record can be; refused", self.shown);
+                }
             }
-            Ok(Some(b.to_vec()))
+            Ok(Some(b))
+        };
+        let limit = self.retry_timeout + Duration::from_secs(30);
+        self.rt.block_on(async {
+            tokio::time::timeout(limit, read)
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("reading {loc} on {}: no answer within {:.0} s; is the endpoint reachable?", self.shown, limit.as_secs_f64())))
         })
     }
 
@@ -335,6 +354,14 @@ impl Remote {
             }
             e => self.explain("downloading", &loc, e),
         })?;
+        let wrong_size = |got: u64, want: u64| {
+            anyhow!("{loc} on {} is {got} bytes but its record says {want}; not used (push it again from a workspace that has it)", self.shown)
+        };
+        if let Some(want) = d.size
+            && r.meta.size != want
+        {
+            bail!(wrong_size(r.meta.size, want));
+        }
         let mut tmp = AtomicFile::create_with(&d.dest, Durability::Verified)?;
         let mut h = blake3::Hasher::new();
         let mut n = 0u64;
@@ -343,6 +370,11 @@ impl Remote {
             let c = chunk.map_err(|e| self.explain("downloading", &loc, e))?;
             h.update(&c);
             n += c.len() as u64;
+            if let Some(want) = d.size
+                && n > want
+            {
+                bail!(wrong_size(n, want));
+            }
             tmp.write_all(&c).with_context(|| format!("cannot write {}", tmp.temp_path().display()))?;
         }
         let got = h.finalize().to_hex().to_string();
@@ -405,11 +437,11 @@ mod tests {
         assert!(r.list_objects(None).unwrap().is_empty());
         // Download verifies: a tampered remote object never lands.
         let dest = d.path().join("local/obj");
-        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone() }])[0].as_ref().unwrap();
+        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone(), size: None }])[0].as_ref().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
         std::fs::write(d.path().join("remote/team/tenants/Tenant_A/objects").join(&hash), b"hellO").unwrap();
         let dest2 = d.path().join("local/obj2");
-        let e = r.download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone() }]).remove(0).unwrap_err().to_string();
+        let e = r.download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone(), size: None }]).remove(0).unwrap_err().to_string();
         assert!(e.contains("corrupted"), "{e}");
         assert!(!dest2.exists());
         assert!(std::fs::read_dir(d.path().join("local")).unwrap().count() == 1, "no temp file left");

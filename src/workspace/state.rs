@@ -136,6 +136,11 @@ impl StateStore {
         StateStore { state_dir: ws.state_dir(), actions_dir: ws.actions_dir(), ws: ws.clone(), key }
     }
 
+    /// The workspace integrity key records are verified and sealed with.
+    pub fn integrity_key(&self) -> Option<&IntegrityKey> {
+        self.key.as_deref()
+    }
+
     /// Where a stage's record lives (also for the run's end-of-run sync).
     pub fn record_path(&self, stage: &str) -> PathBuf {
         self.state_dir.join(format!("{stage}.json"))

@@ -413,6 +413,14 @@ fn pull_into_fresh(from: &Path, creds: (&str, &str)) -> PathBuf {
     std::fs::copy(from.join("config/dagrun.yaml"), d.join("config/dagrun.yaml")).unwrap();
     std::fs::copy(from.join("pipeline.yaml"), d.join("pipeline.yaml")).unwrap();
     std::fs::create_dir_all(d.join(".dagrun")).unwrap();
+    // Another workspace's keys: its records are refused (they do not verify).
+    let o = spawn(dagrun(&d, &["pull"], creds)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stdout.contains("pulled 0 records") && o.stderr.contains("must verify under this workspace's integrity key"), "{o:?}");
+    // The pushing workspace's keys (as the README says to share them): pulled.
+    std::fs::remove_dir_all(d.join(".dagrun")).unwrap();
+    std::fs::create_dir_all(d.join(".dagrun")).unwrap();
+    copy_dir(&from.join(".dagrun/keys"), &d.join(".dagrun/keys"));
     let out = ok(&d, &["pull"], creds);
     assert!(out.contains("pulled 2 records"), "{out}");
     let o = spawn(dagrun(&d, &["run", "pipeline.yaml", "--json"], creds)).wait(Duration::from_secs(120));
@@ -485,4 +493,92 @@ fn concurrent_pushes_a_sigkilled_push_and_a_server_stopped_mid_upload_leave_no_p
     assert!(out.contains("pushed"), "{out}");
     assert_eq!(sw.assert_objects_whole("stop"), 4);
     let _ = std::fs::remove_dir_all(pull_into_fresh(&a, ADMIN));
+}
+
+/// Whoever can write to the bucket but holds no keys (findings of a review
+/// that attacked the remote cache, here on a folder remote): an altered
+/// record is refused (its MAC does not verify under the workspace's key) and
+/// its planted object is never restored; an object larger than its record
+/// says is refused before it fills the disk; an endpoint that cannot be
+/// reached is asked once per prefix, not once per stage.
+#[test]
+fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_once() {
+    let remote = tempfile::Builder::new().prefix("dagrun-it-folder-remote-").tempdir().unwrap();
+    let w1 = tempfile::Builder::new().prefix("dagrun-it-w1-").tempdir().unwrap();
+    let w1 = w1.path();
+    std::fs::create_dir_all(w1.join("pipelines")).unwrap();
+    std::fs::create_dir_all(w1.join("config")).unwrap();
+    std::fs::write(
+        w1.join("pipelines/p.yaml"),
+        "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of ${tenant}\" > out/${tenant}.txt\n    deps: [src.txt]\n    outs: [\"out/${tenant}.txt\"]\n  count:\n    foreach: tenants\n    cmd: wc -c < out/${tenant}.txt > out/${tenant}.n\n    deps: [\"out/${tenant}.txt\"]\n    outs: [\"out/${tenant}.n\"]\n  common:\n    cmd: cat src.txt > common.txt\n    deps: [src.txt]\n    outs: [common.txt]\n",
+    )
+    .unwrap();
+    std::fs::write(w1.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
+    std::fs::write(w1.join("config/dagrun.yaml"), format!("remote:\n  url: file://{}\n", remote.path().display())).unwrap();
+    std::fs::write(w1.join("src.txt"), "v1\n").unwrap();
+    ok(w1, &["run", "pipelines/p.yaml"], ADMIN);
+    ok(w1, &["push"], ADMIN);
+    let clone = |config: &str| {
+        let d = tempfile::Builder::new().prefix("dagrun-it-w2-").tempdir().unwrap().keep();
+        for dir in ["pipelines", "config", ".dagrun/keys"] {
+            std::fs::create_dir_all(d.join(dir).parent().unwrap()).unwrap();
+            copy_dir(&w1.join(dir), &d.join(dir));
+        }
+        std::fs::copy(w1.join("src.txt"), d.join("src.txt")).unwrap();
+        if !config.is_empty() {
+            std::fs::write(d.join("config/dagrun.yaml"), config).unwrap();
+        }
+        d
+    };
+    // The attacker: Tenant_A's build record now names a planted object; one of
+    // Tenant_B's objects grew.
+    let scope = |t: &str| remote.path().join(format!("tenants/{t}"));
+    let record_of = |t: &str, stage: &str| {
+        std::fs::read_dir(scope(t).join("actions"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| serde_json::from_slice::<Value>(&std::fs::read(p).unwrap()).unwrap()["stage"] == stage)
+            .unwrap()
+    };
+    let evil = b"ATTACKER-CONTROLLED\n";
+    let evil_hash = blake3::hash(evil).to_hex().to_string();
+    std::fs::write(scope("Tenant_A").join("objects").join(&evil_hash), evil).unwrap();
+    let rec_a = record_of("Tenant_A", "build[Tenant_A]");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&rec_a).unwrap()).unwrap();
+    v["outputs"]["out/Tenant_A.txt"]["hash"] = Value::from(evil_hash.clone());
+    v["outputs"]["out/Tenant_A.txt"]["size"] = Value::from(evil.len());
+    std::fs::write(&rec_a, serde_json::to_vec(&v).unwrap()).unwrap();
+    let rec_b: Value = serde_json::from_slice(&std::fs::read(record_of("Tenant_B", "build[Tenant_B]")).unwrap()).unwrap();
+    let obj_b = scope("Tenant_B").join("objects").join(rec_b["outputs"]["out/Tenant_B.txt"]["hash"].as_str().unwrap());
+    let mut grown = std::fs::read(&obj_b).unwrap();
+    grown.extend(std::iter::repeat_n(b'x', 1 << 20));
+    std::fs::write(&obj_b, grown).unwrap();
+
+    let w2 = clone("");
+    let o = spawn(dagrun(&w2, &["pull"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("must verify under this workspace's integrity key"), "{}", o.stderr);
+    assert!(o.stderr.contains("bytes but its record says"), "{}", o.stderr);
+    assert!(o.stderr.contains("a refused record stays refused"), "{}", o.stderr);
+    let o = spawn(dagrun(&w2, &["run", "pipelines/p.yaml", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    let st = statuses(&o.stdout);
+    assert_eq!(st["build[Tenant_A]"], "ran", "{st:?}");
+    assert_eq!(st["build[Tenant_B]"], "ran", "{st:?}");
+    assert_eq!(st["common"], "restored", "{st:?}");
+    assert_eq!(std::fs::read_to_string(w2.join("out/Tenant_A.txt")).unwrap(), "data of Tenant_A\n");
+    assert_eq!(std::fs::read_to_string(w2.join("out/Tenant_B.txt")).unwrap(), "data of Tenant_B\n");
+    assert!(!tree(&w2, ".dagrun/cache").values().any(|h| *h == evil_hash), "the planted object reached the cache");
+    let _ = std::fs::remove_dir_all(&w2);
+
+    // An endpoint nothing listens on: each prefix is asked once, the stages run.
+    let dead = clone("remote:\n  url: s3://dagrun/dead\n  endpoint: http://127.0.0.1:9\n  region: us-east-1\n  retry_timeout: 0\n");
+    let t0 = Instant::now();
+    let o = spawn(dagrun(&dead, &["run", "pipelines/p.yaml", "--pull", "-j", "1"], ADMIN)).wait(Duration::from_secs(300));
+    assert_eq!(o.code, 0, "{o:?}");
+    let asked = o.stderr.matches("not asking this prefix again").count();
+    assert!((1..=3).contains(&asked), "{asked} warnings for 3 prefixes and 5 stages:\n{}", o.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(120), "{:?}", t0.elapsed());
+    let _ = std::fs::remove_dir_all(&dead);
 }
