@@ -177,13 +177,31 @@ pub struct PullReport {
     pub seconds: f64,
 }
 
+/// What is known of an object's size before it is fetched.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// A file output: its record's size.
+    Exactly(u64),
+    /// A directory's listing: at most this (from its entry count).
+    AtMost(u64),
+    /// A file inside a directory (listings carry no sizes).
+    Unknown,
+}
+
+/// The most bytes a directory listing of `entries` entries can take: each
+/// entry's path (and a link's target) at most `MAX_ENTRY_PATH` bytes, every byte escaped (6 bytes
+/// in JSON), a hash and the field names; and the header.
+fn listing_bound(entries: u64) -> u64 {
+    entries.saturating_mul(2 * 6 * crate::workspace::hashing::MAX_ENTRY_PATH as u64 + 256).saturating_add(256)
+}
+
 /// Fetch the objects of validated records into the local cache and then
 /// write their action entries. Returns (objects fetched, bytes, objects
 /// already present) and the keys that succeeded; problems are appended.
 fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Vec<String>) -> (usize, u64, usize, Vec<ContentHash>) {
     let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
     let mut failed: HashSet<ContentHash> = HashSet::new();
-    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, Option<u64>)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
+    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, Bound)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
         // Dedupe by (scope, hash); skip what the local cache holds.
         let mut seen = BTreeSet::new();
         let mut list: Vec<(Vec<usize>, Download)> = Vec::new();
@@ -200,7 +218,12 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 std::collections::hash_map::Entry::Vacant(e) => {
                     e.insert(list.len());
                     seen.insert((tenant.clone(), hash.clone()));
-                    list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string(), size }));
+                    let (size, at_most) = match size {
+                        Bound::Exactly(n) => (Some(n), None),
+                        Bound::AtMost(n) => (None, Some(n)),
+                        Bound::Unknown => (None, None),
+                    };
+                    list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string(), size, at_most }));
                 }
             }
         }
@@ -224,8 +247,9 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
     let mut wave1 = Vec::new();
     for (ri, r) in recs.iter().enumerate() {
         for o in r.st.outputs.values().filter(|o| o.cached && !o.sensitive) {
-            // A file's size is in its record; a directory's listing has none.
-            wave1.push((ri, r.tenant.clone(), o.hash.clone(), (!o.dir).then_some(o.size)));
+            // A file's size is in its record; a directory's listing is bounded by its entry count.
+            let bound = if o.dir { Bound::AtMost(listing_bound(o.size)) } else { Bound::Exactly(o.size) };
+            wave1.push((ri, r.tenant.clone(), o.hash.clone(), bound));
         }
     }
     fetch_wave(wave1, &mut failed, problems);
@@ -246,7 +270,7 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 Ok(entries) => {
                     for e in entries {
                         if let TreeEntry::File { hash, .. } = e {
-                            wave2.push((ri, r.tenant.clone(), hash, None));
+                            wave2.push((ri, r.tenant.clone(), hash, Bound::Unknown));
                         }
                     }
                 }

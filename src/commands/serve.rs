@@ -30,7 +30,8 @@ pub struct ServeArgs {
     /// Most rows per request; more → 413.
     #[arg(long, default_value_t = 100_000, value_name = "N")]
     pub max_rows: usize,
-    /// A whole request must arrive and be answered within this (else 408).
+    /// A request's body must arrive within this (else 408), and its scoring
+    /// start within it (else 503: the server is busy).
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     pub request_timeout: f64,
     /// Request headers (and a TLS handshake) must arrive within this.

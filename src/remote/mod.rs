@@ -77,6 +77,8 @@ pub struct Download {
     /// files): another size on the remote is refused before a byte is read,
     /// and no more bytes than this are ever written.
     pub size: Option<u64>,
+    /// Or only an upper bound (a directory's listing, from its entry count).
+    pub at_most: Option<u64>,
 }
 
 /// An open remote.
@@ -362,6 +364,12 @@ impl Remote {
         {
             bail!(wrong_size(r.meta.size, want));
         }
+        let too_big = |got: u64, max: u64| anyhow!("{loc} on {} is {got} bytes, more than its record allows ({max}); not used", self.shown);
+        if let Some(max) = d.at_most
+            && r.meta.size > max
+        {
+            bail!(too_big(r.meta.size, max));
+        }
         let mut tmp = AtomicFile::create_with(&d.dest, Durability::Verified)?;
         let mut h = blake3::Hasher::new();
         let mut n = 0u64;
@@ -374,6 +382,11 @@ impl Remote {
                 && n > want
             {
                 bail!(wrong_size(n, want));
+            }
+            if let Some(max) = d.at_most
+                && n > max
+            {
+                bail!(too_big(n, max));
             }
             tmp.write_all(&c).with_context(|| format!("cannot write {}", tmp.temp_path().display()))?;
         }
@@ -437,11 +450,15 @@ mod tests {
         assert!(r.list_objects(None).unwrap().is_empty());
         // Download verifies: a tampered remote object never lands.
         let dest = d.path().join("local/obj");
-        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone(), size: None }])[0].as_ref().unwrap();
+        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone(), size: None, at_most: None }])[0].as_ref().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
         std::fs::write(d.path().join("remote/team/tenants/Tenant_A/objects").join(&hash), b"hellO").unwrap();
         let dest2 = d.path().join("local/obj2");
-        let e = r.download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone(), size: None }]).remove(0).unwrap_err().to_string();
+        let e = r
+            .download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone(), size: None, at_most: None }])
+            .remove(0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("corrupted"), "{e}");
         assert!(!dest2.exists());
         assert!(std::fs::read_dir(d.path().join("local")).unwrap().count() == 1, "no temp file left");

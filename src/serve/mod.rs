@@ -143,6 +143,7 @@ pub async fn serve(
         request_prefix: prefix,
         request_counter: Default::default(),
         bodies: tokio::sync::Semaphore::new(state::body_budget_kib(opts.limits.max_body)),
+        tenant_bodies: Default::default(),
         scoring: tokio::sync::Semaphore::new(tokio::runtime::Handle::current().metrics().num_workers().max(1)),
     });
     let mut watch = Watch::default();

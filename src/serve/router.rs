@@ -20,10 +20,12 @@
 //!   `Content-Length` says so before a byte is read) and the request timeout
 //!   (408) are checked in the handlers, after the token, not by layers that
 //!   answer on their own; an unknown method gets a JSON 405.
-//! - Memory: at most [`crate::serve::state::BODIES_AT_ONCE`] bodies of `--max-body` are held at
-//!   once (a body takes its share of `Shared::bodies` before it is read;
-//!   later ones wait, within the request timeout), and parsing is bounded by
-//!   the row limit (`input`'s value budget).
+//! - Memory: at most [`crate::serve::state::BODIES_AT_ONCE`] bodies of
+//!   `--max-body` are held at once, at most
+//!   [`crate::serve::state::TENANT_BODIES_AT_ONCE`] of one tenant (a body
+//!   takes its share of its tenant's budget, then of `Shared::bodies`,
+//!   before it is read; later ones wait, within the request timeout), and
+//!   parsing is bounded by the row limit (`input`'s value budget).
 //! - Parsing and scoring run off the async workers (`block_in_place`), one
 //!   request per worker at a time (`Shared::scoring`): a large request never
 //!   stalls health checks or other tenants' small requests.
@@ -185,6 +187,7 @@ fn error(proto: Proto, status: StatusCode, msg: &str, info: Info) -> Response {
         Proto::Mlflow => {
             let code = match status.as_u16() {
                 400 | 413 | 415 => "BAD_REQUEST",
+                408 => "DEADLINE_EXCEEDED",
                 401 => "UNAUTHENTICATED",
                 403 => "PERMISSION_DENIED",
                 503 => "TEMPORARILY_UNAVAILABLE",
@@ -267,11 +270,13 @@ fn media_type(h: &HeaderMap, accepted: &[&'static str]) -> Option<Option<&'stati
 /// refused before anything is read.
 async fn take_body<'s>(
     s: &'s Shared,
+    c: &Caller,
     h: &HeaderMap,
     body: Body,
     proto: Proto,
     info: &Info,
-) -> Result<(axum::body::Bytes, tokio::sync::SemaphorePermit<'s>), Response> {
+    deadline: tokio::time::Instant,
+) -> Result<(axum::body::Bytes, (tokio::sync::OwnedSemaphorePermit, tokio::sync::SemaphorePermit<'s>)), Response> {
     use http_body_util::BodyExt;
     let max = s.limits.max_body;
     let too_large = || error(proto, StatusCode::PAYLOAD_TOO_LARGE, "request body over the size limit (dagrun serve --max-body)", info.clone());
@@ -279,13 +284,16 @@ async fn take_body<'s>(
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    let kib = declared.map_or(max, |n| n as usize).div_ceil(1024).clamp(1, crate::serve::state::body_budget_kib(max));
+    // At most max_body, so never more than a tenant's budget (or the server's).
+    let kib = declared.map_or(max, |n| n as usize).div_ceil(1024).clamp(1, max.div_ceil(1024));
+    let mine = s.body_budget_of(&c.tenant);
     let read = async {
-        let permit = s.bodies.acquire_many(kib as u32).await.expect("the body budget is never closed");
+        let own = mine.acquire_many_owned(kib as u32).await.expect("a tenant's body budget is never closed");
+        let permit = (own, s.bodies.acquire_many(kib as u32).await.expect("the body budget is never closed"));
         let bytes = http_body_util::Limited::new(body, max).collect().await.map(|b| b.to_bytes());
         (permit, bytes)
     };
-    match tokio::time::timeout(s.limits.request_timeout, read).await {
+    match tokio::time::timeout_at(deadline, read).await {
         Err(_) => Err(error(
             proto,
             StatusCode::REQUEST_TIMEOUT,
@@ -299,10 +307,21 @@ async fn take_body<'s>(
 }
 
 /// Run `answer` (parse, check, score) off the async workers, one request per
-/// worker at a time.
-async fn off_workers(s: &Shared, answer: impl FnOnce() -> Response) -> Response {
-    let _turn = s.scoring.acquire().await.expect("the scoring semaphore is never closed");
-    tokio::task::block_in_place(answer)
+/// worker at a time; a request that gets no turn before its deadline is
+/// answered 503 (the server is busy), not queued on.
+async fn off_workers(s: &Shared, deadline: tokio::time::Instant, proto: Proto, info: &Info, answer: impl FnOnce() -> Response) -> Response {
+    match tokio::time::timeout_at(deadline, s.scoring.acquire()).await {
+        Ok(turn) => {
+            let _turn = turn.expect("the scoring semaphore is never closed");
+            tokio::task::block_in_place(answer)
+        }
+        Err(_) => {
+            let mut r =
+                error(proto, StatusCode::SERVICE_UNAVAILABLE, "the server is busy: no scoring slot within the request timeout; retry later", info.clone());
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+    }
 }
 
 fn refused(proto: Proto, r: Refused, info: Info) -> Response {
@@ -430,6 +449,7 @@ async fn infer_version(State(s): S, Path((tenant, version)): Path<(String, Strin
 }
 
 async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req: Request) -> Response {
+    let deadline = tokio::time::Instant::now() + s.limits.request_timeout;
     let (parts, body) = req.into_parts();
     let h = &parts.headers;
     let p = Proto::Oip;
@@ -446,11 +466,11 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req:
         None | Some(Some(_)) => {}
         Some(None) => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the inference request as application/json", info),
     }
-    let (bytes, _held) = match take_body(&s, h, body, p, &info).await {
+    let (bytes, _held) = match take_body(&s, &c, h, body, p, &info, deadline).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    off_workers(&s, || oip_answer(&s, &c, &m, &bytes, info)).await
+    off_workers(&s, deadline, p, &info.clone(), || oip_answer(&s, &c, &m, &bytes, info)).await
 }
 
 /// Parse, check and score an OIP request body.
@@ -502,6 +522,7 @@ fn oip_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], mut info: In
 // ------------------------------------------------------------ MLflow
 
 async fn invocations(State(s): S, req: Request) -> Response {
+    let deadline = tokio::time::Instant::now() + s.limits.request_timeout;
     let p = Proto::Mlflow;
     let (parts, body) = req.into_parts();
     let h = &parts.headers;
@@ -526,11 +547,11 @@ async fn invocations(State(s): S, req: Request) -> Response {
             );
         }
     };
-    let (bytes, _held) = match take_body(&s, h, body, p, &info).await {
+    let (bytes, _held) = match take_body(&s, &c, h, body, p, &info, deadline).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    off_workers(&s, || mlflow_answer(&s, &c, &m, &bytes, csv, info)).await
+    off_workers(&s, deadline, p, &info.clone(), || mlflow_answer(&s, &c, &m, &bytes, csv, info)).await
 }
 
 /// Parse, check and score an MLflow request body (CSV or JSON).

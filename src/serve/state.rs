@@ -76,6 +76,10 @@ pub struct Shared {
     /// `max_body` when it declares none) is taken before it is read and
     /// given back when its request is answered ([`body_budget_kib`]).
     pub bodies: tokio::sync::Semaphore,
+    /// The same per tenant ([`TENANT_BODIES_AT_ONCE`] bodies of `max_body`),
+    /// taken first: one tenant's slow uploads cannot hold every other
+    /// tenant's share.
+    pub tenant_bodies: std::sync::Mutex<HashMap<Arc<str>, Arc<tokio::sync::Semaphore>>>,
     /// Requests parsed and scored at once (one per runtime worker): the
     /// work runs on its own thread (`block_in_place`), so health checks and
     /// other tenants' small requests are answered meanwhile.
@@ -84,10 +88,25 @@ pub struct Shared {
 
 /// Bodies of the largest size (`--max-body`) a server holds at once.
 pub const BODIES_AT_ONCE: usize = 16;
+/// Bodies of the largest size one tenant's requests hold at once.
+pub const TENANT_BODIES_AT_ONCE: usize = 4;
 
 /// The KiB of request bodies a server with `max_body` holds at once.
 pub fn body_budget_kib(max_body: usize) -> usize {
     max_body.div_ceil(1024).saturating_mul(BODIES_AT_ONCE).min(tokio::sync::Semaphore::MAX_PERMITS)
+}
+
+impl Shared {
+    /// The body budget of one tenant (made on first use).
+    pub fn body_budget_of(&self, tenant: &Arc<str>) -> Arc<tokio::sync::Semaphore> {
+        let mut m = self.tenant_bodies.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(tenant.clone())
+            .or_insert_with(|| {
+                let kib = self.limits.max_body.div_ceil(1024).saturating_mul(TENANT_BODIES_AT_ONCE).min(body_budget_kib(self.limits.max_body));
+                Arc::new(tokio::sync::Semaphore::new(kib))
+            })
+            .clone()
+    }
 }
 
 /// File identity for change detection.

@@ -144,7 +144,7 @@ struct TreeListing {
 }
 
 /// Longest path a listing entry may have.
-const MAX_ENTRY_PATH: usize = 4096;
+pub const MAX_ENTRY_PATH: usize = 4096;
 
 /// Is `p` a safe relative path for a listing entry? (The reason if not.)
 pub fn check_entry_path(p: &str) -> std::result::Result<(), String> {

@@ -510,7 +510,7 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     std::fs::create_dir_all(w1.join("config")).unwrap();
     std::fs::write(
         w1.join("pipelines/p.yaml"),
-        "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of ${tenant}\" > out/${tenant}.txt\n    deps: [src.txt]\n    outs: [\"out/${tenant}.txt\"]\n  count:\n    foreach: tenants\n    cmd: wc -c < out/${tenant}.txt > out/${tenant}.n\n    deps: [\"out/${tenant}.txt\"]\n    outs: [\"out/${tenant}.n\"]\n  common:\n    cmd: cat src.txt > common.txt\n    deps: [src.txt]\n    outs: [common.txt]\n",
+        "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of ${tenant}\" > out/${tenant}.txt\n    deps: [src.txt]\n    outs: [\"out/${tenant}.txt\"]\n  count:\n    foreach: tenants\n    cmd: wc -c < out/${tenant}.txt > out/${tenant}.n\n    deps: [\"out/${tenant}.txt\"]\n    outs: [\"out/${tenant}.n\"]\n  common:\n    cmd: cat src.txt > common.txt\n    deps: [src.txt]\n    outs: [common.txt]\n  tree:\n    cmd: mkdir -p treeout && cat src.txt > treeout/a\n    deps: [src.txt]\n    outs: [treeout]\n",
     )
     .unwrap();
     std::fs::write(w1.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
@@ -532,7 +532,7 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     };
     // The attacker: Tenant_A's build record now names a planted object; one of
     // Tenant_B's objects grew.
-    let scope = |t: &str| remote.path().join(format!("tenants/{t}"));
+    let scope = |t: &str| if t.is_empty() { remote.path().to_path_buf() } else { remote.path().join(format!("tenants/{t}")) };
     let record_of = |t: &str, stage: &str| {
         std::fs::read_dir(scope(t).join("actions"))
             .unwrap()
@@ -553,13 +553,20 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     let obj_b = scope("Tenant_B").join("objects").join(rec_b["outputs"]["out/Tenant_B.txt"]["hash"].as_str().unwrap());
     let mut grown = std::fs::read(&obj_b).unwrap();
     grown.extend(std::iter::repeat_n(b'x', 1 << 20));
-    std::fs::write(&obj_b, grown).unwrap();
+    std::fs::write(&obj_b, grown.clone()).unwrap();
+    // A directory's listing grown far past what its one entry can take.
+    let rec_tree: Value = serde_json::from_slice(&std::fs::read(record_of("", "tree")).unwrap()).unwrap();
+    let listing = scope("").join("objects").join(rec_tree["outputs"]["treeout"]["hash"].as_str().unwrap());
+    let mut big_listing = std::fs::read(&listing).unwrap();
+    big_listing.extend(std::iter::repeat_n(b' ', 4 << 20));
+    std::fs::write(&listing, big_listing).unwrap();
 
     let w2 = clone("");
     let o = spawn(dagrun(&w2, &["pull"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 1, "{o:?}");
     assert!(o.stderr.contains("must verify under this workspace's integrity key"), "{}", o.stderr);
     assert!(o.stderr.contains("bytes but its record says"), "{}", o.stderr);
+    assert!(o.stderr.contains("more than its record allows"), "{}", o.stderr);
     assert!(o.stderr.contains("a refused record stays refused"), "{}", o.stderr);
     let o = spawn(dagrun(&w2, &["run", "pipelines/p.yaml", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
@@ -567,9 +574,11 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     assert_eq!(st["build[Tenant_A]"], "ran", "{st:?}");
     assert_eq!(st["build[Tenant_B]"], "ran", "{st:?}");
     assert_eq!(st["common"], "restored", "{st:?}");
+    assert_eq!(st["tree"], "ran", "{st:?}");
     assert_eq!(std::fs::read_to_string(w2.join("out/Tenant_A.txt")).unwrap(), "data of Tenant_A\n");
     assert_eq!(std::fs::read_to_string(w2.join("out/Tenant_B.txt")).unwrap(), "data of Tenant_B\n");
     assert!(!tree(&w2, ".dagrun/cache").values().any(|h| *h == evil_hash), "the planted object reached the cache");
+    assert!(tree(&w2, ".dagrun/cache").keys().all(|p| std::fs::metadata(w2.join(p)).unwrap().len() < 1 << 20), "a grown object reached the cache");
     let _ = std::fs::remove_dir_all(&w2);
 
     // An endpoint nothing listens on: each prefix is asked once, the stages run.
@@ -578,7 +587,7 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     let o = spawn(dagrun(&dead, &["run", "pipelines/p.yaml", "--pull", "-j", "1"], ADMIN)).wait(Duration::from_secs(300));
     assert_eq!(o.code, 0, "{o:?}");
     let asked = o.stderr.matches("not asking this prefix again").count();
-    assert!((1..=3).contains(&asked), "{asked} warnings for 3 prefixes and 5 stages:\n{}", o.stderr);
+    assert!((1..=3).contains(&asked), "{asked} warnings for 3 prefixes and 6 stages:\n{}", o.stderr);
     assert!(t0.elapsed() < Duration::from_secs(120), "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dead);
 }

@@ -835,3 +835,40 @@ fn a_planted_audit_link_is_refused_at_start() {
     assert!(o.stderr.contains("cannot open the audit log") && o.stderr.contains("not a symlink"), "{}", o.stderr);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched\n");
 }
+
+/// One tenant's slow uploads hold at most its own share of the bodies the
+/// server keeps at once: another tenant is still answered at once, while
+/// the first tenant's next request waits for its own share.
+#[test]
+fn one_tenants_slow_uploads_do_not_starve_another() {
+    let ws = trained(2000);
+    let (tok_a, tok_b) = (token(&ws, "Tenant_A", &[]), token(&ws, "Tenant_B", &[]));
+    let (csv_a, csv_b) = (input(&ws, "Tenant_A", 5, 3).csv, input(&ws, "Tenant_B", 5, 3).csv);
+    let srv = Server::start(&ws, &["--max-body", "100000", "--request-timeout", "5"]);
+    // Sixteen of Tenant_A's largest bodies, announced and never sent: as many
+    // as the server holds at once, but four are its whole share.
+    let t_slow = Instant::now();
+    let slow: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut s = TcpStream::connect(&srv.addr).unwrap();
+            write!(
+                s,
+                "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok_a}\r\nContent-Type: text/csv\r\nContent-Length: 100000\r\n\r\nCustomer_ID"
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let a = agent();
+    let t0 = Instant::now();
+    let r = post(&a, &srv.url("/invocations"), Some(&tok_b), "text/csv", csv_b.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(t0.elapsed() < Duration::from_secs(2), "Tenant_B waited {:?} behind Tenant_A's uploads", t0.elapsed());
+    // Tenant_A's next request waits for its own share: until the request
+    // timeout (5 s) cuts the uploads off.
+    let r = post(&a, &srv.url("/invocations"), Some(&tok_a), "text/csv", csv_a.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(t_slow.elapsed() > Duration::from_millis(4500), "Tenant_A's request did not wait for its share: {:?}", t_slow.elapsed());
+    drop(slow);
+}
