@@ -17,13 +17,15 @@
 //!   integrity key: the workspaces sharing a remote share their keys (README,
 //!   "Sharing a cache"), so a record the pushing workspace wrote verifies,
 //!   and one forged or altered by whoever can write to the bucket does not.
-//!   It is checked before anything else is read from it (a forged record
-//!   costs no parsing and no memory).
+//!   It is checked before any of its fields is used, and a refused record
+//!   is dropped at once (nothing of it is kept while the rest is pulled).
 //! - A record's outputs are exactly the outputs its ingredients declare, and
 //!   the tenant its ingredients name (`tenant` param) is its stage's; an
 //!   entry is used only for a stage of its own tenant (`engine::decide`).
 //! - An object's size must be the size its record gives, and no more bytes
-//!   than that are read: a lying server cannot fill the disk.
+//!   than that are read: a lying server cannot fill the disk. A directory's
+//!   listing may be at most what its entry count allows; the files inside a
+//!   directory are checked by their hash only (listings carry no sizes).
 //! - Stage names and server messages are printed with control characters
 //!   escaped: a record cannot rewrite the terminal.
 //! - `run --pull` stops asking a remote prefix for the rest of the run once
@@ -189,8 +191,8 @@ enum Bound {
 }
 
 /// The most bytes a directory listing of `entries` entries can take: each
-/// entry's path (and a link's target) at most `MAX_ENTRY_PATH` bytes, every byte escaped (6 bytes
-/// in JSON), a hash and the field names; and the header.
+/// entry's path (and a link's target) at most `MAX_ENTRY_PATH` bytes, every
+/// byte escaped (6 bytes in JSON), a hash and the field names; and the header.
 fn listing_bound(entries: u64) -> u64 {
     entries.saturating_mul(2 * 6 * crate::workspace::hashing::MAX_ENTRY_PATH as u64 + 256).saturating_add(256)
 }
