@@ -285,7 +285,7 @@ async fn take_body<'s>(
         return Err(too_large());
     }
     // At most max_body, so never more than a tenant's budget (or the server's).
-    let kib = declared.map_or(max, |n| n as usize).div_ceil(1024).clamp(1, max.div_ceil(1024));
+    let kib = declared.map_or(max, |n| n as usize).div_ceil(1024).clamp(1, max.div_ceil(1024)).min(u32::MAX as usize);
     let mine = s.body_budget_of(&c.tenant);
     let read = async {
         let own = mine.acquire_many_owned(kib as u32).await.expect("a tenant's body budget is never closed");
