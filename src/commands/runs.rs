@@ -1,6 +1,7 @@
 //! `dagrun runs` and `dagrun runs show ID|last`: the run history from `runs/`.
 
 use crate::engine::runs::{self, Status};
+use crate::util::escape_controls;
 use anyhow::Result;
 use std::path::Path;
 
@@ -36,7 +37,7 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
                 r.run_id,
                 r.status,
                 r.seconds,
-                shown(&r.pipeline),
+                escape_controls(&r.pipeline),
                 c(Status::Ran),
                 c(Status::Cached),
                 c(Status::Restored),
@@ -47,15 +48,6 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `line` with its control characters (other than tabs) escaped.
-fn shown(line: &str) -> std::borrow::Cow<'_, str> {
-    if line.chars().any(|c| c.is_control() && c != '\t') {
-        line.chars().map(|c| if c.is_control() && c != '\t' { c.escape_default().to_string() } else { c.to_string() }).collect::<String>().into()
-    } else {
-        line.into()
-    }
-}
-
 /// One run's record: stages with status, seconds, reasons and errors (or JSON).
 pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
     let r = runs::find(workspace, id)?;
@@ -63,23 +55,14 @@ pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
         crate::outln!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    crate::outln!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, shown(&r.pipeline));
+    crate::outln!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, escape_controls(&r.pipeline));
     crate::outln!("started {}  finished {}", r.started_at, r.finished_at);
     for s in &r.stages {
         crate::outln!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
         // A command's stderr (colours, cursor moves) is shown, never obeyed.
         for l in s.reasons.iter().flat_map(|r| r.lines()).chain(s.error.iter().flat_map(|e| e.lines())) {
-            crate::outln!("            {}", shown(l));
+            crate::outln!("            {}", escape_controls(l));
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn control_characters_are_shown_escaped() {
-        assert_eq!(super::shown("plain\ttext"), "plain\ttext");
-        assert_eq!(super::shown("\u{1b}[31mred\u{1b}[0m \u{7}"), "\\u{1b}[31mred\\u{1b}[0m \\u{7}");
-    }
 }

@@ -184,8 +184,7 @@ impl Remote {
             anyhow!("{what} {loc} on {}: access denied; check the credentials (AWS_ACCESS_KEY_ID, …) and the bucket policy for this prefix", self.shown)
         } else {
             // A server's message is shown with its control characters escaped.
-            let text: String = text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
-            anyhow!("{what} {loc} on {}: {text}", self.shown)
+            anyhow!("{what} {loc} on {}: {}", self.shown, crate::util::escape_controls(&text))
         }
     }
 

@@ -28,3 +28,25 @@ pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>
     std::fs::File::open(path)?.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     Ok(bytes)
 }
+
+/// `text` with its control characters escaped (`\u{1b}`), tabs kept: for
+/// printing what dagrun did not write itself (a command's stderr in a run
+/// record, a server's error message), so that it is shown, never obeyed by
+/// the terminal.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| c.is_control() && c != '\t';
+    if text.chars().any(escaped) {
+        text.chars().map(|c| if escaped(c) { c.escape_default().to_string() } else { c.to_string() }).collect::<String>().into()
+    } else {
+        text.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped_tabs_kept() {
+        assert_eq!(super::escape_controls("plain\ttext"), "plain\ttext");
+        assert_eq!(super::escape_controls("\u{1b}[31mred\u{1b}[0m \u{7}"), "\\u{1b}[31mred\\u{1b}[0m \\u{7}");
+    }
+}
