@@ -36,7 +36,7 @@
 use crate::config::{DagrunConfig, RemoteConfig};
 use crate::engine::RemoteSource;
 use crate::pipeline::{Pipeline, Stage};
-use crate::remote::{Download, RECORD_MAX, Remote, check_relative_path, is_hash};
+use crate::remote::{Download, RECORD_MAX, Remote, SizeBound, check_relative_path, is_hash};
 use crate::workspace::cas::Cas;
 use crate::workspace::hashing::{TreeEntry, decode_tree};
 use crate::workspace::state::{Loaded, StageState, StateStore};
@@ -84,9 +84,7 @@ pub fn tenant_of(stage: &str) -> Result<Option<String>> {
 /// Parse and check a stage record (an action entry or state record) read
 /// from disk (its MAC was checked by the state store); returns it with its tenant.
 pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(StageState, Option<String>)> {
-    if bytes.len() as u64 > RECORD_MAX {
-        bail!("record is {} bytes, over the {} limit", bytes.len(), RECORD_MAX);
-    }
+    check_record_size(bytes)?;
     // Every hash field parses as a `ContentHash` (or the record is refused).
     let st: StageState = serde_json::from_slice(bytes).map_err(|e| anyhow!("not a stage record ({e})"))?;
     let tenant = check_record(&st, expected_key)?;
@@ -96,9 +94,7 @@ pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(Stag
 /// Check a record read from a remote: its MAC under this workspace's
 /// integrity key first, then everything [`validate_record`] checks.
 pub fn open_pulled(bytes: &[u8], key: &crate::crypto::IntegrityKey, expected_key: &str) -> Result<(StageState, Option<String>)> {
-    if bytes.len() as u64 > RECORD_MAX {
-        bail!("record is {} bytes, over the {} limit", bytes.len(), RECORD_MAX);
-    }
+    check_record_size(bytes)?;
     let st: StageState = crate::workspace::record::open(Some(key), crate::workspace::record::STAGE_RECORD, bytes, "record").map_err(|e| {
         anyhow!(
             "{e}: a record pulled must verify under this workspace's integrity key: it was written by a workspace with other keys, or altered on the remote (workspaces sharing a remote share .dagrun/keys/ or the HSM token)"
@@ -106,6 +102,14 @@ pub fn open_pulled(bytes: &[u8], key: &crate::crypto::IntegrityKey, expected_key
     })?;
     let tenant = check_record(&st, Some(expected_key))?;
     Ok((st, tenant))
+}
+
+/// A record is at most [`RECORD_MAX`] bytes.
+fn check_record_size(bytes: &[u8]) -> Result<()> {
+    if bytes.len() as u64 > RECORD_MAX {
+        bail!("record is {} bytes, over the {} limit", bytes.len(), RECORD_MAX);
+    }
+    Ok(())
 }
 
 /// The checks of a parsed record's fields; returns its stage's tenant.
@@ -179,17 +183,6 @@ pub struct PullReport {
     pub seconds: f64,
 }
 
-/// What is known of an object's size before it is fetched.
-#[derive(Clone, Copy)]
-enum Bound {
-    /// A file output: its record's size.
-    Exactly(u64),
-    /// A directory's listing: at most this (from its entry count).
-    AtMost(u64),
-    /// A file inside a directory (listings carry no sizes).
-    Unknown,
-}
-
 /// The most bytes a directory listing of `entries` entries can take: each
 /// entry's path (and a link's target) at most `MAX_ENTRY_PATH` bytes, every
 /// byte escaped (6 bytes in JSON), a hash and the field names; and the header.
@@ -203,7 +196,7 @@ fn listing_bound(entries: u64) -> u64 {
 fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Vec<String>) -> (usize, u64, usize, Vec<ContentHash>) {
     let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
     let mut failed: HashSet<ContentHash> = HashSet::new();
-    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, Bound)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
+    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, SizeBound)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
         // Dedupe by (scope, hash); skip what the local cache holds.
         let mut seen = BTreeSet::new();
         let mut list: Vec<(Vec<usize>, Download)> = Vec::new();
@@ -220,12 +213,7 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 std::collections::hash_map::Entry::Vacant(e) => {
                     e.insert(list.len());
                     seen.insert((tenant.clone(), hash.clone()));
-                    let (size, at_most) = match size {
-                        Bound::Exactly(n) => (Some(n), None),
-                        Bound::AtMost(n) => (None, Some(n)),
-                        Bound::Unknown => (None, None),
-                    };
-                    list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string(), size, at_most }));
+                    list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string(), size }));
                 }
             }
         }
@@ -250,7 +238,7 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
     for (ri, r) in recs.iter().enumerate() {
         for o in r.st.outputs.values().filter(|o| o.cached && !o.sensitive) {
             // A file's size is in its record; a directory's listing is bounded by its entry count.
-            let bound = if o.dir { Bound::AtMost(listing_bound(o.size)) } else { Bound::Exactly(o.size) };
+            let bound = if o.dir { SizeBound::AtMost(listing_bound(o.size)) } else { SizeBound::Exactly(o.size) };
             wave1.push((ri, r.tenant.clone(), o.hash.clone(), bound));
         }
     }
@@ -272,7 +260,7 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 Ok(entries) => {
                     for e in entries {
                         if let TreeEntry::File { hash, .. } = e {
-                            wave2.push((ri, r.tenant.clone(), hash, Bound::Unknown));
+                            wave2.push((ri, r.tenant.clone(), hash, SizeBound::Unknown));
                         }
                     }
                 }

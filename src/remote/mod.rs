@@ -73,12 +73,36 @@ pub struct Download {
     pub tenant: Option<String>,
     pub hash: String,
     pub dest: PathBuf,
-    /// The size its record gives (None: unknown, e.g. a directory listing's
-    /// files): another size on the remote is refused before a byte is read,
-    /// and no more bytes than this are ever written.
-    pub size: Option<u64>,
-    /// Or only an upper bound (a directory's listing, from its entry count).
-    pub at_most: Option<u64>,
+    /// What its record says of its size: another size on the remote is
+    /// refused before a byte is read, and no more bytes than allowed are
+    /// ever written.
+    pub size: SizeBound,
+}
+
+/// What is known of an object's size before it is fetched.
+#[derive(Debug, Clone, Copy)]
+pub enum SizeBound {
+    /// A file output: its record's size.
+    Exactly(u64),
+    /// A directory's listing: at most this (from its entry count).
+    AtMost(u64),
+    /// A file inside a directory (listings carry no sizes): only its hash checks it.
+    Unknown,
+}
+
+impl SizeBound {
+    /// Why an object of `got` bytes is refused, if it is: `whole` when `got`
+    /// is its full size (as the server announces it), else the bytes
+    /// received so far.
+    fn refusal(self, got: u64, whole: bool) -> Option<String> {
+        match self {
+            SizeBound::Exactly(want) if got > want || (whole && got != want) => {
+                Some(format!("is {got} bytes but its record says {want}; not used (push it again from a workspace that has it)"))
+            }
+            SizeBound::AtMost(max) if got > max => Some(format!("is {got} bytes, more than its record allows ({max}); not used")),
+            _ => None,
+        }
+    }
 }
 
 /// An open remote.
@@ -355,19 +379,8 @@ impl Remote {
             }
             e => self.explain("downloading", &loc, e),
         })?;
-        let wrong_size = |got: u64, want: u64| {
-            anyhow!("{loc} on {} is {got} bytes but its record says {want}; not used (push it again from a workspace that has it)", self.shown)
-        };
-        if let Some(want) = d.size
-            && r.meta.size != want
-        {
-            bail!(wrong_size(r.meta.size, want));
-        }
-        let too_big = |got: u64, max: u64| anyhow!("{loc} on {} is {got} bytes, more than its record allows ({max}); not used", self.shown);
-        if let Some(max) = d.at_most
-            && r.meta.size > max
-        {
-            bail!(too_big(r.meta.size, max));
+        if let Some(why) = d.size.refusal(r.meta.size, true) {
+            bail!("{loc} on {} {why}", self.shown);
         }
         let mut tmp = AtomicFile::create_with(&d.dest, Durability::Verified)?;
         let mut h = blake3::Hasher::new();
@@ -377,15 +390,8 @@ impl Remote {
             let c = chunk.map_err(|e| self.explain("downloading", &loc, e))?;
             h.update(&c);
             n += c.len() as u64;
-            if let Some(want) = d.size
-                && n > want
-            {
-                bail!(wrong_size(n, want));
-            }
-            if let Some(max) = d.at_most
-                && n > max
-            {
-                bail!(too_big(n, max));
+            if let Some(why) = d.size.refusal(n, false) {
+                bail!("{loc} on {} {why}", self.shown);
             }
             tmp.write_all(&c).with_context(|| format!("cannot write {}", tmp.temp_path().display()))?;
         }
@@ -449,15 +455,12 @@ mod tests {
         assert!(r.list_objects(None).unwrap().is_empty());
         // Download verifies: a tampered remote object never lands.
         let dest = d.path().join("local/obj");
-        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone(), size: None, at_most: None }])[0].as_ref().unwrap();
+        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone(), size: SizeBound::Unknown }])[0].as_ref().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
         std::fs::write(d.path().join("remote/team/tenants/Tenant_A/objects").join(&hash), b"hellO").unwrap();
         let dest2 = d.path().join("local/obj2");
-        let e = r
-            .download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone(), size: None, at_most: None }])
-            .remove(0)
-            .unwrap_err()
-            .to_string();
+        let e =
+            r.download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone(), size: SizeBound::Unknown }]).remove(0).unwrap_err().to_string();
         assert!(e.contains("corrupted"), "{e}");
         assert!(!dest2.exists());
         assert!(std::fs::read_dir(d.path().join("local")).unwrap().count() == 1, "no temp file left");
