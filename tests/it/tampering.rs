@@ -46,6 +46,13 @@ fn put_state(ws: &Ws, stage: &str, v: &Value) {
     std::fs::write(ws.path(&format!(".dagrun/state/{stage}.json")), serde_json::to_vec_pretty(v).unwrap()).unwrap();
 }
 
+/// Change one field of a stage's state record without re-sealing it: its MAC fails.
+fn edit_state_behind_dagrun(ws: &Ws, stage: &str) {
+    let mut st = state(ws, stage);
+    st["finished_at"] = Value::from("2020-01-01T00:00:00Z");
+    put_state(ws, stage, &st);
+}
+
 /// Move the model registry aside, so `predict` serves the train stage's
 /// output through its lineage record (the path of a model never registered).
 fn without_registry(ws: &Ws) {
@@ -354,9 +361,7 @@ fn verify_reports_a_listing_entry_outside_the_workspace_and_repair_removes_it() 
 #[test]
 fn verify_reports_a_mac_failure_by_file_and_repair_fixes_it_under_the_lock() {
     let ws = cmd_ws();
-    let mut st = state(&ws, "a");
-    st["finished_at"] = Value::from("2020-01-01T00:00:00Z");
-    put_state(&ws, "a", &st);
+    edit_state_behind_dagrun(&ws, "a");
     let o = dg(&ws, &["verify"]);
     assert_eq!(o.code, 4);
     assert!(o.stdout.contains(".dagrun/state/a.json") && o.stdout.contains("MAC") && o.stdout.contains("modified outside dagrun"), "{}", o.stdout);
@@ -432,9 +437,7 @@ fn verify_unwraps_every_tenant_key() {
 fn lineage_names_the_record_it_could_not_trust() {
     let ws = cmd_ws();
     ok(dg(&ws, &["lineage", "out/a.txt"]));
-    let mut st = state(&ws, "a");
-    st["finished_at"] = Value::from("2020-01-01T00:00:00Z");
-    put_state(&ws, "a", &st);
+    edit_state_behind_dagrun(&ws, "a");
     let o = dg(&ws, &["lineage", "out/a.txt"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("1 state record(s) could not be trusted") && o.stderr.contains(".dagrun/state/a.json fails its MAC check"), "{}", o.stderr);
@@ -464,9 +467,7 @@ fn features_names_the_manifest_it_could_not_trust() {
     assert!(o.stderr.contains("manifest.json fails its MAC check"), "{}", o.stderr);
     // The other tenant is untouched; its store's state record edited is counted.
     ok(dg(&ws, &["features", "Tenant_B"]));
-    let mut st = state(&ws, "store[Tenant_B]");
-    st["finished_at"] = Value::from("2020-01-01T00:00:00Z");
-    put_state(&ws, "store[Tenant_B]", &st);
+    edit_state_behind_dagrun(&ws, "store[Tenant_B]");
     let o = dg(&ws, &["features", "Tenant_B"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("1 state record(s) could not be trusted"), "{}", o.stderr);
