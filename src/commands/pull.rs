@@ -12,6 +12,12 @@
 //! - Every object is verified (blake3 = name) before it lands in the local
 //!   cache, atomically; an action entry is written only after all its objects.
 //! - Sensitive outputs are never fetched (they were never pushed).
+//! - An object the local cache already holds is not fetched again, but the
+//!   record's prefix on the remote must hold it too, at the size of the
+//!   local copy: a record may only name objects pushed beside it. Otherwise
+//!   a record sealed by an insider in one tenant's prefix could name another
+//!   tenant's object held here, and this workspace's next `push` would
+//!   upload that object into the first tenant's prefix.
 //! - Nothing local is overwritten: what the workspace has is kept.
 //! - A pulled record must carry a MAC that verifies under this workspace's
 //!   integrity key: the workspaces sharing a remote share their keys (README,
@@ -201,10 +207,18 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
         let mut seen = BTreeSet::new();
         let mut list: Vec<(Vec<usize>, Download)> = Vec::new();
         let mut at: HashMap<(Option<String>, ContentHash), usize> = HashMap::new();
+        // Held here already: the remote's prefix must hold it too (see the rules).
+        let mut held: Vec<(Vec<usize>, (Option<String>, String), u64)> = Vec::new();
+        let mut held_at: HashMap<(Option<String>, ContentHash), usize> = HashMap::new();
         for (ri, tenant, hash, size) in wanted {
             if cas.has(&hash) {
-                if seen.insert((tenant.clone(), hash.clone())) {
-                    present += 1;
+                match held_at.entry((tenant.clone(), hash.clone())) {
+                    std::collections::hash_map::Entry::Occupied(e) => held[*e.get()].0.push(ri),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(held.len());
+                        let local = std::fs::metadata(cas.object_path(&hash)).map(|m| m.len()).unwrap_or(u64::MAX);
+                        held.push((vec![ri], (tenant.clone(), hash.to_string()), local));
+                    }
                 }
                 continue;
             }
@@ -215,6 +229,33 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                     seen.insert((tenant.clone(), hash.clone()));
                     list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string(), size }));
                 }
+            }
+        }
+        let names: Vec<(Option<String>, String)> = held.iter().map(|(_, n, _)| n.clone()).collect();
+        for ((ris, (tenant, hash), local), r) in held.iter().zip(remote.object_sizes(&names)) {
+            let why = match r {
+                Ok(Some(n)) if n == *local => {
+                    present += 1;
+                    continue;
+                }
+                Ok(Some(n)) => format!("is {n} bytes on the remote but {local} bytes here"),
+                Ok(None) => "is not on the remote".to_string(),
+                Err(e) => {
+                    problems.push(format!("{e:#}"));
+                    for &ri in ris {
+                        failed.insert(recs[ri].key.clone());
+                    }
+                    continue;
+                }
+            };
+            let loc = remote.object_location(tenant.as_deref(), hash);
+            for &ri in ris {
+                problems.push(format!(
+                    "record {} ({}): its object {loc} {why}, though the local cache holds it: a record may only name objects pushed beside it; refused",
+                    recs[ri].key.short(),
+                    shown(&recs[ri].st.stage)
+                ));
+                failed.insert(recs[ri].key.clone());
             }
         }
         let downloads: Vec<Download> = list.iter().map(|(_, d)| d.clone()).collect();

@@ -354,6 +354,28 @@ impl Remote {
         }
     }
 
+    /// The size of each object `(tenant, hash)` on the remote, in parallel
+    /// (None: not there); one result per object, in order.
+    pub fn object_sizes(&self, objects: &[(Option<String>, String)]) -> Vec<Result<Option<u64>>> {
+        self.rt.block_on(async {
+            let mut res: Vec<(usize, Result<Option<u64>>)> = futures_util::stream::iter(objects.iter().enumerate())
+                .map(|(i, (tenant, hash))| async move {
+                    let loc = self.object_location(tenant.as_deref(), hash);
+                    let r = match self.store.head(&loc).await {
+                        Ok(m) => Ok(Some(m.size)),
+                        Err(object_store::Error::NotFound { .. }) => Ok(None),
+                        Err(e) => Err(self.explain("checking", &loc, e)),
+                    };
+                    (i, r)
+                })
+                .buffer_unordered(self.jobs)
+                .collect()
+                .await;
+            res.sort_by_key(|(i, _)| *i);
+            res.into_iter().map(|(_, r)| r).collect()
+        })
+    }
+
     /// Fetch objects in parallel, each verified before it lands at its `dest`
     /// (atomically, read-only); one result (bytes received) per download.
     pub fn download(&self, downloads: &[Download]) -> Vec<Result<u64>> {

@@ -591,3 +591,51 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     assert!(t0.elapsed() < Duration::from_secs(120), "{:?}", t0.elapsed());
     let _ = std::fs::remove_dir_all(&dead);
 }
+
+/// An insider who holds the workspace keys but only Tenant_A's bucket
+/// credential seals a record in Tenant_A's prefix that names Tenant_B's
+/// object (known by its hash, not its bytes). A workspace that holds that
+/// object refuses the record, so its next push cannot carry Tenant_B's bytes
+/// into Tenant_A's prefix.
+#[test]
+fn a_record_naming_another_tenants_object_is_refused_and_never_pushed_across() {
+    let remote = tempfile::Builder::new().prefix("dagrun-it-folder-remote-").tempdir().unwrap();
+    let victim = tempfile::Builder::new().prefix("dagrun-it-victim-").tempdir().unwrap();
+    let victim = victim.path();
+    let pipeline = |data_of: &str| {
+        format!("stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of {data_of}\" > out/${{tenant}}.txt\n    outs: [\"out/${{tenant}}.txt\"]\n")
+    };
+    for d in ["pipelines", "config"] {
+        std::fs::create_dir_all(victim.join(d)).unwrap();
+    }
+    std::fs::write(victim.join("pipelines/p.yaml"), pipeline("${tenant}")).unwrap();
+    std::fs::write(victim.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
+    std::fs::write(victim.join("config/dagrun.yaml"), format!("remote:\n  url: file://{}\n", remote.path().display())).unwrap();
+    ok(victim, &["run", "pipelines/p.yaml"], ADMIN);
+    let secret_b = b"data of Tenant_B\n";
+    let hash_b = blake3::hash(secret_b).to_hex().to_string();
+    assert_eq!(b3(&victim.join("out/Tenant_B.txt")), hash_b);
+
+    // The insider: same keys; its Tenant_A stage's record names hash_b.
+    let insider = clone_of(victim);
+    let insider = insider.path();
+    std::fs::write(insider.join("pipelines/p.yaml"), pipeline("Tenant_B")).unwrap();
+    ok(insider, &["run", "pipelines/p.yaml", "build[Tenant_A]"], ADMIN);
+    ok(insider, &["push", "--tenant", "Tenant_A"], TENANT_A);
+    let objects_a = remote.path().join("tenants/Tenant_A/objects");
+    // It never had Tenant_B's bytes: nothing of that name in Tenant_A's prefix…
+    std::fs::remove_file(objects_a.join(&hash_b)).unwrap();
+    let o = spawn(dagrun(victim, &["pull"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains("is not on the remote, though the local cache holds it"), "{}", o.stderr);
+    // …or something else of that name there.
+    std::fs::write(objects_a.join(&hash_b), b"x").unwrap();
+    let o = spawn(dagrun(victim, &["pull"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 1, "{o:?}");
+    assert!(o.stderr.contains(&format!("is 1 bytes on the remote but {} bytes here", secret_b.len())), "{}", o.stderr);
+    assert!(!o.stderr.contains("data of"), "{}", o.stderr);
+    std::fs::remove_file(objects_a.join(&hash_b)).unwrap();
+    ok(victim, &["push"], ADMIN);
+    assert!(!objects_a.join(&hash_b).exists(), "Tenant_B's object was pushed into Tenant_A's prefix");
+    assert!(remote.path().join("tenants/Tenant_B/objects").join(&hash_b).exists());
+}
