@@ -40,10 +40,29 @@ struct RawConfig {
     master_key: Option<String>,
     #[serde(default)]
     master_key_mechanism: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text_only")]
     metrics_file: Option<PathBuf>,
     #[serde(default)]
     remote: Option<RemoteConfig>,
+}
+
+/// A path written as YAML text: `metrics_file: 5` or `true` is a mistake, not
+/// a file named `5` (serde would take any scalar as a path).
+fn text_only<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<PathBuf>, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = Option<PathBuf>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a file path as text, e.g. /var/lib/node_exporter/textfile_collector/dagrun.prom")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+            Ok(Some(PathBuf::from(v)))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Text)
 }
 
 /// `remote:`: where `dagrun push`/`pull`/`run --pull` send and fetch cache entries.
@@ -191,6 +210,18 @@ mod tests {
         let e = DagrunConfig::parse(pinned.as_bytes(), CONFIG_FILE).unwrap_err().to_string();
         assert!(e.contains("pin-value") && !e.contains("12345678"), "{e}");
         assert_eq!(crate::error::exit_code_of(&DagrunConfig::parse(b"x: 1", CONFIG_FILE).unwrap_err()), 2);
+    }
+
+    #[test]
+    fn metrics_file_is_text() {
+        let c = DagrunConfig::parse(b"metrics_file: m/dagrun.prom\n", CONFIG_FILE).unwrap();
+        assert_eq!(c.metrics_file.as_deref(), Some(Path::new("m/dagrun.prom")));
+        assert_eq!(DagrunConfig::parse(b"metrics_file: \"5\"\n", CONFIG_FILE).unwrap().metrics_file.as_deref(), Some(Path::new("5")));
+        assert!(DagrunConfig::parse(b"metrics_file:\n", CONFIG_FILE).unwrap().metrics_file.is_none());
+        for bad in ["metrics_file: 5\n", "metrics_file: true\n", "metrics_file: 1.5\n", "metrics_file: [a]\n", "metrics_file: {a: b}\n"] {
+            let e = DagrunConfig::parse(bad.as_bytes(), CONFIG_FILE).unwrap_err().to_string();
+            assert!(e.starts_with("config/dagrun.yaml:1:") && e.contains("a file path as text"), "{bad}: {e}");
+        }
     }
 
     #[test]
