@@ -2,6 +2,11 @@
 //! write one run as a self-contained HTML page (see `report`). The page is
 //! written atomically; the command prints its path. A run that cannot be
 //! found, or a record whose values do not check, is an error (exit 2).
+//!
+//! The run record is not trusted input: the pipeline file it names is loaded
+//! (for the page's graph) only if it is a `.yaml`/`.yml` file outside the
+//! workspace's `.dagrun/`; the page says why otherwise. A load error on the
+//! page quotes no value of the file (`pipeline::without_values`).
 
 use crate::engine::runs;
 use crate::report::{self, Layout, PipelineView};
@@ -29,9 +34,9 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
             )
         })
         .collect();
-    let view = crate::pipeline::load(&workspace.join(&rec.pipeline), Some(workspace), &overrides, &crate::stages::kinds())
-        .map(|p| PipelineView::from_pipeline(&p))
-        .map_err(|e| format!("{e:#}"));
+    let view = pipeline_file(workspace, &rec.pipeline).and_then(|file| {
+        crate::pipeline::load(&file, Some(workspace), &overrides, &crate::stages::kinds()).map(|p| PipelineView::from_pipeline(&p)).map_err(|e| format!("{e:#}"))
+    });
     let html = report::render(workspace, &rec, view, layout)?;
     let dest = match out {
         Some(p) => std::path::absolute(p)?,
@@ -42,4 +47,21 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
     }
     crate::util::atomic::write_atomic(&dest, html.as_bytes())?;
     Ok(dest)
+}
+
+/// The pipeline file a run record names, if the report may read it (see the
+/// module's rules); else why not, for the page.
+fn pipeline_file(workspace: &Path, named: &str) -> std::result::Result<PathBuf, String> {
+    let file = workspace.join(named);
+    let yaml = file.extension().is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
+    let dagrun_dir = workspace.join(crate::workspace::DAGRUN_DIR).canonicalize().ok();
+    let inside_dagrun = file.canonicalize().ok().zip(dagrun_dir).is_some_and(|(f, d)| f.starts_with(d))
+        || Path::new(named).components().any(|c| c.as_os_str().eq_ignore_ascii_case(crate::workspace::DAGRUN_DIR));
+    if !yaml || inside_dagrun {
+        return Err(format!(
+            "the run record names {} as its pipeline, which is not a pipeline file (.yaml or .yml outside .dagrun/); not read",
+            crate::util::escape_controls(named)
+        ));
+    }
+    Ok(file)
 }

@@ -339,7 +339,7 @@ fn removing_an_output_no_run_made_is_said() {
 fn a_bad_output_option_is_named() {
     bad(
         "stages:\n  a: {cmd: echo > a.txt, outs: [{path: a.txt, sensitive: maybe}]}\n",
-        &["pipeline.yaml:2:", "stages.a.outs[0].sensitive: invalid type: string \"maybe\", expected a boolean"],
+        &["pipeline.yaml:2:", "stages.a.outs[0].sensitive: invalid type: string (5 characters), expected a boolean"],
     );
     bad(
         "stages:\n  a: {cmd: echo > a.txt, outs: [{path: a.txt, sensitiv: true}]}\n",

@@ -201,3 +201,47 @@ fn everything_from_files_is_escaped() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("finite and ≥ 0"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!ws.join("y.html").exists());
 }
+
+/// A run record is not trusted: the pipeline file it names is read only if it
+/// is a YAML file outside `.dagrun/`, and a load error on the page quotes no
+/// value of that file (an edited record naming the master key file, or a
+/// CSV of customers saved as `.yaml`, put their content in the page).
+#[test]
+fn the_page_never_quotes_the_file_an_edited_record_names() {
+    let d = tempfile::tempdir().unwrap();
+    let ws = d.path();
+    std::fs::create_dir_all(ws.join(".dagrun")).unwrap();
+    std::fs::write(ws.join("pipeline.yaml"), "stages:\n  say:\n    cmd: echo hi > said.txt\n    outs: [said.txt]\n").unwrap();
+    ok(&dagrun(ws, &["run", "pipeline.yaml"]));
+    let key = std::fs::read_to_string(ws.join(".dagrun/keys/master.key")).unwrap();
+    let key = key.trim();
+    assert_eq!(key.len(), 64);
+    std::fs::write(ws.join("people.yaml"), "Customer_ID,Email\n1,jane.doe@example.com\n").unwrap();
+    std::fs::write(ws.join("pin.yml"), "314584655242\n").unwrap();
+    std::fs::write(ws.join("odd.yaml"), "stages:\n  a:\n    cmd: echo\n    jane.doe@example.com: 1\n").unwrap();
+    let rec = std::fs::read_dir(ws.join("runs")).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).unwrap();
+    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    let cases = [
+        (".dagrun/keys/master.key", "not a pipeline file"),
+        ("./.dagrun/keys/../keys/master.key", "not a pipeline file"),
+        ("people.yaml", "invalid type: string (40 characters)"),
+        ("pin.yml", "invalid type: integer, expected"),
+        ("odd.yaml", "unknown field (a name of 20 characters, not shown"),
+    ];
+    for (named, says) in cases {
+        let mut v = original.clone();
+        v["pipeline"] = serde_json::Value::from(named);
+        std::fs::write(&rec, serde_json::to_vec(&v).unwrap()).unwrap();
+        let out = ws.join("r.html");
+        ok(&dagrun(ws, &["report", "last", "-o", out.to_str().unwrap()]));
+        let html = std::fs::read_to_string(&out).unwrap();
+        assert!(html.contains(says), "{named}: {}", html.lines().filter(|l| l.contains("load")).collect::<Vec<_>>().join("\n"));
+        for secret in [key, "jane.doe", "314584655242"] {
+            assert!(!html.contains(secret), "{named}: the page holds {secret}");
+        }
+    }
+    // The user's own mistake on the command line is described the same way.
+    let o = dagrun(ws, &["dag", "people.yaml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("jane.doe"), "{}", String::from_utf8_lossy(&o.stderr));
+}
