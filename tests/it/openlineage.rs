@@ -646,3 +646,24 @@ stages:
     let open_left: Vec<_> = std::fs::read_dir(ws.path(".dagrun/openlineage/open")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(open_left.is_empty(), "{open_left:?}");
 }
+
+/// A mark of a "killed" run whose event file is a planted symlink: recovery
+/// never writes through it (it cut the file the link led to back to its last
+/// newline), and the run itself is not held up.
+#[test]
+fn recovery_never_writes_through_a_planted_event_file_link() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    ws.run(&[]).ok();
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim.txt");
+    let text = "keep this line\nand this one without its newline";
+    std::fs::write(&victim, text).unwrap();
+    let id = "20261205-000000-000-abcd";
+    ws.write(&format!(".dagrun/openlineage/open/{id}"), "");
+    std::os::unix::fs::symlink(&victim, ws.path(&format!("runs/{id}.openlineage.jsonl"))).unwrap();
+    let r = ws.run(&[]);
+    assert_eq!(r.out.code, 0, "{}", r.out.stderr);
+    assert!(r.out.stderr.contains("is a symlink; dagrun never writes through a link there"), "{}", r.out.stderr);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), text, "the file behind the link was changed");
+}
