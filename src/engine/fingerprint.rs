@@ -151,16 +151,16 @@ pub fn explain(
             }
         }
         if old.cmd != new.cmd {
-            r.push(format!(
-                "command changed: `{}` → `{}`",
-                show(&Value::String(old.cmd.clone().unwrap_or_default())),
-                show(&Value::String(new.cmd.clone().unwrap_or_default()))
-            ));
+            // Named by hash: a command line may carry a credential, and
+            // reasons go to run records, reports and OpenLineage events.
+            let h = |c: &Option<String>| blake3::hash(c.as_deref().unwrap_or_default().as_bytes()).to_hex();
+            r.push(format!("command changed: blake3 {} → {}", short(&h(&old.cmd)), short(&h(&new.cmd))));
         }
     }
     for (k, v) in &new.env {
         match old.env.get(k) {
-            Some(o) if o != v => r.push(format!("env {k}: {} → {}", show(&Value::from(o.as_str())), show(&Value::from(v.as_str())))),
+            // The variable's name only, never its value (see the command above).
+            Some(o) if o != v => r.push(format!("env {k} changed")),
             None => r.push(format!("env {k} added")),
             _ => {}
         }
@@ -215,6 +215,22 @@ mod tests {
             outs: vec!["b".into()],
             extras: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn reasons_name_commands_and_env_without_their_text() {
+        let a = ing();
+        let mut b = ing();
+        b.cmd = Some("curl -H 'Authorization: Bearer SECRET2' x".into());
+        b.env.insert("API_KEY".into(), "SECRET3".into());
+        let mut c = b.clone();
+        c.env.insert("API_KEY".into(), "SECRET4".into());
+        let none = BTreeMap::new();
+        let ab = explain(&a, &b, &none, &none, &|_| None);
+        let bc = explain(&b, &c, &none, &none, &|_| None);
+        let h = |s: &str| blake3::hash(s.as_bytes()).to_hex().to_string();
+        assert_eq!(ab, [format!("command changed: blake3 {} → {}", &h("echo 1")[..12], &h("curl -H 'Authorization: Bearer SECRET2' x")[..12]), "env API_KEY added".into()]);
+        assert_eq!(bc, ["env API_KEY changed"]);
     }
 
     #[test]
