@@ -13,7 +13,8 @@
 //!   same way the coordinator does; when the spec gives a key, a different one
 //!   (inputs changed since the coordinator hashed them) fails the stage
 //!   without running it. The key goes into the result file; the coordinator
-//!   recomputes and compares it.
+//!   recomputes and compares it. The result file is sealed under the
+//!   workspace integrity key (`executor::spec`).
 //! - Secrets: the master key comes from its file (`DAGRUN_MASTER_KEY_FILE`,
 //!   set by the batch script to a path), never from the job's environment.
 //! - Exit status: 0 when every stage succeeded, 1 otherwise (Slurm: FAILED).
@@ -36,7 +37,9 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
     let engine = Engine::new(p)?;
     let names: Vec<&str> = spec.stages.iter().map(|s| s.stage.as_str()).collect();
     eprintln!("dagrun exec-stage: run {}, Slurm job {job}: {}", spec.run_id, names.join(", "));
-    let mut result = JobResult { format: RESULT_FORMAT.into(), stages: vec![] };
+    let Some(integrity) = engine.states.integrity_key() else { bail!("no workspace integrity key to seal the job result with") };
+    let spec_name = spec_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut result = JobResult { format: RESULT_FORMAT.into(), run_id: spec.run_id.clone(), spec: spec_name, stages: vec![], mac: None };
     let mut code = exit::OK;
     for st in &spec.stages {
         let t0 = Instant::now();
@@ -61,7 +64,7 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
         }
         let failed = !sr.ok;
         result.stages.push(sr);
-        crate::util::atomic::write_json_atomic(&spec.result, &result).with_context(|| format!("cannot write the job result file {}", spec.result.display()))?;
+        spec::write_result(&spec.result, &result, integrity)?;
         if failed {
             break;
         }

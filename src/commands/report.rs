@@ -35,7 +35,9 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
         })
         .collect();
     let view = pipeline_file(workspace, &rec.pipeline).and_then(|file| {
-        crate::pipeline::load(&file, Some(workspace), &overrides, &crate::stages::kinds()).map(|p| PipelineView::from_pipeline(&p)).map_err(|e| format!("{e:#}"))
+        crate::pipeline::load(&file, Some(workspace), &overrides, &crate::stages::kinds())
+            .map(|p| PipelineView::from_pipeline(&p))
+            .map_err(|e| format!("{e:#}"))
     });
     let html = report::render(workspace, &rec, view, layout)?;
     let dest = match out {

@@ -229,7 +229,10 @@ mod tests {
         let ab = explain(&a, &b, &none, &none, &|_| None);
         let bc = explain(&b, &c, &none, &none, &|_| None);
         let h = |s: &str| blake3::hash(s.as_bytes()).to_hex().to_string();
-        assert_eq!(ab, [format!("command changed: blake3 {} → {}", &h("echo 1")[..12], &h("curl -H 'Authorization: Bearer SECRET2' x")[..12]), "env API_KEY added".into()]);
+        assert_eq!(
+            ab,
+            [format!("command changed: blake3 {} → {}", &h("echo 1")[..12], &h("curl -H 'Authorization: Bearer SECRET2' x")[..12]), "env API_KEY added".into()]
+        );
         assert_eq!(bc, ["env API_KEY changed"]);
     }
 

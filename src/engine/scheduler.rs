@@ -109,7 +109,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     engine.remote = opts.remote.clone();
     if uses_slurm {
         crate::executor::slurm::prune_runs(&engine.pipeline.workspace, 10);
-        engine.slurm = Some(Arc::new(crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id)?));
+        engine.slurm = Some(Arc::new(crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id, engine.states.clone())?));
     }
     // Temp files exist only if a writer died without unwinding (`workspace::lock`).
     if lock.found_unclean() {

@@ -22,6 +22,9 @@
 //!   directory, which stores every job's environment and script). The job
 //!   reads the master key from its file on the shared filesystem (mode 0600).
 //!   A coordinator whose key is in `DAGRUN_MASTER_KEY` refuses to submit.
+//!   Slurm gives an `--export=NONE` job the user's login environment, which
+//!   could hold a `DAGRUN_MASTER_KEY` of its own: the batch script unsets
+//!   every `DAGRUN_` variable before it exports its own.
 //! - **Polling** is batched and rate-limited: at most one status call per
 //!   `slurm.poll_interval` (default 1 s) for all jobs of the run, made by
 //!   whichever waiting thread finds it due. The first poll of a run tries
@@ -58,12 +61,13 @@ use super::spec::{self, JobSpec, SpecStage};
 use super::{Batch, Done, Executor};
 use crate::pipeline::{Pipeline, Resources};
 use crate::stages::RunReport;
+use crate::workspace::state::StateStore;
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Slurm states in which a job is still queued or running.
@@ -111,6 +115,10 @@ pub fn job_environment() -> Vec<(String, String)> {
     }
     env
 }
+
+/// The batch script's first line: unset every `DAGRUN_` variable the job's
+/// (login) environment holds.
+const UNSET_DAGRUN_VARS: &str = "for v in $(env | sed -n 's/^\\(DAGRUN_[A-Za-z0-9_]*\\)=.*/\\1/p'); do unset \"$v\"; done\n";
 
 /// Where a job finds the master key: the coordinator's source, as a place
 /// (a file path, or a PKCS#11 URI without its PIN), never the key. A key in
@@ -267,10 +275,12 @@ pub struct Slurm {
     poll: Mutex<Poll>,
     /// Set when the run is interrupted (the engine's cancel flag is copied here by the waiter).
     cancel: AtomicBool,
+    /// Its integrity key verifies the jobs' result files (`spec::read_result`).
+    states: Arc<StateStore>,
 }
 
 impl Slurm {
-    pub fn new(p: &Pipeline, run_id: &str) -> Result<Slurm> {
+    pub fn new(p: &Pipeline, run_id: &str, states: Arc<StateStore>) -> Result<Slurm> {
         let binary = match &p.slurm.binary {
             Some(b) => PathBuf::from(b),
             None => std::env::current_exe().context("cannot find the path of this dagrun binary; set `slurm.binary` in the pipeline")?,
@@ -287,6 +297,7 @@ impl Slurm {
             submit_retries: p.slurm.submit_retries.unwrap_or(5),
             poll: Mutex::new(Poll { last: None, jobs: HashMap::new(), warned: false, source: Source::default() }),
             cancel: AtomicBool::new(false),
+            states,
         })
     }
 
@@ -302,6 +313,10 @@ impl Slurm {
     /// Write the spec and script of a batch; return (script, log, result) paths and the spec.
     fn prepare(&self, batch: &Batch, file_label: &str, key_env: Vec<(String, String)>) -> Result<(PathBuf, PathBuf, PathBuf)> {
         std::fs::create_dir_all(&self.run_dir).with_context(|| format!("cannot create {}", self.run_dir.display()))?;
+        // The run's specs, scripts, logs and results: the owner's only.
+        #[cfg(unix)]
+        std::fs::set_permissions(&self.run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", self.run_dir.display()))?;
         let base = self.run_dir.join(format!("{file_label}.a{}", batch.attempt));
         let with_ext = |e: &str| PathBuf::from(format!("{}.{e}", base.display()));
         let (spec_path, script, log, result) = (with_ext("spec.json"), with_ext("sh"), with_ext("log"), with_ext("result.json"));
@@ -320,10 +335,12 @@ impl Slurm {
         crate::util::atomic::write_json_atomic(&spec_path, &spec)?;
         let mut text = String::from("#!/bin/sh\n");
         text.push_str(&format!("# dagrun run {}: {}\n", self.run_id, batch.members.iter().map(|m| m.stage.name.as_str()).collect::<Vec<_>>().join(", ")));
-        for (k, v) in job_environment() {
-            text.push_str(&format!("export {k}={}\n", sh_quote(&v)));
-        }
-        for (k, v) in key_env {
+        // With --export=NONE Slurm gives the job the user's login environment
+        // (SLURM_GET_USER_ENV), which may hold a DAGRUN_MASTER_KEY (or any
+        // DAGRUN_ setting) that would win over what the run decided: every
+        // DAGRUN_ variable is removed before the script sets its own.
+        text.push_str(UNSET_DAGRUN_VARS);
+        for (k, v) in job_environment().into_iter().chain(key_env) {
             text.push_str(&format!("export {k}={}\n", sh_quote(&v)));
         }
         text.push_str(&format!("exec {} exec-stage {}\n", sh_quote(&self.binary.to_string_lossy()), sh_quote(&spec_path.to_string_lossy())));
@@ -685,14 +702,45 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
             tracing::warn!("ignoring {} (not a job registration)", e.path().display());
             continue;
         }
-        if let Ok(b) = std::fs::read(e.path())
-            && let Ok(a) = serde_json::from_slice::<ActiveJob>(&b)
-            && !runs.contains(&a.run_id)
-        {
-            runs.push(a.run_id);
-        }
-        ids.push(name);
+        let reg = crate::util::read_at_most(&e.path(), 64 * 1024).ok().and_then(|b| serde_json::from_slice::<ActiveJob>(&b).ok());
+        let Some(a) = reg.filter(|a| a.job_id == name) else {
+            tracing::warn!("ignoring {} (not a job registration dagrun wrote); removed, nothing cancelled", e.path().display());
+            unregister(workspace, &name);
+            continue;
+        };
+        ids.push((name, a.run_id));
     }
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    // Only jobs dagrun submitted for that run from this workspace: a file in
+    // active/ must not be able to cancel anyone's other jobs.
+    let listed: Vec<String> = ids.iter().map(|(id, _)| id.clone()).collect();
+    let live = live_jobs(&listed).context("asking Slurm about the jobs of an earlier run (is Slurm reachable?)")?;
+    let here = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
+    let mut ours = Vec::new();
+    for (id, run_id) in ids {
+        match live.get(&id) {
+            None => unregister(workspace, &id), // ended: nothing to cancel
+            Some((name, dir))
+                if name.starts_with(&format!("dagrun-{}-", sanitize(&run_id))) && Path::new(dir).canonicalize().ok().as_deref() == Some(here.as_path()) =>
+            {
+                if !runs.contains(&run_id) {
+                    runs.push(run_id);
+                }
+                ours.push(id);
+            }
+            Some(_) => {
+                tracing::warn!(
+                    "Slurm job {id} is registered in {} but is not a job dagrun submitted for run {} from this workspace; not cancelled (registration removed)",
+                    dir.display(),
+                    spec::truncate(&run_id, 80)
+                );
+                unregister(workspace, &id);
+            }
+        }
+    }
+    let mut ids = ours;
     if ids.is_empty() {
         return Ok(ids);
     }
@@ -726,6 +774,27 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
         unregister(workspace, id);
     }
     Ok(ids)
+}
+
+/// The jobs among `ids` Slurm still has queued or running: id → (job name, work dir).
+fn live_jobs(ids: &[String]) -> Result<BTreeMap<String, (String, String)>> {
+    let out = Command::new("squeue").args(["-h", "-j", &ids.join(","), "-o", "%i|%j|%Z"]).output().context("cannot run squeue")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() && !stderr.contains("Invalid job id") {
+        bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
+    }
+    Ok(parse_live(&String::from_utf8_lossy(&out.stdout), ids))
+}
+
+/// `squeue -o "%i|%j|%Z"` lines for the asked `ids` (a job name may hold `|`: the work dir is after the last one).
+fn parse_live(text: &str, ids: &[String]) -> BTreeMap<String, (String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let (id, rest) = l.trim().split_once('|')?;
+            let (name, dir) = rest.rsplit_once('|')?;
+            ids.iter().any(|i| i == id).then(|| (id.to_string(), (name.to_string(), dir.to_string())))
+        })
+        .collect()
 }
 
 /// Delete the job files of all but the `keep` most recent runs.
@@ -789,7 +858,11 @@ impl Executor for Slurm {
             await_kill_note(&log);
         }
         let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
-        let results = match spec::read_result(&result, &names) {
+        let spec_name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
+        let Some(integrity) = self.states.integrity_key() else {
+            return fail(anyhow!("no workspace integrity key to verify Slurm job {id}'s result with"));
+        };
+        let results = match spec::read_result(&result, &names, integrity, &self.run_id, &spec_name) {
             Ok(r) => r.unwrap_or_default(),
             Err(e) => return fail(e.context(format!("Slurm job {id} ({state})"))),
         };
@@ -851,6 +924,15 @@ fn batch_cancel<'a>(batch: &'a Batch) -> Option<&'a AtomicBool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_jobs_are_read_by_id_name_and_work_dir() {
+        let ids = ["12".to_string(), "13".to_string()];
+        let m = parse_live("12|dagrun-R-a|/ws\n13|odd|name|/w s\n14|x|/y\n", &ids);
+        assert_eq!(m["12"], ("dagrun-R-a".to_string(), "/ws".to_string()));
+        assert_eq!(m["13"], ("odd|name".to_string(), "/w s".to_string()));
+        assert!(!m.contains_key("14"));
+    }
 
     #[test]
     fn resources_combine_and_map_to_flags() {
@@ -949,6 +1031,22 @@ mod tests {
         assert_eq!(parse_scontrol(sc).as_deref(), Some("NODE_FAIL"));
         assert_eq!(parse_scontrol("JobId=1 JobState= Reason=None"), None);
         assert_eq!(parse_scontrol("slurm_load_jobs error: Invalid job id specified"), None);
+    }
+
+    #[test]
+    fn the_batch_script_drops_every_dagrun_variable_of_the_login_environment() {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{UNSET_DAGRUN_VARS}env"))
+            .env("DAGRUN_MASTER_KEY", "00".repeat(32))
+            .env("DAGRUN_MASTER_KEY_URI", "pkcs11:x")
+            .env("DAGRUN_OTHER_1", "y")
+            .env("KEEP_ME", "1")
+            .output()
+            .unwrap();
+        let env = String::from_utf8_lossy(&out.stdout);
+        assert!(!env.contains("DAGRUN_"), "{env}");
+        assert!(env.contains("KEEP_ME=1"), "{env}");
     }
 
     #[test]

@@ -7,20 +7,26 @@
 //!   coordinator computed for each when it could (see [`super::Member::key`]);
 //! - the **result file** (`NAME.aN.result.json`), written atomically by the
 //!   job after every member it finishes or fails, and read back by the
-//!   coordinator as *untrusted input*: bounded size, exact format, members in
-//!   the order asked, keys as 64 lowercase hex characters, bounded error
-//!   texts and facts. Outputs are never taken from it: the coordinator hashes
-//!   them on disk.
+//!   coordinator as *untrusted input*: bounded size, a record sealed by the
+//!   job under the workspace integrity key (`workspace::record`, domain
+//!   `JOB_RESULT`; the job reads the master key from its file, so whoever
+//!   can write the shared folder but holds no key cannot forge a result or
+//!   its facts, which go into the MAC'd state record), naming this run and
+//!   this spec (a result of another job or run is refused), exact format,
+//!   members in the order asked, keys as 64 lowercase hex characters,
+//!   bounded error texts and facts. Outputs are never taken from it: the
+//!   coordinator hashes them on disk.
 //!
 //! Neither file holds a secret or a plaintext value.
 
+use crate::crypto::IntegrityKey;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
 pub const SPEC_FORMAT: &str = "dagrun-job-spec/v1";
-pub const RESULT_FORMAT: &str = "dagrun-job-result/v1";
+pub const RESULT_FORMAT: &str = "dagrun-job-result/v2";
 /// Largest spec or result file read.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// Longest error text kept from a result file.
@@ -60,7 +66,13 @@ pub struct SpecStage {
 #[serde(deny_unknown_fields)]
 pub struct JobResult {
     pub format: String,
+    /// The run and the job spec (file name) it answers.
+    pub run_id: String,
+    pub spec: String,
     pub stages: Vec<StageResult>,
+    /// The record's MAC (`workspace::record`), checked before anything else.
+    #[serde(default, skip_serializing)]
+    pub mac: Option<String>,
 }
 
 /// One member's outcome.
@@ -119,17 +131,28 @@ pub fn is_key(k: &str) -> bool {
     k.len() == 64 && k.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Read a result file (coordinator side). `expected` are the member names in
+/// Write a result file (job side), sealed under the workspace integrity key.
+pub fn write_result(path: &Path, result: &JobResult, key: &IntegrityKey) -> Result<()> {
+    let bytes = crate::workspace::record::seal(key, crate::workspace::record::JOB_RESULT, result)?;
+    crate::util::atomic::write_atomic(path, &bytes).with_context(|| format!("cannot write the job result file {}", path.display()))
+}
+
+/// Read a result file (coordinator side): sealed under `key`, answering run
+/// `run_id`'s spec `spec` (file name). `expected` are the member names in
 /// order; the result may cover a prefix of them (the job died or a member
 /// failed). `Ok(None)` when there is no result file.
-pub fn read_result(path: &Path, expected: &[&str]) -> Result<Option<Vec<StageResult>>> {
+pub fn read_result(path: &Path, expected: &[&str], key: &IntegrityKey, run_id: &str, spec: &str) -> Result<Option<Vec<StageResult>>> {
     if !path.exists() {
         return Ok(None);
     }
     let b = read_bounded(path, "job result file")?;
-    let r: JobResult = serde_json::from_slice(&b).with_context(|| format!("the job result file {} is not valid", path.display()))?;
+    let r: JobResult = crate::workspace::record::open(Some(key), crate::workspace::record::JOB_RESULT, &b, &path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("the job result file is not to be trusted: {e}"))?;
     if r.format != RESULT_FORMAT {
         bail!("the job result file {} has format {:?}, expected {RESULT_FORMAT}", path.display(), r.format);
+    }
+    if r.run_id != run_id || r.spec != spec {
+        bail!("the job result file {} answers another job (run {}, spec {}); not used", path.display(), truncate(&r.run_id, 80), truncate(&r.spec, 120));
     }
     if r.stages.len() > expected.len() {
         bail!("the job result file {} reports {} stages; the job ran {}", path.display(), r.stages.len(), expected.len());
@@ -183,26 +206,43 @@ mod tests {
 
     #[test]
     fn result_files_are_checked() {
+        use crate::workspace::record::{JOB_RESULT, seal};
+        use serde_json::json;
         let d = tempfile::tempdir().unwrap();
+        let k = IntegrityKey::from_bytes([7; 32]);
+        let sealed = |v: Value| write(d.path(), std::str::from_utf8(&seal(&k, JOB_RESULT, &v).unwrap()).unwrap());
         let key = "a".repeat(64);
-        let ok = format!(
-            r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"a","ok":true,"key":"{key}","seconds":1.5}},{{"stage":"b","ok":false,"error":"boom\u0007"}}]}}"#
-        );
-        let r = read_result(&write(d.path(), &ok), &["a", "b", "c"]).unwrap().unwrap();
+        let body = |stages: Value| json!({"format": RESULT_FORMAT, "run_id": "R1", "spec": "s.a1.spec.json", "stages": stages});
+        let ok =
+            body(json!([{"stage": "a", "ok": true, "key": key, "seconds": 1.5, "facts": {"auc": 0.75}}, {"stage": "b", "ok": false, "error": "boom\u{7}"}]));
+        let read = |p: &Path| read_result(p, &["a", "b", "c"], &k, "R1", "s.a1.spec.json");
+        let r = read(&sealed(ok.clone())).unwrap().unwrap();
         assert_eq!(r.len(), 2);
+        assert_eq!(r[0].facts["auc"], 0.75);
         assert_eq!(r[1].error.as_deref(), Some("boom?"));
-        assert!(read_result(&d.path().join("none.json"), &["a"]).unwrap().is_none());
+        assert!(read(&d.path().join("none.json")).unwrap().is_none());
+        // Written by whoever holds no key: unsealed, or sealed under another key, or edited after sealing.
+        let plain = write(d.path(), &ok.to_string());
+        assert!(read(&plain).unwrap_err().to_string().contains("not to be trusted"));
+        let other = IntegrityKey::from_bytes([8; 32]);
+        let foreign = write(d.path(), std::str::from_utf8(&seal(&other, JOB_RESULT, &ok).unwrap()).unwrap());
+        assert!(read(&foreign).unwrap_err().to_string().contains("fails its MAC"));
+        let edited = std::fs::read_to_string(sealed(ok.clone())).unwrap().replace("0.75", "0.999");
+        assert!(read(&write(d.path(), &edited)).unwrap_err().to_string().contains("fails its MAC"));
+        // Genuine, but of another run or spec.
+        assert!(read_result(&sealed(ok.clone()), &["a", "b"], &k, "R2", "s.a1.spec.json").unwrap_err().to_string().contains("answers another job"));
+        assert!(read_result(&sealed(ok), &["a", "b"], &k, "R1", "s.a2.spec.json").unwrap_err().to_string().contains("answers another job"));
         for bad in [
-            format!(r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"x","ok":true,"key":"{key}"}}]}}"#),
-            format!(r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"a","ok":true,"key":"XYZ"}}]}}"#),
-            format!(r#"{{"format":"{RESULT_FORMAT}","stages":[{{"stage":"a","ok":true}}]}}"#),
-            r#"{"format":"other","stages":[]}"#.to_string(),
-            format!(r#"{{"format":"{RESULT_FORMAT}","stages":[],"extra":1}}"#),
-            "not json".to_string(),
+            body(json!([{"stage": "x", "ok": true, "key": key}])),
+            body(json!([{"stage": "a", "ok": true, "key": "XYZ"}])),
+            body(json!([{"stage": "a", "ok": true}])),
+            json!({"format": "other", "run_id": "R1", "spec": "s.a1.spec.json", "stages": []}),
+            json!({"format": RESULT_FORMAT, "run_id": "R1", "spec": "s.a1.spec.json", "stages": [], "extra": 1}),
         ] {
-            assert!(read_result(&write(d.path(), &bad), &["a", "b"]).is_err(), "{bad}");
+            assert!(read(&sealed(bad.clone())).is_err(), "{bad}");
         }
+        assert!(read(&write(d.path(), "not json")).is_err());
         let big = "x".repeat(MAX_FILE_BYTES as usize + 10);
-        assert!(read_result(&write(d.path(), &big), &["a"]).unwrap_err().to_string().contains("larger"));
+        assert!(read(&write(d.path(), &big)).unwrap_err().to_string().contains("larger"));
     }
 }

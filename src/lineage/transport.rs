@@ -154,19 +154,13 @@ pub fn open_append(path: &Path) -> Result<(std::fs::File, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
     // Never through a planted link (it would truncate the file it leads to),
     // never into a FIFO or a device.
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                anyhow::anyhow!("{} is a symlink; dagrun never writes through a link there: remove it (and check who planted it)", path.display())
-            } else {
-                anyhow::Error::from(e).context(format!("cannot open {}", path.display()))
-            }
-        })?;
+    let mut f = std::fs::OpenOptions::new().read(true).append(true).create(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            anyhow::anyhow!("{} is a symlink; dagrun never writes through a link there: remove it (and check who planted it)", path.display())
+        } else {
+            anyhow::Error::from(e).context(format!("cannot open {}", path.display()))
+        }
+    })?;
     let meta = f.metadata().with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_file() {
         anyhow::bail!("{} is not a regular file; remove it", path.display());

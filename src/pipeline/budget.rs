@@ -254,10 +254,7 @@ mod tests {
         assert_eq!(w("invalid type: integer `314584655242`, expected struct PipelineFile"), "invalid type: integer, expected struct PipelineFile");
         assert_eq!(w("invalid type: floating point `1.5`, expected a string"), "invalid type: floating point, expected a string");
         assert_eq!(w("invalid type: boolean `true`, expected a string"), "invalid type: boolean, expected a string");
-        assert_eq!(
-            w("unknown field `stagse`, expected one of `params`, `stages`"),
-            "unknown field `stagse`, expected one of `params`, `stages`"
-        );
+        assert_eq!(w("unknown field `stagse`, expected one of `params`, `stages`"), "unknown field `stagse`, expected one of `params`, `stages`");
         assert_eq!(
             w("unknown field `jane.doe@example.com`, expected one of `params`"),
             "unknown field (a name of 20 characters, not shown: it is not a key name), expected one of `params`"

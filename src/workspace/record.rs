@@ -31,6 +31,8 @@ pub const STAGE_RECORD: &str = "dagrun-record/stage-state/1";
 pub const HASH_MEMO: &str = "dagrun-record/hash-memo/1";
 pub const MODEL: &str = "dagrun-record/model/1";
 pub const FEATURE_MANIFEST: &str = "dagrun-record/feature-manifest/1";
+/// A Slurm job's result file (`executor::spec`).
+pub const JOB_RESULT: &str = "dagrun-record/job-result/1";
 
 /// Why a record cannot be trusted. Messages name the file and never echo
 /// field values.

@@ -603,7 +603,9 @@ fn a_record_naming_another_tenants_object_is_refused_and_never_pushed_across() {
     let victim = tempfile::Builder::new().prefix("dagrun-it-victim-").tempdir().unwrap();
     let victim = victim.path();
     let pipeline = |data_of: &str| {
-        format!("stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of {data_of}\" > out/${{tenant}}.txt\n    outs: [\"out/${{tenant}}.txt\"]\n")
+        format!(
+            "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of {data_of}\" > out/${{tenant}}.txt\n    outs: [\"out/${{tenant}}.txt\"]\n"
+        )
     };
     for d in ["pipelines", "config"] {
         std::fs::create_dir_all(victim.join(d)).unwrap();

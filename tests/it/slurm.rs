@@ -356,6 +356,35 @@ fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
     assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
 }
 
+/// A file in `.dagrun/slurm/active/` is not a licence to cancel: a job that
+/// dagrun did not submit for that run from this workspace (here another job
+/// of the same user) is left running, and a file that is no registration is
+/// removed without a word to Slurm.
+#[test]
+fn a_planted_registration_cancels_nobodys_job() {
+    need_cluster!();
+    struct Cancel(String);
+    impl Drop for Cancel {
+        fn drop(&mut self) {
+            let _ = Command::new("scancel").arg(&self.0).status();
+        }
+    }
+    let out = Command::new("sbatch").args(["--parsable", "--job-name=someone-elses-work", "--output=/dev/null", "--wrap=sleep 300"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap().to_string();
+    let _cancel = Cancel(id.clone());
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    ws.write(&format!(".dagrun/slurm/active/{id}"), &format!("{{\"job_id\":\"{id}\",\"run_id\":\"20261205-000000-000-abcd\",\"label\":\"x\"}}"));
+    ws.write(".dagrun/slurm/active/4242", "not a registration");
+    let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
+    assert!(o.stderr.contains(&format!("Slurm job {id} is registered")) && o.stderr.contains("not cancelled"), "{}", o.stderr);
+    assert!(o.stderr.contains("not a job registration dagrun wrote"), "{}", o.stderr);
+    let st = job_state(&id).unwrap_or_default();
+    assert!(st == "RUNNING" || st == "PENDING", "job {id} is {st:?}: a planted registration cancelled it");
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none(), "the planted files are removed");
+}
+
 #[test]
 fn a_failing_sbatch_is_retried_with_backoff() {
     need_cluster!();
