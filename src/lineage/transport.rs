@@ -191,22 +191,22 @@ fn whole_lines_len(f: &mut std::fs::File, len: u64) -> std::io::Result<u64> {
     Ok(0)
 }
 
-/// The endpoint URL with any `user:password@` removed (for messages).
+/// The endpoint URL as shown in messages and run records: without any
+/// `user:password@` (even one whose password holds an unencoded `/`: all up
+/// to the last `@` goes), and with a query string or fragment replaced by
+/// `?…` (`?api_key=…` is a credential too).
 pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (auth, tail) = match rest.find('/') {
-                Some(i) => rest.split_at(i),
-                None => (rest, ""),
-            };
-            let host = auth.rsplit_once('@').map(|(_, h)| h).unwrap_or(auth);
-            format!("{scheme}://{host}{tail}")
-        }
-        None => url.to_string(),
-    }
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+    let (rest, hidden) = match rest.find(['?', '#']) {
+        Some(i) => (&rest[..i], "?…"),
+        None => (rest, ""),
+    };
+    if scheme.is_empty() { format!("{rest}{hidden}") } else { format!("{scheme}://{rest}{hidden}") }
 }
 
-/// Check an endpoint base URL and return the lineage URL (`BASE/api/v1/lineage`).
+/// Check an endpoint base URL and return the lineage URL (`BASE/api/v1/lineage`,
+/// the base's query string kept after it).
 pub fn lineage_url(base: &str) -> std::result::Result<String, String> {
     let b = base.trim();
     if !(b.starts_with("http://") || b.starts_with("https://")) || b.len() <= "https://".len() {
@@ -218,7 +218,12 @@ pub fn lineage_url(base: &str) -> std::result::Result<String, String> {
     if b.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!("OpenLineage URL {:?} contains spaces or control characters", redact_url(b)));
     }
-    Ok(format!("{}/api/v1/lineage", b.trim_end_matches('/')))
+    let mut u =
+        url::Url::parse(b).map_err(|e| format!("OpenLineage URL {:?} is not a valid URL ({e}); percent-encode a `/` or `@` in a password", redact_url(b)))?;
+    u.set_fragment(None);
+    let path = format!("{}/api/v1/lineage", u.path().trim_end_matches('/'));
+    u.set_path(&path);
+    Ok(u.to_string())
 }
 
 struct Shared {
@@ -405,8 +410,9 @@ fn post(agent: &ureq::Agent, url: &str, token: Option<&str>, body: &str) -> Sent
                 _ => Sent::Failed(format!("HTTP {code}")),
             }
         }
-        // ureq's error text names the failure (timeout, refused, TLS); never the headers.
-        Err(e) => Sent::Failed(e.to_string()),
+        // ureq's error text names the failure (timeout, refused, TLS), never
+        // the headers; a URL in it is shown redacted (its query may be a key).
+        Err(e) => Sent::Failed(e.to_string().replace(url, &redact_url(url))),
     }
 }
 
@@ -491,6 +497,12 @@ mod tests {
         assert!(lineage_url("ftp://x").is_err());
         assert!(lineage_url("http://a b").is_err());
         assert_eq!(redact_url("https://user:secret@h:1/x"), "https://h:1/x");
+        assert_eq!(redact_url("http://alice:S3cret/PW@127.0.0.1:9"), "http://127.0.0.1:9");
+        assert_eq!(redact_url("http://127.0.0.1:9/base?api_key=S3cretQ"), "http://127.0.0.1:9/base?…");
+        assert_eq!(redact_url("http://h/x#S3cret"), "http://h/x?…");
+        assert_eq!(lineage_url("http://127.0.0.1:9/base/?api_key=k").unwrap(), "http://127.0.0.1:9/base/api/v1/lineage?api_key=k");
+        let e = lineage_url("http://alice:S3cret/PW@127.0.0.1:9").unwrap_err();
+        assert!(!e.contains("S3cret") && e.contains("percent-encode"), "{e}");
         let e = lineage_url("htp://user:secret@h").unwrap_err();
         assert!(!e.contains("secret"), "{e}");
     }

@@ -113,8 +113,14 @@ impl Pkcs11Uri {
             if part.is_empty() {
                 return Ok(());
             }
-            let (name, value) =
-                part.split_once('=').ok_or_else(|| anyhow!("`{}` is not an attribute=value pair", crate::crypto::escape_for_message(name_only(part))))?;
+            // Not quoted: a PIN written without its `pin-value=` would be shown.
+            let (name, value) = part.split_once('=').ok_or_else(|| {
+                anyhow!(
+                    "one attribute of the URI's {} part is not an attribute=value pair ({} characters; not shown, it could be a PIN: give a PIN as pin-source=file:/PATH)",
+                    if sep == ";" { "path" } else { "query" },
+                    part.chars().count()
+                )
+            })?;
             let name = name.to_ascii_lowercase();
             if !allowed.contains(&name.as_str()) && !name.starts_with("x-") {
                 let other = if sep == ";" { QUERY_ATTRS } else { PATH_ATTRS };
@@ -235,7 +241,10 @@ impl Pkcs11Uri {
         let Some(src) = &self.pin_source else { return Ok(None) };
         let path = std::path::Path::new(src.strip_prefix("file:").unwrap_or(src));
         if !path.is_absolute() {
-            bail!("pin-source={} must be file:/ABSOLUTE/PATH of a file holding the PIN", crate::crypto::escape_for_message(src));
+            // Not quoted: a PIN given in place of the path would be shown.
+            bail!(
+                "pin-source must be file:/ABSOLUTE/PATH of a file holding the PIN; the value given is not an absolute path (not shown: it could be the PIN itself)"
+            );
         }
         super::file::check_private(path, "PIN file")?;
         let mut s = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read the PIN file {} ({e}) named by pin-source", path.display()))?;
@@ -246,13 +255,19 @@ impl Pkcs11Uri {
     }
 }
 
-fn name_only(part: &str) -> &str {
-    part.split('=').next().unwrap_or(part)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_in_the_wrong_place_is_never_quoted() {
+        let base = "pkcs11:token=t;object=k?module-path=/m.so";
+        let e = Pkcs11Uri::parse(&format!("{base}&314584655242")).unwrap_err().to_string();
+        assert!(e.contains("not an attribute=value pair (12 characters; not shown") && !e.contains("314584655242"), "{e}");
+        let u = Pkcs11Uri::parse(&format!("{base}&pin-source=314584655242")).unwrap();
+        let e = u.pin().unwrap_err().to_string();
+        assert!(e.contains("must be file:/ABSOLUTE/PATH") && !e.contains("314584655242"), "{e}");
+    }
 
     #[test]
     fn parses_the_softhsm_example() {
