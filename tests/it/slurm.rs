@@ -375,7 +375,7 @@ fn a_planted_registration_cancels_nobodys_job() {
     let _cancel = Cancel(id.clone());
     let ws = Ws::new();
     ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
-    ws.write(&format!(".dagrun/slurm/active/{id}"), &format!("{{\"job_id\":\"{id}\",\"run_id\":\"20261205-000000-000-abcd\",\"label\":\"x\"}}"));
+    ws.write(&format!(".dagrun/slurm/active/{id}"), format!("{{\"job_id\":\"{id}\",\"run_id\":\"20261205-000000-000-abcd\",\"label\":\"x\"}}"));
     ws.write(".dagrun/slurm/active/4242", "not a registration");
     let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
     assert!(o.stderr.contains(&format!("Slurm job {id} is registered")) && o.stderr.contains("not cancelled"), "{}", o.stderr);
