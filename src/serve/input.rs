@@ -18,7 +18,8 @@
 //!   `unknown column (20 characters, looks like an e-mail address)`), as
 //!   `predict` does; tenant ids are shown escaped and shortened.
 //! - Memory is bounded by the row limit while parsing, not after: a body may
-//!   create at most [`value_budget`] values (cells, records, rows), so a few
+//!   create at most [`value_budget`] values (cells, records, rows, column
+//!   names, shape entries; an OIP input tensor counts [`INPUT_COST`]), so a few
 //!   bytes of JSON each (`{}`, `[]`, `0`) can never become hundreds of bytes
 //!   each for megabytes; past it the request is refused with 413.
 //! - An OIP tensor's values must be of its datatype, and nested only as its
@@ -86,6 +87,42 @@ fn take_values<E: serde::de::Error>(n: usize) -> Result<(), E> {
 /// Count one value.
 fn take_value<E: serde::de::Error>() -> Result<(), E> {
     take_values(1)
+}
+
+/// What an OIP input tensor costs against the budget (itself: a name, a
+/// shape, a datatype and a data list), besides its shape and data values.
+const INPUT_COST: usize = 4;
+
+/// A list whose every element costs one value (`columns`, `shape`): a few
+/// bytes of JSON each (`""`, `0`) must not become tens of bytes each.
+fn counted<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    counted_at(d, 1)
+}
+
+/// A list of OIP inputs: each costs [`INPUT_COST`] values.
+fn counted_inputs<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Vec<OipInput<'a>>, D::Error> {
+    counted_at(d, INPUT_COST)
+}
+
+fn counted_at<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D, cost: usize) -> Result<Vec<T>, D::Error> {
+    struct V<T>(usize, std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            loop {
+                take_values::<A::Error>(self.0)?;
+                match a.next_element::<T>()? {
+                    Some(x) => out.push(x),
+                    None => return Ok(out),
+                }
+            }
+        }
+    }
+    d.deserialize_seq(V(cost, std::marker::PhantomData))
 }
 
 /// Parse `body` as JSON within the value budget of `max_rows` rows; `what`
@@ -390,6 +427,7 @@ fn validate<'c, 'd: 'c>(
 pub struct OipInput<'a> {
     #[serde(borrow)]
     pub name: Cow<'a, str>,
+    #[serde(deserialize_with = "counted")]
     pub shape: Vec<i64>,
     #[serde(borrow)]
     pub datatype: Cow<'a, str>,
@@ -404,7 +442,7 @@ pub struct OipInput<'a> {
 pub struct OipRequest<'a> {
     #[serde(default)]
     pub id: Option<String>,
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "counted_inputs")]
     pub inputs: Vec<OipInput<'a>>,
     #[serde(default)]
     pub parameters: Option<IgnoredAny>,
@@ -508,7 +546,7 @@ pub fn oip_rows<'a>(req: &'a OipRequest<'a>, ex: &Expect) -> Result<Rows, Refuse
 /// `dataframe_split`: columns, row-major data, an ignored index.
 #[derive(Deserialize)]
 pub struct Split<'a> {
-    #[serde(borrow)]
+    #[serde(deserialize_with = "counted")]
     pub columns: Vec<Cow<'a, str>>,
     #[serde(borrow)]
     pub data: FlatRows<'a>,
@@ -843,9 +881,14 @@ mod tests {
             let m = bad(mlflow_json_rows(body.as_bytes(), &ex()));
             assert!(m.starts_with("413 request holds more values than 10 rows can"), "{m}");
         }
+        assert!(
+            bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{"columns":[{}],"data":[]}}}}"#, many(r#""""#, n)).as_bytes(), &ex())).starts_with("413 ")
+        );
         for body in [
             format!(r#"{{"inputs":[{{"name":"Customer_ID","shape":[1],"datatype":"INT64","data":[{}]}}]}}"#, many("0", n)),
             format!(r#"{{"inputs":[{{"name":"Customer_ID","shape":[1],"datatype":"INT64","data":[{}]}}]}}"#, many("[]", n)),
+            format!(r#"{{"inputs":[{{"name":"Customer_ID","shape":[{}],"datatype":"INT64","data":[]}}]}}"#, many("0", n)),
+            format!(r#"{{"inputs":[{}]}}"#, many(r#"{"name":"","shape":[],"datatype":"","data":[]}"#, n / INPUT_COST + 1)),
         ] {
             assert!(matches!(parse_oip(body.as_bytes(), 10), Err(Refused::TooManyRows(_))));
         }
@@ -860,6 +903,24 @@ mod tests {
             rows.join(",")
         );
         assert_eq!(mlflow_json_rows(split.as_bytes(), &ex()).unwrap().len(), 10);
+        let tensor = |name: &str, dt: &str, v: &str| format!(r#"{{"name":"{name}","shape":[10,1],"datatype":"{dt}","data":[{}]}}"#, vec![v; 10].join(","));
+        let oip = format!(
+            r#"{{"inputs":[{}]}}"#,
+            [
+                tensor("Tenant_ID", "BYTES", r#""Tenant_A""#),
+                tensor("Customer_ID", "INT64", "1"),
+                tensor("Sensitive_Data", "BYTES", r#""x""#),
+                tensor("Login_Count", "INT64", "3"),
+                tensor("Purchase_Amount", "FP64", "1.5"),
+                tensor("Last_Visit_Date", "BYTES", r#""2025-01-01""#),
+                tensor("Converted", "BOOL", "true"),
+            ]
+            .join(",")
+        );
+        for max_rows in [10, 1] {
+            let budget_left = |b: &str| parse_oip(b.as_bytes(), max_rows).is_ok();
+            assert_eq!(budget_left(&oip), max_rows == 10, "max_rows {max_rows}");
+        }
         // Within it, a parse is as before; the budget ends with the parse.
         let rows =
             format!(r#"{{"dataframe_records":[{}]}}"#, many(r#"{"Customer_ID":1,"Login_Count":3,"Purchase_Amount":1,"Last_Visit_Date":"2025-01-01"}"#, 1));
