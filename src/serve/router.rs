@@ -39,6 +39,7 @@ use crate::serve::state::{Model, Shared};
 use crate::serve::tokens::{Caller, Refusal};
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -238,6 +239,16 @@ fn authorize(s: &Shared, h: &HeaderMap, tenant: Option<&str>, proto: Proto) -> R
     Ok(caller)
 }
 
+/// A URL whose model name or version axum cannot decode (invalid UTF-8 after
+/// percent-decoding): the token is checked first, as for every other answer,
+/// and the answer is the protocol's JSON error, audited like the rest.
+fn bad_path(s: &Shared, h: &HeaderMap, proto: Proto) -> Response {
+    match authorize(s, h, None, proto) {
+        Err(r) => r,
+        Ok(c) => error(proto, StatusCode::BAD_REQUEST, "the model name or version in the URL is not valid percent-encoded UTF-8", info_of(&c, None)),
+    }
+}
+
 fn info_of(c: &Caller, m: Option<&Arc<Model>>) -> Info {
     Info { tenant: Some(c.tenant.clone()), token_id: Some(c.token_id.clone()), model: m.cloned(), rows: 0 }
 }
@@ -395,7 +406,8 @@ fn tensor_meta(name: &str, dt: &str) -> serde_json::Value {
     serde_json::json!({"name": name, "datatype": dt, "shape": [-1]})
 }
 
-async fn model_meta(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Response {
+async fn model_meta(State(s): S, tenant: Result<Path<String>, PathRejection>, h: HeaderMap) -> Response {
+    let Ok(Path(tenant)) = tenant else { return bad_path(&s, &h, Proto::Oip) };
     let c = match authorize(&s, &h, Some(&tenant), Proto::Oip) {
         Ok(c) => c,
         Err(r) => return r,
@@ -422,7 +434,8 @@ async fn model_meta(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Re
     json_response(body.to_string().into_bytes(), info_of(&c, champion))
 }
 
-async fn model_ready(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> Response {
+async fn model_ready(State(s): S, tenant: Result<Path<String>, PathRejection>, h: HeaderMap) -> Response {
+    let Ok(Path(tenant)) = tenant else { return bad_path(&s, &h, Proto::Oip) };
     let c = match authorize(&s, &h, Some(&tenant), Proto::Oip) {
         Ok(c) => c,
         Err(r) => return r,
@@ -440,11 +453,13 @@ async fn model_ready(State(s): S, Path(tenant): Path<String>, h: HeaderMap) -> R
 // (The handlers take the whole request rather than axum's `HeaderMap`
 // extractor, which copies every header.)
 
-async fn infer(State(s): S, Path(tenant): Path<String>, req: Request) -> Response {
+async fn infer(State(s): S, tenant: Result<Path<String>, PathRejection>, req: Request) -> Response {
+    let Ok(Path(tenant)) = tenant else { return bad_path(&s, req.headers(), Proto::Oip) };
     oip_infer(s, tenant, None, req).await
 }
 
-async fn infer_version(State(s): S, Path((tenant, version)): Path<(String, String)>, req: Request) -> Response {
+async fn infer_version(State(s): S, path: Result<Path<(String, String)>, PathRejection>, req: Request) -> Response {
+    let Ok(Path((tenant, version))) = path else { return bad_path(&s, req.headers(), Proto::Oip) };
     oip_infer(s, tenant, Some(version), req).await
 }
 

@@ -792,6 +792,11 @@ fn hostile_requests_are_bounded_described_and_audited() {
         format!("GET /v2/models/Tenant_A HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nAuthorization: Bearer {tok_b}\r\nConnection: close\r\n\r\n");
     let resp = raw(&srv.addr, two.as_bytes());
     assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("more than one Authorization header"), "{resp}");
+    // A model name that is not UTF-8 once decoded: the token first, then a JSON 400.
+    let bad_name = |auth: &str| format!("GET /v2/models/%FF%FE HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    assert!(raw(&srv.addr, bad_name("").as_bytes()).starts_with("HTTP/1.1 401"));
+    let resp = raw(&srv.addr, bad_name(&format!("Authorization: Bearer {tok}\r\n")).as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 400") && resp.contains(r#"{"error":"the model name or version in the URL is not valid"#), "{resp}");
     // An unknown method: JSON 405.
     let r = get(&a, &inv, Some(&tok));
     assert_eq!(r.status, 405, "{}", r.body);
