@@ -12,9 +12,10 @@
 //! - Every object is verified (blake3 = name) before it lands in the local
 //!   cache, atomically; an action entry is written only after all its objects.
 //! - Sensitive outputs are never fetched (they were never pushed).
-//! - An object the local cache already holds is not fetched again, but the
-//!   record's prefix on the remote must hold it too, at the size of the
-//!   local copy: a record may only name objects pushed beside it. Otherwise
+//! - An object the local cache already holds is not stored again, but the
+//!   record's prefix on the remote must hold it too, the same bytes (read
+//!   and hashed, then dropped): a record may only name objects pushed
+//!   beside it. Otherwise
 //!   a record sealed by an insider in one tenant's prefix could name another
 //!   tenant's object held here, and this workspace's next `push` would
 //!   upload that object into the first tenant's prefix.
@@ -227,35 +228,28 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 std::collections::hash_map::Entry::Vacant(e) => {
                     e.insert(list.len());
                     seen.insert((tenant.clone(), hash.clone()));
-                    list.push((vec![ri], Download { dest: cas.object_path(&hash), tenant, hash: hash.to_string(), size }));
+                    list.push((vec![ri], Download { dest: Some(cas.object_path(&hash)), tenant, hash: hash.to_string(), size }));
                 }
             }
         }
-        let names: Vec<(Option<String>, String)> = held.iter().map(|(_, n, _)| n.clone()).collect();
-        for ((ris, (tenant, hash), local), r) in held.iter().zip(remote.object_sizes(&names)) {
-            let why = match r {
-                Ok(Some(n)) if n == *local => {
-                    present += 1;
-                    continue;
-                }
-                Ok(Some(n)) => format!("is {n} bytes on the remote but {local} bytes here"),
-                Ok(None) => "is not on the remote".to_string(),
+        // Read and hashed, not kept: the bytes there must be the bytes held here.
+        let checks: Vec<Download> = held
+            .iter()
+            .map(|(_, (tenant, hash), local)| Download { tenant: tenant.clone(), hash: hash.clone(), dest: None, size: SizeBound::Exactly(*local) })
+            .collect();
+        for ((ris, _, _), r) in held.iter().zip(remote.download(&checks)) {
+            match r {
+                Ok(_) => present += 1,
                 Err(e) => {
-                    problems.push(format!("{e:#}"));
                     for &ri in ris {
+                        problems.push(format!(
+                            "record {} ({}): the local cache holds one of its objects, but the remote's copy does not match it: {e:#}; a record may only name objects pushed beside it; refused",
+                            recs[ri].key.short(),
+                            shown(&recs[ri].st.stage)
+                        ));
                         failed.insert(recs[ri].key.clone());
                     }
-                    continue;
                 }
-            };
-            let loc = remote.object_location(tenant.as_deref(), hash);
-            for &ri in ris {
-                problems.push(format!(
-                    "record {} ({}): its object {loc} {why}, though the local cache holds it: a record may only name objects pushed beside it; refused",
-                    recs[ri].key.short(),
-                    shown(&recs[ri].st.stage)
-                ));
-                failed.insert(recs[ri].key.clone());
             }
         }
         let downloads: Vec<Download> = list.iter().map(|(_, d)| d.clone()).collect();

@@ -67,12 +67,13 @@ pub struct Upload {
     pub file: PathBuf,
 }
 
-/// One object to fetch into `dest` (verified against `hash` first).
+/// One object to fetch into `dest` (verified against `hash` first); with no
+/// `dest`, only verified (read, hashed and dropped).
 #[derive(Debug, Clone)]
 pub struct Download {
     pub tenant: Option<String>,
     pub hash: String,
-    pub dest: PathBuf,
+    pub dest: Option<PathBuf>,
     /// What its record says of its size: another size on the remote is
     /// refused before a byte is read, and no more bytes than allowed are
     /// ever written.
@@ -354,28 +355,6 @@ impl Remote {
         }
     }
 
-    /// The size of each object `(tenant, hash)` on the remote, in parallel
-    /// (None: not there); one result per object, in order.
-    pub fn object_sizes(&self, objects: &[(Option<String>, String)]) -> Vec<Result<Option<u64>>> {
-        self.rt.block_on(async {
-            let mut res: Vec<(usize, Result<Option<u64>>)> = futures_util::stream::iter(objects.iter().enumerate())
-                .map(|(i, (tenant, hash))| async move {
-                    let loc = self.object_location(tenant.as_deref(), hash);
-                    let r = match self.store.head(&loc).await {
-                        Ok(m) => Ok(Some(m.size)),
-                        Err(object_store::Error::NotFound { .. }) => Ok(None),
-                        Err(e) => Err(self.explain("checking", &loc, e)),
-                    };
-                    (i, r)
-                })
-                .buffer_unordered(self.jobs)
-                .collect()
-                .await;
-            res.sort_by_key(|(i, _)| *i);
-            res.into_iter().map(|(_, r)| r).collect()
-        })
-    }
-
     /// Fetch objects in parallel, each verified before it lands at its `dest`
     /// (atomically, read-only); one result (bytes received) per download.
     pub fn download(&self, downloads: &[Download]) -> Vec<Result<u64>> {
@@ -404,7 +383,10 @@ impl Remote {
         if let Some(why) = d.size.refusal(r.meta.size, true) {
             bail!("{loc} on {} {why}", self.shown);
         }
-        let mut tmp = AtomicFile::create_with(&d.dest, Durability::Verified)?;
+        let mut tmp = match &d.dest {
+            Some(dest) => Some(AtomicFile::create_with(dest, Durability::Verified)?),
+            None => None,
+        };
         let mut h = blake3::Hasher::new();
         let mut n = 0u64;
         let mut s = r.into_stream();
@@ -415,7 +397,9 @@ impl Remote {
             if let Some(why) = d.size.refusal(n, false) {
                 bail!("{loc} on {} {why}", self.shown);
             }
-            tmp.write_all(&c).with_context(|| format!("cannot write {}", tmp.temp_path().display()))?;
+            if let Some(t) = tmp.as_mut() {
+                t.write_all(&c).with_context(|| format!("cannot write {}", t.temp_path().display()))?;
+            }
         }
         let got = h.finalize().to_hex().to_string();
         if got != d.hash {
@@ -426,11 +410,13 @@ impl Remote {
                 &got[..12]
             );
         }
-        tmp.commit()?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&d.dest, std::fs::Permissions::from_mode(0o444));
+        if let (Some(t), Some(dest)) = (tmp, &d.dest) {
+            t.commit()?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o444));
+            }
         }
         Ok(n)
     }
@@ -477,12 +463,17 @@ mod tests {
         assert!(r.list_objects(None).unwrap().is_empty());
         // Download verifies: a tampered remote object never lands.
         let dest = d.path().join("local/obj");
-        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: dest.clone(), size: SizeBound::Unknown }])[0].as_ref().unwrap();
+        r.download(&[Download { tenant: Some("Tenant_A".into()), hash: hash.clone(), dest: Some(dest.clone()), size: SizeBound::Unknown }])[0]
+            .as_ref()
+            .unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"hello");
         std::fs::write(d.path().join("remote/team/tenants/Tenant_A/objects").join(&hash), b"hellO").unwrap();
         let dest2 = d.path().join("local/obj2");
-        let e =
-            r.download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: dest2.clone(), size: SizeBound::Unknown }]).remove(0).unwrap_err().to_string();
+        let e = r
+            .download(&[Download { tenant: Some("Tenant_A".into()), hash, dest: Some(dest2.clone()), size: SizeBound::Unknown }])
+            .remove(0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("corrupted"), "{e}");
         assert!(!dest2.exists());
         assert!(std::fs::read_dir(d.path().join("local")).unwrap().count() == 1, "no temp file left");
