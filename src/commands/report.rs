@@ -6,7 +6,7 @@
 //! The run record is not trusted input: the pipeline file it names is loaded
 //! (for the page's graph) only if it is a `.yaml`/`.yml` file outside the
 //! workspace's `.dagrun/`; the page says why otherwise. A load error on the
-//! page quotes no value of the file (`pipeline::without_values`).
+//! page quotes no value of the file (`util::redact::without_values`).
 
 use crate::engine::runs;
 use crate::report::{self, Layout, PipelineView};

@@ -105,7 +105,8 @@ fn read_bounded(path: &Path, what: &str) -> Result<Vec<u8>> {
 /// Read a job spec (exec-stage side).
 pub fn read_spec(path: &Path) -> Result<JobSpec> {
     let b = read_bounded(path, "job spec")?;
-    let spec: JobSpec = serde_json::from_slice(&b).with_context(|| format!("the job spec {} is not valid", path.display()))?;
+    let spec: JobSpec = serde_json::from_slice(&b)
+        .map_err(|e| anyhow::anyhow!("the job spec {} is not valid ({})", path.display(), crate::util::redact::without_values(&e.to_string())))?;
     if spec.format != SPEC_FORMAT {
         bail!(
             "the job spec {} has format {:?}; this dagrun reads {SPEC_FORMAT} (is the job running another dagrun version? set `slurm.binary`)",

@@ -28,6 +28,7 @@
 //!   JSON object with a `schemaURL` is dropped with a warning); holds at most
 //!   [`MAX_PENDING`] events (the oldest are dropped past that, with a warning).
 
+use crate::util::redact::redact_url;
 use anyhow::{Context, Result};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -189,20 +190,6 @@ fn whole_lines_len(f: &mut std::fs::File, len: u64) -> std::io::Result<u64> {
         end -= n as u64;
     }
     Ok(0)
-}
-
-/// The endpoint URL as shown in messages and run records: without any
-/// `user:password@` (even one whose password holds an unencoded `/`: all up
-/// to the last `@` goes), and with a query string or fragment replaced by
-/// `?…` (`?api_key=…` is a credential too).
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
-    let (rest, hidden) = match rest.find(['?', '#']) {
-        Some(i) => (&rest[..i], "?…"),
-        None => (rest, ""),
-    };
-    if scheme.is_empty() { format!("{rest}{hidden}") } else { format!("{scheme}://{rest}{hidden}") }
 }
 
 /// Check an endpoint base URL and return the lineage URL (`BASE/api/v1/lineage`,
@@ -496,10 +483,6 @@ mod tests {
         assert!(lineage_url("localhost:5000").is_err());
         assert!(lineage_url("ftp://x").is_err());
         assert!(lineage_url("http://a b").is_err());
-        assert_eq!(redact_url("https://user:secret@h:1/x"), "https://h:1/x");
-        assert_eq!(redact_url("http://alice:S3cret/PW@127.0.0.1:9"), "http://127.0.0.1:9");
-        assert_eq!(redact_url("http://127.0.0.1:9/base?api_key=S3cretQ"), "http://127.0.0.1:9/base?…");
-        assert_eq!(redact_url("http://h/x#S3cret"), "http://h/x?…");
         assert_eq!(lineage_url("http://127.0.0.1:9/base/?api_key=k").unwrap(), "http://127.0.0.1:9/base/api/v1/lineage?api_key=k");
         let e = lineage_url("http://alice:S3cret/PW@127.0.0.1:9").unwrap_err();
         assert!(!e.contains("S3cret") && e.contains("percent-encode"), "{e}");

@@ -116,78 +116,13 @@ pub fn check_yaml_budget(text: &str) -> std::result::Result<(), yaml_serde::Erro
 }
 
 /// yaml_serde's terse limit errors, explained, and without the values the
-/// file holds (see [`without_values`]).
+/// file holds (see [`crate::util::redact::without_values`]).
 pub fn explain_yaml_message(msg: &str) -> String {
-    without_values(msg).replacen("recursion limit exceeded", "recursion limit exceeded (the YAML is nested too deeply)", 1).replacen(
+    crate::util::redact::without_values(msg).replacen("recursion limit exceeded", "recursion limit exceeded (the YAML is nested too deeply)", 1).replacen(
         "repetition limit exceeded",
         "repetition limit exceeded (anchors and aliases expand to too much data: an alias bomb?); use fewer aliases",
         1,
     )
-}
-
-/// A YAML error message with the values it quotes left out: serde writes the
-/// offending value into its message (``invalid type: string "…"``,
-/// ``integer `…` ``), and a file that is not what it should be (a CSV of
-/// customers, a key or PIN file given as a pipeline or named by an edited
-/// run record) would have its content printed, logged or put in a report.
-/// The message keeps the value's kind and, for a string, its length; the
-/// file, line and column say where it is. A key name (``unknown field `…` ``,
-/// `` `…` is written twice``) is kept when it looks like one (at most 64
-/// letters, digits, `_`, `-`, `.`, `$`, `{`, `}`, `[`, `]`), else described.
-pub fn without_values(msg: &str) -> String {
-    const KINDS: [&str; 5] = ["integer `", "floating point `", "boolean `", "character `", "unsigned integer `"];
-    let looks_like_key = |k: &str| k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.${}[]".contains(c));
-    let mut out = String::with_capacity(msg.len());
-    let mut rest = msg;
-    'scan: while !rest.is_empty() {
-        if let Some(after) = rest.strip_prefix("string \"") {
-            // serde writes it as Rust's Debug does: `\"` and `\\` inside.
-            let mut chars = after.char_indices();
-            let mut n = 0usize;
-            while let Some((i, c)) = chars.next() {
-                match c {
-                    '\\' => {
-                        chars.next();
-                    }
-                    '"' => {
-                        out.push_str(&format!("string ({n} character{})", if n == 1 { "" } else { "s" }));
-                        rest = &after[i + 1..];
-                        continue 'scan;
-                    }
-                    _ => {}
-                }
-                n += 1;
-            }
-            out.push_str("string (not shown)");
-            return out;
-        }
-        for kind in KINDS {
-            if let Some(after) = rest.strip_prefix(kind) {
-                let Some(end) = after.find('`') else { break };
-                out.push_str(kind.trim_end_matches(" `"));
-                rest = &after[end + 1..];
-                continue 'scan;
-            }
-        }
-        if let Some(after) = rest.strip_prefix('`')
-            && let Some(end) = after.find('`')
-        {
-            let name = &after[..end];
-            if looks_like_key(name) {
-                out.push('`');
-                out.push_str(name);
-                out.push('`');
-            } else {
-                out.push_str(&format!("(a name of {} characters, not shown: it is not a key name)", name.chars().count()));
-            }
-            rest = &after[end + 1..];
-            continue;
-        }
-        let c = rest.chars().next().expect("not empty");
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
 }
 
 /// `text`'s YAML error as `FILE:LINE:COL: message`. A key written twice is
@@ -243,27 +178,6 @@ pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn messages_keep_kinds_and_key_names_but_not_values() {
-        use super::without_values as w;
-        assert_eq!(
-            w("invalid type: string \"Customer_ID,Email 1,jane.doe@example.com\", expected struct PipelineFile"),
-            "invalid type: string (40 characters), expected struct PipelineFile"
-        );
-        assert_eq!(w(r#"invalid type: string "a\"b\\c", expected u64"#), "invalid type: string (5 characters), expected u64");
-        assert_eq!(w("invalid type: integer `314584655242`, expected struct PipelineFile"), "invalid type: integer, expected struct PipelineFile");
-        assert_eq!(w("invalid type: floating point `1.5`, expected a string"), "invalid type: floating point, expected a string");
-        assert_eq!(w("invalid type: boolean `true`, expected a string"), "invalid type: boolean, expected a string");
-        assert_eq!(w("unknown field `stagse`, expected one of `params`, `stages`"), "unknown field `stagse`, expected one of `params`, `stages`");
-        assert_eq!(
-            w("unknown field `jane.doe@example.com`, expected one of `params`"),
-            "unknown field (a name of 20 characters, not shown: it is not a key name), expected one of `params`"
-        );
-        assert_eq!(w("unknown variant `CKM_X`, expected `a`"), "unknown variant `CKM_X`, expected `a`");
-        assert_eq!(w("`train[${tenant}]` is written twice in one mapping"), "`train[${tenant}]` is written twice in one mapping");
-        assert_eq!(w("invalid type: string \"unterminated"), "invalid type: string (not shown)");
-        assert_eq!(w("did not find expected key at line 3 column 1"), "did not find expected key at line 3 column 1");
-    }
 
     use super::*;
 

@@ -225,7 +225,13 @@ impl Registry {
         Self::check_tenant(tenant)?;
         let path = self.index_path(tenant);
         let Some(bytes) = read_small(&path)? else { return Ok(vec![]) };
-        let idx: Index = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a valid registry index; restore it from a backup", path.display()))?;
+        let idx: Index = serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid registry index ({}); restore it from a backup",
+                path.display(),
+                crate::util::redact::without_values(&e.to_string())
+            )
+        })?;
         if idx.format != INDEX_FORMAT {
             bail!("{}: unsupported format {:?} (expected {INDEX_FORMAT:?})", path.display(), idx.format);
         }
@@ -248,8 +254,13 @@ impl Registry {
         Self::check_tenant(tenant)?;
         let path = self.champion_path(tenant);
         let Some(bytes) = read_small(&path)? else { return Ok(None) };
-        let c: Champion = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not a valid champion record; restore it from a backup or promote again", path.display()))?;
+        let c: Champion = serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid champion record ({}); restore it from a backup or promote again",
+                path.display(),
+                crate::util::redact::without_values(&e.to_string())
+            )
+        })?;
         if c.format != CHAMPION_FORMAT {
             bail!("{}: unsupported format {:?} (expected {CHAMPION_FORMAT:?})", path.display(), c.format);
         }
@@ -276,7 +287,9 @@ impl Registry {
             if line.trim().is_empty() {
                 continue;
             }
-            let e: HistoryEntry = serde_json::from_str(line).with_context(|| format!("{}: line {}: not a valid history entry", path.display(), i + 1))?;
+            let e: HistoryEntry = serde_json::from_str(line).map_err(|e| {
+                anyhow::anyhow!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, crate::util::redact::without_values(&e.to_string()))
+            })?;
             out.push(e);
         }
         Ok(out)

@@ -6,6 +6,7 @@ pub mod child_env;
 pub mod nofollow;
 pub mod par;
 pub mod prometheus;
+pub mod redact;
 pub mod spawn;
 pub mod stdout;
 

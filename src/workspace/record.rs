@@ -142,7 +142,7 @@ pub fn typed<T: DeserializeOwned>(v: Value, file: &str) -> Result<T, RecordError
     }
     serde_path_to_error::deserialize(v).map_err(|e| {
         let field = e.path().to_string();
-        let why = e.into_inner().to_string();
+        let why = crate::util::redact::without_values(&e.into_inner().to_string());
         if field == "." { RecordError::Unreadable { file: file.to_string(), why } } else { RecordError::BadField { file: file.to_string(), field, why } }
     })
 }
@@ -231,7 +231,8 @@ pub fn open<T: DeserializeOwned>(key: Option<&IntegrityKey>, domain: &str, bytes
     {
         return Ok(rec);
     }
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| RecordError::Unreadable { file: file.to_string(), why: e.to_string() })?;
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| RecordError::Unreadable { file: file.to_string(), why: crate::util::redact::without_values(&e.to_string()) })?;
     let Value::Object(m) = &v else {
         return Err(RecordError::Unreadable { file: file.to_string(), why: "not a JSON object".into() });
     };

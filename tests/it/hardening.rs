@@ -485,3 +485,25 @@ fn a_master_key_file_kept_elsewhere_is_never_replaced() {
     assert!(keys.path().join("report.html").is_file());
     ok(with_key(&["run", "pipeline.yaml"]));
 }
+
+/// A file dagrun reads back that holds something else (here a PIN: a bare
+/// number is valid JSON) is refused without its content in the message:
+/// serde quotes the value it did not expect, and that text would reach the
+/// terminal, run records and OpenLineage events.
+#[test]
+fn files_read_back_are_refused_without_quoting_them() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n");
+    let r = ws.run(&[]);
+    assert_eq!(r.out.code, 0, "{}", r.out.stderr);
+    let pin = "31415926";
+    ws.write("runs/20991231-000000-000-aaaa.json", pin);
+    ws.write(".dagrun/registry/Tenant_A/index.json", pin);
+    ws.write(".dagrun/registry/Tenant_A/champion.json", &format!("{{\"format\": \"{pin}x\"}}"));
+    for args in [&["runs"][..], &["report", "last"], &["models", "list", "Tenant_A"]] {
+        let o = spawn(cmd(&ws, args)).wait(HANG);
+        let all = format!("{}{}", o.stdout, o.stderr);
+        assert!(!all.contains(pin), "dagrun {args:?} showed the file's content:\n{all}");
+        assert!(all.contains("invalid type: integer") || all.contains("not a") || all.contains("invalid"), "dagrun {args:?}: no reason given:\n{all}");
+    }
+}

@@ -1,0 +1,130 @@
+//! Text made safe to show: what dagrun puts in messages, logs, run records,
+//! reports and events when the text comes from somewhere that may hold a
+//! secret or personal data.
+//!
+//! Rules:
+//! - A parse error about a file dagrun reads (YAML or JSON: pipelines,
+//!   settings, run records, registry files, records, job files) goes through
+//!   [`without_values`] before it is shown: serde quotes the offending value,
+//!   and a file that is not what it should be (a key or PIN file, a CSV of
+//!   customers, reached by mistake or through an edited record or a planted
+//!   link) would have its content printed. The kind of value, its length
+//!   and where it is (file, line, column) are kept.
+//! - A URL the user configured (an OpenLineage endpoint, a remote cache) is
+//!   shown through [`redact_url`]: no `user:password@`, no query string.
+
+/// An error message (serde's, for YAML or JSON) with the values it quotes
+/// left out: serde writes the
+/// offending value into its message (``invalid type: string "…"``,
+/// ``integer `…` ``), and a file that is not what it should be (a CSV of
+/// customers, a key or PIN file given as a pipeline or named by an edited
+/// run record) would have its content printed, logged or put in a report.
+/// The message keeps the value's kind and, for a string, its length; the
+/// file, line and column say where it is. A key name (``unknown field `…` ``,
+/// `` `…` is written twice``) is kept when it looks like one (at most 64
+/// letters, digits, `_`, `-`, `.`, `$`, `{`, `}`, `[`, `]`), else described.
+pub fn without_values(msg: &str) -> String {
+    const KINDS: [&str; 5] = ["integer `", "floating point `", "boolean `", "character `", "unsigned integer `"];
+    let looks_like_key = |k: &str| k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.${}[]".contains(c));
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    'scan: while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("string \"") {
+            // serde writes it as Rust's Debug does: `\"` and `\\` inside.
+            let mut chars = after.char_indices();
+            let mut n = 0usize;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '"' => {
+                        out.push_str(&format!("string ({n} character{})", if n == 1 { "" } else { "s" }));
+                        rest = &after[i + 1..];
+                        continue 'scan;
+                    }
+                    _ => {}
+                }
+                n += 1;
+            }
+            out.push_str("string (not shown)");
+            return out;
+        }
+        for kind in KINDS {
+            if let Some(after) = rest.strip_prefix(kind) {
+                let Some(end) = after.find('`') else { break };
+                out.push_str(kind.trim_end_matches(" `"));
+                rest = &after[end + 1..];
+                continue 'scan;
+            }
+        }
+        if let Some(after) = rest.strip_prefix('`')
+            && let Some(end) = after.find('`')
+        {
+            let name = &after[..end];
+            if looks_like_key(name) {
+                out.push('`');
+                out.push_str(name);
+                out.push('`');
+            } else {
+                out.push_str(&format!("(a name of {} characters, not shown: it is not a key name)", name.chars().count()));
+            }
+            rest = &after[end + 1..];
+            continue;
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// A URL (an OpenLineage endpoint, a remote cache) as shown in messages and
+/// run records: without any
+/// `user:password@` (even one whose password holds an unencoded `/`: all up
+/// to the last `@` goes), and with a query string or fragment replaced by
+/// `?…` (`?api_key=…` is a credential too).
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+    let (rest, hidden) = match rest.find(['?', '#']) {
+        Some(i) => (&rest[..i], "?…"),
+        None => (rest, ""),
+    };
+    if scheme.is_empty() { format!("{rest}{hidden}") } else { format!("{scheme}://{rest}{hidden}") }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn messages_keep_kinds_and_key_names_but_not_values() {
+        use super::without_values as w;
+        assert_eq!(
+            w("invalid type: string \"Customer_ID,Email 1,jane.doe@example.com\", expected struct PipelineFile"),
+            "invalid type: string (40 characters), expected struct PipelineFile"
+        );
+        assert_eq!(w(r#"invalid type: string "a\"b\\c", expected u64"#), "invalid type: string (5 characters), expected u64");
+        assert_eq!(w("invalid type: integer `314584655242`, expected struct PipelineFile"), "invalid type: integer, expected struct PipelineFile");
+        assert_eq!(w("invalid type: floating point `1.5`, expected a string"), "invalid type: floating point, expected a string");
+        assert_eq!(w("invalid type: boolean `true`, expected a string"), "invalid type: boolean, expected a string");
+        assert_eq!(w("unknown field `stagse`, expected one of `params`, `stages`"), "unknown field `stagse`, expected one of `params`, `stages`");
+        assert_eq!(
+            w("unknown field `jane.doe@example.com`, expected one of `params`"),
+            "unknown field (a name of 20 characters, not shown: it is not a key name), expected one of `params`"
+        );
+        assert_eq!(w("unknown variant `CKM_X`, expected `a`"), "unknown variant `CKM_X`, expected `a`");
+        assert_eq!(w("`train[${tenant}]` is written twice in one mapping"), "`train[${tenant}]` is written twice in one mapping");
+        assert_eq!(w("invalid type: string \"unterminated"), "invalid type: string (not shown)");
+        assert_eq!(w("did not find expected key at line 3 column 1"), "did not find expected key at line 3 column 1");
+    }
+
+    #[test]
+    fn urls_lose_credentials_and_queries() {
+        assert_eq!(redact_url("https://user:secret@h:1/x"), "https://h:1/x");
+        assert_eq!(redact_url("http://alice:S3cret/PW@127.0.0.1:9"), "http://127.0.0.1:9");
+        assert_eq!(redact_url("http://127.0.0.1:9/base?api_key=S3cretQ"), "http://127.0.0.1:9/base?…");
+        assert_eq!(redact_url("http://h/x#S3cret"), "http://h/x?…");
+        assert_eq!(redact_url("s3://AKIAX:SECRETPW@bucket/p?X-Amz-Signature=z"), "s3://bucket/p?…");
+        assert_eq!(redact_url("file:///srv/cache"), "file:///srv/cache");
+    }
+}
