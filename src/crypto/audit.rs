@@ -109,7 +109,7 @@ impl AuditLog {
             o.read(true).append(true).create(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-            o.open(&self.path).with_context(what)?
+            crate::util::nofollow::open_own_file(&mut o, &self.path).with_context(what)?
         };
         f.lock().with_context(what)?;
         let mut text = String::new();

@@ -152,21 +152,9 @@ pub fn open_append(path: &Path) -> Result<(std::fs::File, u64)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    use std::os::unix::fs::OpenOptionsExt;
-    // Never through a planted link (it would truncate the file it leads to),
-    // never into a FIFO or a device.
-    let mut f = std::fs::OpenOptions::new().read(true).append(true).create(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| {
-        if e.raw_os_error() == Some(libc::ELOOP) {
-            anyhow::anyhow!("{} is a symlink; dagrun never writes through a link there: remove it (and check who planted it)", path.display())
-        } else {
-            anyhow::Error::from(e).context(format!("cannot open {}", path.display()))
-        }
-    })?;
-    let meta = f.metadata().with_context(|| format!("cannot read {}", path.display()))?;
-    if !meta.is_file() {
-        anyhow::bail!("{} is not a regular file; remove it", path.display());
-    }
-    let len = meta.len();
+    // Never through a planted link (it would truncate the file it leads to).
+    let mut f = crate::util::nofollow::open_own_file(std::fs::OpenOptions::new().read(true).append(true).create(true), path)?;
+    let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
     let whole = whole_lines_len(&mut f, len).with_context(|| format!("cannot read {}", path.display()))?;
     if whole != len {
         tracing::warn!("{}: cutting off an unfinished last line ({} bytes)", path.display(), len - whole);

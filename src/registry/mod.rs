@@ -392,7 +392,7 @@ impl Registry {
         let path = self.history_path(tenant);
         let mut line = serde_json::to_vec(e)?;
         line.push(b'\n');
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut f = crate::util::nofollow::open_own_file(std::fs::OpenOptions::new().create(true).append(true), &path)?;
         f.write_all(&line).with_context(|| format!("cannot append to {}", path.display()))?;
         f.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
         Ok(())

@@ -133,9 +133,11 @@ impl Remote {
     /// Open the remote a config describes (nothing is contacted yet).
     pub fn open(cfg: &RemoteConfig) -> Result<Remote> {
         install_tls_provider();
-        let shown = cfg.url.trim().to_string();
+        // Shown without credentials or query (`s3://KEY:SECRET@…`, a presigned `?X-Amz-Signature=`).
+        let given = cfg.url.trim().to_string();
+        let shown = crate::util::redact::redact_url(&given);
         let bad = |why: String| crate::error::config(format!("remote {shown:?}: {why}"));
-        let url = url::Url::parse(&shown)
+        let url = url::Url::parse(&given)
             .map_err(|e| bad(format!("not a URL ({e}); use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///ABSOLUTE/PATH")))?;
         let retry_timeout = Duration::from_secs_f64(cfg.retry_timeout.unwrap_or(20.0));
         let retry = object_store::RetryConfig {
@@ -147,22 +149,22 @@ impl Remote {
         let (scheme, path) = ObjectStoreScheme::parse(&url).map_err(|e| bad(format!("{e}; supported: s3://, gs://, az://, file://")))?;
         let (store, root): (Arc<dyn ObjectStore>, OPath) = match scheme {
             ObjectStoreScheme::AmazonS3 => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(shown.clone()).with_retry(retry).with_client_options(client);
+                let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
                 if let Some(e) = &cfg.endpoint {
                     b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
                 }
                 if let Some(r) = &cfg.region {
                     b = b.with_region(r.clone());
                 }
-                (Arc::new(b.build().map_err(|e| bad(format!("{e}")))?), path)
+                (Arc::new(b.build().map_err(|e| bad(e.to_string().replace(&given, &shown)))?), path)
             }
             ObjectStoreScheme::GoogleCloudStorage => {
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(shown.clone()).with_retry(retry).with_client_options(client);
-                (Arc::new(b.build().map_err(|e| bad(format!("{e}")))?), path)
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
+                (Arc::new(b.build().map_err(|e| bad(e.to_string().replace(&given, &shown)))?), path)
             }
             ObjectStoreScheme::MicrosoftAzure => {
-                let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(shown.clone()).with_retry(retry).with_client_options(client);
-                (Arc::new(b.build().map_err(|e| bad(format!("{e}")))?), path)
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
+                (Arc::new(b.build().map_err(|e| bad(e.to_string().replace(&given, &shown)))?), path)
             }
             ObjectStoreScheme::Local => {
                 let dir = url.to_file_path().map_err(|_| bad("a file:// remote needs an absolute path: file:///srv/dagrun-cache".into()))?;
@@ -177,7 +179,7 @@ impl Remote {
         Ok(Remote { store, root, shown, jobs, retry_timeout, rt })
     }
 
-    /// The URL as configured (no credentials are ever in it).
+    /// The URL as configured, without credentials or query (`util::redact::redact_url`).
     pub fn shown(&self) -> &str {
         &self.shown
     }

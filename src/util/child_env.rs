@@ -7,7 +7,8 @@
 //!     (`DAGRUN_MASTER_KEY`, `DAGRUN_MASTER_KEY_FILE`, `DAGRUN_MASTER_KEY_URI`
 //!     with its PIN, and any later one: name every new master-key variable
 //!     with that prefix and it is withheld automatically);
-//!   - dagrun's own credentials in [`ALWAYS_DENIED`] (the OpenLineage token);
+//!   - dagrun's own credentials in [`ALWAYS_DENIED`] (the OpenLineage token,
+//!     and its endpoint URL, which may carry a password or a query key);
 //!   - every variable the pipeline lists under `secrets:` (exact names, or a
 //!     prefix ending in `*`, e.g. `AWS_SECRET_*`).
 //! - The caller then adds what it declares (e.g. `DAGRUN_STAGE`, a stage's
@@ -22,7 +23,7 @@ use std::process::Command;
 /// Names with this prefix never reach a child.
 pub const ALWAYS_DENIED_PREFIX: &str = "DAGRUN_MASTER_KEY";
 /// dagrun's own credentials that never reach a child (`lineage::TOKEN_ENV`).
-pub const ALWAYS_DENIED: &[&str] = &["DAGRUN_OPENLINEAGE_TOKEN"];
+pub const ALWAYS_DENIED: &[&str] = &["DAGRUN_OPENLINEAGE_TOKEN", "DAGRUN_OPENLINEAGE_URL"];
 
 /// True when `name` must not reach a child: the master-key prefix, or a
 /// `secrets:` entry (exact name, or `PREFIX*`).
@@ -84,6 +85,7 @@ mod tests {
     fn master_key_variables_and_secrets_are_denied() {
         let s = vec!["API_TOKEN".to_string(), "AWS_SECRET_*".to_string()];
         assert!(ALWAYS_DENIED.contains(&crate::lineage::TOKEN_ENV));
+        assert!(ALWAYS_DENIED.contains(&crate::lineage::URL_ENV));
         for n in [
             "DAGRUN_MASTER_KEY",
             "DAGRUN_MASTER_KEY_FILE",

@@ -14,6 +14,11 @@
 //!   [`check_write_paths`] checks many paths in one pass (a pipeline's
 //!   outputs when it loads): a folder met on the way of several paths is
 //!   looked at once ([`CheckedDirs`]), not once per path below it.
+//! - [`open_own_file`] opens a file dagrun keeps writing to in place (an
+//!   append-only log, the lock): never through a symlink (`O_NOFOLLOW`),
+//!   never a FIFO or device (`O_NONBLOCK`, then a regular-file check: a FIFO
+//!   there would block a run forever, holding the lock), and never a file
+//!   with another name elsewhere (a hard link: one link only).
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::CString;
@@ -21,6 +26,33 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+
+/// Open `path` with `opts` as a file of dagrun's own (see the module's rules).
+pub fn open_own_file(opts: &mut std::fs::OpenOptions, path: &Path) -> Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            anyhow!("{} is a symlink; dagrun never writes through a link there: remove it (and check who planted it)", path.display())
+        } else if e.raw_os_error() == Some(libc::ENXIO) {
+            // A FIFO opened for writing without a reader (O_NONBLOCK).
+            anyhow!("{} is not a regular file (a FIFO); remove it (and check who put it there)", path.display())
+        } else {
+            anyhow::Error::from(e).context(format!("cannot open {}", path.display()))
+        }
+    })?;
+    let meta = f.metadata().with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file; remove it (and check who put it there)", path.display());
+    }
+    if meta.nlink() != 1 {
+        bail!(
+            "{} has {} names (a hard link to a file elsewhere); dagrun never writes to it: remove it (and check who made the link)",
+            path.display(),
+            meta.nlink()
+        );
+    }
+    Ok(f)
+}
 
 /// An open directory reached without following symlinks.
 pub struct Dir {
@@ -227,6 +259,26 @@ pub fn check_write_paths(root: &Path, rel: &str, protected: &[&str], final_link_
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_files_are_never_links_fifos_or_hard_links() {
+        let d = tempfile::tempdir().unwrap();
+        let open =
+            |name: &str| open_own_file(std::fs::OpenOptions::new().append(true).create(true), &d.path().join(name)).map(|_| ()).map_err(|e| e.to_string());
+        assert_eq!(open("log"), Ok(()));
+        assert_eq!(open("log"), Ok(()));
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join("link")).unwrap();
+        assert!(open("link").unwrap_err().contains("is a symlink"));
+        std::fs::hard_link(&victim, d.path().join("hard")).unwrap();
+        assert!(open("hard").unwrap_err().contains("has 2 names"));
+        let fifo = cstr(d.path().join("fifo").as_os_str()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(open("fifo").unwrap_err().contains("not a regular file"), "a FIFO must be refused at once, not waited on");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    }
 
     #[test]
     fn links_are_never_followed() {

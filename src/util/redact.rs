@@ -96,6 +96,8 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn messages_keep_kinds_and_key_names_but_not_values() {
         use super::without_values as w;

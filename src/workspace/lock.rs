@@ -110,12 +110,7 @@ fn holder(file: &mut File) -> String {
 pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<WorkspaceLock> {
     std::fs::create_dir_all(dagrun_dir).with_context(|| format!("cannot create {}", dagrun_dir.display()))?;
     let path = dagrun_dir.join("lock");
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
+    let mut file = crate::util::nofollow::open_own_file(OpenOptions::new().read(true).write(true).create(true).truncate(false), &path)
         .with_context(|| format!("cannot open the workspace lock {}", path.display()))?;
     let start = Instant::now();
     let mut announced = false;
