@@ -27,7 +27,11 @@ use std::path::Path;
 use std::time::Instant;
 
 pub fn exec_stage(spec_path: &Path) -> Result<i32> {
-    let spec = spec::read_spec(spec_path)?;
+    let spec = spec::read_spec(spec_path, |ws| {
+        crate::crypto::Keyring::open_existing(ws)?
+            .map(|r| r.integrity_key())
+            .ok_or_else(|| anyhow::anyhow!("the workspace {} has no master key to verify the job spec with", ws.display()))
+    })?;
     let own_dir = crate::executor::slurm::slurm_dir(&spec.workspace);
     if !spec.result.starts_with(&own_dir) || spec.result.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         bail!("the job spec {} puts its result file outside {}; it is not one dagrun wrote", spec_path.display(), own_dir.display());

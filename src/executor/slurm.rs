@@ -331,8 +331,10 @@ impl Slurm {
             overrides: self.overrides.clone(),
             stages: batch.members.iter().map(|m| SpecStage { stage: m.stage.name.clone(), key: m.key.clone() }).collect(),
             result: result.clone(),
+            mac: None,
         };
-        crate::util::atomic::write_json_atomic(&spec_path, &spec)?;
+        let key = self.states.integrity_key().ok_or_else(|| anyhow!("no workspace integrity key to seal the job spec with"))?;
+        spec::write_spec(&spec_path, &spec, key)?;
         let mut text = String::from("#!/bin/sh\n");
         text.push_str(&format!("# dagrun run {}: {}\n", self.run_id, batch.members.iter().map(|m| m.stage.name.as_str()).collect::<Vec<_>>().join(", ")));
         // With --export=NONE Slurm gives the job the user's login environment

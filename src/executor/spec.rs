@@ -4,7 +4,11 @@
 //! - the **job spec** (`NAME.aN.spec.json`), written by the coordinator and
 //!   read by `dagrun exec-stage`: which pipeline (file, workspace, `--param`
 //!   overrides) and which stages, in order, with the cache key the
-//!   coordinator computed for each when it could (see [`super::Member::key`]);
+//!   coordinator computed for each when it could (see [`super::Member::key`]).
+//!   It is sealed under the workspace integrity key (domain `JOB_SPEC`): the
+//!   job runs nothing a spec edited on the shared filesystem asks for (another
+//!   pipeline, other params, no key to check), and its result file must sit
+//!   beside it under the same name (`NAME.aN.result.json`);
 //! - the **result file** (`NAME.aN.result.json`), written atomically by the
 //!   job after every member it finishes or fails, and read back by the
 //!   coordinator as *untrusted input*: bounded size, a record sealed by the
@@ -25,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
-pub const SPEC_FORMAT: &str = "dagrun-job-spec/v1";
+pub const SPEC_FORMAT: &str = "dagrun-job-spec/v2";
 pub const RESULT_FORMAT: &str = "dagrun-job-result/v2";
 /// Largest spec or result file read.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -49,6 +53,9 @@ pub struct JobSpec {
     pub stages: Vec<SpecStage>,
     /// Where the job writes its result file.
     pub result: PathBuf,
+    /// The record's MAC (`workspace::record`), checked before anything is used.
+    #[serde(default, skip_serializing)]
+    pub mac: Option<String>,
 }
 
 /// One stage of a job.
@@ -102,17 +109,32 @@ fn read_bounded(path: &Path, what: &str) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Read a job spec (exec-stage side).
-pub fn read_spec(path: &Path) -> Result<JobSpec> {
+/// Write a job spec (coordinator side), sealed under the workspace integrity key.
+pub fn write_spec(path: &Path, spec: &JobSpec, key: &IntegrityKey) -> Result<()> {
+    let bytes = crate::workspace::record::seal(key, crate::workspace::record::JOB_SPEC, spec)?;
+    crate::util::atomic::write_atomic(path, &bytes).with_context(|| format!("cannot write the job spec {}", path.display()))
+}
+
+/// Read a job spec (exec-stage side): `key_of(workspace)` gives the integrity
+/// key of the workspace the spec names (whose master key the job reads from
+/// the file its script names, so a spec naming another workspace fails too).
+pub fn read_spec(path: &Path, key_of: impl FnOnce(&Path) -> Result<std::sync::Arc<IntegrityKey>>) -> Result<JobSpec> {
     let b = read_bounded(path, "job spec")?;
-    let spec: JobSpec = serde_json::from_slice(&b)
+    let unverified: JobSpec = serde_json::from_slice(&b)
         .map_err(|e| anyhow::anyhow!("the job spec {} is not valid ({})", path.display(), crate::util::redact::without_values(&e.to_string())))?;
-    if spec.format != SPEC_FORMAT {
+    if unverified.format != SPEC_FORMAT {
         bail!(
             "the job spec {} has format {:?}; this dagrun reads {SPEC_FORMAT} (is the job running another dagrun version? set `slurm.binary`)",
             path.display(),
-            spec.format
+            unverified.format
         );
+    }
+    let key = key_of(&unverified.workspace)?;
+    let spec: JobSpec = crate::workspace::record::open(Some(&key), crate::workspace::record::JOB_SPEC, &b, &path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("the job spec is not to be trusted: {e}; nothing was run"))?;
+    let name = |p: &Path, ext: &str| p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(ext)).map(str::to_string);
+    if name(path, ".spec.json").is_none() || name(path, ".spec.json") != name(&spec.result, ".result.json") || path.parent() != spec.result.parent() {
+        bail!("the job spec {} names a result file that is not its own; nothing was run", path.display());
     }
     if spec.stages.is_empty() {
         bail!("the job spec {} names no stage", path.display());
@@ -203,6 +225,44 @@ mod tests {
         let p = dir.join("r.json");
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn specs_are_sealed_and_name_their_own_result() {
+        use crate::workspace::record::{JOB_SPEC, seal};
+        let d = tempfile::tempdir().unwrap();
+        let k = std::sync::Arc::new(IntegrityKey::from_bytes([7; 32]));
+        let spec = |result: &str| JobSpec {
+            format: SPEC_FORMAT.into(),
+            run_id: "R1".into(),
+            pipeline: "/ws/p.yaml".into(),
+            workspace: "/ws".into(),
+            overrides: vec![("rows".into(), "5".into())],
+            stages: vec![SpecStage { stage: "a".into(), key: Some("b".repeat(64)) }],
+            result: d.path().join(result),
+            mac: None,
+        };
+        let path = d.path().join("a.a1.spec.json");
+        let read = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            read_spec(&path, |ws| {
+                assert_eq!(ws, Path::new("/ws"));
+                Ok(k.clone())
+            })
+        };
+        let good = seal(&k, JOB_SPEC, &spec("a.a1.result.json")).unwrap();
+        let s = read(&good).unwrap();
+        assert_eq!((s.run_id.as_str(), s.overrides.len(), s.stages[0].key.is_some()), ("R1", 1, true));
+        // Edited on the shared filesystem: another pipeline, no key to check.
+        let text = String::from_utf8(good.clone()).unwrap();
+        for edited in [text.replace("/ws/p.yaml", "/ws/evil.yaml"), text.replace(&format!("\"{}\"", "b".repeat(64)), "null")] {
+            assert!(read(edited.as_bytes()).unwrap_err().to_string().contains("fails its MAC"), "{edited}");
+        }
+        assert!(read(&serde_json::to_vec(&spec("a.a1.result.json")).unwrap()).unwrap_err().to_string().contains("no MAC"));
+        let other = seal(&IntegrityKey::from_bytes([8; 32]), JOB_SPEC, &spec("a.a1.result.json")).unwrap();
+        assert!(read(&other).unwrap_err().to_string().contains("fails its MAC"));
+        // Sealed, but pointing at another job's result file.
+        assert!(read(&seal(&k, JOB_SPEC, &spec("b.a1.result.json")).unwrap()).unwrap_err().to_string().contains("not its own"));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub const MODEL: &str = "dagrun-record/model/1";
 pub const FEATURE_MANIFEST: &str = "dagrun-record/feature-manifest/1";
 /// A Slurm job's result file (`executor::spec`).
 pub const JOB_RESULT: &str = "dagrun-record/job-result/1";
+/// A Slurm job's spec: what the job is asked to run (`executor::spec`).
+pub const JOB_SPEC: &str = "dagrun-record/job-spec/1";
 
 /// Why a record cannot be trusted. Messages name the file and never echo
 /// field values.
