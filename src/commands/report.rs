@@ -5,7 +5,8 @@
 //!
 //! The run record is not trusted input: the pipeline file it names is loaded
 //! (for the page's graph) only if it is a `.yaml`/`.yml` file outside the
-//! workspace's `.dagrun/`; the page says why otherwise. A load error on the
+//! workspace's `.dagrun/`, by its name and through any link; the page says
+//! why otherwise. A load error on the
 //! page quotes no value of the file (`util::redact::without_values`).
 
 use crate::engine::runs;
@@ -55,9 +56,12 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
 /// module's rules); else why not, for the page.
 fn pipeline_file(workspace: &Path, named: &str) -> std::result::Result<PathBuf, String> {
     let file = workspace.join(named);
-    let yaml = file.extension().is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
+    let is_yaml = |p: &Path| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
+    // The name and, through any link, the file itself.
+    let real = file.canonicalize().ok();
+    let yaml = is_yaml(&file) && real.as_deref().is_none_or(is_yaml);
     let dagrun_dir = workspace.join(crate::workspace::DAGRUN_DIR).canonicalize().ok();
-    let inside_dagrun = file.canonicalize().ok().zip(dagrun_dir).is_some_and(|(f, d)| f.starts_with(d))
+    let inside_dagrun = real.zip(dagrun_dir).is_some_and(|(f, d)| f.starts_with(d))
         || Path::new(named).components().any(|c| c.as_os_str().eq_ignore_ascii_case(crate::workspace::DAGRUN_DIR));
     if !yaml || inside_dagrun {
         return Err(format!(

@@ -219,6 +219,8 @@ fn the_page_never_quotes_the_file_an_edited_record_names() {
     std::fs::write(ws.join("people.yaml"), "Customer_ID,Email\n1,jane.doe@example.com\n").unwrap();
     std::fs::write(ws.join("pin.yml"), "314584655242\n").unwrap();
     std::fs::write(ws.join("odd.yaml"), "stages:\n  a:\n    cmd: echo\n    jane.doe@example.com: 1\n").unwrap();
+    std::fs::write(ws.join("notes.txt"), "CUST_0042_ssn_078051120: 1\n").unwrap();
+    std::os::unix::fs::symlink(ws.join("notes.txt"), ws.join("notes.yaml")).unwrap();
     let rec = std::fs::read_dir(ws.join("runs")).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "json")).unwrap();
     let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
     let cases = [
@@ -227,6 +229,7 @@ fn the_page_never_quotes_the_file_an_edited_record_names() {
         ("people.yaml", "invalid type: string (40 characters)"),
         ("pin.yml", "invalid type: integer, expected"),
         ("odd.yaml", "unknown field (a name of 20 characters, not shown"),
+        ("notes.yaml", "not a pipeline file"),
     ];
     for (named, says) in cases {
         let mut v = original.clone();
@@ -236,7 +239,7 @@ fn the_page_never_quotes_the_file_an_edited_record_names() {
         ok(&dagrun(ws, &["report", "last", "-o", out.to_str().unwrap()]));
         let html = std::fs::read_to_string(&out).unwrap();
         assert!(html.contains(says), "{named}: {}", html.lines().filter(|l| l.contains("load")).collect::<Vec<_>>().join("\n"));
-        for secret in [key, "jane.doe", "314584655242"] {
+        for secret in [key, "jane.doe", "314584655242", "078051120"] {
             assert!(!html.contains(secret), "{named}: the page holds {secret}");
         }
     }

@@ -131,12 +131,21 @@ impl Pkcs11Uri {
                         if sep == ";" { "`?`, separated by `&`" } else { "`pkcs11:`, separated by `;`" }
                     );
                 }
-                bail!(
-                    "unknown attribute `{}` (RFC 7512 path attributes: {}; query attributes: {})",
-                    crate::crypto::escape_for_message(&name),
-                    PATH_ATTRS.join(", "),
-                    QUERY_ATTRS.join(", ")
-                );
+                // Shown only when it looks like a mistyped attribute: text
+                // after an unencoded `&` or `;` inside a PIN lands here too.
+                let known = PATH_ATTRS.iter().chain(QUERY_ATTRS);
+                let like_attr = name.len() <= 24
+                    && name.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                    && (name.contains('-') || known.clone().any(|a| a.len() >= 3 && name.len() >= 3 && a[..3] == name[..3]));
+                let shown = if like_attr {
+                    format!("`{name}`")
+                } else {
+                    format!(
+                        "({} characters; not shown, it could be part of a PIN: percent-encode `&` and `;` in a value, or give the PIN as pin-source=file:/PATH)",
+                        name.chars().count()
+                    )
+                };
+                bail!("unknown attribute {shown} (RFC 7512 path attributes: {}; query attributes: {})", PATH_ATTRS.join(", "), QUERY_ATTRS.join(", "));
             }
             if seen.contains(&name) {
                 bail!("attribute `{name}` is given twice");
@@ -264,6 +273,12 @@ mod tests {
         let base = "pkcs11:token=t;object=k?module-path=/m.so";
         let e = Pkcs11Uri::parse(&format!("{base}&314584655242")).unwrap_err().to_string();
         assert!(e.contains("not an attribute=value pair (12 characters; not shown") && !e.contains("314584655242"), "{e}");
+        for (uri, hidden) in [(format!("{base}&pin-value=Xk7&Qz9=Lp"), "qz9"), (format!("{base}&pin-value=ab&SecretPart4711="), "secretpart4711")] {
+            let e = Pkcs11Uri::parse(&uri).unwrap_err().to_string();
+            assert!(e.contains("not shown, it could be part of a PIN") && !e.to_lowercase().contains(hidden), "{e}");
+        }
+        let e = Pkcs11Uri::parse(&format!("{base}&modle-path=/x.so")).unwrap_err().to_string();
+        assert!(e.contains("unknown attribute `modle-path`"), "{e}");
         let u = Pkcs11Uri::parse(&format!("{base}&pin-source=314584655242")).unwrap();
         let e = u.pin().unwrap_err().to_string();
         assert!(e.contains("must be file:/ABSOLUTE/PATH") && !e.contains("314584655242"), "{e}");
