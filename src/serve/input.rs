@@ -903,7 +903,7 @@ mod tests {
             rows.join(",")
         );
         assert_eq!(mlflow_json_rows(split.as_bytes(), &ex()).unwrap().len(), 10);
-        let tensor = |name: &str, dt: &str, v: &str| format!(r#"{{"name":"{name}","shape":[10,1],"datatype":"{dt}","data":[{}]}}"#, vec![v; 10].join(","));
+        let tensor = |name: &str, dt: &str, v: &str| format!(r#"{{"name":"{name}","shape":[10,1],"datatype":"{dt}","data":[{}]}}"#, [v; 10].join(","));
         let oip = format!(
             r#"{{"inputs":[{}]}}"#,
             [

@@ -499,7 +499,7 @@ fn files_read_back_are_refused_without_quoting_them() {
     let pin = "31415926";
     ws.write("runs/20991231-000000-000-aaaa.json", pin);
     ws.write(".dagrun/registry/Tenant_A/index.json", pin);
-    ws.write(".dagrun/registry/Tenant_A/champion.json", &format!("{{\"format\": \"{pin}x\"}}"));
+    ws.write(".dagrun/registry/Tenant_A/champion.json", format!("{{\"format\": \"{pin}x\"}}"));
     for args in [&["runs"][..], &["report", "last"], &["models", "list", "Tenant_A"]] {
         let o = spawn(cmd(&ws, args)).wait(HANG);
         let all = format!("{}{}", o.stdout, o.stderr);
