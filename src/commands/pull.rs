@@ -93,7 +93,7 @@ pub fn tenant_of(stage: &str) -> Result<Option<String>> {
 pub fn validate_record(bytes: &[u8], expected_key: Option<&str>) -> Result<(StageState, Option<String>)> {
     check_record_size(bytes)?;
     // Every hash field parses as a `ContentHash` (or the record is refused).
-    let st: StageState = serde_json::from_slice(bytes).map_err(|e| anyhow!("not a stage record ({})", crate::util::redact::without_values(&e.to_string())))?;
+    let st: StageState = crate::util::redact::from_json(bytes).map_err(|why| anyhow!("not a stage record ({})", why))?;
     let tenant = check_record(&st, expected_key)?;
     Ok((st, tenant))
 }

@@ -861,12 +861,12 @@ fn forgotten_check(file: &KeyringFile, tenant: &str) -> Result<()> {
 fn read_keyring(path: &Path) -> Result<KeyringFile> {
     check_private(path, "keyring")?;
     let text = fs::read_to_string(path).with_context(|| format!("cannot read the keyring {}", path.display()))?;
-    let file: KeyringFile = serde_json::from_str(&text).map_err(|e| {
+    let file: KeyringFile = crate::util::redact::from_json(text.as_bytes()).map_err(|why| {
         anyhow::anyhow!(
             "the keyring {} is not valid keyring JSON ({}); restore it from a backup (do not delete it: the \
              data keys exist only there)",
             path.display(),
-            crate::util::redact::without_values(&e.to_string())
+            why
         )
     })?;
     if file.format != KEYRING_FORMAT {

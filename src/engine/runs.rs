@@ -219,9 +219,8 @@ pub fn read(path: &Path) -> Result<RunRecord> {
         anyhow::bail!("{}: {} bytes is more than a run record can be; it is not one dagrun wrote: move it out of runs/", path.display(), meta.len());
     }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read run record {}", path.display()))?;
-    let rec: RunRecord = serde_json::from_slice(&bytes).map_err(|e| {
-        anyhow::anyhow!("{}: not a run record dagrun can read: {}; move it out of runs/", path.display(), crate::util::redact::without_values(&e.to_string()))
-    })?;
+    let rec: RunRecord = crate::util::redact::from_json(&bytes)
+        .map_err(|why| anyhow::anyhow!("{}: not a run record dagrun can read: {}; move it out of runs/", path.display(), why))?;
     rec.check_values().map_err(|e| anyhow::anyhow!("{}: not a run record dagrun wrote: {e}; move it out of runs/", path.display()))?;
     if path.file_stem().is_some_and(|s| *s != *rec.run_id) {
         anyhow::bail!("{}: not a run record dagrun wrote: its run_id is not its file name; move it out of runs/", path.display());

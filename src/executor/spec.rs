@@ -120,8 +120,7 @@ pub fn write_spec(path: &Path, spec: &JobSpec, key: &IntegrityKey) -> Result<()>
 /// the file its script names, so a spec naming another workspace fails too).
 pub fn read_spec(path: &Path, key_of: impl FnOnce(&Path) -> Result<std::sync::Arc<IntegrityKey>>) -> Result<JobSpec> {
     let b = read_bounded(path, "job spec")?;
-    let unverified: JobSpec = serde_json::from_slice(&b)
-        .map_err(|e| anyhow::anyhow!("the job spec {} is not valid ({})", path.display(), crate::util::redact::without_values(&e.to_string())))?;
+    let unverified: JobSpec = crate::util::redact::from_json(&b).map_err(|why| anyhow::anyhow!("the job spec {} is not valid ({})", path.display(), why))?;
     if unverified.format != SPEC_FORMAT {
         bail!(
             "the job spec {} has format {:?}; this dagrun reads {SPEC_FORMAT} (is the job running another dagrun version? set `slurm.binary`)",

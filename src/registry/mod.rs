@@ -225,13 +225,8 @@ impl Registry {
         Self::check_tenant(tenant)?;
         let path = self.index_path(tenant);
         let Some(bytes) = read_small(&path)? else { return Ok(vec![]) };
-        let idx: Index = serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid registry index ({}); restore it from a backup",
-                path.display(),
-                crate::util::redact::without_values(&e.to_string())
-            )
-        })?;
+        let idx: Index = crate::util::redact::from_json(&bytes)
+            .map_err(|why| anyhow::anyhow!("{}: not a valid registry index ({}); restore it from a backup", path.display(), why))?;
         if idx.format != INDEX_FORMAT {
             bail!("{}: unsupported format {:?} (expected {INDEX_FORMAT:?})", path.display(), idx.format);
         }
@@ -254,13 +249,8 @@ impl Registry {
         Self::check_tenant(tenant)?;
         let path = self.champion_path(tenant);
         let Some(bytes) = read_small(&path)? else { return Ok(None) };
-        let c: Champion = serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid champion record ({}); restore it from a backup or promote again",
-                path.display(),
-                crate::util::redact::without_values(&e.to_string())
-            )
-        })?;
+        let c: Champion = crate::util::redact::from_json(&bytes)
+            .map_err(|why| anyhow::anyhow!("{}: not a valid champion record ({}); restore it from a backup or promote again", path.display(), why))?;
         if c.format != CHAMPION_FORMAT {
             bail!("{}: unsupported format {:?} (expected {CHAMPION_FORMAT:?})", path.display(), c.format);
         }
@@ -287,9 +277,8 @@ impl Registry {
             if line.trim().is_empty() {
                 continue;
             }
-            let e: HistoryEntry = serde_json::from_str(line).map_err(|e| {
-                anyhow::anyhow!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, crate::util::redact::without_values(&e.to_string()))
-            })?;
+            let e: HistoryEntry = crate::util::redact::from_json(line.as_bytes())
+                .map_err(|why| anyhow::anyhow!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, why))?;
             out.push(e);
         }
         Ok(out)

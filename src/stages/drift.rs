@@ -133,8 +133,7 @@ pub struct Report {
 impl Report {
     /// Parse and check a report read back from disk; `origin` is named in errors.
     pub fn from_json_bytes(bytes: &[u8], origin: &str) -> Result<Report> {
-        let r: Report = serde_json::from_slice(bytes)
-            .map_err(|e| anyhow!("{origin}: not a valid {FORMAT} report: {}", crate::util::redact::without_values(&e.to_string())))?;
+        let r: Report = crate::util::redact::from_json(bytes).map_err(|why| anyhow!("{origin}: not a valid {FORMAT} report: {}", why))?;
         if r.format != FORMAT {
             bail!("{origin}: unsupported drift report format {:?} (expected {FORMAT:?})", r.format);
         }

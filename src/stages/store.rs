@@ -54,8 +54,8 @@ impl StageKind for Store {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
         let stats_bytes = std::fs::read(&ctx.deps[1]).with_context(|| format!("cannot read {}", ctx.rel(&ctx.deps[1])))?;
-        let sf: StatsFile = serde_json::from_slice(&stats_bytes)
-            .map_err(|e| anyhow::anyhow!("{} is not a statistics file ({})", ctx.rel(&ctx.deps[1]), crate::util::redact::without_values(&e.to_string())))?;
+        let sf: StatsFile =
+            crate::util::redact::from_json(&stats_bytes).map_err(|why| anyhow::anyhow!("{} is not a statistics file ({})", ctx.rel(&ctx.deps[1]), why))?;
         if sf.tenant != tenant {
             bail!("{} holds statistics of tenant {}, not {tenant}", ctx.rel(&ctx.deps[1]), sf.tenant);
         }

@@ -10,6 +10,7 @@
 //!   customers, reached by mistake or through an edited record or a planted
 //!   link) would have its content printed. The kind of value, its length
 //!   and where it is (file, line, column) are kept.
+//!   A JSON file read back is parsed with [`from_json`], which does both.
 //! - A URL the user configured (an OpenLineage endpoint, a remote cache) is
 //!   shown through [`redact_url`]: no `user:password@`, no query string.
 
@@ -94,6 +95,12 @@ pub fn redact_url(url: &str) -> String {
     if scheme.is_empty() { format!("{rest}{hidden}") } else { format!("{scheme}://{rest}{hidden}") }
 }
 
+/// Parse JSON that dagrun reads back from disk; the error is serde's message
+/// through [`without_values`] (the caller names the file and what to do).
+pub fn from_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| without_values(&e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +125,13 @@ mod tests {
         assert_eq!(w("`train[${tenant}]` is written twice in one mapping"), "`train[${tenant}]` is written twice in one mapping");
         assert_eq!(w("invalid type: string \"unterminated"), "invalid type: string (not shown)");
         assert_eq!(w("did not find expected key at line 3 column 1"), "did not find expected key at line 3 column 1");
+    }
+
+    #[test]
+    fn json_errors_name_no_value() {
+        let e = from_json::<std::collections::BTreeMap<String, u64>>(b"31415926").unwrap_err();
+        assert_eq!(e, "invalid type: integer, expected a map at line 1 column 8");
+        assert_eq!(from_json::<Vec<u8>>(b"[1,2]").unwrap(), [1, 2]);
     }
 
     #[test]

@@ -185,11 +185,8 @@ pub fn looks_like_tree(bytes: &[u8]) -> bool {
 /// Decode and validate a tree listing (see the module rules); the error says
 /// which entry is wrong and why, never echoing its path.
 pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> {
-    let listing: TreeListing = record::typed(
-        serde_json::from_slice(bytes).map_err(|e| format!("not a directory listing ({})", crate::util::redact::without_values(&e.to_string())))?,
-        "listing",
-    )
-    .map_err(|e| e.to_string())?;
+    let listing: TreeListing = record::typed(crate::util::redact::from_json(bytes).map_err(|why| format!("not a directory listing ({})", why))?, "listing")
+        .map_err(|e| e.to_string())?;
     if listing.format != TREE_FORMAT {
         return Err(format!("unknown listing format (this build reads {TREE_FORMAT})"));
     }

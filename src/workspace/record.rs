@@ -233,8 +233,7 @@ pub fn open<T: DeserializeOwned>(key: Option<&IntegrityKey>, domain: &str, bytes
     {
         return Ok(rec);
     }
-    let v: Value = serde_json::from_slice(bytes)
-        .map_err(|e| RecordError::Unreadable { file: file.to_string(), why: crate::util::redact::without_values(&e.to_string()) })?;
+    let v: Value = crate::util::redact::from_json(bytes).map_err(|why| RecordError::Unreadable { file: file.to_string(), why })?;
     let Value::Object(m) = &v else {
         return Err(RecordError::Unreadable { file: file.to_string(), why: "not a JSON object".into() });
     };
