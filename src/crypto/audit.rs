@@ -21,7 +21,7 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -162,7 +162,9 @@ pub struct Verified {
 pub fn verify(keys_dir: &Path) -> Result<Verified> {
     let log = AuditLog::new(keys_dir);
     let shown = log.path.display().to_string();
-    let text = match fs::read_to_string(&log.path) {
+    let text = match crate::util::read_capped(&log.path, 1 << 30)
+        .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8")))
+    {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if log.head.exists() {
@@ -193,7 +195,7 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
         expect += 1;
     }
     let lines = expect - 1;
-    match fs::read(&log.head) {
+    match crate::util::read_capped(&log.head, 64 * 1024) {
         Ok(b) => {
             let head: Head = serde_json::from_slice(&b).map_err(|_| anyhow!("{} is damaged: the audit head was edited", log.head.display()))?;
             // The head is written after the line: a crash in between leaves it one behind.
@@ -219,11 +221,11 @@ mod tests {
     use super::*;
 
     fn lines(p: &Path) -> Vec<String> {
-        fs::read_to_string(p.join(AUDIT_FILE)).unwrap().lines().map(String::from).collect()
+        std::fs::read_to_string(p.join(AUDIT_FILE)).unwrap().lines().map(String::from).collect()
     }
 
     fn write(p: &Path, l: &[String]) {
-        fs::write(p.join(AUDIT_FILE), l.iter().map(|s| format!("{s}\n")).collect::<String>()).unwrap();
+        std::fs::write(p.join(AUDIT_FILE), l.iter().map(|s| format!("{s}\n")).collect::<String>()).unwrap();
     }
 
     #[test]

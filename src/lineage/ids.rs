@@ -59,7 +59,7 @@ fn valid_workspace_id(s: &str) -> bool {
 /// valid id (edited, truncated) is replaced, with a warning.
 pub fn workspace_id(dagrun_dir: &Path) -> Result<String> {
     let p = dagrun_dir.join(WORKSPACE_ID_FILE);
-    match std::fs::read_to_string(&p) {
+    match crate::util::read_capped(&p, 4096).map(|b| String::from_utf8_lossy(&b).into_owned()) {
         Ok(s) if valid_workspace_id(s.trim()) => return Ok(s.trim().to_string()),
         Ok(_) => tracing::warn!("{} does not hold a workspace id (32 hex characters); making a new one", p.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

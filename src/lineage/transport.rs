@@ -407,7 +407,7 @@ impl Spool {
 
     /// The spooled events, oldest first; malformed lines are dropped (warned).
     pub fn load(&self) -> Vec<String> {
-        let bytes = match std::fs::read(&self.path) {
+        let bytes = match crate::util::read_capped(&self.path, super::recover::MAX_FILE) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return vec![],
             Err(e) => {

@@ -93,13 +93,13 @@ pub fn load(dagrun_dir: &Path) -> Result<Vec<TokenRecord>> {
     if !meta.is_file() || meta.len() > MAX_FILE {
         bail!("{} is not a regular file of a sensible size; remove it and create the tokens again", path.display());
     }
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::util::read_capped(&path, MAX_FILE).with_context(|| format!("cannot read {}", path.display()))?;
     parse(&bytes, &path.display().to_string())
 }
 
 fn parse(bytes: &[u8], origin: &str) -> Result<Vec<TokenRecord>> {
-    let f: TokenFile = serde_json::from_slice(bytes)
-        .map_err(|e| anyhow::anyhow!("{origin}: not a valid token file ({e}); restore it from a backup, or remove it and create the tokens again"))?;
+    let f: TokenFile = crate::util::redact::from_json(bytes)
+        .map_err(|why| anyhow::anyhow!("{origin}: not a valid token file ({why}); restore it from a backup, or remove it and create the tokens again"))?;
     if f.format != FORMAT {
         bail!("{origin}: unsupported format {:?} (expected {FORMAT:?})", f.format);
     }
@@ -179,7 +179,7 @@ pub fn revoke(dagrun_dir: &Path, id: &str) -> Result<TokenRecord> {
 /// Last-use times by token id (empty when unknown or unreadable: it is
 /// informational only).
 pub fn last_used(dagrun_dir: &Path) -> BTreeMap<String, DateTime<Utc>> {
-    std::fs::read(last_used_path(dagrun_dir))
+    crate::util::read_capped(&last_used_path(dagrun_dir), MAX_FILE)
         .ok()
         .and_then(|b| serde_json::from_slice::<BTreeMap<String, DateTime<Utc>>>(&b).ok())
         .map(|m| m.into_iter().filter(|(k, _)| is_hex(k, 8)).collect())

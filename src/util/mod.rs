@@ -23,10 +23,29 @@ pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
 /// The bytes of `path`, but at most `max + 1` of them: a caller that gets
 /// more than `max` knows the file is too large without having read all of
 /// it (a FIFO, `/dev/zero` or a growing file has no size to check first).
+/// Opened with `O_NONBLOCK`: a FIFO put where a file should be reads as
+/// what its writer has sent so far (nothing, without one) instead of
+/// blocking the run, which may hold the workspace lock, forever.
 pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = Vec::new();
-    std::fs::File::open(path)?.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    match f.take(max.saturating_add(1)).read_to_end(&mut bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes),
+        r => r.map(|_| bytes),
+    }
+}
+
+/// A file dagrun reads back (state, memo, spool, run records, the audit
+/// head…): at most `max` bytes, else an `InvalidData` error saying so (a
+/// link to `/dev/zero` must not fill the memory), and never blocking on a
+/// FIFO ([`read_at_most`]).
+pub fn read_capped(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let bytes = read_at_most(path, max)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {max} bytes: not a file dagrun wrote")));
+    }
     Ok(bytes)
 }
 

@@ -226,7 +226,7 @@ impl HashMemo {
     /// memo is empty (files are hashed again); without `key` it is never saved.
     pub fn load(ws: &super::Workspace, key: Option<Arc<IntegrityKey>>) -> HashMemo {
         let file = ws.memo_file();
-        let entries = match (&key, std::fs::read(&file)) {
+        let entries = match (&key, crate::util::read_capped(&file, 1 << 30)) {
             (Some(k), Ok(b)) => match record::open::<MemoFile>(Some(k), record::HASH_MEMO, &b, &ws.rel(&file)) {
                 Ok(m) => m.entries,
                 Err(e) => {

@@ -121,6 +121,9 @@ impl<T> Loaded<T> {
     }
 }
 
+/// The largest state or action record read (they hold hashes and facts).
+const MAX_RECORD_BYTES: u64 = 16 << 20;
+
 /// The state and action-cache records of a workspace.
 pub struct StateStore {
     ws: Workspace,
@@ -152,7 +155,7 @@ impl StateStore {
 
     /// Read and check one record file.
     pub fn read_record(&self, path: &Path) -> Loaded<StageState> {
-        let bytes = match std::fs::read(path) {
+        let bytes = match crate::util::read_capped(path, MAX_RECORD_BYTES) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
             Err(e) => return Loaded::Invalid(RecordError::Unreadable { file: self.shown(path), why: e.to_string() }),

@@ -507,3 +507,31 @@ fn files_read_back_are_refused_without_quoting_them() {
         assert!(all.contains("invalid type: integer") || all.contains("not a") || all.contains("invalid"), "dagrun {args:?}: no reason given:\n{all}");
     }
 }
+
+/// A FIFO put where dagrun keeps a file it reads back never makes a command
+/// wait for a writer (a run holds the workspace lock while it waits): each
+/// is read without blocking and refused or ignored.
+#[test]
+fn a_fifo_in_place_of_a_file_read_back_never_hangs() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n");
+    assert_eq!(ws.run(&[]).out.code, 0);
+    for (file, args) in [
+        (".dagrun/state/a.json", &["run", "pipeline.yaml"][..]),
+        (".dagrun/hashmemo.json", &["run", "pipeline.yaml"]),
+        (".dagrun/openlineage/workspace-id", &["run", "pipeline.yaml"]),
+        (".dagrun/openlineage/pending.jsonl", &["run", "pipeline.yaml"]),
+        ("runs/20991231-000000-000-aaaa.json", &["runs"]),
+        ("config/dagrun.yaml", &["run", "pipeline.yaml"]),
+    ] {
+        let p = ws.path(file);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&p);
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let o = spawn(cmd(&ws, args)).wait(Duration::from_secs(30));
+        assert!(!o.stderr.contains("panicked"), "{file}: {}", o.stderr);
+        std::fs::remove_file(&p).unwrap();
+    }
+}
