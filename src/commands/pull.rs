@@ -15,10 +15,10 @@
 //! - An object the local cache already holds is not stored again, but the
 //!   record's prefix on the remote must hold it too, the same bytes (read
 //!   and hashed, then dropped): a record may only name objects pushed
-//!   beside it. Otherwise
-//!   a record sealed by an insider in one tenant's prefix could name another
-//!   tenant's object held here, and this workspace's next `push` would
-//!   upload that object into the first tenant's prefix.
+//!   beside it. Otherwise a record sealed by an insider in one tenant's
+//!   prefix could name another tenant's object held here, and this
+//!   workspace's next `push` would upload that object into the first
+//!   tenant's prefix.
 //! - Nothing local is overwritten: what the workspace has is kept.
 //! - A pulled record must carry a MAC that verifies under this workspace's
 //!   integrity key: the workspaces sharing a remote share their keys (README,
@@ -204,64 +204,47 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
     let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
     let mut failed: HashSet<ContentHash> = HashSet::new();
     let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, SizeBound)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
-        // Dedupe by (scope, hash); skip what the local cache holds.
-        let mut seen = BTreeSet::new();
-        let mut list: Vec<(Vec<usize>, Download)> = Vec::new();
+        // Dedupe by (scope, hash). An object the local cache holds is not
+        // stored again, only checked against the remote's copy (read and
+        // hashed, not kept: see the rules).
+        let mut ris_of: Vec<Vec<usize>> = Vec::new();
+        let mut downloads: Vec<Download> = Vec::new();
         let mut at: HashMap<(Option<String>, ContentHash), usize> = HashMap::new();
-        // Held here already: the remote's prefix must hold it too (see the rules).
-        let mut held: Vec<(Vec<usize>, (Option<String>, String), u64)> = Vec::new();
-        let mut held_at: HashMap<(Option<String>, ContentHash), usize> = HashMap::new();
         for (ri, tenant, hash, size) in wanted {
-            if cas.has(&hash) {
-                match held_at.entry((tenant.clone(), hash.clone())) {
-                    std::collections::hash_map::Entry::Occupied(e) => held[*e.get()].0.push(ri),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(held.len());
-                        let local = std::fs::metadata(cas.object_path(&hash)).map(|m| m.len()).unwrap_or(u64::MAX);
-                        held.push((vec![ri], (tenant.clone(), hash.to_string()), local));
-                    }
-                }
-                continue;
-            }
             match at.entry((tenant.clone(), hash.clone())) {
-                std::collections::hash_map::Entry::Occupied(e) => list[*e.get()].0.push(ri),
+                std::collections::hash_map::Entry::Occupied(e) => ris_of[*e.get()].push(ri),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(list.len());
-                    seen.insert((tenant.clone(), hash.clone()));
-                    list.push((vec![ri], Download { dest: Some(cas.object_path(&hash)), tenant, hash: hash.to_string(), size }));
+                    e.insert(downloads.len());
+                    ris_of.push(vec![ri]);
+                    downloads.push(if cas.has(&hash) {
+                        let local = std::fs::metadata(cas.object_path(&hash)).map(|m| m.len()).unwrap_or(u64::MAX);
+                        Download { dest: None, tenant, hash: hash.to_string(), size: SizeBound::Exactly(local) }
+                    } else {
+                        Download { dest: Some(cas.object_path(&hash)), tenant, hash: hash.to_string(), size }
+                    });
                 }
             }
         }
-        // Read and hashed, not kept: the bytes there must be the bytes held here.
-        let checks: Vec<Download> = held
-            .iter()
-            .map(|(_, (tenant, hash), local)| Download { tenant: tenant.clone(), hash: hash.clone(), dest: None, size: SizeBound::Exactly(*local) })
-            .collect();
-        for ((ris, _, _), r) in held.iter().zip(remote.download(&checks)) {
+        for ((ris, d), r) in ris_of.iter().zip(&downloads).zip(remote.download(&downloads)) {
+            let held = d.dest.is_none();
             match r {
-                Ok(_) => present += 1,
-                Err(e) => {
-                    for &ri in ris {
-                        problems.push(format!(
-                            "record {} ({}): the local cache holds one of its objects, but the remote's copy does not match it: {e:#}; a record may only name objects pushed beside it; refused",
-                            recs[ri].key.short(),
-                            shown(&recs[ri].st.stage)
-                        ));
-                        failed.insert(recs[ri].key.clone());
-                    }
-                }
-            }
-        }
-        let downloads: Vec<Download> = list.iter().map(|(_, d)| d.clone()).collect();
-        for ((ris, _), r) in list.iter().zip(remote.download(&downloads)) {
-            match r {
+                Ok(_) if held => present += 1,
                 Ok(n) => {
                     fetched += 1;
                     bytes += n;
                 }
                 Err(e) => {
-                    problems.push(format!("{e:#}"));
+                    if !held {
+                        problems.push(format!("{e:#}"));
+                    }
                     for &ri in ris {
+                        if held {
+                            problems.push(format!(
+                                "record {} ({}): the local cache holds one of its objects, but the remote's copy does not match it: {e:#}; a record may only name objects pushed beside it; refused",
+                                recs[ri].key.short(),
+                                shown(&recs[ri].st.stage)
+                            ));
+                        }
                         failed.insert(recs[ri].key.clone());
                     }
                 }
