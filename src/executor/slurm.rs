@@ -601,12 +601,7 @@ fn squeue_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
     if ids.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let out = Command::new("squeue").args(["-h", "-t", "all", "-j", &ids.join(","), "-o", "%i %T"]).output().context("cannot run squeue")?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && !stderr.contains("Invalid job id") {
-        bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
-    }
-    let mut found = parse_squeue(&String::from_utf8_lossy(&out.stdout), ids);
+    let mut found = parse_squeue(&squeue(&["-h", "-t", "all", "-j", &ids.join(","), "-o", "%i %T"])?, ids);
     let missing: Vec<&String> = ids.iter().filter(|id| !found.contains_key(*id)).collect();
     for id in missing {
         if let Some(st) = scontrol_state(id).or_else(|| jobcomp_state(id)) {
@@ -780,12 +775,18 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
 
 /// The jobs among `ids` Slurm still has queued or running: id → (job name, work dir).
 fn live_jobs(ids: &[String]) -> Result<BTreeMap<String, (String, String)>> {
-    let out = Command::new("squeue").args(["-h", "-j", &ids.join(","), "-o", "%i|%j|%Z"]).output().context("cannot run squeue")?;
+    Ok(parse_live(&squeue(&["-h", "-j", &ids.join(","), "-o", "%i|%j|%Z"])?, ids))
+}
+
+/// `squeue ARGS`' output; "Invalid job id" (every job asked for is gone) is
+/// an empty answer, any other failure an error.
+fn squeue(args: &[&str]) -> Result<String> {
+    let out = Command::new("squeue").args(args).output().context("cannot run squeue")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && !stderr.contains("Invalid job id") {
         bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
     }
-    Ok(parse_live(&String::from_utf8_lossy(&out.stdout), ids))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `squeue -o "%i|%j|%Z"` lines for the asked `ids` (a job name may hold `|`: the work dir is after the last one).
