@@ -218,7 +218,7 @@ pub fn read(path: &Path) -> Result<RunRecord> {
     if meta.len() > MAX_RECORD_BYTES {
         anyhow::bail!("{}: {} bytes is more than a run record can be; it is not one dagrun wrote: move it out of runs/", path.display(), meta.len());
     }
-    let bytes = crate::util::read_capped(path, 256 << 20).with_context(|| format!("cannot read run record {}", path.display()))?;
+    let bytes = crate::util::read_capped(path, MAX_RECORD_BYTES).with_context(|| format!("cannot read run record {}", path.display()))?;
     let rec: RunRecord = crate::util::redact::from_json(&bytes)
         .map_err(|why| anyhow::anyhow!("{}: not a run record dagrun can read: {}; move it out of runs/", path.display(), why))?;
     rec.check_values().map_err(|e| anyhow::anyhow!("{}: not a run record dagrun wrote: {e}; move it out of runs/", path.display()))?;

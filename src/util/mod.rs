@@ -31,6 +31,10 @@ pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>
     use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = Vec::new();
     let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    // Room for the whole file up front (one read, as `fs::read` does; `Take`
+    // hides the size from `read_to_end`), within the cap.
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0).min(max);
+    bytes.reserve_exact(size.saturating_add(1) as usize);
     match f.take(max.saturating_add(1)).read_to_end(&mut bytes) {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes),
         r => r.map(|_| bytes),
