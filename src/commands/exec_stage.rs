@@ -27,18 +27,25 @@ use std::path::Path;
 use std::time::Instant;
 
 pub fn exec_stage(spec_path: &Path) -> Result<i32> {
+    // The keyring that verifies the spec is the one the stages then use.
+    let mut ring = None;
     let spec = spec::read_spec(spec_path, |ws| {
-        crate::crypto::Keyring::open_existing(ws)?
-            .map(|r| r.integrity_key())
-            .ok_or_else(|| anyhow::anyhow!("the workspace {} has no master key to verify the job spec with", ws.display()))
+        let r = std::sync::Arc::new(
+            crate::crypto::Keyring::open_existing(ws)?
+                .ok_or_else(|| anyhow::anyhow!("the workspace {} has no master key to verify the job spec with", ws.display()))?,
+        );
+        let key = r.integrity_key();
+        ring = Some(r);
+        Ok(key)
     })?;
+    let ring = ring.expect("read_spec asks for the key before it returns a spec");
     let own_dir = crate::executor::slurm::slurm_dir(&spec.workspace);
     if !spec.result.starts_with(&own_dir) || spec.result.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         bail!("the job spec {} puts its result file outside {}; it is not one dagrun wrote", spec_path.display(), own_dir.display());
     }
     let job = std::env::var("SLURM_JOB_ID").unwrap_or_else(|_| "-".into());
     let p = crate::pipeline::load(&spec.pipeline, Some(&spec.workspace), &spec.overrides, &crate::stages::kinds())?;
-    let engine = Engine::new(p)?;
+    let engine = Engine::with_ring(p, ring);
     let names: Vec<&str> = spec.stages.iter().map(|s| s.stage.as_str()).collect();
     eprintln!("dagrun exec-stage: run {}, Slurm job {job}: {}", spec.run_id, names.join(", "));
     let Some(integrity) = engine.states.integrity_key() else { bail!("no workspace integrity key to seal the job result with") };

@@ -166,6 +166,13 @@ impl Engine {
         Ok(Self::with_keyring(pipeline, ws, Some(ring), false))
     }
 
+    /// An engine on a keyring the caller has opened already (`exec-stage`,
+    /// which verified its job spec with it): the master key is opened once.
+    pub fn with_ring(pipeline: Pipeline, ring: Arc<crate::crypto::Keyring>) -> Engine {
+        let ws = Workspace::at(&pipeline.workspace);
+        Self::with_keyring(pipeline, ws, Some(ring), false)
+    }
+
     /// An engine for `status` / `--dry-run`: it creates no key. Without a
     /// master key no record can be verified (every stage counts as stale).
     pub fn read_only(pipeline: Pipeline) -> Result<Engine> {
