@@ -6,8 +6,8 @@
 //! The run record is not trusted input: the pipeline file it names is loaded
 //! (for the page's graph) only if it is a `.yaml`/`.yml` file outside the
 //! workspace's `.dagrun/`, by its name and through any link; the page says
-//! why otherwise. A load error on the
-//! page quotes no value of the file (`util::redact::without_values`).
+//! why otherwise. A load error on the page quotes no value of the file
+//! (`util::redact::without_values`).
 
 use crate::engine::runs;
 use crate::report::{self, Layout, PipelineView};

@@ -178,7 +178,6 @@ pub fn check_yaml_limits(text: &str, shown: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[test]

@@ -15,8 +15,7 @@
 //!   shown through [`redact_url`]: no `user:password@`, no query string.
 
 /// An error message (serde's, for YAML or JSON) with the values it quotes
-/// left out: serde writes the
-/// offending value into its message (``invalid type: string "…"``,
+/// left out: serde writes the offending value into its message (``invalid type: string "…"``,
 /// ``integer `…` ``), and a file that is not what it should be (a CSV of
 /// customers, a key or PIN file given as a pipeline or named by an edited
 /// run record) would have its content printed, logged or put in a report.
@@ -81,8 +80,7 @@ pub fn without_values(msg: &str) -> String {
 }
 
 /// A URL (an OpenLineage endpoint, a remote cache) as shown in messages and
-/// run records: without any
-/// `user:password@` (even one whose password holds an unencoded `/`: all up
+/// run records: without any `user:password@` (even one whose password holds an unencoded `/`: all up
 /// to the last `@` goes), and with a query string or fragment replaced by
 /// `?…` (`?api_key=…` is a credential too).
 pub fn redact_url(url: &str) -> String {
