@@ -43,7 +43,10 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
     let html = report::render(workspace, &rec, view, layout)?;
     let dest = match out {
         Some(p) => std::path::absolute(p)?,
-        None => runs::runs_dir(workspace).join(format!("{}.html", rec.run_id)),
+        None => {
+            crate::workspace::own_dirs::check(workspace)?; // runs/ is dagrun's
+            runs::runs_dir(workspace).join(format!("{}.html", rec.run_id))
+        }
     };
     if let Some(d) = dest.parent() {
         std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;

@@ -5,7 +5,7 @@
 //! cancels jobs.
 //!
 //! # Rules
-//! - **Submission**: `sbatch --parsable --job-name=dagrun-RUN_ID-LABEL
+//! - **Submission**: `sbatch --parsable --job-name=dagrun-RUN_ID-sN
 //!   --export=NONE --output=LOG --chdir=WORKSPACE` plus the stage's
 //!   `resources:` (`--cpus-per-task`, `--mem`, `--time`, `--partition`,
 //!   `--account`, `sbatch_args`) and `--no-requeue` (last, so it wins:
@@ -16,7 +16,10 @@
 //!   `DAGRUN_MASTER_KEY_FILE`: a *path*) and execs the binary. A failing
 //!   `sbatch` whose message says the controller is busy or unreachable is
 //!   retried with backoff (1, 2, 4 … 30 s, `slurm.submit_retries` times);
-//!   any other refusal fails the stage with sbatch's message.
+//!   any other refusal fails the stage with sbatch's message. `N` is the
+//!   pipeline index of the job's first stage: stage and tenant names stay
+//!   out of the job name, which every user of the cluster can read in
+//!   `squeue`; the run record maps stages to job ids (`slurm_job`).
 //! - **No secret in a job's environment**: `--export=NONE` keeps the
 //!   submitting environment out of the job (and out of slurmctld's state
 //!   directory, which stores every job's environment and script). The job
@@ -313,10 +316,14 @@ impl Slurm {
     /// Write the spec and script of a batch; return (script, log, result) paths and the spec.
     fn prepare(&self, batch: &Batch, file_label: &str, key_env: Vec<(String, String)>) -> Result<(PathBuf, PathBuf, PathBuf)> {
         std::fs::create_dir_all(&self.run_dir).with_context(|| format!("cannot create {}", self.run_dir.display()))?;
-        // The run's specs, scripts, logs and results: the owner's only.
+        // The run's specs, scripts, logs and results, and the folder of all
+        // runs' (where a group member could otherwise swap a run's folder):
+        // the owner's only.
         #[cfg(unix)]
-        std::fs::set_permissions(&self.run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .with_context(|| format!("cannot make {} private", self.run_dir.display()))?;
+        for dir in self.run_dir.parent().into_iter().chain([self.run_dir.as_path()]) {
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .with_context(|| format!("cannot make {} private", dir.display()))?;
+        }
         let base = self.run_dir.join(format!("{file_label}.a{}", batch.attempt));
         let with_ext = |e: &str| PathBuf::from(format!("{}.{e}", base.display()));
         let (spec_path, script, log, result) = (with_ext("spec.json"), with_ext("sh"), with_ext("log"), with_ext("result.json"));
@@ -824,7 +831,8 @@ impl Executor for Slurm {
         }
         let label = batch.label();
         let file_label = sanitize(&label);
-        let job_name = format!("dagrun-{}-{}", sanitize(&self.run_id), file_label);
+        // No stage or tenant name: every user of the cluster can read squeue.
+        let job_name = format!("dagrun-{}-s{first}", sanitize(&self.run_id));
         let res = combine(&batch.members.iter().map(|m| &m.stage.resources).collect::<Vec<_>>());
         let key_env = match master_key_env(&self.workspace) {
             Ok(k) => k,

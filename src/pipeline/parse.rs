@@ -126,7 +126,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
     for p in &pf.secrets {
         crate::util::child_env::check_secret_pattern(p).map_err(|m| config(format!("{shown}: {m}")))?;
     }
-    let secrets = Arc::new(pf.secrets.clone());
+    let secrets = Arc::new(crate::util::child_env::effective_secrets(&pf.secrets, &pf.pass_env).map_err(|m| config(format!("{shown}: {m}")))?);
 
     // The workspace settings are checked before anything runs (exit 2 on a bad key).
     crate::config::DagrunConfig::load(&workspace)?;

@@ -19,6 +19,10 @@ pub struct PipelineFile {
     /// besides the master-key variables, which are always withheld.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Cloud credentials (withheld by default) this pipeline's commands may
+    /// see, by exact name (`util::child_env::CLOUD_CREDENTIALS`).
+    #[serde(default)]
+    pub pass_env: Vec<String>,
     /// The stages, by name, in file order.
     #[serde(deserialize_with = "unique_keys")]
     pub stages: IndexMap<String, StageDef>,

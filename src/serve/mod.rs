@@ -115,6 +115,8 @@ pub async fn serve(
     if !dagrun_dir.is_dir() {
         return Err(crate::error::config(format!("{}: not a dagrun workspace (no .dagrun/); run a pipeline first or pass -C DIR", opts.workspace.display())));
     }
+    // The audit log and last-used times go to dagrun's own folders.
+    crate::workspace::own_dirs::check(&opts.workspace)?;
     // Models are verified with the workspace integrity key. Without a master
     // key (no pipeline has run here) the server starts and answers 503.
     let integrity = crate::crypto::Keyring::open_existing(&opts.workspace)?.map(|r| r.integrity_key());

@@ -9,6 +9,11 @@
 //!     with that prefix and it is withheld automatically);
 //!   - dagrun's own credentials in [`ALWAYS_DENIED`] (the OpenLineage token,
 //!     and its endpoint URL, which may carry a password or a query key);
+//!   - the cloud credentials in [`CLOUD_CREDENTIALS`] (those the remote
+//!     cache's `object_store` reads: `AWS_SECRET_ACCESS_KEY`, Azure account
+//!     keys and SAS tokens, a Google service account key), unless the pipeline
+//!     lets one through by name under `pass_env:` (a stage that runs `aws s3
+//!     cp` itself); [`effective_secrets`] folds them into the `secrets:` list;
 //!   - every variable the pipeline lists under `secrets:` (exact names, or a
 //!     prefix ending in `*`, e.g. `AWS_SECRET_*`).
 //! - The caller then adds what it declares (e.g. `DAGRUN_STAGE`, a stage's
@@ -24,6 +29,46 @@ use std::process::Command;
 pub const ALWAYS_DENIED_PREFIX: &str = "DAGRUN_MASTER_KEY";
 /// dagrun's own credentials that never reach a child (`lineage::TOKEN_ENV`).
 pub const ALWAYS_DENIED: &[&str] = &["DAGRUN_OPENLINEAGE_TOKEN", "DAGRUN_OPENLINEAGE_URL"];
+
+/// Cloud credentials withheld from children unless the pipeline names them
+/// under `pass_env:` (their values, not the paths of credential files; ids
+/// and regions, which grant nothing alone, pass).
+pub const CLOUD_CREDENTIALS: &[&str] = &[
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_TOKEN",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_ACCESS_KEY",
+    "AZURE_STORAGE_MASTER_KEY",
+    "AZURE_STORAGE_CLIENT_SECRET",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_SAS_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_TOKEN",
+    "GOOGLE_SERVICE_ACCOUNT_KEY",
+];
+
+/// The withheld list of a pipeline: its `secrets:` plus every cloud
+/// credential it does not pass (`pass_env:`). A `pass_env:` entry must be one
+/// of [`CLOUD_CREDENTIALS`] and not also a secret: anything else is a mistake
+/// (a variable that is not withheld needs no pass).
+pub fn effective_secrets(secrets: &[String], pass: &[String]) -> Result<Vec<String>, String> {
+    for p in pass {
+        if !CLOUD_CREDENTIALS.contains(&p.as_str()) {
+            return Err(format!(
+                "`pass_env:` entry {p:?} is not a withheld cloud credential, so it needs no pass (the master key and OpenLineage variables can never be passed); the ones it may name: {}",
+                CLOUD_CREDENTIALS.join(", ")
+            ));
+        }
+        if is_denied(OsStr::new(p), secrets) {
+            return Err(format!("`pass_env:` entry {p} is also withheld by `secrets:`; keep it in one of the two"));
+        }
+    }
+    let mut out = secrets.to_vec();
+    out.extend(CLOUD_CREDENTIALS.iter().filter(|c| !pass.iter().any(|p| p == *c)).map(|c| c.to_string()));
+    Ok(out)
+}
 
 /// True when `name` must not reach a child: the master-key prefix, or a
 /// `secrets:` entry (exact name, or `PREFIX*`).
@@ -71,7 +116,7 @@ pub fn check_secret_pattern(p: &str) -> Result<(), String> {
 pub fn check_declared(name: &str, secrets: &[String]) -> Result<(), String> {
     if is_denied(OsStr::new(name), secrets) {
         return Err(format!(
-            "`env:` sets {name}, which is withheld from commands (the master key variables, and the pipeline's `secrets:`); remove it from `env:`"
+            "`env:` sets {name}, which is withheld from commands (the master key variables, cloud credentials not under `pass_env:`, and the pipeline's `secrets:`); remove it from `env:`"
         ));
     }
     Ok(())
@@ -103,6 +148,27 @@ mod tests {
         assert!(check_declared("DAGRUN_MASTER_KEY", &s).is_err());
         assert!(check_declared("AWS_SECRET_X", &s).is_err());
         assert!(check_declared("LC_ALL", &s).is_ok());
+    }
+
+    #[test]
+    fn cloud_credentials_are_withheld_unless_passed_by_name() {
+        let s = effective_secrets(&["API_TOKEN".to_string()], &[]).unwrap();
+        for n in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY", "GOOGLE_SERVICE_ACCOUNT_KEY", "API_TOKEN"] {
+            assert!(is_denied(OsStr::new(n), &s), "{n}");
+        }
+        for n in ["AWS_ACCESS_KEY_ID", "AWS_REGION", "AWS_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS", "HOME"] {
+            assert!(!is_denied(OsStr::new(n), &s), "{n}");
+        }
+        let s = effective_secrets(&[], &["AWS_SECRET_ACCESS_KEY".to_string(), "AWS_SESSION_TOKEN".to_string()]).unwrap();
+        assert!(!is_denied(OsStr::new("AWS_SECRET_ACCESS_KEY"), &s));
+        assert!(!is_denied(OsStr::new("AWS_SESSION_TOKEN"), &s));
+        assert!(is_denied(OsStr::new("AZURE_CLIENT_SECRET"), &s));
+        for bad in ["DAGRUN_MASTER_KEY", "DAGRUN_OPENLINEAGE_TOKEN", "HOME", "AWS_*"] {
+            let e = effective_secrets(&[], &[bad.to_string()]).unwrap_err();
+            assert!(e.contains("needs no pass") && e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+        }
+        let e = effective_secrets(&["AWS_SECRET_*".to_string()], &["AWS_SECRET_ACCESS_KEY".to_string()]).unwrap_err();
+        assert!(e.contains("also withheld by `secrets:`"), "{e}");
     }
 
     #[test]

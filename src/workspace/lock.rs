@@ -108,6 +108,9 @@ fn holder(file: &mut File) -> String {
 
 /// Take the lock of `dagrun_dir`, waiting up to `wait` (None: fail at once).
 pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<WorkspaceLock> {
+    if let Some(root) = dagrun_dir.parent() {
+        super::own_dirs::check(root)?;
+    }
     std::fs::create_dir_all(dagrun_dir).with_context(|| format!("cannot create {}", dagrun_dir.display()))?;
     let path = dagrun_dir.join("lock");
     let mut file = crate::util::nofollow::open_own_file(OpenOptions::new().read(true).write(true).create(true).truncate(false), &path)

@@ -16,6 +16,8 @@
 //! - **The lock.** Every command that writes workspace state (`run`,
 //!   `keys rotate|forget`, `verify --repair`, `gc`) holds [`Workspace::lock`] while
 //!   it writes. Read-only commands take no lock.
+//! - **Own folders are folders.** Taking the lock first checks that none of
+//!   dagrun's own folders (`.dagrun/…`, `runs/`) is a symlink ([`own_dirs`]).
 //! - **Hashes.** Hashes read from disk are [`ContentHash`]es, parsed once
 //!   ([`hash`]); cache object paths are built only from them ([`cas`]).
 //! - **Files a user names.** A file a command writes where its user says
@@ -33,6 +35,7 @@ pub mod gc;
 pub mod hash;
 pub mod hashing;
 pub mod lock;
+pub mod own_dirs;
 pub mod record;
 pub mod state;
 

@@ -94,6 +94,54 @@ fn cmd_stages_never_see_the_master_key_or_the_pipelines_secrets() {
 }
 
 #[test]
+fn cloud_credentials_reach_a_command_only_when_the_pipeline_passes_them() {
+    let ws = Ws::new();
+    let creds = [
+        ("AWS_SECRET_ACCESS_KEY", "aws-secret-value-1"),
+        ("AWS_SESSION_TOKEN", "aws-session-value-2"),
+        ("AZURE_STORAGE_ACCOUNT_KEY", "azure-key-value-3"),
+        ("GOOGLE_SERVICE_ACCOUNT_KEY", "gcp-key-value-4"),
+    ];
+    let run = |ws: &Ws| {
+        let mut c = cmd(ws, &["run", "pipeline.yaml", "--force"]);
+        for (k, v) in creds {
+            c.env(k, v);
+        }
+        c.env("AWS_ACCESS_KEY_ID", "AKIDVISIBLE").env("AWS_REGION", "eu-west-1");
+        let o = spawn(c).wait(HANG);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        ws.read("env.txt")
+    };
+    ws.pipeline("stages:\n  dump:\n    cmd: env > env.txt\n    outs: [env.txt]\n");
+    let env = run(&ws);
+    for (k, v) in creds {
+        assert!(!env.contains(k) && !env.contains(v), "{k} reached the command:\n{env}");
+    }
+    for seen in ["AWS_ACCESS_KEY_ID=AKIDVISIBLE", "AWS_REGION=eu-west-1"] {
+        assert!(env.lines().any(|l| l == seen), "{seen} missing:\n{env}");
+    }
+    // Passed by name: those two, and only those.
+    ws.pipeline("pass_env: [AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN]\nstages:\n  dump:\n    cmd: env > env.txt\n    outs: [env.txt]\n");
+    let env = run(&ws);
+    for seen in ["AWS_SECRET_ACCESS_KEY=aws-secret-value-1", "AWS_SESSION_TOKEN=aws-session-value-2"] {
+        assert!(env.lines().any(|l| l == seen), "{seen} missing:\n{env}");
+    }
+    assert!(!env.contains("azure-key-value-3") && !env.contains("gcp-key-value-4"), "{env}");
+    // A pass for what is not withheld, or for the master key, is a mistake (exit 2, naming it).
+    for bad in ["DAGRUN_MASTER_KEY", "HOME", "AWS_*"] {
+        ws.pipeline(&format!("pass_env: [\"{bad}\"]\nstages:\n  a:\n    cmd: echo\n"));
+        let o = dg(&ws, &["run", "pipeline.yaml"]);
+        assert_eq!(o.code, 2, "{}", o.stderr);
+        assert!(o.stderr.contains("pipeline.yaml") && o.stderr.contains(bad) && o.stderr.contains("needs no pass"), "{}", o.stderr);
+    }
+    // And declaring a withheld credential under `env:` is refused as any secret is.
+    ws.pipeline("stages:\n  a:\n    cmd: echo\n    env: { AWS_SECRET_ACCESS_KEY: x }\n");
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("AWS_SECRET_ACCESS_KEY") && o.stderr.contains("withheld"), "{}", o.stderr);
+}
+
+#[test]
 fn param_values_are_data_not_shell_code() {
     let ws = Ws::new();
     ws.pipeline(
@@ -193,9 +241,37 @@ fn logs_are_never_written_through_a_planted_link() {
     std::fs::remove_dir_all(ws.path(".dagrun/logs")).unwrap();
     std::os::unix::fs::symlink(outside.path(), ws.path(".dagrun/logs")).unwrap();
     let o = dg(&ws, &["run", "pipeline.yaml", "--force"]);
-    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains(".dagrun/logs") && o.stderr.contains("symlink"), "{}", o.stderr);
     assert!(!outside.path().join("a.out").exists());
+}
+
+#[test]
+fn own_folders_planted_as_links_are_refused_before_anything_is_written() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs: [a.txt]\n");
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    for rel in ["runs", ".dagrun/openlineage/open", ".dagrun/state", ".dagrun/registry/Tenant_A"] {
+        let outside = tempfile::tempdir().unwrap();
+        let p = ws.path(rel);
+        if p.is_dir() {
+            std::fs::rename(&p, outside.path().join("moved")).unwrap();
+        } else {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::create_dir(outside.path().join("moved")).unwrap();
+        }
+        std::os::unix::fs::symlink(outside.path().join("moved"), &p).unwrap();
+        let before = std::fs::read_dir(outside.path().join("moved")).unwrap().count();
+        for args in [&["run", "pipeline.yaml", "--force"][..], &["gc"], &["report", "last"]] {
+            let o = dg(&ws, args);
+            assert_eq!(o.code, 2, "{rel} {args:?}: {}", o.stderr);
+            assert!(o.stderr.contains(&p.display().to_string()) && o.stderr.contains("is a symlink"), "{rel} {args:?}: {}", o.stderr);
+        }
+        assert_eq!(std::fs::read_dir(outside.path().join("moved")).unwrap().count(), before, "{rel}: something was written through the link");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::rename(outside.path().join("moved"), &p).unwrap();
+    }
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
 }
 
 #[test]

@@ -183,6 +183,13 @@ fn propensity_under_slurm_equals_a_local_run() {
         assert!(!remote.exists(&format!("data/raw/{t}.parquet")), "plaintext left after the run");
     }
 
+    // The job files are the owner's only, and so is the folder of all runs' folders.
+    for d in std::fs::read_dir(remote.path(".dagrun/slurm")).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).chain([remote.path(".dagrun/slurm")]) {
+        use std::os::unix::fs::PermissionsExt;
+        if d.file_name().is_some_and(|n| n != "active") {
+            assert_eq!(std::fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700, "{}", d.display());
+        }
+    }
     // No secret in any job file (scripts, specs, logs, results).
     let master = std::fs::read_to_string(remote.path(".dagrun/keys/master.key")).unwrap();
     let master = master.trim();
@@ -328,6 +335,10 @@ fn sigint_of_dagrun_cancels_its_jobs() {
     let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
     let bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
     let id = running_job(&ws.root, SLURM_HANG);
+    // Its name in squeue (which every cluster user reads) names no stage.
+    let name = Command::new("squeue").args(["-h", "-j", &id, "-o", "%j"]).output().unwrap();
+    let name = String::from_utf8_lossy(&name.stdout).trim().to_string();
+    assert!(name.starts_with("dagrun-") && name.ends_with("-s0") && !name.contains("long"), "job name {name:?}");
     signal(bg.pid() as i32, libc::SIGINT);
     let o = bg.wait(Duration::from_secs(60));
     assert_eq!(o.code, 130, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
