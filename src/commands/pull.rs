@@ -31,8 +31,10 @@
 //!   entry is used only for a stage of its own tenant (`engine::decide`).
 //! - An object's size must be the size its record gives, and no more bytes
 //!   than that are read: a lying server cannot fill the disk. A directory's
-//!   listing may be at most what its entry count allows; the files inside a
-//!   directory are checked by their hash only (listings carry no sizes).
+//!   listing may be at most what its entry count allows; a file inside a
+//!   directory must be the size its (verified) listing gives (a listing of
+//!   an older dagrun, `dagrun-tree/2`, gives none: then its hash alone
+//!   checks it).
 //! - Stage names and server messages are printed with control characters
 //!   escaped: a record cannot rewrite the terminal.
 //! - `run --pull` stops asking a remote prefix for the rest of the run once
@@ -277,8 +279,9 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
             match listing {
                 Ok(entries) => {
                     for e in entries {
-                        if let TreeEntry::File { hash, .. } = e {
-                            wave2.push((ri, r.tenant.clone(), hash, SizeBound::Unknown));
+                        if let TreeEntry::File { hash, size, .. } = e {
+                            // A listing made by an older dagrun (`dagrun-tree/2`) gives no size.
+                            wave2.push((ri, r.tenant.clone(), hash, size.map_or(SizeBound::Unknown, SizeBound::Exactly)));
                         }
                     }
                 }
@@ -487,10 +490,10 @@ mod tests {
     #[test]
     fn trees_with_escaping_paths_are_refused() {
         let h = "a".repeat(64);
-        let tree = |entries: &str| format!("{{\"format\":\"dagrun-tree/2\",\"entries\":[{entries}]}}");
-        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"a/b\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_ok());
-        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"../b\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_err());
-        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"/etc/x\",\"hash\":\"{h}\",\"exec\":false}}")).as_bytes()).is_err());
+        let tree = |entries: &str| format!("{{\"format\":\"dagrun-tree/3\",\"entries\":[{entries}]}}");
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"a/b\",\"hash\":\"{h}\",\"size\":1,\"exec\":false}}")).as_bytes()).is_ok());
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"../b\",\"hash\":\"{h}\",\"size\":1,\"exec\":false}}")).as_bytes()).is_err());
+        assert!(validate_tree(tree(&format!("{{\"type\":\"file\",\"path\":\"/etc/x\",\"hash\":\"{h}\",\"size\":1,\"exec\":false}}")).as_bytes()).is_err());
         assert!(validate_tree(tree("{\"type\":\"link\",\"path\":\"x\",\"target\":\"/etc/passwd\"}").as_bytes()).is_err());
         assert!(validate_tree(tree("{\"type\":\"link\",\"path\":\"x\",\"target\":\"../../y\"}").as_bytes()).is_err());
         assert!(validate_tree(b"garbage").is_err());

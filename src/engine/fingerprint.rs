@@ -2,7 +2,7 @@
 //!
 //! A stage's cache key is the blake3 hash of the canonical JSON encoding
 //! (object keys sorted, no whitespace), prefixed by the line
-//! `dagrun-cache-key/2\n`, of exactly these ingredients — nothing else:
+//! `dagrun-cache-key/3\n`, of exactly these ingredients — nothing else:
 //!
 //! 1. `kind` — the stage kind (`cmd`, `generate`, `train`, ...);
 //! 2. `kind_version` — that kind's code version (`StageKind::version`), bumped
@@ -37,14 +37,18 @@
 //! History: `/1` first format; `/2` directory listings became JSON
 //! (`dagrun-tree/2`, see `workspace::hashing`), so a directory input hashes
 //! differently, and state records became MAC'd (`workspace::record`): every
-//! stage of a workspace made by an older dagrun reruns once.
+//! stage of a workspace made by an older dagrun reruns once. `/3`: listings
+//! became `dagrun-tree/3` (each file's size in its entry), so a directory
+//! hashes differently; the ingredients are the same, but without a new key a
+//! recorded `/2` listing would be restored, hashed as `/3`, found "modified"
+//! and restored again on every run. Every stage reruns once.
 
 use crate::workspace::ContentHash;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// Version line hashed before the ingredients.
-pub const FORMAT: &str = "dagrun-cache-key/2";
+pub const FORMAT: &str = "dagrun-cache-key/3";
 
 pub use crate::workspace::record::canonical_json;
 pub use crate::workspace::state::Ingredients;

@@ -87,7 +87,8 @@ pub enum SizeBound {
     Exactly(u64),
     /// A directory's listing: at most this (from its entry count).
     AtMost(u64),
-    /// A file inside a directory (listings carry no sizes): only its hash checks it.
+    /// A file inside a directory of an older dagrun's listing (`dagrun-tree/2`,
+    /// no sizes): only its hash checks it.
     Unknown,
 }
 

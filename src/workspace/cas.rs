@@ -298,7 +298,7 @@ impl Cas {
         std::fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
         for e in &entries {
             match e {
-                TreeEntry::File { path, hash, exec } => self.restore_file(hash, &staging.join(path), *exec)?,
+                TreeEntry::File { path, hash, exec, .. } => self.restore_file(hash, &staging.join(path), *exec)?,
                 TreeEntry::Link { path, target } => {
                     let p = staging.join(path);
                     if let Some(parent) = p.parent() {

@@ -2,11 +2,18 @@
 //!
 //! A file's hash is blake3 of its bytes. A directory's hash is blake3 of its
 //! *tree listing*, compact JSON:
-//! `{"format":"dagrun-tree/2","entries":[{"type":"file","path":P,"hash":H,"exec":B} | {"type":"link","path":P,"target":T}, …]}`
+//! `{"format":"dagrun-tree/3","entries":[{"type":"file","path":P,"hash":H,"size":N,"exec":B} | {"type":"link","path":P,"target":T}, …]}`
 //! with one entry per regular file and symlink (not followed) below it, sorted
 //! by relative path. Empty directories and dagrun's temporary files are not
 //! listed. The listing is also the directory's object in the
 //! content-addressed store.
+//!
+//! A file entry carries its size, so that whoever fetches the file's object
+//! (`pull` from a remote cache) knows exactly how many bytes to accept before
+//! reading one. History: `dagrun-tree/2` had no sizes; its listings are still
+//! read (a cache made by an older dagrun restores), but every directory now
+//! hashes differently, so a stage with a directory input or output reruns
+//! once after the upgrade.
 //!
 //! Listings are unambiguous and checked ([`decode_tree`]): JSON strings cannot
 //! forge an entry (a file name holding a newline is just a name), and every
@@ -126,14 +133,26 @@ pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
 }
 
 /// Format string of a tree listing.
-pub const TREE_FORMAT: &str = "dagrun-tree/2";
+pub const TREE_FORMAT: &str = "dagrun-tree/3";
+/// The format before file entries carried sizes (read, never written).
+const TREE_FORMAT_2: &str = "dagrun-tree/2";
 
 /// One entry of a directory tree listing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum TreeEntry {
-    File { path: String, hash: ContentHash, exec: bool },
-    Link { path: String, target: String },
+    File {
+        path: String,
+        hash: ContentHash,
+        /// Bytes of the file; `None` only in a `dagrun-tree/2` listing.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        exec: bool,
+    },
+    Link {
+        path: String,
+        target: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -187,9 +206,11 @@ pub fn looks_like_tree(bytes: &[u8]) -> bool {
 pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> {
     let listing: TreeListing = record::typed(crate::util::redact::from_json(bytes).map_err(|why| format!("not a directory listing ({})", why))?, "listing")
         .map_err(|e| e.to_string())?;
-    if listing.format != TREE_FORMAT {
-        return Err(format!("unknown listing format (this build reads {TREE_FORMAT})"));
-    }
+    let sized = match listing.format.as_str() {
+        TREE_FORMAT => true,
+        TREE_FORMAT_2 => false,
+        _ => return Err(format!("unknown listing format (this build reads {TREE_FORMAT} and {TREE_FORMAT_2})")),
+    };
     let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut prev: Option<&str> = None;
     for (i, e) in listing.entries.iter().enumerate() {
@@ -199,6 +220,16 @@ pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> 
             && (target.is_empty() || target.contains('\0'))
         {
             return Err(format!("entry {} is a symlink with an empty target or a NUL byte", i + 1));
+        }
+        if let TreeEntry::File { size, .. } = e
+            && size.is_some() != sized
+        {
+            return Err(format!(
+                "entry {} is a file {} a size, which its format ({}) does not allow",
+                i + 1,
+                if sized { "without" } else { "with" },
+                listing.format
+            ));
         }
         if prev.is_some_and(|q| q >= p) {
             return Err(format!("entry {} is out of order or repeated", i + 1));
@@ -376,7 +407,7 @@ impl HashMemo {
                 self.walk(&p, &rel, out)?;
             } else {
                 let meta = ent.metadata()?;
-                out.push(TreeEntry::File { hash: self.hash_file(&p, &meta)?, exec: is_exec(&meta), path: rel });
+                out.push(TreeEntry::File { hash: self.hash_file(&p, &meta)?, size: Some(meta.len()), exec: is_exec(&meta), path: rel });
             }
         }
         Ok(())
@@ -456,6 +487,14 @@ mod tests {
         let memo = HashMemo::in_memory();
         let t = memo.tree(&dir.path().join("d")).unwrap();
         assert_eq!(decode_tree(&encode_tree(&t)).unwrap(), t);
+        // The listing's bytes, pinned: a change to them changes every directory's hash.
+        let (h1, h2) = (ContentHash::of_bytes(b"1"), ContentHash::of_bytes(b"2"));
+        assert_eq!(
+            String::from_utf8(encode_tree(&t)).unwrap(),
+            format!(
+                r#"{{"format":"dagrun-tree/3","entries":[{{"type":"file","path":"sub/y","hash":"{h2}","size":1,"exec":false}},{{"type":"file","path":"x","hash":"{h1}","size":1,"exec":false}}]}}"#
+            )
+        );
         // A name with a newline is just a name: it forges nothing.
         std::fs::write(dir.path().join("d/a\nF 1 x run_me.sh"), b"3").unwrap();
         let t = memo.tree(&dir.path().join("d")).unwrap();
@@ -471,7 +510,7 @@ mod tests {
     #[test]
     fn listings_with_unsafe_entries_are_refused() {
         let h = ContentHash::of_bytes(b"1");
-        let f = |p: &str| TreeEntry::File { path: p.into(), hash: h.clone(), exec: false };
+        let f = |p: &str| TreeEntry::File { path: p.into(), hash: h.clone(), size: Some(1), exec: false };
         let l = |p: &str, t: &str| TreeEntry::Link { path: p.into(), target: t.into() };
         for (entries, why) in [
             (vec![f("/etc/passwd")], "absolute"),
@@ -490,8 +529,20 @@ mod tests {
             assert!(e.contains(why), "{why}: {e}");
             assert!(!e.contains("passwd"), "{e}");
         }
-        let bad_hash = br#"{"format":"dagrun-tree/2","entries":[{"type":"file","path":"a","hash":"xx/tmp/victim","exec":false}]}"#;
+        let bad_hash = br#"{"format":"dagrun-tree/3","entries":[{"type":"file","path":"a","hash":"xx/tmp/victim","size":1,"exec":false}]}"#;
         assert!(decode_tree(bad_hash).unwrap_err().contains("64 lowercase hex"));
+        // Sizes: required in /3, absent in /2 (still read), never negative or fractional.
+        let entry = |format: &str, size: &str| {
+            format!(r#"{{"format":"dagrun-tree/{format}","entries":[{{"type":"file","path":"a","hash":"{h}"{size},"exec":false}}]}}"#)
+        };
+        assert!(decode_tree(entry("3", "").as_bytes()).unwrap_err().contains("without a size"));
+        assert!(decode_tree(entry("2", r#","size":1"#).as_bytes()).unwrap_err().contains("with a size"));
+        assert_eq!(decode_tree(entry("2", "").as_bytes()).unwrap(), vec![TreeEntry::File { path: "a".into(), hash: h.clone(), size: None, exec: false }]);
+        assert_eq!(decode_tree(entry("3", r#","size":1"#).as_bytes()).unwrap(), vec![f("a")]);
+        for bad in [r#","size":-1"#, r#","size":1.5"#, r#","size":"1""#] {
+            assert!(decode_tree(entry("3", bad).as_bytes()).is_err(), "{bad}");
+        }
+        assert!(decode_tree(entry("4", r#","size":1"#).as_bytes()).unwrap_err().contains("unknown listing format"));
         assert!(decode_tree(b"dagrun-tree/1\nF 0 abc /etc/x\n").is_err());
         assert!(decode_tree(&encode_tree(&[l("a", "../../etc"), f("b/c")])).is_ok());
     }

@@ -510,7 +510,7 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     std::fs::create_dir_all(w1.join("config")).unwrap();
     std::fs::write(
         w1.join("pipelines/p.yaml"),
-        "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of ${tenant}\" > out/${tenant}.txt\n    deps: [src.txt]\n    outs: [\"out/${tenant}.txt\"]\n  count:\n    foreach: tenants\n    cmd: wc -c < out/${tenant}.txt > out/${tenant}.n\n    deps: [\"out/${tenant}.txt\"]\n    outs: [\"out/${tenant}.n\"]\n  common:\n    cmd: cat src.txt > common.txt\n    deps: [src.txt]\n    outs: [common.txt]\n  tree:\n    cmd: mkdir -p treeout && cat src.txt > treeout/a\n    deps: [src.txt]\n    outs: [treeout]\n",
+        "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"data of ${tenant}\" > out/${tenant}.txt\n    deps: [src.txt]\n    outs: [\"out/${tenant}.txt\"]\n  count:\n    foreach: tenants\n    cmd: wc -c < out/${tenant}.txt > out/${tenant}.n\n    deps: [\"out/${tenant}.txt\"]\n    outs: [\"out/${tenant}.n\"]\n  common:\n    cmd: cat src.txt > common.txt\n    deps: [src.txt]\n    outs: [common.txt]\n  tree:\n    cmd: mkdir -p treeout && cat src.txt > treeout/a\n    deps: [src.txt]\n    outs: [treeout]\n  tree2:\n    cmd: mkdir -p tree2out && (cat src.txt; echo inner) > tree2out/b\n    deps: [src.txt]\n    outs: [tree2out]\n",
     )
     .unwrap();
     std::fs::write(w1.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
@@ -560,6 +560,15 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     let mut big_listing = std::fs::read(&listing).unwrap();
     big_listing.extend(std::iter::repeat_n(b' ', 4 << 20));
     std::fs::write(&listing, big_listing).unwrap();
+    // A file inside a directory grown: its listing gives its size (9 bytes).
+    let rec_tree2: Value = serde_json::from_slice(&std::fs::read(record_of("", "tree2")).unwrap()).unwrap();
+    let listing2: Value =
+        serde_json::from_slice(&std::fs::read(scope("").join("objects").join(rec_tree2["outputs"]["tree2out"]["hash"].as_str().unwrap())).unwrap()).unwrap();
+    assert_eq!(listing2["entries"][0]["size"], 9, "{listing2}");
+    let inner = scope("").join("objects").join(listing2["entries"][0]["hash"].as_str().unwrap());
+    let mut grown_inner = std::fs::read(&inner).unwrap();
+    grown_inner.extend(std::iter::repeat_n(b'x', 1 << 20));
+    std::fs::write(&inner, grown_inner).unwrap();
 
     let w2 = clone("");
     let o = spawn(dagrun(&w2, &["pull"], ADMIN)).wait(Duration::from_secs(120));
@@ -567,6 +576,7 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     assert!(o.stderr.contains("must verify under this workspace's integrity key"), "{}", o.stderr);
     assert!(o.stderr.contains("bytes but its record says"), "{}", o.stderr);
     assert!(o.stderr.contains("more than its record allows"), "{}", o.stderr);
+    assert!(o.stderr.contains(&format!("is {} bytes but its record says 9", 9 + (1 << 20))), "{}", o.stderr);
     assert!(o.stderr.contains("a refused record stays refused"), "{}", o.stderr);
     let o = spawn(dagrun(&w2, &["run", "pipelines/p.yaml", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
@@ -575,6 +585,7 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     assert_eq!(st["build[Tenant_B]"], "ran", "{st:?}");
     assert_eq!(st["common"], "restored", "{st:?}");
     assert_eq!(st["tree"], "ran", "{st:?}");
+    assert_eq!(st["tree2"], "ran", "{st:?}");
     assert_eq!(std::fs::read_to_string(w2.join("out/Tenant_A.txt")).unwrap(), "data of Tenant_A\n");
     assert_eq!(std::fs::read_to_string(w2.join("out/Tenant_B.txt")).unwrap(), "data of Tenant_B\n");
     assert!(!tree(&w2, ".dagrun/cache").values().any(|h| *h == evil_hash), "the planted object reached the cache");
