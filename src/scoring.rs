@@ -209,7 +209,7 @@ pub fn load_trained(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, versio
     }
     .context("train stage recorded no model output")?;
     let model_path = ws.abs(rel);
-    let bytes = std::fs::read(&model_path).with_context(|| format!("cannot read the model {rel}"))?;
+    let bytes = crate::util::read_capped(&model_path, crate::model::artifact::MAX_MODEL_BYTES).with_context(|| format!("cannot read the model {rel}"))?;
     let hash = ContentHash::of_bytes(&bytes);
     if hash != rec.hash {
         bail!(

@@ -36,6 +36,7 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
 
 pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys rotate")?;
+    crate::crypto::keyring::remove_stale_copies(workspace);
     let ring = Keyring::open(workspace)?;
     super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     let id = ring.rotate(tenant)?;
@@ -52,9 +53,19 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
         )));
     }
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys forget")?;
+    // A copy of the keyring left by a killed key operation would still hold
+    // the keys this destroys: before and after, none may remain.
+    crate::crypto::keyring::remove_stale_copies(workspace);
     let ring = Keyring::open(workspace)?;
     super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     ring.forget(tenant)?;
+    crate::crypto::keyring::remove_stale_copies(workspace);
+    if let Some(p) = crate::crypto::keyring::stale_copies(workspace).first() {
+        return Err(anyhow::anyhow!(
+            "tenant {tenant}'s keys are destroyed in the keyring, but {} (a copy left by a killed key operation) could not be removed: remove it by hand, it may still hold them",
+            p.display()
+        ));
+    }
     crate::outln!(
         "tenant {tenant}: data and pseudonym keys destroyed (crypto-shredded); its encrypted data, including copies in the cache, can no longer be decrypted. Other tenants are unaffected. Remove {tenant} from config/tenants.yaml"
     );
@@ -84,6 +95,7 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
 pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let source = MasterKeySource::from_uri(master, "--master")?;
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys init")?;
+    crate::crypto::keyring::remove_stale_copies(workspace);
     let (ring, created) = Keyring::init(workspace, source)?;
     crate::outln!(
         "{} {}; keyring {} now wraps tenant keys with it ({}). Point dagrun at it with DAGRUN_MASTER_KEY_URI or \
@@ -100,6 +112,7 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
 pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let to = MasterKeySource::from_uri(to, "--to")?;
     let _l = Workspace::at(workspace).lock(wait, "dagrun keys rewrap")?;
+    crate::crypto::keyring::remove_stale_copies(workspace);
     let from = MasterKeySource::resolve(workspace)?;
     match Keyring::rewrap(workspace, from, to)? {
         Rewrapped::Done(n) => {

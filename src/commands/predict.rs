@@ -51,8 +51,20 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     let deployed = load_deployed(workspace, &args.tenant, args.model.as_deref())?;
     // Rows dated after the feature version's as_of would get a negative
     // Recency_Days, outside anything the model was trained on: refused.
-    let opts =
-        IngestOptions { expected_tenant: Some(args.tenant.clone()), known_tenants: None, require_label: false, allow_label: true, as_of: Some(deployed.as_of) };
+    // The workspace's tenants, so that a row of another configured tenant is
+    // named in a refusal (any other tenant-id-shaped value is only described).
+    let known = crate::pipeline::tenants::Tenants::load(workspace).ok().map(|t| {
+        let mut ids: Vec<String> = t.ids().map(str::to_string).collect();
+        ids.push(args.tenant.clone());
+        ids
+    });
+    let opts = IngestOptions {
+        expected_tenant: Some(args.tenant.clone()),
+        known_tenants: known,
+        require_label: false,
+        allow_label: true,
+        as_of: Some(deployed.as_of),
+    };
     let mut reader = open_raw(&args.input, &opts, crate::data::DEFAULT_BATCH_SIZE).map_err(|e| crate::error::config(format!("{e:#}")))?.peekable();
     // Validate the first batch before anything is written, so an empty,
     // header-only or immediately bad file prints no score header.

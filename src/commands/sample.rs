@@ -50,7 +50,13 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
         return Err(crate::error::config(format!("--rows {rows}: at most {} rows can be generated for one tenant", crate::data::generate::MAX_TENANT_ROWS)));
     }
     let ext = out.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+    if !matches!(ext.as_str(), "parquet" | "pq" | "csv") {
+        return Err(crate::error::config(format!("{}: use a .csv or .parquet file name", out.display())));
+    }
     let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // Never into `.dagrun/`, `config/` or `.git/` (a typo must not replace the keyring).
+    let ws = crate::workspace::Workspace::locate(dir).unwrap_or_else(|| crate::workspace::Workspace::at(dir));
+    ws.check_user_output(out, "--out")?;
     std::fs::create_dir_all(dir)?;
     let tmp = tempfile_in(dir)?;
     generate_tenant(&tmp, tenant, rows, seed, as_of)?;

@@ -6,7 +6,8 @@
 //! is not a hash; a directory listing with an unsafe entry (absolute, `..`,
 //! NUL, below a symlink) or a malformed hash; a state file, action-cache
 //! entry or the hash memo whose MAC fails (modified outside dagrun), that has
-//! a malformed hash, or that sits under the wrong name; a model or feature
+//! a malformed hash, or that sits under the wrong name; a temporary copy of
+//! the keyring a killed key command left (it may hold destroyed keys); a model or feature
 //! manifest that fails its MAC or names another tenant; a registered model
 //! version (`.dagrun/registry/`) whose file differs from its index entry,
 //! fails its MAC or is not its tenant's; an output missing or modified since
@@ -14,11 +15,12 @@
 //!
 //! With `--repair` (under the workspace lock) what can be fixed is: bad cache
 //! objects, untrustworthy state files and action-cache entries (the stage
-//! reruns) and a tampered memo are deleted. Registered models are reported,
+//! reruns), stale keyring copies and a tampered memo are deleted. Registered models are reported,
 //! never deleted (`train` rewrites a damaged one when it runs again; `dagrun
 //! models promote` picks another champion). Outputs are not touched: the next
 //! run restores or recomputes them. Without a master key nothing can be
-//! verified, and that is reported.
+//! verified, and that is reported. A store folder that is a symlink is refused
+//! before anything is read (`workspace::own_dirs`, exit 2).
 
 use crate::crypto::{IntegrityKey, Keyring};
 use crate::workspace::ContentHash;
@@ -28,7 +30,6 @@ use crate::workspace::hashing::{HashMemo, decode_tree, looks_like_tree};
 use crate::workspace::record;
 use crate::workspace::state::{Loaded, StateStore};
 use anyhow::Result;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -51,6 +52,9 @@ fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
 
 pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
     let ws = Workspace::at(workspace);
+    // A linked store folder would have verify hash, and repair delete, what it
+    // points at: refused before anything is listed (taking the lock checks too).
+    crate::workspace::own_dirs::check(ws.root())?;
     let _lock = if repair { Some(ws.lock(None, "dagrun verify --repair")?) } else { None };
     let ring = Keyring::open_existing(ws.root())?;
     let key: Option<Arc<IntegrityKey>> = ring.as_ref().map(|k| k.integrity_key());
@@ -58,6 +62,17 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
     let states = StateStore::new(&ws, key.clone());
     let mut r = VerifyReport::default();
     check_objects(&ws, &cas, repair, &mut r);
+    // Copies of the keyring a killed key operation left (they may hold keys
+    // that `keys forget` destroyed since).
+    for p in crate::crypto::keyring::stale_copies(ws.root()) {
+        r.problems.push(format!(
+            "{}: a temporary copy left by a killed key operation; it may hold keys that were destroyed since (`verify --repair` or the next key command removes it)",
+            ws.rel(&p)
+        ));
+        if repair {
+            remove(&mut r, &ws, &p);
+        }
+    }
     // Every tenant key unwraps (not only when a run needs it).
     for p in ring.iter().flat_map(|k| k.check_all_keys()) {
         r.problems.push(format!("{p} (a run that needs the key fails)"));
@@ -106,7 +121,7 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
                 let p = ws.abs(rel);
                 match st.ingredients.kind.as_str() {
                     "train" if st.ingredients.params.get("output").and_then(|v| v.as_str()).is_none_or(|m| m == rel) => {
-                        if let Ok(b) = std::fs::read(&p)
+                        if let Ok(b) = crate::util::read_capped(&p, crate::model::artifact::MAX_MODEL_BYTES)
                             && let Err(e) = crate::model::artifact::load_verified(&b, rel, k, &tenant)
                         {
                             r.problems.push(format!("{}: {e:#}", st.stage));
@@ -155,7 +170,7 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
         }
     }
     // The hash memo.
-    if let (Some(k), Ok(b)) = (&key, std::fs::read(ws.memo_file())) {
+    if let (Some(k), Ok(b)) = (&key, crate::util::read_capped(&ws.memo_file(), 1 << 30)) {
         #[derive(serde::Deserialize)]
         struct Memo {
             #[allow(dead_code)]
@@ -233,9 +248,12 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
             }
             // A directory listing: every entry must be safe to restore.
             let mut head = [0u8; 32];
-            let n = std::fs::File::open(&p).and_then(|mut fh| fh.read(&mut head)).unwrap_or(0);
-            if looks_like_tree(&head[..n]) {
-                let bytes = std::fs::read(&p).unwrap_or_default();
+            let n = crate::util::read_at_most(&p, head.len() as u64 - 1).map(|b| {
+                head[..b.len()].copy_from_slice(&b);
+                b.len()
+            });
+            if looks_like_tree(&head[..n.unwrap_or(0)]) {
+                let bytes = crate::util::read_capped(&p, 1 << 30).unwrap_or_default();
                 if let Err(why) = decode_tree(&bytes) {
                     r.problems.push(format!("cache object {short} ({}, a directory listing): {why}", ws.rel(&p)));
                     if repair {

@@ -64,6 +64,25 @@ pub fn keyring_path(workspace: &Path) -> PathBuf {
     keys_dir(workspace).join("keyring.json")
 }
 
+/// Temporary files a killed key operation left in `.dagrun/keys/` (an
+/// unfinished atomic write of the keyring, its audit log or the master key):
+/// each may be a whole keyring holding keys that a later `keys forget`
+/// destroyed, so it must not outlive the operation. Removed under the
+/// workspace lock by every key command and every run that sweeps; `verify`
+/// reports them.
+pub fn stale_copies(workspace: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(keys_dir(workspace)) else { return Vec::new() };
+    let mut v: Vec<PathBuf> = rd.flatten().filter(|e| crate::util::atomic::is_temp_name(&e.file_name().to_string_lossy())).map(|e| e.path()).collect();
+    v.sort();
+    v
+}
+
+/// Remove [`stale_copies`] (the caller holds the workspace lock); the
+/// removed paths.
+pub fn remove_stale_copies(workspace: &Path) -> Vec<PathBuf> {
+    stale_copies(workspace).into_iter().filter(|p| crate::util::fs_remove(p).is_ok()).collect()
+}
+
 /// Key errors a caller may want to tell apart (downcast from `anyhow::Error`).
 /// Messages never contain key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -566,8 +585,12 @@ impl Keyring {
     pub fn forget(&self, tenant: &str) -> Result<()> {
         validate_tenant(tenant)?;
         let mut g = self.lock();
-        if g.forgotten.iter().any(|t| t.tenant == tenant) {
-            self.audit.append("forget", tenant, "-", "ok: already forgotten")?;
+        if let Some(t) = g.forgotten.iter().find(|t| t.tenant == tenant) {
+            // Names the destroyed keys again: a forget killed between its
+            // keyring write and its audit line is recorded here at the latest.
+            let ids: Vec<&str> = t.destroyed_keys.iter().map(|d| d.id.as_str()).collect();
+            let shown = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
+            self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {}", t.forgotten_at))?;
             return Ok(());
         }
         let mut new = (*g).clone();
@@ -587,8 +610,12 @@ impl Keyring {
         let n = destroyed.len();
         let ids: Vec<String> = destroyed.iter().map(|d| d.id.clone()).collect();
         new.forgotten.push(Tombstone { tenant: tenant.to_string(), forgotten_at: now(), destroyed_keys: destroyed });
-        self.commit(&mut g, new)?;
         let shown = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
+        // Logged before the keyring is written, as an export is: a forget
+        // killed in between leaves a `started` line, never destroyed keys
+        // without one.
+        self.audit.append("forget", tenant, &shown, &format!("started: destroying {n} key(s)"))?;
+        self.commit(&mut g, new)?;
         self.audit.append("forget", tenant, &shown, &format!("ok: {n} key(s) destroyed"))?;
         tracing::warn!("destroyed {n} key(s) of tenant {tenant}; its encrypted data can no longer be decrypted");
         Ok(())

@@ -8,6 +8,9 @@
 //!   (see the test `json_shape_is_unchanged`), and fields are only added.
 //! - A stage appears once, in full, where it is first reached; later
 //!   references to its outputs are leaves (`source: false`, no `stage`).
+//! - A `cmd` stage's command is shown with every URL's `user:password@`
+//!   masked (`util::redact::userinfo_in_text`), beside the blake3 of the
+//!   exact command (`cmd_blake3`, what the cache key was made with).
 
 use super::state::{StageState, StateStore};
 use crate::workspace::ContentHash;
@@ -30,7 +33,10 @@ pub enum LineageNode {
 /// alphabetical order: see the module rules).
 #[derive(Debug, Clone, Serialize)]
 pub struct Produced {
+    /// The command (`cmd` stages), with any URL's `user:password@` masked.
     pub cmd: Option<String>,
+    /// blake3 of the command as it ran (the cache key's ingredient).
+    pub cmd_blake3: Option<String>,
     /// blake3 of the file as it is now (None: missing).
     pub current_hash: Option<String>,
     pub extras: BTreeMap<String, String>,
@@ -92,7 +98,8 @@ fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recor
             let out = &st.outputs[path];
             let inputs: Vec<LineageNode> = st.ingredients.inputs.iter().map(|(p, h)| node(workspace, by_out, p, Some(h), seen)).collect();
             LineageNode::Produced(Box::new(Produced {
-                cmd: st.ingredients.cmd.clone(),
+                cmd_blake3: st.ingredients.cmd.as_deref().map(|c| blake3::hash(c.as_bytes()).to_hex().to_string()),
+                cmd: st.ingredients.cmd.as_deref().map(crate::util::redact::userinfo_in_text),
                 modified: cur.as_ref().is_some_and(|c| out.hash != *c),
                 current_hash: cur,
                 extras: st.ingredients.extras.clone(),
@@ -153,6 +160,9 @@ fn render_into(n: &LineageNode, depth: usize, s: &mut String) {
             if let Some(c) = &p.cmd {
                 s.push_str(&format!("{pad}    cmd {c}\n"));
             }
+            if let Some(h) = &p.cmd_blake3 {
+                s.push_str(&format!("{pad}    cmd blake3 {}\n", &h[..h.len().min(12)]));
+            }
             if !p.extras.is_empty() {
                 let ps: Vec<String> = p.extras.iter().map(|(k, x)| format!("{k}={x}")).collect();
                 s.push_str(&format!("{pad}    {}\n", ps.join(", ")));
@@ -191,6 +201,7 @@ mod tests {
         params.insert("alpha".into(), json!(0.5));
         LineageNode::Produced(Box::new(Produced {
             cmd: None,
+            cmd_blake3: None,
             current_hash: None,
             extras: [("model".to_string(), "x".to_string())].into(),
             finished_at: "2026-12-05T00:00:00.000Z".into(),
@@ -218,7 +229,7 @@ mod tests {
             "path": "models/m.json", "hash": "a".repeat(64), "current_hash": null, "modified": false, "sensitive": false,
             "source": false, "stage": "train", "kind": "train", "kind_version": 3, "key": "d".repeat(64),
             "run_id": "20261205-000000-000-abcd", "finished_at": "2026-12-05T00:00:00.000Z",
-            "params": {"rows": 1000, "alpha": 0.5}, "param_refs": {"c": "1.0"}, "cmd": null, "extras": {"model": "x"},
+            "params": {"rows": 1000, "alpha": 0.5}, "param_refs": {"c": "1.0"}, "cmd": null, "cmd_blake3": null, "extras": {"model": "x"},
             "inputs": [json!({"path": "data/raw.csv", "hash": "b".repeat(64), "current_hash": "c".repeat(64), "modified": true, "source": true, "inputs": []})],
         });
         let n = sample();

@@ -56,6 +56,7 @@ impl Engine {
             }
         }
         dirs.insert(self.ws.dagrun_dir()); // the hash memo
+        dirs.insert(self.ws.keys_dir()); // a killed key write's copy of the keyring
         dirs.insert(self.ws.state_dir());
         dirs.insert(self.ws.dagrun_dir().join("openlineage")); // workspace id, spool
         dirs.insert(self.ws.dagrun_dir().join("metrics")); // last successful run

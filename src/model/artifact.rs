@@ -17,6 +17,9 @@ use crate::model::scaler::Scaler;
 
 /// Artifact format identifier.
 pub const FORMAT: &str = "dagrun-model/1";
+/// The most bytes a model artifact may have when read back (a few KiB in
+/// practice; a link to `/dev/zero` or a huge file is refused, not read whole).
+pub const MAX_MODEL_BYTES: u64 = 16 << 20;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct ModelArtifact {

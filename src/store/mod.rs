@@ -234,7 +234,7 @@ fn finish_version(
 /// Read `dir/manifest.json` and verify its MAC under the workspace integrity key.
 pub fn read_manifest(dir: &Path, key: &IntegrityKey) -> Result<Manifest> {
     let p = dir.join(MANIFEST_FILE);
-    let bytes = std::fs::read(&p).with_context(|| {
+    let bytes = crate::util::read_capped(&p, 16 << 20).with_context(|| {
         format!("cannot read feature manifest {}: the feature version is missing or incomplete; rerun `dagrun run --force store`", p.display())
     })?;
     let m: Manifest = record::open(Some(key), record::FEATURE_MANIFEST, &bytes, &p.display().to_string())

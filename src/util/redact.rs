@@ -13,6 +13,8 @@
 //!   A JSON file read back is parsed with [`from_json`], which does both.
 //! - A URL the user configured (an OpenLineage endpoint, a remote cache) is
 //!   shown through [`redact_url`]: no `user:password@`, no query string.
+//! - A command line shown whole (`dagrun lineage`) goes through
+//!   [`userinfo_in_text`]: a URL in it loses its `user:password@`.
 
 /// An error message (serde's, for YAML or JSON) with the values it quotes
 /// left out: serde writes the offending value into its message (``invalid type: string "…"``,
@@ -93,6 +95,34 @@ pub fn redact_url(url: &str) -> String {
     if scheme.is_empty() { format!("{rest}{hidden}") } else { format!("{scheme}://{rest}{hidden}") }
 }
 
+/// `text` (a command line) with the `user:password@` of every URL in it
+/// replaced by `***@` (`curl https://me:pw@host/x` → `curl https://***@host/x`).
+/// Only this form is recognised: a credential given another way (a header,
+/// an option) stays, so commands should take credentials from `secrets:`.
+pub fn userinfo_in_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The URL ends at a space or quote; all up to its last `@` goes (a
+        // password may hold an unencoded `/`; an `@` in a path masks more
+        // than needed, never less).
+        let end = tail.find(|c: char| "\"'` \t\n".contains(c)).unwrap_or(tail.len());
+        let url = &tail[..end];
+        match url.rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&url[at..]);
+            }
+            None => out.push_str(url),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Parse JSON that dagrun reads back from disk; the error is serde's message
 /// through [`without_values`] (the caller names the file and what to do).
 pub fn from_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
@@ -102,6 +132,16 @@ pub fn from_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_in_a_command_lose_their_credentials() {
+        assert_eq!(userinfo_in_text("curl https://me:hunter2@host.example/x?y=1 -o a"), "curl https://***@host.example/x?y=1 -o a");
+        assert_eq!(userinfo_in_text("psql 'postgres://u:p@db:5432/x' && scp s3://a/b ."), "psql 'postgres://***@db:5432/x' && scp s3://a/b .");
+        assert_eq!(userinfo_in_text("echo a@b https://h/p"), "echo a@b https://h/p");
+        assert_eq!(userinfo_in_text("curl https://u:pa/ss@h/x"), "curl https://***@h/x");
+        assert_eq!(userinfo_in_text("x://u:p@"), "x://***@");
+        assert_eq!(userinfo_in_text("no urls"), "no urls");
+    }
 
     #[test]
     fn messages_keep_kinds_and_key_names_but_not_values() {

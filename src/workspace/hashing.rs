@@ -110,6 +110,27 @@ fn is_exec(m: &std::fs::Metadata) -> bool {
     m.permissions().mode() & 0o111 != 0
 }
 
+/// The error for an input or output that is neither a regular file nor a
+/// folder: a FIFO would block the run (and its lock) forever, a device such as
+/// `/dev/zero` would never end.
+fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> anyhow::Error {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let what = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    anyhow::anyhow!(
+        "{} is {what} (or a link to one); dagrun hashes only regular files and folders: replace it with the file (and check who put it there)",
+        path.display()
+    )
+}
+
 /// blake3 of a file's bytes (memory-mapped for large files).
 pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
     let mut h = blake3::Hasher::new();
@@ -117,7 +138,13 @@ pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
     if len >= 1 << 20 {
         h.update_mmap(path).with_context(|| format!("cannot read {}", path.display()))?;
     } else {
-        let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        // O_NONBLOCK: a FIFO swapped in after the caller's type check
+        // reads as empty instead of blocking the run (and its lock) forever.
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
+        }
+        .with_context(|| format!("cannot read {}", path.display()))?;
         // Sized to the file (a zeroed 64 KiB buffer per small input was
         // most of the cost of hashing it); one read more finds its end.
         let mut buf = vec![0u8; (len as usize).saturating_add(1).clamp(512, 64 * 1024)];
@@ -365,6 +392,9 @@ impl HashMemo {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(not_a_file(path, &meta));
+        }
         if meta.is_dir() {
             let entries = self.tree(path)?;
             let size = entries.len() as u64;
@@ -407,6 +437,9 @@ impl HashMemo {
                 self.walk(&p, &rel, out)?;
             } else {
                 let meta = ent.metadata()?;
+                if !meta.is_file() {
+                    return Err(not_a_file(&p, &meta));
+                }
                 out.push(TreeEntry::File { hash: self.hash_file(&p, &meta)?, size: Some(meta.len()), exec: is_exec(&meta), path: rel });
             }
         }

@@ -247,6 +247,21 @@ fn logs_are_never_written_through_a_planted_link() {
 }
 
 #[test]
+fn lineage_masks_the_credentials_of_a_url_in_a_command() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo https://me:hunter2-secret@example.invalid/x > a.txt\n    outs: [a.txt]\n");
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    for args in [&["lineage", "a.txt"][..], &["lineage", "a.txt", "--json"]] {
+        let o = ok(dg(&ws, args));
+        assert!(!o.stdout.contains("hunter2") && !o.stdout.contains("me:"), "{args:?}:\n{}", o.stdout);
+        assert!(o.stdout.contains("https://***@example.invalid/x"), "{args:?}:\n{}", o.stdout);
+    }
+    let j: serde_json::Value = serde_json::from_str(&ok(dg(&ws, &["lineage", "a.txt", "--json"])).stdout).unwrap();
+    let cmd = "echo https://me:hunter2-secret@example.invalid/x > a.txt";
+    assert_eq!(j["cmd_blake3"], blake3::hash(cmd.as_bytes()).to_hex().as_str(), "{j}");
+}
+
+#[test]
 fn own_folders_planted_as_links_are_refused_before_anything_is_written() {
     let ws = Ws::new();
     ws.pipeline("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs: [a.txt]\n");
@@ -470,6 +485,9 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     refused(&["report", "last", "-o", keyring], &format!("-o {keyring}: it is inside .dagrun/"));
     refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", keyring], &format!("--output {keyring}: it is inside .dagrun/"));
     refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "config/tenants.yaml"], "it is inside config/");
+    refused(&["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", ".dagrun/keys/x.csv"], "--out .dagrun/keys/x.csv: it is inside .dagrun/");
+    refused(&["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", ".dagrun/registry/Tenant_A/m.parquet"], "it is inside .dagrun/");
+    refused(&["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", "in.txt"], "use a .csv or .parquet file name");
     for args in [&["keys", "rotate", "tenant_a"][..], &["keys", "forget", "Nope", "--yes"]] {
         refused(args, "config/tenants.yaml lists Tenant_A, Tenant_B");
     }

@@ -76,6 +76,7 @@ fn refused(o: &Out, code: i32, needles: &[&str], what: &str) {
         assert!(o.stderr.contains(n), "{what}: stderr lacks {n:?}:\n{}", o.stderr);
     }
     assert!(!o.stderr.contains(PROBE) && !o.stdout.contains(PROBE), "{what}: a Sensitive_Data value was echoed:\n{}", o.stderr);
+    assert!(!o.stderr.contains("078-05") && !o.stdout.contains("078-05"), "{what}: a tenant-id-shaped SSN was echoed:\n{}", o.stderr);
 }
 
 /// Path → blake3 of every file, without the bookkeeping of a failed attempt.
@@ -146,7 +147,10 @@ fn csv_cases() -> Vec<(&'static str, Edit, Vec<&'static str>)> {
         ("future date", |r| r[2][DATE] = "2026-06-30".into(), vec!["row 2 (line 3), column Last_Visit_Date", "in the future relative to as_of (2026-01-01)"]),
         ("date before 1970", |r| r[2][DATE] = "1969-12-31".into(), vec!["row 2 (line 3), column Last_Visit_Date", "before 1970-01-01"]),
         ("unparseable date", |r| r[2][DATE] = "31/12/2025".into(), vec!["row 2 (line 3), column Last_Visit_Date", "YYYY-MM-DD"]),
-        ("another tenant's row", |r| r[2][TID] = "Tenant_B".into(), vec!["row 2 (line 3), column Tenant_ID", "belongs to tenant \"Tenant_B\""]),
+        // Named when it is a configured tenant (predict's THREE), else described (ingest's ONE).
+        ("another tenant's row", |r| r[2][TID] = "Tenant_B".into(), vec!["row 2 (line 3), column Tenant_ID", "belongs to tenant "]),
+        // A tenant-id-shaped value that is not a configured tenant may be PII: described, never shown.
+        ("an SSN as tenant", |r| r[2][TID] = "078-05-1120".into(), vec!["row 2 (line 3), column Tenant_ID", "belongs to tenant (11 characters, mostly digits"]),
         ("empty file", |r| r.clear(), vec!["is empty"]),
         ("header only", |r| r.truncate(1), vec!["no data rows"]),
     ]
@@ -239,7 +243,11 @@ fn parquet_cases(good: &RecordBatch) -> Vec<(&'static str, RecordBatch, Vec<&'st
         ("parquet absurd count", set_i64("Login_Count", 1_000_000_000_000), vec!["row 2, column Login_Count", "above the bound"]),
         ("parquet date before 1970", dates(-1), vec!["row 2, column Last_Visit_Date", "before 1970-01-01"]),
         ("parquet future date", dates(20454 + 30), vec!["row 2, column Last_Visit_Date", "in the future"]),
-        ("parquet another tenant", with_column(&good, "Tenant_ID", Some(Arc::new(StringArray::from(tenants)))), vec!["row 2, column Tenant_ID", "Tenant_B"]),
+        (
+            "parquet another tenant",
+            with_column(&good, "Tenant_ID", Some(Arc::new(StringArray::from(tenants)))),
+            vec!["row 2, column Tenant_ID", "belongs to tenant "],
+        ),
         ("parquet header only", good.slice(0, 0), vec!["no data rows"]),
     ]
 }
@@ -714,6 +722,97 @@ fn readable_key_files_and_lost_keys_are_refused() {
     std::fs::write(&ring_path, &ring_bytes).unwrap();
     chmod(&ring_path, 0o600);
     ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000"]));
+}
+
+/// `n` copies of `b`'s first row, its string columns dictionary-encoded (one
+/// value each: small in memory and on disk), `Sensitive_Data` set to `pii`.
+fn repeated_first_row(b: &RecordBatch, n: usize, pii: &str) -> RecordBatch {
+    let first = arrow_array::UInt32Array::from(vec![0u32; n]);
+    let (mut fields, mut cols) = (Vec::new(), Vec::new());
+    for f in b.schema().fields() {
+        let col: ArrayRef = match f.name().as_str() {
+            name @ ("Tenant_ID" | "Sensitive_Data") => {
+                let v = if name == "Sensitive_Data" { pii.to_string() } else { str_col(b, name)[0].clone() };
+                Arc::new(arrow_array::DictionaryArray::new(arrow_array::Int32Array::from(vec![0; n]), Arc::new(StringArray::from(vec![v]))))
+            }
+            name => arrow_select::take::take(b.column_by_name(name).unwrap(), &first, None).unwrap(),
+        };
+        fields.push(arrow_schema::Field::new(f.name(), col.data_type().clone(), false));
+        cols.push(col);
+    }
+    RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), cols).unwrap()
+}
+
+/// `b` as Parquet bytes, written as pyarrow and arrow-rs do (dictionary
+/// encoding, run-length encoded indices; format 2.0, whose booleans are
+/// run-length encoded too).
+fn encoded(b: &RecordBatch) -> Vec<u8> {
+    let mut out = Vec::new();
+    let props = parquet::file::properties::WriterProperties::builder().set_writer_version(parquet::file::properties::WriterVersion::PARQUET_2_0).build();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, b.schema(), Some(props)).unwrap();
+    w.write(b).unwrap();
+    w.close().unwrap();
+    out
+}
+
+/// A Parquet file whose footer (Thrift compact, written by hand as an
+/// attacker would) declares a schema `depth` groups deep: the decoder built
+/// the schema tree recursively and overflowed its stack (an abort).
+fn deeply_nested_parquet(depth: usize) -> Vec<u8> {
+    let varint = |mut v: u64, out: &mut Vec<u8>| loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        out.push(if v == 0 { b } else { b | 0x80 });
+        if v == 0 {
+            break;
+        }
+    };
+    let mut m = vec![0x15, 0x02, 0x19, 0xfc]; // version 1; schema: a list of structs, long size
+    varint(depth as u64 + 2, &mut m);
+    m.extend([0x48, 1, b's', 0x15, 2, 0]); // the root: name, 1 child
+    for _ in 0..depth {
+        m.extend([0x35, 2, 0x18, 1, b'g', 0x15, 2, 0]); // a group: repetition, name, 1 child
+    }
+    m.extend([0x15, 4, 0x25, 2, 0x18, 1, b'x', 0, 0x16, 2, 0x19, 0x0c, 0]); // an int64 leaf; num_rows 1; no row groups
+    [&b"PAR1"[..], &m, &(m.len() as u32).to_le_bytes(), b"PAR1"].concat()
+}
+
+#[test]
+fn parquet_bombs_are_refused_before_they_expand() {
+    let ws = workspace(ONE);
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "400", "--out", "incoming/Tenant_A.parquet"]));
+    let pq_pipeline = ws.read("pipelines/propensity-ingest.yaml").replace("incoming/${tenant}.csv", "incoming/${tenant}.parquet");
+    ws.write("pipelines/ingest-pq.yaml", pq_pipeline);
+    ok(dg(&ws, &["run", "pipelines/ingest-pq.yaml"]));
+    let good = read_all(&ws.path("incoming/Tenant_A.parquet"));
+    let pii = format!("{}{PROBE}", "x".repeat(30_000));
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        // One 30 KB value on 200,000 rows: the old reader built 65,536 copies a
+        // batch (9 GB of memory) and wrote 6 GB of plaintext, then exit 0.
+        ("string bomb", encoded(&repeated_first_row(&good, 200_000, &pii)), vec!["row 1, column Sensitive_Data: a value of 30031 bytes; at most 1024 bytes"]),
+        // Two million constant rows in a few KB (dictionary and run-length encoding).
+        ("rows bomb", encoded(&repeated_first_row(&good, 2_000_000, "a@b.example")), vec!["declares 2000000 rows in", "refused as a decompression bomb"]),
+        ("deep schema", deeply_nested_parquet(5_000), vec!["its schema nests more than 8 levels deep"]),
+    ];
+    for (what, bytes, needles) in cases {
+        assert!(bytes.len() < 2 << 20, "{what}: the bomb itself is {} bytes", bytes.len());
+        ws.write("incoming/Tenant_A.parquet", &bytes);
+        let before = snapshot(&ws);
+        let o = dg(&ws, &["run", "pipelines/ingest-pq.yaml"]);
+        let mut n = vec!["ingest[Tenant_A]", "incoming/Tenant_A.parquet"];
+        n.extend(&needles);
+        refused(&o, 1, &n, what);
+        assert_same(&before, &snapshot(&ws), what);
+        assert!(!ws.exists("data/raw/Tenant_A.parquet"), "{what}: plaintext written");
+        // `predict` reads on the main thread (an 8 MB stack): the same refusals, exit 2.
+        ws.write("in/bomb.parquet", &bytes);
+        let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in/bomb.parquet", "--output", "scores.csv"]);
+        refused(&o, 2, &needles, what);
+        assert!(!ws.exists("scores.csv"), "{what}");
+    }
+    ws.write("in/deep.parquet", deeply_nested_parquet(100_000));
+    let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in/deep.parquet", "--output", "scores.csv"]);
+    refused(&o, 2, &["in/deep.parquet", "its schema nests more than 8 levels deep"], "deep schema, 100,000 levels");
 }
 
 #[test]

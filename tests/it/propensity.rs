@@ -195,7 +195,16 @@ fn forgetting_a_tenant_leaves_the_others_working() {
     run_pipeline(ws.root.as_path(), &[]);
     let o = run(ws.root.as_path(), &["keys", "forget", "Tenant_B"], &[]);
     assert_eq!(o.status.code(), Some(2), "needs --yes");
+    // A copy of the keyring that a killed key command left (an unfinished
+    // atomic write) would still hold Tenant_B's keys after the forget.
+    let keys = ws.root.as_path().join(".dagrun/keys");
+    let stale = keys.join(".keyring.json.dagrun-tmp.4242.0");
+    std::fs::copy(keys.join("keyring.json"), &stale).unwrap();
+    let v = run(ws.root.as_path(), &["verify"], &[]);
+    assert_eq!(v.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&v.stdout).contains(".keyring.json.dagrun-tmp.4242.0: a temporary copy left by a killed key operation"), "{v:?}");
     ok(&run(ws.root.as_path(), &["keys", "forget", "Tenant_B", "--yes"], &[]));
+    assert!(!stale.exists(), "a copy of the keyring with Tenant_B's keys outlived the forget");
     let list = ok(&run(ws.root.as_path(), &["keys", "list", "--json"], &[]));
     assert!(list.contains("destroyed"), "{list}");
     // The next run says clearly that Tenant_B's data cannot be decrypted; A and C are fine.

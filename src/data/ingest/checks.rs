@@ -46,6 +46,13 @@ impl Checker {
         }
     }
 
+    /// A tenant id from a row, for a message: quoted when it is a configured
+    /// (or the expected) tenant, else only described.
+    fn show(&self, t: &str) -> String {
+        let configured = self.known.as_ref().is_some_and(|k| k.contains(t)) || self.opts.expected_tenant.as_deref() == Some(t);
+        if configured { show_tenant(t) } else { format!("({})", describe_value(t)) }
+    }
+
     pub(super) fn tenant(&mut self, row: u64, line: Option<u64>, t: &str) -> Result<u32> {
         if let Some(i) = self.last_tenant
             && self.tenant_rows[i as usize].0 == t
@@ -66,20 +73,18 @@ impl Checker {
                 describe_value(t)
             );
         }
-        // From here on `t` has the shape of a tenant id (no '@', '.', space…).
+        // From here on `t` has the shape of a tenant id (no '@', '.', space…),
+        // but may still be PII of that shape (an SSN, a user name): it is
+        // shown only if it is a configured tenant, else described.
         if let Some(exp) = &self.opts.expected_tenant
             && t != exp
         {
-            bail!(
-                "{at}: row belongs to tenant {}, but only tenant {} rows are accepted here; remove the other tenants' rows",
-                show_tenant(t),
-                show_tenant(exp)
-            );
+            bail!("{at}: row belongs to tenant {}, but only tenant {} rows are accepted here; remove the other tenants' rows", self.show(t), show_tenant(exp));
         }
         if let Some(k) = &self.known
             && !k.contains(t)
         {
-            bail!("{at}: unknown tenant {}; add the tenant to config/tenants.yaml or remove its rows", show_tenant(t));
+            bail!("{at}: unknown tenant ({}); add the tenant to config/tenants.yaml or remove its rows", describe_value(t));
         }
         let i = self.tenant_rows.len() as u32;
         self.tenant_rows.push((t.to_string(), 0));
@@ -106,11 +111,20 @@ impl Checker {
             bail!(
                 "{}: duplicate Customer_ID: an earlier row of tenant {} has the same one; each customer may appear once per tenant: remove or merge the duplicate rows",
                 self.at(row, line, CUSTOMER_ID),
-                show_tenant(&self.tenant_rows[t as usize].0)
+                self.show(&self.tenant_rows[t as usize].0)
             );
         }
         if sensitive.is_some_and(str::is_empty) {
             bail!("{}: empty value; every row needs Sensitive_Data", self.at(row, line, SENSITIVE_DATA));
+        }
+        if let Some(s) = sensitive
+            && s.len() > MAX_SENSITIVE_BYTES
+        {
+            bail!(
+                "{}: a value of {} bytes; Sensitive_Data is an e-mail-like value of at most {MAX_SENSITIVE_BYTES} bytes",
+                self.at(row, line, SENSITIVE_DATA),
+                s.len()
+            );
         }
         if login < 0 {
             bail!("{}: negative value; Login_Count must be >= 0", self.at(row, line, LOGIN_COUNT));

@@ -7,20 +7,22 @@
 //! (`column 3, 31 characters, looks like an e-mail address`, see
 //! [`crate::data::describe_value`]), because a headerless file's first row, or
 //! swapped columns, put a `Sensitive_Data` value where a name or tenant id
-//! was expected. The only values shown are tenant ids that pass the tenant-id
-//! rule (`[A-Za-z0-9_-]{1,64}`: no e-mail address, phone number with spaces
-//! or name with a space fits), escaped.
+//! was expected. The only values shown are tenant ids that are configured
+//! (`config/tenants.yaml`, or the tenant the stage expects), escaped: a value
+//! of tenant-id shape may still be PII (an SSN, a user name).
 //!
 //! Memory: constant per batch, except the duplicate check, which keeps one
 //! (tenant index, Customer_ID) pair per row seen (~16-32 bytes/row in a
 //! HashSet), and the per-tenant row counts.
 //!
 //! Files: `checks.rs` (the row rules), `csv_source.rs` and `parquet_source.rs`
-//! (the two readers); this file opens a file as a [`RawReader`] and writes
-//! the validated Parquet.
+//! (the two readers), `footer.rs` (a Parquet footer's schema depth, checked
+//! before the decoder reads it); this file opens a file as a [`RawReader`]
+//! and writes the validated Parquet.
 
 mod checks;
 mod csv_source;
+mod footer;
 mod parquet_source;
 
 use checks::*;
@@ -46,6 +48,10 @@ use std::sync::Arc;
 
 /// Largest accepted `Login_Count`.
 pub const MAX_LOGIN_COUNT: i64 = 1_000_000;
+/// Longest `Sensitive_Data` value accepted, in bytes: an e-mail-like value
+/// (an e-mail address is at most 254 characters), with room to spare; it
+/// bounds what a compressed Parquet file can expand to (see `parquet_source`).
+pub const MAX_SENSITIVE_BYTES: usize = 1024;
 /// Largest accepted `Purchase_Amount`.
 pub const MAX_PURCHASE_AMOUNT: f64 = 1e9;
 

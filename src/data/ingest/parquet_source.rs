@@ -4,8 +4,33 @@
 //!
 //! Rules: an error names the file, the row group's data row and the column;
 //! a wrong type names the type wanted.
+//!
+//! A Parquet file is compressed, so its size says little about what it
+//! expands to; a small file must not become gigabytes of memory or of
+//! plaintext on disk. So:
+//! - its schema may nest at most [`MAX_SCHEMA_DEPTH`] levels, checked on the
+//!   footer's bytes before the decoder builds the schema tree (which recurses
+//!   once per level: a 24 KB footer nested 3,000 deep overflowed the stack);
+//! - it may declare at most [`MAX_ROWS_PER_BYTE`] rows per byte of file
+//!   (above a floor of [`ROWS_FLOOR`]): dictionary and run-length encoding let
+//!   a few bytes stand for millions of rows;
+//! - string columns are read as views (`Utf8View`): a dictionary-encoded
+//!   value is not copied once per row, and every value's length is checked
+//!   ([`MAX_SENSITIVE_BYTES`], the tenant id's 64, a date's 64) before any
+//!   is expanded, so one 30 KB dictionary value repeated 200,000 times is an
+//!   error at its first row, not 6 GB.
 
 use super::*;
+
+/// Deepest schema a file may have (the spec's is flat: the root and its columns).
+pub const MAX_SCHEMA_DEPTH: usize = 8;
+/// Most rows a file may declare per byte of its size (above [`ROWS_FLOOR`]).
+pub const MAX_ROWS_PER_BYTE: u64 = 16;
+/// Rows any file may declare whatever its size.
+pub const ROWS_FLOOR: u64 = 1_000_000;
+/// Longest value of a string column other than `Sensitive_Data` (a tenant id
+/// is at most 64 characters, a date 10).
+const MAX_OTHER_STRING_BYTES: usize = 64;
 
 pub(super) struct ParquetSource {
     pub(super) reader: ParquetRecordBatchReader,
@@ -47,6 +72,8 @@ impl ParquetSource {
         // Types are taken from the Parquet schema itself (not the embedded
         // Arrow schema), which normalises large/view/dictionary string variants.
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        super::footer::check_schema_depth(&file, file_len, MAX_SCHEMA_DEPTH).map_err(|why| anyhow!("{fname}: {why}"))?;
+        let again = file.try_clone().with_context(|| format!("cannot open {fname}"))?;
         let opened =
             catch_decoder_panic(|| ParquetRecordBatchReaderBuilder::try_new_with_options(file, ArrowReaderOptions::new().with_skip_arrow_metadata(true)))
                 .map_err(|_| anyhow!("{fname} is not a readable Parquet file (corrupt footer); write it with a Parquet writer such as pyarrow"))?;
@@ -79,10 +106,32 @@ impl ParquetSource {
                 }
             }
         }
-        if b.metadata().file_metadata().num_rows() <= 0 {
+        let declared = b.metadata().file_metadata().num_rows();
+        if declared <= 0 {
             bail!("{fname} has no data rows; provide a file with at least one data row");
         }
-        let reader = b.with_batch_size(batch_size).build().map_err(|e| anyhow!("{fname} is not a readable Parquet file ({e})"))?;
+        let allowed = file_len.saturating_mul(MAX_ROWS_PER_BYTE).max(ROWS_FLOOR);
+        if declared as u64 > allowed {
+            bail!(
+                "{fname} declares {declared} rows in {file_len} bytes, more than {MAX_ROWS_PER_BYTE} rows per byte (at most {allowed} here): real customer data does not compress that far; refused as a decompression bomb. Split the file, or write it without run-length tricks"
+            );
+        }
+        // The same reader, with the string columns read as views (see the module's rules).
+        let hinted: Vec<arrow_schema::Field> = schema
+            .fields()
+            .iter()
+            .map(|f| match (f.name().as_str(), f.data_type()) {
+                (TENANT_ID | SENSITIVE_DATA | LAST_VISIT_DATE, DataType::Utf8 | DataType::LargeUtf8) => f.as_ref().clone().with_data_type(DataType::Utf8View),
+                _ => f.as_ref().clone(),
+            })
+            .collect();
+        let options = ArrowReaderOptions::new().with_skip_arrow_metadata(true).with_schema(Arc::new(arrow_schema::Schema::new(hinted)));
+        let meta = parquet::arrow::arrow_reader::ArrowReaderMetadata::try_new(b.metadata().clone(), options)
+            .map_err(|e| anyhow!("{fname} is not a readable Parquet file ({e})"))?;
+        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(again, meta)
+            .with_batch_size(batch_size)
+            .build()
+            .map_err(|e| anyhow!("{fname} is not a readable Parquet file ({e})"))?;
         Ok((ParquetSource { reader, idx, row: 0 }, has_label))
     }
 
@@ -106,6 +155,16 @@ impl ParquetSource {
             Ok(a)
         };
         let at = |i: usize, k: usize| ck.at(base + i as u64 + 1, None, names.field(k).name());
+        // Lengths first: nothing is expanded before every value is known to be short.
+        for (k, max, what) in [
+            (0, MAX_OTHER_STRING_BYTES, "a tenant id is at most 64 characters"),
+            (2, MAX_SENSITIVE_BYTES, "Sensitive_Data is an e-mail-like value"),
+            (5, MAX_OTHER_STRING_BYTES, "a date is YYYY-MM-DD"),
+        ] {
+            if let Some((i, len)) = too_long(col(k)?, max) {
+                bail!("{}: a value of {len} bytes; at most {max} bytes are allowed here ({what})", at(i, k));
+            }
+        }
         let tenant = to_utf8(col(0)?);
         let cid = to_i64(col(1)?, |i| at(i, 1))?;
         let sens = to_utf8(col(2)?);
@@ -158,6 +217,18 @@ pub(super) fn catch_decoder_panic<R>(f: impl FnOnce() -> R) -> std::thread::Resu
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     IN_DECODER.with(|q| q.set(was));
     r
+}
+
+/// The first value of a string column longer than `max` bytes, and its
+/// length (None for other types; a view's length is read without its bytes).
+fn too_long(a: &ArrayRef, max: usize) -> Option<(usize, usize)> {
+    let first = |lens: &mut dyn Iterator<Item = usize>| lens.enumerate().find(|&(_, n)| n > max);
+    match a.data_type() {
+        DataType::Utf8View => first(&mut a.as_string_view().views().iter().map(|v| *v as u32 as usize)),
+        DataType::Utf8 => first(&mut a.as_string::<i32>().offsets().windows(2).map(|w| (w[1] - w[0]) as usize)),
+        DataType::LargeUtf8 => first(&mut a.as_string::<i64>().offsets().windows(2).map(|w| (w[1] - w[0]) as usize)),
+        _ => None,
+    }
 }
 
 pub(super) fn to_utf8(a: &ArrayRef) -> StringArray {
