@@ -628,4 +628,23 @@ fn a_fifo_in_place_of_a_file_read_back_never_hangs() {
         assert!(!o.stderr.contains("panicked"), "{file}: {}", o.stderr);
         std::fs::remove_file(&p).unwrap();
     }
+    // A stage's input or output: refused, naming it, never waited on (the
+    // run holds the lock); a link to a device is refused the same way.
+    ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n  b: {cmd: cat in.txt > b.txt, deps: [in.txt], outs: [b.txt]}\n");
+    for (file, make_fifo) in [("in.txt", true), ("a.txt", true), ("in.txt", false)] {
+        let p = ws.path(file);
+        let _ = std::fs::remove_file(&p);
+        if make_fifo {
+            let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        } else {
+            std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
+        }
+        let o = spawn(cmd(&ws, &["run", "pipeline.yaml"])).wait(Duration::from_secs(30));
+        assert_eq!(o.code, 1, "{file}: {}", o.stderr);
+        let what = if make_fifo { "is a FIFO" } else { "is a device" };
+        assert!(o.stderr.contains(&format!("{file} {what} (or a link to one)")), "{file}: {}", o.stderr);
+        std::fs::remove_file(&p).unwrap();
+    }
 }
