@@ -255,6 +255,10 @@ impl Engine {
     pub(super) fn record_run(&self, p: &mut Pending, done: Done) -> Result<StageRecord> {
         let i = p.i;
         let s = self.stage(i);
+        // A command may have swapped one of dagrun's own folders for a link
+        // while it ran (the lock-time check is over by then): nothing of
+        // this stage is stored or recorded through it.
+        crate::workspace::own_dirs::check_fixed(&self.pipeline.workspace).with_context(|| format!("after {} ran", s.name))?;
         let ev = match p.ev.take() {
             Some(ev) => ev,
             None => {

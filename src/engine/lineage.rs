@@ -8,8 +8,8 @@
 //!   (see the test `json_shape_is_unchanged`), and fields are only added.
 //! - A stage appears once, in full, where it is first reached; later
 //!   references to its outputs are leaves (`source: false`, no `stage`).
-//! - A `cmd` stage's command is shown with every URL's `user:password@`
-//!   masked (`util::redact::userinfo_in_text`), beside the blake3 of the
+//! - A `cmd` stage's command is shown with its credential-shaped parts
+//!   masked (`util::redact::credentials_in_command`), beside the blake3 of the
 //!   exact command (`cmd_blake3`, what the cache key was made with).
 
 use super::state::{StageState, StateStore};
@@ -33,7 +33,7 @@ pub enum LineageNode {
 /// alphabetical order: see the module rules).
 #[derive(Debug, Clone, Serialize)]
 pub struct Produced {
-    /// The command (`cmd` stages), with any URL's `user:password@` masked.
+    /// The command (`cmd` stages), credential-shaped parts masked.
     pub cmd: Option<String>,
     /// blake3 of the command as it ran (the cache key's ingredient).
     pub cmd_blake3: Option<String>,
@@ -99,7 +99,7 @@ fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recor
             let inputs: Vec<LineageNode> = st.ingredients.inputs.iter().map(|(p, h)| node(workspace, by_out, p, Some(h), seen)).collect();
             LineageNode::Produced(Box::new(Produced {
                 cmd_blake3: st.ingredients.cmd.as_deref().map(|c| blake3::hash(c.as_bytes()).to_hex().to_string()),
-                cmd: st.ingredients.cmd.as_deref().map(crate::util::redact::userinfo_in_text),
+                cmd: st.ingredients.cmd.as_deref().map(crate::util::redact::credentials_in_command),
                 modified: cur.as_ref().is_some_and(|c| out.hash != *c),
                 current_hash: cur,
                 extras: st.ingredients.extras.clone(),

@@ -198,6 +198,8 @@ pub fn runs_dir(workspace: &Path) -> PathBuf {
 }
 
 pub fn write(workspace: &Path, rec: &RunRecord) -> Result<PathBuf> {
+    // `runs/` may have become a link while the run went on (a stage's command).
+    crate::workspace::own_dirs::check_fixed(workspace)?;
     let p = runs_dir(workspace).join(format!("{}.json", rec.run_id));
     write_json_with(&p, rec, Durability::Full)?;
     Ok(p)

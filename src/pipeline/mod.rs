@@ -87,8 +87,9 @@ pub struct Stage {
     pub outs: Vec<Out>,
     pub env: BTreeMap<String, String>,
     /// Variables withheld from the stage's command besides the master-key
-    /// ones: the pipeline's `secrets:` (see `util::child_env`).
-    pub secrets: Arc<Vec<String>>,
+    /// ones: the pipeline's `secrets:` and the cloud variables it does not
+    /// pass (see `util::child_env`).
+    pub secrets: Arc<crate::util::child_env::Withheld>,
     pub timeout: Option<f64>,
     pub retries: u32,
     pub desc: Option<String>,
@@ -117,8 +118,8 @@ pub struct Pipeline {
     pub shown: String,
     pub workspace: PathBuf,
     pub params: IndexMap<String, Value>,
-    /// `secrets:`: environment variables no command may see.
-    pub secrets: Arc<Vec<String>>,
+    /// `secrets:` and `pass_env:`: environment variables no command may see.
+    pub secrets: Arc<crate::util::child_env::Withheld>,
     pub stages: Vec<Stage>,
     pub tenants: Option<Tenants>,
     /// Edges upstream → downstream, over indexes into `stages`.

@@ -126,7 +126,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
     for p in &pf.secrets {
         crate::util::child_env::check_secret_pattern(p).map_err(|m| config(format!("{shown}: {m}")))?;
     }
-    let secrets = Arc::new(crate::util::child_env::effective_secrets(&pf.secrets, &pf.pass_env).map_err(|m| config(format!("{shown}: {m}")))?);
+    let secrets = Arc::new(crate::util::child_env::Withheld::new(&pf.secrets, &pf.pass_env).map_err(|m| config(format!("{shown}: {m}")))?);
 
     // The workspace settings are checked before anything runs (exit 2 on a bad key).
     crate::config::DagrunConfig::load(&workspace)?;
@@ -325,7 +325,7 @@ pub(super) fn expand(
     params: &IndexMap<String, Value>,
     kind: Arc<dyn KindDecl>,
     workspace: &Path,
-    secrets: &Arc<Vec<String>>,
+    secrets: &Arc<crate::util::child_env::Withheld>,
 ) -> std::result::Result<Stage, String> {
     let name = match tenant {
         Some(t) => format!("{base}[{t}]"),

@@ -19,8 +19,8 @@ pub struct PipelineFile {
     /// besides the master-key variables, which are always withheld.
     #[serde(default)]
     pub secrets: Vec<String>,
-    /// Cloud credentials (withheld by default) this pipeline's commands may
-    /// see, by exact name (`util::child_env::CLOUD_CREDENTIALS`).
+    /// Cloud variables (withheld by default) this pipeline's commands may
+    /// see, by exact name (`util::child_env::CLOUD_PREFIXES`).
     #[serde(default)]
     pub pass_env: Vec<String>,
     /// The stages, by name, in file order.

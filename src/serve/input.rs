@@ -298,6 +298,10 @@ pub struct Expect<'a> {
     /// The model's `as_of` (days): later visit dates are refused.
     pub as_of: i32,
     pub max_rows: usize,
+    /// The tenants the server knows (those with models): a row of one of
+    /// them is named in a refusal, any other tenant-id-shaped value only
+    /// described (it may be PII), as `predict` does with the configured ones.
+    pub known: Option<Vec<String>>,
 }
 
 fn too_many(n: usize, max: usize) -> Refused {
@@ -349,8 +353,13 @@ fn validate<'c, 'd: 'c>(
     if n > ex.max_rows {
         return Err(too_many(n, ex.max_rows));
     }
-    let opts =
-        IngestOptions { expected_tenant: Some(ex.tenant.to_string()), known_tenants: None, require_label: false, allow_label: true, as_of: Some(ex.as_of) };
+    let opts = IngestOptions {
+        expected_tenant: Some(ex.tenant.to_string()),
+        known_tenants: ex.known.clone(),
+        require_label: false,
+        allow_label: true,
+        as_of: Some(ex.as_of),
+    };
     let mut ck = RowChecker::new(ORIGIN, &opts);
     ck.reserve(n);
     let mut rows = Rows { ids: Vec::with_capacity(n), logins: Vec::with_capacity(n), amounts: Vec::with_capacity(n), dates: Vec::with_capacity(n) };
@@ -772,7 +781,7 @@ mod tests {
     use super::*;
 
     fn ex() -> Expect<'static> {
-        Expect { tenant: "Tenant_A", as_of: schema::parse_date("2026-01-01").unwrap(), max_rows: 10 }
+        Expect { tenant: "Tenant_A", as_of: schema::parse_date("2026-01-01").unwrap(), max_rows: 10, known: None }
     }
 
     fn bad(r: Result<Rows, Refused>) -> String {

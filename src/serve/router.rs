@@ -495,7 +495,7 @@ fn oip_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], mut info: In
         Ok(r) => r,
         Err(e) => return refused(p, e, info),
     };
-    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows };
+    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows, known: Some(s.models.load().keys().cloned().collect()) };
     let rows = match input::oip_rows(&req, &ex) {
         Ok(r) => r,
         Err(e) => return refused(p, e, info),
@@ -572,7 +572,7 @@ async fn invocations(State(s): S, req: Request) -> Response {
 /// Parse, check and score an MLflow request body (CSV or JSON).
 fn mlflow_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], csv: bool, mut info: Info) -> Response {
     let p = Proto::Mlflow;
-    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows };
+    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows, known: Some(s.models.load().keys().cloned().collect()) };
     let rows = match if csv { input::csv_rows(bytes, &ex) } else { input::mlflow_json_rows(bytes, &ex) } {
         Ok(r) => r,
         Err(e) => return refused(p, e, info),

@@ -9,11 +9,15 @@
 //!     with that prefix and it is withheld automatically);
 //!   - dagrun's own credentials in [`ALWAYS_DENIED`] (the OpenLineage token,
 //!     and its endpoint URL, which may carry a password or a query key);
-//!   - the cloud credentials in [`CLOUD_CREDENTIALS`] (those the remote
-//!     cache's `object_store` reads: `AWS_SECRET_ACCESS_KEY`, Azure account
-//!     keys and SAS tokens, a Google service account key), unless the pipeline
-//!     lets one through by name under `pass_env:` (a stage that runs `aws s3
-//!     cp` itself); [`effective_secrets`] folds them into the `secrets:` list;
+//!   - the cloud providers' variables (every `AWS_*`, `AZURE_*` and
+//!     `GOOGLE_*`, which is where the remote cache's `object_store` and the
+//!     providers' SDKs read secret keys, session and bearer tokens, SAS
+//!     tokens, encryption keys, proxy URLs with passwords), except the few in
+//!     [`CLOUD_PASSING`] that grant nothing alone (ids, regions, endpoints,
+//!     profiles, paths of credential files), unless the pipeline lets one
+//!     through by name under `pass_env:` (a stage that runs `aws s3 cp`
+//!     itself). A list of known secret names would miss the next one: the
+//!     rule withholds by prefix and passes by name;
 //!   - every variable the pipeline lists under `secrets:` (exact names, or a
 //!     prefix ending in `*`, e.g. `AWS_SECRET_*`).
 //! - The caller then adds what it declares (e.g. `DAGRUN_STAGE`, a stage's
@@ -30,73 +34,100 @@ pub const ALWAYS_DENIED_PREFIX: &str = "DAGRUN_MASTER_KEY";
 /// dagrun's own credentials that never reach a child (`lineage::TOKEN_ENV`).
 pub const ALWAYS_DENIED: &[&str] = &["DAGRUN_OPENLINEAGE_TOKEN", "DAGRUN_OPENLINEAGE_URL"];
 
-/// Cloud credentials withheld from children unless the pipeline names them
-/// under `pass_env:` (their values, not the paths of credential files; ids
-/// and regions, which grant nothing alone, pass).
-pub const CLOUD_CREDENTIALS: &[&str] = &[
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_TOKEN",
-    "AZURE_STORAGE_ACCOUNT_KEY",
-    "AZURE_STORAGE_ACCESS_KEY",
-    "AZURE_STORAGE_MASTER_KEY",
-    "AZURE_STORAGE_CLIENT_SECRET",
-    "AZURE_CLIENT_SECRET",
-    "AZURE_STORAGE_SAS_KEY",
-    "AZURE_STORAGE_SAS_TOKEN",
-    "AZURE_STORAGE_TOKEN",
-    "GOOGLE_SERVICE_ACCOUNT_KEY",
+/// Prefixes of the cloud providers' variables: withheld from children
+/// (see the module's rules).
+pub const CLOUD_PREFIXES: &[&str] = &["AWS_", "AZURE_", "GOOGLE_"];
+/// Cloud variables that pass: they name an account, a region, an endpoint or
+/// a file, and grant nothing alone.
+pub const CLOUD_PASSING: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ENDPOINT",
+    "AWS_ENDPOINT_URL",
+    "AWS_CA_BUNDLE",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_CLOUD_PROJECT",
 ];
 
-/// The withheld list of a pipeline: its `secrets:` plus every cloud
-/// credential it does not pass (`pass_env:`). A `pass_env:` entry must be one
-/// of [`CLOUD_CREDENTIALS`] and not also a secret: anything else is a mistake
-/// (a variable that is not withheld needs no pass).
-pub fn effective_secrets(secrets: &[String], pass: &[String]) -> Result<Vec<String>, String> {
-    for p in pass {
-        if !CLOUD_CREDENTIALS.contains(&p.as_str()) {
-            return Err(format!(
-                "`pass_env:` entry {p:?} is not a withheld cloud credential, so it needs no pass (the master key and OpenLineage variables can never be passed); the ones it may name: {}",
-                CLOUD_CREDENTIALS.join(", ")
-            ));
-        }
-        if is_denied(OsStr::new(p), secrets) {
-            return Err(format!("`pass_env:` entry {p} is also withheld by `secrets:`; keep it in one of the two"));
-        }
-    }
-    let mut out = secrets.to_vec();
-    out.extend(CLOUD_CREDENTIALS.iter().filter(|c| !pass.iter().any(|p| p == *c)).map(|c| c.to_string()));
-    Ok(out)
+/// What a pipeline withholds from its commands besides what is always
+/// withheld: its `secrets:` patterns, and the cloud variables it lets through
+/// (`pass_env:`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Withheld {
+    secrets: Vec<String>,
+    pass: Vec<String>,
 }
 
-/// True when `name` must not reach a child: the master-key prefix, or a
-/// `secrets:` entry (exact name, or `PREFIX*`).
-pub fn is_denied(name: &OsStr, secrets: &[String]) -> bool {
+impl Withheld {
+    /// A pipeline's `secrets:` (checked patterns) and `pass_env:`. A
+    /// `pass_env:` entry must be a withheld cloud variable, and not also a
+    /// secret: anything else is a mistake (a variable that is not withheld
+    /// needs no pass; the master key and OpenLineage ones can never pass).
+    pub fn new(secrets: &[String], pass: &[String]) -> Result<Withheld, String> {
+        let w = Withheld { secrets: secrets.to_vec(), pass: Vec::new() };
+        for p in pass {
+            if p.contains('*') || check_secret_pattern(p).is_err() {
+                return Err(format!("`pass_env:` entry {p:?} is not a variable name: name each variable to pass (no patterns)"));
+            }
+            if !is_cloud_withheld(p) {
+                return Err(format!(
+                    "`pass_env:` entry {p:?} is not a withheld cloud variable, so it needs no pass (the master key and OpenLineage variables can never be passed); it may name variables starting with {} other than {}",
+                    CLOUD_PREFIXES.join(", "),
+                    CLOUD_PASSING.join(", ")
+                ));
+            }
+            if w.is_secret(p) {
+                return Err(format!("`pass_env:` entry {p} is also withheld by `secrets:`; keep it in one of the two"));
+            }
+        }
+        Ok(Withheld { pass: pass.to_vec(), ..w })
+    }
+
+    fn is_secret(&self, name: &str) -> bool {
+        self.secrets.iter().any(|s| match s.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == s,
+        })
+    }
+}
+
+/// A cloud variable withheld unless passed by name.
+fn is_cloud_withheld(name: &str) -> bool {
+    CLOUD_PREFIXES.iter().any(|p| name.starts_with(p)) && !CLOUD_PASSING.contains(&name)
+}
+
+/// True when `name` must not reach a child: the master-key prefix, dagrun's
+/// own credentials, a cloud variable not passed, or a `secrets:` entry.
+pub fn is_denied(name: &OsStr, w: &Withheld) -> bool {
     let Some(name) = name.to_str() else {
         // Not UTF-8: cannot be a secret's declared name, but it cannot be the
         // master key prefix either unless its start matches byte for byte.
         return name.as_encoded_bytes().starts_with(ALWAYS_DENIED_PREFIX.as_bytes());
     };
-    if name.starts_with(ALWAYS_DENIED_PREFIX) || ALWAYS_DENIED.contains(&name) {
+    if name.starts_with(ALWAYS_DENIED_PREFIX) || ALWAYS_DENIED.contains(&name) || w.is_secret(name) {
         return true;
     }
-    secrets.iter().any(|s| match s.strip_suffix('*') {
-        Some(prefix) => name.starts_with(prefix),
-        None => name == s,
-    })
+    is_cloud_withheld(name) && !w.pass.iter().any(|p| p == name)
 }
 
 /// dagrun's environment with every denied variable removed.
-pub fn inherited(secrets: &[String]) -> Vec<(OsString, OsString)> {
-    std::env::vars_os().filter(|(k, _)| !is_denied(k, secrets)).collect()
+pub fn inherited(w: &Withheld) -> Vec<(OsString, OsString)> {
+    std::env::vars_os().filter(|(k, _)| !is_denied(k, w)).collect()
 }
 
 /// Give `cmd` exactly the inherited, filtered environment (declared
 /// variables are added by the caller afterwards).
-pub fn apply(cmd: &mut Command, secrets: &[String]) {
+pub fn apply(cmd: &mut Command, w: &Withheld) {
     cmd.env_clear();
-    cmd.envs(inherited(secrets));
+    cmd.envs(inherited(w));
 }
 
 /// Check a `secrets:` entry: a variable name (`[A-Za-z_][A-Za-z0-9_]*`),
@@ -113,8 +144,8 @@ pub fn check_secret_pattern(p: &str) -> Result<(), String> {
 }
 
 /// Refuse a declared variable (a stage's `env:`) whose name is denied.
-pub fn check_declared(name: &str, secrets: &[String]) -> Result<(), String> {
-    if is_denied(OsStr::new(name), secrets) {
+pub fn check_declared(name: &str, w: &Withheld) -> Result<(), String> {
+    if is_denied(OsStr::new(name), w) {
         return Err(format!(
             "`env:` sets {name}, which is withheld from commands (the master key variables, cloud credentials not under `pass_env:`, and the pipeline's `secrets:`); remove it from `env:`"
         ));
@@ -126,9 +157,13 @@ pub fn check_declared(name: &str, secrets: &[String]) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
     #[test]
     fn master_key_variables_and_secrets_are_denied() {
-        let s = vec!["API_TOKEN".to_string(), "AWS_SECRET_*".to_string()];
+        let s = Withheld::new(&names(&["API_TOKEN", "AWS_SECRET_*"]), &[]).unwrap();
         assert!(ALWAYS_DENIED.contains(&crate::lineage::TOKEN_ENV));
         assert!(ALWAYS_DENIED.contains(&crate::lineage::URL_ENV));
         for n in [
@@ -151,24 +186,42 @@ mod tests {
     }
 
     #[test]
-    fn cloud_credentials_are_withheld_unless_passed_by_name() {
-        let s = effective_secrets(&["API_TOKEN".to_string()], &[]).unwrap();
-        for n in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY", "GOOGLE_SERVICE_ACCOUNT_KEY", "API_TOKEN"] {
+    fn cloud_variables_are_withheld_unless_they_grant_nothing_or_are_passed_by_name() {
+        let s = Withheld::new(&names(&["API_TOKEN"]), &[]).unwrap();
+        // Secret keys and tokens, the ones a list of names missed (review 7), and any future one.
+        for n in [
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_SSE_CUSTOMER_KEY_BASE64",
+            "AWS_PROXY_URL",
+            "AZURE_STORAGE_ACCOUNT_KEY",
+            "AZURE_STORAGE_CONNECTION_STRING",
+            "AZURE_STORAGE_ENCRYPTION_KEY",
+            "AZURE_FABRIC_SESSION_TOKEN",
+            "GOOGLE_SERVICE_ACCOUNT_KEY",
+            "GOOGLE_BEARER_TOKEN",
+            "AWS_SOMETHING_NEW",
+            "API_TOKEN",
+        ] {
             assert!(is_denied(OsStr::new(n), &s), "{n}");
         }
-        for n in ["AWS_ACCESS_KEY_ID", "AWS_REGION", "AWS_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS", "HOME"] {
+        for n in ["AWS_ACCESS_KEY_ID", "AWS_REGION", "AWS_ENDPOINT", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "HOME"] {
             assert!(!is_denied(OsStr::new(n), &s), "{n}");
         }
-        let s = effective_secrets(&[], &["AWS_SECRET_ACCESS_KEY".to_string(), "AWS_SESSION_TOKEN".to_string()]).unwrap();
+        let s = Withheld::new(&[], &names(&["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"])).unwrap();
         assert!(!is_denied(OsStr::new("AWS_SECRET_ACCESS_KEY"), &s));
         assert!(!is_denied(OsStr::new("AWS_SESSION_TOKEN"), &s));
         assert!(is_denied(OsStr::new("AZURE_CLIENT_SECRET"), &s));
-        for bad in ["DAGRUN_MASTER_KEY", "DAGRUN_OPENLINEAGE_TOKEN", "HOME", "AWS_*"] {
-            let e = effective_secrets(&[], &[bad.to_string()]).unwrap_err();
-            assert!(e.contains("needs no pass") && e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+        for bad in ["DAGRUN_MASTER_KEY", "DAGRUN_OPENLINEAGE_TOKEN", "HOME", "AWS_REGION"] {
+            let e = Withheld::new(&[], &names(&[bad])).unwrap_err();
+            assert!(e.contains("needs no pass") && e.contains("AWS_"), "{e}");
         }
-        let e = effective_secrets(&["AWS_SECRET_*".to_string()], &["AWS_SECRET_ACCESS_KEY".to_string()]).unwrap_err();
+        assert!(Withheld::new(&[], &names(&["AWS_*"])).unwrap_err().contains("no patterns"));
+        let e = Withheld::new(&names(&["AWS_SECRET_*"]), &names(&["AWS_SECRET_ACCESS_KEY"])).unwrap_err();
         assert!(e.contains("also withheld by `secrets:`"), "{e}");
+        // A user's `secrets:` wins over what passes by default.
+        let s = Withheld::new(&names(&["AWS_*"]), &[]).unwrap();
+        assert!(is_denied(OsStr::new("AWS_REGION"), &s));
     }
 
     #[test]
@@ -185,7 +238,7 @@ mod tests {
     fn apply_rebuilds_the_environment() {
         let mut c = Command::new("/bin/true");
         c.env("DAGRUN_MASTER_KEY", "x");
-        apply(&mut c, &[]);
+        apply(&mut c, &Withheld::default());
         assert!(c.get_envs().all(|(k, _)| !k.to_string_lossy().starts_with("DAGRUN_MASTER_KEY")));
     }
 }

@@ -14,7 +14,8 @@
 //! - A URL the user configured (an OpenLineage endpoint, a remote cache) is
 //!   shown through [`redact_url`]: no `user:password@`, no query string.
 //! - A command line shown whole (`dagrun lineage`) goes through
-//!   [`userinfo_in_text`]: a URL in it loses its `user:password@`.
+//!   [`credentials_in_command`]: URL credentials and queries, `Bearer`
+//!   tokens and `--password=`-like option values are masked.
 
 /// An error message (serde's, for YAML or JSON) with the values it quotes
 /// left out: serde writes the offending value into its message (``invalid type: string "…"``,
@@ -95,11 +96,14 @@ pub fn redact_url(url: &str) -> String {
     if scheme.is_empty() { format!("{rest}{hidden}") } else { format!("{scheme}://{rest}{hidden}") }
 }
 
-/// `text` (a command line) with the `user:password@` of every URL in it
-/// replaced by `***@` (`curl https://me:pw@host/x` → `curl https://***@host/x`).
-/// Only this form is recognised: a credential given another way (a header,
-/// an option) stays, so commands should take credentials from `secrets:`.
-pub fn userinfo_in_text(text: &str) -> String {
+/// `text` (a command line) with the credential-shaped parts masked: a URL's
+/// `user:password@` (`https://***@host/x`) and query string (`?…`, which may
+/// carry a signature or key), the word after `Bearer`, and the value of an
+/// option whose name says it holds a secret (`--password=***`; names with
+/// `password`, `passwd`, `token`, `secret`, `key` or `auth`). Only these forms
+/// are recognised: a credential given another way stays, so commands should
+/// take credentials from the environment (`secrets:`, `pass_env:`).
+pub fn credentials_in_command(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
@@ -107,20 +111,49 @@ pub fn userinfo_in_text(text: &str) -> String {
         out.push_str(head);
         // The URL ends at a space or quote; all up to its last `@` goes (a
         // password may hold an unencoded `/`; an `@` in a path masks more
-        // than needed, never less).
+        // than needed, never less), and so does its query.
         let end = tail.find(|c: char| "\"'` \t\n".contains(c)).unwrap_or(tail.len());
-        let url = &tail[..end];
-        match url.rfind('@') {
-            Some(at) => {
-                out.push_str("***");
-                out.push_str(&url[at..]);
+        let mut url = &tail[..end];
+        if let Some(at) = url.rfind('@') {
+            out.push_str("***");
+            url = &url[at..];
+        }
+        match url.find(['?', '#']) {
+            Some(q) => {
+                out.push_str(&url[..q]);
+                out.push_str("?…");
             }
             None => out.push_str(url),
         }
         rest = &tail[end..];
     }
     out.push_str(rest);
-    out
+    // Words: `Bearer X` and `--password=X`.
+    let secret_name = |n: &str| {
+        let n = n.to_ascii_lowercase();
+        ["password", "passwd", "token", "secret", "key", "auth"].iter().any(|w| n.contains(w))
+    };
+    let mut masked = String::with_capacity(out.len());
+    let mut after_bearer = false;
+    for (i, word) in out.split(' ').enumerate() {
+        if i > 0 {
+            masked.push(' ');
+        }
+        if after_bearer && !word.is_empty() {
+            masked.push_str("***");
+            after_bearer = false;
+            continue;
+        }
+        after_bearer = word.trim_start_matches(['"', '\'']).eq_ignore_ascii_case("bearer");
+        match word.split_once('=') {
+            Some((name, value)) if name.starts_with('-') && secret_name(name) && !value.is_empty() => {
+                masked.push_str(name);
+                masked.push_str("=***");
+            }
+            _ => masked.push_str(word),
+        }
+    }
+    masked
 }
 
 /// Parse JSON that dagrun reads back from disk; the error is serde's message
@@ -135,12 +168,17 @@ mod tests {
 
     #[test]
     fn urls_in_a_command_lose_their_credentials() {
-        assert_eq!(userinfo_in_text("curl https://me:hunter2@host.example/x?y=1 -o a"), "curl https://***@host.example/x?y=1 -o a");
-        assert_eq!(userinfo_in_text("psql 'postgres://u:p@db:5432/x' && scp s3://a/b ."), "psql 'postgres://***@db:5432/x' && scp s3://a/b .");
-        assert_eq!(userinfo_in_text("echo a@b https://h/p"), "echo a@b https://h/p");
-        assert_eq!(userinfo_in_text("curl https://u:pa/ss@h/x"), "curl https://***@h/x");
-        assert_eq!(userinfo_in_text("x://u:p@"), "x://***@");
-        assert_eq!(userinfo_in_text("no urls"), "no urls");
+        assert_eq!(credentials_in_command("curl https://me:hunter2@host.example/x?y=1 -o a"), "curl https://***@host.example/x?… -o a");
+        assert_eq!(
+            credentials_in_command("curl 'https://h/x?sig=abc&se=1' -H 'Authorization: Bearer tok123' --password=pw1 --token=t2 -v"),
+            "curl 'https://h/x?…' -H 'Authorization: Bearer *** --password=*** --token=*** -v"
+        );
+        assert_eq!(credentials_in_command("run --keep=3 --name=x"), "run --keep=3 --name=x");
+        assert_eq!(credentials_in_command("psql 'postgres://u:p@db:5432/x' && scp s3://a/b ."), "psql 'postgres://***@db:5432/x' && scp s3://a/b .");
+        assert_eq!(credentials_in_command("echo a@b https://h/p"), "echo a@b https://h/p");
+        assert_eq!(credentials_in_command("curl https://u:pa/ss@h/x"), "curl https://***@h/x");
+        assert_eq!(credentials_in_command("x://u:p@"), "x://***@");
+        assert_eq!(credentials_in_command("no urls"), "no urls");
     }
 
     #[test]

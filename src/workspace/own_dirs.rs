@@ -3,8 +3,9 @@
 //! # Rules
 //! - The folders dagrun keeps its files in ([`OWN_DIRS`]: `.dagrun/` and its
 //!   state, cache, key, log, registry, lineage, Slurm, audit and metrics
-//!   folders, and `runs/`), plus the per-tenant registry folders and the
-//!   cache's two-hex object folders, must each be a directory reached without
+//!   folders, and `runs/`), plus the per-tenant registry folders (and their
+//!   `versions/`) and the cache's two-hex object folders, must each be a
+//!   directory reached without
 //!   a symlink. A folder that is a link (or not a folder) is refused with an
 //!   error naming it, before anything is written: a link planted there (by a
 //!   checkout, an unpacked archive, a group member of a shared folder) would
@@ -12,9 +13,14 @@
 //!   points, and the files there would be read back as dagrun's own.
 //! - A folder that does not exist yet is fine: dagrun creates it as a folder.
 //! - The check runs whenever a command takes the workspace lock (every command
-//!   that writes workspace state), and before `serve` and `report` write
-//!   there. It costs one `lstat` per folder and one listing each of the
-//!   object and registry folders (the file types come with the listing).
+//!   that writes workspace state), and before `verify`, `serve` and `report`
+//!   write or read there. It costs one `lstat` per folder and one listing each
+//!   of the object and registry folders (the file types come with the
+//!   listing). After each stage runs, before anything of it is stored or
+//!   recorded, the fixed folders are checked again ([`check_fixed`]): a
+//!   command that swapped one for a link fails its stage. What this does not
+//!   stop: a process outside the run that swaps a folder between that check
+//!   and a write (only writes relative to open folder handles would).
 //! - The workspace root itself may be reached through links: the user chose it.
 
 use anyhow::Result;
@@ -38,12 +44,21 @@ pub const OWN_DIRS: &[&str] = &[
     "runs",
 ];
 
-/// Folders whose every sub-folder is dagrun's too (object fan-out, registry tenants).
-const OWN_PARENTS: &[&str] = &[".dagrun/cache/objects", ".dagrun/registry"];
+/// Folders whose every sub-folder is dagrun's too (object fan-out, registry
+/// tenants), with the folders each sub-folder holds in turn.
+const OWN_PARENTS: &[(&str, &[&str])] = &[(".dagrun/cache/objects", &[]), (".dagrun/registry", &["versions"])];
 
 /// Refuse (exit 2) when one of dagrun's own folders under `root` is a
 /// symlink or not a folder (see the module's rules).
 pub fn check(root: &Path) -> Result<()> {
+    check_fixed(root)?;
+    check_nested(root)
+}
+
+/// The [`OWN_DIRS`] part of [`check`] only (one `lstat` each, no listing):
+/// what the engine checks again after each stage ran, since a command may
+/// have swapped a folder for a link while it ran.
+pub fn check_fixed(root: &Path) -> Result<()> {
     for rel in OWN_DIRS {
         let p = root.join(rel);
         match std::fs::symlink_metadata(&p) {
@@ -54,12 +69,22 @@ pub fn check(root: &Path) -> Result<()> {
             Err(e) => return Err(crate::error::config(format!("cannot look at {}: {e}", p.display()))),
         }
     }
-    for rel in OWN_PARENTS {
+    Ok(())
+}
+
+fn check_nested(root: &Path) -> Result<()> {
+    for (rel, inner) in OWN_PARENTS {
         let Ok(rd) = std::fs::read_dir(root.join(rel)) else { continue };
         for entry in rd.flatten() {
             let Ok(t) = entry.file_type() else { continue };
             if t.is_symlink() {
                 return Err(refuse(&entry.path(), "a symlink"));
+            }
+            for sub in inner.iter().filter(|_| t.is_dir()) {
+                let p = entry.path().join(sub);
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(refuse(&p, "a symlink"));
+                }
             }
         }
     }
@@ -96,7 +121,8 @@ mod tests {
             assert!(e.to_string().contains(&root.join(rel).display().to_string()), "{e}");
             e.to_string()
         };
-        for rel in OWN_DIRS.iter().copied().chain([".dagrun/cache/objects/ab", ".dagrun/registry/Tenant_A"]) {
+        std::fs::create_dir_all(root.join(".dagrun/registry/Tenant_A/versions")).unwrap();
+        for rel in OWN_DIRS.iter().copied().chain([".dagrun/cache/objects/ab", ".dagrun/registry/Tenant_A", ".dagrun/registry/Tenant_A/versions"]) {
             let p = root.join(rel);
             std::fs::rename(&p, outside.path().join("moved")).unwrap();
             symlink(outside.path().join("moved"), &p).unwrap();

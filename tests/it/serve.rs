@@ -374,7 +374,7 @@ fn auth_matrix_identical_scores_validation_limits_metrics_audit() {
         (7, "Login_Count", "1.5", "not an integer"),
         (6, "Purchase_Amount", "lots", "not a number"),
         (1, "Customer_ID", "DUP", "duplicate Customer_ID"),
-        (1, "Tenant_ID", "Tenant_B", "row belongs to tenant (8 characters, text)"),
+        (1, "Tenant_ID", "Tenant_B", "row belongs to tenant \"Tenant_B\""),
         (4, "Sensitive_Data", "", "empty value (nulls are not allowed)"),
         (4, "Login_Count", "", "empty value (nulls are not allowed)"),
     ];

@@ -14,7 +14,12 @@
 //!   deep) and never reads past the footer: every element consumes at least
 //!   one byte, so a huge declared list count ends at the footer's end.
 //! - Anything it cannot read is a corrupt footer (the decoder would refuse
-//!   it too); it never guesses.
+//!   it too); it never guesses. Where the decoder is lenient, the walk is
+//!   strict, so the two can never disagree on a schema's shape: a child count
+//!   must be typed i32, lie in 0..=i32::MAX and appear once per element (the
+//!   decoder reads an i64-typed or out-of-range count too, truncated to 32
+//!   bits: a count of 1 − 2³² was a leaf to an earlier walk and 1 to the
+//!   decoder).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -172,15 +177,23 @@ fn schema_depth(footer: &[u8], max_depth: usize) -> Result<usize, Walk> {
         let mut open: Vec<u64> = Vec::new();
         let mut deepest = 0;
         for _ in 0..size {
-            let mut children = 0i64;
+            let mut children: Option<i64> = None;
             let mut f = 0;
             while let Some((fid, ft)) = r.field(&mut f)? {
-                if fid == 5 && ft == 5 {
-                    children = r.zigzag()?;
-                } else {
+                if fid != 5 {
                     r.skip_value(ft, 2, false)?;
+                    continue;
                 }
+                if ft != 5 || children.is_some() {
+                    return Err(Walk::Corrupt("a schema element's child count is not one i32"));
+                }
+                let n = r.zigzag()?;
+                if !(0..=i64::from(i32::MAX)).contains(&n) {
+                    return Err(Walk::Corrupt("a schema element's child count is out of range"));
+                }
+                children = Some(n);
             }
+            let children = children.unwrap_or(0);
             let depth = open.len() + 1;
             if depth > max_depth {
                 return Err(Walk::TooDeep);
@@ -277,6 +290,19 @@ mod tests {
         }
         // A list declaring 2^60 elements, structs nested past the limit.
         assert!(matches!(schema_depth(&[0x19, 0xfc, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10, 0], 8), Err(Walk::Corrupt(_))));
+        // A child count typed i64, out of the i32 range, negative or given twice (the
+        // decoder truncates such counts: a "leaf" to a lenient walk was a group to it).
+        for root in [
+            &[0x48, 1, b's', 0x16, 2, 0][..],                            // i64-typed
+            &[0x48, 1, b's', 0x15, 0xfd, 0xff, 0xff, 0xff, 0x1f, 0][..], // 1 - 2^32, as a 64-bit varint
+            &[0x48, 1, b's', 0x15, 3, 0][..],                            // -2
+            &[0x48, 1, b's', 0x15, 2, 0x05, 10, 2, 0][..],               // twice (the second by its long form id 5)
+        ] {
+            let mut b = vec![0x15, 0x02, 0x19, 0x1c];
+            b.extend(root);
+            b.push(0);
+            assert!(matches!(schema_depth(&b, 8), Err(Walk::Corrupt(_))), "{root:?}");
+        }
         let mut deep = vec![0x1c; 40]; // field 1: struct, 40 times
         deep.extend([0; 41]);
         assert_eq!(schema_depth(&deep, 8), Err(Walk::Corrupt("Thrift structs nested too deep")));

@@ -13,7 +13,8 @@
 //!   once per level: a 24 KB footer nested 3,000 deep overflowed the stack);
 //! - it may declare at most [`MAX_ROWS_PER_BYTE`] rows per byte of file
 //!   (above a floor of [`ROWS_FLOOR`]): dictionary and run-length encoding let
-//!   a few bytes stand for millions of rows;
+//!   a few bytes stand for millions of rows. The row groups' counts (what the
+//!   decoder reads) must add up to the file's count (what the cap checks);
 //! - string columns are read as views (`Utf8View`): a dictionary-encoded
 //!   value is not copied once per row, and every value's length is checked
 //!   ([`MAX_SENSITIVE_BYTES`], the tenant id's 64, a date's 64) before any
@@ -109,6 +110,15 @@ impl ParquetSource {
         let declared = b.metadata().file_metadata().num_rows();
         if declared <= 0 {
             bail!("{fname} has no data rows; provide a file with at least one data row");
+        }
+        // The decoder reads as many rows as each row group says: their sum
+        // must be the file's count, which the cap below then bounds.
+        let groups = b.metadata().row_groups().iter().try_fold(0i64, |sum, g| (g.num_rows() >= 0).then(|| sum.checked_add(g.num_rows())).flatten());
+        if groups != Some(declared) {
+            bail!(
+                "{fname}: corrupt Parquet metadata: its row groups hold {} rows but the file says {declared}; rewrite the file with a Parquet writer such as pyarrow",
+                groups.map_or("an impossible number of".to_string(), |g| g.to_string())
+            );
         }
         let allowed = file_len.saturating_mul(MAX_ROWS_PER_BYTE).max(ROWS_FLOOR);
         if declared as u64 > allowed {
