@@ -252,6 +252,20 @@ fn parquet_cases(good: &RecordBatch) -> Vec<(&'static str, RecordBatch, Vec<&'st
     ]
 }
 
+/// Put `bytes` at `input` and run `pipeline`: Tenant_A's ingest must refuse
+/// them (exit 1, naming the stage, the file and the needles), change nothing
+/// on disk and leave no plaintext.
+fn ingest_refuses(ws: &Ws, pipeline: &str, input: &str, bytes: &[u8], needles: &[&str], what: &str) {
+    ws.write(input, bytes);
+    let before = snapshot(ws);
+    let o = dg(ws, &["run", pipeline]);
+    let mut n = vec!["ingest[Tenant_A]", input];
+    n.extend(needles);
+    refused(&o, 1, &n, what);
+    assert_same(&before, &snapshot(ws), what);
+    assert!(!ws.exists("data/raw/Tenant_A.parquet"), "{what}: plaintext left behind");
+}
+
 // ------------------------------------------------------------------ tests
 
 #[test]
@@ -300,14 +314,7 @@ fn ingest_refuses_bad_csv_and_parquet_and_changes_nothing() {
         let mut rows = cells(&good);
         plant_probe(&mut rows);
         edit(&mut rows);
-        ws.write("incoming/Tenant_A.csv", join(&rows));
-        let before = snapshot(&ws);
-        let o = dg(&ws, &["run", "pipelines/propensity-ingest.yaml"]);
-        let mut n = vec!["ingest[Tenant_A]", "incoming/Tenant_A.csv"];
-        n.extend(&needles);
-        refused(&o, 1, &n, what);
-        assert_same(&before, &snapshot(&ws), what);
-        assert!(!ws.exists("data/raw/Tenant_A.parquet"), "{what}: plaintext left behind");
+        ingest_refuses(&ws, "pipelines/propensity-ingest.yaml", "incoming/Tenant_A.csv", join(&rows).as_bytes(), &needles, what);
     }
     // Parquet variants, through the same pipeline reading incoming/T.parquet.
     let pq_pipeline = ws.read("pipelines/propensity-ingest.yaml").replace("incoming/${tenant}.csv", "incoming/${tenant}.parquet");
@@ -316,13 +323,7 @@ fn ingest_refuses_bad_csv_and_parquet_and_changes_nothing() {
     let batch = read_all(&ws.path("incoming/Tenant_A.parquet"));
     ok(dg(&ws, &["run", "pipelines/ingest-pq.yaml"]));
     for (what, b, needles) in parquet_cases(&batch) {
-        write_parquet(&ws.path("incoming/Tenant_A.parquet"), &b);
-        let before = snapshot(&ws);
-        let o = dg(&ws, &["run", "pipelines/ingest-pq.yaml"]);
-        let mut n = vec!["ingest[Tenant_A]", "incoming/Tenant_A.parquet"];
-        n.extend(&needles);
-        refused(&o, 1, &n, what);
-        assert_same(&before, &snapshot(&ws), what);
+        ingest_refuses(&ws, "pipelines/ingest-pq.yaml", "incoming/Tenant_A.parquet", &encoded(&b), &needles, what);
     }
     // Neither run records nor logs hold the probe.
     for p in ws.walk() {
@@ -796,14 +797,7 @@ fn parquet_bombs_are_refused_before_they_expand() {
     ];
     for (what, bytes, needles) in cases {
         assert!(bytes.len() < 2 << 20, "{what}: the bomb itself is {} bytes", bytes.len());
-        ws.write("incoming/Tenant_A.parquet", &bytes);
-        let before = snapshot(&ws);
-        let o = dg(&ws, &["run", "pipelines/ingest-pq.yaml"]);
-        let mut n = vec!["ingest[Tenant_A]", "incoming/Tenant_A.parquet"];
-        n.extend(&needles);
-        refused(&o, 1, &n, what);
-        assert_same(&before, &snapshot(&ws), what);
-        assert!(!ws.exists("data/raw/Tenant_A.parquet"), "{what}: plaintext written");
+        ingest_refuses(&ws, "pipelines/ingest-pq.yaml", "incoming/Tenant_A.parquet", &bytes, &needles, what);
         // `predict` reads on the main thread (an 8 MB stack): the same refusals, exit 2.
         ws.write("in/bomb.parquet", &bytes);
         let o = dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in/bomb.parquet", "--output", "scores.csv"]);
