@@ -735,6 +735,12 @@ impl Keyring {
             k.state = KeyState::Retired;
         }
         entry.data_keys.push(StoredKey { id: id.clone(), created: now(), state: KeyState::Active, wrapped, mechanism });
+        // A rotation (an operator's act) is logged before the keyring changes,
+        // as a forget is: killed in between, it leaves a `started` line, never
+        // a new active key without one.
+        if op == "rotate" {
+            self.audit.append(op, tenant, &id, "started: new data key")?;
+        }
         self.commit(g, new)?;
         self.audit.append(op, tenant, &id, "ok: data key")?;
         Ok((id, key))

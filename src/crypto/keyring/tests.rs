@@ -161,6 +161,11 @@ fn rotate_keeps_old_keys_readable() {
     let id2 = kr.rotate("Tenant_A").unwrap();
     assert_eq!(id2, "Tenant_A-dk-2");
     assert_ne!(id1, id2);
+    // Logged before and after the keyring changed.
+    let audit = fs::read_to_string(keys_dir(ws.path()).join("audit.jsonl")).unwrap();
+    let rotate: Vec<&str> = audit.lines().filter(|l| l.contains("\"op\":\"rotate\"")).collect();
+    assert_eq!(rotate.len(), 2, "{audit}");
+    assert!(rotate[0].contains("\"result\":\"started: new data key\"") && rotate[1].contains("\"result\":\"ok: data key\""), "{audit}");
     drop(kr);
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
     assert_eq!(kr.active_key_id("Tenant_A").unwrap().as_deref(), Some("Tenant_A-dk-2"));
