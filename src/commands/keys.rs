@@ -34,9 +34,16 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>) -> Result<()> {
-    let _l = Workspace::at(workspace).lock(wait, "dagrun keys rotate")?;
+/// The workspace lock for a key command, with the copies of the keyring a
+/// killed key command left removed first (`keyring::stale_copies`).
+fn lock_for_keys(workspace: &Path, wait: Option<std::time::Duration>, what: &str) -> Result<crate::workspace::lock::WorkspaceLock> {
+    let l = Workspace::at(workspace).lock(wait, what)?;
     crate::crypto::keyring::remove_stale_copies(workspace);
+    Ok(l)
+}
+
+pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>) -> Result<()> {
+    let _l = lock_for_keys(workspace, wait, "dagrun keys rotate")?;
     let ring = Keyring::open(workspace)?;
     super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     let id = ring.rotate(tenant)?;
@@ -52,15 +59,13 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
             "`dagrun keys forget {tenant}` destroys tenant {tenant}'s keys for good: its encrypted data becomes unreadable. Add --yes to confirm"
         )));
     }
-    let _l = Workspace::at(workspace).lock(wait, "dagrun keys forget")?;
     // A copy of the keyring left by a killed key operation would still hold
     // the keys this destroys: before and after, none may remain.
-    crate::crypto::keyring::remove_stale_copies(workspace);
+    let _l = lock_for_keys(workspace, wait, "dagrun keys forget")?;
     let ring = Keyring::open(workspace)?;
     super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     ring.forget(tenant)?;
-    crate::crypto::keyring::remove_stale_copies(workspace);
-    if let Some(p) = crate::crypto::keyring::stale_copies(workspace).first() {
+    if let Some(p) = crate::crypto::keyring::remove_stale_copies(workspace).first() {
         return Err(anyhow::anyhow!(
             "tenant {tenant}'s keys are destroyed in the keyring, but {} (a copy left by a killed key operation) could not be removed: remove it by hand, it may still hold them",
             p.display()
@@ -94,8 +99,7 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
 /// master key (generated non-extractable inside the token when missing).
 pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let source = MasterKeySource::from_uri(master, "--master")?;
-    let _l = Workspace::at(workspace).lock(wait, "dagrun keys init")?;
-    crate::crypto::keyring::remove_stale_copies(workspace);
+    let _l = lock_for_keys(workspace, wait, "dagrun keys init")?;
     let (ring, created) = Keyring::init(workspace, source)?;
     crate::outln!(
         "{} {}; keyring {} now wraps tenant keys with it ({}). Point dagrun at it with DAGRUN_MASTER_KEY_URI or \
@@ -111,8 +115,7 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
 /// `dagrun keys rewrap --to URI`: move every tenant key to another master key.
 pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let to = MasterKeySource::from_uri(to, "--to")?;
-    let _l = Workspace::at(workspace).lock(wait, "dagrun keys rewrap")?;
-    crate::crypto::keyring::remove_stale_copies(workspace);
+    let _l = lock_for_keys(workspace, wait, "dagrun keys rewrap")?;
     let from = MasterKeySource::resolve(workspace)?;
     match Keyring::rewrap(workspace, from, to)? {
         Rewrapped::Done(n) => {

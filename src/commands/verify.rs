@@ -53,9 +53,13 @@ fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
 pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
     let ws = Workspace::at(workspace);
     // A linked store folder would have verify hash, and repair delete, what it
-    // points at: refused before anything is listed (taking the lock checks too).
-    crate::workspace::own_dirs::check(ws.root())?;
-    let _lock = if repair { Some(ws.lock(None, "dagrun verify --repair")?) } else { None };
+    // points at: refused before anything is listed (taking the lock checks it).
+    let _lock = if repair {
+        Some(ws.lock(None, "dagrun verify --repair")?)
+    } else {
+        crate::workspace::own_dirs::check(ws.root())?;
+        None
+    };
     let ring = Keyring::open_existing(ws.root())?;
     let key: Option<Arc<IntegrityKey>> = ring.as_ref().map(|k| k.integrity_key());
     let cas = Cas::read_only(&ws);
@@ -247,12 +251,8 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
                 }
             }
             // A directory listing: every entry must be safe to restore.
-            let mut head = [0u8; 32];
-            let n = crate::util::read_at_most(&p, head.len() as u64 - 1).map(|b| {
-                head[..b.len()].copy_from_slice(&b);
-                b.len()
-            });
-            if looks_like_tree(&head[..n.unwrap_or(0)]) {
+            let head = crate::util::read_at_most(&p, 31).unwrap_or_default();
+            if looks_like_tree(&head) {
                 let bytes = crate::util::read_capped(&p, 1 << 30).unwrap_or_default();
                 if let Err(why) = decode_tree(&bytes) {
                     r.problems.push(format!("cache object {short} ({}, a directory listing): {why}", ws.rel(&p)));

@@ -77,10 +77,16 @@ pub fn stale_copies(workspace: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Remove [`stale_copies`] (the caller holds the workspace lock); the
-/// removed paths.
+/// Remove [`stale_copies`] (the caller holds the workspace lock); the ones
+/// that could not be removed.
 pub fn remove_stale_copies(workspace: &Path) -> Vec<PathBuf> {
-    stale_copies(workspace).into_iter().filter(|p| crate::util::fs_remove(p).is_ok()).collect()
+    stale_copies(workspace).into_iter().filter(|p| crate::util::fs_remove(p).is_err()).collect()
+}
+
+/// Key ids for an audit line: comma-separated, `-` for none.
+fn shown_ids<'a>(ids: impl IntoIterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = ids.into_iter().collect();
+    if v.is_empty() { "-".to_string() } else { v.join(",") }
 }
 
 /// Key errors a caller may want to tell apart (downcast from `anyhow::Error`).
@@ -588,8 +594,7 @@ impl Keyring {
         if let Some(t) = g.forgotten.iter().find(|t| t.tenant == tenant) {
             // Names the destroyed keys again: a forget killed between its
             // keyring write and its audit line is recorded here at the latest.
-            let ids: Vec<&str> = t.destroyed_keys.iter().map(|d| d.id.as_str()).collect();
-            let shown = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
+            let shown = shown_ids(t.destroyed_keys.iter().map(|d| d.id.as_str()));
             self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {}", t.forgotten_at))?;
             return Ok(());
         }
@@ -608,9 +613,8 @@ impl Keyring {
             None => tracing::warn!("tenant {tenant} had no keys in {}; recording it as forgotten so none are ever created", self.path.display()),
         }
         let n = destroyed.len();
-        let ids: Vec<String> = destroyed.iter().map(|d| d.id.clone()).collect();
+        let shown = shown_ids(destroyed.iter().map(|d| d.id.as_str()));
         new.forgotten.push(Tombstone { tenant: tenant.to_string(), forgotten_at: now(), destroyed_keys: destroyed });
-        let shown = if ids.is_empty() { "-".to_string() } else { ids.join(",") };
         // Logged before the keyring is written, as an export is: a forget
         // killed in between leaves a `started` line, never destroyed keys
         // without one.

@@ -488,6 +488,12 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req:
     off_workers(&s, deadline, p, &info.clone(), || oip_answer(&s, &c, &m, &bytes, info)).await
 }
 
+/// What a caller's rows are checked against: its tenant, the model's `as_of`,
+/// the row limit, and the tenants with models here (named in a refusal).
+fn expect<'a>(s: &Shared, c: &'a Caller, m: &Model) -> Expect<'a> {
+    Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows, known: Some(s.models.load().keys().cloned().collect()) }
+}
+
 /// Parse, check and score an OIP request body.
 fn oip_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], mut info: Info) -> Response {
     let p = Proto::Oip;
@@ -495,7 +501,7 @@ fn oip_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], mut info: In
         Ok(r) => r,
         Err(e) => return refused(p, e, info),
     };
-    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows, known: Some(s.models.load().keys().cloned().collect()) };
+    let ex = expect(s, c, m);
     let rows = match input::oip_rows(&req, &ex) {
         Ok(r) => r,
         Err(e) => return refused(p, e, info),
@@ -572,7 +578,7 @@ async fn invocations(State(s): S, req: Request) -> Response {
 /// Parse, check and score an MLflow request body (CSV or JSON).
 fn mlflow_answer(s: &Shared, c: &Caller, m: &Arc<Model>, bytes: &[u8], csv: bool, mut info: Info) -> Response {
     let p = Proto::Mlflow;
-    let ex = Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows, known: Some(s.models.load().keys().cloned().collect()) };
+    let ex = expect(s, c, m);
     let rows = match if csv { input::csv_rows(bytes, &ex) } else { input::mlflow_json_rows(bytes, &ex) } {
         Ok(r) => r,
         Err(e) => return refused(p, e, info),

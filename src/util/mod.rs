@@ -28,9 +28,8 @@ pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
 /// blocking the run, which may hold the workspace lock, forever.
 pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut bytes = Vec::new();
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let f = open_nonblocking(path)?;
     // Room for the whole file up front (one read, as `fs::read` does; `Take`
     // hides the size from `read_to_end`), within the cap.
     let size = f.metadata().map(|m| m.len()).unwrap_or(0).min(max);
@@ -39,6 +38,13 @@ pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes),
         r => r.map(|_| bytes),
     }
+}
+
+/// `path` opened for reading with `O_NONBLOCK`: a FIFO put where a file
+/// should be is never waited on (see [`read_at_most`]).
+pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
 }
 
 /// A file dagrun reads back (state, memo, spool, run records, the audit

@@ -140,11 +140,7 @@ pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
     } else {
         // O_NONBLOCK: a FIFO swapped in after the caller's type check
         // reads as empty instead of blocking the run (and its lock) forever.
-        let mut f = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
-        }
-        .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut f = crate::util::open_nonblocking(path).with_context(|| format!("cannot read {}", path.display()))?;
         // Sized to the file (a zeroed 64 KiB buffer per small input was
         // most of the cost of hashing it); one read more finds its end.
         let mut buf = vec![0u8; (len as usize).saturating_add(1).clamp(512, 64 * 1024)];
