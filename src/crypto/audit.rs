@@ -103,6 +103,16 @@ impl AuditLog {
     /// Append one operation. Fails (and the caller reports failure) when the line
     /// cannot be written and synced.
     pub fn append(&self, op: &str, tenant: &str, key_id: &str, result: &str) -> Result<()> {
+        self.append_all(&[(op, tenant, key_id, result)])
+    }
+
+    /// Append several operations `(op, tenant, key_id, result)` in order, as
+    /// consecutive chained lines: one write, one fsync and one head update
+    /// for all of them (a tenant's first two keys are logged so).
+    pub fn append_all(&self, ops: &[(&str, &str, &str, &str)]) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
         let what = || format!("cannot append to the key audit log {}", self.path.display());
         let mut f = {
             let mut o = OpenOptions::new();
@@ -115,7 +125,7 @@ impl AuditLog {
         let mut text = String::new();
         f.seek(SeekFrom::Start(0)).with_context(what)?;
         f.read_to_string(&mut text).with_context(what)?;
-        let (seq, prev) = match text.lines().rev().find(|l| !l.trim().is_empty()) {
+        let (mut seq, mut prev) = match text.lines().rev().find(|l| !l.trim().is_empty()) {
             None => (1, ZERO.to_string()),
             Some(last) => {
                 let (body, hash) = split_line(last)
@@ -125,28 +135,36 @@ impl AuditLog {
                 (e.seq + 1, hash.to_string())
             }
         };
-        let entry = Entry {
-            seq,
-            time: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            op: op.into(),
-            tenant: tenant.into(),
-            key_id: key_id.into(),
-            user: user(),
-            host: host(),
-            result: result.into(),
-            prev,
-        };
-        let body = serde_json::to_string(&entry).context("cannot serialise an audit line")?;
-        let hash = blake3::hash(body.as_bytes()).to_hex().to_string();
-        let line = format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]);
+        let mut lines = String::new();
         if !text.is_empty() && !text.ends_with('\n') {
-            // A torn last line from a crash mid-write: finish it so ours stays whole
+            // A torn last line from a crash mid-write: finish it so ours stay whole
             // (verify will report the torn one).
-            f.write_all(b"\n").with_context(what)?;
+            lines.push('\n');
         }
-        f.write_all(line.as_bytes()).with_context(what)?;
+        let (time, user, host) = (chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true), user(), host());
+        for (i, &(op, tenant, key_id, result)) in ops.iter().enumerate() {
+            if i > 0 {
+                seq += 1;
+            }
+            let entry = Entry {
+                seq,
+                time: time.clone(),
+                op: op.into(),
+                tenant: tenant.into(),
+                key_id: key_id.into(),
+                user: user.clone(),
+                host: host.clone(),
+                result: result.into(),
+                prev,
+            };
+            let body = serde_json::to_string(&entry).context("cannot serialise an audit line")?;
+            let hash = blake3::hash(body.as_bytes()).to_hex().to_string();
+            lines.push_str(&format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));
+            prev = hash;
+        }
+        f.write_all(lines.as_bytes()).with_context(what)?;
         f.sync_data().with_context(what)?;
-        let head = serde_json::to_vec(&Head { seq, hash }).context("cannot serialise the audit head")?;
+        let head = serde_json::to_vec(&Head { seq, hash: prev }).context("cannot serialise the audit head")?;
         crate::util::atomic::write_atomic_mode(&self.head, &head, 0o600).with_context(|| format!("cannot update {}", self.head.display()))?;
         Ok(())
     }
@@ -266,5 +284,25 @@ mod tests {
         assert_eq!(verify(d.path()).unwrap().lines, 4);
         log.append("export", "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
         assert_eq!(verify(d.path()).unwrap().lines, 5);
+    }
+
+    #[test]
+    fn lines_appended_together_chain_like_lines_appended_one_by_one() {
+        let d = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(d.path());
+        log.append("init", "-", "keyring", "ok").unwrap();
+        log.append_all(&[("create", "Tenant_A", "Tenant_A-dk-1", "ok: data key"), ("create", "Tenant_A", "Tenant_A-pk-1", "ok: pseudonym key")]).unwrap();
+        log.append_all(&[]).unwrap();
+        log.append("export", "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
+        assert_eq!(verify(d.path()).unwrap().lines, 4);
+        let entries: Vec<Entry> = lines(d.path()).iter().map(|l| serde_json::from_str(&split_line(l).unwrap().0).unwrap()).collect();
+        let seqs: Vec<(u64, &str)> = entries.iter().map(|e| (e.seq, e.key_id.as_str())).collect();
+        assert_eq!(seqs, [(1, "keyring"), (2, "Tenant_A-dk-1"), (3, "Tenant_A-pk-1"), (4, "Tenant_A-dk-1")]);
+        // The head names the last line of the batch, so cutting it off is seen.
+        let mut l = lines(d.path());
+        l.truncate(3);
+        write(d.path(), &l);
+        let err = verify(d.path()).unwrap_err().to_string();
+        assert!(err.contains("deleted from the end"), "{err}");
     }
 }

@@ -565,7 +565,7 @@ impl Keyring {
             return self.unwrap_key(tenant, k, PseudonymKey::from_bytes);
         }
         let mut new = (*g).clone();
-        let id = format!("{tenant}-pk-1");
+        let id = pseudonym_key_id(tenant);
         let key = PseudonymKey::generate()?;
         let (wrapped, mechanism) = self.wrap_key(tenant, &id, key.bytes())?;
         let stored = StoredKey { id: id.clone(), created: now(), state: KeyState::Active, wrapped, mechanism };
@@ -739,6 +739,19 @@ impl Keyring {
             k.state = KeyState::Retired;
         }
         entry.data_keys.push(StoredKey { id: id.clone(), created: now(), state: KeyState::Active, wrapped, mechanism });
+        // A tenant's first data key comes with its pseudonym key (every
+        // tenant that encrypts needs both): one keyring write and one audit
+        // append instead of two of each.
+        let pseudonym = match (op, &entry.pseudonym_key) {
+            ("create", None) => {
+                let pid = pseudonym_key_id(tenant);
+                let pkey = PseudonymKey::generate()?;
+                let (wrapped, mechanism) = self.wrap_key(tenant, &pid, pkey.bytes())?;
+                entry.pseudonym_key = Some(StoredKey { id: pid.clone(), created: now(), state: KeyState::Active, wrapped, mechanism });
+                Some(pid)
+            }
+            _ => None,
+        };
         // A rotation (an operator's act) is logged before the keyring changes,
         // as a forget is: killed in between, it leaves a `started` line, never
         // a new active key without one.
@@ -746,7 +759,10 @@ impl Keyring {
             self.audit.append(op, tenant, &id, "started: new data key")?;
         }
         self.commit(g, new)?;
-        self.audit.append(op, tenant, &id, "ok: data key")?;
+        match &pseudonym {
+            Some(pid) => self.audit.append_all(&[(op, tenant, &id, "ok: data key"), ("create", tenant, pid, "ok: pseudonym key")])?,
+            None => self.audit.append(op, tenant, &id, "ok: data key")?,
+        }
         Ok((id, key))
     }
 
@@ -819,6 +835,11 @@ fn recorded_hint(rec: Option<&MasterRecord>) -> String {
 /// The id the tenant's next data key gets: `TENANT-dk-N`, N = one more than
 /// the keys it has, skipping ids in use. [`KeyringView::data_key_ingredient`]
 /// predicts the first key with it, so a dry run and the run agree.
+/// Id of a tenant's pseudonym key (there is one, never rotated).
+fn pseudonym_key_id(tenant: &str) -> String {
+    format!("{tenant}-pk-1")
+}
+
 fn next_data_key_id(tenant: &str, entry: &TenantEntry) -> String {
     let mut n = entry.data_keys.len() + 1;
     let mut id = format!("{tenant}-dk-{n}");

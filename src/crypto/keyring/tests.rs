@@ -183,6 +183,33 @@ fn rotate_keeps_old_keys_readable() {
 }
 
 #[test]
+fn a_tenants_first_data_key_comes_with_its_pseudonym_key_in_one_write() {
+    let ws = tempfile::tempdir().unwrap();
+    let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
+    let audit = || fs::read_to_string(keys_dir(ws.path()).join("audit.jsonl")).unwrap_or_default();
+    let before = audit().lines().count();
+    let id = kr.active_data_key_id("Tenant_A").unwrap();
+    let on_disk = fs::read_to_string(kr.path()).unwrap();
+    assert!(on_disk.contains("Tenant_A-pk-1"), "{on_disk}");
+    let log = audit();
+    let new: Vec<&str> = log.lines().skip(before).collect();
+    assert_eq!(new.len(), 2, "{log}");
+    assert!(new[0].contains(&format!("\"key_id\":\"{id}\"")) && new[0].contains("ok: data key"), "{log}");
+    assert!(new[1].contains("\"key_id\":\"Tenant_A-pk-1\"") && new[1].contains("ok: pseudonym key"), "{log}");
+    // Asking for the pseudonym key later changes nothing on disk.
+    let p = *kr.pseudonym_key("Tenant_A").unwrap().bytes();
+    assert_eq!(fs::read_to_string(kr.path()).unwrap(), on_disk);
+    assert_eq!(audit().lines().count(), before + 2);
+    drop(kr);
+    let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
+    assert_eq!(kr.pseudonym_key("Tenant_A").unwrap().bytes(), &p);
+    // A rotation makes no second pseudonym key.
+    kr.rotate("Tenant_A").unwrap();
+    assert_eq!(audit().matches("Tenant_A-pk-").count(), 1);
+    crate::crypto::audit::verify(&keys_dir(ws.path())).unwrap();
+}
+
+#[test]
 fn forget_shreds_one_tenant_only() {
     let ws = tempfile::tempdir().unwrap();
     let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
