@@ -47,7 +47,7 @@ pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>)
     let ring = Keyring::open(workspace)?;
     super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     let id = ring.rotate(tenant)?;
-    crate::outln!(
+    crate::doneln!(
         "tenant {tenant}: new active data key {id}; older keys stay available to decrypt existing data until it is re-encrypted (the next run re-encrypts it)"
     );
     Ok(())
@@ -71,7 +71,7 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
             p.display()
         ));
     }
-    crate::outln!(
+    crate::doneln!(
         "tenant {tenant}: data and pseudonym keys destroyed (crypto-shredded); its encrypted data, including copies in the cache, can no longer be decrypted. Other tenants are unaffected. Remove {tenant} from config/tenants.yaml"
     );
     Ok(())
@@ -101,7 +101,7 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
     let source = MasterKeySource::from_uri(master, "--master")?;
     let _l = lock_for_keys(workspace, wait, "dagrun keys init")?;
     let (ring, created) = Keyring::init(workspace, source)?;
-    crate::outln!(
+    crate::doneln!(
         "{} {}; keyring {} now wraps tenant keys with it ({}). Point dagrun at it with DAGRUN_MASTER_KEY_URI or \
          master_key: in config/dagrun.yaml (the keyring also records the URI, without any PIN)",
         if created { "created the non-extractable master key" } else { "using the existing master key" },
@@ -121,7 +121,7 @@ pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> 
         Rewrapped::Done(n) => {
             let ring_path = crate::crypto::keyring::keyring_path(workspace);
             let rec = crate::crypto::keyring::recorded_master(workspace);
-            crate::outln!(
+            crate::doneln!(
                 "rewrapped {n} key(s) in {} under {} ({}); no data was re-encrypted. Point dagrun at the new master key \
                  (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml); the old master key no longer opens \
                  this keyring and can be destroyed once backups of the old keyring are gone",
@@ -133,7 +133,7 @@ pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> 
                 rec.map(|r| r.mechanism).unwrap_or_default()
             );
         }
-        Rewrapped::AlreadyDone => crate::outln!("the keyring is already wrapped under the new master key: nothing to do"),
+        Rewrapped::AlreadyDone => crate::doneln!("the keyring is already wrapped under the new master key: nothing to do"),
     }
     Ok(())
 }

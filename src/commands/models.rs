@@ -118,13 +118,13 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                 }
             }
             let from = reg.promote(tenant, version, &current_user(), reason, &*key()?)?;
-            crate::outln!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"));
+            crate::doneln!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"));
         }
         ModelsCmd::Rollback { tenant, reason, wait } => {
             check_tenant(tenant)?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(wait.max(0.0))), "dagrun models rollback")?;
             let (from, to) = reg.rollback(tenant, &current_user(), reason, &*key()?)?;
-            crate::outln!("tenant {tenant}: champion {from} -> {to} (rolled back)");
+            crate::doneln!("tenant {tenant}: champion {from} -> {to} (rolled back)");
         }
         ModelsCmd::History { tenant, json } => {
             check_tenant(tenant)?;

@@ -433,7 +433,7 @@ impl RemoteSource for RemoteHit {
 
 /// Print a pull's report (stderr for problems).
 pub fn print(r: &PullReport) {
-    crate::outln!(
+    crate::doneln!(
         "pulled {} records and {} objects ({}) from {} in {:.2}s; {} records and {} objects were already here",
         r.records_fetched,
         r.objects_fetched,

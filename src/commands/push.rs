@@ -266,7 +266,7 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
 
 /// Print a push's report (stderr for what was skipped or failed).
 pub fn print(r: &PushReport) {
-    crate::outln!(
+    crate::doneln!(
         "pushed {} records and {} objects ({}) to {} in {:.2}s; {} records and {} objects were already there",
         r.records_sent,
         r.objects_sent,

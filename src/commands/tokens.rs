@@ -93,7 +93,7 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
         TokensCmd::Revoke { id } => {
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens revoke")?;
             let t = tokens::revoke(&dir, id)?;
-            crate::outln!("token {} of tenant {} revoked; a running server refuses it within a second", t.id, t.tenant);
+            crate::doneln!("token {} of tenant {} revoked; a running server refuses it within a second", t.id, t.tenant);
         }
     }
     Ok(())

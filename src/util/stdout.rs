@@ -12,6 +12,12 @@
 //!   message and exit 1, never a panic.
 //! - `dagrun run` prints its progress lines with `engine::report::say`
 //!   instead, which drops them: a closed stdout must not stop a run half-way.
+//! - A command that has already changed something (`keys rotate`, `keys
+//!   forget`, `models promote`, `push` …) reports it with
+//!   [`doneln!`](crate::doneln): its exit status says the change was made,
+//!   so a reader that went away cannot turn it into a death by SIGPIPE (a
+//!   script would take that for a failure and repeat the change); the line
+//!   is dropped, and any other write error is a warning on stderr.
 
 use std::io::Write;
 
@@ -21,6 +27,18 @@ pub fn print(args: std::fmt::Arguments) {
     if let Err(e) = out.write_fmt(args) {
         drop(out);
         failed(&e);
+    }
+}
+
+/// Write the report of a change already made (see the module's rules): never
+/// ends the process.
+pub fn print_done(args: std::fmt::Arguments) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|_| out.flush()) {
+        drop(out);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let _ = writeln!(std::io::stderr(), "warning: the change was made, but its report could not be written to standard output: {e}");
+        }
     }
 }
 
@@ -75,5 +93,14 @@ macro_rules! outln {
 macro_rules! out {
     ($($arg:tt)*) => {
         $crate::util::stdout::print(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for the report of a change a command already made: see
+/// [`crate::util::stdout`].
+#[macro_export]
+macro_rules! doneln {
+    ($($arg:tt)*) => {
+        $crate::util::stdout::print_done(format_args!("{}\n", format_args!($($arg)*)))
     };
 }

@@ -426,4 +426,17 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
     assert!(err.contains("it is revoked: create another"), "{err}");
     let list = ws.dagrun(&["tokens", "list"]);
     assert!(list.stdout.contains("revoked") && !list.stdout.contains("active"), "{}", list.stdout);
+    // A command that has changed something reports it, and exits 0 even when
+    // nobody reads the report: a death by SIGPIPE would make a script take
+    // the rotation (or the shredding) for a failure and repeat it.
+    dagrun::crypto::Keyring::open(ws.root.as_path()).unwrap().active_data_key_id("Tenant_A").unwrap();
+    let (st, err) = closed_stdout(&["keys", "rotate", "Tenant_A"]);
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe") && !err.contains("warning"), "{err}");
+    let ring = dagrun::crypto::Keyring::open(ws.root.as_path()).unwrap();
+    assert_eq!(ring.active_key_id("Tenant_A").unwrap().as_deref(), Some("Tenant_A-dk-2"));
+    drop(ring);
+    let (st, err) = closed_stdout(&["keys", "forget", "Tenant_A", "--yes"]);
+    assert!(st.success(), "{st:?}: {err}");
+    assert!(dagrun::crypto::Keyring::open(ws.root.as_path()).unwrap().is_forgotten("Tenant_A").is_some());
 }
