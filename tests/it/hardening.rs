@@ -536,6 +536,27 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
         .collect();
     ws.write("crlf.csv", crlf.join("\r\n") + "\r\n");
     refused(&["predict", "--tenant", "Tenant_A", "--input", "crlf.csv"], "crlf.csv: row 2 (line 3), column Login_Count");
+    // A file that mixes line ends (rows pasted from two systems; a lone CR
+    // of an old Mac file) still names the failing row's own line.
+    for (ends, bad_line) in [(["\r\n", "\n", "\n", "\n", "\n"], 5), (["\n", "\r\n", "\r\n", "\n", "\r"], 5), (["\n", "\r\n", "\n", "\r\n", "\n"], 4)] {
+        let lines: Vec<String> = ws
+            .read("in.csv")
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                let mut f: Vec<&str> = l.split(',').collect();
+                if i + 1 == bad_line {
+                    f[3] = "bad";
+                }
+                f.join(",") + ends[i % ends.len()]
+            })
+            .collect();
+        ws.write("mixed.csv", lines.concat());
+        refused(
+            &["predict", "--tenant", "Tenant_A", "--input", "mixed.csv"],
+            &format!("mixed.csv: row {} (line {bad_line}), column Login_Count", bad_line - 1),
+        );
+    }
     // Elsewhere they are written as before.
     ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "scores/a.csv"]));
     assert_eq!(ws.read("scores/a.csv").lines().count(), 6);

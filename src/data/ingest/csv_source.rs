@@ -58,13 +58,19 @@ pub(super) struct CsvSource {
     pub(super) row: u64,
     /// Added to the csv crate's line of a data record (see [`crlf_line_shift`]).
     pub(super) line_shift: u64,
+    /// The file, re-read only to count the exact line of a failing record.
+    pub(super) path: std::path::PathBuf,
+    /// The record being checked: (data row, line as shown, byte offset).
+    pub(super) place: Option<(u64, u64, u64)>,
 }
 
 /// 1 when the text's first line ends in CRLF, else 0. The csv crate gives a
 /// record that follows a CRLF-terminated one the line of that record (the
 /// `\n` is consumed only as the next record starts), so in a CRLF file
 /// (Excel's, Windows') every data row's line is one short: this shift puts
-/// it right for files with one kind of line end throughout.
+/// it right for files with one kind of line end throughout. A file that
+/// mixes them gets its failing record's line counted exactly instead
+/// ([`line_at`]), only when an error names it.
 pub fn crlf_line_shift(head: &[u8]) -> u64 {
     match memchr::memchr(b'\n', head) {
         Some(i) if i > 0 && head[i - 1] == b'\r' => 1,
@@ -100,25 +106,52 @@ impl CsvSource {
         for (k, f) in raw_schema(true).fields().iter().enumerate() {
             idx[k] = names.iter().position(|n| n == f.name());
         }
-        let mut src = CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0, line_shift };
+        let mut src = CsvSource { rdr, idx, width: names.len(), rec: csv::ByteRecord::new(), row: 0, line_shift, path: path.to_path_buf(), place: None };
         src.record_done();
         Ok((src, has_label))
     }
 
+    /// The next batch of checked rows. An error names the failing record's
+    /// exact line, whatever mix of line ends the file has.
     pub(super) fn next_batch(&mut self, ck: &mut Checker, schema: &SchemaRef, batch_size: usize) -> Result<Option<RecordBatch>> {
+        self.place = None;
+        self.read_batch(ck, schema, batch_size).map_err(|e| self.with_exact_line(e))
+    }
+
+    /// `e` with the line of [`CsvSource::place`] counted in the file itself
+    /// (the csv crate's count is one short after a CRLF-terminated record:
+    /// exact for a file with one kind of line end, not for a mix). Only a
+    /// regular file is read again; anything else keeps the shown line.
+    fn with_exact_line(&self, e: anyhow::Error) -> anyhow::Error {
+        let Some((row, shown, byte)) = self.place else { return e };
+        let regular = std::fs::metadata(&self.path).is_ok_and(|m| m.is_file());
+        let Some(exact) = regular.then(|| line_at(&self.path, byte).ok()).flatten() else { return e };
+        let msg = format!("{e:#}");
+        let (was, is) = (format!("row {row} (line {shown})"), format!("row {row} (line {exact})"));
+        if exact == shown || !msg.contains(&was) {
+            return e;
+        }
+        anyhow!("{}", msg.replacen(&was, &is, 1))
+    }
+
+    fn read_batch(&mut self, ck: &mut Checker, schema: &SchemaRef, batch_size: usize) -> Result<Option<RecordBatch>> {
         let has_label = self.idx[6].is_some();
         let mut tenants = StringBuilder::with_capacity(batch_size.min(1 << 16), 1024);
         let mut sens = StringBuilder::with_capacity(batch_size.min(1 << 16), 1024);
         let (mut cid, mut login, mut amt, mut date, mut label) = (vec![], vec![], vec![], vec![], vec![]);
         while cid.len() < batch_size {
-            let more = self.rdr.read_byte_record(&mut self.rec).map_err(|e| csv_err(&ck.file, e, Some((self.row + 1, self.line_shift))))?;
+            let more = self.rdr.read_byte_record(&mut self.rec).map_err(|e| {
+                self.place = e.position().map(|p| (self.row + 1, p.line() + self.line_shift, p.byte()));
+                csv_err(&ck.file, e, Some((self.row + 1, self.line_shift)))
+            })?;
             if !more {
                 break;
             }
             self.record_done();
             self.row += 1;
             let row = self.row;
-            let line = self.rec.position().map(|p| p.line() + self.line_shift);
+            self.place = self.rec.position().map(|p| (row, p.line() + self.line_shift, p.byte()));
+            let line = self.place.map(|(_, l, _)| l);
             if let Some(j) = self.rec.iter().position(|f| f.len() > MAX_CSV_FIELD_BYTES) {
                 let name = self.idx.iter().position(|&x| x == Some(j)).map(|k| raw_schema(true).field(k).name().clone());
                 bail!(
@@ -206,8 +239,60 @@ pub(super) fn csv_err(file: &str, e: csv::Error, row: Option<(u64, u64)>) -> any
     }
 }
 
+/// The 1-based line of the record the csv crate places at byte `byte` of
+/// `path`: one more than the line ends before it, where `\r\n`, `\n` and a
+/// lone `\r` each end a line (the csv crate's record terminators). A record
+/// placed on the `\n` of a `\r\n` starts after it (that is where the
+/// crate's count falls short).
+pub fn line_at(path: &Path, byte: u64) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut f = crate::util::open_nonblocking(path)?;
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut pos, mut ends, mut prev_cr) = (0u64, 0u64, false);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            // Past the end: a trailing lone `\r` ended a line.
+            return Ok(1 + ends + u64::from(prev_cr));
+        }
+        for &b in &buf[..n] {
+            if pos == byte {
+                // The record's first byte: a `\n` right after a `\r` still ends the line before it.
+                let ended_here = b == b'\n' && prev_cr;
+                return Ok(1 + ends + u64::from(ended_here || (prev_cr && b != b'\n')));
+            }
+            match b {
+                b'\n' => ends += 1,
+                _ if prev_cr => ends += 1,
+                _ => {}
+            }
+            prev_cr = b == b'\r';
+            pos += 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn line_of_a_record_in_any_mix_of_line_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.csv");
+        // Lines: 1 "h\r\n", 2 "a\n", 3 "b\r\n", 4 "c\r", 5 "d\n", 6 "e".
+        std::fs::write(&p, b"h\r\na\nb\r\nc\rd\ne").unwrap();
+        let at = |b: u64| super::line_at(&p, b).unwrap();
+        assert_eq!(at(0), 1);
+        // The csv crate places a record after a CRLF on its `\n`.
+        assert_eq!(at(2), 2);
+        assert_eq!(at(3), 2);
+        assert_eq!(at(5), 3);
+        assert_eq!(at(7), 4);
+        assert_eq!(at(8), 4);
+        assert_eq!(at(10), 5);
+        assert_eq!(at(12), 6);
+        assert_eq!(at(99), 6);
+    }
+
     #[test]
     fn crlf_files_shift_data_lines_by_one() {
         assert_eq!(super::crlf_line_shift(b"a,b\r\n1,2\r\n"), 1);
