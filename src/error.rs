@@ -9,7 +9,8 @@ pub mod exit {
     pub const FAILED: i32 = 1;
     /// Bad command line, pipeline file, tenant config or input: nothing ran.
     pub const CONFIG: i32 = 2;
-    /// `dagrun verify` found corrupted or missing artifacts.
+    /// `dagrun verify` found corrupted or missing artifacts, or `dagrun pull`
+    /// refused data the remote holds.
     pub const INTEGRITY: i32 = 4;
     /// Another dagrun run holds the workspace lock (EX_TEMPFAIL).
     pub const LOCKED: i32 = 75;

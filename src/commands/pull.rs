@@ -190,6 +190,33 @@ pub struct PullReport {
     /// Records refused or whose objects could not be fetched, with why.
     pub problems: Vec<String>,
     pub seconds: f64,
+    /// How many of `problems` are the remote's data failing a check (a
+    /// record that does not verify, a size or hash that is wrong): retrying
+    /// changes nothing, so `pull` exits 4 for them, 1 for failed transfers only.
+    pub refused: usize,
+}
+
+/// A pull's problems as they are found: each with why, the refusals counted.
+#[derive(Default)]
+struct Problems {
+    list: Vec<String>,
+    refused: usize,
+}
+
+impl Problems {
+    /// A transfer or a local write failed: running again may succeed.
+    fn failed(&mut self, why: String) {
+        self.list.push(why);
+    }
+    /// The remote's data failed a check.
+    fn refused(&mut self, why: String) {
+        self.refused += 1;
+        self.list.push(why);
+    }
+    /// An error of the remote: refused when its data failed a check.
+    fn of(&mut self, e: &anyhow::Error, why: String) {
+        if crate::remote::is_untrusted(e) { self.refused(why) } else { self.failed(why) }
+    }
 }
 
 /// The most bytes a directory listing of `entries` entries can take: each
@@ -202,10 +229,10 @@ fn listing_bound(entries: u64) -> u64 {
 /// Fetch the objects of validated records into the local cache and then
 /// write their action entries. Returns (objects fetched, bytes, objects
 /// already present) and the keys that succeeded; problems are appended.
-fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Vec<String>) -> (usize, u64, usize, Vec<ContentHash>) {
+fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, problems: &mut Problems) -> (usize, u64, usize, Vec<ContentHash>) {
     let (mut fetched, mut bytes, mut present) = (0usize, 0u64, 0usize);
     let mut failed: HashSet<ContentHash> = HashSet::new();
-    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, SizeBound)>, failed: &mut HashSet<ContentHash>, problems: &mut Vec<String>| {
+    let mut fetch_wave = |wanted: Vec<(usize, Option<String>, ContentHash, SizeBound)>, failed: &mut HashSet<ContentHash>, problems: &mut Problems| {
         // Dedupe by (scope, hash). An object the local cache holds is not
         // stored again, only checked against the remote's copy (read and
         // hashed, not kept: see the rules).
@@ -237,11 +264,11 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                 }
                 Err(e) => {
                     if !held {
-                        problems.push(format!("{e:#}"));
+                        problems.of(&e, format!("{e:#}"));
                     }
                     for &ri in ris {
                         if held {
-                            problems.push(format!(
+                            problems.refused(format!(
                                 "record {} ({}): the local cache holds one of its objects, but the remote's copy does not match it: {e:#}; a record may only name objects pushed beside it; refused",
                                 recs[ri].key.short(),
                                 shown(&recs[ri].st.stage)
@@ -286,7 +313,7 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
                     }
                 }
                 Err(e) => {
-                    problems.push(format!("record {} ({}): directory output {path}: {e:#}; refused", r.key.short(), shown(&r.st.stage)));
+                    problems.refused(format!("record {} ({}): directory output {path}: {e:#}; refused", r.key.short(), shown(&r.st.stage)));
                     failed.insert(r.key.clone());
                 }
             }
@@ -300,7 +327,7 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
         }
         match states.import_action(&r.st) {
             Ok(()) => done.push(r.key.clone()),
-            Err(e) => problems.push(format!("cannot write action entry {}: {e:#}", r.key.short())),
+            Err(e) => problems.failed(format!("cannot write action entry {}: {e:#}", r.key.short())),
         }
     }
     (fetched, bytes, present, done)
@@ -334,6 +361,7 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     };
     let names: Option<HashSet<&str>> = pipeline.map(|p| p.stages.iter().map(|s| s.name.as_str()).collect());
     let mut recs = Vec::new();
+    let mut problems = Problems::default();
     for scope in &scopes {
         let keys = remote.list_actions(scope.as_deref())?;
         for key in keys {
@@ -342,16 +370,24 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
                 report.records_present += 1;
                 continue;
             }
-            let Some(bytes) = remote.get_action(scope.as_deref(), key.as_str())? else { continue };
+            let bytes = match remote.get_action(scope.as_deref(), key.as_str()) {
+                Ok(Some(b)) => b,
+                Ok(None) => continue,
+                Err(e) if crate::remote::is_untrusted(&e) => {
+                    problems.refused(format!("{e:#}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let (st, tenant) = match open_pulled(&bytes, &integrity, key.as_str()) {
                 Ok(v) => v,
                 Err(e) => {
-                    report.problems.push(format!("{}: {e:#}; refused", remote.action_location(scope.as_deref(), key.as_str())));
+                    problems.refused(format!("{}: {e:#}; refused", remote.action_location(scope.as_deref(), key.as_str())));
                     continue;
                 }
             };
             if tenant != *scope {
-                report.problems.push(format!(
+                problems.refused(format!(
                     "{}: record of stage {} is under the wrong prefix; refused",
                     remote.action_location(scope.as_deref(), key.as_str()),
                     shown(&st.stage)
@@ -364,7 +400,9 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
             recs.push(Fetched { tenant, key, st });
         }
     }
-    let (f, b, p, done) = install(remote, &cas, &states, recs, &mut report.problems);
+    let (f, b, p, done) = install(remote, &cas, &states, recs, &mut problems);
+    report.problems = problems.list;
+    report.refused = problems.refused;
     report.objects_fetched = f;
     report.bytes_fetched = b;
     report.objects_present = p;
@@ -417,10 +455,10 @@ impl RemoteSource for RemoteHit {
         if t.as_deref() != tenant {
             bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key.as_str()), shown(&st.stage));
         }
-        let mut problems = Vec::new();
+        let mut problems = Problems::default();
         let (n, bytes_in, _, done) = install(&self.remote, cas, states, vec![Fetched { tenant: t, key: key.clone(), st }], &mut problems);
         if done.is_empty() {
-            bail!("{}", problems.join("; "));
+            bail!("{}", problems.list.join("; "));
         }
         tracing::info!("{}: fetched its cache entry from {} ({n} objects, {bytes_in} bytes)", stage.name, self.remote.shown());
         Ok(true)

@@ -226,7 +226,8 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Run `dagrun push` (`pull = false`) or `dagrun pull`; exit 1 when a transfer failed.
+/// Run `dagrun push` (`pull = false`) or `dagrun pull`; exit 1 when a transfer
+/// failed, 4 when `pull` refused data the remote holds (it failed a check).
 pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i32> {
     let pipeline = match &a.pipeline {
         Some(f) => Some(crate::pipeline::load(f, workspace_flag, &[], &crate::stages::kinds())?),
@@ -237,11 +238,13 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
         None => super::find_workspace(workspace_flag)?,
     };
     let remote = super::pull::open_remote(&ws, a.remote.as_deref())?;
+    let mut refused = 0;
     let (failures, json) = if pull {
         let r = super::pull::pull(&ws, &remote, pipeline.as_ref(), &a.tenants)?;
         if !a.json {
             super::pull::print(&r);
         }
+        refused = r.refused;
         (r.problems.len(), serde_json::to_string_pretty(&r)?)
     } else {
         let r = push(&ws, &remote, pipeline.as_ref(), &a.tenants)?;
@@ -253,10 +256,15 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
     if a.json {
         crate::outln!("{json}");
     }
+    if refused > 0 {
+        // Exit 4: the remote holds data that fails its checks; a retry fetches the same.
+        return Err(crate::error::Failure::Integrity(format!(
+            "{failures} problem(s) (see above), {refused} of them data the remote holds that failed its checks: a refused record stays refused whatever you retry (it is not to be trusted); a failed transfer may succeed if you run the same command again"
+        ))
+        .into());
+    }
     if failures > 0 && pull {
-        bail!(
-            "{failures} problem(s) (see above): a refused record stays refused whatever you retry (it is not to be trusted); a failed transfer may succeed if you run the same command again"
-        );
+        bail!("{failures} problem(s) (see above): transfers failed; they may succeed if you run the same command again");
     }
     if failures > 0 {
         bail!("{failures} transfer(s) failed (see above); run the same command again to complete it");

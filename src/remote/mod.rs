@@ -107,6 +107,19 @@ impl SizeBound {
     }
 }
 
+/// The remote's bytes failed a check (a size, a hash, a record's bound):
+/// an integrity failure (exit 4), not a failed transfer, since retrying
+/// fetches the same bytes again.
+fn untrusted(msg: String) -> anyhow::Error {
+    crate::error::Failure::Integrity(msg).into()
+}
+
+/// True when `e` (a download's or a read's error) is the remote's data
+/// failing a check, not a failed transfer.
+pub fn is_untrusted(e: &anyhow::Error) -> bool {
+    crate::error::exit_code_of(e) == crate::error::exit::INTEGRITY
+}
+
 /// An open remote.
 pub struct Remote {
     store: Arc<dyn ObjectStore>,
@@ -268,7 +281,10 @@ impl Remote {
                 Err(e) => return Err(self.explain("reading", &loc, e)),
             };
             if r.meta.size > RECORD_MAX {
-                bail!("{loc} on {} is {} bytes: larger than a record can be ({} bytes); refused", self.shown, r.meta.size, RECORD_MAX);
+                return Err(untrusted(format!(
+                    "{loc} on {} is {} bytes: larger than a record can be ({} bytes); refused",
+                    self.shown, r.meta.size, RECORD_MAX
+                )));
             }
             let mut b = Vec::new();
             let mut s = r.into_stream();
@@ -384,7 +400,7 @@ impl Remote {
             e => self.explain("downloading", &loc, e),
         })?;
         if let Some(why) = d.size.refusal(r.meta.size, true) {
-            bail!("{loc} on {} {why}", self.shown);
+            return Err(untrusted(format!("{loc} on {} {why}", self.shown)));
         }
         let mut tmp = match &d.dest {
             Some(dest) => Some(AtomicFile::create_with(dest, Durability::Verified)?),
@@ -398,7 +414,7 @@ impl Remote {
             h.update(&c);
             n += c.len() as u64;
             if let Some(why) = d.size.refusal(n, false) {
-                bail!("{loc} on {} {why}", self.shown);
+                return Err(untrusted(format!("{loc} on {} {why}", self.shown)));
             }
             if let Some(t) = tmp.as_mut() {
                 t.write_all(&c).with_context(|| format!("cannot write {}", t.temp_path().display()))?;
@@ -407,11 +423,11 @@ impl Remote {
         let got = h.finalize().to_hex().to_string();
         if got != d.hash {
             drop(tmp);
-            bail!(
+            return Err(untrusted(format!(
                 "{loc} on {} is corrupted: its content hashes to {}, not its name; not used (push it again from a workspace that has it)",
                 self.shown,
                 &got[..12]
-            );
+            )));
         }
         if let (Some(t), Some(dest)) = (tmp, &d.dest) {
             t.commit()?;

@@ -415,7 +415,7 @@ fn pull_into_fresh(from: &Path, creds: (&str, &str)) -> PathBuf {
     std::fs::create_dir_all(d.join(".dagrun")).unwrap();
     // Another workspace's keys: its records are refused (they do not verify).
     let o = spawn(dagrun(&d, &["pull"], creds)).wait(Duration::from_secs(120));
-    assert_eq!(o.code, 1, "{o:?}");
+    assert_eq!(o.code, 4, "refused data is an integrity failure: {o:?}");
     assert!(o.stdout.contains("pulled 0 records") && o.stderr.contains("must verify under this workspace's integrity key"), "{o:?}");
     // The pushing workspace's keys (as the README says to share them): pulled.
     std::fs::remove_dir_all(d.join(".dagrun")).unwrap();
@@ -572,7 +572,7 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
 
     let w2 = clone("");
     let o = spawn(dagrun(&w2, &["pull"], ADMIN)).wait(Duration::from_secs(120));
-    assert_eq!(o.code, 1, "{o:?}");
+    assert_eq!(o.code, 4, "refused data is an integrity failure: {o:?}");
     assert!(o.stderr.contains("must verify under this workspace's integrity key"), "{}", o.stderr);
     assert!(o.stderr.contains("bytes but its record says"), "{}", o.stderr);
     assert!(o.stderr.contains("more than its record allows"), "{}", o.stderr);
@@ -639,7 +639,7 @@ fn a_record_naming_another_tenants_object_is_refused_and_never_pushed_across() {
     // It never had Tenant_B's bytes: nothing of that name in Tenant_A's prefix…
     std::fs::remove_file(objects_a.join(&hash_b)).unwrap();
     let o = spawn(dagrun(victim, &["pull"], ADMIN)).wait(Duration::from_secs(120));
-    assert_eq!(o.code, 1, "{o:?}");
+    assert_eq!(o.code, 4, "refused data is an integrity failure: {o:?}");
     assert!(
         o.stderr.contains("the local cache holds one of its objects, but the remote's copy does not match it") && o.stderr.contains("is missing"),
         "{}",
@@ -651,7 +651,7 @@ fn a_record_naming_another_tenants_object_is_refused_and_never_pushed_across() {
     {
         std::fs::write(objects_a.join(&hash_b), &decoy).unwrap();
         let o = spawn(dagrun(victim, &["pull"], ADMIN)).wait(Duration::from_secs(120));
-        assert_eq!(o.code, 1, "{o:?}");
+        assert_eq!(o.code, 4, "refused data is an integrity failure: {o:?}");
         assert!(o.stderr.contains("does not match it") && o.stderr.contains(&says), "{}", o.stderr);
         assert!(!o.stderr.contains("data of"), "{}", o.stderr);
         std::fs::remove_file(objects_a.join(&hash_b)).unwrap();
