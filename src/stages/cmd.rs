@@ -39,15 +39,27 @@ fn dev_null() -> Result<&'static std::fs::File> {
     Ok(NULL.get_or_init(|| f))
 }
 
-/// The last `n` lines of a log file (at most 4 KiB read).
+/// The last `n` lines of a log file (at most 4 KiB read). The file is
+/// opened without following a link and without waiting (a FIFO or a device
+/// in its place reads as nothing): whatever ran may have replaced it.
 pub fn tail(path: &std::path::Path, n: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path);
+    let Ok(mut f) = opened else { return String::new() };
+    let Ok(meta) = f.metadata() else { return String::new() };
+    if !meta.is_file() {
+        return String::new();
+    }
+    let _ = f.seek(SeekFrom::Start(meta.len().saturating_sub(crate::util::capture::TAIL_BYTES as u64)));
     let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
+    let _ = f.take(crate::util::capture::TAIL_BYTES as u64).read_to_end(&mut buf);
+    tail_lines(&buf, n)
+}
+
+/// The last `n` lines of `bytes` (a log's end).
+pub fn tail_lines(bytes: &[u8], n: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -167,9 +179,11 @@ impl StageKind for Cmd {
                     }
                 }
             };
-            let Ok(Some(err_path)) = capture.finish() else { bail!("command failed with {code} (no stderr)") };
-            let t = tail(&err_path, 10);
-            let shown = err_path.strip_prefix(ctx.workspace).unwrap_or(&err_path).display().to_string();
+            let Ok(Some(log)) = capture.finish() else { bail!("command failed with {code} (no stderr)") };
+            // What the command wrote, not what its log file holds now (the
+            // command may have replaced it: a FIFO would hang the run).
+            let t = tail_lines(&log.tail, 10);
+            let shown = log.path.strip_prefix(ctx.workspace).unwrap_or(&log.path).display().to_string();
             if t.is_empty() {
                 bail!("command failed with {code} (no stderr; full log: {shown})");
             }

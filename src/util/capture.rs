@@ -43,6 +43,22 @@ struct Stream {
     name: String,
     file: Option<File>,
     error: Option<anyhow::Error>,
+    /// The last [`TAIL_BYTES`] bytes the command wrote (a failed stage's
+    /// message quotes them: never read back from the log, which the command
+    /// may have replaced by a FIFO or a link).
+    tail: Vec<u8>,
+}
+
+/// How much of the end of a stream [`Capture::finish`] keeps for messages.
+pub const TAIL_BYTES: usize = 4096;
+
+/// The command's stderr, as [`Capture::finish`] reports it.
+#[derive(Debug)]
+pub struct StderrLog {
+    /// The log file (as shown in messages).
+    pub path: std::path::PathBuf,
+    /// Its last [`TAIL_BYTES`] bytes, as the command wrote them.
+    pub tail: Vec<u8>,
 }
 
 /// What one read from a non-blocking pipe found.
@@ -85,6 +101,14 @@ impl Stream {
     }
 
     fn write(&mut self, bytes: &[u8]) {
+        if bytes.len() >= TAIL_BYTES {
+            self.tail.clear();
+            self.tail.extend_from_slice(&bytes[bytes.len() - TAIL_BYTES..]);
+        } else {
+            let drop = (self.tail.len() + bytes.len()).saturating_sub(TAIL_BYTES);
+            self.tail.drain(..drop);
+            self.tail.extend_from_slice(bytes);
+        }
         if self.error.is_some() {
             return; // read and dropped: the command must not block on a full pipe
         }
@@ -151,7 +175,7 @@ impl Capture {
         let dir = Arc::new(dir);
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
-        let stream = |pipe, name| Stream { pipe: Some(pipe), dir: dir.clone(), name, file: None, error: None };
+        let stream = |pipe, name| Stream { pipe: Some(pipe), dir: dir.clone(), name, file: None, error: None, tail: Vec::new() };
         Ok(Capture { streams: [stream(out_r, out_name), stream(err_r, err_name)], writers: Some([out_w, err_w]), buf: Vec::new() })
     }
 
@@ -213,9 +237,10 @@ impl Capture {
     /// After the child was reaped: copy what is left in the pipes. A stream
     /// still held open by a process the command left running is handed to a
     /// thread that copies until it is closed (see the module rules). Returns
-    /// the first error writing a log, else the path of the stderr log (as
-    /// shown in messages) when the command wrote to stderr.
-    pub fn finish(self) -> Result<Option<std::path::PathBuf>> {
+    /// the first error writing a log, else the stderr log (its path as shown
+    /// in messages, and the end of what the command wrote) when the command
+    /// wrote to stderr.
+    pub fn finish(self) -> Result<Option<StderrLog>> {
         let Capture { streams, mut buf, .. } = self;
         let mut error = None;
         let mut stderr_log = None;
@@ -227,7 +252,7 @@ impl Capture {
                 s.pipe = None;
             }
             if k == 1 && s.file.is_some() {
-                stderr_log = Some(s.dir.path().join(&s.name));
+                stderr_log = Some(StderrLog { path: s.dir.path().join(&s.name), tail: std::mem::take(&mut s.tail) });
             }
             if s.pipe.is_none() {
                 error = error.or(s.error.take());

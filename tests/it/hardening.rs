@@ -684,4 +684,15 @@ fn a_fifo_in_place_of_a_file_read_back_never_hangs() {
         assert!(o.stderr.contains(&format!("{file} {what} (or a link to one)")), "{file}: {}", o.stderr);
         std::fs::remove_file(&p).unwrap();
     }
+    // A failing command that replaces its own stderr log (by a FIFO: the run
+    // once waited on it forever, holding the lock; by a link: the message
+    // once quoted the file it leads to) is reported with what it wrote.
+    ws.write("secret.txt", "the linked file's own line\n");
+    for plant in ["mkfifo .dagrun/logs/f.err", "ln -s ../../secret.txt .dagrun/logs/f.err"] {
+        ws.pipeline(&format!("stages:\n  f:\n    cmd: echo boom >&2; rm -f .dagrun/logs/f.err; {plant}; exit 1\n    outs: [f.txt]\n    timeout: 20\n"));
+        let o = spawn(cmd(&ws, &["run", "pipeline.yaml"])).wait(Duration::from_secs(15));
+        assert_eq!(o.code, 1, "{plant}: {}", o.stderr);
+        assert!(o.stderr.contains("end of stderr") && o.stderr.contains("boom"), "{plant}: {}", o.stderr);
+        assert!(!o.stderr.contains("the linked file's own line"), "{plant}: {}", o.stderr);
+    }
 }
