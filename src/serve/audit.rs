@@ -73,7 +73,10 @@ impl Audit {
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create the audit log folder {}: {e}", dir.display()))?;
         let today = file_for(&dir, chrono::Utc::now().date_naive());
         open(&dir, chrono::Utc::now().date_naive()).map_err(|e| {
-            anyhow::anyhow!("cannot open the audit log {}: {e}; it must be a regular file (not a symlink) that dagrun can append to", today.display())
+            anyhow::anyhow!(
+                "cannot open the audit log {}: {e}; it must be a regular file (not a symlink, nor a hard link to a file elsewhere) that dagrun can append to",
+                today.display()
+            )
         })?;
         let inner = Arc::new(Inner { batch: Mutex::new(Batch::default()), wake: Condvar::new() });
         let (i, m, d) = (inner.clone(), metrics.clone(), dir.clone());
@@ -137,8 +140,17 @@ fn open(dir: &Path, day: chrono::NaiveDate) -> std::io::Result<Out> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(file_for(dir, day))?;
-    if !f.metadata()?.is_file() {
+    let meta = f.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
+    }
+    // A hard link planted under the log's name (today's or a future day's)
+    // would have the lines appended to the file it names (as `util::nofollow::open_own_file`).
+    if std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+        return Err(std::io::Error::other(format!(
+            "has {} names (a hard link to a file elsewhere); not written to",
+            std::os::unix::fs::MetadataExt::nlink(&meta)
+        )));
     }
     Ok(Out { day, w: BufWriter::with_capacity(1 << 16, f) })
 }
@@ -230,5 +242,29 @@ mod tests {
         a.close();
         assert_eq!(m.audit_write_failures.load(Ordering::Relaxed), 1);
         assert_eq!(m.audit_lines.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_hard_link_under_a_days_name_is_not_written_through() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("tenants.yaml");
+        std::fs::write(&victim, "tenants: []\n").unwrap();
+        let dir = d.path().join("audit");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Planted for today: the server does not start on it.
+        let today = chrono::Utc::now().date_naive();
+        std::fs::hard_link(&victim, file_for(&dir, today)).unwrap();
+        let e = Audit::start(dir.clone(), Arc::new(Metrics::default())).err().expect("refused");
+        assert!(e.to_string().contains("hard link"), "{e}");
+        std::fs::remove_file(file_for(&dir, today)).unwrap();
+        // Planted for a later day: that day's lines are counted as failures, not appended.
+        let later = today.succ_opt().unwrap();
+        std::fs::hard_link(&victim, file_for(&dir, later)).unwrap();
+        let m = Arc::new(Metrics::default());
+        let mut a = Audit::start(dir, m.clone()).unwrap();
+        a.log(later, b"{}");
+        a.close();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "tenants: []\n");
+        assert_eq!(m.audit_write_failures.load(Ordering::Relaxed), 1);
     }
 }
