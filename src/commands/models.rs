@@ -136,8 +136,19 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
             if h.is_empty() {
                 crate::outln!("tenant {tenant}: no promotions yet");
             }
+            // The fields come from a file anyone with write access may edit:
+            // control characters are escaped, never sent to the terminal.
+            let esc = crate::util::escape_controls;
             for e in &h {
-                crate::outln!("{}  {:<8} {:<28} -> {:<28} by {}: {}", e.time, e.action, e.from.as_deref().unwrap_or("(none)"), e.to, e.who, e.why);
+                crate::outln!(
+                    "{}  {:<8} {:<28} -> {:<28} by {}: {}",
+                    esc(&e.time),
+                    e.action,
+                    esc(e.from.as_deref().unwrap_or("(none)")),
+                    esc(&e.to),
+                    esc(&e.who),
+                    esc(&e.why)
+                );
             }
         }
     }

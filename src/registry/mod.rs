@@ -395,6 +395,7 @@ impl Registry {
     /// verified first: a model that fails its checks is never promoted. The
     /// caller holds the workspace lock. Returns the previous champion.
     pub fn promote(&self, tenant: &str, version: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<Option<String>> {
+        check_reason(why)?;
         let m = self.load(tenant, version, key)?;
         let current = self.champion(tenant)?;
         if let Some(c) = &current
@@ -419,6 +420,7 @@ impl Registry {
     /// Return `tenant` to its previous champion. The caller holds the
     /// workspace lock. Returns (from, to).
     pub fn rollback(&self, tenant: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<(String, String)> {
+        check_reason(why)?;
         let Some(cur) = self.champion(tenant)? else {
             bail!("tenant {tenant} has no champion: nothing to roll back (see `dagrun models list {tenant}`)");
         };
@@ -448,4 +450,13 @@ fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
     let mut b = serde_json::to_vec_pretty(v)?;
     b.push(b'\n');
     Ok(b)
+}
+
+/// A promotion's `--reason`: at most 1,000 bytes, no control characters
+/// (`models history` shows it in terminals).
+fn check_reason(why: &str) -> Result<()> {
+    if why.len() > 1000 || why.chars().any(char::is_control) {
+        return Err(crate::error::config("--reason: at most 1000 bytes, no control characters (no line breaks, no escape sequences)"));
+    }
+    Ok(())
 }

@@ -641,6 +641,16 @@ fn promote_and_rollback_under_load_never_fail_or_mix_versions() {
     let o = ws.dagrun(&["models", "rollback", "Tenant_B"]);
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("no previous champion"), "{}", o.stderr);
+    // A reason cannot carry escape sequences to whoever reads the history,
+    // and a history line edited to carry them is shown escaped.
+    let o = ws.dagrun(&["models", "rollback", "Tenant_A", "--reason", "ok\x1b]0;pwned\x07"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("no control characters"), "{}", o.stderr);
+    let hpath = ".dagrun/registry/Tenant_A/history.jsonl";
+    let edited = ws.read(hpath).replacen("round 0", "round 0\\u001b[2J\\u001b]52;c;cGF5bG9hZA==\\u0007", 1);
+    ws.write(hpath, edited);
+    let shown = ws.dagrun(&["models", "history", "Tenant_A"]);
+    assert!(shown.stdout.contains("round 0") && !shown.stdout.contains('\x1b') && !shown.stdout.contains('\x07'), "{:?}", shown.stdout);
 }
 
 #[test]
