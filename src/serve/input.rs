@@ -298,10 +298,6 @@ pub struct Expect<'a> {
     /// The model's `as_of` (days): later visit dates are refused.
     pub as_of: i32,
     pub max_rows: usize,
-    /// The tenants the server knows (those with models): a row of one of
-    /// them is named in a refusal, any other tenant-id-shaped value only
-    /// described (it may be PII), as `predict` does with the configured ones.
-    pub known: Option<Vec<String>>,
 }
 
 fn too_many(n: usize, max: usize) -> Refused {
@@ -355,7 +351,10 @@ fn validate<'c, 'd: 'c>(
     }
     let opts = IngestOptions {
         expected_tenant: Some(ex.tenant.to_string()),
-        known_tenants: ex.known.clone(),
+        // No other tenant is ever named to a caller: a row of another tenant
+        // is only described, whether or not that tenant exists here (the
+        // answer must not tell a caller which tenants a server holds).
+        known_tenants: None,
         require_label: false,
         allow_label: true,
         as_of: Some(ex.as_of),
@@ -781,7 +780,7 @@ mod tests {
     use super::*;
 
     fn ex() -> Expect<'static> {
-        Expect { tenant: "Tenant_A", as_of: schema::parse_date("2026-01-01").unwrap(), max_rows: 10, known: None }
+        Expect { tenant: "Tenant_A", as_of: schema::parse_date("2026-01-01").unwrap(), max_rows: 10 }
     }
 
     fn bad(r: Result<Rows, Refused>) -> String {

@@ -488,10 +488,10 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req:
     off_workers(&s, deadline, p, &info.clone(), || oip_answer(&s, &c, &m, &bytes, info)).await
 }
 
-/// What a caller's rows are checked against: its tenant, the model's `as_of`,
-/// the row limit, and the tenants with models here (named in a refusal).
+/// What a caller's rows are checked against: its tenant, the model's `as_of`
+/// and the row limit.
 fn expect<'a>(s: &Shared, c: &'a Caller, m: &Model) -> Expect<'a> {
-    Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows, known: Some(s.models.load().keys().cloned().collect()) }
+    Expect { tenant: &c.tenant, as_of: m.deployed.as_of, max_rows: s.limits.max_rows }
 }
 
 /// Parse, check and score an OIP request body.

@@ -393,7 +393,11 @@ fn auth_matrix_identical_scores_validation_limits_metrics_audit() {
         assert!(p.stdout.is_empty());
         let r = post(&a, &srv.url("/invocations"), Some(&tok_a), "text/csv", csv.as_bytes());
         assert_eq!(r.status, 400, "{col}={val}: {}", r.body);
+        // A caller is never told another tenant's name (nor whether it
+        // exists here): the row's tenant is only described, as for any value.
+        let place = place.replace("row belongs to tenant \"Tenant_B\"", "row belongs to tenant (8 characters");
         assert!(r.error().starts_with(&format!("request: {place}")), "{} vs request: {place}", r.error());
+        assert!(!r.body.contains("Tenant_B"), "another tenant was named: {}", r.body);
         assert!(!r.body.contains("alice@example.com") && !r.body.contains("example.org"), "a value was echoed: {}", r.body);
         assert!(r.json().get("predictions").is_none());
         if !SCORED.contains(col) || val.is_empty() || val == "DUP" || val == "NaN" || val == "inf" || val == "1.5" || val == "lots" {
