@@ -60,17 +60,45 @@ impl Default for Limits {
     }
 }
 
+/// Largest certificate chain or key file read (a chain of a few certificates is a few KiB).
+const MAX_PEM_BYTES: u64 = 1 << 20;
+
+/// A PEM file named by `flag`: a regular file (a link to one is fine) of at
+/// most [`MAX_PEM_BYTES`], read without waiting, so a FIFO or a device in its
+/// place is refused, never waited on nor read without end. A key file must
+/// not be readable by others (group-readable is the `ssl-cert` convention).
+fn read_pem(path: &std::path::Path, flag: &str, private: bool) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| crate::error::config(format!("{flag} {shown}: cannot read it ({e})")))?;
+    if !meta.is_file() {
+        return Err(crate::error::config(format!("{flag} {shown}: not a regular file (a FIFO, a device or a folder); give the PEM file itself")));
+    }
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o007 != 0 {
+            return Err(crate::error::config(format!(
+                "{flag} {shown} has mode {mode:04o}: the private key is readable by every user; run `chmod 600 {shown}` (or 640 with a group such as ssl-cert)"
+            )));
+        }
+    }
+    let bytes = crate::util::read_capped(path, MAX_PEM_BYTES)
+        .map_err(|e| crate::error::config(format!("{flag} {shown}: cannot read it ({e}); a PEM file is at most 1 MiB")))?;
+    Ok(zeroize::Zeroizing::new(bytes))
+}
+
 fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .with_context(|| format!("--tls-cert {}: cannot read it", cert.display()))?
+    let cert_pem = read_pem(cert, "--tls-cert", false)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| crate::error::config(format!("--tls-cert {}: not a PEM certificate chain ({e})", cert.display())))?;
     if certs.is_empty() {
         return Err(crate::error::config(format!("--tls-cert {}: no CERTIFICATE block found; give a PEM certificate chain", cert.display())));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| crate::error::config(format!("--tls-key {}: not a PEM private key ({e})", key.display())))?;
+    let key_pem = read_pem(key, "--tls-key", true)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| crate::error::config(format!("--tls-key {}: not a PEM private key ({e})", key.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -729,6 +729,24 @@ fn tls_with_a_self_signed_certificate_and_plaintext_only_on_loopback() {
     ws.write("tls/key.pem", ck.signing_key.serialize_pem());
     let cert = ws.path("tls/cert.pem");
     let key = ws.path("tls/key.pem");
+    use std::os::unix::fs::PermissionsExt;
+    // A private key every user can read is refused, naming the fix.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = ws.dagrun(&["serve", "--listen", "127.0.0.1:0", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("readable by every user") && o.stderr.contains("chmod 600"), "{}", o.stderr);
+    // A FIFO or a device in place of a PEM file: refused at once (a FIFO
+    // once held the start forever, /dev/zero was read without end).
+    let fifo = ws.path("tls/fifo.pem");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (c, k) in [(fifo.to_str().unwrap(), key.to_str().unwrap()), ("/dev/zero", key.to_str().unwrap()), (cert.to_str().unwrap(), fifo.to_str().unwrap())] {
+        let o = crate::common::spawn(ws.cmd(&["serve", "--listen", "127.0.0.1:0", "--tls-cert", c, "--tls-key", k])).wait(Duration::from_secs(20));
+        assert_eq!(o.code, 2, "{c} {k}: {}", o.stderr);
+        assert!(o.stderr.contains("not a regular file"), "{c} {k}: {}", o.stderr);
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
     let srv = Server::start(&ws, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
     let tls =
         ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&[ureq::tls::Certificate::from_der(ck.cert.der()).to_owned()])).build();
