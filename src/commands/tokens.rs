@@ -1,4 +1,4 @@
-//! `dagrun tokens create | list | revoke`: the API tokens of `dagrun serve`
+//! `dagrun tokens create | list | revoke | seal`: the API tokens of `dagrun serve`
 //! (see `crate::serve::tokens`). The token is printed once, by `create`.
 
 use crate::engine::lock;
@@ -25,6 +25,15 @@ pub enum TokensCmd {
     },
     /// Revoke a token by id: a running server refuses it within a second.
     Revoke { id: String },
+    /// Seal a token file written by a dagrun older than its MAC: lists its
+    /// tokens (check them: nothing vouched for them before) and seals them.
+    Seal,
+}
+
+/// The workspace integrity key, which seals the token file (the keyring is
+/// made on first use, as a run makes it).
+fn key(workspace: &Path) -> Result<std::sync::Arc<crate::crypto::IntegrityKey>> {
+    Ok(crate::crypto::Keyring::open(workspace)?.integrity_key())
 }
 
 pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
@@ -32,7 +41,8 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
     match cmd {
         TokensCmd::Create { tenant, name, expires_in } => {
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens create")?;
-            let (rec, token) = tokens::create(&dir, tenant, name, *expires_in)?;
+            let key = key(workspace)?;
+            let (rec, token) = tokens::create(&dir, &key, tenant, name, *expires_in)?;
             let exp = rec.expires.map(|e| format!(", expires {}", e.format("%Y-%m-%dT%H:%M:%SZ"))).unwrap_or_default();
             eprintln!("token {} for tenant {}{exp}; it is shown once and stored only as a hash:", rec.id, rec.tenant);
             // Shown once: a token that cannot be printed (stdout closed or
@@ -43,12 +53,12 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
                 writeln!(out, "{token}").and_then(|_| out.flush())
             };
             if let Err(e) = shown {
-                tokens::revoke(&dir, &rec.id)?;
+                tokens::revoke(&dir, &key, &rec.id)?;
                 anyhow::bail!("cannot print token {} ({e}); it is revoked: create another", rec.id);
             }
         }
         TokensCmd::List { json } => {
-            let all = tokens::load(&dir)?;
+            let all = if tokens::tokens_path(&dir).exists() { tokens::load(&dir, &*key(workspace)?)?.tokens } else { vec![] };
             let used = tokens::last_used(&dir);
             let now = chrono::Utc::now();
             let state = |t: &tokens::TokenRecord| {
@@ -92,8 +102,27 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
         }
         TokensCmd::Revoke { id } => {
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens revoke")?;
-            let t = tokens::revoke(&dir, id)?;
+            let t = tokens::revoke(&dir, &*key(workspace)?, id)?;
             crate::doneln!("token {} of tenant {} revoked; a running server refuses it within a second", t.id, t.tenant);
+        }
+        TokensCmd::Seal => {
+            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens seal")?;
+            let key = key(workspace)?;
+            if tokens::load(&dir, &key).is_ok() {
+                crate::doneln!("{} is already sealed (or absent): nothing to do", tokens::tokens_path(&dir).display());
+                return Ok(());
+            }
+            let Some(sealed) = tokens::seal_unsealed(&dir, &key)? else { return Ok(()) };
+            let esc = crate::util::escape_controls;
+            for t in &sealed {
+                let state = if t.revoked.is_some() { "revoked" } else { "active" };
+                crate::doneln!("sealed token {}  tenant {}  name {:?}  {state}", t.id, t.tenant, esc(&t.name));
+            }
+            crate::doneln!(
+                "sealed {} token(s) in {}: revoke (dagrun tokens revoke ID) any you do not recognise",
+                sealed.len(),
+                tokens::tokens_path(&dir).display()
+            );
         }
     }
     Ok(())

@@ -122,6 +122,8 @@ fn sig(p: &Path) -> Option<Sig> {
 #[derive(Default)]
 pub struct Watch {
     tokens: Option<Option<Sig>>,
+    /// The generation of the token file loaded: an older one is refused.
+    token_generation: u64,
     tenants: BTreeMap<String, (Option<Sig>, Option<Sig>)>,
     /// (version, blake3) pairs that failed: not retried until they change.
     failed: BTreeMap<(String, String), String>,
@@ -139,11 +141,26 @@ impl Shared {
         if w.tokens == Some(s) {
             return;
         }
-        match tokens::load(&self.dagrun_dir) {
-            Ok(recs) => {
+        let loaded = match &self.integrity {
+            Some(k) => tokens::load(&self.dagrun_dir, k),
+            None => Err(anyhow::anyhow!("the workspace has no master key, so the token file cannot be verified")),
+        };
+        match loaded {
+            Ok(t) if t.generation < w.token_generation => {
+                // A copy of an older file (one from before a revocation, say).
+                self.metrics.token_reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "cannot reload the tokens: the token file is of generation {}, older than the one loaded ({}): an old copy was put back; keeping the current tokens",
+                    t.generation,
+                    w.token_generation
+                );
+                w.tokens = Some(s);
+            }
+            Ok(t) => {
                 self.flush_last_used();
-                let n = recs.len();
-                self.tokens.store(Arc::new(TokenSet::new(recs)));
+                let n = t.tokens.len();
+                w.token_generation = t.generation;
+                self.tokens.store(Arc::new(TokenSet::new(t.tokens)));
                 if w.tokens.is_some() {
                     tracing::info!("tokens reloaded ({n} tokens)");
                 }

@@ -13,7 +13,19 @@
 //!   checked on every request against the clock, revocation as soon as the
 //!   server reloads the file (it polls it, see `serve::state`).
 //! - `tokens.json` is untrusted input when read back: parsed, every field
-//!   checked (id and hash shapes, tenant id rules, timestamps).
+//!   checked (id and hash shapes, tenant id rules, timestamps), and the
+//!   whole file authenticated: it is a record (`workspace::record`, domain
+//!   [`TOKENS_DOMAIN`]) whose MAC, under the workspace integrity key, covers
+//!   every token's tenant, hash, expiry and revocation. Whoever can write
+//!   `.dagrun/` but holds no master key cannot add a token, move one to
+//!   another tenant, or lift a revocation or an expiry. Each write increases
+//!   the file's `generation`; a running server refuses a file older than the
+//!   one it holds (a copy restored to un-revoke a token). Across a restart
+//!   the server cannot tell an old sealed file from the current one: keep
+//!   `.dagrun/` writable by its owner only.
+//! - A file of the unsealed format 1 (dagrun before the MAC) is refused by
+//!   every command and the server: `dagrun tokens seal` lists its tokens and
+//!   seals them, once the operator has checked them.
 //! - Writers (`create`, `revoke`) hold the workspace lock and replace the
 //!   file atomically.
 //! - The server records "last used" in `.dagrun/tokens-last-used.json`, a
@@ -31,7 +43,11 @@ use std::path::{Path, PathBuf};
 pub const TOKENS_FILE: &str = "tokens.json";
 /// Last-use times, written by the server.
 pub const LAST_USED_FILE: &str = "tokens-last-used.json";
-const FORMAT: &str = "dagrun-tokens/1";
+const FORMAT: &str = "dagrun-tokens/2";
+/// The unsealed format of dagrun before the token file had a MAC.
+const FORMAT_UNSEALED: &str = "dagrun-tokens/1";
+/// The record domain of the token file.
+pub const TOKENS_DOMAIN: &str = "dagrun-record/tokens/1";
 const PREFIX: &str = "dgr_";
 const MAX_FILE: u64 = 16 << 20;
 
@@ -51,7 +67,17 @@ pub struct TokenRecord {
 #[derive(Serialize, Deserialize, Debug, Default)]
 struct TokenFile {
     format: String,
+    /// Raised by every write: a server refuses to go back to an older file.
+    #[serde(default)]
+    generation: u64,
     tokens: Vec<TokenRecord>,
+}
+
+/// The verified token file: its tokens and its generation.
+#[derive(Debug, Default, Clone)]
+pub struct Tokens {
+    pub generation: u64,
+    pub tokens: Vec<TokenRecord>,
 }
 
 /// Path of the token file of the workspace whose `.dagrun/` is `dagrun_dir`.
@@ -83,25 +109,54 @@ pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     std::hint::black_box(d) == 0
 }
 
-/// Read and verify the token file (empty when absent).
-pub fn load(dagrun_dir: &Path) -> Result<Vec<TokenRecord>> {
+/// The token file's bytes (None when absent).
+fn read_file(dagrun_dir: &Path) -> Result<Option<Vec<u8>>> {
     let path = tokens_path(dagrun_dir);
     let meta = match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         r => r.with_context(|| format!("cannot read {}", path.display()))?,
     };
     if !meta.is_file() || meta.len() > MAX_FILE {
         bail!("{} is not a regular file of a sensible size; remove it and create the tokens again", path.display());
     }
-    let bytes = crate::util::read_capped(&path, MAX_FILE).with_context(|| format!("cannot read {}", path.display()))?;
-    parse(&bytes, &path.display().to_string())
+    Ok(Some(crate::util::read_capped(&path, MAX_FILE).with_context(|| format!("cannot read {}", path.display()))?))
 }
 
-fn parse(bytes: &[u8], origin: &str) -> Result<Vec<TokenRecord>> {
-    let f: TokenFile = crate::util::redact::from_json(bytes)
-        .map_err(|why| anyhow::anyhow!("{origin}: not a valid token file ({why}); restore it from a backup, or remove it and create the tokens again"))?;
-    if f.format != FORMAT {
-        bail!("{origin}: unsupported format {:?} (expected {FORMAT:?})", f.format);
+/// Read and verify the token file (empty when absent) under the workspace
+/// integrity key.
+pub fn load(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey) -> Result<Tokens> {
+    let Some(bytes) = read_file(dagrun_dir)? else { return Ok(Tokens::default()) };
+    parse(&bytes, &tokens_path(dagrun_dir).display().to_string(), Some(key))
+}
+
+/// The tokens of a file of the unsealed format 1, for `dagrun tokens seal`
+/// (checked field by field; nothing vouches for them).
+pub fn load_unsealed(dagrun_dir: &Path) -> Result<Option<Vec<TokenRecord>>> {
+    let Some(bytes) = read_file(dagrun_dir)? else { return Ok(None) };
+    Ok(Some(parse(&bytes, &tokens_path(dagrun_dir).display().to_string(), None)?.tokens))
+}
+
+/// Parse and check a token file; with `key`, only a sealed file whose MAC
+/// verifies is accepted, without, only the unsealed format 1.
+fn parse(bytes: &[u8], origin: &str, key: Option<&crate::crypto::IntegrityKey>) -> Result<Tokens> {
+    let f: TokenFile = match key {
+        Some(k) => {
+            let format = serde_json::from_slice::<serde_json::Value>(bytes).ok().and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
+            if format.as_deref() == Some(FORMAT_UNSEALED) {
+                bail!(
+                    "{origin} was written by an older dagrun and carries no MAC: anyone who could write .dagrun/ may have added a token to it. \
+                     Run `dagrun tokens seal` to list its tokens and seal them (check the list), or remove it and create the tokens again"
+                );
+            }
+            crate::workspace::record::open(Some(k), TOKENS_DOMAIN, bytes, origin)
+                .map_err(|e| anyhow::anyhow!("{e}: its tokens are not trusted (restore it from a backup, or remove it and create the tokens again)"))?
+        }
+        None => crate::util::redact::from_json(bytes)
+            .map_err(|why| anyhow::anyhow!("{origin}: not a valid token file ({why}); restore it from a backup, or remove it and create the tokens again"))?,
+    };
+    let want = if key.is_some() { FORMAT } else { FORMAT_UNSEALED };
+    if f.format != want {
+        bail!("{origin}: unsupported format {:?} (expected {want:?})", f.format);
     }
     let mut ids = std::collections::HashSet::new();
     for (i, t) in f.tokens.iter().enumerate() {
@@ -122,19 +177,28 @@ fn parse(bytes: &[u8], origin: &str) -> Result<Vec<TokenRecord>> {
             bail!("{at} ({}): name is longer than 200 bytes or holds control characters", t.id);
         }
     }
-    Ok(f.tokens)
+    Ok(Tokens { generation: f.generation, tokens: f.tokens })
 }
 
-fn save(dagrun_dir: &Path, tokens: &[TokenRecord]) -> Result<()> {
-    let f = TokenFile { format: FORMAT.into(), tokens: tokens.to_vec() };
-    let mut b = serde_json::to_vec_pretty(&f)?;
+/// Seal and write the token file, one generation after `previous`.
+fn save(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey, previous: u64, tokens: &[TokenRecord]) -> Result<()> {
+    let f = TokenFile { format: FORMAT.into(), generation: previous + 1, tokens: tokens.to_vec() };
+    let mut b = serde_json::to_vec_pretty(&crate::workspace::record::seal_value(key, TOKENS_DOMAIN, &f)?)?;
     b.push(b'\n');
     crate::util::atomic::write_atomic_mode(&tokens_path(dagrun_dir), &b, 0o600)
 }
 
+/// Seal a file of the unsealed format 1 as it is (`dagrun tokens seal`);
+/// returns its tokens. The caller holds the workspace lock.
+pub fn seal_unsealed(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey) -> Result<Option<Vec<TokenRecord>>> {
+    let Some(tokens) = load_unsealed(dagrun_dir)? else { return Ok(None) };
+    save(dagrun_dir, key, 0, &tokens)?;
+    Ok(Some(tokens))
+}
+
 /// Create a token for `tenant`; returns its record and the token (shown once).
 /// The caller holds the workspace lock.
-pub fn create(dagrun_dir: &Path, tenant: &str, name: &str, expires_in_days: Option<f64>) -> Result<(TokenRecord, String)> {
+pub fn create(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey, tenant: &str, name: &str, expires_in_days: Option<f64>) -> Result<(TokenRecord, String)> {
     if !crate::data::is_valid_tenant_id(tenant) {
         return Err(crate::error::config(format!("invalid tenant id {}; a tenant id is 1-64 characters of A-Z a-z 0-9 _ -", crate::data::show_tenant(tenant))));
     }
@@ -147,7 +211,7 @@ pub fn create(dagrun_dir: &Path, tenant: &str, name: &str, expires_in_days: Opti
         Some(d) if d.is_finite() && d > 0.0 && d <= 36_500.0 => Some(created + chrono::Duration::milliseconds((d * 86_400_000.0) as i64)),
         Some(d) => return Err(crate::error::config(format!("--expires-in {d}: give a number of days above 0, at most 36500"))),
     };
-    let mut tokens = load(dagrun_dir)?;
+    let Tokens { generation, mut tokens } = load(dagrun_dir, key)?;
     let secret = random_bytes::<32>()?;
     let token = format!("{PREFIX}{}", hex::encode(secret));
     let id = loop {
@@ -158,13 +222,13 @@ pub fn create(dagrun_dir: &Path, tenant: &str, name: &str, expires_in_days: Opti
     };
     let rec = TokenRecord { id, tenant: tenant.into(), name: name.into(), created, expires, revoked: None, sha256: hex::encode(digest(token.as_bytes())) };
     tokens.push(rec.clone());
-    save(dagrun_dir, &tokens)?;
+    save(dagrun_dir, key, generation, &tokens)?;
     Ok((rec, token))
 }
 
 /// Revoke token `id`. The caller holds the workspace lock.
-pub fn revoke(dagrun_dir: &Path, id: &str) -> Result<TokenRecord> {
-    let mut tokens = load(dagrun_dir)?;
+pub fn revoke(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey, id: &str) -> Result<TokenRecord> {
+    let Tokens { generation, mut tokens } = load(dagrun_dir, key)?;
     let Some(t) = tokens.iter_mut().find(|t| t.id == id) else {
         return Err(crate::error::config(format!("no token with id {}; see `dagrun tokens list`", crate::data::show_tenant(id))));
     };
@@ -172,7 +236,7 @@ pub fn revoke(dagrun_dir: &Path, id: &str) -> Result<TokenRecord> {
         t.revoked = Some(Utc::now());
     }
     let out = t.clone();
-    save(dagrun_dir, &tokens)?;
+    save(dagrun_dir, key, generation, &tokens)?;
     Ok(out)
 }
 
@@ -320,17 +384,23 @@ impl TokenSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::IntegrityKey;
+
+    fn key() -> IntegrityKey {
+        IntegrityKey::from_bytes([7; 32])
+    }
 
     #[test]
     fn create_check_revoke_expire() {
         let d = tempfile::tempdir().unwrap();
-        let (rec, tok) = create(d.path(), "Tenant_A", "ci", None).unwrap();
+        let k = key();
+        let (rec, tok) = create(d.path(), &k, "Tenant_A", "ci", None).unwrap();
         assert!(tok.starts_with("dgr_") && tok.len() == 68);
         let text = std::fs::read_to_string(tokens_path(d.path())).unwrap();
         assert!(!text.contains(&tok[4..]), "the token is stored in clear");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(tokens_path(d.path())).unwrap().permissions().mode() & 0o777, 0o600);
-        let set = TokenSet::new(load(d.path()).unwrap());
+        let set = TokenSet::new(load(d.path(), &k).unwrap().tokens);
         let now = Utc::now();
         assert_eq!(set.check(tok.as_bytes(), now).unwrap().tenant, "Tenant_A");
         assert_eq!(set.check(b"", now).unwrap_err(), Refusal::Missing);
@@ -338,15 +408,17 @@ mod tests {
         bad[10] ^= 1;
         assert_eq!(set.check(&bad, now).unwrap_err(), Refusal::Unknown);
         assert_eq!(set.check(&now.to_rfc3339().into_bytes(), now).unwrap_err(), Refusal::Unknown);
-        revoke(d.path(), &rec.id).unwrap();
-        let set = TokenSet::new(load(d.path()).unwrap());
+        revoke(d.path(), &k, &rec.id).unwrap();
+        let set = TokenSet::new(load(d.path(), &k).unwrap().tokens);
         assert_eq!(set.check(tok.as_bytes(), now).unwrap_err(), Refusal::Revoked);
-        let (_, tok2) = create(d.path(), "Tenant_B", "", Some(1.0)).unwrap();
-        let set = TokenSet::new(load(d.path()).unwrap());
+        let (_, tok2) = create(d.path(), &k, "Tenant_B", "", Some(1.0)).unwrap();
+        let t = load(d.path(), &k).unwrap();
+        assert_eq!(t.generation, 3, "each write raises the generation");
+        let set = TokenSet::new(t.tokens);
         assert!(set.check(tok2.as_bytes(), now).is_ok());
         assert_eq!(set.check(tok2.as_bytes(), now + chrono::Duration::days(2)).unwrap_err(), Refusal::Expired);
-        assert!(revoke(d.path(), "nope").is_err());
-        assert!(create(d.path(), "../x", "", None).is_err());
+        assert!(revoke(d.path(), &k, "nope").is_err());
+        assert!(create(d.path(), &k, "../x", "", None).is_err());
     }
 
     #[test]
@@ -356,7 +428,61 @@ mod tests {
             br#"{"format":"x","tokens":[]}"#,
             br#"{"format":"dagrun-tokens/1","tokens":[{"id":"../../x","tenant":"A","name":"","created":"2026-01-01T00:00:00Z","expires":null,"revoked":null,"sha256":"00"}]}"#,
         ] {
-            assert!(parse(bad, "t.json").unwrap_err().to_string().contains("t.json"));
+            assert!(parse(bad, "t.json", None).unwrap_err().to_string().contains("t.json"));
+            assert!(parse(bad, "t.json", Some(&key())).unwrap_err().to_string().contains("t.json"));
         }
+    }
+
+    /// Whoever can write `.dagrun/` but has no master key cannot add a
+    /// token, move one to another tenant, lift a revocation or an expiry.
+    #[test]
+    fn a_token_file_edited_outside_dagrun_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let k = key();
+        let (rec, tok) = create(d.path(), &k, "Tenant_A", "ci", Some(1.0)).unwrap();
+        revoke(d.path(), &k, &rec.id).unwrap();
+        let good = std::fs::read_to_string(tokens_path(d.path())).unwrap();
+        let forged = format!("dgr_{}", "ab".repeat(32));
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        let edits: Vec<Box<dyn Fn(&mut serde_json::Value)>> = vec![
+            Box::new(|v| v["tokens"][0]["tenant"] = "Tenant_B".into()),
+            Box::new(|v| v["tokens"][0]["revoked"] = serde_json::Value::Null),
+            Box::new(|v| v["tokens"][0]["expires"] = serde_json::Value::Null),
+            Box::new(move |v| {
+                let mut t = v["tokens"][0].clone();
+                t["id"] = "0badc0de".into();
+                t["revoked"] = serde_json::Value::Null;
+                t["sha256"] = hex::encode(digest(forged.as_bytes())).into();
+                v["tokens"].as_array_mut().unwrap().push(t);
+            }),
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("mac");
+            }),
+        ];
+        for edit in &edits {
+            let mut e = v.clone();
+            edit(&mut e);
+            std::fs::write(tokens_path(d.path()), serde_json::to_vec_pretty(&e).unwrap()).unwrap();
+            let err = load(d.path(), &k).unwrap_err().to_string();
+            assert!(err.contains("modified outside dagrun") && err.contains("not trusted"), "{err}");
+        }
+        // Another workspace's key does not open it either.
+        std::fs::write(tokens_path(d.path()), &good).unwrap();
+        assert!(load(d.path(), &IntegrityKey::from_bytes([8; 32])).is_err());
+        assert!(load(d.path(), &k).is_ok());
+        // An unsealed file (format 1) is refused until `tokens seal` seals it as it is.
+        v["format"] = "dagrun-tokens/1".into();
+        v.as_object_mut().unwrap().remove("mac");
+        v.as_object_mut().unwrap().remove("generation");
+        std::fs::write(tokens_path(d.path()), serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        let err = load(d.path(), &k).unwrap_err().to_string();
+        assert!(err.contains("carries no MAC") && err.contains("dagrun tokens seal"), "{err}");
+        let sealed = seal_unsealed(d.path(), &k).unwrap().unwrap();
+        assert_eq!(sealed.len(), 1);
+        let t = load(d.path(), &k).unwrap();
+        assert_eq!((t.generation, t.tokens[0].revoked.is_some()), (1, true));
+        assert_eq!(TokenSet::new(t.tokens).check(tok.as_bytes(), Utc::now()).unwrap_err(), Refusal::Revoked);
+        // A sealed file is never sealed again as if unsealed.
+        assert!(seal_unsealed(d.path(), &k).is_err());
     }
 }

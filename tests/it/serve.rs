@@ -778,6 +778,64 @@ fn tls_with_a_self_signed_certificate_and_plaintext_only_on_loopback() {
     assert!(o.stderr.contains("--tls-cert"), "{}", o.stderr);
 }
 
+/// The token file is sealed (review 8 forged a Tenant_B token by appending
+/// a record): a running server refuses a forged or altered file and keeps
+/// its tokens, and refuses an older copy put back to lift a revocation.
+#[test]
+fn a_forged_or_replayed_token_file_is_refused_by_a_running_server() {
+    let ws = trained(2000);
+    let tok_a = token(&ws, "Tenant_A", &[]);
+    let tok_b = token(&ws, "Tenant_B", &[]);
+    let before_revoke = ws.read(".dagrun/tokens.json");
+    let id_b = {
+        let l = ok(ws.dagrun(&["tokens", "list", "--json"])).json();
+        l["tokens"].as_array().unwrap().iter().find(|t| t["tenant"] == "Tenant_B").unwrap()["id"].as_str().unwrap().to_string()
+    };
+    ok(ws.dagrun(&["tokens", "revoke", &id_b]));
+    let srv = Server::start(&ws, &[]);
+    let a = agent();
+    let inp_b = input(&ws, "Tenant_B", 5, 3);
+    let infer_b = srv.url("/v2/models/Tenant_B/infer");
+    let refused_b = |a: &ureq::Agent, tok: &str| post(a, &infer_b, Some(tok), "application/json", inp_b.oip("x").to_string().as_bytes()).status;
+    assert_eq!(refused_b(&a, &tok_b), 401);
+    let failures = |a: &ureq::Agent| {
+        let m = get(a, &srv.url("/metrics"), None).body;
+        m.lines().find(|l| l.starts_with("dagrun_serve_token_reload_failures_total")).unwrap().to_string()
+    };
+    // A forged token appended for Tenant_B (the hash of a token of the attacker's choosing).
+    let forged = format!("dgr_{}", "ab".repeat(32));
+    let mut v: Value = serde_json::from_str(&ws.read(".dagrun/tokens.json")).unwrap();
+    let mut rec = v["tokens"][0].clone();
+    rec["id"] = json!("0badc0de");
+    rec["tenant"] = json!("Tenant_B");
+    rec["sha256"] = json!(hex_sha256(forged.as_bytes()));
+    v["tokens"].as_array_mut().unwrap().push(rec);
+    let current = ws.read(".dagrun/tokens.json");
+    ws.write(".dagrun/tokens.json", serde_json::to_vec_pretty(&v).unwrap());
+    srv.wait_log("cannot reload the tokens");
+    assert_eq!(refused_b(&a, &forged), 401, "a forged token was accepted");
+    assert!(failures(&a).ends_with(" 1"), "{}", failures(&a));
+    // The old file from before the revocation, sealed and valid, put back: refused as older.
+    ws.write(".dagrun/tokens.json", &current);
+    std::thread::sleep(Duration::from_millis(1500));
+    ws.write(".dagrun/tokens.json", &before_revoke);
+    srv.wait_log("older than the one loaded");
+    assert_eq!(refused_b(&a, &tok_b), 401, "a replayed file lifted a revocation");
+    // Tenant_A's token kept working all along.
+    let inp_a = input(&ws, "Tenant_A", 5, 3);
+    assert_eq!(post(&a, &srv.url("/v2/models/Tenant_A/infer"), Some(&tok_a), "application/json", inp_a.oip("a").to_string().as_bytes()).status, 200);
+    // The commands refuse the forged file too, naming the way out.
+    ws.write(".dagrun/tokens.json", serde_json::to_vec_pretty(&v).unwrap());
+    let o = ws.dagrun(&["tokens", "list"]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains("modified outside dagrun"), "{}", o.stderr);
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Send raw HTTP on a new connection and read the whole answer (the server
 /// closes or the 10 s read timeout ends it).
 fn raw(addr: &str, request: &[u8]) -> String {
