@@ -482,7 +482,7 @@ pub fn print(r: &PullReport) {
         r.objects_present
     );
     for p in &r.problems {
-        eprintln!("problem: {p}");
+        crate::util::stdout::warn(format_args!("problem: {p}"));
     }
 }
 

@@ -254,7 +254,7 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
         (r.failed.len(), serde_json::to_string_pretty(&r)?)
     };
     if a.json {
-        crate::outln!("{json}");
+        crate::doneln!("{json}");
     }
     if refused > 0 {
         // Exit 4: the remote holds data that fails its checks; a retry fetches the same.
@@ -285,9 +285,9 @@ pub fn print(r: &PushReport) {
         r.objects_present
     );
     for s in &r.skipped {
-        eprintln!("skipped: {s}");
+        crate::util::stdout::warn(format_args!("skipped: {s}"));
     }
     for f in &r.failed {
-        eprintln!("failed: {f}");
+        crate::util::stdout::warn(format_args!("failed: {f}"));
     }
 }

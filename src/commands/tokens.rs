@@ -1,4 +1,4 @@
-//! `dagrun tokens create | list | revoke | seal`: the API tokens of `dagrun serve`
+//! `dagrun tokens create | list | revoke`: the API tokens of `dagrun serve`
 //! (see `crate::serve::tokens`). The token is printed once, by `create`.
 
 use crate::engine::lock;
@@ -25,9 +25,6 @@ pub enum TokensCmd {
     },
     /// Revoke a token by id: a running server refuses it within a second.
     Revoke { id: String },
-    /// Seal a token file written by a dagrun older than its MAC: lists its
-    /// tokens (check them: nothing vouched for them before) and seals them.
-    Seal,
 }
 
 /// The workspace integrity key, which seals the token file (the keyring is
@@ -104,25 +101,6 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens revoke")?;
             let t = tokens::revoke(&dir, &*key(workspace)?, id)?;
             crate::doneln!("token {} of tenant {} revoked; a running server refuses it within a second", t.id, t.tenant);
-        }
-        TokensCmd::Seal => {
-            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens seal")?;
-            let key = key(workspace)?;
-            if tokens::load(&dir, &key).is_ok() {
-                crate::doneln!("{} is already sealed (or absent): nothing to do", tokens::tokens_path(&dir).display());
-                return Ok(());
-            }
-            let Some(sealed) = tokens::seal_unsealed(&dir, &key)? else { return Ok(()) };
-            let esc = crate::util::escape_controls;
-            for t in &sealed {
-                let state = if t.revoked.is_some() { "revoked" } else { "active" };
-                crate::doneln!("sealed token {}  tenant {}  name {:?}  {state}", t.id, t.tenant, esc(&t.name));
-            }
-            crate::doneln!(
-                "sealed {} token(s) in {}: revoke (dagrun tokens revoke ID) any you do not recognise",
-                sealed.len(),
-                tokens::tokens_path(&dir).display()
-            );
         }
     }
     Ok(())

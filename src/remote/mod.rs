@@ -394,9 +394,12 @@ impl Remote {
         }
         let loc = self.object_location(d.tenant.as_deref(), &d.hash);
         let r = self.store.get(&loc).await.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => {
-                anyhow!("{loc} is missing on {} (a record names it, the object was never uploaded); push again from a workspace that has it", self.shown)
-            }
+            // A record is uploaded only after its objects: an object it names
+            // that is missing was removed, which retrying does not undo.
+            object_store::Error::NotFound { .. } => untrusted(format!(
+                "{loc} is missing on {} (a record names it, the object was never uploaded); push again from a workspace that has it",
+                self.shown
+            )),
             e => self.explain("downloading", &loc, e),
         })?;
         if let Some(why) = d.size.refusal(r.meta.size, true) {

@@ -18,14 +18,17 @@
 //!   [`TOKENS_DOMAIN`]) whose MAC, under the workspace integrity key, covers
 //!   every token's tenant, hash, expiry and revocation. Whoever can write
 //!   `.dagrun/` but holds no master key cannot add a token, move one to
-//!   another tenant, or lift a revocation or an expiry. Each write increases
-//!   the file's `generation`; a running server refuses a file older than the
-//!   one it holds (a copy restored to un-revoke a token). Across a restart
-//!   the server cannot tell an old sealed file from the current one: keep
-//!   `.dagrun/` writable by its owner only.
+//!   another tenant, or lift a revocation or an expiry. Each write gives the
+//!   file a `generation` above the previous one's and at least the time of
+//!   the write in microseconds, so a file made anew (after the old one was
+//!   removed) is newer than any before it; a running server refuses a file
+//!   older than the one it holds (a copy restored to un-revoke a token).
+//!   Across a restart the server cannot tell an old sealed file from the
+//!   current one: keep `.dagrun/` writable by its owner only.
 //! - A file of the unsealed format 1 (dagrun before the MAC) is refused by
-//!   every command and the server: `dagrun tokens seal` lists its tokens and
-//!   seals them, once the operator has checked them.
+//!   every command and the server, for good: nothing can vouch for its
+//!   tokens (one may have been added, or a revocation lifted, after the
+//!   upgrade), so it is removed and the tokens created again.
 //! - Writers (`create`, `revoke`) hold the workspace lock and replace the
 //!   file atomically.
 //! - The server records "last used" in `.dagrun/tokens-last-used.json`, a
@@ -126,37 +129,22 @@ fn read_file(dagrun_dir: &Path) -> Result<Option<Vec<u8>>> {
 /// integrity key.
 pub fn load(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey) -> Result<Tokens> {
     let Some(bytes) = read_file(dagrun_dir)? else { return Ok(Tokens::default()) };
-    parse(&bytes, &tokens_path(dagrun_dir).display().to_string(), Some(key))
+    parse(&bytes, &tokens_path(dagrun_dir).display().to_string(), key)
 }
 
-/// The tokens of a file of the unsealed format 1, for `dagrun tokens seal`
-/// (checked field by field; nothing vouches for them).
-pub fn load_unsealed(dagrun_dir: &Path) -> Result<Option<Vec<TokenRecord>>> {
-    let Some(bytes) = read_file(dagrun_dir)? else { return Ok(None) };
-    Ok(Some(parse(&bytes, &tokens_path(dagrun_dir).display().to_string(), None)?.tokens))
-}
-
-/// Parse and check a token file; with `key`, only a sealed file whose MAC
-/// verifies is accepted, without, only the unsealed format 1.
-fn parse(bytes: &[u8], origin: &str, key: Option<&crate::crypto::IntegrityKey>) -> Result<Tokens> {
-    let f: TokenFile = match key {
-        Some(k) => {
-            let format = serde_json::from_slice::<serde_json::Value>(bytes).ok().and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
-            if format.as_deref() == Some(FORMAT_UNSEALED) {
-                bail!(
-                    "{origin} was written by an older dagrun and carries no MAC: anyone who could write .dagrun/ may have added a token to it. \
-                     Run `dagrun tokens seal` to list its tokens and seal them (check the list), or remove it and create the tokens again"
-                );
-            }
-            crate::workspace::record::open(Some(k), TOKENS_DOMAIN, bytes, origin)
-                .map_err(|e| anyhow::anyhow!("{e}: its tokens are not trusted (restore it from a backup, or remove it and create the tokens again)"))?
-        }
-        None => crate::util::redact::from_json(bytes)
-            .map_err(|why| anyhow::anyhow!("{origin}: not a valid token file ({why}); restore it from a backup, or remove it and create the tokens again"))?,
-    };
-    let want = if key.is_some() { FORMAT } else { FORMAT_UNSEALED };
-    if f.format != want {
-        bail!("{origin}: unsupported format {:?} (expected {want:?})", f.format);
+/// Parse and check a sealed token file: its MAC must verify under `key`.
+fn parse(bytes: &[u8], origin: &str, key: &crate::crypto::IntegrityKey) -> Result<Tokens> {
+    let format = serde_json::from_slice::<serde_json::Value>(bytes).ok().and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
+    if format.as_deref() == Some(FORMAT_UNSEALED) {
+        bail!(
+            "{origin} was written by a dagrun older than the token file's MAC: nothing vouches for its tokens (anyone who could write .dagrun/ \
+             may have added one or lifted a revocation). Remove it and create the tokens again (`dagrun tokens create`)"
+        );
+    }
+    let f: TokenFile = crate::workspace::record::open(Some(key), TOKENS_DOMAIN, bytes, origin)
+        .map_err(|e| anyhow::anyhow!("{e}: its tokens are not trusted (restore it from a backup, or remove it and create the tokens again)"))?;
+    if f.format != FORMAT {
+        bail!("{origin}: unsupported format {:?} (expected {FORMAT:?})", f.format);
     }
     let mut ids = std::collections::HashSet::new();
     for (i, t) in f.tokens.iter().enumerate() {
@@ -180,20 +168,14 @@ fn parse(bytes: &[u8], origin: &str, key: Option<&crate::crypto::IntegrityKey>) 
     Ok(Tokens { generation: f.generation, tokens: f.tokens })
 }
 
-/// Seal and write the token file, one generation after `previous`.
+/// Seal and write the token file, of a generation above `previous` and at
+/// least the time now in microseconds (see the module's rules).
 fn save(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey, previous: u64, tokens: &[TokenRecord]) -> Result<()> {
-    let f = TokenFile { format: FORMAT.into(), generation: previous + 1, tokens: tokens.to_vec() };
+    let now = u64::try_from(Utc::now().timestamp_micros()).unwrap_or(0);
+    let f = TokenFile { format: FORMAT.into(), generation: previous.saturating_add(1).max(now), tokens: tokens.to_vec() };
     let mut b = serde_json::to_vec_pretty(&crate::workspace::record::seal_value(key, TOKENS_DOMAIN, &f)?)?;
     b.push(b'\n');
     crate::util::atomic::write_atomic_mode(&tokens_path(dagrun_dir), &b, 0o600)
-}
-
-/// Seal a file of the unsealed format 1 as it is (`dagrun tokens seal`);
-/// returns its tokens. The caller holds the workspace lock.
-pub fn seal_unsealed(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey) -> Result<Option<Vec<TokenRecord>>> {
-    let Some(tokens) = load_unsealed(dagrun_dir)? else { return Ok(None) };
-    save(dagrun_dir, key, 0, &tokens)?;
-    Ok(Some(tokens))
 }
 
 /// Create a token for `tenant`; returns its record and the token (shown once).
@@ -395,6 +377,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let k = key();
         let (rec, tok) = create(d.path(), &k, "Tenant_A", "ci", None).unwrap();
+        let mut generations = vec![load(d.path(), &k).unwrap().generation];
         assert!(tok.starts_with("dgr_") && tok.len() == 68);
         let text = std::fs::read_to_string(tokens_path(d.path())).unwrap();
         assert!(!text.contains(&tok[4..]), "the token is stored in clear");
@@ -409,11 +392,17 @@ mod tests {
         assert_eq!(set.check(&bad, now).unwrap_err(), Refusal::Unknown);
         assert_eq!(set.check(&now.to_rfc3339().into_bytes(), now).unwrap_err(), Refusal::Unknown);
         revoke(d.path(), &k, &rec.id).unwrap();
+        generations.push(load(d.path(), &k).unwrap().generation);
         let set = TokenSet::new(load(d.path(), &k).unwrap().tokens);
         assert_eq!(set.check(tok.as_bytes(), now).unwrap_err(), Refusal::Revoked);
         let (_, tok2) = create(d.path(), &k, "Tenant_B", "", Some(1.0)).unwrap();
         let t = load(d.path(), &k).unwrap();
-        assert_eq!(t.generation, 3, "each write raises the generation");
+        assert!(t.generation > generations[1] && generations[1] > generations[0], "each write raises the generation: {generations:?} {}", t.generation);
+        // A file made anew (the old one removed) is newer than any before it.
+        let before = t.generation;
+        std::fs::remove_file(tokens_path(d.path())).unwrap();
+        create(d.path(), &k, "Tenant_B", "", None).unwrap();
+        assert!(load(d.path(), &k).unwrap().generation > before);
         let set = TokenSet::new(t.tokens);
         assert!(set.check(tok2.as_bytes(), now).is_ok());
         assert_eq!(set.check(tok2.as_bytes(), now + chrono::Duration::days(2)).unwrap_err(), Refusal::Expired);
@@ -428,8 +417,7 @@ mod tests {
             br#"{"format":"x","tokens":[]}"#,
             br#"{"format":"dagrun-tokens/1","tokens":[{"id":"../../x","tenant":"A","name":"","created":"2026-01-01T00:00:00Z","expires":null,"revoked":null,"sha256":"00"}]}"#,
         ] {
-            assert!(parse(bad, "t.json", None).unwrap_err().to_string().contains("t.json"));
-            assert!(parse(bad, "t.json", Some(&key())).unwrap_err().to_string().contains("t.json"));
+            assert!(parse(bad, "t.json", &key()).unwrap_err().to_string().contains("t.json"));
         }
     }
 
@@ -470,19 +458,16 @@ mod tests {
         std::fs::write(tokens_path(d.path()), &good).unwrap();
         assert!(load(d.path(), &IntegrityKey::from_bytes([8; 32])).is_err());
         assert!(load(d.path(), &k).is_ok());
-        // An unsealed file (format 1) is refused until `tokens seal` seals it as it is.
+        // An unsealed file (format 1, or one made to look so, with a
+        // revocation lifted) is refused for good.
         v["format"] = "dagrun-tokens/1".into();
         v.as_object_mut().unwrap().remove("mac");
         v.as_object_mut().unwrap().remove("generation");
+        v["tokens"][0]["revoked"] = serde_json::Value::Null;
         std::fs::write(tokens_path(d.path()), serde_json::to_vec_pretty(&v).unwrap()).unwrap();
         let err = load(d.path(), &k).unwrap_err().to_string();
-        assert!(err.contains("carries no MAC") && err.contains("dagrun tokens seal"), "{err}");
-        let sealed = seal_unsealed(d.path(), &k).unwrap().unwrap();
-        assert_eq!(sealed.len(), 1);
-        let t = load(d.path(), &k).unwrap();
-        assert_eq!((t.generation, t.tokens[0].revoked.is_some()), (1, true));
-        assert_eq!(TokenSet::new(t.tokens).check(tok.as_bytes(), Utc::now()).unwrap_err(), Refusal::Revoked);
-        // A sealed file is never sealed again as if unsealed.
-        assert!(seal_unsealed(d.path(), &k).is_err());
+        assert!(err.contains("older than the token file's MAC") && err.contains("create the tokens again"), "{err}");
+        assert!(create(d.path(), &k, "Tenant_A", "", None).is_err() && revoke(d.path(), &k, &rec.id).is_err());
+        assert_eq!(TokenSet::new(vec![]).check(tok.as_bytes(), Utc::now()).unwrap_err(), Refusal::Unknown);
     }
 }

@@ -58,10 +58,12 @@ pub fn tail(path: &std::path::Path, n: usize) -> String {
 }
 
 /// The last `n` lines of `bytes` (a log's end).
+/// Control characters are escaped: the text is the command's, and it is
+/// shown in terminals (an escape sequence is shown, never obeyed).
 pub fn tail_lines(bytes: &[u8], n: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    crate::util::escape_controls(&lines[lines.len().saturating_sub(n)..].join("\n")).into_owned()
 }
 
 fn kill_group(pid: u32, sig: i32) {

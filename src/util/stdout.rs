@@ -42,6 +42,13 @@ pub fn print_done(args: std::fmt::Arguments) {
     }
 }
 
+/// A line on stderr about a change being made (`push`'s skipped files,
+/// `pull`'s refusals): a closed stderr drops it (never `eprintln!`'s panic,
+/// which would turn the command's exit status into 101).
+pub fn warn(args: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr(), "{args}");
+}
+
 /// Standard output as a [`Write`] for a command that streams its results
 /// (`predict`, behind a `BufWriter`): a reader that goes away ends the
 /// process as with [`outln!`](crate::outln); other errors are returned.

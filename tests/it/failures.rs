@@ -438,5 +438,9 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
     drop(ring);
     let (st, err) = closed_stdout(&["keys", "forget", "Tenant_A", "--yes"]);
     assert!(st.success(), "{st:?}: {err}");
+    let remote = format!("file://{}", ws.path("remote").display());
+    let (st, err) = closed_stdout(&["push", "--json", "--remote", &remote]);
+    assert!(st.success(), "push --json: {st:?}: {err}");
+    assert!(ws.path("remote").read_dir().unwrap().next().is_some(), "nothing was pushed");
     assert!(dagrun::crypto::Keyring::open(ws.root.as_path()).unwrap().is_forgotten("Tenant_A").is_some());
 }

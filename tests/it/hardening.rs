@@ -520,25 +520,13 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     let o = ok(dg(&ws, &["run", "plant.yaml", "--metrics-file", "m/keyring.json"]));
     assert!(o.stderr.contains("not writing the metrics file") && o.stderr.contains("it is inside .dagrun/"), "{}", o.stderr);
     assert_eq!(std::fs::read(ws.path(keyring)).unwrap(), ring_before);
-    // A CSV with Windows line ends: a bad value is reported on its own line
-    // (the csv crate counts a CRLF file's rows one line short).
-    let crlf: Vec<String> = ws
-        .read("in.csv")
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            let mut f: Vec<&str> = l.split(',').collect();
-            if i == 2 {
-                f[3] = "bad";
-            }
-            f.join(",")
-        })
-        .collect();
-    ws.write("crlf.csv", crlf.join("\r\n") + "\r\n");
-    refused(&["predict", "--tenant", "Tenant_A", "--input", "crlf.csv"], "crlf.csv: row 2 (line 3), column Login_Count");
-    // A file that mixes line ends (rows pasted from two systems; a lone CR
-    // of an old Mac file) still names the failing row's own line.
-    for (ends, bad_line) in [(["\r\n", "\n", "\n", "\n", "\n"], 5), (["\n", "\r\n", "\r\n", "\n", "\r"], 5), (["\n", "\r\n", "\n", "\r\n", "\n"], 4)] {
+    // A CSV with Windows line ends, or one that mixes line ends (rows pasted
+    // from two systems; a lone CR of an old Mac file): a bad value is
+    // reported on its own line (the csv crate counts a row after a CRLF one
+    // line short).
+    let all_crlf = ["\r\n"; 5];
+    let mixed: [[&str; 5]; 3] = [["\r\n", "\n", "\n", "\n", "\n"], ["\n", "\r\n", "\r\n", "\n", "\r"], ["\n", "\r\n", "\n", "\r\n", "\n"]];
+    for (file, ends, bad_line) in [("crlf.csv", all_crlf, 3), ("mixed.csv", mixed[0], 5), ("mixed.csv", mixed[1], 5), ("mixed.csv", mixed[2], 4)] {
         let lines: Vec<String> = ws
             .read("in.csv")
             .lines()
@@ -551,11 +539,8 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
                 f.join(",") + ends[i % ends.len()]
             })
             .collect();
-        ws.write("mixed.csv", lines.concat());
-        refused(
-            &["predict", "--tenant", "Tenant_A", "--input", "mixed.csv"],
-            &format!("mixed.csv: row {} (line {bad_line}), column Login_Count", bad_line - 1),
-        );
+        ws.write(file, lines.concat());
+        refused(&["predict", "--tenant", "Tenant_A", "--input", file], &format!("{file}: row {} (line {bad_line}), column Login_Count", bad_line - 1));
     }
     // Elsewhere they are written as before.
     ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "scores/a.csv"]));

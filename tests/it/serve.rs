@@ -824,11 +824,19 @@ fn a_forged_or_replayed_token_file_is_refused_by_a_running_server() {
     // Tenant_A's token kept working all along.
     let inp_a = input(&ws, "Tenant_A", 5, 3);
     assert_eq!(post(&a, &srv.url("/v2/models/Tenant_A/infer"), Some(&tok_a), "application/json", inp_a.oip("a").to_string().as_bytes()).status, 200);
-    // The commands refuse the forged file too, naming the way out.
+    // The commands refuse the forged file too, naming the way out; removing
+    // it and creating the tokens again takes effect in the running server
+    // (a file made anew is newer than any before it).
     ws.write(".dagrun/tokens.json", serde_json::to_vec_pretty(&v).unwrap());
     let o = ws.dagrun(&["tokens", "list"]);
     assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("modified outside dagrun"), "{}", o.stderr);
+    assert!(o.stderr.contains("modified outside dagrun") && o.stderr.contains("create the tokens again"), "{}", o.stderr);
+    std::fs::remove_file(ws.path(".dagrun/tokens.json")).unwrap();
+    let tok_a2 = token(&ws, "Tenant_A", &[]);
+    srv.wait_log("tokens reloaded (1 tokens)");
+    let infer_a = srv.url("/v2/models/Tenant_A/infer");
+    assert_eq!(post(&a, &infer_a, Some(&tok_a2), "application/json", inp_a.oip("a2").to_string().as_bytes()).status, 200);
+    assert_eq!(post(&a, &infer_a, Some(&tok_a), "application/json", inp_a.oip("a1").to_string().as_bytes()).status, 401);
 }
 
 fn hex_sha256(b: &[u8]) -> String {
