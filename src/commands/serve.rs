@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// On SIGTERM, wait at most this for in-flight requests.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     pub drain_timeout: f64,
+    /// Connections held open at once; one more is closed as soon as it is
+    /// accepted (and counted in /metrics).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections: usize,
     /// Folder of the audit log (default .dagrun/audit/).
     #[arg(long, value_name = "DIR")]
     pub audit_dir: Option<PathBuf>,
@@ -58,8 +62,8 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
         Some(n) => check_workers(n).map_err(|e| crate::error::config(e.to_string()))?,
         None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
     };
-    if a.max_body == 0 || a.max_rows == 0 {
-        return Err(crate::error::config("--max-body and --max-rows must be at least 1"));
+    if a.max_body == 0 || a.max_rows == 0 || a.max_connections == 0 {
+        return Err(crate::error::config("--max-body, --max-rows and --max-connections must be at least 1"));
     }
     let opts = ServeOptions {
         workspace: workspace.to_path_buf(),
@@ -74,6 +78,7 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
             request_timeout: secs("request-timeout", a.request_timeout)?,
             header_timeout: secs("header-timeout", a.header_timeout)?,
             drain_timeout: secs("drain-timeout", a.drain_timeout)?,
+            max_connections: a.max_connections,
         },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -112,6 +112,8 @@ pub struct Metrics {
     models: Mutex<Vec<ModelInfo>>,
     pub model_switches: AtomicU64,
     pub token_reload_failures: AtomicU64,
+    /// Connections closed at accept because `--max-connections` were open.
+    pub connections_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -220,6 +222,11 @@ impl Metrics {
             "dagrun_serve_token_reload_failures_total",
             "Failed reloads of the token file (the previous tokens stay).",
             self.token_reload_failures.load(Ordering::Relaxed),
+        );
+        counter(
+            "dagrun_serve_connections_refused_total",
+            "Connections closed as soon as they were accepted: --max-connections were open.",
+            self.connections_refused.load(Ordering::Relaxed),
         );
         s
     }

@@ -10,6 +10,9 @@
 //! Rules of this module (the listener):
 //! - Plain HTTP only on a loopback address unless `insecure_plaintext` is
 //!   set; TLS is rustls (ring), HTTP/1.1.
+//! - At most `max_connections` connections are held at once: one more is
+//!   closed as soon as it is accepted, and counted
+//!   (`dagrun_serve_connections_refused_total`).
 //! - Slow clients: request headers must arrive within `header_timeout`
 //!   (else the connection is closed), a whole request within
 //!   `request_timeout` (else 408); a TLS handshake within `header_timeout`.
@@ -56,6 +59,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(30),
+            max_connections: 1024,
         }
     }
 }
@@ -206,6 +210,13 @@ pub async fn serve(
                 }
             },
         };
+        if active.load(Ordering::SeqCst) >= shared.limits.max_connections {
+            // Closed at once (the client sees a reset or end of stream):
+            // never queued, never a descriptor held for it.
+            shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();

@@ -54,6 +54,10 @@ pub struct Limits {
     pub request_timeout: Duration,
     pub header_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Connections held open at once; one more is closed as soon as it is
+    /// accepted (and counted), so idle or slow clients cannot take every
+    /// descriptor the process has.
+    pub max_connections: usize,
 }
 
 /// Everything the handlers share.

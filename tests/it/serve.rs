@@ -844,6 +844,31 @@ fn hex_sha256(b: &[u8]) -> String {
     sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// `--max-connections`: idle clients cannot hold every descriptor; one
+/// connection more is closed at once and counted, and a slot freed is used
+/// again.
+#[test]
+fn one_connection_over_max_connections_is_closed_at_once() {
+    let ws = trained(2000);
+    let srv = Server::start(&ws, &["--max-connections", "2", "--header-timeout", "30"]);
+    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&srv.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = TcpStream::connect(&srv.addr).unwrap();
+    third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = third.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the connection over the limit was served");
+    assert!(t0.elapsed() < Duration::from_secs(5), "the connection over the limit was held {:?}", t0.elapsed());
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = get(&agent(), &srv.url("/metrics"), None);
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("dagrun_serve_connections_refused_total 1"), "{}", r.body);
+    let o = ws.dagrun(&["serve", "--max-connections", "0"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+}
+
 /// Send raw HTTP on a new connection and read the whole answer (the server
 /// closes or the 10 s read timeout ends it).
 fn raw(addr: &str, request: &[u8]) -> String {
