@@ -58,13 +58,7 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
         ids.push(args.tenant.clone());
         ids
     });
-    let opts = IngestOptions {
-        expected_tenant: Some(args.tenant.clone()),
-        known_tenants: known,
-        require_label: false,
-        allow_label: true,
-        as_of: Some(deployed.as_of),
-    };
+    let opts = IngestOptions::for_scoring(&args.tenant, deployed.as_of, known);
     let mut reader = open_raw(&args.input, &opts, crate::data::DEFAULT_BATCH_SIZE).map_err(|e| crate::error::config(format!("{e:#}")))?.peekable();
     // Validate the first batch before anything is written, so an empty,
     // header-only or immediately bad file prints no score header.

@@ -55,6 +55,7 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
             }
         }
         TokensCmd::List { json } => {
+            // No token file, nothing to verify: listing makes no keyring.
             let all = if tokens::tokens_path(&dir).exists() { tokens::load(&dir, &*key(workspace)?)?.tokens } else { vec![] };
             let used = tokens::last_used(&dir);
             let now = chrono::Utc::now();

@@ -455,7 +455,7 @@ fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 /// A promotion's `--reason`: at most 1,000 bytes, no control characters
 /// (`models history` shows it in terminals).
 fn check_reason(why: &str) -> Result<()> {
-    if why.len() > 1000 || why.chars().any(char::is_control) {
+    if !crate::util::is_plain_label(why, 1000) {
         return Err(crate::error::config("--reason: at most 1000 bytes, no control characters (no line breaks, no escape sequences)"));
     }
     Ok(())

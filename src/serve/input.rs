@@ -349,16 +349,10 @@ fn validate<'c, 'd: 'c>(
     if n > ex.max_rows {
         return Err(too_many(n, ex.max_rows));
     }
-    let opts = IngestOptions {
-        expected_tenant: Some(ex.tenant.to_string()),
-        // No other tenant is ever named to a caller: a row of another tenant
-        // is only described, whether or not that tenant exists here (the
-        // answer must not tell a caller which tenants a server holds).
-        known_tenants: None,
-        require_label: false,
-        allow_label: true,
-        as_of: Some(ex.as_of),
-    };
+    // No other tenant is ever named to a caller: a row of another tenant is
+    // only described, whether or not that tenant exists here (the answer
+    // must not tell a caller which tenants a server holds).
+    let opts = IngestOptions::for_scoring(ex.tenant, ex.as_of, None);
     let mut ck = RowChecker::new(ORIGIN, &opts);
     ck.reserve(n);
     let mut rows = Rows { ids: Vec::with_capacity(n), logins: Vec::with_capacity(n), amounts: Vec::with_capacity(n), dates: Vec::with_capacity(n) };

@@ -53,6 +53,8 @@ const FORMAT_UNSEALED: &str = "dagrun-tokens/1";
 pub const TOKENS_DOMAIN: &str = "dagrun-record/tokens/1";
 const PREFIX: &str = "dgr_";
 const MAX_FILE: u64 = 16 << 20;
+/// Longest token name (`--name`), in bytes.
+const MAX_NAME_BYTES: usize = 200;
 
 /// One stored token (never the token itself).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -161,8 +163,8 @@ fn parse(bytes: &[u8], origin: &str, key: &crate::crypto::IntegrityKey) -> Resul
         if !crate::data::is_valid_tenant_id(&t.tenant) {
             bail!("{at} ({}): invalid tenant id {}", t.id, crate::data::show_tenant(&t.tenant));
         }
-        if t.name.len() > 200 || t.name.chars().any(char::is_control) {
-            bail!("{at} ({}): name is longer than 200 bytes or holds control characters", t.id);
+        if !crate::util::is_plain_label(&t.name, MAX_NAME_BYTES) {
+            bail!("{at} ({}): name is longer than {MAX_NAME_BYTES} bytes or holds control characters", t.id);
         }
     }
     Ok(Tokens { generation: f.generation, tokens: f.tokens })
@@ -184,8 +186,8 @@ pub fn create(dagrun_dir: &Path, key: &crate::crypto::IntegrityKey, tenant: &str
     if !crate::data::is_valid_tenant_id(tenant) {
         return Err(crate::error::config(format!("invalid tenant id {}; a tenant id is 1-64 characters of A-Z a-z 0-9 _ -", crate::data::show_tenant(tenant))));
     }
-    if name.len() > 200 || name.chars().any(char::is_control) {
-        return Err(crate::error::config("--name: at most 200 bytes, no control characters"));
+    if !crate::util::is_plain_label(name, MAX_NAME_BYTES) {
+        return Err(crate::error::config(format!("--name: at most {MAX_NAME_BYTES} bytes, no control characters")));
     }
     let created = Utc::now();
     let expires = match expires_in_days {

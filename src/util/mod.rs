@@ -40,6 +40,13 @@ pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>
     }
 }
 
+/// True when `text` is a label fit to show in a terminal and a log line: at
+/// most `max` bytes and no control character (no line break, no escape
+/// sequence). Token names and promotion reasons are held to it.
+pub fn is_plain_label(text: &str, max: usize) -> bool {
+    text.len() <= max && !text.chars().any(char::is_control)
+}
+
 /// `path` opened for reading with `O_NONBLOCK`: a FIFO put where a file
 /// should be is never waited on (see [`read_at_most`]).
 pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File> {

@@ -71,6 +71,16 @@ pub struct IngestOptions {
     pub as_of: Option<i32>,
 }
 
+impl IngestOptions {
+    /// What rows to score must be, for `predict` and `serve` alike (the two
+    /// refuse the same rows with the same message): all of `tenant`, dated
+    /// no later than the model's `as_of`, `Converted` allowed but not
+    /// needed. `known_tenants` are the other tenants a refusal may name.
+    pub fn for_scoring(tenant: &str, as_of: i32, known_tenants: Option<Vec<String>>) -> IngestOptions {
+        IngestOptions { expected_tenant: Some(tenant.to_string()), known_tenants, require_label: false, allow_label: true, as_of: Some(as_of) }
+    }
+}
+
 /// What [`validate_to_parquet`] wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IngestSummary {
