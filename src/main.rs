@@ -322,7 +322,9 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             // Not eprintln!: a closed stderr must not turn exit 1 or 2 into a panic's 101.
-            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            // A message may quote a file name or a field dagrun did not write:
+            // its escape sequences are shown, never obeyed by the terminal.
+            let _ = writeln!(std::io::stderr(), "error: {}", dagrun::util::escape_controls_in_lines(&format!("{e:#}")));
             error::exit_code_of(&e)
         }
     };

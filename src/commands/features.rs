@@ -2,9 +2,11 @@
 //! statistics and lineage, read from the store stage's recorded outputs.
 
 use crate::crypto::IntegrityKey;
+use crate::store::Manifest;
+use crate::workspace::ContentHash;
 use crate::workspace::Workspace;
 use crate::workspace::state::{Loaded, StateStore};
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,8 +20,9 @@ fn key_of(workspace: &Path) -> Result<Arc<IntegrityKey>> {
 /// records them.
 #[derive(Default)]
 struct Found {
-    /// Versions whose manifest's MAC verifies, sorted.
-    versions: Vec<(String, PathBuf)>,
+    /// Versions whose manifest verifies (MAC, tenant, and the blake3 its
+    /// store stage recorded), sorted, with the manifest read.
+    versions: Vec<(String, PathBuf, Manifest)>,
     /// Manifests of this tenant that were recorded but fail their check (why, naming the file).
     refused: Vec<String>,
     /// State records that fail their own check: whose they are is unknown.
@@ -41,18 +44,36 @@ fn find_versions(workspace: &Path, key: &Arc<IntegrityKey>, tenant: &str) -> Fou
         if s.ingredients.kind != "store" || s.ingredients.params.get("tenant").and_then(|t| t.as_str()) != Some(tenant) {
             continue;
         }
-        for out in s.outputs.keys() {
+        for (out, rec) in &s.outputs {
             if out.ends_with(crate::store::MANIFEST_FILE) {
                 let dir = workspace.join(out).parent().map(Path::to_path_buf).unwrap_or_default();
-                match crate::store::read_manifest(&dir, key) {
-                    Ok(m) => found.versions.push((m.feature_set_version, dir)),
+                match recorded_manifest(&dir, key, tenant, &rec.hash) {
+                    Ok(m) => found.versions.push((m.feature_set_version.clone(), dir, m)),
                     Err(e) => found.refused.push(format!("{e:#}")),
                 }
             }
         }
     }
-    found.versions.sort();
+    found.versions.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     found
+}
+
+/// The manifest in `dir` if it is `tenant`'s ([`crate::store::read_manifest_of`])
+/// and the very file its store stage wrote (its blake3 is `recorded`): an
+/// older genuine manifest put back is not shown as the current one.
+fn recorded_manifest(dir: &Path, key: &IntegrityKey, tenant: &str, recorded: &ContentHash) -> Result<Manifest> {
+    let m = crate::store::read_manifest_of(dir, key, tenant)?;
+    let path = dir.join(crate::store::MANIFEST_FILE);
+    let now = crate::workspace::hashing::hash_file_bytes(&path)?;
+    if now != *recorded {
+        bail!(
+            "{} was modified after its store stage wrote it (blake3 {}, recorded {}); `dagrun verify` names it, and the next run restores it",
+            path.display(),
+            now.short(),
+            recorded.short()
+        );
+    }
+    Ok(m)
 }
 
 impl Found {
@@ -86,8 +107,8 @@ pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -
             format!("tenant {tenant} has no feature version dagrun can trust in {ws}{why}")
         }));
     }
-    let (v, dir) = match version {
-        Some(v) => all.iter().find(|(x, _)| x == v).cloned().ok_or_else(|| {
+    let (v, dir, m) = match version {
+        Some(v) => all.iter().find(|(x, _, _)| x == v).cloned().ok_or_else(|| {
             crate::error::config(format!(
                 "tenant {tenant} has no feature version {v} (it has: {}){}",
                 all.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", "),
@@ -96,7 +117,6 @@ pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -
         })?,
         None => all.last().cloned().unwrap(),
     };
-    let m = crate::store::read_manifest(&dir, &key)?;
     if json {
         crate::outln!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(());

@@ -17,7 +17,7 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     let listing = runs::list(workspace);
     // A file that does not read as a record is named, not silently dropped.
     for (_, e) in &listing.unreadable {
-        eprintln!("warning: {e:#}; not listed");
+        crate::util::stdout::warn(format_args!("warning: {}; not listed", escape_controls(&format!("{e:#}"))));
     }
     let all = listing.records;
     if json {
@@ -56,7 +56,7 @@ pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
         return Ok(());
     }
     crate::outln!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, escape_controls(&r.pipeline));
-    crate::outln!("started {}  finished {}", r.started_at, r.finished_at);
+    crate::outln!("started {}  finished {}", escape_controls(&r.started_at), escape_controls(&r.finished_at));
     for s in &r.stages {
         crate::outln!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
         // A command's stderr (colours, cursor moves) is shown, never obeyed.

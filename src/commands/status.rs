@@ -12,6 +12,8 @@ use anyhow::Result;
 pub fn show(p: Pipeline, stages: &[String], force: &Option<Vec<String>>, json: bool) -> Result<i32> {
     let selected = scheduler::select(&p, stages)?;
     let forced = scheduler::forced(&p, force, &selected)?;
+    // It saves the hash memo in `.dagrun/`: never through a link planted there.
+    crate::workspace::own_dirs::check(&p.workspace)?;
     let mut engine = Engine::read_only(p)?;
     engine.forced = forced;
     let rows = status::status(&engine, &selected)?;
@@ -32,7 +34,8 @@ fn print(rows: &[StageStatus]) {
         };
         crate::outln!("{mark}  {}", r.stage);
         for reason in &r.reasons {
-            crate::outln!("         {reason}");
+            // A reason may quote a file name from the workspace: shown, never obeyed.
+            crate::outln!("         {}", crate::util::escape_controls(reason));
         }
     }
     let stale = rows.iter().filter(|r| r.state == State::Stale).count();

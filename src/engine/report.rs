@@ -95,6 +95,8 @@ impl Reporter {
         if let (Status::Skipped, Some(e)) = (rec.status, &rec.error) {
             line.push_str(&format!(" — {e}"));
         }
+        // Reasons and errors may quote file names or a command's output: shown, never obeyed.
+        let line = crate::util::escape_controls_in_lines(&line);
         match &self.mode {
             Mode::Quiet => {}
             Mode::Plain => {

@@ -298,6 +298,11 @@ impl RunRecord {
         if !is_run_id(&self.run_id) {
             anyhow::bail!("run_id {:?} is not of the form YYYYMMDD-HHMMSS-mmm-xxxx", self.run_id);
         }
+        for (what, v) in [("started_at", &self.started_at), ("finished_at", &self.finished_at)] {
+            if chrono::DateTime::parse_from_rfc3339(v).is_err() {
+                anyhow::bail!("{what} {:?} is not an RFC 3339 time", v.chars().take(40).collect::<String>());
+            }
+        }
         for s in &self.stages {
             plain("a stage name", &s.stage)?;
             for v in s.key.iter().chain(s.outputs.values()) {
@@ -357,7 +362,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(runs_dir(dir.path())).unwrap();
         let p = runs_dir(dir.path()).join("20990101-000000-000-abcd.json");
-        let rec = r#"{"run_id":"20990101-000000-000-abcd","pipeline":"p.yaml","started_at":"","finished_at":"","seconds":0.0,"status":"weird","exit_code":0,"stages":[]}"#;
+        let rec = r#"{"run_id":"20990101-000000-000-abcd","pipeline":"p.yaml","started_at":"2099-01-01T00:00:00.000Z","finished_at":"2099-01-01T00:00:01.000Z","seconds":0.0,"status":"weird","exit_code":0,"stages":[]}"#;
         std::fs::write(&p, rec).unwrap();
         let e = format!("{:#}", read(&p).unwrap_err());
         assert!(e.contains("20990101-000000-000-abcd.json") && e.contains("unknown variant `weird`"), "{e}");
@@ -378,7 +383,7 @@ mod tests {
         let stage = r#"{"stage":"a","status":"failed","seconds":0.5,"error":"exit 3; stderr:\n\u001b[31mred\u001b[0m"}"#;
         let rec = |seconds: &str, stage: &str| {
             format!(
-                r#"{{"run_id":"20990101-000000-000-abcd","pipeline":"p.yaml","started_at":"","finished_at":"","seconds":{seconds},"status":"failed","exit_code":1,"stages":[{stage}]}}"#
+                r#"{{"run_id":"20990101-000000-000-abcd","pipeline":"p.yaml","started_at":"2099-01-01T00:00:00.000Z","finished_at":"2099-01-01T00:00:01.000Z","seconds":{seconds},"status":"failed","exit_code":1,"stages":[{stage}]}}"#
             )
         };
         std::fs::write(&p, rec("1.0", stage)).unwrap();
@@ -391,6 +396,16 @@ mod tests {
             std::fs::write(&p, rec(seconds, &st)).unwrap();
             let e = format!("{:#}", read(&p).unwrap_err());
             assert!(e.contains("20990101-000000-000-abcd.json: not a run record dagrun wrote") && e.contains(why), "{e}");
+        }
+        // Times are RFC 3339 (printed by `runs show`): never an escape sequence.
+        for (field, why) in [("started_at", "started_at \"\\u{1b}]0;x\\u{7}\" is not an RFC 3339 time"), ("finished_at", "finished_at \"yesterday\" is not")] {
+            let bad = if field == "started_at" { r#""started_at":"\u001b]0;x\u0007""# } else { r#""finished_at":"yesterday""# };
+            let text = rec("1.0", stage);
+            let start = text.find(&format!("\"{field}\"")).unwrap();
+            let end = start + text[start..].find(',').unwrap();
+            std::fs::write(&p, format!("{}{bad}{}", &text[..start], &text[end..])).unwrap();
+            let e = format!("{:#}", read(&p).unwrap_err());
+            assert!(e.contains(why), "{e}");
         }
         // A pipeline path may hold any character a file name holds (printed escaped).
         std::fs::write(&p, rec("1.0", stage).replace(r#""pipeline":"p.yaml""#, r#""pipeline":"p\u001b[2J.yaml""#)).unwrap();

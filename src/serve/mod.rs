@@ -15,7 +15,10 @@
 //!   (`dagrun_serve_connections_refused_total`).
 //! - Slow clients: request headers must arrive within `header_timeout`
 //!   (else the connection is closed), a whole request within
-//!   `request_timeout` (else 408); a TLS handshake within `header_timeout`.
+//!   `request_timeout` (else 408); a TLS handshake within `header_timeout`;
+//!   a client that takes no byte of its answers for `request_timeout` is
+//!   disconnected ([`send_timeout`]). A connection's slot is freed however
+//!   its task ends.
 //! - Shutdown (SIGTERM/SIGINT, see `commands::serve`): stop accepting at once
 //!   (the listening socket is closed), mark not ready, let every in-flight
 //!   request finish and close idle keep-alive connections, for at most
@@ -25,6 +28,7 @@ pub mod audit;
 pub mod input;
 pub mod metrics;
 pub mod router;
+pub mod send_timeout;
 pub mod state;
 pub mod tokens;
 
@@ -221,10 +225,12 @@ pub async fn serve(
         let app = app.clone();
         let tls = tls.clone();
         let mut rx = rx.clone();
-        let active = active.clone();
         let limits = shared.limits.clone();
-        active.fetch_add(1, Ordering::SeqCst);
+        let stream = send_timeout::SendTimeout::new(stream, limits.request_timeout);
+        let slot = Slot::take(&active);
         tokio::spawn(async move {
+            // Freed when the task ends, however it ends (a panic too).
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| app.clone().oneshot(req.map(axum::body::Body::new)));
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
@@ -236,7 +242,6 @@ pub async fn serve(
                     }
                 }
             }
-            active.fetch_sub(1, Ordering::SeqCst);
         });
     }
     // Drain: close the socket, tell every connection, wait (bounded).
@@ -263,6 +268,22 @@ pub async fn serve(
         s.audit.close();
     }
     Ok(())
+}
+
+/// One of the `max_connections` slots, held while its connection lives.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Slot {
+        active.fetch_add(1, Ordering::SeqCst);
+        Slot(active.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Serve one connection; on shutdown, finish the request in flight and close.

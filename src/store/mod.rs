@@ -248,6 +248,17 @@ pub fn read_manifest(dir: &Path, key: &IntegrityKey) -> Result<Manifest> {
     Ok(m)
 }
 
+/// [`read_manifest`] of one tenant's feature version: a genuine manifest of
+/// another tenant (its MAC verifies: same workspace key) copied over this
+/// one's is refused, naming both tenants.
+pub fn read_manifest_of(dir: &Path, key: &IntegrityKey, tenant: &str) -> Result<Manifest> {
+    let m = read_manifest(dir, key)?;
+    if m.tenant != tenant {
+        bail!("{} names tenant {}, not {tenant}", dir.join(MANIFEST_FILE).display(), crate::data::show_tenant(&m.tenant));
+    }
+    Ok(m)
+}
+
 /// Open a feature version after checking it: blake3 of the file equals the
 /// manifest's, and the footer's version, lineage hash and tenant equal the
 /// manifest's. The file is opened once, hashed and then read from the same handle.

@@ -27,9 +27,13 @@ pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
 /// what its writer has sent so far (nothing, without one) instead of
 /// blocking the run, which may hold the workspace lock, forever.
 pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    read_open_at_most(open_nonblocking(path)?, max)
+}
+
+/// [`read_at_most`] of a file already opened with `O_NONBLOCK`.
+fn read_open_at_most(f: std::fs::File, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    let f = open_nonblocking(path)?;
     // Room for the whole file up front (one read, as `fs::read` does; `Take`
     // hides the size from `read_to_end`), within the cap.
     let size = f.metadata().map(|m| m.len()).unwrap_or(0).min(max);
@@ -55,11 +59,16 @@ pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File
 }
 
 /// A file dagrun reads back (state, memo, spool, run records, the audit
-/// head…): at most `max` bytes, else an `InvalidData` error saying so (a
-/// link to `/dev/zero` must not fill the memory), and never blocking on a
-/// FIFO ([`read_at_most`]).
+/// head…): a regular file (a link to one is fine) of at most `max` bytes,
+/// else an `InvalidData` error saying so: a FIFO or a device in its place
+/// (a link to `/dev/zero`) is refused before a byte is read, never waited on
+/// nor read into memory.
 pub fn read_capped(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let bytes = read_at_most(path, max)?;
+    let f = open_nonblocking(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file: not a file dagrun wrote"));
+    }
+    let bytes = read_open_at_most(f, max)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {max} bytes: not a file dagrun wrote")));
     }
@@ -79,8 +88,43 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// [`escape_controls`] line by line: line breaks kept, every other control
+/// character escaped. For messages of several lines that may quote what
+/// dagrun did not write (a file name, a record's field): the top-level error
+/// printer, a verify problem.
+pub fn escape_controls_in_lines(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(|c| c.is_control() && c != '\t' && c != '\n') {
+        text.split('\n').map(escape_controls).collect::<Vec<_>>().join("\n").into()
+    } else {
+        text.into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lines_are_kept_and_other_controls_escaped() {
+        assert_eq!(super::escape_controls_in_lines("one\ntwo\tthree"), "one\ntwo\tthree");
+        assert_eq!(super::escape_controls_in_lines("a\u{1b}]0;x\u{7}\nb\rc"), "a\\u{1b}]0;x\\u{7}\nb\\rc");
+    }
+
+    #[test]
+    fn read_capped_refuses_a_device_or_a_fifo_before_reading() {
+        let e = super::read_capped(std::path::Path::new("/dev/zero"), 1 << 30).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(super::read_capped(&fifo, 100).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"12345").unwrap();
+        assert_eq!(super::read_capped(&file, 5).unwrap(), b"12345");
+        assert!(super::read_capped(&file, 4).is_err());
+    }
+
     #[test]
     fn control_characters_are_escaped_tabs_kept() {
         assert_eq!(super::escape_controls("plain\ttext"), "plain\ttext");

@@ -13,11 +13,12 @@
 //!   points, and the files there would be read back as dagrun's own.
 //! - A folder that does not exist yet is fine: dagrun creates it as a folder.
 //! - The check runs whenever a command takes the workspace lock (every command
-//!   that writes workspace state), and before `verify`, `serve` and `report`
-//!   write or read there. It costs one `lstat` per folder and one listing each
-//!   of the object and registry folders (the file types come with the
-//!   listing). After each stage runs, before anything of it is stored or
-//!   recorded, the fixed folders are checked again ([`check_fixed`]): a
+//!   that writes workspace state), and before `verify`, `serve`, `report` and
+//!   `status` (`run --dry-run`: it saves the hash memo) write or read there.
+//!   It costs one `lstat` per folder and one listing each of the object and
+//!   registry folders (the file types come with the listing). After each
+//!   stage runs, before anything of it is stored or recorded, the fixed
+//!   folders are checked again ([`check_fixed`]): a
 //!   command that swapped one for a link fails its stage. What this does not
 //!   stop: a process outside the run that swaps a folder between that check
 //!   and a write (only writes relative to open folder handles would).

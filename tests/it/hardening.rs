@@ -268,7 +268,7 @@ fn own_folders_planted_as_links_are_refused_before_anything_is_written() {
     let ws = Ws::new();
     ws.pipeline("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs: [a.txt]\n");
     ok(dg(&ws, &["run", "pipeline.yaml"]));
-    for rel in ["runs", ".dagrun/openlineage/open", ".dagrun/state", ".dagrun/registry/Tenant_A"] {
+    for rel in [".dagrun", "runs", ".dagrun/openlineage/open", ".dagrun/state", ".dagrun/registry/Tenant_A"] {
         let outside = tempfile::tempdir().unwrap();
         let p = ws.path(rel);
         if p.is_dir() {
@@ -279,7 +279,8 @@ fn own_folders_planted_as_links_are_refused_before_anything_is_written() {
         }
         std::os::unix::fs::symlink(outside.path().join("moved"), &p).unwrap();
         let before = std::fs::read_dir(outside.path().join("moved")).unwrap().count();
-        for args in [&["run", "pipeline.yaml", "--force"][..], &["gc"], &["report", "last"]] {
+        // `status` and `run -n` save the hash memo: read-only views, refused alike (review 10).
+        for args in [&["run", "pipeline.yaml", "--force"][..], &["gc"], &["report", "last"], &["status", "pipeline.yaml"], &["run", "-n", "pipeline.yaml"]] {
             let o = dg(&ws, args);
             assert_eq!(o.code, 2, "{rel} {args:?}: {}", o.stderr);
             assert!(o.stderr.contains(&p.display().to_string()) && o.stderr.contains("is a symlink"), "{rel} {args:?}: {}", o.stderr);
@@ -680,4 +681,49 @@ fn a_fifo_in_place_of_a_file_read_back_never_hangs() {
         assert!(o.stderr.contains("end of stderr") && o.stderr.contains("boom"), "{plant}: {}", o.stderr);
         assert!(!o.stderr.contains("the linked file's own line"), "{plant}: {}", o.stderr);
     }
+}
+
+/// Text from files someone else can write in the workspace (file names in an
+/// input folder, under `.dagrun/`, a run record's times) reaches the terminal
+/// with its escape sequences shown, never obeyed (review 10): `status`, `run
+/// -n`, `verify`, the top-level error printer and `runs show`.
+#[test]
+fn escape_sequences_from_workspace_files_are_shown_never_obeyed() {
+    let esc = "Z\u{1b}]0;PWNED\u{7}\u{1b}[2J";
+    let raw = |o: &Out| o.stdout.contains('\u{1b}') || o.stderr.contains('\u{1b}');
+    let ws = Ws::new();
+    std::fs::create_dir_all(ws.path("in")).unwrap();
+    ws.write("in/a.txt", "a\n");
+    ws.pipeline("stages:\n  count:\n    cmd: ls in | wc -l > out.txt\n    deps: [in]\n    outs: [out.txt]\n");
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    // A FIFO in an input folder is refused, by a name holding escapes.
+    let fifo = std::ffi::CString::new(ws.path(&format!("in/{esc}")).to_str().unwrap()).unwrap();
+    // SAFETY: `fifo` is a valid NUL-terminated path for the call's duration.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    for args in [&["status", "pipeline.yaml"][..], &["run", "-n", "pipeline.yaml"], &["run", "pipeline.yaml"]] {
+        let o = dg(&ws, args);
+        assert!(!raw(&o), "{args:?} printed a raw escape:\n{}\n{}", o.stdout, o.stderr);
+        assert!(o.stdout.contains("\\u{1b}]0;PWNED") || o.stderr.contains("\\u{1b}]0;PWNED"), "{args:?}:\n{}\n{}", o.stdout, o.stderr);
+    }
+    std::fs::remove_file(ws.path(&format!("in/{esc}"))).unwrap();
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    // A file under .dagrun/state named with escapes: `verify` lists it, `lineage` names it in its error.
+    ws.write(&format!(".dagrun/state/{esc}.json"), "{}");
+    for (args, code) in [(&["verify"][..], 4), (&["lineage", "no/such/file"], 2)] {
+        let o = dg(&ws, args);
+        assert_eq!(o.code, code, "{args:?}:\n{}", o.stderr);
+        assert!(!raw(&o), "{args:?} printed a raw escape:\n{}\n{}", o.stdout, o.stderr);
+    }
+    std::fs::remove_file(ws.path(&format!(".dagrun/state/{esc}.json"))).unwrap();
+    // A run record whose time holds escapes is not one dagrun wrote.
+    let rec = ws.walk().into_iter().find(|p| p.starts_with("runs/") && p.ends_with(".json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&ws.read(&rec)).unwrap();
+    v["started_at"] = serde_json::Value::from(esc);
+    ws.write(&rec, serde_json::to_vec(&v).unwrap());
+    let id = Path::new(&rec).file_stem().unwrap().to_str().unwrap().to_string();
+    let o = dg(&ws, &["runs", "show", &id]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("started_at") && o.stderr.contains("is not an RFC 3339 time") && !raw(&o), "{}", o.stderr);
+    let o = dg(&ws, &["runs"]);
+    assert!(o.stderr.contains("not listed") && !raw(&o), "{}", o.stderr);
 }

@@ -869,6 +869,34 @@ fn one_connection_over_max_connections_is_closed_at_once() {
     assert_eq!(o.code, 2, "{}", o.stderr);
 }
 
+/// A client that pipelines requests and never reads the answers held its
+/// connection slot for as long as it kept the socket open, so a few of them
+/// locked everyone out (review 10): a connection whose answers make no
+/// progress for --request-timeout is closed and its slot freed.
+#[test]
+fn clients_that_stop_reading_their_answers_lose_their_connection() {
+    let ws = trained(2000);
+    let srv = Server::start(&ws, &["--max-connections", "2", "--header-timeout", "1", "--request-timeout", "1"]);
+    let stuck: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&srv.addr).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+            // Until the server stops reading: its answers fill both socket buffers.
+            let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
+            let t0 = Instant::now();
+            while s.write_all(&req).is_ok() {
+                assert!(t0.elapsed() < Duration::from_secs(60), "the server never stopped reading");
+            }
+            s
+        })
+        .collect();
+    // Both slots are taken now; after the send timeout they are free again.
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = get(&agent(), &srv.url("/v2/health/live"), None);
+    assert_eq!(r.status, 200, "a new client was locked out by clients that read nothing");
+    drop(stuck);
+}
+
 /// Send raw HTTP on a new connection and read the whole answer (the server
 /// closes or the 10 s read timeout ends it).
 fn raw(addr: &str, request: &[u8]) -> String {

@@ -472,3 +472,30 @@ fn features_names_the_manifest_it_could_not_trust() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("1 state record(s) could not be trusted"), "{}", o.stderr);
 }
+
+/// `features TENANT` shows only the manifest that tenant's store stage wrote
+/// (review 10): another tenant's genuine manifest copied over it, or an
+/// older genuine one of the same tenant put back, is refused by name.
+#[test]
+fn features_shows_only_the_manifest_the_tenants_store_stage_wrote() {
+    let ws = propensity_ws();
+    ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000", "-q"]));
+    let a = ws.path("featurestore/Tenant_A/v1.0/manifest.json");
+    let older = std::fs::read(&a).unwrap();
+    ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1200", "-q"]));
+    let current = std::fs::read(&a).unwrap();
+    assert_ne!(older, current);
+    std::fs::copy(ws.path("featurestore/Tenant_B/v1.0/manifest.json"), &a).unwrap();
+    let o = dg(&ws, &["features", "Tenant_A", "--json"]);
+    assert_eq!(o.code, 2, "another tenant's manifest was shown:\n{}", o.stdout);
+    assert!(o.stderr.contains("names tenant \"Tenant_B\", not Tenant_A") && !o.stdout.contains("Tenant_B"), "{}", o.stderr);
+    let o = dg(&ws, &["verify"]);
+    assert!(o.stdout.contains("names tenant \"Tenant_B\", not Tenant_A"), "{}", o.stdout);
+    std::fs::write(&a, &older).unwrap();
+    let o = dg(&ws, &["features", "Tenant_A"]);
+    assert_eq!(o.code, 2, "an older manifest was shown as the current one:\n{}", o.stdout);
+    assert!(o.stderr.contains("manifest.json was modified after its store stage wrote it"), "{}", o.stderr);
+    std::fs::write(&a, &current).unwrap();
+    let o = ok(dg(&ws, &["features", "Tenant_A"]));
+    assert!(o.stdout.contains("tenant Tenant_A, feature set v1.0") && o.stdout.contains("rows 600 "), "{}", o.stdout);
+}
