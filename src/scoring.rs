@@ -229,7 +229,7 @@ pub fn load_trained(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, versio
             if let Some(o) = act.outputs.get(rel)
                 && cas.check(&o.hash)?
             {
-                let b = std::fs::read(cas.object_path(&o.hash))?;
+                let b = crate::util::read_capped(&cas.object_path(&o.hash), crate::model::artifact::MAX_MODEL_BYTES)?;
                 if let Ok(a) = load_verified(&b, rel, &key, tenant)
                     && a.model_version == v
                 {

@@ -148,7 +148,8 @@ pub fn audit(workspace: &Path, verify: bool) -> Result<()> {
         return Ok(());
     }
     let path = dir.join(crate::crypto::audit::AUDIT_FILE);
-    let text = match std::fs::read_to_string(&path) {
+    // As `--verify` reads it: a regular file, never waited on nor read without end.
+    let text = match crate::util::read_capped(&path, crate::crypto::audit::MAX_LOG_BYTES).map(|b| String::from_utf8_lossy(&b).into_owned()) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             crate::outln!("no key operations recorded yet ({} does not exist)", path.display());

@@ -4,7 +4,7 @@
 
 use crate::engine::lock;
 use crate::registry::{Registry, current_user};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::Path;
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -97,7 +97,7 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                     e.registered_at,
                     e.auc,
                     e.feature_version,
-                    &e.lineage_hash[..e.lineage_hash.len().min(12)],
+                    crate::workspace::hash::short(&e.lineage_hash),
                     a
                 );
             }
@@ -111,7 +111,8 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                 if let Ok(d) = crate::scoring::load_trained(&ws, key()?, tenant, None)
                     && &d.artifact.model_version == version
                 {
-                    let bytes = std::fs::read(&d.model_path)?;
+                    let bytes = crate::util::read_capped(&d.model_path, crate::model::artifact::MAX_MODEL_BYTES)
+                        .with_context(|| format!("cannot read {}", d.model_path.display()))?;
                     if blake3::hash(&bytes).to_hex().as_str() == d.model_hash {
                         reg.register(&bytes, &*key()?)?;
                     }

@@ -297,12 +297,13 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
             continue;
         }
         for (path, o) in r.st.outputs.iter().filter(|(_, o)| o.dir && o.cached && !o.sensitive) {
-            let listing = std::fs::read(cas.object_path(&o.hash)).map_err(anyhow::Error::from).and_then(|b| {
-                if ContentHash::of_bytes(&b) != o.hash {
-                    bail!("cache object {} is corrupted", o.hash.short());
-                }
-                validate_tree(&b)
-            });
+            let listing =
+                crate::util::read_capped(&cas.object_path(&o.hash), crate::workspace::hashing::MAX_LISTING_BYTES).map_err(anyhow::Error::from).and_then(|b| {
+                    if ContentHash::of_bytes(&b) != o.hash {
+                        bail!("cache object {} is corrupted", o.hash.short());
+                    }
+                    validate_tree(&b)
+                });
             match listing {
                 Ok(entries) => {
                     for e in entries {

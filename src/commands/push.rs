@@ -75,7 +75,7 @@ fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Optio
             skipped.push(format!("{e}; not pushed (`dagrun verify` checks the workspace)"));
             continue;
         }
-        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let Ok(bytes) = crate::util::read_capped(&path, crate::workspace::state::MAX_RECORD_BYTES) else { continue };
         let (st, tenant) = match validate_record(&bytes, key.as_deref()) {
             Ok(v) => v,
             Err(e) => {
@@ -110,12 +110,14 @@ fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Optio
             }
             objects.push(o.hash.clone());
             if o.dir {
-                let listing = std::fs::read(cas.object_path(&o.hash)).map_err(anyhow::Error::from).and_then(|b| {
-                    if ContentHash::of_bytes(&b) != o.hash {
-                        bail!("its directory listing is corrupted");
-                    }
-                    validate_tree(&b)
-                });
+                let listing = crate::util::read_capped(&cas.object_path(&o.hash), crate::workspace::hashing::MAX_LISTING_BYTES)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|b| {
+                        if ContentHash::of_bytes(&b) != o.hash {
+                            bail!("its directory listing is corrupted");
+                        }
+                        validate_tree(&b)
+                    });
                 match listing {
                     Ok(entries) => {
                         for e in entries {

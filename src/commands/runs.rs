@@ -17,7 +17,7 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     let listing = runs::list(workspace);
     // A file that does not read as a record is named, not silently dropped.
     for (_, e) in &listing.unreadable {
-        crate::util::stdout::warn(format_args!("warning: {}; not listed", escape_controls(&format!("{e:#}"))));
+        crate::util::stdout::warn(format_args!("warning: {e:#}; not listed"));
     }
     let all = listing.records;
     if json {

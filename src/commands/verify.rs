@@ -251,7 +251,7 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
             // A directory listing: every entry must be safe to restore.
             let head = crate::util::read_at_most(&p, 31).unwrap_or_default();
             if looks_like_tree(&head) {
-                let bytes = crate::util::read_capped(&p, 1 << 30).unwrap_or_default();
+                let bytes = crate::util::read_capped(&p, crate::workspace::hashing::MAX_LISTING_BYTES).unwrap_or_default();
                 if let Err(why) = decode_tree(&bytes) {
                     r.problems.push(format!("cache object {short} ({}, a directory listing): {why}", ws.rel(&p)));
                     if repair {

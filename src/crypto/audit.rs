@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 
 /// File name of the log inside `.dagrun/keys/`.
 pub const AUDIT_FILE: &str = "audit.jsonl";
+/// Largest audit log read back.
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
 /// File name of the head record inside `.dagrun/keys/`.
 pub const HEAD_FILE: &str = "audit.head";
 const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -180,7 +182,7 @@ pub struct Verified {
 pub fn verify(keys_dir: &Path) -> Result<Verified> {
     let log = AuditLog::new(keys_dir);
     let shown = log.path.display().to_string();
-    let text = match crate::util::read_capped(&log.path, 1 << 30)
+    let text = match crate::util::read_capped(&log.path, MAX_LOG_BYTES)
         .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8")))
     {
         Ok(t) => t,

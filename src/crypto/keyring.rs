@@ -570,8 +570,9 @@ impl Keyring {
         let (wrapped, mechanism) = self.wrap_key(tenant, &id, key.bytes())?;
         let stored = StoredKey { id: id.clone(), created: now(), state: KeyState::Active, wrapped, mechanism };
         new.tenants.entry(tenant.to_string()).or_default().pseudonym_key = Some(stored);
-        self.commit(&mut g, new)?;
+        // Logged first, as in `add_data_key_as`: never a key without a line.
         self.audit.append("create", tenant, &id, "ok: pseudonym key")?;
+        self.commit_logged(&mut g, new, "create", tenant, &id)?;
         Ok(key)
     }
 
@@ -752,18 +753,33 @@ impl Keyring {
             }
             _ => None,
         };
-        // A rotation (an operator's act) is logged before the keyring changes,
-        // as a forget is: killed in between, it leaves a `started` line, never
-        // a new active key without one.
+        let mut lines = vec![(op, tenant, id.as_str(), "ok: data key")];
+        if let Some(pid) = &pseudonym {
+            lines.push(("create", tenant, pid.as_str(), "ok: pseudonym key"));
+        }
+        // Every change is logged before the keyring changes, as a forget is:
+        // killed in between, a rotation (an operator's act) leaves a `started`
+        // line, a creation a line for a key that never came to exist (the
+        // next run creates it again, under the same id, and logs it again);
+        // never a key without a line.
         if op == "rotate" {
             self.audit.append(op, tenant, &id, "started: new data key")?;
-        }
-        self.commit(g, new)?;
-        match &pseudonym {
-            Some(pid) => self.audit.append_all(&[(op, tenant, &id, "ok: data key"), ("create", tenant, pid, "ok: pseudonym key")])?,
-            None => self.audit.append(op, tenant, &id, "ok: data key")?,
+            self.commit(g, new)?;
+            self.audit.append_all(&lines)?;
+        } else {
+            self.audit.append_all(&lines)?;
+            self.commit_logged(g, new, op, tenant, &id)?;
         }
         Ok((id, key))
+    }
+
+    /// [`Self::commit`] of a creation logged already: when the keyring cannot
+    /// be written, a `failed` line follows (best effort) so the log does not
+    /// leave the key looking made.
+    fn commit_logged(&self, g: &mut MutexGuard<'_, KeyringFile>, new: KeyringFile, op: &str, tenant: &str, id: &str) -> Result<()> {
+        self.commit(g, new).inspect_err(|_| {
+            let _ = self.audit.append(op, tenant, id, "failed: the keyring was not written; this key does not exist");
+        })
     }
 
     fn wrap_key(&self, tenant: &str, id: &str, key: &[u8; 32]) -> Result<(String, Option<String>)> {
@@ -916,9 +932,15 @@ fn forgotten_check(file: &KeyringFile, tenant: &str) -> Result<()> {
     }
 }
 
+/// Largest keyring read: about 300 bytes a key, so room for a million keys.
+const MAX_KEYRING_BYTES: u64 = 256 << 20;
+
 fn read_keyring(path: &Path) -> Result<KeyringFile> {
     check_private(path, "keyring")?;
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read the keyring {}", path.display()))?;
+    // A regular file of a bounded size, never waited on (`util::read_capped`).
+    let text = crate::util::read_capped(path, MAX_KEYRING_BYTES)
+        .and_then(|b| String::from_utf8(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+        .with_context(|| format!("cannot read the keyring {}", path.display()))?;
     let file: KeyringFile = crate::util::redact::from_json(text.as_bytes()).map_err(|why| {
         anyhow::anyhow!(
             "the keyring {} is not valid keyring JSON ({}); restore it from a backup (do not delete it: the \

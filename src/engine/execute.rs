@@ -274,7 +274,7 @@ impl Engine {
             bail!(
                 "{} computed the stage's cache key as {} but dagrun computes {}: its inputs changed while it ran; run again",
                 done.job.as_deref().unwrap_or("the job"),
-                &k[..k.len().min(12)],
+                crate::workspace::hash::short(k),
                 ev.key.short()
             );
         }

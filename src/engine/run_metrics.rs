@@ -74,10 +74,7 @@ fn last_success_path(dagrun_dir: &Path) -> PathBuf {
 fn load_last_success(dagrun_dir: &Path) -> BTreeMap<String, f64> {
     let p = last_success_path(dagrun_dir);
     let parsed = (|| {
-        if std::fs::metadata(&p).ok()?.len() > MAX_STATE_BYTES {
-            return None;
-        }
-        let v: Value = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
+        let v: Value = serde_json::from_slice(&crate::util::read_capped(&p, MAX_STATE_BYTES).ok()?).ok()?;
         if v.get("format")?.as_str()? != LAST_SUCCESS_FORMAT {
             return None;
         }
@@ -106,11 +103,7 @@ fn plain(s: &str) -> bool {
 pub fn champion_version(dagrun_dir: &Path, tenant: &str, trained: Option<&str>) -> Option<String> {
     let p = dagrun_dir.join("registry").join(tenant).join("champion.json");
     if p.exists() {
-        let v: Value = std::fs::metadata(&p)
-            .ok()
-            .filter(|m| m.len() <= MAX_STATE_BYTES)
-            .and_then(|_| std::fs::read(&p).ok())
-            .and_then(|b| serde_json::from_slice(&b).ok())?;
+        let v: Value = crate::util::read_capped(&p, MAX_STATE_BYTES).ok().and_then(|b| serde_json::from_slice(&b).ok())?;
         let ok_tenant = v.get("tenant").and_then(Value::as_str) == Some(tenant);
         return v.get("version").and_then(Value::as_str).filter(|s| ok_tenant && plain(s)).map(str::to_string);
     }
@@ -124,12 +117,12 @@ pub struct DriftRows {
     pub features: Vec<(String, f64)>,
 }
 
-/// Read a `dagrun-drift/1` report (untrusted: only plain names and finite numbers).
-fn read_drift_report(path: &Path) -> Option<(f64, Vec<(String, f64)>)> {
-    if std::fs::metadata(path).ok()?.len() > 16 << 20 {
-        return None;
-    }
-    let v: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+/// Largest drift report read.
+const MAX_DRIFT_REPORT_BYTES: u64 = 16 << 20;
+
+/// Parse a `dagrun-drift/1` report (untrusted: only plain names and finite numbers).
+fn parse_drift_report(bytes: &[u8]) -> Option<(f64, Vec<(String, f64)>)> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
     if v.get("format")?.as_str()? != "dagrun-drift/1" {
         return None;
     }
@@ -157,10 +150,10 @@ pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
         let Some(p) = crate::stages::params::get::<crate::stages::drift::DriftWith>(s) else { continue };
         let rel = p.output.0.as_str();
         let abs = engine.pipeline.abs(rel);
+        // Read once (a regular file, never a FIFO or a device), then judged.
+        let Ok(bytes) = crate::util::read_capped(&abs, MAX_DRIFT_REPORT_BYTES) else { continue };
         let trusted = match r.status {
-            Status::Ran | Status::Cached | Status::Restored => {
-                r.outputs.get(rel).is_some_and(|h| std::fs::read(&abs).is_ok_and(|b| blake3::hash(&b).to_hex().as_str() == h))
-            }
+            Status::Ran | Status::Cached | Status::Restored => r.outputs.get(rel).is_some_and(|h| blake3::hash(&bytes).to_hex().as_str() == h),
             // The gate failed the stage after writing the report: use it if it is this run's.
             Status::Failed => {
                 let mtime = std::fs::metadata(&abs).and_then(|m| m.modified()).ok();
@@ -171,7 +164,7 @@ pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
         if !trusted {
             continue;
         }
-        if let Some((max_psi, features)) = read_drift_report(&abs) {
+        if let Some((max_psi, features)) = parse_drift_report(&bytes) {
             out.push(DriftRows { tenant: s.tenant.clone().unwrap_or_default(), max_psi, features });
         }
     }
@@ -299,21 +292,13 @@ mod tests {
 
     #[test]
     fn drift_reports_are_read_as_untrusted_input() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("drift.json");
-        std::fs::write(
-            &p,
-            r#"{"format":"dagrun-drift/1","tenant":"Tenant_A","max_psi":0.25,"features":[
-                {"name":"Recency_Days","psi":0.31},{"name":"bad\"name","psi":0.5},{"name":"Login_Count","psi":"x"},{"name":"Purchase_Amount","psi":0.02}]}"#,
-        )
-        .unwrap();
-        let (max, rows) = read_drift_report(&p).unwrap();
+        let report = br#"{"format":"dagrun-drift/1","tenant":"Tenant_A","max_psi":0.25,"features":[
+                {"name":"Recency_Days","psi":0.31},{"name":"bad\"name","psi":0.5},{"name":"Login_Count","psi":"x"},{"name":"Purchase_Amount","psi":0.02}]}"#;
+        let (max, rows) = parse_drift_report(report).unwrap();
         assert_eq!(max, 0.25);
         assert_eq!(rows, vec![("Recency_Days".to_string(), 0.31), ("Purchase_Amount".to_string(), 0.02)]);
-        std::fs::write(&p, r#"{"format":"other/1","max_psi":0.25,"features":[]}"#).unwrap();
-        assert!(read_drift_report(&p).is_none());
-        std::fs::write(&p, "not json").unwrap();
-        assert!(read_drift_report(&p).is_none());
+        assert!(parse_drift_report(br#"{"format":"other/1","max_psi":0.25,"features":[]}"#).is_none());
+        assert!(parse_drift_report(b"not json").is_none());
     }
 
     #[test]

@@ -921,7 +921,9 @@ const KILL_NOTE_WAIT: Duration = Duration::from_secs(5);
 fn await_kill_note(log: &Path) {
     let t0 = Instant::now();
     while t0.elapsed() < KILL_NOTE_WAIT {
-        if std::fs::read(log).is_ok_and(|b| b.windows(10).any(|w| w == b"slurmstepd")) {
+        // The note is at the log's end: its last 4 KiB, read without following
+        // a link or waiting on a FIFO (the job's command may have replaced it).
+        if crate::stages::cmd::tail(log, 50).contains("slurmstepd") {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));

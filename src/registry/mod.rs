@@ -147,17 +147,15 @@ pub fn current_user() -> String {
         .unwrap_or_else(|| format!("uid {}", unsafe { libc::getuid() }))
 }
 
+/// A registry file, read through one handle that never waits on a FIFO and
+/// refuses anything but a regular file of at most [`MAX_FILE`] bytes
+/// (`util::read_capped`); `None` when it does not exist.
 fn read_small(path: &Path) -> Result<Option<Vec<u8>>> {
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        Ok(m) if !m.is_file() => bail!("{} is not a regular file; remove it", path.display()),
-        Ok(m) if m.len() > MAX_FILE => {
-            bail!("{} is {} bytes, more than a registry file can be; it is corrupt: restore it from a backup", path.display(), m.len())
-        }
-        Ok(_) => {}
+    match crate::util::read_capped(path, MAX_FILE) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}; restore it from a backup (or remove it)", path.display())),
+        Ok(b) => Ok(Some(b)),
     }
-    Ok(Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?))
 }
 
 impl Registry {
@@ -239,6 +237,16 @@ impl Registry {
             }
             if !is_hex64(&e.blake3) {
                 bail!("{}: entry {} ({}): blake3 is not 64 lower-case hex digits", path.display(), i + 1, e.version);
+            }
+            // Shown by `models list`: values dagrun writes, nothing a terminal would obey.
+            if !(e.lineage_hash.is_empty() || is_hex64(&e.lineage_hash)) {
+                bail!("{}: entry {} ({}): lineage_hash is not 64 lower-case hex digits", path.display(), i + 1, e.version);
+            }
+            if chrono::DateTime::parse_from_rfc3339(&e.registered_at).is_err() {
+                bail!("{}: entry {} ({}): registered_at is not an RFC 3339 time", path.display(), i + 1, e.version);
+            }
+            if !crate::util::is_plain_label(&e.feature_version, 200) {
+                bail!("{}: entry {} ({}): feature_version holds a control character or is too long", path.display(), i + 1, e.version);
             }
         }
         Ok(idx.versions)

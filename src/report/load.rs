@@ -44,20 +44,31 @@ fn is_hex64(h: &str) -> bool {
     h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// Largest artifact the report reads (a model, an evaluation, a drift report):
+/// the model's own bound, which every one of them is far below.
+const MAX_ARTIFACT_BYTES: u64 = crate::model::artifact::MAX_MODEL_BYTES;
+
+/// An artifact's bytes: a regular file of at most [`MAX_ARTIFACT_BYTES`], read
+/// without waiting on a FIFO (`util::read_capped`); a device or a FIFO put in
+/// its place is refused, never read.
+fn read_artifact(path: &Path) -> std::io::Result<Vec<u8>> {
+    crate::util::read_capped(path, MAX_ARTIFACT_BYTES)
+}
+
 /// The bytes recorded as `rel` with blake3 `hash`, if they can be found intact.
 pub fn verified_bytes(workspace: &Path, rel: &str, hash: &str) -> Option<(Vec<u8>, Source)> {
     if !safe_rel(rel) || !is_hex64(hash) {
         return None;
     }
     let ok = |b: &Vec<u8>| blake3::hash(b).to_hex().as_str() == hash;
-    if let Ok(b) = std::fs::read(workspace.join(rel))
+    if let Ok(b) = read_artifact(&workspace.join(rel))
         && ok(&b)
     {
         return Some((b, Source::Workspace));
     }
     let cas = crate::workspace::cas::Cas::read_only(&crate::workspace::Workspace::at(workspace));
     let hash = crate::workspace::ContentHash::parse(hash).ok()?;
-    match std::fs::read(cas.object_path(&hash)) {
+    match read_artifact(&cas.object_path(&hash)) {
         Ok(b) if ok(&b) => Some((b, Source::Cache)),
         _ => None,
     }
@@ -109,7 +120,7 @@ pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> 
         };
         let model = match verified_bytes(workspace, p, h) {
             Some((b, src)) => ModelArtifact::from_json_bytes(&b, p).map(|a| (a, src)).map_err(|e| format!("{e:#}")),
-            None => Err(format!("{p} (blake3 {}…) is neither in the workspace nor in the cache", &h[..h.len().min(12)])),
+            None => Err(format!("{p} (blake3 {}…) is neither in the workspace nor in the cache", crate::workspace::hash::short(h))),
         };
         let evaluation = match ev {
             Some((ep, eh)) => match verified_bytes(workspace, ep, eh) {
@@ -165,7 +176,7 @@ pub fn drift_entries(
             }
         } else if s.status == Status::Failed {
             match declared_output(&s.stage).filter(|p| safe_rel(p)) {
-                Some(p) => match std::fs::read(workspace.join(&p)) {
+                Some(p) => match read_artifact(&workspace.join(&p)) {
                     Ok(b) => DriftReport::from_json_bytes(&b, &p).map(|r| (r, Source::Unrecorded)).map_err(|e| format!("{e:#}")),
                     Err(_) => Err(format!("failed before writing its report: {}", s.error.as_deref().unwrap_or(""))),
                 },

@@ -229,7 +229,9 @@ fn read_model(workspace: &Path, rel: &str, key: &crate::crypto::IntegrityKey, te
         return Ok(Some((m.blake3, m.artifact)));
     }
     let p = workspace.join(rel);
-    let bytes = match std::fs::read(&p) {
+    // Not a declared input (the registry's champion comes first): read as a
+    // regular file, never a FIFO or a device (`util::read_capped`).
+    let bytes = match crate::util::read_capped(&p, crate::model::artifact::MAX_MODEL_BYTES) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(anyhow!("cannot read the reference model {rel}: {e}")),
@@ -409,7 +411,7 @@ impl StageKind for Drift {
         Ok(RunReport { facts })
     }
     fn summarize(&self, stage: &Stage, outs: &[PathBuf]) -> Option<String> {
-        let r = Report::from_json_bytes(&std::fs::read(outs.first()?).ok()?, "drift report").ok()?;
+        let r = Report::from_json_bytes(&crate::util::read_capped(outs.first()?, 16 << 20).ok()?, "drift report").ok()?;
         let t = stage.tenant.as_deref().unwrap_or(&r.tenant);
         let Some(reference) = &r.reference else {
             return Some(format!("{t}: drift not measured (no model yet to compare with)"));

@@ -59,7 +59,7 @@ pub fn check_with(
     recorded_model_hash: Option<&ContentHash>,
     known_features_hash: Option<&str>,
 ) -> Result<Report> {
-    let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
+    let bytes = crate::util::read_capped(model, crate::model::artifact::MAX_MODEL_BYTES).with_context(|| format!("cannot read {}", model.display()))?;
     let model_hash = ContentHash::of_bytes(&bytes);
     match recorded_model_hash {
         Some(h) if *h == model_hash => {}
@@ -213,7 +213,7 @@ impl StageKind for ServeCheck {
         Ok(RunReport { facts })
     }
     fn summarize(&self, stage: &crate::pipeline::Stage, outs: &[PathBuf]) -> Option<String> {
-        let r: Report = serde_json::from_slice(&std::fs::read(outs.first()?).ok()?).ok()?;
+        let r: Report = serde_json::from_slice(&crate::util::read_capped(outs.first()?, 16 << 20).ok()?).ok()?;
         Some(format!(
             "{}: {} rows, features {}, model {}, test AUC {:.4}, serve-check {} ({} rows, max |Δ| {:.1e})",
             stage.tenant.as_deref().unwrap_or(&r.tenant),

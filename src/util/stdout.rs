@@ -44,9 +44,11 @@ pub fn print_done(args: std::fmt::Arguments) {
 
 /// A line on stderr about a change being made (`push`'s skipped files,
 /// `pull`'s refusals): a closed stderr drops it (never `eprintln!`'s panic,
-/// which would turn the command's exit status into 101).
+/// which would turn the command's exit status into 101). Such lines quote
+/// file names from the workspace: control characters are shown escaped,
+/// never obeyed by the terminal (line breaks kept).
 pub fn warn(args: std::fmt::Arguments) {
-    let _ = writeln!(std::io::stderr(), "{args}");
+    let _ = writeln!(std::io::stderr(), "{}", crate::util::escape_controls_in_lines(&args.to_string()));
 }
 
 /// Standard output as a [`Write`] for a command that streams its results

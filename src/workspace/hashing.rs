@@ -213,6 +213,9 @@ pub fn check_entry_path(p: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Largest directory listing read back from the cache.
+pub const MAX_LISTING_BYTES: u64 = 1 << 30;
+
 /// Encode a tree listing (entries must be sorted by path).
 pub fn encode_tree(entries: &[TreeEntry]) -> Vec<u8> {
     // Plain strings, bools and hashes: serialising cannot fail.

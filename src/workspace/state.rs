@@ -122,7 +122,7 @@ impl<T> Loaded<T> {
 }
 
 /// The largest state or action record read (they hold hashes and facts).
-const MAX_RECORD_BYTES: u64 = 16 << 20;
+pub const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 /// The state and action-cache records of a workspace.
 pub struct StateStore {

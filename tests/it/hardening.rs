@@ -640,6 +640,9 @@ fn a_fifo_in_place_of_a_file_read_back_never_hangs() {
         (".dagrun/openlineage/pending.jsonl", &["run", "pipeline.yaml"]),
         ("runs/20991231-000000-000-aaaa.json", &["runs"]),
         ("config/dagrun.yaml", &["run", "pipeline.yaml"]),
+        // Review 11: read with a blocking open (the run hung at its end, holding the lock).
+        (".dagrun/metrics/last-success.json", &["run", "pipeline.yaml", "--metrics-file", "m.prom"]),
+        (".dagrun/keys/audit.jsonl", &["keys", "audit"]),
     ] {
         let p = ws.path(file);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();

@@ -290,6 +290,21 @@ fn registry_models_are_verified_before_use() {
     // Promotion verifies the version it names.
     let o = dg(&ws, &["models", "promote", "Tenant_A", &va, "--reason", "test"]);
     assert_ne!(o.code, 0, "a tampered version was promoted:\n{}", o.stdout);
+    // 3. Index fields `models list` prints (review 11): an escape sequence, or
+    // a hash cut inside a multi-byte character (a panic), refused by name.
+    for (field, bad, why) in [
+        ("registered_at", "\u{1b}]0;x\u{7}", "registered_at is not an RFC 3339 time"),
+        ("feature_version", "v1\u{1b}[2J", "feature_version holds a control character"),
+        ("lineage_hash", "aaaaaaaaaaa\u{e9}bbb", "lineage_hash is not 64 lower-case hex digits"),
+    ] {
+        let mut bad_idx = idx.clone();
+        bad_idx["versions"][0][field] = Value::from(bad);
+        write_json(".dagrun/registry/Tenant_A/index.json", &bad_idx);
+        let o = dg(&ws, &["models", "list"]);
+        assert_ne!(o.code, 0, "{field}: {}", o.stdout);
+        assert!(o.stderr.contains(why), "{field}: {}", o.stderr);
+        assert!(!o.stdout.contains('\u{1b}') && !o.stderr.contains('\u{1b}'), "{field}: {}{}", o.stdout, o.stderr);
+    }
 }
 
 #[test]
