@@ -3,10 +3,9 @@
 
 use crate::crypto::IntegrityKey;
 use crate::store::Manifest;
-use crate::workspace::ContentHash;
 use crate::workspace::Workspace;
 use crate::workspace::state::{Loaded, StateStore};
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -47,7 +46,7 @@ fn find_versions(workspace: &Path, key: &Arc<IntegrityKey>, tenant: &str) -> Fou
         for (out, rec) in &s.outputs {
             if out.ends_with(crate::store::MANIFEST_FILE) {
                 let dir = workspace.join(out).parent().map(Path::to_path_buf).unwrap_or_default();
-                match recorded_manifest(&dir, key, tenant, &rec.hash) {
+                match crate::store::read_recorded_manifest(&dir, key, tenant, &rec.hash) {
                     Ok(m) => found.versions.push((m.feature_set_version.clone(), dir, m)),
                     Err(e) => found.refused.push(format!("{e:#}")),
                 }
@@ -56,24 +55,6 @@ fn find_versions(workspace: &Path, key: &Arc<IntegrityKey>, tenant: &str) -> Fou
     }
     found.versions.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     found
-}
-
-/// The manifest in `dir` if it is `tenant`'s ([`crate::store::read_manifest_of`])
-/// and the very file its store stage wrote (its blake3 is `recorded`): an
-/// older genuine manifest put back is not shown as the current one.
-fn recorded_manifest(dir: &Path, key: &IntegrityKey, tenant: &str, recorded: &ContentHash) -> Result<Manifest> {
-    let m = crate::store::read_manifest_of(dir, key, tenant)?;
-    let path = dir.join(crate::store::MANIFEST_FILE);
-    let now = crate::workspace::hashing::hash_file_bytes(&path)?;
-    if now != *recorded {
-        bail!(
-            "{} was modified after its store stage wrote it (blake3 {}, recorded {}); `dagrun verify` names it, and the next run restores it",
-            path.display(),
-            now.short(),
-            recorded.short()
-        );
-    }
-    Ok(m)
 }
 
 impl Found {

@@ -71,11 +71,19 @@ fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Optio
     let mut out = Vec::new();
     for (path, key) in files {
         let shown = ws.rel(&path);
-        if let Loaded::Invalid(e) = states.read_record(&path) {
+        // Read once: the bytes checked are the bytes pushed.
+        let bytes = match crate::util::read_capped(&path, crate::workspace::state::MAX_RECORD_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                skipped.push(format!("{shown}: {e}; not pushed (`dagrun verify` checks the workspace)"));
+                continue;
+            }
+        };
+        if let Loaded::Invalid(e) = states.check_record(&bytes, &path) {
             skipped.push(format!("{e}; not pushed (`dagrun verify` checks the workspace)"));
             continue;
         }
-        let Ok(bytes) = crate::util::read_capped(&path, crate::workspace::state::MAX_RECORD_BYTES) else { continue };
         let (st, tenant) = match validate_record(&bytes, key.as_deref()) {
             Ok(v) => v,
             Err(e) => {

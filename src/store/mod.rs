@@ -11,7 +11,7 @@ use crate::data::parquet_io::{ParquetSink, footer_kv};
 use crate::data::schema::{features_schema, format_date};
 use crate::features::v1::TenantStats;
 use crate::util::atomic::write_json_atomic;
-use crate::workspace::record;
+use crate::workspace::{ContentHash, record};
 use anyhow::{Context, Result, anyhow, bail};
 use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -233,11 +233,20 @@ fn finish_version(
 
 /// Read `dir/manifest.json` and verify its MAC under the workspace integrity key.
 pub fn read_manifest(dir: &Path, key: &IntegrityKey) -> Result<Manifest> {
+    let (p, bytes) = manifest_bytes(dir)?;
+    parse_manifest(&p, &bytes, key)
+}
+
+fn manifest_bytes(dir: &Path) -> Result<(PathBuf, Vec<u8>)> {
     let p = dir.join(MANIFEST_FILE);
     let bytes = crate::util::read_capped(&p, 16 << 20).with_context(|| {
         format!("cannot read feature manifest {}: the feature version is missing or incomplete; rerun `dagrun run --force store`", p.display())
     })?;
-    let m: Manifest = record::open(Some(key), record::FEATURE_MANIFEST, &bytes, &p.display().to_string())
+    Ok((p, bytes))
+}
+
+fn parse_manifest(p: &Path, bytes: &[u8], key: &IntegrityKey) -> Result<Manifest> {
+    let m: Manifest = record::open(Some(key), record::FEATURE_MANIFEST, bytes, &p.display().to_string())
         .map_err(|e| anyhow!("feature manifest refused: {e}; rerun `dagrun run --force store`"))?;
     if m.format != MANIFEST_FORMAT {
         bail!("feature manifest {} has format {:?}; this build reads {MANIFEST_FORMAT:?}", p.display(), m.format);
@@ -252,9 +261,33 @@ pub fn read_manifest(dir: &Path, key: &IntegrityKey) -> Result<Manifest> {
 /// another tenant (its MAC verifies: same workspace key) copied over this
 /// one's is refused, naming both tenants.
 pub fn read_manifest_of(dir: &Path, key: &IntegrityKey, tenant: &str) -> Result<Manifest> {
-    let m = read_manifest(dir, key)?;
+    let (p, bytes) = manifest_bytes(dir)?;
+    manifest_of(&p, &bytes, key, tenant)
+}
+
+fn manifest_of(p: &Path, bytes: &[u8], key: &IntegrityKey, tenant: &str) -> Result<Manifest> {
+    let m = parse_manifest(p, bytes, key)?;
     if m.tenant != tenant {
-        bail!("{} names tenant {}, not {tenant}", dir.join(MANIFEST_FILE).display(), crate::data::show_tenant(&m.tenant));
+        bail!("{} names tenant {}, not {tenant}", p.display(), crate::data::show_tenant(&m.tenant));
+    }
+    Ok(m)
+}
+
+/// [`read_manifest_of`], and the very file its store stage wrote (its blake3
+/// is `recorded`, from the stage's state record), checked on the bytes read
+/// once: an older genuine manifest put back is not taken for the current one.
+pub fn read_recorded_manifest(dir: &Path, key: &IntegrityKey, tenant: &str, recorded: &ContentHash) -> Result<Manifest> {
+    let (p, bytes) = manifest_bytes(dir)?;
+    // The specific refusals first (MAC, tenant), then "not the recorded one".
+    let m = manifest_of(&p, &bytes, key, tenant)?;
+    let now = ContentHash::of_bytes(&bytes);
+    if now != *recorded {
+        bail!(
+            "{} was modified after its store stage wrote it (blake3 {}, recorded {}); `dagrun verify` names it, and the next run restores it",
+            p.display(),
+            now.short(),
+            recorded.short()
+        );
     }
     Ok(m)
 }

@@ -160,7 +160,13 @@ impl StateStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
             Err(e) => return Loaded::Invalid(RecordError::Unreadable { file: self.shown(path), why: e.to_string() }),
         };
-        match record::open::<StageState>(self.key.as_deref(), record::STAGE_RECORD, &bytes, &self.shown(path)) {
+        self.check_record(&bytes, path)
+    }
+
+    /// Check the bytes of one record file read already (`path` names it in
+    /// errors): what is checked is what the caller goes on to use.
+    pub fn check_record(&self, bytes: &[u8], path: &Path) -> Loaded<StageState> {
+        match record::open::<StageState>(self.key.as_deref(), record::STAGE_RECORD, bytes, &self.shown(path)) {
             Ok(st) => Loaded::Valid(st),
             Err(e) => Loaded::Invalid(e),
         }
