@@ -190,7 +190,9 @@ fn is_hex64(h: &str) -> bool {
 /// after checking its blake3 equals `hash` (hashed and read from one handle).
 /// `None` when the file is absent or holds other bytes.
 fn read_features_if(path: &Path, hash: &str) -> Result<Option<Vec<Vec<f64>>>> {
-    let Ok(mut f) = std::fs::File::open(path) else { return Ok(None) };
+    // Named by the reference model, not a declared input: a FIFO or a device
+    // there is never waited on nor read; like a missing file, the cache's copy is tried.
+    let Ok(mut f) = crate::util::open_regular(path) else { return Ok(None) };
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

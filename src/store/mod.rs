@@ -17,7 +17,6 @@ use arrow_array::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -102,7 +101,7 @@ pub fn lineage_hash(tenant: &str, feature_set_version: &str, lineage: &Lineage) 
 
 /// blake3 (hex) of a file's bytes, streamed.
 pub fn hash_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f = crate::util::open_regular(path).with_context(|| format!("cannot open {}", path.display()))?;
     hash_reader(&mut f).with_context(|| format!("cannot read {}", path.display()))
 }
 
@@ -316,7 +315,7 @@ pub fn open_verified_with(
     let m = read_manifest(dir, key)?;
     let path = dir.join(&m.file);
     let shown = path.display().to_string();
-    let mut f = File::open(&path).with_context(|| format!("cannot open feature file {shown}; rerun `dagrun run --force store`"))?;
+    let mut f = crate::util::open_regular(&path).with_context(|| format!("cannot open feature file {shown}; rerun `dagrun run --force store`"))?;
     let vouched = m.file == FEATURES_FILE && known_hash == Some(m.file_blake3.as_str());
     if !vouched {
         let found = hash_reader(&mut f).with_context(|| format!("cannot read feature file {shown}"))?;

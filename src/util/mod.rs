@@ -51,6 +51,18 @@ pub fn is_plain_label(text: &str, max: usize) -> bool {
     text.len() <= max && !text.chars().any(char::is_control)
 }
 
+/// `path` opened for reading as a regular file (a link to one is fine): a
+/// FIFO or a device put in its place is refused at once (`InvalidData`),
+/// never waited on nor read without end. For data files dagrun streams
+/// (Parquet it wrote, a reference model's features), not ones it reads whole.
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let f = open_nonblocking(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    Ok(f)
+}
+
 /// `path` opened for reading with `O_NONBLOCK`: a FIFO put where a file
 /// should be is never waited on (see [`read_at_most`]).
 pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File> {
@@ -119,9 +131,12 @@ mod tests {
         // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         assert_eq!(super::read_capped(&fifo, 100).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(super::open_regular(&fifo).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        assert_eq!(super::open_regular(std::path::Path::new("/dev/zero")).unwrap_err().kind(), std::io::ErrorKind::InvalidData);
         let file = dir.path().join("f");
         std::fs::write(&file, b"12345").unwrap();
         assert_eq!(super::read_capped(&file, 5).unwrap(), b"12345");
+        assert!(super::open_regular(&file).is_ok());
         assert!(super::read_capped(&file, 4).is_err());
     }
 
