@@ -6,6 +6,8 @@
 //!   rewritten atomically on every change (directory `.dagrun/keys` is created 0700).
 //! - `<workspace>/.dagrun/keys/audit.jsonl` — the hash-chained log of every key
 //!   operation (see [`super::audit`]).
+//! - `<workspace>/.dagrun/keys/keyring.lock` — empty; its exclusive `flock` is
+//!   held around every change of `keyring.json` (see "Changes").
 //! - The master key comes from one of the sources of [`super::master`] (a file, the
 //!   environment, or a PKCS#11 token); the keyring records which kind (`master`).
 //!
@@ -27,6 +29,16 @@
 //! new one into a complete new keyring, then replaces `keyring.json` in one atomic
 //! rename: until that instant the old keyring (old master) is the valid one, from it
 //! the new one. No data is re-encrypted; key ids and bytes do not change.
+//!
+//! # Changes
+//! Other processes change `keyring.json` too: the jobs of a Slurm run are
+//! `exec-stage` processes, each with its own copy, creating their tenants'
+//! first keys at the same time. So every change (a tenant's first keys, a
+//! rotation, a forget) is a read-modify-write under the exclusive lock of
+//! `keyring.lock`, on the file read again inside it: no process writes back a
+//! copy that lacks another's keys, and a key another process made is used,
+//! never made a second time. A key id this process does not hold is looked up
+//! in the file again before it is called unknown.
 //!
 //! # Crypto-shredding
 //! [`Keyring::forget`] removes every wrapped key of a tenant from the file and leaves
@@ -50,6 +62,8 @@ use std::sync::{Mutex, MutexGuard};
 
 pub use super::master::{ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, ENV_MASTER_KEY_URI, MasterKeySource, default_master_key_path};
 
+/// The lock file of keyring changes, beside `keyring.json`.
+const KEYRING_LOCK_FILE: &str = "keyring.lock";
 /// `format` value of the keyring file.
 pub const KEYRING_FORMAT: &str = "dagrun-keyring/v1";
 const WRAP_AAD_PREFIX: &str = "dagrun/keywrap/v1|";
@@ -495,14 +509,29 @@ impl Keyring {
             let key = self.unwrap_key(tenant, k, DataKey::from_bytes)?;
             return Ok((k.id.clone(), key));
         }
+        let _file = self.lock_file()?;
+        self.reload(&mut g)?;
+        forgotten_check(&g, tenant)?;
+        if let Some(k) = g.tenants.get(tenant).and_then(TenantEntry::active_data) {
+            // Another process made it meanwhile.
+            let key = self.unwrap_key(tenant, k, DataKey::from_bytes)?;
+            return Ok((k.id.clone(), key));
+        }
         self.add_data_key_as(&mut g, tenant, "create")
     }
 
     /// A data key by id; retired keys stay readable.
     pub fn data_key(&self, tenant: &str, key_id: &str) -> Result<DataKey> {
         validate_tenant(tenant)?;
-        let g = self.lock();
+        let mut g = self.lock();
         forgotten_check(&g, tenant)?;
+        let held = |g: &KeyringFile| g.tenants.get(tenant).is_some_and(|e| e.data_keys.iter().any(|k| k.id == key_id));
+        if !held(&g) {
+            // Made by another process since this one read the file?
+            let _file = self.lock_file()?;
+            self.reload(&mut g)?;
+            forgotten_check(&g, tenant)?;
+        }
         let entry = g.tenants.get(tenant);
         match entry.and_then(|e| e.data_keys.iter().find(|k| k.id == key_id)) {
             Some(k) => self.unwrap_key(tenant, k, DataKey::from_bytes),
@@ -525,6 +554,12 @@ impl Keyring {
     pub fn active_data_key_id(&self, tenant: &str) -> Result<String> {
         validate_tenant(tenant)?;
         let mut g = self.lock();
+        forgotten_check(&g, tenant)?;
+        if let Some(k) = g.tenants.get(tenant).and_then(TenantEntry::active_data) {
+            return Ok(k.id.clone());
+        }
+        let _file = self.lock_file()?;
+        self.reload(&mut g)?;
         forgotten_check(&g, tenant)?;
         if let Some(k) = g.tenants.get(tenant).and_then(TenantEntry::active_data) {
             return Ok(k.id.clone());
@@ -564,6 +599,12 @@ impl Keyring {
         if let Some(k) = g.tenants.get(tenant).and_then(|e| e.pseudonym_key.as_ref()) {
             return self.unwrap_key(tenant, k, PseudonymKey::from_bytes);
         }
+        let _file = self.lock_file()?;
+        self.reload(&mut g)?;
+        forgotten_check(&g, tenant)?;
+        if let Some(k) = g.tenants.get(tenant).and_then(|e| e.pseudonym_key.as_ref()) {
+            return self.unwrap_key(tenant, k, PseudonymKey::from_bytes);
+        }
         let mut new = (*g).clone();
         let id = pseudonym_key_id(tenant);
         let key = PseudonymKey::generate()?;
@@ -580,6 +621,8 @@ impl Keyring {
     pub fn rotate(&self, tenant: &str) -> Result<String> {
         validate_tenant(tenant)?;
         let mut g = self.lock();
+        let _file = self.lock_file()?;
+        self.reload(&mut g)?;
         forgotten_check(&g, tenant)?;
         let (id, _key) = self.add_data_key_as(&mut g, tenant, "rotate")?;
         tracing::info!("rotated the data key of tenant {tenant}: new active key {id}");
@@ -592,6 +635,8 @@ impl Keyring {
     pub fn forget(&self, tenant: &str) -> Result<()> {
         validate_tenant(tenant)?;
         let mut g = self.lock();
+        let _file = self.lock_file()?;
+        self.reload(&mut g)?;
         if let Some(t) = g.forgotten.iter().find(|t| t.tenant == tenant) {
             // Names the destroyed keys again: a forget killed between its
             // keyring write and its audit line is recorded here at the latest.
@@ -716,6 +761,36 @@ impl Keyring {
         // State is only replaced after a successful write, so a poisoned lock still
         // guards a consistent value.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The exclusive lock every change of the keyring file is made under
+    /// (see "Changes" above); released when the returned file is dropped.
+    /// Taken after the in-memory state's mutex, never before.
+    fn lock_file(&self) -> Result<fs::File> {
+        let path = self.path.with_file_name(KEYRING_LOCK_FILE);
+        let what = || format!("cannot lock {}", path.display());
+        let mut o = fs::OpenOptions::new();
+        o.read(true).write(true).create(true).truncate(false);
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let f = crate::util::nofollow::open_own_file(&mut o, &path).with_context(what)?;
+        f.lock().with_context(what)?;
+        Ok(f)
+    }
+
+    /// Under [`Self::lock_file`]: take the keyring as it is on disk now (another
+    /// process may have changed it since this one read it). It must be under
+    /// the same master key (a rewrap holds the workspace lock, which no run
+    /// shares, so a different one means the file was replaced).
+    fn reload(&self, g: &mut MutexGuard<'_, KeyringFile>) -> Result<()> {
+        if fs::symlink_metadata(&self.path).is_err() {
+            return Ok(()); // not written yet: what this process holds stands
+        }
+        let fresh = read_keyring(&self.path)?;
+        if fresh.key_check != self.key_check {
+            bail!("the keyring {} was replaced by one under another master key while this command ran; run it again", self.path.display());
+        }
+        **g = fresh;
+        Ok(())
     }
 
     /// Persist `new`, then make it the in-memory state.

@@ -174,7 +174,17 @@ pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)
             MAX_PIPELINE_BYTES
         )));
     }
-    let bytes = crate::util::read_at_most(&file, MAX_PIPELINE_BYTES).map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
+    // The file the user named: a pipe (`dagrun run <(make-pipeline)`,
+    // `/dev/stdin`) is read to its end, as `cat` would; nothing is locked yet.
+    // Read no further than the cap: `/dev/zero` is refused, never read whole.
+    let bytes = {
+        use std::io::Read;
+        let mut b = Vec::new();
+        std::fs::File::open(&file)
+            .and_then(|f| f.take(MAX_PIPELINE_BYTES + 1).read_to_end(&mut b))
+            .map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
+        b
+    };
     if bytes.len() as u64 > MAX_PIPELINE_BYTES {
         return Err(config(format!(
             "{shown}: more than {MAX_PIPELINE_BYTES} bytes (1 MiB) could be read from it; a pipeline file may be at most that. Is this the right file?"

@@ -568,6 +568,22 @@ fn a_pipeline_or_settings_file_without_end_is_refused() {
     let o = capped(&["run", "pipelines/propensity.yaml", "-p", "rows=1000"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("config/dagrun.yaml: the file is over 1 MiB"), "{}", o.stderr);
+    // A pipeline through a pipe whose writer is slow is read to its end
+    // (review 12: read without waiting, it was taken for an empty file).
+    std::fs::remove_file(ws.path("config/dagrun.yaml")).unwrap();
+    let mut c = cmd(&ws, &["dag", "/dev/stdin", "-C", ws.root.to_str().unwrap()]);
+    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let text = ws.read("pipelines/propensity.yaml");
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        std::io::Write::write_all(&mut stdin, text.as_bytes()).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("train[Tenant_A]"), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 /// The master key kept outside the workspace (`DAGRUN_MASTER_KEY_FILE`) is a

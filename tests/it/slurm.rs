@@ -789,3 +789,25 @@ fn a_job_slurmctld_has_forgotten_is_found_in_the_job_completion_log() {
     assert!(o.stderr.contains("no such widget"), "{}", o.stderr);
     assert!(!o.stderr.contains("LOST"), "{}", o.stderr);
 }
+
+/// A fresh workspace under Slurm: each tenant's encrypt job is its own
+/// process and makes its tenant's first keys at the same time as the other's
+/// (review 12: each wrote back its own copy of the keyring, and one tenant's
+/// keys were lost while the audit log said they were made). Both tenants'
+/// keys are kept, the audit log verifies, and a local run finds all fresh.
+#[test]
+fn jobs_making_their_tenants_first_keys_at_once_keep_each_others() {
+    need_cluster!();
+    let ws = propensity_ws(None);
+    let o = ok(run_in(&ws.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "--executor", "slurm", "-j", "4"]));
+    assert!(o.stdout.contains("14 stages: 14 ran"), "{}", o.stdout);
+    let keys = ok(run_in(&ws.root, &["keys", "list"])).stdout;
+    for t in TENANTS {
+        for id in [format!("{t}-dk-1"), format!("{t}-pk-1")] {
+            assert!(keys.contains(&id), "{id} is not in the keyring:\n{keys}");
+        }
+    }
+    ok(run_in(&ws.root, &["keys", "audit", "--verify"]));
+    let again = ok(run_in(&ws.root, &["run", PIPE, "-p", &format!("rows={ROWS}")]));
+    assert!(again.stdout.contains("all 14 stages up to date"), "{}", again.stdout);
+}

@@ -53,7 +53,7 @@ fn default_master_key_is_created_private_and_keys_persist() {
     let names: Vec<String> = fs::read_dir(keys_dir(ws.path())).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     let mut sorted = names.clone();
     sorted.sort();
-    assert_eq!(sorted, ["audit.head", "audit.jsonl", "keyring.json", "master.key"], "{names:?}");
+    assert_eq!(sorted, ["audit.head", "audit.jsonl", "keyring.json", "keyring.lock", "master.key"], "{names:?}");
     // both key creations are in the audit log, which verifies and holds no key
     let audit = fs::read_to_string(keys_dir(ws.path()).join("audit.jsonl")).unwrap();
     assert_eq!(audit.lines().count(), 2);
@@ -414,4 +414,42 @@ fn view_reads_without_creating_and_predicts_the_next_key_id() {
     kr.forget("Tenant_A").unwrap();
     assert!(KeyringView::read(ws.path()).unwrap().is_forgotten("Tenant_A").is_some());
     assert!(KeyringView::read(ws.path()).unwrap().data_key_ingredient("bad id").is_err());
+}
+
+/// Two processes with the keyring open at once (the jobs of a Slurm run, each
+/// an `exec-stage`): each makes its tenant's first keys from the copy it read
+/// at start. Review 12: the second write dropped the first one's keys (both
+/// logged as made, one tenant's data never decryptable again). Every change
+/// now reads the file again under the keyring lock.
+#[test]
+fn keyrings_open_in_two_processes_keep_each_others_keys() {
+    let ws = tempfile::tempdir().unwrap();
+    Keyring::open_with(ws.path(), env(HEX_A)).unwrap().active_data_key("Tenant_C").unwrap();
+    let a = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
+    let b = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
+    let (ia, ka) = a.active_data_key("Tenant_A").unwrap();
+    let pa = *a.pseudonym_key("Tenant_A").unwrap().bytes();
+    let ib = b.active_data_key_id("Tenant_B").unwrap();
+    // `b` read the file before `a` made Tenant_A's keys: it finds them, never makes others.
+    let (ia2, ka2) = b.active_data_key("Tenant_A").unwrap();
+    assert_eq!((ia2.as_str(), ka2.as_bytes()), (ia.as_str(), ka.as_bytes()));
+    assert_eq!(b.pseudonym_key("Tenant_A").unwrap().bytes(), &pa);
+    assert_eq!(b.data_key("Tenant_A", &ia).unwrap().as_bytes(), ka.as_bytes());
+    // `a` rotates Tenant_B's key, which it has never seen, from the file as it is now.
+    let rotated = a.rotate("Tenant_B").unwrap();
+    assert_eq!(rotated, "Tenant_B-dk-2");
+    assert!(b.data_key("Tenant_B", &rotated).is_ok(), "a key made by the other process is looked up in the file");
+    let fresh = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
+    let ids: Vec<String> = fresh.list().into_iter().map(|k| k.key_id).collect();
+    for id in [ia.as_str(), ib.as_str(), rotated.as_str(), "Tenant_A-pk-1", "Tenant_C-dk-1"] {
+        assert!(ids.iter().any(|i| i == id), "{id} was lost: {ids:?}");
+    }
+    // `b` forgets Tenant_A: `a`, which still holds Tenant_A's keys in memory, makes none again.
+    b.forget("Tenant_A").unwrap();
+    assert!(a.rotate("Tenant_A").is_err(), "a forgotten tenant got a new key from a stale copy");
+    assert_eq!(crate::crypto::audit::verify(&keys_dir(ws.path())).unwrap().lines, fresh_lines(ws.path()));
+}
+
+fn fresh_lines(ws: &Path) -> u64 {
+    fs::read_to_string(keys_dir(ws).join("audit.jsonl")).unwrap().lines().count() as u64
 }
