@@ -853,7 +853,14 @@ impl Keyring {
     /// leave the key looking made.
     fn commit_logged(&self, g: &mut MutexGuard<'_, KeyringFile>, new: KeyringFile, op: &str, tenant: &str, id: &str) -> Result<()> {
         self.commit(g, new).inspect_err(|_| {
-            let _ = self.audit.append(op, tenant, id, "failed: the keyring was not written; this key does not exist");
+            // An error after the rename (the folder's flush) leaves the key
+            // written: say `failed` only when the file does not hold it.
+            let holds = read_keyring(&self.path).is_ok_and(|f| {
+                f.tenants.get(tenant).is_some_and(|e| e.data_keys.iter().any(|k| k.id == id) || e.pseudonym_key.as_ref().is_some_and(|k| k.id == id))
+            });
+            if !holds {
+                let _ = self.audit.append(op, tenant, id, "failed: the keyring was not written; this key does not exist");
+            }
         })
     }
 

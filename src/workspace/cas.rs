@@ -39,7 +39,9 @@ fn open_nofollow(p: &Path) -> std::io::Result<std::fs::File> {
 
 /// Copy `src` to `dst` (a new temporary file) while hashing; returns the hash.
 fn copy_hashing(src: &Path, dst: &mut AtomicFile) -> Result<ContentHash> {
-    let mut f = std::fs::File::open(src).with_context(|| format!("cannot read {}", src.display()))?;
+    // A regular file only: a FIFO swapped in after the output was hashed is
+    // refused, never waited on while the run holds the lock.
+    let mut f = crate::util::open_regular(src).with_context(|| format!("cannot read {}", src.display()))?;
     copy_from(&mut f, src, dst)
 }
 

@@ -76,7 +76,12 @@ fn refuse_if_in_config(workspace: &Path, path: &Path) -> Result<()> {
 
 fn read_master_file(path: &Path) -> Result<MasterKey> {
     check_private(path, "key file")?;
-    let mut text = fs::read_to_string(path).with_context(|| format!("cannot read key file {} (it must hold 64 hex characters)", path.display()))?;
+    // One read of a regular file of a few bytes, never waited on: a FIFO or a
+    // device swapped in after the check is refused, not read (`util::read_capped`).
+    let bytes = zeroize::Zeroizing::new(
+        crate::util::read_capped(path, 4096).with_context(|| format!("cannot read key file {} (it must hold 64 hex characters)", path.display()))?,
+    );
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
     let key = MasterKey::from_hex(&text).map_err(|e| anyhow!("key file {} does not hold a valid master key: {e}", path.display()));
     wipe_string(&mut text);
     key
