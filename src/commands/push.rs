@@ -72,17 +72,14 @@ fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Optio
     for (path, key) in files {
         let shown = ws.rel(&path);
         // Read once: the bytes checked are the bytes pushed.
-        let bytes = match crate::util::read_capped(&path, crate::workspace::state::MAX_RECORD_BYTES) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                skipped.push(format!("{shown}: {e}; not pushed (`dagrun verify` checks the workspace)"));
+        let (loaded, bytes) = states.read_record_bytes(&path);
+        match loaded {
+            Loaded::Valid(_) => {}
+            Loaded::Missing => continue,
+            Loaded::Invalid(e) => {
+                skipped.push(format!("{e}; not pushed (`dagrun verify` checks the workspace)"));
                 continue;
             }
-        };
-        if let Loaded::Invalid(e) = states.check_record(&bytes, &path) {
-            skipped.push(format!("{e}; not pushed (`dagrun verify` checks the workspace)"));
-            continue;
         }
         let (st, tenant) = match validate_record(&bytes, key.as_deref()) {
             Ok(v) => v,

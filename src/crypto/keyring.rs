@@ -509,9 +509,7 @@ impl Keyring {
             let key = self.unwrap_key(tenant, k, DataKey::from_bytes)?;
             return Ok((k.id.clone(), key));
         }
-        let _file = self.lock_file()?;
-        self.reload(&mut g)?;
-        forgotten_check(&g, tenant)?;
+        let _file = self.reload_for(&mut g, tenant)?;
         if let Some(k) = g.tenants.get(tenant).and_then(TenantEntry::active_data) {
             // Another process made it meanwhile.
             let key = self.unwrap_key(tenant, k, DataKey::from_bytes)?;
@@ -525,12 +523,9 @@ impl Keyring {
         validate_tenant(tenant)?;
         let mut g = self.lock();
         forgotten_check(&g, tenant)?;
-        let held = |g: &KeyringFile| g.tenants.get(tenant).is_some_and(|e| e.data_keys.iter().any(|k| k.id == key_id));
-        if !held(&g) {
+        if !g.tenants.get(tenant).is_some_and(|e| e.data_keys.iter().any(|k| k.id == key_id)) {
             // Made by another process since this one read the file?
-            let _file = self.lock_file()?;
-            self.reload(&mut g)?;
-            forgotten_check(&g, tenant)?;
+            let _file = self.reload_for(&mut g, tenant)?;
         }
         let entry = g.tenants.get(tenant);
         match entry.and_then(|e| e.data_keys.iter().find(|k| k.id == key_id)) {
@@ -558,9 +553,7 @@ impl Keyring {
         if let Some(k) = g.tenants.get(tenant).and_then(TenantEntry::active_data) {
             return Ok(k.id.clone());
         }
-        let _file = self.lock_file()?;
-        self.reload(&mut g)?;
-        forgotten_check(&g, tenant)?;
+        let _file = self.reload_for(&mut g, tenant)?;
         if let Some(k) = g.tenants.get(tenant).and_then(TenantEntry::active_data) {
             return Ok(k.id.clone());
         }
@@ -599,9 +592,7 @@ impl Keyring {
         if let Some(k) = g.tenants.get(tenant).and_then(|e| e.pseudonym_key.as_ref()) {
             return self.unwrap_key(tenant, k, PseudonymKey::from_bytes);
         }
-        let _file = self.lock_file()?;
-        self.reload(&mut g)?;
-        forgotten_check(&g, tenant)?;
+        let _file = self.reload_for(&mut g, tenant)?;
         if let Some(k) = g.tenants.get(tenant).and_then(|e| e.pseudonym_key.as_ref()) {
             return self.unwrap_key(tenant, k, PseudonymKey::from_bytes);
         }
@@ -621,9 +612,7 @@ impl Keyring {
     pub fn rotate(&self, tenant: &str) -> Result<String> {
         validate_tenant(tenant)?;
         let mut g = self.lock();
-        let _file = self.lock_file()?;
-        self.reload(&mut g)?;
-        forgotten_check(&g, tenant)?;
+        let _file = self.reload_for(&mut g, tenant)?;
         let (id, _key) = self.add_data_key_as(&mut g, tenant, "rotate")?;
         tracing::info!("rotated the data key of tenant {tenant}: new active key {id}");
         Ok(id)
@@ -775,6 +764,16 @@ impl Keyring {
         let f = crate::util::nofollow::open_own_file(&mut o, &path).with_context(what)?;
         f.lock().with_context(what)?;
         Ok(f)
+    }
+
+    /// Lock the file ([`Self::lock_file`]), take the keyring as it is on disk
+    /// now ([`Self::reload`]) and check `tenant` was not forgotten meanwhile:
+    /// what every change, and every look-up of a key not held, starts with.
+    fn reload_for(&self, g: &mut MutexGuard<'_, KeyringFile>, tenant: &str) -> Result<fs::File> {
+        let file = self.lock_file()?;
+        self.reload(g)?;
+        forgotten_check(g, tenant)?;
+        Ok(file)
     }
 
     /// Under [`Self::lock_file`]: take the keyring as it is on disk now (another

@@ -117,9 +117,6 @@ pub struct DriftRows {
     pub features: Vec<(String, f64)>,
 }
 
-/// Largest drift report read.
-const MAX_DRIFT_REPORT_BYTES: u64 = 16 << 20;
-
 /// Parse a `dagrun-drift/1` report (untrusted: only plain names and finite numbers).
 fn parse_drift_report(bytes: &[u8]) -> Option<(f64, Vec<(String, f64)>)> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
@@ -151,7 +148,7 @@ pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
         let rel = p.output.0.as_str();
         let abs = engine.pipeline.abs(rel);
         // Read once (a regular file, never a FIFO or a device), then judged.
-        let Ok(bytes) = crate::util::read_capped(&abs, MAX_DRIFT_REPORT_BYTES) else { continue };
+        let Ok(bytes) = crate::util::read_capped(&abs, crate::stages::MAX_REPORT_BYTES) else { continue };
         let trusted = match r.status {
             Status::Ran | Status::Cached | Status::Restored => r.outputs.get(rel).is_some_and(|h| blake3::hash(&bytes).to_hex().as_str() == h),
             // The gate failed the stage after writing the report: use it if it is this run's.

@@ -117,14 +117,15 @@ pub fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// The token file's bytes (None when absent).
 fn read_file(dagrun_dir: &Path) -> Result<Option<Vec<u8>>> {
     let path = tokens_path(dagrun_dir);
-    let meta = match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        r => r.with_context(|| format!("cannot read {}", path.display()))?,
-    };
-    if !meta.is_file() || meta.len() > MAX_FILE {
-        bail!("{} is not a regular file of a sensible size; remove it and create the tokens again", path.display());
+    // `read_capped` refuses a non-regular or oversized file (`InvalidData`).
+    match crate::util::read_capped(&path, MAX_FILE) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            bail!("{} is not a regular file of a sensible size; remove it and create the tokens again", path.display())
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
-    Ok(Some(crate::util::read_capped(&path, MAX_FILE).with_context(|| format!("cannot read {}", path.display()))?))
 }
 
 /// Read and verify the token file (empty when absent) under the workspace

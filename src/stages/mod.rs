@@ -26,6 +26,11 @@ pub mod serve_check;
 pub mod store;
 pub mod train;
 
+/// Largest JSON report or statistics file a stage wrote that dagrun reads
+/// back (drift and serve-check reports, `afe`'s statistics): far above what
+/// any of them holds.
+pub const MAX_REPORT_BYTES: u64 = 16 << 20;
+
 /// Shared services a stage kind may use, handed in by the engine: stages
 /// never open engine state themselves.
 pub struct Services {

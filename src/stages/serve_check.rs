@@ -213,7 +213,7 @@ impl StageKind for ServeCheck {
         Ok(RunReport { facts })
     }
     fn summarize(&self, stage: &crate::pipeline::Stage, outs: &[PathBuf]) -> Option<String> {
-        let r: Report = serde_json::from_slice(&crate::util::read_capped(outs.first()?, 16 << 20).ok()?).ok()?;
+        let r: Report = serde_json::from_slice(&crate::util::read_capped(outs.first()?, super::MAX_REPORT_BYTES).ok()?).ok()?;
         Some(format!(
             "{}: {} rows, features {}, model {}, test AUC {:.4}, serve-check {} ({} rows, max |Δ| {:.1e})",
             stage.tenant.as_deref().unwrap_or(&r.tenant),

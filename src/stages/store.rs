@@ -53,7 +53,7 @@ impl KindDecl for Store {
 impl StageKind for Store {
     fn run(&self, ctx: &RunCtx) -> Result<RunReport> {
         let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
-        let stats_bytes = crate::util::read_capped(&ctx.deps[1], 16 << 20).with_context(|| format!("cannot read {}", ctx.rel(&ctx.deps[1])))?;
+        let stats_bytes = crate::util::read_capped(&ctx.deps[1], super::MAX_REPORT_BYTES).with_context(|| format!("cannot read {}", ctx.rel(&ctx.deps[1])))?;
         let sf: StatsFile =
             crate::util::redact::from_json(&stats_bytes).map_err(|why| anyhow::anyhow!("{} is not a statistics file ({})", ctx.rel(&ctx.deps[1]), why))?;
         if sf.tenant != tenant {

@@ -76,11 +76,7 @@ pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File
 /// (a link to `/dev/zero`) is refused before a byte is read, never waited on
 /// nor read into memory.
 pub fn read_capped(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let f = open_nonblocking(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file: not a file dagrun wrote"));
-    }
-    let bytes = read_open_at_most(f, max)?;
+    let bytes = read_open_at_most(open_regular(path)?, max)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {max} bytes: not a file dagrun wrote")));
     }

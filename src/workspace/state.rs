@@ -122,7 +122,7 @@ impl<T> Loaded<T> {
 }
 
 /// The largest state or action record read (they hold hashes and facts).
-pub const MAX_RECORD_BYTES: u64 = 16 << 20;
+const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 /// The state and action-cache records of a workspace.
 pub struct StateStore {
@@ -155,21 +155,23 @@ impl StateStore {
 
     /// Read and check one record file.
     pub fn read_record(&self, path: &Path) -> Loaded<StageState> {
-        let bytes = match crate::util::read_capped(path, MAX_RECORD_BYTES) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
-            Err(e) => return Loaded::Invalid(RecordError::Unreadable { file: self.shown(path), why: e.to_string() }),
-        };
-        self.check_record(&bytes, path)
+        self.read_record_bytes(path).0
     }
 
-    /// Check the bytes of one record file read already (`path` names it in
-    /// errors): what is checked is what the caller goes on to use.
-    pub fn check_record(&self, bytes: &[u8], path: &Path) -> Loaded<StageState> {
-        match record::open::<StageState>(self.key.as_deref(), record::STAGE_RECORD, bytes, &self.shown(path)) {
+    /// [`Self::read_record`], with the bytes it checked (empty when none
+    /// could be read): a caller that goes on to use the bytes (`push`) uses
+    /// exactly what was checked, read once.
+    pub fn read_record_bytes(&self, path: &Path) -> (Loaded<StageState>, Vec<u8>) {
+        let bytes = match crate::util::read_capped(path, MAX_RECORD_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (Loaded::Missing, Vec::new()),
+            Err(e) => return (Loaded::Invalid(RecordError::Unreadable { file: self.shown(path), why: e.to_string() }), Vec::new()),
+        };
+        let loaded = match record::open::<StageState>(self.key.as_deref(), record::STAGE_RECORD, &bytes, &self.shown(path)) {
             Ok(st) => Loaded::Valid(st),
             Err(e) => Loaded::Invalid(e),
-        }
+        };
+        (loaded, bytes)
     }
 
     /// The last completed execution of a stage, checked.
