@@ -1,5 +1,7 @@
 //! `dagrun dag PIPELINE`: the DAG as text, Graphviz DOT or Mermaid. Stage names
-//! are quoted or mapped to safe node ids in the DOT and Mermaid forms.
+//! are quoted in the DOT form; Mermaid nodes are `n` and the stage's index
+//! (one id per stage: a name mapped to an id could make `a-b` and `a_b` one
+//! node), with the name as the label.
 
 use crate::pipeline::Pipeline;
 
@@ -9,11 +11,6 @@ pub enum DagFormat {
     Text,
     Dot,
     Mermaid,
-}
-
-/// A Mermaid node id: the name with every non-alphanumeric character as `_`.
-fn node_id(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
 /// The pipeline's DAG in `format`, stages in topological order.
@@ -48,11 +45,11 @@ pub fn render(p: &Pipeline, format: DagFormat) -> String {
             s.push_str("graph LR\n");
             for &i in &p.topo {
                 let st = &p.stages[i];
-                s.push_str(&format!("  {}[\"{} ({})\"]\n", node_id(&st.name), st.name.replace('"', "'"), st.kind.name()));
+                s.push_str(&format!("  n{i}[\"{} ({})\"]\n", st.name.replace('"', "'"), st.kind.name()));
             }
             for &i in &p.topo {
                 for d in p.downstream(i) {
-                    s.push_str(&format!("  {} --> {}\n", node_id(&p.stages[i].name), node_id(&p.stages[d].name)));
+                    s.push_str(&format!("  n{i} --> n{d}\n"));
                 }
             }
         }

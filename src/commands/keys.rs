@@ -90,6 +90,7 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
         ));
     }
     let ring = Keyring::open(workspace)?;
+    super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
     let hex = ring.export_data_key_hex(tenant, key_id)?;
     crate::outln!("{hex}");
     Ok(())

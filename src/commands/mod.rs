@@ -60,9 +60,7 @@ fn some_ids<'a>(ids: impl Iterator<Item = &'a str>, wanted: &str) -> String {
 /// Most tenant ids one message lists.
 const SHOWN_IDS: usize = 8;
 
-pub use crate::pipeline::MAX_SECONDS;
-/// Most parallel stages (`-j`).
-pub const MAX_JOBS: usize = 1024;
+pub use crate::pipeline::{MAX_JOBS, MAX_SECONDS};
 
 /// clap parser for a number of seconds: finite, ≥ 0, at most [`MAX_SECONDS`]
 /// (a negative, NaN or huge value would otherwise abort the process).

@@ -41,12 +41,30 @@ pub struct PredictArgs {
     pub model: Option<String>,
 }
 
+/// Refuse `--output` naming the input file itself (or another name of it, a
+/// hard link): the scores would replace the raw rows, perhaps their only
+/// copy. A link at `--output` is replaced, never followed, so only the file
+/// that stands there counts.
+fn refuse_output_over_input(input: &Path, output: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(i), Ok(o)) = (std::fs::metadata(input), std::fs::symlink_metadata(output)) else { return Ok(()) };
+    if o.is_file() && (i.dev(), i.ino()) == (o.dev(), o.ino()) {
+        return Err(crate::error::config(format!(
+            "--output {} is the input file {}: the scores would replace the rows; write them to another file",
+            output.display(),
+            input.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Score `args.input`; returns the number of rows scored.
 pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     crate::pipeline::tenants::validate_tenant_id(&args.tenant).map_err(|m| crate::error::config(format!("--tenant: {m}")))?;
     let format = Format::choose(args.format.as_deref(), args.output.as_deref())?;
     if let Some(o) = &args.output {
         crate::workspace::Workspace::at(workspace).check_user_output(o, "--output")?;
+        refuse_output_over_input(&args.input, o)?;
     }
     let deployed = load_deployed(workspace, &args.tenant, args.model.as_deref())?;
     // Rows dated after the feature version's as_of would get a negative

@@ -5,8 +5,9 @@
 //!
 //! The run record is not trusted input: the pipeline file it names is loaded
 //! (for the page's graph) only if it is a `.yaml`/`.yml` file outside the
-//! workspace's `.dagrun/`, by its name and through any link; the page says
-//! why otherwise. A load error on the page quotes no value of the file
+//! workspace's `.dagrun/`, by its name and through any link, and a regular
+//! file (a FIFO there is never waited on: `pipeline::load_recorded`); the
+//! page says why otherwise. A load error on the page quotes no value of the file
 //! (`util::redact::without_values`).
 
 use crate::engine::runs;
@@ -36,7 +37,7 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
         })
         .collect();
     let view = pipeline_file(workspace, &rec.pipeline).and_then(|file| {
-        crate::pipeline::load(&file, Some(workspace), &overrides, &crate::stages::kinds())
+        crate::pipeline::load_recorded(&file, workspace, &overrides, &crate::stages::kinds())
             .map(|p| PipelineView::from_pipeline(&p))
             .map_err(|e| format!("{e:#}"))
     });

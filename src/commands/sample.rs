@@ -46,6 +46,10 @@ pub fn write_csv_rows(out: &mut dyn Write, batch: &RecordBatch) -> Result<()> {
 /// Write `rows` synthetic rows of `tenant` to `out` (.csv or .parquet).
 pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_label: bool) -> Result<()> {
     crate::pipeline::tenants::validate_tenant_id(tenant).map_err(crate::error::config)?;
+    if rows == 0 {
+        return Err(crate::error::config("--rows 0: give at least 1 row (a file of only a header is refused by `predict` and `ingest`)"));
+    }
+    crate::data::generate::check_as_of(as_of).map_err(|m| crate::error::config(format!("--as-of: {m}")))?;
     if rows > crate::data::generate::MAX_TENANT_ROWS {
         return Err(crate::error::config(format!("--rows {rows}: at most {} rows can be generated for one tenant", crate::data::generate::MAX_TENANT_ROWS)));
     }

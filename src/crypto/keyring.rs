@@ -1041,7 +1041,55 @@ fn read_keyring(path: &Path) -> Result<KeyringFile> {
         );
     }
     check_mechanisms(&file, path)?;
+    check_fields(&file, path)?;
     Ok(file)
+}
+
+/// Refuse a keyring whose names and times are not what dagrun writes (tenant
+/// ids, key ids of `[A-Za-z0-9_-]`, RFC 3339 times): they are printed by
+/// `keys list` and in messages, and an edited one could carry terminal
+/// escapes.
+fn check_fields(file: &KeyringFile, path: &Path) -> Result<()> {
+    let bad = |what: &str, v: &str, rule: &str| {
+        anyhow!(
+            "the keyring {} holds {what} \"{}\", which is not {rule}: it was edited outside dagrun. Restore it from a \
+             backup; do not delete it (the data keys exist only there)",
+            path.display(),
+            escape_for_message(v)
+        )
+    };
+    let time = |what: &str, v: &str| match chrono::DateTime::parse_from_rfc3339(v) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(bad(what, v, "an RFC 3339 time")),
+    };
+    let id = |v: &str| match !v.is_empty() && v.len() <= 100 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        true => Ok(()),
+        false => Err(bad("a key id", v, "1 to 100 characters of A-Z, a-z, 0-9, '_' or '-'")),
+    };
+    let tenant = |v: &str| match crate::data::is_valid_tenant_id(v) {
+        true => Ok(()),
+        false => Err(bad("a tenant", v, "a tenant id")),
+    };
+    for (t, e) in &file.tenants {
+        tenant(t)?;
+        for k in e.data_keys.iter().chain(e.pseudonym_key.iter()) {
+            id(&k.id)?;
+            time("a key's creation time", &k.created)?;
+        }
+    }
+    for f in &file.forgotten {
+        tenant(&f.tenant)?;
+        time("a forget time", &f.forgotten_at)?;
+        for k in &f.destroyed_keys {
+            id(&k.id)?;
+            time("a key's creation time", &k.created)?;
+        }
+    }
+    if let Some(k) = &file.integrity {
+        id(&k.id)?;
+        time("a key's creation time", &k.created)?;
+    }
+    Ok(())
 }
 
 /// Refuse a keyring naming a wrapping mechanism this dagrun does not know,

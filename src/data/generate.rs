@@ -246,6 +246,18 @@ const MAX_AS_OF: i32 = 2_932_896;
 /// benchmark); checked before anything is allocated.
 pub const MAX_TENANT_ROWS: u64 = 100_000_000;
 
+/// An `as_of` the generator can use: its visit dates span the 365 days up
+/// to it, all on or after 1970-01-01.
+pub fn check_as_of(as_of: i32) -> std::result::Result<(), String> {
+    if !(364..=MAX_AS_OF).contains(&as_of) {
+        return Err(format!(
+            "as_of {} is out of range: generated visit dates span the 365 days up to as_of, so as_of must be between 1970-12-31 and 9999-12-31",
+            format_date(as_of)
+        ));
+    }
+    Ok(())
+}
+
 /// Generate one tenant's raw Parquet file (raw_schema(true)) at `out`.
 ///
 /// Memory: the `Login_Count` and `Purchase_Amount` columns of the tenant are
@@ -256,12 +268,7 @@ pub fn generate_tenant(out: &Path, tenant: &str, tenant_rows: u64, seed: u64, as
     if !is_valid_tenant_id(tenant) {
         bail!("invalid tenant id {}: a tenant id is 1-64 characters of A-Z a-z 0-9 _ -", show_tenant(tenant));
     }
-    if !(364..=MAX_AS_OF).contains(&as_of) {
-        bail!(
-            "as_of {} is out of range: generated visit dates span the 365 days up to as_of, so as_of must be between 1970-12-31 and 9999-12-31",
-            format_date(as_of)
-        );
-    }
+    check_as_of(as_of).map_err(|m| anyhow::anyhow!(m))?;
     // Checked before any allocation: an absurd count is an error, not an abort.
     if tenant_rows > MAX_TENANT_ROWS {
         bail!(

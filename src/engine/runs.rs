@@ -313,10 +313,23 @@ impl RunRecord {
     }
 
     /// Check the timing fields a reader relies on: finite, non-negative,
-    /// `start_s ≤ end_s`, and a worker slot below `jobs` when both are known.
+    /// `start_s ≤ end_s`, `jobs` from 1 to `-j`'s most
+    /// ([`crate::pipeline::MAX_JOBS`]), and a worker slot below `jobs` (below
+    /// that most when `jobs` is absent): a report draws a row per slot.
     /// `origin` is named in the error.
     pub fn validate_timing(&self, origin: &str) -> Result<()> {
+        let most = crate::pipeline::MAX_JOBS as u32;
+        if let Some(j) = self.jobs
+            && !(1..=most).contains(&j)
+        {
+            anyhow::bail!("{origin}: jobs {j} is not from 1 to {most} (`run -j` allows no more)");
+        }
         for s in &self.stages {
+            if let Some(w) = s.worker
+                && w >= most
+            {
+                anyhow::bail!("{origin}: stage {}: worker {w} is not below {most} (`run -j` allows no more)", s.stage);
+            }
             let ok = |v: Option<f64>| v.is_none_or(|v| v.is_finite() && v >= 0.0);
             if !(ok(s.start_s) && ok(s.end_s) && s.seconds.is_finite() && s.seconds >= 0.0) {
                 anyhow::bail!("{origin}: stage {}: timing values must be finite and ≥ 0", s.stage);
@@ -397,6 +410,25 @@ mod tests {
             let e = format!("{:#}", read(&p).unwrap_err());
             assert!(e.contains("20990101-000000-000-abcd.json: not a run record dagrun wrote") && e.contains(why), "{e}");
         }
+        // A report draws a row per scheduler slot: `jobs` and `worker` stay within `-j`'s bound
+        // (review 13: `jobs: 300000` made a 152 MB page; `worker: 4294967295` overflowed).
+        let timed = r#"{"stage":"a","status":"ran","seconds":0.5,"start_s":0.1,"end_s":0.6,"worker":W}"#;
+        for (jobs, worker, why) in [
+            (Some("300000"), "0", "jobs 300000 is not from 1 to 1024"),
+            (Some("0"), "0", "jobs 0 is not from 1 to 1024"),
+            (None, "4294967295", "worker 4294967295 is not below 1024"),
+            (None, "1024", "worker 1024 is not below 1024"),
+        ] {
+            let mut text = rec("1.0", &timed.replace('W', worker));
+            if let Some(j) = jobs {
+                text = text.replace(r#""exit_code":1"#, &format!(r#""exit_code":1,"jobs":{j}"#));
+            }
+            std::fs::write(&p, text).unwrap();
+            let e = format!("{:#}", read(&p).unwrap_err());
+            assert!(e.contains(why), "{e}");
+        }
+        std::fs::write(&p, rec("1.0", &timed.replace('W', "1023")).replace(r#""exit_code":1"#, r#""exit_code":1,"jobs":1024"#)).unwrap();
+        assert_eq!(read(&p).unwrap().jobs, Some(1024));
         // Times are RFC 3339 (printed by `runs show`): never an escape sequence.
         for (field, why) in [("started_at", "started_at \"\\u{1b}]0;x\\u{7}\" is not an RFC 3339 time"), ("finished_at", "finished_at \"yesterday\" is not")] {
             let bad = if field == "started_at" { r#""started_at":"\u001b]0;x\u0007""# } else { r#""finished_at":"yesterday""# };

@@ -547,7 +547,7 @@ enum SacctError {
 
 /// `sacct -n -P -X -j ID,ID,… -o JobID,State`: one line per job allocation.
 fn sacct_states(ids: &[String]) -> std::result::Result<BTreeMap<String, String>, SacctError> {
-    let out = Command::new("sacct")
+    let out = crate::util::child_env::tool("sacct")
         .args(["-n", "-P", "-X", "-j", &ids.join(","), "-o", "JobID,State"])
         .output()
         .map_err(|e| SacctError::Disabled(format!("cannot run sacct: {e}")))?;
@@ -619,7 +619,7 @@ fn squeue_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
 }
 
 fn scontrol_state(id: &str) -> Option<String> {
-    let out = Command::new("scontrol").args(["-o", "show", "job", id]).output().ok()?;
+    let out = crate::util::child_env::tool("scontrol").args(["-o", "show", "job", id]).output().ok()?;
     if !out.status.success() {
         return None;
     }
@@ -628,7 +628,7 @@ fn scontrol_state(id: &str) -> Option<String> {
 
 /// The final state from the job-completion log (`jobcomp/filetxt`), read by `sacct -c`.
 fn jobcomp_state(id: &str) -> Option<String> {
-    let out = Command::new("sacct").args(["-c", "-j", id, "-n", "-P", "-o", "jobid,state"]).output().ok()?;
+    let out = crate::util::child_env::tool("sacct").args(["-c", "-j", id, "-n", "-P", "-o", "jobid,state"]).output().ok()?;
     if !out.status.success() {
         return None;
     }
@@ -661,7 +661,7 @@ pub fn scancel(ids: &[String]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    let out = Command::new("scancel").args(ids).output().context("cannot run scancel")?;
+    let out = crate::util::child_env::tool("scancel").args(ids).output().context("cannot run scancel")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Already finished jobs are not an error.
     if !out.status.success() && !stderr.contains("already completing or completed") && !stderr.contains("Invalid job id") {
@@ -788,7 +788,7 @@ fn live_jobs(ids: &[String]) -> Result<BTreeMap<String, (String, String)>> {
 /// `squeue ARGS`' output; "Invalid job id" (every job asked for is gone) is
 /// an empty answer, any other failure an error.
 fn squeue(args: &[&str]) -> Result<String> {
-    let out = Command::new("squeue").args(args).output().context("cannot run squeue")?;
+    let out = crate::util::child_env::tool("squeue").args(args).output().context("cannot run squeue")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && !stderr.contains("Invalid job id") {
         bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));

@@ -60,13 +60,13 @@ pub enum ModelRefused {
 /// The one check before serving a model: parse `bytes` (from `origin`, named
 /// in every error), verify its MAC under the workspace integrity key, validate
 /// it, and check it belongs to `tenant`. A model edited outside dagrun, one
-/// without a MAC, one made in another workspace, or another tenant's model is
-/// refused.
+/// without a MAC, one made under another master key (workspaces sharing a
+/// master key share the integrity key), or another tenant's model is refused.
 pub fn load_verified(bytes: &[u8], origin: &str, key: &IntegrityKey, tenant: &str) -> Result<ModelArtifact> {
     let a: ModelArtifact = record::open(Some(key), record::MODEL, bytes, origin).map_err(|e| ModelRefused::NotAuthentic {
         origin: origin.to_string(),
         why: match e {
-            record::RecordError::BadMac { .. } => "its MAC does not verify: it was modified outside dagrun (or made in another workspace)".to_string(),
+            record::RecordError::BadMac { .. } => "its MAC does not verify: it was modified outside dagrun (or made under another master key)".to_string(),
             record::RecordError::NoMac { .. } => {
                 "it carries no MAC: it was not made by dagrun's train stage in this workspace (or was modified outside dagrun)".to_string()
             }
@@ -110,7 +110,9 @@ impl ModelArtifact {
     /// Parse and [`validate`](ModelArtifact::validate). `origin` (a path or
     /// description) is named in every error.
     pub fn from_json_bytes(bytes: &[u8], origin: &str) -> Result<Self> {
-        let a: ModelArtifact = match serde_json::from_slice(bytes) {
+        // The parse error without the values it would quote (the file may be
+        // any file a tampered record names).
+        let a: ModelArtifact = match crate::util::redact::from_json(bytes) {
             Ok(a) => a,
             Err(e) => bail!("{origin}: not a valid {FORMAT} model artifact: {e}"),
         };

@@ -171,7 +171,8 @@ impl Evaluation {
 
     /// Parse and check; `origin` is named in every error.
     pub fn from_json_bytes(bytes: &[u8], origin: &str) -> Result<Evaluation> {
-        let e: Evaluation = match serde_json::from_slice(bytes) {
+        // The parse error without the values it would quote.
+        let e: Evaluation = match crate::util::redact::from_json(bytes) {
             Ok(e) => e,
             Err(err) => bail!("{origin}: not a valid {FORMAT} evaluation file: {err}"),
         };

@@ -48,6 +48,9 @@ pub use paths::{PROTECTED_DIRS, check_output_at_write, normalize_dep, normalize_
 /// Longest `timeout:` (and `--wait`) accepted, in seconds (about 31 years):
 /// larger values cannot be represented as a deadline.
 pub const MAX_SECONDS: f64 = 1e9;
+/// Most parallel stages (`run -j`); a run record naming more, or a worker
+/// slot beyond it, was not written by dagrun (`engine::runs`).
+pub const MAX_JOBS: usize = 1024;
 /// The most `retries:` a stage may have.
 pub const MAX_RETRIES: u32 = 100;
 
@@ -157,6 +160,24 @@ pub fn instance_tenant(stage: &str) -> Option<&str> {
 /// (`--param NAME=VALUE`); `kinds` are the stage kinds `uses:` may name
 /// (`stages::kinds()` for the built-in ones).
 pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
+    load_from(file, workspace, overrides, kinds, Source::Named)
+}
+
+/// [`load`] of a pipeline file a record names (a run record's `pipeline`,
+/// for `report`): read only if it is a regular file (a link to one is fine);
+/// a FIFO or device put in its place is refused, never waited on.
+pub fn load_recorded(file: &Path, workspace: &Path, overrides: &[(String, String)], kinds: &Kinds) -> Result<Pipeline> {
+    load_from(file, Some(workspace), overrides, kinds, Source::Recorded)
+}
+
+/// Who named the pipeline file: the user (a pipe is fine) or a record.
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    Named,
+    Recorded,
+}
+
+fn load_from(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)], kinds: &Kinds, source: Source) -> Result<Pipeline> {
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
     let workspace = match workspace {
         Some(w) => std::path::absolute(w).unwrap_or_else(|_| w.to_path_buf()),
@@ -180,9 +201,11 @@ pub fn load(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)
     let bytes = {
         use std::io::Read;
         let mut b = Vec::new();
-        std::fs::File::open(&file)
-            .and_then(|f| f.take(MAX_PIPELINE_BYTES + 1).read_to_end(&mut b))
-            .map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
+        let opened = match source {
+            Source::Named => std::fs::File::open(&file),
+            Source::Recorded => crate::util::open_regular(&file),
+        };
+        opened.and_then(|f| f.take(MAX_PIPELINE_BYTES + 1).read_to_end(&mut b)).map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
         b
     };
     if bytes.len() as u64 > MAX_PIPELINE_BYTES {

@@ -14,7 +14,7 @@ use super::charts::{self, NodeBox};
 use crate::engine::runs::Status;
 use anyhow::Result;
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Which layout to use.
@@ -71,7 +71,7 @@ pub fn dot_source(names: &[String], status: &[Option<Status>], edges: &[(usize, 
 
 fn with_dot(names: &[String], status: &[Option<Status>], edges: &[(usize, usize)], colors: &StatusColors) -> Result<String> {
     let src = dot_source(names, status, edges, colors);
-    let mut child = Command::new("dot").arg("-Tsvg").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut child = crate::util::child_env::tool("dot").arg("-Tsvg").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let mut stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let reader = std::thread::spawn(move || {
         let mut v = Vec::new();

@@ -215,7 +215,7 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
     if bars.is_empty() {
         h.push_str("<p class=\"note\">This run record has no stage start/end times (written by an older dagrun).</p>");
     } else {
-        let workers = rec.jobs.unwrap_or(0).max(bars.iter().map(|b| b.worker + 1).max().unwrap_or(1));
+        let workers = rec.jobs.unwrap_or(0).max(bars.iter().map(|b| b.worker.saturating_add(1)).max().unwrap_or(1));
         h.push_str(&legend);
         let _ = write!(h, "<figure class=\"chart scroll\" data-chart=\"timeline\">{}</figure>", charts::gantt(&bars, workers, rec.seconds, &colors)?);
         let _ = write!(

@@ -1,5 +1,7 @@
 //! The environment a child process may see: the one rule for every process
-//! dagrun starts (`cmd` stages today; job scripts and `sbatch` tomorrow).
+//! dagrun starts (`cmd` stages, and the outside tools it calls: [`tool`] for
+//! Graphviz `dot` and Slurm's `sacct`, `scontrol`, `scancel`, `squeue`;
+//! `sbatch` gets the smaller job environment of `executor::slurm`).
 //!
 //! # Rules
 //! - A child gets dagrun's own environment **minus**:
@@ -128,6 +130,17 @@ pub fn inherited(w: &Withheld) -> Vec<(OsString, OsString)> {
 pub fn apply(cmd: &mut Command, w: &Withheld) {
     cmd.env_clear();
     cmd.envs(inherited(w));
+}
+
+/// A command for an outside tool dagrun runs for itself (Graphviz `dot`,
+/// Slurm's query and cancel commands): the inherited environment minus
+/// everything denied, with no pipeline's `secrets:` to add (the tool is not a
+/// stage's command). Never `Command::new` for a child: a tool started that way
+/// would see the master key.
+pub fn tool(program: &str) -> Command {
+    let mut c = Command::new(program);
+    apply(&mut c, &Withheld::default());
+    c
 }
 
 /// Check a `secrets:` entry: a variable name (`[A-Za-z_][A-Za-z0-9_]*`),

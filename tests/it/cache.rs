@@ -378,6 +378,25 @@ fn dag_dot_is_valid() {
 }
 
 #[test]
+fn dag_mermaid_keeps_stages_whose_names_differ_only_in_punctuation_apart() {
+    // `a-b` and `a_b` are two stages; `c` reads only what `a-b` writes.
+    let ws = Ws::new();
+    ws.pipeline(
+        "stages:\n  a-b:\n    cmd: echo 1 > x.txt\n    outs: [x.txt]\n  a_b:\n    cmd: echo 2 > y.txt\n    outs: [y.txt]\n  c:\n    cmd: cat x.txt > z.txt\n    deps: [x.txt]\n    outs: [z.txt]\n",
+    );
+    let out = ws.dagrun(&["dag", "pipeline.yaml", "--format", "mermaid"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id_of = |label: &str| {
+        let line = out.stdout.lines().find(|l| l.contains(&format!("[\"{label} (cmd)\"]"))).unwrap_or_else(|| panic!("no node {label}:\n{}", out.stdout));
+        line.trim().split('[').next().unwrap().to_string()
+    };
+    let (ab_dash, ab_under, c) = (id_of("a-b"), id_of("a_b"), id_of("c"));
+    assert_ne!(ab_dash, ab_under, "two stages drawn as one node:\n{}", out.stdout);
+    let edges: Vec<&str> = out.stdout.lines().filter(|l| l.contains("-->")).map(str::trim).collect();
+    assert_eq!(edges, [format!("{ab_dash} --> {c}")], "{}", out.stdout);
+}
+
+#[test]
 fn lineage_goes_back_to_the_source_with_hashes() {
     let ws = diamond();
     let r = ws.run(&[]).ok();

@@ -467,6 +467,9 @@ fn absurd_numbers_on_the_command_line_are_errors_not_panics() {
         &["run", "pipeline.yaml", "-j", "0"],
         &["run", "pipeline.yaml", "-j", "18446744073709551615"],
         &["keys", "rotate", "Tenant_A", "--wait", "inf"],
+        // Review 13: a header-only sample (which `predict` then refuses), and a date the generator cannot use (exit 1).
+        &["sample", "--tenant", "T", "--rows", "0", "--out", "s.csv"],
+        &["sample", "--tenant", "T", "--rows", "5", "--as-of", "0001-01-01", "--out", "s.csv"],
     ] {
         let o = dg(&ws, args);
         assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
@@ -477,6 +480,7 @@ fn absurd_numbers_on_the_command_line_are_errors_not_panics() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("timeout") && o.stderr.contains("at most 1e9"), "{}", o.stderr);
     assert!(!ws.exists(".dagrun/keys"), "a refused command created keys");
+    assert!(!ws.exists("s.csv"), "a refused sample was written");
 }
 
 /// Files a command writes where its user says (`--metrics-file` or
@@ -505,7 +509,8 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     refused(&["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", ".dagrun/keys/x.csv"], "--out .dagrun/keys/x.csv: it is inside .dagrun/");
     refused(&["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", ".dagrun/registry/Tenant_A/m.parquet"], "it is inside .dagrun/");
     refused(&["sample", "--tenant", "Tenant_A", "--rows", "5", "--out", "in.txt"], "use a .csv or .parquet file name");
-    for args in [&["keys", "rotate", "tenant_a"][..], &["keys", "forget", "Nope", "--yes"]] {
+    for args in [&["keys", "rotate", "tenant_a"][..], &["keys", "forget", "Nope", "--yes"], &["keys", "export", "Nope", "--i-understand-this-prints-a-secret"]]
+    {
         refused(args, "config/tenants.yaml lists Tenant_A, Tenant_B");
     }
     ws.write("config/dagrun.yaml", "metrics_file: config/tenants.yaml\n");
@@ -542,6 +547,28 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
             .collect();
         ws.write(file, lines.concat());
         refused(&["predict", "--tenant", "Tenant_A", "--input", file], &format!("{file}: row {} (line {bad_line}), column Login_Count", bad_line - 1));
+    }
+    // Review 13: `--output` naming the input itself (or a hard link to it)
+    // would replace the raw rows by their scores.
+    std::fs::hard_link(ws.path("in.csv"), ws.path("in-link.csv")).unwrap();
+    for out in ["in.csv", "in-link.csv"] {
+        refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", out], "is the input file in.csv: the scores would replace the rows");
+        assert!(ws.read("in.csv").starts_with("Tenant_ID,"), "the rows were replaced");
+    }
+    // A FIFO (or a link to a device) given as input is refused at once,
+    // naming it, never waited on (a nightly `predict` would hang forever).
+    for input in ["fifo.csv", "fifo.parquet", "zero.csv"] {
+        if input == "zero.csv" {
+            std::os::unix::fs::symlink("/dev/zero", ws.path(input)).unwrap();
+        } else {
+            let c = std::ffi::CString::new(ws.path(input).as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        }
+        let o = spawn(cmd(&ws, &["predict", "--tenant", "Tenant_A", "--input", input])).wait(Duration::from_secs(30));
+        assert_eq!(o.code, 2, "{input}: {}", o.stderr);
+        assert!(o.stderr.contains(&format!("{input} is not a regular file (a FIFO, socket or device)")), "{input}: {}", o.stderr);
+        std::fs::remove_file(ws.path(input)).unwrap();
     }
     // Elsewhere they are written as before.
     ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "scores/a.csv"]));
@@ -670,6 +697,21 @@ fn a_fifo_in_place_of_a_file_read_back_never_hangs() {
         assert!(!o.stderr.contains("panicked"), "{file}: {}", o.stderr);
         std::fs::remove_file(&p).unwrap();
     }
+    // Review 13: the pipeline file a run record names, read by `report` for
+    // its graph: a FIFO there is refused (the page says so), never waited on.
+    let rec = ws.walk().into_iter().find(|p| p.starts_with("runs/") && p.ends_with(".json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&ws.read(&rec)).unwrap();
+    v["pipeline"] = serde_json::Value::from("runs/p.yaml");
+    ws.write(&rec, serde_json::to_vec(&v).unwrap());
+    let c = std::ffi::CString::new(ws.path("runs/p.yaml").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let id = Path::new(&rec).file_stem().unwrap().to_str().unwrap().to_string();
+    let o = spawn(cmd(&ws, &["report", &id, "-o", "r.html", "--layout", "builtin"])).wait(Duration::from_secs(30));
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(ws.read("r.html").contains("not a regular file"), "the page should say why the pipeline was not read");
+    std::fs::remove_file(ws.path("runs/p.yaml")).unwrap();
+    std::fs::remove_file(ws.path(&rec)).unwrap();
     // A stage's input or output: refused, naming it, never waited on (the
     // run holds the lock); a link to a device is refused the same way.
     ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n  b: {cmd: cat in.txt > b.txt, deps: [in.txt], outs: [b.txt]}\n");
@@ -745,4 +787,69 @@ fn escape_sequences_from_workspace_files_are_shown_never_obeyed() {
     assert!(o.stderr.contains("started_at") && o.stderr.contains("is not an RFC 3339 time") && !raw(&o), "{}", o.stderr);
     let o = dg(&ws, &["runs"]);
     assert!(o.stderr.contains("not listed") && !raw(&o), "{}", o.stderr);
+}
+
+/// Outside tools dagrun starts for itself get the environment a `cmd` stage
+/// gets: no master key, no OpenLineage token, no cloud secret (review 13:
+/// `report` gave Graphviz `dot` its whole environment).
+#[test]
+fn outside_tools_never_see_the_master_key() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n");
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    let bin = ws.path("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let dump = ws.path("dot-env.txt");
+    ws.write("fakebin/dot", format!("#!/bin/sh\nenv > '{}'\ncat > /dev/null\necho '<svg xmlns=\"http://www.w3.org/2000/svg\"></svg>'\n", dump.display()));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ws.path("fakebin/dot"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = cmd(&ws, &["report", "last", "-o", "r.html", "--layout", "dot"]);
+    c.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+        .env("DAGRUN_MASTER_KEY", MASTER)
+        .env("DAGRUN_MASTER_KEY_PIN", "pin-4711-secret")
+        .env("DAGRUN_OPENLINEAGE_TOKEN", "ol-token-secret-3")
+        .env("AWS_SECRET_ACCESS_KEY", "aws-secret-value-2")
+        .env("KEEP_ME", "visible-value");
+    let o = spawn(c).wait(HANG);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let env = std::fs::read_to_string(&dump).expect("the fake dot was not run");
+    for secret in [MASTER, "pin-4711-secret", "ol-token-secret-3", "aws-secret-value-2"] {
+        assert!(!env.contains(secret), "a secret reached dot's environment:\n{env}");
+    }
+    assert!(env.lines().any(|l| l == "KEEP_ME=visible-value"), "{env}");
+}
+
+/// A keyring edited outside dagrun (its names and times are printed by `keys
+/// list` and in messages) is refused, naming what is wrong, with escapes
+/// shown, never obeyed (review 13).
+#[test]
+fn a_keyring_edited_outside_dagrun_is_refused_before_it_is_printed() {
+    let ws = shipped(ONE);
+    ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000", "-q"]));
+    let path = ".dagrun/keys/keyring.json";
+    let good = ws.read(path);
+    assert!(ok(dg(&ws, &["keys", "list"])).stdout.contains("Tenant_A-dk-1"));
+    let esc = "\u{1b}]0;PWNED\u{7}\u{1b}[2J";
+    let edits: [(&str, Box<dyn Fn(&mut serde_json::Value)>); 3] = [
+        ("is not an RFC 3339 time", Box::new(|v| v["tenants"]["Tenant_A"]["data_keys"][0]["created"] = format!("2026-01-01{esc}").into())),
+        ("a key id", Box::new(|v| v["tenants"]["Tenant_A"]["data_keys"][0]["id"] = format!("Tenant_A-dk-1{esc}").into())),
+        (
+            "a tenant",
+            Box::new(|v| {
+                let t = v["tenants"].as_object_mut().unwrap().remove("Tenant_A").unwrap();
+                v["tenants"][format!("Tenant{esc}")] = t;
+            }),
+        ),
+    ];
+    for (why, edit) in edits {
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        edit(&mut v);
+        ws.write(path, serde_json::to_vec(&v).unwrap());
+        let o = dg(&ws, &["keys", "list"]);
+        assert_ne!(o.code, 0, "{why}: {}", o.stdout);
+        assert!(o.stderr.contains(why) && o.stderr.contains("edited outside dagrun"), "{why}: {}", o.stderr);
+        assert!(!o.stdout.contains('\u{1b}') && !o.stderr.contains('\u{1b}'), "{why}: a raw escape was printed:\n{}\n{}", o.stdout, o.stderr);
+    }
+    ws.write(path, &good);
+    ok(dg(&ws, &["keys", "list"]));
 }

@@ -80,9 +80,9 @@ pub fn crlf_line_shift(head: &[u8]) -> u64 {
 
 impl CsvSource {
     pub(super) fn open(path: &Path, opts: &IngestOptions) -> Result<(Self, bool)> {
-        let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut file = open_input(path)?;
         let fname = path.display().to_string();
-        // Read ahead (no seek: the input may be a pipe) to see the line ends.
+        // Read ahead (no seek) to see the line ends.
         let mut head = Vec::new();
         std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, CSV_BUFFER as u64), &mut head).with_context(|| format!("cannot read {fname}"))?;
         let line_shift = crlf_line_shift(&head);

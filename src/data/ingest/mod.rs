@@ -109,6 +109,20 @@ pub fn format_of(path: &Path) -> Result<Format> {
     }
 }
 
+/// A raw data file opened for reading: a regular file (a link to one is
+/// fine). A FIFO, socket or device in its place is refused at once, naming
+/// it, never waited on (a FIFO planted where a nightly `predict` reads would
+/// hang it forever).
+fn open_input(path: &Path) -> Result<File> {
+    crate::util::open_regular(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            anyhow!("{} is not a regular file (a FIFO, socket or device); give a CSV or Parquet file", path.display())
+        } else {
+            anyhow::Error::from(e).context(format!("cannot open {}", path.display()))
+        }
+    })
+}
+
 fn expected_list(label: bool) -> String {
     let s = raw_schema(true);
     let mut names: Vec<&str> = s.fields().iter().map(|f| f.name().as_str()).collect();

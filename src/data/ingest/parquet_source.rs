@@ -66,7 +66,7 @@ pub(super) fn wanted_type(col: &str) -> &'static str {
 impl ParquetSource {
     pub(super) fn open(path: &Path, opts: &IngestOptions, batch_size: usize) -> Result<(Self, bool)> {
         let fname = path.display().to_string();
-        let file = File::open(path).with_context(|| format!("cannot open {fname}"))?;
+        let file = open_input(path)?;
         if file.metadata().map(|m| m.len() == 0).unwrap_or(false) {
             bail!("{fname} is empty (0 bytes); provide a Parquet file with at least one data row");
         }
