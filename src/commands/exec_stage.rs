@@ -17,6 +17,9 @@
 //!   workspace integrity key (`executor::spec`).
 //! - Secrets: the master key comes from its file (`DAGRUN_MASTER_KEY_FILE`,
 //!   set by the batch script to a path), never from the job's environment.
+//! - A spec runs once: one whose result file exists is refused before
+//!   anything runs (jobs are submitted `--no-requeue`; a retry gets a new
+//!   spec), so a finished run's spec cannot be replayed.
 //! - Exit status: 0 when every stage succeeded, 1 otherwise (Slurm: FAILED).
 
 use crate::engine::{Decision, Engine, Evaluation};
@@ -42,6 +45,17 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
     let own_dir = crate::executor::slurm::slurm_dir(&spec.workspace);
     if !spec.result.starts_with(&own_dir) || spec.result.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         bail!("the job spec {} puts its result file outside {}; it is not one dagrun wrote", spec_path.display(), own_dir.display());
+    }
+    // One use: a spec whose result file exists already ran (its job was
+    // submitted with `--no-requeue`; a retry is a new spec, `.aN`). Replaying
+    // a finished run's spec would bring back outputs the run deleted (its
+    // plaintext raw data: review 13) with no run to delete them again.
+    if std::fs::symlink_metadata(&spec.result).is_ok() {
+        bail!(
+            "the job spec {} has run already (its result file {} exists); a spec runs once, inside the job its run submitted; nothing was run",
+            spec_path.display(),
+            spec.result.display()
+        );
     }
     let job = std::env::var("SLURM_JOB_ID").unwrap_or_else(|_| "-".into());
     let p = crate::pipeline::load(&spec.pipeline, Some(&spec.workspace), &spec.overrides, &crate::stages::kinds())?;

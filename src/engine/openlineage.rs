@@ -42,6 +42,17 @@ pub const SHARED: &str = "_shared";
 
 /// The endpoint to use: `--openlineage-url`, else `DAGRUN_OPENLINEAGE_URL`
 /// (empty = none). Checked here so a bad URL stops the run before it starts.
+/// A stage's error as events carry it: its first line only. What follows
+/// is the end of a command's stderr or of a Slurm job's log (`stages::cmd`,
+/// `executor::slurm`), which may quote data values; it stays in the local run
+/// record and log, never goes to a catalog (review 13).
+fn error_for_events(error: &str) -> String {
+    match error.split_once('\n') {
+        None => error.to_string(),
+        Some((first, _)) => format!("{} (not sent with lineage events: see the run record)", first.trim_end_matches(':')),
+    }
+}
+
 pub fn endpoint(flag: Option<&str>) -> Result<Option<String>> {
     let url = match flag {
         Some(u) => Some(u.to_string()),
@@ -222,17 +233,21 @@ impl OpenLineage {
 
         let file_rel = format!("runs/{}.openlineage.jsonl", engine.run_id);
         let file = FileSink::new(&p.workspace.join(&file_rel));
-        let spool = Spool::new(&engine.dagrun_dir);
+        // The spool and the open-run marks are sealed under the workspace
+        // integrity key (`lineage::transport`, `lineage::recover`).
+        let key = engine.states.shared_integrity_key();
+        let spool = Spool::new(&engine.dagrun_dir, key.clone());
         let mut backlog = spool.load();
         // Runs a killed dagrun left open get their ABORT now (in their own
         // file; and, like any event, to the endpoint: spooled first, so they
         // are not lost if this run is killed too).
-        let open = OpenRuns::new(&engine.dagrun_dir);
+        let open = OpenRuns::new(&engine.dagrun_dir, key);
         let runs_dir = crate::engine::runs::runs_dir(&p.workspace);
         let has_endpoint = lineage_url.is_some();
         let closed = recover::recover(
             &open,
             &engine.run_id,
+            &namespace,
             |id| runs_dir.join(format!("{id}.openlineage.jsonl")),
             |lines| {
                 if has_endpoint && !lines.is_empty() {
@@ -527,7 +542,7 @@ impl RunObserver for OpenLineage {
         d.push_str(if rec.status == Status::Ran { "true" } else { "false" });
         d.push('}');
         let error = (event_type != EventType::Complete).then(|| {
-            let msg = rec.error.clone().unwrap_or_else(|| if interrupted { "run interrupted".into() } else { "stage failed".into() });
+            let msg = rec.error.as_deref().map(error_for_events).unwrap_or_else(|| if interrupted { "run interrupted".into() } else { "stage failed".into() });
             event::error_message_facet(&format!("stage {} failed: {msg}", s.name))
         });
         // Input versions: what upstream stages wrote in this run (the hashes
@@ -592,7 +607,7 @@ impl RunObserver for OpenLineage {
                 .stages
                 .iter()
                 .filter(|r| r.status == Status::Failed)
-                .map(|r| format!("stage {} failed: {}", r.stage, r.error.as_deref().unwrap_or("unknown error")))
+                .map(|r| format!("stage {} failed: {}", r.stage, r.error.as_deref().map(error_for_events).unwrap_or_else(|| "unknown error".into())))
                 .collect();
             let msg = if failed.is_empty() { format!("run {}", record.status) } else { failed.join("\n") };
             run.facets.insert("errorMessage".into(), event::error_message_facet(&msg));
@@ -645,5 +660,20 @@ impl RunObserver for OpenLineage {
         if self.marked.load(Ordering::SeqCst) {
             self.open.clear(&engine.run_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_carry_a_stage_errors_first_line_never_a_commands_stderr() {
+        let e = "command failed with exit status 1; end of stderr (.dagrun/logs/s.err):\nbad row - alice@example.com,123-45-6789";
+        assert_eq!(
+            error_for_events(e),
+            "command failed with exit status 1; end of stderr (.dagrun/logs/s.err) (not sent with lineage events: see the run record)"
+        );
+        assert_eq!(error_for_events("input a.txt does not exist"), "input a.txt does not exist");
     }
 }

@@ -702,6 +702,20 @@ pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
             let _ = std::fs::remove_file(e.path());
             continue;
         }
+        // dagrun writes regular files here: a link is removed (never
+        // followed, its target never touched), anything else left alone.
+        match e.file_type() {
+            Ok(t) if t.is_symlink() => {
+                tracing::warn!("ignoring {} (a link, not a job registration dagrun wrote); removed, nothing cancelled", e.path().display());
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            Ok(t) if t.is_file() => {}
+            _ => {
+                tracing::warn!("ignoring {} (not a job registration)", e.path().display());
+                continue;
+            }
+        }
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) || name.len() > 20 {
             tracing::warn!("ignoring {} (not a job registration)", e.path().display());
             continue;
@@ -830,8 +844,10 @@ impl Executor for Slurm {
             return fail(anyhow!("interrupted before the job was submitted"));
         }
         let label = batch.label();
-        let file_label = sanitize(&label);
-        // No stage or tenant name: every user of the cluster can read squeue.
+        // No stage or tenant name in the job's name or its files' names
+        // (`--output`, the script's path): every user of the cluster can read
+        // them in squeue and `scontrol show job` (review 13).
+        let file_label = format!("s{first}");
         let job_name = format!("dagrun-{}-s{first}", sanitize(&self.run_id));
         let res = combine(&batch.members.iter().map(|m| &m.stage.resources).collect::<Vec<_>>());
         let key_env = match master_key_env(&self.workspace) {

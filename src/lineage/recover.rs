@@ -13,24 +13,42 @@
 //!   then the pipeline run), each a copy of the run's `START` (same run id,
 //!   job, parent, datasets) with the current time, an `errorMessage` facet and
 //!   `status: killed` in the `dagrun` facet.
+//! - The mark holds a MAC of the run id under the workspace integrity key: a
+//!   mark planted by someone without the key (or left by a dagrun from
+//!   before marks were sealed) is removed with a warning, and no event is
+//!   made for it (review 13: a planted mark and event file were re-sent to
+//!   the catalog with the user's token).
+//! - An `ABORT` carries only what identifies the run, rebuilt rather than
+//!   copied: its run id, its job (in this workspace's namespace; a `START` of
+//!   another namespace is ignored), its parent run, its datasets' names in
+//!   this workspace's namespaces (no facets: those are on the `START`), and a
+//!   `dagrun` facet of the run id, stage, kind and pipeline. Nothing else
+//!   the event file holds (an edited or planted facet) goes out.
 //! - Exactly once: the events are handed to the caller (to queue for the
 //!   endpoint and store in the spool) after they are in the file and before
 //!   the mark is removed; a run killed in between leaves the mark, and the
 //!   next run finds those runs closed in the file and emits nothing more.
 
-use super::event::{self, EventType, RUN_EVENT_SCHEMA, RunEvent};
+use super::event::{self, Dataset, EventType, Facets, Job, RUN_EVENT_SCHEMA, Run, RunEvent};
 use super::transport::open_append;
+use crate::crypto::IntegrityKey;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// MAC domain of a mark's content.
+const MARK_DOMAIN: &str = "dagrun openlineage open run v1";
 
 /// Largest event file read back.
 pub const MAX_FILE: u64 = 256 << 20;
 
-/// `.dagrun/openlineage/open/`: one empty file per run that has not ended.
+/// `.dagrun/openlineage/open/`: one file per run that has not ended, holding
+/// the MAC of its run id (see the module's rules).
 pub struct OpenRuns {
     dir: PathBuf,
+    key: Option<Arc<IntegrityKey>>,
 }
 
 /// A dagrun run id as used in file names (`YYYYMMDD-HHMMSS-mmm-XXXX`).
@@ -39,15 +57,27 @@ pub fn valid_run_id(s: &str) -> bool {
 }
 
 impl OpenRuns {
-    pub fn new(dagrun_dir: &Path) -> OpenRuns {
-        OpenRuns { dir: dagrun_dir.join("openlineage").join("open") }
+    /// Marks sealed under `key` (without a key nothing is marked, listed or recovered).
+    pub fn new(dagrun_dir: &Path, key: Option<Arc<IntegrityKey>>) -> OpenRuns {
+        OpenRuns { dir: dagrun_dir.join("openlineage").join("open"), key }
     }
 
     /// Mark `run_id` open (before its first event).
     pub fn mark(&self, run_id: &str) -> Result<()> {
+        let Some(key) = &self.key else { return Ok(()) };
         std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
-        std::fs::File::create(self.dir.join(run_id)).with_context(|| format!("cannot create {}", self.dir.join(run_id).display()))?;
+        let mac = key.mac(MARK_DOMAIN, run_id.as_bytes()).to_hex();
+        std::fs::write(self.dir.join(run_id), mac.as_bytes()).with_context(|| format!("cannot create {}", self.dir.join(run_id).display()))?;
         Ok(())
+    }
+
+    /// Is the mark of `run_id` one this workspace made?
+    fn sealed(&self, run_id: &str) -> bool {
+        let Some(key) = &self.key else { return false };
+        crate::util::read_capped(&self.dir.join(run_id), 256)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .is_some_and(|mac| key.verify(MARK_DOMAIN, run_id.as_bytes(), mac.trim()))
     }
 
     /// The run ended (after its last event).
@@ -73,6 +103,19 @@ impl OpenRuns {
             }
             ok
         });
+        // Only marks this workspace sealed; another is removed (it could
+        // only make events out of a file anyone may have written).
+        v.retain(|n| {
+            let ok = self.sealed(n);
+            if !ok && self.key.is_some() {
+                tracing::warn!(
+                    "{}: {n} is not a mark this workspace made (planted, or left by an older dagrun); removed, no event made for it",
+                    self.dir.display()
+                );
+                self.clear(n);
+            }
+            ok
+        });
         v.sort();
         v
     }
@@ -81,7 +124,7 @@ impl OpenRuns {
 /// The `ABORT` events closing every run of `text` (an event file) that has a
 /// `START` and no terminal event; stage runs (with a `parent`) first. Also
 /// the number of lines ignored as not being dagrun events.
-pub fn abort_events(text: &[u8], why: &str, now: &str) -> (Vec<RunEvent>, usize) {
+pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str) -> (Vec<RunEvent>, usize) {
     let mut starts: Vec<RunEvent> = Vec::new();
     let mut closed: HashMap<String, ()> = HashMap::new();
     let mut bad = 0usize;
@@ -90,7 +133,7 @@ pub fn abort_events(text: &[u8], why: &str, now: &str) -> (Vec<RunEvent>, usize)
             continue;
         }
         let e = match serde_json::from_slice::<RunEvent>(line) {
-            Ok(e) if e.schema_url == RUN_EVENT_SCHEMA && e.producer.starts_with("urn:dagrun:") && !e.run.run_id.is_empty() => e,
+            Ok(e) if e.schema_url == RUN_EVENT_SCHEMA && e.producer.starts_with("urn:dagrun:") && !e.run.run_id.is_empty() && e.job.namespace == namespace => e,
             _ => {
                 bad += 1;
                 continue;
@@ -105,23 +148,54 @@ pub fn abort_events(text: &[u8], why: &str, now: &str) -> (Vec<RunEvent>, usize)
     let mut open: Vec<RunEvent> = starts.into_iter().filter(|s| !closed.contains_key(&s.run.run_id)).collect();
     // Stage runs before their pipeline run; otherwise file order.
     open.sort_by_key(|s| !s.run.facets.contains_key("parent"));
-    let out = open
-        .into_iter()
-        .map(|mut e| {
-            e.event_type = EventType::Abort;
-            e.event_time = now.to_string();
-            let what = match e.run.facets.get("dagrun").and_then(|d| d.get("stage")).and_then(Value::as_str) {
-                Some(stage) => format!("stage {stage}"),
-                None => "run".to_string(),
-            };
-            e.run.facets.insert("errorMessage".into(), event::error_message_facet(&format!("{what} killed: {why}")));
-            if let Some(Value::Object(d)) = e.run.facets.get_mut("dagrun") {
-                d.insert("status".into(), "killed".into());
-            }
-            e
-        })
-        .collect();
+    let out = open.into_iter().map(|e| abort_of(&e, why, now, namespace)).collect();
     (out, bad)
+}
+
+/// The `ABORT` closing the run `start` opened: rebuilt from what identifies
+/// it (see the module's rules), never a copy of the line read back.
+fn abort_of(start: &RunEvent, why: &str, now: &str, namespace: &str) -> RunEvent {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    let dagrun = start.run.facets.get("dagrun");
+    let stage = text(dagrun.and_then(|d| d.get("stage")));
+    let mut fields = serde_json::Map::new();
+    for k in ["dagrunRunId", "stage", "kind", "pipeline"] {
+        if let Some(v) = text(dagrun.and_then(|d| d.get(k))) {
+            fields.insert(k.into(), v.into());
+        }
+    }
+    fields.insert("status".into(), "killed".into());
+    let mut facets = Facets::new();
+    facets.insert("dagrun".into(), event::dagrun_facet(Value::Object(fields)));
+    let parent = start.run.facets.get("parent");
+    if let (Some(run), Some(job), Some(ns)) = (
+        text(parent.and_then(|p| p.pointer("/run/runId"))),
+        text(parent.and_then(|p| p.pointer("/job/name"))),
+        text(parent.and_then(|p| p.pointer("/job/namespace"))),
+    ) && ns == namespace
+    {
+        facets.insert("parent".into(), event::parent_facet(&run, namespace, &job));
+    }
+    let what = match &stage {
+        Some(stage) => format!("stage {stage}"),
+        None => "run".to_string(),
+    };
+    facets.insert("errorMessage".into(), event::error_message_facet(&format!("{what} killed: {why}")));
+    let ours = |ds: &[Dataset]| -> Vec<Dataset> {
+        ds.iter()
+            .filter(|d| d.namespace.strip_prefix(namespace).is_some_and(|t| t.starts_with('/')))
+            .map(|d| Dataset { namespace: d.namespace.clone(), name: d.name.clone(), facets: Facets::new() })
+            .collect()
+    };
+    let mut e = RunEvent::new(
+        EventType::Abort,
+        now.to_string(),
+        Run { run_id: start.run.run_id.clone(), facets },
+        Job { namespace: namespace.to_string(), name: start.job.name.clone(), facets: Facets::new() },
+    );
+    e.inputs = ours(&start.inputs);
+    e.outputs = ours(&start.outputs);
+    e
 }
 
 /// What [`recover`] closed in one killed run.
@@ -137,7 +211,13 @@ pub struct Closed {
 /// this (never treated as killed); `deliver(lines)` is called with the new
 /// events of each killed run after they are in its file and before its mark
 /// is removed (an error keeps the mark: the next run tries again).
-pub fn recover(open: &OpenRuns, current: &str, file_of: impl Fn(&str) -> PathBuf, mut deliver: impl FnMut(&[String]) -> Result<()>) -> Vec<Closed> {
+pub fn recover(
+    open: &OpenRuns,
+    current: &str,
+    namespace: &str,
+    file_of: impl Fn(&str) -> PathBuf,
+    mut deliver: impl FnMut(&[String]) -> Result<()>,
+) -> Vec<Closed> {
     let mut done = Vec::new();
     for run_id in open.list() {
         if run_id == current {
@@ -158,7 +238,7 @@ pub fn recover(open: &OpenRuns, current: &str, file_of: impl Fn(&str) -> PathBuf
                 (&mut f).take(len).read_to_end(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
             }
             let why = format!("dagrun run {run_id} ended without finishing (killed); closed by the next run, {current}");
-            let (events, bad) = abort_events(&text, &why, &event::now());
+            let (events, bad) = abort_events(&text, &why, &event::now(), namespace);
             if bad > 0 {
                 tracing::warn!("{}: ignored {bad} line(s) that are not dagrun OpenLineage events", path.display());
             }
@@ -196,6 +276,10 @@ mod tests {
     use super::*;
     use crate::lineage::event::{Job, Run, parent_facet};
 
+    fn key() -> Arc<IntegrityKey> {
+        Arc::new(IntegrityKey::from_bytes([7; 32]))
+    }
+
     fn ev(t: EventType, run: &str, parent: Option<&str>) -> String {
         let mut r = Run { run_id: run.into(), facets: Default::default() };
         if let Some(p) = parent {
@@ -215,7 +299,7 @@ mod tests {
             "{not json".into(),
         ]
         .join("\n");
-        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z");
+        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns");
         assert_eq!(bad, 1);
         let ids: Vec<&str> = out.iter().map(|e| e.run.run_id.as_str()).collect();
         assert_eq!(ids, ["b", "p"]);
@@ -227,13 +311,13 @@ mod tests {
             all.push('\n');
             all.push_str(&e.to_line());
         }
-        assert!(abort_events(all.as_bytes(), "x", "t").0.is_empty());
+        assert!(abort_events(all.as_bytes(), "x", "t", "ns").0.is_empty());
     }
 
     #[test]
     fn recover_appends_once_and_clears_the_mark() {
         let d = tempfile::tempdir().unwrap();
-        let open = OpenRuns::new(d.path());
+        let open = OpenRuns::new(d.path(), Some(key()));
         open.mark("r1").unwrap();
         open.mark("r2").unwrap();
         let file = d.path().join("r1.jsonl");
@@ -243,6 +327,7 @@ mod tests {
         let closed = recover(
             &open,
             "r2",
+            "ns",
             |id| d.path().join(format!("{id}.jsonl")),
             |l| {
                 got.extend(l.to_vec());
@@ -257,8 +342,44 @@ mod tests {
         assert_eq!(open.list(), ["r2"]);
         // A mark left behind (killed after the append): nothing is left open.
         open.mark("r1").unwrap();
-        let c = recover(&open, "r2", |id| d.path().join(format!("{id}.jsonl")), |_| Ok(()));
+        let c = recover(&open, "r2", "ns", |id| d.path().join(format!("{id}.jsonl")), |_| Ok(()));
         assert!(c[0].lines.is_empty());
         assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    }
+
+    /// Review 13: a planted mark makes no event; an ABORT is rebuilt from
+    /// what identifies the run, never a copy of what the file holds.
+    #[test]
+    fn planted_marks_and_facets_never_go_out() {
+        let d = tempfile::tempdir().unwrap();
+        let open = OpenRuns::new(d.path(), Some(key()));
+        open.mark("r1").unwrap();
+        std::fs::write(d.path().join("openlineage/open/planted"), "").unwrap();
+        std::fs::write(d.path().join("openlineage/open/r9"), key().mac("other domain", b"r9").to_hex().as_bytes()).unwrap();
+        assert_eq!(open.list(), ["r1"]);
+        assert!(!d.path().join("openlineage/open/planted").exists(), "a planted mark is removed");
+        // Another workspace's key (or none) makes no mark this one trusts.
+        assert!(OpenRuns::new(d.path(), Some(Arc::new(IntegrityKey::from_bytes([8; 32])))).list().is_empty());
+        assert!(OpenRuns::new(d.path(), None).list().is_empty());
+
+        let mut start: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "a", Some("p"))).unwrap();
+        start["run"]["facets"]["x"] = serde_json::json!({"ssn": "123-45-6789"});
+        start["run"]["facets"]["dagrun"]["injected"] = "secret-field".into();
+        start["inputs"] =
+            serde_json::json!([{"namespace": "ns/T", "name": "in.txt", "facets": {"x": {"ssn": "123-45-6789"}}}, {"namespace": "s3://exfil", "name": "x"}]);
+        let mut other: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "b", None)).unwrap();
+        other["job"]["namespace"] = "dagrun://other-host/x".into();
+        let text = format!("{start}\n{other}\n");
+        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns");
+        assert_eq!(bad, 1, "the START of another namespace is not ours");
+        assert_eq!(out.len(), 1);
+        let line = out[0].to_line();
+        for planted in ["123-45-6789", "secret-field", "exfil"] {
+            assert!(!line.contains(planted), "{planted} went out: {line}");
+        }
+        assert_eq!(out[0].inputs.len(), 1);
+        assert_eq!(out[0].inputs[0].name, "in.txt");
+        assert_eq!(out[0].run.facets["parent"]["run"]["runId"], "p");
+        assert_eq!(out[0].run.facets["dagrun"]["stage"], "s");
     }
 }

@@ -24,9 +24,14 @@
 //! - The bearer token is only ever put in the `Authorization` header; the URL
 //!   is shown without any user:password part.
 //! - [`Spool`] = `.dagrun/openlineage/pending.jsonl`, rewritten atomically at
-//!   the end of each run; read back as untrusted input (a line that is not a
-//!   JSON object with a `schemaURL` is dropped with a warning); holds at most
-//!   [`MAX_PENDING`] events (the oldest are dropped past that, with a warning).
+//!   the end of each run; each line is `MAC EVENT`, the MAC (keyed blake3
+//!   under the workspace integrity key) sealing the event's bytes. Read back
+//!   as untrusted input: a line whose MAC does not verify (planted or edited:
+//!   review 13 found planted lines sent with the user's bearer token; or
+//!   written by a dagrun from before the spool was sealed), or that is not a
+//!   JSON object with a `schemaURL`, is dropped with a warning. Without the
+//!   key nothing is spooled or resent. Holds at most [`MAX_PENDING`] events
+//!   (the oldest are dropped past that, with a warning).
 
 use crate::util::redact::redact_url;
 use anyhow::{Context, Result};
@@ -391,22 +396,28 @@ fn post(agent: &ureq::Agent, url: &str, token: Option<&str>, body: &str) -> Sent
     }
 }
 
-/// `.dagrun/openlineage/pending.jsonl`: events not yet delivered.
+/// `.dagrun/openlineage/pending.jsonl`: events not yet delivered, each
+/// sealed (see the module's rules).
 pub struct Spool {
     path: PathBuf,
+    key: Option<Arc<crate::crypto::IntegrityKey>>,
 }
 
+/// MAC domain of a spooled event.
+const SPOOL_DOMAIN: &str = "dagrun openlineage spool v1";
+
 impl Spool {
-    pub fn new(dagrun_dir: &Path) -> Spool {
-        Spool { path: dagrun_dir.join("openlineage").join("pending.jsonl") }
+    pub fn new(dagrun_dir: &Path, key: Option<Arc<crate::crypto::IntegrityKey>>) -> Spool {
+        Spool { path: dagrun_dir.join("openlineage").join("pending.jsonl"), key }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The spooled events, oldest first; malformed lines are dropped (warned).
+    /// The spooled events, oldest first; unsealed or malformed lines are dropped (warned).
     pub fn load(&self) -> Vec<String> {
+        let Some(key) = &self.key else { return vec![] };
         let bytes = match crate::util::read_capped(&self.path, super::recover::MAX_FILE) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return vec![],
@@ -417,10 +428,17 @@ impl Spool {
         };
         let mut out = Vec::new();
         let mut bad = 0usize;
+        let mut unsealed = 0usize;
         for line in bytes.split(|&b| b == b'\n') {
             if line.is_empty() {
                 continue;
             }
+            let sealed = line.len() > 65 && line[64] == b' ' && std::str::from_utf8(&line[..64]).is_ok_and(|mac| key.verify(SPOOL_DOMAIN, &line[65..], mac));
+            if !sealed {
+                unsealed += 1;
+                continue;
+            }
+            let line = &line[65..];
             let ok = line.len() <= MAX_LINE
                 && std::str::from_utf8(line).ok().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()).is_some_and(|v| {
                     v.as_object().is_some_and(|o| o.get("schemaURL").is_some_and(|s| s.is_string()) && o.get("run").is_some_and(|r| r.is_object()))
@@ -430,6 +448,12 @@ impl Spool {
             } else {
                 bad += 1;
             }
+        }
+        if unsealed > 0 {
+            tracing::warn!(
+                "{}: dropped {unsealed} line(s) not sealed by this workspace (edited or planted, or spooled by an older dagrun)",
+                self.path.display()
+            );
         }
         if bad > 0 {
             tracing::warn!("{}: dropped {bad} line(s) that are not OpenLineage events", self.path.display());
@@ -451,8 +475,11 @@ impl Spool {
                 _ => Ok(()),
             };
         }
-        let mut bytes = Vec::with_capacity(events.iter().map(|e| e.len() + 1).sum());
+        let Some(key) = &self.key else { return Ok(()) };
+        let mut bytes = Vec::with_capacity(events.iter().map(|e| e.len() + 66).sum());
         for e in events {
+            bytes.extend_from_slice(key.mac(SPOOL_DOMAIN, e.as_bytes()).to_hex().as_bytes());
+            bytes.push(b' ');
             bytes.extend_from_slice(e.as_bytes());
             bytes.push(b'\n');
         }
@@ -481,15 +508,28 @@ mod tests {
     #[test]
     fn the_spool_round_trips_and_drops_garbage() {
         let d = tempfile::tempdir().unwrap();
-        let s = Spool::new(d.path());
+        let key = Arc::new(crate::crypto::IntegrityKey::from_bytes([7; 32]));
+        let s = Spool::new(d.path(), Some(key.clone()));
         assert!(s.load().is_empty());
         let ev = r#"{"schemaURL":"x","run":{"runId":"1"}}"#.to_string();
         s.store(&[ev.clone(), ev.clone()]).unwrap();
         assert_eq!(s.load(), vec![ev.clone(), ev.clone()]);
         let mut text = std::fs::read_to_string(s.path()).unwrap();
-        text.push_str("not json\n[1]\n{\"run\":{}}\n\u{0}\n");
+        // Garbage, and (review 13) events planted without the key: an
+        // unsealed line, a sealed line edited, another key's line.
+        let other = Spool::new(&d.path().join("other"), Some(Arc::new(crate::crypto::IntegrityKey::from_bytes([8; 32]))));
+        other.store(std::slice::from_ref(&ev)).unwrap();
+        let sealed = text.lines().next().unwrap().to_string();
+        text.push_str(&format!(
+            "not json\n[1]\n{{\"run\":{{}}}}\n{}\n{ev}\n{}\n{}",
+            '\u{0}',
+            sealed.replace("\"1\"", "\"2\""),
+            std::fs::read_to_string(other.path()).unwrap()
+        ));
         std::fs::write(s.path(), text).unwrap();
-        assert_eq!(s.load().len(), 2);
+        assert_eq!(s.load(), vec![ev.clone(), ev.clone()]);
+        // Without the key nothing is resent.
+        assert!(Spool::new(d.path(), None).load().is_empty());
         s.store(&[]).unwrap();
         assert!(!s.path().exists());
     }

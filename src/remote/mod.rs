@@ -93,6 +93,14 @@ pub enum SizeBound {
 }
 
 impl SizeBound {
+    /// The most bytes the object may have, when known.
+    fn at_most(self) -> Option<u64> {
+        match self {
+            SizeBound::Exactly(n) | SizeBound::AtMost(n) => Some(n),
+            SizeBound::Unknown => None,
+        }
+    }
+
     /// Why an object of `got` bytes is refused, if it is: `whole` when `got`
     /// is its full size (as the server announces it), else the bytes
     /// received so far.
@@ -128,8 +136,34 @@ pub struct Remote {
     jobs: usize,
     /// How long a failing request is retried (`remote.retry_timeout`).
     retry_timeout: Duration,
-    rt: tokio::runtime::Runtime,
+    /// The folder of a `file://` remote: each object there is checked to be a
+    /// regular file before the store opens it (a FIFO would block a reader
+    /// thread forever, the workspace lock held).
+    local: Option<std::path::PathBuf>,
+    /// Taken by `drop`, which does not wait for a reader thread stuck in a
+    /// read (`Runtime::shutdown_background`).
+    rt: Option<tokio::runtime::Runtime>,
 }
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Most names one listing of a remote folder may hold: a cache of a million
+/// objects per tenant is far beyond any real one, and an endpoint that
+/// pages without end (always "truncated", new names each page) must not make
+/// `pull` list forever, its memory growing, the workspace lock held.
+const MAX_LISTED: usize = 1_000_000;
+/// Longest a listing may take.
+const LISTING_DEADLINE: Duration = Duration::from_secs(600);
+/// Slowest transfer an object download is allowed (bytes per second, after
+/// a fixed allowance): a server that trickles bytes must not hold a run for
+/// the 300 s request timeout per attempt.
+const MIN_DOWNLOAD_RATE: u64 = 256 << 10;
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,20 +199,26 @@ impl Remote {
             ObjectStoreScheme::AmazonS3 => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
                 if let Some(e) = &cfg.endpoint {
+                    if url::Url::parse(e).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
+                        return Err(bad(format!(
+                            "its endpoint {} holds credentials (user:password@): give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in a settings file",
+                            crate::util::redact::redact_url(e)
+                        )));
+                    }
                     b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
                 }
                 if let Some(r) = &cfg.region {
                     b = b.with_region(r.clone());
                 }
-                (Arc::new(b.build().map_err(|e| bad(e.to_string().replace(&given, &shown)))?), path)
+                (Arc::new(b.build().map_err(|e| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown))))?), path)
             }
             ObjectStoreScheme::GoogleCloudStorage => {
                 let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
-                (Arc::new(b.build().map_err(|e| bad(e.to_string().replace(&given, &shown)))?), path)
+                (Arc::new(b.build().map_err(|e| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown))))?), path)
             }
             ObjectStoreScheme::MicrosoftAzure => {
                 let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
-                (Arc::new(b.build().map_err(|e| bad(e.to_string().replace(&given, &shown)))?), path)
+                (Arc::new(b.build().map_err(|e| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown))))?), path)
             }
             ObjectStoreScheme::Local => {
                 let dir = url.to_file_path().map_err(|_| bad("a file:// remote needs an absolute path: file:///srv/dagrun-cache".into()))?;
@@ -190,7 +230,27 @@ impl Remote {
         };
         let jobs = cfg.jobs.unwrap_or(8).max(1);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the remote's I/O runtime")?;
-        Ok(Remote { store, root, shown, jobs, retry_timeout, rt })
+        let local = match scheme {
+            ObjectStoreScheme::Local => url.to_file_path().ok(),
+            _ => None,
+        };
+        Ok(Remote { store, root, shown, jobs, retry_timeout, local, rt: Some(rt) })
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("the runtime lives until drop")
+    }
+
+    /// For a `file://` remote: refuse `loc` unless it is a regular file (a
+    /// FIFO, device or socket there is refused, never opened; a missing file
+    /// is left to the store to report).
+    fn check_local(&self, loc: &OPath) -> Result<()> {
+        let Some(dir) = &self.local else { return Ok(()) };
+        let path = dir.join(loc.as_ref());
+        match std::fs::metadata(&path) {
+            Ok(m) if !m.is_file() => Err(untrusted(format!("{loc} on {} is not a regular file (a FIFO, device or folder); refused", self.shown))),
+            _ => Ok(()),
+        }
     }
 
     /// The URL as configured, without credentials or query (`util::redact::redact_url`).
@@ -224,15 +284,17 @@ impl Remote {
         if denied {
             anyhow!("{what} {loc} on {}: access denied; check the credentials (AWS_ACCESS_KEY_ID, …) and the bucket policy for this prefix", self.shown)
         } else {
-            // A server's message is shown with its control characters escaped.
-            anyhow!("{what} {loc} on {}: {}", self.shown, crate::util::escape_controls(&text))
+            // A server's message is shown with its control characters escaped
+            // and every URL in it without credentials or query (an endpoint
+            // may be `http://KEY:SECRET@host`: review 13).
+            anyhow!("{what} {loc} on {}: {}", self.shown, crate::util::escape_controls(&crate::util::redact::credentials_in_command(&text)))
         }
     }
 
     /// Tenants that have a prefix on the remote.
     pub fn list_tenants(&self) -> Result<Vec<String>> {
         let dir = self.root.clone().join("tenants");
-        let res = self.rt.block_on(self.store.list_with_delimiter(Some(&dir))).map_err(|e| self.explain("listing", &dir, e))?;
+        let res = self.rt().block_on(self.store.list_with_delimiter(Some(&dir))).map_err(|e| self.explain("listing", &dir, e))?;
         let mut out: Vec<String> =
             res.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).filter(|t| crate::data::is_valid_tenant_id(t)).collect();
         out.sort();
@@ -242,10 +304,26 @@ impl Remote {
 
     /// Names directly under `dir` (objects only) with their sizes.
     async fn list_dir(&self, dir: &OPath) -> Result<BTreeMap<String, u64>> {
+        match tokio::time::timeout(LISTING_DEADLINE, self.list_dir_capped(dir)).await {
+            Ok(r) => r,
+            Err(_) => Err(untrusted(format!(
+                "listing {dir} on {} took more than {} s; refused (a remote cache lists in seconds)",
+                self.shown,
+                LISTING_DEADLINE.as_secs()
+            ))),
+        }
+    }
+
+    async fn list_dir_capped(&self, dir: &OPath) -> Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
         let mut s = self.store.list(Some(dir));
+        let mut seen = 0usize;
         while let Some(m) = s.next().await {
             let m = m.map_err(|e| self.explain("listing", dir, e))?;
+            seen += 1;
+            if seen > MAX_LISTED {
+                return Err(untrusted(format!("listing {dir} on {} goes on past {MAX_LISTED} names; refused (not a cache dagrun wrote)", self.shown)));
+            }
             // Only direct children: anything deeper is not ours.
             if m.location.parent().as_ref() != Some(dir) {
                 continue;
@@ -260,20 +338,21 @@ impl Remote {
     /// Objects of a scope: hash → size (names that are not hashes are ignored).
     pub fn list_objects(&self, tenant: Option<&str>) -> Result<BTreeMap<String, u64>> {
         let dir = self.scope(tenant).join("objects");
-        let all = self.rt.block_on(self.list_dir(&dir))?;
+        let all = self.rt().block_on(self.list_dir(&dir))?;
         Ok(all.into_iter().filter(|(n, _)| is_hash(n)).collect())
     }
 
     /// Action-entry keys of a scope (names that are not `HASH.json` are ignored).
     pub fn list_actions(&self, tenant: Option<&str>) -> Result<BTreeSet<String>> {
         let dir = self.scope(tenant).join("actions");
-        let all = self.rt.block_on(self.list_dir(&dir))?;
+        let all = self.rt().block_on(self.list_dir(&dir))?;
         Ok(all.into_keys().filter_map(|n| n.strip_suffix(".json").map(str::to_string)).filter(|k| is_hash(k)).collect())
     }
 
     /// Fetch an action entry's bytes; None when the remote has none.
     pub fn get_action(&self, tenant: Option<&str>, key: &str) -> Result<Option<Vec<u8>>> {
         let loc = self.action_location(tenant, key);
+        self.check_local(&loc)?;
         let read = async {
             let r = match self.store.get(&loc).await {
                 Ok(r) => r,
@@ -297,7 +376,7 @@ impl Remote {
             Ok(Some(b))
         };
         let limit = self.retry_timeout + Duration::from_secs(30);
-        self.rt.block_on(async {
+        self.rt().block_on(async {
             tokio::time::timeout(limit, read)
                 .await
                 .unwrap_or_else(|_| Err(anyhow!("reading {loc} on {}: no answer within {:.0} s; is the endpoint reachable?", self.shown, limit.as_secs_f64())))
@@ -307,13 +386,13 @@ impl Remote {
     /// Upload an action entry (after its objects).
     pub fn put_action(&self, tenant: Option<&str>, key: &str, bytes: &[u8]) -> Result<()> {
         let loc = self.action_location(tenant, key);
-        self.rt.block_on(self.store.put(&loc, PutPayload::from(bytes.to_vec()))).map_err(|e| self.explain("writing", &loc, e))?;
+        self.rt().block_on(self.store.put(&loc, PutPayload::from(bytes.to_vec()))).map_err(|e| self.explain("writing", &loc, e))?;
         Ok(())
     }
 
     /// Upload objects in parallel; one result (bytes sent) per upload, in order.
     pub fn upload(&self, uploads: &[Upload]) -> Vec<Result<u64>> {
-        self.rt.block_on(async {
+        self.rt().block_on(async {
             let mut res: Vec<(usize, Result<u64>)> = futures_util::stream::iter(uploads.iter().enumerate())
                 .map(|(i, u)| async move { (i, self.upload_one(u).await) })
                 .buffer_unordered(self.jobs)
@@ -377,7 +456,7 @@ impl Remote {
     /// Fetch objects in parallel, each verified before it lands at its `dest`
     /// (atomically, read-only); one result (bytes received) per download.
     pub fn download(&self, downloads: &[Download]) -> Vec<Result<u64>> {
-        self.rt.block_on(async {
+        self.rt().block_on(async {
             let mut res: Vec<(usize, Result<u64>)> = futures_util::stream::iter(downloads.iter().enumerate())
                 .map(|(i, d)| async move { (i, self.download_one(d).await) })
                 .buffer_unordered(self.jobs)
@@ -393,6 +472,23 @@ impl Remote {
             bail!("{:?} is not an object name", d.hash);
         }
         let loc = self.object_location(d.tenant.as_deref(), &d.hash);
+        self.check_local(&loc)?;
+        // A deadline for the whole transfer: the retries' allowance plus the
+        // object at the slowest rate accepted.
+        let limit = self.retry_timeout + Duration::from_secs(30) + Duration::from_secs(d.size.at_most().unwrap_or(1 << 30) / MIN_DOWNLOAD_RATE);
+        match tokio::time::timeout(limit, self.fetch_object(d, &loc)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!(
+                "downloading {loc} on {}: not done within {:.0} s (slower than {} KiB/s); is the endpoint overloaded?",
+                self.shown,
+                limit.as_secs_f64(),
+                MIN_DOWNLOAD_RATE >> 10
+            )),
+        }
+    }
+
+    async fn fetch_object(&self, d: &Download, loc: &OPath) -> Result<u64> {
+        let loc = loc.clone();
         let r = self.store.get(&loc).await.map_err(|e| match e {
             // A record is uploaded only after its objects: an object it names
             // that is missing was removed, which retrying does not undo.

@@ -40,6 +40,9 @@ pub const OWN_DIRS: &[&str] = &[
     ".dagrun/openlineage",
     ".dagrun/openlineage/open",
     ".dagrun/slurm",
+    // Job registrations: every run reads it and removes what is not one
+    // (review 13: a link here made a local run delete files it led to).
+    ".dagrun/slurm/active",
     ".dagrun/audit",
     ".dagrun/metrics",
     "runs",

@@ -144,6 +144,12 @@ impl StateStore {
         self.key.as_deref()
     }
 
+    /// The same key, shared (for what seals records of its own with it: the
+    /// OpenLineage spool and open-run marks).
+    pub fn shared_integrity_key(&self) -> Option<Arc<IntegrityKey>> {
+        self.key.clone()
+    }
+
     /// Where a stage's record lives (also for the run's end-of-run sync).
     pub fn record_path(&self, stage: &str) -> PathBuf {
         self.state_dir.join(format!("{stage}.json"))

@@ -325,7 +325,14 @@ stages:
     let bad = &jobs["bad"][1];
     assert_eq!(bad["eventType"], "FAIL");
     let msg = bad["run"]["facets"]["errorMessage"]["message"].as_str().unwrap();
-    assert!(msg.contains("stage bad failed") && msg.contains("boom: disk on fire"), "{msg}");
+    // The first line of the error; the command's stderr (which may quote
+    // data: review 13) stays in the run record and the log.
+    assert!(msg.contains("stage bad failed: command failed with exit status 3") && msg.contains(".dagrun/logs/bad.err"), "{msg}");
+    for e in &events {
+        assert!(!e.to_string().contains("disk on fire"), "a command's stderr reached an event: {e}");
+    }
+    let recorded = r.rec()["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "bad").unwrap()["error"].as_str().unwrap().to_string();
+    assert!(recorded.contains("boom: disk on fire"), "{recorded}");
     assert_eq!(jobs["good"][1]["eventType"], "COMPLETE");
     let end = events.last().unwrap();
     assert_eq!((end["eventType"].as_str(), end["job"]["name"].as_str()), (Some("FAIL"), Some("pipeline")));
@@ -432,9 +439,17 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The spooled events (each line is `MAC EVENT`: the MAC is checked by dagrun, not here).
 fn pending_lines(ws: &Ws) -> Vec<String> {
     match std::fs::read_to_string(ws.path(".dagrun/openlineage/pending.jsonl")) {
-        Ok(t) => t.lines().map(String::from).collect(),
+        Ok(t) => t
+            .lines()
+            .map(|l| {
+                let (mac, event) = l.split_once(' ').expect("a spooled line is `MAC EVENT`");
+                assert!(mac.len() == 64 && mac.bytes().all(|b| b.is_ascii_hexdigit()), "{l}");
+                event.to_string()
+            })
+            .collect(),
         Err(_) => vec![],
     }
 }
@@ -647,23 +662,53 @@ stages:
     assert!(open_left.is_empty(), "{open_left:?}");
 }
 
-/// A mark of a "killed" run whose event file is a planted symlink: recovery
-/// never writes through it (it cut the file the link led to back to its last
-/// newline), and the run itself is not held up.
+/// A killed run whose event file was replaced by a symlink: recovery never
+/// writes through it (it cut the file the link led to back to its last
+/// newline), and the run itself is not held up. A mark planted without the
+/// workspace key makes no event at all (review 13: a planted mark and event
+/// file were re-sent to the catalog with the user's token).
 #[test]
 fn recovery_never_writes_through_a_planted_event_file_link() {
     let ws = Ws::new();
-    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
-    ws.run(&[]).ok();
+    ws.pipeline("stages:\n  a:\n    cmd: echo $$ > a.pid; sleep 60; echo a > a.txt\n    outs: [a.txt]\n");
     let outside = tempfile::tempdir().unwrap();
     let victim = outside.path().join("victim.txt");
     let text = "keep this line\nand this one without its newline";
     std::fs::write(&victim, text).unwrap();
-    let id = "20261205-000000-000-abcd";
-    ws.write(&format!(".dagrun/openlineage/open/{id}"), "");
-    std::os::unix::fs::symlink(&victim, ws.path(&format!("runs/{id}.openlineage.jsonl"))).unwrap();
+    let planted = "20261205-000000-000-abcd";
+    // A run killed while its stage runs leaves a genuine mark.
+    let mut killed = spawn(cmd(&ws, &["run", "pipeline.yaml"]));
+    let t0 = Instant::now();
+    let pid = loop {
+        if let Ok(s) = std::fs::read_to_string(ws.path("a.pid"))
+            && let Ok(p) = s.trim().parse::<i32>()
+        {
+            break p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    signal(killed.pid() as i32, libc::SIGKILL);
+    let _ = killed.child.wait();
+    signal(-pid, libc::SIGKILL);
+    let marks: Vec<String> = std::fs::read_dir(ws.path(".dagrun/openlineage/open"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != planted)
+        .collect();
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    let file = ws.path(&format!("runs/{}.openlineage.jsonl", marks[0]));
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(&victim, &file).unwrap();
+    // A planted mark (and event file) is removed, with no event made.
+    ws.write(&format!(".dagrun/openlineage/open/{planted}"), "");
+    std::os::unix::fs::symlink(&victim, ws.path(&format!("runs/{planted}.openlineage.jsonl"))).unwrap();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
     let r = ws.run(&[]);
     assert_eq!(r.out.code, 0, "{}", r.out.stderr);
+    assert!(r.out.stderr.contains(&format!("{planted} is not a mark this workspace made")), "{}", r.out.stderr);
+    assert!(!ws.exists(&format!(".dagrun/openlineage/open/{planted}")), "the planted mark is removed");
     assert!(r.out.stderr.contains("is a symlink; dagrun never writes through a link there"), "{}", r.out.stderr);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), text, "the file behind the link was changed");
 }

@@ -592,6 +592,29 @@ fn a_bucket_writer_without_the_keys_plants_nothing_and_a_dead_endpoint_is_asked_
     assert!(tree(&w2, ".dagrun/cache").keys().all(|p| std::fs::metadata(w2.join(p)).unwrap().len() < 1 << 20), "a grown object reached the cache");
     let _ = std::fs::remove_dir_all(&w2);
 
+    // Review 13: a FIFO in place of an object of a folder remote blocked
+    // `pull` forever (the lock held) and kept `run --pull` from exiting.
+    let rec_common: Value = serde_json::from_slice(&std::fs::read(record_of("", "common")).unwrap()).unwrap();
+    let obj_common = scope("").join("objects").join(rec_common["outputs"]["common.txt"]["hash"].as_str().unwrap());
+    std::fs::remove_file(&obj_common).unwrap();
+    let c = std::ffi::CString::new(obj_common.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let w3 = clone("");
+    let o = spawn(dagrun(&w3, &["pull"], ADMIN)).wait(Duration::from_secs(60));
+    assert_eq!(o.code, 4, "{o:?}");
+    assert!(o.stderr.contains("is not a regular file"), "{}", o.stderr);
+    let o = spawn(dagrun(&w3, &["run", "pipelines/p.yaml", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(60));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(statuses(&o.stdout)["common"], "ran");
+    let _ = std::fs::remove_dir_all(&w3);
+    // Credentials in an endpoint are refused, never shown.
+    let creds = clone("remote:\n  url: s3://dagrun/x\n  endpoint: http://KEYID:SECRET-4711@127.0.0.1:9\n  region: us-east-1\n");
+    let o = spawn(dagrun(&creds, &["pull"], ADMIN)).wait(Duration::from_secs(60));
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("holds credentials") && !o.stderr.contains("SECRET-4711"), "{}", o.stderr);
+    let _ = std::fs::remove_dir_all(&creds);
+
     // An endpoint nothing listens on: each prefix is asked once, the stages run.
     let dead = clone("remote:\n  url: s3://dagrun/dead\n  endpoint: http://127.0.0.1:9\n  region: us-east-1\n  retry_timeout: 0\n");
     let t0 = Instant::now();

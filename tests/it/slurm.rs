@@ -199,6 +199,18 @@ fn propensity_under_slurm_equals_a_local_run() {
         let text = String::from_utf8_lossy(&std::fs::read(f).unwrap()).to_lowercase();
         assert!(!text.contains(master), "{} holds the master key", f.display());
         assert!(!text.contains("dagrun_master_key="), "{} passes a key in a variable", f.display());
+        // Job files' names show in `scontrol show job` (StdOut=, Command=): no tenant there (review 13).
+        let name = f.file_name().unwrap().to_string_lossy();
+        assert!(!name.contains("Tenant") && !name.contains("generate"), "{} names a stage or tenant", f.display());
+    }
+    // A finished run's spec runs nothing again (review 13: a replay brought
+    // back the plaintext raw data the run had deleted).
+    let spec = job_files.iter().find(|p| p.to_string_lossy().ends_with(".spec.json")).unwrap();
+    let o = spawn(dagrun_in(&remote.root, &["exec-stage", spec.to_str().unwrap()])).wait(HANG);
+    assert_ne!(o.code, 0, "a replayed spec ran: {}", o.stderr);
+    assert!(o.stderr.contains("has run already") && o.stderr.contains("nothing was run"), "{}", o.stderr);
+    for t in ["Tenant_A", "Tenant_B"] {
+        assert!(!remote.exists(&format!("data/raw/{t}.parquet")), "plaintext back after a replay");
     }
 
     // Nothing to do again: no job at all. `resources:` is not part of the key.
