@@ -17,9 +17,11 @@
 //!   workspace integrity key (`executor::spec`).
 //! - Secrets: the master key comes from its file (`DAGRUN_MASTER_KEY_FILE`,
 //!   set by the batch script to a path), never from the job's environment.
-//! - A spec runs once: one whose result file exists is refused before
-//!   anything runs (jobs are submitted `--no-requeue`; a retry gets a new
-//!   spec), so a finished run's spec cannot be replayed.
+//! - A spec runs once: its claim file (`X.aN.claim`, created with
+//!   `O_EXCL` before anything runs) refuses a second run (jobs are submitted
+//!   `--no-requeue`; a retry gets a new spec), and the coordinator removes
+//!   the spec when the job has ended (the next run removes any left by a
+//!   killed run), so a finished run's spec cannot be replayed.
 //! - Exit status: 0 when every stage succeeded, 1 otherwise (Slurm: FAILED).
 
 use crate::engine::{Decision, Engine, Evaluation};
@@ -28,6 +30,23 @@ use crate::executor::spec::{self, JobResult, RESULT_FORMAT, SpecStage, StageResu
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::time::Instant;
+
+/// Create the claim file beside the spec's result file (`X.aN.claim`), or
+/// refuse: it exists when this spec ran already (see the module's rules).
+fn claim(spec_path: &Path, result: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".claim")).unwrap_or_default();
+    let path = result.with_file_name(name);
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "the job spec {} has run already (its claim {} exists); a spec runs once, inside the job its run submitted; nothing was run",
+            spec_path.display(),
+            path.display()
+        ),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot create {}; nothing was run", path.display()))),
+    }
+}
 
 pub fn exec_stage(spec_path: &Path) -> Result<i32> {
     // The keyring that verifies the spec is the one the stages then use.
@@ -46,17 +65,12 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
     if !spec.result.starts_with(&own_dir) || spec.result.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         bail!("the job spec {} puts its result file outside {}; it is not one dagrun wrote", spec_path.display(), own_dir.display());
     }
-    // One use: a spec whose result file exists already ran (its job was
+    // One use: the spec's claim file is created (O_EXCL) before anything
+    // runs; one that exists means the spec ran already (its job was
     // submitted with `--no-requeue`; a retry is a new spec, `.aN`). Replaying
     // a finished run's spec would bring back outputs the run deleted (its
-    // plaintext raw data: review 13) with no run to delete them again.
-    if std::fs::symlink_metadata(&spec.result).is_ok() {
-        bail!(
-            "the job spec {} has run already (its result file {} exists); a spec runs once, inside the job its run submitted; nothing was run",
-            spec_path.display(),
-            spec.result.display()
-        );
-    }
+    // plaintext raw data: reviews 13 and 14) with no run to delete them again.
+    claim(spec_path, &spec.result)?;
     let job = std::env::var("SLURM_JOB_ID").unwrap_or_else(|_| "-".into());
     let p = crate::pipeline::load(&spec.pipeline, Some(&spec.workspace), &spec.overrides, &crate::stages::kinds())?;
     let engine = Engine::with_ring(p, ring);

@@ -38,7 +38,11 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
         .collect();
     let view = pipeline_file(workspace, &rec.pipeline).and_then(|file| {
         crate::pipeline::load_recorded(&file, workspace, &overrides, &crate::stages::kinds())
-            .map(|p| PipelineView::from_pipeline(&p))
+            .map(|p| {
+                // Graphviz `dot` gets the pipeline's `secrets:` withheld too.
+                crate::util::child_env::withhold_from_tools(&p.secrets);
+                PipelineView::from_pipeline(&p)
+            })
             .map_err(|e| format!("{e:#}"))
     });
     let html = report::render(workspace, &rec, view, layout)?;

@@ -53,7 +53,7 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
     if args.dry_run {
         return super::status::show(p, &args.stages, &force, args.json);
     }
-    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(crate::pipeline::MAX_JOBS));
     let opts = RunOptions {
         targets: args.stages.clone(),
         force,

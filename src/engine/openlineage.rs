@@ -40,8 +40,6 @@ use std::sync::{LazyLock, Mutex};
 /// Tenant segment of datasets no single tenant owns.
 pub const SHARED: &str = "_shared";
 
-/// The endpoint to use: `--openlineage-url`, else `DAGRUN_OPENLINEAGE_URL`
-/// (empty = none). Checked here so a bad URL stops the run before it starts.
 /// A stage's error as events carry it: its first line only. What follows
 /// is the end of a command's stderr or of a Slurm job's log (`stages::cmd`,
 /// `executor::slurm`), which may quote data values; it stays in the local run
@@ -53,6 +51,8 @@ fn error_for_events(error: &str) -> String {
     }
 }
 
+/// The endpoint to use: `--openlineage-url`, else `DAGRUN_OPENLINEAGE_URL`
+/// (empty = none). Checked here so a bad URL stops the run before it starts.
 pub fn endpoint(flag: Option<&str>) -> Result<Option<String>> {
     let url = match flag {
         Some(u) => Some(u.to_string()),
@@ -161,7 +161,7 @@ impl StageParts {
         push_key(&mut start_dagrun, "stage");
         push_str_json(&mut start_dagrun, &s.name);
         start_dagrun.push('}');
-        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name), start_dagrun, params, job }
+        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name, engine.states.integrity_key()), start_dagrun, params, job }
     }
 }
 
@@ -207,7 +207,7 @@ impl OpenLineage {
         let namespace = format!("dagrun://{host}/{ws}");
         let pipeline_job = job_name_of(&p.shown);
         let start_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
-        let pipeline_run = ids::run_uuid(start_ms, &engine.run_id, &pipeline_job);
+        let pipeline_run = ids::run_uuid(start_ms, &engine.run_id, &pipeline_job, engine.states.integrity_key());
 
         // Which tenant owns each path (see the module doc).
         let mut producer: HashMap<&str, Option<&str>> = HashMap::new();

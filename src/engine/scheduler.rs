@@ -97,6 +97,8 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
             s.executor = kind;
         }
     }
+    // Outside tools (Slurm's commands) get the pipeline's `secrets:` withheld too.
+    crate::util::child_env::withhold_from_tools(&pipeline.secrets);
     // Jobs of a killed earlier run must end before anything writes their outputs.
     crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
     let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);

@@ -327,7 +327,7 @@ impl Slurm {
         let base = self.run_dir.join(format!("{file_label}.a{}", batch.attempt));
         let with_ext = |e: &str| PathBuf::from(format!("{}.{e}", base.display()));
         let (spec_path, script, log, result) = (with_ext("spec.json"), with_ext("sh"), with_ext("log"), with_ext("result.json"));
-        for p in [&log, &result] {
+        for p in [&log, &result, &with_ext("claim")] {
             let _ = std::fs::remove_file(p);
         }
         let spec = JobSpec {
@@ -692,6 +692,29 @@ fn unregister(workspace: &Path, id: &str) {
 /// Called by `dagrun run` under the workspace lock, before anything runs.
 /// Returns the job ids abandoned.
 pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
+    let ids = cancel_orphans(workspace)?;
+    forget_specs(workspace);
+    Ok(ids)
+}
+
+/// Remove the job specs of earlier runs (their jobs have ended, or were just
+/// cancelled): a spec runs once, in the job its run submitted, and one left
+/// on disk could be run again by hand (`exec-stage`), bringing back outputs
+/// its run deleted (review 14). Run folders are looked at without following
+/// links; a link is removed, never followed.
+fn forget_specs(workspace: &Path) {
+    let Ok(rd) = std::fs::read_dir(slurm_dir(workspace)) else { return };
+    for run in rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "active") {
+        let Ok(files) = std::fs::read_dir(run.path()) else { continue };
+        for f in files.flatten() {
+            if f.file_name().to_string_lossy().ends_with(".spec.json") && f.file_type().is_ok_and(|t| !t.is_dir()) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+}
+
+fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     let dir = active_dir(workspace);
     let Ok(rd) = std::fs::read_dir(&dir) else { return Ok(vec![]) };
     let mut ids = Vec::new();
@@ -886,6 +909,9 @@ impl Executor for Slurm {
         }
         let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
         let spec_name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
+        // The job has ended: its spec is never run again (`exec-stage` runs a
+        // spec once; one left could be run by hand, review 14).
+        let _ = std::fs::remove_file(result.with_file_name(&spec_name));
         let Some(integrity) = self.states.integrity_key() else {
             return fail(anyhow!("no workspace integrity key to verify Slurm job {id}'s result with"));
         };

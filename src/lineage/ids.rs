@@ -1,6 +1,7 @@
 //! Identifiers: UUIDv7 run ids (RFC 9562) derived from dagrun's run id, the
 //! host name and the workspace id that namespace jobs and datasets.
 
+use crate::crypto::IntegrityKey;
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -8,8 +9,11 @@ use std::path::Path;
 /// bits taken from blake3 of `seed` (so the same seed and time always give
 /// the same id), with the version (7) and variant (10) bits set.
 pub fn uuid_v7(unix_ms: u64, seed: &[u8]) -> String {
-    let h = blake3::hash(seed);
-    let r = h.as_bytes();
+    uuid_v7_of(unix_ms, blake3::hash(seed).as_bytes())
+}
+
+/// A UUIDv7 of `unix_ms` with its 74 other bits from `r`.
+fn uuid_v7_of(unix_ms: u64, r: &[u8; 32]) -> String {
     let mut b = [0u8; 16];
     b[..6].copy_from_slice(&unix_ms.to_be_bytes()[2..]);
     b[6..].copy_from_slice(&r[..10]);
@@ -19,14 +23,34 @@ pub fn uuid_v7(unix_ms: u64, seed: &[u8]) -> String {
     format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
 }
 
+/// MAC domain of a run id's random bits.
+const RUN_UUID_DOMAIN: &str = "dagrun openlineage run uuid v1";
+
 /// The id of a job's run within dagrun run `run_id` (`job` = the job name).
-pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str) -> String {
+/// With the workspace integrity key its random bits are a MAC of the two
+/// (`is_run_uuid_of` checks one read back: recovery makes an `ABORT` only for
+/// a run dagrun started, never for one planted in an event file).
+pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str, key: Option<&IntegrityKey>) -> String {
     let mut seed = Vec::with_capacity(run_id.len() + job.len() + 24);
     seed.extend_from_slice(b"dagrun-openlineage-run\0");
     seed.extend_from_slice(run_id.as_bytes());
     seed.push(0);
     seed.extend_from_slice(job.as_bytes());
-    uuid_v7(unix_ms, &seed)
+    match key {
+        Some(k) => uuid_v7_of(unix_ms, k.mac(RUN_UUID_DOMAIN, &seed).as_bytes()),
+        None => uuid_v7(unix_ms, &seed),
+    }
+}
+
+/// Is `uuid` the id [`run_uuid`] gives job `job` of dagrun run `run_id`
+/// under `key` (at the time the id itself carries)?
+pub fn is_run_uuid_of(uuid: &str, run_id: &str, job: &str, key: &IntegrityKey) -> bool {
+    let hex: String = uuid.chars().filter(|&c| c != '-').collect();
+    if uuid.len() != 36 || hex.len() != 32 {
+        return false;
+    }
+    let Ok(ms) = u64::from_str_radix(&hex[..12], 16) else { return false };
+    run_uuid(ms, run_id, job, Some(key)) == uuid
 }
 
 /// This machine's host name (`localhost` when it cannot be read).
@@ -88,9 +112,16 @@ mod tests {
     }
 
     #[test]
-    fn run_uuids_differ_per_job_and_run() {
-        assert_ne!(run_uuid(1, "r1", "p"), run_uuid(1, "r1", "p.a"));
-        assert_ne!(run_uuid(1, "r1", "p"), run_uuid(1, "r2", "p"));
+    fn run_uuids_differ_per_job_and_run_and_are_checked_under_the_key() {
+        assert_ne!(run_uuid(1, "r1", "p", None), run_uuid(1, "r1", "p.a", None));
+        assert_ne!(run_uuid(1, "r1", "p", None), run_uuid(1, "r2", "p", None));
+        let k = IntegrityKey::from_bytes([7; 32]);
+        let u = run_uuid(1_765_000_000_000, "r1", "p.a", Some(&k));
+        assert!(is_run_uuid_of(&u, "r1", "p.a", &k));
+        assert!(!is_run_uuid_of(&u, "r1", "p.b", &k) && !is_run_uuid_of(&u, "r2", "p.a", &k));
+        assert!(!is_run_uuid_of(&run_uuid(1_765_000_000_000, "r1", "p.a", None), "r1", "p.a", &k), "an id made without the key");
+        assert!(!is_run_uuid_of(&u, "r1", "p.a", &IntegrityKey::from_bytes([8; 32])));
+        assert!(!is_run_uuid_of("not-a-uuid", "r1", "p.a", &k));
     }
 
     #[test]

@@ -18,18 +18,23 @@
 //!   before marks were sealed) is removed with a warning, and no event is
 //!   made for it (review 13: a planted mark and event file were re-sent to
 //!   the catalog with the user's token).
-//! - An `ABORT` carries only what identifies the run, rebuilt rather than
-//!   copied: its run id, its job (in this workspace's namespace; a `START` of
-//!   another namespace is ignored), its parent run, its datasets' names in
-//!   this workspace's namespaces (no facets: those are on the `START`), and a
-//!   `dagrun` facet of the run id, stage, kind and pipeline. Nothing else
-//!   the event file holds (an edited or planted facet) goes out.
+//! - A mark whose run has a run record (`runs/RUN_ID.json`: the run ended)
+//!   is removed, with no event (a mark copied while its run was live and put
+//!   back afterwards: review 14).
+//! - Only a `START` dagrun made gets an `ABORT`: in this workspace's
+//!   namespace, and with a run id that is the MAC-derived id of its job in
+//!   the killed run (`ids::is_run_uuid_of`); a `START` planted in the event
+//!   file (any job name, any dataset) makes nothing (review 14). The `ABORT`
+//!   is rebuilt, never copied: the run id, the job, the parent run (checked
+//!   the same way), and a `dagrun` facet of the dagrun run id, the stage
+//!   (from the job's name) and `status: killed`; no datasets (those are on
+//!   the `START`) and nothing else the file holds.
 //! - Exactly once: the events are handed to the caller (to queue for the
 //!   endpoint and store in the spool) after they are in the file and before
 //!   the mark is removed; a run killed in between leaves the mark, and the
 //!   next run finds those runs closed in the file and emits nothing more.
 
-use super::event::{self, Dataset, EventType, Facets, Job, RUN_EVENT_SCHEMA, Run, RunEvent};
+use super::event::{self, EventType, Facets, Job, RUN_EVENT_SCHEMA, Run, RunEvent};
 use super::transport::open_append;
 use crate::crypto::IntegrityKey;
 use anyhow::{Context, Result};
@@ -124,7 +129,7 @@ impl OpenRuns {
 /// The `ABORT` events closing every run of `text` (an event file) that has a
 /// `START` and no terminal event; stage runs (with a `parent`) first. Also
 /// the number of lines ignored as not being dagrun events.
-pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str) -> (Vec<RunEvent>, usize) {
+pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str, run_id: &str, key: &IntegrityKey) -> (Vec<RunEvent>, usize) {
     let mut starts: Vec<RunEvent> = Vec::new();
     let mut closed: HashMap<String, ()> = HashMap::new();
     let mut bad = 0usize;
@@ -133,7 +138,14 @@ pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str) -> (Vec<
             continue;
         }
         let e = match serde_json::from_slice::<RunEvent>(line) {
-            Ok(e) if e.schema_url == RUN_EVENT_SCHEMA && e.producer.starts_with("urn:dagrun:") && !e.run.run_id.is_empty() && e.job.namespace == namespace => e,
+            Ok(e)
+                if e.schema_url == RUN_EVENT_SCHEMA
+                    && e.producer.starts_with("urn:dagrun:")
+                    && e.job.namespace == namespace
+                    && super::ids::is_run_uuid_of(&e.run.run_id, run_id, &e.job.name, key) =>
+            {
+                e
+            }
             _ => {
                 bad += 1;
                 continue;
@@ -148,54 +160,43 @@ pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str) -> (Vec<
     let mut open: Vec<RunEvent> = starts.into_iter().filter(|s| !closed.contains_key(&s.run.run_id)).collect();
     // Stage runs before their pipeline run; otherwise file order.
     open.sort_by_key(|s| !s.run.facets.contains_key("parent"));
-    let out = open.into_iter().map(|e| abort_of(&e, why, now, namespace)).collect();
+    let out = open.into_iter().map(|e| abort_of(&e, why, now, namespace, run_id, key)).collect();
     (out, bad)
 }
 
-/// The `ABORT` closing the run `start` opened: rebuilt from what identifies
-/// it (see the module's rules), never a copy of the line read back.
-fn abort_of(start: &RunEvent, why: &str, now: &str, namespace: &str) -> RunEvent {
+/// The `ABORT` closing the run `start` opened (a `START` whose id checked):
+/// rebuilt from what identifies it (see the module's rules).
+fn abort_of(start: &RunEvent, why: &str, now: &str, namespace: &str, run_id: &str, key: &IntegrityKey) -> RunEvent {
     let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
-    let dagrun = start.run.facets.get("dagrun");
-    let stage = text(dagrun.and_then(|d| d.get("stage")));
+    let parent = start.run.facets.get("parent");
+    let parent = match (text(parent.and_then(|p| p.pointer("/run/runId"))), text(parent.and_then(|p| p.pointer("/job/name")))) {
+        (Some(run), Some(job)) if super::ids::is_run_uuid_of(&run, run_id, &job, key) => Some((run, job)),
+        _ => None,
+    };
+    // A stage's job is `PIPELINE_JOB.STAGE`, its parent the pipeline's job.
+    let stage = parent.as_ref().and_then(|(_, pj)| start.job.name.strip_prefix(pj.as_str())).and_then(|r| r.strip_prefix('.')).map(str::to_string);
     let mut fields = serde_json::Map::new();
-    for k in ["dagrunRunId", "stage", "kind", "pipeline"] {
-        if let Some(v) = text(dagrun.and_then(|d| d.get(k))) {
-            fields.insert(k.into(), v.into());
-        }
+    fields.insert("dagrunRunId".into(), run_id.into());
+    if let Some(s) = &stage {
+        fields.insert("stage".into(), s.clone().into());
     }
     fields.insert("status".into(), "killed".into());
     let mut facets = Facets::new();
     facets.insert("dagrun".into(), event::dagrun_facet(Value::Object(fields)));
-    let parent = start.run.facets.get("parent");
-    if let (Some(run), Some(job), Some(ns)) = (
-        text(parent.and_then(|p| p.pointer("/run/runId"))),
-        text(parent.and_then(|p| p.pointer("/job/name"))),
-        text(parent.and_then(|p| p.pointer("/job/namespace"))),
-    ) && ns == namespace
-    {
-        facets.insert("parent".into(), event::parent_facet(&run, namespace, &job));
+    if let Some((run, job)) = &parent {
+        facets.insert("parent".into(), event::parent_facet(run, namespace, job));
     }
     let what = match &stage {
         Some(stage) => format!("stage {stage}"),
         None => "run".to_string(),
     };
     facets.insert("errorMessage".into(), event::error_message_facet(&format!("{what} killed: {why}")));
-    let ours = |ds: &[Dataset]| -> Vec<Dataset> {
-        ds.iter()
-            .filter(|d| d.namespace.strip_prefix(namespace).is_some_and(|t| t.starts_with('/')))
-            .map(|d| Dataset { namespace: d.namespace.clone(), name: d.name.clone(), facets: Facets::new() })
-            .collect()
-    };
-    let mut e = RunEvent::new(
+    RunEvent::new(
         EventType::Abort,
         now.to_string(),
         Run { run_id: start.run.run_id.clone(), facets },
         Job { namespace: namespace.to_string(), name: start.job.name.clone(), facets: Facets::new() },
-    );
-    e.inputs = ours(&start.inputs);
-    e.outputs = ours(&start.outputs);
-    e
+    )
 }
 
 /// What [`recover`] closed in one killed run.
@@ -219,11 +220,18 @@ pub fn recover(
     mut deliver: impl FnMut(&[String]) -> Result<()>,
 ) -> Vec<Closed> {
     let mut done = Vec::new();
+    let Some(key) = open.key.clone() else { return vec![] };
     for run_id in open.list() {
         if run_id == current {
             continue;
         }
         let path = file_of(&run_id);
+        let record = path.with_file_name(format!("{run_id}.json"));
+        if std::fs::symlink_metadata(&record).is_ok() {
+            tracing::warn!("{}: run {run_id} has a run record (it ended): its mark is not a killed run's; removed, no event made", open.dir.display());
+            open.clear(&run_id);
+            continue;
+        }
         let res = (|| -> Result<Vec<String>> {
             let (mut f, len) = match std::fs::metadata(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
@@ -238,7 +246,7 @@ pub fn recover(
                 (&mut f).take(len).read_to_end(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
             }
             let why = format!("dagrun run {run_id} ended without finishing (killed); closed by the next run, {current}");
-            let (events, bad) = abort_events(&text, &why, &event::now(), namespace);
+            let (events, bad) = abort_events(&text, &why, &event::now(), namespace, &run_id, &key);
             if bad > 0 {
                 tracing::warn!("{}: ignored {bad} line(s) that are not dagrun OpenLineage events", path.display());
             }
@@ -274,44 +282,57 @@ pub fn recover(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lineage::event::{Job, Run, parent_facet};
+    use crate::lineage::event::parent_facet;
+    use crate::lineage::ids::run_uuid;
 
     fn key() -> Arc<IntegrityKey> {
         Arc::new(IntegrityKey::from_bytes([7; 32]))
     }
 
-    fn ev(t: EventType, run: &str, parent: Option<&str>) -> String {
-        let mut r = Run { run_id: run.into(), facets: Default::default() };
-        if let Some(p) = parent {
-            r.facets.insert("parent".into(), parent_facet(p, "ns", "pipe"));
-            r.facets.insert("dagrun".into(), event::dagrun_facet(serde_json::json!({"dagrunRunId": "r1", "stage": "s"})));
+    /// The id dagrun gives job `job` of dagrun run `run` (under `key()`).
+    fn id(run: &str, job: &str) -> String {
+        run_uuid(1_765_000_000_000, run, job, Some(&key()))
+    }
+
+    /// An event of job `job` (`pipe` or `pipe.STAGE`) of dagrun run `run`.
+    fn ev(t: EventType, run: &str, job: &str) -> String {
+        let mut r = Run { run_id: id(run, job), facets: Default::default() };
+        if let Some(stage) = job.strip_prefix("pipe.") {
+            r.facets.insert("parent".into(), parent_facet(&id(run, "pipe"), "ns", "pipe"));
+            r.facets.insert("dagrun".into(), event::dagrun_facet(serde_json::json!({"dagrunRunId": run, "stage": stage})));
         }
-        RunEvent::new(t, event::now(), r, Job { namespace: "ns".into(), name: "pipe".into(), facets: Default::default() }).to_line()
+        RunEvent::new(t, event::now(), r, Job { namespace: "ns".into(), name: job.into(), facets: Default::default() }).to_line()
     }
 
     #[test]
     fn open_runs_get_one_abort_each_stages_first() {
         let text = [
-            ev(EventType::Start, "p", None),
-            ev(EventType::Start, "a", Some("p")),
-            ev(EventType::Complete, "a", Some("p")),
-            ev(EventType::Start, "b", Some("p")),
+            ev(EventType::Start, "r1", "pipe"),
+            ev(EventType::Start, "r1", "pipe.a"),
+            ev(EventType::Complete, "r1", "pipe.a"),
+            ev(EventType::Start, "r1", "pipe.b"),
             "{not json".into(),
         ]
         .join("\n");
-        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns");
+        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns", "r1", &key());
         assert_eq!(bad, 1);
-        let ids: Vec<&str> = out.iter().map(|e| e.run.run_id.as_str()).collect();
-        assert_eq!(ids, ["b", "p"]);
+        let ids: Vec<&str> = out.iter().map(|e| e.job.name.as_str()).collect();
+        assert_eq!(ids, ["pipe.b", "pipe"]);
         assert!(out.iter().all(|e| e.event_type == EventType::Abort && e.run.facets.contains_key("errorMessage")));
         assert_eq!(out[0].run.facets["dagrun"]["status"], "killed");
+        assert_eq!(out[0].run.facets["dagrun"]["stage"], "b");
+        assert_eq!(out[0].run.facets["parent"]["run"]["runId"], id("r1", "pipe"));
+        assert!(out[0].run.facets["errorMessage"]["message"].as_str().unwrap().starts_with("stage b killed: x"));
         // Once closed, nothing more.
         let mut all = text.clone();
         for e in &out {
             all.push('\n');
             all.push_str(&e.to_line());
         }
-        assert!(abort_events(all.as_bytes(), "x", "t", "ns").0.is_empty());
+        assert!(abort_events(all.as_bytes(), "x", "t", "ns", "r1", &key()).0.is_empty());
+        // Another run's (or another key's) events are not this run's.
+        assert!(abort_events(text.as_bytes(), "x", "t", "ns", "r2", &key()).0.is_empty());
+        assert!(abort_events(text.as_bytes(), "x", "t", "ns", "r1", &IntegrityKey::from_bytes([8; 32])).0.is_empty());
     }
 
     #[test]
@@ -322,7 +343,7 @@ mod tests {
         open.mark("r2").unwrap();
         let file = d.path().join("r1.jsonl");
         // A torn last line is cut off.
-        std::fs::write(&file, format!("{}\n{}\n{{\"half", ev(EventType::Start, "p", None), ev(EventType::Start, "a", Some("p")))).unwrap();
+        std::fs::write(&file, format!("{}\n{}\n{{\"half", ev(EventType::Start, "r1", "pipe"), ev(EventType::Start, "r1", "pipe.a"))).unwrap();
         let mut got = Vec::new();
         let closed = recover(
             &open,
@@ -345,12 +366,20 @@ mod tests {
         let c = recover(&open, "r2", "ns", |id| d.path().join(format!("{id}.jsonl")), |_| Ok(()));
         assert!(c[0].lines.is_empty());
         assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+        // A mark put back after its run ended (it has a run record): removed, no event.
+        std::fs::write(&file, format!("{}\n", ev(EventType::Start, "r1", "pipe"))).unwrap();
+        std::fs::write(d.path().join("r1.json"), "{}").unwrap();
+        open.mark("r1").unwrap();
+        let c = recover(&open, "r2", "ns", |id| d.path().join(format!("{id}.jsonl")), |_| panic!("nothing to deliver"));
+        assert!(c.is_empty());
+        assert_eq!(open.list(), ["r2"]);
     }
 
-    /// Review 13: a planted mark makes no event; an ABORT is rebuilt from
-    /// what identifies the run, never a copy of what the file holds.
+    /// Reviews 13 and 14: a planted mark makes no event; a planted START
+    /// (any job, any dataset, any facet) makes none either; an ABORT is
+    /// rebuilt from what identifies the run, never a copy of the file.
     #[test]
-    fn planted_marks_and_facets_never_go_out() {
+    fn planted_marks_and_events_never_go_out() {
         let d = tempfile::tempdir().unwrap();
         let open = OpenRuns::new(d.path(), Some(key()));
         open.mark("r1").unwrap();
@@ -362,24 +391,27 @@ mod tests {
         assert!(OpenRuns::new(d.path(), Some(Arc::new(IntegrityKey::from_bytes([8; 32])))).list().is_empty());
         assert!(OpenRuns::new(d.path(), None).list().is_empty());
 
-        let mut start: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "a", Some("p"))).unwrap();
+        // A genuine START whose line was edited: planted facets and datasets stay behind.
+        let mut start: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "r1", "pipe.a")).unwrap();
         start["run"]["facets"]["x"] = serde_json::json!({"ssn": "123-45-6789"});
         start["run"]["facets"]["dagrun"]["injected"] = "secret-field".into();
-        start["inputs"] =
-            serde_json::json!([{"namespace": "ns/T", "name": "in.txt", "facets": {"x": {"ssn": "123-45-6789"}}}, {"namespace": "s3://exfil", "name": "x"}]);
-        let mut other: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "b", None)).unwrap();
+        start["run"]["facets"]["dagrun"]["kind"] = "alice@example.com".into();
+        start["inputs"] = serde_json::json!([{"namespace": "ns/T", "name": "123-45-6789.txt"}, {"namespace": "s3://exfil", "name": "x"}]);
+        // A planted START: a job name of the attacker's, an id made without the key.
+        let mut planted: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "r1", "pipe.a")).unwrap();
+        planted["job"]["name"] = "PLANTED-JOB alice.smith@example.com".into();
+        let mut other: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "r1", "pipe")).unwrap();
         other["job"]["namespace"] = "dagrun://other-host/x".into();
-        let text = format!("{start}\n{other}\n");
-        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns");
-        assert_eq!(bad, 1, "the START of another namespace is not ours");
+        let text = format!("{start}\n{planted}\n{other}\n");
+        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns", "r1", &key());
+        assert_eq!(bad, 2, "the planted START and the one of another namespace are not ours");
         assert_eq!(out.len(), 1);
         let line = out[0].to_line();
-        for planted in ["123-45-6789", "secret-field", "exfil"] {
-            assert!(!line.contains(planted), "{planted} went out: {line}");
+        for p in ["123-45-6789", "secret-field", "exfil", "alice", "PLANTED"] {
+            assert!(!line.contains(p), "{p} went out: {line}");
         }
-        assert_eq!(out[0].inputs.len(), 1);
-        assert_eq!(out[0].inputs[0].name, "in.txt");
-        assert_eq!(out[0].run.facets["parent"]["run"]["runId"], "p");
-        assert_eq!(out[0].run.facets["dagrun"]["stage"], "s");
+        assert!(out[0].inputs.is_empty() && out[0].outputs.is_empty());
+        assert_eq!(out[0].job.name, "pipe.a");
+        assert_eq!(out[0].run.facets["dagrun"]["stage"], "a");
     }
 }

@@ -160,9 +160,10 @@ impl Drop for Remote {
 const MAX_LISTED: usize = 1_000_000;
 /// Longest a listing may take.
 const LISTING_DEADLINE: Duration = Duration::from_secs(600);
-/// Slowest transfer an object download is allowed (bytes per second, after
-/// a fixed allowance): a server that trickles bytes must not hold a run for
-/// the 300 s request timeout per attempt.
+/// Slowest transfer the downloads running at once are allowed together
+/// (bytes per second, after a fixed allowance; each gets its share): a
+/// server that trickles bytes must not hold a run for the 300 s request
+/// timeout per attempt.
 const MIN_DOWNLOAD_RATE: u64 = 256 << 10;
 
 impl std::fmt::Debug for Remote {
@@ -198,13 +199,14 @@ impl Remote {
         let (store, root): (Arc<dyn ObjectStore>, OPath) = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
-                if let Some(e) = &cfg.endpoint {
-                    if url::Url::parse(e).is_ok_and(|u| !u.username().is_empty() || u.password().is_some()) {
-                        return Err(bad(format!(
-                            "its endpoint {} holds credentials (user:password@): give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in a settings file",
-                            crate::util::redact::redact_url(e)
-                        )));
+                // An endpoint object_store cannot use made it panic (exit 101).
+                for var in ["AWS_ENDPOINT", "AWS_ENDPOINT_URL"] {
+                    if let Ok(v) = std::env::var(var) {
+                        check_endpoint(&v).map_err(|why| bad(format!("{var}: {why}")))?;
                     }
+                }
+                if let Some(e) = &cfg.endpoint {
+                    check_endpoint(e).map_err(|why| bad(format!("its endpoint: {why}")))?;
                     b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
                 }
                 if let Some(r) = &cfg.region {
@@ -456,9 +458,13 @@ impl Remote {
     /// Fetch objects in parallel, each verified before it lands at its `dest`
     /// (atomically, read-only); one result (bytes received) per download.
     pub fn download(&self, downloads: &[Download]) -> Vec<Result<u64>> {
+        // The slowest rate accepted is for the link, shared by the downloads
+        // that run at once (review 14: 8 honest downloads over a 4 Mbit/s
+        // link each got 64 KiB/s and were all cut off).
+        let rate = (MIN_DOWNLOAD_RATE / self.jobs.min(downloads.len()).max(1) as u64).max(1);
         self.rt().block_on(async {
             let mut res: Vec<(usize, Result<u64>)> = futures_util::stream::iter(downloads.iter().enumerate())
-                .map(|(i, d)| async move { (i, self.download_one(d).await) })
+                .map(|(i, d)| async move { (i, self.download_one(d, rate).await) })
                 .buffer_unordered(self.jobs)
                 .collect()
                 .await;
@@ -467,19 +473,19 @@ impl Remote {
         })
     }
 
-    async fn download_one(&self, d: &Download) -> Result<u64> {
+    async fn download_one(&self, d: &Download, rate: u64) -> Result<u64> {
         if !is_hash(&d.hash) {
             bail!("{:?} is not an object name", d.hash);
         }
         let loc = self.object_location(d.tenant.as_deref(), &d.hash);
         self.check_local(&loc)?;
         // A deadline for the whole transfer: the retries' allowance plus the
-        // object at the slowest rate accepted.
-        let limit = self.retry_timeout + Duration::from_secs(30) + Duration::from_secs(d.size.at_most().unwrap_or(1 << 30) / MIN_DOWNLOAD_RATE);
+        // object at this download's share of the slowest rate accepted.
+        let limit = self.retry_timeout + Duration::from_secs(30) + Duration::from_secs(d.size.at_most().unwrap_or(1 << 30) / rate);
         match tokio::time::timeout(limit, self.fetch_object(d, &loc)).await {
             Ok(r) => r,
             Err(_) => Err(anyhow!(
-                "downloading {loc} on {}: not done within {:.0} s (slower than {} KiB/s); is the endpoint overloaded?",
+                "downloading {loc} on {}: not done within {:.0} s (the link slower than {} KiB/s); is the endpoint overloaded?",
                 self.shown,
                 limit.as_secs_f64(),
                 MIN_DOWNLOAD_RATE >> 10
@@ -540,6 +546,22 @@ impl Remote {
     }
 }
 
+/// An S3 endpoint dagrun can use: an `http://` or `https://` URL with a host
+/// and no `user:password@` (credentials belong in `AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY`, never in a settings file). The error shows the
+/// value without credentials or query.
+fn check_endpoint(e: &str) -> std::result::Result<(), String> {
+    let shown = crate::util::redact::redact_url(e);
+    let u = url::Url::parse(e).map_err(|_| format!("{shown} is not a URL; give one like http://127.0.0.1:8333 or https://s3.example.com"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown} is not an http:// or https:// URL with a host; give one like http://127.0.0.1:8333"));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(format!("{shown} holds credentials (user:password@): give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in an endpoint"));
+    }
+    Ok(())
+}
+
 /// Validate a path found in a record or tree listing read from elsewhere:
 /// relative, no `..`, no empty or `.` components, no NUL.
 pub fn check_relative_path(p: &str) -> Result<()> {
@@ -550,6 +572,23 @@ pub fn check_relative_path(p: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_are_urls_without_credentials() {
+        for ok in ["http://127.0.0.1:8333", "https://s3.example.com", "http://minio:9000/"] {
+            check_endpoint(ok).unwrap();
+        }
+        for (bad, why) in [
+            ("127.0.0.1:9000", "is not"),
+            ("KEY:S3CR3T-4711@host:9", "is not"),
+            ("http://KEY:S3CR3T-4711@host:9", "holds credentials"),
+            ("ftp://host", "is not an http"),
+            ("http://", "is not"),
+        ] {
+            let e = check_endpoint(bad).unwrap_err();
+            assert!(e.contains(why) && !e.contains("S3CR3T"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn names_and_paths() {

@@ -132,14 +132,26 @@ pub fn apply(cmd: &mut Command, w: &Withheld) {
     cmd.envs(inherited(w));
 }
 
+/// What the process's pipeline withholds (set once it is loaded, by
+/// [`withhold_from_tools`]): outside tools get its `secrets:` withheld too.
+static PIPELINE_WITHHELD: std::sync::OnceLock<Withheld> = std::sync::OnceLock::new();
+
+/// Withhold the loaded pipeline's `secrets:` (and pass its `pass_env:`) from
+/// every outside tool this process starts ([`tool`]). One pipeline per
+/// process: a second call is ignored.
+pub fn withhold_from_tools(w: &Withheld) {
+    let _ = PIPELINE_WITHHELD.set(w.clone());
+}
+
 /// A command for an outside tool dagrun runs for itself (Graphviz `dot`,
-/// Slurm's query and cancel commands): the inherited environment minus
-/// everything denied, with no pipeline's `secrets:` to add (the tool is not a
-/// stage's command). Never `Command::new` for a child: a tool started that way
-/// would see the master key.
+/// Slurm's query and cancel commands): the environment a `cmd` stage gets,
+/// without the stage's own variables: everything denied is withheld,
+/// including the pipeline's `secrets:` once [`withhold_from_tools`] named
+/// them. Never `Command::new` for a child: a tool started that way would see
+/// the master key.
 pub fn tool(program: &str) -> Command {
     let mut c = Command::new(program);
-    apply(&mut c, &Withheld::default());
+    apply(&mut c, PIPELINE_WITHHELD.get().unwrap_or(&Withheld::default()));
     c
 }
 

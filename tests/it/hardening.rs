@@ -790,12 +790,13 @@ fn escape_sequences_from_workspace_files_are_shown_never_obeyed() {
 }
 
 /// Outside tools dagrun starts for itself get the environment a `cmd` stage
-/// gets: no master key, no OpenLineage token, no cloud secret (review 13:
-/// `report` gave Graphviz `dot` its whole environment).
+/// gets: no master key, no OpenLineage token, no cloud secret, none of the
+/// pipeline's `secrets:` (reviews 13 and 14: `report` gave Graphviz `dot` its
+/// whole environment).
 #[test]
 fn outside_tools_never_see_the_master_key() {
     let ws = Ws::new();
-    ws.pipeline("stages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n");
+    ws.pipeline("secrets: [MY_API_TOKEN]\nstages:\n  a: {cmd: echo hi > a.txt, outs: [a.txt]}\n");
     ok(dg(&ws, &["run", "pipeline.yaml"]));
     let bin = ws.path("fakebin");
     std::fs::create_dir_all(&bin).unwrap();
@@ -809,11 +810,13 @@ fn outside_tools_never_see_the_master_key() {
         .env("DAGRUN_MASTER_KEY_PIN", "pin-4711-secret")
         .env("DAGRUN_OPENLINEAGE_TOKEN", "ol-token-secret-3")
         .env("AWS_SECRET_ACCESS_KEY", "aws-secret-value-2")
+        .env("MY_API_TOKEN", "tok-secret-value-1")
         .env("KEEP_ME", "visible-value");
     let o = spawn(c).wait(HANG);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let env = std::fs::read_to_string(&dump).expect("the fake dot was not run");
-    for secret in [MASTER, "pin-4711-secret", "ol-token-secret-3", "aws-secret-value-2"] {
+    // Review 14: the pipeline's own `secrets:` too.
+    for secret in [MASTER, "pin-4711-secret", "ol-token-secret-3", "aws-secret-value-2", "tok-secret-value-1"] {
         assert!(!env.contains(secret), "a secret reached dot's environment:\n{env}");
     }
     assert!(env.lines().any(|l| l == "KEEP_ME=visible-value"), "{env}");
