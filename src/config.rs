@@ -169,8 +169,8 @@ impl DagrunConfig {
             if r.url.trim().is_empty() {
                 return Err(config(format!("{shown}:{at}: remote.url is empty; give a URL such as s3://BUCKET/PREFIX")));
             }
-            if r.jobs == Some(0) {
-                return Err(config(format!("{shown}:{at}: remote.jobs must be at least 1")));
+            if r.jobs.is_some_and(|j| !(1..=64).contains(&j)) {
+                return Err(config(format!("{shown}:{at}: remote.jobs must be from 1 to 64 (transfers at once)")));
             }
             if r.retry_timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
                 return Err(config(format!("{shown}:{at}: remote.retry_timeout must be a number of seconds ≥ 0")));

@@ -31,16 +31,14 @@ use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::time::Instant;
 
-/// Create the claim file beside the spec's result file (`X.aN.claim`), or
-/// refuse: it exists when this spec ran already (see the module's rules).
+/// Claim the spec (see `executor::spec::claim`), or refuse: its claim
+/// exists when it ran already or its job has ended.
 fn claim(spec_path: &Path, result: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".claim")).unwrap_or_default();
-    let path = result.with_file_name(name);
-    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
-            "the job spec {} has run already (its claim {} exists); a spec runs once, inside the job its run submitted; nothing was run",
+    let path = spec::claim_path(result);
+    match spec::claim(result) {
+        Ok(true) => Ok(()),
+        Ok(false) => bail!(
+            "the job spec {} has run already or its job has ended (its claim {} exists); a spec runs once, inside the job its run submitted; nothing was run",
             spec_path.display(),
             path.display()
         ),

@@ -707,7 +707,12 @@ fn forget_specs(workspace: &Path) {
     for run in rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "active") {
         let Ok(files) = std::fs::read_dir(run.path()) else { continue };
         for f in files.flatten() {
-            if f.file_name().to_string_lossy().ends_with(".spec.json") && f.file_type().is_ok_and(|t| !t.is_dir()) {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if let Some(base) = name.strip_suffix(".spec.json")
+                && f.file_type().is_ok_and(|t| !t.is_dir())
+            {
+                // Claimed first: a copy of the spec put back later runs nothing.
+                let _ = spec::claim(&run.path().join(format!("{base}.result.json")));
                 let _ = std::fs::remove_file(f.path());
             }
         }
@@ -909,8 +914,10 @@ impl Executor for Slurm {
         }
         let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
         let spec_name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
-        // The job has ended: its spec is never run again (`exec-stage` runs a
-        // spec once; one left could be run by hand, review 14).
+        // The job has ended: its spec is never run again (claimed here if the
+        // job never started, then removed; a copy of it could otherwise be
+        // run by hand: reviews 14 and 15).
+        let _ = spec::claim(&result);
         let _ = std::fs::remove_file(result.with_file_name(&spec_name));
         let Some(integrity) = self.states.integrity_key() else {
             return fail(anyhow!("no workspace integrity key to verify Slurm job {id}'s result with"));

@@ -148,6 +148,26 @@ pub fn read_spec(path: &Path, key_of: impl FnOnce(&Path) -> Result<std::sync::Ar
     Ok(spec)
 }
 
+/// The claim file of the spec whose result file is `result` (`X.aN.claim`
+/// beside `X.aN.result.json`): made once, by the job that runs the spec or,
+/// when its job has ended, by the coordinator. A spec whose claim exists is
+/// never run (`exec-stage`).
+pub fn claim_path(result: &Path) -> std::path::PathBuf {
+    let name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".claim")).unwrap_or_default();
+    result.with_file_name(name)
+}
+
+/// Claim the spec of `result`: true if this call made the claim, false if it
+/// existed (`O_EXCL`; a link there counts as a claim and is never followed).
+pub fn claim(result: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(claim_path(result)) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A blake3 hex key.
 pub fn is_key(k: &str) -> bool {
     k.len() == 64 && k.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

@@ -27,8 +27,8 @@ fn uuid_v7_of(unix_ms: u64, r: &[u8; 32]) -> String {
 const RUN_UUID_DOMAIN: &str = "dagrun openlineage run uuid v1";
 
 /// The id of a job's run within dagrun run `run_id` (`job` = the job name).
-/// With the workspace integrity key its random bits are a MAC of the two
-/// (`is_run_uuid_of` checks one read back: recovery makes an `ABORT` only for
+/// With the workspace integrity key its random bits are a MAC of the two and
+/// the time (`is_run_uuid_of` checks one read back: recovery makes an `ABORT` only for
 /// a run dagrun started, never for one planted in an event file).
 pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str, key: Option<&IntegrityKey>) -> String {
     let mut seed = Vec::with_capacity(run_id.len() + job.len() + 24);
@@ -37,7 +37,11 @@ pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str, key: Option<&IntegrityKey
     seed.push(0);
     seed.extend_from_slice(job.as_bytes());
     match key {
-        Some(k) => uuid_v7_of(unix_ms, k.mac(RUN_UUID_DOMAIN, &seed).as_bytes()),
+        Some(k) => {
+            // The time too: an id re-stamped with another time does not check (review 15).
+            seed.extend_from_slice(&unix_ms.to_be_bytes());
+            uuid_v7_of(unix_ms, k.mac(RUN_UUID_DOMAIN, &seed).as_bytes())
+        }
         None => uuid_v7(unix_ms, &seed),
     }
 }
@@ -122,6 +126,9 @@ mod tests {
         assert!(!is_run_uuid_of(&run_uuid(1_765_000_000_000, "r1", "p.a", None), "r1", "p.a", &k), "an id made without the key");
         assert!(!is_run_uuid_of(&u, "r1", "p.a", &IntegrityKey::from_bytes([8; 32])));
         assert!(!is_run_uuid_of("not-a-uuid", "r1", "p.a", &k));
+        // Re-stamped with another time (its first 48 bits): no longer checks.
+        let restamped = format!("{}{}", &run_uuid(1_700_000_000_000, "r1", "p.a", Some(&k))[..13], &u[13..]);
+        assert!(!is_run_uuid_of(&restamped, "r1", "p.a", &k));
     }
 
     #[test]

@@ -72,7 +72,21 @@ impl OpenRuns {
         let Some(key) = &self.key else { return Ok(()) };
         std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
         let mac = key.mac(MARK_DOMAIN, run_id.as_bytes()).to_hex();
-        std::fs::write(self.dir.join(run_id), mac.as_bytes()).with_context(|| format!("cannot create {}", self.dir.join(run_id).display()))?;
+        // The owner's only (a mark someone copied could be put back later);
+        // never through a link. Not fsynced: a torn mark does not verify and
+        // is removed, as a missing one would be.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(run_id);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .and_then(|mut f| f.write_all(mac.as_bytes()))
+            .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(())
     }
 
@@ -153,7 +167,8 @@ pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str, run_id: 
         };
         if e.event_type.is_terminal() {
             closed.insert(e.run.run_id.clone(), ());
-        } else if !starts.iter().any(|s| s.run.run_id == e.run.run_id) {
+        } else if !starts.iter().any(|s| s.run.run_id == e.run.run_id || s.job.name == e.job.name) {
+            // One run per job in a dagrun run: a second id for a job is not one dagrun made.
             starts.push(e);
         }
     }

@@ -199,17 +199,26 @@ impl Remote {
         let (store, root): (Arc<dyn ObjectStore>, OPath) = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
-                // An endpoint object_store cannot use made it panic (exit 101).
-                for var in ["AWS_ENDPOINT", "AWS_ENDPOINT_URL"] {
+                // An endpoint or region object_store cannot use made it panic
+                // (exit 101: reviews 14 and 15): checked here, exit 2.
+                // (The environment's values count only where the settings give none.)
+                for var in ["AWS_ENDPOINT", "AWS_ENDPOINT_URL"].into_iter().filter(|_| cfg.endpoint.is_none()) {
                     if let Ok(v) = std::env::var(var) {
-                        check_endpoint(&v).map_err(|why| bad(format!("{var}: {why}")))?;
+                        let http = check_endpoint(&v).map_err(|why| bad(format!("{var}: {why}")))?;
+                        b = b.with_allow_http(http);
+                    }
+                }
+                for var in ["AWS_REGION", "AWS_DEFAULT_REGION"].into_iter().filter(|_| cfg.region.is_none()) {
+                    if let Ok(v) = std::env::var(var) {
+                        check_region(&v).map_err(|why| bad(format!("{var}: {why}")))?;
                     }
                 }
                 if let Some(e) = &cfg.endpoint {
-                    check_endpoint(e).map_err(|why| bad(format!("its endpoint: {why}")))?;
-                    b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
+                    let http = check_endpoint(e).map_err(|why| bad(format!("its endpoint: {why}")))?;
+                    b = b.with_endpoint(e.clone()).with_allow_http(http);
                 }
                 if let Some(r) = &cfg.region {
+                    check_region(r).map_err(|why| bad(format!("its region: {why}")))?;
                     b = b.with_region(r.clone());
                 }
                 (Arc::new(b.build().map_err(|e| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown))))?), path)
@@ -550,14 +559,29 @@ impl Remote {
 /// and no `user:password@` (credentials belong in `AWS_ACCESS_KEY_ID` and
 /// `AWS_SECRET_ACCESS_KEY`, never in a settings file). The error shows the
 /// value without credentials or query.
-fn check_endpoint(e: &str) -> std::result::Result<(), String> {
-    let shown = crate::util::redact::redact_url(e);
-    let u = url::Url::parse(e).map_err(|_| format!("{shown} is not a URL; give one like http://127.0.0.1:8333 or https://s3.example.com"))?;
-    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{shown} is not an http:// or https:// URL with a host; give one like http://127.0.0.1:8333"));
-    }
+/// Returns whether it is plain `http://`. The text itself must be what it
+/// parses as (no space, control character, `%` or backslash that the URL
+/// parser would quietly clean up), since object_store gets the text as it is.
+fn check_endpoint(e: &str) -> std::result::Result<bool, String> {
+    let shown = crate::util::escape_controls(&crate::util::redact::redact_url(e)).into_owned();
+    let lower = e.to_ascii_lowercase();
+    let plain = e.bytes().all(|b| b.is_ascii_graphic() && b != b'%' && b != b'\\');
+    let u = match url::Url::parse(e) {
+        Ok(u) if plain && (lower.starts_with("http://") || lower.starts_with("https://")) && u.host_str().is_some_and(|h| !h.is_empty()) => u,
+        _ => {
+            return Err(format!("{shown:?} is not an http:// or https:// URL with a host (no spaces or escapes); give one like http://127.0.0.1:8333"));
+        }
+    };
     if !u.username().is_empty() || u.password().is_some() {
         return Err(format!("{shown} holds credentials (user:password@): give them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, never in an endpoint"));
+    }
+    Ok(u.scheme() == "http")
+}
+
+/// An S3 region as the signature takes it: `[a-z0-9-]`, 1 to 64 characters.
+fn check_region(r: &str) -> std::result::Result<(), String> {
+    if r.is_empty() || r.len() > 64 || !r.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err(format!("{:?} is not a region name (lowercase letters, digits and '-', e.g. us-east-1)", crate::util::escape_controls(r)));
     }
     Ok(())
 }
@@ -575,18 +599,31 @@ mod tests {
 
     #[test]
     fn endpoints_are_urls_without_credentials() {
-        for ok in ["http://127.0.0.1:8333", "https://s3.example.com", "http://minio:9000/"] {
+        for ok in ["http://127.0.0.1:8333", "https://s3.example.com", "http://minio:9000/", "http://[::1]:9000"] {
             check_endpoint(ok).unwrap();
         }
+        assert_eq!(check_endpoint("HTTP://h:9"), Ok(true));
+        assert_eq!(check_endpoint("https://h"), Ok(false));
         for (bad, why) in [
             ("127.0.0.1:9000", "is not"),
             ("KEY:S3CR3T-4711@host:9", "is not"),
             ("http://KEY:S3CR3T-4711@host:9", "holds credentials"),
             ("ftp://host", "is not an http"),
             ("http://", "is not"),
+            // Review 15: what the URL parser cleans up, object_store does not.
+            ("http://127.0.0.1:9/ ", "is not"),
+            (" http://127.0.0.1:9", "is not"),
+            ("http:/127.0.0.1:9", "is not"),
+            ("http://%41:9", "is not"),
+            ("http:\\\\h", "is not"),
+            ("http://h/a b", "is not"),
         ] {
             let e = check_endpoint(bad).unwrap_err();
             assert!(e.contains(why) && !e.contains("S3CR3T"), "{bad}: {e}");
+        }
+        check_region("us-east-1").unwrap();
+        for bad in ["", "eu-w\u{e9}st-1", "US-EAST-1", "a\nb", "a b"] {
+            assert!(check_region(bad).is_err(), "{bad:?}");
         }
     }
 

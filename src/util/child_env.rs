@@ -143,15 +143,44 @@ pub fn withhold_from_tools(w: &Withheld) {
     let _ = PIPELINE_WITHHELD.set(w.clone());
 }
 
+/// Variables an outside tool gets, by exact name (what a system tool needs
+/// to find its programs, libraries, locale, fonts and home).
+const TOOL_PASS: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "GVBINDIR",
+    "FONTCONFIG_FILE",
+    "FONTCONFIG_PATH",
+    "MUNGE_SOCKET",
+];
+/// ... and by prefix: the locale, and Slurm's own settings (`SLURM_CONF`,
+/// the client commands' defaults).
+const TOOL_PASS_PREFIXES: &[&str] = &["LC_", "SLURM_", "SBATCH_", "SQUEUE_", "SACCT_", "SCONTROL_", "SCANCEL_", "SINFO_"];
+
+/// Does variable `name` reach an outside tool (before the deny rules)?
+fn tool_passes(name: &OsStr) -> bool {
+    name.to_str().is_some_and(|n| TOOL_PASS.contains(&n) || TOOL_PASS_PREFIXES.iter().any(|p| n.starts_with(p)))
+}
+
 /// A command for an outside tool dagrun runs for itself (Graphviz `dot`,
-/// Slurm's query and cancel commands): the environment a `cmd` stage gets,
-/// without the stage's own variables: everything denied is withheld,
-/// including the pipeline's `secrets:` once [`withhold_from_tools`] named
-/// them. Never `Command::new` for a child: a tool started that way would see
-/// the master key.
+/// Slurm's query and cancel commands): only the variables a system tool
+/// needs ([`TOOL_PASS`], [`TOOL_PASS_PREFIXES`]), and of those nothing
+/// denied (nor the pipeline's `secrets:` once [`withhold_from_tools`] named
+/// them). An allow-list, not the deny rules alone: a tool needs no secret,
+/// and `report` may start `dot` without knowing the pipeline's `secrets:`
+/// (review 15: the pipeline no longer loaded). Never `Command::new` for a
+/// child: a tool started that way would see the master key.
 pub fn tool(program: &str) -> Command {
     let mut c = Command::new(program);
-    apply(&mut c, PIPELINE_WITHHELD.get().unwrap_or(&Withheld::default()));
+    c.env_clear();
+    c.envs(inherited(PIPELINE_WITHHELD.get().unwrap_or(&Withheld::default())).into_iter().filter(|(k, _)| tool_passes(k)));
     c
 }
 
@@ -257,6 +286,18 @@ mod tests {
         for bad in ["", "*", "1A", "A-B", "A B", "A*B", "$X"] {
             assert!(check_secret_pattern(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tools_get_only_what_a_system_tool_needs() {
+        for n in ["PATH", "HOME", "LC_ALL", "SLURM_CONF", "SBATCH_PARTITION"] {
+            assert!(tool_passes(OsStr::new(n)), "{n}");
+        }
+        for n in ["DAGRUN_MASTER_KEY", "MY_API_TOKEN", "AWS_ACCESS_KEY_ID", "DAGRUN_OPENLINEAGE_TOKEN", "LD_PRELOAD", "PATHX"] {
+            assert!(!tool_passes(OsStr::new(n)), "{n}");
+        }
+        let c = tool("/bin/true");
+        assert!(c.get_envs().all(|(k, v)| v.is_some() && tool_passes(k)));
     }
 
     #[test]

@@ -804,22 +804,29 @@ fn outside_tools_never_see_the_master_key() {
     ws.write("fakebin/dot", format!("#!/bin/sh\nenv > '{}'\ncat > /dev/null\necho '<svg xmlns=\"http://www.w3.org/2000/svg\"></svg>'\n", dump.display()));
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(ws.path("fakebin/dot"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut c = cmd(&ws, &["report", "last", "-o", "r.html", "--layout", "dot"]);
-    c.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
-        .env("DAGRUN_MASTER_KEY", MASTER)
-        .env("DAGRUN_MASTER_KEY_PIN", "pin-4711-secret")
-        .env("DAGRUN_OPENLINEAGE_TOKEN", "ol-token-secret-3")
-        .env("AWS_SECRET_ACCESS_KEY", "aws-secret-value-2")
-        .env("MY_API_TOKEN", "tok-secret-value-1")
-        .env("KEEP_ME", "visible-value");
-    let o = spawn(c).wait(HANG);
-    assert_eq!(o.code, 0, "{}", o.stderr);
-    let env = std::fs::read_to_string(&dump).expect("the fake dot was not run");
-    // Review 14: the pipeline's own `secrets:` too.
-    for secret in [MASTER, "pin-4711-secret", "ol-token-secret-3", "aws-secret-value-2", "tok-secret-value-1"] {
-        assert!(!env.contains(secret), "a secret reached dot's environment:\n{env}");
+    // Review 14: the pipeline's own `secrets:` too; review 15: also once the
+    // pipeline no longer loads (the report draws from the record alone).
+    for broken in [false, true] {
+        if broken {
+            ws.write("pipeline.yaml", "stages: [unclosed\n");
+        }
+        let _ = std::fs::remove_file(&dump);
+        let mut c = cmd(&ws, &["report", "last", "-o", "r.html", "--layout", "dot"]);
+        c.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()))
+            .env("DAGRUN_MASTER_KEY", MASTER)
+            .env("DAGRUN_MASTER_KEY_PIN", "pin-4711-secret")
+            .env("DAGRUN_OPENLINEAGE_TOKEN", "ol-token-secret-3")
+            .env("AWS_SECRET_ACCESS_KEY", "aws-secret-value-2")
+            .env("MY_API_TOKEN", "tok-secret-value-1")
+            .env("KEEP_ME", "visible-value");
+        let o = spawn(c).wait(HANG);
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        let env = std::fs::read_to_string(&dump).expect("the fake dot was not run");
+        for secret in [MASTER, "pin-4711-secret", "ol-token-secret-3", "aws-secret-value-2", "tok-secret-value-1", "visible-value"] {
+            assert!(!env.contains(secret), "broken pipeline {broken}: {secret} reached dot's environment:\n{env}");
+        }
+        assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
     }
-    assert!(env.lines().any(|l| l == "KEEP_ME=visible-value"), "{env}");
 }
 
 /// A keyring edited outside dagrun (its names and times are printed by `keys

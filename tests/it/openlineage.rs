@@ -530,6 +530,26 @@ stages:
     assert!(ws.read("b.txt").contains("DAGRUN_WORKSPACE="), "b.txt holds the command's environment");
 }
 
+/// Start dagrun with `args` and SIGKILL it once a stage's command has
+/// written its shell's pid to `pid_file`; that command (its own process
+/// group) is killed too.
+fn kill_mid_stage(ws: &Ws, args: &[&str], pid_file: &str) {
+    let mut victim = spawn(cmd(ws, args));
+    let t0 = Instant::now();
+    let pid = loop {
+        if let Ok(s) = std::fs::read_to_string(ws.path(pid_file))
+            && let Ok(p) = s.trim().parse::<i32>()
+        {
+            break p;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    signal(victim.pid() as i32, libc::SIGKILL);
+    let _ = victim.child.wait();
+    signal(-pid, libc::SIGKILL);
+}
+
 #[test]
 fn a_killed_run_leaves_its_start_events_and_the_next_run_closes_them_with_abort_exactly_once() {
     let ws = Ws::new();
@@ -565,21 +585,7 @@ stages:
     };
 
     // 1. Killed with SIGKILL while `slow` runs: its events so far are on disk.
-    let mut victim = spawn(cmd(&ws, &["run", "pipeline.yaml", "-j", "1"]));
-    let t0 = Instant::now();
-    let pid = loop {
-        if let Ok(s) = std::fs::read_to_string(ws.path("slow.pid"))
-            && let Ok(p) = s.trim().parse::<i32>()
-        {
-            break p;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the slow stage never started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    signal(victim.pid() as i32, libc::SIGKILL);
-    let _ = victim.child.wait();
-    // The stage's command has its own process group: end it too.
-    signal(-pid, libc::SIGKILL);
+    kill_mid_stage(&ws, &["run", "pipeline.yaml", "-j", "1"], "slow.pid");
     assert!(!ws.exists("slow.txt"), "the stage finished before the kill; the test proves nothing");
     let files = jsonl_files();
     assert_eq!(files.len(), 1, "{files:?}");
@@ -677,20 +683,7 @@ fn recovery_never_writes_through_a_planted_event_file_link() {
     std::fs::write(&victim, text).unwrap();
     let planted = "20261205-000000-000-abcd";
     // A run killed while its stage runs leaves a genuine mark.
-    let mut killed = spawn(cmd(&ws, &["run", "pipeline.yaml"]));
-    let t0 = Instant::now();
-    let pid = loop {
-        if let Ok(s) = std::fs::read_to_string(ws.path("a.pid"))
-            && let Ok(p) = s.trim().parse::<i32>()
-        {
-            break p;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "the stage never started");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    signal(killed.pid() as i32, libc::SIGKILL);
-    let _ = killed.child.wait();
-    signal(-pid, libc::SIGKILL);
+    kill_mid_stage(&ws, &["run", "pipeline.yaml"], "a.pid");
     let marks: Vec<String> = std::fs::read_dir(ws.path(".dagrun/openlineage/open"))
         .unwrap()
         .flatten()
