@@ -161,7 +161,7 @@ impl StageParts {
         push_key(&mut start_dagrun, "stage");
         push_str_json(&mut start_dagrun, &s.name);
         start_dagrun.push('}');
-        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, &job_name, engine.states.integrity_key()), start_dagrun, params, job }
+        StageParts { run_id: ids::run_uuid(start_ms, &engine.run_id, namespace, &job_name, engine.states.integrity_key()), start_dagrun, params, job }
     }
 }
 
@@ -207,7 +207,7 @@ impl OpenLineage {
         let namespace = format!("dagrun://{host}/{ws}");
         let pipeline_job = job_name_of(&p.shown);
         let start_ms = chrono::Utc::now().timestamp_millis().max(0) as u64;
-        let pipeline_run = ids::run_uuid(start_ms, &engine.run_id, &pipeline_job, engine.states.integrity_key());
+        let pipeline_run = ids::run_uuid(start_ms, &engine.run_id, &namespace, &pipeline_job, engine.states.integrity_key());
 
         // Which tenant owns each path (see the module doc).
         let mut producer: HashMap<&str, Option<&str>> = HashMap::new();

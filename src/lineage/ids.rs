@@ -30,7 +30,7 @@ const RUN_UUID_DOMAIN: &str = "dagrun openlineage run uuid v1";
 /// With the workspace integrity key its random bits are a MAC of the two and
 /// the time (`is_run_uuid_of` checks one read back: recovery makes an `ABORT` only for
 /// a run dagrun started, never for one planted in an event file).
-pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str, key: Option<&IntegrityKey>) -> String {
+pub fn run_uuid(unix_ms: u64, run_id: &str, namespace: &str, job: &str, key: Option<&IntegrityKey>) -> String {
     let mut seed = Vec::with_capacity(run_id.len() + job.len() + 24);
     seed.extend_from_slice(b"dagrun-openlineage-run\0");
     seed.extend_from_slice(run_id.as_bytes());
@@ -38,8 +38,12 @@ pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str, key: Option<&IntegrityKey
     seed.extend_from_slice(job.as_bytes());
     match key {
         Some(k) => {
-            // The time too: an id re-stamped with another time does not check (review 15).
+            // The time and the job's namespace too: an id re-stamped with
+            // another time, or a START moved to another namespace, does not
+            // check (reviews 15 and 16).
             seed.extend_from_slice(&unix_ms.to_be_bytes());
+            seed.push(0);
+            seed.extend_from_slice(namespace.as_bytes());
             uuid_v7_of(unix_ms, k.mac(RUN_UUID_DOMAIN, &seed).as_bytes())
         }
         None => uuid_v7(unix_ms, &seed),
@@ -48,13 +52,22 @@ pub fn run_uuid(unix_ms: u64, run_id: &str, job: &str, key: Option<&IntegrityKey
 
 /// Is `uuid` the id [`run_uuid`] gives job `job` of dagrun run `run_id`
 /// under `key` (at the time the id itself carries)?
-pub fn is_run_uuid_of(uuid: &str, run_id: &str, job: &str, key: &IntegrityKey) -> bool {
+pub fn is_run_uuid_of(uuid: &str, run_id: &str, namespace: &str, job: &str, key: &IntegrityKey) -> bool {
     let hex: String = uuid.chars().filter(|&c| c != '-').collect();
     if uuid.len() != 36 || hex.len() != 32 {
         return false;
     }
     let Ok(ms) = u64::from_str_radix(&hex[..12], 16) else { return false };
-    run_uuid(ms, run_id, job, Some(key)) == uuid
+    run_uuid(ms, run_id, namespace, job, Some(key)) == uuid
+}
+
+/// The workspace id of a job namespace `dagrun://HOST/WORKSPACE_ID` (None
+/// for any other form). A workspace's runs may have been on other hosts (a
+/// shared filesystem, a container with a new host name each start).
+pub fn workspace_of_namespace(namespace: &str) -> Option<&str> {
+    let (host, ws) = namespace.strip_prefix("dagrun://")?.split_once('/')?;
+    let host_ok = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    (host_ok && valid_workspace_id(ws)).then_some(ws)
 }
 
 /// This machine's host name (`localhost` when it cannot be read).
@@ -117,18 +130,29 @@ mod tests {
 
     #[test]
     fn run_uuids_differ_per_job_and_run_and_are_checked_under_the_key() {
-        assert_ne!(run_uuid(1, "r1", "p", None), run_uuid(1, "r1", "p.a", None));
-        assert_ne!(run_uuid(1, "r1", "p", None), run_uuid(1, "r2", "p", None));
+        assert_ne!(run_uuid(1, "r1", "ns", "p", None), run_uuid(1, "r1", "ns", "p.a", None));
+        assert_ne!(run_uuid(1, "r1", "ns", "p", None), run_uuid(1, "r2", "ns", "p", None));
         let k = IntegrityKey::from_bytes([7; 32]);
-        let u = run_uuid(1_765_000_000_000, "r1", "p.a", Some(&k));
-        assert!(is_run_uuid_of(&u, "r1", "p.a", &k));
-        assert!(!is_run_uuid_of(&u, "r1", "p.b", &k) && !is_run_uuid_of(&u, "r2", "p.a", &k));
-        assert!(!is_run_uuid_of(&run_uuid(1_765_000_000_000, "r1", "p.a", None), "r1", "p.a", &k), "an id made without the key");
-        assert!(!is_run_uuid_of(&u, "r1", "p.a", &IntegrityKey::from_bytes([8; 32])));
-        assert!(!is_run_uuid_of("not-a-uuid", "r1", "p.a", &k));
+        let u = run_uuid(1_765_000_000_000, "r1", "ns", "p.a", Some(&k));
+        assert!(is_run_uuid_of(&u, "r1", "ns", "p.a", &k));
+        assert!(!is_run_uuid_of(&u, "r1", "ns2", "p.a", &k), "another namespace");
+        assert!(!is_run_uuid_of(&u, "r1", "ns", "p.b", &k) && !is_run_uuid_of(&u, "r2", "ns", "p.a", &k));
+        assert!(!is_run_uuid_of(&run_uuid(1_765_000_000_000, "r1", "ns", "p.a", None), "r1", "ns", "p.a", &k), "an id made without the key");
+        assert!(!is_run_uuid_of(&u, "r1", "ns", "p.a", &IntegrityKey::from_bytes([8; 32])));
+        assert!(!is_run_uuid_of("not-a-uuid", "r1", "ns", "p.a", &k));
         // Re-stamped with another time (its first 48 bits): no longer checks.
-        let restamped = format!("{}{}", &run_uuid(1_700_000_000_000, "r1", "p.a", Some(&k))[..13], &u[13..]);
-        assert!(!is_run_uuid_of(&restamped, "r1", "p.a", &k));
+        let restamped = format!("{}{}", &run_uuid(1_700_000_000_000, "r1", "ns", "p.a", Some(&k))[..13], &u[13..]);
+        assert!(!is_run_uuid_of(&restamped, "r1", "ns", "p.a", &k));
+        let ws = "0123456789abcdef0123456789abcdef";
+        assert_eq!(workspace_of_namespace(&format!("dagrun://login-1.example/{ws}")), Some(ws));
+        for bad in [
+            "dagrun://h/x",
+            "http://h/0123456789abcdef0123456789abcdef",
+            "dagrun:///0123456789abcdef0123456789abcdef",
+            "dagrun://a b/0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(workspace_of_namespace(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -21,11 +21,13 @@
 //! - A mark whose run has a run record (`runs/RUN_ID.json`: the run ended)
 //!   is removed, with no event (a mark copied while its run was live and put
 //!   back afterwards: review 14).
-//! - Only a `START` dagrun made gets an `ABORT`: in this workspace's
-//!   namespace, and with a run id that is the MAC-derived id of its job in
-//!   the killed run (`ids::is_run_uuid_of`); a `START` planted in the event
+//! - Only a `START` dagrun made gets an `ABORT`: in a namespace of this
+//!   workspace (`dagrun://HOST/WORKSPACE_ID` on any host: the killed run may
+//!   have been on another one, review 16), and with a run id that is the
+//!   MAC-derived id of its job, namespace and time in the killed run
+//!   (`ids::is_run_uuid_of`); a `START` planted in the event
 //!   file (any job name, any dataset) makes nothing (review 14). The `ABORT`
-//!   is rebuilt, never copied: the run id, the job, the parent run (checked
+//!   is rebuilt, never copied, in the killed run's namespace: the run id, the job, the parent run (checked
 //!   the same way), and a `dagrun` facet of the dagrun run id, the stage
 //!   (from the job's name) and `status: killed`; no datasets (those are on
 //!   the `START`) and nothing else the file holds.
@@ -155,8 +157,8 @@ pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str, run_id: 
             Ok(e)
                 if e.schema_url == RUN_EVENT_SCHEMA
                     && e.producer.starts_with("urn:dagrun:")
-                    && e.job.namespace == namespace
-                    && super::ids::is_run_uuid_of(&e.run.run_id, run_id, &e.job.name, key) =>
+                    && super::ids::workspace_of_namespace(&e.job.namespace).is_some_and(|w| Some(w) == super::ids::workspace_of_namespace(namespace))
+                    && super::ids::is_run_uuid_of(&e.run.run_id, run_id, &e.job.namespace, &e.job.name, key) =>
             {
                 e
             }
@@ -175,17 +177,19 @@ pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str, run_id: 
     let mut open: Vec<RunEvent> = starts.into_iter().filter(|s| !closed.contains_key(&s.run.run_id)).collect();
     // Stage runs before their pipeline run; otherwise file order.
     open.sort_by_key(|s| !s.run.facets.contains_key("parent"));
-    let out = open.into_iter().map(|e| abort_of(&e, why, now, namespace, run_id, key)).collect();
+    let out = open.into_iter().map(|e| abort_of(&e, why, now, run_id, key)).collect();
     (out, bad)
 }
 
 /// The `ABORT` closing the run `start` opened (a `START` whose id checked):
 /// rebuilt from what identifies it (see the module's rules).
-fn abort_of(start: &RunEvent, why: &str, now: &str, namespace: &str, run_id: &str, key: &IntegrityKey) -> RunEvent {
+fn abort_of(start: &RunEvent, why: &str, now: &str, run_id: &str, key: &IntegrityKey) -> RunEvent {
+    // The killed run's own namespace (its host may not be this one's).
+    let namespace = start.job.namespace.as_str();
     let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
     let parent = start.run.facets.get("parent");
     let parent = match (text(parent.and_then(|p| p.pointer("/run/runId"))), text(parent.and_then(|p| p.pointer("/job/name")))) {
-        (Some(run), Some(job)) if super::ids::is_run_uuid_of(&run, run_id, &job, key) => Some((run, job)),
+        (Some(run), Some(job)) if super::ids::is_run_uuid_of(&run, run_id, namespace, &job, key) => Some((run, job)),
         _ => None,
     };
     // A stage's job is `PIPELINE_JOB.STAGE`, its parent the pipeline's job.
@@ -263,7 +267,10 @@ pub fn recover(
             let why = format!("dagrun run {run_id} ended without finishing (killed); closed by the next run, {current}");
             let (events, bad) = abort_events(&text, &why, &event::now(), namespace, &run_id, &key);
             if bad > 0 {
-                tracing::warn!("{}: ignored {bad} line(s) that are not dagrun OpenLineage events", path.display());
+                tracing::warn!(
+                    "{}: ignored {bad} line(s) that are not OpenLineage events this workspace's dagrun wrote (edited, planted or unreadable)",
+                    path.display()
+                );
             }
             let lines: Vec<String> = events.iter().map(RunEvent::to_line).collect();
             if !lines.is_empty() {
@@ -304,19 +311,25 @@ mod tests {
         Arc::new(IntegrityKey::from_bytes([7; 32]))
     }
 
+    /// This workspace on another host: the next run may be elsewhere (review 16).
+    const OTHER_HOST: &str = "dagrun://h2/0123456789abcdef0123456789abcdef";
+
+    /// A job namespace of this workspace (on host `h1`).
+    const NS: &str = "dagrun://h1/0123456789abcdef0123456789abcdef";
+
     /// The id dagrun gives job `job` of dagrun run `run` (under `key()`).
     fn id(run: &str, job: &str) -> String {
-        run_uuid(1_765_000_000_000, run, job, Some(&key()))
+        run_uuid(1_765_000_000_000, run, NS, job, Some(&key()))
     }
 
     /// An event of job `job` (`pipe` or `pipe.STAGE`) of dagrun run `run`.
     fn ev(t: EventType, run: &str, job: &str) -> String {
         let mut r = Run { run_id: id(run, job), facets: Default::default() };
         if let Some(stage) = job.strip_prefix("pipe.") {
-            r.facets.insert("parent".into(), parent_facet(&id(run, "pipe"), "ns", "pipe"));
+            r.facets.insert("parent".into(), parent_facet(&id(run, "pipe"), NS, "pipe"));
             r.facets.insert("dagrun".into(), event::dagrun_facet(serde_json::json!({"dagrunRunId": run, "stage": stage})));
         }
-        RunEvent::new(t, event::now(), r, Job { namespace: "ns".into(), name: job.into(), facets: Default::default() }).to_line()
+        RunEvent::new(t, event::now(), r, Job { namespace: NS.into(), name: job.into(), facets: Default::default() }).to_line()
     }
 
     #[test]
@@ -329,7 +342,7 @@ mod tests {
             "{not json".into(),
         ]
         .join("\n");
-        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns", "r1", &key());
+        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", OTHER_HOST, "r1", &key());
         assert_eq!(bad, 1);
         let ids: Vec<&str> = out.iter().map(|e| e.job.name.as_str()).collect();
         assert_eq!(ids, ["pipe.b", "pipe"]);
@@ -344,10 +357,10 @@ mod tests {
             all.push('\n');
             all.push_str(&e.to_line());
         }
-        assert!(abort_events(all.as_bytes(), "x", "t", "ns", "r1", &key()).0.is_empty());
+        assert!(abort_events(all.as_bytes(), "x", "t", OTHER_HOST, "r1", &key()).0.is_empty());
         // Another run's (or another key's) events are not this run's.
-        assert!(abort_events(text.as_bytes(), "x", "t", "ns", "r2", &key()).0.is_empty());
-        assert!(abort_events(text.as_bytes(), "x", "t", "ns", "r1", &IntegrityKey::from_bytes([8; 32])).0.is_empty());
+        assert!(abort_events(text.as_bytes(), "x", "t", OTHER_HOST, "r2", &key()).0.is_empty());
+        assert!(abort_events(text.as_bytes(), "x", "t", OTHER_HOST, "r1", &IntegrityKey::from_bytes([8; 32])).0.is_empty());
     }
 
     #[test]
@@ -363,7 +376,7 @@ mod tests {
         let closed = recover(
             &open,
             "r2",
-            "ns",
+            OTHER_HOST,
             |id| d.path().join(format!("{id}.jsonl")),
             |l| {
                 got.extend(l.to_vec());
@@ -378,14 +391,14 @@ mod tests {
         assert_eq!(open.list(), ["r2"]);
         // A mark left behind (killed after the append): nothing is left open.
         open.mark("r1").unwrap();
-        let c = recover(&open, "r2", "ns", |id| d.path().join(format!("{id}.jsonl")), |_| Ok(()));
+        let c = recover(&open, "r2", OTHER_HOST, |id| d.path().join(format!("{id}.jsonl")), |_| Ok(()));
         assert!(c[0].lines.is_empty());
         assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
         // A mark put back after its run ended (it has a run record): removed, no event.
         std::fs::write(&file, format!("{}\n", ev(EventType::Start, "r1", "pipe"))).unwrap();
         std::fs::write(d.path().join("r1.json"), "{}").unwrap();
         open.mark("r1").unwrap();
-        let c = recover(&open, "r2", "ns", |id| d.path().join(format!("{id}.jsonl")), |_| panic!("nothing to deliver"));
+        let c = recover(&open, "r2", OTHER_HOST, |id| d.path().join(format!("{id}.jsonl")), |_| panic!("nothing to deliver"));
         assert!(c.is_empty());
         assert_eq!(open.list(), ["r2"]);
     }
@@ -416,9 +429,9 @@ mod tests {
         let mut planted: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "r1", "pipe.a")).unwrap();
         planted["job"]["name"] = "PLANTED-JOB alice.smith@example.com".into();
         let mut other: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "r1", "pipe")).unwrap();
-        other["job"]["namespace"] = "dagrun://other-host/x".into();
+        other["job"]["namespace"] = "dagrun://h1/fedcba9876543210fedcba9876543210".into();
         let text = format!("{start}\n{planted}\n{other}\n");
-        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", "ns", "r1", &key());
+        let (out, bad) = abort_events(text.as_bytes(), "x", "2026-01-01T00:00:00.000Z", OTHER_HOST, "r1", &key());
         assert_eq!(bad, 2, "the planted START and the one of another namespace are not ours");
         assert_eq!(out.len(), 1);
         let line = out[0].to_line();
