@@ -149,6 +149,7 @@ pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str, run_id: 
     let mut starts: Vec<RunEvent> = Vec::new();
     let mut closed: HashMap<String, ()> = HashMap::new();
     let mut bad = 0usize;
+    let this_workspace = super::ids::workspace_of_namespace(namespace);
     for line in text.split(|&b| b == b'\n') {
         if line.is_empty() {
             continue;
@@ -157,7 +158,7 @@ pub fn abort_events(text: &[u8], why: &str, now: &str, namespace: &str, run_id: 
             Ok(e)
                 if e.schema_url == RUN_EVENT_SCHEMA
                     && e.producer.starts_with("urn:dagrun:")
-                    && super::ids::workspace_of_namespace(&e.job.namespace).is_some_and(|w| Some(w) == super::ids::workspace_of_namespace(namespace))
+                    && this_workspace.is_some_and(|w| super::ids::workspace_of_namespace(&e.job.namespace) == Some(w))
                     && super::ids::is_run_uuid_of(&e.run.run_id, run_id, &e.job.namespace, &e.job.name, key) =>
             {
                 e

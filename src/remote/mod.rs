@@ -196,6 +196,10 @@ impl Remote {
         };
         let client = object_store::ClientOptions::new().with_connect_timeout(Duration::from_secs(10)).with_timeout(Duration::from_secs(300));
         let (scheme, path) = ObjectStoreScheme::parse(&url).map_err(|e| bad(format!("{e}; supported: s3://, gs://, az://, file://")))?;
+        // A builder's error without the URL's credentials (nor any other URL's).
+        let built = |e: object_store::Error| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown)));
+        // The folder of a `file://` remote, for `check_local`.
+        let mut local = None;
         let (store, root): (Arc<dyn ObjectStore>, OPath) = match scheme {
             ObjectStoreScheme::AmazonS3 => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
@@ -221,30 +225,27 @@ impl Remote {
                     check_region(r).map_err(|why| bad(format!("its region: {why}")))?;
                     b = b.with_region(r.clone());
                 }
-                (Arc::new(b.build().map_err(|e| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown))))?), path)
+                (Arc::new(b.build().map_err(built)?), path)
             }
             ObjectStoreScheme::GoogleCloudStorage => {
                 let b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
-                (Arc::new(b.build().map_err(|e| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown))))?), path)
+                (Arc::new(b.build().map_err(built)?), path)
             }
             ObjectStoreScheme::MicrosoftAzure => {
                 let b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(given.clone()).with_retry(retry).with_client_options(client);
-                (Arc::new(b.build().map_err(|e| bad(crate::util::redact::credentials_in_command(&e.to_string().replace(&given, &shown))))?), path)
+                (Arc::new(b.build().map_err(built)?), path)
             }
             ObjectStoreScheme::Local => {
                 let dir = url.to_file_path().map_err(|_| bad("a file:// remote needs an absolute path: file:///srv/dagrun-cache".into()))?;
                 std::fs::create_dir_all(&dir).with_context(|| format!("remote {shown}: cannot create {}", dir.display()))?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(format!("{e}")))?;
+                local = Some(dir);
                 (Arc::new(fs), OPath::default())
             }
             _ => return Err(bad("unsupported scheme; use s3://, gs://, az:// or file://".into())),
         };
         let jobs = cfg.jobs.unwrap_or(8).max(1);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the remote's I/O runtime")?;
-        let local = match scheme {
-            ObjectStoreScheme::Local => url.to_file_path().ok(),
-            _ => None,
-        };
         Ok(Remote { store, root, shown, jobs, retry_timeout, local, rt: Some(rt) })
     }
 
