@@ -41,6 +41,21 @@ impl Bg {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+    /// Watch the process until `after` has passed since it started: `Some(how
+    /// long it ran)` when it exited before that (to within a millisecond),
+    /// `None` when it is still running at `after`.
+    pub fn exited_within(&mut self, after: Duration) -> Option<Duration> {
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                return Some(self.t0.elapsed());
+            }
+            let left = after.saturating_sub(self.t0.elapsed());
+            if left.is_zero() {
+                return None;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(1)));
+        }
+    }
     /// Wait (at most `limit`; kill and panic past it).
     pub fn wait(mut self, limit: Duration) -> Out {
         loop {
