@@ -107,10 +107,10 @@ enum Cmd {
         /// Raw rows: .csv or .parquet with the spec's columns (Converted optional).
         #[arg(long)]
         input: PathBuf,
-        /// Where to write scores (default: stdout). `.csv` or `.jsonl`.
+        /// Where to write scores (default: stdout). `.csv`, `.jsonl` or `.parquet`.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// csv or jsonl (default: from the output's extension, else csv).
+        /// csv, jsonl or parquet (default: from the output's extension, else csv).
         #[arg(long)]
         format: Option<String>,
         /// A model version (default: the tenant's current model).

@@ -1,21 +1,29 @@
 //! `dagrun predict`: Models-as-a-Service from the command line. Raw rows of
 //! one tenant in (CSV or Parquet, spec §2 columns, label optional), scores out
-//! (CSV with a header, or JSON lines): `Customer_ID, score, model_version,
-//! feature_version`. Rows of another tenant, unknown columns and a model whose
+//! (CSV with a header, JSON lines, or a Parquet file): `Customer_ID, score,
+//! model_version, feature_version`, written batch by batch as the input is
+//! read. Rows of another tenant, unknown columns and a model whose
 //! hash does not match its lineage record are refused.
 
 use crate::data::ingest::{IngestOptions, open_raw};
+use crate::data::parquet_io::ParquetSink;
 use crate::scoring::load_deployed;
 use crate::util::atomic::AtomicFile;
 use anyhow::{Context, Result};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Csv,
     JsonLines,
+    /// Columns `Customer_ID` (int64), `score` (double), `model_version`,
+    /// `feature_version` (string); only to a file (`--output`).
+    Parquet,
 }
 
 impl Format {
@@ -24,12 +32,17 @@ impl Format {
         let pick = |s: &str| match s.to_ascii_lowercase().as_str() {
             "csv" => Some(Format::Csv),
             "json" | "jsonl" | "ndjson" | "jsonlines" => Some(Format::JsonLines),
+            "parquet" | "pq" => Some(Format::Parquet),
             _ => None,
         };
-        if let Some(f) = flag {
-            return pick(f).ok_or_else(|| crate::error::config(format!("--format {f}: use csv or jsonl")));
+        let format = match flag {
+            Some(f) => pick(f).ok_or_else(|| crate::error::config(format!("--format {f}: use csv, jsonl or parquet")))?,
+            None => output.and_then(|p| p.extension()).and_then(|e| pick(&e.to_string_lossy())).unwrap_or(Format::Csv),
+        };
+        if format == Format::Parquet && output.is_none() {
+            return Err(crate::error::config("--format parquet writes a file: give it with --output FILE.parquet (stdout takes csv or jsonl)"));
         }
-        Ok(output.and_then(|p| p.extension()).and_then(|e| pick(&e.to_string_lossy())).unwrap_or(Format::Csv))
+        Ok(format)
     }
 }
 
@@ -56,6 +69,28 @@ fn refuse_output_over_input(input: &Path, output: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The scores' Parquet schema: the CSV's columns, typed.
+fn parquet_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("Customer_ID", DataType::Int64, false),
+        Field::new("score", DataType::Float64, false),
+        Field::new("model_version", DataType::Utf8, false),
+        Field::new("feature_version", DataType::Utf8, false),
+    ]))
+}
+
+/// One input batch's scores as a record batch of [`parquet_schema`].
+fn parquet_batch(scored: &[(i64, f64)], model_version: &str, feature_version: &str) -> Result<RecordBatch> {
+    let n = scored.len();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from_iter_values(scored.iter().map(|s| s.0))),
+        Arc::new(Float64Array::from_iter_values(scored.iter().map(|s| s.1))),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(model_version, n))),
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(feature_version, n))),
+    ];
+    Ok(RecordBatch::try_new(parquet_schema(), columns)?)
 }
 
 /// Score `args.input`; returns the number of rows scored.
@@ -85,6 +120,21 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     {
         return Err(crate::error::config(format!("{e:#}")));
     }
+    let mv = &deployed.artifact.model_version;
+    let fv = &deployed.artifact.feature_set_version;
+    let mut rows = 0u64;
+    if format == Format::Parquet {
+        let path = args.output.as_deref().expect("Format::choose refuses parquet without --output");
+        let mut sink = ParquetSink::create(path, parquet_schema(), Vec::new())?;
+        for batch in reader {
+            let batch = batch.map_err(|e| crate::error::config(format!("{e:#}")))?;
+            let scored = deployed.score_batch(&batch)?;
+            rows += scored.len() as u64;
+            sink.write(&parquet_batch(&scored, mv, fv)?)?;
+        }
+        sink.finish().context("writing the scores")?;
+        return Ok(rows);
+    }
     let mut sink: Box<dyn Write> = Box::new(std::io::BufWriter::new(crate::util::stdout::Stdout));
     let mut file = match &args.output {
         Some(p) => Some(AtomicFile::create(p)?),
@@ -94,18 +144,16 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
         Some(f) => f,
         None => &mut sink,
     };
-    let mv = &deployed.artifact.model_version;
-    let fv = &deployed.artifact.feature_set_version;
     if format == Format::Csv {
         writeln!(out, "Customer_ID,score,model_version,feature_version")?;
     }
-    let mut rows = 0u64;
     for batch in reader {
         let batch = batch.map_err(|e| crate::error::config(format!("{e:#}")))?;
         for (id, score) in deployed.score_batch(&batch)? {
             match format {
                 Format::Csv => writeln!(out, "{id},{score},{mv},{fv}")?,
                 Format::JsonLines => writeln!(out, "{}", serde_json::json!({"Customer_ID": id, "score": score, "model_version": mv, "feature_version": fv}))?,
+                Format::Parquet => unreachable!("written above"),
             }
             rows += 1;
         }
@@ -115,4 +163,33 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
         f.commit().context("writing the scores")?;
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_format_comes_from_the_flag_else_the_extension_and_parquet_needs_a_file() {
+        let choose = |flag: Option<&str>, out: Option<&str>| Format::choose(flag, out.map(Path::new)).map_err(|e| e.to_string());
+        assert_eq!(choose(None, None), Ok(Format::Csv));
+        assert_eq!(choose(None, Some("s.PARQUET")), Ok(Format::Parquet));
+        assert_eq!(choose(None, Some("s.jsonl")), Ok(Format::JsonLines));
+        assert_eq!(choose(None, Some("s.txt")), Ok(Format::Csv));
+        assert_eq!(choose(Some("csv"), Some("s.parquet")), Ok(Format::Csv));
+        assert_eq!(choose(Some("parquet"), Some("s.out")), Ok(Format::Parquet));
+        assert!(choose(Some("parquet"), None).unwrap_err().contains("--output FILE.parquet"));
+        assert!(choose(Some("xml"), Some("s.xml")).unwrap_err().contains("use csv, jsonl or parquet"));
+    }
+
+    #[test]
+    fn a_parquet_batch_has_the_csv_columns_typed() {
+        let b = parquet_batch(&[(7, 0.25), (9, 0.5)], "m1", "v1.0").unwrap();
+        assert_eq!(b.schema(), parquet_schema());
+        assert_eq!(b.num_rows(), 2);
+        let ids = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(ids.values().to_vec(), vec![7, 9]);
+        let fv = b.column(3).as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(fv.value(1), "v1.0");
+    }
 }

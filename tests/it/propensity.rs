@@ -364,6 +364,28 @@ fn predict_on_training_rows_matches_the_offline_path() {
         assert!((0.0..=1.0).contains(s));
         assert!((s - offline[id]).abs() <= 1e-12, "customer {id}: {s} vs {}", offline[id]);
     }
+    // Parquet (from the extension): the same scores, typed, in the same order.
+    let pq = ws.root.as_path().join("scores.parquet");
+    ok(&run(ws.root.as_path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--output", pq.to_str().unwrap()], &[]));
+    let mut from_parquet = Vec::new();
+    for b in open_batches(&pq, 1000).unwrap() {
+        let b = b.unwrap();
+        let names: Vec<String> = b.schema().fields().iter().map(|f| format!("{}:{}", f.name(), f.data_type())).collect();
+        assert_eq!(names, ["Customer_ID:Int64", "score:Float64", "model_version:Utf8", "feature_version:Utf8"]);
+        let ids = b.column(0).as_any().downcast_ref::<arrow_array::Int64Array>().unwrap();
+        let scores = b.column(1).as_any().downcast_ref::<arrow_array::Float64Array>().unwrap();
+        let mv = b.column(2).as_any().downcast_ref::<arrow_array::StringArray>().unwrap();
+        for i in 0..b.num_rows() {
+            assert_eq!(mv.value(i), model.model_version);
+            from_parquet.push((ids.value(i), scores.value(i)));
+        }
+    }
+    assert_eq!(from_parquet, online, "Parquet scores differ from the CSV's");
+    // Parquet has no stdout form; an unknown format is named.
+    let o = run(ws.root.as_path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--format", "parquet"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--output FILE.parquet"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout.is_empty());
     // JSON lines, and refusals.
     let o = ok(&run(ws.root.as_path(), &["predict", "--tenant", "Tenant_A", "--input", raw.to_str().unwrap(), "--format", "jsonl"], &[]));
     assert_eq!(o.lines().count(), 3600);
