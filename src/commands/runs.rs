@@ -48,7 +48,8 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// One run's record: stages with status, seconds, reasons and errors (or JSON).
+/// One run's record: stages with status, seconds, Slurm job, reasons and
+/// errors (or JSON).
 pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
     let r = runs::find(workspace, id)?;
     if json {
@@ -58,7 +59,8 @@ pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
     crate::outln!("run {}  {}  exit {}  {:.2}s  {}", r.run_id, r.status, r.exit_code, r.seconds, escape_controls(&r.pipeline));
     crate::outln!("started {}  finished {}", escape_controls(&r.started_at), escape_controls(&r.finished_at));
     for s in &r.stages {
-        crate::outln!("  {:<9} {:<28} {:>7.2}s", s.status.as_str(), s.stage, s.seconds);
+        let job = s.slurm_job.as_deref().map(|j| format!("  {}", escape_controls(j))).unwrap_or_default();
+        crate::outln!("  {:<9} {:<28} {:>7.2}s{job}", s.status.as_str(), s.stage, s.seconds);
         // A command's stderr (colours, cursor moves) is shown, never obeyed.
         for l in s.reasons.iter().flat_map(|r| r.lines()).chain(s.error.iter().flat_map(|e| e.lines())) {
             crate::outln!("            {}", escape_controls(l));

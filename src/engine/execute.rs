@@ -19,7 +19,7 @@ impl Engine {
         let cpu0 = crate::util::par::thread_cpu_ns();
         let mut rec = match self.execute_inner(i) {
             Ok(r) => r,
-            Err(e) => StageRecord { error: Some(format!("{e:#}")), ..StageRecord::new(&name, Status::Failed) },
+            Err(e) => failed_record(&name, &e),
         };
         rec.seconds = t0.elapsed().as_secs_f64();
         if rec.status == Status::Ran && rec.slurm_job.is_none() {
@@ -70,7 +70,7 @@ impl Engine {
             let names: Vec<String> = pending.iter().map(|p| self.stage(p.i).name.clone()).collect();
             for (p, r) in names.iter().zip(self.run_batch(pending)) {
                 let i = self.pipeline.stages.iter().position(|s| &s.name == p).expect("member");
-                let r = r.unwrap_or_else(|e| StageRecord { error: Some(format!("{e:#}")), ..StageRecord::new(p, Status::Failed) });
+                let r = r.unwrap_or_else(|e| failed_record(p, &e));
                 done.insert(i, r);
             }
         }
@@ -348,4 +348,10 @@ impl Engine {
         rec.slurm_job = done.job;
         Ok(rec)
     }
+}
+
+/// The record of a stage that failed with `e` (naming the job it failed in,
+/// when it ran in one).
+fn failed_record(stage: &str, e: &anyhow::Error) -> StageRecord {
+    StageRecord { error: Some(format!("{e:#}")), slurm_job: crate::executor::failed_job(e), ..StageRecord::new(stage, Status::Failed) }
 }

@@ -108,7 +108,8 @@ pub struct StageRecord {
     /// CPU time (user+sys) of the stage, where measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_seconds: Option<f64>,
-    /// The Slurm job that ran the stage's work (`executor: slurm`).
+    /// The Slurm job that ran the stage's work (`executor: slurm`), for a
+    /// failed stage the job it failed in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_job: Option<String>,
     /// When the stage started and ended, in seconds since the run started

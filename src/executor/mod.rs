@@ -39,6 +39,29 @@ pub struct Done {
     pub job: Option<String>,
 }
 
+/// A member that failed in a job: the error is `message`; `job` names the job
+/// that ran it (`slurm:ID`), for the run record (`slurm_job`) of a failed
+/// stage as of a finished one.
+#[derive(Debug)]
+pub struct JobFailure {
+    pub job: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for JobFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for JobFailure {}
+
+/// The job a failure happened in, when it did in one (through any context
+/// added since, e.g. "failed after 2 attempts").
+pub fn failed_job(e: &anyhow::Error) -> Option<String> {
+    e.downcast_ref::<JobFailure>().map(|f| f.job.clone())
+}
+
 /// Runs one member's work in this process (built by the engine).
 pub type LocalWork<'a> = dyn Fn() -> Result<Done> + Sync + 'a;
 

@@ -61,7 +61,7 @@
 //!   **abandoned**, never re-attached ([`abandon_orphans`]).
 
 use super::spec::{self, JobSpec, SpecStage};
-use super::{Batch, Done, Executor};
+use super::{Batch, Done, Executor, JobFailure};
 use crate::pipeline::{Pipeline, Resources};
 use crate::stages::RunReport;
 use crate::workspace::state::StateStore;
@@ -919,12 +919,13 @@ impl Executor for Slurm {
         // run by hand: reviews 14 and 15).
         let _ = spec::claim(&result);
         let _ = std::fs::remove_file(result.with_file_name(&spec_name));
+        let failure = |message: String| anyhow::Error::new(JobFailure { job: job.clone(), message });
         let Some(integrity) = self.states.integrity_key() else {
-            return fail(anyhow!("no workspace integrity key to verify Slurm job {id}'s result with"));
+            return fail(failure(format!("no workspace integrity key to verify Slurm job {id}'s result with")));
         };
         let results = match spec::read_result(&result, &names, integrity, &self.run_id, &spec_name) {
             Ok(r) => r.unwrap_or_default(),
-            Err(e) => return fail(e.context(format!("Slurm job {id} ({state})"))),
+            Err(e) => return fail(failure(format!("Slurm job {id} ({state}): {e:#}"))),
         };
         let mut out = Vec::new();
         for (m, r) in batch.members.iter().zip(&results) {
@@ -940,7 +941,7 @@ impl Executor for Slurm {
                 } else {
                     format!("{}\nthe stage's own error: {e}", end_message(&id, &state, &m.stage.name, res.time, &log_tail()))
                 };
-                out.push((m.index, Err(anyhow!(msg))));
+                out.push((m.index, Err(failure(msg))));
                 return out;
             }
         }
@@ -955,7 +956,7 @@ impl Executor for Slurm {
             end_message(&id, &state, &m.stage.name, res.time, &log_tail())
         };
         tracing::debug!("{label}: Slurm job {id} ended {state} after {wall:.1}s");
-        out.push((m.index, Err(anyhow!(why))));
+        out.push((m.index, Err(failure(why))));
         out
     }
 }

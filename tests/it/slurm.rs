@@ -288,6 +288,14 @@ fn failing_jobs_name_the_job_and_retries_resubmit() {
     let rec = last_record(&ws.root);
     let st = |n: &str| rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == n).unwrap()["status"].as_str().unwrap().to_string();
     assert_eq!((st("bad"), st("good"), st("other")), ("failed".into(), "ran".into(), "ran".into()));
+    // The failed stage's record names the job it failed in (its last attempt's), as `runs show` does.
+    let bad = rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "bad").unwrap();
+    let job = bad["slurm_job"].as_str().unwrap_or_else(|| panic!("no slurm_job in the failed stage's record: {bad}"));
+    let id = job.strip_prefix("slurm:").unwrap();
+    assert!(!id.is_empty() && id.chars().all(|c| c.is_ascii_digit()), "{job}");
+    assert!(bad["error"].as_str().unwrap().contains(&format!("Slurm job {id}")), "{bad}");
+    let show = ok(run_in(&ws.root, &["runs", "show", rec["run_id"].as_str().unwrap()])).stdout;
+    assert!(show.lines().any(|l| l.contains("failed") && l.contains(" bad ") && l.ends_with(job)), "{show}");
     // The job saw none of the submitting environment.
     let env = ws.read("env.txt");
     assert!(!env.contains("hunter2") && !env.contains("SECRET_TOKEN"), "the job saw the submitting environment:\n{env}");
