@@ -172,8 +172,8 @@ impl DagrunConfig {
             if r.jobs.is_some_and(|j| !(1..=64).contains(&j)) {
                 return Err(config(format!("{shown}:{at}: remote.jobs must be from 1 to 64 (transfers at once)")));
             }
-            if r.retry_timeout.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
-                return Err(config(format!("{shown}:{at}: remote.retry_timeout must be a number of seconds ≥ 0")));
+            if r.retry_timeout.is_some_and(|t| !(t.is_finite() && (0.0..=86_400.0).contains(&t))) {
+                return Err(config(format!("{shown}:{at}: remote.retry_timeout must be a number of seconds from 0 to 86400 (a day)")));
             }
         }
         if let Some(m) = &raw.metrics_file
@@ -233,6 +233,11 @@ mod tests {
         assert!(e.starts_with("config/dagrun.yaml:3:") && e.contains("endpiont"), "{e}");
         let e = DagrunConfig::parse(b"# x\nremote:\n  url: s3://b/p\n  jobs: 0\n", CONFIG_FILE).unwrap_err().to_string();
         assert!(e.starts_with("config/dagrun.yaml:2:") && e.contains("jobs"), "{e}");
+        // A retry time no Duration holds is refused, not a panic (review 17).
+        for t in ["1e30", "-1", ".inf", ".nan"] {
+            let e = DagrunConfig::parse(format!("remote:\n  url: s3://b/p\n  retry_timeout: {t}\n").as_bytes(), CONFIG_FILE).unwrap_err().to_string();
+            assert!(e.contains("retry_timeout must be a number of seconds from 0 to 86400"), "{t}: {e}");
+        }
         let both = format!("master_key: \"{URI}\"\nremote:\n  url: file:///tmp/x\n");
         let c = DagrunConfig::parse(both.as_bytes(), CONFIG_FILE).unwrap();
         assert!(c.master_key.is_some() && c.remote.is_some());

@@ -241,14 +241,14 @@ enum KeysCmd {
     Init {
         #[arg(long, value_name = "URI")]
         master: String,
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
     },
     /// Re-wrap every tenant key under another master key (file -> HSM, HSM -> HSM).
     Rewrap {
         #[arg(long, value_name = "URI")]
         to: String,
-        #[arg(long, value_name = "SECONDS")]
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds)]
         wait: Option<f64>,
     },
     /// Show the audit log of key operations; --verify checks its hash chain.

@@ -7,6 +7,10 @@
 //! run records are kept, whatever the stage's status; a run record that does
 //! not read is an error naming it (exit 2), nothing deleted, since the keys
 //! it holds are unknown. Run records themselves are history and are kept.
+//! The feature files each tenant's champion and its `--keep-runs` latest
+//! earlier champions (what `models rollback` returns to) were trained on are
+//! kept: they are what `drift` compares new data with. A registry model that
+//! does not verify names nothing (it is never used); a warning says so.
 
 use crate::crypto::Keyring;
 use crate::engine::runs;
@@ -71,7 +75,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     let newest: Vec<_> = listing.records.iter().rev().take(args.keep_runs).collect();
     let keep: HashSet<ContentHash> =
         newest.iter().flat_map(|r| &r.stages).filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()).collect();
-    let plan = gc::plan(&states, &cas, &keep)?;
+    let plan = gc::plan(&states, &cas, &keep, &champions_features(ws.root(), &keyring.integrity_key(), args.keep_runs))?;
     let (failed, first_error) = if args.dry_run { (0, None) } else { gc::apply(&cas, &plan) };
 
     let r = Report {
@@ -91,7 +95,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
         let hb = crate::commands::pull::human_bytes;
         let verb = if args.dry_run { "would remove" } else { "removed" };
         crate::engine::report::say(&format!(
-            "{verb} {} cache entries and {} objects ({}); kept {} entries and {} objects ({}) used by the current state and the newest {} run(s)",
+            "{verb} {} cache entries and {} objects ({}); kept {} entries and {} objects ({}) used by the current state, the newest {} run(s) and the registry's champions",
             r.entries_removed,
             r.objects_removed,
             hb(r.bytes_removed),
@@ -105,4 +109,29 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
         return Err(anyhow::anyhow!("{failed} file(s) could not be removed; first: {e}"));
     }
     Ok(exit::OK)
+}
+
+/// The blake3 of the feature files that each tenant's champion and its
+/// `earlier` latest earlier champions were trained on: drift's references,
+/// now and after a `models rollback`.
+fn champions_features(workspace: &Path, key: &crate::crypto::IntegrityKey, earlier: usize) -> HashSet<ContentHash> {
+    let registry = crate::registry::Registry::of_workspace(workspace);
+    let mut out = HashSet::new();
+    for tenant in registry.tenants() {
+        let champion = match registry.champion(&tenant) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("gc: {e:#}; the feature files of tenant {tenant}'s champions are not kept");
+                continue;
+            }
+        };
+        for version in champion.previous.iter().rev().take(earlier).chain([&champion.version]) {
+            match registry.load(&tenant, version, key) {
+                Ok(m) => out.extend(ContentHash::parse(&m.artifact.feature_file_hash).ok()),
+                Err(e) => tracing::warn!("gc: {e:#}; the feature file model {version} was trained on is not kept"),
+            }
+        }
+    }
+    out
 }

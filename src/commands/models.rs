@@ -22,7 +22,8 @@ pub enum ModelsCmd {
         /// Why (kept in the history).
         #[arg(long, default_value = "manual promotion")]
         reason: String,
-        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        /// Wait up to SECONDS for a run holding the workspace.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::commands::parse_seconds)]
         wait: f64,
     },
     /// Return the tenant to its previous champion.
@@ -30,7 +31,8 @@ pub enum ModelsCmd {
         tenant: String,
         #[arg(long, default_value = "manual rollback")]
         reason: String,
-        #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+        /// Wait up to SECONDS for a run holding the workspace.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::commands::parse_seconds)]
         wait: f64,
     },
     /// Promotions and rollbacks: who, when, from, to, why.
@@ -104,7 +106,7 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
         }
         ModelsCmd::Promote { tenant, version, reason, wait } => {
             check_tenant(tenant)?;
-            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(wait.max(0.0))), "dagrun models promote")?;
+            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(*wait)), "dagrun models promote")?;
             if !reg.versions(tenant)?.iter().any(|e| &e.version == version) {
                 // A model trained before the registry existed: register the
                 // train stage's current output, verified against its lineage record.
@@ -123,7 +125,7 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
         }
         ModelsCmd::Rollback { tenant, reason, wait } => {
             check_tenant(tenant)?;
-            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(wait.max(0.0))), "dagrun models rollback")?;
+            let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(*wait)), "dagrun models rollback")?;
             let (from, to) = reg.rollback(tenant, &current_user(), reason, &*key()?)?;
             crate::doneln!("tenant {tenant}: champion {from} -> {to} (rolled back)");
         }

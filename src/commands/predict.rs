@@ -123,15 +123,22 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
     let mv = &deployed.artifact.model_version;
     let fv = &deployed.artifact.feature_set_version;
     let mut rows = 0u64;
+    // Into a file: Ctrl-C, SIGTERM or SIGHUP stop at the next batch and the
+    // temporary file goes (review 17: it was left behind, hidden).
+    if args.output.is_some() {
+        crate::util::interrupt::catch();
+    }
     if format == Format::Parquet {
         let path = args.output.as_deref().expect("Format::choose refuses parquet without --output");
         let mut sink = ParquetSink::create(path, parquet_schema(), Vec::new())?;
         for batch in reader {
+            crate::util::interrupt::check()?;
             let batch = batch.map_err(|e| crate::error::config(format!("{e:#}")))?;
             let scored = deployed.score_batch(&batch)?;
             rows += scored.len() as u64;
             sink.write(&parquet_batch(&scored, mv, fv)?)?;
         }
+        crate::util::interrupt::check()?;
         sink.finish().context("writing the scores")?;
         return Ok(rows);
     }
@@ -140,25 +147,33 @@ pub fn predict(workspace: &Path, args: &PredictArgs) -> Result<u64> {
         Some(p) => Some(AtomicFile::create(p)?),
         None => None,
     };
+    // A failed write names the file (a full disk, a file-size limit).
+    let named = |e: std::io::Error| match &args.output {
+        Some(p) => anyhow::anyhow!("cannot write the scores to {}: {e} (is the disk full, or a file-size limit reached?)", p.display()),
+        None => e.into(),
+    };
     let out: &mut dyn Write = match file.as_mut() {
         Some(f) => f,
         None => &mut sink,
     };
     if format == Format::Csv {
-        writeln!(out, "Customer_ID,score,model_version,feature_version")?;
+        writeln!(out, "Customer_ID,score,model_version,feature_version").map_err(named)?;
     }
     for batch in reader {
+        crate::util::interrupt::check()?;
         let batch = batch.map_err(|e| crate::error::config(format!("{e:#}")))?;
         for (id, score) in deployed.score_batch(&batch)? {
             match format {
-                Format::Csv => writeln!(out, "{id},{score},{mv},{fv}")?,
-                Format::JsonLines => writeln!(out, "{}", serde_json::json!({"Customer_ID": id, "score": score, "model_version": mv, "feature_version": fv}))?,
+                Format::Csv => writeln!(out, "{id},{score},{mv},{fv}"),
+                Format::JsonLines => writeln!(out, "{}", serde_json::json!({"Customer_ID": id, "score": score, "model_version": mv, "feature_version": fv})),
                 Format::Parquet => unreachable!("written above"),
             }
+            .map_err(named)?;
             rows += 1;
         }
     }
-    out.flush()?;
+    out.flush().map_err(named)?;
+    crate::util::interrupt::check()?;
     if let Some(f) = file {
         f.commit().context("writing the scores")?;
     }

@@ -62,9 +62,12 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
     let ws = crate::workspace::Workspace::locate(dir).unwrap_or_else(|| crate::workspace::Workspace::at(dir));
     ws.check_user_output(out, "--out")?;
     std::fs::create_dir_all(dir)?;
+    // Ctrl-C, SIGTERM or SIGHUP: stop at the next batch, with the temporary
+    // files (plaintext) removed (util::interrupt).
+    crate::util::interrupt::catch();
     let tmp = tempfile_in(dir)?;
-    generate_tenant(&tmp, tenant, rows, seed, as_of)?;
     let result = (|| -> Result<()> {
+        generate_tenant(&tmp, tenant, rows, seed, as_of)?;
         let batches = open_batches(&tmp, crate::data::DEFAULT_BATCH_SIZE)?;
         let strip = |mut b: RecordBatch| -> Result<RecordBatch> {
             if !with_label {
@@ -77,8 +80,10 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
             "parquet" | "pq" => {
                 let mut sink = crate::data::parquet_io::ParquetSink::create_private(out, crate::data::schema::raw_schema(with_label), vec![])?;
                 for b in batches {
+                    crate::util::interrupt::check()?;
                     sink.write(&strip(b?)?)?;
                 }
+                crate::util::interrupt::check()?;
                 sink.finish()
             }
             "csv" => {
@@ -86,8 +91,10 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
                 let label = if with_label { ",Converted" } else { "" };
                 writeln!(f.writer(), "Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date{label}")?;
                 for b in batches {
+                    crate::util::interrupt::check()?;
                     write_csv_rows(f.writer(), &strip(b?)?)?;
                 }
+                crate::util::interrupt::check()?;
                 f.commit()
             }
             _ => Err(crate::error::config(format!("{}: use a .csv or .parquet file name", out.display()))),

@@ -143,29 +143,34 @@ fn short(h: Option<&str>) -> String {
     h.map(|h| h[..h.len().min(16)].to_string()).unwrap_or_else(|| "-".into())
 }
 
+/// Every recorded value is shown with its control characters escaped
+/// (`util::escape_controls`): a path, a param or a command line (from a
+/// `-p` value) must not move the cursor, retitle the terminal or forge a line.
 fn render_into(n: &LineageNode, depth: usize, s: &mut String) {
+    use crate::util::escape_controls as e;
     let pad = "  ".repeat(depth);
     let modified = |is: bool, current: &Option<String>| {
         if is { "  (modified since: now blake3 ".to_string() + &short(current.as_deref()) + ")" } else { String::new() }
     };
+    fn pairs<V: std::fmt::Display>(m: &BTreeMap<String, V>) -> String {
+        m.iter().map(|(k, x)| format!("{}={}", e(k), e(&x.to_string()))).collect::<Vec<String>>().join(", ")
+    }
     match n {
         LineageNode::Produced(p) => {
-            s.push_str(&format!("{pad}{}  blake3 {}{}\n", p.path, short(Some(p.hash.as_ref())), modified(p.modified, &p.current_hash)));
-            s.push_str(&format!("{pad}  ← stage {} (kind {} v{}), run {}, {}\n", p.stage, p.kind, p.kind_version, p.run_id, p.finished_at));
+            s.push_str(&format!("{pad}{}  blake3 {}{}\n", e(&p.path), short(Some(p.hash.as_ref())), modified(p.modified, &p.current_hash)));
+            s.push_str(&format!("{pad}  ← stage {} (kind {} v{}), run {}, {}\n", e(&p.stage), e(&p.kind), p.kind_version, e(&p.run_id), e(&p.finished_at)));
             s.push_str(&format!("{pad}    key {}\n", p.key));
             if !p.param_refs.is_empty() {
-                let ps: Vec<String> = p.param_refs.iter().map(|(k, x)| format!("{k}={x}")).collect();
-                s.push_str(&format!("{pad}    params {}\n", ps.join(", ")));
+                s.push_str(&format!("{pad}    params {}\n", pairs(&p.param_refs)));
             }
             if let Some(c) = &p.cmd {
-                s.push_str(&format!("{pad}    cmd {c}\n"));
+                s.push_str(&format!("{pad}    cmd {}\n", e(c)));
             }
             if let Some(h) = &p.cmd_blake3 {
-                s.push_str(&format!("{pad}    cmd blake3 {}\n", &h[..h.len().min(12)]));
+                s.push_str(&format!("{pad}    cmd blake3 {}\n", e(&h[..h.len().min(12)])));
             }
             if !p.extras.is_empty() {
-                let ps: Vec<String> = p.extras.iter().map(|(k, x)| format!("{k}={x}")).collect();
-                s.push_str(&format!("{pad}    {}\n", ps.join(", ")));
+                s.push_str(&format!("{pad}    {}\n", pairs(&p.extras)));
             }
             for i in &p.inputs {
                 render_into(i, depth + 2, s);
@@ -173,7 +178,7 @@ fn render_into(n: &LineageNode, depth: usize, s: &mut String) {
         }
         LineageNode::Leaf(l) => {
             let kind = if l.source { "source" } else { "see above" };
-            s.push_str(&format!("{pad}{}  blake3 {}  ({kind}){}\n", l.path, short(l.hash.as_deref()), modified(l.modified, &l.current_hash)));
+            s.push_str(&format!("{pad}{}  blake3 {}  ({kind}){}\n", e(&l.path), short(l.hash.as_deref()), modified(l.modified, &l.current_hash)));
         }
     }
 }
@@ -247,5 +252,23 @@ mod tests {
         assert!(t.contains("    params c=\"1.0\"\n"), "{t}");
         assert!(t.contains("    model=x\n"), "{t}");
         assert!(t.contains("    data/raw.csv  blake3 bbbbbbbbbbbbbbbb  (source)  (modified since: now blake3 cccccccccccccccc)\n"), "{t}");
+    }
+
+    /// Review 17: a `-p` value in a command line reached the terminal raw.
+    #[test]
+    fn text_shows_recorded_values_with_their_control_characters_escaped() {
+        let mut n = sample();
+        let LineageNode::Produced(p) = &mut n else { unreachable!() };
+        p.cmd = Some("echo 'x\x1b]0;PWNED\x07\x1b[2K\rFORGED' > out.txt".into());
+        p.path = "out\nforged  blake3 0000".into();
+        p.extras.insert("k\x1b".into(), "v\r".into());
+        if let LineageNode::Leaf(l) = &mut p.inputs[0] {
+            l.path = "in\x1b[1A.csv".into();
+        }
+        let t = render(&n);
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert_eq!(t.lines().count(), 7, "one line per fact, none forged:\n{t}");
+        assert!(t.contains("cmd echo 'x\\u{1b}]0;PWNED\\u{7}\\u{1b}[2K\\rFORGED' > out.txt\n"), "{t}");
+        assert!(t.starts_with("out\\nforged  blake3 0000  blake3 aaaa"), "{t}");
     }
 }

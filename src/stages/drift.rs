@@ -282,6 +282,35 @@ fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, 
     Ok((hash, model))
 }
 
+/// What to do when the reference feature file is gone (`dagrun gc` keeps the
+/// champions' own; removed by hand, or by a gc of an older dagrun): the
+/// registered models of `tenant` whose training features are at hand, newest
+/// first, to promote; else fetch the file back.
+fn missing_reference_fix(ctx: &RunCtx, tenant: &str, cas: &crate::workspace::cas::Cas, current: &str) -> String {
+    let registry = crate::registry::Registry::of_workspace(&ctx.services.workspace);
+    let key = ctx.services.integrity_key().ok();
+    let kept: Vec<String> = registry
+        .versions(tenant)
+        .unwrap_or_default()
+        .iter()
+        .rev()
+        .filter_map(|v| {
+            let m = registry.load(tenant, &v.version, key.as_ref()?).ok()?;
+            let h = crate::workspace::ContentHash::parse(&m.artifact.feature_file_hash).ok()?;
+            (m.artifact.feature_file_hash == current || cas.object_path(&h).is_file()).then(|| v.version.clone())
+        })
+        .take(3)
+        .collect();
+    let restore = "fetch it back (`dagrun pull` from the shared cache, or a backup of .dagrun/cache)";
+    match kept.first() {
+        Some(v) => format!(
+            "Promote a model whose training features are kept — `dagrun models promote {tenant} {v}`{} — or {restore}",
+            if kept.len() > 1 { format!(" (also kept: {})", kept[1..].join(", ")) } else { String::new() }
+        ),
+        None => format!("No registered model of {tenant} has its training features kept: {restore}"),
+    }
+}
+
 impl KindDecl for Drift {
     fn name(&self) -> &'static str {
         "drift"
@@ -367,8 +396,9 @@ impl StageKind for Drift {
                 None => match read_features_if(&cas.object_path(&ref_content), &ref_hash)? {
                     Some(c) => (c, ReadFrom::Cache),
                     None => bail!(
-                        "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift; retrain (`dagrun run --force train`) or point `model:` at a model whose features are kept",
-                        &ref_hash[..12]
+                        "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift. {}",
+                        &ref_hash[..12],
+                        missing_reference_fix(ctx, tenant, &cas, &report.current.feature_file_blake3)
                     ),
                 },
             };

@@ -6,7 +6,12 @@
 //!   and every action-cache entry whose key the caller asks to keep (`dagrun
 //!   gc` passes the keys of the stages of the newest runs) are live, with
 //!   every cache object their outputs name: a file's object, a directory's
-//!   listing object and each file object the listing names. Nothing else is.
+//!   listing object and each file object the listing names; so is every
+//!   object a live record's extra ingredient names (drift's
+//!   `reference_features`: the feature file a measurement compared with),
+//!   and every object the caller names (`dagrun gc` passes the feature files
+//!   the registry's champions were trained on: drift's next reference).
+//!   Nothing else is.
 //! - **What goes.** Action-cache entries that are not live, then objects no
 //!   live record names. Entries first: a crash in between leaves objects that
 //!   nothing names (the next `gc` removes them), never an entry whose object
@@ -68,8 +73,9 @@ fn size_of(cas: &Cas, h: &ContentHash) -> u64 {
 }
 
 /// Decide what goes, deleting nothing. `keep` are the action keys to keep
-/// besides the current state records'.
-pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>) -> Result<Plan> {
+/// besides the current state records'; `keep_objects` objects to keep besides
+/// those the live records name.
+pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>, keep_objects: &HashSet<ContentHash>) -> Result<Plan> {
     let mut bad = Vec::new();
     let mut live_records: Vec<StageState> = Vec::new();
     let mut keys: HashSet<ContentHash> = keep.clone();
@@ -103,11 +109,12 @@ pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>) -> Resu
         ))
         .into());
     }
-    let mut live = HashSet::new();
+    let mut live = keep_objects.clone();
     for st in &live_records {
         for o in st.outputs.values() {
             mark(cas, o, &mut live);
         }
+        live.extend(st.ingredients.extras.values().filter_map(|v| ContentHash::parse(v).ok()));
     }
     for h in cas.list() {
         let size = size_of(cas, &h);

@@ -176,7 +176,8 @@ impl Workspace {
     /// (`runs/*.json`, `runs/*.jsonl`). Its folders are resolved as the
     /// writer will meet them: symlinks followed in the part that exists, `..`
     /// taken by name in the part that does not yet (writers create it). The
-    /// last component is not followed: writers replace it (rename).
+    /// last component is not followed: writers replace it (rename); so it must
+    /// not be a device, FIFO or socket, or a link to one.
     pub fn check_user_output(&self, path: &Path, what: &str) -> Result<()> {
         use std::path::Component;
         let abs = std::path::absolute(path)?;
@@ -249,6 +250,39 @@ impl Workspace {
                         "it is inside {d}/ of a workspace, which dagrun, git or the workspace configuration owns (keys, state, tenant list)"
                     )));
                 }
+            }
+        }
+        // A device, FIFO or socket there (or a link to one, e.g. /dev/stdout)
+        // would be replaced by the rename that puts the new file in place
+        // (review 17: `--output /dev/null` as root replaced the device node).
+        // /dev/stdout and its kin are links to what stdout is (a file, a
+        // pipe): replacing them would break every program on the machine.
+        // (/dev/shm is an ordinary shared-memory file system: allowed.)
+        if let Some(sys) = ["/dev", "/proc", "/sys"].iter().find(|d| real.starts_with(d) && !real.starts_with("/dev/shm")) {
+            return Err(refuse(&format!(
+                "it is in {sys}, the system's folder of devices and processes (to print the output, leave the option out where that is the default)"
+            )));
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&target) {
+            let special = |t: std::fs::FileType| !(t.is_file() || t.is_dir() || t.is_symlink());
+            let what_it_is = |t: std::fs::FileType| {
+                use std::os::unix::fs::FileTypeExt;
+                if t.is_fifo() {
+                    "a FIFO"
+                } else if t.is_socket() {
+                    "a socket"
+                } else {
+                    "a device"
+                }
+            };
+            if special(m.file_type()) {
+                return Err(refuse(&format!("it is {}, not a regular file, and writing would replace it", what_it_is(m.file_type()))));
+            }
+            if m.file_type().is_symlink()
+                && let Ok(to) = std::fs::metadata(&target)
+                && special(to.file_type())
+            {
+                return Err(refuse(&format!("it is a link to {}, and writing would replace the link", what_it_is(to.file_type()))));
             }
         }
         Ok(())

@@ -146,3 +146,50 @@ fn bad_drift_params_are_refused_before_anything_runs() {
     assert!(err.contains("max_psi") && err.contains("positive"), "{err}");
     assert!(!ws.join("reports").exists());
 }
+
+fn champion(ws: &Path, tenant: &str) -> String {
+    let c: Value = serde_json::from_slice(&std::fs::read(ws.join(format!(".dagrun/registry/{tenant}/champion.json"))).unwrap()).unwrap();
+    c["version"].as_str().unwrap().to_string()
+}
+
+/// Review 17: `gc` removed the feature file a rolled-back champion was
+/// trained on (drift's reference, only in the cache once new data replaced
+/// the store's file), and every later run failed `drift` with a fix that
+/// could not work (`--force train`: train needs drift). gc keeps the
+/// champions' training features; a reference lost anyway names a model to
+/// promote whose features are kept, and promoting it works.
+#[test]
+fn gc_keeps_the_champions_training_features_and_a_lost_reference_names_a_working_fix() {
+    let ws = workspace();
+    let root = ws.root.as_path();
+    let run = |seed: &str| dagrun(root, &["run", "pipelines/propensity.yaml", "-p", "rows=3000", "-p", &format!("seed={seed}")]);
+    ok(&run("1"));
+    let m1 = champion(root, "Tenant_A");
+    ok(&run("7"));
+    assert_ne!(champion(root, "Tenant_A"), m1);
+    ok(&dagrun(root, &["models", "rollback", "Tenant_A", "--reason", "review 17"]));
+    assert_eq!(champion(root, "Tenant_A"), m1);
+    let g = ok(&dagrun(root, &["gc", "--keep-runs", "0"]));
+    assert!(g.contains("the registry's champions"), "{g}");
+    // New data: drift compares it with m1's features, read from the cache.
+    ok(&run("8"));
+    let r = report(root, "Tenant_A");
+    assert_eq!(r["reference"]["model_version"], m1.as_str(), "{r:#}");
+    assert_eq!(r["reference"]["read_from"], "cache", "{r:#}");
+    let m3 = champion(root, "Tenant_A");
+    assert_ne!(m3, m1, "the model trained on seed 8 became champion");
+
+    // Back to m1, whose features are then lost (by hand: gc keeps them).
+    ok(&dagrun(root, &["models", "rollback", "Tenant_A", "--reason", "review 17"]));
+    assert_eq!(champion(root, "Tenant_A"), m1);
+    let h = r["reference"]["feature_file_blake3"].as_str().unwrap();
+    std::fs::remove_file(root.join(format!(".dagrun/cache/objects/{}/{}", &h[..2], &h[2..]))).unwrap();
+    let o = run("9");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("neither in the workspace nor in the cache"), "{err}");
+    assert!(err.contains(&format!("`dagrun models promote Tenant_A {m3}`")), "the newest model with kept features is named:\n{err}");
+    assert!(!err.contains("--force train"), "{err}");
+    ok(&dagrun(root, &["models", "promote", "Tenant_A", &m3, "--reason", "its features are kept"]));
+    ok(&run("9"));
+}

@@ -467,6 +467,12 @@ fn absurd_numbers_on_the_command_line_are_errors_not_panics() {
         &["run", "pipeline.yaml", "-j", "0"],
         &["run", "pipeline.yaml", "-j", "18446744073709551615"],
         &["keys", "rotate", "Tenant_A", "--wait", "inf"],
+        // Review 17: these panicked (exit 101) or took NaN as 0.
+        &["models", "promote", "Tenant_A", "v1", "--wait", "inf"],
+        &["models", "promote", "Tenant_A", "v1", "--wait", "1e30"],
+        &["models", "rollback", "Tenant_A", "--wait", "NaN"],
+        &["keys", "init", "--master", "pkcs11:token=x", "--wait", "1e30"],
+        &["keys", "rewrap", "--to", "pkcs11:token=x", "--wait", "-1"],
         // Review 13: a header-only sample (which `predict` then refuses), and a date the generator cannot use (exit 1).
         &["sample", "--tenant", "T", "--rows", "0", "--out", "s.csv"],
         &["sample", "--tenant", "T", "--rows", "5", "--as-of", "0001-01-01", "--out", "s.csv"],
@@ -570,6 +576,27 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
         assert!(o.stderr.contains(&format!("{input} is not a regular file (a FIFO, socket or device)")), "{input}: {}", o.stderr);
         std::fs::remove_file(ws.path(input)).unwrap();
     }
+    // Review 17: an output that is a FIFO, or a link to a device, is not
+    // replaced by the rename that puts the new file in place; /dev is refused
+    // by name (/dev/stdout is a link to whatever stdout is).
+    let c = std::ffi::CString::new(ws.path("out-fifo.csv").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    std::os::unix::fs::symlink("/dev/null", ws.path("null.parquet")).unwrap();
+    let predict_to = |out: &str| -> Vec<String> { ["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", out].map(String::from).to_vec() };
+    for (out, needle) in [
+        ("out-fifo.csv", "--output out-fifo.csv: it is a FIFO, not a regular file"),
+        ("null.parquet", "--output null.parquet: it is a link to a device"),
+        ("/dev/null", "--output /dev/null: it is in /dev"),
+        ("/dev/stdout", "--output /dev/stdout: it is in /dev"),
+    ] {
+        refused(&predict_to(out).iter().map(String::as_str).collect::<Vec<_>>(), needle);
+    }
+    refused(&["report", "last", "-o", "out-fifo.csv"], "-o out-fifo.csv: it is a FIFO");
+    refused(&["run", p, "-p", "rows=1000", "--metrics-file", "null.parquet"], "--metrics-file null.parquet: it is a link to a device");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(ws.path("out-fifo.csv")).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(ws.path("null.parquet")).unwrap().file_type().is_symlink());
     // Elsewhere they are written as before.
     ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "scores/a.csv"]));
     assert_eq!(ws.read("scores/a.csv").lines().count(), 6);
@@ -862,4 +889,43 @@ fn a_keyring_edited_outside_dagrun_is_refused_before_it_is_printed() {
     }
     ws.write(path, &good);
     ok(dg(&ws, &["keys", "list"]));
+}
+
+/// Review 17: Ctrl-C (or SIGTERM, SIGHUP) during `predict --output` or
+/// `sample --out` left the hidden temporary file behind (for `sample`,
+/// plaintext `Sensitive_Data`). Now the writer stops at its next batch, the
+/// temporary files go, nothing appears at the destination, and dagrun exits 130.
+#[test]
+fn an_interrupted_predict_or_sample_leaves_no_file_behind() {
+    let ws = shipped(ONE);
+    ok(dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=1000", "-q"]));
+    std::fs::create_dir(ws.path("in")).unwrap();
+    ok(dg(&ws, &["sample", "--tenant", "Tenant_A", "--rows", "2000000", "--no-label", "--out", "in/big.parquet"]));
+    let listing = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(ws.path(dir)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    for (sig, args) in [
+        (libc::SIGINT, &["predict", "--tenant", "Tenant_A", "--input", "in/big.parquet", "--output", "out/scores.csv"][..]),
+        (libc::SIGTERM, &["predict", "--tenant", "Tenant_A", "--input", "in/big.parquet", "--output", "out/scores.parquet"]),
+        (libc::SIGHUP, &["sample", "--tenant", "Tenant_A", "--rows", "5000000", "--out", "out/raw.csv"]),
+    ] {
+        std::fs::create_dir_all(ws.path("out")).unwrap();
+        let mut bg = spawn(cmd(&ws, args));
+        // Writing has begun once a temporary file is there.
+        let t0 = std::time::Instant::now();
+        while listing("out").is_empty() {
+            assert!(bg.child.try_wait().unwrap().is_none(), "{args:?} ended before writing anything");
+            assert!(t0.elapsed() < HANG, "{args:?} wrote nothing");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(bg.child.try_wait().unwrap().is_none(), "{args:?} finished before the signal: give it more rows");
+        assert!(signal(bg.pid() as i32, sig));
+        let o = bg.wait(HANG);
+        assert_eq!(o.code, 130, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("interrupted"), "{args:?}: {}", o.stderr);
+        assert_eq!(listing("out"), Vec::<String>::new(), "{args:?} left files behind");
+        std::fs::remove_dir(ws.path("out")).unwrap();
+    }
 }
