@@ -109,13 +109,15 @@ pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>, keep_ob
         ))
         .into());
     }
-    let mut live = keep_objects.clone();
+    let mut live = HashSet::new();
     for st in &live_records {
         for o in st.outputs.values() {
             mark(cas, o, &mut live);
         }
-        live.extend(st.ingredients.extras.values().filter_map(|v| ContentHash::parse(v).ok()));
     }
+    // After the outputs (`mark` descends into a listing it meets first).
+    live.extend(keep_objects.iter().cloned());
+    live.extend(live_records.iter().flat_map(|st| st.ingredients.extras.values()).filter_map(|v| ContentHash::parse(v).ok()));
     for h in cas.list() {
         let size = size_of(cas, &h);
         if live.contains(&h) {
