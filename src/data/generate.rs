@@ -287,7 +287,11 @@ pub fn generate_tenant(out: &Path, tenant: &str, tenant_rows: u64, seed: u64, as
     logins.try_reserve_exact(n).map_err(too_big)?;
     let mut purchases: Vec<f64> = Vec::new();
     purchases.try_reserve_exact(n).map_err(too_big)?;
-    for _ in 0..n {
+    for i in 0..n {
+        // `sample` caught Ctrl-C (util::interrupt): stop here, not minutes later.
+        if i % (1 << 20) == 0 {
+            crate::util::interrupt::check()?;
+        }
         logins.push(poisson(&mut rng, l));
         let amount = (PURCHASE_MU + PURCHASE_SIGMA * std_normal(&mut rng)).exp();
         purchases.push(((amount * 100.0).round() / 100.0).max(0.0));
@@ -323,6 +327,7 @@ pub fn generate_tenant(out: &Path, tenant: &str, tenant_rows: u64, seed: u64, as
         });
         let mut start = 0usize;
         while start < n {
+            crate::util::interrupt::check()?;
             let end = (start + DEFAULT_BATCH_SIZE).min(n);
             let m = end - start;
             let parts =

@@ -269,11 +269,16 @@ fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, 
     let hash = match &model {
         Some((_, m)) if Some(&m.feature_file_hash) == current.as_ref() => {
             let features = format!("{dir}/{}", crate::store::FEATURES_FILE);
+            // The measurement's reference is kept only while its file is: one
+            // lost from the cache (review 18) makes the data the model's own
+            // (no_reference), not an error no promotion can mend.
+            let cas = crate::workspace::cas::Cas::read_only(&services.ws);
             services
                 .states
                 .get(&stage.name)
                 .filter(|st| st.ingredients.inputs.get(&features) == current.as_ref())
                 .and_then(|st| st.ingredients.extras.get("reference_features").cloned())
+                .filter(|h| h == "none" || crate::workspace::ContentHash::parse(h).is_ok_and(|c| cas.object_path(&c).is_file()))
                 .unwrap_or_else(|| m.feature_file_hash.clone())
         }
         Some((_, m)) => m.feature_file_hash.clone(),
@@ -286,7 +291,7 @@ fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, 
 /// champions' own; removed by hand, or by a gc of an older dagrun): the
 /// registered models of `tenant` whose training features are at hand, newest
 /// first, to promote; else fetch the file back.
-fn missing_reference_fix(ctx: &RunCtx, tenant: &str, cas: &crate::workspace::cas::Cas, current: &str) -> String {
+fn missing_reference_fix(ctx: &RunCtx, tenant: &str, cas: &crate::workspace::cas::Cas, current: &str, champion: &str) -> String {
     let registry = crate::registry::Registry::of_workspace(&ctx.services.workspace);
     let key = ctx.services.integrity_key().ok();
     let kept: Vec<String> = registry
@@ -294,6 +299,8 @@ fn missing_reference_fix(ctx: &RunCtx, tenant: &str, cas: &crate::workspace::cas
         .unwrap_or_default()
         .iter()
         .rev()
+        // Not the model drift compares with already (promoting it changes nothing).
+        .filter(|v| v.version != champion)
         .filter_map(|v| {
             let m = registry.load(tenant, &v.version, key.as_ref()?).ok()?;
             let h = crate::workspace::ContentHash::parse(&m.artifact.feature_file_hash).ok()?;
@@ -398,7 +405,7 @@ impl StageKind for Drift {
                     None => bail!(
                         "the feature file {model_version} was trained on ({ff}, blake3 {}) is neither in the workspace nor in the cache: cannot measure drift. {}",
                         &ref_hash[..12],
-                        missing_reference_fix(ctx, tenant, &cas, &report.current.feature_file_blake3)
+                        missing_reference_fix(ctx, tenant, &cas, &report.current.feature_file_blake3, &model.model_version)
                     ),
                 },
             };

@@ -174,8 +174,8 @@ impl Workspace {
     /// (`what` names the option in the message: exit 2), when it would land in
     /// `.dagrun/`, `.git/` or `config/` of this workspace, or on a run record
     /// (`runs/*.json`, `runs/*.jsonl`). Its folders are resolved as the
-    /// writer will meet them: symlinks followed in the part that exists, `..`
-    /// taken by name in the part that does not yet (writers create it). The
+    /// writer will meet them: symlinks followed in the part that exists; in
+    /// the part that does not yet (writers create it) a `..` is refused. The
     /// last component is not followed: writers replace it (rename); so it must
     /// not be a device, FIFO or socket, or a link to one.
     pub fn check_user_output(&self, path: &Path, what: &str) -> Result<()> {
@@ -202,8 +202,11 @@ impl Workspace {
         };
         for c in Path::new(&rest.into_iter().rev().collect::<PathBuf>()).components() {
             match c {
+                // `missing/..` is resolved only once the writer made `missing`,
+                // and what follows may then lead anywhere (review 18: through
+                // a link that `missing` brings to life, onto config/): refused.
                 Component::ParentDir => {
-                    real.pop();
+                    return Err(refuse("`..` follows a folder that does not exist yet; name the path without it"));
                 }
                 Component::Normal(n) => real.push(n),
                 _ => {}
@@ -259,9 +262,7 @@ impl Workspace {
         // pipe): replacing them would break every program on the machine.
         // (/dev/shm is an ordinary shared-memory file system: allowed.)
         if let Some(sys) = ["/dev", "/proc", "/sys"].iter().find(|d| real.starts_with(d) && !real.starts_with("/dev/shm")) {
-            return Err(refuse(&format!(
-                "it is in {sys}, the system's folder of devices and processes (to print the output, leave the option out where that is the default)"
-            )));
+            return Err(refuse(&format!("it is in {sys}, the system's folder of devices and processes")));
         }
         if let Ok(m) = std::fs::symlink_metadata(&target) {
             let special = |t: std::fs::FileType| !(t.is_file() || t.is_dir() || t.is_symlink());

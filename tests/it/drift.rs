@@ -178,12 +178,20 @@ fn gc_keeps_the_champions_training_features_and_a_lost_reference_names_a_working
     assert_eq!(r["reference"]["read_from"], "cache", "{r:#}");
     let m3 = champion(root, "Tenant_A");
     assert_ne!(m3, m1, "the model trained on seed 8 became champion");
+    let h = r["reference"]["feature_file_blake3"].as_str().unwrap().to_string();
+    let object = root.join(format!(".dagrun/cache/objects/{}/{}", &h[..2], &h[2..]));
+
+    // Review 18: m3 was trained on the data drift measured, so drift keeps
+    // that measurement's reference (m1's features); lost from the cache, the
+    // data is m3's own (no_reference), not an error naming m3 to promote.
+    std::fs::remove_file(&object).unwrap();
+    ok(&dagrun(root, &["run", "pipelines/propensity.yaml", "-p", "rows=3000", "-p", "seed=8", "-p", "max_psi=0.3"]));
+    assert_eq!(report(root, "Tenant_A")["status"], "no_reference");
 
     // Back to m1, whose features are then lost (by hand: gc keeps them).
     ok(&dagrun(root, &["models", "rollback", "Tenant_A", "--reason", "review 17"]));
     assert_eq!(champion(root, "Tenant_A"), m1);
-    let h = r["reference"]["feature_file_blake3"].as_str().unwrap();
-    std::fs::remove_file(root.join(format!(".dagrun/cache/objects/{}/{}", &h[..2], &h[2..]))).unwrap();
+    assert!(!object.exists(), "m1's features are gone");
     let o = run("9");
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
