@@ -191,6 +191,13 @@ impl Workspace {
         let mut real = loop {
             match dir.canonicalize() {
                 Ok(r) => break r,
+                // Anything but "not there yet" (a name too long to resolve,
+                // a loop of links, a file on the way) is refused: taken by
+                // name, its links would go unresolved (review 19: a working
+                // folder longer than PATH_MAX switched every check off).
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(refuse(&format!("it cannot be resolved to check where it lands ({e})")));
+                }
                 Err(_) => match (dir.components().next_back(), dir.parent()) {
                     (Some(last), Some(up)) => {
                         rest.push(last.as_os_str().to_os_string());
@@ -221,8 +228,20 @@ impl Workspace {
         let owned: Vec<(&str, (u64, u64))> = PROTECTED_DIRS.iter().filter_map(|d| id(&self.root.join(d)).map(|i| (*d, i))).collect();
         let named = |p: &Path, n: &str| p.file_name().is_some_and(|f| f.to_string_lossy().eq_ignore_ascii_case(n));
         let holds_workspace = |p: &Path| p.parent().is_some_and(|up| up.join(DAGRUN_DIR).is_dir());
-        // A folder of that name in a workspace (`.dagrun` anywhere).
-        let protected_name = |p: &Path| PROTECTED_DIRS.iter().copied().find(|d| named(p, d) && (*d == DAGRUN_DIR || holds_workspace(p)));
+        // A folder of that name in a workspace (`.dagrun` anywhere; a
+        // `config/` with a tenant list even before its first run: review 19).
+        let protected_name = |p: &Path| {
+            PROTECTED_DIRS
+                .iter()
+                .copied()
+                .find(|d| named(p, d) && (*d == DAGRUN_DIR || holds_workspace(p) || (*d == "config" && p.join("tenants.yaml").is_file())))
+        };
+        // The path as written, too: a symlinked `config/` of another workspace
+        // loses its name once resolved (review 19). (`config/../x` is refused
+        // here as well: write it without the detour.)
+        if let Some(d) = abs.ancestors().skip(1).find_map(|a| protected_name(a).filter(|d| *d != "runs")) {
+            return Err(refuse(&format!("it is inside {d}/ of a workspace, which dagrun, git or the workspace configuration owns (keys, state, tenant list)")));
+        }
         let record = {
             let n = name.to_string_lossy().to_ascii_lowercase();
             n.ends_with(".json") || n.ends_with(".jsonl")
@@ -264,7 +283,12 @@ impl Workspace {
         if let Some(sys) = ["/dev", "/proc", "/sys"].iter().find(|d| real.starts_with(d) && !real.starts_with("/dev/shm")) {
             return Err(refuse(&format!("it is in {sys}, the system's folder of devices and processes")));
         }
-        if let Ok(m) = std::fs::symlink_metadata(&target) {
+        let there = match std::fs::symlink_metadata(&target) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(refuse(&format!("it cannot be checked ({e})"))),
+        };
+        if let Some(m) = there {
             let special = |t: std::fs::FileType| !(t.is_file() || t.is_dir() || t.is_symlink());
             let what_it_is = |t: std::fs::FileType| {
                 use std::os::unix::fs::FileTypeExt;

@@ -598,6 +598,54 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     std::os::unix::fs::symlink("nx/../config", ws.path("cfg")).unwrap();
     refused(&predict_to("nx/../cfg/tenants.yaml").iter().map(String::as_str).collect::<Vec<_>>(), "`..` follows a folder that does not exist yet");
     assert!(!ws.exists("nx") && ws.read("config/tenants.yaml").starts_with("tenants:"));
+    // Review 19: another workspace's config/ reached through a link (its name
+    // is gone once resolved), or one with a tenant list but no run yet.
+    for (other, has_runs) in [("other1", true), ("other2", false)] {
+        std::fs::create_dir_all(ws.path(&format!("{other}/real-config"))).unwrap();
+        ws.write(&format!("{other}/real-config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n");
+        if has_runs {
+            std::fs::create_dir_all(ws.path(&format!("{other}/.dagrun"))).unwrap();
+            std::os::unix::fs::symlink("real-config", ws.path(&format!("{other}/config"))).unwrap();
+        } else {
+            std::fs::rename(ws.path(&format!("{other}/real-config")), ws.path(&format!("{other}/config"))).unwrap();
+        }
+        let out = format!("{other}/config/tenants.yaml");
+        refused(&predict_to(&out).iter().map(String::as_str).collect::<Vec<_>>(), "it is inside config/ of a workspace");
+        assert!(ws.read(&out).starts_with("tenants:"), "{out} was replaced");
+    }
+    // Review 19: from a working folder longer than PATH_MAX nothing resolved,
+    // so every check was off and a link led onto config/: refused now.
+    {
+        let root = std::ffi::CString::new(ws.root.as_os_str().as_encoded_bytes()).unwrap();
+        let name = std::ffi::CString::new("d".repeat(200)).unwrap();
+        // SAFETY: valid NUL-terminated strings and descriptors this block owns.
+        let deep = unsafe {
+            let mut fd = libc::open(root.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY);
+            for _ in 0..21 {
+                assert_eq!(libc::mkdirat(fd, name.as_ptr(), 0o755), 0);
+                let next = libc::openat(fd, name.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY);
+                libc::close(fd);
+                fd = next;
+            }
+            let cfg = std::ffi::CString::new(ws.path("config").as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(libc::symlinkat(cfg.as_ptr(), fd, c"cfg".as_ptr()), 0);
+            fd
+        };
+        let input = ws.path("in.csv").to_str().unwrap().to_string();
+        let mut c = cmd(&ws, &["-C", ws.root.to_str().unwrap(), "predict", "--tenant", "Tenant_A", "--input", &input, "--output", "cfg/tenants.yaml"]);
+        // SAFETY: only fchdir() between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(move || if libc::fchdir(deep) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+        }
+        let o = spawn(c).wait(HANG);
+        // SAFETY: the descriptor opened above.
+        unsafe { libc::close(deep) };
+        assert_eq!(o.code, 2, "{}", o.stderr);
+        assert!(o.stderr.contains("it cannot be resolved to check where it lands"), "{}", o.stderr);
+        assert!(ws.read("config/tenants.yaml").starts_with("tenants:"));
+        std::fs::remove_dir_all(ws.path(&"d".repeat(200))).unwrap();
+    }
     refused(&["run", p, "-p", "rows=1000", "--metrics-file", "null.parquet"], "--metrics-file null.parquet: it is a link to a device");
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::symlink_metadata(ws.path("out-fifo.csv")).unwrap().file_type().is_fifo());
