@@ -227,19 +227,24 @@ impl Workspace {
         let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
         let owned: Vec<(&str, (u64, u64))> = PROTECTED_DIRS.iter().filter_map(|d| id(&self.root.join(d)).map(|i| (*d, i))).collect();
         let named = |p: &Path, n: &str| p.file_name().is_some_and(|f| f.to_string_lossy().eq_ignore_ascii_case(n));
-        let holds_workspace = |p: &Path| p.parent().is_some_and(|up| up.join(DAGRUN_DIR).is_dir());
-        // A folder of that name in a workspace (`.dagrun` anywhere; a
-        // `config/` with a tenant list even before its first run: review 19).
-        let protected_name = |p: &Path| {
-            PROTECTED_DIRS
-                .iter()
-                .copied()
-                .find(|d| named(p, d) && (*d == DAGRUN_DIR || holds_workspace(p) || (*d == "config" && p.join("tenants.yaml").is_file())))
-        };
-        // The path as written, too: a symlinked `config/` of another workspace
-        // loses its name once resolved (review 19). (`config/../x` is refused
-        // here as well: write it without the detour.)
-        if let Some(d) = abs.ancestors().skip(1).find_map(|a| protected_name(a).filter(|d| *d != "runs")) {
+        // A workspace: `.dagrun/`, or a tenant list before its first run
+        // (reviews 19 and 20).
+        let holds_workspace = |p: &Path| p.parent().is_some_and(|up| up.join(DAGRUN_DIR).is_dir() || up.join("config/tenants.yaml").is_file());
+        // A folder of that name in a workspace (`.dagrun` anywhere).
+        let protected_name = |p: &Path| PROTECTED_DIRS.iter().copied().find(|d| named(p, d) && (*d == DAGRUN_DIR || holds_workspace(p)));
+        // The path as written, too (each `..` taking back the name before it):
+        // a symlinked `config/` of another workspace loses its name once
+        // resolved (review 19); `config/../reports/x` is not in config/ (review 20).
+        let mut written = PathBuf::new();
+        for c in abs.components() {
+            match c {
+                Component::ParentDir => {
+                    written.pop();
+                }
+                c => written.push(c),
+            }
+        }
+        if let Some(d) = written.ancestors().skip(1).find_map(|a| protected_name(a).filter(|d| *d != "runs")) {
             return Err(refuse(&format!("it is inside {d}/ of a workspace, which dagrun, git or the workspace configuration owns (keys, state, tenant list)")));
         }
         let record = {
@@ -280,7 +285,7 @@ impl Workspace {
         // /dev/stdout and its kin are links to what stdout is (a file, a
         // pipe): replacing them would break every program on the machine.
         // (/dev/shm is an ordinary shared-memory file system: allowed.)
-        if let Some(sys) = ["/dev", "/proc", "/sys"].iter().find(|d| real.starts_with(d) && !real.starts_with("/dev/shm")) {
+        if let Some(sys) = ["/dev", "/proc", "/sys"].iter().find(|d| target.starts_with(d) && !target.starts_with("/dev/shm")) {
             return Err(refuse(&format!("it is in {sys}, the system's folder of devices and processes")));
         }
         let there = match std::fs::symlink_metadata(&target) {
@@ -288,6 +293,9 @@ impl Workspace {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(refuse(&format!("it cannot be checked ({e})"))),
         };
+        if there.as_ref().is_some_and(|m| m.is_dir()) {
+            return Err(refuse("it is a folder; name a file in it"));
+        }
         if let Some(m) = there {
             let special = |t: std::fs::FileType| !(t.is_file() || t.is_dir() || t.is_symlink());
             let what_it_is = |t: std::fs::FileType| {

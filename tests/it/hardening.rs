@@ -613,6 +613,18 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
         refused(&predict_to(&out).iter().map(String::as_str).collect::<Vec<_>>(), "it is inside config/ of a workspace");
         assert!(ws.read(&out).starts_with("tenants:"), "{out} was replaced");
     }
+    // Review 20: so is its .git/ (a hook written there runs on the next checkout).
+    std::fs::create_dir_all(ws.path("other2/.git/hooks")).unwrap();
+    refused(&predict_to("other2/.git/hooks/post-checkout").iter().map(String::as_str).collect::<Vec<_>>(), "it is inside .git/ of a workspace");
+    assert!(!ws.exists("other2/.git/hooks/post-checkout"));
+    // Review 20: a path that only passes through config/ on its way out is not
+    // in it (a user in config/ writing ../reports/…), and a folder is named as one.
+    let mut c = cmd(&ws, &["predict", "--tenant", "Tenant_A", "--input", "../in.csv", "--output", "../scores/from-config.csv"]);
+    c.current_dir(ws.path("config"));
+    ok(spawn(c).wait(HANG));
+    assert!(ws.read("scores/from-config.csv").starts_with("Customer_ID,score"));
+    std::fs::create_dir_all(ws.path("scores/dir.csv")).unwrap();
+    refused(&predict_to("scores/dir.csv").iter().map(String::as_str).collect::<Vec<_>>(), "it is a folder; name a file in it");
     // Review 19: from a working folder longer than PATH_MAX nothing resolved,
     // so every check was off and a link led onto config/: refused now.
     {
