@@ -583,20 +583,20 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     std::os::unix::fs::symlink("/dev/null", ws.path("null.parquet")).unwrap();
-    let predict_to = |out: &str| -> Vec<String> { ["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", out].map(String::from).to_vec() };
+    let refused_output = |out: &str, needle: &str| refused(&["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", out], needle);
     for (out, needle) in [
         ("out-fifo.csv", "--output out-fifo.csv: it is a FIFO, not a regular file"),
         ("null.parquet", "--output null.parquet: it is a link to a device"),
         ("/dev/null", "--output /dev/null: it is in /dev"),
         ("/dev/stdout", "--output /dev/stdout: it is in /dev"),
     ] {
-        refused(&predict_to(out).iter().map(String::as_str).collect::<Vec<_>>(), needle);
+        refused_output(out, needle);
     }
     refused(&["report", "last", "-o", "out-fifo.csv"], "-o out-fifo.csv: it is a FIFO");
     // Review 18: `missing/..` resolves only once the writer made `missing`, and
     // a link dangling until then led onto config/ (or any FIFO or device).
     std::os::unix::fs::symlink("nx/../config", ws.path("cfg")).unwrap();
-    refused(&predict_to("nx/../cfg/tenants.yaml").iter().map(String::as_str).collect::<Vec<_>>(), "`..` follows a folder that does not exist yet");
+    refused_output("nx/../cfg/tenants.yaml", "`..` follows a folder that does not exist yet");
     assert!(!ws.exists("nx") && ws.read("config/tenants.yaml").starts_with("tenants:"));
     // Review 19: another workspace's config/ reached through a link (its name
     // is gone once resolved), or one with a tenant list but no run yet.
@@ -610,12 +610,12 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
             std::fs::rename(ws.path(&format!("{other}/real-config")), ws.path(&format!("{other}/config"))).unwrap();
         }
         let out = format!("{other}/config/tenants.yaml");
-        refused(&predict_to(&out).iter().map(String::as_str).collect::<Vec<_>>(), "it is inside config/ of a workspace");
+        refused_output(&out, "it is inside config/ of a workspace");
         assert!(ws.read(&out).starts_with("tenants:"), "{out} was replaced");
     }
     // Review 20: so is its .git/ (a hook written there runs on the next checkout).
     std::fs::create_dir_all(ws.path("other2/.git/hooks")).unwrap();
-    refused(&predict_to("other2/.git/hooks/post-checkout").iter().map(String::as_str).collect::<Vec<_>>(), "it is inside .git/ of a workspace");
+    refused_output("other2/.git/hooks/post-checkout", "it is inside .git/ of a workspace");
     assert!(!ws.exists("other2/.git/hooks/post-checkout"));
     // Review 20: a path that only passes through config/ on its way out is not
     // in it (a user in config/ writing ../reports/…), and a folder is named as one.
@@ -624,7 +624,7 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     ok(spawn(c).wait(HANG));
     assert!(ws.read("scores/from-config.csv").starts_with("Customer_ID,score"));
     std::fs::create_dir_all(ws.path("scores/dir.csv")).unwrap();
-    refused(&predict_to("scores/dir.csv").iter().map(String::as_str).collect::<Vec<_>>(), "it is a folder; name a file in it");
+    refused_output("scores/dir.csv", "it is a folder; name a file in it");
     // Review 19: from a working folder longer than PATH_MAX nothing resolved,
     // so every check was off and a link led onto config/: refused now.
     {
