@@ -61,13 +61,14 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
     // Never into `.dagrun/`, `config/` or `.git/` (a typo must not replace the keyring).
     let ws = crate::workspace::Workspace::locate(dir).unwrap_or_else(|| crate::workspace::Workspace::at(dir));
     ws.check_user_output(out, "--out")?;
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the folder {} for --out", dir.display()))?;
     // Ctrl-C, SIGTERM or SIGHUP: stop at the next batch, with the temporary
     // files (plaintext) removed (util::interrupt).
     crate::util::interrupt::catch();
     let tmp = tempfile_in(dir)?;
     let result = (|| -> Result<()> {
-        generate_tenant(&tmp, tenant, rows, seed, as_of)?;
+        // (An error names the temporary file: say which file it was for.)
+        generate_tenant(&tmp, tenant, rows, seed, as_of).with_context(|| format!("cannot write {}", out.display()))?;
         let batches = open_batches(&tmp, crate::data::DEFAULT_BATCH_SIZE)?;
         let strip = |mut b: RecordBatch| -> Result<RecordBatch> {
             if !with_label {
@@ -89,10 +90,11 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
             "csv" => {
                 let mut f = AtomicFile::create_private(out)?;
                 let label = if with_label { ",Converted" } else { "" };
-                writeln!(f.writer(), "Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date{label}")?;
+                let failed = || format!("cannot write {}", out.display());
+                writeln!(f.writer(), "Tenant_ID,Customer_ID,Sensitive_Data,Login_Count,Purchase_Amount,Last_Visit_Date{label}").with_context(failed)?;
                 for b in batches {
                     crate::util::interrupt::check()?;
-                    write_csv_rows(f.writer(), &strip(b?)?)?;
+                    write_csv_rows(f.writer(), &strip(b?)?).with_context(failed)?;
                 }
                 crate::util::interrupt::check()?;
                 f.commit()

@@ -446,29 +446,62 @@ fn write_into_an_immutable_output_directory_fails_cleanly() {
 /// which kills a process that does not ignore it.
 #[test]
 fn file_size_limit_fails_the_stage_not_the_process() {
-    use std::os::unix::process::CommandExt;
     let ws = propensity_ws(None);
     ok(prun(&ws.root, "3000", &[]));
     let before = snapshot(&ws.root, VOLATILE);
-    let mut c = dagrun_in(&ws.root, &refs(&run_args("3000", &["--force", "store"])));
-    // SAFETY: the closure runs in the forked child before exec: it only calls
-    // setrlimit (async-signal-safe) on a local, and reads errno; no allocation.
-    unsafe {
-        c.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: 32 << 10, rlim_max: 32 << 10 };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let o = spawn(c).wait(HANG);
+    let o = dagrun_with_file_size_limit(&ws.root, &refs(&run_args("3000", &["--force", "store"])), 32 << 10);
     assert_failed_cleanly(&ws.root, &o, &before, "featurestore/Tenant_A/v1.0/features.parquet", "File too large", "RLIMIT_FSIZE 32 KiB");
     assert!(o.stderr.contains("stage store[Tenant_A] failed"), "{}", o.stderr);
     let o = ok(prun(&ws.root, "3000", &["--force", "store"]));
     assert!(o.stdout.contains("serve-check ok"), "{}", o.stdout);
     assert_eq!(dr(&ws.root, &["verify"]).code, 0);
     assert_eq!(snapshot(&ws.root, &["runs", ".dagrun"]), before.into_iter().filter(|(k, _)| !k.starts_with("runs") && !k.starts_with(".dagrun")).collect());
+}
+
+/// `dagrun ARGS` in `root` with RLIMIT_FSIZE at `limit` bytes (`ulimit -f`).
+fn dagrun_with_file_size_limit(root: &Path, args: &[&str], limit: u64) -> Out {
+    use std::os::unix::process::CommandExt;
+    let mut c = dagrun_in(root, args);
+    // SAFETY: the closure runs in the forked child before exec: it only calls
+    // setrlimit (async-signal-safe) on a local, and reads errno; no allocation.
+    unsafe {
+        c.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    spawn(c).wait(HANG)
+}
+
+/// A file the user names (`sample --out`, `predict --output`) that cannot be
+/// written whole: the error names it, the exit is non-zero and neither the
+/// file nor its temporary file is left.
+#[test]
+fn user_named_outputs_that_cannot_be_written_name_the_file_and_leave_nothing() {
+    let ws = propensity_ws(None);
+    ok(prun(&ws.root, "3000", &[]));
+    ok(dr(&ws.root, &["sample", "--tenant", "Tenant_A", "--rows", "2000", "--out", "rows.csv"]));
+    // (400 rows: the generator's temporary Parquet file, 22 kB, fits under
+    // 24 kB and the CSV, 28 kB, does not; 20000 rows: the generator fails.)
+    let cases: [(&str, &[&str], u64); 4] = [
+        ("sample.csv", &["sample", "--tenant", "Tenant_A", "--rows", "400", "--out", "sample.csv"], 24_000),
+        ("sample.csv", &["sample", "--tenant", "Tenant_A", "--rows", "20000", "--out", "sample.csv"], 16 << 10),
+        ("sample.parquet", &["sample", "--tenant", "Tenant_A", "--rows", "20000", "--out", "sample.parquet"], 16 << 10),
+        ("scores.csv", &["predict", "--tenant", "Tenant_A", "--input", "rows.csv", "--output", "scores.csv"], 16 << 10),
+    ];
+    for (file, args, limit) in cases {
+        let o = dagrun_with_file_size_limit(&ws.root, args, limit);
+        assert_eq!(o.code, 1, "{file}: expected exit 1:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+        assert!(o.stderr.contains(file) && o.stderr.contains("File too large"), "{file}: the message must name the file and the cause:\n{}", o.stderr);
+        if limit == 24_000 {
+            assert!(!o.stderr.contains(".sample"), "{file}: the CSV writer, not the generator, was to fail:\n{}", o.stderr);
+        }
+        assert!(!ws.path(file).exists(), "{file} was left behind");
+        assert_eq!(temp_files(&ws.root), Vec::<String>::new(), "{file}: temp files left");
+    }
 }
 
 /// A small tmpfs (as root) filled up: ENOSPC.
