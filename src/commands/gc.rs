@@ -76,18 +76,23 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     let keep: HashSet<ContentHash> =
         newest.iter().flat_map(|r| &r.stages).filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()).collect();
     let plan = gc::plan(&states, &cas, &keep, &champions_features(ws.root(), &keyring.integrity_key(), args.keep_runs))?;
-    let (failed, first_error) = if args.dry_run { (0, None) } else { gc::apply(&cas, &plan) };
+    // Planned figures for a dry run; what was removed otherwise.
+    let done = if args.dry_run {
+        gc::Applied { entries_removed: plan.entries.len(), objects_removed: plan.objects.len(), bytes_removed: plan.bytes_removed(), ..Default::default() }
+    } else {
+        gc::apply(&cas, &plan)
+    };
 
     let r = Report {
         dry_run: args.dry_run,
         keep_runs: args.keep_runs,
         runs_read: newest.len(),
-        entries_removed: plan.entries.len(),
-        objects_removed: plan.objects.len(),
-        bytes_removed: plan.bytes_removed(),
-        entries_kept: plan.entries_kept,
-        objects_kept: plan.objects_kept,
-        bytes_kept: plan.bytes_kept,
+        entries_removed: done.entries_removed,
+        objects_removed: done.objects_removed,
+        bytes_removed: done.bytes_removed,
+        entries_kept: plan.entries_kept + plan.entries.len() - done.entries_removed,
+        objects_kept: plan.objects_kept + plan.objects.len() - done.objects_removed,
+        bytes_kept: plan.bytes_kept + plan.bytes_removed() - done.bytes_removed,
     };
     if args.json {
         crate::engine::report::say(&serde_json::to_string_pretty(&r)?);
@@ -105,8 +110,8 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
             r.runs_read,
         ));
     }
-    if let Some(e) = first_error {
-        return Err(anyhow::anyhow!("{failed} file(s) could not be removed; first: {e}"));
+    if let Some(e) = done.first_error {
+        return Err(anyhow::anyhow!("{} file(s) could not be removed; first: {e}", done.failed));
     }
     Ok(exit::OK)
 }

@@ -132,8 +132,15 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
         ModelsCmd::History { tenant, json } => {
             check_tenant(tenant)?;
             let h = reg.history(tenant)?;
+            let applied = crate::registry::applied(&h, reg.champion(tenant)?.as_ref());
             if *json {
-                crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "history": h }))?);
+                let mut entries = Vec::new();
+                for (e, &ok) in h.iter().zip(&applied) {
+                    let mut v = serde_json::to_value(e)?;
+                    v["applied"] = ok.into();
+                    entries.push(v);
+                }
+                crate::outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "history": entries }))?);
                 return Ok(());
             }
             if h.is_empty() {
@@ -142,15 +149,16 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
             // The fields come from a file anyone with write access may edit:
             // control characters are escaped, never sent to the terminal.
             let esc = crate::util::escape_controls;
-            for e in &h {
+            for (e, &ok) in h.iter().zip(&applied) {
                 crate::outln!(
-                    "{}  {:<8} {:<28} -> {:<28} by {}: {}",
+                    "{}  {:<8} {:<28} -> {:<28} by {}: {}{}",
                     esc(&e.time),
                     e.action,
                     esc(e.from.as_deref().unwrap_or("(none)")),
                     esc(&e.to),
                     esc(&e.who),
-                    esc(&e.why)
+                    esc(&e.why),
+                    if ok { "" } else { "  (not applied: the command was stopped before it changed the champion)" }
                 );
             }
         }

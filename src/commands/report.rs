@@ -55,6 +55,8 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
     };
     if let Some(d) = dest.parent() {
         std::fs::create_dir_all(d).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;
+        // What a report stopped by SIGKILL left (a report takes seconds).
+        crate::util::atomic::sweep_stale_temp_files(d, "html", std::time::Duration::from_secs(600));
     }
     crate::util::atomic::write_atomic(&dest, html.as_bytes())?;
     Ok(dest)

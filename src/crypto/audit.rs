@@ -9,11 +9,23 @@
 //! any byte of a line breaks its hash, and deleting or reordering lines breaks the
 //! `seq`/`prev` chain. `audit.head` (`{"seq":N,"hash":H}`, rewritten atomically after
 //! each append) records the last line, so cutting lines off the end is detected too.
+//! The head exists before the first line is written (`{"seq":0,…}`), so a log
+//! without a head is a deleted head, never a first append cut short.
 //!
 //! # Rules
 //! - Append-only, under an exclusive `flock` of the log (runs and `keys` commands
 //!   of different processes interleave whole lines, never parts); each line is
 //!   fsynced before the operation reports success.
+//! - A failed append leaves no part of its lines: a write that fails (a full
+//!   disk) is cut back to the log's length before it. A fragment without its
+//!   newline found at the end (a machine that stopped mid-write) is no valid
+//!   line and is cut off by the next append (a whole line missing only its
+//!   newline is kept and finished).
+//! - The head is behind the log only by the lines of an append whose head
+//!   update failed or was cut short (a full disk, SIGKILL): the next append
+//!   first brings the head up to the log (and appends nothing if it cannot),
+//!   and [`verify`] accepts lines after the head when the head names an
+//!   earlier line by its hash, reporting them as not yet confirmed.
 //! - No key material: ids, tenant names and results only.
 //! - `dagrun keys audit --verify` ([`verify`]) reads every line as untrusted input.
 //! - Limits: whoever can rewrite both files can forge a consistent shorter history;
@@ -48,7 +60,7 @@ pub struct Entry {
     pub prev: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 struct Head {
     seq: u64,
@@ -127,21 +139,38 @@ impl AuditLog {
         let mut text = String::new();
         f.seek(SeekFrom::Start(0)).with_context(what)?;
         f.read_to_string(&mut text).with_context(what)?;
+        // A fragment after the last newline: finish it if it is a whole line,
+        // else cut it off (it is what a write cut short left, and no line).
+        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        let mut lines = String::new();
+        if complete < text.len() {
+            if valid_line(&text[complete..]).is_some() {
+                lines.push('\n');
+            } else {
+                tracing::warn!(
+                    "the key audit log {} ended in {} byte(s) of a line cut short (a write that failed or was stopped); removed",
+                    self.path.display(),
+                    text.len() - complete
+                );
+                f.set_len(complete as u64).with_context(what)?;
+                f.sync_data().with_context(what)?;
+                text.truncate(complete);
+            }
+        }
         let (mut seq, mut prev) = match text.lines().rev().find(|l| !l.trim().is_empty()) {
             None => (1, ZERO.to_string()),
             Some(last) => {
-                let (body, hash) = split_line(last)
+                let (e, hash) = valid_line(last)
                     .ok_or_else(|| anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display()))?;
-                let e: Entry = serde_json::from_str(&body)
-                    .map_err(|_| anyhow!("the key audit log {} ends in a damaged line; run `dagrun keys audit --verify`", self.path.display()))?;
                 (e.seq + 1, hash.to_string())
             }
         };
-        let mut lines = String::new();
-        if !text.is_empty() && !text.ends_with('\n') {
-            // A torn last line from a crash mid-write: finish it so ours stay whole
-            // (verify will report the torn one).
-            lines.push('\n');
+        // The head first names the log as it is (it is behind after an append
+        // whose head update failed, and missing before the first line).
+        let at_head = Head { seq: seq - 1, hash: prev.clone() };
+        let head_now = crate::util::read_capped(&self.head, 64 * 1024).ok().and_then(|b| serde_json::from_slice::<Head>(&b).ok());
+        if head_now.as_ref() != Some(&at_head) && (head_now.is_some() || at_head.seq == 0) {
+            self.write_head(&at_head)?;
         }
         let (time, user, host) = (chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true), user(), host());
         for (i, &(op, tenant, key_id, result)) in ops.iter().enumerate() {
@@ -164,18 +193,35 @@ impl AuditLog {
             lines.push_str(&format!("{},\"hash\":\"{hash}\"}}\n", &body[..body.len() - 1]));
             prev = hash;
         }
-        f.write_all(lines.as_bytes()).with_context(what)?;
-        f.sync_data().with_context(what)?;
-        let head = serde_json::to_vec(&Head { seq, hash: prev }).context("cannot serialise the audit head")?;
-        crate::util::atomic::write_atomic_mode(&self.head, &head, 0o600).with_context(|| format!("cannot update {}", self.head.display()))?;
-        Ok(())
+        let before = text.len() as u64;
+        if let Err(e) = f.write_all(lines.as_bytes()).and_then(|()| f.sync_data()) {
+            // No part of these lines stays: the log is as it was.
+            let _ = f.set_len(before).and_then(|()| f.sync_data());
+            return Err(e).with_context(what);
+        }
+        self.write_head(&Head { seq, hash: prev })
     }
+
+    fn write_head(&self, head: &Head) -> Result<()> {
+        let bytes = serde_json::to_vec(head).context("cannot serialise the audit head")?;
+        crate::util::atomic::write_atomic_mode(&self.head, &bytes, 0o600).with_context(|| format!("cannot update {}", self.head.display()))
+    }
+}
+
+/// A stored line's entry and hash, if it is a whole line whose hash matches.
+fn valid_line(line: &str) -> Option<(Entry, &str)> {
+    let (body, hash) = split_line(line)?;
+    let e: Entry = serde_json::from_str(&body).ok()?;
+    (blake3::hash(body.as_bytes()).to_hex().as_str() == hash).then_some((e, hash))
 }
 
 /// What [`verify`] found in an intact log.
 #[derive(Debug, PartialEq)]
 pub struct Verified {
     pub lines: u64,
+    /// Lines after the one `audit.head` names: appended by a command whose
+    /// head update failed or was cut short (the next append confirms them).
+    pub unconfirmed: u64,
 }
 
 /// Check every line's hash and the chain; errors name the first bad line.
@@ -190,12 +236,14 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
             if log.head.exists() {
                 bail!("{shown} is missing but {} records earlier lines: the audit log was deleted", log.head.display());
             }
-            return Ok(Verified { lines: 0 });
+            return Ok(Verified { lines: 0, unconfirmed: 0 });
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {shown}")),
     };
     let mut prev = ZERO.to_string();
     let mut expect = 1u64;
+    // hashes[k] = the hash of line k (hashes[0]: the chain's start).
+    let mut hashes = vec![ZERO.to_string()];
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         let Some((body, hash)) = split_line(line) else {
@@ -212,28 +260,30 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
             bail!("{shown}:{n}: the line does not chain to the previous one (prev hash differs): a line before it was deleted, inserted or edited");
         }
         prev = hash.to_string();
+        hashes.push(prev.clone());
         expect += 1;
     }
     let lines = expect - 1;
     match crate::util::read_capped(&log.head, 64 * 1024) {
         Ok(b) => {
             let head: Head = serde_json::from_slice(&b).map_err(|_| anyhow!("{} is damaged: the audit head was edited", log.head.display()))?;
-            // The head is written after the line: a crash in between leaves it one behind.
-            let tail_ok = head.seq == lines && head.hash == prev;
-            let one_behind = head.seq + 1 == lines;
-            if !(tail_ok || one_behind) {
+            if head.seq > lines {
+                bail!("{shown}: the log has {lines} line(s) but {} records line {} as the last: lines were deleted from the end", log.head.display(), head.seq);
+            }
+            // Lines after the head's are an append whose head update failed.
+            if hashes[head.seq as usize] != head.hash {
                 bail!(
-                    "{shown}: the log has {lines} line(s) but {} records line {} as the last: {}",
-                    log.head.display(),
+                    "{shown}: line {} does not match the one {} records: the line was replaced, or the log was rewritten from there on",
                     head.seq,
-                    if head.seq > lines { "lines were deleted from the end" } else { "the last line does not match the recorded one" }
+                    log.head.display()
                 );
             }
+            Ok(Verified { lines, unconfirmed: lines - head.seq })
         }
-        Err(_) if lines == 0 => {}
-        Err(_) => bail!("{} is missing: the audit head was deleted", log.head.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && lines == 0 => Ok(Verified { lines, unconfirmed: 0 }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{} is missing: the audit head was deleted", log.head.display()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", log.head.display())),
     }
-    Ok(Verified { lines })
 }
 
 #[cfg(test)]
@@ -286,6 +336,61 @@ mod tests {
         assert_eq!(verify(d.path()).unwrap().lines, 4);
         log.append("export", "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
         assert_eq!(verify(d.path()).unwrap().lines, 5);
+    }
+
+    /// Review 21: a write cut short left a fragment that blocked every key
+    /// operation; a head behind by more than one line (two failed head
+    /// updates) or missing after a first append cut short was called tampering.
+    #[test]
+    fn appends_survive_writes_and_head_updates_cut_short() {
+        let d = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(d.path());
+        log.append("init", "-", "keyring", "ok").unwrap();
+        // The head exists from the first append on (seq 0 before it).
+        let head: Head = serde_json::from_slice(&std::fs::read(d.path().join(HEAD_FILE)).unwrap()).unwrap();
+        assert_eq!(head.seq, 1);
+        let whole = lines(d.path());
+
+        // A fragment of a line at the end: cut off by the next append.
+        let mut f = OpenOptions::new().append(true).open(d.path().join(AUDIT_FILE)).unwrap();
+        f.write_all(br#"{"seq":2,"time":"2026-12-06T00:00:00.000Z","op":"rot"#).unwrap();
+        drop(f);
+        log.append("rotate", "Tenant_A", "Tenant_A-dk-2", "started: new data key").unwrap();
+        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 2, unconfirmed: 0 });
+        assert_eq!(lines(d.path())[0], whole[0]);
+
+        // A whole line missing only its newline is kept and finished.
+        let mut l = lines(d.path());
+        std::fs::write(d.path().join(AUDIT_FILE), format!("{}\n{}", l[0], l[1])).unwrap();
+        log.append("rotate", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
+        assert_eq!(verify(d.path()).unwrap().lines, 3);
+        l = lines(d.path());
+
+        // Lines after the head (head updates that failed): not tampering, and
+        // the next append first brings the head up to the log.
+        let h1 = std::fs::read(d.path().join(HEAD_FILE)).unwrap();
+        log.append("export", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
+        log.append("export", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
+        std::fs::write(d.path().join(HEAD_FILE), &h1).unwrap();
+        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 5, unconfirmed: 2 });
+        // ... but the head must name its line by that line's hash.
+        std::fs::write(d.path().join(HEAD_FILE), serde_json::to_vec(&Head { seq: 2, hash: ZERO.into() }).unwrap()).unwrap();
+        let err = verify(d.path()).unwrap_err().to_string();
+        assert!(err.contains("line 2 does not match"), "{err}");
+        std::fs::write(d.path().join(HEAD_FILE), &h1).unwrap();
+        log.append("export", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
+        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 6, unconfirmed: 0 });
+        assert_eq!(lines(d.path())[..3], l[..]);
+
+        // A first append cut short after its line: the head (seq 0) was written first.
+        let d2 = tempfile::tempdir().unwrap();
+        let log2 = AuditLog::new(d2.path());
+        log2.append_all(&[("create", "Tenant_A", "Tenant_A-dk-1", "ok"), ("create", "Tenant_A", "Tenant_A-pk-1", "ok")]).unwrap();
+        std::fs::write(d2.path().join(HEAD_FILE), serde_json::to_vec(&Head { seq: 0, hash: ZERO.into() }).unwrap()).unwrap();
+        assert_eq!(verify(d2.path()).unwrap(), Verified { lines: 2, unconfirmed: 2 });
+        // A deleted head is still found.
+        std::fs::remove_file(d2.path().join(HEAD_FILE)).unwrap();
+        assert!(verify(d2.path()).unwrap_err().to_string().contains("the audit head was deleted"));
     }
 
     #[test]

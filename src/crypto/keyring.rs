@@ -473,6 +473,9 @@ impl Keyring {
             state: Mutex::new(old.lock().clone()),
         };
         drop(old);
+        // Logged before the switch, as a forget is: a rewrap stopped after the
+        // rename leaves this line (and a rerun logs "resumed").
+        ring.audit.append("rewrap", "-", "keyring", &format!("started: {} key(s) from {old_desc} to {new_desc}", moved.len()))?;
         // The switch: one atomic rename.
         let mut g = ring.lock();
         ring.commit(&mut g, new)?;
@@ -527,20 +530,23 @@ impl Keyring {
             // Made by another process since this one read the file?
             let _file = self.reload_for(&mut g, tenant)?;
         }
-        let entry = g.tenants.get(tenant);
-        match entry.and_then(|e| e.data_keys.iter().find(|k| k.id == key_id)) {
-            Some(k) => self.unwrap_key(tenant, k, DataKey::from_bytes),
-            None => {
-                let known: Vec<&str> = entry.map(|e| e.data_keys.iter().map(|k| k.id.as_str()).collect()).unwrap_or_default();
-                Err(KeyError::UnknownKey {
-                    tenant: tenant.into(),
-                    key_id: escape_for_message(key_id),
-                    keyring: self.path.display().to_string(),
-                    known: if known.is_empty() { "no data keys".into() } else { known.join(", ") },
-                }
-                .into())
+        self.unwrap_key(tenant, self.stored_data_key(&g, tenant, key_id)?, DataKey::from_bytes)
+    }
+
+    /// The stored (wrapped) data key `key_id` of `tenant` in `file`, or the
+    /// error naming the keys the tenant has.
+    fn stored_data_key<'a>(&self, file: &'a KeyringFile, tenant: &str, key_id: &str) -> Result<&'a StoredKey> {
+        let entry = file.tenants.get(tenant);
+        entry.and_then(|e| e.data_keys.iter().find(|k| k.id == key_id)).ok_or_else(|| {
+            let known: Vec<&str> = entry.map(|e| e.data_keys.iter().map(|k| k.id.as_str()).collect()).unwrap_or_default();
+            KeyError::UnknownKey {
+                tenant: tenant.into(),
+                key_id: escape_for_message(key_id),
+                keyring: self.path.display().to_string(),
+                known: if known.is_empty() { "no data keys".into() } else { known.join(", ") },
             }
-        }
+            .into()
+        })
     }
 
     /// Id of the tenant's active data key, created (and persisted) the first time
@@ -714,11 +720,21 @@ impl Keyring {
     /// Hex of a data key (the active one when `key_id` is `None`; never creates
     /// one), for decrypting elsewhere. The caller must gate this behind an
     /// explicit confirmation; an audit line (without the key) is logged.
+    ///
+    /// The look-up, the audit line and the hand-out happen under the keyring's
+    /// file lock, on the keyring as it is on disk then: a `keys forget` that
+    /// finished before is seen (the export is refused), and one that starts
+    /// meanwhile waits until the export is logged.
     pub fn export_data_key_hex(&self, tenant: &str, key_id: Option<&str>) -> Result<String> {
+        let mut g = self.lock();
+        let _file = self.lock_file()?;
+        self.reload(&mut g)?;
         let found = (|| -> Result<(String, DataKey)> {
+            validate_tenant(tenant)?;
+            forgotten_check(&g, tenant)?;
             let id = match key_id {
                 Some(id) => id.to_string(),
-                None => self.active_key_id(tenant)?.ok_or_else(|| {
+                None => g.tenants.get(tenant).and_then(TenantEntry::active_data).map(|k| k.id.clone()).ok_or_else(|| {
                     anyhow!(
                         "tenant {tenant} has no data key yet in the keyring at {}: nothing to export (run the \
                          encrypt stage first)",
@@ -726,7 +742,7 @@ impl Keyring {
                     )
                 })?,
             };
-            let key = self.data_key(tenant, &id)?;
+            let key = self.unwrap_key(tenant, self.stored_data_key(&g, tenant, &id)?, DataKey::from_bytes)?;
             Ok((id, key))
         })();
         let shown_tenant = escape_for_message(tenant);
@@ -734,7 +750,8 @@ impl Keyring {
             Ok(v) => v,
             Err(e) => {
                 let id = key_id.map(escape_for_message).unwrap_or_else(|| "active".into());
-                self.audit.append("export", &shown_tenant, &id, "refused: no such key")?;
+                let forgotten = matches!(e.downcast_ref::<KeyError>(), Some(KeyError::Forgotten { .. }));
+                self.audit.append("export", &shown_tenant, &id, if forgotten { "refused: the tenant was forgotten" } else { "refused: no such key" })?;
                 return Err(e);
             }
         };

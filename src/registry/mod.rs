@@ -30,6 +30,15 @@
 //!   sees the old champion or the new one, never a torn file.
 //! - The champion is written last: a version is registered (artifact, then
 //!   index) before it can be promoted.
+//! - A promotion or rollback appends its history line, then replaces the
+//!   champion. When the champion cannot be written (a full disk), the line
+//!   is cut off again, as is a line whose own write failed: the history
+//!   names no change that did not happen. A command stopped between the two
+//!   writes (SIGKILL) leaves a line whose change never took effect:
+//!   [`applied`] tells (the next line starts from another champion, or the
+//!   last line's change is not the champion), and `models history` says so.
+//!   The next append cuts off the unfinished end of a line a stopped write
+//!   left, and reading skips it.
 
 use crate::model::ModelArtifact;
 use crate::util::atomic::{Durability, write_atomic, write_atomic_with};
@@ -280,13 +289,19 @@ impl Registry {
         let path = self.history_path(tenant);
         let Some(bytes) = read_small(&path)? else { return Ok(vec![]) };
         let text = std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8", path.display()))?;
+        // A last line without its newline that does not parse is the end of
+        // a write that was stopped (the next append cuts it off): skipped.
+        let whole = text.rfind('\n').map_or(0, |i| i + 1);
         let mut out = vec![];
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let e: HistoryEntry = crate::util::redact::from_json(line.as_bytes())
-                .map_err(|why| anyhow::anyhow!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, why))?;
+            let e: HistoryEntry = match crate::util::redact::from_json(line.as_bytes()) {
+                Ok(e) => e,
+                Err(_) if line.len() == text.len() - whole && whole < text.len() => break,
+                Err(why) => bail!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, why),
+            };
             out.push(e);
         }
         Ok(out)
@@ -385,14 +400,44 @@ impl Registry {
         Ok(entry)
     }
 
-    fn append_history(&self, tenant: &str, e: &HistoryEntry) -> Result<()> {
+    /// Append `e` to the history; returns the file's length before it (to
+    /// cut the line off again with [`Self::cut_history`]).
+    fn append_history(&self, tenant: &str, e: &HistoryEntry) -> Result<u64> {
         let path = self.history_path(tenant);
+        let what = || format!("cannot append to {}", path.display());
         let mut line = serde_json::to_vec(e)?;
         line.push(b'\n');
-        let mut f = crate::util::nofollow::open_own_file(std::fs::OpenOptions::new().create(true).append(true), &path)?;
-        f.write_all(&line).with_context(|| format!("cannot append to {}", path.display()))?;
-        f.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
-        Ok(())
+        let mut f = crate::util::nofollow::open_own_file(std::fs::OpenOptions::new().create(true).read(true).append(true), &path).with_context(what)?;
+        // The end of a line a stopped write left (no newline): cut it off.
+        let mut text = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut text).with_context(what)?;
+        let before = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64;
+        if before < text.len() as u64 {
+            tracing::warn!("{}: removed {} byte(s) of a line a stopped write left", path.display(), text.len() as u64 - before);
+            f.set_len(before).with_context(what)?;
+        }
+        if let Err(e) = f.write_all(&line).and_then(|()| f.sync_all()) {
+            let _ = f.set_len(before).and_then(|()| f.sync_all());
+            return Err(e).with_context(what);
+        }
+        Ok(before)
+    }
+
+    /// Cut the history back to `len` bytes (the line of a change that failed).
+    fn cut_history(&self, tenant: &str, len: u64) {
+        let path = self.history_path(tenant);
+        let cut = crate::util::nofollow::open_own_file(std::fs::OpenOptions::new().write(true), &path)
+            .and_then(|f| Ok(f.set_len(len).and_then(|()| f.sync_all())?));
+        if let Err(e) = cut {
+            tracing::warn!("{}: cannot remove the line of the change that failed: {e}", path.display());
+        }
+    }
+
+    /// Append the history line of champion `c`, then write `c`; when `c`
+    /// cannot be written the line is cut off again.
+    fn change_champion(&self, c: &Champion, e: &HistoryEntry) -> Result<()> {
+        let before = self.append_history(&c.tenant, e)?;
+        self.write_champion(c).inspect_err(|_| self.cut_history(&c.tenant, before))
     }
 
     fn write_champion(&self, c: &Champion) -> Result<()> {
@@ -417,11 +462,10 @@ impl Registry {
         }
         let from = current.map(|c| c.version);
         let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: version.into(), blake3: m.blake3, since: now(), previous };
-        self.append_history(
-            tenant,
+        self.change_champion(
+            &c,
             &HistoryEntry { time: c.since.clone(), who: who.into(), action: HistoryAction::Promote, from: from.clone(), to: version.into(), why: why.into() },
         )?;
-        self.write_champion(&c)?;
         Ok(from)
     }
 
@@ -438,8 +482,8 @@ impl Registry {
         };
         let m = self.load(tenant, &to, key).with_context(|| format!("cannot roll back tenant {tenant} to {to}"))?;
         let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: to.clone(), blake3: m.blake3, since: now(), previous };
-        self.append_history(
-            tenant,
+        self.change_champion(
+            &c,
             &HistoryEntry {
                 time: c.since.clone(),
                 who: who.into(),
@@ -449,9 +493,22 @@ impl Registry {
                 why: why.into(),
             },
         )?;
-        self.write_champion(&c)?;
         Ok((cur.version, to))
     }
+}
+
+/// Which entries of `history` took effect, given the tenant's champion now:
+/// a line's change took effect when the next line starts from its champion
+/// (the last line: when it is the champion now, since its time). A command
+/// stopped between its history line and the champion's write leaves a line
+/// that did not.
+pub fn applied(history: &[HistoryEntry], champion: Option<&Champion>) -> Vec<bool> {
+    (0..history.len())
+        .map(|i| match history.get(i + 1) {
+            Some(next) => next.from.as_deref() == Some(history[i].to.as_str()),
+            None => champion.is_some_and(|c| c.version == history[i].to && c.since == history[i].time),
+        })
+        .collect()
 }
 
 fn pretty<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -467,4 +524,78 @@ fn check_reason(why: &str) -> Result<()> {
         return Err(crate::error::config("--reason: at most 1000 bytes, no control characters (no line breaks, no escape sequences)"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(time: &str, action: HistoryAction, from: Option<&str>, to: &str) -> HistoryEntry {
+        HistoryEntry { time: time.into(), who: "me".into(), action, from: from.map(String::from), to: to.into(), why: String::new() }
+    }
+
+    fn champion(version: &str, since: &str) -> Champion {
+        Champion {
+            format: CHAMPION_FORMAT.into(),
+            tenant: "Tenant_A".into(),
+            version: version.into(),
+            blake3: "0".repeat(64),
+            since: since.into(),
+            previous: vec![],
+        }
+    }
+
+    /// Review 21: a promotion stopped between its history line and the
+    /// champion's write is shown as not applied.
+    #[test]
+    fn history_lines_whose_change_never_took_effect_are_told_apart() {
+        use HistoryAction::*;
+        let h = [
+            entry("t1", Promote, None, "v1"),
+            entry("t2", Promote, Some("v1"), "v2"), // stopped: the champion stayed v1
+            entry("t3", Promote, Some("v1"), "v3"),
+            entry("t4", Rollback, Some("v3"), "v1"), // stopped: the champion stayed v3
+        ];
+        assert_eq!(applied(&h, Some(&champion("v3", "t3"))), [true, false, true, false]);
+        assert_eq!(applied(&h, Some(&champion("v1", "t4"))), [true, false, true, true]);
+        assert_eq!(applied(&h[..1], None), [false]);
+        assert!(applied(&[], None).is_empty());
+    }
+
+    /// Review 21: a failed champion write left a promotion in the history, and
+    /// a line cut short broke `models history` for good.
+    #[test]
+    fn the_history_names_no_change_that_failed_and_survives_a_torn_line() {
+        let d = tempfile::tempdir().unwrap();
+        let reg = Registry::new(d.path());
+        std::fs::create_dir_all(reg.tenant_dir("Tenant_A")).unwrap();
+        let c1 = champion("v1", "t1");
+        reg.change_champion(&c1, &entry("t1", HistoryAction::Promote, None, "v1")).unwrap();
+        assert_eq!(reg.champion("Tenant_A").unwrap(), Some(c1.clone()));
+        let one = std::fs::read(reg.history_path("Tenant_A")).unwrap();
+
+        // The champion cannot be written (a folder in its place): no line stays.
+        let blocked = reg.champion_path("Tenant_A").with_extension("blocked");
+        std::fs::rename(reg.champion_path("Tenant_A"), &blocked).unwrap();
+        std::fs::create_dir_all(reg.champion_path("Tenant_A").join("x")).unwrap();
+        assert!(reg.change_champion(&champion("v2", "t2"), &entry("t2", HistoryAction::Promote, Some("v1"), "v2")).is_err());
+        assert_eq!(std::fs::read(reg.history_path("Tenant_A")).unwrap(), one);
+        std::fs::remove_dir_all(reg.champion_path("Tenant_A")).unwrap();
+        std::fs::rename(&blocked, reg.champion_path("Tenant_A")).unwrap();
+
+        // A line cut short: skipped when read, cut off by the next append.
+        let mut torn = one.clone();
+        torn.extend_from_slice(br#"{"time":"t2","who":"me","act"#);
+        std::fs::write(reg.history_path("Tenant_A"), &torn).unwrap();
+        assert_eq!(reg.history("Tenant_A").unwrap().len(), 1);
+        reg.change_champion(&champion("v3", "t3"), &entry("t3", HistoryAction::Promote, Some("v1"), "v3")).unwrap();
+        let h = reg.history("Tenant_A").unwrap();
+        assert_eq!(h.iter().map(|e| e.to.as_str()).collect::<Vec<_>>(), ["v1", "v3"]);
+        assert_eq!(applied(&h, reg.champion("Tenant_A").unwrap().as_ref()), [true, true]);
+        // A damaged line that is not the last one is still an error.
+        let mut bad = b"{\"nope\":1}\n".to_vec();
+        bad.extend_from_slice(&std::fs::read(reg.history_path("Tenant_A")).unwrap());
+        std::fs::write(reg.history_path("Tenant_A"), bad).unwrap();
+        assert!(reg.history("Tenant_A").unwrap_err().to_string().contains("line 1: not a valid history entry"));
+    }
 }

@@ -74,6 +74,26 @@ fn temp_path_for(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}{TEMP_MARKER}{}.{n}", std::process::id()))
 }
 
+/// Remove dagrun's temporary files in `dir` for destinations named `*.{ext}`
+/// that nothing has written to for `age`: what a writer stopped by SIGKILL
+/// left where no sweep after an unclean lock looks (`report` writes
+/// `runs/RUN.html` without the workspace lock). By age, not by process id:
+/// the writer may be on another host sharing the folder.
+pub fn sweep_stale_temp_files(dir: &Path, ext: &str, age: std::time::Duration) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    let suffix = format!(".{ext}{TEMP_MARKER}");
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(is_temp_name(&name) && name.contains(&suffix)) {
+            continue;
+        }
+        let stale = e.metadata().ok().filter(fs::Metadata::is_file).and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok()).is_some_and(|d| d >= age);
+        if stale {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// What [`AtomicFile::commit`] flushes before and after the rename.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -609,6 +629,26 @@ pub fn write_json_with<T: serde::Serialize>(dest: &Path, value: &T, durability: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_report_temp_files_are_swept_by_age() {
+        let d = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let make = |name: &str, stale: bool| {
+            let f = File::create(d.path().join(name)).unwrap();
+            if stale {
+                f.set_modified(old).unwrap();
+            }
+        };
+        make(".r1.html.dagrun-tmp.7.0", true); // what a killed report left
+        make(".r2.html.dagrun-tmp.8.0", false); // a report writing now
+        make(".r3.json.dagrun-tmp.9.0", true); // another writer's: not this sweep's
+        make("r4.html", true);
+        sweep_stale_temp_files(d.path(), "html", std::time::Duration::from_secs(600));
+        let mut left: Vec<String> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, [".r2.html.dagrun-tmp.8.0", ".r3.json.dagrun-tmp.9.0", "r4.html"]);
+    }
 
     #[test]
     fn write_replaces_and_leaves_no_temp() {

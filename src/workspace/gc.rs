@@ -130,19 +130,81 @@ pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>, keep_ob
     Ok(p)
 }
 
-/// Delete what `plan` chose: entries first, then objects. Returns how many
-/// of each could not be deleted (with the first error).
-pub fn apply(cas: &Cas, plan: &Plan) -> (usize, Option<String>) {
-    let mut failed = 0;
-    let mut first = None;
-    let paths = plan.entries.iter().cloned().chain(plan.objects.iter().map(|(h, _)| cas.object_path(h)));
-    for path in paths {
-        if let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            failed += 1;
-            first.get_or_insert(format!("cannot delete {}: {e}", path.display()));
+/// What [`apply`] removed, and what it could not.
+#[derive(Debug, Default, PartialEq)]
+pub struct Applied {
+    pub entries_removed: usize,
+    pub objects_removed: usize,
+    pub bytes_removed: u64,
+    /// Files that could not be removed.
+    pub failed: usize,
+    /// The first error, naming its file (and, when entries stayed, that the
+    /// objects were kept).
+    pub first_error: Option<String>,
+}
+
+/// Delete what `plan` chose: entries first, then objects. When an entry
+/// cannot be deleted no object is: the entry that stays may name any of
+/// them (the next `gc` removes them once the entry can go).
+pub fn apply(cas: &Cas, plan: &Plan) -> Applied {
+    let mut a = Applied::default();
+    let remove = |path: &std::path::Path, a: &mut Applied| match std::fs::remove_file(path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            a.failed += 1;
+            a.first_error.get_or_insert(format!("cannot delete {}: {e}", path.display()));
+            false
+        }
+    };
+    for path in &plan.entries {
+        if remove(path, &mut a) {
+            a.entries_removed += 1;
         }
     }
-    (failed, first)
+    if a.failed > 0 {
+        if let Some(e) = &mut a.first_error {
+            e.push_str("; no cache object was removed, since the entries that stay may name them (run `dagrun gc` again once they can be deleted)");
+        }
+        return a;
+    }
+    for (h, size) in &plan.objects {
+        if remove(&cas.object_path(h), &mut a) {
+            a.objects_removed += 1;
+            a.bytes_removed += size;
+        }
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review 21: an entry that could not be deleted kept naming objects that
+    /// were deleted anyway, and the report gave the planned figures.
+    #[test]
+    fn no_object_goes_while_an_entry_to_remove_stays() {
+        let d = tempfile::tempdir().unwrap();
+        let ws = crate::workspace::Workspace::at(d.path());
+        let cas = Cas::new(&ws);
+        let h = ContentHash::of_bytes(b"x");
+        let obj = cas.object_path(&h);
+        std::fs::create_dir_all(obj.parent().unwrap()).unwrap();
+        std::fs::write(&obj, b"x").unwrap();
+        let gone = d.path().join("entry-a");
+        std::fs::write(&gone, b"{}").unwrap();
+        // An entry that cannot be deleted (a folder with something in it).
+        let stuck = d.path().join("entry-b");
+        std::fs::create_dir_all(stuck.join("x")).unwrap();
+        let plan = Plan { entries: vec![gone.clone(), stuck.clone()], objects: vec![(h.clone(), 1)], ..Plan::default() };
+        let a = apply(&cas, &plan);
+        assert_eq!((a.entries_removed, a.objects_removed, a.bytes_removed, a.failed), (1, 0, 0, 1));
+        assert!(a.first_error.unwrap().contains("no cache object was removed"));
+        assert!(obj.exists() && !gone.exists());
+        std::fs::remove_dir_all(&stuck).unwrap();
+        let a = apply(&cas, &plan);
+        assert_eq!(a, Applied { entries_removed: 2, objects_removed: 1, bytes_removed: 1, failed: 0, first_error: None });
+        assert!(!obj.exists());
+    }
 }

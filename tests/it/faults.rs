@@ -529,6 +529,59 @@ fn free_bytes(p: &Path) -> u64 {
     s.f_bavail as u64 * s.f_frsize as u64
 }
 
+/// Fill the file system of `dir` to its last byte; the returned files free it.
+fn fill(dir: &Path) -> [PathBuf; 2] {
+    let files = [dir.join("filler"), dir.join("filler2")];
+    std::fs::write(&files[0], vec![0u8; free_bytes(dir) as usize]).unwrap();
+    // Whatever is left (tmpfs rounds to pages), a block at a time.
+    let mut f = std::fs::File::create(&files[1]).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 1024]).is_ok() {}
+    files
+}
+
+/// Review 21: on a full disk a promotion that failed stayed in the history,
+/// and key commands that failed left the audit log so that every later key
+/// operation (`keys forget` included) was refused or `--verify` cried tampering.
+#[test]
+fn key_and_registry_commands_on_a_full_disk_leave_no_false_record() {
+    let fs = Tmpfs::new("24m");
+    let root = fs.0.path().join("ws");
+    setup_propensity(&root, None);
+    ok(prun(&root, "3000", &[]));
+    ok(prun(&root, "3000", &["-p", "C=0.5"]));
+    let models = ok(dr(&root, &["models", "list", "Tenant_A", "--json"])).json();
+    let version = |alias: &str| models["models"].as_array().unwrap().iter().find(|m| m["alias"] == alias).unwrap()["version"].as_str().unwrap().to_string();
+    let (champion, previous) = (version("champion"), version("previous"));
+    let history = || ok(dr(&root, &["models", "history", "Tenant_A", "--json"])).json()["history"].as_array().unwrap().clone();
+    let before = history();
+    assert!(before.iter().all(|e| e["applied"] == true), "{before:?}");
+
+    let filled = fill(fs.0.path());
+    let o = dr(&root, &["models", "promote", "Tenant_A", &previous, "--reason", "back"]);
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("No space left on device"), "{}", o.stderr);
+    for _ in 0..2 {
+        let o = dr(&root, &["keys", "rotate", "Tenant_A"]);
+        assert_ne!(o.code, 0, "keys rotate on a full disk: {}{}", o.stdout, o.stderr);
+    }
+    for f in &filled {
+        std::fs::remove_file(f).unwrap();
+    }
+    assert_eq!(history(), before, "a promotion that failed is in the history");
+    let champ = ok(dr(&root, &["models", "list", "Tenant_A", "--json"])).json();
+    assert!(champ["models"].as_array().unwrap().iter().any(|m| m["alias"] == "champion" && m["version"] == champion.as_str()));
+    let v = dr(&root, &["keys", "audit", "--verify"]);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    ok(dr(&root, &["keys", "forget", "Tenant_A", "--yes"]));
+    ok(dr(&root, &["models", "promote", "Tenant_A", &previous, "--reason", "back"]));
+    let after = history();
+    assert_eq!(after.len(), before.len() + 1);
+    assert!(after.iter().all(|e| e["applied"] == true), "{after:?}");
+    let v = dr(&root, &["keys", "audit", "--verify"]);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    assert!(!v.stdout.contains("not yet confirmed"), "{}", v.stdout);
+}
+
 #[test]
 fn full_disk_fails_the_stage_and_keeps_everything_intact() {
     let fs = Tmpfs::new("16m");

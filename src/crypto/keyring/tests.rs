@@ -447,6 +447,12 @@ fn keyrings_open_in_two_processes_keep_each_others_keys() {
     // `b` forgets Tenant_A: `a`, which still holds Tenant_A's keys in memory, makes none again.
     b.forget("Tenant_A").unwrap();
     assert!(a.rotate("Tenant_A").is_err(), "a forgotten tenant got a new key from a stale copy");
+    // Nor does `a` export a key it still holds in memory (review 21: a racing
+    // export printed a key after forget reported it destroyed).
+    let e = a.export_data_key_hex("Tenant_A", Some(&ia)).unwrap_err().to_string();
+    assert!(e.contains("were destroyed"), "{e}");
+    let log = fs::read_to_string(keys_dir(ws.path()).join("audit.jsonl")).unwrap();
+    assert!(log.lines().last().unwrap().contains("refused: the tenant was forgotten"), "{log}");
     assert_eq!(crate::crypto::audit::verify(&keys_dir(ws.path())).unwrap().lines, fresh_lines(ws.path()));
 }
 
