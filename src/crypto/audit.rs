@@ -165,12 +165,29 @@ impl AuditLog {
                 (e.seq + 1, hash.to_string())
             }
         };
-        // The head first names the log as it is (it is behind after an append
-        // whose head update failed, and missing before the first line).
+        // The head must name one of the log's lines by its hash. If it does,
+        // it first names the log as it is (it is behind after an append whose
+        // head update failed, and missing before the first line). If it does
+        // not, the log was cut or rewritten (or the head deleted): that is
+        // written into the log, before this operation's lines, and never
+        // papered over by moving the head (review 22).
         let at_head = Head { seq: seq - 1, hash: prev.clone() };
-        let head_now = crate::util::read_capped(&self.head, 64 * 1024).ok().and_then(|b| serde_json::from_slice::<Head>(&b).ok());
-        if head_now.as_ref() != Some(&at_head) && (head_now.is_some() || at_head.seq == 0) {
-            self.write_head(&at_head)?;
+        let head_now = match crate::util::read_capped(&self.head, 64 * 1024) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.head.display())),
+        };
+        let tampered = head_problem(head_now.as_deref(), &text, at_head.seq);
+        let mut ops = ops.to_vec();
+        let note;
+        match &tampered {
+            Some(problem) => {
+                tracing::error!("the key audit log {}: {problem}", self.path.display());
+                note = format!("{TAMPERING}{problem}; found by the key operation logged next, which goes on from the log as it is");
+                ops.insert(0, ("audit", "-", HEAD_FILE, note.as_str()));
+            }
+            None if head_now.as_deref().and_then(|b| serde_json::from_slice::<Head>(b).ok()).as_ref() != Some(&at_head) => self.write_head(&at_head)?,
+            None => {}
         }
         let (time, user, host) = (chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true), user(), host());
         for (i, &(op, tenant, key_id, result)) in ops.iter().enumerate() {
@@ -208,6 +225,31 @@ impl AuditLog {
     }
 }
 
+/// How the `result` of a line an append writes when it finds the log and
+/// its head disagree begins ([`verify`] reports every such line).
+const TAMPERING: &str = "tampering: ";
+
+/// What is wrong between `audit.head` (its bytes; None: no head file) and
+/// the log's whole lines `text`, whose last line is `last_seq` (0: none).
+/// None when the head names one of the lines by its hash (or the start).
+fn head_problem(head: Option<&[u8]>, text: &str, last_seq: u64) -> Option<String> {
+    let Some(bytes) = head else {
+        return (last_seq > 0).then(|| format!("{HEAD_FILE} was missing (deleted) while the log had {last_seq} line(s)"));
+    };
+    let Ok(head) = serde_json::from_slice::<Head>(bytes) else {
+        return Some(format!("{HEAD_FILE} was damaged (not a head record)"));
+    };
+    if head.seq > last_seq {
+        return Some(format!("{HEAD_FILE} recorded line {} but the log had {last_seq} line(s): lines were cut off its end", head.seq));
+    }
+    let named = match head.seq {
+        0 => Some(ZERO),
+        n => text.lines().nth(n as usize - 1).and_then(valid_line).filter(|(e, _)| e.seq == n).map(|(_, h)| h),
+    };
+    (named != Some(head.hash.as_str()))
+        .then(|| format!("line {} of the log is not the one {HEAD_FILE} recorded: the log was rewritten from there on", head.seq))
+}
+
 /// A stored line's entry and hash, if it is a whole line whose hash matches.
 fn valid_line(line: &str) -> Option<(Entry, &str)> {
     let (body, hash) = split_line(line)?;
@@ -228,9 +270,16 @@ pub struct Verified {
 pub fn verify(keys_dir: &Path) -> Result<Verified> {
     let log = AuditLog::new(keys_dir);
     let shown = log.path.display().to_string();
-    let text = match crate::util::read_capped(&log.path, MAX_LOG_BYTES)
-        .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8")))
-    {
+    // Under a shared lock of the log: an append (exclusive) cannot come
+    // between reading the log and reading its head (review 22: a head read
+    // after a concurrent append looked like lines cut off the end).
+    let read = crate::util::open_regular(&log.path).and_then(|held| {
+        held.lock_shared()?;
+        let bytes = crate::util::read_capped(&log.path, MAX_LOG_BYTES)?;
+        let text = String::from_utf8(bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))?;
+        Ok((held, text))
+    });
+    let (_held, text) = match read {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if log.head.exists() {
@@ -244,6 +293,8 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
     let mut expect = 1u64;
     // hashes[k] = the hash of line k (hashes[0]: the chain's start).
     let mut hashes = vec![ZERO.to_string()];
+    // Lines an append wrote when it found the log tampered with.
+    let mut found = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
         let Some((body, hash)) = split_line(line) else {
@@ -258,6 +309,9 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
         }
         if e.prev != prev {
             bail!("{shown}:{n}: the line does not chain to the previous one (prev hash differs): a line before it was deleted, inserted or edited");
+        }
+        if e.op == "audit" && e.result.starts_with(TAMPERING) {
+            found.push(format!("{shown}:{n}: a key operation at {} found the log tampered with: {}", e.time, &e.result[TAMPERING.len()..]));
         }
         prev = hash.to_string();
         hashes.push(prev.clone());
@@ -277,6 +331,9 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
                     head.seq,
                     log.head.display()
                 );
+            }
+            if let Some(first) = found.first() {
+                bail!("{first}{}", if found.len() > 1 { format!(" (and {} more such line(s))", found.len() - 1) } else { String::new() });
             }
             Ok(Verified { lines, unconfirmed: lines - head.seq })
         }
@@ -391,6 +448,53 @@ mod tests {
         // A deleted head is still found.
         std::fs::remove_file(d2.path().join(HEAD_FILE)).unwrap();
         assert!(verify(d2.path()).unwrap_err().to_string().contains("the audit head was deleted"));
+    }
+
+    /// Review 22: lines cut off the end were found by `--verify` only until
+    /// the next key operation, which moved the head back to the shorter log.
+    #[test]
+    fn an_append_writes_down_what_it_finds_wrong_and_never_hides_it() {
+        let d = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(d.path());
+        for op in ["create", "export", "forget"] {
+            log.append(op, "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
+        }
+        let mut l = lines(d.path());
+        l.pop(); // the forget line cut off
+        write(d.path(), &l);
+        assert!(verify(d.path()).unwrap_err().to_string().contains("deleted from the end"));
+        log.append("export", "Tenant_B", "Tenant_B-dk-1", "refused: no such key").unwrap();
+        let err = verify(d.path()).unwrap_err().to_string();
+        assert!(err.contains(":3: a key operation at") && err.contains("recorded line 3 but the log had 2 line(s)"), "{err}");
+        let now = lines(d.path());
+        assert_eq!(now.len(), 4);
+        assert!(now[2].contains(r#""op":"audit""#) && now[3].contains("Tenant_B-dk-1"), "{now:?}");
+        // It stays found: later appends do not wash it out.
+        log.append("export", "Tenant_B", "Tenant_B-dk-1", "ok").unwrap();
+        assert!(verify(d.path()).unwrap_err().to_string().contains("found the log tampered with"));
+
+        // A deleted head, a damaged one, and a line the head names rewritten.
+        for (what, damage) in [("was missing", 0), ("was damaged", 1), ("is not the one", 2)] {
+            let d = tempfile::tempdir().unwrap();
+            let log = AuditLog::new(d.path());
+            log.append("create", "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
+            log.append("export", "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
+            match damage {
+                0 => std::fs::remove_file(d.path().join(HEAD_FILE)).unwrap(),
+                1 => std::fs::write(d.path().join(HEAD_FILE), b"{").unwrap(),
+                _ => {
+                    // A consistent log of other lines (a rewritten history).
+                    let other = tempfile::tempdir().unwrap();
+                    let forged = AuditLog::new(other.path());
+                    forged.append("create", "Tenant_A", "Tenant_A-dk-1", "ok").unwrap();
+                    forged.append("create", "Tenant_A", "Tenant_A-dk-9", "ok").unwrap();
+                    std::fs::copy(other.path().join(AUDIT_FILE), d.path().join(AUDIT_FILE)).unwrap();
+                }
+            }
+            log.append("rotate", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
+            let err = verify(d.path()).unwrap_err().to_string();
+            assert!(err.contains("found the log tampered with") && err.contains(what), "{what}: {err}");
+        }
     }
 
     #[test]

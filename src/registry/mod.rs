@@ -408,13 +408,20 @@ impl Registry {
         let mut line = serde_json::to_vec(e)?;
         line.push(b'\n');
         let mut f = crate::util::nofollow::open_own_file(std::fs::OpenOptions::new().create(true).read(true).append(true), &path).with_context(what)?;
-        // The end of a line a stopped write left (no newline): cut it off.
+        // After the last newline: a whole entry is finished (review 22: an
+        // editor may drop the final newline), the end of a line a stopped
+        // write left is cut off.
         let mut text = Vec::new();
         std::io::Read::read_to_end(&mut f, &mut text).with_context(what)?;
-        let before = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64;
+        let mut before = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64;
         if before < text.len() as u64 {
-            tracing::warn!("{}: removed {} byte(s) of a line a stopped write left", path.display(), text.len() as u64 - before);
-            f.set_len(before).with_context(what)?;
+            if crate::util::redact::from_json::<HistoryEntry>(&text[before as usize..]).is_ok() {
+                line.insert(0, b'\n');
+                before = text.len() as u64;
+            } else {
+                tracing::warn!("{}: removed {} byte(s) of a line a stopped write left", path.display(), text.len() as u64 - before);
+                f.set_len(before).with_context(what)?;
+            }
         }
         if let Err(e) = f.write_all(&line).and_then(|()| f.sync_all()) {
             let _ = f.set_len(before).and_then(|()| f.sync_all());
@@ -583,15 +590,24 @@ mod tests {
         std::fs::remove_dir_all(reg.champion_path("Tenant_A")).unwrap();
         std::fs::rename(&blocked, reg.champion_path("Tenant_A")).unwrap();
 
+        // A whole line missing only its newline: kept, and finished by the next append.
+        let mut unfinished = std::fs::read(reg.history_path("Tenant_A")).unwrap();
+        assert_eq!(unfinished.pop(), Some(b'\n'));
+        std::fs::write(reg.history_path("Tenant_A"), &unfinished).unwrap();
+        reg.change_champion(&champion("v1b", "t1b"), &entry("t1b", HistoryAction::Promote, Some("v1"), "v1b")).unwrap();
+        assert_eq!(reg.history("Tenant_A").unwrap().iter().map(|e| e.to.as_str()).collect::<Vec<_>>(), ["v1", "v1b"]);
+        reg.change_champion(&c1, &entry("t1c", HistoryAction::Rollback, Some("v1b"), "v1")).unwrap_or_else(|e| panic!("{e:#}"));
+        let one = std::fs::read(reg.history_path("Tenant_A")).unwrap();
+
         // A line cut short: skipped when read, cut off by the next append.
         let mut torn = one.clone();
         torn.extend_from_slice(br#"{"time":"t2","who":"me","act"#);
         std::fs::write(reg.history_path("Tenant_A"), &torn).unwrap();
-        assert_eq!(reg.history("Tenant_A").unwrap().len(), 1);
+        assert_eq!(reg.history("Tenant_A").unwrap().len(), 3);
         reg.change_champion(&champion("v3", "t3"), &entry("t3", HistoryAction::Promote, Some("v1"), "v3")).unwrap();
         let h = reg.history("Tenant_A").unwrap();
-        assert_eq!(h.iter().map(|e| e.to.as_str()).collect::<Vec<_>>(), ["v1", "v3"]);
-        assert_eq!(applied(&h, reg.champion("Tenant_A").unwrap().as_ref()), [true, true]);
+        assert_eq!(h.iter().map(|e| e.to.as_str()).collect::<Vec<_>>(), ["v1", "v1b", "v1", "v3"]);
+        assert_eq!(applied(&h, reg.champion("Tenant_A").unwrap().as_ref()), [true, true, true, true]);
         // A damaged line that is not the last one is still an error.
         let mut bad = b"{\"nope\":1}\n".to_vec();
         bad.extend_from_slice(&std::fs::read(reg.history_path("Tenant_A")).unwrap());

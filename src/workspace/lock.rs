@@ -153,7 +153,11 @@ pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<
         }
     }
     let boot_id = boot_id();
+    // From the start: waiting for the lock read the holder's line, which left
+    // the position at its end (review 22: every run that had waited found
+    // the lock unclean and swept temporary files of live writers).
     let mut previous = String::new();
+    file.seek(SeekFrom::Start(0))?;
     let _ = file.read_to_string(&mut previous);
     let found_unclean = match &boot_id {
         Some(b) => previous.trim().strip_prefix(RELEASED) != Some(b.as_str()),
@@ -218,5 +222,25 @@ mod tests {
         l.swept();
         drop(l);
         assert!(acquire(fresh.path(), None, "f").unwrap().found_unclean());
+    }
+
+    /// Review 22: a run that waited for the lock read the previous holder's
+    /// mark from where waiting left the file position (its end) and found
+    /// nothing, so a clean release counted as unclean.
+    #[test]
+    fn a_clean_release_is_clean_for_a_run_that_waited() {
+        let d = tempfile::tempdir().unwrap();
+        let l = acquire(d.path(), None, "a").unwrap();
+        l.swept();
+        drop(l);
+        let l = acquire(d.path(), None, "b").unwrap();
+        assert!(!l.found_unclean());
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            drop(l);
+        });
+        let waited = acquire(d.path(), Some(Duration::from_secs(10)), "c").unwrap();
+        releaser.join().unwrap();
+        assert!(!waited.found_unclean(), "a clean release, seen by a run that waited for it");
     }
 }
