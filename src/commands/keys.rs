@@ -146,6 +146,12 @@ pub fn audit(workspace: &Path, verify: bool) -> Result<()> {
     if verify {
         let v = crate::crypto::audit::verify(&dir).map_err(|e| anyhow::Error::from(crate::error::Failure::Integrity(format!("{e:#}"))))?;
         crate::outln!("audit log {}: {} line(s), hash chain intact", dir.join(crate::crypto::audit::AUDIT_FILE).display(), v.lines);
+        if v.cut_short > 0 {
+            crate::outln!(
+                "the log ends in {} byte(s) of a line cut short (a write that was stopped): no line; the next key operation removes them and logs that",
+                v.cut_short
+            );
+        }
         if v.unconfirmed > 0 {
             crate::outln!(
                 "the last {} line(s) are not yet confirmed by {}: the command that wrote them could not update it (a full disk, or it was stopped); the next key operation confirms them",

@@ -136,27 +136,39 @@ impl AuditLog {
             crate::util::nofollow::open_own_file(&mut o, &self.path).with_context(what)?
         };
         f.lock().with_context(what)?;
-        let mut text = String::new();
+        // The head's temporary files are written under this lock: any found
+        // now is a killed writer's (no other sweep may take a live one).
+        remove_head_temps(&self.head);
+        let mut bytes = Vec::new();
         f.seek(SeekFrom::Start(0)).with_context(what)?;
-        f.read_to_string(&mut text).with_context(what)?;
-        // A fragment after the last newline: finish it if it is a whole line,
-        // else cut it off (it is what a write cut short left, and no line).
-        let complete = text.rfind('\n').map_or(0, |i| i + 1);
+        f.read_to_end(&mut bytes).with_context(what)?;
+        // After the last newline: a whole line is finished; anything else is
+        // what a stopped write left (it may end inside a character): cut off,
+        // and logged (review 23).
         let mut lines = String::new();
-        if complete < text.len() {
-            if valid_line(&text[complete..]).is_some() {
+        let mut ops = ops.to_vec();
+        let cut_note;
+        let mut complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if complete < bytes.len() {
+            if std::str::from_utf8(&bytes[complete..]).ok().and_then(valid_line).is_some() {
                 lines.push('\n');
+                complete = bytes.len();
             } else {
+                let n = bytes.len() - complete;
                 tracing::warn!(
-                    "the key audit log {} ended in {} byte(s) of a line cut short (a write that failed or was stopped); removed",
-                    self.path.display(),
-                    text.len() - complete
+                    "the key audit log {} ended in {n} byte(s) of a line cut short (a write that failed or was stopped); removed",
+                    self.path.display()
                 );
                 f.set_len(complete as u64).with_context(what)?;
                 f.sync_data().with_context(what)?;
-                text.truncate(complete);
+                cut_note = format!("{CUT_SHORT}{n} byte(s) of a line cut short at the end of the log (a write that was stopped) were removed");
+                ops.insert(0, ("audit", "-", AUDIT_FILE, cut_note.as_str()));
             }
         }
+        bytes.truncate(complete);
+        let text = String::from_utf8(bytes).map_err(|_| {
+            anyhow!("the key audit log {} is not UTF-8 before its last line: it was edited or damaged; run `dagrun keys audit --verify`", self.path.display())
+        })?;
         let (mut seq, mut prev) = match text.lines().rev().find(|l| !l.trim().is_empty()) {
             None => (1, ZERO.to_string()),
             Some(last) => {
@@ -178,7 +190,6 @@ impl AuditLog {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.head.display())),
         };
         let tampered = head_problem(head_now.as_deref(), &text, at_head.seq);
-        let mut ops = ops.to_vec();
         let note;
         match &tampered {
             Some(problem) => {
@@ -225,6 +236,29 @@ impl AuditLog {
     }
 }
 
+/// How the `result` of the line an append writes when it cut off the end of
+/// a line a stopped write left begins.
+const CUT_SHORT: &str = "removed: ";
+
+/// Remove temporary files of `audit.head` (the caller holds the log's lock,
+/// under which every head is written).
+fn remove_head_temps(head: &Path) {
+    let (Some(dir), Some(name)) = (head.parent(), head.file_name()) else { return };
+    let prefix = format!(".{}{}", name.to_string_lossy(), crate::util::atomic::TEMP_MARKER);
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Whether `name` (in `.dagrun/keys/`) is a temporary file of `audit.head`:
+/// it holds no key, and only an append holding the log's lock may remove it.
+pub fn is_head_temp(name: &str) -> bool {
+    name.starts_with(&format!(".{HEAD_FILE}{}", crate::util::atomic::TEMP_MARKER))
+}
+
 /// How the `result` of a line an append writes when it finds the log and
 /// its head disagree begins ([`verify`] reports every such line).
 const TAMPERING: &str = "tampering: ";
@@ -264,6 +298,9 @@ pub struct Verified {
     /// Lines after the one `audit.head` names: appended by a command whose
     /// head update failed or was cut short (the next append confirms them).
     pub unconfirmed: u64,
+    /// Bytes after the last whole line: a line a stopped write cut short
+    /// (the next append removes them and logs that).
+    pub cut_short: u64,
 }
 
 /// Check every line's hash and the chain; errors name the first bad line.
@@ -275,20 +312,25 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
     // after a concurrent append looked like lines cut off the end).
     let read = crate::util::open_regular(&log.path).and_then(|held| {
         held.lock_shared()?;
-        let bytes = crate::util::read_capped(&log.path, MAX_LOG_BYTES)?;
-        let text = String::from_utf8(bytes).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))?;
-        Ok((held, text))
+        Ok((held, crate::util::read_capped(&log.path, MAX_LOG_BYTES)?))
     });
-    let (_held, text) = match read {
+    let (_held, mut bytes) = match read {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if log.head.exists() {
                 bail!("{shown} is missing but {} records earlier lines: the audit log was deleted", log.head.display());
             }
-            return Ok(Verified { lines: 0, unconfirmed: 0 });
+            return Ok(Verified { lines: 0, unconfirmed: 0, cut_short: 0 });
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {shown}")),
     };
+    // What a stopped write left after the last newline (not a whole line):
+    // the next append removes it and logs that; it is no line to check.
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let whole_tail = std::str::from_utf8(&bytes[complete..]).ok().and_then(valid_line).is_some();
+    let cut_short = if whole_tail { 0 } else { (bytes.len() - complete) as u64 };
+    bytes.truncate(bytes.len() - cut_short as usize);
+    let text = String::from_utf8(bytes).map_err(|_| anyhow!("{shown}: not UTF-8: the log was edited or damaged"))?;
     let mut prev = ZERO.to_string();
     let mut expect = 1u64;
     // hashes[k] = the hash of line k (hashes[0]: the chain's start).
@@ -335,9 +377,9 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
             if let Some(first) = found.first() {
                 bail!("{first}{}", if found.len() > 1 { format!(" (and {} more such line(s))", found.len() - 1) } else { String::new() });
             }
-            Ok(Verified { lines, unconfirmed: lines - head.seq })
+            Ok(Verified { lines, unconfirmed: lines - head.seq, cut_short })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && lines == 0 => Ok(Verified { lines, unconfirmed: 0 }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && lines == 0 => Ok(Verified { lines, unconfirmed: 0, cut_short }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("{} is missing: the audit head was deleted", log.head.display()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", log.head.display())),
     }
@@ -408,20 +450,24 @@ mod tests {
         assert_eq!(head.seq, 1);
         let whole = lines(d.path());
 
-        // A fragment of a line at the end: cut off by the next append.
+        // A fragment of a line at the end, cut inside a character (review
+        // 23: `$USER` may be non-ASCII): verify names it without failing, the
+        // next append cuts it off and logs that.
         let mut f = OpenOptions::new().append(true).open(d.path().join(AUDIT_FILE)).unwrap();
-        f.write_all(br#"{"seq":2,"time":"2026-12-06T00:00:00.000Z","op":"rot"#).unwrap();
+        f.write_all(b"{\"seq\":2,\"time\":\"2026-12-06T00:00:00.000Z\",\"user\":\"Ren\xc3").unwrap();
         drop(f);
+        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 1, unconfirmed: 0, cut_short: 55 });
         log.append("rotate", "Tenant_A", "Tenant_A-dk-2", "started: new data key").unwrap();
-        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 2, unconfirmed: 0 });
-        assert_eq!(lines(d.path())[0], whole[0]);
+        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 3, unconfirmed: 0, cut_short: 0 });
+        let l = lines(d.path());
+        assert_eq!(l[0], whole[0]);
+        assert!(l[1].contains(r#""op":"audit""#) && l[1].contains("55 byte(s) of a line cut short"), "{}", l[1]);
 
         // A whole line missing only its newline is kept and finished.
-        let mut l = lines(d.path());
-        std::fs::write(d.path().join(AUDIT_FILE), format!("{}\n{}", l[0], l[1])).unwrap();
+        std::fs::write(d.path().join(AUDIT_FILE), l.join("\n")).unwrap();
         log.append("rotate", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
-        assert_eq!(verify(d.path()).unwrap().lines, 3);
-        l = lines(d.path());
+        assert_eq!(verify(d.path()).unwrap().lines, 4);
+        let l = lines(d.path());
 
         // Lines after the head (head updates that failed): not tampering, and
         // the next append first brings the head up to the log.
@@ -429,22 +475,27 @@ mod tests {
         log.append("export", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
         log.append("export", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
         std::fs::write(d.path().join(HEAD_FILE), &h1).unwrap();
-        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 5, unconfirmed: 2 });
+        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 6, unconfirmed: 2, cut_short: 0 });
         // ... but the head must name its line by that line's hash.
         std::fs::write(d.path().join(HEAD_FILE), serde_json::to_vec(&Head { seq: 2, hash: ZERO.into() }).unwrap()).unwrap();
         let err = verify(d.path()).unwrap_err().to_string();
         assert!(err.contains("line 2 does not match"), "{err}");
         std::fs::write(d.path().join(HEAD_FILE), &h1).unwrap();
+        // A head temporary file a killed writer left goes with the next append.
+        let stale = d.path().join(format!(".{HEAD_FILE}{}1.0", crate::util::atomic::TEMP_MARKER));
+        std::fs::write(&stale, b"{}").unwrap();
+        assert!(is_head_temp(&stale.file_name().unwrap().to_string_lossy()));
         log.append("export", "Tenant_A", "Tenant_A-dk-2", "ok").unwrap();
-        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 6, unconfirmed: 0 });
-        assert_eq!(lines(d.path())[..3], l[..]);
+        assert!(!stale.exists());
+        assert_eq!(verify(d.path()).unwrap(), Verified { lines: 7, unconfirmed: 0, cut_short: 0 });
+        assert_eq!(lines(d.path())[..4], l[..]);
 
         // A first append cut short after its line: the head (seq 0) was written first.
         let d2 = tempfile::tempdir().unwrap();
         let log2 = AuditLog::new(d2.path());
         log2.append_all(&[("create", "Tenant_A", "Tenant_A-dk-1", "ok"), ("create", "Tenant_A", "Tenant_A-pk-1", "ok")]).unwrap();
         std::fs::write(d2.path().join(HEAD_FILE), serde_json::to_vec(&Head { seq: 0, hash: ZERO.into() }).unwrap()).unwrap();
-        assert_eq!(verify(d2.path()).unwrap(), Verified { lines: 2, unconfirmed: 2 });
+        assert_eq!(verify(d2.path()).unwrap(), Verified { lines: 2, unconfirmed: 2, cut_short: 0 });
         // A deleted head is still found.
         std::fs::remove_file(d2.path().join(HEAD_FILE)).unwrap();
         assert!(verify(d2.path()).unwrap_err().to_string().contains("the audit head was deleted"));

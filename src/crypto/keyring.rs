@@ -86,7 +86,17 @@ pub fn keyring_path(workspace: &Path) -> PathBuf {
 /// reports them.
 pub fn stale_copies(workspace: &Path) -> Vec<PathBuf> {
     let Ok(rd) = fs::read_dir(keys_dir(workspace)) else { return Vec::new() };
-    let mut v: Vec<PathBuf> = rd.flatten().filter(|e| crate::util::atomic::is_temp_name(&e.file_name().to_string_lossy())).map(|e| e.path()).collect();
+    // Not the audit head's: it holds no key, and a `keys export` (which takes
+    // no workspace lock) may be writing it now (the audit append removes a
+    // killed writer's, under the log's lock).
+    let mut v: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            crate::util::atomic::is_temp_name(&name) && !crate::crypto::audit::is_head_temp(&name)
+        })
+        .map(|e| e.path())
+        .collect();
     v.sort();
     v
 }

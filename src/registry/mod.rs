@@ -288,20 +288,21 @@ impl Registry {
         Self::check_tenant(tenant)?;
         let path = self.history_path(tenant);
         let Some(bytes) = read_small(&path)? else { return Ok(vec![]) };
-        let text = std::str::from_utf8(&bytes).with_context(|| format!("{}: not UTF-8", path.display()))?;
-        // A last line without its newline that does not parse is the end of
-        // a write that was stopped (the next append cuts it off): skipped.
-        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        // After the last newline: a whole entry counts; anything else is the
+        // end of a write that was stopped (it may end inside a character; the
+        // next append cuts it off): skipped.
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let text = std::str::from_utf8(&bytes[..whole]).with_context(|| format!("{}: not UTF-8", path.display()))?;
         let mut out = vec![];
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let e: HistoryEntry = match crate::util::redact::from_json(line.as_bytes()) {
-                Ok(e) => e,
-                Err(_) if line.len() == text.len() - whole && whole < text.len() => break,
-                Err(why) => bail!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, why),
-            };
+            let e: HistoryEntry = crate::util::redact::from_json(line.as_bytes())
+                .map_err(|why| anyhow::anyhow!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, why))?;
+            out.push(e);
+        }
+        if let Ok(e) = crate::util::redact::from_json::<HistoryEntry>(&bytes[whole..]) {
             out.push(e);
         }
         Ok(out)
@@ -601,7 +602,7 @@ mod tests {
 
         // A line cut short: skipped when read, cut off by the next append.
         let mut torn = one.clone();
-        torn.extend_from_slice(br#"{"time":"t2","who":"me","act"#);
+        torn.extend_from_slice(b"{\"time\":\"t2\",\"who\":\"Ren\xc3");
         std::fs::write(reg.history_path("Tenant_A"), &torn).unwrap();
         assert_eq!(reg.history("Tenant_A").unwrap().len(), 3);
         reg.change_champion(&champion("v3", "t3"), &entry("t3", HistoryAction::Promote, Some("v1"), "v3")).unwrap();
@@ -613,5 +614,10 @@ mod tests {
         bad.extend_from_slice(&std::fs::read(reg.history_path("Tenant_A")).unwrap());
         std::fs::write(reg.history_path("Tenant_A"), bad).unwrap();
         assert!(reg.history("Tenant_A").unwrap_err().to_string().contains("line 1: not a valid history entry"));
+        // Review 23: a damaged line as long as an unfinished last line was
+        // taken for it, and it and every line after it were skipped.
+        let good = std::fs::read_to_string(reg.history_path("Tenant_A")).unwrap().lines().nth(1).unwrap().to_string();
+        std::fs::write(reg.history_path("Tenant_A"), format!("{good}\n{{\"x\":1}}\n{good}\n{{\"x\":2}}")).unwrap();
+        assert!(reg.history("Tenant_A").unwrap_err().to_string().contains("line 2: not a valid history entry"));
     }
 }
