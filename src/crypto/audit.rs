@@ -17,15 +17,23 @@
 //!   of different processes interleave whole lines, never parts); each line is
 //!   fsynced before the operation reports success.
 //! - A failed append leaves no part of its lines: a write that fails (a full
-//!   disk) is cut back to the log's length before it. A fragment without its
-//!   newline found at the end (a machine that stopped mid-write) is no valid
-//!   line and is cut off by the next append (a whole line missing only its
-//!   newline is kept and finished).
+//!   disk) is cut back to the log's length before it. Bytes after the last
+//!   newline that are no whole line (a machine that stopped mid-write; they
+//!   may end inside a character) are cut off by the next append, which logs
+//!   a `removed:` line saying so; [`verify`] names them without failing. A
+//!   whole line missing only its newline is kept and finished.
 //! - The head is behind the log only by the lines of an append whose head
 //!   update failed or was cut short (a full disk, SIGKILL): the next append
 //!   first brings the head up to the log (and appends nothing if it cannot),
 //!   and [`verify`] accepts lines after the head when the head names an
 //!   earlier line by its hash, reporting them as not yet confirmed.
+//! - An append that finds the head naming no line of the log (lines cut off,
+//!   the log rewritten, the head deleted or damaged) never moves the head over
+//!   it: it first writes a `tampering:` line saying what it found, and
+//!   [`verify`] fails on every such line from then on. Key operations go on.
+//! - [`verify`] reads the log and the head under a shared lock of the log;
+//!   the head's temporary files are removed only by an append (under the
+//!   lock every head is written under).
 //! - No key material: ids, tenant names and results only.
 //! - `dagrun keys audit --verify` ([`verify`]) reads every line as untrusted input.
 //! - Limits: whoever can rewrite both files can forge a consistent shorter history;
