@@ -156,24 +156,17 @@ impl AuditLog {
         let mut lines = String::new();
         let mut ops = ops.to_vec();
         let cut_note;
-        let mut complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if complete < bytes.len() {
-            if std::str::from_utf8(&bytes[complete..]).ok().and_then(valid_line).is_some() {
-                lines.push('\n');
-                complete = bytes.len();
-            } else {
-                let n = bytes.len() - complete;
-                tracing::warn!(
-                    "the key audit log {} ended in {n} byte(s) of a line cut short (a write that failed or was stopped); removed",
-                    self.path.display()
-                );
-                f.set_len(complete as u64).with_context(what)?;
-                f.sync_data().with_context(what)?;
-                cut_note = format!("{CUT_SHORT}{n} byte(s) of a line cut short at the end of the log (a write that was stopped) were removed");
-                ops.insert(0, ("audit", "-", AUDIT_FILE, cut_note.as_str()));
-            }
+        let n = cut_short_len(&bytes);
+        if n > 0 {
+            tracing::warn!("the key audit log {} ended in {n} byte(s) of a line cut short (a write that failed or was stopped); removed", self.path.display());
+            bytes.truncate(bytes.len() - n);
+            f.set_len(bytes.len() as u64).with_context(what)?;
+            f.sync_data().with_context(what)?;
+            cut_note = format!("{CUT_SHORT}{n} byte(s) of a line cut short at the end of the log (a write that was stopped) were removed");
+            ops.insert(0, ("audit", "-", AUDIT_FILE, cut_note.as_str()));
+        } else if bytes.last().is_some_and(|&b| b != b'\n') {
+            lines.push('\n'); // a whole line missing only its newline
         }
-        bytes.truncate(complete);
         let text = String::from_utf8(bytes).map_err(|_| {
             anyhow!("the key audit log {} is not UTF-8 before its last line: it was edited or damaged; run `dagrun keys audit --verify`", self.path.display())
         })?;
@@ -251,11 +244,10 @@ const CUT_SHORT: &str = "removed: ";
 /// Remove temporary files of `audit.head` (the caller holds the log's lock,
 /// under which every head is written).
 fn remove_head_temps(head: &Path) {
-    let (Some(dir), Some(name)) = (head.parent(), head.file_name()) else { return };
-    let prefix = format!(".{}{}", name.to_string_lossy(), crate::util::atomic::TEMP_MARKER);
+    let Some(dir) = head.parent() else { return };
     let Ok(rd) = std::fs::read_dir(dir) else { return };
     for e in rd.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix) {
+        if is_head_temp(&e.file_name().to_string_lossy()) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -290,6 +282,15 @@ fn head_problem(head: Option<&[u8]>, text: &str, last_seq: u64) -> Option<String
     };
     (named != Some(head.hash.as_str()))
         .then(|| format!("line {} of the log is not the one {HEAD_FILE} recorded: the log was rewritten from there on", head.seq))
+}
+
+/// How many bytes after the log's last newline are no whole line: what a
+/// stopped write left (it may end inside a character). 0 when the log ends
+/// in a newline or in a whole line missing only its newline.
+fn cut_short_len(bytes: &[u8]) -> usize {
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let tail = &bytes[complete..];
+    if tail.is_empty() || std::str::from_utf8(tail).ok().and_then(valid_line).is_some() { 0 } else { tail.len() }
 }
 
 /// A stored line's entry and hash, if it is a whole line whose hash matches.
@@ -334,10 +335,9 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
     };
     // What a stopped write left after the last newline (not a whole line):
     // the next append removes it and logs that; it is no line to check.
-    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let whole_tail = std::str::from_utf8(&bytes[complete..]).ok().and_then(valid_line).is_some();
-    let cut_short = if whole_tail { 0 } else { (bytes.len() - complete) as u64 };
-    bytes.truncate(bytes.len() - cut_short as usize);
+    let cut_short = cut_short_len(&bytes);
+    bytes.truncate(bytes.len() - cut_short);
+    let cut_short = cut_short as u64;
     let text = String::from_utf8(bytes).map_err(|_| anyhow!("{shown}: not UTF-8: the log was edited or damaged"))?;
     let mut prev = ZERO.to_string();
     let mut expect = 1u64;

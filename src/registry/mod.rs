@@ -291,7 +291,7 @@ impl Registry {
         // After the last newline: a whole entry counts; anything else is the
         // end of a write that was stopped (it may end inside a character; the
         // next append cuts it off): skipped.
-        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let (whole, last) = split_unfinished(&bytes);
         let text = std::str::from_utf8(&bytes[..whole]).with_context(|| format!("{}: not UTF-8", path.display()))?;
         let mut out = vec![];
         for (i, line) in text.lines().enumerate() {
@@ -302,9 +302,7 @@ impl Registry {
                 .map_err(|why| anyhow::anyhow!("{}: line {}: not a valid history entry ({})", path.display(), i + 1, why))?;
             out.push(e);
         }
-        if let Ok(e) = crate::util::redact::from_json::<HistoryEntry>(&bytes[whole..]) {
-            out.push(e);
-        }
+        out.extend(last);
         Ok(out)
     }
 
@@ -414,15 +412,14 @@ impl Registry {
         // write left is cut off.
         let mut text = Vec::new();
         std::io::Read::read_to_end(&mut f, &mut text).with_context(what)?;
-        let mut before = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64;
-        if before < text.len() as u64 {
-            if crate::util::redact::from_json::<HistoryEntry>(&text[before as usize..]).is_ok() {
-                line.insert(0, b'\n');
-                before = text.len() as u64;
-            } else {
-                tracing::warn!("{}: removed {} byte(s) of a line a stopped write left", path.display(), text.len() as u64 - before);
-                f.set_len(before).with_context(what)?;
-            }
+        let (whole, last) = split_unfinished(&text);
+        let mut before = whole as u64;
+        if last.is_some() {
+            line.insert(0, b'\n');
+            before = text.len() as u64;
+        } else if whole < text.len() {
+            tracing::warn!("{}: removed {} byte(s) of a line a stopped write left", path.display(), text.len() - whole);
+            f.set_len(before).with_context(what)?;
         }
         if let Err(e) = f.write_all(&line).and_then(|()| f.sync_all()) {
             let _ = f.set_len(before).and_then(|()| f.sync_all());
@@ -503,6 +500,15 @@ impl Registry {
         )?;
         Ok((cur.version, to))
     }
+}
+
+/// Split `history.jsonl`'s bytes after the last newline: where the lines
+/// that end in one stop, and the entry the rest holds when it is a whole one
+/// missing only its newline (else the rest is what a stopped write left).
+fn split_unfinished(bytes: &[u8]) -> (usize, Option<HistoryEntry>) {
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let last = if whole < bytes.len() { crate::util::redact::from_json(&bytes[whole..]).ok() } else { None };
+    (whole, last)
 }
 
 /// Which entries of `history` took effect, given the tenant's champion now:
