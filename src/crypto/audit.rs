@@ -143,7 +143,7 @@ impl AuditLog {
             std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
             crate::util::nofollow::open_own_file(&mut o, &self.path).with_context(what)?
         };
-        f.lock().with_context(what)?;
+        crate::util::flock::lock_short(&f, &self.path, crate::util::flock::Mode::Exclusive).with_context(what)?;
         // The head's temporary files are written under this lock: any found
         // now is a killed writer's (no other sweep may take a live one).
         remove_head_temps(&self.head);
@@ -319,11 +319,21 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
     // Under a shared lock of the log: an append (exclusive) cannot come
     // between reading the log and reading its head (review 22: a head read
     // after a concurrent append looked like lines cut off the end).
-    let read = crate::util::open_regular(&log.path).and_then(|held| {
-        held.lock_shared()?;
-        Ok((held, crate::util::read_capped(&log.path, MAX_LOG_BYTES)?))
-    });
-    let (_held, mut bytes) = match read {
+    // The wait is bounded (`util::flock`): a holder that never lets go is
+    // reported, not waited on (review 23).
+    let held = match crate::util::open_regular(&log.path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {shown}")),
+    };
+    if let Some(f) = &held {
+        crate::util::flock::lock_short(f, &log.path, crate::util::flock::Mode::Shared)?;
+    }
+    let read = match &held {
+        Some(_) => crate::util::read_capped(&log.path, MAX_LOG_BYTES),
+        None => Err(std::io::ErrorKind::NotFound.into()),
+    };
+    let mut bytes = match read {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if log.head.exists() {

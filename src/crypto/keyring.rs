@@ -789,7 +789,7 @@ impl Keyring {
         o.read(true).write(true).create(true).truncate(false);
         std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
         let f = crate::util::nofollow::open_own_file(&mut o, &path).with_context(what)?;
-        f.lock().with_context(what)?;
+        crate::util::flock::lock_short(&f, &path, crate::util::flock::Mode::Exclusive).with_context(what)?;
         Ok(f)
     }
 

@@ -3,6 +3,7 @@ pub mod alloc;
 pub mod atomic;
 pub mod capture;
 pub mod child_env;
+pub mod flock;
 pub mod interrupt;
 pub mod nofollow;
 pub mod par;

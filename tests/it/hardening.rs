@@ -1013,3 +1013,32 @@ fn an_interrupted_predict_or_sample_leaves_no_file_behind() {
         std::fs::remove_dir(ws.path("out")).unwrap();
     }
 }
+
+/// Review 23 left alone: whoever could open the key audit log could hold its
+/// `flock` and stall every key operation without a word. The short-lived key
+/// locks are waited for with a message, and (past `util::flock`'s bound,
+/// unit-tested there) refused with exit 75; here, held by this test for two
+/// seconds, a rotation and a verify say what they wait for, then go on.
+#[test]
+fn key_locks_held_by_another_process_are_waited_for_with_a_message() {
+    let ws = shipped(ONE);
+    let mut run = cmd(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=2000", "encrypt"]);
+    run.env("DAGRUN_MASTER_KEY", MASTER);
+    ok(spawn(run).wait(crate::common::HANG));
+    for (lock, args) in [
+        (".dagrun/keys/audit.jsonl", &["keys", "rotate", "Tenant_A"][..]),
+        (".dagrun/keys/audit.jsonl", &["keys", "audit", "--verify"]),
+        (".dagrun/keys/keyring.lock", &["keys", "rotate", "Tenant_A"]),
+    ] {
+        let held = std::fs::File::open(ws.path(lock)).unwrap();
+        held.lock().unwrap();
+        let mut c = cmd(&ws, args);
+        c.env("DAGRUN_MASTER_KEY", MASTER);
+        let mut bg = spawn(c);
+        assert_eq!(bg.exited_within(Duration::from_millis(1800)), None, "{args:?} did not wait for {lock}");
+        drop(held);
+        let o = ok(bg.wait(crate::common::HANG));
+        assert!(o.stderr.contains("waiting for the lock of") && o.stderr.contains(lock.rsplit('/').next().unwrap()), "{args:?}: {}", o.stderr);
+    }
+    ok(dg(&ws, &["keys", "audit", "--verify"]));
+}
