@@ -99,7 +99,7 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
 /// `dagrun keys init --master URI`: start a new workspace's keyring under a PKCS#11
 /// master key (generated non-extractable inside the token when missing).
 pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -> Result<()> {
-    let source = MasterKeySource::from_uri(master, "--master")?;
+    let source = MasterKeySource::from_argument(master, "--master")?;
     let _l = lock_for_keys(workspace, wait, "dagrun keys init")?;
     let (ring, created) = Keyring::init(workspace, source)?;
     crate::doneln!(
@@ -115,23 +115,30 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
 
 /// `dagrun keys rewrap --to URI`: move every tenant key to another master key.
 pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> Result<()> {
-    let to = MasterKeySource::from_uri(to, "--to")?;
+    let to = MasterKeySource::from_argument(to, "--to")?;
     let _l = lock_for_keys(workspace, wait, "dagrun keys rewrap")?;
     let from = MasterKeySource::resolve(workspace)?;
+    let old_default_file = match from {
+        MasterKeySource::Default => crate::crypto::master::default_master_key_path(workspace),
+        _ => std::path::PathBuf::new(),
+    };
     match Keyring::rewrap(workspace, from, to)? {
         Rewrapped::Done(n) => {
             let ring_path = crate::crypto::keyring::keyring_path(workspace);
             let rec = crate::crypto::keyring::recorded_master(workspace);
             crate::doneln!(
                 "rewrapped {n} key(s) in {} under {} ({}); no data was re-encrypted. Point dagrun at the new master key \
-                 (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml); the old master key no longer opens \
-                 this keyring and can be destroyed once backups of the old keyring are gone",
+                 (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml). The old master key no longer opens \
+                 this keyring, but it still makes this workspace's integrity key (kept across a rewrap so that every \
+                 record stays valid): whoever holds it can still forge this workspace's records. Destroy it once \
+                 backups of the old keyring are gone{}",
                 ring_path.display(),
                 rec.clone()
                     .and_then(|r| r.uri)
                     .map(|u| crate::crypto::master::Pkcs11Uri::parse(&u).map(|u| u.shown()).unwrap_or(u))
                     .unwrap_or_else(|| "the new key".into()),
-                rec.map(|r| r.mechanism).unwrap_or_default()
+                rec.map(|r| r.mechanism).unwrap_or_default(),
+                if old_default_file.exists() { format!(" (it is still in {}: `shred -u` it then)", old_default_file.display()) } else { String::new() }
             );
         }
         Rewrapped::AlreadyDone => crate::doneln!("the keyring is already wrapped under the new master key: nothing to do"),

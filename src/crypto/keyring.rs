@@ -940,9 +940,28 @@ fn integrity_of(master: &Master, path: &Path, stored: Option<&StoredKey>, key_ch
 }
 
 /// hex of the wrapped key, and the mechanism to record beside it.
+/// Every wrap is unwrapped again and compared before it is stored: a token
+/// (or a bug) that hands back a wrong wrap of the right length must fail the
+/// operation, not replace a key by one nothing can open (review 27: a rewrap
+/// wrote every tenant key without reading one back).
 fn wrap_with(master: &Master, tenant: &str, id: &str, key: &[u8; 32]) -> Result<(String, Option<String>)> {
     let aad = format!("{WRAP_AAD_PREFIX}{tenant}|{id}");
     let (blob, mech) = master.wrap(aad.as_bytes(), key)?;
+    let back = master.unwrap(Some(mech), aad.as_bytes(), &blob)?;
+    // blake3::Hash compares in constant time.
+    let same = back.as_ref().is_some_and(|b| blake3::Hash::from(*b) == blake3::Hash::from(*key));
+    if let Some(mut b) = back {
+        wipe(&mut b);
+    }
+    if !same {
+        bail!(
+            "{} wrapped key {} of {} but the result does not unwrap to the same key: nothing was stored; check the \
+             master key's token (or HSM firmware) and try again",
+            master.describe(),
+            escape_for_message(id),
+            escape_for_message(tenant)
+        );
+    }
     Ok((hex::encode(blob), Some(mech.to_string())))
 }
 

@@ -271,6 +271,8 @@ fn rewrap_with_kills(ws: &Ws, tok: &Token, from: &[(&str, &str)], to: &str, seed
     let full = ok(dg(ws, Some(tok), &["keys", "rewrap", "--to", to], from));
     let span = t0.elapsed().as_micros() as u64;
     assert!(full.stdout.contains("rewrapped"), "{}", full.stdout);
+    // Review 27: the old key still makes the integrity key, and the message says so.
+    assert!(full.stdout.contains("can still forge this workspace's records"), "{}", full.stdout);
     // Put the old keyring back (the rewrap changed no data) to kill real rewraps.
     std::fs::write(&probe, &before).unwrap();
     let mut outcomes = [0usize; 2];
@@ -365,7 +367,32 @@ fn hsm_failures_exit_1_name_the_problem_and_change_nothing() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     make_key_without_encrypt(&tok, "noencrypt");
     let pin_file = tok.dir.path().join("pin").display().to_string();
-    let cases: Vec<(String, &str)> = vec![
+    // Review 27: a module others could change runs inside dagrun with the PIN
+    // and the keys; a PIN file is a few bytes, never read whole if huge.
+    let module = std::fs::canonicalize("/usr/lib/softhsm/libsofthsm2.so").unwrap();
+    let copy_module = |dir: &str, dir_mode: u32, file_mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tok.dir.path().join(dir);
+        std::fs::create_dir(&d).unwrap();
+        let m = d.join("libsofthsm2.so");
+        std::fs::copy(&module, &m).unwrap();
+        std::fs::set_permissions(&m, std::fs::Permissions::from_mode(file_mode)).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+        m.display().to_string()
+    };
+    let open_dir = copy_module("open-dir", 0o777, 0o755);
+    let open_file = copy_module("open-file", 0o755, 0o666);
+    let huge_pin = tok.dir.path().join("huge-pin");
+    std::fs::write(&huge_pin, "1".repeat(5000)).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&huge_pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut cases: Vec<(String, &str)> = vec![
+        (tok.uri.replace("/usr/lib/softhsm/libsofthsm2.so", &open_dir), "writable by group or others (mode 0777)"),
+        (tok.uri.replace("/usr/lib/softhsm/libsofthsm2.so", &open_file), "writable by group or others (mode 0666)"),
+        (tok.uri.replace("/usr/lib/softhsm/libsofthsm2.so", "usr/lib/softhsm/libsofthsm2.so"), "not an absolute path"),
+        (tok.uri.replace(&pin_file, &huge_pin.display().to_string()), "at most 1024 bytes"),
         (tok.uri.replace("/usr/lib/softhsm/libsofthsm2.so", "/nonexistent/libpkcs11.so"), "does not exist"),
         (tok.uri.replace(&pin_file, &wrong_pin.display().to_string()), "wrong PIN"),
         (tok.uri.replace(&pin_file, &loose_pin.display().to_string()), "chmod 600"),
@@ -375,6 +402,13 @@ fn hsm_failures_exit_1_name_the_problem_and_change_nothing() {
         (tok.uri_for("noencrypt"), "CKA_ENCRYPT and CKA_DECRYPT"),
         (tok.uri.replace("pin-source", "pin-sauce"), "unknown attribute"),
     ];
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Another user's module (only root can give a file away).
+        let theirs = copy_module("theirs", 0o755, 0o755);
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        cases.push((tok.uri.replace("/usr/lib/softhsm/libsofthsm2.so", &theirs), "belongs to user id 65534, neither root nor you"));
+    }
     let snapshot = key_files(&ws);
     for (uri, want) in &cases {
         let e = [("DAGRUN_MASTER_KEY_URI", uri.as_str())];
@@ -491,6 +525,25 @@ fn master_key_in_config_dagrun_yaml_and_strict_parsing() {
     let o = dg(&ws, Some(&tok), &["keys", "list"], &[]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("config/dagrun.yaml:1:") && o.stderr.contains("pin-source") && !o.stderr.contains(&tok.pin()), "{}", o.stderr);
+    // So is one on the command line (`ps` shows it to every user), before anything is read or written.
+    let keys = key_files(&ws);
+    for args in [&["keys", "rewrap", "--to", &pinned][..], &["keys", "init", "--master", &pinned]] {
+        let o = dg(&ws, Some(&tok), args, &[]);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("command line is visible") && !o.stderr.contains(&tok.pin()), "{}", o.stderr);
+    }
+    // Review 27: a module the workspace ships (a cloned repository's) is
+    // never loaded because a workspace file names it.
+    let inside = ws.path("vendor/libsofthsm2.so");
+    std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+    std::fs::copy("/usr/lib/softhsm/libsofthsm2.so", &inside).unwrap();
+    ws.write("config/dagrun.yaml", format!("master_key: \"{}\"\n", tok.uri.replace("/usr/lib/softhsm/libsofthsm2.so", &inside.display().to_string())));
+    for args in [&["keys", "list"][..], &["status", "pipelines/propensity.yaml"]] {
+        let o = dg(&ws, Some(&tok), args, &[]);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("lies inside the workspace") && o.stderr.contains("vendor/libsofthsm2.so"), "{}", o.stderr);
+    }
+    assert_eq!(key_files(&ws), keys, "a refused command changed the key files");
 }
 
 #[test]

@@ -49,6 +49,26 @@ use std::path::{Path, PathBuf};
 pub use file::{ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, default_master_key_path};
 pub use uri::Pkcs11Uri;
 
+/// A PKCS#11 module named by a file of the workspace (`master_key:` in
+/// `config/dagrun.yaml`, the URI the keyring records) is refused when it lies
+/// inside the workspace: a cloned repository or a shared folder can ship a
+/// library owned by whoever copied it, which would then run inside dagrun with
+/// the PIN and the tenant keys (review 27; `pkcs11::check_module` refuses
+/// modules others could change, wherever they are named).
+fn refuse_module_in_workspace(workspace: &Path, uri: &Pkcs11Uri, from: &str) -> Result<()> {
+    let Some(module) = uri.module_path.as_deref() else { return Ok(()) };
+    let (Ok(m), Ok(w)) = (std::fs::canonicalize(module), std::fs::canonicalize(workspace)) else { return Ok(()) };
+    if m.starts_with(&w) {
+        return Err(crate::error::config(format!(
+            "{from} names the PKCS#11 module {}, which lies inside the workspace {}: dagrun loads no library a \
+             workspace ships. Install the HSM vendor's module outside it (e.g. under /usr/lib) and name that",
+            module.display(),
+            w.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Env var holding an RFC 7512 PKCS#11 URI of the master key.
 pub const ENV_MASTER_KEY_URI: &str = "DAGRUN_MASTER_KEY_URI";
 /// Env var forcing the wrapping mechanism of a PKCS#11 master key: `auto`,
@@ -113,16 +133,37 @@ impl MasterKeySource {
         }
         let cfg = crate::config::DagrunConfig::load(workspace)?;
         if let Some(uri) = cfg.master_key {
-            return Ok(MasterKeySource::Pkcs11 { uri, from: format!("master_key in {}", crate::config::CONFIG_FILE) });
+            let from = format!("master_key in {}", crate::config::CONFIG_FILE);
+            refuse_module_in_workspace(workspace, &uri, &from)?;
+            return Ok(MasterKeySource::Pkcs11 { uri, from });
         }
         if let Some(rec) = super::keyring::read_recorded_master(workspace)?
             && let Some(u) = rec.uri
         {
             let uri = Pkcs11Uri::parse(&u)
                 .with_context(|| format!("the master key URI recorded in {} is damaged", super::keyring::keyring_path(workspace).display()))?;
-            return Ok(MasterKeySource::Pkcs11 { uri, from: "the URI recorded in the keyring".into() });
+            let from = "the URI recorded in the keyring".to_string();
+            refuse_module_in_workspace(workspace, &uri, &from)?;
+            return Ok(MasterKeySource::Pkcs11 { uri, from });
         }
         Ok(MasterKeySource::Default)
+    }
+
+    /// [`MasterKeySource::from_uri`] of a command-line argument (`--master`,
+    /// `--to`), which every user of the machine can read (`ps`) and shell
+    /// history keeps: a `pin-value` is refused there (review 27).
+    pub fn from_argument(s: &str, from: &str) -> Result<MasterKeySource> {
+        let source = Self::from_uri(s, from)?;
+        if let MasterKeySource::Pkcs11 { uri, .. } = &source
+            && uri.has_pin_value()
+        {
+            return Err(crate::error::config(format!(
+                "{from} carries the PIN itself (pin-value): a command line is visible to every user of this machine \
+                 (ps) and kept in shell history. Put the PIN in a file readable only by you and use \
+                 pin-source=file:/path/to/pin, or give the whole URI in {ENV_MASTER_KEY_URI}"
+            )));
+        }
+        Ok(source)
     }
 
     /// Parse a `--master` / `--to` argument: a `pkcs11:` URI, `file:PATH` or a path.

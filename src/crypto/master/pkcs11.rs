@@ -100,12 +100,46 @@ pub struct HsmKey {
     offers_kwp: bool,
 }
 
+/// How many times the token list is read when the token is not in it and an
+/// unlabelled token is (see `open_session`).
+const TOKEN_LOOKUPS: u64 = 6;
+
 /// One loaded, initialised module per path for the whole process.
 fn context(module: &Path) -> Result<Pkcs11> {
     static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut map = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
     if let Some(c) = map.get(module) {
         return Ok(c.clone());
+    }
+    // The file checked is the file loaded: a link swapped after the check changes nothing.
+    let real = check_module(module)?;
+    let ctx =
+        Pkcs11::new(&real).map_err(|e| anyhow!("cannot load the PKCS#11 module {} ({e}): is it a PKCS#11 library for this machine?", module.display()))?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => bail!("the PKCS#11 module {} failed to initialise ({})", module.display(), short(&e)),
+    }
+    map.insert(module.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+/// Refuse a module that someone other than root or this user could have put
+/// or changed there: loading it runs its code inside dagrun, which holds the
+/// PIN and every unwrapped tenant key (review 27). The path must be absolute
+/// (a relative one would be found from the current folder); the file it
+/// resolves to must be owned by root or this user and writable by neither
+/// group nor others, and so must every folder above it, except that a folder
+/// with the sticky bit (`/tmp`) may be writable by all, since only an entry's
+/// owner can replace it there (and that owner is checked one level down).
+/// Returns the resolved path: the one to load.
+pub(crate) fn check_module(module: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if !module.is_absolute() {
+        bail!(
+            "module-path={} is not an absolute path: a relative one would load whatever library the current folder \
+             holds; give the module's full path (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)",
+            module.display()
+        );
     }
     if !module.exists() {
         bail!(
@@ -114,14 +148,32 @@ fn context(module: &Path) -> Result<Pkcs11> {
             module.display()
         );
     }
-    let ctx =
-        Pkcs11::new(module).map_err(|e| anyhow!("cannot load the PKCS#11 module {} ({e}): is it a PKCS#11 library for this machine?", module.display()))?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => bail!("the PKCS#11 module {} failed to initialise ({})", module.display(), short(&e)),
+    let real = std::fs::canonicalize(module).map_err(|e| anyhow!("cannot resolve the PKCS#11 module {} ({e})", module.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let fix = "install the module owned by root (or you) with mode 0755 or 0644, in folders only root (or you) can write";
+    let meta = std::fs::metadata(&real).map_err(|e| anyhow!("cannot read the PKCS#11 module {} ({e})", real.display()))?;
+    if !meta.is_file() {
+        bail!("the PKCS#11 module {} is not a regular file", real.display());
     }
-    map.insert(module.to_path_buf(), ctx.clone());
-    Ok(ctx)
+    let mut at: Option<&Path> = Some(&real);
+    while let Some(p) = at {
+        let m = std::fs::metadata(p).map_err(|e| anyhow!("cannot read {} ({e})", p.display()))?;
+        let what = if p == real {
+            format!("the PKCS#11 module {}", p.display())
+        } else {
+            format!("{}, a folder above the PKCS#11 module {},", p.display(), real.display())
+        };
+        if m.uid() != 0 && m.uid() != me {
+            bail!("{what} belongs to user id {}, neither root nor you: that user could make dagrun run their code with your keys; {fix}", m.uid());
+        }
+        let sticky_dir = m.is_dir() && m.mode() & 0o1000 != 0;
+        if m.mode() & 0o022 != 0 && !sticky_dir {
+            bail!("{what} is writable by group or others (mode {:04o}): they could make dagrun run their code with your keys; {fix}", m.mode() & 0o7777);
+        }
+        at = p.parent();
+    }
+    Ok(real)
 }
 
 /// A PKCS#11 error in a few words: the return value's name and the function.
@@ -402,27 +454,50 @@ fn open_session(uri: &Pkcs11Uri, from: &str, rw: bool) -> Result<(Session, Slot,
     let module = uri.module_path.as_deref().expect("checked by the parser");
     let ctx = context(module)?;
     let want = uri.token.as_deref().unwrap_or_default();
-    let slots = ctx.get_slots_with_token().map_err(|e| anyhow!("cannot list the tokens of the PKCS#11 module {} ({})", module.display(), short(&e)))?;
-    let mut present = Vec::new();
-    let mut found = None;
-    for slot in slots {
-        let Ok(info) = ctx.get_token_info(slot) else { continue };
-        let label = label_of(info.label()).to_string();
-        let matches = label == want
-            && uri.serial.as_deref().is_none_or(|s| label_of(info.serial_number()) == s)
-            && uri.manufacturer.as_deref().is_none_or(|m| label_of(info.manufacturer_id()) == m)
-            && uri.model.as_deref().is_none_or(|m| label_of(info.model()) == m)
-            && uri.slot_id.is_none_or(|id| slot.id() == id);
-        if matches && found.is_none() {
-            found = Some(slot);
-        }
-        present.push(label);
-    }
     let token = format!("\"{}\"", crate::crypto::escape_for_message(want));
-    let Some(slot) = found else {
+    // A token another process is writing can show up for a moment without
+    // its label (SoftHSM2 rewrites its token file at each login; review 27:
+    // 8 of 120 parallel `keys list` found no token): looked for again a few
+    // times before giving up, and never called uninitialised.
+    let mut attempt = 0;
+    let slot = loop {
+        let slots = ctx.get_slots_with_token().map_err(|e| anyhow!("cannot list the tokens of the PKCS#11 module {} ({})", module.display(), short(&e)))?;
+        let mut present = Vec::new();
+        let mut found = None;
+        let mut unlabelled = false;
+        for slot in slots {
+            let Ok(info) = ctx.get_token_info(slot) else {
+                unlabelled = true;
+                continue;
+            };
+            let label = label_of(info.label()).to_string();
+            let matches = label == want
+                && uri.serial.as_deref().is_none_or(|s| label_of(info.serial_number()) == s)
+                && uri.manufacturer.as_deref().is_none_or(|m| label_of(info.manufacturer_id()) == m)
+                && uri.model.as_deref().is_none_or(|m| label_of(info.model()) == m)
+                && uri.slot_id.is_none_or(|id| slot.id() == id);
+            if matches && found.is_none() {
+                found = Some(slot);
+            }
+            if label.is_empty() {
+                unlabelled = true;
+                present.push("(a token without a label: not set up, or being written by another process right now)".to_string());
+            } else {
+                present.push(format!("\"{}\"", crate::crypto::escape_for_message(&label)));
+            }
+        }
+        if let Some(slot) = found {
+            break slot;
+        }
+        attempt += 1;
+        if (unlabelled || present.is_empty()) && attempt < TOKEN_LOOKUPS {
+            std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            continue;
+        }
         bail!(
-            "token {token} (from {from}) is not present in the PKCS#11 module {}: {}. Connect or initialise \
-             the token, or fix token= in the URI",
+            "token {token} (from {from}) is not present in the PKCS#11 module {}: {}. Check that the token is \
+             connected and that token= in the URI is its label; if another process may be using the token, try \
+             again (do not re-initialise a token: that destroys its keys)",
             module.display(),
             if present.is_empty() { "the module has no token".to_string() } else { format!("tokens present: {}", present.join(", ")) }
         );

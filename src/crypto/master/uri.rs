@@ -60,6 +60,8 @@ const PATH_ATTRS: &[&str] = &[
     "slot-manufacturer",
     "slot-id",
 ];
+/// The longest PIN file read (PKCS#11 PINs are a few dozen bytes at most).
+const MAX_PIN_FILE_BYTES: u64 = 1024;
 const QUERY_ATTRS: &[&str] = &["pin-source", "pin-value", "module-name", "module-path"];
 
 fn pct_decode(s: &str, what: &str) -> Result<Vec<u8>> {
@@ -256,7 +258,22 @@ impl Pkcs11Uri {
             );
         }
         super::file::check_private(path, "PIN file")?;
-        let mut s = std::fs::read_to_string(path).map_err(|e| anyhow!("cannot read the PIN file {} ({e}) named by pin-source", path.display()))?;
+        // One capped read of a regular file, never waited on: a huge file, a
+        // FIFO or a device swapped in after the check is refused (review 27:
+        // a 1 GiB file was read whole and sent to the token as the PIN).
+        let bytes = crate::util::read_capped(path, MAX_PIN_FILE_BYTES).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => anyhow!(
+                "the PIN file {} named by pin-source is not a regular file of at most {MAX_PIN_FILE_BYTES} bytes: it must hold the \
+                 token's user PIN and nothing else",
+                path.display()
+            ),
+            _ => anyhow!("cannot read the PIN file {} ({e}) named by pin-source", path.display()),
+        })?;
+        let mut s = String::from_utf8(bytes).map_err(|e| {
+            let mut b = e.into_bytes();
+            crate::crypto::wipe(&mut b);
+            anyhow!("the PIN file {} named by pin-source is not UTF-8 text", path.display())
+        })?;
         let trimmed_len = s.trim_end_matches(['\n', '\r']).len();
         let pin = s[..trimmed_len].to_string();
         crate::crypto::wipe_string(&mut s);
