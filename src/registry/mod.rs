@@ -162,7 +162,11 @@ pub fn current_user() -> String {
 fn read_small(path: &Path) -> Result<Option<Vec<u8>>> {
     match crate::util::read_capped(path, MAX_FILE) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}; restore it from a backup (or remove it)", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(e).with_context(|| format!("cannot read {}; restore it from a backup (or remove it)", path.display()))
+        }
+        // A descriptor limit, a permission, an I/O error: nothing to restore.
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         Ok(b) => Ok(Some(b)),
     }
 }

@@ -14,6 +14,12 @@
 //!   are counted (`dagrun_serve_audit_write_failures_total`) and the
 //!   responses are still sent. On shutdown the batch is written, flushed and
 //!   fsynced.
+//! - Every line in a file is whole (review 26: a full disk left half a line,
+//!   and the next batch was appended to it, hiding a line from every reader
+//!   and the count from the metrics): a batch is written under an exclusive
+//!   `flock` of the file (two servers may share the folder); a write that
+//!   fails is cut back off, and the end of a line a killed writer left is cut
+//!   off (and logged) before the next batch is written.
 //! - A log file is opened without following a symlink (`O_NOFOLLOW`), must be
 //!   a regular file, and is created mode 0600: a link planted in the folder
 //!   never sends lines elsewhere. Today's file is checked at start, so such a
@@ -22,7 +28,8 @@
 use crate::serve::metrics::Metrics;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
@@ -129,13 +136,14 @@ impl Drop for Audit {
 
 struct Out {
     day: chrono::NaiveDate,
-    w: BufWriter<File>,
+    f: File,
 }
 
 fn open(dir: &Path, day: chrono::NaiveDate) -> std::io::Result<Out> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -152,7 +160,47 @@ fn open(dir: &Path, day: chrono::NaiveDate) -> std::io::Result<Out> {
             std::os::unix::fs::MetadataExt::nlink(&meta)
         )));
     }
-    Ok(Out { day, w: BufWriter::with_capacity(1 << 16, f) })
+    Ok(Out { day, f })
+}
+
+/// Append `bytes` (whole lines) to `f`, under an exclusive `flock`: first
+/// cut off the end of a line a stopped writer left; if the write fails, cut
+/// the file back to where it was, so that no half line stays.
+fn append_whole(f: &File, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    f.lock()?;
+    let result = (|| {
+        let len = end_of_whole_lines(f, path)?;
+        if let Err(e) = (&*f).write_all(bytes) {
+            let _ = f.set_len(len);
+            return Err(e);
+        }
+        Ok(())
+    })();
+    let _ = f.unlock();
+    result
+}
+
+/// The length of `f` up to its last newline, after cutting off what follows
+/// it (what a writer killed mid-line left).
+fn end_of_whole_lines(f: &File, path: &Path) -> std::io::Result<u64> {
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.read_exact_at(&mut buf[..n], start)?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        f.set_len(end)?;
+        tracing::warn!("audit log {}: removed {} byte(s) of a line a stopped write left at its end", path.display(), len - end);
+    }
+    Ok(end)
 }
 
 fn writer(dir: PathBuf, inner: Arc<Inner>, m: Arc<Metrics>) {
@@ -171,10 +219,7 @@ fn writer(dir: PathBuf, inner: Arc<Inner>, m: Arc<Metrics>) {
         };
         for c in chunks {
             if out.as_ref().is_some_and(|o| o.day != c.day) {
-                let o = out.take().expect("checked");
-                if o.w.into_inner().is_err() {
-                    tracing::warn!("audit log: cannot flush the file of {}", c.day);
-                }
+                out = None;
             }
             if out.is_none() {
                 match open(&dir, c.day) {
@@ -182,7 +227,15 @@ fn writer(dir: PathBuf, inner: Arc<Inner>, m: Arc<Metrics>) {
                     Err(e) => tracing::warn!("audit log {}: {e}", file_for(&dir, c.day).display()),
                 }
             }
-            let written = out.as_mut().is_some_and(|o| o.w.write_all(&c.bytes).and_then(|_| o.w.flush()).is_ok());
+            let path = file_for(&dir, c.day);
+            let written = match out.as_ref().map(|o| append_whole(&o.f, &path, &c.bytes)) {
+                Some(Ok(())) => true,
+                Some(Err(e)) => {
+                    tracing::warn!("audit log {}: {e}; {} line(s) not written", path.display(), c.lines);
+                    false
+                }
+                None => false,
+            };
             if written {
                 m.audit_lines.fetch_add(c.lines, Ordering::Relaxed);
             } else {
@@ -195,7 +248,7 @@ fn writer(dir: PathBuf, inner: Arc<Inner>, m: Arc<Metrics>) {
         }
     }
     if let Some(o) = out {
-        let _ = o.w.get_ref().sync_all();
+        let _ = o.f.sync_all();
     }
 }
 
@@ -228,6 +281,28 @@ mod tests {
         // After close (and beyond the queue) a line is counted, not lost silently.
         a.log(day1, b"{}");
         assert_eq!(m.audit_write_failures.load(Ordering::Relaxed), 1);
+    }
+
+    /// Review 26: a batch appended to half a line (a full disk, a kill) hid
+    /// a whole line from every reader.
+    #[test]
+    fn the_end_of_a_line_a_stopped_write_left_is_cut_off_before_the_next_batch() {
+        let d = tempfile::tempdir().unwrap();
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 4).unwrap();
+        let f = file_for(d.path(), day);
+        std::fs::write(&f, b"{\"n\":1}\n{\"n\":2,\"tenant\":\"Ten").unwrap();
+        let m = Arc::new(Metrics::default());
+        let mut a = Audit::start(d.path().to_path_buf(), m.clone()).unwrap();
+        a.log(day, br#"{"n":3}"#);
+        a.close();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "{\"n\":1}\n{\"n\":3}\n");
+        assert_eq!(m.audit_lines.load(Ordering::Relaxed), 1);
+        // A file that is all fragment (no newline at all), longer than one read.
+        std::fs::write(&f, vec![b'x'; 10_000]).unwrap();
+        let mut a = Audit::start(d.path().to_path_buf(), m.clone()).unwrap();
+        a.log(day, br#"{"n":4}"#);
+        a.close();
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "{\"n\":4}\n");
     }
 
     #[test]

@@ -112,8 +112,11 @@ pub struct Metrics {
     models: Mutex<Vec<ModelInfo>>,
     pub model_switches: AtomicU64,
     pub token_reload_failures: AtomicU64,
-    /// Connections closed at accept because `--max-connections` were open.
+    /// Connections closed at accept because `--max-connections` were open,
+    /// every one of them in a request.
     pub connections_refused: AtomicU64,
+    /// Connections not in a request closed to make room for a new one.
+    pub connections_evicted: AtomicU64,
 }
 
 impl Metrics {
@@ -225,8 +228,13 @@ impl Metrics {
         );
         counter(
             "dagrun_serve_connections_refused_total",
-            "Connections closed as soon as they were accepted: --max-connections were open.",
+            "Connections closed as soon as they were accepted: --max-connections were open, every one in a request.",
             self.connections_refused.load(Ordering::Relaxed),
+        );
+        counter(
+            "dagrun_serve_connections_evicted_total",
+            "Connections not in a request (idle, or still sending headers) closed to make room for a new one.",
+            self.connections_evicted.load(Ordering::Relaxed),
         );
         s
     }

@@ -10,8 +10,14 @@
 //! Rules of this module (the listener):
 //! - Plain HTTP only on a loopback address unless `insecure_plaintext` is
 //!   set; TLS is rustls (ring), HTTP/1.1.
-//! - At most `max_connections` connections are held at once: one more is
-//!   closed as soon as it is accepted, and counted
+//! - At most `max_connections` connections are held at once (fewer when the
+//!   open-file limit cannot hold them with descriptors to spare for files:
+//!   [`fit_connections`]). A connection accepted when they are all open
+//!   closes the oldest one that is not in a request (waiting for its first
+//!   bytes, headers that trickle in, or an idle keep-alive) and takes its
+//!   place (`dagrun_serve_connections_evicted_total`): idle connections, however
+//!   many one client opens, cannot lock everyone else out (review 26). Only
+//!   when every connection is in a request is the new one closed at once
 //!   (`dagrun_serve_connections_refused_total`).
 //! - Slow clients: request headers must arrive within `header_timeout`
 //!   (else the connection is closed), a whole request within
@@ -159,14 +165,18 @@ pub async fn serve(
     if integrity.is_none() {
         tracing::warn!("no master key in {}: no model can be verified; every tenant answers 503 until a pipeline has run here", opts.workspace.display());
     }
+    let mut opts = opts;
+    opts.limits.max_connections = fit_connections(opts.limits.max_connections)?;
     let metrics = Arc::new(metrics::Metrics::default());
     let audit_dir = opts.audit_dir.clone().unwrap_or_else(|| dagrun_dir.join("audit"));
     let audit = audit::Audit::start(audit_dir, metrics.clone())?;
-    let prefix = {
+    let (prefix, request_key) = {
         let mut b = [0u8; 4];
+        let mut k = [0u8; 32];
         use rand::TryRng;
         rand::rngs::SysRng.try_fill_bytes(&mut b).context("the operating system's random number generator failed")?;
-        hex::encode(b)
+        rand::rngs::SysRng.try_fill_bytes(&mut k).context("the operating system's random number generator failed")?;
+        (hex::encode(b), k)
     };
     let shared = Arc::new(Shared {
         workspace: opts.workspace.clone(),
@@ -180,6 +190,7 @@ pub async fn serve(
         draining: AtomicBool::new(false),
         request_prefix: prefix,
         request_counter: Default::default(),
+        request_key,
         bodies: tokio::sync::Semaphore::new(state::body_budget_kib(opts.limits.max_body)),
         tenant_bodies: Default::default(),
         scoring: tokio::sync::Semaphore::new(tokio::runtime::Handle::current().metrics().num_workers().max(1)),
@@ -200,6 +211,7 @@ pub async fn serve(
     let app = router::router(shared.clone());
     let (tx, rx) = tokio::sync::watch::channel(false);
     let active = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(std::sync::Mutex::new(OpenConns::default()));
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -214,13 +226,26 @@ pub async fn serve(
                 }
             },
         };
-        if active.load(Ordering::SeqCst) >= shared.limits.max_connections {
-            // Closed at once (the client sees a reset or end of stream):
-            // never queued, never a descriptor held for it.
-            shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-            drop(stream);
-            continue;
+        let n = active.load(Ordering::SeqCst);
+        if n >= shared.limits.max_connections {
+            // Make room by closing the oldest connection not in a request;
+            // if every one is in a request (or too many are being closed
+            // already), this one is closed at once (the client sees a reset
+            // or end of stream): never queued, never a descriptor held for it.
+            let victim = if n < shared.limits.max_connections + MAX_CLOSING { open.lock().unwrap_or_else(|e| e.into_inner()).evict_idle() } else { None };
+            match victim {
+                Some(v) => {
+                    v.notify_one();
+                    shared.metrics.connections_evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                None => {
+                    shared.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    drop(stream);
+                    continue;
+                }
+            }
         }
+        let conn = OpenConns::register(&open);
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
@@ -231,14 +256,31 @@ pub async fn serve(
         tokio::spawn(async move {
             // Freed when the task ends, however it ends (a panic too).
             let _slot = slot;
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| app.clone().oneshot(req.map(axum::body::Body::new)));
+            let evict = conn.evict.clone();
+            let busy = conn.busy.clone();
+            let _conn = conn;
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                // In a request from here until its handler answers: not evicted.
+                let in_request = InRequest::enter(&busy);
+                let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+                async move {
+                    let r = answer.await;
+                    drop(in_request);
+                    r
+                }
+            });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
             match tls {
-                None => drive(b.serve_connection(TokioIo::new(stream), svc), &mut rx).await,
+                None => drive(b.serve_connection(TokioIo::new(stream), svc), &mut rx, &evict).await,
                 Some(acc) => {
-                    if let Ok(Ok(s)) = tokio::time::timeout(limits.header_timeout, acc.accept(stream)).await {
-                        drive(b.serve_connection(TokioIo::new(s), svc), &mut rx).await
+                    let handshake = tokio::time::timeout(limits.header_timeout, acc.accept(stream));
+                    let s = tokio::select! {
+                        r = handshake => r,
+                        _ = evict.notified() => return,
+                    };
+                    if let Ok(Ok(s)) = s {
+                        drive(b.serve_connection(TokioIo::new(s), svc), &mut rx, &evict).await
                     }
                 }
             }
@@ -270,6 +312,107 @@ pub async fn serve(
     Ok(())
 }
 
+/// Descriptors kept for everything but connections: the listener, the
+/// runtime, and the files a request or a reload opens (tokens, registry,
+/// audit log).
+const FD_RESERVE: u64 = 128;
+
+/// `max_connections` that fit the open-file limit with [`FD_RESERVE`] to
+/// spare, after raising the soft limit to the hard one. When connections
+/// took every descriptor, every file open failed (EMFILE), reloads of the
+/// token file and the registry included (review 26): so fewer connections are
+/// held than asked (with a warning), and a limit too low to serve is an error.
+fn fit_connections(want: usize) -> Result<usize> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `r`, a valid local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Ok(want);
+    }
+    if r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+        // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up to the hard one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            r = raised;
+        }
+    }
+    // (RLIM_INFINITY is u64::MAX: no limit.)
+    let limit: u64 = r.rlim_cur;
+    let room = usize::try_from(limit.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    if room < 16 {
+        return Err(crate::error::config(format!(
+            "the open-file limit of this process is {limit}: too low to serve ({FD_RESERVE} descriptors are kept for files); raise it \
+             (`ulimit -n 4096`, LimitNOFILE= in a systemd unit)"
+        )));
+    }
+    if want > room {
+        tracing::warn!(
+            "--max-connections {want}: the open-file limit is {limit}, so at most {room} connections are held ({FD_RESERVE} descriptors \
+             are kept for files); raise the limit (LimitNOFILE= in a systemd unit, `ulimit -n`) to hold more"
+        );
+        return Ok(room);
+    }
+    Ok(want)
+}
+
+/// Connections that may be closed beyond `max_connections` while they are
+/// being closed to make room (each closes within moments).
+const MAX_CLOSING: usize = 64;
+
+/// The open connections, oldest first: whether each is in a request, and
+/// how to ask it to close.
+#[derive(Default)]
+struct OpenConns {
+    next: u64,
+    conns: std::collections::BTreeMap<u64, (Arc<AtomicUsize>, Arc<tokio::sync::Notify>)>,
+}
+
+/// A connection's entry in [`OpenConns`], removed when its task ends.
+struct ConnEntry {
+    id: u64,
+    open: Arc<std::sync::Mutex<OpenConns>>,
+    busy: Arc<AtomicUsize>,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+impl OpenConns {
+    fn register(open: &Arc<std::sync::Mutex<OpenConns>>) -> ConnEntry {
+        let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
+        let id = o.next;
+        o.next += 1;
+        let (busy, evict) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
+        o.conns.insert(id, (busy.clone(), evict.clone()));
+        ConnEntry { id, open: open.clone(), busy, evict }
+    }
+
+    /// Take the oldest connection not in a request out of the list, to close it.
+    fn evict_idle(&mut self) -> Option<Arc<tokio::sync::Notify>> {
+        let id = self.conns.iter().find(|(_, (busy, _))| busy.load(Ordering::SeqCst) == 0).map(|(id, _)| *id)?;
+        self.conns.remove(&id).map(|(_, evict)| evict)
+    }
+}
+
+impl Drop for ConnEntry {
+    fn drop(&mut self) {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&self.id);
+    }
+}
+
+/// A connection's request in progress (its handler has not answered yet).
+struct InRequest(Arc<AtomicUsize>);
+
+impl InRequest {
+    fn enter(busy: &Arc<AtomicUsize>) -> InRequest {
+        busy.fetch_add(1, Ordering::SeqCst);
+        InRequest(busy.clone())
+    }
+}
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One of the `max_connections` slots, held while its connection lives.
 struct Slot(Arc<AtomicUsize>);
 
@@ -286,8 +429,9 @@ impl Drop for Slot {
     }
 }
 
-/// Serve one connection; on shutdown, finish the request in flight and close.
-async fn drive<I, S>(conn: hyper::server::conn::http1::Connection<I, S>, rx: &mut tokio::sync::watch::Receiver<bool>)
+/// Serve one connection; on shutdown or eviction, finish the request in
+/// flight (if any) and close.
+async fn drive<I, S>(conn: hyper::server::conn::http1::Connection<I, S>, rx: &mut tokio::sync::watch::Receiver<bool>, evict: &tokio::sync::Notify)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming> + Send,
@@ -304,6 +448,7 @@ where
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = rx.changed() => {}
+        _ = evict.notified() => {}
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;

@@ -104,7 +104,9 @@ fn route_of(path: Option<&str>) -> Route {
 async fn observe(State(s): S, req: Request, next: Next) -> Response {
     let t0 = Instant::now();
     let route = route_of(req.extensions().get::<MatchedPath>().map(|m| m.as_str()));
-    // The request id: the server's random prefix and a counter.
+    // The request id: the server's random prefix and a keyed hash of a
+    // counter (review 26: the bare counter, shown to every tenant in
+    // `x-request-id`, told each how many requests the others made).
     let rid = route.scores().then(|| s.request_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let mut resp = next.run(req).await;
     let secs = t0.elapsed().as_secs_f64();
@@ -116,7 +118,7 @@ async fn observe(State(s): S, req: Request, next: Next) -> Response {
         let mut id = Vec::with_capacity(32);
         id.extend_from_slice(s.request_prefix.as_bytes());
         id.push(b'-');
-        push_i64(&mut id, n as i64);
+        id.extend_from_slice(s.request_suffix(n).as_bytes());
         let now = chrono::Utc::now();
         LINE.with_borrow_mut(|line| {
             line.clear();

@@ -15,6 +15,17 @@
 //!   and `index.json` every 200 ms (by size, mtime, ctime and inode): a
 //!   revoked token stops working, and a new champion starts answering,
 //!   within about 200 ms, without a restart.
+//! - A file's verdict is remembered (not read again until it changes) only
+//!   when it was read: loaded, or refused for what it holds (a bad MAC, a
+//!   parse error, an older token generation). A read that failed for a
+//!   reason outside the file (too many open files, a permission, an I/O
+//!   error) is tried again at every poll, logged once until it succeeds
+//!   (review 26: one failed read under a flood of idle connections kept a
+//!   revoked token working, and a rolled-back champion, for good).
+//! - A token file that is removed takes every token with it: no token is
+//!   accepted until a new one is written (`dagrun tokens create` starts it at
+//!   a generation of at least the current time, so it is newer than any copy
+//!   of the old one).
 
 use crate::registry::Registry;
 use crate::scoring::Deployed;
@@ -76,6 +87,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     pub request_prefix: String,
     pub request_counter: std::sync::atomic::AtomicU64,
+    /// Random per process: request ids are a keyed hash of the counter.
+    pub request_key: [u8; 32],
     /// Request bodies held at once, in KiB: a body's declared length (or
     /// `max_body` when it declares none) is taken before it is read and
     /// given back when its request is answered ([`body_budget_kib`]).
@@ -131,24 +144,81 @@ pub struct Watch {
     tenants: BTreeMap<String, (Option<Sig>, Option<Sig>)>,
     /// (version, blake3) pairs that failed: not retried until they change.
     failed: BTreeMap<(String, String), String>,
+    /// Files whose last read failed for a reason outside them (`tokens`, or a
+    /// tenant): tried again at every poll; the error is logged once.
+    retrying: BTreeMap<String, String>,
+}
+
+/// An error that says nothing about a file's content (a descriptor limit, a
+/// permission, an I/O error), as opposed to a bad MAC, a parse error or a
+/// file that is not a regular file of a sensible size (`InvalidData`).
+fn transient(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::{InvalidData, NotFound, UnexpectedEof};
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| !matches!(io.kind(), InvalidData | NotFound | UnexpectedEof)))
+}
+
+impl Watch {
+    /// A read of `what` failed for a reason outside the file: logged (and
+    /// counted by `count`) the first time only; tried again at the next poll.
+    fn failed_for_now(&mut self, what: &str, e: &anyhow::Error, count: impl FnOnce()) {
+        let msg = format!("{e:#}");
+        if self.retrying.get(what) != Some(&msg) {
+            let first = !self.retrying.contains_key(what);
+            if first {
+                count();
+            }
+            tracing::error!("cannot read the {} for now: {msg}; keeping what is held and trying again every {} ms", shown(what), POLL.as_millis());
+            self.retrying.insert(what.to_string(), msg);
+        }
+    }
+
+    /// `what` was read (loaded, or refused for what it holds).
+    fn read_again(&mut self, what: &str) {
+        if self.retrying.remove(what).is_some() {
+            tracing::info!("the {} could be read again", shown(what));
+        }
+    }
+}
+
+fn shown(what: &str) -> String {
+    if what == "tokens" { "token file".into() } else { format!("registry files of tenant {what}") }
 }
 
 impl Shared {
-    /// A fresh request id.
-    pub fn next_request_id(&self) -> String {
-        format!("{}-{}", self.request_prefix, self.request_counter.fetch_add(1, Ordering::Relaxed))
+    /// The second half of request `n`'s id: 16 hex digits of a keyed hash
+    /// of `n` (unique in practice, and telling nothing about other requests).
+    pub fn request_suffix(&self, n: u64) -> String {
+        hex::encode(&blake3::keyed_hash(&self.request_key, &n.to_le_bytes()).as_bytes()[..8])
     }
 
     /// Reload the tokens if their file changed. Returns an error message on failure.
     pub fn reload_tokens(&self, w: &mut Watch) {
-        let s = sig(&tokens::tokens_path(&self.dagrun_dir));
+        let path = tokens::tokens_path(&self.dagrun_dir);
+        let s = sig(&path);
         if w.tokens == Some(s) {
+            return;
+        }
+        if s.is_none() && matches!(path.try_exists(), Ok(false)) {
+            // Removed: every token goes with it (fail closed).
+            if matches!(w.tokens, Some(Some(_))) {
+                self.metrics.token_reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("the token file {} was removed: every token is refused until a new one is written (`dagrun tokens create`)", path.display());
+            }
+            self.tokens.store(Arc::new(TokenSet::new(vec![])));
+            w.read_again("tokens");
+            w.tokens = Some(None);
             return;
         }
         let loaded = match &self.integrity {
             Some(k) => tokens::load(&self.dagrun_dir, k),
             None => Err(anyhow::anyhow!("the workspace has no master key, so the token file cannot be verified")),
         };
+        self.take_tokens(w, s, loaded);
+    }
+
+    /// What [`Self::reload_tokens`] does with a read of the token file whose
+    /// identity is `s`.
+    fn take_tokens(&self, w: &mut Watch, s: Option<Sig>, loaded: anyhow::Result<tokens::Tokens>) {
         match loaded {
             Ok(t) if t.generation < w.token_generation => {
                 // A copy of an older file (one from before a revocation, say).
@@ -170,6 +240,13 @@ impl Shared {
                 }
                 w.tokens = Some(s);
             }
+            Err(e) if transient(&e) => {
+                // Keep the previous tokens and read again at the next poll.
+                w.failed_for_now("tokens", &e, || {
+                    self.metrics.token_reload_failures.fetch_add(1, Ordering::Relaxed);
+                });
+                return;
+            }
             Err(e) => {
                 // Keep the previous tokens; try again when the file changes.
                 self.metrics.token_reload_failures.fetch_add(1, Ordering::Relaxed);
@@ -177,6 +254,7 @@ impl Shared {
                 w.tokens = Some(s);
             }
         }
+        w.read_again("tokens");
     }
 
     /// Write the tokens' last-use times (informational, for `tokens list`).
@@ -207,9 +285,17 @@ impl Shared {
             if w.tenants.get(t) == Some(&s) {
                 continue;
             }
-            w.tenants.insert(t.clone(), s);
             let old = current.get(t).cloned().unwrap_or_default();
-            let tm = self.load_tenant(&reg, t, &old, w, &mut notes);
+            let mut for_now = None;
+            let tm = self.load_tenant(&reg, t, &old, w, &mut notes, &mut for_now);
+            match for_now {
+                // Not remembered: read again at the next poll.
+                Some((e, what)) => w.failed_for_now(t, &e, || self.metrics.load_failed(t, &what)),
+                None => {
+                    w.tenants.insert(t.clone(), s);
+                    w.read_again(t);
+                }
+            }
             next.get_or_insert_with(|| (*current).clone()).insert(t.clone(), Arc::new(tm));
         }
         if let Some(map) = next {
@@ -226,10 +312,26 @@ impl Shared {
         notes
     }
 
-    fn load_tenant(&self, reg: &Registry, t: &str, old: &TenantModels, w: &mut Watch, notes: &mut Vec<String>) -> TenantModels {
+    /// The models of tenant `t` as its registry files say now. A read that
+    /// failed for a reason outside the files is put in `for_now` (and what
+    /// could not be read is kept as held), with the metrics label of what it
+    /// was, never remembered as a verdict.
+    fn load_tenant(
+        &self,
+        reg: &Registry,
+        t: &str,
+        old: &TenantModels,
+        w: &mut Watch,
+        notes: &mut Vec<String>,
+        for_now: &mut Option<(anyhow::Error, String)>,
+    ) -> TenantModels {
         let mut tm = TenantModels { champion: old.champion.clone(), versions: BTreeMap::new() };
         let entries = match reg.versions(t) {
             Ok(v) => v,
+            Err(e) if transient(&e) => {
+                *for_now = Some((e, "index".into()));
+                return TenantModels { champion: old.champion.clone(), versions: old.versions.clone() };
+            }
             Err(e) => {
                 tracing::error!("tenant {t}: cannot read the registry index: {e:#}; keeping the models held");
                 self.metrics.load_failed(t, "index");
@@ -256,6 +358,13 @@ impl Shared {
             {
                 Ok(d) => {
                     tm.versions.insert(e.version.clone(), Arc::new(Model { version: e.version.clone(), deployed: d }));
+                }
+                Err(err) if transient(&err) => {
+                    // Kept as held (if it was) and read again at the next poll.
+                    if let Some(m) = old.versions.get(&e.version) {
+                        tm.versions.insert(e.version.clone(), m.clone());
+                    }
+                    *for_now = Some((err, e.version.clone()));
                 }
                 Err(err) => {
                     let msg = format!("{err:#}");
@@ -293,6 +402,9 @@ impl Shared {
                     notes.push(format!("{t}: champion {} refused (see the error above); still serving {kept}", c.version));
                 }
             },
+            Err(e) if transient(&e) => {
+                *for_now = Some((e, "champion".into()));
+            }
             Err(e) => {
                 tracing::error!("tenant {t}: cannot read the champion record: {e:#}; keeping the champion held");
                 self.metrics.load_failed(t, "champion");
@@ -321,4 +433,110 @@ pub fn reload_loop(shared: Arc<Shared>, stop: Arc<AtomicBool>, mut w: Watch) {
         }
     }
     shared.flush_last_used();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(dir: &Path) -> Shared {
+        let metrics = Arc::new(Metrics::default());
+        Shared {
+            workspace: dir.to_path_buf(),
+            dagrun_dir: dir.to_path_buf(),
+            integrity: None,
+            models: Default::default(),
+            tokens: Default::default(),
+            audit: Audit::start(dir.join("audit"), metrics.clone()).unwrap(),
+            metrics,
+            limits: crate::serve::state::Limits {
+                max_body: 1024,
+                max_rows: 10,
+                request_timeout: Duration::from_secs(1),
+                header_timeout: Duration::from_secs(1),
+                drain_timeout: Duration::from_secs(1),
+                max_connections: 1,
+            },
+            draining: AtomicBool::new(false),
+            request_prefix: String::new(),
+            request_counter: Default::default(),
+            request_key: [3u8; 32],
+            bodies: tokio::sync::Semaphore::new(1),
+            tenant_bodies: Default::default(),
+            scoring: tokio::sync::Semaphore::new(1),
+        }
+    }
+
+    fn token(id: &str, revoked: bool) -> tokens::TokenRecord {
+        tokens::TokenRecord {
+            id: id.into(),
+            tenant: "Tenant_A".into(),
+            name: "t".into(),
+            created: chrono::Utc::now(),
+            expires: None,
+            revoked: revoked.then(chrono::Utc::now),
+            sha256: hex::encode(tokens::digest(b"tok-secret")),
+        }
+    }
+
+    #[test]
+    fn only_errors_about_what_a_file_holds_are_remembered() {
+        let emfile = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EMFILE)).context("cannot read tokens.json");
+        let eacces = anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EACCES)).context("cannot read index.json");
+        assert!(transient(&emfile) && transient(&eacces));
+        let odd = anyhow::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file")).context("x");
+        assert!(!transient(&odd));
+        assert!(!transient(&anyhow::anyhow!("tokens.json: the MAC does not verify")));
+    }
+
+    /// Review 26: one read that failed for want of a descriptor was taken as
+    /// the file's verdict, and a revocation written just before it never took
+    /// effect. Now the file is read again at the next poll.
+    #[test]
+    fn a_token_file_that_could_not_be_read_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = shared(dir.path());
+        let mut w = Watch::default();
+        let s1 = Some(Sig(1, 1, 1, 1, 1, 1));
+        sh.take_tokens(&mut w, s1, Ok(tokens::Tokens { generation: 5, tokens: vec![token("0000000a", false)] }));
+        assert_eq!(w.tokens, Some(s1));
+        assert!(sh.tokens.load().check(b"tok-secret", chrono::Utc::now()).is_ok());
+        // The file changes (a revocation) but cannot be read now.
+        let s2 = Some(Sig(2, 2, 2, 2, 2, 2));
+        let emfile = || Err(anyhow::Error::from(std::io::Error::from_raw_os_error(libc::EMFILE)).context("cannot read tokens.json"));
+        sh.take_tokens(&mut w, s2, emfile());
+        sh.take_tokens(&mut w, s2, emfile());
+        assert_eq!(w.tokens, Some(s1), "a failed read was remembered as the file's verdict");
+        assert_eq!(sh.metrics.token_reload_failures.load(Ordering::Relaxed), 1, "counted once, not at every poll");
+        assert!(w.retrying.contains_key("tokens"));
+        // Next poll: it reads, and the revocation holds.
+        sh.take_tokens(&mut w, s2, Ok(tokens::Tokens { generation: 6, tokens: vec![token("0000000a", true)] }));
+        assert_eq!(w.tokens, Some(s2));
+        assert!(w.retrying.is_empty());
+        assert!(sh.tokens.load().check(b"tok-secret", chrono::Utc::now()).is_err(), "the revocation did not take effect");
+        // A bad file is remembered (not read 5 times a second).
+        let s3 = Some(Sig(3, 3, 3, 3, 3, 3));
+        sh.take_tokens(&mut w, s3, Err(anyhow::anyhow!("tokens.json: the MAC does not verify")));
+        assert_eq!(w.tokens, Some(s3));
+    }
+
+    /// Review 26: removing the token file kept every token working.
+    #[test]
+    fn a_removed_token_file_takes_every_token_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sh = shared(dir.path());
+        let key = Arc::new(crate::crypto::IntegrityKey::from_bytes([7u8; 32]));
+        sh.integrity = Some(key.clone());
+        let mut w = Watch::default();
+        tokens::create(dir.path(), &key, "Tenant_A", "t", None).unwrap();
+        sh.reload_tokens(&mut w);
+        assert_eq!(sh.tokens.load().len(), 1);
+        std::fs::remove_file(tokens::tokens_path(dir.path())).unwrap();
+        sh.reload_tokens(&mut w);
+        assert_eq!(sh.tokens.load().len(), 0, "a removed token file left its tokens working");
+        // A new file (`tokens create` after the removal) is taken.
+        tokens::create(dir.path(), &key, "Tenant_A", "u", None).unwrap();
+        sh.reload_tokens(&mut w);
+        assert_eq!(sh.tokens.load().len(), 1);
+    }
 }

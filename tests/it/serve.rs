@@ -834,9 +834,16 @@ fn a_forged_or_replayed_token_file_is_refused_by_a_running_server() {
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("modified outside dagrun") && o.stderr.contains("create the tokens again"), "{}", o.stderr);
     std::fs::remove_file(ws.path(".dagrun/tokens.json")).unwrap();
+    // Review 26: removing the file takes every token with it at once.
+    srv.wait_log("was removed: every token is refused");
+    let infer_a = srv.url("/v2/models/Tenant_A/infer");
+    assert_eq!(
+        post(&a, &infer_a, Some(&tok_a), "application/json", inp_a.oip("a0").to_string().as_bytes()).status,
+        401,
+        "a removed token file kept its tokens"
+    );
     let tok_a2 = token(&ws, "Tenant_A", &[]);
     srv.wait_log("tokens reloaded (1 tokens)");
-    let infer_a = srv.url("/v2/models/Tenant_A/infer");
     assert_eq!(post(&a, &infer_a, Some(&tok_a2), "application/json", inp_a.oip("a2").to_string().as_bytes()).status, 200);
     assert_eq!(post(&a, &infer_a, Some(&tok_a), "application/json", inp_a.oip("a1").to_string().as_bytes()).status, 401);
 }
@@ -846,27 +853,62 @@ fn hex_sha256(b: &[u8]) -> String {
     sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// `--max-connections`: idle clients cannot hold every descriptor; one
-/// connection more is closed at once and counted, and a slot freed is used
-/// again.
+/// `--max-connections`: idle clients cannot hold every slot (review 26: one
+/// client opening idle connections locked every tenant out). A connection
+/// accepted when all are open closes the oldest one not in a request and is
+/// served; only when every connection is in a request is it closed at once.
+/// Both are counted, and a slot freed is used again.
 #[test]
-fn one_connection_over_max_connections_is_closed_at_once() {
+fn at_max_connections_the_oldest_idle_one_makes_room_and_busy_ones_stay() {
     let ws = trained(2000);
-    let srv = Server::start(&ws, &["--max-connections", "2", "--header-timeout", "30"]);
-    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&srv.addr).unwrap()).collect();
+    let tok = token(&ws, "Tenant_A", &[]);
+    let srv = Server::start(&ws, &["--max-connections", "2", "--header-timeout", "30", "--request-timeout", "30"]);
+    let read_to_end_within = |s: &mut TcpStream, limit: Duration| {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut buf = [0u8; 256];
+        let t0 = Instant::now();
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Some(t0.elapsed()),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    };
+    // Two idle connections (no byte sent, like a flood of them): a third is served,
+    // and the oldest idle one is closed to make room.
+    let mut idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&srv.addr).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(300));
     let mut third = TcpStream::connect(&srv.addr).unwrap();
+    third.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     third.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let t0 = Instant::now();
-    let mut buf = [0u8; 16];
-    let n = third.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "the connection over the limit was served");
-    assert!(t0.elapsed() < Duration::from_secs(5), "the connection over the limit was held {:?}", t0.elapsed());
+    let mut answer = String::new();
+    let _ = third.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "the new connection was not served: {answer:?}");
+    assert!(read_to_end_within(&mut idle[0], Duration::from_secs(5)).is_some(), "the oldest idle connection was not closed");
     drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    // Two connections in a request (headers sent, the body still coming): a third is closed at once.
+    let busy: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&srv.addr).unwrap();
+            let head = format!(
+                "POST /invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{"
+            );
+            s.write_all(head.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut refused = TcpStream::connect(&srv.addr).unwrap();
+    let held = read_to_end_within(&mut refused, Duration::from_secs(10));
+    assert!(held.is_some_and(|d| d < Duration::from_secs(5)), "the connection over the limit was held {held:?}");
+    drop(busy);
     std::thread::sleep(Duration::from_millis(300));
     let r = get(&agent(), &srv.url("/metrics"), None);
     assert_eq!(r.status, 200);
-    assert!(r.body.contains("dagrun_serve_connections_refused_total 1"), "{}", r.body);
+    assert!(r.body.contains("dagrun_serve_connections_evicted_total 1\n"), "{}", r.body);
+    assert!(r.body.contains("dagrun_serve_connections_refused_total 1\n"), "{}", r.body);
     let o = ws.dagrun(&["serve", "--max-connections", "0"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
 }
