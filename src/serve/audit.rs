@@ -17,7 +17,8 @@
 //! - Every line in a file is whole (review 26: a full disk left half a line,
 //!   and the next batch was appended to it, hiding a line from every reader
 //!   and the count from the metrics): a batch is written under an exclusive
-//!   `flock` of the file (two servers may share the folder); a write that
+//!   `flock` of the file (two servers may share the folder), waited for at
+//!   most [`LOCK_WAIT`] (then the batch is counted as not written); a write that
 //!   fails is cut back off, and the end of a line a killed writer left is cut
 //!   off (and logged) before the next batch is written.
 //! - A log file is opened without following a symlink (`O_NOFOLLOW`), must be
@@ -41,6 +42,8 @@ pub const QUEUE: u64 = 65_536;
 pub const WAKE_AT: u64 = 4_096;
 /// The writer's tick.
 const TICK: Duration = Duration::from_millis(100);
+/// How long the writer waits for another process's lock of a log file.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// Lines of one UTC day, newline-terminated.
 struct Chunk {
@@ -167,7 +170,10 @@ fn open(dir: &Path, day: chrono::NaiveDate) -> std::io::Result<Out> {
 /// cut off the end of a line a stopped writer left; if the write fails, cut
 /// the file back to where it was, so that no half line stays.
 fn append_whole(f: &File, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    f.lock()?;
+    // Bounded (review 28: a process holding the lock stalled the writer, and
+    // with it the server's shutdown, for as long as it liked): the batch is
+    // then counted as not written.
+    crate::util::flock::lock_within(f, path, crate::util::flock::Mode::Exclusive, LOCK_WAIT).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     let result = (|| {
         let len = end_of_whole_lines(f, path)?;
         if let Err(e) = (&*f).write_all(bytes) {
@@ -303,6 +309,26 @@ mod tests {
         a.log(day, br#"{"n":4}"#);
         a.close();
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "{\"n\":4}\n");
+    }
+
+    /// Review 28: a process holding the log's lock stalled the writer, and
+    /// the server's shutdown, without end.
+    #[test]
+    fn a_lock_held_elsewhere_is_waited_for_a_bounded_time_and_the_batch_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 4).unwrap();
+        let f = file_for(d.path(), day);
+        std::fs::write(&f, b"").unwrap();
+        let holder = File::open(&f).unwrap();
+        holder.lock().unwrap();
+        let m = Arc::new(Metrics::default());
+        let mut a = Audit::start(d.path().to_path_buf(), m.clone()).unwrap();
+        a.log(day, br#"{"n":1}"#);
+        let t0 = std::time::Instant::now();
+        a.close();
+        assert!(t0.elapsed() < LOCK_WAIT + Duration::from_secs(3), "close waited {:?}", t0.elapsed());
+        assert_eq!(m.audit_write_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "");
     }
 
     #[test]

@@ -259,20 +259,32 @@ pub async fn serve(
             let evict = conn.evict.clone();
             let busy = conn.busy.clone();
             let _conn = conn;
-            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                // In a request from here until its handler answers: not evicted.
-                let in_request = InRequest::enter(&busy);
+            let in_request = busy.clone();
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                // "In a request" (not evicted) while its handler makes the
+                // answer: from the headers for a request without a body, from
+                // the body's last byte for one with a body (the handler takes
+                // it then, `InRequest`): a body that trickles in or never
+                // comes protects nothing (review 28).
+                let has_body = req.headers().contains_key(hyper::header::TRANSFER_ENCODING)
+                    || req.headers().get(hyper::header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+                let held = if has_body {
+                    req.extensions_mut().insert(InRequest(in_request.clone()));
+                    None
+                } else {
+                    Some(Slot::take(&in_request))
+                };
                 let answer = app.clone().oneshot(req.map(axum::body::Body::new));
                 async move {
                     let r = answer.await;
-                    drop(in_request);
+                    drop(held);
                     r
                 }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
             match tls {
-                None => drive(b.serve_connection(TokioIo::new(stream), svc), &mut rx, &evict).await,
+                None => drive(b.serve_connection(TokioIo::new(stream), svc), &mut rx, &evict, &busy).await,
                 Some(acc) => {
                     let handshake = tokio::time::timeout(limits.header_timeout, acc.accept(stream));
                     let s = tokio::select! {
@@ -280,7 +292,7 @@ pub async fn serve(
                         _ = evict.notified() => return,
                     };
                     if let Ok(Ok(s)) = s {
-                        drive(b.serve_connection(TokioIo::new(s), svc), &mut rx, &evict).await
+                        drive(b.serve_connection(TokioIo::new(s), svc), &mut rx, &evict, &busy).await
                     }
                 }
             }
@@ -397,24 +409,23 @@ impl Drop for ConnEntry {
     }
 }
 
-/// A connection's request in progress (its handler has not answered yet).
-struct InRequest(Arc<AtomicUsize>);
+/// A connection's count of requests in progress, put in the extensions of a
+/// request with a body: the handler takes a [`Slot`] of it once the body has
+/// arrived ([`InRequest::enter`]), held until its answer is made.
+#[derive(Clone)]
+pub(crate) struct InRequest(Arc<AtomicUsize>);
 
 impl InRequest {
-    fn enter(busy: &Arc<AtomicUsize>) -> InRequest {
-        busy.fetch_add(1, Ordering::SeqCst);
-        InRequest(busy.clone())
+    /// The request's body has arrived: in a request until the returned slot goes.
+    pub(crate) fn enter(&self) -> Slot {
+        Slot::take(&self.0)
     }
 }
 
-impl Drop for InRequest {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// One of the `max_connections` slots, held while its connection lives.
-struct Slot(Arc<AtomicUsize>);
+/// One unit of a counter, given back however its holder ends (a panic too):
+/// one of the `max_connections` slots, held while its connection lives, and
+/// a connection's request in progress, held until its handler answers.
+pub(crate) struct Slot(Arc<AtomicUsize>);
 
 impl Slot {
     fn take(active: &Arc<AtomicUsize>) -> Slot {
@@ -429,10 +440,17 @@ impl Drop for Slot {
     }
 }
 
-/// Serve one connection; on shutdown or eviction, finish the request in
-/// flight (if any) and close.
-async fn drive<I, S>(conn: hyper::server::conn::http1::Connection<I, S>, rx: &mut tokio::sync::watch::Receiver<bool>, evict: &tokio::sync::Notify)
-where
+/// Serve one connection; on shutdown, finish the request in flight and
+/// close. Evicted, a connection not in a request is closed at once (review
+/// 28: hyper's graceful shutdown left one with half its headers open until
+/// the header timeout, so evicted connections piled up); one that is in a
+/// request finishes it first.
+async fn drive<I, S>(
+    conn: hyper::server::conn::http1::Connection<I, S>,
+    rx: &mut tokio::sync::watch::Receiver<bool>,
+    evict: &tokio::sync::Notify,
+    busy: &AtomicUsize,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming> + Send,
     S::Future: Send + 'static,
@@ -448,7 +466,11 @@ where
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = rx.changed() => {}
-        _ = evict.notified() => {}
+        _ = evict.notified() => {
+            if busy.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+        }
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
@@ -460,4 +482,30 @@ pub fn check_workers(n: usize) -> Result<usize> {
         bail!("--workers {n}: give a number between 1 and 1024");
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_connection_not_in_a_request_is_evicted_and_none_when_all_are_in_one() {
+        let open = Arc::new(std::sync::Mutex::new(OpenConns::default()));
+        let a = OpenConns::register(&open);
+        let b = OpenConns::register(&open);
+        let c = OpenConns::register(&open);
+        let in_a = InRequest(a.busy.clone()).enter();
+        // a is in a request: b (the oldest not in one) goes first, then c.
+        let first = open.lock().unwrap().evict_idle().unwrap();
+        assert!(Arc::ptr_eq(&first, &b.evict));
+        let second = open.lock().unwrap().evict_idle().unwrap();
+        assert!(Arc::ptr_eq(&second, &c.evict));
+        // Only a is left, in a request: nothing to evict (the new connection is refused).
+        assert!(open.lock().unwrap().evict_idle().is_none());
+        drop(in_a);
+        assert!(open.lock().unwrap().evict_idle().is_some_and(|e| Arc::ptr_eq(&e, &a.evict)));
+        // Entries go when their connections end.
+        drop((a, b, c));
+        assert!(open.lock().unwrap().conns.is_empty());
+    }
 }

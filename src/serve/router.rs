@@ -487,6 +487,8 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req:
         Ok(b) => b,
         Err(r) => return r,
     };
+    // The body is here: in a request (not evicted) until the answer is made.
+    let _in_request = parts.extensions.get::<crate::serve::InRequest>().map(crate::serve::InRequest::enter);
     off_workers(&s, deadline, p, &info.clone(), || oip_answer(&s, &c, &m, &bytes, info)).await
 }
 
@@ -574,6 +576,8 @@ async fn invocations(State(s): S, req: Request) -> Response {
         Ok(b) => b,
         Err(r) => return r,
     };
+    // The body is here: in a request (not evicted) until the answer is made.
+    let _in_request = parts.extensions.get::<crate::serve::InRequest>().map(crate::serve::InRequest::enter);
     off_workers(&s, deadline, p, &info.clone(), || mlflow_answer(&s, &c, &m, &bytes, csv, info)).await
 }
 

@@ -392,6 +392,10 @@ impl Shared {
                         tm.champion = Some(m.clone());
                     }
                 }
+                // Its file could not be read for now (logged once, read again
+                // at the next poll): not a failed check (review 28: this said
+                // so, and counted it, five times a second).
+                None if for_now.as_ref().is_some_and(|(_, what)| what == &c.version) => {}
                 _ => {
                     let kept = tm.champion.as_ref().map(|m| m.version.clone()).unwrap_or_else(|| "none".into());
                     tracing::error!("tenant {t}: champion {} failed its checks and is not loaded; still serving {kept}", c.version);

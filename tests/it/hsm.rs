@@ -543,6 +543,14 @@ fn master_key_in_config_dagrun_yaml_and_strict_parsing() {
         assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
         assert!(o.stderr.contains("lies inside the workspace") && o.stderr.contains("vendor/libsofthsm2.so"), "{}", o.stderr);
     }
+    // Review 28: nor one reached through `..` or /proc (`/proc/self/cwd/..` reached a
+    // library shipped beside the workspace, wherever it was cloned).
+    for module in ["/usr/lib/softhsm/../softhsm/libsofthsm2.so", "/proc/self/root/usr/lib/softhsm/libsofthsm2.so"] {
+        ws.write("config/dagrun.yaml", format!("master_key: \"{}\"\n", tok.uri.replace("/usr/lib/softhsm/libsofthsm2.so", module)));
+        let o = dg(&ws, Some(&tok), &["keys", "list"], &[]);
+        assert_eq!(o.code, 2, "{module}: {}", o.stderr);
+        assert!(o.stderr.contains("through `..` or /proc"), "{}", o.stderr);
+    }
     assert_eq!(key_files(&ws), keys, "a refused command changed the key files");
 }
 

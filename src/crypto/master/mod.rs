@@ -54,18 +54,36 @@ pub use uri::Pkcs11Uri;
 /// inside the workspace: a cloned repository or a shared folder can ship a
 /// library owned by whoever copied it, which would then run inside dagrun with
 /// the PIN and the tenant keys (review 27; `pkcs11::check_module` refuses
-/// modules others could change, wherever they are named).
+/// modules others could change, wherever they are named). Such a module must
+/// also be named by a plain path (no `..`, not through `/proc`), lie outside
+/// the repository the workspace is part of, and be root's, it and every
+/// folder above it.
 fn refuse_module_in_workspace(workspace: &Path, uri: &Pkcs11Uri, from: &str) -> Result<()> {
     let Some(module) = uri.module_path.as_deref() else { return Ok(()) };
-    let (Ok(m), Ok(w)) = (std::fs::canonicalize(module), std::fs::canonicalize(workspace)) else { return Ok(()) };
-    if m.starts_with(&w) {
+    // Named plainly: no `..` and no `/proc` (review 28: `/proc/self/cwd/..`
+    // reached a library a repository shipped beside the workspace, wherever
+    // it was cloned).
+    if module.components().any(|c| c == std::path::Component::ParentDir) || module.starts_with("/proc") {
         return Err(crate::error::config(format!(
-            "{from} names the PKCS#11 module {}, which lies inside the workspace {}: dagrun loads no library a \
-             workspace ships. Install the HSM vendor's module outside it (e.g. under /usr/lib) and name that",
-            module.display(),
-            w.display()
+            "{from} names the PKCS#11 module {} through `..` or /proc: name the installed module by its plain absolute path \
+             (e.g. /usr/lib/softhsm/libsofthsm2.so)",
+            module.display()
         )));
     }
+    let (Ok(m), Ok(w)) = (std::fs::canonicalize(module), std::fs::canonicalize(workspace)) else { return Ok(()) };
+    // The workspace, or the repository it is part of (a folder above it with `.git`).
+    let shipped = w.ancestors().find(|a| a.join(".git").exists()).unwrap_or(&w);
+    if m.starts_with(&w) || m.starts_with(shipped) {
+        return Err(crate::error::config(format!(
+            "{from} names the PKCS#11 module {}, which lies inside the workspace {}: dagrun loads no library a \
+             workspace or its repository ships. Install the HSM vendor's module outside it (e.g. under /usr/lib) and name that",
+            module.display(),
+            shipped.display()
+        )));
+    }
+    // Root's, wherever it is (review 28: `/proc/self/cwd/..` reached a
+    // library a repository shipped beside the workspace).
+    pkcs11::check_module(module, true).map_err(|e| crate::error::config(format!("{from}: {e:#}")))?;
     Ok(())
 }
 

@@ -112,7 +112,7 @@ fn context(module: &Path) -> Result<Pkcs11> {
         return Ok(c.clone());
     }
     // The file checked is the file loaded: a link swapped after the check changes nothing.
-    let real = check_module(module)?;
+    let real = check_module(module, false)?;
     let ctx =
         Pkcs11::new(&real).map_err(|e| anyhow!("cannot load the PKCS#11 module {} ({e}): is it a PKCS#11 library for this machine?", module.display()))?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -131,8 +131,11 @@ fn context(module: &Path) -> Result<Pkcs11> {
 /// group nor others, and so must every folder above it, except that a folder
 /// with the sticky bit (`/tmp`) may be writable by all, since only an entry's
 /// owner can replace it there (and that owner is checked one level down).
+/// With `root_only` (a module named by a file of the workspace, which a
+/// cloned repository can set: review 28 reached a library it shipped through
+/// `/proc/self/cwd/..`), the file and its folders must be root's.
 /// Returns the resolved path: the one to load.
-pub(crate) fn check_module(module: &Path) -> Result<PathBuf> {
+pub(crate) fn check_module(module: &Path, root_only: bool) -> Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     if !module.is_absolute() {
         bail!(
@@ -164,6 +167,13 @@ pub(crate) fn check_module(module: &Path) -> Result<PathBuf> {
         } else {
             format!("{}, a folder above the PKCS#11 module {},", p.display(), real.display())
         };
+        if root_only && m.uid() != 0 {
+            bail!(
+                "{what} belongs to user id {}, not root: a module named by a file of the workspace must be installed by root (a \
+                 repository could ship one); name a module of your own in DAGRUN_MASTER_KEY_URI instead",
+                m.uid()
+            );
+        }
         if m.uid() != 0 && m.uid() != me {
             bail!("{what} belongs to user id {}, neither root nor you: that user could make dagrun run their code with your keys; {fix}", m.uid());
         }
@@ -598,4 +608,55 @@ fn transient_secret() -> Vec<Attribute> {
         Attribute::Sensitive(false),
         Attribute::Extractable(true),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review 27 and 28: which modules may be loaded. (The folders above a
+    /// temporary folder are root's, `/tmp` with its sticky bit.)
+    #[test]
+    fn modules_others_could_change_are_refused_and_workspace_named_ones_must_be_roots() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("libvendor.so");
+        std::fs::write(&m, b"not really a library").unwrap();
+        std::fs::set_permissions(&m, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root {
+            // A file of another user: refused either way.
+            std::os::unix::fs::chown(&m, Some(65534), None).unwrap();
+            let e = format!("{:#}", check_module(&m, false).unwrap_err());
+            assert!(e.contains("neither root nor you"), "{e}");
+        } else {
+            // Yours: fine when you name it, not when a workspace file does.
+            assert_eq!(check_module(&m, false).unwrap(), std::fs::canonicalize(&m).unwrap());
+        }
+        let e = format!("{:#}", check_module(&m, true).unwrap_err());
+        assert!(e.contains("not root") && e.contains("DAGRUN_MASTER_KEY_URI"), "{e}");
+        // A link is followed and the file it names is the one checked and returned.
+        if root {
+            std::os::unix::fs::chown(&m, Some(0), None).unwrap();
+        }
+        let link = d.path().join("link.so");
+        std::os::unix::fs::symlink(&m, &link).unwrap();
+        if root {
+            assert_eq!(check_module(&link, true).unwrap(), std::fs::canonicalize(&m).unwrap());
+        }
+        // Writable by others, or in a folder others can write (no sticky bit): refused.
+        std::fs::set_permissions(&m, std::fs::Permissions::from_mode(0o757)).unwrap();
+        assert!(format!("{:#}", check_module(&m, false).unwrap_err()).contains("writable by group or others (mode 0757)"));
+        std::fs::set_permissions(&m, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(format!("{:#}", check_module(&m, false).unwrap_err()).contains("a folder above the PKCS#11 module"));
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        if root {
+            assert!(check_module(&m, false).is_ok(), "a sticky folder is fine");
+        }
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Relative: refused before anything is looked up.
+        assert!(format!("{:#}", check_module(Path::new("lib/libvendor.so"), false).unwrap_err()).contains("not an absolute path"));
+    }
 }
