@@ -245,22 +245,27 @@ pub async fn serve(
                 }
             }
         }
-        let conn = OpenConns::register(&open);
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let tls = tls.clone();
         let mut rx = rx.clone();
         let limits = shared.limits.clone();
         let stream = send_timeout::SendTimeout::new(stream, limits.request_timeout);
+        let conn = OpenConns::register(&open, stream.blocked());
         let slot = Slot::take(&active);
         tokio::spawn(async move {
             // Freed when the task ends, however it ends (a panic too).
             let _slot = slot;
             let evict = conn.evict.clone();
             let busy = conn.busy.clone();
+            let blocked = conn.blocked.clone();
+            let started = Arc::new(AtomicUsize::new(0));
             let _conn = conn;
             let in_request = busy.clone();
+            let requests = started.clone();
             let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                // Started (headers read) until its answer is written: shutdown lets it finish.
+                let begun = Slot::take(&requests);
                 // "In a request" (not evicted) while its handler makes the
                 // answer: from the headers for a request without a body, from
                 // the body's last byte for one with a body (the handler takes
@@ -275,16 +280,22 @@ pub async fn serve(
                     Some(Slot::take(&in_request))
                 };
                 let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+                let in_request = in_request.clone();
                 async move {
                     let r = answer.await;
+                    // ... and on until its answer's last byte has been taken
+                    // (review 29: an answer being written was cut off).
+                    let answering = Slot::take(&in_request);
                     drop(held);
-                    r
+                    r.map(|resp| resp.map(|body| axum::body::Body::new(Answering { body, _in_request: answering, _started: begun })))
                 }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
             b.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
             match tls {
-                None => drive(b.serve_connection(TokioIo::new(stream), svc), &mut rx, &evict, &busy).await,
+                None => {
+                    drive(b.serve_connection(TokioIo::new(stream), svc), &mut rx, &evict, &|| idle(&busy, &blocked), &|| unstarted(&started, &blocked)).await
+                }
                 Some(acc) => {
                     let handshake = tokio::time::timeout(limits.header_timeout, acc.accept(stream));
                     let s = tokio::select! {
@@ -292,7 +303,7 @@ pub async fn serve(
                         _ = evict.notified() => return,
                     };
                     if let Ok(Ok(s)) = s {
-                        drive(b.serve_connection(TokioIo::new(s), svc), &mut rx, &evict, &busy).await
+                        drive(b.serve_connection(TokioIo::new(s), svc), &mut rx, &evict, &|| idle(&busy, &blocked), &|| unstarted(&started, &blocked)).await
                     }
                 }
             }
@@ -375,7 +386,33 @@ const MAX_CLOSING: usize = 64;
 #[derive(Default)]
 struct OpenConns {
     next: u64,
-    conns: std::collections::BTreeMap<u64, (Arc<AtomicUsize>, Arc<tokio::sync::Notify>)>,
+    conns: std::collections::BTreeMap<u64, Conn>,
+}
+
+/// What the accept loop knows of a connection.
+#[derive(Clone)]
+struct Conn {
+    /// Requests in progress ([`InRequest`], and answers being written).
+    busy: Arc<AtomicUsize>,
+    /// Its last write waits for the client ([`send_timeout::SendTimeout::blocked`]).
+    blocked: Arc<AtomicBool>,
+    /// Told to close.
+    evict: Arc<tokio::sync::Notify>,
+}
+
+/// A connection that can be closed without losing anything: no request in
+/// progress (a body still arriving does not count), no answer being written,
+/// no byte of one waiting in a buffer for the client.
+fn idle(busy: &AtomicUsize, blocked: &AtomicBool) -> bool {
+    busy.load(Ordering::SeqCst) == 0 && !blocked.load(Ordering::SeqCst)
+}
+
+/// A connection with no request started (none whose headers were read and
+/// whose answer is not written yet) and nothing waiting for its client: what
+/// shutdown closes at once (review 29: one with half a header held the
+/// shutdown for the header timeout).
+fn unstarted(started: &AtomicUsize, blocked: &AtomicBool) -> bool {
+    started.load(Ordering::SeqCst) == 0 && !blocked.load(Ordering::SeqCst)
 }
 
 /// A connection's entry in [`OpenConns`], removed when its task ends.
@@ -383,29 +420,58 @@ struct ConnEntry {
     id: u64,
     open: Arc<std::sync::Mutex<OpenConns>>,
     busy: Arc<AtomicUsize>,
+    blocked: Arc<AtomicBool>,
     evict: Arc<tokio::sync::Notify>,
 }
 
 impl OpenConns {
-    fn register(open: &Arc<std::sync::Mutex<OpenConns>>) -> ConnEntry {
+    fn register(open: &Arc<std::sync::Mutex<OpenConns>>, blocked: Arc<AtomicBool>) -> ConnEntry {
         let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
         let id = o.next;
         o.next += 1;
-        let (busy, evict) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
-        o.conns.insert(id, (busy.clone(), evict.clone()));
-        ConnEntry { id, open: open.clone(), busy, evict }
+        let c = Conn { busy: Arc::new(AtomicUsize::new(0)), blocked, evict: Arc::new(tokio::sync::Notify::new()) };
+        o.conns.insert(id, c.clone());
+        ConnEntry { id, open: open.clone(), busy: c.busy, blocked: c.blocked, evict: c.evict }
     }
 
-    /// Take the oldest connection not in a request out of the list, to close it.
+    /// Take the oldest idle connection ([`idle`]) out of the list, to close it.
     fn evict_idle(&mut self) -> Option<Arc<tokio::sync::Notify>> {
-        let id = self.conns.iter().find(|(_, (busy, _))| busy.load(Ordering::SeqCst) == 0).map(|(id, _)| *id)?;
-        self.conns.remove(&id).map(|(_, evict)| evict)
+        let id = self.conns.iter().find(|(_, c)| idle(&c.busy, &c.blocked)).map(|(id, _)| *id)?;
+        self.conns.remove(&id).map(|c| c.evict)
     }
 }
 
 impl Drop for ConnEntry {
     fn drop(&mut self) {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&self.id);
+    }
+}
+
+/// An answer's body, holding its connection "in a request" until hyper has
+/// taken its last byte (or dropped it).
+struct Answering {
+    body: axum::body::Body,
+    _in_request: Slot,
+    _started: Slot,
+}
+
+impl hyper::body::Body for Answering {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -440,16 +506,17 @@ impl Drop for Slot {
     }
 }
 
-/// Serve one connection; on shutdown, finish the request in flight and
-/// close. Evicted, a connection not in a request is closed at once (review
-/// 28: hyper's graceful shutdown left one with half its headers open until
-/// the header timeout, so evicted connections piled up); one that is in a
-/// request finishes it first.
+/// Serve one connection. Evicted, or at shutdown, a connection that is idle
+/// ([`idle`]) is closed at once (review 28: hyper's graceful shutdown left one
+/// with half its headers open until the header timeout, so evicted
+/// connections piled up, and shutdown waited for them, review 29); one that
+/// is in a request finishes it (its answer written) first.
 async fn drive<I, S>(
     conn: hyper::server::conn::http1::Connection<I, S>,
     rx: &mut tokio::sync::watch::Receiver<bool>,
     evict: &tokio::sync::Notify,
-    busy: &AtomicUsize,
+    idle: &(dyn Fn() -> bool + Sync),
+    unstarted: &(dyn Fn() -> bool + Sync),
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming> + Send,
@@ -460,17 +527,16 @@ async fn drive<I, S>(
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     tokio::pin!(conn);
-    if *rx.borrow() {
-        conn.as_mut().graceful_shutdown();
-    }
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = rx.changed() => {}
-        _ = evict.notified() => {
-            if busy.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-        }
+    let evicted = !*rx.borrow()
+        && tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = rx.changed() => false,
+            _ = evict.notified() => true,
+        };
+    // Evicted: close unless in a request. At shutdown: close unless a request
+    // has started (one whose body is still arriving finishes, as before).
+    if if evicted { idle() } else { unstarted() } {
+        return;
     }
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
@@ -491,21 +557,26 @@ mod tests {
     #[test]
     fn the_oldest_connection_not_in_a_request_is_evicted_and_none_when_all_are_in_one() {
         let open = Arc::new(std::sync::Mutex::new(OpenConns::default()));
-        let a = OpenConns::register(&open);
-        let b = OpenConns::register(&open);
-        let c = OpenConns::register(&open);
+        let a = OpenConns::register(&open, Default::default());
+        let b = OpenConns::register(&open, Default::default());
+        let c = OpenConns::register(&open, Default::default());
+        let d = OpenConns::register(&open, Default::default());
         let in_a = InRequest(a.busy.clone()).enter();
-        // a is in a request: b (the oldest not in one) goes first, then c.
+        // b's answer waits in a buffer for its client (review 29).
+        b.blocked.store(true, Ordering::SeqCst);
+        // a is in a request, b is writing: c (the oldest idle) goes first, then d.
         let first = open.lock().unwrap().evict_idle().unwrap();
-        assert!(Arc::ptr_eq(&first, &b.evict));
+        assert!(Arc::ptr_eq(&first, &c.evict));
         let second = open.lock().unwrap().evict_idle().unwrap();
-        assert!(Arc::ptr_eq(&second, &c.evict));
-        // Only a is left, in a request: nothing to evict (the new connection is refused).
+        assert!(Arc::ptr_eq(&second, &d.evict));
+        // Only a and b are left, neither idle: nothing to evict (the new connection is refused).
         assert!(open.lock().unwrap().evict_idle().is_none());
         drop(in_a);
         assert!(open.lock().unwrap().evict_idle().is_some_and(|e| Arc::ptr_eq(&e, &a.evict)));
+        b.blocked.store(false, Ordering::SeqCst);
+        assert!(open.lock().unwrap().evict_idle().is_some_and(|e| Arc::ptr_eq(&e, &b.evict)));
         // Entries go when their connections end.
-        drop((a, b, c));
+        drop((a, b, c, d));
         assert!(open.lock().unwrap().conns.is_empty());
     }
 }

@@ -12,6 +12,10 @@
 //! - Wraps the TCP stream, under TLS: the handshake's writes and the
 //!   encrypted answers are bounded alike. Reads are never timed here (hyper's
 //!   header timeout and the request timeout bound them).
+//! - [`SendTimeout::blocked`] tells whether the last write waits for the
+//!   client: bytes of an answer are then held in hyper's (or TLS's) buffer,
+//!   and dropping the connection would lose them (the server does not evict
+//!   such a connection; review 29).
 
 use std::future::Future;
 use std::io;
@@ -26,16 +30,24 @@ pub struct SendTimeout<S> {
     period: Duration,
     /// Armed at a write that could not proceed; `None` after any progress.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the last write (or flush) waits for the client.
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<S> SendTimeout<S> {
     pub fn new(inner: S, period: Duration) -> SendTimeout<S> {
-        SendTimeout { inner, period, stalled: None }
+        SendTimeout { inner, period, stalled: None, blocked: Default::default() }
+    }
+
+    /// Set while the last write waits for the client (shared with the server's list of connections).
+    pub fn blocked(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.blocked.clone()
     }
 
     /// The inner write returned `r`: disarm on progress; on `Pending`, arm
     /// the timer (or poll it, registering the waker) and fail once it ends.
     fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        self.blocked.store(r.is_pending(), std::sync::atomic::Ordering::SeqCst);
         if r.is_ready() {
             self.stalled = None;
             return r;
