@@ -914,49 +914,6 @@ fn at_max_connections_the_oldest_connection_not_in_a_request_makes_room() {
     assert_eq!(o.code, 2, "{}", o.stderr);
 }
 
-/// Review 29: an answer still being written (held in hyper's buffer for a
-/// client reading slowly) was cut off when its connection was evicted to
-/// make room. A connection is not evicted until its answer's last byte is
-/// taken: the slow reader gets every byte while new connections come.
-#[test]
-fn an_answer_being_written_is_never_cut_off_by_an_eviction() {
-    let ws = trained(2000);
-    let tok = token(&ws, "Tenant_A", &[]);
-    let srv = Server::start(&ws, &["--max-connections", "2", "--header-timeout", "30", "--request-timeout", "30", "--max-body", "16000000"]);
-    let inp = input(&ws, "Tenant_A", 60000, 7);
-    let body = inp.oip("big").to_string();
-    let mut slow = TcpStream::connect(&srv.addr).unwrap();
-    let head = format!(
-        "POST /v2/models/Tenant_A/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    slow.write_all(head.as_bytes()).unwrap();
-    slow.write_all(body.as_bytes()).unwrap();
-    // It reads nothing for a while: its answer waits in the buffers.
-    std::thread::sleep(Duration::from_millis(1500));
-    // New connections meanwhile: each takes the place of an idle one, never the slow reader's.
-    for _ in 0..6 {
-        let mut c = TcpStream::connect(&srv.addr).unwrap();
-        c.write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut a = String::new();
-        let _ = c.read_to_string(&mut a);
-        assert!(a.starts_with("HTTP/1.1 200"), "{a:?}");
-    }
-    slow.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut answer = Vec::new();
-    slow.read_to_end(&mut answer).unwrap();
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text.split_once("\r\n\r\n").expect("an answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let declared: usize =
-        head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).expect("a content length");
-    assert!(declared > 1_000_000, "the answer is too small to wait in the buffers: {declared}");
-    assert_eq!(body.len(), declared, "the answer was cut off");
-    let v: Value = serde_json::from_str(body).unwrap();
-    assert_eq!(oip_scores(&v).len(), 60000);
-}
-
 /// A client that pipelines requests and never reads the answers held its
 /// connection slot for as long as it kept the socket open, so a few of them
 /// locked everyone out (review 10): a connection whose answers make no
