@@ -13,11 +13,12 @@
 //! - At most `max_connections` connections are held at once (fewer when the
 //!   open-file limit cannot hold them with descriptors to spare for files:
 //!   [`fit_connections`]). A connection accepted when they are all open
-//!   closes the oldest one that is not in a request (waiting for its first
-//!   bytes, headers that trickle in, or an idle keep-alive) and takes its
-//!   place (`dagrun_serve_connections_evicted_total`): idle connections, however
-//!   many one client opens, cannot lock everyone else out (review 26). Only
-//!   when every connection is in a request is the new one closed at once
+//!   closes, at once, the oldest one that is idle ([`idle`]: waiting for its
+//!   first bytes, headers or a body that trickle in, or an idle keep-alive;
+//!   not one whose answer is being made or written) and takes its place
+//!   (`dagrun_serve_connections_evicted_total`): idle connections, however
+//!   many one client opens, cannot lock everyone else out (reviews 26, 28,
+//!   29). Only when no connection is idle is the new one closed at once
 //!   (`dagrun_serve_connections_refused_total`).
 //! - Slow clients: request headers must arrive within `header_timeout`
 //!   (else the connection is closed), a whole request within
@@ -27,8 +28,9 @@
 //!   its task ends.
 //! - Shutdown (SIGTERM/SIGINT, see `commands::serve`): stop accepting at once
 //!   (the listening socket is closed), mark not ready, let every in-flight
-//!   request finish and close idle keep-alive connections, for at most
-//!   `drain_timeout`; then flush the audit log and return.
+//!   request finish (its answer written), for at most `drain_timeout`, and
+//!   close at once the connections with no request started (idle keep-alive,
+//!   half-sent headers: [`unstarted`]); then flush the audit log and return.
 
 pub mod audit;
 pub mod input;
