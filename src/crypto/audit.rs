@@ -321,20 +321,9 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
     // after a concurrent append looked like lines cut off the end).
     // The wait is bounded (`util::flock`): a holder that never lets go is
     // reported, not waited on (review 23).
+    // Read from the descriptor the lock is held on.
     let held = match crate::util::open_regular(&log.path) {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("cannot read {shown}")),
-    };
-    if let Some(f) = &held {
-        crate::util::flock::lock_short(f, &log.path, crate::util::flock::Mode::Shared)?;
-    }
-    let read = match &held {
-        Some(_) => crate::util::read_capped(&log.path, MAX_LOG_BYTES),
-        None => Err(std::io::ErrorKind::NotFound.into()),
-    };
-    let mut bytes = match read {
-        Ok(t) => t,
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if log.head.exists() {
                 bail!("{shown} is missing but {} records earlier lines: the audit log was deleted", log.head.display());
@@ -343,6 +332,8 @@ pub fn verify(keys_dir: &Path) -> Result<Verified> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {shown}")),
     };
+    crate::util::flock::lock_short(&held, &log.path, crate::util::flock::Mode::Shared)?;
+    let mut bytes = crate::util::read_capped_from(&held, MAX_LOG_BYTES).with_context(|| format!("cannot read {shown}"))?;
     // What a stopped write left after the last newline (not a whole line):
     // the next append removes it and logs that; it is no line to check.
     let cut_short = cut_short_len(&bytes);

@@ -277,20 +277,25 @@ fn media_type(h: &HeaderMap, accepted: &[&'static str]) -> Option<Option<&'stati
     Some(accepted.iter().find(|a| a.as_bytes().eq_ignore_ascii_case(mt)).copied())
 }
 
+/// What a request holds while its answer is made, once its body is read:
+/// its share of the body budgets (the bytes live until then), and its
+/// connection's mark of a request in progress (not evicted: `serve::InRequest`).
+type BodyHeld<'s> = (tokio::sync::OwnedSemaphorePermit, tokio::sync::SemaphorePermit<'s>, Option<crate::serve::Slot>);
+
 /// The request body, read within the request timeout and the server's
-/// budget of bodies held at once (the permit is held until the answer is
-/// made: the bytes live until then). A declared length over the limit is
-/// refused before anything is read.
+/// budget of bodies held at once (see [`BodyHeld`]). A declared length over
+/// the limit is refused before anything is read.
 async fn take_body<'s>(
     s: &'s Shared,
     c: &Caller,
-    h: &HeaderMap,
+    parts: &axum::http::request::Parts,
     body: Body,
     proto: Proto,
     info: &Info,
     deadline: tokio::time::Instant,
-) -> Result<(axum::body::Bytes, (tokio::sync::OwnedSemaphorePermit, tokio::sync::SemaphorePermit<'s>)), Response> {
+) -> Result<(axum::body::Bytes, BodyHeld<'s>), Response> {
     use http_body_util::BodyExt;
+    let h = &parts.headers;
     let max = s.limits.max_body;
     let too_large = || error(proto, StatusCode::PAYLOAD_TOO_LARGE, "request body over the size limit (dagrun serve --max-body)", info.clone());
     let declared = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -313,7 +318,11 @@ async fn take_body<'s>(
             "the request body did not arrive within the request timeout (dagrun serve --request-timeout)",
             info.clone(),
         )),
-        Ok((permit, Ok(bytes))) => Ok((bytes, permit)),
+        Ok(((own, all), Ok(bytes))) => {
+            // The body is here: in a request until the answer is made.
+            let in_request = parts.extensions.get::<crate::serve::InRequest>().map(crate::serve::InRequest::enter);
+            Ok((bytes, (own, all, in_request)))
+        }
         Ok((_, Err(e))) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok((_, Err(_))) => Err(error(proto, StatusCode::BAD_REQUEST, "cannot read the request body", info.clone())),
     }
@@ -483,12 +492,10 @@ async fn oip_infer(s: Arc<Shared>, tenant: String, version: Option<String>, req:
         None | Some(Some(_)) => {}
         Some(None) => return error(p, StatusCode::UNSUPPORTED_MEDIA_TYPE, "send the inference request as application/json", info),
     }
-    let (bytes, _held) = match take_body(&s, &c, h, body, p, &info, deadline).await {
+    let (bytes, _held) = match take_body(&s, &c, &parts, body, p, &info, deadline).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    // The body is here: in a request (not evicted) until the answer is made.
-    let _in_request = parts.extensions.get::<crate::serve::InRequest>().map(crate::serve::InRequest::enter);
     off_workers(&s, deadline, p, &info.clone(), || oip_answer(&s, &c, &m, &bytes, info)).await
 }
 
@@ -572,12 +579,10 @@ async fn invocations(State(s): S, req: Request) -> Response {
             );
         }
     };
-    let (bytes, _held) = match take_body(&s, &c, h, body, p, &info, deadline).await {
+    let (bytes, _held) = match take_body(&s, &c, &parts, body, p, &info, deadline).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    // The body is here: in a request (not evicted) until the answer is made.
-    let _in_request = parts.extensions.get::<crate::serve::InRequest>().map(crate::serve::InRequest::enter);
     off_workers(&s, deadline, p, &info.clone(), || mlflow_answer(&s, &c, &m, &bytes, csv, info)).await
 }
 

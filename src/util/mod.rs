@@ -29,11 +29,11 @@ pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
 /// what its writer has sent so far (nothing, without one) instead of
 /// blocking the run, which may hold the workspace lock, forever.
 pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    read_open_at_most(open_nonblocking(path)?, max)
+    read_open_at_most(&open_nonblocking(path)?, max)
 }
 
 /// [`read_at_most`] of a file already opened with `O_NONBLOCK`.
-fn read_open_at_most(f: std::fs::File, max: u64) -> std::io::Result<Vec<u8>> {
+fn read_open_at_most(f: &std::fs::File, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
     // Room for the whole file up front (one read, as `fs::read` does; `Take`
@@ -78,7 +78,13 @@ pub fn open_nonblocking(path: &std::path::Path) -> std::io::Result<std::fs::File
 /// (a link to `/dev/zero`) is refused before a byte is read, never waited on
 /// nor read into memory.
 pub fn read_capped(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let bytes = read_open_at_most(open_regular(path)?, max)?;
+    read_capped_from(&open_regular(path)?, max)
+}
+
+/// [`read_capped`] of a file already opened with [`open_regular`] (one the
+/// caller keeps, e.g. to hold a lock on it while it reads).
+pub fn read_capped_from(f: &std::fs::File, max: u64) -> std::io::Result<Vec<u8>> {
+    let bytes = read_open_at_most(f, max)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("larger than {max} bytes: not a file dagrun wrote")));
     }
