@@ -150,8 +150,10 @@ pub fn load_deployed(workspace: &Path, tenant: &str, version: Option<&str>) -> R
 }
 
 /// Load tenant `tenant`'s model: without `version`, its champion in the model
-/// registry (or, for a tenant that has none, the current output of its
-/// `train` stage); with `version`, that registered version (or an earlier
+/// registry (or, for a tenant with no registered model at all, the current
+/// output of its `train` stage; a tenant with registered models but no
+/// champion is refused, as `serve` refuses it); with `version`, that
+/// registered version (or an earlier
 /// output found in the cache). Every path refuses anything not authentic: the
 /// artifact's MAC must verify and name `tenant`
 /// ([`crate::model::artifact::load_verified`]), and its hash must equal its
@@ -163,6 +165,14 @@ pub fn load_deployed_with(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, 
             if let Some(m) = registry.load_champion(tenant, &key)? {
                 let path = registry.artifact_path(tenant, &m.artifact.model_version);
                 return Deployed::from_registry(m, path);
+            }
+            // Registered but never promoted (`promote: manual`): what `serve`
+            // answers 503 for is not scored here with another model.
+            if let Some(newest) = registry.versions(tenant)?.last() {
+                return Err(crate::error::config(format!(
+                    "tenant {tenant} has registered models but no champion (`promote: manual` registers without promoting): promote one with `dagrun models promote {tenant} {}` (the newest; `dagrun models list {tenant}` shows all), or name one with `--model VERSION`",
+                    newest.version
+                )));
             }
         }
         Some(v) => {

@@ -18,10 +18,10 @@
 //!
 //! Hooks for work landing in parallel:
 //! - **Champion** ([`champion_version`]): the model registry's
-//!   `.dagrun/registry/TENANT/champion.json` when the workspace has one;
-//!   otherwise the champion is the model `predict` uses, i.e. the one at the
-//!   train stage's `output:`. Switch to `registry::Registry::champion` once
-//!   the registry lands.
+//!   `.dagrun/registry/TENANT/champion.json` when the tenant has a registry
+//!   (none while no version is promoted: `promote: manual`); for a tenant
+//!   without one, the model `predict` uses, i.e. the one at the train
+//!   stage's `output:`.
 //! - **Drift** ([`drift_rows`]): for every stage of kind `drift`, its JSON
 //!   report (`with.output`, format `dagrun-drift/1`: `max_psi`,
 //!   `features[{name, psi}]`), read when the record's hash matches it, or —
@@ -101,8 +101,10 @@ fn plain(s: &str) -> bool {
 /// The champion model version of `tenant` (see the module doc), given the
 /// version the train stage just produced or reused.
 pub fn champion_version(dagrun_dir: &Path, tenant: &str, trained: Option<&str>) -> Option<String> {
-    let p = dagrun_dir.join("registry").join(tenant).join("champion.json");
-    if p.exists() {
+    let dir = dagrun_dir.join("registry").join(tenant);
+    let p = dir.join("champion.json");
+    // A tenant with registered models but none promoted has no champion.
+    if p.exists() || dir.is_dir() {
         let v: Value = crate::util::read_capped(&p, MAX_STATE_BYTES).ok().and_then(|b| serde_json::from_slice(&b).ok())?;
         let ok_tenant = v.get("tenant").and_then(Value::as_str) == Some(tenant);
         return v.get("version").and_then(Value::as_str).filter(|s| ok_tenant && plain(s)).map(str::to_string);
@@ -304,6 +306,8 @@ mod tests {
         assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-1"));
         let reg = d.path().join("registry/Tenant_A");
         std::fs::create_dir_all(&reg).unwrap();
+        // Registered, none promoted (`promote: manual`): no champion.
+        assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")), None);
         std::fs::write(reg.join("champion.json"), r#"{"format":"dagrun-registry-champion/1","tenant":"Tenant_A","version":"Tenant_A-0","previous":[]}"#)
             .unwrap();
         assert_eq!(champion_version(d.path(), "Tenant_A", Some("Tenant_A-1")).as_deref(), Some("Tenant_A-0"));

@@ -113,9 +113,11 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         crate::executor::slurm::prune_runs(&engine.pipeline.workspace, 10);
         engine.slurm = Some(Arc::new(crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id, engine.states.clone())?));
     }
-    // Temp files exist only if a writer died without unwinding (`workspace::lock`).
+    // Temp files (and plaintext) are left only if a run died without
+    // unwinding (`workspace::lock`); where it wrote is recorded
+    // (`workspace::places`) before any stage of this run starts.
+    engine.prepare_places(lock.found_unclean());
     if lock.found_unclean() {
-        engine.sweep_temp_files();
         lock.swept();
     }
     match super::openlineage::OpenLineage::new(&engine, lineage_url) {

@@ -2,9 +2,12 @@
 //! files of interrupted writes removed.
 //!
 //! Rules: only dagrun's own temporary names (`util::atomic::is_temp_name`)
-//! are swept, and only in the folders dagrun writes to.
+//! are swept, and only in the folders dagrun writes to: this pipeline's and
+//! those of the run that was killed (`workspace::places`, which also names
+//! the sensitive outputs that run may have left).
 
 use super::*;
+use crate::workspace::places::{self, Places};
 
 impl Engine {
     /// Delete every sensitive output on disk (plaintext never outlives a run).
@@ -45,8 +48,83 @@ impl Engine {
         }
     }
 
-    /// Remove temporary files left next to outputs by killed runs.
-    pub fn sweep_temp_files(&self) {
+    /// This run's places: its outputs' folders and its sensitive outputs.
+    fn places(&self) -> Places {
+        let mut p = Places::default();
+        for o in self.pipeline.stages.iter().flat_map(|s| &s.outs) {
+            let parent = Path::new(&o.path).parent().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default();
+            p.dirs.insert(parent);
+            if o.sensitive {
+                p.sensitive.insert(o.path.clone());
+            }
+        }
+        p
+    }
+
+    /// Before the first stage: record where this run writes, and when the
+    /// last run did not end cleanly (`unclean`), remove what it left — its
+    /// temporary files and its sensitive outputs — wherever they are, then
+    /// narrow the record to this run's places (rules: `workspace::places`).
+    pub fn prepare_places(&self, unclean: bool) {
+        let mine = self.places();
+        let Ok(key) = self.services.integrity_key() else {
+            if unclean {
+                self.sweep_temp_files(&mine);
+            }
+            return;
+        };
+        let prev = places::load(&self.ws, &key);
+        let save = |p: &Places| {
+            if let Err(e) = places::save(&self.ws, &key, p) {
+                tracing::warn!("cannot record where this run writes ({e:#}): if it is killed, the next run of another pipeline may not clean up after it");
+            }
+        };
+        if !unclean {
+            if prev.as_ref() != Some(&mine) {
+                save(&mine);
+            }
+            return;
+        }
+        let all = prev.as_ref().map_or_else(|| mine.clone(), |p| p.union(&mine));
+        if prev.as_ref() != Some(&all) {
+            save(&all);
+        }
+        self.sweep_temp_files(&all);
+        self.shred_left(&all, &mine);
+        if all != mine {
+            save(&mine);
+        }
+    }
+
+    /// Delete the sensitive outputs a killed run of another pipeline (or of
+    /// this one with other tenants) may have left: those of `all` this run
+    /// does not declare, unless this pipeline declares the path as a plain
+    /// output or reads it (it is the user's file now).
+    fn shred_left(&self, all: &Places, mine: &Places) {
+        let used: HashSet<&str> =
+            self.pipeline.stages.iter().flat_map(|s| s.deps.iter().map(String::as_str).chain(s.outs.iter().map(|o| o.path.as_str()))).collect();
+        let root = &self.pipeline.workspace;
+        for rel in all.sensitive.iter().filter(|p| !mine.sensitive.contains(*p) && !used.contains(p.as_str())) {
+            let abs = root.join(rel);
+            if abs.symlink_metadata().is_err() {
+                continue;
+            }
+            if let Err(why) = crate::util::nofollow::check_write_path(root, rel, crate::workspace::PROTECTED_DIRS, false) {
+                tracing::warn!("not deleting {rel}, a sensitive output a killed run may have left: {why}");
+                continue;
+            }
+            match remove_path(&abs) {
+                Ok(()) => tracing::warn!("deleted {rel}: a sensitive output a killed run left"),
+                Err(e) => tracing::error!("cannot delete {rel}, a sensitive output a killed run left: {e:#}"),
+            }
+            self.memo.forget(&abs);
+        }
+    }
+
+    /// Remove temporary files left next to outputs by killed runs: in this
+    /// pipeline's output folders and those of `places`.
+    pub fn sweep_temp_files(&self, places: &Places) {
+        let root = &self.pipeline.workspace;
         let mut dirs: HashSet<PathBuf> = HashSet::new();
         for s in &self.pipeline.stages {
             for o in &s.outs {
@@ -55,6 +133,14 @@ impl Engine {
                 }
             }
         }
+        // Another pipeline's folders were not checked when this one loaded.
+        dirs.extend(
+            places
+                .dirs
+                .iter()
+                .filter(|d| d.is_empty() || crate::util::nofollow::check_write_path(root, d, crate::workspace::PROTECTED_DIRS, false).is_ok())
+                .map(|d| root.join(d)),
+        );
         dirs.insert(self.ws.dagrun_dir()); // the hash memo
         dirs.insert(self.ws.keys_dir()); // a killed key write's copy of the keyring
         dirs.insert(self.ws.state_dir());

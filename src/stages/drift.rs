@@ -57,6 +57,20 @@ pub struct Reference {
     pub feature_file_blake3: String,
     pub read_from: ReadFrom,
     pub rows: u64,
+    /// The model trained on the current data, when the reference is the data
+    /// of the model before it (drift reran after `train` retrained on this
+    /// data: a changed threshold, `--force`, a lost report). That data was
+    /// accepted when the model was trained on it: the measurement is shown,
+    /// the gate passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_by: Option<String>,
+}
+
+impl Reference {
+    /// The reference model as a sentence names it: `model X`, or `the model before X`.
+    pub fn named(&self) -> String {
+        if self.model_version.starts_with("the model before ") { self.model_version.clone() } else { format!("model {}", self.model_version) }
+    }
 }
 
 /// Where the reference feature file was read (JSON: `workspace`, `cache`).
@@ -423,6 +437,7 @@ impl StageKind for Drift {
                 feature_file_blake3: ref_hash.clone(),
                 read_from: from,
                 rows: cols[0].len() as u64,
+                accepted_by: (model.feature_file_hash == report.current.feature_file_blake3).then(|| model.model_version.clone()),
             });
         }
         let mut bytes = serde_json::to_vec_pretty(&report)?;
@@ -430,18 +445,24 @@ impl StageKind for Drift {
         write_atomic(&ctx.outs[0], &bytes)?;
 
         let failing: Vec<String> = report.features.iter().filter(|f| f.level == Level::Fail).map(|f| format!("{} PSI {:.3}", f.name, f.psi)).collect();
-        if !failing.is_empty() {
+        // Data a model was already trained on is not stopped again: the gate
+        // guards what `train` is about to learn from, and it has.
+        let accepted = report.reference.as_ref().is_some_and(|r| r.accepted_by.is_some());
+        if !failing.is_empty() && !accepted {
             bail!(
-                "tenant {tenant}: feature drift above max_psi {max_psi}: {} (report: {}); the data differs from what model {} was trained on. Investigate the new data, or accept it with `-p` raising max_psi",
+                "tenant {tenant}: feature drift above max_psi {max_psi}: {} (report: {}); the data differs from what {} was trained on. Investigate the new data, or accept it with `-p max_psi=…` raised for one run (once a model is trained on it, later runs accept it)",
                 failing.join(", "),
                 ctx.rel(&ctx.outs[0]),
-                report.reference.as_ref().map(|r| r.model_version.as_str()).unwrap_or("?")
+                report.reference.as_ref().map(Reference::named).unwrap_or_else(|| "the model".into())
             );
         }
         let mut facts = Map::new();
         facts.insert("drift_status".into(), report.status.as_str().into());
         if let Some(r) = &report.reference {
             facts.insert("reference_model_version".into(), r.model_version.clone().into());
+            if let Some(by) = &r.accepted_by {
+                facts.insert("drift_accepted_by".into(), by.clone().into());
+            }
         }
         let psi: Map<String, Value> = report.features.iter().map(|f| (f.name.clone(), json!(f.psi))).collect();
         if !psi.is_empty() {
@@ -453,14 +474,20 @@ impl StageKind for Drift {
         let r = Report::from_json_bytes(&crate::util::read_capped(outs.first()?, super::MAX_REPORT_BYTES).ok()?, "drift report").ok()?;
         let t = stage.tenant.as_deref().unwrap_or(&r.tenant);
         let Some(reference) = &r.reference else {
-            return Some(format!("{t}: drift not measured (no model yet to compare with)"));
+            return Some(format!("{t}: drift not measured (no earlier model to compare this data with)"));
         };
         let worst = r.features.iter().max_by(|a, b| a.psi.total_cmp(&b.psi))?;
-        let warned: Vec<String> = r.features.iter().filter(|f| f.level == Level::Warn).map(|f| format!("{} {:.3}", f.name, f.psi)).collect();
-        Some(if warned.is_empty() {
-            format!("{t}: drift ok vs model {} (max PSI {:.3}, {})", reference.model_version, worst.psi, worst.name)
-        } else {
-            format!("{t}: drift WARNING vs model {}: PSI {} (warn at {}, fail above {})", reference.model_version, warned.join(", "), r.warn_psi, r.max_psi)
+        let warned: Vec<String> = r.features.iter().filter(|f| f.level != Level::Ok).map(|f| format!("{} {:.3}", f.name, f.psi)).collect();
+        let named = reference.named();
+        Some(match &reference.accepted_by {
+            Some(by) if !warned.is_empty() => format!(
+                "{t}: drift vs {named}: PSI {} (warn at {}, fail above {}); accepted: model {by} was trained on this data",
+                warned.join(", "),
+                r.warn_psi,
+                r.max_psi
+            ),
+            _ if warned.is_empty() => format!("{t}: drift ok vs {named} (max PSI {:.3}, {})", worst.psi, worst.name),
+            _ => format!("{t}: drift WARNING vs {named}: PSI {} (warn at {}, fail above {})", warned.join(", "), r.warn_psi, r.max_psi),
         })
     }
 }

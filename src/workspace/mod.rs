@@ -36,6 +36,7 @@ pub mod hash;
 pub mod hashing;
 pub mod lock;
 pub mod own_dirs;
+pub mod places;
 pub mod record;
 pub mod state;
 
@@ -156,6 +157,10 @@ impl Workspace {
     /// `.dagrun/hashmemo.json`
     pub fn memo_file(&self) -> PathBuf {
         self.dagrun_dir().join("hashmemo.json")
+    }
+    /// `.dagrun/places.json` (`places`)
+    pub fn places_file(&self) -> PathBuf {
+        self.dagrun_dir().join("places.json")
     }
     /// `runs/`
     pub fn runs_dir(&self) -> PathBuf {

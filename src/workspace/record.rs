@@ -35,6 +35,8 @@ pub const FEATURE_MANIFEST: &str = "dagrun-record/feature-manifest/1";
 pub const JOB_RESULT: &str = "dagrun-record/job-result/1";
 /// A Slurm job's spec: what the job is asked to run (`executor::spec`).
 pub const JOB_SPEC: &str = "dagrun-record/job-spec/1";
+/// Where runs write (`workspace::places`).
+pub const PLACES: &str = "dagrun-record/places/1";
 
 /// Why a record cannot be trusted. Messages name the file and never echo
 /// field values.

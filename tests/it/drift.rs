@@ -75,7 +75,7 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     }
     // First run: no model to compare with yet.
     let out = ok(&dagrun(ws, &["run", PIPE]));
-    assert!(out.contains("Tenant_A: drift not measured (no model yet"), "{out}");
+    assert!(out.contains("Tenant_A: drift not measured (no earlier model"), "{out}");
     assert_eq!(report(ws, "Tenant_A")["status"], "no_reference");
     // The run after the first has nothing to do (the first model was trained on this data).
     let out = ok(&dagrun(ws, &["run", PIPE]));
@@ -132,6 +132,24 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     let rec = last_record(ws);
     assert_eq!(stage(&rec, "train[Tenant_A]")["status"], "ran");
     assert_ne!(std::fs::read(ws.join("models/Tenant_A/model.json")).unwrap(), model_before);
+    let accepted = stage(&rec, "train[Tenant_A]")["facts"]["model_version"].as_str().unwrap().to_string();
+
+    // The nightly run goes back to the pipeline's max_psi: drift reruns (its
+    // threshold is part of its key) and measures the same shift again, but a
+    // model was trained on this data: accepted, not a failure every night.
+    let out = ok(&dagrun(ws, &["run", PIPE]));
+    assert!(out.contains(&format!("accepted: model {accepted} was trained on this data")), "{out}");
+    assert!(out.contains("Tenant_A: drift vs the model before"), "{out}");
+    let rec = last_record(ws);
+    let dr = stage(&rec, "drift[Tenant_A]");
+    assert_eq!(dr["status"], "ran");
+    assert_eq!(dr["facts"]["drift_accepted_by"], accepted.as_str(), "{dr:#}");
+    assert_eq!(stage(&rec, "train[Tenant_A]")["status"], "cached");
+    let r = report(ws, "Tenant_A");
+    assert_eq!(r["status"], "fail", "the measurement is reported as it is");
+    assert_eq!(r["reference"]["accepted_by"], accepted.as_str());
+    let out = ok(&dagrun(ws, &["run", PIPE]));
+    assert!(out.contains("all 14 stages up to date"), "{out}");
 }
 
 #[test]

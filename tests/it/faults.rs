@@ -601,6 +601,37 @@ fn full_disk_fails_the_stage_and_keeps_everything_intact() {
     assert_eq!(temp_files(&root), Vec::<String>::new());
 }
 
+/// A pipeline whose stage writes plaintext and a temporary file beside it,
+/// then kills dagrun (SIGKILL: nothing unwinds, nothing is shredded).
+const KILLED: &str = r#"
+stages:
+  raw:
+    cmd: echo 'jane.doe.4711@example.com' > raw/pii.txt; echo 'jane.doe.4711@example.com' > raw/.pii.txt.dagrun-tmp.1.0; kill -9 $PPID; sleep 5
+    outs: [{path: raw/pii.txt, sensitive: true}]
+"#;
+
+/// What a killed run left — its temporary files and its plaintext outputs —
+/// is removed by the next run whatever pipeline that is (another one, or
+/// this one with a tenant fewer: its outputs no longer name those files).
+#[test]
+fn a_killed_runs_leftovers_are_removed_by_the_next_run_whatever_its_pipeline() {
+    let ws = Ws::new();
+    ws.write("killed.yaml", KILLED);
+    ws.write("other.yaml", "stages:\n  hello:\n    cmd: echo hi > out/hello.txt\n    outs: [out/hello.txt]\n");
+    let o = ws.dagrun(&["run", "killed.yaml"]);
+    assert_ne!(o.code, 0, "the stage kills dagrun: {}", o.stderr);
+    assert!(ws.exists("raw/pii.txt") && ws.exists("raw/.pii.txt.dagrun-tmp.1.0"), "{:?}", ws.walk());
+    let o = ok(ws.dagrun(&["run", "other.yaml"]));
+    assert!(!ws.exists("raw/pii.txt"), "the killed run's plaintext output survived another pipeline's run: {:?}", ws.walk());
+    assert!(!ws.exists("raw/.pii.txt.dagrun-tmp.1.0"), "its temporary file survived: {:?}", ws.walk());
+    assert!(o.stderr.contains("deleted raw/pii.txt: a sensitive output a killed run left"), "{}", o.stderr);
+    // A file the current pipeline reads is the user's now: never deleted.
+    ws.dagrun(&["run", "killed.yaml"]);
+    ws.write("reads.yaml", "stages:\n  use:\n    cmd: cat raw/pii.txt > out/n.txt\n    deps: [raw/pii.txt]\n    outs: [out/n.txt]\n");
+    ok(ws.dagrun(&["run", "reads.yaml"]));
+    assert!(ws.exists("raw/pii.txt") && !ws.exists("raw/.pii.txt.dagrun-tmp.1.0"), "{:?}", ws.walk());
+}
+
 // ---------------------------------------------------------------- 4. overlap
 
 const OVERLAP: &str = r#"

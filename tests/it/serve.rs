@@ -515,6 +515,36 @@ fn auth_matrix_identical_scores_validation_limits_metrics_audit() {
 }
 
 #[test]
+fn predict_like_serve_refuses_a_tenant_whose_models_are_registered_but_not_promoted() {
+    let ws = Ws::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(root.join("pipelines/propensity.yaml"))
+        .unwrap()
+        .replace("      min_auc: ${params.min_auc}\n", "      min_auc: ${params.min_auc}\n      promote: manual\n");
+    assert!(yaml.contains("promote: manual"), "the pipeline's train stage changed shape: {yaml}");
+    ws.write("pipelines/propensity.yaml", yaml);
+    ws.write("config/tenants.yaml", TENANTS);
+    ok(ws.dagrun(&["run", "pipelines/propensity.yaml", "-p", "rows=2000", "--metrics-file", "m.prom"]));
+    let list = ok(ws.dagrun(&["models", "list", "Tenant_A", "--json"])).json();
+    let v = list["models"][0]["version"].as_str().unwrap().to_string();
+    // The metric agrees: no champion.
+    let prom = ws.read("m.prom");
+    let line = prom.lines().find(|l| l.starts_with("dagrun_model_champion{") && l.contains("tenant=\"Tenant_A\"")).unwrap_or_else(|| panic!("{prom}"));
+    assert!(line.contains(&v) && line.ends_with(" 0"), "{line}");
+    let inp = input(&ws, "Tenant_A", 20, 1);
+    ws.write("predict-in.csv", &inp.csv);
+    let o = ws.dagrun(&["predict", "--tenant", "Tenant_A", "--input", "predict-in.csv"]);
+    assert_eq!(o.code, 2, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("no champion") && o.stderr.contains(&format!("`dagrun models promote Tenant_A {v}`")), "{}", o.stderr);
+    assert!(o.stdout.is_empty(), "{}", o.stdout);
+    // Named, it scores; promoted, it is the default.
+    let (named, _) = predicted(&ws, "Tenant_A", &inp.csv, Some(&v));
+    ok(ws.dagrun(&["models", "promote", "Tenant_A", &v]));
+    let (champion, version) = predicted(&ws, "Tenant_A", &inp.csv, None);
+    assert_eq!((champion, version), (named, v));
+}
+
+#[test]
 fn promote_and_rollback_under_load_never_fail_or_mix_versions() {
     let ws = trained(3000);
     let v1 = champion(&ws, "Tenant_A");

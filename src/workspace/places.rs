@@ -1,0 +1,143 @@
+//! Where runs write: `.dagrun/places.json`, so the clean-up after a killed
+//! run covers what *that* run wrote, whatever pipeline the next run is.
+//!
+//! A killed run leaves temporary files beside its outputs and, when it dies
+//! before its end, its sensitive (plaintext) outputs. The next run sweeps and
+//! shreds; but the next run may be of another pipeline, or of the same one
+//! with another tenant list, and its own outputs do not name those places.
+//!
+//! Rules:
+//! - The record holds the output folders and the sensitive outputs
+//!   (workspace-relative) of the runs that may have left something: written
+//!   before the first stage of a run starts, only when it names something the
+//!   record lacks (a no-op run of the same pipeline writes nothing).
+//! - A run that finds the workspace lock clean (the last run ended and swept)
+//!   replaces the record with its own places; one that finds it unclean first
+//!   adds its own to it (a death during the sweep loses nothing), sweeps and
+//!   shreds every place in it, then narrows it to its own places.
+//! - A sealed record (MAC under the workspace integrity key, domain
+//!   [`record::PLACES`]): it names files dagrun deletes, so one not written by
+//!   dagrun — shipped in a repository, edited — is ignored (with a warning),
+//!   never obeyed. Entries must be plain relative paths outside `.dagrun/`;
+//!   any other entry voids the record.
+//! - A sensitive output of the record is deleted only if the current pipeline
+//!   does not declare it as a plain output or read it as an input (then it is
+//!   the user's file now), and only where every folder on its way is a real
+//!   folder or a link inside the workspace (`util::nofollow`).
+
+use super::{Workspace, record};
+use crate::crypto::IntegrityKey;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Most entries a record may hold (a bound on what a run reads back).
+const MAX_ENTRIES: usize = 100_000;
+/// Largest record read.
+const MAX_BYTES: u64 = 16 << 20;
+
+/// The places of one run, or of the runs that may have left something.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Places {
+    /// Folders outputs are written in (temporary files appear there).
+    pub dirs: BTreeSet<String>,
+    /// Sensitive outputs (deleted at the end of every run that ends).
+    pub sensitive: BTreeSet<String>,
+}
+
+impl Places {
+    /// Does `self` name everything `other` names?
+    pub fn covers(&self, other: &Places) -> bool {
+        other.dirs.is_subset(&self.dirs) && other.sensitive.is_subset(&self.sensitive)
+    }
+
+    pub fn union(&self, other: &Places) -> Places {
+        Places { dirs: self.dirs.union(&other.dirs).cloned().collect(), sensitive: self.sensitive.union(&other.sensitive).cloned().collect() }
+    }
+
+    fn valid(&self) -> Result<(), String> {
+        if self.dirs.len() + self.sensitive.len() > MAX_ENTRIES {
+            return Err(format!("more than {MAX_ENTRIES} entries"));
+        }
+        for p in self.dirs.iter().filter(|p| !p.is_empty()).chain(&self.sensitive) {
+            if !plain_rel(p) {
+                return Err(format!("entry {:?} is not a plain relative path outside .dagrun/", crate::util::escape_controls(p)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A relative path of normal components, not inside `.dagrun/`.
+fn plain_rel(p: &str) -> bool {
+    let path = std::path::Path::new(p);
+    !p.is_empty()
+        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        && path.components().next().is_some_and(|c| c.as_os_str() != super::DAGRUN_DIR)
+}
+
+/// The record read back: `None` when there is none, or it cannot be trusted
+/// (then it is reported and ignored).
+pub fn load(ws: &Workspace, key: &IntegrityKey) -> Option<Places> {
+    let file = ws.places_file();
+    let bytes = match crate::util::read_capped(&file, MAX_BYTES) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}; the clean-up after a killed run covers this pipeline's folders only", ws.rel(&file));
+            return None;
+        }
+    };
+    let places = record::open::<Places>(Some(key), record::PLACES, &bytes, &ws.rel(&file))
+        .map_err(|e| e.to_string())
+        .and_then(|p| p.valid().map(|()| p).map_err(|why| format!("{}: {why}", ws.rel(&file))));
+    match places {
+        Ok(p) => Some(p),
+        Err(why) => {
+            tracing::warn!("{why}: ignored (nothing it names is deleted; it is rewritten by this run)");
+            None
+        }
+    }
+}
+
+/// Write the record (sealed, atomically, durably: it must be on disk before
+/// any stage of the run writes).
+pub fn save(ws: &Workspace, key: &IntegrityKey, places: &Places) -> anyhow::Result<()> {
+    let v = record::seal_value(key, record::PLACES, places)?;
+    crate::util::atomic::write_atomic_with(&ws.places_file(), &serde_json::to_vec(&v)?, crate::util::atomic::Durability::Verified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn places(dirs: &[&str], sensitive: &[&str]) -> Places {
+        Places { dirs: dirs.iter().map(|s| s.to_string()).collect(), sensitive: sensitive.iter().map(|s| s.to_string()).collect() }
+    }
+
+    #[test]
+    fn a_record_is_obeyed_only_when_sealed_here_and_plain() {
+        let d = tempfile::tempdir().unwrap();
+        let ws = Workspace::at(d.path());
+        std::fs::create_dir_all(ws.dagrun_dir()).unwrap();
+        let key = IntegrityKey::from_bytes([7; 32]);
+        assert_eq!(load(&ws, &key), None);
+        let p = places(&["", "data/raw"], &["data/raw/Tenant_B.parquet"]);
+        save(&ws, &key, &p).unwrap();
+        assert_eq!(load(&ws, &key), Some(p.clone()));
+        // Another workspace's key (a record shipped in a repository): ignored.
+        assert_eq!(load(&ws, &IntegrityKey::from_bytes([8; 32])), None);
+        // Sealed, but naming a path outside the workspace or inside .dagrun: void.
+        for bad in ["../x", "/etc/passwd", ".dagrun/keys/keyring.json", "a/../../b"] {
+            save(&ws, &key, &places(&[], &[bad])).unwrap();
+            assert_eq!(load(&ws, &key), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn covers_and_union() {
+        let a = places(&["a"], &["a/x"]);
+        let b = places(&["b"], &[]);
+        let u = a.union(&b);
+        assert!(u.covers(&a) && u.covers(&b) && !a.covers(&b) && a.covers(&Places::default()));
+    }
+}
