@@ -267,6 +267,9 @@ fn parse_params(list: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Crates whose verbose logs would quote secrets (see `init_logging`).
+const HTTP_LOG_TARGETS: &[&str] = &["ureq", "ureq_proto", "hyper", "hyper_util", "h2", "reqwest", "rustls", "object_store"];
+
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let default = if cli.quiet {
@@ -278,7 +281,16 @@ fn init_logging(cli: &Cli) {
             _ => "dagrun=debug",
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // The HTTP crates' debug and trace output quotes request heads: an
+    // `Authorization: Bearer` token (OpenLineage, a serve client's), S3
+    // signatures, a URL's query. Capped whatever RUST_LOG asks (a directive
+    // for the same target replaces RUST_LOG's).
+    for target in HTTP_LOG_TARGETS {
+        if let Ok(d) = format!("{target}=info").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(false).without_time().try_init();
 }

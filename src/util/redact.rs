@@ -87,6 +87,9 @@ pub fn without_values(msg: &str) -> String {
 /// to the last `@` goes), and with a query string or fragment replaced by
 /// `?…` (`?api_key=…` is a credential too).
 pub fn redact_url(url: &str) -> String {
+    if !url.contains("://") && !url.contains('/') {
+        return not_a_path(url);
+    }
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
     let (rest, hidden) = match rest.find(['?', '#']) {
@@ -162,8 +165,36 @@ pub fn from_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, St
     serde_json::from_slice(bytes).map_err(|e| without_values(&e.to_string()))
 }
 
+/// A path or URL from a variable, as a message shows it: as given, unless it
+/// has no `/` and is long — a key or token put in the wrong variable (say the
+/// master key in `DAGRUN_MASTER_KEY_FILE`), which is described, never shown.
+pub fn shown_path(value: &str) -> String {
+    if value.contains('/') { format!("{value:?}") } else { not_a_path(value) }
+}
+
+fn not_a_path(value: &str) -> String {
+    let n = value.chars().count();
+    if n < 20 {
+        return format!("{:?}", crate::util::escape_controls(value));
+    }
+    let hex = value.chars().all(|c| c.is_ascii_hexdigit());
+    format!("(a value of {n} {}characters with no `/`, not shown: a key or token in the wrong variable?)", if hex { "hexadecimal " } else { "" })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_key_or_token_in_a_path_variable_is_described_not_shown() {
+        let key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        let shown = shown_path(key);
+        assert!(!shown.contains("0001020304") && shown.contains("64 hexadecimal characters"), "{shown}");
+        assert_eq!(shown_path("/etc/dagrun/master.key"), "\"/etc/dagrun/master.key\"");
+        assert_eq!(shown_path("master.key"), "\"master.key\"");
+        let url = redact_url("oltok_S3cr3tBearerValue_0123456789");
+        assert!(!url.contains("S3cr3t"), "{url}");
+        assert_eq!(redact_url("http://u:p@h:1/x?k=v"), "http://h:1/x?…");
+    }
     use super::*;
 
     #[test]

@@ -170,9 +170,10 @@ pub(super) fn check_source(workspace: &Path, source: &MasterKeySource) -> Result
 fn check_named_key_file(workspace: &Path, p: &Path) -> Result<()> {
     if !p.exists() {
         bail!(
-            "{ENV_MASTER_KEY_FILE} names {}, which does not exist: point it at the master key file \
-             (64 hex characters, mode 0600), or unset it to use {}",
-            p.display(),
+            "the master key file {} does not exist (named by {ENV_MASTER_KEY_FILE}, or as a file by {}): point the variable at \
+             the master key file (64 hex characters, mode 0600), or unset it to use {}",
+            crate::util::redact::shown_path(&p.to_string_lossy()),
+            super::ENV_MASTER_KEY_URI,
             default_master_key_path(workspace).display()
         );
     }
