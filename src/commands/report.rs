@@ -58,7 +58,8 @@ pub fn report(workspace: &Path, id: &str, out: Option<&Path>, layout: Layout) ->
         // What a report stopped by SIGKILL left (a report takes seconds).
         crate::util::atomic::sweep_stale_temp_files(d, "html", std::time::Duration::from_secs(600));
     }
-    crate::util::atomic::write_atomic(&dest, html.as_bytes())?;
+    // Private, like the run record it shows (a failed command's stderr).
+    crate::util::atomic::write_atomic_mode(&dest, html.as_bytes(), 0o600)?;
     Ok(dest)
 }
 

@@ -4,7 +4,6 @@
 //! (`serde(default)`), so records of older versions still read; readers that
 //! draw from a record (`report`) check its values (`validate_timing`).
 
-use crate::util::atomic::{Durability, write_json_with};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -202,7 +201,11 @@ pub fn write(workspace: &Path, rec: &RunRecord) -> Result<PathBuf> {
     // `runs/` may have become a link while the run went on (a stage's command).
     crate::workspace::own_dirs::check_fixed(workspace)?;
     let p = runs_dir(workspace).join(format!("{}.json", rec.run_id));
-    write_json_with(&p, rec, Durability::Full)?;
+    // Private (0600), like the stage logs it quotes: a failed stage's error
+    // holds the last lines its command wrote to stderr, which may show data.
+    let mut bytes = serde_json::to_vec_pretty(rec)?;
+    bytes.push(b'\n');
+    crate::util::atomic::write_atomic_mode(&p, &bytes, 0o600)?;
     Ok(p)
 }
 

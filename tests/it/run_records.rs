@@ -61,3 +61,30 @@ fn runs_that_is_not_a_folder_is_named() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("runs is not a folder, so it holds no run records"), "{}", o.stderr);
 }
+
+/// A failed stage's error in the run record quotes the last lines its
+/// command wrote to stderr, which may show data: the record, the run's
+/// OpenLineage events and its HTML report are private (0600), like the
+/// stage log they quote.
+#[test]
+fn what_quotes_a_commands_stderr_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo 'jane.doe.4711@example.com is not valid' >&2; exit 3\n    outs: [a.txt]\n");
+    let o = ws.dagrun(&["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let id = ws.walk().into_iter().find(|p| p.starts_with("runs/") && p.ends_with(".json")).expect("a run record");
+    assert!(ws.read(&id).contains("jane.doe.4711@example.com"), "the record keeps the stderr tail");
+    let html = ok_report(&ws);
+    let ol = id.replace(".json", ".openlineage.jsonl");
+    for f in [id.as_str(), ol.as_str(), html.as_str(), ".dagrun/logs/a.err"] {
+        let mode = std::fs::metadata(ws.path(f)).unwrap_or_else(|e| panic!("{f}: {e}")).permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f} is {mode:o}");
+    }
+}
+
+fn ok_report(ws: &Ws) -> String {
+    let o = ws.dagrun(&["report", "last"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    ws.walk().into_iter().find(|p| p.starts_with("runs/") && p.ends_with(".html")).expect("an HTML report")
+}
