@@ -42,6 +42,10 @@ pub struct VerifyReport {
     /// What `--repair` removed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub repaired: Vec<String>,
+    /// Outputs `--repair` stored in the cache again (their cached copy was
+    /// gone or damaged; the workspace's had the recorded hash).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restored: Vec<String>,
 }
 
 fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
@@ -105,13 +109,28 @@ pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
         r.stages_checked += 1;
         let memo = HashMemo::in_memory();
         for (rel, o) in &st.outputs {
+            let here = (!o.sensitive).then(|| memo.hash_path(&ws.abs(rel)));
+            let intact_here = matches!(&here, Some(Ok(Some(h))) if h.hash == o.hash);
             if o.cached && !cas.restorable(&o.hash, o.dir) {
-                r.problems.push(format!("{}: output {rel} has no intact copy in the cache", st.stage));
+                if repair && intact_here {
+                    // The workspace's copy has the recorded hash: the cache gets it back.
+                    match Cas::new(&ws).put(&ws.abs(rel), &o.hash, o.dir, &memo) {
+                        Ok(()) => r.restored.push(rel.clone()),
+                        Err(e) => {
+                            r.problems.push(format!("{}: output {rel} has no intact copy in the cache, and storing the workspace's failed: {e:#}", st.stage))
+                        }
+                    }
+                } else {
+                    let fix = if intact_here {
+                        "`dagrun verify --repair` stores the workspace's intact copy in the cache again".to_string()
+                    } else {
+                        format!("`dagrun run --force '{}'` recomputes it", st.stage)
+                    };
+                    r.problems.push(format!("{}: output {rel} has no intact copy in the cache ({fix})", st.stage));
+                }
             }
-            if o.sensitive {
-                continue;
-            }
-            match memo.hash_path(&ws.abs(rel)) {
+            let Some(here) = here else { continue };
+            match here {
                 Ok(Some(h)) if h.hash == o.hash => {}
                 Ok(Some(_)) => r.problems.push(format!("{}: output {rel} was modified since it was produced (the next run restores it)", st.stage)),
                 Ok(None) => r.problems.push(format!("{}: output {rel} is missing (the next run restores it)", st.stage)),
@@ -274,6 +293,9 @@ pub fn run(workspace: &Path, repair: bool, json: bool) -> Result<i32> {
         for p in &r.problems {
             // File names from the workspace: shown, never obeyed by the terminal.
             crate::outln!("problem: {}", crate::util::escape_controls_in_lines(p));
+        }
+        for p in &r.restored {
+            crate::outln!("repaired: stored {} in the cache again (the workspace's copy is intact)", crate::util::escape_controls(p));
         }
         crate::outln!("checked {} cache objects and {} stages: {} problems", r.objects_checked, r.stages_checked, r.problems.len());
     }

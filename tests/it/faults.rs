@@ -396,6 +396,37 @@ fn corrupted_cache_objects_are_reported_never_served_and_repaired() {
     }
 }
 
+/// A cache object damaged while the workspace's copy stays intact: the run
+/// has nothing to do (the output is as recorded), so the damage would stay
+/// for good; `verify` names the fix and `verify --repair` stores the intact
+/// copy again, after which `verify` is clean.
+#[test]
+fn a_damaged_cache_copy_of_an_intact_output_is_stored_again_by_repair() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo 'some result' > a.txt\n    outs: [a.txt]\n");
+    ws.run(&[]).ok();
+    let obj = object_path(&ws.root, &b3(&ws.path("a.txt")));
+    corrupt(&obj, Corrupt::FlipByte);
+    let v = ws.dagrun(&["verify"]);
+    assert_eq!(v.code, 4, "{}{}", v.stdout, v.stderr);
+    let r = ws.dagrun(&["verify", "--repair"]);
+    assert!(r.stdout.contains("repaired: stored a.txt in the cache again"), "{}{}", r.stdout, r.stderr);
+    let v = ws.dagrun(&["verify"]);
+    assert_eq!(v.code, 0, "after --repair:\n{}{}", v.stdout, v.stderr);
+    assert_eq!(std::fs::read(&obj).unwrap(), b"some result\n");
+    // A lost cache copy (removed by hand): the fix is named, then made.
+    std::fs::remove_file(&obj).unwrap();
+    let v = ws.dagrun(&["verify"]);
+    assert!(v.stdout.contains("a: output a.txt has no intact copy in the cache (`dagrun verify --repair` stores"), "{}", v.stdout);
+    ws.dagrun(&["verify", "--repair"]);
+    assert_eq!(ws.dagrun(&["verify"]).code, 0);
+    // With the workspace's copy gone too, the fix named is a forced run.
+    std::fs::remove_file(ws.path("a.txt")).unwrap();
+    std::fs::remove_file(&obj).unwrap();
+    let v = ws.dagrun(&["verify"]);
+    assert!(v.stdout.contains("(`dagrun run --force 'a'` recomputes it)"), "{}", v.stdout);
+}
+
 // ---------------------------------------------------------------- 3. failing writes
 
 /// `chattr +i` on a directory: nobody, not even root, can create files in it.

@@ -1042,3 +1042,16 @@ fn key_locks_held_by_another_process_are_waited_for_with_a_message() {
     }
     ok(dg(&ws, &["keys", "audit", "--verify"]));
 }
+
+/// The one-time "back up your new master key" warning is said under `-q`
+/// too (the cron line and the service unit run quiet), once.
+#[test]
+fn the_new_master_key_warning_is_said_once_even_quiet() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs: [a.txt]\n");
+    let o = ws.dagrun(&["-q", "run", "pipeline.yaml"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("created a new local master key") && o.stderr.contains("Back it up now"), "{}", o.stderr);
+    let o = ws.dagrun(&["-q", "run", "pipeline.yaml", "--force", ""]);
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""));
+}

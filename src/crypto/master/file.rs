@@ -129,8 +129,11 @@ fn create_master_file(path: &Path) -> Result<Option<MasterKey>> {
     wipe_string(&mut text);
     if result? {
         sync_parent(path);
-        tracing::warn!(
-            "created a new local master key at {p}. Back it up now (without it no tenant's encrypted data can \
+        // Said once, and whatever the verbosity: `-q` (cron, a service unit)
+        // hides logs, not this.
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: created a new local master key at {p}. Back it up now (without it no tenant's encrypted data can \
              be decrypted), or move it out of the workspace and set DAGRUN_MASTER_KEY_FILE (or \
              DAGRUN_MASTER_KEY) to it",
             p = path.display()
