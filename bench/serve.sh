@@ -45,7 +45,7 @@ if ! command -v wrk > /dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk > /dev/null
 fi
 
-if [ -z "${DAGRUN_BIN:-}" ]; then cargo build --release --quiet; fi
+if [ -z "${DAGRUN_BIN:-}" ] && [ -z "${SKIP_BUILD:-}" ]; then cargo build --release --quiet; fi
 BIN="${DAGRUN_BIN:-$PWD/target/release/dagrun}"   # DAGRUN_BIN=/path/to/dagrun: measure another build
 export DAGRUN_MASTER_KEY=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f  # benchmark-only key
 ws=$(mktemp -d /tmp/dagrun-serve-bench.XXXXXX)

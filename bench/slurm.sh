@@ -25,8 +25,8 @@ if ! scontrol ping 2>/dev/null | grep -q 'is UP'; then
   echo "no Slurm controller answers 'scontrol ping'; start one (e.g. sudo ../shared/tools/slurm-single-node.sh up)" >&2
   exit 1
 fi
-cargo build --release --quiet
-BIN="$PWD/target/release/dagrun"
+[[ -n "${SKIP_BUILD:-}" ]] || cargo build --release --quiet   # SKIP_BUILD=1: reuse the build; DAGRUN_BIN=PATH: measure another
+BIN="${DAGRUN_BIN:-$PWD/target/release/dagrun}"
 unset DAGRUN_MASTER_KEY DAGRUN_MASTER_KEY_FILE   # jobs read the key from its file
 echo "machine: $(nproc) cores; Slurm: $(sinfo -h -o '%D node(s), %c CPUs/node, partition %P' | head -n 1)"
 echo "dagrun:  $("$BIN" --version), propensity pipeline, 2 tenants, $rows rows, -j $jobs"

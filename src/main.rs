@@ -117,7 +117,7 @@ enum Cmd {
         #[arg(long)]
         model: Option<String>,
     },
-    /// Tenant keys: list, rotate, forget (crypto-shredding), export.
+    /// Keys: list, rotate, forget (crypto-shredding), export; init and rewrap (master key, HSM), audit.
     Keys {
         #[command(subcommand)]
         action: KeysCmd,

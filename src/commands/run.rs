@@ -77,11 +77,16 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
         let count = |s: runs::Status| out.record.stages.iter().filter(|r| r.status == s).count();
         let (ran, cached, restored) = (count(runs::Status::Ran), count(runs::Status::Cached), count(runs::Status::Restored));
         if ran + restored == 0 {
-            say(&format!("all {} stages up to date ({:.3}s, run {})", out.record.stages.len(), out.record.seconds, out.record.run_id));
+            let all = match out.record.stages.len() {
+                1 => "the stage is".to_string(),
+                n => format!("all {n} stages"),
+            };
+            say(&format!("{all} up to date ({:.3}s, run {})", out.record.seconds, out.record.run_id));
         } else {
+            let n = out.record.stages.len();
             say(&format!(
-                "{} stages: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
-                out.record.stages.len(),
+                "{n} {}: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
+                if n == 1 { "stage" } else { "stages" },
                 out.record.seconds,
                 out.record.run_id
             ));

@@ -133,9 +133,22 @@ pub(super) fn yaml_error(shown: &str, text: &str, e: &yaml_serde::Error) -> anyh
         Some(loc) => {
             let clean = msg.split(" at line ").next().unwrap_or(&msg).to_string();
             let (line, column) = second_key(text, &clean, loc.line(), loc.column()).unwrap_or((loc.line(), loc.column()));
-            config(format!("{shown}:{line}:{column}: {clean}"))
+            let hint = flow_hint(text, line);
+            config(format!("{shown}:{line}:{column}: {clean}{hint}"))
         }
         None => config(format!("{shown}: {msg}")),
+    }
+}
+
+/// The fix for the most common flow-list mistake: `${…}` unquoted inside
+/// `[ … ]` (`outs: [out/${tenant}.txt]`), where `{` opens a mapping.
+fn flow_hint(text: &str, line: usize) -> &'static str {
+    let Some(l) = line.checked_sub(1).and_then(|i| text.lines().nth(i)) else { return "" };
+    match (l.find('['), l.find("${")) {
+        (Some(b), Some(d)) if b < d => {
+            "; inside `[ … ]` a value with `${…}` must be quoted (`outs: ['out/${tenant}.txt']`), or write the list one `- item` per line"
+        }
+        _ => "",
     }
 }
 

@@ -183,7 +183,9 @@ fn load_from(file: &Path, workspace: Option<&Path>, overrides: &[(String, String
         Some(w) => std::path::absolute(w).unwrap_or_else(|_| w.to_path_buf()),
         None => find_workspace(&file),
     };
-    let shown = file.strip_prefix(&workspace).map(|p| p.display().to_string()).unwrap_or_else(|_| file.display().to_string());
+    // A device or a pipe (`/dev/zero`, `<(…)` under /dev/fd) is named whole.
+    let special = file.starts_with("/dev") || file.starts_with("/proc");
+    let shown = file.strip_prefix(&workspace).ok().filter(|_| !special).map(|p| p.display().to_string()).unwrap_or_else(|| file.display().to_string());
     let meta = std::fs::metadata(&file).map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
     if meta.is_dir() {
         return Err(config(format!("{shown}: is a directory; give the path of a pipeline YAML file")));

@@ -145,7 +145,7 @@ pub struct StageDef {
     /// Rerun a failed stage this many times before giving up.
     #[serde(default)]
     pub retries: u32,
-    /// Free text shown by `dagrun dag`.
+    /// Free text: the job's description in its OpenLineage `documentation` facet.
     pub desc: Option<String>,
     /// Overrides the pipeline's `executor:` for this stage.
     pub executor: Option<ExecutorKind>,

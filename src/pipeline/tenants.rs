@@ -100,7 +100,7 @@ impl Tenants {
         if with_share > 0 {
             let sum: f64 = file.tenants.iter().map(|t| t.share.unwrap_or(0.0)).sum();
             if (sum - 1.0).abs() > 1e-6 {
-                return Err(config(format!("{shown}: shares sum to {sum}, not 1; adjust them so they add up to 1")));
+                return Err(config(format!("{shown}: shares sum to {}, not 1; adjust them so they add up to 1", crate::util::short_float(sum))));
             }
         }
         Ok(Tenants { list: file.tenants })

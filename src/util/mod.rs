@@ -119,6 +119,14 @@ pub fn escape_controls_in_lines(text: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn short_float_cuts_float_noise() {
+        assert_eq!(super::short_float(0.3 + 0.3 + 0.3), "0.9");
+        assert_eq!(super::short_float(0.8), "0.8");
+        assert_eq!(super::short_float(2.0), "2");
+        assert_eq!(super::short_float(1.25e-7), "0");
+    }
+
+    #[test]
     fn lines_are_kept_and_other_controls_escaped() {
         assert_eq!(super::escape_controls_in_lines("one\ntwo\tthree"), "one\ntwo\tthree");
         assert_eq!(super::escape_controls_in_lines("a\u{1b}]0;x\u{7}\nb\rc"), "a\\u{1b}]0;x\\u{7}\nb\\rc");
@@ -149,4 +157,12 @@ mod tests {
         assert_eq!(super::escape_controls("plain\ttext"), "plain\ttext");
         assert_eq!(super::escape_controls("\u{1b}[31mred\u{1b}[0m \u{7}"), "\\u{1b}[31mred\\u{1b}[0m \\u{7}");
     }
+}
+
+/// A float as a message shows it: at most 6 decimals, trailing zeros cut
+/// (`0.8999999999999999` is `0.9`, a sum of shares as the user wrote them).
+pub fn short_float(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
+    if s == "-0" { "0".into() } else { s.to_string() }
 }

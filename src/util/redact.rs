@@ -143,7 +143,10 @@ pub fn credentials_in_command(text: &str) -> String {
             masked.push(' ');
         }
         if after_bearer && !word.is_empty() {
+            // A closing quote or bracket of the argument stays (`'… Bearer ***'`).
+            let kept = word.len() - word.trim_end_matches(['"', '\'', ')', ']', '}', ',', ';']).len();
             masked.push_str("***");
+            masked.push_str(&word[word.len() - kept..]);
             after_bearer = false;
             continue;
         }
@@ -202,7 +205,7 @@ mod tests {
         assert_eq!(credentials_in_command("curl https://me:hunter2@host.example/x?y=1 -o a"), "curl https://***@host.example/x?… -o a");
         assert_eq!(
             credentials_in_command("curl 'https://h/x?sig=abc&se=1' -H 'Authorization: Bearer tok123' --password=pw1 --token=t2 -v"),
-            "curl 'https://h/x?…' -H 'Authorization: Bearer *** --password=*** --token=*** -v"
+            "curl 'https://h/x?…' -H 'Authorization: Bearer ***' --password=*** --token=*** -v"
         );
         assert_eq!(credentials_in_command("run --keep=3 --name=x"), "run --keep=3 --name=x");
         assert_eq!(credentials_in_command("psql 'postgres://u:p@db:5432/x' && scp s3://a/b ."), "psql 'postgres://***@db:5432/x' && scp s3://a/b .");

@@ -55,9 +55,9 @@ pub const DAGRUN_DIR: &str = ".dagrun";
 pub const PROTECTED_DIRS: &[&str] = &[DAGRUN_DIR, ".git", "runs", "config"];
 
 /// Env var holding the path of a file with the master key (read by
-/// `crypto::master`; named here because that file, kept outside the
+/// `crypto::master`; used here because that file, kept outside the
 /// workspace, is one a user-named output must never replace).
-pub const ENV_MASTER_KEY_FILE: &str = "DAGRUN_MASTER_KEY_FILE";
+pub use crate::crypto::master::ENV_MASTER_KEY_FILE;
 
 /// A workspace root and every path dagrun keeps in it.
 #[derive(Debug, Clone, PartialEq, Eq)]

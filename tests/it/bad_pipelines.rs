@@ -43,6 +43,11 @@ fn yaml_syntax_error() {
     bad("stages:\n  a:\n    cmd: echo hi\n   outs: [x]\n", &["pipeline.yaml:4:", "did not find expected key"]);
     bad("stages:\n  a:\n    cmd: \"echo\n    outs: [x]\n", &["pipeline.yaml:", "unexpected end of stream"]);
     bad("stages: [a, b\n", &["pipeline.yaml:", "expected ',' or ']'"]);
+    // `${…}` unquoted in a flow list: `{` opens a mapping; the fix is named.
+    bad(
+        "stages:\n  a:\n    foreach: tenants\n    cmd: echo hi > out/${tenant}.txt\n    outs: [out/${tenant}.txt]\n",
+        &["pipeline.yaml:5:", "must be quoted (`outs: ['out/${tenant}.txt']`)"],
+    );
 }
 
 #[test]

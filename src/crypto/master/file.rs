@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 /// Env var holding the master key as 64 hex characters.
 pub const ENV_MASTER_KEY: &str = "DAGRUN_MASTER_KEY";
 /// Env var holding the path of a file with the master key.
-pub use crate::workspace::ENV_MASTER_KEY_FILE;
+pub const ENV_MASTER_KEY_FILE: &str = "DAGRUN_MASTER_KEY_FILE";
 
 /// `<workspace>/.dagrun/keys/master.key`
 pub fn default_master_key_path(workspace: &Path) -> PathBuf {
