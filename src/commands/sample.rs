@@ -62,6 +62,13 @@ pub fn sample(out: &Path, tenant: &str, rows: u64, seed: u64, as_of: i32, with_l
     let ws = crate::workspace::Workspace::locate(dir).unwrap_or_else(|| crate::workspace::Workspace::at(dir));
     ws.check_user_output(out, "--out")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create the folder {} for --out", dir.display()))?;
+    // What a `sample` stopped by SIGKILL left here (plaintext rows): its
+    // staging file and its output's temporary file, untouched for 10 minutes.
+    let stale = std::time::Duration::from_secs(600);
+    crate::util::atomic::sweep_stale_temp_files(dir, "sample", stale);
+    if let Some(name) = out.file_name().and_then(|n| n.to_str()) {
+        crate::util::atomic::sweep_stale_temp_files(dir, name, stale);
+    }
     // Ctrl-C, SIGTERM or SIGHUP: stop at the next batch, with the temporary
     // files (plaintext) removed (util::interrupt).
     crate::util::interrupt::catch();

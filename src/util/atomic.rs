@@ -75,10 +75,11 @@ fn temp_path_for(dest: &Path) -> PathBuf {
 }
 
 /// Remove dagrun's temporary files in `dir` for destinations named `*.{ext}`
-/// that nothing has written to for `age`: what a writer stopped by SIGKILL
-/// left where no sweep after an unclean lock looks (`report` writes
-/// `runs/RUN.html` without the workspace lock). By age, not by process id:
-/// the writer may be on another host sharing the folder.
+/// (or named `ext` itself) that nothing has written to for `age`: what a
+/// writer stopped by SIGKILL left where no sweep after an unclean lock looks
+/// (`report` writes `runs/RUN.html` and `sample` its `--out` file without the
+/// workspace lock). By age, not by process id: the writer may be on another
+/// host sharing the folder.
 pub fn sweep_stale_temp_files(dir: &Path, ext: &str, age: std::time::Duration) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     let suffix = format!(".{ext}{TEMP_MARKER}");
@@ -648,6 +649,16 @@ mod tests {
         let mut left: Vec<String> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         assert_eq!(left, [".r2.html.dagrun-tmp.8.0", ".r3.json.dagrun-tmp.9.0", "r4.html"]);
+        // By destination name: a killed `sample --out big.csv` (its staging
+        // file and its output's temporary file), not another file's.
+        make(".sample.dagrun-tmp.41", true);
+        make(".big.csv.dagrun-tmp.41.0", true);
+        make(".small.csv.dagrun-tmp.42.0", true);
+        sweep_stale_temp_files(d.path(), "sample", std::time::Duration::from_secs(600));
+        sweep_stale_temp_files(d.path(), "big.csv", std::time::Duration::from_secs(600));
+        let mut left: Vec<String> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, [".r2.html.dagrun-tmp.8.0", ".r3.json.dagrun-tmp.9.0", ".small.csv.dagrun-tmp.42.0", "r4.html"]);
     }
 
     #[test]
