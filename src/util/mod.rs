@@ -116,6 +116,14 @@ pub fn escape_controls_in_lines(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A float as a message shows it: at most 6 decimals, trailing zeros cut
+/// (`0.8999999999999999` is `0.9`, a sum of shares as the user wrote them).
+pub fn short_float(x: f64) -> String {
+    let s = format!("{x:.6}");
+    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
+    if s == "-0" { "0".into() } else { s.to_string() }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -157,12 +165,4 @@ mod tests {
         assert_eq!(super::escape_controls("plain\ttext"), "plain\ttext");
         assert_eq!(super::escape_controls("\u{1b}[31mred\u{1b}[0m \u{7}"), "\\u{1b}[31mred\\u{1b}[0m \\u{7}");
     }
-}
-
-/// A float as a message shows it: at most 6 decimals, trailing zeros cut
-/// (`0.8999999999999999` is `0.9`, a sum of shares as the user wrote them).
-pub fn short_float(x: f64) -> String {
-    let s = format!("{x:.6}");
-    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.') } else { &s };
-    if s == "-0" { "0".into() } else { s.to_string() }
 }
