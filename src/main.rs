@@ -270,6 +270,19 @@ fn parse_params(list: &[String]) -> Result<Vec<(String, String)>> {
 /// Crates whose verbose logs would quote secrets (see `init_logging`).
 const HTTP_LOG_TARGETS: &[&str] = &["ureq", "ureq_proto", "hyper", "hyper_util", "h2", "reqwest", "rustls", "object_store"];
 
+/// `RUST_LOG` without its directives that name a capped crate (or one of its
+/// modules): `hyper=trace,dagrun=debug` → `dagrun=debug`.
+fn without_capped_targets(rust_log: &str) -> String {
+    rust_log
+        .split(',')
+        .filter(|d| {
+            let target = d.trim().trim_start_matches('[').split(['=', '[', ':']).next().unwrap_or("");
+            !HTTP_LOG_TARGETS.iter().any(|t| target == *t || target.replace('-', "_") == *t)
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let default = if cli.quiet {
@@ -281,11 +294,13 @@ fn init_logging(cli: &Cli) {
             _ => "dagrun=debug",
         }
     };
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // The HTTP crates' debug and trace output quotes request heads: an
     // `Authorization: Bearer` token (OpenLineage, a serve client's), S3
-    // signatures, a URL's query. Capped whatever RUST_LOG asks (a directive
-    // for the same target replaces RUST_LOG's).
+    // signatures, a URL's query. Capped whatever RUST_LOG asks: its
+    // directives for those crates or their modules (`ureq_proto::util=trace`
+    // would be more specific than a cap) are dropped, then the caps added.
+    let from_env = std::env::var("RUST_LOG").ok().map(|v| without_capped_targets(&v));
+    let mut filter = from_env.and_then(|v| EnvFilter::try_new(v).ok()).unwrap_or_else(|| EnvFilter::new(default));
     for target in HTTP_LOG_TARGETS {
         if let Ok(d) = format!("{target}=info").parse() {
             filter = filter.add_directive(d);
@@ -448,5 +463,16 @@ fn real_main(cli: &Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rust_log_directives_for_the_http_crates_are_dropped() {
+        assert_eq!(super::without_capped_targets("hyper=trace,dagrun=debug"), "dagrun=debug");
+        assert_eq!(super::without_capped_targets("ureq_proto::util=trace"), "");
+        assert_eq!(super::without_capped_targets("trace"), "trace");
+        assert_eq!(super::without_capped_targets("dagrun::engine=trace,object_store=debug,h2=trace"), "dagrun::engine=trace");
     }
 }

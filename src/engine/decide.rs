@@ -247,6 +247,7 @@ impl Engine {
 
     /// Prepare to run stage `i`: first regenerate any sensitive input that is gone.
     pub(super) fn with_inputs(&self, i: usize, mut ev: Evaluation, mut reasons: Vec<String>, mut rec: StageRecord) -> Result<Pending> {
+        self.about_to_write_plaintext(i, !ev.missing_sensitive.is_empty());
         let s = self.stage(i);
         if !ev.missing_sensitive.is_empty() {
             let producers = std::mem::take(&mut ev.missing_sensitive);

@@ -137,6 +137,9 @@ pub struct Engine {
     /// State records and outputs this run wrote, made durable in one batch
     /// when it ends (`sweep.rs`, `sync_written`).
     written: Mutex<Vec<PathBuf>>,
+    /// Where this run writes (`workspace::places`), once the scheduler has
+    /// recorded it: the record, its key, and whether this run opened it.
+    places: Mutex<Option<sweep::PlacesState>>,
 }
 
 /// A stage about to run: its evaluation (`None` until its inputs exist, for a
@@ -203,6 +206,7 @@ impl Engine {
             observers: Vec::new(),
             stage_locks: (0..n).map(|_| Mutex::new(())).collect(),
             written: Mutex::new(Vec::new()),
+            places: Mutex::new(None),
         }
     }
 

@@ -116,9 +116,12 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // Temp files (and plaintext) are left only if a run died without
     // unwinding (`workspace::lock`); where it wrote is recorded
     // (`workspace::places`) before any stage of this run starts.
-    engine.prepare_places(lock.found_unclean());
-    if lock.found_unclean() {
+    let cleaned = engine.prepare_places(lock.found_unclean());
+    if lock.found_unclean() && cleaned {
         lock.swept();
+    }
+    if uses_slurm {
+        engine.open_places();
     }
     match super::openlineage::OpenLineage::new(&engine, lineage_url) {
         Ok(o) => engine.observers.push(Box::new(o)),
@@ -143,6 +146,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
 
     // Plaintext never outlives the run, whatever happened.
     engine.shred_sensitive();
+    engine.close_places();
     // What the run wrote is durable before the memo vouches for it and the
     // run record reports it (see workspace::state, "Durability"); a run that
     // ran and restored nothing has nothing to flush.

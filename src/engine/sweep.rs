@@ -9,6 +9,20 @@
 use super::*;
 use crate::workspace::places::{self, Places};
 
+/// What [`Engine::prepare_places`] recorded for the run.
+pub(super) struct PlacesState {
+    mine: Places,
+    key: Arc<crate::crypto::IntegrityKey>,
+    /// This run marked the record open (it is making plaintext).
+    opened: bool,
+}
+
+fn save_places(ws: &Workspace, key: &crate::crypto::IntegrityKey, p: &Places) {
+    if let Err(e) = places::save(ws, key, p) {
+        tracing::warn!("cannot record where this run writes ({e:#}): if it is killed, the next run of another pipeline may not clean up after it");
+    }
+}
+
 impl Engine {
     /// Delete every sensitive output on disk (plaintext never outlives a run).
     pub fn shred_sensitive(&self) {
@@ -63,36 +77,76 @@ impl Engine {
 
     /// Before the first stage: record where this run writes, and when the
     /// last run did not end cleanly (`unclean`), remove what it left — its
-    /// temporary files and its sensitive outputs — wherever they are, then
-    /// narrow the record to this run's places (rules: `workspace::places`).
-    pub fn prepare_places(&self, unclean: bool) {
+    /// temporary files, and, if it was making plaintext, its sensitive
+    /// outputs — wherever they are, then narrow the record to this run's
+    /// places (rules: `workspace::places`).
+    ///
+    /// Returns whether the clean-up is done (the lock may be marked swept):
+    /// not when the record is there but cannot be trusted — it may be the
+    /// killed run's, sealed under the master key this shell lacks.
+    pub fn prepare_places(&self, unclean: bool) -> bool {
         let mine = self.places();
         let Ok(key) = self.services.integrity_key() else {
             if unclean {
                 self.sweep_temp_files(&mine);
             }
-            return;
+            return !self.ws.places_file().exists();
         };
-        let prev = places::load(&self.ws, &key);
-        let save = |p: &Places| {
-            if let Err(e) = places::save(&self.ws, &key, p) {
-                tracing::warn!("cannot record where this run writes ({e:#}): if it is killed, the next run of another pipeline may not clean up after it");
+        let prev = match places::load(&self.ws, &key) {
+            places::Loaded::Missing => None,
+            places::Loaded::Valid(p) => Some(Places { workspace: String::new(), ..p }),
+            places::Loaded::Untrusted => {
+                if unclean {
+                    self.sweep_temp_files(&mine);
+                }
+                return false;
             }
         };
-        if !unclean {
-            if prev.as_ref() != Some(&mine) {
-                save(&mine);
+        if unclean {
+            let all = prev.as_ref().map_or_else(|| mine.clone(), |p| p.union(&mine));
+            if prev.as_ref() != Some(&all) {
+                save_places(&self.ws, &key, &all);
             }
+            self.sweep_temp_files(&all);
+            if all.open {
+                self.shred_left(&all, &mine);
+            }
+            if all != mine {
+                save_places(&self.ws, &key, &mine);
+            }
+        } else if prev.as_ref() != Some(&mine) {
+            save_places(&self.ws, &key, &mine);
+        }
+        *self.places.lock().unwrap_or_else(|e| e.into_inner()) = Some(PlacesState { mine, key, opened: false });
+        true
+    }
+
+    /// Stage `i` is about to run (or to have a sensitive input made again):
+    /// if it writes plaintext, the record says so first (once a run).
+    pub(super) fn about_to_write_plaintext(&self, i: usize, remakes_sensitive: bool) {
+        if !(remakes_sensitive || self.stage(i).outs.iter().any(|o| o.sensitive)) {
             return;
         }
-        let all = prev.as_ref().map_or_else(|| mine.clone(), |p| p.union(&mine));
-        if prev.as_ref() != Some(&all) {
-            save(&all);
+        self.open_places();
+    }
+
+    /// Mark the record open (see [`Engine::about_to_write_plaintext`]);
+    /// Slurm runs do it before the first job (a job decides its later
+    /// members itself).
+    pub fn open_places(&self) {
+        let mut g = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = g.as_mut().filter(|st| !st.opened) {
+            st.opened = true;
+            save_places(&self.ws, &st.key, &Places { open: true, ..st.mine.clone() });
         }
-        self.sweep_temp_files(&all);
-        self.shred_left(&all, &mine);
-        if all != mine {
-            save(&mine);
+    }
+
+    /// The run has shredded its plaintext ([`Engine::shred_sensitive`]): the
+    /// record is closed again, if this run opened it.
+    pub fn close_places(&self) {
+        let g = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = g.as_ref().filter(|st| st.opened) {
+            save_places(&self.ws, &st.key, &st.mine);
         }
     }
 
@@ -101,10 +155,15 @@ impl Engine {
     /// does not declare, unless this pipeline declares the path as a plain
     /// output or reads it (it is the user's file now).
     fn shred_left(&self, all: &Places, mine: &Places) {
-        let used: HashSet<&str> =
-            self.pipeline.stages.iter().flat_map(|s| s.deps.iter().map(String::as_str).chain(s.outs.iter().map(|o| o.path.as_str()))).collect();
+        let used: Vec<&Path> =
+            self.pipeline.stages.iter().flat_map(|s| s.deps.iter().map(Path::new).chain(s.outs.iter().map(|o| Path::new(&o.path)))).collect();
+        // A path this pipeline uses, or one inside or around it (a folder).
+        let in_use = |rel: &str| {
+            let r = Path::new(rel);
+            used.iter().any(|u| u.starts_with(r) || r.starts_with(u))
+        };
         let root = &self.pipeline.workspace;
-        for rel in all.sensitive.iter().filter(|p| !mine.sensitive.contains(*p) && !used.contains(p.as_str())) {
+        for rel in all.sensitive.iter().filter(|p| !mine.sensitive.contains(*p) && !in_use(p)) {
             let abs = root.join(rel);
             if abs.symlink_metadata().is_err() {
                 continue;

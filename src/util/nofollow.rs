@@ -243,6 +243,18 @@ pub fn check_write_paths(root: &Path, rel: &str, protected: &[&str], final_link_
                     _ if last => {
                         return Err(format!("output {rel:?} is a symlink ({shown} → {}); outputs must be real files or folders", target.display()));
                     }
+                    // A link to the workspace root itself (`work -> .`): the
+                    // rest of the path decides where it lands (`work/config/…`
+                    // is config/, review 33), so it is checked for every path
+                    // through the link, never cached as passed.
+                    (Some(inside), None) if inside.as_os_str().is_empty() => {
+                        if let Some(top) = parts.get(i + 1).filter(|top| protected.contains(*top)) {
+                            return Err(format!(
+                                "output {rel:?} goes through the symlink {shown} (→ {}) into {top}/, which no stage may write; remove the link",
+                                target.display()
+                            ));
+                        }
+                    }
                     _ => seen.passed.extend(folder),
                 }
             }
@@ -320,6 +332,13 @@ mod tests {
         check_write_path(root, "data/new/x", p, false).unwrap();
         assert!(check_write_path(root, "d2", p, false).is_err());
         check_write_path(root, "d2", p, true).unwrap();
+        // A link to the root itself, then a protected folder (review 33).
+        std::fs::create_dir_all(root.join("config")).unwrap();
+        std::os::unix::fs::symlink(".", root.join("work")).unwrap();
+        let mut seen = CheckedDirs::default();
+        check_write_paths(root, "work/data/x", p, false, &mut seen).unwrap();
+        assert!(check_write_paths(root, "work/config/dagrun.yaml", p, false, &mut seen).unwrap_err().contains("into config/"));
+        assert!(check_write_path(root, "work/.dagrun/keys/k", p, false).unwrap_err().contains("into .dagrun/"));
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub fn without_values(msg: &str) -> String {
 /// to the last `@` goes), and with a query string or fragment replaced by
 /// `?…` (`?api_key=…` is a credential too).
 pub fn redact_url(url: &str) -> String {
-    if !url.contains("://") && !url.contains('/') {
+    if !url.contains("://") {
         return not_a_path(url);
     }
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
@@ -168,20 +168,22 @@ pub fn from_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, St
     serde_json::from_slice(bytes).map_err(|e| without_values(&e.to_string()))
 }
 
-/// A path or URL from a variable, as a message shows it: as given, unless it
-/// has no `/` and is long — a key or token put in the wrong variable (say the
-/// master key in `DAGRUN_MASTER_KEY_FILE`), which is described, never shown.
+/// A path from a variable, as a message shows it: as given when it starts
+/// like a path (`/`, `.`, `~`) or is short; otherwise — a key or token put in
+/// the wrong variable (the master key in `DAGRUN_MASTER_KEY_FILE`; a base64
+/// token, which may hold a `/`) — described, never shown.
 pub fn shown_path(value: &str) -> String {
-    if value.contains('/') { format!("{value:?}") } else { not_a_path(value) }
+    if value.starts_with(['/', '.', '~']) { format!("{value:?}") } else { not_a_path(value) }
 }
 
+/// A value that is neither a URL nor a path: shown only when short.
 fn not_a_path(value: &str) -> String {
     let n = value.chars().count();
     if n < 20 {
         return format!("{:?}", crate::util::escape_controls(value));
     }
     let hex = value.chars().all(|c| c.is_ascii_hexdigit());
-    format!("(a value of {n} {}characters with no `/`, not shown: a key or token in the wrong variable?)", if hex { "hexadecimal " } else { "" })
+    format!("(a value of {n} {}characters, not shown: a key or token in the wrong variable?)", if hex { "hexadecimal " } else { "" })
 }
 
 #[cfg(test)]
@@ -194,6 +196,10 @@ mod tests {
         assert!(!shown.contains("0001020304") && shown.contains("64 hexadecimal characters"), "{shown}");
         assert_eq!(shown_path("/etc/dagrun/master.key"), "\"/etc/dagrun/master.key\"");
         assert_eq!(shown_path("master.key"), "\"master.key\"");
+        // A base64 token holds `/` and `+`: still not shown.
+        let b64 = "dGhpcyBpcyBhIHRva2Vu/QkFTRTY0+c2VjcmV0PQ==";
+        assert!(!shown_path(b64).contains("dGhpcyBp") && !redact_url(b64).contains("dGhpcyBp"));
+        assert_eq!(shown_path("./keys/master.key"), "\"./keys/master.key\"");
         let url = redact_url("oltok_S3cr3tBearerValue_0123456789");
         assert!(!url.contains("S3cr3t"), "{url}");
         assert_eq!(redact_url("http://u:p@h:1/x?k=v"), "http://h:1/x?…");

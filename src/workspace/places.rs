@@ -11,10 +11,17 @@
 //!   (workspace-relative) of the runs that may have left something: written
 //!   before the first stage of a run starts, only when it names something the
 //!   record lacks (a no-op run of the same pipeline writes nothing).
+//! - `open` says a run is making plaintext: set (durably) before the first
+//!   stage that writes a sensitive output runs, cleared when the run has
+//!   shredded its plaintext, whatever its end. A run that writes no plaintext
+//!   (a no-op run) never writes it.
 //! - A run that finds the workspace lock clean (the last run ended and swept)
 //!   replaces the record with its own places; one that finds it unclean first
-//!   adds its own to it (a death during the sweep loses nothing), sweeps and
-//!   shreds every place in it, then narrows it to its own places.
+//!   adds its own to it (a death during the sweep loses nothing), sweeps the
+//!   temporary files of every folder in it, deletes its sensitive outputs only
+//!   if it is `open` (a run making plaintext was killed: not after a mere
+//!   restart, or a killed `gc`, when the last run had shredded its own), then
+//!   narrows it to its own places.
 //! - A sealed record (MAC under the workspace integrity key, domain
 //!   [`record::PLACES`]): it names files dagrun deletes, so one not written by
 //!   dagrun — shipped in a repository, edited — is ignored (with a warning),
@@ -42,6 +49,12 @@ pub struct Places {
     pub dirs: BTreeSet<String>,
     /// Sensitive outputs (deleted at the end of every run that ends).
     pub sensitive: BTreeSet<String>,
+    /// A run making plaintext is (or was, when it was killed) under way.
+    #[serde(default)]
+    pub open: bool,
+    /// The workspace root it was written for (set by [`save`]).
+    #[serde(default)]
+    pub workspace: String,
 }
 
 impl Places {
@@ -50,8 +63,14 @@ impl Places {
         other.dirs.is_subset(&self.dirs) && other.sensitive.is_subset(&self.sensitive)
     }
 
+    /// Both records' places; open if `self` is.
     pub fn union(&self, other: &Places) -> Places {
-        Places { dirs: self.dirs.union(&other.dirs).cloned().collect(), sensitive: self.sensitive.union(&other.sensitive).cloned().collect() }
+        Places {
+            dirs: self.dirs.union(&other.dirs).cloned().collect(),
+            sensitive: self.sensitive.union(&other.sensitive).cloned().collect(),
+            open: self.open,
+            workspace: self.workspace.clone(),
+        }
     }
 
     fn valid(&self) -> Result<(), String> {
@@ -75,35 +94,55 @@ fn plain_rel(p: &str) -> bool {
         && path.components().next().is_some_and(|c| c.as_os_str() != super::DAGRUN_DIR)
 }
 
-/// The record read back: `None` when there is none, or it cannot be trusted
-/// (then it is reported and ignored).
-pub fn load(ws: &Workspace, key: &IntegrityKey) -> Option<Places> {
+/// The record as read back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Loaded {
+    /// No record (a new workspace, or one of an older dagrun).
+    Missing,
+    Valid(Places),
+    /// There, but not to be trusted or not readable (reported): it is
+    /// neither obeyed nor replaced, and the workspace stays marked unclean,
+    /// so the run with the right key still cleans up after the killed one.
+    Untrusted,
+}
+
+/// Read the record back (see [`Loaded`]).
+pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
     let file = ws.places_file();
     let bytes = match crate::util::read_capped(&file, MAX_BYTES) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
         Err(e) => {
             tracing::warn!("cannot read {}: {e}; the clean-up after a killed run covers this pipeline's folders only", ws.rel(&file));
-            return None;
+            return Loaded::Untrusted;
         }
     };
+    let root = ws.root().to_string_lossy();
     let places = record::open::<Places>(Some(key), record::PLACES, &bytes, &ws.rel(&file))
         .map_err(|e| e.to_string())
-        .and_then(|p| p.valid().map(|()| p).map_err(|why| format!("{}: {why}", ws.rel(&file))));
+        .and_then(|p| p.valid().map(|()| p).map_err(|why| format!("{}: {why}", ws.rel(&file))))
+        .and_then(|p| {
+            // Sealed for this workspace, not copied from another sharing its keys.
+            (p.workspace == root).then_some(p).ok_or_else(|| format!("{}: written for another workspace", ws.rel(&file)))
+        });
     match places {
-        Ok(p) => Some(p),
+        Ok(p) => Loaded::Valid(p),
         Err(why) => {
-            tracing::warn!("{why}: ignored (nothing it names is deleted; it is rewritten by this run)");
-            None
+            tracing::warn!(
+                "{why}: not obeyed (nothing it names is deleted) and kept; runs with this workspace's master key clean up after a killed run. Delete it if it is not this workspace's"
+            );
+            Loaded::Untrusted
         }
     }
 }
 
-/// Write the record (sealed, atomically, durably: it must be on disk before
-/// any stage of the run writes).
+/// Write the record (sealed, atomically and durably: it must be on disk
+/// before the plaintext it announces; written only when it changes).
 pub fn save(ws: &Workspace, key: &IntegrityKey, places: &Places) -> anyhow::Result<()> {
-    let v = record::seal_value(key, record::PLACES, places)?;
-    crate::util::atomic::write_atomic_with(&ws.places_file(), &serde_json::to_vec(&v)?, crate::util::atomic::Durability::Verified)
+    let mut p = places.clone();
+    p.workspace = ws.root().to_string_lossy().into_owned();
+    let v = record::seal_value(key, record::PLACES, &p)?;
+    crate::util::atomic::write_atomic_with(&ws.places_file(), &serde_json::to_vec(&v)?, crate::util::atomic::Durability::Full)
 }
 
 #[cfg(test)]
@@ -111,7 +150,12 @@ mod tests {
     use super::*;
 
     fn places(dirs: &[&str], sensitive: &[&str]) -> Places {
-        Places { dirs: dirs.iter().map(|s| s.to_string()).collect(), sensitive: sensitive.iter().map(|s| s.to_string()).collect() }
+        Places {
+            dirs: dirs.iter().map(|s| s.to_string()).collect(),
+            sensitive: sensitive.iter().map(|s| s.to_string()).collect(),
+            open: false,
+            workspace: String::new(),
+        }
     }
 
     #[test]
@@ -120,16 +164,23 @@ mod tests {
         let ws = Workspace::at(d.path());
         std::fs::create_dir_all(ws.dagrun_dir()).unwrap();
         let key = IntegrityKey::from_bytes([7; 32]);
-        assert_eq!(load(&ws, &key), None);
+        assert_eq!(load(&ws, &key), Loaded::Missing);
         let p = places(&["", "data/raw"], &["data/raw/Tenant_B.parquet"]);
         save(&ws, &key, &p).unwrap();
-        assert_eq!(load(&ws, &key), Some(p.clone()));
-        // Another workspace's key (a record shipped in a repository): ignored.
-        assert_eq!(load(&ws, &IntegrityKey::from_bytes([8; 32])), None);
+        let here = Places { workspace: ws.root().to_string_lossy().into_owned(), ..p.clone() };
+        assert_eq!(load(&ws, &key), Loaded::Valid(here));
+        // Another workspace's key (a record shipped in a repository): not obeyed.
+        assert_eq!(load(&ws, &IntegrityKey::from_bytes([8; 32])), Loaded::Untrusted);
+        // The same key, another workspace (one sharing its keys): not obeyed.
+        let d2 = tempfile::tempdir().unwrap();
+        let ws2 = Workspace::at(d2.path());
+        std::fs::create_dir_all(ws2.dagrun_dir()).unwrap();
+        std::fs::copy(ws.places_file(), ws2.places_file()).unwrap();
+        assert_eq!(load(&ws2, &key), Loaded::Untrusted);
         // Sealed, but naming a path outside the workspace or inside .dagrun: void.
         for bad in ["../x", "/etc/passwd", ".dagrun/keys/keyring.json", "a/../../b"] {
             save(&ws, &key, &places(&[], &[bad])).unwrap();
-            assert_eq!(load(&ws, &key), None, "{bad}");
+            assert_eq!(load(&ws, &key), Loaded::Untrusted, "{bad}");
         }
     }
 

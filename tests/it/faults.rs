@@ -661,6 +661,26 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_whatever_its_pipeline() {
     ws.write("reads.yaml", "stages:\n  use:\n    cmd: cat raw/pii.txt > out/n.txt\n    deps: [raw/pii.txt]\n    outs: [out/n.txt]\n");
     ok(ws.dagrun(&["run", "reads.yaml"]));
     assert!(ws.exists("raw/pii.txt") && !ws.exists("raw/.pii.txt.dagrun-tmp.1.0"), "{:?}", ws.walk());
+    // Nor a folder output holding a file the current pipeline reads.
+    ws.write(
+        "killdir.yaml",
+        "stages:\n  raw:\n    cmd: mkdir -p scr; echo pii > scr/pii.txt; kill -9 $PPID; sleep 5\n    outs: [{path: scr, sensitive: true}]\n",
+    );
+    assert_ne!(ws.dagrun(&["run", "killdir.yaml"]).code, 0);
+    ws.write("readsdir.yaml", "stages:\n  use:\n    cmd: cat scr/pii.txt > out/m.txt\n    deps: [scr/pii.txt]\n    outs: [out/m.txt]\n");
+    ok(ws.dagrun(&["run", "readsdir.yaml"]));
+    assert!(ws.exists("scr/pii.txt"), "{:?}", ws.walk());
+
+    // Unclean only because the machine restarted since a run that ended (and
+    // shredded its plaintext): a file the user put at that path since is
+    // theirs; only a run killed while making plaintext has its outputs deleted.
+    ws.write("ends.yaml", "stages:\n  raw:\n    cmd: echo pii > raw/p2.txt\n    outs: [{path: raw/p2.txt, sensitive: true}]\n");
+    ok(ws.dagrun(&["run", "ends.yaml"]));
+    assert!(!ws.exists("raw/p2.txt"), "shredded at the end of its run");
+    ws.write("raw/p2.txt", "the user's own file\n");
+    ws.write(".dagrun/lock", "released 00000000-0000-0000-0000-000000000000\n");
+    ok(ws.dagrun(&["run", "other.yaml"]));
+    assert_eq!(ws.read("raw/p2.txt"), "the user's own file\n");
 }
 
 // ---------------------------------------------------------------- 4. overlap

@@ -448,18 +448,21 @@ fn the_endpoints_token_and_query_never_reach_the_logs_even_at_trace() {
     ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
     let up = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
     let token = "oltok_S3cr3tBearerValue_0123456789";
-    let mut c = cmd(&ws, &["run", "pipeline.yaml"]);
-    c.env("DAGRUN_OPENLINEAGE_URL", format!("http://svc:Pw_5ecret@127.0.0.1:{}/x?api_key=QuerySecret_987654", up.port))
-        .env("DAGRUN_OPENLINEAGE_TOKEN", token)
-        .env("RUST_LOG", "trace");
-    let o = c.output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
-    assert!(up.got.lock().unwrap().iter().any(|g| g.auth.as_deref() == Some(&format!("Bearer {token}"))), "the token is sent");
-    for w in token.as_bytes().windows(8) {
-        assert!(!err.contains(std::str::from_utf8(w).unwrap()), "the token shows in the logs:\n{err}");
+    // Everything at trace, and the HTTP crates' own modules named outright.
+    for rust_log in ["trace", "ureq_proto::util=trace,ureq=trace,dagrun=debug"] {
+        let mut c = cmd(&ws, &["run", "pipeline.yaml", "--force", ""]);
+        c.env("DAGRUN_OPENLINEAGE_URL", format!("http://svc:Pw_5ecret@127.0.0.1:{}/x?api_key=QuerySecret_987654", up.port))
+            .env("DAGRUN_OPENLINEAGE_TOKEN", token)
+            .env("RUST_LOG", rust_log);
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{err}");
+        assert!(up.got.lock().unwrap().iter().any(|g| g.auth.as_deref() == Some(&format!("Bearer {token}"))), "the token is sent");
+        for w in token.as_bytes().windows(8) {
+            assert!(!err.contains(std::str::from_utf8(w).unwrap()), "RUST_LOG={rust_log}: the token shows in the logs:\n{err}");
+        }
+        assert!(!err.contains("QuerySecret") && !err.contains("Pw_5ecret"), "{err}");
     }
-    assert!(!err.contains("QuerySecret") && !err.contains("Pw_5ecret"), "{err}");
 }
 
 /// The spooled events (each line is `MAC EVENT`: the MAC is checked by dagrun, not here).
