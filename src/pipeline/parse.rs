@@ -64,6 +64,29 @@ impl<'a> StageLines<'a> {
     }
 }
 
+/// The line of `key:` inside the block of the stage written at `stage_line`
+/// (1-based): the first line below it, more indented than it, that starts
+/// with the key; None past the block.
+fn key_line(text: &str, stage_line: usize, key: &str) -> Option<usize> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut lines = text.lines().enumerate().skip(stage_line.checked_sub(1)?);
+    let (_, first) = lines.next()?;
+    let base = indent(first);
+    for (i, l) in lines {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if indent(l) <= base {
+            return None;
+        }
+        if t.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':')) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 pub(super) fn valid_stage_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
@@ -185,7 +208,14 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         };
         for tenant in fan {
             let idx = stages.len();
-            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| config(format!("{}: {m}", at(base))))?;
+            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| {
+                // An unknown `with:` key is placed on its own line.
+                let key = m.strip_prefix("unknown `with.").and_then(|r| r.split_once('`')).map(|(k, _)| k);
+                match key.and_then(|k| key_line(text, lines.get(base)?, k)) {
+                    Some(l) => config(format!("{shown}:{l}: stage `{base}`: {m}")),
+                    None => config(format!("{}: {m}", at(base))),
+                }
+            })?;
             let mut stage = stage;
             stage.line = lines.get(base);
             stage.executor = def.executor.or(pf.executor).unwrap_or_default();
@@ -499,6 +529,9 @@ mod stage_lines_tests {
             assert_eq!(lines.get(name), stage_line(t, name), "{name:?}");
         }
         assert_eq!(lines.get("s1"), Some(6));
+        let t2 = "stages:\n  a:\n    uses: train\n    with:\n      C: 1\n      promot: auto\n  b:\n    cmd: x\n    promot: 1\n";
+        assert_eq!(key_line(t2, 2, "promot"), Some(6));
+        assert_eq!(key_line(t2, 2, "missing"), None);
         assert_eq!(lines.get("late"), None);
     }
 }

@@ -236,7 +236,8 @@ fn tenants_file_syntax_and_bombs() {
 
 /// A built-in kind's `with:` is checked against its params struct: a
 /// misspelt key or a value of the wrong type is refused at load, naming the
-/// file, line, stage and key (and, for an unknown key, the keys it takes).
+/// file, line, stage and key (and, for an unknown key, the keys it takes,
+/// at the key's own line).
 #[test]
 fn misspelt_or_mistyped_with_key() {
     let train = |extra: &str| {
@@ -252,7 +253,7 @@ fn misspelt_or_mistyped_with_key() {
     };
     refused(
         &ws_with(&train("      promot: manual\n")),
-        &["pipeline.yaml:4:", "stage `train`", "unknown `with.promot`", "this kind takes: store, C, min_auc, output, tenant, promote"],
+        &["pipeline.yaml:12:", "stage `train`", "unknown `with.promot`", "this kind takes: store, C, min_auc, output, tenant, promote"],
     );
     refused(&ws_with(&train("      promote: sometimes\n")), &["pipeline.yaml:4:", "stage `train`", "`with.promote` = \"sometimes\": use auto or manual"]);
     refused(&ws_with(&train("      promote: [auto]\n")), &["stage `train`", "`with.promote` = [\"auto\"]"]);
@@ -271,7 +272,7 @@ fn misspelt_or_mistyped_with_key() {
     let ws = ws_with(
         "stages:\n  gen:\n    foreach: tenants\n    uses: generate\n    with:\n      rows: 10\n      seed: 1\n      as_of: 2026-01-01\n      ouput: raw.parquet\n",
     );
-    refused(&ws, &["pipeline.yaml:2:", "stage `gen`", "unknown `with.ouput`; this kind takes: rows, seed, as_of, output, tenant"]);
+    refused(&ws, &["pipeline.yaml:9:", "stage `gen`", "unknown `with.ouput`; this kind takes: rows, seed, as_of, output, tenant"]);
     let ws = ws_with(
         "stages:\n  gen:\n    foreach: tenants\n    uses: generate\n    with:\n      rows: -3\n      seed: 1\n      as_of: 2026-01-01\n      output: raw.parquet\n",
     );
