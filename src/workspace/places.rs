@@ -136,13 +136,17 @@ pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
     }
 }
 
-/// Write the record (sealed, atomically and durably: it must be on disk
-/// before the plaintext it announces; written only when it changes).
+/// Write the record (sealed, atomically; written only when it changes). An
+/// open record is made durable (file and folder fsynced) before it returns:
+/// it must be on disk before the plaintext it announces, and it names every
+/// place of the run. A closed one is not (a power cut may bring back the open
+/// one, whose paths the run had shredded: at worst a second delete).
 pub fn save(ws: &Workspace, key: &IntegrityKey, places: &Places) -> anyhow::Result<()> {
     let mut p = places.clone();
     p.workspace = ws.root().to_string_lossy().into_owned();
     let v = record::seal_value(key, record::PLACES, &p)?;
-    crate::util::atomic::write_atomic_with(&ws.places_file(), &serde_json::to_vec(&v)?, crate::util::atomic::Durability::Full)
+    let durability = if p.open { crate::util::atomic::Durability::Full } else { crate::util::atomic::Durability::Verified };
+    crate::util::atomic::write_atomic_with(&ws.places_file(), &serde_json::to_vec(&v)?, durability)
 }
 
 #[cfg(test)]
