@@ -180,26 +180,17 @@ impl Engine {
         }
     }
 
-    /// Remove temporary files left next to outputs by killed runs: in this
-    /// pipeline's output folders and those of `places`.
-    pub fn sweep_temp_files(&self, places: &Places) {
+    /// Remove temporary files left next to outputs by killed runs: in the
+    /// output folders of `places` (this run's, and the killed run's).
+    fn sweep_temp_files(&self, places: &Places) {
         let root = &self.pipeline.workspace;
-        let mut dirs: HashSet<PathBuf> = HashSet::new();
-        for s in &self.pipeline.stages {
-            for o in &s.outs {
-                if let Some(parent) = self.pipeline.abs(&o.path).parent() {
-                    dirs.insert(parent.to_path_buf());
-                }
-            }
-        }
         // Another pipeline's folders were not checked when this one loaded.
-        dirs.extend(
-            places
-                .dirs
-                .iter()
-                .filter(|d| d.is_empty() || crate::util::nofollow::check_write_path(root, d, crate::workspace::PROTECTED_DIRS, false).is_ok())
-                .map(|d| root.join(d)),
-        );
+        let mut dirs: HashSet<PathBuf> = places
+            .dirs
+            .iter()
+            .filter(|d| d.is_empty() || crate::util::nofollow::check_write_path(root, d, crate::workspace::PROTECTED_DIRS, false).is_ok())
+            .map(|d| root.join(d))
+            .collect();
         dirs.insert(self.ws.dagrun_dir()); // the hash memo
         dirs.insert(self.ws.keys_dir()); // a killed key write's copy of the keyring
         dirs.insert(self.ws.state_dir());

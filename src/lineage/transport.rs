@@ -159,11 +159,8 @@ pub fn open_append(path: &Path) -> Result<(std::fs::File, u64)> {
     }
     // Never through a planted link (it would truncate the file it leads to).
     // Private: an event's error message may quote what a command printed.
-    let mut opts = std::fs::OpenOptions::new();
-    opts.read(true).append(true).create(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = crate::util::nofollow::open_own_file(&mut opts, path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = crate::util::nofollow::open_own_file(std::fs::OpenOptions::new().read(true).append(true).create(true).mode(0o600), path)?;
     let len = f.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
     let whole = whole_lines_len(&mut f, len).with_context(|| format!("cannot read {}", path.display()))?;
     if whole != len {

@@ -15,7 +15,8 @@ use crate::engine::runs::{RunRecord, StageRecord, Status};
 use crate::model::ModelArtifact;
 use crate::model::evaluation::{self, Evaluation};
 use crate::stages::drift::Report as DriftReport;
-use std::path::{Component, Path};
+use crate::workspace::is_safe_rel as safe_rel;
+use std::path::Path;
 
 /// Where a verified artifact came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +35,6 @@ impl Source {
             Source::Unrecorded => "file on disk, written by the failed stage (not recorded)",
         }
     }
-}
-
-pub fn safe_rel(p: &str) -> bool {
-    !p.is_empty() && Path::new(p).is_relative() && Path::new(p).components().all(|c| matches!(c, Component::Normal(_)))
 }
 
 fn is_hex64(h: &str) -> bool {

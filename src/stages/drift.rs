@@ -33,6 +33,7 @@ use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDri
 use crate::model::ModelArtifact;
 use crate::pipeline::Stage;
 use crate::util::atomic::write_atomic;
+use crate::workspace::is_safe_rel as safe_rel;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -188,12 +189,6 @@ fn thresholds(p: &DriftWith) -> std::result::Result<(f64, f64), String> {
         return Err(format!("`with.warn_psi` = {warn_psi}: must be positive and at most max_psi ({max_psi})"));
     }
     Ok((warn_psi, max_psi))
-}
-
-/// A workspace-relative path from an untrusted file: no absolute path, no `..`.
-fn safe_rel(p: &str) -> bool {
-    let path = Path::new(p);
-    !p.is_empty() && path.is_relative() && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
 }
 
 fn is_hex64(h: &str) -> bool {

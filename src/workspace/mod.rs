@@ -59,6 +59,12 @@ pub const PROTECTED_DIRS: &[&str] = &[DAGRUN_DIR, ".git", "runs", "config"];
 /// workspace, is one a user-named output must never replace).
 pub use crate::crypto::master::ENV_MASTER_KEY_FILE;
 
+/// A workspace-relative path read from an untrusted file (a record, a model,
+/// a run record): not empty, and only plain names — no root, no `..`, no `.`.
+pub fn is_safe_rel(p: &str) -> bool {
+    !p.is_empty() && Path::new(p).components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 /// A workspace root and every path dagrun keeps in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workspace {

@@ -86,12 +86,9 @@ impl Places {
     }
 }
 
-/// A relative path of normal components, not inside `.dagrun/`.
+/// A plain relative path ([`super::is_safe_rel`]) not inside `.dagrun/`.
 fn plain_rel(p: &str) -> bool {
-    let path = std::path::Path::new(p);
-    !p.is_empty()
-        && path.components().all(|c| matches!(c, std::path::Component::Normal(_)))
-        && path.components().next().is_some_and(|c| c.as_os_str() != super::DAGRUN_DIR)
+    super::is_safe_rel(p) && std::path::Path::new(p).components().next().is_some_and(|c| c.as_os_str() != super::DAGRUN_DIR)
 }
 
 /// The record as read back.
