@@ -52,6 +52,28 @@ pub struct RunOutcome {
     pub summary: Vec<String>,
 }
 
+/// Stop the processes the lock's dead holders left running (`executor::orphans`), saying so.
+fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock) {
+    let (stopped, left) = crate::executor::orphans::stop(lock.dead_marks());
+    let pids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    if !stopped.is_empty() {
+        tracing::warn!(
+            "stopped {} process{} a killed run had left running (pid {}), before cleaning up after it",
+            stopped.len(),
+            if stopped.len() == 1 { "" } else { "es" },
+            pids(&stopped)
+        );
+    }
+    if !left.is_empty() {
+        tracing::warn!(
+            "process{} {} of a killed run did not exit after SIGKILL; what {} writes is not cleaned up by this run",
+            if left.len() == 1 { "" } else { "es" },
+            pids(&left),
+            if left.len() == 1 { "it" } else { "they" }
+        );
+    }
+}
+
 /// Stages selected by `targets` (and everything upstream of them).
 pub fn select(p: &Pipeline, targets: &[String]) -> Result<HashSet<usize>> {
     if targets.is_empty() {
@@ -101,6 +123,8 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     crate::util::child_env::withhold_from_tools(&pipeline.secrets);
     // Jobs of a killed earlier run must end before anything writes their outputs.
     crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
+    // ... and so must what its stage commands started here (their shells died with it).
+    stop_orphans(&lock);
     let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);
     if uses_slurm {
         // A job killed by Slurm (time limit, scancel) may leave temp files: the next run sweeps.

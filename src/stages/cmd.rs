@@ -111,6 +111,9 @@ impl StageKind for Cmd {
         }
         env.insert("DAGRUN_WORKSPACE".into(), ctx.workspace.as_os_str().to_owned());
         env.insert("DAGRUN_STAGE".into(), s.name.clone().into());
+        // What the command starts inherits it: the run after a killed one
+        // stops those processes (executor::orphans).
+        env.insert(crate::workspace::lock::RUN_MARK_ENV.into(), crate::workspace::lock::run_mark().into());
         if let Some(t) = &s.tenant {
             env.insert("DAGRUN_TENANT".into(), t.into());
         }

@@ -23,6 +23,19 @@
 //!   other commands that take the lock and end cleanly leave it as they found
 //!   it; a holder whose own writers may have died out of process (Slurm jobs)
 //!   calls [`WorkspaceLock::keep_unclean`].
+//!
+//! # Run marks: the processes a killed holder left
+//! A holder's second line, `marks M …`, holds a random mark of its own
+//! ([`run_mark`], which every `cmd` stage's process gets as
+//! `DAGRUN_RUN_MARK`, and its children inherit) and the marks it found in an
+//! unclean lock (carried until a run has swept, at most [`MAX_MARKS`]); a
+//! holder that ends without a clean mark leaves only the carried ones (its
+//! own processes are not a killed run's). A run
+//! that finds the lock unclean stops the processes that still carry one of
+//! those marks ([`WorkspaceLock::dead_marks`], `executor::orphans`) before it
+//! sweeps: a killed run's stage command dies with it (`PR_SET_PDEATHSIG`),
+//! but what that command started does not. The content is untrusted: only
+//! 32-hex-digit words are taken as marks.
 
 use crate::error::Failure;
 use anyhow::{Context, Result};
@@ -41,6 +54,38 @@ pub struct WorkspaceLock {
     /// [`WorkspaceLock::keep_unclean`] was called.
     keep: std::cell::Cell<bool>,
     boot_id: Option<String>,
+    /// Marks of holders that died (only when `found_unclean`).
+    dead_marks: Vec<String>,
+    /// The holder's line (pid, command, start).
+    info: String,
+}
+
+/// Most marks a lock carries (holders that died in a row without a sweep).
+pub const MAX_MARKS: usize = 16;
+/// The variable a `cmd` stage's process gets this run's mark in.
+pub const RUN_MARK_ENV: &str = "DAGRUN_RUN_MARK";
+
+/// This process's run mark: 32 random hex digits, the same for its life.
+pub fn run_mark() -> &'static str {
+    static MARK: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MARK.get_or_init(|| {
+        use rand::TryRng;
+        let mut b = [0u8; 16];
+        if rand::rngs::SysRng.try_fill_bytes(&mut b).is_err() {
+            // Unique is enough (it names, it does not guard): pid and time.
+            let mut h = blake3::Hasher::new();
+            h.update(&std::process::id().to_le_bytes());
+            h.update(&chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0).to_le_bytes());
+            b.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        }
+        hex::encode(b)
+    })
+}
+
+/// The marks in a lock's content (its `marks` line; anything else ignored).
+fn marks_in(content: &str) -> Vec<String> {
+    let is_mark = |w: &&str| w.len() == 32 && w.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    content.lines().filter_map(|l| l.strip_prefix("marks ")).flat_map(|l| l.split_whitespace()).filter(is_mark).map(str::to_string).take(MAX_MARKS).collect()
 }
 
 /// Prefix of the content a clean release leaves.
@@ -59,6 +104,12 @@ impl WorkspaceLock {
     /// since: temporary files of killed writers may exist; sweep them.
     pub fn found_unclean(&self) -> bool {
         self.found_unclean
+    }
+
+    /// The run marks of the holders that died without unwinding since the
+    /// last sweep (empty when the lock was found clean).
+    pub fn dead_marks(&self) -> &[String] {
+        &self.dead_marks
     }
 
     /// The temporary files of killed writers are swept: a clean end of this
@@ -84,6 +135,13 @@ impl Drop for WorkspaceLock {
             // Cut first: a death in between leaves an empty file (unclean).
             let _ = self.file.set_len(0);
             let _ = self.file.write_all_at(format!("{RELEASED}{b}\n").as_bytes(), 0);
+        } else {
+            // Ended, but unclean (not swept, or kept so): its own processes are
+            // not a killed run's; the dead holders' marks stay until a sweep.
+            let carried = if self.unclean.get() { self.dead_marks.join(" ") } else { String::new() };
+            let content = if carried.is_empty() { format!("{}\n", self.info) } else { format!("{}\nmarks {carried}\n", self.info) };
+            let _ = self.file.set_len(0);
+            let _ = self.file.write_all_at(content.as_bytes(), 0);
         }
         let _ = self.file.unlock();
     }
@@ -97,7 +155,7 @@ fn holder(file: &mut File) -> String {
         let mut s = String::new();
         let _ = file.seek(SeekFrom::Start(0));
         let _ = file.read_to_string(&mut s);
-        let s = s.trim();
+        let s = s.lines().next().unwrap_or("").trim();
         if !s.is_empty() && !s.starts_with(RELEASED) {
             return s.to_string();
         }
@@ -163,11 +221,16 @@ pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<
         Some(b) => previous.trim().strip_prefix(RELEASED) != Some(b.as_str()),
         None => true,
     };
+    // A release mark of another boot carries no marks: its processes are gone.
+    // Its own mark is never a dead one (a process that takes the lock twice).
+    let dead_marks: Vec<String> = if found_unclean { marks_in(&previous).into_iter().filter(|m| m != run_mark()).collect() } else { Vec::new() };
+    let mut marks = vec![run_mark().to_string()];
+    marks.extend(dead_marks.iter().take(MAX_MARKS - 1).cloned());
     let info = format!("pid {} ({what}, started {})", std::process::id(), chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
     file.set_len(0)?;
     file.seek(SeekFrom::Start(0))?;
-    file.write_all(info.as_bytes())?;
-    Ok(WorkspaceLock { file, found_unclean, unclean: std::cell::Cell::new(found_unclean), keep: std::cell::Cell::new(false), boot_id })
+    file.write_all(format!("{info}\nmarks {}\n", marks.join(" ")).as_bytes())?;
+    Ok(WorkspaceLock { file, found_unclean, unclean: std::cell::Cell::new(found_unclean), keep: std::cell::Cell::new(false), boot_id, dead_marks, info })
 }
 
 #[cfg(test)]
@@ -242,5 +305,41 @@ mod tests {
         let waited = acquire(d.path(), Some(Duration::from_secs(10)), "c").unwrap();
         releaser.join().unwrap();
         assert!(!waited.found_unclean(), "a clean release, seen by a run that waited for it");
+    }
+
+    /// The marks of a holder that died are handed to the next holder, carried
+    /// by holders that do not sweep, and dropped once a run has swept; the
+    /// file is untrusted: only mark-shaped words count, at most MAX_MARKS.
+    #[test]
+    fn a_dead_holders_marks_reach_the_run_that_sweeps() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210");
+        std::fs::write(d.path().join("lock"), format!("pid 1 (dagrun run p.yaml, started x)\nmarks {a} {b} ../etc ABCDEF0123456789ABCDEF0123456789 {a}x\n"))
+            .unwrap();
+        let l = acquire(d.path(), None, "gc").unwrap();
+        assert_eq!(l.dead_marks(), [a, b]);
+        let line = std::fs::read_to_string(d.path().join("lock")).unwrap();
+        assert_eq!(line.lines().nth(1).unwrap(), format!("marks {} {a} {b}", run_mark()));
+        // The message of a second run shows the holder, not its marks.
+        let err = acquire(d.path(), None, "other").err().unwrap().to_string();
+        assert!(err.contains("(gc, started") && !err.contains("marks"), "{err}");
+        drop(l); // not swept: the marks stay for the run that sweeps, not its own
+        assert_eq!(std::fs::read_to_string(d.path().join("lock")).unwrap().lines().nth(1).unwrap(), format!("marks {a} {b}"));
+        let l = acquire(d.path(), None, "run").unwrap();
+        assert!(l.dead_marks().contains(&a.to_string()) && l.dead_marks().contains(&b.to_string()), "{:?}", l.dead_marks());
+        assert!(!l.dead_marks().iter().any(|m| m == run_mark()), "its own mark is not a dead one");
+        l.swept();
+        drop(l);
+        let l = acquire(d.path(), None, "next").unwrap();
+        assert!(!l.found_unclean() && l.dead_marks().is_empty());
+        // A holder that keeps the lock unclean (Slurm) but ended names no process.
+        l.keep_unclean();
+        drop(l);
+        let l = acquire(d.path(), None, "after-slurm").unwrap();
+        assert!(l.found_unclean() && l.dead_marks().is_empty(), "{:?}", l.dead_marks());
+        drop(l);
+        let many: Vec<String> = (0..40).map(|i| format!("{i:032x}")).collect();
+        std::fs::write(d.path().join("lock"), format!("pid 1 (x)\nmarks {}\n", many.join(" "))).unwrap();
+        assert_eq!(acquire(d.path(), None, "y").unwrap().dead_marks().len(), MAX_MARKS);
     }
 }

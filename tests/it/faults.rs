@@ -683,6 +683,35 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_whatever_its_pipeline() {
     assert_eq!(ws.read("raw/p2.txt"), "the user's own file\n");
 }
 
+/// Review 33: a stage command's shell dies with a SIGKILLed dagrun, but a
+/// process it started ran on and wrote plaintext after the next run (of
+/// another pipeline) had cleaned up, where no later run looked. The next run
+/// stops the processes carrying the killed run's mark first; a process a run
+/// that ended cleanly left on purpose carries another mark and runs on.
+#[test]
+fn processes_a_killed_run_left_are_stopped_before_the_next_run_cleans_up() {
+    let ws = Ws::new();
+    ws.write("bg.yaml", "stages:\n  server:\n    cmd: (sleep 2; echo bg > out/bg.txt) >/dev/null 2>&1 & echo ok > out/s.txt\n    outs: [out/s.txt]\n");
+    ok(ws.dagrun(&["run", "bg.yaml"]));
+    ws.write(
+        "killed.yaml",
+        "stages:\n  raw:\n    cmd: (sleep 1.5; echo alice > raw/late.txt) >/dev/null 2>&1 & echo $! > orphan.pid; kill -9 $PPID; sleep 5\n    outs: [{path: raw/late.txt, sensitive: true}]\n",
+    );
+    let o = ws.dagrun(&["run", "killed.yaml"]);
+    assert_ne!(o.code, 0, "the stage kills dagrun: {}", o.stderr);
+    let orphan = ws.read("orphan.pid").trim().to_string();
+    assert!(std::path::Path::new(&format!("/proc/{orphan}")).exists(), "the orphan runs");
+    ws.write("other.yaml", "stages:\n  hello:\n    cmd: echo hi > out/hello.txt\n    outs: [out/hello.txt]\n");
+    let o = ok(ws.dagrun(&["run", "other.yaml"]));
+    assert!(o.stderr.contains("a killed run had left running (pid ") && o.stderr.contains(&orphan), "{}", o.stderr);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(!ws.exists("raw/late.txt"), "the killed run's orphan wrote its plaintext after the clean-up: {:?}", ws.walk());
+    assert_eq!(ws.read("out/bg.txt"), "bg\n", "the process a clean run left on purpose was stopped");
+    // Stopped once: the next run finds the lock clean and says nothing.
+    let o = ok(ws.dagrun(&["run", "other.yaml"]));
+    assert!(!o.stderr.contains("left running"), "{}", o.stderr);
+}
+
 // ---------------------------------------------------------------- 4. overlap
 
 const OVERLAP: &str = r#"
