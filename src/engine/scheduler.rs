@@ -53,8 +53,8 @@ pub struct RunOutcome {
 }
 
 /// Stop the processes the lock's dead holders left running (`executor::orphans`), saying so.
-fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock) {
-    let (stopped, left) = crate::executor::orphans::stop(lock.dead_marks());
+fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::path::Path) {
+    let (stopped, left) = crate::executor::orphans::stop(workspace, lock.dead_marks());
     let pids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     if !stopped.is_empty() {
         tracing::warn!(
@@ -124,7 +124,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // Jobs of a killed earlier run must end before anything writes their outputs.
     crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
     // ... and so must what its stage commands started here (their shells died with it).
-    stop_orphans(&lock);
+    stop_orphans(&lock, &pipeline.workspace);
     let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);
     if uses_slurm {
         // A job killed by Slurm (time limit, scancel) may leave temp files: the next run sweeps.

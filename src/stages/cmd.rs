@@ -109,7 +109,7 @@ impl StageKind for Cmd {
         if std::env::var_os("PATH").is_none() {
             env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
         }
-        env.insert("DAGRUN_WORKSPACE".into(), ctx.workspace.as_os_str().to_owned());
+        env.insert(crate::workspace::WORKSPACE_ENV.into(), ctx.workspace.as_os_str().to_owned());
         env.insert("DAGRUN_STAGE".into(), s.name.clone().into());
         // What the command starts inherits it: the run after a killed one
         // stops those processes (executor::orphans).

@@ -46,6 +46,10 @@ use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The variable every `cmd` stage's process gets the workspace folder in
+/// (`executor::orphans` also finds a killed run's processes by it).
+pub const WORKSPACE_ENV: &str = "DAGRUN_WORKSPACE";
+
 /// Name of dagrun's own folder in a workspace.
 pub const DAGRUN_DIR: &str = ".dagrun";
 

@@ -712,6 +712,30 @@ fn processes_a_killed_run_left_are_stopped_before_the_next_run_cleans_up() {
     assert!(!o.stderr.contains("left running"), "{}", o.stderr);
 }
 
+/// A workspace copied while a run was under way carries that run's lock line
+/// and mark: a run in the copy finds it unclean but never stops the original
+/// run's processes (they are of another workspace).
+#[test]
+fn a_run_in_a_copied_workspace_leaves_the_original_runs_processes_alone() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  slow:\n    cmd: touch started; sleep 2; echo done > out/done.txt\n    outs: [out/done.txt]\n");
+    let original = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    let t = Instant::now();
+    while !ws.exists("started") && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(ws.exists("started"), "the original run's stage started");
+    let copy = Ws::new();
+    let cp = Command::new("cp").arg("-a").arg(ws.root.join(".")).arg(&copy.root).status().unwrap();
+    assert!(cp.success());
+    assert!(copy.read(".dagrun/lock").contains("\nmarks "), "the copy holds the original run's mark");
+    let o = ok(copy.dagrun(&["run", "pipeline.yaml"]));
+    assert!(!o.stderr.contains("left running"), "{}", o.stderr);
+    let o = original.wait(HANG);
+    assert_eq!(o.code, 0, "the original run was disturbed: {}", o.stderr);
+    assert_eq!(ws.read("out/done.txt"), "done\n");
+}
+
 // ---------------------------------------------------------------- 4. overlap
 
 const OVERLAP: &str = r#"
