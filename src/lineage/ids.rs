@@ -92,7 +92,7 @@ pub fn host_name() -> String {
 pub const WORKSPACE_ID_FILE: &str = "openlineage/workspace-id";
 
 fn valid_workspace_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    crate::util::is_lower_hex(s, 32)
 }
 
 /// The workspace's stable random id (32 lower-case hex), created on first

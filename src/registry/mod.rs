@@ -138,8 +138,9 @@ pub fn is_valid_version(v: &str) -> bool {
     !v.is_empty() && v.len() <= 128 && !v.starts_with('.') && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
-fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+/// A blake3 digest as stored (`workspace::ContentHash`'s shape).
+fn is_hash(s: &str) -> bool {
+    crate::workspace::ContentHash::parse(s).is_ok()
 }
 
 fn now() -> String {
@@ -248,11 +249,11 @@ impl Registry {
             if !is_valid_version(&e.version) {
                 bail!("{}: entry {}: invalid version name {:?}", path.display(), i + 1, crate::data::show_tenant(&e.version));
             }
-            if !is_hex64(&e.blake3) {
+            if !is_hash(&e.blake3) {
                 bail!("{}: entry {} ({}): blake3 is not 64 lower-case hex digits", path.display(), i + 1, e.version);
             }
             // Shown by `models list`: values dagrun writes, nothing a terminal would obey.
-            if !(e.lineage_hash.is_empty() || is_hex64(&e.lineage_hash)) {
+            if !(e.lineage_hash.is_empty() || is_hash(&e.lineage_hash)) {
                 bail!("{}: entry {} ({}): lineage_hash is not 64 lower-case hex digits", path.display(), i + 1, e.version);
             }
             if chrono::DateTime::parse_from_rfc3339(&e.registered_at).is_err() {
@@ -281,7 +282,7 @@ impl Registry {
         if !is_valid_version(&c.version) || c.previous.iter().any(|v| !is_valid_version(v)) {
             bail!("{}: invalid version name in the champion record", path.display());
         }
-        if !is_hex64(&c.blake3) {
+        if !is_hash(&c.blake3) {
             bail!("{}: blake3 is not 64 lower-case hex digits", path.display());
         }
         Ok(Some(c))

@@ -37,10 +37,6 @@ impl Source {
     }
 }
 
-fn is_hex64(h: &str) -> bool {
-    h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// Largest artifact the report reads (a model, an evaluation, a drift report):
 /// the model's own bound, which every one of them is far below.
 const MAX_ARTIFACT_BYTES: u64 = crate::model::artifact::MAX_MODEL_BYTES;
@@ -54,7 +50,7 @@ fn read_artifact(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// The bytes recorded as `rel` with blake3 `hash`, if they can be found intact.
 pub fn verified_bytes(workspace: &Path, rel: &str, hash: &str) -> Option<(Vec<u8>, Source)> {
-    if !safe_rel(rel) || !is_hex64(hash) {
+    if !safe_rel(rel) || crate::workspace::ContentHash::parse(hash).is_err() {
         return None;
     }
     let ok = |b: &Vec<u8>| blake3::hash(b).to_hex().as_str() == hash;

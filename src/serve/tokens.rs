@@ -95,10 +95,6 @@ pub fn last_used_path(dagrun_dir: &Path) -> PathBuf {
     dagrun_dir.join(LAST_USED_FILE)
 }
 
-fn is_hex(s: &str, n: usize) -> bool {
-    s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// SHA-256 of a presented token.
 pub fn digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
@@ -152,13 +148,13 @@ fn parse(bytes: &[u8], origin: &str, key: &crate::crypto::IntegrityKey) -> Resul
     let mut ids = std::collections::HashSet::new();
     for (i, t) in f.tokens.iter().enumerate() {
         let at = format!("{origin}: token {}", i + 1);
-        if !is_hex(&t.id, 8) {
+        if !crate::util::is_lower_hex(&t.id, 8) {
             bail!("{at}: id is not 8 lower-case hex digits");
         }
         if !ids.insert(t.id.as_str()) {
             bail!("{at}: id {} appears twice", t.id);
         }
-        if !is_hex(&t.sha256, 64) {
+        if !crate::util::is_lower_hex(&t.sha256, 64) {
             bail!("{at} ({}): sha256 is not 64 lower-case hex digits", t.id);
         }
         if !crate::data::is_valid_tenant_id(&t.tenant) {
@@ -231,7 +227,7 @@ pub fn last_used(dagrun_dir: &Path) -> BTreeMap<String, DateTime<Utc>> {
     crate::util::read_capped(&last_used_path(dagrun_dir), MAX_FILE)
         .ok()
         .and_then(|b| serde_json::from_slice::<BTreeMap<String, DateTime<Utc>>>(&b).ok())
-        .map(|m| m.into_iter().filter(|(k, _)| is_hex(k, 8)).collect())
+        .map(|m| m.into_iter().filter(|(k, _)| crate::util::is_lower_hex(k, 8)).collect())
         .unwrap_or_default()
 }
 

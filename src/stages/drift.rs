@@ -191,10 +191,6 @@ fn thresholds(p: &DriftWith) -> std::result::Result<(f64, f64), String> {
     Ok((warn_psi, max_psi))
 }
 
-fn is_hex64(h: &str) -> bool {
-    h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
 /// The five v1 feature columns of a Parquet feature file opened at `path`,
 /// after checking its blake3 equals `hash` (hashed and read from one handle).
 /// `None` when the file is absent or holds other bytes.
@@ -399,7 +395,7 @@ impl StageKind for Drift {
                 bail!("reference model {model_rel} is tenant {}'s, not {tenant}'s", model.tenant);
             }
             let ff = &model.feature_file;
-            if !safe_rel(ff) || !is_hex64(&ref_hash) {
+            if !safe_rel(ff) || crate::workspace::ContentHash::parse(&ref_hash).is_err() {
                 bail!("reference model {model_rel}: feature_file {ff:?} / feature_file_hash must be a workspace path and a blake3 hex digest");
             }
             // The model itself, or (after a retrain on this data) the one before it.

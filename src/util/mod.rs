@@ -12,6 +12,12 @@ pub mod redact;
 pub mod spawn;
 pub mod stdout;
 
+/// `s` is exactly `n` lowercase hex digits (an id, a mark, a digest read
+/// back from disk; a blake3 content hash is `workspace::ContentHash`).
+pub fn is_lower_hex(s: &str, n: usize) -> bool {
+    s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Remove a file, symlink (never its target) or directory tree if present.
 pub fn fs_remove(p: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;

@@ -84,7 +84,7 @@ pub fn run_mark() -> &'static str {
 
 /// The marks in a lock's content (its `marks` line; anything else ignored).
 fn marks_in(content: &str) -> Vec<String> {
-    let is_mark = |w: &&str| w.len() == 32 && w.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    let is_mark = |w: &&str| crate::util::is_lower_hex(w, 32);
     content.lines().filter_map(|l| l.strip_prefix("marks ")).flat_map(|l| l.split_whitespace()).filter(is_mark).map(str::to_string).take(MAX_MARKS).collect()
 }
 
