@@ -52,9 +52,10 @@ pub struct RunOutcome {
     pub summary: Vec<String>,
 }
 
-/// Stop the processes the lock's dead holders left running (`executor::orphans`), saying so.
-fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::path::Path) {
-    let (stopped, left) = crate::executor::orphans::stop(workspace, lock.dead_marks());
+/// Stop the processes the lock's dead holders left running (`executor::orphans`),
+/// saying so. False when some may still run: the workspace is not then called clean.
+fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::path::Path) -> bool {
+    let crate::executor::orphans::Stopped { killed: stopped, left, complete } = crate::executor::orphans::stop(workspace, lock.dead_marks());
     let pids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     if !stopped.is_empty() {
         tracing::warn!(
@@ -66,12 +67,15 @@ fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::p
     }
     if !left.is_empty() {
         tracing::warn!(
-            "process{} {} of a killed run did not exit after SIGKILL; what {} writes is not cleaned up by this run",
+            "process{} {} of a killed run did not exit after SIGKILL; the next run stops {} again and cleans up after it",
             if left.len() == 1 { "" } else { "es" },
             pids(&left),
-            if left.len() == 1 { "it" } else { "they" }
+            if left.len() == 1 { "it" } else { "them" }
         );
+    } else if !complete {
+        tracing::warn!("processes of a killed run kept appearing (one forks on and on?); the next run stops them again");
     }
+    complete
 }
 
 /// Stages selected by `targets` (and everything upstream of them).
@@ -111,7 +115,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     if let Some(m) = &metrics_file {
         ws.check_user_output(m, if opts.metrics_file.is_some() { "--metrics-file" } else { "`metrics_file:` of config/dagrun.yaml," })?;
     }
-    let lock = ws.lock(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
+    let lock = ws.lock_run(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
     if let Some(kind) = opts.executor {
@@ -124,7 +128,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // Jobs of a killed earlier run must end before anything writes their outputs.
     crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
     // ... and so must what its stage commands started here (their shells died with it).
-    stop_orphans(&lock, &pipeline.workspace);
+    let orphans_stopped = stop_orphans(&lock, &pipeline.workspace);
     let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);
     if uses_slurm {
         // A job killed by Slurm (time limit, scancel) may leave temp files: the next run sweeps.
@@ -141,7 +145,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // unwinding (`workspace::lock`); where it wrote is recorded
     // (`workspace::places`) before any stage of this run starts.
     let cleaned = engine.prepare_places(lock.found_unclean());
-    if lock.found_unclean() && cleaned {
+    if lock.found_unclean() && cleaned && orphans_stopped {
         lock.swept();
     }
     if uses_slurm {

@@ -10,93 +10,214 @@
 //! - A process is the killed run's if its environment holds
 //!   `DAGRUN_RUN_MARK=M` with M one of the marks of the lock's dead holders
 //!   (`workspace::lock`: every `cmd` stage's process gets its run's random
-//!   mark, and the processes it starts inherit it) **and**
-//!   `DAGRUN_WORKSPACE=` this workspace: a lock copied with its workspace
-//!   (`cp -r` while a run was under way) names the marks of a run that may be
-//!   alive in the original, whose processes must not be touched. Nothing else identifies
-//!   one: not a pid (reused), not a process group (a number reused once its
-//!   members are gone), not the workspace in `DAGRUN_WORKSPACE` (a process a
+//!   mark, and the processes it starts inherit it) **and** a
+//!   `DAGRUN_WORKSPACE` that is this workspace folder, however spelt (`ws/`,
+//!   a link: `workspace::same_folder`): a lock copied with its workspace
+//!   (`cp -a` while a run was under way) names the marks of a run that may be
+//!   alive in the original, whose processes must not be touched. Nothing else
+//!   identifies one: not a pid (reused), not a process group (a number
+//!   reused once its members are gone), not the workspace alone (a process a
 //!   cleanly ended run left on purpose, a server started by a stage, carries
-//!   it too).
+//!   it too). A process whose main thread exited is read through its threads.
+//! - Never this process, its ancestors or its own process group (a carrier
+//!   that started this very run).
 //! - Only this user's processes can be read and signalled; they are sent
 //!   `SIGKILL` (they belong to a run that no longer exists: nothing would
-//!   record what they finish) and waited for, up to [`WAIT`], until they have
-//!   exited; the scan is repeated so that a child one of them started in the
-//!   meantime is found too.
-//! - A process that changed its environment to drop the mark (`env -i`) or
+//!   record what they finish), a process group at once when every member
+//!   carries the mark (a member that forks while it is signalled cannot slip
+//!   out), and waited for, up to [`WAIT`], until they have exited.
+//! - The scan is repeated until two looks 20 ms apart find no carrier, at
+//!   most [`ROUNDS`] times; otherwise (or when one did not exit) the result
+//!   is not [`Stopped::complete`] and the caller must not call the workspace
+//!   clean, so the next run tries again.
+//! - A process that changed its environment to drop the mark (`env -i`), or
+//!   overwrote it with a process title (Perl's `$0 = …`, `setproctitle`), or
 //!   runs on another machine (a Slurm job: `executor::slurm` cancels those)
 //!   is not found here.
 
 use crate::workspace::WORKSPACE_ENV;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long to wait for the killed processes to exit.
 pub const WAIT: Duration = Duration::from_secs(5);
 /// Scans before giving up on processes that keep appearing.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 8;
 
-/// Stop the processes carrying one of `marks` (see the module's rules).
-/// Returns the pids stopped, and those still alive after [`WAIT`].
-pub fn stop(workspace: &std::path::Path, marks: &[String]) -> (Vec<u32>, Vec<u32>) {
-    let mut stopped = Vec::new();
+/// What [`stop`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stopped {
+    /// The processes sent SIGKILL.
+    pub killed: Vec<u32>,
+    /// Those still running after [`WAIT`].
+    pub left: Vec<u32>,
+    /// No carrier was found by the last scan: every one is gone. False when
+    /// new ones kept appearing for [`ROUNDS`] scans (a process that forks
+    /// on and on) or some did not exit: the run must not call the workspace
+    /// clean, so that the next run tries again.
+    pub complete: bool,
+}
+
+/// Stop the processes carrying one of `marks` in `workspace` (see the
+/// module's rules).
+pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {
+    let mut out = Stopped { complete: true, ..Stopped::default() };
     if marks.is_empty() {
-        return (stopped, Vec::new());
+        return out;
     }
     let wanted: Vec<Vec<u8>> = marks.iter().map(|m| format!("{}={m}", crate::workspace::lock::RUN_MARK_ENV).into_bytes()).collect();
-    let mut here = WORKSPACE_ENV.as_bytes().to_vec();
-    here.push(b'=');
-    here.extend_from_slice(workspace.as_os_str().as_encoded_bytes());
     let deadline = Instant::now() + WAIT;
+    out.complete = false;
+    let mut empty_scans = 0;
     for _ in 0..ROUNDS {
-        let found = carrying(&wanted, &here);
-        let new: Vec<u32> = found.iter().copied().filter(|p| !stopped.contains(p) || alive(*p)).collect();
-        if new.is_empty() {
-            break;
+        let table = processes();
+        // Never this process's own group or its ancestors (a carrier that
+        // started this very run: `dagrun run` from an orphaned script).
+        let mut mine: BTreeSet<u32> = BTreeSet::new();
+        let mut up = own_parent();
+        while up > 1 && mine.insert(up) {
+            up = table.get(&up).map_or(0, |p| p.ppid);
         }
-        for &pid in &new {
-            // SAFETY: kill(2) with a pid read from /proc and a valid signal
-            // number; it touches no memory of this process.
+        // SAFETY: getpgrp(2) takes nothing and cannot fail.
+        let my_group = unsafe { libc::getpgrp() } as u32;
+        let found: Vec<u32> = table.iter().filter(|(pid, p)| !mine.contains(pid) && p.carries(&wanted, workspace)).map(|(&pid, _)| pid).collect();
+        if found.is_empty() {
+            // Once more, a moment later: a process caught between two
+            // generations (its parent gone, its child not yet listed) is
+            // found by the next look.
+            if empty_scans >= 1 {
+                out.complete = true;
+                break;
+            }
+            empty_scans += 1;
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        empty_scans = 0;
+        // A whole process group of carriers is killed at once: a member that
+        // forks while it is signalled cannot slip out (the kernel fails a
+        // fork with a fatal signal pending). Other carriers one by one.
+        let mut groups: BTreeMap<u32, bool> = BTreeMap::new();
+        for (_, p) in table.iter() {
+            let all = groups.entry(p.pgrp).or_insert(true);
+            *all &= p.carries(&wanted, workspace) || !p.alive;
+        }
+        let found_groups: BTreeSet<u32> = found.iter().map(|pid| table[pid].pgrp).collect();
+        for &pid in &found {
+            let g = table[&pid].pgrp;
+            // SAFETY: kill(2) with a pid or process group read from /proc and
+            // a valid signal number; it touches no memory of this process.
             unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                if g > 1 && g != my_group && !mine.contains(&g) && groups.get(&g) == Some(&true) && found_groups.contains(&g) {
+                    libc::kill(-(g as libc::pid_t), libc::SIGKILL);
+                } else {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
             }
-            if !stopped.contains(&pid) {
-                stopped.push(pid);
+            if !out.killed.contains(&pid) {
+                out.killed.push(pid);
             }
         }
-        while Instant::now() < deadline && new.iter().any(|&p| alive(p)) {
+        while Instant::now() < deadline && found.iter().any(|&p| alive(p)) {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let left = stopped.iter().copied().filter(|&p| alive(p)).collect();
-    (stopped, left)
+    out.left = out.killed.iter().copied().filter(|&p| alive(p)).collect();
+    out.complete &= out.left.is_empty();
+    out
 }
 
-/// Pids (not this process) whose environment holds one of `wanted`, and `here`.
-fn carrying(wanted: &[Vec<u8>], here: &[u8]) -> Vec<u32> {
+/// This process's parent.
+fn own_parent() -> u32 {
+    // SAFETY: getppid(2) takes nothing and cannot fail.
+    unsafe { libc::getppid() as u32 }
+}
+
+/// One process as /proc shows it.
+struct Proc {
+    ppid: u32,
+    pgrp: u32,
+    /// Not a zombie (nor a zombie leader with every thread gone).
+    alive: bool,
+    /// Its environment (empty when it cannot be read: another user's).
+    environ: Vec<u8>,
+}
+
+impl Proc {
+    /// It holds one of `wanted` and `DAGRUN_WORKSPACE` names `workspace`.
+    fn carries(&self, wanted: &[Vec<u8>], workspace: &Path) -> bool {
+        if !self.alive {
+            return false;
+        }
+        let vars = || self.environ.split(|&b| b == 0);
+        let prefix = format!("{WORKSPACE_ENV}=");
+        vars().any(|var| wanted.iter().any(|w| var == w.as_slice()))
+            && vars().filter_map(|var| var.strip_prefix(prefix.as_bytes())).any(|ws| {
+                let ws = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(ws));
+                ws == workspace || crate::workspace::same_folder(ws, workspace)
+            })
+    }
+}
+
+/// Every process but this one, by pid.
+fn processes() -> BTreeMap<u32, Proc> {
     let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    let mut out = Vec::new();
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
     for e in dir.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         if pid == me {
             continue;
         }
-        // Another user's process, or one that just exited: not readable.
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        let mut vars = env.split(|&b| b == 0);
-        if vars.clone().any(|var| wanted.iter().any(|w| var == w.as_slice())) && vars.any(|var| var == here) {
-            out.push(pid);
-        }
+        let Some((state, ppid, pgrp)) = stat(&format!("/proc/{pid}/stat")) else { continue };
+        let alive = !is_dead(state) || live_task(pid);
+        out.insert(pid, Proc { ppid, pgrp, alive, environ: environ(pid) });
     }
     out
 }
 
-/// Still running: present and not a zombie (a killed process whose parent
-/// has not collected it yet writes nothing more).
+/// The state letter, parent and process group in a `stat` file.
+fn stat(path: &str) -> Option<(char, u32, u32)> {
+    let s = std::fs::read_to_string(path).ok()?;
+    // `pid (comm) S ppid pgrp …`: the fields follow the last ')' (comm may hold one).
+    let mut f = s[s.rfind(')')? + 1..].split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    Some((state, ppid, pgrp))
+}
+
+fn is_dead(state: char) -> bool {
+    matches!(state, 'Z' | 'X' | 'x')
+}
+
+/// A thread of `pid` other than a dead leader still runs (a leader that
+/// called `pthread_exit` shows as a zombie while its threads go on).
+fn live_task(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| stat(&format!("/proc/{pid}/task/{}/stat", t.file_name().to_string_lossy())).is_some_and(|(st, _, _)| !is_dead(st)))
+}
+
+/// The environment of `pid`: the process's, else a live thread's (a dead
+/// leader's cannot be read). Empty when unreadable (another user's).
+fn environ(pid: u32) -> Vec<u8> {
+    if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))
+        && !env.is_empty()
+    {
+        return env;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks.flatten().find_map(|t| std::fs::read(t.path().join("environ")).ok().filter(|e| !e.is_empty())).unwrap_or_default()
+}
+
+/// Still running: present and not a zombie (nor a zombie leader whose
+/// threads are all gone): a dead process writes nothing more.
 fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // `pid (comm) S …`: the state follows the last ')' (comm may hold one).
-    !matches!(stat.rfind(')').and_then(|i| stat[i + 1..].trim_start().chars().next()), Some('Z' | 'X' | 'x'))
+    match stat(&format!("/proc/{pid}/stat")) {
+        None => false,
+        Some((st, _, _)) => !is_dead(st) || live_task(pid),
+    }
 }
 
 #[cfg(test)]
@@ -132,8 +253,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let sleep_pid: u32 = children_of(ours.id()).trim().parse().unwrap();
-        let (stopped, left) = stop(std::path::Path::new(ws), std::slice::from_ref(&mark));
-        assert!(left.is_empty(), "{left:?}");
+        let Stopped { killed: stopped, left, complete } = stop(std::path::Path::new(ws), std::slice::from_ref(&mark));
+        assert!(left.is_empty() && complete, "{left:?}");
         assert!(stopped.contains(&ours.id()) && stopped.contains(&sleep_pid), "{stopped:?}");
         assert_eq!(stopped.len(), 2, "{stopped:?}");
         assert!(ours.wait().unwrap().code().is_none(), "killed by a signal");
@@ -143,6 +264,32 @@ mod tests {
             c.kill().unwrap();
             c.wait().unwrap();
         }
-        assert_eq!(stop(std::path::Path::new(ws), &[]), (vec![], vec![]));
+        assert_eq!(stop(std::path::Path::new(ws), &[]), Stopped { complete: true, ..Stopped::default() });
+    }
+
+    /// A process that hands over to a new child every few milliseconds (its
+    /// pid changes under every scan) is stopped with its whole group.
+    #[test]
+    fn a_process_that_forks_on_and_on_is_stopped_with_its_group() {
+        use std::os::unix::process::CommandExt;
+        let mark = "abcdefabcdefabcdefabcdefabcdef01".to_string();
+        let ws = "/work/hop";
+        let wanted = vec![format!("{}={mark}", crate::workspace::lock::RUN_MARK_ENV).into_bytes()];
+        let carriers = || processes().into_values().filter(|p| p.carries(&wanted, Path::new(ws))).count();
+        let mut c = std::process::Command::new("/bin/sh");
+        // Each generation starts the next in the background and exits.
+        let hop = r#"sleep 0.02; /bin/sh -c "$HOP" & exit 0"#;
+        c.args(["-c", hop]).env_clear().env("HOP", hop).env(crate::workspace::lock::RUN_MARK_ENV, &mark).env(WORKSPACE_ENV, ws);
+        c.process_group(0);
+        c.spawn().unwrap().wait().unwrap();
+        let t = Instant::now();
+        while carriers() == 0 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(carriers() > 0, "the hopper runs");
+        let done = stop(Path::new(ws), std::slice::from_ref(&mark));
+        assert!(done.complete && done.left.is_empty() && !done.killed.is_empty(), "{done:?}");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(carriers(), 0, "a hopper survived");
     }
 }

@@ -25,10 +25,12 @@
 //!   calls [`WorkspaceLock::keep_unclean`].
 //!
 //! # Run marks: the processes a killed holder left
-//! A holder's second line, `marks M …`, holds a random mark of its own
-//! ([`run_mark`], which every `cmd` stage's process gets as
-//! `DAGRUN_RUN_MARK`, and its children inherit) and the marks it found in an
-//! unclean lock (carried until a run has swept, at most [`MAX_MARKS`]); a
+//! A holder's second line, `marks M …`, holds the marks it found in an
+//! unclean lock (carried until a run has swept, at most [`MAX_MARKS`]) and,
+//! for `dagrun run` ([`acquire_run`]: only runs start stage commands), a
+//! random mark of its own first ([`run_mark`], which every `cmd` stage's
+//! process gets as `DAGRUN_RUN_MARK`, and its children inherit): killed
+//! `gc`s cannot push a killed run's mark out. A
 //! holder that ends without a clean mark leaves only the carried ones (its
 //! own processes are not a killed run's). A run
 //! that finds the lock unclean stops the processes that still carry one of
@@ -166,6 +168,15 @@ fn holder(file: &mut File) -> String {
 
 /// Take the lock of `dagrun_dir`, waiting up to `wait` (None: fail at once).
 pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<WorkspaceLock> {
+    acquire_as(dagrun_dir, wait, what, false)
+}
+
+/// [`acquire`] for `dagrun run`: the lock also names this process's run mark.
+pub fn acquire_run(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<WorkspaceLock> {
+    acquire_as(dagrun_dir, wait, what, true)
+}
+
+fn acquire_as(dagrun_dir: &Path, wait: Option<Duration>, what: &str, runs_commands: bool) -> Result<WorkspaceLock> {
     if let Some(root) = dagrun_dir.parent() {
         super::own_dirs::check(root)?;
     }
@@ -224,12 +235,14 @@ pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<
     // A release mark of another boot carries no marks: its processes are gone.
     // Its own mark is never a dead one (a process that takes the lock twice).
     let dead_marks: Vec<String> = if found_unclean { marks_in(&previous).into_iter().filter(|m| m != run_mark()).collect() } else { Vec::new() };
-    let mut marks = vec![run_mark().to_string()];
-    marks.extend(dead_marks.iter().take(MAX_MARKS - 1).cloned());
+    let mut marks: Vec<String> = runs_commands.then(|| run_mark().to_string()).into_iter().collect();
+    let room = MAX_MARKS - marks.len();
+    marks.extend(dead_marks.iter().take(room).cloned());
     let info = format!("pid {} ({what}, started {})", std::process::id(), chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
     file.set_len(0)?;
     file.seek(SeekFrom::Start(0))?;
-    file.write_all(format!("{info}\nmarks {}\n", marks.join(" ")).as_bytes())?;
+    let content = if marks.is_empty() { format!("{info}\n") } else { format!("{info}\nmarks {}\n", marks.join(" ")) };
+    file.write_all(content.as_bytes())?;
     Ok(WorkspaceLock { file, found_unclean, unclean: std::cell::Cell::new(found_unclean), keep: std::cell::Cell::new(false), boot_id, dead_marks, info })
 }
 
@@ -319,18 +332,20 @@ mod tests {
         let l = acquire(d.path(), None, "gc").unwrap();
         assert_eq!(l.dead_marks(), [a, b]);
         let line = std::fs::read_to_string(d.path().join("lock")).unwrap();
-        assert_eq!(line.lines().nth(1).unwrap(), format!("marks {} {a} {b}", run_mark()));
+        assert_eq!(line.lines().nth(1).unwrap(), format!("marks {a} {b}"), "a holder that runs no command adds no mark");
         // The message of a second run shows the holder, not its marks.
         let err = acquire(d.path(), None, "other").err().unwrap().to_string();
         assert!(err.contains("(gc, started") && !err.contains("marks"), "{err}");
         drop(l); // not swept: the marks stay for the run that sweeps, not its own
         assert_eq!(std::fs::read_to_string(d.path().join("lock")).unwrap().lines().nth(1).unwrap(), format!("marks {a} {b}"));
-        let l = acquire(d.path(), None, "run").unwrap();
-        assert!(l.dead_marks().contains(&a.to_string()) && l.dead_marks().contains(&b.to_string()), "{:?}", l.dead_marks());
+        let l = acquire_run(d.path(), None, "run").unwrap();
+        assert_eq!(l.dead_marks(), [a, b]);
+        let line = std::fs::read_to_string(d.path().join("lock")).unwrap();
+        assert_eq!(line.lines().nth(1).unwrap(), format!("marks {} {a} {b}", run_mark()), "a run names its own mark first");
         assert!(!l.dead_marks().iter().any(|m| m == run_mark()), "its own mark is not a dead one");
         l.swept();
         drop(l);
-        let l = acquire(d.path(), None, "next").unwrap();
+        let l = acquire_run(d.path(), None, "next").unwrap();
         assert!(!l.found_unclean() && l.dead_marks().is_empty());
         // A holder that keeps the lock unclean (Slurm) but ended names no process.
         l.keep_unclean();

@@ -75,6 +75,18 @@ pub struct Workspace {
     root: PathBuf,
 }
 
+/// Whether `a` and `b` name the same existing folder, however spelt (`ws/`,
+/// `ws/../ws`, a link to it): the same device and inode, not the same text.
+/// A folder copied elsewhere is another one. A path that does not exist is
+/// no folder's.
+pub fn same_folder(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.is_dir() && x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 impl Workspace {
     /// The workspace rooted at `root` (made absolute; nothing is checked or created).
     pub fn at(root: &Path) -> Workspace {
@@ -340,6 +352,12 @@ impl Workspace {
     /// (None: exit 75 at once when another process holds it).
     pub fn lock(&self, wait: Option<Duration>, what: &str) -> Result<lock::WorkspaceLock> {
         lock::acquire(&self.dagrun_dir(), wait, what)
+    }
+
+    /// The lock for `dagrun run`, which starts stage commands: it also names
+    /// this process's run mark (see `lock`, "Run marks").
+    pub fn lock_run(&self, wait: Option<Duration>, what: &str) -> Result<lock::WorkspaceLock> {
+        lock::acquire_run(&self.dagrun_dir(), wait, what)
     }
 }
 

@@ -120,7 +120,9 @@ pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
         .and_then(|p| p.valid().map(|()| p).map_err(|why| format!("{}: {why}", ws.rel(&file))))
         .and_then(|p| {
             // Sealed for this workspace, not copied from another sharing its keys.
-            (p.workspace == root).then_some(p).ok_or_else(|| format!("{}: written for another workspace", ws.rel(&file)))
+            (p.workspace == root || super::same_folder(std::path::Path::new(&p.workspace), ws.root()))
+                .then_some(p)
+                .ok_or_else(|| format!("{}: written for another workspace", ws.rel(&file)))
         });
     match places {
         Ok(p) => Loaded::Valid(p),

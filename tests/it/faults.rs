@@ -695,18 +695,21 @@ fn processes_a_killed_run_left_are_stopped_before_the_next_run_cleans_up() {
     ok(ws.dagrun(&["run", "bg.yaml"]));
     ws.write(
         "killed.yaml",
-        "stages:\n  raw:\n    cmd: (sleep 1.5; echo alice > raw/late.txt) >/dev/null 2>&1 & echo $! > orphan.pid; kill -9 $PPID; sleep 5\n    outs: [{path: raw/late.txt, sensitive: true}]\n",
+        "stages:\n  raw:\n    cmd: (sleep 3; echo alice > raw/late.txt) >/dev/null 2>&1 & echo $! > orphan.pid; kill -9 $PPID; sleep 5\n    outs: [{path: raw/late.txt, sensitive: true}]\n",
     );
-    let o = ws.dagrun(&["run", "killed.yaml"]);
+    // Named another way (`-C ws/`, as tab completion writes it): the same workspace.
+    let o = ws.dagrun(&["-C", &format!("{}/", ws.root.display()), "run", "killed.yaml"]);
     assert_ne!(o.code, 0, "the stage kills dagrun: {}", o.stderr);
     let orphan = ws.read("orphan.pid").trim().to_string();
     assert!(std::path::Path::new(&format!("/proc/{orphan}")).exists(), "the orphan runs");
     ws.write("other.yaml", "stages:\n  hello:\n    cmd: echo hi > out/hello.txt\n    outs: [out/hello.txt]\n");
     let o = ok(ws.dagrun(&["run", "other.yaml"]));
     assert!(o.stderr.contains("a killed run had left running (pid ") && o.stderr.contains(&orphan), "{}", o.stderr);
-    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // The orphan would have written 3 s after it started (a margin for a busy machine).
+    std::thread::sleep(std::time::Duration::from_millis(3500));
     assert!(!ws.exists("raw/late.txt"), "the killed run's orphan wrote its plaintext after the clean-up: {:?}", ws.walk());
     assert_eq!(ws.read("out/bg.txt"), "bg\n", "the process a clean run left on purpose was stopped");
+    assert!(!o.stderr.contains("not obeyed"), "the places record of `-C ws/` is this workspace's: {}", o.stderr);
     // Stopped once: the next run finds the lock clean and says nothing.
     let o = ok(ws.dagrun(&["run", "other.yaml"]));
     assert!(!o.stderr.contains("left running"), "{}", o.stderr);
