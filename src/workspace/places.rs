@@ -180,6 +180,14 @@ mod tests {
         std::fs::create_dir_all(ws2.dagrun_dir()).unwrap();
         std::fs::copy(ws.places_file(), ws2.places_file()).unwrap();
         assert_eq!(load(&ws2, &key), Loaded::Untrusted);
+        // This workspace spelt another way (`-C ws/`, a link to it): obeyed.
+        let link = d2.path().join("link");
+        std::os::unix::fs::symlink(d.path(), &link).unwrap();
+        for other in [Workspace::at(&d.path().join("")), Workspace::at(&link)] {
+            assert_ne!(other.root().as_os_str(), ws.root().as_os_str());
+            save(&other, &key, &p).unwrap();
+            assert!(matches!(load(&ws, &key), Loaded::Valid(_)), "{}", other.root().display());
+        }
         // Sealed, but naming a path outside the workspace or inside .dagrun: void.
         for bad in ["../x", "/etc/passwd", ".dagrun/keys/keyring.json", "a/../../b"] {
             save(&ws, &key, &places(&[], &[bad])).unwrap();
