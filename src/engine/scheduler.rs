@@ -55,7 +55,7 @@ pub struct RunOutcome {
 /// Stop the processes the lock's dead holders left running (`executor::orphans`),
 /// saying so. False when some may still run: the workspace is not then called clean.
 fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::path::Path) -> bool {
-    let crate::executor::orphans::Stopped { killed: stopped, left, complete } = crate::executor::orphans::stop(workspace, lock.dead_marks());
+    let crate::executor::orphans::Stopped { killed: stopped, left, spared, complete } = crate::executor::orphans::stop(workspace, lock.dead_marks());
     let pids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     if !stopped.is_empty() {
         tracing::warn!(
@@ -72,7 +72,15 @@ fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::p
             pids(&left),
             if left.len() == 1 { "it" } else { "them" }
         );
-    } else if !complete {
+    }
+    if !spared.is_empty() {
+        tracing::warn!(
+            "left alone process{} {} of a killed run: {} this run's own (an ancestor, or in its process group); the workspace stays marked for a later run to clean up",
+            if spared.len() == 1 { "" } else { "es" },
+            pids(&spared),
+            if spared.len() == 1 { "it is" } else { "they are" }
+        );
+    } else if left.is_empty() && !complete {
         tracing::warn!("processes of a killed run kept appearing (one forks on and on?); the next run stops them again");
     }
     complete

@@ -19,8 +19,10 @@
 //!   reused once its members are gone), not the workspace alone (a process a
 //!   cleanly ended run left on purpose, a server started by a stage, carries
 //!   it too). A process whose main thread exited is read through its threads.
-//! - Never this process, its ancestors or its own process group (a carrier
-//!   that started this very run).
+//! - Never this process, its ancestors or a member of its own process group
+//!   (a leftover script that started this very run, the `cat` it pipes the
+//!   run's output into): those are spared, said, and the workspace is not
+//!   called clean; a group holding one of them is never killed as a group.
 //! - Only this user's processes can be read and signalled; they are sent
 //!   `SIGKILL` (they belong to a run that no longer exists: nothing would
 //!   record what they finish), a process group at once when every member
@@ -32,6 +34,8 @@
 //!   clean, so the next run tries again.
 //! - A process that changed its environment to drop the mark (`env -i`), or
 //!   overwrote it with a process title (Perl's `$0 = …`, `setproctitle`), or
+//!   hands over to a new child faster than a scan of /proc (every few
+//!   hundred microseconds: it may be missed by every look), or
 //!   runs on another machine (a Slurm job: `executor::slurm` cancels those)
 //!   is not found here.
 
@@ -52,6 +56,10 @@ pub struct Stopped {
     pub killed: Vec<u32>,
     /// Those still running after [`WAIT`].
     pub left: Vec<u32>,
+    /// Carriers left alone because they are this run's own: its ancestors
+    /// and its process group (say the `cat` a leftover script pipes this
+    /// run's output into).
+    pub spared: Vec<u32>,
     /// No carrier was found by the last scan: every one is gone. False when
     /// new ones kept appearing for [`ROUNDS`] scans (a process that forks
     /// on and on) or some did not exit: the run must not call the workspace
@@ -81,7 +89,13 @@ pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {
         }
         // SAFETY: getpgrp(2) takes nothing and cannot fail.
         let my_group = unsafe { libc::getpgrp() } as u32;
-        let found: Vec<u32> = table.iter().filter(|(pid, p)| !mine.contains(pid) && p.carries(&wanted, workspace)).map(|(&pid, _)| pid).collect();
+        let own = |pid: &u32, p: &Proc| mine.contains(pid) || p.pgrp == my_group;
+        for (pid, _) in table.iter().filter(|(pid, p)| own(pid, p) && p.carries(&wanted, workspace)) {
+            if !out.spared.contains(pid) {
+                out.spared.push(*pid);
+            }
+        }
+        let found: Vec<u32> = table.iter().filter(|(pid, p)| !own(pid, p) && p.carries(&wanted, workspace)).map(|(&pid, _)| pid).collect();
         if found.is_empty() {
             // Once more, a moment later: a process caught between two
             // generations (its parent gone, its child not yet listed) is
@@ -99,24 +113,29 @@ pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {
         // forks while it is signalled cannot slip out (the kernel fails a
         // fork with a fatal signal pending). Other carriers one by one.
         let mut groups: BTreeMap<u32, bool> = BTreeMap::new();
-        for (_, p) in table.iter() {
+        for (pid, p) in table.iter() {
             let all = groups.entry(p.pgrp).or_insert(true);
-            *all &= p.carries(&wanted, workspace) || !p.alive;
+            *all &= !own(pid, p) && (p.carries(&wanted, workspace) || !p.alive);
         }
         let found_groups: BTreeSet<u32> = found.iter().map(|pid| table[pid].pgrp).collect();
         for &pid in &found {
             let g = table[&pid].pgrp;
+            let whole = g > 1 && g != my_group && !mine.contains(&g) && groups.get(&g) == Some(&true) && found_groups.contains(&g);
             // SAFETY: kill(2) with a pid or process group read from /proc and
             // a valid signal number; it touches no memory of this process.
             unsafe {
-                if g > 1 && g != my_group && !mine.contains(&g) && groups.get(&g) == Some(&true) && found_groups.contains(&g) {
+                if whole {
                     libc::kill(-(g as libc::pid_t), libc::SIGKILL);
                 } else {
                     libc::kill(pid as libc::pid_t, libc::SIGKILL);
                 }
             }
-            if !out.killed.contains(&pid) {
-                out.killed.push(pid);
+            // Every live member a group kill reached is reported.
+            let reached: Vec<u32> = if whole { table.iter().filter(|(_, p)| p.pgrp == g && p.alive).map(|(&m, _)| m).collect() } else { vec![pid] };
+            for m in reached {
+                if !out.killed.contains(&m) {
+                    out.killed.push(m);
+                }
             }
         }
         while Instant::now() < deadline && found.iter().any(|&p| alive(p)) {
@@ -124,7 +143,8 @@ pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {
         }
     }
     out.left = out.killed.iter().copied().filter(|&p| alive(p)).collect();
-    out.complete &= out.left.is_empty();
+    out.spared.retain(|&p| alive(p));
+    out.complete &= out.left.is_empty() && out.spared.is_empty();
     out
 }
 
@@ -232,8 +252,11 @@ mod tests {
         let mark = "0123456789abcdef0123456789abcde0".to_string();
         let other = "ffffffffffffffffffffffffffffffff".to_string();
         let start = |env: &[(&str, &str)]| {
+            use std::os::unix::process::CommandExt;
             let mut c = std::process::Command::new("/bin/sh");
-            c.args(["-c", "sleep 30 & wait"]).env_clear();
+            // In a group of its own, as a stage's command is (one in this
+            // process's group would be spared: see the next test).
+            c.args(["-c", "sleep 30 & wait"]).env_clear().process_group(0);
             for (k, v) in env {
                 c.env(k, v);
             }
@@ -253,7 +276,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let sleep_pid: u32 = children_of(ours.id()).trim().parse().unwrap();
-        let Stopped { killed: stopped, left, complete } = stop(std::path::Path::new(ws), std::slice::from_ref(&mark));
+        let Stopped { killed: stopped, left, complete, .. } = stop(std::path::Path::new(ws), std::slice::from_ref(&mark));
         assert!(left.is_empty() && complete, "{left:?}");
         assert!(stopped.contains(&ours.id()) && stopped.contains(&sleep_pid), "{stopped:?}");
         assert_eq!(stopped.len(), 2, "{stopped:?}");
@@ -291,5 +314,27 @@ mod tests {
         assert!(done.complete && done.left.is_empty() && !done.killed.is_empty(), "{done:?}");
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(carriers(), 0, "a hopper survived");
+    }
+
+    /// A carrier in this process's own group (the `cat` a leftover script
+    /// pipes this run's output into) is spared and said, and the result is
+    /// not complete: the workspace is not called clean.
+    #[test]
+    fn a_carrier_in_this_processs_own_group_is_spared() {
+        let mark = "abcdefabcdefabcdefabcdefabcdef02".to_string();
+        let ws = "/work/own";
+        let mut c = std::process::Command::new("/bin/sh");
+        c.args(["-c", "exec sleep 30"]).env_clear().env(crate::workspace::lock::RUN_MARK_ENV, &mark).env(WORKSPACE_ENV, ws);
+        let mut child = c.spawn().unwrap();
+        let t = Instant::now();
+        let wanted = vec![format!("{}={mark}", crate::workspace::lock::RUN_MARK_ENV).into_bytes()];
+        while !processes().get(&child.id()).is_some_and(|p| p.carries(&wanted, Path::new(ws))) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let done = stop(Path::new(ws), std::slice::from_ref(&mark));
+        assert!(done.killed.is_empty() && done.spared == [child.id()] && !done.complete, "{done:?}");
+        assert!(child.try_wait().unwrap().is_none(), "spared, still running");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -30,7 +30,10 @@
 //! for `dagrun run` ([`acquire_run`]: only runs start stage commands), a
 //! random mark of its own first ([`run_mark`], which every `cmd` stage's
 //! process gets as `DAGRUN_RUN_MARK`, and its children inherit): killed
-//! `gc`s cannot push a killed run's mark out. A
+//! `gc`s cannot push a killed run's mark out. Each is written `MARK@DEV:INODE`,
+//! bound to the workspace folder: marks in a lock copied with its workspace
+//! (`cp -a`, a backup restored into another folder, `mv ws old; cp -a old ws`)
+//! are another folder's and ignored, since their run may be alive there. A
 //! holder that ends without a clean mark leaves only the carried ones (its
 //! own processes are not a killed run's). A run
 //! that finds the lock unclean stops the processes that still carry one of
@@ -60,6 +63,8 @@ pub struct WorkspaceLock {
     dead_marks: Vec<String>,
     /// The holder's line (pid, command, start).
     info: String,
+    /// The workspace folder's identity its marks are bound to.
+    folder: Option<String>,
 }
 
 /// Most marks a lock carries (holders that died in a row without a sweep).
@@ -84,10 +89,31 @@ pub fn run_mark() -> &'static str {
     })
 }
 
-/// The marks in a lock's content (its `marks` line; anything else ignored).
-fn marks_in(content: &str) -> Vec<String> {
-    let is_mark = |w: &&str| crate::util::is_lower_hex(w, 32);
-    content.lines().filter_map(|l| l.strip_prefix("marks ")).flat_map(|l| l.split_whitespace()).filter(is_mark).map(str::to_string).take(MAX_MARKS).collect()
+/// The identity of the workspace folder (`DEV:INODE`) its marks are bound to.
+fn folder_id(dagrun_dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dagrun_dir.parent()?).ok()?;
+    Some(format!("{}:{}", m.dev(), m.ino()))
+}
+
+/// The marks in a lock's content bound to folder `id` (its `marks` line,
+/// words `MARK@DEV:INODE`; anything else ignored).
+fn marks_in(content: &str, id: &str) -> Vec<String> {
+    content
+        .lines()
+        .filter_map(|l| l.strip_prefix("marks "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.split_once('@').filter(|(m, at)| *at == id && crate::util::is_lower_hex(m, 32)).map(|(m, _)| m.to_string()))
+        .take(MAX_MARKS)
+        .collect()
+}
+
+/// The `marks` line of `marks` bound to folder `id` (none without an id).
+fn marks_line(marks: &[String], id: Option<&str>) -> String {
+    match id {
+        Some(id) if !marks.is_empty() => format!("marks {}\n", marks.iter().map(|m| format!("{m}@{id}")).collect::<Vec<_>>().join(" ")),
+        _ => String::new(),
+    }
 }
 
 /// Prefix of the content a clean release leaves.
@@ -140,8 +166,8 @@ impl Drop for WorkspaceLock {
         } else {
             // Ended, but unclean (not swept, or kept so): its own processes are
             // not a killed run's; the dead holders' marks stay until a sweep.
-            let carried = if self.unclean.get() { self.dead_marks.join(" ") } else { String::new() };
-            let content = if carried.is_empty() { format!("{}\n", self.info) } else { format!("{}\nmarks {carried}\n", self.info) };
+            let carried = if self.unclean.get() { marks_line(&self.dead_marks, self.folder.as_deref()) } else { String::new() };
+            let content = format!("{}\n{carried}", self.info);
             let _ = self.file.set_len(0);
             let _ = self.file.write_all_at(content.as_bytes(), 0);
         }
@@ -234,16 +260,31 @@ fn acquire_as(dagrun_dir: &Path, wait: Option<Duration>, what: &str, runs_comman
     };
     // A release mark of another boot carries no marks: its processes are gone.
     // Its own mark is never a dead one (a process that takes the lock twice).
-    let dead_marks: Vec<String> = if found_unclean { marks_in(&previous).into_iter().filter(|m| m != run_mark()).collect() } else { Vec::new() };
+    // Marks bound to another folder came with a copy (`cp -a`, a backup
+    // restored elsewhere): their run may be alive in the original.
+    let folder = folder_id(dagrun_dir);
+    let dead_marks: Vec<String> = match (&folder, found_unclean) {
+        (Some(id), true) => marks_in(&previous, id).into_iter().filter(|m| m != run_mark()).collect(),
+        _ => Vec::new(),
+    };
     let mut marks: Vec<String> = runs_commands.then(|| run_mark().to_string()).into_iter().collect();
     let room = MAX_MARKS - marks.len();
     marks.extend(dead_marks.iter().take(room).cloned());
     let info = format!("pid {} ({what}, started {})", std::process::id(), chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
     file.set_len(0)?;
     file.seek(SeekFrom::Start(0))?;
-    let content = if marks.is_empty() { format!("{info}\n") } else { format!("{info}\nmarks {}\n", marks.join(" ")) };
+    let content = format!("{info}\n{}", marks_line(&marks, folder.as_deref()));
     file.write_all(content.as_bytes())?;
-    Ok(WorkspaceLock { file, found_unclean, unclean: std::cell::Cell::new(found_unclean), keep: std::cell::Cell::new(false), boot_id, dead_marks, info })
+    Ok(WorkspaceLock {
+        file,
+        found_unclean,
+        unclean: std::cell::Cell::new(found_unclean),
+        keep: std::cell::Cell::new(false),
+        boot_id,
+        dead_marks,
+        info,
+        folder,
+    })
 }
 
 #[cfg(test)]
@@ -327,21 +368,30 @@ mod tests {
     fn a_dead_holders_marks_reach_the_run_that_sweeps() {
         let d = tempfile::tempdir().unwrap();
         let (a, b) = ("0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210");
-        std::fs::write(d.path().join("lock"), format!("pid 1 (dagrun run p.yaml, started x)\nmarks {a} {b} ../etc ABCDEF0123456789ABCDEF0123456789 {a}x\n"))
-            .unwrap();
+        let id = folder_id(d.path()).unwrap();
+        let other = "0123456789abcdef0123456789abcde0";
+        std::fs::write(
+            d.path().join("lock"),
+            format!("pid 1 (dagrun run p.yaml, started x)\nmarks {a}@{id} {b}@{id} {other}@1:2 {other} ../etc@{id} ABCDEF0123456789ABCDEF0123456789@{id} {a}x@{id}\n"),
+        )
+        .unwrap();
         let l = acquire(d.path(), None, "gc").unwrap();
         assert_eq!(l.dead_marks(), [a, b]);
         let line = std::fs::read_to_string(d.path().join("lock")).unwrap();
-        assert_eq!(line.lines().nth(1).unwrap(), format!("marks {a} {b}"), "a holder that runs no command adds no mark");
+        assert_eq!(
+            line.lines().nth(1).unwrap(),
+            format!("marks {a}@{id} {b}@{id}"),
+            "a holder that runs no command adds no mark; another folder's are dropped"
+        );
         // The message of a second run shows the holder, not its marks.
         let err = acquire(d.path(), None, "other").err().unwrap().to_string();
         assert!(err.contains("(gc, started") && !err.contains("marks"), "{err}");
         drop(l); // not swept: the marks stay for the run that sweeps, not its own
-        assert_eq!(std::fs::read_to_string(d.path().join("lock")).unwrap().lines().nth(1).unwrap(), format!("marks {a} {b}"));
+        assert_eq!(std::fs::read_to_string(d.path().join("lock")).unwrap().lines().nth(1).unwrap(), format!("marks {a}@{id} {b}@{id}"));
         let l = acquire_run(d.path(), None, "run").unwrap();
         assert_eq!(l.dead_marks(), [a, b]);
         let line = std::fs::read_to_string(d.path().join("lock")).unwrap();
-        assert_eq!(line.lines().nth(1).unwrap(), format!("marks {} {a} {b}", run_mark()), "a run names its own mark first");
+        assert_eq!(line.lines().nth(1).unwrap(), format!("marks {}@{id} {a}@{id} {b}@{id}", run_mark()), "a run names its own mark first");
         assert!(!l.dead_marks().iter().any(|m| m == run_mark()), "its own mark is not a dead one");
         l.swept();
         drop(l);
@@ -353,8 +403,15 @@ mod tests {
         let l = acquire(d.path(), None, "after-slurm").unwrap();
         assert!(l.found_unclean() && l.dead_marks().is_empty(), "{:?}", l.dead_marks());
         drop(l);
-        let many: Vec<String> = (0..40).map(|i| format!("{i:032x}")).collect();
+        let many: Vec<String> = (0..40).map(|i| format!("{i:032x}@{id}")).collect();
         std::fs::write(d.path().join("lock"), format!("pid 1 (x)\nmarks {}\n", many.join(" "))).unwrap();
         assert_eq!(acquire(d.path(), None, "y").unwrap().dead_marks().len(), MAX_MARKS);
+        // The same lock in a copy of the workspace (another folder): no dead marks.
+        let copy = tempfile::tempdir().unwrap();
+        let copy_dir = copy.path().join(".dagrun");
+        std::fs::create_dir(&copy_dir).unwrap();
+        std::fs::write(copy_dir.join("lock"), format!("pid 1 (x)\nmarks {a}@{id}\n")).unwrap();
+        let l = acquire_run(&copy_dir, None, "in the copy").unwrap();
+        assert!(l.found_unclean() && l.dead_marks().is_empty(), "{:?}", l.dead_marks());
     }
 }
