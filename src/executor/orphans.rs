@@ -78,6 +78,8 @@ pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {
     let deadline = Instant::now() + WAIT;
     out.complete = false;
     let mut empty_scans = 0;
+    // SAFETY: getpgrp(2) takes nothing and cannot fail.
+    let my_group = unsafe { libc::getpgrp() } as u32;
     for _ in 0..ROUNDS {
         let table = processes();
         // Never this process's own group or its ancestors (a carrier that
@@ -87,15 +89,15 @@ pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {
         while up > 1 && mine.insert(up) {
             up = table.get(&up).map_or(0, |p| p.ppid);
         }
-        // SAFETY: getpgrp(2) takes nothing and cannot fail.
-        let my_group = unsafe { libc::getpgrp() } as u32;
         let own = |pid: &u32, p: &Proc| mine.contains(pid) || p.pgrp == my_group;
-        for (pid, _) in table.iter().filter(|(pid, p)| own(pid, p) && p.carries(&wanted, workspace)) {
+        // Each process's environment is looked at once per scan.
+        let carrying: BTreeSet<u32> = table.iter().filter(|(_, p)| p.carries(&wanted, workspace)).map(|(&pid, _)| pid).collect();
+        for pid in carrying.iter().filter(|pid| own(pid, &table[pid])) {
             if !out.spared.contains(pid) {
                 out.spared.push(*pid);
             }
         }
-        let found: Vec<u32> = table.iter().filter(|(pid, p)| !own(pid, p) && p.carries(&wanted, workspace)).map(|(&pid, _)| pid).collect();
+        let found: Vec<u32> = carrying.iter().copied().filter(|pid| !own(pid, &table[pid])).collect();
         if found.is_empty() {
             // Once more, a moment later: a process caught between two
             // generations (its parent gone, its child not yet listed) is
@@ -115,7 +117,7 @@ pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {
         let mut groups: BTreeMap<u32, bool> = BTreeMap::new();
         for (pid, p) in table.iter() {
             let all = groups.entry(p.pgrp).or_insert(true);
-            *all &= !own(pid, p) && (p.carries(&wanted, workspace) || !p.alive);
+            *all &= !own(pid, p) && (carrying.contains(pid) || !p.alive);
         }
         let found_groups: BTreeSet<u32> = found.iter().map(|pid| table[pid].pgrp).collect();
         for &pid in &found {
@@ -191,8 +193,7 @@ fn processes() -> BTreeMap<u32, Proc> {
             continue;
         }
         let Some((state, ppid, pgrp)) = stat(&format!("/proc/{pid}/stat")) else { continue };
-        let alive = !is_dead(state) || live_task(pid);
-        out.insert(pid, Proc { ppid, pgrp, alive, environ: environ(pid) });
+        out.insert(pid, Proc { ppid, pgrp, alive: running(pid, state), environ: environ(pid) });
     }
     out
 }
@@ -210,6 +211,12 @@ fn stat(path: &str) -> Option<(char, u32, u32)> {
 
 fn is_dead(state: char) -> bool {
     matches!(state, 'Z' | 'X' | 'x')
+}
+
+/// Process `pid`, in `state`, still runs: not a zombie, or a zombie leader
+/// with a live thread.
+fn running(pid: u32, state: char) -> bool {
+    !is_dead(state) || live_task(pid)
 }
 
 /// A thread of `pid` other than a dead leader still runs (a leader that
@@ -234,10 +241,7 @@ fn environ(pid: u32) -> Vec<u8> {
 /// Still running: present and not a zombie (nor a zombie leader whose
 /// threads are all gone): a dead process writes nothing more.
 fn alive(pid: u32) -> bool {
-    match stat(&format!("/proc/{pid}/stat")) {
-        None => false,
-        Some((st, _, _)) => !is_dead(st) || live_task(pid),
-    }
+    stat(&format!("/proc/{pid}/stat")).is_some_and(|(st, _, _)| running(pid, st))
 }
 
 #[cfg(test)]

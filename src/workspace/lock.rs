@@ -91,9 +91,8 @@ pub fn run_mark() -> &'static str {
 
 /// The identity of the workspace folder (`DEV:INODE`) its marks are bound to.
 fn folder_id(dagrun_dir: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(dagrun_dir.parent()?).ok()?;
-    Some(format!("{}:{}", m.dev(), m.ino()))
+    let (dev, ino) = super::folder_id(dagrun_dir.parent()?)?;
+    Some(format!("{dev}:{ino}"))
 }
 
 /// The marks in a lock's content bound to folder `id` (its `marks` line,

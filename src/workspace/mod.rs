@@ -80,11 +80,14 @@ pub struct Workspace {
 /// A folder copied elsewhere is another one. A path that does not exist is
 /// no folder's.
 pub fn same_folder(a: &Path, b: &Path) -> bool {
+    folder_id(a).is_some_and(|x| folder_id(b) == Some(x))
+}
+
+/// The identity of folder `p` (device and inode; links followed), if it is one.
+pub fn folder_id(p: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.is_dir() && x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+    let m = std::fs::metadata(p).ok().filter(|m| m.is_dir())?;
+    Some((m.dev(), m.ino()))
 }
 
 impl Workspace {
