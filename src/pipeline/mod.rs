@@ -27,7 +27,7 @@ pub mod yaml_limits;
 use crate::error::config;
 use anyhow::Result;
 use indexmap::IndexMap;
-pub use kind::{Declared, DeclaredOut, KindDecl, Kinds};
+pub use kind::{Declared, DeclaredOut, KindDecl, Kinds, StageError};
 use petgraph::graph::{DiGraph, NodeIndex};
 pub use schema::{ExecutorKind, Resources, SlurmDef};
 use schema::{OutDef, PipelineFile, StageDef};

@@ -66,7 +66,8 @@ impl<'a> StageLines<'a> {
 
 /// The line of `key:` inside the block of the stage written at `stage_line`
 /// (1-based): the first line below it, more indented than it, that starts
-/// with the key; None past the block.
+/// with the key; None past the block. (Also the line of a key inside any
+/// other block mapping, given the line that opens it.)
 fn key_line(text: &str, stage_line: usize, key: &str) -> Option<usize> {
     let indent = |l: &str| l.len() - l.trim_start().len();
     let mut lines = text.lines().enumerate().skip(stage_line.checked_sub(1)?);
@@ -85,6 +86,15 @@ fn key_line(text: &str, stage_line: usize, key: &str) -> Option<usize> {
         }
     }
     None
+}
+
+/// The line of `with.KEY` in the stage written at `stage_line`: its own line
+/// in a block mapping, the `with:` line in a flow one (`with: {KEY: …}`);
+/// None when the stage has no `with:` (the key came from elsewhere, e.g. the
+/// `tenant` a `foreach` adds).
+fn with_key_line(text: &str, stage_line: usize, key: &str) -> Option<usize> {
+    let with = key_line(text, stage_line, "with")?;
+    Some(key_line(text, with, key).unwrap_or(with))
 }
 
 pub(super) fn valid_stage_name(name: &str) -> bool {
@@ -208,12 +218,11 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         };
         for tenant in fan {
             let idx = stages.len();
-            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|m| {
-                // An unknown `with:` key is placed on its own line.
-                let key = m.strip_prefix("unknown `with.").and_then(|r| r.split_once('`')).map(|(k, _)| k);
-                match key.and_then(|k| key_line(text, lines.get(base)?, k)) {
-                    Some(l) => config(format!("{shown}:{l}: stage `{base}`: {m}")),
-                    None => config(format!("{}: {m}", at(base))),
+            let stage = expand(base, def, tenant.as_deref(), &params, kind.clone(), &workspace, &secrets).map_err(|e| {
+                // An error about one `with:` key is placed on that key's line.
+                match e.key.as_deref().and_then(|k| with_key_line(text, lines.get(base)?, k)) {
+                    Some(l) => config(format!("{shown}:{l}: stage `{base}`: {}", e.message)),
+                    None => config(format!("{}: {}", at(base), e.message)),
                 }
             })?;
             let mut stage = stage;
@@ -356,7 +365,7 @@ pub(super) fn expand(
     kind: Arc<dyn KindDecl>,
     workspace: &Path,
     secrets: &Arc<crate::util::child_env::Withheld>,
-) -> std::result::Result<Stage, String> {
+) -> std::result::Result<Stage, StageError> {
     let name = match tenant {
         Some(t) => format!("{base}[{t}]"),
         None => base.to_string(),
@@ -366,8 +375,8 @@ pub(super) fn expand(
     let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd(c, params, tenant, &mut refs)).transpose()?;
     let mut with = Map::new();
     for (k, v) in &def.with {
-        let v = to_json(v, &format!("with.{k}"))?;
-        with.insert(k.clone(), interpolate_value(&v, params, tenant, &mut refs)?);
+        let v = to_json(v, &format!("with.{k}")).map_err(|m| StageError::at_key(k, m))?;
+        with.insert(k.clone(), interpolate_value(&v, params, tenant, &mut refs).map_err(|m| StageError::at_key(k, m))?);
     }
     if let Some(t) = tenant {
         with.entry("tenant".to_string()).or_insert_with(|| Value::String(t.to_string()));
@@ -401,7 +410,7 @@ pub(super) fn expand(
     }
     for d in &deps {
         if outs.iter().any(|o| &o.path == d) {
-            return Err(format!("{d:?} is both an input and an output of the stage"));
+            return Err(format!("{d:?} is both an input and an output of the stage").into());
         }
     }
     let _ = OutDef::Path(String::new());

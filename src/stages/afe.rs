@@ -6,7 +6,7 @@
 //! the fitted statistics (JSON), which the feature store keeps with the version.
 
 use super::params::{self, Date, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::data::featurize;
 use crate::features;
 use crate::util::atomic::write_json_atomic;
@@ -46,12 +46,15 @@ impl KindDecl for Afe {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: AfeWith = params::parse(with)?;
         per_tenant("afe", tenant)?;
         let fs = &p.feature_set.0;
         if !features::KNOWN_VERSIONS.contains(&fs.as_str()) {
-            return Err(format!("`with.feature_set: {fs}` is unknown; this build has: {}", features::KNOWN_VERSIONS.join(", ")));
+            return Err(StageError::at_key(
+                "feature_set",
+                format!("`with.feature_set: {fs}` is unknown; this build has: {}", features::KNOWN_VERSIONS.join(", ")),
+            ));
         }
         Ok(Declared {
             deps: vec![p.input.0.clone()],

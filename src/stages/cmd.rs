@@ -18,7 +18,7 @@
 //!   `.dagrun/logs` that must be a real directory. A stream the command
 //!   leaves silent has no log (an old one is removed before it starts).
 
-use super::{Declared, KindDecl, RunCtx, RunReport, StageKind};
+use super::{Declared, KindDecl, RunCtx, RunReport, StageError, StageKind};
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
@@ -86,7 +86,7 @@ impl KindDecl for Cmd {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let extra: Vec<&String> = with.keys().filter(|k| !(tenant.is_some() && *k == "tenant")).collect();
         if !extra.is_empty() {
             return Err("`with:` is for built-in kinds; a `cmd:` stage takes its values in the command (use ${params.NAME})".into());

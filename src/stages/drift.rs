@@ -28,7 +28,7 @@
 //!   reference), never a row.
 
 use super::params::{self, Number, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::features::drift::{self, DEFAULT_MAX_PSI, DEFAULT_WARN_PSI, FeatureDrift, Level};
 use crate::model::ModelArtifact;
 use crate::pipeline::Stage;
@@ -179,14 +179,14 @@ pub struct DriftWith {
     pub tenant: Option<Text>,
 }
 
-fn thresholds(p: &DriftWith) -> std::result::Result<(f64, f64), String> {
+fn thresholds(p: &DriftWith) -> std::result::Result<(f64, f64), StageError> {
     let max_psi = p.max_psi.map_or(DEFAULT_MAX_PSI, |n| n.0);
     let warn_psi = p.warn_psi.map_or(DEFAULT_WARN_PSI, |n| n.0);
     if !(max_psi.is_finite() && max_psi > 0.0) {
-        return Err(format!("`with.max_psi` = {max_psi}: must be a positive number"));
+        return Err(StageError::at_key("max_psi", format!("`with.max_psi` = {max_psi}: must be a positive number")));
     }
     if !(warn_psi.is_finite() && warn_psi > 0.0 && warn_psi <= max_psi) {
-        return Err(format!("`with.warn_psi` = {warn_psi}: must be positive and at most max_psi ({max_psi})"));
+        return Err(StageError::at_key("warn_psi", format!("`with.warn_psi` = {warn_psi}: must be positive and at most max_psi ({max_psi})")));
     }
     Ok((warn_psi, max_psi))
 }
@@ -330,13 +330,13 @@ impl KindDecl for Drift {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: DriftWith = params::parse(with)?;
         per_tenant("drift", tenant)?;
         thresholds(&p)?;
         let model = &p.model.0;
         if !safe_rel(model) {
-            return Err(format!("`with.model` = {model:?}: must be a path inside the workspace"));
+            return Err(StageError::at_key("model", format!("`with.model` = {model:?}: must be a path inside the workspace")));
         }
         let dir = &p.current.0;
         Ok(Declared {
@@ -521,12 +521,18 @@ mod tests {
         assert_eq!(d.deps[0], "fs/A/v1.0/features.parquet");
         let mut bad = ok.clone();
         bad.insert("max_pci".into(), json!(0.3));
-        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "unknown `with.max_pci`; this kind takes: model, current, output, max_psi, warn_psi, tenant");
+        assert_eq!(
+            Drift.declare(&bad, Some("A")).unwrap_err(),
+            StageError::at_key("max_pci", "unknown `with.max_pci`; this kind takes: model, current, output, max_psi, warn_psi, tenant")
+        );
         let mut bad = ok.clone();
         bad.insert("warn_psi".into(), json!([0.1]));
-        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "`with.warn_psi` must be a number, not [0.1]");
+        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), StageError::at_key("warn_psi", "`with.warn_psi` must be a number, not [0.1]"));
         let mut bad = ok;
         bad.insert("warn_psi".into(), json!(0.5));
-        assert_eq!(Drift.declare(&bad, Some("A")).unwrap_err(), "`with.warn_psi` = 0.5: must be positive and at most max_psi (0.3)");
+        assert_eq!(
+            Drift.declare(&bad, Some("A")).unwrap_err(),
+            StageError::at_key("warn_psi", "`with.warn_psi` = 0.5: must be positive and at most max_psi (0.3)")
+        );
     }
 }

@@ -12,7 +12,7 @@
 
 use super::Services;
 use super::params::{self, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::crypto::aead::FieldCipher;
 use crate::crypto::pseudonym::Pseudonymizer;
 use crate::data::parquet_io::{Output, ParquetSink, SpliceColumns, open_batches};
@@ -149,7 +149,7 @@ impl KindDecl for Encrypt {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: EncryptWith = params::parse(with)?;
         per_tenant("encrypt", tenant)?;
         Ok(Declared { deps: vec![p.input.0.clone()], outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: false }], params: params::keep(p) })

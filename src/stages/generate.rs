@@ -14,7 +14,7 @@
 
 use super::Services;
 use super::params::{self, Count, Date, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::data::generate::{TenantShare, generate_tenant, split_rows};
 use crate::pipeline::Stage;
 use anyhow::{Context, Result, anyhow};
@@ -54,7 +54,7 @@ impl KindDecl for Generate {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: GenerateWith = params::parse(with)?;
         per_tenant("generate", tenant)?;
         Ok(Declared { deps: vec![], outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: true }], params: params::keep(p) })

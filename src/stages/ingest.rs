@@ -6,7 +6,7 @@
 //! sensitive, like `generate`'s.
 
 use super::params::{self, Date, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::data::ingest::{IngestOptions, validate_to_parquet};
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -34,7 +34,7 @@ impl KindDecl for Ingest {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: IngestWith = params::parse(with)?;
         per_tenant("ingest", tenant)?;
         Ok(Declared { deps: vec![p.input.0.clone()], outs: vec![DeclaredOut { path: p.output.0.clone(), sensitive: true }], params: params::keep(p) })

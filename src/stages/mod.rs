@@ -74,7 +74,7 @@ impl Services {
     }
 }
 
-pub use crate::pipeline::kind::{Declared, DeclaredOut, KindDecl};
+pub use crate::pipeline::kind::{Declared, DeclaredOut, KindDecl, StageError};
 
 /// Everything a stage sees while it runs.
 pub struct RunCtx<'a> {
@@ -192,11 +192,11 @@ mod tests {
             with.insert("tenant".into(), json!("Tenant_A"));
             with.insert("colour".into(), json!("blue"));
             let e = kinds[name].declare(&with, Some("Tenant_A")).unwrap_err();
-            assert_eq!(e, format!("unknown `with.colour`; this kind takes: {}", keys.join(", ")), "{name}");
+            assert_eq!(e, StageError::at_key("colour", format!("unknown `with.colour`; this kind takes: {}", keys.join(", "))), "{name}");
         }
         // `cmd` takes no `with:` at all (besides the tenant a foreach adds).
         let e = kinds["cmd"].declare(&json!({"x": 1}).as_object().unwrap().clone(), None).unwrap_err();
-        assert!(e.starts_with("`with:` is for built-in kinds"), "{e}");
+        assert!(e.key.is_none() && e.message.starts_with("`with:` is for built-in kinds"), "{e}");
     }
 
     #[test]
@@ -208,10 +208,10 @@ mod tests {
         assert_eq!(d.outs[1].path, "m/A.eval.json");
         let mut bad = with.as_object().unwrap().clone();
         bad.insert("promote".into(), json!("sometimes"));
-        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), "`with.promote` = \"sometimes\": use auto or manual");
+        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), StageError::at_key("promote", "`with.promote` = \"sometimes\": use auto or manual"));
         bad.remove("promote");
         bad.insert("C".into(), json!(0));
-        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), "`with.C` = 0: C must be a positive number");
-        assert_eq!(train::Train.declare(with.as_object().unwrap(), None).unwrap_err(), "`uses: train` runs per tenant: add `foreach: tenants`");
+        assert_eq!(train::Train.declare(&bad, Some("A")).unwrap_err(), StageError::at_key("C", "`with.C` = 0: C must be a positive number"));
+        assert_eq!(train::Train.declare(with.as_object().unwrap(), None).unwrap_err(), "`uses: train` runs per tenant: add `foreach: tenants`".into());
     }
 }

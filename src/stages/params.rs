@@ -13,10 +13,13 @@
 //! - Errors name the key: an unknown key is ``unknown `with.KEY`; this kind
 //!   takes: A, B, C`` (the struct's fields, in declaration order); a missing
 //!   one ``missing `with.KEY` ``; a wrong type ``` `with.KEY` must be a number,
-//!   not [1]```. The pipeline loader adds the file, line and stage.
+//!   not [1]```. Each is a [`StageError`] that says which key it is about
+//!   (none for a missing one), so the pipeline loader adds the file, that
+//!   key's line and the stage.
 //! - The cache key is fed the resolved map (`Stage::with`), not these
 //!   structs: adding a struct changes no key.
 
+use crate::pipeline::StageError;
 use serde::de::{self, Deserialize, DeserializeOwned, Deserializer};
 use serde_json::{Map, Value};
 use std::any::Any;
@@ -119,15 +122,20 @@ pub fn accepted_keys<T: DeserializeOwned>() -> &'static [&'static str] {
 
 /// Check and type a stage's resolved `with:` map (see the module rules for
 /// the messages).
-pub fn parse<T: DeserializeOwned>(with: &Map<String, Value>) -> Result<T, String> {
+pub fn parse<T: DeserializeOwned>(with: &Map<String, Value>) -> Result<T, StageError> {
     let keys = accepted_keys::<T>();
     if let Some(k) = with.keys().find(|k| !keys.contains(&k.as_str())) {
-        return Err(format!("unknown `with.{k}`; this kind takes: {}", keys.join(", ")));
+        return Err(StageError::at_key(k, format!("unknown `with.{k}`; this kind takes: {}", keys.join(", "))));
     }
     serde_path_to_error::deserialize(Value::Object(with.clone())).map_err(|e| {
         let msg = e.inner().to_string();
         let path = e.path().to_string();
-        if let Some(name) = msg.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
+        // The top-level key of the path (`files` of `files[0]`).
+        let key = match e.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+            _ => None,
+        };
+        let message = if let Some(name) = msg.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
             format!("missing `with.{name}`")
         } else if path == "." {
             format!("`with:` {msg}")
@@ -135,7 +143,8 @@ pub fn parse<T: DeserializeOwned>(with: &Map<String, Value>) -> Result<T, String
             format!("`with.{path}`{msg}")
         } else {
             format!("`with.{path}` {msg}")
-        }
+        };
+        StageError { key, message }
     })
 }
 
@@ -191,13 +200,13 @@ mod tests {
     #[test]
     fn unknown_key_names_it_and_the_accepted_keys() {
         let e = parse::<Sample>(&map(json!({"rows": 1, "C": 1, "name": "x", "colour": 1}))).unwrap_err();
-        assert_eq!(e, "unknown `with.colour`; this kind takes: rows, C, name, as_of");
+        assert_eq!(e, StageError::at_key("colour", "unknown `with.colour`; this kind takes: rows, C, name, as_of"));
         assert_eq!(accepted_keys::<Sample>(), ["rows", "C", "name", "as_of"]);
     }
 
     #[test]
     fn wrong_types_name_the_key() {
-        let bad = |v: Value| parse::<Sample>(&map(v)).unwrap_err();
+        let bad = |v: Value| parse::<Sample>(&map(v)).unwrap_err().message;
         assert_eq!(bad(json!({"rows": [1], "C": 1, "name": "x"})), "`with.rows` must be a whole number, not [1]");
         assert_eq!(bad(json!({"rows": -1, "C": 1, "name": "x"})), "`with.rows` = -1 must be a whole number ≥ 0");
         assert_eq!(bad(json!({"rows": "many", "C": 1, "name": "x"})), "`with.rows` = \"many\" must be a whole number ≥ 0");
@@ -207,5 +216,15 @@ mod tests {
         assert_eq!(bad(json!({"rows": 1, "C": 1, "name": "x", "as_of": null})), "`with.as_of` must be a string, not null");
         assert_eq!(bad(json!({"rows": 1, "C": 1, "name": "x", "as_of": "2026-02-30"})), "`with.as_of`: not a valid calendar date (YYYY-MM-DD)");
         assert_eq!(bad(json!({"C": 1, "name": "x"})), "missing `with.rows`");
+    }
+
+    /// The error says which key it is about (the loader names that key's
+    /// line); a missing key is not written anywhere, so none.
+    #[test]
+    fn errors_carry_their_key() {
+        let key = |v: Value| parse::<Sample>(&map(v)).unwrap_err().key;
+        assert_eq!(key(json!({"rows": [1], "C": 1, "name": "x"})).as_deref(), Some("rows"));
+        assert_eq!(key(json!({"rows": 1, "C": 1, "name": "x", "as_of": "2026-02-30"})).as_deref(), Some("as_of"));
+        assert_eq!(key(json!({"C": 1, "name": "x"})), None);
     }
 }

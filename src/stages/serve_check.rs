@@ -7,7 +7,7 @@
 //! lineage record. Writes a per-tenant JSON report.
 
 use super::params::{self, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::crypto::IntegrityKey;
 use crate::data::schema;
 use crate::model::artifact::load_verified;
@@ -186,7 +186,7 @@ impl KindDecl for ServeCheck {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: ServeCheckWith = params::parse(with)?;
         per_tenant("serve-check", tenant)?;
         let dir = &p.store.0;

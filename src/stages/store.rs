@@ -5,7 +5,7 @@
 
 use super::afe::StatsFile;
 use super::params::{self, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::store::{self, Lineage};
 use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value};
@@ -35,7 +35,7 @@ impl KindDecl for Store {
     fn version(&self) -> u32 {
         1
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: StoreWith = params::parse(with)?;
         per_tenant("store", tenant)?;
         let dir = &p.dir.0;

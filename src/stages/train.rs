@@ -13,7 +13,7 @@
 //! tenant's champion, `promote: manual` leaves that to `dagrun models promote`.
 
 use super::params::{self, Number, Text, present};
-use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageKind, per_tenant};
+use super::{Declared, DeclaredOut, KindDecl, RunCtx, RunReport, StageError, StageKind, per_tenant};
 use crate::data::schema;
 use crate::model::ModelArtifact;
 use crate::util::atomic::write_atomic;
@@ -69,16 +69,16 @@ impl KindDecl for Train {
         // moves the models' last bits (model::logistic::LINFA_MAX_ROWS).
         2
     }
-    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, String> {
+    fn declare(&self, with: &Map<String, Value>, tenant: Option<&str>) -> std::result::Result<Declared, StageError> {
         let p: TrainWith = params::parse(with)?;
         per_tenant("train", tenant)?;
         let c = p.c.0;
         if !c.is_finite() || c <= 0.0 {
-            return Err(format!("`with.C` = {c}: C must be a positive number"));
+            return Err(StageError::at_key("C", format!("`with.C` = {c}: C must be a positive number")));
         }
         let min_auc = p.min_auc.0;
         if !(0.0..=1.0).contains(&min_auc) {
-            return Err(format!("`with.min_auc` = {min_auc}: must be between 0 and 1"));
+            return Err(StageError::at_key("min_auc", format!("`with.min_auc` = {min_auc}: must be between 0 and 1")));
         }
         let dir = &p.store.0;
         Ok(Declared {

@@ -236,8 +236,8 @@ fn tenants_file_syntax_and_bombs() {
 
 /// A built-in kind's `with:` is checked against its params struct: a
 /// misspelt key or a value of the wrong type is refused at load, naming the
-/// file, line, stage and key (and, for an unknown key, the keys it takes,
-/// at the key's own line).
+/// file, the key's own line (the stage's for a missing key), the stage and
+/// the key (and, for an unknown key, the keys it takes).
 #[test]
 fn misspelt_or_mistyped_with_key() {
     let train = |extra: &str| {
@@ -255,17 +255,23 @@ fn misspelt_or_mistyped_with_key() {
         &ws_with(&train("      promot: manual\n")),
         &["pipeline.yaml:12:", "stage `train`", "unknown `with.promot`", "this kind takes: store, C, min_auc, output, tenant, promote"],
     );
-    refused(&ws_with(&train("      promote: sometimes\n")), &["pipeline.yaml:4:", "stage `train`", "`with.promote` = \"sometimes\": use auto or manual"]);
-    refused(&ws_with(&train("      promote: [auto]\n")), &["stage `train`", "`with.promote` = [\"auto\"]"]);
+    refused(&ws_with(&train("      promote: sometimes\n")), &["pipeline.yaml:12:", "stage `train`", "`with.promote` = \"sometimes\": use auto or manual"]);
+    refused(&ws_with(&train("      promote: [auto]\n")), &["pipeline.yaml:12:", "stage `train`", "`with.promote` = [\"auto\"]"]);
     let ws = ws_with(&train("").replace("min_auc: 0.5", "min_auc: [0.5]"));
-    refused(&ws, &["pipeline.yaml:4:", "stage `train`", "`with.min_auc` must be a number, not [0.5]"]);
+    refused(&ws, &["pipeline.yaml:10:", "stage `train`", "`with.min_auc` must be a number, not [0.5]"]);
+    // A kind's own check of a value is placed at its key too.
+    refused(&ws_with(&train("").replace("min_auc: 0.5", "min_auc: 2")), &["pipeline.yaml:10:", "stage `train`", "`with.min_auc` = 2: must be between 0 and 1"]);
+    // So is a param a value names but the pipeline lacks; a flow mapping's keys are at its `with:` line.
+    refused(&ws_with(&train("").replace("min_auc: 0.5", "min_auc: ${params.nope}")), &["pipeline.yaml:10:", "stage `train`", "params.nope"]);
+    let flow = train("").replace("    with:\n", "    with: {C: 0, store: s, min_auc: 0.5, output: m.json}\n").lines().take(7).collect::<Vec<_>>().join("\n");
+    refused(&ws_with(&format!("{flow}\n")), &["pipeline.yaml:7:", "stage `train`", "`with.C` = 0: C must be a positive number"]);
     let ws = ws_with(&train("").replace("      min_auc: 0.5\n", ""));
     refused(&ws, &["pipeline.yaml:4:", "stage `train`", "missing `with.min_auc`"]);
     // A string param (here `C: "1.0"`, and so its `-p` overrides) holding a number is taken; anything else is named.
     let ws = ws_with(&train(""));
     let o = spawn(ws.cmd(&["status", "pipeline.yaml", "-p", "C=abc"])).wait(Duration::from_secs(30));
     assert_eq!(o.code, 2, "{}", o.stderr);
-    assert!(o.stderr.contains("stage `train`") && o.stderr.contains("`with.C` = \"abc\" is not a number"), "{}", o.stderr);
+    assert!(o.stderr.contains("pipeline.yaml:9: stage `train`") && o.stderr.contains("`with.C` = \"abc\" is not a number"), "{}", o.stderr);
     let o = spawn(ws.cmd(&["status", "pipeline.yaml", "-p", "C=0.5"])).wait(Duration::from_secs(30));
     assert_eq!(o.code, 0, "{}", o.stderr);
     // Every kind checks its keys, with its own list.
@@ -276,7 +282,7 @@ fn misspelt_or_mistyped_with_key() {
     let ws = ws_with(
         "stages:\n  gen:\n    foreach: tenants\n    uses: generate\n    with:\n      rows: -3\n      seed: 1\n      as_of: 2026-01-01\n      output: raw.parquet\n",
     );
-    refused(&ws, &["stage `gen`", "`with.rows` = -3 must be a whole number ≥ 0"]);
+    refused(&ws, &["pipeline.yaml:6:", "stage `gen`", "`with.rows` = -3 must be a whole number ≥ 0"]);
 }
 
 /// A key written twice in one mapping (named at its second occurrence, in a
