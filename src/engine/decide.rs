@@ -57,8 +57,8 @@ impl Engine {
     /// Hash an input on disk; a consumed sensitive input counts with its recorded hash.
     pub fn hash_input(&self, dep: &str, missing_sensitive: &mut Vec<usize>) -> Result<InputHash> {
         let abs = self.pipeline.abs(dep);
-        if let Some(h) = self.memo.hash_path(&abs)? {
-            return Ok(InputHash::Known(h.hash));
+        if let Some(h) = self.memo.hash_input(&abs)? {
+            return Ok(InputHash::Known(h));
         }
         if let Some(p) = self.pipeline.producer_of(dep) {
             let producer = self.stage(p);
@@ -115,7 +115,9 @@ impl Engine {
             }
             _ => {
                 let mut reasons = match (&prev, distrust) {
-                    (Some(st), _) => fingerprint::explain(&st.ingredients, &ingredients, &st.param_refs, &s.param_refs, &|p| self.producer_name(p)),
+                    (Some(st), _) => fingerprint::explain(&st.ingredients, &ingredients, (&st.param_refs, &st.written), (&s.param_refs, &s.written), &|p| {
+                        self.producer_name(p)
+                    }),
                     (None, Some(why)) => vec![why],
                     (None, None) => vec!["no earlier run recorded".into()],
                 };
@@ -205,6 +207,11 @@ impl Engine {
                     bad.push(o.path.clone());
                     reasons.push(format!("output {} was modified outside dagrun (blake3 {} → {})", o.path, rec.hash.short(), h.hash.short()));
                 }
+                Some(h) if !h.dir && rec.exec.is_some_and(|x| x != h.exec) => {
+                    bad.push(o.path.clone());
+                    let (was, now) = if h.exec { ("without", "has one") } else { ("with", "has none") };
+                    reasons.push(format!("output {} was written {was} an execute bit and now {now} (chmod outside dagrun)", o.path));
+                }
                 Some(_) => {}
             }
         }
@@ -272,7 +279,7 @@ impl Engine {
             let r = from.outputs.get(p).with_context(|| format!("no cached copy of {p}"))?;
             let abs = self.pipeline.abs(p);
             crate::pipeline::check_output_at_write(&self.pipeline.workspace, p, true)?;
-            self.cas.restore(&r.hash, r.dir, &abs).with_context(|| format!("restoring {p}"))?;
+            self.cas.restore(&r.hash, r.dir, r.exec == Some(true), &abs).with_context(|| format!("restoring {p}"))?;
             self.memo.forget(&abs);
         }
         let mut st = from.clone();
@@ -280,6 +287,7 @@ impl Engine {
         st.key = ev.key.clone();
         st.ingredients = ev.ingredients.clone();
         st.param_refs = s.param_refs.clone();
+        st.written = s.written.clone();
         self.states.put(&st)?;
         self.wrote([self.states.record_path(&s.name)]);
         Ok(())

@@ -6,7 +6,11 @@
 //! Rules: a stage's outputs are checked at write time (no link may redirect
 //! them); a `cmd` stage starts from no outputs on every attempt; a job's
 //! result is accepted only under the key dagrun decided on; a member of a
-//! job group that cannot run is `skipped`, never silently cached.
+//! job group that cannot run is `skipped`, never silently cached; a stage
+//! whose inputs changed while it ran (their size, mtime, ctime or inode no
+//! longer those they were hashed with) fails and records nothing: its
+//! outputs may come from either version, and recorded under the key of the
+//! one it was decided on they would be restored for it for good.
 
 use super::*;
 
@@ -252,6 +256,27 @@ impl Engine {
     /// and action-cache entry. A member whose key was not known before it ran
     /// (downstream in a group) gets it now, from its inputs on disk; a key the
     /// job reports must equal the engine's.
+    /// Are stage `i`'s inputs still what they were when its key was computed
+    /// (checked from the hash memo, reading no data)? An error naming the
+    /// first that changed if not (see the module rules).
+    fn check_inputs_unchanged(&self, i: usize, ev: &Evaluation) -> Result<()> {
+        let s = self.stage(i);
+        for (dep, before) in &ev.ingredients.inputs {
+            // Unknown (not hashed), or a deleted sensitive input counted with its recorded hash.
+            if before.is_empty() || self.pipeline.producer_of(dep).is_some_and(|p| ev.missing_sensitive.contains(&p)) {
+                continue;
+            }
+            let now = self.memo.hash_unread(&self.pipeline.abs(dep))?;
+            if now.map(|h| h.to_string()).as_deref() != Some(before.as_str()) {
+                bail!(
+                    "input {dep} changed while stage {} ran (it was hashed before the stage started, so its outputs may come from either version): nothing of this run is recorded or cached; run again once nothing writes {dep}",
+                    s.name
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn record_run(&self, p: &mut Pending, done: Done) -> Result<StageRecord> {
         let i = p.i;
         let s = self.stage(i);
@@ -259,6 +284,7 @@ impl Engine {
         // while it ran (the lock-time check is over by then): nothing of
         // this stage is stored or recorded through it.
         crate::workspace::own_dirs::check_fixed(&self.pipeline.workspace).with_context(|| format!("after {} ran", s.name))?;
+        let hashed_before = p.ev.is_some();
         let ev = match p.ev.take() {
             Some(ev) => ev,
             None => {
@@ -277,6 +303,9 @@ impl Engine {
                 crate::workspace::hash::short(k),
                 ev.key.short()
             );
+        }
+        if hashed_before {
+            self.check_inputs_unchanged(i, &ev)?;
         }
         let prev = ev.prev.as_ref();
         let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
@@ -301,7 +330,7 @@ impl Engine {
                     self.cas.ingest_file(abs, &self.memo)
                 }
                 .with_context(|| format!("storing {} in the cache", o.path))?;
-                hashing::Hashed { hash, size, dir: false }
+                hashing::Hashed { hash, size, dir: false, exec: hashing::is_exec(&meta) }
             } else {
                 let h = self.memo.hash_path(abs)?.with_context(|| format!("output {} vanished", o.path))?;
                 if store {
@@ -313,7 +342,9 @@ impl Engine {
                 // dagrun wrote it and the stage is done: no re-read on the next run.
                 self.memo.settle(abs);
             }
-            outputs.insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive });
+            let exec = (!h.dir).then(|| hashing::is_exec(&meta));
+            outputs
+                .insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive, exec });
         }
         let changed = match prev {
             Some(p) => p.outputs.iter().map(|(k, v)| (k, &v.hash)).ne(outputs.iter().map(|(k, v)| (k, &v.hash))),
@@ -324,6 +355,7 @@ impl Engine {
             key: ev.key.clone(),
             ingredients: ev.ingredients,
             param_refs: s.param_refs.clone(),
+            written: s.written.clone(),
             outputs,
             run_id: self.run_id.clone(),
             finished_at: now_rfc3339(),

@@ -15,8 +15,9 @@
 //!    the key: declare what matters);
 //! 5. `inputs` — for every declared input (`deps:` and inputs named by the kind),
 //!    its workspace-relative path and the blake3 hash of its content (a directory
-//!    hashes as its tree listing, see `hashing`). Inputs are hashed before the
-//!    stage runs, never after;
+//!    hashes as its tree listing, plus what links leading out of it lead to,
+//!    see `hashing`, "Inputs"). Inputs are hashed before the stage runs, never
+//!    after (and found unchanged after it ran, or it fails: `execute`);
 //! 6. `outs` — the declared output paths (renaming an output reruns the stage);
 //! 7. `extras` — run-time facts a kind adds, never secrets: e.g. `encrypt` adds
 //!    the id of the tenant's active data key, so rotating or destroying the key
@@ -51,7 +52,7 @@ use std::collections::BTreeMap;
 pub const FORMAT: &str = "dagrun-cache-key/3";
 
 pub use crate::workspace::record::canonical_json;
-pub use crate::workspace::state::Ingredients;
+pub use crate::workspace::state::{Ingredients, Written};
 
 impl Ingredients {
     /// The cache key: blake3 hex of the canonical encoding.
@@ -106,13 +107,15 @@ fn show(v: &Value) -> String {
 }
 
 /// Why `new` differs from `old`, one human sentence per difference.
-/// `old_refs`/`new_refs` are the pipeline params the stage referenced, so a
-/// change is named after the param (`param rows: 1000 → 2000`).
+/// The refs are the pipeline params the stage referenced, so a change is
+/// named after the param (`param rows: 1000 → 2000`), and its `cmd:` and
+/// `with:` as written, so an edit of them that came with a param change is
+/// named too (the resolved text cannot tell the two apart).
 pub fn explain(
     old: &Ingredients,
     new: &Ingredients,
-    old_refs: &BTreeMap<String, Value>,
-    new_refs: &BTreeMap<String, Value>,
+    (old_refs, old_written): (&BTreeMap<String, Value>, &Written),
+    (new_refs, new_written): (&BTreeMap<String, Value>, &Written),
     producer_of: &dyn Fn(&str) -> Option<String>,
 ) -> Vec<String> {
     let mut r = Vec::new();
@@ -141,7 +144,20 @@ pub fn explain(
             param_named = true;
         }
     }
-    if !param_named {
+    // Both records hold what was written (records before 2026-12-07 do not).
+    let edited = |o: &Option<ContentHash>, n: &Option<ContentHash>| o.is_some() && n.is_some() && o != n;
+    if param_named {
+        if edited(&old_written.cmd, &new_written.cmd) {
+            r.push(format!(
+                "command changed as well (its text, besides the params it uses): blake3 {} → {}",
+                old_written.cmd.as_ref().map_or("", |h| h.short()),
+                new_written.cmd.as_ref().map_or("", |h| h.short())
+            ));
+        }
+        if edited(&old_written.with, &new_written.with) {
+            r.push("`with:` changed as well (its text, besides the params it uses)".into());
+        }
+    } else {
         for (k, v) in &new.params {
             match old.params.get(k) {
                 Some(o) if o != v => r.push(format!("with.{k}: {} → {}", show(o), show(v))),
@@ -229,9 +245,9 @@ mod tests {
         b.env.insert("API_KEY".into(), "SECRET3".into());
         let mut c = b.clone();
         c.env.insert("API_KEY".into(), "SECRET4".into());
-        let none = BTreeMap::new();
-        let ab = explain(&a, &b, &none, &none, &|_| None);
-        let bc = explain(&b, &c, &none, &none, &|_| None);
+        let (none, w) = (BTreeMap::new(), Written::default());
+        let ab = explain(&a, &b, (&none, &w), (&none, &w), &|_| None);
+        let bc = explain(&b, &c, (&none, &w), (&none, &w), &|_| None);
         let h = |s: &str| blake3::hash(s.as_bytes()).to_hex().to_string();
         assert_eq!(
             ab,
@@ -296,11 +312,25 @@ mod tests {
         new.cmd = Some("gen 2000".into());
         let o = BTreeMap::from([("rows".to_string(), Value::from(1000))]);
         let n = BTreeMap::from([("rows".to_string(), Value::from(2000))]);
-        let r = explain(&old, &new, &o, &n, &|_| None);
+        let written = |cmd: &str| Written { cmd: Some(ContentHash::of_bytes(cmd.as_bytes())), with: None };
+        let w = written("gen ${params.rows}");
+        let r = explain(&old, &new, (&o, &w), (&n, &w), &|_| None);
+        assert_eq!(r, vec!["param rows: 1000 → 2000"]);
+        // The command's text changed too: named, not hidden by the param.
+        let w2 = written("rm -f x; gen ${params.rows}");
+        let r = explain(&old, &new, (&o, &w), (&n, &w2), &|_| None);
+        assert_eq!(r[0], "param rows: 1000 → 2000");
+        assert_eq!(
+            r[1],
+            format!("command changed as well (its text, besides the params it uses): blake3 {} → {}", w.cmd.unwrap().short(), w2.cmd.unwrap().short())
+        );
+        // A record from before the text was kept: the param alone.
+        let r = explain(&old, &new, (&o, &Written::default()), (&n, &written("x")), &|_| None);
         assert_eq!(r, vec!["param rows: 1000 → 2000"]);
         let mut new2 = ing();
         new2.inputs.insert("a".into(), "ff".repeat(32));
-        let r = explain(&ing(), &new2, &BTreeMap::new(), &BTreeMap::new(), &|_| Some("gen".into()));
+        let none = (&BTreeMap::new(), &Written::default());
+        let r = explain(&ing(), &new2, none, none, &|_| Some("gen".into()));
         assert_eq!(r, vec![format!("input a changed (output of stage gen): blake3 000000000000 → ffffffffffff")]);
     }
 }

@@ -86,15 +86,18 @@ pub fn trace(workspace: &Path, states: &StateStore, path: &str) -> Option<Lineag
     Some(node(workspace, &by_out, path, None, &mut seen))
 }
 
-fn current_hash(workspace: &Path, path: &str) -> Option<String> {
+/// The hash `path` has now: as an output (what a stage recorded), or as an
+/// input (what a key was computed from: `hashing`, "Inputs").
+fn current_hash(workspace: &Path, path: &str, as_input: bool) -> Option<String> {
     let memo = super::hashing::HashMemo::in_memory();
-    memo.hash_path(&workspace.join(path)).ok().flatten().map(|h| h.hash.to_string())
+    let abs = workspace.join(path);
+    if as_input { memo.hash_input(&abs).ok().flatten().map(|h| h.to_string()) } else { memo.hash_path(&abs).ok().flatten().map(|h| h.hash.to_string()) }
 }
 
 fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recorded: Option<&str>, seen: &mut HashSet<String>) -> LineageNode {
-    let cur = current_hash(workspace, path);
     match by_out.get(path) {
         Some(st) if seen.insert(st.stage.clone()) => {
+            let cur = current_hash(workspace, path, false);
             let out = &st.outputs[path];
             let inputs: Vec<LineageNode> = st.ingredients.inputs.iter().map(|(p, h)| node(workspace, by_out, p, Some(h), seen)).collect();
             LineageNode::Produced(Box::new(Produced {
@@ -118,17 +121,20 @@ fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recor
                 stage: st.stage.clone(),
             }))
         }
-        _ => LineageNode::Leaf(Leaf {
-            modified: match (recorded, &cur) {
-                (Some(r), Some(c)) => r != c,
-                _ => false,
-            },
-            current_hash: cur,
-            hash: recorded.map(str::to_string),
-            inputs: vec![],
-            path: path.to_string(),
-            source: by_out.get(path).is_none(),
-        }),
+        _ => {
+            let cur = current_hash(workspace, path, by_out.get(path).is_none());
+            LineageNode::Leaf(Leaf {
+                modified: match (recorded, &cur) {
+                    (Some(r), Some(c)) => r != c,
+                    _ => false,
+                },
+                current_hash: cur,
+                hash: recorded.map(str::to_string),
+                inputs: vec![],
+                path: path.to_string(),
+                source: by_out.get(path).is_none(),
+            })
+        }
     }
 }
 

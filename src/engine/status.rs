@@ -59,6 +59,9 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
     let p = &engine.pipeline;
     // Output path -> predicted hash after a run (None: unknown until it runs).
     let mut predicted: HashMap<String, Option<ContentHash>> = HashMap::new();
+    // Outputs a run would rewrite (run or restore), with their stage: a dep
+    // inside one, or a folder dep holding one, changes with it.
+    let mut changing: Vec<(String, String)> = Vec::new();
     let mut out = Vec::new();
     for &i in &p.topo {
         if !selected.contains(&i) {
@@ -84,6 +87,12 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                         }
                     });
                 }
+                let nested = |o: &str| crate::util::path_within(dep, o) || crate::util::path_within(o, dep);
+                if let Some((o, producer)) = changing.iter().find(|(o, _)| nested(o)) {
+                    let why = format!("upstream stage {producer} will rerun or restore (its output {o} may change {dep})");
+                    unknown_from.push(why.clone());
+                    return Ok(InputHash::Unknown(why));
+                }
                 let mut ms = Vec::new();
                 match engine.hash_input(dep, &mut ms) {
                     Ok(h) => Ok(h),
@@ -98,6 +107,7 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                 out.push(StageStatus { stage: s.name.clone(), state: State::Stale, reasons: vec![format!("cannot evaluate: {e:#}")], action: Action::Run });
                 for o in &s.outs {
                     predicted.insert(o.path.clone(), None);
+                    changing.push((o.path.clone(), s.name.clone()));
                 }
                 continue;
             }
@@ -117,7 +127,9 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                     }
                 }
                 if ing.key() != st.key {
-                    reasons.extend(explain(&st.ingredients, &ing, &st.param_refs, &s.param_refs, &|x| p.producer_of(x).map(|j| p.stages[j].name.clone())));
+                    reasons.extend(explain(&st.ingredients, &ing, (&st.param_refs, &st.written), (&s.param_refs, &s.written), &|x| {
+                        p.producer_of(x).map(|j| p.stages[j].name.clone())
+                    }));
                 }
             } else if let Some(why) = &distrust {
                 reasons.push(why.clone());
@@ -143,6 +155,9 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
         };
         for o in &s.outs {
             predicted.insert(o.path.clone(), outputs.as_ref().and_then(|m| m.get(&o.path).cloned()));
+            if action != Action::Nothing {
+                changing.push((o.path.clone(), s.name.clone()));
+            }
         }
         out.push(StageStatus { stage: s.name.clone(), state, reasons, action });
     }

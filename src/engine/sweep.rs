@@ -95,6 +95,19 @@ impl Engine {
         let prev = match places::load(&self.ws, &key) {
             places::Loaded::Missing => None,
             places::Loaded::Valid(p) => Some(Places { workspace: String::new(), ..p }),
+            places::Loaded::Elsewhere(other) => {
+                let file = self.ws.rel(&self.ws.places_file());
+                if !unclean {
+                    tracing::info!("{file}: written for the workspace at {other} (this one is a copy of it?): replaced by this workspace's");
+                    None
+                } else {
+                    tracing::warn!(
+                        "{file}: written for another workspace ({other}): not obeyed (nothing it names is deleted) and kept; runs there clean up after a killed run of theirs. Delete it if this workspace has no killed run to clean up after"
+                    );
+                    self.sweep_temp_files(&mine);
+                    return false;
+                }
+            }
             places::Loaded::Untrusted => {
                 if unclean {
                     self.sweep_temp_files(&mine);

@@ -85,6 +85,8 @@ pub struct Stage {
     pub typed_with: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// Pipeline params this stage references, with their values.
     pub param_refs: BTreeMap<String, Value>,
+    /// Digests of its `cmd:` and `with:` as written (for explanations only).
+    pub written: crate::workspace::state::Written,
     /// Workspace-relative inputs (or absolute paths outside the workspace).
     pub deps: Vec<String>,
     pub outs: Vec<Out>,

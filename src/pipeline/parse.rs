@@ -257,7 +257,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         for o in &s.outs {
             check_symlinks(&workspace, &o.path, &mut seen_dirs).map_err(|m| config(format!("{}: {m}", at(&s.base))))?;
             if let Some(f) = &own_file
-                && (*f == o.path || (f.starts_with(&o.path) && f.as_bytes().get(o.path.len()) == Some(&b'/')))
+                && (*f == o.path || crate::util::path_within(f, &o.path))
             {
                 return Err(config(format!("{}: output {:?} would replace this pipeline file ({f}); name another path", at(&s.base), o.path)));
             }
@@ -305,8 +305,8 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             }
             // A dep inside an output directory, or a directory holding outputs.
             for (o, &j) in &out_owner {
-                let inside = d.starts_with(o) && d.as_bytes().get(o.len()) == Some(&b'/');
-                let holds = o.starts_with(d.as_str()) && o.as_bytes().get(d.len()) == Some(&b'/');
+                let inside = crate::util::path_within(d, o);
+                let holds = crate::util::path_within(o, d);
                 if inside || holds {
                     edges.insert((j, i));
                 }
@@ -374,10 +374,17 @@ pub(super) fn expand(
     // Values in a command are shell-quoted for their place (see `shell`).
     let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd(c, params, tenant, &mut refs)).transpose()?;
     let mut with = Map::new();
+    let mut with_written = Map::new();
     for (k, v) in &def.with {
         let v = to_json(v, &format!("with.{k}")).map_err(|m| StageError::at_key(k, m))?;
         with.insert(k.clone(), interpolate_value(&v, params, tenant, &mut refs).map_err(|m| StageError::at_key(k, m))?);
+        with_written.insert(k.clone(), v);
     }
+    let written = crate::workspace::state::Written {
+        cmd: def.cmd.as_deref().map(|c| crate::workspace::ContentHash::of_bytes(c.as_bytes())),
+        with: (!with_written.is_empty())
+            .then(|| crate::workspace::ContentHash::of_bytes(crate::workspace::record::canonical_json(&Value::Object(with_written)).as_bytes())),
+    };
     if let Some(t) = tenant {
         with.entry("tenant".to_string()).or_insert_with(|| Value::String(t.to_string()));
     }
@@ -423,6 +430,7 @@ pub(super) fn expand(
         with,
         typed_with: declared.params,
         param_refs: refs,
+        written,
         deps,
         outs,
         env,

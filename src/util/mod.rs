@@ -12,6 +12,12 @@ pub mod redact;
 pub mod spawn;
 pub mod stdout;
 
+/// Is the `/`-separated path `inner` strictly below the folder `outer`
+/// (`out/a.txt` is below `out`; `out-x` and `out` itself are not)?
+pub fn path_within(inner: &str, outer: &str) -> bool {
+    inner.strip_prefix(outer).is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// `s` is exactly `n` lowercase hex digits (an id, a mark, a digest read
 /// back from disk; a blake3 content hash is `workspace::ContentHash`).
 pub fn is_lower_hex(s: &str, n: usize) -> bool {

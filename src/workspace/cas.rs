@@ -280,12 +280,12 @@ impl Cas {
     }
 
     /// Restore a file or directory output at `dest`.
-    pub fn restore(&self, hash: &ContentHash, dir: bool, dest: &Path) -> Result<()> {
+    pub fn restore(&self, hash: &ContentHash, dir: bool, exec: bool, dest: &Path) -> Result<()> {
         if !dir {
             if std::fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) {
                 std::fs::remove_dir_all(dest)?;
             }
-            return self.restore_file(hash, dest, false);
+            return self.restore_file(hash, dest, exec);
         }
         // Every entry is validated before anything is written.
         let entries = self.read_listing(hash)?;
@@ -369,7 +369,7 @@ mod tests {
         let h = memo.hash_path(&f).unwrap().unwrap();
         cas.put(&f, &h.hash, false, &memo).unwrap();
         std::fs::remove_file(&f).unwrap();
-        cas.restore(&h.hash, false, &f).unwrap();
+        cas.restore(&h.hash, false, false, &f).unwrap();
         assert_eq!(std::fs::read(&f).unwrap(), b"payload");
         // Flip a byte of the object: restore must refuse and drop it.
         let obj = cas.object_path(&h.hash);
@@ -379,7 +379,7 @@ mod tests {
         std::fs::set_permissions(&obj, perms).unwrap();
         std::fs::write(&obj, b"pazload").unwrap();
         std::fs::remove_file(&f).unwrap();
-        let err = cas.restore(&h.hash, false, &f).unwrap_err().to_string();
+        let err = cas.restore(&h.hash, false, false, &f).unwrap_err().to_string();
         assert!(err.contains("corrupted"), "{err}");
         assert!(!f.exists() && !cas.has(&h.hash));
     }
@@ -398,7 +398,7 @@ mod tests {
         assert!(cas.restorable(&h.hash, true));
         std::fs::write(d.join("a"), b"edited").unwrap();
         std::fs::write(d.join("extra"), b"x").unwrap();
-        cas.restore(&h.hash, true, &d).unwrap();
+        cas.restore(&h.hash, true, false, &d).unwrap();
         assert_eq!(memo.hash_path(&d).unwrap().unwrap().hash, h.hash);
         assert!(!d.join("extra").exists());
     }

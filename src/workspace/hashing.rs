@@ -24,11 +24,31 @@
 //! because its blake3 is recorded in an authenticated state record and the
 //! object is verified against it on every use.
 //!
+//! Inputs ([`HashMemo::hash_input`]): a file hashes as its content, a folder
+//! as its listing — unless links inside it lead out of it (to a dataset kept
+//! elsewhere, `data/train.csv -> /datasets/…`): then as blake3 of
+//! `dagrun-input-links/1\n`, the listing's hash, and for each such link (in
+//! listing order) `\n`, its path, NUL and the input hash of what it leads to
+//! (empty if nothing), followed at most 8 folders deep. An edit behind such a
+//! link reruns the stage, as an edit behind a link named as the input itself
+//! does. A link to a place inside the folder is its target text: what it
+//! leads to is listed anyway. Outputs are never followed (a link an output
+//! holds is restored as a link).
+//!
 //! The memo (`.dagrun/hashmemo.json`) maps an absolute path to
 //! (size, mtime ns, ctime ns, inode, hash). An entry is trusted only if the file
-//! was last modified clearly before it was hashed (a "racy" entry, modified in
+//! was last changed clearly before it was hashed (a "racy" entry, changed in
 //! the same clock tick as the hashing, is re-read next time, as git does with its
-//! index), so an edit that keeps the size is still seen. The memo is an
+//! index), so an edit that keeps the size is still seen. "Changed" is the
+//! ctime, which the kernel sets on every write and which no user tool sets back
+//! (an mtime may be put in the future by `touch -d`: that file would be re-read
+//! on every run). "Clearly before" is 50 ms, or the file system's timestamp
+//! granularity if coarser, read from the ctime itself: whole seconds (ext3,
+//! ext4 with 128-byte inodes, many NFS/SMB servers; FAT's 2 s) show as zero
+//! nanoseconds, and a granularity of 10^k ns as k trailing zeros (a fine
+//! timestamp ends in k zeros once in 10^k: such a file is merely re-read once
+//! more). Without it, a same-size edit in the second the file was hashed in
+//! left size, mtime and ctime unchanged, and was never seen. The memo is an
 //! authenticated record (`workspace::record`): a memo edited outside dagrun is
 //! ignored (every file is hashed again), so it cannot make a changed input
 //! look unchanged.
@@ -54,8 +74,31 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Files modified less than this before hashing are re-read next time.
+/// Files changed less than this before hashing are re-read next time
+/// (more on a file system with coarser timestamps: [`racy_window`]).
 const RACY_NS: i128 = 50_000_000;
+
+/// How long after a file's ctime its hash can be trusted: [`RACY_NS`] past
+/// the timestamp's granularity, guessed from its trailing decimal zeros
+/// (0 ns past the second: whole seconds, or FAT's two).
+fn racy_window(ctime: i128) -> i128 {
+    let nsec = ctime.rem_euclid(1_000_000_000);
+    let granularity = if nsec == 0 {
+        2_000_000_000
+    } else {
+        let mut g = 1;
+        while nsec % (g * 10) == 0 {
+            g *= 10;
+        }
+        g
+    };
+    RACY_NS + granularity
+}
+
+/// Was a file whose ctime is `ctime` changed clearly before `hashed_at`?
+fn settled_before(ctime: i128, hashed_at: i128) -> bool {
+    hashed_at - ctime > racy_window(ctime)
+}
 
 /// A hashed path.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +106,8 @@ pub struct Hashed {
     pub hash: ContentHash,
     pub size: u64,
     pub dir: bool,
+    /// A file with an execute bit (a folder's files carry theirs in its listing).
+    pub exec: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +119,25 @@ struct MemoEntry {
     hash: ContentHash,
     hashed_at: i128,
 }
+
+/// Whether hashing may read a file's bytes (see [`HashMemo::hash_unread`]).
+#[derive(Clone, Copy)]
+enum Reading {
+    Allowed,
+    MemoOnly,
+}
+
+/// A file changed since it was hashed, or was never hashed ([`HashMemo::hash_unread`]).
+#[derive(Debug)]
+struct Unhashed;
+
+impl std::fmt::Display for Unhashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("changed since it was hashed")
+    }
+}
+
+impl std::error::Error for Unhashed {}
 
 /// The memo file's shape (plus its `mac`).
 #[derive(Serialize, Deserialize)]
@@ -104,8 +168,9 @@ fn stamp(m: &std::fs::Metadata) -> (i128, i128, u64) {
     (m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128, m.ino())
 }
 
+/// Does the file have an execute bit (for anyone)?
 #[cfg(unix)]
-fn is_exec(m: &std::fs::Metadata) -> bool {
+pub fn is_exec(m: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::PermissionsExt;
     m.permissions().mode() & 0o111 != 0
 }
@@ -154,6 +219,11 @@ pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
     }
     Ok(ContentHash::from(h.finalize()))
 }
+
+/// First line of the hash of a folder input with links leading out of it.
+const INPUT_LINKS_FORMAT: &str = "dagrun-input-links/1";
+/// Folders followed through links out of a folder input, at most.
+const MAX_LINK_DEPTH: u32 = 8;
 
 /// Format string of a tree listing.
 pub const TREE_FORMAT: &str = "dagrun-tree/3";
@@ -336,7 +406,7 @@ impl HashMemo {
         let (mtime, ctime, ino) = stamp(meta);
         let entries = self.entries.lock().unwrap();
         let e = entries.get(path.to_string_lossy().as_ref())?;
-        (e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino && e.hashed_at - mtime.max(ctime) > RACY_NS).then(|| e.hash.clone())
+        (e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino && settled_before(ctime, e.hashed_at)).then(|| e.hash.clone())
     }
 
     /// Record a hash computed elsewhere (e.g. while copying the file into the
@@ -355,18 +425,14 @@ impl HashMemo {
     pub fn settle(&self, path: &Path) {
         let key = path.to_string_lossy();
         let mut entries = self.entries.lock().unwrap();
-        let under: Vec<String> = entries
-            .keys()
-            .filter(|k| k.as_str() == key.as_ref() || (k.starts_with(key.as_ref()) && k.as_bytes().get(key.len()) == Some(&b'/')))
-            .cloned()
-            .collect();
+        let under: Vec<String> = entries.keys().filter(|k| k.as_str() == key.as_ref() || crate::util::path_within(k, &key)).cloned().collect();
         for k in under {
             let now = std::fs::symlink_metadata(&k).ok().filter(|m| m.is_file()).map(|m| (m.len(), stamp(&m)));
             let e = entries.get_mut(&k).expect("key listed above");
             match now {
                 Some((size, (mtime, ctime, ino))) if size == e.size && mtime == e.mtime && ino == e.ino => {
                     e.ctime = ctime;
-                    e.hashed_at = e.hashed_at.max(mtime.max(ctime) + RACY_NS + 1);
+                    e.hashed_at = e.hashed_at.max(ctime + racy_window(ctime) + 1);
                 }
                 _ => {
                     entries.remove(&k);
@@ -380,7 +446,7 @@ impl HashMemo {
     pub fn forget(&self, path: &Path) {
         let key = path.to_string_lossy();
         let mut e = self.entries.lock().unwrap();
-        e.retain(|k, _| !(k == key.as_ref() || (k.starts_with(key.as_ref()) && k.as_bytes().get(key.len()) == Some(&b'/'))));
+        e.retain(|k, _| !(k == key.as_ref() || crate::util::path_within(k, &key)));
         self.dirty.store(true, Ordering::Release);
     }
 
@@ -398,21 +464,111 @@ impl HashMemo {
             let entries = self.tree(path)?;
             let size = entries.len() as u64;
             let bytes = encode_tree(&entries);
-            Ok(Some(Hashed { hash: ContentHash::of_bytes(&bytes), size, dir: true }))
+            Ok(Some(Hashed { hash: ContentHash::of_bytes(&bytes), size, dir: true, exec: false }))
         } else {
-            Ok(Some(Hashed { hash: self.hash_file(path, &meta)?, size: meta.len(), dir: false }))
+            Ok(Some(Hashed { hash: self.file_hash(path, &meta, Reading::Allowed)?, size: meta.len(), dir: false, exec: is_exec(&meta) }))
+        }
+    }
+
+    /// The hash of an input (a stage's dep): a file's content; a folder's
+    /// listing, or, when links inside it lead out of it, the listing and what
+    /// each of those links leads to (see the module doc, "Inputs").
+    pub fn hash_input(&self, path: &Path) -> Result<Option<ContentHash>> {
+        self.input_hash(path, Reading::Allowed, 0)
+    }
+
+    /// [`Self::hash_input`] as it was when last hashed, if nothing in it
+    /// changed since, from the memo alone (no data read): None if it is gone,
+    /// or if a file (one below it, for a folder) has another size, mtime,
+    /// ctime or inode than when it was hashed, or is not in the memo. A file
+    /// written *while* it was hashed shows a later ctime, so a stage's inputs
+    /// checked this way after it ran were what their hashes say (see
+    /// `engine::execute`, "inputs changed while it ran").
+    pub fn hash_unread(&self, path: &Path) -> Result<Option<ContentHash>> {
+        match self.input_hash(path, Reading::MemoOnly, 0) {
+            Err(e) if e.is::<Unhashed>() => Ok(None),
+            other => other,
+        }
+    }
+
+    fn input_hash(&self, path: &Path, read: Reading, depth: u32) -> Result<Option<ContentHash>> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        if meta.is_file() {
+            return self.file_hash(path, &meta, read).map(Some);
+        }
+        if !meta.is_dir() {
+            return Err(not_a_file(path, &meta));
+        }
+        let mut entries = Vec::new();
+        self.walk(path, "", &mut entries, read)?;
+        entries.sort_by(|a, b| tree_path(a).cmp(tree_path(b)));
+        let listing = ContentHash::of_bytes(&encode_tree(&entries));
+        // Links that lead out of the folder (resolved; a dangling one is its
+        // target text, in the listing).
+        let mut leaving = Vec::new();
+        if entries.iter().any(|e| matches!(e, TreeEntry::Link { .. })) {
+            let root = path.canonicalize().with_context(|| format!("cannot resolve {}", path.display()))?;
+            for e in &entries {
+                if let TreeEntry::Link { path: rel, .. } = e
+                    && path.join(rel).canonicalize().is_ok_and(|t| !t.starts_with(&root))
+                {
+                    leaving.push(rel.as_str());
+                }
+            }
+        }
+        if leaving.is_empty() {
+            return Ok(Some(listing));
+        }
+        if depth >= MAX_LINK_DEPTH {
+            bail!(
+                "{}: links lead from folder to folder more than {MAX_LINK_DEPTH} deep (a cycle of links?); make the input a folder without links out of it",
+                path.display()
+            );
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(INPUT_LINKS_FORMAT.as_bytes());
+        h.update(b"\n");
+        h.update(listing.to_string().as_bytes());
+        for rel in leaving {
+            let behind = self.input_hash(&path.join(rel), read, depth + 1)?;
+            h.update(b"\n");
+            h.update(rel.as_bytes());
+            h.update(b"\0");
+            h.update(behind.map(|b| b.to_string()).unwrap_or_default().as_bytes());
+        }
+        Ok(Some(ContentHash::from(h.finalize())))
+    }
+
+    /// A file's hash: from the memo when trusted, else read (`Reading::Allowed`);
+    /// with `Reading::MemoOnly`, the memo's entry if it matches the file exactly, else
+    /// the error [`Unhashed`].
+    fn file_hash(&self, path: &Path, meta: &std::fs::Metadata, read: Reading) -> Result<ContentHash> {
+        match read {
+            Reading::Allowed => self.hash_file(path, meta),
+            Reading::MemoOnly => {
+                let (mtime, ctime, ino) = stamp(meta);
+                let entries = self.entries.lock().unwrap();
+                match entries.get(path.to_string_lossy().as_ref()) {
+                    Some(e) if e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino => Ok(e.hash.clone()),
+                    _ => Err(Unhashed.into()),
+                }
+            }
         }
     }
 
     /// The sorted tree listing of a directory.
     pub fn tree(&self, dir: &Path) -> Result<Vec<TreeEntry>> {
         let mut out = Vec::new();
-        self.walk(dir, "", &mut out)?;
+        self.walk(dir, "", &mut out, Reading::Allowed)?;
         out.sort_by(|a, b| tree_path(a).cmp(tree_path(b)));
         Ok(out)
     }
 
-    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<TreeEntry>) -> Result<()> {
+    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<TreeEntry>, read: Reading) -> Result<()> {
         let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
         for ent in rd {
             let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
@@ -433,13 +589,13 @@ impl HashMemo {
                 let target = std::fs::read_link(&p)?.to_string_lossy().into_owned();
                 out.push(TreeEntry::Link { path: rel, target });
             } else if ft.is_dir() {
-                self.walk(&p, &rel, out)?;
+                self.walk(&p, &rel, out, read)?;
             } else {
                 let meta = ent.metadata()?;
                 if !meta.is_file() {
                     return Err(not_a_file(&p, &meta));
                 }
-                out.push(TreeEntry::File { hash: self.hash_file(&p, &meta)?, size: Some(meta.len()), exec: is_exec(&meta), path: rel });
+                out.push(TreeEntry::File { hash: self.file_hash(&p, &meta, read)?, size: Some(meta.len()), exec: is_exec(&meta), path: rel });
             }
         }
         Ok(())
@@ -577,5 +733,93 @@ mod tests {
         assert!(decode_tree(entry("4", r#","size":1"#).as_bytes()).unwrap_err().contains("unknown listing format"));
         assert!(decode_tree(b"dagrun-tree/1\nF 0 abc /etc/x\n").is_err());
         assert!(decode_tree(&encode_tree(&[l("a", "../../etc"), f("b/c")])).is_ok());
+    }
+
+    /// Review 36 #3 and #11: the racy window is the timestamp's granularity
+    /// (whole seconds on ext3, small ext4 inodes, many network file systems)
+    /// past 50 ms, and it starts at the ctime (an mtime `touch -d` put in the
+    /// future no longer makes a file be read on every run).
+    #[test]
+    fn racy_window_follows_the_timestamp_granularity() {
+        const S: i128 = 1_000_000_000;
+        assert_eq!(racy_window(5 * S), RACY_NS + 2 * S);
+        assert_eq!(racy_window(5 * S + 123_000_000), RACY_NS + 1_000_000);
+        assert_eq!(racy_window(5 * S + 123_456_789), RACY_NS + 1);
+        // Hashed 0.5 s after a whole-second ctime: a same-size edit later in
+        // that second keeps size, mtime and ctime: not trusted.
+        assert!(!settled_before(5 * S, 5 * S + S / 2));
+        assert!(settled_before(5 * S, 7 * S + RACY_NS + 1));
+        assert!(settled_before(5 * S + 123_456_789, 5 * S + 123_456_789 + RACY_NS + 2));
+    }
+
+    #[test]
+    fn a_file_whose_mtime_is_in_the_future_is_trusted_once_its_ctime_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"hello").unwrap();
+        let file = std::fs::File::options().write(true).open(&f).unwrap();
+        file.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(86_400)).unwrap();
+        drop(file);
+        let meta = std::fs::metadata(&f).unwrap();
+        let window = racy_window(stamp(&meta).1);
+        std::thread::sleep(std::time::Duration::from_nanos(window as u64 + 1_000_000));
+        let memo = HashMemo::in_memory();
+        memo.hash_path(&f).unwrap().unwrap();
+        assert_eq!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()), Some(ContentHash::of_bytes(b"hello")));
+    }
+
+    /// Review 36 #1: what a stage's inputs were hashed as, checked after it
+    /// ran from the memo alone: an edit (even of the same size, in the same
+    /// tick) is seen, nothing is read.
+    #[test]
+    fn hash_unread_sees_any_change_since_hashing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/x"), b"one").unwrap();
+        std::fs::write(dir.path().join("f"), b"one").unwrap();
+        let memo = HashMemo::in_memory();
+        for p in [d.clone(), dir.path().join("f")] {
+            let h = memo.hash_input(&p).unwrap().unwrap();
+            assert_eq!(memo.hash_unread(&p).unwrap(), Some(h));
+        }
+        std::fs::write(d.join("sub/x"), b"two").unwrap();
+        std::fs::write(dir.path().join("f"), b"two").unwrap();
+        assert_eq!(memo.hash_unread(&d).unwrap(), None);
+        assert_eq!(memo.hash_unread(&dir.path().join("f")).unwrap(), None);
+        assert_eq!(memo.hash_unread(&dir.path().join("gone")).unwrap(), None);
+        // A file added to a folder: a listing the memo cannot vouch for.
+        let h = memo.hash_input(&d).unwrap().unwrap();
+        std::fs::write(d.join("new"), b"").unwrap();
+        assert_ne!(memo.hash_unread(&d).unwrap(), Some(h));
+    }
+
+    /// Review 36 #4: links that lead out of a folder input are followed (at
+    /// most 8 folders deep); links inside it, and a folder without links, hash
+    /// as the listing (no key changes for them).
+    #[test]
+    fn a_folder_inputs_links_out_of_it_are_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, shared) = (dir.path().join("d"), dir.path().join("shared"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::write(d.join("local"), b"l").unwrap();
+        std::os::unix::fs::symlink("local", d.join("inner")).unwrap();
+        let memo = HashMemo::in_memory();
+        let listing = |memo: &HashMemo| memo.hash_path(&d).unwrap().unwrap().hash;
+        assert_eq!(memo.hash_input(&d).unwrap().unwrap(), listing(&memo));
+        std::fs::write(shared.join("t.csv"), b"v1").unwrap();
+        std::os::unix::fs::symlink("../shared/t.csv", d.join("train.csv")).unwrap();
+        let v1 = memo.hash_input(&d).unwrap().unwrap();
+        assert_ne!(v1, listing(&memo));
+        std::fs::write(shared.join("t.csv"), b"v2").unwrap();
+        let v2 = memo.hash_input(&d).unwrap().unwrap();
+        assert_ne!(v1, v2);
+        assert_eq!(memo.hash_unread(&d).unwrap(), Some(v2));
+        // A cycle of links between two folders is an error, not a hang.
+        std::os::unix::fs::symlink("../d", shared.join("back")).unwrap();
+        std::os::unix::fs::symlink("../shared", d.join("out")).unwrap();
+        let e = memo.hash_input(&d).unwrap_err().to_string();
+        assert!(e.contains("a cycle of links"), "{e}");
     }
 }

@@ -101,6 +101,12 @@ pub enum Loaded {
     /// neither obeyed nor replaced, and the workspace stays marked unclean,
     /// so the run with the right key still cleans up after the killed one.
     Untrusted,
+    /// Sealed under this workspace's key for another workspace folder (this
+    /// one is a copy of it, or shares its keys): never obeyed. A run that
+    /// finds the lock clean replaces it with its own places (a copy of an
+    /// idle workspace would warn on every run otherwise); one that finds it
+    /// unclean treats it as [`Loaded::Untrusted`] (reported, kept).
+    Elsewhere(String),
 }
 
 /// Read the record back (see [`Loaded`]).
@@ -117,15 +123,11 @@ pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
     let root = ws.root().to_string_lossy();
     let places = record::open::<Places>(Some(key), record::PLACES, &bytes, &ws.rel(&file))
         .map_err(|e| e.to_string())
-        .and_then(|p| p.valid().map(|()| p).map_err(|why| format!("{}: {why}", ws.rel(&file))))
-        .and_then(|p| {
-            // Sealed for this workspace, not copied from another sharing its keys.
-            (p.workspace == root || super::same_folder(std::path::Path::new(&p.workspace), ws.root()))
-                .then_some(p)
-                .ok_or_else(|| format!("{}: written for another workspace", ws.rel(&file)))
-        });
+        .and_then(|p| p.valid().map(|()| p).map_err(|why| format!("{}: {why}", ws.rel(&file))));
     match places {
-        Ok(p) => Loaded::Valid(p),
+        // Sealed for this workspace, not copied from another sharing its keys.
+        Ok(p) if p.workspace == root || super::same_folder(std::path::Path::new(&p.workspace), ws.root()) => Loaded::Valid(p),
+        Ok(p) => Loaded::Elsewhere(p.workspace),
         Err(why) => {
             tracing::warn!(
                 "{why}: not obeyed (nothing it names is deleted) and kept; runs with this workspace's master key clean up after a killed run. Delete it if it is not this workspace's"
@@ -179,7 +181,7 @@ mod tests {
         let ws2 = Workspace::at(d2.path());
         std::fs::create_dir_all(ws2.dagrun_dir()).unwrap();
         std::fs::copy(ws.places_file(), ws2.places_file()).unwrap();
-        assert_eq!(load(&ws2, &key), Loaded::Untrusted);
+        assert_eq!(load(&ws2, &key), Loaded::Elsewhere(ws.root().to_string_lossy().into_owned()));
         // This workspace spelt another way (`-C ws/`, a link to it): obeyed.
         let link = d2.path().join("link");
         std::os::unix::fs::symlink(d.path(), &link).unwrap();

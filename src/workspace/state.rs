@@ -81,6 +81,29 @@ pub struct OutputRecord {
     /// A copy is in the content-addressed store.
     #[serde(default)]
     pub cached: bool,
+    /// A file output's execute bit, restored with it and checked as part of
+    /// it (a folder's files carry theirs in its listing). None in records of
+    /// dagrun before 0.1 of 2026-12-07: not checked, restored without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<bool>,
+}
+
+/// Digests of a stage's `cmd:` and `with:` as written, before params were
+/// put in. Not in the cache key (the key sees the resolved text): they let
+/// an explanation name an edit of the command or of `with:` that came with a
+/// change of a param they use, which the resolved text cannot tell apart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Written {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<ContentHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with: Option<ContentHash>,
+}
+
+impl Written {
+    pub fn is_empty(&self) -> bool {
+        self.cmd.is_none() && self.with.is_none()
+    }
 }
 
 /// A completed execution of a stage.
@@ -92,6 +115,10 @@ pub struct StageState {
     /// Pipeline params the stage referenced, with their values then.
     #[serde(default)]
     pub param_refs: BTreeMap<String, Value>,
+    /// Its `cmd:` and `with:` as written (absent in records of dagrun before
+    /// 2026-12-07).
+    #[serde(default, skip_serializing_if = "Written::is_empty")]
+    pub written: Written,
     pub outputs: BTreeMap<String, OutputRecord>,
     pub run_id: String,
     pub finished_at: String,
@@ -236,27 +263,25 @@ impl StateStore {
         self.load_action(key).valid()
     }
 
-    /// Record `st` in the action cache: a hard link to the stage's state file
-    /// just written (same bytes, no second write), else an unsynced copy
-    /// (entries are verified on every read; a lost one only costs a recomputation).
+    /// Record `st`, a stage that just ran under its key, in the action cache:
+    /// a hard link to the stage's state file just written (same bytes, no
+    /// second write). An entry already there is replaced (atomically): this
+    /// run is the latest word on what the key makes (`--force`, or a run whose
+    /// entry named outputs no longer in the cache); a kept older entry would
+    /// restore what an earlier run made, whatever this one made.
     pub fn put_action(&self, st: &StageState) -> Result<()> {
         let dest = self.action_file(&st.key);
         let state_file = self.record_path(&st.stage);
         // Called right after `put(st)` by the only thread running this stage.
-        // Linked first (the common case: a new key), checked only when an
-        // entry is already there: a valid one is kept, anything else replaced.
         match std::fs::hard_link(&state_file, &dest) {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if matches!(self.load_action(&st.key), Loaded::Valid(_)) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(_) => {
+                std::fs::create_dir_all(&self.actions_dir)?;
+                if std::fs::hard_link(&state_file, &dest).is_ok() {
                     return Ok(());
                 }
-                let _ = std::fs::remove_file(&dest);
             }
-            Err(_) => std::fs::create_dir_all(&self.actions_dir)?,
-        }
-        if std::fs::hard_link(&state_file, &dest).is_ok() {
-            return Ok(());
         }
         write_atomic_with(&dest, &self.seal(st)?, Durability::Verified)
     }

@@ -507,3 +507,118 @@ stages:
         "the cache key of a known stage changed: is that deliberate? (see engine/fingerprint.rs)"
     );
 }
+
+/// Review 36 #1 and #2: an input written while its stage runs. The stage's
+/// key was computed from the input's old bytes; its outputs may come from the
+/// new ones. Recorded, they would be restored for the old bytes for good
+/// (even after `--force`, which once kept the older action entry): the stage
+/// fails instead, recording nothing, and the next run recomputes.
+#[test]
+fn an_input_written_while_its_stage_runs_fails_the_stage_and_records_nothing() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: sleep 1; cat in.txt > out.txt\n    deps: [in.txt]\n    outs: [out.txt]\n");
+    ws.write("in.txt", "v1\n");
+    let bg = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    ws.write("in.txt", "v2\n");
+    let out = bg.wait(HANG);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("input in.txt changed while stage a ran") && out.stderr.contains("nothing of this run is recorded"), "{}", out.stderr);
+    // Put back (an undo, a checkout): the stage runs on v1, nothing restores v2.
+    ws.write("in.txt", "v1\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["a"]), "{:#}", r.rec());
+    assert_eq!(ws.read("out.txt"), "v1\n");
+}
+
+/// Review 36 #2: a stage that ran replaces the action entry of its key with
+/// what it made (`--force` of a command whose output differs run to run):
+/// switching a param away and back restores the latest run's output, not
+/// the first one's.
+#[test]
+fn a_forced_run_replaces_the_action_entry_of_its_key() {
+    let ws = Ws::new();
+    ws.pipeline("params:\n  p: 1\nstages:\n  a:\n    cmd: echo ${params.p} $(date +%s%N) > out.txt\n    outs: [out.txt]\n");
+    ws.run(&[]).ok();
+    let first = ws.read("out.txt");
+    let r = ws.run(&["--force"]).ok();
+    assert_eq!(r.ran(), set(&["a"]));
+    let forced = ws.read("out.txt");
+    assert_ne!(first, forced);
+    ws.run(&["-p", "p=2"]).ok();
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["a"]), "{:#}", r.rec());
+    assert_eq!(ws.read("out.txt"), forced);
+}
+
+/// Review 36 #5: a file output's execute bit is part of what the run made:
+/// restored with it, and a chmod outside dagrun is named and put back.
+#[test]
+fn a_restored_output_keeps_its_execute_bit() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Ws::new();
+    ws.pipeline(
+        "stages:\n  build:\n    cmd: printf '#!/bin/sh\\necho tool\\n' > tool.sh; chmod +x tool.sh\n    outs: [tool.sh]\n  use:\n    cmd: ./tool.sh > used.txt\n    deps: [tool.sh]\n    outs: [used.txt]\n",
+    );
+    ws.run(&[]).ok();
+    let mode = |ws: &Ws| std::fs::metadata(ws.path("tool.sh")).unwrap().permissions().mode() & 0o111;
+    assert_ne!(mode(&ws), 0);
+    std::fs::remove_file(ws.path("tool.sh")).unwrap();
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["build"]), "{:#}", r.rec());
+    assert_ne!(mode(&ws), 0, "restored without its execute bit");
+    std::fs::set_permissions(ws.path("tool.sh"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["build"]), "{:#}", r.rec());
+    assert!(r.stage("build")["reasons"].to_string().contains("execute bit"), "{:#}", r.rec());
+    assert_ne!(mode(&ws), 0);
+    let r = ws.run(&["--force", "use"]).ok();
+    assert_eq!(r.ran(), set(&["use"]));
+    assert_eq!(ws.read("used.txt"), "tool\n");
+}
+
+/// Review 36 #4: a folder input holding a link that leads out of it (a
+/// dataset kept elsewhere): an edit behind the link reruns the stage, as it
+/// does behind a link named as the input itself. A link inside the folder is
+/// its target text (what it leads to is listed anyway).
+#[test]
+fn an_edit_behind_a_link_out_of_a_folder_input_reruns_the_stage() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: cat data/train.csv data/same.csv > out.txt\n    deps: [data]\n    outs: [out.txt]\n");
+    ws.write("shared/train.csv", "v1\n");
+    ws.write("data/local.csv", "l\n");
+    std::os::unix::fs::symlink("../shared/train.csv", ws.path("data/train.csv")).unwrap();
+    std::os::unix::fs::symlink("local.csv", ws.path("data/same.csv")).unwrap();
+    ws.run(&[]).ok();
+    assert_eq!(ws.run(&[]).ok().with("cached"), set(&["a"]));
+    ws.write("shared/train.csv", "v2\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["a"]), "{:#}", r.rec());
+    assert_eq!(ws.read("out.txt"), "v2\nl\n");
+    ws.write("data/local.csv", "m\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.ran(), set(&["a"]), "{:#}", r.rec());
+    assert_eq!(ws.run(&[]).ok().with("cached"), set(&["a"]));
+}
+
+/// Review 36 #6 and #7: `status` sees that a folder input changes when an
+/// upstream output inside it will, and names an edit of the command that
+/// came with a change of a param it uses.
+#[test]
+fn status_sees_outputs_inside_folder_inputs_and_command_edits_beside_a_param() {
+    let ws = Ws::new();
+    ws.pipeline(
+        "params:\n  q: a\nstages:\n  part:\n    cmd: cat in.txt > out/part.txt\n    deps: [in.txt]\n    outs: [out/part.txt]\n  all:\n    cmd: cat out/part.txt > all.txt; echo ${params.q} >> all.txt\n    deps: [out]\n    outs: [all.txt]\n",
+    );
+    ws.write("in.txt", "1\n");
+    std::fs::create_dir_all(ws.path("out")).unwrap();
+    ws.run(&[]).ok();
+    ws.write("in.txt", "2\n");
+    let o = ws.dagrun(&["status", "pipeline.yaml"]);
+    assert!(o.stdout.contains("STALE  all") && o.stdout.contains("upstream stage part will rerun"), "{}", o.stdout);
+    ws.run(&[]).ok();
+    let p = ws.read("pipeline.yaml").replace("cat out/part.txt > all.txt;", "cat out/part.txt > all.txt; date >/dev/null;");
+    ws.write("pipeline.yaml", p);
+    let o = ws.dagrun(&["status", "pipeline.yaml", "-p", "q=b"]);
+    assert!(o.stdout.contains("param q: a → b") && o.stdout.contains("command changed as well"), "{}", o.stdout);
+}
