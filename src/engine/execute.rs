@@ -252,10 +252,6 @@ impl Engine {
         results
     }
 
-    /// Record a finished member: hash and store its outputs, write its state
-    /// and action-cache entry. A member whose key was not known before it ran
-    /// (downstream in a group) gets it now, from its inputs on disk; a key the
-    /// job reports must equal the engine's.
     /// Are stage `i`'s inputs still what they were when its key was computed
     /// (checked from the hash memo, reading no data)? An error naming the
     /// first that changed if not (see the module rules).
@@ -277,6 +273,10 @@ impl Engine {
         Ok(())
     }
 
+    /// Record a finished member: hash and store its outputs, write its state
+    /// and action-cache entry. A member whose key was not known before it ran
+    /// (downstream in a group) gets it now, from its inputs on disk; a key the
+    /// job reports must equal the engine's.
     pub(super) fn record_run(&self, p: &mut Pending, done: Done) -> Result<StageRecord> {
         let i = p.i;
         let s = self.stage(i);

@@ -82,8 +82,8 @@ pub struct OutputRecord {
     #[serde(default)]
     pub cached: bool,
     /// A file output's execute bit, restored with it and checked as part of
-    /// it (a folder's files carry theirs in its listing). None in records of
-    /// dagrun before 0.1 of 2026-12-07: not checked, restored without.
+    /// it (a folder's files carry theirs in its listing). None in records
+    /// made before 2026-12-07: not checked, restored without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<bool>,
 }
