@@ -57,7 +57,7 @@ impl Engine {
     /// Hash an input on disk; a consumed sensitive input counts with its recorded hash.
     pub fn hash_input(&self, dep: &str, missing_sensitive: &mut Vec<usize>) -> Result<InputHash> {
         let abs = self.pipeline.abs(dep);
-        if let Some(h) = self.memo.hash_input(&abs)? {
+        if let Some(h) = self.memo.hash_input(&abs, &self.pipeline.workspace)? {
             return Ok(InputHash::Known(h));
         }
         if let Some(p) = self.pipeline.producer_of(dep) {

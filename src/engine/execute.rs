@@ -7,10 +7,13 @@
 //! them); a `cmd` stage starts from no outputs on every attempt; a job's
 //! result is accepted only under the key dagrun decided on; a member of a
 //! job group that cannot run is `skipped`, never silently cached; a stage
-//! whose inputs changed while it ran (their size, mtime, ctime or inode no
-//! longer those they were hashed with) fails and records nothing: its
-//! outputs may come from either version, and recorded under the key of the
-//! one it was decided on they would be restored for it for good.
+//! whose inputs changed while it ran (hashed again after it, through the
+//! memo: a file whose size, mtime, ctime and inode are those it was hashed
+//! with, clearly after its last change, is not read) is not recorded or
+//! cached, with a warning: its outputs may come from either version, and
+//! recorded under the key of the one it was decided on they would be
+//! restored for it for good. The next run decides it again (its last record,
+//! if any, still holds: its outputs are restored if its key is the same).
 
 use super::*;
 
@@ -253,24 +256,21 @@ impl Engine {
     }
 
     /// Are stage `i`'s inputs still what they were when its key was computed
-    /// (checked from the hash memo, reading no data)? An error naming the
-    /// first that changed if not (see the module rules).
-    fn check_inputs_unchanged(&self, i: usize, ev: &Evaluation) -> Result<()> {
-        let s = self.stage(i);
+    /// (see the module rules)? Why not, if not: the first that changed.
+    fn input_changed_while_running(&self, ev: &Evaluation) -> Result<Option<String>> {
         for (dep, before) in &ev.ingredients.inputs {
             // Unknown (not hashed), or a deleted sensitive input counted with its recorded hash.
             if before.is_empty() || self.pipeline.producer_of(dep).is_some_and(|p| ev.missing_sensitive.contains(&p)) {
                 continue;
             }
-            let now = self.memo.hash_unread(&self.pipeline.abs(dep))?;
+            let now = self.memo.hash_input(&self.pipeline.abs(dep), &self.pipeline.workspace)?;
             if now.map(|h| h.to_string()).as_deref() != Some(before.as_str()) {
-                bail!(
-                    "input {dep} changed while stage {} ran (it was hashed before the stage started, so its outputs may come from either version): nothing of this run is recorded or cached; run again once nothing writes {dep}",
-                    s.name
-                );
+                return Ok(Some(format!(
+                    "not recorded or cached: input {dep} changed while the stage ran (it was hashed before it started, so its outputs may come from either version); the next run decides the stage again"
+                )));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Record a finished member: hash and store its outputs, write its state
@@ -304,13 +304,11 @@ impl Engine {
                 ev.key.short()
             );
         }
-        if hashed_before {
-            self.check_inputs_unchanged(i, &ev)?;
-        }
+        let input_changed = if hashed_before { self.input_changed_while_running(&ev)? } else { None };
         let prev = ev.prev.as_ref();
         let outs: Vec<PathBuf> = s.outs.iter().map(|o| self.pipeline.abs(&o.path)).collect();
         let mut rec = std::mem::replace(&mut p.rec, StageRecord::new(&s.name, Status::Ran));
-        let reasons = std::mem::take(&mut p.reasons);
+        let mut reasons = std::mem::take(&mut p.reasons);
         // Hash and store outputs.
         let mut outputs = BTreeMap::new();
         for (o, abs) in s.outs.iter().zip(&outs) {
@@ -362,12 +360,21 @@ impl Engine {
             seconds: done.seconds,
             facts: done.report.facts.clone(),
         };
-        self.states.put(&st)?;
-        // The end-of-run fsync batch will flush these; the disk can start now.
-        crate::util::atomic::start_writeback(self.pipeline.workspace.clone(), s.outs.iter().filter(|o| !o.sensitive).map(|o| PathBuf::from(&o.path)).collect());
-        self.wrote(outs.iter().cloned().chain([self.states.record_path(&st.stage)]));
-        if st.outputs.values().all(|o| o.cached || o.sensitive) {
-            self.states.put_action(&st)?;
+        if let Some(why) = input_changed {
+            tracing::warn!("stage {}: {why}", s.name);
+            reasons.push(why);
+            self.wrote(outs.iter().cloned());
+        } else {
+            self.states.put(&st)?;
+            // The end-of-run fsync batch will flush these; the disk can start now.
+            crate::util::atomic::start_writeback(
+                self.pipeline.workspace.clone(),
+                s.outs.iter().filter(|o| !o.sensitive).map(|o| PathBuf::from(&o.path)).collect(),
+            );
+            self.wrote(outs.iter().cloned().chain([self.states.record_path(&st.stage)]));
+            if st.outputs.values().all(|o| o.cached || o.sensitive) {
+                self.states.put_action(&st)?;
+            }
         }
         rec.status = Status::Ran;
         rec.key = Some(st.key.to_string());

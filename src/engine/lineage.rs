@@ -91,7 +91,11 @@ pub fn trace(workspace: &Path, states: &StateStore, path: &str) -> Option<Lineag
 fn current_hash(workspace: &Path, path: &str, as_input: bool) -> Option<String> {
     let memo = super::hashing::HashMemo::in_memory();
     let abs = workspace.join(path);
-    if as_input { memo.hash_input(&abs).ok().flatten().map(|h| h.to_string()) } else { memo.hash_path(&abs).ok().flatten().map(|h| h.hash.to_string()) }
+    if as_input {
+        memo.hash_input(&abs, workspace).ok().flatten().map(|h| h.to_string())
+    } else {
+        memo.hash_path(&abs).ok().flatten().map(|h| h.hash.to_string())
+    }
 }
 
 fn node(workspace: &Path, by_out: &HashMap<&str, &StageState>, path: &str, recorded: Option<&str>, seen: &mut HashSet<String>) -> LineageNode {

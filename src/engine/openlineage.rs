@@ -557,7 +557,7 @@ impl RunObserver for OpenLineage {
                 let h = match known.get(d) {
                     Some(h) => Some(h.clone()),
                     None => {
-                        let h = engine.memo.hash_input(&engine.pipeline.abs(d)).ok().flatten().map(|h| h.to_string());
+                        let h = engine.memo.hash_input(&engine.pipeline.abs(d), &engine.pipeline.workspace).ok().flatten().map(|h| h.to_string());
                         if let Some(h) = &h {
                             known.insert(d.clone(), h.clone());
                         }

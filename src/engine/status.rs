@@ -57,7 +57,9 @@ pub struct StageStatus {
 /// Evaluate the selected stages.
 pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageStatus>> {
     let p = &engine.pipeline;
-    // Output path -> predicted hash after a run (None: unknown until it runs).
+    // Output path -> predicted hash after a run (None: unknown until it runs),
+    // for the outputs a run would rewrite; the others are read from disk, as
+    // the run reads them (`hashing`, "Inputs").
     let mut predicted: HashMap<String, Option<ContentHash>> = HashMap::new();
     // Outputs a run would rewrite (run or restore), with their stage: a dep
     // inside one, or a folder dep holding one, changes with it.
@@ -142,10 +144,7 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
         } else {
             let ev = engine.evaluate_with(i, ing)?;
             match ev.decision {
-                Decision::Fresh => {
-                    let outs = prev.as_ref().map(|st| st.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect());
-                    (State::Fresh, vec![], Action::Nothing, outs)
-                }
+                Decision::Fresh => (State::Fresh, vec![], Action::Nothing, None),
                 Decision::Restore { reasons, from, .. } => {
                     let outs = Some(from.outputs.iter().map(|(k, v)| (k.clone(), v.hash.clone())).collect());
                     (State::Stale, reasons, Action::Restore, outs)
@@ -153,9 +152,9 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                 Decision::Run { reasons } => (State::Stale, reasons, Action::Run, None),
             }
         };
-        for o in &s.outs {
-            predicted.insert(o.path.clone(), outputs.as_ref().and_then(|m| m.get(&o.path).cloned()));
-            if action != Action::Nothing {
+        if action != Action::Nothing {
+            for o in &s.outs {
+                predicted.insert(o.path.clone(), outputs.as_ref().and_then(|m| m.get(&o.path).cloned()));
                 changing.push((o.path.clone(), s.name.clone()));
             }
         }

@@ -25,15 +25,19 @@
 //! object is verified against it on every use.
 //!
 //! Inputs ([`HashMemo::hash_input`]): a file hashes as its content, a folder
-//! as its listing — unless links inside it lead out of it (to a dataset kept
-//! elsewhere, `data/train.csv -> /datasets/…`): then as blake3 of
+//! as its listing — unless links inside it lead out of the workspace to a
+//! regular file or a folder (a dataset kept elsewhere,
+//! `data/train.csv -> /datasets/…`): then as blake3 of
 //! `dagrun-input-links/1\n`, the listing's hash, and for each such link (in
 //! listing order) `\n`, its path, NUL and the input hash of what it leads to
-//! (empty if nothing), followed at most 8 folders deep. An edit behind such a
-//! link reruns the stage, as an edit behind a link named as the input itself
-//! does. A link to a place inside the folder is its target text: what it
-//! leads to is listed anyway. Outputs are never followed (a link an output
-//! holds is restored as a link).
+//! (each place hashed once per input; a link back to a folder being hashed
+//! is a cycle, left out). An edit behind such a link reruns the stage, as an
+//! edit behind a link named as the input itself does. Any other link is its
+//! target text: one to a place in the workspace (what is there is another
+//! stage's business: declare it as an input to depend on it), to a folder
+//! holding the workspace (`/`, the home folder), to a device or a FIFO, or a
+//! dangling one. Outputs are never followed (a link an output holds is
+//! restored as a link).
 //!
 //! The memo (`.dagrun/hashmemo.json`) maps an absolute path to
 //! (size, mtime ns, ctime ns, inode, hash). An entry is trusted only if the file
@@ -120,25 +124,6 @@ struct MemoEntry {
     hashed_at: i128,
 }
 
-/// Whether hashing may read a file's bytes (see [`HashMemo::hash_unread`]).
-#[derive(Clone, Copy)]
-enum Reading {
-    Allowed,
-    MemoOnly,
-}
-
-/// A file changed since it was hashed, or was never hashed ([`HashMemo::hash_unread`]).
-#[derive(Debug)]
-struct Unhashed;
-
-impl std::fmt::Display for Unhashed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("changed since it was hashed")
-    }
-}
-
-impl std::error::Error for Unhashed {}
-
 /// The memo file's shape (plus its `mac`).
 #[derive(Serialize, Deserialize)]
 struct MemoFile {
@@ -222,8 +207,6 @@ pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
 
 /// First line of the hash of a folder input with links leading out of it.
 const INPUT_LINKS_FORMAT: &str = "dagrun-input-links/1";
-/// Folders followed through links out of a folder input, at most.
-const MAX_LINK_DEPTH: u32 = 8;
 
 /// Format string of a tree listing.
 pub const TREE_FORMAT: &str = "dagrun-tree/3";
@@ -466,109 +449,89 @@ impl HashMemo {
             let bytes = encode_tree(&entries);
             Ok(Some(Hashed { hash: ContentHash::of_bytes(&bytes), size, dir: true, exec: false }))
         } else {
-            Ok(Some(Hashed { hash: self.file_hash(path, &meta, Reading::Allowed)?, size: meta.len(), dir: false, exec: is_exec(&meta) }))
+            Ok(Some(Hashed { hash: self.hash_file(path, &meta)?, size: meta.len(), dir: false, exec: is_exec(&meta) }))
         }
     }
 
-    /// The hash of an input (a stage's dep): a file's content; a folder's
-    /// listing, or, when links inside it lead out of it, the listing and what
-    /// each of those links leads to (see the module doc, "Inputs").
-    pub fn hash_input(&self, path: &Path) -> Result<Option<ContentHash>> {
-        self.input_hash(path, Reading::Allowed, 0)
+    /// The hash of an input (a stage's dep) in the workspace `workspace`: a
+    /// file's content; a folder's listing, or, when links inside it lead out
+    /// of the workspace, the listing and what each of those links leads to
+    /// (see the module doc, "Inputs").
+    pub fn hash_input(&self, path: &Path, workspace: &Path) -> Result<Option<ContentHash>> {
+        let mut followed = HashMap::new();
+        self.input_hash(path, workspace, &mut followed)
     }
 
-    /// [`Self::hash_input`] as it was when last hashed, if nothing in it
-    /// changed since, from the memo alone (no data read): None if it is gone,
-    /// or if a file (one below it, for a folder) has another size, mtime,
-    /// ctime or inode than when it was hashed, or is not in the memo. A file
-    /// written *while* it was hashed shows a later ctime, so a stage's inputs
-    /// checked this way after it ran were what their hashes say (see
-    /// `engine::execute`, "inputs changed while it ran").
-    pub fn hash_unread(&self, path: &Path) -> Result<Option<ContentHash>> {
-        match self.input_hash(path, Reading::MemoOnly, 0) {
-            Err(e) if e.is::<Unhashed>() => Ok(None),
-            other => other,
-        }
-    }
-
-    fn input_hash(&self, path: &Path, read: Reading, depth: u32) -> Result<Option<ContentHash>> {
+    /// `followed`: the folders and files reached through links so far in
+    /// this input (canonical path → hash; None while a folder is being
+    /// hashed, so a link back to it is a cycle, taken as its target text).
+    fn input_hash(&self, path: &Path, workspace: &Path, followed: &mut HashMap<PathBuf, Option<ContentHash>>) -> Result<Option<ContentHash>> {
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         if meta.is_file() {
-            return self.file_hash(path, &meta, read).map(Some);
+            return self.hash_file(path, &meta).map(Some);
         }
         if !meta.is_dir() {
             return Err(not_a_file(path, &meta));
         }
-        let mut entries = Vec::new();
-        self.walk(path, "", &mut entries, read)?;
-        entries.sort_by(|a, b| tree_path(a).cmp(tree_path(b)));
+        let entries = self.tree(path)?;
         let listing = ContentHash::of_bytes(&encode_tree(&entries));
-        // Links that lead out of the folder (resolved; a dangling one is its
-        // target text, in the listing).
+        if !entries.iter().any(|e| matches!(e, TreeEntry::Link { .. })) {
+            return Ok(Some(listing));
+        }
+        // Links to a regular file or a folder outside the workspace and not
+        // holding it; anything else is its target text (in the listing).
+        let ws = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
+        let leads_out = |t: &Path| !t.starts_with(&ws) && !ws.starts_with(t);
         let mut leaving = Vec::new();
-        if entries.iter().any(|e| matches!(e, TreeEntry::Link { .. })) {
-            let root = path.canonicalize().with_context(|| format!("cannot resolve {}", path.display()))?;
-            for e in &entries {
-                if let TreeEntry::Link { path: rel, .. } = e
-                    && path.join(rel).canonicalize().is_ok_and(|t| !t.starts_with(&root))
-                {
-                    leaving.push(rel.as_str());
-                }
+        for e in &entries {
+            if let TreeEntry::Link { path: rel, .. } = e
+                && let Ok(target) = path.join(rel).canonicalize()
+                && leads_out(&target)
+                && std::fs::metadata(&target).is_ok_and(|m| m.is_file() || m.is_dir())
+            {
+                leaving.push((rel.as_str(), target));
             }
         }
         if leaving.is_empty() {
             return Ok(Some(listing));
         }
-        if depth >= MAX_LINK_DEPTH {
-            bail!(
-                "{}: links lead from folder to folder more than {MAX_LINK_DEPTH} deep (a cycle of links?); make the input a folder without links out of it",
-                path.display()
-            );
-        }
         let mut h = blake3::Hasher::new();
         h.update(INPUT_LINKS_FORMAT.as_bytes());
         h.update(b"\n");
         h.update(listing.to_string().as_bytes());
-        for rel in leaving {
-            let behind = self.input_hash(&path.join(rel), read, depth + 1)?;
+        for (rel, target) in leaving {
+            let behind = match followed.get(&target) {
+                Some(Some(known)) => known.to_string(),
+                // A link back to a folder being hashed: a cycle.
+                Some(None) => continue,
+                None => {
+                    followed.insert(target.clone(), None);
+                    let behind = self.input_hash(&target, workspace, followed)?;
+                    followed.insert(target.clone(), behind.clone());
+                    behind.map(|b| b.to_string()).unwrap_or_default()
+                }
+            };
             h.update(b"\n");
             h.update(rel.as_bytes());
             h.update(b"\0");
-            h.update(behind.map(|b| b.to_string()).unwrap_or_default().as_bytes());
+            h.update(behind.as_bytes());
         }
         Ok(Some(ContentHash::from(h.finalize())))
-    }
-
-    /// A file's hash: from the memo when trusted, else read (`Reading::Allowed`);
-    /// with `Reading::MemoOnly`, the memo's entry if it matches the file exactly, else
-    /// the error [`Unhashed`].
-    fn file_hash(&self, path: &Path, meta: &std::fs::Metadata, read: Reading) -> Result<ContentHash> {
-        match read {
-            Reading::Allowed => self.hash_file(path, meta),
-            Reading::MemoOnly => {
-                let (mtime, ctime, ino) = stamp(meta);
-                let entries = self.entries.lock().unwrap();
-                match entries.get(path.to_string_lossy().as_ref()) {
-                    Some(e) if e.size == meta.len() && e.mtime == mtime && e.ctime == ctime && e.ino == ino => Ok(e.hash.clone()),
-                    _ => Err(Unhashed.into()),
-                }
-            }
-        }
     }
 
     /// The sorted tree listing of a directory.
     pub fn tree(&self, dir: &Path) -> Result<Vec<TreeEntry>> {
         let mut out = Vec::new();
-        self.walk(dir, "", &mut out, Reading::Allowed)?;
+        self.walk(dir, "", &mut out)?;
         out.sort_by(|a, b| tree_path(a).cmp(tree_path(b)));
         Ok(out)
     }
 
-    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<TreeEntry>, read: Reading) -> Result<()> {
+    fn walk(&self, dir: &Path, prefix: &str, out: &mut Vec<TreeEntry>) -> Result<()> {
         let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
         for ent in rd {
             let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
@@ -589,13 +552,13 @@ impl HashMemo {
                 let target = std::fs::read_link(&p)?.to_string_lossy().into_owned();
                 out.push(TreeEntry::Link { path: rel, target });
             } else if ft.is_dir() {
-                self.walk(&p, &rel, out, read)?;
+                self.walk(&p, &rel, out)?;
             } else {
                 let meta = ent.metadata()?;
                 if !meta.is_file() {
                     return Err(not_a_file(&p, &meta));
                 }
-                out.push(TreeEntry::File { hash: self.file_hash(&p, &meta, read)?, size: Some(meta.len()), exec: is_exec(&meta), path: rel });
+                out.push(TreeEntry::File { hash: self.hash_file(&p, &meta)?, size: Some(meta.len()), exec: is_exec(&meta), path: rel });
             }
         }
         Ok(())
@@ -768,58 +731,39 @@ mod tests {
         assert_eq!(memo.trusted(&f, &std::fs::metadata(&f).unwrap()), Some(ContentHash::of_bytes(b"hello")));
     }
 
-    /// Review 36 #1: what a stage's inputs were hashed as, checked after it
-    /// ran from the memo alone: an edit (even of the same size, in the same
-    /// tick) is seen, nothing is read.
+    /// Review 36 #4 and review 37: links that lead out of the workspace
+    /// from a folder input are followed (each place once; a cycle is left
+    /// out); links inside the workspace, to a folder holding it, to a device,
+    /// and a folder without links, hash as the listing (no key changes).
     #[test]
-    fn hash_unread_sees_any_change_since_hashing() {
+    fn a_folder_inputs_links_out_of_the_workspace_are_followed() {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().join("d");
-        std::fs::create_dir_all(d.join("sub")).unwrap();
-        std::fs::write(d.join("sub/x"), b"one").unwrap();
-        std::fs::write(dir.path().join("f"), b"one").unwrap();
-        let memo = HashMemo::in_memory();
-        for p in [d.clone(), dir.path().join("f")] {
-            let h = memo.hash_input(&p).unwrap().unwrap();
-            assert_eq!(memo.hash_unread(&p).unwrap(), Some(h));
-        }
-        std::fs::write(d.join("sub/x"), b"two").unwrap();
-        std::fs::write(dir.path().join("f"), b"two").unwrap();
-        assert_eq!(memo.hash_unread(&d).unwrap(), None);
-        assert_eq!(memo.hash_unread(&dir.path().join("f")).unwrap(), None);
-        assert_eq!(memo.hash_unread(&dir.path().join("gone")).unwrap(), None);
-        // A file added to a folder: a listing the memo cannot vouch for.
-        let h = memo.hash_input(&d).unwrap().unwrap();
-        std::fs::write(d.join("new"), b"").unwrap();
-        assert_ne!(memo.hash_unread(&d).unwrap(), Some(h));
-    }
-
-    /// Review 36 #4: links that lead out of a folder input are followed (at
-    /// most 8 folders deep); links inside it, and a folder without links, hash
-    /// as the listing (no key changes for them).
-    #[test]
-    fn a_folder_inputs_links_out_of_it_are_followed() {
-        let dir = tempfile::tempdir().unwrap();
-        let (d, shared) = (dir.path().join("d"), dir.path().join("shared"));
+        let ws = dir.path().join("ws");
+        let (d, shared) = (ws.join("d"), dir.path().join("shared"));
         std::fs::create_dir_all(&d).unwrap();
         std::fs::create_dir_all(&shared).unwrap();
         std::fs::write(d.join("local"), b"l").unwrap();
-        std::os::unix::fs::symlink("local", d.join("inner")).unwrap();
+        std::fs::write(ws.join("other"), b"o").unwrap();
+        for (link, to) in [("inner", "local"), ("sibling", "../other"), ("up", ".."), ("root", "/"), ("null", "/dev/null"), ("dangling", "../../nowhere")] {
+            std::os::unix::fs::symlink(to, d.join(link)).unwrap();
+        }
         let memo = HashMemo::in_memory();
         let listing = |memo: &HashMemo| memo.hash_path(&d).unwrap().unwrap().hash;
-        assert_eq!(memo.hash_input(&d).unwrap().unwrap(), listing(&memo));
+        assert_eq!(memo.hash_input(&d, &ws).unwrap().unwrap(), listing(&memo));
         std::fs::write(shared.join("t.csv"), b"v1").unwrap();
-        std::os::unix::fs::symlink("../shared/t.csv", d.join("train.csv")).unwrap();
-        let v1 = memo.hash_input(&d).unwrap().unwrap();
+        std::os::unix::fs::symlink("../../shared/t.csv", d.join("train.csv")).unwrap();
+        let v1 = memo.hash_input(&d, &ws).unwrap().unwrap();
         assert_ne!(v1, listing(&memo));
         std::fs::write(shared.join("t.csv"), b"v2").unwrap();
-        let v2 = memo.hash_input(&d).unwrap().unwrap();
+        let v2 = memo.hash_input(&d, &ws).unwrap().unwrap();
         assert_ne!(v1, v2);
-        assert_eq!(memo.hash_unread(&d).unwrap(), Some(v2));
-        // A cycle of links between two folders is an error, not a hang.
-        std::os::unix::fs::symlink("../d", shared.join("back")).unwrap();
-        std::os::unix::fs::symlink("../shared", d.join("out")).unwrap();
-        let e = memo.hash_input(&d).unwrap_err().to_string();
-        assert!(e.contains("a cycle of links"), "{e}");
+        // Editing a file in the workspace that a link leads to is not this input's change.
+        std::fs::write(ws.join("other"), b"p").unwrap();
+        assert_eq!(memo.hash_input(&d, &ws).unwrap().unwrap(), v2);
+        // A cycle of links between two folders outside: hashed, once, no error.
+        std::os::unix::fs::symlink(&d, shared.join("back")).unwrap();
+        std::os::unix::fs::symlink(&shared, d.join("out")).unwrap();
+        let c = memo.hash_input(&d, &ws).unwrap().unwrap();
+        assert_eq!(memo.hash_input(&d, &ws).unwrap().unwrap(), c);
     }
 }
