@@ -303,8 +303,9 @@ impl Engine {
         }
         tracing::info!("{}: regenerating its sensitive output for {consumer}", s.name);
         let ev = self.evaluate(p)?;
-        let pending =
-            Pending { i: p, ev: Some(ev), reasons: vec![format!("regenerate sensitive output for {consumer}")], rec: StageRecord::new(&s.name, Status::Ran) };
+        // Its own sensitive inputs, gone too, are regenerated first (a chain
+        // of them: review 38), and its key is computed from their real bytes.
+        let pending = self.with_inputs(p, ev, vec![format!("regenerate sensitive output for {consumer}")], StageRecord::new(&s.name, Status::Ran))?;
         self.run_batch(vec![pending])
             .pop()
             .expect("one result per member")

@@ -68,7 +68,9 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARKER)
 }
 
-fn temp_path_for(dest: &Path) -> PathBuf {
+/// A fresh temporary path beside `dest`, named as [`is_temp_name`] knows
+/// (swept after a killed run, never listed or cached).
+pub fn temp_path_for(dest: &Path) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
     dest.with_file_name(format!(".{name}{TEMP_MARKER}{}.{n}", std::process::id()))

@@ -71,7 +71,7 @@ use crate::crypto::IntegrityKey;
 use crate::util::atomic::{Durability, is_temp_name, write_atomic_with};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -463,9 +463,10 @@ impl HashMemo {
     }
 
     /// `followed`: the folders and files reached through links so far in
-    /// this input (canonical path → hash; None while a folder is being
-    /// hashed, so a link back to it is a cycle, taken as its target text).
-    fn input_hash(&self, path: &Path, workspace: &Path, followed: &mut HashMap<PathBuf, Option<ContentHash>>) -> Result<Option<ContentHash>> {
+    /// this input (canonical path → its hash's text, empty if gone; None
+    /// while a folder is being hashed, so a link back to it is a cycle, left
+    /// out).
+    fn input_hash(&self, path: &Path, workspace: &Path, followed: &mut HashMap<PathBuf, Option<String>>) -> Result<Option<ContentHash>> {
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -483,17 +484,21 @@ impl HashMemo {
             return Ok(Some(listing));
         }
         // Links to a regular file or a folder outside the workspace and not
-        // holding it; anything else is its target text (in the listing).
+        // holding it, nor in /proc, /sys or /dev; anything else is its target
+        // text (in the listing). A relative target that stays in the folder
+        // through no other link is known to without a system call.
+        let links: HashSet<&str> = entries.iter().filter_map(|e| matches!(e, TreeEntry::Link { .. }).then(|| tree_path(e))).collect();
         let ws = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
-        let leads_out = |t: &Path| !t.starts_with(&ws) && !ws.starts_with(t);
+        let leads_out = |t: &Path| !t.starts_with(&ws) && !ws.starts_with(t) && !["/proc", "/sys", "/dev"].iter().any(|p| t.starts_with(p));
         let mut leaving = Vec::new();
         for e in &entries {
-            if let TreeEntry::Link { path: rel, .. } = e
-                && let Ok(target) = path.join(rel).canonicalize()
-                && leads_out(&target)
-                && std::fs::metadata(&target).is_ok_and(|m| m.is_file() || m.is_dir())
+            if let TreeEntry::Link { path: rel, target } = e
+                && !stays_inside(rel, target, &links)
+                && let Ok(canonical) = path.join(rel).canonicalize()
+                && leads_out(&canonical)
+                && std::fs::metadata(&canonical).is_ok_and(|m| m.is_file() || m.is_dir())
             {
-                leaving.push((rel.as_str(), target));
+                leaving.push((rel.as_str(), canonical));
             }
         }
         if leaving.is_empty() {
@@ -505,14 +510,25 @@ impl HashMemo {
         h.update(listing.to_string().as_bytes());
         for (rel, target) in leaving {
             let behind = match followed.get(&target) {
-                Some(Some(known)) => known.to_string(),
+                Some(Some(known)) => known.clone(),
                 // A link back to a folder being hashed: a cycle.
                 Some(None) => continue,
                 None => {
                     followed.insert(target.clone(), None);
-                    let behind = self.input_hash(&target, workspace, followed)?;
-                    followed.insert(target.clone(), behind.clone());
-                    behind.map(|b| b.to_string()).unwrap_or_default()
+                    // What cannot be hashed there (a FIFO in a shared folder, a
+                    // folder it may not read) leaves the link its target text.
+                    match self.input_hash(&target, workspace, followed) {
+                        Ok(b) => {
+                            let b = b.map(|b| b.to_string()).unwrap_or_default();
+                            followed.insert(target.clone(), Some(b.clone()));
+                            b
+                        }
+                        Err(e) => {
+                            tracing::warn!("{}: counted as the text of its link, not what it leads to: {e:#}", path.join(rel).display());
+                            followed.remove(&target);
+                            continue;
+                        }
+                    }
                 }
             };
             h.update(b"\n");
@@ -563,6 +579,32 @@ impl HashMemo {
         }
         Ok(())
     }
+}
+
+/// Does the link at `rel` in a folder's listing, whose target text is
+/// `target`, lead to a place in that folder by its text alone: relative,
+/// never above the folder, through no folder that is itself one of the
+/// listing's `links`? (Then what it leads to is in the listing already.)
+fn stays_inside(rel: &str, target: &str, links: &HashSet<&str>) -> bool {
+    if target.starts_with('/') {
+        return false;
+    }
+    let mut at: Vec<&str> = rel.split('/').collect();
+    at.pop();
+    let parts: Vec<&str> = target.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    for (k, c) in parts.iter().enumerate() {
+        if *c == ".." {
+            if at.pop().is_none() {
+                return false;
+            }
+            continue;
+        }
+        at.push(c);
+        if k + 1 < parts.len() && links.contains(at.join("/").as_str()) {
+            return false;
+        }
+    }
+    true
 }
 
 fn tree_path(e: &TreeEntry) -> &str {
@@ -765,5 +807,21 @@ mod tests {
         std::os::unix::fs::symlink(&shared, d.join("out")).unwrap();
         let c = memo.hash_input(&d, &ws).unwrap().unwrap();
         assert_eq!(memo.hash_input(&d, &ws).unwrap().unwrap(), c);
+    }
+
+    /// Review 38: a link whose text keeps it in the folder costs no system
+    /// call; one climbing out, absolute, or passing through another link is
+    /// resolved.
+    #[test]
+    fn stays_inside_reads_the_link_text() {
+        let links: HashSet<&str> = ["a/l", "b/link", "b/to-dir"].into_iter().collect();
+        assert!(stays_inside("a/l", "x", &links));
+        assert!(stays_inside("a/l", "../b/x", &links));
+        assert!(stays_inside("a/l", "./../b/./x", &links));
+        assert!(stays_inside("b/link", "to-dir", &links), "a link to a link: that one is resolved on its own");
+        assert!(!stays_inside("a/l", "../../x", &links));
+        assert!(!stays_inside("a/l", "/etc/x", &links));
+        assert!(!stays_inside("a/l", "../b/to-dir/x", &links));
+        assert!(!stays_inside("a/l", "../b/to-dir/../x", &links));
     }
 }

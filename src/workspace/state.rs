@@ -275,7 +275,16 @@ impl StateStore {
         // Called right after `put(st)` by the only thread running this stage.
         match std::fs::hard_link(&state_file, &dest) {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Linked beside it and renamed over it: no second write.
+                let tmp = crate::util::atomic::temp_path_for(&dest);
+                if std::fs::hard_link(&state_file, &tmp).is_ok() {
+                    if std::fs::rename(&tmp, &dest).is_ok() {
+                        return Ok(());
+                    }
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
             Err(_) => {
                 std::fs::create_dir_all(&self.actions_dir)?;
                 if std::fs::hard_link(&state_file, &dest).is_ok() {

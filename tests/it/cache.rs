@@ -638,3 +638,25 @@ fn status_sees_outputs_inside_folder_inputs_and_command_edits_beside_a_param() {
     let o = ws.dagrun(&["status", "pipeline.yaml", "-p", "q=b"]);
     assert!(o.stdout.contains("param q: a → b") && o.stdout.contains("command changed as well"), "{}", o.stdout);
 }
+
+/// Review 38 #1: a chain of sensitive outputs (deleted after every run).
+/// When the last consumer must rerun, each producer is regenerated with its
+/// own sensitive input regenerated first, never from a missing file recorded
+/// under the missing file's old hash.
+#[test]
+fn a_chain_of_sensitive_outputs_is_regenerated_from_its_start() {
+    let ws = Ws::new();
+    ws.pipeline(
+        "stages:\n  g1:\n    cmd: cat in.txt > s1.txt\n    deps: [in.txt]\n    outs: [{path: s1.txt, sensitive: true}]\n  g2:\n    cmd: tr a-z A-Z < s1.txt > s2.txt\n    deps: [s1.txt]\n    outs: [{path: s2.txt, sensitive: true}]\n  e:\n    cmd: cat e.cfg s2.txt > e.txt\n    deps: [s2.txt, e.cfg]\n    outs: [e.txt]\n",
+    );
+    ws.write("in.txt", "hello\n");
+    ws.write("e.cfg", "cfg1\n");
+    ws.run(&[]).ok();
+    assert!(!ws.exists("s1.txt") && !ws.exists("s2.txt"), "plaintext outlived the run");
+    ws.write("e.cfg", "cfg2\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(ws.read("e.txt"), "cfg2\nHELLO\n", "{:#}", r.rec());
+    assert_eq!(r.ran(), set(&["e"]), "{:#}", r.rec());
+    assert!(r.stage("e")["reasons"].to_string().contains("reran g2 first"), "{:#}", r.rec());
+    assert_eq!(ws.run(&[]).ok().with("cached"), set(&["g1", "g2", "e"]));
+}
