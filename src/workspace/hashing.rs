@@ -487,7 +487,7 @@ impl HashMemo {
         // holding it, nor in /proc, /sys or /dev; anything else is its target
         // text (in the listing). A relative target that stays in the folder
         // through no other link is known to without a system call.
-        let links: HashSet<&str> = entries.iter().filter_map(|e| matches!(e, TreeEntry::Link { .. }).then(|| tree_path(e))).collect();
+        let links: HashSet<&str> = entries.iter().filter(|e| matches!(e, TreeEntry::Link { .. })).map(tree_path).collect();
         let ws = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
         let leads_out = |t: &Path| !t.starts_with(&ws) && !ws.starts_with(t) && !["/proc", "/sys", "/dev"].iter().any(|p| t.starts_with(p));
         let mut leaving = Vec::new();
