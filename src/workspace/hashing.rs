@@ -35,8 +35,10 @@
 //! edit behind a link named as the input itself does. Any other link is its
 //! target text: one to a place in the workspace (what is there is another
 //! stage's business: declare it as an input to depend on it), to a folder
-//! holding the workspace (`/`, the home folder), to a device or a FIFO, or a
-//! dangling one. Outputs are never followed (a link an output holds is
+//! holding the workspace (`/`, the home folder), to a device or a FIFO, into
+//! `/proc`, `/sys` or `/dev`, or a dangling one; and one whose place cannot
+//! be hashed (a FIFO in the folder it leads to, a folder it may not read),
+//! with a warning. Outputs are never followed (a link an output holds is
 //! restored as a link).
 //!
 //! The memo (`.dagrun/hashmemo.json`) maps an absolute path to
