@@ -255,8 +255,8 @@ impl Engine {
         results
     }
 
-    /// Are stage `i`'s inputs still what they were when its key was computed
-    /// (see the module rules)? Why not, if not: the first that changed.
+    /// Are a stage's inputs still what they were when its key (`ev`) was
+    /// computed (see the module rules)? Why not, if not: the first that changed.
     fn input_changed_while_running(&self, ev: &Evaluation) -> Result<Option<String>> {
         for (dep, before) in &ev.ingredients.inputs {
             // Unknown (not hashed). A deleted sensitive input counted with its
@@ -342,7 +342,7 @@ impl Engine {
                 // dagrun wrote it and the stage is done: no re-read on the next run.
                 self.memo.settle(abs);
             }
-            let exec = (!h.dir).then(|| hashing::is_exec(&meta));
+            let exec = (!h.dir).then_some(h.exec);
             outputs
                 .insert(o.path.clone(), OutputRecord { hash: h.hash, size: h.size, dir: h.dir, sensitive: o.sensitive, cached: o.cache && !o.sensitive, exec });
         }

@@ -17,7 +17,8 @@
 //!    its workspace-relative path and the blake3 hash of its content (a directory
 //!    hashes as its tree listing, plus what links leading out of it lead to,
 //!    see `hashing`, "Inputs"). Inputs are hashed before the stage runs, never
-//!    after (and found unchanged after it ran, or it fails: `execute`);
+//!    after (hashed again after it ran: a stage whose inputs changed while it
+//!    ran is not recorded, `execute`);
 //! 6. `outs` — the declared output paths (renaming an output reruns the stage);
 //! 7. `extras` — run-time facts a kind adds, never secrets: e.g. `encrypt` adds
 //!    the id of the tenant's active data key, so rotating or destroying the key

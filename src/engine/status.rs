@@ -61,9 +61,6 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
     // for the outputs a run would rewrite; the others are read from disk, as
     // the run reads them (`hashing`, "Inputs").
     let mut predicted: HashMap<String, Option<ContentHash>> = HashMap::new();
-    // Outputs a run would rewrite (run or restore), with their stage: a dep
-    // inside one, or a folder dep holding one, changes with it.
-    let mut changing: Vec<(String, String)> = Vec::new();
     let mut out = Vec::new();
     for &i in &p.topo {
         if !selected.contains(&i) {
@@ -89,8 +86,11 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                         }
                     });
                 }
-                let nested = |o: &str| crate::util::path_within(dep, o) || crate::util::path_within(o, dep);
-                if let Some((o, producer)) = changing.iter().find(|(o, _)| nested(o)) {
+                // A dep inside an output a run would rewrite, or a folder dep
+                // holding one, changes with it (the first by path is named).
+                let nested = |o: &&String| crate::util::path_within(dep, o) || crate::util::path_within(o, dep);
+                if let Some(o) = predicted.keys().filter(nested).min() {
+                    let producer = p.producer_of(o).map(|j| p.stages[j].name.as_str()).unwrap_or_default();
                     let why = format!("upstream stage {producer} will rerun or restore (its output {o} may change {dep})");
                     unknown_from.push(why.clone());
                     return Ok(InputHash::Unknown(why));
@@ -109,7 +109,6 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                 out.push(StageStatus { stage: s.name.clone(), state: State::Stale, reasons: vec![format!("cannot evaluate: {e:#}")], action: Action::Run });
                 for o in &s.outs {
                     predicted.insert(o.path.clone(), None);
-                    changing.push((o.path.clone(), s.name.clone()));
                 }
                 continue;
             }
@@ -155,7 +154,6 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
         if action != Action::Nothing {
             for o in &s.outs {
                 predicted.insert(o.path.clone(), outputs.as_ref().and_then(|m| m.get(&o.path).cloned()));
-                changing.push((o.path.clone(), s.name.clone()));
             }
         }
         out.push(StageStatus { stage: s.name.clone(), state, reasons, action });

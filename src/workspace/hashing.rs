@@ -183,6 +183,20 @@ fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> anyhow::Error {
     )
 }
 
+/// The metadata of `path` (links followed) if it is a regular file or a
+/// folder; None if nothing is there; an error naming anything else.
+fn file_or_folder(path: &Path) -> Result<Option<std::fs::Metadata>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if !meta.is_dir() && !meta.is_file() {
+        return Err(not_a_file(path, &meta));
+    }
+    Ok(Some(meta))
+}
+
 /// blake3 of a file's bytes (memory-mapped for large files).
 pub fn hash_file_bytes(path: &Path) -> Result<ContentHash> {
     let mut h = blake3::Hasher::new();
@@ -437,14 +451,7 @@ impl HashMemo {
 
     /// Hash a file or directory; `Ok(None)` if it does not exist.
     pub fn hash_path(&self, path: &Path) -> Result<Option<Hashed>> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        if !meta.is_dir() && !meta.is_file() {
-            return Err(not_a_file(path, &meta));
-        }
+        let Some(meta) = file_or_folder(path)? else { return Ok(None) };
         if meta.is_dir() {
             let entries = self.tree(path)?;
             let size = entries.len() as u64;
@@ -469,16 +476,9 @@ impl HashMemo {
     /// while a folder is being hashed, so a link back to it is a cycle, left
     /// out).
     fn input_hash(&self, path: &Path, workspace: &Path, followed: &mut HashMap<PathBuf, Option<String>>) -> Result<Option<ContentHash>> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
+        let Some(meta) = file_or_folder(path)? else { return Ok(None) };
         if meta.is_file() {
             return self.hash_file(path, &meta).map(Some);
-        }
-        if !meta.is_dir() {
-            return Err(not_a_file(path, &meta));
         }
         let entries = self.tree(path)?;
         let listing = ContentHash::of_bytes(&encode_tree(&entries));
