@@ -60,7 +60,8 @@ pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
     crate::outln!("started {}  finished {}", escape_controls(&r.started_at), escape_controls(&r.finished_at));
     for s in &r.stages {
         let job = s.slurm_job.as_deref().map(|j| format!("  {}", escape_controls(j))).unwrap_or_default();
-        crate::outln!("  {:<9} {:<28} {:>7.2}s{job}", s.status.as_str(), s.stage, s.seconds);
+        let unrecorded = if s.recorded == Some(false) { "  not recorded" } else { "" };
+        crate::outln!("  {:<9} {:<28} {:>7.2}s{job}{unrecorded}", s.status.as_str(), s.stage, s.seconds);
         // A command's stderr (colours, cursor moves) is shown, never obeyed.
         for l in s.reasons.iter().flat_map(|r| r.lines()).chain(s.error.iter().flat_map(|e| e.lines())) {
             crate::outln!("            {}", escape_controls(l));

@@ -365,6 +365,7 @@ impl Engine {
         if let Some(why) = input_changed {
             tracing::warn!("stage {}: {why}", s.name);
             reasons.push(why);
+            rec.recorded = Some(false);
             self.wrote(outs.iter().cloned());
         } else {
             self.states.put(&st)?;

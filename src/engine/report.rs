@@ -84,7 +84,9 @@ impl Reporter {
         if rec.status == Status::Ran && rec.outputs_changed == Some(false) {
             line.push_str(" — outputs unchanged, dependents stay cached");
         }
-        if let Some(first) = rec.reasons.first()
+        // A stage left unrecorded shows that first: it is what the next run acts on.
+        let shown = if rec.recorded == Some(false) { rec.reasons.last() } else { rec.reasons.first() };
+        if let Some(first) = shown
             && matches!(rec.status, Status::Ran | Status::Restored)
         {
             line.push_str(&format!(" — {first}"));

@@ -100,6 +100,11 @@ pub struct StageRecord {
     /// (false = early cutoff: dependents stay cached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs_changed: Option<bool>,
+    /// `Some(false)` for a stage that ran but was left out of its state and
+    /// the cache (an input changed while it ran): the next run decides it
+    /// again. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
@@ -134,6 +139,7 @@ impl StageRecord {
             outputs: BTreeMap::new(),
             reasons: vec![],
             outputs_changed: None,
+            recorded: None,
             error: None,
             facts: Map::new(),
             cpu_seconds: None,

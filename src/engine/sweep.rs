@@ -108,11 +108,19 @@ impl Engine {
                     return false;
                 }
             }
-            places::Loaded::Untrusted => {
-                if unclean {
+            places::Loaded::Untrusted(why) => {
+                if !unclean {
+                    tracing::warn!(
+                        "{why}: not obeyed (nothing it names is deleted); replaced by this run's (the last run ended cleanly: nothing of it is left to clean up)"
+                    );
+                    None
+                } else {
+                    tracing::warn!(
+                        "{why}: not obeyed (nothing it names is deleted) and kept; runs with this workspace's master key clean up after a killed run. Delete it if it is not this workspace's"
+                    );
                     self.sweep_temp_files(&mine);
+                    return false;
                 }
-                return false;
             }
         };
         if unclean {

@@ -274,6 +274,9 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
         if s.outputs_changed == Some(false) {
             why.push_str("<div class=\"note\">outputs unchanged: dependents stay cached</div>");
         }
+        if s.recorded == Some(false) {
+            why.push_str("<div class=\"note\">not recorded or cached: the next run decides it again</div>");
+        }
         let _ = write!(
             h,
             "<tr><td>{}</td><td><span class=\"badge\" style=\"background:{}\">{}</span></td><td class=\"num\">{:.3}</td><td class=\"num\">{}</td><td>{}</td></tr>",

@@ -271,10 +271,16 @@ impl Cas {
             let _ = std::fs::remove_file(&obj);
             bail!("cache object {} is corrupted (its content hashes to {}); it was removed", hash.short(), got.short());
         }
+        // The execute bit where the file is readable (as `chmod +x` under the
+        // umask: 0644 → 0755, 0600 → 0700), never wider than the umask made it.
         #[cfg(unix)]
         if exec {
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(tmp.temp_path(), std::fs::Permissions::from_mode(0o755));
+            let f = tmp.writer().get_ref();
+            if let Ok(m) = f.metadata() {
+                let mode = m.permissions().mode() & 0o777;
+                let _ = f.set_permissions(std::fs::Permissions::from_mode(mode | ((mode & 0o444) >> 2)));
+            }
         }
         tmp.commit()
     }

@@ -24,8 +24,10 @@
 //!   narrows it to its own places.
 //! - A sealed record (MAC under the workspace integrity key, domain
 //!   [`record::PLACES`]): it names files dagrun deletes, so one not written by
-//!   dagrun — shipped in a repository, edited — is ignored (with a warning),
-//!   never obeyed. Entries must be plain relative paths outside `.dagrun/`;
+//!   dagrun — shipped in a repository, edited, sealed under another master
+//!   key — is never obeyed: kept (with a warning) after an unclean end, when
+//!   it may be a killed run's under the key this shell lacks; replaced (with a
+//!   warning, once) after a clean one. Entries must be plain relative paths outside `.dagrun/`;
 //!   any other entry voids the record.
 //! - A sensitive output of the record is deleted only if the current pipeline
 //!   does not declare it as a plain output or read it as an input (then it is
@@ -97,15 +99,19 @@ pub enum Loaded {
     /// No record (a new workspace, or one of an older dagrun).
     Missing,
     Valid(Places),
-    /// There, but not to be trusted or not readable (reported): it is
-    /// neither obeyed nor replaced, and the workspace stays marked unclean,
-    /// so the run with the right key still cleans up after the killed one.
-    Untrusted,
+    /// There, but not to be trusted or not readable (why). Never obeyed. A
+    /// run that finds the lock clean replaces it with its own places (the
+    /// runs before it ended, so nothing of theirs is left to clean up; kept,
+    /// a run under another key would warn on every run and record nothing
+    /// of its own); one that finds it unclean keeps it and leaves the
+    /// workspace marked unclean, so the run with the right key still cleans
+    /// up after the killed one.
+    Untrusted(String),
     /// Sealed under this workspace's key for another workspace folder (this
     /// one is a copy of it, or shares its keys): never obeyed. A run that
     /// finds the lock clean replaces it with its own places (a copy of an
     /// idle workspace would warn on every run otherwise); one that finds it
-    /// unclean treats it as [`Loaded::Untrusted`] (reported, kept).
+    /// unclean treats it as [`Loaded::Untrusted`] (kept).
     Elsewhere(String),
 }
 
@@ -115,10 +121,7 @@ pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
     let bytes = match crate::util::read_capped(&file, MAX_BYTES) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
-        Err(e) => {
-            tracing::warn!("cannot read {}: {e}; the clean-up after a killed run covers this pipeline's folders only", ws.rel(&file));
-            return Loaded::Untrusted;
-        }
+        Err(e) => return Loaded::Untrusted(format!("cannot read {}: {e}", ws.rel(&file))),
     };
     let root = ws.root().to_string_lossy();
     let places = record::open::<Places>(Some(key), record::PLACES, &bytes, &ws.rel(&file))
@@ -128,12 +131,7 @@ pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
         // Sealed for this workspace, not copied from another sharing its keys.
         Ok(p) if p.workspace == root || super::same_folder(std::path::Path::new(&p.workspace), ws.root()) => Loaded::Valid(p),
         Ok(p) => Loaded::Elsewhere(p.workspace),
-        Err(why) => {
-            tracing::warn!(
-                "{why}: not obeyed (nothing it names is deleted) and kept; runs with this workspace's master key clean up after a killed run. Delete it if it is not this workspace's"
-            );
-            Loaded::Untrusted
-        }
+        Err(why) => Loaded::Untrusted(why),
     }
 }
 
@@ -175,7 +173,7 @@ mod tests {
         let here = Places { workspace: ws.root().to_string_lossy().into_owned(), ..p.clone() };
         assert_eq!(load(&ws, &key), Loaded::Valid(here));
         // Another workspace's key (a record shipped in a repository): not obeyed.
-        assert_eq!(load(&ws, &IntegrityKey::from_bytes([8; 32])), Loaded::Untrusted);
+        assert!(matches!(load(&ws, &IntegrityKey::from_bytes([8; 32])), Loaded::Untrusted(why) if why.contains("MAC")));
         // The same key, another workspace (one sharing its keys): not obeyed.
         let d2 = tempfile::tempdir().unwrap();
         let ws2 = Workspace::at(d2.path());
@@ -193,7 +191,7 @@ mod tests {
         // Sealed, but naming a path outside the workspace or inside .dagrun: void.
         for bad in ["../x", "/etc/passwd", ".dagrun/keys/keyring.json", "a/../../b"] {
             save(&ws, &key, &places(&[], &[bad])).unwrap();
-            assert_eq!(load(&ws, &key), Loaded::Untrusted, "{bad}");
+            assert!(matches!(load(&ws, &key), Loaded::Untrusted(_)), "{bad}");
         }
     }
 

@@ -520,16 +520,23 @@ fn an_input_written_while_its_stage_runs_is_not_recorded() {
     let ws = Ws::new();
     ws.pipeline("stages:\n  a:\n    cmd: sleep 1; cat in.txt > out.txt\n    deps: [in.txt]\n    outs: [out.txt]\n");
     ws.write("in.txt", "v1\n");
-    let bg = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    let bg = spawn(ws.cmd(&["run", "pipeline.yaml", "--json"]));
     std::thread::sleep(std::time::Duration::from_millis(400));
     ws.write("in.txt", "v2\n");
     let out = bg.wait(HANG);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stderr.contains("stage a: not recorded or cached: input in.txt changed while the stage ran"), "{}", out.stderr);
+    // The run record says so beside "ran" (and `runs show` too).
+    let rec = out.json();
+    assert_eq!(rec["stages"][0]["status"], "ran");
+    assert_eq!(rec["stages"][0]["recorded"], false, "{rec:#}");
+    let show = ws.dagrun(&["runs", "show", rec["run_id"].as_str().unwrap()]);
+    assert!(show.stdout.lines().any(|l| l.contains(" a ") && l.ends_with("not recorded")), "{}", show.stdout);
     // Put back (an undo, a checkout): the stage runs on v1, nothing restores v2.
     ws.write("in.txt", "v1\n");
     let r = ws.run(&[]).ok();
     assert_eq!(r.ran(), set(&["a"]), "{:#}", r.rec());
+    assert!(r.stage("a").get("recorded").is_none(), "{:#}", r.rec());
     assert_eq!(ws.read("out.txt"), "v1\n");
     assert_eq!(ws.run(&[]).ok().with("cached"), set(&["a"]));
     // A stage that hard-links its input changes only the input's ctime.
@@ -584,6 +591,14 @@ fn a_restored_output_keeps_its_execute_bit() {
     let r = ws.run(&["--force", "use"]).ok();
     assert_eq!(r.ran(), set(&["use"]));
     assert_eq!(ws.read("used.txt"), "tool\n");
+    // Restored under a umask of 077, the bit comes back as `chmod +x` would
+    // set it (0700), not world-readable 0755.
+    std::fs::remove_file(ws.path("tool.sh")).unwrap();
+    let mut c = Command::new("sh");
+    c.args(["-c", "umask 077 && exec \"$0\" \"$@\"", BIN, "run", "pipeline.yaml"]).current_dir(ws.path("")).env_remove("RUST_LOG");
+    let r = ws.run_cmd(c).ok();
+    assert_eq!(r.with("restored"), set(&["build"]), "{:#}", r.rec());
+    assert_eq!(std::fs::metadata(ws.path("tool.sh")).unwrap().permissions().mode() & 0o777, 0o700);
 }
 
 /// Review 36 #4 (and review 37): a folder input holding a link that leads

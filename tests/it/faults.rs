@@ -683,6 +683,37 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_whatever_its_pipeline() {
     assert_eq!(ws.read("raw/p2.txt"), "the user's own file\n");
 }
 
+/// A places record sealed under another master key (a shell with another
+/// `DAGRUN_MASTER_KEY`) is never obeyed: after a killed run it is kept until a
+/// run with that key cleans up; after a clean end it is replaced once, not
+/// warned about on every run.
+#[test]
+fn a_places_record_under_another_key_is_kept_after_a_killed_run_and_replaced_after_a_clean_one() {
+    const K1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const K2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+    let ws = Ws::new();
+    ws.write("killed.yaml", KILLED);
+    ws.write("other.yaml", "stages:\n  hello:\n    cmd: echo hi > out/hello.txt\n    outs: [out/hello.txt]\n");
+    let with = |key: &str, file: &str| {
+        let mut c = ws.cmd(&["run", file]);
+        c.env_remove("DAGRUN_MASTER_KEY_FILE").env("DAGRUN_MASTER_KEY", key);
+        spawn(c).wait(HANG)
+    };
+    assert_ne!(with(K1, "killed.yaml").code, 0, "the stage kills dagrun");
+    assert!(ws.exists("raw/pii.txt"));
+    for _ in 0..2 {
+        let o = ok(with(K2, "other.yaml"));
+        assert!(o.stderr.contains("places.json fails its MAC check") && o.stderr.contains("and kept"), "{}", o.stderr);
+        assert!(ws.exists("raw/pii.txt"), "deleted on the word of a record this key cannot verify");
+    }
+    let o = ok(with(K1, "other.yaml"));
+    assert!(o.stderr.contains("deleted raw/pii.txt: a sensitive output a killed run left"), "{}", o.stderr);
+    let o = ok(with(K2, "other.yaml"));
+    assert!(o.stderr.contains("places.json fails its MAC check") && o.stderr.contains("replaced by this run's"), "{}", o.stderr);
+    let o = ok(with(K2, "other.yaml"));
+    assert!(!o.stderr.contains("places.json"), "{}", o.stderr);
+}
+
 /// Review 33: a stage command's shell dies with a SIGKILLed dagrun, but a
 /// process it started ran on and wrote plaintext after the next run (of
 /// another pipeline) had cleaned up, where no later run looked. The next run
