@@ -63,6 +63,7 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
         openlineage_url: args.openlineage_url.clone(),
         metrics_file: args.metrics_file.clone(),
         remote: args.remote.clone(),
+        json: args.json,
         executor: args.executor.map(|e| match e {
             ExecutorArg::Local => crate::pipeline::ExecutorKind::Local,
             ExecutorArg::Slurm => crate::pipeline::ExecutorKind::Slurm,

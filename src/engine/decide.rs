@@ -305,11 +305,21 @@ impl Engine {
         let ev = self.evaluate(p)?;
         // Its own sensitive inputs, gone too, are regenerated first (a chain
         // of them: review 38), and its key is computed from their real bytes.
-        let pending = self.with_inputs(p, ev, vec![format!("regenerate sensitive output for {consumer}")], StageRecord::new(&s.name, Status::Ran))?;
-        self.run_batch(vec![pending])
+        let pending = self.with_inputs(
+            p,
+            ev,
+            vec![format!("regenerated for stage {consumer}, which reruns: its sensitive output is deleted at the end of every run")],
+            StageRecord::new(&s.name, Status::Ran),
+        )?;
+        let rec = self
+            .run_batch(vec![pending])
             .pop()
             .expect("one result per member")
             .with_context(|| format!("regenerating the input of {consumer} with stage {}", s.name))?;
+        if rec.status == Status::Failed {
+            bail!("regenerating the input of {consumer} with stage {}: {}", s.name, rec.error.as_deref().unwrap_or("it failed"));
+        }
+        self.regenerated.lock().unwrap_or_else(|e| e.into_inner()).push((p, rec));
         Ok(true)
     }
 }

@@ -183,6 +183,8 @@ impl Engine {
         }
         let prepare = |from: &[Pending], first: bool| -> Result<()> { from.iter().try_for_each(|p| self.prepare_outputs(p.i, first)) };
         let mut error = prepare(&pending, true).err();
+        // Whether the failed member's work ran (its outputs are then its own).
+        let mut worked = false;
         while error.is_none() && start < pending.len() {
             let works: Vec<Box<LocalWork>> = pending[start..]
                 .iter()
@@ -209,6 +211,7 @@ impl Engine {
                 cancel: Some(&self.cancel),
             };
             let outcomes = exec.execute(&batch);
+            worked = true;
             drop(batch);
             drop(works);
             let mut failure = None;
@@ -239,13 +242,25 @@ impl Engine {
                 attempt += 1;
                 tracing::warn!("{} failed (attempt {tries} of {}): {e:#}; retrying", s.name, s.retries.saturating_add(1));
                 error = prepare(&pending[start..], false).err();
+                worked = false;
                 continue;
             }
             error = Some(if s.retries > 0 { e.context(format!("failed after {} attempts", tries.saturating_add(1))) } else { e });
         }
         if let Some(e) = error {
-            let failed = self.stage(pending[start].i).name.clone();
-            results.push(Err(e));
+            let p = &mut pending[start];
+            let failed = self.stage(p.i).name.clone();
+            if worked {
+                self.remove_partial_outputs(p.i);
+            }
+            // The record keeps what was known before it ran: key and reasons.
+            let mut rec = std::mem::replace(&mut p.rec, StageRecord::new(&failed, Status::Failed));
+            rec.status = Status::Failed;
+            rec.key = p.ev.as_ref().map(|ev| ev.key.to_string()).or(rec.key);
+            rec.reasons = std::mem::take(&mut p.reasons);
+            rec.error = Some(format!("{e:#}"));
+            rec.slurm_job = crate::executor::failed_job(&e);
+            results.push(Ok(rec));
             for p in &pending[start + 1..] {
                 let name = &self.stage(p.i).name;
                 results
@@ -253,6 +268,33 @@ impl Engine {
             }
         }
         results
+    }
+
+    /// A `cmd` stage failed after its work ran: what is at its outputs was
+    /// written by the failed attempt (each attempt starts from none), so it
+    /// goes — not left to be taken for the user's edit by the next run, nor
+    /// read by anyone as a result. Removed only where no link leads the path
+    /// elsewhere; named in a warning.
+    fn remove_partial_outputs(&self, i: usize) {
+        let s = self.stage(i);
+        if s.kind.name() != "cmd" {
+            return; // built-in kinds write their outputs whole (atomic renames)
+        }
+        let mut removed = Vec::new();
+        for o in &s.outs {
+            let abs = self.pipeline.abs(&o.path);
+            if abs.symlink_metadata().is_err() || crate::pipeline::check_output_at_write(&self.pipeline.workspace, &o.path, true).is_err() {
+                continue;
+            }
+            match remove_path(&abs) {
+                Ok(()) => removed.push(o.path.as_str()),
+                Err(e) => tracing::warn!("stage {}: cannot remove {}, written by its failed attempt: {e:#}", s.name, o.path),
+            }
+            self.memo.forget(&abs);
+        }
+        if !removed.is_empty() {
+            tracing::warn!("stage {} failed: removed what its attempt had written at {} (the next run makes it again)", s.name, removed.join(", "));
+        }
     }
 
     /// Are a stage's inputs still what they were when its key (`ev`) was

@@ -140,6 +140,11 @@ pub struct Engine {
     /// Where this run writes (`workspace::places`), once the scheduler has
     /// recorded it: the record, its key, and whether this run opened it.
     places: Mutex<Option<sweep::PlacesState>>,
+    /// Stages that ran in this run after they were decided fresh: a
+    /// producer of a deleted sensitive output, regenerated for a consumer
+    /// that reruns (`decide.rs`, `rematerialize`). The scheduler reports
+    /// them as `ran` (see [`Engine::regenerated`]).
+    regenerated: Mutex<Vec<(usize, StageRecord)>>,
 }
 
 /// A stage about to run: its evaluation (`None` until its inputs exist, for a
@@ -207,7 +212,14 @@ impl Engine {
             stage_locks: (0..n).map(|_| Mutex::new(())).collect(),
             written: Mutex::new(Vec::new()),
             places: Mutex::new(None),
+            regenerated: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The stages regenerated in this run after they were decided fresh,
+    /// with the record of that execution (taken: once).
+    pub fn regenerated(&self) -> Vec<(usize, StageRecord)> {
+        std::mem::take(&mut *self.regenerated.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub fn stage(&self, i: usize) -> &Stage {

@@ -12,7 +12,7 @@
 //! their handlers are installed before the first stage starts.
 
 use super::Engine;
-use super::report::{Reporter, Verbosity};
+use super::report::{Reporter, Verbosity, say};
 use super::runs::{self, RunRecord, RunStatus, StageRecord, Status};
 use crate::error::{Failure, exit};
 use crate::pipeline::Pipeline;
@@ -42,6 +42,9 @@ pub struct RunOptions {
     pub openlineage_url: Option<String>,
     /// `--metrics-file` (else `metrics_file:` in config/dagrun.yaml): see `engine::run_metrics`.
     pub metrics_file: Option<PathBuf>,
+    /// `--json`: a run that fails or is interrupted prints its record on
+    /// stdout too, before its error (a run that succeeds returns it).
+    pub json: bool,
 }
 
 /// The result of a run.
@@ -224,6 +227,9 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // A record that cannot be written (say the disk is full) must not hide
     // why the stages failed.
     let written = runs::write(&engine.pipeline.workspace, &record);
+    if opts.json && (interrupted || !failed.is_empty()) {
+        say(&serde_json::to_string_pretty(&record)?);
+    }
 
     if interrupted {
         if let Err(e) = &written {
@@ -249,7 +255,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         let s = engine.stage(i);
         if record.stages.iter().any(|r| r.stage == s.name) {
             let outs: Vec<PathBuf> = s.outs.iter().map(|o| engine.pipeline.abs(&o.path)).collect();
-            if let Some(line) = engine.kind(i).ok().and_then(|k| k.summarize(s, &outs)) {
+            if let Some(line) = engine.kind(i).ok().and_then(|k| k.summarize(s, &outs, &engine.services)) {
                 summary.push(line);
             }
         }
@@ -554,6 +560,20 @@ fn schedule(
         if g.done[i].is_none() {
             let why = if interrupted { "run interrupted".to_string() } else { "not reached".to_string() };
             g.done[i] = Some(skipped(&p.stages[i].name, why));
+        }
+    }
+    // A producer decided fresh and later run to regenerate a deleted
+    // sensitive output for a consumer: it ran in this run, and says so.
+    for (i, regen) in engine.regenerated() {
+        if let Some(rec) = g.done[i].as_mut().filter(|r| r.status == Status::Cached) {
+            rec.status = Status::Ran;
+            rec.reasons = regen.reasons;
+            rec.seconds = regen.seconds;
+            rec.cpu_seconds = regen.cpu_seconds;
+            rec.outputs = regen.outputs;
+            rec.outputs_changed = regen.outputs_changed;
+            rec.recorded = regen.recorded;
+            rec.key = regen.key;
         }
     }
     let records = order.iter().filter_map(|&i| g.done[i].take()).collect();

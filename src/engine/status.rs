@@ -62,6 +62,8 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
     // the run reads them (`hashing`, "Inputs").
     let mut predicted: HashMap<String, Option<ContentHash>> = HashMap::new();
     let mut out = Vec::new();
+    // Stage index → its row in `out`.
+    let mut row: HashMap<usize, usize> = HashMap::new();
     for &i in &p.topo {
         if !selected.contains(&i) {
             continue;
@@ -156,9 +158,40 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
                 predicted.insert(o.path.clone(), outputs.as_ref().and_then(|m| m.get(&o.path).cloned()));
             }
         }
+        row.insert(i, out.len());
         out.push(StageStatus { stage: s.name.clone(), state, reasons, action });
     }
+    regenerations(engine, &row, &mut out);
     Ok(out)
+}
+
+/// A stage that runs first regenerates the deleted sensitive outputs it
+/// reads: their producer runs, though it is fresh (`decide.rs`,
+/// `rematerialize`), and so, back along a chain of them, do theirs.
+fn regenerations(engine: &Engine, row: &HashMap<usize, usize>, out: &mut [StageStatus]) {
+    let p = &engine.pipeline;
+    for &i in p.topo.iter().rev() {
+        let Some(&k) = row.get(&i) else { continue };
+        if out[k].action != Action::Run {
+            continue;
+        }
+        for d in &p.stages[i].deps {
+            let Some(j) = p.producer_of(d) else { continue };
+            let producer = &p.stages[j];
+            let gone =
+                producer.outs.iter().any(|o| &o.path == d && o.sensitive) && !producer.outs.iter().filter(|o| o.sensitive).all(|o| p.abs(&o.path).exists());
+            if let Some(&pk) = row.get(&j)
+                && gone
+                && out[pk].action == Action::Nothing
+            {
+                out[pk].action = Action::Run;
+                out[pk].reasons.push(format!(
+                    "runs to regenerate its sensitive output {d} (deleted at the end of every run) for stage {}, which reruns",
+                    p.stages[i].name
+                ));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

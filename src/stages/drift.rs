@@ -461,7 +461,7 @@ impl StageKind for Drift {
         }
         Ok(RunReport { facts })
     }
-    fn summarize(&self, stage: &Stage, outs: &[PathBuf]) -> Option<String> {
+    fn summarize(&self, stage: &Stage, outs: &[PathBuf], _services: &super::Services) -> Option<String> {
         let r = Report::from_json_bytes(&crate::util::read_capped(outs.first()?, super::MAX_REPORT_BYTES).ok()?, "drift report").ok()?;
         let t = stage.tenant.as_deref().unwrap_or(&r.tenant);
         let Some(reference) = &r.reference else {

@@ -130,8 +130,9 @@ pub trait StageKind: KindDecl {
     }
     /// Do the work. Runs on a blocking thread.
     fn run(&self, ctx: &RunCtx) -> Result<RunReport>;
-    /// One line for the end-of-run summary, read from the (fresh) outputs.
-    fn summarize(&self, _stage: &Stage, _outs: &[PathBuf]) -> Option<String> {
+    /// One line for the end-of-run summary, read from the (fresh) outputs
+    /// (and, through `services`, the workspace's other records).
+    fn summarize(&self, _stage: &Stage, _outs: &[PathBuf], _services: &Services) -> Option<String> {
         None
     }
 }

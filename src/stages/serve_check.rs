@@ -212,11 +212,21 @@ impl StageKind for ServeCheck {
         facts.insert("auc".into(), report.auc.into());
         Ok(RunReport { facts })
     }
-    fn summarize(&self, stage: &crate::pipeline::Stage, outs: &[PathBuf]) -> Option<String> {
+    /// The tenant's line; when the model it names is not what `predict` and
+    /// `serve` use (restored from the cache, which registers nothing, or
+    /// `promote: manual`), it says which one they use and how to change it.
+    fn summarize(&self, stage: &crate::pipeline::Stage, outs: &[PathBuf], services: &super::Services) -> Option<String> {
         let r: Report = serde_json::from_slice(&crate::util::read_capped(outs.first()?, super::MAX_REPORT_BYTES).ok()?).ok()?;
+        let tenant = stage.tenant.as_deref().unwrap_or(&r.tenant);
+        let promote = format!("`dagrun models promote {tenant} {}` to serve this one", r.model_version);
+        let serving = match crate::registry::Registry::of_workspace(&services.workspace).champion(tenant) {
+            Ok(Some(c)) if c.version != r.model_version => format!("; not the champion: `predict` and `serve` use {} ({promote})", c.version),
+            Ok(None) => format!("; no champion: `predict` and `serve` have no model for {tenant} ({promote})"),
+            _ => String::new(),
+        };
         Some(format!(
-            "{}: {} rows, features {}, model {}, test AUC {:.4}, serve-check {} ({} rows, max |Δ| {:.1e})",
-            stage.tenant.as_deref().unwrap_or(&r.tenant),
+            "{}: {} rows, features {}, model {}, test AUC {:.4}, serve-check {} ({} rows, max |Δ| {:.1e}){serving}",
+            tenant,
             r.rows_total,
             r.feature_set_version,
             r.model_version,

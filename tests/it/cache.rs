@@ -669,9 +669,22 @@ fn a_chain_of_sensitive_outputs_is_regenerated_from_its_start() {
     ws.run(&[]).ok();
     assert!(!ws.exists("s1.txt") && !ws.exists("s2.txt"), "plaintext outlived the run");
     ws.write("e.cfg", "cfg2\n");
+    // `status` predicts the regeneration: the producers are fresh, and run.
+    let st = ws.dagrun(&["status", "pipeline.yaml", "--json"]).json();
+    let actions: Vec<(String, String, String)> = st["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["stage"].as_str().unwrap().into(), r["state"].as_str().unwrap().into(), r["action"].as_str().unwrap().into()))
+        .collect();
+    let own = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(actions, vec![own("g1", "fresh", "run"), own("g2", "fresh", "run"), own("e", "stale", "run")], "{st:#}");
+    assert!(st["stages"][1]["reasons"].to_string().contains("runs to regenerate its sensitive output s2.txt"), "{st:#}");
     let r = ws.run(&[]).ok();
     assert_eq!(ws.read("e.txt"), "cfg2\nHELLO\n", "{:#}", r.rec());
-    assert_eq!(r.ran(), set(&["e"]), "{:#}", r.rec());
+    // The producers ran (regenerated): the record says so.
+    assert_eq!(r.ran(), set(&["g1", "g2", "e"]), "{:#}", r.rec());
+    assert!(r.stage("g2")["reasons"].to_string().contains("regenerated for stage e, which reruns"), "{:#}", r.rec());
     assert!(r.stage("e")["reasons"].to_string().contains("reran g2 first"), "{:#}", r.rec());
     assert_eq!(ws.run(&[]).ok().with("cached"), set(&["g1", "g2", "e"]));
 }

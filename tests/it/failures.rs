@@ -444,3 +444,41 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
     assert!(ws.path("remote").read_dir().unwrap().next().is_some(), "nothing was pushed");
     assert!(dagrun::crypto::Keyring::open(ws.root.as_path()).unwrap().is_forgotten("Tenant_A").is_some());
 }
+
+/// A `cmd` stage that fails for good (an error, a timeout, an interrupt)
+/// leaves nothing at its outputs: what is there is its failed attempt's, and
+/// left in place the next run called it the user's edit. Its run record
+/// keeps its key and reasons; `--json` prints the failed run's record.
+#[test]
+fn a_failed_stage_leaves_no_partial_output() {
+    let ws = Ws::new();
+    ws.pipeline("params:\n  v: 1\nstages:\n  s:\n    cmd: echo \"partial ${params.v}\" > s.txt; test ${params.v} = 1 || { [ ${params.v} = 3 ] && sleep 30; exit 3; }\n    outs: [s.txt]\n");
+    ws.run(&[]).ok();
+    assert_eq!(ws.read("s.txt"), "partial 1\n");
+    let o = ws.dagrun(&["run", "pipeline.yaml", "-p", "v=2", "--json"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("stage s failed: removed what its attempt had written at s.txt"), "{}", o.stderr);
+    assert!(!ws.exists("s.txt"));
+    let rec = o.json();
+    assert_eq!(rec["status"], "failed");
+    let s = &rec["stages"][0];
+    assert_eq!(s["status"], "failed");
+    assert!(s["key"].as_str().is_some_and(|k| k.len() == 64), "{rec:#}");
+    assert!(s["reasons"].to_string().contains("param v"), "{rec:#}");
+    // Back to v=1: the recorded output comes back from the cache, named as missing.
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["s"]), "{:#}", r.rec());
+    assert!(r.stage("s")["reasons"].to_string().contains("output s.txt is missing"), "{:#}", r.rec());
+    assert_eq!(ws.read("s.txt"), "partial 1\n");
+    // Interrupted mid-stage: the same.
+    let bg = spawn(ws.cmd(&["run", "pipeline.yaml", "-p", "v=3"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(ws.path("s.txt")).unwrap_or_default() != "partial 3\n" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(signal(bg.pid() as i32, libc::SIGINT));
+    let o = bg.wait(HANG);
+    assert_eq!(o.code, 130, "{}", o.stderr);
+    assert!(!ws.exists("s.txt"), "{}", o.stderr);
+    assert_eq!(ws.run(&[]).ok().with("restored"), set(&["s"]));
+}

@@ -524,9 +524,15 @@ fn predict_like_serve_refuses_a_tenant_whose_models_are_registered_but_not_promo
     assert!(yaml.contains("promote: manual"), "the pipeline's train stage changed shape: {yaml}");
     ws.write("pipelines/propensity.yaml", yaml);
     ws.write("config/tenants.yaml", TENANTS);
-    ok(ws.dagrun(&["run", "pipelines/propensity.yaml", "-p", "rows=2000", "--metrics-file", "m.prom"]));
+    let run = ok(ws.dagrun(&["run", "pipelines/propensity.yaml", "-p", "rows=2000", "--metrics-file", "m.prom"]));
     let list = ok(ws.dagrun(&["models", "list", "Tenant_A", "--json"])).json();
     let v = list["models"][0]["version"].as_str().unwrap().to_string();
+    // The run's summary says the model it names serves nothing yet, and how to change that.
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        said.contains(&format!("no champion: `predict` and `serve` have no model for Tenant_A (`dagrun models promote Tenant_A {v}` to serve this one)")),
+        "{said}"
+    );
     // The metric agrees: no champion.
     let prom = ws.read("m.prom");
     let line = prom.lines().find(|l| l.starts_with("dagrun_model_champion{") && l.contains("tenant=\"Tenant_A\"")).unwrap_or_else(|| panic!("{prom}"));
@@ -552,8 +558,10 @@ fn promote_and_rollback_under_load_never_fail_or_mix_versions() {
     let yaml = ws.read("pipelines/propensity.yaml").replace("      min_auc: ${params.min_auc}\n", "      min_auc: ${params.min_auc}\n      promote: manual\n");
     assert!(yaml.contains("promote: manual"), "the pipeline's train stage changed shape: {yaml}");
     ws.write("pipelines/propensity.yaml", yaml);
-    ok(ws.dagrun(&["run", "pipelines/propensity.yaml", "-p", "rows=3000", "-p", "C=0.01"]));
+    let run = ok(ws.dagrun(&["run", "pipelines/propensity.yaml", "-p", "rows=3000", "-p", "C=0.01"]));
     assert_eq!(champion(&ws, "Tenant_A"), v1, "promote: manual changed the champion");
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(said.contains(&format!("not the champion: `predict` and `serve` use {v1} (`dagrun models promote Tenant_A ")), "{said}");
     let list = ok(ws.dagrun(&["models", "list", "Tenant_A", "--json"])).json();
     let versions: Vec<String> = list["models"].as_array().unwrap().iter().map(|m| m["version"].as_str().unwrap().to_string()).collect();
     assert_eq!(versions.len(), 2, "{list}");
