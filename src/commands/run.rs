@@ -84,10 +84,9 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
             };
             say(&format!("{all} up to date ({:.3}s, run {})", out.record.seconds, out.record.run_id));
         } else {
-            let n = out.record.stages.len();
             say(&format!(
-                "{n} {}: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
-                if n == 1 { "stage" } else { "stages" },
+                "{}: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
+                crate::util::count(out.record.stages.len(), "stage", "stages"),
                 out.record.seconds,
                 out.record.run_id
             ));

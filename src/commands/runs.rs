@@ -32,8 +32,12 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
         crate::outln!("{:<26} {:<11} {:>8}  {:<24} stages", "RUN", "STATUS", "SECONDS", "PIPELINE");
         for r in &all {
             let c = |s| r.stages.iter().filter(|x| x.status == s).count();
+            let skipped = match c(Status::Skipped) {
+                0 => String::new(),
+                n => format!(", {n} skipped"),
+            };
             crate::outln!(
-                "{:<26} {:<11} {:>8.2}  {:<24} {} ran, {} cached, {} restored, {} failed",
+                "{:<26} {:<11} {:>8.2}  {:<24} {} ran, {} cached, {} restored, {} failed{skipped}",
                 r.run_id,
                 r.status,
                 r.seconds,

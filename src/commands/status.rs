@@ -39,5 +39,5 @@ fn print(rows: &[StageStatus]) {
         }
     }
     let stale = rows.iter().filter(|r| r.state == State::Stale).count();
-    crate::outln!("{} stages: {} fresh, {stale} stale", rows.len(), rows.len() - stale);
+    crate::outln!("{}: {} fresh, {stale} stale", crate::util::count(rows.len(), "stage", "stages"), rows.len() - stale);
 }

@@ -297,7 +297,12 @@ pub fn run(workspace: &Path, repair: bool, json: bool) -> Result<i32> {
         for p in &r.restored {
             crate::outln!("repaired: stored {} in the cache again (the workspace's copy is intact)", crate::util::escape_controls(p));
         }
-        crate::outln!("checked {} cache objects and {} stages: {} problems", r.objects_checked, r.stages_checked, r.problems.len());
+        crate::outln!(
+            "checked {} and {}: {}",
+            crate::util::count(r.objects_checked, "cache object", "cache objects"),
+            crate::util::count(r.stages_checked, "stage", "stages"),
+            crate::util::count(r.problems.len(), "problem", "problems")
+        );
     }
     Ok(if r.problems.is_empty() { crate::error::exit::OK } else { crate::error::exit::INTEGRITY })
 }

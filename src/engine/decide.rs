@@ -70,7 +70,18 @@ impl Engine {
             }
             bail!("input {dep} does not exist: its producer, stage {}, has not written it", producer.name);
         }
-        bail!("input {dep} does not exist; create it, or declare the stage that makes it (as one of its `outs:`)")
+        // Paths are the workspace's: say which, when it is not where the user stands.
+        let ws = &self.pipeline.workspace;
+        let here = std::env::current_dir().is_ok_and(|d| crate::workspace::same_folder(&d, ws));
+        let place = if here {
+            String::new()
+        } else {
+            format!(
+                " in the workspace {} (a pipeline's paths are relative to its workspace: the nearest folder above the pipeline file holding `.dagrun/` or `config/`, else the file's own folder; `-C DIR` names another)",
+                ws.display()
+            )
+        };
+        bail!("input {dep} does not exist{place}; create it, or declare the stage that makes it (as one of its `outs:`)")
     }
 
     /// Decide what to do with stage `i` now.
@@ -279,6 +290,9 @@ impl Engine {
             let r = from.outputs.get(p).with_context(|| format!("no cached copy of {p}"))?;
             let abs = self.pipeline.abs(p);
             crate::pipeline::check_output_at_write(&self.pipeline.workspace, p, true)?;
+            if r.dir {
+                self.name_what_a_restore_removes(&s.name, p, &abs, &r.hash);
+            }
             self.cas.restore(&r.hash, r.dir, r.exec == Some(true), &abs).with_context(|| format!("restoring {p}"))?;
             self.memo.forget(&abs);
         }
@@ -291,6 +305,25 @@ impl Engine {
         self.states.put(&st)?;
         self.wrote([self.states.record_path(&s.name)]);
         Ok(())
+    }
+
+    /// A folder output is restored whole: files put in it since its stage
+    /// ran go with the rest. Say which (a warning; the first few by name).
+    fn name_what_a_restore_removes(&self, stage: &str, rel: &str, abs: &Path, hash: &ContentHash) {
+        if !abs.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            return;
+        }
+        let (Ok(listing), Ok(now)) = (self.cas.read_listing(hash), self.memo.tree(abs)) else { return };
+        let made: HashSet<&str> = listing.iter().map(|e| e.path()).collect();
+        let extra: Vec<&str> = now.iter().map(|e| e.path()).filter(|p| !made.contains(p)).collect();
+        if extra.is_empty() {
+            return;
+        }
+        let mut named = extra.iter().take(5).map(|p| crate::util::escape_controls(p).into_owned()).collect::<Vec<_>>().join(", ");
+        if extra.len() > 5 {
+            named.push_str(&format!(" and {} more", extra.len() - 5));
+        }
+        tracing::warn!("stage {stage}: restoring its folder output {rel} from the cache removes what its recorded run did not make in it: {named}");
     }
 
     /// Regenerate a consumed sensitive output of stage `p` for `consumer`;

@@ -63,7 +63,7 @@ pub fn tail(path: &std::path::Path, n: usize) -> String {
 pub fn tail_lines(bytes: &[u8], n: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().collect();
-    crate::util::escape_controls(&lines[lines.len().saturating_sub(n)..].join("\n")).into_owned()
+    crate::util::escape_controls_in_lines(&lines[lines.len().saturating_sub(n)..].join("\n")).into_owned()
 }
 
 fn kill_group(pid: u32, sig: i32) {
@@ -196,5 +196,17 @@ impl StageKind for Cmd {
         }
         capture.finish()?;
         Ok(RunReport::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The tail keeps its line breaks (the README's promise for messages) and
+    /// escapes every other control character (a terminal shows, never obeys).
+    #[test]
+    fn tail_lines_keeps_line_breaks_and_escapes_the_rest() {
+        let log = b"one\ntwo\nthree \x1b[31mred\x1b[0m\r\nfour\n";
+        assert_eq!(super::tail_lines(log, 3), "two\nthree \\u{1b}[31mred\\u{1b}[0m\nfour");
+        assert_eq!(super::tail_lines(b"", 10), "");
     }
 }

@@ -128,6 +128,12 @@ pub fn escape_controls_in_lines(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `n` and the noun for it: `1 stage`, `2 stages` (`plural` is the noun's
+/// plural form).
+pub fn count(n: usize, one: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { plural })
+}
+
 /// A float as a message shows it: at most 6 decimals, trailing zeros cut
 /// (`0.8999999999999999` is `0.9`, a sum of shares as the user wrote them).
 pub fn short_float(x: f64) -> String {

@@ -610,8 +610,15 @@ fn stays_inside(rel: &str, target: &str, links: &HashSet<&str>) -> bool {
 }
 
 fn tree_path(e: &TreeEntry) -> &str {
-    match e {
-        TreeEntry::File { path, .. } | TreeEntry::Link { path, .. } => path,
+    e.path()
+}
+
+impl TreeEntry {
+    /// The entry's path inside its folder (`/`-separated).
+    pub fn path(&self) -> &str {
+        match self {
+            TreeEntry::File { path, .. } | TreeEntry::Link { path, .. } => path,
+        }
     }
 }
 

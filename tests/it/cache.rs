@@ -688,3 +688,21 @@ fn a_chain_of_sensitive_outputs_is_regenerated_from_its_start() {
     assert!(r.stage("e")["reasons"].to_string().contains("reran g2 first"), "{:#}", r.rec());
     assert_eq!(ws.run(&[]).ok().with("cached"), set(&["g1", "g2", "e"]));
 }
+
+/// A folder output is restored whole: the files put in it since its stage
+/// ran go with the rest, and the warning names them.
+#[test]
+fn restoring_a_folder_output_names_the_files_it_removes() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  parts:\n    cmd: mkdir -p parts && echo 1 > parts/a.txt\n    outs: [parts]\n");
+    ws.run(&[]).ok();
+    ws.write("parts/extra.txt", "mine\n");
+    let r = ws.run(&[]).ok();
+    assert_eq!(r.with("restored"), set(&["parts"]), "{:#}", r.rec());
+    assert!(
+        r.out.stderr.contains("stage parts: restoring its folder output parts from the cache removes what its recorded run did not make in it: extra.txt"),
+        "{}",
+        r.out.stderr
+    );
+    assert!(!ws.exists("parts/extra.txt") && ws.exists("parts/a.txt"));
+}
