@@ -11,6 +11,10 @@
 //! - inside `'…'`: a `'` in the value is written `'\''`;
 //! - inside `"…"`: `\`, `"`, `$` and `` ` `` are escaped with a backslash;
 //! - inside a comment: line breaks become spaces (a value cannot end the comment);
+//! - a list param (of strings, numbers or booleans) is one word per item
+//!   where words split (`cat ${params.files}` → `cat a.csv 'b c.csv'`; an empty
+//!   list is no word), and its items joined by spaces inside quotes or a
+//!   comment; any other list or a mapping is its JSON text;
 //! - inside backticks or after a here-document operator (`<<`), where quoting
 //!   rules differ, a value that needs quoting is refused at load time with the
 //!   fix: use `$(…)`, or read the value from `$DAGRUN_PARAM_NAME`.
@@ -73,6 +77,21 @@ fn undefined_param(name: &str, params: &IndexMap<String, Value>) -> String {
     )
 }
 
+/// The words a param's value is written as: a list of strings, numbers or
+/// booleans is one word per item; any other value is one word, its text
+/// (a mapping or a nested list as JSON).
+fn words(v: &Value) -> Vec<String> {
+    let scalar = |x: &Value| match x {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(_) | Value::Bool(_) => Some(x.to_string()),
+        _ => None,
+    };
+    match v {
+        Value::Array(a) => a.iter().map(scalar).collect::<Option<Vec<_>>>().unwrap_or_else(|| vec![v.to_string()]),
+        other => vec![scalar(other).unwrap_or_else(|| other.to_string())],
+    }
+}
+
 /// Resolve `${params.X}` and `${tenant}` in a `cmd:` string, each value quoted
 /// for its place (module docs). Other `${…}` (shell variables) stay as written.
 pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option<&str>, refs: &mut BTreeMap<String, Value>) -> Result<String, String> {
@@ -94,17 +113,20 @@ pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option
             let value = if let Some(name) = inner.strip_prefix("params.") {
                 let v = params.get(name).ok_or_else(|| undefined_param(name, params))?;
                 refs.insert(name.to_string(), v.clone());
-                Some(match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
+                Some(words(v))
             } else if inner == "tenant" {
-                Some(tenant.ok_or("uses ${tenant} but is not a `foreach: tenants` stage")?.to_string())
+                Some(vec![tenant.ok_or("uses ${tenant} but is not a `foreach: tenants` stage")?.to_string()])
             } else {
                 None
             };
             if let Some(v) = value {
-                let q = quote(&v, ctx, heredoc).map_err(|place| {
+                // A list is one word per item where words split (unquoted), one
+                // text of its items joined by spaces inside quotes or a comment.
+                let q = match ctx {
+                    Ctx::Plain | Ctx::Paren if v.len() != 1 => v.iter().map(|w| quote(w, ctx, heredoc)).collect::<Result<Vec<_>, _>>().map(|w| w.join(" ")),
+                    _ => quote(&v.join(" "), ctx, heredoc),
+                };
+                let q = q.map_err(|place| {
                         format!(
                             "`cmd:` uses ${{{inner}}} {place}, where its value cannot be quoted safely (it holds characters other than letters, digits and _-./:=@%+,); use $( … ) instead of backticks, or read the value from $DAGRUN_PARAM_{}",
                             param_env_suffix(inner.strip_prefix("params.").unwrap_or("TENANT"))
@@ -286,6 +308,31 @@ mod tests {
         assert_eq!(run("echo `echo ${params.v}`", "ab").unwrap(), "echo `echo ab`");
         let e = run("cat <<EOF\n${params.v}\nEOF", "$(id)").unwrap_err();
         assert!(e.contains("here-document"), "{e}");
+    }
+
+    /// A list param is one word per item where words split, its items joined
+    /// by spaces in quotes; each item quoted like any value (injection-safe).
+    #[test]
+    fn a_list_param_is_one_word_per_item() {
+        let tag = std::process::id();
+        let evil = format!("x; touch /tmp/dagrun-injected-list-{tag} #");
+        let list = |items: &[&str]| Value::Array(items.iter().map(|s| Value::from(*s)).collect());
+        let params: IndexMap<String, Value> = [
+            ("files".to_string(), list(&["a.csv", "b c.csv", &evil])),
+            ("none".to_string(), list(&[])),
+            ("mixed".to_string(), serde_json::json!([1, true, "z"])),
+            ("nested".to_string(), serde_json::json!([[1], {"a": 2}])),
+        ]
+        .into_iter()
+        .collect();
+        let cmd = |t: &str| interpolate_cmd(t, &params, None, &mut BTreeMap::new()).unwrap();
+        assert_eq!(sh(&cmd("printf '%s|' ${params.files}")), format!("a.csv|b c.csv|{evil}|"));
+        assert_eq!(sh(&cmd("printf '%s|' \"${params.files}\"")), format!("a.csv b c.csv {evil}|"));
+        assert_eq!(sh(&cmd("printf '%s|' '${params.files}'")), format!("a.csv b c.csv {evil}|"));
+        assert_eq!(sh(&cmd("printf '%s|' x ${params.none}")), "x|");
+        assert_eq!(cmd("echo ${params.mixed}"), "echo 1 true z");
+        assert_eq!(sh(&cmd("printf '%s|' ${params.nested}")), "[[1],{\"a\":2}]|");
+        assert!(!std::path::Path::new(&format!("/tmp/dagrun-injected-list-{tag}")).exists(), "a value ran as shell code");
     }
 
     #[test]
