@@ -82,9 +82,12 @@ enum Cmd {
     /// Show each stage as fresh or stale, and why.
     Status {
         pipeline: PathBuf,
+        /// Only these stages (and what they need).
         stages: Vec<String>,
+        /// Override a pipeline param, as `run -p` would: -p rows=1000.
         #[arg(short = 'p', long = "param", value_name = "NAME=VALUE")]
         params: Vec<String>,
+        /// Print `{"stages": [{"stage", "state", "reasons", "action"}]}` (README "Results as JSON").
         #[arg(long)]
         json: bool,
     },
@@ -97,6 +100,7 @@ enum Cmd {
     /// Show how an artifact was made, back to its sources.
     Lineage {
         path: PathBuf,
+        /// Print the tree of nodes as JSON (README "Results as JSON").
         #[arg(long)]
         json: bool,
     },
@@ -134,9 +138,10 @@ enum Cmd {
     Gc(commands::gc::Args),
     /// Check the cache, state files and recorded outputs; exit 4 on problems.
     Verify {
-        /// Delete corrupted cache objects (the next run recomputes or restores).
+        /// Under the workspace lock: delete what the next run rebuilds (corrupted cache objects and records) and store an intact output whose cached copy is gone back in the cache.
         #[arg(long)]
         repair: bool,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -259,12 +264,19 @@ enum KeysCmd {
 }
 
 fn parse_params(list: &[String]) -> Result<Vec<(String, String)>> {
-    list.iter()
-        .map(|s| match s.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.trim().to_string(), v.to_string())),
-            _ => Err(error::config(format!("--param {s:?}: expected NAME=VALUE"))),
-        })
-        .collect()
+    let mut out: Vec<(String, String)> = Vec::with_capacity(list.len());
+    for s in list {
+        let Some((k, v)) = s.split_once('=').filter(|(k, _)| !k.trim().is_empty()) else {
+            return Err(error::config(format!("--param {s:?}: expected NAME=VALUE")));
+        };
+        let k = k.trim().to_string();
+        // One value each: the last of two would win silently (as a key twice in YAML would).
+        if let Some((_, first)) = out.iter().find(|(n, _)| *n == k) {
+            return Err(error::config(format!("--param {k} is given twice ({k}={first:?}, {k}={v:?}); give it once")));
+        }
+        out.push((k, v.to_string()));
+    }
+    Ok(out)
 }
 
 /// Crates whose verbose logs would quote secrets (see `init_logging`).

@@ -210,7 +210,16 @@ pub fn load_trained(ws: &Workspace, key: Arc<IntegrityKey>, tenant: &str, versio
             "no trustworthy model for tenant {tenant}: {}; refusing to serve. Run the pipeline to recompute it (and `dagrun verify`)",
             distrusted.join("; ")
         ),
-        None => return Err(crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", ws.root().display()))),
+        None => {
+            // A tenant the workspace's tenant list lacks is a typo more often than an untrained one.
+            if let Ok(t) = crate::pipeline::Tenants::load(ws.root())
+                && t.get(tenant).is_none()
+            {
+                let ids: Vec<&str> = t.ids().collect();
+                return Err(crate::error::config(format!("no tenant {tenant} in config/tenants.yaml (tenants: {})", ids.join(", "))));
+            }
+            return Err(crate::error::config(format!("no trained model for tenant {tenant} in {}: run the pipeline first", ws.root().display())));
+        }
     };
     // The model is the `output` param (train also writes `….eval.json`).
     let (rel, rec) = match train.ingredients.params.get("output").and_then(|v| v.as_str()) {

@@ -338,7 +338,21 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
     edge_list.sort();
     for (a, b) in edge_list {
         if a == b {
-            return Err(config(format!("{}: reads its own output", at(&stages[a].base))));
+            // Name the pair: a dep that is, lies in or holds one of its outputs.
+            let st = &stages[a];
+            let pair = st.deps.iter().find_map(|d| {
+                st.outs.iter().find(|o| o.path == *d || crate::util::path_within(d, &o.path) || crate::util::path_within(&o.path, d)).map(|o| (d, &o.path))
+            });
+            let what = match pair {
+                Some((d, o)) if d == o => format!("reads its own output {d:?}"),
+                Some((d, o)) if crate::util::path_within(d, o) => format!("reads {d:?}, inside its own output {o:?}"),
+                Some((d, o)) => format!("reads {d:?}, which holds its own output {o:?}"),
+                None => "reads its own output".to_string(),
+            };
+            return Err(config(format!(
+                "{}: {what}; a stage's inputs and outputs must be apart (move the output out of that folder, or read the files, not the folder)",
+                at(&st.base)
+            )));
         }
         graph.add_edge(nodes[a], nodes[b], ());
     }

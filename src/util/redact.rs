@@ -79,6 +79,40 @@ pub fn without_values(msg: &str) -> String {
         out.push(c);
         rest = &rest[c.len_utf8()..];
     }
+    plain_types(&out)
+}
+
+/// Serde's Rust type names in "expected …" said in words: `expected f64` is
+/// `expected a number`, `expected u64` `expected a whole number (0 or more)`.
+fn plain_types(msg: &str) -> String {
+    const NAMES: [(&str, &str); 12] = [
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected u8", "expected a whole number (0 or more)"),
+        ("expected u16", "expected a whole number (0 or more)"),
+        ("expected u32", "expected a whole number (0 or more)"),
+        ("expected u64", "expected a whole number (0 or more)"),
+        ("expected usize", "expected a whole number (0 or more)"),
+        ("expected i8", "expected a whole number"),
+        ("expected i16", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected isize", "expected a whole number"),
+    ];
+    let mut out = msg.to_string();
+    for (rust, words) in NAMES {
+        // Whole words only (`expected u8` is not the start of `expected u64`).
+        let mut from = 0;
+        while let Some(k) = out[from..].find(rust).map(|k| k + from) {
+            let end = k + rust.len();
+            if out[end..].chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                from = end;
+                continue;
+            }
+            out.replace_range(k..end, words);
+            from = k + words.len();
+        }
+    }
     out
 }
 
@@ -228,7 +262,10 @@ mod tests {
             w("invalid type: string \"Customer_ID,Email 1,jane.doe@example.com\", expected struct PipelineFile"),
             "invalid type: string (40 characters), expected struct PipelineFile"
         );
-        assert_eq!(w(r#"invalid type: string "a\"b\\c", expected u64"#), "invalid type: string (5 characters), expected u64");
+        assert_eq!(w(r#"invalid type: string "a\"b\\c", expected u64"#), "invalid type: string (5 characters), expected a whole number (0 or more)");
+        assert_eq!(w(r#"invalid type: string "abc", expected f64"#), "invalid type: string (3 characters), expected a number");
+        assert_eq!(w("invalid value: integer `-1`, expected u32"), "invalid value: integer, expected a whole number (0 or more)");
+        assert_eq!(w("expected u8x"), "expected u8x");
         assert_eq!(w("invalid type: integer `314584655242`, expected struct PipelineFile"), "invalid type: integer, expected struct PipelineFile");
         assert_eq!(w("invalid type: floating point `1.5`, expected a string"), "invalid type: floating point, expected a string");
         assert_eq!(w("invalid type: boolean `true`, expected a string"), "invalid type: boolean, expected a string");

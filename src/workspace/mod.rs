@@ -126,6 +126,9 @@ impl Workspace {
                 ))
             })?,
         };
+        if !ws.root.is_dir() {
+            return Err(crate::error::config(format!("{} is not a folder (-C names a workspace's folder)", ws.root.display())));
+        }
         if !ws.dagrun_dir().is_dir() {
             return Err(crate::error::config(format!(
                 "{} is not a dagrun workspace (it has no .dagrun/ folder): run a pipeline there first, or pass -C DIR",

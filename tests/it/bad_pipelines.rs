@@ -70,6 +70,12 @@ fn cycle() {
     assert!(!e.contains("b → a → b"), "{e}");
     bad("stages:\n  a:\n    cmd: echo\n    needs: [c]\n  b:\n    cmd: echo\n    needs: [a]\n  c:\n    cmd: echo\n    needs: [b]\n", &["a → b → c → a"]);
     bad("stages:\n  a:\n    cmd: echo\n    needs: [a]\n", &["pipeline.yaml:2:", "needs itself"]);
+    // A stage reading its own output: the pair is named.
+    bad(
+        "stages:\n  b:\n    cmd: ls d > d/b.txt\n    deps: [d]\n    outs: [d/b.txt]\n",
+        &["pipeline.yaml:2:", "reads \"d\", which holds its own output \"d/b.txt\""],
+    );
+    bad("stages:\n  b:\n    cmd: cat d/x > d/y\n    deps: [d/x]\n    outs: [d]\n", &["pipeline.yaml:2:", "reads \"d/x\", inside its own output \"d\""]);
 }
 
 #[test]
@@ -274,6 +280,10 @@ fn misspelt_or_mistyped_with_key() {
     assert!(o.stderr.contains("pipeline.yaml:9: stage `train`") && o.stderr.contains("`with.C` = \"abc\" is not a number"), "{}", o.stderr);
     let o = spawn(ws.cmd(&["status", "pipeline.yaml", "-p", "C=0.5"])).wait(Duration::from_secs(30));
     assert_eq!(o.code, 0, "{}", o.stderr);
+    // Given twice, the last would win silently: refused, both named.
+    let o = spawn(ws.cmd(&["status", "pipeline.yaml", "-p", "C=0.5", "-p", "C=0.7"])).wait(Duration::from_secs(30));
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("--param C is given twice (C=\"0.5\", C=\"0.7\"); give it once"), "{}", o.stderr);
     // Every kind checks its keys, with its own list.
     let ws = ws_with(
         "stages:\n  gen:\n    foreach: tenants\n    uses: generate\n    with:\n      rows: 10\n      seed: 1\n      as_of: 2026-01-01\n      ouput: raw.parquet\n",

@@ -543,6 +543,10 @@ fn predict_like_serve_refuses_a_tenant_whose_models_are_registered_but_not_promo
     assert_eq!(o.code, 2, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     assert!(o.stderr.contains("no champion") && o.stderr.contains(&format!("`dagrun models promote Tenant_A {v}`")), "{}", o.stderr);
     assert!(o.stdout.is_empty(), "{}", o.stdout);
+    // A tenant the workspace does not have is named as such (a typo), not as untrained.
+    let o = ws.dagrun(&["predict", "--tenant", "Tenant_Q", "--input", "predict-in.csv"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("no tenant Tenant_Q in config/tenants.yaml (tenants: Tenant_A"), "{}", o.stderr);
     // Named, it scores; promoted, it is the default.
     let (named, _) = predicted(&ws, "Tenant_A", &inp.csv, Some(&v));
     ok(ws.dagrun(&["models", "promote", "Tenant_A", &v]));
