@@ -263,6 +263,14 @@ enum KeysCmd {
     },
 }
 
+/// The value `--force` took in `args` when it names a pipeline file (ends
+/// in `.yaml`/`.yml`, or is a file), if any.
+fn force_took_the_pipeline(args: Vec<String>) -> Option<String> {
+    let i = args.iter().position(|a| a == "--force")?;
+    let v = args.get(i + 1)?;
+    (v.ends_with(".yaml") || v.ends_with(".yml") || std::path::Path::new(v).is_file()).then(|| v.clone())
+}
+
 fn parse_params(list: &[String]) -> Result<Vec<(String, String)>> {
     let mut out: Vec<(String, String)> = Vec::with_capacity(list.len());
     for s in list {
@@ -352,7 +360,20 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // `dagrun run --force p.yaml`: `--force` took the file as the stage it
+        // reruns, and the pipeline is missing. Say so, with the fix.
+        if e.kind() == clap::error::ErrorKind::MissingRequiredArgument
+            && let Some(file) = force_took_the_pipeline(std::env::args().collect())
+        {
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: `--force {file}` took {file} as the stage to rerun, so no pipeline was given; write `dagrun run {file} --force` (everything) or `dagrun run {file} --force STAGE`"
+            );
+            std::process::exit(exit::CONFIG);
+        }
+        e.exit()
+    });
     // SIGPIPE stays ignored (Rust's default): a command whose stdout reader
     // goes away (`dagrun status | head`) ends quietly through `outln!`
     // (`util::stdout`), while a write to a closed socket stays an error.

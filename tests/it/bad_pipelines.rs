@@ -378,3 +378,14 @@ fn a_per_tenant_stage_with_one_output_path_is_told_to_use_the_tenant() {
     ws.pipeline("stages:\n  a:\n    foreach: tenants\n    cmd: echo > a.txt\n    outs: [a.txt]\n");
     refused(&ws, &["pipeline.yaml:2:", "stage `a`", "output \"a.txt\" is the same for every tenant", "put ${tenant} in its path"]);
 }
+
+/// `dagrun run --force p.yaml`: `--force` takes the file as the stage to
+/// rerun and the pipeline is missing; the message says so, with the fix.
+#[test]
+fn force_before_the_pipeline_is_explained() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a: {cmd: echo > a.txt, outs: [a.txt]}\n");
+    let o = ws.dagrun(&["run", "--force", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("`--force pipeline.yaml` took pipeline.yaml as the stage to rerun") && o.stderr.contains("`dagrun run pipeline.yaml --force`"), "{}", o.stderr);
+}
