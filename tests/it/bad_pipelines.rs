@@ -387,5 +387,9 @@ fn force_before_the_pipeline_is_explained() {
     ws.pipeline("stages:\n  a: {cmd: echo > a.txt, outs: [a.txt]}\n");
     let o = ws.dagrun(&["run", "--force", "pipeline.yaml"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
-    assert!(o.stderr.contains("`--force pipeline.yaml` took pipeline.yaml as the stage to rerun") && o.stderr.contains("`dagrun run pipeline.yaml --force`"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("`--force pipeline.yaml` took pipeline.yaml as the stage to rerun") && o.stderr.contains("`dagrun run pipeline.yaml --force`"),
+        "{}",
+        o.stderr
+    );
 }
