@@ -368,7 +368,7 @@ fn main() {
         {
             let _ = writeln!(
                 std::io::stderr(),
-                "error: `--force {file}` took {file} as the stage to rerun, so no pipeline was given; write `dagrun run {file} --force` (everything) or `dagrun run {file} --force STAGE`"
+                "error: `--force {file}` took {file} as the stage to rerun, so no pipeline was given; put the pipeline before `--force`: `dagrun run {file} … --force` (everything) or `… --force STAGE`"
             );
             std::process::exit(exit::CONFIG);
         }

@@ -349,10 +349,12 @@ impl Engine {
             .pop()
             .expect("one result per member")
             .with_context(|| format!("regenerating the input of {consumer} with stage {}", s.name))?;
-        if rec.status == Status::Failed {
-            bail!("regenerating the input of {consumer} with stage {}: {}", s.name, rec.error.as_deref().unwrap_or("it failed"));
-        }
+        let failed = (rec.status == Status::Failed).then(|| rec.error.clone().unwrap_or_else(|| "it failed".into()));
+        // Recorded either way: the producer ran in this run (`scheduler` reports it).
         self.regenerated.lock().unwrap_or_else(|e| e.into_inner()).push((p, rec));
+        if let Some(e) = failed {
+            bail!("regenerating the input of {consumer} with stage {}: {e}", s.name);
+        }
         Ok(true)
     }
 }

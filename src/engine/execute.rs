@@ -183,7 +183,8 @@ impl Engine {
         }
         let prepare = |from: &[Pending], first: bool| -> Result<()> { from.iter().try_for_each(|p| self.prepare_outputs(p.i, first)) };
         let mut error = prepare(&pending, true).err();
-        // Whether the failed member's work ran (its outputs are then its own).
+        // Whether the work ran (an attempt's outputs are then its own; a
+        // retry whose preparation failed may have left some).
         let mut worked = false;
         while error.is_none() && start < pending.len() {
             let works: Vec<Box<LocalWork>> = pending[start..]
@@ -242,7 +243,6 @@ impl Engine {
                 attempt += 1;
                 tracing::warn!("{} failed (attempt {tries} of {}): {e:#}; retrying", s.name, s.retries.saturating_add(1));
                 error = prepare(&pending[start..], false).err();
-                worked = false;
                 continue;
             }
             error = Some(if s.retries > 0 { e.context(format!("failed after {} attempts", tries.saturating_add(1))) } else { e });
@@ -273,17 +273,29 @@ impl Engine {
     /// A `cmd` stage failed after its work ran: what is at its outputs was
     /// written by the failed attempt (each attempt starts from none), so it
     /// goes — not left to be taken for the user's edit by the next run, nor
-    /// read by anyone as a result. Removed only where no link leads the path
-    /// elsewhere; named in a warning.
+    /// read by anyone as a result. Removed only where no folder on its path
+    /// is a link (an output that is itself a link is unlinked, never
+    /// followed); named in a warning.
     fn remove_partial_outputs(&self, i: usize) {
         let s = self.stage(i);
         if s.kind.name() != "cmd" {
             return; // built-in kinds write their outputs whole (atomic renames)
         }
         let mut removed = Vec::new();
+        let ws = &self.pipeline.workspace;
+        // No folder on the way may be a link, even one inside the workspace:
+        // one swapped in while the stage ran would lead to a user's file.
+        let through_a_link = |rel: &str| {
+            let mut at = ws.clone();
+            let parts: Vec<&str> = rel.split('/').collect();
+            parts[..parts.len().saturating_sub(1)].iter().any(|p| {
+                at.push(p);
+                at.symlink_metadata().map_or(true, |m| m.file_type().is_symlink())
+            })
+        };
         for o in &s.outs {
             let abs = self.pipeline.abs(&o.path);
-            if abs.symlink_metadata().is_err() || crate::pipeline::check_output_at_write(&self.pipeline.workspace, &o.path, true).is_err() {
+            if abs.symlink_metadata().is_err() || through_a_link(&o.path) || crate::pipeline::check_output_at_write(ws, &o.path, true).is_err() {
                 continue;
             }
             match remove_path(&abs) {

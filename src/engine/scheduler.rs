@@ -562,11 +562,13 @@ fn schedule(
             g.done[i] = Some(skipped(&p.stages[i].name, why));
         }
     }
-    // A producer decided fresh and later run to regenerate a deleted
-    // sensitive output for a consumer: it ran in this run, and says so.
+    // A producer decided fresh (or restored) and later run to regenerate a
+    // deleted sensitive output for a consumer: it ran in this run (or failed
+    // there), and says so.
     for (i, regen) in engine.regenerated() {
-        if let Some(rec) = g.done[i].as_mut().filter(|r| r.status == Status::Cached) {
-            rec.status = Status::Ran;
+        if let Some(rec) = g.done[i].as_mut().filter(|r| matches!(r.status, Status::Cached | Status::Restored)) {
+            rec.status = regen.status;
+            rec.error = regen.error;
             rec.reasons = regen.reasons;
             rec.seconds = regen.seconds;
             rec.cpu_seconds = regen.cpu_seconds;

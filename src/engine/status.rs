@@ -178,11 +178,11 @@ fn regenerations(engine: &Engine, row: &HashMap<usize, usize>, out: &mut [StageS
         for d in &p.stages[i].deps {
             let Some(j) = p.producer_of(d) else { continue };
             let producer = &p.stages[j];
-            let gone =
-                producer.outs.iter().any(|o| &o.path == d && o.sensitive) && !producer.outs.iter().filter(|o| o.sensitive).all(|o| p.abs(&o.path).exists());
+            // As the run decides: the dep itself is a sensitive output that is gone.
+            let gone = producer.outs.iter().any(|o| &o.path == d && o.sensitive) && p.abs(d).symlink_metadata().is_err();
             if let Some(&pk) = row.get(&j)
                 && gone
-                && out[pk].action == Action::Nothing
+                && out[pk].action != Action::Run
             {
                 out[pk].action = Action::Run;
                 out[pk].reasons.push(format!(

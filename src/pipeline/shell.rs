@@ -11,10 +11,17 @@
 //! - inside `'…'`: a `'` in the value is written `'\''`;
 //! - inside `"…"`: `\`, `"`, `$` and `` ` `` are escaped with a backslash;
 //! - inside a comment: line breaks become spaces (a value cannot end the comment);
-//! - a list param (of strings, numbers or booleans) is one word per item
-//!   where words split (`cat ${params.files}` → `cat a.csv 'b c.csv'`; an empty
-//!   list is no word), and its items joined by spaces inside quotes or a
-//!   comment; any other list or a mapping is its JSON text;
+//! - inside `$(( … ))` arithmetic, which expands what quotes would hide
+//!   (`x[$(cmd)]`), a value that needs quoting is refused as in backticks;
+//! - inside `case … esac` a pattern's `)` ends no `$( … )` (it once made a
+//!   value in `"$(case a in a) echo ${params.v};; esac)"` quoted for the
+//!   double quotes while the shell read it unquoted);
+//! - a list param (of strings, numbers or booleans) standing as a word of its
+//!   own (unquoted, between word breaks, not a redirection's target) is one
+//!   word per item (`cat ${params.files}` → `cat a.csv 'b c.csv'`; an empty
+//!   list is no word, and what follows starts a word as before); anywhere
+//!   else (`X=${…}`, `x${…}`, `> ${…}`, quotes, a comment) its items joined by
+//!   spaces are one value; any other list or a mapping is its JSON text;
 //! - inside backticks or after a here-document operator (`<<`), where quoting
 //!   rules differ, a value that needs quoting is refused at load time with the
 //!   fix: use `$(…)`, or read the value from `$DAGRUN_PARAM_NAME`.
@@ -43,6 +50,11 @@ enum Ctx {
     Double,
     Backtick,
     Comment,
+    /// Inside `case … esac`: plain, but a pattern's `)` ends nothing.
+    Case,
+    /// Inside `$(( … ))`, ended by `))`, and a `( … )` inside it.
+    Arith,
+    ArithParen,
 }
 
 /// The value as it must be written in `ctx`; `Err` when it cannot be written safely there.
@@ -52,7 +64,9 @@ fn quote(v: &str, ctx: Ctx, heredoc: bool) -> Result<String, &'static str> {
     }
     match ctx {
         _ if heredoc && ctx != Ctx::Comment => Err("after a here-document operator (<<)"),
-        Ctx::Plain | Ctx::Paren => Ok(format!("'{}'", v.replace('\'', r"'\''"))),
+        // Arithmetic expands what quotes would hide (`x[$(cmd)]`): no quoting is safe.
+        Ctx::Arith | Ctx::ArithParen => Err("inside $(( … )) arithmetic"),
+        Ctx::Plain | Ctx::Paren | Ctx::Case => Ok(format!("'{}'", v.replace('\'', r"'\''"))),
         Ctx::Single => Ok(v.replace('\'', r"'\''")),
         Ctx::Double => {
             let mut s = String::with_capacity(v.len() + 8);
@@ -120,11 +134,16 @@ pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option
                 None
             };
             if let Some(v) = value {
-                // A list is one word per item where words split (unquoted), one
-                // text of its items joined by spaces inside quotes or a comment.
-                let q = match ctx {
-                    Ctx::Plain | Ctx::Paren if v.len() != 1 => v.iter().map(|w| quote(w, ctx, heredoc)).collect::<Result<Vec<_>, _>>().map(|w| w.join(" ")),
-                    _ => quote(&v.join(" "), ctx, heredoc),
+                // A list is one word per item where it stands as a word of its
+                // own (unquoted, not a redirection's target); elsewhere — part of
+                // a word such as `X=${…}`, in quotes, a comment — one text, its
+                // items joined by spaces.
+                let after = &s[i + 2 + end + 1..];
+                let split = matches!(ctx, Ctx::Plain | Ctx::Paren | Ctx::Case) && v.len() != 1 && stands_alone(&out, after);
+                let q = if split {
+                    v.iter().map(|w| quote(w, ctx, heredoc)).collect::<Result<Vec<_>, _>>().map(|w| w.join(" "))
+                } else {
+                    quote(&v.join(" "), ctx, heredoc)
                 };
                 let q = q.map_err(|place| {
                         format!(
@@ -132,9 +151,10 @@ pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option
                             param_env_suffix(inner.strip_prefix("params.").unwrap_or("TENANT"))
                         )
                     })?;
+                // An empty list writes nothing: what follows starts a word as before.
+                word_start = word_start && q.is_empty();
                 out.push_str(&q);
                 i += 2 + end + 1;
-                word_start = false;
                 continue;
             }
         }
@@ -164,16 +184,40 @@ pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option
                     stack.pop();
                 }
                 b'$' if b.get(i + 1) == Some(&b'(') => {
-                    out.push_str("$(");
-                    stack.push(Ctx::Paren);
-                    i += 2;
+                    i += open_substitution(b, i, &mut out, &mut stack);
                     word_start = true;
                     continue;
                 }
                 b'`' => stack.push(Ctx::Backtick),
                 _ => {}
             },
-            Ctx::Plain | Ctx::Paren | Ctx::Backtick => {
+            Ctx::Arith | Ctx::ArithParen => match c {
+                b'$' if b.get(i + 1) == Some(&b'(') => {
+                    i += open_substitution(b, i, &mut out, &mut stack);
+                    continue;
+                }
+                b'(' => stack.push(Ctx::ArithParen),
+                b')' if ctx == Ctx::ArithParen => {
+                    stack.pop();
+                }
+                b')' if b.get(i + 1) == Some(&b')') => {
+                    stack.pop();
+                    out.push_str("))");
+                    i += 2;
+                    word_start = false;
+                    continue;
+                }
+                _ => {}
+            },
+            Ctx::Plain | Ctx::Paren | Ctx::Backtick | Ctx::Case => {
+                // `case WORD in PATTERN) … ;; esac`: a pattern's `)` ends no `$( … )`.
+                if word_start && ctx != Ctx::Backtick {
+                    if keyword_at(s, i, "case") {
+                        stack.push(Ctx::Case);
+                    } else if ctx == Ctx::Case && keyword_at(s, i, "esac") {
+                        stack.pop();
+                    }
+                }
                 match c {
                     b'\\' => {
                         if let Some(&n) = b.get(i + 1) {
@@ -201,9 +245,7 @@ pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option
                 word_start = matches!(c, b' ' | b'\t' | b'\n' | b';' | b'&' | b'|' | b'(' | b')');
                 // `(` and `)` were handled above; a `$` before `(` is plain text.
                 if c == b'$' && b.get(i + 1) == Some(&b'(') {
-                    out.push_str("$(");
-                    stack.push(Ctx::Paren);
-                    i += 2;
+                    i += open_substitution(b, i, &mut out, &mut stack);
                     word_start = true;
                     continue;
                 }
@@ -215,6 +257,39 @@ pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option
         i += len;
     }
     Ok(out)
+}
+
+/// At `b[i..]`, `$(` or `$((`: copied, and the context it opens pushed.
+/// Returns the bytes consumed.
+fn open_substitution(b: &[u8], i: usize, out: &mut String, stack: &mut Vec<Ctx>) -> usize {
+    if b.get(i + 2) == Some(&b'(') {
+        out.push_str("$((");
+        stack.push(Ctx::Arith);
+        3
+    } else {
+        out.push_str("$(");
+        stack.push(Ctx::Paren);
+        2
+    }
+}
+
+/// Whether the keyword `kw` is the word at `s[i..]` (what follows ends it).
+fn keyword_at(s: &str, i: usize, kw: &str) -> bool {
+    s[i..].starts_with(kw) && s[i + kw.len()..].bytes().next().is_none_or(|c| matches!(c, b' ' | b'\t' | b'\n' | b';' | b'&' | b'|' | b')'))
+}
+
+/// Whether a substitution between `before` (the command written so far) and
+/// `after` (the template after it) is a whole word of its own that the shell
+/// splits from its neighbours and that is not a redirection's target (`> F`,
+/// `>&F`, `2>>F`): only there may a list be several words. Part of a word
+/// (`X=${…}`, `a${…}`, `${…}b`) it is one.
+fn stands_alone(before: &str, after: &str) -> bool {
+    let ends = |c: char| c.is_ascii_whitespace() || matches!(c, ';' | '&' | '|' | '(' | ')');
+    let starts_word = before.chars().last().is_none_or(ends);
+    let ends_word = after.chars().next().is_none_or(|c| c.is_ascii_whitespace() || matches!(c, ';' | '&' | '|' | ')'));
+    let op = before.trim_end_matches([' ', '\t']);
+    let redirect = op.ends_with(['<', '>']) || op.ends_with(">&") || op.ends_with("<&") || op.ends_with(">|");
+    starts_word && ends_word && !redirect
 }
 
 fn utf8_len(first: u8) -> usize {
@@ -333,6 +408,45 @@ mod tests {
         assert_eq!(cmd("echo ${params.mixed}"), "echo 1 true z");
         assert_eq!(sh(&cmd("printf '%s|' ${params.nested}")), "[[1],{\"a\":2}]|");
         assert!(!std::path::Path::new(&format!("/tmp/dagrun-injected-list-{tag}")).exists(), "a value ran as shell code");
+    }
+
+    /// Review 39: a list in an assignment or a redirection is one word; an
+    /// empty list before `#` starts no comment the shell does not see; values
+    /// in `$(( … ))` need no quoting or are refused; a `case` pattern's `)`
+    /// inside `$( … )` ends nothing.
+    #[test]
+    fn review_39_lists_comments_arithmetic_and_case_run_nothing() {
+        let tag = std::process::id();
+        let marker = format!("/tmp/dagrun-injected-r39-{tag}");
+        let params: IndexMap<String, Value> = [
+            ("files".to_string(), serde_json::json!(["a.csv", "touch", marker])),
+            ("none".to_string(), serde_json::json!([])),
+            ("note".to_string(), Value::from(format!("x\ntouch {marker} #"))),
+            ("v".to_string(), Value::from(format!("x; touch {marker};"))),
+            ("n".to_string(), Value::from(format!("x[$(touch {marker})]"))),
+            ("five".to_string(), Value::from(5)),
+        ]
+        .into_iter()
+        .collect();
+        let cmd = |t: &str| interpolate_cmd(t, &params, None, &mut BTreeMap::new());
+        assert_eq!(sh(&cmd("FILES=${params.files}; printf '%s|' \"$FILES\"").unwrap()), format!("a.csv touch {marker}|"));
+        assert_eq!(cmd("cat <${params.files}").unwrap(), format!("cat <'a.csv touch {marker}'"));
+        assert_eq!(cmd("cat 2>> ${params.files} x").unwrap(), format!("cat 2>> 'a.csv touch {marker}' x"));
+        assert_eq!(cmd("cat x${params.files}").unwrap(), format!("cat x'a.csv touch {marker}'"));
+        // Empty and joined to `#`: the word `''#` (no comment for either).
+        assert_eq!(sh(&cmd("echo ${params.none}# ${params.note}").unwrap()), format!("# x\ntouch {marker} #\n"));
+        // Empty and alone: no word; the `#` after it starts a comment for both.
+        assert_eq!(sh(&cmd("echo ${params.none} # ${params.note}").unwrap()), "\n");
+        assert_eq!(sh(&cmd("echo a ${params.none}\n# ${params.note}").unwrap()), "a\n");
+        let e = cmd("echo $((${params.n} + 1))").unwrap_err();
+        assert!(e.contains("arithmetic"), "{e}");
+        assert_eq!(sh(&cmd("echo $((${params.five} + 1))").unwrap()), "6\n");
+        assert_eq!(sh(&cmd("printf '%s|' \"$(case a in a) printf '%s' ${params.v} ;; esac)\"").unwrap()), format!("x; touch {marker};|"));
+        assert_eq!(
+            sh(&cmd("printf '%s|' $(case a in (a) printf '%s' ${params.v} ;; esac) done").unwrap()),
+            "x;|touch|/tmp/dagrun-injected-r39-".to_string() + &tag.to_string() + ";|done|"
+        );
+        assert!(!std::path::Path::new(&marker).exists(), "a value ran as shell code");
     }
 
     #[test]

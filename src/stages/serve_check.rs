@@ -221,7 +221,7 @@ impl StageKind for ServeCheck {
         let promote = format!("`dagrun models promote {tenant} {}` to serve this one", r.model_version);
         let serving = match crate::registry::Registry::of_workspace(&services.workspace).champion(tenant) {
             Ok(Some(c)) if c.version != r.model_version => format!("; not the champion: `predict` and `serve` use {} ({promote})", c.version),
-            Ok(None) => format!("; no champion: `predict` and `serve` have no model for {tenant} ({promote})"),
+            Ok(None) => format!("; no champion: `serve` answers 503 for {tenant} and `predict` uses the latest `train` output ({promote})"),
             _ => String::new(),
         };
         Some(format!(

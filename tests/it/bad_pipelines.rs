@@ -388,7 +388,7 @@ fn force_before_the_pipeline_is_explained() {
     let o = ws.dagrun(&["run", "--force", "pipeline.yaml"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(
-        o.stderr.contains("`--force pipeline.yaml` took pipeline.yaml as the stage to rerun") && o.stderr.contains("`dagrun run pipeline.yaml --force`"),
+        o.stderr.contains("`--force pipeline.yaml` took pipeline.yaml as the stage to rerun") && o.stderr.contains("`dagrun run pipeline.yaml … --force`"),
         "{}",
         o.stderr
     );

@@ -706,3 +706,26 @@ fn restoring_a_folder_output_names_the_files_it_removes() {
     );
     assert!(!ws.exists("parts/extra.txt") && ws.exists("parts/a.txt"));
 }
+
+/// Review 39: a producer restored (its plain output was gone) and then run
+/// to regenerate its sensitive output for a consumer is recorded as ran;
+/// one whose regeneration fails is recorded as failed, never cached.
+#[test]
+fn a_restored_or_failing_regenerated_producer_is_recorded_as_what_it_did() {
+    let ws = Ws::new();
+    ws.pipeline(
+        "params:\n  v: 1\nstages:\n  p:\n    cmd: echo s > s.csv; echo q > q.txt; if [ -f FAIL ]; then exit 3; fi\n    outs: [{path: s.csv, sensitive: true}, q.txt]\n  c:\n    cmd: cat s.csv > c.txt; echo ${params.v} >> c.txt\n    deps: [s.csv]\n    outs: [c.txt]\n",
+    );
+    ws.run(&[]).ok();
+    std::fs::remove_file(ws.path("q.txt")).unwrap();
+    let st = ws.dagrun(&["status", "pipeline.yaml", "-p", "v=2", "--json"]).json();
+    assert_eq!(st["stages"][0]["action"], "run", "{st:#}");
+    let r = ws.run(&["-p", "v=2"]).ok();
+    assert_eq!(r.ran(), set(&["p", "c"]), "{:#}", r.rec());
+    ws.write("FAIL", "");
+    let r = ws.run(&["-p", "v=3"]);
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    assert_eq!(r.statuses()["p"], "failed", "{:#}", r.rec());
+    assert!(r.stage("p")["error"].as_str().is_some_and(|e| e.contains("exit status 3")), "{:#}", r.rec());
+    assert_eq!(r.statuses()["c"], "failed", "{:#}", r.rec());
+}

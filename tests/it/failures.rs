@@ -482,3 +482,22 @@ fn a_failed_stage_leaves_no_partial_output() {
     assert!(!ws.exists("s.txt"), "{}", o.stderr);
     assert_eq!(ws.run(&[]).ok().with("restored"), set(&["s"]));
 }
+
+/// Review 39: a folder on an output's path swapped for a link while the
+/// stage ran (here to a folder of the user's): the failed stage's clean-up
+/// removes nothing through it.
+#[test]
+fn a_failed_stage_removes_nothing_through_a_link_swapped_in_while_it_ran() {
+    let ws = Ws::new();
+    ws.write("keep/x.txt", "USER\n");
+    std::fs::create_dir_all(ws.path("o")).unwrap();
+    ws.pipeline("stages:\n  a:\n    cmd: sleep 1; exit 1\n    outs: [o/x.txt]\n");
+    let bg = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    std::thread::sleep(Duration::from_millis(400));
+    std::fs::remove_dir_all(ws.path("o")).unwrap();
+    std::os::unix::fs::symlink("keep", ws.path("o")).unwrap();
+    let o = bg.wait(HANG);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(ws.read("keep/x.txt"), "USER\n", "{}", o.stderr);
+    assert!(!o.stderr.contains("removed what its attempt had written"), "{}", o.stderr);
+}
