@@ -12,7 +12,9 @@
 //!    references, so changing an unrelated param changes no key;
 //! 4. `cmd` and `env` — for `cmd` stages, the resolved command string and the
 //!    declared environment variables (the rest of the environment is not part of
-//!    the key: declare what matters);
+//!    the key: declare what matters), with, among them, each param value the
+//!    command reads through its `DAGRUN_PARAM_<NAME>` variable because it is
+//!    not a plain word (`pipeline::shell`: such a value is not in the text);
 //! 5. `inputs` — for every declared input (`deps:` and inputs named by the kind),
 //!    its workspace-relative path and the blake3 hash of its content (a directory
 //!    hashes as its tree listing, plus what links leading out of it lead to,

@@ -385,8 +385,11 @@ pub(super) fn expand(
         None => base.to_string(),
     };
     let mut refs = BTreeMap::new();
-    // Values in a command are shell-quoted for their place (see `shell`).
-    let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd(c, params, tenant, &mut refs)).transpose()?;
+    // A value in a command is written as is, or as a reference to the
+    // variable that holds it (see `shell`): those values join the stage's
+    // environment, and so its cache key.
+    let mut passed = BTreeMap::new();
+    let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd_passing(c, params, tenant, &mut refs, &mut passed)).transpose()?;
     let mut with = Map::new();
     let mut with_written = Map::new();
     for (k, v) in &def.with {
@@ -407,6 +410,9 @@ pub(super) fn expand(
         crate::util::child_env::check_declared(k, secrets)?;
         env.insert(k.clone(), interp_str(v, params, tenant, &mut refs)?);
     }
+    // The command reads these through its variables; the param's value wins
+    // over an `env:` entry of the same name (as in `stages/cmd.rs`).
+    env.extend(passed);
     let declared = kind.declare(&with, tenant)?;
     let mut deps = Vec::new();
     for d in &def.deps {

@@ -1,35 +1,40 @@
 //! Values substituted into a `cmd:` string are data, never shell code.
 //!
 //! # Rules
-//! `${params.NAME}` and `${tenant}` in a `cmd:` are replaced by their value
-//! **quoted for the place they appear in**, found by scanning the command the
-//! way `sh` reads it:
-//! - unquoted (also inside `$( … )`): a value of only `A-Z a-z 0-9 _ - . / : = @ % + ,`
-//!   is inserted as is (so ordinary commands and their cache keys are
-//!   unchanged); any other value is wrapped in single quotes, a `'` in it
-//!   written `'\''`;
-//! - inside `'…'`: a `'` in the value is written `'\''`;
-//! - inside `"…"`: `\`, `"`, `$` and `` ` `` are escaped with a backslash;
-//! - inside a comment: line breaks become spaces (a value cannot end the comment);
-//! - inside `$(( … ))` arithmetic, which expands what quotes would hide
-//!   (`x[$(cmd)]`), a value that needs quoting is refused as in backticks;
-//! - inside `case … esac` a pattern's `)` ends no `$( … )` (it once made a
-//!   value in `"$(case a in a) echo ${params.v};; esac)"` quoted for the
-//!   double quotes while the shell read it unquoted);
-//! - a list param (of strings, numbers or booleans) standing as a word of its
-//!   own (unquoted, between word breaks, not a redirection's target) is one
-//!   word per item (`cat ${params.files}` → `cat a.csv 'b c.csv'`; an empty
-//!   list is no word, and what follows starts a word as before); anywhere
-//!   else (`X=${…}`, `x${…}`, `> ${…}`, quotes, a comment) its items joined by
-//!   spaces are one value; any other list or a mapping is its JSON text;
-//! - inside backticks or after a here-document operator (`<<`), where quoting
-//!   rules differ, a value that needs quoting is refused at load time with the
-//!   fix: use `$(…)`, or read the value from `$DAGRUN_PARAM_NAME`.
+//! `${params.NAME}` and `${tenant}` in a `cmd:` are replaced so that **no
+//! byte of a value that could mean anything to the shell enters the
+//! command text**:
+//! - a value of only `A-Z a-z 0-9 _ - . / : = @ % + ,` (no space, quote,
+//!   `$`, backquote, bracket, `;`, `&`, `|`, `<`, `>`, `#`, `\`, `*`, `?`,
+//!   `~`, line break) is inserted as is: it means the same in every place
+//!   of a command, so ordinary commands and their cache keys are unchanged;
+//! - any other value is replaced by a reference to the variable that holds
+//!   it, `DAGRUN_PARAM_<NAME>` (`DAGRUN_TENANT`), set for the command: the
+//!   shell expands it once and never reads the value as code. The form is
+//!   chosen for the place the scanner below finds (`"${V}"` unquoted and in
+//!   a comment, `${V}` inside `"…"`, `'"${V}"'` inside `'…'`), so the
+//!   command sees the exact value; where the scanner is wrong about the
+//!   place (shell grammar is large: review 40 found eight such places in the
+//!   quoting this replaced — here-document bodies, `${V:-"…"}`, `"…"` in
+//!   backticks, `(` in `${V%(*}`, …), the value may come out with quotes
+//!   around it or split, but it still never runs;
+//! - refused at load time, with the fix (read `"$DAGRUN_PARAM_NAME"`), where
+//!   a reference cannot give the exact value or the shell would evaluate it:
+//!   after a here-document operator (`<<`: a quoted delimiter expands
+//!   nothing), and anywhere in a command that uses `((` arithmetic (bash,
+//!   which is `/bin/sh` on some systems, runs `$(cmd)` in an array
+//!   subscript of an evaluated value);
+//! - a list param (of strings, numbers or booleans) may stand only as words
+//!   of its own (unquoted, between word breaks, not a redirection's target),
+//!   one word per item (`cat ${params.files}` → `cat a.csv b.csv`; an empty
+//!   list is no word), and each item must be a plain word as above; anywhere
+//!   else, or with an item that is not, it is refused (review 39: after
+//!   `FILES=` its second item ran as a command);
+//! - two params whose names give the same variable (`a-b`, `a_b`) are
+//!   refused where a reference to one is needed.
 //!
-//! So `-p 'name=x; touch /tmp/injected #'` makes `echo ${params.name}` print
-//! `x; touch /tmp/injected #` and run nothing else. Every param a `cmd` stage
-//! references is also exported to it as `DAGRUN_PARAM_<NAME>` (upper case,
-//! other characters as `_`), the safest way to read a value in a script.
+//! So `-p 'name=x; touch /tmp/injected #'` makes `echo ${params.name}` run
+//! `echo "${DAGRUN_PARAM_NAME}"`, which prints `x; touch /tmp/injected #`.
 
 use indexmap::IndexMap;
 use serde_json::Value;
@@ -57,29 +62,23 @@ enum Ctx {
     ArithParen,
 }
 
-/// The value as it must be written in `ctx`; `Err` when it cannot be written safely there.
-fn quote(v: &str, ctx: Ctx, heredoc: bool) -> Result<String, &'static str> {
+/// How a value is written in `ctx`: as is when it is a plain word (see
+/// [`is_safe`]); else as a reference to `var`, the variable that holds it
+/// (module rules). `Err` (the place) where no reference gives it exactly or
+/// the shell would evaluate it.
+fn write_value(v: &str, var: &str, ctx: Ctx, heredoc: bool, arithmetic: bool) -> Result<String, &'static str> {
     if is_safe(v) {
         return Ok(v.to_string());
     }
+    if arithmetic {
+        return Err("in a command that uses `((` arithmetic (which evaluates what a variable holds)");
+    }
     match ctx {
         _ if heredoc && ctx != Ctx::Comment => Err("after a here-document operator (<<)"),
-        // Arithmetic expands what quotes would hide (`x[$(cmd)]`): no quoting is safe.
         Ctx::Arith | Ctx::ArithParen => Err("inside $(( … )) arithmetic"),
-        Ctx::Plain | Ctx::Paren | Ctx::Case => Ok(format!("'{}'", v.replace('\'', r"'\''"))),
-        Ctx::Single => Ok(v.replace('\'', r"'\''")),
-        Ctx::Double => {
-            let mut s = String::with_capacity(v.len() + 8);
-            for c in v.chars() {
-                if matches!(c, '\\' | '"' | '$' | '`') {
-                    s.push('\\');
-                }
-                s.push(c);
-            }
-            Ok(s)
-        }
-        Ctx::Backtick => Err("inside backticks"),
-        Ctx::Comment => Ok(v.replace(['\n', '\r'], " ")),
+        Ctx::Double => Ok(format!("${{{var}}}")),
+        Ctx::Single => Ok(format!("'\"${{{var}}}\"'")),
+        Ctx::Plain | Ctx::Paren | Ctx::Case | Ctx::Backtick | Ctx::Comment => Ok(format!("\"${{{var}}}\"")),
     }
 }
 
@@ -91,27 +90,48 @@ fn undefined_param(name: &str, params: &IndexMap<String, Value>) -> String {
     )
 }
 
-/// The words a param's value is written as: a list of strings, numbers or
-/// booleans is one word per item; any other value is one word, its text
-/// (a mapping or a nested list as JSON).
-fn words(v: &Value) -> Vec<String> {
+/// A param's value as the command sees it: one text (a string, a number,
+/// a boolean; a mapping as JSON), or a list's items (strings, numbers,
+/// booleans; a list holding anything else is one text, its JSON).
+enum Substituted {
+    One(String),
+    Items(Vec<String>),
+}
+
+fn substituted(v: &Value) -> Substituted {
     let scalar = |x: &Value| match x {
         Value::String(s) => Some(s.clone()),
         Value::Number(_) | Value::Bool(_) => Some(x.to_string()),
         _ => None,
     };
     match v {
-        Value::Array(a) => a.iter().map(scalar).collect::<Option<Vec<_>>>().unwrap_or_else(|| vec![v.to_string()]),
-        other => vec![scalar(other).unwrap_or_else(|| other.to_string())],
+        Value::Array(a) => a.iter().map(scalar).collect::<Option<Vec<_>>>().map_or_else(|| Substituted::One(v.to_string()), Substituted::Items),
+        other => Substituted::One(scalar(other).unwrap_or_else(|| other.to_string())),
     }
 }
 
-/// Resolve `${params.X}` and `${tenant}` in a `cmd:` string, each value quoted
-/// for its place (module docs). Other `${…}` (shell variables) stay as written.
+/// Resolve `${params.X}` and `${tenant}` in a `cmd:` string (module rules).
+/// Other `${…}` (shell variables) stay as written.
 pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option<&str>, refs: &mut BTreeMap<String, Value>) -> Result<String, String> {
+    interpolate_cmd_passing(s, params, tenant, refs, &mut BTreeMap::new())
+}
+
+/// [`interpolate_cmd`], also returning in `passed` every variable a value
+/// was written as a reference to, with the value: the command text no longer
+/// holds those values, so they must enter the cache key beside it (as the
+/// stage's environment, which they are).
+pub fn interpolate_cmd_passing(
+    s: &str,
+    params: &IndexMap<String, Value>,
+    tenant: Option<&str>,
+    refs: &mut BTreeMap<String, Value>,
+    passed: &mut BTreeMap<String, String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(s.len() + 16);
     let mut stack = vec![Ctx::Plain];
     let mut heredoc = false;
+    // Arithmetic anywhere: bash evaluates what a variable holds there.
+    let arithmetic = s.contains("((");
     let b = s.as_bytes();
     let mut i = 0;
     // Whether the previous byte ends a word (so `#` starts a comment).
@@ -127,30 +147,51 @@ pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option
             let value = if let Some(name) = inner.strip_prefix("params.") {
                 let v = params.get(name).ok_or_else(|| undefined_param(name, params))?;
                 refs.insert(name.to_string(), v.clone());
-                Some(words(v))
+                Some((substituted(v), format!("DAGRUN_PARAM_{}", param_env_suffix(name)), Some(name)))
             } else if inner == "tenant" {
-                Some(vec![tenant.ok_or("uses ${tenant} but is not a `foreach: tenants` stage")?.to_string()])
+                Some((Substituted::One(tenant.ok_or("uses ${tenant} but is not a `foreach: tenants` stage")?.to_string()), "DAGRUN_TENANT".to_string(), None))
             } else {
                 None
             };
-            if let Some(v) = value {
-                // A list is one word per item where it stands as a word of its
-                // own (unquoted, not a redirection's target); elsewhere — part of
-                // a word such as `X=${…}`, in quotes, a comment — one text, its
-                // items joined by spaces.
+            if let Some((v, var, name)) = value {
                 let after = &s[i + 2 + end + 1..];
-                let split = matches!(ctx, Ctx::Plain | Ctx::Paren | Ctx::Case) && v.len() != 1 && stands_alone(&out, after);
-                let q = if split {
-                    v.iter().map(|w| quote(w, ctx, heredoc)).collect::<Result<Vec<_>, _>>().map(|w| w.join(" "))
-                } else {
-                    quote(&v.join(" "), ctx, heredoc)
+                let q = match v {
+                    Substituted::One(v) => {
+                        if !is_safe(&v)
+                            && let Some(name) = name
+                            && let Some(other) = params.keys().find(|k| k.as_str() != name && param_env_suffix(k) == param_env_suffix(name))
+                        {
+                            return Err(format!(
+                                "`cmd:` uses ${{{inner}}}, whose value is passed to the command in {var}, which param `{other}` would set too; rename one of them"
+                            ));
+                        }
+                        let w = write_value(&v, &var, ctx, heredoc, arithmetic).map_err(|place| {
+                            format!(
+                                "`cmd:` uses ${{{inner}}} {place}, where its value (it holds characters other than letters, digits and _-./:=@%+,) cannot be written safely; read it from \"${var}\" instead"
+                            )
+                        })?;
+                        if w != v {
+                            passed.insert(var.clone(), v);
+                        }
+                        w
+                    }
+                    Substituted::Items(items) => {
+                        // Words of their own only, each a plain word (module rules).
+                        if !(matches!(ctx, Ctx::Plain | Ctx::Paren | Ctx::Case) && !heredoc && stands_alone(&out, after)) {
+                            return Err(format!(
+                                "`cmd:` uses the list ${{{inner}}} where it is not a word of its own (part of a word such as `X=${{{inner}}}`, a redirection's target, inside quotes, a comment or a here-document); write it between spaces (`cat ${{{inner}}}`), or read \"${var}\" (its JSON)"
+                            ));
+                        }
+                        if let Some((k, item)) = items.iter().enumerate().find(|(_, w)| !is_safe(w)) {
+                            return Err(format!(
+                                "`cmd:` uses the list ${{{inner}}}, whose item {} ({:?}) is not a plain word (letters, digits and _-./:=@%+, only); read the items from \"${var}\" (its JSON) instead",
+                                k + 1,
+                                crate::util::escape_controls(&item.chars().take(40).collect::<String>())
+                            ));
+                        }
+                        items.join(" ")
+                    }
                 };
-                let q = q.map_err(|place| {
-                        format!(
-                            "`cmd:` uses ${{{inner}}} {place}, where its value cannot be quoted safely (it holds characters other than letters, digits and _-./:=@%+,); use $( … ) instead of backticks, or read the value from $DAGRUN_PARAM_{}",
-                            param_env_suffix(inner.strip_prefix("params.").unwrap_or("TENANT"))
-                        )
-                    })?;
                 // An empty list writes nothing: what follows starts a word as before.
                 word_start = word_start && q.is_empty();
                 out.push_str(&q);
@@ -323,16 +364,22 @@ pub fn param_env(refs: &BTreeMap<String, Value>) -> Vec<(String, String)> {
 mod tests {
     use super::*;
 
-    fn run(cmd: &str, value: &str) -> Result<String, String> {
-        let params: IndexMap<String, Value> = [("v".to_string(), Value::from(value)), ("n".to_string(), Value::from(10))].into_iter().collect();
-        interpolate_cmd(cmd, &params, Some("Tenant_A"), &mut BTreeMap::new())
+    /// The command for `tmpl` with `params`, and what `sh -c` prints for it
+    /// with the stage's `DAGRUN_PARAM_*` set (as `stages/cmd.rs` sets them).
+    fn run_with(tmpl: &str, params: &IndexMap<String, Value>) -> Result<(String, String), String> {
+        let mut refs = BTreeMap::new();
+        let cmd = interpolate_cmd(tmpl, params, Some("Tenant_A"), &mut refs)?;
+        let o = std::process::Command::new("/bin/sh").arg("-c").arg(&cmd).env("DAGRUN_TENANT", "Tenant_A").envs(param_env(&refs)).output().unwrap();
+        assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+        Ok((cmd.clone(), String::from_utf8(o.stdout).unwrap()))
     }
 
-    /// What `sh -c` prints for the command.
-    fn sh(cmd: &str) -> String {
-        let o = std::process::Command::new("/bin/sh").arg("-c").arg(cmd).output().unwrap();
-        assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout).unwrap()
+    fn one(name: &str, value: Value) -> IndexMap<String, Value> {
+        [(name.to_string(), value), ("n".to_string(), Value::from(10))].into_iter().collect()
+    }
+
+    fn cmd_of(tmpl: &str, value: &str) -> Result<String, String> {
+        interpolate_cmd(tmpl, &one("v", Value::from(value)), Some("Tenant_A"), &mut BTreeMap::new())
     }
 
     const EVIL: &[&str] = &[
@@ -346,13 +393,19 @@ mod tests {
         "",
         " spaced  out ",
         "*",
+        "}\"'$(touch /tmp/dagrun-injected-{})",
     ];
 
     #[test]
     fn safe_values_are_unchanged() {
-        assert_eq!(run("echo ${params.n} ${tenant} ${HOME} ${params.v}", "a-b_c.d/e:f=g@h%i+j,k").unwrap(), "echo 10 Tenant_A ${HOME} a-b_c.d/e:f=g@h%i+j,k");
+        assert_eq!(
+            cmd_of("echo ${params.n} ${tenant} ${HOME} ${params.v}", "a-b_c.d/e:f=g@h%i+j,k").unwrap(),
+            "echo 10 Tenant_A ${HOME} a-b_c.d/e:f=g@h%i+j,k"
+        );
     }
 
+    /// Any other value never enters the command: it is a reference to its
+    /// variable, in the form that gives the exact value in each place.
     #[test]
     fn every_context_prints_the_value_and_runs_nothing_else() {
         let tag = std::process::id();
@@ -367,86 +420,97 @@ mod tests {
                 ("printf '%s|' \"$(printf '%s' \"${params.v}\")\"", format!("{evil}|")),
                 ("printf '%s|' ok # ${params.v}", "ok|".to_string()),
             ] {
-                let cmd = run(tmpl, &evil).unwrap();
-                let got = sh(&cmd);
-                // Command substitution strips trailing newlines; a lone `*` unquoted would glob: both are quoted here.
+                let (cmd, got) = run_with(tmpl, &one("v", Value::from(evil.as_str()))).unwrap();
                 assert_eq!(got, want, "template {tmpl:?} value {evil:?} became {cmd:?}");
             }
         }
         assert!(!std::path::Path::new(&format!("/tmp/dagrun-injected-{tag}")).exists(), "a value ran as shell code");
     }
 
+    /// Review 40: eight places where the earlier quoting (values written into
+    /// the command, quoted for the place the scanner thought they were in)
+    /// ran a value as code. With references, none does.
     #[test]
-    fn backticks_and_heredocs_refuse_values_that_need_quoting() {
-        let e = run("echo `echo ${params.v}`", "a b").unwrap_err();
-        assert!(e.contains("backticks") && e.contains("DAGRUN_PARAM_V"), "{e}");
-        assert_eq!(run("echo `echo ${params.v}`", "ab").unwrap(), "echo `echo ab`");
-        let e = run("cat <<EOF\n${params.v}\nEOF", "$(id)").unwrap_err();
-        assert!(e.contains("here-document"), "{e}");
+    fn review_40_places_run_nothing() {
+        let tag = std::process::id();
+        let mark = format!("/tmp/dagrun-injected-r40-{tag}");
+        let evil = format!("$(touch {mark})");
+        let templates = [
+            "cat > /dev/null <<EOF\n# config for ${params.v}\nname = demo\nEOF",
+            "echo \"$(echo host)\"#${params.v} > /dev/null",
+            "echo \"hello ${NAME:-\"${params.v}\"}\" > /dev/null",
+            "echo `echo \"${params.v}\"` > /dev/null",
+            "echo \"$(printf '%s' lower case)\" ${params.v} > /dev/null",
+            "N=\"a (b)\"; echo \"$(echo ${N%% (*})\" ${params.v} > /dev/null",
+            "F=data/x.csv; echo \"${F#${params.v}}\" > /dev/null",
+            "echo \"$(case a in a) echo ${params.v} ;; esac)\" > /dev/null",
+        ];
+        for t in templates {
+            for v in [evil.clone(), format!("x; touch {mark};"), format!("x\ntouch {mark} #"), "'".to_string(), format!("}}\"'{evil}")] {
+                match run_with(t, &one("v", Value::from(v.as_str()))) {
+                    Ok((cmd, _)) => assert!(!cmd.contains(&mark), "{t:?} with {v:?} put the value in the command: {cmd}"),
+                    Err(e) => assert!(e.contains("here-document"), "{t:?}: {e}"),
+                }
+                assert!(!std::path::Path::new(&mark).exists(), "{t:?} with {v:?} ran the value");
+            }
+        }
     }
 
-    /// A list param is one word per item where words split, its items joined
-    /// by spaces in quotes; each item quoted like any value (injection-safe).
     #[test]
-    fn a_list_param_is_one_word_per_item() {
-        let tag = std::process::id();
-        let evil = format!("x; touch /tmp/dagrun-injected-list-{tag} #");
-        let list = |items: &[&str]| Value::Array(items.iter().map(|s| Value::from(*s)).collect());
+    fn heredocs_and_arithmetic_refuse_values_that_need_quoting() {
+        let e = cmd_of("cat <<EOF\n${params.v}\nEOF", "$(id)").unwrap_err();
+        assert!(e.contains("here-document") && e.contains("DAGRUN_PARAM_V"), "{e}");
+        assert_eq!(cmd_of("cat <<EOF\n${params.v}\nEOF", "ab").unwrap(), "cat <<EOF\nab\nEOF");
+        let e = cmd_of("echo $((${params.v} + 1))", "x[$(id)]").unwrap_err();
+        assert!(e.contains("arithmetic"), "{e}");
+        let e = cmd_of("echo $((1 + 1)) ${params.v}", "a b").unwrap_err();
+        assert!(e.contains("arithmetic"), "{e}");
+        assert_eq!(run_with("echo $((${params.n} + 1))", &one("v", Value::from("x"))).unwrap().1, "11\n");
+    }
+
+    /// A list is one word per item where it stands alone; each item a plain
+    /// word; anywhere else refused (review 39: after `FILES=` its second item
+    /// ran as a command).
+    #[test]
+    fn a_list_param_is_one_word_per_item_where_it_stands_alone() {
         let params: IndexMap<String, Value> = [
-            ("files".to_string(), list(&["a.csv", "b c.csv", &evil])),
-            ("none".to_string(), list(&[])),
-            ("mixed".to_string(), serde_json::json!([1, true, "z"])),
+            ("files".to_string(), serde_json::json!(["a.csv", "b.csv", 3, true])),
+            ("none".to_string(), serde_json::json!([])),
+            ("spaced".to_string(), serde_json::json!(["a.csv", "b c.csv"])),
             ("nested".to_string(), serde_json::json!([[1], {"a": 2}])),
         ]
         .into_iter()
         .collect();
-        let cmd = |t: &str| interpolate_cmd(t, &params, None, &mut BTreeMap::new()).unwrap();
-        assert_eq!(sh(&cmd("printf '%s|' ${params.files}")), format!("a.csv|b c.csv|{evil}|"));
-        assert_eq!(sh(&cmd("printf '%s|' \"${params.files}\"")), format!("a.csv b c.csv {evil}|"));
-        assert_eq!(sh(&cmd("printf '%s|' '${params.files}'")), format!("a.csv b c.csv {evil}|"));
-        assert_eq!(sh(&cmd("printf '%s|' x ${params.none}")), "x|");
-        assert_eq!(cmd("echo ${params.mixed}"), "echo 1 true z");
-        assert_eq!(sh(&cmd("printf '%s|' ${params.nested}")), "[[1],{\"a\":2}]|");
-        assert!(!std::path::Path::new(&format!("/tmp/dagrun-injected-list-{tag}")).exists(), "a value ran as shell code");
+        let cmd = |t: &str| interpolate_cmd(t, &params, None, &mut BTreeMap::new());
+        assert_eq!(run_with("printf '%s|' ${params.files}", &params).unwrap().1, "a.csv|b.csv|3|true|");
+        assert_eq!(run_with("printf '%s|' x ${params.none} y", &params).unwrap().1, "x|y|");
+        assert_eq!(run_with("printf '%s|' $(echo ${params.files})", &params).unwrap().1, "a.csv|b.csv|3|true|");
+        for t in [
+            "FILES=${params.files}",
+            "cat <${params.files}",
+            "cat 2>> ${params.files}",
+            "cat x${params.files}",
+            "echo \"${params.files}\"",
+            "echo '${params.files}'",
+            "echo ok # ${params.files}",
+        ] {
+            let e = cmd(t).unwrap_err();
+            assert!(e.contains("not a word of its own"), "{t}: {e}");
+        }
+        let e = cmd("cat ${params.spaced}").unwrap_err();
+        assert!(e.contains("item 2 (\"b c.csv\") is not a plain word"), "{e}");
+        // A list holding lists or mappings is one text, its JSON: a reference.
+        assert_eq!(run_with("printf '%s|' ${params.nested}", &params).unwrap().1, "[[1],{\"a\":2}]|");
+        // An empty list before `#`: what follows starts a word as before, for both.
+        assert_eq!(run_with("echo a ${params.none} # b", &params).unwrap().1, "a\n");
     }
 
-    /// Review 39: a list in an assignment or a redirection is one word; an
-    /// empty list before `#` starts no comment the shell does not see; values
-    /// in `$(( … ))` need no quoting or are refused; a `case` pattern's `)`
-    /// inside `$( … )` ends nothing.
     #[test]
-    fn review_39_lists_comments_arithmetic_and_case_run_nothing() {
-        let tag = std::process::id();
-        let marker = format!("/tmp/dagrun-injected-r39-{tag}");
-        let params: IndexMap<String, Value> = [
-            ("files".to_string(), serde_json::json!(["a.csv", "touch", marker])),
-            ("none".to_string(), serde_json::json!([])),
-            ("note".to_string(), Value::from(format!("x\ntouch {marker} #"))),
-            ("v".to_string(), Value::from(format!("x; touch {marker};"))),
-            ("n".to_string(), Value::from(format!("x[$(touch {marker})]"))),
-            ("five".to_string(), Value::from(5)),
-        ]
-        .into_iter()
-        .collect();
-        let cmd = |t: &str| interpolate_cmd(t, &params, None, &mut BTreeMap::new());
-        assert_eq!(sh(&cmd("FILES=${params.files}; printf '%s|' \"$FILES\"").unwrap()), format!("a.csv touch {marker}|"));
-        assert_eq!(cmd("cat <${params.files}").unwrap(), format!("cat <'a.csv touch {marker}'"));
-        assert_eq!(cmd("cat 2>> ${params.files} x").unwrap(), format!("cat 2>> 'a.csv touch {marker}' x"));
-        assert_eq!(cmd("cat x${params.files}").unwrap(), format!("cat x'a.csv touch {marker}'"));
-        // Empty and joined to `#`: the word `''#` (no comment for either).
-        assert_eq!(sh(&cmd("echo ${params.none}# ${params.note}").unwrap()), format!("# x\ntouch {marker} #\n"));
-        // Empty and alone: no word; the `#` after it starts a comment for both.
-        assert_eq!(sh(&cmd("echo ${params.none} # ${params.note}").unwrap()), "\n");
-        assert_eq!(sh(&cmd("echo a ${params.none}\n# ${params.note}").unwrap()), "a\n");
-        let e = cmd("echo $((${params.n} + 1))").unwrap_err();
-        assert!(e.contains("arithmetic"), "{e}");
-        assert_eq!(sh(&cmd("echo $((${params.five} + 1))").unwrap()), "6\n");
-        assert_eq!(sh(&cmd("printf '%s|' \"$(case a in a) printf '%s' ${params.v} ;; esac)\"").unwrap()), format!("x; touch {marker};|"));
-        assert_eq!(
-            sh(&cmd("printf '%s|' $(case a in (a) printf '%s' ${params.v} ;; esac) done").unwrap()),
-            "x;|touch|/tmp/dagrun-injected-r39-".to_string() + &tag.to_string() + ";|done|"
-        );
-        assert!(!std::path::Path::new(&marker).exists(), "a value ran as shell code");
+    fn two_params_that_share_a_variable_are_refused_where_a_reference_is_needed() {
+        let params: IndexMap<String, Value> = [("a-b".to_string(), Value::from("x y")), ("a_b".to_string(), Value::from("z"))].into_iter().collect();
+        let e = interpolate_cmd("echo ${params.a-b}", &params, None, &mut BTreeMap::new()).unwrap_err();
+        assert!(e.contains("DAGRUN_PARAM_A_B") && e.contains("`a_b`"), "{e}");
+        assert_eq!(interpolate_cmd("echo ${params.a_b}", &params, None, &mut BTreeMap::new()).unwrap(), "echo z");
     }
 
     #[test]

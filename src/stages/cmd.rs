@@ -117,8 +117,10 @@ impl StageKind for Cmd {
         if let Some(t) = &s.tenant {
             env.insert("DAGRUN_TENANT".into(), t.into());
         }
-        env.extend(crate::pipeline::shell::param_env(&s.param_refs).into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
         env.extend(s.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
+        // After the stage's `env:`: a value the command reads through its
+        // variable (pipeline::shell) is the param's, whatever `env:` says.
+        env.extend(crate::pipeline::shell::param_env(&s.param_refs).into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
         // The master key's URI names the PIN's file (pin-source) or holds the PIN
         // (pin-value): no child process gets it, whatever the stage declares.
         env.remove(OsStr::new(crate::crypto::master::ENV_MASTER_KEY_URI));

@@ -157,6 +157,25 @@ fn param_values_are_data_not_shell_code() {
         assert!(!ws.exists("injected"), "-p name={evil} ran shell code");
         assert_eq!(ws.read("out.txt"), format!("{evil}\n[{evil}]\n{evil}\n"), "{evil}");
     }
+    // Review 40: places where the earlier quoting let a value run (a
+    // here-document line read as a comment, quotes nested in `${V:-"…"}`,
+    // `"…"` in backticks, the word `case`, `(` in `${V%% (*}`, `#` after
+    // `$( … )`): a value that is not a plain word never enters the command.
+    for tmpl in [
+        "cat > out.txt <<EOF\n      # config for ${params.name}\n      EOF",
+        "echo \"hello ${NAME:-\"${params.name}\"}\" > out.txt",
+        "echo `echo \"${params.name}\"` > out.txt",
+        "echo \"$(printf '%s' lower case)\" ${params.name} > out.txt",
+        "N=\"a (b)\"; echo \"$(echo ${N%% (*})\" ${params.name} > out.txt",
+        "echo \"$(echo v)\"#${params.name} > out.txt",
+    ] {
+        ws.pipeline(&format!("params:\n  name: plain\nstages:\n  a:\n    cmd: |\n      {tmpl}\n    outs: [out.txt]\n"));
+        for evil in ["$(touch injected)", "x; touch injected;", "x\ntouch injected #"] {
+            let o = dg(&ws, &["run", "pipeline.yaml", "-p", &format!("name={evil}")]);
+            assert!(o.code == 0 || o.code == 2, "{tmpl} / {evil}: {}", o.stderr);
+            assert!(!ws.exists("injected"), "-p name={evil} ran shell code in {tmpl:?}: {}", o.stderr);
+        }
+    }
 }
 
 #[test]
