@@ -21,9 +21,9 @@
 //! - refused at load time, with the fix (read `"$DAGRUN_PARAM_NAME"`), where
 //!   a reference cannot give the exact value or the shell would evaluate it:
 //!   after a here-document operator (`<<`: a quoted delimiter expands
-//!   nothing), and anywhere in a command that uses `((` arithmetic (bash,
-//!   which is `/bin/sh` on some systems, runs `$(cmd)` in an array
-//!   subscript of an evaluated value);
+//!   nothing), and anywhere in a command that uses arithmetic (`((`, `$[`,
+//!   `[[`, `let`, `declare`, `typeset`: bash, which is `/bin/sh` on some
+//!   systems, runs `$(cmd)` in an array subscript of a value it evaluates);
 //! - a list param (of strings, numbers or booleans) may stand only as words
 //!   of its own (unquoted, between word breaks, not a redirection's target),
 //!   one word per item (`cat ${params.files}` → `cat a.csv b.csv`; an empty
@@ -71,7 +71,7 @@ fn write_value(v: &str, var: &str, ctx: Ctx, heredoc: bool, arithmetic: bool) ->
         return Ok(v.to_string());
     }
     if arithmetic {
-        return Err("in a command that uses `((` arithmetic (which evaluates what a variable holds)");
+        return Err("in a command that uses arithmetic (`((`, `$[`, `[[`, `let`, `declare`: bash evaluates what a variable holds there)");
     }
     match ctx {
         _ if heredoc && ctx != Ctx::Comment => Err("after a here-document operator (<<)"),
@@ -130,8 +130,9 @@ pub fn interpolate_cmd_passing(
     let mut out = String::with_capacity(s.len() + 16);
     let mut stack = vec![Ctx::Plain];
     let mut heredoc = false;
-    // Arithmetic anywhere: bash evaluates what a variable holds there.
-    let arithmetic = s.contains("((");
+    // Arithmetic anywhere: bash evaluates what a variable holds there
+    // (`(( ))`, `$(( ))`, `$[ ]`, `[[ … -eq … ]]`, `let`, `declare -i`).
+    let arithmetic = s.contains("((") || s.contains("$[") || s.contains("[[") || ["let", "declare", "typeset"].iter().any(|w| has_word(s, w));
     let b = s.as_bytes();
     let mut i = 0;
     // Whether the previous byte ends a word (so `#` starts a comment).
@@ -314,6 +315,12 @@ fn open_substitution(b: &[u8], i: usize, out: &mut String, stack: &mut Vec<Ctx>)
     }
 }
 
+/// Whether `w` is a word of `s` (between non-word characters).
+fn has_word(s: &str, w: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    s.match_indices(w).any(|(k, _)| !s[..k].chars().next_back().is_some_and(word) && !s[k + w.len()..].chars().next().is_some_and(word))
+}
+
 /// Whether the keyword `kw` is the word at `s[i..]` (what follows ends it).
 fn keyword_at(s: &str, i: usize, kw: &str) -> bool {
     s[i..].starts_with(kw) && s[i + kw.len()..].bytes().next().is_none_or(|c| matches!(c, b' ' | b'\t' | b'\n' | b';' | b'&' | b'|' | b')'))
@@ -463,8 +470,11 @@ mod tests {
         assert_eq!(cmd_of("cat <<EOF\n${params.v}\nEOF", "ab").unwrap(), "cat <<EOF\nab\nEOF");
         let e = cmd_of("echo $((${params.v} + 1))", "x[$(id)]").unwrap_err();
         assert!(e.contains("arithmetic"), "{e}");
-        let e = cmd_of("echo $((1 + 1)) ${params.v}", "a b").unwrap_err();
-        assert!(e.contains("arithmetic"), "{e}");
+        for t in ["echo $((1 + 1)) ${params.v}", "[[ ${params.v} -gt 1 ]] && echo", "let x=${params.v}", "echo $[${params.v}]"] {
+            let e = cmd_of(t, "a[$(id)]").unwrap_err();
+            assert!(e.contains("arithmetic"), "{t}: {e}");
+        }
+        assert_eq!(cmd_of("letter=${params.v}", "a b").unwrap(), "letter=\"${DAGRUN_PARAM_V}\"");
         assert_eq!(run_with("echo $((${params.n} + 1))", &one("v", Value::from("x"))).unwrap().1, "11\n");
     }
 
