@@ -12,18 +12,22 @@
 //!   it, `DAGRUN_PARAM_<NAME>` (`DAGRUN_TENANT`), set for the command: the
 //!   shell expands it once and never reads the value as code. The form is
 //!   chosen for the place the scanner below finds (`"${V}"` unquoted and in
-//!   a comment, `${V}` inside `"…"`, `'"${V}"'` inside `'…'`), so the
-//!   command sees the exact value; where the scanner is wrong about the
+//!   a comment, `${V}` inside `"…"`), so the command sees the exact value; where the scanner is wrong about the
 //!   place (shell grammar is large: review 40 found eight such places in the
 //!   quoting this replaced — here-document bodies, `${V:-"…"}`, `"…"` in
 //!   backticks, `(` in `${V%(*}`, …), the value may come out with quotes
 //!   around it or split, but it still never runs;
 //! - refused at load time, with the fix (read `"$DAGRUN_PARAM_NAME"`), where
-//!   a reference cannot give the exact value or the shell would evaluate it:
-//!   after a here-document operator (`<<`: a quoted delimiter expands
-//!   nothing), and anywhere in a command that uses arithmetic (`((`, `$[`,
-//!   `[[`, `let`, `declare`, `typeset`: bash, which is `/bin/sh` on some
-//!   systems, runs `$(cmd)` in an array subscript of a value it evaluates);
+//!   a reference cannot give the exact value or something would read it as
+//!   code (review 41): inside `'…'` (usually another program's code: `sh -c
+//!   '…'`, awk, sed); inside `"…"` in a command handing text to another
+//!   shell (`-c`, `eval`, `trap`); in a builtin's variable-name word (`read`,
+//!   `unset`, `printf -v`, …); anywhere in a command using arithmetic bash
+//!   evaluates values in (`((`, `$[`, `[[`, `let`, `declare`, `${V:N}`,
+//!   `a[…]`, `${!V}`: bash, `/bin/sh` on some systems, runs `$(cmd)` in an
+//!   array subscript); after a here-document operator (`<<`: a quoted
+//!   delimiter expands nothing). Inside `$(( … ))` / `(( … ))` only a whole
+//!   number stands (a name there is evaluated);
 //! - a list param (of strings, numbers or booleans) may stand only as words
 //!   of its own (unquoted, between word breaks, not a redirection's target),
 //!   one word per item (`cat ${params.files}` → `cat a.csv b.csv`; an empty
@@ -62,24 +66,102 @@ enum Ctx {
     ArithParen,
 }
 
+/// Where a value goes, beyond the scanner's context.
+#[derive(Clone, Copy, Default)]
+struct Place {
+    /// After `<<` (a here-document).
+    heredoc: bool,
+    /// The command uses arithmetic bash evaluates variables in.
+    arithmetic: bool,
+    /// The command hands text to another shell (`-c`, `eval`, `trap`).
+    handoff: bool,
+    /// The word where a builtin takes a variable's name (`read`, `unset`,
+    /// `printf -v`, …): bash evaluates a subscript in it.
+    name: bool,
+}
+
 /// How a value is written in `ctx`: as is when it is a plain word (see
 /// [`is_safe`]); else as a reference to `var`, the variable that holds it
 /// (module rules). `Err` (the place) where no reference gives it exactly or
-/// the shell would evaluate it.
-fn write_value(v: &str, var: &str, ctx: Ctx, heredoc: bool, arithmetic: bool) -> Result<String, &'static str> {
+/// a shell or another program would read it as code.
+fn write_value(v: &str, var: &str, ctx: Ctx, place: Place) -> Result<String, &'static str> {
+    if matches!(ctx, Ctx::Arith | Ctx::ArithParen) {
+        // A name there is evaluated (its variable's value, recursively): numbers only.
+        let digits = v.strip_prefix('-').unwrap_or(v);
+        return if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(v.to_string())
+        } else {
+            Err("inside arithmetic, where a name is evaluated: only a whole number may stand there")
+        };
+    }
     if is_safe(v) {
         return Ok(v.to_string());
     }
-    if arithmetic {
-        return Err("in a command that uses arithmetic (`((`, `$[`, `[[`, `let`, `declare`: bash evaluates what a variable holds there)");
+    if place.arithmetic {
+        return Err(
+            "in a command that uses arithmetic (`((`, `$[`, `[[`, `let`, `declare`, `${V:N}`, `a[…]`, `${!V}`: bash evaluates what a variable holds there)",
+        );
+    }
+    if place.name {
+        return Err("where a command takes a variable's name (`read`, `unset`, `printf -v`, `local`, `export`, …)");
     }
     match ctx {
-        _ if heredoc && ctx != Ctx::Comment => Err("after a here-document operator (<<)"),
-        Ctx::Arith | Ctx::ArithParen => Err("inside $(( … )) arithmetic"),
+        _ if place.heredoc && ctx != Ctx::Comment => Err("after a here-document operator (<<)"),
+        Ctx::Single => Err("inside '…', text another program usually reads as its code (`sh -c '…'`, awk, sed, python: it would read the value as code)"),
+        Ctx::Double if place.handoff => {
+            Err("inside \"…\" in a command that hands text to another shell (`-c`, `eval`, `trap`: it would read the value as code)")
+        }
+        Ctx::Arith | Ctx::ArithParen => unreachable!("handled above"),
         Ctx::Double => Ok(format!("${{{var}}}")),
-        Ctx::Single => Ok(format!("'\"${{{var}}}\"'")),
         Ctx::Plain | Ctx::Paren | Ctx::Case | Ctx::Backtick | Ctx::Comment => Ok(format!("\"${{{var}}}\"")),
     }
+}
+
+/// Whether the command uses a bash construct that evaluates what a variable
+/// holds (arithmetic, an array subscript, a substring offset, indirection).
+fn uses_arithmetic(s: &str) -> bool {
+    if s.contains("((") || s.contains("$[") || s.contains("[[") || s.contains("${!") || ["let", "declare", "typeset"].iter().any(|w| has_word(s, w)) {
+        return true;
+    }
+    let b = s.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    // `a[…]`: a subscript.
+    if b.windows(2).any(|w| word(w[0]) && w[1] == b'[') {
+        return true;
+    }
+    // `${NAME:…}` other than `:-`, `:=`, `:?`, `:+`: a substring, whose offsets are arithmetic.
+    s.match_indices("${").any(|(k, _)| {
+        let rest = &b[k + 2..];
+        let n = rest.iter().take_while(|&&c| word(c)).count();
+        n > 0 && rest.get(n) == Some(&b':') && !matches!(rest.get(n + 1), Some(b'-' | b'=' | b'?' | b'+'))
+    })
+}
+
+/// Whether a word starting after `before` is where a builtin takes a
+/// variable's name: after `read`, `unset`, `export`, `local`, `readonly`,
+/// `declare`, `typeset`, `getopts`, `mapfile`, `readarray` (and their
+/// options), or after `-v` (`printf -v`, `test -v`).
+fn name_position(before: &str) -> bool {
+    const NAMES: [&str; 10] = ["read", "unset", "export", "local", "readonly", "declare", "typeset", "getopts", "mapfile", "readarray"];
+    if !before.ends_with([' ', '\t']) {
+        return false;
+    }
+    for t in before.split([' ', '\t', '\n']).rev().filter(|t| !t.is_empty()).take(6) {
+        if t == "-v" {
+            return true;
+        }
+        if t.starts_with('-') {
+            continue;
+        }
+        return NAMES.contains(&t.trim_start_matches([';', '&', '|', '(', '{']));
+    }
+    false
+}
+
+/// Whether the command hands text to another shell: `-c` (sh, bash, su),
+/// `eval` or `trap`.
+fn hands_off(s: &str) -> bool {
+    has_word(s, "eval") || has_word(s, "trap") || s.split([' ', '\t', '\n']).any(|w| w == "-c")
 }
 
 fn undefined_param(name: &str, params: &IndexMap<String, Value>) -> String {
@@ -130,9 +212,10 @@ pub fn interpolate_cmd_passing(
     let mut out = String::with_capacity(s.len() + 16);
     let mut stack = vec![Ctx::Plain];
     let mut heredoc = false;
-    // Arithmetic anywhere: bash evaluates what a variable holds there
-    // (`(( ))`, `$(( ))`, `$[ ]`, `[[ … -eq … ]]`, `let`, `declare -i`).
-    let arithmetic = s.contains("((") || s.contains("$[") || s.contains("[[") || ["let", "declare", "typeset"].iter().any(|w| has_word(s, w));
+    // Arithmetic anywhere (bash evaluates what a variable holds there), and
+    // text handed to another shell.
+    let arithmetic = uses_arithmetic(s);
+    let handoff = hands_off(s);
     let b = s.as_bytes();
     let mut i = 0;
     // Whether the previous byte ends a word (so `#` starts a comment).
@@ -166,7 +249,8 @@ pub fn interpolate_cmd_passing(
                                 "`cmd:` uses ${{{inner}}}, whose value is passed to the command in {var}, which param `{other}` would set too; rename one of them"
                             ));
                         }
-                        let w = write_value(&v, &var, ctx, heredoc, arithmetic).map_err(|place| {
+                        let place = Place { heredoc, arithmetic, handoff, name: name_position(&out) };
+                        let w = write_value(&v, &var, ctx, place).map_err(|place| {
                             format!(
                                 "`cmd:` uses ${{{inner}}} {place}, where its value (it holds characters other than letters, digits and _-./:=@%+,) cannot be written safely; read it from \"${var}\" instead"
                             )
@@ -276,6 +360,13 @@ pub fn interpolate_cmd_passing(
                         stack.pop();
                     }
                     b'`' => stack.push(Ctx::Backtick),
+                    // `(( … ))`, bash's arithmetic command: as `$(( … ))`.
+                    b'(' if word_start && b.get(i + 1) == Some(&b'(') => {
+                        out.push_str("((");
+                        stack.push(Ctx::Arith);
+                        i += 2;
+                        continue;
+                    }
                     b'(' => stack.push(Ctx::Paren),
                     b')' if ctx == Ctx::Paren => {
                         stack.pop();
@@ -422,7 +513,6 @@ mod tests {
                 ("printf '%s|' ${params.v}", format!("{evil}|")),
                 ("printf '%s|' \"${params.v}\"", format!("{evil}|")),
                 ("printf '%s|' \"x${params.v}y\"", format!("x{evil}y|")),
-                ("printf '%s|' 'x${params.v}y'", format!("x{evil}y|")),
                 ("printf '%s|' \"$(printf '%s' ${params.v})\"", format!("{evil}|")),
                 ("printf '%s|' \"$(printf '%s' \"${params.v}\")\"", format!("{evil}|")),
                 ("printf '%s|' ok # ${params.v}", "ok|".to_string()),
@@ -461,6 +551,41 @@ mod tests {
                 assert!(!std::path::Path::new(&mark).exists(), "{t:?} with {v:?} ran the value");
             }
         }
+    }
+
+    /// Review 41: text in `'…'` is usually another program's code (`sh -c
+    /// '…'`, awk, sed, python), as is `"…"` in a command handing text to
+    /// another shell; a builtin's variable-name word and bash's arithmetic
+    /// places evaluate what they get: values that are not plain words are
+    /// refused there, with the fix. Plain words still go in.
+    #[test]
+    fn review_41_places_refuse_values_that_are_not_plain_words() {
+        for (t, place) in [
+            ("sh -c 'echo ${params.v}'", "inside '…'"),
+            ("echo 'x${params.v}y'", "inside '…'"),
+            ("sh -c \"echo ${params.v}\"", "hands text to another shell"),
+            ("eval \"echo ${params.v}\"", "hands text to another shell"),
+            ("trap \"echo ${params.v}\" EXIT", "hands text to another shell"),
+            ("X=hello; echo ${X:${params.v}}", "arithmetic"),
+            ("a[${params.v}]=1", "arithmetic"),
+            ("N=${params.v}; echo ${!N}", "arithmetic"),
+            ("printf -v ${params.v} %s hi", "variable's name"),
+            ("echo hi | read -r ${params.v}", "variable's name"),
+            ("f() { local ${params.v}; }", "variable's name"),
+        ] {
+            let e = cmd_of(t, "a[$(id)]").unwrap_err();
+            assert!(e.contains(place) && e.contains("DAGRUN_PARAM_V"), "{t}: {e}");
+            assert!(cmd_of(t, "plain").is_ok(), "{t}");
+        }
+        // In arithmetic only a number: a name would be evaluated (its variable's value).
+        assert_eq!(cmd_of("echo $((10 * ${params.v}))", "-3").unwrap(), "echo $((10 * -3))");
+        let e = cmd_of("echo $((10 * ${params.v}))", "LABEL").unwrap_err();
+        assert!(e.contains("only a whole number"), "{e}");
+        let e = cmd_of("((x = ${params.v}))", "LABEL").unwrap_err();
+        assert!(e.contains("only a whole number"), "{e}");
+        // Ordinary commands are unaffected.
+        assert_eq!(cmd_of("echo \"hello ${params.v}\" | wc -l", "Jane Doe").unwrap(), "echo \"hello ${DAGRUN_PARAM_V}\" | wc -l");
+        assert_eq!(cmd_of("while read line; do echo ${params.v}; done", "a b").unwrap(), "while read line; do echo \"${DAGRUN_PARAM_V}\"; done");
     }
 
     #[test]

@@ -175,7 +175,7 @@ fn everything_from_files_is_escaped() {
     std::fs::create_dir_all(ws.join(".dagrun")).unwrap();
     std::fs::write(
         ws.join("pipeline.yaml"),
-        "params:\n  note: plain\nstages:\n  say:\n    cmd: printf '%s' '${params.note}' > said.txt\n    outs: [said.txt]\n",
+        "params:\n  note: plain\nstages:\n  say:\n    cmd: printf '%s' \"${params.note}\" > said.txt\n    outs: [said.txt]\n",
     )
     .unwrap();
     ok(&dagrun(ws, &["run", "pipeline.yaml"]));
