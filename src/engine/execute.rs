@@ -4,7 +4,9 @@
 //! as soon as it is known.
 //!
 //! Rules: a stage's outputs are checked at write time (no link may redirect
-//! them); a `cmd` stage starts from no outputs on every attempt; a job's
+//! them); a `cmd` stage starts from no outputs on every attempt, and one that
+//! fails for good after its work ran leaves none (what is there is its failed
+//! attempt's; never removed through a folder link); a job's
 //! result is accepted only under the key dagrun decided on; a member of a
 //! job group that cannot run is `skipped`, never silently cached; a stage
 //! whose inputs changed while it ran (hashed again after it, through the

@@ -252,7 +252,7 @@ pub fn interpolate_cmd_passing(
                         let place = Place { heredoc, arithmetic, handoff, name: name_position(&out) };
                         let w = write_value(&v, &var, ctx, place).map_err(|place| {
                             format!(
-                                "`cmd:` uses ${{{inner}}} {place}, where its value (it holds characters other than letters, digits and _-./:=@%+,) cannot be written safely; read it from \"${var}\" instead"
+                                "`cmd:` uses ${{{inner}}} {place}, and its value may not stand there; read it from \"${var}\" instead (a value of letters, digits and _-./:=@%+, only may stand anywhere else)"
                             )
                         })?;
                         if w != v {
