@@ -27,7 +27,8 @@
 //!   `a[…]`, `${!V}`: bash, `/bin/sh` on some systems, runs `$(cmd)` in an
 //!   array subscript); after a here-document operator (`<<`: a quoted
 //!   delimiter expands nothing). Inside `$(( … ))` / `(( … ))` only a whole
-//!   number stands (a name there is evaluated);
+//!   number stands (a name there is evaluated); a number written right
+//!   before `<` or `>` is a reference too (else `2>f` names a descriptor);
 //! - a list param (of strings, numbers or booleans) may stand only as words
 //!   of its own (unquoted, between word breaks, not a redirection's target),
 //!   one word per item (`cat ${params.files}` → `cat a.csv b.csv`; an empty
@@ -250,7 +251,15 @@ pub fn interpolate_cmd_passing(
                             ));
                         }
                         let place = Place { heredoc, arithmetic, handoff, name: name_position(&out) };
-                        let w = write_value(&v, &var, ctx, place).map_err(|place| {
+                        // A number written just before `<` or `>` would be read as a file
+                        // descriptor (`echo ${x}>f`, x=2: `echo 2>f`): its variable instead.
+                        let fd = matches!(ctx, Ctx::Plain | Ctx::Paren | Ctx::Case)
+                            && !v.is_empty()
+                            && v.bytes().all(|c| c.is_ascii_digit())
+                            && after.starts_with(['<', '>'])
+                            && out.chars().next_back().is_none_or(|c| c.is_ascii_whitespace() || matches!(c, ';' | '&' | '|' | '('));
+                        let w = if fd { Ok(format!("\"${{{var}}}\"")) } else { write_value(&v, &var, ctx, place) };
+                        let w = w.map_err(|place| {
                             format!(
                                 "`cmd:` uses ${{{inner}}} {place}, and its value may not stand there; read it from \"${var}\" instead (a value of letters, digits and _-./:=@%+, only may stand anywhere else)"
                             )
@@ -646,6 +655,15 @@ mod tests {
         let e = interpolate_cmd("echo ${params.a-b}", &params, None, &mut BTreeMap::new()).unwrap_err();
         assert!(e.contains("DAGRUN_PARAM_A_B") && e.contains("`a_b`"), "{e}");
         assert_eq!(interpolate_cmd("echo ${params.a_b}", &params, None, &mut BTreeMap::new()).unwrap(), "echo z");
+    }
+
+    /// Review 41: a number right before `<` or `>` is not a file descriptor.
+    #[test]
+    fn a_number_before_a_redirection_stays_a_word() {
+        assert_eq!(cmd_of("echo ${params.v}>/dev/null", "2").unwrap(), "echo \"${DAGRUN_PARAM_V}\">/dev/null");
+        assert_eq!(run_with("echo ${params.v}>&1", &one("v", Value::from("2"))).unwrap().1, "2\n");
+        assert_eq!(cmd_of("echo ${params.v} >/dev/null", "2").unwrap(), "echo 2 >/dev/null");
+        assert_eq!(cmd_of("echo a${params.v}>/dev/null", "2").unwrap(), "echo a2>/dev/null");
     }
 
     #[test]
