@@ -287,14 +287,7 @@ impl Engine {
         let ws = &self.pipeline.workspace;
         // No folder on the way may be a link, even one inside the workspace:
         // one swapped in while the stage ran would lead to a user's file.
-        let through_a_link = |rel: &str| {
-            let mut at = ws.clone();
-            let parts: Vec<&str> = rel.split('/').collect();
-            parts[..parts.len().saturating_sub(1)].iter().any(|p| {
-                at.push(p);
-                at.symlink_metadata().map_or(true, |m| m.file_type().is_symlink())
-            })
-        };
+        let through_a_link = |rel: &str| Path::new(rel).parent().is_some_and(|dir| crate::util::nofollow::Dir::open(ws, dir).is_err());
         for o in &s.outs {
             let abs = self.pipeline.abs(&o.path);
             if abs.symlink_metadata().is_err() || through_a_link(&o.path) || crate::pipeline::check_output_at_write(ws, &o.path, true).is_err() {

@@ -566,16 +566,10 @@ fn schedule(
     // deleted sensitive output for a consumer: it ran in this run (or failed
     // there), and says so.
     for (i, regen) in engine.regenerated() {
+        // The record is that execution's; only when and where the stage was
+        // decided (its slot in the run) stays.
         if let Some(rec) = g.done[i].as_mut().filter(|r| matches!(r.status, Status::Cached | Status::Restored)) {
-            rec.status = regen.status;
-            rec.error = regen.error;
-            rec.reasons = regen.reasons;
-            rec.seconds = regen.seconds;
-            rec.cpu_seconds = regen.cpu_seconds;
-            rec.outputs = regen.outputs;
-            rec.outputs_changed = regen.outputs_changed;
-            rec.recorded = regen.recorded;
-            rec.key = regen.key;
+            *rec = StageRecord { start_s: rec.start_s, end_s: rec.end_s, worker: rec.worker, ..regen };
         }
     }
     let records = order.iter().filter_map(|&i| g.done[i].take()).collect();

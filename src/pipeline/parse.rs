@@ -389,7 +389,7 @@ pub(super) fn expand(
     // variable that holds it (see `shell`): those values join the stage's
     // environment, and so its cache key.
     let mut passed = BTreeMap::new();
-    let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd_passing(c, params, tenant, &mut refs, &mut passed)).transpose()?;
+    let cmd = def.cmd.as_deref().map(|c| shell::interpolate_cmd(c, params, tenant, &mut refs, &mut passed)).transpose()?;
     let mut with = Map::new();
     let mut with_written = Map::new();
     for (k, v) in &def.with {

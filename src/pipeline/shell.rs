@@ -193,17 +193,12 @@ fn substituted(v: &Value) -> Substituted {
     }
 }
 
-/// Resolve `${params.X}` and `${tenant}` in a `cmd:` string (module rules).
-/// Other `${…}` (shell variables) stay as written.
-pub fn interpolate_cmd(s: &str, params: &IndexMap<String, Value>, tenant: Option<&str>, refs: &mut BTreeMap<String, Value>) -> Result<String, String> {
-    interpolate_cmd_passing(s, params, tenant, refs, &mut BTreeMap::new())
-}
-
-/// [`interpolate_cmd`], also returning in `passed` every variable a value
-/// was written as a reference to, with the value: the command text no longer
-/// holds those values, so they must enter the cache key beside it (as the
-/// stage's environment, which they are).
-pub fn interpolate_cmd_passing(
+/// Resolve `${params.X}` and `${tenant}` in a `cmd:` string (module rules);
+/// other `${…}` (shell variables) stay as written. `passed` gets every
+/// variable a value was written as a reference to, with the value: the
+/// command text no longer holds those values, so they must enter the cache
+/// key beside it (as the stage's environment, which they are).
+pub fn interpolate_cmd(
     s: &str,
     params: &IndexMap<String, Value>,
     tenant: Option<&str>,
@@ -475,7 +470,7 @@ mod tests {
     /// with the stage's `DAGRUN_PARAM_*` set (as `stages/cmd.rs` sets them).
     fn run_with(tmpl: &str, params: &IndexMap<String, Value>) -> Result<(String, String), String> {
         let mut refs = BTreeMap::new();
-        let cmd = interpolate_cmd(tmpl, params, Some("Tenant_A"), &mut refs)?;
+        let cmd = interpolate_cmd(tmpl, params, Some("Tenant_A"), &mut refs, &mut BTreeMap::new())?;
         let o = std::process::Command::new("/bin/sh").arg("-c").arg(&cmd).env("DAGRUN_TENANT", "Tenant_A").envs(param_env(&refs)).output().unwrap();
         assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
         Ok((cmd.clone(), String::from_utf8(o.stdout).unwrap()))
@@ -486,7 +481,7 @@ mod tests {
     }
 
     fn cmd_of(tmpl: &str, value: &str) -> Result<String, String> {
-        interpolate_cmd(tmpl, &one("v", Value::from(value)), Some("Tenant_A"), &mut BTreeMap::new())
+        interpolate_cmd(tmpl, &one("v", Value::from(value)), Some("Tenant_A"), &mut BTreeMap::new(), &mut BTreeMap::new())
     }
 
     const EVIL: &[&str] = &[
@@ -625,7 +620,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let cmd = |t: &str| interpolate_cmd(t, &params, None, &mut BTreeMap::new());
+        let cmd = |t: &str| interpolate_cmd(t, &params, None, &mut BTreeMap::new(), &mut BTreeMap::new());
         assert_eq!(run_with("printf '%s|' ${params.files}", &params).unwrap().1, "a.csv|b.csv|3|true|");
         assert_eq!(run_with("printf '%s|' x ${params.none} y", &params).unwrap().1, "x|y|");
         assert_eq!(run_with("printf '%s|' $(echo ${params.files})", &params).unwrap().1, "a.csv|b.csv|3|true|");
@@ -652,9 +647,9 @@ mod tests {
     #[test]
     fn two_params_that_share_a_variable_are_refused_where_a_reference_is_needed() {
         let params: IndexMap<String, Value> = [("a-b".to_string(), Value::from("x y")), ("a_b".to_string(), Value::from("z"))].into_iter().collect();
-        let e = interpolate_cmd("echo ${params.a-b}", &params, None, &mut BTreeMap::new()).unwrap_err();
+        let e = interpolate_cmd("echo ${params.a-b}", &params, None, &mut BTreeMap::new(), &mut BTreeMap::new()).unwrap_err();
         assert!(e.contains("DAGRUN_PARAM_A_B") && e.contains("`a_b`"), "{e}");
-        assert_eq!(interpolate_cmd("echo ${params.a_b}", &params, None, &mut BTreeMap::new()).unwrap(), "echo z");
+        assert_eq!(interpolate_cmd("echo ${params.a_b}", &params, None, &mut BTreeMap::new(), &mut BTreeMap::new()).unwrap(), "echo z");
     }
 
     /// Review 41: a number right before `<` or `>` is not a file descriptor.

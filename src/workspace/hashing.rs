@@ -309,7 +309,7 @@ pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> 
     let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut prev: Option<&str> = None;
     for (i, e) in listing.entries.iter().enumerate() {
-        let p = tree_path(e);
+        let p = e.path();
         check_entry_path(p).map_err(|why| format!("entry {} is {why}", i + 1))?;
         if let TreeEntry::Link { target, .. } = e
             && (target.is_empty() || target.contains('\0'))
@@ -333,7 +333,7 @@ pub fn decode_tree(bytes: &[u8]) -> std::result::Result<Vec<TreeEntry>, String> 
         seen.insert(p);
     }
     for (i, e) in listing.entries.iter().enumerate() {
-        let p = tree_path(e);
+        let p = e.path();
         let mut at = 0;
         while let Some(j) = p[at..].find('/') {
             let parent = &p[..at + j];
@@ -489,7 +489,7 @@ impl HashMemo {
         // holding it, nor in /proc, /sys or /dev; anything else is its target
         // text (in the listing). A relative target that stays in the folder
         // through no other link is known to without a system call.
-        let links: HashSet<&str> = entries.iter().filter(|e| matches!(e, TreeEntry::Link { .. })).map(tree_path).collect();
+        let links: HashSet<&str> = entries.iter().filter(|e| matches!(e, TreeEntry::Link { .. })).map(TreeEntry::path).collect();
         let ws = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
         let leads_out = |t: &Path| !t.starts_with(&ws) && !ws.starts_with(t) && !["/proc", "/sys", "/dev"].iter().any(|p| t.starts_with(p));
         let mut leaving = Vec::new();
@@ -545,7 +545,7 @@ impl HashMemo {
     pub fn tree(&self, dir: &Path) -> Result<Vec<TreeEntry>> {
         let mut out = Vec::new();
         self.walk(dir, "", &mut out)?;
-        out.sort_by(|a, b| tree_path(a).cmp(tree_path(b)));
+        out.sort_by(|a, b| a.path().cmp(b.path()));
         Ok(out)
     }
 
@@ -607,10 +607,6 @@ fn stays_inside(rel: &str, target: &str, links: &HashSet<&str>) -> bool {
         }
     }
     true
-}
-
-fn tree_path(e: &TreeEntry) -> &str {
-    e.path()
 }
 
 impl TreeEntry {
