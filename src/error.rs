@@ -33,9 +33,9 @@ pub enum Failure {
     /// Integrity check failed (exit 4).
     #[error("{0}")]
     Integrity(String),
-    /// Interrupted (exit 130).
-    #[error("interrupted")]
-    Interrupted,
+    /// Interrupted (exit 130); what follows the word (a run's tally).
+    #[error("interrupted{0}")]
+    Interrupted(String),
 }
 
 impl Failure {
@@ -45,7 +45,7 @@ impl Failure {
             Failure::Locked(_) => exit::LOCKED,
             Failure::Stages(_) => exit::FAILED,
             Failure::Integrity(_) => exit::INTEGRITY,
-            Failure::Interrupted => exit::INTERRUPTED,
+            Failure::Interrupted(_) => exit::INTERRUPTED,
         }
     }
 }

@@ -76,20 +76,14 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
     }
     if args.verbosity != Verbosity::Quiet {
         let count = |s: runs::Status| out.record.stages.iter().filter(|r| r.status == s).count();
-        let (ran, cached, restored) = (count(runs::Status::Ran), count(runs::Status::Cached), count(runs::Status::Restored));
-        if ran + restored == 0 {
+        if count(runs::Status::Ran) + count(runs::Status::Restored) == 0 {
             let all = match out.record.stages.len() {
                 1 => "the stage is".to_string(),
                 n => format!("all {n} stages"),
             };
             say(&format!("{all} up to date ({:.3}s, run {})", out.record.seconds, out.record.run_id));
         } else {
-            say(&format!(
-                "{}: {ran} ran, {restored} restored, {cached} cached ({:.2}s, run {})",
-                crate::util::count(out.record.stages.len(), "stage", "stages"),
-                out.record.seconds,
-                out.record.run_id
-            ));
+            say(&format!("{} ({:.2}s, run {})", out.record.tally(), out.record.seconds, out.record.run_id));
         }
         for line in &out.summary {
             say(line);

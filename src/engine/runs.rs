@@ -293,6 +293,27 @@ pub fn find(workspace: &Path, id: &str) -> Result<RunRecord> {
 }
 
 impl RunRecord {
+    /// How many stages did what: `14 stages: 3 ran, 0 restored, 10 cached`,
+    /// then `, N failed` and `, N skipped` when there are any (the line a
+    /// run prints when it ends, and the head of a failed run's error).
+    pub fn tally(&self) -> String {
+        let count = |s: Status| self.stages.iter().filter(|r| r.status == s).count();
+        let mut line = format!(
+            "{}: {} ran, {} restored, {} cached",
+            crate::util::count(self.stages.len(), "stage", "stages"),
+            count(Status::Ran),
+            count(Status::Restored),
+            count(Status::Cached)
+        );
+        for s in [Status::Failed, Status::Skipped] {
+            let n = count(s);
+            if n > 0 {
+                line.push_str(&format!(", {n} {}", s.as_str()));
+            }
+        }
+        line
+    }
+
     /// The values [`read`] refuses besides what does not parse (see there).
     fn check_values(&self) -> Result<()> {
         if !(self.seconds.is_finite() && self.seconds >= 0.0) {

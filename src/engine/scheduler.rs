@@ -231,21 +231,23 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
         say(&serde_json::to_string_pretty(&record)?);
     }
 
+    // What a run that did not finish did, and where its record is.
+    let tally = || {
+        let at = match &written {
+            Ok(p) => format!("recorded in {}", crate::workspace::shown_path(&engine.pipeline.workspace, p).display()),
+            Err(e) => format!("the run record could not be written: {e:#}"),
+        };
+        format!("{} ({:.2}s, run {}); {at}", record.tally(), record.seconds, record.run_id)
+    };
     if interrupted {
-        if let Err(e) = &written {
-            tracing::error!("cannot write the run record: {e:#}");
-        }
-        return Err(Failure::Interrupted.into());
+        return Err(Failure::Interrupted(format!(" — {}", tally())).into());
     }
     if !failed.is_empty() {
         let mut msg = String::new();
         for f in &failed {
             msg.push_str(&format!("stage {} failed: {}\n", f.stage, f.error.as_deref().unwrap_or("unknown error")));
         }
-        match &written {
-            Ok(p) => msg.push_str(&format!("run {} recorded in {}", record.run_id, p.strip_prefix(&engine.pipeline.workspace).unwrap_or(p).display())),
-            Err(e) => msg.push_str(&format!("run {}: the run record could not be written: {e:#}", record.run_id)),
-        }
+        msg.push_str(&tally());
         return Err(Failure::Stages(msg).into());
     }
     let record_path = written?;

@@ -410,8 +410,8 @@ pub(super) fn expand(
         crate::util::child_env::check_declared(k, secrets)?;
         env.insert(k.clone(), interp_str(v, params, tenant, &mut refs)?);
     }
-    // The command reads these through its variables; the param's value wins
-    // over an `env:` entry of the same name (as in `stages/cmd.rs`).
+    // The command reads these through its variables (an `env:` entry may not
+    // name one: `check_declared`).
     env.extend(passed);
     let declared = kind.declare(&with, tenant)?;
     let mut deps = Vec::new();

@@ -118,8 +118,8 @@ impl StageKind for Cmd {
             env.insert("DAGRUN_TENANT".into(), t.into());
         }
         env.extend(s.env.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
-        // After the stage's `env:`: a value the command reads through its
-        // variable (pipeline::shell) is the param's, whatever `env:` says.
+        // A value the command reads through its variable (pipeline::shell);
+        // `env:` may name none of dagrun's own variables (checked at load).
         env.extend(crate::pipeline::shell::param_env(&s.param_refs).into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))));
         // The master key's URI names the PIN's file (pin-source) or holds the PIN
         // (pin-value): no child process gets it, whatever the stage declares.

@@ -199,12 +199,37 @@ pub fn check_secret_pattern(p: &str) -> Result<(), String> {
 
 /// Refuse a declared variable (a stage's `env:`) whose name is denied.
 pub fn check_declared(name: &str, w: &Withheld) -> Result<(), String> {
+    if let Some(own) = set_by_dagrun(name) {
+        return Err(format!(
+            "`env:` sets {name}, which dagrun sets itself for every command ({own}); remove it from `env:`{}",
+            if name.starts_with(PARAM_PREFIX) { " (a command reads a param's value there: set the param instead)" } else { "" }
+        ));
+    }
     if is_denied(OsStr::new(name), w) {
         return Err(format!(
             "`env:` sets {name}, which is withheld from commands (the master key variables, cloud credentials not under `pass_env:`, and the pipeline's `secrets:`); remove it from `env:`"
         ));
     }
     Ok(())
+}
+
+/// What every `cmd` stage's command is given by dagrun (`stages::cmd`):
+/// a stage's `env:` may not set these, or the orphan sweep would miss its
+/// processes (`DAGRUN_RUN_MARK`, `DAGRUN_WORKSPACE`) and a param's value
+/// would depend on which of two entries won.
+const SET_BY_DAGRUN: [(&str, &str); 4] = [
+    ("DAGRUN_WORKSPACE", "the workspace folder"),
+    ("DAGRUN_STAGE", "the stage name"),
+    ("DAGRUN_TENANT", "the tenant of a fanned-out stage"),
+    ("DAGRUN_RUN_MARK", "the run's mark, by which a later run finds the processes a killed run left"),
+];
+const PARAM_PREFIX: &str = "DAGRUN_PARAM_";
+
+fn set_by_dagrun(name: &str) -> Option<&'static str> {
+    if name.starts_with(PARAM_PREFIX) {
+        return Some("a param the command references");
+    }
+    SET_BY_DAGRUN.iter().find(|(n, _)| *n == name).map(|(_, what)| *what)
 }
 
 #[cfg(test)]
@@ -237,6 +262,14 @@ mod tests {
         assert!(check_declared("DAGRUN_MASTER_KEY", &s).is_err());
         assert!(check_declared("AWS_SECRET_X", &s).is_err());
         assert!(check_declared("LC_ALL", &s).is_ok());
+        for n in ["DAGRUN_RUN_MARK", "DAGRUN_WORKSPACE", "DAGRUN_STAGE", "DAGRUN_TENANT", "DAGRUN_PARAM_N"] {
+            let m = check_declared(n, &s).unwrap_err();
+            assert!(m.contains(n) && m.contains("dagrun sets itself"), "{m}");
+        }
+        assert!(check_declared("DAGRUN_PARAM_N", &s).unwrap_err().contains("set the param instead"));
+        assert!(check_declared("DAGRUN_PLAIN", &s).is_ok());
+        // The names are the ones the rest of dagrun uses.
+        assert!(set_by_dagrun(crate::workspace::WORKSPACE_ENV).is_some() && set_by_dagrun(crate::workspace::lock::RUN_MARK_ENV).is_some());
     }
 
     #[test]

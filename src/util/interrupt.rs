@@ -45,7 +45,7 @@ pub fn catch() {
 
 /// `Err(Interrupted)` (exit 130) once a caught signal arrived.
 pub fn check() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) { Err(crate::error::Failure::Interrupted.into()) } else { Ok(()) }
+    if INTERRUPTED.load(Ordering::SeqCst) { Err(crate::error::Failure::Interrupted(String::new()).into()) } else { Ok(()) }
 }
 
 #[cfg(test)]

@@ -83,6 +83,16 @@ pub fn same_folder(a: &Path, b: &Path) -> bool {
     folder_id(a).is_some_and(|x| folder_id(b) == Some(x))
 }
 
+/// `p` (a path in workspace `ws`) as a user should read it: relative to
+/// the workspace when that is the current folder, else whole.
+pub fn shown_path<'a>(ws: &Path, p: &'a Path) -> std::borrow::Cow<'a, Path> {
+    let here = std::env::current_dir().is_ok_and(|d| same_folder(&d, ws));
+    match p.strip_prefix(ws) {
+        Ok(rel) if here => rel.into(),
+        _ => p.into(),
+    }
+}
+
 /// The identity of folder `p` (device and inode; links followed), if it is one.
 pub fn folder_id(p: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;

@@ -460,6 +460,11 @@ fn a_failed_stage_leaves_no_partial_output() {
     assert!(o.stderr.contains("stage s failed: removed what its attempt had written at s.txt"), "{}", o.stderr);
     assert!(!ws.exists("s.txt"));
     let rec = o.json();
+    // The error ends with what the run did and where its record is (the
+    // workspace is the current folder: the path is relative to it).
+    let tally = "1 stage: 0 ran, 0 restored, 0 cached, 1 failed (";
+    let id = rec["run_id"].as_str().unwrap();
+    assert!(o.stderr.contains(tally) && o.stderr.contains(&format!("run {id}); recorded in runs/{id}.json")), "{}", o.stderr);
     assert_eq!(rec["status"], "failed");
     let s = &rec["stages"][0];
     assert_eq!(s["status"], "failed");
@@ -480,6 +485,11 @@ fn a_failed_stage_leaves_no_partial_output() {
     let o = bg.wait(HANG);
     assert_eq!(o.code, 130, "{}", o.stderr);
     assert!(!ws.exists("s.txt"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("error: interrupted — 1 stage: 0 ran, 0 restored, 0 cached, 1 failed (") && o.stderr.contains("recorded in runs/"),
+        "{}",
+        o.stderr
+    );
     assert_eq!(ws.run(&[]).ok().with("restored"), set(&["s"]));
 }
 

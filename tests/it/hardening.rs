@@ -91,6 +91,17 @@ fn cmd_stages_never_see_the_master_key_or_the_pipelines_secrets() {
     assert!(o.stderr.contains("MY_API_TOKEN") && o.stderr.contains("withheld"), "{}", o.stderr);
     ws.pipeline("stages:\n  a:\n    cmd: echo\n    env: { DAGRUN_MASTER_KEY: x }\n");
     assert_eq!(dg(&ws, &["run", "pipeline.yaml"]).code, 2);
+    // So is one dagrun sets itself: the run's mark (by which a later run
+    // finds a killed run's processes) or a param's variable.
+    for (name, pipeline) in [
+        ("DAGRUN_RUN_MARK", "stages:\n  a:\n    cmd: echo\n    env: { DAGRUN_RUN_MARK: x }\n"),
+        ("DAGRUN_PARAM_N", "params: { n: 'a b' }\nstages:\n  a:\n    cmd: echo ${params.n}\n    env: { DAGRUN_PARAM_N: x }\n"),
+    ] {
+        ws.pipeline(pipeline);
+        let o = dg(&ws, &["run", "pipeline.yaml"]);
+        assert_eq!(o.code, 2, "{}", o.stderr);
+        assert!(o.stderr.contains(name) && o.stderr.contains("dagrun sets itself") && o.stderr.contains("pipeline.yaml"), "{}", o.stderr);
+    }
 }
 
 #[test]
