@@ -118,6 +118,11 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         Some(l) => format!("{shown}:{l}: stage `{name}`"),
         None => format!("{shown}: stage `{name}`"),
     };
+    // The same, at the line of the stage's `key:` when it has its own.
+    let at_key = |name: &str, key: &str| match lines.get(name).map(|l| key_line(text, l, key).unwrap_or(l)) {
+        Some(l) => format!("{shown}:{l}: stage `{name}`"),
+        None => format!("{shown}: stage `{name}`"),
+    };
 
     let mut params = IndexMap::new();
     for (k, v) in &pf.params {
@@ -189,22 +194,22 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
                     } else {
                         format!("built-in kinds are: {} (or use `cmd:` for a shell command)", names.join(", "))
                     };
-                    return Err(config(format!("{}: unknown stage kind `uses: {u}`; {known}", at(base))));
+                    return Err(config(format!("{}: unknown stage kind `uses: {u}`; {known}", at_key(base, "uses"))));
                 }
             },
         };
         if def.cmd.is_none() && !def.env.is_empty() {
-            return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at(base))));
+            return Err(config(format!("{}: `env:` applies to `cmd:` stages only", at_key(base, "env"))));
         }
         if let Some(t) = def.timeout
             && (!t.is_finite() || t <= 0.0 || t > MAX_SECONDS)
         {
-            return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at(base))));
+            return Err(config(format!("{}: timeout must be a positive number of seconds, at most 1e9", at_key(base, "timeout"))));
         }
         if def.retries > super::MAX_RETRIES {
             return Err(config(format!(
                 "{}: `retries: {}` is more than {}; a stage that fails that often needs fixing, not retrying",
-                at(base),
+                at_key(base, "retries"),
                 def.retries,
                 super::MAX_RETRIES
             )));
@@ -213,7 +218,10 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             None => vec![None],
             Some("tenants") => tenants.as_ref().expect("loaded above").ids().map(|t| Some(t.to_string())).collect(),
             Some(other) => {
-                return Err(config(format!("{}: `foreach: {other}` is unknown; the only list is `tenants` (from config/tenants.yaml)", at(base))));
+                return Err(config(format!(
+                    "{}: `foreach: {other}` is unknown; the only list is `tenants` (from config/tenants.yaml)",
+                    at_key(base, "foreach")
+                )));
             }
         };
         for tenant in fan {
@@ -229,11 +237,14 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             stage.line = lines.get(base);
             stage.executor = def.executor.or(pf.executor).unwrap_or_default();
             stage.resources = merge_resources(pf.slurm.as_ref().and_then(|s| s.resources.as_ref()), def.resources.as_ref());
-            check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at(base))))?;
+            check_resources(&stage.resources).map_err(|m| config(format!("{}: `resources.{m}", at_key(base, "resources"))))?;
             if let Some(g) = &def.group
                 && !valid_stage_name(g)
             {
-                return Err(config(format!("{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'", at(base))));
+                return Err(config(format!(
+                    "{}: `group: {g}` is not a valid group name; use 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'",
+                    at_key(base, "group")
+                )));
             }
             stage.group = def.group.clone();
             instances_of.entry(base.clone()).or_default().push(idx);
@@ -255,24 +266,24 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
     .and_then(|r| normalize_out(&r.to_string_lossy()).ok());
     for (i, s) in stages.iter().enumerate() {
         for o in &s.outs {
-            check_symlinks(&workspace, &o.path, &mut seen_dirs).map_err(|m| config(format!("{}: {m}", at(&s.base))))?;
+            check_symlinks(&workspace, &o.path, &mut seen_dirs).map_err(|m| config(format!("{}: {m}", at_key(&s.base, "outs"))))?;
             if let Some(f) = &own_file
                 && (*f == o.path || crate::util::path_within(f, &o.path))
             {
-                return Err(config(format!("{}: output {:?} would replace this pipeline file ({f}); name another path", at(&s.base), o.path)));
+                return Err(config(format!("{}: output {:?} would replace this pipeline file ({f}); name another path", at_key(&s.base, "outs"), o.path)));
             }
             if let Some(&j) = out_owner.get(o.path.as_str()) {
                 let other = &stages[j].name;
                 let msg = if *other == s.name {
-                    format!("{}: declares output {:?} twice", at(&s.base), o.path)
+                    format!("{}: declares output {:?} twice", at_key(&s.base, "outs"), o.path)
                 } else if stages[j].base == s.base && s.tenant.is_some() {
                     format!(
                         "{}: output {:?} is the same for every tenant (the stage runs once per tenant: `foreach: tenants`); put ${{tenant}} in its path, e.g. out/${{tenant}}/…",
-                        at(&s.base),
+                        at_key(&s.base, "outs"),
                         o.path
                     )
                 } else {
-                    format!("{}: output {:?} is already an output of stage `{other}`; each path has one producing stage", at(&s.base), o.path)
+                    format!("{}: output {:?} is already an output of stage `{other}`; each path has one producing stage", at_key(&s.base, "outs"), o.path)
                 };
                 return Err(config(msg));
             }
@@ -287,7 +298,7 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         if let Some((a, ia)) = b.match_indices('/').find_map(|(pos, _)| out_owner.get(&b[..pos]).map(|&ia| (&b[..pos], ia))) {
             return Err(config(format!(
                 "{}: output {b:?} lies inside output {a:?} of stage `{}`; outputs may not nest",
-                at(&stages[ib].base),
+                at_key(&stages[ib].base, "outs"),
                 stages[ia].name
             )));
         }
@@ -324,11 +335,11 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
             } else {
                 let mut names: Vec<&str> = pf.stages.keys().map(String::as_str).collect();
                 names.sort();
-                return Err(config(format!("{}: `needs: {n}` names no stage; stages are: {}", at(&s.base), names.join(", "))));
+                return Err(config(format!("{}: `needs: {n}` names no stage; stages are: {}", at_key(&s.base, "needs"), names.join(", "))));
             };
             for j in targets {
                 if j == i {
-                    return Err(config(format!("{}: needs itself", at(&s.base))));
+                    return Err(config(format!("{}: needs itself", at_key(&s.base, "needs"))));
                 }
                 edges.insert((j, i));
             }

@@ -58,7 +58,7 @@ fn unknown_key() {
 
 #[test]
 fn unknown_uses_kind() {
-    bad("stages:\n  a:\n    uses: frobnicate\n    outs: [x]\n", &["pipeline.yaml:2:", "stage `a`", "unknown stage kind `uses: frobnicate`", "cmd:"]);
+    bad("stages:\n  a:\n    uses: frobnicate\n    outs: [x]\n", &["pipeline.yaml:3:", "stage `a`", "unknown stage kind `uses: frobnicate`", "cmd:"]);
 }
 
 #[test]
@@ -69,7 +69,7 @@ fn cycle() {
     );
     assert!(!e.contains("b → a → b"), "{e}");
     bad("stages:\n  a:\n    cmd: echo\n    needs: [c]\n  b:\n    cmd: echo\n    needs: [a]\n  c:\n    cmd: echo\n    needs: [b]\n", &["a → b → c → a"]);
-    bad("stages:\n  a:\n    cmd: echo\n    needs: [a]\n", &["pipeline.yaml:2:", "needs itself"]);
+    bad("stages:\n  a:\n    cmd: echo\n    needs: [a]\n", &["pipeline.yaml:4:", "needs itself"]);
     // A stage reading its own output: the pair is named.
     bad(
         "stages:\n  b:\n    cmd: ls d > d/b.txt\n    deps: [d]\n    outs: [d/b.txt]\n",
@@ -80,14 +80,14 @@ fn cycle() {
 
 #[test]
 fn needs_a_missing_stage() {
-    bad("stages:\n  a:\n    cmd: echo\n  b:\n    cmd: echo\n    needs: [zz]\n", &["pipeline.yaml:4:", "stage `b`", "`needs: zz` names no stage", "a, b"]);
+    bad("stages:\n  a:\n    cmd: echo\n  b:\n    cmd: echo\n    needs: [zz]\n", &["pipeline.yaml:6:", "stage `b`", "`needs: zz` names no stage", "a, b"]);
 }
 
 #[test]
 fn two_stages_one_output() {
     bad(
         "stages:\n  a:\n    cmd: echo 1 > x\n    outs: [x]\n  b:\n    cmd: echo 2 > x\n    outs: [./x]\n",
-        &["pipeline.yaml:5:", "stage `b`", "\"x\" is already an output of stage `a`"],
+        &["pipeline.yaml:7:", "stage `b`", "\"x\" is already an output of stage `a`"],
     );
     bad("stages:\n  a:\n    cmd: mkdir -p d\n    outs: [d]\n  b:\n    cmd: echo > d/x\n    outs: [d/x]\n", &["outputs may not nest"]);
     // Not neighbours in sorted order: `d-x` sorts between `d` and `d/pii.csv`
@@ -113,7 +113,7 @@ fn output_through_a_symlink_pointing_outside() {
     let ws = Ws::new();
     std::os::unix::fs::symlink(outside.path(), ws.path("link")).unwrap();
     ws.pipeline("stages:\n  a:\n    cmd: echo hi > link/x\n    outs: [link/x]\n");
-    refused(&ws, &["pipeline.yaml:2:", "stage `a`", "\"link/x\"", "symlink link", "outputs must be real paths inside the workspace"]);
+    refused(&ws, &["pipeline.yaml:4:", "stage `a`", "\"link/x\"", "symlink link", "outputs must be real paths inside the workspace"]);
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     // The symlink itself as the output, too.
     let ws = Ws::new();
@@ -132,7 +132,7 @@ fn undefined_param() {
 #[test]
 fn foreach_over_an_unknown_list() {
     // No config/tenants.yaml: the message is about the list, not the file.
-    let e = bad("stages:\n  a:\n    cmd: echo\n    foreach: regions\n", &["pipeline.yaml:2:", "stage `a`", "`foreach: regions` is unknown", "tenants"]);
+    let e = bad("stages:\n  a:\n    cmd: echo\n    foreach: regions\n", &["pipeline.yaml:4:", "stage `a`", "`foreach: regions` is unknown", "tenants"]);
     assert!(!e.contains("cannot read"), "{e}");
 }
 
@@ -376,7 +376,7 @@ fn a_per_tenant_stage_with_one_output_path_is_told_to_use_the_tenant() {
     let ws = Ws::new();
     ws.write("config/tenants.yaml", "tenants:\n  - id: T1\n  - id: T2\n");
     ws.pipeline("stages:\n  a:\n    foreach: tenants\n    cmd: echo > a.txt\n    outs: [a.txt]\n");
-    refused(&ws, &["pipeline.yaml:2:", "stage `a`", "output \"a.txt\" is the same for every tenant", "put ${tenant} in its path"]);
+    refused(&ws, &["pipeline.yaml:5:", "stage `a`", "output \"a.txt\" is the same for every tenant", "put ${tenant} in its path"]);
 }
 
 /// `dagrun run --force p.yaml`: `--force` takes the file as the stage to
