@@ -262,6 +262,9 @@ impl Engine {
             rec.reasons = std::mem::take(&mut p.reasons);
             rec.error = Some(format!("{e:#}"));
             rec.slurm_job = crate::executor::failed_job(&e);
+            if let Some(facts) = crate::stages::facts_of_failure(&e) {
+                rec.facts = facts.clone();
+            }
             results.push(Ok(rec));
             for p in &pending[start + 1..] {
                 let name = &self.stage(p.i).name;

@@ -121,6 +121,21 @@ pub struct RunReport {
     pub facts: Map<String, Value>,
 }
 
+/// A stage's failure that still has small, PII-free facts worth recording
+/// in its (failed) run record: a model below its AUC gate has an AUC, which
+/// the run metrics compare with the gate (`engine::run_metrics`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct FailedWithFacts {
+    pub message: String,
+    pub facts: Map<String, Value>,
+}
+
+/// The facts a failure carries ([`FailedWithFacts`] anywhere in its chain).
+pub fn facts_of_failure(e: &anyhow::Error) -> Option<&Map<String, Value>> {
+    e.chain().find_map(|c| c.downcast_ref::<FailedWithFacts>()).map(|f| &f.facts)
+}
+
 /// A kind of stage.
 pub trait StageKind: KindDecl {
     /// Extra cache-key ingredients read at run time (e.g. the id of the tenant's

@@ -139,14 +139,32 @@ impl StageKind for Train {
         let outcome = crate::model::train::train_split(data, c)?;
         tracing::debug!("{tenant}: trained in {:.3}s", t0.elapsed().as_secs_f64());
         let m = &outcome.metrics;
+        let model_version = format!("{tenant}-{}", &ctx.cache_key[..12]);
+        let mut facts = Map::new();
+        facts.insert("model_version".into(), model_version.clone().into());
+        facts.insert("auc".into(), json!(m.auc));
+        facts.insert("log_loss".into(), json!(m.log_loss));
+        facts.insert("accuracy".into(), json!(m.accuracy));
+        facts.insert("rows_train".into(), m.rows_train.into());
+        facts.insert("rows_test".into(), m.rows_test.into());
         if m.auc < min_auc {
-            bail!("tenant {tenant}: test AUC {:.4} is below min_auc {min_auc}: the model is not promoted (the previous model, if any, stays in place)", m.auc);
+            // The failed record keeps the AUC (and the version the model
+            // would have had): the metrics' AUC-below-gate alert reads it.
+            facts.insert("promoted".into(), false.into());
+            return Err(super::FailedWithFacts {
+                message: format!(
+                    "tenant {tenant}: test AUC {:.4} is below min_auc {min_auc}: the model is not saved, registered or promoted (the previous model, if any, stays in place)",
+                    m.auc
+                ),
+                facts,
+            }
+            .into());
         }
         let feature_rel = ctx.rel(&ctx.deps[0]).into_owned();
         let artifact = ModelArtifact {
             format: crate::model::artifact::FORMAT.to_string(),
             tenant: tenant.to_string(),
-            model_version: format!("{tenant}-{}", &ctx.cache_key[..12]),
+            model_version: model_version.clone(),
             feature_set_version: manifest.feature_set_version.clone(),
             feature_names: crate::features::v1::FEATURE_NAMES.iter().map(|s| s.to_string()).collect(),
             feature_file: feature_rel.clone(),
@@ -197,13 +215,6 @@ impl StageKind for Train {
         } else {
             false
         };
-        let mut facts = Map::new();
-        facts.insert("model_version".into(), artifact.model_version.into());
-        facts.insert("auc".into(), json!(m.auc));
-        facts.insert("log_loss".into(), json!(m.log_loss));
-        facts.insert("accuracy".into(), json!(m.accuracy));
-        facts.insert("rows_train".into(), m.rows_train.into());
-        facts.insert("rows_test".into(), m.rows_test.into());
         facts.insert("promoted".into(), promoted.into());
         Ok(RunReport { facts })
     }

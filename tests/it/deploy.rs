@@ -93,6 +93,16 @@ fn metrics_of_real_runs_pass_promtool_and_keep_the_last_success_across_failures(
     assert_eq!(s2[&format!(r#"dagrun_stage_status{{{p},stage="train[Tenant_A]",tenant="Tenant_A",status="failed"}}"#)], 1.0);
     assert_eq!(s2[&format!(r#"dagrun_stage_status{{{p},stage="serve-check[Tenant_A]",tenant="Tenant_A",status="skipped"}}"#)], 1.0);
     assert_eq!(s2[&format!("dagrun_last_success_timestamp_seconds{{{p}}}")], end, "kept across the failed run");
+    // The gate's failure keeps the model's AUC, so the AUC-below-gate alert
+    // (`dagrun_model_test_auc < dagrun_model_min_auc`) sees it; the model
+    // was never saved, so it is no champion.
+    let rec2 = r2.record.as_ref().expect("a failed run has a record");
+    let train = rec2["stages"].as_array().unwrap().iter().find(|x| x["stage"] == "train[Tenant_A]").unwrap();
+    let (mv2, auc2) = (train["facts"]["model_version"].as_str().unwrap(), train["facts"]["auc"].as_f64().unwrap());
+    assert!(auc2 < 0.99 && mv2.starts_with("Tenant_A-"), "{train:#}");
+    assert_eq!(s2[&format!(r#"dagrun_model_test_auc{{{p},tenant="Tenant_A",model_version="{mv2}"}}"#)], auc2);
+    assert_eq!(s2[&format!(r#"dagrun_model_min_auc{{{p},tenant="Tenant_A"}}"#)], 0.99);
+    assert_eq!(s2[&format!(r#"dagrun_model_champion{{{p},tenant="Tenant_A",model_version="{mv2}"}}"#)], 0.0);
     assert!(s2[&format!("dagrun_run_end_timestamp_seconds{{{p}}}")] > end);
     // Written atomically: no temporary file is left next to it.
     let left: Vec<_> = std::fs::read_dir(ws.path("metrics")).unwrap().flatten().map(|e| e.file_name()).collect();
