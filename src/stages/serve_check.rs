@@ -219,8 +219,14 @@ impl StageKind for ServeCheck {
         let r: Report = serde_json::from_slice(&crate::util::read_capped(outs.first()?, super::MAX_REPORT_BYTES).ok()?).ok()?;
         let tenant = stage.tenant.as_deref().unwrap_or(&r.tenant);
         let promote = format!("`dagrun models promote {tenant} {}` to serve this one", r.model_version);
-        let serving = match crate::registry::Registry::of_workspace(&services.workspace).champion(tenant) {
+        let registry = crate::registry::Registry::of_workspace(&services.workspace);
+        let serving = match registry.champion(tenant) {
             Ok(Some(c)) if c.version != r.model_version => format!("; not the champion: `predict` and `serve` use {} ({promote})", c.version),
+            // `scoring::load_deployed_with`: registered models without a
+            // champion are refused by `predict` too.
+            Ok(None) if registry.versions(tenant).is_ok_and(|v| !v.is_empty()) => {
+                format!("; no champion (`promote: manual`): `serve` answers 503 for {tenant} and `predict` refuses until one is promoted ({promote})")
+            }
             Ok(None) => format!("; no champion: `serve` answers 503 for {tenant} and `predict` uses the latest `train` output ({promote})"),
             _ => String::new(),
         };

@@ -530,7 +530,9 @@ fn predict_like_serve_refuses_a_tenant_whose_models_are_registered_but_not_promo
     // The run's summary says the model it names serves nothing yet, and how to change that.
     let said = format!("{}{}", run.stdout, run.stderr);
     assert!(
-        said.contains(&format!("no champion: `serve` answers 503 for Tenant_A and `predict` uses the latest `train` output (`dagrun models promote Tenant_A {v}` to serve this one)")),
+        said.contains(&format!(
+            "no champion (`promote: manual`): `serve` answers 503 for Tenant_A and `predict` refuses until one is promoted (`dagrun models promote Tenant_A {v}` to serve this one)"
+        )),
         "{said}"
     );
     // The metric agrees: no champion.
