@@ -189,6 +189,9 @@ pub struct PullReport {
     pub objects_present: usize,
     /// Records refused or whose objects could not be fetched, with why.
     pub problems: Vec<String>,
+    /// What was not pulled, with why (not an error): a forgotten tenant.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     pub seconds: f64,
     /// How many of `problems` are the remote's data failing a check (a
     /// record that does not verify, a size or hash that is wrong): retrying
@@ -371,9 +374,20 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         v.extend(remote.list_tenants()?.into_iter().map(Some));
         v
     };
+    let mut problems = Problems::default();
+    // A forgotten tenant's data is not brought back (`push`'s rules).
+    let scopes: Vec<Option<String>> = scopes
+        .into_iter()
+        .filter(|s| match s.as_deref().and_then(|t| ring.is_forgotten(t).map(|at| (t, at))) {
+            Some((t, at)) => {
+                report.skipped.push(format!("tenant {t} was forgotten here (`dagrun keys forget`, {at}): nothing of it is pulled"));
+                false
+            }
+            None => true,
+        })
+        .collect();
     let names: Option<HashSet<&str>> = pipeline.map(|p| p.stages.iter().map(|s| s.name.as_str()).collect());
     let mut recs = Vec::new();
-    let mut problems = Problems::default();
     for scope in &scopes {
         let keys = remote.list_actions(scope.as_deref())?;
         for key in keys {
@@ -497,6 +511,9 @@ pub fn print(r: &PullReport) {
         r.records_present,
         r.objects_present
     );
+    for s in &r.skipped {
+        crate::util::stdout::warn(format_args!("skipped: {s}"));
+    }
     for p in &r.problems {
         crate::util::stdout::warn(format_args!("problem: {p}"));
     }

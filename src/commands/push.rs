@@ -17,6 +17,10 @@
 //!   record whose objects are missing. Uploading what is there is skipped (a
 //!   listing per prefix, compared by name and size), so a push is idempotent
 //!   and an interrupted push is completed by the next one.
+//! - Nothing of a forgotten tenant (`dagrun keys forget`) leaves: its
+//!   features, models and other readable outputs are what shredding leaves
+//!   behind in this workspace; a push must not copy them to a shared place
+//!   after the erasure (one "skipped" line names the tenant).
 //! - Only records whose MAC verifies under this workspace's integrity key
 //!   leave it (a record modified outside dagrun is reported, not pushed). The
 //!   exact bytes are uploaded; a puller checks their shape and key binding and
@@ -160,7 +164,21 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     let states = StateStore::new(&ws, Some(ring.integrity_key()));
     let cas = Cas::read_only(&ws);
     let mut report = PushReport { remote: remote.shown().to_string(), ..Default::default() };
-    let recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
+    let mut recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
+    let mut forgotten: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    recs.retain(|r| match r.tenant.as_deref().and_then(|t| ring.is_forgotten(t).map(|at| (t, at))) {
+        Some((t, at)) => {
+            forgotten.entry(t.to_string()).or_insert((at, 0)).1 += 1;
+            false
+        }
+        None => true,
+    });
+    for (t, (at, n)) in forgotten {
+        report.skipped.push(format!(
+            "tenant {t} was forgotten (`dagrun keys forget`, {at}): {} of it not pushed (delete its folders and run `dagrun gc` to remove them here too)",
+            crate::util::count(n, "record", "records")
+        ));
+    }
     let scopes: BTreeSet<Option<String>> = recs.iter().map(|r| r.tenant.clone()).collect();
     // One listing per prefix: what is there already.
     let mut there: BTreeMap<Option<String>, (BTreeMap<String, u64>, BTreeSet<String>)> = BTreeMap::new();

@@ -683,3 +683,46 @@ fn a_record_naming_another_tenants_object_is_refused_and_never_pushed_across() {
     assert!(!objects_a.join(&hash_b).exists(), "Tenant_B's object was pushed into Tenant_A's prefix");
     assert!(remote.path().join("tenants/Tenant_B/objects").join(&hash_b).exists());
 }
+
+/// Crypto-shredding and the shared cache (helper-64 #3): a forgotten tenant's
+/// readable leftovers (features, models) are never pushed after the erasure,
+/// and a workspace that forgot a tenant pulls nothing of it back.
+#[test]
+fn a_forgotten_tenant_is_neither_pushed_nor_pulled() {
+    let remote = tempfile::Builder::new().prefix("dagrun-it-folder-remote-").tempdir().unwrap();
+    let ws = tempfile::Builder::new().prefix("dagrun-it-forget-").tempdir().unwrap();
+    let ws = ws.path();
+    for d in ["pipelines", "config"] {
+        std::fs::create_dir_all(ws.join(d)).unwrap();
+    }
+    std::fs::write(ws.join("pipelines/p.yaml"), "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"features of ${tenant}\" > out/${tenant}.txt\n    outs: [\"out/${tenant}.txt\"]\n").unwrap();
+    std::fs::write(ws.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
+    std::fs::write(ws.join("config/dagrun.yaml"), format!("remote:\n  url: file://{}\n", remote.path().display())).unwrap();
+    ok(ws, &["run", "pipelines/p.yaml"], ADMIN);
+    // The clone shares the keys before the erasure, as a second machine would.
+    let other = clone_of(ws);
+    ok(ws, &["keys", "forget", "Tenant_B", "--yes"], ADMIN);
+    let o = spawn(dagrun(ws, &["push"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stderr.contains("skipped: tenant Tenant_B was forgotten (`dagrun keys forget`, ") && o.stderr.contains("1 record of it not pushed"),
+        "{}",
+        o.stderr
+    );
+    assert!(remote.path().join("tenants/Tenant_A/objects").read_dir().unwrap().count() > 0);
+    assert!(!remote.path().join("tenants/Tenant_B").exists(), "a forgotten tenant's data was pushed");
+    // The other workspace pushes Tenant_B (it has not forgotten it) …
+    ok(other.path(), &["run", "pipelines/p.yaml"], ADMIN);
+    ok(other.path(), &["push"], ADMIN);
+    assert!(remote.path().join("tenants/Tenant_B/objects").read_dir().unwrap().count() > 0);
+    // … and the workspace that forgot it pulls nothing of it back.
+    std::fs::remove_dir_all(ws.join(".dagrun/cache")).unwrap();
+    let o = spawn(dagrun(ws, &["pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    let r: Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(r["skipped"].to_string().contains("tenant Tenant_B was forgotten here"), "{r:#}");
+    let cached = tree(ws, ".dagrun/cache");
+    let b = blake3::hash(b"features of Tenant_B\n").to_hex().to_string();
+    assert!(!cached.values().any(|h| *h == b), "Tenant_B's bytes came back: {cached:#?}");
+    assert!(cached.values().any(|h| *h == blake3::hash(b"features of Tenant_A\n").to_hex().to_string()), "{cached:#?}");
+}
