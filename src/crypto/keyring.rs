@@ -342,13 +342,20 @@ impl Keyring {
     }
 
     /// Open the keyring only if its master key already exists: `Ok(None)` when
-    /// the master key would be the default file and `.dagrun/keys/master.key`
-    /// does not exist. Creates nothing (read-only commands: `status`, `verify`,
-    /// `predict`, `features`, `lineage`).
+    /// the master key would be the default file, `.dagrun/keys/master.key`
+    /// does not exist and no key was used here before (a workspace no run
+    /// has keyed yet). A key used before but not found now is an error, as in
+    /// a run ([`super::master::keyed_before`]: a cron job without
+    /// `DAGRUN_MASTER_KEY` is told so, not shown every stage stale). Creates
+    /// nothing (read-only commands: `status`, `verify`, `predict`,
+    /// `features`, `lineage`).
     pub fn open_existing(workspace: &Path) -> Result<Option<Keyring>> {
         let source = MasterKeySource::resolve(workspace)?;
         if matches!(source, MasterKeySource::Default) && fs::symlink_metadata(super::master::default_master_key_path(workspace)).is_err() {
-            return Ok(None);
+            return match super::master::keyed_before(workspace) {
+                Some(e) => Err(e),
+                None => Ok(None),
+            };
         }
         let master = Master::open(workspace, &source)?;
         drop(source);

@@ -1085,3 +1085,32 @@ fn the_new_master_key_warning_is_said_once_even_quiet() {
     let o = ws.dagrun(&["-q", "run", "pipeline.yaml", "--force", ""]);
     assert_eq!((o.code, o.stderr.as_str()), (0, ""));
 }
+
+/// A cron job that lost `DAGRUN_MASTER_KEY` (helper-64 #4): every command
+/// that needs the key says the key its records were sealed with was not
+/// found, exit 2 (a run once made a new key and reran everything) — `status`
+/// once showed every stage stale ("no master key yet: a run recomputes it")
+/// and `lineage` said no stage had made the file.
+#[test]
+fn a_keyring_whose_master_key_is_not_found_is_named_by_every_command() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let keyed = |args: &[&str]| {
+        let mut c = cmd(&ws, args);
+        c.env("DAGRUN_MASTER_KEY", MASTER);
+        ok(spawn(c).wait(HANG))
+    };
+    keyed(&["run", "pipeline.yaml"]);
+    assert!(!ws.exists(".dagrun/keys/master.key"));
+    for args in [&["run", "pipeline.yaml"][..], &["status", "pipeline.yaml"], &["run", "pipeline.yaml", "-n"], &["lineage", "a.txt"], &["verify"], &["gc"]] {
+        let o = dg(&ws, args);
+        assert_eq!(o.code, 2, "{args:?}: {}{}", o.stdout, o.stderr);
+        assert!(
+            o.stderr.contains("were sealed with a master key that was not found") && o.stderr.contains("Set DAGRUN_MASTER_KEY to the master key"),
+            "{args:?}: {}",
+            o.stderr
+        );
+    }
+    assert!(!ws.exists(".dagrun/keys/master.key"), "no key was made up");
+    keyed(&["status", "pipeline.yaml"]);
+}

@@ -183,6 +183,38 @@ fn check_named_key_file(workspace: &Path, p: &Path) -> Result<()> {
     refuse_if_in_config(workspace, p)
 }
 
+/// Whether a master key was used in `workspace` before, when no key is
+/// given and the default file is missing: the error to give (a setting to
+/// fix, exit 2) if so. The evidence: a keyring (a new key could never open
+/// its wrapped keys) or stage records (sealed under a key: a new one would
+/// take every record for tampered and rerun everything, and the next run
+/// under the real key would do it again). A cron job that lost
+/// `DAGRUN_MASTER_KEY` is told so, by every command.
+pub fn keyed_before(workspace: &Path) -> Option<anyhow::Error> {
+    let p = default_master_key_path(workspace);
+    let unset = format!("{ENV_MASTER_KEY} and {ENV_MASTER_KEY_FILE} are unset and {} does not exist", p.display());
+    let set = format!(
+        "Set {ENV_MASTER_KEY} to the master key (64 hex characters) or {ENV_MASTER_KEY_FILE} to the file holding it, or restore {} from a backup",
+        p.display()
+    );
+    let ring = keyring_path(workspace);
+    if fs::symlink_metadata(&ring).is_ok() {
+        return Some(crate::error::config(format!(
+            "the keyring {} exists but its master key was not found: {unset}. {set}; do not delete the keyring",
+            ring.display()
+        )));
+    }
+    let state = workspace.join(".dagrun").join("state");
+    let sealed = fs::read_dir(&state).ok()?.flatten().any(|e| e.file_name().as_encoded_bytes().ends_with(b".json"));
+    sealed.then(|| {
+        crate::error::config(format!(
+            "the stage records in {} were sealed with a master key that was not found: {unset}. {set}; if that key is lost, remove {} and .dagrun/cache (every stage then runs again)",
+            state.display(),
+            state.display()
+        ))
+    })
+}
+
 pub(super) fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<(MasterKey, String)> {
     match source {
         MasterKeySource::Env(s) => {
@@ -198,15 +230,8 @@ pub(super) fn load_master(workspace: &Path, source: &MasterKeySource) -> Result<
             refuse_if_in_config(workspace, &p)?;
             let desc = format!("file {}", p.display());
             let missing = fs::symlink_metadata(&p).is_err();
-            let ring = keyring_path(workspace);
-            if missing && fs::symlink_metadata(&ring).is_ok() {
-                // A new master key could never open the existing wrapped keys.
-                bail!(
-                    "the keyring {} exists but its master key was not found: {ENV_MASTER_KEY} and {ENV_MASTER_KEY_FILE} are unset and {} does not exist. Set {ENV_MASTER_KEY} to the master key (64 hex characters) or {ENV_MASTER_KEY_FILE} to the file holding it, or restore {} from a backup; do not delete the keyring",
-                    ring.display(),
-                    p.display(),
-                    p.display()
-                );
+            if missing && let Some(e) = keyed_before(workspace) {
+                return Err(e);
             }
             if missing && let Some(k) = create_master_file(&p)? {
                 return Ok((k, desc));
