@@ -378,6 +378,7 @@ fn main() {
     // goes away (`dagrun status | head`) ends quietly through `outln!`
     // (`util::stdout`), while a write to a closed socket stays an error.
     init_logging(&cli);
+    dagrun::util::stdout::set_quiet(cli.quiet);
     let code = match real_main(&cli) {
         Ok(code) => code,
         Err(e) => {

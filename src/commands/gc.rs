@@ -96,7 +96,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     };
     if args.json {
         crate::engine::report::say(&serde_json::to_string_pretty(&r)?);
-    } else {
+    } else if !crate::util::stdout::quiet() {
         let hb = crate::commands::pull::human_bytes;
         let verb = if args.dry_run { "would remove" } else { "removed" };
         crate::engine::report::say(&format!(

@@ -279,7 +279,8 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
         (r.failed.len(), serde_json::to_string_pretty(&r)?)
     };
     if a.json {
-        crate::doneln!("{json}");
+        // Asked for: printed under `-q` too.
+        crate::util::stdout::print_done(format_args!("{json}\n"));
     }
     if refused > 0 {
         // Exit 4: the remote holds data that fails its checks; a retry fetches the same.

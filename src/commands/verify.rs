@@ -46,11 +46,23 @@ pub struct VerifyReport {
     /// gone or damaged; the workspace's had the recorded hash).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restored: Vec<String>,
+    /// How many of `problems` `--repair` fixed (each removal is one).
+    #[serde(skip)]
+    pub fixed: usize,
 }
 
+impl VerifyReport {
+    /// Problems `--repair` did not fix (all of them without it).
+    pub fn remaining(&self) -> usize {
+        self.problems.len().saturating_sub(self.fixed)
+    }
+}
+
+/// Remove what a found problem names (the problem is then fixed).
 fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
     if crate::util::fs_remove(p).is_ok() {
         r.repaired.push(ws.rel(p));
+        r.fixed += 1;
     }
 }
 
@@ -284,7 +296,7 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
 }
 
 /// `dagrun verify [--repair] [--json]`: print what [`verify`] found; exit 4 on
-/// any problem.
+/// any problem `--repair` did not fix (every problem without it).
 pub fn run(workspace: &Path, repair: bool, json: bool) -> Result<i32> {
     let r = verify(workspace, repair)?;
     if json {
@@ -297,12 +309,19 @@ pub fn run(workspace: &Path, repair: bool, json: bool) -> Result<i32> {
         for p in &r.restored {
             crate::outln!("repaired: stored {} in the cache again (the workspace's copy is intact)", crate::util::escape_controls(p));
         }
-        crate::outln!(
-            "checked {} and {}: {}",
-            crate::util::count(r.objects_checked, "cache object", "cache objects"),
-            crate::util::count(r.stages_checked, "stage", "stages"),
-            crate::util::count(r.problems.len(), "problem", "problems")
-        );
+        let fixed = match (repair, r.fixed) {
+            (false, _) => String::new(),
+            (true, n) if n == r.problems.len() => format!(", {}", if n == 1 { "repaired" } else { "all repaired" }),
+            (true, n) => format!(", {n} repaired, {} not", r.remaining()),
+        };
+        if !crate::util::stdout::quiet() || r.remaining() > 0 {
+            crate::outln!(
+                "checked {} and {}: {}{fixed}",
+                crate::util::count(r.objects_checked, "cache object", "cache objects"),
+                crate::util::count(r.stages_checked, "stage", "stages"),
+                crate::util::count(r.problems.len(), "problem", "problems")
+            );
+        }
     }
-    Ok(if r.problems.is_empty() { crate::error::exit::OK } else { crate::error::exit::INTEGRITY })
+    Ok(if r.remaining() == 0 { crate::error::exit::OK } else { crate::error::exit::INTEGRITY })
 }

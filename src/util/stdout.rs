@@ -18,8 +18,26 @@
 //!   so a reader that went away cannot turn it into a death by SIGPIPE (a
 //!   script would take that for a failure and repeat the change); the line
 //!   is dropped, and any other write error is a warning on stderr.
+//! - `-q` ([`set_quiet`]) silences those reports of a change made
+//!   ([`doneln!`](crate::doneln)) and the summary lines commands print when
+//!   all went well (`gc`'s, a clean `verify`'s): a cron job mails only what
+//!   went wrong. What a command was asked for — a listing, `--json`, a token,
+//!   scores, problems found — prints whatever the verbosity.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `-q`: see the module's rules.
+pub fn set_quiet(q: bool) {
+    QUIET.store(q, Ordering::Relaxed);
+}
+
+/// Whether `-q` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
 
 /// Write `args` to stdout (see the module's rules).
 pub fn print(args: std::fmt::Arguments) {
@@ -105,11 +123,13 @@ macro_rules! out {
     };
 }
 
-/// `println!` for the report of a change a command already made: see
-/// [`crate::util::stdout`].
+/// `println!` for the report of a change a command already made (nothing
+/// under `-q`): see [`crate::util::stdout`].
 #[macro_export]
 macro_rules! doneln {
     ($($arg:tt)*) => {
-        $crate::util::stdout::print_done(format_args!("{}\n", format_args!($($arg)*)))
+        if !$crate::util::stdout::quiet() {
+            $crate::util::stdout::print_done(format_args!("{}\n", format_args!($($arg)*)))
+        }
     };
 }
