@@ -23,6 +23,9 @@ use std::path::Path;
 pub enum Source {
     Workspace,
     Cache,
+    /// The model registry's copy (`.dagrun/registry/T/versions/V.json`): a
+    /// registered model outlives its cache entry (`gc` keeps champions only).
+    Registry,
     /// Written by a failed stage: on disk, not recorded, not verified by a record.
     Unrecorded,
 }
@@ -32,6 +35,7 @@ impl Source {
         match self {
             Source::Workspace => "workspace",
             Source::Cache => "cache",
+            Source::Registry => "model registry",
             Source::Unrecorded => "file on disk, written by the failed stage (not recorded)",
         }
     }
@@ -111,9 +115,19 @@ pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> 
             cards.push(ModelCard { stage: s.stage.clone(), status: s.status, tenant, model: Err(why.clone()), evaluation: Err(why), champion: None });
             continue;
         };
-        let model = match verified_bytes(workspace, p, h) {
+        let registered = || {
+            // Both from the run record (untrusted): names, never a path.
+            let version = s.facts.get("model_version")?.as_str().filter(|v| crate::registry::is_valid_version(v))?;
+            if !crate::data::is_valid_tenant_id(&tenant) {
+                return None;
+            }
+            let path = crate::registry::Registry::of_workspace(workspace).artifact_path(&tenant, version);
+            let b = read_artifact(&path).ok()?;
+            (blake3::hash(&b).to_hex().as_str() == h.as_str()).then_some((b, Source::Registry))
+        };
+        let model = match verified_bytes(workspace, p, h).or_else(registered) {
             Some((b, src)) => ModelArtifact::from_json_bytes(&b, p).map(|a| (a, src)).map_err(|e| format!("{e:#}")),
-            None => Err(format!("{p} (blake3 {}…) is neither in the workspace nor in the cache", crate::workspace::hash::short(h))),
+            None => Err(format!("{p} (blake3 {}…) is neither in the workspace, nor in the cache, nor in the model registry", crate::workspace::hash::short(h))),
         };
         let evaluation = match ev {
             Some((ep, eh)) => match verified_bytes(workspace, ep, eh) {

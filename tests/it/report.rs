@@ -166,6 +166,16 @@ fn report_of_a_nightly_run_opens_offline_in_chromium_with_every_section() {
     let html3 = std::fs::read_to_string(&out3).unwrap();
     assert!(html3.contains("<tr><th>read from</th><td>cache</td></tr>"), "first run's models come from the cache");
     assert!(html3.contains("no model yet to compare with"));
+    // After `gc` dropped them from the cache (not champions), the registry's
+    // copies of those models are read (helper-64 #10: "No model").
+    ok(&dagrun(ws, &["gc", "--keep-runs", "1"]));
+    ok(&dagrun(ws, &["report", &first, "-o", out3.to_str().unwrap()]));
+    let html4 = std::fs::read_to_string(&out3).unwrap();
+    assert!(
+        html4.contains("<tr><th>read from</th><td>model registry</td></tr>") && !html4.contains("No model:"),
+        "{}",
+        &html4[html4.find("id=\"models\"").unwrap_or(0)..][..600]
+    );
 }
 
 #[test]
