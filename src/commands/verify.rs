@@ -257,7 +257,11 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
             match std::fs::symlink_metadata(&p) {
                 Ok(m) if m.is_file() => {}
                 Ok(m) => {
-                    r.problems.push(format!("cache object {short} is {}, not a file", if m.is_dir() { "a directory" } else { "a symlink or special file" }));
+                    r.problems.push(format!(
+                        "cache object {short} ({}) is {}, not a file",
+                        ws.rel(&p),
+                        if m.is_dir() { "a directory" } else { "a symlink or special file" }
+                    ));
                     if repair {
                         remove(r, ws, &p);
                     }
@@ -268,14 +272,14 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
             match crate::workspace::hashing::hash_file_bytes(&p) {
                 Ok(h) if h == hash => {}
                 Ok(h) => {
-                    r.problems.push(format!("cache object {short} is corrupted (content hashes to {})", h.short()));
+                    r.problems.push(format!("cache object {short} ({}) is corrupted (content hashes to {})", ws.rel(&p), h.short()));
                     if repair {
                         remove(r, ws, &p);
                     }
                     continue;
                 }
                 Err(e) => {
-                    r.problems.push(format!("cache object {short}: {e:#}"));
+                    r.problems.push(format!("cache object {short} ({}): {e:#}", ws.rel(&p)));
                     continue;
                 }
             }

@@ -409,6 +409,12 @@ fn a_damaged_cache_copy_of_an_intact_output_is_stored_again_by_repair() {
     corrupt(&obj, Corrupt::FlipByte);
     let v = ws.dagrun(&["verify"]);
     assert_eq!(v.code, 4, "{}{}", v.stdout, v.stderr);
+    let h = b3(&ws.path("a.txt"));
+    assert!(
+        v.stdout.contains(&format!("({}) is corrupted", Path::new(".dagrun/cache/objects").join(&h[..2]).join(&h[2..]).display())),
+        "named by its path: {}",
+        v.stdout
+    );
     let r = ws.dagrun(&["verify", "--repair"]);
     assert!(r.stdout.contains("repaired: stored a.txt in the cache again"), "{}{}", r.stdout, r.stderr);
     let v = ws.dagrun(&["verify"]);
