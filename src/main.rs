@@ -78,7 +78,7 @@ enum Cmd {
     /// Upload cache objects and records the remote cache lacks.
     Push(commands::push::Args),
     /// Fetch cache objects and records the local workspace lacks (verified).
-    Pull(commands::push::Args),
+    Pull(commands::push::PullArgs),
     /// Show each stage as fresh or stale, and why.
     Status {
         pipeline: PathBuf,
@@ -141,6 +141,9 @@ enum Cmd {
         /// Under the workspace lock: delete what the next run rebuilds (corrupted cache objects and records) and store an intact output whose cached copy is gone back in the cache.
         #[arg(long)]
         repair: bool,
+        /// With --repair: wait up to SECONDS for a run holding the workspace (default: exit 75 at once).
+        #[arg(long, value_name = "SECONDS", value_parser = commands::parse_seconds, requires = "repair")]
+        wait: Option<f64>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -399,8 +402,10 @@ fn load(cli: &Cli, file: &Path, params: &[String]) -> Result<pipeline::Pipeline>
 
 fn real_main(cli: &Cli) -> Result<i32> {
     match &cli.command {
-        Cmd::Push(a) => commands::push::command(cli.workspace.as_deref(), a, false),
-        Cmd::Pull(a) => commands::push::command(cli.workspace.as_deref(), a, true),
+        Cmd::Push(a) => commands::push::command(cli.workspace.as_deref(), a, commands::push::Transfer::Push),
+        Cmd::Pull(a) => {
+            commands::push::command(cli.workspace.as_deref(), &a.common, commands::push::Transfer::Pull { wait: a.wait.map(Duration::from_secs_f64) })
+        }
         Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
         Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file, executor } => {
             let p = load(cli, pipeline, params)?;
@@ -470,7 +475,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             Ok(exit::OK)
         }
         Cmd::Gc(a) => commands::gc::run(&workspace_from_cwd(cli)?, a),
-        Cmd::Verify { repair, json } => commands::verify::run(&workspace_from_cwd(cli)?, *repair, *json),
+        Cmd::Verify { repair, wait, json } => commands::verify::run(&workspace_from_cwd(cli)?, *repair, wait.map(Duration::from_secs_f64), *json),
         Cmd::Sample { tenant, rows, seed, as_of, no_label, out } => {
             let as_of = dagrun::data::schema::parse_date(as_of).map_err(|e| error::config(format!("--as-of: {e:#}")))?;
             commands::sample::sample(out, tenant, *rows, *seed, as_of, !*no_label)?;

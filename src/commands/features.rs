@@ -81,6 +81,10 @@ pub fn show(workspace: &Path, tenant: &str, version: Option<&str>, json: bool) -
     let all = &found.versions;
     if all.is_empty() {
         let why = found.why_missing();
+        if why.is_empty() {
+            // A typo is not a tenant still to be run.
+            super::check_known_tenant(workspace, tenant, false, "no store stage recorded a feature version of it")?;
+        }
         let ws = workspace.display();
         return Err(crate::error::config(if why.is_empty() {
             format!("tenant {tenant} has no feature versions in {ws}: run the pipeline first")

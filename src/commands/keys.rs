@@ -2,7 +2,7 @@
 //! are printed only by `export`, and only with its explicit confirmation flag.
 //! Every key operation is appended to the audit log (`crypto::audit`).
 
-use crate::crypto::keyring::{Keyring, Rewrapped, keys_dir};
+use crate::crypto::keyring::{KeyError, Keyring, Rewrapped, keys_dir};
 use crate::crypto::master::MasterKeySource;
 use crate::workspace::Workspace;
 use anyhow::Result;
@@ -46,7 +46,7 @@ pub fn rotate(workspace: &Path, tenant: &str, wait: Option<std::time::Duration>)
     let _l = lock_for_keys(workspace, wait, "dagrun keys rotate")?;
     let ring = Keyring::open(workspace)?;
     super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
-    let id = ring.rotate(tenant)?;
+    let id = ring.rotate(tenant).map_err(|e| refuse_forgotten(e, tenant, "rotate"))?;
     crate::doneln!(
         "tenant {tenant}: new active data key {id}; older keys stay available to decrypt existing data until it is re-encrypted (the next run re-encrypts it)"
     );
@@ -78,6 +78,19 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
 }
 
 /// Whether the keyring has (or had: forgotten tenants keep their mark) keys of `tenant`.
+/// `rotate` or `export` of a tenant `keys forget` shredded: exit 2, saying
+/// so and what is left to do (the run's advice, to remove its rows from the
+/// input data, is not this command's).
+fn refuse_forgotten(e: anyhow::Error, tenant: &str, what: &str) -> anyhow::Error {
+    match e.downcast_ref::<KeyError>() {
+        Some(KeyError::Forgotten { at, .. }) => crate::error::config(format!(
+            "tenant {tenant} was forgotten on {at} (`dagrun keys forget`): its keys are destroyed, so there is no key to {what}, and no new key is ever \
+             made for {tenant}; its encrypted data can no longer be decrypted. To run the pipeline without it, remove {tenant} from config/tenants.yaml"
+        )),
+        _ => e,
+    }
+}
+
 fn holds_keys(ring: &Keyring, tenant: &str) -> bool {
     ring.list().iter().any(|k| k.tenant == tenant)
 }
@@ -91,7 +104,7 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
     }
     let ring = Keyring::open(workspace)?;
     super::check_known_tenant(workspace, tenant, holds_keys(&ring, tenant), "the keyring holds no key of it")?;
-    let hex = ring.export_data_key_hex(tenant, key_id)?;
+    let hex = ring.export_data_key_hex(tenant, key_id).map_err(|e| refuse_forgotten(e, tenant, "export"))?;
     crate::outln!("{hex}");
     Ok(())
 }

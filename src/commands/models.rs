@@ -1,9 +1,12 @@
 //! `dagrun models list | promote | rollback | history`: the model registry
 //! (see `crate::registry`). Promotion and rollback take the workspace lock,
 //! verify the model, and are written atomically and to the history.
+//! Promoting the champion again changes nothing and succeeds (exit 0, no
+//! history line). A tenant that `config/tenants.yaml` does not list and the
+//! registry has no folder of is refused (exit 2), naming the listed tenants.
 
 use crate::engine::lock;
-use crate::registry::{Registry, current_user};
+use crate::registry::{Promotion, Registry, current_user};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -43,8 +46,12 @@ pub enum ModelsCmd {
     },
 }
 
-fn check_tenant(t: &str) -> Result<()> {
-    crate::pipeline::tenants::validate_tenant_id(t).map_err(|m| crate::error::config(format!("tenant: {m}")))
+/// A tenant `config/tenants.yaml` lists or the registry has a folder of;
+/// anything else is refused (exit 2) naming the configured tenants: a typo
+/// must not read as "no registered models".
+fn check_tenant(workspace: &Path, reg: &Registry, t: &str) -> Result<()> {
+    crate::pipeline::tenants::validate_tenant_id(t).map_err(|m| crate::error::config(format!("tenant: {m}")))?;
+    super::check_known_tenant(workspace, t, reg.tenants().iter().any(|r| r == t), "the model registry holds no model of it")
 }
 
 pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
@@ -57,7 +64,7 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
         ModelsCmd::List { tenant, json } => {
             let tenants = match tenant {
                 Some(t) => {
-                    check_tenant(t)?;
+                    check_tenant(workspace, &reg, t)?;
                     vec![t.clone()]
                 }
                 None => reg.tenants(),
@@ -105,7 +112,7 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
             }
         }
         ModelsCmd::Promote { tenant, version, reason, wait } => {
-            check_tenant(tenant)?;
+            check_tenant(workspace, &reg, tenant)?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(*wait)), "dagrun models promote")?;
             if !reg.versions(tenant)?.iter().any(|e| &e.version == version) {
                 // A model trained before the registry existed: register the
@@ -120,17 +127,19 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                     }
                 }
             }
-            let from = reg.promote(tenant, version, &current_user(), reason, &*key()?)?;
-            crate::doneln!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"));
+            match reg.promote(tenant, version, &current_user(), reason, &*key()?)? {
+                Promotion::Changed { from } => crate::doneln!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)")),
+                Promotion::AlreadyChampion => crate::doneln!("tenant {tenant}: {version} is already the champion; nothing changed"),
+            }
         }
         ModelsCmd::Rollback { tenant, reason, wait } => {
-            check_tenant(tenant)?;
+            check_tenant(workspace, &reg, tenant)?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(*wait)), "dagrun models rollback")?;
             let (from, to) = reg.rollback(tenant, &current_user(), reason, &*key()?)?;
             crate::doneln!("tenant {tenant}: champion {from} -> {to} (rolled back)");
         }
         ModelsCmd::History { tenant, json } => {
-            check_tenant(tenant)?;
+            check_tenant(workspace, &reg, tenant)?;
             let h = reg.history(tenant)?;
             let applied = crate::registry::applied(&h, reg.champion(tenant)?.as_ref());
             if *json {

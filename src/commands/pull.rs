@@ -350,10 +350,11 @@ fn install(remote: &Remote, cas: &Cas, states: &StateStore, recs: Vec<Fetched>, 
 
 /// `dagrun pull`: everything the remote has that the workspace lacks
 /// (restricted to a pipeline's stages and/or some tenants' prefixes).
-pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tenants: &[String]) -> Result<PullReport> {
+/// Waits up to `wait` for the workspace lock (None: exit 75 at once).
+pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tenants: &[String], wait: Option<std::time::Duration>) -> Result<PullReport> {
     let t0 = Instant::now();
     let ws = Workspace::at(workspace);
-    let _lock = ws.lock(None, "dagrun pull")?;
+    let _lock = ws.lock(wait, "dagrun pull")?;
     let ring = crate::crypto::Keyring::open(ws.root())?;
     let cas = Cas::new(&ws);
     let integrity = ring.integrity_key();

@@ -251,9 +251,26 @@ pub struct Args {
     pub json: bool,
 }
 
-/// Run `dagrun push` (`pull = false`) or `dagrun pull`; exit 1 when a transfer
-/// failed, 4 when `pull` refused data the remote holds (it failed a check).
-pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i32> {
+/// Arguments of `dagrun pull`: those of push, and `--wait` (pull writes
+/// under the workspace lock; push only reads).
+#[derive(Debug, clap::Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub common: Args,
+    /// Wait up to SECONDS for a run holding the workspace (default: exit 75 at once).
+    #[arg(long, value_name = "SECONDS", value_parser = crate::commands::parse_seconds)]
+    pub wait: Option<f64>,
+}
+
+/// What `command` does: a push, or a pull waiting up to `wait` for the lock.
+pub enum Transfer {
+    Push,
+    Pull { wait: Option<std::time::Duration> },
+}
+
+/// Run `dagrun push` or `dagrun pull`; exit 1 when a transfer failed, 4 when
+/// `pull` refused data the remote holds (it failed a check).
+pub fn command(workspace_flag: Option<&Path>, a: &Args, what: Transfer) -> Result<i32> {
     let pipeline = match &a.pipeline {
         Some(f) => Some(crate::pipeline::load(f, workspace_flag, &[], &crate::stages::kinds())?),
         None => None,
@@ -264,8 +281,9 @@ pub fn command(workspace_flag: Option<&Path>, a: &Args, pull: bool) -> Result<i3
     };
     let remote = super::pull::open_remote(&ws, a.remote.as_deref())?;
     let mut refused = 0;
-    let (failures, json) = if pull {
-        let r = super::pull::pull(&ws, &remote, pipeline.as_ref(), &a.tenants)?;
+    let pull = matches!(what, Transfer::Pull { .. });
+    let (failures, json) = if let Transfer::Pull { wait } = what {
+        let r = super::pull::pull(&ws, &remote, pipeline.as_ref(), &a.tenants, wait)?;
         if !a.json {
             super::pull::print(&r);
         }

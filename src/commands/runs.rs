@@ -5,6 +5,15 @@ use crate::util::escape_controls;
 use anyhow::Result;
 use std::path::Path;
 
+/// Widest pipeline path `runs` shows in full.
+const MAX_PIPELINE_SHOWN: usize = 48;
+
+/// `s` in at most `max` characters: its end, after `…`, when longer.
+fn shorten_front(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max { s.to_string() } else { format!("…{}", s.chars().skip(n + 1 - max).collect::<String>()) }
+}
+
 /// One line per recorded run, newest last (or JSON).
 pub fn list(workspace: &Path, json: bool) -> Result<()> {
     let dir = runs::runs_dir(workspace);
@@ -29,19 +38,23 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
     } else if all.is_empty() {
         crate::outln!("no runs recorded in {}", runs::runs_dir(workspace).display());
     } else {
-        crate::outln!("{:<26} {:<11} {:>8}  {:<24} stages", "RUN", "STATUS", "SECONDS", "PIPELINE");
-        for r in &all {
+        // The PIPELINE column as wide as the longest path shown, at most
+        // MAX_PIPELINE_SHOWN characters: a longer path keeps its end (the file name).
+        let pipelines: Vec<String> = all.iter().map(|r| shorten_front(&escape_controls(&r.pipeline), MAX_PIPELINE_SHOWN)).collect();
+        let w = pipelines.iter().map(|p| p.chars().count()).max().unwrap_or(0).max("PIPELINE".len());
+        crate::outln!("{:<26} {:<11} {:>8}  {:<w$} STAGES", "RUN", "STATUS", "SECONDS", "PIPELINE");
+        for (r, pipeline) in all.iter().zip(&pipelines) {
             let c = |s| r.stages.iter().filter(|x| x.status == s).count();
             let skipped = match c(Status::Skipped) {
                 0 => String::new(),
                 n => format!(", {n} skipped"),
             };
             crate::outln!(
-                "{:<26} {:<11} {:>8.2}  {:<24} {} ran, {} cached, {} restored, {} failed{skipped}",
+                "{:<26} {:<11} {:>8.2}  {:<w$} {} ran, {} cached, {} restored, {} failed{skipped}",
                 r.run_id,
                 r.status,
                 r.seconds,
-                escape_controls(&r.pipeline),
+                pipeline,
                 c(Status::Ran),
                 c(Status::Cached),
                 c(Status::Restored),
@@ -72,4 +85,14 @@ pub fn show(workspace: &Path, id: &str, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_pipeline_paths_keep_their_end() {
+        assert_eq!(super::shorten_front("p.yaml", 8), "p.yaml");
+        assert_eq!(super::shorten_front("/a/very/long/p.yaml", 8), "…/p.yaml");
+        assert_eq!(super::shorten_front("/a/very/long/p.yaml", 8).chars().count(), 8);
+    }
 }

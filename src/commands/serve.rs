@@ -51,7 +51,7 @@ pub struct ServeArgs {
 
 fn secs(flag: &str, v: f64) -> Result<Duration> {
     if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
-        return Err(crate::error::config(format!("--{flag} {v}: give a number of seconds between 0 and 86400")));
+        return Err(crate::error::config(format!("--{flag} {v}: give a number of seconds greater than 0 and at most 86400")));
     }
     Ok(Duration::from_secs_f64(v))
 }
@@ -62,8 +62,10 @@ pub fn run(workspace: &Path, a: &ServeArgs) -> Result<()> {
         Some(n) => check_workers(n).map_err(|e| crate::error::config(e.to_string()))?,
         None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
     };
-    if a.max_body == 0 || a.max_rows == 0 || a.max_connections == 0 {
-        return Err(crate::error::config("--max-body, --max-rows and --max-connections must be at least 1"));
+    for (flag, v) in [("--max-body", a.max_body), ("--max-rows", a.max_rows), ("--max-connections", a.max_connections)] {
+        if v == 0 {
+            return Err(crate::error::config(format!("{flag} 0: give at least 1")));
+        }
     }
     let opts = ServeOptions {
         workspace: workspace.to_path_buf(),

@@ -66,12 +66,13 @@ fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
     }
 }
 
-pub fn verify(workspace: &Path, repair: bool) -> Result<VerifyReport> {
+/// With `repair`, waits up to `wait` for the workspace lock (None: exit 75 at once).
+pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>) -> Result<VerifyReport> {
     let ws = Workspace::at(workspace);
     // A linked store folder would have verify hash, and repair delete, what it
     // points at: refused before anything is listed (taking the lock checks it).
     let _lock = if repair {
-        Some(ws.lock(None, "dagrun verify --repair")?)
+        Some(ws.lock(wait, "dagrun verify --repair")?)
     } else {
         crate::workspace::own_dirs::check(ws.root())?;
         None
@@ -301,8 +302,8 @@ fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) 
 
 /// `dagrun verify [--repair] [--json]`: print what [`verify`] found; exit 4 on
 /// any problem `--repair` did not fix (every problem without it).
-pub fn run(workspace: &Path, repair: bool, json: bool) -> Result<i32> {
-    let r = verify(workspace, repair)?;
+pub fn run(workspace: &Path, repair: bool, wait: Option<std::time::Duration>, json: bool) -> Result<i32> {
+    let r = verify(workspace, repair, wait)?;
     if json {
         crate::outln!("{}", serde_json::to_string_pretty(&r)?);
     } else {

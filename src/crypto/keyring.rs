@@ -759,6 +759,17 @@ impl Keyring {
                     )
                 })?,
             };
+            // `keys list` shows the pseudonym key beside the data keys: its id
+            // is refused as what it is, not as a key the keyring lacks.
+            let entry = g.tenants.get(tenant);
+            if entry.and_then(|e| e.pseudonym_key.as_ref()).is_some_and(|k| k.id == id) {
+                let data: Vec<&str> = entry.map(|e| e.data_keys.iter().map(|k| k.id.as_str()).collect()).unwrap_or_default();
+                return Err(crate::error::config(format!(
+                    "{id} is tenant {tenant}'s pseudonym key (the HMAC key of its Sensitive_Token join keys), not a data key: \
+                     `dagrun keys export` prints data keys only ({}); leave out --key-id to export the active one",
+                    if data.is_empty() { "the tenant has none yet".to_string() } else { format!("{tenant}'s: {}", data.join(", ")) }
+                )));
+            }
             let key = self.unwrap_key(tenant, self.stored_data_key(&g, tenant, &id)?, DataKey::from_bytes)?;
             Ok((id, key))
         })();
@@ -767,8 +778,12 @@ impl Keyring {
             Ok(v) => v,
             Err(e) => {
                 let id = key_id.map(escape_for_message).unwrap_or_else(|| "active".into());
-                let forgotten = matches!(e.downcast_ref::<KeyError>(), Some(KeyError::Forgotten { .. }));
-                self.audit.append("export", &shown_tenant, &id, if forgotten { "refused: the tenant was forgotten" } else { "refused: no such key" })?;
+                let why = match e.downcast_ref::<KeyError>() {
+                    Some(KeyError::Forgotten { .. }) => "refused: the tenant was forgotten",
+                    _ if crate::error::exit_code_of(&e) == crate::error::exit::CONFIG => "refused: not a data key",
+                    _ => "refused: no such key",
+                };
+                self.audit.append("export", &shown_tenant, &id, why)?;
                 return Err(e);
             }
         };

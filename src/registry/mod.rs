@@ -126,6 +126,15 @@ pub struct LoadedModel {
     pub blake3: String,
 }
 
+/// What [`Registry::promote`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Promotion {
+    /// The version is the champion now; `from` was (None: the tenant had none).
+    Changed { from: Option<String> },
+    /// The version was the champion already: nothing was written.
+    AlreadyChampion,
+}
+
 /// The registry of one workspace.
 #[derive(Clone, Debug)]
 pub struct Registry {
@@ -456,15 +465,17 @@ impl Registry {
 
     /// Make `version` the champion of `tenant`. The version is loaded and
     /// verified first: a model that fails its checks is never promoted. The
-    /// caller holds the workspace lock. Returns the previous champion.
-    pub fn promote(&self, tenant: &str, version: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<Option<String>> {
+    /// caller holds the workspace lock. Promoting the champion changes
+    /// nothing and writes no history line ([`Promotion::AlreadyChampion`]:
+    /// a script that makes sure a version is promoted may run twice).
+    pub fn promote(&self, tenant: &str, version: &str, who: &str, why: &str, key: &crate::crypto::IntegrityKey) -> Result<Promotion> {
         check_reason(why)?;
         let m = self.load(tenant, version, key)?;
         let current = self.champion(tenant)?;
         if let Some(c) = &current
             && c.version == version
         {
-            bail!("{version} is already the champion of tenant {tenant}");
+            return Ok(Promotion::AlreadyChampion);
         }
         let mut previous = current.as_ref().map(|c| c.previous.clone()).unwrap_or_default();
         if let Some(c) = &current {
@@ -476,7 +487,7 @@ impl Registry {
             &c,
             &HistoryEntry { time: c.since.clone(), who: who.into(), action: HistoryAction::Promote, from: from.clone(), to: version.into(), why: why.into() },
         )?;
-        Ok(from)
+        Ok(Promotion::Changed { from })
     }
 
     /// Return `tenant` to its previous champion. The caller holds the

@@ -185,7 +185,9 @@ impl Remote {
         // Shown without credentials or query (`s3://KEY:SECRET@…`, a presigned `?X-Amz-Signature=`).
         let given = cfg.url.trim().to_string();
         let shown = crate::util::redact::redact_url(&given);
-        let bad = |why: String| crate::error::config(format!("remote {shown:?}: {why}"));
+        // A URL quoted here; anything else comes quoted (or described) from `redact_url`.
+        let quoted = if given.contains("://") { format!("{shown:?}") } else { shown.clone() };
+        let bad = |why: String| crate::error::config(format!("remote {quoted}: {why}"));
         let url = url::Url::parse(&given)
             .map_err(|e| bad(format!("not a URL ({e}); use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://CONTAINER/PREFIX or file:///ABSOLUTE/PATH")))?;
         let retry_timeout = Duration::from_secs_f64(cfg.retry_timeout.unwrap_or(20.0));
@@ -626,6 +628,15 @@ mod tests {
         for bad in ["", "eu-w\u{e9}st-1", "US-EAST-1", "a\nb", "a b"] {
             assert!(check_region(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Helper-65: a remote that is no URL was quoted twice (`remote "\"/tmp/x\""`).
+    #[test]
+    fn a_remote_that_is_no_url_is_quoted_once() {
+        let e = Remote::open(&crate::config::RemoteConfig::from_url("/tmp/x")).unwrap_err().to_string();
+        assert!(e.starts_with("remote \"/tmp/x\": not a URL"), "{e}");
+        let e = Remote::open(&crate::config::RemoteConfig::from_url("ftp://h/x")).unwrap_err().to_string();
+        assert!(e.starts_with("remote \"ftp://h/x\": "), "{e}");
     }
 
     #[test]

@@ -682,8 +682,9 @@ pub fn mlflow_json_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
             let width = s.columns.len();
             if let Some((r, n)) = s.data.lens.iter().enumerate().find(|(_, n)| **n as usize != width) {
                 return Err(Refused::Bad(format!(
-                    "{ORIGIN}: row {}: has {n} values but there are {width} columns; give every row one value per column",
-                    r + 1
+                    "{ORIGIN}: row {}: has {} but there are {width} columns; give every row one value per column",
+                    r + 1,
+                    crate::util::count(*n as usize, "value", "values")
                 )));
             }
             // Every row has `width` cells: row r starts at r * width.
@@ -743,8 +744,8 @@ pub fn csv_rows(body: &[u8], ex: &Expect) -> Result<Rows, Refused> {
         let line = rec.position().map(|p| p.line() + shift).unwrap_or(0);
         if rec.len() != width {
             return Err(Refused::Bad(format!(
-                "{ORIGIN}: row {row} (line {line}): has {} fields but the header has {width}; quote fields that contain commas, and give every row one value per column",
-                rec.len()
+                "{ORIGIN}: row {row} (line {line}): has {} but the header has {width}; quote fields that contain commas, and give every row one value per column",
+                crate::util::count(rec.len(), "field", "fields")
             )));
         }
         if records.len() >= ex.max_rows {
@@ -813,6 +814,10 @@ mod tests {
         let cols = r#""columns":["Customer_ID","Login_Count","Purchase_Amount","Last_Visit_Date"]"#;
         let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":[[1,3,1,"2025-01-01"],[2,3,1]]}}}}"#).as_bytes(), &ex()));
         assert_eq!(m, "request: row 2: has 3 values but there are 4 columns; give every row one value per column");
+        let m = bad(mlflow_json_rows(format!(r#"{{"dataframe_split":{{{cols},"data":[[1]]}}}}"#).as_bytes(), &ex()));
+        assert_eq!(m, "request: row 1: has 1 value but there are 4 columns; give every row one value per column");
+        let m = bad(csv_rows(b"Customer_ID,Login_Count,Purchase_Amount,Last_Visit_Date\n1\n", &ex()));
+        assert_eq!(m, "request: row 1 (line 2): has 1 field but the header has 4; quote fields that contain commas, and give every row one value per column");
         // The data before the columns, and nested cells: same rows, same refusals.
         let a =
             mlflow_json_rows(format!(r#"{{"dataframe_split":{{"data":[[1,3,1,"2025-01-01"],[2,4,0.5,"2025-01-02"]],{cols}}}}}"#).as_bytes(), &ex()).unwrap();

@@ -8,6 +8,10 @@
 //! ([`metrics`]); an audit line per scoring request ([`audit`]).
 //!
 //! Rules of this module (the listener):
+//! - `--listen` is an IP address and port, or a host name that resolves and a
+//!   port ([`listen_addr`]). Start-up errors, an address that cannot be bound
+//!   included, are exit 2 with the fix ([`bind_error`]); an `--audit-dir` is
+//!   held to `Workspace::check_user_output`. No usable token is warned of.
 //! - Plain HTTP only on a loopback address unless `insecure_plaintext` is
 //!   set; TLS is rustls (ring), HTTP/1.1.
 //! - At most `max_connections` connections are held at once (fewer when the
@@ -126,6 +130,42 @@ fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustl
     Ok(Arc::new(cfg))
 }
 
+/// The address of `--listen`: an IP address and port, or a host name and
+/// port that resolves (`localhost:8080`); of a name's addresses the first
+/// IPv4 one (what a client of `http://localhost` tries first), else the
+/// first. Every other check (loopback or TLS) applies to that address.
+fn listen_addr(listen: &str) -> Result<SocketAddr> {
+    if let Ok(a) = listen.parse() {
+        return Ok(a);
+    }
+    let bad =
+        |why: String| crate::error::config(format!("--listen {listen}: {why}; give an address and port such as 127.0.0.1:8080, [::1]:8080 or localhost:8080"));
+    let Some((host, port)) = listen.rsplit_once(':').filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) else {
+        return Err(bad("not an address and port".into()));
+    };
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port.parse::<u16>().unwrap_or(0)))
+        .map_err(|e| bad(format!("the host name {host} does not resolve ({e})")))?
+        .collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| bad(format!("the host name {host} has no address")))
+}
+
+/// A start-up error (exit 2) for a `--listen` address that cannot be bound,
+/// with what to do.
+fn bind_error(addr: SocketAddr, e: &std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let fix = match e.kind() {
+        ErrorKind::AddrInUse => format!(
+            "another process listens on port {} (`ss -ltnp 'sport = :{}'` names it): stop it, or give another port with --listen",
+            addr.port(),
+            addr.port()
+        ),
+        ErrorKind::PermissionDenied => "ports below 1024 need privileges: give a port of 1024 or more with --listen (a proxy in front may take 443)".into(),
+        ErrorKind::AddrNotAvailable => "that address is not one of this machine's: give one of its addresses with --listen, or 0.0.0.0 for all".into(),
+        _ => "give another address or port with --listen".into(),
+    };
+    crate::error::config(format!("--listen {addr}: cannot listen there ({e}); {fix}"))
+}
+
 /// A started server: its address and the handle to stop it.
 pub struct Running {
     pub addr: SocketAddr,
@@ -141,10 +181,7 @@ pub async fn serve(
     force: impl std::future::Future<Output = ()>,
     on_start: impl FnOnce(&Running, &[String]),
 ) -> Result<()> {
-    let addr: SocketAddr = opts
-        .listen
-        .parse()
-        .map_err(|_| crate::error::config(format!("--listen {}: give an address and port such as 127.0.0.1:8080 or [::1]:8080", opts.listen)))?;
+    let addr = listen_addr(&opts.listen)?;
     let tls = match (&opts.tls_cert, &opts.tls_key) {
         (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(tls_config(c, k)?)),
         (None, None) => None,
@@ -170,7 +207,15 @@ pub async fn serve(
     let mut opts = opts;
     opts.limits.max_connections = fit_connections(opts.limits.max_connections)?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let audit_dir = opts.audit_dir.clone().unwrap_or_else(|| dagrun_dir.join("audit"));
+    let audit_dir = match &opts.audit_dir {
+        // Where `report -o` and `predict --output` may write: not in config/, .dagrun/, .git/, on a run record.
+        Some(d) => {
+            crate::workspace::Workspace::at(&opts.workspace)
+                .check_user_output(&audit::file_for(d, chrono::Utc::now().date_naive()), "--audit-dir: its log file")?;
+            d.clone()
+        }
+        None => dagrun_dir.join("audit"),
+    };
     let audit = audit::Audit::start(audit_dir, metrics.clone())?;
     let (prefix, request_key) = {
         let mut b = [0u8; 4];
@@ -199,8 +244,14 @@ pub async fn serve(
     });
     let mut watch = Watch::default();
     shared.reload_tokens(&mut watch);
-    let notes = shared.reload_models(&mut watch);
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let mut notes = shared.reload_models(&mut watch);
+    if shared.tokens.load().usable(chrono::Utc::now()) == 0 {
+        notes.push(
+            "WARNING: no valid API token: every scoring request gets 401 until one is made with `dagrun tokens create TENANT` (picked up without a restart)"
+                .into(),
+        );
+    }
+    let listener = TcpListener::bind(addr).await.map_err(|e| bind_error(addr, &e))?;
     let running = Running { addr: listener.local_addr()?, tls: tls.is_some() };
     on_start(&running, &notes);
 

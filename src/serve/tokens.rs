@@ -305,6 +305,11 @@ impl TokenSet {
         self.entries.is_empty()
     }
 
+    /// Tokens that would be accepted at `now` (neither revoked nor expired).
+    pub fn usable(&self, now: DateTime<Utc>) -> usize {
+        self.entries.iter().filter(|e| e.rec.revoked.is_none() && e.rec.expires.is_none_or(|x| x > now)).count()
+    }
+
     fn find(&self, token: &[u8], now: DateTime<Utc>) -> std::result::Result<&Entry, Refusal> {
         if token.is_empty() {
             return Err(Refusal::Missing);

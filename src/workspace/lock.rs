@@ -5,6 +5,12 @@
 //! process is simply free again. The file's content names the holder (pid,
 //! command, start time) for the message the second run prints.
 //!
+//! Every command that takes the lock without waiting (`wait` None: exit 75 at
+//! once) accepts `--wait SECONDS`, which that message suggests: `run`, `gc`,
+//! `pull`, `verify --repair`, the `keys` commands that write. `models
+//! promote|rollback` wait 10 s unless told otherwise, `tokens create|revoke`
+//! 10 s; `push` only reads and takes no lock.
+//!
 //! # Clean release: the sweep mark
 //! The content also says whether the last holder ended cleanly, so that a run
 //! sweeps temporary files of killed writers (`engine::sweep`) only when there

@@ -337,7 +337,8 @@ impl Workspace {
             Err(e) => return Err(refuse(&format!("it cannot be checked ({e})"))),
         };
         if there.as_ref().is_some_and(|m| m.is_dir()) {
-            return Err(refuse("it is a folder; name a file in it"));
+            // The one fix: a file in that folder (not "write it elsewhere").
+            return Err(crate::error::config(format!("{what} {}: it is a folder; name a file in it, e.g. {}", path.display(), path.join("NAME").display())));
         }
         if let Some(m) = there {
             let special = |t: std::fs::FileType| !(t.is_file() || t.is_dir() || t.is_symlink());

@@ -475,6 +475,18 @@ fn runs_list_and_show_shapes() {
     assert_eq!(&shown, r1.rec());
     let text = ws.dagrun(&["runs"]);
     assert!(text.stdout.contains(id) && text.stdout.contains("7 ran"), "{}", text.stdout);
+    // Helper-65: a pipeline path longer than the old 24-character column
+    // pushed its line's counts out of the STAGES column (then lowercase).
+    let long = "pipelines/a-rather-long-folder-name/p.yaml";
+    ws.write(long, "stages:\n  a: {cmd: echo a > long-a.txt, outs: [long-a.txt]}\n");
+    assert_eq!(ws.dagrun(&["run", long]).code, 0);
+    let text = ws.dagrun(&["runs"]).stdout;
+    let header = text.lines().next().unwrap();
+    let col = header.find("STAGES").unwrap_or_else(|| panic!("no STAGES column:\n{text}"));
+    for line in text.lines().skip(1) {
+        assert!(line[col..].starts_with(|c: char| c.is_ascii_digit()) && line[..col].ends_with(' '), "not in the STAGES column:\n{text}");
+    }
+    assert!(text.contains(long), "{text}");
     let missing = ws.dagrun(&["runs", "show", "19700101", "--json"]);
     assert_eq!(missing.code, 2);
 }

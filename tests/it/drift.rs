@@ -219,3 +219,34 @@ fn gc_keeps_the_champions_training_features_and_a_lost_reference_names_a_working
     ok(&dagrun(root, &["models", "promote", "Tenant_A", &m3, "--reason", "its features are kept"]));
     ok(&run("9"));
 }
+
+/// Helper-65: promoting the version that is already the champion succeeds
+/// (a script makes sure of a promotion) and writes nothing; a tenant neither
+/// configured nor registered is refused (exit 2) naming the configured ones,
+/// not listed as having "no registered models".
+#[test]
+fn promoting_the_champion_again_changes_nothing_and_unknown_tenants_are_refused() {
+    let ws = workspace();
+    let root = ws.root.as_path();
+    ok(&dagrun(root, &["run", "pipelines/propensity.yaml", "-p", "rows=2000"]));
+    let champ = champion(root, "Tenant_A");
+    let history = || std::fs::read(root.join(".dagrun/registry/Tenant_A/history.jsonl")).unwrap();
+    let before = history();
+    let out = ok(&dagrun(root, &["models", "promote", "Tenant_A", &champ]));
+    assert!(out.contains(&format!("tenant Tenant_A: {champ} is already the champion; nothing changed")), "{out}");
+    assert_eq!(history(), before, "a promotion that changed nothing is not in the history");
+    for args in [
+        &["models", "list", "Tenant_Z"][..],
+        &["models", "history", "Tenant_Z"],
+        &["models", "promote", "Tenant_Z", &champ],
+        &["models", "rollback", "Tenant_Z"],
+    ] {
+        let o = dagrun(root, args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("no tenant Tenant_Z: config/tenants.yaml lists Tenant_A, Tenant_B"), "{args:?}: {err}");
+    }
+    // A registered tenant since removed from the list is still shown.
+    std::fs::write(root.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_B\n    share: 1.0\n").unwrap();
+    assert!(ok(&dagrun(root, &["models", "list", "Tenant_A"])).contains(&champ));
+}

@@ -536,6 +536,7 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
         let o = dg(&ws, args);
         assert_eq!(o.code, 2, "dagrun {args:?}:\n{}\n{}", o.stdout, o.stderr);
         assert!(o.stderr.contains(needle), "dagrun {args:?}: stderr lacks {needle:?}:\n{}", o.stderr);
+        o.stderr
     };
     let keyring = ".dagrun/keys/keyring.json";
     refused(&["run", p, "-p", "rows=1000", "--metrics-file", keyring], &format!("--metrics-file {keyring}: it is inside .dagrun/"));
@@ -654,7 +655,8 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     ok(spawn(c).wait(HANG));
     assert!(ws.read("scores/from-config.csv").starts_with("Customer_ID,score"));
     std::fs::create_dir_all(ws.path("scores/dir.csv")).unwrap();
-    refused_output("scores/dir.csv", "it is a folder; name a file in it");
+    let o = refused_output("scores/dir.csv", "it is a folder; name a file in it, e.g. scores/dir.csv/NAME");
+    assert!(!o.contains("elsewhere"), "one fix: {o}");
     // Review 19: from a working folder longer than PATH_MAX nothing resolved,
     // so every check was off and a link led onto config/: refused now.
     {
@@ -695,6 +697,14 @@ fn user_named_files_and_unknown_tenants_cannot_harm_the_workspace() {
     // Elsewhere they are written as before.
     ok(dg(&ws, &["predict", "--tenant", "Tenant_A", "--input", "in.csv", "--output", "scores/a.csv"]));
     assert_eq!(ws.read("scores/a.csv").lines().count(), 6);
+    // Helper-65: a key command on a forgotten tenant says it was forgotten
+    // and what is left to do (exit 2), not the run's "remove its rows".
+    ok(dg(&ws, &["keys", "forget", "Tenant_B", "--yes"]));
+    for (args, what) in [(&["keys", "rotate", "Tenant_B"][..], "rotate"), (&["keys", "export", "Tenant_B", "--i-understand-this-prints-a-secret"], "export")] {
+        let e = refused(args, "tenant Tenant_B was forgotten on ");
+        assert!(e.contains(&format!("its keys are destroyed, so there is no key to {what}")) && e.contains("remove Tenant_B from config/tenants.yaml"), "{e}");
+        assert!(!e.contains("input data"), "{e}");
+    }
 }
 
 /// A pipeline or settings file with no size to check first (a device, a

@@ -1081,6 +1081,47 @@ fn a_planted_audit_link_is_refused_at_start() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched\n");
 }
 
+/// Helper-65: start-up errors exit 2 naming the fix, as the README says (a
+/// port in use exited 1); `--listen localhost:PORT` is an address (it was
+/// refused); `--audit-dir` is held to `report -o`'s rule (config/ was
+/// accepted); a server with no usable token says every request gets 401.
+#[test]
+fn start_up_errors_exit_2_a_host_name_listens_and_no_token_is_warned_of() {
+    let ws = Ws::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let o = ws.dagrun(&["serve", "--listen", &format!("127.0.0.1:{port}")]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&format!("--listen 127.0.0.1:{port}: cannot listen there")) && o.stderr.contains(&format!("another process listens on port {port}")),
+        "{}",
+        o.stderr
+    );
+    for (dir, why) in [("config", "inside config/"), ("runs", "replace a run record"), (".dagrun", "inside .dagrun/")] {
+        let o = ws.dagrun(&["serve", "--listen", "127.0.0.1:0", "--audit-dir", dir]);
+        assert_eq!(o.code, 2, "--audit-dir {dir}: {}", o.stderr);
+        assert!(o.stderr.contains("--audit-dir") && o.stderr.contains(why), "--audit-dir {dir}: {}", o.stderr);
+    }
+    assert!(!ws.exists("config") && !ws.exists("runs"), "a refused --audit-dir was created");
+    let o = ws.dagrun(&["serve", "--listen", "no-such-host.invalid:8080"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("does not resolve") && o.stderr.contains("localhost:8080"), "{}", o.stderr);
+
+    let srv = Server::start_listen(&ws, "localhost:0", &["--audit-dir", "audit"]);
+    assert!(srv.addr.starts_with("127.0.0.1:"), "{}", srv.addr);
+    srv.wait_log("WARNING: no valid API token: every scoring request gets 401 until one is made with `dagrun tokens create TENANT`");
+    let r = get(&agent(), &srv.url("/v2/health/live"), None);
+    assert_eq!(r.status, 200);
+    drop(srv);
+    token(&ws, "Tenant_A", &[]);
+    let mut srv = Server::start(&ws, &[]);
+    srv.sigterm();
+    assert_eq!(srv.wait(Duration::from_secs(20)), 0);
+    srv.wait_log("dagrun serve: stopped");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!srv.log().contains("no valid API token"), "{}", srv.log());
+}
+
 /// One tenant's slow uploads hold at most its own share of the bodies the
 /// server keeps at once: another tenant is still answered at once, while
 /// the first tenant's next request waits for its own share.

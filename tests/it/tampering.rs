@@ -422,6 +422,32 @@ fn verify_reports_a_mac_failure_by_file_and_repair_fixes_it_under_the_lock() {
     ok(dg(&ws, &["verify"]));
 }
 
+/// The exit-75 message says "or pass --wait SECONDS": every command refused
+/// at once for the lock takes `--wait` (helper-65: `pull` and `verify
+/// --repair` had none, and `--wait` was then an unexpected argument).
+#[test]
+fn commands_refused_for_the_lock_accept_the_wait_the_message_suggests() {
+    let ws = cmd_ws();
+    let remote = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", remote.path().display());
+    let lock = std::fs::OpenOptions::new().read(true).write(true).open(ws.path(".dagrun/lock")).unwrap();
+    lock.try_lock().unwrap();
+    for args in [&["verify", "--repair"][..], &["pull", "--remote", &url], &["gc"], &["run", "pipeline.yaml"]] {
+        let o = dg(&ws, args);
+        assert_eq!(o.code, 75, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("or pass --wait SECONDS"), "{args:?}: {}", o.stderr);
+        let mut waiting = args.to_vec();
+        waiting.extend(["--wait", "0.2"]);
+        let o = dg(&ws, &waiting);
+        assert_eq!(o.code, 75, "{waiting:?}: {}", o.stderr);
+        assert!(o.stderr.contains("still locked") && o.stderr.contains("after waiting 0.2s"), "{waiting:?}: {}", o.stderr);
+    }
+    let o = dg(&ws, &["verify", "--wait", "1"]);
+    assert_eq!(o.code, 2, "--wait without --repair takes no lock: {}", o.stderr);
+    lock.unlock().unwrap();
+    ok(dg(&ws, &["pull", "--remote", &url, "--wait", "1"]));
+}
+
 #[test]
 fn commands_outside_a_workspace_refuse_and_create_nothing() {
     let empty = tempfile::Builder::new().prefix("dagrun-nows-").tempdir().unwrap();

@@ -314,6 +314,24 @@ fn export_matches_and_decrypts() {
     assert_eq!(decrypt_field(&DataKey::from_bytes(b), "Tenant_A", "Sensitive_Data", 3, &blob).unwrap(), b"a@b.c");
 }
 
+/// Helper-65: the pseudonym key's id (which `keys list` shows) is refused as
+/// a pseudonym key (exit 2), not as a key "encrypted with another
+/// workspace's keyring"; nothing of it is printed.
+#[test]
+fn exporting_the_pseudonym_key_id_says_export_takes_data_keys() {
+    let ws = tempfile::tempdir().unwrap();
+    let kr = Keyring::open_with(ws.path(), env(HEX_A)).unwrap();
+    let (id, _) = kr.active_data_key("Tenant_A").unwrap();
+    kr.pseudonym_key("Tenant_A").unwrap();
+    let e = kr.export_data_key_hex("Tenant_A", Some("Tenant_A-pk-1")).unwrap_err();
+    assert_eq!(crate::error::exit_code_of(&e), crate::error::exit::CONFIG);
+    let e = e.to_string();
+    assert!(e.contains("Tenant_A-pk-1 is tenant Tenant_A's pseudonym key") && e.contains("data keys only") && e.contains(&id), "{e}");
+    assert!(!e.contains("another workspace"), "{e}");
+    let log = fs::read_to_string(keys_dir(ws.path()).join("audit.jsonl")).unwrap();
+    assert!(log.lines().last().unwrap().contains("refused: not a data key"), "{log}");
+}
+
 #[test]
 fn invalid_tenants_are_rejected() {
     let ws = tempfile::tempdir().unwrap();

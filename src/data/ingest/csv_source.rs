@@ -165,10 +165,10 @@ impl CsvSource {
             }
             if self.rec.len() != self.width {
                 bail!(
-                    "{}: row {row}{}: has {} fields but the header has {}; quote fields that contain commas, and give every row one value per column",
+                    "{}: row {row}{}: has {} but the header has {}; quote fields that contain commas, and give every row one value per column",
                     ck.file,
                     line.map(|l| format!(" (line {l})")).unwrap_or_default(),
-                    self.rec.len(),
+                    crate::util::count(self.rec.len(), "field", "fields"),
                     self.width
                 );
             }

@@ -139,6 +139,10 @@ fn unparseable_numbers() {
     bad_csv(3, "2.5", &opts(), &["row 2 (line 3), column Login_Count"]);
     bad_csv(1, "x1", &opts(), &["row 2 (line 3), column Customer_ID", "not an integer"]);
     bad_csv(4, "12,50", &opts(), &["row 2 (line 3)", "has 8 fields but the header has 7"]);
+    // One value: "1 field", not "1 fields".
+    let d = tempfile::tempdir().unwrap();
+    let p = write_csv(d.path(), &format!("{HEADER}\nT1\n"));
+    expect_err(d.path(), &p, &opts(), &["row 1 (line 2)", "has 1 field but the header has 7"]);
     bad_csv(4, "twelve", &opts(), &["row 2 (line 3), column Purchase_Amount", "not a number"]);
     bad_csv(1, "99999999999999999999999", &opts(), &["row 2 (line 3), column Customer_ID"]);
 }
