@@ -72,8 +72,12 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
         ));
     }
     crate::doneln!(
-        "tenant {tenant}: data and pseudonym keys destroyed (crypto-shredded); its encrypted data, including copies in the cache, can no longer be decrypted. Other tenants are unaffected. Remove {tenant} from config/tenants.yaml"
+        "tenant {tenant}: data and pseudonym keys destroyed (crypto-shredded); its encrypted data, including copies in the cache, can no longer be decrypted. Other tenants are unaffected."
     );
+    // The operator's next step, said under `-q` too (review 66 #4).
+    crate::util::stdout::warn(format_args!(
+        "note: remove {tenant} from config/tenants.yaml (its next run fails otherwise); its features and models stay readable here until you delete their folders and run `dagrun gc` (push and pull skip them)"
+    ));
     Ok(())
 }
 
@@ -141,18 +145,22 @@ pub fn rewrap(workspace: &Path, to: &str, wait: Option<std::time::Duration>) -> 
             let rec = crate::crypto::keyring::recorded_master(workspace);
             crate::doneln!(
                 "rewrapped {n} key(s) in {} under {} ({}); no data was re-encrypted. Point dagrun at the new master key \
-                 (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml). The old master key no longer opens \
-                 this keyring, but it still makes this workspace's integrity key (kept across a rewrap so that every \
-                 record stays valid): whoever holds it can still forge this workspace's records. Destroy it once \
-                 backups of the old keyring are gone{}",
+                 (DAGRUN_MASTER_KEY_URI or master_key: in config/dagrun.yaml).",
                 ring_path.display(),
                 rec.clone()
                     .and_then(|r| r.uri)
                     .map(|u| crate::crypto::master::Pkcs11Uri::parse(&u).map(|u| u.shown()).unwrap_or(u))
                     .unwrap_or_else(|| "the new key".into()),
                 rec.map(|r| r.mechanism).unwrap_or_default(),
-                if old_default_file.exists() { format!(" (it is still in {}: `shred -u` it then)", old_default_file.display()) } else { String::new() }
             );
+            // What the operator must still do, on stderr: said under `-q` too
+            // (review 66 #4).
+            crate::util::stdout::warn(format_args!(
+                "warning: the old master key no longer opens this keyring, but it still makes this workspace's integrity key \
+                 (kept across a rewrap so that every record stays valid): whoever holds it can still forge this workspace's \
+                 records. Destroy it once backups of the old keyring are gone{}",
+                if old_default_file.exists() { format!(" (it is still in {}: `shred -u` it then)", old_default_file.display()) } else { String::new() }
+            ));
         }
         Rewrapped::AlreadyDone => crate::doneln!("the keyring is already wrapped under the new master key: nothing to do"),
     }

@@ -3,6 +3,7 @@
 pub mod dag;
 pub mod exec_stage;
 pub mod features;
+pub mod forgotten;
 pub mod gc;
 pub mod keys;
 pub mod lineage;

@@ -388,6 +388,9 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         })
         .collect();
     let names: Option<HashSet<&str>> = pipeline.map(|p| p.stages.iter().map(|s| s.name.as_str()).collect());
+    // Records of other stages derived from a forgotten tenant's (`forgotten`).
+    let gone = super::forgotten::Forgotten::of(&ring, &states);
+    let mut derived: BTreeMap<String, usize> = BTreeMap::new();
     let mut recs = Vec::new();
     for scope in &scopes {
         let keys = remote.list_actions(scope.as_deref())?;
@@ -424,8 +427,18 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
             if names.as_ref().is_some_and(|n| !n.contains(st.stage.as_str())) {
                 continue;
             }
+            if let Some(t) = gone.claims(&ring, &st, tenant.as_deref()) {
+                *derived.entry(t).or_default() += 1;
+                continue;
+            }
             recs.push(Fetched { tenant, key, st });
         }
+    }
+    for (t, n) in derived {
+        report.skipped.push(format!(
+            "{} derived from tenant {t}, which was forgotten here (`dagrun keys forget`): not pulled",
+            crate::util::count(n, "record", "records")
+        ));
     }
     let (f, b, p, done) = install(remote, &cas, &states, recs, &mut problems);
     report.problems = problems.list;

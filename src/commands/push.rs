@@ -60,6 +60,8 @@ struct Local {
     stage: String,
     bytes: Vec<u8>,
     objects: Vec<ContentHash>,
+    /// Its inputs and outputs (whether it derives from a forgotten tenant).
+    st: crate::workspace::state::StageState,
 }
 
 /// Every local record worth pushing, validated, deduplicated by key.
@@ -147,7 +149,7 @@ fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Optio
             continue;
         }
         seen.insert(st.key.clone());
-        out.push(Local { tenant, key: st.key.clone(), stage: st.stage.clone(), bytes, objects });
+        out.push(Local { tenant, key: st.key.clone(), stage: st.stage.clone(), bytes, objects, st });
     }
     out
 }
@@ -165,17 +167,21 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     let cas = Cas::read_only(&ws);
     let mut report = PushReport { remote: remote.shown().to_string(), ..Default::default() };
     let mut recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
+    // Nothing of a forgotten tenant leaves, its own stages' records or what
+    // other stages derived from them (`forgotten`).
+    let gone = super::forgotten::Forgotten::of(&ring, &states);
     let mut forgotten: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    recs.retain(|r| match r.tenant.as_deref().and_then(|t| ring.is_forgotten(t).map(|at| (t, at))) {
-        Some((t, at)) => {
-            forgotten.entry(t.to_string()).or_insert((at, 0)).1 += 1;
+    recs.retain(|r| match gone.claims(&ring, &r.st, r.tenant.as_deref()) {
+        Some(t) => {
+            let at = ring.is_forgotten(&t).unwrap_or_default();
+            forgotten.entry(t).or_insert((at, 0)).1 += 1;
             false
         }
         None => true,
     });
     for (t, (at, n)) in forgotten {
         report.skipped.push(format!(
-            "tenant {t} was forgotten (`dagrun keys forget`, {at}): {} of it not pushed (delete its folders and run `dagrun gc` to remove them here too)",
+            "tenant {t} was forgotten (`dagrun keys forget`, {at}): {} of it or derived from it not pushed (delete those folders and run `dagrun gc` to remove them here too)",
             crate::util::count(n, "record", "records")
         ));
     }

@@ -156,6 +156,14 @@ impl Engine {
     /// A remote that fails is a warning, never a failed stage: the stage runs.
     pub(super) fn pull_from_remote(&self, s: &Stage, key: &ContentHash) -> bool {
         let Some(r) = &self.remote else { return false };
+        // Nothing of a forgotten tenant comes back (`commands::forgotten`).
+        if let Some(t) = &s.tenant
+            && let Ok(ring) = self.services.keyring()
+            && ring.is_forgotten(t).is_some()
+        {
+            tracing::debug!("{}: tenant {t} was forgotten here: not asking the remote cache", s.name);
+            return false;
+        }
         match r.fetch(s, key, &self.states, &self.cas) {
             Ok(found) => found,
             Err(e) => {

@@ -472,14 +472,15 @@ impl Registry {
         check_reason(why)?;
         let m = self.load(tenant, version, key)?;
         let current = self.champion(tenant)?;
-        if let Some(c) = &current
-            && c.version == version
-        {
-            return Ok(Promotion::AlreadyChampion);
-        }
         let mut previous = current.as_ref().map(|c| c.previous.clone()).unwrap_or_default();
-        if let Some(c) = &current {
-            previous.push(c.version.clone());
+        match &current {
+            Some(c) if c.version == version && c.blake3 == m.blake3 => return Ok(Promotion::AlreadyChampion),
+            // The record names this version with another hash (altered or
+            // damaged: `predict` and `serve` refuse it): written again, its
+            // earlier champions kept (review 66 #5).
+            Some(c) if c.version == version => {}
+            Some(c) => previous.push(c.version.clone()),
+            None => {}
         }
         let from = current.map(|c| c.version);
         let c = Champion { format: CHAMPION_FORMAT.into(), tenant: tenant.into(), version: version.into(), blake3: m.blake3, since: now(), previous };

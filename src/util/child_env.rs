@@ -199,6 +199,10 @@ pub fn check_secret_pattern(p: &str) -> Result<(), String> {
 
 /// Refuse a declared variable (a stage's `env:`) whose name is denied.
 pub fn check_declared(name: &str, w: &Withheld) -> Result<(), String> {
+    // `A=B: x` would reach the command as `A=B=x`: variable A (review 66 #3).
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Err(format!("`env:` names {name:?}, which is not a variable name (empty, or holding `=`); name the variable alone"));
+    }
     if let Some(own) = set_by_dagrun(name) {
         return Err(format!(
             "`env:` sets {name}, which dagrun sets itself for every command ({own}); remove it from `env:`{}",
@@ -268,6 +272,9 @@ mod tests {
         }
         assert!(check_declared("DAGRUN_PARAM_N", &s).unwrap_err().contains("set the param instead"));
         assert!(check_declared("DAGRUN_PLAIN", &s).is_ok());
+        for n in ["DAGRUN_RUN_MARK=evil", "DAGRUN_MASTER_KEY=x", "", "A\0B", "X="] {
+            assert!(check_declared(n, &s).is_err(), "{n:?}");
+        }
         // The names are the ones the rest of dagrun uses.
         assert!(set_by_dagrun(crate::workspace::WORKSPACE_ENV).is_some() && set_by_dagrun(crate::workspace::lock::RUN_MARK_ENV).is_some());
     }

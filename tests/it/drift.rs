@@ -235,6 +235,18 @@ fn promoting_the_champion_again_changes_nothing_and_unknown_tenants_are_refused(
     let out = ok(&dagrun(root, &["models", "promote", "Tenant_A", &champ]));
     assert!(out.contains(&format!("tenant Tenant_A: {champ} is already the champion; nothing changed")), "{out}");
     assert_eq!(history(), before, "a promotion that changed nothing is not in the history");
+    // A champion record whose hash was altered is no "already the champion":
+    // promoting again writes it anew (review 66 #5), and predict works again.
+    let cpath = root.join(".dagrun/registry/Tenant_A/champion.json");
+    let text = std::fs::read_to_string(&cpath).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let real = v["blake3"].as_str().unwrap().to_string();
+    std::fs::write(&cpath, text.replace(&real, &"0".repeat(64))).unwrap();
+    let out = ok(&dagrun(root, &["models", "promote", "Tenant_A", &champ]));
+    assert!(!out.contains("already the champion"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cpath).unwrap()).unwrap();
+    assert_eq!(v["blake3"], real);
+    assert!(v["previous"].as_array().is_some_and(|p| !p.iter().any(|x| x == champ.as_str())), "{v}");
     for args in [
         &["models", "list", "Tenant_Z"][..],
         &["models", "history", "Tenant_Z"],

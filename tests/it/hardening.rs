@@ -1123,4 +1123,17 @@ fn a_keyring_whose_master_key_is_not_found_is_named_by_every_command() {
     }
     assert!(!ws.exists(".dagrun/keys/master.key"), "no key was made up");
     keyed(&["status", "pipeline.yaml"]);
+    // Any record sealed under the key is evidence (review 66 #6): here the
+    // action cache and the hash memo without the state records.
+    std::fs::rename(ws.path(".dagrun/state"), ws.path("state-aside")).unwrap();
+    let o = dg(&ws, &["run", "pipeline.yaml"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("if that key is lost, remove its state/ and cache/ folders"), "{}", o.stderr);
+    // Removing what the message names starts afresh under a new key.
+    for p in [".dagrun/cache", ".dagrun/hashmemo.json", ".dagrun/places.json"] {
+        let p = ws.path(p);
+        if p.is_dir() { std::fs::remove_dir_all(p).unwrap() } else { std::fs::remove_file(p).unwrap() }
+    }
+    ok(dg(&ws, &["run", "pipeline.yaml"]));
+    assert!(ws.exists(".dagrun/keys/master.key"));
 }

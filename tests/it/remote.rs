@@ -684,9 +684,11 @@ fn a_record_naming_another_tenants_object_is_refused_and_never_pushed_across() {
     assert!(remote.path().join("tenants/Tenant_B/objects").join(&hash_b).exists());
 }
 
-/// Crypto-shredding and the shared cache (helper-64 #3): a forgotten tenant's
-/// readable leftovers (features, models) are never pushed after the erasure,
-/// and a workspace that forgot a tenant pulls nothing of it back.
+/// Crypto-shredding and the shared cache (helper-64 #3, review 66 #1/#2): a
+/// forgotten tenant's readable leftovers — its own stages' outputs and what
+/// untenanted stages derived from them, to the end of a chain — are never
+/// pushed after the erasure, and a workspace that forgot a tenant pulls
+/// nothing of it back (`pull`, `run --pull`).
 #[test]
 fn a_forgotten_tenant_is_neither_pushed_nor_pulled() {
     let remote = tempfile::Builder::new().prefix("dagrun-it-folder-remote-").tempdir().unwrap();
@@ -695,7 +697,13 @@ fn a_forgotten_tenant_is_neither_pushed_nor_pulled() {
     for d in ["pipelines", "config"] {
         std::fs::create_dir_all(ws.join(d)).unwrap();
     }
-    std::fs::write(ws.join("pipelines/p.yaml"), "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"features of ${tenant}\" > out/${tenant}.txt\n    outs: [\"out/${tenant}.txt\"]\n").unwrap();
+    std::fs::write(
+        ws.join("pipelines/p.yaml"),
+        "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"features of ${tenant}\" > out/${tenant}.txt\n    outs: [\"out/${tenant}.txt\"]\n  \
+         all:\n    cmd: cat out/*.txt > all.txt\n    deps: [out]\n    outs: [all.txt]\n  \
+         summary:\n    cmd: (cat all.txt; echo summed) > summary.txt\n    deps: [all.txt]\n    outs: [summary.txt]\n",
+    )
+    .unwrap();
     std::fs::write(ws.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
     std::fs::write(ws.join("config/dagrun.yaml"), format!("remote:\n  url: file://{}\n", remote.path().display())).unwrap();
     ok(ws, &["run", "pipelines/p.yaml"], ADMIN);
@@ -705,24 +713,39 @@ fn a_forgotten_tenant_is_neither_pushed_nor_pulled() {
     let o = spawn(dagrun(ws, &["push"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
     assert!(
-        o.stderr.contains("skipped: tenant Tenant_B was forgotten (`dagrun keys forget`, ") && o.stderr.contains("1 record of it not pushed"),
+        o.stderr.contains("skipped: tenant Tenant_B was forgotten (`dagrun keys forget`, ")
+            && o.stderr.contains("3 records of it or derived from it not pushed"),
         "{}",
         o.stderr
     );
     assert!(remote.path().join("tenants/Tenant_A/objects").read_dir().unwrap().count() > 0);
     assert!(!remote.path().join("tenants/Tenant_B").exists(), "a forgotten tenant's data was pushed");
-    // The other workspace pushes Tenant_B (it has not forgotten it) …
+    assert!(!remote.path().join("actions").exists() && !remote.path().join("objects").exists(), "data derived from Tenant_B was pushed");
+    // The other workspace pushes everything (it has not forgotten Tenant_B) …
     ok(other.path(), &["run", "pipelines/p.yaml"], ADMIN);
     ok(other.path(), &["push"], ADMIN);
     assert!(remote.path().join("tenants/Tenant_B/objects").read_dir().unwrap().count() > 0);
+    assert!(remote.path().join("actions").read_dir().unwrap().count() == 2);
     // … and the workspace that forgot it pulls nothing of it back.
     std::fs::remove_dir_all(ws.join(".dagrun/cache")).unwrap();
     let o = spawn(dagrun(ws, &["pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
     let r: Value = serde_json::from_str(&o.stdout).unwrap();
     assert!(r["skipped"].to_string().contains("tenant Tenant_B was forgotten here"), "{r:#}");
+    assert!(r["skipped"].to_string().contains("2 records derived from tenant Tenant_B"), "{r:#}");
     let cached = tree(ws, ".dagrun/cache");
-    let b = blake3::hash(b"features of Tenant_B\n").to_hex().to_string();
-    assert!(!cached.values().any(|h| *h == b), "Tenant_B's bytes came back: {cached:#?}");
+    let leaked = |c: &BTreeMap<String, String>| {
+        c.values().any(|h| *h == blake3::hash(b"features of Tenant_B\n").to_hex().to_string())
+            || c.keys().any(|k| k.contains("/actions/") && std::fs::read_to_string(ws.join(k)).is_ok_and(|t| t.contains("\"all\"") || t.contains("Tenant_B")))
+    };
+    assert!(!leaked(&cached), "Tenant_B's data came back: {cached:#?}");
     assert!(cached.values().any(|h| *h == blake3::hash(b"features of Tenant_A\n").to_hex().to_string()), "{cached:#?}");
+    // `run --pull` does not fetch it either: its stage runs here.
+    std::fs::remove_dir_all(ws.join(".dagrun/cache")).unwrap();
+    std::fs::remove_dir_all(ws.join(".dagrun/state")).unwrap();
+    std::fs::remove_dir_all(ws.join("out")).unwrap();
+    let o = spawn(dagrun(ws, &["run", "pipelines/p.yaml", "build[Tenant_B]", "build[Tenant_A]", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    let st = statuses(&o.stdout);
+    assert_eq!((st["build[Tenant_A]"].as_str(), st["build[Tenant_B]"].as_str()), ("restored", "ran"), "{}", o.stdout);
 }

@@ -204,13 +204,17 @@ pub fn keyed_before(workspace: &Path) -> Option<anyhow::Error> {
             ring.display()
         )));
     }
-    let state = workspace.join(".dagrun").join("state");
-    let sealed = fs::read_dir(&state).ok()?.flatten().any(|e| e.file_name().as_encoded_bytes().ends_with(b".json"));
+    // Records sealed under the key: stage records, action-cache entries, the
+    // hash memo, the places record (review 66 #6: not only the first).
+    let dagrun = workspace.join(".dagrun");
+    let json_in = |d: &Path| fs::read_dir(d).is_ok_and(|rd| rd.flatten().any(|e| e.file_name().as_encoded_bytes().ends_with(b".json")));
+    let sealed = json_in(&dagrun.join("state"))
+        || json_in(&dagrun.join("cache").join("actions"))
+        || ["hashmemo.json", "places.json"].iter().any(|f| fs::symlink_metadata(dagrun.join(f)).is_ok());
     sealed.then(|| {
         crate::error::config(format!(
-            "the stage records in {} were sealed with a master key that was not found: {unset}. {set}; if that key is lost, remove {} and .dagrun/cache (every stage then runs again)",
-            state.display(),
-            state.display()
+            "the records in {} were sealed with a master key that was not found: {unset}. {set}; if that key is lost, remove its state/ and cache/ folders and its hashmemo.json and places.json (every stage then runs again)",
+            dagrun.display()
         ))
     })
 }
