@@ -1107,12 +1107,15 @@ fn start_up_errors_exit_2_a_host_name_listens_and_no_token_is_warned_of() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("does not resolve") && o.stderr.contains("localhost:8080"), "{}", o.stderr);
 
-    let srv = Server::start_listen(&ws, "localhost:0", &["--audit-dir", "audit"]);
+    // (Absolute: the server's current folder is the test's, the crate root.)
+    let audit = ws.path("audit");
+    let srv = Server::start_listen(&ws, "localhost:0", &["--audit-dir", audit.to_str().unwrap()]);
     assert!(srv.addr.starts_with("127.0.0.1:"), "{}", srv.addr);
     srv.wait_log("WARNING: no valid API token: every scoring request gets 401 until one is made with `dagrun tokens create TENANT`");
     let r = get(&agent(), &srv.url("/v2/health/live"), None);
     assert_eq!(r.status, 200);
     drop(srv);
+    assert!(audit.is_dir(), "the audit log went to --audit-dir");
     token(&ws, "Tenant_A", &[]);
     let mut srv = Server::start(&ws, &[]);
     srv.sigterm();
