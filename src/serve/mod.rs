@@ -207,14 +207,17 @@ pub async fn serve(
     let mut opts = opts;
     opts.limits.max_connections = fit_connections(opts.limits.max_connections)?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let default_audit = dagrun_dir.join("audit");
     let audit_dir = match &opts.audit_dir {
+        // The default, written out (review 66): as if left out.
+        Some(d) if std::path::absolute(d).ok() == std::path::absolute(&default_audit).ok() => default_audit,
         // Where `report -o` and `predict --output` may write: not in config/, .dagrun/, .git/, on a run record.
         Some(d) => {
             crate::workspace::Workspace::at(&opts.workspace)
                 .check_user_output(&audit::file_for(d, chrono::Utc::now().date_naive()), "--audit-dir: its log file")?;
             d.clone()
         }
-        None => dagrun_dir.join("audit"),
+        None => default_audit,
     };
     let audit = audit::Audit::start(audit_dir, metrics.clone())?;
     let (prefix, request_key) = {
