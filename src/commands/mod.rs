@@ -3,7 +3,6 @@
 pub mod dag;
 pub mod exec_stage;
 pub mod features;
-pub mod forgotten;
 pub mod gc;
 pub mod keys;
 pub mod lineage;

@@ -75,20 +75,7 @@ pub fn open_remote(workspace: &Path, flag: Option<&str>) -> Result<Remote> {
     Remote::open(&rc)
 }
 
-/// The tenant of a stage name: `NAME[TENANT]` → Some(TENANT), `NAME` → None.
-pub fn tenant_of(stage: &str) -> Result<Option<String>> {
-    let Some(open) = stage.find('[') else {
-        if stage.is_empty() || stage.contains(']') {
-            bail!("stage name {:?} is malformed", stage.chars().take(80).collect::<String>());
-        }
-        return Ok(None);
-    };
-    let t = stage[open + 1..].strip_suffix(']').ok_or_else(|| anyhow!("stage name {:?} is malformed", stage.chars().take(80).collect::<String>()))?;
-    if open == 0 || !crate::data::is_valid_tenant_id(t) {
-        bail!("stage name {:?} does not name a valid tenant", stage.chars().take(80).collect::<String>());
-    }
-    Ok(Some(t.to_string()))
-}
+pub use crate::pipeline::tenants::tenant_of_stage as tenant_of;
 
 /// Parse and check a stage record (an action entry or state record) read
 /// from disk (its MAC was checked by the state store); returns it with its tenant.
@@ -388,9 +375,6 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         })
         .collect();
     let names: Option<HashSet<&str>> = pipeline.map(|p| p.stages.iter().map(|s| s.name.as_str()).collect());
-    // Records of other stages derived from a forgotten tenant's (`forgotten`).
-    let gone = super::forgotten::Forgotten::of(&ring, &states);
-    let mut derived: BTreeMap<String, usize> = BTreeMap::new();
     let mut recs = Vec::new();
     for scope in &scopes {
         let keys = remote.list_actions(scope.as_deref())?;
@@ -427,13 +411,21 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
             if names.as_ref().is_some_and(|n| !n.contains(st.stage.as_str())) {
                 continue;
             }
-            if let Some(t) = gone.claims(&ring, &st, tenant.as_deref()) {
-                *derived.entry(t).or_default() += 1;
-                continue;
-            }
             recs.push(Fetched { tenant, key, st });
         }
     }
+    // Records derived from a forgotten tenant's data (`remote::forgotten`),
+    // through this workspace's records and this pull's.
+    let mut gone = crate::remote::forgotten::Forgotten::of_workspace(ring.forgotten_tenants(), &states, Cas::read_only(&ws));
+    gone.trace(recs.iter().map(|f| &f.st));
+    let mut derived: BTreeMap<String, usize> = BTreeMap::new();
+    recs.retain(|f| match gone.claims(&f.st) {
+        Some(t) => {
+            *derived.entry(t).or_default() += 1;
+            false
+        }
+        None => true,
+    });
     for (t, n) in derived {
         report.skipped.push(format!(
             "{} derived from tenant {t}, which was forgotten here (`dagrun keys forget`): not pulled",
@@ -471,7 +463,7 @@ impl std::fmt::Debug for RemoteHit {
 }
 
 impl RemoteSource for RemoteHit {
-    fn fetch(&self, stage: &Stage, key: &ContentHash, states: &StateStore, cas: &Cas) -> Result<bool> {
+    fn fetch(&self, stage: &Stage, key: &ContentHash, states: &StateStore, cas: &Cas, forgotten: &Mutex<crate::remote::forgotten::Forgotten>) -> Result<bool> {
         let tenant = stage.tenant.as_deref();
         let scope = tenant.map(str::to_string);
         if self.failed_scopes.lock().unwrap_or_else(|e| e.into_inner()).contains(&scope) {
@@ -494,6 +486,10 @@ impl RemoteSource for RemoteHit {
             open_pulled(&bytes, integrity, key.as_str()).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key.as_str())))?;
         if t.as_deref() != tenant {
             bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key.as_str()), shown(&st.stage));
+        }
+        if let Some(f) = forgotten.lock().unwrap_or_else(|e| e.into_inner()).note(&st) {
+            tracing::info!("{}: the remote's record derives from tenant {f}, which was forgotten here: not fetched; the stage runs here", stage.name);
+            return Ok(false);
         }
         let mut problems = Problems::default();
         let (n, bytes_in, _, done) = install(&self.remote, cas, states, vec![Fetched { tenant: t, key: key.clone(), st }], &mut problems);

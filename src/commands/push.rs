@@ -169,11 +169,11 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     let mut recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
     // Nothing of a forgotten tenant leaves, its own stages' records or what
     // other stages derived from them (`forgotten`).
-    let gone = super::forgotten::Forgotten::of(&ring, &states);
+    let gone = crate::remote::forgotten::Forgotten::of_workspace(ring.forgotten_tenants(), &states, Cas::read_only(&ws));
     let mut forgotten: BTreeMap<String, (String, usize)> = BTreeMap::new();
-    recs.retain(|r| match gone.claims(&ring, &r.st, r.tenant.as_deref()) {
+    recs.retain(|r| match gone.claims(&r.st) {
         Some(t) => {
-            let at = ring.is_forgotten(&t).unwrap_or_default();
+            let at = gone.when(&t).unwrap_or_default().to_string();
             forgotten.entry(t).or_insert((at, 0)).1 += 1;
             false
         }

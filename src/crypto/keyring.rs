@@ -683,6 +683,11 @@ impl Keyring {
         Ok(())
     }
 
+    /// Every forgotten tenant, with when it was forgotten (RFC 3339).
+    pub fn forgotten_tenants(&self) -> std::collections::BTreeMap<String, String> {
+        self.lock().forgotten.iter().map(|t| (t.tenant.clone(), t.forgotten_at.clone())).collect()
+    }
+
     /// When the tenant was forgotten (RFC 3339), if it was.
     pub fn is_forgotten(&self, tenant: &str) -> Option<String> {
         self.lock().forgotten.iter().find(|t| t.tenant == tenant).map(|t| t.forgotten_at.clone())

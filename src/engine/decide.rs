@@ -156,15 +156,21 @@ impl Engine {
     /// A remote that fails is a warning, never a failed stage: the stage runs.
     pub(super) fn pull_from_remote(&self, s: &Stage, key: &ContentHash) -> bool {
         let Some(r) = &self.remote else { return false };
-        // Nothing of a forgotten tenant comes back (`commands::forgotten`).
+        // Nothing of a forgotten tenant comes back (`remote::forgotten`): its
+        // own stages are not asked for, other stages' records are checked.
+        let forgotten = self.forgotten.get_or_init(|| {
+            std::sync::Mutex::new(match self.services.keyring() {
+                Ok(ring) => crate::remote::forgotten::Forgotten::of_workspace(ring.forgotten_tenants(), &self.states, Cas::read_only(&self.services.ws)),
+                Err(_) => crate::remote::forgotten::Forgotten::none(),
+            })
+        });
         if let Some(t) = &s.tenant
-            && let Ok(ring) = self.services.keyring()
-            && ring.is_forgotten(t).is_some()
+            && forgotten.lock().unwrap_or_else(|e| e.into_inner()).when(t).is_some()
         {
             tracing::debug!("{}: tenant {t} was forgotten here: not asking the remote cache", s.name);
             return false;
         }
-        match r.fetch(s, key, &self.states, &self.cas) {
+        match r.fetch(s, key, &self.states, &self.cas, forgotten) {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!("{}: remote cache {}: {e:#}; running the stage instead", s.name, r.shown());

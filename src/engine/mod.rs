@@ -76,8 +76,16 @@ pub const LINK_THRESHOLD: u64 = 1 << 20;
 /// local cache, verified; `Ok(false)` when the remote has no such entry.
 pub trait RemoteSource: Send + Sync + std::fmt::Debug {
     /// Entries land in `states` (sealed under this workspace's key) and
-    /// objects in `cas`: the run's own stores.
-    fn fetch(&self, stage: &Stage, key: &ContentHash, states: &state::StateStore, cas: &Cas) -> Result<bool>;
+    /// objects in `cas`: the run's own stores. A record that `forgotten`
+    /// claims (data of a forgotten tenant) is not fetched: `Ok(false)`.
+    fn fetch(
+        &self,
+        stage: &Stage,
+        key: &ContentHash,
+        states: &state::StateStore,
+        cas: &Cas,
+        forgotten: &Mutex<crate::remote::forgotten::Forgotten>,
+    ) -> Result<bool>;
     /// The remote as shown in messages.
     fn shown(&self) -> String;
 }
@@ -145,6 +153,9 @@ pub struct Engine {
     /// that reruns (`decide.rs`, `rematerialize`). The scheduler reports
     /// them as `ran` (see [`Engine::regenerated`]).
     regenerated: Mutex<Vec<(usize, StageRecord)>>,
+    /// `run --pull`: what of a forgotten tenant is not fetched (traced over
+    /// this workspace's records at the first fetch).
+    forgotten: std::sync::OnceLock<Mutex<crate::remote::forgotten::Forgotten>>,
 }
 
 /// A stage about to run: its evaluation (`None` until its inputs exist, for a
@@ -213,6 +224,7 @@ impl Engine {
             written: Mutex::new(Vec::new()),
             places: Mutex::new(None),
             regenerated: Mutex::new(Vec::new()),
+            forgotten: std::sync::OnceLock::new(),
         }
     }
 

@@ -10,7 +10,7 @@
 //! The file names tenants (and optionally key ids), never key material.
 
 use crate::error::config;
-use anyhow::Result;
+use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -113,6 +113,21 @@ impl Tenants {
     pub fn get(&self, id: &str) -> Option<&Tenant> {
         self.list.iter().find(|t| t.id == id)
     }
+}
+
+/// The tenant of a stage name: `NAME[TENANT]` → Some(TENANT), `NAME` → None.
+pub fn tenant_of_stage(stage: &str) -> Result<Option<String>> {
+    let Some(open) = stage.find('[') else {
+        if stage.is_empty() || stage.contains(']') {
+            bail!("stage name {:?} is malformed", stage.chars().take(80).collect::<String>());
+        }
+        return Ok(None);
+    };
+    let t = stage[open + 1..].strip_suffix(']').ok_or_else(|| anyhow!("stage name {:?} is malformed", stage.chars().take(80).collect::<String>()))?;
+    if open == 0 || !crate::data::is_valid_tenant_id(t) {
+        bail!("stage name {:?} does not name a valid tenant", stage.chars().take(80).collect::<String>());
+    }
+    Ok(Some(t.to_string()))
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@
 //!   never from config files; they are never printed.
 //! - This module moves bytes; it knows nothing of stages or the engine.
 
+pub mod forgotten;
 use crate::config::RemoteConfig;
 use crate::util::atomic::{AtomicFile, Durability};
 use anyhow::{Context, Result, anyhow, bail};

@@ -684,68 +684,92 @@ fn a_record_naming_another_tenants_object_is_refused_and_never_pushed_across() {
     assert!(remote.path().join("tenants/Tenant_B/objects").join(&hash_b).exists());
 }
 
-/// Crypto-shredding and the shared cache (helper-64 #3, review 66 #1/#2): a
-/// forgotten tenant's readable leftovers — its own stages' outputs and what
-/// untenanted stages derived from them, to the end of a chain — are never
-/// pushed after the erasure, and a workspace that forgot a tenant pulls
-/// nothing of it back (`pull`, `run --pull`).
+/// Crypto-shredding and the shared cache (helper-64 #3, reviews 66 and 67):
+/// a forgotten tenant's readable leftovers — its own stages' outputs and
+/// every record derived from them, untenanted or another tenant's, to the end
+/// of a chain — are never pushed after the erasure, and a workspace that
+/// forgot a tenant pulls nothing of it back (`pull`, through records only the
+/// remote has, and `run --pull`). A file that merely has the same bytes (an
+/// empty marker) is not the tenant's data.
 #[test]
 fn a_forgotten_tenant_is_neither_pushed_nor_pulled() {
     let remote = tempfile::Builder::new().prefix("dagrun-it-folder-remote-").tempdir().unwrap();
     let ws = tempfile::Builder::new().prefix("dagrun-it-forget-").tempdir().unwrap();
     let ws = ws.path();
-    for d in ["pipelines", "config"] {
+    for d in ["pipelines", "config", "tools"] {
         std::fs::create_dir_all(ws.join(d)).unwrap();
     }
-    std::fs::write(
-        ws.join("pipelines/p.yaml"),
-        "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"features of ${tenant}\" > out/${tenant}.txt\n    outs: [\"out/${tenant}.txt\"]\n  \
+    std::fs::write(ws.join("empty.txt"), "").unwrap();
+    let pipeline = "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"features of ${tenant}\" > out/${tenant}.txt && true > out/${tenant}.done\n    outs: [\"out/${tenant}.txt\", \"out/${tenant}.done\"]\n  \
          all:\n    cmd: cat out/*.txt > all.txt\n    deps: [out]\n    outs: [all.txt]\n  \
-         summary:\n    cmd: (cat all.txt; echo summed) > summary.txt\n    deps: [all.txt]\n    outs: [summary.txt]\n",
-    )
-    .unwrap();
+         summary:\n    cmd: (cat all.txt; echo summed) > summary.txt\n    deps: [all.txt]\n    outs: [summary.txt]\n  \
+         score:\n    foreach: tenants\n    cmd: mkdir -p score && cat all.txt > score/${tenant}.txt\n    deps: [all.txt]\n    outs: [\"score/${tenant}.txt\"]\n  \
+         bundle:\n    cmd: cat out/Tenant_B.txt | rev > bundle.txt\n    deps: [tools/../out/Tenant_B.txt]\n    needs: [build]\n    outs: [bundle.txt]\n  \
+         lint:\n    cmd: wc -c < empty.txt > lint.txt\n    deps: [empty.txt]\n    outs: [lint.txt]\n";
+    std::fs::write(ws.join("pipelines/p.yaml"), pipeline).unwrap();
     std::fs::write(ws.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
     std::fs::write(ws.join("config/dagrun.yaml"), format!("remote:\n  url: file://{}\n", remote.path().display())).unwrap();
     ok(ws, &["run", "pipelines/p.yaml"], ADMIN);
-    // The clone shares the keys before the erasure, as a second machine would.
+    // The clone shares the keys before the erasure, as a second machine would;
+    // its pipeline goes two stages further.
     let other = clone_of(ws);
+    std::fs::create_dir_all(other.path().join("tools")).unwrap();
+    std::fs::write(other.path().join("empty.txt"), "").unwrap();
+    let longer = format!(
+        "{pipeline}  final:\n    cmd: rev summary.txt > final.txt\n    deps: [summary.txt]\n    outs: [final.txt]\n  final2:\n    cmd: cat final.txt > final2.txt\n    deps: [final.txt]\n    outs: [final2.txt]\n"
+    );
+    std::fs::write(other.path().join("pipelines/p.yaml"), &longer).unwrap();
     ok(ws, &["keys", "forget", "Tenant_B", "--yes"], ADMIN);
     let o = spawn(dagrun(ws, &["push"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
+    // build[Tenant_B], all, summary, score[Tenant_A], score[Tenant_B], bundle.
     assert!(
         o.stderr.contains("skipped: tenant Tenant_B was forgotten (`dagrun keys forget`, ")
-            && o.stderr.contains("3 records of it or derived from it not pushed"),
+            && o.stderr.contains("6 records of it or derived from it not pushed"),
         "{}",
         o.stderr
     );
-    assert!(remote.path().join("tenants/Tenant_A/objects").read_dir().unwrap().count() > 0);
     assert!(!remote.path().join("tenants/Tenant_B").exists(), "a forgotten tenant's data was pushed");
-    assert!(!remote.path().join("actions").exists() && !remote.path().join("objects").exists(), "data derived from Tenant_B was pushed");
+    let actions = |d: &str| std::fs::read_dir(remote.path().join(d)).map(|r| r.count()).unwrap_or(0);
+    assert_eq!((actions("tenants/Tenant_A/actions"), actions("actions")), (1, 1), "only build[Tenant_A] and lint leave");
     // The other workspace pushes everything (it has not forgotten Tenant_B) …
     ok(other.path(), &["run", "pipelines/p.yaml"], ADMIN);
     ok(other.path(), &["push"], ADMIN);
-    assert!(remote.path().join("tenants/Tenant_B/objects").read_dir().unwrap().count() > 0);
-    assert!(remote.path().join("actions").read_dir().unwrap().count() == 2);
-    // … and the workspace that forgot it pulls nothing of it back.
+    assert_eq!(actions("actions"), 6);
+    // … and the workspace that forgot it pulls nothing of it back: not its
+    // prefix, not what its own records show derived from it, not what the
+    // remote's records derive from those (final, final2).
     std::fs::remove_dir_all(ws.join(".dagrun/cache")).unwrap();
     let o = spawn(dagrun(ws, &["pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
     let r: Value = serde_json::from_str(&o.stdout).unwrap();
     assert!(r["skipped"].to_string().contains("tenant Tenant_B was forgotten here"), "{r:#}");
-    assert!(r["skipped"].to_string().contains("2 records derived from tenant Tenant_B"), "{r:#}");
-    let cached = tree(ws, ".dagrun/cache");
-    let leaked = |c: &BTreeMap<String, String>| {
-        c.values().any(|h| *h == blake3::hash(b"features of Tenant_B\n").to_hex().to_string())
-            || c.keys().any(|k| k.contains("/actions/") && std::fs::read_to_string(ws.join(k)).is_ok_and(|t| t.contains("\"all\"") || t.contains("Tenant_B")))
-    };
-    assert!(!leaked(&cached), "Tenant_B's data came back: {cached:#?}");
-    assert!(cached.values().any(|h| *h == blake3::hash(b"features of Tenant_A\n").to_hex().to_string()), "{cached:#?}");
-    // `run --pull` does not fetch it either: its stage runs here.
+    assert!(r["skipped"].to_string().contains("6 records derived from tenant Tenant_B"), "{r:#}");
+    assert_eq!(r["records_fetched"], 2, "build[Tenant_A] and lint: {r:#}");
+    // `run --pull` fetches none of it either: those stages run here.
     std::fs::remove_dir_all(ws.join(".dagrun/cache")).unwrap();
-    std::fs::remove_dir_all(ws.join(".dagrun/state")).unwrap();
-    std::fs::remove_dir_all(ws.join("out")).unwrap();
-    let o = spawn(dagrun(ws, &["run", "pipelines/p.yaml", "build[Tenant_B]", "build[Tenant_A]", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    for f in ["out", "all.txt", "summary.txt", "score", "bundle.txt", "lint.txt"] {
+        let p = ws.join(f);
+        if p.is_dir() { std::fs::remove_dir_all(p).unwrap() } else { std::fs::remove_file(p).unwrap() }
+    }
+    std::fs::write(ws.join("pipelines/p.yaml"), &longer).unwrap();
+    let o = spawn(dagrun(ws, &["run", "pipelines/p.yaml", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
     let st = statuses(&o.stdout);
-    assert_eq!((st["build[Tenant_A]"].as_str(), st["build[Tenant_B]"].as_str()), ("restored", "ran"), "{}", o.stdout);
+    for (stage, want) in [
+        ("build[Tenant_A]", "restored"),
+        ("lint", "restored"),
+        ("build[Tenant_B]", "ran"),
+        ("all", "ran"),
+        ("summary", "ran"),
+        ("bundle", "ran"),
+        ("final", "ran"),
+        ("final2", "ran"),
+    ] {
+        assert_eq!(st[stage], want, "{stage}: {}", o.stdout);
+    }
+    // (score[T] is restored from this run's own all.txt: the same bytes.)
+    for stage in ["all", "summary", "score[Tenant_A]", "score[Tenant_B]", "bundle", "final", "final2"] {
+        assert!(!o.stderr.contains(&format!("{stage}: fetched")), "{stage}: {}", o.stderr);
+    }
 }
