@@ -32,8 +32,9 @@ use std::collections::{BTreeMap, HashMap};
 pub struct Forgotten {
     /// Tenant → when it was forgotten.
     tenants: BTreeMap<String, String>,
-    /// Outputs that hold forgotten data: resolved path → (hash, tenant).
-    outputs: BTreeMap<String, (ContentHash, String)>,
+    /// Outputs that hold forgotten data: resolved path → every (hash,
+    /// tenant) recorded there (a path's older versions stay in the cache).
+    outputs: BTreeMap<String, Vec<(ContentHash, String)>>,
     /// Keys of the records that belong to a forgotten tenant.
     claimed: HashMap<ContentHash, String>,
     cas: Option<Cas>,
@@ -117,23 +118,19 @@ impl Forgotten {
         for (p, h) in &st.ingredients.inputs {
             let Ok(h) = ContentHash::parse(h) else { continue };
             let p = resolved(p);
-            if let Some((oh, t)) = self.outputs.get(&p)
-                && *oh == h
-            {
+            if let Some((_, t)) = self.outputs.get(&p).into_iter().flatten().find(|(oh, _)| *oh == h) {
                 return Some(t.clone());
             }
             // Inside an output folder of T's.
             for a in ancestors(&p) {
-                if let Some((oh, t)) = self.outputs.get(a)
-                    && self.listed(oh, &p[a.len() + 1..], &h)
-                {
+                if let Some((_, t)) = self.outputs.get(a).into_iter().flatten().find(|(oh, _)| self.listed(oh, &p[a.len() + 1..], &h)) {
                     return Some(t.clone());
                 }
             }
             // A folder holding an output of T's.
             let below = format!("{p}/");
-            for (o, (oh, t)) in self.outputs.range(below.clone()..).take_while(|(o, _)| o.starts_with(&below)) {
-                if self.listed(&h, &o[below.len()..], oh) {
+            for (o, versions) in self.outputs.range(below.clone()..).take_while(|(o, _)| o.starts_with(&below)) {
+                if let Some((_, t)) = versions.iter().find(|(oh, _)| self.listed(&h, &o[below.len()..], oh)) {
                     return Some(t.clone());
                 }
             }
@@ -143,7 +140,10 @@ impl Forgotten {
 
     fn claim(&mut self, st: &StageState, tenant: String) {
         for (p, o) in &st.outputs {
-            self.outputs.insert(resolved(p), (o.hash.clone(), tenant.clone()));
+            let versions = self.outputs.entry(resolved(p)).or_default();
+            if !versions.iter().any(|(h, _)| *h == o.hash) {
+                versions.push((o.hash.clone(), tenant.clone()));
+            }
         }
         self.claimed.insert(st.key.clone(), tenant);
     }
