@@ -118,7 +118,23 @@ pub fn export(workspace: &Path, tenant: &str, key_id: Option<&str>, confirmed: b
 pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -> Result<()> {
     let source = MasterKeySource::from_argument(master, "--master")?;
     let _l = lock_for_keys(workspace, wait, "dagrun keys init")?;
-    let (ring, created) = Keyring::init(workspace, source)?;
+    // Records sealed under another key (a workspace keyed by
+    // DAGRUN_MASTER_KEY without a keyring: cmd stages only) would all fail
+    // their check under the new one and every stage rerun (review 67 #7).
+    let (ring, created) = Keyring::init(workspace, source, |key| {
+        let ws = Workspace::at(workspace);
+        let states = crate::workspace::state::StateStore::new(&ws, Some(key.clone()));
+        let scanned = states.scan_states();
+        let valid = scanned.iter().filter(|(_, l)| matches!(l, crate::workspace::state::Loaded::Valid(_))).count();
+        if !scanned.is_empty() && valid == 0 {
+            return Err(crate::error::config(format!(
+                "the stage records in {} were sealed with another master key: under this one every record would fail its check and every stage rerun. Keep the key they were sealed with (nothing to init), or, to start afresh under the new key, remove {}'s state/ and cache/ folders and its hashmemo.json and places.json first",
+                ws.state_dir().display(),
+                ws.dagrun_dir().display()
+            )));
+        }
+        Ok(())
+    })?;
     crate::doneln!(
         "{} {}; keyring {} now wraps tenant keys with it ({}). Point dagrun at it with DAGRUN_MASTER_KEY_URI or \
          master_key: in config/dagrun.yaml (the keyring also records the URI, without any PIN)",

@@ -409,7 +409,14 @@ impl Keyring {
     /// PKCS#11 key is generated inside the token, non-extractable, when the token
     /// has none with that label. Refused when a keyring with keys exists (use
     /// [`Keyring::rewrap`]). Returns the keyring and whether the key was created.
-    pub fn init(workspace: &Path, source: MasterKeySource) -> Result<(Keyring, bool)> {
+    /// `accept` sees the integrity key the new master key makes before the
+    /// keyring is written (the caller checks that the workspace's sealed
+    /// records verify under it); an error from it writes no keyring.
+    pub fn init(
+        workspace: &Path,
+        source: MasterKeySource,
+        accept: impl FnOnce(&std::sync::Arc<super::integrity::IntegrityKey>) -> Result<()>,
+    ) -> Result<(Keyring, bool)> {
         ensure_keys_dir(workspace)?;
         let path = keyring_path(workspace);
         if fs::symlink_metadata(&path).is_ok() {
@@ -432,6 +439,7 @@ impl Keyring {
         let check = master.check_value()?;
         let file = KeyringFile::empty(check.clone(), &master);
         let integrity = std::sync::Arc::new(master.integrity_key(&check)?);
+        accept(&integrity)?;
         let ring = Keyring { path, key_check: check, master, audit, integrity, state: Mutex::new(file.clone()) };
         let mut g = ring.lock();
         ring.commit(&mut g, file)?;

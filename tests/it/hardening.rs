@@ -1123,6 +1123,23 @@ fn a_keyring_whose_master_key_is_not_found_is_named_by_every_command() {
     }
     assert!(!ws.exists(".dagrun/keys/master.key"), "no key was made up");
     keyed(&["status", "pipeline.yaml"]);
+    // `keys init` with another key would start a keyring under which every
+    // record fails (review 67 #7): refused, nothing written; with the key the
+    // records were sealed with, it goes ahead.
+    let keys = tempfile::tempdir().unwrap();
+    let write_key = |name: &str, hex: &str| {
+        let p = keys.path().join(name);
+        std::fs::write(&p, format!("{hex}\n")).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        format!("file:{}", p.display())
+    };
+    let o = dg(&ws, &["keys", "init", "--master", &write_key("other.key", &"11".repeat(32))]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("were sealed with another master key"), "{}", o.stderr);
+    assert!(!ws.exists(".dagrun/keys/keyring.json"), "a refused init wrote a keyring");
+    ok(dg(&ws, &["keys", "init", "--master", &write_key("same.key", MASTER)]));
+    assert!(ws.exists(".dagrun/keys/keyring.json"));
+    std::fs::remove_file(ws.path(".dagrun/keys/keyring.json")).unwrap();
     // Any record sealed under the key is evidence (review 66 #6): here the
     // action cache and the hash memo without the state records.
     std::fs::rename(ws.path(".dagrun/state"), ws.path("state-aside")).unwrap();
