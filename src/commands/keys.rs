@@ -81,7 +81,6 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
     Ok(())
 }
 
-/// Whether the keyring has (or had: forgotten tenants keep their mark) keys of `tenant`.
 /// `rotate` or `export` of a tenant `keys forget` shredded: exit 2, saying
 /// so and what is left to do (the run's advice, to remove its rows from the
 /// input data, is not this command's).
@@ -95,6 +94,7 @@ fn refuse_forgotten(e: anyhow::Error, tenant: &str, what: &str) -> anyhow::Error
     }
 }
 
+/// Whether the keyring has (or had: forgotten tenants keep their mark) keys of `tenant`.
 fn holds_keys(ring: &Keyring, tenant: &str) -> bool {
     ring.list().iter().any(|k| k.tenant == tenant)
 }
@@ -128,8 +128,9 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
         let valid = scanned.iter().filter(|(_, l)| matches!(l, crate::workspace::state::Loaded::Valid(_))).count();
         if !scanned.is_empty() && valid == 0 {
             return Err(crate::error::config(format!(
-                "the stage records in {} were sealed with another master key: under this one every record would fail its check and every stage rerun. Keep the key they were sealed with (nothing to init), or, to start afresh under the new key, remove {}'s state/ and cache/ folders and its hashmemo.json and places.json first",
+                "the stage records in {} were sealed with another master key: under this one every record would fail its check and every stage rerun. Keep the key they were sealed with (nothing to init), or, to start afresh under the new key, remove {} first (in {})",
                 ws.state_dir().display(),
+                crate::crypto::master::SEALED_RECORDS,
                 ws.dagrun_dir().display()
             )));
         }

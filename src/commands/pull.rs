@@ -363,10 +363,13 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         v
     };
     let mut problems = Problems::default();
-    // A forgotten tenant's data is not brought back (`push`'s rules).
+    // Nothing of a forgotten tenant is brought back (`remote::forgotten`):
+    // not its prefix, nor what this workspace's records or this pull's show
+    // derived from its data.
+    let mut gone = crate::remote::forgotten::Forgotten::of_workspace(ring.forgotten_tenants(), &states, Cas::read_only(&ws));
     let scopes: Vec<Option<String>> = scopes
         .into_iter()
-        .filter(|s| match s.as_deref().and_then(|t| ring.is_forgotten(t).map(|at| (t, at))) {
+        .filter(|s| match s.as_deref().and_then(|t| gone.when(t).map(|at| (t, at))) {
             Some((t, at)) => {
                 report.skipped.push(format!("tenant {t} was forgotten here (`dagrun keys forget`, {at}): nothing of it is pulled"));
                 false
@@ -414,9 +417,6 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
             recs.push(Fetched { tenant, key, st });
         }
     }
-    // Records derived from a forgotten tenant's data (`remote::forgotten`),
-    // through this workspace's records and this pull's.
-    let mut gone = crate::remote::forgotten::Forgotten::of_workspace(ring.forgotten_tenants(), &states, Cas::read_only(&ws));
     gone.trace(recs.iter().map(|f| &f.st));
     let mut derived: BTreeMap<String, usize> = BTreeMap::new();
     recs.retain(|f| match gone.claims(&f.st) {

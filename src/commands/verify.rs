@@ -46,15 +46,13 @@ pub struct VerifyReport {
     /// gone or damaged; the workspace's had the recorded hash).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restored: Vec<String>,
-    /// How many of `problems` `--repair` fixed (each removal is one).
-    #[serde(skip)]
-    pub fixed: usize,
 }
 
 impl VerifyReport {
-    /// Problems `--repair` did not fix (all of them without it).
+    /// Problems `--repair` did not fix (all of them without it): each
+    /// removal in `repaired` fixes the one problem that named it ([`remove`]).
     pub fn remaining(&self) -> usize {
-        self.problems.len().saturating_sub(self.fixed)
+        self.problems.len().saturating_sub(self.repaired.len())
     }
 }
 
@@ -62,7 +60,6 @@ impl VerifyReport {
 fn remove(r: &mut VerifyReport, ws: &Workspace, p: &Path) {
     if crate::util::fs_remove(p).is_ok() {
         r.repaired.push(ws.rel(p));
-        r.fixed += 1;
     }
 }
 
@@ -314,7 +311,7 @@ pub fn run(workspace: &Path, repair: bool, wait: Option<std::time::Duration>, js
         for p in &r.restored {
             crate::outln!("repaired: stored {} in the cache again (the workspace's copy is intact)", crate::util::escape_controls(p));
         }
-        let fixed = match (repair, r.fixed) {
+        let fixed = match (repair, r.repaired.len()) {
             (false, _) => String::new(),
             (true, n) if n == r.problems.len() => format!(", {}", if n == 1 { "repaired" } else { "all repaired" }),
             (true, n) => format!(", {n} repaired, {} not", r.remaining()),

@@ -72,8 +72,7 @@ impl Engine {
         }
         // Paths are the workspace's: say which, when it is not where the user stands.
         let ws = &self.pipeline.workspace;
-        let here = std::env::current_dir().is_ok_and(|d| crate::workspace::same_folder(&d, ws));
-        let place = if here {
+        let place = if crate::workspace::is_current_folder(ws) {
             String::new()
         } else {
             format!(

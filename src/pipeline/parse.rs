@@ -114,15 +114,14 @@ pub(super) fn parse(text: &str, shown: String, file: PathBuf, workspace: PathBuf
         yaml_error(&shown, text, &first)
     })?;
     let lines = StageLines::new(text);
-    let at = |name: &str| match lines.get(name) {
+    // `FILE:LINE: stage `NAME``: at the stage's line, or (`at_key`) at its
+    // `key:` line when it has its own.
+    let place = |name: &str, line: Option<usize>| match line {
         Some(l) => format!("{shown}:{l}: stage `{name}`"),
         None => format!("{shown}: stage `{name}`"),
     };
-    // The same, at the line of the stage's `key:` when it has its own.
-    let at_key = |name: &str, key: &str| match lines.get(name).map(|l| key_line(text, l, key).unwrap_or(l)) {
-        Some(l) => format!("{shown}:{l}: stage `{name}`"),
-        None => format!("{shown}: stage `{name}`"),
-    };
+    let at = |name: &str| place(name, lines.get(name));
+    let at_key = |name: &str, key: &str| place(name, lines.get(name).map(|l| key_line(text, l, key).unwrap_or(l)));
 
     let mut params = IndexMap::new();
     for (k, v) in &pf.params {

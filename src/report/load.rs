@@ -52,23 +52,19 @@ fn read_artifact(path: &Path) -> std::io::Result<Vec<u8>> {
     crate::util::read_capped(path, MAX_ARTIFACT_BYTES)
 }
 
+/// The artifact at `path` if its blake3 is `hash`.
+fn read_with_hash(path: &Path, hash: &str) -> Option<Vec<u8>> {
+    read_artifact(path).ok().filter(|b| blake3::hash(b).to_hex().as_str() == hash)
+}
+
 /// The bytes recorded as `rel` with blake3 `hash`, if they can be found intact.
 pub fn verified_bytes(workspace: &Path, rel: &str, hash: &str) -> Option<(Vec<u8>, Source)> {
-    if !safe_rel(rel) || crate::workspace::ContentHash::parse(hash).is_err() {
-        return None;
-    }
-    let ok = |b: &Vec<u8>| blake3::hash(b).to_hex().as_str() == hash;
-    if let Ok(b) = read_artifact(&workspace.join(rel))
-        && ok(&b)
-    {
+    let parsed = crate::workspace::ContentHash::parse(hash).ok().filter(|_| safe_rel(rel))?;
+    if let Some(b) = read_with_hash(&workspace.join(rel), hash) {
         return Some((b, Source::Workspace));
     }
     let cas = crate::workspace::cas::Cas::read_only(&crate::workspace::Workspace::at(workspace));
-    let hash = crate::workspace::ContentHash::parse(hash).ok()?;
-    match read_artifact(&cas.object_path(&hash)) {
-        Ok(b) if ok(&b) => Some((b, Source::Cache)),
-        _ => None,
-    }
+    read_with_hash(&cas.object_path(&parsed), hash).map(|b| (b, Source::Cache))
 }
 
 /// One tenant's model as the run left it.
@@ -122,8 +118,7 @@ pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> 
                 return None;
             }
             let path = crate::registry::Registry::of_workspace(workspace).artifact_path(&tenant, version);
-            let b = read_artifact(&path).ok()?;
-            (blake3::hash(&b).to_hex().as_str() == h.as_str()).then_some((b, Source::Registry))
+            read_with_hash(&path, h).map(|b| (b, Source::Registry))
         };
         let model = match verified_bytes(workspace, p, h).or_else(registered) {
             Some((b, src)) => ModelArtifact::from_json_bytes(&b, p).map(|a| (a, src)).map_err(|e| format!("{e:#}")),

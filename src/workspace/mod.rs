@@ -83,12 +83,16 @@ pub fn same_folder(a: &Path, b: &Path) -> bool {
     folder_id(a).is_some_and(|x| folder_id(b) == Some(x))
 }
 
+/// Whether the current folder is workspace `ws` (its paths read as the user's).
+pub fn is_current_folder(ws: &Path) -> bool {
+    std::env::current_dir().is_ok_and(|d| same_folder(&d, ws))
+}
+
 /// `p` (a path in workspace `ws`) as a user should read it: relative to
 /// the workspace when that is the current folder, else whole.
 pub fn shown_path<'a>(ws: &Path, p: &'a Path) -> std::borrow::Cow<'a, Path> {
-    let here = std::env::current_dir().is_ok_and(|d| same_folder(&d, ws));
     match p.strip_prefix(ws) {
-        Ok(rel) if here => rel.into(),
+        Ok(rel) if is_current_folder(ws) => rel.into(),
         _ => p.into(),
     }
 }

@@ -183,6 +183,11 @@ fn check_named_key_file(workspace: &Path, p: &Path) -> Result<()> {
     refuse_if_in_config(workspace, p)
 }
 
+/// What of a workspace's `.dagrun/` is sealed under its master key besides
+/// the keyring (the evidence [`keyed_before`] looks for), as the fix says
+/// it: removing these starts afresh under a new key.
+pub const SEALED_RECORDS: &str = "its state/ and cache/ folders and its hashmemo.json and places.json";
+
 /// Whether a master key was used in `workspace` before, when no key is
 /// given and the default file is missing: the error to give (a setting to
 /// fix, exit 2) if so. The evidence: a keyring (a new key could never open
@@ -213,7 +218,7 @@ pub fn keyed_before(workspace: &Path) -> Option<anyhow::Error> {
         || ["hashmemo.json", "places.json"].iter().any(|f| fs::symlink_metadata(dagrun.join(f)).is_ok());
     sealed.then(|| {
         crate::error::config(format!(
-            "the records in {} were sealed with a master key that was not found: {unset}. {set}; if that key is lost, remove its state/ and cache/ folders and its hashmemo.json and places.json (every stage then runs again)",
+            "the records in {} were sealed with a master key that was not found: {unset}. {set}; if that key is lost, remove {SEALED_RECORDS} (every stage then runs again)",
             dagrun.display()
         ))
     })

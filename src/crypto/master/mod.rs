@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use file::{ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, default_master_key_path, keyed_before};
+pub use file::{ENV_MASTER_KEY, ENV_MASTER_KEY_FILE, SEALED_RECORDS, default_master_key_path, keyed_before};
 pub use uri::Pkcs11Uri;
 
 /// A PKCS#11 module named by a file of the workspace (`master_key:` in
