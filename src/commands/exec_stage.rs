@@ -96,6 +96,7 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
             Err(e) => {
                 eprintln!("dagrun exec-stage: {} failed: {e:#}", st.stage);
                 sr.error = Some(format!("{e:#}"));
+                sr.facts = crate::stages::facts_of_failure(&e).cloned().unwrap_or_default();
                 code = exit::FAILED;
             }
         }

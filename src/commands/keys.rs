@@ -121,15 +121,17 @@ pub fn init(workspace: &Path, master: &str, wait: Option<std::time::Duration>) -
     // Records sealed under another key (a workspace keyed by
     // DAGRUN_MASTER_KEY without a keyring: cmd stages only) would all fail
     // their check under the new one and every stage rerun (review 67 #7).
+    // A key the token does not hold yet is refused before it is generated.
     let (ring, created) = Keyring::init(workspace, source, |key| {
         let ws = Workspace::at(workspace);
-        let states = crate::workspace::state::StateStore::new(&ws, Some(key.clone()));
+        let states = crate::workspace::state::StateStore::new(&ws, key.cloned());
         let scanned = states.scan_states();
         let valid = scanned.iter().filter(|(_, l)| matches!(l, crate::workspace::state::Loaded::Valid(_))).count();
-        if !scanned.is_empty() && valid == 0 {
+        if !scanned.is_empty() && (key.is_none() || valid == 0) {
             return Err(crate::error::config(format!(
-                "the stage records in {} were sealed with another master key: under this one every record would fail its check and every stage rerun. Keep the key they were sealed with (nothing to init), or, to start afresh under the new key, remove {} first (in {})",
+                "the stage records in {} were sealed with another master key: under {} every record would fail its check and every stage rerun. Keep the key they were sealed with (nothing to init), or, to start afresh under the new key, remove {} first (in {})",
                 ws.state_dir().display(),
+                if key.is_none() { "a key generated now" } else { "this one" },
                 crate::crypto::master::SEALED_RECORDS,
                 ws.dagrun_dir().display()
             )));

@@ -409,13 +409,14 @@ impl Keyring {
     /// PKCS#11 key is generated inside the token, non-extractable, when the token
     /// has none with that label. Refused when a keyring with keys exists (use
     /// [`Keyring::rewrap`]). Returns the keyring and whether the key was created.
-    /// `accept` sees the integrity key the new master key makes before the
+    /// `accept` sees the integrity key the master key makes before the
     /// keyring is written (the caller checks that the workspace's sealed
-    /// records verify under it); an error from it writes no keyring.
+    /// records verify under it), or `None` before a key would be generated in
+    /// the token; an error from it writes no keyring and generates no key.
     pub fn init(
         workspace: &Path,
         source: MasterKeySource,
-        accept: impl FnOnce(&std::sync::Arc<super::integrity::IntegrityKey>) -> Result<()>,
+        accept: impl FnOnce(Option<&std::sync::Arc<super::integrity::IntegrityKey>>) -> Result<()>,
     ) -> Result<(Keyring, bool)> {
         ensure_keys_dir(workspace)?;
         let path = keyring_path(workspace);
@@ -429,7 +430,10 @@ impl Keyring {
                 );
             }
         }
-        let (master, created) = Master::open_or_create(workspace, &source)?;
+        // `accept` sees the new key's integrity key, or `None` before a key
+        // would be generated (a fresh key verifies nothing sealed before).
+        let mut accept = Some(accept);
+        let (master, created) = Master::open_or_create(workspace, &source, &mut || accept.take().map_or(Ok(()), |a| a(None)))?;
         drop(source);
         let audit = AuditLog::new(&keys_dir(workspace));
         let desc = master.describe().to_string();
@@ -439,7 +443,9 @@ impl Keyring {
         let check = master.check_value()?;
         let file = KeyringFile::empty(check.clone(), &master);
         let integrity = std::sync::Arc::new(master.integrity_key(&check)?);
-        accept(&integrity)?;
+        if let Some(a) = accept.take() {
+            a(Some(&integrity))?;
+        }
         let ring = Keyring { path, key_check: check, master, audit, integrity, state: Mutex::new(file.clone()) };
         let mut g = ring.lock();
         ring.commit(&mut g, file)?;

@@ -262,7 +262,7 @@ impl Engine {
             rec.reasons = std::mem::take(&mut p.reasons);
             rec.error = Some(format!("{e:#}"));
             rec.slurm_job = crate::executor::failed_job(&e);
-            if let Some(facts) = crate::stages::facts_of_failure(&e) {
+            if let Some(facts) = crate::executor::facts_of_failure(&e) {
                 rec.facts = facts.clone();
             }
             results.push(Ok(rec));

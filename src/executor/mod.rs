@@ -26,6 +26,7 @@ pub mod spec;
 use crate::pipeline::Stage;
 use crate::stages::RunReport;
 use anyhow::Result;
+use serde_json::{Map, Value};
 
 /// What a member's work produced.
 #[derive(Debug, Default)]
@@ -43,11 +44,13 @@ pub struct Done {
 
 /// A member that failed in a job: the error is `message`; `job` names the job
 /// that ran it (`slurm:ID`), for the run record (`slurm_job`) of a failed
-/// stage as of a finished one.
+/// stage as of a finished one; `facts` are those the stage's failure carried
+/// in the job (`stages::FailedWithFacts`, e.g. a model's AUC below its gate).
 #[derive(Debug)]
 pub struct JobFailure {
     pub job: String,
     pub message: String,
+    pub facts: Map<String, Value>,
 }
 
 impl std::fmt::Display for JobFailure {
@@ -62,6 +65,12 @@ impl std::error::Error for JobFailure {}
 /// added since, e.g. "failed after 2 attempts").
 pub fn failed_job(e: &anyhow::Error) -> Option<String> {
     e.downcast_ref::<JobFailure>().map(|f| f.job.clone())
+}
+
+/// The facts a failure carries, whether the stage failed here
+/// (`stages::facts_of_failure`) or in a job that sent them back.
+pub fn facts_of_failure(e: &anyhow::Error) -> Option<&Map<String, Value>> {
+    crate::stages::facts_of_failure(e).or_else(|| e.downcast_ref::<JobFailure>().map(|f| &f.facts).filter(|f| !f.is_empty()))
 }
 
 /// Runs one member's work in this process (built by the engine).

@@ -919,7 +919,7 @@ impl Executor for Slurm {
         // run by hand: reviews 14 and 15).
         let _ = spec::claim(&result);
         let _ = std::fs::remove_file(result.with_file_name(&spec_name));
-        let failure = |message: String| anyhow::Error::new(JobFailure { job: job.clone(), message });
+        let failure = |message: String| anyhow::Error::new(JobFailure { job: job.clone(), message, facts: Default::default() });
         let Some(integrity) = self.states.integrity_key() else {
             return fail(failure(format!("no workspace integrity key to verify Slurm job {id}'s result with")));
         };
@@ -941,7 +941,7 @@ impl Executor for Slurm {
                 } else {
                     format!("{}\nthe stage's own error: {e}", end_message(&id, &state, &m.stage.name, res.time, &log_tail()))
                 };
-                out.push((m.index, Err(failure(msg))));
+                out.push((m.index, Err(anyhow::Error::new(JobFailure { job: job.clone(), message: msg, facts: r.facts.clone() }))));
                 return out;
             }
         }

@@ -101,7 +101,7 @@ pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> 
         if !is_train {
             continue;
         }
-        let tenant = tenant_of(&s.stage);
+        let tenant = tenant_label(&s.stage);
         let Some((p, h, ev)) = model_outputs(s) else {
             let why = match s.status {
                 Status::Failed => format!("train failed: {}", s.error.as_deref().unwrap_or("unknown error")),
@@ -138,12 +138,10 @@ pub fn model_cards(workspace: &Path, rec: &RunRecord, kind_of: &dyn Fn(&str) -> 
     cards
 }
 
-/// `NAME[TENANT]` → TENANT, else the name.
-pub fn tenant_of(stage: &str) -> String {
-    match (stage.find('['), stage.ends_with(']')) {
-        (Some(i), true) => stage[i + 1..stage.len() - 1].to_string(),
-        _ => stage.to_string(),
-    }
+/// The label of a stage's tenant in the report: `NAME[TENANT]` → TENANT
+/// (`pipeline::tenants::tenant_of_stage`'s rule), else the stage's name.
+pub fn tenant_label(stage: &str) -> String {
+    crate::pipeline::tenants::tenant_of_stage(stage).ok().flatten().unwrap_or_else(|| stage.to_string())
 }
 
 /// One drift stage's report.

@@ -410,7 +410,7 @@ fn drift_section(h: &mut String, entries: &[load::DriftEntry]) {
                 let _ = write!(
                     h,
                     "<tr><td>{}</td><td colspan=\"7\" class=\"error\">{} ({}): {}</td></tr>",
-                    esc(&load::tenant_of(&d.stage)),
+                    esc(&load::tenant_label(&d.stage)),
                     esc(&d.stage),
                     d.status.as_str(),
                     esc(why)

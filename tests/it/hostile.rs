@@ -719,6 +719,13 @@ fn readable_key_files_and_lost_keys_are_refused() {
     let o = dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000"]);
     refused(&o, 1, &["encrypt[Tenant_A]", "encrypt[Tenant_B]", "encrypt[Tenant_C]", "no longer holds"], "fresh keyring");
     assert_same(&before, &snapshot(&ws), "fresh keyring");
+    // The keyring a dangling symbolic link: both paths are named, not "no such
+    // file" for a path `ls` shows.
+    let gone = outside.path().join("moved/keyring.json");
+    std::os::unix::fs::symlink(&gone, &ring_path).unwrap();
+    let o = dg(&ws, &["run", "pipelines/propensity.yaml", "-p", "rows=3000"]);
+    refused(&o, 1, &["keyring.json is a symbolic link to", gone.to_str().unwrap(), "does not exist", "restore"], "dangling keyring link");
+    std::fs::remove_file(&ring_path).unwrap();
     // Restoring the keyring brings everything back.
     std::fs::write(&ring_path, &ring_bytes).unwrap();
     chmod(&ring_path, 0o600);

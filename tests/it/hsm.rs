@@ -446,6 +446,34 @@ fn hsm_failures_exit_1_name_the_problem_and_change_nothing() {
     assert!(again.stdout.contains("up to date"), "{}", again.stdout);
 }
 
+/// `keys init --master URI` in a workspace whose stage records were sealed
+/// under another master key (cmd stages run with DAGRUN_MASTER_KEY, no
+/// keyring) is refused before the token generates a key: a key no record
+/// verifies under is never left behind in the token; the token's existing key
+/// is refused after it is opened, and nothing is written either way.
+#[test]
+fn keys_init_refuses_before_generating_a_key_no_record_verifies_under() {
+    let tok = Token::new();
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo hi > a.txt\n    outs: [a.txt]\n");
+    let env_key = [("DAGRUN_MASTER_KEY", "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")];
+    ok(dg(&ws, Some(&tok), &["run", "pipeline.yaml"], &env_key));
+    let labels = || String::from_utf8_lossy(&tok.tool(&["--list-objects", "--type", "secrkey"]).stdout).into_owned();
+    let before = labels();
+    for (uri, why) in [(tok.uri_for("brand-new"), "a key generated now"), (tok.uri.clone(), "this one")] {
+        let o = dg(&ws, Some(&tok), &["keys", "init", "--master", &uri], &[]);
+        assert_eq!(o.code, 2, "{uri}: {}", o.stderr);
+        assert!(o.stderr.contains("were sealed with another master key") && o.stderr.contains(why), "{uri}: {}", o.stderr);
+        assert!(!ws.exists(".dagrun/keys/keyring.json"), "a refused init wrote a keyring");
+    }
+    let after = labels();
+    assert_eq!(before, after, "a refused init changed the token's keys");
+    assert!(!after.contains("brand-new"), "{after}");
+    // The records are untouched: the stage is still up to date under its key.
+    let again = ok(dg(&ws, Some(&tok), &["run", "pipeline.yaml"], &env_key));
+    assert!(again.stdout.contains("up to date"), "{}", again.stdout);
+}
+
 /// Generate an AES key with CKA_ENCRYPT and CKA_DECRYPT false. pkcs11-tool cannot,
 /// so the test binary runs itself as a helper under the token's SOFTHSM2_CONF
 /// (SoftHSM reads it once per process) and makes the key with cryptoki.

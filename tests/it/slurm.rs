@@ -227,6 +227,17 @@ fn propensity_under_slurm_equals_a_local_run() {
         rec["stages"].as_array().unwrap().iter().filter(|s| s["status"] == "ran").map(|s| s["stage"].as_str().unwrap().to_string()).collect();
     assert_eq!(ran, set(&["train[Tenant_A]", "train[Tenant_B]", "serve-check[Tenant_A]", "serve-check[Tenant_B]"]), "{}", c.stdout);
     assert_eq!(jobs_of(&rec).0.len(), 4);
+    // A model below its AUC gate fails in its job, and the failed record
+    // keeps the facts the job sent back (the AUC-below-gate alert reads them),
+    // as a local run's does.
+    let gate = run_in(&remote.root, &["run", PIPE, "-p", &format!("rows={ROWS}"), "-p", "min_auc=0.99", "--executor", "slurm"]);
+    assert_eq!(gate.code, 1, "{}\n{}", gate.stdout, gate.stderr);
+    let rec = last_record(&remote.root);
+    let train = rec["stages"].as_array().unwrap().iter().find(|s| s["stage"] == "train[Tenant_A]").unwrap();
+    assert_eq!(train["status"], "failed", "{train:#}");
+    assert!(train["slurm_job"].is_string(), "{train:#}");
+    let auc = train["facts"]["auc"].as_f64().unwrap_or_else(|| panic!("no AUC in the failed Slurm train record: {train:#}"));
+    assert!(auc < 0.99 && train["facts"]["model_version"].as_str().unwrap().starts_with("Tenant_A-"), "{train:#}");
 }
 
 /// A workspace with a `cmd` pipeline under Slurm.

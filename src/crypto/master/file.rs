@@ -37,7 +37,20 @@ pub fn default_master_key_path(workspace: &Path) -> PathBuf {
 
 /// Refuse a key file whose mode lets group or other do anything with it.
 pub(crate) fn check_private(path: &Path, what: &str) -> Result<()> {
-    let meta = fs::metadata(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        // A link whose target is gone: name both, not "no such file" for a
+        // path that `ls` shows.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(path).is_ok() => {
+            let to = fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
+            bail!(
+                "{what} {} is a symbolic link to {to}, which does not exist: restore that file (from a backup) or \
+                 replace the link with the file itself",
+                path.display()
+            );
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {what} {}", path.display())),
+    };
     if !meta.is_file() {
         bail!("{what} {} is not a regular file; point dagrun at the file itself", path.display());
     }

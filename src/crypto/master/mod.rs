@@ -268,7 +268,7 @@ impl Master {
         match source {
             MasterKeySource::Pkcs11 { uri, from } => {
                 let want = requested_mechanism(workspace)?;
-                let (key, _) = pkcs11::HsmKey::open(uri, from, false, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
+                let (key, _) = pkcs11::HsmKey::open(uri, from, None, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
                 Ok(Master { desc: key.describe(), inner: Inner::Hsm(key) })
             }
             other => {
@@ -279,12 +279,14 @@ impl Master {
     }
 
     /// Open a PKCS#11 master key, generating it inside the token (non-extractable)
-    /// when no key with that label exists (`dagrun keys init --master`).
-    pub fn open_or_create(workspace: &Path, source: &MasterKeySource) -> Result<(Master, bool)> {
+    /// when no key with that label exists (`dagrun keys init --master`) and
+    /// `before_create` allows it (it is asked only then, before anything is
+    /// made: a refused key is never left in the token).
+    pub fn open_or_create(workspace: &Path, source: &MasterKeySource, before_create: &mut dyn FnMut() -> Result<()>) -> Result<(Master, bool)> {
         match source {
             MasterKeySource::Pkcs11 { uri, from } => {
                 let want = requested_mechanism(workspace)?;
-                let (key, created) = pkcs11::HsmKey::open(uri, from, true, want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
+                let (key, created) = pkcs11::HsmKey::open(uri, from, Some(before_create), want.as_ref().map(|(m, f)| (*m, f.as_str())))?;
                 Ok((Master { desc: key.describe(), inner: Inner::Hsm(key) }, created))
             }
             other => Ok((Self::open(workspace, other)?, false)),

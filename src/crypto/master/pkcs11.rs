@@ -240,7 +240,7 @@ impl HsmKey {
     /// `want` forces a wrapping mechanism (`from` names the setting); `None` picks
     /// AES-GCM when the token offers it for encrypt and decrypt, else AES key wrap
     /// with padding when it offers that for wrap and unwrap.
-    pub fn open(uri: &Pkcs11Uri, from: &str, create: bool, want: Option<(Mech, &str)>) -> Result<(HsmKey, bool)> {
+    pub fn open(uri: &Pkcs11Uri, from: &str, create: Option<&mut dyn FnMut() -> Result<()>>, want: Option<(Mech, &str)>) -> Result<(HsmKey, bool)> {
         let (mut session, slot, token) = open_session(uri, from, false)?;
         let ctx = context(uri.module_path.as_deref().expect("checked by the parser"))?;
         let mechs = ctx.get_mechanism_list(slot).map_err(|e| anyhow!("cannot list the mechanisms of token {token} ({})", short(&e)))?;
@@ -272,8 +272,9 @@ impl HsmKey {
         };
         let shown = uri.shown();
         let mut keys = find_keys(&session, uri, &token, from)?;
-        let created = create && keys.is_empty();
-        if created {
+        let created = keys.is_empty() && create.is_some();
+        if let (true, Some(allowed)) = (keys.is_empty(), create) {
+            allowed()?;
             session = open_session(uri, from, true)?.0;
             let label = uri.object.clone().ok_or_else(|| anyhow!("to create a key the URI must name it with object=LABEL"))?;
             let mut template = vec![
