@@ -1,6 +1,6 @@
 //! `dagrun runs` and `dagrun runs show ID|last`: the run history from `runs/`.
 
-use crate::engine::runs::{self, Status};
+use crate::engine::runs;
 use crate::util::escape_controls;
 use anyhow::Result;
 use std::path::Path;
@@ -44,22 +44,7 @@ pub fn list(workspace: &Path, json: bool) -> Result<()> {
         let w = pipelines.iter().map(|p| p.chars().count()).max().unwrap_or(0).max("PIPELINE".len());
         crate::outln!("{:<26} {:<11} {:>8}  {:<w$} STAGES", "RUN", "STATUS", "SECONDS", "PIPELINE");
         for (r, pipeline) in all.iter().zip(&pipelines) {
-            let c = |s| r.stages.iter().filter(|x| x.status == s).count();
-            let skipped = match c(Status::Skipped) {
-                0 => String::new(),
-                n => format!(", {n} skipped"),
-            };
-            crate::outln!(
-                "{:<26} {:<11} {:>8.2}  {:<w$} {} ran, {} cached, {} restored, {} failed{skipped}",
-                r.run_id,
-                r.status,
-                r.seconds,
-                pipeline,
-                c(Status::Ran),
-                c(Status::Cached),
-                c(Status::Restored),
-                c(Status::Failed)
-            );
+            crate::outln!("{:<26} {:<11} {:>8.2}  {:<w$} {}", r.run_id, r.status, r.seconds, pipeline, r.counts());
         }
     }
     Ok(())

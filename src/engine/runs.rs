@@ -297,14 +297,14 @@ impl RunRecord {
     /// then `, N failed` and `, N skipped` when there are any (the line a
     /// run prints when it ends, and the head of a failed run's error).
     pub fn tally(&self) -> String {
+        format!("{}: {}", crate::util::count(self.stages.len(), "stage", "stages"), self.counts())
+    }
+
+    /// How many stages ran, were restored, cached (always shown), failed and
+    /// were skipped (shown when any): `3 ran, 0 restored, 1 cached, 1 failed`.
+    pub fn counts(&self) -> String {
         let count = |s: Status| self.stages.iter().filter(|r| r.status == s).count();
-        let mut line = format!(
-            "{}: {} ran, {} restored, {} cached",
-            crate::util::count(self.stages.len(), "stage", "stages"),
-            count(Status::Ran),
-            count(Status::Restored),
-            count(Status::Cached)
-        );
+        let mut line = format!("{} ran, {} restored, {} cached", count(Status::Ran), count(Status::Restored), count(Status::Cached));
         for s in [Status::Failed, Status::Skipped] {
             let n = count(s);
             if n > 0 {
