@@ -55,10 +55,10 @@ pub struct RunOutcome {
     pub summary: Vec<String>,
 }
 
-/// Stop the processes the lock's dead holders left running (`executor::orphans`),
+/// Stop the processes the lock's dead holders left running (`workspace::orphans`),
 /// saying so. False when some may still run: the workspace is not then called clean.
 fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::path::Path) -> bool {
-    let crate::executor::orphans::Stopped { killed: stopped, left, spared, complete } = crate::executor::orphans::stop(workspace, lock.dead_marks());
+    let crate::workspace::orphans::Stopped { killed: stopped, left, spared, complete } = crate::workspace::orphans::stop(workspace, lock.dead_marks());
     let pids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     if !stopped.is_empty() {
         tracing::warn!(
@@ -182,6 +182,11 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (records, interrupted) = schedule(&rt, engine.clone(), selected, jobs, reporter.clone(), t0);
     reporter.done();
+    // A failed attempt's leftovers that would not stop: the next run stops
+    // them before it sweeps (`workspace::orphans`).
+    if crate::workspace::orphans::attempts_left_survivors() {
+        lock.keep_own_marks();
+    }
 
     // Plaintext never outlives the run, whatever happened.
     engine.shred_sensitive();

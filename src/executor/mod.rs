@@ -2,7 +2,8 @@
 //! decides what is stale, hashes inputs before a stage and records outputs
 //! after it; an executor only executes — in this process ([`local`]) or in a
 //! Slurm job running `dagrun exec-stage` ([`slurm`]). What a killed run
-//! left running on this machine is stopped by the next run ([`orphans`]).
+//! left running on this machine is stopped by the next run
+//! (`workspace::orphans`).
 //!
 //! # Rules
 //! - The engine hands an executor a [`Batch`]: one stage, or a job group's
@@ -19,7 +20,6 @@
 //!   read from its file by the job).
 
 pub mod local;
-pub mod orphans;
 pub mod slurm;
 pub mod spec;
 

@@ -66,6 +66,27 @@ pub fn tail_lines(bytes: &[u8], n: usize) -> String {
     crate::util::escape_controls_in_lines(&lines[lines.len().saturating_sub(n)..].join("\n")).into_owned()
 }
 
+/// Stop what a failed, timed-out or interrupted attempt (mark `mark`) left
+/// running outside its process group (`workspace::orphans`); the words to
+/// add to its error when there was any.
+fn stop_leftovers(workspace: &std::path::Path, mark: &str) -> String {
+    let s = crate::workspace::orphans::stop_attempt(workspace, mark);
+    let n = s.killed.len() + s.spared.len();
+    match (n, s.left.len() + s.spared.len()) {
+        (0, _) => String::new(),
+        (n, 0) => format!(
+            "; {} it had started outside its process group {} stopped",
+            crate::util::count(n, "process", "processes"),
+            if n == 1 { "was" } else { "were" }
+        ),
+        (_, k) => format!(
+            "; {} it had started outside its process group did not stop (the next run stops {})",
+            crate::util::count(k, "process", "processes"),
+            if k == 1 { "it" } else { "them" }
+        ),
+    }
+}
+
 fn kill_group(pid: u32, sig: i32) {
     #[cfg(unix)]
     // SAFETY: killpg takes plain integers and touches no memory of ours. The
@@ -112,8 +133,10 @@ impl StageKind for Cmd {
         env.insert(crate::workspace::WORKSPACE_ENV.into(), ctx.workspace.as_os_str().to_owned());
         env.insert("DAGRUN_STAGE".into(), s.name.clone().into());
         // What the command starts inherits it: the run after a killed one
-        // stops those processes (executor::orphans).
-        env.insert(crate::workspace::lock::RUN_MARK_ENV.into(), crate::workspace::lock::run_mark().into());
+        // stops those processes, and so does this attempt when it fails
+        // (workspace::orphans).
+        let mark = crate::workspace::lock::attempt_mark();
+        env.insert(crate::workspace::lock::RUN_MARK_ENV.into(), mark.clone().into());
         if let Some(t) = &s.tenant {
             env.insert("DAGRUN_TENANT".into(), t.into());
         }
@@ -164,18 +187,24 @@ impl StageKind for Cmd {
                 }
                 // Children that ignored SIGTERM while the shell exited.
                 kill_group(pid, libc::SIGKILL);
+                // ... and those that left its process group (`setsid`).
+                let left = stop_leftovers(ctx.workspace, &mark);
                 let _ = capture.finish();
                 if timed_out {
                     bail!(
-                        "timed out after {}s (timeout: {}); the command and its child processes were killed",
+                        "timed out after {}s (timeout: {}); the command and its child processes were killed{left}",
                         start.elapsed().as_secs(),
                         ctx.timeout.unwrap().as_secs_f64()
                     );
                 }
-                bail!("interrupted; the command and its child processes were killed");
+                bail!("interrupted; the command and its child processes were killed{left}");
             }
         };
         if !status.success() {
+            // A failed attempt's processes must not write after its partial
+            // outputs are removed (or into the retry's).
+            kill_group(pid, libc::SIGKILL);
+            let left = stop_leftovers(ctx.workspace, &mark);
             let code = match status.code() {
                 Some(c) => format!("exit status {c}"),
                 None => {
@@ -186,15 +215,15 @@ impl StageKind for Cmd {
                     }
                 }
             };
-            let Ok(Some(log)) = capture.finish() else { bail!("command failed with {code} (no stderr)") };
+            let Ok(Some(log)) = capture.finish() else { bail!("command failed with {code}{left} (no stderr)") };
             // What the command wrote, not what its log file holds now (the
             // command may have replaced it: a FIFO would hang the run).
             let t = tail_lines(&log.tail, 10);
             let shown = log.path.strip_prefix(ctx.workspace).unwrap_or(&log.path).display().to_string();
             if t.is_empty() {
-                bail!("command failed with {code} (no stderr; full log: {shown})");
+                bail!("command failed with {code}{left} (no stderr; full log: {shown})");
             }
-            bail!("command failed with {code}; end of stderr ({shown}):\n{t}");
+            bail!("command failed with {code}{left}; end of stderr ({shown}):\n{t}");
         }
         capture.finish()?;
         Ok(RunReport::default())

@@ -43,7 +43,7 @@
 //! holder that ends without a clean mark leaves only the carried ones (its
 //! own processes are not a killed run's). A run
 //! that finds the lock unclean stops the processes that still carry one of
-//! those marks ([`WorkspaceLock::dead_marks`], `executor::orphans`) before it
+//! those marks ([`WorkspaceLock::dead_marks`], [`super::orphans`]) before it
 //! sweeps: a killed run's stage command dies with it (`PR_SET_PDEATHSIG`),
 //! but what that command started does not. The content is untrusted: only
 //! 32-hex-digit words are taken as marks.
@@ -64,6 +64,8 @@ pub struct WorkspaceLock {
     unclean: std::cell::Cell<bool>,
     /// [`WorkspaceLock::keep_unclean`] was called.
     keep: std::cell::Cell<bool>,
+    /// [`WorkspaceLock::keep_own_marks`] was called.
+    own: std::cell::Cell<bool>,
     boot_id: Option<String>,
     /// Marks of holders that died (only when `found_unclean`).
     dead_marks: Vec<String>,
@@ -93,6 +95,13 @@ pub fn run_mark() -> &'static str {
         }
         hex::encode(b)
     })
+}
+
+/// A mark for one attempt of a `cmd` stage: `RUN_MARK.N`, N counting this
+/// process's attempts. Stopping the run's mark stops it too (`super::orphans`).
+pub fn attempt_mark() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}.{}", run_mark(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// The identity of the workspace folder (`DEV:INODE`) its marks are bound to.
@@ -156,6 +165,15 @@ impl WorkspaceLock {
     pub fn keep_unclean(&self) {
         self.keep.set(true);
     }
+
+    /// Processes this run's commands started may still run (an attempt's
+    /// leftovers that did not stop: `super::orphans::stop_attempt`): leave
+    /// the unclean mark with this run's own mark among the dead ones, so the
+    /// next run stops them before it sweeps.
+    pub fn keep_own_marks(&self) {
+        self.keep.set(true);
+        self.own.set(true);
+    }
 }
 
 impl Drop for WorkspaceLock {
@@ -170,8 +188,14 @@ impl Drop for WorkspaceLock {
             let _ = self.file.write_all_at(format!("{RELEASED}{b}\n").as_bytes(), 0);
         } else {
             // Ended, but unclean (not swept, or kept so): its own processes are
-            // not a killed run's; the dead holders' marks stay until a sweep.
-            let carried = if self.unclean.get() { marks_line(&self.dead_marks, self.folder.as_deref()) } else { String::new() };
+            // not a killed run's (unless some of an attempt's did not stop);
+            // the dead holders' marks stay until a sweep.
+            let mut marks: Vec<String> = self.own.get().then(|| run_mark().to_string()).into_iter().collect();
+            if self.unclean.get() {
+                marks.extend(self.dead_marks.iter().cloned());
+            }
+            marks.truncate(MAX_MARKS);
+            let carried = marks_line(&marks, self.folder.as_deref());
             let content = format!("{}\n{carried}", self.info);
             let _ = self.file.set_len(0);
             let _ = self.file.write_all_at(content.as_bytes(), 0);
@@ -285,6 +309,7 @@ fn acquire_as(dagrun_dir: &Path, wait: Option<Duration>, what: &str, runs_comman
         found_unclean,
         unclean: std::cell::Cell::new(found_unclean),
         keep: std::cell::Cell::new(false),
+        own: std::cell::Cell::new(false),
         boot_id,
         dead_marks,
         info,

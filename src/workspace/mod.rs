@@ -15,7 +15,9 @@
 //!   and refuses with exit 2 otherwise, creating nothing.
 //! - **The lock.** Every command that writes workspace state (`run`,
 //!   `keys rotate|forget`, `verify --repair`, `gc`) holds [`Workspace::lock`] while
-//!   it writes. Read-only commands take no lock.
+//!   it writes. Read-only commands take no lock. The processes a run's
+//!   commands started carry its mark: what a killed run, a timed-out or a
+//!   failed attempt left running is found and stopped by it ([`orphans`]).
 //! - **Own folders are folders.** Taking the lock first checks that none of
 //!   dagrun's own folders (`.dagrun/…`, `runs/`) is a symlink ([`own_dirs`]).
 //! - **Hashes.** Hashes read from disk are [`ContentHash`]es, parsed once
@@ -35,6 +37,7 @@ pub mod gc;
 pub mod hash;
 pub mod hashing;
 pub mod lock;
+pub mod orphans;
 pub mod own_dirs;
 pub mod places;
 pub mod record;
@@ -47,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The variable every `cmd` stage's process gets the workspace folder in
-/// (`executor::orphans` also finds a killed run's processes by it).
+/// ([`orphans`] also finds a killed run's processes by it).
 pub const WORKSPACE_ENV: &str = "DAGRUN_WORKSPACE";
 
 /// Name of dagrun's own folder in a workspace.

@@ -918,6 +918,54 @@ fn retry_after_a_timeout_starts_clean() {
     assert!(!ws.exists("after.txt"));
 }
 
+/// Review 68: a process that left the attempt's process group (`setsid`, as
+/// daemonising tools do) outlived the timeout that killed the group and
+/// wrote the timed-out attempt's output over the retry's, which was recorded
+/// and cached; and one started by an interrupted run wrote plaintext after
+/// the run's clean-up. Each attempt's processes carry its own mark: a
+/// timed-out, interrupted or failed attempt's are stopped however they left.
+#[test]
+fn what_a_timed_out_interrupted_or_failed_attempt_started_outside_its_group_is_stopped() {
+    // Timeout, then a retry that writes the right answer.
+    let ws = Ws::new();
+    ws.pipeline(
+        "stages:\n  s:\n    timeout: 1\n    retries: 1\n    cmd: \"if [ -e attempted ]; then echo RIGHT > out.txt; sleep 1; else touch attempted; setsid sh -c 'echo $$ > late.pid; sleep 1.5; echo WRONG > out.txt' & sleep 10; fi\"\n    outs: [out.txt]\n  use:\n    cmd: cat out.txt > final.txt\n    deps: [out.txt]\n    outs: [final.txt]\n",
+    );
+    let r = ws.run(&[]).ok();
+    assert!(r.out.stderr.contains("timed out") && r.out.stderr.contains("started outside its process group"), "{}", r.out.stderr);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ws.read("out.txt"), "RIGHT\n");
+    assert_eq!(ws.read("final.txt"), "RIGHT\n");
+    assert!(!alive(ws.read("late.pid").trim().parse().unwrap()));
+    assert!(ws.dagrun(&["status", "pipeline.yaml"]).stdout.contains("2 fresh"));
+
+    // A failed attempt: what it left writing is stopped before its partial
+    // output is removed.
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  f:\n    cmd: \"setsid sh -c 'echo $$ > late.pid; sleep 1; echo late > out.txt' & sleep 0.2; exit 3\"\n    outs: [out.txt]\n");
+    let r = ws.run(&[]);
+    assert_eq!(r.out.code, 1, "{}", r.out.stderr);
+    assert!(r.out.stderr.contains("exit status 3; 2 processes it had started outside its process group were stopped (no stderr)"), "{}", r.out.stderr);
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(!ws.exists("out.txt"), "a failed attempt's process wrote after the run");
+
+    // SIGTERM: the sensitive output a detached process would write later never appears.
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  raw:\n    cmd: \"setsid sh -c 'echo $$ > late.pid; sleep 2; echo PII > pii.csv' & sleep 30\"\n    outs: [{path: pii.csv, sensitive: true}]\n");
+    let run = spawn(ws.cmd(&["run", "pipeline.yaml"]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ws.exists("late.pid") || ws.read("late.pid").trim().is_empty() {
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(run.pid() as i32, libc::SIGTERM);
+    let out = run.wait(HANG);
+    assert_eq!(out.code, 130, "{}", out.stderr);
+    assert!(!alive(ws.read("late.pid").trim().parse().unwrap()), "the detached process outlived the interrupt");
+    std::thread::sleep(Duration::from_millis(2200));
+    assert!(!ws.exists("pii.csv"), "plaintext written after the interrupted run's clean-up");
+}
+
 /// A command that ignores SIGTERM is SIGKILLed after the grace period, on
 /// every attempt; the stage fails after all attempts, within bounded time, and
 /// nothing of it survives.

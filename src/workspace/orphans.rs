@@ -1,16 +1,31 @@
-//! Processes a killed run left behind on this machine: stopped before the
-//! next run sweeps, so nothing they write lands after the clean-up.
+//! Processes a killed run, or a timed-out or failed attempt of a stage, left
+//! behind on this machine: stopped before the next run sweeps (or the next
+//! attempt starts, or the run ends), so nothing they write lands after the
+//! clean-up.
 //!
 //! A `cmd` stage's shell dies with a SIGKILLed dagrun (`PR_SET_PDEATHSIG`),
 //! but the processes that shell started do not (`sh -c 'a; b'` keeps running
 //! `b`): one could write plaintext after the next run's sweep, where no later
-//! run of another pipeline would look for it (review 33).
+//! run of another pipeline would look for it (review 33). Killing an
+//! attempt's process group on a timeout or an interrupt misses a process
+//! that left the group (`setsid`, as daemonising tools do): it wrote a
+//! timed-out attempt's output over the retry's, which was then recorded, and
+//! plaintext after an interrupted run's clean-up (review 68).
 //!
 //! Rules:
+//! - Every attempt of a `cmd` stage gets its own mark, `M.N`: the run's
+//!   random mark M ([`super::lock::run_mark`]) and the attempt's number in
+//!   this process ([`super::lock::attempt_mark`]); the processes it starts
+//!   inherit it. Stopping mark `M` stops every attempt of that run
+//!   (`DAGRUN_RUN_MARK=M` or `=M.N`); stopping `M.N` that attempt only.
+//! - An attempt that timed out, was interrupted or failed has its marked
+//!   processes stopped before the stage's failure is handled (the retry
+//!   starts from a clean slate; an interrupted run's plaintext is shredded
+//!   after them). One that succeeded keeps what it started (a server a stage
+//!   started on purpose runs on), unless the run is later killed.
 //! - A process is the killed run's if its environment holds
-//!   `DAGRUN_RUN_MARK=M` with M one of the marks of the lock's dead holders
-//!   (`workspace::lock`: every `cmd` stage's process gets its run's random
-//!   mark, and the processes it starts inherit it) **and** a
+//!   `DAGRUN_RUN_MARK=M` (or `M.N`) with M one of the marks of the lock's
+//!   dead holders (`workspace::lock`) **and** a
 //!   `DAGRUN_WORKSPACE` that is this workspace folder, however spelt (`ws/`,
 //!   a link: `workspace::same_folder`): a lock copied with its workspace
 //!   (`cp -a` while a run was under way) names the marks of a run that may be
@@ -65,6 +80,26 @@ pub struct Stopped {
     /// on and on) or some did not exit: the run must not call the workspace
     /// clean, so that the next run tries again.
     pub complete: bool,
+}
+
+/// Set when an attempt's leftovers did not all stop ([`stop_attempt`]).
+static ATTEMPT_SURVIVORS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stop what one attempt of a `cmd` stage (mark `M.N`) left running after it
+/// timed out, was interrupted or failed. When some did not stop, the run
+/// leaves its own mark in the lock for the next run
+/// ([`attempts_left_survivors`], `WorkspaceLock::keep_own_marks`).
+pub fn stop_attempt(workspace: &Path, mark: &str) -> Stopped {
+    let s = stop(workspace, &[mark.to_string()]);
+    if !s.complete {
+        ATTEMPT_SURVIVORS.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    s
+}
+
+/// Some attempt of this process left processes [`stop_attempt`] could not stop.
+pub fn attempts_left_survivors() -> bool {
+    ATTEMPT_SURVIVORS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Stop the processes carrying one of `marks` in `workspace` (see the
@@ -174,7 +209,8 @@ impl Proc {
         }
         let vars = || self.environ.split(|&b| b == 0);
         let prefix = format!("{WORKSPACE_ENV}=");
-        vars().any(|var| wanted.iter().any(|w| var == w.as_slice()))
+        // `M` or `M.N`: the mark, or one of its attempts' (module rules).
+        vars().any(|var| wanted.iter().any(|w| var.strip_prefix(w.as_slice()).is_some_and(|rest| rest.is_empty() || rest.starts_with(b"."))))
             && vars().filter_map(|var| var.strip_prefix(prefix.as_bytes())).any(|ws| {
                 let ws = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(ws));
                 ws == workspace || crate::workspace::same_folder(ws, workspace)
@@ -247,6 +283,29 @@ fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run's mark `M` finds every attempt's `M.N`; an attempt's `M.N`
+    /// finds that attempt only; neither finds a mark that merely starts
+    /// with it.
+    #[test]
+    fn a_run_mark_covers_its_attempts_and_an_attempt_mark_only_itself() {
+        let ws = Path::new("/ws");
+        let proc_with = |mark: &str| Proc {
+            ppid: 1,
+            pgrp: 1,
+            alive: true,
+            environ: format!("A=1\0{}={mark}\0{WORKSPACE_ENV}=/ws\0", crate::workspace::lock::RUN_MARK_ENV).into_bytes(),
+        };
+        let wanted = |m: &str| vec![format!("{}={m}", crate::workspace::lock::RUN_MARK_ENV).into_bytes()];
+        let run = "0123456789abcdef0123456789abcdef";
+        assert!(proc_with(run).carries(&wanted(run), ws));
+        assert!(proc_with(&format!("{run}.7")).carries(&wanted(run), ws));
+        assert!(proc_with(&format!("{run}.7")).carries(&wanted(&format!("{run}.7")), ws));
+        assert!(!proc_with(&format!("{run}.70")).carries(&wanted(&format!("{run}.7")), ws));
+        assert!(!proc_with(&format!("{run}.8")).carries(&wanted(&format!("{run}.7")), ws));
+        assert!(!proc_with(&format!("{run}0")).carries(&wanted(run), ws));
+        assert!(!proc_with(run).carries(&wanted(&format!("{run}.7")), ws));
+    }
 
     /// A process carrying a mark is stopped (and one with another mark, the
     /// mark under another name, or the mark of another workspace, is not),
