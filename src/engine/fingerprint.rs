@@ -102,8 +102,9 @@ fn short(h: &str) -> &str {
 }
 
 fn show(v: &Value) -> String {
-    let s = match v {
-        Value::String(s) => s.clone(),
+    // Reasons are printed, recorded and exported: no credential in them.
+    let s = match crate::util::redact::param_value(v) {
+        Value::String(s) => s,
         other => other.to_string(),
     };
     if s.chars().count() > 80 { format!("{}…", s.chars().take(80).collect::<String>()) } else { s }

@@ -222,7 +222,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
             v
         },
         stages: records,
-        params: engine.pipeline.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        params: engine.pipeline.params.iter().map(|(k, v)| (k.clone(), crate::util::redact::param_value(v))).collect(),
         jobs: Some(jobs as u32),
         openlineage: None,
     };

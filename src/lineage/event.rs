@@ -173,8 +173,9 @@ pub fn parameters_facet<'a>(params: impl IntoIterator<Item = (&'a String, &'a Va
     let list: Vec<Value> = params
         .into_iter()
         .map(|(k, v)| {
-            let value = match v {
-                Value::String(s) => s.clone(),
+            // A credential in a param is not exported (`util::redact::param_value`).
+            let value = match crate::util::redact::param_value(v) {
+                Value::String(s) => s,
                 other => other.to_string(),
             };
             json!({"key": k, "value": value})

@@ -251,7 +251,7 @@ pub fn render(workspace: &Path, rec: &RunRecord, view: std::result::Result<Pipel
     } else {
         h.push_str("<table><tr><th>param</th><th>value</th></tr>");
         for (k, v) in &rec.params {
-            let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(&value_text(v)));
+            let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(&value_text(&crate::util::redact::param_value(v))));
         }
         h.push_str("</table>");
     }

@@ -16,6 +16,13 @@
 //! - A command line shown whole (`dagrun lineage`) goes through
 //!   [`credentials_in_command`]: URL credentials and queries, `Bearer`
 //!   tokens and `--password=`-like option values are masked.
+//! - So does every parameter value dagrun shows or exports ([`param_value`]:
+//!   rerun reasons, `dagrun lineage`, run records, the report, OpenLineage
+//!   `executionParameters`): a value that is not a plain word reaches a
+//!   command through `DAGRUN_PARAM_*`, so a credential passed as a param
+//!   (`-p src=https://user:pw@host/x`) is one the command text never shows
+//!   (review 69). The stage itself gets the value whole; only sealed state
+//!   records keep it, to compare with the next run's.
 
 /// An error message (serde's, for YAML or JSON) with the values it quotes
 /// left out: serde writes the offending value into its message (``invalid type: string "…"``,
@@ -131,6 +138,19 @@ pub fn redact_url(url: &str) -> String {
         None => (rest, ""),
     };
     if scheme.is_empty() { format!("{rest}{hidden}") } else { format!("{scheme}://{rest}{hidden}") }
+}
+
+/// A parameter value as dagrun shows or exports it: strings (also inside
+/// lists and maps) through [`credentials_in_command`]; numbers and booleans
+/// as they are.
+pub fn param_value(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(credentials_in_command(s)),
+        Value::Array(a) => Value::Array(a.iter().map(param_value).collect()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, x)| (k.clone(), param_value(x))).collect()),
+        other => other.clone(),
+    }
 }
 
 /// `text` (a command line) with the credential-shaped parts masked: a URL's

@@ -293,6 +293,35 @@ fn lineage_masks_the_credentials_of_a_url_in_a_command() {
     assert_eq!(j["cmd_blake3"], blake3::hash(cmd.as_bytes()).to_hex().as_str(), "{j}");
 }
 
+/// Review 69 H4: a credential passed as a param value (which reaches the
+/// command through `DAGRUN_PARAM_*`, not its text) was shown whole in the
+/// rerun reasons, `dagrun lineage`, the run record, the report and the
+/// OpenLineage `executionParameters` facet. The command still gets it whole.
+#[test]
+fn a_credential_in_a_param_value_is_masked_wherever_dagrun_shows_it() {
+    let ws = Ws::new();
+    ws.pipeline("params:\n  src: https://example.invalid/x\nstages:\n  fetch:\n    cmd: echo ${params.src} > src.txt\n    outs: [src.txt]\n");
+    ok(dg(&ws, &["run", "pipeline.yaml", "-p", "src=https://alice:S3cr3tPw@db.example.invalid/x.csv?token=tkn123"]));
+    let again = ok(dg(&ws, &["run", "pipeline.yaml", "-p", "src=https://alice:0therPw@db.example.invalid/x.csv"]));
+    assert_eq!(ws.read("src.txt"), "https://alice:0therPw@db.example.invalid/x.csv\n", "the command gets the value whole");
+    let mut shown = vec![again.stdout.clone(), again.stderr.clone()];
+    assert!(again.stdout.contains("param src: https://***@db.example.invalid/x.csv?… → https://***@db.example.invalid/x.csv"), "{}", again.stdout);
+    for args in [&["lineage", "src.txt"][..], &["lineage", "src.txt", "--json"], &["runs", "show", "last", "--json"], &["status", "pipeline.yaml", "--json"]] {
+        shown.push(ok(dg(&ws, args)).stdout);
+    }
+    ok(dg(&ws, &["report", "-o", "report.html"]));
+    shown.push(ws.read("report.html"));
+    for f in ws.walk().into_iter().filter(|p| p.starts_with("runs/")) {
+        shown.push(String::from_utf8_lossy(&std::fs::read(ws.path(&f)).unwrap()).into_owned());
+    }
+    for text in &shown {
+        for secret in ["S3cr3tPw", "0therPw", "tkn123", "alice"] {
+            assert!(!text.contains(secret), "{secret} shown:\n{text}");
+        }
+    }
+    assert!(shown.iter().any(|t| t.contains("openlineage") && t.contains("executionParameters")), "the run's OpenLineage events were not checked");
+}
+
 #[test]
 fn own_folders_planted_as_links_are_refused_before_anything_is_written() {
     let ws = Ws::new();
