@@ -6,6 +6,20 @@
 //! - Written when the run ends — ok, failed or interrupted — atomically (temp
 //!   file in the same folder, named `.NAME.dagrun-tmp.…` so the collector,
 //!   which reads `*.prom`, never sees a half-written file; then rename).
+//! - One file may serve several pipelines (`metrics_file:` is
+//!   workspace-wide): the series of other pipelines in the file it replaces
+//!   are kept (read back as untrusted input: a file that is not what dagrun
+//!   writes is replaced whole, with a warning). A pipeline's series stay
+//!   until a run of it writes the file again (review 69: a failed
+//!   pipeline's series vanished when another pipeline ran, and its alert
+//!   resolved).
+//! - A run of some stages (`run PIPELINE STAGE…`, `targets` in its record)
+//!   is not a success of the pipeline: it does not move
+//!   `dagrun_last_success_timestamp_seconds`, and the file keeps this
+//!   pipeline's old series about every stage, and every tenant's model and
+//!   drift, the run wrote nothing about (a stage it did not select keeps
+//!   the status of the last run that did). A whole run replaces all of the
+//!   pipeline's series.
 //! - The time of the last successful run of each pipeline is kept in
 //!   `.dagrun/metrics/last-success.json` (read back as untrusted input), so
 //!   `dagrun_last_success_timestamp_seconds` stays true across failed runs and
@@ -171,7 +185,7 @@ pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
 }
 
 /// The metrics of a finished run.
-pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) -> String {
+pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) -> Exposition {
     let pipeline = record.pipeline.as_str();
     let mut e = Exposition::new();
     let g = Kind::Gauge;
@@ -260,13 +274,64 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
     if let Some(p) = record.openlineage.as_ref().and_then(|o| o.get("pending")).and_then(Value::as_f64) {
         e.sample("dagrun_openlineage_pending_events", &[("pipeline", pipeline)], p);
     }
-    e.render()
+    e
+}
+
+/// Largest metrics file read back (to keep other pipelines' series).
+const MAX_METRICS_BYTES: u64 = 16 << 20;
+
+/// What a sample of a pipeline says something about: a stage, else a
+/// tenant, else the run (none). A targeted run replaces the old samples of a
+/// family whose subject it wrote a sample about.
+fn subject(labels: &[(String, String)]) -> Option<(String, String)> {
+    ["stage", "tenant"].iter().find_map(|k| labels.iter().find(|(n, _)| n == k).cloned())
+}
+
+/// Add to `e` (this run's metrics) the samples of the file it replaces that
+/// stay true (module rules): other pipelines' series; for a targeted run,
+/// also this pipeline's series about stages and tenants it did not write
+/// anything about. A file that is not what dagrun writes is replaced whole,
+/// with a warning.
+fn keep_from_old_file(e: &mut Exposition, path: &Path, pipeline: &str, targeted: bool) {
+    let old = match crate::util::read_capped(path, MAX_METRICS_BYTES) {
+        Ok(b) => b,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+        Err(err) => {
+            tracing::warn!("cannot read the metrics file {} to keep other pipelines' series: {err}; it is replaced", path.display());
+            return;
+        }
+    };
+    let old = match std::str::from_utf8(&old).map_err(|_| "not UTF-8".to_string()).and_then(Exposition::parse) {
+        Ok(o) => o,
+        Err(why) => {
+            tracing::warn!("the metrics file {} is not one dagrun wrote ({why}); it is replaced whole", path.display());
+            return;
+        }
+    };
+    let written: Vec<(String, Option<(String, String)>)> = e.samples().map(|(n, _, _, l, _)| (n.to_string(), subject(l))).collect();
+    for (name, kind, help, labels, v) in old.samples() {
+        let Some(p) = labels.iter().find(|(k, _)| k == "pipeline").map(|(_, p)| p.as_str()) else { continue };
+        let keep = if p != pipeline {
+            true
+        } else {
+            let s = subject(labels);
+            targeted && !written.iter().any(|(n, w)| n == name && *w == s)
+        };
+        if keep && !e.has_sample(name, labels) {
+            e.family(name, kind, help);
+            let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            e.sample(name, &l, v);
+        }
+    }
 }
 
 impl RunObserver for RunMetrics {
     fn run_finished(&self, engine: &Engine, record: &mut RunRecord) {
         let mut last = load_last_success(&engine.dagrun_dir);
+        // A run of some stages (`run PIPELINE STAGE…`) is no success of the pipeline.
+        let targeted = !record.targets.is_empty();
         if record.status == RunStatus::Ok
+            && !targeted
             && let Some(t) = unix_seconds(&record.finished_at)
         {
             last.insert(record.pipeline.clone(), t);
@@ -274,7 +339,9 @@ impl RunObserver for RunMetrics {
                 tracing::warn!("cannot record the time of this successful run: {e:#}");
             }
         }
-        let text = render(engine, record, last.get(&record.pipeline).copied());
+        let mut metrics = render(engine, record, last.get(&record.pipeline).copied());
+        keep_from_old_file(&mut metrics, &self.path, &record.pipeline, targeted);
+        let text = metrics.render();
         // Checked when the run started, and again now: a stage may have
         // planted a symlink on the way since.
         if let Err(e) = crate::workspace::Workspace::at(&engine.pipeline.workspace).check_user_output(&self.path, "the metrics file") {

@@ -118,6 +118,51 @@ fn metrics_of_real_runs_pass_promtool_and_keep_the_last_success_across_failures(
     assert_eq!(ws.read("metrics/dagrun.prom"), text2, "the settings file's path is not written when --metrics-file is given");
 }
 
+/// Review 69 H3: the workspace-wide `metrics_file:` serves every pipeline,
+/// and a run of another pipeline replaced a failed one's series (its alert
+/// resolved); a run of one stage reported the whole pipeline a success and
+/// dropped the failed stage's series. Other pipelines' series are kept; a
+/// targeted run keeps what it wrote nothing about and is no success of the
+/// pipeline; a file dagrun did not write is replaced, with a warning.
+#[test]
+fn a_shared_metrics_file_keeps_other_pipelines_and_a_targeted_run_is_no_success() {
+    let ws = Ws::new();
+    ws.write("config/dagrun.yaml", "metrics_file: m.prom\n");
+    ws.write("a.yaml", "stages:\n  ok:\n    cmd: echo ok > ok.txt\n    outs: [ok.txt]\n  bad:\n    cmd: exit 1\n    outs: [bad.txt]\n");
+    ws.write("b.yaml", "stages:\n  b:\n    cmd: echo b > b.txt\n    outs: [b.txt]\n");
+    assert_eq!(run_ws(&ws, &["run", "a.yaml"]).out.code, 1);
+    run_ws(&ws, &["run", "b.yaml"]).ok();
+    promtool(&["check", "metrics"], &ws.root, Some(&ws.path("m.prom")));
+    let s = samples(&ws.read("m.prom"));
+    assert_eq!(s[r#"dagrun_run_success{pipeline="a.yaml"}"#], 0.0, "the failed pipeline's series were dropped");
+    assert_eq!(s[r#"dagrun_run_success{pipeline="b.yaml"}"#], 1.0);
+    assert_eq!(s[r#"dagrun_stage_status{pipeline="a.yaml",stage="bad",tenant="",status="failed"}"#], 1.0);
+    // Only the stage that works: the failed one keeps its status, the last
+    // success does not move, the run-level series are this run's.
+    let r = run_ws(&ws, &["run", "a.yaml", "ok"]).ok();
+    let s = samples(&ws.read("m.prom"));
+    promtool(&["check", "metrics"], &ws.root, Some(&ws.path("m.prom")));
+    assert_eq!(s[r#"dagrun_last_success_timestamp_seconds{pipeline="a.yaml"}"#], 0.0, "a targeted run counted as the pipeline's success");
+    assert_eq!(s[r#"dagrun_stage_status{pipeline="a.yaml",stage="bad",tenant="",status="failed"}"#], 1.0, "the failed stage's series were dropped");
+    assert_eq!(s[r#"dagrun_run_success{pipeline="b.yaml"}"#], 1.0);
+    let run_id = r.rec()["run_id"].as_str().unwrap().to_string();
+    let infos: Vec<&String> = s.keys().filter(|k| k.starts_with(r#"dagrun_run_info{pipeline="a.yaml""#)).collect();
+    assert_eq!(infos, vec![&format!(r#"dagrun_run_info{{pipeline="a.yaml",run_id="{run_id}"}}"#)]);
+    // A whole run replaces all of the pipeline's series (a stage removed from it goes).
+    ws.write("a.yaml", "stages:\n  ok:\n    cmd: echo ok > ok.txt\n    outs: [ok.txt]\n");
+    run_ws(&ws, &["run", "a.yaml"]).ok();
+    let text = ws.read("m.prom");
+    assert!(!text.contains(r#"stage="bad""#), "{text}");
+    assert!(samples(&text)[r#"dagrun_last_success_timestamp_seconds{pipeline="a.yaml"}"#] > 0.0);
+    assert!(text.contains(r#"pipeline="b.yaml""#));
+    // Not what dagrun writes: replaced whole, said so.
+    ws.write("m.prom", "# TYPE x histogram\nnot a sample\n");
+    let r = run_ws(&ws, &["run", "b.yaml"]).ok();
+    assert!(r.out.stderr.contains("is not one dagrun wrote"), "{}", r.out.stderr);
+    let text = ws.read("m.prom");
+    assert!(text.contains(r#"pipeline="b.yaml""#) && !text.contains("histogram") && !text.contains(r#"pipeline="a.yaml""#), "{text}");
+}
+
 #[test]
 fn a_settings_file_with_an_unknown_key_is_refused_with_file_and_line() {
     let ws = Ws::new();
