@@ -19,7 +19,7 @@ struct Cli {
     /// More output (repeat for debug logs); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Only errors.
+    /// Only errors and warnings (and what a command was asked for).
     #[arg(short, long, global = true)]
     quiet: bool,
     /// Workspace folder (default: found from the pipeline file, or the current folder).
@@ -308,8 +308,10 @@ fn without_capped_targets(rust_log: &str) -> String {
 
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
+    // `-q` keeps warnings: a cron job's log is where an undelivered event,
+    // an orphan job cancelled or a file dagrun removed is seen (review 69).
     let default = if cli.quiet {
-        "dagrun=error"
+        "dagrun=warn"
     } else {
         match cli.verbose {
             0 => "dagrun=info",

@@ -313,6 +313,7 @@ pub fn run(workspace: &Path, repair: bool, wait: Option<std::time::Duration>, js
         }
         let fixed = match (repair, r.repaired.len()) {
             (false, _) => String::new(),
+            (true, _) if r.problems.is_empty() => String::new(),
             (true, n) if n == r.problems.len() => format!(", {}", if n == 1 { "repaired" } else { "all repaired" }),
             (true, n) => format!(", {n} repaired, {} not", r.remaining()),
         };

@@ -148,14 +148,21 @@ impl Engine {
     /// The work of stage `i` in this process, under the key and input hashes
     /// of `ev` (also what `dagrun exec-stage` runs inside a job).
     pub fn local_work(&self, i: usize, ev: &Evaluation) -> Result<Done> {
-        let s = self.stage(i);
         let t0 = Instant::now();
         // Worker threads the stage starts (util::par) report their CPU time here.
         let worker_cpu = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let _accounting = crate::util::par::account_to(worker_cpu.clone());
         // Stages started in this process share the cores (util::par's rule).
         let _running = crate::util::par::running();
-        let ctx = RunCtx {
+        let report = self.kind(i)?.run(&self.run_ctx(i, ev))?;
+        Ok(Done { report, key: None, seconds: t0.elapsed().as_secs_f64(), cpu_seconds: Some(worker_cpu.load(Ordering::Relaxed) as f64 / 1e9), job: None })
+    }
+
+    /// What stage `i`'s kind gets to run (and publish) under the key and
+    /// input hashes of `ev`.
+    fn run_ctx<'a>(&'a self, i: usize, ev: &'a Evaluation) -> RunCtx<'a> {
+        let s = self.stage(i);
+        RunCtx {
             workspace: &self.pipeline.workspace,
             stage: s,
             deps: s.deps.iter().map(|d| self.pipeline.abs(d)).collect(),
@@ -165,9 +172,7 @@ impl Engine {
             services: &self.services,
             cancel: &self.cancel,
             timeout: s.timeout.map(Duration::from_secs_f64),
-        };
-        let report = self.kind(i)?.run(&ctx)?;
-        Ok(Done { report, key: None, seconds: t0.elapsed().as_secs_f64(), cpu_seconds: Some(worker_cpu.load(Ordering::Relaxed) as f64 / 1e9), job: None })
+        }
     }
 
     /// Execute `pending` (one stage, or a group's members in order) with their
@@ -186,8 +191,10 @@ impl Engine {
         let prepare = |from: &[Pending], first: bool| -> Result<()> { from.iter().try_for_each(|p| self.prepare_outputs(p.i, first)) };
         let mut error = prepare(&pending, true).err();
         // Whether the work ran (an attempt's outputs are then its own; a
-        // retry whose preparation failed may have left some).
+        // retry whose preparation failed may have left some), and whether
+        // the current member's work succeeded and only what followed failed.
         let mut worked = false;
+        let mut after_work = false;
         while error.is_none() && start < pending.len() {
             let works: Vec<Box<LocalWork>> = pending[start..]
                 .iter()
@@ -223,11 +230,16 @@ impl Engine {
                     failure = Some(anyhow!("internal error: the {} executor answered for an unexpected stage", exec.name()));
                     break;
                 }
-                match r.and_then(|done| self.record_run(&mut pending[start], done)) {
+                let recorded = match r {
+                    Ok(done) => self.record_run(&mut pending[start], done).inspect_err(|_| after_work = true),
+                    Err(e) => Err(e),
+                };
+                match recorded {
                     Ok(rec) => {
                         results.push(Ok(rec));
                         start += 1;
                         tries = 0;
+                        after_work = false;
                     }
                     Err(e) => {
                         failure = Some(e);
@@ -253,7 +265,7 @@ impl Engine {
             let p = &mut pending[start];
             let failed = self.stage(p.i).name.clone();
             if worked {
-                self.remove_partial_outputs(p.i);
+                self.remove_partial_outputs(p.i, after_work);
             }
             // The record keeps what was known before it ran: key and reasons.
             let mut rec = std::mem::replace(&mut p.rec, StageRecord::new(&failed, Status::Failed));
@@ -281,10 +293,15 @@ impl Engine {
     /// read by anyone as a result. Removed only where no folder on its path
     /// is a link (an output that is itself a link is unlinked, never
     /// followed); named in a warning.
-    fn remove_partial_outputs(&self, i: usize) {
+    fn remove_partial_outputs(&self, i: usize, after_work: bool) {
         let s = self.stage(i);
         if s.kind.name() != "cmd" {
-            return; // built-in kinds write their outputs whole (atomic renames)
+            // A built-in kind's own failure leaves what it chose to write
+            // (a drift report that failed its gate is read by the operator).
+            if after_work {
+                self.put_back_outputs(i);
+            }
+            return;
         }
         let mut removed = Vec::new();
         let ws = &self.pipeline.workspace;
@@ -301,6 +318,57 @@ impl Engine {
                 Err(e) => tracing::warn!("stage {}: cannot remove {}, written by its failed attempt: {e:#}", s.name, o.path),
             }
             self.memo.forget(&abs);
+        }
+        if !removed.is_empty() {
+            tracing::warn!("stage {} failed: removed what its attempt had written at {} (the next run makes it again)", s.name, removed.join(", "));
+        }
+    }
+
+    /// A built-in stage failed after its work succeeded. It writes each output
+    /// whole (an atomic rename), so a failure during its work leaves the
+    /// earlier outputs as they were (or what it wrote on purpose before
+    /// failing: a drift report over its gate); one after it (storing an output in the cache,
+    /// writing its record or the registry's: a full disk, a read-only cache)
+    /// left the new output under the old record (review 68: `verify` then
+    /// called it modified outside dagrun, and a model nobody registered
+    /// stood where the champion's was). Each output that differs from the
+    /// stage's record is put back from the cache (the record's copy), or
+    /// removed when the cache has none: the earlier outputs stay
+    /// byte-identical wherever the cache can give them back, and no output is
+    /// left that its record does not describe. Named in a warning.
+    fn put_back_outputs(&self, i: usize) {
+        let s = self.stage(i);
+        let recorded = self.states.get(&s.name);
+        let ws = &self.pipeline.workspace;
+        let (mut back, mut removed) = (Vec::new(), Vec::new());
+        for o in &s.outs {
+            let abs = self.pipeline.abs(&o.path);
+            if abs.symlink_metadata().is_err() || crate::pipeline::check_output_at_write(ws, &o.path, true).is_err() {
+                continue;
+            }
+            let rec = recorded.as_ref().and_then(|st| st.outputs.get(&o.path));
+            if let Some(r) = rec
+                && self.memo.hash_path(&abs).ok().flatten().is_some_and(|h| h.hash == r.hash)
+            {
+                continue; // as recorded: the failure came before it was replaced
+            }
+            self.memo.forget(&abs);
+            if let Some(r) = rec.filter(|r| self.cas.has(&r.hash)) {
+                match self.cas.restore(&r.hash, r.dir, r.exec == Some(true), &abs) {
+                    Ok(()) => {
+                        back.push(o.path.as_str());
+                        continue;
+                    }
+                    Err(e) => tracing::warn!("stage {}: cannot put back the recorded {} from the cache: {e:#}", s.name, o.path),
+                }
+            }
+            match remove_path(&abs) {
+                Ok(()) => removed.push(o.path.as_str()),
+                Err(e) => tracing::warn!("stage {}: cannot remove {}, written by its failed attempt: {e:#}", s.name, o.path),
+            }
+        }
+        if !back.is_empty() {
+            tracing::warn!("stage {} failed: put back the recorded {} from the cache (what its attempt wrote is gone)", s.name, back.join(", "));
         }
         if !removed.is_empty() {
             tracing::warn!("stage {} failed: removed what its attempt had written at {} (the next run makes it again)", s.name, removed.join(", "));
@@ -331,7 +399,7 @@ impl Engine {
     /// and action-cache entry. A member whose key was not known before it ran
     /// (downstream in a group) gets it now, from its inputs on disk; a key the
     /// job reports must equal the engine's.
-    pub(super) fn record_run(&self, p: &mut Pending, done: Done) -> Result<StageRecord> {
+    pub(super) fn record_run(&self, p: &mut Pending, mut done: Done) -> Result<StageRecord> {
         let i = p.i;
         let s = self.stage(i);
         // A command may have swapped one of dagrun's own folders for a link
@@ -402,6 +470,11 @@ impl Engine {
             Some(p) => p.outputs.iter().map(|(k, v)| (k, &v.hash)).ne(outputs.iter().map(|(k, v)| (k, &v.hash))),
             None => true,
         };
+        // Stored: now published (the registry), and then recorded; a run
+        // that is not recorded publishes nothing.
+        if input_changed.is_none() {
+            self.kind(i)?.publish(&self.run_ctx(i, &ev), &mut done.report)?;
+        }
         let st = StageState {
             stage: s.name.clone(),
             key: ev.key.clone(),

@@ -145,6 +145,16 @@ pub trait StageKind: KindDecl {
     }
     /// Do the work. Runs on a blocking thread.
     fn run(&self, ctx: &RunCtx) -> Result<RunReport>;
+    /// Publish what a finished run made where others look for it (the model
+    /// registry), once the engine has stored its outputs in the cache and
+    /// right before it records the run, in the coordinating process (a
+    /// Slurm job's work is published by the run that waits for it). An error
+    /// fails the stage and its outputs are put back (`engine::execute`):
+    /// nothing is published for a run that is not recorded, and nothing is
+    /// recorded that could not be published. `report` is the run's, for facts.
+    fn publish(&self, _ctx: &RunCtx, _report: &mut RunReport) -> Result<()> {
+        Ok(())
+    }
     /// One line for the end-of-run summary, read from the (fresh) outputs
     /// (and, through `services`, the workspace's other records).
     fn summarize(&self, _stage: &Stage, _outs: &[PathBuf], _services: &Services) -> Option<String> {

@@ -194,28 +194,49 @@ impl StageKind for Train {
         let bytes = artifact.to_json_bytes();
         write_atomic(&ctx.outs[0], &bytes)?;
         write_atomic(&ctx.outs[1], &eval.to_json_bytes())?;
-        // Register the model (the run holds the workspace lock); `promote:
-        // auto` (the default) makes it the champion, `manual` leaves the
-        // champion to `dagrun models promote`. After the outputs, on purpose:
-        // an output that cannot be written (full disk, immutable folder)
-        // must leave the registry untouched
-        // (`faults::write_into_an_immutable_output_directory_fails_cleanly`).
-        // The price: the registry refusing this version (registered before
-        // with other bytes, i.e. a build that changed a model's bytes without
-        // bumping the kind version) fails the stage after model.json changed.
+        // Registered (and promoted) in `publish`, once the engine has stored
+        // the model and just before it records the run.
+        Ok(RunReport { facts })
+    }
+
+    /// Register the recorded model (the run holds the workspace lock);
+    /// `promote: auto` (the default) makes it the champion, `manual` leaves
+    /// the champion to `dagrun models promote`. Only once the model is
+    /// written and stored in the cache: an output that cannot be written or
+    /// stored (full disk, immutable folder, read-only cache) leaves the
+    /// registry untouched
+    /// (`faults::write_into_an_immutable_output_directory_fails_cleanly`,
+    /// `faults::a_built_in_stage_failing_after_its_output_is_in_place_puts_back_the_recorded_one`).
+    /// The model is read back from its output (bounded, and its MAC
+    /// checked by the registry), so a Slurm job's model is registered by the
+    /// run that waited for it.
+    fn publish(&self, ctx: &RunCtx, report: &mut RunReport) -> Result<()> {
+        let tenant = ctx.stage.tenant.as_deref().context("no tenant")?;
+        let p: &TrainWith = ctx.params()?;
+        let key = ctx.services.integrity_key()?;
+        let bytes = crate::util::read_capped(&ctx.outs[0], MAX_MODEL_BYTES)
+            .with_context(|| format!("cannot read the model {} to register it", ctx.rel(&ctx.outs[0])))?;
+        let claimed = ModelArtifact::from_json_bytes(&bytes, &ctx.rel(&ctx.outs[0]))?;
+        if claimed.tenant != tenant || report.facts.get("model_version").and_then(|v| v.as_str()) != Some(claimed.model_version.as_str()) {
+            bail!("the model at {} is not the one this run of tenant {tenant}'s train stage made; it is not registered", ctx.rel(&ctx.outs[0]));
+        }
         let registry = crate::registry::Registry::of_workspace(ctx.workspace);
-        registry.register(&bytes, &key)?;
+        let entry = registry.register(&bytes, &key)?;
         let promoted = if p.promote == Promote::Auto {
             let current = registry.champion(tenant)?.map(|c| c.version);
-            if current.as_deref() != Some(artifact.model_version.as_str()) {
-                let why = format!("train: test AUC {:.4} >= min_auc {min_auc} (promote: auto)", m.auc);
-                registry.promote(tenant, &artifact.model_version, &format!("{} (dagrun run)", crate::registry::current_user()), &why, &key)?;
+            if current.as_deref() != Some(entry.version.as_str()) {
+                let auc = report.facts.get("auc").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+                let why = format!("train: test AUC {auc:.4} >= min_auc {} (promote: auto)", p.min_auc.0);
+                registry.promote(tenant, &entry.version, &format!("{} (dagrun run)", crate::registry::current_user()), &why, &key)?;
             }
             true
         } else {
             false
         };
-        facts.insert("promoted".into(), promoted.into());
-        Ok(RunReport { facts })
+        report.facts.insert("promoted".into(), promoted.into());
+        Ok(())
     }
 }
+
+/// Largest model file read back to register it (a model is a few KiB).
+const MAX_MODEL_BYTES: u64 = 64 << 20;

@@ -144,7 +144,7 @@ impl Cas {
             // Commit under the (unique) staging name, then move to the object's name.
             tmp.commit()?;
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create the cache folder {}", parent.display()))?;
             }
             std::fs::rename(&staging, &dest).with_context(|| format!("cannot store {} in the cache", src.display()))?;
             set_readonly(&dest);
@@ -163,7 +163,7 @@ impl Cas {
         let dest = self.object_path(&hash);
         if !self.has(&hash) {
             if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)?;
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create the cache folder {}", parent.display()))?;
             }
             set_readonly(src);
             match std::fs::hard_link(src, &dest) {
@@ -310,7 +310,7 @@ impl Cas {
                 TreeEntry::Link { path, target } => {
                     let p = staging.join(path);
                     if let Some(parent) = p.parent() {
-                        std::fs::create_dir_all(parent)?;
+                        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
                     }
                     #[cfg(unix)]
                     std::os::unix::fs::symlink(target, &p)?;

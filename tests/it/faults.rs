@@ -479,6 +479,29 @@ fn write_into_an_immutable_output_directory_fails_cleanly() {
     assert_eq!(dr(&ws.root, &["verify"]).code, 0);
 }
 
+/// Review 68: a built-in stage that fails after its output is in place
+/// (storing it in the cache, writing its record: here a cache nobody may
+/// write) left the new output under the old record (`verify` called it
+/// modified outside dagrun, `--repair` could not fix it). The recorded
+/// output is put back from the cache: everything is as before the run.
+#[test]
+fn a_built_in_stage_failing_after_its_output_is_in_place_puts_back_the_recorded_one() {
+    let ws = propensity_ws(None);
+    ok(prun(&ws.root, "3000", &[]));
+    let before = snapshot(&ws.root, VOLATILE);
+    {
+        let _ro = Immutable::new(ws.path(".dagrun/cache/objects"));
+        let o = prun(&ws.root, "3000", &["-p", "C=0.5", "train[Tenant_A]"]);
+        assert_failed_cleanly(&ws.root, &o, &before, "storing models/Tenant_A/model.json in the cache", "Operation not permitted", "immutable cache");
+        assert!(o.stderr.contains(".dagrun/cache/objects/"), "the refused cache path is named:\n{}", o.stderr);
+        assert!(o.stderr.contains("put back the recorded models/Tenant_A/model.json"), "{}", o.stderr);
+    }
+    let v = dr(&ws.root, &["verify"]);
+    assert_eq!(v.code, 0, "{}", v.stdout);
+    ok(prun(&ws.root, "3000", &["-p", "C=0.5", "train[Tenant_A]"]));
+    assert_eq!(dr(&ws.root, &["verify"]).code, 0);
+}
+
 /// RLIMIT_FSIZE (what `ulimit -f` sets): a write past the limit gets SIGXFSZ,
 /// which kills a process that does not ignore it.
 #[test]
@@ -929,7 +952,7 @@ fn what_a_timed_out_interrupted_or_failed_attempt_started_outside_its_group_is_s
     // Timeout, then a retry that writes the right answer.
     let ws = Ws::new();
     ws.pipeline(
-        "stages:\n  s:\n    timeout: 1\n    retries: 1\n    cmd: \"if [ -e attempted ]; then echo RIGHT > out.txt; sleep 1; else touch attempted; setsid sh -c 'echo $$ > late.pid; sleep 1.5; echo WRONG > out.txt' & sleep 10; fi\"\n    outs: [out.txt]\n  use:\n    cmd: cat out.txt > final.txt\n    deps: [out.txt]\n    outs: [final.txt]\n",
+        "stages:\n  s:\n    timeout: 1\n    retries: 1\n    cmd: \"if [ -e attempted ]; then echo RIGHT > out.txt; else touch attempted; setsid sh -c 'echo $$ > late.pid; sleep 1.5; echo WRONG > out.txt' & sleep 10; fi\"\n    outs: [out.txt]\n  use:\n    cmd: cat out.txt > final.txt\n    deps: [out.txt]\n    outs: [final.txt]\n",
     );
     let r = ws.run(&[]).ok();
     assert!(r.out.stderr.contains("timed out") && r.out.stderr.contains("started outside its process group"), "{}", r.out.stderr);
