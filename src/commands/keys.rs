@@ -206,6 +206,12 @@ pub fn audit(workspace: &Path, verify: bool) -> Result<()> {
                 crate::crypto::audit::HEAD_FILE
             );
         }
+        // Not a break of the chain, but an erasure its last `started` line
+        // promised and that did not happen (`dagrun verify` counts it).
+        let view = crate::crypto::keyring::KeyringView::read(workspace)?;
+        if let Some(u) = crate::crypto::keyring::unfinished_forget(workspace, |t| view.is_forgotten(t).is_some()) {
+            crate::outln!("{}", crate::crypto::keyring::unfinished_forget_message(workspace, &u));
+        }
         return Ok(());
     }
     let path = dir.join(crate::crypto::audit::AUDIT_FILE);

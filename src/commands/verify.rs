@@ -91,6 +91,10 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
             remove(&mut r, &ws, &p);
         }
     }
+    // An erasure that did not finish (a killed `keys forget`).
+    if let Some(u) = ring.as_ref().and_then(|k| k.unfinished_forget()) {
+        r.problems.push(crate::crypto::keyring::unfinished_forget_message(ws.root(), &u));
+    }
     // Every tenant key unwraps (not only when a run needs it).
     for p in ring.iter().flat_map(|k| k.check_all_keys()) {
         r.problems.push(format!("{p} (a run that needs the key fails)"));

@@ -8,6 +8,13 @@
 //!   operation (see [`super::audit`]).
 //! - `<workspace>/.dagrun/keys/keyring.lock` — empty; its exclusive `flock` is
 //!   held around every change of `keyring.json` (see "Changes").
+//! - `<workspace>/.dagrun/keys/forgetting.json` — `{"tenant", "started_at"}`
+//!   while a `keys forget` runs: written (durably) before its keyring commit,
+//!   removed after. One left by a killed forget whose tenant the keyring has
+//!   not forgotten is an erasure that did not happen: every run warns, and
+//!   `verify` and `keys audit --verify` report it, until `keys forget` is run
+//!   again ([`unfinished_forget`]; review 68: the killed forget was seen
+//!   only in the audit log's last line). No key material.
 //! - The master key comes from one of the sources of [`super::master`] (a file, the
 //!   environment, or a PKCS#11 token); the keyring records which kind (`master`).
 //!
@@ -76,6 +83,43 @@ pub fn keys_dir(workspace: &Path) -> PathBuf {
 /// `<workspace>/.dagrun/keys/keyring.json`
 pub fn keyring_path(workspace: &Path) -> PathBuf {
     keys_dir(workspace).join("keyring.json")
+}
+
+/// The marker of a `keys forget` under way (module doc, "Files").
+fn forgetting_path(workspace: &Path) -> PathBuf {
+    keys_dir(workspace).join("forgetting.json")
+}
+
+/// What to say about [`unfinished_forget`]'s answer (a run's warning,
+/// `verify`'s problem).
+pub fn unfinished_forget_message(workspace: &Path, (tenant, at): &(String, String)) -> String {
+    if tenant.starts_with('(') {
+        return format!(
+            "{} is not a marker dagrun wrote: a `dagrun keys forget` may not have finished; check `dagrun keys audit` and run the forget again",
+            forgetting_path(workspace).display()
+        );
+    }
+    format!(
+        "`dagrun keys forget {tenant}` started at {at} did not finish: {tenant}'s keys were NOT destroyed and runs still use them; run `dagrun keys forget {tenant}` again"
+    )
+}
+
+/// A `keys forget` that started and did not finish: its tenant and when it
+/// started, unless the keyring has forgotten the tenant since (the commit
+/// happened; only the marker's removal was cut short). The marker is read as
+/// untrusted input (bounded; a tenant id checked); one that does not parse is
+/// reported as such, naming the file.
+pub fn unfinished_forget(workspace: &Path, forgotten: impl Fn(&str) -> bool) -> Option<(String, String)> {
+    let p = forgetting_path(workspace);
+    let bytes = crate::util::read_capped(&p, 4096).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let tenant = v.get("tenant").and_then(|t| t.as_str()).filter(|t| validate_tenant(t).is_ok());
+    let at = v.get("started_at").and_then(|t| t.as_str()).filter(|t| t.len() <= 64 && t.chars().all(|c| c.is_ascii_graphic()));
+    match (tenant, at) {
+        (Some(t), _) if forgotten(t) => None,
+        (Some(t), at) => Some((t.to_string(), at.unwrap_or("?").to_string())),
+        _ => Some(("(unreadable marker)".to_string(), p.display().to_string())),
+    }
 }
 
 /// Temporary files a killed key operation left in `.dagrun/keys/` (an
@@ -668,6 +712,9 @@ impl Keyring {
             // keyring write and its audit line is recorded here at the latest.
             let shown = shown_ids(t.destroyed_keys.iter().map(|d| d.id.as_str()));
             self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {}", t.forgotten_at))?;
+            if let Some(ws) = self.path.parent().and_then(Path::parent).and_then(Path::parent) {
+                let _ = fs::remove_file(forgetting_path(ws));
+            }
             return Ok(());
         }
         let mut new = (*g).clone();
@@ -689,12 +736,27 @@ impl Keyring {
         new.forgotten.push(Tombstone { tenant: tenant.to_string(), forgotten_at: now(), destroyed_keys: destroyed });
         // Logged before the keyring is written, as an export is: a forget
         // killed in between leaves a `started` line, never destroyed keys
-        // without one.
+        // without one, and the marker every run warns about.
+        let workspace = self.path.parent().and_then(Path::parent).and_then(Path::parent).context("the keyring's workspace")?;
+        let marker = forgetting_path(workspace);
+        crate::util::atomic::write_atomic_with(
+            &marker,
+            serde_json::json!({"tenant": tenant, "started_at": now()}).to_string().as_bytes(),
+            crate::util::atomic::Durability::Full,
+        )?;
         self.audit.append("forget", tenant, &shown, &format!("started: destroying {n} key(s)"))?;
         self.commit(&mut g, new)?;
         self.audit.append("forget", tenant, &shown, &format!("ok: {n} key(s) destroyed"))?;
+        let _ = fs::remove_file(&marker);
         tracing::warn!("destroyed {n} key(s) of tenant {tenant}; its encrypted data can no longer be decrypted");
         Ok(())
+    }
+
+    /// A `keys forget` that started and did not finish ([`unfinished_forget`]).
+    pub fn unfinished_forget(&self) -> Option<(String, String)> {
+        let ws = self.path.parent().and_then(Path::parent).and_then(Path::parent)?;
+        let g = self.lock();
+        unfinished_forget(ws, |t| g.forgotten.iter().any(|f| f.tenant == t))
     }
 
     /// Every forgotten tenant, with when it was forgotten (RFC 3339).

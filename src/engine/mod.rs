@@ -182,6 +182,9 @@ impl Engine {
     pub fn new(pipeline: Pipeline) -> Result<Engine> {
         let ws = Workspace::at(&pipeline.workspace);
         let ring = Arc::new(crate::crypto::Keyring::open(ws.root())?);
+        if let Some(u) = ring.unfinished_forget() {
+            tracing::warn!("{}", crate::crypto::keyring::unfinished_forget_message(ws.root(), &u));
+        }
         Ok(Self::with_keyring(pipeline, ws, Some(ring), false))
     }
 

@@ -203,8 +203,26 @@ fn forgetting_a_tenant_leaves_the_others_working() {
     let v = run(ws.root.as_path(), &["verify"], &[]);
     assert_eq!(v.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&v.stdout).contains(".keyring.json.dagrun-tmp.4242.0: a temporary copy left by a killed key operation"), "{v:?}");
+    // Review 68: a forget killed before its keyring commit leaves its marker
+    // (written before the commit, removed after): the erasure did not happen,
+    // and every run, `verify` and `keys audit --verify` say so until the
+    // forget is run again.
+    let marker = keys.join("forgetting.json");
+    std::fs::write(&marker, r#"{"tenant":"Tenant_B","started_at":"2026-12-07T01:02:03Z"}"#).unwrap();
+    let said = "`dagrun keys forget Tenant_B` started at 2026-12-07T01:02:03Z did not finish: Tenant_B's keys were NOT destroyed";
+    let o = run(ws.root.as_path(), &["-q", "run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}")], &[]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains(said), "{o:?}");
+    let v = run(ws.root.as_path(), &["verify"], &[]);
+    assert_eq!(v.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&v.stdout).contains(said), "{v:?}");
+    assert!(ok(&run(ws.root.as_path(), &["keys", "audit", "--verify"], &[])).contains(said));
     ok(&run(ws.root.as_path(), &["keys", "forget", "Tenant_B", "--yes"], &[]));
     assert!(!stale.exists(), "a copy of the keyring with Tenant_B's keys outlived the forget");
+    assert!(!marker.exists(), "the finished forget left its marker");
+    // A marker whose tenant the keyring has forgotten (only its removal was cut short) says nothing.
+    std::fs::write(&marker, r#"{"tenant":"Tenant_B","started_at":"2026-12-07T01:02:03Z"}"#).unwrap();
+    assert!(!ok(&run(ws.root.as_path(), &["keys", "audit", "--verify"], &[])).contains("did not finish"));
+    std::fs::remove_file(&marker).unwrap();
     let list = ok(&run(ws.root.as_path(), &["keys", "list", "--json"], &[]));
     assert!(list.contains("destroyed"), "{list}");
     // The next run says clearly that Tenant_B's data cannot be decrypted; A and C are fine.
