@@ -477,13 +477,14 @@ fn executor_and_resources_are_checked_when_loading() {
         assert_eq!(o.code, 2, "{yaml}\n{}", o.stderr);
         assert!(o.stderr.contains(want), "{yaml}\nwant {want:?} in:\n{}", o.stderr);
     }
-    // A master key in a variable never goes to a job: refused before sbatch.
-    ws.pipeline("executor: slurm\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    // A master key in a variable never goes to a job: refused before sbatch,
+    // once, as a setting (exit 2: review 69 had one failed stage per root).
+    ws.pipeline("executor: slurm\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n  b:\n    cmd: echo b > b.txt\n    outs: [b.txt]\n");
     let mut c = ws.cmd(&["run", "pipeline.yaml"]);
     c.env("DAGRUN_MASTER_KEY", "5eed5eed00112233445566778899aabbccddeeff00112233445566778899aabb");
     let o = spawn(c).wait(HANG);
-    assert_eq!(o.code, 1, "{}", o.stderr);
-    assert!(o.stderr.contains("DAGRUN_MASTER_KEY is set, but a Slurm job never receives a secret"), "{}", o.stderr);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert_eq!(o.stderr.matches("DAGRUN_MASTER_KEY is set, but a Slurm job never receives a secret").count(), 1, "{}", o.stderr);
     assert!(!o.stderr.contains("5eed5eed"), "{}", o.stderr);
     assert!(!ws.exists(".dagrun/slurm/active") || std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
 }
