@@ -12,7 +12,8 @@ pub mod exit {
     /// `dagrun verify` found corrupted or missing artifacts, or `dagrun pull`
     /// refused data the remote holds.
     pub const INTEGRITY: i32 = 4;
-    /// Another dagrun run holds the workspace lock (EX_TEMPFAIL).
+    /// Another dagrun run holds the workspace lock, or Slurm did not answer
+    /// about an earlier run's jobs (EX_TEMPFAIL: nothing ran, try again).
     pub const LOCKED: i32 = 75;
     /// Interrupted by SIGINT/SIGTERM/SIGHUP.
     pub const INTERRUPTED: i32 = 130;

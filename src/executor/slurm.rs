@@ -762,7 +762,15 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     // Only jobs dagrun submitted for that run from this workspace: a file in
     // active/ must not be able to cancel anyone's other jobs.
     let listed: Vec<String> = ids.iter().map(|(id, _)| id.clone()).collect();
-    let live = live_jobs(&listed).context("asking Slurm about the jobs of an earlier run (is Slurm reachable?)")?;
+    // Nothing may start while those jobs may still write: a Slurm that does
+    // not answer is a temporary failure (exit 75, EX_TEMPFAIL: try again).
+    let unreachable = |e: anyhow::Error, what: &str| -> anyhow::Error {
+        crate::error::Failure::Locked(format!(
+            "{what} of an earlier run, which may still be writing this workspace: {e:#}. Nothing ran; try again when Slurm answers (is slurmctld up?)"
+        ))
+        .into()
+    };
+    let live = live_jobs(&listed).map_err(|e| unreachable(e, "cannot ask Slurm about the jobs"))?;
     let here = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
     let mut ours = Vec::new();
     for (id, run_id) in ids {
@@ -796,7 +804,7 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
         ids.join(", "),
         if runs.is_empty() { "unknown".to_string() } else { runs.join(", ") }
     );
-    scancel(&ids).context("cancelling the jobs of an earlier run (is Slurm reachable?)")?;
+    scancel(&ids).map_err(|e| unreachable(e, "cannot cancel the jobs"))?;
     let t0 = Instant::now();
     let mut left = ids.clone();
     let mut source = Source::default();

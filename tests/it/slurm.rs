@@ -388,6 +388,22 @@ fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
     bg.child.wait().unwrap();
     assert_eq!(job_state(&id).as_deref(), Some("RUNNING"), "the job outlives a SIGKILLed dagrun");
     std::fs::remove_file(ws.path("slow")).unwrap();
+    // Slurm not answering about the orphan: nothing may start while it may
+    // write; a temporary failure (exit 75), nothing ran (review 69 M2: exit 1).
+    let fake = tempfile::tempdir().unwrap();
+    std::fs::write(fake.path().join("squeue"), "#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n")
+        .unwrap();
+    std::fs::set_permissions(fake.path().join("squeue"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", format!("{}:{}", fake.path().display(), std::env::var("PATH").unwrap_or_default()));
+    let down = spawn(c).wait(SLURM_HANG);
+    assert_eq!(down.code, 75, "{}", down.stderr);
+    assert!(
+        down.stderr.contains("cannot ask Slurm about the jobs of an earlier run") && down.stderr.contains("try again when Slurm answers"),
+        "{}",
+        down.stderr
+    );
+    assert!(!ws.exists("work.txt"));
     let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
     assert!(o.stderr.contains(&format!("Slurm jobs {id} of an earlier run")), "the orphan is named:\n{}", o.stderr);
     wait_state(&id, "CANCELLED", Duration::from_secs(30));
