@@ -22,14 +22,24 @@
 //!
 //! Never in an event: a data value, a key, a token, an environment variable
 //! or a `cmd:` string (a command line may carry credentials).
+//!
+//! Delivery (rules in [`crate::lineage::transport`]): a run sends the backlog
+//! of its own endpoint's spool only, never another endpoint's (review 69 H1;
+//! the older single `pending.jsonl` goes to the first run whose endpoint comes
+//! from `DAGRUN_OPENLINEAGE_URL`: `adopt_legacy_spool`); at its end it gives
+//! up what the endpoint refused for good (appended to `dropped.jsonl`,
+//! counted, said once), spools the rest, and records `delivered`, `rejected`,
+//! `dropped`, `pending` and `pending_other_endpoints`.
 
 use super::Engine;
 use super::observer::RunObserver;
 use super::runs::{RunRecord, RunStatus, StageRecord, Status};
+use crate::crypto::IntegrityKey;
 use crate::lineage::event::{self, EventType, Facets, Field, Job, Run, RunEvent, json_of, push_json, push_str_json};
 use crate::lineage::recover::{self, OpenRuns};
-use crate::lineage::transport::{FLUSH_GRACE, FileSink, HttpSink, Spool};
+use crate::lineage::transport::{self, DROP_AFTER_RUNS, FLUSH_GRACE, FileSink, HttpOutcome, HttpSink, Refused, Spool};
 use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
+use crate::util::redact::redact_url;
 use anyhow::Result;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -51,16 +61,26 @@ fn error_for_events(error: &str) -> String {
     }
 }
 
+/// A run's endpoint: its checked lineage URL (`URL/api/v1/lineage`), and
+/// whether it comes from `DAGRUN_OPENLINEAGE_URL` (the standing setting) rather
+/// than `--openlineage-url` (ad hoc): only the former takes the spool of a
+/// dagrun from before spools were per endpoint (`lineage::transport`).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub url: String,
+    pub from_env: bool,
+}
+
 /// The endpoint to use: `--openlineage-url`, else `DAGRUN_OPENLINEAGE_URL`
 /// (empty = none). Checked here so a bad URL stops the run before it starts.
-pub fn endpoint(flag: Option<&str>) -> Result<Option<String>> {
+pub fn endpoint(flag: Option<&str>) -> Result<Option<Endpoint>> {
     let url = match flag {
         Some(u) => Some(u.to_string()),
         None => std::env::var(URL_ENV).ok(),
     };
     match url.filter(|u| !u.trim().is_empty()) {
         None => Ok(None),
-        Some(u) => crate::lineage::transport::lineage_url(&u).map(Some).map_err(|m| {
+        Some(u) => crate::lineage::transport::lineage_url(&u).map(|url| Some(Endpoint { url, from_env: flag.is_none() })).map_err(|m| {
             let from = if flag.is_some() { "--openlineage-url" } else { URL_ENV };
             crate::error::config(format!("{from}: {m}"))
         }),
@@ -73,9 +93,12 @@ pub struct OpenLineage {
     file: FileSink,
     file_shown: String,
     http: Mutex<Option<HttpSink>>,
-    spool: Spool,
-    /// Spooled events left alone because no endpoint is configured.
-    parked: usize,
+    /// The endpoint's spool (none without an endpoint or the workspace key).
+    spool: Option<Spool>,
+    /// The first event of the spool when the run started, and at how many
+    /// runs in a row it had been refused: see `lineage::transport`.
+    spool_head: Option<String>,
+    head_refused_runs: u32,
     /// Marks this run open until its last event is out.
     open: OpenRuns,
     run_id: String,
@@ -199,8 +222,8 @@ fn dataset_head(base: &str, tenant: &str, path: &str) -> String {
 }
 
 impl OpenLineage {
-    /// `lineage_url` = the checked `URL/api/v1/lineage` (see [`endpoint`]).
-    pub fn new(engine: &Engine, lineage_url: Option<String>) -> Result<OpenLineage> {
+    /// `endpoint`: see [`endpoint`].
+    pub fn new(engine: &Engine, endpoint: Option<Endpoint>) -> Result<OpenLineage> {
         let p = &engine.pipeline;
         let host = ids::host_name();
         let ws = ids::workspace_id(&engine.dagrun_dir)?;
@@ -236,14 +259,24 @@ impl OpenLineage {
         // The spool and the open-run marks are sealed under the workspace
         // integrity key (`lineage::transport`, `lineage::recover`).
         let key = engine.states.shared_integrity_key();
-        let spool = Spool::new(&engine.dagrun_dir, key.clone());
-        let mut backlog = spool.load();
+        // One spool per endpoint: a run sends its own endpoint's backlog only (review 69 H1).
+        let spool = match (&endpoint, &key) {
+            (Some(ep), Some(k)) => Some(Spool::for_endpoint(&engine.dagrun_dir, k.clone(), &ep.url)),
+            _ => None,
+        };
+        let spooled = spool.as_ref().map(Spool::load).unwrap_or_default();
+        let mut backlog = spooled.events;
+        let mut head_refused_runs = spooled.head_refused_runs;
+        if let (Some(ep), Some(sp), Some(k)) = (&endpoint, &spool, &key) {
+            adopt_legacy_spool(&engine.dagrun_dir, ep, sp, k, &mut backlog, &mut head_refused_runs);
+        }
+        let spool_head = backlog.first().cloned();
         // Runs a killed dagrun left open get their ABORT now (in their own
         // file; and, like any event, to the endpoint: spooled first, so they
         // are not lost if this run is killed too).
         let open = OpenRuns::new(&engine.dagrun_dir, key);
         let runs_dir = crate::engine::runs::runs_dir(&p.workspace);
-        let has_endpoint = lineage_url.is_some();
+        let has_endpoint = endpoint.is_some();
         let closed = recover::recover(
             &open,
             &engine.run_id,
@@ -252,7 +285,9 @@ impl OpenLineage {
             |lines| {
                 if has_endpoint && !lines.is_empty() {
                     backlog.extend(lines.iter().cloned());
-                    spool.store(&backlog)?;
+                    if let Some(sp) = &spool {
+                        sp.store(&backlog, head_refused_runs)?;
+                    }
                 }
                 Ok(())
             },
@@ -266,20 +301,18 @@ impl OpenLineage {
         tail_json.push('}');
         let stage_parts = (0..p.stages.len()).map(|i| StageParts::new(engine, i, &namespace, &pipeline_job, start_ms, &task_job_type)).collect();
         let closed_killed = closed.into_iter().filter(|c| !c.lines.is_empty()).map(|c| (c.run_id, c.lines.len())).collect();
-        let (http, parked) = match lineage_url {
-            Some(url) => {
-                let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
-                (Some(HttpSink::start(url, token, backlog)), 0)
-            }
-            None => (None, backlog.len()),
-        };
+        let http = endpoint.map(|ep| {
+            let token = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+            HttpSink::start(ep.url, token, backlog)
+        });
         let dataset_heads = dataset_tenant.iter().map(|(path, t)| (path.clone(), dataset_head(&format!("{namespace}/"), t, path))).collect();
         Ok(OpenLineage {
             file,
             file_shown: file_rel,
             http: Mutex::new(http),
             spool,
-            parked,
+            spool_head,
+            head_refused_runs,
             open,
             run_id: engine.run_id.clone(),
             closed_killed,
@@ -485,6 +518,112 @@ impl OpenLineage {
     }
 }
 
+/// Take the spool of a dagrun from before spools were per endpoint
+/// (`pending.jsonl`, no endpoint named) into `spool`, before its own events,
+/// when the run's endpoint comes from `DAGRUN_OPENLINEAGE_URL` (the standing
+/// setting); a run with `--openlineage-url` (ad hoc) leaves it for such a
+/// run. Stored in `spool` before the old file is removed: a crash in between
+/// sends them twice at worst, never loses them.
+fn adopt_legacy_spool(dagrun_dir: &Path, ep: &Endpoint, spool: &Spool, key: &IntegrityKey, backlog: &mut Vec<String>, head_refused_runs: &mut u32) {
+    if !ep.from_env || std::fs::symlink_metadata(transport::legacy_path(dagrun_dir)).is_err() {
+        return;
+    }
+    let old = transport::load_legacy(dagrun_dir, key);
+    if !old.is_empty() {
+        let n = old.len();
+        let mut all = old;
+        all.append(backlog);
+        // A new head: no refusal counted yet.
+        if let Err(e) = spool.store(&all, 0) {
+            tracing::warn!(
+                "cannot move the {n} OpenLineage event(s) of {} to this endpoint's spool: {e:#}; they stay there",
+                transport::legacy_path(dagrun_dir).display()
+            );
+            *backlog = all.split_off(n);
+            return;
+        }
+        *backlog = all;
+        *head_refused_runs = 0;
+        tracing::warn!(
+            "{n} OpenLineage event(s) spooled by an older dagrun (one spool for every endpoint) are sent to {}, the endpoint of {URL_ENV}; from now on each endpoint has its own spool",
+            redact_url(&ep.url)
+        );
+    }
+    if let Err(e) = transport::remove_legacy(dagrun_dir) {
+        tracing::warn!("{e:#}");
+    }
+}
+
+impl OpenLineage {
+    /// End of run with an endpoint: give up the events refused for good
+    /// (`dropped.jsonl`), spool the rest, say once what happened, fill the
+    /// record's summary (`delivered`, `rejected`, `dropped`, `pending`, `error`).
+    fn settle(&self, engine: &Engine, shown: &str, out: HttpOutcome, summary: &mut Value) {
+        let ws = &engine.pipeline.workspace;
+        let rel = |p: &Path| p.strip_prefix(ws).unwrap_or(p).display().to_string();
+        let mut pending = out.pending;
+        let mut given_up: Vec<(Refused, String)> =
+            out.dropped.into_iter().map(|r| (r, "refused by the endpoint, which accepted a later event".to_string())).collect();
+        let mut runs = 0u32;
+        if let Some(r) = &out.head_refused {
+            // Refused again: the same head as at the start of the run?
+            runs = if pending.first() == self.spool_head.as_ref() { self.head_refused_runs.saturating_add(1) } else { 1 };
+            if runs >= DROP_AFTER_RUNS && !pending.is_empty() {
+                let line = pending.remove(0);
+                given_up.push((Refused { line, ..r.clone() }, format!("refused by the endpoint at {runs} runs in a row")));
+                runs = 0;
+            }
+        }
+        let n_refused = given_up.len();
+        if n_refused > 0 {
+            let first = &given_up[0].0;
+            let kept = match transport::record_dropped(&engine.dagrun_dir, shown, &given_up) {
+                Ok(_) => format!("written to {}", rel(&transport::dropped_path(&engine.dagrun_dir))),
+                Err(e) => format!("not written anywhere ({e:#}); each is in its run's runs/*.openlineage.jsonl"),
+            };
+            tracing::warn!(
+                "OpenLineage endpoint {shown} refused {n_refused} event(s) for good (HTTP {}{}): given up, not resent; {kept}",
+                first.status,
+                transport::shown_answer(&first.answer)
+            );
+        }
+        match &self.spool {
+            Some(sp) => {
+                if let Err(e) = sp.store(&pending, runs) {
+                    tracing::warn!("cannot spool {} undelivered OpenLineage events: {e:#}", pending.len());
+                }
+                if let Some(r) = out.head_refused.as_ref().filter(|_| !pending.is_empty()) {
+                    tracing::warn!(
+                        "OpenLineage endpoint {shown} refuses events (HTTP {}{}); nothing is given up for that: {} event(s) kept in {} for the next run with this endpoint (an event refused at {DROP_AFTER_RUNS} runs in a row is given up)",
+                        r.status,
+                        transport::shown_answer(&r.answer),
+                        pending.len(),
+                        rel(sp.path())
+                    );
+                } else if !pending.is_empty() {
+                    tracing::warn!(
+                        "{} OpenLineage event(s) not delivered to {shown}; kept in {} for the next run with this endpoint",
+                        pending.len(),
+                        rel(sp.path())
+                    );
+                }
+            }
+            None if !pending.is_empty() => {
+                tracing::warn!("{} OpenLineage event(s) not delivered to {shown}, and not kept: the workspace has no integrity key", pending.len());
+            }
+            None => {}
+        }
+        summary["endpoint"] = shown.into();
+        summary["delivered"] = out.delivered.into();
+        summary["rejected"] = out.rejected.into();
+        summary["dropped"] = n_refused.into();
+        summary["pending"] = pending.len().into();
+        if let Some(f) = out.failure {
+            summary["error"] = f.into();
+        }
+    }
+}
+
 impl RunObserver for OpenLineage {
     fn run_started(&self, engine: &Engine) {
         let e = RunEvent::new(EventType::Start, event::now(), self.pipeline_run_value(engine, json!({})), self.pipeline_job_value(engine));
@@ -626,30 +765,30 @@ impl RunObserver for OpenLineage {
             "file": written,
             "events": self.file.written(),
         });
-        match self.http.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let has_endpoint = match self.http.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(h) => {
                 let shown = h.url_shown().to_string();
                 let out = h.finish(FLUSH_GRACE);
-                if let Err(e) = self.spool.store(&out.pending) {
-                    tracing::warn!("cannot spool {} undelivered OpenLineage events: {e:#}", out.pending.len());
-                }
-                if !out.pending.is_empty() {
-                    tracing::warn!(
-                        "{} OpenLineage event(s) not delivered to {shown}; kept in {} for the next run",
-                        out.pending.len(),
-                        self.spool.path().strip_prefix(&engine.pipeline.workspace).unwrap_or(self.spool.path()).display()
-                    );
-                }
-                summary["endpoint"] = shown.into();
-                summary["delivered"] = out.delivered.into();
-                summary["rejected"] = out.rejected.into();
-                summary["pending"] = out.pending.len().into();
-                if let Some(f) = out.failure {
-                    summary["error"] = f.into();
-                }
+                self.settle(engine, &shown, out, &mut summary);
+                true
             }
             None => {
-                summary["pending"] = self.parked.into();
+                summary["pending"] = 0.into();
+                false
+            }
+        };
+        // Other endpoints' backlogs (and an older dagrun's spool) wait for a
+        // run with their endpoint; the metric counts them too.
+        let others = transport::waiting_elsewhere(&engine.dagrun_dir, self.spool.as_ref().map(Spool::path));
+        let n_other: usize = others.iter().map(|w| w.events).sum();
+        summary["pending_other_endpoints"] = n_other.into();
+        if n_other > 0 {
+            let list: Vec<String> = others.iter().map(|w| format!("{} for {}", w.events, w.endpoint)).collect();
+            let msg = format!("{n_other} OpenLineage event(s) wait for other endpoints ({}): each is sent by the next run with its endpoint", list.join(", "));
+            if has_endpoint {
+                tracing::warn!("{msg}");
+            } else {
+                tracing::info!("{msg}");
             }
         }
         if !self.closed_killed.is_empty() {
@@ -675,5 +814,34 @@ mod tests {
             "command failed with exit status 1; end of stderr (.dagrun/logs/s.err) (not sent with lineage events: see the run record)"
         );
         assert_eq!(error_for_events("input a.txt does not exist"), "input a.txt does not exist");
+    }
+
+    /// Review 69 H1, the migration: the older dagrun's single spool names no
+    /// endpoint. An ad-hoc `--openlineage-url` run leaves it; a run with the
+    /// standing `DAGRUN_OPENLINEAGE_URL` takes it, before its own backlog,
+    /// stored in its spool before the old file goes.
+    #[test]
+    fn the_older_single_spool_goes_to_the_standing_endpoint_only() {
+        let d = tempfile::tempdir().unwrap();
+        let key = std::sync::Arc::new(IntegrityKey::from_bytes([9; 32]));
+        let ev = |i: u32| format!(r#"{{"schemaURL":"x","run":{{"runId":"{i}"}}}}"#);
+        let legacy = transport::legacy_path(d.path());
+        std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+        let text: String = [ev(1), ev(2)].iter().map(|e| format!("{} {e}\n", key.mac(transport::LEGACY_DOMAIN, e.as_bytes()).to_hex())).collect();
+        std::fs::write(&legacy, text).unwrap();
+        let url = "http://a:5000/api/v1/lineage".to_string();
+        let spool = Spool::for_endpoint(d.path(), key.clone(), &url);
+        spool.store(&[ev(3)], 2).unwrap();
+        let adhoc = Endpoint { url: url.clone(), from_env: false };
+        let mut backlog = spool.load().events;
+        let mut runs = 2;
+        adopt_legacy_spool(d.path(), &adhoc, &spool, &key, &mut backlog, &mut runs);
+        assert_eq!((backlog.clone(), runs), (vec![ev(3)], 2));
+        assert!(legacy.exists(), "kept for the standing endpoint");
+        let standing = Endpoint { url, from_env: true };
+        adopt_legacy_spool(d.path(), &standing, &spool, &key, &mut backlog, &mut runs);
+        assert_eq!((backlog.clone(), runs), (vec![ev(1), ev(2), ev(3)], 0));
+        assert!(!legacy.exists());
+        assert_eq!(spool.load(), transport::Spooled { events: vec![ev(1), ev(2), ev(3)], head_refused_runs: 0 });
     }
 }

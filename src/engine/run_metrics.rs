@@ -29,6 +29,12 @@
 //!   facts (cached stages keep the facts of the execution they reuse).
 //! - A metrics file that cannot be written is a warning, never a failed run
 //!   (the staleness alert catches it).
+//! - OpenLineage: `dagrun_openlineage_pending_events` counts the events
+//!   waiting in every spool of the workspace when the run ends (this run's
+//!   endpoint's and the others': the record's `pending` +
+//!   `pending_other_endpoints`), so a backlog left for another endpoint still
+//!   shows; `dagrun_openlineage_dropped_events` the events this run gave up
+//!   (refused by the endpoint: `lineage::transport`).
 //!
 //! Hooks for work landing in parallel:
 //! - **Champion** ([`champion_version`]): the model registry's
@@ -270,9 +276,23 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
         }
     }
 
-    e.family("dagrun_openlineage_pending_events", g, "OpenLineage events spooled for delivery at the next run.");
-    if let Some(p) = record.openlineage.as_ref().and_then(|o| o.get("pending")).and_then(Value::as_f64) {
-        e.sample("dagrun_openlineage_pending_events", &[("pipeline", pipeline)], p);
+    e.family(
+        "dagrun_openlineage_pending_events",
+        g,
+        "OpenLineage events waiting in the workspace's spools after the run: for this run's endpoint and for any other (each sent by the next run with its endpoint).",
+    );
+    e.family(
+        "dagrun_openlineage_dropped_events",
+        g,
+        "OpenLineage events this run gave up because the endpoint refused them (kept in .dagrun/openlineage/dropped.jsonl).",
+    );
+    if let Some(ol) = record.openlineage.as_ref() {
+        let n = |k: &str| ol.get(k).and_then(Value::as_f64);
+        if n("pending").is_some() || n("pending_other_endpoints").is_some() {
+            let p = n("pending").unwrap_or(0.0) + n("pending_other_endpoints").unwrap_or(0.0);
+            e.sample("dagrun_openlineage_pending_events", &[("pipeline", pipeline)], p);
+        }
+        e.sample("dagrun_openlineage_dropped_events", &[("pipeline", pipeline)], n("dropped").unwrap_or(0.0));
     }
     e
 }

@@ -173,7 +173,9 @@ pub struct RunRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<u32>,
     /// OpenLineage delivery: `{file, events, endpoint?, delivered?, rejected?,
-    /// pending, error?}` (`pending` = events spooled for the next run).
+    /// dropped?, pending, pending_other_endpoints, error?}` (`pending` = events
+    /// spooled for the next run with this run's endpoint; `pending_other_endpoints`
+    /// = events waiting for other endpoints; `dropped` = events given up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub openlineage: Option<Value>,
 }

@@ -18,9 +18,11 @@
 //!   appended as each event happens, never a torn line); optionally an HTTP endpoint, sent from a
 //!   background thread with bounded timeouts. An endpoint that is down or slow
 //!   never fails or slows the run: what is not delivered when the run ends is
-//!   spooled to `.dagrun/openlineage/pending.jsonl` and sent first at the next
-//!   run (at-least-once: a consumer may see an event twice, never zero times
-//!   unless the spool cap drops the oldest).
+//!   spooled for that endpoint (`.dagrun/openlineage/pending-ID.jsonl`) and
+//!   sent first at the next run with the same endpoint, never to another
+//!   (at-least-once: a consumer may see an event twice, never zero times
+//!   unless the spool cap drops the oldest or the endpoint refuses the event
+//!   for good, which is counted and kept in `dropped.jsonl`: see [`transport`]).
 //! - A run killed before its end (SIGKILL…) leaves its runs open; the next
 //!   run closes each with one `ABORT` ([`recover`]), in the killed run's file
 //!   and to the endpoint, exactly once.

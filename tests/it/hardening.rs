@@ -842,6 +842,7 @@ fn a_fifo_in_place_of_a_file_read_back_never_hangs() {
         (".dagrun/hashmemo.json", &["run", "pipeline.yaml"]),
         (".dagrun/openlineage/workspace-id", &["run", "pipeline.yaml"]),
         (".dagrun/openlineage/pending.jsonl", &["run", "pipeline.yaml"]),
+        (".dagrun/openlineage/pending-0123456789abcdef0123456789abcdef.jsonl", &["run", "pipeline.yaml"]),
         ("runs/20991231-000000-000-aaaa.json", &["runs"]),
         ("config/dagrun.yaml", &["run", "pipeline.yaml"]),
         // Review 11: read with a blocking open (the run hung at its end, holding the lock).

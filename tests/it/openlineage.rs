@@ -364,22 +364,32 @@ enum Mode {
     Hang,
     /// Answer 200.
     Ok,
+    /// Answer this status, with a body (control characters in it).
+    Status(u16),
+    /// Answer 413 to an event whose body holds this text, 200 to the others.
+    RefuseIf(&'static str),
 }
+
+/// The body of a refusal.
+const REFUSAL_BODY: &str = "{\"error\":\"request entity too large\"}\n\u{1b}[31m";
 
 /// One received request.
 struct Got {
     path: String,
     auth: Option<String>,
     body: String,
+    /// The status answered.
+    status: u16,
 }
 
 /// A minimal HTTP/1.1 server on loopback (keep-alive, Content-Length bodies).
 struct Receiver {
     port: u16,
     got: Arc<Mutex<Vec<Got>>>,
+    mode: Arc<Mutex<Mode>>,
 }
 
-fn serve_conn(mut s: TcpStream, mode: Mode, got: Arc<Mutex<Vec<Got>>>) {
+fn serve_conn(mut s: TcpStream, mode: Arc<Mutex<Mode>>, got: Arc<Mutex<Vec<Got>>>) {
     let mut r = BufReader::new(s.try_clone().unwrap());
     loop {
         let mut line = String::new();
@@ -409,12 +419,26 @@ fn serve_conn(mut s: TcpStream, mode: Mode, got: Arc<Mutex<Vec<Got>>>) {
         if r.read_exact(&mut body).is_err() {
             return;
         }
-        if mode == Mode::Hang {
-            std::thread::sleep(Duration::from_secs(60));
-            return;
-        }
-        got.lock().unwrap().push(Got { path, auth, body: String::from_utf8(body).unwrap() });
-        if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+        let body = String::from_utf8(body).unwrap();
+        let mode_now = *mode.lock().unwrap();
+        let status = match mode_now {
+            Mode::Hang => {
+                std::thread::sleep(Duration::from_secs(60));
+                return;
+            }
+            Mode::Ok => 200,
+            Mode::Status(c) => c,
+            Mode::RefuseIf(t) => {
+                if body.contains(t) {
+                    413
+                } else {
+                    200
+                }
+            }
+        };
+        got.lock().unwrap().push(Got { path, auth, body, status });
+        let answer = if status >= 400 { REFUSAL_BODY } else { "" };
+        if s.write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{answer}", answer.len()).as_bytes()).is_err() {
             return;
         }
     }
@@ -424,14 +448,25 @@ impl Receiver {
     fn start(listener: TcpListener, mode: Mode) -> Receiver {
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
-        let g = got.clone();
+        let mode = Arc::new(Mutex::new(mode));
+        let (g, m) = (got.clone(), mode.clone());
         std::thread::spawn(move || {
             for s in listener.incoming().flatten() {
-                let g = g.clone();
-                std::thread::spawn(move || serve_conn(s, mode, g));
+                let (g, m) = (g.clone(), m.clone());
+                std::thread::spawn(move || serve_conn(s, m, g));
             }
         });
-        Receiver { port, got }
+        Receiver { port, got, mode }
+    }
+
+    /// How later requests are answered.
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// The bodies of the requests answered with `status`, in order.
+    fn bodies(&self, status: u16) -> Vec<String> {
+        self.got.lock().unwrap().iter().filter(|g| g.status == status).map(|g| g.body.clone()).collect()
     }
 }
 
@@ -465,19 +500,41 @@ fn the_endpoints_token_and_query_never_reach_the_logs_even_at_trace() {
     }
 }
 
-/// The spooled events (each line is `MAC EVENT`: the MAC is checked by dagrun, not here).
-fn pending_lines(ws: &Ws) -> Vec<String> {
-    match std::fs::read_to_string(ws.path(".dagrun/openlineage/pending.jsonl")) {
-        Ok(t) => t
-            .lines()
-            .map(|l| {
-                let (mac, event) = l.split_once(' ').expect("a spooled line is `MAC EVENT`");
-                assert!(mac.len() == 64 && mac.bytes().all(|b| b.is_ascii_hexdigit()), "{l}");
-                event.to_string()
-            })
-            .collect(),
-        Err(_) => vec![],
+/// The spool files (one per endpoint: `pending-ID.jsonl`).
+fn spool_files(ws: &Ws) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(ws.path(".dagrun/openlineage"))
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("pending")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The spooled events of every endpoint (each line is `MAC EVENT`, after a
+/// `MAC #{header}` line naming the endpoint: the MACs are checked by dagrun,
+/// not here), and the endpoints named.
+fn spooled(ws: &Ws) -> (Vec<String>, Vec<String>) {
+    let (mut events, mut endpoints) = (vec![], vec![]);
+    for f in spool_files(ws) {
+        assert!(f.file_name().unwrap().to_string_lossy().len() == "pending-.jsonl".len() + 32, "{f:?}");
+        for l in std::fs::read_to_string(&f).unwrap().lines() {
+            let (mac, event) = l.split_once(' ').expect("a spooled line is `MAC EVENT`");
+            assert!(mac.len() == 64 && mac.bytes().all(|b| b.is_ascii_hexdigit()), "{l}");
+            match event.strip_prefix('#') {
+                Some(h) => endpoints.push(serde_json::from_str::<Value>(h).unwrap()["endpoint"].as_str().unwrap().to_string()),
+                None => events.push(event.to_string()),
+            }
+        }
     }
+    (events, endpoints)
+}
+
+fn pending_lines(ws: &Ws) -> Vec<String> {
+    spooled(ws).0
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
 #[test]
@@ -510,8 +567,10 @@ stages:
     let file_lines =
         |r: &Run| -> Vec<String> { ws.read(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap())).lines().map(String::from).collect() };
 
+    // One endpoint throughout (its spool is its own): down, slow, then up.
+    let port = free_port();
     // 1. Down: nothing listens. The run succeeds; its 6 events are spooled.
-    let (r1, _) = run(free_port(), "1");
+    let (r1, _) = run(port, "1");
     let ol = &r1.rec()["openlineage"];
     assert_eq!((ol["events"].as_u64(), ol["delivered"].as_u64(), ol["pending"].as_u64()), (Some(6), Some(0), Some(6)), "{ol}");
     assert!(ol["error"].is_string(), "{ol}");
@@ -520,18 +579,22 @@ stages:
 
     // 2. Slow: the endpoint accepts and never answers. The run does not wait
     //    for it (bounded: 1 s grace at the end, not the 10 s request timeout).
-    let slow = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Hang);
-    let (r2, took) = run(slow.port, "2");
+    let endpoint = Receiver::start(TcpListener::bind(("127.0.0.1", port)).unwrap(), Mode::Hang);
+    let (r2, took) = run(port, "2");
     assert!(took < Duration::from_secs(5), "the run waited {took:?} on a slow endpoint");
     let ol = &r2.rec()["openlineage"];
     assert_eq!((ol["delivered"].as_u64(), ol["pending"].as_u64()), (Some(0), Some(12)), "{ol}");
     all_events.extend(file_lines(&r2));
     assert_eq!(pending_lines(&ws), all_events, "spooled in order, oldest first");
-    assert!(slow.got.lock().unwrap().is_empty());
+    assert!(endpoint.got.lock().unwrap().is_empty());
+    for f in spool_files(&ws) {
+        assert_eq!(mode_of(&f), 0o600, "{f:?}: events carry reasons and parameters (review 69 H4)");
+    }
 
     // 3. Up: everything pending is delivered first, in order, then this run's events.
-    let up = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
-    let (r3, _) = run(up.port, "3");
+    endpoint.set(Mode::Ok);
+    let up = &endpoint;
+    let (r3, _) = run(port, "3");
     let ol = &r3.rec()["openlineage"];
     assert_eq!((ol["delivered"].as_u64(), ol["pending"].as_u64()), (Some(18), Some(0)), "{ol}");
     assert!(ol.get("error").is_none(), "{ol}");
@@ -540,7 +603,7 @@ stages:
     assert_eq!(got.iter().map(|g| g.body.clone()).collect::<Vec<_>>(), all_events);
     assert!(got.iter().all(|g| g.path == "/api/v1/lineage"));
     assert!(got.iter().all(|g| g.auth.as_deref() == Some(&format!("Bearer {TOKEN}"))));
-    assert!(pending_lines(&ws).is_empty() && !ws.exists(".dagrun/openlineage/pending.jsonl"));
+    assert!(pending_lines(&ws).is_empty() && spool_files(&ws).is_empty());
 
     // The token reached the endpoint only: not the records, events, logs, output or a command's environment.
     for r in [&r1, &r2, &r3] {
@@ -554,6 +617,177 @@ stages:
         }
     }
     assert!(ws.read("b.txt").contains("DAGRUN_WORKSPACE="), "b.txt holds the command's environment");
+}
+
+/// A run with `url` (by `--openlineage-url` when `flag`, else by
+/// `DAGRUN_OPENLINEAGE_URL`) and `token`; every stage reruns.
+fn run_with(ws: &Ws, url: &str, token: &str, flag: bool, extra: &[&str]) -> Run {
+    let mut args = vec!["run", "pipeline.yaml", "--force", ""];
+    if flag {
+        args.extend(["--openlineage-url", url]);
+    }
+    args.extend(extra);
+    let mut c = cmd(ws, &args);
+    if !flag {
+        c.env("DAGRUN_OPENLINEAGE_URL", url);
+    }
+    c.env("DAGRUN_OPENLINEAGE_TOKEN", token);
+    ws.run_cmd(c).ok()
+}
+
+fn run_lines(ws: &Ws, r: &Run) -> Vec<String> {
+    ws.read(&format!("runs/{}.openlineage.jsonl", r.rec()["run_id"].as_str().unwrap())).lines().map(String::from).collect()
+}
+
+/// Review 69 H1: events that did not reach catalog A went to whatever
+/// endpoint the next run used (an ad-hoc dev catalog, with its token), and
+/// A never got them. Each endpoint has its own spool now.
+#[test]
+fn events_pending_for_one_endpoint_are_sent_to_that_endpoint_only() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let a = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Status(500));
+    let b = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
+    let url_a = format!("http://svc:PwA_5ecret@127.0.0.1:{}/catalog-a?api_key=QueryA_s3cret", a.port);
+    let url_b = format!("http://127.0.0.1:{}/dev-catalog", b.port);
+
+    // 1. A answers 500: the run's events wait for A.
+    let r1 = run_with(&ws, &url_a, "tokA_0123456789", false, &[]);
+    assert_eq!((r1.rec()["openlineage"]["pending"].as_u64(), r1.rec()["openlineage"]["delivered"].as_u64()), (Some(4), Some(0)));
+    let (events, endpoints) = spooled(&ws);
+    assert_eq!(events, run_lines(&ws, &r1));
+    assert_eq!(endpoints, [format!("http://127.0.0.1:{}/catalog-a/api/v1/lineage?…", a.port)]);
+    // Neither the URL's credentials, its query nor the token in a file name or a file.
+    for f in std::fs::read_dir(ws.path(".dagrun/openlineage")).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        let text = if f.path().is_file() { std::fs::read_to_string(f.path()).unwrap() } else { String::new() };
+        for secret in ["PwA_5ecret", "QueryA_s3cret", "tokA_0123456789", "catalog-a?"] {
+            assert!(!name.contains(secret) && !text.contains(secret), "{secret} is in {name}");
+        }
+    }
+    for f in spool_files(&ws) {
+        assert_eq!(mode_of(&f), 0o600, "{f:?}");
+    }
+
+    // 2. An ad-hoc run with the dev catalog B: B gets this run's events only.
+    let r2 = run_with(&ws, &url_b, "tokB_0123456789", true, &[]);
+    assert_eq!(b.bodies(200), run_lines(&ws, &r2), "B got A's backlog");
+    assert!(b.got.lock().unwrap().iter().all(|g| g.auth.as_deref() == Some("Bearer tokB_0123456789")));
+    let ol = &r2.rec()["openlineage"];
+    assert_eq!((ol["pending"].as_u64(), ol["pending_other_endpoints"].as_u64()), (Some(0), Some(4)), "{ol}");
+    assert!(r2.out.stderr.contains("4 OpenLineage event(s) wait for other endpoints"), "{}", r2.out.stderr);
+    assert_eq!(pending_lines(&ws), run_lines(&ws, &r1), "A's backlog stays for A");
+    assert_eq!(a.got.lock().unwrap().len(), 1, "A was tried once, in run 1");
+
+    // 3. A is back: the next run with A sends A's backlog first, then its own, with A's token.
+    a.set(Mode::Ok);
+    let r3 = run_with(&ws, &url_a, "tokA_0123456789", false, &[]);
+    let mut want = run_lines(&ws, &r1);
+    want.extend(run_lines(&ws, &r3));
+    assert_eq!(a.bodies(200), want);
+    assert!(
+        a.got
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|g| g.auth.as_deref() == Some("Bearer tokA_0123456789") && g.path == "/catalog-a/api/v1/lineage?api_key=QueryA_s3cret")
+    );
+    let ol = &r3.rec()["openlineage"];
+    assert_eq!((ol["delivered"].as_u64(), ol["pending"].as_u64(), ol["pending_other_endpoints"].as_u64()), (Some(8), Some(0), Some(0)), "{ol}");
+    assert!(spool_files(&ws).is_empty());
+    assert_eq!(b.got.lock().unwrap().len(), 4, "B got nothing more");
+}
+
+/// Review 69 H2: a 413 (or 400) for every event dropped the event and the
+/// whole backlog, one warning per event, with no metric. Now nothing is
+/// given up while the endpoint refuses everything (but an event refused at
+/// three runs in a row), and it is said once per run.
+#[test]
+fn an_endpoint_that_refuses_every_event_keeps_the_backlog_and_says_so_once_per_run() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let e = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Status(413));
+    let url = format!("http://127.0.0.1:{}/", e.port);
+    let prom = ws.path("m.prom");
+    let metrics = || -> BTreeMap<String, f64> {
+        let o = Command::new("promtool").args(["check", "metrics"]).stdin(std::fs::File::open(&prom).unwrap()).output().expect("promtool (see .ci/run)");
+        assert!(o.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        ws.read("m.prom")
+            .lines()
+            .filter(|l| l.starts_with("dagrun_openlineage_"))
+            .map(|l| {
+                let (k, v) = l.rsplit_once(' ').unwrap();
+                (k.split('{').next().unwrap().to_string(), v.parse().unwrap())
+            })
+            .collect()
+    };
+    let mut all: Vec<String> = Vec::new();
+    for n in 1..=2 {
+        let r = run_with(&ws, &url, "t", false, &["--metrics-file", prom.to_str().unwrap()]);
+        all.extend(run_lines(&ws, &r));
+        let ol = &r.rec()["openlineage"];
+        assert_eq!((ol["pending"].as_u64(), ol["dropped"].as_u64(), ol["rejected"].as_u64()), (Some(4 * n), Some(0), Some(3)), "run {n}: {ol}");
+        assert_eq!(pending_lines(&ws), all, "run {n}: the backlog is kept, in order");
+        let said: Vec<&str> = r.out.stderr.lines().filter(|l| l.contains("413")).collect();
+        assert_eq!(said.len(), 1, "run {n}: one warning per run:\n{}", r.out.stderr);
+        assert!(said[0].contains("refuses events") && said[0].contains("request entity too large") && said[0].contains("\\u{1b}[31m"), "{}", said[0]);
+        assert!(!r.out.stderr.contains('\u{1b}'), "the answer's control characters are escaped");
+        let m = metrics();
+        assert_eq!((m["dagrun_openlineage_pending_events"], m["dagrun_openlineage_dropped_events"]), (4.0 * n as f64, 0.0));
+    }
+    assert!(!ws.exists(".dagrun/openlineage/dropped.jsonl"));
+    // 3 tries a run, each at the head of the backlog: nothing else was sent.
+    assert_eq!(e.bodies(413), [&all[..3], &all[..3]].concat());
+
+    // At the third run in a row the head event (refused at every run) is
+    // given up: written to dropped.jsonl (0600) and counted; the rest stays.
+    let r3 = run_with(&ws, &url, "t", false, &["--metrics-file", prom.to_str().unwrap()]);
+    all.extend(run_lines(&ws, &r3));
+    let ol = &r3.rec()["openlineage"];
+    assert_eq!((ol["pending"].as_u64(), ol["dropped"].as_u64()), (Some(11), Some(1)), "{ol}");
+    assert_eq!(pending_lines(&ws), all[1..]);
+    let dropped = ws.path(".dagrun/openlineage/dropped.jsonl");
+    assert_eq!(mode_of(&dropped), 0o600);
+    let d: Vec<Value> = ws.read(".dagrun/openlineage/dropped.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["event"], serde_json::from_str::<Value>(&all[0]).unwrap());
+    assert_eq!(d[0]["status"], 413);
+    assert!(d[0]["why"].as_str().unwrap().contains("3 runs in a row"), "{}", d[0]);
+    assert_eq!(metrics()["dagrun_openlineage_dropped_events"], 1.0);
+    assert_eq!(r3.out.stderr.lines().filter(|l| l.contains("for good")).count(), 1, "{}", r3.out.stderr);
+
+    // Fixed: everything kept is delivered, in order.
+    e.set(Mode::Ok);
+    let r4 = run_with(&ws, &url, "t", false, &[]);
+    all.extend(run_lines(&ws, &r4));
+    assert_eq!(e.bodies(200), all[1..]);
+    assert_eq!(r4.rec()["openlineage"]["pending"], 0);
+    assert!(spool_files(&ws).is_empty());
+}
+
+/// An event the endpoint refuses while it accepts the events after it is
+/// given up at once (it would block the queue forever), never silently:
+/// counted, and kept in dropped.jsonl.
+#[test]
+fn an_event_refused_alone_is_given_up_counted_and_kept_in_dropped_jsonl() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n  big:\n    cmd: echo b > b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n");
+    let e = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::RefuseIf("\"pipeline.big\""));
+    let r = run_with(&ws, &format!("http://127.0.0.1:{}", e.port), "t", false, &[]);
+    let lines = run_lines(&ws, &r);
+    let (bad, good): (Vec<String>, Vec<String>) = lines.iter().cloned().partition(|l| l.contains("\"pipeline.big\""));
+    assert_eq!(bad.len(), 2);
+    let ol = &r.rec()["openlineage"];
+    assert_eq!((ol["delivered"].as_u64(), ol["dropped"].as_u64(), ol["pending"].as_u64()), (Some(good.len() as u64), Some(2), Some(0)), "{ol}");
+    assert_eq!(e.bodies(200), good);
+    let d: Vec<Value> = ws.read(".dagrun/openlineage/dropped.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(d.iter().map(|x| x["event"].clone()).collect::<Vec<_>>(), bad.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()).collect::<Vec<_>>());
+    assert!(d.iter().all(|x| x["status"] == 413 && x["endpoint"] == format!("http://127.0.0.1:{}/api/v1/lineage", e.port)));
+    assert_eq!(mode_of(&ws.path(".dagrun/openlineage/dropped.jsonl")), 0o600);
+    let said: Vec<&str> = r.out.stderr.lines().filter(|l| l.contains("413")).collect();
+    assert_eq!(said.len(), 1, "{}", r.out.stderr);
+    assert!(said[0].contains("refused 2 event(s) for good") && said[0].contains("dropped.jsonl"), "{}", said[0]);
+    assert!(spool_files(&ws).is_empty());
 }
 
 /// Start dagrun with `args` and SIGKILL it once a stage's command has
