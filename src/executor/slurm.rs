@@ -394,7 +394,9 @@ impl Slurm {
             }
             if !transient(&stderr) || tries >= self.submit_retries || self.cancelled() {
                 let tried = if tries > 0 { format!(" (after {} attempts)", tries + 1) } else { String::new() };
-                bail!("sbatch refused the job{tried}: {}", spec::truncate(&stderr, 2000));
+                // A controller that does not answer refused nothing (review 69).
+                let what = if transient(&stderr) { "could not submit the job to Slurm" } else { "sbatch refused the job" };
+                bail!("{what}{tried}: {}", spec::truncate(&stderr, 2000));
             }
             tries += 1;
             tracing::warn!("sbatch failed ({}); retrying in {}s ({tries} of {})", spec::truncate(&stderr, 300), delay.as_secs(), self.submit_retries);

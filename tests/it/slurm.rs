@@ -471,6 +471,17 @@ fn a_failing_sbatch_is_retried_with_backoff() {
     assert_eq!(ws.count("sbatch-calls"), 3);
     assert!(o.stderr.contains("retrying in 1s") && o.stderr.contains("retrying in 2s"), "{}", o.stderr);
     assert_eq!(ws.read("a.txt"), "a\n");
+    // A controller that never answers refused nothing: said so (review 69).
+    ws.write("fakebin/sbatch", "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n");
+    ws.pipeline("executor: slurm\nslurm:\n  poll_interval: 0.3\n  submit_retries: 1\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let o = spawn({
+        let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml", "--force", "a"]);
+        c.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
+        c
+    })
+    .wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("could not submit the job to Slurm (after 2 attempts)") && !o.stderr.contains("refused"), "{}", o.stderr);
 }
 
 #[test]
