@@ -455,12 +455,16 @@ impl Slurm {
         let mut cancelled_at: Option<Instant> = None;
         loop {
             if cancelled_at.is_none() && (cancel.load(Ordering::Relaxed) || self.cancelled()) {
+                // The 30 s count from the interrupt, `scancel` included.
+                cancelled_at = Some(Instant::now());
                 self.interrupt();
                 tracing::info!("cancelling Slurm job {id}");
                 if let Err(e) = scancel(&[id.to_string()]) {
                     tracing::error!("cannot cancel Slurm job {id}: {e:#}");
                 }
-                cancelled_at = Some(Instant::now());
+            }
+            if cancelled_at.is_some_and(|t| t.elapsed() > CANCEL_WAIT) {
+                return ("CANCELLED (not confirmed by Slurm)".into(), true);
             }
             self.refresh();
             let s = self.seen(id);
@@ -549,10 +553,12 @@ enum SacctError {
 
 /// `sacct -n -P -X -j ID,ID,… -o JobID,State`: one line per job allocation.
 fn sacct_states(ids: &[String]) -> std::result::Result<BTreeMap<String, String>, SacctError> {
-    let out = crate::util::child_env::tool("sacct")
-        .args(["-n", "-P", "-X", "-j", &ids.join(","), "-o", "JobID,State"])
-        .output()
-        .map_err(|e| SacctError::Disabled(format!("cannot run sacct: {e}")))?;
+    let mut c = crate::util::child_env::tool("sacct");
+    c.args(["-n", "-P", "-X", "-j", &ids.join(","), "-o", "JobID,State"]);
+    let out = output_within(c, SLURM_CALL_LIMIT).map_err(|e| match e.kind() {
+        std::io::ErrorKind::TimedOut => SacctError::Failed(format!("sacct: {e}")),
+        _ => SacctError::Disabled(format!("cannot run sacct: {e}")),
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
@@ -621,7 +627,9 @@ fn squeue_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
 }
 
 fn scontrol_state(id: &str) -> Option<String> {
-    let out = crate::util::child_env::tool("scontrol").args(["-o", "show", "job", id]).output().ok()?;
+    let mut c = crate::util::child_env::tool("scontrol");
+    c.args(["-o", "show", "job", id]);
+    let out = output_within(c, SLURM_CALL_LIMIT).ok()?;
     if !out.status.success() {
         return None;
     }
@@ -630,7 +638,9 @@ fn scontrol_state(id: &str) -> Option<String> {
 
 /// The final state from the job-completion log (`jobcomp/filetxt`), read by `sacct -c`.
 fn jobcomp_state(id: &str) -> Option<String> {
-    let out = crate::util::child_env::tool("sacct").args(["-c", "-j", id, "-n", "-P", "-o", "jobid,state"]).output().ok()?;
+    let mut c = crate::util::child_env::tool("sacct");
+    c.args(["-c", "-j", id, "-n", "-P", "-o", "jobid,state"]);
+    let out = output_within(c, SLURM_CALL_LIMIT).ok()?;
     if !out.status.success() {
         return None;
     }
@@ -658,12 +668,53 @@ fn end_message(id: &str, state: &str, stage: &str, time_limit: Option<u32>, log_
     }
 }
 
+/// Longest a Slurm query or `scancel` may take (Slurm's own default
+/// `MessageTimeout` is 10 s): a controller that does not answer makes the
+/// clients retry for much longer, which held an interrupted run for a
+/// minute past its 30 s (review 69). One that takes longer is killed and
+/// counts as a failed call.
+const SLURM_CALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// `cmd`'s output, or an error once it has run for `limit` (it is killed).
+fn output_within(mut cmd: Command, limit: Duration) -> std::io::Result<std::process::Output> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    // Read both pipes while it runs: a full pipe would stall it.
+    let pipe = |p: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = pipe(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err = pipe(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {}s", limit.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
+}
+
 /// `scancel` jobs (one call).
 pub fn scancel(ids: &[String]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    let out = crate::util::child_env::tool("scancel").args(ids).output().context("cannot run scancel")?;
+    let mut c = crate::util::child_env::tool("scancel");
+    c.args(ids);
+    let out = output_within(c, SLURM_CALL_LIMIT).context("cannot run scancel")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Already finished jobs are not an error.
     if !out.status.success() && !stderr.contains("already completing or completed") && !stderr.contains("Invalid job id") {
@@ -840,7 +891,9 @@ fn live_jobs(ids: &[String]) -> Result<BTreeMap<String, (String, String)>> {
 /// `squeue ARGS`' output; "Invalid job id" (every job asked for is gone) is
 /// an empty answer, any other failure an error.
 fn squeue(args: &[&str]) -> Result<String> {
-    let out = crate::util::child_env::tool("squeue").args(args).output().context("cannot run squeue")?;
+    let mut c = crate::util::child_env::tool("squeue");
+    c.args(args);
+    let out = output_within(c, SLURM_CALL_LIMIT).context("cannot run squeue")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && !stderr.contains("Invalid job id") {
         bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));

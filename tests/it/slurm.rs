@@ -377,6 +377,45 @@ fn sigint_of_dagrun_cancels_its_jobs() {
     assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none(), "job still registered");
 }
 
+/// Review 69 M3: SIGTERM while slurmctld does not answer took ~63 s (the
+/// 30 s wait began after a `scancel` that blocked, and every query blocked
+/// too). Slurm's clients are here made to hang once a flag is set (as they
+/// do for a controller that is down); dagrun exits 130 within its 30 s and
+/// one bounded query (10 s). The job it could not cancel stays registered
+/// for the next run (cancelled here by hand).
+#[test]
+fn sigterm_while_slurm_does_not_answer_ends_within_its_bound() {
+    need_cluster!();
+    let ws = cmd_ws("stages:\n  long:\n    cmd: sleep 120; echo x > long.txt\n    outs: [long.txt]\n");
+    let bin = ws.path("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let flag = ws.path("slurm-down");
+    for tool in ["squeue", "scancel", "sacct", "scontrol"] {
+        let real = String::from_utf8(Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().stdout).unwrap();
+        ws.write(
+            &format!("fakebin/{tool}"),
+            format!("#!/bin/sh\nif [ -e {f} ]; then sleep 300; fi\nexec {real} \"$@\"\n", f = flag.display(), real = real.trim()),
+        );
+        std::fs::set_permissions(bin.join(tool), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", &path);
+    let bg = spawn(c);
+    let id = running_job(&ws.root, SLURM_HANG);
+    ws.write("slurm-down", "");
+    let t0 = std::time::Instant::now();
+    signal(bg.pid() as i32, libc::SIGTERM);
+    let o = bg.wait(Duration::from_secs(120));
+    let took = t0.elapsed();
+    std::fs::remove_file(&flag).unwrap();
+    assert_eq!(o.code, 130, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(took < Duration::from_secs(45), "took {took:?}:\n{}", o.stderr);
+    assert!(ws.exists(&format!(".dagrun/slurm/active/{id}")), "the job it could not cancel is registered for the next run");
+    let _ = Command::new("scancel").arg(&id).status();
+    wait_state(&id, "CANCELLED", Duration::from_secs(60));
+}
+
 #[test]
 fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
     need_cluster!();
@@ -472,7 +511,10 @@ fn a_failing_sbatch_is_retried_with_backoff() {
     assert!(o.stderr.contains("retrying in 1s") && o.stderr.contains("retrying in 2s"), "{}", o.stderr);
     assert_eq!(ws.read("a.txt"), "a\n");
     // A controller that never answers refused nothing: said so (review 69).
-    ws.write("fakebin/sbatch", "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n");
+    ws.write(
+        "fakebin/sbatch",
+        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n",
+    );
     ws.pipeline("executor: slurm\nslurm:\n  poll_interval: 0.3\n  submit_retries: 1\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
     let o = spawn({
         let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml", "--force", "a"]);
