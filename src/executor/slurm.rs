@@ -853,7 +853,7 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     }
     ids.sort();
     tracing::warn!(
-        "Slurm jobs {} of an earlier run ({}) that ended without waiting for them: cancelling them; their stages run again",
+        "Slurm jobs {} of an earlier run ({}) are still there (it was killed, or could not cancel them): cancelling them; their stages run again",
         ids.join(", "),
         if runs.is_empty() { "unknown".to_string() } else { runs.join(", ") }
     );
