@@ -85,9 +85,11 @@ pub fn keyring_path(workspace: &Path) -> PathBuf {
     keys_dir(workspace).join("keyring.json")
 }
 
-/// The marker of a `keys forget` under way (module doc, "Files").
+/// The marker of a `keys forget` under way, beside the keyring (module doc, "Files").
+const FORGETTING_FILE: &str = "forgetting.json";
+
 fn forgetting_path(workspace: &Path) -> PathBuf {
-    keys_dir(workspace).join("forgetting.json")
+    keys_dir(workspace).join(FORGETTING_FILE)
 }
 
 /// What to say about [`unfinished_forget`]'s answer (a run's warning,
@@ -110,8 +112,12 @@ pub fn unfinished_forget_message(workspace: &Path, (tenant, at): &(String, Strin
 /// untrusted input (bounded; a tenant id checked); one that does not parse is
 /// reported as such, naming the file.
 pub fn unfinished_forget(workspace: &Path, forgotten: impl Fn(&str) -> bool) -> Option<(String, String)> {
-    let p = forgetting_path(workspace);
-    let bytes = crate::util::read_capped(&p, 4096).ok()?;
+    forget_marker(&forgetting_path(workspace), forgotten)
+}
+
+/// [`unfinished_forget`] of the marker at `p`.
+fn forget_marker(p: &Path, forgotten: impl Fn(&str) -> bool) -> Option<(String, String)> {
+    let bytes = crate::util::read_capped(p, 4096).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     let tenant = v.get("tenant").and_then(|t| t.as_str()).filter(|t| validate_tenant(t).is_ok());
     let at = v.get("started_at").and_then(|t| t.as_str()).filter(|t| t.len() <= 64 && t.chars().all(|c| c.is_ascii_graphic()));
@@ -712,9 +718,7 @@ impl Keyring {
             // keyring write and its audit line is recorded here at the latest.
             let shown = shown_ids(t.destroyed_keys.iter().map(|d| d.id.as_str()));
             self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {}", t.forgotten_at))?;
-            if let Some(ws) = self.path.parent().and_then(Path::parent).and_then(Path::parent) {
-                let _ = fs::remove_file(forgetting_path(ws));
-            }
+            let _ = fs::remove_file(self.path.with_file_name(FORGETTING_FILE));
             return Ok(());
         }
         let mut new = (*g).clone();
@@ -737,8 +741,7 @@ impl Keyring {
         // Logged before the keyring is written, as an export is: a forget
         // killed in between leaves a `started` line, never destroyed keys
         // without one, and the marker every run warns about.
-        let workspace = self.path.parent().and_then(Path::parent).and_then(Path::parent).context("the keyring's workspace")?;
-        let marker = forgetting_path(workspace);
+        let marker = self.path.with_file_name(FORGETTING_FILE);
         crate::util::atomic::write_atomic_with(
             &marker,
             serde_json::json!({"tenant": tenant, "started_at": now()}).to_string().as_bytes(),
@@ -754,9 +757,8 @@ impl Keyring {
 
     /// A `keys forget` that started and did not finish ([`unfinished_forget`]).
     pub fn unfinished_forget(&self) -> Option<(String, String)> {
-        let ws = self.path.parent().and_then(Path::parent).and_then(Path::parent)?;
         let g = self.lock();
-        unfinished_forget(ws, |t| g.forgotten.iter().any(|f| f.tenant == t))
+        forget_marker(&self.path.with_file_name(FORGETTING_FILE), |t| g.forgotten.iter().any(|f| f.tenant == t))
     }
 
     /// Every forgotten tenant, with when it was forgotten (RFC 3339).

@@ -149,12 +149,9 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     engine.forced = forced;
     engine.remote = opts.remote.clone();
     if uses_slurm {
-        // A master key no job could be given is a setting nothing can run
-        // with: said once, exit 2, before any stage (review 69: every root
-        // stage failed with it, exit 1, one error per tenant).
-        crate::executor::slurm::master_key_env(&engine.pipeline.workspace).map_err(|e| crate::error::config(format!("{e:#}")))?;
+        let slurm = crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id, engine.states.clone())?;
         crate::executor::slurm::prune_runs(&engine.pipeline.workspace, 10);
-        engine.slurm = Some(Arc::new(crate::executor::slurm::Slurm::new(&engine.pipeline, &engine.run_id, engine.states.clone())?));
+        engine.slurm = Some(Arc::new(slurm));
     }
     // Temp files (and plaintext) are left only if a run died without
     // unwinding (`workspace::lock`); where it wrote is recorded

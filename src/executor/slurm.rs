@@ -280,6 +280,8 @@ pub struct Slurm {
     cancel: AtomicBool,
     /// Its integrity key verifies the jobs' result files (`spec::read_result`).
     states: Arc<StateStore>,
+    /// Where every job finds the master key ([`master_key_env`], resolved once).
+    key_env: Vec<(String, String)>,
 }
 
 impl Slurm {
@@ -289,6 +291,10 @@ impl Slurm {
             None => std::env::current_exe().context("cannot find the path of this dagrun binary; set `slurm.binary` in the pipeline")?,
         };
         let run_dir = slurm_dir(&p.workspace).join(sanitize(run_id));
+        // A master key no job could be given is a setting nothing can run
+        // with: said once, exit 2, before any stage (review 69: every root
+        // stage failed with it, exit 1, one error per tenant).
+        let key_env = master_key_env(&p.workspace).map_err(|e| crate::error::config(format!("{e:#}")))?;
         Ok(Slurm {
             workspace: p.workspace.clone(),
             run_id: run_id.to_string(),
@@ -301,6 +307,7 @@ impl Slurm {
             poll: Mutex::new(Poll { last: None, jobs: HashMap::new(), warned: false, source: Source::default() }),
             cancel: AtomicBool::new(false),
             states,
+            key_env,
         })
     }
 
@@ -314,7 +321,7 @@ impl Slurm {
     }
 
     /// Write the spec and script of a batch; return (script, log, result) paths and the spec.
-    fn prepare(&self, batch: &Batch, file_label: &str, key_env: Vec<(String, String)>) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    fn prepare(&self, batch: &Batch, file_label: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
         std::fs::create_dir_all(&self.run_dir).with_context(|| format!("cannot create {}", self.run_dir.display()))?;
         // The run's specs, scripts, logs and results, and the folder of all
         // runs' (where a group member could otherwise swap a run's folder):
@@ -349,7 +356,7 @@ impl Slurm {
         // DAGRUN_ setting) that would win over what the run decided: every
         // DAGRUN_ variable is removed before the script sets its own.
         text.push_str(UNSET_DAGRUN_VARS);
-        for (k, v) in job_environment().into_iter().chain(key_env) {
+        for (k, v) in job_environment().into_iter().chain(self.key_env.iter().cloned()) {
             text.push_str(&format!("export {k}={}\n", sh_quote(&v)));
         }
         text.push_str(&format!("exec {} exec-stage {}\n", sh_quote(&self.binary.to_string_lossy()), sh_quote(&spec_path.to_string_lossy())));
@@ -555,7 +562,7 @@ enum SacctError {
 fn sacct_states(ids: &[String]) -> std::result::Result<BTreeMap<String, String>, SacctError> {
     let mut c = crate::util::child_env::tool("sacct");
     c.args(["-n", "-P", "-X", "-j", &ids.join(","), "-o", "JobID,State"]);
-    let out = output_within(c, SLURM_CALL_LIMIT).map_err(|e| match e.kind() {
+    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).map_err(|e| match e.kind() {
         std::io::ErrorKind::TimedOut => SacctError::Failed(format!("sacct: {e}")),
         _ => SacctError::Disabled(format!("cannot run sacct: {e}")),
     })?;
@@ -629,7 +636,7 @@ fn squeue_states(ids: &[String]) -> Result<BTreeMap<String, String>> {
 fn scontrol_state(id: &str) -> Option<String> {
     let mut c = crate::util::child_env::tool("scontrol");
     c.args(["-o", "show", "job", id]);
-    let out = output_within(c, SLURM_CALL_LIMIT).ok()?;
+    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).ok()?;
     if !out.status.success() {
         return None;
     }
@@ -640,7 +647,7 @@ fn scontrol_state(id: &str) -> Option<String> {
 fn jobcomp_state(id: &str) -> Option<String> {
     let mut c = crate::util::child_env::tool("sacct");
     c.args(["-c", "-j", id, "-n", "-P", "-o", "jobid,state"]);
-    let out = output_within(c, SLURM_CALL_LIMIT).ok()?;
+    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).ok()?;
     if !out.status.success() {
         return None;
     }
@@ -675,38 +682,6 @@ fn end_message(id: &str, state: &str, stage: &str, time_limit: Option<u32>, log_
 /// counts as a failed call.
 const SLURM_CALL_LIMIT: Duration = Duration::from_secs(10);
 
-/// `cmd`'s output, or an error once it has run for `limit` (it is killed).
-fn output_within(mut cmd: Command, limit: Duration) -> std::io::Result<std::process::Output> {
-    use std::io::Read;
-    use std::process::Stdio;
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    // Read both pipes while it runs: a full pipe would stall it.
-    let pipe = |p: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = p {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = pipe(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = pipe(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {}s", limit.as_secs())));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
-}
-
 /// `scancel` jobs (one call).
 pub fn scancel(ids: &[String]) -> Result<()> {
     if ids.is_empty() {
@@ -714,7 +689,7 @@ pub fn scancel(ids: &[String]) -> Result<()> {
     }
     let mut c = crate::util::child_env::tool("scancel");
     c.args(ids);
-    let out = output_within(c, SLURM_CALL_LIMIT).context("cannot run scancel")?;
+    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).context("cannot run scancel")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Already finished jobs are not an error.
     if !out.status.success() && !stderr.contains("already completing or completed") && !stderr.contains("Invalid job id") {
@@ -893,7 +868,7 @@ fn live_jobs(ids: &[String]) -> Result<BTreeMap<String, (String, String)>> {
 fn squeue(args: &[&str]) -> Result<String> {
     let mut c = crate::util::child_env::tool("squeue");
     c.args(args);
-    let out = output_within(c, SLURM_CALL_LIMIT).context("cannot run squeue")?;
+    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).context("cannot run squeue")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && !stderr.contains("Invalid job id") {
         bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
@@ -941,11 +916,7 @@ impl Executor for Slurm {
         let file_label = format!("s{first}");
         let job_name = format!("dagrun-{}-s{first}", sanitize(&self.run_id));
         let res = combine(&batch.members.iter().map(|m| &m.stage.resources).collect::<Vec<_>>());
-        let key_env = match master_key_env(&self.workspace) {
-            Ok(k) => k,
-            Err(e) => return fail(e),
-        };
-        let (script, log, result) = match self.prepare(batch, &file_label, key_env) {
+        let (script, log, result) = match self.prepare(batch, &file_label) {
             Ok(x) => x,
             Err(e) => return fail(e.context("cannot write the job's files")),
         };

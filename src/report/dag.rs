@@ -13,9 +13,7 @@ use super::StatusColors;
 use super::charts::{self, NodeBox};
 use crate::engine::runs::Status;
 use anyhow::Result;
-use std::io::{Read, Write};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Which layout to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,32 +69,13 @@ pub fn dot_source(names: &[String], status: &[Option<Status>], edges: &[(usize, 
 
 fn with_dot(names: &[String], status: &[Option<Status>], edges: &[(usize, usize)], colors: &StatusColors) -> Result<String> {
     let src = dot_source(names, status, edges, colors);
-    let mut child = crate::util::child_env::tool("dot").arg("-Tsvg").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-    let mut stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        stdout.read_to_end(&mut v).map(|_| v)
-    });
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(src.as_bytes())?;
+    let mut dot = crate::util::child_env::tool("dot");
+    dot.arg("-Tsvg");
+    let out = crate::util::child_env::output_within(dot, src.as_bytes(), Duration::from_secs(20)).map_err(|e| anyhow::anyhow!("running Graphviz dot: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!("dot exited with {}", out.status);
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("dot took more than 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let out = reader.join().map_err(|_| anyhow::anyhow!("reading dot's output"))??;
-    if !status.success() {
-        anyhow::bail!("dot exited with {status}");
-    }
-    let text = String::from_utf8(out)?;
+    let text = String::from_utf8(out.stdout)?;
     let start = text.find("<svg").ok_or_else(|| anyhow::anyhow!("dot wrote no <svg>"))?;
     let end = text.rfind("</svg>").ok_or_else(|| anyhow::anyhow!("dot's SVG is incomplete"))? + "</svg>".len();
     Ok(text[start..end].to_string())

@@ -184,6 +184,50 @@ pub fn tool(program: &str) -> Command {
     c
 }
 
+/// Run a tool ([`tool`]) with `input` on its stdin (closed once written)
+/// and its stdout and stderr read while it runs (a full pipe would stall
+/// it); its output, or a `TimedOut` error once it has run for `limit` after
+/// its input was written (it is then killed and reaped): a tool never holds
+/// dagrun up for longer (Graphviz on a huge graph, a Slurm command whose
+/// controller does not answer).
+pub fn output_within(mut cmd: Command, input: &[u8], limit: std::time::Duration) -> std::io::Result<std::process::Output> {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    fn drain(p: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
+    if let Some(mut stdin) = child.stdin.take()
+        && !input.is_empty()
+        && let Err(e) = stdin.write_all(input)
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {}s", limit.as_secs())));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
+}
+
 /// Check a `secrets:` entry: a variable name (`[A-Za-z_][A-Za-z0-9_]*`),
 /// optionally ending in `*` (a prefix).
 pub fn check_secret_pattern(p: &str) -> Result<(), String> {
