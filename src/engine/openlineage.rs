@@ -36,7 +36,7 @@ use super::observer::RunObserver;
 use super::runs::{RunRecord, RunStatus, StageRecord, Status};
 use crate::crypto::IntegrityKey;
 use crate::lineage::event::{self, EventType, Facets, Field, Job, Run, RunEvent, json_of, push_json, push_str_json};
-use crate::lineage::recover::{self, OpenRuns};
+use crate::lineage::recover::{self, OpenRuns, SentTo};
 use crate::lineage::transport::{self, DROP_AFTER_RUNS, FLUSH_GRACE, FileSink, HttpOutcome, HttpSink, Refused, Spool};
 use crate::lineage::{TOKEN_ENV, URL_ENV, ids};
 use crate::util::redact::redact_url;
@@ -274,7 +274,17 @@ impl OpenLineage {
         // Runs a killed dagrun left open get their ABORT now (in their own
         // file; and, like any event, to the endpoint: spooled first, so they
         // are not lost if this run is killed too).
-        let open = OpenRuns::new(&engine.dagrun_dir, key);
+        // The mark names this run's endpoint, so a killed run's ABORTs go
+        // where its STARTs went (`lineage::recover`).
+        let own_id = match (&endpoint, &key) {
+            (Some(ep), Some(k)) => Some(transport::endpoint_id(k, &ep.url)),
+            _ => None,
+        };
+        let sent_to = match (&endpoint, &own_id) {
+            (Some(ep), Some(id)) => SentTo::Endpoint { id: id.clone(), shown: redact_url(&ep.url) },
+            _ => SentTo::Nowhere,
+        };
+        let open = OpenRuns::new(&engine.dagrun_dir, key.clone(), sent_to);
         let runs_dir = crate::engine::runs::runs_dir(&p.workspace);
         let has_endpoint = endpoint.is_some();
         let closed = recover::recover(
@@ -282,12 +292,27 @@ impl OpenLineage {
             &engine.run_id,
             &namespace,
             |id| runs_dir.join(format!("{id}.openlineage.jsonl")),
-            |lines| {
-                if has_endpoint && !lines.is_empty() {
+            |sent_to, lines| {
+                if lines.is_empty() {
+                    return Ok(());
+                }
+                let own = match sent_to {
+                    SentTo::Nowhere => false,
+                    // From before marks named the endpoint: as then.
+                    SentTo::Unknown => has_endpoint,
+                    SentTo::Endpoint { id, .. } => own_id.as_deref() == Some(id.as_str()),
+                };
+                if own {
                     backlog.extend(lines.iter().cloned());
                     if let Some(sp) = &spool {
                         sp.store(&backlog, head_refused_runs)?;
                     }
+                } else if let (SentTo::Endpoint { id, shown }, Some(k)) = (sent_to, &key) {
+                    // Another endpoint's: into its spool, for the next run that uses it.
+                    let other = Spool::for_id(&engine.dagrun_dir, k.clone(), id, shown);
+                    let mut waiting = other.load();
+                    waiting.events.extend(lines.iter().cloned());
+                    other.store(&waiting.events, waiting.head_refused_runs)?;
                 }
                 Ok(())
             },

@@ -18,6 +18,16 @@
 //!   before marks were sealed) is removed with a warning, and no event is
 //!   made for it (review 13: a planted mark and event file were re-sent to
 //!   the catalog with the user's token).
+//! - The mark also names where the run sent its events ([`SentTo`]: no
+//!   endpoint, or an endpoint by its spool id and its URL as shown, under the
+//!   same MAC): the `ABORT`s go where the `START`s went, never to the
+//!   recovering run's endpoint unless it is the same one (session 21: a
+//!   killed production run's `ABORT`s went to the next run's ad-hoc dev
+//!   catalog). The caller queues them for its own endpoint or stores them in
+//!   the other endpoint's spool; a run that had no endpoint gets them in its
+//!   file only. A mark from before marks named the endpoint is
+//!   [`SentTo::Unknown`]: its `ABORT`s go to the recovering run's endpoint,
+//!   as they did then.
 //! - A mark whose run has a run record (`runs/RUN_ID.json`: the run ended)
 //!   is removed, with no event (a mark copied while its run was live and put
 //!   back afterwards: review 14).
@@ -45,8 +55,44 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// MAC domain of a mark's content.
+/// MAC domain of a mark from before marks named the endpoint (the MAC of the run id alone).
 const MARK_DOMAIN: &str = "dagrun openlineage open run v1";
+/// MAC domain of a mark `MAC ENDPOINT_ID SHOWN` (or `MAC -`): the run id, the endpoint id and the URL as shown.
+const MARK_DOMAIN_V2: &str = "dagrun openlineage open run v2";
+/// Longest endpoint URL (as shown) a mark holds.
+const MAX_SHOWN: usize = 2048;
+
+/// Where a killed run sent its events, as its mark says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SentTo {
+    /// No endpoint: its events are in its file only.
+    Nowhere,
+    /// The endpoint whose spool id ([`super::transport::endpoint_id`]) is
+    /// `id`, shown (no credentials, no query) as `shown`.
+    Endpoint { id: String, shown: String },
+    /// A mark from before marks named the endpoint.
+    Unknown,
+}
+
+impl SentTo {
+    /// The mark's text after its MAC.
+    fn body(&self) -> String {
+        match self {
+            SentTo::Endpoint { id, shown } => format!("{id} {shown}"),
+            SentTo::Nowhere | SentTo::Unknown => "-".to_string(),
+        }
+    }
+
+    /// The inverse of [`SentTo::body`]; `None` for anything else.
+    fn parse(body: &str) -> Option<SentTo> {
+        if body == "-" {
+            return Some(SentTo::Nowhere);
+        }
+        let (id, shown) = body.split_once(' ')?;
+        let plain = !shown.is_empty() && shown.len() <= MAX_SHOWN && !shown.chars().any(|c| c.is_control() || c.is_whitespace());
+        (crate::util::is_lower_hex(id, 32) && plain).then(|| SentTo::Endpoint { id: id.to_string(), shown: shown.to_string() })
+    }
+}
 
 /// Largest event file read back.
 pub const MAX_FILE: u64 = 256 << 20;
@@ -56,6 +102,8 @@ pub const MAX_FILE: u64 = 256 << 20;
 pub struct OpenRuns {
     dir: PathBuf,
     key: Option<Arc<IntegrityKey>>,
+    /// Where this process's run sends its events (written into its mark).
+    sent_to: SentTo,
 }
 
 /// A dagrun run id as used in file names (`YYYYMMDD-HHMMSS-mmm-XXXX`).
@@ -64,16 +112,24 @@ pub fn valid_run_id(s: &str) -> bool {
 }
 
 impl OpenRuns {
-    /// Marks sealed under `key` (without a key nothing is marked, listed or recovered).
-    pub fn new(dagrun_dir: &Path, key: Option<Arc<IntegrityKey>>) -> OpenRuns {
-        OpenRuns { dir: dagrun_dir.join("openlineage").join("open"), key }
+    /// Marks sealed under `key` (without a key nothing is marked, listed or
+    /// recovered); this process's run sends its events to `sent_to`
+    /// ([`SentTo::Nowhere`] or [`SentTo::Endpoint`]).
+    pub fn new(dagrun_dir: &Path, key: Option<Arc<IntegrityKey>>, sent_to: SentTo) -> OpenRuns {
+        OpenRuns { dir: dagrun_dir.join("openlineage").join("open"), key, sent_to }
+    }
+
+    /// What a mark's MAC seals: the run id and the mark's text after the MAC.
+    fn sealed_bytes(run_id: &str, body: &str) -> Vec<u8> {
+        format!("{run_id}\n{body}").into_bytes()
     }
 
     /// Mark `run_id` open (before its first event).
     pub fn mark(&self, run_id: &str) -> Result<()> {
         let Some(key) = &self.key else { return Ok(()) };
         std::fs::create_dir_all(&self.dir).with_context(|| format!("cannot create {}", self.dir.display()))?;
-        let mac = key.mac(MARK_DOMAIN, run_id.as_bytes()).to_hex();
+        let body = self.sent_to.body();
+        let text = format!("{} {body}", key.mac(MARK_DOMAIN_V2, &Self::sealed_bytes(run_id, &body)).to_hex());
         // The owner's only (a mark someone copied could be put back later);
         // never through a link. Not fsynced: a torn mark does not verify and
         // is removed, as a missing one would be.
@@ -87,18 +143,24 @@ impl OpenRuns {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .and_then(|mut f| f.write_all(mac.as_bytes()))
+            .and_then(|mut f| f.write_all(text.as_bytes()))
             .with_context(|| format!("cannot create {}", path.display()))?;
         Ok(())
     }
 
-    /// Is the mark of `run_id` one this workspace made?
-    fn sealed(&self, run_id: &str) -> bool {
-        let Some(key) = &self.key else { return false };
-        crate::util::read_capped(&self.dir.join(run_id), 256)
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .is_some_and(|mac| key.verify(MARK_DOMAIN, run_id.as_bytes(), mac.trim()))
+    /// Where the run of `run_id` sent its events, if its mark is one this
+    /// workspace made (`None`: not sealed, or unreadable).
+    fn read(&self, run_id: &str) -> Option<SentTo> {
+        let key = self.key.as_ref()?;
+        let text = crate::util::read_capped(&self.dir.join(run_id), 64 + 1 + 32 + 1 + MAX_SHOWN as u64).ok().and_then(|b| String::from_utf8(b).ok())?;
+        let text = text.trim_end_matches('\n');
+        match text.split_once(' ') {
+            Some((mac, body)) => {
+                let sent_to = SentTo::parse(body)?;
+                key.verify(MARK_DOMAIN_V2, &Self::sealed_bytes(run_id, body), mac).then_some(sent_to)
+            }
+            None => key.verify(MARK_DOMAIN, run_id.as_bytes(), text).then_some(SentTo::Unknown),
+        }
     }
 
     /// The run ended (after its last event).
@@ -127,7 +189,7 @@ impl OpenRuns {
         // Only marks this workspace sealed; another is removed (it could
         // only make events out of a file anyone may have written).
         v.retain(|n| {
-            let ok = self.sealed(n);
+            let ok = self.read(n).is_some();
             if !ok && self.key.is_some() {
                 tracing::warn!(
                     "{}: {n} is not a mark this workspace made (planted, or left by an older dagrun); removed, no event made for it",
@@ -229,15 +291,16 @@ pub struct Closed {
 
 /// Close the runs left open by killed dagrun runs (see the module doc).
 /// `file_of(run_id)` = that run's event file; `current` = the run doing
-/// this (never treated as killed); `deliver(lines)` is called with the new
-/// events of each killed run after they are in its file and before its mark
-/// is removed (an error keeps the mark: the next run tries again).
+/// this (never treated as killed); `deliver(sent_to, lines)` is called with
+/// where the killed run sent its events and the new events of that run,
+/// after they are in its file and before its mark is removed (an error keeps
+/// the mark: the next run tries again).
 pub fn recover(
     open: &OpenRuns,
     current: &str,
     namespace: &str,
     file_of: impl Fn(&str) -> PathBuf,
-    mut deliver: impl FnMut(&[String]) -> Result<()>,
+    mut deliver: impl FnMut(&SentTo, &[String]) -> Result<()>,
 ) -> Vec<Closed> {
     let mut done = Vec::new();
     let Some(key) = open.key.clone() else { return vec![] };
@@ -252,6 +315,7 @@ pub fn recover(
             open.clear(&run_id);
             continue;
         }
+        let sent_to = open.read(&run_id).unwrap_or(SentTo::Unknown);
         let res = (|| -> Result<Vec<String>> {
             let (mut f, len) = match std::fs::metadata(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
@@ -288,7 +352,7 @@ pub fn recover(
             }
             Ok(lines)
         })();
-        match res.and_then(|lines| deliver(&lines).map(|()| lines)) {
+        match res.and_then(|lines| deliver(&sent_to, &lines).map(|()| lines)) {
             Ok(lines) => {
                 open.clear(&run_id);
                 if !lines.is_empty() {
@@ -367,7 +431,7 @@ mod tests {
     #[test]
     fn recover_appends_once_and_clears_the_mark() {
         let d = tempfile::tempdir().unwrap();
-        let open = OpenRuns::new(d.path(), Some(key()));
+        let open = OpenRuns::new(d.path(), Some(key()), SentTo::Nowhere);
         open.mark("r1").unwrap();
         open.mark("r2").unwrap();
         let file = d.path().join("r1.jsonl");
@@ -379,7 +443,7 @@ mod tests {
             "r2",
             OTHER_HOST,
             |id| d.path().join(format!("{id}.jsonl")),
-            |l| {
+            |_, l| {
                 got.extend(l.to_vec());
                 Ok(())
             },
@@ -392,16 +456,47 @@ mod tests {
         assert_eq!(open.list(), ["r2"]);
         // A mark left behind (killed after the append): nothing is left open.
         open.mark("r1").unwrap();
-        let c = recover(&open, "r2", OTHER_HOST, |id| d.path().join(format!("{id}.jsonl")), |_| Ok(()));
+        let c = recover(&open, "r2", OTHER_HOST, |id| d.path().join(format!("{id}.jsonl")), |_, _| Ok(()));
         assert!(c[0].lines.is_empty());
         assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
         // A mark put back after its run ended (it has a run record): removed, no event.
         std::fs::write(&file, format!("{}\n", ev(EventType::Start, "r1", "pipe"))).unwrap();
         std::fs::write(d.path().join("r1.json"), "{}").unwrap();
         open.mark("r1").unwrap();
-        let c = recover(&open, "r2", OTHER_HOST, |id| d.path().join(format!("{id}.jsonl")), |_| panic!("nothing to deliver"));
+        let c = recover(&open, "r2", OTHER_HOST, |id| d.path().join(format!("{id}.jsonl")), |_, _| panic!("nothing to deliver"));
         assert!(c.is_empty());
         assert_eq!(open.list(), ["r2"]);
+    }
+
+    /// A mark names where its run sent its events, under its MAC: an edited
+    /// endpoint makes the mark untrusted; an older mark (the MAC of the run
+    /// id alone) is `Unknown`.
+    #[test]
+    fn a_mark_names_where_its_run_sent_its_events() {
+        let d = tempfile::tempdir().unwrap();
+        let a = SentTo::Endpoint { id: "0123456789abcdef0123456789abcdef".into(), shown: "https://catalog.example/api/v1/lineage?…".into() };
+        OpenRuns::new(d.path(), Some(key()), a.clone()).mark("r1").unwrap();
+        OpenRuns::new(d.path(), Some(key()), SentTo::Nowhere).mark("r2").unwrap();
+        std::fs::write(d.path().join("openlineage/open/r3"), key().mac(MARK_DOMAIN, b"r3").to_hex().as_bytes()).unwrap();
+        let open = OpenRuns::new(d.path(), Some(key()), SentTo::Nowhere);
+        assert_eq!(open.list(), ["r1", "r2", "r3"]);
+        assert_eq!((open.read("r1"), open.read("r2"), open.read("r3")), (Some(a), Some(SentTo::Nowhere), Some(SentTo::Unknown)));
+        // Another endpoint written into r1's mark, or r2's moved to r4: not this workspace's marks.
+        let text = std::fs::read_to_string(d.path().join("openlineage/open/r1")).unwrap();
+        std::fs::write(d.path().join("openlineage/open/r1"), text.replace("0123456789abcdef0123", "fedcba98765432100123")).unwrap();
+        std::fs::copy(d.path().join("openlineage/open/r2"), d.path().join("openlineage/open/r4")).unwrap();
+        assert_eq!(open.list(), ["r2", "r3"]);
+        // What a mark can name is checked before its MAC.
+        for body in [
+            "",
+            "x",
+            "0123 https://a",
+            "0123456789abcdef0123456789abcdef ",
+            "0123456789abcdef0123456789abcdef a b",
+            "0123456789ABCDEF0123456789ABCDEF https://a",
+        ] {
+            assert_eq!(SentTo::parse(body), None, "{body:?}");
+        }
     }
 
     /// Reviews 13 and 14: a planted mark makes no event; a planted START
@@ -410,15 +505,15 @@ mod tests {
     #[test]
     fn planted_marks_and_events_never_go_out() {
         let d = tempfile::tempdir().unwrap();
-        let open = OpenRuns::new(d.path(), Some(key()));
+        let open = OpenRuns::new(d.path(), Some(key()), SentTo::Nowhere);
         open.mark("r1").unwrap();
         std::fs::write(d.path().join("openlineage/open/planted"), "").unwrap();
         std::fs::write(d.path().join("openlineage/open/r9"), key().mac("other domain", b"r9").to_hex().as_bytes()).unwrap();
         assert_eq!(open.list(), ["r1"]);
         assert!(!d.path().join("openlineage/open/planted").exists(), "a planted mark is removed");
         // Another workspace's key (or none) makes no mark this one trusts.
-        assert!(OpenRuns::new(d.path(), Some(Arc::new(IntegrityKey::from_bytes([8; 32])))).list().is_empty());
-        assert!(OpenRuns::new(d.path(), None).list().is_empty());
+        assert!(OpenRuns::new(d.path(), Some(Arc::new(IntegrityKey::from_bytes([8; 32]))), SentTo::Nowhere).list().is_empty());
+        assert!(OpenRuns::new(d.path(), None, SentTo::Nowhere).list().is_empty());
 
         // A genuine START whose line was edited: planted facets and datasets stay behind.
         let mut start: serde_json::Value = serde_json::from_str(&ev(EventType::Start, "r1", "pipe.a")).unwrap();

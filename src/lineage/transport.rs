@@ -594,11 +594,19 @@ impl Spool {
     /// The spool of the endpoint whose checked lineage URL is `lineage_url`.
     pub fn for_endpoint(dagrun_dir: &Path, key: Arc<crate::crypto::IntegrityKey>, lineage_url: &str) -> Spool {
         let id = endpoint_id(&key, lineage_url);
+        Spool::for_id(dagrun_dir, key, &id, &redact_url(lineage_url))
+    }
+
+    /// The spool of the endpoint whose [`endpoint_id`] is `id` (32 lowercase
+    /// hex digits), shown as `shown`: another endpoint's, known only by what a
+    /// killed run's mark names (`lineage::recover::SentTo`).
+    pub fn for_id(dagrun_dir: &Path, key: Arc<crate::crypto::IntegrityKey>, id: &str, shown: &str) -> Spool {
+        debug_assert!(crate::util::is_lower_hex(id, 32), "{id}");
         Spool {
             path: dagrun_dir.join("openlineage").join(format!("{SPOOL_PREFIX}{id}.jsonl")),
             key,
             domain: format!("dagrun openlineage spool v2 {id}"),
-            shown: redact_url(lineage_url),
+            shown: shown.to_string(),
         }
     }
 

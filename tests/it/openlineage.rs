@@ -790,11 +790,12 @@ fn an_event_refused_alone_is_given_up_counted_and_kept_in_dropped_jsonl() {
     assert!(spool_files(&ws).is_empty());
 }
 
-/// Start dagrun with `args` and SIGKILL it once a stage's command has
-/// written its shell's pid to `pid_file`; that command (its own process
-/// group) is killed too.
-fn kill_mid_stage(ws: &Ws, args: &[&str], pid_file: &str) {
-    let mut victim = spawn(cmd(ws, args));
+/// Start dagrun (`c`) and SIGKILL it once a stage's command has written its
+/// shell's pid to `pid_file`; that command (its own process group) is killed
+/// too.
+fn kill_mid_stage(ws: &Ws, c: Command, pid_file: &str) {
+    let _ = std::fs::remove_file(ws.path(pid_file));
+    let mut victim = spawn(c);
     let t0 = Instant::now();
     let pid = loop {
         if let Ok(s) = std::fs::read_to_string(ws.path(pid_file))
@@ -845,7 +846,13 @@ stages:
     };
 
     // 1. Killed with SIGKILL while `slow` runs: its events so far are on disk.
-    kill_mid_stage(&ws, &["run", "pipeline.yaml", "-j", "1"], "slow.pid");
+    let up = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
+    let with_up = |args: &[&str]| {
+        let mut c = cmd(&ws, args);
+        c.env("DAGRUN_OPENLINEAGE_URL", format!("http://127.0.0.1:{}", up.port));
+        c
+    };
+    kill_mid_stage(&ws, with_up(&["run", "pipeline.yaml", "-j", "1"]), "slow.pid");
     assert!(!ws.exists("slow.txt"), "the stage finished before the kill; the test proves nothing");
     let files = jsonl_files();
     assert_eq!(files.len(), 1, "{files:?}");
@@ -865,15 +872,12 @@ stages:
     assert!(ws.exists(&format!(".dagrun/openlineage/open/{killed_id}")));
 
     // 2. The next run closes the two open runs (slow, then the pipeline) with
-    //    ABORT in the killed run's file, and sends them to the endpoint first.
+    //    ABORT in the killed run's file, and sends them to the endpoint (the
+    //    killed run's) first.
     ws.write("delay.txt", "0\n");
-    let up = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
-    let run_up = |port: u16| {
-        let mut c = cmd(&ws, &["run", "pipeline.yaml"]);
-        c.env("DAGRUN_OPENLINEAGE_URL", format!("http://127.0.0.1:{port}"));
-        ws.run_cmd(c).ok()
-    };
-    let r2 = run_up(up.port);
+    let run_up = || ws.run_cmd(with_up(&["run", "pipeline.yaml"])).ok();
+    let n0 = up.got.lock().unwrap().len();
+    let r2 = run_up();
     let after = parse(&killed_file);
     assert_eq!(after.len(), before.len() + 2, "two ABORT events appended");
     assert_eq!(&after[..before.len()], &before[..], "the killed run's events are kept as they were");
@@ -912,12 +916,12 @@ stages:
     let abort_lines: Vec<String> = ws.read(&killed_file).lines().skip(before.len()).map(String::from).collect();
     let mut want_sent = abort_lines.clone();
     want_sent.extend(ws.read(&r2_file).lines().map(String::from));
-    assert_eq!(up.got.lock().unwrap().iter().map(|g| g.body.clone()).collect::<Vec<_>>(), want_sent, "the ABORT events, then the run's own");
+    assert_eq!(up.got.lock().unwrap()[n0..].iter().map(|g| g.body.clone()).collect::<Vec<_>>(), want_sent, "the ABORT events, then the run's own");
     assert!(!ws.exists(&format!(".dagrun/openlineage/open/{killed_id}")));
 
     // 3. A third run emits them no more.
     let n = up.got.lock().unwrap().len();
-    let r3 = run_up(up.port);
+    let r3 = run_up();
     assert_eq!(parse(&killed_file), after, "the killed run's file is not touched again");
     assert!(r3.rec()["openlineage"].get("killed_runs").is_none(), "{}", r3.rec()["openlineage"]);
     let sent3: Vec<String> = up.got.lock().unwrap()[n..].iter().map(|g| g.body.clone()).collect();
@@ -926,6 +930,62 @@ stages:
     assert!(sent3.iter().all(|l| !l.contains("\"ABORT\"")));
     let open_left: Vec<_> = std::fs::read_dir(ws.path(".dagrun/openlineage/open")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(open_left.is_empty(), "{open_left:?}");
+}
+
+/// A killed run's ABORTs go where its STARTs went (session 21's note: the
+/// recovering run's endpoint got them, an ad-hoc dev catalog included): kept
+/// for the killed run's endpoint while the next run uses another, sent when
+/// a run uses it again; a killed run without an endpoint gets them in its
+/// file only.
+#[test]
+fn a_killed_runs_abort_events_go_to_its_own_endpoint_only() {
+    let ws = Ws::new();
+    ws.write("delay.txt", "60\n");
+    ws.pipeline("stages:\n  slow:\n    cmd: echo $$ > slow.pid; sleep \"$(cat delay.txt)\"; echo s > s.txt\n    outs: [s.txt]\n");
+    let prod = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
+    let dev = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap(), Mode::Ok);
+    let with = |r: Option<&Receiver>, args: &[&str]| {
+        let mut c = cmd(&ws, args);
+        if let Some(r) = r {
+            c.env("DAGRUN_OPENLINEAGE_URL", format!("http://127.0.0.1:{}/prod-or-dev", r.port));
+        }
+        c
+    };
+    let aborts = |r: &Receiver| r.bodies(200).iter().filter(|b| b.contains("\"ABORT\"")).count();
+
+    // 1. Killed while sending to prod; the next run uses dev: dev gets no ABORT, prod's wait.
+    kill_mid_stage(&ws, with(Some(&prod), &["run", "pipeline.yaml"]), "slow.pid");
+    ws.write("delay.txt", "0\n");
+    let r2 = ws.run_cmd(with(Some(&dev), &["run", "pipeline.yaml"])).ok();
+    let ol = &r2.rec()["openlineage"];
+    assert_eq!(ol["killed_runs"][0]["abort_events"], 2, "{ol}");
+    assert_eq!(dev.bodies(200), run_lines(&ws, &r2), "dev got the killed prod run's ABORTs");
+    assert_eq!((ol["pending"].as_u64(), ol["pending_other_endpoints"].as_u64()), (Some(0), Some(2)), "{ol}");
+    let (waiting, endpoints) = spooled(&ws);
+    assert_eq!(waiting.len(), 2);
+    assert!(waiting.iter().all(|l| l.contains("\"ABORT\"")));
+    assert_eq!(endpoints, [format!("http://127.0.0.1:{}/prod-or-dev/api/v1/lineage", prod.port)]);
+    assert_eq!(aborts(&prod), 0);
+
+    // 2. The next run with prod sends them first.
+    let n = prod.got.lock().unwrap().len();
+    let r3 = ws.run_cmd(with(Some(&prod), &["run", "pipeline.yaml"])).ok();
+    let sent: Vec<String> = prod.got.lock().unwrap()[n..].iter().map(|g| g.body.clone()).collect();
+    let mut want = waiting.clone();
+    want.extend(run_lines(&ws, &r3));
+    assert_eq!(sent, want);
+    assert!(spool_files(&ws).is_empty());
+
+    // 3. Killed without an endpoint: the next run's endpoint gets no ABORT; the file has them.
+    ws.write("delay.txt", "60\n");
+    kill_mid_stage(&ws, with(None, &["run", "pipeline.yaml", "--force", ""]), "slow.pid");
+    ws.write("delay.txt", "0\n");
+    let before = aborts(&prod);
+    let r4 = ws.run_cmd(with(Some(&prod), &["run", "pipeline.yaml"])).ok();
+    let killed = r4.rec()["openlineage"]["killed_runs"][0]["run_id"].as_str().unwrap().to_string();
+    assert_eq!(ws.read(&format!("runs/{killed}.openlineage.jsonl")).matches("\"ABORT\"").count(), 2);
+    assert_eq!(aborts(&prod), before, "the ABORTs of a run that had no endpoint were sent");
+    assert!(spool_files(&ws).is_empty());
 }
 
 /// A killed run whose event file was replaced by a symlink: recovery never
@@ -943,7 +1003,7 @@ fn recovery_never_writes_through_a_planted_event_file_link() {
     std::fs::write(&victim, text).unwrap();
     let planted = "20261205-000000-000-abcd";
     // A run killed while its stage runs leaves a genuine mark.
-    kill_mid_stage(&ws, &["run", "pipeline.yaml"], "a.pid");
+    kill_mid_stage(&ws, cmd(&ws, &["run", "pipeline.yaml"]), "a.pid");
     let marks: Vec<String> = std::fs::read_dir(ws.path(".dagrun/openlineage/open"))
         .unwrap()
         .flatten()
