@@ -13,7 +13,9 @@
 #   - AUC: the registered test AUC of the model in models/TENANT/model.json is
 #     at least the run's `min_auc` param;
 #   - drift: reports/drift/TENANT.json says ok, warn or no_reference (the first
-#     model of a tenant), and every PSI is at most the run's `max_psi`.
+#     model of a tenant) and every PSI is at most the run's `max_psi`, or it
+#     says accepted (a shift above max_psi that a model was already trained
+#     on, after a run with `-p max_psi=...` raised: `reference.accepted_by`).
 # Then `dagrun models promote TENANT VERSION --reason ...` (skipped when the
 # version is already the champion). Exit 1, promoting nothing, when a gate
 # fails. Needs `dagrun` on PATH and python3.
@@ -65,12 +67,20 @@ for t in tenants:
         fail.append(f"{t}: no drift report ({e})")
         continue
     worst = max([float(x["psi"]) for x in drift.get("features", [])], default=0.0)
-    if drift.get("status") not in ("ok", "warn", "no_reference") or worst > max_psi:
-        fail.append(f"{t}: drift {drift.get('status')}, max PSI {worst:.3f} > max_psi {max_psi}")
+    status = drift.get("status")
+    accepted_by = (drift.get("reference") or {}).get("accepted_by")
+    if status == "accepted" and accepted_by:
+        pass
+    elif status not in ("ok", "warn", "no_reference") or worst > max_psi:
+        fail.append(f"{t}: drift {status}, max PSI {worst:.3f} > max_psi {max_psi}")
     if entry.get("alias") == "champion":
         print(f"{t}: {version} is already the champion", file=sys.stderr)
         continue
-    out.append(f"{t} {version} test AUC {auc:.4f} >= min_auc {min_auc}; drift {drift.get('status')}, max PSI {worst:.3f} <= max_psi {max_psi}; run {rec['run_id']}")
+    if status == "accepted":
+        why = f"drift accepted (max PSI {worst:.3f}: model {accepted_by} was trained on this data)"
+    else:
+        why = f"drift {status}, max PSI {worst:.3f} <= max_psi {max_psi}"
+    out.append(f"{t} {version} test AUC {auc:.4f} >= min_auc {min_auc}; {why}; run {rec['run_id']}")
 if fail:
     print("gates not passed, nothing promoted:\n  " + "\n  ".join(fail), file=sys.stderr)
     sys.exit(1)

@@ -23,7 +23,12 @@
 //! - Gate: any feature's PSI > `max_psi` (default 0.25) fails the stage after
 //!   the report is written (so it can be read, and `dagrun report` shows it);
 //!   `warn_psi` (default 0.1) ≤ PSI ≤ `max_psi` is a warning in the report,
-//!   the run record facts and the summary.
+//!   the run record facts and the summary. Data a model was already trained
+//!   on (drift reran after `train` learnt from it) passes: above `max_psi`
+//!   the report says `accepted` (never `fail`: a gate reading the report
+//!   must pass what the stage passed; helper-71) and names that model in
+//!   `reference.accepted_by`; `reference.model_version` is then the version
+//!   of the model trained on the reference data, looked up in the registry.
 //! - The report holds aggregates only (shares per bin, min/max of the
 //!   reference), never a row.
 
@@ -104,6 +109,9 @@ pub enum DriftStatus {
     Warn,
     /// Some feature's PSI is above `max_psi` (the stage fails).
     Fail,
+    /// Some feature's PSI is above `max_psi`, but a model was trained on this
+    /// data (`reference.accepted_by`): the stage passes.
+    Accepted,
     /// Nothing to compare with: no model yet, or one trained on this data.
     NoReference,
 }
@@ -114,6 +122,7 @@ impl DriftStatus {
             DriftStatus::Ok => "ok",
             DriftStatus::Warn => "warn",
             DriftStatus::Fail => "fail",
+            DriftStatus::Accepted => "accepted",
             DriftStatus::NoReference => "no_reference",
         }
     }
@@ -292,6 +301,21 @@ fn reference_hash(stage: &Stage, services: &super::Services) -> Result<(String, 
     Ok((hash, model))
 }
 
+/// The newest registered version of `tenant`'s models trained on the
+/// feature file of blake3 `features` (the model before the one `train`
+/// retrained on the current data), if the registry still has one.
+fn version_trained_on(ctx: &RunCtx, tenant: &str, features: &str) -> Option<String> {
+    let registry = crate::registry::Registry::of_workspace(&ctx.services.workspace);
+    let key = ctx.services.integrity_key().ok()?;
+    registry
+        .versions(tenant)
+        .ok()?
+        .iter()
+        .rev()
+        .find(|v| registry.load(tenant, &v.version, &key).is_ok_and(|m| m.artifact.feature_file_hash == features))
+        .map(|v| v.version.clone())
+}
+
 /// What to do when the reference feature file is gone (`dagrun gc` keeps the
 /// champions' own; removed by hand, or by a gc of an older dagrun): the
 /// registered models of `tenant` whose training features are at hand, newest
@@ -399,8 +423,11 @@ impl StageKind for Drift {
                 bail!("reference model {model_rel}: feature_file {ff:?} / feature_file_hash must be a workspace path and a blake3 hex digest");
             }
             // The model itself, or (after a retrain on this data) the one before it.
-            let model_version =
-                if model.feature_file_hash == ref_hash { model.model_version.clone() } else { format!("the model before {}", model.model_version) };
+            let model_version = if model.feature_file_hash == ref_hash {
+                model.model_version.clone()
+            } else {
+                version_trained_on(ctx, tenant, &ref_hash).unwrap_or_else(|| format!("the model before {}", model.model_version))
+            };
             let cas = crate::workspace::cas::Cas::read_only(&ctx.services.ws);
             let ref_content = crate::workspace::ContentHash::parse(&ref_hash).map_err(|e| anyhow!("reference model {model_rel}: feature_file_hash: {e}"))?;
             let (cols, from) = match read_features_if(&ctx.workspace.join(ff), &ref_hash)? {
@@ -418,7 +445,8 @@ impl StageKind for Drift {
                 report.features.push(drift::compare(name, &cols[i], &current[i], warn_psi, max_psi).with_context(|| format!("tenant {tenant}"))?);
             }
             let worst = report.features.iter().map(|f| f.level).max().unwrap_or(Level::Ok);
-            report.status = worst.into();
+            let accepted = model.feature_file_hash == report.current.feature_file_blake3;
+            report.status = if worst == Level::Fail && accepted { DriftStatus::Accepted } else { worst.into() };
             report.reference = Some(Reference {
                 model: model_rel.clone(),
                 model_blake3: model_hash,
@@ -428,7 +456,7 @@ impl StageKind for Drift {
                 feature_file_blake3: ref_hash.clone(),
                 read_from: from,
                 rows: cols[0].len() as u64,
-                accepted_by: (model.feature_file_hash == report.current.feature_file_blake3).then(|| model.model_version.clone()),
+                accepted_by: accepted.then(|| model.model_version.clone()),
             });
         }
         let mut bytes = serde_json::to_vec_pretty(&report)?;
@@ -506,6 +534,7 @@ mod tests {
         assert_eq!(Report::from_json_bytes(text.as_bytes(), "r.json").unwrap(), report);
         let e = Report::from_json_bytes(text.replace("no_reference", "fine").as_bytes(), "r.json").unwrap_err().to_string();
         assert!(e.starts_with("r.json: not a valid dagrun-drift/1 report: unknown variant `fine`"), "{e}");
+        assert_eq!(serde_json::to_string(&DriftStatus::Accepted).unwrap(), "\"accepted\"");
         for (l, s) in [(Level::Ok, "ok"), (Level::Warn, "warn"), (Level::Fail, "fail")] {
             assert_eq!(DriftStatus::from(l).as_str(), s);
             assert_eq!(serde_json::to_string(&DriftStatus::from(l)).unwrap(), format!("\"{s}\""));

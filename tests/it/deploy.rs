@@ -377,5 +377,24 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     let (code, _, err) = gate(&[]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("gates not passed"), "{err}");
-    assert_eq!(champions(), BTreeMap::from([("Tenant_A".to_string(), va), ("Tenant_B".to_string(), vb)]));
+    assert_eq!(champions(), BTreeMap::from([("Tenant_A".to_string(), va), ("Tenant_B".to_string(), vb.clone())]));
+
+    // 4. The shift is checked and accepted for one run (`-p max_psi=5`): the
+    //    gate passes at that run's max_psi and promotes the retrained model.
+    crate::drift::ok(&run(&["-p", "max_psi=5"]));
+    let va2 = version_of("Tenant_A");
+    let (code, _, err) = gate(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(champions()["Tenant_A"], va2);
+
+    // 5. The next nightly run (max_psi back to 0.25) measures the same shift
+    //    against the model before, but the champion was trained on this data:
+    //    the run passes, the report says `accepted`, and so does the step
+    //    (helper-71: the report said `fail` and the step refused every night).
+    crate::drift::ok(&run(&[]));
+    let report: Value = serde_json::from_slice(&std::fs::read(ws.join("reports/drift/Tenant_A.json")).unwrap()).unwrap();
+    assert_eq!((report["status"].as_str(), report["reference"]["accepted_by"].as_str()), (Some("accepted"), Some(va2.as_str())), "{report:#}");
+    let (code, out, err) = gate(&[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("nothing to promote") && err.contains("already the champion"), "{out}\n{err}");
 }

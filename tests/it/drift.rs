@@ -111,6 +111,7 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     sample(ws, "Tenant_A", "4000", "3");
     drift_csv(&ws.join("incoming/Tenant_A.csv"), 4.0, 5);
     let model_before = std::fs::read(ws.join("models/Tenant_A/model.json")).unwrap();
+    let version_before = serde_json::from_slice::<Value>(&model_before).unwrap()["model_version"].as_str().unwrap().to_string();
     let o = dagrun(ws, &["run", PIPE]);
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -139,15 +140,21 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     // model was trained on this data: accepted, not a failure every night.
     let out = ok(&dagrun(ws, &["run", PIPE]));
     assert!(out.contains(&format!("accepted: model {accepted} was trained on this data")), "{out}");
-    assert!(out.contains("Tenant_A: drift vs the model before"), "{out}");
+    assert!(out.contains(&format!("Tenant_A: drift vs model {version_before}:")), "{out}");
     let rec = last_record(ws);
     let dr = stage(&rec, "drift[Tenant_A]");
     assert_eq!(dr["status"], "ran");
     assert_eq!(dr["facts"]["drift_accepted_by"], accepted.as_str(), "{dr:#}");
     assert_eq!(stage(&rec, "train[Tenant_A]")["status"], "cached");
+    assert_eq!(dr["facts"]["drift_status"], "accepted", "{dr:#}");
+    assert_eq!(dr["facts"]["reference_model_version"], version_before.as_str(), "{dr:#}");
+    // The report says what the gate did (helper-71: it said `fail`, and
+    // promote-if-gates-pass.sh refused every night), the measurement as it is.
     let r = report(ws, "Tenant_A");
-    assert_eq!(r["status"], "fail", "the measurement is reported as it is");
+    assert_eq!(r["status"], "accepted");
     assert_eq!(r["reference"]["accepted_by"], accepted.as_str());
+    assert_eq!(r["reference"]["model_version"], version_before.as_str(), "the version the reference data trained");
+    assert!(r["features"].as_array().unwrap().iter().any(|f| f["level"] == "fail"), "{r:#}");
     let out = ok(&dagrun(ws, &["run", PIPE]));
     assert!(out.contains("all 14 stages up to date"), "{out}");
 }
