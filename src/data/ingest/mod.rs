@@ -123,14 +123,17 @@ fn open_input(path: &Path) -> Result<File> {
     })
 }
 
-fn expected_list(label: bool) -> String {
-    let s = raw_schema(true);
-    let mut names: Vec<&str> = s.fields().iter().map(|f| f.name().as_str()).collect();
-    if !label {
-        names.pop();
-        names.push("[Converted]");
+fn expected_list(opts: &IngestOptions) -> String {
+    let s = raw_schema(false);
+    let names: Vec<&str> = s.fields().iter().map(|f| f.name().as_str()).collect();
+    let names = names.join(", ");
+    if opts.require_label {
+        format!("{names}, {CONVERTED}")
+    } else if opts.allow_label {
+        format!("{names} (and {CONVERTED}, optional)")
+    } else {
+        names
     }
-    names.join(", ")
 }
 
 enum Source {
@@ -245,13 +248,13 @@ fn check_columns(file: &str, names: &[String], opts: &IngestOptions) -> Result<b
                 "{file}: line 1 (header), column {}: unexpected column name ({}){near}; expected exactly: {}.{hint}",
                 i + 1,
                 describe_value(n),
-                expected_list(label_ok)
+                expected_list(opts)
             );
         }
     }
     for f in raw_schema(false).fields() {
         if !seen.contains(f.name().as_str()) {
-            bail!("{file}: missing column {}; expected exactly: {}", f.name(), expected_list(label_ok));
+            bail!("{file}: missing column {}; expected exactly: {}", f.name(), expected_list(opts));
         }
     }
     let has_label = seen.contains(CONVERTED);

@@ -116,6 +116,17 @@ fn missing_column() {
     let d = tempfile::tempdir().unwrap();
     let p = write_csv(d.path(), "Tenant_ID,Customer_ID,Sensitive_Data,Purchase_Amount,Last_Visit_Date\nT1,0,secret,1,2025-01-01\n");
     expect_err(d.path(), &p, &opts(), &["missing column Login_Count", "expected exactly"]);
+    // The list says whether Converted is needed, optional or not allowed (helper-71:
+    // predict, which takes it optionally, listed it as required).
+    let cols = "Tenant_ID, Customer_ID, Sensitive_Data, Login_Count, Purchase_Amount, Last_Visit_Date";
+    expect_err(d.path(), &p, &opts(), &[&format!("expected exactly: {cols} (and Converted, optional)")]);
+    let mut o = opts();
+    o.require_label = true;
+    expect_err(d.path(), &p, &o, &[&format!("expected exactly: {cols}, Converted")]);
+    let mut o = opts();
+    o.allow_label = false;
+    let m = expect_err(d.path(), &p, &o, &[&format!("expected exactly: {cols}")]);
+    assert!(!m.contains("Converted"), "{m}");
 }
 
 #[test]
