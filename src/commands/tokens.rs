@@ -27,6 +27,15 @@ pub enum TokensCmd {
     Revoke { id: String },
 }
 
+/// Is `f` the null device?
+fn is_dev_null(f: &std::fs::File) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match (f.metadata(), std::fs::metadata("/dev/null")) {
+        (Ok(a), Ok(b)) => a.file_type().is_char_device() && a.rdev() == b.rdev(),
+        _ => false,
+    }
+}
+
 /// The workspace integrity key, which seals the token file (the keyring is
 /// made on first use, as a run makes it).
 fn key(workspace: &Path) -> Result<std::sync::Arc<crate::crypto::IntegrityKey>> {
@@ -37,6 +46,21 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
     let dir = workspace.join(crate::engine::DAGRUN_DIR);
     match cmd {
         TokensCmd::Create { tenant, name, expires_in } => {
+            // Where the token will be shown, checked before it exists: a
+            // closed stdout (`>&-`) is /dev/null by then (Rust's runtime opens
+            // it for a closed standard descriptor), and a token written there
+            // is shown to nobody (helper-71: exit 0, the token active).
+            let mut out = {
+                use std::os::fd::AsFd;
+                let out = std::io::stdout().as_fd().try_clone_to_owned().map(std::fs::File::from);
+                let out = out.map_err(|e| anyhow::anyhow!("standard output is not open ({e}): a token is shown once, there; nothing was created"))?;
+                if is_dev_null(&out) {
+                    anyhow::bail!(
+                        "standard output is /dev/null (or was closed): a token is shown once, there, and would be seen by nobody; nothing was created. Redirect it to a file only you can read (`umask 077; dagrun tokens create … > token.txt`) or a secret store"
+                    );
+                }
+                out
+            };
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs(10)), "dagrun tokens create")?;
             let key = key(workspace)?;
             let (rec, token) = tokens::create(&dir, &key, tenant, name, *expires_in)?;
@@ -46,8 +70,7 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
             // full) is revoked at once, never left working and unknown.
             let shown = {
                 use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{token}").and_then(|_| out.flush())
+                out.write_all(format!("{token}\n").as_bytes())
             };
             if let Err(e) = shown {
                 tokens::revoke(&dir, &key, &rec.id)?;

@@ -426,6 +426,26 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
     assert!(err.contains("it is revoked: create another"), "{err}");
     let list = ws.dagrun(&["tokens", "list"]);
     assert!(list.stdout.contains("revoked") && !list.stdout.contains("active"), "{}", list.stdout);
+    // Standard output closed outright (`>&-`: Rust's runtime makes it
+    // /dev/null) or /dev/null (helper-71: exit 0, the token active and shown
+    // to nobody): refused before a token exists.
+    let mut c = ws.cmd(&["tokens", "create", "Tenant_A", "--name", "unseen"]);
+    c.stdin(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: close(2) is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            libc::close(1);
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("standard output is /dev/null (or was closed)") && err.contains("nothing was created"), "{err}");
+    let o = ws.cmd(&["tokens", "create", "Tenant_A", "--name", "unseen"]).stdout(Stdio::null()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!ws.dagrun(&["tokens", "list"]).stdout.contains("unseen"));
     // A command that has changed something reports it, and exits 0 even when
     // nobody reads the report: a death by SIGPIPE would make a script take
     // the rotation (or the shredding) for a failure and repeat it.
