@@ -19,7 +19,8 @@
 //!   is audited with its token and tenant: the body limit (413, also when
 //!   `Content-Length` says so before a byte is read) and the request timeout
 //!   (408) are checked in the handlers, after the token, not by layers that
-//!   answer on their own; an unknown method gets a JSON 405.
+//!   answer on their own; an unknown method gets a JSON 405 (in MLflow's
+//!   shape on `/invocations`).
 //! - Memory: at most [`crate::serve::state::BODIES_AT_ONCE`] bodies of
 //!   `--max-body` are held at once, at most
 //!   [`crate::serve::state::TENANT_BODIES_AT_ONCE`] of one tenant (a body
@@ -409,8 +410,14 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], r#"{"error":"no such route"}"#).into_response()
 }
 
-async fn method_not_allowed() -> Response {
-    (StatusCode::METHOD_NOT_ALLOWED, [(header::CONTENT_TYPE, "application/json")], r#"{"error":"this route does not take this method"}"#).into_response()
+/// A JSON 405 in the route's protocol: MLflow's shape on `/invocations`, else OIP's.
+async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    let body = if uri.path() == "/invocations" {
+        r#"{"error_code":"BAD_REQUEST","message":"this route does not take this method"}"#
+    } else {
+        r#"{"error":"this route does not take this method"}"#
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn tensor_meta(name: &str, dt: &str) -> serde_json::Value {

@@ -1041,6 +1041,10 @@ fn hostile_requests_are_bounded_described_and_audited() {
     let r = get(&a, &inv, Some(&tok));
     assert_eq!(r.status, 405, "{}", r.body);
     assert!(r.error().contains("does not take this method"), "{}", r.body);
+    assert_eq!(r.json()["error_code"], "BAD_REQUEST", "/invocations answers in MLflow's shape: {}", r.body);
+    let del = format!("DELETE /v2/models/Tenant_A/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n");
+    let resp = raw(&srv.addr, del.as_bytes());
+    assert!(resp.starts_with("HTTP/1.1 405") && resp.contains(r#"{"error":"this route does not take this method"}"#), "{resp}");
     assert_eq!(get(&a, &srv.url("/v2/health/live"), None).status, 200);
     // A slow upload holds the drain; a second SIGTERM ends it (the drain timeout is 60 s).
     let mut s = TcpStream::connect(&srv.addr).unwrap();
