@@ -117,7 +117,7 @@ enum Cmd {
         /// csv, jsonl or parquet (default: from the output's extension, else csv).
         #[arg(long)]
         format: Option<String>,
-        /// A model version (default: the tenant's current model).
+        /// A model version: registered, or an earlier output of train in the cache (default: the tenant's champion; with no registered model, train's current output).
         #[arg(long)]
         model: Option<String>,
     },
