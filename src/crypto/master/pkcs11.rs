@@ -302,7 +302,8 @@ impl HsmKey {
         let key = match keys.as_slice() {
             [] => bail!(
                 "the key {shown} (from {from}) was not found: token {token} has no AES secret key with that \
-                 label/id. Check object= in the URI, or create the key with `dagrun keys init --master URI`"
+                 label/id. Check object= in the URI; a new workspace's key is made by `dagrun keys init --master URI`, \
+                 a key to `dagrun keys rewrap --to` with the token's own tools (`pkcs11-tool --keygen --key-type AES:32`)"
             ),
             [k] => *k,
             _ => bail!("token {token} holds {} keys matching {shown}: add id= to the URI to pick one", keys.len()),
