@@ -17,7 +17,8 @@
 #     says accepted (a shift above max_psi that a model was already trained
 #     on, after a run with `-p max_psi=...` raised: `reference.accepted_by`).
 # Then `dagrun models promote TENANT VERSION --reason ...` (skipped when the
-# version is already the champion). Exit 1, promoting nothing, when a gate
+# version is already the champion, or was champion once and was replaced
+# since: a rollback stays rolled back on the nights that follow). Exit 1, promoting nothing, when a gate
 # fails. Needs `dagrun` on PATH and python3.
 set -euo pipefail
 
@@ -33,7 +34,7 @@ registry=$(dagrun models list --json)
 
 # One line per tenant: TENANT VERSION REASON, or a gate failure (exit 1).
 plan=$(RECORD="$record" REGISTRY="$registry" python3 - <<'PY'
-import json, os, re, sys
+import json, os, re, subprocess, sys
 rec = json.loads(os.environ["RECORD"])
 reg = json.loads(os.environ["REGISTRY"])["models"]
 fail = []
@@ -75,6 +76,15 @@ for t in tenants:
         fail.append(f"{t}: drift {status}, max PSI {worst:.3f} > max_psi {max_psi}")
     if entry.get("alias") == "champion":
         print(f"{t}: {version} is already the champion", file=sys.stderr)
+        continue
+    # A model that was champion once and was replaced since (a rollback, or a
+    # later promotion) is not promoted again by a later night's run of the
+    # same model (a no-op night would undo an operator's rollback).
+    hist = json.loads(subprocess.run(["dagrun", "models", "history", t, "--json"], check=True, capture_output=True, text=True).stdout)["history"]
+    replaced = [h for h in hist if h.get("applied") and h.get("from") == version]
+    if replaced:
+        h = replaced[-1]
+        print(f"{t}: {version} was champion before and was replaced ({h['action']} by {h['who']} at {h['time']}): not promoted again; `dagrun models promote {t} {version}` does it by hand", file=sys.stderr)
         continue
     if status == "accepted":
         why = f"drift accepted (max PSI {worst:.3f}: model {accepted_by} was trained on this data)"

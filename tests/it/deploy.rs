@@ -397,4 +397,16 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     let (code, out, err) = gate(&[]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("nothing to promote") && err.contains("already the champion"), "{out}\n{err}");
+
+    // 6. The operator rolls Tenant_A back; the next nights (no new data: the
+    //    same model passes its gates again) leave the rollback alone
+    //    (helper-72: the step promoted the rolled-back model again).
+    crate::drift::ok(&crate::drift::dagrun(ws, &["models", "rollback", "Tenant_A", "--reason", "bad model"]));
+    let rolled_back_to = champions()["Tenant_A"].clone();
+    assert_ne!(rolled_back_to, va2);
+    crate::drift::ok(&run(&[]));
+    let (code, out, err) = gate(&[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains(&format!("Tenant_A: {va2} was champion before and was replaced (rollback")), "{err}");
+    assert_eq!(champions()["Tenant_A"], rolled_back_to, "the rollback was undone");
 }
