@@ -11,6 +11,11 @@
 //! earlier champions (what `models rollback` returns to) were trained on are
 //! kept: they are what `drift` compares new data with. A registry model that
 //! does not verify names nothing (it is never used); a warning says so.
+//! A forgotten tenant's (`keys forget`) state records, cache entries (kept
+//! runs' too), champion feature files and registry folder are removed
+//! (`workspace::gc`'s rules): what `keys forget` says stays readable until
+//! its folders are deleted and `gc` runs (helper-72: nothing of it ever went,
+//! and `verify` failed on its records every night).
 
 use crate::crypto::Keyring;
 use crate::engine::runs;
@@ -48,6 +53,9 @@ struct Report {
     dry_run: bool,
     keep_runs: usize,
     runs_read: usize,
+    /// Forgotten tenants whose records and registry were removed (or would be).
+    forgotten_tenants: Vec<String>,
+    state_records_removed: usize,
     entries_removed: usize,
     objects_removed: usize,
     bytes_removed: u64,
@@ -75,18 +83,46 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     let newest: Vec<_> = listing.records.iter().rev().take(args.keep_runs).collect();
     let keep: HashSet<ContentHash> =
         newest.iter().flat_map(|r| &r.stages).filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()).collect();
-    let plan = gc::plan(&states, &cas, &keep, &champions_features(ws.root(), &keyring.integrity_key(), args.keep_runs))?;
+    let forgotten: Vec<String> = keyring.forgotten_tenants().into_keys().collect();
+    let is_forgotten = |stage: &str| crate::pipeline::tenants::tenant_of_stage(stage).ok().flatten().is_some_and(|t| forgotten.contains(&t));
+    let registry = crate::registry::Registry::of_workspace(ws.root());
+    let forgotten_registries: Vec<String> = registry.tenants().into_iter().filter(|t| forgotten.contains(t)).collect();
+    let champions = champions_features(&registry, &keyring.integrity_key(), args.keep_runs, &forgotten);
+    let plan = gc::plan(&states, &cas, &keep, &champions, &is_forgotten)?;
+    let forgotten_touched: Vec<String> = forgotten
+        .iter()
+        .filter(|t| {
+            forgotten_registries.contains(t) || plan.states.iter().any(|p| p.file_stem().is_some_and(|s| s.to_string_lossy().ends_with(&format!("[{t}]"))))
+        })
+        .cloned()
+        .collect();
     // Planned figures for a dry run; what was removed otherwise.
     let done = if args.dry_run {
-        gc::Applied { entries_removed: plan.entries.len(), objects_removed: plan.objects.len(), bytes_removed: plan.bytes_removed(), ..Default::default() }
+        gc::Applied {
+            states_removed: plan.states.len(),
+            entries_removed: plan.entries.len(),
+            objects_removed: plan.objects.len(),
+            bytes_removed: plan.bytes_removed(),
+            ..Default::default()
+        }
     } else {
-        gc::apply(&cas, &plan)
+        let mut done = gc::apply(&cas, &plan);
+        // A forgotten tenant's registry: its models and history (derived from its data).
+        for t in &forgotten_registries {
+            if let Err(e) = registry.remove_tenant(t) {
+                done.failed += 1;
+                done.first_error.get_or_insert(format!("{e:#}"));
+            }
+        }
+        done
     };
 
     let r = Report {
         dry_run: args.dry_run,
         keep_runs: args.keep_runs,
         runs_read: newest.len(),
+        forgotten_tenants: forgotten_touched.clone(),
+        state_records_removed: done.states_removed,
         entries_removed: done.entries_removed,
         objects_removed: done.objects_removed,
         bytes_removed: done.bytes_removed,
@@ -109,6 +145,14 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
             hb(r.bytes_kept),
             r.runs_read,
         ));
+        if !forgotten_touched.is_empty() {
+            let verb = if args.dry_run { "would remove" } else { "removed" };
+            crate::engine::report::say(&format!(
+                "{verb} what was left of forgotten tenant(s) {}: {} and their registry folders",
+                forgotten_touched.join(", "),
+                crate::util::count(r.state_records_removed, "state record", "state records"),
+            ));
+        }
     }
     if let Some(e) = done.first_error {
         return Err(anyhow::anyhow!("{} file(s) could not be removed; first: {e}", done.failed));
@@ -118,11 +162,10 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
 
 /// The blake3 of the feature files that each tenant's champion and its
 /// `earlier` latest earlier champions were trained on: drift's references,
-/// now and after a `models rollback`.
-fn champions_features(workspace: &Path, key: &crate::crypto::IntegrityKey, earlier: usize) -> HashSet<ContentHash> {
-    let registry = crate::registry::Registry::of_workspace(workspace);
+/// now and after a `models rollback`. None of a `forgotten` tenant's.
+fn champions_features(registry: &crate::registry::Registry, key: &crate::crypto::IntegrityKey, earlier: usize, forgotten: &[String]) -> HashSet<ContentHash> {
     let mut out = HashSet::new();
-    for tenant in registry.tenants() {
+    for tenant in registry.tenants().into_iter().filter(|t| !forgotten.contains(t)) {
         let champion = match registry.champion(&tenant) {
             Ok(Some(c)) => c,
             Ok(None) => continue,

@@ -46,6 +46,13 @@ pub struct VerifyReport {
     /// gone or damaged; the workspace's had the recorded hash).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restored: Vec<String>,
+    /// State records of forgotten tenants' stages, not checked (`dagrun gc` removes them).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub forgotten_records: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl VerifyReport {
@@ -105,6 +112,7 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
             ws.root().display()
         ));
     }
+    let forgotten: Vec<String> = ring.as_ref().map(|k| k.forgotten_tenants().into_keys().collect()).unwrap_or_default();
     // State files: authentic, well-formed, in their place; outputs intact.
     for (path, l) in states.scan_states() {
         let st = match l {
@@ -120,6 +128,12 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
                 continue;
             }
         };
+        // A forgotten tenant's outputs are meant to go (its folders deleted
+        // by hand, its records by `gc`): not problems (helper-72).
+        if crate::pipeline::tenants::tenant_of_stage(&st.stage).ok().flatten().is_some_and(|t| forgotten.contains(&t)) {
+            r.forgotten_records += 1;
+            continue;
+        }
         r.stages_checked += 1;
         let memo = HashMemo::in_memory();
         for (rel, o) in &st.outputs {
@@ -321,6 +335,12 @@ pub fn run(workspace: &Path, repair: bool, wait: Option<std::time::Duration>, js
             (true, n) if n == r.problems.len() => format!(", {}", if n == 1 { "repaired" } else { "all repaired" }),
             (true, n) => format!(", {n} repaired, {} not", r.remaining()),
         };
+        if r.forgotten_records > 0 && !crate::util::stdout::quiet() {
+            crate::outln!(
+                "note: {} of forgotten tenants are not checked; `dagrun gc` removes them",
+                crate::util::count(r.forgotten_records, "state record", "state records")
+            );
+        }
         if !crate::util::stdout::quiet() || r.remaining() > 0 {
             crate::outln!(
                 "checked {} and {}: {}{fixed}",

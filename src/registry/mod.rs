@@ -232,6 +232,19 @@ impl Registry {
         v
     }
 
+    /// Remove tenant `tenant`'s registry folder (its versions, champion and
+    /// history): for a forgotten tenant (`dagrun gc`). Never through a link.
+    pub fn remove_tenant(&self, tenant: &str) -> Result<()> {
+        Self::check_tenant(tenant)?;
+        let dir = self.tenant_dir(tenant);
+        match std::fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", dir.display())),
+            Ok(m) if !m.is_dir() => bail!("{} is not a folder (a link?); not removed: remove it by hand", dir.display()),
+            Ok(_) => std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display())),
+        }
+    }
+
     /// Tenants with a registry folder (sorted; folders with invalid names are skipped).
     pub fn tenants(&self) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&self.root)

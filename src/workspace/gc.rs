@@ -12,6 +12,11 @@
 //!   and every object the caller names (`dagrun gc` passes the feature files
 //!   the registry's champions were trained on: drift's next reference).
 //!   Nothing else is.
+//! - **Forgotten tenants** (`keys forget`). Nothing of theirs is live: the
+//!   state records of their stages (`NAME[TENANT]`) are removed, with every
+//!   entry of those stages (even one a kept run names) and the objects only
+//!   they name; the caller keeps no champion feature file of theirs and
+//!   removes their registry folder.
 //! - **What goes.** Action-cache entries that are not live, then objects no
 //!   live record names. Entries first: a crash in between leaves objects that
 //!   nothing names (the next `gc` removes them), never an entry whose object
@@ -36,6 +41,8 @@ use std::path::PathBuf;
 /// What a collection removes (or, planned, would remove) and keeps.
 #[derive(Debug, Default)]
 pub struct Plan {
+    /// State records to delete (forgotten tenants' stages).
+    pub states: Vec<PathBuf>,
     /// Action-cache entries to delete.
     pub entries: Vec<PathBuf>,
     /// Objects to delete, with their sizes.
@@ -74,13 +81,22 @@ fn size_of(cas: &Cas, h: &ContentHash) -> u64 {
 
 /// Decide what goes, deleting nothing. `keep` are the action keys to keep
 /// besides the current state records'; `keep_objects` objects to keep besides
-/// those the live records name.
-pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>, keep_objects: &HashSet<ContentHash>) -> Result<Plan> {
+/// those the live records name; `forgotten(stage)`: the stage is a
+/// forgotten tenant's (nothing of it is live).
+pub fn plan(
+    states: &StateStore,
+    cas: &Cas,
+    keep: &HashSet<ContentHash>,
+    keep_objects: &HashSet<ContentHash>,
+    forgotten: &dyn Fn(&str) -> bool,
+) -> Result<Plan> {
     let mut bad = Vec::new();
     let mut live_records: Vec<StageState> = Vec::new();
     let mut keys: HashSet<ContentHash> = keep.clone();
-    for (_, l) in states.scan_states() {
+    let mut p = Plan::default();
+    for (path, l) in states.scan_states() {
         match l {
+            Loaded::Valid(st) if forgotten(&st.stage) => p.states.push(path),
             Loaded::Valid(st) => {
                 keys.insert(st.key.clone());
                 live_records.push(st);
@@ -89,10 +105,9 @@ pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>, keep_ob
             Loaded::Invalid(e) => bad.push(e.to_string()),
         }
     }
-    let mut p = Plan::default();
     for (path, l) in states.scan_actions() {
         match l {
-            Loaded::Valid(st) if keys.contains(&st.key) => {
+            Loaded::Valid(st) if keys.contains(&st.key) && !forgotten(&st.stage) => {
                 p.entries_kept += 1;
                 live_records.push(st);
             }
@@ -133,6 +148,7 @@ pub fn plan(states: &StateStore, cas: &Cas, keep: &HashSet<ContentHash>, keep_ob
 /// What [`apply`] removed, and what it could not.
 #[derive(Debug, Default, PartialEq)]
 pub struct Applied {
+    pub states_removed: usize,
     pub entries_removed: usize,
     pub objects_removed: usize,
     pub bytes_removed: u64,
@@ -143,9 +159,9 @@ pub struct Applied {
     pub first_error: Option<String>,
 }
 
-/// Delete what `plan` chose: entries first, then objects. When an entry
-/// cannot be deleted no object is: the entry that stays may name any of
-/// them (the next `gc` removes them once the entry can go).
+/// Delete what `plan` chose: state records, then entries, then objects.
+/// When a record or an entry cannot be deleted no object is: the one that
+/// stays may name any of them (the next `gc` removes them once it can go).
 pub fn apply(cas: &Cas, plan: &Plan) -> Applied {
     let mut a = Applied::default();
     let remove = |path: &std::path::Path, a: &mut Applied| match std::fs::remove_file(path) {
@@ -157,6 +173,11 @@ pub fn apply(cas: &Cas, plan: &Plan) -> Applied {
             false
         }
     };
+    for path in &plan.states {
+        if remove(path, &mut a) {
+            a.states_removed += 1;
+        }
+    }
     for path in &plan.entries {
         if remove(path, &mut a) {
             a.entries_removed += 1;
@@ -164,7 +185,7 @@ pub fn apply(cas: &Cas, plan: &Plan) -> Applied {
     }
     if a.failed > 0 {
         if let Some(e) = &mut a.first_error {
-            e.push_str("; no cache object was removed, since the entries that stay may name them (run `dagrun gc` again once they can be deleted)");
+            e.push_str("; no cache object was removed, since the records and entries that stay may name them (run `dagrun gc` again once they can be deleted)");
         }
         return a;
     }
@@ -204,7 +225,7 @@ mod tests {
         assert!(obj.exists() && !gone.exists());
         std::fs::remove_dir_all(&stuck).unwrap();
         let a = apply(&cas, &plan);
-        assert_eq!(a, Applied { entries_removed: 2, objects_removed: 1, bytes_removed: 1, failed: 0, first_error: None });
+        assert_eq!(a, Applied { states_removed: 0, entries_removed: 2, objects_removed: 1, bytes_removed: 1, failed: 0, first_error: None });
         assert!(!obj.exists());
     }
 }

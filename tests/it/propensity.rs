@@ -248,6 +248,54 @@ fn forgetting_a_tenant_leaves_the_others_working() {
     assert_eq!(hex.len(), 64);
     let o = run(ws.root.as_path(), &["keys", "export", "Tenant_B", "--i-understand-this-prints-a-secret"], &[]);
     assert!(!o.status.success());
+
+    // What the forget's note says to do next: Tenant_B out of the tenants
+    // file, its folders deleted, then `dagrun gc`. `verify` is clean meanwhile
+    // (helper-72: 9 problems every night, `--repair` could fix none), and gc
+    // removes its records, cache entries and registry (it kept them for good).
+    let root = ws.root.as_path();
+    std::fs::write(root.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n    share: 0.7\n  - id: Tenant_C\n    share: 0.3\n").unwrap();
+    fn remove_named(dir: &Path, what: &str) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let (p, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
+            if name == ".dagrun" {
+                continue;
+            }
+            if name.contains(what) {
+                if p.is_dir() { std::fs::remove_dir_all(&p).unwrap() } else { std::fs::remove_file(&p).unwrap() }
+            } else if p.is_dir() {
+                remove_named(&p, what);
+            }
+        }
+    }
+    remove_named(root, "Tenant_B");
+    let b_records = || -> usize {
+        ["state", "cache/actions"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(root.join(".dagrun").join(d)).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.contains("[Tenant_B]") || std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("[Tenant_B]"))
+            })
+            .count()
+    };
+    assert!(b_records() > 0);
+    let v = run(root, &["verify"], &[]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert_eq!(v.status.code(), Some(0), "{out}");
+    assert!(out.contains("state records of forgotten tenants are not checked; `dagrun gc` removes them"), "{out}");
+    let o = ok(&run(root, &["gc"], &[]));
+    assert!(o.contains("removed what was left of forgotten tenant(s) Tenant_B"), "{o}");
+    assert_eq!(b_records(), 0, "a record of Tenant_B's stages outlived gc");
+    assert!(!root.join(".dagrun/registry/Tenant_B").exists(), "Tenant_B's registry outlived gc");
+    assert!(root.join(".dagrun/registry/Tenant_A").exists());
+    let v = run(root, &["verify"], &[]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert_eq!(v.status.code(), Some(0), "{out}");
+    assert!(!out.contains("forgotten"), "{out}");
+    ok(&run(root, &["run", "pipelines/propensity.yaml", "-p", &format!("rows={ROWS}")], &[]));
+    assert!(!ok(&run(root, &["gc"], &[])).contains("forgotten"), "nothing is left to remove");
 }
 
 #[test]
