@@ -126,6 +126,12 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     assert_eq!(stage(&rec, "train[Tenant_A]")["status"], "skipped");
     assert_eq!(stage(&rec, "train[Tenant_B]")["status"], "cached");
     assert_eq!(std::fs::read(ws.join("models/Tenant_A/model.json")).unwrap(), model_before, "the champion stays in place");
+    // The report the gate left is not taken for an edit (helper-72: `verify`
+    // called it modified outside dagrun every drift night, exit 4).
+    let v = dagrun(ws, &["verify"]);
+    assert_eq!(v.status.code(), Some(0), "{}", String::from_utf8_lossy(&v.stdout));
+    let st = ok(&dagrun(ws, &["status", PIPE]));
+    assert!(st.contains("drift[Tenant_A]"), "{st}");
 
     // Accepting the shift: raising max_psi lets the run retrain.
     let out = ok(&dagrun(ws, &["run", PIPE, "-p", "max_psi=5"]));
