@@ -165,6 +165,33 @@ fn drifted_data_trips_the_gate_and_undrifted_data_passes() {
     assert!(out.contains("all 14 stages up to date"), "{out}");
 }
 
+/// helper-72: `-p max_psi=…` accepted every tenant's drift, checked or not.
+/// A run of one tenant's stages accepts that tenant's shift only.
+#[test]
+fn a_shift_is_accepted_for_one_tenant_by_a_run_of_its_stages() {
+    let d = workspace();
+    let ws = d.root.as_path();
+    for t in ["Tenant_A", "Tenant_B"] {
+        sample(ws, t, "3000", "1");
+    }
+    ok(&dagrun(ws, &["run", PIPE]));
+    for t in ["Tenant_A", "Tenant_B"] {
+        sample(ws, t, "3000", "2");
+        drift_csv(&ws.join(format!("incoming/{t}.csv")), 4.0, 5);
+    }
+    let o = dagrun(ws, &["run", PIPE]);
+    assert_eq!(o.status.code(), Some(1));
+    // Tenant_B's shift was checked: accepted by a run of its stages alone.
+    ok(&dagrun(ws, &["run", PIPE, "serve-check[Tenant_B]", "-p", "max_psi=5"]));
+    assert_eq!(stage(&last_record(ws), "train[Tenant_B]")["status"], "ran");
+    // The nightly run: B's accepted, A's still stopped.
+    let o = dagrun(ws, &["run", PIPE]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stage drift[Tenant_A] failed") && !err.contains("drift[Tenant_B] failed"), "{err}");
+    assert_eq!((report(ws, "Tenant_A")["status"].as_str(), report(ws, "Tenant_B")["status"].as_str()), (Some("fail"), Some("accepted")));
+}
+
 #[test]
 fn bad_drift_params_are_refused_before_anything_runs() {
     let d = workspace();
