@@ -410,7 +410,14 @@ fn real_main(cli: &Cli) -> Result<i32> {
         }
         Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
         Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file, executor } => {
-            let p = load(cli, pipeline, params)?;
+            let p = load(cli, pipeline, params).inspect_err(|e| {
+                if dagrun::error::exit_code_of(e) == exit::CONFIG && !*dry_run {
+                    let ws = Workspace::for_pipeline(cli.workspace.as_deref(), pipeline);
+                    let file = std::path::absolute(pipeline).unwrap_or_else(|_| pipeline.clone());
+                    let root = std::path::absolute(ws.root()).unwrap_or_else(|_| ws.root().to_path_buf());
+                    commands::run::note_failed_start(&root, &dagrun::pipeline::shown_name(&file, &root), metrics_file.as_deref());
+                }
+            })?;
             let args = commands::run::RunArgs {
                 stages: stages.clone(),
                 force: force.clone(),

@@ -69,7 +69,16 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
             ExecutorArg::Slurm => crate::pipeline::ExecutorKind::Slurm,
         }),
     };
-    let out = scheduler::run(p, &opts)?;
+    let (workspace, shown) = (p.workspace.clone(), p.shown.clone());
+    let out = match scheduler::run(p, &opts) {
+        Ok(out) => out,
+        Err(e) => {
+            if crate::error::exit_code_of(&e) == exit::CONFIG {
+                note_failed_start(&workspace, &shown, args.metrics_file.as_deref());
+            }
+            return Err(e);
+        }
+    };
     if args.json {
         say(&serde_json::to_string_pretty(&out.record)?);
         return Ok(exit::OK);
@@ -90,4 +99,18 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
         }
     }
     Ok(exit::OK)
+}
+
+/// A run that did not start (the pipeline or the workspace's settings did
+/// not load: exit 2) says so in the metrics file when one is known: the
+/// `metrics_file` flag, else `metrics_file:` of a `config/dagrun.yaml` that
+/// loads (`engine::run_metrics::write_failed_start`).
+pub fn note_failed_start(workspace: &std::path::Path, pipeline_shown: &str, metrics_flag: Option<&std::path::Path>) {
+    let path = match metrics_flag {
+        Some(p) => Some(p.to_path_buf()),
+        None => crate::config::DagrunConfig::load(workspace).ok().and_then(|s| s.metrics_file),
+    };
+    if let Some(path) = path {
+        crate::engine::run_metrics::write_failed_start(&path, workspace, pipeline_shown, exit::CONFIG);
+    }
 }

@@ -29,6 +29,10 @@
 //!   facts (cached stages keep the facts of the execution they reuse).
 //! - A metrics file that cannot be written is a warning, never a failed run
 //!   (the staleness alert catches it).
+//! - A run that does not start because the pipeline or the workspace's
+//!   settings do not load (exit 2) still writes its run series as failed
+//!   when the file is known (`--metrics-file`, or `metrics_file:` of a
+//!   `config/dagrun.yaml` that loads): [`write_failed_start`].
 //! - OpenLineage: `dagrun_openlineage_pending_events` counts the events
 //!   waiting in every spool of the workspace when the run ends (this run's
 //!   endpoint's and the others': the record's `pending` +
@@ -342,6 +346,48 @@ fn keep_from_old_file(e: &mut Exposition, path: &Path, pipeline: &str, targeted:
             let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             e.sample(name, &l, v);
         }
+    }
+}
+
+/// A run that ended before any stage ran because the pipeline or the
+/// workspace's settings did not load (exit 2: a config error): the
+/// pipeline's run series say so — `dagrun_run_success` 0, the exit code,
+/// status `failed`, the end time — so `DagrunRunFailed` fires that night,
+/// not the 26 h staleness alert a day later (helper-72: the file kept the
+/// last run's success). Its other series stay as the last run left them;
+/// `dagrun_last_success_timestamp_seconds` stays the last success. A file
+/// that cannot be written is a warning (the run's own error is the news).
+pub fn write_failed_start(path: &Path, workspace: &Path, pipeline: &str, exit_code: i32) {
+    let ws = crate::workspace::Workspace::at(workspace);
+    if let Err(e) = ws.check_user_output(path, "the metrics file") {
+        tracing::warn!("not writing the metrics file: {e:#}");
+        return;
+    }
+    let dagrun_dir = workspace.join(crate::workspace::DAGRUN_DIR);
+    let last = dagrun_dir.is_dir().then(|| load_last_success(&dagrun_dir)).unwrap_or_default();
+    let g = Kind::Gauge;
+    let mut e = Exposition::new();
+    e.family("dagrun_run_status", g, "Outcome of the last run: 1 for its status, 0 for the others.");
+    for st in RunStatus::ALL {
+        e.sample("dagrun_run_status", &[("pipeline", pipeline), ("status", st.as_str())], if st == RunStatus::Failed { 1.0 } else { 0.0 });
+    }
+    e.family("dagrun_run_success", g, "1 if the last run succeeded (exit code 0), else 0.");
+    e.sample("dagrun_run_success", &[("pipeline", pipeline)], 0.0);
+    e.family("dagrun_run_exit_code", g, "Exit code of the last run (0 ok, 1 a stage failed, 130 interrupted).");
+    e.sample("dagrun_run_exit_code", &[("pipeline", pipeline)], exit_code as f64);
+    let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+    e.family("dagrun_run_start_timestamp_seconds", g, "Start of the last run (Unix time).");
+    e.sample("dagrun_run_start_timestamp_seconds", &[("pipeline", pipeline)], now);
+    e.family("dagrun_run_end_timestamp_seconds", g, "End of the last run (Unix time).");
+    e.sample("dagrun_run_end_timestamp_seconds", &[("pipeline", pipeline)], now);
+    e.family("dagrun_run_duration_seconds", g, "Wall time of the last run.");
+    e.sample("dagrun_run_duration_seconds", &[("pipeline", pipeline)], 0.0);
+    e.family("dagrun_last_success_timestamp_seconds", g, "End of the last successful run (Unix time; 0 if none yet). Kept across failed runs.");
+    e.sample("dagrun_last_success_timestamp_seconds", &[("pipeline", pipeline)], last.get(pipeline).copied().unwrap_or(0.0));
+    // Every other series of this pipeline as the last run left it: no stage ran.
+    keep_from_old_file(&mut e, path, pipeline, true);
+    if let Err(err) = crate::util::atomic::write_atomic(path, e.render().as_bytes()) {
+        tracing::warn!("cannot write the metrics file: {err:#}");
     }
 }
 

@@ -179,15 +179,21 @@ enum Source {
     Recorded,
 }
 
+/// How a pipeline file (absolute) is named in messages, records and metric
+/// labels: relative to its workspace (absolute); a device or a pipe
+/// (`/dev/zero`, `<(…)` under /dev/fd) is named whole.
+pub fn shown_name(file: &Path, workspace: &Path) -> String {
+    let special = file.starts_with("/dev") || file.starts_with("/proc");
+    file.strip_prefix(workspace).ok().filter(|_| !special).map(|p| p.display().to_string()).unwrap_or_else(|| file.display().to_string())
+}
+
 fn load_from(file: &Path, workspace: Option<&Path>, overrides: &[(String, String)], kinds: &Kinds, source: Source) -> Result<Pipeline> {
     let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
     let workspace = match workspace {
         Some(w) => std::path::absolute(w).unwrap_or_else(|_| w.to_path_buf()),
         None => find_workspace(&file),
     };
-    // A device or a pipe (`/dev/zero`, `<(…)` under /dev/fd) is named whole.
-    let special = file.starts_with("/dev") || file.starts_with("/proc");
-    let shown = file.strip_prefix(&workspace).ok().filter(|_| !special).map(|p| p.display().to_string()).unwrap_or_else(|| file.display().to_string());
+    let shown = shown_name(&file, &workspace);
     let meta = std::fs::metadata(&file).map_err(|e| config(format!("{shown}: cannot read the pipeline file: {e}")))?;
     if meta.is_dir() {
         return Err(config(format!("{shown}: is a directory; give the path of a pipeline YAML file")));

@@ -163,6 +163,40 @@ fn a_shared_metrics_file_keeps_other_pipelines_and_a_targeted_run_is_no_success(
     assert!(text.contains(r#"pipeline="b.yaml""#) && !text.contains("histogram") && !text.contains(r#"pipeline="a.yaml""#), "{text}");
 }
 
+/// helper-72: a night that could not start (a broken pipeline or settings
+/// file: exit 2) left the metrics saying the last run succeeded, so
+/// `DagrunRunFailed` never fired. Its run series now say failed, exit 2.
+#[test]
+fn a_run_that_cannot_start_says_so_in_the_metrics_file() {
+    let ws = Ws::new();
+    ws.write("a.yaml", "stages:\n  ok:\n    cmd: echo ok > ok.txt\n    outs: [ok.txt]\n");
+    run_ws(&ws, &["run", "a.yaml", "--metrics-file", "m.prom"]).ok();
+    let last = samples(&ws.read("m.prom"))[r#"dagrun_last_success_timestamp_seconds{pipeline="a.yaml"}"#];
+    assert!(last > 0.0);
+    let check = |how: &str| {
+        promtool(&["check", "metrics"], &ws.root, Some(&ws.path("m.prom")));
+        let s = samples(&ws.read("m.prom"));
+        assert_eq!(s[r#"dagrun_run_success{pipeline="a.yaml"}"#], 0.0, "{how}");
+        assert_eq!(s[r#"dagrun_run_exit_code{pipeline="a.yaml"}"#], 2.0, "{how}");
+        assert_eq!(s[r#"dagrun_run_status{pipeline="a.yaml",status="failed"}"#], 1.0, "{how}");
+        assert_eq!(s[r#"dagrun_last_success_timestamp_seconds{pipeline="a.yaml"}"#], last, "{how}");
+        assert_eq!(s[r#"dagrun_stage_status{pipeline="a.yaml",stage="ok",tenant="",status="ran"}"#], 1.0, "{how}: the stage series went");
+    };
+    // The pipeline file does not load.
+    ws.write("a.yaml", "stages:\n  ok:\n    cmd: echo ok > ok.txt\n    outz: [ok.txt]\n");
+    assert_eq!(ws.dagrun(&["run", "a.yaml", "--metrics-file", "m.prom"]).code, 2);
+    check("a pipeline file that does not load");
+    // Back to a success, then the settings file does not load (metrics_file: from it).
+    ws.write("a.yaml", "stages:\n  ok:\n    cmd: echo ok > ok.txt\n    outs: [ok.txt]\n");
+    run_ws(&ws, &["run", "a.yaml", "--force", "", "--metrics-file", "m.prom"]).ok();
+    let last = samples(&ws.read("m.prom"))[r#"dagrun_last_success_timestamp_seconds{pipeline="a.yaml"}"#];
+    ws.write("config/dagrun.yaml", "metrics_file: m.prom\nremote: 12\n");
+    assert_eq!(ws.dagrun(&["run", "a.yaml", "--metrics-file", "m.prom"]).code, 2);
+    let s = samples(&ws.read("m.prom"));
+    assert_eq!((s[r#"dagrun_run_success{pipeline="a.yaml"}"#], s[r#"dagrun_run_exit_code{pipeline="a.yaml"}"#]), (0.0, 2.0));
+    assert_eq!(s[r#"dagrun_last_success_timestamp_seconds{pipeline="a.yaml"}"#], last);
+}
+
 #[test]
 fn a_settings_file_with_an_unknown_key_is_refused_with_file_and_line() {
     let ws = Ws::new();
