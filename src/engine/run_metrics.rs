@@ -364,7 +364,7 @@ pub fn write_failed_start(path: &Path, workspace: &Path, pipeline: &str, exit_co
         return;
     }
     let dagrun_dir = workspace.join(crate::workspace::DAGRUN_DIR);
-    let last = dagrun_dir.is_dir().then(|| load_last_success(&dagrun_dir)).unwrap_or_default();
+    let last = load_last_success(&dagrun_dir);
     let g = Kind::Gauge;
     let mut e = Exposition::new();
     e.family("dagrun_run_status", g, "Outcome of the last run: 1 for its status, 0 for the others.");
