@@ -107,6 +107,16 @@ pub struct DagrunConfig {
 }
 
 impl DagrunConfig {
+    /// The metrics file a command other than `run` writes into: `flag`
+    /// (its `--metrics-file`), else `metrics_file:` of a settings file that
+    /// loads (a broken one names none here: `run` reports it).
+    pub fn metrics_file_or(workspace: &Path, flag: Option<&Path>) -> Option<std::path::PathBuf> {
+        match flag {
+            Some(p) => Some(p.to_path_buf()),
+            None => DagrunConfig::load(workspace).ok().and_then(|s| s.metrics_file),
+        }
+    }
+
     /// Load `<workspace>/config/dagrun.yaml`; a missing file gives the defaults.
     pub fn load(workspace: &Path) -> Result<DagrunConfig> {
         let path = workspace.join(CONFIG_FILE);

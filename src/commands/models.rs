@@ -28,6 +28,9 @@ pub enum ModelsCmd {
         /// Wait up to SECONDS for a run holding the workspace.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::commands::parse_seconds)]
         wait: f64,
+        /// Mark the new champion in this metrics file (default: `metrics_file:` in config/dagrun.yaml).
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<std::path::PathBuf>,
     },
     /// Return the tenant to its previous champion.
     Rollback {
@@ -37,6 +40,9 @@ pub enum ModelsCmd {
         /// Wait up to SECONDS for a run holding the workspace.
         #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = crate::commands::parse_seconds)]
         wait: f64,
+        /// Mark the new champion in this metrics file (default: `metrics_file:` in config/dagrun.yaml).
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<std::path::PathBuf>,
     },
     /// Promotions and rollbacks: who, when, from, to, why.
     History {
@@ -52,6 +58,14 @@ pub enum ModelsCmd {
 fn check_tenant(workspace: &Path, reg: &Registry, t: &str) -> Result<()> {
     crate::pipeline::tenants::validate_tenant_id(t).map_err(|m| crate::error::config(format!("tenant: {m}")))?;
     super::check_known_tenant(workspace, t, reg.tenants().iter().any(|r| r == t), "the model registry holds no model of it")
+}
+
+/// The new champion, marked in the metrics file when one is known
+/// (`engine::run_metrics::mark_champion`).
+fn mark_in_metrics(workspace: &Path, flag: Option<&Path>, tenant: &str, version: &str) {
+    if let Some(p) = crate::config::DagrunConfig::metrics_file_or(workspace, flag) {
+        crate::engine::run_metrics::mark_champion(&p, workspace, tenant, version);
+    }
 }
 
 pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
@@ -111,7 +125,7 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                 );
             }
         }
-        ModelsCmd::Promote { tenant, version, reason, wait } => {
+        ModelsCmd::Promote { tenant, version, reason, wait, metrics_file } => {
             check_tenant(workspace, &reg, tenant)?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(*wait)), "dagrun models promote")?;
             if !reg.versions(tenant)?.iter().any(|e| &e.version == version) {
@@ -128,14 +142,18 @@ pub fn run(workspace: &Path, cmd: &ModelsCmd) -> Result<()> {
                 }
             }
             match reg.promote(tenant, version, &current_user(), reason, &*key()?)? {
-                Promotion::Changed { from } => crate::doneln!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)")),
+                Promotion::Changed { from } => {
+                    mark_in_metrics(workspace, metrics_file.as_deref(), tenant, version);
+                    crate::doneln!("tenant {tenant}: champion {} -> {version}", from.as_deref().unwrap_or("(none)"))
+                }
                 Promotion::AlreadyChampion => crate::doneln!("tenant {tenant}: {version} is already the champion; nothing changed"),
             }
         }
-        ModelsCmd::Rollback { tenant, reason, wait } => {
+        ModelsCmd::Rollback { tenant, reason, wait, metrics_file } => {
             check_tenant(workspace, &reg, tenant)?;
             let _l = lock::acquire(&dir, Some(std::time::Duration::from_secs_f64(*wait)), "dagrun models rollback")?;
             let (from, to) = reg.rollback(tenant, &current_user(), reason, &*key()?)?;
+            mark_in_metrics(workspace, metrics_file.as_deref(), tenant, &to);
             crate::doneln!("tenant {tenant}: champion {from} -> {to} (rolled back)");
         }
         ModelsCmd::History { tenant, json } => {

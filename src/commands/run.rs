@@ -106,11 +106,7 @@ pub fn run(p: Pipeline, args: &RunArgs) -> Result<i32> {
 /// `metrics_file` flag, else `metrics_file:` of a `config/dagrun.yaml` that
 /// loads (`engine::run_metrics::write_failed_start`).
 pub fn note_failed_start(workspace: &std::path::Path, pipeline_shown: &str, metrics_flag: Option<&std::path::Path>) {
-    let path = match metrics_flag {
-        Some(p) => Some(p.to_path_buf()),
-        None => crate::config::DagrunConfig::load(workspace).ok().and_then(|s| s.metrics_file),
-    };
-    if let Some(path) = path {
+    if let Some(path) = crate::config::DagrunConfig::metrics_file_or(workspace, metrics_flag) {
         crate::engine::run_metrics::write_failed_start(&path, workspace, pipeline_shown, exit::CONFIG);
     }
 }

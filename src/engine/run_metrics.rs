@@ -29,6 +29,9 @@
 //!   facts (cached stages keep the facts of the execution they reuse).
 //! - A metrics file that cannot be written is a warning, never a failed run
 //!   (the staleness alert catches it).
+//! - `models promote` / `models rollback` mark the new champion in the file
+//!   (`--metrics-file`, or `metrics_file:` of `config/dagrun.yaml`):
+//!   [`mark_champion`].
 //! - A run that does not start because the pipeline or the workspace's
 //!   settings do not load (exit 2) still writes its run series as failed
 //!   when the file is known (`--metrics-file`, or `metrics_file:` of a
@@ -240,7 +243,7 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
     e.family("dagrun_model_rows", g, "Rows the tenant's model was trained and tested on.");
     e.family("dagrun_model_test_auc", g, "Test AUC of the tenant's model from the last run.");
     e.family("dagrun_model_min_auc", g, "The AUC gate (min_auc) of the tenant's train stage.");
-    e.family("dagrun_model_champion", g, "1 if the model from the last run is the tenant's champion, else 0.");
+    e.family("dagrun_model_champion", g, "1 if the model is the tenant's champion (at the run's end; models promote/rollback update it), else 0.");
     for r in &record.stages {
         let Some(s) = engine.pipeline.stages.iter().find(|s| s.name == r.stage) else { continue };
         let Some(tenant) = s.tenant.as_deref() else { continue };
@@ -387,6 +390,57 @@ pub fn write_failed_start(path: &Path, workspace: &Path, pipeline: &str, exit_co
     // Every other series of this pipeline as the last run left it: no stage ran.
     keep_from_old_file(&mut e, path, pipeline, true);
     if let Err(err) = crate::util::atomic::write_atomic(path, e.render().as_bytes()) {
+        tracing::warn!("cannot write the metrics file: {err:#}");
+    }
+}
+
+/// After `models promote` / `models rollback`: the metrics file's
+/// `dagrun_model_champion` series of `tenant` say that `version` is its
+/// champion now (1 for it, added where missing, 0 for the others), in every
+/// pipeline that has such series; nothing else changes (helper-72: the file
+/// named the champion as of the run's end, so the model a promotion step
+/// made champion after the run read 0 until the next night). A missing file
+/// is left missing; one that is not what dagrun writes is left alone, with a
+/// warning.
+pub fn mark_champion(path: &Path, workspace: &Path, tenant: &str, version: &str) {
+    const FAMILY: &str = "dagrun_model_champion";
+    let text = match crate::util::read_capped(path, MAX_METRICS_BYTES) {
+        Ok(b) => b,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+        Err(err) => {
+            tracing::warn!("cannot read the metrics file {} to mark the new champion: {err}", path.display());
+            return;
+        }
+    };
+    let mut e = match std::str::from_utf8(&text).map_err(|_| "not UTF-8".to_string()).and_then(Exposition::parse) {
+        Ok(e) => e,
+        Err(why) => {
+            tracing::warn!("the metrics file {} is not one dagrun wrote ({why}); the new champion is not marked in it", path.display());
+            return;
+        }
+    };
+    let label = |l: &[(String, String)], k: &str| l.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let ours: Vec<(Vec<(String, String)>, String)> = e
+        .samples()
+        .filter(|(n, ..)| *n == FAMILY)
+        .filter(|(_, _, _, l, _)| label(l, "tenant").as_deref() == Some(tenant))
+        .filter_map(|(_, _, _, l, _)| Some((l.to_vec(), label(l, "pipeline")?)))
+        .collect();
+    if ours.is_empty() || !plain(version) {
+        return;
+    }
+    for (labels, _) in &ours {
+        let is = label(labels, "model_version").as_deref() == Some(version);
+        let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        e.sample(FAMILY, &l, if is { 1.0 } else { 0.0 });
+    }
+    let pipelines: std::collections::BTreeSet<&String> = ours.iter().map(|(_, p)| p).collect();
+    for p in pipelines {
+        e.sample(FAMILY, &[("pipeline", p), ("tenant", tenant), ("model_version", version)], 1.0);
+    }
+    if let Err(err) = crate::workspace::Workspace::at(workspace).check_user_output(path, "the metrics file") {
+        tracing::warn!("not writing the metrics file: {err:#}");
+    } else if let Err(err) = crate::util::atomic::write_atomic(path, e.render().as_bytes()) {
         tracing::warn!("cannot write the metrics file: {err:#}");
     }
 }

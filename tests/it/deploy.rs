@@ -335,6 +335,19 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     for t in ["Tenant_A", "Tenant_B"] {
         crate::drift::sample(ws, t, "4000", "1");
     }
+    // The metrics file the runs write and promotions update.
+    let settings = ws.join("config/dagrun.yaml");
+    let old = std::fs::read_to_string(&settings).unwrap_or_default();
+    std::fs::write(&settings, format!("{old}\nmetrics_file: m.prom\n")).unwrap();
+    let champion_metric = |t: &str| -> BTreeMap<String, f64> {
+        samples(&std::fs::read_to_string(ws.join("m.prom")).unwrap())
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("dagrun_model_champion{")?;
+                rest.contains(&format!("tenant=\"{t}\"")).then(|| (rest.split("model_version=\"").nth(1).unwrap().trim_end_matches("\"}").to_string(), v))
+            })
+            .collect()
+    };
     let bin_dir = Path::new(BIN).parent().unwrap();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
     let script = root().join("examples/deploy/promote-if-gates-pass.sh");
@@ -391,6 +404,9 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     let (code, _, err) = gate(&[]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(champions(), BTreeMap::from([("Tenant_A".to_string(), va.clone()), ("Tenant_B".to_string(), vb.clone())]));
+    // The metrics say so at once (helper-72: 0 until the next night's run).
+    assert_eq!(champion_metric("Tenant_A"), BTreeMap::from([(va.clone(), 1.0)]));
+    promtool(&["check", "metrics"], ws, Some(&ws.join("m.prom")));
     let hist: Value = serde_json::from_str(&crate::drift::ok(&crate::drift::dagrun(ws, &["models", "history", "Tenant_A", "--json"]))).unwrap();
     let text = hist.to_string();
     assert!(text.contains("gates passed: test AUC") && text.contains(">= min_auc 0.6") && text.contains("drift no_reference"), "{text}");
@@ -443,4 +459,11 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(err.contains(&format!("Tenant_A: {va2} was champion before and was replaced (rollback")), "{err}");
     assert_eq!(champions()["Tenant_A"], rolled_back_to, "the rollback was undone");
+    // A rollback is marked too: the model rolled back to is 1, the others 0.
+    crate::drift::ok(&crate::drift::dagrun(ws, &["models", "rollback", "Tenant_B", "--reason", "check the metrics"]));
+    let b_now = champions()["Tenant_B"].clone();
+    let m = champion_metric("Tenant_B");
+    assert_eq!(m[&b_now], 1.0, "{m:?}");
+    assert!(m.iter().all(|(v, x)| (v == &b_now) == (*x == 1.0)), "{m:?}");
+    promtool(&["check", "metrics"], ws, Some(&ws.join("m.prom")));
 }
