@@ -338,8 +338,11 @@ impl Engine {
         let outdated = s.outs.iter().any(|o| {
             let abs = self.pipeline.abs(&o.path);
             self.memo.forget(&abs);
+            // Written by this attempt: there, and not what the record says.
+            // (A missing one was not: a sensitive output is shredded after
+            // every run, and a failure before writing leaves none.)
             let now = self.memo.hash_path(&abs).ok().flatten().map(|h| h.hash);
-            now.as_ref() != recorded.outputs.get(&o.path).map(|r| &r.hash)
+            now.is_some() && now.as_ref() != recorded.outputs.get(&o.path).map(|r| &r.hash)
         });
         if outdated {
             self.states.remove(&s.name);
