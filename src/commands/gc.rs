@@ -83,7 +83,13 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     let newest: Vec<_> = listing.records.iter().rev().take(args.keep_runs).collect();
     let keep: HashSet<ContentHash> =
         newest.iter().flat_map(|r| &r.stages).filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()).collect();
-    let forgotten: Vec<String> = keyring.forgotten_tenants().into_keys().collect();
+    // Only a proven erasure: a sealed tombstone, no key left (helper-73).
+    let forgotten: Vec<String> = keyring.erased_tenants();
+    for t in keyring.unproven_tombstones() {
+        tracing::warn!(
+            "the keyring names tenant {t} forgotten without proof (no seal of this workspace's `keys forget`, or its keys are still there): nothing of {t} is removed; `dagrun keys forget {t} --yes` seals an older dagrun's tombstone once {t} has no keys"
+        );
+    }
     let is_forgotten = |stage: &str| crate::pipeline::tenants::tenant_of_stage(stage).ok().flatten().is_some_and(|t| forgotten.contains(&t));
     let registry = crate::registry::Registry::of_workspace(ws.root());
     let forgotten_registries: Vec<String> = registry.tenants().into_iter().filter(|t| forgotten.contains(t)).collect();

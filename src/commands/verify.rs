@@ -112,7 +112,13 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
             ws.root().display()
         ));
     }
-    let forgotten: Vec<String> = ring.as_ref().map(|k| k.forgotten_tenants().into_keys().collect()).unwrap_or_default();
+    // Only a proven erasure leaves records unchecked (helper-73).
+    let forgotten: Vec<String> = ring.as_ref().map(|k| k.erased_tenants()).unwrap_or_default();
+    for t in ring.iter().flat_map(|k| k.unproven_tombstones()) {
+        r.problems.push(format!(
+            "the keyring names tenant {t} forgotten without proof (no seal of this workspace's `keys forget`, or its keys are still there): added by hand, or by a dagrun before tombstones were sealed; `dagrun keys forget {t} --yes` seals the latter once {t} has no keys"
+        ));
+    }
     // State files: authentic, well-formed, in their place; outputs intact.
     for (path, l) in states.scan_states() {
         let st = match l {

@@ -283,6 +283,32 @@ struct Tombstone {
     forgotten_at: String,
     #[serde(default)]
     destroyed_keys: Vec<DestroyedKey>,
+    /// MAC under the workspace integrity key ([`Tombstone::sealed_bytes`]):
+    /// a tombstone only `keys forget` can make. Runs refuse any tombstone's
+    /// tenant; `gc` deletes data only of a sealed one whose tenant has no
+    /// keys left (helper-73: a line added to keyring.json without the key
+    /// had gc wipe a live tenant). Absent in keyrings of older dagruns
+    /// (`keys forget` again seals it once the tenant has no keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seal: Option<String>,
+}
+
+/// MAC domain of a tombstone's seal.
+const TOMBSTONE_DOMAIN: &str = "dagrun keyring tombstone v1";
+
+impl Tombstone {
+    fn sealed_bytes(&self) -> Vec<u8> {
+        let ids: Vec<&str> = self.destroyed_keys.iter().map(|d| d.id.as_str()).collect();
+        format!("{}\n{}\n{}", self.tenant, self.forgotten_at, ids.join(",")).into_bytes()
+    }
+
+    fn seal_with(&mut self, key: &super::integrity::IntegrityKey) {
+        self.seal = Some(key.mac(TOMBSTONE_DOMAIN, &self.sealed_bytes()).to_hex().to_string());
+    }
+
+    fn is_sealed(&self, key: &super::integrity::IntegrityKey) -> bool {
+        self.seal.as_deref().is_some_and(|m| key.verify(TOMBSTONE_DOMAIN, &self.sealed_bytes(), m))
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -717,7 +743,16 @@ impl Keyring {
             // Names the destroyed keys again: a forget killed between its
             // keyring write and its audit line is recorded here at the latest.
             let shown = shown_ids(t.destroyed_keys.iter().map(|d| d.id.as_str()));
-            self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {}", t.forgotten_at))?;
+            let at = t.forgotten_at.clone();
+            // An older dagrun's tombstone is sealed now, once the tenant has no keys.
+            if !t.is_sealed(&self.integrity) && !g.tenants.contains_key(tenant) {
+                let mut new = (*g).clone();
+                if let Some(t) = new.forgotten.iter_mut().find(|t| t.tenant == tenant) {
+                    t.seal_with(&self.integrity);
+                }
+                self.commit(&mut g, new)?;
+            }
+            self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {at}"))?;
             let _ = fs::remove_file(self.path.with_file_name(FORGETTING_FILE));
             return Ok(());
         }
@@ -737,7 +772,9 @@ impl Keyring {
         }
         let n = destroyed.len();
         let shown = shown_ids(destroyed.iter().map(|d| d.id.as_str()));
-        new.forgotten.push(Tombstone { tenant: tenant.to_string(), forgotten_at: now(), destroyed_keys: destroyed });
+        let mut tomb = Tombstone { tenant: tenant.to_string(), forgotten_at: now(), destroyed_keys: destroyed, seal: None };
+        tomb.seal_with(&self.integrity);
+        new.forgotten.push(tomb);
         // Logged before the keyring is written, as an export is: a forget
         // killed in between leaves a `started` line, never destroyed keys
         // without one, and the marker every run warns about.
@@ -764,6 +801,22 @@ impl Keyring {
     /// Every forgotten tenant, with when it was forgotten (RFC 3339).
     pub fn forgotten_tenants(&self) -> std::collections::BTreeMap<String, String> {
         self.lock().forgotten.iter().map(|t| (t.tenant.clone(), t.forgotten_at.clone())).collect()
+    }
+
+    /// Tenants whose erasure is proven: a tombstone this workspace's `keys
+    /// forget` sealed, and no key of the tenant left in the keyring. Only
+    /// these may have their data deleted (`dagrun gc`) or their records left
+    /// unchecked (`verify`); see [`Keyring::unproven_tombstones`].
+    pub fn erased_tenants(&self) -> Vec<String> {
+        let g = self.lock();
+        g.forgotten.iter().filter(|t| t.is_sealed(&self.integrity) && !g.tenants.contains_key(&t.tenant)).map(|t| t.tenant.clone()).collect()
+    }
+
+    /// Tombstones that prove nothing: unsealed (an older dagrun's, or one
+    /// added to the file by hand) or naming a tenant whose keys are still here.
+    pub fn unproven_tombstones(&self) -> Vec<String> {
+        let g = self.lock();
+        g.forgotten.iter().filter(|t| !t.is_sealed(&self.integrity) || g.tenants.contains_key(&t.tenant)).map(|t| t.tenant.clone()).collect()
     }
 
     /// When the tenant was forgotten (RFC 3339), if it was.

@@ -233,16 +233,20 @@ impl Registry {
     }
 
     /// Remove tenant `tenant`'s registry folder (its versions, champion and
-    /// history): for a forgotten tenant (`dagrun gc`). Never through a link.
+    /// history): for a forgotten tenant (`dagrun gc`). Through handles opened
+    /// without following a link, from the workspace down
+    /// (`util::nofollow::Dir::remove_tree`): nothing outside it is deleted,
+    /// whatever is swapped in meanwhile.
     pub fn remove_tenant(&self, tenant: &str) -> Result<()> {
         Self::check_tenant(tenant)?;
-        let dir = self.tenant_dir(tenant);
-        match std::fs::symlink_metadata(&dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("cannot remove {}", dir.display())),
-            Ok(m) if !m.is_dir() => bail!("{} is not a folder (a link?); not removed: remove it by hand", dir.display()),
-            Ok(_) => std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display())),
-        }
+        let (Some(dagrun_dir), Some(reg_name)) = (self.root.parent(), self.root.file_name()) else { bail!("{}: not a registry folder", self.root.display()) };
+        let (Some(ws), Some(dagrun_name)) = (dagrun_dir.parent(), dagrun_dir.file_name()) else { bail!("{}: not a registry folder", self.root.display()) };
+        let dir = match crate::util::nofollow::Dir::open(ws, &Path::new(dagrun_name).join(reg_name)) {
+            Ok(d) => d,
+            Err(_) if !self.root.exists() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        dir.remove_tree(std::ffi::OsStr::new(tenant))
     }
 
     /// Tenants with a registry folder (sorted; folders with invalid names are skipped).

@@ -19,6 +19,11 @@
 //!   never a FIFO or device (`O_NONBLOCK`, then a regular-file check: a FIFO
 //!   there would block a run forever, holding the lock), and never a file
 //!   with another name elsewhere (a hard link: one link only).
+//! - [`Dir::remove_tree`] deletes a folder below a directory handle with
+//!   `unlinkat` and `openat(O_NOFOLLOW)` only: a link met anywhere (swapped
+//!   in while it runs) is unlinked itself, never followed, so nothing outside
+//!   the folder is ever deleted (helper-73: `remove_dir_all` by path went
+//!   through a parent swapped for a link).
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::CString;
@@ -134,6 +139,50 @@ impl Dir {
     /// The directory as shown in messages.
     pub fn path(&self) -> &Path {
         &self.shown
+    }
+
+    /// Delete `name` (below this directory) and, when it is a folder,
+    /// everything in it, never following a link (module rules). A missing
+    /// `name` is fine.
+    pub fn remove_tree(&self, name: &std::ffi::OsStr) -> Result<()> {
+        let cname = cstr(name)?;
+        let shown = self.shown.join(name);
+        // SAFETY: valid dirfd and NUL-terminated name; a plain unlink never follows a link.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => return Ok(()),
+            Some(libc::EISDIR) | Some(libc::EPERM) => {}
+            _ => return Err(e).with_context(|| format!("cannot delete {}", shown.display())),
+        }
+        // A folder: open it without following a link, empty it, remove it.
+        // SAFETY: valid dirfd and NUL-terminated name.
+        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), cname.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot open {} (a link swapped in?)", shown.display()));
+        }
+        // SAFETY: fd was just returned by openat and is owned by nobody else.
+        let sub = Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shown: shown.clone() };
+        // The names, read through this very handle.
+        let names: Vec<std::ffi::OsString> = std::fs::read_dir(format!("/proc/self/fd/{}", sub.fd.as_raw_fd()))
+            .with_context(|| format!("cannot list {}", shown.display()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("cannot list {}", shown.display()))?;
+        for n in names {
+            sub.remove_tree(&n)?;
+        }
+        drop(sub);
+        // SAFETY: valid dirfd and NUL-terminated name.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e).with_context(|| format!("cannot delete {}", shown.display()));
+            }
+        }
+        Ok(())
     }
 
     /// Remove `name` if present (a file or a symlink; a directory is an
@@ -270,6 +319,26 @@ pub fn check_write_paths(root: &Path, rel: &str, protected: &[&str], final_link_
 
 #[cfg(test)]
 mod tests {
+    /// helper-73: a folder removed by path went through a link swapped in.
+    #[test]
+    fn remove_tree_never_follows_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let (ws, outside) = (d.path().join("ws"), d.path().join("outside"));
+        std::fs::create_dir_all(ws.join("reg/T/versions")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("keep.txt"), "x").unwrap();
+        std::fs::write(ws.join("reg/T/index.json"), "{}").unwrap();
+        std::fs::write(ws.join("reg/T/versions/v.json"), "{}").unwrap();
+        std::os::unix::fs::symlink(&outside, ws.join("reg/T/versions/link")).unwrap();
+        std::os::unix::fs::symlink(&outside, ws.join("reg/U")).unwrap();
+        let reg = Dir::open(&ws, Path::new("reg")).unwrap();
+        reg.remove_tree(std::ffi::OsStr::new("T")).unwrap();
+        reg.remove_tree(std::ffi::OsStr::new("U")).unwrap();
+        reg.remove_tree(std::ffi::OsStr::new("missing")).unwrap();
+        assert!(!ws.join("reg/T").exists() && ws.join("reg/U").symlink_metadata().is_err());
+        assert_eq!(std::fs::read_to_string(outside.join("keep.txt")).unwrap(), "x", "deleted through a link");
+    }
+
     use super::*;
 
     #[test]

@@ -298,6 +298,40 @@ fn forgetting_a_tenant_leaves_the_others_working() {
     assert!(!ok(&run(root, &["gc"], &[])).contains("forgotten"), "nothing is left to remove");
 }
 
+/// helper-73: a tombstone added to keyring.json without the master key made
+/// `gc` delete a live tenant's registry, records and cache entries, and
+/// `verify` stop checking them. Only a sealed tombstone of a tenant with no
+/// keys left counts.
+#[test]
+fn a_tombstone_added_by_hand_makes_gc_delete_nothing() {
+    let ws = crate::common::shipped_workspace(TWO);
+    let root = ws.root.as_path();
+    run_pipeline(root, &[]);
+    let ring_path = root.join(".dagrun/keys/keyring.json");
+    let mut ring: serde_json::Value = serde_json::from_slice(&std::fs::read(&ring_path).unwrap()).unwrap();
+    let forged = serde_json::json!({"tenant": "Tenant_A", "forgotten_at": "2026-12-07T00:00:00Z", "destroyed_keys": []});
+    ring["forgotten"] = serde_json::json!([forged.clone()]);
+    std::fs::write(&ring_path, serde_json::to_vec_pretty(&ring).unwrap()).unwrap();
+    let before = std::fs::read_dir(root.join(".dagrun/state")).unwrap().count();
+    let o = run(root, &["gc"], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("names tenant Tenant_A forgotten without proof") && err.contains("nothing of Tenant_A is removed"), "{err}");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("forgotten tenant"), "{o:?}");
+    assert!(root.join(".dagrun/registry/Tenant_A/champion.json").exists(), "gc deleted a live tenant's registry");
+    assert_eq!(std::fs::read_dir(root.join(".dagrun/state")).unwrap().count(), before);
+    let v = run(root, &["verify"], &[]);
+    assert_eq!(v.status.code(), Some(4), "{v:?}");
+    assert!(String::from_utf8_lossy(&v.stdout).contains("names tenant Tenant_A forgotten without proof"), "{v:?}");
+    // The same line with a seal copied from elsewhere does not verify either.
+    let mut sealed = forged;
+    sealed["seal"] = "0".repeat(64).into();
+    ring["forgotten"] = serde_json::json!([sealed]);
+    std::fs::write(&ring_path, serde_json::to_vec_pretty(&ring).unwrap()).unwrap();
+    ok(&run(root, &["gc"], &[]));
+    assert!(root.join(".dagrun/registry/Tenant_A/champion.json").exists());
+}
+
 #[test]
 fn feature_store_parquet_schema_footer_and_hash() {
     let ws = crate::common::shipped_workspace(TWO);
