@@ -17,8 +17,9 @@
 #     says accepted (a shift above max_psi that a model was already trained
 #     on, after a run with `-p max_psi=...` raised: `reference.accepted_by`).
 # Then `dagrun models promote TENANT VERSION --reason ...` (skipped when the
-# version is already the champion, or was champion once and was replaced
-# since: a rollback stays rolled back on the nights that follow). Exit 1, promoting nothing, when a gate
+# version is already the champion, or was rolled back: a rollback stays
+# rolled back on the nights that follow). With DAGRUN_METRICS_FILE set (the
+# run's --metrics-file), the promotion marks the new champion there too. Exit 1, promoting nothing, when a gate
 # fails. Needs `dagrun` on PATH and python3.
 set -euo pipefail
 
@@ -77,14 +78,14 @@ for t in tenants:
     if entry.get("alias") == "champion":
         print(f"{t}: {version} is already the champion", file=sys.stderr)
         continue
-    # A model that was champion once and was replaced since (a rollback, or a
-    # later promotion) is not promoted again by a later night's run of the
-    # same model (a no-op night would undo an operator's rollback).
+    # A model an operator rolled back is not promoted again by a later
+    # night's run of the same model (a no-op night would undo the rollback);
+    # one replaced by an ordinary promotion is (a reverted change restores it).
     hist = json.loads(subprocess.run(["dagrun", "models", "history", t, "--json"], check=True, capture_output=True, text=True).stdout)["history"]
-    replaced = [h for h in hist if h.get("applied") and h.get("from") == version]
-    if replaced:
-        h = replaced[-1]
-        print(f"{t}: {version} was champion before and was replaced ({h['action']} by {h['who']} at {h['time']}): not promoted again; `dagrun models promote {t} {version}` does it by hand", file=sys.stderr)
+    rolled_back = [h for h in hist if h.get("applied") and h.get("action") == "rollback" and h.get("from") == version]
+    if rolled_back:
+        h = rolled_back[-1]
+        print(f"{t}: {version} was rolled back by {h['who']} at {h['time']}: not promoted again; `dagrun models promote {t} {version}` does it by hand", file=sys.stderr)
         continue
     if status == "accepted":
         why = f"drift accepted (max PSI {worst:.3f}: model {accepted_by} was trained on this data)"
@@ -107,6 +108,10 @@ while read -r tenant version reason; do
     echo "would promote $tenant $version ($reason)"
   else
     why="gates passed: $reason${GITHUB_RUN_ID:+; CI run $GITHUB_RUN_ID}"
-    dagrun models promote "$tenant" "$version" --reason "$why"
+    if [ -n "${DAGRUN_METRICS_FILE:-}" ]; then
+      dagrun models promote "$tenant" "$version" --reason "$why" --metrics-file "$DAGRUN_METRICS_FILE"
+    else
+      dagrun models promote "$tenant" "$version" --reason "$why"
+    fi
   fi
 done <<< "$plan"

@@ -335,10 +335,8 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     for t in ["Tenant_A", "Tenant_B"] {
         crate::drift::sample(ws, t, "4000", "1");
     }
-    // The metrics file the runs write and promotions update.
-    let settings = ws.join("config/dagrun.yaml");
-    let old = std::fs::read_to_string(&settings).unwrap_or_default();
-    std::fs::write(&settings, format!("{old}\nmetrics_file: m.prom\n")).unwrap();
+    // The metrics file the runs write (`--metrics-file`) and promotions
+    // update (the step's DAGRUN_METRICS_FILE, as the workflow sets it).
     let champion_metric = |t: &str| -> BTreeMap<String, f64> {
         samples(&std::fs::read_to_string(ws.join("m.prom")).unwrap())
             .into_iter()
@@ -358,6 +356,7 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
             .current_dir(ws)
             .env("PATH", &path)
             .env("DAGRUN_PLAIN", "1")
+            .env("DAGRUN_METRICS_FILE", "m.prom")
             .env_remove("GITHUB_RUN_ID")
             .env_remove("RUST_LOG")
             .output()
@@ -365,7 +364,7 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
         (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
     };
     let run = |extra: &[&str]| -> std::process::Output {
-        let mut a = vec!["run", "pipelines/propensity-ingest.yaml", "-p", "promote=manual"];
+        let mut a = vec!["run", "pipelines/propensity-ingest.yaml", "-p", "promote=manual", "--metrics-file", "m.prom"];
         a.extend_from_slice(extra);
         crate::drift::dagrun(ws, &a)
     };
@@ -457,10 +456,10 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     crate::drift::ok(&run(&[]));
     let (code, out, err) = gate(&[]);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(err.contains(&format!("Tenant_A: {va2} was champion before and was replaced (rollback")), "{err}");
+    assert!(err.contains(&format!("Tenant_A: {va2} was rolled back by")), "{err}");
     assert_eq!(champions()["Tenant_A"], rolled_back_to, "the rollback was undone");
     // A rollback is marked too: the model rolled back to is 1, the others 0.
-    crate::drift::ok(&crate::drift::dagrun(ws, &["models", "rollback", "Tenant_B", "--reason", "check the metrics"]));
+    crate::drift::ok(&crate::drift::dagrun(ws, &["models", "rollback", "Tenant_B", "--reason", "check the metrics", "--metrics-file", "m.prom"]));
     let b_now = champions()["Tenant_B"].clone();
     let m = champion_metric("Tenant_B");
     assert_eq!(m[&b_now], 1.0, "{m:?}");
