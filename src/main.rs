@@ -411,7 +411,9 @@ fn real_main(cli: &Cli) -> Result<i32> {
         Cmd::ExecStage { spec } => commands::exec_stage::exec_stage(spec),
         Cmd::Run { pipeline, stages, force, jobs, wait, dry_run, params, json, pull, remote, openlineage_url, metrics_file, executor } => {
             let p = load(cli, pipeline, params).inspect_err(|e| {
-                if dagrun::error::exit_code_of(e) == exit::CONFIG && !*dry_run {
+                // Only for a pipeline file that is there: a mistyped path is no pipeline
+                // (its series would stay in the file for good: helper-73).
+                if dagrun::error::exit_code_of(e) == exit::CONFIG && !*dry_run && pipeline.is_file() {
                     let ws = Workspace::for_pipeline(cli.workspace.as_deref(), pipeline);
                     let file = std::path::absolute(pipeline).unwrap_or_else(|_| pipeline.clone());
                     let root = std::path::absolute(ws.root()).unwrap_or_else(|_| ws.root().to_path_buf());

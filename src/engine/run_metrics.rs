@@ -358,7 +358,8 @@ fn keep_from_old_file(e: &mut Exposition, path: &Path, pipeline: &str, targeted:
 /// status `failed`, the end time — so `DagrunRunFailed` fires that night,
 /// not the 26 h staleness alert a day later (helper-72: the file kept the
 /// last run's success). Its other series stay as the last run left them;
-/// `dagrun_last_success_timestamp_seconds` stays the last success. A file
+/// `dagrun_last_success_timestamp_seconds` stays the last success. Written
+/// under the workspace lock, and not at all while a run holds it. A file
 /// that cannot be written is a warning (the run's own error is the news).
 pub fn write_failed_start(path: &Path, workspace: &Path, pipeline: &str, exit_code: i32) {
     let ws = crate::workspace::Workspace::at(workspace);
@@ -367,6 +368,16 @@ pub fn write_failed_start(path: &Path, workspace: &Path, pipeline: &str, exit_co
         return;
     }
     let dagrun_dir = workspace.join(crate::workspace::DAGRUN_DIR);
+    // Under the workspace lock, as a run writes the file: never over a run
+    // under way (its own end writes the truth), never racing its write.
+    let _lock = if dagrun_dir.is_dir() {
+        match ws.lock(None, "dagrun run (the metrics of a run that did not start)") {
+            Ok(l) => Some(l),
+            Err(_) => return,
+        }
+    } else {
+        None
+    };
     let last = load_last_success(&dagrun_dir);
     let g = Kind::Gauge;
     let mut e = Exposition::new();

@@ -186,6 +186,9 @@ fn a_run_that_cannot_start_says_so_in_the_metrics_file() {
     ws.write("a.yaml", "stages:\n  ok:\n    cmd: echo ok > ok.txt\n    outz: [ok.txt]\n");
     assert_eq!(ws.dagrun(&["run", "a.yaml", "--metrics-file", "m.prom"]).code, 2);
     check("a pipeline file that does not load");
+    // A mistyped path is no pipeline: no series of its own (helper-73: they stayed for good).
+    assert_eq!(ws.dagrun(&["run", "a-typo.yaml", "--metrics-file", "m.prom"]).code, 2);
+    assert!(!ws.read("m.prom").contains("a-typo"), "{}", ws.read("m.prom"));
     // Back to a success, then the settings file does not load (metrics_file: from it).
     ws.write("a.yaml", "stages:\n  ok:\n    cmd: echo ok > ok.txt\n    outs: [ok.txt]\n");
     run_ws(&ws, &["run", "a.yaml", "--force", "", "--metrics-file", "m.prom"]).ok();
