@@ -27,13 +27,12 @@ pub enum TokensCmd {
     Revoke { id: String },
 }
 
-/// Is `f` the null device?
-fn is_dev_null(f: &std::fs::File) -> bool {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    match (f.metadata(), std::fs::metadata("/dev/null")) {
-        (Ok(a), Ok(b)) => a.file_type().is_char_device() && a.rdev() == b.rdev(),
-        _ => false,
-    }
+/// Is `f` a device nobody reads a token from: a character device that is
+/// not a terminal (`/dev/null`, `/dev/zero`; helper-73)?
+fn is_sink_device(f: &std::fs::File) -> bool {
+    use std::io::IsTerminal;
+    use std::os::unix::fs::FileTypeExt;
+    f.metadata().is_ok_and(|m| m.file_type().is_char_device()) && !f.is_terminal()
 }
 
 /// The workspace integrity key, which seals the token file (the keyring is
@@ -54,9 +53,9 @@ pub fn run(workspace: &Path, cmd: &TokensCmd) -> Result<()> {
                 use std::os::fd::AsFd;
                 let out = std::io::stdout().as_fd().try_clone_to_owned().map(std::fs::File::from);
                 let out = out.map_err(|e| anyhow::anyhow!("standard output is not open ({e}): a token is shown once, there; nothing was created"))?;
-                if is_dev_null(&out) {
+                if is_sink_device(&out) {
                     anyhow::bail!(
-                        "standard output is /dev/null (or was closed): a token is shown once, there, and would be seen by nobody; nothing was created. Redirect it to a file only you can read (`umask 077; dagrun tokens create … > token.txt`) or a secret store"
+                        "standard output is /dev/null or another device that is not a terminal (or was closed): a token is shown once, there, and would be seen by nobody; nothing was created. Redirect it to a file only you can read (`umask 077; dagrun tokens create … > token.txt`) or a secret store"
                     );
                 }
                 out

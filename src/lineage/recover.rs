@@ -78,7 +78,15 @@ impl SentTo {
     /// The mark's text after its MAC.
     fn body(&self) -> String {
         match self {
-            SentTo::Endpoint { id, shown } => format!("{id} {shown}"),
+            SentTo::Endpoint { id, shown } => {
+                // A long URL is cut (it is only shown): a mark must read back
+                // (helper-73: one of 2,100 characters was taken for planted).
+                let mut end = shown.len().min(MAX_SHOWN);
+                while !shown.is_char_boundary(end) {
+                    end -= 1;
+                }
+                format!("{id} {}", &shown[..end])
+            }
             SentTo::Nowhere | SentTo::Unknown => "-".to_string(),
         }
     }
@@ -486,6 +494,10 @@ mod tests {
         std::fs::write(d.path().join("openlineage/open/r1"), text.replace("0123456789abcdef0123", "fedcba98765432100123")).unwrap();
         std::fs::copy(d.path().join("openlineage/open/r2"), d.path().join("openlineage/open/r4")).unwrap();
         assert_eq!(open.list(), ["r2", "r3"]);
+        // A long URL is cut to what a mark may hold, and reads back.
+        let long = SentTo::Endpoint { id: "0123456789abcdef0123456789abcdef".into(), shown: format!("https://h/{}", "é".repeat(MAX_SHOWN)) };
+        OpenRuns::new(d.path(), Some(key()), long).mark("r5").unwrap();
+        assert!(matches!(open.read("r5"), Some(SentTo::Endpoint { shown, .. }) if shown.len() <= MAX_SHOWN && shown.starts_with("https://h/é")));
         // What a mark can name is checked before its MAC.
         for body in [
             "",

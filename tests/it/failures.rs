@@ -442,7 +442,12 @@ fn a_closed_stdout_neither_hangs_nor_fails_a_run() {
     let o = c.output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("standard output is /dev/null (or was closed)") && err.contains("nothing was created"), "{err}");
+    assert!(
+        err.contains("standard output is /dev/null or another device that is not a terminal (or was closed)") && err.contains("nothing was created"),
+        "{err}"
+    );
+    let o = ws.cmd(&["tokens", "create", "Tenant_A", "--name", "unseen"]).stdout(std::fs::File::create("/dev/zero").unwrap()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "/dev/zero: {}", String::from_utf8_lossy(&o.stderr));
     let o = ws.cmd(&["tokens", "create", "Tenant_A", "--name", "unseen"]).stdout(Stdio::null()).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!ws.dagrun(&["tokens", "list"]).stdout.contains("unseen"));
