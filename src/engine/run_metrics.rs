@@ -144,14 +144,21 @@ pub struct DriftRows {
     pub tenant: String,
     pub max_psi: f64,
     pub features: Vec<(String, f64)>,
+    /// The report's status (`ok`, `warn`, `fail`, `accepted`, `no_reference`).
+    pub status: Option<&'static str>,
 }
 
-/// Parse a `dagrun-drift/1` report (untrusted: only plain names and finite numbers).
-fn parse_drift_report(bytes: &[u8]) -> Option<(f64, Vec<(String, f64)>)> {
+/// The statuses a drift report may have (`stages::drift::DriftStatus`).
+const DRIFT_STATUSES: [&str; 5] = ["ok", "warn", "fail", "accepted", "no_reference"];
+
+/// Parse a `dagrun-drift/1` report (untrusted: only plain names, finite
+/// numbers and a known status).
+fn parse_drift_report(bytes: &[u8]) -> Option<(f64, Vec<(String, f64)>, Option<&'static str>)> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
     if v.get("format")?.as_str()? != "dagrun-drift/1" {
         return None;
     }
+    let status = v.get("status").and_then(Value::as_str).and_then(|s| DRIFT_STATUSES.iter().copied().find(|k| *k == s));
     let max_psi = v.get("max_psi")?.as_f64().filter(|x| x.is_finite())?;
     let features = v
         .get("features")?
@@ -163,7 +170,7 @@ fn parse_drift_report(bytes: &[u8]) -> Option<(f64, Vec<(String, f64)>)> {
             Some((name.to_string(), psi))
         })
         .collect();
-    Some((max_psi, features))
+    Some((max_psi, features, status))
 }
 
 /// Drift rows of the run (see the module doc).
@@ -190,8 +197,8 @@ pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
         if !trusted {
             continue;
         }
-        if let Some((max_psi, features)) = parse_drift_report(&bytes) {
-            out.push(DriftRows { tenant: s.tenant.clone().unwrap_or_default(), max_psi, features });
+        if let Some((max_psi, features, status)) = parse_drift_report(&bytes) {
+            out.push(DriftRows { tenant: s.tenant.clone().unwrap_or_default(), max_psi, features, status });
         }
     }
     out
@@ -276,8 +283,18 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
 
     e.family("dagrun_feature_drift_psi", g, "Population stability index of each feature (drift stage, 10 quantile bins of the reference).");
     e.family("dagrun_drift_max_psi", g, "The drift gate (max_psi) of the tenant's drift stage.");
+    e.family(
+        "dagrun_drift_status",
+        g,
+        "Verdict of the tenant's drift report: 1 for its status (ok, warn, fail, accepted: above max_psi but a model was trained on this data, no_reference), 0 for the others.",
+    );
     for d in drift_rows(engine, record) {
         e.sample("dagrun_drift_max_psi", &[("pipeline", pipeline), ("tenant", &d.tenant)], d.max_psi);
+        if let Some(status) = d.status {
+            for st in DRIFT_STATUSES {
+                e.sample("dagrun_drift_status", &[("pipeline", pipeline), ("tenant", &d.tenant), ("status", st)], if st == status { 1.0 } else { 0.0 });
+            }
+        }
         for (feature, psi) in &d.features {
             e.sample("dagrun_feature_drift_psi", &[("pipeline", pipeline), ("tenant", &d.tenant), ("feature", feature)], *psi);
         }
@@ -491,9 +508,13 @@ mod tests {
     fn drift_reports_are_read_as_untrusted_input() {
         let report = br#"{"format":"dagrun-drift/1","tenant":"Tenant_A","max_psi":0.25,"features":[
                 {"name":"Recency_Days","psi":0.31},{"name":"bad\"name","psi":0.5},{"name":"Login_Count","psi":"x"},{"name":"Purchase_Amount","psi":0.02}]}"#;
-        let (max, rows) = parse_drift_report(report).unwrap();
+        let (max, rows, status) = parse_drift_report(report).unwrap();
         assert_eq!(max, 0.25);
         assert_eq!(rows, vec![("Recency_Days".to_string(), 0.31), ("Purchase_Amount".to_string(), 0.02)]);
+        assert_eq!(status, None, "no status: none");
+        let with =
+            |st: &str| parse_drift_report(format!(r#"{{"format":"dagrun-drift/1","status":"{st}","max_psi":0.25,"features":[]}}"#).as_bytes()).unwrap().2;
+        assert_eq!((with("accepted"), with("fail"), with("evil} 1")), (Some("accepted"), Some("fail"), None));
         assert!(parse_drift_report(br#"{"format":"other/1","max_psi":0.25,"features":[]}"#).is_none());
         assert!(parse_drift_report(b"not json").is_none());
     }

@@ -446,6 +446,10 @@ fn the_workflow_promotes_a_model_only_when_the_auc_and_drift_gates_pass() {
     crate::drift::ok(&run(&[]));
     let report: Value = serde_json::from_slice(&std::fs::read(ws.join("reports/drift/Tenant_A.json")).unwrap()).unwrap();
     assert_eq!((report["status"].as_str(), report["reference"]["accepted_by"].as_str()), (Some("accepted"), Some(va2.as_str())), "{report:#}");
+    // The metrics say so (the drift alert does not fire for it).
+    let m = samples(&std::fs::read_to_string(ws.join("m.prom")).unwrap());
+    let key = |st: &str| format!(r#"dagrun_drift_status{{pipeline="pipelines/propensity-ingest.yaml",tenant="Tenant_A",status="{st}"}}"#);
+    assert_eq!((m.get(&key("accepted")), m.get(&key("fail"))), (Some(&1.0), Some(&0.0)), "{m:?}");
     let (code, out, err) = gate(&[]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("nothing to promote") && err.contains("already the champion"), "{out}\n{err}");
