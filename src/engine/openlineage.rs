@@ -310,6 +310,8 @@ impl OpenLineage {
                 } else if let (SentTo::Endpoint { id, shown }, Some(k)) = (sent_to, &key) {
                     // Another endpoint's: into its spool, for the next run that uses it.
                     let other = Spool::for_id(&engine.dagrun_dir, k.clone(), id, shown);
+                    // Not over a spool that cannot be read (the mark stays: the next run tries again).
+                    other.check_readable()?;
                     let mut waiting = other.load();
                     waiting.events.extend(lines.iter().cloned());
                     other.store(&waiting.events, waiting.head_refused_runs)?;

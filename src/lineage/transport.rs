@@ -614,6 +614,15 @@ impl Spool {
         &self.path
     }
 
+    /// The spool can be read (or is not there): [`Spool::load`] takes an
+    /// unreadable one for empty, and a store after it would drop its events.
+    pub fn check_readable(&self) -> Result<()> {
+        match std::fs::File::open(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("cannot read {}", self.path.display())),
+            _ => Ok(()),
+        }
+    }
+
     /// The spooled events, oldest first; unsealed or malformed lines are dropped (warned).
     pub fn load(&self) -> Spooled {
         let (events, header) = load_sealed(&self.path, &self.key, &self.domain);
