@@ -331,27 +331,34 @@ fn subject(labels: &[(String, String)]) -> Option<(String, String)> {
     ["stage", "tenant"].iter().find_map(|k| labels.iter().find(|(n, _)| n == k).cloned())
 }
 
+/// The metrics file at `path` as dagrun wrote it; `None` when it is missing,
+/// cannot be read, or is not what dagrun writes (warned: what the reading
+/// was `for`, and what happens `then`).
+fn read_metrics_file(path: &Path, r#for: &str, then: &str) -> Option<Exposition> {
+    let bytes = match crate::util::read_capped(path, MAX_METRICS_BYTES) {
+        Ok(b) => b,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(err) => {
+            tracing::warn!("cannot read the metrics file {} to {}: {err}; {then}", path.display(), r#for);
+            return None;
+        }
+    };
+    match std::str::from_utf8(&bytes).map_err(|_| "not UTF-8".to_string()).and_then(Exposition::parse) {
+        Ok(e) => Some(e),
+        Err(why) => {
+            tracing::warn!("the metrics file {} is not one dagrun wrote ({why}); {then}", path.display());
+            None
+        }
+    }
+}
+
 /// Add to `e` (this run's metrics) the samples of the file it replaces that
 /// stay true (module rules): other pipelines' series; for a targeted run,
 /// also this pipeline's series about stages and tenants it did not write
 /// anything about. A file that is not what dagrun writes is replaced whole,
 /// with a warning.
 fn keep_from_old_file(e: &mut Exposition, path: &Path, pipeline: &str, targeted: bool) {
-    let old = match crate::util::read_capped(path, MAX_METRICS_BYTES) {
-        Ok(b) => b,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
-        Err(err) => {
-            tracing::warn!("cannot read the metrics file {} to keep other pipelines' series: {err}; it is replaced", path.display());
-            return;
-        }
-    };
-    let old = match std::str::from_utf8(&old).map_err(|_| "not UTF-8".to_string()).and_then(Exposition::parse) {
-        Ok(o) => o,
-        Err(why) => {
-            tracing::warn!("the metrics file {} is not one dagrun wrote ({why}); it is replaced whole", path.display());
-            return;
-        }
-    };
+    let Some(old) = read_metrics_file(path, "keep other pipelines' series", "it is replaced whole") else { return };
     let written: Vec<(String, Option<(String, String)>)> = e.samples().map(|(n, _, _, l, _)| (n.to_string(), subject(l))).collect();
     for (name, kind, help, labels, v) in old.samples() {
         let Some(p) = labels.iter().find(|(k, _)| k == "pipeline").map(|(_, p)| p.as_str()) else { continue };
@@ -432,21 +439,7 @@ pub fn write_failed_start(path: &Path, workspace: &Path, pipeline: &str, exit_co
 /// warning.
 pub fn mark_champion(path: &Path, workspace: &Path, tenant: &str, version: &str) {
     const FAMILY: &str = "dagrun_model_champion";
-    let text = match crate::util::read_capped(path, MAX_METRICS_BYTES) {
-        Ok(b) => b,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
-        Err(err) => {
-            tracing::warn!("cannot read the metrics file {} to mark the new champion: {err}", path.display());
-            return;
-        }
-    };
-    let mut e = match std::str::from_utf8(&text).map_err(|_| "not UTF-8".to_string()).and_then(Exposition::parse) {
-        Ok(e) => e,
-        Err(why) => {
-            tracing::warn!("the metrics file {} is not one dagrun wrote ({why}); the new champion is not marked in it", path.display());
-            return;
-        }
-    };
+    let Some(mut e) = read_metrics_file(path, "mark the new champion", "the new champion is not marked in it") else { return };
     let label = |l: &[(String, String)], k: &str| l.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let ours: Vec<(Vec<(String, String)>, String)> = e
         .samples()
