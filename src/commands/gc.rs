@@ -85,10 +85,9 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
         newest.iter().flat_map(|r| &r.stages).filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()).collect();
     // Only a proven erasure: a sealed tombstone, no key left (helper-73).
     let forgotten: Vec<String> = keyring.erased_tenants();
-    for t in keyring.unproven_tombstones() {
-        tracing::warn!(
-            "the keyring names tenant {t} forgotten without proof (no seal of this workspace's `keys forget`, or its keys are still there): nothing of {t} is removed; `dagrun keys forget {t} --yes` seals an older dagrun's tombstone once {t} has no keys"
-        );
+    for (t, has_keys) in keyring.unproven_tombstones() {
+        let why = if has_keys { "its keys are still there" } else { "no seal of this workspace's `keys forget`: an older dagrun's, or added by hand" };
+        tracing::warn!("the keyring names tenant {t} forgotten without proof ({why}): nothing of {t} is removed (delete what is left of it by hand)");
     }
     let is_forgotten = |stage: &str| crate::pipeline::tenants::tenant_of_stage(stage).ok().flatten().is_some_and(|t| forgotten.contains(&t));
     let registry = crate::registry::Registry::of_workspace(ws.root());
@@ -112,7 +111,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
             ..Default::default()
         }
     } else {
-        let mut done = gc::apply(&cas, &plan);
+        let mut done = gc::apply(ws.root(), &cas, &plan);
         // A forgotten tenant's registry: its models and history (derived from its data).
         for t in &forgotten_registries {
             if let Err(e) = registry.remove_tenant(t) {

@@ -49,6 +49,9 @@ pub struct VerifyReport {
     /// State records of forgotten tenants' stages, not checked (`dagrun gc` removes them).
     #[serde(skip_serializing_if = "is_zero")]
     pub forgotten_records: usize,
+    /// What is worth knowing and is no problem.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -114,10 +117,20 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
     }
     // Only a proven erasure leaves records unchecked (helper-73).
     let forgotten: Vec<String> = ring.as_ref().map(|k| k.erased_tenants()).unwrap_or_default();
-    for t in ring.iter().flat_map(|k| k.unproven_tombstones()) {
-        r.problems.push(format!(
-            "the keyring names tenant {t} forgotten without proof (no seal of this workspace's `keys forget`, or its keys are still there): added by hand, or by a dagrun before tombstones were sealed; `dagrun keys forget {t} --yes` seals the latter once {t} has no keys"
-        ));
+    // A tombstone whose tenant still has keys was not made by a forget that
+    // finished: a problem (`keys forget T --yes` destroys the keys). One
+    // without a seal of this workspace (an older dagrun's, or copied in) is
+    // not proof enough for `gc`: said, not a problem.
+    for (t, has_keys) in ring.iter().flat_map(|k| k.unproven_tombstones()) {
+        if has_keys {
+            r.problems.push(format!(
+                "the keyring names tenant {t} forgotten, but its keys are still there (added by hand, or a forget that did not finish): `dagrun keys forget {t} --yes` destroys them"
+            ));
+        } else {
+            r.notes.push(format!(
+                "tenant {t} is forgotten without this workspace's seal (forgotten by an older dagrun, in another folder, or added by hand): its records are checked and `dagrun gc` removes nothing of it"
+            ));
+        }
     }
     // State files: authentic, well-formed, in their place; outputs intact.
     for (path, l) in states.scan_states() {
@@ -341,6 +354,11 @@ pub fn run(workspace: &Path, repair: bool, wait: Option<std::time::Duration>, js
             (true, n) if n == r.problems.len() => format!(", {}", if n == 1 { "repaired" } else { "all repaired" }),
             (true, n) => format!(", {n} repaired, {} not", r.remaining()),
         };
+        if !crate::util::stdout::quiet() {
+            for n in &r.notes {
+                crate::outln!("note: {}", crate::util::escape_controls_in_lines(n));
+            }
+        }
         if r.forgotten_records > 0 && !crate::util::stdout::quiet() {
             crate::outln!(
                 "note: {} of forgotten tenants are not checked; `dagrun gc` removes them",

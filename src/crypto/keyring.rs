@@ -284,11 +284,12 @@ struct Tombstone {
     #[serde(default)]
     destroyed_keys: Vec<DestroyedKey>,
     /// MAC under the workspace integrity key ([`Tombstone::sealed_bytes`]):
-    /// a tombstone only `keys forget` can make. Runs refuse any tombstone's
-    /// tenant; `gc` deletes data only of a sealed one whose tenant has no
-    /// keys left (helper-73: a line added to keyring.json without the key
-    /// had gc wipe a live tenant). Absent in keyrings of older dagruns
-    /// (`keys forget` again seals it once the tenant has no keys).
+    /// a tombstone only this workspace's `keys forget` can make. Runs refuse
+    /// any tombstone's tenant; `gc` deletes data only of a sealed one whose
+    /// tenant has no keys left (helper-73: a line added to keyring.json
+    /// without the key had gc wipe a live tenant). Absent in keyrings of
+    /// older dagruns: such a tombstone stays unproven (gc removes nothing
+    /// of its tenant; its folders are deleted by hand).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seal: Option<String>,
 }
@@ -297,17 +298,20 @@ struct Tombstone {
 const TOMBSTONE_DOMAIN: &str = "dagrun keyring tombstone v1";
 
 impl Tombstone {
-    fn sealed_bytes(&self) -> Vec<u8> {
+    /// What the seal covers: the workspace (the keyring's folder, so a
+    /// tombstone copied from another workspace sharing the master key does
+    /// not verify: helper-74), the tenant, the time and the destroyed keys.
+    fn sealed_bytes(&self, workspace: &Path) -> Vec<u8> {
         let ids: Vec<&str> = self.destroyed_keys.iter().map(|d| d.id.as_str()).collect();
-        format!("{}\n{}\n{}", self.tenant, self.forgotten_at, ids.join(",")).into_bytes()
+        format!("{}\n{}\n{}\n{}", workspace.display(), self.tenant, self.forgotten_at, ids.join(",")).into_bytes()
     }
 
-    fn seal_with(&mut self, key: &super::integrity::IntegrityKey) {
-        self.seal = Some(key.mac(TOMBSTONE_DOMAIN, &self.sealed_bytes()).to_hex().to_string());
+    fn seal_with(&mut self, key: &super::integrity::IntegrityKey, workspace: &Path) {
+        self.seal = Some(key.mac(TOMBSTONE_DOMAIN, &self.sealed_bytes(workspace)).to_hex().to_string());
     }
 
-    fn is_sealed(&self, key: &super::integrity::IntegrityKey) -> bool {
-        self.seal.as_deref().is_some_and(|m| key.verify(TOMBSTONE_DOMAIN, &self.sealed_bytes(), m))
+    fn is_sealed(&self, key: &super::integrity::IntegrityKey, workspace: &Path) -> bool {
+        self.seal.as_deref().is_some_and(|m| key.verify(TOMBSTONE_DOMAIN, &self.sealed_bytes(workspace), m))
     }
 }
 
@@ -739,24 +743,22 @@ impl Keyring {
         let mut g = self.lock();
         let _file = self.lock_file()?;
         self.reload(&mut g)?;
-        if let Some(t) = g.forgotten.iter().find(|t| t.tenant == tenant) {
-            // Names the destroyed keys again: a forget killed between its
-            // keyring write and its audit line is recorded here at the latest.
+        // A tombstone with no keys left: done before (the audit line names
+        // the destroyed keys again: a forget killed between its keyring write
+        // and its audit line is recorded here at the latest). One whose
+        // tenant still has keys was not made by a forget that finished (or
+        // was added to the file): the keys are destroyed now (helper-74: the
+        // forget reported success and destroyed nothing).
+        if let Some(t) = g.forgotten.iter().find(|t| t.tenant == tenant)
+            && !g.tenants.contains_key(tenant)
+        {
             let shown = shown_ids(t.destroyed_keys.iter().map(|d| d.id.as_str()));
-            let at = t.forgotten_at.clone();
-            // An older dagrun's tombstone is sealed now, once the tenant has no keys.
-            if !t.is_sealed(&self.integrity) && !g.tenants.contains_key(tenant) {
-                let mut new = (*g).clone();
-                if let Some(t) = new.forgotten.iter_mut().find(|t| t.tenant == tenant) {
-                    t.seal_with(&self.integrity);
-                }
-                self.commit(&mut g, new)?;
-            }
-            self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {at}"))?;
+            self.audit.append("forget", tenant, &shown, &format!("ok: already forgotten at {}", t.forgotten_at))?;
             let _ = fs::remove_file(self.path.with_file_name(FORGETTING_FILE));
             return Ok(());
         }
         let mut new = (*g).clone();
+        new.forgotten.retain(|t| t.tenant != tenant);
         let entry = new.tenants.remove(tenant);
         let mut destroyed = Vec::new();
         match &entry {
@@ -773,7 +775,7 @@ impl Keyring {
         let n = destroyed.len();
         let shown = shown_ids(destroyed.iter().map(|d| d.id.as_str()));
         let mut tomb = Tombstone { tenant: tenant.to_string(), forgotten_at: now(), destroyed_keys: destroyed, seal: None };
-        tomb.seal_with(&self.integrity);
+        tomb.seal_with(&self.integrity, &self.workspace());
         new.forgotten.push(tomb);
         // Logged before the keyring is written, as an export is: a forget
         // killed in between leaves a `started` line, never destroyed keys
@@ -808,15 +810,30 @@ impl Keyring {
     /// these may have their data deleted (`dagrun gc`) or their records left
     /// unchecked (`verify`); see [`Keyring::unproven_tombstones`].
     pub fn erased_tenants(&self) -> Vec<String> {
+        let ws = self.workspace();
         let g = self.lock();
-        g.forgotten.iter().filter(|t| t.is_sealed(&self.integrity) && !g.tenants.contains_key(&t.tenant)).map(|t| t.tenant.clone()).collect()
+        g.forgotten.iter().filter(|t| t.is_sealed(&self.integrity, &ws) && !g.tenants.contains_key(&t.tenant)).map(|t| t.tenant.clone()).collect()
+    }
+
+    /// The workspace whose keyring this is (`WS/.dagrun/keys/keyring.json`),
+    /// canonical (a tombstone's seal names it: `Tombstone::sealed_bytes`).
+    fn workspace(&self) -> PathBuf {
+        let w = self.path.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(Path::new("."));
+        std::fs::canonicalize(w).unwrap_or_else(|_| w.to_path_buf())
     }
 
     /// Tombstones that prove nothing: unsealed (an older dagrun's, or one
     /// added to the file by hand) or naming a tenant whose keys are still here.
-    pub fn unproven_tombstones(&self) -> Vec<String> {
+    /// Each with whether the tenant's keys are still in the keyring (a
+    /// tombstone a finished forget did not make: a problem).
+    pub fn unproven_tombstones(&self) -> Vec<(String, bool)> {
+        let ws = self.workspace();
         let g = self.lock();
-        g.forgotten.iter().filter(|t| !t.is_sealed(&self.integrity) || g.tenants.contains_key(&t.tenant)).map(|t| t.tenant.clone()).collect()
+        g.forgotten
+            .iter()
+            .filter(|t| !t.is_sealed(&self.integrity, &ws) || g.tenants.contains_key(&t.tenant))
+            .map(|t| (t.tenant.clone(), g.tenants.contains_key(&t.tenant)))
+            .collect()
     }
 
     /// When the tenant was forgotten (RFC 3339), if it was.

@@ -141,6 +141,20 @@ impl Dir {
         &self.shown
     }
 
+    /// Delete the file (or link) `name` in this directory: `unlinkat`, never
+    /// through a link. A missing one is fine.
+    pub fn unlink(&self, name: &std::ffi::OsStr) -> Result<()> {
+        let cname = cstr(name)?;
+        // SAFETY: valid dirfd and NUL-terminated name.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e).with_context(|| format!("cannot delete {}", self.shown.join(name).display()));
+            }
+        }
+        Ok(())
+    }
+
     /// Delete `name` (below this directory) and, when it is a folder,
     /// everything in it, never following a link (module rules). A missing
     /// `name` is fine.

@@ -162,15 +162,30 @@ pub struct Applied {
 /// Delete what `plan` chose: state records, then entries, then objects.
 /// When a record or an entry cannot be deleted no object is: the one that
 /// stays may name any of them (the next `gc` removes them once it can go).
-pub fn apply(cas: &Cas, plan: &Plan) -> Applied {
+/// Every file is deleted through a handle of its folder opened from `root`
+/// (the workspace) without following a link (`util::nofollow`): a folder of
+/// `.dagrun/` swapped for a link while gc runs leads nowhere outside
+/// (helper-74: records of another workspace were deleted through one).
+pub fn apply(root: &std::path::Path, cas: &Cas, plan: &Plan) -> Applied {
     let mut a = Applied::default();
-    let remove = |path: &std::path::Path, a: &mut Applied| match std::fs::remove_file(path) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => {
-            a.failed += 1;
-            a.first_error.get_or_insert(format!("cannot delete {}: {e}", path.display()));
-            false
+    let mut dirs: std::collections::HashMap<PathBuf, crate::util::nofollow::Dir> = std::collections::HashMap::new();
+    let mut remove = |path: &std::path::Path, a: &mut Applied| {
+        let r = (|| -> anyhow::Result<()> {
+            let rel = path.strip_prefix(root).map_err(|_| anyhow::anyhow!("{} is not inside the workspace {}", path.display(), root.display()))?;
+            let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else { anyhow::bail!("{}: not a file's path", path.display()) };
+            let dir = match dirs.entry(parent.to_path_buf()) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(crate::util::nofollow::Dir::open(root, parent)?),
+            };
+            dir.unlink(name)
+        })();
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                a.failed += 1;
+                a.first_error.get_or_insert(format!("{e:#}"));
+                false
+            }
         }
     };
     for path in &plan.states {
@@ -219,12 +234,12 @@ mod tests {
         let stuck = d.path().join("entry-b");
         std::fs::create_dir_all(stuck.join("x")).unwrap();
         let plan = Plan { entries: vec![gone.clone(), stuck.clone()], objects: vec![(h.clone(), 1)], ..Plan::default() };
-        let a = apply(&cas, &plan);
+        let a = apply(d.path(), &cas, &plan);
         assert_eq!((a.entries_removed, a.objects_removed, a.bytes_removed, a.failed), (1, 0, 0, 1));
         assert!(a.first_error.unwrap().contains("no cache object was removed"));
         assert!(obj.exists() && !gone.exists());
         std::fs::remove_dir_all(&stuck).unwrap();
-        let a = apply(&cas, &plan);
+        let a = apply(d.path(), &cas, &plan);
         assert_eq!(a, Applied { states_removed: 0, entries_removed: 2, objects_removed: 1, bytes_removed: 1, failed: 0, first_error: None });
         assert!(!obj.exists());
     }

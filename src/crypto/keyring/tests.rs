@@ -477,3 +477,40 @@ fn keyrings_open_in_two_processes_keep_each_others_keys() {
 fn fresh_lines(ws: &Path) -> u64 {
     fs::read_to_string(keys_dir(ws).join("audit.jsonl")).unwrap().lines().count() as u64
 }
+
+/// helper-73/74: a tombstone proves an erasure only when this workspace's
+/// `keys forget` sealed it and no key of the tenant is left: one added by
+/// hand, or copied from another workspace sharing the master key, does not;
+/// and `keys forget` of a tenant with a planted tombstone destroys its keys.
+#[test]
+fn only_a_sealed_tombstone_of_this_workspace_proves_an_erasure() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ka = Keyring::open_with(a.path(), env(HEX_A)).unwrap();
+    let kb = Keyring::open_with(b.path(), env(HEX_A)).unwrap();
+    for k in [&ka, &kb] {
+        k.active_data_key_id("T").unwrap();
+        k.active_data_key_id("U").unwrap();
+    }
+    ka.forget("T").unwrap();
+    assert_eq!(ka.erased_tenants(), ["T"]);
+    assert!(ka.unproven_tombstones().is_empty());
+    // A's tombstone copied into B (same master key), with B's keys of T removed by hand.
+    let ring = |d: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(d.join(".dagrun/keys/keyring.json")).unwrap()).unwrap() };
+    let mut rb = ring(b.path());
+    rb["forgotten"] = ring(a.path())["forgotten"].clone();
+    rb["tenants"].as_object_mut().unwrap().remove("T");
+    fs::write(b.path().join(".dagrun/keys/keyring.json"), serde_json::to_vec(&rb).unwrap()).unwrap();
+    let kb = Keyring::open_with(b.path(), env(HEX_A)).unwrap();
+    assert!(kb.erased_tenants().is_empty(), "a tombstone of another workspace counted");
+    assert_eq!(kb.unproven_tombstones(), [("T".to_string(), false)]);
+    // A tombstone added by hand for U, whose keys are still there: unproven,
+    // and forgetting U destroys its keys (it reported success and kept them).
+    let mut rb = ring(b.path());
+    rb["forgotten"].as_array_mut().unwrap().push(serde_json::json!({"tenant": "U", "forgotten_at": "2024-01-01T00:00:00Z"}));
+    fs::write(b.path().join(".dagrun/keys/keyring.json"), serde_json::to_vec(&rb).unwrap()).unwrap();
+    let kb = Keyring::open_with(b.path(), env(HEX_A)).unwrap();
+    assert!(kb.unproven_tombstones().contains(&("U".to_string(), true)));
+    kb.forget("U").unwrap();
+    assert!(ring(b.path())["tenants"].get("U").is_none(), "forget kept U's keys");
+    assert_eq!(kb.erased_tenants(), ["U"]);
+}
