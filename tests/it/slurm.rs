@@ -426,7 +426,6 @@ fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
     bg.child.kill().unwrap();
     bg.child.wait().unwrap();
     assert_eq!(job_state(&id).as_deref(), Some("RUNNING"), "the job outlives a SIGKILLed dagrun");
-    std::fs::remove_file(ws.path("slow")).unwrap();
     // Slurm not answering about the orphan: nothing may start while it may
     // write; a temporary failure (exit 75), nothing ran (review 69 M2: exit 1).
     let fake = tempfile::tempdir().unwrap();
@@ -443,6 +442,9 @@ fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
         down.stderr
     );
     assert!(!ws.exists("work.txt"));
+    // Only now: a job Slurm calls RUNNING may not have reached its first line
+    // yet, and without `slow` it would write work.txt itself (a CI run saw it).
+    std::fs::remove_file(ws.path("slow")).unwrap();
     let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
     assert!(o.stderr.contains(&format!("Slurm jobs {id} of an earlier run")), "the orphan is named:\n{}", o.stderr);
     wait_state(&id, "CANCELLED", Duration::from_secs(30));
