@@ -108,22 +108,40 @@ impl Dir {
                     }
                 }
             }
-            // SAFETY: valid dirfd and NUL-terminated name.
-            let fd = unsafe { libc::openat(dir.fd.as_raw_fd(), cname.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC) };
-            if fd < 0 {
-                let e = std::io::Error::last_os_error();
-                if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
-                    bail!(
-                        "{} is a symlink or not a directory; dagrun never writes through a link there: remove it (and check who planted it)",
-                        shown.display()
-                    );
+            dir = match dir.child(&cname, shown.clone()) {
+                Ok(d) => d,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                    bail!("{} is a symlink or not a directory; dagrun never writes through a link there: remove it (and check who planted it)", shown.display())
                 }
-                return Err(e).with_context(|| format!("cannot open directory {}", shown.display()));
-            }
-            // SAFETY: as above.
-            dir = Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shown };
+                Err(e) => return Err(e).with_context(|| format!("cannot open directory {}", shown.display())),
+            };
         }
         Ok(dir)
+    }
+
+    /// The folder `name` in this one, opened without following a link
+    /// (`openat(O_DIRECTORY | O_NOFOLLOW)`), shown as `shown`.
+    fn child(&self, name: &std::ffi::CStr, shown: PathBuf) -> std::io::Result<Dir> {
+        // SAFETY: valid dirfd and NUL-terminated name.
+        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), name.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by openat and is owned by nobody else.
+        Ok(Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shown })
+    }
+
+    /// `unlinkat(name, flags)` in this folder (never through a link); a
+    /// missing `name` is fine.
+    fn unlink_at(&self, name: &std::ffi::CStr, flags: libc::c_int) -> std::io::Result<()> {
+        // SAFETY: valid dirfd and NUL-terminated name.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), flags) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// The directory's descriptor.
@@ -144,15 +162,7 @@ impl Dir {
     /// Delete the file (or link) `name` in this directory: `unlinkat`, never
     /// through a link. A missing one is fine.
     pub fn unlink(&self, name: &std::ffi::OsStr) -> Result<()> {
-        let cname = cstr(name)?;
-        // SAFETY: valid dirfd and NUL-terminated name.
-        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), 0) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e).with_context(|| format!("cannot delete {}", self.shown.join(name).display()));
-            }
-        }
-        Ok(())
+        self.unlink_at(&cstr(name)?, 0).with_context(|| format!("cannot delete {}", self.shown.join(name).display()))
     }
 
     /// Delete `name` (below this directory) and, when it is a folder,
@@ -161,24 +171,14 @@ impl Dir {
     pub fn remove_tree(&self, name: &std::ffi::OsStr) -> Result<()> {
         let cname = cstr(name)?;
         let shown = self.shown.join(name);
-        // SAFETY: valid dirfd and NUL-terminated name; a plain unlink never follows a link.
-        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENOENT) => return Ok(()),
-            Some(libc::EISDIR) | Some(libc::EPERM) => {}
-            _ => return Err(e).with_context(|| format!("cannot delete {}", shown.display())),
+        // A plain unlink never follows a link.
+        match self.unlink_at(&cname, 0) {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EISDIR) | Some(libc::EPERM)) => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot delete {}", shown.display())),
         }
         // A folder: open it without following a link, empty it, remove it.
-        // SAFETY: valid dirfd and NUL-terminated name.
-        let fd = unsafe { libc::openat(self.fd.as_raw_fd(), cname.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot open {} (a link swapped in?)", shown.display()));
-        }
-        // SAFETY: fd was just returned by openat and is owned by nobody else.
-        let sub = Dir { fd: unsafe { OwnedFd::from_raw_fd(fd) }, shown: shown.clone() };
+        let sub = self.child(&cname, shown.clone()).with_context(|| format!("cannot open {} (a link swapped in?)", shown.display()))?;
         // The names, read through this very handle.
         let names: Vec<std::ffi::OsString> = std::fs::read_dir(format!("/proc/self/fd/{}", sub.fd.as_raw_fd()))
             .with_context(|| format!("cannot list {}", shown.display()))?
@@ -189,14 +189,7 @@ impl Dir {
             sub.remove_tree(&n)?;
         }
         drop(sub);
-        // SAFETY: valid dirfd and NUL-terminated name.
-        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), cname.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e).with_context(|| format!("cannot delete {}", shown.display()));
-            }
-        }
-        Ok(())
+        self.unlink_at(&cname, libc::AT_REMOVEDIR).with_context(|| format!("cannot delete {}", shown.display()))
     }
 
     /// Remove `name` if present (a file or a symlink; a directory is an
