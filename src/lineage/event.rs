@@ -146,11 +146,7 @@ pub fn parent_facet(run_id: &str, namespace: &str, name: &str) -> Value {
 pub fn error_message_facet(message: &str) -> Value {
     let mut m = message.to_string();
     if m.len() > MAX_ERROR_MESSAGE {
-        let mut cut = MAX_ERROR_MESSAGE;
-        while !m.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        m.truncate(cut);
+        m.truncate(crate::util::floor_char_boundary(&m, MAX_ERROR_MESSAGE));
         m.push_str(" […]");
     }
     facet(

@@ -81,11 +81,7 @@ impl SentTo {
             SentTo::Endpoint { id, shown } => {
                 // A long URL is cut (it is only shown): a mark must read back
                 // (helper-73: one of 2,100 characters was taken for planted).
-                let mut end = shown.len().min(MAX_SHOWN);
-                while !shown.is_char_boundary(end) {
-                    end -= 1;
-                }
-                format!("{id} {}", &shown[..end])
+                format!("{id} {}", &shown[..crate::util::floor_char_boundary(shown, MAX_SHOWN)])
             }
             SentTo::Nowhere | SentTo::Unknown => "-".to_string(),
         }
@@ -183,6 +179,12 @@ impl OpenRuns {
 
     /// Marked runs, oldest first (run ids sort by time).
     pub fn list(&self) -> Vec<String> {
+        self.marks().into_iter().map(|(run_id, _)| run_id).collect()
+    }
+
+    /// Marked runs, oldest first, each with where it sent its events (each
+    /// mark read and verified once).
+    fn marks(&self) -> Vec<(String, SentTo)> {
         let mut v: Vec<String> = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect(),
             Err(_) => return vec![],
@@ -196,19 +198,24 @@ impl OpenRuns {
         });
         // Only marks this workspace sealed; another is removed (it could
         // only make events out of a file anyone may have written).
-        v.retain(|n| {
-            let ok = self.read(n).is_some();
-            if !ok && self.key.is_some() {
-                tracing::warn!(
-                    "{}: {n} is not a mark this workspace made (planted, or left by an older dagrun); removed, no event made for it",
-                    self.dir.display()
-                );
-                self.clear(n);
-            }
-            ok
-        });
-        v.sort();
-        v
+        let mut marks: Vec<(String, SentTo)> = v
+            .into_iter()
+            .filter_map(|n| match self.read(&n) {
+                Some(sent_to) => Some((n, sent_to)),
+                None => {
+                    if self.key.is_some() {
+                        tracing::warn!(
+                            "{}: {n} is not a mark this workspace made (planted, or left by an older dagrun); removed, no event made for it",
+                            self.dir.display()
+                        );
+                        self.clear(&n);
+                    }
+                    None
+                }
+            })
+            .collect();
+        marks.sort_by(|a, b| a.0.cmp(&b.0));
+        marks
     }
 }
 
@@ -312,7 +319,7 @@ pub fn recover(
 ) -> Vec<Closed> {
     let mut done = Vec::new();
     let Some(key) = open.key.clone() else { return vec![] };
-    for run_id in open.list() {
+    for (run_id, sent_to) in open.marks() {
         if run_id == current {
             continue;
         }
@@ -323,7 +330,6 @@ pub fn recover(
             open.clear(&run_id);
             continue;
         }
-        let sent_to = open.read(&run_id).unwrap_or(SentTo::Unknown);
         let res = (|| -> Result<Vec<String>> {
             let (mut f, len) = match std::fs::metadata(&path) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),

@@ -58,6 +58,17 @@ fn read_open_at_most(f: &std::fs::File, max: u64) -> std::io::Result<Vec<u8>> {
     }
 }
 
+/// The largest index at most `max` that is a character boundary of `s`
+/// (where `s` may be cut without splitting a character); `str::floor_char_boundary`
+/// once the MSRV allows it.
+pub fn floor_char_boundary(s: &str, max: usize) -> usize {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
 /// True when `text` is a label fit to show in a terminal and a log line: at
 /// most `max` bytes and no control character (no line break, no escape
 /// sequence). Token names and promotion reasons are held to it.
