@@ -84,20 +84,25 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     let keep: HashSet<ContentHash> =
         newest.iter().flat_map(|r| &r.stages).filter_map(|s| s.key.as_deref()).filter_map(|k| ContentHash::parse(k).ok()).collect();
     // Only a proven erasure: a sealed tombstone, no key left (helper-73).
-    let forgotten: Vec<String> = keyring.erased_tenants();
-    for (t, has_keys) in keyring.unproven_tombstones() {
-        let why = if has_keys { "its keys are still there" } else { "no seal of this workspace's `keys forget`: an older dagrun's, or added by hand" };
+    let erasures = keyring.erasures();
+    let forgotten = &erasures.proven;
+    for (t, has_keys) in &erasures.unproven {
+        let why = if *has_keys { "its keys are still there" } else { "no seal of this workspace's `keys forget`: an older dagrun's, or added by hand" };
         tracing::warn!("the keyring names tenant {t} forgotten without proof ({why}): nothing of {t} is removed (delete what is left of it by hand)");
     }
-    let is_forgotten = |stage: &str| crate::pipeline::tenants::tenant_of_stage(stage).ok().flatten().is_some_and(|t| forgotten.contains(&t));
+    let is_forgotten = |stage: &str| crate::pipeline::tenants::is_stage_of_any(stage, forgotten);
     let registry = crate::registry::Registry::of_workspace(ws.root());
     let forgotten_registries: Vec<String> = registry.tenants().into_iter().filter(|t| forgotten.contains(t)).collect();
-    let champions = champions_features(&registry, &keyring.integrity_key(), args.keep_runs, &forgotten);
+    let champions = champions_features(&registry, &keyring.integrity_key(), args.keep_runs, forgotten);
     let plan = gc::plan(&states, &cas, &keep, &champions, &is_forgotten)?;
     let forgotten_touched: Vec<String> = forgotten
         .iter()
         .filter(|t| {
-            forgotten_registries.contains(t) || plan.states.iter().any(|p| p.file_stem().is_some_and(|s| s.to_string_lossy().ends_with(&format!("[{t}]"))))
+            forgotten_registries.contains(t)
+                || plan
+                    .states
+                    .iter()
+                    .any(|p| p.file_stem().is_some_and(|s| crate::pipeline::tenants::is_stage_of_any(&s.to_string_lossy(), std::slice::from_ref(t))))
         })
         .cloned()
         .collect();

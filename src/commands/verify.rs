@@ -116,13 +116,14 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
         ));
     }
     // Only a proven erasure leaves records unchecked (helper-73).
-    let forgotten: Vec<String> = ring.as_ref().map(|k| k.erased_tenants()).unwrap_or_default();
+    let erasures = ring.as_ref().map(|k| k.erasures()).unwrap_or_default();
+    let forgotten = &erasures.proven;
     // A tombstone whose tenant still has keys was not made by a forget that
     // finished: a problem (`keys forget T --yes` destroys the keys). One
     // without a seal of this workspace (an older dagrun's, or copied in) is
     // not proof enough for `gc`: said, not a problem.
-    for (t, has_keys) in ring.iter().flat_map(|k| k.unproven_tombstones()) {
-        if has_keys {
+    for (t, has_keys) in &erasures.unproven {
+        if *has_keys {
             r.problems.push(format!(
                 "the keyring names tenant {t} forgotten, but its keys are still there (added by hand, or a forget that did not finish): `dagrun keys forget {t} --yes` destroys them"
             ));
@@ -149,7 +150,7 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
         };
         // A forgotten tenant's outputs are meant to go (its folders deleted
         // by hand, its records by `gc`): not problems (helper-72).
-        if crate::pipeline::tenants::tenant_of_stage(&st.stage).ok().flatten().is_some_and(|t| forgotten.contains(&t)) {
+        if crate::pipeline::tenants::is_stage_of_any(&st.stage, forgotten) {
             r.forgotten_records += 1;
             continue;
         }
@@ -358,12 +359,12 @@ pub fn run(workspace: &Path, repair: bool, wait: Option<std::time::Duration>, js
             for n in &r.notes {
                 crate::outln!("note: {}", crate::util::escape_controls_in_lines(n));
             }
-        }
-        if r.forgotten_records > 0 && !crate::util::stdout::quiet() {
-            crate::outln!(
-                "note: {} of forgotten tenants are not checked; `dagrun gc` removes them",
-                crate::util::count(r.forgotten_records, "state record", "state records")
-            );
+            if r.forgotten_records > 0 {
+                crate::outln!(
+                    "note: {} of forgotten tenants are not checked; `dagrun gc` removes them",
+                    crate::util::count(r.forgotten_records, "state record", "state records")
+                );
+            }
         }
         if !crate::util::stdout::quiet() || r.remaining() > 0 {
             crate::outln!(

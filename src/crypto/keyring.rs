@@ -294,6 +294,18 @@ struct Tombstone {
     seal: Option<String>,
 }
 
+/// The keyring's tombstones, judged ([`Keyring::erasures`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Erasures {
+    /// Tenants whose erasure is proven.
+    pub proven: Vec<String>,
+    /// Tombstones that prove nothing: unsealed (an older dagrun's, or added
+    /// to the file by hand), sealed for another folder, or naming a tenant
+    /// whose keys are still here; each with whether its keys are (a
+    /// tombstone a finished forget did not make: a problem).
+    pub unproven: Vec<(String, bool)>,
+}
+
 /// MAC domain of a tombstone's seal.
 const TOMBSTONE_DOMAIN: &str = "dagrun keyring tombstone v1";
 
@@ -805,14 +817,23 @@ impl Keyring {
         self.lock().forgotten.iter().map(|t| (t.tenant.clone(), t.forgotten_at.clone())).collect()
     }
 
-    /// Tenants whose erasure is proven: a tombstone this workspace's `keys
-    /// forget` sealed, and no key of the tenant left in the keyring. Only
-    /// these may have their data deleted (`dagrun gc`) or their records left
-    /// unchecked (`verify`); see [`Keyring::unproven_tombstones`].
-    pub fn erased_tenants(&self) -> Vec<String> {
+    /// The tombstones, judged: a proven erasure is a tombstone this
+    /// workspace's `keys forget` sealed with no key of the tenant left; only
+    /// those may have their data deleted (`dagrun gc`) or their records left
+    /// unchecked (`verify`). Every other proves nothing (see [`Erasures`]).
+    pub fn erasures(&self) -> Erasures {
         let ws = self.workspace();
         let g = self.lock();
-        g.forgotten.iter().filter(|t| t.is_sealed(&self.integrity, &ws) && !g.tenants.contains_key(&t.tenant)).map(|t| t.tenant.clone()).collect()
+        let mut out = Erasures::default();
+        for t in &g.forgotten {
+            let has_keys = g.tenants.contains_key(&t.tenant);
+            if t.is_sealed(&self.integrity, &ws) && !has_keys {
+                out.proven.push(t.tenant.clone());
+            } else {
+                out.unproven.push((t.tenant.clone(), has_keys));
+            }
+        }
+        out
     }
 
     /// The workspace whose keyring this is (`WS/.dagrun/keys/keyring.json`),
@@ -820,20 +841,6 @@ impl Keyring {
     fn workspace(&self) -> PathBuf {
         let w = self.path.parent().and_then(Path::parent).and_then(Path::parent).unwrap_or(Path::new("."));
         std::fs::canonicalize(w).unwrap_or_else(|_| w.to_path_buf())
-    }
-
-    /// Tombstones that prove nothing: unsealed (an older dagrun's, or one
-    /// added to the file by hand) or naming a tenant whose keys are still here.
-    /// Each with whether the tenant's keys are still in the keyring (a
-    /// tombstone a finished forget did not make: a problem).
-    pub fn unproven_tombstones(&self) -> Vec<(String, bool)> {
-        let ws = self.workspace();
-        let g = self.lock();
-        g.forgotten
-            .iter()
-            .filter(|t| !t.is_sealed(&self.integrity, &ws) || g.tenants.contains_key(&t.tenant))
-            .map(|t| (t.tenant.clone(), g.tenants.contains_key(&t.tenant)))
-            .collect()
     }
 
     /// When the tenant was forgotten (RFC 3339), if it was.

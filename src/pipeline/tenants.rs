@@ -130,6 +130,11 @@ pub fn tenant_of_stage(stage: &str) -> Result<Option<String>> {
     Ok(Some(t.to_string()))
 }
 
+/// Is `stage` (`NAME[TENANT]`) a stage of one of `tenants`?
+pub fn is_stage_of_any(stage: &str, tenants: &[String]) -> bool {
+    tenant_of_stage(stage).ok().flatten().is_some_and(|t| tenants.contains(&t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

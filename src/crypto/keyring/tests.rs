@@ -492,8 +492,8 @@ fn only_a_sealed_tombstone_of_this_workspace_proves_an_erasure() {
         k.active_data_key_id("U").unwrap();
     }
     ka.forget("T").unwrap();
-    assert_eq!(ka.erased_tenants(), ["T"]);
-    assert!(ka.unproven_tombstones().is_empty());
+    assert_eq!(ka.erasures().proven, ["T"]);
+    assert!(ka.erasures().unproven.is_empty());
     // A's tombstone copied into B (same master key), with B's keys of T removed by hand.
     let ring = |d: &Path| -> serde_json::Value { serde_json::from_slice(&fs::read(d.join(".dagrun/keys/keyring.json")).unwrap()).unwrap() };
     let mut rb = ring(b.path());
@@ -501,16 +501,16 @@ fn only_a_sealed_tombstone_of_this_workspace_proves_an_erasure() {
     rb["tenants"].as_object_mut().unwrap().remove("T");
     fs::write(b.path().join(".dagrun/keys/keyring.json"), serde_json::to_vec(&rb).unwrap()).unwrap();
     let kb = Keyring::open_with(b.path(), env(HEX_A)).unwrap();
-    assert!(kb.erased_tenants().is_empty(), "a tombstone of another workspace counted");
-    assert_eq!(kb.unproven_tombstones(), [("T".to_string(), false)]);
+    assert!(kb.erasures().proven.is_empty(), "a tombstone of another workspace counted");
+    assert_eq!(kb.erasures().unproven, [("T".to_string(), false)]);
     // A tombstone added by hand for U, whose keys are still there: unproven,
     // and forgetting U destroys its keys (it reported success and kept them).
     let mut rb = ring(b.path());
     rb["forgotten"].as_array_mut().unwrap().push(serde_json::json!({"tenant": "U", "forgotten_at": "2024-01-01T00:00:00Z"}));
     fs::write(b.path().join(".dagrun/keys/keyring.json"), serde_json::to_vec(&rb).unwrap()).unwrap();
     let kb = Keyring::open_with(b.path(), env(HEX_A)).unwrap();
-    assert!(kb.unproven_tombstones().contains(&("U".to_string(), true)));
+    assert!(kb.erasures().unproven.contains(&("U".to_string(), true)));
     kb.forget("U").unwrap();
     assert!(ring(b.path())["tenants"].get("U").is_none(), "forget kept U's keys");
-    assert_eq!(kb.erased_tenants(), ["U"]);
+    assert_eq!(kb.erasures().proven, ["U"]);
 }
