@@ -173,6 +173,54 @@ fn parse_drift_report(bytes: &[u8]) -> Option<(f64, Vec<(String, f64)>, Option<&
     Some((max_psi, features, status))
 }
 
+/// The run-level series of a pipeline's last run.
+struct RunSeries {
+    status: RunStatus,
+    exit_code: i32,
+    start: Option<f64>,
+    end: Option<f64>,
+    seconds: f64,
+    last_success: Option<f64>,
+}
+
+/// Add `run`'s run-level series (every family but `dagrun_run_info`): one
+/// place for a run's ([`render`]) and a run's that did not start
+/// ([`write_failed_start`]).
+fn run_series(e: &mut Exposition, pipeline: &str, run: &RunSeries) {
+    let g = Kind::Gauge;
+    e.family("dagrun_run_status", g, "Outcome of the last run: 1 for its status, 0 for the others.");
+    for st in RunStatus::ALL {
+        e.sample("dagrun_run_status", &[("pipeline", pipeline), ("status", st.as_str())], if run.status == st { 1.0 } else { 0.0 });
+    }
+    e.family("dagrun_run_success", g, "1 if the last run succeeded (exit code 0), else 0.");
+    e.sample("dagrun_run_success", &[("pipeline", pipeline)], if run.status == RunStatus::Ok { 1.0 } else { 0.0 });
+    e.family("dagrun_run_exit_code", g, "Exit code of the last run (0 ok, 1 a stage failed, 130 interrupted).");
+    e.sample("dagrun_run_exit_code", &[("pipeline", pipeline)], run.exit_code as f64);
+    e.family("dagrun_run_start_timestamp_seconds", g, "Start of the last run (Unix time).");
+    e.family("dagrun_run_end_timestamp_seconds", g, "End of the last run (Unix time).");
+    if let Some(t) = run.start {
+        e.sample("dagrun_run_start_timestamp_seconds", &[("pipeline", pipeline)], t);
+    }
+    if let Some(t) = run.end {
+        e.sample("dagrun_run_end_timestamp_seconds", &[("pipeline", pipeline)], t);
+    }
+    e.family("dagrun_run_duration_seconds", g, "Wall time of the last run.");
+    e.sample("dagrun_run_duration_seconds", &[("pipeline", pipeline)], run.seconds);
+    e.family("dagrun_last_success_timestamp_seconds", g, "End of the last successful run (Unix time; 0 if none yet). Kept across failed runs.");
+    e.sample("dagrun_last_success_timestamp_seconds", &[("pipeline", pipeline)], run.last_success.unwrap_or(0.0));
+}
+
+/// Write `e` to the metrics file `path` of `workspace`, atomically, checked
+/// at the moment of writing (a symlink planted on the way since is
+/// refused); a failure is a warning, never an error (module rules).
+fn write_metrics_file(path: &Path, workspace: &Path, e: &Exposition) {
+    if let Err(err) = crate::workspace::Workspace::at(workspace).check_user_output(path, "the metrics file") {
+        tracing::warn!("not writing the metrics file: {err:#}");
+    } else if let Err(err) = crate::util::atomic::write_atomic(path, e.render().as_bytes()) {
+        tracing::warn!("cannot write the metrics file: {err:#}");
+    }
+}
+
 /// Drift rows of the run (see the module doc).
 pub fn drift_rows(engine: &Engine, record: &RunRecord) -> Vec<DriftRows> {
     let mut out = Vec::new();
@@ -211,26 +259,15 @@ pub fn render(engine: &Engine, record: &RunRecord, last_success: Option<f64>) ->
     let g = Kind::Gauge;
     e.family("dagrun_run_info", g, "The last run of the pipeline (1); labels name it.");
     e.sample("dagrun_run_info", &[("pipeline", pipeline), ("run_id", &record.run_id)], 1.0);
-    e.family("dagrun_run_status", g, "Outcome of the last run: 1 for its status, 0 for the others.");
-    for st in RunStatus::ALL {
-        e.sample("dagrun_run_status", &[("pipeline", pipeline), ("status", st.as_str())], if record.status == st { 1.0 } else { 0.0 });
-    }
-    e.family("dagrun_run_success", g, "1 if the last run succeeded (exit code 0), else 0.");
-    e.sample("dagrun_run_success", &[("pipeline", pipeline)], if record.status == RunStatus::Ok { 1.0 } else { 0.0 });
-    e.family("dagrun_run_exit_code", g, "Exit code of the last run (0 ok, 1 a stage failed, 130 interrupted).");
-    e.sample("dagrun_run_exit_code", &[("pipeline", pipeline)], record.exit_code as f64);
-    e.family("dagrun_run_start_timestamp_seconds", g, "Start of the last run (Unix time).");
-    e.family("dagrun_run_end_timestamp_seconds", g, "End of the last run (Unix time).");
-    if let Some(t) = unix_seconds(&record.started_at) {
-        e.sample("dagrun_run_start_timestamp_seconds", &[("pipeline", pipeline)], t);
-    }
-    if let Some(t) = unix_seconds(&record.finished_at) {
-        e.sample("dagrun_run_end_timestamp_seconds", &[("pipeline", pipeline)], t);
-    }
-    e.family("dagrun_run_duration_seconds", g, "Wall time of the last run.");
-    e.sample("dagrun_run_duration_seconds", &[("pipeline", pipeline)], record.seconds);
-    e.family("dagrun_last_success_timestamp_seconds", g, "End of the last successful run (Unix time; 0 if none yet). Kept across failed runs.");
-    e.sample("dagrun_last_success_timestamp_seconds", &[("pipeline", pipeline)], last_success.unwrap_or(0.0));
+    let run = RunSeries {
+        status: record.status,
+        exit_code: record.exit_code,
+        start: unix_seconds(&record.started_at),
+        end: unix_seconds(&record.finished_at),
+        seconds: record.seconds,
+        last_success,
+    };
+    run_series(&mut e, pipeline, &run);
 
     e.family("dagrun_stage_status", g, "Outcome of each stage in the last run: 1 for its status, 0 for the others.");
     e.family("dagrun_stage_duration_seconds", g, "Wall time of each stage in the last run.");
@@ -403,30 +440,20 @@ pub fn write_failed_start(path: &Path, workspace: &Path, pipeline: &str, exit_co
         None
     };
     let last = load_last_success(&dagrun_dir);
-    let g = Kind::Gauge;
-    let mut e = Exposition::new();
-    e.family("dagrun_run_status", g, "Outcome of the last run: 1 for its status, 0 for the others.");
-    for st in RunStatus::ALL {
-        e.sample("dagrun_run_status", &[("pipeline", pipeline), ("status", st.as_str())], if st == RunStatus::Failed { 1.0 } else { 0.0 });
-    }
-    e.family("dagrun_run_success", g, "1 if the last run succeeded (exit code 0), else 0.");
-    e.sample("dagrun_run_success", &[("pipeline", pipeline)], 0.0);
-    e.family("dagrun_run_exit_code", g, "Exit code of the last run (0 ok, 1 a stage failed, 130 interrupted).");
-    e.sample("dagrun_run_exit_code", &[("pipeline", pipeline)], exit_code as f64);
     let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-    e.family("dagrun_run_start_timestamp_seconds", g, "Start of the last run (Unix time).");
-    e.sample("dagrun_run_start_timestamp_seconds", &[("pipeline", pipeline)], now);
-    e.family("dagrun_run_end_timestamp_seconds", g, "End of the last run (Unix time).");
-    e.sample("dagrun_run_end_timestamp_seconds", &[("pipeline", pipeline)], now);
-    e.family("dagrun_run_duration_seconds", g, "Wall time of the last run.");
-    e.sample("dagrun_run_duration_seconds", &[("pipeline", pipeline)], 0.0);
-    e.family("dagrun_last_success_timestamp_seconds", g, "End of the last successful run (Unix time; 0 if none yet). Kept across failed runs.");
-    e.sample("dagrun_last_success_timestamp_seconds", &[("pipeline", pipeline)], last.get(pipeline).copied().unwrap_or(0.0));
+    let mut e = Exposition::new();
+    let run = RunSeries {
+        status: RunStatus::Failed,
+        exit_code,
+        start: Some(now),
+        end: Some(now),
+        seconds: 0.0,
+        last_success: Some(last.get(pipeline).copied().unwrap_or(0.0)),
+    };
+    run_series(&mut e, pipeline, &run);
     // Every other series of this pipeline as the last run left it: no stage ran.
     keep_from_old_file(&mut e, path, pipeline, true);
-    if let Err(err) = crate::util::atomic::write_atomic(path, e.render().as_bytes()) {
-        tracing::warn!("cannot write the metrics file: {err:#}");
-    }
+    write_metrics_file(path, workspace, &e);
 }
 
 /// After `models promote` / `models rollback`: the metrics file's
@@ -459,11 +486,7 @@ pub fn mark_champion(path: &Path, workspace: &Path, tenant: &str, version: &str)
     for p in pipelines {
         e.sample(FAMILY, &[("pipeline", p), ("tenant", tenant), ("model_version", version)], 1.0);
     }
-    if let Err(err) = crate::workspace::Workspace::at(workspace).check_user_output(path, "the metrics file") {
-        tracing::warn!("not writing the metrics file: {err:#}");
-    } else if let Err(err) = crate::util::atomic::write_atomic(path, e.render().as_bytes()) {
-        tracing::warn!("cannot write the metrics file: {err:#}");
-    }
+    write_metrics_file(path, workspace, &e);
 }
 
 impl RunObserver for RunMetrics {
@@ -482,14 +505,9 @@ impl RunObserver for RunMetrics {
         }
         let mut metrics = render(engine, record, last.get(&record.pipeline).copied());
         keep_from_old_file(&mut metrics, &self.path, &record.pipeline, targeted);
-        let text = metrics.render();
         // Checked when the run started, and again now: a stage may have
         // planted a symlink on the way since.
-        if let Err(e) = crate::workspace::Workspace::at(&engine.pipeline.workspace).check_user_output(&self.path, "the metrics file") {
-            tracing::warn!("not writing the metrics file: {e:#}");
-        } else if let Err(e) = crate::util::atomic::write_atomic(&self.path, text.as_bytes()) {
-            tracing::warn!("cannot write the metrics file: {e:#}");
-        }
+        write_metrics_file(&self.path, &engine.pipeline.workspace, &metrics);
     }
 }
 
