@@ -11,11 +11,13 @@
 //! manifest that fails its MAC or names another tenant; a registered model
 //! version (`.dagrun/registry/`) whose file differs from its index entry,
 //! fails its MAC or is not its tenant's; an output missing or modified since
-//! it was produced.
+//! it was produced; plaintext a killed run left (a sensitive output named by
+//! an open `.dagrun/places.json` while no run holds the workspace lock).
 //!
 //! With `--repair` (under the workspace lock) what can be fixed is: bad cache
 //! objects, untrustworthy state files and action-cache entries (the stage
-//! reruns), stale keyring copies and a tampered memo are deleted. Registered models are reported,
+//! reruns), stale keyring copies, a tampered memo and a killed run's
+//! plaintext are deleted. Registered models are reported,
 //! never deleted (`train` rewrites a damaged one when it runs again; `dagrun
 //! models promote` picks another champion). Outputs are not touched: the next
 //! run restores or recomputes them. Without a master key nothing can be
@@ -114,6 +116,9 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
             "no master key in {}: state records, models and manifests cannot be verified (set the master key dagrun runs with, or restore .dagrun/keys/master.key from a backup)",
             ws.root().display()
         ));
+    }
+    if let Some(k) = &key {
+        check_left_plaintext(&ws, k, repair, &mut r)?;
     }
     // Only a proven erasure leaves records unchecked (helper-73).
     let erasures = ring.as_ref().map(|k| k.erasures()).unwrap_or_default();
@@ -256,6 +261,45 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
 }
 
 /// Every object's name is a hash and its content matches; listings are safe.
+/// Plaintext a killed run left: the places record is open (a run was making
+/// plaintext and did not end) while no run holds the lock, and a sensitive
+/// output it names is on disk. The next run deletes it; `--repair` (holding
+/// the lock) now. Checked again under a shared probe of the lock, so a run
+/// that starts or ends meanwhile is never taken for a killed one.
+fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, repair: bool, r: &mut VerifyReport) -> Result<()> {
+    use crate::workspace::places;
+    let left = || match places::load(ws, key) {
+        places::Loaded::Valid(p) if p.open => p.sensitive.into_iter().filter(|rel| ws.abs(rel).symlink_metadata().is_ok()).collect(),
+        _ => Vec::new(),
+    };
+    if left().is_empty() {
+        return Ok(());
+    }
+    let _guard = if repair {
+        None
+    } else {
+        match crate::workspace::lock::probe(&ws.dagrun_dir())? {
+            crate::workspace::lock::Probe::Held(who) => {
+                r.notes.push(format!("{who} holds the workspace lock: the plaintext a run makes is there until it ends (not checked)"));
+                return Ok(());
+            }
+            crate::workspace::lock::Probe::Free(guard) => guard,
+        }
+    };
+    for rel in left() {
+        r.problems.push(format!(
+            "{rel}: plaintext (a sensitive output) left by a run that was killed before it could delete it (`dagrun verify --repair` deletes it now, the next `dagrun run` here does too)"
+        ));
+        if repair {
+            match places::delete_left_plaintext(ws.root(), &rel) {
+                Ok(_) => r.repaired.push(rel),
+                Err(e) => r.problems.push(format!("{e:#}")),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) {
     let root = ws.objects_dir();
     let Ok(rd) = std::fs::read_dir(&root) else { return };

@@ -185,19 +185,12 @@ impl Engine {
         };
         let root = &self.pipeline.workspace;
         for rel in all.sensitive.iter().filter(|p| !mine.sensitive.contains(*p) && !in_use(p)) {
-            let abs = root.join(rel);
-            if abs.symlink_metadata().is_err() {
-                continue;
+            match places::delete_left_plaintext(root, rel) {
+                Ok(false) => continue,
+                Ok(true) => tracing::warn!("deleted {rel}: a sensitive output a killed run left"),
+                Err(e) => tracing::error!("{e:#} (a sensitive output a killed run may have left)"),
             }
-            if let Err(why) = crate::util::nofollow::check_write_path(root, rel, crate::workspace::PROTECTED_DIRS, false) {
-                tracing::warn!("not deleting {rel}, a sensitive output a killed run may have left: {why}");
-                continue;
-            }
-            match remove_path(&abs) {
-                Ok(()) => tracing::warn!("deleted {rel}: a sensitive output a killed run left"),
-                Err(e) => tracing::error!("cannot delete {rel}, a sensitive output a killed run left: {e:#}"),
-            }
-            self.memo.forget(&abs);
+            self.memo.forget(&root.join(rel));
         }
     }
 

@@ -221,6 +221,33 @@ fn holder(file: &mut File) -> String {
     "another dagrun process".to_string()
 }
 
+/// What [`probe`] found.
+pub enum Probe {
+    /// No one holds the lock. The guard (None: there is no lock file yet)
+    /// holds it shared until dropped: no holder can start meanwhile.
+    Free(Option<File>),
+    /// Held, by whom (the holder's line).
+    Held(String),
+}
+
+/// For a command that reads without taking the lock (`verify`): is a holder
+/// (a run) at work right now? Probed with a shared `flock`, which writes
+/// nothing and leaves the sweep mark alone; drop the guard at once (a run
+/// starting while it is held fails, or waits with `--wait`).
+pub fn probe(dagrun_dir: &Path) -> Result<Probe> {
+    let path = dagrun_dir.join("lock");
+    let mut file = match crate::util::nofollow::open_own_file(OpenOptions::new().read(true), &path) {
+        Ok(f) => f,
+        Err(_) if path.symlink_metadata().is_err() => return Ok(Probe::Free(None)),
+        Err(e) => return Err(e.context("cannot check whether a run holds the workspace lock")),
+    };
+    match file.try_lock_shared() {
+        Ok(()) => Ok(Probe::Free(Some(file))),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(Probe::Held(holder(&mut file))),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::from(e).context(format!("cannot lock {}", path.display()))),
+    }
+}
+
 /// Take the lock of `dagrun_dir`, waiting up to `wait` (None: fail at once).
 pub fn acquire(dagrun_dir: &Path, wait: Option<Duration>, what: &str) -> Result<WorkspaceLock> {
     acquire_as(dagrun_dir, wait, what, false)

@@ -148,6 +148,20 @@ pub fn save(ws: &Workspace, key: &IntegrityKey, places: &Places) -> anyhow::Resu
     crate::util::atomic::write_atomic_with(&ws.places_file(), &serde_json::to_vec(&v)?, durability)
 }
 
+/// Delete `rel`, a sensitive output a killed run may have left (the run
+/// after it, or `dagrun verify --repair`): only where every folder on its way
+/// is a real folder or a link inside the workspace, never below a protected
+/// folder (`util::nofollow`). `Ok(false)`: nothing there.
+pub fn delete_left_plaintext(root: &std::path::Path, rel: &str) -> anyhow::Result<bool> {
+    let abs = root.join(rel);
+    if abs.symlink_metadata().is_err() {
+        return Ok(false);
+    }
+    crate::util::nofollow::check_write_path(root, rel, super::PROTECTED_DIRS, false).map_err(|why| anyhow::anyhow!("not deleting {rel}: {why}"))?;
+    crate::util::fs_remove(&abs).map_err(|e| anyhow::anyhow!("cannot delete {rel}: {e:#}"))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -712,6 +712,39 @@ fn a_killed_runs_leftovers_are_removed_by_the_next_run_whatever_its_pipeline() {
     assert_eq!(ws.read("raw/p2.txt"), "the user's own file\n");
 }
 
+/// `verify` says when a killed run left plaintext (exit 4), not while a run
+/// holds the lock (its plaintext is there by design), and `--repair` deletes
+/// it at once instead of leaving it for the next night's run.
+#[test]
+fn verify_reports_a_killed_runs_plaintext_and_repair_deletes_it() {
+    let ws = Ws::new();
+    ws.write("killed.yaml", KILLED);
+    assert_ne!(ws.dagrun(&["run", "killed.yaml"]).code, 0);
+    assert!(ws.exists("raw/pii.txt"));
+    let v = ws.dagrun(&["verify"]);
+    assert_eq!(v.code, 4, "{}{}", v.stdout, v.stderr);
+    assert!(v.stdout.contains("raw/pii.txt: plaintext (a sensitive output) left by a run that was killed"), "{}", v.stdout);
+    assert!(!v.stdout.contains("jane.doe") && !v.stderr.contains("jane.doe"), "{}{}", v.stdout, v.stderr);
+    {
+        // A run at work (holding the lock) makes plaintext by design.
+        let lock = std::fs::File::open(ws.path(".dagrun/lock")).unwrap();
+        lock.lock().unwrap();
+        let v = ws.dagrun(&["verify"]);
+        assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+        assert!(v.stdout.contains("holds the workspace lock: the plaintext a run makes is there until it ends"), "{}", v.stdout);
+    }
+    let v = ws.dagrun(&["verify", "--repair"]);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    assert!(!ws.exists("raw/pii.txt"), "{:?}", ws.walk());
+    let v = ws.dagrun(&["verify"]);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    // A run that ended deleted its own: nothing is reported.
+    ws.write("ends.yaml", "stages:\n  raw:\n    cmd: echo pii > raw/p2.txt\n    outs: [{path: raw/p2.txt, sensitive: true}]\n");
+    ok(ws.dagrun(&["run", "ends.yaml"]));
+    ws.write("raw/p2.txt", "the user's own file\n");
+    assert_eq!(ws.dagrun(&["verify"]).code, 0);
+}
+
 /// A places record sealed under another master key (a shell with another
 /// `DAGRUN_MASTER_KEY`) is never obeyed: after a killed run it is kept until a
 /// run with that key cleans up; after a clean end it is replaced once, not
