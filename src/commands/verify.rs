@@ -80,7 +80,7 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
     let ws = Workspace::at(workspace);
     // A linked store folder would have verify hash, and repair delete, what it
     // points at: refused before anything is listed (taking the lock checks it).
-    let _lock = if repair {
+    let lock = if repair {
         Some(ws.lock(wait, "dagrun verify --repair")?)
     } else {
         crate::workspace::own_dirs::check(ws.root())?;
@@ -118,7 +118,7 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
         ));
     }
     if let Some(k) = &key {
-        check_left_plaintext(&ws, k, repair, &mut r)?;
+        check_left_plaintext(&ws, k, lock.as_ref(), &mut r)?;
     }
     // Only a proven erasure leaves records unchecked (helper-73).
     let erasures = ring.as_ref().map(|k| k.erasures()).unwrap_or_default();
@@ -264,9 +264,12 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
 /// Plaintext a killed run left: the places record is open (a run was making
 /// plaintext and did not end) while no run holds the lock, and a sensitive
 /// output it names is on disk. The next run deletes it; `--repair` (holding
-/// the lock) now. Checked again under a shared probe of the lock, so a run
-/// that starts or ends meanwhile is never taken for a killed one.
-fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, repair: bool, r: &mut VerifyReport) -> Result<()> {
+/// the lock) now, after stopping what the killed run left running (its
+/// stage commands' children, its Slurm jobs), as a run does, so nothing
+/// writes it again. Without `--repair`, checked again under a shared probe
+/// of the lock, so a run that starts or ends meanwhile is never taken for a
+/// killed one.
+fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate::workspace::lock::WorkspaceLock>, r: &mut VerifyReport) -> Result<()> {
     use crate::workspace::places;
     let left = || match places::load(ws, key) {
         places::Loaded::Valid(p) if p.open => p.sensitive.into_iter().filter(|rel| ws.abs(rel).symlink_metadata().is_ok()).collect(),
@@ -275,7 +278,12 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, repair: bool, r: &mu
     if left().is_empty() {
         return Ok(());
     }
-    let _guard = if repair {
+    let _guard = if let Some(lock) = lock {
+        crate::workspace::orphans::stop_killed_runs(lock, ws.root());
+        if let Err(e) = crate::executor::slurm::abandon_orphans(ws.root()) {
+            r.problems.push(format!("cannot cancel the Slurm jobs of a killed run ({e:#}): its plaintext is not deleted (a job could write it again); the next `dagrun run` tries again"));
+            return Ok(());
+        }
         None
     } else {
         match crate::workspace::lock::probe(&ws.dagrun_dir())? {
@@ -290,7 +298,7 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, repair: bool, r: &mu
         r.problems.push(format!(
             "{rel}: plaintext (a sensitive output) left by a run that was killed before it could delete it (`dagrun verify --repair` deletes it now, the next `dagrun run` here does too)"
         ));
-        if repair {
+        if lock.is_some() {
             match places::delete_left_plaintext(ws.root(), &rel) {
                 Ok(_) => r.repaired.push(rel),
                 Err(e) => r.problems.push(format!("{e:#}")),

@@ -55,40 +55,6 @@ pub struct RunOutcome {
     pub summary: Vec<String>,
 }
 
-/// Stop the processes the lock's dead holders left running (`workspace::orphans`),
-/// saying so. False when some may still run: the workspace is not then called clean.
-fn stop_orphans(lock: &crate::workspace::lock::WorkspaceLock, workspace: &std::path::Path) -> bool {
-    let crate::workspace::orphans::Stopped { killed: stopped, left, spared, complete } = crate::workspace::orphans::stop(workspace, lock.dead_marks());
-    let pids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
-    if !stopped.is_empty() {
-        tracing::warn!(
-            "stopped {} process{} a killed run had left running (pid {}), before cleaning up after it",
-            stopped.len(),
-            if stopped.len() == 1 { "" } else { "es" },
-            pids(&stopped)
-        );
-    }
-    if !left.is_empty() {
-        tracing::warn!(
-            "process{} {} of a killed run did not exit after SIGKILL; the next run stops {} again and cleans up after it",
-            if left.len() == 1 { "" } else { "es" },
-            pids(&left),
-            if left.len() == 1 { "it" } else { "them" }
-        );
-    }
-    if !spared.is_empty() {
-        tracing::warn!(
-            "left alone process{} {} of a killed run: {} this run's own (an ancestor, or in its process group); the workspace stays marked for a later run to clean up",
-            if spared.len() == 1 { "" } else { "es" },
-            pids(&spared),
-            if spared.len() == 1 { "it is" } else { "they are" }
-        );
-    } else if left.is_empty() && !complete {
-        tracing::warn!("processes of a killed run kept appearing (one forks on and on?); the next run stops them again");
-    }
-    complete
-}
-
 /// Stages selected by `targets` (and everything upstream of them).
 pub fn select(p: &Pipeline, targets: &[String]) -> Result<HashSet<usize>> {
     if targets.is_empty() {
@@ -139,7 +105,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     // Jobs of a killed earlier run must end before anything writes their outputs.
     crate::executor::slurm::abandon_orphans(&pipeline.workspace)?;
     // ... and so must what its stage commands started here (their shells died with it).
-    let orphans_stopped = stop_orphans(&lock, &pipeline.workspace);
+    let orphans_stopped = crate::workspace::orphans::stop_killed_runs(&lock, &pipeline.workspace);
     let uses_slurm = selected.iter().any(|&i| pipeline.stages[i].executor == crate::pipeline::ExecutorKind::Slurm);
     if uses_slurm {
         // A job killed by Slurm (time limit, scancel) may leave temp files: the next run sweeps.

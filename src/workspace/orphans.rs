@@ -102,6 +102,40 @@ pub fn attempts_left_survivors() -> bool {
     ATTEMPT_SURVIVORS.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// Stop the processes the lock's dead holders left running, saying so
+/// (`dagrun run` and `verify --repair`, before they clean up after a killed run). False when some may still run: the workspace is not then called clean.
+pub fn stop_killed_runs(lock: &super::lock::WorkspaceLock, workspace: &Path) -> bool {
+    let Stopped { killed: stopped, left, spared, complete } = stop(workspace, lock.dead_marks());
+    let pids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    if !stopped.is_empty() {
+        tracing::warn!(
+            "stopped {} process{} a killed run had left running (pid {}), before cleaning up after it",
+            stopped.len(),
+            if stopped.len() == 1 { "" } else { "es" },
+            pids(&stopped)
+        );
+    }
+    if !left.is_empty() {
+        tracing::warn!(
+            "process{} {} of a killed run did not exit after SIGKILL; the next run stops {} again and cleans up after it",
+            if left.len() == 1 { "" } else { "es" },
+            pids(&left),
+            if left.len() == 1 { "it" } else { "them" }
+        );
+    }
+    if !spared.is_empty() {
+        tracing::warn!(
+            "left alone process{} {} of a killed run: {} this dagrun's own (an ancestor, or in its process group); the workspace stays marked for a later run to clean up",
+            if spared.len() == 1 { "" } else { "es" },
+            pids(&spared),
+            if spared.len() == 1 { "it is" } else { "they are" }
+        );
+    } else if left.is_empty() && !complete {
+        tracing::warn!("processes of a killed run kept appearing (one forks on and on?); the next run stops them again");
+    }
+    complete
+}
+
 /// Stop the processes carrying one of `marks` in `workspace` (see the
 /// module's rules).
 pub fn stop(workspace: &Path, marks: &[String]) -> Stopped {

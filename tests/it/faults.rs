@@ -738,6 +738,20 @@ fn verify_reports_a_killed_runs_plaintext_and_repair_deletes_it() {
     assert!(!ws.exists("raw/pii.txt"), "{:?}", ws.walk());
     let v = ws.dagrun(&["verify"]);
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    // What the killed run left running (writing the plaintext again and
+    // again) is stopped first, so the deletion lasts.
+    ws.write(
+        "respawn.yaml",
+        "stages:\n  raw:\n    cmd: (while true; do echo alice > raw/pii.txt; sleep 0.05; done) >/dev/null 2>&1 & echo $! > orphan.pid; sleep 0.2; kill -9 $PPID; sleep 5\n    outs: [{path: raw/pii.txt, sensitive: true}]\n",
+    );
+    assert_ne!(ws.dagrun(&["run", "respawn.yaml"]).code, 0);
+    let orphan = ws.read("orphan.pid").trim().to_string();
+    assert_eq!(ws.dagrun(&["verify"]).code, 4);
+    let v = ws.dagrun(&["verify", "--repair"]);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    assert!(v.stderr.contains("a killed run had left running (pid ") && v.stderr.contains(&orphan), "{}", v.stderr);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!ws.exists("raw/pii.txt"), "the killed run's process wrote its plaintext again: {:?}", ws.walk());
     // A run that ended deleted its own: nothing is reported.
     ws.write("ends.yaml", "stages:\n  raw:\n    cmd: echo pii > raw/p2.txt\n    outs: [{path: raw/p2.txt, sensitive: true}]\n");
     ok(ws.dagrun(&["run", "ends.yaml"]));
