@@ -188,7 +188,7 @@ enum Cmd {
         #[command(subcommand)]
         action: commands::models::ModelsCmd,
     },
-    /// List runs, or show one (`dagrun runs show ID|last`).
+    /// List runs, show one (`dagrun runs show ID|last`), or remove old records (`dagrun runs prune`).
     Runs {
         #[command(subcommand)]
         action: Option<RunsCmd>,
@@ -212,6 +212,8 @@ enum RunsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove old run records (kept: the newest N, runs that made current outputs, runs with open lineage).
+    Prune(commands::runs::PruneArgs),
 }
 
 #[derive(Subcommand)]
@@ -510,6 +512,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             match action {
                 None => commands::runs::list(&ws, *json)?,
                 Some(RunsCmd::Show { id, json: json2 }) => commands::runs::show(&ws, id, *json || *json2)?,
+                Some(RunsCmd::Prune(a)) => commands::runs::prune(&ws, a, *json || a.json)?,
             }
             Ok(exit::OK)
         }

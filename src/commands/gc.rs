@@ -143,7 +143,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     if args.json {
         crate::engine::report::say(&serde_json::to_string_pretty(&r)?);
     } else if !crate::util::stdout::quiet() {
-        let hb = crate::commands::pull::human_bytes;
+        let hb = crate::util::human_bytes;
         let verb = if args.dry_run { "would remove" } else { "removed" };
         crate::engine::report::say(&format!(
             "{verb} {} cache entries and {} objects ({}); kept {} entries and {} objects ({}) used by the current state, the newest {} run(s) and the registry's champions",

@@ -515,7 +515,7 @@ pub fn print(r: &PullReport) {
         "pulled {} records and {} objects ({}) from {} in {:.2}s; {} records and {} objects were already here",
         r.records_fetched,
         r.objects_fetched,
-        human_bytes(r.bytes_fetched),
+        crate::util::human_bytes(r.bytes_fetched),
         r.remote,
         r.seconds,
         r.records_present,
@@ -527,18 +527,6 @@ pub fn print(r: &PullReport) {
     for p in &r.problems {
         crate::util::stdout::warn(format_args!("problem: {p}"));
     }
-}
-
-/// 1234567 → "1.2 MiB".
-pub fn human_bytes(n: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
 }
 
 /// Keys of records a workspace holds (for tests and `push`).

@@ -26,9 +26,10 @@
 //!   exact bytes are uploaded; a puller checks their shape and key binding and
 //!   seals them under its own key (`pull`'s rules).
 
-use super::pull::{human_bytes, validate_record, validate_tree};
+use super::pull::{validate_record, validate_tree};
 use crate::pipeline::Pipeline;
 use crate::remote::{Remote, Upload};
+use crate::util::human_bytes;
 use crate::workspace::cas::Cas;
 use crate::workspace::hashing::TreeEntry;
 use crate::workspace::state::{Loaded, StateStore};

@@ -153,6 +153,18 @@ pub fn short_float(x: f64) -> String {
     if s == "-0" { "0".into() } else { s.to_string() }
 }
 
+/// 1234567 → "1.2 MiB".
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

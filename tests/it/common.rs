@@ -294,3 +294,9 @@ pub fn decrypted(path: &Path, key: &dagrun::crypto::DataKey, tenant: &str) -> (S
     }
     (key_id, rest, plain)
 }
+
+/// `o`, after asserting that dagrun exited 0 (else both streams are shown).
+pub fn ok(o: Out) -> Out {
+    assert_eq!(o.code, 0, "dagrun failed:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    o
+}

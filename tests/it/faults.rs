@@ -48,11 +48,6 @@ fn prun(root: &Path, rows: &str, extra: &[&str]) -> Out {
     spawn(dagrun_in(root, &refs(&run_args(rows, extra)))).wait(HANG)
 }
 
-fn ok(o: Out) -> Out {
-    assert_eq!(o.code, 0, "dagrun failed:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
-    o
-}
-
 fn dr(root: &Path, args: &[&str]) -> Out {
     spawn(dagrun_in(root, args)).wait(HANG)
 }

@@ -10,7 +10,7 @@
 //! - deeply nested YAML, an oversized tenant list, a huge CSV field and an
 //!   absurd `rows` are refused quickly with a clear error, never an abort.
 
-use crate::common::{Bg, HANG, Out, Ws, signal, spawn};
+use crate::common::{Bg, HANG, Out, Ws, ok, signal, spawn};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -34,11 +34,6 @@ fn cmd(ws: &Ws, args: &[&str]) -> Command {
 fn dg(ws: &Ws, args: &[&str]) -> Out {
     let o = spawn(cmd(ws, args)).wait(HANG);
     assert!(!o.stderr.contains("panicked"), "dagrun {args:?} panicked:\n{}", o.stderr);
-    o
-}
-
-fn ok(o: Out) -> Out {
-    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     o
 }
 

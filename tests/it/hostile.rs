@@ -22,7 +22,7 @@
 //! through the library (`dagrun::crypto::aead::decrypt_field`) on files made by
 //! a real run.
 
-use crate::common::{BIN, HANG, Out, Ws, spawn};
+use crate::common::{BIN, HANG, Out, Ws, ok, spawn};
 use arrow_array::{Array, ArrayRef, BinaryArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
 use dagrun::crypto::FieldError;
 use dagrun::crypto::aead::decrypt_field;
@@ -61,11 +61,6 @@ fn dg(ws: &Ws, args: &[&str]) -> Out {
 fn dg_env(ws: &Ws, args: &[&str], env: &[(&str, &str)]) -> Out {
     let o = spawn(command(ws, args, env)).wait(HANG);
     assert!(!o.stderr.contains("panicked"), "dagrun {args:?} panicked:\n{}", o.stderr);
-    o
-}
-
-fn ok(o: Out) -> Out {
-    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     o
 }
 

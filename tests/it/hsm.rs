@@ -4,7 +4,7 @@
 //! Nothing here is skipped: a missing SoftHSM2 is installed by the script (root)
 //! or `.ci/run`, and a missing script is a failure.
 
-use crate::common::{Out, Ws, signal, spawn};
+use crate::common::{Out, Ws, ok, signal, spawn};
 use arrow_array::{Array, BinaryArray, Int64Array};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -124,11 +124,6 @@ fn cmd(ws: &Ws, tok: Option<&Token>, args: &[&str], env: &[(&str, &str)]) -> Com
     }
     c.envs(env.iter().copied());
     c
-}
-
-fn ok(o: Out) -> Out {
-    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
-    o
 }
 
 fn run_pipeline(ws: &Ws, tok: Option<&Token>, env: &[(&str, &str)]) -> Out {

@@ -88,3 +88,59 @@ fn ok_report(ws: &Ws) -> String {
     assert_eq!(o.code, 0, "{}", o.stderr);
     ws.walk().into_iter().find(|p| p.starts_with("runs/") && p.ends_with(".html")).expect("an HTML report")
 }
+
+/// The run ids whose files are under `runs/` (records, events, reports).
+fn run_ids(ws: &Ws) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(ws.path("runs")).unwrap().flatten().filter_map(|e| e.file_name().to_str().and_then(|n| n.split('.').next()).map(str::to_string)).collect()
+}
+
+/// `runs prune` removes old runs' files (record, events, report) under the
+/// lock, and never a run that made a current output, a killed run whose
+/// lineage is still open, or a file that is not a record dagrun wrote.
+#[test]
+fn runs_prune_keeps_the_newest_the_makers_of_current_outputs_and_open_lineage() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  s1:\n    cmd: echo hi > out/a.txt\n    outs: [out/a.txt]\n  s2:\n    cmd: date +%N > out/b.txt\n    outs: [out/b.txt]\n");
+    let id = |r: &Run| r.rec()["run_id"].as_str().unwrap().to_string();
+    let r1 = id(&ws.run(&[]).ok());
+    let forced: Vec<String> = (0..3).map(|_| id(&ws.run(&["--force", "s2"]).ok())).collect();
+    ok(ws.dagrun(&["report", &forced[0]]));
+    assert!(ws.exists(&format!("runs/{}.html", forced[0])));
+    // A killed run: events and an open lineage mark, no record.
+    ws.write("killed.yaml", "stages:\n  k:\n    cmd: kill -9 $PPID; sleep 5\n    outs: [k.txt]\n");
+    assert_ne!(ws.dagrun(&["run", "killed.yaml"]).code, 0);
+    let killed: Vec<String> = run_ids(&ws).into_iter().filter(|i| *i != r1 && !forced.contains(i)).collect();
+    assert_eq!(killed.len(), 1, "{:?}", ws.walk());
+    let killed = &killed[0];
+    ws.write("runs/20200101-000000-000-abcd.json", "not a record\n");
+
+    // Nothing is old yet; the dry run removes nothing.
+    let o = ok(ws.dagrun(&["runs", "prune", "--older-than", "1d"]));
+    assert!(o.stdout.contains("removed 0 runs"), "{}", o.stdout);
+    let before = run_ids(&ws);
+    let o = ok(ws.dagrun(&["runs", "prune", "--keep", "0", "--dry-run"]));
+    assert_eq!(run_ids(&ws), before);
+    assert!(o.stdout.contains(&format!("would remove {}", forced[0])), "{}", o.stdout);
+    // The killed run's lineage is open: kept, even with --keep 0.
+    let o = ok(ws.dagrun(&["runs", "prune", "--keep", "0"]));
+    assert!(o.stderr.contains("20200101-000000-000-abcd.json") && o.stderr.contains("left alone"), "{}", o.stderr);
+    let left = run_ids(&ws);
+    assert!(left.contains(&r1) && left.contains(&forced[2]) && left.contains(killed), "{left:?}");
+    assert!(!left.contains(&forced[0]) && !left.contains(&forced[1]), "{left:?}");
+    assert!(!ws.exists(&format!("runs/{}.html", forced[0])) && !ws.exists(&format!("runs/{}.openlineage.jsonl", forced[0])));
+    assert!(ws.exists("runs/20200101-000000-000-abcd.json"));
+    // The next run closes the killed run's lineage: then it may go.
+    let r5 = id(&ws.run(&[]).ok());
+    let o = ok(ws.dagrun(&["runs", "prune", "--keep", "1", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["removed"], serde_json::json!([killed]), "{}", o.stdout);
+    assert_eq!(v["kept_for_current_outputs"], 2, "{}", o.stdout);
+    let left = run_ids(&ws);
+    assert_eq!(left, [r1.clone(), forced[2].clone(), r5, "20200101-000000-000-abcd".to_string()].into_iter().collect(), "{left:?}");
+    // `runs show` still finds what made the current outputs.
+    ok(ws.dagrun(&["runs", "show", &r1]));
+    // Under the lock: not while a run holds it.
+    let lock = std::fs::File::open(ws.path(".dagrun/lock")).unwrap();
+    lock.lock().unwrap();
+    assert_eq!(ws.dagrun(&["runs", "prune", "--keep", "0"]).code, 75);
+}

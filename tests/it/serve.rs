@@ -3,7 +3,7 @@
 //! predict`, every validation error, limits, promotion and rollback under
 //! load, a model failing its integrity check, SIGTERM drain, TLS.
 
-use crate::common::{BIN, Out, Ws, signal};
+use crate::common::{BIN, Ws, ok, signal};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -22,11 +22,6 @@ fn trained(rows: u32) -> Ws {
     ws.write("config/tenants.yaml", TENANTS);
     ok(ws.dagrun(&["run", "pipelines/propensity.yaml", "-p", &format!("rows={rows}")]));
     ws
-}
-
-fn ok(o: Out) -> Out {
-    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
-    o
 }
 
 fn token(ws: &Ws, tenant: &str, extra: &[&str]) -> String {

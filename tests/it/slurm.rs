@@ -78,11 +78,6 @@ fn run_in(root: &Path, args: &[&str]) -> Out {
     spawn(dagrun_in(root, args)).wait(SLURM_HANG)
 }
 
-fn ok(o: Out) -> Out {
-    assert_eq!(o.code, 0, "dagrun failed:\nstdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
-    o
-}
-
 fn last_record(root: &Path) -> serde_json::Value {
     let o = ok(run_in(root, &["runs", "show", "last", "--json"]));
     o.json()

@@ -14,7 +14,7 @@
 //! - a malformed (3-character) hash in a state file is an error naming the
 //!   file and the field, never a panic.
 
-use crate::common::{BIN, HANG, Out, Ws, spawn};
+use crate::common::{BIN, HANG, Out, Ws, ok, spawn};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -31,11 +31,6 @@ fn dg_in(dir: &Path, args: &[&str]) -> Out {
 
 fn dg(ws: &Ws, args: &[&str]) -> Out {
     dg_in(&ws.root, args)
-}
-
-fn ok(o: Out) -> Out {
-    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
-    o
 }
 
 fn state(ws: &Ws, stage: &str) -> Value {
