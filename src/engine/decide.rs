@@ -129,7 +129,7 @@ impl Engine {
                         self.producer_name(p)
                     }),
                     (None, Some(why)) => vec![why],
-                    (None, None) => vec!["no earlier run recorded".into()],
+                    (None, None) => vec![self.no_record_reason(&s.name)],
                 };
                 match self.states.load_action(&key).valid() {
                     Some(act) if self.action_restorable(s, &act) => {

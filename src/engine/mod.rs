@@ -156,6 +156,9 @@ pub struct Engine {
     /// `run --pull`: what of a forgotten tenant is not fetched (traced over
     /// this workspace's records at the first fetch).
     forgotten: std::sync::OnceLock<Mutex<crate::remote::forgotten::Forgotten>>,
+    /// The newest run record, read once, when a stage has no state record
+    /// ([`Engine::no_record_reason`]).
+    newest_run: std::sync::OnceLock<Option<runs::RunRecord>>,
 }
 
 /// A stage about to run: its evaluation (`None` until its inputs exist, for a
@@ -177,6 +180,11 @@ fn now_rfc3339() -> String {
 }
 
 impl Engine {
+    /// Why stage `name`, which has no state record, runs (`runs::no_record_reason`).
+    pub fn no_record_reason(&self, name: &str) -> String {
+        runs::no_record_reason(self.newest_run.get_or_init(|| runs::newest(&self.pipeline.workspace)).as_ref(), name)
+    }
+
     /// An engine that runs stages: it opens the keyring (creating the master
     /// key on first use) for the workspace integrity key that MACs every record.
     pub fn new(pipeline: Pipeline) -> Result<Engine> {
@@ -228,6 +236,7 @@ impl Engine {
             places: Mutex::new(None),
             regenerated: Mutex::new(Vec::new()),
             forgotten: std::sync::OnceLock::new(),
+            newest_run: std::sync::OnceLock::new(),
         }
     }
 

@@ -270,6 +270,29 @@ pub fn list(workspace: &Path) -> Listing {
     Listing { records, unreadable }
 }
 
+/// The newest run record, read alone (its name is the largest run id under
+/// `runs/`); None when there is none, or it does not read.
+pub fn newest(workspace: &Path) -> Option<RunRecord> {
+    let name = std::fs::read_dir(runs_dir(workspace))
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.strip_suffix(".json").is_some_and(is_run_id))
+        .max()?;
+    read(&runs_dir(workspace).join(name)).ok()
+}
+
+/// Why a stage without a state record runs: "no earlier run recorded", or,
+/// when the newest run record has it failed (a failed stage leaves no
+/// record, and one that failed after writing its outputs drops its earlier
+/// one), that run's failure. `newest`: [`newest`]'s record.
+pub fn no_record_reason(newest: Option<&RunRecord>, stage: &str) -> String {
+    match newest.and_then(|r| r.stages.iter().find(|s| s.stage == stage && s.status == Status::Failed).map(|_| &r.run_id)) {
+        Some(id) => format!("its last run failed (run {id}; `dagrun runs show {id}` says why): no successful run recorded"),
+        None => "no earlier run recorded".into(),
+    }
+}
+
 /// One run by id (or unique id prefix, or `last`). A record file that
 /// matches but does not parse is an error naming it (exit 2), never skipped.
 pub fn find(workspace: &Path, id: &str) -> Result<RunRecord> {

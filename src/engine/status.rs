@@ -137,7 +137,7 @@ pub fn status(engine: &Engine, selected: &HashSet<usize>) -> Result<Vec<StageSta
             } else if let Some(why) = &distrust {
                 reasons.push(why.clone());
             } else {
-                reasons.push("no earlier run recorded".into());
+                reasons.push(engine.no_record_reason(&s.name));
             }
             reasons.dedup();
             let _ = &unknown_from;

@@ -144,3 +144,22 @@ fn runs_prune_keeps_the_newest_the_makers_of_current_outputs_and_open_lineage() 
     lock.lock().unwrap();
     assert_eq!(ws.dagrun(&["runs", "prune", "--keep", "0"]).code, 75);
 }
+
+/// A stage without a state record says why: never run, or its last run
+/// failed (which leaves no record), naming that run.
+#[test]
+fn a_stage_whose_last_run_failed_says_so_not_never_run() {
+    let ws = Ws::new();
+    ws.pipeline("stages:\n  a:\n    cmd: test -f go && echo hi > a.txt\n    outs: [a.txt]\n");
+    let o = ws.dagrun(&["status", "pipeline.yaml"]);
+    assert!(o.stdout.contains("no earlier run recorded"), "{}", o.stdout);
+    let failed = ws.run(&[]);
+    assert_eq!(failed.out.code, 1, "{}", failed.out.stderr);
+    let id = failed.rec()["run_id"].as_str().unwrap().to_string();
+    let o = ws.dagrun(&["status", "pipeline.yaml"]);
+    assert!(o.stdout.contains(&format!("its last run failed (run {id}; `dagrun runs show {id}` says why)")), "{}", o.stdout);
+    ws.write("go", "");
+    let r = ws.run(&[]).ok();
+    let reasons = r.rec()["stages"][0]["reasons"].to_string();
+    assert!(reasons.contains(&format!("its last run failed (run {id}")), "{reasons}");
+}
