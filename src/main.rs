@@ -512,7 +512,7 @@ fn real_main(cli: &Cli) -> Result<i32> {
             match action {
                 None => commands::runs::list(&ws, *json)?,
                 Some(RunsCmd::Show { id, json: json2 }) => commands::runs::show(&ws, id, *json || *json2)?,
-                Some(RunsCmd::Prune(a)) => commands::runs::prune(&ws, a, *json || a.json)?,
+                Some(RunsCmd::Prune(a)) => commands::runs::prune(&ws, a, *json || a.delete.json)?,
             }
             Ok(exit::OK)
         }

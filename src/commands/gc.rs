@@ -37,14 +37,8 @@ pub struct Args {
     /// Keep the cache entries of every stage of the newest N runs (besides the current state).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP_RUNS)]
     pub keep_runs: usize,
-    /// Print what would be removed; remove nothing.
-    #[arg(short = 'n', long)]
-    pub dry_run: bool,
-    /// Wait up to SECONDS for a running run to release the workspace (default: exit 75 at once).
-    #[arg(long, value_name = "SECONDS", value_parser = crate::commands::parse_seconds)]
-    pub wait: Option<f64>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub delete: crate::commands::DeleteFlags,
 }
 
 /// `--json`'s object (README "Keeping the cache in bounds").
@@ -66,7 +60,7 @@ struct Report {
 
 pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     let ws = Workspace::at(workspace);
-    let _lock = ws.lock(args.wait.map(Duration::from_secs_f64), "dagrun gc")?;
+    let _lock = ws.lock(args.delete.wait.map(Duration::from_secs_f64), "dagrun gc")?;
     let Some(keyring) = Keyring::open_existing(ws.root())? else {
         return Err(crate::error::config(format!(
             "no master key for {}: cache records cannot be verified, so nothing can be collected safely (set the master key dagrun runs with)",
@@ -107,7 +101,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
         .cloned()
         .collect();
     // Planned figures for a dry run; what was removed otherwise.
-    let done = if args.dry_run {
+    let done = if args.delete.dry_run {
         gc::Applied {
             states_removed: plan.states.len(),
             entries_removed: plan.entries.len(),
@@ -128,7 +122,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
     };
 
     let r = Report {
-        dry_run: args.dry_run,
+        dry_run: args.delete.dry_run,
         keep_runs: args.keep_runs,
         runs_read: newest.len(),
         forgotten_tenants: forgotten_touched.clone(),
@@ -140,11 +134,11 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
         objects_kept: plan.objects_kept + plan.objects.len() - done.objects_removed,
         bytes_kept: plan.bytes_kept + plan.bytes_removed() - done.bytes_removed,
     };
-    if args.json {
+    if args.delete.json {
         crate::engine::report::say(&serde_json::to_string_pretty(&r)?);
     } else if !crate::util::stdout::quiet() {
         let hb = crate::util::human_bytes;
-        let verb = if args.dry_run { "would remove" } else { "removed" };
+        let verb = if args.delete.dry_run { "would remove" } else { "removed" };
         crate::engine::report::say(&format!(
             "{verb} {} cache entries and {} objects ({}); kept {} entries and {} objects ({}) used by the current state, the newest {} run(s) and the registry's champions",
             r.entries_removed,
@@ -156,7 +150,7 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
             r.runs_read,
         ));
         if !forgotten_touched.is_empty() {
-            let verb = if args.dry_run { "would remove" } else { "removed" };
+            let verb = if args.delete.dry_run { "would remove" } else { "removed" };
             crate::engine::report::say(&format!(
                 "{verb} what was left of forgotten tenant(s) {}: {} and their registry folders",
                 forgotten_touched.join(", "),

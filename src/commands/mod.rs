@@ -72,6 +72,21 @@ pub fn parse_seconds(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
+/// The flags of the commands that delete under the workspace lock (`gc`,
+/// `runs prune`).
+#[derive(clap::Args)]
+pub struct DeleteFlags {
+    /// Print what would be removed; remove nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Wait up to SECONDS for a running run to release the workspace (default: exit 75 at once).
+    #[arg(long, value_name = "SECONDS", value_parser = crate::commands::parse_seconds)]
+    pub wait: Option<f64>,
+    /// Print what was removed (or would be) as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// clap parser for `-j`: 1 to [`MAX_JOBS`].
 pub fn parse_jobs(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {

@@ -102,14 +102,8 @@ pub struct PruneArgs {
     /// Remove only records of runs that started more than AGE ago (`90d`, `12h`, `30m`, `2w`).
     #[arg(long, value_name = "AGE", value_parser = parse_age)]
     pub older_than: Option<Duration>,
-    /// Print what would be removed; remove nothing.
-    #[arg(short = 'n', long)]
-    pub dry_run: bool,
-    /// Wait up to SECONDS for a running run to release the workspace (default: exit 75 at once).
-    #[arg(long, value_name = "SECONDS", value_parser = crate::commands::parse_seconds)]
-    pub wait: Option<f64>,
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub delete: crate::commands::DeleteFlags,
 }
 
 /// clap parser for `--older-than`: a whole number and a unit, s m h d or w.
@@ -151,7 +145,7 @@ fn to_prune<'a>(
 /// `dagrun runs prune` (rules: the module's).
 pub fn prune(workspace: &Path, a: &PruneArgs, json: bool) -> Result<()> {
     let ws = crate::workspace::Workspace::at(workspace);
-    let _lock = ws.lock(a.wait.map(Duration::from_secs_f64), "dagrun runs prune")?;
+    let _lock = ws.lock(a.delete.wait.map(Duration::from_secs_f64), "dagrun runs prune")?;
     let listing = runs::list(ws.root());
     for (_, e) in &listing.unreadable {
         crate::util::stdout::warn(format_args!("warning: {e:#}; left alone"));
@@ -198,7 +192,7 @@ pub fn prune(workspace: &Path, a: &PruneArgs, json: bool) -> Result<()> {
     let kept_for_outputs = all.iter().filter(|(id, _)| made_current.contains(id)).count();
     let kept_open = all.iter().filter(|(id, _)| open.contains(id) && !made_current.contains(id)).count();
     // Each run's files, the record last.
-    let dir = if gone.is_empty() || a.dry_run { None } else { Some(crate::util::nofollow::Dir::open(ws.root(), Path::new("runs"))?) };
+    let dir = if gone.is_empty() || a.delete.dry_run { None } else { Some(crate::util::nofollow::Dir::open(ws.root(), Path::new("runs"))?) };
     let (mut files, mut bytes, mut failed) = (0usize, 0u64, Vec::new());
     for id in &gone {
         for ext in ["html", "openlineage.jsonl", "json"] {
@@ -217,7 +211,7 @@ pub fn prune(workspace: &Path, a: &PruneArgs, json: bool) -> Result<()> {
     let kept = all.len() - gone.len();
     if json {
         let v = serde_json::json!({
-            "dry_run": a.dry_run,
+            "dry_run": a.delete.dry_run,
             "removed": gone,
             "files_removed": files,
             "bytes_removed": bytes,
@@ -228,12 +222,12 @@ pub fn prune(workspace: &Path, a: &PruneArgs, json: bool) -> Result<()> {
         });
         crate::outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        if a.dry_run {
+        if a.delete.dry_run {
             for id in &gone {
                 crate::outln!("would remove {id}");
             }
         }
-        let what = if a.dry_run { "would remove" } else { "removed" };
+        let what = if a.delete.dry_run { "would remove" } else { "removed" };
         let mut why = Vec::new();
         if kept_for_outputs > 0 {
             why.push(format!("{kept_for_outputs} made current outputs"));
