@@ -160,9 +160,17 @@ pub fn prune(workspace: &Path, a: &PruneArgs, json: bool) -> Result<()> {
     let made_current: BTreeSet<String> =
         crate::workspace::state::StateStore::new(&ws, Some(keyring.integrity_key())).all().into_iter().map(|st| st.run_id).collect();
     // Runs whose lineage is still open (marked, sealed or not: kept either way).
-    let open: BTreeSet<String> = std::fs::read_dir(ws.dagrun_dir().join("openlineage").join("open"))
-        .map(|rd| rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
-        .unwrap_or_default();
+    let open_dir = ws.dagrun_dir().join("openlineage").join("open");
+    let open: BTreeSet<String> = match std::fs::read_dir(&open_dir) {
+        Ok(rd) => rd.flatten().filter_map(|e| e.file_name().into_string().ok()).collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+        Err(e) => {
+            return Err(crate::error::config(format!(
+                "cannot list {} ({e}): the runs whose OpenLineage events are not closed yet are unknown, so nothing was pruned",
+                ws.rel(&open_dir)
+            )));
+        }
+    };
     let pinned: BTreeSet<String> = made_current.union(&open).cloned().collect();
     let mut all: Vec<(String, Option<chrono::DateTime<chrono::Utc>>)> = listing
         .records
@@ -193,21 +201,24 @@ pub fn prune(workspace: &Path, a: &PruneArgs, json: bool) -> Result<()> {
     let kept_open = all.iter().filter(|(id, _)| open.contains(id) && !made_current.contains(id)).count();
     // Each run's files, the record last.
     let dir = if gone.is_empty() || a.delete.dry_run { None } else { Some(crate::util::nofollow::Dir::open(ws.root(), Path::new("runs"))?) };
-    let (mut files, mut bytes, mut failed) = (0usize, 0u64, Vec::new());
-    for id in &gone {
+    let (mut files, mut bytes, mut failed, mut removed) = (0usize, 0u64, Vec::new(), Vec::new());
+    'runs: for id in gone {
         for ext in ["html", "openlineage.jsonl", "json"] {
             let name = format!("{id}.{ext}");
             let Ok(meta) = ws.runs_dir().join(&name).symlink_metadata() else { continue };
             if let Some(d) = &dir
                 && let Err(e) = d.unlink(std::ffi::OsStr::new(&name))
             {
+                // The rest of this run stays, its record with it (listed again next time).
                 failed.push(format!("runs/{name}: {e:#}"));
-                continue;
+                continue 'runs;
             }
             files += 1;
             bytes += meta.len();
         }
+        removed.push(id);
     }
+    let gone = removed;
     let kept = all.len() - gone.len();
     if json {
         let v = serde_json::json!({
@@ -237,9 +248,9 @@ pub fn prune(workspace: &Path, a: &PruneArgs, json: bool) -> Result<()> {
         }
         let why = if why.is_empty() { String::new() } else { format!(" (always kept: {})", why.join(", ")) };
         crate::outln!(
-            "{what} {} run{} ({files} files, {}); kept {kept}{why}",
-            gone.len(),
-            if gone.len() == 1 { "" } else { "s" },
+            "{what} {} ({}, {}); kept {kept}{why}",
+            crate::util::count(gone.len(), "run", "runs"),
+            crate::util::count(files, "file", "files"),
             crate::util::human_bytes(bytes)
         );
     }

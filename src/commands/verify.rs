@@ -263,23 +263,59 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
 /// Every object's name is a hash and its content matches; listings are safe.
 /// Plaintext a killed run left: the places record is open (a run was making
 /// plaintext and did not end) while no run holds the lock, and a sensitive
-/// output it names is on disk. The next run deletes it; `--repair` (holding
-/// the lock) now, after stopping what the killed run left running (its
-/// stage commands' children, its Slurm jobs), as a run does, so nothing
-/// writes it again. Without `--repair`, checked again under a shared probe
-/// of the lock, so a run that starts or ends meanwhile is never taken for a
-/// killed one.
+/// output it names is on disk (found as the run finds it, no link followed
+/// outside the workspace: `places::find_left_plaintext`). The next run
+/// deletes it; `--repair` (holding the lock) now, after stopping what the
+/// killed run left running (its stage commands' children, its Slurm jobs),
+/// as a run does, so nothing writes it again. Without `--repair`, checked
+/// under a shared probe of the lock: a run at work makes plaintext by design
+/// (a note); another holder (`gc`, `runs prune`) makes none. A record that
+/// cannot be trusted, or is another workspace's, is a problem: neither
+/// `verify` nor a run obeys it, so what it names is left to the owner.
 fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate::workspace::lock::WorkspaceLock>, r: &mut VerifyReport) -> Result<()> {
-    use crate::workspace::places;
-    let left = || match places::load(ws, key) {
-        places::Loaded::Valid(p) if p.open => p.sensitive.into_iter().filter(|rel| ws.abs(rel).symlink_metadata().is_ok()).collect(),
-        _ => Vec::new(),
+    use crate::workspace::lock::Probe;
+    use crate::workspace::places::{self, Loaded};
+    let file = ws.rel(&ws.places_file());
+    // Each sensitive output of an open record that is there (or cannot be looked at).
+    let scan = || -> Vec<(String, Result<()>)> {
+        match places::load(ws, key) {
+            Loaded::Valid(p) if p.open => p
+                .sensitive
+                .into_iter()
+                .filter_map(|rel| match places::find_left_plaintext(ws.root(), &rel) {
+                    Ok(None) => None,
+                    Ok(Some(_)) => Some((rel, Ok(()))),
+                    Err(e) => Some((rel, Err(e))),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
     };
-    if left().is_empty() {
+    match places::load(ws, key) {
+        Loaded::Untrusted(why) => {
+            r.problems.push(format!(
+                "{why}: not trusted, so no run and no verify looks for the plaintext a killed run it names may have left (if it is sealed under another master key, verify with that key; if not, look for plaintext among your pipelines' sensitive outputs by hand, then delete {file})"
+            ));
+            return Ok(());
+        }
+        Loaded::Elsewhere(other) => {
+            r.problems.push(format!(
+                "{file}: written for the workspace at {} (this one is a copy of it, or was restored from a backup): not obeyed here, so no run and no verify looks for the plaintext a run killed there may have left (look among your pipelines' sensitive outputs by hand, then delete {file})",
+                crate::util::escape_controls(&other)
+            ));
+            return Ok(());
+        }
+        Loaded::Missing | Loaded::Valid(_) => {}
+    }
+    if scan().is_empty() {
         return Ok(());
     }
     let _guard = if let Some(lock) = lock {
-        crate::workspace::orphans::stop_killed_runs(lock, ws.root());
+        if !crate::workspace::orphans::stop_killed_runs(lock, ws.root()) {
+            r.problems.push(
+                "processes a killed run left could not all be stopped: its plaintext may be written again (`dagrun verify --repair` again, or the next run, stops them)".to_string(),
+            );
+        }
         if let Err(e) = crate::executor::slurm::abandon_orphans(ws.root()) {
             r.problems.push(format!("cannot cancel the Slurm jobs of a killed run ({e:#}): its plaintext is not deleted (a job could write it again); the next `dagrun run` tries again"));
             return Ok(());
@@ -287,22 +323,29 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate:
         None
     } else {
         match crate::workspace::lock::probe(&ws.dagrun_dir())? {
-            crate::workspace::lock::Probe::Held(who) => {
+            Probe::Held(who) if who.contains("(dagrun run ") => {
                 r.notes.push(format!("{who} holds the workspace lock: the plaintext a run makes is there until it ends (not checked)"));
                 return Ok(());
             }
-            crate::workspace::lock::Probe::Free(guard) => guard,
+            // `gc`, `runs prune`, `verify --repair`, a key command: none makes plaintext.
+            Probe::Held(_) => None,
+            Probe::Free(guard) => guard,
         }
     };
-    for rel in left() {
-        r.problems.push(format!(
-            "{rel}: plaintext (a sensitive output) left by a run that was killed before it could delete it (`dagrun verify --repair` deletes it now, the next `dagrun run` here does too)"
-        ));
-        if lock.is_some() {
-            match places::delete_left_plaintext(ws.root(), &rel) {
-                Ok(_) => r.repaired.push(rel),
-                Err(e) => r.problems.push(format!("{e:#}")),
-            }
+    let left = "plaintext (a sensitive output) left by a run that was killed before it could delete it";
+    for (rel, found) in scan() {
+        match found {
+            Ok(()) if lock.is_none() => r.problems.push(format!(
+                "{rel}: {left} (`dagrun verify --repair` deletes it now; so does the next `dagrun run` here, unless its pipeline reads that path or writes it as a plain output)"
+            )),
+            Ok(()) => match places::delete_left_plaintext(ws.root(), &rel) {
+                Ok(_) => {
+                    r.problems.push(format!("{rel}: {left}"));
+                    r.repaired.push(rel);
+                }
+                Err(e) => r.problems.push(format!("{rel}: {left}; not deleted: {e:#}")),
+            },
+            Err(e) => r.problems.push(format!("a sensitive output a killed run may have left was not looked at: {e:#}")),
         }
     }
     Ok(())

@@ -94,7 +94,7 @@ impl Engine {
         };
         let prev = match places::load(&self.ws, &key) {
             places::Loaded::Missing => None,
-            places::Loaded::Valid(p) => Some(Places { workspace: String::new(), ..p }),
+            places::Loaded::Valid(p) => Some(Places { workspace: String::new(), folder: None, ..p }),
             places::Loaded::Elsewhere(other) => {
                 let file = self.ws.rel(&self.ws.places_file());
                 if !unclean {
@@ -171,10 +171,13 @@ impl Engine {
         }
     }
 
-    /// Delete the sensitive outputs a killed run of another pipeline (or of
-    /// this one with other tenants) may have left: those of `all` this run
-    /// does not declare, unless this pipeline declares the path as a plain
-    /// output or reads it (it is the user's file now).
+    /// Delete the sensitive outputs a killed run may have left, before the
+    /// first stage: this run's own (plaintext never outlives a run, so one on
+    /// disk now is the killed run's; left until this run's end, a second kill
+    /// before this run opened the record lost track of it: helper-75), and
+    /// those of `all` that another pipeline (or this one with other tenants)
+    /// declared, unless this pipeline declares the path as a plain output or
+    /// reads it (it is the user's file now).
     fn shred_left(&self, all: &Places, mine: &Places) {
         let used: Vec<&Path> =
             self.pipeline.stages.iter().flat_map(|s| s.deps.iter().map(Path::new).chain(s.outs.iter().map(|o| Path::new(&o.path)))).collect();
@@ -184,7 +187,7 @@ impl Engine {
             used.iter().any(|u| u.starts_with(r) || r.starts_with(u))
         };
         let root = &self.pipeline.workspace;
-        for rel in all.sensitive.iter().filter(|p| !mine.sensitive.contains(*p) && !in_use(p)) {
+        for rel in all.sensitive.iter().filter(|p| mine.sensitive.contains(*p) || !in_use(p)) {
             match places::delete_left_plaintext(root, rel) {
                 Ok(false) => continue,
                 Ok(true) => tracing::warn!("deleted {rel}: a sensitive output a killed run left"),

@@ -159,6 +159,15 @@ impl Dir {
         &self.shown
     }
 
+    /// Is there an entry `name` (of any type; a link is not followed)?
+    pub fn has(&self, name: &std::ffi::OsStr) -> bool {
+        let Ok(cname) = cstr(name) else { return false };
+        // SAFETY: a zeroed stat is a valid out-buffer for fstatat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid dirfd, NUL-terminated name, a live out-buffer.
+        unsafe { libc::fstatat(self.fd.as_raw_fd(), cname.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0 }
+    }
+
     /// Delete the file (or link) `name` in this directory: `unlinkat`, never
     /// through a link. A missing one is fine.
     pub fn unlink(&self, name: &std::ffi::OsStr) -> Result<()> {

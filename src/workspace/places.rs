@@ -38,6 +38,7 @@ use super::{Workspace, record};
 use crate::crypto::IntegrityKey;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
+use std::path::Path;
 
 /// Most entries a record may hold (a bound on what a run reads back).
 const MAX_ENTRIES: usize = 100_000;
@@ -57,6 +58,11 @@ pub struct Places {
     /// The workspace root it was written for (set by [`save`]).
     #[serde(default)]
     pub workspace: String,
+    /// That folder's identity, `DEVICE:INODE` (set by [`save`]): a workspace
+    /// moved with `mv` keeps it, so its record stays its own (absent in
+    /// records of dagrun before 2026-12-07).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folder: Option<String>,
 }
 
 impl Places {
@@ -72,6 +78,7 @@ impl Places {
             sensitive: self.sensitive.union(&other.sensitive).cloned().collect(),
             open: self.open,
             workspace: self.workspace.clone(),
+            folder: self.folder.clone(),
         }
     }
 
@@ -115,6 +122,11 @@ pub enum Loaded {
     Elsewhere(String),
 }
 
+/// The workspace folder's identity as the record holds it.
+fn folder_of(ws: &Workspace) -> Option<String> {
+    super::folder_id(ws.root()).map(|(dev, ino)| format!("{dev}:{ino}"))
+}
+
 /// Read the record back (see [`Loaded`]).
 pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
     let file = ws.places_file();
@@ -128,8 +140,15 @@ pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
         .map_err(|e| e.to_string())
         .and_then(|p| p.valid().map(|()| p).map_err(|why| format!("{}: {why}", ws.rel(&file))));
     match places {
-        // Sealed for this workspace, not copied from another sharing its keys.
-        Ok(p) if p.workspace == root || super::same_folder(std::path::Path::new(&p.workspace), ws.root()) => Loaded::Valid(p),
+        // Sealed for this workspace (at this path, or moved here: the same
+        // folder), not copied from another sharing its keys.
+        Ok(p)
+            if p.workspace == root
+                || super::same_folder(std::path::Path::new(&p.workspace), ws.root())
+                || (p.folder.is_some() && p.folder == folder_of(ws)) =>
+        {
+            Loaded::Valid(p)
+        }
         Ok(p) => Loaded::Elsewhere(p.workspace),
         Err(why) => Loaded::Untrusted(why),
     }
@@ -143,22 +162,50 @@ pub fn load(ws: &Workspace, key: &IntegrityKey) -> Loaded {
 pub fn save(ws: &Workspace, key: &IntegrityKey, places: &Places) -> anyhow::Result<()> {
     let mut p = places.clone();
     p.workspace = ws.root().to_string_lossy().into_owned();
+    p.folder = folder_of(ws);
     let v = record::seal_value(key, record::PLACES, &p)?;
     let durability = if p.open { crate::util::atomic::Durability::Full } else { crate::util::atomic::Durability::Verified };
     crate::util::atomic::write_atomic_with(&ws.places_file(), &serde_json::to_vec(&v)?, durability)
 }
 
-/// Delete `rel`, a sensitive output a killed run may have left (the run
-/// after it, or `dagrun verify --repair`): only where every folder on its way
-/// is a real folder or a link inside the workspace, never below a protected
-/// folder (`util::nofollow`). `Ok(false)`: nothing there.
-pub fn delete_left_plaintext(root: &std::path::Path, rel: &str) -> anyhow::Result<bool> {
-    let abs = root.join(rel);
-    if abs.symlink_metadata().is_err() {
-        return Ok(false);
+/// Where `rel`, a sensitive output a killed run may have left, is: its
+/// folder, opened without following a link, and its name there; `Ok(None)`
+/// when nothing is there. Links on the way are allowed where the run allows
+/// them (inside the workspace, outside its protected folders: `util::nofollow`
+/// rules); the folder is resolved once and then opened component by
+/// component with `O_NOFOLLOW`, so a link swapped in meanwhile makes the
+/// open fail instead of leading elsewhere (helper-75: a check-then-delete by
+/// path was raced into deleting outside the workspace).
+pub fn find_left_plaintext(root: &Path, rel: &str) -> anyhow::Result<Option<(crate::util::nofollow::Dir, std::ffi::OsString)>> {
+    use anyhow::Context;
+    let r = Path::new(rel);
+    let (Some(parent), Some(name)) = (r.parent(), r.file_name()) else { anyhow::bail!("{rel}: not a plain relative path") };
+    crate::util::nofollow::check_write_path(root, rel, super::PROTECTED_DIRS, false).map_err(|why| anyhow::anyhow!("{rel}: {why}"))?;
+    let croot = root.canonicalize().with_context(|| format!("cannot resolve {}", root.display()))?;
+    let real = match root.join(parent).canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot resolve the folder of {rel}"))),
+    };
+    let inside = real.strip_prefix(&croot).map_err(|_| anyhow::anyhow!("{rel}: its folder leads outside the workspace (to {})", real.display()))?;
+    let real_rel = inside.join(name);
+    let top = |p: &Path| p.components().next().and_then(|c| c.as_os_str().to_str()).is_some_and(|t| super::PROTECTED_DIRS.contains(&t));
+    if top(r) || top(&real_rel) {
+        anyhow::bail!("{rel}: in a folder dagrun keeps its own files in (.dagrun/, .git/, runs/, config/)");
     }
-    crate::util::nofollow::check_write_path(root, rel, super::PROTECTED_DIRS, false).map_err(|why| anyhow::anyhow!("not deleting {rel}: {why}"))?;
-    crate::util::fs_remove(&abs).map_err(|e| anyhow::anyhow!("cannot delete {rel}: {e:#}"))?;
+    crate::util::nofollow::check_write_path(&croot, &real_rel.to_string_lossy(), super::PROTECTED_DIRS, false)
+        .map_err(|why| anyhow::anyhow!("{rel}: {why}"))?;
+    let dir = crate::util::nofollow::Dir::open(&croot, inside).with_context(|| format!("{rel}: a link on the way changed"))?;
+    Ok(dir.has(name).then(|| (dir, name.to_os_string())))
+}
+
+/// Delete `rel`, a sensitive output a killed run may have left (the run
+/// after it, or `dagrun verify --repair`), where [`find_left_plaintext`]
+/// finds it, through its folder's handle (a folder output with everything in
+/// it, never following a link). `Ok(false)`: nothing there.
+pub fn delete_left_plaintext(root: &Path, rel: &str) -> anyhow::Result<bool> {
+    let Some((dir, name)) = find_left_plaintext(root, rel).map_err(|e| anyhow::anyhow!("not deleting {e:#}"))? else { return Ok(false) };
+    dir.remove_tree(&name).map_err(|e| anyhow::anyhow!("cannot delete {rel}: {e:#}"))?;
     Ok(true)
 }
 
@@ -166,12 +213,45 @@ pub fn delete_left_plaintext(root: &std::path::Path, rel: &str) -> anyhow::Resul
 mod tests {
     use super::*;
 
+    #[test]
+    fn left_plaintext_is_found_through_links_inside_and_never_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("ws");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(root.join("real")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("real/p.txt"), "pii").unwrap();
+        std::fs::write(outside.join("p.txt"), "theirs").unwrap();
+        std::os::unix::fs::symlink("real", root.join("in")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("out")).unwrap();
+        // Through a link inside the workspace: found and deleted there.
+        assert!(find_left_plaintext(&root, "in/p.txt").unwrap().is_some());
+        assert!(find_left_plaintext(&root, "in/none.txt").unwrap().is_none());
+        assert!(find_left_plaintext(&root, "gone/p.txt").unwrap().is_none());
+        assert!(delete_left_plaintext(&root, "in/p.txt").unwrap());
+        assert!(!root.join("real/p.txt").exists());
+        // Through a link outside it: refused, nothing deleted.
+        assert!(find_left_plaintext(&root, "out/p.txt").is_err());
+        assert!(delete_left_plaintext(&root, "out/p.txt").is_err());
+        assert_eq!(std::fs::read_to_string(outside.join("p.txt")).unwrap(), "theirs");
+        // Nor into a protected folder, nor as a path that climbs.
+        std::fs::create_dir_all(root.join(".dagrun")).unwrap();
+        assert!(find_left_plaintext(&root, ".dagrun/keys").is_err());
+        assert!(find_left_plaintext(&root, "../outside/p.txt").is_err());
+        // A folder output goes whole, a link inside it is removed, not followed.
+        std::fs::create_dir_all(root.join("real/batch")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("real/batch/l")).unwrap();
+        assert!(delete_left_plaintext(&root, "in/batch").unwrap());
+        assert!(!root.join("real/batch").exists() && outside.join("p.txt").exists());
+    }
+
     fn places(dirs: &[&str], sensitive: &[&str]) -> Places {
         Places {
             dirs: dirs.iter().map(|s| s.to_string()).collect(),
             sensitive: sensitive.iter().map(|s| s.to_string()).collect(),
             open: false,
             workspace: String::new(),
+            folder: None,
         }
     }
 
@@ -184,7 +264,7 @@ mod tests {
         assert_eq!(load(&ws, &key), Loaded::Missing);
         let p = places(&["", "data/raw"], &["data/raw/Tenant_B.parquet"]);
         save(&ws, &key, &p).unwrap();
-        let here = Places { workspace: ws.root().to_string_lossy().into_owned(), ..p.clone() };
+        let here = Places { workspace: ws.root().to_string_lossy().into_owned(), folder: folder_of(&ws), ..p.clone() };
         assert_eq!(load(&ws, &key), Loaded::Valid(here));
         // Another workspace's key (a record shipped in a repository): not obeyed.
         assert!(matches!(load(&ws, &IntegrityKey::from_bytes([8; 32])), Loaded::Untrusted(why) if why.contains("MAC")));

@@ -728,6 +728,18 @@ fn verify_reports_a_killed_runs_plaintext_and_repair_deletes_it() {
         assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
         assert!(v.stdout.contains("holds the workspace lock: the plaintext a run makes is there until it ends"), "{}", v.stdout);
     }
+    {
+        // Another holder (a `gc`) makes no plaintext: reported all the same (helper-75).
+        let killed_line = ws.read(".dagrun/lock");
+        ws.write(".dagrun/lock", "pid 1 (dagrun gc, started 2026-12-07T00:00:00Z)\n");
+        let lock = std::fs::File::open(ws.path(".dagrun/lock")).unwrap();
+        lock.lock().unwrap();
+        let v = ws.dagrun(&["verify"]);
+        assert_eq!(v.code, 4, "{}{}", v.stdout, v.stderr);
+        assert!(v.stdout.contains("raw/pii.txt: plaintext (a sensitive output) left by a run that was killed"), "{}", v.stdout);
+        drop(lock);
+        ws.write(".dagrun/lock", killed_line);
+    }
     let v = ws.dagrun(&["verify", "--repair"]);
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
     assert!(!ws.exists("raw/pii.txt"), "{:?}", ws.walk());
@@ -752,6 +764,53 @@ fn verify_reports_a_killed_runs_plaintext_and_repair_deletes_it() {
     ok(ws.dagrun(&["run", "ends.yaml"]));
     ws.write("raw/p2.txt", "the user's own file\n");
     assert_eq!(ws.dagrun(&["verify"]).code, 0);
+}
+
+/// A killed run's plaintext is not lost track of: after a second kill before
+/// the next run made any plaintext (that run deletes it first), in a
+/// workspace moved with `mv` (its record is still its own), and an
+/// untrusted record is a problem `verify` names (helper-75 #2–#4).
+#[test]
+fn a_killed_runs_plaintext_survives_no_second_kill_or_move_and_an_untrusted_record_is_named() {
+    let ws = Ws::new();
+    ws.write(
+        "p.yaml",
+        "stages:\n  pre:\n    cmd: if [ -f killpre ]; then kill -9 $PPID; sleep 5; fi; cat trigger.txt > pre/out.txt\n    deps: [trigger.txt]\n    outs: [pre/out.txt]\n  raw:\n    cmd: echo 'jane.doe.4711@example.com' > raw/pii.txt; if [ -f killraw ]; then kill -9 $PPID; sleep 5; fi\n    deps: [pre/out.txt]\n    outs: [{path: raw/pii.txt, sensitive: true}]\n",
+    );
+    ws.write("trigger.txt", "1");
+    ws.write("killraw", "");
+    assert_ne!(ws.dagrun(&["run", "p.yaml"]).code, 0);
+    assert!(ws.exists("raw/pii.txt"));
+    std::fs::remove_file(ws.path("killraw")).unwrap();
+    ws.write("killpre", "");
+    ws.write("trigger.txt", "2");
+    let o = ws.dagrun(&["run", "p.yaml"]);
+    assert_ne!(o.code, 0);
+    assert!(!ws.exists("raw/pii.txt"), "the first killed run's plaintext outlived the second run: {:?}", ws.walk());
+    std::fs::remove_file(ws.path("killpre")).unwrap();
+
+    // Killed, then the workspace moved (`mv`): its record is still its own.
+    ws.write("killraw", "");
+    assert_ne!(ws.dagrun(&["run", "p.yaml"]).code, 0);
+    assert!(ws.exists("raw/pii.txt"));
+    let moved = ws.root.with_file_name(format!("{}-moved", ws.root.file_name().unwrap().to_string_lossy()));
+    std::fs::rename(&ws.root, &moved).unwrap();
+    let v = spawn({
+        let mut c = std::process::Command::new(BIN);
+        c.args(["verify"]).current_dir(&moved).env_remove("RUST_LOG").env("NO_COLOR", "1");
+        c
+    })
+    .wait(HANG);
+    std::fs::rename(&moved, &ws.root).unwrap();
+    assert_eq!(v.code, 4, "{}{}", v.stdout, v.stderr);
+    assert!(v.stdout.contains("raw/pii.txt: plaintext (a sensitive output) left by a run that was killed"), "{}", v.stdout);
+
+    // A record that does not verify is named, not passed over.
+    let rec = ws.read(".dagrun/places.json");
+    ws.write(".dagrun/places.json", rec.replacen("raw/pii.txt", "raw/pii.txx", 1));
+    let v = ws.dagrun(&["verify"]);
+    assert_eq!(v.code, 4, "{}{}", v.stdout, v.stderr);
+    assert!(v.stdout.contains(".dagrun/places.json fails its MAC check") && v.stdout.contains("not trusted"), "{}", v.stdout);
 }
 
 /// A places record sealed under another master key (a shell with another

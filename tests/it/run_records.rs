@@ -136,9 +136,19 @@ fn runs_prune_keeps_the_newest_the_makers_of_current_outputs_and_open_lineage() 
     assert_eq!(v["removed"], serde_json::json!([killed]), "{}", o.stdout);
     assert_eq!(v["kept_for_current_outputs"], 2, "{}", o.stdout);
     let left = run_ids(&ws);
-    assert_eq!(left, [r1.clone(), forced[2].clone(), r5, "20200101-000000-000-abcd".to_string()].into_iter().collect(), "{left:?}");
+    assert_eq!(left, [r1.clone(), forced[2].clone(), r5.clone(), "20200101-000000-000-abcd".to_string()].into_iter().collect(), "{left:?}");
     // `runs show` still finds what made the current outputs.
     ok(ws.dagrun(&["runs", "show", &r1]));
+    // A file that cannot go keeps its run whole, record included.
+    let r6 = id(&ws.run(&["--force", "s2"]).ok());
+    let r7 = id(&ws.run(&["--force", "s2"]).ok());
+    std::fs::create_dir(ws.path(&format!("runs/{r5}.html"))).unwrap();
+    std::fs::write(ws.path(&format!("runs/{r5}.html/x")), "").unwrap();
+    let o = ws.dagrun(&["runs", "prune", "--keep", "1", "--json"]);
+    assert_eq!(o.code, 1, "{}{}", o.stdout, o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["removed"], serde_json::json!([forced[2], r6]), "{}", o.stdout);
+    assert!(ws.exists(&format!("runs/{r5}.json")) && ws.exists(&format!("runs/{r5}.openlineage.jsonl")) && ws.exists(&format!("runs/{r7}.json")));
     // Under the lock: not while a run holds it.
     let lock = std::fs::File::open(ws.path(".dagrun/lock")).unwrap();
     lock.lock().unwrap();
