@@ -14,9 +14,11 @@
 //! closed yet (`.dagrun/openlineage/open/ID`: the next run appends its
 //! `ABORT`s to that file), and a file under `runs/` that does not read as a
 //! record (named, never guessed at). Without the master key the state
-//! records cannot be verified: nothing is pruned (exit 2), as with `gc`. Files are removed through a handle of
-//! `runs/` opened without following links, the record last (a prune
-//! stopped half-way is finished by the next).
+//! records cannot be verified, and when `.dagrun/openlineage/open/` cannot
+//! be listed the open runs are unknown: then nothing is pruned (exit 2).
+//! Files are removed through a handle of `runs/` opened without following
+//! links, the record last: a prune stopped half-way is finished by the next,
+//! and a file that cannot be removed keeps the rest of its run (exit 1).
 
 use crate::engine::runs;
 use crate::util::escape_controls;

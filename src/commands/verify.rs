@@ -260,7 +260,6 @@ pub fn verify(workspace: &Path, repair: bool, wait: Option<std::time::Duration>)
     Ok(r)
 }
 
-/// Every object's name is a hash and its content matches; listings are safe.
 /// Plaintext a killed run left: the places record is open (a run was making
 /// plaintext and did not end) while no run holds the lock, and a sensitive
 /// output it names is on disk (found as the run finds it, no link followed
@@ -351,6 +350,7 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate:
     Ok(())
 }
 
+/// Every object's name is a hash and its content matches; listings are safe.
 fn check_objects(ws: &Workspace, cas: &Cas, repair: bool, r: &mut VerifyReport) {
     let root = ws.objects_dir();
     let Ok(rd) = std::fs::read_dir(&root) else { return };
