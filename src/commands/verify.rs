@@ -347,6 +347,17 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate:
             Err(e) => r.problems.push(format!("a sensitive output a killed run may have left was not looked at: {e:#}")),
         }
     }
+    // A process that slipped through (one handing itself over faster than
+    // a scan) may write it again: stopped once more, and what is back said.
+    if let Some(lock) = lock.filter(|_| !r.repaired.is_empty()) {
+        crate::workspace::orphans::stop_killed_runs(lock, ws.root());
+        for (rel, found) in scan() {
+            if found.is_ok() && r.repaired.contains(&rel) {
+                r.problems
+                    .push(format!("{rel}: written again after it was deleted: a process of the killed run is still at work (`dagrun verify --repair` again)"));
+            }
+        }
+    }
     Ok(())
 }
 
