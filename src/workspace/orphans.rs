@@ -401,7 +401,24 @@ mod tests {
         let hop = r#"sleep 0.02; /bin/sh -c "$HOP" & exit 0"#;
         c.args(["-c", hop]).env_clear().env("HOP", hop).env(crate::workspace::lock::RUN_MARK_ENV, &mark).env(WORKSPACE_ENV, ws);
         c.process_group(0);
-        c.spawn().unwrap().wait().unwrap();
+        let mut first = c.spawn().unwrap();
+        // Whatever the outcome, the hopper's group goes with the test (a
+        // failed assertion left it hopping for good, and every generation a
+        // zombie for PID 1 to reap).
+        struct Group(i32);
+        impl Drop for Group {
+            fn drop(&mut self) {
+                for _ in 0..50 {
+                    // SAFETY: kill takes plain integers and touches no memory of ours.
+                    if unsafe { libc::kill(-self.0, libc::SIGKILL) } != 0 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let _group = Group(first.id() as i32);
+        first.wait().unwrap();
         let t = Instant::now();
         while carriers() == 0 && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(5));
