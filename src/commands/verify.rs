@@ -275,9 +275,10 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate:
     use crate::workspace::lock::Probe;
     use crate::workspace::places::{self, Loaded};
     let file = ws.rel(&ws.places_file());
-    // Each sensitive output of an open record that is there (or cannot be looked at).
-    let scan = || -> Vec<(String, Result<()>)> {
-        match places::load(ws, key) {
+    // Each sensitive output of an open record that is there (or cannot be
+    // looked at); `scan` reads the record again.
+    let found = |loaded: Loaded| -> Vec<(String, Result<()>)> {
+        match loaded {
             Loaded::Valid(p) if p.open => p
                 .sensitive
                 .into_iter()
@@ -290,6 +291,7 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate:
             _ => Vec::new(),
         }
     };
+    let scan = || found(places::load(ws, key));
     match places::load(ws, key) {
         Loaded::Untrusted(why) => {
             r.problems.push(format!(
@@ -304,10 +306,11 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate:
             ));
             return Ok(());
         }
-        Loaded::Missing | Loaded::Valid(_) => {}
-    }
-    if scan().is_empty() {
-        return Ok(());
+        loaded => {
+            if found(loaded).is_empty() {
+                return Ok(());
+            }
+        }
     }
     let _guard = if let Some(lock) = lock {
         if !crate::workspace::orphans::stop_killed_runs(lock, ws.root()) {
@@ -322,12 +325,12 @@ fn check_left_plaintext(ws: &Workspace, key: &IntegrityKey, lock: Option<&crate:
         None
     } else {
         match crate::workspace::lock::probe(&ws.dagrun_dir())? {
-            Probe::Held(who) if who.contains("(dagrun run ") => {
+            Probe::Held { who, run: true } => {
                 r.notes.push(format!("{who} holds the workspace lock: the plaintext a run makes is there until it ends (not checked)"));
                 return Ok(());
             }
             // `gc`, `runs prune`, `verify --repair`, a key command: none makes plaintext.
-            Probe::Held(_) => None,
+            Probe::Held { run: false, .. } => None,
             Probe::Free(guard) => guard,
         }
     };

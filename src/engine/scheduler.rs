@@ -92,7 +92,7 @@ pub fn run(mut pipeline: Pipeline, opts: &RunOptions) -> Result<RunOutcome> {
     if let Some(m) = &metrics_file {
         ws.check_user_output(m, if opts.metrics_file.is_some() { "--metrics-file" } else { "`metrics_file:` of config/dagrun.yaml," })?;
     }
-    let lock = ws.lock_run(opts.wait, &format!("dagrun run {}", pipeline.shown))?;
+    let lock = ws.lock_run(opts.wait, &format!("{} {}", crate::workspace::lock::RUN_HOLDER, pipeline.shown))?;
     let selected = select(&pipeline, &opts.targets)?;
     let forced = forced(&pipeline, &opts.force, &selected)?;
     if let Some(kind) = opts.executor {

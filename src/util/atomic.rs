@@ -385,16 +385,14 @@ const SYNC_WALK_THREADS_MAX: usize = 4;
 /// swapped in after the resolution is refused, not followed). `None` when
 /// it no longer exists; an error when it leads outside `base`.
 fn resolve_linked_dir(base: &Path, parent: &Path) -> Result<Option<crate::util::nofollow::Dir>> {
+    use crate::util::nofollow::{Resolved, open_resolved};
     let shown = base.join(parent);
-    let target = match shown.canonicalize() {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot flush what is in {} to disk", shown.display()))),
-    };
-    let base = base.canonicalize().with_context(|| format!("cannot flush what is in {} to disk", shown.display()))?;
-    match target.strip_prefix(&base) {
-        Ok(rel) => crate::util::nofollow::Dir::open(&base, rel).map(Some).with_context(|| format!("cannot flush what is in {} to disk", shown.display())),
-        Err(_) => anyhow::bail!("{} leads outside the workspace (to {}): what is in it was not flushed to disk", shown.display(), target.display()),
+    match open_resolved(base, parent).with_context(|| format!("cannot flush what is in {} to disk", shown.display()))? {
+        Resolved::Missing => Ok(None),
+        Resolved::Inside(dir, _) => Ok(Some(dir)),
+        Resolved::Outside(target) => {
+            anyhow::bail!("{} leads outside the workspace (to {}): what is in it was not flushed to disk", shown.display(), target.display())
+        }
     }
 }
 

@@ -230,6 +230,34 @@ impl Dir {
     }
 }
 
+/// What [`open_resolved`] found.
+pub enum Resolved {
+    /// `root/rel` does not exist (now).
+    Missing,
+    /// It leads outside `root`, to this real path.
+    Outside(PathBuf),
+    /// It is inside: opened from `root`'s real path with no link followed,
+    /// with its real path relative to that root.
+    Inside(Dir, PathBuf),
+}
+
+/// `root/rel`, a folder that may be reached through links: resolved now and,
+/// when inside `root`, opened component by component from `root`'s real
+/// path without following a link, so a link swapped in after the resolution
+/// is refused, not followed.
+pub fn open_resolved(root: &Path, rel: &Path) -> Result<Resolved> {
+    let target = match root.join(rel).canonicalize() {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Resolved::Missing),
+        Err(e) => return Err(e.into()),
+    };
+    let croot = root.canonicalize()?;
+    match target.strip_prefix(&croot) {
+        Ok(inside) => Ok(Resolved::Inside(Dir::open(&croot, inside)?, inside.to_path_buf())),
+        Err(_) => Ok(Resolved::Outside(target)),
+    }
+}
+
 /// Check, now, where writing `rel` below `root` would land: every existing
 /// component that is a symlink must resolve (exist) inside `root` and not
 /// into one of `protected` (root-relative folder names such as `.dagrun`).

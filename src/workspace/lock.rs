@@ -226,9 +226,13 @@ pub enum Probe {
     /// No one holds the lock. The guard (None: there is no lock file yet)
     /// holds it shared until dropped: no holder can start meanwhile.
     Free(Option<File>),
-    /// Held, by whom (the holder's line).
-    Held(String),
+    /// Held, by whom (the holder's line), and whether that is a run
+    /// ([`RUN_HOLDER`]: the one holder that makes plaintext).
+    Held { who: String, run: bool },
 }
+
+/// What `dagrun run` names itself as, holding the lock (`dagrun run PIPELINE`).
+pub const RUN_HOLDER: &str = "dagrun run";
 
 /// For a command that reads without taking the lock (`verify`): is a holder
 /// (a run) at work right now? Probed with a shared `flock`, which writes
@@ -243,7 +247,11 @@ pub fn probe(dagrun_dir: &Path) -> Result<Probe> {
     };
     match file.try_lock_shared() {
         Ok(()) => Ok(Probe::Free(Some(file))),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(Probe::Held(holder(&mut file))),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let who = holder(&mut file);
+            let run = who.contains(&format!("({RUN_HOLDER} "));
+            Ok(Probe::Held { who, run })
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::from(e).context(format!("cannot lock {}", path.display()))),
     }
 }

@@ -177,25 +177,20 @@ pub fn save(ws: &Workspace, key: &IntegrityKey, places: &Places) -> anyhow::Resu
 /// open fail instead of leading elsewhere (helper-75: a check-then-delete by
 /// path was raced into deleting outside the workspace).
 pub fn find_left_plaintext(root: &Path, rel: &str) -> anyhow::Result<Option<(crate::util::nofollow::Dir, std::ffi::OsString)>> {
+    use crate::util::nofollow::{Resolved, open_resolved};
     use anyhow::Context;
     let r = Path::new(rel);
     let (Some(parent), Some(name)) = (r.parent(), r.file_name()) else { anyhow::bail!("{rel}: not a plain relative path") };
     crate::util::nofollow::check_write_path(root, rel, super::PROTECTED_DIRS, false).map_err(|why| anyhow::anyhow!("{rel}: {why}"))?;
-    let croot = root.canonicalize().with_context(|| format!("cannot resolve {}", root.display()))?;
-    let real = match root.join(parent).canonicalize() {
-        Ok(p) => p,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot resolve the folder of {rel}"))),
+    let (dir, inside) = match open_resolved(root, parent).with_context(|| format!("cannot resolve the folder of {rel}"))? {
+        Resolved::Missing => return Ok(None),
+        Resolved::Outside(target) => anyhow::bail!("{rel}: its folder leads outside the workspace (to {})", target.display()),
+        Resolved::Inside(dir, inside) => (dir, inside),
     };
-    let inside = real.strip_prefix(&croot).map_err(|_| anyhow::anyhow!("{rel}: its folder leads outside the workspace (to {})", real.display()))?;
-    let real_rel = inside.join(name);
     let top = |p: &Path| p.components().next().and_then(|c| c.as_os_str().to_str()).is_some_and(|t| super::PROTECTED_DIRS.contains(&t));
-    if top(r) || top(&real_rel) {
+    if top(r) || top(&inside.join(name)) {
         anyhow::bail!("{rel}: in a folder dagrun keeps its own files in (.dagrun/, .git/, runs/, config/)");
     }
-    crate::util::nofollow::check_write_path(&croot, &real_rel.to_string_lossy(), super::PROTECTED_DIRS, false)
-        .map_err(|why| anyhow::anyhow!("{rel}: {why}"))?;
-    let dir = crate::util::nofollow::Dir::open(&croot, inside).with_context(|| format!("{rel}: a link on the way changed"))?;
     Ok(dir.has(name).then(|| (dir, name.to_os_string())))
 }
 
