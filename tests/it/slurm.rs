@@ -414,10 +414,19 @@ fn sigterm_while_slurm_does_not_answer_ends_within_its_bound() {
 #[test]
 fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
     need_cluster!();
-    let ws = cmd_ws("stages:\n  work:\n    cmd: if [ -f slow ]; then sleep 120; fi; echo done > work.txt\n    outs: [work.txt]\n");
+    let ws = cmd_ws("stages:\n  work:\n    cmd: if [ -f slow ]; then touch sleeping; sleep 120; fi; echo done > work.txt\n    outs: [work.txt]\n");
     ws.write("slow", "");
     let mut bg = spawn(dagrun_in(&ws.root, &["run", "pipeline.yaml"]));
     let id = running_job(&ws.root, SLURM_HANG);
+    // A job Slurm calls RUNNING may not have reached its first line yet (a
+    // loaded CI machine saw it pass the test of `slow` after the file was
+    // removed below, and finish instead of being cancelled): wait until the
+    // job is in its sleep.
+    let t0 = Instant::now();
+    while !ws.exists("sleeping") {
+        assert!(t0.elapsed() < SLURM_HANG, "job {id} did not reach its sleep after {SLURM_HANG:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     bg.child.kill().unwrap();
     bg.child.wait().unwrap();
     assert_eq!(job_state(&id).as_deref(), Some("RUNNING"), "the job outlives a SIGKILLed dagrun");
@@ -437,8 +446,7 @@ fn sigkill_of_dagrun_then_rerun_abandons_the_orphan_and_reruns() {
         down.stderr
     );
     assert!(!ws.exists("work.txt"));
-    // Only now: a job Slurm calls RUNNING may not have reached its first line
-    // yet, and without `slow` it would write work.txt itself (a CI run saw it).
+    // The rerun's own job must not sleep; the orphan is past the test of `slow`.
     std::fs::remove_file(ws.path("slow")).unwrap();
     let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
     assert!(o.stderr.contains(&format!("Slurm jobs {id} of an earlier run")), "the orphan is named:\n{}", o.stderr);
