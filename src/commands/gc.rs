@@ -15,7 +15,9 @@
 //! runs' too), champion feature files and registry folder are removed
 //! (`workspace::gc`'s rules): what `keys forget` says stays readable until
 //! its folders are deleted and `gc` runs (helper-72: nothing of it ever went,
-//! and `verify` failed on its records every night).
+//! and `verify` failed on its records every night). Before they go, what
+//! they output (paths and hashes) is kept in `.dagrun/forgotten-outputs.json`
+//! (`remote::forgotten`), so push and pull still know what derives from it.
 
 use crate::crypto::Keyring;
 use crate::engine::runs;
@@ -110,6 +112,15 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
             ..Default::default()
         }
     } else {
+        if !forgotten_touched.is_empty() {
+            // What the records about to go say of the forgotten tenants'
+            // data (paths and hashes) is kept first: push and pull still
+            // know a record derived from it (`remote::forgotten`).
+            let proven: std::collections::BTreeMap<String, String> = keyring.forgotten_tenants().into_iter().filter(|(t, _)| forgotten.contains(t)).collect();
+            crate::remote::forgotten::Forgotten::of_workspace(proven, &states, Cas::read_only(&ws))
+                .remember(&states)
+                .map_err(|e| e.context("cannot keep what the forgotten tenants' records output; nothing was collected"))?;
+        }
         let mut done = gc::apply(ws.root(), &cas, &plan);
         // A forgotten tenant's registry: its models and history (derived from its data).
         for t in &forgotten_registries {

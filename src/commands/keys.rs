@@ -76,7 +76,7 @@ pub fn forget(workspace: &Path, tenant: &str, yes: bool, wait: Option<std::time:
     );
     // The operator's next step, said under `-q` too (review 66 #4).
     crate::util::stdout::warn(format_args!(
-        "note: remove {tenant} from config/tenants.yaml (its next run fails otherwise); its features and models stay readable here until you delete its folders (featurestore/{tenant}/, models/{tenant}/, its reports) and run `dagrun gc`, which removes its records, cache entries and registry (push and pull skip them)"
+        "note: remove {tenant} from config/tenants.yaml (its next run fails otherwise); its features and models stay readable here until you delete its folders (featurestore/{tenant}/, models/{tenant}/, its reports) and run `dagrun gc`, which removes its records, cache entries and registry; the next `dagrun push` erases what earlier pushes put on the shared remote, and push and pull skip it from now on"
     ));
     Ok(())
 }

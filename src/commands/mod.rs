@@ -1,6 +1,7 @@
 //! One file per command. `main.rs` parses arguments and calls these; they
 //! print, and return the exit code or an error (see `crate::error`).
 pub mod dag;
+pub mod erasure;
 pub mod exec_stage;
 pub mod features;
 pub mod gc;

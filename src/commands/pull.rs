@@ -366,12 +366,27 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     // Nothing of a forgotten tenant is brought back (`remote::forgotten`):
     // not its prefix, nor what this workspace's records or this pull's show
     // derived from its data.
-    let mut gone = crate::remote::forgotten::Forgotten::of_workspace(ring.forgotten_tenants(), &states, Cas::read_only(&ws));
+    // Nor of a tenant another workspace erased from the remote (its tombstone there).
+    let forgotten_here = ring.forgotten_tenants();
+    let mut withheld = forgotten_here.clone();
+    let asked = scopes.iter().flatten().filter(|t| !forgotten_here.contains_key(*t)).map(String::as_str);
+    for (t, f) in super::erasure::tombstones(remote, &integrity, asked)? {
+        if let crate::remote::erasure::Found::Valid(ts) = f {
+            withheld.insert(t, ts.erased_at);
+        }
+    }
+    let mut gone = crate::remote::forgotten::Forgotten::of_workspace(withheld, &states, Cas::read_only(&ws));
     let scopes: Vec<Option<String>> = scopes
         .into_iter()
         .filter(|s| match s.as_deref().and_then(|t| gone.when(t).map(|at| (t, at))) {
-            Some((t, at)) => {
+            Some((t, at)) if forgotten_here.contains_key(t) => {
                 report.skipped.push(format!("tenant {t} was forgotten here (`dagrun keys forget`, {at}): nothing of it is pulled"));
+                false
+            }
+            Some((t, at)) => {
+                report.skipped.push(format!(
+                    "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): nothing of it is pulled; this workspace still holds its keys: run `dagrun keys forget {t} --yes` here too"
+                ));
                 false
             }
             None => true,
@@ -427,10 +442,8 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         None => true,
     });
     for (t, n) in derived {
-        report.skipped.push(format!(
-            "{} derived from tenant {t}, which was forgotten here (`dagrun keys forget`): not pulled",
-            crate::util::count(n, "record", "records")
-        ));
+        let why = if forgotten_here.contains_key(&t) { "was forgotten here (`dagrun keys forget`)" } else { "was erased from the remote" };
+        report.skipped.push(format!("{} derived from tenant {t}, which {why}: not pulled", crate::util::count(n, "record", "records")));
     }
     let (f, b, p, done) = install(remote, &cas, &states, recs, &mut problems);
     report.problems = problems.list;
@@ -445,7 +458,7 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
 
 /// The `run --pull` hook for a workspace (`--remote URL` or the config's).
 pub fn hook(workspace: &Path, flag: Option<&str>) -> Result<std::sync::Arc<dyn RemoteSource>> {
-    Ok(std::sync::Arc::new(RemoteHit { remote: open_remote(workspace, flag)?, failed_scopes: Mutex::new(HashSet::new()) }))
+    Ok(std::sync::Arc::new(RemoteHit { remote: open_remote(workspace, flag)?, failed_scopes: Mutex::new(HashSet::new()), erased: Mutex::new(HashMap::new()) }))
 }
 
 /// The `run --pull` hook: fetch one stage's key from the remote into the
@@ -454,6 +467,8 @@ pub struct RemoteHit {
     remote: Remote,
     /// Prefixes (None: the root) a request to which failed in this run: not asked again.
     failed_scopes: Mutex<HashSet<Option<String>>>,
+    /// Tenant → whether the remote holds its tombstone (asked once a run).
+    erased: Mutex<HashMap<String, bool>>,
 }
 
 impl std::fmt::Debug for RemoteHit {
@@ -470,6 +485,34 @@ impl RemoteSource for RemoteHit {
             tracing::debug!("{}: not asking the remote cache again (a request to this prefix failed earlier in this run)", stage.name);
             return Ok(false);
         }
+        let Some(integrity) = states.integrity_key() else { bail!("no workspace integrity key to verify the record with") };
+        if let Some(t) = tenant {
+            let known = self.erased.lock().unwrap_or_else(|e| e.into_inner()).get(t).copied();
+            let erased = match known {
+                Some(e) => e,
+                None => match crate::remote::erasure::read(&self.remote, integrity, t) {
+                    Ok(f) => {
+                        let e = matches!(f, crate::remote::erasure::Found::Valid(_));
+                        self.erased.lock().unwrap_or_else(|e| e.into_inner()).insert(t.to_string(), e);
+                        if e {
+                            // Once a run (a tenant has several stages).
+                            tracing::warn!(
+                                "tenant {t} was erased from the remote (by a workspace that ran `dagrun keys forget {t}`): nothing of it is fetched and its stages run here; this workspace still holds its keys: `dagrun keys forget {t} --yes`"
+                            );
+                        }
+                        e
+                    }
+                    Err(e) => {
+                        self.failed_scopes.lock().unwrap_or_else(|e| e.into_inner()).insert(scope);
+                        return Err(e.context("not asking this prefix again in this run"));
+                    }
+                },
+            };
+            if erased {
+                tracing::debug!("{}: tenant {t} was erased from the remote: not fetched", stage.name);
+                return Ok(false);
+            }
+        }
         let bytes = match self.remote.get_action(tenant, key.as_str()) {
             Ok(Some(b)) => b,
             Ok(None) => {
@@ -481,7 +524,6 @@ impl RemoteSource for RemoteHit {
                 return Err(e.context("not asking this prefix again in this run"));
             }
         };
-        let Some(integrity) = states.integrity_key() else { bail!("no workspace integrity key to verify the record with") };
         let (st, t) =
             open_pulled(&bytes, integrity, key.as_str()).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key.as_str())))?;
         if t.as_deref() != tenant {

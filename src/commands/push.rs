@@ -20,7 +20,10 @@
 //! - Nothing of a forgotten tenant (`dagrun keys forget`) leaves: its
 //!   features, models and other readable outputs are what shredding leaves
 //!   behind in this workspace; a push must not copy them to a shared place
-//!   after the erasure (one "skipped" line names the tenant).
+//!   after the erasure (one "skipped" line names the tenant). What earlier
+//!   pushes put there is erased, once, and a tombstone left
+//!   (`commands::erasure`); a tenant whose tombstone is on the remote is
+//!   withheld as if forgotten here, with a line saying to forget it here too.
 //! - Only records whose MAC verifies under this workspace's integrity key
 //!   leave it (a record modified outside dagrun is reported, not pushed). The
 //!   exact bytes are uploaded; a puller checks their shape and key binding and
@@ -28,6 +31,7 @@
 
 use super::pull::{validate_record, validate_tree};
 use crate::pipeline::Pipeline;
+use crate::remote::erasure::Found;
 use crate::remote::{Remote, Upload};
 use crate::util::human_bytes;
 use crate::workspace::cas::Cas;
@@ -50,8 +54,11 @@ pub struct PushReport {
     pub objects_present: usize,
     /// Records that were not pushed, with why (not an error).
     pub skipped: Vec<String>,
-    /// Uploads that failed (an error: exit 1).
+    /// Uploads and deletions that failed (an error: exit 1).
     pub failed: Vec<String>,
+    /// Tenants forgotten here whose data this push erased from the remote.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub erased: Vec<super::erasure::TenantErasure>,
     pub seconds: f64,
 }
 
@@ -168,9 +175,39 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     let cas = Cas::read_only(&ws);
     let mut report = PushReport { remote: remote.shown().to_string(), ..Default::default() };
     let mut recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
+    // The remote's tombstones of the tenants this push has records of, or
+    // forgot here (`remote::erasure`).
+    let integrity = ring.integrity_key();
+    let forgotten_here = ring.forgotten_tenants();
+    let proven: BTreeSet<String> = ring.erasures().proven.into_iter().filter(|t| tenants.is_empty() || tenants.contains(t)).collect();
+    let of_recs: BTreeSet<String> = recs.iter().filter_map(|r| r.tenant.clone()).collect();
+    let found = super::erasure::tombstones(remote, &integrity, proven.iter().chain(&of_recs).map(String::as_str))?;
+    // What earlier pushes put there of a tenant forgotten here goes, once.
+    let limited = !tenants.is_empty();
+    let todo: BTreeMap<String, String> = proven
+        .iter()
+        .filter(|t| !matches!(found.get(*t), Some(Found::Valid(ts)) if ts.elsewhere || limited))
+        .map(|t| (t.clone(), forgotten_here.get(t).cloned().unwrap_or_default()))
+        .collect();
+    if !todo.is_empty() {
+        report.erased = super::erasure::erase(remote, &states, &ws, &integrity, &todo, limited, &mut report.failed)?;
+    }
+    // A tenant another workspace erased from the remote is withheld as if forgotten here.
+    let mut withheld = forgotten_here.clone();
+    for (t, f) in &found {
+        match f {
+            Found::Valid(ts) if !withheld.contains_key(t) => {
+                withheld.insert(t.clone(), ts.erased_at.clone());
+            }
+            Found::Untrusted(why) if !proven.contains(t) => {
+                report.skipped.push(format!("{why}: not a tombstone sealed under this workspace's keys; ignored (tenant {t}'s records are pushed)"))
+            }
+            _ => {}
+        }
+    }
     // Nothing of a forgotten tenant leaves, its own stages' records or what
     // other stages derived from them (`forgotten`).
-    let gone = crate::remote::forgotten::Forgotten::of_workspace(ring.forgotten_tenants(), &states, Cas::read_only(&ws));
+    let gone = crate::remote::forgotten::Forgotten::of_workspace(withheld, &states, Cas::read_only(&ws));
     let mut forgotten: BTreeMap<String, (String, usize)> = BTreeMap::new();
     recs.retain(|r| match gone.claims(&r.st) {
         Some(t) => {
@@ -181,10 +218,16 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         None => true,
     });
     for (t, (at, n)) in forgotten {
-        report.skipped.push(format!(
-            "tenant {t} was forgotten (`dagrun keys forget`, {at}): {} of it or derived from it not pushed (delete those folders and run `dagrun gc` to remove them here too)",
-            crate::util::count(n, "record", "records")
-        ));
+        let n = crate::util::count(n, "record", "records");
+        if forgotten_here.contains_key(&t) {
+            report.skipped.push(format!(
+                "tenant {t} was forgotten (`dagrun keys forget`, {at}): {n} of it or derived from it not pushed (delete those folders and run `dagrun gc` to remove them here too)"
+            ));
+        } else {
+            report.skipped.push(format!(
+                "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): {n} of it or derived from it not pushed; this workspace still holds its keys and data: run `dagrun keys forget {t} --yes` here too"
+            ));
+        }
     }
     let scopes: BTreeSet<Option<String>> = recs.iter().map(|r| r.tenant.clone()).collect();
     // One listing per prefix: what is there already.
@@ -335,6 +378,41 @@ pub fn print(r: &PushReport) {
         r.records_present,
         r.objects_present
     );
+    for e in &r.erased {
+        let mut line = format!(
+            "erased tenant {} (forgotten here) from {}: {} and {} ({}) under tenants/{}/",
+            e.tenant,
+            r.remote,
+            crate::util::count(e.prefix.records, "record", "records"),
+            crate::util::count(e.prefix.objects, "object", "objects"),
+            human_bytes(e.prefix.bytes),
+            e.tenant
+        );
+        if e.prefix.other_files > 0 {
+            line += &format!(" and {} other", crate::util::count(e.prefix.other_files, "file", "files"));
+        }
+        if e.elsewhere {
+            line += &format!(
+                "; {} and {} ({}) derived from it elsewhere",
+                crate::util::count(e.derived_records, "record", "records"),
+                crate::util::count(e.derived_objects, "object", "objects"),
+                human_bytes(e.derived_bytes)
+            );
+        } else {
+            line += "; records derived from it outside its prefix were not looked for (this push is limited by --tenant): push without --tenant to erase them";
+        }
+        if e.done {
+            line += &format!(
+                "; its tombstone tenants/{}/{} keeps every workspace sharing the remote from pushing or pulling it",
+                e.tenant,
+                crate::remote::erasure::TOMBSTONE
+            );
+            crate::doneln!("{line}");
+        } else {
+            line += "; NOT complete (see the failures): the next push erases again";
+            crate::util::stdout::warn(format_args!("{line}"));
+        }
+    }
     for s in &r.skipped {
         crate::util::stdout::warn(format_args!("skipped: {s}"));
     }

@@ -18,6 +18,13 @@
 //!   an index of input paths: linear in records and inputs, not in the
 //!   chain's depth), over this workspace's records and, for `pull`, the
 //!   remote's records of the same pull.
+//! - `gc` deletes a forgotten tenant's records; before it does, what they
+//!   and the records derived from them output (path and hash, no data) is
+//!   kept in `.dagrun/forgotten-outputs.json`, sealed ([`Forgotten::remember`]),
+//!   and read back as if the records were still there: a record derived
+//!   from T stays T's after the gc (it was pushed again once T's own
+//!   records were gone). A file that does not verify is ignored, with a
+//!   warning.
 //! - Known from records only: a stage that reads T's data without declaring
 //!   it, or through a symlink that renames the folder, is not traced; nor is a
 //!   remote record derived from records this workspace no longer has.
@@ -38,6 +45,50 @@ pub struct Forgotten {
     /// Keys of the records that belong to a forgotten tenant.
     claimed: HashMap<ContentHash, String>,
     cas: Option<Cas>,
+}
+
+/// The file `gc` keeps forgotten tenants' outputs in (under `.dagrun/`).
+pub const REMEMBERED: &str = "forgotten-outputs.json";
+const REMEMBERED_FORMAT: &str = "dagrun-forgotten-outputs/1";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Remembered {
+    format: String,
+    /// Tenant → (output path, hash) of its records and those derived from them.
+    outputs: BTreeMap<String, Vec<(String, String)>>,
+    /// Checked by `record::open`, not used after.
+    #[serde(default, skip_serializing)]
+    #[allow(dead_code)]
+    mac: Option<String>,
+}
+
+/// What `gc` kept, verified (tenant → outputs); nothing when there is no
+/// file, or one that does not verify (a warning).
+fn remembered(states: &crate::workspace::state::StateStore) -> Vec<(String, Vec<(String, ContentHash)>)> {
+    let path = states.workspace().dagrun_dir().join(REMEMBERED);
+    let bytes = match crate::util::read_capped(&path, 64 << 20) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!("cannot read {}: {e}; what gc kept of forgotten tenants' outputs is not used", path.display());
+            return Vec::new();
+        }
+    };
+    let shown = path.display().to_string();
+    match crate::workspace::record::open::<Remembered>(states.integrity_key(), crate::workspace::record::FORGOTTEN_OUTPUTS, &bytes, &shown) {
+        Ok(r) if r.format == REMEMBERED_FORMAT => {
+            r.outputs.into_iter().map(|(t, outs)| (t, outs.into_iter().filter_map(|(p, h)| ContentHash::parse(&h).ok().map(|h| (p, h))).collect())).collect()
+        }
+        Ok(_) => {
+            tracing::warn!("{shown} is not a file this dagrun reads; not used");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!("{e}; what gc kept of forgotten tenants' outputs is not used");
+            Vec::new()
+        }
+    }
 }
 
 /// `p` with `.` and empty components dropped and `..` applied.
@@ -73,10 +124,21 @@ impl Forgotten {
     }
 
     /// The tenants `tenants` forgotten, with every record of `states` (state
-    /// records and action-cache entries that verify) traced.
+    /// records and action-cache entries that verify) traced, and what `gc`
+    /// kept of the records it deleted.
     pub fn of_workspace(tenants: BTreeMap<String, String>, states: &crate::workspace::state::StateStore, cas: Cas) -> Self {
         let mut f = Self::new(tenants, cas);
         if !f.tenants.is_empty() {
+            for (t, outs) in remembered(states) {
+                if f.tenants.contains_key(&t) {
+                    for (p, h) in outs {
+                        let versions = f.outputs.entry(resolved(&p)).or_default();
+                        if !versions.iter().any(|(vh, _)| *vh == h) {
+                            versions.push((h, t.clone()));
+                        }
+                    }
+                }
+            }
             let all: Vec<StageState> = states
                 .scan_states()
                 .into_iter()
@@ -89,6 +151,22 @@ impl Forgotten {
             f.trace(&all);
         }
         f
+    }
+
+    /// Keep what the forgotten tenants' records and those derived from them
+    /// output (`.dagrun/forgotten-outputs.json`, sealed), before `gc`
+    /// deletes the records: see the module's rules.
+    pub fn remember(&self, states: &crate::workspace::state::StateStore) -> anyhow::Result<()> {
+        let Some(key) = states.integrity_key() else { anyhow::bail!("no integrity key to seal {REMEMBERED} with") };
+        let mut outputs: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for (p, versions) in &self.outputs {
+            for (h, t) in versions {
+                outputs.entry(t.clone()).or_default().push((p.clone(), h.to_string()));
+            }
+        }
+        let rec = Remembered { format: REMEMBERED_FORMAT.to_string(), outputs, mac: None };
+        let bytes = crate::workspace::record::seal(key, crate::workspace::record::FORGOTTEN_OUTPUTS, &rec)?;
+        crate::util::atomic::write_atomic(&states.workspace().dagrun_dir().join(REMEMBERED), &bytes)
     }
 
     /// When tenant `t` was forgotten, if it was.

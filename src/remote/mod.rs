@@ -8,6 +8,7 @@
 //! PREFIX/actions/KEY.json              their action entries (an execution, by cache key)
 //! PREFIX/tenants/T/objects/HASH        objects of tenant T's stages (NAME[T])
 //! PREFIX/tenants/T/actions/KEY.json    their action entries
+//! PREFIX/tenants/T/erased.json         T's tombstone once a push erased it (`erasure`)
 //! ```
 //! Everything of a tenant-fanned stage lives under that tenant's prefix, so a
 //! bucket policy (or a SeaweedFS identity) can give each tenant's credentials
@@ -35,6 +36,7 @@
 //!   never from config files; they are never printed.
 //! - This module moves bytes; it knows nothing of stages or the engine.
 
+pub mod erasure;
 pub mod forgotten;
 use crate::config::RemoteConfig;
 use crate::util::atomic::{AtomicFile, Durability};
@@ -366,7 +368,78 @@ impl Remote {
 
     /// Fetch an action entry's bytes; None when the remote has none.
     pub fn get_action(&self, tenant: Option<&str>, key: &str) -> Result<Option<Vec<u8>>> {
-        let loc = self.action_location(tenant, key);
+        self.get_small(&self.action_location(tenant, key), RECORD_MAX, "a record")
+    }
+
+    /// Tenant `t`'s prefix (`PREFIX/tenants/T`).
+    pub fn tenant_dir(&self, t: &str) -> OPath {
+        self.scope(Some(t))
+    }
+
+    /// Where tenant `t`'s file `name` lives, beside its `objects/` and `actions/`.
+    pub fn tenant_file(&self, t: &str, name: &str) -> OPath {
+        self.scope(Some(t)).join(name)
+    }
+
+    /// Every file under tenant `t`'s prefix (anything else under
+    /// `PREFIX/tenants/T/`, not only what dagrun names) with its size.
+    pub fn list_tenant_files(&self, t: &str) -> Result<Vec<(OPath, u64)>> {
+        let dir = self.scope(Some(t));
+        self.rt().block_on(async {
+            let all = async {
+                let mut out = Vec::new();
+                let mut s = self.store.list(Some(&dir));
+                while let Some(m) = s.next().await {
+                    let m = m.map_err(|e| self.explain("listing", &dir, e))?;
+                    if out.len() >= MAX_LISTED {
+                        return Err(untrusted(format!("listing {dir} on {} goes on past {MAX_LISTED} names; refused", self.shown)));
+                    }
+                    out.push((m.location, m.size));
+                }
+                Ok(out)
+            };
+            tokio::time::timeout(LISTING_DEADLINE, all)
+                .await
+                .unwrap_or_else(|_| Err(untrusted(format!("listing {dir} on {} took more than {} s; refused", self.shown, LISTING_DEADLINE.as_secs()))))
+        })
+    }
+
+    /// The folder of a `file://` remote (None for object storage).
+    pub fn local_dir(&self) -> Option<&std::path::Path> {
+        self.local.as_deref()
+    }
+
+    /// Delete `locations` in parallel; one result per location, in order.
+    /// A location that is already gone counts as deleted.
+    pub fn delete(&self, locations: &[OPath]) -> Vec<Result<()>> {
+        self.rt().block_on(async {
+            let mut res: Vec<(usize, Result<()>)> = futures_util::stream::iter(locations.iter().enumerate())
+                .map(|(i, loc)| async move {
+                    let r = match self.store.delete(loc).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                        Err(e) => Err(self.explain("deleting", loc, e)),
+                    };
+                    (i, r)
+                })
+                .buffer_unordered(self.jobs)
+                .collect()
+                .await;
+            res.sort_by_key(|(i, _)| *i);
+            res.into_iter().map(|(_, r)| r).collect()
+        })
+    }
+
+    /// Write `bytes` at `loc` (one PUT: whole or not at all).
+    pub fn put_small(&self, loc: &OPath, bytes: &[u8]) -> Result<()> {
+        self.rt().block_on(self.store.put(loc, PutPayload::from(bytes.to_vec()))).map_err(|e| self.explain("writing", loc, e))?;
+        Ok(())
+    }
+
+    /// Read a small file (`what`, for the message: "a record") of at most
+    /// `cap` bytes, reading no further; None when the remote has none.
+    /// Bounded in time by the retry time plus 30 s.
+    pub fn get_small(&self, loc: &OPath, cap: u64, what: &str) -> Result<Option<Vec<u8>>> {
+        let loc = loc.clone();
         self.check_local(&loc)?;
         let read = async {
             let r = match self.store.get(&loc).await {
@@ -374,18 +447,15 @@ impl Remote {
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(self.explain("reading", &loc, e)),
             };
-            if r.meta.size > RECORD_MAX {
-                return Err(untrusted(format!(
-                    "{loc} on {} is {} bytes: larger than a record can be ({} bytes); refused",
-                    self.shown, r.meta.size, RECORD_MAX
-                )));
+            if r.meta.size > cap {
+                return Err(untrusted(format!("{loc} on {} is {} bytes: larger than {what} can be ({cap} bytes); refused", self.shown, r.meta.size)));
             }
             let mut b = Vec::new();
             let mut s = r.into_stream();
             while let Some(chunk) = s.next().await {
                 b.extend_from_slice(&chunk.map_err(|e| self.explain("reading", &loc, e))?);
-                if b.len() as u64 > RECORD_MAX {
-                    bail!("{loc} on {} is larger than a record can be; refused", self.shown);
+                if b.len() as u64 > cap {
+                    return Err(untrusted(format!("{loc} on {} is larger than {what} can be; refused", self.shown)));
                 }
             }
             Ok(Some(b))
@@ -400,9 +470,7 @@ impl Remote {
 
     /// Upload an action entry (after its objects).
     pub fn put_action(&self, tenant: Option<&str>, key: &str, bytes: &[u8]) -> Result<()> {
-        let loc = self.action_location(tenant, key);
-        self.rt().block_on(self.store.put(&loc, PutPayload::from(bytes.to_vec()))).map_err(|e| self.explain("writing", &loc, e))?;
-        Ok(())
+        self.put_small(&self.action_location(tenant, key), bytes)
     }
 
     /// Upload objects in parallel; one result (bytes sent) per upload, in order.

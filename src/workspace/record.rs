@@ -37,6 +37,10 @@ pub const JOB_RESULT: &str = "dagrun-record/job-result/1";
 pub const JOB_SPEC: &str = "dagrun-record/job-spec/1";
 /// Where runs write (`workspace::places`).
 pub const PLACES: &str = "dagrun-record/places/1";
+/// What forgotten tenants' outputs were, kept by `gc` (`remote::forgotten`).
+pub const FORGOTTEN_OUTPUTS: &str = "dagrun-record/forgotten-outputs/1";
+/// A forgotten tenant's tombstone on the shared remote (`remote::erasure`).
+pub const REMOTE_ERASURE: &str = "dagrun-record/remote-erasure/1";
 
 /// Why a record cannot be trusted. Messages name the file and never echo
 /// field values.

@@ -385,6 +385,10 @@ impl StateStore {
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }
+    /// The workspace these records belong to.
+    pub fn workspace(&self) -> &Workspace {
+        &self.ws
+    }
     pub fn actions_dir(&self) -> &Path {
         &self.actions_dir
     }

@@ -382,6 +382,20 @@ fn push_then_fresh_clones_pull_and_restore_without_running_and_tenant_credential
         let want = if stage.contains("[Tenant_A]") { "restored" } else { "ran" };
         assert_eq!(s, want, "{stage}: {st:?}");
     }
+
+    // A forgets Tenant_B: its next push deletes the tenant's prefix on the
+    // S3 server, all but the sealed tombstone, which B's push then obeys.
+    ok(a, &["keys", "forget", "Tenant_B", "--yes"], ADMIN);
+    let r: Value = serde_json::from_str(&ok(a, &["push", "--json"], ADMIN)).unwrap();
+    assert_eq!((r["erased"][0]["prefix"]["records"].as_u64(), r["erased"][0]["done"].as_bool()), (Some(7), Some(true)), "{r:#}");
+    assert_eq!(r["erased"][0]["prefix"]["objects"].as_u64(), Some(objs_b.len() as u64), "{r:#}");
+    assert!(sw.list("team/tenants/Tenant_B/objects").is_empty() && sw.list("team/tenants/Tenant_B/actions").is_empty());
+    assert_eq!(sw.list("team/tenants/Tenant_B").into_keys().collect::<Vec<_>>(), vec!["erased.json".to_string()]);
+    assert_eq!(sw.list("team/tenants/Tenant_A/actions").len(), 7, "Tenant_A is untouched");
+    let o = spawn(dagrun(b, &["push"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stderr.contains("tenant Tenant_B was erased from the remote"), "{}", o.stderr);
+    assert!(sw.list("team/tenants/Tenant_B/actions").is_empty(), "B pushed the erased tenant again");
 }
 
 /// A cmd pipeline with one large output (multipart upload) and a directory,
@@ -729,10 +743,14 @@ fn a_forgotten_tenant_is_neither_pushed_nor_pulled() {
         "{}",
         o.stderr
     );
-    assert!(!remote.path().join("tenants/Tenant_B").exists(), "a forgotten tenant's data was pushed");
+    // Its prefix holds only the tombstone (nothing of it was pushed before).
+    assert_eq!(files_under(&remote.path().join("tenants/Tenant_B")), vec!["erased.json".to_string()], "a forgotten tenant's data was pushed");
     let actions = |d: &str| std::fs::read_dir(remote.path().join(d)).map(|r| r.count()).unwrap_or(0);
     assert_eq!((actions("tenants/Tenant_A/actions"), actions("actions")), (1, 1), "only build[Tenant_A] and lint leave");
-    // The other workspace pushes everything (it has not forgotten Tenant_B) …
+    // The other workspace pushes everything (it has not forgotten Tenant_B,
+    // and the tombstone that would stop it is gone: a remote an older dagrun
+    // wrote to) …
+    std::fs::remove_file(remote.path().join("tenants/Tenant_B/erased.json")).unwrap();
     ok(other.path(), &["run", "pipelines/p.yaml"], ADMIN);
     ok(other.path(), &["push"], ADMIN);
     assert_eq!(actions("actions"), 6);
@@ -772,4 +790,140 @@ fn a_forgotten_tenant_is_neither_pushed_nor_pulled() {
     for stage in ["all", "summary", "score[Tenant_A]", "score[Tenant_B]", "bundle", "final", "final2"] {
         assert!(!o.stderr.contains(&format!("{stage}: fetched")), "{stage}: {}", o.stderr);
     }
+}
+
+/// Every file under `dir` whose bytes hold one of `needles`, as relative paths.
+fn files_holding(dir: &Path, needles: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let b = std::fs::read(&p).unwrap_or_default();
+                if needles.iter().any(|n| b.windows(n.len()).any(|w| w == n.as_bytes())) {
+                    out.push(p.strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files under `dir` (relative paths), recursively.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = tree(dir, "").into_keys().collect();
+    out.sort();
+    out
+}
+
+/// `keys forget` then `push`: what earlier pushes put on the remote of the
+/// tenant goes — its prefix and, elsewhere, every record derived from it
+/// with the objects only those name — and the sealed tombstone left in its
+/// prefix keeps a second workspace that still holds the tenant's keys from
+/// pushing or pulling it (`push`, `pull`, `run --pull`). A tombstone that
+/// does not verify withholds nothing, and the erasing workspace erases again
+/// over it; a push limited by `--tenant` erases the prefix and says what it
+/// left for a push without it.
+#[test]
+fn a_forgotten_tenant_pushed_before_is_erased_from_the_remote_and_stays_erased() {
+    let remote = tempfile::Builder::new().prefix("dagrun-it-folder-remote-").tempdir().unwrap();
+    let ws = tempfile::Builder::new().prefix("dagrun-it-erase-").tempdir().unwrap();
+    let ws = ws.path();
+    for d in ["pipelines", "config"] {
+        std::fs::create_dir_all(ws.join(d)).unwrap();
+    }
+    std::fs::write(ws.join("empty.txt"), "").unwrap();
+    let pipeline = "stages:\n  build:\n    foreach: tenants\n    cmd: mkdir -p out && echo \"features of ${tenant}\" > out/${tenant}.txt\n    outs: [\"out/${tenant}.txt\"]\n  \
+         all:\n    cmd: cat out/*.txt > all.txt\n    deps: [out]\n    outs: [all.txt]\n  \
+         summary:\n    cmd: (cat all.txt; echo summed) > summary.txt\n    deps: [all.txt]\n    outs: [summary.txt]\n  \
+         score:\n    foreach: tenants\n    cmd: mkdir -p score && cat all.txt > score/${tenant}.txt\n    deps: [all.txt]\n    outs: [\"score/${tenant}.txt\"]\n  \
+         lint:\n    cmd: wc -c < empty.txt > lint.txt\n    deps: [empty.txt]\n    outs: [lint.txt]\n";
+    std::fs::write(ws.join("pipelines/p.yaml"), pipeline).unwrap();
+    std::fs::write(ws.join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n  - id: Tenant_B\n").unwrap();
+    std::fs::write(ws.join("config/dagrun.yaml"), format!("remote:\n  url: file://{}\n", remote.path().display())).unwrap();
+    ok(ws, &["run", "pipelines/p.yaml"], ADMIN);
+    ok(ws, &["push"], ADMIN);
+    let b_data = ["features of Tenant_B"];
+    assert!(files_holding(remote.path(), &b_data).len() >= 4, "the first push sends Tenant_B's data: {:?}", files_under(remote.path()));
+    // A second machine with the same keys, before the erasure.
+    let other = clone_of(ws);
+    std::fs::write(other.path().join("empty.txt"), "").unwrap();
+    ok(other.path(), &["run", "pipelines/p.yaml"], ADMIN);
+
+    ok(ws, &["keys", "forget", "Tenant_B", "--yes"], ADMIN);
+    // As the forget's note says: its folders deleted and `gc` run, which
+    // deletes the tenant's own records here (what they output is kept, so
+    // `all` and what follows stay known as derived from it).
+    std::fs::remove_file(ws.join("out/Tenant_B.txt")).unwrap();
+    let gc = ok(ws, &["gc"], ADMIN);
+    assert!(gc.contains("forgotten tenant(s) Tenant_B"), "{gc}");
+    assert!(!ws.join(".dagrun/state/build[Tenant_B].json").exists());
+    let o = spawn(dagrun(ws, &["push", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    let r: Value = serde_json::from_str(&o.stdout).unwrap();
+    let e = &r["erased"][0];
+    assert_eq!((e["tenant"].as_str(), e["done"].as_bool(), e["elsewhere"].as_bool()), (Some("Tenant_B"), Some(true), Some(true)), "{r:#}");
+    assert_eq!(e["prefix"]["records"], 2, "build[Tenant_B] and score[Tenant_B]: {r:#}");
+    assert_eq!(e["derived_records"], 3, "all, summary and score[Tenant_A]: {r:#}");
+    assert_eq!(e["derived_objects"], 3, "all.txt, summary.txt and score[Tenant_A]'s copy of all.txt in its own prefix: {r:#}");
+    assert_eq!(files_holding(remote.path(), &b_data), Vec::<String>::new(), "Tenant_B's data is left on the remote");
+    assert_eq!(files_under(&remote.path().join("tenants/Tenant_B")), vec!["erased.json".to_string()]);
+    let count = |d: &str| std::fs::read_dir(remote.path().join(d)).map(|r| r.count()).unwrap_or(0);
+    assert_eq!((count("actions"), count("tenants/Tenant_A/actions")), (1, 1), "lint and build[Tenant_A] stay: {:?}", files_under(remote.path()));
+    // Once: the next push finds the tombstone.
+    let o = spawn(dagrun(ws, &["push", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(serde_json::from_str::<Value>(&o.stdout).unwrap().get("erased").is_none(), "{}", o.stdout);
+    assert_eq!((count("actions"), count("tenants/Tenant_A/actions")), (1, 1), "a record derived from the tenant was pushed again");
+
+    // The other workspace still holds Tenant_B's keys and data: its push and
+    // pull leave the tenant alone, and say what to do.
+    let o = spawn(dagrun(other.path(), &["push"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stderr.contains("skipped: tenant Tenant_B was erased from the remote (")
+            && o.stderr.contains("5 records of it or derived from it not pushed")
+            && o.stderr.contains("run `dagrun keys forget Tenant_B --yes` here too"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(files_holding(remote.path(), &b_data), Vec::<String>::new(), "the other workspace pushed Tenant_B's data again");
+    std::fs::remove_dir_all(other.path().join(".dagrun/cache")).unwrap();
+    let o = spawn(dagrun(other.path(), &["pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("tenant Tenant_B was erased from the remote"), "{}", o.stdout);
+    for f in ["out", "all.txt", "summary.txt", "score", "lint.txt"] {
+        let p = other.path().join(f);
+        if p.is_dir() { std::fs::remove_dir_all(p).unwrap() } else { std::fs::remove_file(p).unwrap() }
+    }
+    let o = spawn(dagrun(other.path(), &["run", "pipelines/p.yaml", "--pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    let st = statuses(&o.stdout);
+    assert_eq!((st["build[Tenant_B]"].as_str(), st["lint"].as_str()), ("ran", "restored"), "{}", o.stdout);
+    assert_eq!(o.stderr.matches("tenant Tenant_B was erased from the remote").count(), 1, "{}", o.stderr);
+
+    // A tombstone that does not verify withholds nothing …
+    let tomb = remote.path().join("tenants/Tenant_B/erased.json");
+    let forged = std::fs::read_to_string(&tomb).unwrap().replace("\"elsewhere\":true", "\"elsewhere\":false");
+    assert_ne!(forged, std::fs::read_to_string(&tomb).unwrap());
+    std::fs::write(&tomb, forged).unwrap();
+    let o = spawn(dagrun(other.path(), &["push"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stderr.contains("fails its MAC check") && o.stderr.contains("ignored (tenant Tenant_B's records are pushed)"), "{}", o.stderr);
+    assert!(!files_holding(remote.path(), &b_data).is_empty());
+    // … and the erasing workspace erases again over it: first limited to the
+    // tenant's prefix, which says what it left, then everywhere.
+    let o = spawn(dagrun(ws, &["push", "--tenant", "Tenant_B"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("erased tenant Tenant_B (forgotten here) from ") && o.stdout.contains("push without --tenant to erase them"), "{}", o.stdout);
+    assert_eq!(files_under(&remote.path().join("tenants/Tenant_B")), vec!["erased.json".to_string()]);
+    assert!(!files_holding(remote.path(), &b_data).is_empty(), "the records derived elsewhere wait for a push without --tenant");
+    let o = spawn(dagrun(ws, &["push"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("3 records and 3 objects") && o.stdout.contains("derived from it elsewhere"), "{}", o.stdout);
+    assert_eq!(files_holding(remote.path(), &b_data), Vec::<String>::new(), "{:?}", files_under(remote.path()));
 }
