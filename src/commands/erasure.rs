@@ -11,18 +11,29 @@
 //! - Once per tenant: a push finds the tenant's tombstone on the remote and
 //!   does nothing more. A push that did not finish (killed, a failed
 //!   deletion) wrote no tombstone, and the next push erases again.
+//! - First the tenant's records on the remote are read (a credential scoped
+//!   to its prefix may), and what they, this workspace's records and the
+//!   records elsewhere on the remote derived from them output is kept in
+//!   `.dagrun/forgotten-outputs.json` (`Forgotten::remember`) before
+//!   anything is deleted: a push that stops half-way, or a `--tenant` push
+//!   that deletes the prefix, loses nothing the next push needs.
 //! - The tenant's prefix goes whole, the tombstone excepted
-//!   (`remote::erasure::erase_prefix`). Outside it, the records that derive
-//!   from the tenant (`remote::forgotten`'s rules, traced over this
-//!   workspace's records and every record on the remote that verifies under
-//!   its integrity key) are deleted, then the objects they name that no
-//!   remaining verified record of the same prefix names. A record that does
-//!   not verify is nobody's: it is neither traced nor kept alive.
+//!   (`remote::erasure::erase_prefix`). Outside it, a record is deleted when
+//!   it is proven to derive from the tenant (`remote::forgotten`'s rules,
+//!   strict: through a folder listing that can be read), or may (a folder
+//!   input whose listing is unknown) and this workspace holds the same
+//!   record (it made or fetched it, so its own tracing withholds it). A
+//!   record that only may is left and counted (`uncertain_records`). A
+//!   record that does not verify is nobody's: neither traced nor kept alive.
+//! - Then, in every prefix outside the tenant's, each object whose hash is
+//!   known as the tenant's data (or that a deleted record named) and that no
+//!   remaining verified record names is deleted: found by its hash, so an
+//!   object whose record went in an earlier, interrupted push goes too.
 //! - A push limited by `--tenant` erases the prefix only (a credential
 //!   scoped to it cannot look elsewhere), and its tombstone says so
 //!   (`elsewhere: false`): the next push without `--tenant` does the rest.
 //! - Records first, then objects: a reader never finds a record whose
-//!   objects are gone.
+//!   objects are gone. The tombstone is written only when nothing failed.
 
 use super::pull::{open_pulled, validate_tree};
 use crate::remote::Remote;
@@ -43,9 +54,13 @@ pub struct TenantErasure {
     pub prefix: Erased,
     /// Records outside the prefix derived from the tenant, deleted.
     pub derived_records: usize,
-    /// Objects only those records named, deleted.
+    /// Objects outside the prefix holding its data that no remaining record names, deleted.
     pub derived_objects: usize,
+    /// Their bytes (objects only).
     pub derived_bytes: u64,
+    /// Records that may derive from it (a folder input whose listing is
+    /// unknown here) and that this workspace does not hold: left.
+    pub uncertain_records: usize,
     /// Whether the records outside the prefix were looked at (not with `--tenant`).
     pub elsewhere: bool,
     /// The tombstone is written: the erasure is complete.
@@ -53,14 +68,14 @@ pub struct TenantErasure {
 }
 
 /// Tenant `t`'s tombstones on the remote, for each of `tenants`.
-pub fn tombstones<'a>(remote: &Remote, key: &crate::crypto::IntegrityKey, tenants: impl IntoIterator<Item = &'a str>) -> Result<BTreeMap<String, Found>> {
+pub fn tombstones<'a>(remote: &Remote, key: &crate::crypto::IntegrityKey, tenants: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, Found> {
     let mut out = BTreeMap::new();
     for t in tenants {
         if !out.contains_key(t) {
-            out.insert(t.to_string(), erasure::read(remote, key, t)?);
+            out.insert(t.to_string(), erasure::read(remote, key, t));
         }
     }
-    Ok(out)
+    out
 }
 
 /// The records under a prefix that verify under `key` and belong there, and
@@ -119,7 +134,8 @@ fn objects_of(remote: &Remote, cas: &Cas, scope: Option<&str>, st: &StageState) 
 /// Erase `todo` (tenant → when it was forgotten here; each a proven
 /// erasure) from the remote. `limited`: the push is limited by `--tenant`
 /// (the prefixes only). Failed deletions are appended to `failed`; a
-/// tenant with any is not `done`.
+/// tenant with any is not `done`. Exit 4 when what `gc` kept of forgotten
+/// tenants cannot be used (nothing deleted).
 pub fn erase(
     remote: &Remote,
     states: &StateStore,
@@ -129,42 +145,83 @@ pub fn erase(
     limited: bool,
     failed: &mut Vec<String>,
 ) -> Result<Vec<TenantErasure>> {
-    let mut out: BTreeMap<String, TenantErasure> = BTreeMap::new();
-    let mut clean: BTreeMap<String, bool> = BTreeMap::new();
-    // The tenant's records on the remote, read before they go: what they
-    // output is how records elsewhere are known to derive from it (this
-    // workspace's own may be gone: `gc`).
+    let cas = &Cas::read_only(ws);
+    let mut out: BTreeMap<String, TenantErasure> =
+        todo.keys().map(|t| (t.clone(), TenantErasure { tenant: t.clone(), elsewhere: !limited, ..Default::default() })).collect();
+    let mut clean = true;
+    // 1. What is there: the tenants' own records (read before they go), and
+    //    every verified record elsewhere.
     let mut seeds: Vec<StageState> = Vec::new();
+    for t in todo.keys() {
+        let (found, unread) = verified_records(remote, key, Some(t))?;
+        seeds.extend(found);
+        clean &= unread.is_empty();
+        failed.extend(unread);
+    }
+    let mut held: Vec<Held> = Vec::new();
     if !limited {
-        for t in todo.keys() {
-            let (found, unread) = verified_records(remote, key, Some(t))?;
-            seeds.extend(found);
-            if !unread.is_empty() {
-                clean.insert(t.clone(), false);
-                failed.extend(unread);
-            }
+        let mut scopes: Vec<Option<String>> = vec![None];
+        scopes.extend(remote.list_tenants()?.into_iter().filter(|t| !todo.contains_key(t)).map(Some));
+        for scope in &scopes {
+            let (found, unread) = verified_records(remote, key, scope.as_deref())?;
+            held.extend(found.into_iter().map(|st| Held { scope: scope.clone(), st }));
+            clean &= unread.is_empty();
+            failed.extend(unread);
         }
     }
+    // 2. Traced: what may be the tenants' data (kept, withheld) and what is
+    //    proven (deleted), then kept before anything goes.
+    let mut may = Forgotten::new(todo.clone(), Cas::read_only(ws)).traced_in(states);
+    if let Some(why) = may.damaged() {
+        return Err(crate::error::Failure::Integrity(format!("{why}; nothing was erased from the remote")).into());
+    }
+    may.trace(seeds.iter().chain(held.iter().map(|h| &h.st)));
+    let mut proven = Forgotten::new(todo.clone(), Cas::read_only(ws)).strict().traced_in(states);
+    proven.trace(seeds.iter().chain(held.iter().map(|h| &h.st)));
+    may.remember(states).map_err(|e| e.context("cannot keep what the forgotten tenants' records output; nothing was erased from the remote"))?;
+    // 3. The prefixes.
     for t in todo.keys() {
         let (prefix, f) = erasure::erase_prefix(remote, t)?;
-        *clean.entry(t.clone()).or_insert(true) &= f.is_empty();
+        clean &= f.is_empty();
         failed.extend(f);
-        out.insert(t.clone(), TenantErasure { tenant: t.clone(), prefix, elsewhere: !limited, ..Default::default() });
-    }
-    if !limited {
-        let (derived, f) = erase_derived(remote, states, ws, key, todo, seeds)?;
-        if !f.is_empty() {
-            clean.values_mut().for_each(|c| *c = false);
+        if let Some(e) = out.get_mut(t) {
+            e.prefix = prefix;
         }
-        failed.extend(f);
-        for (t, (r, o, b)) in derived {
-            if let Some(e) = out.get_mut(&t) {
-                (e.derived_records, e.derived_objects, e.derived_bytes) = (r, o, b);
+    }
+    // 4. Elsewhere: the records derived from them, then the objects.
+    if !limited && clean {
+        let local = |k: &ContentHash| matches!(states.load_action(k), crate::workspace::state::Loaded::Valid(_));
+        let mut doomed: Vec<(String, Held)> = Vec::new();
+        let mut kept: Vec<Held> = Vec::new();
+        for h in held {
+            match (proven.claims(&h.st), may.claims(&h.st)) {
+                (Some(t), _) => doomed.push((t, h)),
+                (None, Some(t)) if local(&h.st.key) => doomed.push((t, h)),
+                (None, Some(t)) => {
+                    if let Some(e) = out.get_mut(&t) {
+                        e.uncertain_records += 1;
+                    }
+                    kept.push(h);
+                }
+                (None, None) => kept.push(h),
             }
+        }
+        let locs: Vec<_> = doomed.iter().map(|(_, h)| remote.action_location(h.scope.as_deref(), h.st.key.as_str())).collect();
+        for ((t, _), r) in doomed.iter().zip(remote.delete(&locs)) {
+            match r {
+                Ok(()) => out.entry(t.clone()).or_default().derived_records += 1,
+                Err(e) => {
+                    clean = false;
+                    failed.push(format!("{e:#}"));
+                }
+            }
+        }
+        if clean {
+            clean &= erase_objects(remote, cas, &may, &doomed, &kept, &mut out, failed)?;
         }
     }
     for (t, e) in out.iter_mut() {
-        if clean[t] {
+        if clean {
             match erasure::write(remote, key, t, &todo[t], !limited) {
                 Ok(_) => e.done = true,
                 Err(err) => failed.push(format!("{err:#}")),
@@ -174,109 +231,82 @@ pub fn erase(
     Ok(out.into_values().collect())
 }
 
-/// Delete, outside the erased prefixes, the records derived from `todo`'s
-/// tenants and the objects only they name. Returns per tenant (records,
-/// objects, bytes) and the failed deletions.
-#[allow(clippy::type_complexity)]
-fn erase_derived(
+/// In every prefix outside the erased ones, delete each object whose hash is
+/// known as the tenants' data or that a deleted record named, and that no
+/// remaining record names. Returns whether nothing failed.
+fn erase_objects(
     remote: &Remote,
-    states: &StateStore,
-    ws: &Workspace,
-    key: &crate::crypto::IntegrityKey,
-    todo: &BTreeMap<String, String>,
-    seeds: Vec<StageState>,
-) -> Result<(BTreeMap<String, (usize, usize, u64)>, Vec<String>)> {
-    let cas = &Cas::read_only(ws);
-    let mut scopes: Vec<Option<String>> = vec![None];
-    scopes.extend(remote.list_tenants()?.into_iter().filter(|t| !todo.contains_key(t)).map(Some));
-    let mut held: Vec<Held> = Vec::new();
-    let mut unread = Vec::new();
-    for scope in &scopes {
-        let (found, u) = verified_records(remote, key, scope.as_deref())?;
-        held.extend(found.into_iter().map(|st| Held { scope: scope.clone(), st }));
-        unread.extend(u);
-    }
-    let mut gone = Forgotten::of_workspace(todo.clone(), states, Cas::read_only(ws));
-    gone.trace(seeds.iter().chain(held.iter().map(|h| &h.st)));
-    let (claimed, kept): (Vec<(String, Held)>, Vec<Held>) = {
-        let mut c = Vec::new();
-        let mut k = Vec::new();
-        for h in held {
-            match gone.claims(&h.st) {
-                Some(t) => c.push((t, h)),
-                None => k.push(h),
-            }
-        }
-        (c, k)
-    };
-    let mut counts: BTreeMap<String, (usize, usize, u64)> = BTreeMap::new();
-    let mut failed = unread;
-    if claimed.is_empty() {
-        return Ok((counts, failed));
-    }
-    let locs: Vec<_> = claimed.iter().map(|(_, h)| remote.action_location(h.scope.as_deref(), h.st.key.as_str())).collect();
-    for ((t, _), r) in claimed.iter().zip(remote.delete(&locs)) {
-        match r {
-            Ok(()) => counts.entry(t.clone()).or_default().0 += 1,
-            Err(e) => failed.push(format!("{e:#}")),
-        }
-    }
-    if !failed.is_empty() {
-        // No object goes while a record naming it may still be there.
-        return Ok((counts, failed));
-    }
-    // Objects the deleted records named, per prefix, less those a remaining one names.
-    let mut candidates: BTreeMap<(Option<String>, ContentHash), String> = BTreeMap::new();
-    for (t, h) in &claimed {
+    cas: &Cas,
+    may: &Forgotten,
+    doomed: &[(String, Held)],
+    kept: &[Held],
+    out: &mut BTreeMap<String, TenantErasure>,
+    failed: &mut Vec<String>,
+) -> Result<bool> {
+    let mut clean = true;
+    let first_tenant = out.keys().next().cloned().unwrap_or_default();
+    // Hash → the tenant it is data of (for the counts).
+    let mut known: HashMap<ContentHash, String> = HashMap::new();
+    for (t, h) in doomed {
         match objects_of(remote, cas, h.scope.as_deref(), &h.st) {
-            Some(objs) => {
-                for o in objs {
-                    candidates.entry((h.scope.clone(), o)).or_insert_with(|| t.clone());
-                }
-            }
-            None => failed.push(format!(
-                "record {} ({}) derived from tenant {t} is deleted, but its folder listing could not be read: the objects it names are not (push again to retry)",
-                h.st.key.short(),
-                crate::crypto::escape_for_message(&h.st.stage)
-            )),
-        }
-    }
-    let scopes_hit: BTreeSet<Option<String>> = candidates.keys().map(|(s, _)| s.clone()).collect();
-    let mut live: HashMap<Option<String>, BTreeSet<ContentHash>> = HashMap::new();
-    for h in kept.iter().filter(|h| scopes_hit.contains(&h.scope)) {
-        match objects_of(remote, cas, h.scope.as_deref(), &h.st) {
-            Some(objs) => live.entry(h.scope.clone()).or_default().extend(objs),
+            Some(objs) => objs.into_iter().for_each(|o| {
+                known.entry(o).or_insert_with(|| t.clone());
+            }),
             None => {
-                // Which files it names is unknown: nothing of that prefix goes.
+                clean = false;
                 failed.push(format!(
-                    "the folder listing of record {} ({}) could not be read, so which objects it still needs is unknown: no object derived from a forgotten tenant was deleted under its prefix (push again to retry)",
+                    "record {} ({}) derived from tenant {t} is deleted, but its folder listing could not be read: the files in it are deleted by the next push, which finds them by their hashes",
                     h.st.key.short(),
                     crate::crypto::escape_for_message(&h.st.stage)
                 ));
-                live.entry(h.scope.clone()).or_default().extend(candidates.keys().filter(|(s, _)| *s == h.scope).map(|(_, o)| o.clone()));
             }
         }
     }
-    let doomed: Vec<(&(Option<String>, ContentHash), &String)> = candidates.iter().filter(|((s, o), _)| !live.get(s).is_some_and(|l| l.contains(o))).collect();
-    let sizes: HashMap<Option<String>, BTreeMap<String, u64>> = {
-        let mut m = HashMap::new();
-        for s in &scopes_hit {
-            m.insert(s.clone(), remote.list_objects(s.as_deref())?);
+    for h in may.hashes() {
+        known.entry(h).or_insert_with(|| first_tenant.clone());
+    }
+    let mut scopes: BTreeSet<Option<String>> = kept.iter().map(|h| h.scope.clone()).collect();
+    scopes.extend(doomed.iter().map(|(_, h)| h.scope.clone()));
+    scopes.insert(None);
+    scopes.extend(remote.list_tenants()?.into_iter().filter(|t| !out.contains_key(t)).map(Some));
+    for scope in scopes {
+        let there = remote.list_objects(scope.as_deref())?;
+        let mut candidates: Vec<(String, u64)> = there.into_iter().filter(|(h, _)| ContentHash::parse(h).is_ok_and(|h| known.contains_key(&h))).collect();
+        if candidates.is_empty() {
+            continue;
         }
-        m
-    };
-    let locs: Vec<_> = doomed.iter().map(|((s, o), _)| remote.object_location(s.as_deref(), o.as_str())).collect();
-    for (((s, o), t), r) in doomed.iter().zip(remote.delete(&locs)) {
-        match r {
-            Ok(()) => {
-                if let Some(size) = sizes.get(s).and_then(|m| m.get(o.as_str())) {
-                    let c = counts.entry((*t).clone()).or_default();
-                    c.1 += 1;
-                    c.2 += size;
+        let mut live: BTreeSet<ContentHash> = BTreeSet::new();
+        for h in kept.iter().filter(|h| h.scope == scope) {
+            match objects_of(remote, cas, scope.as_deref(), &h.st) {
+                Some(objs) => live.extend(objs),
+                None => {
+                    // Which files it names is unknown: nothing of that prefix goes.
+                    clean = false;
+                    failed.push(format!(
+                        "the folder listing of record {} ({}) could not be read, so which objects it still needs is unknown: no object holding a forgotten tenant's data was deleted under its prefix (push again to retry)",
+                        h.st.key.short(),
+                        crate::crypto::escape_for_message(&h.st.stage)
+                    ));
+                    candidates.clear();
                 }
             }
-            Err(e) => failed.push(format!("{e:#}")),
+        }
+        candidates.retain(|(h, _)| ContentHash::parse(h).is_ok_and(|h| !live.contains(&h)));
+        let locs: Vec<_> = candidates.iter().map(|(h, _)| remote.object_location(scope.as_deref(), h)).collect();
+        for ((h, size), r) in candidates.iter().zip(remote.delete(&locs)) {
+            match r {
+                Ok(()) => {
+                    let t = ContentHash::parse(h).ok().and_then(|h| known.get(&h).cloned()).unwrap_or_else(|| first_tenant.clone());
+                    let e = out.entry(t).or_default();
+                    e.derived_objects += 1;
+                    e.derived_bytes += size;
+                }
+                Err(e) => {
+                    clean = false;
+                    failed.push(format!("{e:#}"));
+                }
+            }
         }
     }
-    Ok((counts, failed))
+    Ok(clean)
 }

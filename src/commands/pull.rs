@@ -367,15 +367,30 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     // not its prefix, nor what this workspace's records or this pull's show
     // derived from its data.
     // Nor of a tenant another workspace erased from the remote (its tombstone there).
+    // A tombstone that cannot be read withholds too: whether it is there is unknown.
     let forgotten_here = ring.forgotten_tenants();
     let mut withheld = forgotten_here.clone();
+    let mut unreadable: BTreeMap<String, String> = BTreeMap::new();
     let asked = scopes.iter().flatten().filter(|t| !forgotten_here.contains_key(*t)).map(String::as_str);
-    for (t, f) in super::erasure::tombstones(remote, &integrity, asked)? {
-        if let crate::remote::erasure::Found::Valid(ts) = f {
-            withheld.insert(t, ts.erased_at);
+    for (t, f) in super::erasure::tombstones(remote, &integrity, asked) {
+        match f {
+            crate::remote::erasure::Found::Valid(ts) => {
+                withheld.insert(t, ts.erased_at);
+            }
+            crate::remote::erasure::Found::Unreadable(why) => {
+                withheld.insert(t.clone(), String::new());
+                unreadable.insert(t, why);
+            }
+            crate::remote::erasure::Found::Untrusted(why) => {
+                report.skipped.push(format!("{why}: not a tombstone sealed under this workspace's keys; ignored"));
+            }
+            crate::remote::erasure::Found::None => {}
         }
     }
     let mut gone = crate::remote::forgotten::Forgotten::of_workspace(withheld, &states, Cas::read_only(&ws));
+    if let Some(why) = gone.damaged() {
+        return Err(crate::error::Failure::Integrity(format!("{why}; nothing was pulled")).into());
+    }
     let scopes: Vec<Option<String>> = scopes
         .into_iter()
         .filter(|s| match s.as_deref().and_then(|t| gone.when(t).map(|at| (t, at))) {
@@ -383,9 +398,27 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
                 report.skipped.push(format!("tenant {t} was forgotten here (`dagrun keys forget`, {at}): nothing of it is pulled"));
                 false
             }
+            Some((t, _)) if unreadable.contains_key(t) => {
+                let line = format!(
+                    "{}: whether tenant {t} was erased from the remote is unknown, so nothing of it is pulled; pull again when its tombstone can be read",
+                    unreadable[t]
+                );
+                // Asked for by name: a failure (exit 1); found by listing: a note.
+                if tenants.iter().any(|x| x == t) {
+                    problems.failed(line)
+                } else {
+                    report.skipped.push(line)
+                }
+                false
+            }
             Some((t, at)) => {
+                let todo_here = if super::keys::holds_keys(&ring, t) {
+                    format!("; this workspace still holds its keys: run `dagrun keys forget {t} --yes` here too")
+                } else {
+                    String::new()
+                };
                 report.skipped.push(format!(
-                    "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): nothing of it is pulled; this workspace still holds its keys: run `dagrun keys forget {t} --yes` here too"
+                    "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): nothing of it is pulled{todo_here}"
                 ));
                 false
             }
@@ -442,7 +475,13 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         None => true,
     });
     for (t, n) in derived {
-        let why = if forgotten_here.contains_key(&t) { "was forgotten here (`dagrun keys forget`)" } else { "was erased from the remote" };
+        let why = if forgotten_here.contains_key(&t) {
+            "was forgotten here (`dagrun keys forget`)"
+        } else if unreadable.contains_key(&t) {
+            "may have been erased from the remote (its tombstone could not be read)"
+        } else {
+            "was erased from the remote"
+        };
         report.skipped.push(format!("{} derived from tenant {t}, which {why}: not pulled", crate::util::count(n, "record", "records")));
     }
     let (f, b, p, done) = install(remote, &cas, &states, recs, &mut problems);
@@ -458,7 +497,12 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
 
 /// The `run --pull` hook for a workspace (`--remote URL` or the config's).
 pub fn hook(workspace: &Path, flag: Option<&str>) -> Result<std::sync::Arc<dyn RemoteSource>> {
-    Ok(std::sync::Arc::new(RemoteHit { remote: open_remote(workspace, flag)?, failed_scopes: Mutex::new(HashSet::new()), erased: Mutex::new(HashMap::new()) }))
+    Ok(std::sync::Arc::new(RemoteHit {
+        remote: open_remote(workspace, flag)?,
+        failed_scopes: Mutex::new(HashSet::new()),
+        erased: Mutex::new(HashMap::new()),
+        warned_damaged: Default::default(),
+    }))
 }
 
 /// The `run --pull` hook: fetch one stage's key from the remote into the
@@ -469,6 +513,8 @@ pub struct RemoteHit {
     failed_scopes: Mutex<HashSet<Option<String>>>,
     /// Tenant → whether the remote holds its tombstone (asked once a run).
     erased: Mutex<HashMap<String, bool>>,
+    /// Whether the damaged `.dagrun/forgotten-outputs.json` was named (once a run).
+    warned_damaged: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RemoteHit {
@@ -490,23 +536,28 @@ impl RemoteSource for RemoteHit {
             let known = self.erased.lock().unwrap_or_else(|e| e.into_inner()).get(t).copied();
             let erased = match known {
                 Some(e) => e,
-                None => match crate::remote::erasure::read(&self.remote, integrity, t) {
-                    Ok(f) => {
-                        let e = matches!(f, crate::remote::erasure::Found::Valid(_));
-                        self.erased.lock().unwrap_or_else(|e| e.into_inner()).insert(t.to_string(), e);
-                        if e {
-                            // Once a run (a tenant has several stages).
+                None => {
+                    // Once a run (a tenant has several stages).
+                    let e = match crate::remote::erasure::read(&self.remote, integrity, t) {
+                        crate::remote::erasure::Found::Valid(_) => {
                             tracing::warn!(
-                                "tenant {t} was erased from the remote (by a workspace that ran `dagrun keys forget {t}`): nothing of it is fetched and its stages run here; this workspace still holds its keys: `dagrun keys forget {t} --yes`"
+                                "tenant {t} was erased from the remote (by a workspace that ran `dagrun keys forget {t}`): nothing of it is fetched and its stages run here; if this workspace holds its keys, run `dagrun keys forget {t} --yes` here too"
                             );
+                            true
                         }
-                        e
-                    }
-                    Err(e) => {
-                        self.failed_scopes.lock().unwrap_or_else(|e| e.into_inner()).insert(scope);
-                        return Err(e.context("not asking this prefix again in this run"));
-                    }
-                },
+                        crate::remote::erasure::Found::Unreadable(why) => {
+                            tracing::warn!("{why}: whether tenant {t} was erased from the remote is unknown, so nothing of it is fetched; its stages run here");
+                            true
+                        }
+                        crate::remote::erasure::Found::Untrusted(why) => {
+                            tracing::warn!("{why}: not a tombstone sealed under this workspace's keys; ignored");
+                            false
+                        }
+                        crate::remote::erasure::Found::None => false,
+                    };
+                    self.erased.lock().unwrap_or_else(|e| e.into_inner()).insert(t.to_string(), e);
+                    e
+                }
             };
             if erased {
                 tracing::debug!("{}: tenant {t} was erased from the remote: not fetched", stage.name);
@@ -528,6 +579,12 @@ impl RemoteSource for RemoteHit {
             open_pulled(&bytes, integrity, key.as_str()).with_context(|| format!("{}: refused", self.remote.action_location(tenant, key.as_str())))?;
         if t.as_deref() != tenant {
             bail!("{}: record of stage {} is under the wrong prefix; refused", self.remote.action_location(tenant, key.as_str()), shown(&st.stage));
+        }
+        if let Some(why) = forgotten.lock().unwrap_or_else(|e| e.into_inner()).damaged() {
+            if !self.warned_damaged.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!("{why}; the stages run here");
+            }
+            return Ok(false);
         }
         if let Some(f) = forgotten.lock().unwrap_or_else(|e| e.into_inner()).note(&st) {
             tracing::info!("{}: the remote's record derives from tenant {f}, which was forgotten here: not fetched; the stage runs here", stage.name);

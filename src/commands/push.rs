@@ -73,7 +73,16 @@ struct Local {
 }
 
 /// Every local record worth pushing, validated, deduplicated by key.
-fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Option<&Pipeline>, tenants: &[String], skipped: &mut Vec<String>) -> Vec<Local> {
+/// `seen` gets the tenant of every record read, before any filter.
+fn local_records(
+    ws: &Workspace,
+    states: &StateStore,
+    cas: &Cas,
+    pipeline: Option<&Pipeline>,
+    tenants: &[String],
+    skipped: &mut Vec<String>,
+    seen_tenants: &mut BTreeSet<String>,
+) -> Vec<Local> {
     let mut files: Vec<(std::path::PathBuf, Option<String>)> = super::pull::local_keys(states).into_iter().map(|(k, p)| (p, Some(k))).collect();
     if let Ok(rd) = std::fs::read_dir(states.state_dir()) {
         let mut v: Vec<_> = rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
@@ -102,6 +111,9 @@ fn local_records(ws: &Workspace, states: &StateStore, cas: &Cas, pipeline: Optio
                 continue;
             }
         };
+        if let Some(t) = &tenant {
+            seen_tenants.insert(t.clone());
+        }
         if seen.contains(&st.key) {
             continue;
         }
@@ -174,14 +186,16 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     let states = StateStore::new(&ws, Some(ring.integrity_key()));
     let cas = Cas::read_only(&ws);
     let mut report = PushReport { remote: remote.shown().to_string(), ..Default::default() };
-    let mut recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped);
+    let mut seen_tenants = BTreeSet::new();
+    let mut recs = local_records(&ws, &states, &cas, pipeline, tenants, &mut report.skipped, &mut seen_tenants);
     // The remote's tombstones of the tenants this push has records of, or
     // forgot here (`remote::erasure`).
     let integrity = ring.integrity_key();
     let forgotten_here = ring.forgotten_tenants();
     let proven: BTreeSet<String> = ring.erasures().proven.into_iter().filter(|t| tenants.is_empty() || tenants.contains(t)).collect();
-    let of_recs: BTreeSet<String> = recs.iter().filter_map(|r| r.tenant.clone()).collect();
-    let found = super::erasure::tombstones(remote, &integrity, proven.iter().chain(&of_recs).map(String::as_str))?;
+    // Every tenant this workspace holds records of, whatever this push is
+    // limited to: a record derived from an erased tenant may be any stage's.
+    let found = super::erasure::tombstones(remote, &integrity, proven.iter().chain(&seen_tenants).map(String::as_str));
     // What earlier pushes put there of a tenant forgotten here goes, once.
     let limited = !tenants.is_empty();
     let todo: BTreeMap<String, String> = proven
@@ -193,11 +207,17 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
         report.erased = super::erasure::erase(remote, &states, &ws, &integrity, &todo, limited, &mut report.failed)?;
     }
     // A tenant another workspace erased from the remote is withheld as if forgotten here.
+    // One that cannot be read withholds too (whether it is there is unknown).
     let mut withheld = forgotten_here.clone();
+    let mut unreadable: BTreeMap<String, String> = BTreeMap::new();
     for (t, f) in &found {
         match f {
             Found::Valid(ts) if !withheld.contains_key(t) => {
                 withheld.insert(t.clone(), ts.erased_at.clone());
+            }
+            Found::Unreadable(why) if !withheld.contains_key(t) => {
+                withheld.insert(t.clone(), String::new());
+                unreadable.insert(t.clone(), why.clone());
             }
             Found::Untrusted(why) if !proven.contains(t) => {
                 report.skipped.push(format!("{why}: not a tombstone sealed under this workspace's keys; ignored (tenant {t}'s records are pushed)"))
@@ -208,6 +228,9 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     // Nothing of a forgotten tenant leaves, its own stages' records or what
     // other stages derived from them (`forgotten`).
     let gone = crate::remote::forgotten::Forgotten::of_workspace(withheld, &states, Cas::read_only(&ws));
+    if let Some(why) = gone.damaged() {
+        return Err(crate::error::Failure::Integrity(format!("{why}; nothing was pushed")).into());
+    }
     let mut forgotten: BTreeMap<String, (String, usize)> = BTreeMap::new();
     recs.retain(|r| match gone.claims(&r.st) {
         Some(t) => {
@@ -220,12 +243,21 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     for (t, (at, n)) in forgotten {
         let n = crate::util::count(n, "record", "records");
         if forgotten_here.contains_key(&t) {
-            report.skipped.push(format!(
-                "tenant {t} was forgotten (`dagrun keys forget`, {at}): {n} of it or derived from it not pushed (delete those folders and run `dagrun gc` to remove them here too)"
-            ));
+            report.skipped.push(format!("tenant {t} was forgotten (`dagrun keys forget`, {at}): {n} of it or derived from it not pushed"));
+        } else if let Some(why) = unreadable.get(&t) {
+            let line = format!(
+                "{why}: whether tenant {t} was erased from the remote is unknown, so {n} of it or derived from it not pushed; push again when its tombstone can be read"
+            );
+            // Asked for by name: a failure (exit 1); otherwise a note.
+            if tenants.contains(&t) { report.failed.push(line) } else { report.skipped.push(line) }
         } else {
+            let todo_here = if super::keys::holds_keys(&ring, &t) {
+                format!("; this workspace still holds its keys: run `dagrun keys forget {t} --yes` here too")
+            } else {
+                String::new()
+            };
             report.skipped.push(format!(
-                "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): {n} of it or derived from it not pushed; this workspace still holds its keys and data: run `dagrun keys forget {t} --yes` here too"
+                "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): {n} of it or derived from it not pushed{todo_here}"
             ));
         }
     }
@@ -398,6 +430,13 @@ pub fn print(r: &PushReport) {
                 crate::util::count(e.derived_objects, "object", "objects"),
                 human_bytes(e.derived_bytes)
             );
+            if e.uncertain_records > 0 {
+                line += &format!(
+                    "; {} that may derive from it left (a folder input whose listing is unknown here, and this workspace does not hold {})",
+                    crate::util::count(e.uncertain_records, "record", "records"),
+                    if e.uncertain_records == 1 { "it" } else { "them" }
+                );
+            }
         } else {
             line += "; records derived from it outside its prefix were not looked for (this push is limited by --tenant): push without --tenant to erase them";
         }

@@ -21,7 +21,9 @@
 //! - Only an erasure this workspace proved (`Keyring::erasures`: its own
 //!   sealed tombstone, no key of the tenant left) ever deletes; a tombstone
 //!   on the remote only ever withholds (push, pull and `run --pull` leave
-//!   the tenant alone and say so).
+//!   the tenant alone and say so). One that cannot be read (access denied, a
+//!   link loop) withholds too: whether the tenant was erased is unknown. One
+//!   that does not verify withholds nothing.
 
 use super::Remote;
 use crate::crypto::IntegrityKey;
@@ -60,23 +62,27 @@ pub enum Found {
     /// A file is there that is not a tombstone this workspace's keys sealed
     /// for this tenant (why): it withholds nothing and proves nothing.
     Untrusted(String),
+    /// It could not be read (why: access denied, no answer, a link loop on
+    /// a folder remote): whether the tenant was erased is unknown, so it is
+    /// withheld, never failing the command.
+    Unreadable(String),
 }
 
 /// Read tenant `t`'s tombstone.
-pub fn read(remote: &Remote, key: &IntegrityKey, t: &str) -> Result<Found> {
+pub fn read(remote: &Remote, key: &IntegrityKey, t: &str) -> Found {
     let loc = remote.tenant_file(t, TOMBSTONE);
     let bytes = match remote.get_small(&loc, TOMBSTONE_MAX, "a tombstone") {
         Ok(Some(b)) => b,
-        Ok(None) => return Ok(Found::None),
-        Err(e) if super::is_untrusted(&e) => return Ok(Found::Untrusted(format!("{e:#}"))),
-        Err(e) => return Err(e),
+        Ok(None) => return Found::None,
+        Err(e) if super::is_untrusted(&e) => return Found::Untrusted(format!("{e:#}")),
+        Err(e) => return Found::Unreadable(format!("{e:#}")),
     };
     let shown = format!("{loc} on {}", remote.shown());
-    Ok(match record::open::<Tombstone>(Some(key), record::REMOTE_ERASURE, &bytes, &shown) {
+    match record::open::<Tombstone>(Some(key), record::REMOTE_ERASURE, &bytes, &shown) {
         Ok(ts) if ts.format == FORMAT && ts.tenant == t => Found::Valid(ts),
         Ok(_) => Found::Untrusted(format!("{shown} is sealed for another tenant or format")),
         Err(e) => Found::Untrusted(e.to_string()),
-    })
+    }
 }
 
 /// Write tenant `t`'s tombstone (after the erasure it speaks for).
@@ -208,23 +214,23 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let r = folder_remote(d.path());
         let k = IntegrityKey::from_bytes([5; 32]);
-        assert!(matches!(read(&r, &k, "Tenant_B").unwrap(), Found::None));
+        assert!(matches!(read(&r, &k, "Tenant_B"), Found::None));
         write(&r, &k, "Tenant_B", "2026-12-07T00:00:00Z", true).unwrap();
-        match read(&r, &k, "Tenant_B").unwrap() {
+        match read(&r, &k, "Tenant_B") {
             Found::Valid(ts) => assert!(ts.tenant == "Tenant_B" && ts.elsewhere && ts.forgotten_at == "2026-12-07T00:00:00Z"),
             f => panic!("{f:?}"),
         }
         // Under other keys, or copied into another tenant's prefix: proves nothing.
-        assert!(matches!(read(&r, &IntegrityKey::from_bytes([6; 32]), "Tenant_B").unwrap(), Found::Untrusted(_)));
+        assert!(matches!(read(&r, &IntegrityKey::from_bytes([6; 32]), "Tenant_B"), Found::Untrusted(_)));
         let b = d.path().join("tenants/Tenant_B/erased.json");
         std::fs::create_dir_all(d.path().join("tenants/Tenant_A")).unwrap();
         std::fs::copy(&b, d.path().join("tenants/Tenant_A/erased.json")).unwrap();
-        assert!(matches!(read(&r, &k, "Tenant_A").unwrap(), Found::Untrusted(w) if w.contains("another tenant")));
+        assert!(matches!(read(&r, &k, "Tenant_A"), Found::Untrusted(w) if w.contains("another tenant")));
         // Altered, or far too large to be one.
         std::fs::write(&b, std::fs::read_to_string(&b).unwrap().replace("true", "false")).unwrap();
-        assert!(matches!(read(&r, &k, "Tenant_B").unwrap(), Found::Untrusted(w) if w.contains("MAC")));
+        assert!(matches!(read(&r, &k, "Tenant_B"), Found::Untrusted(w) if w.contains("MAC")));
         std::fs::write(&b, vec![b' '; 10_000]).unwrap();
-        assert!(matches!(read(&r, &k, "Tenant_B").unwrap(), Found::Untrusted(w) if w.contains("larger than a tombstone")));
+        assert!(matches!(read(&r, &k, "Tenant_B"), Found::Untrusted(w) if w.contains("larger than a tombstone")));
     }
 
     #[test]
@@ -249,7 +255,7 @@ mod tests {
         let left: Vec<_> = walk(&t);
         assert_eq!(left, vec!["erased.json".to_string()]);
         assert!(d.path().join(format!("tenants/Tenant_A/objects/{h}")).exists(), "another tenant's prefix is untouched");
-        assert!(matches!(read(&r, &k, "Tenant_B").unwrap(), Found::Valid(_)));
+        assert!(matches!(read(&r, &k, "Tenant_B"), Found::Valid(_)));
     }
 
     #[test]

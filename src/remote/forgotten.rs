@@ -11,9 +11,13 @@
 //!   the same path (compared after `.`/`..` are resolved) with the same hash
 //!   as an output of a record of T; a file inside such an output folder with
 //!   the hash that folder's listing gives it; or a folder whose listing holds
-//!   such an output with its hash. A listing that cannot be read here counts
-//!   as holding it (withheld rather than leaked). A hash alone never counts:
-//!   an empty marker file is not T's data.
+//!   such an output with its hash. A folder input's listing is not kept: it
+//!   is rebuilt from the file outputs recorded below it (the combination of
+//!   their versions that hashes to the input's hash, as the engine hashes a
+//!   folder). A listing that can be neither read nor rebuilt counts as
+//!   holding it (withheld rather than leaked), except for an erasure, which
+//!   deletes only what is proven ([`Forgotten::strict`]). A hash alone never
+//!   counts: an empty marker file is not T's data.
 //! - Derived records are followed to the end of each chain (a work list over
 //!   an index of input paths: linear in records and inputs, not in the
 //!   chain's depth), over this workspace's records and, for `pull`, the
@@ -23,8 +27,9 @@
 //!   kept in `.dagrun/forgotten-outputs.json`, sealed ([`Forgotten::remember`]),
 //!   and read back as if the records were still there: a record derived
 //!   from T stays T's after the gc (it was pushed again once T's own
-//!   records were gone). A file that does not verify is ignored, with a
-//!   warning.
+//!   records were gone). A file that cannot be read or does not verify
+//!   stops push, pull and gc (exit 4): what derives from the tenant is then
+//!   unknown ([`Forgotten::damaged`]); `run --pull` fetches nothing.
 //! - Known from records only: a stage that reads T's data without declaring
 //!   it, or through a symlink that renames the folder, is not traced; nor is a
 //!   remote record derived from records this workspace no longer has.
@@ -45,7 +50,18 @@ pub struct Forgotten {
     /// Keys of the records that belong to a forgotten tenant.
     claimed: HashMap<ContentHash, String>,
     cas: Option<Cas>,
+    /// A folder listing that cannot be read counts as not holding T's data
+    /// (for deleting: only what is proven derived; [`Forgotten::strict`]).
+    strict: bool,
+    /// Why what `gc` kept cannot be used (see [`Forgotten::damaged`]).
+    damaged: Option<String>,
+    /// Every file output of every record traced: resolved path → (hash,
+    /// size, exec) versions, to rebuild a folder input's listing.
+    files: BTreeMap<String, Vec<(ContentHash, u64, bool)>>,
 }
+
+/// Most combinations of recorded versions tried to rebuild one folder's listing.
+const MAX_REBUILDS: usize = 4096;
 
 /// The file `gc` keeps forgotten tenants' outputs in (under `.dagrun/`).
 pub const REMEMBERED: &str = "forgotten-outputs.json";
@@ -56,38 +72,40 @@ const REMEMBERED_FORMAT: &str = "dagrun-forgotten-outputs/1";
 struct Remembered {
     format: String,
     /// Tenant → (output path, hash) of its records and those derived from them.
-    outputs: BTreeMap<String, Vec<(String, String)>>,
+    outputs: BTreeMap<String, Vec<Kept>>,
     /// Checked by `record::open`, not used after.
     #[serde(default, skip_serializing)]
     #[allow(dead_code)]
     mac: Option<String>,
 }
 
+/// One output kept: its path and hash; a file's size and execute bit when known.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Kept {
+    path: String,
+    hash: ContentHash,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exec: Option<bool>,
+}
+
 /// What `gc` kept, verified (tenant → outputs); nothing when there is no
-/// file, or one that does not verify (a warning).
-fn remembered(states: &crate::workspace::state::StateStore) -> Vec<(String, Vec<(String, ContentHash)>)> {
+/// file; why, when there is one that cannot be read or does not verify.
+#[allow(clippy::type_complexity)]
+fn remembered(states: &crate::workspace::state::StateStore) -> Result<Vec<(String, Vec<Kept>)>, String> {
     let path = states.workspace().dagrun_dir().join(REMEMBERED);
     let bytes = match crate::util::read_capped(&path, 64 << 20) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-        Err(e) => {
-            tracing::warn!("cannot read {}: {e}; what gc kept of forgotten tenants' outputs is not used", path.display());
-            return Vec::new();
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
     let shown = path.display().to_string();
     match crate::workspace::record::open::<Remembered>(states.integrity_key(), crate::workspace::record::FORGOTTEN_OUTPUTS, &bytes, &shown) {
-        Ok(r) if r.format == REMEMBERED_FORMAT => {
-            r.outputs.into_iter().map(|(t, outs)| (t, outs.into_iter().filter_map(|(p, h)| ContentHash::parse(&h).ok().map(|h| (p, h))).collect())).collect()
-        }
-        Ok(_) => {
-            tracing::warn!("{shown} is not a file this dagrun reads; not used");
-            Vec::new()
-        }
-        Err(e) => {
-            tracing::warn!("{e}; what gc kept of forgotten tenants' outputs is not used");
-            Vec::new()
-        }
+        Ok(r) if r.format == REMEMBERED_FORMAT => Ok(r.outputs.into_iter().collect()),
+        Ok(_) => Err(format!("{shown} is not a file this dagrun reads")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -114,7 +132,15 @@ fn ancestors(p: &str) -> impl Iterator<Item = &str> {
 impl Forgotten {
     /// Nothing forgotten (and nothing claimed).
     pub fn none() -> Self {
-        Forgotten { tenants: BTreeMap::new(), outputs: BTreeMap::new(), claimed: HashMap::new(), cas: None }
+        Forgotten {
+            tenants: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+            claimed: HashMap::new(),
+            cas: None,
+            strict: false,
+            damaged: None,
+            files: BTreeMap::new(),
+        }
     }
 
     /// The tenants `tenants` (tenant → when) forgotten; folder listings are
@@ -127,14 +153,32 @@ impl Forgotten {
     /// records and action-cache entries that verify) traced, and what `gc`
     /// kept of the records it deleted.
     pub fn of_workspace(tenants: BTreeMap<String, String>, states: &crate::workspace::state::StateStore, cas: Cas) -> Self {
-        let mut f = Self::new(tenants, cas);
+        Self::new(tenants, cas).traced_in(states)
+    }
+
+    /// Trace every record of `states` and what `gc` kept (see [`Forgotten::of_workspace`]).
+    pub fn traced_in(self, states: &crate::workspace::state::StateStore) -> Self {
+        let mut f = self;
         if !f.tenants.is_empty() {
-            for (t, outs) in remembered(states) {
+            let kept = remembered(states).unwrap_or_else(|why| {
+                f.damaged = Some(why);
+                Vec::new()
+            });
+            for (t, outs) in kept {
                 if f.tenants.contains_key(&t) {
-                    for (p, h) in outs {
-                        let versions = f.outputs.entry(resolved(&p)).or_default();
-                        if !versions.iter().any(|(vh, _)| *vh == h) {
-                            versions.push((h, t.clone()));
+                    for k in outs {
+                        let p = resolved(&k.path);
+                        if let Some(size) = k.size {
+                            let versions = f.files.entry(p.clone()).or_default();
+                            for exec in k.exec.map_or(vec![false, true], |e| vec![e]) {
+                                if !versions.contains(&(k.hash.clone(), size, exec)) {
+                                    versions.push((k.hash.clone(), size, exec));
+                                }
+                            }
+                        }
+                        let versions = f.outputs.entry(p).or_default();
+                        if !versions.iter().any(|(vh, _)| *vh == k.hash) {
+                            versions.push((k.hash, t.clone()));
                         }
                     }
                 }
@@ -158,10 +202,23 @@ impl Forgotten {
     /// deletes the records: see the module's rules.
     pub fn remember(&self, states: &crate::workspace::state::StateStore) -> anyhow::Result<()> {
         let Some(key) = states.integrity_key() else { anyhow::bail!("no integrity key to seal {REMEMBERED} with") };
-        let mut outputs: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        // Never written over a file that cannot be used: what it held would be lost.
+        let before = match (self.damaged(), remembered(states)) {
+            (Some(why), _) => return Err(crate::error::Failure::Integrity(why).into()),
+            (None, Err(why)) => return Err(crate::error::Failure::Integrity(why).into()),
+            (None, Ok(before)) => before,
+        };
+        // What it holds of tenants this tracing does not cover stays.
+        let mut outputs: BTreeMap<String, Vec<Kept>> = before.into_iter().filter(|(t, _)| !self.tenants.contains_key(t)).collect();
         for (p, versions) in &self.outputs {
             for (h, t) in versions {
-                outputs.entry(t.clone()).or_default().push((p.clone(), h.to_string()));
+                // A file's size and execute bit, if a traced record gave them (to rebuild a folder's listing).
+                let file = self.files.get(p).and_then(|v| v.iter().find(|(fh, _, _)| fh == h));
+                let exec = file.and_then(|(fh, size, _)| {
+                    let bits: Vec<bool> = self.files[p].iter().filter(|(vh, vs, _)| vh == fh && vs == size).map(|(_, _, e)| *e).collect();
+                    (bits.len() == 1).then(|| bits[0])
+                });
+                outputs.entry(t.clone()).or_default().push(Kept { path: p.clone(), hash: h.clone(), size: file.map(|(_, s, _)| *s), exec });
             }
         }
         let rec = Remembered { format: REMEMBERED_FORMAT.to_string(), outputs, mac: None };
@@ -180,12 +237,75 @@ impl Forgotten {
         (ContentHash::of_bytes(&b) == *h).then(|| decode_tree(&b).ok()).flatten()
     }
 
-    /// Whether the listing `h` gives `rel` the hash `want` (unreadable: yes).
+    /// Whether the listing `h` gives `rel` the hash `want` (unreadable: yes,
+    /// unless strict).
     fn listed(&self, h: &ContentHash, rel: &str, want: &ContentHash) -> bool {
         match self.listing(h) {
-            Some(entries) => entries.iter().any(|e| matches!(e, TreeEntry::File { path, hash, .. } if path == rel && hash == want)),
-            None => true,
+            Some(entries) => Self::lists(&entries, rel, want),
+            None => !self.strict,
         }
+    }
+
+    fn lists(entries: &[TreeEntry], rel: &str, want: &ContentHash) -> bool {
+        entries.iter().any(|e| matches!(e, TreeEntry::File { path, hash, .. } if path == rel && hash == want))
+    }
+
+    /// The listing of folder `dir` whose hash is `h`, rebuilt from the file
+    /// outputs recorded below it: each combination of their versions (or
+    /// their absence) is encoded as the engine hashes a folder input, and
+    /// the one that hashes to `h` is its listing, proven. None when none
+    /// does (the folder held a file no record made, or a link) or there are
+    /// too many to try.
+    fn rebuild(&self, dir: &str, h: &ContentHash) -> Option<Vec<TreeEntry>> {
+        let below = format!("{dir}/");
+        let paths: Vec<(&str, &Vec<(ContentHash, u64, bool)>)> =
+            self.files.range(below.clone()..).take_while(|(p, _)| p.starts_with(&below)).map(|(p, v)| (&p[below.len()..], v)).collect();
+        let mut total: usize = 1;
+        for (_, v) in &paths {
+            total = total.checked_mul(v.len() + 1).filter(|n| *n <= MAX_REBUILDS)?;
+        }
+        for mut n in 0..total {
+            let mut entries = Vec::new();
+            for (rel, versions) in &paths {
+                let pick = n % (versions.len() + 1);
+                n /= versions.len() + 1;
+                if let Some((hash, size, exec)) = versions.get(pick) {
+                    entries.push(TreeEntry::File { path: rel.to_string(), hash: hash.clone(), size: Some(*size), exec: *exec });
+                }
+            }
+            entries.sort_by(|a, b| a.path().cmp(b.path()));
+            if ContentHash::of_bytes(&crate::workspace::hashing::encode_tree(&entries)) == *h {
+                return Some(entries);
+            }
+        }
+        None
+    }
+
+    /// Why what `gc` kept of forgotten tenants' outputs cannot be used (the
+    /// file cannot be read or does not verify), if so: then what derives
+    /// from them is not known, and nothing may cross to or from the remote
+    /// on this tracing's word.
+    pub fn damaged(&self) -> Option<String> {
+        self.damaged.as_ref().map(|why| {
+            format!(
+                "{why}: without it, what derives from the forgotten tenant(s) ({}) is unknown, so nothing crosses to or from the remote; restore it from a backup (deleting it lets push send records derived from them again)",
+                self.tenants.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// This tracing, made strict before any record is traced: a folder
+    /// listing that cannot be read no longer counts as holding T's data, so
+    /// what is claimed is proven derived (what an erasure may delete).
+    pub fn strict(mut self) -> Self {
+        self.strict = true;
+        self
+    }
+
+    /// Every hash known as data of a forgotten tenant (outputs of its
+    /// records, of records derived from them, and what `gc` kept).
+    pub fn hashes(&self) -> std::collections::HashSet<ContentHash> {
+        self.outputs.values().flatten().map(|(h, _)| h.clone()).collect()
     }
 
     /// The forgotten tenant one of `st`'s inputs is data of, if any.
@@ -205,11 +325,18 @@ impl Forgotten {
                     return Some(t.clone());
                 }
             }
-            // A folder holding an output of T's.
+            // A folder holding an output of T's (its listing from the cache,
+            // else rebuilt from the outputs recorded in it).
             let below = format!("{p}/");
-            for (o, versions) in self.outputs.range(below.clone()..).take_while(|(o, _)| o.starts_with(&below)) {
-                if let Some((_, t)) = versions.iter().find(|(oh, _)| self.listed(&h, &o[below.len()..], oh)) {
-                    return Some(t.clone());
+            let mut inside = self.outputs.range(below.clone()..).take_while(|(o, _)| o.starts_with(&below)).peekable();
+            if inside.peek().is_some() {
+                let entries = self.listing(&h).or_else(|| self.rebuild(&p, &h));
+                for (o, versions) in inside {
+                    let rel = &o[below.len()..];
+                    let holds = |oh: &ContentHash| entries.as_ref().map_or(!self.strict, |e| Self::lists(e, rel, oh));
+                    if let Some((_, t)) = versions.iter().find(|(oh, _)| holds(oh)) {
+                        return Some(t.clone());
+                    }
                 }
             }
         }
@@ -233,6 +360,17 @@ impl Forgotten {
             return;
         }
         let records: Vec<&StageState> = records.into_iter().collect();
+        for st in &records {
+            for (p, o) in st.outputs.iter().filter(|(_, o)| !o.dir) {
+                let versions = self.files.entry(resolved(p)).or_default();
+                // A record older than the execute bit: either.
+                for exec in o.exec.map_or(vec![false, true], |e| vec![e]) {
+                    if !versions.contains(&(o.hash.clone(), o.size, exec)) {
+                        versions.push((o.hash.clone(), o.size, exec));
+                    }
+                }
+            }
+        }
         // Input path → the records reading it.
         let mut readers: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, st) in records.iter().enumerate() {

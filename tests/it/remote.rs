@@ -849,10 +849,20 @@ fn a_forgotten_tenant_pushed_before_is_erased_from_the_remote_and_stays_erased()
     ok(ws, &["push"], ADMIN);
     let b_data = ["features of Tenant_B"];
     assert!(files_holding(remote.path(), &b_data).len() >= 4, "the first push sends Tenant_B's data: {:?}", files_under(remote.path()));
-    // A second machine with the same keys, before the erasure.
+    // A second machine with the same keys (Tenant_B has one), before the erasure.
+    ok(ws, &["keys", "rotate", "Tenant_B"], ADMIN);
     let other = clone_of(ws);
     std::fs::write(other.path().join("empty.txt"), "").unwrap();
     ok(other.path(), &["run", "pipelines/p.yaml"], ADMIN);
+    // A third that never had Tenant_B pushes its own `all`, `summary` and
+    // `score[Tenant_A]`: no data of Tenant_B, so none of it may go (its
+    // `all` reads the folder `out/`, whose listing is rebuilt from the
+    // outputs recorded in it to prove it holds no file of Tenant_B's).
+    let third = clone_of(ws);
+    std::fs::write(third.path().join("empty.txt"), "").unwrap();
+    std::fs::write(third.path().join("config/tenants.yaml"), "tenants:\n  - id: Tenant_A\n").unwrap();
+    ok(third.path(), &["run", "pipelines/p.yaml"], ADMIN);
+    ok(third.path(), &["push"], ADMIN);
 
     ok(ws, &["keys", "forget", "Tenant_B", "--yes"], ADMIN);
     // As the forget's note says: its folders deleted and `gc` run, which
@@ -869,16 +879,22 @@ fn a_forgotten_tenant_pushed_before_is_erased_from_the_remote_and_stays_erased()
     assert_eq!((e["tenant"].as_str(), e["done"].as_bool(), e["elsewhere"].as_bool()), (Some("Tenant_B"), Some(true), Some(true)), "{r:#}");
     assert_eq!(e["prefix"]["records"], 2, "build[Tenant_B] and score[Tenant_B]: {r:#}");
     assert_eq!(e["derived_records"], 3, "all, summary and score[Tenant_A]: {r:#}");
+    assert_eq!(e["uncertain_records"], 0, "the third workspace's `out/` listing is rebuilt, not unknown: {r:#}");
     assert_eq!(e["derived_objects"], 3, "all.txt, summary.txt and score[Tenant_A]'s copy of all.txt in its own prefix: {r:#}");
     assert_eq!(files_holding(remote.path(), &b_data), Vec::<String>::new(), "Tenant_B's data is left on the remote");
     assert_eq!(files_under(&remote.path().join("tenants/Tenant_B")), vec!["erased.json".to_string()]);
     let count = |d: &str| std::fs::read_dir(remote.path().join(d)).map(|r| r.count()).unwrap_or(0);
-    assert_eq!((count("actions"), count("tenants/Tenant_A/actions")), (1, 1), "lint and build[Tenant_A] stay: {:?}", files_under(remote.path()));
+    assert_eq!(
+        (count("actions"), count("tenants/Tenant_A/actions")),
+        (3, 2),
+        "lint, build[Tenant_A] and the third workspace's all, summary and score[Tenant_A] stay: {:?}",
+        files_under(remote.path())
+    );
     // Once: the next push finds the tombstone.
     let o = spawn(dagrun(ws, &["push", "--json"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
     assert!(serde_json::from_str::<Value>(&o.stdout).unwrap().get("erased").is_none(), "{}", o.stdout);
-    assert_eq!((count("actions"), count("tenants/Tenant_A/actions")), (1, 1), "a record derived from the tenant was pushed again");
+    assert_eq!((count("actions"), count("tenants/Tenant_A/actions")), (3, 2), "a record derived from the tenant was pushed again");
 
     // The other workspace still holds Tenant_B's keys and data: its push and
     // pull leave the tenant alone, and say what to do.
@@ -892,6 +908,19 @@ fn a_forgotten_tenant_pushed_before_is_erased_from_the_remote_and_stays_erased()
         o.stderr
     );
     assert_eq!(files_holding(remote.path(), &b_data), Vec::<String>::new(), "the other workspace pushed Tenant_B's data again");
+    // Limited to another tenant, it still withholds what derives from the erased one (score[Tenant_A]).
+    let o = spawn(dagrun(other.path(), &["push", "--tenant", "Tenant_A"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stderr.contains("tenant Tenant_B was erased from the remote"), "{}", o.stderr);
+    assert_eq!(files_holding(remote.path(), &b_data), Vec::<String>::new(), "push --tenant Tenant_A sent data derived from Tenant_B");
+    // A tombstone nobody can read (a link loop planted by a bucket writer)
+    // withholds its tenant and fails nothing.
+    std::fs::create_dir_all(remote.path().join("tenants/Tenant_Z")).unwrap();
+    std::os::unix::fs::symlink("erased.json", remote.path().join("tenants/Tenant_Z/erased.json")).unwrap();
+    let o = spawn(dagrun(other.path(), &["pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("whether tenant Tenant_Z was erased from the remote is unknown"), "{}", o.stdout);
+    std::fs::remove_dir_all(remote.path().join("tenants/Tenant_Z")).unwrap();
     std::fs::remove_dir_all(other.path().join(".dagrun/cache")).unwrap();
     let o = spawn(dagrun(other.path(), &["pull", "--json"], ADMIN)).wait(Duration::from_secs(120));
     assert_eq!(o.code, 0, "{o:?}");
@@ -926,4 +955,13 @@ fn a_forgotten_tenant_pushed_before_is_erased_from_the_remote_and_stays_erased()
     assert_eq!(o.code, 0, "{o:?}");
     assert!(o.stdout.contains("3 records and 3 objects") && o.stdout.contains("derived from it elsewhere"), "{}", o.stdout);
     assert_eq!(files_holding(remote.path(), &b_data), Vec::<String>::new(), "{:?}", files_under(remote.path()));
+    // What gc kept, altered: nothing crosses (exit 4), since what derives
+    // from the tenant is no longer known.
+    let kept = ws.join(".dagrun/forgotten-outputs.json");
+    let text = std::fs::read_to_string(&kept).unwrap();
+    assert!(text.contains("out/Tenant_B.txt"), "{text}");
+    std::fs::write(&kept, text.replace("out/Tenant_B.txt", "out/Tenant_C.txt")).unwrap();
+    let o = spawn(dagrun(ws, &["push"], ADMIN)).wait(Duration::from_secs(120));
+    assert_eq!(o.code, 4, "{o:?}");
+    assert!(o.stderr.contains("forgotten-outputs.json fails its MAC check") && o.stderr.contains("nothing was pushed"), "{}", o.stderr);
 }
