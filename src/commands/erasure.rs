@@ -20,8 +20,9 @@
 //! - The tenant's prefix goes whole, the tombstone excepted
 //!   (`remote::erasure::erase_prefix`). Outside it, a record is deleted when
 //!   it is proven to derive from the tenant (`remote::forgotten`'s rules,
-//!   strict: through a folder listing that can be read), or may (a folder
-//!   input whose listing is unknown) and this workspace holds the same
+//!   strict: through a folder listing that can be read or rebuilt from the
+//!   outputs recorded in it), or may (a folder input whose listing can be
+//!   neither) and this workspace holds the same
 //!   record (it made or fetched it, so its own tracing withholds it). A
 //!   record that only may is left and counted (`uncertain_records`). A
 //!   record that does not verify is nobody's: neither traced nor kept alive.
@@ -67,13 +68,30 @@ pub struct TenantErasure {
     pub done: bool,
 }
 
-/// Tenant `t`'s tombstones on the remote, for each of `tenants`.
+/// Tenant `t`'s tombstones on the remote, for each of `tenants`. After a
+/// read from object storage that failed for another reason than access to
+/// that prefix (no answer: the remote is down), the rest are not asked: one
+/// wait, not one per tenant.
 pub fn tombstones<'a>(remote: &Remote, key: &crate::crypto::IntegrityKey, tenants: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, Found> {
     let mut out = BTreeMap::new();
+    let mut down: Option<String> = None;
     for t in tenants {
-        if !out.contains_key(t) {
-            out.insert(t.to_string(), erasure::read(remote, key, t));
+        if out.contains_key(t) {
+            continue;
         }
+        let f = match &down {
+            Some(why) => Found::Unreadable(why.clone()),
+            None => erasure::read(remote, key, t),
+        };
+        // (A folder remote's errors are the file's own: a link loop planted there.)
+        if let Found::Unreadable(why) = &f
+            && down.is_none()
+            && remote.local_dir().is_none()
+            && !why.contains("access denied")
+        {
+            down = Some(why.clone());
+        }
+        out.insert(t.to_string(), f);
     }
     out
 }
