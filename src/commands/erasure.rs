@@ -96,6 +96,45 @@ pub fn tombstones<'a>(remote: &Remote, key: &crate::crypto::IntegrityKey, tenant
     out
 }
 
+/// What push and pull withhold: the tenants forgotten here, those the
+/// remote's tombstones say were erased, and those whose tombstone cannot be
+/// read (whether they were erased is unknown).
+pub struct Withheld {
+    /// Tenant → when it was forgotten or erased (empty: unknown).
+    pub tenants: BTreeMap<String, String>,
+    /// The tenants withheld because their tombstone cannot be read, with why.
+    pub unreadable: BTreeMap<String, String>,
+    /// Tombstones that do not verify (tenant, why): they withhold nothing.
+    pub untrusted: Vec<(String, String)>,
+}
+
+/// [`Withheld`] from the tenants forgotten here and the tombstones
+/// [`tombstones`] found; a tenant forgotten here is withheld as such,
+/// whatever the remote holds for it.
+pub fn withheld(forgotten_here: &BTreeMap<String, String>, found: BTreeMap<String, Found>) -> Withheld {
+    let mut w = Withheld { tenants: forgotten_here.clone(), unreadable: BTreeMap::new(), untrusted: Vec::new() };
+    for (t, f) in found.into_iter().filter(|(t, _)| !forgotten_here.contains_key(t)) {
+        match f {
+            Found::Valid(ts) => {
+                w.tenants.insert(t, ts.erased_at);
+            }
+            Found::Unreadable(why) => {
+                w.tenants.insert(t.clone(), String::new());
+                w.unreadable.insert(t, why);
+            }
+            Found::Untrusted(why) => w.untrusted.push((t, why)),
+            Found::None => {}
+        }
+    }
+    w
+}
+
+/// The end of a line about tenant `t`, erased from the remote by another
+/// workspace: what is left to do here, if this keyring still holds its keys.
+pub fn forget_here_too(ring: &crate::crypto::Keyring, t: &str) -> String {
+    if super::keys::holds_keys(ring, t) { format!("; this workspace still holds its keys: run `dagrun keys forget {t} --yes` here too") } else { String::new() }
+}
+
 /// The records under a prefix that verify under `key` and belong there, and
 /// the reads that failed (whether those records derive from a forgotten
 /// tenant is unknown). A record that does not verify is nobody's (rules).
@@ -262,7 +301,6 @@ fn erase_objects(
     failed: &mut Vec<String>,
 ) -> Result<bool> {
     let mut clean = true;
-    let first_tenant = out.keys().next().cloned().unwrap_or_default();
     // Hash → the tenant it is data of (for the counts).
     let mut known: HashMap<ContentHash, String> = HashMap::new();
     for (t, h) in doomed {
@@ -280,8 +318,8 @@ fn erase_objects(
             }
         }
     }
-    for h in may.hashes() {
-        known.entry(h).or_insert_with(|| first_tenant.clone());
+    for (h, t) in may.hashes() {
+        known.entry(h).or_insert(t);
     }
     let mut scopes: BTreeSet<Option<String>> = kept.iter().map(|h| h.scope.clone()).collect();
     scopes.extend(doomed.iter().map(|(_, h)| h.scope.clone()));
@@ -314,8 +352,8 @@ fn erase_objects(
         for ((h, size), r) in candidates.iter().zip(remote.delete(&locs)) {
             match r {
                 Ok(()) => {
-                    let t = ContentHash::parse(h).ok().and_then(|h| known.get(&h).cloned()).unwrap_or_else(|| first_tenant.clone());
-                    let e = out.entry(t).or_default();
+                    // (Every candidate's hash is in `known`.)
+                    let e = out.entry(ContentHash::parse(h).ok().and_then(|h| known.get(&h).cloned()).unwrap_or_default()).or_default();
                     e.derived_objects += 1;
                     e.derived_bytes += size;
                 }

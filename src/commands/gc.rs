@@ -117,14 +117,10 @@ pub fn run(workspace: &Path, args: &Args) -> Result<i32> {
             // data (paths and hashes) is kept first: push and pull still
             // know a record derived from it (`remote::forgotten`).
             let proven: std::collections::BTreeMap<String, String> = keyring.forgotten_tenants().into_iter().filter(|(t, _)| forgotten.contains(t)).collect();
-            crate::remote::forgotten::Forgotten::of_workspace(proven, &states, Cas::read_only(&ws)).remember(&states).map_err(|e| {
-                let why = format!("{e:#}; nothing was collected");
-                if crate::error::exit_code_of(&e) == crate::error::exit::INTEGRITY {
-                    crate::error::Failure::Integrity(why).into()
-                } else {
-                    anyhow::anyhow!(why)
-                }
-            })?;
+            // (A context keeps the exit code: `error::exit_code_of` reads the chain.)
+            crate::remote::forgotten::Forgotten::of_workspace(proven, &states, Cas::read_only(&ws))
+                .remember(&states)
+                .map_err(|e| e.context("cannot keep what the forgotten tenants' records output; nothing was collected"))?;
         }
         let mut done = gc::apply(ws.root(), &cas, &plan);
         // A forgotten tenant's registry: its models and history (derived from its data).

@@ -95,7 +95,6 @@ fn refuse_forgotten(e: anyhow::Error, tenant: &str, what: &str) -> anyhow::Error
 }
 
 /// Whether the keyring has (or had: forgotten tenants keep their mark) keys of `tenant`.
-/// Whether the keyring lists any key of `tenant` (a forgotten one's destroyed keys too).
 pub(crate) fn holds_keys(ring: &Keyring, tenant: &str) -> bool {
     ring.list().iter().any(|k| k.tenant == tenant)
 }

@@ -369,23 +369,11 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     // Nor of a tenant another workspace erased from the remote (its tombstone there).
     // A tombstone that cannot be read withholds too: whether it is there is unknown.
     let forgotten_here = ring.forgotten_tenants();
-    let mut withheld = forgotten_here.clone();
-    let mut unreadable: BTreeMap<String, String> = BTreeMap::new();
     let asked = scopes.iter().flatten().filter(|t| !forgotten_here.contains_key(*t)).map(String::as_str);
-    for (t, f) in super::erasure::tombstones(remote, &integrity, asked) {
-        match f {
-            crate::remote::erasure::Found::Valid(ts) => {
-                withheld.insert(t, ts.erased_at);
-            }
-            crate::remote::erasure::Found::Unreadable(why) => {
-                withheld.insert(t.clone(), String::new());
-                unreadable.insert(t, why);
-            }
-            crate::remote::erasure::Found::Untrusted(why) => {
-                report.skipped.push(format!("{why}: not a tombstone sealed under this workspace's keys; ignored"));
-            }
-            crate::remote::erasure::Found::None => {}
-        }
+    let super::erasure::Withheld { tenants: withheld, unreadable, untrusted } =
+        super::erasure::withheld(&forgotten_here, super::erasure::tombstones(remote, &integrity, asked));
+    for (_, why) in untrusted {
+        report.skipped.push(format!("{why}: not a tombstone sealed under this workspace's keys; ignored"));
     }
     let mut gone = crate::remote::forgotten::Forgotten::of_workspace(withheld, &states, Cas::read_only(&ws));
     if let Some(why) = gone.damaged() {
@@ -412,13 +400,9 @@ pub fn pull(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
                 false
             }
             Some((t, at)) => {
-                let todo_here = if super::keys::holds_keys(&ring, t) {
-                    format!("; this workspace still holds its keys: run `dagrun keys forget {t} --yes` here too")
-                } else {
-                    String::new()
-                };
                 report.skipped.push(format!(
-                    "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): nothing of it is pulled{todo_here}"
+                    "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): nothing of it is pulled{}",
+                    super::erasure::forget_here_too(&ring, t)
                 ));
                 false
             }

@@ -206,24 +206,11 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
     if !todo.is_empty() {
         report.erased = super::erasure::erase(remote, &states, &ws, &integrity, &todo, limited, &mut report.failed)?;
     }
-    // A tenant another workspace erased from the remote is withheld as if forgotten here.
-    // One that cannot be read withholds too (whether it is there is unknown).
-    let mut withheld = forgotten_here.clone();
-    let mut unreadable: BTreeMap<String, String> = BTreeMap::new();
-    for (t, f) in &found {
-        match f {
-            Found::Valid(ts) if !withheld.contains_key(t) => {
-                withheld.insert(t.clone(), ts.erased_at.clone());
-            }
-            Found::Unreadable(why) if !withheld.contains_key(t) => {
-                withheld.insert(t.clone(), String::new());
-                unreadable.insert(t.clone(), why.clone());
-            }
-            Found::Untrusted(why) if !proven.contains(t) => {
-                report.skipped.push(format!("{why}: not a tombstone sealed under this workspace's keys; ignored (tenant {t}'s records are pushed)"))
-            }
-            _ => {}
-        }
+    // A tenant another workspace erased from the remote is withheld as if
+    // forgotten here; one whose tombstone cannot be read too (unknown).
+    let super::erasure::Withheld { tenants: withheld, unreadable, untrusted } = super::erasure::withheld(&forgotten_here, found);
+    for (t, why) in untrusted {
+        report.skipped.push(format!("{why}: not a tombstone sealed under this workspace's keys; ignored (tenant {t}'s records are pushed)"));
     }
     // Nothing of a forgotten tenant leaves, its own stages' records or what
     // other stages derived from them (`forgotten`).
@@ -251,13 +238,9 @@ pub fn push(workspace: &Path, remote: &Remote, pipeline: Option<&Pipeline>, tena
             // Asked for by name: a failure (exit 1); otherwise a note.
             if tenants.contains(&t) { report.failed.push(line) } else { report.skipped.push(line) }
         } else {
-            let todo_here = if super::keys::holds_keys(&ring, &t) {
-                format!("; this workspace still holds its keys: run `dagrun keys forget {t} --yes` here too")
-            } else {
-                String::new()
-            };
             report.skipped.push(format!(
-                "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): {n} of it or derived from it not pushed{todo_here}"
+                "tenant {t} was erased from the remote ({at}, by a workspace that ran `dagrun keys forget {t}`): {n} of it or derived from it not pushed{}",
+                super::erasure::forget_here_too(&ring, &t)
             ));
         }
     }

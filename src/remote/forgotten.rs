@@ -167,19 +167,10 @@ impl Forgotten {
             for (t, outs) in kept {
                 if f.tenants.contains_key(&t) {
                     for k in outs {
-                        let p = resolved(&k.path);
                         if let Some(size) = k.size {
-                            let versions = f.files.entry(p.clone()).or_default();
-                            for exec in k.exec.map_or(vec![false, true], |e| vec![e]) {
-                                if !versions.contains(&(k.hash.clone(), size, exec)) {
-                                    versions.push((k.hash.clone(), size, exec));
-                                }
-                            }
+                            f.note_file(&k.path, &k.hash, size, k.exec);
                         }
-                        let versions = f.outputs.entry(p).or_default();
-                        if !versions.iter().any(|(vh, _)| *vh == k.hash) {
-                            versions.push((k.hash, t.clone()));
-                        }
+                        f.note_output(&k.path, &k.hash, &t);
                     }
                 }
             }
@@ -212,13 +203,12 @@ impl Forgotten {
         let mut outputs: BTreeMap<String, Vec<Kept>> = before.into_iter().filter(|(t, _)| !self.tenants.contains_key(t)).collect();
         for (p, versions) in &self.outputs {
             for (h, t) in versions {
-                // A file's size and execute bit, if a traced record gave them (to rebuild a folder's listing).
-                let file = self.files.get(p).and_then(|v| v.iter().find(|(fh, _, _)| fh == h));
-                let exec = file.and_then(|(fh, size, _)| {
-                    let bits: Vec<bool> = self.files[p].iter().filter(|(vh, vs, _)| vh == fh && vs == size).map(|(_, _, e)| *e).collect();
-                    (bits.len() == 1).then(|| bits[0])
-                });
-                outputs.entry(t.clone()).or_default().push(Kept { path: p.clone(), hash: h.clone(), size: file.map(|(_, s, _)| *s), exec });
+                // A file's size and execute bit, if a traced record gave them
+                // (to rebuild a folder's listing): the same bytes have one
+                // size; an execute bit noted both ways is not known.
+                let same: Vec<&(ContentHash, u64, bool)> = self.files.get(p).into_iter().flatten().filter(|(fh, _, _)| fh == h).collect();
+                let (size, exec) = (same.first().map(|(_, s, _)| *s), (same.len() == 1).then(|| same[0].2));
+                outputs.entry(t.clone()).or_default().push(Kept { path: p.clone(), hash: h.clone(), size, exec });
             }
         }
         let rec = Remembered { format: REMEMBERED_FORMAT.to_string(), outputs, mac: None };
@@ -303,9 +293,10 @@ impl Forgotten {
     }
 
     /// Every hash known as data of a forgotten tenant (outputs of its
-    /// records, of records derived from them, and what `gc` kept).
-    pub fn hashes(&self) -> std::collections::HashSet<ContentHash> {
-        self.outputs.values().flatten().map(|(h, _)| h.clone()).collect()
+    /// records, of records derived from them, and what `gc` kept), with
+    /// that tenant.
+    pub fn hashes(&self) -> HashMap<ContentHash, String> {
+        self.outputs.values().flatten().map(|(h, t)| (h.clone(), t.clone())).collect()
     }
 
     /// The forgotten tenant one of `st`'s inputs is data of, if any.
@@ -343,12 +334,28 @@ impl Forgotten {
         None
     }
 
+    /// `hash` at `path` is data of `tenant`.
+    fn note_output(&mut self, path: &str, hash: &ContentHash, tenant: &str) {
+        let versions = self.outputs.entry(resolved(path)).or_default();
+        if !versions.iter().any(|(h, _)| h == hash) {
+            versions.push((hash.clone(), tenant.to_string()));
+        }
+    }
+
+    /// A file version recorded at `path` (to rebuild a folder's listing); a
+    /// record older than the execute bit (`exec` None) gives either.
+    fn note_file(&mut self, path: &str, hash: &ContentHash, size: u64, exec: Option<bool>) {
+        let versions = self.files.entry(resolved(path)).or_default();
+        for exec in exec.map_or(vec![false, true], |e| vec![e]) {
+            if !versions.contains(&(hash.clone(), size, exec)) {
+                versions.push((hash.clone(), size, exec));
+            }
+        }
+    }
+
     fn claim(&mut self, st: &StageState, tenant: String) {
         for (p, o) in &st.outputs {
-            let versions = self.outputs.entry(resolved(p)).or_default();
-            if !versions.iter().any(|(h, _)| *h == o.hash) {
-                versions.push((o.hash.clone(), tenant.clone()));
-            }
+            self.note_output(p, &o.hash, &tenant);
         }
         self.claimed.insert(st.key.clone(), tenant);
     }
@@ -362,13 +369,7 @@ impl Forgotten {
         let records: Vec<&StageState> = records.into_iter().collect();
         for st in &records {
             for (p, o) in st.outputs.iter().filter(|(_, o)| !o.dir) {
-                let versions = self.files.entry(resolved(p)).or_default();
-                // A record older than the execute bit: either.
-                for exec in o.exec.map_or(vec![false, true], |e| vec![e]) {
-                    if !versions.contains(&(o.hash.clone(), o.size, exec)) {
-                        versions.push((o.hash.clone(), o.size, exec));
-                    }
-                }
+                self.note_file(p, &o.hash, o.size, o.exec);
             }
         }
         // Input path → the records reading it.

@@ -321,7 +321,32 @@ impl Remote {
 
     /// Names directly under `dir` (objects only) with their sizes.
     async fn list_dir(&self, dir: &OPath) -> Result<BTreeMap<String, u64>> {
-        match tokio::time::timeout(LISTING_DEADLINE, self.list_dir_capped(dir)).await {
+        // Only direct children: anything deeper is not ours.
+        Ok(self
+            .list_under(dir)
+            .await?
+            .into_iter()
+            .filter(|(p, _)| p.parent().as_ref() == Some(dir))
+            .filter_map(|(p, size)| p.filename().map(|n| (n.to_string(), size)))
+            .collect())
+    }
+
+    /// Every name under `dir`, at any depth, with its size: at most
+    /// [`MAX_LISTED`] names within [`LISTING_DEADLINE`].
+    async fn list_under(&self, dir: &OPath) -> Result<Vec<(OPath, u64)>> {
+        let all = async {
+            let mut out = Vec::new();
+            let mut s = self.store.list(Some(dir));
+            while let Some(m) = s.next().await {
+                let m = m.map_err(|e| self.explain("listing", dir, e))?;
+                if out.len() >= MAX_LISTED {
+                    return Err(untrusted(format!("listing {dir} on {} goes on past {MAX_LISTED} names; refused (not a cache dagrun wrote)", self.shown)));
+                }
+                out.push((m.location, m.size));
+            }
+            Ok(out)
+        };
+        match tokio::time::timeout(LISTING_DEADLINE, all).await {
             Ok(r) => r,
             Err(_) => Err(untrusted(format!(
                 "listing {dir} on {} took more than {} s; refused (a remote cache lists in seconds)",
@@ -329,27 +354,6 @@ impl Remote {
                 LISTING_DEADLINE.as_secs()
             ))),
         }
-    }
-
-    async fn list_dir_capped(&self, dir: &OPath) -> Result<BTreeMap<String, u64>> {
-        let mut out = BTreeMap::new();
-        let mut s = self.store.list(Some(dir));
-        let mut seen = 0usize;
-        while let Some(m) = s.next().await {
-            let m = m.map_err(|e| self.explain("listing", dir, e))?;
-            seen += 1;
-            if seen > MAX_LISTED {
-                return Err(untrusted(format!("listing {dir} on {} goes on past {MAX_LISTED} names; refused (not a cache dagrun wrote)", self.shown)));
-            }
-            // Only direct children: anything deeper is not ours.
-            if m.location.parent().as_ref() != Some(dir) {
-                continue;
-            }
-            if let Some(name) = m.location.filename() {
-                out.insert(name.to_string(), m.size);
-            }
-        }
-        Ok(out)
     }
 
     /// Objects of a scope: hash → size (names that are not hashes are ignored).
@@ -384,24 +388,7 @@ impl Remote {
     /// Every file under tenant `t`'s prefix (anything else under
     /// `PREFIX/tenants/T/`, not only what dagrun names) with its size.
     pub fn list_tenant_files(&self, t: &str) -> Result<Vec<(OPath, u64)>> {
-        let dir = self.scope(Some(t));
-        self.rt().block_on(async {
-            let all = async {
-                let mut out = Vec::new();
-                let mut s = self.store.list(Some(&dir));
-                while let Some(m) = s.next().await {
-                    let m = m.map_err(|e| self.explain("listing", &dir, e))?;
-                    if out.len() >= MAX_LISTED {
-                        return Err(untrusted(format!("listing {dir} on {} goes on past {MAX_LISTED} names; refused", self.shown)));
-                    }
-                    out.push((m.location, m.size));
-                }
-                Ok(out)
-            };
-            tokio::time::timeout(LISTING_DEADLINE, all)
-                .await
-                .unwrap_or_else(|_| Err(untrusted(format!("listing {dir} on {} took more than {} s; refused", self.shown, LISTING_DEADLINE.as_secs()))))
-        })
+        self.rt().block_on(self.list_under(&self.scope(Some(t))))
     }
 
     /// The folder of a `file://` remote (None for object storage).
