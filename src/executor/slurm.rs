@@ -20,6 +20,14 @@
 //!   pipeline index of the job's first stage: stage and tenant names stay
 //!   out of the job name, which every user of the cluster can read in
 //!   `squeue`; the run record maps stages to job ids (`slurm_job`).
+//! - **An `sbatch` that does not answer** within `slurm.submit_timeout`
+//!   (default 120 s), or when the run is interrupted, is killed; it may have
+//!   submitted the job. Its spec is claimed first, so such a job runs nothing;
+//!   the job Slurm lists under that submission's name (unique: `…-sNrK` for
+//!   the K-th submission again) is cancelled, and the work is submitted
+//!   again with a new spec, up to `submit_retries` times. A claim already
+//!   there means the job started first: it is found by its name and watched
+//!   as if sbatch had answered. So the work runs once.
 //! - **No secret in a job's environment**: `--export=NONE` keeps the
 //!   submitting environment out of the job (and out of slurmctld's state
 //!   directory, which stores every job's environment and script). The job
@@ -231,6 +239,18 @@ pub fn resource_flags(r: &Resources) -> Vec<String> {
     f
 }
 
+/// Default of `slurm.submit_timeout`: how long one `sbatch` call may take.
+const SUBMIT_TIMEOUT_DEFAULT: f64 = 120.0;
+
+/// What a submission came to.
+enum Submitted {
+    /// Slurm's job id.
+    Id(String),
+    /// `sbatch` did not answer, and no job of it can run its spec (why):
+    /// submit again, with a new spec.
+    Unanswered(String),
+}
+
 /// An sbatch refusal worth retrying (controller busy, restarting or unreachable).
 fn transient(msg: &str) -> bool {
     let m = msg.to_ascii_lowercase();
@@ -275,6 +295,8 @@ pub struct Slurm {
     overrides: Vec<(String, String)>,
     poll_interval: Duration,
     submit_retries: u32,
+    /// How long one `sbatch` call may take (`slurm.submit_timeout`).
+    submit_timeout: Duration,
     poll: Mutex<Poll>,
     /// Set when the run is interrupted (the engine's cancel flag is copied here by the waiter).
     cancel: AtomicBool,
@@ -304,6 +326,7 @@ impl Slurm {
             overrides: p.overrides.clone(),
             poll_interval: Duration::from_secs_f64(p.slurm.poll_interval.unwrap_or(1.0)),
             submit_retries: p.slurm.submit_retries.unwrap_or(5),
+            submit_timeout: Duration::from_secs_f64(p.slurm.submit_timeout.unwrap_or(SUBMIT_TIMEOUT_DEFAULT)),
             poll: Mutex::new(Poll { last: None, jobs: HashMap::new(), warned: false, source: Source::default() }),
             cancel: AtomicBool::new(false),
             states,
@@ -365,7 +388,11 @@ impl Slurm {
     }
 
     /// `sbatch`, retried with backoff while the controller is busy or down.
-    fn submit(&self, job_name: &str, script: &Path, log: &Path, res: &Resources) -> Result<String> {
+    /// An `sbatch` that does not answer within `submit_timeout` (or when the
+    /// run is interrupted) is killed: see [`Slurm::after_unanswered_sbatch`].
+    /// `result` is the result file of the spec the script runs; `stop` holds
+    /// once the run is interrupted.
+    fn submit(&self, job_name: &str, script: &Path, log: &Path, res: &Resources, result: &Path, stop: &dyn Fn() -> bool) -> Result<Submitted> {
         let mut args: Vec<String> = vec![
             "--parsable".into(),
             format!("--job-name={job_name}"),
@@ -383,13 +410,18 @@ impl Slurm {
         loop {
             // sbatch sees only what the job may see, plus its own SLURM_*/SBATCH_* settings.
             let own = std::env::vars().filter(|(k, _)| k.starts_with("SLURM_") || k.starts_with("SBATCH_"));
-            let out = Command::new("sbatch").args(&args).env_clear().envs(job_environment()).envs(own).output().map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    anyhow!("`sbatch` is not on PATH: run dagrun on a Slurm submit host, or use `--executor local`")
-                } else {
-                    anyhow!("cannot start sbatch: {e}")
+            let mut sbatch = Command::new("sbatch");
+            sbatch.args(&args).env_clear().envs(job_environment()).envs(own);
+            let out = match crate::util::child_env::output_within_unless(sbatch, b"", self.submit_timeout, stop) {
+                Ok(out) => out,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {
+                    return self.after_unanswered_sbatch(job_name, result, stop());
                 }
-            })?;
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    bail!("`sbatch` is not on PATH: run dagrun on a Slurm submit host, or use `--executor local`")
+                }
+                Err(e) => bail!("cannot start sbatch: {e}"),
+            };
             let stdout = String::from_utf8_lossy(&out.stdout);
             let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
             if out.status.success() {
@@ -397,9 +429,9 @@ impl Slurm {
                 if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
                     bail!("sbatch succeeded but printed {:?} instead of a job id", spec::truncate(stdout.trim(), 200));
                 }
-                return Ok(id);
+                return Ok(Submitted::Id(id));
             }
-            if !transient(&stderr) || tries >= self.submit_retries || self.cancelled() {
+            if !transient(&stderr) || tries >= self.submit_retries || stop() {
                 let tried = if tries > 0 { format!(" (after {} attempts)", tries + 1) } else { String::new() };
                 // A controller that does not answer refused nothing (review 69).
                 let what = if transient(&stderr) { "could not submit the job to Slurm" } else { "sbatch refused the job" };
@@ -408,10 +440,61 @@ impl Slurm {
             tries += 1;
             tracing::warn!("sbatch failed ({}); retrying in {}s ({tries} of {})", spec::truncate(&stderr, 300), delay.as_secs(), self.submit_retries);
             let until = Instant::now() + delay;
-            while Instant::now() < until && !self.cancelled() {
+            while Instant::now() < until && !stop() {
                 std::thread::sleep(Duration::from_millis(100));
             }
             delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// `sbatch` was killed before it answered (it ran out of
+    /// `submit_timeout`, or the run was interrupted): it may or may not have
+    /// submitted the job. The spec is claimed, so that a job it submitted
+    /// runs nothing (`exec-stage` refuses a claimed spec): then that job, if
+    /// Slurm has it, is cancelled and [`Submitted::Unanswered`] tells the
+    /// caller to submit again with a new spec. If the claim exists already,
+    /// the job has started and claimed it first: it is looked up by its name
+    /// (unique to this submission) and watched as if `sbatch` had answered;
+    /// a job that started but that Slurm does not name is an error that says
+    /// how to find it.
+    fn after_unanswered_sbatch(&self, job_name: &str, result: &Path, interrupted: bool) -> Result<Submitted> {
+        let why = if interrupted {
+            "sbatch was stopped by the interrupt before it answered".to_string()
+        } else {
+            format!("sbatch did not answer within {}s (`slurm.submit_timeout`)", self.submit_timeout.as_secs_f64())
+        };
+        match spec::claim(result) {
+            Ok(true) => {
+                let spec_name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
+                let _ = std::fs::remove_file(result.with_file_name(spec_name));
+                let made = match named_job(job_name, &self.workspace) {
+                    Ok(Some(id)) => match scancel(std::slice::from_ref(&id)) {
+                        Ok(()) => format!("it had submitted job {id}, cancelled now"),
+                        Err(e) => format!("it had submitted job {id}, which runs nothing (its spec is claimed); cancelling it failed: {e:#}"),
+                    },
+                    Ok(None) => format!("Slurm has no job {job_name}; one it submits later runs nothing (its spec is claimed)"),
+                    Err(e) => format!("whether it submitted job {job_name} is unknown ({e:#}); if it did, that job runs nothing (its spec is claimed)"),
+                };
+                Ok(Submitted::Unanswered(format!("{why}: {made}")))
+            }
+            Ok(false) => match named_job(job_name, &self.workspace) {
+                Ok(Some(id)) => {
+                    tracing::warn!("{why}, but its job {id} has started: watching it");
+                    Ok(Submitted::Id(id))
+                }
+                found => {
+                    let detail = match found {
+                        Err(e) => format!(" ({e:#})"),
+                        _ => String::new(),
+                    };
+                    bail!(
+                        "{why}, and a job it submitted has started (it claimed its spec), but Slurm does not name it{detail}: find it with `squeue --name={job_name}`, cancel it if it still runs (it writes this workspace), then run again"
+                    )
+                }
+            },
+            Err(e) => bail!(
+                "{why}, and its spec could not be claimed ({e}): a job it may have submitted could still run it; find it with `squeue --name={job_name}` and cancel it before the next run"
+            ),
         }
     }
 
@@ -858,6 +941,22 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     Ok(ids)
 }
 
+/// The job named `name` (`dagrun-RUN_ID-…`, unique to one submission) that
+/// Slurm lists (any state) with `workspace` as its work folder, if any.
+fn named_job(name: &str, workspace: &Path) -> Result<Option<String>> {
+    let out = squeue(&["-h", "-t", "all", "--name", name, "-o", "%i|%j|%Z"])?;
+    let here = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let (id, rest) = l.trim().split_once('|')?;
+            let (n, dir) = rest.rsplit_once('|')?;
+            (n == name && id.bytes().all(|b| b.is_ascii_digit()) && !id.is_empty() && Path::new(dir).canonicalize().ok().as_deref() == Some(here.as_path()))
+                .then(|| id.to_string())
+        })
+        .max_by_key(|id| id.parse::<u64>().unwrap_or(0)))
+}
+
 /// The jobs among `ids` Slurm still has queued or running: id → (job name, work dir).
 fn live_jobs(ids: &[String]) -> Result<BTreeMap<String, (String, String)>> {
     Ok(parse_live(&squeue(&["-h", "-j", &ids.join(","), "-o", "%i|%j|%Z"])?, ids))
@@ -913,17 +1012,31 @@ impl Executor for Slurm {
         // No stage or tenant name in the job's name or its files' names
         // (`--output`, the script's path): every user of the cluster can read
         // them in squeue and `scontrol show job` (review 13).
-        let file_label = format!("s{first}");
-        let job_name = format!("dagrun-{}-s{first}", sanitize(&self.run_id));
         let res = combine(&batch.members.iter().map(|m| &m.stage.resources).collect::<Vec<_>>());
-        let (script, log, result) = match self.prepare(batch, &file_label) {
-            Ok(x) => x,
-            Err(e) => return fail(e.context("cannot write the job's files")),
-        };
         let t0 = Instant::now();
-        let id = match self.submit(&job_name, &script, &log, &res) {
-            Ok(id) => id,
-            Err(e) => return fail(e),
+        // A submission whose sbatch did not answer is made again with a new
+        // spec and job name (`rN`): the old spec is claimed, its job runs nothing.
+        let stop = || self.cancelled() || batch_cancel(batch).is_some_and(|c| c.load(Ordering::Relaxed));
+        let mut again = 0;
+        let (id, log, result) = loop {
+            let file_label = if again == 0 { format!("s{first}") } else { format!("s{first}r{again}") };
+            let job_name = format!("dagrun-{}-{file_label}", sanitize(&self.run_id));
+            let (script, log, result) = match self.prepare(batch, &file_label) {
+                Ok(x) => x,
+                Err(e) => return fail(e.context("cannot write the job's files")),
+            };
+            match self.submit(&job_name, &script, &log, &res, &result, &stop) {
+                Ok(Submitted::Id(id)) => break (id, log, result),
+                Ok(Submitted::Unanswered(why)) => {
+                    if again >= self.submit_retries || stop() {
+                        let tried = if again > 0 { format!(" (after {} submissions)", again + 1) } else { String::new() };
+                        return fail(anyhow!("could not submit the job to Slurm{tried}: {why}"));
+                    }
+                    again += 1;
+                    tracing::warn!("{label}: {why}; submitting it again ({again} of {})", self.submit_retries);
+                }
+                Err(e) => return fail(e),
+            }
         };
         tracing::info!("{label}: submitted Slurm job {id}");
         if let Err(e) = register(&self.workspace, &id, &self.run_id, &label) {

@@ -553,6 +553,11 @@ pub(super) fn check_slurm(s: &SlurmDef) -> std::result::Result<(), String> {
     {
         return Err(format!("poll_interval: {p}` must be between 0.1 and 600 seconds"));
     }
+    if let Some(t) = s.submit_timeout
+        && !(1.0..=3600.0).contains(&t)
+    {
+        return Err(format!("submit_timeout: {t}` must be between 1 and 3600 seconds"));
+    }
     if let Some(b) = &s.binary
         && !Path::new(b).is_absolute()
     {

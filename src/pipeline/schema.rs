@@ -92,6 +92,8 @@ pub struct SlurmDef {
     pub poll_interval: Option<f64>,
     /// How often a failing `sbatch` is retried, with backoff (default 5).
     pub submit_retries: Option<u32>,
+    /// Seconds one `sbatch` call may take before it is killed (default 120).
+    pub submit_timeout: Option<f64>,
     /// Resources every stage gets unless it says otherwise.
     pub resources: Option<Resources>,
 }

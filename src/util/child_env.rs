@@ -190,7 +190,14 @@ pub fn tool(program: &str) -> Command {
 /// its input was written (it is then killed and reaped): a tool never holds
 /// dagrun up for longer (Graphviz on a huge graph, a Slurm command whose
 /// controller does not answer).
-pub fn output_within(mut cmd: Command, input: &[u8], limit: std::time::Duration) -> std::io::Result<std::process::Output> {
+pub fn output_within(cmd: Command, input: &[u8], limit: std::time::Duration) -> std::io::Result<std::process::Output> {
+    output_within_unless(cmd, input, limit, &|| false)
+}
+
+/// [`output_within`], also killed (and reaped) as soon as `stop()` holds,
+/// checked every 10 ms: an `Interrupted` error (an interrupted run does not
+/// wait out a tool's limit).
+pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Duration, stop: &dyn Fn() -> bool) -> std::io::Result<std::process::Output> {
     use std::io::{Read, Write};
     use std::process::Stdio;
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
@@ -222,6 +229,11 @@ pub fn output_within(mut cmd: Command, input: &[u8], limit: std::time::Duration)
             let _ = child.kill();
             let _ = child.wait();
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {}s", limit.as_secs())));
+        }
+        if stop() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };

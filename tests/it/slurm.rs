@@ -490,24 +490,13 @@ fn a_failing_sbatch_is_retried_with_backoff() {
     need_cluster!();
     let ws = cmd_ws("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
     // An sbatch in front of the real one that fails twice as a busy controller does.
-    let bin = ws.path("fakebin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v sbatch"]).output().unwrap().stdout).unwrap();
-    let counter = ws.path("sbatch-calls");
-    ws.write(
-        "fakebin/sbatch",
-        format!(
-            "#!/bin/sh\necho x >> {c}\nif [ $(wc -l < {c}) -le 2 ]; then echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-            c = counter.display(),
-            real = real.trim()
-        ),
+    let path = fake_sbatch(
+        &ws,
+        "if [ $(wc -l < \"$CALLS\") -le 2 ]; then echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi\nexec \"$REAL\" \"$@\"\n",
     );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(bin.join("sbatch"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
     let o = spawn({
         let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
-        c.env("PATH", path);
+        c.env("PATH", &path);
         c
     })
     .wait(SLURM_HANG);
@@ -516,19 +505,117 @@ fn a_failing_sbatch_is_retried_with_backoff() {
     assert!(o.stderr.contains("retrying in 1s") && o.stderr.contains("retrying in 2s"), "{}", o.stderr);
     assert_eq!(ws.read("a.txt"), "a\n");
     // A controller that never answers refused nothing: said so (review 69).
-    ws.write(
-        "fakebin/sbatch",
-        "#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n",
-    );
+    fake_sbatch(&ws, "echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n");
     ws.pipeline("executor: slurm\nslurm:\n  poll_interval: 0.3\n  submit_retries: 1\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
     let o = spawn({
         let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml", "--force", "a"]);
-        c.env("PATH", format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default()));
+        c.env("PATH", &path);
         c
     })
     .wait(SLURM_HANG);
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert!(o.stderr.contains("could not submit the job to Slurm (after 2 attempts)") && !o.stderr.contains("refused"), "{}", o.stderr);
+}
+
+/// An `sbatch` in front of the real one, at `ws/fakebin/sbatch`, running
+/// `body` (a shell script; `$REAL` is the real sbatch, `$CALLS` counts calls);
+/// the PATH that finds it first.
+fn fake_sbatch(ws: &Ws, body: &str) -> String {
+    let bin = ws.path("fakebin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v sbatch"]).output().unwrap().stdout).unwrap();
+    ws.write(
+        "fakebin/sbatch",
+        format!("#!/bin/sh\nREAL={real}\nCALLS={calls}\necho x >> \"$CALLS\"\n{body}", real = real.trim(), calls = ws.path("sbatch-calls").display()),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("sbatch"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// An `sbatch` that submits the job and then never answers (a controller
+/// that accepted the job and hung, a munge or NFS stall) is killed after
+/// `slurm.submit_timeout`. Its spec is claimed, so its job runs nothing;
+/// the job is cancelled and the work submitted again, under a new name. If
+/// the job has started first (it claimed its spec), it is watched instead.
+/// Either way the work runs once.
+#[test]
+fn an_sbatch_that_does_not_answer_is_killed_and_its_job_never_runs_twice() {
+    need_cluster!();
+    let ws = cmd_ws("  submit_timeout: 5\nstages:\n  a:\n    cmd: touch started; echo a >> runs.txt; echo a > a.txt\n    outs: [a.txt]\n");
+    let (first, second, started) = (ws.path("first"), ws.path("second"), ws.path("started"));
+    // 1st call: a job that may not start for ten minutes, then no answer.
+    // 2nd: a job, and no answer once it has started (or after 60 s).
+    // Later calls: the real sbatch.
+    let path = fake_sbatch(
+        &ws,
+        &format!(
+            "n=$(wc -l < \"$CALLS\")\nif [ \"$n\" -eq 1 ]; then\n  \"$REAL\" --begin=now+600 \"$@\" > {first} || exit 1\n  exec sleep 300\nfi\nif [ \"$n\" -eq 2 ]; then\n  \"$REAL\" \"$@\" > {second} || exit 1\n  i=0; while [ ! -e {started} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n  exec sleep 300\nfi\nexec \"$REAL\" \"$@\"\n",
+            first = first.display(),
+            second = second.display(),
+            started = started.display()
+        ),
+    );
+    let t0 = Instant::now();
+    let o = spawn({
+        let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+        c.env("PATH", &path);
+        c
+    })
+    .wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert_eq!(ws.read("a.txt"), "a\n");
+    assert_eq!(ws.count("runs.txt"), 1, "the work ran once:\n{}", o.stderr);
+    let id_of = |p: &Path| std::fs::read_to_string(p).unwrap().trim().split(';').next().unwrap().to_string();
+    let (j1, j2) = (id_of(&first), id_of(&second));
+    assert!(
+        o.stderr.contains("sbatch did not answer within 5s (`slurm.submit_timeout`)")
+            && o.stderr.contains(&format!("it had submitted job {j1}, cancelled now; submitting it again (1 of 5)")),
+        "{}",
+        o.stderr
+    );
+    wait_state(&j1, "CANCELLED", Duration::from_secs(30));
+    let rec = last_record(&ws.root);
+    let job = rec["stages"][0]["slurm_job"].as_str().unwrap().to_string();
+    if o.stderr.contains(&format!("but its job {j2} has started: watching it")) {
+        // The second job started before its sbatch was given up: watched.
+        assert_eq!(job, format!("slurm:{j2}"));
+        assert_eq!(ws.count("sbatch-calls"), 2);
+    } else {
+        // It had not: it runs nothing, is cancelled, and a third job does the work.
+        assert!(o.stderr.contains(&format!("it had submitted job {j2}")), "{}", o.stderr);
+        assert_eq!(ws.count("sbatch-calls"), 3);
+        assert_ne!(job, format!("slurm:{j2}"));
+    }
+    assert!(t0.elapsed() < Duration::from_secs(120), "{:?}", t0.elapsed());
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
+/// SIGINT while `sbatch` does not answer: it is killed at once (not after
+/// `submit_timeout`), the run ends with 130, nothing is left registered.
+#[test]
+fn an_interrupt_does_not_wait_for_an_sbatch_that_does_not_answer() {
+    need_cluster!();
+    let ws = cmd_ws("  submit_timeout: 600\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n");
+    let path = fake_sbatch(&ws, "exec sleep 600\n");
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", &path);
+    let bg = spawn(c);
+    let t0 = Instant::now();
+    while ws.count("sbatch-calls") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "sbatch was not called");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t1 = Instant::now();
+    signal(bg.pid() as i32, libc::SIGINT);
+    let o = bg.wait(Duration::from_secs(120));
+    assert_eq!(o.code, 130, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(t1.elapsed() < Duration::from_secs(30), "took {:?}", t1.elapsed());
+    let rec = last_record(&ws.root);
+    let error = rec["stages"][0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("could not submit the job to Slurm: sbatch was stopped by the interrupt before it answered"), "{rec}");
+    assert!(!ws.exists("a.txt"));
+    assert_eq!(ws.count("sbatch-calls"), 1, "not submitted again after the interrupt");
 }
 
 #[test]
@@ -541,6 +628,7 @@ fn executor_and_resources_are_checked_when_loading() {
         ("stages:\n  a:\n    cmd: echo\n    resources: { sbatch_args: [\"--export=ALL\"] }\n", "sets an option dagrun sets itself"),
         ("stages:\n  a:\n    cmd: echo\n    resources: { cpus: 0 }\n", "cpus` must be at least 1"),
         ("slurm:\n  binary: dagrun\nstages:\n  a:\n    cmd: echo\n", "must be an absolute path"),
+        ("slurm:\n  submit_timeout: 0\nstages:\n  a:\n    cmd: echo\n", "submit_timeout: 0` must be between 1 and 3600 seconds"),
         (
             "stages:\n  a:\n    cmd: echo > a\n    outs: [a]\n    group: g\n  b:\n    cmd: cat a > b\n    deps: [a]\n    outs: [b]\n  c:\n    cmd: cat b > c\n    deps: [b]\n    outs: [c]\n    group: g\n",
             "stage b is not in the group but lies between two of its stages",
