@@ -942,9 +942,12 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
 }
 
 /// The job named `name` (`dagrun-RUN_ID-…`, unique to one submission) that
-/// Slurm lists (any state) with `workspace` as its work folder, if any.
+/// Slurm lists (any state) as this user's, with `workspace` as its work
+/// folder, if any (another user's job of that name is never taken for ours).
 fn named_job(name: &str, workspace: &Path) -> Result<Option<String>> {
-    let out = squeue(&["-h", "-t", "all", "--name", name, "-o", "%i|%j|%Z"])?;
+    // SAFETY: getuid cannot fail and has no preconditions.
+    let uid = unsafe { libc::getuid() }.to_string();
+    let out = squeue(&["-h", "-t", "all", "--user", &uid, "--name", name, "-o", "%i|%j|%Z"])?;
     let here = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
     Ok(out
         .lines()
