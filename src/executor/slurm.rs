@@ -24,7 +24,8 @@
 //!   (default 120 s), or when the run is interrupted, is killed; it may have
 //!   submitted the job. Its spec is claimed first, so such a job runs nothing;
 //!   the job Slurm lists under that submission's name (unique: `…-sNrK` for
-//!   the K-th submission again) is cancelled, and the work is submitted
+//!   the K-th submission again, `…aM` in the engine's retry M) is cancelled,
+//!   and the work is submitted
 //!   again with a new spec, up to `submit_retries` times. A claim already
 //!   there means the job started first: it is found by its name and watched
 //!   as if sbatch had answered. So the work runs once.
@@ -1023,7 +1024,9 @@ impl Executor for Slurm {
         let mut again = 0;
         let (id, log, result) = loop {
             let file_label = if again == 0 { format!("s{first}") } else { format!("s{first}r{again}") };
-            let job_name = format!("dagrun-{}-{file_label}", sanitize(&self.run_id));
+            // Unique to this submission: `a` the engine's retry, `r` a submission made again.
+            let retry = if batch.attempt > 1 { format!("a{}", batch.attempt) } else { String::new() };
+            let job_name = format!("dagrun-{}-{file_label}{retry}", sanitize(&self.run_id));
             let (script, log, result) = match self.prepare(batch, &file_label) {
                 Ok(x) => x,
                 Err(e) => return fail(e.context("cannot write the job's files")),
