@@ -15,20 +15,23 @@
 //!   variables a job needs (`PATH`, `LANG`, `LC_ALL`, `TZ`, and
 //!   `DAGRUN_MASTER_KEY_FILE`: a *path*) and execs the binary. A failing
 //!   `sbatch` whose message says the controller is busy or unreachable is
-//!   retried with backoff (1, 2, 4 … 30 s, `slurm.submit_retries` times);
+//!   retried with backoff (1, 2, 4 … 30 s, `slurm.submit_retries` times, as
+//!   a submission whose job may exist: see below);
 //!   any other refusal fails the stage with sbatch's message. `N` is the
 //!   pipeline index of the job's first stage: stage and tenant names stay
 //!   out of the job name, which every user of the cluster can read in
 //!   `squeue`; the run record maps stages to job ids (`slurm_job`).
-//! - **An `sbatch` that does not answer** within `slurm.submit_timeout`
-//!   (default 120 s), or when the run is interrupted, is killed; it may have
-//!   submitted the job. Its spec is claimed first, so such a job runs nothing;
-//!   the job Slurm lists under that submission's name (unique: `…-sNrK` for
-//!   the K-th submission again, `…aM` in the engine's retry M) is cancelled,
-//!   and the work is submitted
-//!   again with a new spec, up to `submit_retries` times. A claim already
-//!   there means the job started first: it is found by its name and watched
-//!   as if sbatch had answered. So the work runs once.
+//! - **An `sbatch` whose job may exist unannounced** — killed because it did
+//!   not answer within `slurm.submit_timeout` (default 120 s) or the run was
+//!   interrupted, failed as an unreachable controller fails, or answered no
+//!   job id — is followed by [`Slurm::settle`]: the spec is claimed, so such
+//!   a job runs nothing; the jobs Slurm lists under that submission's name
+//!   (unique: `…-sNrK` for the K-th submission again, `…aM` in the engine's
+//!   retry M; this user's, in this workspace) are cancelled, and the work is
+//!   submitted again with a new spec, up to `submit_retries` times. A claim
+//!   already there means the job started first: it is found by its name
+//!   (asked again every poll interval while Slurm does not answer) and
+//!   watched as if sbatch had answered. So the work runs once.
 //! - **No secret in a job's environment**: `--export=NONE` keeps the
 //!   submitting environment out of the job (and out of slurmctld's state
 //!   directory, which stores every job's environment and script). The job
@@ -63,8 +66,10 @@
 //!   waiting thread `scancel`s its job and waits (up to 30 s) until Slurm
 //!   reports it ended, so no job writes after dagrun exits.
 //! - **SIGKILL of dagrun**: jobs keep running (Slurm does not know the
-//!   coordinator died). Each submitted job is registered in
-//!   `.dagrun/slurm/active/JOB_ID` until its end is seen; the next `dagrun
+//!   coordinator died). Each submission is registered by its job name in
+//!   `.dagrun/slurm/active/n-JOB_NAME` before `sbatch` runs (removed once
+//!   its id is registered, or no job of it can be left), and each submitted
+//!   job in `.dagrun/slurm/active/JOB_ID` until its end is seen; the next `dagrun
 //!   run` (under the workspace lock) cancels every job still registered,
 //!   waits until they ended, and reruns their stages: orphans are
 //!   **abandoned**, never re-attached ([`abandon_orphans`]).
@@ -243,13 +248,25 @@ pub fn resource_flags(r: &Resources) -> Vec<String> {
 /// Default of `slurm.submit_timeout`: how long one `sbatch` call may take.
 const SUBMIT_TIMEOUT_DEFAULT: f64 = 120.0;
 
-/// What a submission came to.
-enum Submitted {
+/// What one `sbatch` call came to.
+enum Sbatch {
     /// Slurm's job id.
     Id(String),
-    /// `sbatch` did not answer, and no job of it can run its spec (why):
-    /// submit again, with a new spec.
-    Unanswered(String),
+    /// Refused (a bad partition, …): no job was made.
+    Refused(String),
+    /// Killed before it answered, failed as an unreachable or busy
+    /// controller fails (`transient`), or answered no job id: the job may
+    /// exist all the same ([`Slurm::settle`]).
+    Unsure { why: String, transient: bool },
+}
+
+/// What [`Slurm::settle`] found.
+enum Settled {
+    /// The job had started: its id, to watch.
+    Adopted(String),
+    /// No job of that submission runs the work: what became of it, and
+    /// whether none is left queued (else its name stays registered).
+    NoJob { made: String, gone: bool },
 }
 
 /// An sbatch refusal worth retrying (controller busy, restarting or unreachable).
@@ -388,12 +405,10 @@ impl Slurm {
         Ok((script, log, result))
     }
 
-    /// `sbatch`, retried with backoff while the controller is busy or down.
-    /// An `sbatch` that does not answer within `submit_timeout` (or when the
-    /// run is interrupted) is killed: see [`Slurm::after_unanswered_sbatch`].
-    /// `result` is the result file of the spec the script runs; `stop` holds
-    /// once the run is interrupted.
-    fn submit(&self, job_name: &str, script: &Path, log: &Path, res: &Resources, result: &Path, stop: &dyn Fn() -> bool) -> Result<Submitted> {
+    /// One `sbatch` call for the job `job_name` running `script`. It is
+    /// killed when it has not answered within `submit_timeout`, or as soon
+    /// as `stop()` holds (the run is interrupted).
+    fn sbatch(&self, job_name: &str, script: &Path, log: &Path, res: &Resources, stop: &dyn Fn() -> bool) -> Result<Sbatch> {
         let mut args: Vec<String> = vec![
             "--parsable".into(),
             format!("--job-name={job_name}"),
@@ -406,95 +421,116 @@ impl Slurm {
         // preemption) would run again behind the coordinator's back.
         args.push("--no-requeue".into());
         args.push(script.display().to_string());
-        let mut delay = Duration::from_secs(1);
-        let mut tries = 0;
-        loop {
-            // sbatch sees only what the job may see, plus its own SLURM_*/SBATCH_* settings.
-            let own = std::env::vars().filter(|(k, _)| k.starts_with("SLURM_") || k.starts_with("SBATCH_"));
-            let mut sbatch = Command::new("sbatch");
-            sbatch.args(&args).env_clear().envs(job_environment()).envs(own);
-            let out = match crate::util::child_env::output_within_unless(sbatch, b"", self.submit_timeout, stop) {
-                Ok(out) => out,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => {
-                    return self.after_unanswered_sbatch(job_name, result, stop());
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    bail!("`sbatch` is not on PATH: run dagrun on a Slurm submit host, or use `--executor local`")
-                }
-                Err(e) => bail!("cannot start sbatch: {e}"),
-            };
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            if out.status.success() {
-                let id = stdout.trim().split(';').next().unwrap_or("").trim().to_string();
-                if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
-                    bail!("sbatch succeeded but printed {:?} instead of a job id", spec::truncate(stdout.trim(), 200));
-                }
-                return Ok(Submitted::Id(id));
+        // sbatch sees only what the job may see, plus its own SLURM_*/SBATCH_* settings.
+        let own = std::env::vars().filter(|(k, _)| k.starts_with("SLURM_") || k.starts_with("SBATCH_"));
+        let mut sbatch = Command::new("sbatch");
+        sbatch.args(&args).env_clear().envs(job_environment()).envs(own);
+        let out = match crate::util::child_env::output_within_unless(sbatch, b"", self.submit_timeout, stop) {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                return Ok(Sbatch::Unsure { why: "sbatch was stopped by the interrupt before it answered".into(), transient: false });
             }
-            if !transient(&stderr) || tries >= self.submit_retries || stop() {
-                let tried = if tries > 0 { format!(" (after {} attempts)", tries + 1) } else { String::new() };
-                // A controller that does not answer refused nothing (review 69).
-                let what = if transient(&stderr) { "could not submit the job to Slurm" } else { "sbatch refused the job" };
-                bail!("{what}{tried}: {}", spec::truncate(&stderr, 2000));
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                let why = format!("sbatch did not answer within {}s (`slurm.submit_timeout`)", self.submit_timeout.as_secs_f64());
+                return Ok(Sbatch::Unsure { why, transient: false });
             }
-            tries += 1;
-            tracing::warn!("sbatch failed ({}); retrying in {}s ({tries} of {})", spec::truncate(&stderr, 300), delay.as_secs(), self.submit_retries);
-            let until = Instant::now() + delay;
-            while Instant::now() < until && !stop() {
-                std::thread::sleep(Duration::from_millis(100));
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("`sbatch` is not on PATH: run dagrun on a Slurm submit host, or use `--executor local`")
             }
-            delay = (delay * 2).min(Duration::from_secs(30));
+            Err(e) => bail!("cannot start sbatch: {e}"),
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if out.status.success() {
+            // `--parsable`: `ID` or `ID;CLUSTER`, on the last line (a site's
+            // job_submit plugin may print a notice before it).
+            let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let id = last.split(';').next().unwrap_or("").trim();
+            if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                let why = format!("sbatch succeeded but printed {:?} instead of a job id", spec::truncate(stdout.trim(), 200));
+                return Ok(Sbatch::Unsure { why, transient: false });
+            }
+            return Ok(Sbatch::Id(id.to_string()));
         }
+        if transient(&stderr) {
+            // A controller that does not answer refused nothing (review 69),
+            // and may have made the job all the same.
+            return Ok(Sbatch::Unsure { why: format!("sbatch failed ({})", spec::truncate(&stderr, 2000)), transient: true });
+        }
+        Ok(Sbatch::Refused(format!("sbatch refused the job: {}", spec::truncate(&stderr, 2000))))
     }
 
-    /// `sbatch` was killed before it answered (it ran out of
-    /// `submit_timeout`, or the run was interrupted): it may or may not have
-    /// submitted the job. The spec is claimed, so that a job it submitted
-    /// runs nothing (`exec-stage` refuses a claimed spec): then that job, if
-    /// Slurm has it, is cancelled and [`Submitted::Unanswered`] tells the
-    /// caller to submit again with a new spec. If the claim exists already,
-    /// the job has started and claimed it first: it is looked up by its name
-    /// (unique to this submission) and watched as if `sbatch` had answered;
-    /// a job that started but that Slurm does not name is an error that says
-    /// how to find it.
-    fn after_unanswered_sbatch(&self, job_name: &str, result: &Path, interrupted: bool) -> Result<Submitted> {
-        let why = if interrupted {
-            "sbatch was stopped by the interrupt before it answered".to_string()
-        } else {
-            format!("sbatch did not answer within {}s (`slurm.submit_timeout`)", self.submit_timeout.as_secs_f64())
-        };
+    /// After an `sbatch` call whose job may or may not exist (see
+    /// [`Sbatch::Unsure`]): make sure that job never runs the work unwatched.
+    /// The spec is claimed, so such a job runs nothing (`exec-stage` refuses
+    /// a claimed spec), and it is cancelled if Slurm lists it by its name
+    /// (unique to this submission): [`Settled::NoJob`], submit again with a
+    /// new spec. If the claim exists already, the job has started and
+    /// claimed it first: it is found by its name and watched
+    /// ([`Settled::Adopted`]); while Slurm does not answer the question is
+    /// asked again every poll interval until it does or the run is
+    /// interrupted (an error: the job stays registered by its name, so the
+    /// next run cancels it). A job that started and that Slurm no longer
+    /// lists has ended: an error, after which a retry is safe.
+    fn settle(&self, job_name: &str, result: &Path, stop: &dyn Fn() -> bool) -> Result<Settled> {
         match spec::claim(result) {
             Ok(true) => {
                 let spec_name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
                 let _ = std::fs::remove_file(result.with_file_name(spec_name));
-                let made = match named_job(job_name, &self.workspace) {
-                    Ok(Some(id)) => match scancel(std::slice::from_ref(&id)) {
-                        Ok(()) => format!("it had submitted job {id}, cancelled now"),
-                        Err(e) => format!("it had submitted job {id}, which runs nothing (its spec is claimed); cancelling it failed: {e:#}"),
+                Ok(match named_jobs(job_name, &self.workspace) {
+                    Ok(ids) if ids.is_empty() => {
+                        Settled::NoJob { made: format!("Slurm has no job {job_name} (one made later runs nothing: its spec is claimed)"), gone: true }
+                    }
+                    Ok(ids) => match scancel(&ids) {
+                        Ok(()) => Settled::NoJob { made: format!("it had submitted job {}, cancelled now", ids.join(", ")), gone: true },
+                        Err(e) => Settled::NoJob {
+                            made: format!(
+                                "it had submitted job {}, which runs nothing (its spec is claimed); cancelling it failed ({e:#}), the next run cancels it",
+                                ids.join(", ")
+                            ),
+                            gone: false,
+                        },
                     },
-                    Ok(None) => format!("Slurm has no job {job_name}; one it submits later runs nothing (its spec is claimed)"),
-                    Err(e) => format!("whether it submitted job {job_name} is unknown ({e:#}); if it did, that job runs nothing (its spec is claimed)"),
-                };
-                Ok(Submitted::Unanswered(format!("{why}: {made}")))
+                    Err(e) => Settled::NoJob {
+                        made: format!(
+                            "whether it submitted job {job_name} is unknown ({e:#}); if it did, that job runs nothing (its spec is claimed) and the next run cancels it"
+                        ),
+                        gone: false,
+                    },
+                })
             }
-            Ok(false) => match named_job(job_name, &self.workspace) {
-                Ok(Some(id)) => {
-                    tracing::warn!("{why}, but its job {id} has started: watching it");
-                    Ok(Submitted::Id(id))
+            Ok(false) => {
+                let mut warned = false;
+                loop {
+                    match named_jobs(job_name, &self.workspace) {
+                        Ok(ids) if !ids.is_empty() => {
+                            let id = ids.into_iter().max_by_key(|id| id.parse::<u64>().unwrap_or(0)).unwrap_or_default();
+                            return Ok(Settled::Adopted(id));
+                        }
+                        Ok(_) => bail!("its job {job_name} started (it claimed its spec) and has ended, and Slurm no longer lists it: what it did is not used"),
+                        Err(e) => {
+                            if stop() {
+                                bail!(
+                                    "its job {job_name} has started (it claimed its spec), and Slurm did not say which job it is ({e:#}); it stays registered, and the next run cancels it"
+                                );
+                            }
+                            if !warned {
+                                tracing::warn!(
+                                    "its job {job_name} has started, but Slurm does not say which job it is ({e:#}); asking again every {:.1}s",
+                                    self.poll_interval.as_secs_f64()
+                                );
+                                warned = true;
+                            }
+                            let until = Instant::now() + self.poll_interval;
+                            while Instant::now() < until && !stop() {
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
+                        }
+                    }
                 }
-                found => {
-                    let detail = match found {
-                        Err(e) => format!(" ({e:#})"),
-                        _ => String::new(),
-                    };
-                    bail!(
-                        "{why}, and a job it submitted has started (it claimed its spec), but Slurm does not name it{detail}: find it with `squeue --name={job_name}`, cancel it if it still runs (it writes this workspace), then run again"
-                    )
-                }
-            },
+            }
             Err(e) => bail!(
-                "{why}, and its spec could not be claimed ({e}): a job it may have submitted could still run it; find it with `squeue --name={job_name}` and cancel it before the next run"
+                "its spec could not be claimed ({e}): a job it may have submitted could still run it; it stays registered by its name ({job_name}), and the next run cancels it"
             ),
         }
     }
@@ -799,6 +835,20 @@ fn unregister(workspace: &Path, id: &str) {
     let _ = std::fs::remove_file(active_dir(workspace).join(id));
 }
 
+/// `.dagrun/slurm/active/n-JOB_NAME`: a submission whose job id is not known
+/// (yet): written before `sbatch`, removed once its id is registered or no
+/// job of it can be left; the next run cancels the jobs Slurm lists under
+/// that name ([`cancel_orphans`]).
+fn register_name(workspace: &Path, job_name: &str, run_id: &str, label: &str) -> Result<()> {
+    std::fs::create_dir_all(active_dir(workspace)).with_context(|| format!("cannot create {}", active_dir(workspace).display()))?;
+    let a = ActiveJob { job_id: String::new(), run_id: run_id.into(), label: label.into() };
+    crate::util::atomic::write_json_atomic(&active_dir(workspace).join(format!("n-{job_name}")), &a)
+}
+
+fn unregister_name(workspace: &Path, job_name: &str) {
+    let _ = std::fs::remove_file(active_dir(workspace).join(format!("n-{job_name}")));
+}
+
 /// Cancel the jobs of earlier runs that were killed before they saw their
 /// jobs end (SIGKILL, power cut), and wait until Slurm reports them ended.
 /// Called by `dagrun run` under the workspace lock, before anything runs.
@@ -836,6 +886,8 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     let Ok(rd) = std::fs::read_dir(&dir) else { return Ok(vec![]) };
     let mut ids = Vec::new();
     let mut runs = Vec::new();
+    // Submissions registered by their job name: (name, run id).
+    let mut by_name: Vec<(String, String)> = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if crate::util::atomic::is_temp_name(&name) {
@@ -856,6 +908,17 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
                 continue;
             }
         }
+        if let Some(job_name) = name.strip_prefix("n-") {
+            let reg = crate::util::read_at_most(&e.path(), 64 * 1024).ok().and_then(|b| serde_json::from_slice::<ActiveJob>(&b).ok());
+            match reg.filter(|a| a.job_id.is_empty() && job_name.starts_with(&format!("dagrun-{}-", sanitize(&a.run_id))) && job_name.len() <= 200) {
+                Some(a) => by_name.push((job_name.to_string(), a.run_id)),
+                None => {
+                    tracing::warn!("ignoring {} (not a job registration dagrun wrote); removed, nothing cancelled", e.path().display());
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            continue;
+        }
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) || name.len() > 20 {
             tracing::warn!("ignoring {} (not a job registration)", e.path().display());
             continue;
@@ -868,12 +931,6 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
         };
         ids.push((name, a.run_id));
     }
-    if ids.is_empty() {
-        return Ok(vec![]);
-    }
-    // Only jobs dagrun submitted for that run from this workspace: a file in
-    // active/ must not be able to cancel anyone's other jobs.
-    let listed: Vec<String> = ids.iter().map(|(id, _)| id.clone()).collect();
     // Nothing may start while those jobs may still write: a Slurm that does
     // not answer is a temporary failure (exit 75, EX_TEMPFAIL: try again).
     let unreachable = |e: anyhow::Error, what: &str| -> anyhow::Error {
@@ -882,6 +939,25 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
         ))
         .into()
     };
+    // A submission whose job id was never known: the jobs Slurm lists under
+    // its name (this user's, working in this workspace) join the others.
+    for (job_name, run_id) in &by_name {
+        let found = named_jobs(job_name, workspace).map_err(|e| unreachable(e, "cannot ask Slurm about the jobs"))?;
+        for id in found {
+            if !ids.iter().any(|(i, _)| *i == id) {
+                ids.push((id, run_id.clone()));
+            }
+        }
+    }
+    if ids.is_empty() {
+        for (job_name, _) in &by_name {
+            unregister_name(workspace, job_name);
+        }
+        return Ok(vec![]);
+    }
+    // Only jobs dagrun submitted for that run from this workspace: a file in
+    // active/ must not be able to cancel anyone's other jobs.
+    let listed: Vec<String> = ids.iter().map(|(id, _)| id.clone()).collect();
     let live = live_jobs(&listed).map_err(|e| unreachable(e, "cannot ask Slurm about the jobs"))?;
     let here = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
     let mut ours = Vec::new();
@@ -908,6 +984,9 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     }
     let mut ids = ours;
     if ids.is_empty() {
+        for (job_name, _) in &by_name {
+            unregister_name(workspace, job_name);
+        }
         return Ok(ids);
     }
     ids.sort();
@@ -939,26 +1018,43 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     for id in &ids {
         unregister(workspace, id);
     }
+    for (job_name, _) in &by_name {
+        unregister_name(workspace, job_name);
+    }
     Ok(ids)
 }
 
-/// The job named `name` (`dagrun-RUN_ID-…`, unique to one submission) that
-/// Slurm lists (any state) as this user's, with `workspace` as its work
-/// folder, if any (another user's job of that name is never taken for ours).
-fn named_job(name: &str, workspace: &Path) -> Result<Option<String>> {
+/// The jobs named `name` (`dagrun-RUN_ID-…`, unique to one submission)
+/// that Slurm lists (any state) as this user's, with `workspace` as their
+/// work folder (another user's job of that name is never taken for ours).
+fn named_jobs(name: &str, workspace: &Path) -> Result<Vec<String>> {
     // SAFETY: getuid cannot fail and has no preconditions.
     let uid = unsafe { libc::getuid() }.to_string();
     let out = squeue(&["-h", "-t", "all", "--user", &uid, "--name", name, "-o", "%i|%j|%Z"])?;
+    Ok(parse_named(&out, name, workspace))
+}
+
+/// `squeue -o "%i|%j|%Z"` lines of jobs named `name` working in
+/// `workspace`. The name is dagrun's (no `|` in it), so the work folder is
+/// everything after the second `|` (a folder name may hold one).
+fn parse_named(out: &str, name: &str, workspace: &Path) -> Vec<String> {
     let here = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
-    Ok(out
+    let mut ids: Vec<String> = out
         .lines()
         .filter_map(|l| {
-            let (id, rest) = l.trim().split_once('|')?;
-            let (n, dir) = rest.rsplit_once('|')?;
-            (n == name && id.bytes().all(|b| b.is_ascii_digit()) && !id.is_empty() && Path::new(dir).canonicalize().ok().as_deref() == Some(here.as_path()))
-                .then(|| id.to_string())
+            let (id, rest) = l.trim_start().split_once('|')?;
+            let dir = rest.strip_prefix(name)?.strip_prefix('|')?;
+            let dir = dir.strip_suffix('\r').unwrap_or(dir);
+            (!id.is_empty()
+                && id.len() <= 20
+                && id.bytes().all(|b| b.is_ascii_digit())
+                && Path::new(dir).canonicalize().ok().as_deref() == Some(here.as_path()))
+            .then(|| id.to_string())
         })
-        .max_by_key(|id| id.parse::<u64>().unwrap_or(0)))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// The jobs among `ids` Slurm still has queued or running: id → (job name, work dir).
@@ -979,12 +1075,15 @@ fn squeue(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// `squeue -o "%i|%j|%Z"` lines for the asked `ids` (a job name may hold `|`: the work dir is after the last one).
+/// `squeue -o "%i|%j|%Z"` lines for the asked `ids`. dagrun's job names
+/// hold no `|`, so the work folder is everything after the second `|` (a
+/// folder name may hold one); a job whose own name holds one is read with a
+/// wrong name and folder, and so is never taken for one of dagrun's.
 fn parse_live(text: &str, ids: &[String]) -> BTreeMap<String, (String, String)> {
     text.lines()
         .filter_map(|l| {
-            let (id, rest) = l.trim().split_once('|')?;
-            let (name, dir) = rest.rsplit_once('|')?;
+            let (id, rest) = l.trim_start().split_once('|')?;
+            let (name, dir) = rest.split_once('|')?;
             ids.iter().any(|i| i == id).then(|| (id.to_string(), (name.to_string(), dir.to_string())))
         })
         .collect()
@@ -1018,10 +1117,13 @@ impl Executor for Slurm {
         // them in squeue and `scontrol show job` (review 13).
         let res = combine(&batch.members.iter().map(|m| &m.stage.resources).collect::<Vec<_>>());
         let t0 = Instant::now();
-        // A submission whose sbatch did not answer is made again with a new
-        // spec and job name (`rN`): the old spec is claimed, its job runs nothing.
+        // A submission whose job may exist unannounced (sbatch did not answer,
+        // failed as an unreachable controller fails, or printed no job id) is
+        // made again with a new spec and job name (`rN`) once `settle` made
+        // sure no job of it runs the work unwatched.
         let stop = || self.cancelled() || batch_cancel(batch).is_some_and(|c| c.load(Ordering::Relaxed));
         let mut again = 0;
+        let mut delay = Duration::from_secs(1);
         let (id, log, result) = loop {
             let file_label = if again == 0 { format!("s{first}") } else { format!("s{first}r{again}") };
             // Unique to this submission: `a` the engine's retry, `r` a submission made again.
@@ -1031,18 +1133,55 @@ impl Executor for Slurm {
                 Ok(x) => x,
                 Err(e) => return fail(e.context("cannot write the job's files")),
             };
-            match self.submit(&job_name, &script, &log, &res, &result, &stop) {
-                Ok(Submitted::Id(id)) => break (id, log, result),
-                Ok(Submitted::Unanswered(why)) => {
-                    if again >= self.submit_retries || stop() {
-                        let tried = if again > 0 { format!(" (after {} submissions)", again + 1) } else { String::new() };
-                        return fail(anyhow!("could not submit the job to Slurm{tried}: {why}"));
-                    }
-                    again += 1;
-                    tracing::warn!("{label}: {why}; submitting it again ({again} of {})", self.submit_retries);
-                }
-                Err(e) => return fail(e),
+            // Registered by its name before sbatch: a job sbatch makes without
+            // saying so, or that a SIGKILL of dagrun leaves, is found and
+            // cancelled by the next run.
+            if let Err(e) = register_name(&self.workspace, &job_name, &self.run_id, &label) {
+                return fail(e.context("cannot register the job before submitting it"));
             }
+            let (why, transient) = match self.sbatch(&job_name, &script, &log, &res, &stop) {
+                Ok(Sbatch::Id(id)) => {
+                    unregister_name(&self.workspace, &job_name);
+                    break (id, log, result);
+                }
+                Ok(Sbatch::Refused(msg)) => {
+                    unregister_name(&self.workspace, &job_name);
+                    let tried = if again > 0 { format!(" (after {} attempts)", again + 1) } else { String::new() };
+                    return fail(anyhow!("{msg}{tried}"));
+                }
+                Ok(Sbatch::Unsure { why, transient }) => (why, transient),
+                Err(e) => {
+                    unregister_name(&self.workspace, &job_name);
+                    return fail(e);
+                }
+            };
+            let made = match self.settle(&job_name, &result, &stop) {
+                Ok(Settled::Adopted(id)) => {
+                    tracing::warn!("{label}: {why}, but its job {id} has started: watching it");
+                    unregister_name(&self.workspace, &job_name);
+                    break (id, log, result);
+                }
+                Ok(Settled::NoJob { made, gone }) => {
+                    if gone {
+                        unregister_name(&self.workspace, &job_name);
+                    }
+                    made
+                }
+                Err(e) => return fail(e.context(why)),
+            };
+            if again >= self.submit_retries || stop() {
+                let tried = if again > 0 { format!(" (after {} attempts)", again + 1) } else { String::new() };
+                return fail(anyhow!("could not submit the job to Slurm{tried}: {why}; {made}"));
+            }
+            again += 1;
+            tracing::warn!("{label}: {why}; {made}; submitting it again in {}s ({again} of {})", delay.as_secs(), self.submit_retries);
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !stop() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // A controller that refuses while busy gets more time each try;
+            // one that did not answer has had its `submit_timeout` already.
+            delay = if transient { (delay * 2).min(Duration::from_secs(30)) } else { delay };
         };
         tracing::info!("{label}: submitted Slurm job {id}");
         if let Err(e) = register(&self.workspace, &id, &self.run_id, &label) {
@@ -1144,10 +1283,22 @@ mod tests {
     #[test]
     fn live_jobs_are_read_by_id_name_and_work_dir() {
         let ids = ["12".to_string(), "13".to_string()];
-        let m = parse_live("12|dagrun-R-a|/ws\n13|odd|name|/w s\n14|x|/y\n", &ids);
-        assert_eq!(m["12"], ("dagrun-R-a".to_string(), "/ws".to_string()));
-        assert_eq!(m["13"], ("odd|name".to_string(), "/w s".to_string()));
+        let m = parse_live("12|dagrun-R-a|/w|s\n13|odd|name|/w s\n14|x|/y\n", &ids);
+        assert_eq!(m["12"], ("dagrun-R-a".to_string(), "/w|s".to_string()));
+        assert_eq!(m["13"], ("odd".to_string(), "name|/w s".to_string()), "never one of dagrun's");
         assert!(!m.contains_key("14"));
+    }
+
+    #[test]
+    fn named_jobs_are_this_name_in_this_workspace_only() {
+        let root = tempfile::tempdir().unwrap();
+        let ws = root.path().join("a|b");
+        std::fs::create_dir_all(&ws).unwrap();
+        let other = root.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        let name = "dagrun-R-s0";
+        let out = format!("12|{name}|{w}\n13|{name}x|{w}\n14|{name}|{o}\n1x|{name}|{w}\n15|{name}|{w}\n12|{name}|{w}\n", w = ws.display(), o = other.display());
+        assert_eq!(parse_named(&out, name, &ws), ["12", "15"]);
     }
 
     #[test]

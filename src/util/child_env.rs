@@ -196,11 +196,24 @@ pub fn output_within(cmd: Command, input: &[u8], limit: std::time::Duration) -> 
 
 /// [`output_within`], also killed (and reaped) as soon as `stop()` holds,
 /// checked every 10 ms: an `Interrupted` error (an interrupted run does not
-/// wait out a tool's limit).
+/// wait out a tool's limit). The tool runs in a process group of its own;
+/// the limit covers its output too: a process it left behind that holds
+/// its stdout or stderr open (a wrapper's background helper) is killed with
+/// the group when the limit is reached, never waited for without end.
 pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Duration, stop: &dyn Fn() -> bool) -> std::io::Result<std::process::Output> {
     use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
     use std::process::Stdio;
-    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn()?;
+    let group = child.id() as libc::pid_t;
+    // The whole group (what the tool started too), then the tool, reaped.
+    let kill_all = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) on this child's own process group (its pid, which
+        // cannot be reused while the group has a member).
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     fn drain(p: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -216,23 +229,27 @@ pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Du
         && !input.is_empty()
         && let Err(e) = stdin.write_all(input)
     {
-        let _ = child.kill();
-        let _ = child.wait();
+        kill_all(&mut child);
         return Err(e);
     }
     let deadline = std::time::Instant::now() + limit;
+    let mut exited = None;
     let status = loop {
-        if let Some(st) = child.try_wait()? {
+        if exited.is_none() {
+            exited = child.try_wait()?;
+        }
+        if let Some(st) = exited
+            && out.is_finished()
+            && err.is_finished()
+        {
             break st;
         }
         if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_all(&mut child);
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {}s", limit.as_secs())));
         }
         if stop() {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_all(&mut child);
             return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -372,6 +389,43 @@ mod tests {
         // A user's `secrets:` wins over what passes by default.
         let s = Withheld::new(&names(&["AWS_*"]), &[]).unwrap();
         assert!(is_denied(OsStr::new("AWS_REGION"), &s));
+    }
+
+    #[test]
+    fn a_tool_is_bounded_with_what_it_leaves_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        // Answers and exits at once, but a helper it started holds stdout.
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("sleep 300 & echo $! > {}; echo answered", pid_file.display())]);
+        let t0 = std::time::Instant::now();
+        let e = output_within(c, b"", std::time::Duration::from_secs(1)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
+        let pid: libc::pid_t = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        // The helper was killed with the tool's group (reaped by init).
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            // SAFETY: signal 0 only checks that the process exists.
+            let exists = unsafe { libc::kill(pid, 0) } == 0;
+            !exists || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        });
+        assert!(gone, "the helper {pid} still runs");
+        // Stopped at once when asked.
+        let c = {
+            let mut c = Command::new("sleep");
+            c.arg("300");
+            c
+        };
+        let t0 = std::time::Instant::now();
+        let e = output_within_unless(c, b"", std::time::Duration::from_secs(300), &|| t0.elapsed() > std::time::Duration::from_millis(200)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+        // An ordinary tool: its output.
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo out; echo err >&2"]);
+        let o = output_within(c, b"", std::time::Duration::from_secs(30)).unwrap();
+        assert_eq!((o.stdout.as_slice(), o.stderr.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
     }
 
     #[test]

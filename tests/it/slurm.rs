@@ -502,7 +502,7 @@ fn a_failing_sbatch_is_retried_with_backoff() {
     .wait(SLURM_HANG);
     assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     assert_eq!(ws.count("sbatch-calls"), 3);
-    assert!(o.stderr.contains("retrying in 1s") && o.stderr.contains("retrying in 2s"), "{}", o.stderr);
+    assert!(o.stderr.contains("submitting it again in 1s (1 of 5)") && o.stderr.contains("submitting it again in 2s (2 of 5)"), "{}", o.stderr);
     assert_eq!(ws.read("a.txt"), "a\n");
     // A controller that never answers refused nothing: said so (review 69).
     fake_sbatch(&ws, "echo 'sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n");
@@ -570,7 +570,7 @@ fn an_sbatch_that_does_not_answer_is_killed_and_its_job_never_runs_twice() {
     let (j1, j2) = (id_of(&first), id_of(&second));
     assert!(
         o.stderr.contains("sbatch did not answer within 5s (`slurm.submit_timeout`)")
-            && o.stderr.contains(&format!("it had submitted job {j1}, cancelled now; submitting it again (1 of 5)")),
+            && o.stderr.contains(&format!("it had submitted job {j1}, cancelled now; submitting it again in 1s (1 of 5)")),
         "{}",
         o.stderr
     );
@@ -588,6 +588,90 @@ fn an_sbatch_that_does_not_answer_is_killed_and_its_job_never_runs_twice() {
         assert_ne!(job, format!("slurm:{j2}"));
     }
     assert!(t0.elapsed() < Duration::from_secs(120), "{:?}", t0.elapsed());
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
+/// An `sbatch` that submits and hangs while Slurm cannot say which job it
+/// made (a controller in trouble): the job has started, so it is asked
+/// again until Slurm answers, then watched; never submitted a second time.
+/// A SIGKILL of dagrun in that state leaves the job registered by its name:
+/// the next run cancels it before anything runs.
+#[test]
+fn a_started_job_of_an_unanswered_sbatch_is_never_run_beside_another() {
+    need_cluster!();
+    let ws = cmd_ws(
+        "  submit_timeout: 3\nstages:\n  a:\n    cmd: touch started; echo a >> runs.txt; if [ -f slow ]; then sleep 120; fi; echo a > a.txt\n    outs: [a.txt]\n",
+    );
+    let (started, down) = (ws.path("started"), ws.path("squeue-down"));
+    let path = fake_sbatch(
+        &ws,
+        &format!(
+            "echo $$ > {pid}\n\"$REAL\" \"$@\" > {job} || exit 1\ni=0; while [ ! -e {started} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\ntouch {down}\nexec sleep 300\n",
+            pid = ws.path("sbatch.pid").display(),
+            job = ws.path("job").display(),
+            started = started.display(),
+            down = down.display()
+        ),
+    );
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v squeue"]).output().unwrap().stdout).unwrap();
+    ws.write(
+        "fakebin/squeue",
+        format!(
+            "#!/bin/sh\nif [ -e {down} ]; then echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+            down = down.display(),
+            real = real.trim()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ws.path("fakebin/squeue"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // 1. Slurm comes back after a few seconds: the started job is watched.
+    let bg = spawn({
+        let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+        c.env("PATH", &path);
+        c
+    });
+    let t0 = Instant::now();
+    while !down.exists() {
+        assert!(t0.elapsed() < SLURM_HANG, "the job did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    std::fs::remove_file(&down).unwrap();
+    let o = bg.wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let job = ws.read("job").trim().split(';').next().unwrap().to_string();
+    assert!(o.stderr.contains("has started, but Slurm does not say which job it is"), "{}", o.stderr);
+    assert!(o.stderr.contains(&format!("but its job {job} has started: watching it")), "{}", o.stderr);
+    assert_eq!((ws.count("runs.txt"), ws.count("sbatch-calls")), (1, 1), "{}", o.stderr);
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+    // 2. dagrun SIGKILLed while its sbatch hangs and the job runs: the next
+    //    run finds the job by the name it registered and cancels it.
+    std::fs::remove_file(&started).unwrap();
+    ws.write("slow", "");
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml", "--force", "a"]);
+    c.env("PATH", &path);
+    let mut bg = spawn(c);
+    let t0 = Instant::now();
+    while !started.exists() {
+        assert!(t0.elapsed() < SLURM_HANG, "the job did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bg.child.kill().unwrap();
+    bg.child.wait().unwrap();
+    let _ = std::fs::remove_file(&down);
+    if let Ok(pid) = ws.read("sbatch.pid").trim().parse::<i32>() {
+        signal(pid, libc::SIGKILL);
+    }
+    let orphan = ws.read("job").trim().split(';').next().unwrap().to_string();
+    assert_ne!(orphan, job);
+    assert_eq!(job_state(&orphan).as_deref(), Some("RUNNING"));
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("n-dagrun-")));
+    std::fs::remove_file(ws.path("slow")).unwrap();
+    let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
+    assert!(o.stderr.contains(&format!("Slurm jobs {orphan} of an earlier run")), "the orphan is named:\n{}", o.stderr);
+    wait_state(&orphan, "CANCELLED", Duration::from_secs(30));
+    // Its output comes back from the cache (the forced run's key is the first run's).
+    assert_eq!(ws.read("a.txt"), "a\n");
     assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
 }
 
