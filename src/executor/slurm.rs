@@ -1124,7 +1124,7 @@ impl Executor for Slurm {
         let stop = || self.cancelled() || batch_cancel(batch).is_some_and(|c| c.load(Ordering::Relaxed));
         let mut again = 0;
         let mut delay = Duration::from_secs(1);
-        let (id, log, result) = loop {
+        let (id, log, result, job_name) = loop {
             let file_label = if again == 0 { format!("s{first}") } else { format!("s{first}r{again}") };
             // Unique to this submission: `a` the engine's retry, `r` a submission made again.
             let retry = if batch.attempt > 1 { format!("a{}", batch.attempt) } else { String::new() };
@@ -1140,10 +1140,7 @@ impl Executor for Slurm {
                 return fail(e.context("cannot register the job before submitting it"));
             }
             let (why, transient) = match self.sbatch(&job_name, &script, &log, &res, &stop) {
-                Ok(Sbatch::Id(id)) => {
-                    unregister_name(&self.workspace, &job_name);
-                    break (id, log, result);
-                }
+                Ok(Sbatch::Id(id)) => break (id, log, result, job_name),
                 Ok(Sbatch::Refused(msg)) => {
                     unregister_name(&self.workspace, &job_name);
                     let tried = if again > 0 { format!(" (after {} attempts)", again + 1) } else { String::new() };
@@ -1158,8 +1155,7 @@ impl Executor for Slurm {
             let made = match self.settle(&job_name, &result, &stop) {
                 Ok(Settled::Adopted(id)) => {
                     tracing::warn!("{label}: {why}, but its job {id} has started: watching it");
-                    unregister_name(&self.workspace, &job_name);
-                    break (id, log, result);
+                    break (id, log, result, job_name);
                 }
                 Ok(Settled::NoJob { made, gone }) => {
                     if gone {
@@ -1184,8 +1180,11 @@ impl Executor for Slurm {
             delay = if transient { (delay * 2).min(Duration::from_secs(30)) } else { delay };
         };
         tracing::info!("{label}: submitted Slurm job {id}");
-        if let Err(e) = register(&self.workspace, &id, &self.run_id, &label) {
-            tracing::warn!("cannot register Slurm job {id}: {e:#}");
+        // Registered by its id, then no longer by its name (a SIGKILL between
+        // the two leaves both: the next run cancels the job once).
+        match register(&self.workspace, &id, &self.run_id, &label) {
+            Ok(()) => unregister_name(&self.workspace, &job_name),
+            Err(e) => tracing::warn!("cannot register Slurm job {id} (it stays registered by its name, {job_name}): {e:#}"),
         }
         self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.insert(id.clone(), Seen { state: None, misses: 0 });
         let never = AtomicBool::new(false);
