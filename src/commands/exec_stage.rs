@@ -17,8 +17,9 @@
 //!   workspace integrity key (`executor::spec`).
 //! - Secrets: the master key comes from its file (`DAGRUN_MASTER_KEY_FILE`,
 //!   set by the batch script to a path), never from the job's environment.
-//! - A spec runs once: its claim file (`X.aN.claim`, created with
-//!   `O_EXCL` before anything runs) refuses a second run (jobs are submitted
+//! - A spec runs once: its claim file (`X.aN.claim`, linked into place
+//!   holding the job's `SLURM_JOB_ID` before anything runs, so the
+//!   coordinator can tell which job runs it) refuses a second run (jobs are submitted
 //!   `--no-requeue`; a retry gets a new spec), and the coordinator removes
 //!   the spec when the job has ended (the next run removes any left by a
 //!   killed run), so a finished run's spec cannot be replayed.
@@ -33,9 +34,12 @@ use std::time::Instant;
 
 /// Claim the spec (see `executor::spec::claim`), or refuse: its claim
 /// exists when it ran already or its job has ended.
+/// The claim holds the job's id (`SLURM_JOB_ID`; empty when run by hand),
+/// so the coordinator knows which job runs the spec.
 fn claim(spec_path: &Path, result: &Path) -> Result<()> {
     let path = spec::claim_path(result);
-    match spec::claim(result) {
+    let job = std::env::var("SLURM_JOB_ID").ok().filter(|id| spec::is_job_id(id)).unwrap_or_default();
+    match spec::claim_for_job(result, &job) {
         Ok(true) => Ok(()),
         Ok(false) => bail!(
             "the job spec {} has run already or its job has ended (its claim {} exists); a spec runs once, inside the job its run submitted; nothing was run",

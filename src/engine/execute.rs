@@ -252,7 +252,7 @@ impl Engine {
             }
             let e = failure.unwrap_or_else(|| anyhow!("the {} executor returned no result", exec.name()));
             let s = self.stage(pending[start].i);
-            if tries < s.retries && !self.cancel.load(Ordering::Relaxed) {
+            if tries < s.retries && !self.cancel.load(Ordering::Relaxed) && !crate::executor::may_still_run(&e) {
                 tries += 1;
                 attempt += 1;
                 tracing::warn!("{} failed (attempt {tries} of {}): {e:#}; retrying", s.name, s.retries.saturating_add(1));

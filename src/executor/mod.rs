@@ -15,7 +15,8 @@
 //!   it hashes itself. What an executor reports (facts, the key a job used,
 //!   CPU time) is checked, never trusted for integrity.
 //! - Retries (`retries:`) are the engine's: it calls the executor again with
-//!   the members that did not finish.
+//!   the members that did not finish, except after a [`MayStillRun`] failure
+//!   (a job of the work may still be running: a retry would run beside it).
 //! - No secret crosses into a job: see [`slurm`] (`--export=NONE`, master key
 //!   read from its file by the job).
 
@@ -40,6 +41,26 @@ pub struct Done {
     pub cpu_seconds: Option<f64>,
     /// Which job ran it (`slurm:ID`), when not this process.
     pub job: Option<String>,
+}
+
+/// A failure after which a job of the member's work may still be running
+/// (Slurm could not say which job it was, or could not cancel it): the
+/// engine does not retry it, since a retry would run the work beside that
+/// job. The job stays registered; the next run cancels it.
+#[derive(Debug)]
+pub struct MayStillRun(pub String);
+
+impl std::fmt::Display for MayStillRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MayStillRun {}
+
+/// Whether `e` is (or wraps) a [`MayStillRun`].
+pub fn may_still_run(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<MayStillRun>())
 }
 
 /// A member that failed in a job: the error is `message`; `job` names the job

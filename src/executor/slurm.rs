@@ -29,9 +29,15 @@
 //!   (unique: `…-sNrK` for the K-th submission again, `…aM` in the engine's
 //!   retry M; this user's, in this workspace) are cancelled, and the work is
 //!   submitted again with a new spec, up to `submit_retries` times. A claim
-//!   already there means the job started first: it is found by its name
-//!   (asked again every poll interval while Slurm does not answer) and
-//!   watched as if sbatch had answered. So the work runs once.
+//!   already there means the job started first: the job whose id the claim
+//!   holds (`exec-stage` writes its `SLURM_JOB_ID`) is watched as if sbatch
+//!   had answered, any other of that name cancelled (asked again every poll
+//!   interval while Slurm does not answer). A plain refusal is made sure of
+//!   the same way (an error may come after the job was made). Where a job
+//!   may run the work and cannot be watched (the claim failed, an interrupt
+//!   while Slurm does not answer), every job of the name is cancelled and
+//!   waited for; unconfirmed, the failure is one the engine does not retry
+//!   (`MayStillRun`). So the work runs once.
 //! - **No secret in a job's environment**: `--export=NONE` keeps the
 //!   submitting environment out of the job (and out of slurmctld's state
 //!   directory, which stores every job's environment and script). The job
@@ -70,12 +76,14 @@
 //!   `.dagrun/slurm/active/n-JOB_NAME` before `sbatch` runs (removed once
 //!   its id is registered, or no job of it can be left), and each submitted
 //!   job in `.dagrun/slurm/active/JOB_ID` until its end is seen; the next `dagrun
-//!   run` (under the workspace lock) cancels every job still registered,
+//!   run` (under the workspace lock) first claims and removes earlier runs'
+//!   specs (a job made late by a request still queued runs nothing), then
+//!   cancels every job still registered,
 //!   waits until they ended, and reruns their stages: orphans are
 //!   **abandoned**, never re-attached ([`abandon_orphans`]).
 
 use super::spec::{self, JobSpec, SpecStage};
-use super::{Batch, Done, Executor, JobFailure};
+use super::{Batch, Done, Executor, JobFailure, MayStillRun};
 use crate::pipeline::{Pipeline, Resources};
 use crate::stages::RunReport;
 use crate::workspace::state::StateStore;
@@ -252,11 +260,13 @@ const SUBMIT_TIMEOUT_DEFAULT: f64 = 120.0;
 enum Sbatch {
     /// Slurm's job id.
     Id(String),
-    /// Refused (a bad partition, …): no job was made.
+    /// Refused (a bad partition, …): its message. No job should exist, but
+    /// it is made sure of as for [`Sbatch::Unsure`] (an authentication error
+    /// may come after the controller made the job).
     Refused(String),
-    /// Killed before it answered, failed as an unreachable or busy
-    /// controller fails (`transient`), or answered no job id: the job may
-    /// exist all the same ([`Slurm::settle`]).
+    /// Killed before it answered (or by a signal), failed as an unreachable
+    /// or busy controller fails (`transient`), or answered no job id: the
+    /// job may exist all the same ([`Slurm::settle`]).
     Unsure { why: String, transient: bool },
 }
 
@@ -264,9 +274,10 @@ enum Sbatch {
 enum Settled {
     /// The job had started: its id, to watch.
     Adopted(String),
-    /// No job of that submission runs the work: what became of it, and
-    /// whether none is left queued (else its name stays registered).
-    NoJob { made: String, gone: bool },
+    /// No job of that submission runs the work: what became of the jobs
+    /// Slurm listed under its name (`None`: it listed none), and whether
+    /// none is left queued (else its name stays registered).
+    NoJob { made: Option<String>, gone: bool },
 }
 
 /// An sbatch refusal worth retrying (controller busy, restarting or unreachable).
@@ -434,6 +445,10 @@ impl Slurm {
                 let why = format!("sbatch did not answer within {}s (`slurm.submit_timeout`)", self.submit_timeout.as_secs_f64());
                 return Ok(Sbatch::Unsure { why, transient: false });
             }
+            // sbatch ran, then its output or its end was lost: it may have made the job.
+            Err(e) if crate::util::child_env::had_started(&e) => {
+                return Ok(Sbatch::Unsure { why: format!("sbatch ran, but its answer was lost ({e})"), transient: false });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 bail!("`sbatch` is not on PATH: run dagrun on a Slurm submit host, or use `--executor local`")
             }
@@ -446,11 +461,16 @@ impl Slurm {
             // job_submit plugin may print a notice before it).
             let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
             let id = last.split(';').next().unwrap_or("").trim();
-            if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+            if !spec::is_job_id(id) {
                 let why = format!("sbatch succeeded but printed {:?} instead of a job id", spec::truncate(stdout.trim(), 200));
                 return Ok(Sbatch::Unsure { why, transient: false });
             }
             return Ok(Sbatch::Id(id.to_string()));
+        }
+        if out.status.code().is_none() {
+            // Killed (by the OOM killer, an administrator): not a refusal.
+            let why = format!("sbatch was killed ({}) before it answered", out.status);
+            return Ok(Sbatch::Unsure { why, transient: false });
         }
         if transient(&stderr) {
             // A controller that does not answer refused nothing (review 69),
@@ -460,78 +480,148 @@ impl Slurm {
         Ok(Sbatch::Refused(format!("sbatch refused the job: {}", spec::truncate(&stderr, 2000))))
     }
 
-    /// After an `sbatch` call whose job may or may not exist (see
-    /// [`Sbatch::Unsure`]): make sure that job never runs the work unwatched.
-    /// The spec is claimed, so such a job runs nothing (`exec-stage` refuses
-    /// a claimed spec), and it is cancelled if Slurm lists it by its name
-    /// (unique to this submission): [`Settled::NoJob`], submit again with a
-    /// new spec. If the claim exists already, the job has started and
-    /// claimed it first: it is found by its name and watched
-    /// ([`Settled::Adopted`]); while Slurm does not answer the question is
-    /// asked again every poll interval until it does or the run is
-    /// interrupted (an error: the job stays registered by its name, so the
-    /// next run cancels it). A job that started and that Slurm no longer
-    /// lists has ended: an error, after which a retry is safe.
+    /// After an `sbatch` call that gave no job id (see [`Sbatch`]): make
+    /// sure no job of it runs the work unwatched.
+    /// - The spec is claimed, so such a job runs nothing (`exec-stage`
+    ///   refuses a claimed spec), and the jobs Slurm lists by the
+    ///   submission's name (unique to it) are cancelled: [`Settled::NoJob`],
+    ///   submit again with a new spec.
+    /// - If the claim exists, a job has started and claimed it first: the
+    ///   job the claim names (`exec-stage` writes its `SLURM_JOB_ID` there)
+    ///   is watched ([`Settled::Adopted`]), any other of that name (sbatch
+    ///   repeating its request) cancelled. While Slurm does not answer, it
+    ///   is asked again every poll interval. A started job Slurm no longer
+    ///   lists has ended: an error after which a retry is safe.
+    /// - When a job may run the work and cannot be watched (the claim
+    ///   failed, the run was interrupted while Slurm did not answer, two
+    ///   jobs and a claim naming neither), every job of that name is
+    ///   cancelled and waited for ([`Slurm::cancel_named`]); unless Slurm
+    ///   confirms they ended, the error is [`MayStillRun`] (the engine does
+    ///   not retry beside it). After any error the submission stays
+    ///   registered by its name: the next run cancels what is left.
     fn settle(&self, job_name: &str, result: &Path, stop: &dyn Fn() -> bool) -> Result<Settled> {
         match spec::claim(result) {
             Ok(true) => {
-                let spec_name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
-                let _ = std::fs::remove_file(result.with_file_name(spec_name));
+                let _ = std::fs::remove_file(spec::spec_path(result));
                 Ok(match named_jobs(job_name, &self.workspace) {
-                    Ok(ids) if ids.is_empty() => {
-                        Settled::NoJob { made: format!("Slurm has no job {job_name} (one made later runs nothing: its spec is claimed)"), gone: true }
+                    Ok(jobs) if jobs.is_empty() => Settled::NoJob { made: None, gone: true },
+                    Ok(jobs) => {
+                        let ids: Vec<String> = jobs.into_keys().collect();
+                        match scancel(&ids) {
+                            Ok(()) => Settled::NoJob { made: Some(format!("it had submitted job {}, cancelled now", ids.join(", "))), gone: true },
+                            Err(e) => Settled::NoJob {
+                                made: Some(format!(
+                                    "it had submitted job {}, which runs nothing (its spec is claimed); cancelling it failed ({e:#}), the next run cancels it",
+                                    ids.join(", ")
+                                )),
+                                gone: false,
+                            },
+                        }
                     }
-                    Ok(ids) => match scancel(&ids) {
-                        Ok(()) => Settled::NoJob { made: format!("it had submitted job {}, cancelled now", ids.join(", ")), gone: true },
-                        Err(e) => Settled::NoJob {
-                            made: format!(
-                                "it had submitted job {}, which runs nothing (its spec is claimed); cancelling it failed ({e:#}), the next run cancels it",
-                                ids.join(", ")
-                            ),
-                            gone: false,
-                        },
-                    },
                     Err(e) => Settled::NoJob {
-                        made: format!(
+                        made: Some(format!(
                             "whether it submitted job {job_name} is unknown ({e:#}); if it did, that job runs nothing (its spec is claimed) and the next run cancels it"
-                        ),
+                        )),
                         gone: false,
                     },
                 })
             }
-            Ok(false) => {
-                let mut warned = false;
-                loop {
-                    match named_jobs(job_name, &self.workspace) {
-                        Ok(ids) if !ids.is_empty() => {
-                            let id = ids.into_iter().max_by_key(|id| id.parse::<u64>().unwrap_or(0)).unwrap_or_default();
-                            return Ok(Settled::Adopted(id));
-                        }
-                        Ok(_) => bail!("its job {job_name} started (it claimed its spec) and has ended, and Slurm no longer lists it: what it did is not used"),
-                        Err(e) => {
-                            if stop() {
-                                bail!(
-                                    "its job {job_name} has started (it claimed its spec), and Slurm did not say which job it is ({e:#}); it stays registered, and the next run cancels it"
-                                );
-                            }
-                            if !warned {
-                                tracing::warn!(
-                                    "its job {job_name} has started, but Slurm does not say which job it is ({e:#}); asking again every {:.1}s",
-                                    self.poll_interval.as_secs_f64()
-                                );
-                                warned = true;
-                            }
-                            let until = Instant::now() + self.poll_interval;
-                            while Instant::now() < until && !stop() {
-                                std::thread::sleep(Duration::from_millis(50));
-                            }
+            Ok(false) => self.find_started(job_name, result, stop),
+            Err(e) => {
+                // Unclaimed, the spec can still be run by a job of this submission.
+                let cancelled = self.cancel_named(job_name);
+                Err(MayStillRun(format!(
+                    "its spec could not be claimed ({e}), so a job it submitted could still run it: {}; it stays registered by its name ({job_name}), and the next run cancels it (not retried)",
+                    describe_cancel(&cancelled)
+                ))
+                .into())
+            }
+        }
+    }
+
+    /// The job of submission `job_name` that claimed the spec of `result`
+    /// (see [`Slurm::settle`]).
+    fn find_started(&self, job_name: &str, result: &Path, stop: &dyn Fn() -> bool) -> Result<Settled> {
+        let mut warned = false;
+        loop {
+            let e = match named_jobs(job_name, &self.workspace) {
+                Ok(jobs) => {
+                    let ids: Vec<String> = jobs.into_keys().collect();
+                    let claimed = spec::claimed_by(result);
+                    let holder = match &claimed {
+                        Some(c) => ids.iter().find(|i| *i == c).cloned(),
+                        None if ids.len() == 1 => Some(ids[0].clone()),
+                        None => None,
+                    };
+                    if claimed.is_none() && ids.len() > 1 {
+                        let cancelled = self.cancel_named(job_name);
+                        let why = format!(
+                            "Slurm lists jobs {} under {job_name} and its spec's claim does not say which of them runs the work: {}; what they did is not used",
+                            ids.join(", "),
+                            describe_cancel(&cancelled)
+                        );
+                        return Err(if cancelled.is_ok() { anyhow!(why) } else { MayStillRun(format!("{why} (not retried)")).into() });
+                    }
+                    // The others run nothing (the spec is claimed): sbatch repeated its request.
+                    let others: Vec<String> = ids.iter().filter(|i| Some(*i) != holder.as_ref()).cloned().collect();
+                    if !others.is_empty() {
+                        match scancel(&others) {
+                            Ok(()) => tracing::warn!("Slurm job {} of {job_name} runs nothing (its spec is claimed by another): cancelled", others.join(", ")),
+                            Err(e) => tracing::warn!(
+                                "Slurm job {} of {job_name} runs nothing (its spec is claimed by another) and could not be cancelled ({e:#})",
+                                others.join(", ")
+                            ),
                         }
                     }
+                    return match holder {
+                        Some(id) => Ok(Settled::Adopted(id)),
+                        None => bail!("its job {job_name} started (it claimed its spec) and has ended, and Slurm no longer lists it: what it did is not used"),
+                    };
                 }
+                Err(e) => e,
+            };
+            if stop() {
+                let cancelled = self.cancel_named(job_name);
+                let why = format!(
+                    "interrupted: its job {job_name} had started (it claimed its spec), and Slurm did not say which job it is ({e:#}): {}",
+                    describe_cancel(&cancelled)
+                );
+                return Err(if cancelled.is_ok() {
+                    anyhow!(why)
+                } else {
+                    MayStillRun(format!("{why}; it stays registered, and the next run cancels it")).into()
+                });
             }
-            Err(e) => bail!(
-                "its spec could not be claimed ({e}): a job it may have submitted could still run it; it stays registered by its name ({job_name}), and the next run cancels it"
-            ),
+            if !warned {
+                tracing::warn!(
+                    "its job {job_name} has started, but Slurm does not say which job it is ({e:#}); asking again every {:.1}s",
+                    self.poll_interval.as_secs_f64()
+                );
+                warned = true;
+            }
+            nap(self.poll_interval, stop);
+        }
+    }
+
+    /// Cancel every job of this user named `job_name` (`scancel --name`:
+    /// also those Slurm could not list) and wait until Slurm reports them
+    /// ended, at most [`CANCEL_WAIT`]. `Ok` only when confirmed.
+    fn cancel_named(&self, job_name: &str) -> Result<()> {
+        scancel_args(&["--user", &uid(), "--name", job_name])?;
+        let t0 = Instant::now();
+        loop {
+            match named_jobs(job_name, &self.workspace) {
+                Ok(jobs) if jobs.values().all(|st| is_final(st)) => return Ok(()),
+                Ok(jobs) => {
+                    if t0.elapsed() > CANCEL_WAIT {
+                        let left: Vec<&str> = jobs.iter().filter(|(_, st)| !is_final(st)).map(|(id, _)| id.as_str()).collect();
+                        bail!("Slurm job {} did not end within {}s after scancel", left.join(", "), CANCEL_WAIT.as_secs());
+                    }
+                }
+                Err(e) if t0.elapsed() > CANCEL_WAIT => return Err(e.context("whether the cancelled jobs ended is unknown")),
+                Err(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(250));
         }
     }
 
@@ -578,7 +668,7 @@ impl Slurm {
 
     /// Wait until job `id` ends; its final state. Cancels it when the run is interrupted.
     fn wait(&self, id: &str, cancel: &AtomicBool) -> (String, bool) {
-        let nap = (self.poll_interval / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let step = (self.poll_interval / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
         let mut cancelled_at: Option<Instant> = None;
         loop {
             if cancelled_at.is_none() && (cancel.load(Ordering::Relaxed) || self.cancelled()) {
@@ -604,7 +694,7 @@ impl Slurm {
             if cancelled_at.is_some_and(|t| t.elapsed() > CANCEL_WAIT) {
                 return ("CANCELLED (not confirmed by Slurm)".into(), true);
             }
-            std::thread::sleep(nap);
+            std::thread::sleep(step);
         }
     }
 }
@@ -807,8 +897,13 @@ pub fn scancel(ids: &[String]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
+    scancel_args(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// `scancel ARGS` (job ids, or filters such as `--name`).
+fn scancel_args(args: &[&str]) -> Result<()> {
     let mut c = crate::util::child_env::tool("scancel");
-    c.args(ids);
+    c.args(args);
     let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).context("cannot run scancel")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Already finished jobs are not an error.
@@ -835,6 +930,28 @@ fn unregister(workspace: &Path, id: &str) {
     let _ = std::fs::remove_file(active_dir(workspace).join(id));
 }
 
+/// How [`Slurm::cancel_named`] went, for a message.
+fn describe_cancel(r: &Result<()>) -> String {
+    match r {
+        Ok(()) => "every job of it was cancelled, and Slurm reports them ended".into(),
+        Err(e) => format!("cancelling its jobs by name could not be confirmed ({e:#})"),
+    }
+}
+
+/// This process's user id, as Slurm's `--user` takes it.
+fn uid() -> String {
+    // SAFETY: getuid cannot fail and has no preconditions.
+    unsafe { libc::getuid() }.to_string()
+}
+
+/// Sleep `d`, or less once `stop()` holds (checked every 50 ms).
+fn nap(d: Duration, stop: &dyn Fn() -> bool) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !stop() {
+        std::thread::sleep(Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())));
+    }
+}
+
 /// `.dagrun/slurm/active/n-JOB_NAME`: a submission whose job id is not known
 /// (yet): written before `sbatch`, removed once its id is registered or no
 /// job of it can be left; the next run cancels the jobs Slurm lists under
@@ -854,9 +971,10 @@ fn unregister_name(workspace: &Path, job_name: &str) {
 /// Called by `dagrun run` under the workspace lock, before anything runs.
 /// Returns the job ids abandoned.
 pub fn abandon_orphans(workspace: &Path) -> Result<Vec<String>> {
-    let ids = cancel_orphans(workspace)?;
+    // Specs first: a request still queued in slurmctld can make a job after
+    // squeue answered; with its spec claimed and gone, it runs nothing.
     forget_specs(workspace);
-    Ok(ids)
+    cancel_orphans(workspace)
 }
 
 /// Remove the job specs of earlier runs (their jobs have ended, or were just
@@ -919,7 +1037,7 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
             }
             continue;
         }
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) || name.len() > 20 {
+        if !spec::is_job_id(&name) {
             tracing::warn!("ignoring {} (not a job registration)", e.path().display());
             continue;
         }
@@ -943,7 +1061,7 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
     // its name (this user's, working in this workspace) join the others.
     for (job_name, run_id) in &by_name {
         let found = named_jobs(job_name, workspace).map_err(|e| unreachable(e, "cannot ask Slurm about the jobs"))?;
-        for id in found {
+        for id in found.into_keys() {
             if !ids.iter().any(|(i, _)| *i == id) {
                 ids.push((id, run_id.clone()));
             }
@@ -1026,35 +1144,33 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
 
 /// The jobs named `name` (`dagrun-RUN_ID-…`, unique to one submission)
 /// that Slurm lists (any state) as this user's, with `workspace` as their
-/// work folder (another user's job of that name is never taken for ours).
-fn named_jobs(name: &str, workspace: &Path) -> Result<Vec<String>> {
-    // SAFETY: getuid cannot fail and has no preconditions.
-    let uid = unsafe { libc::getuid() }.to_string();
-    let out = squeue(&["-h", "-t", "all", "--user", &uid, "--name", name, "-o", "%i|%j|%Z"])?;
+/// work folder (another user's job of that name is never taken for ours):
+/// id → state.
+fn named_jobs(name: &str, workspace: &Path) -> Result<BTreeMap<String, String>> {
+    let out = squeue(&["-h", "-t", "all", "--user", &uid(), "--name", name, "-o", "%i|%T|%j|%Z"])?;
     Ok(parse_named(&out, name, workspace))
 }
 
-/// `squeue -o "%i|%j|%Z"` lines of jobs named `name` working in
-/// `workspace`. The name is dagrun's (no `|` in it), so the work folder is
-/// everything after the second `|` (a folder name may hold one).
-fn parse_named(out: &str, name: &str, workspace: &Path) -> Vec<String> {
+/// `squeue -o "%i|%T|%j|%Z"` lines of jobs named `name` working in
+/// `workspace`: id → state. The name is dagrun's (no `|` in it), so the
+/// work folder is everything after the third `|` (a folder name may hold one).
+fn parse_named(out: &str, name: &str, workspace: &Path) -> BTreeMap<String, String> {
     let here = workspace.canonicalize().unwrap_or_else(|_| workspace.to_path_buf());
-    let mut ids: Vec<String> = out
-        .lines()
+    out.lines()
         .filter_map(|l| {
-            let (id, rest) = l.trim_start().split_once('|')?;
+            let (id, rest) = job_line(l)?;
+            let (state, rest) = rest.split_once('|')?;
             let dir = rest.strip_prefix(name)?.strip_prefix('|')?;
-            let dir = dir.strip_suffix('\r').unwrap_or(dir);
-            (!id.is_empty()
-                && id.len() <= 20
-                && id.bytes().all(|b| b.is_ascii_digit())
-                && Path::new(dir).canonicalize().ok().as_deref() == Some(here.as_path()))
-            .then(|| id.to_string())
+            (Path::new(dir).canonicalize().ok().as_deref() == Some(here.as_path())).then(|| (id.to_string(), state.to_string()))
         })
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ids
+        .collect()
+}
+
+/// A squeue line printed with `-o "%i|…"`: the job id (checked: one of
+/// dagrun's plain ids) and the rest of the line.
+fn job_line(l: &str) -> Option<(&str, &str)> {
+    let (id, rest) = l.trim_start().split_once('|')?;
+    spec::is_job_id(id).then_some((id, rest.strip_suffix('\r').unwrap_or(rest)))
 }
 
 /// The jobs among `ids` Slurm still has queued or running: id → (job name, work dir).
@@ -1082,7 +1198,7 @@ fn squeue(args: &[&str]) -> Result<String> {
 fn parse_live(text: &str, ids: &[String]) -> BTreeMap<String, (String, String)> {
     text.lines()
         .filter_map(|l| {
-            let (id, rest) = l.trim_start().split_once('|')?;
+            let (id, rest) = job_line(l)?;
             let (name, dir) = rest.split_once('|')?;
             ids.iter().any(|i| i == id).then(|| (id.to_string(), (name.to_string(), dir.to_string())))
         })
@@ -1123,6 +1239,7 @@ impl Executor for Slurm {
         // sure no job of it runs the work unwatched.
         let stop = || self.cancelled() || batch_cancel(batch).is_some_and(|c| c.load(Ordering::Relaxed));
         let mut again = 0;
+        let tried = |again: u32| if again > 0 { format!(" (after {} attempts)", again + 1) } else { String::new() };
         let mut delay = Duration::from_secs(1);
         let (id, log, result, job_name) = loop {
             let file_label = if again == 0 { format!("s{first}") } else { format!("s{first}r{again}") };
@@ -1139,15 +1256,14 @@ impl Executor for Slurm {
             if let Err(e) = register_name(&self.workspace, &job_name, &self.run_id, &label) {
                 return fail(e.context("cannot register the job before submitting it"));
             }
-            let (why, transient) = match self.sbatch(&job_name, &script, &log, &res, &stop) {
+            // Every answer but a job id is followed by `settle`: even a
+            // refusal may come after the controller made the job.
+            let (why, transient, refused) = match self.sbatch(&job_name, &script, &log, &res, &stop) {
                 Ok(Sbatch::Id(id)) => break (id, log, result, job_name),
-                Ok(Sbatch::Refused(msg)) => {
-                    unregister_name(&self.workspace, &job_name);
-                    let tried = if again > 0 { format!(" (after {} attempts)", again + 1) } else { String::new() };
-                    return fail(anyhow!("{msg}{tried}"));
-                }
-                Ok(Sbatch::Unsure { why, transient }) => (why, transient),
+                Ok(Sbatch::Refused(msg)) => (msg, false, true),
+                Ok(Sbatch::Unsure { why, transient }) => (why, transient, false),
                 Err(e) => {
+                    // sbatch never started: no job.
                     unregister_name(&self.workspace, &job_name);
                     return fail(e);
                 }
@@ -1165,16 +1281,16 @@ impl Executor for Slurm {
                 }
                 Err(e) => return fail(e.context(why)),
             };
+            if refused {
+                return fail(anyhow!("{why}{}{}", tried(again), made.map(|m| format!("; {m}")).unwrap_or_default()));
+            }
+            let made = made.unwrap_or_else(|| format!("Slurm has no job {job_name} (one made later runs nothing: its spec is claimed)"));
             if again >= self.submit_retries || stop() {
-                let tried = if again > 0 { format!(" (after {} attempts)", again + 1) } else { String::new() };
-                return fail(anyhow!("could not submit the job to Slurm{tried}: {why}; {made}"));
+                return fail(anyhow!("could not submit the job to Slurm{}: {why}; {made}", tried(again)));
             }
             again += 1;
             tracing::warn!("{label}: {why}; {made}; submitting it again in {}s ({again} of {})", delay.as_secs(), self.submit_retries);
-            let until = Instant::now() + delay;
-            while Instant::now() < until && !stop() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            nap(delay, &stop);
             // A controller that refuses while busy gets more time each try;
             // one that did not answer has had its `submit_timeout` already.
             delay = if transient { (delay * 2).min(Duration::from_secs(30)) } else { delay };
@@ -1204,12 +1320,13 @@ impl Executor for Slurm {
             await_kill_note(&log);
         }
         let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
-        let spec_name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
+        let spec_file = spec::spec_path(&result);
+        let spec_name = spec_file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         // The job has ended: its spec is never run again (claimed here if the
         // job never started, then removed; a copy of it could otherwise be
         // run by hand: reviews 14 and 15).
         let _ = spec::claim(&result);
-        let _ = std::fs::remove_file(result.with_file_name(&spec_name));
+        let _ = std::fs::remove_file(&spec_file);
         let failure = |message: String| anyhow::Error::new(JobFailure { job: job.clone(), message, facts: Default::default() });
         let Some(integrity) = self.states.integrity_key() else {
             return fail(failure(format!("no workspace integrity key to verify Slurm job {id}'s result with")));
@@ -1296,8 +1413,13 @@ mod tests {
         let other = root.path().join("other");
         std::fs::create_dir_all(&other).unwrap();
         let name = "dagrun-R-s0";
-        let out = format!("12|{name}|{w}\n13|{name}x|{w}\n14|{name}|{o}\n1x|{name}|{w}\n15|{name}|{w}\n12|{name}|{w}\n", w = ws.display(), o = other.display());
-        assert_eq!(parse_named(&out, name, &ws), ["12", "15"]);
+        let out = format!(
+            "12|RUNNING|{name}|{w}\n13|PENDING|{name}x|{w}\n14|RUNNING|{name}|{o}\n1x|RUNNING|{name}|{w}\n15|CANCELLED|{name}|{w}\r\n12|RUNNING|{name}|{w}\n16|{name}|{w}\n",
+            w = ws.display(),
+            o = other.display()
+        );
+        let found = parse_named(&out, name, &ws);
+        assert_eq!(found.iter().map(|(i, s)| (i.as_str(), s.as_str())).collect::<Vec<_>>(), [("12", "RUNNING"), ("15", "CANCELLED")]);
     }
 
     #[test]

@@ -168,6 +168,58 @@ pub fn claim(result: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// Claim the spec of `result` for the Slurm job `job_id` (`exec-stage`,
+/// before it runs anything): as [`claim`], but the claim file appears
+/// holding the job's id (written to a file of its own, then linked into
+/// place: `link` fails on an existing name as `O_EXCL` does, also on NFS).
+/// A coordinator that finds the claim made learns which job holds it
+/// ([`claimed_by`]), even when Slurm lists two jobs under one name.
+pub fn claim_for_job(result: &Path, job_id: &str) -> std::io::Result<bool> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = claim_path(result);
+    let tmp = path.with_file_name(format!(".{}.{job_id}.{}.tmp", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+    let written = f.write_all(job_id.as_bytes()).and_then(|()| f.sync_all());
+    drop(f);
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The Slurm job id the claim of `result`'s spec holds ([`claim_for_job`]);
+/// `None` when there is no claim, it is not a regular file (never
+/// followed), or it holds no job id (the coordinator's claim, a spec run
+/// by hand).
+pub fn claimed_by(result: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(claim_path(result)).ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    f.take(64).read_to_string(&mut text).ok()?;
+    Some(text.trim().to_string()).filter(|id| is_job_id(id))
+}
+
+/// A Slurm job id as dagrun submits them: 1 to 20 digits (no array or
+/// het-job suffix).
+pub fn is_job_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The spec file whose result file is `result` (`X.aN.spec.json` beside `X.aN.result.json`).
+pub fn spec_path(result: &Path) -> std::path::PathBuf {
+    let name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
+    result.with_file_name(name)
+}
+
 /// A blake3 hex key.
 pub fn is_key(k: &str) -> bool {
     k.len() == 64 && k.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -282,6 +334,39 @@ mod tests {
         assert!(read(&other).unwrap_err().to_string().contains("fails its MAC"));
         // Sealed, but pointing at another job's result file.
         assert!(read(&seal(&k, JOB_SPEC, &spec("b.a1.result.json")).unwrap()).unwrap_err().to_string().contains("not its own"));
+    }
+
+    #[test]
+    fn a_claim_is_made_once_and_names_the_job_that_made_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = dir.path().join("s0.a1.result.json");
+        assert_eq!(claimed_by(&result), None);
+        assert!(claim_for_job(&result, "1402").unwrap());
+        assert_eq!(claimed_by(&result).as_deref(), Some("1402"));
+        // Once: neither another job nor the coordinator claims it again.
+        assert!(!claim_for_job(&result, "1403").unwrap());
+        assert!(!claim(&result).unwrap());
+        assert_eq!(claimed_by(&result).as_deref(), Some("1402"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+        // The coordinator's claim, or a spec run by hand, names no job.
+        let other = dir.path().join("s1.a1.result.json");
+        assert!(claim(&other).unwrap());
+        assert_eq!(claimed_by(&other), None);
+        let by_hand = dir.path().join("s2.a1.result.json");
+        assert!(claim_for_job(&by_hand, "").unwrap());
+        assert_eq!(claimed_by(&by_hand), None);
+        // A link is a claim, never followed; what a claim holds is checked.
+        let target = dir.path().join("target");
+        std::fs::write(&target, "77").unwrap();
+        let linked = dir.path().join("s3.a1.result.json");
+        std::os::unix::fs::symlink(&target, claim_path(&linked)).unwrap();
+        assert!(!claim_for_job(&linked, "1404").unwrap());
+        assert_eq!(claimed_by(&linked), None);
+        let odd = dir.path().join("s4.a1.result.json");
+        std::fs::write(claim_path(&odd), "12_3").unwrap();
+        assert_eq!(claimed_by(&odd), None);
+        assert_eq!(spec_path(&odd), dir.path().join("s4.a1.spec.json"));
+        assert!(is_job_id("1") && !is_job_id("") && !is_job_id("123456789012345678901") && !is_job_id("12_3"));
     }
 
     #[test]

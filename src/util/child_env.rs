@@ -184,77 +184,195 @@ pub fn tool(program: &str) -> Command {
     c
 }
 
+/// How long a tool that has exited may leave its output open (a helper it
+/// started still holds its stdout or stderr) before that helper is killed
+/// with the tool's group and what the tool printed is its answer.
+const AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The cause of an error [`output_within_unless`] returns after the tool
+/// started: it may have done its work (a job submitted), whatever the error
+/// says. Errors without it come from starting the tool: it never ran.
+#[derive(Debug)]
+struct AfterStart(String);
+
+impl std::fmt::Display for AfterStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for AfterStart {}
+
+/// Whether an error of [`output_within_unless`] came after the tool had
+/// started (a timeout, an interrupt, losing track of it): what it was asked
+/// to do may have been done.
+pub fn had_started(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<AfterStart>())
+}
+
+/// Whether the child `pid` has exited, without reaping it (`waitid` with
+/// `WNOWAIT`): until it is reaped its pid, which is also its process
+/// group's id, cannot be given to another process, so signalling the group
+/// never reaches a stranger.
+fn has_exited(pid: libc::pid_t) -> std::io::Result<bool> {
+    loop {
+        // SAFETY: siginfo_t is plain data, valid when zeroed.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes into `info`, a live siginfo_t, and reads
+        // nothing else; `pid` is our own unreaped child.
+        let r = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+        if r == 0 {
+            // SAFETY: waitid filled `info` (si_pid is 0 when nothing has exited).
+            return Ok(unsafe { info.si_pid() } != 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Run a tool ([`tool`]) with `input` on its stdin (closed once written)
 /// and its stdout and stderr read while it runs (a full pipe would stall
-/// it); its output, or a `TimedOut` error once it has run for `limit` after
-/// its input was written (it is then killed and reaped): a tool never holds
-/// dagrun up for longer (Graphviz on a huge graph, a Slurm command whose
-/// controller does not answer).
+/// it); its output, or a `TimedOut` error once it has run for `limit` (it is
+/// then killed and reaped): a tool never holds dagrun up for longer
+/// (Graphviz on a huge graph, a Slurm command whose controller does not
+/// answer).
 pub fn output_within(cmd: Command, input: &[u8], limit: std::time::Duration) -> std::io::Result<std::process::Output> {
     output_within_unless(cmd, input, limit, &|| false)
 }
 
 /// [`output_within`], also killed (and reaped) as soon as `stop()` holds,
 /// checked every 10 ms: an `Interrupted` error (an interrupted run does not
-/// wait out a tool's limit). The tool runs in a process group of its own;
-/// the limit covers its output too: a process it left behind that holds
-/// its stdout or stderr open (a wrapper's background helper) is killed with
-/// the group when the limit is reached, never waited for without end.
+/// wait out a tool's limit).
+///
+/// The tool runs in a process group of its own, and the limit covers its
+/// output too: a process it left behind holding its stdout or stderr (a
+/// wrapper's background helper) is killed with the group. When the tool
+/// has exited, such a helper gets [`AFTER_EXIT`], then the tool's answer
+/// is what it printed (an `sbatch` wrapper that printed its job id is not
+/// turned into a timeout). Exit is seen without reaping the tool, so its
+/// group's id stays its own while the group is signalled. Every error after
+/// the tool started is marked ([`had_started`]).
 pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Duration, stop: &dyn Fn() -> bool) -> std::io::Result<std::process::Output> {
-    use std::io::{Read, Write};
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
+    let t0 = std::time::Instant::now();
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).spawn()?;
-    let group = child.id() as libc::pid_t;
+    let pid = child.id() as libc::pid_t;
+    let started = |kind: ErrorKind, msg: String| std::io::Error::new(kind, AfterStart(msg));
     // The whole group (what the tool started too), then the tool, reaped.
     let kill_all = |child: &mut std::process::Child| {
-        // SAFETY: kill(2) on this child's own process group (its pid, which
-        // cannot be reused while the group has a member).
-        unsafe { libc::kill(-group, libc::SIGKILL) };
+        // SAFETY: kill(2) on the tool's own process group; the tool is not
+        // reaped yet (`has_exited` only looks), so the id is still its own.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
         let _ = child.kill();
         let _ = child.wait();
     };
-    fn drain(p: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = p {
-                let _ = p.read_to_end(&mut buf);
+    let nonblocking = |fd: std::os::fd::RawFd| {
+        // SAFETY: fcntl on a pipe end this function owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
+    };
+    let mut stdin = child.stdin.take().filter(|_| !input.is_empty());
+    let mut outs = [child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>), child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>)];
+    let mut bufs = [Vec::new(), Vec::new()];
+    for o in outs.iter().flatten() {
+        nonblocking(o.fd());
+    }
+    if let Some(s) = &stdin {
+        nonblocking(s.as_raw_fd());
+    }
+    let mut written = 0;
+    let mut exited_at: Option<std::time::Instant> = None;
+    loop {
+        if exited_at.is_none() {
+            match has_exited(pid) {
+                Ok(true) => exited_at = Some(std::time::Instant::now()),
+                Ok(false) => {}
+                Err(e) => {
+                    kill_all(&mut child);
+                    return Err(started(ErrorKind::Other, format!("lost track of the tool: {e}")));
+                }
             }
-            buf
-        })
-    }
-    let out = drain(child.stdout.take());
-    let err = drain(child.stderr.take());
-    if let Some(mut stdin) = child.stdin.take()
-        && !input.is_empty()
-        && let Err(e) = stdin.write_all(input)
-    {
-        kill_all(&mut child);
-        return Err(e);
-    }
-    let deadline = std::time::Instant::now() + limit;
-    let mut exited = None;
-    let status = loop {
-        if exited.is_none() {
-            exited = child.try_wait()?;
         }
-        if let Some(st) = exited
-            && out.is_finished()
-            && err.is_finished()
-        {
-            break st;
+        if let Some(t) = exited_at {
+            if outs.iter().all(Option::is_none) {
+                break;
+            }
+            if t.elapsed() >= AFTER_EXIT {
+                // SAFETY: as in kill_all: the exited tool is not reaped yet.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                break;
+            }
         }
-        if std::time::Instant::now() >= deadline {
+        if t0.elapsed() >= limit {
             kill_all(&mut child);
-            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {}s", limit.as_secs())));
+            return Err(started(ErrorKind::TimedOut, format!("no answer within {}s", limit.as_secs_f64())));
         }
         if stop() {
             kill_all(&mut child);
-            return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "interrupted"));
+            return Err(started(ErrorKind::Interrupted, "interrupted".into()));
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
+        for o in outs.iter().flatten() {
+            fds.push(libc::pollfd { fd: o.fd(), events: libc::POLLIN, revents: 0 });
+        }
+        if let Some(s) = &stdin {
+            fds.push(libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
+        }
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+        for (slot, buf) in outs.iter_mut().zip(bufs.iter_mut()) {
+            let Some(o) = slot else { continue };
+            let mut chunk = [0u8; 8192];
+            loop {
+                match o.read(&mut chunk) {
+                    Ok(0) => {
+                        *slot = None;
+                        break;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        kill_all(&mut child);
+                        return Err(started(ErrorKind::Other, format!("cannot read the tool's output: {e}")));
+                    }
+                }
+            }
+        }
+        if let Some(s) = &mut stdin {
+            match s.write(&input[written..]) {
+                Ok(n) => written += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                // The tool stopped reading (it exited, or needs no more): its status says how it went.
+                Err(e) if e.kind() == ErrorKind::BrokenPipe => written = input.len(),
+                Err(e) => {
+                    kill_all(&mut child);
+                    return Err(started(ErrorKind::Other, format!("cannot write the tool's input: {e}")));
+                }
+            }
+            if written == input.len() {
+                stdin = None; // closed: the tool sees the end of its input
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| started(ErrorKind::Other, format!("lost track of the tool: {e}")))?;
+    let [stdout, stderr] = bufs;
+    Ok(std::process::Output { status, stdout, stderr })
+}
+
+/// A child's output pipe: read, and polled by its descriptor.
+trait ReadFd: std::io::Read {
+    fn fd(&self) -> std::os::fd::RawFd;
+}
+
+impl<T: std::io::Read + std::os::fd::AsRawFd> ReadFd for T {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.as_raw_fd()
+    }
 }
 
 /// Check a `secrets:` entry: a variable name (`[A-Za-z_][A-Za-z0-9_]*`),
@@ -395,22 +513,54 @@ mod tests {
     fn a_tool_is_bounded_with_what_it_leaves_behind() {
         let dir = tempfile::tempdir().unwrap();
         let pid_file = dir.path().join("pid");
-        // Answers and exits at once, but a helper it started holds stdout.
+        let gone = |pid: libc::pid_t| {
+            (0..100).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                // SAFETY: signal 0 only checks that the process exists.
+                let exists = unsafe { libc::kill(pid, 0) } == 0;
+                !exists
+                    || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            })
+        };
+        // Answers and exits at once, but a helper it started holds stdout:
+        // the answer counts, after a short grace; the helper is killed with
+        // the tool's group (and reaped by init).
         let mut c = Command::new("sh");
-        c.args(["-c", &format!("sleep 300 & echo $! > {}; echo answered", pid_file.display())]);
+        c.args(["-c", &format!("sleep 300 & echo $! > {}; echo answered; echo note >&2", pid_file.display())]);
+        let t0 = std::time::Instant::now();
+        let o = output_within(c, b"", std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!((o.stdout.as_slice(), o.stderr.as_slice(), o.status.success()), (&b"answered\n"[..], &b"note\n"[..], true));
+        assert!(t0.elapsed() >= AFTER_EXIT && t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
+        let pid: libc::pid_t = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        assert!(gone(pid), "the helper {pid} still runs");
+        // A helper that left the group (setsid) is not waited for either.
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("setsid sleep 300 & echo $! > {}; echo answered", pid_file.display())]);
+        let t0 = std::time::Instant::now();
+        let o = output_within(c, b"", std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(o.stdout, b"answered\n");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{:?}", t0.elapsed());
+        let pid: libc::pid_t = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        // SAFETY: the test's own `sleep`, by the pid it wrote.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // A tool that does not answer: killed with its group at the limit,
+        // an error marked as coming after the tool started.
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("sleep 300 & echo $! > {}; wait", pid_file.display())]);
         let t0 = std::time::Instant::now();
         let e = output_within(c, b"", std::time::Duration::from_secs(1)).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(had_started(&e));
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
         let pid: libc::pid_t = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-        // The helper was killed with the tool's group (reaped by init).
-        let gone = (0..100).any(|_| {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            // SAFETY: signal 0 only checks that the process exists.
-            let exists = unsafe { libc::kill(pid, 0) } == 0;
-            !exists || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-        });
-        assert!(gone, "the helper {pid} still runs");
+        assert!(gone(pid), "the helper {pid} still runs");
+        // A tool that cannot start: not marked.
+        let e = output_within(Command::new("/nonexistent/tool"), b"", std::time::Duration::from_secs(1)).unwrap_err();
+        assert!(!had_started(&e) && e.kind() == std::io::ErrorKind::NotFound, "{e:?}");
+        // Input larger than a pipe holds, while the tool writes as much back.
+        let big = vec![b'x'; 1 << 20];
+        let o = output_within(Command::new("cat"), &big, std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(o.stdout.len(), big.len());
         // Stopped at once when asked.
         let c = {
             let mut c = Command::new("sleep");

@@ -533,6 +533,27 @@ fn fake_sbatch(ws: &Ws, body: &str) -> String {
     format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
 }
 
+/// A `squeue` in `ws`'s `fakebin` (see [`fake_sbatch`]) that fails as an
+/// unreachable controller fails while the file `down` exists.
+fn squeue_down_while(ws: &Ws, down: &Path) {
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v squeue"]).output().unwrap().stdout).unwrap();
+    ws.write(
+        "fakebin/squeue",
+        format!(
+            "#!/bin/sh\nif [ -e {down} ]; then echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi\nexec {real} \"$@\"\n",
+            down = down.display(),
+            real = real.trim()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ws.path("fakebin/squeue"), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The first line of a `--parsable` answer saved in `p`: the job id.
+fn saved_id(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap().trim().split(';').next().unwrap().to_string()
+}
+
 /// An `sbatch` that submits the job and then never answers (a controller
 /// that accepted the job and hung, a munge or NFS stall) is killed after
 /// `slurm.submit_timeout`. Its spec is claimed, so its job runs nothing;
@@ -613,17 +634,7 @@ fn a_started_job_of_an_unanswered_sbatch_is_never_run_beside_another() {
             down = down.display()
         ),
     );
-    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v squeue"]).output().unwrap().stdout).unwrap();
-    ws.write(
-        "fakebin/squeue",
-        format!(
-            "#!/bin/sh\nif [ -e {down} ]; then echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-            down = down.display(),
-            real = real.trim()
-        ),
-    );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(ws.path("fakebin/squeue"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    squeue_down_while(&ws, &down);
     // 1. Slurm comes back after a few seconds: the started job is watched.
     let bg = spawn({
         let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
@@ -671,6 +682,151 @@ fn a_started_job_of_an_unanswered_sbatch_is_never_run_beside_another() {
     assert!(o.stderr.contains(&format!("Slurm jobs {orphan} of an earlier run")), "the orphan is named:\n{}", o.stderr);
     wait_state(&orphan, "CANCELLED", Duration::from_secs(30));
     // Its output comes back from the cache (the forced run's key is the first run's).
+    assert_eq!(ws.read("a.txt"), "a\n");
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
+/// An `sbatch` that sends its request twice (a client retrying on its own)
+/// and then fails as a timed-out controller fails: Slurm lists two jobs under the submission's
+/// name. The one that claimed the spec (the claim holds its id) is
+/// watched; the other, which runs nothing, is cancelled. (Taking the
+/// higher id would watch a job that never runs the work.)
+#[test]
+fn of_two_jobs_under_one_name_the_one_holding_the_claim_is_watched() {
+    need_cluster!();
+    let ws = cmd_ws(
+        "  submit_timeout: 60\nstages:\n  a:\n    cmd: echo $SLURM_JOB_ID > who; touch started; echo a >> runs.txt; echo a > a.txt\n    outs: [a.txt]\n",
+    );
+    let (first, second, started) = (ws.path("first"), ws.path("second"), ws.path("started"));
+    let path = fake_sbatch(
+        &ws,
+        &format!(
+            "\"$REAL\" \"$@\" > {first} || exit 1\n\"$REAL\" --begin=now+600 \"$@\" > {second} || exit 1\ni=0; while [ ! -e {started} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\necho 'sbatch: error: Batch job submission failed: Socket timed out on send/recv operation' >&2\nexit 1\n",
+            first = first.display(),
+            second = second.display(),
+            started = started.display()
+        ),
+    );
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", &path);
+    let o = spawn(c).wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let (j1, j2) = (saved_id(&first), saved_id(&second));
+    assert_eq!(ws.read("who").trim(), j1);
+    assert_eq!(last_record(&ws.root)["stages"][0]["slurm_job"].as_str(), Some(format!("slurm:{j1}").as_str()));
+    assert!(o.stderr.contains(&format!("but its job {j1} has started: watching it")), "{}", o.stderr);
+    assert!(
+        o.stderr.contains(&format!("Slurm job {j2} of dagrun-")) && o.stderr.contains("runs nothing (its spec is claimed by another): cancelled"),
+        "{}",
+        o.stderr
+    );
+    wait_state(&j2, "CANCELLED", Duration::from_secs(30));
+    assert_eq!((ws.count("runs.txt"), ws.count("sbatch-calls")), (1, 1));
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
+/// Answers of `sbatch` that are neither a job id nor a plain refusal:
+/// killed by a signal after the job was made (the job is cancelled and the
+/// work submitted again); an id printed by a wrapper whose helper keeps
+/// the output open (used after a short grace, not turned into a timeout);
+/// an error printed after the job was made (the job is cancelled, the
+/// stage fails with the error). No job is left running unwatched.
+#[test]
+fn sbatch_answers_without_a_job_id_never_leave_a_job_unwatched() {
+    need_cluster!();
+    let ws = cmd_ws("  submit_timeout: 120\nstages:\n  a:\n    cmd: echo a >> runs.txt; echo a > a.txt\n    outs: [a.txt]\n");
+    let (first, third) = (ws.path("first"), ws.path("third"));
+    let path = fake_sbatch(
+        &ws,
+        &format!(
+            "n=$(wc -l < \"$CALLS\")\nif [ \"$n\" -eq 1 ]; then\n  \"$REAL\" --begin=now+600 \"$@\" > {first} || exit 1\n  kill -9 $$\nfi\nif [ \"$n\" -eq 2 ]; then\n  \"$REAL\" \"$@\" || exit 1\n  sleep 300 &\n  exit 0\nfi\n\"$REAL\" --begin=now+600 \"$@\" > {third} || exit 1\necho 'sbatch: error: Batch job submission failed: Protocol authentication error' >&2\nexit 1\n",
+            first = first.display(),
+            third = third.display()
+        ),
+    );
+    let t0 = Instant::now();
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", &path);
+    let o = spawn(c).wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(60), "the wrapper's answer waited for its helper: {:?}", t0.elapsed());
+    let j1 = saved_id(&first);
+    assert!(
+        o.stderr.contains("sbatch was killed (signal: 9") && o.stderr.contains(&format!("it had submitted job {j1}, cancelled now; submitting it again")),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains("did not answer"), "{}", o.stderr);
+    wait_state(&j1, "CANCELLED", Duration::from_secs(30));
+    assert_eq!((ws.count("runs.txt"), ws.count("sbatch-calls")), (1, 2));
+    // An error after the job was made: that job is cancelled, the stage fails.
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml", "--force", "a"]);
+    c.env("PATH", &path);
+    let o = spawn(c).wait(SLURM_HANG);
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let j3 = saved_id(&third);
+    assert!(
+        o.stderr.contains(&format!(
+            "sbatch refused the job: sbatch: error: Batch job submission failed: Protocol authentication error; it had submitted job {j3}, cancelled now"
+        )),
+        "{}",
+        o.stderr
+    );
+    wait_state(&j3, "CANCELLED", Duration::from_secs(30));
+    assert_eq!(ws.count("runs.txt"), 1);
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
+/// SIGINT while a started job of a failed `sbatch` cannot be named
+/// (squeue down): every job of that submission's name is cancelled
+/// (`scancel --name`) and waited for, so nothing writes after dagrun exits.
+#[test]
+fn an_interrupt_cancels_a_started_job_that_slurm_cannot_name() {
+    need_cluster!();
+    let ws = cmd_ws("  submit_timeout: 60\nstages:\n  a:\n    cmd: touch started; if [ -f slow ]; then sleep 120; fi; echo a > a.txt\n    outs: [a.txt]\n");
+    ws.write("slow", "");
+    let (started, down) = (ws.path("started"), ws.path("squeue-down"));
+    let path = fake_sbatch(
+        &ws,
+        &format!(
+            "\"$REAL\" \"$@\" > {job} || exit 1\ni=0; while [ ! -e {started} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\ntouch {down}\necho 'sbatch: error: Batch job submission failed: Socket timed out on send/recv operation' >&2\nexit 1\n",
+            job = ws.path("job").display(),
+            started = started.display(),
+            down = down.display()
+        ),
+    );
+    squeue_down_while(&ws, &down);
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", &path);
+    let bg = spawn(c);
+    let t0 = Instant::now();
+    while !down.exists() {
+        assert!(t0.elapsed() < SLURM_HANG, "the job did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // sbatch failed: dagrun asks squeue which job started, in vain.
+    std::thread::sleep(Duration::from_secs(2));
+    signal(bg.pid() as i32, libc::SIGINT);
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::remove_file(&down).unwrap();
+    let o = bg.wait(Duration::from_secs(120));
+    assert_eq!(o.code, 130, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let job = saved_id(&ws.path("job"));
+    let rec = last_record(&ws.root);
+    let error = rec["stages"][0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains("interrupted: its job dagrun-") && error.contains("every job of it was cancelled, and Slurm reports them ended"),
+        "{rec}\n{}",
+        o.stderr
+    );
+    // Ended before dagrun exited: asked at once, not waited for.
+    let st = job_state(&job);
+    assert!(st.as_deref() == Some("CANCELLED"), "job {job} is {st:?} after dagrun exited");
+    assert!(!ws.exists("a.txt"));
+    // The next run finds nothing of it running and does the work.
+    std::fs::remove_file(ws.path("slow")).unwrap();
+    let o = ok(run_in(&ws.root, &["run", "pipeline.yaml"]));
+    assert!(!o.stderr.contains("of an earlier run"), "{}", o.stderr);
     assert_eq!(ws.read("a.txt"), "a\n");
     assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
 }
