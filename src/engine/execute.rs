@@ -259,7 +259,13 @@ impl Engine {
                 error = prepare(&pending[start..], false).err();
                 continue;
             }
-            error = Some(if s.retries > 0 { e.context(format!("failed after {} attempts", tries.saturating_add(1))) } else { e });
+            error = Some(if s.retries > 0 && tries < s.retries && crate::executor::may_still_run(&e) {
+                e.context(format!("not retried (attempt {} of {}): a job of it may still run", tries.saturating_add(1), s.retries.saturating_add(1)))
+            } else if s.retries > 0 {
+                e.context(format!("failed after {} attempts", tries.saturating_add(1)))
+            } else {
+                e
+            });
         }
         if let Some(e) = error {
             let p = &mut pending[start];

@@ -73,9 +73,9 @@
 //!   reports it ended, so no job writes after dagrun exits.
 //! - **SIGKILL of dagrun**: jobs keep running (Slurm does not know the
 //!   coordinator died). Each submission is registered by its job name in
-//!   `.dagrun/slurm/active/n-JOB_NAME` before `sbatch` runs (removed once
-//!   its id is registered, or no job of it can be left), and each submitted
-//!   job in `.dagrun/slurm/active/JOB_ID` until its end is seen; the next `dagrun
+//!   `.dagrun/slurm/active/n-JOB_NAME` before `sbatch` runs, and each
+//!   submitted job in `.dagrun/slurm/active/JOB_ID`, both until its end is
+//!   seen (or no job of it can be left); the next `dagrun
 //!   run` (under the workspace lock) first claims and removes earlier runs'
 //!   specs (a job made late by a request still queued runs nothing), then
 //!   cancels every job still registered,
@@ -490,8 +490,11 @@ impl Slurm {
     ///   job the claim names (`exec-stage` writes its `SLURM_JOB_ID` there)
     ///   is watched ([`Settled::Adopted`]), any other of that name (sbatch
     ///   repeating its request) cancelled. While Slurm does not answer, it
-    ///   is asked again every poll interval. A started job Slurm no longer
-    ///   lists has ended: an error after which a retry is safe.
+    ///   is asked again every poll interval ([`Slurm::find_started`]: a
+    ///   job the listing misses is asked by its id, never taken for ended
+    ///   on one empty answer). The same holds when a job sbatch did name
+    ///   ends without having run the work: the job holding the claim (made
+    ///   by the same request, sent twice) is watched next.
     /// - When a job may run the work and cannot be watched (the claim
     ///   failed, the run was interrupted while Slurm did not answer, two
     ///   jobs and a claim naming neither), every job of that name is
@@ -526,12 +529,12 @@ impl Slurm {
                     },
                 })
             }
-            Ok(false) => self.find_started(job_name, result, stop),
+            Ok(false) => self.find_started(job_name, result, stop).map(Settled::Adopted),
             Err(e) => {
                 // Unclaimed, the spec can still be run by a job of this submission.
                 let cancelled = self.cancel_named(job_name);
                 Err(MayStillRun(format!(
-                    "its spec could not be claimed ({e}), so a job it submitted could still run it: {}; it stays registered by its name ({job_name}), and the next run cancels it (not retried)",
+                    "its spec could not be claimed ({e}): {}; a job made from it later (a request still queued in Slurm) could run it, so the stage is not retried; the next run removes the spec and cancels any job left under {job_name}",
                     describe_cancel(&cancelled)
                 ))
                 .into())
@@ -540,30 +543,39 @@ impl Slurm {
     }
 
     /// The job of submission `job_name` that claimed the spec of `result`
-    /// (see [`Slurm::settle`]).
-    fn find_started(&self, job_name: &str, result: &Path, stop: &dyn Fn() -> bool) -> Result<Settled> {
+    /// (see [`Slurm::settle`]): the one the claim names, among those Slurm
+    /// lists under the name (the others run nothing: cancelled). A claimed
+    /// job the listing misses (purged, or a stale answer) is asked by its id
+    /// (`sacct`, `squeue`, `scontrol`, the completion log): ended, it is
+    /// returned (its result is read as any watched job's); still active,
+    /// the listing is asked again; unknown to every source for
+    /// [`LOST_AFTER`] polls, it is lost (as [`Slurm::wait`] decides LOST).
+    /// One empty listing is never taken for an end.
+    fn find_started(&self, job_name: &str, result: &Path, stop: &dyn Fn() -> bool) -> Result<String> {
         let mut warned = false;
+        let mut unknown = 0;
         loop {
-            let e = match named_jobs(job_name, &self.workspace) {
+            let e = match named_jobs_within(job_name, &self.workspace, SLURM_CALL_LIMIT, stop) {
                 Ok(jobs) => {
-                    let ids: Vec<String> = jobs.into_keys().collect();
                     let claimed = spec::claimed_by(result);
                     let holder = match &claimed {
-                        Some(c) => ids.iter().find(|i| *i == c).cloned(),
-                        None if ids.len() == 1 => Some(ids[0].clone()),
+                        Some(c) => jobs.contains_key(c).then(|| c.clone()),
+                        None if jobs.len() == 1 => jobs.keys().next().cloned(),
                         None => None,
                     };
-                    if claimed.is_none() && ids.len() > 1 {
+                    if claimed.is_none() && jobs.len() != 1 {
+                        // Which job runs the work cannot be told (a claim without a job id).
                         let cancelled = self.cancel_named(job_name);
+                        let listed: Vec<&str> = jobs.keys().map(String::as_str).collect();
                         let why = format!(
-                            "Slurm lists jobs {} under {job_name} and its spec's claim does not say which of them runs the work: {}; what they did is not used",
-                            ids.join(", "),
+                            "its spec's claim names no job, and Slurm lists {} under {job_name}: {}; what they did is not used",
+                            if listed.is_empty() { "none".to_string() } else { format!("jobs {}", listed.join(", ")) },
                             describe_cancel(&cancelled)
                         );
                         return Err(if cancelled.is_ok() { anyhow!(why) } else { MayStillRun(format!("{why} (not retried)")).into() });
                     }
                     // The others run nothing (the spec is claimed): sbatch repeated its request.
-                    let others: Vec<String> = ids.iter().filter(|i| Some(*i) != holder.as_ref()).cloned().collect();
+                    let others: Vec<String> = jobs.iter().filter(|(i, st)| Some(*i) != holder.as_ref() && !is_final(st)).map(|(i, _)| i.clone()).collect();
                     if !others.is_empty() {
                         match scancel(&others) {
                             Ok(()) => tracing::warn!("Slurm job {} of {job_name} runs nothing (its spec is claimed by another): cancelled", others.join(", ")),
@@ -573,10 +585,24 @@ impl Slurm {
                             ),
                         }
                     }
-                    return match holder {
-                        Some(id) => Ok(Settled::Adopted(id)),
-                        None => bail!("its job {job_name} started (it claimed its spec) and has ended, and Slurm no longer lists it: what it did is not used"),
-                    };
+                    if let Some(id) = holder {
+                        return Ok(id);
+                    }
+                    // The claim's job is not listed: ended and purged, or a stale answer. Asked by its id.
+                    let c = claimed.unwrap_or_default();
+                    let mut source = Source::default();
+                    match job_states(std::slice::from_ref(&c), &mut source).ok().and_then(|mut f| f.remove(&c)) {
+                        // Ended (and no longer listed): watched as any job, its result read.
+                        Some(st) if is_final(&st) => return Ok(c),
+                        Some(_) => unknown = 0,
+                        None => unknown += 1,
+                    }
+                    if unknown >= LOST_AFTER {
+                        bail!(
+                            "its job {c} ({job_name}) started (it claimed its spec) and no longer is known to Slurm (sacct, squeue, scontrol and the job-completion log do not list it): what it did is not used"
+                        );
+                    }
+                    anyhow!("Slurm does not list job {c}, which claimed the spec, under {job_name} yet")
                 }
                 Err(e) => e,
             };
@@ -605,23 +631,23 @@ impl Slurm {
 
     /// Cancel every job of this user named `job_name` (`scancel --name`:
     /// also those Slurm could not list) and wait until Slurm reports them
-    /// ended, at most [`CANCEL_WAIT`]. `Ok` only when confirmed.
+    /// ended, at most [`CANCEL_WAIT`] in all (every Slurm call included:
+    /// each gets what is left of it). `Ok` only when confirmed.
     fn cancel_named(&self, job_name: &str) -> Result<()> {
-        scancel_args(&["--user", &uid(), "--name", job_name])?;
-        let t0 = Instant::now();
+        let until = Instant::now() + CANCEL_WAIT;
+        let left = || until.saturating_duration_since(Instant::now()).min(SLURM_CALL_LIMIT);
+        scancel_within(&["--user", &uid(), "--name", job_name], left())?;
         loop {
-            match named_jobs(job_name, &self.workspace) {
+            let answer = named_jobs_within(job_name, &self.workspace, left(), &|| false);
+            match &answer {
                 Ok(jobs) if jobs.values().all(|st| is_final(st)) => return Ok(()),
+                _ if Instant::now() + Duration::from_millis(250) < until => std::thread::sleep(Duration::from_millis(250)),
                 Ok(jobs) => {
-                    if t0.elapsed() > CANCEL_WAIT {
-                        let left: Vec<&str> = jobs.iter().filter(|(_, st)| !is_final(st)).map(|(id, _)| id.as_str()).collect();
-                        bail!("Slurm job {} did not end within {}s after scancel", left.join(", "), CANCEL_WAIT.as_secs());
-                    }
+                    let left: Vec<&str> = jobs.iter().filter(|(_, st)| !is_final(st)).map(|(id, _)| id.as_str()).collect();
+                    bail!("Slurm job {} did not end within {}s after scancel", left.join(", "), CANCEL_WAIT.as_secs());
                 }
-                Err(e) if t0.elapsed() > CANCEL_WAIT => return Err(e.context("whether the cancelled jobs ended is unknown")),
-                Err(_) => {}
+                Err(e) => bail!("whether the cancelled jobs ended is unknown ({e:#})"),
             }
-            std::thread::sleep(Duration::from_millis(250));
         }
     }
 
@@ -902,9 +928,14 @@ pub fn scancel(ids: &[String]) -> Result<()> {
 
 /// `scancel ARGS` (job ids, or filters such as `--name`).
 fn scancel_args(args: &[&str]) -> Result<()> {
+    scancel_within(args, SLURM_CALL_LIMIT)
+}
+
+/// [`scancel_args`], killed after `limit`.
+fn scancel_within(args: &[&str], limit: Duration) -> Result<()> {
     let mut c = crate::util::child_env::tool("scancel");
     c.args(args);
-    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).context("cannot run scancel")?;
+    let out = crate::util::child_env::output_within(c, b"", limit).context("cannot run scancel")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Already finished jobs are not an error.
     if !out.status.success() && !stderr.contains("already completing or completed") && !stderr.contains("Invalid job id") {
@@ -952,10 +983,11 @@ fn nap(d: Duration, stop: &dyn Fn() -> bool) {
     }
 }
 
-/// `.dagrun/slurm/active/n-JOB_NAME`: a submission whose job id is not known
-/// (yet): written before `sbatch`, removed once its id is registered or no
-/// job of it can be left; the next run cancels the jobs Slurm lists under
-/// that name ([`cancel_orphans`]).
+/// `.dagrun/slurm/active/n-JOB_NAME`: a submission, by its job name:
+/// written before `sbatch`, removed once its job has ended or no job of it
+/// can be left (sbatch may make a job it does not name, or two for one
+/// request); the next run cancels the jobs Slurm lists under that name
+/// ([`cancel_orphans`]).
 fn register_name(workspace: &Path, job_name: &str, run_id: &str, label: &str) -> Result<()> {
     std::fs::create_dir_all(active_dir(workspace)).with_context(|| format!("cannot create {}", active_dir(workspace).display()))?;
     let a = ActiveJob { job_id: String::new(), run_id: run_id.into(), label: label.into() };
@@ -1147,7 +1179,12 @@ fn cancel_orphans(workspace: &Path) -> Result<Vec<String>> {
 /// work folder (another user's job of that name is never taken for ours):
 /// id → state.
 fn named_jobs(name: &str, workspace: &Path) -> Result<BTreeMap<String, String>> {
-    let out = squeue(&["-h", "-t", "all", "--user", &uid(), "--name", name, "-o", "%i|%T|%j|%Z"])?;
+    named_jobs_within(name, workspace, SLURM_CALL_LIMIT, &|| false)
+}
+
+/// [`named_jobs`] with the `squeue` call killed after `limit` or as soon as `stop()` holds.
+fn named_jobs_within(name: &str, workspace: &Path, limit: Duration, stop: &dyn Fn() -> bool) -> Result<BTreeMap<String, String>> {
+    let out = squeue_within(&["-h", "-t", "all", "--user", &uid(), "--name", name, "-o", "%i|%T|%j|%Z"], limit, stop)?;
     Ok(parse_named(&out, name, workspace))
 }
 
@@ -1181,9 +1218,14 @@ fn live_jobs(ids: &[String]) -> Result<BTreeMap<String, (String, String)>> {
 /// `squeue ARGS`' output; "Invalid job id" (every job asked for is gone) is
 /// an empty answer, any other failure an error.
 fn squeue(args: &[&str]) -> Result<String> {
+    squeue_within(args, SLURM_CALL_LIMIT, &|| false)
+}
+
+/// [`squeue`], killed after `limit` or as soon as `stop()` holds.
+fn squeue_within(args: &[&str], limit: Duration, stop: &dyn Fn() -> bool) -> Result<String> {
     let mut c = crate::util::child_env::tool("squeue");
     c.args(args);
-    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).context("cannot run squeue")?;
+    let out = crate::util::child_env::output_within_unless(c, b"", limit, stop).context("cannot run squeue")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() && !stderr.contains("Invalid job id") {
         bail!("squeue failed: {}", spec::truncate(stderr.trim(), 300));
@@ -1241,7 +1283,7 @@ impl Executor for Slurm {
         let mut again = 0;
         let tried = |again: u32| if again > 0 { format!(" (after {} attempts)", again + 1) } else { String::new() };
         let mut delay = Duration::from_secs(1);
-        let (id, log, result, job_name) = loop {
+        let (mut id, log, result, job_name) = loop {
             let file_label = if again == 0 { format!("s{first}") } else { format!("s{first}r{again}") };
             // Unique to this submission: `a` the engine's retry, `r` a submission made again.
             let retry = if batch.attempt > 1 { format!("a{}", batch.attempt) } else { String::new() };
@@ -1296,19 +1338,45 @@ impl Executor for Slurm {
             delay = if transient { (delay * 2).min(Duration::from_secs(30)) } else { delay };
         };
         tracing::info!("{label}: submitted Slurm job {id}");
-        // Registered by its id, then no longer by its name (a SIGKILL between
-        // the two leaves both: the next run cancels the job once).
-        match register(&self.workspace, &id, &self.run_id, &label) {
-            Ok(()) => unregister_name(&self.workspace, &job_name),
-            Err(e) => tracing::warn!("cannot register Slurm job {id} (it stays registered by its name, {job_name}): {e:#}"),
-        }
-        self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.insert(id.clone(), Seen { state: None, misses: 0 });
         let never = AtomicBool::new(false);
-        let (state, cancelled) = self.wait(&id, batch_cancel(batch).unwrap_or(&never));
-        self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.remove(&id);
-        if !state.starts_with("CANCELLED (not") && state != "LOST" {
-            unregister(&self.workspace, &id);
-        }
+        let (state, cancelled) = loop {
+            // Registered by its id, and by its name until it has ended (a job
+            // sbatch made twice for one request is found by the name).
+            if let Err(e) = register(&self.workspace, &id, &self.run_id, &label) {
+                tracing::warn!("cannot register Slurm job {id} (it stays registered by its name, {job_name}): {e:#}");
+            }
+            self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.insert(id.clone(), Seen { state: None, misses: 0 });
+            let (state, cancelled) = self.wait(&id, batch_cancel(batch).unwrap_or(&never));
+            self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.remove(&id);
+            let confirmed = !state.starts_with("CANCELLED (not") && state != "LOST";
+            if confirmed {
+                unregister(&self.workspace, &id);
+            }
+            // sbatch may have made a second job for its one request (its first
+            // answer lost): the job that claimed the spec runs the work.
+            match spec::claimed_by(&result).filter(|c| *c != id) {
+                None if confirmed => unregister_name(&self.workspace, &job_name),
+                None => {}
+                Some(c) if cancelled => {
+                    let e = self.cancel_named(&job_name);
+                    let why = format!("interrupted: Slurm job {c} of the same submission as job {id} holds its spec: {}", describe_cancel(&e));
+                    return fail(if e.is_ok() { anyhow!(why) } else { MayStillRun(why).into() });
+                }
+                Some(c) => {
+                    tracing::warn!(
+                        "{label}: Slurm job {id} ended {state} without running the work: job {c}, made by the same submission, holds its spec; watching that job"
+                    );
+                    match self.find_started(&job_name, &result, &stop) {
+                        Ok(next) => {
+                            id = next;
+                            continue;
+                        }
+                        Err(e) => return fail(e.context(format!("Slurm job {id} ended {state} without running the work"))),
+                    }
+                }
+            }
+            break (state, cancelled);
+        };
         let wall = t0.elapsed().as_secs_f64();
         let job = format!("slurm:{id}");
         let rel_log = log.strip_prefix(&self.workspace).unwrap_or(&log).display().to_string();

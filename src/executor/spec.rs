@@ -188,7 +188,17 @@ pub fn claim_for_job(result: &Path, job_id: &str) -> std::io::Result<bool> {
     match linked {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
+        // A file system without hard links (some FUSE mounts): the claim is
+        // made as the coordinator makes it, then given the id (a coordinator
+        // reading it in between finds no id: `claimed_by` is `None`).
+        Err(_) => {
+            if !claim(result)? {
+                return Ok(false);
+            }
+            let mut f = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(&path)?;
+            f.write_all(job_id.as_bytes())?;
+            Ok(true)
+        }
     }
 }
 

@@ -189,6 +189,11 @@ pub fn tool(program: &str) -> Command {
 /// with the tool's group and what the tool printed is its answer.
 const AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The most of a tool's stdout, and of its stderr, that is kept: a tool
+/// that prints more (a wrapper gone wrong) is drained and the excess
+/// dropped, and its call fails ([`had_started`]) instead of filling memory.
+const OUTPUT_CAP: usize = 64 << 20;
+
 /// The cause of an error [`output_within_unless`] returns after the tool
 /// started: it may have done its work (a job submitted), whatever the error
 /// says. Errors without it come from starting the tool: it never ran.
@@ -278,6 +283,7 @@ pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Du
     let mut stdin = child.stdin.take().filter(|_| !input.is_empty());
     let mut outs = [child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>), child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>)];
     let mut bufs = [Vec::new(), Vec::new()];
+    let mut overflow = false;
     for o in outs.iter().flatten() {
         nonblocking(o.fd());
     }
@@ -327,13 +333,19 @@ pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Du
         for (slot, buf) in outs.iter_mut().zip(bufs.iter_mut()) {
             let Some(o) = slot else { continue };
             let mut chunk = [0u8; 8192];
-            loop {
+            // At most 256 KiB a turn: a tool that never stops printing still
+            // has its limit and `stop()` checked.
+            for _ in 0..32 {
                 match o.read(&mut chunk) {
                     Ok(0) => {
                         *slot = None;
                         break;
                     }
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Ok(n) => {
+                        let keep = n.min(OUTPUT_CAP - buf.len());
+                        buf.extend_from_slice(&chunk[..keep]);
+                        overflow |= keep < n;
+                    }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -360,6 +372,9 @@ pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Du
         }
     }
     let status = child.wait().map_err(|e| started(ErrorKind::Other, format!("lost track of the tool: {e}")))?;
+    if overflow {
+        return Err(started(ErrorKind::Other, format!("the tool printed more than {} MiB", OUTPUT_CAP >> 20)));
+    }
     let [stdout, stderr] = bufs;
     Ok(std::process::Output { status, stdout, stderr })
 }
@@ -557,6 +572,11 @@ mod tests {
         // A tool that cannot start: not marked.
         let e = output_within(Command::new("/nonexistent/tool"), b"", std::time::Duration::from_secs(1)).unwrap_err();
         assert!(!had_started(&e) && e.kind() == std::io::ErrorKind::NotFound, "{e:?}");
+        // A tool that prints without end is bounded in memory too.
+        let mut c = Command::new("sh");
+        c.args(["-c", "head -c 70000000 /dev/zero"]);
+        let e = output_within(c, b"", std::time::Duration::from_secs(60)).unwrap_err();
+        assert!(had_started(&e) && e.to_string().contains("more than 64 MiB"), "{e}");
         // Input larger than a pipe holds, while the tool writes as much back.
         let big = vec![b'x'; 1 << 20];
         let o = output_within(Command::new("cat"), &big, std::time::Duration::from_secs(60)).unwrap();

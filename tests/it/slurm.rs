@@ -725,6 +725,70 @@ fn of_two_jobs_under_one_name_the_one_holding_the_claim_is_watched() {
     assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
 }
 
+/// `sbatch` repeating one request (its first answer lost) makes two jobs
+/// and answers with the second's id: the first claims the spec and runs
+/// the work while the watched one finds it claimed and fails. The job that
+/// holds the claim is then watched, the stage is not retried beside it,
+/// and the work runs once. And one empty listing by name (a stale answer)
+/// is no proof that a started job has ended: its id is asked.
+#[test]
+fn a_second_job_of_one_request_or_a_stale_listing_never_runs_the_work_twice() {
+    need_cluster!();
+    let ws = cmd_ws(
+        "  submit_timeout: 60\nstages:\n  a:\n    cmd: touch started; echo $SLURM_JOB_ID >> runs.txt; if [ -f slow ]; then sleep 12; fi; echo a > a.txt\n    outs: [a.txt]\n    retries: 1\n",
+    );
+    ws.write("slow", "");
+    let (first, job, started, once) = (ws.path("first"), ws.path("job"), ws.path("started"), ws.path("listed-once"));
+    let path = fake_sbatch(
+        &ws,
+        &format!(
+            "n=$(wc -l < \"$CALLS\")\nif [ \"$n\" -eq 1 ]; then\n  \"$REAL\" \"$@\" > {first} || exit 1\n  exec \"$REAL\" --begin=now+3 \"$@\"\nfi\n\"$REAL\" \"$@\" > {job} || exit 1\ni=0; while [ ! -e {started} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\necho 'Submitted.'\n",
+            first = first.display(),
+            job = job.display(),
+            started = started.display()
+        ),
+    );
+    // The first listing by name after `once` appears answers nothing.
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v squeue"]).output().unwrap().stdout).unwrap();
+    ws.write(
+        "fakebin/squeue",
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *--name*) if [ -e {armed} ] && [ ! -e {once} ]; then touch {once}; exit 0; fi;; esac\nexec {real} \"$@\"\n",
+            armed = ws.path("armed").display(),
+            once = once.display(),
+            real = real.trim()
+        ),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(ws.path("fakebin/squeue"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", &path);
+    let o = spawn(c).wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let a = saved_id(&first);
+    assert_eq!(ws.read("runs.txt").trim(), a, "the work ran once, in the first job:\n{}", o.stderr);
+    assert_eq!(last_record(&ws.root)["stages"][0]["slurm_job"].as_str(), Some(format!("slurm:{a}").as_str()));
+    assert!(o.stderr.contains(&format!("job {a}, made by the same submission, holds its spec; watching that job")), "{}", o.stderr);
+    assert!(!o.stderr.contains("retrying"), "{}", o.stderr);
+    assert_eq!(ws.count("sbatch-calls"), 1);
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+    // 2. sbatch answers no id once its job has started, and the listing
+    //    that should name the job comes back empty once.
+    std::fs::remove_file(ws.path("slow")).unwrap();
+    std::fs::remove_file(&started).unwrap();
+    ws.write("armed", "");
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml", "--force", "a"]);
+    c.env("PATH", &path);
+    let o = spawn(c).wait(SLURM_HANG);
+    assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let j = saved_id(&job);
+    assert!(once.exists());
+    assert_eq!(ws.read("runs.txt"), format!("{a}\n{j}\n"), "{}", o.stderr);
+    assert!(o.stderr.contains(&format!("but its job {j} has started: watching it")), "{}", o.stderr);
+    assert_eq!(ws.count("sbatch-calls"), 2);
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
 /// Answers of `sbatch` that are neither a job id nor a plain refusal:
 /// killed by a signal after the job was made (the job is cancelled and the
 /// work submitted again); an id printed by a wrapper whose helper keeps
