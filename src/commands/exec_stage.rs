@@ -32,10 +32,10 @@ use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::time::Instant;
 
-/// Claim the spec (see `executor::spec::claim`), or refuse: its claim
-/// exists when it ran already or its job has ended.
-/// The claim holds the job's id (`SLURM_JOB_ID`; empty when run by hand),
-/// so the coordinator knows which job runs the spec.
+/// Claim the spec (`executor::spec::claim_for_job`), or refuse: its claim
+/// exists when it ran already or its job has ended. The claim holds the
+/// job's id (`SLURM_JOB_ID`; empty when run by hand), so the coordinator
+/// knows which job runs the spec.
 fn claim(spec_path: &Path, result: &Path) -> Result<()> {
     let path = spec::claim_path(result);
     let job = std::env::var("SLURM_JOB_ID").ok().filter(|id| spec::is_job_id(id)).unwrap_or_default();
@@ -46,7 +46,7 @@ fn claim(spec_path: &Path, result: &Path) -> Result<()> {
             spec_path.display(),
             path.display()
         ),
-        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot create {}; nothing was run", path.display()))),
+        Err(e) => Err(anyhow::Error::from(e).context(format!("cannot make the claim {}; nothing was run", path.display()))),
     }
 }
 
@@ -67,8 +67,8 @@ pub fn exec_stage(spec_path: &Path) -> Result<i32> {
     if !spec.result.starts_with(&own_dir) || spec.result.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         bail!("the job spec {} puts its result file outside {}; it is not one dagrun wrote", spec_path.display(), own_dir.display());
     }
-    // One use: the spec's claim file is created (O_EXCL) before anything
-    // runs; one that exists means the spec ran already (its job was
+    // One use: the spec's claim file is made (linked into place, failing
+    // on an existing one as O_EXCL does) before anything runs; one that exists means the spec ran already (its job was
     // submitted with `--no-requeue`; a retry is a new spec, `.aN`). Replaying
     // a finished run's spec would bring back outputs the run deleted (its
     // plaintext raw data: reviews 13 and 14) with no run to delete them again.

@@ -532,9 +532,9 @@ impl Slurm {
             Ok(false) => self.find_started(job_name, result, stop).map(Settled::Adopted),
             Err(e) => {
                 // Unclaimed, the spec can still be run by a job of this submission.
-                let cancelled = self.cancel_named(job_name);
+                let cancelled = self.cancel_named(job_name, None, Instant::now() + CANCEL_WAIT);
                 Err(MayStillRun(format!(
-                    "its spec could not be claimed ({e}): {}; a job made from it later (a request still queued in Slurm) could run it, so the stage is not retried; the next run removes the spec and cancels any job left under {job_name}",
+                    "its spec could not be claimed ({e}): {}; a job made from it later (a request still queued in Slurm) could run it; the next run removes the spec and cancels any job left under {job_name}",
                     describe_cancel(&cancelled)
                 ))
                 .into())
@@ -545,34 +545,44 @@ impl Slurm {
     /// The job of submission `job_name` that claimed the spec of `result`
     /// (see [`Slurm::settle`]): the one the claim names, among those Slurm
     /// lists under the name (the others run nothing: cancelled). A claimed
-    /// job the listing misses (purged, or a stale answer) is asked by its id
-    /// (`sacct`, `squeue`, `scontrol`, the completion log): ended, it is
-    /// returned (its result is read as any watched job's); still active,
-    /// the listing is asked again; unknown to every source for
-    /// [`LOST_AFTER`] polls, it is lost (as [`Slurm::wait`] decides LOST).
-    /// One empty listing is never taken for an end.
+    /// job the listing misses (purged, or a stale answer) is asked by its
+    /// id, and taken only as this submission's (its name and work folder):
+    /// a claim file cannot make dagrun adopt another job. One that no
+    /// source knows for [`LOST_AFTER`] answers in a row is lost: every job
+    /// of the name is cancelled. A failed Slurm call counts for nothing:
+    /// asked again every poll interval until an interrupt.
     fn find_started(&self, job_name: &str, result: &Path, stop: &dyn Fn() -> bool) -> Result<String> {
         let mut warned = false;
         let mut unknown = 0;
+        // Cancel every job of the name; the error to return (MayStillRun unless confirmed).
+        let give_up = |why: String, known: Option<&str>| -> anyhow::Error {
+            let cancelled = self.cancel_named(job_name, known, Instant::now() + CANCEL_WAIT);
+            let why = format!("{why}: {}", describe_cancel(&cancelled));
+            if cancelled.is_ok() {
+                unregister_name(&self.workspace, job_name);
+                anyhow!(why)
+            } else {
+                MayStillRun(format!("{why}; it stays registered by its name, and the next run cancels it")).into()
+            }
+        };
         loop {
+            let claimed = spec::claimed_by(result);
             let e = match named_jobs_within(job_name, &self.workspace, SLURM_CALL_LIMIT, stop) {
                 Ok(jobs) => {
-                    let claimed = spec::claimed_by(result);
                     let holder = match &claimed {
                         Some(c) => jobs.contains_key(c).then(|| c.clone()),
                         None if jobs.len() == 1 => jobs.keys().next().cloned(),
                         None => None,
                     };
                     if claimed.is_none() && jobs.len() != 1 {
-                        // Which job runs the work cannot be told (a claim without a job id).
-                        let cancelled = self.cancel_named(job_name);
                         let listed: Vec<&str> = jobs.keys().map(String::as_str).collect();
-                        let why = format!(
-                            "its spec's claim names no job, and Slurm lists {} under {job_name}: {}; what they did is not used",
-                            if listed.is_empty() { "none".to_string() } else { format!("jobs {}", listed.join(", ")) },
-                            describe_cancel(&cancelled)
-                        );
-                        return Err(if cancelled.is_ok() { anyhow!(why) } else { MayStillRun(format!("{why} (not retried)")).into() });
+                        return Err(give_up(
+                            format!(
+                                "its spec's claim names no job, and Slurm lists {} under {job_name}; what they did is not used",
+                                if listed.is_empty() { "none".to_string() } else { format!("jobs {}", listed.join(", ")) },
+                            ),
+                            None,
+                        ));
                     }
                     // The others run nothing (the spec is claimed): sbatch repeated its request.
                     let others: Vec<String> = jobs.iter().filter(|(i, st)| Some(*i) != holder.as_ref() && !is_final(st)).map(|(i, _)| i.clone()).collect();
@@ -588,39 +598,31 @@ impl Slurm {
                     if let Some(id) = holder {
                         return Ok(id);
                     }
-                    // The claim's job is not listed: ended and purged, or a stale answer. Asked by its id.
-                    let c = claimed.unwrap_or_default();
-                    let mut source = Source::default();
-                    match job_states(std::slice::from_ref(&c), &mut source).ok().and_then(|mut f| f.remove(&c)) {
-                        // Ended (and no longer listed): watched as any job, its result read.
-                        Some(st) if is_final(&st) => return Ok(c),
-                        Some(_) => unknown = 0,
-                        None => unknown += 1,
+                    // The claim's job is not listed: purged, or a stale answer. Asked by its id.
+                    let c = claimed.clone().unwrap_or_default();
+                    match self.job_by_id(&c, job_name, SLURM_CALL_LIMIT, stop) {
+                        Ok(Some(_)) => return Ok(c),
+                        Ok(None) => {
+                            unknown += 1;
+                            if unknown >= LOST_AFTER {
+                                return Err(give_up(
+                                    format!("the job its spec's claim names ({c}) is not known to Slurm as a job of {job_name}; what it did is not used"),
+                                    Some(&c),
+                                ));
+                            }
+                            anyhow!("Slurm does not list job {c}, which claimed the spec, under {job_name}")
+                        }
+                        Err(e) => e,
                     }
-                    if unknown >= LOST_AFTER {
-                        bail!(
-                            "its job {c} ({job_name}) started (it claimed its spec) and no longer is known to Slurm (sacct, squeue, scontrol and the job-completion log do not list it): what it did is not used"
-                        );
-                    }
-                    anyhow!("Slurm does not list job {c}, which claimed the spec, under {job_name} yet")
                 }
                 Err(e) => e,
             };
             if stop() {
-                let cancelled = self.cancel_named(job_name);
-                let why = format!(
-                    "interrupted: its job {job_name} had started (it claimed its spec), and Slurm did not say which job it is ({e:#}): {}",
-                    describe_cancel(&cancelled)
-                );
-                return Err(if cancelled.is_ok() {
-                    anyhow!(why)
-                } else {
-                    MayStillRun(format!("{why}; it stays registered, and the next run cancels it")).into()
-                });
+                return Err(give_up(format!("interrupted while asking Slurm which job of {job_name} runs the work ({e:#})"), claimed.as_deref()));
             }
             if !warned {
                 tracing::warn!(
-                    "its job {job_name} has started, but Slurm does not say which job it is ({e:#}); asking again every {:.1}s",
+                    "its job {job_name} has started (it claimed its spec), but Slurm does not confirm which job it is ({e:#}); asking again every {:.1}s",
                     self.poll_interval.as_secs_f64()
                 );
                 warned = true;
@@ -631,24 +633,56 @@ impl Slurm {
 
     /// Cancel every job of this user named `job_name` (`scancel --name`:
     /// also those Slurm could not list) and wait until Slurm reports them
-    /// ended, at most [`CANCEL_WAIT`] in all (every Slurm call included:
-    /// each gets what is left of it). `Ok` only when confirmed.
-    fn cancel_named(&self, job_name: &str) -> Result<()> {
-        let until = Instant::now() + CANCEL_WAIT;
-        let left = || until.saturating_duration_since(Instant::now()).min(SLURM_CALL_LIMIT);
-        scancel_within(&["--user", &uid(), "--name", job_name], left())?;
+    /// ended, by `until` (every Slurm call fits into what is left). `Ok`
+    /// only when confirmed: two listings in a row (one empty answer may be
+    /// stale) in which every job of the name has ended, and in which `known`
+    /// (the job the claim names), asked by its id when not listed, is not a
+    /// job of this submission still active.
+    fn cancel_named(&self, job_name: &str, known: Option<&str>, until: Instant) -> Result<()> {
+        // Past `until` (an interrupted run's wait used it up), one short try.
+        let budget = || until.saturating_duration_since(Instant::now()).clamp(Duration::from_secs(2), SLURM_CALL_LIMIT);
+        scancel_within(&["--user", &uid(), "--name", job_name], budget())?;
+        let mut ended_once = false;
         loop {
-            let answer = named_jobs_within(job_name, &self.workspace, left(), &|| false);
-            match &answer {
-                Ok(jobs) if jobs.values().all(|st| is_final(st)) => return Ok(()),
-                _ if Instant::now() + Duration::from_millis(250) < until => std::thread::sleep(Duration::from_millis(250)),
-                Ok(jobs) => {
-                    let left: Vec<&str> = jobs.iter().filter(|(_, st)| !is_final(st)).map(|(id, _)| id.as_str()).collect();
-                    bail!("Slurm job {} did not end within {}s after scancel", left.join(", "), CANCEL_WAIT.as_secs());
+            let seen = named_jobs_within(job_name, &self.workspace, budget(), &|| false).and_then(|jobs| {
+                let running: Vec<String> = jobs.iter().filter(|(_, st)| !is_final(st)).map(|(id, _)| id.clone()).collect();
+                if !running.is_empty() {
+                    bail!("Slurm job {} has not ended", running.join(", "));
                 }
-                Err(e) => bail!("whether the cancelled jobs ended is unknown ({e:#})"),
+                match known.filter(|k| !jobs.contains_key(*k)) {
+                    Some(k) if self.job_by_id(k, job_name, budget(), &|| false)?.is_some_and(|st| !is_final(&st)) => {
+                        bail!("Slurm job {k} has not ended")
+                    }
+                    _ => Ok(()),
+                }
+            });
+            match seen {
+                Ok(()) if ended_once => return Ok(()),
+                Ok(()) => ended_once = true,
+                Err(_) => ended_once = false,
             }
+            if Instant::now() + Duration::from_millis(300) >= until {
+                return Err(seen.err().unwrap_or_else(|| anyhow!("Slurm answered once")).context(format!("not confirmed within {}s", CANCEL_WAIT.as_secs())));
+            }
+            std::thread::sleep(Duration::from_millis(300));
         }
+    }
+
+    /// The state of job `id` if it is this submission's (named `job_name`,
+    /// working in this workspace), asked by its id: `squeue`, then `sacct`
+    /// (which keeps it after slurmctld purged it). `None` when neither
+    /// knows it as this submission's; an error when `squeue` failed.
+    fn job_by_id(&self, id: &str, job_name: &str, limit: Duration, stop: &dyn Fn() -> bool) -> Result<Option<String>> {
+        let out = squeue_within(&["-h", "-t", "all", "-j", id, "-o", "%i|%T|%j|%Z"], limit, stop)?;
+        if let Some(st) = parse_named(&out, job_name, &self.workspace).remove(id) {
+            return Ok(Some(st));
+        }
+        let mut c = crate::util::child_env::tool("sacct");
+        c.args(["-n", "-P", "-X", "-j", id, "-o", "JobID,State,JobName,WorkDir"]);
+        let Ok(out) = crate::util::child_env::output_within_unless(c, b"", limit, stop) else { return Ok(None) };
+        let text = String::from_utf8_lossy(&out.stdout);
+        // `CANCELLED by 0`: the first word is the state.
+        Ok(parse_named(&text, job_name, &self.workspace).remove(id).and_then(|st| st.split_whitespace().next().map(str::to_string)))
     }
 
     /// Refresh every registered job's state with one `sacct` or `squeue` call, at most once per poll interval.
@@ -692,8 +726,9 @@ impl Slurm {
         self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.get(id).cloned().unwrap_or(Seen { state: None, misses: 0 })
     }
 
-    /// Wait until job `id` ends; its final state. Cancels it when the run is interrupted.
-    fn wait(&self, id: &str, cancel: &AtomicBool) -> (String, bool) {
+    /// Wait until job `id` ends; its final state, and when the run's
+    /// interrupt was seen (the job was then cancelled).
+    fn wait(&self, id: &str, cancel: &AtomicBool) -> (String, Option<Instant>) {
         let step = (self.poll_interval / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
         let mut cancelled_at: Option<Instant> = None;
         loop {
@@ -707,18 +742,18 @@ impl Slurm {
                 }
             }
             if cancelled_at.is_some_and(|t| t.elapsed() > CANCEL_WAIT) {
-                return ("CANCELLED (not confirmed by Slurm)".into(), true);
+                return ("CANCELLED (not confirmed by Slurm)".into(), cancelled_at);
             }
             self.refresh();
             let s = self.seen(id);
             if let Some(st) = s.state.as_deref().filter(|s| is_final(s)) {
-                return (st.to_string(), cancelled_at.is_some());
+                return (st.to_string(), cancelled_at);
             }
             if s.misses >= LOST_AFTER {
-                return ("LOST".into(), cancelled_at.is_some());
+                return ("LOST".into(), cancelled_at);
             }
             if cancelled_at.is_some_and(|t| t.elapsed() > CANCEL_WAIT) {
-                return ("CANCELLED (not confirmed by Slurm)".into(), true);
+                return ("CANCELLED (not confirmed by Slurm)".into(), cancelled_at);
             }
             std::thread::sleep(step);
         }
@@ -798,9 +833,9 @@ enum SacctError {
 fn sacct_states(ids: &[String]) -> std::result::Result<BTreeMap<String, String>, SacctError> {
     let mut c = crate::util::child_env::tool("sacct");
     c.args(["-n", "-P", "-X", "-j", &ids.join(","), "-o", "JobID,State"]);
-    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).map_err(|e| match e.kind() {
-        std::io::ErrorKind::TimedOut => SacctError::Failed(format!("sacct: {e}")),
-        _ => SacctError::Disabled(format!("cannot run sacct: {e}")),
+    let out = crate::util::child_env::output_within(c, b"", SLURM_CALL_LIMIT).map_err(|e| {
+        // Once it ran (a timeout, output lost or too long) accounting exists but failed.
+        if crate::util::child_env::had_started(&e) { SacctError::Failed(format!("sacct: {e}")) } else { SacctError::Disabled(format!("cannot run sacct: {e}")) }
     })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -923,15 +958,10 @@ pub fn scancel(ids: &[String]) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    scancel_args(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+    scancel_within(&ids.iter().map(String::as_str).collect::<Vec<_>>(), SLURM_CALL_LIMIT)
 }
 
-/// `scancel ARGS` (job ids, or filters such as `--name`).
-fn scancel_args(args: &[&str]) -> Result<()> {
-    scancel_within(args, SLURM_CALL_LIMIT)
-}
-
-/// [`scancel_args`], killed after `limit`.
+/// `scancel ARGS` (job ids, or filters such as `--name`), killed after `limit`.
 fn scancel_within(args: &[&str], limit: Duration) -> Result<()> {
     let mut c = crate::util::child_env::tool("scancel");
     c.args(args);
@@ -1346,23 +1376,39 @@ impl Executor for Slurm {
                 tracing::warn!("cannot register Slurm job {id} (it stays registered by its name, {job_name}): {e:#}");
             }
             self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.insert(id.clone(), Seen { state: None, misses: 0 });
-            let (state, cancelled) = self.wait(&id, batch_cancel(batch).unwrap_or(&never));
+            let (state, cancelled_at) = self.wait(&id, batch_cancel(batch).unwrap_or(&never));
             self.poll.lock().unwrap_or_else(|e| e.into_inner()).jobs.remove(&id);
             let confirmed = !state.starts_with("CANCELLED (not") && state != "LOST";
             if confirmed {
                 unregister(&self.workspace, &id);
             }
-            // sbatch may have made a second job for its one request (its first
-            // answer lost): the job that claimed the spec runs the work.
-            match spec::claimed_by(&result).filter(|c| *c != id) {
-                None if confirmed => unregister_name(&self.workspace, &job_name),
-                None => {}
-                Some(c) if cancelled => {
-                    let e = self.cancel_named(&job_name);
-                    let why = format!("interrupted: Slurm job {c} of the same submission as job {id} holds its spec: {}", describe_cancel(&e));
-                    return fail(if e.is_ok() { anyhow!(why) } else { MayStillRun(why).into() });
+            // The job has ended: its spec is claimed now if no job did, so none
+            // runs it from here on (reviews 14 and 15). A claim that names
+            // another job means sbatch made a second job for its one request
+            // (its first answer lost): that job runs the work.
+            let holder = match spec::claim(&result) {
+                Ok(false) => {
+                    // Made without a link (no hard links), a claim gets its id just after.
+                    let mut c = spec::claimed_by(&result);
+                    for _ in 0..10 {
+                        if c.is_some() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                        c = spec::claimed_by(&result);
+                    }
+                    (c.as_deref() != Some(id.as_str())).then_some(c)
                 }
-                Some(c) => {
+                // No job ran it, and none can now (or the claim failed: the spec is removed below).
+                Ok(true) | Err(_) => None,
+            };
+            match holder {
+                None => {
+                    if confirmed {
+                        unregister_name(&self.workspace, &job_name);
+                    }
+                }
+                Some(Some(c)) if cancelled_at.is_none() => {
                     tracing::warn!(
                         "{label}: Slurm job {id} ended {state} without running the work: job {c}, made by the same submission, holds its spec; watching that job"
                     );
@@ -1374,8 +1420,31 @@ impl Executor for Slurm {
                         Err(e) => return fail(e.context(format!("Slurm job {id} ended {state} without running the work"))),
                     }
                 }
+                Some(c) => {
+                    let until = cancelled_at.unwrap_or_else(Instant::now) + CANCEL_WAIT;
+                    let e = self.cancel_named(&job_name, c.as_deref(), until);
+                    let why = match &c {
+                        Some(c) => format!("interrupted: Slurm job {c}, made by the same submission as job {id}, holds its spec: {}", describe_cancel(&e)),
+                        None => format!(
+                            "Slurm job {id} ended {state}, and its spec's claim names no job: which job ran the work is unknown: {}",
+                            describe_cancel(&e)
+                        ),
+                    };
+                    match e {
+                        Ok(()) if c.is_none() => {
+                            // Every job of it has ended: what the spec's result says is used.
+                            tracing::warn!("{label}: {why}");
+                            unregister_name(&self.workspace, &job_name);
+                        }
+                        Ok(()) => {
+                            unregister_name(&self.workspace, &job_name);
+                            return fail(anyhow!(why));
+                        }
+                        Err(_) => return fail(MayStillRun(format!("{why}; it stays registered by its name, and the next run cancels it")).into()),
+                    }
+                }
             }
-            break (state, cancelled);
+            break (state, cancelled_at.is_some());
         };
         let wall = t0.elapsed().as_secs_f64();
         let job = format!("slurm:{id}");
@@ -1390,10 +1459,8 @@ impl Executor for Slurm {
         let names: Vec<&str> = batch.members.iter().map(|m| m.stage.name.as_str()).collect();
         let spec_file = spec::spec_path(&result);
         let spec_name = spec_file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        // The job has ended: its spec is never run again (claimed here if the
-        // job never started, then removed; a copy of it could otherwise be
-        // run by hand: reviews 14 and 15).
-        let _ = spec::claim(&result);
+        // The job has ended and the spec is claimed (above): removed, so a
+        // copy of it cannot be run by hand either (reviews 14 and 15).
         let _ = std::fs::remove_file(&spec_file);
         let failure = |message: String| anyhow::Error::new(JobFailure { job: job.clone(), message, facts: Default::default() });
         let Some(integrity) = self.states.integrity_key() else {

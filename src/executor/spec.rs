@@ -183,15 +183,25 @@ pub fn claim_for_job(result: &Path, job_id: &str) -> std::io::Result<bool> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
     let written = f.write_all(job_id.as_bytes()).and_then(|()| f.sync_all());
     drop(f);
-    let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let linked = std::fs::hard_link(&tmp, &path);
+    // NFS may answer a retransmitted `link` that succeeded with EEXIST: the
+    // temporary file's link count tells.
+    let ours = || std::fs::metadata(&tmp).is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 2);
+    let outcome = match linked {
         Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(ours()),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    match outcome {
         // A file system without hard links (some FUSE mounts): the claim is
         // made as the coordinator makes it, then given the id (a coordinator
         // reading it in between finds no id: `claimed_by` is `None`).
-        Err(_) => {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP | libc::ENOSYS | libc::EXDEV | libc::EMLINK)) => {
             if !claim(result)? {
                 return Ok(false);
             }
@@ -199,6 +209,7 @@ pub fn claim_for_job(result: &Path, job_id: &str) -> std::io::Result<bool> {
             f.write_all(job_id.as_bytes())?;
             Ok(true)
         }
+        other => other,
     }
 }
 

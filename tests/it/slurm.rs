@@ -536,15 +536,16 @@ fn fake_sbatch(ws: &Ws, body: &str) -> String {
 /// A `squeue` in `ws`'s `fakebin` (see [`fake_sbatch`]) that fails as an
 /// unreachable controller fails while the file `down` exists.
 fn squeue_down_while(ws: &Ws, down: &Path) {
-    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v squeue"]).output().unwrap().stdout).unwrap();
-    ws.write(
-        "fakebin/squeue",
-        format!(
-            "#!/bin/sh\nif [ -e {down} ]; then echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi\nexec {real} \"$@\"\n",
-            down = down.display(),
-            real = real.trim()
-        ),
+    fake_squeue(
+        ws,
+        &format!("if [ -e {} ]; then echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi", down.display()),
     );
+}
+
+/// A `squeue` in `ws`'s `fakebin` that runs the shell line `first`, then the real squeue.
+fn fake_squeue(ws: &Ws, first: &str) {
+    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v squeue"]).output().unwrap().stdout).unwrap();
+    ws.write("fakebin/squeue", format!("#!/bin/sh\n{first}\nexec {real} \"$@\"\n", real = real.trim()));
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(ws.path("fakebin/squeue"), std::fs::Permissions::from_mode(0o755)).unwrap();
 }
@@ -651,7 +652,7 @@ fn a_started_job_of_an_unanswered_sbatch_is_never_run_beside_another() {
     let o = bg.wait(SLURM_HANG);
     assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     let job = ws.read("job").trim().split(';').next().unwrap().to_string();
-    assert!(o.stderr.contains("has started, but Slurm does not say which job it is"), "{}", o.stderr);
+    assert!(o.stderr.contains("has started (it claimed its spec), but Slurm does not confirm which job it is"), "{}", o.stderr);
     assert!(o.stderr.contains(&format!("but its job {job} has started: watching it")), "{}", o.stderr);
     assert_eq!((ws.count("runs.txt"), ws.count("sbatch-calls")), (1, 1), "{}", o.stderr);
     assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
@@ -749,18 +750,14 @@ fn a_second_job_of_one_request_or_a_stale_listing_never_runs_the_work_twice() {
         ),
     );
     // The first listing by name after `once` appears answers nothing.
-    let real = String::from_utf8(Command::new("sh").args(["-c", "command -v squeue"]).output().unwrap().stdout).unwrap();
-    ws.write(
-        "fakebin/squeue",
-        format!(
-            "#!/bin/sh\ncase \"$*\" in *--name*) if [ -e {armed} ] && [ ! -e {once} ]; then touch {once}; exit 0; fi;; esac\nexec {real} \"$@\"\n",
+    fake_squeue(
+        &ws,
+        &format!(
+            "case \"$*\" in *--name*) if [ -e {armed} ] && [ ! -e {once} ]; then touch {once}; exit 0; fi;; esac",
             armed = ws.path("armed").display(),
-            once = once.display(),
-            real = real.trim()
+            once = once.display()
         ),
     );
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(ws.path("fakebin/squeue"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
     c.env("PATH", &path);
     let o = spawn(c).wait(SLURM_HANG);
@@ -786,6 +783,50 @@ fn a_second_job_of_one_request_or_a_stale_listing_never_runs_the_work_twice() {
     assert_eq!(ws.read("runs.txt"), format!("{a}\n{j}\n"), "{}", o.stderr);
     assert!(o.stderr.contains(&format!("but its job {j} has started: watching it")), "{}", o.stderr);
     assert_eq!(ws.count("sbatch-calls"), 2);
+    assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
+}
+
+/// A claim file naming another job (planted, or a job id reused) never
+/// makes dagrun watch or cancel that job: a claimed job is taken only as
+/// this submission's (its name and work folder). Unknown as such for five
+/// answers, it is given up: the jobs of the submission's name are
+/// cancelled, the other job is left alone.
+#[test]
+fn a_planted_claim_never_makes_dagrun_watch_or_cancel_another_job() {
+    need_cluster!();
+    let ws = cmd_ws("  submit_timeout: 60\nstages:\n  a:\n    cmd: echo a >> runs.txt; echo a > a.txt\n    outs: [a.txt]\n");
+    let other = ws.path("other.log");
+    let o = Command::new("sbatch")
+        .args(["--parsable", "--job-name=someone-else", &format!("--output={}", other.display()), "--wrap", "sleep 120"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let foreign = String::from_utf8_lossy(&o.stdout).trim().split(';').next().unwrap().to_string();
+    wait_state(&foreign, "RUNNING", Duration::from_secs(60));
+    // sbatch makes a held job, plants a claim naming the other job, answers no id.
+    let path = fake_sbatch(
+        &ws,
+        &format!(
+            "for last; do :; done\n\"$REAL\" --begin=now+600 \"$@\" > {job} || exit 1\nprintf {foreign} > \"${{last%.sh}}.claim\"\necho junk\n",
+            job = ws.path("job").display()
+        ),
+    );
+    let mut c = dagrun_in(&ws.root, &["run", "pipeline.yaml"]);
+    c.env("PATH", &path);
+    let o = spawn(c).wait(SLURM_HANG);
+    let still = job_state(&foreign);
+    let _ = Command::new("scancel").arg(&foreign).output();
+    assert_eq!(o.code, 1, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    let error = last_record(&ws.root)["stages"][0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        error.contains(&format!("the job its spec's claim names ({foreign}) is not known to Slurm as a job of dagrun-"))
+            && error.contains("every job of it was cancelled, and Slurm reports them ended"),
+        "{error}\n{}",
+        o.stderr
+    );
+    assert_eq!(still.as_deref(), Some("RUNNING"), "the other job was left alone");
+    wait_state(&saved_id(&ws.path("job")), "CANCELLED", Duration::from_secs(30));
+    assert!(!ws.exists("runs.txt"));
     assert!(std::fs::read_dir(ws.path(".dagrun/slurm/active")).unwrap().next().is_none());
 }
 
@@ -879,7 +920,7 @@ fn an_interrupt_cancels_a_started_job_that_slurm_cannot_name() {
     let rec = last_record(&ws.root);
     let error = rec["stages"][0]["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        error.contains("interrupted: its job dagrun-") && error.contains("every job of it was cancelled, and Slurm reports them ended"),
+        error.contains("interrupted while asking Slurm which job of dagrun-") && error.contains("every job of it was cancelled, and Slurm reports them ended"),
         "{rec}\n{}",
         o.stderr
     );
