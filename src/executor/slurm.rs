@@ -554,16 +554,9 @@ impl Slurm {
     fn find_started(&self, job_name: &str, result: &Path, stop: &dyn Fn() -> bool) -> Result<String> {
         let mut warned = false;
         let mut unknown = 0;
-        // Cancel every job of the name; the error to return (MayStillRun unless confirmed).
+        // Every job of the name cancelled: the error to return.
         let give_up = |why: String, known: Option<&str>| -> anyhow::Error {
-            let cancelled = self.cancel_named(job_name, known, Instant::now() + CANCEL_WAIT);
-            let why = format!("{why}: {}", describe_cancel(&cancelled));
-            if cancelled.is_ok() {
-                unregister_name(&self.workspace, job_name);
-                anyhow!(why)
-            } else {
-                MayStillRun(format!("{why}; it stays registered by its name, and the next run cancels it")).into()
-            }
+            self.cancel_all(job_name, &why, known, Instant::now() + CANCEL_WAIT).map_or_else(|e| e, |done| anyhow!(done))
         };
         loop {
             let claimed = spec::claimed_by(result);
@@ -628,6 +621,22 @@ impl Slurm {
                 warned = true;
             }
             nap(self.poll_interval, stop);
+        }
+    }
+
+    /// After `why`, cancel every job of the submission `job_name`
+    /// ([`Slurm::cancel_named`], by `until`): once Slurm confirms they
+    /// ended, the name registration is removed and the message returned;
+    /// else a [`MayStillRun`] error (the name stays registered).
+    fn cancel_all(&self, job_name: &str, why: &str, known: Option<&str>, until: Instant) -> Result<String> {
+        let cancelled = self.cancel_named(job_name, known, until);
+        let why = format!("{why}: {}", describe_cancel(&cancelled));
+        match cancelled {
+            Ok(()) => {
+                unregister_name(&self.workspace, job_name);
+                Ok(why)
+            }
+            Err(_) => Err(MayStillRun(format!("{why}; it stays registered by its name, and the next run cancels it")).into()),
         }
     }
 
@@ -1422,25 +1431,15 @@ impl Executor for Slurm {
                 }
                 Some(c) => {
                     let until = cancelled_at.unwrap_or_else(Instant::now) + CANCEL_WAIT;
-                    let e = self.cancel_named(&job_name, c.as_deref(), until);
                     let why = match &c {
-                        Some(c) => format!("interrupted: Slurm job {c}, made by the same submission as job {id}, holds its spec: {}", describe_cancel(&e)),
-                        None => format!(
-                            "Slurm job {id} ended {state}, and its spec's claim names no job: which job ran the work is unknown: {}",
-                            describe_cancel(&e)
-                        ),
+                        Some(c) => format!("interrupted: Slurm job {c}, made by the same submission as job {id}, holds its spec"),
+                        None => format!("Slurm job {id} ended {state}, and its spec's claim names no job: which job ran the work is unknown"),
                     };
-                    match e {
-                        Ok(()) if c.is_none() => {
-                            // Every job of it has ended: what the spec's result says is used.
-                            tracing::warn!("{label}: {why}");
-                            unregister_name(&self.workspace, &job_name);
-                        }
-                        Ok(()) => {
-                            unregister_name(&self.workspace, &job_name);
-                            return fail(anyhow!(why));
-                        }
-                        Err(_) => return fail(MayStillRun(format!("{why}; it stays registered by its name, and the next run cancels it")).into()),
+                    match self.cancel_all(&job_name, &why, c.as_deref(), until) {
+                        // Every job of it has ended: what the spec's result says is used.
+                        Ok(done) if c.is_none() => tracing::warn!("{label}: {done}"),
+                        Ok(done) => return fail(anyhow!(done)),
+                        Err(e) => return fail(e),
                     }
                 }
             }

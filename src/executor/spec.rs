@@ -153,7 +153,12 @@ pub fn read_spec(path: &Path, key_of: impl FnOnce(&Path) -> Result<std::sync::Ar
 /// when its job has ended, by the coordinator. A spec whose claim exists is
 /// never run (`exec-stage`).
 pub fn claim_path(result: &Path) -> std::path::PathBuf {
-    let name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".claim")).unwrap_or_default();
+    beside(result, ".claim")
+}
+
+/// The file of the same spec as the result file `result`, with `ext` for `.result.json`.
+fn beside(result: &Path, ext: &str) -> std::path::PathBuf {
+    let name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ext)).unwrap_or_default();
     result.with_file_name(name)
 }
 
@@ -237,8 +242,7 @@ pub fn is_job_id(id: &str) -> bool {
 
 /// The spec file whose result file is `result` (`X.aN.spec.json` beside `X.aN.result.json`).
 pub fn spec_path(result: &Path) -> std::path::PathBuf {
-    let name = result.file_name().map(|n| n.to_string_lossy().replace(".result.json", ".spec.json")).unwrap_or_default();
-    result.with_file_name(name)
+    beside(result, ".spec.json")
 }
 
 /// A blake3 hex key.

@@ -281,11 +281,13 @@ pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Du
         unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
     };
     let mut stdin = child.stdin.take().filter(|_| !input.is_empty());
-    let mut outs = [child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>), child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>)];
+    // The output pipes as files: read and polled alike.
+    let as_file = |fd: std::os::fd::OwnedFd| std::fs::File::from(fd);
+    let mut outs = [child.stdout.take().map(|p| as_file(p.into())), child.stderr.take().map(|p| as_file(p.into()))];
     let mut bufs = [Vec::new(), Vec::new()];
     let mut overflow = false;
     for o in outs.iter().flatten() {
-        nonblocking(o.fd());
+        nonblocking(o.as_raw_fd());
     }
     if let Some(s) = &stdin {
         nonblocking(s.as_raw_fd());
@@ -323,7 +325,7 @@ pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Du
         }
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
         for o in outs.iter().flatten() {
-            fds.push(libc::pollfd { fd: o.fd(), events: libc::POLLIN, revents: 0 });
+            fds.push(libc::pollfd { fd: o.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
         if let Some(s) = &stdin {
             fds.push(libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
@@ -377,17 +379,6 @@ pub fn output_within_unless(mut cmd: Command, input: &[u8], limit: std::time::Du
     }
     let [stdout, stderr] = bufs;
     Ok(std::process::Output { status, stdout, stderr })
-}
-
-/// A child's output pipe: read, and polled by its descriptor.
-trait ReadFd: std::io::Read {
-    fn fd(&self) -> std::os::fd::RawFd;
-}
-
-impl<T: std::io::Read + std::os::fd::AsRawFd> ReadFd for T {
-    fn fd(&self) -> std::os::fd::RawFd {
-        self.as_raw_fd()
-    }
 }
 
 /// Check a `secrets:` entry: a variable name (`[A-Za-z_][A-Za-z0-9_]*`),
