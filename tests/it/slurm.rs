@@ -534,11 +534,15 @@ fn fake_sbatch(ws: &Ws, body: &str) -> String {
 }
 
 /// A `squeue` in `ws`'s `fakebin` (see [`fake_sbatch`]) that fails as an
-/// unreachable controller fails while the file `down` exists.
+/// unreachable controller fails while the file `down` exists (and then
+/// leaves `DOWN.asked` behind: it was asked).
 fn squeue_down_while(ws: &Ws, down: &Path) {
     fake_squeue(
         ws,
-        &format!("if [ -e {} ]; then echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi", down.display()),
+        &format!(
+            "if [ -e {d} ]; then touch {d}.asked; echo 'slurm_load_jobs error: Unable to contact slurm controller (connect failure)' >&2; exit 1; fi",
+            d = down.display()
+        ),
     );
 }
 
@@ -622,8 +626,10 @@ fn an_sbatch_that_does_not_answer_is_killed_and_its_job_never_runs_twice() {
 fn a_started_job_of_an_unanswered_sbatch_is_never_run_beside_another() {
     need_cluster!();
     let ws = cmd_ws(
-        "  submit_timeout: 3\nstages:\n  a:\n    cmd: touch started; echo a >> runs.txt; if [ -f slow ]; then sleep 120; fi; echo a > a.txt\n    outs: [a.txt]\n",
+        "  submit_timeout: 20\nstages:\n  a:\n    cmd: touch started; echo a >> runs.txt; if [ -f slow ]; then sleep 120; fi; echo a > a.txt\n    outs: [a.txt]\n",
     );
+    // (20 s: the job must start before sbatch is given up, also while the
+    // test cluster's two CPUs are busy with other tests' jobs.)
     let (started, down) = (ws.path("started"), ws.path("squeue-down"));
     let path = fake_sbatch(
         &ws,
@@ -642,12 +648,13 @@ fn a_started_job_of_an_unanswered_sbatch_is_never_run_beside_another() {
         c.env("PATH", &path);
         c
     });
+    // Slurm comes back once dagrun, having given sbatch up, asked it in vain.
     let t0 = Instant::now();
-    while !down.exists() {
-        assert!(t0.elapsed() < SLURM_HANG, "the job did not start");
+    while !ws.path("squeue-down.asked").exists() {
+        assert!(t0.elapsed() < SLURM_HANG, "the job did not start, or dagrun never asked squeue");
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(1));
     std::fs::remove_file(&down).unwrap();
     let o = bg.wait(SLURM_HANG);
     assert_eq!(o.code, 0, "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
